@@ -1,0 +1,39 @@
+"""lightning-compress: prune and quantize a model while it trains with PyTorch Lightning.
+
+The Lightning callbacks are imported lazily, so ``lightning_compress.core`` works with torch alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .core.functional import prune_, sparsity
+from .core.importance import Importance, MagnitudeImportance, RandomImportance, TaylorImportance
+from .core.schedule import PruningSchedule
+
+if TYPE_CHECKING:
+    from .callbacks import IterativePruning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Importance",
+    "IterativePruning",
+    "MagnitudeImportance",
+    "PruningSchedule",
+    "RandomImportance",
+    "TaylorImportance",
+    "__version__",
+    "prune_",
+    "sparsity",
+]
+
+_LAZY = {"IterativePruning": ".callbacks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'lightning_compress' has no attribute {name!r}")

@@ -1,0 +1,427 @@
+"""``IterativePruning``: importance pruning between epochs (or steps) while a model fine-tunes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from ..core.controller import AccuracyGuard, GuardDecision
+from ..core.functional import validate_fraction
+from ..core.importance import Importance, resolve_importance
+from ..core.pruner import Pruner
+from ..core.schedule import SCHEDULES, PruningSchedule
+from ..core.selection import normalize_patterns, select_targets
+from ..metrics.sparsity import Sparsity
+from ._validation import check_choice, check_float, check_int
+
+__all__ = ["IterativePruning"]
+
+_STATE_VERSION = 1
+
+
+class IterativePruning(Callback):
+    r"""Prune a model step by step while it trains, until ``target_sparsity`` of its weights are zero.
+
+    Masks live in this callback's state (saved in checkpoints as bool tensors); the model's
+    ``state_dict`` keys never change, pruned weights are exact zeros in the parameters, their
+    gradients and optimizer state are zeroed so no optimizer regrows them. Pruning happens only
+    while fitting: ``validate``/``test``/the sanity check never change the model.
+
+    Args:
+        target_sparsity: fraction in [0, 1) of the selected weights that are zero when the
+            schedule ends (absolute, not compounding).
+        importance: ``"magnitude"`` (``|w|``), ``"taylor"`` (``|w * dL/dw|`` summed over the
+            steps since the last event), ``"random"``, or an object with a
+            ``score(name, weight) -> Tensor`` method (see :mod:`lightning_compress.core.importance`).
+        scope: ``"global"`` (one threshold over all selected weights) or ``"layer"`` (the same
+            sparsity in every layer).
+        schedule: ``"cubic"`` (Zhu & Gupta 2017), ``"linear"``, ``"geometric"`` (the same
+            fraction of the remaining weights each event), ``"one_shot"``, or a callable
+            ``epoch -> sparsity`` (``global_step -> sparsity`` with ``every_n_steps``).
+        start_epoch: first epoch (0-indexed) at whose end pruning happens.
+        end_epoch: the target is reached at the end of epoch ``end_epoch - 1``, i.e. after
+            ``end_epoch`` epochs. ``None``: ``max_epochs``. Must be ``<= max_epochs``.
+        every_n_epochs: epochs between pruning events (default 1).
+        every_n_steps: prune every n optimizer steps instead (between steps), inside the same
+            ``start_epoch``..``end_epoch`` window. Exclusive with ``every_n_epochs``.
+        include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
+            exact name picks that module's weight whatever its type. ``None``: all Linear/Conv.
+        exclude: glob patterns over module names to leave dense.
+        min_density: with ``scope="global"``, every layer keeps at least this fraction, so one
+            threshold cannot wipe out a layer (e.g. the classifier head).
+        monitor: a logged metric (e.g. ``"val_acc"``) for accuracy-aware control: the value
+            before the first event is the baseline; a later validation that is more than
+            ``max_drop`` worse rolls the last event back and halves the step; when no step fits
+            pruning stops. ``None`` disables it.
+        max_drop: largest tolerated drop of ``monitor`` from the baseline.
+        mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise.
+        rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back
+            to their values at the start of this epoch (``<= start_epoch``). ``None``: off.
+        seed: seed of ``importance="random"`` (the same on every process).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_compress import IterativePruning
+        >>> pruning = IterativePruning(target_sparsity=0.9, importance="taylor", start_epoch=1, end_epoch=8)
+        >>> trainer = Trainer(max_epochs=10, callbacks=[pruning], logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float,
+        importance: str | Importance = "magnitude",
+        scope: str = "global",
+        schedule: str | Callable[[int], float] = "cubic",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        every_n_epochs: int | None = None,
+        every_n_steps: int | None = None,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        min_density: float = 0.01,
+        monitor: str | None = None,
+        max_drop: float = 0.01,
+        mode: str = "max",
+        rewind_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.target_sparsity = validate_fraction(target_sparsity, "target_sparsity")
+        resolve_importance(importance, check_int(seed, "seed", minimum=0) or 0)  # validates
+        self.importance = importance
+        self.scope = check_choice(scope, "scope", ("global", "layer"))
+        if not callable(schedule):
+            check_choice(schedule, "schedule", SCHEDULES)
+        self.schedule = schedule
+        self.start_epoch = check_int(start_epoch, "start_epoch") or 0
+        self.end_epoch = check_int(end_epoch, "end_epoch", optional=True)
+        if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
+            raise ValueError(
+                f"`end_epoch`={end_epoch} must be greater than `start_epoch`={start_epoch}: pruning "
+                "happens at the end of epochs start_epoch .. end_epoch - 1."
+            )
+        if every_n_epochs is not None and every_n_steps is not None:
+            raise ValueError(
+                f"Set one of `every_n_epochs`={every_n_epochs} and `every_n_steps`={every_n_steps}, not both."
+            )
+        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1, optional=True)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, optional=True)
+        self.include = normalize_patterns(include, "include")
+        self.exclude = normalize_patterns(exclude, "exclude")
+        self.min_density = validate_fraction(min_density, "min_density", upper_inclusive=True)
+        if self.scope == "global" and self.min_density > 1.0 - self.target_sparsity:
+            raise ValueError(
+                f"`min_density`={min_density} cannot hold with `target_sparsity`={target_sparsity}: "
+                f"it must be at most 1 - target_sparsity = {1.0 - self.target_sparsity:.4g}."
+            )
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
+        self.monitor = monitor
+        self.max_drop = check_float(max_drop, "max_drop")
+        self.mode = check_choice(mode, "mode", ("max", "min"))
+        self.rewind_epoch = check_int(rewind_epoch, "rewind_epoch", optional=True)
+        if self.rewind_epoch is not None and self.rewind_epoch > self.start_epoch:
+            raise ValueError(
+                f"`rewind_epoch`={rewind_epoch} must be <= `start_epoch`={start_epoch}: the weights "
+                "to rewind to must be saved before the first pruning event."
+            )
+        self.seed = seed
+
+        self._pruner: Pruner | None = None
+        self._guard: AccuracyGuard | None = None
+        self._schedule: PruningSchedule | None = None
+        self._end_epoch = self.end_epoch
+        self._pending_state: dict[str, Any] | None = None
+        self._last_t = -1
+        self._val_value: float | None = None
+        self._optimizer_params: dict[int, set[int]] = {}
+        self.decisions: list[GuardDecision] = []
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            target_sparsity=self.target_sparsity,
+            importance=self.importance if isinstance(self.importance, str) else type(self.importance).__name__,
+            scope=self.scope,
+            include=self.include,
+            exclude=self.exclude,
+        )
+
+    @property
+    def pruner(self) -> Pruner:
+        """The :class:`~lightning_compress.core.pruner.Pruner` of the current fit."""
+        if self._pruner is None:
+            raise RuntimeError("IterativePruning has no pruner yet: it is created when `fit` starts.")
+        return self._pruner
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Current masks (bool, ``True`` = kept), keyed by parameter name."""
+        return {} if self._pruner is None else self._pruner.bool_masks()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._pruner is None:
+            return {}
+        return {
+            "version": _STATE_VERSION,
+            "last_t": self._last_t,
+            "pruner": self._pruner.state_dict(),
+            "guard": None if self._guard is None else self._guard.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f"IterativePruning state version {version!r} is not supported (expected {_STATE_VERSION})."
+            )
+        self._pending_state = state_dict
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        max_epochs = trainer.max_epochs
+        unlimited = max_epochs is None or max_epochs < 0
+        if self.end_epoch is None and unlimited:
+            raise ValueError("`end_epoch` is required when the Trainer's `max_epochs` is unlimited.")
+        end_epoch = self.end_epoch if self.end_epoch is not None else int(max_epochs)  # type: ignore[arg-type]
+        if end_epoch <= self.start_epoch:
+            raise ValueError(
+                f"`start_epoch`={self.start_epoch} leaves no pruning event before `max_epochs`={max_epochs}."
+            )
+        if not unlimited and end_epoch > max_epochs:  # type: ignore[operator]
+            raise ValueError(
+                f"The schedule cannot finish: `end_epoch`={end_epoch} is after the Trainer's "
+                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`."
+            )
+        self._end_epoch = end_epoch
+        targets = select_targets(pl_module, self.include, self.exclude)
+        importance = resolve_importance(self.importance, self.seed or 0)
+        pruner = Pruner(targets, importance, self.scope, self.min_density)
+        previous = self._pruner
+        continuing = False
+        if trainer.ckpt_path is None and previous is not None and previous.masks and pruner.matches(previous.masks):
+            pruner.masks = {n: m.to(pruner._by_name[n].param.device) for n, m in previous.masks.items()}
+            continuing = pruner.carries_masks()
+            if not continuing:
+                pruner.masks = {}
+        if not continuing:
+            self._guard = None if self.monitor is None else AccuracyGuard(max_drop=self.max_drop, mode=self.mode)
+            self.decisions = []
+        elif not isinstance(self.importance, str) and previous is not None:
+            pruner.importance = previous.importance
+        self._pruner = pruner
+        if trainer.ckpt_path is None:
+            self._pending_state = None
+        self._last_t = -1
+        self._val_value = None
+        self._optimizer_params = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pruner = self.pruner
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            pruner.load_state_dict(state["pruner"])
+            self._last_t = int(state["last_t"])
+            if state.get("guard") is not None and self._guard is not None:
+                self._guard.load_state_dict(state["guard"])
+        self._schedule = self._build_schedule(trainer)
+        pruner.apply()
+        for optimizer in trainer.optimizers:
+            pruner.zero_optimizer_state(optimizer)
+
+    def _build_schedule(self, trainer: pl.Trainer) -> PruningSchedule:
+        if self.every_n_steps is None:
+            return PruningSchedule(
+                self.schedule, self.target_sparsity, self.start_epoch, self._end_epoch or 0, self.every_n_epochs or 1
+            )
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) and not (isinstance(batches, float) and math.isfinite(batches)):
+            raise ValueError(
+                "`every_n_steps` needs a train dataloader with a length, to place `start_epoch` and "
+                "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
+            )
+        per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
+        return PruningSchedule(
+            self.schedule,
+            self.target_sparsity,
+            self.start_epoch * per_epoch,
+            (self._end_epoch or 0) * per_epoch,
+            self.every_n_steps,
+        )
+
+    # ------------------------------------------------------------------ training hooks
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pruner = self.pruner
+        if self.rewind_epoch is not None and trainer.current_epoch == self.rewind_epoch and not pruner.has_rewind_point:
+            pruner.save_rewind_point()
+        pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        pruner = self.pruner
+        params = self._params_of(optimizer)
+        if self._events_remain():
+            pruner.observe_gradients(params)
+        pruner.mask_gradients(params)
+
+    def _params_of(self, optimizer: torch.optim.Optimizer) -> set[int]:
+        key = id(optimizer)
+        if key not in self._optimizer_params:
+            self._optimizer_params[key] = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return self._optimizer_params[key]
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps is not None and trainer.global_step != self._last_t:
+            self._tick(trainer, pl_module, trainer.global_step, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps is None:
+            self._tick(trainer, pl_module, trainer.current_epoch + 1, trainer.current_epoch)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pruner.apply()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.pruner.apply()  # after callbacks that write weights at train end (SWA)
+
+    # ------------------------------------------------------------------ monitor
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and trainer.num_sanity_val_steps != 0:
+            self._read_monitor(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._val_value = self._read_monitor(trainer)
+
+    def _read_monitor(self, trainer: pl.Trainer) -> float:
+        value = trainer.callback_metrics.get(self.monitor or "")
+        if value is None:
+            available = sorted(trainer.callback_metrics)
+            raise ValueError(
+                f"`monitor`={self.monitor!r} was not logged during validation; logged metrics: {available}. "
+                "Log it with `self.log(...)` in `validation_step` or change `monitor`."
+            )
+        return float(value)
+
+    # ------------------------------------------------------------------ the schedule tick
+    def _events_remain(self) -> bool:
+        schedule = self._schedule
+        if schedule is None:
+            return False
+        if self._guard is not None and self._guard.stopped:
+            return False
+        if self._last_t < schedule.end:
+            return True
+        return self._guard is not None and self.pruner.masked_sparsity() < self.target_sparsity - 1e-9
+
+    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int, user_time: int) -> None:
+        self._last_t = t
+        schedule = self._schedule
+        pruner = self.pruner
+        assert schedule is not None
+        guard = self._guard
+        if guard is not None and self._val_value is not None:
+            value, self._val_value = self._val_value, None
+            decision = guard.observe(value)
+            if decision is not None:
+                self._record(trainer, pl_module, decision)
+        catch_up = (
+            guard is not None
+            and t > schedule.end
+            and (t - schedule.start) % schedule.every == 0
+            and pruner.masked_sparsity() < self.target_sparsity - 1e-9
+        )
+        if not (schedule.is_event(t) or catch_up):
+            return
+        if guard is not None and (guard.stopped or guard.awaiting_check):
+            return
+        previous = pruner.masked_sparsity()
+        wanted = self.target_sparsity if t > schedule.end else schedule.sparsity_at(t, user_time)
+        if guard is not None:
+            wanted = guard.limit(previous, wanted)
+        if not pruner.prune_to(wanted, keep_undo=guard is not None, sync=_broadcast_masks):
+            return
+        for optimizer in trainer.optimizers:
+            pruner.zero_optimizer_state(optimizer)
+        if guard is not None:
+            guard.event_applied(previous, pruner.masked_sparsity())
+        self._log_sparsity(trainer, pl_module)
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: GuardDecision) -> None:
+        self.decisions.append(decision)
+        pruner = self.pruner
+        if decision.action in ("rollback", "stop"):
+            pruner.undo()
+            for optimizer in trainer.optimizers:
+                pruner.zero_optimizer_state(optimizer)
+        rank_zero_info(
+            f"IterativePruning: {self.monitor}={decision.value:.4f}, drop {decision.drop:.4f} "
+            f"(max_drop {self.max_drop}) -> {decision.action}; sparsity {pruner.masked_sparsity():.4f}"
+            + ("" if decision.step_cap is None else f", step cap {decision.step_cap:.4f}")
+        )
+        guard = self._guard
+        assert guard is not None
+        self._log(
+            trainer,
+            pl_module,
+            {
+                "compress/monitor_drop": decision.drop,
+                "compress/rollbacks": float(guard.rollbacks),
+                "compress/step_cap": -1.0 if decision.step_cap is None else decision.step_cap,
+            },
+        )
+        if decision.action in ("rollback", "stop"):
+            self._log_sparsity(trainer, pl_module)
+
+    # ------------------------------------------------------------------ logging
+    def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = Sparsity().to(pl_module.device)
+        values: dict[str, float] = {}
+        for target in self.pruner.targets:
+            layer = Sparsity().to(pl_module.device)
+            layer.update(target.param)
+            total.update(target.param)
+            values[f"compress/sparsity/{target.name}"] = float(layer.compute())
+        values["compress/sparsity"] = float(total.compute())
+        self._log(trainer, pl_module, values)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
+        step_level = self.every_n_steps is not None
+        for name, value in values.items():
+            pl_module.log(
+                name,
+                value,
+                on_step=step_level,
+                on_epoch=not step_level,
+                sync_dist=trainer.world_size > 1,
+                batch_size=1,
+            )
+
+
+def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Make every process use rank 0's masks (a no-op outside ``torch.distributed``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return masks
+    out = {}
+    for name, mask in masks.items():
+        buffer = mask.to(torch.uint8)
+        dist.broadcast(buffer, src=0)
+        out[name] = buffer.bool()
+    return out

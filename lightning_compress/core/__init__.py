@@ -1,0 +1,1 @@
+"""Pure-torch core: selection, importance, schedules and masks. Never imports lightning."""

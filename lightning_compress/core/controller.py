@@ -1,0 +1,95 @@
+"""Accuracy-aware control of the sparsity steps (the seed's "adjust the ratio by how the model
+performs"). Pure Python: it sees numbers, the callback does the pruning and the rollbacks.
+
+Rules: the monitored value seen last before the first pruning event is the baseline. After an
+event, the first validation that follows is compared with it; a drop larger than ``max_drop``
+means: roll that event back, halve the step (the sparsity that event added) and retry later
+with at most that step. When the step falls below ``min_step`` no step fits and pruning stops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["AccuracyGuard", "GuardDecision"]
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    """What the guard decided after a validation."""
+
+    action: str  # "baseline", "accept", "rollback", "stop"
+    value: float
+    drop: float
+    step_cap: float | None
+
+
+@dataclass
+class AccuracyGuard:
+    """Tracks the baseline and the largest sparsity step still allowed.
+
+    Args:
+        max_drop: largest tolerated drop of the monitored value from the baseline.
+        mode: ``"max"`` when higher is better (accuracy), ``"min"`` for losses.
+        min_step: smallest sparsity step worth trying; below it, pruning stops.
+    """
+
+    max_drop: float
+    mode: str = "max"
+    min_step: float = 1e-3
+    baseline: float | None = None
+    step_cap: float | None = None
+    stopped: bool = False
+    started: bool = False  # a pruning event has been applied
+    awaiting_check: bool = False  # an event was applied and no validation judged it yet
+    last_step: float = 0.0  # sparsity added by the last event
+    rollbacks: int = 0
+
+    def drop(self, value: float) -> float:
+        """How much worse ``value`` is than the baseline (positive = worse)."""
+        if self.baseline is None:
+            return 0.0
+        return self.baseline - value if self.mode == "max" else value - self.baseline
+
+    def observe(self, value: float) -> GuardDecision | None:
+        """Feed the latest validation value; returns the decision it triggered, if any."""
+        if not math.isfinite(value):
+            value = -math.inf if self.mode == "max" else math.inf
+        if not self.awaiting_check:
+            if not self.started:  # the latest value before the first event is the baseline
+                self.baseline = value
+                return GuardDecision("baseline", value, 0.0, self.step_cap)
+            return None
+        self.awaiting_check = False
+        drop = self.drop(value)
+        if drop <= self.max_drop:
+            return GuardDecision("accept", value, drop, self.step_cap)
+        self.rollbacks += 1
+        self.step_cap = self.last_step / 2.0
+        if self.step_cap < self.min_step:
+            self.stopped = True
+            return GuardDecision("stop", value, drop, self.step_cap)
+        return GuardDecision("rollback", value, drop, self.step_cap)
+
+    def limit(self, current: float, scheduled: float) -> float:
+        """Sparsity to prune to now, given the schedule's wish."""
+        if self.stopped:
+            return current
+        if self.step_cap is not None:
+            return min(scheduled, current + self.step_cap)
+        return scheduled
+
+    def event_applied(self, previous: float, new: float) -> None:
+        self.last_step = new - previous
+        self.started = True
+        self.awaiting_check = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            if key in self.__dataclass_fields__:
+                setattr(self, key, value)

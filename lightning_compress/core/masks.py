@@ -1,0 +1,326 @@
+"""Exact top-k mask selection that scales to 100M+ weights.
+
+``torch.kthvalue``/``topk`` over all scores is slow (2.4 s for 1e8 floats on 2 cores) and a
+concatenation of every score doubles memory. Instead, scores are turned into order-preserving
+int32 keys and selected by radix: pass 1 counts keys in 65,536 buckets of their top 16 bits per
+layer (``bincount``); a tiny host-side plan finds, per layer, the bucket that holds the
+threshold (global scope with per-layer floors is solved by water-filling on those counts);
+pass 2 writes the masks and gathers only the keys of that one bucket, which are sorted to get
+the exact count. Ties are broken by layer order, then position, so results are deterministic.
+Work is done in chunks of 2**20 elements, so memory stays at the masks plus a few MB.
+
+Already-pruned weights go to a reserved bucket 0, below every score, so they stay pruned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .importance import Importance, MagnitudeImportance
+from .selection import Target
+
+__all__ = ["MaskPlanError", "compute_masks"]
+
+_CHUNK = 1 << 20
+_NUM_BUCKETS = 65537  # 0 = already pruned, 1..65536 = top 16 bits of the key + 32769
+_OFFSET = 32769
+# bucket ranges that hold -inf/-NaN (<= 128) and +inf/+NaN (>= 65409): see _keys
+_NONFINITE_LOW = 129
+_NONFINITE_HIGH = 65409
+
+
+class MaskPlanError(ValueError):
+    """Raised when scores cannot be ranked (NaN/Inf, wrong shape)."""
+
+
+def _keys(chunk: Tensor, magnitude: bool) -> Tensor:
+    """Order-preserving int32 keys of a float32 chunk (of ``|chunk|`` when ``magnitude``)."""
+    bits = chunk.view(torch.int32)
+    if magnitude:
+        return bits & 0x7FFFFFFF
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _threshold(bound: int) -> int | None:
+    """Smallest key of bucket ``bound`` clamped to int32; ``None`` when above every key."""
+    thr = (bound - _OFFSET) << 16
+    if thr > 0x7FFFFFFF:
+        return None
+    return max(thr, -(1 << 31))
+
+
+@dataclass
+class _Layer:
+    target: Target
+    numel: int
+    pruned: int  # weights already pruned (bucket 0)
+    cap: int  # most weights this layer may have pruned (min_density floor)
+    lo: int  # first non-empty alive bucket
+    hist: Tensor  # counts of alive buckets lo..hi (cpu int64)
+    cum: Tensor  # cumulative sum of hist
+
+    def count_le(self, bucket: int) -> int:
+        """Weights with bucket <= ``bucket``, the pruned ones included."""
+        if bucket < self.lo or self.hist.numel() == 0:
+            return self.pruned
+        idx = min(bucket - self.lo, self.hist.numel() - 1)
+        return self.pruned + int(self.cum[idx])
+
+    def in_bucket(self, bucket: int) -> int:
+        if bucket == 0:
+            return self.pruned
+        idx = bucket - self.lo
+        return int(self.hist[idx]) if 0 <= idx < self.hist.numel() else 0
+
+
+@dataclass
+class _Decision:
+    bound: int  # buckets < bound are pruned
+    take: int  # how many of bucket ``bound`` are also pruned (lowest keys first)
+    shared: bool = False  # ``take`` is decided jointly with the other shared layers
+
+
+class _Scores:
+    """Yields key chunks of one layer, the same on every pass."""
+
+    def __init__(self, importance: Importance, target: Target) -> None:
+        self.importance = importance
+        self.target = target
+        self.magnitude = isinstance(importance, MagnitudeImportance)
+
+    def chunks(self) -> Iterator[tuple[int, Tensor]]:
+        """``(start, float32 chunk)`` pairs over the flattened scores."""
+        weight = self.target.param
+        if self.magnitude:
+            flat = weight.detach().reshape(-1)
+        else:
+            scores = self.importance.score(self.target.name, weight)
+            if not isinstance(scores, Tensor) or scores.shape != weight.shape:
+                got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+                raise MaskPlanError(
+                    f"`importance` {self.importance!r} returned scores of shape {got} for layer "
+                    f"{self.target.name!r}; expected {tuple(weight.shape)}."
+                )
+            flat = scores.detach().reshape(-1).to(weight.device)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start : start + _CHUNK]
+            if chunk.dtype != torch.float32:
+                chunk = chunk.float()
+            yield start, chunk.contiguous()
+
+
+def _histogram(scores: _Scores, alive: Tensor | None, device: torch.device) -> Tensor:
+    hist = torch.zeros(_NUM_BUCKETS, dtype=torch.int64, device=device)
+    for start, chunk in scores.chunks():
+        if scores.magnitude and alive is None:  # |w| >= 0: skip the offset, add it to the index
+            top = (chunk.view(torch.int32) >> 16).bitwise_and_(0x7FFF)
+            hist[_OFFSET:] += torch.bincount(top, minlength=_NUM_BUCKETS - _OFFSET)
+            continue
+        keys = _keys(chunk, scores.magnitude)
+        buckets = (keys >> 16).add_(_OFFSET)
+        if alive is not None:
+            buckets.mul_(alive[start : start + keys.numel()])
+        hist += torch.bincount(buckets, minlength=_NUM_BUCKETS)
+    return hist.cpu()
+
+
+def _first_reaching(cum: Tensor, k: int) -> int:
+    return int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype)).item())
+
+
+def _local_decision(layer: _Layer, k: int) -> _Decision:
+    """Prune exactly ``k`` weights (the pruned ones included) of one layer."""
+    if k <= layer.pruned:
+        return _Decision(bound=1, take=0)
+    rest = k - layer.pruned
+    idx = _first_reaching(layer.cum, rest)
+    bucket = layer.lo + idx
+    before = int(layer.cum[idx - 1]) if idx > 0 else 0
+    take = rest - before
+    if take == int(layer.hist[idx]):
+        return _Decision(bound=bucket + 1, take=0)
+    return _Decision(bound=bucket, take=take)
+
+
+def _global_decisions(layers: list[_Layer], k: int) -> dict[int, _Decision]:
+    """Water-filling: one threshold over all layers, each capped at its floor."""
+    decisions: dict[int, _Decision] = {}
+    pool = list(range(len(layers)))
+    remaining = k
+    while pool:
+        dense = torch.zeros(_NUM_BUCKETS, dtype=torch.int64)
+        for i in pool:
+            layer = layers[i]
+            dense[0] += layer.pruned
+            dense[layer.lo : layer.lo + layer.hist.numel()] += layer.hist
+        cum = dense.cumsum(0)
+        if remaining <= int(cum[0]):  # nothing beyond what is already pruned
+            for i in pool:
+                decisions[i] = _Decision(bound=1, take=0)
+            return decisions
+        bucket = _first_reaching(cum, remaining)
+        saturated = [i for i in pool if layers[i].count_le(bucket) > layers[i].cap]
+        if not saturated:
+            take = remaining - int(cum[bucket - 1])
+            if take == int(dense[bucket]):
+                for i in pool:
+                    decisions[i] = _Decision(bound=bucket + 1, take=0)
+            else:
+                for i in pool:
+                    decisions[i] = _Decision(bound=bucket, take=take, shared=True)
+            return decisions
+        for i in saturated:
+            decisions[i] = _local_decision(layers[i], layers[i].cap)
+            remaining -= layers[i].cap
+            pool.remove(i)
+    return decisions
+
+
+def compute_masks(
+    targets: Sequence[Target],
+    importance: Importance,
+    sparsity: float,
+    scope: str = "global",
+    min_density: float = 0.0,
+    masks: Mapping[str, Tensor] | None = None,
+    apply: bool = True,
+) -> dict[str, Tensor]:
+    """Masks (``True`` = kept) with ``sparsity`` of the selected weights pruned.
+
+    Args:
+        targets: the weights to prune (see :func:`~.selection.select_targets`).
+        importance: how to score them.
+        sparsity: fraction in [0, 1) of the weights (all layers together for ``"global"``,
+            each layer for ``"layer"``) to be pruned afterwards. Never lower than the current
+            sparsity: pruned weights stay pruned.
+        scope: ``"global"`` (one threshold) or ``"layer"`` (same sparsity in every layer).
+        min_density: with ``"global"``, no layer keeps fewer than ``ceil(min_density * n)``.
+        masks: current masks keyed by parameter name; missing layers count as dense.
+        apply: zero the pruned weights in place.
+
+    Returns:
+        Bool masks on each weight's device, keyed by qualified parameter name.
+
+    Raises:
+        MaskPlanError: scores of a layer are not finite or have the wrong shape. Raised before
+            any weight is changed.
+    """
+    if scope not in ("global", "layer"):
+        raise ValueError(f"`scope`={scope!r} is not one of ('global', 'layer').")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity`={sparsity} must be in [0, 1).")
+    masks = masks or {}
+    layers: list[_Layer] = []
+    scorers = [_Scores(importance, t) for t in targets]
+    alive_masks: list[Tensor | None] = []
+    with torch.no_grad():
+        for target, scorer in zip(targets, scorers, strict=True):
+            alive = masks.get(target.param_name)
+            alive_flat = None if alive is None else alive.to(target.param.device, torch.bool).reshape(-1)
+            alive_masks.append(alive_flat)
+            hist = _histogram(scorer, alive_flat, target.param.device)
+            if int(hist[1:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()):
+                raise MaskPlanError(
+                    f"importance scores of layer {target.name!r} contain NaN or Inf; "
+                    "check the weights and gradients of that layer."
+                )
+            pruned = int(hist[0])
+            alive_hist = hist[1:]
+            nonzero = alive_hist.nonzero()
+            lo = int(nonzero[0]) if nonzero.numel() else 0
+            hi = int(nonzero[-1]) if nonzero.numel() else -1
+            cropped = alive_hist[lo : hi + 1].clone()
+            n = target.numel
+            cap = max(n - math.ceil(min_density * n), pruned) if scope == "global" else n
+            layers.append(_Layer(target, n, pruned, cap, lo + 1, cropped, cropped.cumsum(0)))
+
+        if scope == "layer":
+            decisions = {
+                i: _local_decision(layer, min(max(round(sparsity * layer.numel), layer.pruned), layer.cap))
+                for i, layer in enumerate(layers)
+            }
+        else:
+            total = sum(layer.numel for layer in layers)
+            k = max(round(sparsity * total), sum(layer.pruned for layer in layers))
+            k = min(k, sum(layer.cap for layer in layers))
+            decisions = _global_decisions(layers, k)
+        return _write_masks(layers, scorers, alive_masks, decisions, apply)
+
+
+def _write_masks(
+    layers: list[_Layer],
+    scorers: list[_Scores],
+    alive_masks: list[Tensor | None],
+    decisions: dict[int, _Decision],
+    apply: bool,
+) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    shared: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions, keys) of the shared bucket
+    shared_take = 0
+    for i, (layer, scorer, alive) in enumerate(zip(layers, scorers, alive_masks, strict=True)):
+        decision = decisions[i]
+        param = layer.target.param
+        flat_param = param.detach().view(-1) if apply and param.is_contiguous() else None
+        threshold = _threshold(decision.bound)
+        upper = _threshold(decision.bound + 1)
+        gather = decision.take > 0 and layer.in_bucket(decision.bound) > 0
+        mask = torch.empty(layer.numel, dtype=torch.bool, device=param.device)
+        positions: list[Tensor] = []
+        keys_in: list[Tensor] = []
+        for start, chunk in scorer.chunks():
+            keys = _keys(chunk, scorer.magnitude)
+            end = start + keys.numel()
+            part = mask[start:end]
+            if threshold is None:
+                part.fill_(False)
+            else:
+                torch.ge(keys, threshold, out=part)
+            if alive is not None:
+                part.logical_and_(alive[start:end])
+            if gather:  # kept so far but below the next bucket: the bucket ``bound`` itself
+                in_bucket = part if upper is None else torch.lt(keys, upper).logical_and_(part)
+                sel = in_bucket.nonzero().squeeze(1)
+                positions.append(sel + start)
+                keys_in.append(keys[sel])
+            if flat_param is not None:
+                flat_param[start:end].mul_(part.view(torch.uint8))
+        if gather:
+            pos = torch.cat(positions)
+            keys_cat = torch.cat(keys_in)
+            if decision.shared:
+                shared.append((i, pos, keys_cat))
+                shared_take = decision.take
+            else:
+                order = torch.sort(keys_cat, stable=True).indices[: decision.take]
+                _prune_positions(layer, mask, pos[order], apply)
+        out[layer.target.param_name] = mask
+        if apply and flat_param is None:
+            with torch.no_grad():
+                param.mul_(mask.view(param.shape).to(param.dtype))
+    if shared:
+        all_keys = torch.cat([k.to("cpu") for _, _, k in shared])
+        owner = torch.cat([torch.full((k.numel(),), j, dtype=torch.int64) for j, (_, _, k) in enumerate(shared)])
+        chosen = torch.sort(all_keys, stable=True).indices[:shared_take]
+        offset = 0
+        for j, (i, pos, keys) in enumerate(shared):
+            picked = chosen[owner[chosen] == j] - offset
+            offset += keys.numel()
+            _prune_positions(layers[i], out[layers[i].target.param_name], pos[picked.to(pos.device)], apply)
+    return {layer.target.param_name: out[layer.target.param_name].view(layer.target.param.shape) for layer in layers}
+
+
+def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool) -> None:
+    """Prune extra ``positions`` (flat indices) that were kept by the bucket bound."""
+    mask[positions] = False
+    if apply:
+        with torch.no_grad():
+            flat = layer.target.param.detach().view(-1) if layer.target.param.is_contiguous() else None
+            if flat is not None:
+                flat[positions] = 0
+            else:
+                layer.target.param.mul_(mask.view(layer.target.param.shape).to(layer.target.param.dtype))

@@ -1,0 +1,217 @@
+"""Mask bookkeeping for iterative pruning, independent of any training framework.
+
+A :class:`Pruner` owns the masks of a set of :class:`~.selection.Target` weights. At run time
+each mask is kept in the weight's dtype and device (multiplying by a float mask is ~10x faster
+than by a bool mask on CPU); in :meth:`Pruner.state_dict` masks are bool, on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .importance import Importance
+from .masks import compute_masks
+from .selection import Target
+
+__all__ = ["Pruner"]
+
+MaskSync = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+class Pruner:
+    """Prunes ``targets`` step by step, keeps pruned weights at zero, can undo the last step.
+
+    Args:
+        targets: the selected weights.
+        importance: how to score them.
+        scope: ``"global"`` or ``"layer"``.
+        min_density: per-layer floor with ``"global"`` scope.
+    """
+
+    def __init__(self, targets: Sequence[Target], importance: Importance, scope: str, min_density: float) -> None:
+        self.targets = list(targets)
+        self.importance = importance
+        self.scope = scope
+        self.min_density = min_density
+        self.masks: dict[str, Tensor] = {}
+        self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
+        self._rewind: dict[str, Tensor] | None = None
+        self._by_name = {t.param_name: t for t in self.targets}
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def total(self) -> int:
+        return sum(t.numel for t in self.targets)
+
+    def pruned_count(self) -> int:
+        return sum(int(m.numel() - m.count_nonzero()) for m in self.masks.values())
+
+    def masked_sparsity(self) -> float:
+        """Fraction of selected weights under a mask (0 before the first event)."""
+        return self.pruned_count() / self.total if self.total else 0.0
+
+    def bool_masks(self) -> dict[str, Tensor]:
+        return {name: m != 0 for name, m in self.masks.items()}
+
+    # ------------------------------------------------------------------ pruning
+    def prune_to(self, sparsity: float, *, keep_undo: bool = False, sync: MaskSync | None = None) -> bool:
+        """Prune to ``sparsity`` (never below the current one). Returns whether anything changed.
+
+        ``sync`` may replace the computed masks (e.g. by rank 0's under DDP) before they are applied.
+        """
+        if round(sparsity * self.total) <= self.pruned_count() and self.scope == "global":
+            return False
+        current = self.bool_masks()
+        new = compute_masks(self.targets, self.importance, sparsity, self.scope, self.min_density, current, apply=False)
+        if sync is not None:
+            new = sync(new)
+        changed = any(name not in current or not torch.equal(mask, current[name]) for name, mask in new.items())
+        if not changed:
+            return False
+        if keep_undo:
+            self._rollback = {}
+            for name, mask in new.items():
+                target = self._by_name[name]
+                previous = current.get(name, torch.ones_like(mask))
+                revived = previous & ~mask
+                self._rollback[name] = (previous, target.param.detach()[revived].clone())
+        self.masks = {name: mask.to(self._by_name[name].param.dtype) for name, mask in new.items()}
+        self.apply()
+        self.rewind()
+        reset = getattr(self.importance, "reset", None)
+        if callable(reset):
+            reset()
+        return True
+
+    def undo(self) -> bool:
+        """Restore the masks before the last :meth:`prune_to` and revive the weights it zeroed."""
+        if not self._rollback:
+            return False
+        with torch.no_grad():
+            for name, (previous, values) in self._rollback.items():
+                target = self._by_name[name]
+                current = self.masks[name] != 0
+                revived = previous & ~current
+                target.param.detach()[revived] = values.to(target.param.dtype)
+                self.masks[name] = previous.to(target.param.dtype)
+        self._rollback = None
+        return True
+
+    def apply(self) -> None:
+        """Zero every pruned weight (e.g. after something outside the optimizer wrote weights)."""
+        if not self.masks:
+            return
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                self._by_name[name].param.mul_(mask)
+
+    # ------------------------------------------------------------------ training step
+    def observe_gradients(self, params: set[int] | None = None) -> None:
+        """Feed the current gradients to importances that accumulate them (Taylor).
+
+        ``params``: ids of the parameters to consider (those of one optimizer); ``None``: all.
+        """
+        observe = getattr(self.importance, "observe", None)
+        if not callable(observe):
+            return
+        for target in self.targets:
+            if target.param.grad is not None and (params is None or id(target.param) in params):
+                observe(target.name, target.param, target.param.grad)
+
+    def mask_gradients(self, params: set[int] | None = None) -> None:
+        """Zero the gradients of pruned weights so no optimizer moves them (``params``: ids to consider)."""
+        if not self.masks:
+            return
+        wanted = params
+        grads: list[Tensor] = []
+        masks: list[Tensor] = []
+        for name, mask in self.masks.items():
+            param = self._by_name[name].param
+            if param.grad is None or (wanted is not None and id(param) not in wanted):
+                continue
+            grads.append(param.grad)
+            masks.append(mask if mask.dtype == param.grad.dtype else mask.to(param.grad.dtype))
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero momentum-like state of pruned weights (any tensor shaped like the weight)."""
+        if not self.masks:
+            return
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                param = self._by_name[name].param
+                state = optimizer.state.get(param)
+                if not state:
+                    continue
+                for value in state.values():
+                    if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
+                        value.mul_(mask.to(value.dtype))
+
+    # ------------------------------------------------------------------ lottery-ticket rewinding
+    def save_rewind_point(self) -> None:
+        """Remember the current weights; after every later event survivors go back to them."""
+        self._rewind = {t.param_name: t.param.detach().clone() for t in self.targets}
+
+    @property
+    def has_rewind_point(self) -> bool:
+        return self._rewind is not None
+
+    def rewind(self) -> None:
+        if self._rewind is None or not self.masks:
+            return
+        with torch.no_grad():
+            for name, saved in self._rewind.items():
+                param = self._by_name[name].param
+                param.copy_(saved.to(param.device, param.dtype))
+                param.mul_(self.masks[name])
+
+    # ------------------------------------------------------------------ persistence
+    def matches(self, masks: dict[str, Tensor]) -> bool:
+        """Whether ``masks`` fit these targets (names and shapes)."""
+        return set(masks) <= set(self._by_name) and all(
+            tuple(m.shape) == tuple(self._by_name[n].param.shape) for n, m in masks.items()
+        )
+
+    def carries_masks(self) -> bool:
+        """Whether every masked weight of the model is zero (the model still carries the masks)."""
+        return all(bool((self._by_name[n].param.detach()[m == 0] == 0).all()) for n, m in self.masks.items())
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"masks": {n: (m != 0).cpu() for n, m in self.masks.items()}}
+        if self._rollback is not None:
+            state["rollback"] = {n: [p.cpu(), v.cpu()] for n, (p, v) in self._rollback.items()}
+        if self._rewind is not None:
+            state["rewind"] = {n: w.cpu() for n, w in self._rewind.items()}
+        get_state = getattr(self.importance, "state_dict", None)
+        if callable(get_state):
+            state["importance"] = get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        masks = state.get("masks", {})
+        if not self.matches(masks):
+            raise ValueError(
+                "the checkpoint's pruning masks do not fit this model: masks for "
+                f"{sorted(masks)} vs selected weights {sorted(self._by_name)}."
+            )
+        self.masks = {n: m.to(self._by_name[n].param.device, self._by_name[n].param.dtype) for n, m in masks.items()}
+        device_of = {n: t.param.device for n, t in self._by_name.items()}
+        rollback = state.get("rollback")
+        self._rollback = (
+            None
+            if rollback is None
+            else {n: (p.to(device_of[n]), v.to(device_of[n])) for n, (p, v) in rollback.items()}
+        )
+        rewind = state.get("rewind")
+        self._rewind = None if rewind is None else {n: w.to(device_of[n]) for n, w in rewind.items()}
+        load = getattr(self.importance, "load_state_dict", None)
+        if callable(load) and "importance" in state:
+            load(state["importance"])
+            to = getattr(self.importance, "to", None)
+            if callable(to) and self.targets:
+                to(self.targets[0].param.device)

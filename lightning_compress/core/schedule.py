@@ -1,0 +1,83 @@
+"""Sparsity schedules: pure functions of training time.
+
+Time ``t`` counts completed units (epochs, or optimizer steps in step mode). Pruning events
+happen at ``start < t <= end`` every ``every`` units, plus one at ``t == end``; the sparsity at
+an event is ``curve(progress)`` with ``progress = (t - start) / (end - start)``, so the target is
+reached exactly at ``end``. In epoch mode ``t = current_epoch + 1`` at the end of an epoch:
+pruning happens at the end of epochs ``start_epoch ... end_epoch - 1`` (0-indexed).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["SCHEDULES", "PruningSchedule", "schedule_curve"]
+
+SCHEDULES = ("cubic", "linear", "geometric", "one_shot")
+
+
+def schedule_curve(kind: str, target: float, progress: float) -> float:
+    """Sparsity of a built-in schedule at ``progress`` in [0, 1] (clamped).
+
+    * ``cubic``: Zhu & Gupta 2017, ``s_f + (s_i - s_f)(1 - progress)^3`` with ``s_i = 0``.
+    * ``linear``: ``s_f * progress``.
+    * ``geometric``: the same fraction of the *remaining* weights at every step,
+      ``1 - (1 - s_f)^progress`` ("repeat until the ratio is reached").
+    * ``one_shot``: ``s_f`` from the first event on.
+    """
+    p = min(max(progress, 0.0), 1.0)
+    if kind == "cubic":
+        return target * (1.0 - (1.0 - p) ** 3)
+    if kind == "linear":
+        return target * p
+    if kind == "geometric":
+        return 1.0 - (1.0 - target) ** p
+    if kind == "one_shot":
+        return target if p > 0 else 0.0
+    raise ValueError(f"`schedule`={kind!r} is not one of {SCHEDULES} or a callable.")
+
+
+@dataclass(frozen=True)
+class PruningSchedule:
+    """When to prune and how much.
+
+    Args:
+        kind: a name in :data:`SCHEDULES` or a callable ``time -> sparsity`` (called with the
+            0-indexed epoch that just ended, or the global step in step mode).
+        target: final sparsity in [0, 1).
+        start: ``t`` before the first event (first event at ``start + every``, capped at end).
+        end: ``t`` of the last event, where ``target`` is reached.
+        every: units between events.
+    """
+
+    kind: str | Callable[[int], float]
+    target: float
+    start: int
+    end: int
+    every: int = 1
+
+    def is_event(self, t: int) -> bool:
+        """Whether a pruning event happens at time ``t``."""
+        return self.start < t <= self.end and ((t - self.start) % self.every == 0 or t == self.end)
+
+    def events(self) -> list[int]:
+        """All event times, in order."""
+        return [t for t in range(self.start + 1, self.end + 1) if self.is_event(t)]
+
+    def sparsity_at(self, t: int, user_time: int | None = None) -> float:
+        """Scheduled sparsity after the event at ``t`` (pure; ``target`` from ``end`` on).
+
+        ``user_time`` is what a callable schedule receives (defaults to ``t``).
+        """
+        if t <= self.start:
+            return 0.0
+        if callable(self.kind):
+            value = self.kind(t if user_time is None else user_time)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise TypeError(f"the `schedule` callable returned {value!r}; it must return a float in [0, 1).")
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"the `schedule` callable returned {value}; sparsity must be in [0, 1).")
+            return min(float(value), self.target)
+        return schedule_curve(self.kind, self.target, (t - self.start) / (self.end - self.start))

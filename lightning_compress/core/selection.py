@@ -1,0 +1,127 @@
+"""Which parameters a compression method touches.
+
+Pure torch. Patterns are ``fnmatch`` globs over qualified module names (``"encoder.*"``,
+``"features.0"``). The rule fits in one sentence: **wildcard patterns pick Linear and Conv
+layers; an exact module name picks that module's** ``weight`` **whatever its type** (an
+embedding or a norm). Biases are never selected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["Target", "default_layer_types", "normalize_patterns", "select_targets"]
+
+_WILDCARDS = set("*?[")
+
+
+def default_layer_types() -> tuple[type[nn.Module], ...]:
+    """Module types whose ``weight`` is selected by default: Linear and every Conv."""
+    return (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One selected weight.
+
+    Attributes:
+        name: qualified module name (``"features.0"``), the key used for masks and logs.
+        module: the module that owns the weight.
+        param: the ``weight`` Parameter itself.
+    """
+
+    name: str
+    module: nn.Module
+    param: Tensor
+
+    @property
+    def param_name(self) -> str:
+        """Qualified parameter name as in ``model.state_dict()``."""
+        return f"{self.name}.weight" if self.name else "weight"
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+def normalize_patterns(value: object, argument: str) -> tuple[str, ...] | None:
+    """Validate ``include``/``exclude``: ``None``, one string or a sequence of strings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        if len(value) == 0:
+            raise ValueError(f"`{argument}` is an empty sequence; pass None to use the default selection.")
+        return tuple(value)
+    raise TypeError(f"`{argument}` must be None, a glob string or a sequence of glob strings, got {value!r}.")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def select_targets(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> list[Target]:
+    """Return the weights selected by ``include``/``exclude``, in module order.
+
+    Args:
+        model: the model to search.
+        include: glob patterns over qualified module names; ``None`` selects every Linear and
+            Conv layer. A pattern with a wildcard picks only Linear/Conv layers; an exact name
+            picks that module's ``weight`` whatever its type.
+        exclude: glob patterns over qualified module names removed from the selection.
+
+    Raises:
+        ValueError: a pattern matches no module, or nothing is left to select.
+    """
+    include = normalize_patterns(include, "include")
+    exclude = normalize_patterns(exclude, "exclude")
+    layer_types = default_layer_types()
+    named = [(n, m) for n, m in model.named_modules()]
+    names = {n for n, _ in named}
+
+    for argument, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(_matches(n, pattern) for n in names if n):
+                raise ValueError(
+                    f"`{argument}` pattern {pattern!r} matches no module of {type(model).__name__}; "
+                    f"module names look like {_examples(named)}."
+                )
+
+    selected: list[Target] = []
+    seen: set[int] = set()
+    for name, module in named:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
+            continue
+        if include is None:
+            chosen = isinstance(module, layer_types)
+        else:
+            chosen = any(
+                _matches(name, p) and (isinstance(module, layer_types) or not (_WILDCARDS & set(p))) for p in include
+            )
+        if not chosen or (exclude and any(_matches(name, p) for p in exclude)):
+            continue
+        if id(weight) in seen:  # tied weights: one mask, under the first name
+            continue
+        seen.add(id(weight))
+        selected.append(Target(name=name, module=module, param=weight))
+    if not selected:
+        raise ValueError(
+            f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
+            f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`."
+        )
+    return selected
+
+
+def _examples(named: list[tuple[str, nn.Module]]) -> str:
+    sample = [n for n, _ in named if n][:4]
+    return ", ".join(repr(s) for s in sample) if sample else "(the model has no submodules)"

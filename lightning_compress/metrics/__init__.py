@@ -1,0 +1,5 @@
+"""torchmetrics metrics of compression."""
+
+from .sparsity import Sparsity
+
+__all__ = ["Sparsity"]

@@ -1,0 +1,53 @@
+"""Sparsity as a torchmetrics ``Metric``: real zeros counted, reduced across processes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["Sparsity"]
+
+
+class Sparsity(Metric):
+    """Fraction of entries that are exactly zero over every tensor passed to :meth:`update`.
+
+    Counts are summed across processes (``dist_reduce_fx="sum"``), so under DDP the result is the
+    zero fraction of all tensors seen on all ranks.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.metrics import Sparsity
+        >>> metric = Sparsity()
+        >>> metric.update(torch.tensor([0.0, 1.0, 0.0, 2.0]))
+        >>> metric.update(torch.tensor([0.0, 3.0]))
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    zeros: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("zeros", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, tensor: Tensor) -> None:
+        """Add the zeros and the size of ``tensor``."""
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"`tensor` must be a torch.Tensor, got {type(tensor).__name__}.")
+        self.zeros += (tensor.detach() == 0).sum().to(self.zeros.device)
+        self.total += tensor.numel()
+
+    def compute(self) -> Tensor:
+        """Zero fraction; 0 when nothing was seen."""
+        if self.total == 0:
+            return torch.tensor(0.0, device=self.zeros.device)
+        return self.zeros.float() / self.total.float()

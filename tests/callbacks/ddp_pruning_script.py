@@ -1,0 +1,51 @@
+"""Run by test_pruning_ddp.py: fit TinyModule with 2 CPU processes (gloo) and dump each rank's masks."""
+
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_compress import IterativePruning
+from tests.conftest import TinyModule
+
+warnings.filterwarnings("ignore")
+
+
+class RankNoisyImportance:
+    """|w| plus noise that differs on every rank: only a mask broadcast keeps ranks identical."""
+
+    def score(self, name, weight):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        g = torch.Generator().manual_seed(1000 + rank)
+        return weight.detach().abs() + torch.rand(weight.shape, generator=g)
+
+
+def main(out_dir: str, importances: list[str]) -> None:
+    for name in importances:
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        importance = RankNoisyImportance() if name == "noisy" else name
+        pruning = IterativePruning(0.8, importance=importance, start_epoch=0, end_epoch=3)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp",
+            max_epochs=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            callbacks=[pruning],
+        )
+        trainer.fit(model)
+        rank = trainer.global_rank
+        torch.save(
+            {"masks": pruning.masks, "weights": {k: v.clone() for k, v in model.state_dict().items()}},
+            f"{out_dir}/{name}_rank{rank}.pt",
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2].split(","))

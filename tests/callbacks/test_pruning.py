@@ -1,0 +1,320 @@
+"""IterativePruning with the real Trainer on a tiny MLP."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
+
+from lightning_compress import IterativePruning, sparsity
+from tests.conftest import TinyModule, trainer, weights_of
+
+
+def layer_sparsity(model):
+    return {n: float((m.weight == 0).float().mean()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+class Probe(Callback):
+    """Records the sparsity at every train epoch end (after IterativePruning, which comes first)."""
+
+    def __init__(self):
+        self.by_epoch = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.by_epoch.append(sparsity(pl_module))
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_reaches_target_and_keeps_state_dict_keys(tiny, importance, scope, tmp_path):
+    keys = list(tiny.state_dict())
+    pruning = IterativePruning(0.8, importance=importance, scope=scope, start_epoch=0, end_epoch=3)
+    trainer(max_epochs=5, callbacks=[pruning]).fit(tiny)
+    assert list(tiny.state_dict()) == keys
+    total = sum(m.numel() for m in pruning.masks.values())
+    assert sparsity(tiny) == pytest.approx(0.8, abs=3 / total)  # within one weight per layer
+    if scope == "layer":
+        for value in layer_sparsity(tiny).values():
+            assert value == pytest.approx(0.8, abs=0.01)
+    for name, mask in pruning.masks.items():
+        assert mask.dtype == torch.bool
+        assert (tiny.get_parameter(name)[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_optimizer_never_regrows_pruned_weights(optimizer):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(optimizer=optimizer)
+    pruning = IterativePruning(0.7, start_epoch=0, end_epoch=2)
+    fit = trainer(max_epochs=4, callbacks=[pruning])
+    fit.fit(model)
+    opt = fit.optimizers[0]
+    for name, mask in pruning.masks.items():
+        param = model.get_parameter(name)
+        assert (param[~mask] == 0).all()
+        for value in opt.state[param].values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                assert (value[~mask] == 0).all(), f"{optimizer} state of {name} regrows pruned weights"
+
+
+def test_events_once_per_scheduled_epoch_and_not_in_validation(tiny):
+    probe = Probe()
+    pruning = IterativePruning(0.8, schedule="linear", start_epoch=1, end_epoch=5, every_n_epochs=2)
+    trainer(max_epochs=7, callbacks=[pruning, probe], val_check_interval=0.25, num_sanity_val_steps=2).fit(tiny)
+    # events at t = 3, 5 (ends of epochs 2 and 4): sparsity 0.4 then 0.8, flat elsewhere
+    assert probe.by_epoch[:2] == [0.0, 0.0]
+    assert probe.by_epoch[2] == pytest.approx(0.4, abs=1e-3)
+    assert probe.by_epoch[3] == probe.by_epoch[2]
+    assert all(s == pytest.approx(0.8, abs=1e-3) for s in probe.by_epoch[4:])
+
+
+def test_validate_test_and_sanity_check_never_change_the_model(tiny):
+    pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1)
+    t = trainer(max_epochs=1, callbacks=[pruning], num_sanity_val_steps=2, limit_train_batches=0)
+    before = weights_of(tiny)
+    t.validate(tiny, verbose=False)
+    t.test(tiny, verbose=False)
+    t.fit(tiny)  # sanity check runs, no training batch: no pruning event is reached
+    after = weights_of(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_step_level_pruning_between_optimizer_steps(tiny):
+    seen = []
+
+    class StepProbe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append((trainer.global_step, round(sparsity(pl_module), 4)))
+
+    pruning = IterativePruning(0.6, schedule="linear", start_epoch=1, end_epoch=2, every_n_steps=2)
+    trainer(max_epochs=3, callbacks=[pruning, StepProbe()], accumulate_grad_batches=2).fit(tiny)
+    steps = dict(seen)
+    # 8 batches / 2 accumulated = 4 steps per epoch: window = steps 4..8, events at 6 and 8
+    assert steps[4] == 0.0 and steps[6] == pytest.approx(0.3, abs=1e-3) and steps[8] == pytest.approx(0.6, abs=1e-3)
+    assert steps[12] == steps[8]
+
+
+def test_checkpoints_load_into_the_plain_module_strictly(tiny, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    pruning = IterativePruning(0.75, start_epoch=0, end_epoch=3)
+    trainer(max_epochs=4, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(tiny)
+    files = sorted(tmp_path.glob("*.ckpt"))
+    assert len(files) == 4
+    for path in files:
+        raw = torch.load(path, weights_only=True)  # only tensors and primitives
+        state = raw["callbacks"][pruning.state_key]
+        assert all(m.dtype == torch.bool for m in state["pruner"]["masks"].values())
+        plain = TinyModule.load_from_checkpoint(path, strict=True)
+        assert set(plain.state_dict()) == set(tiny.state_dict())
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
+def test_resume_mid_schedule_gives_the_same_final_masks(importance, tmp_path):
+    def run(ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        pruning = IterativePruning(0.9, importance=importance, start_epoch=1, end_epoch=5)
+        callbacks = [pruning]
+        if dirpath is not None:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        trainer(max_epochs=6, callbacks=callbacks, enable_checkpointing=dirpath is not None).fit(
+            model, ckpt_path=ckpt_path
+        )
+        return model, pruning
+
+    full_model, full = run(dirpath=tmp_path)
+    resumed_model, resumed = run(ckpt_path=tmp_path / "epoch=2.ckpt")  # after 2 of 4 events
+    assert resumed.masks.keys() == full.masks.keys()
+    for key in full.masks:
+        assert torch.equal(full.masks[key], resumed.masks[key]), key
+    assert sparsity(resumed_model) == sparsity(full_model)
+
+
+def test_one_instance_serves_a_second_fit():
+    pruning = IterativePruning(0.6, start_epoch=0, end_epoch=2)
+    pl.seed_everything(0, verbose=False)
+    first = TinyModule()
+    trainer(max_epochs=3, callbacks=[pruning]).fit(first)
+    first_masks = pruning.masks
+    pl.seed_everything(1, verbose=False)
+    second = TinyModule()
+    trainer(max_epochs=3, callbacks=[pruning]).fit(second)  # a new model: a fresh schedule
+    assert sparsity(second) == pytest.approx(0.6, abs=1e-3)
+    assert any(not torch.equal(first_masks[k], pruning.masks[k]) for k in first_masks)
+    # the same model fitted again keeps its masks
+    trainer(max_epochs=2, callbacks=[pruning]).fit(second)
+    assert sparsity(second) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_composes_with_checkpoint_early_stopping_and_swa(tiny, tmp_path):
+    pruning = IterativePruning(0.7, start_epoch=0, end_epoch=3)
+    callbacks = [
+        StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2),
+        pruning,
+        ModelCheckpoint(dirpath=tmp_path, monitor="val_acc", mode="max", save_top_k=2),
+        EarlyStopping(monitor="val_loss", patience=10),
+    ]
+    trainer(max_epochs=6, callbacks=callbacks, enable_checkpointing=True).fit(tiny)
+    assert sparsity(tiny) == pytest.approx(0.7, abs=1e-3)  # SWA's averaged weights are masked too
+    for name, mask in pruning.masks.items():
+        assert (tiny.get_parameter(name)[~mask] == 0).all()
+    assert len(list(tmp_path.glob("*.ckpt"))) == 2
+
+
+def test_min_density_keeps_the_head_alive():
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    with torch.no_grad():
+        model.net[4].weight.mul_(1e-4)  # a head one global threshold would remove entirely
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=0, end_epoch=1, min_density=0.05)
+    trainer(max_epochs=1, callbacks=[pruning]).fit(model)
+    head = pruning.masks["net.4.weight"]
+    assert int(head.sum()) >= 0.05 * head.numel()
+
+
+def test_sparsity_is_logged_to_tensorboard(tiny, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    pruning = IterativePruning(0.8, schedule="linear", start_epoch=0, end_epoch=4)
+    trainer(max_epochs=4, callbacks=[pruning], logger=logger).fit(tiny)
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"compress/sparsity", "compress/sparsity/net.0", "compress/sparsity/net.4"} <= set(tags)
+    values = [e.value for e in events.Scalars("compress/sparsity")]
+    assert values == pytest.approx([0.2, 0.4, 0.6, 0.8], abs=2e-3)
+
+
+class ScoredBySparsity(TinyModule):
+    """Its validation score is 1 - sparsity: every pruned fraction costs the same in score."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_score", 1.0 - sparsity(self))
+
+
+def test_accuracy_guard_rolls_back_halves_the_step_and_stops():
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(
+        0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3
+    )
+    trainer(max_epochs=40, callbacks=[pruning]).fit(model)
+    actions = [d.action for d in pruning.decisions]
+    assert actions[:2] == ["baseline", "baseline"]
+    first_rollback = pruning.decisions[2]
+    assert first_rollback.action == "rollback" and first_rollback.drop == pytest.approx(0.9, abs=1e-3)
+    assert first_rollback.step_cap == pytest.approx(0.45, abs=1e-3)
+    assert "accept" in actions and actions[-1] == "stop"
+    final = sparsity(model)
+    assert 0.25 < final <= 0.3  # as far as the tolerance allows, no further
+    assert all(d.drop <= 0.3 for d in pruning.decisions if d.action == "accept")
+    for name, mask in pruning.masks.items():
+        assert (model.get_parameter(name)[~mask] == 0).all()
+
+
+def test_rollback_revives_the_pruned_weights():
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity(lr=0.0)  # no training: the weights only change by pruning
+    before = weights_of(model)
+    pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1, monitor="val_score", max_drop=0.1)
+    trainer(max_epochs=2, callbacks=[pruning]).fit(model)
+    assert [d.action for d in pruning.decisions] == ["baseline", "rollback"]
+    after = weights_of(model)
+    # the rolled-back event's weights are back; the halved step (0.25) was applied after it
+    assert sparsity(model) == pytest.approx(0.25, abs=1e-3)
+    for name, mask in pruning.masks.items():
+        assert torch.equal(after[name][mask], before[name][mask])
+
+
+def test_rewinding_restores_survivors_and_copies_storage():
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    initial = weights_of(model)
+    captured = {}
+
+    class AfterEvent(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                captured.update(weights_of(pl_module))
+
+    pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1, rewind_epoch=0)
+    trainer(max_epochs=2, callbacks=[pruning, AfterEvent()]).fit(model)
+    for name, mask in pruning.masks.items():
+        assert torch.equal(captured[name], initial[name] * mask)
+    saved = pruning.pruner._rewind
+    assert saved is not None
+    assert all(saved[n].data_ptr() != model.get_parameter(n).data_ptr() for n in saved)
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target_sparsity": 1.0}, ValueError, r"`target_sparsity`=1.0 is outside \[0, 1\)"),
+        ({"target_sparsity": -0.5}, ValueError, "`target_sparsity`=-0.5 is outside"),
+        ({"target_sparsity": None}, TypeError, "`target_sparsity` must be a float"),
+        ({"importance": "l1"}, ValueError, "`importance`='l1' is not one of"),
+        ({"importance": object()}, TypeError, "`importance` must be one of"),
+        ({"scope": "model"}, ValueError, r"`scope`='model' is not one of \('global', 'layer'\)"),
+        ({"schedule": "exponential"}, ValueError, "`schedule`='exponential' is not one of"),
+        ({"start_epoch": 3, "end_epoch": 3}, ValueError, "`end_epoch`=3 must be greater than `start_epoch`=3"),
+        ({"start_epoch": -1}, ValueError, "`start_epoch`=-1 must be >= 0"),
+        ({"every_n_epochs": 2, "every_n_steps": 5}, ValueError, "Set one of `every_n_epochs`=2 and `every_n_steps`=5"),
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps`=0 must be >= 1"),
+        ({"min_density": 0.2}, ValueError, "`min_density`=0.2 cannot hold with `target_sparsity`=0.9"),
+        ({"mode": "up"}, ValueError, "`mode`='up' is not one of"),
+        ({"max_drop": -0.1}, ValueError, "`max_drop`=-0.1 must be >= 0"),
+        ({"monitor": 3}, TypeError, "`monitor` must be a metric name"),
+        ({"rewind_epoch": 2, "start_epoch": 1}, ValueError, "`rewind_epoch`=2 must be <= `start_epoch`=1"),
+        ({"include": 5}, TypeError, "`include` must be None, a glob string"),
+    ],
+)
+def test_bad_arguments_raise_in_init(kwargs, error, match):
+    kwargs = {"target_sparsity": 0.9, **kwargs}
+    with pytest.raises(error, match=match):
+        IterativePruning(**kwargs)
+
+
+class FailOnFirstStep(Callback):
+    def on_train_batch_start(self, *args):
+        raise AssertionError("training started")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"include": ["encoder.*"]}, {}, "`include` pattern 'encoder.\\*' matches no module"),
+        ({"exclude": ["*"]}, {}, "select no weight of TinyModule"),
+        ({"end_epoch": 9}, {"max_epochs": 5}, "`end_epoch`=9 is after the Trainer's `max_epochs`=5"),
+        ({"start_epoch": 5}, {"max_epochs": 5}, "leaves no pruning event"),
+        ({"monitor": "val_f1"}, {"num_sanity_val_steps": 1}, "`monitor`='val_f1' was not logged"),
+        ({}, {"max_epochs": -1, "max_steps": 10}, "`end_epoch` is required"),
+    ],
+)
+def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, kwargs, trainer_kwargs, match):
+    before = weights_of(tiny)
+    pruning = IterativePruning(0.5, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        trainer(**{"max_epochs": 5, **trainer_kwargs}, callbacks=[pruning, FailOnFirstStep()]).fit(tiny)
+    after = weights_of(tiny)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_every_n_steps_needs_a_sized_loader():
+    class Iterable(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for _ in range(4):
+                yield torch.randn(16), torch.tensor(0)
+
+    class Model(TinyModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(Iterable(), batch_size=2)
+
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, every_n_steps=1, end_epoch=1)
+    with pytest.raises(ValueError, match="`every_n_steps` needs a train dataloader with a length"):
+        trainer(max_epochs=1, callbacks=[pruning, FailOnFirstStep()]).fit(Model())

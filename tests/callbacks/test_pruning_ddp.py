@@ -1,0 +1,32 @@
+"""Under strategy="ddp" (2 CPU processes, gloo) every rank ends with the same masks, for every importance."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+IMPORTANCES = ["magnitude", "taylor", "random", "noisy"]
+
+
+@pytest.mark.slow
+def test_masks_identical_on_every_rank(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "callbacks" / "ddp_pruning_script.py"
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path), ",".join(IMPORTANCES)], check=True, env=env, cwd=tmp_path, timeout=600
+    )
+    for name in IMPORTANCES:
+        r0 = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
+        r1 = torch.load(tmp_path / f"{name}_rank1.pt", weights_only=True)
+        assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
+        for key in r0["masks"]:
+            assert torch.equal(r0["masks"][key], r1["masks"][key]), (name, key)
+        for key in r0["weights"]:
+            assert torch.equal(r0["weights"][key], r1["weights"][key]), (name, key)
+        kept = sum(int(m.sum()) for m in r0["masks"].values())
+        total = sum(m.numel() for m in r0["masks"].values())
+        assert 1 - kept / total == pytest.approx(0.8, abs=1e-3)

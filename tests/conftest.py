@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny LightningModule on generated data that trains in about a second."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchmetrics
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*litlogger.*")
+
+
+def make_blobs(n: int = 256, features: int = 16, classes: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, features, generator=g) * 2.0
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, features, generator=g)
+    return TensorDataset(x, y)
+
+
+class TinyModule(pl.LightningModule):
+    """A 3-layer MLP classifier; logs `val_acc` and `val_loss`."""
+
+    def __init__(self, hidden: int = 32, lr: float = 0.05, optimizer: str = "sgd", n: int = 256) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4)
+        )
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_acc", self.val_acc)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr / 10)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=1e-4)
+
+    def train_dataloader(self):
+        return DataLoader(make_blobs(self.hparams.n), batch_size=32, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(make_blobs(128, seed=1), batch_size=64)
+
+    def test_dataloader(self):
+        return DataLoader(make_blobs(128, seed=2), batch_size=64)
+
+
+def trainer(tmp_path=None, **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    if tmp_path is not None:
+        defaults["default_root_dir"] = str(tmp_path)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+@pytest.fixture
+def tiny() -> TinyModule:
+    pl.seed_everything(0, verbose=False)
+    return TinyModule()
+
+
+def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

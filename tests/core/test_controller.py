@@ -1,0 +1,42 @@
+from lightning_compress.core.controller import AccuracyGuard
+
+
+def test_baseline_is_the_last_value_before_the_first_event():
+    guard = AccuracyGuard(max_drop=0.01)
+    guard.observe(0.90)
+    guard.observe(0.95)
+    assert guard.baseline == 0.95
+    guard.event_applied(0.0, 0.5)
+    assert guard.observe(0.945).action == "accept"
+    assert guard.baseline == 0.95
+
+
+def test_drop_rolls_back_halves_the_step_and_stops_when_no_step_fits():
+    guard = AccuracyGuard(max_drop=0.01, min_step=0.06)
+    guard.observe(0.95)
+    guard.event_applied(0.0, 0.4)
+    decision = guard.observe(0.90)
+    assert decision.action == "rollback" and decision.step_cap == 0.2
+    assert guard.limit(0.0, 0.6) == 0.2
+    guard.event_applied(0.0, 0.2)
+    assert guard.observe(0.8).step_cap == 0.1
+    guard.event_applied(0.0, 0.1)
+    assert guard.observe(0.8).action == "stop"
+    assert guard.stopped and guard.limit(0.0, 0.9) == 0.0
+
+
+def test_mode_min_for_losses_and_state_roundtrip():
+    guard = AccuracyGuard(max_drop=0.1, mode="min")
+    guard.observe(1.0)
+    guard.event_applied(0.0, 0.5)
+    assert guard.observe(1.2).action == "rollback"
+    copy = AccuracyGuard(max_drop=0.0)
+    copy.load_state_dict(guard.state_dict())
+    assert copy == guard
+
+
+def test_nan_counts_as_a_drop():
+    guard = AccuracyGuard(max_drop=0.5)
+    guard.observe(0.9)
+    guard.event_applied(0.0, 0.5)
+    assert guard.observe(float("nan")).action == "rollback"

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import prune_, sparsity
+from lightning_compress.core.importance import TaylorImportance
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "random"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_prune_reaches_the_exact_sparsity(importance, scope):
+    model = mlp()
+    masks = prune_(model, 0.6, importance, scope)
+    assert set(masks) == {"0.weight", "2.weight"}
+    assert sparsity(model) == pytest.approx(0.6, abs=2 / 900)
+    if scope == "layer":
+        for name, mask in masks.items():
+            assert (~mask).float().mean().item() == pytest.approx(0.6, abs=1 / mask.numel())
+    assert model[0].bias.count_nonzero() == 30  # biases untouched
+
+
+def test_sparsity_is_absolute_not_compounding():
+    model = mlp()
+    masks = prune_(model, 0.5)
+    masks = prune_(model, 0.5, masks=masks)
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_taylor_uses_gradients_and_needs_them():
+    model = mlp()
+    with pytest.raises(ValueError, match="importance='taylor' has no gradient"):
+        prune_(model, 0.5, "taylor")
+    model(torch.randn(8, 20)).sum().backward()
+    prune_(model, 0.5, TaylorImportance())
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_random_is_reproducible_with_a_seed():
+    a, b = mlp(), mlp()
+    ma = prune_(a, 0.5, "random", seed=3)
+    mb = prune_(b, 0.5, "random", seed=3)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sparsity": 1.0}, ValueError, r"`sparsity`=1.0 is outside \[0, 1\)"),
+        ({"sparsity": -0.1}, ValueError, "`sparsity`=-0.1 is outside"),
+        ({"sparsity": "0.5"}, TypeError, "`sparsity` must be a float"),
+        ({"sparsity": 0.5, "importance": "l2"}, ValueError, "`importance`='l2' is not one of"),
+        ({"sparsity": 0.5, "importance": 3}, TypeError, "`importance` must be one of"),
+        ({"sparsity": 0.5, "scope": "net"}, ValueError, "`scope`='net' is not one of"),
+        ({"sparsity": 0.9, "min_density": 0.2}, ValueError, "`min_density`=0.2 leaves no room"),
+        ({"sparsity": 0.5, "include": ["nothing"]}, ValueError, "matches no module"),
+    ],
+)
+def test_bad_arguments_leave_the_model_untouched(kwargs, error, match):
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        prune_(model, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sparsity_counts_real_zeros():
+    layer = nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    assert sparsity(layer) == 0.75

@@ -1,0 +1,154 @@
+"""The radix selection against a brute-force reference, on random shapes, ties, floors and prior masks."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_compress.core.importance import MagnitudeImportance, RandomImportance
+from lightning_compress.core.masks import MaskPlanError, compute_masks
+from lightning_compress.core.selection import select_targets
+
+
+class Fixed:
+    """A custom importance returning given (possibly negative) scores."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def score(self, name, weight):
+        return self.scores[name]
+
+
+def reference(scores, alive, sparsity, scope, min_density):
+    """Sort everything; prune the lowest (pruned first), layer order then position breaking ties."""
+    names = list(scores)
+    pruned = {n: int((~alive[n]).sum()) for n in names}
+    n_of = {n: scores[n].numel() for n in names}
+    if scope == "layer":
+        k_of = {n: max(round(sparsity * n_of[n]), pruned[n]) for n in names}
+        caps = {n: n_of[n] for n in names}
+        groups = [[n] for n in names]
+    else:
+        caps = {n: max(n_of[n] - math.ceil(min_density * n_of[n]), pruned[n]) for n in names}
+        total_k = min(max(round(sparsity * sum(n_of.values())), sum(pruned.values())), sum(caps.values()))
+        groups = [names]
+    out = {n: torch.ones(n_of[n], dtype=torch.bool) for n in names}
+    for group in groups:
+        entries = []
+        for li, n in enumerate(group):
+            flat, al = scores[n].flatten().tolist(), alive[n].flatten().tolist()
+            for j, (v, a) in enumerate(zip(flat, al)):
+                entries.append((0 if not a else 1, v if a else 0.0, li, j))
+        entries.sort()
+        budget = k_of[group[0]] if scope == "layer" else total_k
+        count = dict.fromkeys(group, 0)
+        taken = 0
+        for _, _, li, j in entries:
+            if taken >= budget:
+                break
+            n = group[li]
+            if count[n] < caps[n]:
+                count[n] += 1
+                taken += 1
+                out[n][j] = False
+    return {n: out[n].view(scores[n].shape) for n in names}
+
+
+layer_sizes = st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), min_size=1, max_size=4)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    sizes=layer_sizes,
+    sparsity=st.floats(0.0, 0.99),
+    scope=st.sampled_from(["global", "layer"]),
+    min_density=st.sampled_from([0.0, 0.1, 0.5]),
+    ties=st.booleans(),
+    signed=st.booleans(),
+    with_masks=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_matches_reference(sizes, sparsity, scope, min_density, ties, signed, with_masks, seed):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(*[nn.Linear(i, o) for i, o in sizes])
+    targets = select_targets(model)
+    scores, alive = {}, {}
+    for t in targets:
+        s = torch.randint(-3, 4, t.param.shape, generator=g).float() if ties else torch.randn(t.param.shape, generator=g)
+        scores[t.name] = s if signed else s.abs()
+        alive[t.param_name] = torch.rand(t.param.shape, generator=g) > 0.3 if with_masks else torch.ones_like(s).bool()
+    got = compute_masks(
+        targets, Fixed(scores), sparsity, scope, min_density, alive if with_masks else None, apply=False
+    )
+    want = reference(
+        {t.param_name: scores[t.name] for t in targets}, alive, sparsity, scope, min_density
+    )
+    for t in targets:
+        assert torch.equal(got[t.param_name], want[t.param_name]), t.param_name
+
+
+def test_magnitude_fast_path_equals_generic_path_and_zeroes_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.Linear(40, 30))
+    targets = select_targets(model)
+    generic = compute_masks(targets, Fixed({t.name: t.param.detach().abs() for t in targets}), 0.7, apply=False)
+    fast = compute_masks(targets, MagnitudeImportance(), 0.7)
+    for t in targets:
+        assert torch.equal(generic[t.param_name], fast[t.param_name])
+        assert (t.param[~fast[t.param_name]] == 0).all()
+    assert sum(int((~m).sum()) for m in fast.values()) == round(0.7 * (50 * 40 + 40 * 30))
+
+
+def test_pruned_weights_stay_pruned_even_when_they_score_high():
+    model = nn.Linear(10, 10)
+    targets = select_targets(model)
+    first = compute_masks(targets, RandomImportance(0), 0.3)
+    imp = Fixed({"": torch.where(first["weight"], 0.0, 100.0)})  # pruned ones look the most important
+    second = compute_masks(targets, imp, 0.5, masks=first)
+    assert not (second["weight"] & ~first["weight"]).any()
+    assert int((~second["weight"]).sum()) == 50
+
+
+def test_global_floor_keeps_every_layer_alive():
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 2))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-6)  # the head would be pruned entirely by one threshold
+    masks = compute_masks(select_targets(model), MagnitudeImportance(), 0.9, min_density=0.05)
+    assert int(masks["1.weight"].sum()) == 10  # ceil(0.05 * 200) kept, the rest of the budget elsewhere
+    assert int(sum((~m).sum() for m in masks.values())) == round(0.9 * 10200)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_raise_before_any_change(bad):
+    model = nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    scores = torch.rand(4, 4)
+    scores[1, 2] = bad
+    with pytest.raises(MaskPlanError, match="contain NaN or Inf"):
+        compute_masks(select_targets(model), Fixed({"": scores}), 0.5)
+    assert torch.equal(model.weight, before)
+
+
+def test_wrong_score_shape():
+    with pytest.raises(MaskPlanError, match=r"returned scores of shape \(3,\)"):
+        compute_masks(select_targets(nn.Linear(4, 4)), Fixed({"": torch.rand(3)}), 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes(dtype):
+    model = nn.Linear(64, 64).to(dtype)
+    masks = compute_masks(select_targets(model), MagnitudeImportance(), 0.75)
+    assert int((~masks["weight"]).sum()) == 3072
+    assert int((model.weight == 0).sum()) >= 3072
+
+
+def test_non_contiguous_weight():
+    layer = nn.Linear(8, 6)
+    layer.weight = nn.Parameter(torch.randn(6, 8).t().contiguous().t())  # transposed storage
+    assert not layer.weight.is_contiguous()
+    masks = compute_masks(select_targets(layer), MagnitudeImportance(), 0.5)
+    assert int((layer.weight == 0).sum()) == 24 and int((~masks["weight"]).sum()) == 24

@@ -1,0 +1,49 @@
+import math
+
+import pytest
+
+from lightning_compress.core.schedule import PruningSchedule, schedule_curve
+
+
+@pytest.mark.parametrize("kind", ["cubic", "linear", "geometric", "one_shot"])
+def test_curves_start_at_zero_end_at_target_and_increase(kind):
+    values = [schedule_curve(kind, 0.9, p / 20) for p in range(21)]
+    assert values[0] == 0.0
+    assert values[-1] == pytest.approx(0.9)
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_cubic_matches_zhu_gupta():
+    # s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3, s_i = 0
+    sched = PruningSchedule("cubic", 0.9, start=5, end=20)
+    for t in range(6, 21):
+        assert sched.sparsity_at(t) == pytest.approx(0.9 + (0 - 0.9) * (1 - (t - 5) / 15) ** 3)
+
+
+def test_geometric_removes_the_same_fraction_of_the_remaining_weights():
+    sched = PruningSchedule("geometric", 0.99, start=0, end=4)
+    density = [1 - sched.sparsity_at(t) for t in range(0, 5)]
+    ratios = [b / a for a, b in zip(density, density[1:])]
+    assert ratios == pytest.approx([ratios[0]] * 4)
+    assert density[-1] == pytest.approx(0.01)
+
+
+def test_events_every_n_and_always_at_the_end():
+    sched = PruningSchedule("linear", 0.5, start=2, end=9, every=3)
+    assert sched.events() == [5, 8, 9]
+    assert not sched.is_event(2) and not sched.is_event(10)
+
+
+def test_callable_schedule_is_capped_at_target_and_validated():
+    sched = PruningSchedule(lambda epoch: 0.1 * epoch, 0.5, start=0, end=10)
+    assert sched.sparsity_at(3, user_time=2) == pytest.approx(0.2)
+    assert sched.sparsity_at(9, user_time=8) == 0.5
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        PruningSchedule(lambda e: 1.5, 0.5, 0, 10).sparsity_at(1)
+    with pytest.raises(TypeError, match="must return a float"):
+        PruningSchedule(lambda e: math.nan, 0.5, 0, 10).sparsity_at(1)
+
+
+def test_unknown_schedule_name():
+    with pytest.raises(ValueError, match="`schedule`='exp' is not one of"):
+        schedule_curve("exp", 0.5, 0.5)

@@ -1,0 +1,66 @@
+import pytest
+from torch import nn
+
+from lightning_compress.core.selection import select_targets
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Conv1d(8, 8, 1))
+        self.head = nn.Linear(8, 2)
+
+
+def names(model, **kw):
+    return [t.name for t in select_targets(model, **kw)]
+
+
+def test_default_selects_linear_and_conv_weights_only():
+    assert names(Net()) == ["encoder.0", "encoder.2", "head"]
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "expected"),
+    [
+        (["encoder.*"], None, ["encoder.0", "encoder.2"]),  # wildcard: Linear/Conv only, not the LayerNorm
+        (["embed", "head"], None, ["embed", "head"]),  # exact name: any module's weight
+        (None, ["head"], ["encoder.0", "encoder.2"]),
+        ("*", "encoder.*", ["head"]),
+        (["encoder.1"], None, ["encoder.1"]),
+    ],
+)
+def test_include_exclude(include, exclude, expected):
+    assert names(Net(), include=include, exclude=exclude) == expected
+
+
+def test_biases_are_never_selected():
+    targets = select_targets(Net())
+    assert all(t.param_name.endswith(".weight") for t in targets)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"include": ["nope*"]}, ValueError, "`include` pattern 'nope\\*' matches no module"),
+        ({"exclude": ["missing"]}, ValueError, "`exclude` pattern 'missing' matches no module"),
+        ({"exclude": ["*"]}, ValueError, "select no weight"),
+        ({"include": 3}, TypeError, "`include` must be None, a glob string"),
+        ({"include": []}, ValueError, "`include` is an empty sequence"),
+    ],
+)
+def test_bad_patterns(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        select_targets(Net(), **kwargs)
+
+
+def test_model_without_prunable_layers():
+    with pytest.raises(ValueError, match="select no weight of Sequential"):
+        select_targets(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)))
+
+
+def test_tied_weights_are_selected_once():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    targets = select_targets(nn.Sequential(a, b))
+    assert [t.name for t in targets] == ["0"]

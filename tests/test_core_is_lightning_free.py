@@ -1,0 +1,29 @@
+"""The core must work with torch alone: no module under lightning_compress/core imports lightning."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+CORE = pathlib.Path(__file__).resolve().parents[1] / "lightning_compress" / "core"
+
+
+def test_no_lightning_import_in_core_sources():
+    offenders = []
+    for path in CORE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("lightning", "pytorch_lightning")]
+    assert not offenders
+
+
+def test_core_imports_without_lightning_loaded():
+    code = (
+        "import sys, lightning_compress.core.functional, lightning_compress.core.pruner;"
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning loaded'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
