@@ -12,7 +12,9 @@ from tests.conftest import TinyModule, trainer, weights_of
 
 
 def layer_sparsity(model):
-    return {n: float((m.weight == 0).float().mean()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return {
+        n: float((m.weight == 0).float().mean()) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+    }
 
 
 class Probe(Callback):
@@ -199,9 +201,7 @@ class ScoredBySparsity(TinyModule):
 def test_accuracy_guard_rolls_back_halves_the_step_and_stops():
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity()
-    pruning = IterativePruning(
-        0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3
-    )
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
     trainer(max_epochs=40, callbacks=[pruning]).fit(model)
     actions = [d.action for d in pruning.decisions]
     assert actions[:2] == ["baseline", "baseline"]

@@ -17,7 +17,11 @@ def test_masks_identical_on_every_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = ROOT / "tests" / "callbacks" / "ddp_pruning_script.py"
     subprocess.run(
-        [sys.executable, str(script), str(tmp_path), ",".join(IMPORTANCES)], check=True, env=env, cwd=tmp_path, timeout=600
+        [sys.executable, str(script), str(tmp_path), ",".join(IMPORTANCES)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     for name in IMPORTANCES:
         r0 = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)

@@ -19,7 +19,7 @@ def test_prune_reaches_the_exact_sparsity(importance, scope):
     assert set(masks) == {"0.weight", "2.weight"}
     assert sparsity(model) == pytest.approx(0.6, abs=2 / 900)
     if scope == "layer":
-        for name, mask in masks.items():
+        for _name, mask in masks.items():
             assert (~mask).float().mean().item() == pytest.approx(0.6, abs=1 / mask.numel())
     assert model[0].bias.count_nonzero() == 30  # biases untouched
 

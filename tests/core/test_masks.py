@@ -41,7 +41,7 @@ def reference(scores, alive, sparsity, scope, min_density):
         entries = []
         for li, n in enumerate(group):
             flat, al = scores[n].flatten().tolist(), alive[n].flatten().tolist()
-            for j, (v, a) in enumerate(zip(flat, al)):
+            for j, (v, a) in enumerate(zip(flat, al, strict=False)):
                 entries.append((0 if not a else 1, v if a else 0.0, li, j))
         entries.sort()
         budget = k_of[group[0]] if scope == "layer" else total_k
@@ -78,15 +78,17 @@ def test_matches_reference(sizes, sparsity, scope, min_density, ties, signed, wi
     targets = select_targets(model)
     scores, alive = {}, {}
     for t in targets:
-        s = torch.randint(-3, 4, t.param.shape, generator=g).float() if ties else torch.randn(t.param.shape, generator=g)
+        s = (
+            torch.randint(-3, 4, t.param.shape, generator=g).float()
+            if ties
+            else torch.randn(t.param.shape, generator=g)
+        )
         scores[t.name] = s if signed else s.abs()
         alive[t.param_name] = torch.rand(t.param.shape, generator=g) > 0.3 if with_masks else torch.ones_like(s).bool()
     got = compute_masks(
         targets, Fixed(scores), sparsity, scope, min_density, alive if with_masks else None, apply=False
     )
-    want = reference(
-        {t.param_name: scores[t.name] for t in targets}, alive, sparsity, scope, min_density
-    )
+    want = reference({t.param_name: scores[t.name] for t in targets}, alive, sparsity, scope, min_density)
     for t in targets:
         assert torch.equal(got[t.param_name], want[t.param_name]), t.param_name
 

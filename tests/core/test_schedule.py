@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -10,7 +11,7 @@ def test_curves_start_at_zero_end_at_target_and_increase(kind):
     values = [schedule_curve(kind, 0.9, p / 20) for p in range(21)]
     assert values[0] == 0.0
     assert values[-1] == pytest.approx(0.9)
-    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert all(b >= a for a, b in itertools.pairwise(values))
 
 
 def test_cubic_matches_zhu_gupta():
@@ -23,7 +24,7 @@ def test_cubic_matches_zhu_gupta():
 def test_geometric_removes_the_same_fraction_of_the_remaining_weights():
     sched = PruningSchedule("geometric", 0.99, start=0, end=4)
     density = [1 - sched.sparsity_at(t) for t in range(0, 5)]
-    ratios = [b / a for a, b in zip(density, density[1:])]
+    ratios = [b / a for a, b in itertools.pairwise(density)]
     assert ratios == pytest.approx([ratios[0]] * 4)
     assert density[-1] == pytest.approx(0.01)
 

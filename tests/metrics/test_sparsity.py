@@ -26,5 +26,5 @@ def test_empty_is_zero_and_reset_works():
 
 
 def test_rejects_non_tensors():
-    with pytest.raises(TypeError, match="`tensor` must be a torch.Tensor"):
+    with pytest.raises(TypeError, match=r"`tensor` must be a torch\.Tensor"):
         Sparsity().update([0.0, 1.0])
