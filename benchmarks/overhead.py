@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import IterativePruning
 
 warnings.filterwarnings("ignore")
-STEPS = 12
+STEPS = 20
 
 
 class MLP(pl.LightningModule):
@@ -106,7 +106,7 @@ def timed_fit(name: str) -> list[float]:
     return timer.times[2:]  # drop warm-up steps
 
 
-def main(rounds: int = 5) -> None:
+def main(rounds: int = 7) -> None:
     names = ["plain", "IterativePruning", "ModelPruning"]
     params = sum(p.numel() for p in MLP().parameters())
     per_round: dict[str, list[float]] = {n: [] for n in names}

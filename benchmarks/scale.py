@@ -74,7 +74,7 @@ def child(method: str) -> None:
 
 def main() -> None:
     rows = []
-    for method in ["ours", "ours", "ours", "ours-event", "ModelPruning"]:
+    for method in ["ours", "ours", "ours", "ours-event", "ours-event", "ours-event", "ModelPruning"]:
         out = subprocess.run([sys.executable, __file__, method], check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from ..core.controller import AccuracyGuard, GuardDecision
@@ -116,7 +117,7 @@ class IterativePruning(Callback):
         self.include = normalize_patterns(include, "include")
         self.exclude = normalize_patterns(exclude, "exclude")
         self.min_density = validate_fraction(min_density, "min_density", upper_inclusive=True)
-        if self.scope == "global" and self.min_density > 1.0 - self.target_sparsity:
+        if self.scope == "global" and self.min_density > 1.0 - self.target_sparsity + 1e-9:
             raise ValueError(
                 f"`min_density`={min_density} cannot hold with `target_sparsity`={target_sparsity}: "
                 f"it must be at most 1 - target_sparsity = {1.0 - self.target_sparsity:.4g}."
@@ -206,6 +207,13 @@ class IterativePruning(Callback):
                 f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`."
             )
         self._end_epoch = end_epoch
+        if self.monitor is not None and (
+            trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
+        ):
+            raise ValueError(
+                f"`monitor`={self.monitor!r} needs a validation loop that logs it, but this fit has none "
+                "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
+            )
         targets = select_targets(pl_module, self.include, self.exclude)
         importance = resolve_importance(self.importance, self.seed or 0)
         pruner = Pruner(targets, importance, self.scope, self.min_density)
@@ -242,23 +250,27 @@ class IterativePruning(Callback):
             pruner.zero_optimizer_state(optimizer)
 
     def _build_schedule(self, trainer: pl.Trainer) -> PruningSchedule:
+        end_epoch = self._end_epoch or 0
+        batches = trainer.num_training_batches
+        sized = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
+        per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))) if sized else None
+        if per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
+            raise ValueError(
+                f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps "
+                f"(`end_epoch`={end_epoch} x {per_epoch} steps per epoch) but the Trainer's "
+                f"`max_steps`={trainer.max_steps}."
+            )
         if self.every_n_steps is None:
             return PruningSchedule(
-                self.schedule, self.target_sparsity, self.start_epoch, self._end_epoch or 0, self.every_n_epochs or 1
+                self.schedule, self.target_sparsity, self.start_epoch, end_epoch, self.every_n_epochs or 1
             )
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) and not (isinstance(batches, float) and math.isfinite(batches)):
+        if per_epoch is None:
             raise ValueError(
                 "`every_n_steps` needs a train dataloader with a length, to place `start_epoch` and "
                 "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
             )
-        per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
         return PruningSchedule(
-            self.schedule,
-            self.target_sparsity,
-            self.start_epoch * per_epoch,
-            (self._end_epoch or 0) * per_epoch,
-            self.every_n_steps,
+            self.schedule, self.target_sparsity, self.start_epoch * per_epoch, end_epoch * per_epoch, self.every_n_steps
         )
 
     # ------------------------------------------------------------------ training hooks
@@ -349,6 +361,11 @@ class IterativePruning(Callback):
         )
         if not (schedule.is_event(t) or catch_up):
             return
+        if guard is not None and guard.baseline is None:
+            raise ValueError(
+                f"`monitor`={self.monitor!r} has no value before the first pruning event: validation must run "
+                "(and log it) before epoch `start_epoch` ends, or set `monitor=None`."
+            )
         if guard is not None and (guard.stopped or guard.awaiting_check):
             return
         previous = pruner.masked_sparsity()

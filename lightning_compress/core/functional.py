@@ -67,7 +67,7 @@ def prune_(
     min_density = validate_fraction(min_density, "min_density", upper_inclusive=True)
     if scope not in ("global", "layer"):
         raise ValueError(f"`scope`={scope!r} is not one of ('global', 'layer').")
-    if min_density > 1.0 - sparsity and scope == "global" and min_density > 0:
+    if scope == "global" and min_density > 1.0 - sparsity + 1e-9:
         raise ValueError(
             f"`min_density`={min_density} leaves no room for `sparsity`={sparsity}: "
             f"it must be at most 1 - sparsity = {1.0 - sparsity:.4g}."

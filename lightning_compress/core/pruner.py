@@ -37,7 +37,8 @@ class Pruner:
         self.importance = importance
         self.scope = scope
         self.min_density = min_density
-        self.masks: dict[str, Tensor] = {}
+        self._masks: dict[str, Tensor] = {}
+        self._pruned: int | None = None  # cached count of masked weights
         self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
         self._rewind: dict[str, Tensor] | None = None
         self._by_name = {t.param_name: t for t in self.targets}
@@ -47,8 +48,20 @@ class Pruner:
     def total(self) -> int:
         return sum(t.numel for t in self.targets)
 
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Run-time masks in each weight's dtype (1 = kept, 0 = pruned), keyed by parameter name."""
+        return self._masks
+
+    @masks.setter
+    def masks(self, value: dict[str, Tensor]) -> None:
+        self._masks = value
+        self._pruned = None
+
     def pruned_count(self) -> int:
-        return sum(int(m.numel() - m.count_nonzero()) for m in self.masks.values())
+        if self._pruned is None:
+            self._pruned = sum(int(m.numel() - m.count_nonzero()) for m in self._masks.values())
+        return self._pruned
 
     def masked_sparsity(self) -> float:
         """Fraction of selected weights under a mask (0 before the first event)."""
@@ -79,7 +92,14 @@ class Pruner:
                 previous = current.get(name, torch.ones_like(mask))
                 revived = previous & ~mask
                 self._rollback[name] = (previous, target.param.detach()[revived].clone())
-        self.masks = {name: mask.to(self._by_name[name].param.dtype) for name, mask in new.items()}
+        for name in list(new):
+            mask = new.pop(name)  # free each bool mask once converted
+            existing = self._masks.get(name)
+            if existing is not None:
+                existing.copy_(mask)  # reuse the buffer: no new allocation at later events
+            else:
+                self._masks[name] = mask.to(self._by_name[name].param.dtype)
+        self._pruned = None
         self.apply()
         self.rewind()
         reset = getattr(self.importance, "reset", None)
@@ -97,7 +117,8 @@ class Pruner:
                 current = self.masks[name] != 0
                 revived = previous & ~current
                 target.param.detach()[revived] = values.to(target.param.dtype)
-                self.masks[name] = previous.to(target.param.dtype)
+                self._masks[name] = previous.to(target.param.dtype)
+        self._pruned = None
         self._rollback = None
         return True
 

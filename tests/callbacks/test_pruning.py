@@ -293,6 +293,8 @@ class FailOnFirstStep(Callback):
         ({"start_epoch": 5}, {"max_epochs": 5}, "leaves no pruning event"),
         ({"monitor": "val_f1"}, {"num_sanity_val_steps": 1}, "`monitor`='val_f1' was not logged"),
         ({}, {"max_epochs": -1, "max_steps": 10}, "`end_epoch` is required"),
+        ({"monitor": "val_acc"}, {"limit_val_batches": 0}, "`monitor`='val_acc' needs a validation loop"),
+        ({"end_epoch": 3}, {"max_steps": 10}, "ends after 24 optimizer steps .* `max_steps`=10"),
     ],
 )
 def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, kwargs, trainer_kwargs, match):
@@ -318,3 +320,7 @@ def test_every_n_steps_needs_a_sized_loader():
     pruning = IterativePruning(0.5, every_n_steps=1, end_epoch=1)
     with pytest.raises(ValueError, match="`every_n_steps` needs a train dataloader with a length"):
         trainer(max_epochs=1, callbacks=[pruning, FailOnFirstStep()]).fit(Model())
+
+
+def test_min_density_at_the_boundary_is_accepted():
+    IterativePruning(0.9, min_density=0.1)  # 1 - 0.9 == 0.0999... in floating point (regression)

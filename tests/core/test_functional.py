@@ -73,3 +73,11 @@ def test_sparsity_counts_real_zeros():
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
     assert sparsity(layer) == 0.75
+
+
+def test_min_density_equal_to_the_remaining_fraction_is_allowed():
+    # 1 - 0.9 is 0.0999... in floating point: 0.1 must still be accepted (regression)
+    model = mlp()
+    prune_(model, 0.9, min_density=0.1)
+    for layer in (model[0], model[2]):
+        assert (layer.weight != 0).float().mean() >= 0.1 - 1e-9
