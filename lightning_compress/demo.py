@@ -103,7 +103,7 @@ class DigitsClassifier(pl.LightningModule):
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # type: ignore[no-any-return]
+        return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
