@@ -83,6 +83,7 @@ class _Decision:
     bound: int  # buckets < bound are pruned
     take: int  # how many of bucket ``bound`` are also pruned (lowest keys first)
     shared: bool = False  # ``take`` is decided jointly with the other shared layers
+    allow: int = 0  # shared layers: at most this many of bucket ``bound`` (the layer's floor)
 
 
 class _Scores:
@@ -148,7 +149,14 @@ def _local_decision(layer: _Layer, k: int) -> _Decision:
 
 
 def _global_decisions(layers: list[_Layer], k: int) -> dict[int, _Decision]:
-    """Water-filling: one threshold over all layers, each capped at its floor."""
+    """Water-filling: one threshold over all layers, each capped at its floor.
+
+    Each round finds the bucket ``b`` where the uncapped count of the remaining layers reaches
+    the budget. A layer whose count below ``b`` already exceeds its cap, or (when the capped
+    count at ``b`` falls short of the budget) whose count at ``b`` does, is fixed at its cap and
+    the round repeats. Otherwise the threshold lies inside bucket ``b`` and is resolved exactly
+    by a joint, cap-aware walk over that bucket's keys (in :func:`_write_masks`).
+    """
     decisions: dict[int, _Decision] = {}
     pool = list(range(len(layers)))
     remaining = k
@@ -164,15 +172,20 @@ def _global_decisions(layers: list[_Layer], k: int) -> dict[int, _Decision]:
                 decisions[i] = _Decision(bound=1, take=0)
             return decisions
         bucket = _first_reaching(cum, remaining)
-        saturated = [i for i in pool if layers[i].count_le(bucket) > layers[i].cap]
+        saturated = [i for i in pool if layers[i].count_le(bucket - 1) >= layers[i].cap]
+        if not saturated:
+            capped = sum(min(layers[i].count_le(bucket), layers[i].cap) for i in pool)
+            if capped < remaining:
+                saturated = [i for i in pool if layers[i].count_le(bucket) >= layers[i].cap]
         if not saturated:
             take = remaining - int(cum[bucket - 1])
-            if take == int(dense[bucket]):
-                for i in pool:
+            allow = {i: layers[i].cap - layers[i].count_le(bucket - 1) for i in pool}
+            whole = all(allow[i] >= layers[i].in_bucket(bucket) for i in pool)
+            for i in pool:
+                if whole and take == int(dense[bucket]):
                     decisions[i] = _Decision(bound=bucket + 1, take=0)
-            else:
-                for i in pool:
-                    decisions[i] = _Decision(bound=bucket, take=take, shared=True)
+                else:
+                    decisions[i] = _Decision(bound=bucket, take=take, shared=True, allow=allow[i])
             return decisions
         for i in saturated:
             decisions[i] = _local_decision(layers[i], layers[i].cap)
@@ -303,15 +316,33 @@ def _write_masks(
             with torch.no_grad():
                 param.mul_(mask.view(param.shape).to(param.dtype))
     if shared:
-        all_keys = torch.cat([k.to("cpu") for _, _, k in shared])
-        owner = torch.cat([torch.full((k.numel(),), j, dtype=torch.int64) for j, (_, _, k) in enumerate(shared)])
-        chosen = torch.sort(all_keys, stable=True).indices[:shared_take]
-        offset = 0
-        for j, (i, pos, keys) in enumerate(shared):
-            picked = chosen[owner[chosen] == j] - offset
-            offset += keys.numel()
-            _prune_positions(layers[i], out[layers[i].target.param_name], pos[picked.to(pos.device)], apply)
+        _resolve_shared(layers, decisions, shared, shared_take, out, apply)
     return {layer.target.param_name: out[layer.target.param_name].view(layer.target.param.shape) for layer in layers}
+
+
+def _resolve_shared(
+    layers: list[_Layer],
+    decisions: dict[int, _Decision],
+    shared: list[tuple[int, Tensor, Tensor]],
+    take: int,
+    out: dict[str, Tensor],
+    apply: bool,
+) -> None:
+    """Prune the ``take`` lowest keys of the shared bucket, each layer within its allowance."""
+    keys = torch.cat([k.to("cpu") for _, _, k in shared])
+    owner = torch.cat([torch.full((k.numel(),), j, dtype=torch.int64) for j, (_, _, k) in enumerate(shared)])
+    order = torch.sort(keys, stable=True).indices  # ties: layer order, then position
+    owner_sorted = owner[order]
+    accepted = torch.zeros(order.numel(), dtype=torch.bool)
+    for j, (i, _, _) in enumerate(shared):
+        mine = owner_sorted == j
+        accepted[mine] = torch.arange(int(mine.sum())) < decisions[i].allow
+    chosen = order[accepted][:take]
+    offset = 0
+    for j, (i, pos, k) in enumerate(shared):
+        picked = chosen[owner[chosen] == j] - offset
+        offset += k.numel()
+        _prune_positions(layers[i], out[layers[i].target.param_name], pos[picked.to(pos.device)], apply)
 
 
 def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool) -> None:
