@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from .core.functional import prune_, sparsity
 from .core.importance import Importance, MagnitudeImportance, RandomImportance, TaylorImportance
+from .core.qat import QuantConfig, convert_to_float, convert_to_qat
 from .core.schedule import PruningSchedule
 
 if TYPE_CHECKING:
-    from .callbacks import IterativePruning
+    from .callbacks import IterativePruning, QuantizationAwareTraining
+    from .checkpoint import load_qat_checkpoint
 
 __version__ = "0.1.0"
 
@@ -21,14 +23,23 @@ __all__ = [
     "IterativePruning",
     "MagnitudeImportance",
     "PruningSchedule",
+    "QuantConfig",
+    "QuantizationAwareTraining",
     "RandomImportance",
     "TaylorImportance",
     "__version__",
+    "convert_to_float",
+    "convert_to_qat",
+    "load_qat_checkpoint",
     "prune_",
     "sparsity",
 ]
 
-_LAZY = {"IterativePruning": ".callbacks"}
+_LAZY = {
+    "IterativePruning": ".callbacks",
+    "QuantizationAwareTraining": ".callbacks",
+    "load_qat_checkpoint": ".checkpoint",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,315 @@
+"""``QuantizationAwareTraining``: fake quantization that switches on at an epoch end."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor, nn
+
+from ..core.qat import (
+    FakeQuantizer,
+    QuantConfig,
+    convert_to_qat,
+    qat_modules,
+    quantizers,
+    search_power_of_two_shifts,
+)
+from ..core.selection import normalize_patterns
+from ..metrics.quant_error import QuantizationError
+from ._validation import check_int
+
+__all__ = ["QuantizationAwareTraining"]
+
+_STATE_VERSION = 1
+_QAT_KEY_SUFFIX = ".weight_fake_quant.fake_quant_enabled"
+
+
+class QuantizationAwareTraining(Callback):
+    r"""Quantization-aware training without touching the model's ``forward``.
+
+    At ``setup`` the selected ``nn.Linear``/``nn.Conv{1,2,3}d`` layers are swapped for subclasses
+    that share the same Parameters and fake-quantize their weight and input activation
+    (:mod:`lightning_compress.core.qat`); until quantization switches on they compute exactly what
+    the float layers compute. During epoch ``start_epoch`` the observers calibrate; at its end
+    fake quantization switches on. All quantization state (on/off, scales, zero points, observer
+    ranges, shifts) lives in the model's buffers, so it is in every checkpoint.
+
+    Args:
+        weight_bits: 2..8. Weights are symmetric, per output channel (per layer for ``power_of_two``).
+        activation_bits: 2..8, or ``None`` for weight-only quantization.
+        scale: ``"minmax"``, ``"power_of_two"`` (scale ``2**-p``, ``W_int = round(W * 2**p)``:
+            fixed point with ``p`` fractional bits) or ``"learned"`` (LSQ, trained step sizes).
+        shift_search: with ``power_of_two``, choose ``p`` per layer by trying shifts on the
+            validation batches of epoch ``start_epoch`` (layer output error against float).
+        start_epoch: fake quantization switches on at the end of this epoch (0-indexed).
+        freeze_observers_epoch: ranges stop moving after this epoch (``None``: never).
+        freeze_bn_epoch: BatchNorm statistics freeze after this epoch (``None``: never).
+        include: glob patterns over module names (Linear/Conv layers; see ``IterativePruning``).
+        exclude: glob patterns over module names to keep in float.
+        shift_search_batches: validation batches used by ``shift_search``.
+
+    To load a QAT checkpoint for inference without the callback, see
+    :func:`lightning_compress.load_qat_checkpoint`.
+
+    Example:
+        >>> from lightning_compress import QuantizationAwareTraining
+        >>> qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_epoch=2)
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int | None = 8,
+        scale: str = "minmax",
+        shift_search: bool = False,
+        start_epoch: int = 0,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        shift_search_batches: int = 4,
+    ) -> None:
+        super().__init__()
+        self.config = QuantConfig(weight_bits=weight_bits, activation_bits=activation_bits, scale=scale)
+        if not isinstance(shift_search, bool):
+            raise TypeError(f"`shift_search` must be a bool, got {shift_search!r}.")
+        if shift_search and scale != "power_of_two":
+            raise ValueError(f"`shift_search=True` needs `scale='power_of_two'`, got `scale`={scale!r}.")
+        self.shift_search = shift_search
+        self.start_epoch = check_int(start_epoch, "start_epoch") or 0
+        self.freeze_observers_epoch = check_int(freeze_observers_epoch, "freeze_observers_epoch", optional=True)
+        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < self.start_epoch:
+            raise ValueError(
+                f"`freeze_observers_epoch`={freeze_observers_epoch} is before `start_epoch`={start_epoch}: "
+                "the observers must calibrate before they freeze."
+            )
+        self.freeze_bn_epoch = check_int(freeze_bn_epoch, "freeze_bn_epoch", optional=True)
+        self.include = normalize_patterns(include, "include")
+        self.exclude = normalize_patterns(exclude, "exclude")
+        self.shift_search_batches = check_int(shift_search_batches, "shift_search_batches", minimum=1) or 1
+        self.shifts: dict[str, tuple[int, int | None]] = {}
+        self._layers: list[str] = []
+        self._captured: dict[str, list[Tensor]] = {}
+        self._hooks: list[Any] = []
+        self._learned_params: list[nn.Parameter] = []
+
+    # ------------------------------------------------------------------ identity and state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.config.to_dict(), include=self.include, exclude=self.exclude)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "config": self.config.to_dict(),
+            "include": list(self.include) if self.include else None,
+            "exclude": list(self.exclude) if self.exclude else None,
+            "layers": list(self._layers),
+            "shifts": {k: [w, a] for k, (w, a) in self.shifts.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"QuantizationAwareTraining state version {state_dict.get('version')!r} is not supported.")
+        self.shifts = {k: (int(w), None if a is None else int(a)) for k, (w, a) in state_dict.get("shifts", {}).items()}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            max_epochs = trainer.max_epochs
+            if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
+                raise ValueError(
+                    f"`start_epoch`={self.start_epoch} must be below the Trainer's `max_epochs`={max_epochs}: "
+                    "quantization would never switch on."
+                )
+            if self.shift_search:
+                self._check_validation_at_start(trainer, pl_module)
+        elif not qat_modules(pl_module) and not _checkpoint_has_qat(trainer.ckpt_path):
+            return  # evaluating a float model: nothing to do
+        self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
+        for _, quantizer in quantizers(pl_module):
+            quantizer.sync_observers = True
+
+    def _check_validation_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = trainer.check_val_every_n_epoch or 1
+        runs = (
+            trainer.limit_val_batches != 0
+            and is_overridden("validation_step", pl_module)
+            and (self.start_epoch + 1) % every == 0
+        )
+        if not runs:
+            raise ValueError(
+                "`shift_search=True` evaluates shifts on the validation batches of epoch "
+                f"`start_epoch`={self.start_epoch}, but no validation runs then (needs a `validation_step`, "
+                f"`limit_val_batches` > 0 and `check_val_every_n_epoch` dividing {self.start_epoch + 1})."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(
+                {f"compress/qat/{k}": ("none" if v is None else v) for k, v in self.config.to_dict().items()}
+            )
+        if self.config.scale == "learned" and self._active(pl_module):
+            self._make_learnable(trainer, pl_module)  # resumed: before Lightning restores the optimizer state
+
+    # ------------------------------------------------------------------ training hooks
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
+            for _, quantizer in quantizers(pl_module):
+                quantizer.observer_enabled.fill_(True)
+        self._freeze_bn(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._freeze_bn(trainer, pl_module)  # validation puts the model back in train mode
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        _update_observers([q for _, q in quantizers(pl_module) if q.role == "activation"])
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        _average_gradients(self._learned_params)  # created after DDP wrapped the model: reduce them here
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if epoch == self.start_epoch and not self._active(pl_module):
+            if self.shift_search:
+                self._search_shifts(trainer, pl_module)
+            for _, quantizer in quantizers(pl_module):
+                quantizer.fake_quant_enabled.fill_(True)
+            if self.config.scale == "learned":
+                self._make_learnable(trainer, pl_module)
+            rank_zero_info(
+                f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
+                f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
+                f"{self.config.scale}) from epoch {epoch + 1}."
+            )
+        if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
+            for _, quantizer in quantizers(pl_module):
+                quantizer.observer_enabled.fill_(False)
+
+    # ------------------------------------------------------------------ validation: shift search, errors
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        capture = (
+            self.shift_search
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and trainer.current_epoch == self.start_epoch
+            and not self._active(pl_module)
+        )
+        if not capture:
+            return
+        self._captured = {name: [] for name, _ in qat_modules(pl_module)}
+        for name, module in qat_modules(pl_module):
+
+            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                stored = self._captured[name]
+                if len(stored) < self.shift_search_batches and args and isinstance(args[0], Tensor):
+                    stored.append(args[0].detach())
+
+            self._hooks.append(module.register_forward_pre_hook(hook))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not self._active(pl_module):
+            return
+        for name, module in qat_modules(pl_module):
+            metric = QuantizationError().to(pl_module.device)
+            layer = cast(Any, module)
+            with torch.no_grad():
+                metric.update(layer.weight, layer.weight_fake_quant(layer.weight))
+            pl_module.log(f"compress/quant_error/{name}", metric.compute(), sync_dist=trainer.world_size > 1)
+
+    # ------------------------------------------------------------------ helpers
+    def _active(self, pl_module: nn.Module) -> bool:
+        return any(bool(q.fake_quant_enabled) for _, q in quantizers(pl_module))
+
+    def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for name, module in qat_modules(pl_module):
+            inputs = self._captured.get(name) or []
+            if not inputs:
+                raise RuntimeError(f"shift search captured no validation input for layer {name!r}.")
+            w_shift, a_shift, _ = search_power_of_two_shifts(module, inputs)
+            self.shifts[name] = (w_shift, a_shift)
+            pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=False)
+            if a_shift is not None:
+                pl_module.log(f"compress/shift/{name}/input", float(a_shift), sync_dist=False)
+            rank_zero_info(f"QuantizationAwareTraining: {name}: weight shift p={w_shift}, input shift p={a_shift}")
+        self._captured = {}
+
+    def _make_learnable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = [q.make_learnable() for _, q in quantizers(pl_module)]
+        new = [p for p in params if all(p is not q for q in self._learned_params)]
+        self._learned_params = params
+        if new and trainer.optimizers:
+            optimizer = trainer.optimizers[0]
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            fresh = [p for p in new if id(p) not in known]
+            if fresh:
+                optimizer.add_param_group({"params": fresh, "weight_decay": 0.0})
+
+    def _freeze_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.freeze_bn_epoch is None or trainer.current_epoch <= self.freeze_bn_epoch:
+            return
+        for module in pl_module.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                module.eval()
+
+
+def _update_observers(activation_quantizers: list[FakeQuantizer]) -> None:
+    """Fold pending batch ranges into the EMAs, all-reduced across processes so every rank agrees."""
+    pending: list[tuple[FakeQuantizer, tuple[Tensor, Tensor]]] = []
+    for q in activation_quantizers:
+        stats = q.pending_batch_stats()
+        if stats is not None:
+            pending.append((q, stats))
+    if not pending:
+        return
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        lows = torch.stack([stats[0] for _, stats in pending])
+        highs = torch.stack([stats[1] for _, stats in pending])
+        dist.all_reduce(lows, op=dist.ReduceOp.MIN)
+        dist.all_reduce(highs, op=dist.ReduceOp.MAX)
+        for i, (q, _) in enumerate(pending):
+            q.update_from_batch(lows[i], highs[i])
+    else:
+        for q, _ in pending:
+            q.update_from_batch()
+
+
+def _average_gradients(params: list[nn.Parameter]) -> None:
+    dist = torch.distributed
+    if not params or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(dist.get_world_size())
+
+
+def _checkpoint_has_qat(path: Any) -> bool:
+    if not path:
+        return False
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # Lightning reports unreadable checkpoints itself
+        return False
+    return any(key.endswith(_QAT_KEY_SUFFIX) for key in checkpoint.get("state_dict", {}))

@@ -1,0 +1,46 @@
+"""Loading checkpoints written with the compression callbacks, without the callbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+
+from .core.qat import QuantConfig, convert_to_qat
+
+__all__ = ["load_qat_checkpoint"]
+
+M = TypeVar("M", bound=pl.LightningModule)
+
+
+def load_qat_checkpoint(
+    module_class: type[M], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
+) -> M:
+    """Load a checkpoint saved during quantization-aware training, ready for inference.
+
+    One line, no callback, no Trainer::
+
+        model = load_qat_checkpoint(MyModule, "epoch=9.ckpt")
+
+    The module is built as ``module_class.load_from_checkpoint`` would build it (hyperparameters,
+    ``kwargs``), its layers are converted to the fake-quant layers recorded in the checkpoint, the
+    full state (weights, scales, zero points, shifts, on/off flags) is loaded strictly, and the
+    model is returned in eval mode: its outputs are what the quantized model computes.
+
+    Raises:
+        ValueError: the checkpoint holds no ``QuantizationAwareTraining`` state.
+    """
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("QuantizationAwareTraining")]
+    if not states or not states[0].get("layers"):
+        raise ValueError(
+            f"{checkpoint_path} holds no QuantizationAwareTraining state; load it with "
+            f"{module_class.__name__}.load_from_checkpoint instead."
+        )
+    state = states[0]
+    model = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
+    convert_to_qat(model, QuantConfig(**state["config"]), include=state["layers"])
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.eval()

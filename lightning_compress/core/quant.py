@@ -1,0 +1,149 @@
+"""Quantization arithmetic: the one place that defines rounding and clamping.
+
+Every quantized value in this package, fake-quantized during training, stored in a compressed
+file or written to ONNX, is ``q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax)``
+with the reciprocal taken in float32, and is dequantized as ``(q - zero_point) * scale``. This is
+exactly what ``torch.fake_quantize_per_{tensor,channel}_affine`` compute, which is why they are
+used for the straight-through estimator; :func:`quantize` and :func:`dequantize` spell out the
+same formula for export. Zero always maps to an exact integer (``zero_point``), so a pruned
+weight stays exactly zero through quantization.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "affine_qparams",
+    "dequantize",
+    "fake_quantize",
+    "int_range",
+    "lsq_fake_quantize",
+    "power_of_two_scale",
+    "quantize",
+    "symmetric_scale",
+]
+
+_EPS = torch.finfo(torch.float32).tiny
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(qmin, qmax)`` of a ``bits``-wide integer: [-2^(b-1), 2^(b-1)-1] or [0, 2^b-1]."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is outside 2..8.")
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def _shape_for(param: Tensor, x: Tensor, axis: int | None) -> Tensor:
+    if axis is None or param.dim() == 0:
+        return param
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
+    """Integer codes of ``x`` (as int32): ``clamp(round(x * (1/scale)) + zp, qmin, qmax)``."""
+    inv = _shape_for(1.0 / scale.float(), x, axis)
+    zp = _shape_for(zero_point.float(), x, axis)
+    return torch.clamp(torch.round(x.float() * inv) + zp, qmin, qmax).to(torch.int32)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
+    """``(q - zero_point) * scale`` in float32."""
+    zp = _shape_for(zero_point.to(torch.int32), q, axis)
+    return (q.to(torch.int32) - zp).float() * _shape_for(scale.float(), q, axis)
+
+
+def fake_quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> Tensor:
+    """``dequantize(quantize(x))`` with a straight-through gradient for ``x`` (not for the scale)."""
+    scale = scale.detach().float()
+    zero_point = zero_point.detach().to(torch.int32)
+    if axis is None:
+        out = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero_point, qmin, qmax)
+    else:
+        out = torch.fake_quantize_per_channel_affine(x.float(), scale, zero_point, axis, qmin, qmax)
+    return out.to(x.dtype)
+
+
+class _LSQ(torch.autograd.Function):
+    """Learned step size (Esser et al. 2020): STE for x, scaled gradient for the step size."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        zero_point: Tensor,
+        qmin: int,
+        qmax: int,
+        axis: int | None,
+        grad_scale: float,
+    ) -> Tensor:
+        s = _shape_for(scale, x, axis)
+        zp = _shape_for(zero_point.float(), x, axis)
+        u = x * (1.0 / s)
+        v = u + zp  # unclipped code, for the range test
+        q = torch.clamp(torch.round(u) + zp, qmin, qmax)
+        ctx.save_for_backward(u, v, q)
+        ctx.qrange = (qmin, qmax)
+        ctx.axis = axis
+        ctx.grad_scale = grad_scale
+        ctx.scale_shape = scale.shape
+        ctx.zp = zp
+        return (q - zp) * s
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        u, v, q = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        inside = (v >= qmin) & (v <= qmax)
+        grad_x = grad * inside
+        # d out / d s: round(u) - u inside the range, q - zp at the clip points
+        zp = ctx.zp
+        local = torch.where(inside, torch.round(u) - u, q - zp)
+        grad_s = grad * local * ctx.grad_scale
+        axis = ctx.axis
+        if axis is None:
+            grad_s = grad_s.sum().reshape(ctx.scale_shape)
+        else:
+            dims = [d for d in range(grad_s.dim()) if d != axis]
+            grad_s = grad_s.sum(dim=dims).reshape(ctx.scale_shape)
+        return grad_x, grad_s, None, None, None, None, None
+
+
+def lsq_fake_quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+) -> Tensor:
+    """Fake-quantize with a trainable ``scale`` (LSQ); the forward equals :func:`fake_quantize`."""
+    per_scale = x.numel() / max(1, scale.numel())
+    grad_scale = 1.0 / math.sqrt(per_scale * max(abs(qmin), qmax))
+    out = _LSQ.apply(x.float(), scale, zero_point, qmin, qmax, axis, grad_scale)
+    return out.to(x.dtype)
+
+
+def symmetric_scale(amax: Tensor, qmax: int) -> Tensor:
+    """Scale mapping ``[-amax, amax]`` onto ``[-qmax, qmax]`` (never zero)."""
+    return torch.clamp(amax.float() / qmax, min=_EPS)
+
+
+def affine_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point for ``[min, max]`` (widened to include 0, so 0 is exact)."""
+    lo = torch.clamp(min_val.float(), max=0.0)
+    hi = torch.clamp(max_val.float(), min=0.0)
+    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=_EPS)
+    zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def power_of_two_scale(amax: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Shift ``p`` (fractional bits) and scale ``2**-p``: the largest ``p`` with ``amax * 2^p <= qmax``."""
+    amax = torch.clamp(amax.float(), min=_EPS)
+    shift = torch.floor(torch.log2(qmax / amax)).clamp(-126, 126)
+    return shift.to(torch.int32), torch.pow(2.0, -shift)
