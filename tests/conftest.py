@@ -16,8 +16,9 @@ warnings.filterwarnings("ignore", ".*litlogger.*")
 
 
 def make_blobs(n: int = 256, features: int = 16, classes: int = 4, seed: int = 0) -> TensorDataset:
+    """Gaussian blobs around fixed centers; ``seed`` draws the samples (train, val and test share centers)."""
+    centers = torch.randn(classes, features, generator=torch.Generator().manual_seed(1234)) * 0.8
     g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(classes, features, generator=g) * 2.0
     y = torch.randint(0, classes, (n,), generator=g)
     x = centers[y] + torch.randn(n, features, generator=g)
     return TensorDataset(x, y)

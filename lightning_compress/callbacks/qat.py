@@ -98,6 +98,7 @@ class QuantizationAwareTraining(Callback):
         self._captured: dict[str, list[Tensor]] = {}
         self._hooks: list[Any] = []
         self._learned_params: list[nn.Parameter] = []
+        self._load_hook: Any = None
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -132,11 +133,28 @@ class QuantizationAwareTraining(Callback):
                 )
             if self.shift_search:
                 self._check_validation_at_start(trainer, pl_module)
-        elif not qat_modules(pl_module) and not _checkpoint_has_qat(trainer.ckpt_path):
-            return  # evaluating a float model: nothing to do
+            self._convert(pl_module)
+        elif qat_modules(pl_module):
+            self._convert(pl_module)
+        else:
+            # evaluating a float model: convert only if the checkpoint about to be loaded is quantized.
+            # Lightning loads the weights after `setup` (and sets `trainer.ckpt_path` only then), so look at
+            # the state dict itself, just before it is applied.
+            self._load_hook = pl_module._register_load_state_dict_pre_hook(self._convert_if_quantized, with_module=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def _convert(self, pl_module: nn.Module) -> None:
         self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
         for _, quantizer in quantizers(pl_module):
             quantizer.sync_observers = True
+
+    def _convert_if_quantized(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        if not qat_modules(module) and any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
+            self._convert(module)
 
     def _check_validation_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = trainer.check_val_every_n_epoch or 1
@@ -303,13 +321,3 @@ def _average_gradients(params: list[nn.Parameter]) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(dist.get_world_size())
-
-
-def _checkpoint_has_qat(path: Any) -> bool:
-    if not path:
-        return False
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # Lightning reports unreadable checkpoints itself
-        return False
-    return any(key.endswith(_QAT_KEY_SUFFIX) for key in checkpoint.get("state_dict", {}))

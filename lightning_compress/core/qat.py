@@ -344,6 +344,12 @@ def convert_to_qat(
     Layers that already are QAT layers are kept. All checks happen before any change.
     """
     targets = _quantizable_targets(model, include, exclude)
+    in_fused_block = {
+        id(m)
+        for block in model.modules()
+        if isinstance(block, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+        for m in block.modules()
+    }
     names = []
     for target in targets:
         module = target.module
@@ -366,8 +372,16 @@ def convert_to_qat(
                 "activation", config.activation_bits, config.scale, averaging_constant=config.averaging_constant
             ).to(weight.device)
         )
+        if id(module) in in_fused_block:
+            # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
+            # it is disabled whenever a submodule has a forward hook, so register a no-op one
+            new.register_forward_pre_hook(_keep_unfused)
         _replace(model, target.name, new)
     return names
+
+
+def _keep_unfused(module: nn.Module, args: Any) -> None:
+    return None
 
 
 def convert_to_float(model: nn.Module) -> list[str]:
@@ -377,6 +391,9 @@ def convert_to_float(model: nn.Module) -> list[str]:
         new = _swap_class(module, cast(Any, module)._float_class)
         new._modules.pop("weight_fake_quant", None)
         new._modules.pop("input_fake_quant", None)
+        new._forward_pre_hooks = type(module._forward_pre_hooks)(
+            (k, h) for k, h in module._forward_pre_hooks.items() if h is not _keep_unfused
+        )
         _replace(model, name, new)
         names.append(name)
     return names

@@ -63,8 +63,14 @@ layer_sizes = st.lists(st.tuples(st.integers(1, 7), st.integers(1, 7)), min_size
 
 @settings(max_examples=150, deadline=None)
 @example(  # regression: a layer capped inside the threshold bucket used to take its whole cap
-    sizes=[(1, 2), (5, 6)], sparsity=0.84375, scope="global", min_density=0.1, ties=True, signed=False,
-    with_masks=False, seed=0,
+    sizes=[(1, 2), (5, 6)],
+    sparsity=0.84375,
+    scope="global",
+    min_density=0.1,
+    ties=True,
+    signed=False,
+    with_masks=False,
+    seed=0,
 )
 @given(
     sizes=layer_sizes,

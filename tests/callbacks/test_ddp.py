@@ -1,4 +1,4 @@
-"""Under strategy="ddp" (2 CPU processes, gloo) every rank ends with the same masks, for every importance."""
+"""Under strategy="ddp" (2 CPU processes, gloo) every rank ends with the same masks and quantization state."""
 
 import os
 import pathlib
@@ -10,12 +10,13 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMPORTANCES = ["magnitude", "taylor", "random", "noisy"]
+JOBS = [*IMPORTANCES, "taylor+qat-minmax", "random+qat-learned", "noisy+qat-power_of_two", "qat-minmax"]
 
 
 @pytest.mark.slow
 def test_masks_identical_on_every_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "callbacks" / "ddp_pruning_script.py"
+    script = ROOT / "tests" / "callbacks" / "ddp_script.py"
     subprocess.run(
         [sys.executable, str(script), str(tmp_path), ",".join(IMPORTANCES)],
         check=True,
@@ -26,11 +27,16 @@ def test_masks_identical_on_every_rank(tmp_path):
     for name in IMPORTANCES:
         r0 = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{name}_rank1.pt", weights_only=True)
-        assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
+        assert r0["masks"].keys() == r1["masks"].keys()
+        assert bool(r0["masks"]) == (not name.startswith("qat-"))
+        if "qat" in name:  # observer ranges, scales and zero points too
+            assert any(k.endswith("input_fake_quant.min_val") for k in r0["weights"])
+            assert all(bool(v) for k, v in r0["weights"].items() if k.endswith("fake_quant_enabled"))
         for key in r0["masks"]:
             assert torch.equal(r0["masks"][key], r1["masks"][key]), (name, key)
         for key in r0["weights"]:
             assert torch.equal(r0["weights"][key], r1["weights"][key]), (name, key)
-        kept = sum(int(m.sum()) for m in r0["masks"].values())
-        total = sum(m.numel() for m in r0["masks"].values())
-        assert 1 - kept / total == pytest.approx(0.8, abs=1e-3)
+        if r0["masks"]:
+            kept = sum(int(m.sum()) for m in r0["masks"].values())
+            total = sum(m.numel() for m in r0["masks"].values())
+            assert 1 - kept / total == pytest.approx(0.8, abs=1e-3)

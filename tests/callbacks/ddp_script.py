@@ -1,4 +1,8 @@
-"""Run by test_pruning_ddp.py: fit TinyModule with 2 CPU processes (gloo) and dump each rank's masks."""
+"""Run by the DDP tests: fit TinyModule with 2 CPU processes (gloo) and dump each rank's masks and state.
+
+A job name is an importance (``magnitude``, ``taylor``, ``random``, ``noisy``), optionally ``+qat-<scale>``,
+or ``qat-<scale>`` alone.
+"""
 
 import sys
 import warnings
@@ -6,7 +10,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
-from lightning_compress import IterativePruning
+from lightning_compress import IterativePruning, QuantizationAwareTraining
 from tests.conftest import TinyModule
 
 warnings.filterwarnings("ignore")
@@ -25,8 +29,15 @@ def main(out_dir: str, importances: list[str]) -> None:
     for name in importances:
         pl.seed_everything(0, verbose=False)
         model = TinyModule()
-        importance = RankNoisyImportance() if name == "noisy" else name
-        pruning = IterativePruning(0.8, importance=importance, start_epoch=0, end_epoch=3)
+        prune_part, _, qat_part = name.partition("+") if not name.startswith("qat-") else ("", "", name)
+        callbacks: list[pl.Callback] = []
+        pruning = None
+        if prune_part:
+            importance = RankNoisyImportance() if prune_part == "noisy" else prune_part
+            pruning = IterativePruning(0.8, importance=importance, start_epoch=0, end_epoch=3)
+            callbacks.append(pruning)
+        if qat_part:
+            callbacks.append(QuantizationAwareTraining(4, 8, scale=qat_part.removeprefix("qat-"), start_epoch=1))
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
@@ -37,12 +48,15 @@ def main(out_dir: str, importances: list[str]) -> None:
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            callbacks=[pruning],
+            callbacks=callbacks,
         )
         trainer.fit(model)
         rank = trainer.global_rank
         torch.save(
-            {"masks": pruning.masks, "weights": {k: v.clone() for k, v in model.state_dict().items()}},
+            {
+                "masks": pruning.masks if pruning else {},
+                "weights": {k: v.clone() for k, v in model.state_dict().items()},
+            },
             f"{out_dir}/{name}_rank{rank}.pt",
         )
 

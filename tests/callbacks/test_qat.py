@@ -1,0 +1,327 @@
+"""QuantizationAwareTraining with the real Trainer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import IterativePruning, QuantizationAwareTraining, load_qat_checkpoint, sparsity
+from lightning_compress.core.qat import QATLinear, qat_modules, quantizers
+from tests.conftest import TinyModule, make_blobs, trainer, weights_of
+
+
+def active(model):
+    return [bool(q.fake_quant_enabled) for _, q in quantizers(model)]
+
+
+def on_grid(model):
+    """Every fake-quantized weight is an integer multiple of its scale."""
+    for _, layer in qat_modules(model):
+        q = layer.weight_fake_quant
+        w = q(layer.weight).detach()
+        s = q.scale.detach().reshape(-1, *([1] * (w.dim() - 1))) if q.per_channel else q.scale.detach()
+        codes = w / s
+        if not torch.allclose(codes, codes.round(), atol=1e-3):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
+def test_switches_on_at_the_end_of_start_epoch(tiny, scale):
+    states = []
+
+    class Probe(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            states.append(all(active(pl_module)))
+
+    qat = QuantizationAwareTraining(4, 8, scale=scale, start_epoch=1)
+    trainer(max_epochs=3, callbacks=[qat, Probe()]).fit(tiny)
+    assert states == [False, True, True]
+    assert on_grid(tiny)
+    assert tiny.trainer.callback_metrics["val_acc"] > 0.5
+
+
+class MultiInput(pl.LightningModule):
+    """forward takes two tensors by keyword; no stub, no single positional input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(8, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, *, features: torch.Tensor, extra: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return self.head(torch.relu(self.a(features) + self.b(extra))) / temperature
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(features=x, extra=x[:, :8] * 2, temperature=1.0)
+        return nn.functional.cross_entropy(logits, y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return DataLoader(make_blobs(128), batch_size=32)
+
+
+def test_any_forward_signature_without_patching():
+    pl.seed_everything(0, verbose=False)
+    model = MultiInput()
+    forward = type(model).forward
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(start_epoch=0)]).fit(model)
+    assert type(model).forward is forward and "forward" not in vars(model)
+    assert [n for n, _ in qat_modules(model)] == ["a", "b", "head"] and all(active(model))
+    x = make_blobs(4).tensors[0]
+    out = model(features=x, extra=x[:, :8])
+    assert out.shape == (4, 4)
+
+
+class TransformerBlock(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.block = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.block(self.embed(x), src_key_padding_mask=mask).mean(dim=1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 6, 4, generator=g)
+        return DataLoader(TensorDataset(x, (x.sum(dim=(1, 2)) > 0).long()), batch_size=16)
+
+
+def test_transformer_block():
+    pl.seed_everything(0, verbose=False)
+    model = TransformerBlock()
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(model)
+    names = [n for n, _ in qat_modules(model)]
+    assert names == ["embed", "block.linear1", "block.linear2", "head"]  # attention's own projection stays float
+    model.eval()
+    x = torch.randn(3, 6, 4)
+    with torch.no_grad():
+        assert torch.isfinite(model(x, mask=torch.zeros(3, 6, dtype=torch.bool))).all()
+
+
+def test_runs_with_pruning_and_pruned_weights_stay_zero(tiny):
+    pruning = IterativePruning(0.8, start_epoch=0, end_epoch=2)
+    qat = QuantizationAwareTraining(4, 8, start_epoch=1)
+    trainer(max_epochs=4, callbacks=[qat, pruning]).fit(tiny)
+    assert sparsity(tiny) == pytest.approx(0.8, abs=1e-3)
+    for name, mask in pruning.masks.items():
+        layer = tiny.get_submodule(name.rsplit(".", 1)[0])
+        assert isinstance(layer, QATLinear)
+        quantized = layer.weight_fake_quant(layer.weight)
+        assert (quantized[~mask] == 0).all()
+
+
+class ConvNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def _data(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 1, 4, 4, generator=g)
+        return DataLoader(TensorDataset(x, (x.mean(dim=(1, 2, 3)) > 0).long()), batch_size=16)
+
+    def train_dataloader(self):
+        return self._data()
+
+    def val_dataloader(self):
+        return self._data()
+
+
+def test_freeze_bn_and_observers():
+    pl.seed_everything(0, verbose=False)
+    model = ConvNet()
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            bn = pl_module.net[1]
+            q = pl_module.net[4].input_fake_quant
+            seen[trainer.current_epoch] = (bn.running_mean.clone(), q.min_val.clone(), q.scale.clone())
+
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, freeze_observers_epoch=1, freeze_bn_epoch=1)
+    trainer(max_epochs=4, callbacks=[qat, Probe()]).fit(model)
+    assert not torch.equal(seen[0][0], seen[1][0])  # BN still learning in epoch 1
+    assert torch.equal(seen[2][0], seen[3][0]) and torch.equal(seen[1][0], seen[2][0])  # frozen after epoch 1
+    assert torch.equal(seen[1][1], seen[3][1]) and torch.equal(seen[1][2], seen[3][2])  # observers frozen
+
+
+def test_shift_search_chooses_and_logs_shifts(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0, verbose=False)
+    model = ConvNet()
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer(max_epochs=3, callbacks=[qat], logger=logger).fit(model)
+    assert set(qat.shifts) == {"net.0", "net.4"}
+    for name, (w_shift, a_shift) in qat.shifts.items():
+        layer = model.get_submodule(name)
+        assert int(layer.weight_fake_quant.shift) == w_shift and int(layer.input_fake_quant.shift) == a_shift
+        assert float(layer.weight_fake_quant.scale) == 2.0**-w_shift
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"compress/shift/net.0/weight", "compress/shift/net.4/input", "compress/quant_error/net.0"} <= tags
+    errors = [e.value for e in events.Scalars("compress/quant_error/net.4")]
+    assert errors and all(0 <= e < 0.01 for e in errors)
+
+
+def test_hparams_are_logged(tiny, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logged = {}
+
+    class Spy(TensorBoardLogger):
+        def log_hyperparams(self, params, *args, **kwargs):
+            logged.update(params if isinstance(params, dict) else vars(params))
+            super().log_hyperparams(params, *args, **kwargs)
+
+    qat = QuantizationAwareTraining(4, None, scale="learned", start_epoch=0)
+    trainer(max_epochs=1, callbacks=[qat], logger=Spy(tmp_path)).fit(tiny)
+    assert logged["compress/qat/weight_bits"] == 4
+    assert logged["compress/qat/activation_bits"] == "none"
+    assert logged["compress/qat/scale"] == "learned"
+
+
+@pytest.mark.parametrize("scale", ["minmax", "learned"])
+def test_resume_rebuilds_quantization_before_the_weights_load(scale, tmp_path):
+    def run(ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule(optimizer="adam")
+        qat = QuantizationAwareTraining(4, 8, scale=scale, start_epoch=1)
+        callbacks = [qat]
+        if dirpath is not None:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        t = trainer(max_epochs=4, callbacks=callbacks, enable_checkpointing=dirpath is not None)
+        t.fit(model, ckpt_path=ckpt_path)
+        return model, t
+
+    full, _ = run(dirpath=tmp_path)
+    resumed, t = run(ckpt_path=tmp_path / "epoch=2.ckpt")  # quantization already on in this checkpoint
+    a, b = weights_of(full), weights_of(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
+    # test(ckpt_path=...) after fit works, and so does the one-line inference loader
+    result = t.test(resumed, ckpt_path=tmp_path / "epoch=3.ckpt", verbose=False)
+    assert "test_loss" in result[0]
+    loaded = load_qat_checkpoint(TinyModule, tmp_path / "epoch=3.ckpt")
+    assert not loaded.training and all(active(loaded))
+    x = make_blobs(16, seed=5).tensors[0]
+    resumed.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), resumed(x))
+
+
+def test_test_with_a_qat_checkpoint_and_a_fresh_model(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(start_epoch=0), ckpt], enable_checkpointing=True).fit(
+        model
+    )
+    fresh = TinyModule()  # float model: the callback converts it because the checkpoint is quantized
+    result = trainer(callbacks=[QuantizationAwareTraining(start_epoch=0)]).test(
+        fresh, ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )
+    assert result[0]["test_loss"] > 0 and all(active(fresh))
+
+
+def test_evaluating_a_float_model_changes_nothing(tiny):
+    before = weights_of(tiny)
+    t = trainer(callbacks=[QuantizationAwareTraining()])
+    t.validate(tiny, verbose=False)
+    t.test(tiny, verbose=False)
+    assert not qat_modules(tiny) and weights_of(tiny).keys() == before.keys()
+
+
+def test_load_qat_checkpoint_needs_qat_state(tiny, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="plain")
+    trainer(max_epochs=1, callbacks=[ckpt], enable_checkpointing=True).fit(tiny)
+    with pytest.raises(ValueError, match="holds no QuantizationAwareTraining state"):
+        load_qat_checkpoint(TinyModule, tmp_path / "plain.ckpt")
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weight_bits": 1}, ValueError, "`weight_bits`=1 is outside the supported range 2..8"),
+        ({"weight_bits": 9}, ValueError, "`weight_bits`=9 is outside"),
+        ({"activation_bits": 0}, ValueError, "`activation_bits`=0 is outside"),
+        ({"scale": "log2"}, ValueError, "`scale`='log2' is not one of"),
+        ({"shift_search": True}, ValueError, "`shift_search=True` needs `scale='power_of_two'`"),
+        ({"shift_search": 1, "scale": "power_of_two"}, TypeError, "`shift_search` must be a bool"),
+        ({"start_epoch": -1}, ValueError, "`start_epoch`=-1 must be >= 0"),
+        ({"start_epoch": 3, "freeze_observers_epoch": 2}, ValueError, "`freeze_observers_epoch`=2 is before"),
+        ({"exclude": 4}, TypeError, "`exclude` must be None, a glob string"),
+    ],
+)
+def test_bad_arguments_raise_in_init(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+class FailOnFirstStep(Callback):
+    def on_train_batch_start(self, *args):
+        raise AssertionError("training started")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"start_epoch": 3}, {"max_epochs": 3}, "`start_epoch`=3 must be below the Trainer's `max_epochs`=3"),
+        ({"include": ["decoder.*"]}, {}, "`include` pattern 'decoder.\\*' matches no module"),
+        ({"exclude": ["*"]}, {}, "select no weight of TinyModule"),
+        (
+            {"scale": "power_of_two", "shift_search": True, "start_epoch": 0},
+            {"limit_val_batches": 0},
+            "`shift_search=True` evaluates shifts on the validation batches",
+        ),
+    ],
+)
+def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, kwargs, trainer_kwargs, match):
+    before = weights_of(tiny)
+    classes = {n: type(m) for n, m in tiny.named_modules()}
+    with pytest.raises(ValueError, match=match):
+        trainer(
+            **{"max_epochs": 5, **trainer_kwargs}, callbacks=[QuantizationAwareTraining(**kwargs), FailOnFirstStep()]
+        ).fit(tiny)
+    assert {n: type(m) for n, m in tiny.named_modules()} == classes
+    after = weights_of(tiny)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,192 @@
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.qat import (
+    FakeQuantizer,
+    QATConv2d,
+    QATLinear,
+    QuantConfig,
+    convert_to_float,
+    convert_to_qat,
+    qat_modules,
+    quantizers,
+    search_power_of_two_shifts,
+)
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def enable(model, observe=True, quant=True):
+    for _, q in quantizers(model):
+        q.observer_enabled.fill_(observe)
+        q.fake_quant_enabled.fill_(quant)
+
+
+def test_conversion_shares_parameters_and_is_exact_until_enabled():
+    model = net()
+    params = {n: p for n, p in model.named_parameters()}
+    x = torch.randn(3, 1, 8, 8)
+    before = model(x)
+    names = convert_to_qat(model, QuantConfig())
+    assert names == ["0", "3"]
+    assert isinstance(model[0], QATConv2d) and isinstance(model[3], QATLinear)
+    assert all(model.get_parameter(n) is p for n, p in params.items())  # optimizers keep working
+    assert torch.equal(model(x), before)
+    keys = set(model.state_dict())
+    assert {"0.weight", "0.bias", "3.weight", "0.weight_fake_quant.scale", "3.input_fake_quant.zero_point"} <= keys
+
+
+def test_round_trip_to_float_keeps_parameters_and_keys():
+    model = net()
+    keys = set(model.state_dict())
+    weight = model[3].weight
+    convert_to_qat(model, QuantConfig())
+    assert convert_to_float(model) == ["0", "3"]
+    assert type(model[3]) is nn.Linear and model[3].weight is weight
+    assert set(model.state_dict()) == keys
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
+@pytest.mark.parametrize(("wbits", "abits"), [(8, 8), (4, 8), (2, None)])
+def test_fake_quant_output_is_on_the_grid(scale, wbits, abits):
+    model = net()
+    convert_to_qat(model, QuantConfig(wbits, abits, scale))
+    enable(model)
+    model.train()
+    model(torch.rand(8, 1, 8, 8))  # observe
+    model.eval()
+    layer = model[3]
+    w = layer.weight_fake_quant(layer.weight)
+    q = layer.weight_fake_quant
+    scale_t = q.scale.detach().reshape(-1, 1) if q.per_channel else q.scale.detach()
+    codes = w / scale_t
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert int(codes.round().abs().max()) <= 2 ** (wbits - 1)
+    assert len(torch.unique(w)) <= (2**wbits) * (layer.out_features if q.per_channel else 1)
+
+
+def test_pruned_weights_stay_exactly_zero():
+    model = net()
+    with torch.no_grad():
+        model[3].weight[:, ::2] = 0.0
+    convert_to_qat(model, QuantConfig(4, 8))
+    enable(model)
+    model.train()
+    model(torch.rand(2, 1, 8, 8))
+    wq = model[3].weight_fake_quant(model[3].weight)
+    assert (wq[:, ::2] == 0).all()
+
+
+def test_activation_observer_ema_and_qparams():
+    q = FakeQuantizer("activation", 8, "minmax", averaging_constant=0.5)
+    q.observer_enabled.fill_(True)
+    q.train()
+    q(torch.tensor([0.0, 2.0]))
+    q(torch.tensor([-1.0, 4.0]))
+    assert q.min_val.item() == pytest.approx(-0.5) and q.max_val.item() == pytest.approx(3.0)
+    assert q.scale.item() == pytest.approx(3.5 / 255)
+    q.eval()
+    q(torch.tensor([-100.0, 100.0]))  # eval never observes
+    assert q.max_val.item() == pytest.approx(3.0)
+
+
+def test_learned_scale_becomes_a_parameter_and_trains():
+    model = net()
+    convert_to_qat(model, QuantConfig(4, 8, "learned"))
+    enable(model)
+    model.train()
+    model(torch.rand(4, 1, 8, 8))
+    scales = [q.make_learnable() for _, q in quantizers(model)]
+    assert all(isinstance(s, nn.Parameter) for s in scales)
+    assert "3.weight_fake_quant.scale" in dict(model.named_parameters())
+    model(torch.rand(4, 1, 8, 8)).pow(2).sum().backward()
+    assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in scales)
+
+
+def test_shift_search_picks_the_best_candidate():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(16, 8))
+    convert_to_qat(layer, QuantConfig(4, 4, "power_of_two"))
+    inputs = [torch.randn(32, 16) for _ in range(3)]
+    w_shift, a_shift, error = search_power_of_two_shifts(layer[0], inputs)
+    q = layer[0]
+    assert int(q.weight_fake_quant.shift) == w_shift and bool(q.weight_fake_quant.frozen_shift)
+    assert int(q.input_fake_quant.shift) == a_shift
+    # no other candidate pair does better
+    for dw in (-1, 0, 1):
+        q.weight_fake_quant.set_shift(w_shift + dw)
+        q.weight_fake_quant.fake_quant_enabled.fill_(True)
+        q.input_fake_quant.fake_quant_enabled.fill_(True)
+        with torch.no_grad():
+            q.weight_fake_quant.fake_quant_enabled.fill_(False)
+            q.input_fake_quant.fake_quant_enabled.fill_(False)
+            ref = [q(x) for x in inputs]
+            q.weight_fake_quant.fake_quant_enabled.fill_(True)
+            q.input_fake_quant.fake_quant_enabled.fill_(True)
+            err = sum(float(((q(x) - r) ** 2).mean()) for x, r in zip(inputs, ref, strict=True))
+        assert err >= error - 1e-9
+
+
+def test_multihead_attention_projection_is_left_alone_by_default():
+    block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    names = convert_to_qat(block, QuantConfig())
+    assert names == ["linear1", "linear2"]
+    with pytest.raises(ValueError, match=r"supports nn\.Linear and nn\.Conv1d/2d/3d"):
+        convert_to_qat(nn.TransformerEncoderLayer(16, 2, 32), QuantConfig(), include=["self_attn.out_proj"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weight_bits": 1}, ValueError, "`weight_bits`=1 is outside the supported range 2..8"),
+        ({"activation_bits": 9}, ValueError, "`activation_bits`=9 is outside"),
+        ({"weight_bits": 8.0}, TypeError, "`weight_bits` must be an int"),
+        ({"scale": "log"}, ValueError, "`scale`='log' is not one of"),
+    ],
+)
+def test_config_validates_itself(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_bad_include_leaves_the_model_untouched():
+    model = net()
+    with pytest.raises(ValueError, match="matches no module"):
+        convert_to_qat(model, QuantConfig(), include=["0", "missing"])
+    assert not qat_modules(model)
+
+
+def test_float_checkpoint_loads_into_a_converted_model():
+    model = net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    convert_to_qat(model, QuantConfig())
+    model.load_state_dict(state, strict=True)  # quantizers keep their fresh state
+
+
+def test_transformer_encoder_layer_fast_path_does_not_skip_fake_quant():
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    x = torch.randn(2, 5, 16)
+    block.eval()
+    with torch.no_grad():
+        float_out = block(x)
+    convert_to_qat(block, QuantConfig(2, None))
+    enable(block, observe=True, quant=True)
+    block.train()
+    block(x)
+    block.eval()
+    with torch.no_grad():
+        fused = block(x)  # eval + no_grad + batch_first: PyTorch would take its fused path
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            unfused = block(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert not torch.allclose(fused, float_out, atol=1e-3)  # 2-bit weights change the output
+    assert torch.allclose(fused, unfused, atol=1e-6)
+    convert_to_float(block)
+    assert not any(len(m._forward_pre_hooks) for m in block.modules())
