@@ -1,4 +1,4 @@
-"""Per-step training time with pruning masks active, as a ratio to plain training, in one process.
+"""Per-step training time with masks or fake quantization active, as a ratio to plain training, in one process.
 
 A 10.4M-parameter MLP (1024-2360-2360-1024-10, batch 256, SGD with momentum) on random data.
 Configurations are interleaved round by round; each fit prunes 90% at the end of epoch 0 and the
@@ -7,7 +7,10 @@ backward, hooks and the optimizer step):
 
 * ``plain``: no callback (the reference);
 * ``IterativePruning``: masks in the callback, gradients masked before each optimizer step;
-* ``ModelPruning``: Lightning's callback, whose ``torch.nn.utils.prune`` forward-pre-hooks stay on.
+* ``ModelPruning``: Lightning's callback, whose ``torch.nn.utils.prune`` forward-pre-hooks stay on;
+* ``QuantizationAwareTraining``: int8 weights (per channel) and activations (per tensor), fake
+  quantization on from the end of epoch 0;
+* ``torch.ao QAT``: ``torch.ao.quantization.prepare_qat`` (x86 qconfig, QuantStub/DeQuantStub).
 
     python benchmarks/overhead.py
 """
@@ -26,16 +29,27 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import IterativePruning
+from lightning_compress import IterativePruning, QuantizationAwareTraining
 
 warnings.filterwarnings("ignore")
 STEPS = 20
 
 
+class _Stubbed(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.quant = torch.ao.quantization.QuantStub()
+        self.net = net
+        self.dequant = torch.ao.quantization.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.net(self.quant(x)))
+
+
 class MLP(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(
+        self.net: nn.Module = nn.Sequential(
             nn.Linear(1024, 2360),
             nn.ReLU(),
             nn.Linear(2360, 2360),
@@ -75,6 +89,13 @@ class StepTimer(Callback):
 def callbacks_for(name: str, model: MLP) -> list[Callback]:
     if name == "IterativePruning":
         return [IterativePruning(0.9, schedule="one_shot", start_epoch=0, end_epoch=1)]
+    if name == "QuantizationAwareTraining":
+        return [QuantizationAwareTraining(8, 8, start_epoch=0)]
+    if name == "torch.ao QAT":
+        model.net = _Stubbed(model.net)
+        model.net.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
+        torch.ao.quantization.prepare_qat(model.net.train(), inplace=True)
+        return []
     if name == "ModelPruning":
         params = [(m, "weight") for m in model.net if isinstance(m, nn.Linear)]
         return [
@@ -107,7 +128,7 @@ def timed_fit(name: str) -> list[float]:
 
 
 def main(rounds: int = 7) -> None:
-    names = ["plain", "IterativePruning", "ModelPruning"]
+    names = ["plain", "IterativePruning", "ModelPruning", "QuantizationAwareTraining", "torch.ao QAT"]
     params = sum(p.numel() for p in MLP().parameters())
     per_round: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):

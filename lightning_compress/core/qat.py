@@ -147,14 +147,17 @@ class FakeQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ observing
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and bool(self.observer_enabled):
+        observed = self.training and bool(self.observer_enabled)
+        if observed:
             self.observe(x)
         if not bool(self.fake_quant_enabled):
             return x
         qmin, qmax = self.qrange
         if self.is_learned:
             return lsq_fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis)
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis)
+        # a min/max weight scale computed from this very tensor cannot clip it
+        may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -201,7 +204,9 @@ class FakeQuantizer(nn.Module):
                 self.shift.copy_(shift)
             self.scale.copy_(torch.pow(2.0, -self.shift.float()))
         elif not self.is_learned:
-            amax = w.abs().reshape(w.shape[0], -1).amax(dim=1) if self.per_channel else w.abs().max()
+            flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+            amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
+            amax = amax if self.per_channel else amax[0]
             self.scale.copy_(symmetric_scale(amax, qmax))
         self.initialized.fill_(True)
 

@@ -3,10 +3,10 @@
 Every quantized value in this package, fake-quantized during training, stored in a compressed
 file or written to ONNX, is ``q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax)``
 with the reciprocal taken in float32, and is dequantized as ``(q - zero_point) * scale``. This is
-exactly what ``torch.fake_quantize_per_{tensor,channel}_affine`` compute, which is why they are
-used for the straight-through estimator; :func:`quantize` and :func:`dequantize` spell out the
-same formula for export. Zero always maps to an exact integer (``zero_point``), so a pruned
-weight stays exactly zero through quantization.
+exactly what ``torch.fake_quantize_per_{tensor,channel}_affine`` compute (the tests check it bit
+for bit); :func:`fake_quantize` computes it faster, with a straight-through gradient, and
+:func:`quantize` / :func:`dequantize` spell out the same formula for export. Zero always maps to
+an exact integer (``zero_point``), so a pruned weight stays exactly zero through quantization.
 """
 
 from __future__ import annotations
@@ -59,16 +59,62 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = 
     return (q.to(torch.int32) - zp).float() * _shape_for(scale.float(), q, axis)
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """``dequantize(quantize(x))`` with the straight-through estimator (gradient 1 inside the range).
+
+    Same arithmetic as ``torch.fake_quantize_per_{tensor,channel}_affine`` (bit for bit), several
+    times faster on CPU: the range mask is only built when something is actually clipped.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None, may_clip: bool
+    ) -> Tensor:
+        s = _shape_for(scale, x, axis)
+        u = x * (1.0 / s)
+        u.round_()
+        has_zp = bool(zero_point.any())
+        if has_zp:
+            u.add_(_shape_for(zero_point.to(u.dtype), x, axis))
+        mask = None
+        if may_clip and not _within(u, qmin, qmax):
+            mask = (u >= qmin) & (u <= qmax)
+            u.clamp_(qmin, qmax)
+        if has_zp:
+            u.sub_(_shape_for(zero_point.to(u.dtype), x, axis))
+        u.mul_(s)
+        ctx.save_for_backward(mask if mask is not None else torch.empty(0))
+        ctx.clipped = mask is not None
+        return u
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.clipped:
+            return grad, None, None, None, None, None, None
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None, None, None
+
+
+def _within(u: Tensor, qmin: int, qmax: int) -> bool:
+    lo, hi = torch.aminmax(u)
+    return float(lo) >= qmin and float(hi) <= qmax
+
+
 def fake_quantize(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    may_clip: bool = True,
 ) -> Tensor:
-    """``dequantize(quantize(x))`` with a straight-through gradient for ``x`` (not for the scale)."""
-    scale = scale.detach().float()
-    zero_point = zero_point.detach().to(torch.int32)
-    if axis is None:
-        out = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero_point, qmin, qmax)
-    else:
-        out = torch.fake_quantize_per_channel_affine(x.float(), scale, zero_point, axis, qmin, qmax)
+    """``dequantize(quantize(x))`` with a straight-through gradient for ``x`` (not for the scale).
+
+    ``may_clip=False`` promises that no value falls outside the range (a symmetric scale just
+    derived from ``x``'s own maximum), which skips the range check.
+    """
+    out = _FakeQuantize.apply(x.float(), scale.detach().float(), zero_point.detach(), qmin, qmax, axis, may_clip)
     return out.to(x.dtype)
 
 
