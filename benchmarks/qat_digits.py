@@ -86,7 +86,7 @@ def post_training_quantize(module: DigitsClassifier, data: DigitsDataModule, wbi
     module.eval()
     for _, q in quantizers(module):
         q.train()
-        q.observer_enabled.fill_(True)
+        q.observer_enabled = True
     data.setup()
     with torch.no_grad():
         for i, (x, _) in enumerate(data.train_dataloader()):
@@ -95,8 +95,8 @@ def post_training_quantize(module: DigitsClassifier, data: DigitsDataModule, wbi
             module(x)
         module(x)  # weights observed as well
     for _, q in quantizers(module):
-        q.observer_enabled.fill_(False)
-        q.fake_quant_enabled.fill_(True)
+        q.observer_enabled = False
+        q.fake_quant_enabled = True
         q.eval()
 
 

@@ -11,6 +11,7 @@ from .core.functional import prune_, sparsity
 from .core.importance import Importance, MagnitudeImportance, RandomImportance, TaylorImportance
 from .core.qat import QuantConfig, convert_to_float, convert_to_qat
 from .core.schedule import PruningSchedule
+from .export import CompressedFileError, CompressionReport, export_onnx, load_compressed, save_compressed
 
 if TYPE_CHECKING:
     from .callbacks import IterativePruning, QuantizationAwareTraining
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedFileError",
+    "CompressionReport",
     "Importance",
     "IterativePruning",
     "MagnitudeImportance",
@@ -30,8 +33,11 @@ __all__ = [
     "__version__",
     "convert_to_float",
     "convert_to_qat",
+    "export_onnx",
+    "load_compressed",
     "load_qat_checkpoint",
     "prune_",
+    "save_compressed",
     "sparsity",
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +20,9 @@ from ..core.importance import Importance, resolve_importance
 from ..core.pruner import Pruner
 from ..core.schedule import SCHEDULES, PruningSchedule
 from ..core.selection import normalize_patterns, select_targets
+from ..export.report import CompressionReport
 from ..metrics.sparsity import Sparsity
+from ._export import check_export_path, check_export_ready, export_at_fit_end
 from ._validation import check_choice, check_float, check_int
 
 __all__ = ["IterativePruning"]
@@ -66,6 +69,9 @@ class IterativePruning(Callback):
         rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back
             to their values at the start of this epoch (``<= start_epoch``). ``None``: off.
         seed: seed of ``importance="random"`` (the same on every process).
+        export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
+            needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
+            The model itself is not changed; the report is in :attr:`export_report`.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -92,6 +98,7 @@ class IterativePruning(Callback):
         mode: str = "max",
         rewind_epoch: int | None = None,
         seed: int = 0,
+        export_path: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.target_sparsity = validate_fraction(target_sparsity, "target_sparsity")
@@ -144,6 +151,8 @@ class IterativePruning(Callback):
         self._val_value: float | None = None
         self._optimizer_params: dict[int, set[int]] = {}
         self.decisions: list[GuardDecision] = []
+        self.export_path = check_export_path(export_path)
+        self.export_report: CompressionReport | None = None
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -207,6 +216,7 @@ class IterativePruning(Callback):
                 f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`."
             )
         self._end_epoch = end_epoch
+        check_export_ready(self.export_path, pl_module)
         if self.monitor is not None and (
             trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
         ):
@@ -310,6 +320,8 @@ class IterativePruning(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.apply()  # after callbacks that write weights at train end (SWA)
+        if self.export_path is not None:
+            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path)
 
     # ------------------------------------------------------------------ monitor
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -21,13 +22,15 @@ from ..core.qat import (
     search_power_of_two_shifts,
 )
 from ..core.selection import normalize_patterns
+from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
+from ._export import check_export_path, check_export_ready, export_at_fit_end
 from ._validation import check_int
 
 __all__ = ["QuantizationAwareTraining"]
 
 _STATE_VERSION = 1
-_QAT_KEY_SUFFIX = ".weight_fake_quant.fake_quant_enabled"
+_QAT_KEY_SUFFIX = ".weight_fake_quant.state"
 
 
 class QuantizationAwareTraining(Callback):
@@ -53,6 +56,9 @@ class QuantizationAwareTraining(Callback):
         include: glob patterns over module names (Linear/Conv layers; see ``IterativePruning``).
         exclude: glob patterns over module names to keep in float.
         shift_search_batches: validation batches used by ``shift_search``.
+        export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
+            needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
+            The model itself is not changed; the report is in :attr:`export_report`.
 
     To load a QAT checkpoint for inference without the callback, see
     :func:`lightning_compress.load_qat_checkpoint`.
@@ -74,6 +80,7 @@ class QuantizationAwareTraining(Callback):
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         shift_search_batches: int = 4,
+        export_path: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.config = QuantConfig(weight_bits=weight_bits, activation_bits=activation_bits, scale=scale)
@@ -99,6 +106,8 @@ class QuantizationAwareTraining(Callback):
         self._hooks: list[Any] = []
         self._learned_params: list[nn.Parameter] = []
         self._load_hook: Any = None
+        self.export_path = check_export_path(export_path)
+        self.export_report: CompressionReport | None = None
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -133,6 +142,7 @@ class QuantizationAwareTraining(Callback):
                 )
             if self.shift_search:
                 self._check_validation_at_start(trainer, pl_module)
+            check_export_ready(self.export_path, pl_module)
             self._convert(pl_module)
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -183,7 +193,7 @@ class QuantizationAwareTraining(Callback):
         epoch = trainer.current_epoch
         if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
             for _, quantizer in quantizers(pl_module):
-                quantizer.observer_enabled.fill_(True)
+                quantizer.observer_enabled = True
         self._freeze_bn(trainer, pl_module)
 
     def on_train_batch_start(
@@ -207,7 +217,7 @@ class QuantizationAwareTraining(Callback):
             if self.shift_search:
                 self._search_shifts(trainer, pl_module)
             for _, quantizer in quantizers(pl_module):
-                quantizer.fake_quant_enabled.fill_(True)
+                quantizer.fake_quant_enabled = True
             if self.config.scale == "learned":
                 self._make_learnable(trainer, pl_module)
             rank_zero_info(
@@ -217,7 +227,11 @@ class QuantizationAwareTraining(Callback):
             )
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
             for _, quantizer in quantizers(pl_module):
-                quantizer.observer_enabled.fill_(False)
+                quantizer.observer_enabled = False
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_path is not None:
+            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path)
 
     # ------------------------------------------------------------------ validation: shift search, errors
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -257,7 +271,7 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _active(self, pl_module: nn.Module) -> bool:
-        return any(bool(q.fake_quant_enabled) for _, q in quantizers(pl_module))
+        return any(q.fake_quant_enabled for _, q in quantizers(pl_module))
 
     def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for name, module in qat_modules(pl_module):

@@ -11,7 +11,8 @@ module computes exactly what the float module computes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -77,10 +78,10 @@ class QuantConfig:
 class FakeQuantizer(nn.Module):
     """Observes a tensor and, once enabled, fake-quantizes it.
 
-    Its state is in buffers (saved in ``state_dict``): ``scale``, ``zero_point``, ``shift``
-    (power of two), ``min_val``/``max_val`` (activation EMA), and the flags ``observer_enabled``,
-    ``fake_quant_enabled``, ``frozen_shift``. With ``"learned"``, :meth:`make_learnable` turns
-    ``scale`` into a Parameter under the same name.
+    Its state is in buffers (saved in ``state_dict``): ``scale``, ``zero_point`` (activations),
+    ``shift`` (power of two), ``min_val``/``max_val`` (activations: the EMA range) and ``state``, the flags
+    :attr:`observer_enabled`, :attr:`fake_quant_enabled`, :attr:`frozen_shift` packed in one int.
+    With ``"learned"``, :meth:`make_learnable` turns ``scale`` into a Parameter under the same name.
 
     Args:
         role: ``"weight"`` (observed from the tensor itself each training forward) or
@@ -96,11 +97,11 @@ class FakeQuantizer(nn.Module):
     shift: Tensor
     min_val: Tensor
     max_val: Tensor
-    observer_enabled: Tensor
-    fake_quant_enabled: Tensor
-    frozen_shift: Tensor
-    initialized: Tensor
-    signed: Tensor
+    state: Tensor
+    _export_scale: Tensor
+    _export_zero_point: Tensor
+
+    _OBSERVE, _FAKE_QUANT, _FROZEN_SHIFT, _INITIALIZED, _SIGNED = 1, 2, 4, 8, 16
 
     def __init__(self, role: str, bits: int, mode: str, channels: int = 0, averaging_constant: float = 0.01) -> None:
         super().__init__()
@@ -111,22 +112,58 @@ class FakeQuantizer(nn.Module):
         self.mode = mode
         self.averaging_constant = averaging_constant
         self.per_channel = role == "weight" and mode != "power_of_two" and channels > 0
-        n = channels if self.per_channel else 1
-        shape: tuple[int, ...] = (n,) if self.per_channel else ()
-        self.register_buffer("scale", torch.ones(shape))
-        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
-        self.register_buffer("shift", torch.zeros((), dtype=torch.int32))
-        self.register_buffer("min_val", torch.zeros(()))
-        self.register_buffer("max_val", torch.zeros(()))
-        self.register_buffer("observer_enabled", torch.tensor(False))
-        self.register_buffer("fake_quant_enabled", torch.tensor(False))
-        self.register_buffer("frozen_shift", torch.tensor(False))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("scale", torch.ones((channels,) if self.per_channel else ()))
+        # weights are symmetric (zero point 0) and only power-of-two scales have a shift: not saved otherwise
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=role == "activation")
+        self.register_buffer("shift", torch.zeros((), dtype=torch.int32), persistent=mode == "power_of_two")
+        if role == "activation":
+            self.register_buffer("min_val", torch.zeros(()))
+            self.register_buffer("max_val", torch.zeros(()))
         # weights are signed; activations decide when enabled (signed only if negative values were seen)
-        self.register_buffer("signed", torch.tensor(role == "weight"))
+        self.register_buffer("state", torch.tensor(self._SIGNED if role == "weight" else 0, dtype=torch.int32))
         self.sync_observers = False  # set by the Lightning callback: it updates the EMA itself, across ranks
+        self.exporting = False  # set by `export_mode`: emit ops that ONNX exporters turn into Q/DQ nodes
         self._batch_min: Tensor | None = None
         self._batch_max: Tensor | None = None
+
+    # ------------------------------------------------------------------ flags (one int32 buffer)
+    def _flag(self, bit: int) -> bool:
+        return bool(int(self.state) & bit)
+
+    def _set_flag(self, bit: int, on: bool) -> None:
+        value = int(self.state)
+        self.state.fill_(value | bit if on else value & ~bit)
+
+    @property
+    def observer_enabled(self) -> bool:
+        """Whether training forwards update the range (weights: every forward; activations: EMA)."""
+        return self._flag(self._OBSERVE)
+
+    @observer_enabled.setter
+    def observer_enabled(self, on: bool) -> None:
+        self._set_flag(self._OBSERVE, on)
+
+    @property
+    def fake_quant_enabled(self) -> bool:
+        """Whether the output is quantized (otherwise the input passes through unchanged)."""
+        return self._flag(self._FAKE_QUANT)
+
+    @fake_quant_enabled.setter
+    def fake_quant_enabled(self, on: bool) -> None:
+        self._set_flag(self._FAKE_QUANT, on)
+
+    @property
+    def frozen_shift(self) -> bool:
+        """Whether the power-of-two shift was fixed (by :meth:`set_shift`)."""
+        return self._flag(self._FROZEN_SHIFT)
+
+    @property
+    def initialized(self) -> bool:
+        return self._flag(self._INITIALIZED)
+
+    @property
+    def signed(self) -> bool:
+        return self._flag(self._SIGNED)
 
     # ------------------------------------------------------------------ integer range
     @property
@@ -138,7 +175,7 @@ class FakeQuantizer(nn.Module):
         if self.role == "weight":
             return int_range(self.bits, True)
         if self.mode == "power_of_two":
-            return int_range(self.bits, bool(self.signed))
+            return int_range(self.bits, self.signed)
         return int_range(self.bits, False)  # asymmetric with a zero point
 
     @property
@@ -147,10 +184,12 @@ class FakeQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ observing
     def forward(self, x: Tensor) -> Tensor:
-        observed = self.training and bool(self.observer_enabled)
+        if self.exporting:
+            return self._export_forward(x)
+        observed = self.training and self.observer_enabled
         if observed:
             self.observe(x)
-        if not bool(self.fake_quant_enabled):
+        if not self.fake_quant_enabled:
             return x
         qmin, qmax = self.qrange
         if self.is_learned:
@@ -158,6 +197,25 @@ class FakeQuantizer(nn.Module):
         # a min/max weight scale computed from this very tensor cannot clip it
         may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
         return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
+
+    def _export_forward(self, x: Tensor) -> Tensor:
+        """Same values as :meth:`forward` in eval mode, with ``torch.fake_quantize_*`` ops (8-bit containers).
+
+        The exporters map these ops to QuantizeLinear/DequantizeLinear; ranges narrower than the
+        8-bit container are enforced by a clamp first, so the values stay those of the narrow grid.
+        """
+        if not self.fake_quant_enabled:
+            return x
+        qmin, qmax = self.qrange
+        if self.role == "weight":  # x is the layer's already-quantized weight: re-quantizing it is exact
+            # per channel, with scales in (temporary) buffers: exporters fold a Q/DQ pair whose inputs are
+            # all constants back into a float weight, and the int8 weights would be lost
+            return torch.fake_quantize_per_channel_affine(x, self._export_scale, self._export_zero_point, 0, -128, 127)
+        cmin, cmax = (-128, 127) if qmin < 0 else (0, 255)
+        scale, zero_point = float(self.scale), int(self.zero_point)
+        if (qmin, qmax) != (cmin, cmax):
+            x = torch.clamp(x, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, cmin, cmax)
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -185,10 +243,10 @@ class FakeQuantizer(nn.Module):
         self._batch_min = self._batch_max = None
         if lo is None or hi is None:
             return
-        if not bool(self.initialized):
+        if not self.initialized:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
-            self.initialized.fill_(True)
+            self._set_flag(self._INITIALIZED, True)
         else:
             c = self.averaging_constant
             self.min_val.mul_(1 - c).add_(lo, alpha=c)
@@ -199,7 +257,7 @@ class FakeQuantizer(nn.Module):
     def _set_weight_qparams(self, w: Tensor) -> None:
         _, qmax = int_range(self.bits, True)
         if self.mode == "power_of_two":
-            if not bool(self.frozen_shift):
+            if not self.frozen_shift:
                 shift, _ = power_of_two_scale(w.abs().max(), qmax)
                 self.shift.copy_(shift)
             self.scale.copy_(torch.pow(2.0, -self.shift.float()))
@@ -208,13 +266,13 @@ class FakeQuantizer(nn.Module):
             amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
             amax = amax if self.per_channel else amax[0]
             self.scale.copy_(symmetric_scale(amax, qmax))
-        self.initialized.fill_(True)
+        self._set_flag(self._INITIALIZED, True)
 
     def _set_activation_qparams(self) -> None:
         if self.mode == "power_of_two":
-            self.signed.fill_(bool(self.min_val < 0))
+            self._set_flag(self._SIGNED, bool(self.min_val < 0))
             _, qmax = self.qrange
-            if not bool(self.frozen_shift):
+            if not self.frozen_shift:
                 amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
                 shift, _ = power_of_two_scale(amax, qmax)
                 self.shift.copy_(shift)
@@ -231,7 +289,7 @@ class FakeQuantizer(nn.Module):
         """Fix the power-of-two shift (``p`` fractional bits) and stop the observer from moving it."""
         self.shift.fill_(shift)
         self.scale.data.copy_(torch.full_like(self.scale, 2.0**-shift))
-        self.frozen_shift.fill_(True)
+        self._set_flag(self._FROZEN_SHIFT, True)
 
     def make_learnable(self) -> nn.Parameter:
         """Turn ``scale`` into a trainable Parameter (LSQ), initialised from the observed range."""
@@ -244,7 +302,7 @@ class FakeQuantizer(nn.Module):
         return param
 
     def extra_repr(self) -> str:
-        on = "on" if bool(self.fake_quant_enabled) else "off"
+        on = "on" if self.fake_quant_enabled else "off"
         return f"role={self.role}, bits={self.bits}, mode={self.mode}, per_channel={self.per_channel}, fake_quant={on}"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -262,6 +320,9 @@ class _QATMixin:
     _float_class: type[nn.Module]
 
     def quantized_weight(self) -> Tensor:
+        exported = getattr(self, "_export_weight", None)
+        if exported is not None and self.weight_fake_quant.exporting:
+            return self.weight_fake_quant(exported)
         return self.weight_fake_quant(self.weight)
 
 
@@ -428,10 +489,10 @@ def search_power_of_two_shifts(
     aq = module.input_fake_quant if isinstance(module.input_fake_quant, FakeQuantizer) else None
     if not inputs:
         raise ValueError("shift search needs at least one captured input batch.")
-    states = [(q, bool(q.fake_quant_enabled), bool(q.observer_enabled)) for q in (wq, aq) if q is not None]
+    states = [(q, q.fake_quant_enabled, q.observer_enabled) for q in (wq, aq) if q is not None]
     for q, _, _ in states:
-        q.fake_quant_enabled.fill_(False)
-        q.observer_enabled.fill_(False)
+        q.fake_quant_enabled = False
+        q.observer_enabled = False
     reference = [module(x) for x in inputs]
     _, w_qmax = int_range(wq.bits, True)
     w0 = int(power_of_two_scale(module.weight.abs().max(), w_qmax)[0])
@@ -439,17 +500,17 @@ def search_power_of_two_shifts(
     if aq is not None:
         lo = min(float(x.min()) for x in inputs)
         hi = max(float(x.max()) for x in inputs)
-        aq.signed.fill_(lo < 0)
+        aq._set_flag(aq._SIGNED, lo < 0)
         _, a_qmax = aq.qrange
         a0 = int(power_of_two_scale(torch.tensor(max(abs(lo), abs(hi))), a_qmax)[0])
     best: tuple[float, int, int | None] | None = None
     for dw in span:
         for da in span if aq is not None else [0]:
             wq.set_shift(w0 + dw)
-            wq.fake_quant_enabled.fill_(True)
+            wq.fake_quant_enabled = True
             if aq is not None and a0 is not None:
                 aq.set_shift(a0 + da)
-                aq.fake_quant_enabled.fill_(True)
+                aq.fake_quant_enabled = True
             error = sum(float(((module(x) - ref) ** 2).mean()) for x, ref in zip(inputs, reference, strict=True))
             if best is None or error < best[0]:
                 best = (error, w0 + dw, None if a0 is None else a0 + da)
@@ -459,9 +520,50 @@ def search_power_of_two_shifts(
     if aq is not None and a_shift is not None:
         aq.set_shift(a_shift)
     for q, enabled, observing in states:
-        q.fake_quant_enabled.fill_(enabled)
-        q.observer_enabled.fill_(observing)
+        q.fake_quant_enabled = enabled
+        q.observer_enabled = observing
     return w_shift, a_shift, error
+
+
+@contextmanager
+def export_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in a state ONNX exporters translate to int8 Q/DQ graphs; restore everything after.
+
+    Inside: eval mode, no parameter requires grad, each fake-quant layer carries its quantized
+    weight as a constant and every quantizer emits ``torch.fake_quantize_*`` ops with constant
+    scales. The outputs are those of the eval-mode fake-quant model.
+    """
+    training = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    layers = [cast(Any, layer) for _, layer in qat_modules(model)]
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.weight_fake_quant(layer.weight).detach().clone()
+                layer._export_weight = weight
+                quantizer = layer.weight_fake_quant
+                scale = quantizer.scale.detach().float().expand(weight.shape[0]).contiguous()
+                # persistent: exporters lift state_dict entries to initializers; anything else is a constant
+                quantizer.register_buffer("_export_scale", scale)
+                quantizer.register_buffer(
+                    "_export_zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+                )
+        for _, quantizer in quantizers(model):
+            quantizer.exporting = True
+        yield model
+    finally:
+        for _, quantizer in quantizers(model):
+            quantizer.exporting = False
+            quantizer._buffers.pop("_export_scale", None)
+            quantizer._buffers.pop("_export_zero_point", None)
+        for layer in layers:
+            layer.__dict__.pop("_export_weight", None)
+        for module, mode in training:
+            module.training = mode
+        for param, flag in grads:
+            param.requires_grad_(flag)
 
 
 def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:

@@ -325,3 +325,35 @@ def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, k
     assert {n: type(m) for n, m in tiny.named_modules()} == classes
     after = weights_of(tiny)
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_export_at_fit_end_without_changing_the_model(tmp_path):
+    from lightning_compress import load_compressed
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    model.example_input_array = torch.zeros(2, 16)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    pruning = IterativePruning(0.8, start_epoch=0, end_epoch=2, export_path=tmp_path / "model.lcz")
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1, export_path=tmp_path / "model.onnx")
+    t = trainer(max_epochs=3, callbacks=[pruning, qat, ckpt], enable_checkpointing=True)
+    t.fit(model)
+    assert (tmp_path / "model.lcz").exists() and (tmp_path / "model.onnx").exists()
+    assert qat.export_report.format == "onnx"
+    assert pruning.export_report.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert all(p.requires_grad for p in model.parameters())  # the export left the model as it was
+    fresh = TinyModule()
+    load_compressed(fresh, tmp_path / "model.lcz")
+    x = make_blobs(8, seed=3).tensors[0]
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), model(x), atol=1e-6)
+    assert t.test(model, ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]["test_loss"] > 0
+
+
+def test_onnx_export_path_needs_example_inputs(tiny, tmp_path):
+    qat = QuantizationAwareTraining(export_path=tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"`export_path`=.* is an ONNX file, which needs example inputs"):
+        trainer(max_epochs=1, callbacks=[qat, FailOnFirstStep()]).fit(tiny)
+    with pytest.raises(TypeError, match="`export_path` must be a path"):
+        QuantizationAwareTraining(export_path=3)

@@ -22,8 +22,8 @@ def net():
 
 def enable(model, observe=True, quant=True):
     for _, q in quantizers(model):
-        q.observer_enabled.fill_(observe)
-        q.fake_quant_enabled.fill_(quant)
+        q.observer_enabled = observe
+        q.fake_quant_enabled = quant
 
 
 def test_conversion_shares_parameters_and_is_exact_until_enabled():
@@ -83,7 +83,7 @@ def test_pruned_weights_stay_exactly_zero():
 
 def test_activation_observer_ema_and_qparams():
     q = FakeQuantizer("activation", 8, "minmax", averaging_constant=0.5)
-    q.observer_enabled.fill_(True)
+    q.observer_enabled = True
     q.train()
     q(torch.tensor([0.0, 2.0]))
     q(torch.tensor([-1.0, 4.0]))
@@ -114,19 +114,19 @@ def test_shift_search_picks_the_best_candidate():
     inputs = [torch.randn(32, 16) for _ in range(3)]
     w_shift, a_shift, error = search_power_of_two_shifts(layer[0], inputs)
     q = layer[0]
-    assert int(q.weight_fake_quant.shift) == w_shift and bool(q.weight_fake_quant.frozen_shift)
+    assert int(q.weight_fake_quant.shift) == w_shift and q.weight_fake_quant.frozen_shift
     assert int(q.input_fake_quant.shift) == a_shift
     # no other candidate pair does better
     for dw in (-1, 0, 1):
         q.weight_fake_quant.set_shift(w_shift + dw)
-        q.weight_fake_quant.fake_quant_enabled.fill_(True)
-        q.input_fake_quant.fake_quant_enabled.fill_(True)
+        q.weight_fake_quant.fake_quant_enabled = True
+        q.input_fake_quant.fake_quant_enabled = True
         with torch.no_grad():
-            q.weight_fake_quant.fake_quant_enabled.fill_(False)
-            q.input_fake_quant.fake_quant_enabled.fill_(False)
+            q.weight_fake_quant.fake_quant_enabled = False
+            q.input_fake_quant.fake_quant_enabled = False
             ref = [q(x) for x in inputs]
-            q.weight_fake_quant.fake_quant_enabled.fill_(True)
-            q.input_fake_quant.fake_quant_enabled.fill_(True)
+            q.weight_fake_quant.fake_quant_enabled = True
+            q.input_fake_quant.fake_quant_enabled = True
             err = sum(float(((q(x) - r) ** 2).mean()) for x, r in zip(inputs, ref, strict=True))
         assert err >= error - 1e-9
 

@@ -1,0 +1,45 @@
+"""Export at the end of ``fit`` for both callbacks (``export_path=``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..export.compressed import save_compressed
+from ..export.onnx import export_onnx
+from ..export.report import CompressionReport
+
+
+def check_export_path(path: Any) -> Path | None:
+    if path is None:
+        return None
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"`export_path` must be a path (str or pathlib.Path) or None, got {path!r}.")
+    return Path(path)
+
+
+def check_export_ready(path: Path | None, pl_module: pl.LightningModule) -> None:
+    """``.onnx`` needs example inputs: fail at setup, not after hours of training."""
+    if path is not None and path.suffix == ".onnx" and pl_module.example_input_array is None:
+        raise ValueError(
+            f"`export_path`={str(path)!r} is an ONNX file, which needs example inputs: set "
+            f"`self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
+        )
+
+
+def export_at_fit_end(trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> CompressionReport | None:
+    """Write the model (unchanged) to ``path`` on global rank zero; ``.onnx`` gives ONNX, anything else our format."""
+    if trainer.global_rank != 0:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".onnx":
+        example = pl_module._on_before_batch_transfer(pl_module.example_input_array)
+        example = pl_module._apply_batch_transfer_handler(example)
+        report = export_onnx(pl_module, path, example)
+    else:
+        report = save_compressed(pl_module, path)
+    rank_zero_info(f"Exported the compressed model:\n{report}")
+    return report

@@ -1,0 +1,284 @@
+"""ONNX export of a fake-quantized model: int8 weights, QuantizeLinear/DequantizeLinear on activations.
+
+The model is traced in :func:`~lightning_compress.core.qat.export_mode` (constant scales, the
+quantized weights as constants), which the exporter turns into QDQ pairs. Each
+``QuantizeLinear(float weight) -> DequantizeLinear`` pair is then replaced by an int8 initializer
+holding the codes (computed with the package's rounding rule) feeding the DequantizeLinear: the
+file carries 1 byte per weight and onnxruntime fuses the pattern into its int8 kernels, as it does
+for its own ``quantize_static`` output. Needs the ``onnx`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.qat import export_mode
+from .report import CompressionReport, LayerReport, state_dict_bytes
+
+__all__ = ["export_onnx"]
+
+
+def _require(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise ImportError(
+            f"export_onnx needs `{name}`: install the extra with pip install 'lightning-compress[onnx]'."
+        ) from err
+
+
+def _as_args(example_inputs: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        return (dict(example_inputs),)  # a trailing dict: keyword arguments
+    if isinstance(example_inputs, Sequence):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"`example_inputs` must be a Tensor, a tuple of positional inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}."
+    )
+
+
+class _Keywords(nn.Module):
+    """Calls ``model(**{name: tensor})`` from positional tensors: the tracer passes inputs positionally."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *tensors: Tensor) -> Any:
+        return self.model(**dict(zip(self.names, tensors, strict=True)))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: Any,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int = 17,
+) -> CompressionReport:
+    """Export ``model`` to an ONNX file with int8 weights and a dynamic batch dimension.
+
+    Args:
+        model: a model converted by :func:`~lightning_compress.convert_to_qat` (or trained with
+            ``QuantizationAwareTraining``); float layers are exported as they are.
+        path: the ``.onnx`` file to write.
+        example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors; the
+            first dimension of each is the batch.
+        input_names: names of the graph inputs (default ``input_0, ...`` or the dict keys).
+        output_names: names of the graph outputs (default ``output_0, ...``).
+        opset: ONNX opset (13 or newer for per-channel quantization).
+
+    Returns:
+        A :class:`CompressionReport` of the quantized weights and the file size.
+
+    Raises:
+        ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
+    """
+    onnx = _require("onnx")
+    from onnx import numpy_helper
+
+    args = _as_args(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        names = list(input_names or example_inputs.keys())
+    else:
+        names = list(input_names or [f"input_{i}" for i in range(len(args))])
+    with export_mode(model), torch.no_grad():
+        outputs = model(**args[0]) if isinstance(example_inputs, Mapping) else model(*args)
+        n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        outs = list(output_names or [f"output_{i}" for i in range(n_out)])
+        path = Path(path)
+        traced = path.with_name(path.name + ".traced")
+        keyword = isinstance(example_inputs, Mapping)
+        torch.onnx.export(
+            _Keywords(model, names) if keyword else model,
+            tuple(example_inputs[k] for k in names) if keyword else args,
+            str(traced),
+            input_names=names,
+            output_names=outs,
+            dynamic_axes={name: {0: "batch"} for name in names + outs},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    try:
+        proto = onnx.load(str(traced))
+    finally:
+        traced.unlink(missing_ok=True)
+    layers = _int8_weights(proto, numpy_helper)
+    _integer_float_gemms(proto, numpy_helper)
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
+    return CompressionReport(
+        path=str(path),
+        format="onnx",
+        layers=layers,
+        file_bytes=path.stat().st_size,
+        baseline_bytes=state_dict_bytes(model),
+    )
+
+
+def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
+    """Replace ``QuantizeLinear(constant weight)`` by an int8 initializer; return one report per weight."""
+    import numpy as np
+
+    graph = proto.graph
+    constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:  # topological order: an Identity follows what it forwards
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in constants:  # de-duplicated initializers
+            constants[node.output[0]] = constants[node.input[0]]
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    reports: list[LayerReport] = []
+    remove: list[Any] = []
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or not all(name in constants for name in node.input):
+            continue
+        weight = constants[node.input[0]].astype(np.float32)
+        scale = constants[node.input[1]].astype(np.float32)
+        zero_point = constants[node.input[2]] if len(node.input) > 2 else np.zeros_like(scale, dtype=np.int8)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim:
+            shape[axis % weight.ndim] = -1
+        inv = (np.float32(1.0) / scale).reshape(shape)
+        codes = np.rint(weight * inv) + zero_point.astype(np.float32).reshape(shape)
+        info = np.iinfo(zero_point.dtype)
+        codes = np.clip(codes, info.min, info.max).astype(zero_point.dtype)
+        name = node.input[0] + "_quantized"
+        graph.initializer.append(numpy_helper.from_array(codes, name))
+        for dq in consumers.get(node.output[0], []):
+            dq.input[0] = name
+        remove.append(node)
+        reports.append(
+            LayerReport(
+                name=_layer_name(node.input[0]),
+                numel=int(weight.size),
+                nonzero=int(np.count_nonzero(codes)),
+                bits=8,
+                bytes_before=int(weight.size) * 4,
+                bytes_after=int(codes.size) + int(scale.size) * 4,
+                index_coding="dense",
+            )
+        )
+    for node in remove:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)  # the float weights the int8 initializers replaced
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return reports
+
+
+def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
+    """Rewrite ``Gemm(DQ(uint8 x), DQ(int8 W))`` with a float output as ``MatMulInteger -> Cast -> Mul -> Add``.
+
+    onnxruntime fuses a QDQ ``Gemm`` into its int8 ``QGemm`` only when the output is quantized
+    again; a model's last layer (float logits) would otherwise run in float on dequantized weights.
+    ``MatMulInteger`` is standard ONNX; integer accumulation is exact, so the values equal the
+    float Gemm's up to float rounding.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def requantized(name: str) -> bool:
+        for user in consumers.get(name, []):
+            if user.op_type == "QuantizeLinear":
+                return True
+            if user.op_type == "Relu" and requantized(user.output[0]):
+                return True
+        return False
+
+    for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
+        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
+            continue
+        if attrs.get("beta", 1.0) != 1.0 or requantized(gemm.output[0]):
+            continue
+        dq_a, dq_b = producer.get(gemm.input[0]), producer.get(gemm.input[1])
+        if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
+            continue
+        if dq_b.input[0] not in constants or not all(n in constants for n in (*dq_a.input[1:], *dq_b.input[1:])):
+            continue
+        weight = constants[dq_b.input[0]]
+        a_scale = constants[dq_a.input[1]].astype(np.float32)
+        w_scale = constants[dq_b.input[1]].astype(np.float32).reshape(-1)
+        w_zero = constants[dq_b.input[2]] if len(dq_b.input) > 2 else np.zeros(1, np.int8)
+        if weight.dtype != np.int8 or a_scale.size != 1 or np.any(w_zero != 0) or weight.ndim != 2:
+            continue
+        base = gemm.output[0]
+        keys = ("wt", "wzp", "a_scale", "w_scale", "scale", "int", "float", "scaled")
+        names = {k: f"{base}_{k}" for k in keys}
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.ascontiguousarray(weight.T), names["wt"]),
+                numpy_helper.from_array(np.zeros(weight.shape[0], np.int8), names["wzp"]),
+                numpy_helper.from_array(a_scale.reshape(()), names["a_scale"]),
+                numpy_helper.from_array(w_scale, names["w_scale"]),
+            ]
+        )
+        has_bias = len(gemm.input) > 2 and gemm.input[2]
+        integer_inputs = [dq_a.input[0], names["wt"], dq_a.input[2], names["wzp"]]
+        # the scale as Mul(a_scale, w_scale): the pattern onnxruntime fuses into MatMulIntegerToFloat
+        new_nodes = [
+            helper.make_node("MatMulInteger", integer_inputs, [names["int"]]),
+            helper.make_node("Cast", [names["int"]], [names["float"]], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [names["a_scale"], names["w_scale"]], [names["scale"]]),
+            helper.make_node("Mul", [names["float"], names["scale"]], [names["scaled"] if has_bias else base]),
+        ]
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [names["scaled"], gemm.input[2]], [base]))
+        index = list(graph.node).index(gemm)
+        graph.node.remove(gemm)
+        for offset, new in enumerate(new_nodes):
+            graph.node.insert(index + offset, new)
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
+        graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _layer_name(onnx_name: str) -> str:
+    """``/net/net.0/weight_fake_quant/Constant_output_0`` -> ``net.0.weight``."""
+    parts = [p for p in onnx_name.split("/") if p]
+    if "weight_fake_quant" in parts:
+        index = parts.index("weight_fake_quant")
+        if index > 0:
+            return parts[index - 1] + ".weight"
+    return onnx_name

@@ -1,0 +1,116 @@
+"""``CompressionReport``: what an export made of each layer, printable and a dict."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CompressionReport", "LayerReport", "state_dict_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One compressed weight.
+
+    Attributes:
+        name: parameter name (``"features.0.weight"``).
+        numel: entries.
+        nonzero: entries stored (the rest are zero).
+        bits: bits per stored value (32 for float).
+        bytes_before: size as a dense tensor in its dtype.
+        bytes_after: size of its encoding (positions, values, scales) before entropy coding.
+        index_coding: ``"bitmask"``, ``"gaps"`` or ``"dense"``.
+    """
+
+    name: str
+    numel: int
+    nonzero: int
+    bits: int
+    bytes_before: int
+    bytes_after: int
+    index_coding: str
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Per-layer and total sizes of an exported model.
+
+    Attributes:
+        path: the file written or read.
+        format: ``"lightning-compress"`` or ``"onnx"``.
+        layers: one :class:`LayerReport` per compressed weight.
+        file_bytes: size of the file on disk.
+        baseline_bytes: size of ``torch.save(model.state_dict())`` of the same model.
+    """
+
+    path: str
+    format: str
+    layers: list[LayerReport] = field(default_factory=list)
+    file_bytes: int = 0
+    baseline_bytes: int = 0
+
+    @property
+    def compression_ratio(self) -> float:
+        """``baseline_bytes / file_bytes``."""
+        return self.baseline_bytes / self.file_bytes if self.file_bytes else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        """Zero fraction over the compressed weights."""
+        total = sum(layer.numel for layer in self.layers)
+        return 1.0 - sum(layer.nonzero for layer in self.layers) / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, as plain Python values (JSON-serializable)."""
+        out = asdict(self)
+        for layer, entry in zip(self.layers, out["layers"], strict=True):
+            entry["sparsity"] = layer.sparsity
+        out["compression_ratio"] = self.compression_ratio
+        out["sparsity"] = self.sparsity
+        return out
+
+    def __str__(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [
+            f"{self.format} file {self.path}",
+            f"{'layer':<{width}}  {'sparsity':>8}  {'bits':>4}  {'index':>7}  {'before':>12}  {'after':>12}",
+        ]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<{width}}  {100 * layer.sparsity:>7.1f}%  {layer.bits:>4}  {layer.index_coding:>7}  "
+                f"{_size(layer.bytes_before):>12}  {_size(layer.bytes_after):>12}"
+            )
+        before = sum(layer.bytes_before for layer in self.layers)
+        after = sum(layer.bytes_after for layer in self.layers)
+        lines.append(
+            f"{'compressed weights':<{width}}  {100 * self.sparsity:>7.1f}%  {'':>4}  {'':>7}  "
+            f"{_size(before):>12}  {_size(after):>12}"
+        )
+        lines.append(
+            f"file {_size(self.file_bytes)} vs torch.save(state_dict) {_size(self.baseline_bytes)}: "
+            f"{self.compression_ratio:.1f}x smaller"
+        )
+        return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Size of ``torch.save(model.state_dict())``: the baseline the ratio is computed against."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()

@@ -1,0 +1,52 @@
+"""Small compressed models for the export tests, built without a Trainer."""
+
+import torch
+from torch import nn
+
+from lightning_compress import QuantConfig, convert_to_qat, prune_
+from lightning_compress.core.qat import quantizers
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 8 * 8, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+DEFAULT = QuantConfig()
+
+
+def compressed_net(sparsity: float = 0.9, config: QuantConfig | None = DEFAULT, seed: int = 0) -> Net:
+    """A pruned (and, unless ``config`` is None, fake-quantized and calibrated) Net in eval mode."""
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():  # BN statistics that are not the defaults
+        net.bn.running_mean.uniform_(-0.1, 0.1)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    if sparsity:
+        prune_(net, sparsity)
+    if config is not None:
+        convert_to_qat(net, config)
+        for _, q in quantizers(net):
+            q.observer_enabled = True
+        net.train()
+        with torch.no_grad():
+            for _ in range(4):
+                net(torch.rand(16, 1, 8, 8))
+        if config.scale == "learned":
+            for _, q in quantizers(net):
+                q.make_learnable()
+        for _, q in quantizers(net):
+            q.fake_quant_enabled = True
+    return net.eval()
+
+
+def inputs(n: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))

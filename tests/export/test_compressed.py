@@ -1,0 +1,129 @@
+import hashlib
+
+import pytest
+import torch
+
+from lightning_compress import CompressedFileError, QuantConfig, load_compressed, save_compressed
+from lightning_compress.core.qat import qat_modules
+from tests.export.helpers import Net, compressed_net, inputs
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8, "minmax"),
+        QuantConfig(8, 8, "power_of_two"),
+        QuantConfig(4, 8, "learned"),
+        QuantConfig(2, None, "minmax"),
+        QuantConfig(3, 5, "minmax"),
+        None,
+    ],
+)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+def test_round_trip_reproduces_the_outputs(tmp_path, config, sparsity):
+    model = compressed_net(sparsity, config)
+    report = save_compressed(model, tmp_path / "m.lcz")
+    fresh = Net()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert [n for n, _ in qat_modules(fresh)] == [n for n, _ in qat_modules(model)]
+    x = inputs()
+    assert torch.allclose(outputs(fresh, x), outputs(model, x), atol=1e-6, rtol=0)
+    assert set(fresh.state_dict()) == set(model.state_dict())
+    assert not list(tmp_path.glob("*.tmp"))
+    if sparsity and config is not None:
+        assert report.sparsity >= sparsity - 0.01  # codes that round to 0 add zeros
+        assert {layer.bits for layer in report.layers} == {config.weight_bits}
+
+
+def test_file_is_really_smaller_and_the_report_says_so(tmp_path):
+    model = compressed_net(0.9, QuantConfig(8, 8))
+    report = save_compressed(model, tmp_path / "m.lcz")
+    assert report.file_bytes == (tmp_path / "m.lcz").stat().st_size
+    assert report.compression_ratio > 10
+    as_dict = report.to_dict()
+    assert as_dict["compression_ratio"] == report.compression_ratio
+    assert {layer["name"] for layer in as_dict["layers"]} == {"conv.weight", "fc1.weight", "fc2.weight"}
+    text = str(report)
+    assert "fc1.weight" in text and "x smaller" in text
+    fc1 = next(layer for layer in report.layers if layer.name == "fc1.weight")
+    assert fc1.index_coding == "gaps" and fc1.bytes_after < fc1.bytes_before / 15
+
+
+def test_index_coding_follows_density(tmp_path):
+    model = compressed_net(0.5, QuantConfig(8, 8))
+    report = save_compressed(model, tmp_path / "m.lcz")
+    assert {layer.index_coding for layer in report.layers} == {"bitmask"}
+
+
+def corrupt(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "flip":
+        data[len(data) // 2] ^= 0x10
+    elif how == "magic":
+        data[:4] = b"PK\x03\x04"
+    elif how == "version":
+        data[4] = 99
+    elif how == "empty":
+        data = bytearray()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("truncate", "truncated"),
+        ("flip", "checksum mismatch"),
+        ("magic", "not a lightning-compress file"),
+        ("version", "format version 99"),
+        ("empty", "not a lightning-compress file"),
+    ],
+)
+def test_damaged_files_raise_and_leave_the_model_untouched(tmp_path, how, match):
+    save_compressed(compressed_net(), tmp_path / "m.lcz")
+    corrupt(tmp_path / "m.lcz", how)
+    fresh = Net()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CompressedFileError, match=match):
+        load_compressed(fresh, tmp_path / "m.lcz")
+    assert not qat_modules(fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_a_file_for_another_architecture(tmp_path):
+    save_compressed(compressed_net(), tmp_path / "m.lcz")
+
+    class Wider(Net):
+        def __init__(self):
+            super().__init__()
+            self.fc2 = torch.nn.Linear(64, 12)
+
+    other = Wider()
+    with pytest.raises(
+        CompressedFileError, match=r"another architecture .* shape differs: \['fc2.bias', 'fc2.weight'\]"
+    ):
+        load_compressed(other, tmp_path / "m.lcz")
+    assert not qat_modules(other)
+    with pytest.raises(CompressedFileError, match="missing in the file"):
+        load_compressed(torch.nn.Sequential(torch.nn.Linear(2, 2)), tmp_path / "m.lcz")
+
+
+def test_a_forged_file_with_a_valid_checksum_is_still_checked(tmp_path):
+    # a consistent header around a damaged payload: decompression or decoding must fail cleanly
+    import lzma
+    import struct
+
+    from lightning_compress.export.compressed import _FILTERS, _HEADER, FORMAT_VERSION, MAGIC
+
+    body = struct.pack("<I", 2) + b"{}"
+    payload = lzma.compress(body, format=lzma.FORMAT_RAW, filters=_FILTERS)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, len(payload), len(body), hashlib.sha256(payload).digest())
+    (tmp_path / "f.lcz").write_bytes(header + payload)
+    with pytest.raises(CompressedFileError, match="unknown manifest format"):
+        load_compressed(Net(), tmp_path / "f.lcz")

@@ -1,0 +1,99 @@
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import QuantConfig, convert_to_qat, export_onnx
+from lightning_compress.core.qat import quantizers
+from tests.export.helpers import compressed_net, inputs
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def run(path, feeds):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("config", [QuantConfig(8, 8), QuantConfig(8, 8, "power_of_two"), QuantConfig(4, 4, "learned")])
+def test_int8_weights_qdq_graph_and_matching_outputs(tmp_path, config):
+    model = compressed_net(0.8, config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = export_onnx(model, tmp_path / "m.onnx", inputs(2))
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(int8) == 3 and {layer.name for layer in report.layers} == {"conv.weight", "fc1.weight", "fc2.weight"}
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") == 3  # one per quantized input activation
+    assert "MatMulInteger" in ops  # the last layer (float logits) runs as an integer matmul too
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2 for i in proto.graph.initializer)
+    for batch in (1, 7, 64):  # dynamic batch
+        x = inputs(batch, seed=batch)
+        got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})
+        with torch.no_grad():
+            want = model(x).numpy()
+        assert got.shape == want.shape
+        # int8 kernels requantize with a float multiplier: an activation code may differ by one step
+        step = max(float(q.scale.max()) for _, q in quantizers(model) if q.role == "activation")
+        assert np.abs(got - want).max() <= 20 * step
+    # the model is exactly as before
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(q.exporting is False for _, q in quantizers(model))
+    assert report.file_bytes < report.baseline_bytes
+
+
+class KeywordModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(3, 8)
+
+    def forward(self, *, left, right):
+        return self.a(left) + self.b(right)
+
+
+def test_keyword_inputs(tmp_path):
+    model = KeywordModel()
+    convert_to_qat(model, QuantConfig(8, 8))
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    model.train()
+    model(left=torch.randn(8, 6), right=torch.randn(8, 3))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    model.eval()
+    feeds = {"left": torch.randn(5, 6), "right": torch.randn(5, 3)}
+    export_onnx(model, tmp_path / "k.onnx", feeds)
+    got = run(tmp_path / "k.onnx", {k: v.numpy() for k, v in feeds.items()})
+    with torch.no_grad():
+        want = model(**feeds).numpy()
+    assert np.allclose(got, want, atol=0.1)
+
+
+def test_training_mode_and_grads_are_restored(tmp_path):
+    model = compressed_net(0.5)
+    model.train()
+    export_onnx(model, tmp_path / "m.onnx", inputs(2))
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_missing_onnx_says_what_to_install(tmp_path, monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "onnx":
+            raise ImportError("No module named 'onnx'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(ImportError, match=r"pip install 'lightning-compress\[onnx\]'"):
+        export_onnx(compressed_net(), tmp_path / "m.onnx", inputs(2))
+
+
+def test_bad_example_inputs(tmp_path):
+    with pytest.raises(TypeError, match="`example_inputs` must be a Tensor"):
+        export_onnx(compressed_net(), tmp_path / "m.onnx", 3)
