@@ -116,6 +116,8 @@ def export_onnx(
     finally:
         traced.unlink(missing_ok=True)
     layers = _int8_weights(proto, numpy_helper)
+    _fold_batch_norms(proto, numpy_helper)
+    _quantize_before_pass_through(proto, numpy_helper)
     _integer_float_gemms(proto, numpy_helper)
     onnx.checker.check_model(proto)
     tmp = path.with_name(path.name + ".tmp")
@@ -188,6 +190,110 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return reports
+
+
+def _graph_index(graph: Any, numpy_helper: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
+    constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return constants, producer, consumers
+
+
+def _fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
+    """Fold ``BatchNormalization`` into the int8 ``Conv`` before it, exactly.
+
+    With per-channel weight scales, scaling channel ``c`` by ``k_c = gamma / sqrt(var + eps)``
+    only changes its scale: the int8 codes stay, the scale becomes ``s_c * k_c`` and the bias
+    ``(b - mean) * k_c + beta``. The Conv can then run as an int8 kernel.
+    """
+    import numpy as np
+
+    graph = proto.graph
+    constants, producer, consumers = _graph_index(graph, numpy_helper)
+    outputs = {o.name for o in graph.output}
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or conv.output[0] in outputs:
+            continue
+        if len(consumers.get(conv.output[0], [])) != 1 or len(bn.output) != 1:
+            continue
+        dq = producer.get(conv.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(n in constants for n in dq.input):
+            continue
+        if not all(n in constants for n in bn.input[1:5]):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (constants[n].astype(np.float64) for n in bn.input[1:5])
+        k = gamma / np.sqrt(var + eps)
+        scale = constants[dq.input[1]].astype(np.float64).reshape(-1)
+        if scale.size != k.size:
+            continue  # per-tensor weight scale: folding would need new codes
+        bias = constants[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        names = (f"{dq.input[1]}_bnfold", f"{bn.output[0]}_bias")
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array((scale * k).astype(np.float32), names[0]),
+                numpy_helper.from_array(((bias - mean) * k + beta).astype(np.float32), names[1]),
+            ]
+        )
+        dq.input[1] = names[0]
+        if len(conv.input) > 2:
+            conv.input[2] = names[1]
+        else:
+            conv.input.append(names[1])
+        conv.output[0] = bn.output[0]
+        graph.node.remove(bn)
+
+
+_PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+def _quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
+    """Copy each activation QuantizeLinear/DequantizeLinear pair in front of the ops it commutes with.
+
+    Max pooling and reshapes commute with a monotonic quantization, so
+    ``x -> MaxPool -> Flatten -> Q -> DQ`` equals ``x -> Q -> DQ -> MaxPool -> Flatten -> Q -> DQ``
+    value for value; the second form lets onnxruntime run the layer producing ``x`` as an int8
+    kernel with an int8 output.
+    """
+    from onnx import helper
+
+    graph = proto.graph
+    constants, producer, consumers = _graph_index(graph, numpy_helper)
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
+        if not all(name in constants for name in q.input[1:]):
+            continue
+        head = q.input[0]
+        first = None
+        while True:
+            node = producer.get(head)
+            if node is None or node.op_type not in _PASS_THROUGH or len(consumers.get(head, [])) != 1:
+                break
+            first = node
+            head = node.input[0]
+        if first is None or len(consumers.get(head, [])) != 1:
+            continue
+        name = f"{head}_requantized"
+        params = [f"{name}_scale", f"{name}_zero_point"][: len(q.input) - 1]
+        graph.initializer.extend(
+            numpy_helper.from_array(constants[src], dst) for src, dst in zip(q.input[1:], params, strict=True)
+        )
+        new_q = helper.make_node("QuantizeLinear", [head, *params], [name + "_q"])
+        new_dq = helper.make_node("DequantizeLinear", [name + "_q", *params], [name])
+        first.input[0] = name
+        index = list(graph.node).index(first)
+        graph.node.insert(index, new_dq)
+        graph.node.insert(index, new_q)
 
 
 def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
