@@ -14,13 +14,14 @@ from .core.schedule import PruningSchedule
 from .export import CompressedFileError, CompressionReport, export_onnx, load_compressed, save_compressed
 
 if TYPE_CHECKING:
-    from .callbacks import IterativePruning, QuantizationAwareTraining
+    from .callbacks import CompressionMonitor, IterativePruning, QuantizationAwareTraining
     from .checkpoint import load_qat_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressedFileError",
+    "CompressionMonitor",
     "CompressionReport",
     "Importance",
     "IterativePruning",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "CompressionMonitor": ".callbacks",
     "IterativePruning": ".callbacks",
     "QuantizationAwareTraining": ".callbacks",
     "load_qat_checkpoint": ".checkpoint",

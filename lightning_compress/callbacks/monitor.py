@@ -1,0 +1,211 @@
+"""``CompressionMonitor``: watch accuracy against compression while fine-tuning."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..core.qat import quantizers
+from ..core.summary import ModelSize, estimate_size
+from ._validation import check_choice
+
+__all__ = ["CompressionMonitor"]
+
+
+class CompressionMonitor(Callback):
+    r"""Log, at every validation of ``fit``, what the model would weigh if exported now, and its accuracy.
+
+    Through any Lightning logger: ``compress/model/sparsity`` and ``.../sparsity/<weight>``,
+    ``compress/model/bits/<weight>``, ``compress/model/effective_bits`` (bits per weight, positions
+    and scales included), ``compress/model/size_bytes``, ``compress/model/compression_ratio``
+    (against the dense float state dict) and, with ``monitor``, ``compress/model/<monitor>`` and
+    ``compress/model/<monitor>_drop`` (from the dense baseline: the last value seen while the model
+    was neither sparse nor quantized). With a ``TensorBoardLogger`` also weight histograms of the
+    compressed layers, a per-layer sparsity bar chart, an accuracy-vs-compression chart (needs
+    matplotlib) and the compression callbacks' settings as hyperparameters. At the end of ``fit``
+    a summary table is printed once (rank zero); the same data is :attr:`summary`.
+
+    Args:
+        monitor: a logged validation metric, e.g. ``"val_acc"`` (``None``: sizes only).
+        mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise.
+        log_images: TensorBoard histograms and charts (on by default).
+
+    Example:
+        >>> from lightning_compress import CompressionMonitor
+        >>> monitor = CompressionMonitor(monitor="val_acc")
+    """
+
+    def __init__(self, monitor: str | None = None, mode: str = "max", log_images: bool = True) -> None:
+        super().__init__()
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
+        if not isinstance(log_images, bool):
+            raise TypeError(f"`log_images` must be a bool, got {log_images!r}.")
+        self.monitor = monitor
+        self.mode = check_choice(mode, "mode", ("max", "min"))
+        self.log_images = log_images
+        self.baseline: float | None = None
+        self.history: list[dict[str, float]] = []
+        self.summary: dict[str, Any] = {}
+        self._warned_matplotlib = False
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.history = []
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(_compression_hparams(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        size = estimate_size(pl_module)
+        value = self._monitored(trainer)
+        compressed = size.sparsity > 0 or any(q.fake_quant_enabled for _, q in quantizers(pl_module))
+        if value is not None and not compressed:
+            self.baseline = value
+        point = {
+            "step": float(trainer.global_step),
+            "epoch": float(trainer.current_epoch),
+            "sparsity": size.sparsity,
+            "compression_ratio": size.compression_ratio,
+            "effective_bits": size.effective_bits,
+        }
+        if value is not None:
+            point["value"] = value
+        self.history.append(point)
+        self._log(trainer, pl_module, size, value)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        size = estimate_size(pl_module)
+        final = self.history[-1].get("value") if self.history else None
+        self.summary = {
+            **size.to_dict(),
+            "monitor": self.monitor,
+            "baseline": self.baseline,
+            "final": final,
+        }
+        _print_summary(self.summary)
+
+    # ------------------------------------------------------------------ helpers
+    def _monitored(self, trainer: pl.Trainer) -> float | None:
+        if self.monitor is None:
+            return None
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise ValueError(
+                f"`monitor`={self.monitor!r} was not logged during validation; logged metrics: "
+                f"{sorted(trainer.callback_metrics)}. Log it with `self.log(...)` or change `monitor`."
+            )
+        return float(value)
+
+    def _drop(self, value: float) -> float:
+        if self.baseline is None:
+            return 0.0
+        return self.baseline - value if self.mode == "max" else value - self.baseline
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, size: ModelSize, value: float | None) -> None:
+        if trainer.logger is None:
+            return
+        metrics: dict[str, float] = {
+            "compress/model/sparsity": size.sparsity,
+            "compress/model/effective_bits": size.effective_bits,
+            "compress/model/size_bytes": float(size.bytes),
+            "compress/model/compression_ratio": size.compression_ratio,
+        }
+        for layer in size.layers:
+            metrics[f"compress/model/sparsity/{layer.name}"] = layer.sparsity
+            metrics[f"compress/model/bits/{layer.name}"] = float(layer.bits)
+        if value is not None and self.monitor is not None:
+            metrics[f"compress/model/{self.monitor}"] = value
+            metrics[f"compress/model/{self.monitor}_drop"] = self._drop(value)
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        if self.log_images and isinstance(trainer.logger, TensorBoardLogger):
+            self._tensorboard(trainer.logger, pl_module, size, trainer.global_step)
+
+    @rank_zero_only
+    def _tensorboard(
+        self, logger: TensorBoardLogger, pl_module: pl.LightningModule, size: ModelSize, step: int
+    ) -> None:
+        experiment = logger.experiment
+        names = {layer.name for layer in size.layers}
+        for name, param in pl_module.named_parameters():
+            if name in names:
+                values = param.detach().float().reshape(-1)
+                values = values[values != 0]
+                if values.numel():
+                    experiment.add_histogram(f"compress/weights/{name}", values.cpu(), step)
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            if not self._warned_matplotlib:
+                warnings.warn("CompressionMonitor: install matplotlib for the TensorBoard charts.", stacklevel=2)
+                self._warned_matplotlib = True
+            return
+        figure, axis = plt.subplots(figsize=(6, 0.3 * len(size.layers) + 1.5))
+        axis.barh([layer.name for layer in size.layers], [100 * layer.sparsity for layer in size.layers])
+        axis.set_xlabel("sparsity (%)")
+        axis.set_xlim(0, 100)
+        figure.tight_layout()
+        experiment.add_figure("compress/charts/layer_sparsity", figure, step)
+        points = [p for p in self.history if "value" in p]
+        if points:
+            figure, axis = plt.subplots(figsize=(5, 4))
+            axis.plot([p["compression_ratio"] for p in points], [p["value"] for p in points], marker="o")
+            axis.set_xlabel("compression ratio (x)")
+            axis.set_ylabel(self.monitor or "")
+            if self.baseline is not None:
+                axis.axhline(self.baseline, linestyle="--", color="grey", label="dense")
+                axis.legend()
+            figure.tight_layout()
+            experiment.add_figure("compress/charts/accuracy_vs_compression", figure, step)
+
+
+def _compression_hparams(trainer: pl.Trainer) -> dict[str, Any]:
+    from .pruning import IterativePruning
+    from .qat import QuantizationAwareTraining
+
+    params: dict[str, Any] = {}
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, IterativePruning):
+            params.update(
+                {
+                    "compress/pruning/target_sparsity": callback.target_sparsity,
+                    "compress/pruning/importance": str(callback.importance),
+                    "compress/pruning/scope": callback.scope,
+                    "compress/pruning/schedule": str(callback.schedule),
+                }
+            )
+        elif isinstance(callback, QuantizationAwareTraining):
+            params.update(
+                {f"compress/qat/{k}": ("none" if v is None else v) for k, v in callback.config.to_dict().items()}
+            )
+    return params
+
+
+@rank_zero_only
+def _print_summary(summary: dict[str, Any]) -> None:
+    layers = summary["layers"]
+    width = max([len(layer["name"]) for layer in layers] + [6])
+    lines = [f"{'layer':<{width}}  {'sparsity':>8}  {'bits':>4}  {'dense':>10}  {'compressed':>10}"]
+    for layer in layers:
+        lines.append(
+            f"{layer['name']:<{width}}  {100 * layer['sparsity']:>7.1f}%  {layer['bits']:>4}  "
+            f"{layer['dense_bytes']:>10,}  {layer['bytes']:>10,}"
+        )
+    lines.append(
+        f"{'model':<{width}}  {100 * summary['sparsity']:>7.1f}%  {'':>4}  {summary['dense_bytes']:>10,}  "
+        f"{summary['bytes']:>10,}   {summary['compression_ratio']:.1f}x smaller, "
+        f"{summary['effective_bits']:.2f} bits per weight"
+    )
+    if summary["monitor"] is not None and summary["final"] is not None:
+        before = "n/a" if summary["baseline"] is None else f"{summary['baseline']:.4f}"
+        lines.append(f"{summary['monitor']}: dense {before} -> compressed {summary['final']:.4f}")
+    print("\nCompression summary (estimated sizes before entropy coding):\n" + "\n".join(lines))

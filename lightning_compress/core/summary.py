@@ -1,0 +1,110 @@
+"""What a model would weigh if exported now: per-layer sparsity, bits and bytes. Pure torch.
+
+The estimate follows :func:`~lightning_compress.save_compressed` without its final entropy coder:
+for each Linear/Conv weight, its nonzero positions (bitmask or gap stream, whichever is smaller),
+its values at their width (the fake-quant bits, or the dtype's) and per-channel scales; every other
+state entry as it is. It is cheap enough to run at every validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .packing import code_container_bits
+from .qat import FakeQuantizer, qat_modules
+from .selection import default_layer_types
+
+__all__ = ["LayerSize", "ModelSize", "estimate_size"]
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    name: str
+    numel: int
+    nonzero: int
+    bits: int
+    dense_bytes: int
+    bytes: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    layers: list[LayerSize]
+    dense_bytes: int  # every state entry as a dense tensor in its dtype
+    bytes: int  # the estimate
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.dense_bytes / self.bytes if self.bytes else 0.0
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(layer.numel for layer in self.layers)
+        return 1.0 - sum(layer.nonzero for layer in self.layers) / total if total else 0.0
+
+    @property
+    def effective_bits(self) -> float:
+        """Bits per weight of the compressed layers, positions and scales included."""
+        total = sum(layer.numel for layer in self.layers)
+        return 8 * sum(layer.bytes for layer in self.layers) / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for layer, entry in zip(self.layers, out["layers"], strict=True):
+            entry["sparsity"] = layer.sparsity
+        out.update(compression_ratio=self.compression_ratio, sparsity=self.sparsity, effective_bits=self.effective_bits)
+        return out
+
+
+def _positions_bytes(weight: Tensor) -> int:
+    flat = (weight.detach() != 0).reshape(-1)
+    nonzero = int(flat.sum())
+    if nonzero == 0:
+        return 0
+    positions = flat.nonzero().reshape(-1)
+    gaps = torch.diff(positions, prepend=torch.tensor([-1], device=positions.device)) - 1
+    gap_bytes = nonzero + int((gaps // 255).sum())
+    return min(gap_bytes, (flat.numel() + 7) // 8)
+
+
+@torch.no_grad()
+def estimate_size(model: nn.Module) -> ModelSize:
+    """Per-layer and total size of ``model`` as the compressed format would store it (before LZMA)."""
+    quantizer_of: dict[int, FakeQuantizer] = {}
+    for _, layer in qat_modules(model):
+        candidate = layer.weight_fake_quant
+        if isinstance(candidate, FakeQuantizer) and candidate.fake_quant_enabled:
+            quantizer_of[id(layer.weight)] = candidate
+    layers: list[LayerSize] = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, default_layer_types()) or not isinstance(weight, Tensor) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        quantizer: FakeQuantizer | None = quantizer_of.get(id(weight))
+        values = quantizer(weight) if quantizer is not None else weight
+        nonzero = int((values != 0).sum())
+        bits = quantizer.bits if quantizer is not None else 8 * weight.element_size()
+        stored_bits = code_container_bits(bits) if quantizer is not None else bits
+        dense = weight.numel() * weight.element_size()
+        sparse = _positions_bytes(values) + (nonzero * stored_bits + 7) // 8
+        if quantizer is not None:
+            sparse += 4 * quantizer.scale.numel()
+            dense_quantized = (weight.numel() * stored_bits + 7) // 8 + 4 * quantizer.scale.numel()
+            size = min(sparse, dense_quantized)
+        else:
+            size = min(sparse, dense)
+        layers.append(LayerSize(f"{name}.weight" if name else "weight", weight.numel(), nonzero, bits, dense, size))
+    covered = {layer.name for layer in layers}
+    rest = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in covered)
+    dense_total = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "_fake_quant." not in k)
+    return ModelSize(layers, dense_total, sum(layer.bytes for layer in layers) + rest)

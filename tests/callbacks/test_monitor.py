@@ -1,0 +1,93 @@
+"""CompressionMonitor with the real Trainer and a real TensorBoard event file."""
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, save_compressed
+from lightning_compress.core.summary import estimate_size
+from tests.conftest import TinyModule, trainer
+
+
+def test_tensorboard_tags_values_images_and_summary(tmp_path, capsys):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    monitor = CompressionMonitor(monitor="val_acc")
+    callbacks = [
+        IterativePruning(0.8, schedule="linear", start_epoch=1, end_epoch=3),
+        QuantizationAwareTraining(8, 8, start_epoch=3),
+        monitor,
+    ]
+    trainer(max_epochs=5, callbacks=callbacks, logger=logger).fit(model)
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {
+        "compress/model/sparsity",
+        "compress/model/sparsity/net.0.weight",
+        "compress/model/bits/net.4.weight",
+        "compress/model/effective_bits",
+        "compress/model/size_bytes",
+        "compress/model/compression_ratio",
+        "compress/model/val_acc",
+        "compress/model/val_acc_drop",
+    }
+    assert expected <= scalars
+    sparsity = [e.value for e in events.Scalars("compress/model/sparsity")]
+    assert sparsity[0] == 0.0 and sparsity[-1] == pytest.approx(0.8, abs=1e-3) and len(sparsity) == 5
+    bits = [e.value for e in events.Scalars("compress/model/bits/net.4.weight")]
+    assert bits[0] == 32 and bits[-1] == 8
+    ratio = [e.value for e in events.Scalars("compress/model/compression_ratio")]
+    assert 0.9 < ratio[0] <= 1.0 and ratio[-1] > 4  # quantizer buffers cost a little until they pay off
+    # the dense baseline: the last value before any compression
+    drops = [e.value for e in events.Scalars("compress/model/val_acc_drop")]
+    assert drops[0] == 0.0
+    assert {"compress/charts/layer_sparsity", "compress/charts/accuracy_vs_compression"} <= set(events.Tags()["images"])
+    assert "compress/weights/net.2.weight" in events.Tags()["histograms"]
+    # summary: printed once, and the same data as a dict
+    out = capsys.readouterr().out
+    assert out.count("Compression summary") == 1 and "net.2.weight" in out
+    assert monitor.summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and monitor.summary["final"] is not None
+    assert monitor.summary["baseline"] == monitor.history[1]["value"]  # epoch 1 ends before its pruning event
+
+
+def test_any_logger_and_hparams(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1)
+    trainer(max_epochs=2, callbacks=[pruning, CompressionMonitor()], logger=logger).fit(TinyModule())
+    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "compress/model/effective_bits" in metrics
+    hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert "compress/pruning/target_sparsity: 0.5" in hparams
+
+
+def test_size_estimate_tracks_the_real_file(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    callbacks = [IterativePruning(0.9, start_epoch=0, end_epoch=1), QuantizationAwareTraining(8, 8, start_epoch=1)]
+    trainer(max_epochs=3, callbacks=callbacks).fit(model)
+    estimate = estimate_size(model)
+    report = save_compressed(model, tmp_path / "m.lcz")
+    assert 0.5 < report.file_bytes / estimate.bytes < 1.3  # LZMA only shaves what the estimate leaves
+    assert estimate.effective_bits < 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"monitor": 1}, TypeError, "`monitor` must be a metric name"),
+        ({"mode": "up"}, ValueError, "`mode`='up' is not one of"),
+        ({"log_images": "yes"}, TypeError, "`log_images` must be a bool"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        CompressionMonitor(**kwargs)
+
+
+def test_unknown_monitor_is_named():
+    with pytest.raises(ValueError, match="`monitor`='val_f1' was not logged"):
+        trainer(max_epochs=1, callbacks=[CompressionMonitor(monitor="val_f1")]).fit(TinyModule())
