@@ -1,0 +1,56 @@
+"""Both callbacks configure from a YAML file and from the command line through LightningCLI."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FAST = ["--trainer.max_epochs=3", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+
+
+def run(args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "cli.py"), "fit", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_yaml_config(tmp_path):
+    result = run(
+        ["--config", str(ROOT / "examples" / "compress.yaml"), "--trainer.enable_progress_bar=false"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "digits_cli" / "model.lcz").exists()
+    assert "Compression summary" in result.stdout and "90.0%" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_bad_yaml_value_is_named_before_training(tmp_path):
+    result = run(["--config", str(ROOT / "examples" / "compress.yaml"), *FAST], tmp_path)
+    assert result.returncode != 0  # the shipped schedule needs 20 epochs
+    assert "`end_epoch`=12 is after the Trainer's `max_epochs`=3" in result.stderr
+
+
+@pytest.mark.slow
+def test_command_line_callbacks(tmp_path):
+    result = run(
+        [
+            *FAST,
+            "--trainer.callbacks+=lightning_compress.IterativePruning",
+            "--trainer.callbacks.target_sparsity=0.8",
+            "--trainer.callbacks.end_epoch=2",
+            "--trainer.callbacks.export_path=out/model.lcz",
+            "--trainer.callbacks+=lightning_compress.QuantizationAwareTraining",
+            "--trainer.callbacks.start_epoch=1",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fake quantization on" in result.stderr + result.stdout
+    assert (tmp_path / "out" / "model.lcz").exists()
