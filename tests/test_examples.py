@@ -31,3 +31,24 @@ def test_digits_example_prunes_quantizes_and_exports(tmp_path):
     assert float(smaller.group(1)) > 5
     assert (tmp_path / "export" / "digits.lcz").exists() and (tmp_path / "export" / "digits_int8.onnx").exists()
     assert list((tmp_path / "lightning_logs" / "digits_compressed").glob("version_*/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_sweep_writes_csv_and_pareto_chart(tmp_path):
+    import csv
+
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sweep.py"), "--fast", "--sparsity", "0", "0.8", "--bits", "32", "4"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    with open(tmp_path / "sweep" / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["sparsity"], r["bits"]) for r in rows] == [("0.0", "32"), ("0.0", "4"), ("0.8", "32"), ("0.8", "4")]
+    sizes = {(r["sparsity"], r["bits"]): int(r["bytes"]) for r in rows}
+    assert sizes[("0.8", "4")] < sizes[("0.0", "4")] < sizes[("0.0", "32")]
+    assert any(r["pareto"] == "True" for r in rows)
+    assert (tmp_path / "sweep" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
