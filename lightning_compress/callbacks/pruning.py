@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
@@ -153,6 +153,7 @@ class IterativePruning(Callback):
         self.decisions: list[GuardDecision] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
+        self._warned_floors: set[str] = set()
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -390,7 +391,28 @@ class IterativePruning(Callback):
             pruner.zero_optimizer_state(optimizer)
         if guard is not None:
             guard.event_applied(previous, pruner.masked_sparsity())
+        self._warn_floors(wanted)
         self._log_sparsity(trainer, pl_module)
+
+    def _warn_floors(self, wanted: float) -> None:
+        """Say once which layers the ``min_density`` floor holds back, and what to do about it."""
+        if self.scope != "global" or self.min_density == 0:
+            return
+        held = []
+        for target in self.pruner.targets:
+            mask = self.pruner.masks.get(target.param_name)
+            if mask is not None and int(mask.count_nonzero()) <= math.ceil(self.min_density * target.numel):
+                held.append(target.name)
+        new = [name for name in held if name not in self._warned_floors]
+        if new:
+            self._warned_floors.update(new)
+            short = self.pruner.masked_sparsity() < wanted - 1.0 / max(1, self.pruner.total)
+            rank_zero_warn(
+                f"IterativePruning: layer(s) {new} are held at the `min_density`={self.min_density} floor: one "
+                f"global threshold would prune them further."
+                + (f" The model reaches {self.pruner.masked_sparsity():.4f} instead of {wanted:.4f}." if short else "")
+                + " Lower `min_density`, or `exclude` the layer(s) to keep them dense on purpose."
+            )
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: GuardDecision) -> None:
         self.decisions.append(decision)

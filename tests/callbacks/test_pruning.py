@@ -324,3 +324,14 @@ def test_every_n_steps_needs_a_sized_loader():
 
 def test_min_density_at_the_boundary_is_accepted():
     IterativePruning(0.9, min_density=0.1)  # 1 - 0.9 == 0.0999... in floating point (regression)
+
+
+def test_a_layer_held_by_the_floor_is_reported_once():
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(lr=0.0)  # no training: the head stays negligible
+    with torch.no_grad():
+        model.net[4].weight.mul_(1e-4)
+    pruning = IterativePruning(0.9, schedule="linear", start_epoch=0, end_epoch=3, min_density=0.05)
+    with pytest.warns(UserWarning, match=r"\['net.4'\] are held at the `min_density`=0.05 floor") as record:
+        trainer(max_epochs=3, callbacks=[pruning]).fit(model)
+    assert sum("'net.4'" in str(w.message) for w in record) == 1  # once per layer, not at every event
