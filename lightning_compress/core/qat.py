@@ -120,19 +120,22 @@ class FakeQuantizer(nn.Module):
             self.register_buffer("min_val", torch.zeros(()))
             self.register_buffer("max_val", torch.zeros(()))
         # weights are signed; activations decide when enabled (signed only if negative values were seen)
-        self.register_buffer("state", torch.tensor(self._SIGNED if role == "weight" else 0, dtype=torch.int32))
+        self._flags = self._SIGNED if role == "weight" else 0
+        self.register_buffer("state", torch.tensor(self._flags, dtype=torch.int32))
         self.sync_observers = False  # set by the Lightning callback: it updates the EMA itself, across ranks
         self.exporting = False  # set by `export_mode`: emit ops that ONNX exporters turn into Q/DQ nodes
         self._batch_min: Tensor | None = None
         self._batch_max: Tensor | None = None
 
     # ------------------------------------------------------------------ flags (one int32 buffer)
+    # The flags are read in every forward: a Python int mirrors the buffer, so reading them never
+    # synchronizes with the device nor makes torch.compile guard on tensor data.
     def _flag(self, bit: int) -> bool:
-        return bool(int(self.state) & bit)
+        return bool(self._flags & bit)
 
     def _set_flag(self, bit: int, on: bool) -> None:
-        value = int(self.state)
-        self.state.fill_(value | bit if on else value & ~bit)
+        self._flags = self._flags | bit if on else self._flags & ~bit
+        self.state.fill_(self._flags)
 
     @property
     def observer_enabled(self) -> bool:
@@ -309,6 +312,7 @@ class FakeQuantizer(nn.Module):
         if not any(key.startswith(prefix) for key in state_dict):
             return  # a float checkpoint (saved before quantization was added): keep the fresh quantizer state
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._flags = int(self.state)
 
 
 class _QATMixin:

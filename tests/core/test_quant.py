@@ -78,3 +78,22 @@ def test_lsq_gradients():
 def test_bits_out_of_range(bits):
     with pytest.raises(ValueError, match=f"bits={bits} is outside 2..8"):
         int_range(bits, True)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+def test_straight_through_gradient_matches_torch(axis):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 9, generator=g) * 4
+    scale = torch.rand(16, generator=g) * 0.05 + 0.01 if axis == 0 else torch.tensor(0.03)
+    zp = torch.zeros(16, dtype=torch.int32) if axis == 0 else torch.tensor(3, dtype=torch.int32)
+    ours_x = x.clone().requires_grad_()
+    theirs_x = x.clone().requires_grad_()
+    weights = torch.randn(16, 9, generator=g)
+    (fake_quantize(ours_x, scale, zp, -8, 7, axis) * weights).sum().backward()
+    if axis is None:
+        theirs = torch.fake_quantize_per_tensor_affine(theirs_x, float(scale), int(zp), -8, 7)
+    else:
+        theirs = torch.fake_quantize_per_channel_affine(theirs_x, scale, zp, 0, -8, 7)
+    (theirs * weights).sum().backward()
+    assert torch.equal(ours_x.grad, theirs_x.grad)
+    assert (ours_x.grad == 0).any()  # some entries were clipped
