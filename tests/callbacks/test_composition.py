@@ -1,0 +1,133 @@
+"""Both callbacks together with the rest of Lightning: precision, compile, manual optimization, repeated fits."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_compress import IterativePruning, QuantizationAwareTraining, sparsity
+from lightning_compress.core.qat import quantizers
+from tests.conftest import TinyModule, trainer
+
+
+def both(end_epoch: int = 2, qat_start: int = 2) -> list[Callback]:
+    return [
+        IterativePruning(0.7, start_epoch=0, end_epoch=end_epoch),
+        QuantizationAwareTraining(8, 8, start_epoch=qat_start),
+    ]
+
+
+def masks_hold(model: nn.Module, pruning: IterativePruning) -> bool:
+    return all(bool((model.get_parameter(name)[~mask] == 0).all()) for name, mask in pruning.masks.items())
+
+
+def quantizing(model: nn.Module) -> bool:
+    return all(q.fake_quant_enabled for _, q in quantizers(model))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_precision_and_gradient_accumulation(precision, accumulate):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    callbacks = both()
+    trainer(max_epochs=4, callbacks=callbacks, precision=precision, accumulate_grad_batches=accumulate).fit(model)
+    assert sparsity(model) == pytest.approx(0.7, abs=1e-3)
+    assert masks_hold(model, callbacks[0]) and quantizing(model)
+
+
+class Manual(TinyModule):
+    """Manual optimization with two optimizers over different layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def configure_optimizers(self):
+        first = torch.optim.SGD(self.net[0].parameters(), lr=0.05, momentum=0.9)
+        rest = torch.optim.Adam([*self.net[2].parameters(), *self.net[4].parameters()], lr=0.01)
+        return [first, rest]
+
+    def training_step(self, batch, batch_idx):
+        first, rest = self.optimizers()
+        first.zero_grad()
+        rest.zero_grad()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        first.step()
+        rest.step()
+        return loss
+
+
+def test_manual_optimization_with_two_optimizers():
+    pl.seed_everything(0, verbose=False)
+    model = Manual()
+    callbacks = both()
+    t = trainer(max_epochs=4, callbacks=callbacks)
+    t.fit(model)
+    assert sparsity(model) == pytest.approx(0.7, abs=1e-3)
+    assert masks_hold(model, callbacks[0]) and quantizing(model)
+    for optimizer in t.optimizers:  # neither optimizer keeps momentum for pruned weights
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = next(n for n, p in model.named_parameters() if p is param)
+                mask = callbacks[0].masks.get(name)
+                if mask is None:
+                    continue
+                for value in optimizer.state[param].values():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        assert (value[~mask] == 0).all()
+
+
+def test_compiled_network_does_not_recompile_per_step():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    model.net = torch.compile(model.net)
+    graphs: list[int] = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            graphs.append(int(counters["stats"]["unique_graphs"]))
+
+    pruning = IterativePruning(0.7, start_epoch=0, end_epoch=2, every_n_steps=2)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=2)
+    trainer(max_epochs=5, callbacks=[pruning, qat, Count()]).fit(model)
+    per_epoch = [graphs[i : i + 8] for i in range(0, len(graphs), 8)]
+    # pruning events (every 2 steps in epochs 0-1) never recompile; only QAT's on/off switches do, at epoch ends
+    assert len(set(per_epoch[0])) == 1 and len(set(per_epoch[1])) == 1
+    assert len(set(per_epoch[-1])) == 1  # settled
+    assert sparsity(model) == pytest.approx(0.7, abs=1e-3)
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_twenty_fits_with_the_same_callbacks_do_not_grow_memory():
+    callbacks = both(end_epoch=1, qat_start=1)
+    sizes = []
+    for i in range(20):
+        pl.seed_everything(i, verbose=False)
+        model = TinyModule()
+        trainer(max_epochs=2, callbacks=callbacks).fit(model)
+        assert sparsity(model) == pytest.approx(0.7, abs=1e-3)
+        del model
+        gc.collect()
+        sizes.append(_rss_bytes())
+    assert sizes[-1] < sizes[4] * 1.05  # after warm-up, under 5% growth over 15 more fits
