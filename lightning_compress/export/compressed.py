@@ -3,7 +3,7 @@
 Layout (little endian)::
 
     b"LCZ\\x89" | u16 format version | u8 codec (1 = lzma) | u8 reserved
-    | u64 payload length | u64 raw length | 32-byte SHA-256 of the payload | payload
+    | u64 payload length | u64 raw length | 32-byte SHA-256 of the header fields and the payload | payload
 
 The payload is ``lzma(u32 manifest length | manifest JSON | blobs)``. The manifest names every
 entry of the model's ``state_dict`` with its shape and dtype. Weights of fake-quantized layers are
@@ -161,9 +161,8 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
     raw = struct.pack("<I", len(manifest_bytes)) + manifest_bytes + sections.joined()
     payload = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_FILTERS)
-    header = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, _CODEC_LZMA, 0, len(payload), len(raw), hashlib.sha256(payload).digest()
-    )
+    fields = _HEADER.pack(MAGIC, FORMAT_VERSION, _CODEC_LZMA, 0, len(payload), len(raw), b"\0" * 32)[:-32]
+    header = fields + hashlib.sha256(fields + payload).digest()  # the checksum covers the header too
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(header + payload)
     tmp.replace(path)  # never leave a half-written file under the final name
@@ -213,7 +212,7 @@ def _read(path: Path) -> tuple[dict[str, Any], bytes]:
         raise CompressedFileError(
             f"{path} is truncated or padded: payload {len(payload)} bytes, header says {payload_len}."
         )
-    if hashlib.sha256(payload).digest() != digest:
+    if hashlib.sha256(data[: _HEADER.size - 32] + payload).digest() != digest:
         raise CompressedFileError(f"{path} is corrupted: checksum mismatch.")
     try:
         raw = lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=_FILTERS)

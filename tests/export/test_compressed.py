@@ -123,7 +123,7 @@ def test_a_forged_file_with_a_valid_checksum_is_still_checked(tmp_path):
 
     body = struct.pack("<I", 2) + b"{}"
     payload = lzma.compress(body, format=lzma.FORMAT_RAW, filters=_FILTERS)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, len(payload), len(body), hashlib.sha256(payload).digest())
-    (tmp_path / "f.lcz").write_bytes(header + payload)
+    fields = _HEADER.pack(MAGIC, FORMAT_VERSION, 1, 0, len(payload), len(body), b"\0" * 32)[:-32]
+    (tmp_path / "f.lcz").write_bytes(fields + hashlib.sha256(fields + payload).digest() + payload)
     with pytest.raises(CompressedFileError, match="unknown manifest format"):
         load_compressed(Net(), tmp_path / "f.lcz")
