@@ -197,6 +197,17 @@ class IterativePruning(Callback):
                 f"IterativePruning state version {version!r} is not supported (expected {_STATE_VERSION})."
             )
         self._pending_state = state_dict
+        if self._pruner is not None:  # fitting: `setup` already built the pruner, take the state now
+            self._consume_pending_state()
+
+    def _consume_pending_state(self) -> None:
+        if self._pending_state is None:
+            return
+        state, self._pending_state = self._pending_state, None
+        self.pruner.load_state_dict(state["pruner"])
+        self._last_t = int(state["last_t"])
+        if state.get("guard") is not None and self._guard is not None:
+            self._guard.load_state_dict(state["guard"])
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -249,12 +260,7 @@ class IterativePruning(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pruner = self.pruner
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            pruner.load_state_dict(state["pruner"])
-            self._last_t = int(state["last_t"])
-            if state.get("guard") is not None and self._guard is not None:
-                self._guard.load_state_dict(state["guard"])
+        self._consume_pending_state()  # strategies that restore after setup load the state late
         self._schedule = self._build_schedule(trainer)
         pruner.apply()
         for optimizer in trainer.optimizers:

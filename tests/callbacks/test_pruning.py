@@ -335,3 +335,15 @@ def test_a_layer_held_by_the_floor_is_reported_once():
     with pytest.warns(UserWarning, match=r"\['net.4'\] are held at the `min_density`=0.05 floor") as record:
         trainer(max_epochs=3, callbacks=[pruning]).fit(model)
     assert sum("'net.4'" in str(w.message) for w in record) == 1  # once per layer, not at every event
+
+
+def test_resuming_a_finished_run_keeps_the_masks(tmp_path):
+    # regression: the state was only applied in on_train_start, which a finished run never reaches
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    first = IterativePruning(0.6, start_epoch=0, end_epoch=2)
+    trainer(max_epochs=2, callbacks=[first, ckpt], enable_checkpointing=True).fit(TinyModule())
+    again = IterativePruning(0.6, start_epoch=0, end_epoch=2)
+    trainer(max_epochs=2, callbacks=[again]).fit(TinyModule(), ckpt_path=tmp_path / "last.ckpt")
+    assert again.masks.keys() == first.masks.keys()
+    assert all(torch.equal(again.masks[k], first.masks[k]) for k in first.masks)
