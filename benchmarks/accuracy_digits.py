@@ -20,6 +20,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from common import quiet_trainer
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
@@ -66,15 +67,7 @@ def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
         )
     elif method.startswith("ModelPruning"):
         callbacks.append(model_pruning(target, method.endswith("+LTH"), module))
-    trainer = pl.Trainer(
-        max_epochs=EPOCHS,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(EPOCHS, callbacks)
     start = time.perf_counter()
     trainer.fit(module, data)
     acc = trainer.test(module, data, verbose=False)[0]["test_acc"]

@@ -29,6 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from common import mlp_layers, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -43,18 +44,6 @@ from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModul
 
 warnings.filterwarnings("ignore")
 OUT = pathlib.Path(__file__).parent / "results"
-
-
-def _trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
 
 
 def _saved_bytes(model: nn.Module) -> int:
@@ -99,25 +88,17 @@ def size_row(label: str, model: nn.Module, tmp: pathlib.Path) -> dict[str, Any]:
 def digits(width: int, target: float, seed: int = 0) -> DigitsClassifier:
     pl.seed_everything(seed, verbose=False)
     data, module = DigitsDataModule(seed=seed), DigitsClassifier(DigitsCNN(width))
-    _trainer(10, []).fit(module, data)
+    quiet_trainer(10, []).fit(module, data)
     pruning = IterativePruning(target, importance="taylor", start_epoch=0, end_epoch=6, every_n_steps=5)
     qat = QuantizationAwareTraining(8, 8, start_epoch=7)
-    _trainer(10, [pruning, qat]).fit(module, data)
+    quiet_trainer(10, [pruning, qat]).fit(module, data)
     return module
 
 
 class MLP(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(1024, 2360),
-            nn.ReLU(),
-            nn.Linear(2360, 2360),
-            nn.ReLU(),
-            nn.Linear(2360, 1024),
-            nn.ReLU(),
-            nn.Linear(1024, 10),
-        )
+        self.net = mlp_layers()
         self.example_input_array = torch.zeros(2, 1024)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,14 +157,14 @@ def main() -> None:
         loader = DataLoader(train, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(0))
         pl.seed_everything(0, verbose=False)
         base = MLP()
-        _trainer(2, []).fit(base, loader)
+        quiet_trainer(2, []).fit(base, loader)
         fp32 = MLP()  # reference: 2 more fp32 epochs from the same weights as the QAT model
         fp32.load_state_dict(base.state_dict())
-        _trainer(2, []).fit(fp32, loader)
+        quiet_trainer(2, []).fit(fp32, loader)
         fp32.eval()
         qat_model = MLP()
         qat_model.load_state_dict(base.state_dict())
-        _trainer(2, [QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(qat_model, loader)  # calibrate, then QAT
+        quiet_trainer(2, [QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(qat_model, loader)  # calibrate, then QAT
         qat_model.eval()
         calibration = [train.tensors[0][i * 64 : (i + 1) * 64] for i in range(16)]
         torch.onnx.export(
@@ -217,7 +198,7 @@ def main() -> None:
             model = MLP()
             model.load_state_dict(fp32.state_dict())
             pruning = IterativePruning(target, importance="taylor", start_epoch=0, end_epoch=2, every_n_steps=4)
-            _trainer(3, [pruning, QuantizationAwareTraining(8, 8, start_epoch=1)]).fit(model, loader)
+            quiet_trainer(3, [pruning, QuantizationAwareTraining(8, 8, start_epoch=1)]).fit(model, loader)
             results["sizes"].append(size_row("MLP 10.4M", model, tmp))
             print(results["sizes"][-1], flush=True)
     (OUT / "export.json").write_text(json.dumps(results, indent=1))

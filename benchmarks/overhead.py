@@ -25,6 +25,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
+from common import mlp_layers, prepare_torch_ao_qat
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -35,29 +36,10 @@ warnings.filterwarnings("ignore")
 STEPS = 24
 
 
-class _Stubbed(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.quant = torch.ao.quantization.QuantStub()
-        self.net = net
-        self.dequant = torch.ao.quantization.DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.net(self.quant(x)))
-
-
 class MLP(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net: nn.Module = nn.Sequential(
-            nn.Linear(1024, 2360),
-            nn.ReLU(),
-            nn.Linear(2360, 2360),
-            nn.ReLU(),
-            nn.Linear(2360, 1024),
-            nn.ReLU(),
-            nn.Linear(1024, 10),
-        )
+        self.net: nn.Module = mlp_layers()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -94,9 +76,7 @@ def callbacks_for(name: str, model: MLP) -> list[Callback]:
     if name == "QuantizationAwareTraining":
         return [QuantizationAwareTraining(8, 8, start_epoch=0)]
     if name == "torch.ao QAT":
-        model.net = _Stubbed(model.net)
-        model.net.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
-        torch.ao.quantization.prepare_qat(model.net.train(), inplace=True)
+        model.net = prepare_torch_ao_qat(model.net)
         return []
     if name == "ModelPruning":
         params = [(m, "weight") for m in model.net if isinstance(m, nn.Linear)]

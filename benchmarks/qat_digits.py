@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from common import prepare_torch_ao_qat, quiet_trainer
 
 from lightning_compress import IterativePruning, QuantConfig, QuantizationAwareTraining, convert_to_qat, sparsity
 from lightning_compress.core.qat import quantizers
@@ -52,18 +52,6 @@ CONFIGS = [
 ]
 
 
-def _trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-
-
 def _setup(seed: int) -> tuple[DigitsDataModule, DigitsClassifier]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -73,12 +61,12 @@ def _setup(seed: int) -> tuple[DigitsDataModule, DigitsClassifier]:
 
 def pretrain(seed: int, path: str) -> None:
     data, module = _setup(seed)
-    _trainer(PRETRAIN, []).fit(module, data)
+    quiet_trainer(PRETRAIN, []).fit(module, data)
     torch.save(module.net.state_dict(), path)
 
 
 def _test(module: pl.LightningModule, data: DigitsDataModule) -> float:
-    return 100 * _trainer(1, []).test(module, data, verbose=False)[0]["test_acc"]
+    return 100 * quiet_trainer(1, []).test(module, data, verbose=False)[0]["test_acc"]
 
 
 def post_training_quantize(module: DigitsClassifier, data: DigitsDataModule, wbits: int, abits: int) -> None:
@@ -100,39 +88,26 @@ def post_training_quantize(module: DigitsClassifier, data: DigitsDataModule, wbi
         q.eval()
 
 
-class _Stubbed(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.quant = torch.ao.quantization.QuantStub()
-        self.net = net
-        self.dequant = torch.ao.quantization.DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dequant(self.net(self.quant(x)))
-
-
 def run(config: str, seed: int, weights: str) -> dict[str, Any]:
     data, module = _setup(seed)
     module.net.load_state_dict(torch.load(weights, weights_only=True))
     bits = {"W8/A8": (8, 8), "W4/A8": (4, 8), "W2/A8": (2, 8)}
     result: dict[str, Any] = {}
     if config in ("fp32",) or config.startswith("PTQ"):
-        _trainer(FINETUNE, []).fit(module, data)
+        quiet_trainer(FINETUNE, []).fit(module, data)
         if config.startswith("PTQ"):
             post_training_quantize(module, data, *bits[config.split()[-1]])
     elif config.startswith("QAT"):
         _, scale, wa = config.split()
         qat = QuantizationAwareTraining(*bits[wa], scale=scale, start_epoch=0, shift_search=scale == "power_of_two")
-        _trainer(FINETUNE, [qat]).fit(module, data)
+        quiet_trainer(FINETUNE, [qat]).fit(module, data)
     elif config.startswith("torch.ao"):
-        module.net = _Stubbed(module.net)
-        module.net.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
-        torch.ao.quantization.prepare_qat(module.net.train(), inplace=True)
-        _trainer(FINETUNE, []).fit(module, data)
+        module.net = prepare_torch_ao_qat(module.net)
+        quiet_trainer(FINETUNE, []).fit(module, data)
     elif config.startswith("prune"):
         pruning = IterativePruning(0.9, importance="taylor", start_epoch=0, end_epoch=10, every_n_steps=5)
         qat = QuantizationAwareTraining(8, 8, start_epoch=11)
-        _trainer(2 * FINETUNE, [pruning, qat]).fit(module, data)
+        quiet_trainer(2 * FINETUNE, [pruning, qat]).fit(module, data)
         result["sparsity"] = sparsity(module)
     result["acc"] = _test(module, data)
     return result
