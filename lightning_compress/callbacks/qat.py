@@ -106,6 +106,7 @@ class QuantizationAwareTraining(Callback):
         self._hooks: list[Any] = []
         self._learned_params: list[nn.Parameter] = []
         self._load_hook: Any = None
+        self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
 
@@ -159,8 +160,11 @@ class QuantizationAwareTraining(Callback):
 
     def _convert(self, pl_module: nn.Module) -> None:
         self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
+        self._activation_quantizers = []  # cached: walking the module tree at every step costs on big models
         for _, quantizer in quantizers(pl_module):
             quantizer.sync_observers = True
+            if quantizer.role == "activation":
+                self._activation_quantizers.append(quantizer)
 
     def _convert_if_quantized(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         if not qat_modules(module) and any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
@@ -204,7 +208,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _update_observers([q for _, q in quantizers(pl_module) if q.role == "activation"])
+        _update_observers(self._activation_quantizers)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
