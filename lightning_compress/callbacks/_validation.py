@@ -29,3 +29,16 @@ def check_float(value: Any, argument: str, *, minimum: float = 0.0) -> float:
     if not value >= minimum:
         raise ValueError(f"`{argument}`={value} must be >= {minimum}.")
     return float(value)
+
+
+def check_strategy(trainer: Any, callback: str) -> None:
+    """Sharded strategies flatten or shard parameters: masks and fake-quant layers cannot attach to them."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"{callback} does not support {type(strategy).__name__}: it shards or flattens the parameters, so "
+            "per-weight masks and fake-quant layers cannot attach to them. Use strategy='ddp' (tested with "
+            "2 processes) or a single device."
+        )

@@ -23,7 +23,7 @@ from ..core.selection import normalize_patterns, select_targets
 from ..export.report import CompressionReport
 from ..metrics.sparsity import Sparsity
 from ._export import check_export_path, check_export_ready, export_at_fit_end
-from ._validation import check_choice, check_float, check_int
+from ._validation import check_choice, check_float, check_int, check_strategy
 
 __all__ = ["IterativePruning"]
 
@@ -211,6 +211,7 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "IterativePruning")
         if stage != "fit":
             return
         max_epochs = trainer.max_epochs

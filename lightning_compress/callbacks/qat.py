@@ -25,7 +25,7 @@ from ..core.selection import normalize_patterns
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, export_at_fit_end
-from ._validation import check_int
+from ._validation import check_int, check_strategy
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -134,6 +134,7 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, "QuantizationAwareTraining")
         if stage == "fit":
             max_epochs = trainer.max_epochs
             if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:

@@ -131,3 +131,17 @@ def test_twenty_fits_with_the_same_callbacks_do_not_grow_memory():
         gc.collect()
         sizes.append(_rss_bytes())
     assert sizes[-1] < sizes[4] * 1.05  # after warm-up, under 5% growth over 15 more fits
+
+
+@pytest.mark.parametrize("callback", [IterativePruning(0.5), QuantizationAwareTraining()])
+def test_sharded_strategies_are_refused_at_setup(callback):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = TinyModule()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy())  # FSDP itself needs a GPU; setup checks first
+    with pytest.raises(ValueError, match="does not support FSDPStrategy: it shards or flattens the parameters"):
+        callback.setup(fake_trainer, model, "fit")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
