@@ -1,0 +1,71 @@
+"""SIGKILL a run with both callbacks at random moments; resuming from the last checkpoint must end
+exactly where an uninterrupted run ends, and every checkpoint left on disk must be readable."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tests" / "callbacks" / "kill_script.py"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+KILLS = 10
+
+
+def start(workdir: pathlib.Path) -> tuple[subprocess.Popen, pathlib.Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "log.txt"
+    with open(log, "ab") as out:  # a file, not a pipe: a child must never block on output nobody reads
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(workdir)], env=ENV, stdout=out, stderr=out)
+    return proc, log
+
+
+def run_to_end(workdir: pathlib.Path) -> None:
+    proc, log = start(workdir)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
+def kill_during_training(workdir: pathlib.Path, after: float) -> bool:
+    """True if the run was killed before it finished."""
+    proc, log = start(workdir)
+    deadline = time.monotonic() + 300
+    while b"READY" not in log.read_bytes() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(after)
+    alive = proc.poll() is None
+    if alive:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return alive
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_the_same_masks(tmp_path):
+    started = time.monotonic()
+    run_to_end(tmp_path / "reference")
+    training = time.monotonic() - started - 4.0  # roughly, without interpreter start-up and imports
+    want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    rng = random.Random(1234)
+    killed = 0
+    for i in range(KILLS):
+        work = tmp_path / f"run{i}"
+        killed += kill_during_training(work, rng.uniform(0.0, max(1.0, training)))
+        for checkpoint in sorted((work / "ckpt").glob("*.ckpt")) if (work / "ckpt").exists() else []:
+            torch.load(checkpoint, weights_only=True)  # no torn checkpoint left on disk
+        if not (work / "final.pt").exists():
+            run_to_end(work)  # resume from last.ckpt (or start over if killed before the first one)
+        got = torch.load(work / "final.pt", weights_only=True)
+        assert got["masks"].keys() == want["masks"].keys(), i
+        for key in want["masks"]:
+            assert torch.equal(got["masks"][key], want["masks"][key]), (i, key)
+        for key in want["state"]:
+            assert torch.equal(got["state"][key], want["state"][key]), (i, key)
+    assert killed >= KILLS - 2  # the kills really landed during training
