@@ -2,6 +2,7 @@
 
 import pathlib
 import sys
+import time
 import warnings
 
 import lightning.pytorch as pl
@@ -16,7 +17,10 @@ warnings.filterwarnings("ignore")
 
 class Ready(Callback):
     def on_train_start(self, trainer, pl_module):
-        print("READY", flush=True)
+        print(f"READY {time.time()}", flush=True)
+
+    def on_train_end(self, trainer, pl_module):
+        print(f"END {time.time()}", flush=True)
 
 
 def main(workdir: str) -> None:

@@ -10,7 +10,14 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMPORTANCES = ["magnitude", "taylor", "random", "noisy"]
-JOBS = [*IMPORTANCES, "taylor+qat-minmax", "random+qat-learned", "noisy+qat-power_of_two", "qat-minmax"]
+JOBS = [
+    *IMPORTANCES,
+    "magnitude+qat-minmax",
+    "taylor+qat-minmax",
+    "random+qat-learned",
+    "noisy+qat-power_of_two",
+    "qat-minmax",
+]
 
 
 @pytest.mark.slow
