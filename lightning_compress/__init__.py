@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .core.compact import CompactionError, CompactReport, compact
 from .core.functional import prune_, sparsity
-from .core.importance import Importance, MagnitudeImportance, RandomImportance, TaylorImportance
+from .core.importance import (
+    BatchNormScaleImportance,
+    Importance,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+)
 from .core.qat import QuantConfig, convert_to_float, convert_to_qat
 from .core.schedule import PruningSchedule
 from .export import CompressedFileError, CompressionReport, export_onnx, load_compressed, save_compressed
@@ -20,6 +27,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormScaleImportance",
+    "CompactReport",
+    "CompactionError",
     "CompressedFileError",
     "CompressionMonitor",
     "CompressionReport",
@@ -32,6 +42,7 @@ __all__ = [
     "RandomImportance",
     "TaylorImportance",
     "__version__",
+    "compact",
     "convert_to_float",
     "convert_to_qat",
     "export_onnx",

@@ -92,6 +92,34 @@ class DigitsCNN(nn.Sequential):
         )
 
 
+class ResidualBlock(nn.Module):
+    """Conv-BN-ReLU-Conv-BN plus the identity, then ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(out)))
+
+
+class DigitsResNet(nn.Module):
+    """A small ResNet for 8x8 digits: stem, ``blocks`` residual blocks with BatchNorm, pooling, head."""
+
+    def __init__(self, width: int = 32, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(blocks)))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
 class DigitsClassifier(pl.LightningModule):
     """Trains any ``(N, 1, 8, 8) -> (N, 10)`` network; logs ``train_loss``, ``val_acc``, ``test_acc``."""
 
@@ -101,6 +129,7 @@ class DigitsClassifier(pl.LightningModule):
         self.lr = lr
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..core.compact import compact
 from ..export.compressed import save_compressed
 from ..export.onnx import export_onnx
 from ..export.report import CompressionReport
@@ -30,16 +32,23 @@ def check_export_ready(path: Path | None, pl_module: pl.LightningModule) -> None
         )
 
 
-def export_at_fit_end(trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> CompressionReport | None:
-    """Write the model (unchanged) to ``path`` on global rank zero; ``.onnx`` gives ONNX, anything else our format."""
+def export_at_fit_end(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, compacted: bool = False
+) -> CompressionReport | None:
+    """Write the model (unchanged) to ``path`` on global rank zero; ``.onnx`` gives ONNX, anything else our format.
+
+    ``compacted``: export a compacted copy (pruned channels removed); the model in training keeps its shapes.
+    """
     if trainer.global_rank != 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".onnx":
-        example = pl_module._on_before_batch_transfer(pl_module.example_input_array)
-        example = pl_module._apply_batch_transfer_handler(example)
-        report = export_onnx(pl_module, path, example)
-    else:
-        report = save_compressed(pl_module, path)
+    example = pl_module.example_input_array
+    if example is not None:
+        example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
+    model: pl.LightningModule = pl_module
+    if compacted:
+        model = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer
+        rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
+    report = export_onnx(model, path, example) if path.suffix == ".onnx" else save_compressed(model, path)
     rank_zero_info(f"Exported the compressed model:\n{report}")
     return report

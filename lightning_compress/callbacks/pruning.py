@@ -14,12 +14,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from ..core.channels import ChannelRule
 from ..core.controller import AccuracyGuard, GuardDecision
 from ..core.functional import validate_fraction
 from ..core.importance import Importance, resolve_importance
-from ..core.pruner import Pruner
+from ..core.nm import NMRule, eligible, parse_nm
+from ..core.pruner import MaskRule, Pruner
 from ..core.schedule import SCHEDULES, PruningSchedule
-from ..core.selection import normalize_patterns, select_targets
+from ..core.selection import Target, normalize_patterns, select_targets
+from ..core.structure import build_channel_groups
 from ..export.report import CompressionReport
 from ..metrics.sparsity import Sparsity
 from ._export import check_export_path, check_export_ready, export_at_fit_end
@@ -42,7 +45,8 @@ class IterativePruning(Callback):
         target_sparsity: fraction in [0, 1) of the selected weights that are zero when the
             schedule ends (absolute, not compounding).
         importance: ``"magnitude"`` (``|w|``), ``"taylor"`` (``|w * dL/dw|`` summed over the
-            steps since the last event), ``"random"``, or an object with a
+            steps since the last event), ``"random"``, ``"bn_scale"`` (``|gamma|`` of the
+            BatchNorms, channel granularity only), or an object with a
             ``score(name, weight) -> Tensor`` method (see :mod:`lightning_compress.core.importance`).
         scope: ``"global"`` (one threshold over all selected weights) or ``"layer"`` (the same
             sparsity in every layer).
@@ -69,9 +73,18 @@ class IterativePruning(Callback):
         rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back
             to their values at the start of this epoch (``<= start_epoch``). ``None``: off.
         seed: seed of ``importance="random"`` (the same on every process).
+        granularity: what is pruned. ``"element"``: any single weight. ``"channel"``: whole output
+            channels/neurons together with everything coupled to them (BatchNorm, the consuming
+            layers' inputs, residual partners), found by tracing ``example_input_array``;
+            ``target_sparsity`` is then the fraction of channels, scored by the L2 norm
+            (``"magnitude"``), Taylor or ``"bn_scale"``; :func:`~lightning_compress.compact` removes
+            them after training. ``"N:M"`` (e.g. ``"2:4"``): at most N of every M consecutive input
+            weights survive; ``target_sparsity`` must be ``1 - N/M``; layers whose input size is not a
+            multiple of M stay dense (with a warning).
         export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
             needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
-            The model itself is not changed; the report is in :attr:`export_report`.
+            The model itself is not changed; the report is in :attr:`export_report`. With
+            ``granularity="channel"`` the exported copy is compacted (pruned channels removed).
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -98,12 +111,14 @@ class IterativePruning(Callback):
         mode: str = "max",
         rewind_epoch: int | None = None,
         seed: int = 0,
+        granularity: str = "element",
         export_path: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.target_sparsity = validate_fraction(target_sparsity, "target_sparsity")
         resolve_importance(importance, check_int(seed, "seed", minimum=0) or 0)  # validates
         self.importance = importance
+        self.granularity, self._nm = _check_granularity(granularity, self.target_sparsity, importance)
         self.scope = check_choice(scope, "scope", ("global", "layer"))
         if not callable(schedule):
             check_choice(schedule, "schedule", SCHEDULES)
@@ -164,6 +179,7 @@ class IterativePruning(Callback):
             scope=self.scope,
             include=self.include,
             exclude=self.exclude,
+            **({} if self.granularity == "element" else {"granularity": self.granularity}),
         )
 
     @property
@@ -237,9 +253,9 @@ class IterativePruning(Callback):
                 f"`monitor`={self.monitor!r} needs a validation loop that logs it, but this fit has none "
                 "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
             )
-        targets = select_targets(pl_module, self.include, self.exclude)
+        targets, rule = self._targets_and_rule(pl_module)
         importance = resolve_importance(self.importance, self.seed or 0)
-        pruner = Pruner(targets, importance, self.scope, self.min_density)
+        pruner = Pruner(targets, importance, self.scope, self.min_density, rule)
         previous = self._pruner
         continuing = False
         if trainer.ckpt_path is None and previous is not None and previous.masks and pruner.matches(previous.masks):
@@ -258,6 +274,46 @@ class IterativePruning(Callback):
         self._last_t = -1
         self._val_value = None
         self._optimizer_params = {}
+
+    def _targets_and_rule(self, pl_module: pl.LightningModule) -> tuple[list[Target], MaskRule | None]:
+        targets = select_targets(pl_module, self.include, self.exclude)
+        if self._nm is not None:
+            n, m = self._nm
+            kept = [t for t in targets if eligible(t.param, m)]
+            dense = [t.name for t in targets if not eligible(t.param, m)]
+            if not kept:
+                raise ValueError(
+                    f"`granularity`={self.granularity!r} needs layers whose input size is a multiple of {m}; "
+                    f"none of the selected layers {[t.name for t in targets]} has one."
+                )
+            if dense:
+                rank_zero_warn(
+                    f"IterativePruning: layer(s) {dense} stay dense: their input size is not a multiple of {m}, "
+                    f"so `granularity`={self.granularity!r} cannot apply. `exclude` them to silence this."
+                )
+            return kept, NMRule(n, m)
+        if self.granularity != "channel":
+            return targets, None
+        example = pl_module.example_input_array
+        if example is None:
+            raise ValueError(
+                "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
+                f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
+            )
+        example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
+        groups, skipped = build_channel_groups(pl_module, example, producers={t.name for t in targets})
+        if not groups:
+            raise ValueError(
+                "`granularity`='channel' found no channel group it can prune: "
+                + "; ".join(f"{name}: {why}" for name, why in skipped.items())
+            )
+        rule = ChannelRule(pl_module, groups)
+        rule.check(resolve_importance(self.importance, self.seed))
+        if skipped:
+            rank_zero_info(
+                "IterativePruning: channels left whole: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())
+            )
+        return rule.targets, rule
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pruner = self.pruner
@@ -329,7 +385,9 @@ class IterativePruning(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.apply()  # after callbacks that write weights at train end (SWA)
         if self.export_path is not None:
-            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path)
+            self.export_report = export_at_fit_end(
+                trainer, pl_module, self.export_path, compacted=self.granularity == "channel"
+            )
 
     # ------------------------------------------------------------------ monitor
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -403,7 +461,7 @@ class IterativePruning(Callback):
 
     def _warn_floors(self, wanted: float) -> None:
         """Say once which layers the ``min_density`` floor holds back, and what to do about it."""
-        if self.scope != "global" or self.min_density == 0:
+        if self.scope != "global" or self.min_density == 0 or self.granularity != "element":
             return
         held = []
         for target in self.pruner.targets:
@@ -452,11 +510,15 @@ class IterativePruning(Callback):
         total = Sparsity().to(pl_module.device)
         values: dict[str, float] = {}
         for target in self.pruner.targets:
+            if target.attr != "weight":
+                continue
             layer = Sparsity().to(pl_module.device)
             layer.update(target.param)
             total.update(target.param)
             values[f"compress/sparsity/{target.name}"] = float(layer.compute())
         values["compress/sparsity"] = float(total.compute())
+        if self.granularity == "channel":
+            values["compress/channel_sparsity"] = self.pruner.masked_sparsity()
         self._log(trainer, pl_module, values)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
@@ -470,6 +532,25 @@ class IterativePruning(Callback):
                 sync_dist=trainer.world_size > 1,
                 batch_size=1,
             )
+
+
+def _check_granularity(granularity: object, target: float, importance: object) -> tuple[str, tuple[int, int] | None]:
+    if not isinstance(granularity, str):
+        raise TypeError(f"`granularity` must be 'element', 'channel' or 'N:M' such as '2:4', got {granularity!r}.")
+    nm = parse_nm(granularity)
+    if nm is None and granularity not in ("element", "channel"):
+        raise ValueError(f"`granularity`={granularity!r} is not one of 'element', 'channel' or 'N:M' such as '2:4'.")
+    if importance == "bn_scale" and granularity != "channel":
+        raise ValueError(
+            f"`importance`='bn_scale' scores channels by their BatchNorm scale: it needs granularity='channel', "
+            f"got `granularity`={granularity!r}."
+        )
+    if nm is not None and abs(target - (1.0 - nm[0] / nm[1])) > 1e-9:
+        raise ValueError(
+            f"`granularity`={granularity!r} ends at sparsity 1 - {nm[0]}/{nm[1]} = {1.0 - nm[0] / nm[1]:.4g}: "
+            f"set `target_sparsity`={1.0 - nm[0] / nm[1]:.4g}, got {target}."
+        )
+    return granularity, nm
 
 
 def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:

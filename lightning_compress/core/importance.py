@@ -14,13 +14,14 @@ finite. Optional methods, used when present:
 from __future__ import annotations
 
 import zlib
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "IMPORTANCES",
+    "BatchNormScaleImportance",
     "Importance",
     "MagnitudeImportance",
     "RandomImportance",
@@ -93,6 +94,16 @@ class TaylorImportance:
         return "TaylorImportance()"
 
 
+class BatchNormScaleImportance(MagnitudeImportance):
+    """``|gamma|`` of the BatchNorm after a layer (network slimming, Liu et al. 2017).
+
+    Channel granularity only: a channel's score is the sum of the BatchNorm scales in its group.
+    """
+
+    def __repr__(self) -> str:
+        return "BatchNormScaleImportance()"
+
+
 class RandomImportance:
     """Uniform random scores: the seed article's sparsity-based random pruning.
 
@@ -126,7 +137,12 @@ class RandomImportance:
         return f"RandomImportance(seed={self.seed})"
 
 
-IMPORTANCES = {"magnitude": MagnitudeImportance, "taylor": TaylorImportance, "random": RandomImportance}
+IMPORTANCES = {
+    "magnitude": MagnitudeImportance,
+    "taylor": TaylorImportance,
+    "random": RandomImportance,
+    "bn_scale": BatchNormScaleImportance,
+}
 
 
 def resolve_importance(spec: object, seed: int = 0) -> Importance:
@@ -136,7 +152,7 @@ def resolve_importance(spec: object, seed: int = 0) -> Importance:
             raise ValueError(f"`importance`={spec!r} is not one of {sorted(IMPORTANCES)} or an Importance object.")
         if spec == "random":
             return RandomImportance(seed)
-        return MagnitudeImportance() if spec == "magnitude" else TaylorImportance()
+        return cast(Importance, IMPORTANCES[spec]())
     if isinstance(spec, Importance):
         return spec
     raise TypeError(

@@ -100,7 +100,7 @@ class _Scores:
         if self.magnitude:
             flat = weight.detach().reshape(-1)
         else:
-            scores = self.importance.score(self.target.name, weight)
+            scores = self.importance.score(self.target.key, weight)
             if not isinstance(scores, Tensor) or scores.shape != weight.shape:
                 got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
                 raise MaskPlanError(

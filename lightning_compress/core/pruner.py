@@ -8,7 +8,7 @@ than by a bool mask on CPU); in :meth:`Pruner.state_dict` masks are bool, on CPU
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -17,9 +17,40 @@ from .importance import Importance
 from .masks import compute_masks
 from .selection import Target
 
-__all__ = ["Pruner"]
+__all__ = ["MaskRule", "Pruner"]
 
 MaskSync = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+class MaskRule(Protocol):
+    """How masks are chosen (the pattern): element-wise by default, channels, N:M."""
+
+    def compute(
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        sparsity: float,
+        scope: str,
+        min_density: float,
+        current: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """Bool masks (True = kept) of every target for ``sparsity`` of the rule's units."""
+        ...
+
+
+class ElementRule:
+    """Unstructured: any weight may go (exact global or per-layer top-k, see :mod:`.masks`)."""
+
+    def compute(
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        sparsity: float,
+        scope: str,
+        min_density: float,
+        current: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        return compute_masks(targets, importance, sparsity, scope, min_density, current, apply=False)
 
 
 class Pruner:
@@ -30,15 +61,26 @@ class Pruner:
         importance: how to score them.
         scope: ``"global"`` or ``"layer"``.
         min_density: per-layer floor with ``"global"`` scope.
+        rule: the mask pattern (:class:`ElementRule` by default). A rule with a
+            ``units(masks) -> (pruned, total)`` method counts sparsity in its own units (channels).
     """
 
-    def __init__(self, targets: Sequence[Target], importance: Importance, scope: str, min_density: float) -> None:
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        scope: str,
+        min_density: float,
+        rule: MaskRule | None = None,
+    ) -> None:
         self.targets = list(targets)
+        self.rule: MaskRule = ElementRule() if rule is None else rule
         self.importance = importance
         self.scope = scope
         self.min_density = min_density
         self._masks: dict[str, Tensor] = {}
         self._pruned: int | None = None  # cached count of masked weights
+        self._units: tuple[int, int] | None = None  # cached (pruned, total) in the rule's units
         self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
         self._rewind: dict[str, Tensor] | None = None
         self._by_name = {t.param_name: t for t in self.targets}
@@ -56,16 +98,24 @@ class Pruner:
     @masks.setter
     def masks(self, value: dict[str, Tensor]) -> None:
         self._masks = value
-        self._pruned = None
+        self._pruned = self._units = None
 
     def pruned_count(self) -> int:
         if self._pruned is None:
             self._pruned = sum(int(m.numel() - m.count_nonzero()) for m in self._masks.values())
         return self._pruned
 
+    def units(self) -> tuple[int, int]:
+        """(pruned, total) in the rule's unit: weights, or channels with a channel rule."""
+        if self._units is None:
+            units = getattr(self.rule, "units", None)
+            self._units = units(self._masks) if callable(units) else (self.pruned_count(), self.total)
+        return self._units
+
     def masked_sparsity(self) -> float:
-        """Fraction of selected weights under a mask (0 before the first event)."""
-        return self.pruned_count() / self.total if self.total else 0.0
+        """Fraction of the selected units (weights or channels) under a mask (0 before the first event)."""
+        pruned, total = self.units()
+        return pruned / total if total else 0.0
 
     def bool_masks(self) -> dict[str, Tensor]:
         return {name: m != 0 for name, m in self.masks.items()}
@@ -76,10 +126,11 @@ class Pruner:
 
         ``sync`` may replace the computed masks (e.g. by rank 0's under DDP) before they are applied.
         """
-        if round(sparsity * self.total) <= self.pruned_count() and self.scope == "global":
+        pruned, total = self.units()
+        if round(sparsity * total) <= pruned and self.scope == "global":
             return False
         current = self.bool_masks()
-        new = compute_masks(self.targets, self.importance, sparsity, self.scope, self.min_density, current, apply=False)
+        new = self.rule.compute(self.targets, self.importance, sparsity, self.scope, self.min_density, current)
         if sync is not None:
             new = sync(new)
         changed = any(name not in current or not torch.equal(mask, current[name]) for name, mask in new.items())
@@ -99,7 +150,7 @@ class Pruner:
                 existing.copy_(mask)  # reuse the buffer: no new allocation at later events
             else:
                 self._masks[name] = mask.to(self._by_name[name].param.dtype)
-        self._pruned = None
+        self._pruned = self._units = None
         self.apply()
         self.rewind()
         reset = getattr(self.importance, "reset", None)
@@ -118,7 +169,7 @@ class Pruner:
                 revived = previous & ~current
                 target.param.detach()[revived] = values.to(target.param.dtype)
                 self._masks[name] = previous.to(target.param.dtype)
-        self._pruned = None
+        self._pruned = self._units = None
         self._rollback = None
         return True
 
@@ -141,7 +192,7 @@ class Pruner:
             return
         for target in self.targets:
             if target.param.grad is not None and (params is None or id(target.param) in params):
-                observe(target.name, target.param, target.param.grad)
+                observe(target.key, target.param, target.param.grad)
 
     def mask_gradients(self, params: set[int] | None = None) -> None:
         """Zero the gradients of pruned weights so no optimizer moves them (``params``: ids to consider)."""

@@ -442,6 +442,8 @@ def convert_to_qat(
                 "activation", config.activation_bits, config.scale, averaging_constant=config.averaging_constant
             ).to(weight.device)
         )
+        new.weight_fake_quant.train(module.training)  # a model in eval mode must not start observing
+        new.input_fake_quant.train(module.training)
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one

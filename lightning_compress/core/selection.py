@@ -31,17 +31,25 @@ class Target:
     Attributes:
         name: qualified module name (``"features.0"``), the key used for masks and logs.
         module: the module that owns the weight.
-        param: the ``weight`` Parameter itself.
+        param: the Parameter itself.
+        attr: its attribute name on ``module`` (``"weight"``; channel pruning also masks ``"bias"``
+            and BatchNorm parameters).
     """
 
     name: str
     module: nn.Module
     param: Tensor
+    attr: str = "weight"
 
     @property
     def param_name(self) -> str:
         """Qualified parameter name as in ``model.state_dict()``."""
-        return f"{self.name}.weight" if self.name else "weight"
+        return f"{self.name}.{self.attr}" if self.name else self.attr
+
+    @property
+    def key(self) -> str:
+        """Name given to importances: the module name for a weight, the parameter name otherwise."""
+        return self.name if self.attr == "weight" else self.param_name
 
     @property
     def numel(self) -> int:

@@ -19,12 +19,14 @@ import hashlib
 import json
 import lzma
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..core.compact import COMPACTED_FLAG, resize_module
 from ..core.packing import (
     code_container_bits,
     decode_gaps,
@@ -36,6 +38,7 @@ from ..core.packing import (
 )
 from ..core.qat import FakeQuantizer, QuantConfig, convert_to_float, convert_to_qat, qat_modules
 from ..core.quant import dequantize, quantize
+from ..core.structure import is_depthwise, supported
 from .report import CompressionReport, LayerReport, state_dict_bytes
 
 __all__ = ["FORMAT_VERSION", "CompressedFileError", "load_compressed", "save_compressed"]
@@ -155,6 +158,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         "version": FORMAT_VERSION,
         "model": type(model).__name__,
         "qat_layers": _qat_layers(model),
+        "compacted": bool(getattr(model, COMPACTED_FLAG, False)),
         "sections": sections.sizes(),
         "tensors": entries,
     }
@@ -350,7 +354,13 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         raise
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise CompressedFileError(f"{path} is corrupted: {err}") from err
-    _check_architecture(model, tensors, path)
+    restore = _resize_like(model, tensors) if manifest.get("compacted") else None
+    try:
+        _check_architecture(model, tensors, path)
+    except CompressedFileError:
+        if restore is not None:
+            restore()
+        raise
     converted = _convert_like(model, manifest.get("qat_layers", {}))
     try:
         expected = model.state_dict()
@@ -362,7 +372,11 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     except Exception:
         if converted:
             convert_to_float(model)
+        if restore is not None:
+            restore()
         raise
+    if restore is not None:
+        setattr(model, COMPACTED_FLAG, True)
     layers = []
     for e in manifest["tensors"]:
         if e[3] == "r":
@@ -377,6 +391,49 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         file_bytes=path.stat().st_size,
         baseline_bytes=state_dict_bytes(model),
     )
+
+
+def _snapshot(module: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    state = dict(module.__dict__, _parameters=dict(module._parameters), _buffers=dict(module._buffers))
+    return module, state
+
+
+def _resize_like(model: nn.Module, tensors: dict[str, Tensor]) -> Callable[[], None]:
+    """Shrink the Linear/Conv/BatchNorm layers of a fresh model to a compacted file's sizes.
+
+    Returns a function that puts the original layers back (the model is never left half-loaded).
+    """
+    saved: list[tuple[nn.Module, dict[str, Any]]] = []
+    for name, module in model.named_modules():
+        weight = tensors.get(f"{name}.weight" if name else "weight")
+        if weight is None or not supported(module) or getattr(module, "weight", None) is None:
+            continue
+        have = tuple(module.weight.shape)
+        want = tuple(weight.shape)
+        if have == want or len(have) != len(want) or any(w > h for w, h in zip(want, have, strict=True)):
+            continue
+        saved.append(
+            (module, dict(module.__dict__, _parameters=dict(module._parameters), _buffers=dict(module._buffers)))
+        )
+        quantizer = getattr(module, "weight_fake_quant", None)
+        if quantizer is not None:
+            saved.append(
+                (
+                    quantizer,
+                    dict(
+                        quantizer.__dict__, _parameters=dict(quantizer._parameters), _buffers=dict(quantizer._buffers)
+                    ),
+                )
+            )
+        out_keep = torch.arange(want[0])
+        in_keep = torch.arange(want[1]) if len(want) > 1 and not is_depthwise(module) else None
+        resize_module(module, out_keep, in_keep)
+
+    def restore() -> None:
+        for module, state in saved:
+            module.__dict__.update(state)
+
+    return restore
 
 
 def _check_architecture(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:

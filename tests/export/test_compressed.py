@@ -2,6 +2,7 @@ import hashlib
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_compress import CompressedFileError, QuantConfig, load_compressed, save_compressed
 from lightning_compress.core.qat import qat_modules
@@ -127,3 +128,27 @@ def test_a_forged_file_with_a_valid_checksum_is_still_checked(tmp_path):
     (tmp_path / "f.lcz").write_bytes(fields + hashlib.sha256(fields + payload).digest() + payload)
     with pytest.raises(CompressedFileError, match="unknown manifest format"):
         load_compressed(Net(), tmp_path / "f.lcz")
+
+
+def test_loading_into_a_model_in_eval_mode_does_not_observe(tmp_path):
+    """Regression: the quantizers that loading adds must follow the model's mode, or the first
+    eval-mode call updates their ranges and the outputs drift from the saved model's."""
+    from lightning_compress import QuantConfig, convert_to_qat
+    from lightning_compress.core.qat import quantizers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    convert_to_qat(model, QuantConfig(8, 8))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    model.train()
+    model(torch.randn(64, 8))  # observe
+    model.eval()
+    x = torch.randn(16, 8) * 3  # wider than what was observed: observing would change the ranges
+    expected = model(x)
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert all(not q.training for _, q in quantizers(fresh))
+    torch.testing.assert_close(fresh(x), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fresh(x), expected, atol=1e-6, rtol=0)

@@ -1,0 +1,210 @@
+"""Channel pruning: score whole channel groups and mask every parameter slice they own.
+
+A :class:`ChannelRule` turns the :class:`~.structure.ChannelGroup` records of a model into the
+per-parameter masks the :class:`~.pruner.Pruner` keeps (so gradients, optimizer state, undo,
+rewinding and checkpoints work exactly as for unstructured pruning); its unit is a channel.
+
+Channel scores sum an importance over every weight of the channel's group (the producing
+layers' filters and biases, the BatchNorm scale and shift, the consuming layers' input
+weights): ``"magnitude"`` sums ``w**2`` (the group's squared L2 norm), ``"taylor"`` sums the
+accumulated ``|w * dL/dw|``, ``"bn_scale"`` sums ``|gamma|`` of the group's BatchNorms (Liu
+et al. 2017, network slimming). With global scope each group's scores are divided by their
+mean over its live channels, so one threshold can compare layers of different scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .importance import BatchNormScaleImportance, Importance, MagnitudeImportance
+from .masks import MaskPlanError
+from .selection import Target
+from .structure import ChannelGroup, param_slices
+
+__all__ = ["ChannelRule"]
+
+_NORM = nn.modules.batchnorm._BatchNorm
+
+
+class _Part:
+    """One parameter's share of a group: positions along ``dim`` and their channels."""
+
+    def __init__(self, target: Target, dim: int, index: Tensor, channel: Tensor) -> None:
+        self.target = target
+        self.dim = dim
+        self.index = index
+        self.channel = channel
+
+    def per_position(self, values: Tensor) -> Tensor:
+        """Sum of ``values`` (shaped like the parameter) over each position of the slice."""
+        index = self.index.to(values.device)
+        picked = values.index_select(self.dim, index).movedim(self.dim, 0)
+        return picked.reshape(index.numel(), -1).sum(1)
+
+
+class ChannelRule:
+    """Mask rule of ``granularity="channel"``: the pruned unit is a channel group's channel.
+
+    Args:
+        model: the model the groups were traced on.
+        groups: its prunable channel groups (:func:`~.structure.build_channel_groups`).
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+        if not groups:
+            raise ValueError("no prunable channel group: nothing for granularity='channel' to prune.")
+        modules = dict(model.named_modules())
+        self.groups = list(groups)
+        self.targets: list[Target] = []
+        by_param: dict[int, Target] = {}
+        self._parts: list[list[_Part]] = []
+        for group in self.groups:
+            parts = []
+            for s in group.slices:
+                module = modules[s.module]
+                for attr, dim in param_slices(module, s.kind):
+                    param = getattr(module, attr)
+                    target = by_param.get(id(param))
+                    if target is None:
+                        target = by_param[id(param)] = Target(s.module, module, param, attr)
+                        self.targets.append(target)
+                    parts.append(_Part(target, dim, s.index, s.channel))
+            self._parts.append(parts)
+        self.total_channels = sum(g.size for g in self.groups)
+
+    # ------------------------------------------------------------------ state of the masks
+    def alive(self, masks: dict[str, Tensor]) -> list[Tensor]:
+        """Per group, a bool tensor of the channels still kept under ``masks``."""
+        out = []
+        for group, parts in zip(self.groups, self._parts, strict=True):
+            kept = torch.ones(group.size, dtype=torch.bool)
+            for part in parts:
+                mask = masks.get(part.target.param_name)
+                if mask is None:
+                    continue
+                live = (part.per_position((mask != 0).float()) > 0).cpu()
+                channel_live = torch.zeros(group.size, dtype=torch.bool)
+                channel_live.index_put_((part.channel,), live, accumulate=True)
+                kept &= channel_live
+                break  # every part of a channel is masked together: one is enough
+            out.append(kept)
+        return out
+
+    def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
+        """(pruned channels, prunable channels)."""
+        pruned = sum(int((~a).sum()) for a in self.alive(masks)) if masks else 0
+        return pruned, self.total_channels
+
+    # ------------------------------------------------------------------ scoring
+    def check(self, importance: Importance) -> None:
+        """Raise if ``importance`` cannot score every group (``bn_scale`` without a BatchNorm)."""
+        if not isinstance(importance, BatchNormScaleImportance):
+            return
+        missing = [
+            g.name
+            for g, parts in zip(self.groups, self._parts, strict=True)
+            if not any(isinstance(p.target.module, _NORM) for p in parts)
+        ]
+        if missing:
+            raise ValueError(
+                f"`importance`='bn_scale' needs a BatchNorm in every pruned channel group; {missing} have none. "
+                "`exclude` those layers or use importance='magnitude'/'taylor'."
+            )
+
+    def scores(self, importance: Importance) -> list[Tensor]:
+        """One float64 score per channel of every group (higher = more important)."""
+        bn_only = isinstance(importance, BatchNormScaleImportance)
+        out = []
+        for group, parts in zip(self.groups, self._parts, strict=True):
+            score = torch.zeros(group.size, dtype=torch.float64)
+            used = False
+            for part in parts:
+                if bn_only and not isinstance(part.target.module, _NORM):
+                    continue
+                weight = part.target.param.detach()
+                if bn_only:
+                    values = weight.float().abs()
+                elif isinstance(importance, MagnitudeImportance):
+                    values = weight.float().square()
+                else:
+                    values = importance.score(part.target.key, part.target.param)
+                    if not isinstance(values, Tensor) or tuple(values.shape) != tuple(weight.shape):
+                        raise MaskPlanError(
+                            f"{importance!r}.score returned {getattr(values, 'shape', type(values).__name__)} for "
+                            f"{part.target.param_name!r}; expected {tuple(weight.shape)}."
+                        )
+                per = part.per_position(values.detach().double()).cpu()
+                score.index_add_(0, part.channel, per)
+                used = True
+            if bn_only and not used:
+                self.check(importance)
+            if not bool(torch.isfinite(score).all()):
+                raise MaskPlanError(
+                    f"importance scores of channel group {group.name!r} contain NaN or Inf; "
+                    "check the model's weights and gradients."
+                )
+            out.append(score)
+        return out
+
+    # ------------------------------------------------------------------ selection
+    def compute(
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        sparsity: float,
+        scope: str,
+        min_density: float,
+        current: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        """Bool masks (True = kept) for every target, with ``sparsity`` of the channels pruned."""
+        alive = self.alive(current)
+        scores = self.scores(importance)
+        floors = [max(1, math.ceil(min_density * g.size)) for g in self.groups]
+        new_alive: list[Tensor] = []
+        if scope == "layer":
+            for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
+                k = min(round(sparsity * group.size), group.size - floor)
+                new_alive.append(_keep_top(score, live, k))
+        else:
+            ranked = []
+            for g, (score, live, floor) in enumerate(zip(scores, alive, floors, strict=True)):
+                mean = score[live].mean() if bool(live.any()) else torch.tensor(1.0, dtype=torch.float64)
+                normalized = score / mean if float(mean) > 0 else score
+                normalized = torch.where(live, normalized, torch.full_like(normalized, -math.inf))
+                order = torch.sort(normalized, stable=True).indices[: self.groups[g].size - floor]
+                ranked.append((normalized[order], torch.full_like(order, g), order))
+            values = torch.cat([r[0] for r in ranked])
+            owner = torch.cat([r[1] for r in ranked])
+            position = torch.cat([r[2] for r in ranked])
+            pruned_before = sum(int((~live).sum()) for live in alive)
+            k = min(max(round(sparsity * self.total_channels), pruned_before), values.numel())
+            chosen = torch.sort(values, stable=True).indices[:k]
+            for g, group in enumerate(self.groups):
+                keep = torch.ones(group.size, dtype=torch.bool)
+                keep[position[chosen[owner[chosen] == g]]] = False
+                new_alive.append(keep & alive[g])  # pruned channels stay pruned
+        return self.masks_for(new_alive)
+
+    def masks_for(self, alive: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Bool parameter masks that keep exactly the ``alive`` channels of every group."""
+        masks = {t.param_name: torch.ones_like(t.param, dtype=torch.bool) for t in self.targets}
+        for parts, keep in zip(self._parts, alive, strict=True):
+            for part in parts:
+                dead = ~keep[part.channel]
+                if bool(dead.any()):
+                    mask = masks[part.target.param_name]
+                    mask.index_fill_(part.dim, part.index[dead].to(mask.device), False)
+        return masks
+
+
+def _keep_top(score: Tensor, live: Tensor, k: int) -> Tensor:
+    """Keep all but the ``k`` lowest-scored channels; already pruned ones count first."""
+    ranked = torch.where(live, score, torch.full_like(score, -math.inf))
+    keep = torch.ones_like(live)
+    pruned_before = int((~live).sum())
+    keep[torch.sort(ranked, stable=True).indices[: max(k, pruned_before)]] = False
+    return keep

@@ -1,0 +1,242 @@
+"""Physically remove pruned channels: a plain, smaller, dense model with the same outputs.
+
+A channel is removable when every parameter slice of its group is exactly zero (what channel
+pruning leaves); removing it then cannot change any output, because whatever it produced
+reaches the rest of the model only through input weights that are zero. :func:`compact` checks
+that on the example inputs before it touches the model (on a copy), then resizes the layers in
+place, keeping the same module objects and names.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .structure import ChannelGroup, build_channel_groups, call_model, is_depthwise, param_slices
+
+__all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "resize_module"]
+
+COMPACTED_FLAG = "_lightning_compress_compacted"  # set on a compacted model; save_compressed records it
+
+_CONV = nn.modules.conv._ConvNd
+_NORM = nn.modules.batchnorm._BatchNorm
+
+
+class CompactionError(RuntimeError):
+    """Removing the zero channels would change the model's outputs; the model is left as it was."""
+
+
+@dataclass
+class CompactReport:
+    """What :func:`compact` removed: channels per group (before, after) and parameter counts."""
+
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    max_abs_diff: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'group':<32}{'channels':>16}"]
+        lines += [f"{name:<32}{f'{a} -> {b}':>16}" for name, (a, b) in self.channels.items()]
+        lines.append(
+            f"parameters: {self.params_before:,} -> {self.params_after:,} "
+            f"({self.params_after / max(1, self.params_before):.1%}); max |output change| {self.max_abs_diff:.2e}"
+        )
+        return "\n".join(lines)
+
+
+def _zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
+    """Channels of ``group`` whose every parameter slice is exactly zero."""
+    modules = dict(model.named_modules())
+    dead = torch.ones(group.size, dtype=torch.bool)
+    for s in group.slices:
+        module = modules[s.module]
+        for attr, dim in param_slices(module, s.kind):
+            values = getattr(module, attr).detach()
+            index = s.index.to(values.device)
+            nonzero = values.index_select(dim, index).movedim(dim, 0).reshape(index.numel(), -1).ne(0).any(1).cpu()
+            alive = torch.zeros(group.size, dtype=torch.bool)
+            alive.index_put_((s.channel,), nonzero, accumulate=True)
+            dead &= ~alive
+    return dead
+
+
+Plan = dict[str, dict[str, Tensor]]
+
+
+def plan(model: nn.Module, groups: list[ChannelGroup]) -> tuple[Plan, dict[str, tuple[int, int]]]:
+    """Per module, the sorted positions to keep along ``"out"``/``"in"``; per group (before, after)."""
+    modules = dict(model.named_modules())
+    removed: dict[str, dict[str, set[int]]] = {}
+    channels: dict[str, tuple[int, int]] = {}
+    for group in groups:
+        dead = _zero_channels(model, group)
+        if bool(dead.all()):
+            dead[0] = False  # a layer keeps at least one channel
+        channels[group.name] = (group.size, group.size - int(dead.sum()))
+        for s in group.slices:
+            gone = s.index[dead[s.channel]].tolist()
+            if not gone:
+                continue
+            kind = "out" if isinstance(modules[s.module], _NORM) or is_depthwise(modules[s.module]) else s.kind
+            removed.setdefault(s.module, {}).setdefault(kind, set()).update(gone)
+    keep: Plan = {}
+    for name, kinds in removed.items():
+        module = modules[name]
+        for kind, dropped in kinds.items():
+            kept = [i for i in range(_size(module, kind)) if i not in dropped]
+            keep.setdefault(name, {})[kind] = torch.tensor(kept, dtype=torch.long)
+    return keep, channels
+
+
+def _size(layer: nn.Module, kind: str) -> int:
+    module: Any = layer
+    if isinstance(module, _NORM):
+        return int(module.num_features)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features if kind == "out" else module.in_features)
+    return int(module.out_channels if kind == "out" else module.in_channels)
+
+
+def _cut(tensor: Tensor, dim: int, keep: Tensor) -> Tensor:
+    return tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+
+
+def _set(module: nn.Module, attr: str, value: Tensor) -> None:
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        setattr(module, attr, value)
+
+
+def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> None:
+    """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv or BatchNorm.
+
+    Parameters become new (smaller) Parameters; a QAT layer's per-channel weight scale is cut too.
+    """
+    module: Any = layer
+    if isinstance(module, _NORM):
+        if out_keep is None:
+            return
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(module, attr, None) is not None:
+                _set(module, attr, _cut(getattr(module, attr), 0, out_keep))
+        module.num_features = out_keep.numel()
+        return
+    if out_keep is not None:
+        for attr in ("weight", "bias"):
+            if getattr(module, attr, None) is not None:
+                _set(module, attr, _cut(getattr(module, attr), 0, out_keep))
+        quantizer = getattr(module, "weight_fake_quant", None)
+        if quantizer is not None and getattr(quantizer, "per_channel", False):
+            _set(quantizer, "scale", _cut(quantizer.scale, 0, out_keep))
+            for attr in ("min_val", "max_val"):
+                value = getattr(quantizer, attr, None)
+                if isinstance(value, Tensor) and value.dim() == 1:
+                    _set(quantizer, attr, _cut(value, 0, out_keep))
+        if isinstance(module, nn.Linear):
+            module.out_features = out_keep.numel()
+        else:
+            depthwise = is_depthwise(module)
+            module.out_channels = out_keep.numel()
+            if depthwise:
+                module.in_channels = module.groups = out_keep.numel()
+    if in_keep is not None:
+        if isinstance(module, nn.Linear):
+            _set(module, "weight", _cut(module.weight, 1, in_keep))
+            module.in_features = in_keep.numel()
+        elif not is_depthwise(module):
+            _set(module, "weight", _cut(module.weight, 1, in_keep))
+            module.in_channels = in_keep.numel()
+
+
+def _apply(model: nn.Module, keep: Plan) -> None:
+    modules = dict(model.named_modules())
+    for name, kinds in keep.items():
+        resize_module(modules[name], kinds.get("out"), kinds.get("in"))
+
+
+def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_model(model, inputs)
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+    flat: list[Tensor] = []
+    stack = [out]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            flat.append(item.detach().float())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return flat
+
+
+def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4) -> CompactReport:
+    """Remove every channel that channel pruning zeroed, in place, and return what changed.
+
+    Works through Conv -> BatchNorm -> activation -> Conv, Linear -> Linear, flatten, residual
+    additions and concatenations; the result is a plain dense model with the same modules and
+    names, smaller layers and the same eval-mode outputs (checked on ``example_inputs`` before the
+    model is changed; :class:`CompactionError` and an unchanged model if they would differ by more
+    than ``atol`` relative to the output scale).
+
+    Args:
+        model: a model whose pruned channels are exactly zero (after ``IterativePruning(granularity="channel")``).
+        example_inputs: a tensor, tuple or dict as the model's ``forward`` takes it;
+            ``None``: the model's ``example_input_array`` (a LightningModule's).
+        atol: tolerance of the output check.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_compress import compact
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> with torch.no_grad():
+        ...     model[0].weight[:4] = 0; model[0].bias[:4] = 0; model[2].weight[:, :4] = 0
+        >>> compact(model, torch.randn(3, 4)).channels
+        {'0': (8, 4)}
+        >>> model[0]
+        Linear(in_features=4, out_features=4, bias=True)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if example_inputs is None:
+        example_inputs = getattr(model, "example_input_array", None)
+        if example_inputs is None:
+            raise ValueError(
+                "compact() traces the model and needs `example_inputs` (a tensor, tuple or dict), or a "
+                "LightningModule with `example_input_array` set."
+            )
+    groups, _ = build_channel_groups(model, example_inputs)
+    keep, channels = plan(model, groups)
+    report = CompactReport(channels=channels, params_before=sum(p.numel() for p in model.parameters()))
+    if keep:
+        trial = copy.deepcopy(model)
+        _apply(trial, keep)
+        before, after = _outputs(model, example_inputs), _outputs(trial, example_inputs)
+        same_shapes = len(before) == len(after) and all(a.shape == b.shape for a, b in zip(before, after, strict=True))
+        diff = max((float((a - b).abs().max()) for a, b in zip(before, after, strict=True)), default=0.0)
+        scale = max((float(a.abs().max()) for a in before), default=1.0)
+        if not same_shapes or diff > atol * max(1.0, scale):
+            raise CompactionError(
+                f"removing the zero channels would change the outputs (max |diff| {diff:.3g}); an operation "
+                "in the model mixes channels in a way the dependency graph does not see. The model is unchanged."
+            )
+        del trial
+        _apply(model, keep)
+        report.max_abs_diff = diff
+        setattr(model, COMPACTED_FLAG, True)
+    report.params_after = sum(p.numel() for p in model.parameters())
+    return report

@@ -1,0 +1,127 @@
+"""N:M semi-structured masks: at most N of every M consecutive input weights survive.
+
+Blocks run along the input dimension (``in_features`` of a Linear; input channels of a Conv,
+at every output channel and kernel position), the layout of NVIDIA's 2:4 sparse tensor cores.
+The schedule ramps up to ``1 - N/M``: at an intermediate event the lowest-scored weights that
+are not among the N best of their block are pruned (so no block ever loses a weight it will
+need), and the last event prunes every such weight, which gives exactly N per block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .importance import Importance, MagnitudeImportance
+from .masks import MaskPlanError
+from .selection import Target
+
+__all__ = ["NMRule", "parse_nm"]
+
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_nm(spec: str) -> tuple[int, int] | None:
+    """``"2:4"`` -> ``(2, 4)``; ``None`` if ``spec`` is not of that form. Raises on 0 < N < M violations."""
+    match = _PATTERN.match(spec)
+    if match is None:
+        return None
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m or m > 64:
+        raise ValueError(f"`granularity`={spec!r}: N:M needs 0 < N < M <= 64, e.g. '2:4'.")
+    return n, m
+
+
+def block_view(tensor: Tensor, m: int) -> Tensor:
+    """``tensor`` (a weight) as ``[..., blocks, m]`` with blocks along the input dimension."""
+    moved = tensor.movedim(1, -1) if tensor.dim() > 2 else tensor
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+
+
+def from_block_view(blocks: Tensor, like: Tensor) -> Tensor:
+    if like.dim() > 2:
+        moved_shape = (like.shape[0], *like.shape[2:], like.shape[1])
+        return blocks.reshape(moved_shape).movedim(-1, 1)
+    return blocks.reshape(like.shape)
+
+
+def eligible(param: Tensor, m: int) -> bool:
+    """Whether ``param`` has an input dimension that splits into blocks of ``m``."""
+    return param.dim() >= 2 and param.shape[1] % m == 0 and param.shape[1] > 0
+
+
+def is_nm(mask: Tensor, n: int, m: int) -> bool:
+    """Whether at most ``n`` of every block of ``m`` are kept."""
+    return bool((block_view(mask != 0, m).sum(-1) <= n).all())
+
+
+class NMRule:
+    """Mask rule of ``granularity="N:M"``; the unit is one weight."""
+
+    def __init__(self, n: int, m: int) -> None:
+        self.n = n
+        self.m = m
+
+    def compute(
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        sparsity: float,
+        scope: str,
+        min_density: float,
+        current: dict[str, Tensor],
+    ) -> dict[str, Tensor]:
+        final = sparsity >= 1.0 - self.n / self.m - 1e-9
+        candidates: list[tuple[Target, Tensor, Tensor]] = []  # target, candidate mask, scores (block views)
+        masks: dict[str, Tensor] = {}
+        for target in targets:
+            weight = target.param.detach()
+            if isinstance(importance, MagnitudeImportance):
+                score = weight.float().abs()
+            else:
+                score = importance.score(target.key, target.param).detach().float()
+                if tuple(score.shape) != tuple(weight.shape):
+                    raise MaskPlanError(f"{importance!r}.score returned {tuple(score.shape)} for {target.name!r}.")
+            if not bool(torch.isfinite(score).all()):
+                raise MaskPlanError(f"importance scores of layer {target.name!r} contain NaN or Inf.")
+            previous = current.get(target.param_name)
+            alive = torch.ones_like(weight, dtype=torch.bool) if previous is None else previous.to(torch.bool)
+            blocks = block_view(score, self.m)
+            live = block_view(alive, self.m)
+            ranked = torch.where(live, blocks, torch.full_like(blocks, -torch.inf))
+            protected = torch.zeros_like(live)
+            protected.scatter_(-1, ranked.topk(self.n, dim=-1).indices, True)
+            protected &= live
+            candidate = live & ~protected
+            if final:
+                masks[target.param_name] = from_block_view(protected, weight)
+            else:
+                candidates.append((target, candidate, blocks))
+                masks[target.param_name] = alive.clone()
+        if final:
+            return masks
+        groups = [candidates] if scope == "global" else [[c] for c in candidates]
+        for group in groups:
+            total = sum(t.numel for t, _, _ in group)
+            pruned = sum(int(t.numel - int(masks[t.param_name].sum())) for t, _, _ in group)
+            k = round(sparsity * total) - pruned
+            if k <= 0:
+                continue
+            values = torch.cat([b[c].cpu() for _, c, b in group])
+            if values.numel() == 0:
+                continue
+            threshold_order = torch.sort(values, stable=True).indices[:k]
+            chosen = torch.zeros(values.numel(), dtype=torch.bool)
+            chosen[threshold_order] = True
+            offset = 0
+            for target, candidate, _ in group:
+                count = int(candidate.sum())
+                drop = torch.zeros_like(candidate)
+                drop[candidate] = chosen[offset : offset + count].to(candidate.device)
+                offset += count
+                mask = masks[target.param_name]
+                masks[target.param_name] = mask & ~from_block_view(drop, mask)
+        return masks

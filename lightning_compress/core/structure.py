@@ -1,0 +1,197 @@
+"""Channel groups: which slices of which parameters must be removed together.
+
+Removing output channel ``c`` of a Conv means removing ``c`` from its bias, from the BatchNorm
+after it, from the input channels of every layer that consumes it (through activations,
+pooling, flatten, residual additions and concatenations), and from every other layer whose
+output is added to it. Finding these couplings needs the model's data flow, which we take from
+Torch-Pruning's ``DependencyGraph`` (it traces autograd, so any ``forward`` works; see
+``docs`` in the README for why we use it rather than our own tracer). We only read the graph:
+the groups are turned into plain :class:`ChannelGroup` records (module names and index
+tensors), and masking and compaction are ours.
+
+A group is prunable when every module in it is a Linear, a Conv (dense or depthwise) or a
+BatchNorm, and none of its channels reaches the model's output (the classifier's outputs are
+never pruned). Groups with a LayerNorm, GroupNorm, attention or a free ``nn.Parameter`` are
+left alone: removing a channel there is not the same as zeroing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .qat import quantizers
+
+__all__ = ["ChannelGroup", "LayerSlice", "build_channel_groups", "call_model", "param_slices"]
+
+_CONV = nn.modules.conv._ConvNd
+_NORM = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class LayerSlice:
+    """Positions along one module's output (``"out"``) or input (``"in"``) dimension.
+
+    ``index[i]`` belongs to channel ``channel[i]`` of its group (a flatten maps one channel to
+    several input features of the next Linear).
+    """
+
+    module: str
+    kind: str
+    index: Tensor
+    channel: Tensor
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are kept or removed together, named after the layer whose outputs they are."""
+
+    name: str
+    size: int
+    slices: list[LayerSlice] = field(default_factory=list)
+
+    def modules(self) -> list[str]:
+        return sorted({s.module for s in self.slices})
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    if not isinstance(module, _CONV):
+        return False
+    return module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+def supported(module: nn.Module) -> bool:
+    """Modules whose channels can be removed exactly: Linear, dense or depthwise Conv, BatchNorm."""
+    if isinstance(module, _CONV):
+        return module.groups == 1 or is_depthwise(module)
+    return isinstance(module, (nn.Linear, _NORM))
+
+
+def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
+    """``(attribute, dim)`` of the parameters that a slice of ``kind`` cuts in ``module``."""
+    if isinstance(module, _NORM):
+        return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
+    if kind == "out":
+        return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
+    if is_depthwise(module):
+        return []  # a depthwise conv's input channel is its output channel
+    return [("weight", 1)]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` the way Lightning calls it with ``example_input_array``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@contextlib.contextmanager
+def _plain_float(model: nn.Module) -> Iterator[None]:
+    """Trace the float data flow: fake quantizers off, training mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    saved = []
+    for _, q in quantizers(model):
+        saved.append((q, q.fake_quant_enabled, q.observer_enabled))
+        q.fake_quant_enabled = False
+        q.observer_enabled = False
+    try:
+        yield
+    finally:
+        for q, fq, ob in saved:
+            q.fake_quant_enabled = fq
+            q.observer_enabled = ob
+        for m, training in modes.items():
+            m.training = training
+
+
+def _torch_pruning() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "granularity='channel' and compact() need Torch-Pruning's dependency graph: "
+            "pip install 'lightning-compress[structured]' (or pip install torch-pruning)."
+        ) from err
+    return torch_pruning
+
+
+def build_channel_groups(
+    model: nn.Module, example_inputs: Any, producers: set[str] | None = None
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """Trace ``model`` once on ``example_inputs`` and return its prunable channel groups.
+
+    Args:
+        model: the model (its weights are not changed; modes are restored).
+        example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+        producers: module names whose output channels may be pruned; a group is prunable only
+            if every layer producing its channels is in this set. ``None``: all of them.
+
+    Returns:
+        The prunable groups, and for every group left alone, why (keyed by its layer's name).
+    """
+    tp = _torch_pruning()
+    names = {module: name for name, module in model.named_modules()}
+    with torch.enable_grad(), _plain_float(model):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=call_model, verbose=False)
+        raw = list(graph.get_all_groups(root_module_types=(_CONV, nn.Linear)))
+    groups: list[ChannelGroup] = []
+    skipped: dict[str, str] = {}
+    for raw_group in raw:
+        root = names.get(raw_group[0].dep.target.module, "?")
+        group, reason = _convert(graph, raw_group, names, producers)
+        if group is None:
+            skipped[root] = reason
+        else:
+            groups.append(group)
+    return groups, skipped
+
+
+def _convert(
+    graph: Any, raw_group: Any, names: dict[nn.Module, str], producers: set[str] | None
+) -> tuple[ChannelGroup | None, str]:
+    root_item = raw_group[0]
+    root = names[root_item.dep.target.module]
+    size = len(root_item.idxs)
+    slices: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for item in raw_group.items:
+        node = item.dep.target
+        module = node.module
+        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or isinstance(module, _NORM)
+        if not isinstance(module, nn.Module) or module not in names:
+            if isinstance(module, nn.Parameter):
+                return None, "a free nn.Parameter depends on its channels"
+            if out_like and not node.outputs:
+                return None, "its channels reach the model's output"
+            continue  # an operation (add, cat, flatten, activation): no parameters
+        name = names[module]
+        if not supported(module):
+            return None, f"{name} ({type(module).__name__}) mixes or cannot lose channels"
+        kind = "out" if out_like else "in"
+        if kind == "out" and not node.outputs:
+            return None, "its channels reach the model's output"
+        if kind == "out" and not isinstance(module, _NORM) and producers is not None and name not in producers:
+            return None, f"{name} is not selected (see `include`/`exclude`)"
+        index, channel = slices.setdefault((name, kind), ([], []))
+        index.extend(int(i) for i in item.idxs)
+        channel.extend(int(c) for c in item.root_idxs)
+    group = ChannelGroup(root, size)
+    for (name, kind), (index, channel) in slices.items():
+        order = sorted(range(len(index)), key=index.__getitem__)
+        group.slices.append(
+            LayerSlice(
+                name,
+                kind,
+                torch.tensor([index[i] for i in order], dtype=torch.long),
+                torch.tensor([channel[i] for i in order], dtype=torch.long),
+            )
+        )
+    if not any(s.kind == "in" for s in group.slices):
+        return None, "no layer consumes its channels"
+    return group, ""

@@ -1,0 +1,209 @@
+"""IterativePruning(granularity="channel" | "N:M") with the real Trainer: schedules, resume, QAT, compaction, export."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_compress import (
+    IterativePruning,
+    QuantizationAwareTraining,
+    compact,
+    load_compressed,
+    save_compressed,
+)
+from lightning_compress.core.nm import is_nm
+from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModule, DigitsResNet
+
+
+def _trainer(callbacks, max_epochs=4, **kwargs):
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
+        limit_train_batches=6,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        **kwargs,
+    )
+
+
+def _model(net="resnet"):
+    torch.manual_seed(0)
+    return DigitsClassifier(DigitsResNet(8, blocks=2) if net == "resnet" else DigitsCNN(8), lr=3e-3)
+
+
+def _x():
+    return torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("net", ["resnet", "cnn"])
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_channel_pruning_reaches_the_target_and_compacts_exactly(net, importance, scope):
+    model = _model(net)
+    pruning = IterativePruning(0.5, importance=importance, granularity="channel", scope=scope, start_epoch=1, end_epoch=3)
+    _trainer([pruning]).fit(model, DigitsDataModule(batch_size=32))
+    rule = pruning.pruner.rule
+    pruned, total = pruning.pruner.units()
+    tolerance = 1 if scope == "global" else len(rule.groups)
+    assert abs(pruned - 0.5 * total) <= tolerance
+    for name, mask in pruning.masks.items():  # every slice of a pruned channel is exactly zero
+        assert bool((model.state_dict()[name][~mask] == 0).all()), name
+    model.eval()
+    x = _x()
+    masked = model(x)
+    report = compact(model)
+    assert report.params_after < 0.6 * report.params_before
+    torch.testing.assert_close(model(x), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_bn_scale_on_a_resnet_and_errors_without_batchnorm():
+    model = _model("resnet")
+    pruning = IterativePruning(0.5, importance="bn_scale", granularity="channel", start_epoch=0, end_epoch=2)
+    _trainer([pruning], max_epochs=2).fit(model, DigitsDataModule(batch_size=32))
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.5, abs=1 / pruning.pruner.units()[1])
+    cnn = _model("cnn")
+    before = copy.deepcopy(cnn.state_dict())
+    with pytest.raises(ValueError, match="needs a BatchNorm in every pruned channel group"):
+        _trainer([IterativePruning(0.5, importance="bn_scale", granularity="channel")]).fit(
+            cnn, DigitsDataModule(batch_size=32)
+        )
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+
+
+def test_channel_resume_mid_schedule_gives_the_same_masks(tmp_path):
+    def run(ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model = _model()
+        pruning = IterativePruning(0.6, importance="taylor", granularity="channel", start_epoch=1, end_epoch=4)
+        callbacks = [pruning]
+        if dirpath is not None:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        trainer = _trainer(callbacks, max_epochs=5, enable_checkpointing=dirpath is not None, deterministic=True)
+        trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return model, pruning
+
+    _, full = run(dirpath=tmp_path)
+    _, resumed = run(ckpt_path=tmp_path / "epoch=2.ckpt")  # after 2 of 3 events
+    assert full.masks.keys() == resumed.masks.keys()
+    assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
+
+
+def test_channel_qat_compact_export_and_load_into_a_fresh_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+
+    from lightning_compress import export_onnx
+
+    model = _model()
+    pruning = IterativePruning(
+        0.5, granularity="channel", scope="layer", start_epoch=0, end_epoch=2, export_path=tmp_path / "fit.lcz"
+    )
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1)
+    _trainer([pruning, qat]).fit(model, DigitsDataModule(batch_size=32))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.eval()
+    x = _x()
+    compact(model)
+    assert model.net.blocks[0].conv1.out_channels == 4
+    expected = model(x)
+    save_compressed(model, tmp_path / "model.lcz")
+    fresh = DigitsClassifier(DigitsResNet(8, blocks=2)).eval()  # the original architecture, not compacted
+    load_compressed(fresh, tmp_path / "model.lcz")
+    torch.testing.assert_close(fresh(x), expected, atol=1e-6, rtol=0)
+    fit_end = DigitsClassifier(DigitsResNet(8, blocks=2)).eval()  # the export_path copy was compacted too
+    load_compressed(fit_end, tmp_path / "fit.lcz")
+    assert fit_end.net.blocks[0].conv1.out_channels == 4
+    assert all(shapes[k] == v.shape for k, v in _model().state_dict().items())  # fit left the shapes alone
+    export_onnx(model, tmp_path / "model.onnx", x)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    agree = (np.argmax(got, 1) == expected.argmax(1).numpy()).mean()
+    assert agree >= 0.95
+
+
+def test_a_file_for_a_wider_model_still_fails_cleanly(tmp_path):
+    from lightning_compress import CompressedFileError
+
+    small = DigitsClassifier(DigitsResNet(4, blocks=2))
+    save_compressed(small, tmp_path / "small.lcz")  # not compacted: a different architecture
+    target = DigitsClassifier(DigitsResNet(8, blocks=2))
+    before = copy.deepcopy(target.state_dict())
+    with pytest.raises(CompressedFileError, match="another architecture"):
+        load_compressed(target, tmp_path / "small.lcz")
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_two_four_is_kept_through_qat_and_export(tmp_path):
+    pytest.importorskip("onnx")
+    import onnx
+    from onnx import numpy_helper
+
+    from lightning_compress import export_onnx
+
+    model = _model("cnn")
+    pruning = IterativePruning(0.5, granularity="2:4", start_epoch=0, end_epoch=3)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1)
+    with pytest.warns(UserWarning, match=r"\['net.0'\] stay dense"):
+        _trainer([pruning, qat]).fit(model, DigitsDataModule(batch_size=32))
+    names = [t.param_name for t in pruning.pruner.targets]
+    assert names == ["net.2.weight", "net.7.weight", "net.9.weight"]
+    for name in names:
+        assert is_nm(model.state_dict()[name], 2, 4), name
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = DigitsClassifier(DigitsCNN(8))
+    load_compressed(fresh, tmp_path / "m.lcz")
+    for name in names:
+        assert is_nm(fresh.state_dict()[name], 2, 4), name
+    export_onnx(model, tmp_path / "m.onnx", _x())
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    int8 = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    weights = [torch.from_numpy(a.copy()) for a in int8 if a.ndim >= 2]
+    pruned = [w for w in weights if float((w == 0).float().mean()) >= 0.45]  # the three 2:4 layers, not net.0
+    assert len(pruned) == 3
+
+    def two_four(w):  # ONNX may store a Linear weight as [in, out] for MatMul: either orientation
+        return (w.shape[1] % 4 == 0 and is_nm(w, 2, 4)) or (w.shape[0] % 4 == 0 and is_nm(w.t(), 2, 4))
+
+    assert all(two_four(w) for w in pruned)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"granularity": "rows"}, ValueError, "`granularity`='rows' is not one of"),
+        ({"granularity": 4}, TypeError, "`granularity` must be"),
+        ({"granularity": "4:4"}, ValueError, "N:M needs 0 < N < M"),
+        ({"importance": "bn_scale"}, ValueError, "`importance`='bn_scale' .* needs granularity='channel'"),
+        ({"granularity": "2:4", "target_sparsity": 0.9}, ValueError, "set `target_sparsity`=0.5"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    kwargs = {"target_sparsity": 0.5, **kwargs}
+    with pytest.raises(error, match=match):
+        IterativePruning(**kwargs)
+
+
+def test_channel_needs_example_inputs_and_leaves_the_model_alone():
+    model = _model()
+    model.example_input_array = None
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="set `self.example_input_array`"):
+        _trainer([IterativePruning(0.5, granularity="channel")]).fit(model, DigitsDataModule(batch_size=32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nm_without_an_eligible_layer_fails_before_training():
+    model = _model("cnn")
+    with pytest.raises(ValueError, match="input size is a multiple of 4"):
+        _trainer([IterativePruning(0.5, granularity="2:4", include="net.0")]).fit(model, DigitsDataModule(batch_size=32))

@@ -1,0 +1,69 @@
+"""N:M masks: exact N per block at the end, monotone on the way, blocks along the input dimension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.importance import MagnitudeImportance, RandomImportance
+from lightning_compress.core.nm import block_view, from_block_view, is_nm, parse_nm
+from lightning_compress.core.pruner import Pruner
+from lightning_compress.core.selection import select_targets
+from lightning_compress.core.nm import NMRule
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv1d(32, 8, 3), nn.Flatten(), nn.Linear(8 * 6, 4))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("importance", [MagnitudeImportance(), RandomImportance(1)])
+def test_ramp_ends_in_an_exact_pattern(n, m, scope, importance):
+    model = _model()
+    targets = select_targets(model)
+    pruner = Pruner(targets, importance, scope, 0.0, NMRule(n, m))
+    final = 1 - n / m
+    previous = None
+    for sparsity in (final / 3, 2 * final / 3, final):
+        pruner.prune_to(sparsity)
+        masks = pruner.bool_masks()
+        if previous is not None:
+            assert all(bool((masks[k] <= previous[k]).all()) for k in masks)
+        assert abs(pruner.masked_sparsity() - sparsity) <= 1 / pruner.total or scope == "layer"
+        previous = masks
+    for target in targets:
+        mask = pruner.bool_masks()[target.param_name]
+        assert is_nm(mask, n, m)
+        assert bool((block_view(mask, m).sum(-1) == n).all())  # exactly n kept per block
+        assert bool((target.param[~mask] == 0).all())
+
+
+def test_blocks_run_along_the_input_dimension():
+    weight = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
+    blocks = block_view(weight, 4)
+    assert blocks.shape == (2, 3, 2, 4)
+    assert torch.equal(blocks[0, 0, 0], weight[0, 0:4, 0])  # consecutive input channels at one kernel position
+    assert torch.equal(from_block_view(blocks, weight), weight)
+
+
+def test_magnitude_keeps_the_largest_of_each_block():
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -3.0, 2.0, 0.5]]))
+    pruner = Pruner(select_targets(nn.Sequential(layer)), MagnitudeImportance(), "layer", 0.0, NMRule(2, 4))
+    pruner.prune_to(0.5)
+    assert layer.weight.tolist() == [[0.0, -3.0, 2.0, 0.0]]
+
+
+@pytest.mark.parametrize("spec,expected", [("2:4", (2, 4)), ("1:8", (1, 8)), ("element", None), ("2-4", None)])
+def test_parse(spec, expected):
+    assert parse_nm(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["4:4", "0:4", "5:4", "1:128"])
+def test_parse_rejects_impossible_patterns(spec):
+    with pytest.raises(ValueError, match="N:M needs 0 < N < M"):
+        parse_nm(spec)

@@ -1,0 +1,226 @@
+"""Channel groups, channel masks and compaction on real architectures (residual, concat, flatten, depthwise)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import CompactionError, compact
+from lightning_compress.core.channels import ChannelRule
+from lightning_compress.core.importance import (
+    BatchNormScaleImportance,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+)
+from lightning_compress.core.pruner import Pruner
+from lightning_compress.core.structure import build_channel_groups
+from lightning_compress.demo import DigitsCNN, DigitsResNet
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(14)
+        self.c = nn.Conv2d(14, 4, 1)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        return self.fc(self.c(y).flatten(1))
+
+
+class Depthwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1 = nn.Conv2d(1, 12, 1)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.bn = nn.BatchNorm2d(12)
+        self.pw2 = nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.pw2(torch.relu(self.bn(self.dw(self.pw1(x)))))
+        return self.fc(y.mean((2, 3)))
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 24), nn.Sigmoid(), nn.Linear(24, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+class ChannelSoftmax(nn.Module):
+    """A softmax over channels mixes them: the graph treats it as element-wise, compaction must refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.softmax(self.fc1(x), dim=1))
+
+
+def _randomize_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_()
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+
+
+CASES = [
+    (lambda: DigitsCNN(8), (4, 1, 8, 8)),
+    (lambda: DigitsResNet(16, blocks=3), (4, 1, 8, 8)),
+    (Concat, (4, 1, 8, 8)),
+    (Depthwise, (4, 1, 8, 8)),
+    (Mlp, (4, 16)),
+]
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("make,shape", CASES)
+def test_masked_and_compacted_models_agree(make, shape, scope):
+    torch.manual_seed(0)
+    model = make()
+    _randomize_norms(model)
+    x = torch.randn(*shape)
+    groups, skipped = build_channel_groups(model, x)
+    assert groups and skipped  # the head's outputs are never a prunable group
+    rule = ChannelRule(model, groups)
+    pruner = Pruner(rule.targets, MagnitudeImportance(), scope, 0.1, rule)
+    assert pruner.prune_to(0.5)
+    pruned, total = pruner.units()
+    assert abs(pruned - 0.5 * total) <= (1 if scope == "global" else len(groups))
+    model.eval()
+    masked = model(x)
+    before = sum(p.numel() for p in model.parameters())
+    report = compact(model, x)
+    assert report.params_after < before
+    assert sum(p.numel() for p in model.parameters()) == report.params_after
+    assert sum(a - b for a, b in report.channels.values()) == pruned
+    torch.testing.assert_close(model(x), masked, atol=1e-5, rtol=1e-5)
+    assert all(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) or not list(m.parameters(recurse=False))
+               for m in model.modules())
+    with torch.no_grad():  # the compact model is an ordinary model: it trains and runs other batch sizes
+        model(torch.randn(7, *shape[1:]))
+
+
+def test_residual_chain_is_one_group_and_the_head_stays_whole():
+    model = DigitsResNet(8, blocks=2)
+    groups, skipped = build_channel_groups(model, torch.zeros(1, 1, 8, 8))
+    residual = next(g for g in groups if "stem.0" in g.modules())
+    assert {"stem.0", "stem.1", "blocks.0.conv2", "blocks.0.bn2", "blocks.1.conv2", "head"} <= set(residual.modules())
+    assert "head" in skipped and "output" in skipped["head"]
+
+
+def test_unsupported_layers_leave_their_groups_whole():
+    groups, skipped = build_channel_groups(WithLayerNorm(), torch.zeros(2, 16))
+    assert not groups
+    assert "LayerNorm" in skipped["fc1"]
+    with pytest.raises(ValueError, match="no prunable channel group"):
+        ChannelRule(WithLayerNorm(), groups)
+
+
+def test_producers_filter_the_groups():
+    model = DigitsCNN(8)
+    groups, skipped = build_channel_groups(model, torch.zeros(1, 1, 8, 8), producers={"0", "7"})
+    assert {g.name for g in groups} == {"0", "7"}
+    assert "not selected" in skipped["2"]
+
+
+def test_tracing_restores_training_mode_and_changes_no_weight():
+    model = DigitsResNet(8, blocks=1).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    build_channel_groups(model, torch.randn(2, 1, 8, 8))
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "importance", [MagnitudeImportance(), TaylorImportance(), RandomImportance(3), BatchNormScaleImportance()]
+)
+def test_every_importance_prunes_channels_monotonically(importance):
+    torch.manual_seed(0)
+    model = DigitsResNet(16, blocks=2)
+    x = torch.randn(8, 1, 8, 8)
+    groups, _ = build_channel_groups(model, x)
+    rule = ChannelRule(model, groups)
+    rule.check(importance)
+    pruner = Pruner(rule.targets, importance, "global", 0.1, rule)
+    previous = None
+    for sparsity in (0.25, 0.5, 0.75):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), torch.arange(8) % 10).backward()
+        pruner.observe_gradients()
+        pruner.prune_to(sparsity)
+        alive = rule.alive(pruner.bool_masks())
+        assert abs(pruner.masked_sparsity() - sparsity) <= 1 / rule.total_channels
+        assert all(int(a.sum()) >= 2 for a in alive)  # the min_density floor: ceil(0.1 * 16)
+        if previous is not None:
+            assert all(bool((a <= p).all()) for a, p in zip(alive, previous, strict=True))  # pruned stay pruned
+        previous = alive
+
+
+def test_bn_scale_needs_a_batchnorm_in_every_group():
+    model = DigitsCNN(8)
+    groups, _ = build_channel_groups(model, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="needs a BatchNorm in every pruned channel group"):
+        ChannelRule(model, groups).check(BatchNormScaleImportance())
+
+
+def test_non_finite_scores_raise():
+    model = Mlp()
+    groups, _ = build_channel_groups(model, torch.zeros(2, 16))
+    rule = ChannelRule(model, groups)
+    with torch.no_grad():
+        model.net[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Pruner(rule.targets, MagnitudeImportance(), "layer", 0.0, rule).prune_to(0.5)
+
+
+def test_compact_refuses_when_outputs_would_change_and_leaves_the_model_alone():
+    model = ChannelSoftmax()
+    with torch.no_grad():
+        model.fc1.weight[:8] = 0
+        model.fc1.bias[:8] = 0
+        model.fc2.weight[:, :8] = 0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompactionError, match="model is unchanged"):
+        compact(model, torch.randn(4, 16))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.fc1.out_features == 32
+
+
+def test_compact_needs_example_inputs():
+    with pytest.raises(ValueError, match="needs `example_inputs`"):
+        compact(Mlp())
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        compact("model")  # type: ignore[arg-type]
+
+
+def test_compact_with_nothing_to_remove_is_a_no_op():
+    model = Mlp()
+    report = compact(model, torch.zeros(2, 16))
+    assert report.params_before == report.params_after
+    assert all(a == b for a, b in report.channels.values())
