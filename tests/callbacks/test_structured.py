@@ -50,7 +50,9 @@ def _x():
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_channel_pruning_reaches_the_target_and_compacts_exactly(net, importance, scope):
     model = _model(net)
-    pruning = IterativePruning(0.5, importance=importance, granularity="channel", scope=scope, start_epoch=1, end_epoch=3)
+    pruning = IterativePruning(
+        0.5, importance=importance, granularity="channel", scope=scope, start_epoch=1, end_epoch=3
+    )
     _trainer([pruning]).fit(model, DigitsDataModule(batch_size=32))
     rule = pruning.pruner.rule
     pruned, total = pruning.pruner.units()
@@ -198,7 +200,7 @@ def test_channel_needs_example_inputs_and_leaves_the_model_alone():
     model = _model()
     model.example_input_array = None
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="set `self.example_input_array`"):
+    with pytest.raises(ValueError, match=r"set `self\.example_input_array`"):
         _trainer([IterativePruning(0.5, granularity="channel")]).fit(model, DigitsDataModule(batch_size=32))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -206,4 +208,6 @@ def test_channel_needs_example_inputs_and_leaves_the_model_alone():
 def test_nm_without_an_eligible_layer_fails_before_training():
     model = _model("cnn")
     with pytest.raises(ValueError, match="input size is a multiple of 4"):
-        _trainer([IterativePruning(0.5, granularity="2:4", include="net.0")]).fit(model, DigitsDataModule(batch_size=32))
+        _trainer([IterativePruning(0.5, granularity="2:4", include="net.0")]).fit(
+            model, DigitsDataModule(batch_size=32)
+        )

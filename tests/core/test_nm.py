@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from lightning_compress.core.importance import MagnitudeImportance, RandomImportance
-from lightning_compress.core.nm import block_view, from_block_view, is_nm, parse_nm
+from lightning_compress.core.nm import NMRule, block_view, from_block_view, is_nm, parse_nm
 from lightning_compress.core.pruner import Pruner
 from lightning_compress.core.selection import select_targets
-from lightning_compress.core.nm import NMRule
 
 
 def _model() -> nn.Module:

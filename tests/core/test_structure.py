@@ -120,8 +120,10 @@ def test_masked_and_compacted_models_agree(make, shape, scope):
     assert sum(p.numel() for p in model.parameters()) == report.params_after
     assert sum(a - b for a, b in report.channels.values()) == pruned
     torch.testing.assert_close(model(x), masked, atol=1e-5, rtol=1e-5)
-    assert all(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) or not list(m.parameters(recurse=False))
-               for m in model.modules())
+    assert all(
+        type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) or not list(m.parameters(recurse=False))
+        for m in model.modules()
+    )
     with torch.no_grad():  # the compact model is an ordinary model: it trains and runs other batch sizes
         model(torch.randn(7, *shape[1:]))
 
@@ -215,7 +217,7 @@ def test_compact_refuses_when_outputs_would_change_and_leaves_the_model_alone():
 def test_compact_needs_example_inputs():
     with pytest.raises(ValueError, match="needs `example_inputs`"):
         compact(Mlp())
-    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module"):
         compact("model")  # type: ignore[arg-type]
 
 
