@@ -1,7 +1,7 @@
 """Run by the DDP tests: fit TinyModule with 2 CPU processes (gloo) and dump each rank's masks and state.
 
-A job name is an importance (``magnitude``, ``taylor``, ``random``, ``noisy``), optionally ``+qat-<scale>``,
-or ``qat-<scale>`` alone.
+A job name is an importance (``magnitude``, ``taylor``, ``random``, ``noisy``), optionally prefixed with a
+granularity (``channel-``, ``2:4-``) and followed by ``+qat-<scale>``, or ``qat-<scale>`` alone.
 """
 
 import sys
@@ -33,8 +33,13 @@ def main(out_dir: str, importances: list[str]) -> None:
         callbacks: list[pl.Callback] = []
         pruning = None
         if prune_part:
+            granularity, _, prune_part = prune_part.rpartition("-")  # "channel-taylor", "2:4-noisy", "magnitude"
             importance = RankNoisyImportance() if prune_part == "noisy" else prune_part
-            pruning = IterativePruning(0.8, importance=importance, start_epoch=0, end_epoch=3)
+            target = {"": 0.8, "channel": 0.5, "2:4": 0.5}[granularity]
+            model.example_input_array = torch.zeros(1, 16)
+            pruning = IterativePruning(
+                target, importance=importance, start_epoch=0, end_epoch=3, granularity=granularity or "element"
+            )
             callbacks.append(pruning)
         if qat_part:
             callbacks.append(QuantizationAwareTraining(4, 8, scale=qat_part.removeprefix("qat-"), start_epoch=1))
