@@ -137,9 +137,8 @@ def main() -> None:
         entry["runs"].append(
             {k: {kk: vv for kk, vv in v.items() if kk != "net"} if isinstance(v, dict) else v for k, v in out.items()}
         )
-    print(
-        f"\n50% of channels, {args.dense_epochs} dense epochs + {args.finetune_epochs} fine-tuning epochs, seeds {args.seeds}\n"
-    )
+    budget = f"{args.dense_epochs} dense epochs + {args.finetune_epochs} fine-tuning epochs"
+    print(f"\n50% of channels, {budget}, seeds {args.seeds}\n")
     print("| model | method | parameters | test accuracy (mean) | vs dense | ms / batch 256 (1 thread) | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for model, entry in results.items():
