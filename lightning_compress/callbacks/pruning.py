@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from ..core.channels import ChannelRule
+from ..core.compact import removable_groups
 from ..core.controller import AccuracyGuard, GuardDecision
 from ..core.functional import validate_fraction
 from ..core.importance import Importance, resolve_importance
@@ -302,6 +303,8 @@ class IterativePruning(Callback):
             )
         example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
         groups, skipped = build_channel_groups(pl_module, example, producers={t.name for t in targets})
+        groups, rejected = removable_groups(pl_module, example, groups)
+        skipped.update(rejected)
         if not groups:
             raise ValueError(
                 "`granularity`='channel' found no channel group it can prune: "

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .structure import ChannelGroup, build_channel_groups, call_model, is_depthwise, param_slices
 
-__all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "resize_module"]
+__all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "removable_groups", "resize_module"]
 
 COMPACTED_FLAG = "_lightning_compress_compacted"  # set on a compacted model; save_compressed records it
 
@@ -68,18 +68,23 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
 Plan = dict[str, dict[str, Tensor]]
 
 
-def plan(model: nn.Module, groups: list[ChannelGroup]) -> tuple[Plan, dict[str, tuple[int, int]]]:
-    """Per module, the sorted positions to keep along ``"out"``/``"in"``; per group (before, after)."""
+def plan(
+    model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None = None
+) -> tuple[Plan, dict[str, tuple[int, int]]]:
+    """Per module, the sorted positions to keep along ``"out"``/``"in"``; per group (before, after).
+
+    ``dead``: per group, the channels to remove (default: those whose slices are all zero).
+    """
     modules = dict(model.named_modules())
     removed: dict[str, dict[str, set[int]]] = {}
     channels: dict[str, tuple[int, int]] = {}
-    for group in groups:
-        dead = _zero_channels(model, group)
-        if bool(dead.all()):
-            dead[0] = False  # a layer keeps at least one channel
-        channels[group.name] = (group.size, group.size - int(dead.sum()))
+    for i, group in enumerate(groups):
+        gone_channels = _zero_channels(model, group) if dead is None else dead[i].clone()
+        if bool(gone_channels.all()):
+            gone_channels[0] = False  # a layer keeps at least one channel
+        channels[group.name] = (group.size, group.size - int(gone_channels.sum()))
         for s in group.slices:
-            gone = s.index[dead[s.channel]].tolist()
+            gone = s.index[gone_channels[s.channel]].tolist()
             if not gone:
                 continue
             kind = "out" if isinstance(modules[s.module], _NORM) or is_depthwise(modules[s.module]) else s.kind
@@ -91,6 +96,58 @@ def plan(model: nn.Module, groups: list[ChannelGroup]) -> tuple[Plan, dict[str, 
             kept = [i for i in range(_size(module, kind)) if i not in dropped]
             keep.setdefault(name, {})[kind] = torch.tensor(kept, dtype=torch.long)
     return keep, channels
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no data is copied)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _to_meta(inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return torch.empty_like(inputs, device="meta")
+    if isinstance(inputs, dict):
+        return {k: _to_meta(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_meta(v) for v in inputs)
+    return inputs
+
+
+def removable_groups(
+    model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """Keep the groups whose channels can really be removed: one shape-only forward (meta device) per group.
+
+    Catches what a dependency graph cannot see, e.g. a residual addition with the model's own input.
+    If the model cannot run on the meta device at all, every group is kept (``compact`` still checks).
+    """
+    meta = _meta_copy(model).eval()
+    inputs = _to_meta(example_inputs)
+    try:
+        with torch.no_grad():
+            call_model(meta, inputs)
+    except Exception:  # data-dependent code: no shape check possible
+        return list(groups), {}
+    ok: list[ChannelGroup] = []
+    rejected: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+        dead[i][0] = True
+        trial = copy.deepcopy(meta)
+        _apply(trial, plan(trial, groups, dead)[0])
+        try:
+            with torch.no_grad():
+                call_model(trial, inputs)
+        except Exception:  # any failure: these channels cannot go
+            rejected[group.name] = "its channels also feed an operation the dependency graph does not see"
+        else:
+            ok.append(group)
+    return ok, rejected
 
 
 def _size(layer: nn.Module, kind: str) -> int:
@@ -220,12 +277,17 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
                 "LightningModule with `example_input_array` set."
             )
     groups, _ = build_channel_groups(model, example_inputs)
+    groups, _ = removable_groups(model, example_inputs, groups)
     keep, channels = plan(model, groups)
     report = CompactReport(channels=channels, params_before=sum(p.numel() for p in model.parameters()))
     if keep:
         trial = copy.deepcopy(model)
         _apply(trial, keep)
-        before, after = _outputs(model, example_inputs), _outputs(trial, example_inputs)
+        before = _outputs(model, example_inputs)
+        try:
+            after = _outputs(trial, example_inputs)
+        except RuntimeError as err:
+            raise CompactionError(f"the compacted model does not run ({err}); the model is unchanged.") from err
         same_shapes = len(before) == len(after) and all(a.shape == b.shape for a, b in zip(before, after, strict=True))
         diff = max((float((a - b).abs().max()) for a, b in zip(before, after, strict=True)), default=0.0)
         scale = max((float(a.abs().max()) for a in before), default=1.0)

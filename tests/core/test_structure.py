@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lightning_compress import CompactionError, compact
 from lightning_compress.core.channels import ChannelRule
+from lightning_compress.core.compact import removable_groups
 from lightning_compress.core.importance import (
     BatchNormScaleImportance,
     MagnitudeImportance,
@@ -226,3 +229,77 @@ def test_compact_with_nothing_to_remove_is_a_no_op():
     report = compact(model, torch.zeros(2, 16))
     assert report.params_before == report.params_after
     assert all(a == b for a, b in report.channels.values())
+
+
+class RandomNet(nn.Module):
+    """Conv stages (optionally with BatchNorm and a residual add), flatten, Linear stages, head."""
+
+    def __init__(self, convs: list[tuple[int, bool, bool]], linears: list[int]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.residual: list[bool] = []
+        channels = 2
+        for width, norm, residual in convs:
+            width = channels if residual else width
+            self.convs.append(nn.Conv2d(channels, width, 3, padding=1, bias=not norm))
+            self.norms.append(nn.BatchNorm2d(width) if norm else nn.Identity())
+            self.residual.append(residual)
+            channels = width
+        features = channels * 16
+        layers: list[nn.Module] = []
+        for width in linears:
+            layers += [nn.Linear(features, width), nn.ReLU()]
+            features = width
+        self.mlp = nn.Sequential(*layers, nn.Linear(features, 3))
+
+    def forward(self, x):
+        for conv, norm, residual in zip(self.convs, self.norms, self.residual, strict=True):
+            y = torch.relu(norm(conv(x)))
+            x = x + y if residual else y
+        return self.mlp(x.flatten(1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    convs=st.lists(st.tuples(st.integers(1, 6), st.booleans(), st.booleans()), max_size=3),
+    linears=st.lists(st.integers(1, 8), max_size=2),
+    sparsity=st.floats(0.0, 0.95),
+    scope=st.sampled_from(["global", "layer"]),
+    seed=st.integers(0, 3),
+)
+def test_random_architectures_compact_to_the_same_outputs(convs, linears, sparsity, scope, seed):
+    torch.manual_seed(seed)
+    model = RandomNet(convs, linears)
+    _randomize_norms(model)
+    x = torch.randn(3, 2, 4, 4)
+    groups, _ = removable_groups(model, x, build_channel_groups(model, x)[0])
+    if not groups:
+        with pytest.raises(ValueError, match="no prunable channel group"):
+            ChannelRule(model, groups)
+        return
+    rule = ChannelRule(model, groups)
+    pruner = Pruner(rule.targets, RandomImportance(seed), scope, 0.0, rule)
+    pruner.prune_to(sparsity)
+    model.eval()
+    masked = model(x)
+    report = compact(model, x)
+    assert sum(a - b for a, b in report.channels.values()) == pruner.units()[0]
+    torch.testing.assert_close(model(x), masked, atol=1e-5, rtol=1e-5)
+
+
+def test_a_residual_add_with_the_model_input_is_not_removable():
+    """The graph cannot see the input's channels: the shape check must reject that group."""
+    model = RandomNet([(2, False, True)], [])
+    x = torch.randn(3, 2, 4, 4)
+    groups, _ = build_channel_groups(model, x)
+    assert any(g.name == "convs.0" for g in groups)
+    kept, rejected = removable_groups(model, x, groups)
+    assert "convs.0" in rejected and all(g.name != "convs.0" for g in kept)
+    with torch.no_grad():
+        model.convs[0].weight[0] = 0
+        model.convs[0].bias[0] = 0
+        model.mlp[0].weight[:, :16] = 0
+    report = compact(model, x)  # nothing to remove in a removable group, and no crash
+    assert report.params_after == report.params_before
+    assert model.convs[0].out_channels == 2
