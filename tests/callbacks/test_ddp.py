@@ -27,13 +27,19 @@ JOBS = [
 def test_masks_identical_on_every_rank(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = ROOT / "tests" / "callbacks" / "ddp_script.py"
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, str(script), str(tmp_path), ",".join(JOBS)],
         check=True,
         env=env,
         cwd=tmp_path,
         timeout=600,
+        capture_output=True,
+        text=True,
     )
+    output = run.stdout + run.stderr  # both ranks write here
+    # decisions are logged once, by rank zero, not once per process
+    assert output.count("QuantizationAwareTraining: fake quantization on") == sum("qat" in job for job in JOBS)
+    assert output.count("IterativePruning: channels left whole") == sum(job.startswith("channel-") for job in JOBS)
     for name in JOBS:
         r0 = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{name}_rank1.pt", weights_only=True)
