@@ -61,18 +61,21 @@ def test_killed_runs_resume_to_the_same_masks(tmp_path):
     training = training_seconds((tmp_path / "reference" / "log.txt").read_text())
     want = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
     rng = random.Random(1234)
-    killed = 0
-    for i in range(KILLS):
-        work = tmp_path / f"run{i}"
-        killed += kill_during_training(work, rng.uniform(0.0, 0.9 * training))
+    killed = attempts = 0
+    while killed < KILLS:
+        attempts += 1
+        assert attempts <= 3 * KILLS, f"only {killed} of {attempts - 1} kills landed during training"
+        work = tmp_path / f"run{attempts}"
+        # a kill time inside training; if this run trains faster than the reference (less load), shrink it
+        after = rng.uniform(0.0, 0.9 * training) * 0.5 ** (attempts - 1 - killed)
+        killed += kill_during_training(work, after)
         for checkpoint in sorted((work / "ckpt").glob("*.ckpt")) if (work / "ckpt").exists() else []:
             torch.load(checkpoint, weights_only=True)  # no torn checkpoint left on disk
         if not (work / "final.pt").exists():
             run_to_end(work)  # resume from last.ckpt (or start over if killed before the first one)
         got = torch.load(work / "final.pt", weights_only=True)
-        assert got["masks"].keys() == want["masks"].keys(), i
+        assert got["masks"].keys() == want["masks"].keys(), attempts
         for key in want["masks"]:
-            assert torch.equal(got["masks"][key], want["masks"][key]), (i, key)
+            assert torch.equal(got["masks"][key], want["masks"][key]), (attempts, key)
         for key in want["state"]:
-            assert torch.equal(got["state"][key], want["state"][key]), (i, key)
-    assert killed >= KILLS - 2  # the kills really landed during training
+            assert torch.equal(got["state"][key], want["state"][key]), (attempts, key)
