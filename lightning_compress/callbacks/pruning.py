@@ -17,9 +17,9 @@ from torch import Tensor
 from ..core.channels import ChannelRule
 from ..core.compact import removable_groups
 from ..core.controller import AccuracyGuard, GuardDecision
-from ..core.functional import validate_fraction
+from ..core.functional import check_granularity, validate_fraction
 from ..core.importance import Importance, resolve_importance
-from ..core.nm import NMRule, eligible, parse_nm
+from ..core.nm import NMRule, eligible
 from ..core.pruner import MaskRule, Pruner
 from ..core.schedule import SCHEDULES, PruningSchedule
 from ..core.selection import Target, normalize_patterns, select_targets
@@ -119,7 +119,7 @@ class IterativePruning(Callback):
         self.target_sparsity = validate_fraction(target_sparsity, "target_sparsity")
         resolve_importance(importance, check_int(seed, "seed", minimum=0) or 0)  # validates
         self.importance = importance
-        self.granularity, self._nm = _check_granularity(granularity, self.target_sparsity, importance)
+        self.granularity, self._nm = check_granularity(granularity, self.target_sparsity, importance)
         self.scope = check_choice(scope, "scope", ("global", "layer"))
         if not callable(schedule):
             check_choice(schedule, "schedule", SCHEDULES)
@@ -535,25 +535,6 @@ class IterativePruning(Callback):
                 sync_dist=trainer.world_size > 1,
                 batch_size=1,
             )
-
-
-def _check_granularity(granularity: object, target: float, importance: object) -> tuple[str, tuple[int, int] | None]:
-    if not isinstance(granularity, str):
-        raise TypeError(f"`granularity` must be 'element', 'channel' or 'N:M' such as '2:4', got {granularity!r}.")
-    nm = parse_nm(granularity)
-    if nm is None and granularity not in ("element", "channel"):
-        raise ValueError(f"`granularity`={granularity!r} is not one of 'element', 'channel' or 'N:M' such as '2:4'.")
-    if importance == "bn_scale" and granularity != "channel":
-        raise ValueError(
-            f"`importance`='bn_scale' scores channels by their BatchNorm scale: it needs granularity='channel', "
-            f"got `granularity`={granularity!r}."
-        )
-    if nm is not None and abs(target - (1.0 - nm[0] / nm[1])) > 1e-9:
-        raise ValueError(
-            f"`granularity`={granularity!r} ends at sparsity 1 - {nm[0]}/{nm[1]} = {1.0 - nm[0] / nm[1]:.4g}: "
-            f"set `target_sparsity`={1.0 - nm[0] / nm[1]:.4g}, got {target}."
-        )
-    return granularity, nm
 
 
 def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .importance import Importance, resolve_importance
 from .masks import compute_masks
-from .selection import select_targets
+from .nm import NMRule, eligible, parse_nm
+from .selection import Target, select_targets
 
-__all__ = ["prune_", "sparsity", "validate_fraction"]
+__all__ = ["check_granularity", "prune_", "sparsity", "validate_fraction"]
 
 
 def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = False) -> float:
@@ -25,6 +28,28 @@ def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = F
     return value
 
 
+def check_granularity(
+    granularity: object, target: float, importance: object, argument: str = "target_sparsity"
+) -> tuple[str, tuple[int, int] | None]:
+    """Validate ``granularity`` against the target and importance; returns it and ``(N, M)`` or ``None``."""
+    if not isinstance(granularity, str):
+        raise TypeError(f"`granularity` must be 'element', 'channel' or 'N:M' such as '2:4', got {granularity!r}.")
+    nm = parse_nm(granularity)
+    if nm is None and granularity not in ("element", "channel"):
+        raise ValueError(f"`granularity`={granularity!r} is not one of 'element', 'channel' or 'N:M' such as '2:4'.")
+    if importance == "bn_scale" and granularity != "channel":
+        raise ValueError(
+            f"`importance`='bn_scale' scores channels by their BatchNorm scale: it needs granularity='channel', "
+            f"got `granularity`={granularity!r}."
+        )
+    if nm is not None and abs(target - (1.0 - nm[0] / nm[1])) > 1e-9:
+        raise ValueError(
+            f"`granularity`={granularity!r} ends at sparsity 1 - {nm[0]}/{nm[1]} = {1.0 - nm[0] / nm[1]:.4g}: "
+            f"set `{argument}`={1.0 - nm[0] / nm[1]:.4g}, got {target}."
+        )
+    return granularity, nm
+
+
 def prune_(
     model: nn.Module,
     sparsity: float,
@@ -36,6 +61,8 @@ def prune_(
     min_density: float = 0.0,
     masks: Mapping[str, Tensor] | None = None,
     seed: int = 0,
+    granularity: str = "element",
+    example_inputs: Any = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place to ``sparsity`` and return the masks.
 
@@ -51,9 +78,14 @@ def prune_(
         min_density: with ``scope="global"``, the smallest fraction each layer keeps.
         masks: masks from an earlier call: those weights stay pruned.
         seed: seed of ``importance="random"``.
+        granularity: ``"element"``, ``"channel"`` (``sparsity`` is then the fraction of
+            channels; needs ``example_inputs``; follow with :func:`~lightning_compress.compact`)
+            or ``"N:M"`` such as ``"2:4"`` (``sparsity`` must be ``1 - N/M``).
+        example_inputs: what the model's ``forward`` takes (tensor, tuple or dict), for ``"channel"``.
 
     Returns:
-        ``{parameter name: bool mask}``, ``True`` where the weight is kept.
+        ``{parameter name: bool mask}``, ``True`` where the weight is kept (with ``"channel"`` also
+        the biases and BatchNorm parameters of the pruned channels).
 
     Example:
         >>> import torch
@@ -72,9 +104,42 @@ def prune_(
             f"`min_density`={min_density} leaves no room for `sparsity`={sparsity}: "
             f"it must be at most 1 - sparsity = {1.0 - sparsity:.4g}."
         )
+    granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude)
-    return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
+    if granularity == "element":
+        return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
+    current = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
+    if nm is not None:
+        kept = [t for t in targets if eligible(t.param, nm[1])]
+        if not kept:
+            raise ValueError(
+                f"`granularity`={granularity!r}: no selected layer has an input size that is a multiple of {nm[1]}."
+            )
+        new = NMRule(*nm).compute(kept, imp, sparsity, scope, min_density, current)
+        return _apply(kept, new)
+    if example_inputs is None:
+        raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
+    from .channels import ChannelRule
+    from .compact import removable_groups
+    from .structure import build_channel_groups
+
+    groups, skipped = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
+    groups, rejected = removable_groups(model, example_inputs, groups)
+    if not groups:
+        reasons = "; ".join(f"{n}: {why}" for n, why in {**skipped, **rejected}.items())
+        raise ValueError(f"`granularity`='channel' found no channel group it can prune: {reasons}")
+    rule = ChannelRule(model, groups)
+    rule.check(imp)
+    new = rule.compute(rule.targets, imp, sparsity, scope, min_density, current)
+    return _apply(rule.targets, new)
+
+
+def _apply(targets: Sequence[Target], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    with torch.no_grad():
+        for target in targets:
+            target.param.mul_(masks[target.param_name].to(target.param.dtype))
+    return masks
 
 
 def sparsity(

@@ -81,3 +81,43 @@ def test_min_density_equal_to_the_remaining_fraction_is_allowed():
     prune_(model, 0.9, min_density=0.1)
     for layer in (model[0], model[2]):
         assert (layer.weight != 0).float().mean() >= 0.1 - 1e-9
+
+
+def test_prune_channels_then_compact_without_lightning():
+    from lightning_compress import compact
+    from lightning_compress.demo import DigitsResNet
+
+    torch.manual_seed(0)
+    model = DigitsResNet(8, blocks=2).eval()
+    x = torch.randn(4, 1, 8, 8)
+    masks = prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=x)
+    assert "net" not in masks and "stem.1.weight" in masks  # BatchNorm scales are masked with their channels
+    expected = model(x)
+    report = compact(model, x)
+    assert all(after == before // 2 for before, after in report.channels.values())
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prune_two_four_without_lightning():
+    from lightning_compress.core.nm import is_nm
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    masks = prune_(model, 0.5, granularity="2:4")
+    assert all(is_nm(m, 2, 4) for m in masks.values())
+    assert all(is_nm(model.get_parameter(name), 2, 4) for name in masks)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"granularity": "channel"}, "pass `example_inputs`"),
+        ({"granularity": "2:4", "sparsity": 0.3}, "set `sparsity`=0.5"),
+        ({"granularity": "1:4", "include": "0", "sparsity": 0.75}, "multiple of 4"),
+    ],
+)
+def test_prune_granularity_errors_leave_the_model_alone(kwargs, match):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_(model, **{"sparsity": 0.5, **kwargs})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
