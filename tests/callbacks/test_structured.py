@@ -211,3 +211,21 @@ def test_nm_without_an_eligible_layer_fails_before_training():
         _trainer([IterativePruning(0.5, granularity="2:4", include="net.0")]).fit(
             model, DigitsDataModule(batch_size=32)
         )
+
+
+def test_channel_pruning_with_the_accuracy_guard_and_rewinding():
+    model = _model()
+    pruning = IterativePruning(
+        0.5,
+        granularity="channel",
+        start_epoch=1,
+        end_epoch=3,
+        monitor="val_acc",
+        max_drop=1.0,  # never triggers: the guard's bookkeeping must still work in channel units
+        rewind_epoch=0,
+    )
+    _trainer([pruning], max_epochs=4).fit(model, DigitsDataModule(batch_size=32))
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.5, abs=1 / pruning.pruner.units()[1])
+    assert pruning.decisions and not [d for d in pruning.decisions if d.action in ("rollback", "stop")]
+    for name, mask in pruning.masks.items():
+        assert bool((model.state_dict()[name][~mask] == 0).all()), name

@@ -303,3 +303,19 @@ def test_a_residual_add_with_the_model_input_is_not_removable():
     report = compact(model, x)  # nothing to remove in a removable group, and no crash
     assert report.params_after == report.params_before
     assert model.convs[0].out_channels == 2
+
+
+def test_undo_restores_channels_and_their_weights():
+    torch.manual_seed(0)
+    model = DigitsResNet(8, blocks=1)
+    _randomize_norms(model)
+    x = torch.randn(2, 1, 8, 8)
+    rule = ChannelRule(model, build_channel_groups(model, x)[0])
+    pruner = Pruner(rule.targets, MagnitudeImportance(), "layer", 0.0, rule)
+    pruner.prune_to(0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pruner.prune_to(0.5, keep_undo=True)
+    assert pruner.masked_sparsity() == pytest.approx(0.5)
+    assert pruner.undo()
+    assert pruner.masked_sparsity() == pytest.approx(0.25)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
