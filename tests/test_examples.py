@@ -52,3 +52,22 @@ def test_sweep_writes_csv_and_pareto_chart(tmp_path):
     assert sizes[("0.8", "4")] < sizes[("0.0", "4")] < sizes[("0.0", "32")]
     assert any(r["pareto"] == "True" for r in rows)
     assert (tmp_path / "sweep" / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_structured_example_compacts_and_exports(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "structured.py"), "--fast", "--out", "export"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout
+    params = re.search(r"parameters\s+([\d,]+)\s+([\d,]+)", out)
+    channels = re.findall(r"^net\.\S+\s+(\d+) -> (\d+)$", out, flags=re.MULTILINE)
+    assert params and channels, out
+    before, after = (int(g.replace(",", "")) for g in params.groups())
+    assert after < 0.4 * before
+    assert all(int(b) == int(a) // 2 for a, b in channels)
+    assert (tmp_path / "export" / "resnet.lcz").exists() and (tmp_path / "export" / "resnet_int8.onnx").exists()
