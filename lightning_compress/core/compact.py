@@ -118,6 +118,24 @@ def _to_meta(inputs: Any) -> Any:
     return inputs
 
 
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in _flatten(out)]
+
+
+def _flatten(out: Any) -> list[Tensor]:
+    flat: list[Tensor] = []
+    stack = [out]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            flat.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return flat
+
+
 def removable_groups(
     model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
@@ -130,7 +148,7 @@ def removable_groups(
     inputs = _to_meta(example_inputs)
     try:
         with torch.no_grad():
-            call_model(meta, inputs)
+            shapes = _shapes(call_model(meta, inputs))
     except Exception:  # data-dependent code: no shape check possible
         return list(groups), {}
     ok: list[ChannelGroup] = []
@@ -142,9 +160,12 @@ def removable_groups(
         _apply(trial, plan(trial, groups, dead)[0])
         try:
             with torch.no_grad():
-                call_model(trial, inputs)
+                trial_shapes = _shapes(call_model(trial, inputs))
         except Exception:  # any failure: these channels cannot go
             rejected[group.name] = "its channels also feed an operation the dependency graph does not see"
+            continue
+        if trial_shapes != shapes:
+            rejected[group.name] = "its channels reach one of the model's outputs"
         else:
             ok.append(group)
     return ok, rejected
@@ -227,17 +248,7 @@ def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
     finally:
         for m, mode in training.items():
             m.training = mode
-    flat: list[Tensor] = []
-    stack = [out]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor):
-            flat.append(item.detach().float())
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (tuple, list)):
-            stack.extend(item)
-    return flat
+    return [t.detach().float() for t in _flatten(out)]
 
 
 def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4) -> CompactReport:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -319,3 +320,118 @@ def test_undo_restores_channels_and_their_weights():
     assert pruner.undo()
     assert pruner.masked_sparsity() == pytest.approx(0.25)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# more shapes of forward: keyword inputs, Conv1d, a reused layer, an unused layer, an intermediate output,
+# a chunk, bf16 weights. Each prunes what can go and keeps every output's shape, or refuses cleanly.
+class KW(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(4, 16)
+        self.c = nn.Linear(16, 8)
+        self.h = nn.Linear(8, 2)
+
+    def forward(self, x, *, y):
+        return self.h(F.relu(self.c(F.relu(self.a(x) + self.b(y)))))
+
+
+class C1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 16, 3)
+        self.bn = nn.BatchNorm1d(16)
+        self.c2 = nn.Conv1d(16, 8, 3)
+        self.h = nn.Linear(8 * 6, 4)
+
+    def forward(self, x):
+        return self.h(torch.flatten(F.relu(self.c2(F.relu(self.bn(self.c1(x))))), 1))
+
+
+class Reuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.h = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.h(F.relu(self.a(F.relu(self.a(x)))))
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.unused = nn.Linear(16, 16)
+        self.h = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.h(F.relu(self.a(x)).view(x.shape[0], -1))
+
+
+class TwoOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 16)
+        self.h = nn.Linear(16, 2)
+
+    def forward(self, x):
+        f = F.relu(self.b(F.relu(self.a(x))))
+        return self.h(f), f
+
+
+class Chunk(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.h = nn.Linear(8, 2)
+
+    def forward(self, x):
+        p, q = self.a(x).chunk(2, dim=1)
+        return self.h(p * torch.sigmoid(q))
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16).to(torch.bfloat16)
+        self.h = nn.Linear(16, 2).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.h(F.relu(self.a(x.to(torch.bfloat16))))
+
+
+@pytest.mark.parametrize(
+    "make,inputs,prunable",
+    [
+        (KW, lambda: {"x": torch.randn(4, 8), "y": torch.randn(4, 4)}, {"a", "c"}),
+        (C1, lambda: torch.randn(4, 3, 10), {"c1", "c2"}),
+        (Reuse, lambda: torch.randn(4, 8), set()),
+        (Unused, lambda: torch.randn(4, 8), {"a"}),
+        (TwoOut, lambda: torch.randn(4, 8), {"a"}),
+        (Chunk, lambda: torch.randn(4, 8), set()),
+        (Mixed, lambda: torch.randn(4, 8), {"a"}),
+    ],
+)
+def test_other_forwards_prune_what_can_go_and_keep_output_shapes(make, inputs, prunable):
+    from lightning_compress import prune_
+    from lightning_compress.core.structure import call_model
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x = inputs()
+    if not prunable:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="found no channel group it can prune"):
+            prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=x)
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        return
+    prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=x)
+    expected = call_model(model, x)
+    report = compact(model, x)
+    assert set(report.channels) == prunable
+    got = call_model(model, x)
+    expected, got = (t if isinstance(t, tuple) else (t,) for t in (expected, got))
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g.float(), e.float(), atol=1e-5, rtol=1e-5)
