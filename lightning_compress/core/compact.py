@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .qat import quantizers
 from .structure import ChannelGroup, build_channel_groups, call_model, is_depthwise, param_slices
 
 __all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "removable_groups", "resize_module"]
@@ -145,6 +146,9 @@ def removable_groups(
     If the model cannot run on the meta device at all, every group is kept (``compact`` still checks).
     """
     meta = _meta_copy(model).eval()
+    for _, quantizer in quantizers(meta):  # shapes only: the float data flow
+        quantizer.fake_quant_enabled = False
+        quantizer.observer_enabled = False
     inputs = _to_meta(example_inputs)
     try:
         with torch.no_grad():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .qat import quantizers
 
-__all__ = ["ChannelGroup", "LayerSlice", "build_channel_groups", "call_model", "param_slices"]
+__all__ = ["ChannelGroup", "LayerSlice", "build_channel_groups", "call_model", "param_slices", "plain_float"]
 
 _CONV = nn.modules.conv._ConvNd
 _NORM = nn.modules.batchnorm._BatchNorm
@@ -93,7 +93,7 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _plain_float(model: nn.Module) -> Iterator[None]:
+def plain_float(model: nn.Module) -> Iterator[None]:
     """Trace the float data flow: fake quantizers off, training mode restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     saved = []
@@ -138,7 +138,7 @@ def build_channel_groups(
     """
     tp = _torch_pruning()
     names = {module: name for name, module in model.named_modules()}
-    with torch.enable_grad(), _plain_float(model):
+    with torch.enable_grad(), plain_float(model):
         graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=call_model, verbose=False)
         raw = list(graph.get_all_groups(root_module_types=(_CONV, nn.Linear)))
     groups: list[ChannelGroup] = []

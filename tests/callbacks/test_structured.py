@@ -100,6 +100,33 @@ def test_channel_resume_mid_schedule_gives_the_same_masks(tmp_path):
     assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
 
 
+@pytest.mark.parametrize("qat_first", [False, True])
+def test_channel_pruning_resumes_with_qat_on_in_either_order(tmp_path, qat_first):
+    """The group trace and shape check run on a model whose fake quantization is already on."""
+
+    def callbacks():
+        pruning = IterativePruning(0.5, granularity="channel", scope="layer", start_epoch=1, end_epoch=3)
+        qat = QuantizationAwareTraining(8, 8, start_epoch=0)
+        return pruning, ([qat, pruning] if qat_first else [pruning, qat])
+
+    def run(dirpath=None, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = _model()
+        pruning, cbs = callbacks()
+        if dirpath is not None:
+            cbs.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        trainer = _trainer(cbs, max_epochs=4, enable_checkpointing=dirpath is not None, deterministic=True)
+        trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        return model, pruning
+
+    _, full = run(dirpath=tmp_path)
+    model, resumed = run(ckpt_path=tmp_path / "epoch=1.ckpt")  # quantization is on when the resumed fit traces
+    assert len(resumed.pruner.rule.groups) == len(full.pruner.rule.groups)
+    assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
+    report = compact(model)
+    assert report.params_after < report.params_before
+
+
 def test_channel_qat_compact_export_and_load_into_a_fresh_model(tmp_path):
     pytest.importorskip("onnxruntime")
     import numpy as np
