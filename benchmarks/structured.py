@@ -15,7 +15,8 @@ Accuracy is the test accuracy (30% split) after those epochs, mean of ``--seeds`
 eager PyTorch inference at batch 256 with one thread: interleaved rounds, median process CPU
 time of the seed-0 models; a ratio against the dense model measured in the same rounds.
 
-    python benchmarks/structured.py          # ~12 minutes on 2 CPU cores
+    python benchmarks/structured.py                # ~12 minutes on 2 CPU cores
+    python benchmarks/structured.py --speed-check  # ~1 minute: only the two compacted models' speed
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch_pruning as tp
 from common import quiet_trainer
 from torch import nn
 
-from lightning_compress import IterativePruning, compact
+from lightning_compress import IterativePruning, compact, prune_
 from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModule, DigitsResNet
 
 warnings.filterwarnings("ignore")
@@ -115,6 +116,26 @@ def speed(nets: dict[str, nn.Module], rounds: int = 40, reps: int = 5) -> dict[s
     return {name: 1000 * statistics.median(v) for name, v in per.items()}
 
 
+def speed_check(rounds: int = 100) -> dict[str, float]:
+    """The same random-weight ResNet pruned by both tools, timed alone: is one compacted model faster?"""
+    torch.manual_seed(0)
+    base = DigitsResNet(64, blocks=3).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    ours = copy.deepcopy(base)
+    prune_(ours, 0.5, granularity="channel", scope="layer", example_inputs=x)
+    compact(ours, x)
+    theirs = copy.deepcopy(base)
+    tp.pruner.MetaPruner(
+        theirs,
+        x,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=0.5,
+        ignored_layers=[theirs.head],
+    ).step()
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    return speed({"ours": ours, "torch-pruning": theirs}, rounds=rounds, reps=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -122,7 +143,15 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "structured.json"))
+    parser.add_argument("--speed-check", action="store_true", help="only time both tools' compacted ResNet")
     args = parser.parse_args()
+    if args.speed_check:
+        ms = speed_check()
+        print(
+            "same random-weight ResNet, 50% of channels, ms / batch 256 (1 thread): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in ms.items())
+        )
+        return
     jobs = [(m, s, args.dense_epochs, args.finetune_epochs) for m in MODELS for s in args.seeds]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         outputs = pool.starmap(run, jobs)
