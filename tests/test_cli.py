@@ -54,3 +54,21 @@ def test_command_line_callbacks(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "fake quantization on" in result.stderr + result.stdout
     assert (tmp_path / "out" / "model.lcz").exists()
+
+
+@pytest.mark.slow
+def test_channel_granularity_from_the_command_line(tmp_path):
+    result = run(
+        [
+            *FAST,
+            "--trainer.callbacks+=lightning_compress.IterativePruning",
+            "--trainer.callbacks.target_sparsity=0.5",
+            "--trainer.callbacks.granularity=channel",
+            "--trainer.callbacks.end_epoch=2",
+            "--trainer.callbacks.export_path=out/model.lcz",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Compacted the exported copy" in result.stderr + result.stdout
+    assert (tmp_path / "out" / "model.lcz").exists()
