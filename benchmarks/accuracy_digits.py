@@ -65,6 +65,12 @@ def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
         callbacks.append(
             IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END, every_n_steps=5)
         )
+    elif method == "ours-taylor-steps-regrow":  # the same, exchanging 10% of the kept weights at every event
+        callbacks.append(
+            IterativePruning(
+                target, importance="taylor", start_epoch=START, end_epoch=END, every_n_steps=5, regrow=0.1
+            )
+        )
     elif method.startswith("ModelPruning"):
         callbacks.append(model_pruning(target, method.endswith("+LTH"), module))
     trainer = quiet_trainer(EPOCHS, callbacks)
@@ -83,7 +89,14 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["ours-magnitude", "ours-taylor", "ours-taylor-steps", "ModelPruning", "ModelPruning+LTH"],
+        default=[
+            "ours-magnitude",
+            "ours-taylor",
+            "ours-taylor-steps",
+            "ours-taylor-steps-regrow",
+            "ModelPruning",
+            "ModelPruning+LTH",
+        ],
     )
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "accuracy_digits.json"))
     args = parser.parse_args()

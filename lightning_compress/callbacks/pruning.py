@@ -82,6 +82,12 @@ class IterativePruning(Callback):
             them after training. ``"N:M"`` (e.g. ``"2:4"``): at most N of every M consecutive input
             weights survive; ``target_sparsity`` must be ``1 - N/M``; layers whose input size is not a
             multiple of M stay dense (with a warning).
+        regrow: fraction of the kept weights exchanged at every event but the last: the
+            lowest-scored are pruned and as many pruned weights with the largest gradient magnitude
+            since the previous event come back at zero (GraNet's neuroregeneration, Liu et al. 2021),
+            so early mistakes can be undone and density can move between layers (within
+            ``min_density``). Sparsity is unchanged. ``0`` (default) turns it off; element granularity
+            only. Costs 4 bytes per selected weight for the gradient sums.
         export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
             needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
             The model itself is not changed; the report is in :attr:`export_report`. With
@@ -113,6 +119,7 @@ class IterativePruning(Callback):
         rewind_epoch: int | None = None,
         seed: int = 0,
         granularity: str = "element",
+        regrow: float = 0.0,
         export_path: str | Path | None = None,
     ) -> None:
         super().__init__()
@@ -120,6 +127,12 @@ class IterativePruning(Callback):
         resolve_importance(importance, check_int(seed, "seed", minimum=0) or 0)  # validates
         self.importance = importance
         self.granularity, self._nm = check_granularity(granularity, self.target_sparsity, importance)
+        self.regrow = validate_fraction(regrow, "regrow")
+        if self.regrow > 0 and self.granularity != "element":
+            raise ValueError(
+                f"`regrow`={regrow} exchanges single weights: it needs granularity='element', "
+                f"got `granularity`={granularity!r}."
+            )
         self.scope = check_choice(scope, "scope", ("global", "layer"))
         if not callable(schedule):
             check_choice(schedule, "schedule", SCHEDULES)
@@ -256,7 +269,7 @@ class IterativePruning(Callback):
             )
         targets, rule = self._targets_and_rule(pl_module)
         importance = resolve_importance(self.importance, self.seed or 0)
-        pruner = Pruner(targets, importance, self.scope, self.min_density, rule)
+        pruner = Pruner(targets, importance, self.scope, self.min_density, rule, regrow=self.regrow)
         previous = self._pruner
         continuing = False
         if trainer.ckpt_path is None and previous is not None and previous.masks and pruner.matches(previous.masks):
@@ -453,7 +466,8 @@ class IterativePruning(Callback):
         wanted = self.target_sparsity if t > schedule.end else schedule.sparsity_at(t, user_time)
         if guard is not None:
             wanted = guard.limit(previous, wanted)
-        if not pruner.prune_to(wanted, keep_undo=guard is not None, sync=_broadcast_masks):
+        final = wanted >= self.target_sparsity - 1e-9  # the last event is an exact top-k: no regrowth
+        if not pruner.prune_to(wanted, keep_undo=guard is not None, sync=_broadcast_masks, regrow=not final):
             return
         for optimizer in trainer.optimizers:
             pruner.zero_optimizer_state(optimizer)

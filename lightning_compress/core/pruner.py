@@ -7,6 +7,7 @@ than by a bool mask on CPU); in :meth:`Pruner.state_dict` masks are bool, on CPU
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -63,6 +64,10 @@ class Pruner:
         min_density: per-layer floor with ``"global"`` scope.
         rule: the mask pattern (:class:`ElementRule` by default). A rule with a
             ``units(masks) -> (pruned, total)`` method counts sparsity in its own units (channels).
+        regrow: fraction of each layer's kept weights swapped at an event (element rule only):
+            the lowest-scored kept weights are pruned and as many pruned weights with the largest
+            gradient magnitude since the last event come back, at zero (GraNet's
+            neuroregeneration, Liu et al. 2021). The sparsity is unchanged; ``0`` turns it off.
     """
 
     def __init__(
@@ -72,8 +77,11 @@ class Pruner:
         scope: str,
         min_density: float,
         rule: MaskRule | None = None,
+        regrow: float = 0.0,
     ) -> None:
         self.targets = list(targets)
+        self.regrow = regrow
+        self._grads: dict[str, Tensor] = {}  # |dL/dw| summed since the last event, when regrowing
         self.rule: MaskRule = ElementRule() if rule is None else rule
         self.importance = importance
         self.scope = scope
@@ -121,16 +129,22 @@ class Pruner:
         return {name: m != 0 for name, m in self.masks.items()}
 
     # ------------------------------------------------------------------ pruning
-    def prune_to(self, sparsity: float, *, keep_undo: bool = False, sync: MaskSync | None = None) -> bool:
+    def prune_to(
+        self, sparsity: float, *, keep_undo: bool = False, sync: MaskSync | None = None, regrow: bool = True
+    ) -> bool:
         """Prune to ``sparsity`` (never below the current one). Returns whether anything changed.
 
         ``sync`` may replace the computed masks (e.g. by rank 0's under DDP) before they are applied.
+        ``regrow=False`` skips the regrowth of this event (the callback's last event: exact top-k).
         """
         pruned, total = self.units()
         if round(sparsity * total) <= pruned and self.scope == "global":
             return False
         current = self.bool_masks()
         new = self.rule.compute(self.targets, self.importance, sparsity, self.scope, self.min_density, current)
+        if regrow and self.regrow > 0 and self._grads:
+            self._regrow(new, current)
+        self._grads.clear()
         if sync is not None:
             new = sync(new)
         changed = any(name not in current or not torch.equal(mask, current[name]) for name, mask in new.items())
@@ -158,6 +172,54 @@ class Pruner:
             reset()
         return True
 
+    def _regrow(self, new: dict[str, Tensor], current: dict[str, Tensor]) -> None:
+        """Swap ``regrow`` of the kept weights for pruned ones with the largest gradient sums.
+
+        With global scope the exchange is global (density moves between layers, never below a
+        layer's ``min_density`` floor); with layer scope it happens inside every layer.
+        """
+        targets = [t for t in self.targets if t.param_name in self._grads and t.param_name in current]
+        groups = [targets] if self.scope == "global" else [[t] for t in targets]
+        for group in groups:
+            if group:
+                self._regrow_group(group, new)
+
+    def _regrow_group(self, targets: list[Target], new: dict[str, Tensor]) -> None:
+        flats = [new[t.param_name].view(-1) for t in targets]
+        mask = torch.cat([f.to(self._grads[t.param_name].device) for t, f in zip(targets, flats, strict=True)])
+        kept = int(mask.sum())
+        count = min(int(self.regrow * kept), mask.numel() - kept)
+        if count <= 0:
+            return
+        score = torch.cat([self.importance.score(t.key, t.param).detach().reshape(-1).float() for t in targets])
+        score = torch.where(mask, score.to(mask.device), torch.full_like(score, float("inf"), device=mask.device))
+        drop = torch.topk(score, count, largest=False).indices
+        owner = torch.repeat_interleave(
+            torch.arange(len(targets), device=mask.device),
+            torch.tensor([f.numel() for f in flats], device=mask.device),
+        )
+        keep_back = []  # drops that would take a layer below its min_density floor
+        for i, (target, flat) in enumerate(zip(targets, flats, strict=True)):
+            mine = drop[owner[drop] == i]
+            room = int(flat.sum()) - max(1, math.ceil(self.min_density * target.numel))
+            if mine.numel() > max(room, 0):
+                order = torch.argsort(score[mine], descending=True, stable=True)
+                keep_back.append(mine[order[: mine.numel() - max(room, 0)]])
+        if keep_back:
+            cancelled = torch.zeros_like(mask)
+            cancelled[torch.cat(keep_back)] = True
+            drop = drop[~cancelled[drop]]
+        if drop.numel() == 0:
+            return
+        grads = torch.cat([self._grads[t.param_name].reshape(-1) for t in targets])
+        grow = torch.topk(torch.where(mask, torch.full_like(grads, -1.0), grads), drop.numel()).indices
+        mask[drop] = False
+        mask[grow] = True
+        offset = 0
+        for flat in flats:
+            flat.copy_(mask[offset : offset + flat.numel()].to(flat.device))
+            offset += flat.numel()
+
     def undo(self) -> bool:
         """Restore the masks before the last :meth:`prune_to` and revive the weights it zeroed."""
         if not self._rollback:
@@ -171,6 +233,7 @@ class Pruner:
                 self._masks[name] = previous.to(target.param.dtype)
         self._pruned = self._units = None
         self._rollback = None
+        self.apply()  # weights regrown by the undone event go back to zero
         return True
 
     def apply(self) -> None:
@@ -188,11 +251,21 @@ class Pruner:
         ``params``: ids of the parameters to consider (those of one optimizer); ``None``: all.
         """
         observe = getattr(self.importance, "observe", None)
-        if not callable(observe):
+        track = self.regrow > 0 and bool(self._masks)
+        if not callable(observe) and not track:
             return
         for target in self.targets:
-            if target.param.grad is not None and (params is None or id(target.param) in params):
-                observe(target.key, target.param, target.param.grad)
+            grad = target.param.grad
+            if grad is None or (params is not None and id(target.param) not in params):
+                continue
+            if callable(observe):
+                observe(target.key, target.param, grad)
+            if track:
+                acc = self._grads.get(target.param_name)
+                if acc is None:
+                    self._grads[target.param_name] = grad.detach().abs().float()
+                else:
+                    acc.add_(grad.detach().abs())
 
     def mask_gradients(self, params: set[int] | None = None) -> None:
         """Zero the gradients of pruned weights so no optimizer moves them (``params``: ids to consider)."""
@@ -259,6 +332,8 @@ class Pruner:
             state["rollback"] = {n: [p.cpu(), v.cpu()] for n, (p, v) in self._rollback.items()}
         if self._rewind is not None:
             state["rewind"] = {n: w.cpu() for n, w in self._rewind.items()}
+        if self._grads:
+            state["grads"] = {n: g.cpu() for n, g in self._grads.items()}
         get_state = getattr(self.importance, "state_dict", None)
         if callable(get_state):
             state["importance"] = get_state()
@@ -279,6 +354,7 @@ class Pruner:
             if rollback is None
             else {n: (p.to(device_of[n]), v.to(device_of[n])) for n, (p, v) in rollback.items()}
         )
+        self._grads = {n: g.to(device_of[n]) for n, g in state.get("grads", {}).items()}
         rewind = state.get("rewind")
         self._rewind = None if rewind is None else {n: w.to(device_of[n]) for n, w in rewind.items()}
         load = getattr(self.importance, "load_state_dict", None)

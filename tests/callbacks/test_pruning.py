@@ -111,12 +111,14 @@ def test_checkpoints_load_into_the_plain_module_strictly(tiny, tmp_path):
         assert set(plain.state_dict()) == set(tiny.state_dict())
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
-def test_resume_mid_schedule_gives_the_same_final_masks(importance, tmp_path):
+@pytest.mark.parametrize(
+    ("importance", "regrow"), [("magnitude", 0.0), ("taylor", 0.0), ("random", 0.0), ("taylor", 0.1)]
+)
+def test_resume_mid_schedule_gives_the_same_final_masks(importance, regrow, tmp_path):
     def run(ckpt_path=None, dirpath=None):
         pl.seed_everything(0, verbose=False)
         model = TinyModule()
-        pruning = IterativePruning(0.9, importance=importance, start_epoch=1, end_epoch=5)
+        pruning = IterativePruning(0.9, importance=importance, start_epoch=1, end_epoch=5, regrow=regrow)
         callbacks = [pruning]
         if dirpath is not None:
             callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
@@ -271,6 +273,8 @@ def test_rewinding_restores_survivors_and_copies_storage():
         ({"monitor": 3}, TypeError, "`monitor` must be a metric name"),
         ({"rewind_epoch": 2, "start_epoch": 1}, ValueError, "`rewind_epoch`=2 must be <= `start_epoch`=1"),
         ({"include": 5}, TypeError, "`include` must be None, a glob string"),
+        ({"regrow": 1.0}, ValueError, r"`regrow`=1.0 is outside \[0, 1\)"),
+        ({"regrow": 0.1, "granularity": "channel"}, ValueError, "`regrow`=0.1 exchanges single weights"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, error, match):
@@ -347,3 +351,24 @@ def test_resuming_a_finished_run_keeps_the_masks(tmp_path):
     trainer(max_epochs=2, callbacks=[again]).fit(TinyModule(), ckpt_path=tmp_path / "last.ckpt")
     assert again.masks.keys() == first.masks.keys()
     assert all(torch.equal(again.masks[k], first.masks[k]) for k in first.masks)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_regrowth_reaches_the_target_exactly_and_moves_masks(scope):
+    def run(regrow):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        pruning = IterativePruning(
+            0.8, importance="taylor", scope=scope, start_epoch=0, end_epoch=4, every_n_steps=2, regrow=regrow
+        )
+        trainer(max_epochs=5, callbacks=[pruning]).fit(model)
+        return model, pruning
+
+    plain_model, plain = run(0.0)
+    model, regrown = run(0.2)
+    assert regrown.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)  # the last event does not regrow: no zero "kept" weights
+    assert any(not torch.equal(plain.masks[k], regrown.masks[k]) for k in plain.masks)
+    if scope == "layer":
+        for key, mask in regrown.masks.items():
+            assert 1 - mask.float().mean().item() == pytest.approx(0.8, abs=1.5 / mask.numel())

@@ -1,0 +1,85 @@
+"""Pruner regrowth: which weights go and come back, floors, undo and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress.core.importance import MagnitudeImportance
+from lightning_compress.core.pruner import Pruner
+from lightning_compress.core.selection import select_targets
+
+
+def _model() -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(10, 1, bias=False), nn.Linear(10, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1.0, 11.0))  # |w| = 1..10
+        model[1].weight.copy_(torch.arange(11.0, 21.0))  # |w| = 11..20
+    return model
+
+
+def _grads(model: nn.Sequential, first: list[float], second: list[float]) -> None:
+    model[0].weight.grad = torch.tensor([first], dtype=torch.float32)
+    model[1].weight.grad = torch.tensor([second], dtype=torch.float32)
+
+
+def test_regrowth_swaps_the_weakest_kept_for_the_pruned_with_the_largest_gradients():
+    model = _model()
+    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    pruner.prune_to(0.5)  # first event: nothing to regrow yet; the 10 smallest go (all of layer 0)
+    assert pruner.bool_masks()["0.weight"].sum() == 0
+    _grads(model, [0, 0, 0, 9, 0, 0, 0, 0, 0, 0], [0.0] * 10)  # pruned weight 0.weight[3] wants to come back
+    pruner.observe_gradients()
+    assert pruner.prune_to(0.55)  # 11 pruned; then one of the 9 kept is swapped
+    masks = pruner.bool_masks()
+    assert bool(masks["0.weight"][0, 3])  # regrown, at zero
+    assert model[0].weight[0, 3] == 0
+    assert not bool(masks["1.weight"][0, 1])  # the weakest kept (|w| = 12) went instead
+    assert pruner.masked_sparsity() == pytest.approx(0.55)
+
+
+def test_regrowth_respects_min_density_floors():
+    model = _model()
+    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.3, regrow=0.5)
+    pruner.prune_to(0.3)
+    _grads(model, [5.0] * 10, [0.0] * 10)
+    pruner.observe_gradients()
+    pruner.prune_to(0.35)
+    for name, mask in pruner.bool_masks().items():
+        assert int(mask.sum()) >= 3, name  # ceil(0.3 * 10)
+
+
+def test_undo_zeroes_regrown_weights_that_trained_since():
+    model = _model()
+    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    pruner.prune_to(0.5)
+    _grads(model, [0, 0, 0, 9, 0, 0, 0, 0, 0, 0], [0.0] * 10)
+    pruner.observe_gradients()
+    pruner.prune_to(0.55, keep_undo=True)
+    with torch.no_grad():
+        model[0].weight[0, 3] = 0.7  # the regrown weight trained
+    assert pruner.undo()
+    assert model[0].weight[0, 3] == 0
+    assert model[1].weight[0, 1] == 12  # and the weight regrowth dropped is back
+
+
+def test_gradient_sums_survive_a_checkpoint():
+    model = _model()
+    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    pruner.prune_to(0.5)
+    _grads(model, [1.0] * 10, [2.0] * 10)
+    pruner.observe_gradients()
+    state = pruner.state_dict()
+    fresh = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh._grads["1.weight"], pruner._grads["1.weight"])
+
+
+def test_no_gradient_tracking_without_regrowth():
+    model = _model()
+    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0)
+    pruner.prune_to(0.5)
+    _grads(model, [1.0] * 10, [2.0] * 10)
+    pruner.observe_gradients()
+    assert not pruner._grads and "grads" not in pruner.state_dict()
