@@ -466,8 +466,8 @@ class IterativePruning(Callback):
         wanted = self.target_sparsity if t > schedule.end else schedule.sparsity_at(t, user_time)
         if guard is not None:
             wanted = guard.limit(previous, wanted)
-        final = wanted >= self.target_sparsity - 1e-9  # the last event is an exact top-k: no regrowth
-        if not pruner.prune_to(wanted, keep_undo=guard is not None, sync=_broadcast_masks, regrow=not final):
+        regrow = self._regrow_fraction(wanted)
+        if not pruner.prune_to(wanted, keep_undo=guard is not None, sync=_broadcast_masks, regrow=regrow):
             return
         for optimizer in trainer.optimizers:
             pruner.zero_optimizer_state(optimizer)
@@ -475,6 +475,10 @@ class IterativePruning(Callback):
             guard.event_applied(previous, pruner.masked_sparsity())
         self._warn_floors(wanted)
         self._log_sparsity(trainer, pl_module)
+
+    def _regrow_fraction(self, wanted: float) -> float:
+        """``regrow`` at every event but the last, which is an exact top-k (no zero "kept" weights)."""
+        return 0.0 if wanted >= self.target_sparsity - 1e-9 else self.regrow
 
     def _warn_floors(self, wanted: float) -> None:
         """Say once which layers the ``min_density`` floor holds back, and what to do about it."""

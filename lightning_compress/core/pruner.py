@@ -130,20 +130,27 @@ class Pruner:
 
     # ------------------------------------------------------------------ pruning
     def prune_to(
-        self, sparsity: float, *, keep_undo: bool = False, sync: MaskSync | None = None, regrow: bool = True
+        self,
+        sparsity: float,
+        *,
+        keep_undo: bool = False,
+        sync: MaskSync | None = None,
+        regrow: float | None = None,
     ) -> bool:
         """Prune to ``sparsity`` (never below the current one). Returns whether anything changed.
 
         ``sync`` may replace the computed masks (e.g. by rank 0's under DDP) before they are applied.
-        ``regrow=False`` skips the regrowth of this event (the callback's last event: exact top-k).
+        ``regrow``: the fraction to regrow at this event instead of :attr:`regrow` (``0``: none, as
+        at the callback's last event, which is an exact top-k).
         """
         pruned, total = self.units()
         if round(sparsity * total) <= pruned and self.scope == "global":
             return False
         current = self.bool_masks()
         new = self.rule.compute(self.targets, self.importance, sparsity, self.scope, self.min_density, current)
-        if regrow and self.regrow > 0 and self._grads:
-            self._regrow(new, current)
+        fraction = self.regrow if regrow is None else regrow
+        if fraction > 0 and self._grads:
+            self._regrow(new, current, fraction)
         self._grads.clear()
         if sync is not None:
             new = sync(new)
@@ -172,7 +179,7 @@ class Pruner:
             reset()
         return True
 
-    def _regrow(self, new: dict[str, Tensor], current: dict[str, Tensor]) -> None:
+    def _regrow(self, new: dict[str, Tensor], current: dict[str, Tensor], fraction: float) -> None:
         """Swap ``regrow`` of the kept weights for pruned ones with the largest gradient sums.
 
         With global scope the exchange is global (density moves between layers, never below a
@@ -182,13 +189,13 @@ class Pruner:
         groups = [targets] if self.scope == "global" else [[t] for t in targets]
         for group in groups:
             if group:
-                self._regrow_group(group, new)
+                self._regrow_group(group, new, fraction)
 
-    def _regrow_group(self, targets: list[Target], new: dict[str, Tensor]) -> None:
+    def _regrow_group(self, targets: list[Target], new: dict[str, Tensor], fraction: float) -> None:
         flats = [new[t.param_name].view(-1) for t in targets]
         mask = torch.cat([f.to(self._grads[t.param_name].device) for t, f in zip(targets, flats, strict=True)])
         kept = int(mask.sum())
-        count = min(int(self.regrow * kept), mask.numel() - kept)
+        count = min(int(fraction * kept), mask.numel() - kept)
         if count <= 0:
             return
         score = torch.cat([self.importance.score(t.key, t.param).detach().reshape(-1).float() for t in targets])
