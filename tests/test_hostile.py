@@ -80,6 +80,7 @@ def test_prune_gives_a_result_or_a_clear_error(sizes, sparsity_value, importance
     importance=st.one_of(st.sampled_from(["magnitude", "taylor", "random", "bn_scale"]), anything),
     scope=anything,
     granularity=st.one_of(st.sampled_from(["element", "channel", "2:4", "1:8", "4:4", "0:2", "rows"]), anything),
+    regrow=st.one_of(st.sampled_from([0.0, 0.1, 0.99]), anything),
     schedule=st.one_of(st.sampled_from(["cubic", "linear", "geometric", "one_shot"]), anything),
     start=anything,
     end=anything,
@@ -89,11 +90,12 @@ def test_prune_gives_a_result_or_a_clear_error(sizes, sparsity_value, importance
     max_drop=anything,
 )
 def test_pruning_arguments_are_validated(
-    target, importance, scope, granularity, schedule, start, end, every_n_epochs, min_density, mode, max_drop
+    target, importance, scope, granularity, regrow, schedule, start, end, every_n_epochs, min_density, mode, max_drop
 ):
     kwargs = dict(
         target_sparsity=target,
         granularity=granularity,
+        regrow=regrow,
         importance=importance,
         scope=scope,
         schedule=schedule,

@@ -364,11 +364,11 @@ def test_regrowth_reaches_the_target_exactly_and_moves_masks(scope):
         trainer(max_epochs=5, callbacks=[pruning]).fit(model)
         return model, pruning
 
-    plain_model, plain = run(0.0)
+    _, plain = run(0.0)
     model, regrown = run(0.2)
     assert regrown.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
     assert sparsity(model) == pytest.approx(0.8, abs=1e-3)  # the last event does not regrow: no zero "kept" weights
     assert any(not torch.equal(plain.masks[k], regrown.masks[k]) for k in plain.masks)
     if scope == "layer":
-        for key, mask in regrown.masks.items():
+        for mask in regrown.masks.values():
             assert 1 - mask.float().mean().item() == pytest.approx(0.8, abs=1.5 / mask.numel())
