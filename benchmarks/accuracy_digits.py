@@ -67,9 +67,7 @@ def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
         )
     elif method == "ours-taylor-steps-regrow":  # the same, exchanging 10% of the kept weights at every event
         callbacks.append(
-            IterativePruning(
-                target, importance="taylor", start_epoch=START, end_epoch=END, every_n_steps=5, regrow=0.1
-            )
+            IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END, every_n_steps=5, regrow=0.1)
         )
     elif method.startswith("ModelPruning"):
         callbacks.append(model_pruning(target, method.endswith("+LTH"), module))
