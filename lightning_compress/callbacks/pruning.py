@@ -14,16 +14,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
-from ..core.channels import ChannelRule
-from ..core.compact import removable_groups
 from ..core.controller import AccuracyGuard, GuardDecision
 from ..core.functional import check_granularity, validate_fraction
 from ..core.importance import Importance, resolve_importance
-from ..core.nm import NMRule, eligible
 from ..core.pruner import MaskRule, Pruner
+from ..core.rules import rule_for
 from ..core.schedule import SCHEDULES, PruningSchedule
 from ..core.selection import Target, normalize_patterns, select_targets
-from ..core.structure import build_channel_groups
 from ..export.report import CompressionReport
 from ..metrics.sparsity import Sparsity
 from ._export import check_export_path, check_export_ready, export_at_fit_end
@@ -291,45 +288,25 @@ class IterativePruning(Callback):
 
     def _targets_and_rule(self, pl_module: pl.LightningModule) -> tuple[list[Target], MaskRule | None]:
         targets = select_targets(pl_module, self.include, self.exclude)
-        if self._nm is not None:
-            n, m = self._nm
-            kept = [t for t in targets if eligible(t.param, m)]
-            dense = [t.name for t in targets if not eligible(t.param, m)]
-            if not kept:
+        example = None
+        if self.granularity == "channel":
+            example = pl_module.example_input_array
+            if example is None:
                 raise ValueError(
-                    f"`granularity`={self.granularity!r} needs layers whose input size is a multiple of {m}; "
-                    f"none of the selected layers {[t.name for t in targets]} has one."
+                    "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
+                    f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
                 )
-            if dense:
-                rank_zero_warn(
-                    f"IterativePruning: layer(s) {dense} stay dense: their input size is not a multiple of {m}, "
-                    f"so `granularity`={self.granularity!r} cannot apply. `exclude` them to silence this."
-                )
-            return kept, NMRule(n, m)
-        if self.granularity != "channel":
-            return targets, None
-        example = pl_module.example_input_array
-        if example is None:
-            raise ValueError(
-                "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
-                f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
+            example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
+        importance = resolve_importance(self.importance, self.seed)
+        targets, rule, left = rule_for(pl_module, targets, self.granularity, self._nm, importance, example)
+        if left and self._nm is not None:
+            rank_zero_warn(
+                f"IterativePruning: layer(s) {list(left)} stay dense: their input size is not a multiple of "
+                f"{self._nm[1]}, so `granularity`={self.granularity!r} cannot apply. `exclude` them to silence this."
             )
-        example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
-        groups, skipped = build_channel_groups(pl_module, example, producers={t.name for t in targets})
-        groups, rejected = removable_groups(pl_module, example, groups)
-        skipped.update(rejected)
-        if not groups:
-            raise ValueError(
-                "`granularity`='channel' found no channel group it can prune: "
-                + "; ".join(f"{name}: {why}" for name, why in skipped.items())
-            )
-        rule = ChannelRule(pl_module, groups)
-        rule.check(resolve_importance(self.importance, self.seed))
-        if skipped:
-            rank_zero_info(
-                "IterativePruning: channels left whole: " + "; ".join(f"{n} ({why})" for n, why in skipped.items())
-            )
-        return rule.targets, rule
+        elif left:
+            rank_zero_info("IterativePruning: channels left whole: " + "; ".join(f"{n} ({w})" for n, w in left.items()))
+        return targets, rule
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pruner = self.pruner

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .importance import Importance, resolve_importance
 from .masks import compute_masks
-from .nm import NMRule, eligible, parse_nm
+from .nm import parse_nm
+from .rules import rule_for
 from .selection import Target, select_targets
 
 __all__ = ["check_granularity", "prune_", "sparsity", "validate_fraction"]
@@ -109,30 +110,12 @@ def prune_(
     targets = select_targets(model, include, exclude)
     if granularity == "element":
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
-    current = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
-    if nm is not None:
-        kept = [t for t in targets if eligible(t.param, nm[1])]
-        if not kept:
-            raise ValueError(
-                f"`granularity`={granularity!r}: no selected layer has an input size that is a multiple of {nm[1]}."
-            )
-        new = NMRule(*nm).compute(kept, imp, sparsity, scope, min_density, current)
-        return _apply(kept, new)
-    if example_inputs is None:
+    if granularity == "channel" and example_inputs is None:
         raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
-    from .channels import ChannelRule
-    from .compact import removable_groups
-    from .structure import build_channel_groups
-
-    groups, skipped = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
-    groups, rejected = removable_groups(model, example_inputs, groups)
-    if not groups:
-        reasons = "; ".join(f"{n}: {why}" for n, why in {**skipped, **rejected}.items())
-        raise ValueError(f"`granularity`='channel' found no channel group it can prune: {reasons}")
-    rule = ChannelRule(model, groups)
-    rule.check(imp)
-    new = rule.compute(rule.targets, imp, sparsity, scope, min_density, current)
-    return _apply(rule.targets, new)
+    targets, rule, _ = rule_for(model, targets, granularity, nm, imp, example_inputs)
+    assert rule is not None
+    current = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
+    return _apply(targets, rule.compute(targets, imp, sparsity, scope, min_density, current))
 
 
 def _apply(targets: Sequence[Target], masks: dict[str, Tensor]) -> dict[str, Tensor]:
