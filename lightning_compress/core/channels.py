@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .importance import BatchNormScaleImportance, Importance, MagnitudeImportance
 from .masks import MaskPlanError
 from .selection import Target
-from .structure import ChannelGroup, param_slices
+from .structure import ChannelGroup, nonzero_channels, param_slices, per_position
 
 __all__ = ["ChannelRule"]
 
@@ -38,12 +38,6 @@ class _Part:
         self.dim = dim
         self.index = index
         self.channel = channel
-
-    def per_position(self, values: Tensor) -> Tensor:
-        """Sum of ``values`` (shaped like the parameter) over each position of the slice."""
-        index = self.index.to(values.device)
-        picked = values.index_select(self.dim, index).movedim(self.dim, 0)
-        return picked.reshape(index.numel(), -1).sum(1)
 
 
 class ChannelRule:
@@ -86,10 +80,7 @@ class ChannelRule:
                 mask = masks.get(part.target.param_name)
                 if mask is None:
                     continue
-                live = (part.per_position((mask != 0).float()) > 0).cpu()
-                channel_live = torch.zeros(group.size, dtype=torch.bool)
-                channel_live.index_put_((part.channel,), live, accumulate=True)
-                kept &= channel_live
+                kept &= nonzero_channels(mask, part.dim, part.index, part.channel, group.size)
                 break  # every part of a channel is masked together: one is enough
             out.append(kept)
         return out
@@ -137,7 +128,7 @@ class ChannelRule:
                             f"{importance!r}.score returned {getattr(values, 'shape', type(values).__name__)} for "
                             f"{part.target.param_name!r}; expected {tuple(weight.shape)}."
                         )
-                per = part.per_position(values.detach().double()).cpu()
+                per = per_position(values.detach().double(), part.dim, part.index).cpu()
                 score.index_add_(0, part.channel, per)
                 used = True
             if bn_only and not used:

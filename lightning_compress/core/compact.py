@@ -16,8 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .qat import quantizers
-from .structure import ChannelGroup, build_channel_groups, call_model, is_depthwise, param_slices
+from .structure import (
+    ChannelGroup,
+    build_channel_groups,
+    call_model,
+    eval_mode,
+    is_depthwise,
+    nonzero_channels,
+    param_slices,
+    plain_float,
+)
 
 __all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "removable_groups", "resize_module"]
 
@@ -57,12 +65,7 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
     for s in group.slices:
         module = modules[s.module]
         for attr, dim in param_slices(module, s.kind):
-            values = getattr(module, attr).detach()
-            index = s.index.to(values.device)
-            nonzero = values.index_select(dim, index).movedim(dim, 0).reshape(index.numel(), -1).ne(0).any(1).cpu()
-            alive = torch.zeros(group.size, dtype=torch.bool)
-            alive.index_put_((s.channel,), nonzero, accumulate=True)
-            dead &= ~alive
+            dead &= ~nonzero_channels(getattr(module, attr).detach(), dim, s.index, s.channel, group.size)
     return dead
 
 
@@ -145,11 +148,12 @@ def removable_groups(
     Catches what a dependency graph cannot see, e.g. a residual addition with the model's own input.
     If the model cannot run on the meta device at all, every group is kept (``compact`` still checks).
     """
-    meta = _meta_copy(model).eval()
-    for _, quantizer in quantizers(meta):  # shapes only: the float data flow
-        quantizer.fake_quant_enabled = False
-        quantizer.observer_enabled = False
-    inputs = _to_meta(example_inputs)
+    meta = _meta_copy(model)
+    with plain_float(meta):  # shapes only: the float data flow (the copy is thrown away)
+        return _removable(meta, _to_meta(example_inputs), groups)
+
+
+def _removable(meta: nn.Module, inputs: Any, groups: list[ChannelGroup]) -> tuple[list[ChannelGroup], dict[str, str]]:
     try:
         with torch.no_grad():
             shapes = _shapes(call_model(meta, inputs))
@@ -244,14 +248,8 @@ def _apply(model: nn.Module, keep: Plan) -> None:
 
 
 def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = call_model(model, inputs)
-    finally:
-        for m, mode in training.items():
-            m.training = mode
+    with eval_mode(model), torch.no_grad():
+        out = call_model(model, inputs)
     return [t.detach().float() for t in _flatten(out)]
 
 

@@ -27,7 +27,17 @@ from torch import Tensor, nn
 
 from .qat import quantizers
 
-__all__ = ["ChannelGroup", "LayerSlice", "build_channel_groups", "call_model", "param_slices", "plain_float"]
+__all__ = [
+    "ChannelGroup",
+    "LayerSlice",
+    "build_channel_groups",
+    "call_model",
+    "eval_mode",
+    "nonzero_channels",
+    "param_slices",
+    "per_position",
+    "plain_float",
+]
 
 _CONV = nn.modules.conv._ConvNd
 _NORM = nn.modules.batchnorm._BatchNorm
@@ -83,6 +93,20 @@ def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     return [("weight", 1)]
 
 
+def per_position(values: Tensor, dim: int, index: Tensor) -> Tensor:
+    """Sum of ``values`` over each slice ``index[i]`` along ``dim`` (one number per position)."""
+    index = index.to(values.device)
+    return values.index_select(dim, index).movedim(dim, 0).reshape(index.numel(), -1).sum(1)
+
+
+def nonzero_channels(values: Tensor, dim: int, index: Tensor, channel: Tensor, size: int) -> Tensor:
+    """Which of a group's ``size`` channels have a nonzero entry in ``values`` at the slice's positions."""
+    nonzero = (per_position(values != 0, dim, index) > 0).cpu()
+    out = torch.zeros(size, dtype=torch.bool)
+    out.index_put_((channel,), nonzero, accumulate=True)
+    return out
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """Call ``model`` the way Lightning calls it with ``example_input_array``."""
     if isinstance(inputs, dict):
@@ -93,22 +117,32 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def plain_float(model: nn.Module) -> Iterator[None]:
-    """Trace the float data flow: fake quantizers off, training mode restored afterwards."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode; each module's own training flag restored afterwards."""
     modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def plain_float(model: nn.Module) -> Iterator[None]:
+    """The float data flow in eval mode: fake quantizers off; everything restored afterwards."""
     saved = []
     for _, q in quantizers(model):
         saved.append((q, q.fake_quant_enabled, q.observer_enabled))
         q.fake_quant_enabled = False
         q.observer_enabled = False
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
         for q, fq, ob in saved:
             q.fake_quant_enabled = fq
             q.observer_enabled = ob
-        for m, training in modes.items():
-            m.training = training
 
 
 def _torch_pruning() -> Any:
