@@ -39,7 +39,7 @@ from ..core.packing import (
 from ..core.qat import FakeQuantizer, QuantConfig, convert_to_float, convert_to_qat, qat_modules
 from ..core.quant import dequantize, quantize
 from ..core.structure import is_depthwise, supported
-from .report import CompressionReport, LayerReport, state_dict_bytes
+from .report import CompressionReport, LayerReport
 
 __all__ = ["FORMAT_VERSION", "CompressedFileError", "load_compressed", "save_compressed"]
 
@@ -170,13 +170,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(header + payload)
     tmp.replace(path)  # never leave a half-written file under the final name
-    return CompressionReport(
-        path=str(path),
-        format="lightning-compress",
-        layers=layers,
-        file_bytes=path.stat().st_size,
-        baseline_bytes=state_dict_bytes(model),
-    )
+    return CompressionReport.of_file(path, "lightning-compress", layers, model)
 
 
 def _worth_sparse(tensor: Tensor) -> bool:
@@ -384,13 +378,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         t = tensors[e[0]]
         bits = int(e[7]) if e[3] == "q" else 8 * t.element_size()
         layers.append(LayerReport(e[0], t.numel(), int(e[4]), bits, t.numel() * t.element_size(), int(e[6]), e[5]))
-    return CompressionReport(
-        path=str(path),
-        format="lightning-compress",
-        layers=layers,
-        file_bytes=path.stat().st_size,
-        baseline_bytes=state_dict_bytes(model),
-    )
+    return CompressionReport.of_file(path, "lightning-compress", layers, model)
 
 
 def _snapshot(module: nn.Module) -> tuple[nn.Module, dict[str, Any]]:

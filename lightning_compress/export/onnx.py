@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.qat import export_mode
-from .report import CompressionReport, LayerReport, state_dict_bytes
+from .report import CompressionReport, LayerReport
 
 __all__ = ["export_onnx"]
 
@@ -123,13 +123,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(path)
-    return CompressionReport(
-        path=str(path),
-        format="onnx",
-        layers=layers,
-        file_bytes=path.stat().st_size,
-        baseline_bytes=state_dict_bytes(model),
-    )
+    return CompressionReport.of_file(path, "onnx", layers, model)
 
 
 def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +57,17 @@ class CompressionReport:
     layers: list[LayerReport] = field(default_factory=list)
     file_bytes: int = 0
     baseline_bytes: int = 0
+
+    @classmethod
+    def of_file(cls, path: Path, format: str, layers: list[LayerReport], model: nn.Module) -> CompressionReport:
+        """The report of ``path`` as it is on disk, against ``torch.save(model.state_dict())``."""
+        return cls(
+            path=str(path),
+            format=format,
+            layers=layers,
+            file_bytes=path.stat().st_size,
+            baseline_bytes=state_dict_bytes(model),
+        )
 
     @property
     def compression_ratio(self) -> float:
