@@ -18,22 +18,11 @@ from lightning_compress import (
 )
 from lightning_compress.core.nm import is_nm
 from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModule, DigitsResNet
+from tests.conftest import trainer
 
 
 def _trainer(callbacks, max_epochs=4, **kwargs):
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=kwargs.pop("enable_checkpointing", False),
-        limit_train_batches=6,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        **kwargs,
-    )
+    return trainer(max_epochs=max_epochs, callbacks=callbacks, limit_train_batches=6, limit_val_batches=2, **kwargs)
 
 
 def _model(net="resnet"):
@@ -90,7 +79,7 @@ def test_channel_resume_mid_schedule_gives_the_same_masks(tmp_path):
         callbacks = [pruning]
         if dirpath is not None:
             callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
-        trainer = _trainer(callbacks, max_epochs=5, enable_checkpointing=dirpath is not None, deterministic=True)
+        trainer = _trainer(callbacks, max_epochs=5, enable_checkpointing=dirpath is not None)
         trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
         return model, pruning
 
@@ -115,7 +104,7 @@ def test_channel_pruning_resumes_with_qat_on_in_either_order(tmp_path, qat_first
         pruning, cbs = callbacks()
         if dirpath is not None:
             cbs.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
-        trainer = _trainer(cbs, max_epochs=4, enable_checkpointing=dirpath is not None, deterministic=True)
+        trainer = _trainer(cbs, max_epochs=4, enable_checkpointing=dirpath is not None)
         trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
         return model, pruning
 
