@@ -64,10 +64,11 @@ class Pruner:
         min_density: per-layer floor with ``"global"`` scope.
         rule: the mask pattern (:class:`ElementRule` by default). A rule with a
             ``units(masks) -> (pruned, total)`` method counts sparsity in its own units (channels).
-        regrow: fraction of each layer's kept weights swapped at an event (element rule only):
-            the lowest-scored kept weights are pruned and as many pruned weights with the largest
+        regrow: fraction of the kept weights swapped at an event (element rule only): the
+            lowest-scored kept weights are pruned and as many pruned weights with the largest
             gradient magnitude since the last event come back, at zero (GraNet's
-            neuroregeneration, Liu et al. 2021). The sparsity is unchanged; ``0`` turns it off.
+            neuroregeneration, Liu et al. 2021); across layers with global scope, inside each
+            layer with layer scope. The sparsity is unchanged; ``0`` turns it off.
     """
 
     def __init__(
