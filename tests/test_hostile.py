@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -53,6 +53,9 @@ anything = st.one_of(
     min_density=st.one_of(st.floats(-0.1, 1.1), st.just(0.0)),
     include=st.sampled_from([None, "*", ["0"], ["nope"], [], 5]),
     nan=st.booleans(),
+)
+@example(  # regression: a NaN weight that is pruned must become an exact zero (a mask multiply kept NaN)
+    sizes=[(1, 1)], sparsity_value=0.75, importance="random", scope="global", min_density=0.0, include=None, nan=True
 )
 def test_prune_gives_a_result_or_a_clear_error(sizes, sparsity_value, importance, scope, min_density, include, nan):
     model = nn.Sequential(*[nn.Linear(i, o) for i, o in sizes])

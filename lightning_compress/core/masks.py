@@ -301,7 +301,7 @@ def _write_masks(
                 positions.append(sel + start)
                 keys_in.append(keys[sel])
             if flat_param is not None:
-                flat_param[start:end].mul_(part.view(torch.uint8))
+                flat_param[start:end].masked_fill_(~part, 0)  # not a multiply: NaN * 0 is NaN
         if gather:
             pos = torch.cat(positions)
             keys_cat = torch.cat(keys_in)
@@ -314,7 +314,7 @@ def _write_masks(
         out[layer.target.param_name] = mask
         if apply and flat_param is None:
             with torch.no_grad():
-                param.mul_(mask.view(param.shape).to(param.dtype))
+                param.masked_fill_(~mask.view(param.shape), 0)
     if shared:
         _resolve_shared(layers, decisions, shared, shared_take, out, apply)
     return {layer.target.param_name: out[layer.target.param_name].view(layer.target.param.shape) for layer in layers}
@@ -354,4 +354,4 @@ def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool
             if flat is not None:
                 flat[positions] = 0
             else:
-                layer.target.param.mul_(mask.view(layer.target.param.shape).to(layer.target.param.dtype))
+                layer.target.param.masked_fill_(~mask.view(layer.target.param.shape), 0)

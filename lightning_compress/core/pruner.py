@@ -250,7 +250,7 @@ class Pruner:
             return
         with torch.no_grad():
             for name, mask in self.masks.items():
-                self._by_name[name].param.mul_(mask)
+                self._by_name[name].param.masked_fill_(mask == 0, 0)  # not a multiply: NaN * 0 is NaN
 
     # ------------------------------------------------------------------ training step
     def observe_gradients(self, params: set[int] | None = None) -> None:
@@ -303,7 +303,7 @@ class Pruner:
                     continue
                 for value in state.values():
                     if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                        value.mul_(mask.to(value.dtype))
+                        value.masked_fill_(mask == 0, 0)
 
     # ------------------------------------------------------------------ lottery-ticket rewinding
     def save_rewind_point(self) -> None:
@@ -321,7 +321,7 @@ class Pruner:
             for name, saved in self._rewind.items():
                 param = self._by_name[name].param
                 param.copy_(saved.to(param.device, param.dtype))
-                param.mul_(self.masks[name])
+                param.masked_fill_(self.masks[name] == 0, 0)
 
     # ------------------------------------------------------------------ persistence
     def matches(self, masks: dict[str, Tensor]) -> bool:
