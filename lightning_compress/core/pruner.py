@@ -80,10 +80,17 @@ class Pruner:
         rule: MaskRule | None = None,
         regrow: float = 0.0,
     ) -> None:
+        self.rule: MaskRule = ElementRule() if rule is None else rule
+        if not 0.0 <= regrow < 1.0:
+            raise ValueError(f"`regrow` must be in [0, 1), got {regrow!r}.")
+        if regrow > 0 and not isinstance(self.rule, ElementRule):
+            raise ValueError(
+                f"`regrow`={regrow} exchanges single weights: it needs the element rule, "
+                f"not {type(self.rule).__name__}."
+            )
         self.targets = list(targets)
         self.regrow = regrow
         self._grads: dict[str, Tensor] = {}  # |dL/dw| summed since the last event, when regrowing
-        self.rule: MaskRule = ElementRule() if rule is None else rule
         self.importance = importance
         self.scope = scope
         self.min_density = min_density

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.importance import MagnitudeImportance
+from lightning_compress.core.nm import NMRule
 from lightning_compress.core.pruner import Pruner
 from lightning_compress.core.selection import select_targets
 
@@ -83,3 +84,16 @@ def test_no_gradient_tracking_without_regrowth():
     _grads(model, [1.0] * 10, [2.0] * 10)
     pruner.observe_gradients()
     assert not pruner._grads and "grads" not in pruner.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("rule", "regrow", "match"),
+    [
+        (None, -0.1, r"`regrow` must be in \[0, 1\)"),
+        (None, 1.0, r"`regrow` must be in \[0, 1\)"),
+        (NMRule(2, 4), 0.1, "`regrow`=0.1 exchanges single weights: it needs the element rule, not NMRule"),
+    ],
+)
+def test_pruner_refuses_bad_regrow(rule: NMRule | None, regrow: float, match: str):
+    with pytest.raises(ValueError, match=match):
+        Pruner(select_targets(_model()), MagnitudeImportance(), "global", 0.0, rule, regrow=regrow)
