@@ -15,8 +15,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
 from ..core.controller import AccuracyGuard, GuardDecision
-from ..core.functional import check_granularity, validate_fraction
+from ..core.functional import check_granularity, resolve_min_density, validate_fraction
 from ..core.importance import Importance, resolve_importance
+from ..core.masks import floor_count
 from ..core.pruner import MaskRule, Pruner
 from ..core.rules import rule_for
 from ..core.schedule import SCHEDULES, PruningSchedule
@@ -61,7 +62,10 @@ class IterativePruning(Callback):
             exact name picks that module's weight whatever its type. ``None``: all Linear/Conv.
         exclude: glob patterns over module names to leave dense.
         min_density: with ``scope="global"``, every layer keeps at least this fraction, so one
-            threshold cannot wipe out a layer (e.g. the classifier head).
+            threshold cannot wipe out a layer (e.g. the classifier head). ``None`` (default): a
+            tenth of the density at the target, ``0.1 * (1 - target_sparsity)`` (0.01 at 90%,
+            0.002 at 98%): no layer ends more than ten times sparser than the model, and the floor
+            does not eat the budget at extreme sparsity.
         monitor: a logged metric (e.g. ``"val_acc"``) for accuracy-aware control: the value
             before the first event is the baseline; a later validation that is more than
             ``max_drop`` worse rolls the last event back and halves the step; when no step fits
@@ -109,7 +113,7 @@ class IterativePruning(Callback):
         every_n_steps: int | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
-        min_density: float = 0.01,
+        min_density: float | None = None,
         monitor: str | None = None,
         max_drop: float = 0.01,
         mode: str = "max",
@@ -149,12 +153,7 @@ class IterativePruning(Callback):
         self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, optional=True)
         self.include = normalize_patterns(include, "include")
         self.exclude = normalize_patterns(exclude, "exclude")
-        self.min_density = validate_fraction(min_density, "min_density", upper_inclusive=True)
-        if self.scope == "global" and self.min_density > 1.0 - self.target_sparsity + 1e-9:
-            raise ValueError(
-                f"`min_density`={min_density} cannot hold with `target_sparsity`={target_sparsity}: "
-                f"it must be at most 1 - target_sparsity = {1.0 - self.target_sparsity:.4g}."
-            )
+        self.min_density = resolve_min_density(min_density, self.target_sparsity, self.scope, "target_sparsity")
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
         self.monitor = monitor
@@ -464,7 +463,7 @@ class IterativePruning(Callback):
         held = []
         for target in self.pruner.targets:
             mask = self.pruner.masks.get(target.param_name)
-            if mask is not None and int(mask.count_nonzero()) <= math.ceil(self.min_density * target.numel):
+            if mask is not None and int(mask.count_nonzero()) <= floor_count(self.min_density, target.numel):
                 held.append(target.name)
         new = [name for name in held if name not in self._warned_floors]
         if new:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .importance import BatchNormScaleImportance, Importance, MagnitudeImportance
-from .masks import MaskPlanError
+from .masks import MaskPlanError, floor_count
 from .selection import Target
 from .structure import ChannelGroup, nonzero_channels, param_slices, per_position
 
@@ -154,7 +154,7 @@ class ChannelRule:
         """Bool masks (True = kept) for every target, with ``sparsity`` of the channels pruned."""
         alive = self.alive(current)
         scores = self.scores(importance)
-        floors = [max(1, math.ceil(min_density * g.size)) for g in self.groups]
+        floors = [max(1, floor_count(min_density, g.size)) for g in self.groups]
         new_alive: list[Tensor] = []
         if scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):

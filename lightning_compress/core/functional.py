@@ -29,6 +29,27 @@ def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = F
     return value
 
 
+FLOOR_OF_TARGET_DENSITY = 0.1
+"""The default ``min_density`` as a fraction of the density at the target: no layer ends more
+than ten times sparser than the whole selection."""
+
+
+def resolve_min_density(value: object, sparsity: float, scope: str, argument: str = "sparsity") -> float:
+    """Validate ``min_density`` (``None``: :data:`FLOOR_OF_TARGET_DENSITY` ``* (1 - sparsity)``).
+
+    ``argument`` names the sparsity in messages (``"target_sparsity"`` for the callback).
+    """
+    if value is None:
+        return round(FLOOR_OF_TARGET_DENSITY * (1.0 - sparsity), 12)
+    min_density = validate_fraction(value, "min_density", upper_inclusive=True)
+    if scope == "global" and min_density > 1.0 - sparsity + 1e-9:
+        raise ValueError(
+            f"`min_density`={min_density} leaves no room for `{argument}`={sparsity}: "
+            f"it must be at most 1 - {argument} = {1.0 - sparsity:.4g}."
+        )
+    return min_density
+
+
 def check_granularity(
     granularity: object, target: float, importance: object, argument: str = "target_sparsity"
 ) -> tuple[str, tuple[int, int] | None]:
@@ -59,7 +80,7 @@ def prune_(
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
-    min_density: float = 0.0,
+    min_density: float | None = None,
     masks: Mapping[str, Tensor] | None = None,
     seed: int = 0,
     granularity: str = "element",
@@ -76,7 +97,9 @@ def prune_(
         scope: ``"global"`` (one threshold over all selected weights) or ``"layer"``.
         include: glob patterns over module names (see :func:`~.selection.select_targets`).
         exclude: glob patterns over module names to leave dense.
-        min_density: with ``scope="global"``, the smallest fraction each layer keeps.
+        min_density: with ``scope="global"``, the smallest fraction each layer keeps, so one
+            threshold cannot wipe out a layer. ``None``: a tenth of the density at ``sparsity``,
+            ``0.1 * (1 - sparsity)``.
         masks: masks from an earlier call: those weights stay pruned.
         seed: seed of ``importance="random"``.
         granularity: ``"element"``, ``"channel"`` (``sparsity`` is then the fraction of
@@ -97,14 +120,9 @@ def prune_(
         0.5
     """
     sparsity = validate_fraction(sparsity, "sparsity")
-    min_density = validate_fraction(min_density, "min_density", upper_inclusive=True)
     if scope not in ("global", "layer"):
         raise ValueError(f"`scope`={scope!r} is not one of ('global', 'layer').")
-    if scope == "global" and min_density > 1.0 - sparsity + 1e-9:
-        raise ValueError(
-            f"`min_density`={min_density} leaves no room for `sparsity`={sparsity}: "
-            f"it must be at most 1 - sparsity = {1.0 - sparsity:.4g}."
-        )
+    min_density = resolve_min_density(min_density, sparsity, scope)
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude)

@@ -34,6 +34,15 @@ _NONFINITE_LOW = 129
 _NONFINITE_HIGH = 65409
 
 
+def floor_count(min_density: float, n: int) -> int:
+    """Fewest units a layer of ``n`` keeps under ``min_density``: ``ceil(min_density * n)``.
+
+    Rounded first, so that a density computed in floating point (``0.1 * (1 - 0.95)`` is
+    ``0.005000000000000004``) does not round a whole unit up.
+    """
+    return math.ceil(round(min_density * n, 6))
+
+
 class MaskPlanError(ValueError):
     """Raised when scores cannot be ranked (NaN/Inf, wrong shape)."""
 
@@ -249,7 +258,7 @@ def compute_masks(
             hi = int(nonzero[-1]) if nonzero.numel() else -1
             cropped = alive_hist[lo : hi + 1].clone()
             n = target.numel
-            cap = max(n - math.ceil(min_density * n), pruned) if scope == "global" else n
+            cap = max(n - floor_count(min_density, n), pruned) if scope == "global" else n
             layers.append(_Layer(target, n, pruned, cap, lo + 1, cropped, cropped.cumsum(0)))
 
         if scope == "layer":

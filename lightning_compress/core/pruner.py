@@ -7,7 +7,6 @@ than by a bool mask on CPU); in :meth:`Pruner.state_dict` masks are bool, on CPU
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .importance import Importance
-from .masks import compute_masks
+from .masks import compute_masks, floor_count
 from .selection import Target
 
 __all__ = ["MaskRule", "Pruner"]
@@ -216,7 +215,7 @@ class Pruner:
         keep_back = []  # drops that would take a layer below its min_density floor
         for i, (target, flat) in enumerate(zip(targets, flats, strict=True)):
             mine = drop[owner[drop] == i]
-            room = int(flat.sum()) - max(1, math.ceil(self.min_density * target.numel))
+            room = int(flat.sum()) - max(1, floor_count(self.min_density, target.numel))
             if mine.numel() > max(room, 0):
                 order = torch.argsort(score[mine], descending=True, stable=True)
                 keep_back.append(mine[order[: mine.numel() - max(room, 0)]])

@@ -177,6 +177,20 @@ def test_min_density_keeps_the_head_alive():
     assert int(head.sum()) >= 0.05 * head.numel()
 
 
+@pytest.mark.parametrize(("target", "floor", "kept"), [(0.9, "0.01", 11), (0.98, "0.002", 3)])  # ceil(floor * 1024)
+def test_default_floor_is_a_tenth_of_the_target_density(target, floor, kept):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(hidden=256, lr=0.0)
+    with torch.no_grad():
+        model.net[4].weight.mul_(1e-4)  # one global threshold would take the 1024-weight head entirely
+    pruning = IterativePruning(target, schedule="one_shot", start_epoch=0, end_epoch=1)
+    assert pruning.min_density == pytest.approx(0.1 * (1 - target))
+    with pytest.warns(UserWarning, match=rf"'net.4'\] are held at the `min_density`={floor} floor"):
+        trainer(max_epochs=1, callbacks=[pruning]).fit(model)
+    assert int(pruning.masks["net.4.weight"].sum()) == kept  # alive, and at 98% not holding a 1% share
+    assert sparsity(model) == pytest.approx(target, abs=3 / 70656)
+
+
 def test_sparsity_is_logged_to_tensorboard(tiny, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -267,7 +281,7 @@ def test_rewinding_restores_survivors_and_copies_storage():
         ({"start_epoch": -1}, ValueError, "`start_epoch`=-1 must be >= 0"),
         ({"every_n_epochs": 2, "every_n_steps": 5}, ValueError, "Set one of `every_n_epochs`=2 and `every_n_steps`=5"),
         ({"every_n_steps": 0}, ValueError, "`every_n_steps`=0 must be >= 1"),
-        ({"min_density": 0.2}, ValueError, "`min_density`=0.2 cannot hold with `target_sparsity`=0.9"),
+        ({"min_density": 0.2}, ValueError, "`min_density`=0.2 leaves no room for `target_sparsity`=0.9"),
         ({"mode": "up"}, ValueError, "`mode`='up' is not one of"),
         ({"max_drop": -0.1}, ValueError, "`max_drop`=-0.1 must be >= 0"),
         ({"monitor": 3}, TypeError, "`monitor` must be a metric name"),

@@ -83,6 +83,18 @@ def test_min_density_equal_to_the_remaining_fraction_is_allowed():
         assert (layer.weight != 0).float().mean() >= 0.1 - 1e-9
 
 
+@pytest.mark.parametrize(("target", "kept"), [(0.9, 10), (0.95, 5)])
+def test_default_floor_is_a_tenth_of_the_target_density(target, kept):
+    model = nn.Sequential(nn.Linear(100, 10, bias=False), nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3)  # the 1000-weight layer would go entirely under one threshold
+    masks = prune_(model, target)
+    assert int(masks["0.weight"].sum()) == kept  # ceil(0.1 * (1 - target) * 1000)
+    assert sparsity(model) == pytest.approx(target, abs=1 / 1100)
+    prune_(model, target, min_density=0.0, masks=masks)  # an explicit floor replaces the default
+    assert int(model[0].weight.count_nonzero()) == kept
+
+
 def test_prune_channels_then_compact_without_lightning():
     from lightning_compress import compact
     from lightning_compress.demo import DigitsResNet
