@@ -5,7 +5,7 @@ stratified 70/30 split, same 30 epochs of Adam, pruning between epochs 5 and 20 
 reached after epoch 20) with a cubic schedule, mean of 3 seeds. Runs are spread over 2 worker
 processes with one thread each; every run is deterministic.
 
-    python benchmarks/accuracy_digits.py            # ~8 minutes on 2 CPU cores
+    python benchmarks/accuracy_digits.py            # ~4 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
