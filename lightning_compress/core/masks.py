@@ -34,6 +34,18 @@ _NONFINITE_LOW = 129
 _NONFINITE_HIGH = 65409
 
 
+def zero_pruned_(tensor: Tensor, keep: Tensor, *, finite: bool = False) -> None:
+    """Set ``tensor`` to zero where ``keep`` (bool or 0/1 float, same shape) is false, in place.
+
+    A multiply, several times faster than ``masked_fill_`` on CPU, then, only when it left NaN
+    (``NaN * 0`` and ``inf * 0`` are NaN), a ``masked_fill_`` so pruned entries are exact zeros.
+    ``finite=True`` skips that check when the caller already knows every value is finite.
+    """
+    tensor.mul_(keep.view(torch.uint8) if keep.dtype == torch.bool else keep)
+    if not finite and bool(tensor.isnan().any()):
+        tensor.masked_fill_(keep == 0, 0)
+
+
 def floor_count(min_density: float, n: int) -> int:
     """Fewest units a layer of ``n`` keeps under ``min_density``: ``ceil(min_density * n)``.
 
@@ -310,7 +322,8 @@ def _write_masks(
                 positions.append(sel + start)
                 keys_in.append(keys[sel])
             if flat_param is not None:
-                flat_param[start:end].masked_fill_(~part, 0)  # not a multiply: NaN * 0 is NaN
+                # with magnitude scores every |w| was checked finite above
+                zero_pruned_(flat_param[start:end], part, finite=scorer.magnitude and alive is None)
         if gather:
             pos = torch.cat(positions)
             keys_cat = torch.cat(keys_in)
@@ -323,7 +336,7 @@ def _write_masks(
         out[layer.target.param_name] = mask
         if apply and flat_param is None:
             with torch.no_grad():
-                param.masked_fill_(~mask.view(param.shape), 0)
+                zero_pruned_(param, mask.view(param.shape))
     if shared:
         _resolve_shared(layers, decisions, shared, shared_take, out, apply)
     return {layer.target.param_name: out[layer.target.param_name].view(layer.target.param.shape) for layer in layers}
@@ -363,4 +376,4 @@ def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool
             if flat is not None:
                 flat[positions] = 0
             else:
-                layer.target.param.masked_fill_(~mask.view(layer.target.param.shape), 0)
+                zero_pruned_(layer.target.param, mask.view(layer.target.param.shape))

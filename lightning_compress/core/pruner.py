@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .importance import Importance
-from .masks import compute_masks, floor_count
+from .masks import compute_masks, floor_count, zero_pruned_
 from .selection import Target
 
 __all__ = ["MaskRule", "Pruner"]
@@ -256,7 +256,7 @@ class Pruner:
             return
         with torch.no_grad():
             for name, mask in self.masks.items():
-                self._by_name[name].param.masked_fill_(mask == 0, 0)  # not a multiply: NaN * 0 is NaN
+                zero_pruned_(self._by_name[name].param, mask)
 
     # ------------------------------------------------------------------ training step
     def observe_gradients(self, params: set[int] | None = None) -> None:
@@ -309,7 +309,7 @@ class Pruner:
                     continue
                 for value in state.values():
                     if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                        value.masked_fill_(mask == 0, 0)
+                        zero_pruned_(value, mask)
 
     # ------------------------------------------------------------------ lottery-ticket rewinding
     def save_rewind_point(self) -> None:
@@ -327,7 +327,7 @@ class Pruner:
             for name, saved in self._rewind.items():
                 param = self._by_name[name].param
                 param.copy_(saved.to(param.device, param.dtype))
-                param.masked_fill_(self.masks[name] == 0, 0)
+                zero_pruned_(param, self.masks[name])
 
     # ------------------------------------------------------------------ persistence
     def matches(self, masks: dict[str, Tensor]) -> bool:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_compress.core.importance import MagnitudeImportance, RandomImportance
-from lightning_compress.core.masks import MaskPlanError, compute_masks
+from lightning_compress.core.masks import MaskPlanError, compute_masks, zero_pruned_
 from lightning_compress.core.selection import select_targets
 
 
@@ -164,3 +164,13 @@ def test_non_contiguous_weight():
     assert not layer.weight.is_contiguous()
     masks = compute_masks(select_targets(layer), MagnitudeImportance(), 0.5)
     assert int((layer.weight == 0).sum()) == 24 and int((~masks["weight"]).sum()) == 24
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_zero_pruned_writes_exact_zeros_over_nan_and_inf(dtype, mask_kind):
+    values = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), float("nan"), 2.0], dtype=dtype)
+    keep = torch.tensor([False, False, False, False, True, True])
+    zero_pruned_(values, keep if mask_kind == "bool" else keep.to(dtype))
+    assert values[:4].eq(0).all()  # NaN * 0 and inf * 0 would have left NaN
+    assert values[4].isnan() and values[5] == 2.0  # kept entries untouched
