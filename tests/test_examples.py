@@ -10,16 +10,21 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_digits_example_prunes_quantizes_and_exports(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "digits.py"), "--fast", "--sparsity", "0.8", "--out", "export"],
-        cwd=tmp_path,
+def _run_example(script: str, *args: str, cwd: pathlib.Path) -> str:
+    """Run ``examples/<script>`` in ``cwd`` with this interpreter; its stdout (fails on a non-zero exit)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         check=True,
         timeout=600,
     ).stdout
+
+
+@pytest.mark.slow
+def test_digits_example_prunes_quantizes_and_exports(tmp_path):
+    out = _run_example("digits.py", "--fast", "--sparsity", "0.8", "--out", "export", cwd=tmp_path)
     accuracy = re.search(r"test accuracy \(PyTorch\)\s+([\d.]+)%\s+([\d.]+)%", out)
     onnx_accuracy = re.search(r"test accuracy \(ONNX int8\)\s+([\d.]+)%", out)
     zeros = re.search(r"sparsity \(Linear\+Conv\)\s+([\d.]+)%\s+([\d.]+)%", out)
@@ -37,14 +42,7 @@ def test_digits_example_prunes_quantizes_and_exports(tmp_path):
 def test_sweep_writes_csv_and_pareto_chart(tmp_path):
     import csv
 
-    subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "sweep.py"), "--fast", "--sparsity", "0", "0.8", "--bits", "32", "4"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    )
+    _run_example("sweep.py", "--fast", "--sparsity", "0", "0.8", "--bits", "32", "4", cwd=tmp_path)
     with open(tmp_path / "sweep" / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["sparsity"], r["bits"]) for r in rows] == [("0.0", "32"), ("0.0", "4"), ("0.8", "32"), ("0.8", "4")]
@@ -56,14 +54,7 @@ def test_sweep_writes_csv_and_pareto_chart(tmp_path):
 
 @pytest.mark.slow
 def test_structured_example_compacts_and_exports(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "structured.py"), "--fast", "--out", "export"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=600,
-    ).stdout
+    out = _run_example("structured.py", "--fast", "--out", "export", cwd=tmp_path)
     params = re.search(r"parameters\s+([\d,]+)\s+([\d,]+)", out)
     channels = re.findall(r"^net\.\S+\s+(\d+) -> (\d+)$", out, flags=re.MULTILINE)
     assert params and channels, out

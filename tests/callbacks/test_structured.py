@@ -30,6 +30,17 @@ def _model(net="resnet"):
     return DigitsClassifier(DigitsResNet(8, blocks=2) if net == "resnet" else DigitsCNN(8), lr=3e-3)
 
 
+def _fit(callbacks, max_epochs, dirpath=None, ckpt_path=None):
+    """Fit a fresh seeded ``_model()``; with ``dirpath`` save a checkpoint every epoch (``epoch=N.ckpt``)."""
+    pl.seed_everything(0, verbose=False)
+    model = _model()
+    if dirpath is not None:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
+    trainer = _trainer(callbacks, max_epochs=max_epochs, enable_checkpointing=dirpath is not None)
+    trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+    return model
+
+
 def _x():
     return torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
@@ -72,19 +83,13 @@ def test_bn_scale_on_a_resnet_and_errors_without_batchnorm():
 
 
 def test_channel_resume_mid_schedule_gives_the_same_masks(tmp_path):
-    def run(ckpt_path=None, dirpath=None):
-        pl.seed_everything(0, verbose=False)
-        model = _model()
+    def run(**kwargs):
         pruning = IterativePruning(0.6, importance="taylor", granularity="channel", start_epoch=1, end_epoch=4)
-        callbacks = [pruning]
-        if dirpath is not None:
-            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
-        trainer = _trainer(callbacks, max_epochs=5, enable_checkpointing=dirpath is not None)
-        trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
-        return model, pruning
+        _fit([pruning], max_epochs=5, **kwargs)
+        return pruning
 
-    _, full = run(dirpath=tmp_path)
-    _, resumed = run(ckpt_path=tmp_path / "epoch=2.ckpt")  # after 2 of 3 events
+    full = run(dirpath=tmp_path)
+    resumed = run(ckpt_path=tmp_path / "epoch=2.ckpt")  # after 2 of 3 events
     assert full.masks.keys() == resumed.masks.keys()
     assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
 
@@ -93,19 +98,10 @@ def test_channel_resume_mid_schedule_gives_the_same_masks(tmp_path):
 def test_channel_pruning_resumes_with_qat_on_in_either_order(tmp_path, qat_first):
     """The group trace and shape check run on a model whose fake quantization is already on."""
 
-    def callbacks():
+    def run(**kwargs):
         pruning = IterativePruning(0.5, granularity="channel", scope="layer", start_epoch=1, end_epoch=3)
         qat = QuantizationAwareTraining(8, 8, start_epoch=0)
-        return pruning, ([qat, pruning] if qat_first else [pruning, qat])
-
-    def run(dirpath=None, ckpt_path=None):
-        pl.seed_everything(0, verbose=False)
-        model = _model()
-        pruning, cbs = callbacks()
-        if dirpath is not None:
-            cbs.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
-        trainer = _trainer(cbs, max_epochs=4, enable_checkpointing=dirpath is not None)
-        trainer.fit(model, DigitsDataModule(batch_size=32), ckpt_path=ckpt_path)
+        model = _fit([qat, pruning] if qat_first else [pruning, qat], max_epochs=4, **kwargs)
         return model, pruning
 
     _, full = run(dirpath=tmp_path)
