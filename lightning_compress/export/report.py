@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from torch import nn
@@ -121,8 +121,24 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that only counts: sizing a ``torch.save`` costs no copy of the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.count += size
+        return size
+
+
 def state_dict_bytes(model: nn.Module) -> int:
     """Size of ``torch.save(model.state_dict())``: the baseline the ratio is computed against."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.tell()
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), cast(IO[bytes], counter))
+    return counter.count

@@ -1,0 +1,317 @@
+"""The manifest of a ``.lcz`` file: one named record per tensor, checked against the model before any allocation.
+
+A record says how one ``state_dict`` entry is stored: ``"raw"`` (as it is), ``"sparse"`` (positions
+of the nonzeros and their values) or ``"quantized"`` (positions and integer codes; the scale is
+another entry). :func:`plan` checks a whole manifest against the model the file is loaded into:
+names, dtypes and shapes, every count, index stream and code stream, and the section lengths, so
+that a file cannot make the reader allocate more than the model itself holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.packing import code_container_bits
+from ..core.qat import QuantConfig
+from ..core.quant import int_range
+from .container import CompressedFileError
+
+__all__ = ["SECTIONS", "ArchitectureMismatch", "TensorRecord", "max_manifest_bytes", "max_raw_bytes", "plan"]
+
+SECTIONS = ("positions", "codes", "data")  # similar bytes together: the entropy coder does better
+KINDS = ("raw", "sparse", "quantized")
+_V1_KINDS = {"r": "raw", "s": "sparse", "q": "quantized"}
+_QUANTIZER = re.compile(r"^(?P<layer>.+)\.(?P<role>weight|input)_fake_quant\.(?P<buffer>[A-Za-z_]+)$")
+_QUANTIZER_BUFFERS = ("scale", "zero_point", "shift", "min_val", "max_val", "state")
+# a quantizer holds a few buffers per layer: per output channel at most, scalars for activations
+_PER_LAYER_SLACK = 64
+
+
+class ArchitectureMismatch(CompressedFileError):
+    """The file is well formed but holds another architecture's tensors."""
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """How one ``state_dict`` entry is stored.
+
+    Attributes:
+        name: the ``state_dict`` key.
+        dtype: torch dtype name (``"float32"``).
+        shape: the tensor's shape.
+        kind: ``"raw"``, ``"sparse"`` or ``"quantized"``.
+        count: stored (nonzero) entries (sparse and quantized).
+        coding: ``"bitmask"`` or ``"gaps"``: how the positions are stored.
+        position_bytes: length of the positions in the positions section.
+        bits: code width (quantized).
+        axis: ``0`` for per-output-channel scales, ``None`` per tensor (quantized).
+        qmin, qmax: the integer range (quantized).
+        quantizer: prefix of the quantizer entries that hold the scale (``"fc.weight_fake_quant."``).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str
+    count: int = 0
+    coding: str = ""
+    position_bytes: int = 0
+    bits: int = 0
+    axis: int | None = None
+    qmin: int = 0
+    qmax: int = 0
+    quantizer: str = ""
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise CompressedFileError(f"{self.name}: unknown dtype {self.dtype!r} in the file.")
+        return dtype
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "kind": self.kind}
+        if self.kind != "raw":
+            out.update(count=self.count, coding=self.coding, position_bytes=self.position_bytes)
+        if self.kind == "quantized":
+            out.update(bits=self.bits, axis=self.axis, qmin=self.qmin, qmax=self.qmax, quantizer=self.quantizer)
+        return out
+
+    @classmethod
+    def from_json(cls, entry: Any, version: int) -> TensorRecord:
+        """A record from the manifest, strictly typed (format 1 stored positional lists)."""
+        if version == 1:
+            entry = _from_v1(entry)
+        if not isinstance(entry, dict):
+            raise CompressedFileError(f"bad tensor record {str(entry)[:80]!r} in the file.")
+        fields = dict(entry)
+        name, dtype, shape, kind = fields.get("name"), fields.get("dtype"), fields.get("shape"), fields.get("kind")
+        if not isinstance(name, str) or not isinstance(dtype, str) or kind not in KINDS:
+            raise CompressedFileError(f"bad tensor record {str(entry)[:80]!r} in the file.")
+        if set(fields) != set(_FIELDS[kind]):
+            raise CompressedFileError(f"{name}: a {kind} record with fields {sorted(fields)} in the file.")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CompressedFileError(f"{name}: bad shape {str(shape)[:80]} in the file.")
+        fields["shape"] = tuple(shape)
+        for key in ("count", "position_bytes", "bits", "qmin", "qmax"):
+            if key in fields and not _is_int(fields[key]):
+                raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
+        for key in ("coding", "quantizer"):
+            if key in fields and not isinstance(fields[key], str):
+                raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
+        if fields.get("axis") not in (None, 0):
+            raise CompressedFileError(f"{name}: bad axis {fields['axis']!r} in the file.")
+        return cls(**fields)
+
+
+_FIELDS = {
+    "raw": ("name", "dtype", "shape", "kind"),
+    "sparse": ("name", "dtype", "shape", "kind", "count", "coding", "position_bytes"),
+    "quantized": (
+        "name",
+        "dtype",
+        "shape",
+        "kind",
+        "count",
+        "coding",
+        "position_bytes",
+        "bits",
+        "axis",
+        "qmin",
+        "qmax",
+        "quantizer",
+    ),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _from_v1(entry: Any) -> Any:
+    """Format 1: ``[name, dtype, shape, kind, count, coding, position_bytes, bits, axis, qmin, qmax, prefix]``."""
+    if not isinstance(entry, list) or len(entry) < 4 or entry[3] not in _V1_KINDS:
+        return entry
+    kind = _V1_KINDS[entry[3]]
+    out = dict(zip(_FIELDS[kind], entry, strict=False))
+    out["kind"] = kind
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+def _layers_with_weights(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        name: module.weight
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2
+    }
+
+
+def max_manifest_bytes(model: nn.Module) -> int:
+    """The longest manifest a file for ``model`` can have: a few hundred bytes per tensor, generously."""
+    entries = len(model.state_dict()) + 2 * len(_QUANTIZER_BUFFERS) * len(_layers_with_weights(model))
+    return 65536 + 1024 * entries
+
+
+def _quantizer_bound(weight: Tensor, role: str) -> int:
+    """The most entries one quantizer buffer may hold: one per output channel for weights, else one."""
+    return max(1, weight.shape[0]) if role == "weight" else 1
+
+
+def max_raw_bytes(model: nn.Module) -> int:
+    """The most decompressed bytes a file for ``model`` can need: its tensors, quantizers and manifest.
+
+    Every stored form of a tensor is at most its dense size (positions are chosen only when they
+    make it smaller), and quantizer buffers are per output channel at most.
+    """
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    layers = _layers_with_weights(model)
+    quantizers = sum(
+        8 * len(_QUANTIZER_BUFFERS) * (_quantizer_bound(w, "weight") + _PER_LAYER_SLACK) for w in layers.values()
+    )
+    return 4 + max_manifest_bytes(model) + state + quantizers
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list[TensorRecord], list[int]]:
+    """Check every record of ``manifest`` against ``model``; return the records and the section sizes.
+
+    Raises :class:`CompressedFileError` for anything a file written for this model could not contain:
+    unknown names or dtypes, shapes that differ (or, for a compacted file, exceed the model's),
+    quantizer buffers larger than a layer's channels, counts larger than a tensor, index and code
+    streams of impossible lengths, sections that do not add up, unreadable quantization settings.
+    """
+    entries = manifest.get("tensors")
+    if not isinstance(entries, list):
+        raise CompressedFileError("the manifest has no tensor list.")
+    records = [TensorRecord.from_json(entry, version) for entry in entries]
+    names = [r.name for r in records]
+    if len(set(names)) != len(names):
+        raise CompressedFileError("the file stores a tensor twice.")
+    compacted = manifest.get("compacted", False)
+    if not isinstance(compacted, bool):
+        raise CompressedFileError(f"bad `compacted` flag {compacted!r} in the file.")
+    _check_names(model, records, compacted)
+    _check_qat_layers(model, manifest.get("qat_layers", {}))
+    by_name = {r.name: r for r in records}
+    sizes = dict.fromkeys(SECTIONS, 0)
+    for record in records:
+        element = record.element_size
+        if record.kind == "raw":
+            sizes["data"] += record.numel * element
+            continue
+        sizes["positions"] += _check_positions(record)
+        if record.kind == "sparse":
+            sizes["data"] += record.count * element
+        else:
+            _check_quantized(record, by_name)
+            sizes["codes"] += (record.count * code_container_bits(record.bits) + 7) // 8
+    declared = manifest.get("sections")
+    if not isinstance(declared, list) or [int(n) if _is_int(n) else -1 for n in declared] != list(sizes.values()):
+        raise CompressedFileError(
+            f"section sizes do not match the file: {str(declared)[:80]} declared, {list(sizes.values())} recorded."
+        )
+    return records, list(sizes.values())
+
+
+def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool) -> None:
+    mine = model.state_dict()
+    layers = _layers_with_weights(model)
+    missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))
+    extra, shapes, dtypes = [], [], []
+    for record in records:
+        have = mine.get(record.name)
+        if have is None:
+            found = _QUANTIZER.match(record.name)
+            weight = layers.get(found["layer"]) if found else None
+            if found is None or weight is None or found["buffer"] not in _QUANTIZER_BUFFERS:
+                extra.append(record.name)
+            elif record.numel > _quantizer_bound(weight, found["role"]) or len(record.shape) > 1:
+                shapes.append(record.name)
+            continue
+        if record.torch_dtype != have.dtype:
+            dtypes.append(record.name)
+        if record.shape == tuple(have.shape):
+            continue
+        shrunk = len(record.shape) == have.dim() and all(a <= b for a, b in zip(record.shape, have.shape, strict=True))
+        if not (compacted and shrunk):
+            shapes.append(record.name)
+    if missing or extra or shapes or dtypes:
+        details = []
+        for label, keys in (
+            ("missing in the file", missing),
+            ("unknown to the model", extra),
+            ("shape differs", shapes),
+            ("dtype differs", dtypes),
+        ):
+            if keys:
+                details.append(f"{label}: {sorted(keys)[:5]}")
+        raise ArchitectureMismatch(
+            f"was written for another architecture than {type(model).__name__}: " + "; ".join(details)
+        )
+
+
+def _quantizer_keys(state: dict[str, Tensor]) -> set[str]:
+    return {k for k in state if _QUANTIZER.match(k)}
+
+
+def _check_qat_layers(model: nn.Module, layers: Any) -> None:
+    if not isinstance(layers, dict):
+        raise CompressedFileError("bad `qat_layers` in the file.")
+    modules = dict(model.named_modules())
+    for name, cfg in layers.items():
+        if not isinstance(modules.get(name), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise CompressedFileError(f"the file quantizes {name!r}, which is not a Linear/Conv layer of the model.")
+        if not isinstance(cfg, dict):
+            raise CompressedFileError(f"bad quantization settings for {name!r} in the file.")
+        try:
+            QuantConfig(**cfg)
+        except (TypeError, ValueError) as err:
+            raise CompressedFileError(f"bad quantization settings for {name!r} in the file: {err}") from err
+
+
+def _check_positions(record: TensorRecord) -> int:
+    numel, count, nbytes = record.numel, record.count, record.position_bytes
+    if not 0 <= count <= numel:
+        raise CompressedFileError(f"{record.name}: {count} stored entries for {numel} elements.")
+    if record.coding == "bitmask":
+        if nbytes != (numel + 7) // 8:
+            raise CompressedFileError(f"{record.name}: a bitmask of {nbytes} bytes for {numel} elements.")
+    elif record.coding == "gaps":
+        # one byte per position, plus one per 255 skipped entries; written only when shorter than a bitmask
+        if not count <= nbytes < (numel + 7) // 8 or (count == 0 and nbytes != 0):
+            raise CompressedFileError(f"{record.name}: an index stream of {nbytes} bytes for {count} positions.")
+    else:
+        raise CompressedFileError(f"{record.name}: unknown index coding {record.coding!r}.")
+    return nbytes
+
+
+def _check_quantized(record: TensorRecord, by_name: dict[str, TensorRecord]) -> None:
+    layer = record.name.removesuffix(".weight")
+    if record.quantizer != f"{layer}.weight_fake_quant." or layer == record.name:
+        raise CompressedFileError(f"{record.name}: bad quantizer {record.quantizer!r} in the file.")
+    if not 2 <= record.bits <= 8:
+        raise CompressedFileError(f"{record.name}: {record.bits}-bit codes are outside 2..8.")
+    lowest, highest = int_range(record.bits, True)
+    if not lowest <= record.qmin < record.qmax <= highest:
+        raise CompressedFileError(f"{record.name}: integer range [{record.qmin}, {record.qmax}] in the file.")
+    scale = by_name.get(record.quantizer + "scale")
+    if scale is None:
+        raise CompressedFileError(f"{record.name}: its scale is missing from the file.")
+    channels = record.shape[0] if record.shape else 1
+    if scale.numel != (channels if record.axis == 0 else 1):
+        raise CompressedFileError(f"{record.name}: {scale.numel} scales for axis {record.axis}.")

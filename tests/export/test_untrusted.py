@@ -1,0 +1,173 @@
+"""Untrusted ``.lcz`` files: forged sizes are refused before anything large is allocated.
+
+Every file here has a valid SHA-256 (anyone can compute one). The memory bound itself is measured
+in a subprocess (``untrusted_script.py``), where the peak RSS of each load can be read alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_compress import CompressedFileError, load_compressed, save_compressed
+from lightning_compress.core.qat import qat_modules
+from tests.export import forge
+from tests.export.helpers import Net, compressed_net, inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lcz") / "m.lcz"
+    save_compressed(compressed_net(), path)
+    return forge.read(path)
+
+
+def refused(path: Path, match: str) -> None:
+    model = Net()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CompressedFileError, match=match):
+        load_compressed(model, path)
+    assert not qat_modules(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def record(manifest, name):
+    return next(r for r in manifest["tensors"] if r["name"] == name)
+
+
+def test_a_decompression_bomb_after_a_genuine_manifest_is_cut_at_the_declared_size(tmp_path, genuine):
+    manifest, body = genuine
+    prefix = forge.raw_of(manifest, b"")
+    forge.bomb(tmp_path / "b.lcz", prefix, expands_to=1 << 30, declared=len(prefix) + len(body))
+    refused(tmp_path / "b.lcz", "expands past its declared size")
+
+
+def test_a_bomb_that_declares_a_tiny_size_is_refused(tmp_path):
+    forge.bomb(tmp_path / "b.lcz", b"", expands_to=1 << 30, declared=16)
+    refused(tmp_path / "b.lcz", "unreadable manifest|size mismatch")
+
+
+def test_a_declared_size_larger_than_the_model_is_refused_before_decompressing(tmp_path):
+    forge.write(tmp_path / "d.lcz", forge.compress(b"\0" * 64), raw_len=1 << 40)
+    refused(tmp_path / "d.lcz", "declares 1099511627776 decompressed bytes")
+
+
+def test_a_huge_manifest_length_is_refused(tmp_path):
+    raw = (2**31).to_bytes(4, "little") + b"{}"
+    forge.write(tmp_path / "m.lcz", forge.compress(raw), raw_len=len(raw))
+    refused(tmp_path / "m.lcz", "manifest, more than allowed")
+
+
+def forged(tmp_path: Path, manifest, body: bytes) -> Path:
+    path = tmp_path / "f.lcz"
+    raw = forge.raw_of(manifest, body)
+    forge.write(path, forge.compress(raw), len(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: record(m, "fc1.weight").update(shape=[2**31, 2**31]), r"shape differs: \['fc1.weight'\]"),
+        (lambda m: record(m, "fc1.weight").update(shape=[-1, 512]), "bad shape"),
+        (lambda m: record(m, "fc1.weight").update(shape=[2] * 9), "bad shape"),
+        (lambda m: record(m, "fc1.weight").update(count=10**9), "stored entries for 32768 elements"),
+        (lambda m: record(m, "fc1.weight").update(count=-5), "stored entries"),
+        (lambda m: record(m, "fc1.weight").update(position_bytes=10**9), "index stream of"),
+        (lambda m: record(m, "fc1.weight").update(coding="zip"), "unknown index coding"),
+        (lambda m: record(m, "fc1.weight").update(dtype="float64"), r"dtype differs: \['fc1.weight'\]"),
+        (lambda m: record(m, "fc1.weight").update(dtype="os.system"), "unknown dtype"),
+        (lambda m: record(m, "fc1.weight").update(bits=16), "outside 2..8"),
+        (lambda m: record(m, "fc1.weight").update(kind="pickle"), "bad tensor record"),
+        (lambda m: m["tensors"].append(dict(record(m, "fc2.bias"))), "stores a tensor twice"),
+        (lambda m: m["tensors"].append({**record(m, "fc2.bias"), "name": "evil"}), "unknown to the model"),
+        (
+            lambda m: m["tensors"].append(
+                {"name": "fc1.weight_fake_quant.min_val", "dtype": "float32", "shape": [10**8], "kind": "raw"}
+            ),
+            r"shape differs: \['fc1.weight_fake_quant.min_val'\]",
+        ),
+        (lambda m: m.update(sections=[0, 0, 10**12]), "section sizes do not match"),
+        (lambda m: m.update(compacted="yes"), "bad `compacted` flag"),
+        (lambda m: m["qat_layers"].update(bn={"weight_bits": 8}), "'bn', which is not a Linear/Conv"),
+        (lambda m: m["qat_layers"]["fc1"].update(weight_bits=64), "bad quantization settings for 'fc1'"),
+        (lambda m: m["qat_layers"]["fc1"].update(evil=1), "bad quantization settings for 'fc1'"),
+    ],
+)
+def test_every_size_in_the_manifest_is_checked_against_the_model(tmp_path, genuine, edit, match):
+    manifest, body = copy.deepcopy(genuine[0]), genuine[1]
+    edit(manifest)
+    refused(forged(tmp_path, manifest, body), match)
+
+
+def test_a_compacted_file_may_not_grow_a_layer(tmp_path, genuine):
+    manifest, body = copy.deepcopy(genuine[0]), genuine[1]
+    manifest["compacted"] = True
+    record(manifest, "fc2.bias").update(shape=[11])
+    refused(forged(tmp_path, manifest, body), r"shape differs: \['fc2.bias'\]")
+
+
+def test_an_index_stream_that_points_outside_the_tensor(tmp_path, genuine):
+    manifest, body = genuine
+    entries = manifest["tensors"]
+    entry = record(manifest, "fc1.weight")
+    assert entry["coding"] == "gaps"
+    length, count = entry["position_bytes"], entry["count"]
+    # same length and count as the genuine stream, so every size adds up, but the gaps run past the tensor
+    stream = b"\xff" * (length - count) + b"\xfe" * count
+    start = sum(r.get("position_bytes", 0) for r in entries[: entries.index(entry)])
+    body = body[:start] + stream + body[start + length :]
+    refused(forged(tmp_path, manifest, body), "position outside the tensor")
+
+
+def test_format_1_files_still_load():
+    fresh = Net()
+    load_compressed(fresh, Path(__file__).parent / "data" / "format_v1.lcz")
+    expected = compressed_net(0.9)
+    torch.testing.assert_close(fresh.eval()(inputs()), expected(inputs()), atol=1e-6, rtol=0)
+
+
+def test_loading_any_file_costs_at_most_twice_the_model_in_memory():
+    """Hypothesis draws bombs, huge shapes and inconsistent counts; the peak RSS of each load is read alone."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "untrusted_script.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "refused" in result.stdout and "genuine" in result.stdout
+
+
+def test_a_refused_compacted_file_leaves_the_fresh_model_at_its_sizes(tmp_path):
+    """The reader shrinks a fresh model to a compacted file's sizes; a refusal after that puts every layer back."""
+    from lightning_compress import QuantConfig, compact, convert_to_qat, prune_
+    from lightning_compress.core.qat import quantizers
+
+    torch.manual_seed(0)
+    small = Net().eval()
+    prune_(small, 0.5, granularity="channel", example_inputs=inputs(4))
+    compact(small, inputs(4))
+    convert_to_qat(small, QuantConfig(8, 8), include=["fc1"])
+    for _, q in quantizers(small):
+        q.observer_enabled = True
+    small.train()(inputs())
+    for _, q in quantizers(small):
+        q.fake_quant_enabled = True
+    save_compressed(small.eval(), tmp_path / "c.lcz")
+    assert load_compressed(Net(), tmp_path / "c.lcz")  # genuine: loads into a fresh, uncompacted Net
+    manifest, body = forge.read(tmp_path / "c.lcz")
+    assert manifest["compacted"] and small.conv.out_channels < 8
+    manifest["qat_layers"]["fc2"] = manifest["qat_layers"]["fc1"]  # converts fc2, whose quantizers the file lacks
+    refused(forged(tmp_path, manifest, body), r"another architecture than Net: \['fc2.input_fake_quant")
