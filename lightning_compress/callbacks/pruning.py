@@ -26,6 +26,7 @@ from ..export.report import CompressionReport
 from ..metrics.sparsity import Sparsity
 from ._export import check_export_path, check_export_ready, export_at_fit_end
 from ._validation import check_choice, check_float, check_int, check_strategy
+from ._validation_plan import last_validation_batch, steps_done_after
 
 __all__ = ["IterativePruning"]
 
@@ -67,9 +68,12 @@ class IterativePruning(Callback):
             0.002 at 98%): no layer ends more than ten times sparser than the model, and the floor
             does not eat the budget at extreme sparsity.
         monitor: a logged metric (e.g. ``"val_acc"``) for accuracy-aware control: the value
-            before the first event is the baseline; a later validation that is more than
-            ``max_drop`` worse rolls the last event back and halves the step; when no step fits
-            pruning stops. ``None`` disables it.
+            before the first event is the baseline; the first validation after an event judges it,
+            and one more than ``max_drop`` worse rolls it back at once and halves the step; when no
+            step fits pruning stops. No event runs after the fit's last validation (with
+            ``end_epoch=None`` the schedule ends at the last event a validation follows), and an
+            event that an early stop leaves unjudged is rolled back at the end of fit, so ``fit``
+            never returns a model no validation judged. ``None`` disables it.
         max_drop: largest tolerated drop of ``monitor`` from the baseline.
         mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise.
         rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back
@@ -173,7 +177,9 @@ class IterativePruning(Callback):
         self._end_epoch = self.end_epoch
         self._pending_state: dict[str, Any] | None = None
         self._last_t = -1
-        self._val_value: float | None = None
+        self._last_judged: int | None = None  # the last schedule time whose event a validation judges
+        self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
+        self._sparsity_changed = False  # a rollback in validation: log the sparsity after it
         self._optimizer_params: dict[int, set[int]] = {}
         self.decisions: list[GuardDecision] = []
         self.export_path = check_export_path(export_path)
@@ -282,7 +288,9 @@ class IterativePruning(Callback):
         if trainer.ckpt_path is None:
             self._pending_state = None
         self._last_t = -1
-        self._val_value = None
+        self._last_judged = None
+        self._pending_logs = {}
+        self._sparsity_changed = False
         self._optimizer_params = {}
 
     def _targets_and_rule(self, pl_module: pl.LightningModule) -> tuple[list[Target], MaskRule | None]:
@@ -307,6 +315,18 @@ class IterativePruning(Callback):
             rank_zero_info("IterativePruning: channels left whole: " + "; ".join(f"{n} ({w})" for n, w in left.items()))
         return targets, rule
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.logger is not None:
+            trainer.logger.log_hyperparams(
+                {
+                    "compress/pruning/target_sparsity": self.target_sparsity,
+                    "compress/pruning/importance": str(self.importance),
+                    "compress/pruning/scope": self.scope,
+                    "compress/pruning/schedule": str(self.schedule),
+                    "compress/pruning/granularity": self.granularity,
+                }
+            )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pruner = self.pruner
         self._consume_pending_state()  # strategies that restore after setup load the state late
@@ -327,17 +347,51 @@ class IterativePruning(Callback):
                 f"`max_steps`={trainer.max_steps}."
             )
         if self.every_n_steps is None:
-            return PruningSchedule(
-                self.schedule, self.target_sparsity, self.start_epoch, end_epoch, self.every_n_epochs or 1
-            )
-        if per_epoch is None:
+            start, end, every = self.start_epoch, end_epoch, self.every_n_epochs or 1
+        elif per_epoch is None:
             raise ValueError(
                 "`every_n_steps` needs a train dataloader with a length, to place `start_epoch` and "
                 "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
             )
-        return PruningSchedule(
-            self.schedule, self.target_sparsity, self.start_epoch * per_epoch, end_epoch * per_epoch, self.every_n_steps
-        )
+        else:
+            start, end, every = self.start_epoch * per_epoch, end_epoch * per_epoch, self.every_n_steps
+        if self.monitor is not None:
+            end = self._judged_end(trainer, start, end)
+        return PruningSchedule(self.schedule, self.target_sparsity, start, end, every)
+
+    def _judged_end(self, trainer: pl.Trainer, start: int, end: int) -> int:
+        """With ``monitor``, no event may come after the fit's last validation: nothing would judge it.
+
+        Sets the last schedule time an event may happen at; the default ``end_epoch`` ends the
+        schedule there, an explicit one that ends later is warned about (its last events are skipped).
+        """
+        last_batch = last_validation_batch(trainer)
+        if last_batch is None:  # time-based validation or unsized data: judged at the end of fit instead
+            return end
+        batches = int(trainer.num_training_batches)
+        if self.every_n_steps is None:  # the event at the end of epoch e (time e + 1) needs a later validation
+            judged = last_batch // batches if last_batch >= 0 else 0
+            unit = "epoch"
+        else:  # the event at step s needs a validation after the batch that made step s, or at it
+            judged = steps_done_after(last_batch, trainer) if last_batch >= 0 else 0
+            unit = "step"
+        self._last_judged = judged
+        if end <= judged:
+            return end
+        if judged <= start:
+            raise ValueError(
+                f"`monitor`={self.monitor!r}: no validation runs after a pruning event of this fit (the last one "
+                f"runs before {unit} {judged}, the first event is at {unit} {start + 1}), so no event could be judged. "
+                "Validate more often, train longer, or set `monitor=None`."
+            )
+        if self.end_epoch is not None:
+            rank_zero_warn(
+                f"IterativePruning: the fit's last validation comes before the pruning events after {unit} {judged}; "
+                f"with `monitor`={self.monitor!r} they are skipped, since nothing would judge them, and the target "
+                f"may not be reached. End the schedule earlier (`end_epoch`) or validate later."
+            )
+            return end
+        return judged
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -370,8 +424,20 @@ class IterativePruning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_steps is None:
             self._tick(trainer, pl_module, trainer.current_epoch + 1, trainer.current_epoch)
+        else:
+            self._flush_logs(trainer, pl_module, step_level=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        guard = self._guard
+        if guard is not None and guard.awaiting_check:  # fit stopped early: no validation judged the last event
+            before = self.pruner.masked_sparsity()
+            self.pruner.undo()
+            guard.awaiting_check = False
+            rank_zero_warn(
+                f"IterativePruning: fit ended before a validation judged the last pruning event; it was rolled back "
+                f"(sparsity {before:.4f} -> {self.pruner.masked_sparsity():.4f}) so that the model `fit` returns was "
+                "judged. A checkpoint saved after that event and before the end of fit still holds it."
+            )
         self.pruner.apply()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -387,9 +453,12 @@ class IterativePruning(Callback):
             self._read_monitor(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit":
+        """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._guard is None:
             return
-        self._val_value = self._read_monitor(trainer)
+        decision = self._guard.observe(self._read_monitor(trainer))
+        if decision is not None:
+            self._record(trainer, decision)
 
     def _read_monitor(self, trainer: pl.Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor or "")
@@ -418,11 +487,7 @@ class IterativePruning(Callback):
         pruner = self.pruner
         assert schedule is not None
         guard = self._guard
-        if guard is not None and self._val_value is not None:
-            value, self._val_value = self._val_value, None
-            decision = guard.observe(value)
-            if decision is not None:
-                self._record(trainer, pl_module, decision)
+        self._flush_logs(trainer, pl_module)
         catch_up = (
             guard is not None
             and t > schedule.end
@@ -438,6 +503,8 @@ class IterativePruning(Callback):
             )
         if guard is not None and (guard.stopped or guard.awaiting_check):
             return
+        if guard is not None and self._last_judged is not None and t > self._last_judged:
+            return  # no validation before the end of fit would judge it
         previous = pruner.masked_sparsity()
         wanted = self.target_sparsity if t > schedule.end else schedule.sparsity_at(t, user_time)
         if guard is not None:
@@ -476,7 +543,7 @@ class IterativePruning(Callback):
                 + " Lower `min_density`, or `exclude` the layer(s) to keep them dense on purpose."
             )
 
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: GuardDecision) -> None:
+    def _record(self, trainer: pl.Trainer, decision: GuardDecision) -> None:
         self.decisions.append(decision)
         pruner = self.pruner
         if decision.action in ("rollback", "stop"):
@@ -490,20 +557,26 @@ class IterativePruning(Callback):
         )
         guard = self._guard
         assert guard is not None
-        self._log(
-            trainer,
-            pl_module,
+        self._pending_logs.update(
             {
                 "compress/monitor_drop": decision.drop,
                 "compress/rollbacks": float(guard.rollbacks),
                 "compress/step_cap": -1.0 if decision.step_cap is None else decision.step_cap,
-            },
+            }
         )
-        if decision.action in ("rollback", "stop"):
-            self._log_sparsity(trainer, pl_module)
+        self._sparsity_changed = self._sparsity_changed or decision.action in ("rollback", "stop")
+
+    def _flush_logs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:
+        """Log the guard's decisions at the first training hook after the validation that took them."""
+        if self._sparsity_changed:
+            self._sparsity_changed = False
+            self._log_sparsity(trainer, pl_module, step_level)
+        if self._pending_logs:
+            values, self._pending_logs = self._pending_logs, {}
+            self._log(trainer, pl_module, values, step_level)
 
     # ------------------------------------------------------------------ logging
-    def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:
         total = Sparsity().to(pl_module.device)
         values: dict[str, float] = {}
         for target in self.pruner.targets:
@@ -516,10 +589,17 @@ class IterativePruning(Callback):
         values["compress/sparsity"] = float(total.compute())
         if self.granularity == "channel":
             values["compress/channel_sparsity"] = self.pruner.masked_sparsity()
-        self._log(trainer, pl_module, values)
+        self._log(trainer, pl_module, values, step_level)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, values: dict[str, float]) -> None:
-        step_level = self.every_n_steps is not None
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        values: dict[str, float],
+        step_level: bool | None = None,
+    ) -> None:
+        """Log through the module: per step with ``every_n_steps`` (unless ``step_level`` says otherwise)."""
+        step_level = self.every_n_steps is not None if step_level is None else step_level
         for name, value in values.items():
             pl_module.log(
                 name,

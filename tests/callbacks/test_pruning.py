@@ -237,13 +237,14 @@ def test_rollback_revives_the_pruned_weights():
     model = ScoredBySparsity(lr=0.0)  # no training: the weights only change by pruning
     before = weights_of(model)
     pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1, monitor="val_score", max_drop=0.1)
-    trainer(max_epochs=2, callbacks=[pruning]).fit(model)
-    assert [d.action for d in pruning.decisions] == ["baseline", "rollback"]
+    trainer(max_epochs=3, callbacks=[pruning]).fit(model)
+    assert [d.action for d in pruning.decisions] == ["baseline", "rollback", "rollback"]
+    # both events (0.5, then the halved step 0.25) were rolled back: every weight is back
+    assert sparsity(model) == 0.0
     after = weights_of(model)
-    # the rolled-back event's weights are back; the halved step (0.25) was applied after it
-    assert sparsity(model) == pytest.approx(0.25, abs=1e-3)
-    for name, mask in pruning.masks.items():
-        assert torch.equal(after[name][mask], before[name][mask])
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    # the third retry (0.125) would come after the last validation: nothing would judge it, so it never ran
+    assert pruning.pruner.masked_sparsity() == 0.0
 
 
 def test_rewinding_restores_survivors_and_copies_storage():
@@ -386,3 +387,48 @@ def test_regrowth_reaches_the_target_exactly_and_moves_masks(scope):
     if scope == "layer":
         for mask in regrown.masks.values():
             assert 1 - mask.float().mean().item() == pytest.approx(0.8, abs=1.5 / mask.numel())
+
+
+@pytest.mark.parametrize(
+    ("pruning_args", "trainer_args"),
+    [
+        ({}, {}),
+        ({"end_epoch": 3, "schedule": "one_shot"}, {}),  # the guard keeps catching up after `end_epoch`
+        ({"every_n_steps": 2}, {}),
+        ({}, {"val_check_interval": 0.5}),
+        ({}, {"val_check_interval": 0.375}),  # the last batch of an epoch does not validate
+        ({"every_n_steps": 3}, {"val_check_interval": 0.375}),
+        ({}, {"check_val_every_n_epoch": 2}),
+    ],
+    ids=["epochs", "catch-up", "steps", "val-twice-per-epoch", "val-not-at-epoch-end", "steps-val-3/8", "val-every-2"],
+)
+def test_fit_never_returns_a_model_no_validation_judged(tmp_path, pruning_args, trainer_args):
+    """The score is 1 - sparsity, so a model within `max_drop` of the dense baseline is at most 30% sparse:
+    the returned model and the last checkpoint both are, with every cadence and validation schedule."""
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    args = {"schedule": "linear", "start_epoch": 1, **pruning_args}
+    pruning = IterativePruning(0.9, monitor="val_score", max_drop=0.3, **args)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer(max_epochs=6, callbacks=[pruning, checkpoint], enable_checkpointing=True, **trainer_args).fit(model)
+    assert pruning.decisions[0].action == "baseline" and pruning.decisions[0].value == 1.0
+    assert 0.0 < sparsity(model) <= 0.3 + 1e-3
+    saved = ScoredBySparsity()
+    saved.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"])
+    assert sparsity(saved) == pytest.approx(sparsity(model), abs=1e-6)
+
+
+def test_an_event_that_early_stopping_leaves_unjudged_is_rolled_back():
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(0.6, schedule="linear", start_epoch=0, end_epoch=6, monitor="val_score", max_drop=0.5)
+
+    class StopAfterEpochTwo(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                trainer.should_stop = True
+
+    with pytest.warns(UserWarning, match="fit ended before a validation judged the last pruning event"):
+        trainer(max_epochs=6, callbacks=[pruning, StopAfterEpochTwo()]).fit(model)
+    assert [d.action for d in pruning.decisions] == ["baseline", "accept", "accept"]
+    assert sparsity(model) == pytest.approx(0.2, abs=1e-3)  # two judged events; the third was undone
