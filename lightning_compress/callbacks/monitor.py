@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from ..core.qat import quantizers
 from ..core.summary import ModelSize, estimate_size
@@ -57,8 +57,6 @@ class CompressionMonitor(Callback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.history = []
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams(_compression_hparams(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -89,7 +87,7 @@ class CompressionMonitor(Callback):
             "baseline": self.baseline,
             "final": final,
         }
-        _print_summary(self.summary)
+        _log_summary(self.summary)
 
     # ------------------------------------------------------------------ helpers
     def _monitored(self, trainer: pl.Trainer) -> float | None:
@@ -139,17 +137,15 @@ class CompressionMonitor(Callback):
                 values = values[values != 0]
                 if values.numel():
                     experiment.add_histogram(f"compress/weights/{name}", values.cpu(), step)
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        try:  # figures without pyplot: the user's matplotlib backend and global state are left alone
+            from matplotlib.figure import Figure
         except ImportError:
             if not self._warned_matplotlib:
                 warnings.warn("CompressionMonitor: install matplotlib for the TensorBoard charts.", stacklevel=2)
                 self._warned_matplotlib = True
             return
-        figure, axis = plt.subplots(figsize=(6, 0.3 * len(size.layers) + 1.5))
+        figure = Figure(figsize=(6, 0.3 * len(size.layers) + 1.5))
+        axis = figure.subplots()
         axis.barh([layer.name for layer in size.layers], [100 * layer.sparsity for layer in size.layers])
         axis.set_xlabel("sparsity (%)")
         axis.set_xlim(0, 100)
@@ -157,7 +153,8 @@ class CompressionMonitor(Callback):
         experiment.add_figure("compress/charts/layer_sparsity", figure, step)
         points = [p for p in self.history if "value" in p]
         if points:
-            figure, axis = plt.subplots(figsize=(5, 4))
+            figure = Figure(figsize=(5, 4))
+            axis = figure.subplots()
             axis.plot([p["compression_ratio"] for p in points], [p["value"] for p in points], marker="o")
             axis.set_xlabel("compression ratio (x)")
             axis.set_ylabel(self.monitor or "")
@@ -168,30 +165,7 @@ class CompressionMonitor(Callback):
             experiment.add_figure("compress/charts/accuracy_vs_compression", figure, step)
 
 
-def _compression_hparams(trainer: pl.Trainer) -> dict[str, Any]:
-    from .pruning import IterativePruning
-    from .qat import QuantizationAwareTraining
-
-    params: dict[str, Any] = {}
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, IterativePruning):
-            params.update(
-                {
-                    "compress/pruning/target_sparsity": callback.target_sparsity,
-                    "compress/pruning/importance": str(callback.importance),
-                    "compress/pruning/scope": callback.scope,
-                    "compress/pruning/schedule": str(callback.schedule),
-                }
-            )
-        elif isinstance(callback, QuantizationAwareTraining):
-            params.update(
-                {f"compress/qat/{k}": ("none" if v is None else v) for k, v in callback.config.to_dict().items()}
-            )
-    return params
-
-
-@rank_zero_only
-def _print_summary(summary: dict[str, Any]) -> None:
+def _log_summary(summary: dict[str, Any]) -> None:
     layers = summary["layers"]
     width = max([len(layer["name"]) for layer in layers] + [6])
     lines = [f"{'layer':<{width}}  {'sparsity':>8}  {'bits':>4}  {'dense':>10}  {'compressed':>10}"]
@@ -208,4 +182,4 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if summary["monitor"] is not None and summary["final"] is not None:
         before = "n/a" if summary["baseline"] is None else f"{summary['baseline']:.4f}"
         lines.append(f"{summary['monitor']}: dense {before} -> compressed {summary['final']:.4f}")
-    print("\nCompression summary (estimated sizes before entropy coding):\n" + "\n".join(lines))
+    rank_zero_info("\nCompression summary (estimated sizes before entropy coding):\n" + "\n".join(lines))

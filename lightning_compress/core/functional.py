@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .importance import Importance, resolve_importance
-from .masks import compute_masks
+from .masks import compute_masks, zero_pruned_
 from .nm import parse_nm
 from .rules import rule_for
 from .selection import Target, select_targets
@@ -139,7 +139,7 @@ def prune_(
 def _apply(targets: Sequence[Target], masks: dict[str, Tensor]) -> dict[str, Tensor]:
     with torch.no_grad():
         for target in targets:
-            target.param.mul_(masks[target.param_name].to(target.param.dtype))
+            zero_pruned_(target.param, masks[target.param_name])  # NaN-safe: pruned entries become exact zeros
     return masks
 
 
@@ -164,10 +164,3 @@ def sparsity(
     zeros = sum(int((t.param == 0).sum()) for t in targets)
     total = sum(t.numel for t in targets)
     return zeros / total if total else 0.0
-
-
-def masked_fraction(masks: Mapping[str, Tensor]) -> float:
-    """Fraction of ``False`` entries over all masks."""
-    total = sum(m.numel() for m in masks.values())
-    kept = sum(int(m.sum()) for m in masks.values())
-    return 1.0 - kept / total if total else 0.0

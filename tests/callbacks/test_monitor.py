@@ -1,5 +1,7 @@
 """CompressionMonitor with the real Trainer and a real TensorBoard event file."""
 
+import logging
+
 import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -10,7 +12,11 @@ from lightning_compress.core.summary import estimate_size
 from tests.conftest import TinyModule, trainer
 
 
-def test_tensorboard_tags_values_images_and_summary(tmp_path, capsys):
+def test_tensorboard_tags_values_images_and_summary(tmp_path, caplog):
+    import matplotlib
+
+    backend = matplotlib.get_backend()  # the charts are drawn without touching it
+    caplog.set_level(logging.INFO)
     pl.seed_everything(0, verbose=False)
     model = TinyModule()
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
@@ -21,6 +27,7 @@ def test_tensorboard_tags_values_images_and_summary(tmp_path, capsys):
         monitor,
     ]
     trainer(max_epochs=5, callbacks=callbacks, logger=logger).fit(model)
+    assert matplotlib.get_backend() == backend
     events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 0, "histograms": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
@@ -46,8 +53,8 @@ def test_tensorboard_tags_values_images_and_summary(tmp_path, capsys):
     assert drops[0] == 0.0
     assert {"compress/charts/layer_sparsity", "compress/charts/accuracy_vs_compression"} <= set(events.Tags()["images"])
     assert "compress/weights/net.2.weight" in events.Tags()["histograms"]
-    # summary: printed once, and the same data as a dict
-    out = capsys.readouterr().out
+    # summary: logged once (through Lightning's logger, on rank zero), and the same data as a dict
+    out = caplog.text
     assert out.count("Compression summary") == 1 and "net.2.weight" in out
     assert monitor.summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and monitor.summary["final"] is not None
     assert monitor.summary["baseline"] == monitor.history[1]["value"]  # epoch 1 ends before its pruning event

@@ -133,3 +133,15 @@ def test_prune_granularity_errors_leave_the_model_alone(kwargs, match):
     with pytest.raises(ValueError, match=match):
         prune_(model, **{"sparsity": 0.5, **kwargs})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("granularity", ["channel", "2:4"])
+def test_structured_prune_zeroes_nan_weights_exactly(granularity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[model[0].weight.abs() < 0.05] = float("nan")  # small weights: pruned, NaN * 0 is NaN
+    masks = prune_(model, 0.5, granularity=granularity, example_inputs=torch.randn(2, 8), importance="random")
+    for name, mask in masks.items():
+        weight = model.get_parameter(name)
+        assert (weight[~mask] == 0).all() and not weight[~mask].isnan().any()
