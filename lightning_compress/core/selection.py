@@ -3,12 +3,16 @@
 Pure torch. Patterns are ``fnmatch`` globs over qualified module names (``"encoder.*"``,
 ``"features.0"``). The rule fits in one sentence: **wildcard patterns pick Linear and Conv
 layers; an exact module name picks that module's** ``weight`` **whatever its type** (an
-embedding or a norm). Biases are never selected.
+embedding or a norm). Biases are never selected. A layer whose weight is also an
+``nn.Embedding``'s (an output head tied to the token embedding, as in GPT-2) is left out by
+wildcards and the default, with a warning: pruning or quantizing it would change the embedding.
+An exact name in ``include`` opts it in.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +110,8 @@ def select_targets(
 
     selected: list[Target] = []
     seen: set[int] = set()
+    embeddings = {id(m.weight) for _, m in named if isinstance(m, nn.Embedding)}
+    tied: list[str] = []
     for name, module in named:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
@@ -118,14 +124,24 @@ def select_targets(
             )
         if not chosen or (exclude and any(_matches(name, p) for p in exclude)):
             continue
+        if id(weight) in embeddings and not isinstance(module, nn.Embedding) and name not in (include or ()):
+            tied.append(name)
+            continue
         if id(weight) in seen:  # tied weights: one mask, under the first name
             continue
         seen.add(id(weight))
         selected.append(Target(name=name, module=module, param=weight))
+    if tied:
+        warnings.warn(
+            f"lightning-compress leaves {tied} out: their weight is also an nn.Embedding's (a tied output "
+            f"head), so compressing them would change the embedding. Name them exactly in `include` to opt in.",
+            stacklevel=2,
+        )
     if not selected:
         raise ValueError(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
-            f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`."
+            f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`"
+            + (f" (left out as tied to an embedding: {tied})." if tied else ".")
         )
     return selected
 

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from lightning_compress.core.selection import select_targets
@@ -64,3 +65,40 @@ def test_tied_weights_are_selected_once():
     b.weight = a.weight
     targets = select_targets(nn.Sequential(a, b))
     assert [t.name for t in targets] == ["0"]
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output head that share one weight (GPT-2's `lm_head` / `wte`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(32, 8)
+        self.block = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 32, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.block(self.wte(idx))))
+
+
+def test_a_head_tied_to_an_embedding_is_left_out_unless_named():
+    model = TiedLM()
+    with pytest.warns(UserWarning, match=r"leaves \['lm_head'\] out: their weight is also an nn.Embedding's"):
+        assert [t.name for t in select_targets(model)] == ["block"]
+    with pytest.warns(UserWarning, match="lm_head"):
+        assert [t.name for t in select_targets(model, include=["*"])] == ["block"]
+    assert [t.name for t in select_targets(model, include=["lm_head"])] == ["lm_head"]  # opted in, no warning
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"left out as tied to an embedding: \['lm_head'\]"):
+        select_targets(model, exclude=["block"])
+
+
+def test_prune_never_zeroes_a_tied_embedding_by_default():
+    from lightning_compress import prune_
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    embedding = model.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tied output head"):
+        prune_(model, 0.9)
+    assert torch.equal(model.wte.weight, embedding)
+    assert float((model.block.weight == 0).float().mean()) >= 0.85
