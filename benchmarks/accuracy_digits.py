@@ -20,34 +20,13 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from common import quiet_trainer
-from lightning.pytorch.callbacks import ModelPruning
-from torch import nn
+from common import model_pruning, quiet_trainer
 
-from lightning_compress import IterativePruning, PruningSchedule, sparsity
+from lightning_compress import IterativePruning, sparsity
 from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModule
 
 warnings.filterwarnings("ignore")
 START, END, EPOCHS = 5, 20, 30
-
-
-def model_pruning(target: float, lottery: bool, model: nn.Module) -> ModelPruning:
-    """ModelPruning with global L1 and the same cubic sparsity after every epoch as ours."""
-    schedule = PruningSchedule("cubic", target, START, END)
-
-    def amount(epoch: int) -> float:  # torch.nn.utils.prune compounds: prune a fraction of what is left
-        before, after = schedule.sparsity_at(epoch), schedule.sparsity_at(epoch + 1)
-        return 0.0 if after <= before else 1.0 - (1.0 - after) / (1.0 - before)
-
-    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return ModelPruning(
-        "l1_unstructured",
-        parameters_to_prune=params,
-        amount=amount,
-        use_global_unstructured=True,
-        use_lottery_ticket_hypothesis=lottery,
-        verbose=0,
-    )
 
 
 def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
@@ -57,10 +36,12 @@ def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
     data = DigitsDataModule(seed=seed)
     module = DigitsClassifier(DigitsCNN(width))
     callbacks: list[pl.Callback] = []
-    if method == "ours-magnitude":
-        callbacks.append(IterativePruning(target, start_epoch=START, end_epoch=END))
+    if method == "ours-magnitude":  # the defaults before the zoo chose a step cadence: one event per epoch
+        callbacks.append(IterativePruning(target, start_epoch=START, end_epoch=END, every_n_epochs=1))
     elif method == "ours-taylor":
-        callbacks.append(IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END))
+        callbacks.append(
+            IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END, every_n_epochs=1)
+        )
     elif method == "ours-taylor-steps":  # the same window, pruning every 5 optimizer steps (4 times per epoch)
         callbacks.append(
             IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END, every_n_steps=5)
@@ -70,7 +51,7 @@ def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
             IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END, every_n_steps=5, regrow=0.1)
         )
     elif method.startswith("ModelPruning"):
-        callbacks.append(model_pruning(target, method.endswith("+LTH"), module))
+        callbacks.append(model_pruning(target, START, END, method.endswith("+LTH"), module))
     trainer = quiet_trainer(EPOCHS, callbacks)
     start = time.perf_counter()
     trainer.fit(module, data)

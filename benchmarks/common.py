@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
+
+from lightning_compress import PruningSchedule
 
 
 def quiet_trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
@@ -17,6 +20,26 @@ def quiet_trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
+    )
+
+
+def model_pruning(target: float, start: int, end: int, lottery: bool, model: nn.Module) -> ModelPruning:
+    """Lightning's ModelPruning with global L1 on every Linear/Conv2d weight and the same cubic sparsity
+    as ``IterativePruning(target, start_epoch=start, end_epoch=end)`` after every epoch."""
+    schedule = PruningSchedule("cubic", target, start, end)
+
+    def amount(epoch: int) -> float:  # torch.nn.utils.prune compounds: prune a fraction of what is left
+        before, after = schedule.sparsity_at(epoch), schedule.sparsity_at(epoch + 1)
+        return 0.0 if after <= before else 1.0 - (1.0 - after) / (1.0 - before)
+
+    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return ModelPruning(
+        "l1_unstructured",
+        parameters_to_prune=params,
+        amount=amount,
+        use_global_unstructured=True,
+        use_lottery_ticket_hypothesis=lottery,
+        verbose=0,
     )
 
 

@@ -72,7 +72,7 @@ class StepTimer(Callback):
 
 def callbacks_for(name: str, model: MLP) -> list[Callback]:
     if name == "IterativePruning":
-        return [IterativePruning(0.9, schedule="one_shot", start_epoch=0, end_epoch=1)]
+        return [IterativePruning(0.9, schedule="one_shot", start_epoch=0, end_epoch=1, every_n_epochs=1)]
     if name == "QuantizationAwareTraining":
         return [QuantizationAwareTraining(8, 8, start_epoch=0)]
     if name == "torch.ao QAT":

@@ -20,7 +20,7 @@ from ..core.importance import Importance, resolve_importance
 from ..core.masks import floor_count
 from ..core.pruner import MaskRule, Pruner
 from ..core.rules import rule_for
-from ..core.schedule import SCHEDULES, PruningSchedule
+from ..core.schedule import SCHEDULES, PruningSchedule, step_interval
 from ..core.selection import Target, normalize_patterns, select_targets
 from ..export.report import CompressionReport
 from ..metrics.sparsity import Sparsity
@@ -31,6 +31,10 @@ from ._validation_plan import last_validation_batch, steps_done_after
 __all__ = ["IterativePruning"]
 
 _STATE_VERSION = 1
+# With neither `every_n_epochs` nor `every_n_steps` (element granularity, no `monitor`, a sized train
+# dataloader): about this many events over the schedule, in optimizer steps. Chosen on a model zoo, see
+# BENCHMARKS.md ("Defaults on a model zoo").
+DEFAULT_EVENTS = 100
 
 
 class IterativePruning(Callback):
@@ -56,9 +60,14 @@ class IterativePruning(Callback):
         start_epoch: first epoch (0-indexed) at whose end pruning happens.
         end_epoch: the target is reached at the end of epoch ``end_epoch - 1``, i.e. after
             ``end_epoch`` epochs. ``None``: ``max_epochs``. Must be ``<= max_epochs``.
-        every_n_epochs: epochs between pruning events (default 1).
+        every_n_epochs: epochs between pruning events.
         every_n_steps: prune every n optimizer steps instead (between steps), inside the same
-            ``start_epoch``..``end_epoch`` window. Exclusive with ``every_n_epochs``.
+            ``start_epoch``..``end_epoch`` window. Exclusive with ``every_n_epochs``. With neither
+            (the default), element-granularity pruning without ``monitor`` makes about 100 events
+            over the window, every ``window_steps // 100`` optimizer steps (a many-small-steps
+            schedule wins on every model of the zoo it was chosen on and on the held-out ones);
+            channel and N:M granularity, ``monitor`` (one event per validation), a callable
+            ``schedule`` and a train dataloader without a length prune once per epoch.
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
             exact name picks that module's weight whatever its type. ``None``: all Linear/Conv.
         exclude: glob patterns over module names to leave dense.
@@ -177,6 +186,7 @@ class IterativePruning(Callback):
         self._end_epoch = self.end_epoch
         self._pending_state: dict[str, Any] | None = None
         self._last_t = -1
+        self._every_steps: int | None = None  # the step cadence of this fit (None: between epochs)
         self._last_judged: int | None = None  # the last schedule time whose event a validation judges
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._sparsity_changed = False  # a rollback in validation: log the sparsity after it
@@ -346,7 +356,18 @@ class IterativePruning(Callback):
                 f"(`end_epoch`={end_epoch} x {per_epoch} steps per epoch) but the Trainer's "
                 f"`max_steps`={trainer.max_steps}."
             )
-        if self.every_n_steps is None:
+        self._every_steps = self.every_n_steps
+        if (
+            self._every_steps is None
+            and self.every_n_epochs is None
+            and DEFAULT_EVENTS is not None
+            and per_epoch is not None
+            and not callable(self.schedule)
+            and self.monitor is None  # the guard judges each event by a validation: one event per epoch
+            and self.granularity == "element"  # chosen on unstructured pruning only
+        ):
+            self._every_steps = step_interval((end_epoch - self.start_epoch) * per_epoch, DEFAULT_EVENTS)
+        if self._every_steps is None:
             start, end, every = self.start_epoch, end_epoch, self.every_n_epochs or 1
         elif per_epoch is None:
             raise ValueError(
@@ -354,7 +375,7 @@ class IterativePruning(Callback):
                 "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
             )
         else:
-            start, end, every = self.start_epoch * per_epoch, end_epoch * per_epoch, self.every_n_steps
+            start, end, every = self.start_epoch * per_epoch, end_epoch * per_epoch, self._every_steps
         if self.monitor is not None:
             end = self._judged_end(trainer, start, end)
         return PruningSchedule(self.schedule, self.target_sparsity, start, end, every)
@@ -369,7 +390,7 @@ class IterativePruning(Callback):
         if last_batch is None:  # time-based validation or unsized data: judged at the end of fit instead
             return end
         batches = int(trainer.num_training_batches)
-        if self.every_n_steps is None:  # the event at the end of epoch e (time e + 1) needs a later validation
+        if self._every_steps is None:  # the event at the end of epoch e (time e + 1) needs a later validation
             judged = last_batch // batches if last_batch >= 0 else 0
             unit = "epoch"
         else:  # the event at step s needs a validation after the batch that made step s, or at it
@@ -418,11 +439,11 @@ class IterativePruning(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps is not None and trainer.global_step != self._last_t:
+        if self._every_steps is not None and trainer.global_step != self._last_t:
             self._tick(trainer, pl_module, trainer.global_step, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_steps is None:
+        if self._every_steps is None:
             self._tick(trainer, pl_module, trainer.current_epoch + 1, trainer.current_epoch)
         else:
             self._flush_logs(trainer, pl_module, step_level=False)
@@ -599,7 +620,7 @@ class IterativePruning(Callback):
         step_level: bool | None = None,
     ) -> None:
         """Log through the module: per step with ``every_n_steps`` (unless ``step_level`` says otherwise)."""
-        step_level = self.every_n_steps is not None if step_level is None else step_level
+        step_level = self._every_steps is not None if step_level is None else step_level
         for name, value in values.items():
             pl_module.log(
                 name,

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["SCHEDULES", "PruningSchedule", "schedule_curve"]
+__all__ = ["SCHEDULES", "PruningSchedule", "schedule_curve", "step_interval"]
 
 SCHEDULES = ("cubic", "linear", "geometric", "one_shot")
 
@@ -37,6 +37,13 @@ def schedule_curve(kind: str, target: float, progress: float) -> float:
     if kind == "one_shot":
         return target if p > 0 else 0.0
     raise ValueError(f"`schedule`={kind!r} is not one of {SCHEDULES} or a callable.")
+
+
+def step_interval(window_steps: int, events: int) -> int:
+    """Optimizer steps between events so that a window of ``window_steps`` holds about ``events`` of them."""
+    if events < 1:
+        raise ValueError(f"`events`={events} must be at least 1.")
+    return max(1, window_steps // events)
 
 
 @dataclass(frozen=True)

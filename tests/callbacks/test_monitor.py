@@ -22,7 +22,7 @@ def test_tensorboard_tags_values_images_and_summary(tmp_path, caplog):
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
     monitor = CompressionMonitor(monitor="val_acc")
     callbacks = [
-        IterativePruning(0.8, schedule="linear", start_epoch=1, end_epoch=3),
+        IterativePruning(0.8, schedule="linear", start_epoch=1, end_epoch=3, every_n_epochs=1),
         QuantizationAwareTraining(8, 8, start_epoch=3),
         monitor,
     ]

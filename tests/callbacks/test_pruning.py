@@ -196,7 +196,7 @@ def test_sparsity_is_logged_to_tensorboard(tiny, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    pruning = IterativePruning(0.8, schedule="linear", start_epoch=0, end_epoch=4)
+    pruning = IterativePruning(0.8, schedule="linear", start_epoch=0, end_epoch=4, every_n_epochs=1)
     trainer(max_epochs=4, callbacks=[pruning], logger=logger).fit(tiny)
     events = EventAccumulator(str(tmp_path / "run" / "version_0"))
     events.Reload()
@@ -258,7 +258,7 @@ def test_rewinding_restores_survivors_and_copies_storage():
             if trainer.current_epoch == 0:
                 captured.update(weights_of(pl_module))
 
-    pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1, rewind_epoch=0)
+    pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1, rewind_epoch=0, every_n_epochs=1)
     trainer(max_epochs=2, callbacks=[pruning, AfterEvent()]).fit(model)
     for name, mask in pruning.masks.items():
         assert torch.equal(captured[name], initial[name] * mask)
@@ -432,3 +432,41 @@ def test_an_event_that_early_stopping_leaves_unjudged_is_rolled_back():
         trainer(max_epochs=6, callbacks=[pruning, StopAfterEpochTwo()]).fit(model)
     assert [d.action for d in pruning.decisions] == ["baseline", "accept", "accept"]
     assert sparsity(model) == pytest.approx(0.2, abs=1e-3)  # two judged events; the third was undone
+
+
+class SparsityChanges(Callback):
+    """Counts the optimizer steps after which the pruning callback (listed before it) changed the masks."""
+
+    def __init__(self, pruning: IterativePruning) -> None:
+        self.pruning, self.changes, self.last = pruning, 0, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._check()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._check()
+
+    def _check(self) -> None:
+        now = self.pruning.pruner.masked_sparsity()
+        self.changes += now != self.last
+        self.last = now
+
+
+@pytest.mark.parametrize(
+    ("args", "events"),
+    [
+        ({}, (50, 107)),  # the default: 107 events, every 320 // 100 = 3 steps (late ones may prune no weight)
+        ({"every_n_epochs": 1}, (5, 5)),
+        ({"every_n_steps": 64}, (5, 5)),
+        ({"monitor": "val_acc"}, (5, 5)),  # with the guard, one event per validation
+    ],
+    ids=["default", "every-epoch", "every-64-steps", "monitor"],
+)
+def test_default_cadence_is_about_a_hundred_events_in_steps(args, events):
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(n=2048)  # 64 optimizer steps per epoch, 320 in the window
+    pruning = IterativePruning(0.9, start_epoch=1, end_epoch=6, **args)
+    counter = SparsityChanges(pruning)
+    trainer(max_epochs=7, callbacks=[pruning, counter]).fit(model)
+    assert events[0] <= counter.changes <= events[1]
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
