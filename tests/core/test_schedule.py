@@ -48,3 +48,14 @@ def test_callable_schedule_is_capped_at_target_and_validated():
 def test_unknown_schedule_name():
     with pytest.raises(ValueError, match="`schedule`='exp' is not one of"):
         schedule_curve("exp", 0.5, 0.5)
+
+
+def test_step_interval_spreads_about_that_many_events():
+    from lightning_compress.core.schedule import step_interval
+
+    assert step_interval(320, 100) == 3
+    assert step_interval(40, 100) == 1  # a short window: an event after every step
+    schedule = PruningSchedule("cubic", 0.9, 0, 320, step_interval(320, 100))
+    assert len(schedule.events()) == 107
+    with pytest.raises(ValueError, match="`events`=0 must be at least 1"):
+        step_interval(320, 0)
