@@ -66,7 +66,8 @@ METHODS = ["dense", "defaults", "ModelPruning", "ModelPruning+LTH", "reference"]
 # Candidate defaults (run with --methods): chosen on seeds and pairs other than those they are judged on.
 # "events": the number of pruning events over the window, placed every window_steps // events optimizer steps.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "events100": {"events": 100},
+    "every-epoch": {"every_n_epochs": 1},  # the default before the zoo
+    "events100": {"events": 100},  # the default since
     "events100-taylor": {"events": 100, "importance": "taylor"},
     "events100-taylor-regrow": {"events": 100, "importance": "taylor", "regrow": 0.1},
     "events100-floor1e-3": {"events": 100, "min_density": "1e-3"},
