@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .importance import Importance, resolve_importance
+from .importance import BatchNormScaleImportance, Importance, resolve_importance
 from .masks import compute_masks, zero_pruned_
 from .nm import parse_nm
 from .rules import rule_for
@@ -59,9 +59,10 @@ def check_granularity(
     nm = parse_nm(granularity)
     if nm is None and granularity not in ("element", "channel"):
         raise ValueError(f"`granularity`={granularity!r} is not one of 'element', 'channel' or 'N:M' such as '2:4'.")
-    if importance == "bn_scale" and granularity != "channel":
+    bn_scale = importance == "bn_scale" or isinstance(importance, BatchNormScaleImportance)
+    if bn_scale and granularity != "channel":  # as an object too: it would otherwise score like magnitude
         raise ValueError(
-            f"`importance`='bn_scale' scores channels by their BatchNorm scale: it needs granularity='channel', "
+            f"`importance`={importance!r} scores channels by their BatchNorm scale: it needs granularity='channel', "
             f"got `granularity`={granularity!r}."
         )
     if nm is not None and abs(target - (1.0 - nm[0] / nm[1])) > 1e-9:

@@ -145,3 +145,16 @@ def test_structured_prune_zeroes_nan_weights_exactly(granularity):
     for name, mask in masks.items():
         weight = model.get_parameter(name)
         assert (weight[~mask] == 0).all() and not weight[~mask].isnan().any()
+
+
+def test_bn_scale_as_an_object_needs_channel_granularity_too():
+    """Regression: `BatchNormScaleImportance()` (an object, not the string) ran as magnitude on single weights."""
+    from lightning_compress import BatchNormScaleImportance, IterativePruning
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"BatchNormScaleImportance\(\) scores channels by their BatchNorm scale"):
+        prune_(model, 0.5, importance=BatchNormScaleImportance())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="needs granularity='channel', got `granularity`='2:4'"):
+        IterativePruning(0.5, importance=BatchNormScaleImportance(), granularity="2:4")
