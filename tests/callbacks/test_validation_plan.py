@@ -1,0 +1,59 @@
+"""The callbacks' reading of when the Trainer validates agrees with what the Trainer does."""
+
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from lightning_compress.callbacks._validation_plan import last_validation_batch, steps_done_after
+from tests.conftest import TinyModule, trainer
+
+
+class Recorder(Callback):
+    """Predicts at train start; records after which batch (counted over the fit) each validation ran."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.validated_after: list[int] = []
+        self.steps_at_validation: list[int] = []
+        self.predicted: int | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.predicted = last_validation_batch(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validated_after.append(self.batches - 1)
+            self.steps_at_validation.append(trainer.global_step)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"val_check_interval": 0.5},
+        {"val_check_interval": 0.375},
+        {"val_check_interval": 3, "check_val_every_n_epoch": None},
+        {"check_val_every_n_epoch": 2},
+        {"check_val_every_n_epoch": 2, "max_epochs": 5},
+        {"max_steps": 20},
+        {"max_steps": 21, "val_check_interval": 0.25},
+        {"accumulate_grad_batches": 3},
+        {"limit_train_batches": 5, "val_check_interval": 2},
+    ],
+)
+def test_the_last_validation_is_predicted_exactly(kwargs):
+    recorder = Recorder()
+    options = {"max_epochs": 4, **kwargs}
+    fit = trainer(callbacks=[recorder], **options)
+    fit.fit(TinyModule())  # 8 batches per epoch
+    assert recorder.validated_after, "the Trainer validated at least once in every case here"
+    assert recorder.predicted == recorder.validated_after[-1]
+    assert steps_done_after(recorder.validated_after[-1], fit) == recorder.steps_at_validation[-1]
+
+
+def test_time_based_validation_cannot_be_planned():
+    recorder = Recorder()
+    trainer(callbacks=[recorder], max_epochs=1, val_check_interval="00:00:00:01").fit(TinyModule())
+    assert recorder.predicted is None
