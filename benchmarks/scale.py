@@ -45,12 +45,10 @@ def child(method: str) -> None:
         from lightning_compress import prune_
 
         prune_(model, 0.5)
-    elif method == "ours-event":
-        from lightning_compress.core.importance import MagnitudeImportance
-        from lightning_compress.core.pruner import Pruner
-        from lightning_compress.core.selection import select_targets
+    elif method == "ours-event":  # one event of an iterative run, which keeps its masks in the weight dtype
+        from lightning_compress import IterativePruner
 
-        Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0).prune_to(0.5)
+        IterativePruner(model, 0.5, total_steps=1, schedule="one_shot", min_density=0.0).advance_to(1)
     else:
         from torch.nn.utils import prune
 

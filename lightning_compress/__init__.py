@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .core.compact import CompactionError, CompactReport, compact
+from .core.config import PruningConfig
 from .core.functional import prune_, sparsity
 from .core.importance import (
     BatchNormScaleImportance,
@@ -16,7 +17,8 @@ from .core.importance import (
     RandomImportance,
     TaylorImportance,
 )
-from .core.qat import QuantConfig, convert_to_float, convert_to_qat
+from .core.iterative import IterativePruner
+from .core.qat import QuantConfig, calibrate, convert_to_float, convert_to_qat, enable_fake_quant
 from .core.schedule import PruningSchedule
 from .export import CompressedFileError, CompressionReport, export_onnx, load_compressed, save_compressed
 
@@ -34,17 +36,21 @@ __all__ = [
     "CompressionMonitor",
     "CompressionReport",
     "Importance",
+    "IterativePruner",
     "IterativePruning",
     "MagnitudeImportance",
+    "PruningConfig",
     "PruningSchedule",
     "QuantConfig",
     "QuantizationAwareTraining",
     "RandomImportance",
     "TaylorImportance",
     "__version__",
+    "calibrate",
     "compact",
     "convert_to_float",
     "convert_to_qat",
+    "enable_fake_quant",
     "export_onnx",
     "load_compressed",
     "load_qat_checkpoint",

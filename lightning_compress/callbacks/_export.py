@@ -32,6 +32,16 @@ def check_export_ready(path: Path | None, pl_module: pl.LightningModule) -> None
         )
 
 
+def example_inputs(pl_module: pl.LightningModule) -> Any:
+    """``example_input_array`` through the module's batch-transfer hooks, on its device (``None`` if unset)."""
+    example = pl_module.example_input_array
+    if example is None:
+        return None
+    example = pl_module.on_before_batch_transfer(example, 0)
+    example = pl_module.transfer_batch_to_device(example, pl_module.device, 0)
+    return pl_module.on_after_batch_transfer(example, 0)
+
+
 def export_at_fit_end(
     trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, compacted: bool = False
 ) -> CompressionReport | None:
@@ -42,9 +52,7 @@ def export_at_fit_end(
     if trainer.global_rank != 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = pl_module.example_input_array
-    if example is not None:
-        example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
+    example = example_inputs(pl_module)
     model: pl.LightningModule = pl_module
     if compacted:
         model = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer

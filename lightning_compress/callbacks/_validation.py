@@ -1,34 +1,14 @@
-"""Argument checks shared by the callbacks: each error names the argument, the value and what is allowed."""
+"""The strategies the callbacks run under, and the collectives they use through them."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from typing import Any
 
+from torch import Tensor
 
-def check_int(value: Any, argument: str, *, minimum: int = 0, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if optional else "an int"
-        raise TypeError(f"`{argument}` must be {kind}, got {type(value).__name__} ({value!r}).")
-    if value < minimum:
-        raise ValueError(f"`{argument}`={value} must be >= {minimum}.")
-    return value
+from ..core.checks import check_choice, check_float, check_int
 
-
-def check_choice(value: Any, argument: str, choices: Collection[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"`{argument}`={value!r} is not one of {tuple(choices)}.")
-    return value
-
-
-def check_float(value: Any, argument: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{argument}` must be a float, got {type(value).__name__} ({value!r}).")
-    if not value >= minimum:
-        raise ValueError(f"`{argument}`={value} must be >= {minimum}.")
-    return float(value)
+__all__ = ["StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy"]
 
 
 def check_strategy(trainer: Any, callback: str) -> None:
@@ -42,3 +22,23 @@ def check_strategy(trainer: Any, callback: str) -> None:
             "per-weight masks and fake-quant layers cannot attach to them. Use strategy='ddp' (tested with "
             "2 processes) or a single device."
         )
+
+
+class StrategyCollectives:
+    """:class:`~lightning_compress.core.collectives.Collectives` through ``trainer.strategy``."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+
+    @property
+    def rank(self) -> int:
+        return int(self.strategy.global_rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.strategy.world_size)
+
+    def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        if self.world_size == 1:
+            return tensor
+        return self.strategy.reduce(tensor, reduce_op=op)

@@ -12,10 +12,14 @@ planned: the answer is then ``None`` and the callback falls back to its end-of-f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["last_validation_batch", "steps_done_after"]
+from ..core.checks import check_int
+
+__all__ = ["EpochWindow", "Timeline", "last_validation_batch", "plan_timeline", "steps_done_after"]
 
 
 def _per_epoch(trainer: pl.Trainer) -> int | None:
@@ -71,3 +75,132 @@ def steps_done_after(batch: int, trainer: pl.Trainer) -> int:
     epoch, index = divmod(batch, batches)
     within = per_epoch if index == batches - 1 else (index + 1) // accumulate
     return epoch * per_epoch + within
+
+
+@dataclass(frozen=True)
+class EpochWindow:
+    """When ``IterativePruning`` prunes, in the Trainer's epochs (validated on construction)."""
+
+    start_epoch: int = 0
+    end_epoch: int | None = None
+    every_n_epochs: int | None = None
+    every_n_steps: int | None = None
+    rewind_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int(self.start_epoch, "start_epoch")
+        check_int(self.end_epoch, "end_epoch", optional=True)
+        if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
+            raise ValueError(
+                f"`end_epoch`={self.end_epoch} must be greater than `start_epoch`={self.start_epoch}: pruning "
+                "happens at the end of epochs start_epoch .. end_epoch - 1."
+            )
+        if self.every_n_epochs is not None and self.every_n_steps is not None:
+            raise ValueError(
+                f"Set one of `every_n_epochs`={self.every_n_epochs} and `every_n_steps`={self.every_n_steps}, not both."
+            )
+        check_int(self.every_n_epochs, "every_n_epochs", minimum=1, optional=True)
+        check_int(self.every_n_steps, "every_n_steps", minimum=1, optional=True)
+        check_int(self.rewind_epoch, "rewind_epoch", optional=True)
+        if self.rewind_epoch is not None and self.rewind_epoch > self.start_epoch:
+            raise ValueError(
+                f"`rewind_epoch`={self.rewind_epoch} must be <= `start_epoch`={self.start_epoch}: the weights "
+                "to rewind to must be saved before the first pruning event."
+            )
+
+    def end_for(self, trainer: pl.Trainer) -> int:
+        """The epoch the schedule ends after in this fit (``end_epoch``, or the Trainer's ``max_epochs``)."""
+        max_epochs = trainer.max_epochs
+        unlimited = max_epochs is None or max_epochs < 0
+        if self.end_epoch is None and unlimited:
+            raise ValueError("`end_epoch` is required when the Trainer's `max_epochs` is unlimited.")
+        end = self.end_epoch if self.end_epoch is not None else int(max_epochs)  # type: ignore[arg-type]
+        if end <= self.start_epoch:
+            raise ValueError(
+                f"`start_epoch`={self.start_epoch} leaves no pruning event before `max_epochs`={max_epochs}."
+            )
+        if not unlimited and end > max_epochs:  # type: ignore[operator]
+            raise ValueError(
+                f"The schedule cannot finish: `end_epoch`={end} is after the Trainer's "
+                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`."
+            )
+        return end
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The pruning clock of one fit: events between ``start`` and ``end``, in epochs or optimizer steps."""
+
+    start: int
+    end: int
+    every: int | None  # None: the core's default cadence (about DEFAULT_EVENTS events)
+    in_steps: bool
+    judged_until: int | None  # with a monitor: the last time an event can still be judged
+    rewind: int | None  # the time of the rewind point
+
+
+def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bool, monitor: str | None) -> Timeline:
+    """Map the callback's epochs onto the clock it drives ``IterativePruner`` with.
+
+    ``default_in_steps``: with neither ``every_n_*`` set, prune at the core's default cadence in
+    optimizer steps (when the data is sized). With ``monitor``, no event may come after the fit's
+    last validation (nothing would judge it): the default ``end_epoch`` ends the schedule there,
+    an explicit later one is warned about (its last events are skipped).
+    """
+    start_epoch, end_epoch, every_n_steps = window.start_epoch, window.end_for(trainer), window.every_n_steps
+    batches = trainer.num_training_batches
+    sized = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
+    per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))) if sized else None
+    if per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
+        raise ValueError(
+            f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps "
+            f"(`end_epoch`={end_epoch} x {per_epoch} steps per epoch) but the Trainer's "
+            f"`max_steps`={trainer.max_steps}."
+        )
+    in_steps = every_n_steps is not None or (
+        default_in_steps and window.every_n_epochs is None and per_epoch is not None
+    )
+    every: int | None
+    if not in_steps:
+        start, end, every = start_epoch, end_epoch, window.every_n_epochs or 1
+    elif per_epoch is None:
+        raise ValueError(
+            "`every_n_steps` needs a train dataloader with a length, to place `start_epoch` and "
+            "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
+        )
+    else:
+        start, end = start_epoch * per_epoch, end_epoch * per_epoch
+        every = every_n_steps  # None: the core's default cadence
+    judged = None if monitor is None else _last_judged(trainer, in_steps)
+    if judged is not None and end > judged:
+        unit = "step" if in_steps else "epoch"
+        if judged <= start:
+            raise ValueError(
+                f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (the last one "
+                f"runs before {unit} {judged}, the first event is at {unit} {start + 1}), so no event could be judged. "
+                "Validate more often, train longer, or set `monitor=None`."
+            )
+        if window.end_epoch is not None:
+            rank_zero_warn(
+                f"IterativePruning: the fit's last validation comes before the pruning events after {unit} {judged}; "
+                f"with `monitor`={monitor!r} they are skipped, since nothing would judge them, and the target "
+                "may not be reached. End the schedule earlier (`end_epoch`) or validate later."
+            )
+        else:
+            end = judged
+    rewind = window.rewind_epoch
+    if rewind is not None and in_steps:
+        rewind *= per_epoch or 1
+    return Timeline(start, end, every, in_steps, judged, rewind)
+
+
+def _last_judged(trainer: pl.Trainer, in_steps: bool) -> int | None:
+    """The last clock time whose event a validation of this fit still judges (``None``: cannot be known)."""
+    last_batch = last_validation_batch(trainer)
+    if last_batch is None:  # time-based validation or unsized data: judged at the end of fit instead
+        return None
+    if last_batch < 0:
+        return 0
+    if not in_steps:  # the event at the end of epoch e (time e + 1) needs a later validation
+        return last_batch // int(trainer.num_training_batches)
+    return steps_done_after(last_batch, trainer)  # a validation after the batch that made the step, or at it

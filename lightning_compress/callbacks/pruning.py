@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,35 +12,26 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
 
-from ..core.controller import AccuracyGuard, GuardDecision
-from ..core.functional import check_granularity, resolve_min_density, validate_fraction
-from ..core.importance import Importance, resolve_importance
-from ..core.masks import floor_count
-from ..core.pruner import MaskRule, Pruner
-from ..core.rules import rule_for
-from ..core.schedule import SCHEDULES, PruningSchedule, step_interval
-from ..core.selection import Target, normalize_patterns, select_targets
+from ..core.config import PruningConfig
+from ..core.controller import GuardDecision
+from ..core.importance import Importance
+from ..core.iterative import IterativePruner
 from ..export.report import CompressionReport
-from ..metrics.sparsity import Sparsity
-from ._export import check_export_path, check_export_ready, export_at_fit_end
-from ._validation import check_choice, check_float, check_int, check_strategy
-from ._validation_plan import last_validation_batch, steps_done_after
+from ..metrics.sparsity import zero_fraction
+from ._export import check_export_path, check_export_ready, example_inputs, export_at_fit_end
+from ._validation import StrategyCollectives, check_float, check_strategy
+from ._validation_plan import EpochWindow, plan_timeline
 
 __all__ = ["IterativePruning"]
-
-_STATE_VERSION = 1
-# With neither `every_n_epochs` nor `every_n_steps` (element granularity, no `monitor`, a sized train
-# dataloader): about this many events over the schedule, in optimizer steps. Chosen on a model zoo, see
-# BENCHMARKS.md ("Defaults on a model zoo").
-DEFAULT_EVENTS = 100
 
 
 class IterativePruning(Callback):
     r"""Prune a model step by step while it trains, until ``target_sparsity`` of its weights are zero.
 
-    Masks live in this callback's state (saved in checkpoints as bool tensors); the model's
+    A thin adapter: it maps the Trainer's hooks, epochs and validations onto a
+    :class:`~lightning_compress.IterativePruner`, which holds the schedule, the guard, regrowth and the
+    masks (usable in a plain PyTorch loop too). The masks are saved in checkpoints (bool); the model's
     ``state_dict`` keys never change, pruned weights are exact zeros in the parameters, their
     gradients and optimizer state are zeroed so no optimizer regrows them. Pruning happens only
     while fitting: ``validate``/``test``/the sanity check never change the model.
@@ -137,140 +128,61 @@ class IterativePruning(Callback):
         export_path: str | Path | None = None,
     ) -> None:
         super().__init__()
-        self.target_sparsity = validate_fraction(target_sparsity, "target_sparsity")
-        resolve_importance(importance, check_int(seed, "seed", minimum=0) or 0)  # validates
-        self.importance = importance
-        self.granularity, self._nm = check_granularity(granularity, self.target_sparsity, importance)
-        self.regrow = validate_fraction(regrow, "regrow")
-        if self.regrow > 0 and self.granularity != "element":
-            raise ValueError(
-                f"`regrow`={regrow} exchanges single weights: it needs granularity='element', "
-                f"got `granularity`={granularity!r}."
-            )
-        self.scope = check_choice(scope, "scope", ("global", "layer"))
-        if not callable(schedule):
-            check_choice(schedule, "schedule", SCHEDULES)
-        self.schedule = schedule
-        self.start_epoch = check_int(start_epoch, "start_epoch") or 0
-        self.end_epoch = check_int(end_epoch, "end_epoch", optional=True)
-        if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
-            raise ValueError(
-                f"`end_epoch`={end_epoch} must be greater than `start_epoch`={start_epoch}: pruning "
-                "happens at the end of epochs start_epoch .. end_epoch - 1."
-            )
-        if every_n_epochs is not None and every_n_steps is not None:
-            raise ValueError(
-                f"Set one of `every_n_epochs`={every_n_epochs} and `every_n_steps`={every_n_steps}, not both."
-            )
-        self.every_n_epochs = check_int(every_n_epochs, "every_n_epochs", minimum=1, optional=True)
-        self.every_n_steps = check_int(every_n_steps, "every_n_steps", minimum=1, optional=True)
-        self.include = normalize_patterns(include, "include")
-        self.exclude = normalize_patterns(exclude, "exclude")
-        self.min_density = resolve_min_density(min_density, self.target_sparsity, self.scope, "target_sparsity")
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
         self.monitor = monitor
         self.max_drop = check_float(max_drop, "max_drop")
-        self.mode = check_choice(mode, "mode", ("max", "min"))
-        self.rewind_epoch = check_int(rewind_epoch, "rewind_epoch", optional=True)
-        if self.rewind_epoch is not None and self.rewind_epoch > self.start_epoch:
-            raise ValueError(
-                f"`rewind_epoch`={rewind_epoch} must be <= `start_epoch`={start_epoch}: the weights "
-                "to rewind to must be saved before the first pruning event."
-            )
-        self.seed = seed
-
-        self._pruner: Pruner | None = None
-        self._guard: AccuracyGuard | None = None
-        self._schedule: PruningSchedule | None = None
-        self._end_epoch = self.end_epoch
-        self._pending_state: dict[str, Any] | None = None
-        self._last_t = -1
-        self._every_steps: int | None = None  # the step cadence of this fit (None: between epochs)
-        self._last_judged: int | None = None  # the last schedule time whose event a validation judges
-        self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
-        self._sparsity_changed = False  # a rollback in validation: log the sparsity after it
-        self._optimizer_params: dict[int, set[int]] = {}
-        self.decisions: list[GuardDecision] = []
+        self.config = PruningConfig(
+            target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
+            None if monitor is None else self.max_drop, mode, seed,
+        )  # fmt: skip
+        self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
-        self._warned_floors: set[str] = set()
+        self._core: IterativePruner | None = None
+        self._in_steps = False
+        self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
+        self._optimizer_params: dict[int, set[int]] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
+    def target_sparsity(self) -> float:
+        return self.config.target_sparsity
+
+    @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            target_sparsity=self.target_sparsity,
-            importance=self.importance if isinstance(self.importance, str) else type(self.importance).__name__,
-            scope=self.scope,
-            include=self.include,
-            exclude=self.exclude,
-            **({} if self.granularity == "element" else {"granularity": self.granularity}),
-        )
+        return self._generate_state_key(**self.config.identity())
 
     @property
-    def pruner(self) -> Pruner:
-        """The :class:`~lightning_compress.core.pruner.Pruner` of the current fit."""
-        if self._pruner is None:
-            raise RuntimeError("IterativePruning has no pruner yet: it is created when `fit` starts.")
-        return self._pruner
+    def pruner(self) -> IterativePruner:
+        """The :class:`~lightning_compress.IterativePruner` of the current fit."""
+        if self._core is None:
+            raise RuntimeError("IterativePruning has no pruner yet: it is created when training starts.")
+        return self._core
 
     @property
-    def masks(self) -> dict[str, Tensor]:
+    def masks(self) -> dict[str, torch.Tensor]:
         """Current masks (bool, ``True`` = kept), keyed by parameter name."""
-        return {} if self._pruner is None else self._pruner.bool_masks()
+        return {} if self._core is None else self._core.masks
+
+    @property
+    def decisions(self) -> list[GuardDecision]:
+        """The accuracy guard's decisions so far."""
+        return [] if self._core is None else self._core.decisions
 
     def state_dict(self) -> dict[str, Any]:
-        if self._pruner is None:
-            return {}
-        return {
-            "version": _STATE_VERSION,
-            "last_t": self._last_t,
-            "pruner": self._pruner.state_dict(),
-            "guard": None if self._guard is None else self._guard.state_dict(),
-        }
+        return {} if self._core is None else self._core.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        version = state_dict.get("version")
-        if version != _STATE_VERSION:
-            raise ValueError(
-                f"IterativePruning state version {version!r} is not supported (expected {_STATE_VERSION})."
-            )
-        self._pending_state = state_dict
-        if self._pruner is not None:  # fitting: `setup` already built the pruner, take the state now
-            self._consume_pending_state()
-
-    def _consume_pending_state(self) -> None:
-        if self._pending_state is None:
-            return
-        state, self._pending_state = self._pending_state, None
-        self.pruner.load_state_dict(state["pruner"])
-        self._last_t = int(state["last_t"])
-        if state.get("guard") is not None and self._guard is not None:
-            self._guard.load_state_dict(state["guard"])
+        if state_dict and self._core is not None:
+            self._core.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "IterativePruning")
         if stage != "fit":
             return
-        max_epochs = trainer.max_epochs
-        unlimited = max_epochs is None or max_epochs < 0
-        if self.end_epoch is None and unlimited:
-            raise ValueError("`end_epoch` is required when the Trainer's `max_epochs` is unlimited.")
-        end_epoch = self.end_epoch if self.end_epoch is not None else int(max_epochs)  # type: ignore[arg-type]
-        if end_epoch <= self.start_epoch:
-            raise ValueError(
-                f"`start_epoch`={self.start_epoch} leaves no pruning event before `max_epochs`={max_epochs}."
-            )
-        if not unlimited and end_epoch > max_epochs:  # type: ignore[operator]
-            raise ValueError(
-                f"The schedule cannot finish: `end_epoch`={end_epoch} is after the Trainer's "
-                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`."
-            )
-        self._end_epoch = end_epoch
+        end_epoch = self.window.end_for(trainer)
         check_export_ready(self.export_path, pl_module)
         if self.monitor is not None and (
             trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
@@ -279,207 +191,116 @@ class IterativePruning(Callback):
                 f"`monitor`={self.monitor!r} needs a validation loop that logs it, but this fit has none "
                 "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
             )
-        targets, rule = self._targets_and_rule(pl_module)
-        importance = resolve_importance(self.importance, self.seed or 0)
-        pruner = Pruner(targets, importance, self.scope, self.min_density, rule, regrow=self.regrow)
-        previous = self._pruner
-        continuing = False
-        if trainer.ckpt_path is None and previous is not None and previous.masks and pruner.matches(previous.masks):
-            pruner.masks = {n: m.to(pruner._by_name[n].param.device) for n, m in previous.masks.items()}
-            continuing = pruner.carries_masks()
-            if not continuing:
-                pruner.masks = {}
-        if not continuing:
-            self._guard = None if self.monitor is None else AccuracyGuard(max_drop=self.max_drop, mode=self.mode)
-            self.decisions = []
-        elif not isinstance(self.importance, str) and previous is not None:
-            pruner.importance = previous.importance
-        self._pruner = pruner
-        if trainer.ckpt_path is None:
-            self._pending_state = None
-        self._last_t = -1
-        self._last_judged = None
-        self._pending_logs = {}
-        self._sparsity_changed = False
-        self._optimizer_params = {}
-
-    def _targets_and_rule(self, pl_module: pl.LightningModule) -> tuple[list[Target], MaskRule | None]:
-        targets = select_targets(pl_module, self.include, self.exclude)
-        example = None
-        if self.granularity == "channel":
-            example = pl_module.example_input_array
-            if example is None:
-                raise ValueError(
-                    "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
-                    f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
-                )
-            example = pl_module._apply_batch_transfer_handler(pl_module._on_before_batch_transfer(example))
-        importance = resolve_importance(self.importance, self.seed)
-        targets, rule, left = rule_for(pl_module, targets, self.granularity, self._nm, importance, example)
-        if left and self._nm is not None:
-            rank_zero_warn(
-                f"IterativePruning: layer(s) {list(left)} stay dense: their input size is not a multiple of "
-                f"{self._nm[1]}, so `granularity`={self.granularity!r} cannot apply. `exclude` them to silence this."
+        if self.config.granularity == "channel" and pl_module.example_input_array is None:
+            raise ValueError(
+                "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
+                f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
             )
-        elif left:
-            rank_zero_info("IterativePruning: channels left whole: " + "; ".join(f"{n} ({w})" for n, w in left.items()))
-        return targets, rule
+        config = self.config
+        user = config.schedule
+        if (
+            callable(user) and self.window.every_n_steps is None
+        ):  # an epoch clock: the callable gets the epoch that ended
+            config = dataclasses.replace(config, schedule=lambda t: user(t - 1))
+        self._core = IterativePruner.from_config(  # provisional clock: placed in on_train_start
+            pl_module, config, total_steps=end_epoch, start_step=self.window.start_epoch,
+            example_inputs=example_inputs(pl_module), collectives=StrategyCollectives(trainer.strategy),
+            warn=rank_zero_warn, info=rank_zero_info, previous=self._core if trainer.ckpt_path is None else None,
+        )  # fmt: skip
+        self._pending_logs, self._optimizer_params = {}, {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.logger is not None:
-            trainer.logger.log_hyperparams(
-                {
-                    "compress/pruning/target_sparsity": self.target_sparsity,
-                    "compress/pruning/importance": str(self.importance),
-                    "compress/pruning/scope": self.scope,
-                    "compress/pruning/schedule": str(self.schedule),
-                    "compress/pruning/granularity": self.granularity,
-                }
-            )
+            trainer.logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and trainer.num_sanity_val_steps != 0:
+            self.pruner.observe(self._read_monitor(trainer))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pruner = self.pruner
-        self._consume_pending_state()  # strategies that restore after setup load the state late
-        self._schedule = self._build_schedule(trainer)
-        pruner.apply()
-        for optimizer in trainer.optimizers:
-            pruner.zero_optimizer_state(optimizer)
-
-    def _build_schedule(self, trainer: pl.Trainer) -> PruningSchedule:
-        end_epoch = self._end_epoch or 0
-        batches = trainer.num_training_batches
-        sized = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
-        per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))) if sized else None
-        if per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
-            raise ValueError(
-                f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps "
-                f"(`end_epoch`={end_epoch} x {per_epoch} steps per epoch) but the Trainer's "
-                f"`max_steps`={trainer.max_steps}."
-            )
-        self._every_steps = self.every_n_steps
-        if (
-            self._every_steps is None
-            and self.every_n_epochs is None
-            and DEFAULT_EVENTS is not None
-            and per_epoch is not None
-            and not callable(self.schedule)
-            and self.monitor is None  # the guard judges each event by a validation: one event per epoch
-            and self.granularity == "element"  # chosen on unstructured pruning only
-        ):
-            self._every_steps = step_interval((end_epoch - self.start_epoch) * per_epoch, DEFAULT_EVENTS)
-        if self._every_steps is None:
-            start, end, every = self.start_epoch, end_epoch, self.every_n_epochs or 1
-        elif per_epoch is None:
-            raise ValueError(
-                "`every_n_steps` needs a train dataloader with a length, to place `start_epoch` and "
-                "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
-            )
-        else:
-            start, end, every = self.start_epoch * per_epoch, end_epoch * per_epoch, self._every_steps
-        if self.monitor is not None:
-            end = self._judged_end(trainer, start, end)
-        return PruningSchedule(self.schedule, self.target_sparsity, start, end, every)
-
-    def _judged_end(self, trainer: pl.Trainer, start: int, end: int) -> int:
-        """With ``monitor``, no event may come after the fit's last validation: nothing would judge it.
-
-        Sets the last schedule time an event may happen at; the default ``end_epoch`` ends the
-        schedule there, an explicit one that ends later is warned about (its last events are skipped).
-        """
-        last_batch = last_validation_batch(trainer)
-        if last_batch is None:  # time-based validation or unsized data: judged at the end of fit instead
-            return end
-        batches = int(trainer.num_training_batches)
-        if self._every_steps is None:  # the event at the end of epoch e (time e + 1) needs a later validation
-            judged = last_batch // batches if last_batch >= 0 else 0
-            unit = "epoch"
-        else:  # the event at step s needs a validation after the batch that made step s, or at it
-            judged = steps_done_after(last_batch, trainer) if last_batch >= 0 else 0
-            unit = "step"
-        self._last_judged = judged
-        if end <= judged:
-            return end
-        if judged <= start:
-            raise ValueError(
-                f"`monitor`={self.monitor!r}: no validation runs after a pruning event of this fit (the last one "
-                f"runs before {unit} {judged}, the first event is at {unit} {start + 1}), so no event could be judged. "
-                "Validate more often, train longer, or set `monitor=None`."
-            )
-        if self.end_epoch is not None:
-            rank_zero_warn(
-                f"IterativePruning: the fit's last validation comes before the pruning events after {unit} {judged}; "
-                f"with `monitor`={self.monitor!r} they are skipped, since nothing would judge them, and the target "
-                f"may not be reached. End the schedule earlier (`end_epoch`) or validate later."
-            )
-            return end
-        return judged
+        """Place the schedule on the fit's clock: the train loader's length is known from here on."""
+        config, core = self.config, self.pruner
+        default_in_steps = config.granularity == "element" and self.monitor is None and not callable(config.schedule)
+        plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor)
+        self._in_steps = plan.in_steps
+        core.apply()
+        core.attach_optimizers(trainer.optimizers)
+        core.set_schedule(
+            total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
+            judged_until=plan.judged_until,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pruner = self.pruner
-        if self.rewind_epoch is not None and trainer.current_epoch == self.rewind_epoch and not pruner.has_rewind_point:
-            pruner.save_rewind_point()
-        pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
+        self.pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        pruner = self.pruner
-        params = self._params_of(optimizer)
-        if self._events_remain():
-            pruner.observe_gradients(params)
-        pruner.mask_gradients(params)
-
-    def _params_of(self, optimizer: torch.optim.Optimizer) -> set[int]:
         key = id(optimizer)
         if key not in self._optimizer_params:
             self._optimizer_params[key] = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return self._optimizer_params[key]
+        self.pruner.before_optimizer_step(self._optimizer_params[key])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._every_steps is not None and trainer.global_step != self._last_t:
-            self._tick(trainer, pl_module, trainer.global_step, trainer.global_step)
+        if self._in_steps and trainer.global_step > self.pruner.steps:
+            self._advance(pl_module, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._every_steps is None:
-            self._tick(trainer, pl_module, trainer.current_epoch + 1, trainer.current_epoch)
+        if not self._in_steps:
+            self._advance(pl_module, trainer.current_epoch + 1)
         else:
-            self._flush_logs(trainer, pl_module, step_level=False)
+            self._flush_logs(pl_module, step_level=False)
+
+    def _advance(self, pl_module: pl.LightningModule, t: int) -> None:
+        self._flush_logs(pl_module)
+        if self.pruner.advance_to(t):
+            self._log_sparsity(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        guard = self._guard
-        if guard is not None and guard.awaiting_check:  # fit stopped early: no validation judged the last event
-            before = self.pruner.masked_sparsity()
-            self.pruner.undo()
-            guard.awaiting_check = False
+        if self._core is None:
+            return
+        rolled = self._core.finish()
+        if rolled is not None:  # fit stopped early: no validation judged the last event
             rank_zero_warn(
                 f"IterativePruning: fit ended before a validation judged the last pruning event; it was rolled back "
-                f"(sparsity {before:.4f} -> {self.pruner.masked_sparsity():.4f}) so that the model `fit` returns was "
+                f"(sparsity {rolled[0]:.4f} -> {rolled[1]:.4f}) so that the model `fit` returns was "
                 "judged. A checkpoint saved after that event and before the end of fit still holds it."
             )
-        self.pruner.apply()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.pruner.apply()  # after callbacks that write weights at train end (SWA)
+        if self._core is not None:
+            self._core.apply()  # after callbacks that write weights at train end (SWA)
         if self.export_path is not None:
-            self.export_report = export_at_fit_end(
-                trainer, pl_module, self.export_path, compacted=self.granularity == "channel"
-            )
+            compacted = self.config.granularity == "channel"
+            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, compacted=compacted)
 
-    # ------------------------------------------------------------------ monitor
-    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is not None and trainer.num_sanity_val_steps != 0:
-            self._read_monitor(trainer)
-
+    # ------------------------------------------------------------------ the guard
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
-        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._guard is None:
+        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._core is None:
             return
-        decision = self._guard.observe(self._read_monitor(trainer))
-        if decision is not None:
-            self._record(trainer, decision)
+        decision = self._core.observe(self._read_monitor(trainer))
+        if decision is None:
+            return
+        rank_zero_info(
+            f"IterativePruning: {self.monitor}={decision.value:.4f}, drop {decision.drop:.4f} "
+            f"(max_drop {self.max_drop}) -> {decision.action}; sparsity {self._core.masked_sparsity():.4f}"
+            + ("" if decision.step_cap is None else f", step cap {decision.step_cap:.4f}")
+        )
+        guard = self._core.guard
+        assert guard is not None
+        self._pending_logs.update(
+            {
+                "compress/monitor_drop": decision.drop,
+                "compress/rollbacks": float(guard.rollbacks),
+                "compress/step_cap": -1.0 if decision.step_cap is None else decision.step_cap,
+            }
+        )
+        if decision.action in ("rollback", "stop"):
+            self._pending_logs.update(self._sparsity_values(pl_module))
 
     def _read_monitor(self, trainer: pl.Trainer) -> float:
         value = trainer.callback_metrics.get(self.monitor or "")
@@ -491,155 +312,29 @@ class IterativePruning(Callback):
             )
         return float(value)
 
-    # ------------------------------------------------------------------ the schedule tick
-    def _events_remain(self) -> bool:
-        schedule = self._schedule
-        if schedule is None:
-            return False
-        if self._guard is not None and self._guard.stopped:
-            return False
-        if self._last_t < schedule.end:
-            return True
-        return self._guard is not None and self.pruner.masked_sparsity() < self.target_sparsity - 1e-9
-
-    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int, user_time: int) -> None:
-        self._last_t = t
-        schedule = self._schedule
-        pruner = self.pruner
-        assert schedule is not None
-        guard = self._guard
-        self._flush_logs(trainer, pl_module)
-        catch_up = (
-            guard is not None
-            and t > schedule.end
-            and (t - schedule.start) % schedule.every == 0
-            and pruner.masked_sparsity() < self.target_sparsity - 1e-9
-        )
-        if not (schedule.is_event(t) or catch_up):
-            return
-        if guard is not None and guard.baseline is None:
-            raise ValueError(
-                f"`monitor`={self.monitor!r} has no value before the first pruning event: validation must run "
-                "(and log it) before epoch `start_epoch` ends, or set `monitor=None`."
-            )
-        if guard is not None and (guard.stopped or guard.awaiting_check):
-            return
-        if guard is not None and self._last_judged is not None and t > self._last_judged:
-            return  # no validation before the end of fit would judge it
-        previous = pruner.masked_sparsity()
-        wanted = self.target_sparsity if t > schedule.end else schedule.sparsity_at(t, user_time)
-        if guard is not None:
-            wanted = guard.limit(previous, wanted)
-        regrow = self._regrow_fraction(wanted)
-        if not pruner.prune_to(wanted, keep_undo=guard is not None, sync=_broadcast_masks, regrow=regrow):
-            return
-        for optimizer in trainer.optimizers:
-            pruner.zero_optimizer_state(optimizer)
-        if guard is not None:
-            guard.event_applied(previous, pruner.masked_sparsity())
-        self._warn_floors(wanted)
-        self._log_sparsity(trainer, pl_module)
-
-    def _regrow_fraction(self, wanted: float) -> float:
-        """``regrow`` at every event but the last, which is an exact top-k (no zero "kept" weights)."""
-        return 0.0 if wanted >= self.target_sparsity - 1e-9 else self.regrow
-
-    def _warn_floors(self, wanted: float) -> None:
-        """Say once which layers the ``min_density`` floor holds back, and what to do about it."""
-        if self.scope != "global" or self.min_density == 0 or self.granularity != "element":
-            return
-        held = []
-        for target in self.pruner.targets:
-            mask = self.pruner.masks.get(target.param_name)
-            if mask is not None and int(mask.count_nonzero()) <= floor_count(self.min_density, target.numel):
-                held.append(target.name)
-        new = [name for name in held if name not in self._warned_floors]
-        if new:
-            self._warned_floors.update(new)
-            short = self.pruner.masked_sparsity() < wanted - 1.0 / max(1, self.pruner.total)
-            rank_zero_warn(
-                f"IterativePruning: layer(s) {new} are held at the `min_density`={self.min_density} floor: one "
-                f"global threshold would prune them further."
-                + (f" The model reaches {self.pruner.masked_sparsity():.4f} instead of {wanted:.4f}." if short else "")
-                + " Lower `min_density`, or `exclude` the layer(s) to keep them dense on purpose."
-            )
-
-    def _record(self, trainer: pl.Trainer, decision: GuardDecision) -> None:
-        self.decisions.append(decision)
-        pruner = self.pruner
-        if decision.action in ("rollback", "stop"):
-            pruner.undo()
-            for optimizer in trainer.optimizers:
-                pruner.zero_optimizer_state(optimizer)
-        rank_zero_info(
-            f"IterativePruning: {self.monitor}={decision.value:.4f}, drop {decision.drop:.4f} "
-            f"(max_drop {self.max_drop}) -> {decision.action}; sparsity {pruner.masked_sparsity():.4f}"
-            + ("" if decision.step_cap is None else f", step cap {decision.step_cap:.4f}")
-        )
-        guard = self._guard
-        assert guard is not None
-        self._pending_logs.update(
-            {
-                "compress/monitor_drop": decision.drop,
-                "compress/rollbacks": float(guard.rollbacks),
-                "compress/step_cap": -1.0 if decision.step_cap is None else decision.step_cap,
-            }
-        )
-        self._sparsity_changed = self._sparsity_changed or decision.action in ("rollback", "stop")
-
-    def _flush_logs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:
+    # ------------------------------------------------------------------ logging
+    def _flush_logs(self, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:
         """Log the guard's decisions at the first training hook after the validation that took them."""
-        if self._sparsity_changed:
-            self._sparsity_changed = False
-            self._log_sparsity(trainer, pl_module, step_level)
         if self._pending_logs:
             values, self._pending_logs = self._pending_logs, {}
-            self._log(trainer, pl_module, values, step_level)
+            self._log(pl_module, values, step_level)
 
-    # ------------------------------------------------------------------ logging
-    def _log_sparsity(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:
-        total = Sparsity().to(pl_module.device)
-        values: dict[str, float] = {}
-        for target in self.pruner.targets:
-            if target.attr != "weight":
-                continue
-            layer = Sparsity().to(pl_module.device)
-            layer.update(target.param)
-            total.update(target.param)
-            values[f"compress/sparsity/{target.name}"] = float(layer.compute())
-        values["compress/sparsity"] = float(total.compute())
-        if self.granularity == "channel":
+    def _sparsity_values(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        weights = {t.name: t.param for t in self.pruner.targets if t.attr == "weight"}
+        values = {f"compress/sparsity/{name}": float(zero_fraction(w)) for name, w in weights.items()}
+        values["compress/sparsity"] = float(zero_fraction(*weights.values()))
+        if self.config.granularity == "channel":
             values["compress/channel_sparsity"] = self.pruner.masked_sparsity()
-        self._log(trainer, pl_module, values, step_level)
+        return values
 
-    def _log(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        values: dict[str, float],
-        step_level: bool | None = None,
-    ) -> None:
-        """Log through the module: per step with ``every_n_steps`` (unless ``step_level`` says otherwise)."""
-        step_level = self._every_steps is not None if step_level is None else step_level
+    def _log_sparsity(self, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, self._sparsity_values(pl_module))
+
+    def _log(self, pl_module: pl.LightningModule, values: dict[str, float], step_level: bool | None = None) -> None:
+        """Log through the module: per step when pruning in steps (unless ``step_level`` says otherwise)."""
+        step_level = self._in_steps if step_level is None else step_level
         for name, value in values.items():
             pl_module.log(
-                name,
-                value,
-                on_step=step_level,
-                on_epoch=not step_level,
-                sync_dist=trainer.world_size > 1,
+                name, value, on_step=step_level, on_epoch=not step_level, sync_dist=pl_module.trainer.world_size > 1,
                 batch_size=1,
-            )
-
-
-def _broadcast_masks(masks: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Make every process use rank 0's masks (a no-op outside ``torch.distributed``)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return masks
-    out = {}
-    for name, mask in masks.items():
-        buffer = mask.to(torch.uint8)
-        dist.broadcast(buffer, src=0)
-        out[name] = buffer.bool()
-    return out
+            )  # fmt: skip

@@ -9,7 +9,7 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
@@ -17,6 +17,7 @@ from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
     convert_to_qat,
+    enable_fake_quant,
     qat_modules,
     quantizers,
     search_power_of_two_shifts,
@@ -25,7 +26,7 @@ from ..core.selection import normalize_patterns
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, export_at_fit_end
-from ._validation import check_int, check_strategy
+from ._validation import StrategyCollectives, check_int, check_strategy
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -190,8 +191,9 @@ class QuantizationAwareTraining(Callback):
             trainer.logger.log_hyperparams(
                 {f"compress/qat/{k}": ("none" if v is None else v) for k, v in self.config.to_dict().items()}
             )
-        if self.config.scale == "learned" and self._active(pl_module):
-            self._make_learnable(trainer, pl_module)  # resumed: before Lightning restores the optimizer state
+        if self.config.scale == "learned":  # before Lightning restores a resumed optimizer's state
+            self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]
+            _check_in_optimizers(self._learned_params, trainer.optimizers)
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,22 +211,23 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _update_observers(self._activation_quantizers)
+        _update_observers(self._activation_quantizers, StrategyCollectives(trainer.strategy))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        _average_gradients(self._learned_params)  # created after DDP wrapped the model: reduce them here
+        # DDP only reduces what required grad when it wrapped the model; learned scales start training later
+        collectives = StrategyCollectives(trainer.strategy)
+        for param in self._learned_params:
+            if param.grad is not None:
+                param.grad.copy_(collectives.all_reduce(param.grad, "mean"))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch == self.start_epoch and not self._active(pl_module):
             if self.shift_search:
                 self._search_shifts(trainer, pl_module)
-            for _, quantizer in quantizers(pl_module):
-                quantizer.fake_quant_enabled = True
-            if self.config.scale == "learned":
-                self._make_learnable(trainer, pl_module)
+            enable_fake_quant(pl_module)  # learned scales start training now
             rank_zero_info(
                 f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
                 f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
@@ -291,17 +294,6 @@ class QuantizationAwareTraining(Callback):
             rank_zero_info(f"QuantizationAwareTraining: {name}: weight shift p={w_shift}, input shift p={a_shift}")
         self._captured = {}
 
-    def _make_learnable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        params = [q.make_learnable() for _, q in quantizers(pl_module)]
-        new = [p for p in params if all(p is not q for q in self._learned_params)]
-        self._learned_params = params
-        if new and trainer.optimizers:
-            optimizer = trainer.optimizers[0]
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            fresh = [p for p in new if id(p) not in known]
-            if fresh:
-                optimizer.add_param_group({"params": fresh, "weight_decay": 0.0})
-
     def _freeze_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.freeze_bn_epoch is None or trainer.current_epoch <= self.freeze_bn_epoch:
             return
@@ -310,8 +302,8 @@ class QuantizationAwareTraining(Callback):
                 module.eval()
 
 
-def _update_observers(activation_quantizers: list[FakeQuantizer]) -> None:
-    """Fold pending batch ranges into the EMAs, all-reduced across processes so every rank agrees."""
+def _update_observers(activation_quantizers: list[FakeQuantizer], collectives: StrategyCollectives) -> None:
+    """Fold pending batch ranges into the EMAs, reduced across processes so every rank agrees."""
     pending: list[tuple[FakeQuantizer, tuple[Tensor, Tensor]]] = []
     for q in activation_quantizers:
         stats = q.pending_batch_stats()
@@ -319,24 +311,25 @@ def _update_observers(activation_quantizers: list[FakeQuantizer]) -> None:
             pending.append((q, stats))
     if not pending:
         return
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        lows = torch.stack([stats[0] for _, stats in pending])
-        highs = torch.stack([stats[1] for _, stats in pending])
-        dist.all_reduce(lows, op=dist.ReduceOp.MIN)
-        dist.all_reduce(highs, op=dist.ReduceOp.MAX)
-        for i, (q, _) in enumerate(pending):
-            q.update_from_batch(lows[i], highs[i])
-    else:
-        for q, _ in pending:
-            q.update_from_batch()
+    lows = collectives.all_reduce(torch.stack([stats[0] for _, stats in pending]), "min")
+    highs = collectives.all_reduce(torch.stack([stats[1] for _, stats in pending]), "max")
+    for i, (q, _) in enumerate(pending):
+        q.update_from_batch(lows[i], highs[i])
 
 
-def _average_gradients(params: list[nn.Parameter]) -> None:
-    dist = torch.distributed
-    if not params or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(dist.get_world_size())
+def _check_in_optimizers(params: list[nn.Parameter], optimizers: list[torch.optim.Optimizer]) -> None:
+    """Learned scales are model Parameters from the conversion on: an optimizer over ``parameters()`` holds them.
+
+    One that filtered them out (e.g. by ``requires_grad``, False until quantization switches on) gets
+    them as a new group of its first optimizer, without weight decay; LR schedulers built before
+    do not scale that group.
+    """
+    known = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    missing = [p for p in params if id(p) not in known]
+    if missing and optimizers:
+        optimizers[0].add_param_group({"params": missing, "weight_decay": 0.0})
+        rank_zero_warn(
+            f"QuantizationAwareTraining: {len(missing)} learned scales were not in the optimizer; they were added to "
+            "the first one as a new parameter group. Build the optimizer over `self.parameters()` so LR "
+            "schedulers see them."
+        )

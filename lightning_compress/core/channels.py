@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .importance import BatchNormScaleImportance, Importance, MagnitudeImportance
-from .masks import MaskPlanError, floor_count
+from .importance import Importance, MagnitudeImportance, nonfinite_error
+from .masks import floor_count
 from .selection import Target
 from .structure import ChannelGroup, nonzero_channels, param_slices, per_position
 
 __all__ = ["ChannelRule"]
-
-_NORM = nn.modules.batchnorm._BatchNorm
 
 
 class _Part:
@@ -46,13 +45,29 @@ class ChannelRule:
     Args:
         model: the model the groups were traced on.
         groups: its prunable channel groups (:func:`~.structure.build_channel_groups`).
+        importance: scores channels through :meth:`~.importance.Importance.channel_contribution`
+            (default: magnitude, the squared L2 norm of the group's slices).
+        scope: ``"global"`` (one threshold over mean-normalized scores) or ``"layer"``.
+        min_density: every group keeps at least this fraction of its channels (and at least one).
     """
 
-    def __init__(self, model: nn.Module, groups: Sequence[ChannelGroup]) -> None:
+    exchanges_weights: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: Sequence[ChannelGroup],
+        importance: Importance | None = None,
+        scope: str = "global",
+        min_density: float = 0.0,
+    ) -> None:
         if not groups:
             raise ValueError("no prunable channel group: nothing for granularity='channel' to prune.")
         modules = dict(model.named_modules())
         self.groups = list(groups)
+        self.importance = MagnitudeImportance() if importance is None else importance
+        self.scope = scope
+        self.min_density = min_density
         self.targets: list[Target] = []
         by_param: dict[int, Target] = {}
         self._parts: list[list[_Part]] = []
@@ -69,6 +84,7 @@ class ChannelRule:
                     parts.append(_Part(target, dim, s.index, s.channel))
             self._parts.append(parts)
         self.total_channels = sum(g.size for g in self.groups)
+        self._check(self.importance)
 
     # ------------------------------------------------------------------ state of the masks
     def alive(self, masks: dict[str, Tensor]) -> list[Tensor]:
@@ -91,72 +107,44 @@ class ChannelRule:
         return pruned, self.total_channels
 
     # ------------------------------------------------------------------ scoring
-    def check(self, importance: Importance) -> None:
-        """Raise if ``importance`` cannot score every group (``bn_scale`` without a BatchNorm)."""
-        if not isinstance(importance, BatchNormScaleImportance):
-            return
-        missing = [
-            g.name
-            for g, parts in zip(self.groups, self._parts, strict=True)
-            if not any(isinstance(p.target.module, _NORM) for p in parts)
-        ]
-        if missing:
+    def _check(self, importance: Importance) -> None:
+        """Raise if ``importance`` cannot score every group (e.g. BatchNorm scales without a BatchNorm)."""
+        reasons: dict[str, list[str]] = {}
+        for group, parts in zip(self.groups, self._parts, strict=True):
+            why = importance.cannot_score([p.target.module for p in parts])
+            if why is not None:
+                reasons.setdefault(why, []).append(group.name)
+        if reasons:
             raise ValueError(
-                f"`importance`='bn_scale' needs a BatchNorm in every pruned channel group; {missing} have none. "
-                "`exclude` those layers or use importance='magnitude'/'taylor'."
+                "; ".join(f"`importance`={importance!r} {why}; {names} have none" for why, names in reasons.items())
+                + ". `exclude` those layers or use importance='magnitude'/'taylor'."
             )
 
-    def scores(self, importance: Importance) -> list[Tensor]:
+    def scores(self) -> list[Tensor]:
         """One float64 score per channel of every group (higher = more important)."""
-        bn_only = isinstance(importance, BatchNormScaleImportance)
         out = []
         for group, parts in zip(self.groups, self._parts, strict=True):
             score = torch.zeros(group.size, dtype=torch.float64)
-            used = False
             for part in parts:
-                if bn_only and not isinstance(part.target.module, _NORM):
+                target = part.target
+                values = self.importance.channel_contribution(target.key, target.param, target.module)
+                if values is None:
                     continue
-                weight = part.target.param.detach()
-                if bn_only:
-                    values = weight.float().abs()
-                elif isinstance(importance, MagnitudeImportance):
-                    values = weight.float().square()
-                else:
-                    values = importance.score(part.target.key, part.target.param)
-                    if not isinstance(values, Tensor) or tuple(values.shape) != tuple(weight.shape):
-                        raise MaskPlanError(
-                            f"{importance!r}.score returned {getattr(values, 'shape', type(values).__name__)} for "
-                            f"{part.target.param_name!r}; expected {tuple(weight.shape)}."
-                        )
                 per = per_position(values.detach().double(), part.dim, part.index).cpu()
                 score.index_add_(0, part.channel, per)
-                used = True
-            if bn_only and not used:
-                self.check(importance)
             if not bool(torch.isfinite(score).all()):
-                raise MaskPlanError(
-                    f"importance scores of channel group {group.name!r} contain NaN or Inf; "
-                    "check the model's weights and gradients."
-                )
+                raise nonfinite_error(f"channel group {group.name!r}")
             out.append(score)
         return out
 
     # ------------------------------------------------------------------ selection
-    def compute(
-        self,
-        targets: Sequence[Target],
-        importance: Importance,
-        sparsity: float,
-        scope: str,
-        min_density: float,
-        current: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
+    def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
         """Bool masks (True = kept) for every target, with ``sparsity`` of the channels pruned."""
         alive = self.alive(current)
-        scores = self.scores(importance)
-        floors = [max(1, floor_count(min_density, g.size)) for g in self.groups]
+        scores = self.scores()
+        floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
         new_alive: list[Tensor] = []
-        if scope == "layer":
+        if self.scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
                 k = min(round(sparsity * group.size), group.size - floor)
                 new_alive.append(_keep_top(score, live, k))

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .importance import BatchNormScaleImportance, Importance, resolve_importance
+from .importance import Importance, resolve_importance
 from .masks import compute_masks, zero_pruned_
 from .nm import parse_nm
 from .rules import rule_for
-from .selection import Target, select_targets
+from .selection import select_targets
 
 __all__ = ["check_granularity", "prune_", "sparsity", "validate_fraction"]
 
@@ -59,10 +59,12 @@ def check_granularity(
     nm = parse_nm(granularity)
     if nm is None and granularity not in ("element", "channel"):
         raise ValueError(f"`granularity`={granularity!r} is not one of 'element', 'channel' or 'N:M' such as '2:4'.")
-    bn_scale = importance == "bn_scale" or isinstance(importance, BatchNormScaleImportance)
-    if bn_scale and granularity != "channel":  # as an object too: it would otherwise score like magnitude
+    kind = "N:M" if nm is not None else granularity
+    allowed = resolve_importance(importance).granularities
+    if allowed is not None and kind not in allowed:
+        needs = " or ".join(f"granularity={a!r}" for a in allowed)
         raise ValueError(
-            f"`importance`={importance!r} scores channels by their BatchNorm scale: it needs granularity='channel', "
+            f"`importance`={importance!r} scores only some granularities: it needs {needs}, "
             f"got `granularity`={granularity!r}."
         )
     if nm is not None and abs(target - (1.0 - nm[0] / nm[1])) > 1e-9:
@@ -127,21 +129,17 @@ def prune_(
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude)
-    if granularity == "element":
+    if granularity == "element":  # computes and zeroes in one pass over the weights
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
     if granularity == "channel" and example_inputs is None:
         raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
-    targets, rule, _ = rule_for(model, targets, granularity, nm, imp, example_inputs)
-    assert rule is not None
+    rule, _ = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs)
     current = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
-    return _apply(targets, rule.compute(targets, imp, sparsity, scope, min_density, current))
-
-
-def _apply(targets: Sequence[Target], masks: dict[str, Tensor]) -> dict[str, Tensor]:
+    new = rule.compute(sparsity, current)
     with torch.no_grad():
-        for target in targets:
-            zero_pruned_(target.param, masks[target.param_name])  # NaN-safe: pruned entries become exact zeros
-    return masks
+        for target in rule.targets:
+            zero_pruned_(target.param, new[target.param_name])  # NaN-safe: pruned entries become exact zeros
+    return new
 
 
 def sparsity(

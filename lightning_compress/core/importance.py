@@ -1,60 +1,138 @@
-"""Importance criteria: how to score weights. What to remove is decided in :mod:`.masks`.
+"""Importance criteria: how to score weights. What to remove is decided by the mask rules.
 
-An importance is any object with a ``score(name, weight) -> Tensor`` method (the
-:class:`Importance` protocol): a tensor of the weight's shape, higher meaning more important.
-Scores must be deterministic between two calls at the same event (they are read twice) and
-finite. Optional methods, used when present:
+An importance is an :class:`Importance` object. The engine only *calls* it; it never asks its
+type. What a criterion can do is declared on the class:
 
-* ``observe(name, weight, grad)``: called once per optimizer step with the final gradient
-  (after accumulation and, under DDP, after the all-reduce), while pruning events remain.
-* ``reset()``: called after every pruning event.
-* ``state_dict()`` / ``load_state_dict(state)``: tensors and primitives, saved in checkpoints.
+* :meth:`Importance.score` ``(name, weight) -> Tensor``: one score per weight, higher = keep.
+  Scores must be finite and deterministic between two calls at the same event (they are read twice).
+* :meth:`Importance.ranking` ``(name, weight) -> (values, by_magnitude)``: what element-wise rules
+  rank. The default is ``(score(...), False)``; magnitude returns the weight itself with
+  ``by_magnitude=True``, so a 100M-weight model is ranked without an ``|w|`` copy.
+* :meth:`Importance.channel_contribution` ``(name, weight, module) -> Tensor | None``: what one
+  parameter of a channel group adds to its channels' scores (``None``: nothing).
+* :meth:`Importance.cannot_score` ``(modules) -> str | None``: why a channel group cannot be scored.
+* :attr:`Importance.granularities`: the granularities it can score (``None``: all).
+* :attr:`Importance.accumulates`: ``True`` when :meth:`observe` must see every optimizer step's
+  gradient; :meth:`reset` runs after every pruning event; :meth:`state_dict` /
+  :meth:`load_state_dict` / :meth:`to` carry its state through checkpoints.
+
+Any object with a ``score(name, weight)`` method is accepted too (:func:`resolve_importance` wraps
+it); one that also defines ``observe``/``reset``/``state_dict`` must subclass :class:`Importance`
+so those are declared, not guessed.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Any, Protocol, cast, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "IMPORTANCES",
     "BatchNormScaleImportance",
     "Importance",
     "MagnitudeImportance",
+    "MaskPlanError",
     "RandomImportance",
     "TaylorImportance",
+    "check_scores",
     "resolve_importance",
 ]
 
 
-@runtime_checkable
-class Importance(Protocol):
-    """Scores weights; higher is more important."""
+class MaskPlanError(ValueError):
+    """Scores that cannot be ranked: wrong shape, NaN or Inf. Raised before any weight changes."""
+
+
+def check_scores(importance: object, where: str, scores: object, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The one check of an importance's output: a tensor of ``shape``. Returns it.
+
+    Finiteness is checked by the rules where they already read every value (the radix histogram
+    of the element rule finds NaN/Inf buckets without another pass).
+    """
+    if not isinstance(scores, Tensor) or tuple(scores.shape) != tuple(shape):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise MaskPlanError(
+            f"`importance` {importance!r} returned scores of shape {got} for {where}; expected {tuple(shape)}."
+        )
+    return scores
+
+
+def nonfinite_error(where: str) -> MaskPlanError:
+    return MaskPlanError(
+        f"importance scores of {where} contain NaN or Inf; check the weights and gradients of that layer."
+    )
+
+
+class Importance:
+    """Base class of importance criteria (see the module docstring for the contract)."""
+
+    accumulates: ClassVar[bool] = False
+    granularities: ClassVar[tuple[str, ...] | None] = None
 
     def score(self, name: str, weight: Tensor) -> Tensor:
-        """Return a tensor shaped like ``weight`` (any float dtype, any device)."""
-        ...
+        """A tensor shaped like ``weight`` (any float dtype, any device); higher = more important."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `score(name, weight)`.")
+
+    def __call__(self, name: str, weight: Tensor) -> Tensor:
+        return self.score(name, weight)
+
+    def ranking(self, name: str, weight: Tensor) -> tuple[Tensor, bool]:
+        """What element-wise rules rank, and whether by absolute value."""
+        return check_scores(self, f"layer {name!r}", self.score(name, weight), weight.shape), False
+
+    def channel_contribution(self, name: str, weight: Tensor, module: nn.Module) -> Tensor | None:
+        """What ``weight`` (a parameter of ``module`` in a channel group) adds to its channels' scores."""
+        return check_scores(self, f"{name!r}", self.score(name, weight), weight.shape).detach()
+
+    def cannot_score(self, modules: Sequence[nn.Module]) -> str | None:
+        """Why a channel group made of ``modules`` cannot be scored by this criterion (``None``: it can)."""
+        return None
+
+    def observe(self, name: str, weight: Tensor, grad: Tensor) -> None:
+        """Called once per optimizer step with the final gradient, when :attr:`accumulates`."""
+
+    def reset(self) -> None:
+        """Called after every pruning event."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def to(self, device: torch.device) -> Importance:
+        """Move any tensors of the state to ``device``."""
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
-class MagnitudeImportance:
-    """``|w|``: the classic magnitude criterion (Han et al. 2015)."""
+class MagnitudeImportance(Importance):
+    """``|w|``: the classic magnitude criterion (Han et al. 2015); channels by their squared L2 norm."""
 
     def score(self, name: str, weight: Tensor) -> Tensor:
         return weight.detach().abs()
 
-    def __repr__(self) -> str:
-        return "MagnitudeImportance()"
+    def ranking(self, name: str, weight: Tensor) -> tuple[Tensor, bool]:
+        return weight.detach(), True
+
+    def channel_contribution(self, name: str, weight: Tensor, module: nn.Module) -> Tensor | None:
+        return weight.detach().float().square()
 
 
-class TaylorImportance:
+class TaylorImportance(Importance):
     """First-order Taylor importance ``sum_t |w_t * dL/dw_t|`` (Molchanov et al. 2019).
 
     Accumulated over the optimizer steps since the last pruning event. Before any step has been
     observed, the current ``weight.grad`` is used; without one, scoring raises.
     """
+
+    accumulates = True
 
     def __init__(self) -> None:
         self._acc: dict[str, Tensor] = {}
@@ -75,7 +153,7 @@ class TaylorImportance:
             return (weight.detach() * weight.grad.detach()).abs().float()
         raise ValueError(
             f"importance='taylor' has no gradient for layer {name!r}: run backward() before pruning, "
-            "or prune from the IterativePruning callback, which accumulates gradients while training."
+            "or prune with IterativePruner / the IterativePruning callback, which accumulate gradients."
         )
 
     def reset(self) -> None:
@@ -87,24 +165,37 @@ class TaylorImportance:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._acc = {k: v.clone() for k, v in state.get("acc", {}).items()}
 
-    def to(self, device: torch.device) -> None:
+    def to(self, device: torch.device) -> TaylorImportance:
         self._acc = {k: v.to(device) for k, v in self._acc.items()}
-
-    def __repr__(self) -> str:
-        return "TaylorImportance()"
+        return self
 
 
-class BatchNormScaleImportance(MagnitudeImportance):
+class BatchNormScaleImportance(Importance):
     """``|gamma|`` of the BatchNorm after a layer (network slimming, Liu et al. 2017).
 
-    Channel granularity only: a channel's score is the sum of the BatchNorm scales in its group.
+    Channel granularity only: a channel's score is the sum of the BatchNorm scales in its group;
+    a group without a BatchNorm cannot be scored.
     """
 
-    def __repr__(self) -> str:
-        return "BatchNormScaleImportance()"
+    granularities = ("channel",)
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        raise ValueError(
+            f"{self!r} scores channels by their BatchNorm scale: it needs granularity='channel' (layer {name!r})."
+        )
+
+    def channel_contribution(self, name: str, weight: Tensor, module: nn.Module) -> Tensor | None:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):  # its scale and shift
+            return weight.detach().float().abs()
+        return None
+
+    def cannot_score(self, modules: Sequence[nn.Module]) -> str | None:
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+            return None
+        return "needs a BatchNorm in every pruned channel group"
 
 
-class RandomImportance:
+class RandomImportance(Importance):
     """Uniform random scores: the seed article's sparsity-based random pruning.
 
     Reproducible and identical on every process: the scores of a layer depend only on
@@ -137,24 +228,46 @@ class RandomImportance:
         return f"RandomImportance(seed={self.seed})"
 
 
-IMPORTANCES = {
+class _ScoreObject(Importance):
+    """A plain object with a ``score(name, weight)`` method, as an :class:`Importance`."""
+
+    def __init__(self, wrapped: Any) -> None:
+        self.wrapped = wrapped
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        return self.wrapped.score(name, weight)
+
+    def __repr__(self) -> str:
+        return repr(self.wrapped)
+
+
+IMPORTANCES: dict[str, type[Importance]] = {
     "magnitude": MagnitudeImportance,
     "taylor": TaylorImportance,
     "random": RandomImportance,
     "bn_scale": BatchNormScaleImportance,
 }
 
+_UNDECLARED = ("observe", "reset", "state_dict", "load_state_dict")
+
 
 def resolve_importance(spec: object, seed: int = 0) -> Importance:
-    """Turn ``"magnitude" | "taylor" | "random"`` or an :class:`Importance` object into an object."""
+    """``"magnitude" | "taylor" | "random" | "bn_scale"`` (shorthands) or an object, as an :class:`Importance`."""
     if isinstance(spec, str):
         if spec not in IMPORTANCES:
             raise ValueError(f"`importance`={spec!r} is not one of {sorted(IMPORTANCES)} or an Importance object.")
-        if spec == "random":
-            return RandomImportance(seed)
-        return cast(Importance, IMPORTANCES[spec]())
+        return RandomImportance(seed) if spec == "random" else IMPORTANCES[spec]()
     if isinstance(spec, Importance):
         return spec
+    if callable(getattr(spec, "score", None)):
+        declared = [m for m in _UNDECLARED if callable(getattr(spec, m, None))]
+        if declared:
+            raise TypeError(
+                f"`importance` {type(spec).__name__} defines {declared} without subclassing "
+                "lightning_compress.Importance: subclass it so they are called (set `accumulates = True` to "
+                "receive gradients)."
+            )
+        return _ScoreObject(spec)
     raise TypeError(
         f"`importance` must be one of {sorted(IMPORTANCES)} or an object with a "
         f"`score(name, weight) -> Tensor` method, got {type(spec).__name__}."

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .importance import Importance, MagnitudeImportance
+from .importance import Importance, MaskPlanError, nonfinite_error, resolve_importance
 from .selection import Target
 
 __all__ = ["MaskPlanError", "compute_masks"]
@@ -53,10 +53,6 @@ def floor_count(min_density: float, n: int) -> int:
     ``0.005000000000000004``) does not round a whole unit up.
     """
     return math.ceil(round(min_density * n, 6))
-
-
-class MaskPlanError(ValueError):
-    """Raised when scores cannot be ranked (NaN/Inf, wrong shape)."""
 
 
 def _keys(chunk: Tensor, magnitude: bool) -> Tensor:
@@ -108,27 +104,18 @@ class _Decision:
 
 
 class _Scores:
-    """Yields key chunks of one layer, the same on every pass."""
+    """Yields key chunks of one layer, the same on every pass (``Importance.ranking`` is read each time)."""
 
     def __init__(self, importance: Importance, target: Target) -> None:
         self.importance = importance
         self.target = target
-        self.magnitude = isinstance(importance, MagnitudeImportance)
+        self.magnitude = False  # ranked by |value|: set by each pass before its first chunk
 
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """``(start, float32 chunk)`` pairs over the flattened scores."""
         weight = self.target.param
-        if self.magnitude:
-            flat = weight.detach().reshape(-1)
-        else:
-            scores = self.importance.score(self.target.key, weight)
-            if not isinstance(scores, Tensor) or scores.shape != weight.shape:
-                got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-                raise MaskPlanError(
-                    f"`importance` {self.importance!r} returned scores of shape {got} for layer "
-                    f"{self.target.name!r}; expected {tuple(weight.shape)}."
-                )
-            flat = scores.detach().reshape(-1).to(weight.device)
+        values, self.magnitude = self.importance.ranking(self.target.key, weight)
+        flat = values.detach().reshape(-1).to(weight.device)
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]
             if chunk.dtype != torch.float32:
@@ -217,7 +204,7 @@ def _global_decisions(layers: list[_Layer], k: int) -> dict[int, _Decision]:
 
 def compute_masks(
     targets: Sequence[Target],
-    importance: Importance,
+    importance: Importance | object,
     sparsity: float,
     scope: str = "global",
     min_density: float = 0.0,
@@ -250,6 +237,7 @@ def compute_masks(
         raise ValueError(f"`sparsity`={sparsity} must be in [0, 1).")
     masks = masks or {}
     layers: list[_Layer] = []
+    importance = resolve_importance(importance)
     scorers = [_Scores(importance, t) for t in targets]
     alive_masks: list[Tensor | None] = []
     with torch.no_grad():
@@ -259,10 +247,7 @@ def compute_masks(
             alive_masks.append(alive_flat)
             hist = _histogram(scorer, alive_flat, target.param.device)
             if int(hist[1:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()):
-                raise MaskPlanError(
-                    f"importance scores of layer {target.name!r} contain NaN or Inf; "
-                    "check the weights and gradients of that layer."
-                )
+                raise nonfinite_error(f"layer {target.name!r}")
             pruned = int(hist[0])
             alive_hist = hist[1:]
             nonzero = alive_hist.nonzero()

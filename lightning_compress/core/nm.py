@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .importance import Importance, MagnitudeImportance
-from .masks import MaskPlanError
+from .importance import Importance, nonfinite_error
 from .selection import Target
 
 __all__ = ["NMRule", "parse_nm"]
@@ -59,34 +59,46 @@ def is_nm(mask: Tensor, n: int, m: int) -> bool:
 
 
 class NMRule:
-    """Mask rule of ``granularity="N:M"``; the unit is one weight."""
+    """Mask rule of ``granularity="N:M"``; the unit is one weight.
 
-    def __init__(self, n: int, m: int) -> None:
+    Args:
+        targets: weights whose input size is a multiple of ``m`` (see :func:`eligible`).
+        importance: how weights are ranked inside their blocks and across blocks.
+        n, m: at most ``n`` of every ``m`` consecutive input weights survive.
+        scope: ``"global"`` (intermediate events rank candidates across layers) or ``"layer"``.
+    """
+
+    exchanges_weights: ClassVar[bool] = False
+    min_density = 0.0
+
+    def __init__(
+        self, targets: Sequence[Target], importance: Importance, n: int, m: int, scope: str = "global"
+    ) -> None:
+        self.targets = list(targets)
+        self.importance = importance
         self.n = n
         self.m = m
+        self.scope = scope
 
-    def compute(
-        self,
-        targets: Sequence[Target],
-        importance: Importance,
-        sparsity: float,
-        scope: str,
-        min_density: float,
-        current: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
+    def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
+        pruned = sum(int(mask.numel() - mask.count_nonzero()) for mask in masks.values())
+        return pruned, sum(t.numel for t in self.targets)
+
+    def _scores(self, target: Target) -> Tensor:
+        values, by_magnitude = self.importance.ranking(target.key, target.param)
+        score = values.detach().float()
+        score = score.abs() if by_magnitude else score
+        if not bool(torch.isfinite(score).all()):
+            raise nonfinite_error(f"layer {target.name!r}")
+        return score
+
+    def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
         final = sparsity >= 1.0 - self.n / self.m - 1e-9
         candidates: list[tuple[Target, Tensor, Tensor]] = []  # target, candidate mask, scores (block views)
         masks: dict[str, Tensor] = {}
-        for target in targets:
+        for target in self.targets:
             weight = target.param.detach()
-            if isinstance(importance, MagnitudeImportance):
-                score = weight.float().abs()
-            else:
-                score = importance.score(target.key, target.param).detach().float()
-                if tuple(score.shape) != tuple(weight.shape):
-                    raise MaskPlanError(f"{importance!r}.score returned {tuple(score.shape)} for {target.name!r}.")
-            if not bool(torch.isfinite(score).all()):
-                raise MaskPlanError(f"importance scores of layer {target.name!r} contain NaN or Inf.")
+            score = self._scores(target)
             previous = current.get(target.param_name)
             alive = torch.ones_like(weight, dtype=torch.bool) if previous is None else previous.to(torch.bool)
             blocks = block_view(score, self.m)
@@ -103,7 +115,7 @@ class NMRule:
                 masks[target.param_name] = alive.clone()
         if final:
             return masks
-        groups = [candidates] if scope == "global" else [[c] for c in candidates]
+        groups = [candidates] if self.scope == "global" else [[c] for c in candidates]
         for group in groups:
             total = sum(t.numel for t, _, _ in group)
             pruned = sum(int(t.numel - int(masks[t.param_name].sum())) for t, _, _ in group)

@@ -7,98 +7,64 @@ than by a bool mask on CPU); in :meth:`Pruner.state_dict` masks are bool, on CPU
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .importance import Importance
-from .masks import compute_masks, floor_count, zero_pruned_
+from .masks import floor_count, zero_pruned_
+from .rules import MaskRule
 from .selection import Target
 
-__all__ = ["MaskRule", "Pruner"]
+__all__ = ["Pruner"]
 
 MaskSync = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
-class MaskRule(Protocol):
-    """How masks are chosen (the pattern): element-wise by default, channels, N:M."""
-
-    def compute(
-        self,
-        targets: Sequence[Target],
-        importance: Importance,
-        sparsity: float,
-        scope: str,
-        min_density: float,
-        current: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
-        """Bool masks (True = kept) of every target for ``sparsity`` of the rule's units."""
-        ...
-
-
-class ElementRule:
-    """Unstructured: any weight may go (exact global or per-layer top-k, see :mod:`.masks`)."""
-
-    def compute(
-        self,
-        targets: Sequence[Target],
-        importance: Importance,
-        sparsity: float,
-        scope: str,
-        min_density: float,
-        current: dict[str, Tensor],
-    ) -> dict[str, Tensor]:
-        return compute_masks(targets, importance, sparsity, scope, min_density, current, apply=False)
-
-
 class Pruner:
-    """Prunes ``targets`` step by step, keeps pruned weights at zero, can undo the last step.
+    """Keeps the masks of one :class:`~.rules.MaskRule`'s weights: prunes to a sparsity, keeps pruned
+    weights at zero, undoes the last step.
 
     Args:
-        targets: the selected weights.
-        importance: how to score them.
-        scope: ``"global"`` or ``"layer"``.
-        min_density: per-layer floor with ``"global"`` scope.
-        rule: the mask pattern (:class:`ElementRule` by default). A rule with a
-            ``units(masks) -> (pruned, total)`` method counts sparsity in its own units (channels).
-        regrow: fraction of the kept weights swapped at an event (element rule only): the
-            lowest-scored kept weights are pruned and as many pruned weights with the largest
-            gradient magnitude since the last event come back, at zero (GraNet's
+        rule: the mask pattern with its weights, importance, scope and floor (:func:`~.rules.rule_for`).
+        regrow: fraction of the kept weights swapped at an event (rules that exchange single
+            weights only): the lowest-scored kept weights are pruned and as many pruned weights with
+            the largest gradient magnitude since the last event come back, at zero (GraNet's
             neuroregeneration, Liu et al. 2021); across layers with global scope, inside each
             layer with layer scope. The sparsity is unchanged; ``0`` turns it off.
     """
 
-    def __init__(
-        self,
-        targets: Sequence[Target],
-        importance: Importance,
-        scope: str,
-        min_density: float,
-        rule: MaskRule | None = None,
-        regrow: float = 0.0,
-    ) -> None:
-        self.rule: MaskRule = ElementRule() if rule is None else rule
+    def __init__(self, rule: MaskRule, regrow: float = 0.0) -> None:
+        self.rule = rule
         if not 0.0 <= regrow < 1.0:
             raise ValueError(f"`regrow` must be in [0, 1), got {regrow!r}.")
-        if regrow > 0 and not isinstance(self.rule, ElementRule):
+        if regrow > 0 and not rule.exchanges_weights:
             raise ValueError(
-                f"`regrow`={regrow} exchanges single weights: it needs the element rule, "
-                f"not {type(self.rule).__name__}."
+                f"`regrow`={regrow} exchanges single weights: it needs the element rule, not {type(rule).__name__}."
             )
-        self.targets = list(targets)
+        self.targets = list(rule.targets)
         self.regrow = regrow
         self._grads: dict[str, Tensor] = {}  # |dL/dw| summed since the last event, when regrowing
-        self.importance = importance
-        self.scope = scope
-        self.min_density = min_density
         self._masks: dict[str, Tensor] = {}
         self._pruned: int | None = None  # cached count of masked weights
         self._units: tuple[int, int] | None = None  # cached (pruned, total) in the rule's units
         self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
         self._rewind: dict[str, Tensor] | None = None
         self._by_name = {t.param_name: t for t in self.targets}
+
+    @property
+    def importance(self) -> Importance:
+        return self.rule.importance
+
+    @property
+    def scope(self) -> str:
+        return self.rule.scope
+
+    @property
+    def min_density(self) -> float:
+        return self.rule.min_density
 
     # ------------------------------------------------------------------ queries
     @property
@@ -123,8 +89,7 @@ class Pruner:
     def units(self) -> tuple[int, int]:
         """(pruned, total) in the rule's unit: weights, or channels with a channel rule."""
         if self._units is None:
-            units = getattr(self.rule, "units", None)
-            self._units = units(self._masks) if callable(units) else (self.pruned_count(), self.total)
+            self._units = self.rule.units(self._masks)
         return self._units
 
     def masked_sparsity(self) -> float:
@@ -154,7 +119,7 @@ class Pruner:
         if round(sparsity * total) <= pruned and self.scope == "global":
             return False
         current = self.bool_masks()
-        new = self.rule.compute(self.targets, self.importance, sparsity, self.scope, self.min_density, current)
+        new = self.rule.compute(sparsity, current)
         fraction = self.regrow if regrow is None else regrow
         if fraction > 0 and self._grads:
             self._regrow(new, current, fraction)
@@ -181,9 +146,7 @@ class Pruner:
         self._pruned = self._units = None
         self.apply()
         self.rewind()
-        reset = getattr(self.importance, "reset", None)
-        if callable(reset):
-            reset()
+        self.importance.reset()
         return True
 
     def _regrow(self, new: dict[str, Tensor], current: dict[str, Tensor], fraction: float) -> None:
@@ -264,16 +227,16 @@ class Pruner:
 
         ``params``: ids of the parameters to consider (those of one optimizer); ``None``: all.
         """
-        observe = getattr(self.importance, "observe", None)
+        accumulates = self.importance.accumulates
         track = self.regrow > 0 and bool(self._masks)
-        if not callable(observe) and not track:
+        if not accumulates and not track:
             return
         for target in self.targets:
             grad = target.param.grad
             if grad is None or (params is not None and id(target.param) not in params):
                 continue
-            if callable(observe):
-                observe(target.key, target.param, grad)
+            if accumulates:
+                self.importance.observe(target.key, target.param, grad)
             if track:
                 acc = self._grads.get(target.param_name)
                 if acc is None:
@@ -320,6 +283,10 @@ class Pruner:
     def has_rewind_point(self) -> bool:
         return self._rewind is not None
 
+    @property
+    def rewind_point(self) -> dict[str, Tensor] | None:
+        return self._rewind
+
     def rewind(self) -> None:
         if self._rewind is None or not self.masks:
             return
@@ -336,6 +303,16 @@ class Pruner:
             tuple(m.shape) == tuple(self._by_name[n].param.shape) for n, m in masks.items()
         )
 
+    def adopt(self, masks: dict[str, Tensor]) -> bool:
+        """Take ``masks`` of an earlier run if they fit these targets and the model still carries them."""
+        if not masks or not self.matches(masks):
+            return False
+        self.masks = {n: m.to(self._by_name[n].param.device, self._by_name[n].param.dtype) for n, m in masks.items()}
+        if self.carries_masks():
+            return True
+        self.masks = {}  # the model was reloaded or changed: start over
+        return False
+
     def carries_masks(self) -> bool:
         """Whether every masked weight of the model is zero (the model still carries the masks)."""
         return all(bool((self._by_name[n].param.detach()[m == 0] == 0).all()) for n, m in self.masks.items())
@@ -348,9 +325,9 @@ class Pruner:
             state["rewind"] = {n: w.cpu() for n, w in self._rewind.items()}
         if self._grads:
             state["grads"] = {n: g.cpu() for n, g in self._grads.items()}
-        get_state = getattr(self.importance, "state_dict", None)
-        if callable(get_state):
-            state["importance"] = get_state()
+        importance_state = self.importance.state_dict()
+        if importance_state:
+            state["importance"] = importance_state
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -371,9 +348,7 @@ class Pruner:
         self._grads = {n: g.to(device_of[n]) for n, g in state.get("grads", {}).items()}
         rewind = state.get("rewind")
         self._rewind = None if rewind is None else {n: w.to(device_of[n]) for n, w in rewind.items()}
-        load = getattr(self.importance, "load_state_dict", None)
-        if callable(load) and "importance" in state:
-            load(state["importance"])
-            to = getattr(self.importance, "to", None)
-            if callable(to) and self.targets:
-                to(self.targets[0].param.device)
+        if "importance" in state:
+            self.importance.load_state_dict(state["importance"])
+            if self.targets:
+                self.importance.to(self.targets[0].param.device)

@@ -10,17 +10,16 @@ module computes exactly what the float module computes.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant import affine_qparams, fake_quantize, int_range, lsq_fake_quantize, power_of_two_scale, symmetric_scale
+from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
+from .quant import int_range, power_of_two_scale
 from .selection import Target, select_targets
 
 __all__ = [
@@ -31,348 +30,144 @@ __all__ = [
     "QATConv3d",
     "QATLinear",
     "QuantConfig",
+    "calibrate",
     "convert_to_float",
     "convert_to_qat",
+    "enable_fake_quant",
+    "export_mode",
     "qat_modules",
+    "quantizers",
+    "search_power_of_two_shifts",
 ]
-
-SCALE_MODES = ("minmax", "power_of_two", "learned")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """What to quantize and how. Validates itself.
-
-    Args:
-        weight_bits: 2..8; weights are symmetric, per output channel (per tensor for ``power_of_two``).
-        activation_bits: 2..8, or ``None`` to quantize weights only. Input activations are
-            per tensor, asymmetric (with an integer zero point) for ``minmax`` and ``learned``.
-        scale: ``"minmax"`` (ranges from the weights / EMA min-max observers), ``"power_of_two"``
-            (scale ``2**-p``: fixed point with ``p`` fractional bits) or ``"learned"`` (LSQ).
-        averaging_constant: EMA weight of a new batch in the activation observers.
-    """
-
-    weight_bits: int = 8
-    activation_bits: int | None = 8
-    scale: str = "minmax"
-    averaging_constant: float = 0.01
-
-    def __post_init__(self) -> None:
-        for name in ("weight_bits", "activation_bits"):
-            value = getattr(self, name)
-            if value is None and name == "activation_bits":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int in 2..8, got {value!r}.")
-            if not 2 <= value <= 8:
-                raise ValueError(f"`{name}`={value} is outside the supported range 2..8.")
-        if self.scale not in SCALE_MODES:
-            raise ValueError(f"`scale`={self.scale!r} is not one of {SCALE_MODES}.")
-        if not 0.0 < self.averaging_constant <= 1.0:
-            raise ValueError(f"`averaging_constant`={self.averaging_constant} must be in (0, 1].")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class FakeQuantizer(nn.Module):
-    """Observes a tensor and, once enabled, fake-quantizes it.
-
-    Its state is in buffers (saved in ``state_dict``): ``scale``, ``zero_point`` (activations),
-    ``shift`` (power of two), ``min_val``/``max_val`` (activations: the EMA range) and ``state``, the flags
-    :attr:`observer_enabled`, :attr:`fake_quant_enabled`, :attr:`frozen_shift` packed in one int.
-    With ``"learned"``, :meth:`make_learnable` turns ``scale`` into a Parameter under the same name.
-
-    Args:
-        role: ``"weight"`` (observed from the tensor itself each training forward) or
-            ``"activation"`` (EMA of batch min/max).
-        bits: integer width.
-        mode: one of :data:`SCALE_MODES`.
-        channels: output channels for per-channel weight scales (0 = per tensor).
-        averaging_constant: EMA weight of a new batch.
-    """
-
-    scale: Tensor
-    zero_point: Tensor
-    shift: Tensor
-    min_val: Tensor
-    max_val: Tensor
-    state: Tensor
-    _export_scale: Tensor
-    _export_zero_point: Tensor
-
-    _OBSERVE, _FAKE_QUANT, _FROZEN_SHIFT, _INITIALIZED, _SIGNED = 1, 2, 4, 8, 16
-
-    def __init__(self, role: str, bits: int, mode: str, channels: int = 0, averaging_constant: float = 0.01) -> None:
-        super().__init__()
-        if role not in ("weight", "activation"):
-            raise ValueError(f"`role`={role!r} is not one of ('weight', 'activation').")
-        self.role = role
-        self.bits = bits
-        self.mode = mode
-        self.averaging_constant = averaging_constant
-        self.per_channel = role == "weight" and mode != "power_of_two" and channels > 0
-        self.register_buffer("scale", torch.ones((channels,) if self.per_channel else ()))
-        # weights are symmetric (zero point 0) and only power-of-two scales have a shift: not saved otherwise
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=role == "activation")
-        self.register_buffer("shift", torch.zeros((), dtype=torch.int32), persistent=mode == "power_of_two")
-        if role == "activation":
-            self.register_buffer("min_val", torch.zeros(()))
-            self.register_buffer("max_val", torch.zeros(()))
-        # weights are signed; activations decide when enabled (signed only if negative values were seen)
-        self._flags = self._SIGNED if role == "weight" else 0
-        self.register_buffer("state", torch.tensor(self._flags, dtype=torch.int32))
-        self.sync_observers = False  # set by the Lightning callback: it updates the EMA itself, across ranks
-        self.exporting = False  # set by `export_mode`: emit ops that ONNX exporters turn into Q/DQ nodes
-        self._batch_min: Tensor | None = None
-        self._batch_max: Tensor | None = None
-
-    # ------------------------------------------------------------------ flags (one int32 buffer)
-    # The flags are read in every forward: a Python int mirrors the buffer, so reading them never
-    # synchronizes with the device nor makes torch.compile guard on tensor data.
-    def _flag(self, bit: int) -> bool:
-        return bool(self._flags & bit)
-
-    def _set_flag(self, bit: int, on: bool) -> None:
-        self._flags = self._flags | bit if on else self._flags & ~bit
-        self.state.fill_(self._flags)
-
-    @property
-    def observer_enabled(self) -> bool:
-        """Whether training forwards update the range (weights: every forward; activations: EMA)."""
-        return self._flag(self._OBSERVE)
-
-    @observer_enabled.setter
-    def observer_enabled(self, on: bool) -> None:
-        self._set_flag(self._OBSERVE, on)
-
-    @property
-    def fake_quant_enabled(self) -> bool:
-        """Whether the output is quantized (otherwise the input passes through unchanged)."""
-        return self._flag(self._FAKE_QUANT)
-
-    @fake_quant_enabled.setter
-    def fake_quant_enabled(self, on: bool) -> None:
-        self._set_flag(self._FAKE_QUANT, on)
-
-    @property
-    def frozen_shift(self) -> bool:
-        """Whether the power-of-two shift was fixed (by :meth:`set_shift`)."""
-        return self._flag(self._FROZEN_SHIFT)
-
-    @property
-    def initialized(self) -> bool:
-        return self._flag(self._INITIALIZED)
-
-    @property
-    def signed(self) -> bool:
-        return self._flag(self._SIGNED)
-
-    # ------------------------------------------------------------------ integer range
-    @property
-    def axis(self) -> int | None:
-        return 0 if self.per_channel else None
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        if self.role == "weight":
-            return int_range(self.bits, True)
-        if self.mode == "power_of_two":
-            return int_range(self.bits, self.signed)
-        return int_range(self.bits, False)  # asymmetric with a zero point
-
-    @property
-    def is_learned(self) -> bool:
-        return isinstance(self.scale, nn.Parameter)
-
-    # ------------------------------------------------------------------ observing
-    def forward(self, x: Tensor) -> Tensor:
-        if self.exporting:
-            return self._export_forward(x)
-        observed = self.training and self.observer_enabled
-        if observed:
-            self.observe(x)
-        if not self.fake_quant_enabled:
-            return x
-        qmin, qmax = self.qrange
-        if self.is_learned:
-            return lsq_fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis)
-        # a min/max weight scale computed from this very tensor cannot clip it
-        may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
-
-    def _export_forward(self, x: Tensor) -> Tensor:
-        """Same values as :meth:`forward` in eval mode, with ``torch.fake_quantize_*`` ops (8-bit containers).
-
-        The exporters map these ops to QuantizeLinear/DequantizeLinear; ranges narrower than the
-        8-bit container are enforced by a clamp first, so the values stay those of the narrow grid.
-        """
-        if not self.fake_quant_enabled:
-            return x
-        qmin, qmax = self.qrange
-        if self.role == "weight":  # x is the layer's already-quantized weight: re-quantizing it is exact
-            # per channel, with scales in (temporary) buffers: exporters fold a Q/DQ pair whose inputs are
-            # all constants back into a float weight, and the int8 weights would be lost
-            return torch.fake_quantize_per_channel_affine(x, self._export_scale, self._export_zero_point, 0, -128, 127)
-        cmin, cmax = (-128, 127) if qmin < 0 else (0, 255)
-        scale, zero_point = float(self.scale), int(self.zero_point)
-        if (qmin, qmax) != (cmin, cmax):
-            x = torch.clamp(x, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, cmin, cmax)
-
-    @torch.no_grad()
-    def observe(self, x: Tensor) -> None:
-        x = x.detach()
-        if self.role == "weight":
-            self._set_weight_qparams(x)
-            return
-        lo, hi = torch.aminmax(x.float())
-        self._batch_min = lo if self._batch_min is None else torch.minimum(self._batch_min, lo)
-        self._batch_max = hi if self._batch_max is None else torch.maximum(self._batch_max, hi)
-        if not self.sync_observers:
-            self.update_from_batch()
-
-    def pending_batch_stats(self) -> tuple[Tensor, Tensor] | None:
-        """Min and max seen since the last EMA update (activations), or ``None``."""
-        if self._batch_min is None or self._batch_max is None:
-            return None
-        return self._batch_min, self._batch_max
-
-    @torch.no_grad()
-    def update_from_batch(self, batch_min: Tensor | None = None, batch_max: Tensor | None = None) -> None:
-        """Fold the pending (or given, e.g. all-reduced) batch range into the EMA and the qparams."""
-        lo = self._batch_min if batch_min is None else batch_min
-        hi = self._batch_max if batch_max is None else batch_max
-        self._batch_min = self._batch_max = None
-        if lo is None or hi is None:
-            return
-        if not self.initialized:
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-            self._set_flag(self._INITIALIZED, True)
-        else:
-            c = self.averaging_constant
-            self.min_val.mul_(1 - c).add_(lo, alpha=c)
-            self.max_val.mul_(1 - c).add_(hi, alpha=c)
-        if not self.is_learned:
-            self._set_activation_qparams()
-
-    def _set_weight_qparams(self, w: Tensor) -> None:
-        _, qmax = int_range(self.bits, True)
-        if self.mode == "power_of_two":
-            if not self.frozen_shift:
-                shift, _ = power_of_two_scale(w.abs().max(), qmax)
-                self.shift.copy_(shift)
-            self.scale.copy_(torch.pow(2.0, -self.shift.float()))
-        elif not self.is_learned:
-            flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
-            amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
-            amax = amax if self.per_channel else amax[0]
-            self.scale.copy_(symmetric_scale(amax, qmax))
-        self._set_flag(self._INITIALIZED, True)
-
-    def _set_activation_qparams(self) -> None:
-        if self.mode == "power_of_two":
-            self._set_flag(self._SIGNED, bool(self.min_val < 0))
-            _, qmax = self.qrange
-            if not self.frozen_shift:
-                amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
-                shift, _ = power_of_two_scale(amax, qmax)
-                self.shift.copy_(shift)
-            self.scale.copy_(torch.pow(2.0, -self.shift.float()))
-            self.zero_point.zero_()
-            return
-        qmin, qmax = self.qrange
-        scale, zero_point = affine_qparams(self.min_val, self.max_val, qmin, qmax)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
-
-    # ------------------------------------------------------------------ control
-    def set_shift(self, shift: int) -> None:
-        """Fix the power-of-two shift (``p`` fractional bits) and stop the observer from moving it."""
-        self.shift.fill_(shift)
-        self.scale.data.copy_(torch.full_like(self.scale, 2.0**-shift))
-        self._set_flag(self._FROZEN_SHIFT, True)
-
-    def make_learnable(self) -> nn.Parameter:
-        """Turn ``scale`` into a trainable Parameter (LSQ), initialised from the observed range."""
-        if self.is_learned:
-            return cast(nn.Parameter, self.scale)
-        value = self.scale.detach().clone()
-        del self._buffers["scale"]
-        param = nn.Parameter(value)
-        self.scale = param
-        return param
-
-    def extra_repr(self) -> str:
-        on = "on" if self.fake_quant_enabled else "off"
-        return f"role={self.role}, bits={self.bits}, mode={self.mode}, per_channel={self.per_channel}, fake_quant={on}"
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        if not any(key.startswith(prefix) for key in state_dict):
-            return  # a float checkpoint (saved before quantization was added): keep the fresh quantizer state
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._flags = int(self.state)
 
 
 class _QATMixin:
     """Forward of a float layer with fake-quantized weight and input."""
 
     weight: Tensor
+    training: bool
     weight_fake_quant: FakeQuantizer
     input_fake_quant: nn.Module
-    _float_class: type[nn.Module]
+    float_class: ClassVar[type[nn.Module]]
+    _export_weight: Tensor | None = None
+
+    def _adopt(self, module: Any, config: QuantConfig) -> None:
+        """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
+        layer = cast(Any, self)
+        layer.weight = module.weight
+        layer.bias = module.bias
+        weight: Tensor = module.weight
+        device = weight.device
+        layer.weight_fake_quant = FakeQuantizer(
+            "weight", config.weight_bits, config.scale, channels=weight.shape[0],
+            averaging_constant=config.averaging_constant,
+        ).to(device)  # fmt: skip
+        layer.input_fake_quant = (
+            nn.Identity()
+            if config.activation_bits is None
+            else FakeQuantizer(
+                "activation", config.activation_bits, config.scale, averaging_constant=config.averaging_constant
+            ).to(device)
+        )
+        layer.train(module.training)  # a model in eval mode must not start observing
+
+    def _share_into(self, new: Any) -> nn.Module:
+        layer = cast(Any, self)
+        new.weight = layer.weight
+        new.bias = layer.bias
+        return cast(nn.Module, new.train(layer.training))
 
     def quantized_weight(self) -> Tensor:
-        exported = getattr(self, "_export_weight", None)
-        if exported is not None and self.weight_fake_quant.exporting:
-            return self.weight_fake_quant(exported)
+        if self._export_weight is not None and self.weight_fake_quant.exporting:
+            return self.weight_fake_quant(self._export_weight)
         return self.weight_fake_quant(self.weight)
+
+    def begin_export(self) -> None:
+        """Carry the quantized weight as a constant and emit Q/DQ-able ops until :meth:`end_export`."""
+        with torch.no_grad():
+            self._export_weight = self.weight_fake_quant(self.weight).detach().clone()
+        self.weight_fake_quant.begin_export(self._export_weight.shape[0])
+        if isinstance(self.input_fake_quant, FakeQuantizer):
+            self.input_fake_quant.begin_export()
+
+    def end_export(self) -> None:
+        self._export_weight = None
+        self.weight_fake_quant.end_export()
+        if isinstance(self.input_fake_quant, FakeQuantizer):
+            self.input_fake_quant.end_export()
 
 
 class QATLinear(_QATMixin, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input; same Parameters as the float layer."""
 
-    _float_class = nn.Linear
+    float_class = nn.Linear
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: QuantConfig) -> QATLinear:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+        new = cls(module.in_features, module.out_features, module.bias is not None, device="meta")
+        new._adopt(module, config)
+        return new
+
+    def to_float(self) -> nn.Linear:
+        """The float layer back, with the same Parameters."""
+        float_layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        return cast(nn.Linear, self._share_into(float_layer))
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(self.input_fake_quant(input), self.quantized_weight(), self.bias)
 
 
+def _conv_arguments(module: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    return {
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "bias": module.bias is not None,
+        "padding_mode": module.padding_mode,
+        "device": "meta",
+    }
+
+
 class _QATConvMixin(_QATMixin):
+    @classmethod
+    def from_float(cls, module: nn.modules.conv._ConvNd, config: QuantConfig) -> nn.Module:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+        new = cls(**_conv_arguments(module))
+        new._adopt(module, config)
+        return cast(nn.Module, new)
+
+    def to_float(self) -> nn.Module:
+        """The float layer back, with the same Parameters."""
+        return self._share_into(self.float_class(**_conv_arguments(cast(Any, self))))
+
     def forward(self, input: Tensor) -> Tensor:
         conv = cast(Any, self)
         return conv._conv_forward(self.input_fake_quant(input), self.quantized_weight(), conv.bias)
 
 
 class QATConv1d(_QATConvMixin, nn.Conv1d):
-    _float_class = nn.Conv1d
+    float_class = nn.Conv1d
 
 
 class QATConv2d(_QATConvMixin, nn.Conv2d):
-    _float_class = nn.Conv2d
+    float_class = nn.Conv2d
 
 
 class QATConv3d(_QATConvMixin, nn.Conv3d):
-    _float_class = nn.Conv3d
+    float_class = nn.Conv3d
 
 
-_QAT_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+_QAT_CLASS: dict[type[nn.Module], Any] = {
     nn.Linear: QATLinear,
     nn.Conv1d: QATConv1d,
     nn.Conv2d: QATConv2d,
     nn.Conv3d: QATConv3d,
 }
-
-
-def _swap_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A shallow copy of ``module`` of class ``cls`` that shares its Parameters and buffers."""
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    new.__class__ = cls
-    return new
 
 
 def qat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -426,24 +221,7 @@ def convert_to_qat(
         names.append(target.name)
         if isinstance(module, _QATMixin):
             continue
-        new = _swap_class(module, _QAT_CLASS[type(module)])
-        weight = target.param
-        new.weight_fake_quant = FakeQuantizer(
-            "weight",
-            config.weight_bits,
-            config.scale,
-            channels=weight.shape[0],
-            averaging_constant=config.averaging_constant,
-        ).to(weight.device)
-        new.input_fake_quant = (
-            nn.Identity()
-            if config.activation_bits is None
-            else FakeQuantizer(
-                "activation", config.activation_bits, config.scale, averaging_constant=config.averaging_constant
-            ).to(weight.device)
-        )
-        new.weight_fake_quant.train(module.training)  # a model in eval mode must not start observing
-        new.input_fake_quant.train(module.training)
+        new = _QAT_CLASS[type(module)].from_float(module, config)
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one
@@ -457,16 +235,10 @@ def _keep_unfused(module: nn.Module, args: Any) -> None:
 
 
 def convert_to_float(model: nn.Module) -> list[str]:
-    """Swap every fake-quant layer back to its float class (same Parameters). Returns their names."""
+    """Replace every fake-quant layer by its float layer (same Parameters). Returns their names."""
     names = []
     for name, module in qat_modules(model):
-        new = _swap_class(module, cast(Any, module)._float_class)
-        new._modules.pop("weight_fake_quant", None)
-        new._modules.pop("input_fake_quant", None)
-        new._forward_pre_hooks = type(module._forward_pre_hooks)(
-            (k, h) for k, h in module._forward_pre_hooks.items() if h is not _keep_unfused
-        )
-        _replace(model, name, new)
+        _replace(model, name, cast(Any, module).to_float())
         names.append(name)
     return names
 
@@ -506,7 +278,7 @@ def search_power_of_two_shifts(
     if aq is not None:
         lo = min(float(x.min()) for x in inputs)
         hi = max(float(x.max()) for x in inputs)
-        aq._set_flag(aq._SIGNED, lo < 0)
+        aq.set_signed(lo < 0)
         _, a_qmax = aq.qrange
         a0 = int(power_of_two_scale(torch.tensor(max(abs(lo), abs(hi))), a_qmax)[0])
     best: tuple[float, int, int | None] | None = None
@@ -545,27 +317,12 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         model.eval()
         model.requires_grad_(False)
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.weight_fake_quant(layer.weight).detach().clone()
-                layer._export_weight = weight
-                quantizer = layer.weight_fake_quant
-                scale = quantizer.scale.detach().float().expand(weight.shape[0]).contiguous()
-                # persistent: exporters lift state_dict entries to initializers; anything else is a constant
-                quantizer.register_buffer("_export_scale", scale)
-                quantizer.register_buffer(
-                    "_export_zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
-                )
-        for _, quantizer in quantizers(model):
-            quantizer.exporting = True
+        for layer in layers:
+            layer.begin_export()
         yield model
     finally:
-        for _, quantizer in quantizers(model):
-            quantizer.exporting = False
-            quantizer._buffers.pop("_export_scale", None)
-            quantizer._buffers.pop("_export_zero_point", None)
         for layer in layers:
-            layer.__dict__.pop("_export_weight", None)
+            layer.end_export()
         for module, mode in training:
             module.training = mode
         for param, flag in grads:
@@ -575,3 +332,58 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
     """All :class:`FakeQuantizer` modules with their qualified names."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantizer)]
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
+    """Observe ranges on ``batches`` (each passed to ``model`` as ``model(*batch)`` for a tuple,
+    ``model(**batch)`` for a dict, ``model(batch)`` otherwise) without fake quantization or gradients.
+
+    Restores the training mode and quantizer flags after; the observed ranges stay. Returns the
+    number of batches seen. The Lightning-free path: ``convert_to_qat`` -> ``calibrate`` ->
+    :func:`enable_fake_quant`.
+    """
+    found = quantizers(model)
+    if not found:
+        raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")
+    flags = [(q, q.observer_enabled, q.fake_quant_enabled) for _, q in found]
+    training = [(m, m.training) for m in model.modules()]
+    count = 0
+    try:
+        model.train()  # observers update in training mode
+        for q, _, _ in flags:
+            q.observer_enabled = True
+            q.fake_quant_enabled = False
+        with torch.no_grad():
+            for batch in batches:
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                count += 1
+    finally:
+        for q, observing, enabled in flags:
+            q.observer_enabled = observing
+            q.fake_quant_enabled = enabled
+        for module, mode in training:
+            module.training = mode
+    if count == 0:
+        raise ValueError("`batches` was empty: calibration needs at least one batch.")
+    return count
+
+
+def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool | None = None) -> int:
+    """Switch fake quantization on (or off) in every quantizer of ``model``; returns how many.
+
+    ``observe``: also switch the observers (``None``: leave them). Learned (LSQ) scales start
+    training when quantization is on. Export a model with fake quantization on to get int8.
+    """
+    found = quantizers(model)
+    if not found:
+        raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")
+    for _, q in found:
+        q.fake_quant_enabled = enabled
+        if observe is not None:
+            q.observer_enabled = observe
+    return len(found)

@@ -1,20 +1,66 @@
-"""The mask rule of a granularity, and the weights it applies to (shared by the callback and ``prune_``)."""
+"""Mask rules: how a granularity turns importance scores into masks.
+
+A rule is built once with everything that does not change during a run (its weights, the
+importance, the scope and the ``min_density`` floor); at each event it is only asked for a
+sparsity: ``rule.compute(sparsity, current_masks)``. :func:`rule_for` builds the rule of a
+granularity; the callback, :class:`~.iterative.IterativePruner` and ``prune_`` all use it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from .channels import ChannelRule
 from .compact import removable_groups
 from .importance import Importance
+from .masks import compute_masks
 from .nm import NMRule, eligible
-from .pruner import MaskRule
 from .selection import Target
 from .structure import build_channel_groups
 
-__all__ = ["rule_for"]
+__all__ = ["ElementRule", "MaskRule", "rule_for"]
+
+
+class MaskRule(Protocol):
+    """The pattern of a granularity, configured once."""
+
+    targets: list[Target]
+    importance: Importance
+    scope: str
+    min_density: float
+    exchanges_weights: ClassVar[bool]  # single weights may be swapped (regrowth)
+
+    def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Bool masks (True = kept) of every target for ``sparsity`` of the rule's units."""
+        ...
+
+    def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
+        """(pruned, total) in the rule's unit: weights, or channels."""
+        ...
+
+
+class ElementRule:
+    """Unstructured: any weight may go (exact global or per-layer top-k, see :mod:`.masks`)."""
+
+    exchanges_weights: ClassVar[bool] = True
+
+    def __init__(self, targets: Sequence[Target], importance: Importance, scope: str, min_density: float) -> None:
+        self.targets = list(targets)
+        self.importance = importance
+        self.scope = scope
+        self.min_density = min_density
+
+    def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
+        return compute_masks(
+            self.targets, self.importance, sparsity, self.scope, self.min_density, current, apply=False
+        )
+
+    def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
+        pruned = sum(int(m.numel() - m.count_nonzero()) for m in masks.values())
+        return pruned, sum(t.numel for t in self.targets)
 
 
 def rule_for(
@@ -23,15 +69,19 @@ def rule_for(
     granularity: str,
     nm: tuple[int, int] | None,
     importance: Importance,
+    scope: str,
+    min_density: float,
     example_inputs: Any = None,
-) -> tuple[list[Target], MaskRule | None, dict[str, str]]:
-    """Return the targets to mask, the rule (``None``: element-wise) and what is left alone, and why.
+) -> tuple[MaskRule, dict[str, str]]:
+    """Return the rule of ``granularity`` over the selected ``targets``, and what it leaves alone, and why.
 
     Args:
         model: the model the selected ``targets`` belong to.
         targets: the selected weights (:func:`~.selection.select_targets`).
         granularity: ``"element"``, ``"channel"`` or ``"N:M"`` (validated, with ``nm`` its ``(N, M)``).
-        importance: checked against the channel groups (``bn_scale`` needs a BatchNorm in each).
+        importance: the criterion (checked against the channel groups it must score).
+        scope: ``"global"`` or ``"layer"``.
+        min_density: the per-layer floor with global scope.
         example_inputs: for ``"channel"``: what the model's ``forward`` takes.
 
     Raises:
@@ -46,9 +96,9 @@ def rule_for(
                 f"none of the selected layers {[t.name for t in targets]} has one."
             )
         left = {t.name: f"its input size is not a multiple of {m}" for t in targets if not eligible(t.param, m)}
-        return kept, NMRule(*nm), left
+        return NMRule(kept, importance, nm[0], nm[1], scope), left
     if granularity != "channel":
-        return targets, None, {}
+        return ElementRule(targets, importance, scope, min_density), {}
     groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
     groups, rejected = removable_groups(model, example_inputs, groups)
     left.update(rejected)
@@ -57,6 +107,4 @@ def rule_for(
             "`granularity`='channel' found no channel group it can prune: "
             + "; ".join(f"{name}: {why}" for name, why in left.items())
         )
-    rule = ChannelRule(model, groups)
-    rule.check(importance)
-    return rule.targets, rule, left
+    return ChannelRule(model, groups, importance, scope, min_density), left

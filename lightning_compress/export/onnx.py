@@ -131,18 +131,8 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
     import numpy as np
 
     graph = proto.graph
-    constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:  # topological order: an Identity follows what it forwards
-        if node.op_type == "Constant" and node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
-        elif node.op_type == "Identity" and node.input[0] in constants:  # de-duplicated initializers
-            constants[node.output[0]] = constants[node.input[0]]
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = _GraphIndex(graph, numpy_helper)
+    constants, consumers = index.constants, index.consumers
     reports: list[LayerReport] = []
     remove: list[Any] = []
     for node in list(graph.node):
@@ -159,7 +149,7 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
         codes = np.rint(weight * inv) + zero_point.astype(np.float32).reshape(shape)
         info = np.iinfo(zero_point.dtype)
         codes = np.clip(codes, info.min, info.max).astype(zero_point.dtype)
-        name = node.input[0] + "_quantized"
+        name = index.fresh(node.input[0] + "_quantized")  # identical constants share one input name
         graph.initializer.append(numpy_helper.from_array(codes, name))
         for dq in consumers.get(node.output[0], []):
             dq.input[0] = name
@@ -177,30 +167,55 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
         )
     for node in remove:
         graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        graph.node.remove(node)  # the float weights the int8 initializers replaced
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    index.drop_unused("Constant")  # the float weights the int8 initializers replaced
     return reports
 
 
-def _graph_index(graph: Any, numpy_helper: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[Any]]]:
-    constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
-        elif node.op_type == "Identity" and node.input[0] in constants:
-            constants[node.output[0]] = constants[node.input[0]]
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return constants, producer, consumers
+class _GraphIndex:
+    """One index of an ONNX graph for every rewrite pass: constant values, producers, consumers.
+
+    Constants are initializers, ``Constant`` nodes and ``Identity`` nodes forwarding a constant
+    (the exporter de-duplicates initializers that way). Built at the start of a pass; a pass that
+    rewires nodes ends with :meth:`drop_unused`.
+    """
+
+    def __init__(self, graph: Any, numpy_helper: Any) -> None:
+        self.graph = graph
+        self.constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        for node in graph.node:  # topological order: an Identity follows what it forwards
+            if node.op_type == "Constant" and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
+            elif node.op_type == "Identity" and node.input[0] in self.constants:
+                self.constants[node.output[0]] = self.constants[node.input[0]]
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+        self.names = {init.name for init in graph.initializer} | set(self.producer)
+
+    def fresh(self, name: str) -> str:
+        """``name``, or ``name_1``, ``name_2``... if taken: new initializers never collide."""
+        candidate, i = name, 0
+        while candidate in self.names:
+            i += 1
+            candidate = f"{name}_{i}"
+        self.names.add(candidate)
+        return candidate
+
+    def drop_unused(self, *op_types: str) -> None:
+        """Remove nodes of ``op_types`` whose output nothing reads, then unread initializers."""
+        graph = self.graph
+        used = {name for node in graph.node for name in node.input} | self.outputs
+        for node in [n for n in graph.node if n.op_type in op_types and n.output[0] not in used]:
+            graph.node.remove(node)
+        used = {name for node in graph.node for name in node.input} | self.outputs
+        keep = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
 
 
 def _fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
@@ -213,8 +228,8 @@ def _fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
     import numpy as np
 
     graph = proto.graph
-    constants, producer, consumers = _graph_index(graph, numpy_helper)
-    outputs = {o.name for o in graph.output}
+    index = _GraphIndex(graph, numpy_helper)
+    constants, producer, consumers, outputs = index.constants, index.producer, index.consumers, index.outputs
     for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
         conv = producer.get(bn.input[0])
         if conv is None or conv.op_type != "Conv" or conv.output[0] in outputs:
@@ -233,7 +248,7 @@ def _fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
         if scale.size != k.size:
             continue  # per-tensor weight scale: folding would need new codes
         bias = constants[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
-        names = (f"{dq.input[1]}_bnfold", f"{bn.output[0]}_bias")
+        names = (index.fresh(f"{dq.input[1]}_bnfold"), index.fresh(f"{bn.output[0]}_bias"))
         graph.initializer.extend(
             [
                 numpy_helper.from_array((scale * k).astype(np.float32), names[0]),
@@ -263,7 +278,8 @@ def _quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
     from onnx import helper
 
     graph = proto.graph
-    constants, producer, consumers = _graph_index(graph, numpy_helper)
+    index = _GraphIndex(graph, numpy_helper)
+    constants, producer, consumers = index.constants, index.producer, index.consumers
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         if not all(name in constants for name in q.input[1:]):
             continue
@@ -277,7 +293,7 @@ def _quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
             head = node.input[0]
         if first is None or len(consumers.get(head, [])) != 1:
             continue
-        name = f"{head}_requantized"
+        name = index.fresh(f"{head}_requantized")
         params = [f"{name}_scale", f"{name}_zero_point"][: len(q.input) - 1]
         graph.initializer.extend(
             numpy_helper.from_array(constants[src], dst) for src, dst in zip(q.input[1:], params, strict=True)
@@ -285,9 +301,9 @@ def _quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
         new_q = helper.make_node("QuantizeLinear", [head, *params], [name + "_q"])
         new_dq = helper.make_node("DequantizeLinear", [name + "_q", *params], [name])
         first.input[0] = name
-        index = list(graph.node).index(first)
-        graph.node.insert(index, new_dq)
-        graph.node.insert(index, new_q)
+        position = list(graph.node).index(first)
+        graph.node.insert(position, new_dq)
+        graph.node.insert(position, new_q)
 
 
 def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
@@ -302,17 +318,8 @@ def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
     from onnx import TensorProto, helper
 
     graph = proto.graph
-    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = _GraphIndex(graph, numpy_helper)
+    constants, producer, consumers = index.constants, index.producer, index.consumers
 
     def requantized(name: str) -> bool:
         for user in consumers.get(name, []):
@@ -341,7 +348,7 @@ def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
             continue
         base = gemm.output[0]
         keys = ("wt", "wzp", "a_scale", "w_scale", "scale", "int", "float", "scaled")
-        names = {k: f"{base}_{k}" for k in keys}
+        names = {k: index.fresh(f"{base}_{k}") for k in keys}
         graph.initializer.extend(
             [
                 numpy_helper.from_array(np.ascontiguousarray(weight.T), names["wt"]),
@@ -361,17 +368,11 @@ def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
         ]
         if has_bias:
             new_nodes.append(helper.make_node("Add", [names["scaled"], gemm.input[2]], [base]))
-        index = list(graph.node).index(gemm)
+        position = list(graph.node).index(gemm)
         graph.node.remove(gemm)
         for offset, new in enumerate(new_nodes):
-            graph.node.insert(index + offset, new)
-    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    for node in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] not in used]:
-        graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+            graph.node.insert(position + offset, new)
+    index.drop_unused("DequantizeLinear")
 
 
 def _layer_name(onnx_name: str) -> str:

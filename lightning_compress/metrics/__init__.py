@@ -1,6 +1,6 @@
 """torchmetrics metrics of compression."""
 
 from .quant_error import QuantizationError
-from .sparsity import Sparsity
+from .sparsity import Sparsity, zero_fraction
 
-__all__ = ["QuantizationError", "Sparsity"]
+__all__ = ["QuantizationError", "Sparsity", "zero_fraction"]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["Sparsity"]
+__all__ = ["Sparsity", "zero_fraction"]
 
 
 class Sparsity(Metric):
@@ -41,13 +41,34 @@ class Sparsity(Metric):
 
     def update(self, tensor: Tensor) -> None:
         """Add the zeros and the size of ``tensor``."""
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"`tensor` must be a torch.Tensor, got {type(tensor).__name__}.")
-        self.zeros += (tensor.detach() == 0).sum().to(self.zeros.device)
-        self.total += tensor.numel()
+        zeros, size = _zero_count(tensor)
+        self.zeros += zeros
+        self.total += size
 
     def compute(self) -> Tensor:
         """Zero fraction; 0 when nothing was seen."""
         if self.total == 0:
             return torch.tensor(0.0, device=self.zeros.device)
         return self.zeros.float() / self.total.float()
+
+
+def zero_fraction(*tensors: Tensor) -> Tensor:
+    """Functional twin of :class:`Sparsity`: the fraction of exactly-zero entries over ``tensors`` (0 for none).
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.metrics import zero_fraction
+        >>> zero_fraction(torch.tensor([0.0, 1.0, 0.0, 2.0]), torch.tensor([0.0, 3.0]))
+        tensor(0.5000)
+    """
+    zeros, total = 0, 0
+    for tensor in tensors:
+        count, size = _zero_count(tensor)
+        zeros, total = zeros + count, total + size
+    return torch.tensor(zeros / total if total else 0.0)
+
+
+def _zero_count(tensor: Tensor) -> tuple[int, int]:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"`tensor` must be a torch.Tensor, got {type(tensor).__name__}.")
+    return int((tensor.detach() == 0).sum()), tensor.numel()

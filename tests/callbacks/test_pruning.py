@@ -184,7 +184,7 @@ def test_default_floor_is_a_tenth_of_the_target_density(target, floor, kept):
     with torch.no_grad():
         model.net[4].weight.mul_(1e-4)  # one global threshold would take the 1024-weight head entirely
     pruning = IterativePruning(target, schedule="one_shot", start_epoch=0, end_epoch=1)
-    assert pruning.min_density == pytest.approx(0.1 * (1 - target))
+    assert pruning.config.min_density == pytest.approx(0.1 * (1 - target))
     with pytest.warns(UserWarning, match=rf"'net.4'\] are held at the `min_density`={floor} floor"):
         trainer(max_epochs=1, callbacks=[pruning]).fit(model)
     assert int(pruning.masks["net.4.weight"].sum()) == kept  # alive, and at 98% not holding a 1% share
@@ -262,7 +262,7 @@ def test_rewinding_restores_survivors_and_copies_storage():
     trainer(max_epochs=2, callbacks=[pruning, AfterEvent()]).fit(model)
     for name, mask in pruning.masks.items():
         assert torch.equal(captured[name], initial[name] * mask)
-    saved = pruning.pruner._rewind
+    saved = pruning.pruner.rewind_point
     assert saved is not None
     assert all(saved[n].data_ptr() != model.get_parameter(n).data_ptr() for n in saved)
 
@@ -470,3 +470,27 @@ def test_default_cadence_is_about_a_hundred_events_in_steps(args, events):
     trainer(max_epochs=7, callbacks=[pruning, counter]).fit(model)
     assert events[0] <= counter.changes <= events[1]
     assert pruning.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("case", "kwargs"),
+    [
+        ("steps", {"target_sparsity": 0.9, "importance": "taylor", "start_epoch": 1, "end_epoch": 5, "regrow": 0.1}),
+        ("guard", {"target_sparsity": 0.8, "start_epoch": 0, "end_epoch": 4, "monitor": "val_acc", "max_drop": 0.05}),
+    ],
+)
+def test_checkpoints_of_the_callback_before_iterative_pruner_resume_to_the_same_masks(case, kwargs, tmp_path):
+    """Checkpoints written by the callback's state format 1 (tests/callbacks/data/make_v1.py, run on the code
+    before `IterativePruner`) resume mid-schedule and end with the masks that run ended with."""
+    import pathlib
+
+    data = pathlib.Path(__file__).parent / "data"
+    expected = torch.load(data / f"pruning_v1_{case}_final.pt", weights_only=True)
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    pruning = IterativePruning(**kwargs)
+    trainer(max_epochs=6, callbacks=[pruning]).fit(model, ckpt_path=data / f"pruning_v1_{case}.ckpt")
+    assert pruning.masks.keys() == expected["masks"].keys()
+    for key, mask in expected["masks"].items():
+        assert torch.equal(pruning.masks[key], mask), key
+    assert pruning.pruner.state_dict()["version"] == 2

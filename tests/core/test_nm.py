@@ -23,7 +23,7 @@ def _model() -> nn.Module:
 def test_ramp_ends_in_an_exact_pattern(n, m, scope, importance):
     model = _model()
     targets = select_targets(model)
-    pruner = Pruner(targets, importance, scope, 0.0, NMRule(n, m))
+    pruner = Pruner(NMRule(targets, importance, n, m, scope))
     final = 1 - n / m
     previous = None
     for sparsity in (final / 3, 2 * final / 3, final):
@@ -52,7 +52,7 @@ def test_magnitude_keeps_the_largest_of_each_block():
     layer = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[0.1, -3.0, 2.0, 0.5]]))
-    pruner = Pruner(select_targets(nn.Sequential(layer)), MagnitudeImportance(), "layer", 0.0, NMRule(2, 4))
+    pruner = Pruner(NMRule(select_targets(nn.Sequential(layer)), MagnitudeImportance(), 2, 4, "layer"))
     pruner.prune_to(0.5)
     assert layer.weight.tolist() == [[0.0, -3.0, 2.0, 0.0]]
 

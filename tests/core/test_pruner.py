@@ -9,6 +9,7 @@ from torch import nn
 from lightning_compress.core.importance import MagnitudeImportance
 from lightning_compress.core.nm import NMRule
 from lightning_compress.core.pruner import Pruner
+from lightning_compress.core.rules import ElementRule
 from lightning_compress.core.selection import select_targets
 
 
@@ -27,7 +28,7 @@ def _grads(model: nn.Sequential, first: list[float], second: list[float]) -> Non
 
 def test_regrowth_swaps_the_weakest_kept_for_the_pruned_with_the_largest_gradients():
     model = _model()
-    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0), regrow=0.2)
     pruner.prune_to(0.5)  # first event: nothing to regrow yet; the 10 smallest go (all of layer 0)
     assert pruner.bool_masks()["0.weight"].sum() == 0
     _grads(model, [0, 0, 0, 9, 0, 0, 0, 0, 0, 0], [0.0] * 10)  # pruned weight 0.weight[3] wants to come back
@@ -42,7 +43,7 @@ def test_regrowth_swaps_the_weakest_kept_for_the_pruned_with_the_largest_gradien
 
 def test_regrowth_respects_min_density_floors():
     model = _model()
-    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.3, regrow=0.5)
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.3), regrow=0.5)
     pruner.prune_to(0.3)
     _grads(model, [5.0] * 10, [0.0] * 10)
     pruner.observe_gradients()
@@ -53,7 +54,7 @@ def test_regrowth_respects_min_density_floors():
 
 def test_undo_zeroes_regrown_weights_that_trained_since():
     model = _model()
-    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0), regrow=0.2)
     pruner.prune_to(0.5)
     _grads(model, [0, 0, 0, 9, 0, 0, 0, 0, 0, 0], [0.0] * 10)
     pruner.observe_gradients()
@@ -67,19 +68,19 @@ def test_undo_zeroes_regrown_weights_that_trained_since():
 
 def test_gradient_sums_survive_a_checkpoint():
     model = _model()
-    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0), regrow=0.2)
     pruner.prune_to(0.5)
     _grads(model, [1.0] * 10, [2.0] * 10)
     pruner.observe_gradients()
     state = pruner.state_dict()
-    fresh = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0, regrow=0.2)
+    fresh = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0), regrow=0.2)
     fresh.load_state_dict(state)
     assert torch.equal(fresh._grads["1.weight"], pruner._grads["1.weight"])
 
 
 def test_no_gradient_tracking_without_regrowth():
     model = _model()
-    pruner = Pruner(select_targets(model), MagnitudeImportance(), "global", 0.0)
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0))
     pruner.prune_to(0.5)
     _grads(model, [1.0] * 10, [2.0] * 10)
     pruner.observe_gradients()
@@ -91,9 +92,13 @@ def test_no_gradient_tracking_without_regrowth():
     [
         (None, -0.1, r"`regrow` must be in \[0, 1\)"),
         (None, 1.0, r"`regrow` must be in \[0, 1\)"),
-        (NMRule(2, 4), 0.1, "`regrow`=0.1 exchanges single weights: it needs the element rule, not NMRule"),
+        ("nm", 0.1, "`regrow`=0.1 exchanges single weights: it needs the element rule, not NMRule"),
     ],
 )
-def test_pruner_refuses_bad_regrow(rule: NMRule | None, regrow: float, match: str):
+def test_pruner_refuses_bad_regrow(rule: str | None, regrow: float, match: str):
+    targets = select_targets(_model())
+    mask_rule = ElementRule(targets, MagnitudeImportance(), "global", 0.0)
+    if rule == "nm":
+        mask_rule = NMRule(targets, MagnitudeImportance(), 2, 4)
     with pytest.raises(ValueError, match=match):
-        Pruner(select_targets(_model()), MagnitudeImportance(), "global", 0.0, rule, regrow=regrow)
+        Pruner(mask_rule, regrow=regrow)

@@ -7,8 +7,10 @@ from lightning_compress.core.qat import (
     QATConv2d,
     QATLinear,
     QuantConfig,
+    calibrate,
     convert_to_float,
     convert_to_qat,
+    enable_fake_quant,
     qat_modules,
     quantizers,
     search_power_of_two_shifts,
@@ -94,17 +96,25 @@ def test_activation_observer_ema_and_qparams():
     assert q.max_val.item() == pytest.approx(3.0)
 
 
-def test_learned_scale_becomes_a_parameter_and_trains():
+def test_learned_scales_are_parameters_before_any_optimizer_and_train_once_enabled():
     model = net()
     convert_to_qat(model, QuantConfig(4, 8, "learned"))
-    enable(model)
-    model.train()
-    model(torch.rand(4, 1, 8, 8))
-    scales = [q.make_learnable() for _, q in quantizers(model)]
-    assert all(isinstance(s, nn.Parameter) for s in scales)
+    scales = [q.scale for _, q in quantizers(model)]
+    assert all(isinstance(s, nn.Parameter) and not s.requires_grad for s in scales)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built after conversion: it holds them
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(s) in held for s in scales)
     assert "3.weight_fake_quant.scale" in dict(model.named_parameters())
+    calibrate(model, [torch.rand(4, 1, 8, 8)])
+    observed = [s.detach().clone() for s in scales]
+    assert any(not torch.equal(o, torch.ones_like(o)) for o in observed)  # calibration set them
+    enable_fake_quant(model)
+    assert all(s.requires_grad for s in scales)
+    model.train()
     model(torch.rand(4, 1, 8, 8)).pow(2).sum().backward()
     assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in scales)
+    optimizer.step()
+    assert any(not torch.equal(s.detach(), o) for s, o in zip(scales, observed, strict=True))
 
 
 def test_shift_search_picks_the_best_candidate():

@@ -111,8 +111,7 @@ def test_masked_and_compacted_models_agree(make, shape, scope):
     x = torch.randn(*shape)
     groups, skipped = build_channel_groups(model, x)
     assert groups and skipped  # the head's outputs are never a prunable group
-    rule = ChannelRule(model, groups)
-    pruner = Pruner(rule.targets, MagnitudeImportance(), scope, 0.1, rule)
+    pruner = Pruner(ChannelRule(model, groups, MagnitudeImportance(), scope, 0.1))
     assert pruner.prune_to(0.5)
     pruned, total = pruner.units()
     assert abs(pruned - 0.5 * total) <= (1 if scope == "global" else len(groups))
@@ -171,9 +170,8 @@ def test_every_importance_prunes_channels_monotonically(importance):
     model = DigitsResNet(16, blocks=2)
     x = torch.randn(8, 1, 8, 8)
     groups, _ = build_channel_groups(model, x)
-    rule = ChannelRule(model, groups)
-    rule.check(importance)
-    pruner = Pruner(rule.targets, importance, "global", 0.1, rule)
+    rule = ChannelRule(model, groups, importance, "global", 0.1)
+    pruner = Pruner(rule)
     previous = None
     for sparsity in (0.25, 0.5, 0.75):
         model.zero_grad()
@@ -192,7 +190,7 @@ def test_bn_scale_needs_a_batchnorm_in_every_group():
     model = DigitsCNN(8)
     groups, _ = build_channel_groups(model, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="needs a BatchNorm in every pruned channel group"):
-        ChannelRule(model, groups).check(BatchNormScaleImportance())
+        ChannelRule(model, groups, BatchNormScaleImportance())
 
 
 def test_non_finite_scores_raise():
@@ -202,7 +200,7 @@ def test_non_finite_scores_raise():
     with torch.no_grad():
         model.net[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        Pruner(rule.targets, MagnitudeImportance(), "layer", 0.0, rule).prune_to(0.5)
+        Pruner(rule).prune_to(0.5)
 
 
 def test_compact_refuses_when_outputs_would_change_and_leaves_the_model_alone():
@@ -279,8 +277,8 @@ def test_random_architectures_compact_to_the_same_outputs(convs, linears, sparsi
         with pytest.raises(ValueError, match="no prunable channel group"):
             ChannelRule(model, groups)
         return
-    rule = ChannelRule(model, groups)
-    pruner = Pruner(rule.targets, RandomImportance(seed), scope, 0.0, rule)
+    rule = ChannelRule(model, groups, RandomImportance(seed), scope)
+    pruner = Pruner(rule)
     pruner.prune_to(sparsity)
     model.eval()
     masked = model(x)
@@ -311,8 +309,8 @@ def test_undo_restores_channels_and_their_weights():
     model = DigitsResNet(8, blocks=1)
     _randomize_norms(model)
     x = torch.randn(2, 1, 8, 8)
-    rule = ChannelRule(model, build_channel_groups(model, x)[0])
-    pruner = Pruner(rule.targets, MagnitudeImportance(), "layer", 0.0, rule)
+    rule = ChannelRule(model, build_channel_groups(model, x)[0], MagnitudeImportance(), "layer")
+    pruner = Pruner(rule)
     pruner.prune_to(0.25)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert pruner.prune_to(0.5, keep_undo=True)

@@ -40,9 +40,6 @@ def compressed_net(sparsity: float = 0.9, config: QuantConfig | None = DEFAULT, 
         with torch.no_grad():
             for _ in range(4):
                 net(torch.rand(16, 1, 8, 8))
-        if config.scale == "learned":
-            for _, q in quantizers(net):
-                q.make_learnable()
         for _, q in quantizers(net):
             q.fake_quant_enabled = True
     return net.eval()

@@ -98,3 +98,43 @@ def test_missing_onnx_says_what_to_install(tmp_path, monkeypatch):
 def test_bad_example_inputs(tmp_path):
     with pytest.raises(TypeError, match="`example_inputs` must be a Tensor"):
         export_onnx(compressed_net(), tmp_path / "m.onnx", 3)
+
+
+def test_identical_weights_enabled_before_calibration_export(tmp_path):
+    """Regression: quantizers switched on before any observation gave two layers the same constant, the
+    exporter shared it, and `export_onnx` wrote two initializers of one name (`... is not unique`)."""
+    from lightning_compress.core.qat import enable_fake_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight.copy_(model[0].weight)
+    convert_to_qat(model, QuantConfig(8, 8))
+    enable_fake_quant(model)  # no calibration at all: every scale is 1
+    x = torch.randn(4, 8)
+    export_onnx(model, tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    assert np.allclose(run(tmp_path / "m.onnx", {"input_0": x.numpy()}), want, atol=1e-4)
+
+
+def test_lightning_free_qat_convert_calibrate_enable_export(tmp_path):
+    from lightning_compress.core.qat import calibrate, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    convert_to_qat(model, QuantConfig(8, 8))
+    batches = [torch.rand(8, 1, 8, 8) for _ in range(4)]
+    assert calibrate(model, batches) == 4
+    assert all(not q.fake_quant_enabled for _, q in quantizers(model))  # calibration leaves them as they were
+    assert enable_fake_quant(model) == 4
+    x = torch.rand(5, 1, 8, 8)
+    export_onnx(model, tmp_path / "m.onnx", x)
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    step = max(float(q.scale.detach().max()) for _, q in quantizers(model) if q.role == "activation")
+    assert np.abs(run(tmp_path / "m.onnx", {"input_0": x.numpy()}) - want).max() <= 4 * step
+    with pytest.raises(ValueError, match="no fake-quant layer"):
+        calibrate(nn.Linear(2, 2), [torch.zeros(1, 2)])
+    with pytest.raises(ValueError, match="`batches` was empty"):
+        calibrate(model, [])

@@ -1,0 +1,72 @@
+"""The collectives compression needs across processes, in one place.
+
+Everything that talks to other processes goes through a :class:`Collectives` object: the
+Lightning callbacks pass one that calls ``trainer.strategy``; outside Lightning,
+:class:`TorchDistributed` uses ``torch.distributed`` when a process group is initialized and is a
+no-op otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["Collectives", "TorchDistributed", "broadcast_masks"]
+
+REDUCE_OPS = ("sum", "mean", "min", "max")
+
+
+class Collectives(Protocol):
+    """All-reduce over the processes of a run (``op`` in ``"sum" | "mean" | "min" | "max"``)."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """The reduced tensor (``tensor`` itself may be reduced in place)."""
+        ...
+
+
+class TorchDistributed:
+    """:class:`Collectives` over the default ``torch.distributed`` process group; a no-op without one."""
+
+    @staticmethod
+    def _active() -> bool:
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    @property
+    def rank(self) -> int:
+        return torch.distributed.get_rank() if self._active() else 0
+
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size() if self._active() else 1
+
+    def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        if op not in REDUCE_OPS:
+            raise ValueError(f"`op`={op!r} is not one of {REDUCE_OPS}.")
+        if not self._active():
+            return tensor
+        dist = torch.distributed
+        reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}.get(
+            op, dist.ReduceOp.MAX
+        )
+        dist.all_reduce(tensor, op=reduce_op)
+        return tensor.div_(dist.get_world_size()) if op == "mean" else tensor
+
+
+def broadcast_masks(masks: dict[str, Tensor], collectives: Collectives) -> dict[str, Tensor]:
+    """Rank 0's bool masks on every process (a sum in which every other rank adds zeros)."""
+    if collectives.world_size == 1:
+        return masks
+    out = {}
+    for name, mask in masks.items():
+        buffer = mask.to(torch.uint8) if collectives.rank == 0 else torch.zeros_like(mask, dtype=torch.uint8)
+        out[name] = collectives.all_reduce(buffer, "sum").bool()
+    return out

@@ -1,0 +1,316 @@
+"""What to quantize (:class:`QuantConfig`) and the module that observes and fake-quantizes one tensor
+(:class:`FakeQuantizer`). Pure torch; the arithmetic is in :mod:`.quant`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .quant import affine_qparams, fake_quantize, int_range, lsq_fake_quantize, power_of_two_scale, symmetric_scale
+
+__all__ = ["SCALE_MODES", "FakeQuantizer", "QuantConfig"]
+
+SCALE_MODES = ("minmax", "power_of_two", "learned")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how. Validates itself.
+
+    Args:
+        weight_bits: 2..8; weights are symmetric, per output channel (per tensor for ``power_of_two``).
+        activation_bits: 2..8, or ``None`` to quantize weights only. Input activations are
+            per tensor, asymmetric (with an integer zero point) for ``minmax`` and ``learned``.
+        scale: ``"minmax"`` (ranges from the weights / EMA min-max observers), ``"power_of_two"``
+            (scale ``2**-p``: fixed point with ``p`` fractional bits) or ``"learned"`` (LSQ).
+        averaging_constant: EMA weight of a new batch in the activation observers.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int | None = 8
+    scale: str = "minmax"
+    averaging_constant: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "activation_bits"):
+            value = getattr(self, name)
+            if value is None and name == "activation_bits":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{name}` must be an int in 2..8, got {value!r}.")
+            if not 2 <= value <= 8:
+                raise ValueError(f"`{name}`={value} is outside the supported range 2..8.")
+        if self.scale not in SCALE_MODES:
+            raise ValueError(f"`scale`={self.scale!r} is not one of {SCALE_MODES}.")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ValueError(f"`averaging_constant`={self.averaging_constant} must be in (0, 1].")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FakeQuantizer(nn.Module):
+    """Observes a tensor and, once enabled, fake-quantizes it.
+
+    Its state is in buffers (saved in ``state_dict``): ``scale``, ``zero_point`` (activations),
+    ``shift`` (power of two), ``min_val``/``max_val`` (activations: the EMA range) and ``state``, the flags
+    :attr:`observer_enabled`, :attr:`fake_quant_enabled`, :attr:`frozen_shift` packed in one int.
+    With ``"learned"``, ``scale`` is a Parameter from the start (so optimizers built after the
+    conversion hold it): the observers set it while calibrating, and it trains (``requires_grad``)
+    from the moment fake quantization is enabled (LSQ).
+
+    Args:
+        role: ``"weight"`` (observed from the tensor itself each training forward) or
+            ``"activation"`` (EMA of batch min/max).
+        bits: integer width.
+        mode: one of :data:`SCALE_MODES`.
+        channels: output channels for per-channel weight scales (0 = per tensor).
+        averaging_constant: EMA weight of a new batch.
+    """
+
+    scale: Tensor
+    zero_point: Tensor
+    shift: Tensor
+    min_val: Tensor
+    max_val: Tensor
+    state: Tensor
+    _export_scale: Tensor
+    _export_zero_point: Tensor
+
+    _OBSERVE, _FAKE_QUANT, _FROZEN_SHIFT, _INITIALIZED, _SIGNED = 1, 2, 4, 8, 16
+
+    def __init__(self, role: str, bits: int, mode: str, channels: int = 0, averaging_constant: float = 0.01) -> None:
+        super().__init__()
+        if role not in ("weight", "activation"):
+            raise ValueError(f"`role`={role!r} is not one of ('weight', 'activation').")
+        self.role = role
+        self.bits = bits
+        self.mode = mode
+        self.averaging_constant = averaging_constant
+        self.per_channel = role == "weight" and mode != "power_of_two" and channels > 0
+        scale = torch.ones((channels,) if self.per_channel else ())
+        if mode == "learned":
+            self.scale = nn.Parameter(scale, requires_grad=False)
+        else:
+            self.register_buffer("scale", scale)
+        # weights are symmetric (zero point 0) and only power-of-two scales have a shift: not saved otherwise
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=role == "activation")
+        self.register_buffer("shift", torch.zeros((), dtype=torch.int32), persistent=mode == "power_of_two")
+        if role == "activation":
+            self.register_buffer("min_val", torch.zeros(()))
+            self.register_buffer("max_val", torch.zeros(()))
+        # weights are signed; activations decide when enabled (signed only if negative values were seen)
+        self._flags = self._SIGNED if role == "weight" else 0
+        self.register_buffer("state", torch.tensor(self._flags, dtype=torch.int32))
+        self.sync_observers = False  # set by the Lightning callback: it updates the EMA itself, across ranks
+        self.exporting = False  # between begin_export/end_export: emit ops that ONNX exporters turn into Q/DQ nodes
+        self._batch_min: Tensor | None = None
+        self._batch_max: Tensor | None = None
+
+    # ------------------------------------------------------------------ flags (one int32 buffer)
+    # The flags are read in every forward: a Python int mirrors the buffer, so reading them never
+    # synchronizes with the device nor makes torch.compile guard on tensor data.
+    def _flag(self, bit: int) -> bool:
+        return bool(self._flags & bit)
+
+    def _set_flag(self, bit: int, on: bool) -> None:
+        self._flags = self._flags | bit if on else self._flags & ~bit
+        self.state.fill_(self._flags)
+
+    @property
+    def observer_enabled(self) -> bool:
+        """Whether training forwards update the range (weights: every forward; activations: EMA)."""
+        return self._flag(self._OBSERVE)
+
+    @observer_enabled.setter
+    def observer_enabled(self, on: bool) -> None:
+        self._set_flag(self._OBSERVE, on)
+
+    @property
+    def fake_quant_enabled(self) -> bool:
+        """Whether the output is quantized (otherwise the input passes through unchanged)."""
+        return self._flag(self._FAKE_QUANT)
+
+    @fake_quant_enabled.setter
+    def fake_quant_enabled(self, on: bool) -> None:
+        self._set_flag(self._FAKE_QUANT, on)
+        if self.mode == "learned":
+            self.scale.requires_grad_(on)  # LSQ: the step size trains while quantization is on
+
+    @property
+    def frozen_shift(self) -> bool:
+        """Whether the power-of-two shift was fixed (by :meth:`set_shift`)."""
+        return self._flag(self._FROZEN_SHIFT)
+
+    @property
+    def initialized(self) -> bool:
+        return self._flag(self._INITIALIZED)
+
+    @property
+    def signed(self) -> bool:
+        return self._flag(self._SIGNED)
+
+    def set_signed(self, on: bool) -> None:
+        """Whether the integer grid of a power-of-two activation has negative values."""
+        self._set_flag(self._SIGNED, on)
+
+    # ------------------------------------------------------------------ integer range
+    @property
+    def axis(self) -> int | None:
+        return 0 if self.per_channel else None
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        if self.role == "weight":
+            return int_range(self.bits, True)
+        if self.mode == "power_of_two":
+            return int_range(self.bits, self.signed)
+        return int_range(self.bits, False)  # asymmetric with a zero point
+
+    @property
+    def is_learned(self) -> bool:
+        """Whether the scale is being trained (``"learned"`` once fake quantization is on), not observed."""
+        return self.mode == "learned" and self.fake_quant_enabled
+
+    # ------------------------------------------------------------------ observing
+    def forward(self, x: Tensor) -> Tensor:
+        if self.exporting:
+            return self._export_forward(x)
+        observed = self.training and self.observer_enabled
+        if observed:
+            self.observe(x)
+        if not self.fake_quant_enabled:
+            return x
+        qmin, qmax = self.qrange
+        if self.is_learned:
+            return lsq_fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis)
+        # a min/max weight scale computed from this very tensor cannot clip it
+        may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
+        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
+
+    def begin_export(self, channels: int = 0) -> None:
+        """Emit ``torch.fake_quantize_*`` ops with constant scales (ONNX Q/DQ) until :meth:`end_export`.
+
+        ``channels``: output channels of the weight this quantizer quantizes (weights only).
+        """
+        if self.role == "weight":
+            scale = self.scale.detach().float().expand(channels).contiguous()
+            # persistent: exporters lift state_dict entries to initializers; anything else is a constant
+            self.register_buffer("_export_scale", scale)
+            self.register_buffer("_export_zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device))
+        self.exporting = True
+
+    def end_export(self) -> None:
+        self.exporting = False
+        for name in ("_export_scale", "_export_zero_point"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def _export_forward(self, x: Tensor) -> Tensor:
+        """Same values as :meth:`forward` in eval mode, with ``torch.fake_quantize_*`` ops (8-bit containers).
+
+        The exporters map these ops to QuantizeLinear/DequantizeLinear; ranges narrower than the
+        8-bit container are enforced by a clamp first, so the values stay those of the narrow grid.
+        """
+        if not self.fake_quant_enabled:
+            return x
+        qmin, qmax = self.qrange
+        if self.role == "weight":  # x is the layer's already-quantized weight: re-quantizing it is exact
+            # per channel, with scales in (temporary) buffers: exporters fold a Q/DQ pair whose inputs are
+            # all constants back into a float weight, and the int8 weights would be lost
+            return torch.fake_quantize_per_channel_affine(x, self._export_scale, self._export_zero_point, 0, -128, 127)
+        cmin, cmax = (-128, 127) if qmin < 0 else (0, 255)
+        scale, zero_point = float(self.scale), int(self.zero_point)
+        if (qmin, qmax) != (cmin, cmax):
+            x = torch.clamp(x, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, cmin, cmax)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        x = x.detach()
+        if self.role == "weight":
+            self._set_weight_qparams(x)
+            return
+        lo, hi = torch.aminmax(x.float())
+        self._batch_min = lo if self._batch_min is None else torch.minimum(self._batch_min, lo)
+        self._batch_max = hi if self._batch_max is None else torch.maximum(self._batch_max, hi)
+        if not self.sync_observers:
+            self.update_from_batch()
+
+    def pending_batch_stats(self) -> tuple[Tensor, Tensor] | None:
+        """Min and max seen since the last EMA update (activations), or ``None``."""
+        if self._batch_min is None or self._batch_max is None:
+            return None
+        return self._batch_min, self._batch_max
+
+    @torch.no_grad()
+    def update_from_batch(self, batch_min: Tensor | None = None, batch_max: Tensor | None = None) -> None:
+        """Fold the pending (or given, e.g. all-reduced) batch range into the EMA and the qparams."""
+        lo = self._batch_min if batch_min is None else batch_min
+        hi = self._batch_max if batch_max is None else batch_max
+        self._batch_min = self._batch_max = None
+        if lo is None or hi is None:
+            return
+        if not self.initialized:
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+            self._set_flag(self._INITIALIZED, True)
+        else:
+            c = self.averaging_constant
+            self.min_val.mul_(1 - c).add_(lo, alpha=c)
+            self.max_val.mul_(1 - c).add_(hi, alpha=c)
+        if not self.is_learned:
+            self._set_activation_qparams()
+
+    def _set_weight_qparams(self, w: Tensor) -> None:
+        _, qmax = int_range(self.bits, True)
+        if self.mode == "power_of_two":
+            if not self.frozen_shift:
+                shift, _ = power_of_two_scale(w.abs().max(), qmax)
+                self.shift.copy_(shift)
+            self.scale.copy_(torch.pow(2.0, -self.shift.float()))
+        elif not self.is_learned:
+            flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+            amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
+            amax = amax if self.per_channel else amax[0]
+            self.scale.copy_(symmetric_scale(amax, qmax))
+        self._set_flag(self._INITIALIZED, True)
+
+    def _set_activation_qparams(self) -> None:
+        if self.mode == "power_of_two":
+            self._set_flag(self._SIGNED, bool(self.min_val < 0))
+            _, qmax = self.qrange
+            if not self.frozen_shift:
+                amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
+                shift, _ = power_of_two_scale(amax, qmax)
+                self.shift.copy_(shift)
+            self.scale.copy_(torch.pow(2.0, -self.shift.float()))
+            self.zero_point.zero_()
+            return
+        qmin, qmax = self.qrange
+        scale, zero_point = affine_qparams(self.min_val, self.max_val, qmin, qmax)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    # ------------------------------------------------------------------ control
+    def set_shift(self, shift: int) -> None:
+        """Fix the power-of-two shift (``p`` fractional bits) and stop the observer from moving it."""
+        self.shift.fill_(shift)
+        self.scale.data.copy_(torch.full_like(self.scale, 2.0**-shift))
+        self._set_flag(self._FROZEN_SHIFT, True)
+
+    def extra_repr(self) -> str:
+        on = "on" if self.fake_quant_enabled else "off"
+        return f"role={self.role}, bits={self.bits}, mode={self.mode}, per_channel={self.per_channel}, fake_quant={on}"
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if not any(key.startswith(prefix) for key in state_dict):
+            return  # a float checkpoint (saved before quantization was added): keep the fresh quantizer state
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._flags = int(self.state)
+        if self.mode == "learned":
+            self.scale.requires_grad_(self.fake_quant_enabled)

@@ -1,0 +1,478 @@
+"""``IterativePruner``: iterative pruning driven by explicit step counters, with no training framework.
+
+It owns what a run needs: the selected weights and their mask rule, the importance, the
+schedule, the accuracy guard, regrowth and rewinding. The caller only counts:
+
+* :meth:`IterativePruner.before_optimizer_step` (optional, between ``backward`` and
+  ``optimizer.step``): gradient statistics, and pruned weights' gradients zeroed;
+* :meth:`IterativePruner.step` after every optimizer step: pruned weights re-zeroed if the
+  gradients were not masked, the clock advanced, and an event run when one is due;
+* :meth:`IterativePruner.observe` after every evaluation, when the guard is on (``max_drop``);
+* :meth:`IterativePruner.finish` at the end: an event no evaluation judged is rolled back.
+
+Time ``t`` counts steps done. Events happen at ``start_step < t <= total_steps`` every
+``every_n_steps`` and at ``total_steps``, where the target is reached. With the guard, an event
+must be judged by an :meth:`observe` before the next one runs; a rolled-back event halves the
+step, and the pruner keeps trying at the same cadence after ``total_steps`` until the target is
+reached or no step fits. The ``IterativePruning`` callback drives this object in epochs or in
+optimizer steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checks import check_int
+from .collectives import Collectives, TorchDistributed, broadcast_masks
+from .config import PruningConfig
+from .controller import AccuracyGuard, GuardDecision
+from .importance import Importance
+from .masks import floor_count
+from .pruner import Pruner
+from .rules import MaskRule, rule_for
+from .schedule import PruningSchedule, step_interval
+from .selection import Target, select_targets
+
+__all__ = ["DEFAULT_EVENTS", "IterativePruner"]
+
+STATE_VERSION = 2
+DEFAULT_EVENTS = 100
+"""With ``every_n_steps=None``: about this many events over the schedule (chosen on a model zoo,
+see BENCHMARKS.md "Defaults on a model zoo")."""
+
+_TOLERANCE = 1e-9  # sparsities closer than this to the target count as the target
+
+
+class IterativePruner:
+    r"""Prune ``model`` step by step to ``target_sparsity`` while it trains, in a plain PyTorch loop.
+
+    Args:
+        model: the model; its selected weights are pruned in place.
+        target_sparsity: fraction in [0, 1) of the selected weights (channels with
+            ``granularity="channel"``) that are zero at ``total_steps``.
+        total_steps: the step at which the schedule reaches the target.
+        start_step: steps before the first event (the first one happens after ``start_step + every``).
+        every_n_steps: steps between events. ``None``: about :data:`DEFAULT_EVENTS` events over
+            ``total_steps - start_step``.
+        rewind_step: lottery-ticket rewinding: survivors go back to their values at this step after
+            every event (``<= start_step``). ``None``: off.
+        judged_until: with ``max_drop``: the last step after which :meth:`observe` will be called;
+            no event happens after it, since nothing would judge it. ``None``: no limit.
+        example_inputs: what ``model``'s ``forward`` takes, for ``granularity="channel"`` (it is traced).
+        optimizers: optimizer(s) whose state (momentum, Adam moments) of pruned weights is zeroed at
+            every event; more can be given later with :meth:`attach_optimizers`.
+        collectives: how processes agree (rank 0's masks are used everywhere). ``None``:
+            ``torch.distributed`` when initialized.
+        previous: the pruner of an earlier run on this model: its masks, guard and decisions carry on
+            when they fit the selection and the model still carries them (every masked weight is zero).
+        warn, info: how warnings (default :func:`warnings.warn`) and notes (default the module's logger) are
+            reported.
+        importance, scope, schedule, granularity, include, exclude, min_density, regrow, max_drop,
+        mode, seed: the method, as in :class:`~.config.PruningConfig` (the callback's arguments of
+        the same names; a callable ``schedule`` receives the step).
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress import IterativePruner, sparsity
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> pruner = IterativePruner(model, 0.8, total_steps=20, optimizers=optimizer)
+        >>> for _ in range(20):
+        ...     optimizer.zero_grad()
+        ...     model(torch.randn(4, 8)).sum().backward()
+        ...     optimizer.step()
+        ...     _ = pruner.step()
+        >>> round(sparsity(model), 2)
+        0.8
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_sparsity: float,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        every_n_steps: int | None = None,
+        importance: str | Importance | Any = "magnitude",
+        scope: str = "global",
+        schedule: str | Callable[[int], float] = "cubic",
+        granularity: str = "element",
+        include: Sequence[str] | str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        min_density: float | None = None,
+        regrow: float = 0.0,
+        max_drop: float | None = None,
+        mode: str = "max",
+        seed: int = 0,
+        rewind_step: int | None = None,
+        judged_until: int | None = None,
+        example_inputs: Any = None,
+        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        collectives: Collectives | None = None,
+        previous: IterativePruner | None = None,
+        warn: Callable[[str], None] | None = None,
+        info: Callable[[str], None] | None = None,
+    ) -> None:
+        config = PruningConfig(
+            target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
+            max_drop, mode, seed,
+        )  # fmt: skip
+        self._build(
+            model, config, total_steps, start_step, every_n_steps, rewind_step, judged_until, example_inputs,
+            optimizers, collectives, previous, warn, info,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(
+        cls,
+        model: nn.Module,
+        config: PruningConfig,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        every_n_steps: int | None = None,
+        rewind_step: int | None = None,
+        judged_until: int | None = None,
+        example_inputs: Any = None,
+        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        collectives: Collectives | None = None,
+        previous: IterativePruner | None = None,
+        warn: Callable[[str], None] | None = None,
+        info: Callable[[str], None] | None = None,
+    ) -> IterativePruner:
+        """The same pruner from a validated :class:`~.config.PruningConfig` (what the callback holds)."""
+        self = cls.__new__(cls)
+        self._build(
+            model, config, total_steps, start_step, every_n_steps, rewind_step, judged_until, example_inputs,
+            optimizers, collectives, previous, warn, info,
+        )  # fmt: skip
+        return self
+
+    def _build(
+        self,
+        model: nn.Module,
+        config: PruningConfig,
+        total_steps: int,
+        start_step: int,
+        every_n_steps: int | None,
+        rewind_step: int | None,
+        judged_until: int | None,
+        example_inputs: Any,
+        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None,
+        collectives: Collectives | None,
+        previous: IterativePruner | None,
+        warn: Callable[[str], None] | None,
+        info: Callable[[str], None] | None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if config.granularity == "channel" and example_inputs is None:
+            raise ValueError(
+                "`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict)."
+            )
+        self.config = config
+        self._warn = warn or _warn
+        self._info = info or logging.getLogger(__name__).info
+        self.collectives: Collectives = collectives or TorchDistributed()
+        targets = select_targets(model, config.include, config.exclude)
+        rule, self.left_alone = rule_for(
+            model, targets, config.granularity, config.nm, config.make_importance(), config.scope,
+            config.min_density or 0.0, example_inputs,
+        )  # fmt: skip
+        self._pruner = Pruner(rule, regrow=config.regrow)
+        if self.left_alone and config.nm is not None:
+            self._warn(
+                f"IterativePruning: layer(s) {list(self.left_alone)} stay dense: their input size is not a multiple of "
+                f"{config.nm[1]}, so `granularity`={config.granularity!r} cannot apply. `exclude` them to silence this."
+            )
+        elif self.left_alone:
+            self._info(
+                "IterativePruning: channels left whole: " + "; ".join(f"{n} ({w})" for n, w in self.left_alone.items())
+            )
+        self.steps = 0
+        self.events = 0
+        self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
+        self.decisions: list[GuardDecision] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self._grads_masked = False
+        self._warned_floors: set[str] = set()
+        if previous is not None:
+            self._continue(previous)
+        self.attach_optimizers(optimizers)
+        self.set_schedule(
+            total_steps=total_steps, start_step=start_step, every_n_steps=every_n_steps, rewind_step=rewind_step,
+            judged_until=judged_until,
+        )  # fmt: skip
+
+    def set_schedule(
+        self,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        every_n_steps: int | None = None,
+        rewind_step: int | None = None,
+        judged_until: int | None = None,
+    ) -> None:
+        """Set when events happen (the arguments of the same names above); before the first event, e.g. once
+        the length of an epoch is known. The schedule's curve and target stay those of the config."""
+        start = check_int(start_step, "start_step") or 0
+        end = check_int(total_steps, "total_steps", minimum=1) or 1
+        if end <= start:
+            raise ValueError(f"`total_steps`={total_steps} must be greater than `start_step`={start_step}.")
+        every = check_int(every_n_steps, "every_n_steps", minimum=1, optional=True)
+        rewind = check_int(rewind_step, "rewind_step", optional=True)
+        if rewind is not None and rewind > start:
+            raise ValueError(
+                f"`rewind_step`={rewind_step} must be <= `start_step`={start_step}: the weights to rewind to "
+                "must be saved before the first pruning event."
+            )
+        self.judged_until = check_int(judged_until, "judged_until", optional=True)
+        self.rewind_step = rewind
+        config = self.config
+        every = every or step_interval(end - start, DEFAULT_EVENTS)
+        self.schedule = PruningSchedule(config.schedule, config.target_sparsity, start, end, every)
+        self._save_rewind_point_if_due()
+
+    def _save_rewind_point_if_due(self) -> None:
+        if self.rewind_step is not None and self.steps == self.rewind_step and not self._pruner.has_rewind_point:
+            self._pruner.save_rewind_point()
+
+    def _continue(self, previous: IterativePruner) -> None:
+        if self._pruner.adopt(previous._pruner.masks):
+            self.guard, self.decisions = previous.guard, previous.decisions
+
+    def attach_optimizers(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> None:
+        """Zero the state of pruned weights in these optimizers now and at every event."""
+        if optimizers is None:
+            return
+        new = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        for optimizer in new:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(
+                    f"`optimizers` must hold torch.optim.Optimizer objects, got {type(optimizer).__name__}."
+                )
+            if all(optimizer is not known for known in self.optimizers):
+                self.optimizers.append(optimizer)
+                self._pruner.zero_optimizer_state(optimizer)
+
+    # ------------------------------------------------------------------ what the run looks like now
+    @property
+    def target_sparsity(self) -> float:
+        return self.config.target_sparsity
+
+    @property
+    def targets(self) -> list[Target]:
+        """The weights (and, for channels, the biases and norms) under masks."""
+        return self._pruner.targets
+
+    @property
+    def rule(self) -> MaskRule:
+        return self._pruner.rule
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Current masks (bool, ``True`` = kept), keyed by parameter name."""
+        return self._pruner.bool_masks()
+
+    def units(self) -> tuple[int, int]:
+        """(pruned, total) in the rule's unit: weights, or channels."""
+        return self._pruner.units()
+
+    def masked_sparsity(self) -> float:
+        """Fraction of the selected units under a mask."""
+        return self._pruner.masked_sparsity()
+
+    @property
+    def has_rewind_point(self) -> bool:
+        return self._pruner.has_rewind_point
+
+    @property
+    def rewind_point(self) -> dict[str, Tensor] | None:
+        """The weights survivors go back to after every event (lottery-ticket rewinding), if saved."""
+        return self._pruner.rewind_point
+
+    def reached_target(self) -> bool:
+        """Whether as many units are pruned as the target asks for (rounded as the rules round it)."""
+        pruned, total = self.units()
+        return pruned >= round(self.target_sparsity * total)
+
+    def events_remain(self) -> bool:
+        """Whether an event may still happen (Taylor and regrowth statistics are gathered until then)."""
+        if self.guard is not None and self.guard.stopped:
+            return False
+        if self.steps < self.schedule.end:
+            return True
+        return self.guard is not None and not self.reached_target()
+
+    # ------------------------------------------------------------------ the training step
+    def before_optimizer_step(self, params: set[int] | None = None) -> None:
+        """Between ``backward`` and ``optimizer.step``: gather gradient statistics, zero pruned weights' gradients.
+
+        ``params``: ids of the parameters one optimizer steps (``None``: all).
+        """
+        if self.events_remain():
+            self._pruner.observe_gradients(params)
+        self._pruner.mask_gradients(params)
+        self._grads_masked = True
+
+    def step(self) -> bool:
+        """After every optimizer step: advance the clock by one and run an event if one is due.
+
+        Without :meth:`before_optimizer_step` this step, the gradients are read here, and pruned weights
+        the optimizer moved, and their optimizer state, are zeroed again. Returns whether an event
+        changed the masks.
+        """
+        if not self._grads_masked:
+            if self.events_remain():
+                self._pruner.observe_gradients()
+            self._pruner.apply()
+            self._zero_optimizer_state()
+        self._grads_masked = False
+        return self.advance_to(self.steps + 1)
+
+    def advance_to(self, t: int) -> bool:
+        """Set the clock to ``t`` steps done (``t > steps``) and run the event due at ``t``, if any."""
+        if t <= self.steps:
+            return False
+        self.steps = t
+        self._save_rewind_point_if_due()
+        if not self._event_due(t):
+            return False
+        guard = self.guard
+        if guard is not None:
+            if guard.baseline is None:
+                raise ValueError(
+                    "the accuracy guard (`max_drop`) has no value before the first pruning event: evaluate and "
+                    f"`observe(value)` before step {self.schedule.start + self.schedule.every}, or set `max_drop=None`."
+                )
+            if guard.stopped or guard.awaiting_check:
+                return False
+            if self.judged_until is not None and t > self.judged_until:
+                return False  # no evaluation before the end of the run would judge it
+        previous = self.masked_sparsity()
+        wanted = self.target_sparsity if t > self.schedule.end else self.schedule.sparsity_at(t)
+        if guard is not None:
+            wanted = guard.limit(previous, wanted)
+        regrow = 0.0 if wanted >= self.target_sparsity - _TOLERANCE else None  # the last event is an exact top-k
+        sync = None if self.collectives.world_size == 1 else self._broadcast
+        if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
+            return False
+        self._zero_optimizer_state()
+        if guard is not None:
+            guard.event_applied(previous, self.masked_sparsity())
+        self.events += 1
+        self._warn_floors(wanted)
+        return True
+
+    def _event_due(self, t: int) -> bool:
+        schedule = self.schedule
+        if schedule.is_event(t):
+            return True
+        return (  # with the guard: catch up at the same cadence until the target is reached
+            self.guard is not None
+            and t > schedule.end
+            and (t - schedule.start) % schedule.every == 0
+            and not self.reached_target()
+        )
+
+    def _broadcast(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:
+        return broadcast_masks(masks, self.collectives)
+
+    def _zero_optimizer_state(self) -> None:
+        for optimizer in self.optimizers:
+            self._pruner.zero_optimizer_state(optimizer)
+
+    # ------------------------------------------------------------------ the guard
+    def observe(self, value: float) -> GuardDecision | None:
+        """Feed an evaluation result (``mode="max"``: higher is better) to the guard; returns its decision.
+
+        The last value before the first event is the baseline; the first one after an event judges
+        it: more than ``max_drop`` worse rolls it back at once and halves the step.
+        """
+        if self.guard is None:
+            raise ValueError("`observe` feeds the accuracy guard, which is off: set `max_drop` to turn it on.")
+        decision = self.guard.observe(float(value))
+        if decision is None:
+            return None
+        if decision.action in ("rollback", "stop"):
+            self._pruner.undo()
+            self._zero_optimizer_state()
+        self.decisions.append(decision)
+        return decision
+
+    def finish(self) -> tuple[float, float] | None:
+        """At the end of training: roll back an event no evaluation judged and re-apply the masks.
+
+        Returns ``(sparsity before, after)`` when an event was rolled back, else ``None``.
+        """
+        rolled = None
+        if self.guard is not None and self.guard.awaiting_check:
+            before = self.masked_sparsity()
+            self._pruner.undo()
+            self.guard.awaiting_check = False
+            rolled = (before, self.masked_sparsity())
+        self._pruner.apply()
+        return rolled
+
+    def apply(self) -> None:
+        """Zero every pruned weight again (after something outside the optimizer wrote weights)."""
+        self._pruner.apply()
+
+    def _warn_floors(self, wanted: float) -> None:
+        """Say once which layers the ``min_density`` floor holds back, and what to do about it."""
+        config = self.config
+        if config.scope != "global" or not config.min_density or config.granularity != "element":
+            return
+        held = [
+            target.name
+            for target in self.targets
+            if (mask := self._pruner.masks.get(target.param_name)) is not None
+            and int(mask.count_nonzero()) <= floor_count(config.min_density, target.numel)
+        ]
+        new = [name for name in held if name not in self._warned_floors]
+        if not new:
+            return
+        self._warned_floors.update(new)
+        now = self.masked_sparsity()
+        short = now < wanted - 1.0 / max(1, self._pruner.total)
+        self._warn(
+            f"IterativePruning: layer(s) {new} are held at the `min_density`={config.min_density} floor: one "
+            "global threshold would prune them further."
+            + (f" The model reaches {now:.4f} instead of {wanted:.4f}." if short else "")
+            + " Lower `min_density`, or `exclude` the layer(s) to keep them dense on purpose."
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Primitives and CPU tensors: the clock, the masks (with undo, rewind and statistics) and the guard."""
+        return {
+            "version": STATE_VERSION,
+            "steps": self.steps,
+            "events": self.events,
+            "pruner": self._pruner.state_dict(),
+            "guard": None if self.guard is None else self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (version 1, the callback's format before this class, is migrated)."""
+        version = state.get("version")
+        if version == 1:
+            state = {**state, "steps": state["last_t"], "events": 0}
+        elif version != STATE_VERSION:
+            raise ValueError(f"IterativePruning state version {version!r} is not supported (expected {STATE_VERSION}).")
+        self._pruner.load_state_dict(state["pruner"])
+        self.steps = max(int(state["steps"]), 0)
+        self.events = int(state.get("events", 0))
+        if state.get("guard") is not None and self.guard is not None:
+            self.guard.load_state_dict(state["guard"])
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,0 +1,252 @@
+"""IterativePruner without Lightning: the schedule, the guard, regrowth, rewinding and resume, driven by step()."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import IterativePruner, PruningConfig, sparsity
+from lightning_compress.core.schedule import schedule_curve
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _train(model: nn.Module, pruner: IterativePruner, optimizer: torch.optim.Optimizer, steps: int, *, mask=True):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=generator)
+        y = torch.randint(0, 3, (16,), generator=generator)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if mask:
+            pruner.before_optimizer_step()
+        optimizer.step()
+        pruner.step()
+
+
+def test_a_plain_loop_reaches_the_target_at_total_steps_on_the_schedule():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = IterativePruner(model, 0.8, total_steps=20, start_step=4, every_n_steps=4, optimizers=optimizer)
+    seen = []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(24):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8, generator=generator)).pow(2).sum().backward()
+        optimizer.step()
+        if pruner.step():
+            seen.append((pruner.steps, round(pruner.masked_sparsity(), 3)))
+    assert [t for t, _ in seen] == [8, 12, 16, 20]
+    for t, value in seen:
+        assert value == pytest.approx(schedule_curve("cubic", 0.8, (t - 4) / 16), abs=2e-3)
+    assert pruner.events == 4
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    for name, mask in pruner.masks.items():  # the optimizer moved nothing that is pruned
+        assert bool((model.get_parameter(name)[~mask] == 0).all())
+        buffer = optimizer.state[model.get_parameter(name)]["momentum_buffer"]
+        assert bool((buffer[~mask] == 0).all()), name
+
+
+def test_default_cadence_is_about_a_hundred_events():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = IterativePruner(model, 0.9, total_steps=400, optimizers=optimizer)
+    assert pruner.schedule.every == 4
+    _train(model, pruner, optimizer, 400)
+    assert len(pruner.schedule.events()) == 100
+    assert 80 <= pruner.events <= 100  # the last events of a cubic schedule may change no weight
+    assert pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_taylor_and_regrowth_gather_gradients_in_step_without_before_optimizer_step():
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = IterativePruner(
+        model, 0.7, total_steps=30, every_n_steps=5, importance="taylor", regrow=0.2, optimizers=optimizer
+    )
+    _train(model, pruner, optimizer, 30, mask=False)
+    assert pruner.masked_sparsity() == pytest.approx(0.7, abs=1e-3)
+    for name, mask in pruner.masks.items():  # re-zeroed after every optimizer step
+        assert bool((model.get_parameter(name)[~mask] == 0).all())
+
+
+def test_the_guard_rolls_back_a_bad_event_and_halves_the_step():
+    model = _model()
+    pruner = IterativePruner(model, 0.9, total_steps=10, every_n_steps=1, schedule="one_shot", max_drop=0.05)
+    with pytest.raises(ValueError, match="no value before the first pruning event"):
+        pruner.advance_to(1)
+    pruner = IterativePruner(model, 0.9, total_steps=10, every_n_steps=1, schedule="one_shot", max_drop=0.05)
+    assert pruner.observe(0.95).action == "baseline"
+    assert pruner.advance_to(1) and pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+    assert not pruner.advance_to(2)  # the event is not judged yet: nothing else happens
+    before = copy.deepcopy(model.state_dict())
+    decision = pruner.observe(0.5)
+    assert decision.action == "rollback" and decision.step_cap == pytest.approx(0.45, abs=1e-3)
+    assert pruner.masked_sparsity() == 0.0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights came back
+    assert pruner.advance_to(3) and pruner.masked_sparsity() == pytest.approx(0.45, abs=1e-3)
+    assert pruner.observe(0.94).action == "accept"
+    assert [d.action for d in pruner.decisions] == ["baseline", "rollback", "accept"]
+
+
+def test_the_guard_catches_up_after_the_schedule_and_stops_at_the_judged_limit():
+    model = _model()
+    pruner = IterativePruner(
+        model, 0.8, total_steps=4, every_n_steps=2, schedule="one_shot", max_drop=0.1, judged_until=10
+    )
+    pruner.observe(1.0)
+    assert pruner.advance_to(2)
+    pruner.observe(0.0)  # rolled back: cap 0.4
+    assert not pruner.advance_to(3)  # not on the cadence
+    assert pruner.advance_to(4)
+    pruner.observe(1.0)
+    assert pruner.advance_to(6)  # after total_steps: catching up, since the target is not reached
+    pruner.observe(1.0)
+    for t in (8, 10):  # the capped steps may leave a weight or so
+        pruner.advance_to(t)
+        pruner.observe(1.0)
+    assert pruner.reached_target() and pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    assert not pruner.events_remain()
+    late = IterativePruner(model, 0.8, total_steps=20, every_n_steps=2, max_drop=0.1, judged_until=3)
+    late.observe(1.0)
+    assert late.advance_to(2)
+    late.observe(1.0)
+    assert not late.advance_to(4)  # after the last evaluation: nothing would judge it
+
+
+def test_finish_rolls_back_an_event_no_evaluation_judged():
+    model = _model()
+    pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
+    pruner.observe(1.0)
+    pruner.advance_to(1)
+    judged = pruner.masked_sparsity()
+    pruner.observe(1.0)
+    pruner.advance_to(2)
+    assert pruner.masked_sparsity() > judged
+    assert pruner.finish() == (pytest.approx(0.5, abs=1e-3), pytest.approx(judged))
+    assert pruner.masked_sparsity() == pytest.approx(judged)
+    assert pruner.finish() is None
+
+
+def test_rewinding_puts_survivors_back_to_their_initial_values():
+    model = _model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = IterativePruner(model, 0.5, total_steps=6, start_step=3, every_n_steps=3, rewind_step=0)
+    _train(model, pruner, optimizer, 6)
+    for name, mask in pruner.masks.items():
+        assert torch.equal(model.get_parameter(name).detach(), initial[name] * mask)
+
+
+def test_resuming_from_state_dict_continues_exactly():
+    def make(model):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        pruner = IterativePruner(
+            model, 0.85, total_steps=24, every_n_steps=3, importance="taylor", regrow=0.1, optimizers=optimizer
+        )
+        return optimizer, pruner
+
+    full_model = _model()
+    full_opt, full = make(full_model)
+    _train(full_model, full, full_opt, 24)
+
+    model = _model()
+    optimizer, pruner = make(model)
+    _train(model, pruner, optimizer, 10)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), pruner.state_dict())
+    resumed_model = _model(seed=5)
+    resumed_model.load_state_dict(saved[0])
+    opt2, resumed = make(resumed_model)
+    opt2.load_state_dict(saved[1])
+    resumed.load_state_dict(saved[2])
+    assert resumed.steps == 10
+    # the same batches as the uninterrupted run from step 10 on
+    generator = torch.Generator().manual_seed(1)
+    for step in range(24):
+        x = torch.randn(16, 8, generator=generator)
+        y = torch.randint(0, 3, (16,), generator=generator)
+        if step < 10:
+            continue
+        opt2.zero_grad()
+        nn.functional.cross_entropy(resumed_model(x), y).backward()
+        resumed.before_optimizer_step()
+        opt2.step()
+        resumed.step()
+    assert all(torch.equal(full.masks[k], resumed.masks[k]) for k in full.masks)
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in full_model.state_dict().items())
+
+
+def test_loads_the_callbacks_version_1_state():
+    model = _model()
+    pruner = IterativePruner(model, 0.5, total_steps=4, every_n_steps=1)
+    pruner.advance_to(2)
+    state = pruner.state_dict()
+    legacy = {"version": 1, "last_t": state["steps"], "pruner": state["pruner"], "guard": None}
+    fresh = IterativePruner(_model(), 0.5, total_steps=4, every_n_steps=1)
+    fresh.load_state_dict(legacy)
+    assert fresh.steps == 2 and all(torch.equal(pruner.masks[k], fresh.masks[k]) for k in pruner.masks)
+    with pytest.raises(ValueError, match="state version 7 is not supported"):
+        fresh.load_state_dict({"version": 7})
+
+
+def test_from_config_is_the_same_pruner():
+    config = PruningConfig(0.6, importance="random", seed=3)
+    a, b = _model(), _model()
+    one = IterativePruner.from_config(a, config, total_steps=3, every_n_steps=1)
+    two = IterativePruner(b, 0.6, importance="random", seed=3, total_steps=3, every_n_steps=1)
+    for t in (1, 2, 3):
+        one.advance_to(t)
+        two.advance_to(t)
+    assert all(torch.equal(one.masks[k], two.masks[k]) for k in one.masks)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"total_steps": 5, "start_step": 5}, ValueError, "`total_steps`=5 must be greater than `start_step`=5"),
+        ({"total_steps": 0}, ValueError, "`total_steps`=0 must be >= 1"),
+        (
+            {"total_steps": 9, "start_step": 2, "rewind_step": 3},
+            ValueError,
+            "`rewind_step`=3 must be <= `start_step`=2",
+        ),
+        ({"total_steps": 9, "every_n_steps": 0}, ValueError, "`every_n_steps`=0 must be >= 1"),
+        ({"total_steps": 9, "granularity": "channel"}, ValueError, "pass `example_inputs`"),
+        ({"total_steps": 9, "optimizers": [object()]}, TypeError, "`optimizers` must hold torch.optim.Optimizer"),
+        ({"total_steps": 9, "max_drop": -1.0}, ValueError, "`max_drop`=-1.0 must be >= 0"),
+        ({"total_steps": 9.5}, TypeError, "`total_steps` must be an int"),
+    ],
+)
+def test_bad_arguments_are_refused_before_the_model_changes(kwargs, error, match):
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        IterativePruner(model, 0.5, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_observe_without_the_guard_is_an_error():
+    pruner = IterativePruner(_model(), 0.5, total_steps=4)
+    with pytest.raises(ValueError, match="the accuracy guard, which is off: set `max_drop`"):
+        pruner.observe(1.0)
+
+
+def test_a_plain_score_object_is_accepted_and_stateful_ones_must_subclass():
+    class Scores:
+        def score(self, name, weight):
+            return weight.detach().abs()
+
+    class Stateful(Scores):
+        def observe(self, name, weight, grad):
+            pass
+
+    pruner = IterativePruner(_model(), 0.5, total_steps=1, importance=Scores())
+    assert pruner.advance_to(1) and pruner.masked_sparsity() == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(TypeError, match=r"defines \['observe'\] without subclassing"):
+        IterativePruner(_model(), 0.5, total_steps=1, importance=Stateful())
