@@ -9,7 +9,9 @@ place, keeping the same module objects and names.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,40 +145,70 @@ def _flatten(out: Any) -> list[Tensor]:
 def removable_groups(
     model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
-    """Keep the groups whose channels can really be removed: one shape-only forward (meta device) per group.
+    """Keep the groups whose channels can really be removed: one forward with one channel of the group removed.
 
-    Catches what a dependency graph cannot see, e.g. a residual addition with the model's own input.
-    If the model cannot run on the meta device at all, every group is kept (``compact`` still checks).
+    Catches what a dependency graph cannot see: a residual addition with the model's own input, or
+    attention that reshapes projections into heads (removing one Q/K/V row breaks the reshape). The
+    forwards run on a meta-device copy (shapes only, no data); a model whose forward needs data
+    (e.g. ``.item()`` in a ``transformers`` mask builder) is checked on the real model instead, with
+    copies of only the layers a group touches swapped in and the originals put back.
     """
     meta = _meta_copy(model)
     with plain_float(meta):  # shapes only: the float data flow (the copy is thrown away)
-        return _removable(meta, _to_meta(example_inputs), groups)
+        try:
+            with torch.no_grad():
+                shapes = _shapes(call_model(meta, _to_meta(example_inputs)))
+        except Exception:  # data-dependent code: check on the real model
+            shapes = None
+        if shapes is not None:
+            return _removable(meta, _to_meta(example_inputs), groups, shapes, in_place=False)
+    with plain_float(model), torch.no_grad():
+        shapes = _shapes(call_model(model, example_inputs))
+        return _removable(model, example_inputs, groups, shapes, in_place=True)
 
 
-def _removable(meta: nn.Module, inputs: Any, groups: list[ChannelGroup]) -> tuple[list[ChannelGroup], dict[str, str]]:
-    try:
-        with torch.no_grad():
-            shapes = _shapes(call_model(meta, inputs))
-    except Exception:  # data-dependent code: no shape check possible
-        return list(groups), {}
+def _removable(
+    model: nn.Module, inputs: Any, groups: list[ChannelGroup], shapes: list[tuple[int, ...]], in_place: bool
+) -> tuple[list[ChannelGroup], dict[str, str]]:
     ok: list[ChannelGroup] = []
     rejected: dict[str, str] = {}
     for i, group in enumerate(groups):
         dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
         dead[i][0] = True
-        trial = copy.deepcopy(meta)
-        _apply(trial, plan(trial, groups, dead)[0])
-        try:
-            with torch.no_grad():
-                trial_shapes = _shapes(call_model(trial, inputs))
-        except Exception:  # any failure: these channels cannot go
-            rejected[group.name] = "its channels also feed an operation the dependency graph does not see"
-            continue
+        with _trial(model, group, in_place) as trial:
+            _apply(trial, plan(trial, groups, dead)[0])
+            try:
+                with torch.no_grad():
+                    trial_shapes = _shapes(call_model(trial, inputs))
+            except Exception:  # any failure: these channels cannot go
+                rejected[group.name] = "its channels also feed an operation the dependency graph does not see"
+                continue
         if trial_shapes != shapes:
             rejected[group.name] = "its channels reach one of the model's outputs"
         else:
             ok.append(group)
     return ok, rejected
+
+
+@contextlib.contextmanager
+def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn.Module]:
+    """A model to remove ``group``'s channels from: a whole copy, or ``model`` with copies of the group's layers."""
+    if not in_place:
+        yield copy.deepcopy(model)
+        return
+    originals = {name: model.get_submodule(name) for name in group.modules()}
+    try:
+        for name, module in originals.items():
+            _swap(model, name, copy.deepcopy(module))
+        yield model
+    finally:
+        for name, module in originals.items():
+            _swap(model, name, module)
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _size(layer: nn.Module, kind: str) -> int:

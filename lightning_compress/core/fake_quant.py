@@ -14,6 +14,8 @@ from .quant import affine_qparams, fake_quantize, int_range, lsq_fake_quantize, 
 
 __all__ = ["SCALE_MODES", "FakeQuantizer", "QuantConfig"]
 
+_MIN_LEARNED_SCALE = 1e-8
+
 SCALE_MODES = ("minmax", "power_of_two", "learned")
 
 
@@ -70,6 +72,7 @@ class FakeQuantizer(nn.Module):
         mode: one of :data:`SCALE_MODES`.
         channels: output channels for per-channel weight scales (0 = per tensor).
         averaging_constant: EMA weight of a new batch.
+        channel_axis: the weight's output-channel axis (1 for a ``transformers`` Conv1D).
     """
 
     scale: Tensor
@@ -83,7 +86,15 @@ class FakeQuantizer(nn.Module):
 
     _OBSERVE, _FAKE_QUANT, _FROZEN_SHIFT, _INITIALIZED, _SIGNED = 1, 2, 4, 8, 16
 
-    def __init__(self, role: str, bits: int, mode: str, channels: int = 0, averaging_constant: float = 0.01) -> None:
+    def __init__(
+        self,
+        role: str,
+        bits: int,
+        mode: str,
+        channels: int = 0,
+        averaging_constant: float = 0.01,
+        channel_axis: int = 0,
+    ) -> None:
         super().__init__()
         if role not in ("weight", "activation"):
             raise ValueError(f"`role`={role!r} is not one of ('weight', 'activation').")
@@ -92,6 +103,7 @@ class FakeQuantizer(nn.Module):
         self.mode = mode
         self.averaging_constant = averaging_constant
         self.per_channel = role == "weight" and mode != "power_of_two" and channels > 0
+        self.channel_axis = channel_axis
         scale = torch.ones((channels,) if self.per_channel else ())
         if mode == "learned":
             self.scale = nn.Parameter(scale, requires_grad=False)
@@ -161,7 +173,7 @@ class FakeQuantizer(nn.Module):
     # ------------------------------------------------------------------ integer range
     @property
     def axis(self) -> int | None:
-        return 0 if self.per_channel else None
+        return self.channel_axis if self.per_channel else None
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -170,6 +182,13 @@ class FakeQuantizer(nn.Module):
         if self.mode == "power_of_two":
             return int_range(self.bits, self.signed)
         return int_range(self.bits, False)  # asymmetric with a zero point
+
+    def effective_scale(self) -> Tensor:
+        """The step size in use: a learned scale is used as ``|scale|`` (at least ``1e-8``), since an
+        optimizer may push the Parameter through zero; the other modes' scale as it is."""
+        if self.mode == "learned":
+            return self.scale.abs().clamp_min(_MIN_LEARNED_SCALE)
+        return self.scale
 
     @property
     def is_learned(self) -> bool:
@@ -187,7 +206,7 @@ class FakeQuantizer(nn.Module):
             return x
         qmin, qmax = self.qrange
         if self.is_learned:
-            return lsq_fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis)
+            return lsq_fake_quantize(x, self.effective_scale(), self.zero_point, qmin, qmax, self.axis)
         # a min/max weight scale computed from this very tensor cannot clip it
         may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
         return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
@@ -198,7 +217,7 @@ class FakeQuantizer(nn.Module):
         ``channels``: output channels of the weight this quantizer quantizes (weights only).
         """
         if self.role == "weight":
-            scale = self.scale.detach().float().expand(channels).contiguous()
+            scale = self.effective_scale().detach().float().expand(channels).contiguous()
             # persistent: exporters lift state_dict entries to initializers; anything else is a constant
             self.register_buffer("_export_scale", scale)
             self.register_buffer("_export_zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device))
@@ -222,9 +241,11 @@ class FakeQuantizer(nn.Module):
         if self.role == "weight":  # x is the layer's already-quantized weight: re-quantizing it is exact
             # per channel, with scales in (temporary) buffers: exporters fold a Q/DQ pair whose inputs are
             # all constants back into a float weight, and the int8 weights would be lost
-            return torch.fake_quantize_per_channel_affine(x, self._export_scale, self._export_zero_point, 0, -128, 127)
+            return torch.fake_quantize_per_channel_affine(
+                x, self._export_scale, self._export_zero_point, self.channel_axis, -128, 127
+            )
         cmin, cmax = (-128, 127) if qmin < 0 else (0, 255)
-        scale, zero_point = float(self.scale), int(self.zero_point)
+        scale, zero_point = float(self.effective_scale()), int(self.zero_point)
         if (qmin, qmax) != (cmin, cmax):
             x = torch.clamp(x, (qmin - zero_point) * scale, (qmax - zero_point) * scale)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, cmin, cmax)
@@ -274,7 +295,11 @@ class FakeQuantizer(nn.Module):
                 self.shift.copy_(shift)
             self.scale.copy_(torch.pow(2.0, -self.shift.float()))
         elif not self.is_learned:
-            flat = w.reshape(w.shape[0], -1) if self.per_channel else w.reshape(1, -1)
+            if self.per_channel:
+                moved = w.movedim(self.channel_axis, 0)
+                flat = moved.reshape(moved.shape[0], -1)
+            else:
+                flat = w.reshape(1, -1)
             amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
             amax = amax if self.per_channel else amax[0]
             self.scale.copy_(symmetric_scale(amax, qmax))

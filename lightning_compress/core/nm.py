@@ -1,7 +1,8 @@
 """N:M semi-structured masks: at most N of every M consecutive input weights survive.
 
-Blocks run along the input dimension (``in_features`` of a Linear; input channels of a Conv,
-at every output channel and kernel position), the layout of NVIDIA's 2:4 sparse tensor cores.
+Blocks run along the input dimension (``in_features`` of a Linear, axis 0 of a ``transformers``
+Conv1D; input channels of a Conv, at every output channel and kernel position), the layout of
+NVIDIA's 2:4 sparse tensor cores.
 The schedule ramps up to ``1 - N/M``: at an intermediate event the lowest-scored weights that
 are not among the N best of their block are pruned (so no block ever loses a weight it will
 need), and the last event prunes every such weight, which gives exactly N per block.
@@ -35,27 +36,25 @@ def parse_nm(spec: str) -> tuple[int, int] | None:
     return n, m
 
 
-def block_view(tensor: Tensor, m: int) -> Tensor:
-    """``tensor`` (a weight) as ``[..., blocks, m]`` with blocks along the input dimension."""
-    moved = tensor.movedim(1, -1) if tensor.dim() > 2 else tensor
+def block_view(tensor: Tensor, m: int, in_axis: int = 1) -> Tensor:
+    """``tensor`` (a weight) as ``[..., blocks, m]`` with blocks along its input axis."""
+    moved = tensor.movedim(in_axis, -1)
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
 
 
-def from_block_view(blocks: Tensor, like: Tensor) -> Tensor:
-    if like.dim() > 2:
-        moved_shape = (like.shape[0], *like.shape[2:], like.shape[1])
-        return blocks.reshape(moved_shape).movedim(-1, 1)
-    return blocks.reshape(like.shape)
+def from_block_view(blocks: Tensor, like: Tensor, in_axis: int = 1) -> Tensor:
+    moved = like.movedim(in_axis, -1)
+    return blocks.reshape(moved.shape).movedim(-1, in_axis)
 
 
-def eligible(param: Tensor, m: int) -> bool:
-    """Whether ``param`` has an input dimension that splits into blocks of ``m``."""
-    return param.dim() >= 2 and param.shape[1] % m == 0 and param.shape[1] > 0
+def eligible(param: Tensor, m: int, in_axis: int = 1) -> bool:
+    """Whether ``param`` has an input axis that splits into blocks of ``m``."""
+    return param.dim() >= 2 and param.shape[in_axis] % m == 0 and param.shape[in_axis] > 0
 
 
-def is_nm(mask: Tensor, n: int, m: int) -> bool:
-    """Whether at most ``n`` of every block of ``m`` are kept."""
-    return bool((block_view(mask != 0, m).sum(-1) <= n).all())
+def is_nm(mask: Tensor, n: int, m: int, in_axis: int = 1) -> bool:
+    """Whether at most ``n`` of every block of ``m`` along the input axis are kept."""
+    return bool((block_view(mask != 0, m, in_axis).sum(-1) <= n).all())
 
 
 class NMRule:
@@ -101,15 +100,16 @@ class NMRule:
             score = self._scores(target)
             previous = current.get(target.param_name)
             alive = torch.ones_like(weight, dtype=torch.bool) if previous is None else previous.to(torch.bool)
-            blocks = block_view(score, self.m)
-            live = block_view(alive, self.m)
+            axis = target.in_axis
+            blocks = block_view(score, self.m, axis)
+            live = block_view(alive, self.m, axis)
             ranked = torch.where(live, blocks, torch.full_like(blocks, -torch.inf))
             protected = torch.zeros_like(live)
             protected.scatter_(-1, ranked.topk(self.n, dim=-1).indices, True)
             protected &= live
             candidate = live & ~protected
             if final:
-                masks[target.param_name] = from_block_view(protected, weight)
+                masks[target.param_name] = from_block_view(protected, weight, axis)
             else:
                 candidates.append((target, candidate, blocks))
                 masks[target.param_name] = alive.clone()
@@ -135,5 +135,5 @@ class NMRule:
                 drop[candidate] = chosen[offset : offset + count].to(candidate.device)
                 offset += count
                 mask = masks[target.param_name]
-                masks[target.param_name] = mask & ~from_block_view(drop, mask)
+                masks[target.param_name] = mask & ~from_block_view(drop, mask, target.in_axis)
         return masks

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
+from .layers import transformers_conv1d, weight_axes
 from .quant import int_range, power_of_two_scale
 from .selection import Target, select_targets
 
@@ -36,6 +37,7 @@ __all__ = [
     "enable_fake_quant",
     "export_mode",
     "qat_modules",
+    "quantizable",
     "quantizers",
     "search_power_of_two_shifts",
 ]
@@ -58,9 +60,10 @@ class _QATMixin:
         layer.bias = module.bias
         weight: Tensor = module.weight
         device = weight.device
+        out_axis = weight_axes(module)[0]
         layer.weight_fake_quant = FakeQuantizer(
-            "weight", config.weight_bits, config.scale, channels=weight.shape[0],
-            averaging_constant=config.averaging_constant,
+            "weight", config.weight_bits, config.scale, channels=weight.shape[out_axis],
+            averaging_constant=config.averaging_constant, channel_axis=out_axis,
         ).to(device)  # fmt: skip
         layer.input_fake_quant = (
             nn.Identity()
@@ -86,7 +89,7 @@ class _QATMixin:
         """Carry the quantized weight as a constant and emit Q/DQ-able ops until :meth:`end_export`."""
         with torch.no_grad():
             self._export_weight = self.weight_fake_quant(self.weight).detach().clone()
-        self.weight_fake_quant.begin_export(self._export_weight.shape[0])
+        self.weight_fake_quant.begin_export(self._export_weight.shape[self.weight_fake_quant.channel_axis])
         if isinstance(self.input_fake_quant, FakeQuantizer):
             self.input_fake_quant.begin_export()
 
@@ -162,12 +165,75 @@ class QATConv3d(_QATConvMixin, nn.Conv3d):
     float_class = nn.Conv3d
 
 
+class _QATTransformersConv1DMixin(_QATMixin):
+    """``transformers``' Conv1D (weight ``(in, out)``) with fake-quantized weight (per output column) and input."""
+
+    nf: int
+    nx: int
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantConfig) -> nn.Module:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+        with torch.device("meta"):
+            new = cls(cast(Any, module).nf, cast(Any, module).nx)  # type: ignore[call-arg]
+        new._adopt(module, config)
+        return cast(nn.Module, new)
+
+    def to_float(self) -> nn.Module:
+        """The float layer back, with the same Parameters."""
+        with torch.device("meta"):
+            float_layer = self.float_class(self.nf, self.nx)
+        return self._share_into(float_layer)
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = self.input_fake_quant(input)
+        flat = x.reshape(-1, x.size(-1))
+        bias = cast(Any, self).bias
+        weight = self.quantized_weight()
+        out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+        return out.view(*input.shape[:-1], self.nf)
+
+
 _QAT_CLASS: dict[type[nn.Module], Any] = {
     nn.Linear: QATLinear,
     nn.Conv1d: QATConv1d,
     nn.Conv2d: QATConv2d,
     nn.Conv3d: QATConv3d,
 }
+_TRANSFORMERS_CONV1D_QAT = "QATTransformersConv1D"
+
+
+def _qat_class(kind: type[nn.Module]) -> Any:
+    """The fake-quant class of a float layer type (``None``: not quantizable)."""
+    if kind in _QAT_CLASS:
+        return _QAT_CLASS[kind]
+    conv1d = transformers_conv1d()
+    if conv1d is None or kind is not conv1d:
+        return None
+    made = type(
+        _TRANSFORMERS_CONV1D_QAT,
+        (_QATTransformersConv1DMixin, conv1d),
+        {"float_class": conv1d, "__module__": __name__, "__qualname__": _TRANSFORMERS_CONV1D_QAT},
+    )
+    _QAT_CLASS[conv1d] = made
+    globals()[_TRANSFORMERS_CONV1D_QAT] = made  # pickle finds it by name
+    return made
+
+
+def __getattr__(name: str) -> Any:
+    """``QATTransformersConv1D`` is made on first use (it subclasses ``transformers``' Conv1D); unpickling asks here."""
+    if name == _TRANSFORMERS_CONV1D_QAT:
+        import transformers.pytorch_utils
+
+        made = _qat_class(transformers.pytorch_utils.Conv1D)
+        if made is not None:
+            return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def quantizable(module: nn.Module) -> bool:
+    """Whether ``module`` has a fake-quant layer (Linear, Conv1d/2d/3d, ``transformers`` Conv1D) or is one."""
+    return isinstance(module, _QATMixin) or _qat_class(type(module)) is not None
 
 
 def qat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -185,12 +251,12 @@ def _quantizable_targets(
         if isinstance(module, _QATMixin):
             targets.append(target)
             continue
-        if type(module) not in _QAT_CLASS or id(module) in owned_by_mha:
+        if _qat_class(type(module)) is None or id(module) in owned_by_mha:
             if include is None:
                 continue  # default selection: silently leave e.g. MultiheadAttention's projection alone
             raise ValueError(
                 f"`include` selects {target.name!r} ({type(module).__name__}); quantization-aware training "
-                "supports nn.Linear and nn.Conv1d/2d/3d called through their forward."
+                "supports nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their forward."
             )
         targets.append(target)
     if not targets:
@@ -221,7 +287,7 @@ def convert_to_qat(
         names.append(target.name)
         if isinstance(module, _QATMixin):
             continue
-        new = _QAT_CLASS[type(module)].from_float(module, config)
+        new = _qat_class(type(module)).from_float(module, config)
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one

@@ -89,13 +89,15 @@ def rule_for(
     """
     if nm is not None:
         m = nm[1]
-        kept = [t for t in targets if eligible(t.param, m)]
+        kept = [t for t in targets if eligible(t.param, m, t.in_axis)]
         if not kept:
             raise ValueError(
                 f"`granularity`={granularity!r} needs layers whose input size is a multiple of {m}; "
                 f"none of the selected layers {[t.name for t in targets]} has one."
             )
-        left = {t.name: f"its input size is not a multiple of {m}" for t in targets if not eligible(t.param, m)}
+        left = {
+            t.name: f"its input size is not a multiple of {m}" for t in targets if not eligible(t.param, m, t.in_axis)
+        }
         return NMRule(kept, importance, nm[0], nm[1], scope), left
     if granularity != "channel":
         return ElementRule(targets, importance, scope, min_density), {}

@@ -2,8 +2,8 @@
 
 Pure torch. Patterns are ``fnmatch`` globs over qualified module names (``"encoder.*"``,
 ``"features.0"``). The rule fits in one sentence: **wildcard patterns pick Linear and Conv
-layers; an exact module name picks that module's** ``weight`` **whatever its type** (an
-embedding or a norm). Biases are never selected. A layer whose weight is also an
+layers** (``transformers``' Conv1D included) **; an exact module name picks that module's**
+``weight`` **whatever its type** (an embedding or a norm). Biases are never selected. A layer whose weight is also an
 ``nn.Embedding``'s (an output head tied to the token embedding, as in GPT-2) is left out by
 wildcards and the default, with a warning: pruning or quantizing it would change the embedding.
 An exact name in ``include`` opts it in.
@@ -18,14 +18,16 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from .layers import linear_like_types, weight_axes
+
 __all__ = ["Target", "default_layer_types", "normalize_patterns", "select_targets"]
 
 _WILDCARDS = set("*?[")
 
 
 def default_layer_types() -> tuple[type[nn.Module], ...]:
-    """Module types whose ``weight`` is selected by default: Linear and every Conv."""
-    return (nn.Linear, nn.modules.conv._ConvNd)
+    """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers``' Conv1D."""
+    return linear_like_types()
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class Target:
     @property
     def numel(self) -> int:
         return self.param.numel()
+
+    @property
+    def in_axis(self) -> int:
+        """The weight's input axis: 1, or 0 for a ``transformers`` Conv1D (weight stored as (in, out))."""
+        return weight_axes(self.module)[1]
 
 
 def normalize_patterns(value: object, argument: str) -> tuple[str, ...] | None:

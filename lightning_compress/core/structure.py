@@ -107,13 +107,28 @@ def nonzero_channels(values: Tensor, dim: int, index: Tensor, channel: Tensor, s
     return out
 
 
+@contextlib.contextmanager
+def without_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache = False`` meanwhile (a ``transformers`` model then returns outputs, not caches)."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = cached  # type: ignore[union-attr]
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` the way Lightning calls it with ``example_input_array``."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """Call ``model`` the way Lightning calls it with ``example_input_array``, with caches off."""
+    with without_cache(model):
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from ..core.packing import (
     unpack_bits,
     unpack_codes,
 )
-from ..core.qat import FakeQuantizer, QuantConfig, convert_to_qat, qat_modules
+from ..core.qat import FakeQuantizer, QuantConfig, convert_to_qat, qat_modules, quantizers
 from ..core.quant import quantize
 from ..core.structure import is_depthwise, supported
 from .container import FORMAT_VERSION, CompressedFileError, read_container, write_container
@@ -106,13 +106,18 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     sections = _Sections()
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for qname, q in quantizers(model):  # learned scales are stored as the step size in use
+        state[f"{qname}.scale"] = q.effective_scale().detach()
+    for name, tensor in state.items():
         tensor = tensor.detach()
         head: dict[str, Any] = {"name": name, "dtype": str(tensor.dtype).split(".")[-1], "shape": tuple(tensor.shape)}
         if name in quantized:
             quantizer, layer_name = quantized[name]
             qmin, qmax = quantizer.qrange
-            codes = quantize(tensor, quantizer.scale.detach(), quantizer.zero_point, qmin, qmax, quantizer.axis)
+            codes = quantize(
+                tensor, quantizer.effective_scale().detach(), quantizer.zero_point, qmin, qmax, quantizer.axis
+            )
             nonzero = codes != 0
             count = int(nonzero.sum())
             coding, pos_bytes = _positions(nonzero, sections)
@@ -232,11 +237,12 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray) 
     for record, mask, codes in pending:
         scale = tensors[record.quantizer + "scale"].float()
         zero_point = tensors.get(record.quantizer + "zero_point", torch.zeros((), dtype=torch.int32)).to(torch.int32)
-        if record.axis == 0:  # one scale per output row: the row of every stored position
-            rows = (record.shape[0], record.numel // max(1, record.shape[0]))
-            scale = scale.reshape(-1, 1).expand(rows).reshape(-1)[mask]
+        if record.axis is not None:  # one scale per output channel: the channel of every stored position
+            view = [1] * len(record.shape)
+            view[record.axis] = -1
+            scale = scale.reshape(view).expand(record.shape).reshape(-1)[mask]
             if zero_point.dim():
-                zero_point = zero_point.reshape(-1, 1).expand(rows).reshape(-1)[mask]
+                zero_point = zero_point.reshape(view).expand(record.shape).reshape(-1)[mask]
         out = torch.zeros(record.numel, dtype=torch.float32)
         out[mask] = (codes - zero_point).float() * scale  # what `dequantize` computes, at the stored positions
         tensors[record.name] = out.to(record.torch_dtype).reshape(record.shape)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.qat import export_mode
+from ..core.structure import without_cache
 from .report import CompressionReport, LayerReport
 
 __all__ = ["export_onnx"]
@@ -66,6 +67,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset: int = 17,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
 ) -> CompressionReport:
     """Export ``model`` to an ONNX file with int8 weights and a dynamic batch dimension.
 
@@ -78,6 +80,8 @@ def export_onnx(
         input_names: names of the graph inputs (default ``input_0, ...`` or the dict keys).
         output_names: names of the graph outputs (default ``output_0, ...``).
         opset: ONNX opset (13 or newer for per-channel quantization).
+        dynamic_axes: more dynamic dimensions per input or output name, on top of the batch (dimension 0),
+            e.g. ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}, "output_0": {1: "sequence"}}``.
 
     Returns:
         A :class:`CompressionReport` of the quantized weights and the file size.
@@ -93,24 +97,33 @@ def export_onnx(
         names = list(input_names or example_inputs.keys())
     else:
         names = list(input_names or [f"input_{i}" for i in range(len(args))])
-    with export_mode(model), torch.no_grad():
+    with export_mode(model), without_cache(model), torch.no_grad():
         outputs = model(**args[0]) if isinstance(example_inputs, Mapping) else model(*args)
         n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         path = Path(path)
         traced = path.with_name(path.name + ".traced")
         keyword = isinstance(example_inputs, Mapping)
-        torch.onnx.export(
-            _Keywords(model, names) if keyword else model,
-            tuple(example_inputs[k] for k in names) if keyword else args,
-            str(traced),
-            input_names=names,
-            output_names=outs,
-            dynamic_axes={name: {0: "batch"} for name in names + outs},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                _Keywords(model, names) if keyword else model,
+                tuple(example_inputs[k] for k in names) if keyword else args,
+                str(traced),
+                input_names=names,
+                output_names=outs,
+                dynamic_axes={name: {0: "batch", **dict((dynamic_axes or {}).get(name, {}))} for name in names + outs},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as err:
+            traced.unlink(missing_ok=True)
+            raise ValueError(
+                f"export_onnx cannot trace {type(model).__name__}: {str(err).splitlines()[0]} What to change: "
+                "for a `transformers` decoder (GPT-2, Llama), pass `attention_mask` along with `input_ids` in "
+                "`example_inputs` (the mask built without one uses operators the exporter lacks); otherwise "
+                "replace that operator in the model's forward, or try a newer `opset`."
+            ) from err
     try:
         proto = onnx.load(str(traced))
     finally:

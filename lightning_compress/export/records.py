@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.packing import code_container_bits
-from ..core.qat import QuantConfig
+from ..core.qat import QuantConfig, quantizable
 from ..core.quant import int_range
 from .container import CompressedFileError
 
@@ -50,7 +50,8 @@ class TensorRecord:
         coding: ``"bitmask"`` or ``"gaps"``: how the positions are stored.
         position_bytes: length of the positions in the positions section.
         bits: code width (quantized).
-        axis: ``0`` for per-output-channel scales, ``None`` per tensor (quantized).
+        axis: the output-channel axis of per-channel scales (``0``; ``1`` for a ``transformers`` Conv1D),
+            ``None`` per tensor (quantized).
         qmin, qmax: the integer range (quantized).
         quantizer: prefix of the quantizer entries that hold the scale (``"fc.weight_fake_quant."``).
     """
@@ -113,7 +114,7 @@ class TensorRecord:
         for key in ("coding", "quantizer"):
             if key in fields and not isinstance(fields[key], str):
                 raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
-        if fields.get("axis") not in (None, 0):
+        if fields.get("axis") not in (None, 0, 1):
             raise CompressedFileError(f"{name}: bad axis {fields['axis']!r} in the file.")
         return cls(**fields)
 
@@ -169,7 +170,7 @@ def max_manifest_bytes(model: nn.Module) -> int:
 
 def _quantizer_bound(weight: Tensor, role: str) -> int:
     """The most entries one quantizer buffer may hold: one per output channel for weights, else one."""
-    return max(1, weight.shape[0]) if role == "weight" else 1
+    return max(1, *weight.shape[:2]) if role == "weight" else 1
 
 
 def max_raw_bytes(model: nn.Module) -> int:
@@ -274,7 +275,8 @@ def _check_qat_layers(model: nn.Module, layers: Any) -> None:
         raise CompressedFileError("bad `qat_layers` in the file.")
     modules = dict(model.named_modules())
     for name, cfg in layers.items():
-        if not isinstance(modules.get(name), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        module = modules.get(name)
+        if module is None or not quantizable(module):
             raise CompressedFileError(f"the file quantizes {name!r}, which is not a Linear/Conv layer of the model.")
         if not isinstance(cfg, dict):
             raise CompressedFileError(f"bad quantization settings for {name!r} in the file.")
@@ -312,6 +314,8 @@ def _check_quantized(record: TensorRecord, by_name: dict[str, TensorRecord]) -> 
     scale = by_name.get(record.quantizer + "scale")
     if scale is None:
         raise CompressedFileError(f"{record.name}: its scale is missing from the file.")
-    channels = record.shape[0] if record.shape else 1
-    if scale.numel != (channels if record.axis == 0 else 1):
+    axis = record.axis
+    if axis is not None and axis >= len(record.shape):
+        raise CompressedFileError(f"{record.name}: axis {axis} of a {len(record.shape)}-d tensor in the file.")
+    if scale.numel != (1 if axis is None else record.shape[axis]):
         raise CompressedFileError(f"{record.name}: {scale.numel} scales for axis {record.axis}.")

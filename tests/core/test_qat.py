@@ -145,7 +145,7 @@ def test_multihead_attention_projection_is_left_alone_by_default():
     block = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
     names = convert_to_qat(block, QuantConfig())
     assert names == ["linear1", "linear2"]
-    with pytest.raises(ValueError, match=r"supports nn\.Linear and nn\.Conv1d/2d/3d"):
+    with pytest.raises(ValueError, match=r"supports nn\.Linear, nn\.Conv1d/2d/3d"):
         convert_to_qat(nn.TransformerEncoderLayer(16, 2, 32), QuantConfig(), include=["self_attn.out_proj"])
 
 
@@ -200,3 +200,27 @@ def test_transformer_encoder_layer_fast_path_does_not_skip_fake_quant():
     assert torch.allclose(fused, unfused, atol=1e-6)
     convert_to_float(block)
     assert not any(len(m._forward_pre_hooks) for m in block.modules())
+
+
+def test_a_learned_scale_pushed_through_zero_is_used_as_its_magnitude(tmp_path):
+    """Regression: an optimizer drove LSQ step sizes negative and a ResNet's output collapsed to a constant."""
+    from lightning_compress import load_compressed, save_compressed
+
+    model = net()
+    convert_to_qat(model, QuantConfig(4, 8, "learned"))
+    calibrate(model, [torch.rand(8, 1, 8, 8) for _ in range(2)])
+    enable_fake_quant(model)
+    model.eval()
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        for _, q in quantizers(model):
+            q.scale.neg_()  # where a large learning rate can take it
+        got = model(x)
+    assert torch.equal(got, want)
+    assert all(bool((q.effective_scale() > 0).all()) for _, q in quantizers(model))
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = net()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(x), want, atol=1e-6)

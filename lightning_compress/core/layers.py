@@ -1,0 +1,35 @@
+"""Linear-like layers: which module types compression treats as ``y = x W (+ b)``, and their weight axes.
+
+``nn.Linear`` and every ``nn.ConvNd`` store the weight as ``(out, in, ...)``. ``transformers``'
+``Conv1D`` (GPT-2, GPT, ...) stores it as ``(in, out)``: its output channels are along axis 1.
+It is recognized when ``transformers`` is already imported (a model that has one imported it);
+this package never imports ``transformers`` itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+__all__ = ["linear_like_types", "transformers_conv1d", "weight_axes"]
+
+
+def transformers_conv1d() -> type[nn.Module] | None:
+    """``transformers.pytorch_utils.Conv1D`` if ``transformers`` is loaded, else ``None``."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    found = getattr(module, "Conv1D", None) if module is not None else None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def linear_like_types() -> tuple[type[nn.Module], ...]:
+    """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers`` Conv1D."""
+    conv1d = transformers_conv1d()
+    base: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+    return base if conv1d is None else (*base, conv1d)
+
+
+def weight_axes(module: nn.Module) -> tuple[int, int]:
+    """``(output axis, input axis)`` of ``module.weight``: ``(1, 0)`` for ``transformers`` Conv1D, else ``(0, 1)``."""
+    conv1d = transformers_conv1d()
+    return (1, 0) if conv1d is not None and isinstance(module, conv1d) else (0, 1)

@@ -1,0 +1,212 @@
+"""Models nobody here wrote: `transformers` GPT-2 (Conv1D layers, weight stored as (in, out), a tied lm_head).
+
+Built from configs with random weights; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_compress import (
+    IterativePruner,
+    QuantConfig,
+    calibrate,
+    convert_to_float,
+    convert_to_qat,
+    enable_fake_quant,
+    load_compressed,
+    prune_,
+    save_compressed,
+)
+from lightning_compress.core.nm import is_nm
+from lightning_compress.core.qat import qat_modules, quantizers
+
+transformers = pytest.importorskip("transformers")
+
+BLOCK_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    config.use_cache = False
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tokens(batch: int = 2, length: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def conv1d_names(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, transformers.pytorch_utils.Conv1D)]
+
+
+def test_pruning_selects_every_conv1d_and_leaves_the_tied_embedding_alone():
+    model = gpt2()
+    embedding = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"leaves \['lm_head'\] out"):
+        masks = prune_(model, 0.9)
+    assert sorted(n.removesuffix(".weight") for n in masks) == sorted(
+        f"transformer.h.{i}.{layer}" for i in range(2) for layer in BLOCK_LAYERS
+    )
+    zeros = sum(int((model.get_parameter(n) == 0).sum()) for n in masks)
+    assert zeros == pytest.approx(0.9 * sum(m.numel() for m in masks.values()), abs=1)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+
+
+def test_two_four_blocks_run_along_the_input_axis_of_conv1d():
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        masks = prune_(model, 0.5, granularity="2:4")
+    for name, mask in masks.items():
+        assert is_nm(mask, 2, 4, in_axis=0), name  # (in, out): blocks of 4 consecutive inputs of one output
+        assert is_nm(mask.t(), 2, 4), name
+
+
+def test_iterative_pruning_in_a_plain_loop_on_gpt2():
+    model = gpt2().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = IterativePruner(model, 0.8, total_steps=12, every_n_steps=3, importance="taylor", optimizers=optimizer)
+    for step in range(12):
+        ids = tokens(seed=step)
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        pruner.before_optimizer_step()
+        optimizer.step()
+        pruner.step()
+    assert pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    assert len(pruner.targets) == 8
+
+
+def test_qat_converts_every_conv1d_computes_the_same_until_enabled_and_round_trips():
+    model = gpt2()
+    ids = tokens()
+    before = logits(model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = convert_to_qat(model, QuantConfig(8, 8))
+    assert sorted(names) == sorted(conv1d_names(gpt2())) and len(names) == 8
+    assert torch.equal(logits(model, ids), before)  # nothing enabled yet
+    weight_quantizers = [q for n, q in quantizers(model) if n.endswith("weight_fake_quant")]
+    assert all(q.channel_axis == 1 and q.scale.numel() == q.scale.shape[0] for q in weight_quantizers)
+    layer = model.transformer.h[0].attn.c_attn
+    assert weight_quantizers[0].scale.numel() == layer.weight.shape[1]  # one scale per output column
+    calibrate(model, [tokens(seed=s) for s in range(3)])
+    enable_fake_quant(model)
+    quantized = logits(model, ids)
+    assert not torch.equal(quantized, before)
+    assert (quantized - before).abs().max() < 0.1 * before.abs().max()
+    params = {id(p) for p in model.parameters()}
+    assert all(id(m.weight) in params for _, m in qat_modules(model))
+    assert convert_to_float(model) and torch.equal(logits(model, ids), before)
+
+
+def test_pruned_and_quantized_gpt2_saves_and_loads_into_a_fresh_model(tmp_path):
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_(model, 0.9)
+        convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [tokens(seed=s) for s in range(2)])
+    enable_fake_quant(model)
+    ids = tokens(seed=7)
+    want = logits(model, ids)
+    report = save_compressed(model, tmp_path / "gpt2.lcz")
+    fresh = gpt2(seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_compressed(fresh, tmp_path / "gpt2.lcz")
+    assert torch.equal(logits(fresh, ids), want)
+    assert report.compression_ratio > 4.0  # 90% sparse int8 blocks; the dense embedding dominates
+
+
+def test_gpt2_exports_to_onnx_with_int8_weights(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = gpt2()
+    model.config.use_cache = True  # the default of a transformers decoder: outputs carry caches
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [tokens(seed=s) for s in range(2)])
+    enable_fake_quant(model)
+    ids = tokens(seed=5)
+    with pytest.raises(ValueError, match="pass `attention_mask` along with `input_ids`"):
+        export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids})  # transformers' mask builder: aten::diff
+    assert not (tmp_path / "gpt2.onnx").exists()
+    export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert model.config.use_cache is True  # turned off for tracing only
+    proto = onnx.load(str(tmp_path / "gpt2.onnx"))
+    int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8) >= 8
+    session = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
+    want = logits(model, ids).numpy()
+    assert got.shape == want.shape
+    assert abs(got - want).max() < 0.05 * abs(want).max()
+
+
+def bert(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_bert_channel_masks_are_always_ones_compact_can_apply():
+    """Regression: BERT's forward cannot run on the meta device, the removability check was skipped, and
+    `prune_(granularity="channel")` zeroed Q/K/V rows that `compact` then refused (heads reshape)."""
+    from lightning_compress import compact
+
+    model = bert()
+    ids = tokens(2, 12)
+    x = {"input_ids": ids % 64, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        before = model(**x).logits
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    pruned = {name.rsplit(".", 1)[0] for name, mask in masks.items() if not bool(mask.all())}
+    assert "bert.encoder.layer.0.intermediate.dense" in pruned  # MLP neurons (and the next layer's inputs)
+    assert not any(part in n for n in pruned for part in ("query", "key", "value", "attention")), pruned
+    report = compact(model, x)
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        after = model(**x).logits
+    assert after.shape == before.shape
+
+
+def test_bert_onnx_with_a_dynamic_sequence_length(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = bert()
+    convert_to_qat(model, QuantConfig(8, 8))
+    ids = tokens(2, 12) % 64
+    calibrate(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    enable_fake_quant(model)
+    sequence = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+    export_onnx(
+        model, tmp_path / "bert.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, dynamic_axes=sequence
+    )
+    session = ort.InferenceSession(str(tmp_path / "bert.onnx"), providers=["CPUExecutionProvider"])
+    longer = tokens(3, 20, seed=9) % 64
+    got = session.run(None, {"input_ids": longer.numpy(), "attention_mask": torch.ones_like(longer).numpy()})[0]
+    with torch.no_grad():
+        want = model(input_ids=longer, attention_mask=torch.ones_like(longer)).logits.numpy()
+    assert abs(got - want).max() < 1e-3
