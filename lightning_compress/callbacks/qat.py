@@ -60,6 +60,12 @@ class QuantizationAwareTraining(Callback):
         export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
             needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
             The model itself is not changed; the report is in :attr:`export_report`.
+        group_size: ``None``: per-output-channel weight scales. An int (e.g. 32): one scale per group of
+            that many consecutive input weights of each output row, the LLM recipe (with
+            ``weight_bits=4``); layers whose input size it does not divide stay per channel.
+        activation_granularity: ``"per_tensor"`` (observed ranges) or ``"per_token"`` (a dynamic
+            asymmetric scale per row, from each batch; no observers): with ``group_size=32``,
+            ``weight_bits=4`` and ``activation_bits=8``, torchao's 8da4w recipe.
 
     To load a QAT checkpoint for inference without the callback, see
     :func:`lightning_compress.load_qat_checkpoint`.
@@ -82,9 +88,17 @@ class QuantizationAwareTraining(Callback):
         exclude: Sequence[str] | str | None = None,
         shift_search_batches: int = 4,
         export_path: str | Path | None = None,
+        group_size: int | None = None,
+        activation_granularity: str = "per_tensor",
     ) -> None:
         super().__init__()
-        self.config = QuantConfig(weight_bits=weight_bits, activation_bits=activation_bits, scale=scale)
+        self.config = QuantConfig(
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            scale=scale,
+            group_size=group_size,
+            activation_granularity=activation_granularity,
+        )
         if not isinstance(shift_search, bool):
             raise TypeError(f"`shift_search` must be a bool, got {shift_search!r}.")
         if shift_search and scale != "power_of_two":

@@ -10,11 +10,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .quant import affine_qparams, fake_quantize, int_range, lsq_fake_quantize, power_of_two_scale, symmetric_scale
+from .quant import (
+    affine_qparams,
+    fake_quantize,
+    fake_quantize_dynamic,
+    int_range,
+    lsq_fake_quantize,
+    power_of_two_scale,
+    scale_per_element,
+    symmetric_scale,
+    symmetric_scale_fp16,
+)
 
 __all__ = ["SCALE_MODES", "FakeQuantizer", "QuantConfig"]
 
 _MIN_LEARNED_SCALE = 1e-8
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 
 SCALE_MODES = ("minmax", "power_of_two", "learned")
 
@@ -30,12 +41,21 @@ class QuantConfig:
         scale: ``"minmax"`` (ranges from the weights / EMA min-max observers), ``"power_of_two"``
             (scale ``2**-p``: fixed point with ``p`` fractional bits) or ``"learned"`` (LSQ).
         averaging_constant: EMA weight of a new batch in the activation observers.
+        group_size: ``None``: per-output-channel weight scales. An int: symmetric scales per group of
+            that many consecutive input weights of each output row (the LLM recipe: int4, groups of
+            32-128). It must divide a layer's input size; other layers (and convolutions) stay per
+            channel, with a one-time message. ``"minmax"`` scales only.
+        activation_granularity: ``"per_tensor"``: one observed (EMA min/max) scale per layer input.
+            ``"per_token"``: a dynamic asymmetric scale per row (token), computed from each batch, no
+            observers (int8 dynamic activations of the LLM recipe). ``"minmax"`` scales only.
     """
 
     weight_bits: int = 8
     activation_bits: int | None = 8
     scale: str = "minmax"
     averaging_constant: float = 0.01
+    group_size: int | None = None
+    activation_granularity: str = "per_tensor"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -50,6 +70,26 @@ class QuantConfig:
             raise ValueError(f"`scale`={self.scale!r} is not one of {SCALE_MODES}.")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"`averaging_constant`={self.averaging_constant} must be in (0, 1].")
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+                raise TypeError(f"`group_size` must be an int or None, got {self.group_size!r}.")
+            if self.group_size < 2:
+                raise ValueError(f"`group_size`={self.group_size} must be >= 2.")
+            if self.scale != "minmax":
+                raise ValueError(
+                    f"`group_size`={self.group_size} needs scale='minmax', got `scale`={self.scale!r}: learned and "
+                    "power-of-two scales are per output channel (or per tensor)."
+                )
+        if self.activation_granularity not in ACTIVATION_GRANULARITIES:
+            raise ValueError(
+                f"`activation_granularity`={self.activation_granularity!r} is not one of {ACTIVATION_GRANULARITIES}."
+            )
+        if self.activation_granularity == "per_token" and (self.activation_bits is None or self.scale != "minmax"):
+            raise ValueError(
+                "`activation_granularity`='per_token' quantizes activations with dynamic min/max scales: it needs "
+                f"`activation_bits` and scale='minmax', got `activation_bits`={self.activation_bits}, "
+                f"`scale`={self.scale!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +113,9 @@ class FakeQuantizer(nn.Module):
         channels: output channels for per-channel weight scales (0 = per tensor).
         averaging_constant: EMA weight of a new batch.
         channel_axis: the weight's output-channel axis (1 for a ``transformers`` Conv1D).
+        groups: weights: scale groups per output channel (the input axis of a 2-d weight split into
+            that many consecutive groups); ``0``: one scale per channel.
+        granularity: activations: ``"per_tensor"`` (observed) or ``"per_token"`` (dynamic, per row).
     """
 
     scale: Tensor
@@ -94,6 +137,8 @@ class FakeQuantizer(nn.Module):
         channels: int = 0,
         averaging_constant: float = 0.01,
         channel_axis: int = 0,
+        groups: int = 0,
+        granularity: str = "per_tensor",
     ) -> None:
         super().__init__()
         if role not in ("weight", "activation"):
@@ -104,7 +149,12 @@ class FakeQuantizer(nn.Module):
         self.averaging_constant = averaging_constant
         self.per_channel = role == "weight" and mode != "power_of_two" and channels > 0
         self.channel_axis = channel_axis
-        scale = torch.ones((channels,) if self.per_channel else ())
+        self.groups = groups if self.per_channel else 0
+        self.per_token = role == "activation" and granularity == "per_token"
+        if self.groups:  # group scales are float16 values, as deployment formats store them
+            scale = torch.ones((channels, self.groups), dtype=torch.float16)
+        else:
+            scale = torch.ones((channels,) if self.per_channel else ())
         if mode == "learned":
             self.scale = nn.Parameter(scale, requires_grad=False)
         else:
@@ -173,7 +223,13 @@ class FakeQuantizer(nn.Module):
     # ------------------------------------------------------------------ integer range
     @property
     def axis(self) -> int | None:
-        return self.channel_axis if self.per_channel else None
+        """The channel axis of per-channel scales (``None``: per tensor, per group or per token)."""
+        return self.channel_axis if self.per_channel and not self.groups else None
+
+    def expanded_scale(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """The scale of every element of a weight of ``shape`` (per tensor, channel or group), detached."""
+        axis = self.channel_axis if self.per_channel else None
+        return scale_per_element(self.effective_scale().detach(), shape, axis)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -199,24 +255,51 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.exporting:
             return self._export_forward(x)
-        observed = self.training and self.observer_enabled
+        if self.per_token:
+            return self._per_token(x) if self.fake_quant_enabled else x
+        # a weight quantizer switched on before it ever saw its weight takes its range from it now
+        first = self.role == "weight" and self.fake_quant_enabled and not self.initialized and not self.is_learned
+        observed = (self.training and self.observer_enabled) or first
         if observed:
             self.observe(x)
         if not self.fake_quant_enabled:
             return x
         qmin, qmax = self.qrange
+        if self.groups:
+            grouped = self._grouped(x)
+            # a min/max scale computed from this very weight cannot clip it
+            out = fake_quantize(grouped, self.scale.unsqueeze(-1), self.zero_point, qmin, qmax, None, not observed)
+            return self._ungrouped(out, x)
         if self.is_learned:
             return lsq_fake_quantize(x, self.effective_scale(), self.zero_point, qmin, qmax, self.axis)
         # a min/max weight scale computed from this very tensor cannot clip it
         may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
         return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
 
+    def _grouped(self, w: Tensor) -> Tensor:
+        """A 2-d weight as ``(out, groups, group_size)``."""
+        rows = w if self.channel_axis == 0 else w.t()
+        return rows.reshape(rows.shape[0], self.groups, -1)
+
+    def _ungrouped(self, grouped: Tensor, like: Tensor) -> Tensor:
+        rows = grouped.reshape(grouped.shape[0], -1)
+        return rows if self.channel_axis == 0 else rows.t()
+
+    def _per_token(self, x: Tensor) -> Tensor:
+        """Dynamic asymmetric fake quantization, one scale per row of the last dimension (straight-through)."""
+        qmin, qmax = int_range(self.bits, True)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        lo = rows.amin(dim=-1, keepdim=True)  # amin + amax: several times faster than aminmax on short rows
+        hi = rows.amax(dim=-1, keepdim=True)
+        scale, zero_point = affine_qparams(lo.detach(), hi.detach(), qmin, qmax)
+        return fake_quantize_dynamic(rows, scale, zero_point, qmin, qmax).reshape(x.shape).to(x.dtype)
+
     def begin_export(self, channels: int = 0) -> None:
         """Emit ``torch.fake_quantize_*`` ops with constant scales (ONNX Q/DQ) until :meth:`end_export`.
 
         ``channels``: output channels of the weight this quantizer quantizes (weights only).
         """
-        if self.role == "weight":
+        if self.role == "weight" and not self.groups:
             scale = self.effective_scale().detach().float().expand(channels).contiguous()
             # persistent: exporters lift state_dict entries to initializers; anything else is a constant
             self.register_buffer("_export_scale", scale)
@@ -230,6 +313,14 @@ class FakeQuantizer(nn.Module):
                 delattr(self, name)
 
     def _export_forward(self, x: Tensor) -> Tensor:
+        if self.fake_quant_enabled and (self.groups or self.per_token):
+            raise ValueError(
+                "export_onnx writes int8 Q/DQ graphs: group-wise weight scales and per-token activations have no "
+                "int8 ONNX form here; export them with `export_onnx_int4` (onnxruntime MatMulNBits)."
+            )
+        return self._export_per_channel(x)
+
+    def _export_per_channel(self, x: Tensor) -> Tensor:
         """Same values as :meth:`forward` in eval mode, with ``torch.fake_quantize_*`` ops (8-bit containers).
 
         The exporters map these ops to QuantizeLinear/DequantizeLinear; ranges narrower than the
@@ -294,6 +385,10 @@ class FakeQuantizer(nn.Module):
                 shift, _ = power_of_two_scale(w.abs().max(), qmax)
                 self.shift.copy_(shift)
             self.scale.copy_(torch.pow(2.0, -self.shift.float()))
+        elif self.groups:
+            grouped = self._grouped(w)
+            amax = torch.maximum(grouped.amax(dim=-1), -grouped.amin(dim=-1))
+            self.scale.copy_(symmetric_scale_fp16(amax, qmax))
         elif not self.is_learned:
             if self.per_channel:
                 moved = w.movedim(self.channel_axis, 0)
@@ -330,7 +425,14 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         on = "on" if self.fake_quant_enabled else "off"
-        return f"role={self.role}, bits={self.bits}, mode={self.mode}, per_channel={self.per_channel}, fake_quant={on}"
+        kind = (
+            "per_token"
+            if self.per_token
+            else f"groups={self.groups}"
+            if self.groups
+            else f"per_channel={self.per_channel}"
+        )
+        return f"role={self.role}, bits={self.bits}, mode={self.mode}, {kind}, fake_quant={on}"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         if not any(key.startswith(prefix) for key in state_dict):

@@ -10,6 +10,7 @@ module computes exactly what the float module computes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, cast
@@ -52,6 +53,7 @@ class _QATMixin:
     input_fake_quant: nn.Module
     float_class: ClassVar[type[nn.Module]]
     _export_weight: Tensor | None = None
+    _int4: Any = None  # an Int4Weights while `int4_export_mode` is on
 
     def _adopt(self, module: Any, config: QuantConfig) -> None:
         """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
@@ -60,16 +62,21 @@ class _QATMixin:
         layer.bias = module.bias
         weight: Tensor = module.weight
         device = weight.device
-        out_axis = weight_axes(module)[0]
+        out_axis, in_axis = weight_axes(module)
         layer.weight_fake_quant = FakeQuantizer(
             "weight", config.weight_bits, config.scale, channels=weight.shape[out_axis],
             averaging_constant=config.averaging_constant, channel_axis=out_axis,
+            groups=group_count(weight, in_axis, config.group_size) or 0,
         ).to(device)  # fmt: skip
         layer.input_fake_quant = (
             nn.Identity()
             if config.activation_bits is None
             else FakeQuantizer(
-                "activation", config.activation_bits, config.scale, averaging_constant=config.averaging_constant
+                "activation",
+                config.activation_bits,
+                config.scale,
+                averaging_constant=config.averaging_constant,
+                granularity=config.activation_granularity,
             ).to(device)
         )
         layer.train(module.training)  # a model in eval mode must not start observing
@@ -92,6 +99,13 @@ class _QATMixin:
         self.weight_fake_quant.begin_export(self._export_weight.shape[self.weight_fake_quant.channel_axis])
         if isinstance(self.input_fake_quant, FakeQuantizer):
             self.input_fake_quant.begin_export()
+
+    def begin_int4(self, weights: Any) -> None:
+        """Compute through ``MatMulNBits`` (see :mod:`.int4`) until :meth:`end_int4`."""
+        self._int4 = weights
+
+    def end_int4(self) -> None:
+        self._int4 = None
 
     def end_export(self) -> None:
         self._export_weight = None
@@ -118,6 +132,8 @@ class QATLinear(_QATMixin, nn.Linear):
         return cast(nn.Linear, self._share_into(float_layer))
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._int4 is not None:
+            return cast(Tensor, self._int4(input))
         return F.linear(self.input_fake_quant(input), self.quantized_weight(), self.bias)
 
 
@@ -186,6 +202,8 @@ class _QATTransformersConv1DMixin(_QATMixin):
         return self._share_into(float_layer)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._int4 is not None:
+            return cast(Tensor, self._int4(input))
         x = self.input_fake_quant(input)
         flat = x.reshape(-1, x.size(-1))
         bias = cast(Any, self).bias
@@ -229,6 +247,13 @@ def __getattr__(name: str) -> Any:
         if made is not None:
             return made
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def group_count(weight: Tensor, in_axis: int, group_size: int | None) -> int | None:
+    """Scale groups per output channel for ``group_size`` (``None``: the layer stays per channel)."""
+    if group_size is None or weight.dim() != 2 or weight.shape[in_axis] % group_size:
+        return None
+    return weight.shape[in_axis] // group_size
 
 
 def quantizable(module: nn.Module) -> bool:
@@ -282,6 +307,20 @@ def convert_to_qat(
         for m in block.modules()
     }
     names = []
+    per_channel = [
+        t.name
+        for t in targets
+        if config.group_size is not None
+        and not isinstance(t.module, _QATMixin)
+        and group_count(t.param, t.in_axis, config.group_size) is None
+    ]
+    if per_channel:
+        warnings.warn(
+            f"lightning-compress: {per_channel} keep per-channel weight scales: `group_size`={config.group_size} "
+            "needs a 2-d weight whose input size it divides.",
+            UserWarning,
+            stacklevel=2,
+        )
     for target in targets:
         module = target.module
         names.append(target.name)
@@ -442,8 +481,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
 def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool | None = None) -> int:
     """Switch fake quantization on (or off) in every quantizer of ``model``; returns how many.
 
-    ``observe``: also switch the observers (``None``: leave them). Learned (LSQ) scales start
-    training when quantization is on. Export a model with fake quantization on to get int8.
+    ``observe``: switch every observer on or off too. ``None`` (default): weight observers follow
+    ``enabled`` (a weight's scale then follows the weight as it trains, and is read from it in
+    eval mode the first time), activation observers are left as they are (as :func:`calibrate`
+    left them). Learned (LSQ) scales start training when quantization is on. Export a model with
+    fake quantization on to get int8 (or int4 groups).
     """
     found = quantizers(model)
     if not found:
@@ -452,4 +494,6 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
         q.fake_quant_enabled = enabled
         if observe is not None:
             q.observer_enabled = observe
+        elif q.role == "weight":
+            q.observer_enabled = enabled
     return len(found)

@@ -21,14 +21,18 @@ __all__ = [
     "affine_qparams",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_dynamic",
     "int_range",
     "lsq_fake_quantize",
     "power_of_two_scale",
     "quantize",
+    "scale_per_element",
     "symmetric_scale",
+    "symmetric_scale_fp16",
 ]
 
 _EPS = torch.finfo(torch.float32).tiny
+_FP16_TINY = 2.0**-24  # the smallest positive float16
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -112,6 +116,28 @@ def fake_quantize(
     return out.to(x.dtype)
 
 
+class _DynamicFakeQuantize(torch.autograd.Function):
+    """Fake quantization with a range taken from the data itself: the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+        zp = zero_point.to(x.dtype)
+        u = x * (1.0 / scale)
+        return u.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return grad, None, None, None, None
+
+
+def fake_quantize_dynamic(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """:func:`fake_quantize` for scales just computed from ``x`` (per token): clamps, straight-through gradient.
+
+    ``scale``/``zero_point`` broadcast against ``x`` (e.g. one per row, shaped ``(rows, 1)``).
+    """
+    return _DynamicFakeQuantize.apply(x.float(), scale.detach().float(), zero_point.detach(), qmin, qmax)
+
+
 class _LSQ(torch.autograd.Function):
     """Learned step size (Esser et al. 2020): STE for x, scaled gradient for the step size."""
 
@@ -166,6 +192,31 @@ def lsq_fake_quantize(
     grad_scale = 1.0 / math.sqrt(per_scale * max(abs(qmin), qmax))
     out = _LSQ.apply(x.float(), scale, zero_point, qmin, qmax, axis, grad_scale)
     return out.to(x.dtype)
+
+
+def scale_per_element(scale: Tensor, shape: torch.Size | tuple[int, ...], axis: int | None) -> Tensor:
+    """The scale of every element of a tensor of ``shape`` (an expanded view where possible).
+
+    ``scale`` is a scalar (per tensor), one value per channel along ``axis``, or ``(channels, groups)``:
+    groups of consecutive elements along the other axis of a 2-d tensor.
+    """
+    scale = scale.float()
+    if scale.dim() == 2 and axis is not None:
+        rows = scale.unsqueeze(-1).expand(*scale.shape, shape[1 - axis] // scale.shape[1]).reshape(scale.shape[0], -1)
+        return rows if axis == 0 else rows.t()
+    if axis is not None and scale.dim() == 1:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return scale.reshape(view).expand(shape)
+    return scale.expand(shape)
+
+
+def symmetric_scale_fp16(amax: Tensor, qmax: int) -> Tensor:
+    """:func:`symmetric_scale` rounded up to the next float16 value (as float16): still no clipping,
+    and the scale a deployment format stores (fp16) is exactly the one trained with."""
+    scale = torch.clamp(amax.float() / qmax, min=_FP16_TINY)
+    half = scale.half()
+    return torch.where(half.float() < scale, torch.nextafter(half, torch.full_like(half, math.inf)), half)
 
 
 def symmetric_scale(amax: Tensor, qmax: int) -> Tensor:

@@ -98,8 +98,9 @@ def estimate_size(model: nn.Module) -> ModelSize:
         dense = weight.numel() * weight.element_size()
         sparse = _positions_bytes(values) + (nonzero * stored_bits + 7) // 8
         if quantizer is not None:
-            sparse += 4 * quantizer.scale.numel()
-            dense_quantized = (weight.numel() * stored_bits + 7) // 8 + 4 * quantizer.scale.numel()
+            scale_bytes = quantizer.scale.numel() * quantizer.scale.element_size()  # float16 group scales: 2
+            sparse += scale_bytes
+            dense_quantized = (weight.numel() * stored_bits + 7) // 8 + scale_bytes
             size = min(sparse, dense_quantized)
         else:
             size = min(sparse, dense)

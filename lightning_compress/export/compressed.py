@@ -17,7 +17,7 @@ untouched.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from ..core.packing import (
     unpack_codes,
 )
 from ..core.qat import FakeQuantizer, QuantConfig, convert_to_qat, qat_modules, quantizers
-from ..core.quant import quantize
+from ..core.quant import quantize, scale_per_element
 from ..core.structure import is_depthwise, supported
 from .container import FORMAT_VERSION, CompressedFileError, read_container, write_container
 from .records import SECTIONS, ArchitectureMismatch, TensorRecord, max_manifest_bytes, max_raw_bytes, plan
@@ -60,6 +60,12 @@ class _Sections:
 
 def _raw(t: Tensor) -> bytes:
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _positions_cost(mask: Tensor) -> int:
+    """Bytes the positions of ``mask`` would take (the smaller of a bitmask and a gap stream)."""
+    flat = mask.reshape(-1).cpu()
+    return min((flat.numel() + 7) // 8, encode_gaps(flat.nonzero().reshape(-1)).numel())
 
 
 def _positions(mask: Tensor, sections: _Sections) -> tuple[str, int]:
@@ -92,6 +98,11 @@ def _qat_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
             "scale": wq.mode,
             "averaging_constant": wq.averaging_constant,
         }
+        if wq.groups:  # the LLM recipe's fields, written only when used (older readers know the rest)
+            weight = cast(Tensor, layer.weight)
+            layers[name]["group_size"] = int(weight.shape[1 - wq.channel_axis]) // wq.groups
+        if isinstance(aq, FakeQuantizer) and aq.per_token:
+            layers[name]["activation_granularity"] = "per_token"
     return layers
 
 
@@ -109,18 +120,28 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     state = model.state_dict()
     for qname, q in quantizers(model):  # learned scales are stored as the step size in use
         state[f"{qname}.scale"] = q.effective_scale().detach()
+    stored: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}  # tied tensors: stored once
     for name, tensor in state.items():
         tensor = tensor.detach()
         head: dict[str, Any] = {"name": name, "dtype": str(tensor.dtype).split(".")[-1], "shape": tuple(tensor.shape)}
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in stored and name not in quantized and stored[key] not in quantized:
+            records.append(TensorRecord(**head, kind="alias", of=stored[key]))
+            continue
+        stored.setdefault(key, name)
         if name in quantized:
             quantizer, layer_name = quantized[name]
             qmin, qmax = quantizer.qrange
-            codes = quantize(
-                tensor, quantizer.effective_scale().detach(), quantizer.zero_point, qmin, qmax, quantizer.axis
-            )
+            axis = quantizer.channel_axis if quantizer.per_channel else None  # per channel or per group
+            codes = quantize(tensor, quantizer.expanded_scale(tensor.shape), quantizer.zero_point, qmin, qmax)
             nonzero = codes != 0
             count = int(nonzero.sum())
-            coding, pos_bytes = _positions(nonzero, sections)
+            container = code_container_bits(quantizer.bits)
+            if _positions_cost(nonzero) + (count * container + 7) // 8 >= (codes.numel() * container + 7) // 8:
+                nonzero = torch.ones_like(nonzero)  # dense codes are smaller than positions + nonzero codes
+                count, coding, pos_bytes = codes.numel(), "dense", 0
+            else:
+                coding, pos_bytes = _positions(nonzero, sections)
             code_bytes = sections.add(
                 "codes", pack_codes(codes.reshape(-1)[nonzero.reshape(-1)], quantizer.bits).numpy().tobytes()
             )
@@ -132,13 +153,13 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
                     coding=coding,
                     position_bytes=pos_bytes,
                     bits=quantizer.bits,
-                    axis=quantizer.axis,
+                    axis=axis,
                     qmin=qmin,
                     qmax=qmax,
                     quantizer=f"{layer_name}.weight_fake_quant.",
                 )
             )
-            after = pos_bytes + code_bytes + 4 * quantizer.scale.numel()
+            after = pos_bytes + code_bytes + quantizer.scale.numel() * quantizer.scale.element_size()
             layers.append(_layer_report(name, tensor, count, quantizer.bits, after, coding))
         elif tensor.is_floating_point() and tensor.numel() >= 64 and _worth_sparse(tensor):
             nonzero = tensor != 0
@@ -202,6 +223,8 @@ class _Reader:
 
 def _mask(record: TensorRecord, data: Tensor) -> Tensor:
     """The record's positions as a flat bool mask; raises if the stream does not hold ``count`` of them."""
+    if record.coding == "dense":
+        return torch.ones(record.numel, dtype=torch.bool)
     if record.coding == "bitmask":
         mask = unpack_bits(data, record.numel)
         if int(mask.sum()) != record.count:
@@ -225,6 +248,8 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray) 
         if record.kind == "raw":
             tensors[record.name] = reader.take("data", record.numel * element).clone().view(dtype).reshape(record.shape)
             continue
+        if record.kind == "alias":
+            continue  # filled in below, once every stored tensor is decoded
         mask = _mask(record, reader.take("positions", record.position_bytes))
         if record.kind == "sparse":
             values = reader.take("data", record.count * element).clone().view(dtype)
@@ -235,17 +260,14 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray) 
             nbytes = (record.count * code_container_bits(record.bits) + 7) // 8
             pending.append((record, mask, unpack_codes(reader.take("codes", nbytes), record.bits, record.count)))
     for record, mask, codes in pending:
-        scale = tensors[record.quantizer + "scale"].float()
+        scale = scale_per_element(tensors[record.quantizer + "scale"], record.shape, record.axis).reshape(-1)[mask]
         zero_point = tensors.get(record.quantizer + "zero_point", torch.zeros((), dtype=torch.int32)).to(torch.int32)
-        if record.axis is not None:  # one scale per output channel: the channel of every stored position
-            view = [1] * len(record.shape)
-            view[record.axis] = -1
-            scale = scale.reshape(view).expand(record.shape).reshape(-1)[mask]
-            if zero_point.dim():
-                zero_point = zero_point.reshape(view).expand(record.shape).reshape(-1)[mask]
         out = torch.zeros(record.numel, dtype=torch.float32)
         out[mask] = (codes - zero_point).float() * scale  # what `dequantize` computes, at the stored positions
         tensors[record.name] = out.to(record.torch_dtype).reshape(record.shape)
+    for record in records:
+        if record.kind == "alias":
+            tensors[record.name] = tensors[record.of]
     return tensors
 
 
@@ -301,7 +323,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     if manifest.get("compacted"):
         setattr(model, COMPACTED_FLAG, True)
     del tensors
-    layers = [_loaded_layer(r) for r in records if r.kind != "raw"]
+    layers = [_loaded_layer(r) for r in records if r.kind in ("sparse", "quantized")]
     return CompressionReport.of_file(path, "lightning-compress", layers, model)
 
 

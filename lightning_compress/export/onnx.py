@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.qat import export_mode
+from ..core.int4 import int4_export_mode
+from ..core.qat import export_mode, quantizers
 from ..core.structure import without_cache
 from .report import CompressionReport, LayerReport
 
@@ -68,8 +69,14 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     opset: int = 17,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    accuracy_level: int = 0,
 ) -> CompressionReport:
-    """Export ``model`` to an ONNX file with int8 weights and a dynamic batch dimension.
+    """Export ``model`` to an ONNX file with int8 weights (int4 group weights) and a dynamic batch dimension.
+
+    Layers with 4-bit weights in groups of a power of two >= 16 input weights
+    (``QuantConfig(weight_bits=4, group_size=32)``) become onnxruntime's ``MatMulNBits`` (the int4
+    kernel LLM runtimes use; ``accuracy_level=4`` lets it quantize activations to int8 per block, the
+    runtime's form of per-token int8 activations); the other fake-quant layers become int8 Q/DQ.
 
     Args:
         model: a model converted by :func:`~lightning_compress.convert_to_qat` (or trained with
@@ -82,6 +89,8 @@ def export_onnx(
         opset: ONNX opset (13 or newer for per-channel quantization).
         dynamic_axes: more dynamic dimensions per input or output name, on top of the batch (dimension 0),
             e.g. ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}, "output_0": {1: "sequence"}}``.
+        accuracy_level: ``MatMulNBits``' compute type for int4 layers: ``0`` (float activations, W4A16)
+            or ``4`` (int8 activations, quantized by onnxruntime per block).
 
     Returns:
         A :class:`CompressionReport` of the quantized weights and the file size.
@@ -97,7 +106,9 @@ def export_onnx(
         names = list(input_names or example_inputs.keys())
     else:
         names = list(input_names or [f"input_{i}" for i in range(len(args))])
-    with export_mode(model), without_cache(model), torch.no_grad():
+    grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
+    mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
+    with mode as swapped, without_cache(model), torch.no_grad():
         outputs = model(**args[0]) if isinstance(example_inputs, Mapping) else model(*args)
         n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
@@ -115,6 +126,7 @@ def export_onnx(
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
+                custom_opsets={"com.microsoft": 1} if grouped else None,
             )
         except torch.onnx.errors.UnsupportedOperatorError as err:
             traced.unlink(missing_ok=True)
@@ -128,7 +140,7 @@ def export_onnx(
         proto = onnx.load(str(traced))
     finally:
         traced.unlink(missing_ok=True)
-    layers = _int8_weights(proto, numpy_helper)
+    layers = _int8_weights(proto, numpy_helper) + _int4_reports(swapped if isinstance(swapped, dict) else {})
     _fold_batch_norms(proto, numpy_helper)
     _quantize_before_pass_through(proto, numpy_helper)
     _integer_float_gemms(proto, numpy_helper)
@@ -136,7 +148,22 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(path)
-    return CompressionReport.of_file(path, "onnx", layers, model)
+    return CompressionReport.of_file(path, "onnx-int4" if grouped else "onnx", layers, model)
+
+
+def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:
+    return [
+        LayerReport(
+            name=f"{name}.weight",
+            numel=int(w.weight.numel()),
+            nonzero=int(w.weight.count_nonzero()),
+            bits=4,
+            bytes_before=int(w.weight.numel()) * 4,
+            bytes_after=w.nbytes,
+            index_coding="dense",
+        )
+        for name, w in swapped.items()
+    ]
 
 
 def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:

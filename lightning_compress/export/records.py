@@ -25,7 +25,7 @@ from .container import CompressedFileError
 __all__ = ["SECTIONS", "ArchitectureMismatch", "TensorRecord", "max_manifest_bytes", "max_raw_bytes", "plan"]
 
 SECTIONS = ("positions", "codes", "data")  # similar bytes together: the entropy coder does better
-KINDS = ("raw", "sparse", "quantized")
+KINDS = ("raw", "sparse", "quantized", "alias")
 _V1_KINDS = {"r": "raw", "s": "sparse", "q": "quantized"}
 _QUANTIZER = re.compile(r"^(?P<layer>.+)\.(?P<role>weight|input)_fake_quant\.(?P<buffer>[A-Za-z_]+)$")
 _QUANTIZER_BUFFERS = ("scale", "zero_point", "shift", "min_val", "max_val", "state")
@@ -45,15 +45,18 @@ class TensorRecord:
         name: the ``state_dict`` key.
         dtype: torch dtype name (``"float32"``).
         shape: the tensor's shape.
-        kind: ``"raw"``, ``"sparse"`` or ``"quantized"``.
+        kind: ``"raw"``, ``"sparse"``, ``"quantized"``, or ``"alias"``: the same tensor as the entry
+            ``of`` names (a tied Parameter, stored once).
         count: stored (nonzero) entries (sparse and quantized).
-        coding: ``"bitmask"`` or ``"gaps"``: how the positions are stored.
+        coding: ``"bitmask"`` or ``"gaps"``: how the positions are stored; ``"dense"`` (quantized only):
+            every code is stored, no positions.
         position_bytes: length of the positions in the positions section.
         bits: code width (quantized).
         axis: the output-channel axis of per-channel scales (``0``; ``1`` for a ``transformers`` Conv1D),
             ``None`` per tensor (quantized).
         qmin, qmax: the integer range (quantized).
         quantizer: prefix of the quantizer entries that hold the scale (``"fc.weight_fake_quant."``).
+        of: the entry an alias repeats.
     """
 
     name: str
@@ -68,6 +71,7 @@ class TensorRecord:
     qmin: int = 0
     qmax: int = 0
     quantizer: str = ""
+    of: str = ""
 
     @property
     def numel(self) -> int:
@@ -86,7 +90,9 @@ class TensorRecord:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "kind": self.kind}
-        if self.kind != "raw":
+        if self.kind == "alias":
+            out["of"] = self.of
+        elif self.kind != "raw":
             out.update(count=self.count, coding=self.coding, position_bytes=self.position_bytes)
         if self.kind == "quantized":
             out.update(bits=self.bits, axis=self.axis, qmin=self.qmin, qmax=self.qmax, quantizer=self.quantizer)
@@ -111,7 +117,7 @@ class TensorRecord:
         for key in ("count", "position_bytes", "bits", "qmin", "qmax"):
             if key in fields and not _is_int(fields[key]):
                 raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
-        for key in ("coding", "quantizer"):
+        for key in ("coding", "quantizer", "of"):
             if key in fields and not isinstance(fields[key], str):
                 raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
         if fields.get("axis") not in (None, 0, 1):
@@ -121,6 +127,7 @@ class TensorRecord:
 
 _FIELDS = {
     "raw": ("name", "dtype", "shape", "kind"),
+    "alias": ("name", "dtype", "shape", "kind", "of"),
     "sparse": ("name", "dtype", "shape", "kind", "count", "coding", "position_bytes"),
     "quantized": (
         "name",
@@ -169,8 +176,9 @@ def max_manifest_bytes(model: nn.Module) -> int:
 
 
 def _quantizer_bound(weight: Tensor, role: str) -> int:
-    """The most entries one quantizer buffer may hold: one per output channel for weights, else one."""
-    return max(1, *weight.shape[:2]) if role == "weight" else 1
+    """The most entries one quantizer buffer may hold: for weights one per output channel, or per group of
+    at least two input weights (float16 group scales), else one."""
+    return max(1, *weight.shape[:2], weight.numel() // 2) if role == "weight" else 1
 
 
 def max_raw_bytes(model: nn.Module) -> int:
@@ -182,8 +190,9 @@ def max_raw_bytes(model: nn.Module) -> int:
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     layers = _layers_with_weights(model)
     quantizers = sum(
-        8 * len(_QUANTIZER_BUFFERS) * (_quantizer_bound(w, "weight") + _PER_LAYER_SLACK) for w in layers.values()
-    )
+        8 * len(_QUANTIZER_BUFFERS) * (max(1, *w.shape[:2]) + _PER_LAYER_SLACK) + 2 * (w.numel() // 2)
+        for w in layers.values()
+    )  # per-channel buffers of any dtype, and float16 group scales
     return 4 + max_manifest_bytes(model) + state + quantizers
 
 
@@ -210,10 +219,17 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
     _check_qat_layers(model, manifest.get("qat_layers", {}))
     by_name = {r.name: r for r in records}
     sizes = dict.fromkeys(SECTIONS, 0)
-    for record in records:
+    for i, record in enumerate(records):
         element = record.element_size
         if record.kind == "raw":
             sizes["data"] += record.numel * element
+            continue
+        if record.kind == "alias":
+            target = by_name.get(record.of)
+            if target is None or target.kind == "alias" or records.index(target) >= i:
+                raise CompressedFileError(f"{record.name}: an alias of {record.of!r}, which is not stored before it.")
+            if (target.dtype, target.shape) != (record.dtype, record.shape):
+                raise CompressedFileError(f"{record.name}: an alias of {record.of!r} with another dtype or shape.")
             continue
         sizes["positions"] += _check_positions(record)
         if record.kind == "sparse":
@@ -241,7 +257,9 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
             weight = layers.get(found["layer"]) if found else None
             if found is None or weight is None or found["buffer"] not in _QUANTIZER_BUFFERS:
                 extra.append(record.name)
-            elif record.numel > _quantizer_bound(weight, found["role"]) or len(record.shape) > 1:
+            elif record.numel > _quantizer_bound(weight, found["role"]) or len(record.shape) > (
+                2 if found["role"] == "weight" else 1
+            ):
                 shapes.append(record.name)
             continue
         if record.torch_dtype != have.dtype:
@@ -293,6 +311,9 @@ def _check_positions(record: TensorRecord) -> int:
     if record.coding == "bitmask":
         if nbytes != (numel + 7) // 8:
             raise CompressedFileError(f"{record.name}: a bitmask of {nbytes} bytes for {numel} elements.")
+    elif record.coding == "dense":  # every entry stored in order, no positions (quantized codes)
+        if nbytes != 0 or count != numel or record.kind != "quantized":
+            raise CompressedFileError(f"{record.name}: a dense record with {count} of {numel} entries.")
     elif record.coding == "gaps":
         # one byte per position, plus one per 255 skipped entries; written only when shorter than a bitmask
         if not count <= nbytes < (numel + 7) // 8 or (count == 0 and nbytes != 0):
@@ -317,5 +338,14 @@ def _check_quantized(record: TensorRecord, by_name: dict[str, TensorRecord]) -> 
     axis = record.axis
     if axis is not None and axis >= len(record.shape):
         raise CompressedFileError(f"{record.name}: axis {axis} of a {len(record.shape)}-d tensor in the file.")
-    if scale.numel != (1 if axis is None else record.shape[axis]):
+    grouped = len(scale.shape) == 2  # (channels, groups) along the other axis of a 2-d weight
+    if grouped and (
+        axis is None
+        or len(record.shape) != 2
+        or scale.shape[0] != record.shape[axis]
+        or scale.shape[1] < 1
+        or record.shape[1 - axis] % scale.shape[1]
+    ):
+        raise CompressedFileError(f"{record.name}: group scales of shape {scale.shape} for {record.shape}.")
+    if not grouped and scale.numel != (1 if axis is None else record.shape[axis]):
         raise CompressedFileError(f"{record.name}: {scale.numel} scales for axis {record.axis}.")

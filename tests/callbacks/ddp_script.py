@@ -41,7 +41,11 @@ def main(out_dir: str, importances: list[str]) -> None:
                 target, importance=importance, start_epoch=0, end_epoch=3, granularity=granularity or "element"
             )
             callbacks.append(pruning)
-        if qat_part:
+        if qat_part == "qat-8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
+            callbacks.append(
+                QuantizationAwareTraining(4, 8, group_size=8, activation_granularity="per_token", start_epoch=1)
+            )
+        elif qat_part:
             callbacks.append(QuantizationAwareTraining(4, 8, scale=qat_part.removeprefix("qat-"), start_epoch=1))
         trainer = pl.Trainer(
             accelerator="cpu",

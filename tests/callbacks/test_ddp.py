@@ -20,6 +20,7 @@ JOBS = [
     "channel-noisy+qat-minmax",
     "channel-taylor",
     "2:4-noisy+qat-learned",
+    "taylor+qat-8da4w",
 ]
 
 

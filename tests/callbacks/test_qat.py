@@ -218,12 +218,19 @@ def test_hparams_are_logged(tiny, tmp_path):
     assert logged["compress/qat/scale"] == "learned"
 
 
-@pytest.mark.parametrize("scale", ["minmax", "learned"])
-def test_resume_rebuilds_quantization_before_the_weights_load(scale, tmp_path):
+RECIPES = {
+    "minmax": {"scale": "minmax"},
+    "learned": {"scale": "learned"},
+    "8da4w": {"group_size": 8, "activation_granularity": "per_token"},  # int4 groups, int8 dynamic per token
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_resume_rebuilds_quantization_before_the_weights_load(recipe, tmp_path):
     def run(ckpt_path=None, dirpath=None):
         pl.seed_everything(0, verbose=False)
         model = TinyModule(optimizer="adam")
-        qat = QuantizationAwareTraining(4, 8, scale=scale, start_epoch=1)
+        qat = QuantizationAwareTraining(4, 8, start_epoch=1, **RECIPES[recipe])
         callbacks = [qat]
         if dirpath is not None:
             callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
@@ -357,3 +364,23 @@ def test_onnx_export_path_needs_example_inputs(tiny, tmp_path):
         trainer(max_epochs=1, callbacks=[qat, FailOnFirstStep()]).fit(tiny)
     with pytest.raises(TypeError, match="`export_path` must be a path"):
         QuantizationAwareTraining(export_path=3)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_llm_recipe_with_pruning_in_bf16(precision):
+    """int4 weights per group of 8 inputs, int8 per-token activations, 2:4 pruning, bf16 autocast: pruned
+    weights stay exactly zero and every quantized weight is on its group's grid."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(optimizer="adam")
+    pruning = IterativePruning(0.5, granularity="2:4", start_epoch=0, end_epoch=2)
+    qat = QuantizationAwareTraining(4, 8, group_size=8, activation_granularity="per_token", start_epoch=0)
+    trainer(max_epochs=3, callbacks=[pruning, qat], precision=precision).fit(model)
+    for _, layer in qat_modules(model):
+        q = layer.weight_fake_quant
+        assert q.groups and q.scale.dtype == torch.float16
+        w = q(layer.weight).detach()
+        codes = w / q.expanded_scale(w.shape)
+        assert torch.allclose(codes, codes.round(), atol=1e-3) and int(codes.abs().max().round()) <= 7
+    for name, mask in pruning.masks.items():
+        assert bool((model.get_parameter(name)[~mask] == 0).all()), name
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-3)

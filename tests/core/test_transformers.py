@@ -210,3 +210,46 @@ def test_bert_onnx_with_a_dynamic_sequence_length(tmp_path):
     with torch.no_grad():
         want = model(input_ids=longer, attention_mask=torch.ones_like(longer)).logits.numpy()
     assert abs(got - want).max() < 1e-3
+
+
+def test_gpt2_int4_groups_on_conv1d_export_as_matmulnbits(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_to_qat(model, QuantConfig(4, None, group_size=32))
+    calibrate(model, [tokens(seed=1)])
+    enable_fake_quant(model)
+    model.train()
+    model(input_ids=tokens(seed=2))  # weight group scales from the weights
+    model.eval()
+    c_fc = model.transformer.h[0].mlp.c_fc  # weight (32, 128): groups along the input axis 0
+    assert c_fc.weight_fake_quant.scale.shape == (128, 1)
+    ids = tokens(seed=5)
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    export_onnx(model, tmp_path / "gpt2.onnx", x)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "gpt2.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 8
+    session = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in x.items()})[0]
+    assert abs(got - logits(model, ids).numpy()).max() < 1e-3
+
+
+def test_a_tied_embedding_is_stored_once(tmp_path):
+    from tests.export.forge import read
+
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    save_compressed(model, tmp_path / "gpt2.lcz")
+    manifest, body = read(tmp_path / "gpt2.lcz")
+    kinds = {r["name"]: r for r in manifest["tensors"]}
+    assert kinds["lm_head.weight"]["kind"] == "alias" and kinds["lm_head.weight"]["of"] == "transformer.wte.weight"
+    assert len(body) < sum(t.numel() * t.element_size() for t in model.state_dict().values())  # one copy
+    fresh = gpt2(seed=4)
+    load_compressed(fresh, tmp_path / "gpt2.lcz")
+    ids = tokens()
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied after loading

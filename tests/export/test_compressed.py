@@ -56,7 +56,9 @@ def test_file_is_really_smaller_and_the_report_says_so(tmp_path):
 def test_index_coding_follows_density(tmp_path):
     model = compressed_net(0.5, QuantConfig(8, 8))
     report = save_compressed(model, tmp_path / "m.lcz")
-    assert {layer.index_coding for layer in report.layers} == {"bitmask"}
+    codings = {layer.name: layer.index_coding for layer in report.layers}
+    assert codings["fc1.weight"] == "bitmask"  # half the codes are zero: a bitmask beats storing them all
+    assert set(codings.values()) <= {"bitmask", "dense"}
 
 
 def corrupt(path, how):

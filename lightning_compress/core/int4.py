@@ -1,0 +1,145 @@
+"""Group-wise int4 weights as onnxruntime's ``MatMulNBits`` (com.microsoft): what an LLM runtime runs.
+
+A layer fake-quantized with 4-bit weights in groups of ``block_size`` consecutive input weights
+(``QuantConfig(weight_bits=4, group_size=32)``) maps onto ``MatMulNBits`` exactly: the codes
+``c`` in [-8, 7] are stored unsigned (``c + 8``, the operator's default zero point), two to a
+byte, low nibble first, as ``B[N, K / block_size, block_size / 2]``; the scales are
+``scales[N * K / block_size]``. While :func:`int4_export_mode` is on, each such layer computes
+``x @ W_q^T + b`` (the fake-quant weights, no activation fake quantization) through an autograd
+function whose ONNX form is one ``MatMulNBits`` node (plus an ``Add`` for the bias).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.onnx import symbolic_helper
+
+__all__ = ["Int4Weights", "int4_export_mode", "pack_int4_blocks"]
+
+
+def pack_int4_blocks(codes: Tensor, block_size: int) -> Tensor:
+    """Signed 4-bit codes ``(N, K)`` -> ``uint8 (N, K / block_size, block_size / 2)``, ``c + 8``, low nibble first."""
+    unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+    n, k = unsigned.shape
+    pairs = unsigned.reshape(n, k // block_size, block_size // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """``x @ weight^T (+ bias)`` in PyTorch; one ``com.microsoft::MatMulNBits`` node in ONNX."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        packed: Tensor,
+        scales: Tensor,
+        bias: Tensor | None,
+        k: int,
+        n: int,
+        block_size: int,
+        accuracy_level: int,
+    ) -> Tensor:
+        out = x.matmul(weight.t().to(x.dtype))
+        return out if bias is None else out + bias.to(x.dtype)
+
+    @staticmethod
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i")
+    def symbolic(  # type: ignore[no-untyped-def]
+        g, x, weight, packed, scales, bias, k: int, n: int, block_size: int, accuracy_level: int
+    ):
+        out = g.op(
+            "com.microsoft::MatMulNBits",
+            x,
+            packed,
+            scales,
+            K_i=k,
+            N_i=n,
+            bits_i=4,
+            block_size_i=block_size,
+            accuracy_level_i=accuracy_level,
+        )
+        return out if bias is None else g.op("Add", out, bias)
+
+
+@dataclass
+class Int4Weights:
+    """One layer's weights in ``MatMulNBits`` form, and how to call them."""
+
+    weight: Tensor  # (N, K) dequantized: what PyTorch computes with
+    packed: Tensor  # uint8 (N, K / block, block / 2)
+    scales: Tensor  # float32 (N * K / block,)
+    bias: Tensor | None
+    block_size: int
+    accuracy_level: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + 4 * self.scales.numel()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        n, k = self.weight.shape
+        out = _MatMulNBits.apply(
+            x, self.weight, self.packed, self.scales, self.bias, k, n, self.block_size, self.accuracy_level
+        )
+        return out
+
+
+def int4_weights(layer: Any, accuracy_level: int) -> Int4Weights | None:
+    """The ``MatMulNBits`` form of a fake-quant layer with 4-bit group weights (``None`` if it has none)."""
+    quantizer = layer.weight_fake_quant
+    if not (quantizer.fake_quant_enabled and quantizer.groups and quantizer.bits == 4):
+        return None
+    weight = layer.weight.detach()
+    rows = weight if quantizer.channel_axis == 0 else weight.t()  # (N, K)
+    block = rows.shape[1] // quantizer.groups
+    if block < 16 or block & (block - 1):
+        return None  # MatMulNBits needs a power-of-two block of at least 16
+    scale = quantizer.expanded_scale(weight.shape)
+    scale = scale if quantizer.channel_axis == 0 else scale.t()
+    codes = torch.clamp(torch.round(rows.float() * (1.0 / scale)), -8, 7).to(torch.int32)
+    dequantized = codes.float() * scale
+    bias = layer.bias.detach().float() if layer.bias is not None else None
+    scales = quantizer.effective_scale().detach().float().reshape(-1).contiguous()
+    return Int4Weights(dequantized, pack_int4_blocks(codes, block), scales, bias, block, accuracy_level)
+
+
+@contextmanager
+def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict[str, Int4Weights]]:
+    """Every 4-bit group-quantized layer computes through ``MatMulNBits``; activations are not fake-quantized
+    (``accuracy_level=4`` lets onnxruntime quantize them to int8 itself). Restores everything after."""
+    from .qat import qat_modules
+
+    training = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    swapped: dict[str, Int4Weights] = {}
+    layers: list[tuple[str, Any]] = list(qat_modules(model))
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        with torch.no_grad():
+            for name, layer in layers:
+                weights = int4_weights(layer, accuracy_level)
+                if weights is not None:
+                    swapped[name] = weights
+                    layer.begin_int4(weights)
+                else:
+                    layer.begin_export()
+        yield swapped
+    finally:
+        for name, layer in layers:
+            if name in swapped:
+                layer.end_int4()
+            else:
+                layer.end_export()
+        for module, mode in training:
+            module.training = mode
+        for param, flag in grads:
+            param.requires_grad_(flag)

@@ -1,0 +1,176 @@
+"""The LLM recipe: int4 weights with a scale per group of input weights, int8 dynamic per-token activations."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import (
+    QuantConfig,
+    calibrate,
+    convert_to_qat,
+    enable_fake_quant,
+    load_compressed,
+    prune_,
+    save_compressed,
+)
+from lightning_compress.core.int4 import pack_int4_blocks
+
+RECIPE = QuantConfig(weight_bits=4, activation_bits=8, group_size=32, activation_granularity="per_token")
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 96), nn.GELU(), nn.Linear(96, 10)).to(dtype)
+
+
+def quantized(config: QuantConfig = RECIPE, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    model = mlp(seed, dtype)
+    convert_to_qat(model, config)
+    calibrate(model, [torch.randn(16, 64, dtype=dtype)])
+    enable_fake_quant(model)
+    model.train()
+    model(torch.randn(4, 64, dtype=dtype))  # weight scales observed from the weights themselves
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"group_size": 1}, ValueError, "`group_size`=1 must be >= 2"),
+        ({"group_size": 32.0}, TypeError, "`group_size` must be an int or None"),
+        ({"group_size": 32, "scale": "learned"}, ValueError, "`group_size`=32 needs scale='minmax'"),
+        ({"group_size": 32, "scale": "power_of_two"}, ValueError, "`group_size`=32 needs scale='minmax'"),
+        ({"activation_granularity": "per_row"}, ValueError, "`activation_granularity`='per_row' is not one of"),
+        ({"activation_granularity": "per_token", "activation_bits": None}, ValueError, "'per_token' quantizes"),
+        ({"activation_granularity": "per_token", "scale": "learned"}, ValueError, "'per_token' quantizes"),
+    ],
+)
+def test_bad_recipes_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_group_scales_per_32_input_weights_and_per_channel_where_32_does_not_divide():
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"\['2'\] keep per-channel weight scales: `group_size`=32"):
+        convert_to_qat(model, RECIPE)
+    first, last = model[0].weight_fake_quant, model[2].weight_fake_quant
+    assert first.groups == 2 and tuple(first.scale.shape) == (8, 2) and first.scale.dtype == torch.float16
+    assert last.groups == 0 and tuple(last.scale.shape) == (4,)
+
+
+def test_codes_are_int4_per_group_and_pruned_weights_stay_exactly_zero():
+    model = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_(model, 0.5, granularity="2:4")
+    zeros = {n: model.get_parameter(n) == 0 for n, _ in model.named_parameters() if n.endswith("weight")}
+    convert_to_qat(model, RECIPE)
+    calibrate(model, [torch.randn(8, 64)])
+    enable_fake_quant(model)
+    model.train()
+    model(torch.randn(2, 64))
+    for name, layer in [("0", model[0]), ("2", model[2])]:
+        q = layer.weight_fake_quant
+        w = layer.weight.detach()
+        fq = q(layer.weight).detach()
+        codes = fq / q.expanded_scale(w.shape)
+        assert torch.allclose(codes, codes.round(), atol=1e-3) and int(codes.abs().max().round()) <= 7
+        groups = w.reshape(w.shape[0], q.groups, -1).abs().amax(-1)  # each group's largest weight hits +-7
+        assert torch.allclose(q.scale.float(), (groups / 7).half().float(), rtol=1e-3)
+        assert bool((fq[zeros[f"{name}.weight"]] == 0).all())
+
+
+def test_per_token_activations_use_a_scale_per_row_and_pass_gradients_straight_through():
+    model = nn.Sequential(nn.Linear(4, 2))
+    convert_to_qat(model, QuantConfig(8, 8, activation_granularity="per_token"))
+    enable_fake_quant(model)
+    q = model[0].input_fake_quant
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 100.0, 200.0, 300.0]], requires_grad=True)
+    out = q(x)
+    assert torch.allclose(out[0], x[0], atol=3 / 255) and torch.allclose(out[1], x[1], atol=300 / 255)
+    assert float((out[0] - x[0]).abs().max()) < 0.01  # row 0 is not quantized on row 1's scale
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_bf16_weights_train_and_stay_bf16():
+    model = quantized(dtype=torch.bfloat16).train()
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out.float()).all())
+    out.float().pow(2).mean().backward()
+    assert model[0].weight.grad is not None and model[0].weight.grad.dtype == torch.bfloat16
+
+
+def test_the_file_stores_int4_two_per_byte_with_float16_scales_and_loads_exactly(tmp_path):
+    model = quantized()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = model(x)
+    report = save_compressed(model, tmp_path / "m.lcz")
+    layer = next(r for r in report.layers if r.name == "0.weight")
+    assert layer.bits == 4 and layer.index_coding == "dense"  # few zero codes: no positions
+    assert layer.bytes_after == 64 * 128 // 2 + 2 * 128 * 2  # two codes per byte, a float16 scale per group
+    fresh = mlp(seed=5)
+    load_compressed(fresh, tmp_path / "m.lcz")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), want)
+    assert fresh[0].weight_fake_quant.scale.dtype == torch.float16
+
+
+def test_pack_int4_blocks_is_matmulnbits_layout():
+    codes = torch.tensor([[-8, 7, 0, 1] * 4])  # one row, one block of 16
+    packed = pack_int4_blocks(codes, 16)
+    assert packed.shape == (1, 1, 8)
+    assert packed[0, 0, 0] == (0 | (15 << 4)) and packed[0, 0, 1] == (8 | (9 << 4))
+
+
+def test_onnx_int4_is_matmulnbits_and_matches_the_fake_quant_weights(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    weight_only = quantized(QuantConfig(4, None, group_size=32))
+    x = torch.randn(3, 64)
+    report = export_onnx(weight_only, tmp_path / "w4.onnx", x)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "w4.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 3
+    session = ort.InferenceSession(str(tmp_path / "w4.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = weight_only(x).numpy()
+    assert abs(session.run(None, {"input_0": x.numpy()})[0] - want).max() < 1e-4
+    assert report.format == "onnx-int4"
+
+    recipe = quantized()
+    export_onnx(recipe, tmp_path / "8da4w.onnx", x, accuracy_level=4)  # onnxruntime quantizes activations
+    session = ort.InferenceSession(str(tmp_path / "8da4w.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = recipe(x).numpy()
+    assert abs(session.run(None, {"input_0": x.numpy()})[0] - want).max() < 0.05 * abs(want).max()
+
+
+def test_switched_on_without_calibration_weight_scales_come_from_the_weights_and_follow_them():
+    """Regression: `enable_fake_quant` without `calibrate` left every weight scale at 1, so every int4 code
+    was 0 and QAT trained a model whose quantized layers output only their biases."""
+    model = mlp()
+    convert_to_qat(model, RECIPE)  # per-token activations: nothing to calibrate
+    enable_fake_quant(model)
+    q = model[0].weight_fake_quant
+    assert q.observer_enabled
+    with torch.no_grad():
+        model.eval()(torch.randn(2, 64))  # eval mode: the range is read once, from the weight
+    first = q.scale.clone()
+    assert not torch.equal(first, torch.ones_like(first))
+    codes = q(model[0].weight).detach() / q.expanded_scale(model[0].weight.shape)
+    assert int(codes.abs().max().round()) == 7
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model.train()
+    model(torch.randn(8, 64)).pow(2).sum().backward()
+    optimizer.step()
+    model(torch.randn(8, 64))
+    assert not torch.equal(q.scale, first)  # training: the scales follow the weights
