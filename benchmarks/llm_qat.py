@@ -2,6 +2,7 @@
 quantization, on a byte-level Llama (grouped-query attention) trained from scratch on text that ships with Python.
 
     python benchmarks/llm_qat.py            # about 20 minutes on 2 CPU cores; writes benchmarks/results/llm_qat.json
+    python benchmarks/llm_qat.py --seed 1   # perplexities only, another split and init: llm_qat_seed1.json
 
 1. **Data.** ``pydoc_data.topics`` (the standard library's 466k bytes of Python docs), byte level, windows of
    128 bytes; 10% of the topics held out (the split of ``benchmarks/zoo.py``). Perplexity is per byte, on
@@ -41,8 +42,9 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # run as a script, like zoo.py
 
-from zoo import pydoc_split  # noqa: E402
-from lightning_compress import (  # noqa: E402
+from zoo import pydoc_split
+
+from lightning_compress import (
     QuantConfig,
     calibrate,
     convert_to_qat,
@@ -63,7 +65,9 @@ RECIPES = {
 RESULTS = pathlib.Path(__file__).parent / "results" / "llm_qat.json"
 
 
-def llama(hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2, mlp: int = 384) -> nn.Module:
+def llama(
+    hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2, mlp: int = 384, seed: int = 0
+) -> nn.Module:
     import transformers
 
     config = transformers.LlamaConfig(
@@ -71,7 +75,7 @@ def llama(hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=CONTEXT,
         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, use_cache=False,
     )  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -130,7 +134,9 @@ def step_cost(model: nn.Module, config: QuantConfig, data: list[tuple[torch.Tens
         name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in (("float", float_model), ("qat", qat_model))
     }
     for i, (xb, yb) in enumerate(data):
-        for name, m in (("float", float_model), ("qat", qat_model)) if i % 2 else (("qat", qat_model), ("float", float_model)):
+        for name, m in (
+            (("float", float_model), ("qat", qat_model)) if i % 2 else (("qat", qat_model), ("float", float_model))
+        ):
             m.train()
             start = time.perf_counter()
             loss = nn.functional.cross_entropy(m(input_ids=xb).logits.reshape(-1, 256), yb.reshape(-1))
@@ -168,7 +174,11 @@ def onnx_speed() -> dict:
     inputs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)}
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"fp32": (None, 0), "W4A16": (RECIPES["W4A16"], 0), "8da4w (accuracy_level 4)": (RECIPES["8da4w"], 4)}
+        variants = {
+            "fp32": (None, 0),
+            "W4A16": (RECIPES["W4A16"], 0),
+            "8da4w (accuracy_level 4)": (RECIPES["8da4w"], 4),
+        }
         for name, (config, level) in variants.items():
             candidate = copy.deepcopy(model)
             if config is not None:
@@ -201,17 +211,21 @@ def onnx_speed() -> dict:
     return out
 
 
-def main() -> None:
+def main(seed: int = 0) -> None:
     torch.set_num_threads(2)
     started = time.time()
-    x, y, x_test, y_test = pydoc_split(0, CONTEXT)
-    model = llama()
-    train(model, batches(x, y, PRETRAIN, seed=1), LR, warmup=100)
+    x, y, x_test, y_test = pydoc_split(seed, CONTEXT)
+    model = llama(seed=seed)
+    train(model, batches(x, y, PRETRAIN, seed=1 + 10 * seed), LR, warmup=100)
     base = copy.deepcopy(model)
-    extra = batches(x, y, EXTRA, seed=2)
+    extra = batches(x, y, EXTRA, seed=2 + 10 * seed)
     float_model = copy.deepcopy(base)
     train(float_model, extra, LR / 10)
-    results: dict = {"pretrain_steps": PRETRAIN, "extra_steps": EXTRA, "ppl_float": perplexity(float_model, x_test, y_test)}
+    results: dict = {
+        "pretrain_steps": PRETRAIN,
+        "extra_steps": EXTRA,
+        "ppl_float": perplexity(float_model, x_test, y_test),
+    }
     for name, config in RECIPES.items():
         ptq = quantize_ptq(float_model, config, x[:64])
         qat = copy.deepcopy(base)
@@ -229,8 +243,17 @@ def main() -> None:
             "file": file_sizes(qat),
         }
         print(name, results[name], flush=True)
+    results["seed"] = seed
+    if seed != 0:  # perplexities only
+        results["wall_s"] = time.time() - started
+        path = RESULTS.with_name(f"llm_qat_seed{seed}.json")
+        path.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+        return
     torch.set_num_threads(1)
-    results["step_cost"] = {name: step_cost(base, config, batches(x, y, 40, seed=3)) for name, config in RECIPES.items()}
+    results["step_cost"] = {
+        name: step_cost(base, config, batches(x, y, 40, seed=3)) for name, config in RECIPES.items()
+    }
     print(results["step_cost"], flush=True)
     results["onnx_batch1"] = onnx_speed()
     print(results["onnx_batch1"], flush=True)
@@ -241,4 +264,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--seed", type=int, default=0, help="data split and init; seeds other than 0 skip the speed parts"
+    )
+    main(parser.parse_args().seed)

@@ -171,3 +171,13 @@ def test_a_refused_compacted_file_leaves_the_fresh_model_at_its_sizes(tmp_path):
     assert manifest["compacted"] and small.conv.out_channels < 8
     manifest["qat_layers"]["fc2"] = manifest["qat_layers"]["fc1"]  # converts fc2, whose quantizers the file lacks
     refused(forged(tmp_path, manifest, body), r"another architecture than Net: \['fc2.input_fake_quant")
+
+
+def test_format_2_files_still_load():
+    """Written by the code at commit 95a3c57 (format 2): ``save_compressed(compressed_net(0.9, QuantConfig(4, 8)))``."""
+    from lightning_compress import QuantConfig
+
+    fresh = Net()
+    load_compressed(fresh, Path(__file__).parent / "data" / "format_v2.lcz")
+    expected = compressed_net(0.9, QuantConfig(4, 8))
+    torch.testing.assert_close(fresh.eval()(inputs()), expected(inputs()), atol=1e-6, rtol=0)
