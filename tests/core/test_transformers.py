@@ -253,3 +253,61 @@ def test_a_tied_embedding_is_stored_once(tmp_path):
     ids = tokens()
     assert torch.equal(logits(fresh, ids), logits(model, ids))
     assert fresh.lm_head.weight is fresh.transformer.wte.weight  # still tied after loading
+
+
+def _vision(kind: str):
+    configs = {
+        "mobilenetv2": lambda: transformers.MobileNetV2ForImageClassification(
+            transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=5)
+        ),
+        "convnext": lambda: transformers.ConvNextForImageClassification(
+            transformers.ConvNextConfig(image_size=32, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5)
+        ),
+        "resnet": lambda: transformers.ResNetForImageClassification(
+            transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5)
+        ),
+        "vit": lambda: transformers.ViTForImageClassification(
+            transformers.ViTConfig(
+                image_size=32,
+                patch_size=8,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                num_labels=5,
+            )
+        ),
+    }
+    torch.manual_seed(0)
+    return configs[kind]()
+
+
+@pytest.mark.parametrize("kind", ["mobilenetv2", "convnext", "resnet", "vit", "llama-gqa"])
+def test_qat_without_lightning_then_int8_onnx_on_models_nobody_here_wrote(kind, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    if kind == "llama-gqa":
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+        ids = tokens(2, 8) % 64
+        x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        feed = {k: v.numpy() for k, v in x.items()}
+    else:
+        model = _vision(kind)
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        feed = {"input_0": x.numpy()}
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, tmp_path / "m.onnx", x)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with torch.no_grad():
+        want = (model(**x) if isinstance(x, dict) else model(x)).logits.numpy()
+    assert got.shape == want.shape
+    assert abs(got - want).max() <= 0.01 * abs(want).max()  # int8 kernels requantize within a step
