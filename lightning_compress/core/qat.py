@@ -30,6 +30,7 @@ __all__ = [
     "QATConv1d",
     "QATConv2d",
     "QATConv3d",
+    "QATEmbedding",
     "QATLinear",
     "QuantConfig",
     "calibrate",
@@ -59,7 +60,8 @@ class _QATMixin:
         """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
         layer = cast(Any, self)
         layer.weight = module.weight
-        layer.bias = module.bias
+        if hasattr(module, "bias"):
+            layer.bias = module.bias
         weight: Tensor = module.weight
         device = weight.device
         out_axis, in_axis = weight_axes(module)
@@ -84,7 +86,8 @@ class _QATMixin:
     def _share_into(self, new: Any) -> nn.Module:
         layer = cast(Any, self)
         new.weight = layer.weight
-        new.bias = layer.bias
+        if hasattr(layer, "bias"):
+            new.bias = layer.bias
         return cast(nn.Module, new.train(layer.training))
 
     def quantized_weight(self) -> Tensor:
@@ -212,8 +215,48 @@ class _QATTransformersConv1DMixin(_QATMixin):
         return out.view(*input.shape[:-1], self.nf)
 
 
+class QATEmbedding(_QATMixin, nn.Embedding):
+    """``nn.Embedding`` with fake-quantized rows (one scale per token's vector, or per group of it).
+
+    Opt-in: only an exact module name in ``include`` selects an embedding. Its input is indices,
+    never quantized.
+    """
+
+    float_class = nn.Embedding
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, config: QuantConfig) -> QATEmbedding:
+        new = cls(**_embedding_arguments(module))
+        new._adopt(module, config)
+        new.input_fake_quant = nn.Identity()
+        return new
+
+    def to_float(self) -> nn.Embedding:
+        return cast(nn.Embedding, self._share_into(nn.Embedding(**_embedding_arguments(self))))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.embedding(
+            input, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+            self.scale_grad_by_freq, self.sparse,
+        )  # fmt: skip
+
+
+def _embedding_arguments(module: nn.Embedding) -> dict[str, Any]:
+    return {
+        "num_embeddings": module.num_embeddings,
+        "embedding_dim": module.embedding_dim,
+        "padding_idx": module.padding_idx,
+        "max_norm": module.max_norm,
+        "norm_type": module.norm_type,
+        "scale_grad_by_freq": module.scale_grad_by_freq,
+        "sparse": module.sparse,
+        "device": "meta",
+    }
+
+
 _QAT_CLASS: dict[type[nn.Module], Any] = {
     nn.Linear: QATLinear,
+    nn.Embedding: QATEmbedding,
     nn.Conv1d: QATConv1d,
     nn.Conv2d: QATConv2d,
     nn.Conv3d: QATConv3d,

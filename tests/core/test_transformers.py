@@ -311,3 +311,31 @@ def test_qat_without_lightning_then_int8_onnx_on_models_nobody_here_wrote(kind, 
         want = (model(**x) if isinstance(x, dict) else model(x)).logits.numpy()
     assert got.shape == want.shape
     assert abs(got - want).max() <= 0.01 * abs(want).max()  # int8 kernels requantize within a step
+
+
+def test_embedding_quantization_is_opt_in_by_exact_name(tmp_path):
+    from lightning_compress.core.qat import QATEmbedding
+
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = convert_to_qat(model, QuantConfig(8, 8))
+    assert "transformer.wte" not in names and not isinstance(model.transformer.wte, QATEmbedding)
+    model = gpt2()
+    ids = tokens()
+    before = logits(model, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_to_qat(model, QuantConfig(4, None, group_size=16), include=["transformer.wte"])
+    wte = model.transformer.wte
+    assert isinstance(wte, QATEmbedding) and wte.weight is model.lm_head.weight  # still tied
+    assert torch.equal(logits(model, ids), before)  # off until enabled
+    enable_fake_quant(model)
+    quantized = logits(model, ids)
+    assert not torch.equal(quantized, before)
+    assert tuple(wte.weight_fake_quant.scale.shape) == (96, 2)  # a float16 scale per 16 values of a row
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = gpt2(seed=5)
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert torch.equal(logits(fresh, ids), quantized)
+    assert convert_to_float(model) == ["transformer.wte"] and torch.equal(logits(model, ids), before)
