@@ -25,11 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layers import linear_like_types
 from .qat import quantizers
 
 __all__ = [
     "ChannelGroup",
     "LayerSlice",
+    "attention_inputs",
     "build_channel_groups",
     "call_model",
     "eval_mode",
@@ -171,6 +173,76 @@ def _torch_pruning() -> Any:
     return torch_pruning
 
 
+_ATTENTION_OPS = ("Bmm", "ScaledDotProduct", "Baddbmm")
+_ATTENTION_DEPTH = 16
+
+
+def attention_inputs(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Names of the Linear layers whose outputs reach an attention product (a batched matmul of two
+    activations, or scaled dot-product attention) before any other layer: Q/K/V projections.
+
+    Read from the autograd graph of one forward. Their output channels are heads' rows: removing
+    one alone breaks the reshape into heads, and following them through attention is what makes a
+    dependency-graph search explode (minutes on a 2-layer Llama), so they are not used as roots.
+    """
+    outputs: dict[str, Any] = {}
+    hooks = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(name, out))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or type(module) in linear_like_types()[2:]
+    ]
+    try:
+        with torch.enable_grad():
+            result = call_model(model, example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    consumers: dict[Any, list[Any]] = {}
+    stack = [t.grad_fn for t in _tensors(result) if t.grad_fn is not None]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                consumers.setdefault(parent, []).append(node)
+                stack.append(parent)
+    found = []
+    for name, out in outputs.items():
+        start = getattr(out, "grad_fn", None)
+        if start is not None and _reaches_attention(start, consumers):
+            found.append(name)
+    return found
+
+
+def _reaches_attention(start: Any, consumers: dict[Any, list[Any]]) -> bool:
+    frontier, visited = [(start, 0)], set()
+    while frontier:
+        node, depth = frontier.pop(0)
+        if node in visited or depth > _ATTENTION_DEPTH:
+            continue
+        visited.add(node)
+        kind = type(node).__name__
+        if depth and any(op in kind for op in _ATTENTION_OPS):
+            return True
+        if depth and (kind.startswith("Addmm") or kind.startswith("MmBackward") or "Convolution" in kind):
+            continue  # another layer: its output is its own
+        frontier.extend((c, depth + 1) for c in consumers.get(node, []))
+    return False
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
 def build_channel_groups(
     model: nn.Module, example_inputs: Any, producers: set[str] | None = None
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
@@ -188,10 +260,13 @@ def build_channel_groups(
     tp = _torch_pruning()
     names = {module: name for name, module in model.named_modules()}
     with torch.enable_grad(), plain_float(model):
+        attention = attention_inputs(model, example_inputs)
         graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=call_model, verbose=False)
-        raw = list(graph.get_all_groups(root_module_types=(_CONV, nn.Linear)))
+        modules = dict(model.named_modules())
+        ignored = [modules[name] for name in attention]
+        raw = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(_CONV, nn.Linear)))
     groups: list[ChannelGroup] = []
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str] = dict.fromkeys(attention, "it feeds attention (heads are not pruned by channel)")
     for raw_group in raw:
         root = names.get(raw_group[0].dep.target.module, "?")
         group, reason = _convert(graph, raw_group, names, producers)

@@ -339,3 +339,32 @@ def test_embedding_quantization_is_opt_in_by_exact_name(tmp_path):
     load_compressed(fresh, tmp_path / "m.lcz")
     assert torch.equal(logits(fresh, ids), quantized)
     assert convert_to_float(model) == ["transformer.wte"] and torch.equal(logits(model, ids), before)
+
+
+def test_llama_channel_pruning_traces_fast_and_prunes_mlp_neurons_compact_removes():
+    """Regression: a 2-layer Llama's channel trace ran for minutes (the Q/K/V projections' groups exploded in the
+    dependency-graph search); they feed attention and are no longer used as roots."""
+    import time
+
+    from lightning_compress import compact
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = tokens(2, 8) % 64
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    start = time.perf_counter()
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert time.perf_counter() - start < 30
+    pruned = {n.rsplit(".", 1)[0] for n, m in masks.items() if not bool(m.all())}
+    assert pruned == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    with torch.no_grad():
+        before = model(**x).logits
+    report = compact(model, x)
+    kept = [layer.mlp.gate_proj.out_features for layer in model.model.layers]
+    assert sum(kept) == 64 and report.params_after < report.params_before  # half the neurons, global scope
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, before, atol=1e-5)
