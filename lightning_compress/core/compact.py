@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .macs import count_macs
 from .structure import (
     ChannelGroup,
     build_channel_groups,
@@ -49,6 +50,8 @@ class CompactReport:
     params_before: int = 0
     params_after: int = 0
     max_abs_diff: float = 0.0
+    macs_before: int = 0  # multiply-accumulates of one forward on the example inputs (Linear/Conv layers)
+    macs_after: int = 0
 
     def __str__(self) -> str:
         lines = [f"{'group':<32}{'channels':>16}"]
@@ -56,6 +59,10 @@ class CompactReport:
         lines.append(
             f"parameters: {self.params_before:,} -> {self.params_after:,} "
             f"({self.params_after / max(1, self.params_before):.1%}); max |output change| {self.max_abs_diff:.2e}"
+        )
+        lines.append(
+            f"MACs per forward of the example inputs: {self.macs_before:,} -> {self.macs_after:,} "
+            f"({self.macs_after / max(1, self.macs_before):.1%})"
         )
         return "\n".join(lines)
 
@@ -325,6 +332,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
     groups, _ = removable_groups(model, example_inputs, groups)
     keep, channels = plan(model, groups)
     report = CompactReport(channels=channels, params_before=sum(p.numel() for p in model.parameters()))
+    report.macs_before = count_macs(model, example_inputs)
     if keep:
         trial = copy.deepcopy(model)
         _apply(trial, keep)
@@ -346,4 +354,5 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
         report.max_abs_diff = diff
         setattr(model, COMPACTED_FLAG, True)
     report.params_after = sum(p.numel() for p in model.parameters())
+    report.macs_after = count_macs(model, example_inputs) if keep else report.macs_before
     return report

@@ -433,3 +433,21 @@ def test_other_forwards_prune_what_can_go_and_keep_output_shapes(make, inputs, p
     expected, got = (t if isinstance(t, tuple) else (t,) for t in (expected, got))
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g.float(), e.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_macs_are_counted_per_layer_and_reported_by_compact():
+    from lightning_compress import compact
+    from lightning_compress.core.macs import count_macs
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    x = torch.randn(2, 3, 4, 4)
+    conv = 2 * 8 * 4 * 4 * 3 * 9  # output elements x input channels x kernel
+    linear = 2 * 5 * 128
+    assert count_macs(model, x) == conv + linear
+    with torch.no_grad():
+        model[0].weight[:4] = 0
+        model[0].bias[:4] = 0
+        model[3].weight.view(5, 8, 16)[:, :4] = 0
+    report = compact(model, x)
+    assert report.macs_before == conv + linear and report.macs_after == (conv + linear) // 2
+    assert "MACs per forward" in str(report)
