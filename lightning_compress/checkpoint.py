@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,7 +41,9 @@ def load_qat_checkpoint(
             f"{module_class.__name__}.load_from_checkpoint instead."
         )
     state = states[0]
-    model = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
+    with warnings.catch_warnings():  # the quantizer entries: loaded strictly just below, once the layers exist
+        warnings.filterwarnings("ignore", message=".*Found keys that are not in the model state dict.*")
+        model = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
     convert_to_qat(model, QuantConfig(**state["config"]), include=state["layers"])
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval()

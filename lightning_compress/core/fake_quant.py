@@ -313,10 +313,12 @@ class FakeQuantizer(nn.Module):
                 delattr(self, name)
 
     def _export_forward(self, x: Tensor) -> Tensor:
-        if self.fake_quant_enabled and (self.groups or self.per_token):
+        if self.per_token:  # dynamic per-token ranges have no static Q/DQ form: the ONNX activations stay float
+            return x
+        if self.fake_quant_enabled and self.groups:
             raise ValueError(
-                "export_onnx writes int8 Q/DQ graphs: group-wise weight scales and per-token activations have no "
-                "int8 ONNX form here; export them with `export_onnx_int4` (onnxruntime MatMulNBits)."
+                "group-wise weight scales export through `export_onnx`'s MatMulNBits path, which this layer did not "
+                "take (it is not a Linear or transformers Conv1D)."
             )
         return self._export_per_channel(x)
 

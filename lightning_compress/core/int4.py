@@ -11,6 +11,7 @@ function whose ONNX form is one ``MatMulNBits`` node (plus an ``Add`` for the bi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ def int4_weights(layer: Any, accuracy_level: int) -> Int4Weights | None:
     if not (quantizer.fake_quant_enabled and quantizer.groups and quantizer.bits == 4):
         return None
     weight = layer.weight.detach()
+    if not quantizer.initialized:  # switched on and never run: the scales come from the weight, as in forward
+        quantizer.observe(weight)
     rows = weight if quantizer.channel_axis == 0 else weight.t()  # (N, K)
     block = rows.shape[1] // quantizer.groups
     if block < 16 or block & (block - 1):
@@ -111,15 +114,33 @@ def int4_weights(layer: Any, accuracy_level: int) -> Int4Weights | None:
     return Int4Weights(dequantized, pack_int4_blocks(codes, block), scales, bias, block, accuracy_level)
 
 
+class DequantizedWeights:
+    """A group-quantized layer ``MatMulNBits`` cannot take (not 4 bits, or a block that is not a power of two
+    of at least 16): ``x @ W_q^T + b`` with its fake-quantized weights as a float constant."""
+
+    def __init__(self, layer: Any) -> None:
+        quantizer = layer.weight_fake_quant
+        weight = quantizer(layer.weight).detach()
+        self.weight = weight if quantizer.channel_axis == 0 else weight.t()  # (N, K)
+        self.bias = layer.bias.detach() if layer.bias is not None else None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = x.matmul(self.weight.t().to(x.dtype))
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
 @contextmanager
 def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict[str, Int4Weights]]:
     """Every 4-bit group-quantized layer computes through ``MatMulNBits``; activations are not fake-quantized
-    (``accuracy_level=4`` lets onnxruntime quantize them to int8 itself). Restores everything after."""
+    (``accuracy_level=4`` lets onnxruntime quantize them to int8 itself). Other group-quantized layers compute
+    with their fake-quantized weights as float constants (with a warning); the rest export as int8 Q/DQ.
+    Restores everything after."""
     from .qat import qat_modules
 
     training = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     swapped: dict[str, Int4Weights] = {}
+    dequantized: list[str] = []
     layers: list[tuple[str, Any]] = list(qat_modules(model))
     try:
         model.eval()
@@ -130,15 +151,23 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
                 if weights is not None:
                     swapped[name] = weights
                     layer.begin_int4(weights)
+                elif layer.weight_fake_quant.groups and layer.weight_fake_quant.fake_quant_enabled:
+                    dequantized.append(name)
+                    layer.begin_int4(DequantizedWeights(layer))
                 else:
                     layer.begin_export()
+        if dequantized:
+            warnings.warn(
+                f"export_onnx: {dequantized} keep float weights (their fake-quantized values): MatMulNBits takes "
+                "4-bit groups of a power of two >= 16 input weights.",
+                UserWarning,
+                stacklevel=3,
+            )
         yield swapped
     finally:
-        for name, layer in layers:
-            if name in swapped:
-                layer.end_int4()
-            else:
-                layer.end_export()
+        for _, layer in layers:  # both are no-ops on a layer that did not start them
+            layer.end_int4()
+            layer.end_export()
         for module, mode in training:
             module.training = mode
         for param, flag in grads:

@@ -330,8 +330,12 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
 def _loaded_layer(record: TensorRecord) -> LayerReport:
     bits = record.bits if record.kind == "quantized" else 8 * record.element_size
     bytes_before = record.numel * record.element_size
+    if record.kind == "quantized":
+        stored = (record.count * code_container_bits(record.bits) + 7) // 8
+    else:
+        stored = record.count * record.element_size
     return LayerReport(
-        record.name, record.numel, record.count, bits, bytes_before, record.position_bytes, record.coding
+        record.name, record.numel, record.count, bits, bytes_before, record.position_bytes + stored, record.coding
     )
 
 

@@ -106,6 +106,17 @@ def export_onnx(
         names = list(input_names or example_inputs.keys())
     else:
         names = list(input_names or [f"input_{i}" for i in range(len(args))])
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"`accuracy_level`={accuracy_level!r} is not one of MatMulNBits' levels 0..4.")
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    low = sorted(  # float16 group scales are values, not the model's dtype
+        {str(t.dtype) for n, t in tensors if t.dtype in (torch.bfloat16, torch.float16) and "_fake_quant." not in n}
+    )
+    if low:
+        raise ValueError(
+            f"export_onnx writes float32 graphs, but {type(model).__name__} has {low} tensors: export a float32 copy "
+            "(`copy.deepcopy(model).float()`; int4 group scales stay float16 values) or call `model.float()` first."
+        )
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     with mode as swapped, without_cache(model), torch.no_grad():

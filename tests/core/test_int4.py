@@ -117,10 +117,12 @@ def test_the_file_stores_int4_two_per_byte_with_float16_scales_and_loads_exactly
     assert layer.bits == 4 and layer.index_coding == "dense"  # few zero codes: no positions
     assert layer.bytes_after == 64 * 128 // 2 + 2 * 128 * 2  # two codes per byte, a float16 scale per group
     fresh = mlp(seed=5)
-    load_compressed(fresh, tmp_path / "m.lcz")
+    loaded = load_compressed(fresh, tmp_path / "m.lcz")
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), want)
     assert fresh[0].weight_fake_quant.scale.dtype == torch.float16
+    # the load report counts the stored codes too (it said 0 B for dense codes)
+    assert next(r for r in loaded.layers if r.name == "0.weight").bytes_after == 64 * 128 // 2
 
 
 def test_pack_int4_blocks_is_matmulnbits_layout():
@@ -174,3 +176,54 @@ def test_switched_on_without_calibration_weight_scales_come_from_the_weights_and
     optimizer.step()
     model(torch.randn(8, 64))
     assert not torch.equal(q.scale, first)  # training: the scales follow the weights
+
+
+def test_exported_right_after_switching_on_the_int4_weights_come_from_the_weights(tmp_path):
+    """Regression: convert -> enable_fake_quant -> export_onnx with no forward in between wrote an all-zero model."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = mlp()
+    convert_to_qat(model, QuantConfig(4, None, group_size=32))
+    enable_fake_quant(model)
+    x = torch.randn(3, 64)
+    export_onnx(model, tmp_path / "m.onnx", x)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_0": x.numpy()}
+    )[0]
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    assert abs(want).max() > 0.1 and abs(got - want).max() < 1e-4
+
+
+def test_groups_onnx_cannot_take_and_per_token_activations_still_export(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = quantized(QuantConfig(4, 8, group_size=48, activation_granularity="per_token"))  # 48: not a block
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match="keep float weights"):
+        export_onnx(model, tmp_path / "m.onnx", x)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "MatMulNBits" not in ops
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(session.run(None, {"input_0": x.numpy()})[0] - want).max() < 0.05 * abs(want).max()
+    per_token_int8 = quantized(QuantConfig(8, 8, activation_granularity="per_token"))
+    export_onnx(per_token_int8, tmp_path / "t.onnx", x)  # int8 weights, float activations in the graph
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "t.onnx")).graph.node]
+    assert "DequantizeLinear" in ops
+
+
+def test_export_refuses_bf16_and_bad_accuracy_levels_with_what_to_do(tmp_path):
+    from lightning_compress import export_onnx
+
+    model = quantized(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"export a float32 copy"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"`accuracy_level`=7 is not one of"):
+        export_onnx(quantized(), tmp_path / "m.onnx", torch.randn(2, 64), accuracy_level=7)
+    assert not (tmp_path / "m.onnx").exists()
