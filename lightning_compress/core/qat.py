@@ -364,6 +364,19 @@ def convert_to_qat(
             UserWarning,
             stacklevel=2,
         )
+    kept = [
+        t.name
+        for t in targets
+        if isinstance(t.module, _QATMixin)
+        and (t.module.weight_fake_quant.bits, t.module.weight_fake_quant.mode) != (config.weight_bits, config.scale)
+    ]
+    if kept:
+        warnings.warn(
+            f"lightning-compress: {kept} are already fake-quantized with other settings and keep them; "
+            "`convert_to_float` first to convert them again.",
+            UserWarning,
+            stacklevel=2,
+        )
     for target in targets:
         module = target.module
         names.append(target.name)

@@ -224,3 +224,11 @@ def test_a_learned_scale_pushed_through_zero_is_used_as_its_magnitude(tmp_path):
     load_compressed(fresh, tmp_path / "m.lcz")
     with torch.no_grad():
         assert torch.allclose(fresh.eval()(x), want, atol=1e-6)
+
+
+def test_converting_again_with_other_settings_says_the_layers_keep_theirs():
+    model = net()
+    convert_to_qat(model, QuantConfig(4, 8))
+    with pytest.warns(UserWarning, match="already fake-quantized with other settings and keep them"):
+        convert_to_qat(model, QuantConfig(8, 8))
+    assert all(q.bits == 4 for n, q in quantizers(model) if n.endswith("weight_fake_quant"))
