@@ -325,10 +325,11 @@ def _update_observers(activation_quantizers: list[FakeQuantizer], collectives: S
             pending.append((q, stats))
     if not pending:
         return
-    lows = collectives.all_reduce(torch.stack([stats[0] for _, stats in pending]), "min")
-    highs = collectives.all_reduce(torch.stack([stats[1] for _, stats in pending]), "max")
+    # one collective: min(lo) is -max(-lo), so both ends reduce with "max"
+    ends = torch.stack([torch.stack([-stats[0], stats[1]]) for _, stats in pending])
+    ends = collectives.all_reduce(ends, "max")
     for i, (q, _) in enumerate(pending):
-        q.update_from_batch(lows[i], highs[i])
+        q.update_from_batch(-ends[i, 0], ends[i, 1])
 
 
 def _check_in_optimizers(params: list[nn.Parameter], optimizers: list[torch.optim.Optimizer]) -> None:

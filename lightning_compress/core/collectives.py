@@ -62,11 +62,19 @@ class TorchDistributed:
 
 
 def broadcast_masks(masks: dict[str, Tensor], collectives: Collectives) -> dict[str, Tensor]:
-    """Rank 0's bool masks on every process (a sum in which every other rank adds zeros)."""
-    if collectives.world_size == 1:
+    """Rank 0's bool masks on every process: one sum over all masks, in which every other rank adds zeros."""
+    if collectives.world_size == 1 or not masks:
         return masks
-    out = {}
-    for name, mask in masks.items():
-        buffer = mask.to(torch.uint8) if collectives.rank == 0 else torch.zeros_like(mask, dtype=torch.uint8)
-        out[name] = collectives.all_reduce(buffer, "sum").bool()
+    flat = [mask.reshape(-1) for mask in masks.values()]
+    device = flat[0].device
+    total = sum(f.numel() for f in flat)
+    if collectives.rank == 0:
+        buffer = torch.cat([f.to(device, torch.uint8) for f in flat])
+    else:
+        buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+    reduced = collectives.all_reduce(buffer, "sum").bool()
+    out, offset = {}, 0
+    for (name, mask), f in zip(masks.items(), flat, strict=True):
+        out[name] = reduced[offset : offset + f.numel()].reshape(mask.shape).to(mask.device)
+        offset += f.numel()
     return out

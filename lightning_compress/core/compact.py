@@ -26,6 +26,7 @@ from .structure import (
     eval_mode,
     is_depthwise,
     nonzero_channels,
+    output_tensors,
     param_slices,
     plain_float,
 )
@@ -132,21 +133,7 @@ def _to_meta(inputs: Any) -> Any:
 
 
 def _shapes(out: Any) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in _flatten(out)]
-
-
-def _flatten(out: Any) -> list[Tensor]:
-    flat: list[Tensor] = []
-    stack = [out]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor):
-            flat.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (tuple, list)):
-            stack.extend(item)
-    return flat
+    return [tuple(t.shape) for t in output_tensors(out)]
 
 
 def removable_groups(
@@ -289,7 +276,7 @@ def _apply(model: nn.Module, keep: Plan) -> None:
 def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
     with eval_mode(model), torch.no_grad():
         out = call_model(model, inputs)
-    return [t.detach().float() for t in _flatten(out)]
+    return [t.detach().float() for t in output_tensors(out)]
 
 
 def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4) -> CompactReport:

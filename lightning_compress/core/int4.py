@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
+from .quant import dequantize, quantize
+
 __all__ = ["Int4Weights", "int4_export_mode", "pack_int4_blocks"]
 
 
@@ -107,8 +109,9 @@ def int4_weights(layer: Any, accuracy_level: int) -> Int4Weights | None:
         return None  # MatMulNBits needs a power-of-two block of at least 16
     scale = quantizer.expanded_scale(weight.shape)
     scale = scale if quantizer.channel_axis == 0 else scale.t()
-    codes = torch.clamp(torch.round(rows.float() * (1.0 / scale)), -8, 7).to(torch.int32)
-    dequantized = codes.float() * scale
+    zero = torch.zeros((), dtype=torch.int32)
+    codes = quantize(rows, scale, zero, -8, 7)
+    dequantized = dequantize(codes, scale, zero)
     bias = layer.bias.detach().float() if layer.bias is not None else None
     scales = quantizer.effective_scale().detach().float().reshape(-1).contiguous()
     return Int4Weights(dequantized, pack_int4_blocks(codes, block), scales, bias, block, accuracy_level)

@@ -56,7 +56,7 @@ class _QATMixin:
     _export_weight: Tensor | None = None
     _int4: Any = None  # an Int4Weights while `int4_export_mode` is on
 
-    def _adopt(self, module: Any, config: QuantConfig) -> None:
+    def _adopt(self, module: Any, config: QuantConfig, quantize_input: bool = True) -> None:
         """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
         layer = cast(Any, self)
         layer.weight = module.weight
@@ -72,7 +72,7 @@ class _QATMixin:
         ).to(device)  # fmt: skip
         layer.input_fake_quant = (
             nn.Identity()
-            if config.activation_bits is None
+            if config.activation_bits is None or not quantize_input
             else FakeQuantizer(
                 "activation",
                 config.activation_bits,
@@ -227,8 +227,7 @@ class QATEmbedding(_QATMixin, nn.Embedding):
     @classmethod
     def from_float(cls, module: nn.Embedding, config: QuantConfig) -> QATEmbedding:
         new = cls(**_embedding_arguments(module))
-        new._adopt(module, config)
-        new.input_fake_quant = nn.Identity()
+        new._adopt(module, config, quantize_input=False)  # its input is indices
         return new
 
     def to_float(self) -> nn.Embedding:
@@ -514,14 +513,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
         for q, _, _ in flags:
             q.observer_enabled = True
             q.fake_quant_enabled = False
+        from .structure import call_model  # structure imports this module
+
         with torch.no_grad():
             for batch in batches:
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                call_model(model, batch)
                 count += 1
     finally:
         for q, observing, enabled in flags:

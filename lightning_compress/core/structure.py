@@ -36,6 +36,7 @@ __all__ = [
     "call_model",
     "eval_mode",
     "nonzero_channels",
+    "output_tensors",
     "param_slices",
     "per_position",
     "plain_float",
@@ -198,7 +199,7 @@ def attention_inputs(model: nn.Module, example_inputs: Any) -> list[str]:
         for hook in hooks:
             hook.remove()
     consumers: dict[Any, list[Any]] = {}
-    stack = [t.grad_fn for t in _tensors(result) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in output_tensors(result) if t.grad_fn is not None]
     seen: set[Any] = set()
     while stack:
         node = stack.pop()
@@ -233,14 +234,19 @@ def _reaches_attention(start: Any, consumers: dict[Any, list[Any]]) -> bool:
     return False
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
+def output_tensors(out: Any) -> list[Tensor]:
+    """Every tensor in a model's output (nested tuples, lists, dicts and ``ModelOutput``s)."""
+    flat: list[Tensor] = []
+    stack = [out]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            flat.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return flat
 
 
 def build_channel_groups(

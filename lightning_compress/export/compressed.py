@@ -62,17 +62,16 @@ def _raw(t: Tensor) -> bytes:
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _positions_cost(mask: Tensor) -> int:
-    """Bytes the positions of ``mask`` would take (the smaller of a bitmask and a gap stream)."""
-    flat = mask.reshape(-1).cpu()
-    return min((flat.numel() + 7) // 8, encode_gaps(flat.nonzero().reshape(-1)).numel())
-
-
-def _positions(mask: Tensor, sections: _Sections) -> tuple[str, int]:
+def _position_stream(mask: Tensor) -> tuple[str, Tensor]:
+    """The smaller of a bitmask and a gap stream for the positions of ``mask``: ``(coding, bytes)``."""
     flat = mask.reshape(-1).cpu()
     bitmask = pack_bits(flat)
     gaps = encode_gaps(flat.nonzero().reshape(-1))
-    coding, data = ("gaps", gaps) if gaps.numel() < bitmask.numel() else ("bitmask", bitmask)
+    return ("gaps", gaps) if gaps.numel() < bitmask.numel() else ("bitmask", bitmask)
+
+
+def _positions(mask: Tensor, sections: _Sections) -> tuple[str, int]:
+    coding, data = _position_stream(mask)
     return coding, sections.add("positions", data.numpy().tobytes())
 
 
@@ -133,15 +132,19 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             quantizer, layer_name = quantized[name]
             qmin, qmax = quantizer.qrange
             axis = quantizer.channel_axis if quantizer.per_channel else None  # per channel or per group
-            codes = quantize(tensor, quantizer.expanded_scale(tensor.shape), quantizer.zero_point, qmin, qmax)
+            if quantizer.groups:
+                codes = quantize(tensor, quantizer.expanded_scale(tensor.shape), quantizer.zero_point, qmin, qmax)
+            else:
+                codes = quantize(tensor, quantizer.effective_scale().detach(), quantizer.zero_point, qmin, qmax, axis)
             nonzero = codes != 0
             count = int(nonzero.sum())
             container = code_container_bits(quantizer.bits)
-            if _positions_cost(nonzero) + (count * container + 7) // 8 >= (codes.numel() * container + 7) // 8:
+            coding, stream = _position_stream(nonzero)
+            if stream.numel() + (count * container + 7) // 8 >= (codes.numel() * container + 7) // 8:
                 nonzero = torch.ones_like(nonzero)  # dense codes are smaller than positions + nonzero codes
                 count, coding, pos_bytes = codes.numel(), "dense", 0
             else:
-                coding, pos_bytes = _positions(nonzero, sections)
+                pos_bytes = sections.add("positions", stream.numpy().tobytes())
             code_bytes = sections.add(
                 "codes", pack_codes(codes.reshape(-1)[nonzero.reshape(-1)], quantizer.bits).numpy().tobytes()
             )
