@@ -20,7 +20,14 @@ from .core.importance import (
 from .core.iterative import IterativePruner
 from .core.qat import QuantConfig, calibrate, convert_to_float, convert_to_qat, enable_fake_quant
 from .core.schedule import PruningSchedule
-from .export import CompressedFileError, CompressionReport, export_onnx, load_compressed, save_compressed
+from .export import (
+    CompressedFileError,
+    CompressionReport,
+    export_onnx,
+    from_pretrained,
+    load_compressed,
+    save_compressed,
+)
 
 if TYPE_CHECKING:
     from .callbacks import CompressionMonitor, IterativePruning, QuantizationAwareTraining
@@ -52,6 +59,7 @@ __all__ = [
     "convert_to_qat",
     "enable_fake_quant",
     "export_onnx",
+    "from_pretrained",
     "load_compressed",
     "load_qat_checkpoint",
     "prune_",

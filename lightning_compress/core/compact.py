@@ -18,18 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .heads import AttentionBlock, set_head_counts
 from .macs import count_macs
-from .structure import (
-    ChannelGroup,
-    build_channel_groups,
-    call_model,
-    eval_mode,
-    is_depthwise,
-    nonzero_channels,
-    output_tensors,
-    param_slices,
-    plain_float,
-)
+from .model_config import describe_in_config
+from .structure import ChannelGroup, build_channel_groups, is_conv1d, is_depthwise, nonzero_channels, param_slices
+from .tracing import call_model, eval_mode, output_tensors, plain_float
 
 __all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "removable_groups", "resize_module"]
 
@@ -53,6 +46,7 @@ class CompactReport:
     max_abs_diff: float = 0.0
     macs_before: int = 0  # multiply-accumulates of one forward on the example inputs (Linear/Conv layers)
     macs_after: int = 0
+    config_describes: bool | None = None  # a transformers model: whether its config's fields now give the sizes
 
     def __str__(self) -> str:
         lines = [f"{'group':<32}{'channels':>16}"]
@@ -65,6 +59,10 @@ class CompactReport:
             f"MACs per forward of the example inputs: {self.macs_before:,} -> {self.macs_after:,} "
             f"({self.macs_after / max(1, self.macs_before):.1%})"
         )
+        if self.config_describes is not None:
+            how = "its fields" if self.config_describes else "a `lightning_compress` entry"
+            load = "from_pretrained" if self.config_describes else "lightning_compress.from_pretrained"
+            lines.append(f"config: the new sizes are described by {how} (reload with {load})")
         return "\n".join(lines)
 
 
@@ -79,37 +77,40 @@ def _zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
     return dead
 
 
-Plan = dict[str, dict[str, Tensor]]
+@dataclass
+class Plan:
+    """What compaction does: per module, the sorted positions kept along ``"out"``/``"in"``; per
+    attention block, its key/value heads kept; per group, its channels (before, after)."""
+
+    keep: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    heads: dict[str, tuple[AttentionBlock, int]] = field(default_factory=dict)
+    channels: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def plan(
-    model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None = None
-) -> tuple[Plan, dict[str, tuple[int, int]]]:
-    """Per module, the sorted positions to keep along ``"out"``/``"in"``; per group (before, after).
-
-    ``dead``: per group, the channels to remove (default: those whose slices are all zero).
-    """
+def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None = None) -> Plan:
+    """The :class:`Plan` that removes ``dead`` channels (per group; default: those whose slices are all zero)."""
     modules = dict(model.named_modules())
     removed: dict[str, dict[str, set[int]]] = {}
-    channels: dict[str, tuple[int, int]] = {}
+    result = Plan()
     for i, group in enumerate(groups):
         gone_channels = _zero_channels(model, group) if dead is None else dead[i].clone()
         if bool(gone_channels.all()):
             gone_channels[0] = False  # a layer keeps at least one channel
-        channels[group.name] = (group.size, group.size - int(gone_channels.sum()))
+        result.channels[group.name] = (group.size, group.size - int(gone_channels.sum()))
+        if group.attention is not None and bool(gone_channels.any()):
+            result.heads[group.attention.module] = (group.attention, result.channels[group.name][1])
         for s in group.slices:
             gone = s.index[gone_channels[s.channel]].tolist()
             if not gone:
                 continue
             kind = "out" if isinstance(modules[s.module], _NORM) or is_depthwise(modules[s.module]) else s.kind
             removed.setdefault(s.module, {}).setdefault(kind, set()).update(gone)
-    keep: Plan = {}
     for name, kinds in removed.items():
         module = modules[name]
         for kind, dropped in kinds.items():
             kept = [i for i in range(_size(module, kind)) if i not in dropped]
-            keep.setdefault(name, {})[kind] = torch.tensor(kept, dtype=torch.long)
-    return keep, channels
+            result.keep.setdefault(name, {})[kind] = torch.tensor(kept, dtype=torch.long)
+    return result
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -170,7 +171,7 @@ def _removable(
         dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
         dead[i][0] = True
         with _trial(model, group, in_place) as trial:
-            _apply(trial, plan(trial, groups, dead)[0])
+            _apply(trial, plan(trial, groups, dead))
             try:
                 with torch.no_grad():
                     trial_shapes = _shapes(call_model(trial, inputs))
@@ -190,7 +191,8 @@ def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn
     if not in_place:
         yield copy.deepcopy(model)
         return
-    originals = {name: model.get_submodule(name) for name in group.modules()}
+    names = group.modules() if group.attention is None else [group.attention.module, *group.modules()]
+    originals = {name: model.get_submodule(name) for name in names}  # an attention module first: its counts change
     try:
         for name, module in originals.items():
             _swap(model, name, copy.deepcopy(module))
@@ -209,6 +211,8 @@ def _size(layer: nn.Module, kind: str) -> int:
     module: Any = layer
     if isinstance(module, _NORM):
         return int(module.num_features)
+    if is_conv1d(module):
+        return int(module.weight.shape[1 if kind == "out" else 0])
     if isinstance(module, nn.Linear):
         return int(module.out_features if kind == "out" else module.in_features)
     return int(module.out_channels if kind == "out" else module.in_channels)
@@ -227,7 +231,7 @@ def _set(module: nn.Module, attr: str, value: Tensor) -> None:
 
 
 def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> None:
-    """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv or BatchNorm.
+    """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv1D, Conv or BatchNorm.
 
     Parameters become new (smaller) Parameters; a QAT layer's per-channel weight scale is cut too.
     """
@@ -240,10 +244,11 @@ def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Ten
                 _set(module, attr, _cut(getattr(module, attr), 0, out_keep))
         module.num_features = out_keep.numel()
         return
+    conv1d = is_conv1d(module)
     if out_keep is not None:
         for attr in ("weight", "bias"):
             if getattr(module, attr, None) is not None:
-                _set(module, attr, _cut(getattr(module, attr), 0, out_keep))
+                _set(module, attr, _cut(getattr(module, attr), 1 if conv1d and attr == "weight" else 0, out_keep))
         quantizer = getattr(module, "weight_fake_quant", None)
         if quantizer is not None and getattr(quantizer, "per_channel", False):
             _set(quantizer, "scale", _cut(quantizer.scale, 0, out_keep))
@@ -253,13 +258,18 @@ def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Ten
                     _set(quantizer, attr, _cut(value, 0, out_keep))
         if isinstance(module, nn.Linear):
             module.out_features = out_keep.numel()
+        elif conv1d:
+            module.nf = out_keep.numel()
         else:
             depthwise = is_depthwise(module)
             module.out_channels = out_keep.numel()
             if depthwise:
                 module.in_channels = module.groups = out_keep.numel()
     if in_keep is not None:
-        if isinstance(module, nn.Linear):
+        if conv1d:
+            _set(module, "weight", _cut(module.weight, 0, in_keep))
+            module.nx = in_keep.numel()
+        elif isinstance(module, nn.Linear):
             _set(module, "weight", _cut(module.weight, 1, in_keep))
             module.in_features = in_keep.numel()
         elif not is_depthwise(module):
@@ -267,10 +277,12 @@ def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Ten
             module.in_channels = in_keep.numel()
 
 
-def _apply(model: nn.Module, keep: Plan) -> None:
+def _apply(model: nn.Module, planned: Plan) -> None:
     modules = dict(model.named_modules())
-    for name, kinds in keep.items():
+    for name, kinds in planned.keep.items():
         resize_module(modules[name], kinds.get("out"), kinds.get("in"))
+    for name, (block, kv_heads) in planned.heads.items():
+        set_head_counts(modules[name], block, kv_heads)
 
 
 def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
@@ -317,12 +329,13 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
             )
     groups, _ = build_channel_groups(model, example_inputs)
     groups, _ = removable_groups(model, example_inputs, groups)
-    keep, channels = plan(model, groups)
-    report = CompactReport(channels=channels, params_before=sum(p.numel() for p in model.parameters()))
+    planned = plan(model, groups)
+    keep = planned.keep
+    report = CompactReport(channels=planned.channels, params_before=sum(p.numel() for p in model.parameters()))
     report.macs_before = count_macs(model, example_inputs)
     if keep:
         trial = copy.deepcopy(model)
-        _apply(trial, keep)
+        _apply(trial, planned)
         before = _outputs(model, example_inputs)
         try:
             after = _outputs(trial, example_inputs)
@@ -337,7 +350,8 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
                 "in the model mixes channels in a way the dependency graph does not see. The model is unchanged."
             )
         del trial
-        _apply(model, keep)
+        _apply(model, planned)
+        report.config_describes = describe_in_config(model, groups, planned.channels)
         report.max_abs_diff = diff
         setattr(model, COMPACTED_FLAG, True)
     report.params_after = sum(p.numel() for p in model.parameters())

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import linear_like_types, weight_axes
-from .structure import call_model, eval_mode
+from .tracing import call_model, eval_mode
 
 __all__ = ["count_macs", "layer_macs"]
 

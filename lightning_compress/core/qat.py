@@ -513,7 +513,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
         for q, _, _ in flags:
             q.observer_enabled = True
             q.fake_quant_enabled = False
-        from .structure import call_model  # structure imports this module
+        from .tracing import call_model  # tracing imports this module
 
         with torch.no_grad():
             for batch in batches:

@@ -9,29 +9,32 @@ Torch-Pruning's ``DependencyGraph`` (it traces autograd, so any ``forward`` work
 the groups are turned into plain :class:`ChannelGroup` records (module names and index
 tensors), and masking and compaction are ours.
 
-A group is prunable when every module in it is a Linear, a Conv (dense or depthwise) or a
-BatchNorm, and none of its channels reaches the model's output (the classifier's outputs are
-never pruned). Groups with a LayerNorm, GroupNorm, attention or a free ``nn.Parameter`` are
-left alone: removing a channel there is not the same as zeroing it.
+A group is prunable when every module in it is a Linear (``transformers``' Conv1D included), a
+Conv (dense or depthwise) or a BatchNorm, and none of its channels reaches the model's output
+(the classifier's outputs are never pruned). Groups with a LayerNorm, GroupNorm or a free
+``nn.Parameter`` are left alone: removing a channel there is not the same as zeroing it.
+
+Attention heads are groups too (:mod:`.heads`): a head's rows of the Q, K and V projections and
+its columns of the output projection; with grouped-query attention the unit is a key/value head
+with its query group. The projections that feed attention are never roots of a channel group
+(removing one row alone breaks the reshape into heads).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .layers import linear_like_types
-from .qat import quantizers
+from .heads import AttentionBlock, find_attention
+from .layers import transformers_conv1d
+from .tracing import call_model, eval_mode, output_tensors, plain_float, without_cache
 
 __all__ = [
     "ChannelGroup",
     "LayerSlice",
-    "attention_inputs",
     "build_channel_groups",
     "call_model",
     "eval_mode",
@@ -40,6 +43,7 @@ __all__ = [
     "param_slices",
     "per_position",
     "plain_float",
+    "without_cache",
 ]
 
 _CONV = nn.modules.conv._ConvNd
@@ -67,6 +71,7 @@ class ChannelGroup:
     name: str
     size: int
     slices: list[LayerSlice] = field(default_factory=list)
+    attention: AttentionBlock | None = None  # set for a group of attention heads
 
     def modules(self) -> list[str]:
         return sorted({s.module for s in self.slices})
@@ -78,17 +83,28 @@ def is_depthwise(module: nn.Module) -> bool:
     return module.groups > 1 and module.groups == module.in_channels == module.out_channels
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` Conv1D (weight stored as ``(in, out)``)."""
+    conv1d = transformers_conv1d()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
 def supported(module: nn.Module) -> bool:
-    """Modules whose channels can be removed exactly: Linear, dense or depthwise Conv, BatchNorm."""
+    """Modules whose channels can be removed exactly: Linear, Conv1D, dense or depthwise Conv, BatchNorm."""
     if isinstance(module, _CONV):
         return module.groups == 1 or is_depthwise(module)
-    return isinstance(module, (nn.Linear, _NORM))
+    return isinstance(module, (nn.Linear, _NORM)) or is_conv1d(module)
 
 
 def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     """``(attribute, dim)`` of the parameters that a slice of ``kind`` cuts in ``module``."""
     if isinstance(module, _NORM):
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
+    if is_conv1d(module):
+        if kind == "out":
+            present = [a for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
+            return [(a, 1 if a == "weight" else 0) for a in present]
+        return [("weight", 0)]
     if kind == "out":
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
     if is_depthwise(module):
@@ -110,59 +126,6 @@ def nonzero_channels(values: Tensor, dim: int, index: Tensor, channel: Tensor, s
     return out
 
 
-@contextlib.contextmanager
-def without_cache(model: nn.Module) -> Iterator[None]:
-    """``config.use_cache = False`` meanwhile (a ``transformers`` model then returns outputs, not caches)."""
-    config = getattr(model, "config", None)
-    cached = getattr(config, "use_cache", None)
-    if cached:
-        config.use_cache = False  # type: ignore[union-attr]
-    try:
-        yield
-    finally:
-        if cached:
-            config.use_cache = cached  # type: ignore[union-attr]
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` the way Lightning calls it with ``example_input_array``, with caches off."""
-    with without_cache(model):
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every module in eval mode; each module's own training flag restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-@contextlib.contextmanager
-def plain_float(model: nn.Module) -> Iterator[None]:
-    """The float data flow in eval mode: fake quantizers off; everything restored afterwards."""
-    saved = []
-    for _, q in quantizers(model):
-        saved.append((q, q.fake_quant_enabled, q.observer_enabled))
-        q.fake_quant_enabled = False
-        q.observer_enabled = False
-    try:
-        with eval_mode(model):
-            yield
-    finally:
-        for q, fq, ob in saved:
-            q.fake_quant_enabled = fq
-            q.observer_enabled = ob
-
-
 def _torch_pruning() -> Any:
     try:
         import torch_pruning
@@ -172,81 +135,6 @@ def _torch_pruning() -> Any:
             "pip install 'lightning-compress[structured]' (or pip install torch-pruning)."
         ) from err
     return torch_pruning
-
-
-_ATTENTION_OPS = ("Bmm", "ScaledDotProduct", "Baddbmm")
-_ATTENTION_DEPTH = 16
-
-
-def attention_inputs(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Names of the Linear layers whose outputs reach an attention product (a batched matmul of two
-    activations, or scaled dot-product attention) before any other layer: Q/K/V projections.
-
-    Read from the autograd graph of one forward. Their output channels are heads' rows: removing
-    one alone breaks the reshape into heads, and following them through attention is what makes a
-    dependency-graph search explode (minutes on a 2-layer Llama), so they are not used as roots.
-    """
-    outputs: dict[str, Any] = {}
-    hooks = [
-        module.register_forward_hook(lambda _m, _a, out, name=name: outputs.__setitem__(name, out))
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) or type(module) in linear_like_types()[2:]
-    ]
-    try:
-        with torch.enable_grad():
-            result = call_model(model, example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    consumers: dict[Any, list[Any]] = {}
-    stack = [t.grad_fn for t in output_tensors(result) if t.grad_fn is not None]
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        for parent, _ in node.next_functions:
-            if parent is not None:
-                consumers.setdefault(parent, []).append(node)
-                stack.append(parent)
-    found = []
-    for name, out in outputs.items():
-        start = getattr(out, "grad_fn", None)
-        if start is not None and _reaches_attention(start, consumers):
-            found.append(name)
-    return found
-
-
-def _reaches_attention(start: Any, consumers: dict[Any, list[Any]]) -> bool:
-    frontier, visited = [(start, 0)], set()
-    while frontier:
-        node, depth = frontier.pop(0)
-        if node in visited or depth > _ATTENTION_DEPTH:
-            continue
-        visited.add(node)
-        kind = type(node).__name__
-        if depth and any(op in kind for op in _ATTENTION_OPS):
-            return True
-        if depth and (kind.startswith("Addmm") or kind.startswith("MmBackward") or "Convolution" in kind):
-            continue  # another layer: its output is its own
-        frontier.extend((c, depth + 1) for c in consumers.get(node, []))
-    return False
-
-
-def output_tensors(out: Any) -> list[Tensor]:
-    """Every tensor in a model's output (nested tuples, lists, dicts and ``ModelOutput``s)."""
-    flat: list[Tensor] = []
-    stack = [out]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Tensor):
-            flat.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (tuple, list)):
-            stack.extend(item)
-    return flat
 
 
 def build_channel_groups(
@@ -265,14 +153,25 @@ def build_channel_groups(
     """
     tp = _torch_pruning()
     names = {module: name for name, module in model.named_modules()}
+    modules = dict(model.named_modules())
+    conv1d = transformers_conv1d()
+    roots: tuple[type[nn.Module], ...] = (_CONV, nn.Linear) if conv1d is None else (_CONV, nn.Linear, conv1d)
+    custom = {type(m): _conv1d_pruner(tp) for m in modules.values() if is_conv1d(m)}
     with torch.enable_grad(), plain_float(model):
-        attention = attention_inputs(model, example_inputs)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=call_model, verbose=False)
-        modules = dict(model.named_modules())
-        ignored = [modules[name] for name in attention]
-        raw = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(_CONV, nn.Linear)))
+        blocks, feeding, not_heads = find_attention(model, example_inputs)
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
+        )
+        ignored = [modules[name] for name in feeding]
+        raw = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=roots))
     groups: list[ChannelGroup] = []
-    skipped: dict[str, str] = dict.fromkeys(attention, "it feeds attention (heads are not pruned by channel)")
+    skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}
+    for block in blocks:
+        group, reason = _head_group(block, producers)
+        if group is None:
+            skipped[block.module] = reason
+        else:
+            groups.append(group)
     for raw_group in raw:
         root = names.get(raw_group[0].dep.target.module, "?")
         group, reason = _convert(graph, raw_group, names, producers)
@@ -281,6 +180,48 @@ def build_channel_groups(
         else:
             groups.append(group)
     return groups, skipped
+
+
+def _conv1d_pruner(tp: Any) -> Any:
+    """A Torch-Pruning layer handler for ``transformers``' Conv1D: only its sizes are read (we never let
+    Torch-Pruning cut a model)."""
+
+    class Conv1DSizes(tp.pruner.function.BasePruningFunc):
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            raise NotImplementedError("lightning-compress reads Torch-Pruning's graph only")
+
+        # a distinct method: a layer's inputs and outputs are not coupled
+        def prune_in_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            raise NotImplementedError("lightning-compress reads Torch-Pruning's graph only")
+
+        def get_out_channels(self, layer: nn.Module) -> int:
+            return int(layer.weight.shape[1])  # type: ignore[index]
+
+        def get_in_channels(self, layer: nn.Module) -> int:
+            return int(layer.weight.shape[0])  # type: ignore[index]
+
+    return Conv1DSizes()
+
+
+def _head_group(block: AttentionBlock, producers: set[str] | None) -> tuple[ChannelGroup | None, str]:
+    """The channel group of ``block``'s removable units (key/value heads with their query groups)."""
+    projections = {block.query, block.key, block.value}
+    if producers is not None and not projections <= producers:
+        return None, f"its projections {sorted(projections - producers)} are not selected (see `include`/`exclude`)"
+    if block.kv_heads < 2:
+        return None, "it has one key/value head"
+    group = ChannelGroup(block.module, block.kv_heads, attention=block)
+    for (name, kind), (index, channel) in sorted(block.unit_positions().items()):
+        order = sorted(range(len(index)), key=index.__getitem__)
+        group.slices.append(
+            LayerSlice(
+                name,
+                kind,
+                torch.tensor([index[i] for i in order], dtype=torch.long),
+                torch.tensor([channel[i] for i in order], dtype=torch.long),
+            )
+        )
+    return group, ""
 
 
 def _convert(

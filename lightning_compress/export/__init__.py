@@ -2,6 +2,7 @@
 
 from .compressed import FORMAT_VERSION, CompressedFileError, load_compressed, save_compressed
 from .onnx import export_onnx
+from .pretrained import from_pretrained
 from .report import CompressionReport, LayerReport
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "CompressionReport",
     "LayerReport",
     "export_onnx",
+    "from_pretrained",
     "load_compressed",
     "save_compressed",
 ]

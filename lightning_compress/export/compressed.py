@@ -22,7 +22,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from ..core.compact import COMPACTED_FLAG, resize_module
+from ..core.compact import COMPACTED_FLAG
+from ..core.heads import head_record
 from ..core.packing import (
     code_container_bits,
     decode_gaps,
@@ -34,7 +35,7 @@ from ..core.packing import (
 )
 from ..core.qat import FakeQuantizer, QuantConfig, convert_to_qat, qat_modules, quantizers
 from ..core.quant import quantize, scale_per_element
-from ..core.structure import is_depthwise, supported
+from ..core.shrink import set_head_record, shrink_like
 from .container import FORMAT_VERSION, CompressedFileError, read_container, write_container
 from .records import SECTIONS, ArchitectureMismatch, TensorRecord, max_manifest_bytes, max_raw_bytes, plan
 from .report import CompressionReport, LayerReport
@@ -182,6 +183,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         "model": type(model).__name__,
         "qat_layers": _qat_layers(model),
         "compacted": bool(getattr(model, COMPACTED_FLAG, False)),
+        "heads": head_record(model),
         "sections": sections.sizes(),
         "tensors": [r.to_json() for r in records],
     }
@@ -310,7 +312,11 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     rollback = _Rollback(model)
     try:
         if manifest.get("compacted"):
-            _resize_like(model, tensors, rollback)
+            shrink_like(model, {k: tuple(v.shape) for k, v in tensors.items()}, rollback.remember)
+            try:
+                set_head_record(model, manifest.get("heads", {}), rollback.remember)
+            except ValueError as err:
+                raise CompressedFileError(f"{path} holds bad head counts: {err}") from err
         _convert_like(model, manifest.get("qat_layers", {}), rollback)
         expected = model.state_dict()
         problems = [k for k in expected if k not in tensors] + [k for k in tensors if k not in expected]
@@ -369,24 +375,6 @@ class _Rollback:
             if name:
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
-
-
-def _resize_like(model: nn.Module, tensors: dict[str, Tensor], rollback: _Rollback) -> None:
-    """Shrink the Linear/Conv/BatchNorm layers of a fresh model to a compacted file's sizes."""
-    for name, module in model.named_modules():
-        weight = tensors.get(f"{name}.weight" if name else "weight")
-        if weight is None or not supported(module) or getattr(module, "weight", None) is None:
-            continue
-        have = tuple(module.weight.shape)
-        want = tuple(weight.shape)
-        if have == want or len(have) != len(want) or any(w > h for w, h in zip(want, have, strict=True)):
-            continue
-        rollback.remember(name)
-        if getattr(module, "weight_fake_quant", None) is not None:
-            rollback.remember(f"{name}.weight_fake_quant")
-        out_keep = torch.arange(want[0])
-        in_keep = torch.arange(want[1]) if len(want) > 1 and not is_depthwise(module) else None
-        resize_module(module, out_keep, in_keep)
 
 
 def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback) -> None:

@@ -172,7 +172,8 @@ def bert(seed: int = 0):
 
 def test_bert_channel_masks_are_always_ones_compact_can_apply():
     """Regression: BERT's forward cannot run on the meta device, the removability check was skipped, and
-    `prune_(granularity="channel")` zeroed Q/K/V rows that `compact` then refused (heads reshape)."""
+    `prune_(granularity="channel")` zeroed Q/K/V rows that `compact` then refused (heads reshape). Now
+    Q/K/V rows are pruned only as whole heads (tests/core/test_heads.py), which compact removes."""
     from lightning_compress import compact
 
     model = bert()
@@ -183,7 +184,10 @@ def test_bert_channel_masks_are_always_ones_compact_can_apply():
     masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
     pruned = {name.rsplit(".", 1)[0] for name, mask in masks.items() if not bool(mask.all())}
     assert "bert.encoder.layer.0.intermediate.dense" in pruned  # MLP neurons (and the next layer's inputs)
-    assert not any(part in n for n in pruned for part in ("query", "key", "value", "attention")), pruned
+    for name, mask in masks.items():
+        if name.endswith(("query.weight", "key.weight", "value.weight")):
+            rows = mask.all(1).reshape(4, 8)  # 4 heads of 8 rows
+            assert bool((rows.all(1) | ~rows.any(1)).all()), name
     report = compact(model, x)
     assert report.params_after < report.params_before
     with torch.no_grad():
@@ -343,7 +347,7 @@ def test_embedding_quantization_is_opt_in_by_exact_name(tmp_path):
 
 def test_llama_channel_pruning_traces_fast_and_prunes_mlp_neurons_compact_removes():
     """Regression: a 2-layer Llama's channel trace ran for minutes (the Q/K/V projections' groups exploded in the
-    dependency-graph search); they feed attention and are no longer used as roots."""
+    dependency-graph search); they feed attention and are no longer used as roots (heads are their own groups)."""
     import time
 
     from lightning_compress import compact
@@ -357,7 +361,7 @@ def test_llama_channel_pruning_traces_fast_and_prunes_mlp_neurons_compact_remove
     ids = tokens(2, 8) % 64
     x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     start = time.perf_counter()
-    masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=x, exclude="*self_attn*")
     assert time.perf_counter() - start < 30
     pruned = {n.rsplit(".", 1)[0] for n, m in masks.items() if not bool(m.all())}
     assert pruned == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}

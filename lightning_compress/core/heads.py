@@ -1,0 +1,273 @@
+"""Attention heads: which projections form a multi-head attention block, read from one forward.
+
+A block is found from the data flow, not from class or attribute names: a linear-like layer (the
+output projection) whose input is computed, through reshapes, an attention product (a batched
+matmul of two activations, or scaled dot-product attention) and no other layer or parameter,
+from the outputs of the query, key and value projections (three layers, or one fused layer whose
+output is split in three). The head size is the attention module's ``head_dim`` (or
+``attention_head_size`` / ``head_size``) attribute: the common parent of the projections.
+
+The unit that can be removed is a key/value head with its whole query group (with grouped-query
+attention, query heads ``j * r .. (j + 1) * r - 1`` read key/value head ``j``; ``r = 1`` for
+multi-head attention): its rows of Q, K and V and its columns of the output projection. Removing
+it is exact when those slices are zero, and the forward keeps working after compaction as long as
+it derives head counts from the projections' sizes (``view(..., -1, head_dim)``, what current
+``transformers`` models do) or from the attributes :func:`set_head_counts` updates.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import linear_like_types, weight_axes
+from .tracing import call_model
+
+__all__ = [
+    "COUNT_ATTRIBUTES",
+    "HEADS_ATTRIBUTE",
+    "AttentionBlock",
+    "find_attention",
+    "head_attributes",
+    "head_record",
+    "set_head_counts",
+]
+
+_ATTENTION_OPS = ("Bmm", "ScaledDotProduct", "Baddbmm")
+_LAYER_OPS = ("Addmm", "MmBackward", "Convolution", "AccumulateGrad")
+_MAX_DEPTH = 40
+_HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size")
+HEADS_ATTRIBUTE = "_lightning_compress_heads"  # on a compacted attention module: {attribute: count} it was given
+# attributes an attention module may keep of its sizes: (name, what it counts)
+_COUNT_ATTRS = (
+    ("num_heads", "heads"),
+    ("num_attention_heads", "heads"),
+    ("n_head", "heads"),
+    ("num_key_value_heads", "kv_heads"),
+    ("num_kv_heads", "kv_heads"),
+    ("all_head_size", "width"),
+    ("split_size", "width"),
+    ("inner_dim", "width"),
+)
+COUNT_ATTRIBUTES = frozenset(name for name, _ in _COUNT_ATTRS)
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One attention block: its projections (module names), head size and head counts.
+
+    ``query``/``key``/``value`` name the same module for a fused projection; ``offsets`` are where
+    Q, K and V start among that module's outputs (``(0, 0, 0)`` for separate projections).
+    """
+
+    module: str
+    query: str
+    key: str
+    value: str
+    output: str
+    head_dim: int
+    heads: int
+    kv_heads: int
+    offsets: tuple[int, int, int] = (0, 0, 0)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.heads // self.kv_heads
+
+    def unit_positions(self) -> dict[tuple[str, str], tuple[list[int], list[int]]]:
+        """Per (module, ``"out"``/``"in"``), the positions each unit owns and the unit of each."""
+        d, r = self.head_dim, self.group_size
+        parts: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+        def add(name: str, kind: str, start: int, unit: int, heads: range) -> None:
+            index, channel = parts.setdefault((name, kind), ([], []))
+            for h in heads:
+                index.extend(range(start + h * d, start + (h + 1) * d))
+                channel.extend([unit] * d)
+
+        q0, k0, v0 = self.offsets
+        for j in range(self.kv_heads):
+            query_heads = range(j * r, (j + 1) * r)
+            add(self.query, "out", q0, j, query_heads)
+            add(self.key, "out", k0, j, range(j, j + 1))
+            add(self.value, "out", v0, j, range(j, j + 1))
+            add(self.output, "in", 0, j, query_heads)
+        return parts
+
+
+def _linear_like(module: nn.Module) -> bool:
+    return isinstance(module, linear_like_types()) and not isinstance(module, nn.modules.conv._ConvNd)
+
+
+def _out_features(module: nn.Module) -> int:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[weight_axes(module)[0]])
+
+
+def _in_features(module: nn.Module) -> int:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return int(weight.shape[weight_axes(module)[1]])
+
+
+def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool] | None:
+    """Walk back from ``start``: the layers whose outputs it is computed from, and whether an attention
+    product lies on the way; ``None`` if a parameter or an unhooked layer lies on the way too."""
+    found: set[str] = set()
+    attention = False
+    seen: set[Any] = set()
+    queue: deque[tuple[Any, int]] = deque([(start, 0)])
+    while queue:
+        node, depth = queue.popleft()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in produced_by:
+            found.add(produced_by[node])
+            continue
+        kind = type(node).__name__
+        if any(op in kind for op in _LAYER_OPS) or depth > _MAX_DEPTH:
+            return None
+        attention = attention or any(op in kind for op in _ATTENTION_OPS)
+        queue.extend((parent, depth + 1) for parent, _ in node.next_functions)
+    return found, attention
+
+
+def _common_parent(model: nn.Module, names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    if len(prefix) == min(len(p) for p in parts):  # one name (a fused projection): its parent
+        prefix = prefix[:-1]
+    return ".".join(prefix)
+
+
+def _head_size(module: nn.Module) -> int | None:
+    for attr in _HEAD_SIZE_ATTRS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[AttentionBlock], set[str], dict[str, str]]:
+    """Attention blocks of ``model``, read from the autograd graph of one forward on ``example_inputs``.
+
+    Returns:
+        The blocks whose heads can be removed; the names of every layer that feeds an attention
+        product (Q/K/V projections, also of blocks that were not recognized); and, per block that
+        was not recognized (keyed by its output projection), why.
+    """
+    inputs: dict[str, Tensor] = {}
+    produced_by: dict[Any, str] = {}
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, args: Any, out: Any) -> None:
+            if args and isinstance(args[0], Tensor):
+                inputs[name] = args[0]
+            if isinstance(out, Tensor) and out.grad_fn is not None:
+                produced_by[out.grad_fn] = name
+
+        return record
+
+    modules = dict(model.named_modules())
+    hooks = [m.register_forward_hook(hook(n)) for n, m in modules.items() if _linear_like(m)]
+    try:
+        with torch.enable_grad():
+            result = call_model(model, example_inputs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    del result  # the graph stays alive through the recorded tensors
+    blocks: list[AttentionBlock] = []
+    feeding: set[str] = set()
+    skipped: dict[str, str] = {}
+    for name, value in inputs.items():
+        walked = _sources(value.grad_fn, produced_by) if value.grad_fn is not None else None
+        if walked is None or not walked[1] or not walked[0]:
+            continue
+        producers = sorted(walked[0])
+        feeding.update(producers)
+        block = _block(model, modules, name, producers)
+        if isinstance(block, str):
+            skipped[name] = block
+        else:
+            blocks.append(block)
+    return blocks, feeding, skipped
+
+
+def _block(model: nn.Module, modules: dict[str, nn.Module], output: str, producers: list[str]) -> AttentionBlock | str:
+    parent = _common_parent(model, producers)
+    attention = modules[parent]
+    d = _head_size(attention)
+    if d is None:
+        return f"its attention module {parent or type(model).__name__} has no head_dim/attention_head_size attribute"
+    width = _in_features(modules[output])
+    if len(producers) == 1:
+        (fused,) = producers
+        split = getattr(attention, "split_size", None)
+        if not isinstance(split, int) or _out_features(modules[fused]) != 3 * split or split != width:
+            return f"its fused projection {fused} is not split into equal Q, K and V thirds (`split_size`)"
+        if split % d:
+            return f"its width {split} is not a multiple of the head size {d}"
+        return AttentionBlock(parent, fused, fused, fused, output, d, split // d, split // d, (0, split, 2 * split))
+    if len(producers) != 3:
+        return f"its attention reads {len(producers)} projections, not 3 (Q, K, V)"
+    sizes = {n: _out_features(modules[n]) for n in producers}
+    if any(s % d for s in sizes.values()):
+        return f"its projections' sizes {sorted(sizes.values())} are not multiples of the head size {d}"
+    larger = [n for n in producers if sizes[n] == width]
+    if len(set(sizes.values())) == 1:
+        q, k, v = producers
+    elif len(larger) == 1 and len({sizes[n] for n in producers if n not in larger}) == 1:
+        q = larger[0]
+        k, v = (n for n in producers if n != q)
+    else:
+        return f"its projections' sizes {sizes} do not form Q and equal K/V"
+    heads, kv_heads = sizes[q] // d, sizes[k] // d
+    if sizes[q] != width or heads % kv_heads:
+        return f"its output projection reads {width} features for {heads} query heads of size {d}"
+    return AttentionBlock(parent, q, k, v, output, d, heads, kv_heads)
+
+
+def head_attributes(attention: nn.Module, block: AttentionBlock) -> dict[str, int]:
+    """The attributes of ``attention`` that hold ``block``'s head counts or width, with their values."""
+    counts = {"heads": block.heads, "kv_heads": block.kv_heads, "width": block.heads * block.head_dim}
+    found = {}
+    for attr, what in _COUNT_ATTRS:
+        value = getattr(attention, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value == counts[what]:
+            found[attr] = value
+    return found
+
+
+def set_head_counts(attention: nn.Module, block: AttentionBlock, kv_heads: int) -> dict[str, int]:
+    """Set ``attention``'s count attributes for ``kv_heads`` key/value heads kept (each with its query
+    group); returns the attributes set and their new values."""
+    heads = kv_heads * block.group_size
+    counts = {"heads": heads, "kv_heads": kv_heads, "width": heads * block.head_dim}
+    updated = {}
+    for attr in head_attributes(attention, block):
+        what = dict(_COUNT_ATTRS)[attr]
+        setattr(attention, attr, counts[what])
+        updated[attr] = counts[what]
+    setattr(attention, HEADS_ATTRIBUTE, {**getattr(attention, HEADS_ATTRIBUTE, {}), **updated})
+    return updated
+
+
+def head_record(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The head counts compaction set on ``model``'s attention modules: ``{module: {attribute: count}}``."""
+    return {
+        name: dict(getattr(module, HEADS_ATTRIBUTE))
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, HEADS_ATTRIBUTE, None), dict)
+    }

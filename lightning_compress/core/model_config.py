@@ -1,0 +1,111 @@
+"""A compacted ``transformers`` model's config: describe the new sizes, or record what it cannot.
+
+After :func:`~.compact.compact`, ``save_pretrained`` writes the smaller tensors with the model's
+config. Where the config can describe the new sizes (every attention block keeps the same number
+of heads, every MLP the same number of neurons, and the config has the fields that set them, e.g.
+Llama's ``num_attention_heads``/``num_key_value_heads``/``head_dim``/``intermediate_size``), those
+fields are rewritten: ``type(model).from_pretrained`` then rebuilds the compacted model. That is
+checked, not assumed: the class is built from the rewritten config on the meta device and every
+tensor's shape must match. Otherwise (BERT and GPT-2 derive the head size from ``hidden_size /
+num_attention_heads``; global scope leaves layers of different sizes) the config keeps its fields
+and gains a ``lightning_compress`` entry, which :func:`lightning_compress.from_pretrained` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import head_record
+from .structure import ChannelGroup
+
+__all__ = ["CONFIG_KEY", "describe_in_config"]
+
+CONFIG_KEY = "lightning_compress"
+_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim")
+_MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
+
+
+def _config_of(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    return config if callable(getattr(config, "to_dict", None)) else None
+
+
+def describe_in_config(
+    model: nn.Module, groups: Sequence[ChannelGroup], kept: dict[str, tuple[int, int]]
+) -> bool | None:
+    """Update the config of every ``transformers`` model in ``model`` (itself, or e.g. a LightningModule's
+    ``self.net``) after compaction of ``groups`` (``kept``: per group, channels before and after).
+
+    Returns whether the standard fields now describe the compacted sizes (``from_pretrained`` of the
+    class reloads it); if not, the config records the head counts and the resized layers' weight
+    shapes under ``lightning_compress``. ``None``, and nothing done, without such a config.
+    """
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in found)
+        if _config_of(module) is not None and not inside:
+            found.append((name, module))
+    results = [_describe(sub, prefix, groups, kept) for prefix, sub in found]
+    return all(results) if results else None
+
+
+def _describe(sub: nn.Module, prefix: str, groups: Sequence[ChannelGroup], kept: dict[str, tuple[int, int]]) -> bool:
+    """:func:`describe_in_config` for one ``transformers`` model ``sub`` at ``prefix`` (``""``: the model)."""
+    start = f"{prefix}." if prefix else ""
+    mine = [g for g in groups if all(name.startswith(start) for name in g.modules())]
+    config = _config_of(sub)
+    candidate = _rewritten(config, mine, kept)
+    if candidate is not None and _builds_same_shapes(sub, candidate):
+        if hasattr(candidate, CONFIG_KEY):
+            delattr(candidate, CONFIG_KEY)
+        sub.config = candidate
+        return True
+    previous = getattr(config, CONFIG_KEY, None)
+    shapes = dict(previous.get("shapes", {})) if isinstance(previous, dict) else {}
+    modules = dict(sub.named_modules())
+    for group in mine:
+        for name in group.modules():
+            weight = getattr(modules[name[len(start) :]], "weight", None)
+            if isinstance(weight, torch.Tensor):
+                shapes[f"{name[len(start) :]}.weight"] = list(weight.shape)
+    setattr(config, CONFIG_KEY, {"compacted": True, "heads": head_record(sub), "shapes": shapes})
+    return False
+
+
+def _rewritten(config: Any, groups: Sequence[ChannelGroup], kept: dict[str, tuple[int, int]]) -> Any | None:
+    candidate = copy.deepcopy(config)
+    blocks = [g for g in groups if g.attention is not None]
+    mlps = [g for g in groups if g.attention is None]
+    if blocks:
+        counts = {(kept[g.name][1], g.attention.group_size, g.attention.head_dim) for g in blocks if g.attention}
+        if len(counts) != 1:
+            return None
+        ((kv_heads, group_size, head_dim),) = counts
+        values = {"num_attention_heads": kv_heads * group_size, "num_key_value_heads": kv_heads, "head_dim": head_dim}
+        for name in _HEAD_FIELDS:
+            if hasattr(candidate, name):
+                setattr(candidate, name, values[name])
+    if mlps:
+        sizes = {kept[g.name][1] for g in mlps}
+        if len(sizes) != 1:
+            return None
+        for name in _MLP_FIELDS:
+            if hasattr(candidate, name):
+                setattr(candidate, name, next(iter(sizes)))
+    return candidate
+
+
+def _builds_same_shapes(model: nn.Module, config: Any) -> bool:
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception:  # a class that cannot be built from its config alone: not describable
+        return False
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    return want == have

@@ -1,0 +1,76 @@
+"""Rebuilding a compacted model: shrink a freshly built one to saved tensors' sizes and head counts.
+
+:func:`~.compact.compact` removes channels and heads in place; a saved compacted model (a compressed
+file, or ``save_pretrained``) holds smaller tensors than its class builds. Loading builds the
+original architecture, cuts every layer to the saved sizes (the kept channels are the first ones:
+their order is what was saved) and sets the head counts compaction set on attention modules, so
+the saved state dict then loads strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compact import resize_module
+from .heads import COUNT_ATTRIBUTES, HEADS_ATTRIBUTE
+from .layers import weight_axes
+from .structure import is_depthwise, supported
+
+__all__ = ["set_head_record", "shrink_like"]
+
+
+def shrink_like(
+    model: nn.Module, shapes: Mapping[str, Sequence[int]], before: Callable[[str], None] | None = None
+) -> None:
+    """Cut every Linear/Conv1D/Conv/BatchNorm of ``model`` whose saved weight (``shapes["<name>.weight"]``)
+    is smaller, keeping its first channels. ``before(name)`` is called before a module is changed."""
+    for name, module in model.named_modules():
+        want = shapes.get(f"{name}.weight" if name else "weight")
+        weight = getattr(module, "weight", None)
+        if want is None or weight is None or not supported(module):
+            continue
+        have, want = tuple(weight.shape), tuple(int(w) for w in want)
+        if have == want or len(have) != len(want) or any(w > h for w, h in zip(want, have, strict=True)):
+            continue
+        if before is not None:
+            before(name)
+            if getattr(module, "weight_fake_quant", None) is not None:
+                before(f"{name}.weight_fake_quant")
+        out_axis, in_axis = weight_axes(module)
+        out_keep = torch.arange(want[out_axis])
+        in_keep = torch.arange(want[in_axis]) if len(want) > 1 and not is_depthwise(module) else None
+        resize_module(module, out_keep, in_keep)
+
+
+def set_head_record(model: nn.Module, record: Any, before: Callable[[str], None] | None = None) -> None:
+    """Set the head counts of ``record`` (``{module: {attribute: count}}``, from a file or a config).
+
+    Raises:
+        ValueError: a module that does not exist, an attribute that is not a head count of that
+            module, or a count that is not an integer between 1 and the module's current one
+            (checked for every entry before anything is set).
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"head counts must be a mapping of module names, got {type(record).__name__}.")
+    modules = dict(model.named_modules())
+    checked: list[tuple[str, nn.Module, str, int]] = []
+    for name, attrs in record.items():
+        module = modules.get(name) if isinstance(name, str) else None
+        if module is None or not isinstance(attrs, dict):
+            raise ValueError(f"head counts name {name!r}, which is not an attention module of {type(model).__name__}.")
+        for attr, value in attrs.items():
+            current = getattr(module, attr, None) if attr in COUNT_ATTRIBUTES else None
+            if not isinstance(current, int) or isinstance(current, bool):
+                raise ValueError(f"{attr!r} is not a head count of {name!r}.")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= current:
+                raise ValueError(f"head count {name}.{attr}={value!r} is not between 1 and {current}.")
+            checked.append((name, module, attr, value))
+    for name, module, attr, value in checked:
+        if before is not None:
+            before(name)
+        setattr(module, attr, value)
+        setattr(module, HEADS_ATTRIBUTE, {**getattr(module, HEADS_ATTRIBUTE, {}), attr: value})

@@ -1,0 +1,81 @@
+"""Calling a model the way Lightning does, and running it as a plain float model for tracing."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from .qat import quantizers
+
+__all__ = ["call_model", "eval_mode", "output_tensors", "plain_float", "without_cache"]
+
+
+@contextlib.contextmanager
+def without_cache(model: nn.Module) -> Iterator[None]:
+    """``config.use_cache = False`` meanwhile (a ``transformers`` model then returns outputs, not caches)."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if cached:
+            config.use_cache = cached  # type: ignore[union-attr]
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` the way Lightning calls it with ``example_input_array``, with caches off."""
+    with without_cache(model):
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode; each module's own training flag restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def plain_float(model: nn.Module) -> Iterator[None]:
+    """The float data flow in eval mode: fake quantizers off; everything restored afterwards."""
+    saved = []
+    for _, q in quantizers(model):
+        saved.append((q, q.fake_quant_enabled, q.observer_enabled))
+        q.fake_quant_enabled = False
+        q.observer_enabled = False
+    try:
+        with eval_mode(model):
+            yield
+    finally:
+        for q, fq, ob in saved:
+            q.fake_quant_enabled = fq
+            q.observer_enabled = ob
+
+
+def output_tensors(out: Any) -> list[Tensor]:
+    """Every tensor in a model's output (nested tuples, lists, dicts and ``ModelOutput``s)."""
+    flat: list[Tensor] = []
+    stack = [out]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            flat.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    return flat

@@ -1,0 +1,68 @@
+"""Reload a compacted ``transformers`` model that ``save_pretrained`` wrote.
+
+``type(model).from_pretrained`` builds the sizes its config describes. When compaction left sizes
+the config cannot describe (see :mod:`lightning_compress.core.model_config`), the config carries a
+``lightning_compress`` entry and :func:`from_pretrained` rebuilds the original architecture, cuts it
+to the recorded sizes and head counts, and lets ``transformers`` load the weights into it (its own
+loader renames checkpoint keys, handles shards and tied weights, and reports what is missing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.compact import COMPACTED_FLAG
+from ..core.model_config import CONFIG_KEY
+from ..core.shrink import set_head_record, shrink_like
+
+__all__ = ["from_pretrained"]
+
+
+def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> nn.Module:
+    """Load a model saved with ``save_pretrained`` after :func:`~lightning_compress.compact`.
+
+    Args:
+        model_class: the ``transformers`` class it was saved from (e.g. ``BertForSequenceClassification``).
+        directory: the directory ``save_pretrained`` wrote.
+        **kwargs: passed to ``model_class.from_pretrained`` when the config describes the sizes itself.
+
+    Returns:
+        The model in eval mode, with the compacted sizes and the saved weights.
+
+    Raises:
+        TypeError: ``model_class`` is not a ``transformers`` model class.
+        ValueError: the saved weights or head counts do not fit ``model_class``.
+    """
+    config_class: Any = getattr(model_class, "config_class", None)
+    if not isinstance(model_class, type) or not callable(getattr(config_class, "from_pretrained", None)):
+        raise TypeError(f"`model_class` must be a transformers model class, got {model_class!r}.")
+    directory = Path(directory)
+    config = config_class.from_pretrained(directory)
+    record = getattr(config, CONFIG_KEY, None)
+    if record is None:
+        return model_class.from_pretrained(directory, **kwargs)  # type: ignore[attr-defined]
+    shapes: Any = record.get("shapes") if isinstance(record, dict) and record.get("compacted") is True else None
+    if not isinstance(shapes, dict) or not all(
+        isinstance(v, list) and all(isinstance(n, int) and n > 0 for n in v) for v in shapes.values()
+    ):
+        raise ValueError(f"{directory}'s config has a bad `{CONFIG_KEY}` entry: {record!r}.")
+    heads = record.get("heads", {})
+
+    class Compacted(model_class):
+        """The original architecture cut to the saved sizes as it is built, so transformers' loader fills it."""
+
+        def __init__(self, config: Any, *args: Any, **inner: Any) -> None:
+            super().__init__(config, *args, **inner)
+            shrink_like(self, shapes)
+            set_head_record(self, heads)
+
+    loaded = Compacted.from_pretrained(directory, **kwargs)
+    model = model_class(loaded.config)  # a plain instance of the class, with the same sizes and weights
+    shrink_like(model, shapes)
+    set_head_record(model, heads)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    setattr(model, COMPACTED_FLAG, True)
+    return model.eval()

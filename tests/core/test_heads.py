@@ -1,0 +1,282 @@
+"""Attention heads and MLP neurons of `transformers` models (random weights from configs, nothing downloaded):
+BERT, GPT-2 (fused Conv1D QKV), Llama with grouped-query attention, ViT. Pruned by `granularity="channel"`,
+compacted, saved with `save_pretrained` and reloaded."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from lightning_compress import (
+    CompressedFileError,
+    IterativePruner,
+    compact,
+    from_pretrained,
+    load_compressed,
+    prune_,
+    save_compressed,
+)
+from lightning_compress.core.heads import find_attention
+from lightning_compress.core.shrink import set_head_record
+from lightning_compress.core.structure import build_channel_groups
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def _ids(batch: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _text_inputs() -> dict[str, torch.Tensor]:
+    ids = _ids()
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def build(kind: str, **overrides):
+    """(model class, config, example inputs, attention modules) of a small model of ``kind``."""
+    if kind == "bert":
+        cls, config = transformers.BertForSequenceClassification, transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=32, num_labels=3,
+        )  # fmt: skip
+        inputs, attention = _text_inputs(), "bert.encoder.layer.{}.attention.self"
+    elif kind == "gpt2":
+        cls, config = (
+            transformers.GPT2LMHeadModel,
+            transformers.GPT2Config(
+                vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
+            ),
+        )
+        inputs, attention = _text_inputs(), "transformer.h.{}.attn"
+    elif kind == "llama":
+        cls, config = transformers.LlamaForCausalLM, transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=4, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        inputs, attention = _text_inputs(), "model.layers.{}.self_attn"
+    else:
+        cls, config = transformers.ViTForImageClassification, transformers.ViTConfig(
+            image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, num_labels=5,
+        )  # fmt: skip
+        inputs = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+        attention = "vit.layers.{}.attention"
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return cls, config, inputs, [attention.format(i) for i in range(2)]
+
+
+def _model(cls, config, seed: int = 0):
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return (model(**inputs) if isinstance(inputs, dict) else model(inputs)).logits
+
+
+KINDS = ["bert", "gpt2", "llama", "vit"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_attention_block_is_found_with_its_head_layout(kind):
+    cls, config, inputs, attention = build(kind)
+    model = _model(cls, config)
+    blocks, feeding, skipped = find_attention(model, inputs)
+    assert [b.module for b in blocks] == attention and not skipped
+    for block in blocks:
+        assert block.head_dim == (8 if kind == "llama" else 16)
+        assert (block.heads, block.kv_heads) == ((8, 4) if kind == "llama" else (4, 4))
+        assert {block.query, block.key, block.value} <= feeding
+    if kind == "gpt2":
+        assert blocks[0].query == blocks[0].key == "transformer.h.0.attn.c_attn"
+        assert blocks[0].offsets == (0, 64, 128)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_heads_and_neurons_are_pruned_compacted_and_reloaded_with_the_same_outputs(kind, scope, tmp_path):
+    cls, config, inputs, attention = build(kind)
+    model = _model(cls, config)
+    start = time.perf_counter()
+    masks = prune_(model, 0.5, granularity="channel", scope=scope, example_inputs=inputs)
+    assert time.perf_counter() - start < 30
+    blocks = {b.module: b for b in find_attention(model, inputs)[0]}
+    for name in attention:
+        block = blocks[name]
+        rows = masks[f"{block.query}.weight"]
+        out_axis = 1 if kind == "gpt2" else 0
+        per_row = rows.movedim(out_axis, 0).reshape(rows.shape[out_axis], -1).all(1)
+        heads = per_row[: block.heads * block.head_dim].reshape(block.heads, block.head_dim)
+        assert bool((heads.all(1) | ~heads.any(1)).all()), "a head is kept or removed whole"
+        kept_query = heads.all(1).reshape(block.kv_heads, block.group_size)
+        assert bool((kept_query.all(1) | ~kept_query.any(1)).all()), "a query group goes with its key/value head"
+    pruned = [n for n, m in masks.items() if not bool(m.all())]
+    assert any(n.startswith(attention[0]) or ".attention." in n for n in pruned)
+    want = _logits(model, inputs)
+    report = compact(model, inputs)
+    assert report.params_after < 0.75 * report.params_before and report.macs_after < report.macs_before
+    assert torch.allclose(_logits(model, inputs), want, atol=1e-5)
+    for name in attention:
+        module = model.get_submodule(name)
+        kept = report.channels[name][1] * blocks[name].group_size
+        for attr in ("num_heads", "num_attention_heads"):
+            if hasattr(module, attr):
+                assert getattr(module, attr) == kept
+    model.save_pretrained(tmp_path)
+    again = from_pretrained(cls, tmp_path)
+    assert type(again) is cls
+    assert torch.allclose(_logits(again, inputs), want, atol=1e-5)
+    save_compressed(model, tmp_path / "model.lcz")
+    fresh = _model(cls, config, seed=1)
+    load_compressed(fresh, tmp_path / "model.lcz")
+    assert torch.allclose(_logits(fresh, inputs), want, atol=1e-5)
+
+
+def test_a_uniform_llama_gets_a_config_that_plain_from_pretrained_reloads(tmp_path):
+    cls, config, inputs, _ = build("llama")
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=inputs)
+    want = _logits(model, inputs)
+    report = compact(model, inputs)
+    assert report.config_describes is True and "config: the new sizes are described by its fields" in str(report)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    assert model.config.intermediate_size == 64 and model.config.head_dim == 8
+    model.save_pretrained(tmp_path)
+    assert "lightning_compress" not in json.loads((tmp_path / "config.json").read_text())
+    again = cls.from_pretrained(tmp_path).eval()
+    assert torch.allclose(_logits(again, inputs), want, atol=1e-5)
+
+
+def test_bert_sizes_the_config_cannot_describe_are_recorded_and_plain_from_pretrained_refuses(tmp_path):
+    cls, config, inputs, _ = build("bert")
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=inputs)
+    report = compact(model, inputs)
+    assert report.config_describes is False
+    entry = json.loads(model.config.to_json_string())["lightning_compress"]
+    assert entry["heads"]["bert.encoder.layer.0.attention.self"] == {"num_attention_heads": 2, "all_head_size": 32}
+    assert entry["shapes"]["bert.encoder.layer.0.attention.self.query.weight"] == [32, 64]
+    model.save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        cls.from_pretrained(tmp_path)
+
+
+def test_gpt2_pruning_without_compaction_leaves_its_attention_attributes_alone():
+    """Regression: the removability trial on a model that cannot run on the meta device set `split_size` on the
+    real attention module (the trial copied only the projections), so the pruned model stopped running."""
+    cls, config, inputs, attention = build("gpt2")
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    for name in attention:
+        module = model.get_submodule(name)
+        assert (module.split_size, module.num_heads) == (64, 4)
+    _logits(model, inputs)
+
+
+def test_heads_are_left_whole_when_their_projections_are_excluded():
+    cls, config, inputs, attention = build("bert")
+    model = _model(cls, config)
+    groups, skipped = build_channel_groups(model, inputs, producers={"bert.encoder.layer.0.intermediate.dense"})
+    assert [g.name for g in groups] == ["bert.encoder.layer.0.intermediate.dense"]
+    assert "not selected" in skipped[attention[0]]
+    masks = prune_(model, 0.5, granularity="channel", exclude="*attention*", example_inputs=inputs)
+    assert all(bool(m.all()) for n, m in masks.items() if "attention" in n)
+
+
+class _Unnamed(torch.nn.Module):
+    """Attention whose head size is a local constant: nothing to read it from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = [p(x).unflatten(-1, (-1, 4)).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        y = torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).flatten(2)
+        return self.fc(torch.relu(self.o(y)))
+
+
+def test_a_head_layout_that_is_not_understood_is_left_whole_and_says_why():
+    model = _Unnamed()
+    x = torch.randn(2, 5, 16)
+    groups, skipped = build_channel_groups(model, x)
+    assert [g.name for g in groups] == ["o"] and all(g.attention is None for g in groups)
+    assert "no head_dim/attention_head_size attribute" in skipped["o"]
+    model.head_dim = 4  # now the layout is known
+    groups, _ = build_channel_groups(model, x)
+    assert [(g.name, g.size) for g in groups if g.attention is not None] == [("", 4)]
+
+
+def test_iterative_pruner_with_taylor_prunes_heads_in_a_plain_training_loop():
+    cls, config, inputs, attention = build("llama")
+    model = _model(cls, config).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    pruner = IterativePruner(
+        model, 0.5, granularity="channel", importance="taylor", scope="layer", example_inputs=inputs,
+        total_steps=6, every_n_steps=2, optimizers=optimizer,
+    )  # fmt: skip
+    for _ in range(6):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        pruner.before_optimizer_step()
+        optimizer.step()
+        optimizer.zero_grad()
+        pruner.step()
+    pruned, total = pruner.units()
+    assert pruned == total // 2
+    for name in attention:  # half the key/value heads (rows of 8), each with its 2 query heads
+        module = model.get_submodule(name)
+        assert int(module.k_proj.weight.detach().abs().sum(1).ne(0).sum()) == 2 * 8
+        assert int(module.q_proj.weight.detach().abs().sum(1).ne(0).sum()) == 4 * 8
+    model.eval()
+    want = _logits(model, inputs)
+    compact(model, inputs)
+    assert torch.allclose(_logits(model, inputs), want, atol=1e-5)
+
+
+def test_bad_head_counts_are_refused_before_anything_changes(tmp_path):
+    cls, config, inputs, attention = build("gpt2")
+    model = _model(cls, config)
+    with pytest.raises(ValueError, match="is not an attention module"):
+        set_head_record(model, {"transformer.h.9.attn": {"num_heads": 2}})
+    with pytest.raises(ValueError, match="is not a head count"):
+        set_head_record(model, {attention[0]: {"embed_dim": 2}})
+    with pytest.raises(ValueError, match="is not between 1 and 4"):
+        set_head_record(model, {attention[0]: {"split_size": 32, "num_heads": 8}})
+    assert model.get_submodule(attention[0]).split_size == 64  # nothing was set
+    prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    compact(model, inputs)
+    path = tmp_path / "gpt2.lcz"
+    save_compressed(model, path)
+    from lightning_compress.export.container import read_container, write_container
+
+    manifest, body = read_container(path, 1 << 30, 1 << 24, lambda m, _version: sum(m["sections"]))
+    manifest["heads"][attention[0]]["num_heads"] = 9  # more heads than the model has
+    write_container(tmp_path / "bad.lcz", manifest, bytes(body))
+    fresh = _model(cls, config, seed=1)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CompressedFileError, match="bad head counts"):
+        load_compressed(fresh, tmp_path / "bad.lcz")
+    assert fresh.get_submodule(attention[0]).split_size == 64
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in before.items())
+
+
+def test_from_pretrained_errors(tmp_path):
+    cls, config, inputs, _ = build("bert")
+    with pytest.raises(TypeError, match="`model_class` must be a transformers model class"):
+        from_pretrained(torch.nn.Linear, tmp_path)
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    compact(model, inputs)
+    model.config.lightning_compress = {"compacted": True, "shapes": {"x.weight": [0]}}
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="bad `lightning_compress` entry"):
+        from_pretrained(cls, tmp_path)
