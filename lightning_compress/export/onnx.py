@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, quantizers
-from ..core.structure import without_cache
+from ..core.tracing import without_cache
+from .onnx_passes import (
+    GraphIndex,
+    fold_batch_norms,
+    gather_quantized_rows,
+    integer_float_gemms,
+    quantize_before_pass_through,
+)
 from .report import CompressionReport, LayerReport
 
 __all__ = ["export_onnx"]
@@ -152,9 +159,10 @@ def export_onnx(
     finally:
         traced.unlink(missing_ok=True)
     layers = _int8_weights(proto, numpy_helper) + _int4_reports(swapped if isinstance(swapped, dict) else {})
-    _fold_batch_norms(proto, numpy_helper)
-    _quantize_before_pass_through(proto, numpy_helper)
-    _integer_float_gemms(proto, numpy_helper)
+    fold_batch_norms(proto, numpy_helper)
+    quantize_before_pass_through(proto, numpy_helper)
+    integer_float_gemms(proto, numpy_helper)
+    gather_quantized_rows(proto, numpy_helper)
     onnx.checker.check_model(proto)
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(proto, str(tmp))
@@ -182,7 +190,7 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
     import numpy as np
 
     graph = proto.graph
-    index = _GraphIndex(graph, numpy_helper)
+    index = GraphIndex(graph, numpy_helper)
     constants, consumers = index.constants, index.consumers
     reports: list[LayerReport] = []
     remove: list[Any] = []
@@ -220,210 +228,6 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
         graph.node.remove(node)
     index.drop_unused("Constant")  # the float weights the int8 initializers replaced
     return reports
-
-
-class _GraphIndex:
-    """One index of an ONNX graph for every rewrite pass: constant values, producers, consumers.
-
-    Constants are initializers, ``Constant`` nodes and ``Identity`` nodes forwarding a constant
-    (the exporter de-duplicates initializers that way). Built at the start of a pass; a pass that
-    rewires nodes ends with :meth:`drop_unused`.
-    """
-
-    def __init__(self, graph: Any, numpy_helper: Any) -> None:
-        self.graph = graph
-        self.constants: dict[str, Any] = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-        for node in graph.node:  # topological order: an Identity follows what it forwards
-            if node.op_type == "Constant" and node.output:
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
-            elif node.op_type == "Identity" and node.input[0] in self.constants:
-                self.constants[node.output[0]] = self.constants[node.input[0]]
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
-        self.names = {init.name for init in graph.initializer} | set(self.producer)
-
-    def fresh(self, name: str) -> str:
-        """``name``, or ``name_1``, ``name_2``... if taken: new initializers never collide."""
-        candidate, i = name, 0
-        while candidate in self.names:
-            i += 1
-            candidate = f"{name}_{i}"
-        self.names.add(candidate)
-        return candidate
-
-    def drop_unused(self, *op_types: str) -> None:
-        """Remove nodes of ``op_types`` whose output nothing reads, then unread initializers."""
-        graph = self.graph
-        used = {name for node in graph.node for name in node.input} | self.outputs
-        for node in [n for n in graph.node if n.op_type in op_types and n.output[0] not in used]:
-            graph.node.remove(node)
-        used = {name for node in graph.node for name in node.input} | self.outputs
-        keep = [init for init in graph.initializer if init.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-
-
-def _fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
-    """Fold ``BatchNormalization`` into the int8 ``Conv`` before it, exactly.
-
-    With per-channel weight scales, scaling channel ``c`` by ``k_c = gamma / sqrt(var + eps)``
-    only changes its scale: the int8 codes stay, the scale becomes ``s_c * k_c`` and the bias
-    ``(b - mean) * k_c + beta``. The Conv can then run as an int8 kernel.
-    """
-    import numpy as np
-
-    graph = proto.graph
-    index = _GraphIndex(graph, numpy_helper)
-    constants, producer, consumers, outputs = index.constants, index.producer, index.consumers, index.outputs
-    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
-        conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type != "Conv" or conv.output[0] in outputs:
-            continue
-        if len(consumers.get(conv.output[0], [])) != 1 or len(bn.output) != 1:
-            continue
-        dq = producer.get(conv.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or not all(n in constants for n in dq.input):
-            continue
-        if not all(n in constants for n in bn.input[1:5]):
-            continue
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (constants[n].astype(np.float64) for n in bn.input[1:5])
-        k = gamma / np.sqrt(var + eps)
-        scale = constants[dq.input[1]].astype(np.float64).reshape(-1)
-        if scale.size != k.size:
-            continue  # per-tensor weight scale: folding would need new codes
-        bias = constants[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
-        names = (index.fresh(f"{dq.input[1]}_bnfold"), index.fresh(f"{bn.output[0]}_bias"))
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array((scale * k).astype(np.float32), names[0]),
-                numpy_helper.from_array(((bias - mean) * k + beta).astype(np.float32), names[1]),
-            ]
-        )
-        dq.input[1] = names[0]
-        if len(conv.input) > 2:
-            conv.input[2] = names[1]
-        else:
-            conv.input.append(names[1])
-        conv.output[0] = bn.output[0]
-        graph.node.remove(bn)
-
-
-_PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
-
-
-def _quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
-    """Copy each activation QuantizeLinear/DequantizeLinear pair in front of the ops it commutes with.
-
-    Max pooling and reshapes commute with a monotonic quantization, so
-    ``x -> MaxPool -> Flatten -> Q -> DQ`` equals ``x -> Q -> DQ -> MaxPool -> Flatten -> Q -> DQ``
-    value for value; the second form lets onnxruntime run the layer producing ``x`` as an int8
-    kernel with an int8 output.
-    """
-    from onnx import helper
-
-    graph = proto.graph
-    index = _GraphIndex(graph, numpy_helper)
-    constants, producer, consumers = index.constants, index.producer, index.consumers
-    for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
-        if not all(name in constants for name in q.input[1:]):
-            continue
-        head = q.input[0]
-        first = None
-        while True:
-            node = producer.get(head)
-            if node is None or node.op_type not in _PASS_THROUGH or len(consumers.get(head, [])) != 1:
-                break
-            first = node
-            head = node.input[0]
-        if first is None or len(consumers.get(head, [])) != 1:
-            continue
-        name = index.fresh(f"{head}_requantized")
-        params = [f"{name}_scale", f"{name}_zero_point"][: len(q.input) - 1]
-        graph.initializer.extend(
-            numpy_helper.from_array(constants[src], dst) for src, dst in zip(q.input[1:], params, strict=True)
-        )
-        new_q = helper.make_node("QuantizeLinear", [head, *params], [name + "_q"])
-        new_dq = helper.make_node("DequantizeLinear", [name + "_q", *params], [name])
-        first.input[0] = name
-        position = list(graph.node).index(first)
-        graph.node.insert(position, new_dq)
-        graph.node.insert(position, new_q)
-
-
-def _integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
-    """Rewrite ``Gemm(DQ(uint8 x), DQ(int8 W))`` with a float output as ``MatMulInteger -> Cast -> Mul -> Add``.
-
-    onnxruntime fuses a QDQ ``Gemm`` into its int8 ``QGemm`` only when the output is quantized
-    again; a model's last layer (float logits) would otherwise run in float on dequantized weights.
-    ``MatMulInteger`` is standard ONNX; integer accumulation is exact, so the values equal the
-    float Gemm's up to float rounding.
-    """
-    import numpy as np
-    from onnx import TensorProto, helper
-
-    graph = proto.graph
-    index = _GraphIndex(graph, numpy_helper)
-    constants, producer, consumers = index.constants, index.producer, index.consumers
-
-    def requantized(name: str) -> bool:
-        for user in consumers.get(name, []):
-            if user.op_type == "QuantizeLinear":
-                return True
-            if user.op_type == "Relu" and requantized(user.output[0]):
-                return True
-        return False
-
-    for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
-        attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
-            continue
-        if attrs.get("beta", 1.0) != 1.0 or requantized(gemm.output[0]):
-            continue
-        dq_a, dq_b = producer.get(gemm.input[0]), producer.get(gemm.input[1])
-        if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
-            continue
-        if dq_b.input[0] not in constants or not all(n in constants for n in (*dq_a.input[1:], *dq_b.input[1:])):
-            continue
-        weight = constants[dq_b.input[0]]
-        a_scale = constants[dq_a.input[1]].astype(np.float32)
-        w_scale = constants[dq_b.input[1]].astype(np.float32).reshape(-1)
-        w_zero = constants[dq_b.input[2]] if len(dq_b.input) > 2 else np.zeros(1, np.int8)
-        if weight.dtype != np.int8 or a_scale.size != 1 or np.any(w_zero != 0) or weight.ndim != 2:
-            continue
-        base = gemm.output[0]
-        keys = ("wt", "wzp", "a_scale", "w_scale", "scale", "int", "float", "scaled")
-        names = {k: index.fresh(f"{base}_{k}") for k in keys}
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(np.ascontiguousarray(weight.T), names["wt"]),
-                numpy_helper.from_array(np.zeros(weight.shape[0], np.int8), names["wzp"]),
-                numpy_helper.from_array(a_scale.reshape(()), names["a_scale"]),
-                numpy_helper.from_array(w_scale, names["w_scale"]),
-            ]
-        )
-        has_bias = len(gemm.input) > 2 and gemm.input[2]
-        integer_inputs = [dq_a.input[0], names["wt"], dq_a.input[2], names["wzp"]]
-        # the scale as Mul(a_scale, w_scale): the pattern onnxruntime fuses into MatMulIntegerToFloat
-        new_nodes = [
-            helper.make_node("MatMulInteger", integer_inputs, [names["int"]]),
-            helper.make_node("Cast", [names["int"]], [names["float"]], to=TensorProto.FLOAT),
-            helper.make_node("Mul", [names["a_scale"], names["w_scale"]], [names["scale"]]),
-            helper.make_node("Mul", [names["float"], names["scale"]], [names["scaled"] if has_bias else base]),
-        ]
-        if has_bias:
-            new_nodes.append(helper.make_node("Add", [names["scaled"], gemm.input[2]], [base]))
-        position = list(graph.node).index(gemm)
-        graph.node.remove(gemm)
-        for offset, new in enumerate(new_nodes):
-            graph.node.insert(position + offset, new)
-    index.drop_unused("DequantizeLinear")
 
 
 def _layer_name(onnx_name: str) -> str:

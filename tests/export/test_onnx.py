@@ -138,3 +138,41 @@ def test_lightning_free_qat_convert_calibrate_enable_export(tmp_path):
         calibrate(nn.Linear(2, 2), [torch.zeros(1, 2)])
     with pytest.raises(ValueError, match="`batches` was empty"):
         calibrate(model, [])
+
+
+class _Bag(nn.Module):
+    """An embedding lookup then a classifier: the shape of a token model's first and last layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(500, 16)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed(ids).mean(1))
+
+
+def test_a_quantized_embedding_looks_up_int8_rows_before_dequantizing(tmp_path):
+    """Regression: the exported graph dequantized the whole int8 table at every call, then gathered a few rows
+    (a BERT vocabulary: 23M values per call, twice as slow as the float model at batch 1)."""
+    import onnx
+
+    from lightning_compress.core.qat import calibrate, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = _Bag()
+    convert_to_qat(model, QuantConfig(8, 8), include=["*", "embed"])
+    ids = torch.randint(0, 500, (4, 7))
+    calibrate(model, [ids])
+    enable_fake_quant(model)
+    export_onnx(model, tmp_path / "m.onnx", ids)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    int8 = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    lookups = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in int8]
+    assert len(lookups) == 1 and lookups[0].input[1] == "input_0"
+    gathers = [n for n in graph.node if n.op_type == "Gather"]
+    assert not any(producer.get(n.input[0], n).op_type == "DequantizeLinear" for n in gathers)
+    with torch.no_grad():
+        want = model.eval()(ids).numpy()
+    assert np.allclose(run(tmp_path / "m.onnx", {"input_0": ids.numpy()}), want, atol=1e-5)
