@@ -87,6 +87,12 @@ class IterativePruning(Callback):
             them after training. ``"N:M"`` (e.g. ``"2:4"``): at most N of every M consecutive input
             weights survive; ``target_sparsity`` must be ``1 - N/M``; layers whose input size is not a
             multiple of M stay dense (with a warning).
+        measure: with ``granularity="channel"``, what ``target_sparsity`` counts: ``"channels"`` (default)
+            or ``"macs"``, the fraction of the model's multiply-accumulates (Linear/Conv layers, one forward
+            of ``example_input_array``) removed: ``IterativePruning(0.75, granularity="channel",
+            measure="macs")`` leaves a quarter of the compute. Global scope then ranks channels by score
+            per MAC their removal saves; layer scope prunes the same fraction of every group's channels,
+            the smallest that fits.
         regrow: fraction of the kept weights exchanged at every event but the last: the
             lowest-scored are pruned and as many pruned weights with the largest gradient magnitude
             since the previous event come back at zero (GraNet's neuroregeneration, Liu et al. 2021),
@@ -126,6 +132,7 @@ class IterativePruning(Callback):
         granularity: str = "element",
         regrow: float = 0.0,
         export_path: str | Path | None = None,
+        measure: str = "channels",
     ) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
@@ -134,7 +141,7 @@ class IterativePruning(Callback):
         self.max_drop = check_float(max_drop, "max_drop")
         self.config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
-            None if monitor is None else self.max_drop, mode, seed,
+            None if monitor is None else self.max_drop, mode, seed, measure,
         )  # fmt: skip
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
         self.export_path = check_export_path(export_path)

@@ -10,6 +10,13 @@ weights): ``"magnitude"`` sums ``w**2`` (the group's squared L2 norm), ``"taylor
 accumulated ``|w * dL/dw|``, ``"bn_scale"`` sums ``|gamma|`` of the group's BatchNorms (Liu
 et al. 2017, network slimming). With global scope each group's scores are divided by their
 mean over its live channels, so one threshold can compare layers of different scale.
+
+With a :class:`~.channel_cost.ChannelCost` the rule's unit is a multiply-accumulate instead of a
+channel (``measure="macs"``): ``sparsity`` is the fraction of the dense model's MACs removed. Global
+scope then ranks channels by normalized score per MAC their removal saves (a channel of a wide,
+high-resolution layer costs more, so it must be worth more to stay) and prunes in that order until
+the MACs fit; layer scope prunes the same fraction of channels in every group, the smallest that
+fits (the uniform allocation of Torch-Pruning at the same compute).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .channel_cost import ChannelCost
 from .importance import Importance, MagnitudeImportance, nonfinite_error
 from .masks import floor_count
 from .selection import Target
@@ -49,6 +57,7 @@ class ChannelRule:
             (default: magnitude, the squared L2 norm of the group's slices).
         scope: ``"global"`` (one threshold over mean-normalized scores) or ``"layer"``.
         min_density: every group keeps at least this fraction of its channels (and at least one).
+        cost: count multiply-accumulates instead of channels (``measure="macs"``).
     """
 
     exchanges_weights: ClassVar[bool] = False
@@ -60,6 +69,7 @@ class ChannelRule:
         importance: Importance | None = None,
         scope: str = "global",
         min_density: float = 0.0,
+        cost: ChannelCost | None = None,
     ) -> None:
         if not groups:
             raise ValueError("no prunable channel group: nothing for granularity='channel' to prune.")
@@ -68,6 +78,7 @@ class ChannelRule:
         self.importance = MagnitudeImportance() if importance is None else importance
         self.scope = scope
         self.min_density = min_density
+        self.cost = cost
         self.targets: list[Target] = []
         by_param: dict[int, Target] = {}
         self._parts: list[list[_Part]] = []
@@ -102,7 +113,10 @@ class ChannelRule:
         return out
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
-        """(pruned channels, prunable channels)."""
+        """(pruned channels, prunable channels); with a cost, (MACs removed, dense MACs)."""
+        if self.cost is not None:
+            removed = self.cost.dense - self.cost.remaining(self.alive(masks)) if masks else 0.0
+            return round(removed), self.cost.dense
         pruned = sum(int((~a).sum()) for a in self.alive(masks)) if masks else 0
         return pruned, self.total_channels
 
@@ -143,6 +157,8 @@ class ChannelRule:
         alive = self.alive(current)
         scores = self.scores()
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
+        if self.cost is not None:
+            return self.masks_for(self._fit_macs(sparsity, alive, scores, floors, self.cost))
         new_alive: list[Tensor] = []
         if self.scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
@@ -167,6 +183,51 @@ class ChannelRule:
                 keep[position[chosen[owner[chosen] == g]]] = False
                 new_alive.append(keep & alive[g])  # pruned channels stay pruned
         return self.masks_for(new_alive)
+
+    def _fit_macs(
+        self, sparsity: float, alive: list[Tensor], scores: list[Tensor], floors: list[int], cost: ChannelCost
+    ) -> list[Tensor]:
+        """Kept channels whose MACs are at most ``1 - sparsity`` of the dense model's (or as close as floors allow)."""
+        budget = (1.0 - sparsity) * cost.dense
+        if self.scope == "layer":
+
+            def uniform(fraction: float) -> list[Tensor]:
+                return [
+                    _keep_top(score, live, min(round(fraction * g.size), g.size - floor))
+                    for score, live, g, floor in zip(scores, alive, self.groups, floors, strict=True)
+                ]
+
+            low, high = 0.0, 1.0
+            for _ in range(40):  # the smallest uniform fraction that fits
+                middle = (low + high) / 2
+                low, high = (low, middle) if cost.remaining(uniform(middle)) <= budget else (middle, high)
+            return uniform(high)
+        per_channel = cost.per_channel()
+        mean_cost = float(torch.cat(per_channel).mean()) or 1.0
+        ranked = []
+        for g, (score, live, floor, costs) in enumerate(zip(scores, alive, floors, per_channel, strict=True)):
+            mean = score[live].mean() if bool(live.any()) else torch.tensor(1.0, dtype=torch.float64)
+            normalized = score / mean if float(mean) > 0 else score
+            normalized = torch.where(live, normalized, torch.full_like(normalized, -math.inf))
+            order = torch.sort(normalized, stable=True).indices[: self.groups[g].size - floor]
+            per_mac = normalized[order] / (costs[order] / mean_cost).clamp_min(1e-12)
+            ranked.append((per_mac, torch.full_like(order, g), order))
+        priority = torch.cat([r[0] for r in ranked])
+        owner = torch.cat([r[1] for r in ranked])
+        position = torch.cat([r[2] for r in ranked])
+        chosen = torch.sort(priority, stable=True).indices  # pruned channels (-inf) first
+
+        def after(k: int) -> list[Tensor]:
+            keep = [live.clone() for live in alive]
+            for i in chosen[:k].tolist():
+                keep[int(owner[i])][int(position[i])] = False
+            return keep
+
+        low, high = 0, chosen.numel()  # the fewest channels, in priority order, whose removal fits
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if cost.remaining(after(middle)) <= budget else (middle + 1, high)
+        return after(low)
 
     def masks_for(self, alive: Sequence[Tensor]) -> dict[str, Tensor]:
         """Bool parameter masks that keep exactly the ``alive`` channels of every group."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import check_choice, check_float, check_int
-from .functional import check_granularity, resolve_min_density, validate_fraction
+from .functional import check_granularity, check_measure, resolve_min_density, validate_fraction
 from .importance import Importance, resolve_importance
 from .schedule import SCHEDULES
 from .selection import normalize_patterns
@@ -40,6 +40,7 @@ class PruningConfig:
     max_drop: float | None = None
     mode: str = "max"
     seed: int = 0
+    measure: str = "channels"
     nm: tuple[int, int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -50,6 +51,7 @@ class PruningConfig:
         resolve_importance(self.importance, self.seed)  # validates
         granularity, nm = check_granularity(self.granularity, target, self.importance)
         set_(self, "nm", nm)
+        check_measure(self.measure, granularity)
         set_(self, "regrow", validate_fraction(self.regrow, "regrow"))
         if self.regrow > 0 and granularity != "element":
             raise ValueError(
@@ -80,6 +82,7 @@ class PruningConfig:
             "include": self.include,
             "exclude": self.exclude,
             **({} if self.granularity == "element" else {"granularity": self.granularity}),
+            **({} if self.measure == "channels" else {"measure": self.measure}),
         }
 
     def describe(self) -> dict[str, object]:
@@ -90,4 +93,5 @@ class PruningConfig:
             "scope": self.scope,
             "schedule": str(self.schedule),
             "granularity": self.granularity,
+            "measure": self.measure,
         }

@@ -14,7 +14,7 @@ from .nm import parse_nm
 from .rules import rule_for
 from .selection import select_targets
 
-__all__ = ["check_granularity", "prune_", "sparsity", "validate_fraction"]
+__all__ = ["check_granularity", "check_measure", "prune_", "sparsity", "validate_fraction"]
 
 
 def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = False) -> float:
@@ -48,6 +48,18 @@ def resolve_min_density(value: object, sparsity: float, scope: str, argument: st
             f"it must be at most 1 - {argument} = {1.0 - sparsity:.4g}."
         )
     return min_density
+
+
+def check_measure(measure: object, granularity: str) -> str:
+    """Validate ``measure``: ``"channels"`` or ``"macs"``, the latter for ``granularity="channel"`` only."""
+    if measure not in ("channels", "macs"):
+        raise ValueError(f"`measure`={measure!r} is not one of ('channels', 'macs').")
+    if measure == "macs" and granularity != "channel":
+        raise ValueError(
+            f"`measure`='macs' counts what removing channels saves: it needs granularity='channel', "
+            f"got `granularity`={granularity!r}."
+        )
+    return str(measure)
 
 
 def check_granularity(
@@ -88,6 +100,7 @@ def prune_(
     seed: int = 0,
     granularity: str = "element",
     example_inputs: Any = None,
+    measure: str = "channels",
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place to ``sparsity`` and return the masks.
 
@@ -109,6 +122,9 @@ def prune_(
             channels; needs ``example_inputs``; follow with :func:`~lightning_compress.compact`)
             or ``"N:M"`` such as ``"2:4"`` (``sparsity`` must be ``1 - N/M``).
         example_inputs: what the model's ``forward`` takes (tensor, tuple or dict), for ``"channel"``.
+        measure: with ``"channel"``: what ``sparsity`` counts, ``"channels"`` or ``"macs"`` (the fraction
+            of the model's multiply-accumulates on ``example_inputs`` removed; global scope then ranks
+            channels by score per MAC).
 
     Returns:
         ``{parameter name: bool mask}``, ``True`` where the weight is kept (with ``"channel"`` also
@@ -127,13 +143,14 @@ def prune_(
         raise ValueError(f"`scope`={scope!r} is not one of ('global', 'layer').")
     min_density = resolve_min_density(min_density, sparsity, scope)
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
+    measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude)
     if granularity == "element":  # computes and zeroes in one pass over the weights
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
     if granularity == "channel" and example_inputs is None:
         raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
-    rule, _ = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs)
+    rule, _ = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure)
     current = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
     new = rule.compute(sparsity, current)
     with torch.no_grad():

@@ -74,7 +74,7 @@ class IterativePruner:
         warn, info: how warnings (default :func:`warnings.warn`) and notes (default the module's logger) are
             reported.
         importance, scope, schedule, granularity, include, exclude, min_density, regrow, max_drop,
-        mode, seed: the method, as in :class:`~.config.PruningConfig` (the callback's arguments of
+        mode, seed, measure: the method, as in :class:`~.config.PruningConfig` (the callback's arguments of
         the same names; a callable ``schedule`` receives the step).
 
     Example:
@@ -111,6 +111,7 @@ class IterativePruner:
         max_drop: float | None = None,
         mode: str = "max",
         seed: int = 0,
+        measure: str = "channels",
         rewind_step: int | None = None,
         judged_until: int | None = None,
         example_inputs: Any = None,
@@ -122,7 +123,7 @@ class IterativePruner:
     ) -> None:
         config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
-            max_drop, mode, seed,
+            max_drop, mode, seed, measure,
         )  # fmt: skip
         self._build(
             model, config, total_steps, start_step, every_n_steps, rewind_step, judged_until, example_inputs,
@@ -184,7 +185,7 @@ class IterativePruner:
         targets = select_targets(model, config.include, config.exclude)
         rule, self.left_alone = rule_for(
             model, targets, config.granularity, config.nm, config.make_importance(), config.scope,
-            config.min_density or 0.0, example_inputs,
+            config.min_density or 0.0, example_inputs, config.measure,
         )  # fmt: skip
         self._pruner = Pruner(rule, regrow=config.regrow)
         if self.left_alone and config.nm is not None:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
+from .channel_cost import ChannelCost
 from .channels import ChannelRule
 from .compact import removable_groups
 from .importance import Importance
@@ -72,6 +73,7 @@ def rule_for(
     scope: str,
     min_density: float,
     example_inputs: Any = None,
+    measure: str = "channels",
 ) -> tuple[MaskRule, dict[str, str]]:
     """Return the rule of ``granularity`` over the selected ``targets``, and what it leaves alone, and why.
 
@@ -83,6 +85,7 @@ def rule_for(
         scope: ``"global"`` or ``"layer"``.
         min_density: the per-layer floor with global scope.
         example_inputs: for ``"channel"``: what the model's ``forward`` takes.
+        measure: for ``"channel"``: the unit, ``"channels"`` or ``"macs"`` (:class:`~.channel_cost.ChannelCost`).
 
     Raises:
         ValueError: nothing the granularity can prune.
@@ -109,4 +112,5 @@ def rule_for(
             "`granularity`='channel' found no channel group it can prune: "
             + "; ".join(f"{name}: {why}" for name, why in left.items())
         )
-    return ChannelRule(model, groups, importance, scope, min_density), left
+    cost = ChannelCost(model, example_inputs, groups) if measure == "macs" else None
+    return ChannelRule(model, groups, importance, scope, min_density, cost), left

@@ -200,6 +200,8 @@ def test_two_four_is_kept_through_qat_and_export(tmp_path):
         ({"granularity": "4:4"}, ValueError, "N:M needs 0 < N < M"),
         ({"importance": "bn_scale"}, ValueError, "`importance`='bn_scale' .* needs granularity='channel'"),
         ({"granularity": "2:4", "target_sparsity": 0.9}, ValueError, "set `target_sparsity`=0.5"),
+        ({"granularity": "channel", "measure": "flops"}, ValueError, "`measure`='flops' is not one of"),
+        ({"measure": "macs"}, ValueError, "`measure`='macs' .* needs granularity='channel', got"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -241,3 +243,20 @@ def test_channel_pruning_with_the_accuracy_guard_and_rewinding():
     assert pruning.decisions and not [d for d in pruning.decisions if d.action in ("rollback", "stop")]
     for name, mask in pruning.masks.items():
         assert bool((model.state_dict()[name][~mask] == 0).all()), name
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_compute_budget_in_fit_leaves_that_fraction_of_the_macs(scope):
+    """`measure="macs"`: target_sparsity is the fraction of the dense multiply-accumulates removed."""
+    model = _model()
+    pruning = IterativePruning(
+        0.75, granularity="channel", measure="macs", scope=scope, importance="taylor", start_epoch=1, end_epoch=3
+    )
+    _trainer([pruning]).fit(model, DigitsDataModule(batch_size=32))
+    removed, dense = pruning.pruner.units()
+    assert removed >= round(0.75 * dense)
+    # global: within a channel's cost; layer: the smallest uniform fraction that fits (groups of 8 channels)
+    assert pruning.pruner.masked_sparsity() <= (0.78 if scope == "global" else 0.9)
+    report = compact(model)
+    assert report.macs_after <= 0.25 * report.macs_before
+    assert report.macs_after == pytest.approx(dense - removed, abs=1)  # what the rule counted is what compact left

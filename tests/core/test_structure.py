@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_compress import CompactionError, compact
+from lightning_compress import CompactionError, compact, prune_
 from lightning_compress.core.channels import ChannelRule
 from lightning_compress.core.compact import removable_groups
 from lightning_compress.core.importance import (
@@ -451,3 +451,38 @@ def test_macs_are_counted_per_layer_and_reported_by_compact():
     report = compact(model, x)
     assert report.macs_before == conv + linear and report.macs_after == (conv + linear) // 2
     assert "MACs per forward" in str(report)
+
+
+def test_channel_cost_predicts_the_macs_compact_leaves_exactly():
+    from lightning_compress.core.channel_cost import ChannelCost
+    from lightning_compress.core.macs import count_macs
+
+    torch.manual_seed(0)
+    model = DigitsResNet(16, blocks=2).eval()
+    x = torch.randn(4, 1, 8, 8)
+    groups, _ = removable_groups(model, x, build_channel_groups(model, x)[0])
+    cost = ChannelCost(model, x, groups)
+    assert cost.dense == count_macs(model, x)
+    alive = [torch.rand(g.size, generator=torch.Generator().manual_seed(i)) > 0.4 for i, g in enumerate(groups)]
+    for a in alive:
+        a[0] = True
+    rule = ChannelRule(model, groups)
+    with torch.no_grad():
+        for name, mask in rule.masks_for(alive).items():
+            model.get_parameter(name).mul_(mask)
+    predicted = cost.remaining(alive)
+    assert compact(model, x).macs_after == round(predicted)
+    assert all(bool((c > 0).all()) for c in cost.per_channel())
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_prune_to_a_macs_budget_on_a_resnet(scope):
+    torch.manual_seed(0)
+    model = DigitsResNet(32, blocks=3).eval()
+    x = torch.randn(4, 1, 8, 8)
+    prune_(model, 0.6, granularity="channel", measure="macs", scope=scope, example_inputs=x)
+    report = compact(model, x)
+    assert 0.35 * report.macs_before <= report.macs_after <= 0.4 * report.macs_before
+    if scope == "layer":  # the same fraction of every group's channels
+        kept = {after for before, after in report.channels.values()}
+        assert len(kept) == 1, report.channels
