@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
@@ -11,17 +12,37 @@ from ..core.checks import check_choice, check_float, check_int
 __all__ = ["StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy"]
 
 
-def check_strategy(trainer: Any, callback: str) -> None:
-    """Sharded strategies flatten or shard parameters: masks and fake-quant layers cannot attach to them."""
+def check_strategy(trainer: Any, callback: str, sharded_conflicts: Sequence[str] | None = None) -> None:
+    """Refuse strategies the callback cannot run under.
+
+    ``sharded_conflicts``: ``None`` if the callback cannot run with sharded parameters at all; else
+    the arguments set that cannot (empty: FSDP2 through ``ModelParallelStrategy`` is supported).
+    """
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
     strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise ValueError(
-            f"{callback} does not support {type(strategy).__name__}: it shards or flattens the parameters, so "
-            "per-weight masks and fake-quant layers cannot attach to them. Use strategy='ddp' (tested with "
-            "2 processes) or a single device."
+    fsdp2 = "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with `fully_shard` in configure_model"
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        supported = (
+            f"strategy='ddp', a single device or FSDP2 ({fsdp2})"
+            if sharded_conflicts is not None
+            else ("strategy='ddp' (tested with 2 processes) or a single device")
         )
+        raise ValueError(
+            f"{callback} does not support {type(strategy).__name__}: it flattens or wraps the parameters, so "
+            f"per-weight masks and fake-quant layers cannot attach to them. Use {supported}."
+        )
+    if isinstance(strategy, ModelParallelStrategy):
+        if sharded_conflicts is None:
+            raise ValueError(
+                f"{callback} does not support sharded parameters yet ({type(strategy).__name__}): its masks would "
+                "have to live with each process's shard. Use strategy='ddp' or a single device."
+            )
+        if sharded_conflicts:
+            raise ValueError(
+                f"{callback} runs under {type(strategy).__name__} (FSDP2), but not with {list(sharded_conflicts)}: "
+                "they read whole weights outside the forward. Leave them at their defaults, or use strategy='ddp'."
+            )
 
 
 class StrategyCollectives:

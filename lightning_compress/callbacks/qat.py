@@ -23,6 +23,7 @@ from ..core.qat import (
     search_power_of_two_shifts,
 )
 from ..core.selection import normalize_patterns
+from ..core.sharding import full
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, export_at_fit_end
@@ -149,7 +150,16 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, "QuantizationAwareTraining")
+        conflicts = [
+            name
+            for name, is_set in (
+                ("scale='learned'", self.config.scale == "learned"),  # fully_shard refuses scalar Parameters
+                ("shift_search=True", self.shift_search),
+                ("export_path", self.export_path is not None),
+            )
+            if is_set
+        ]
+        check_strategy(trainer, "QuantizationAwareTraining", conflicts)
         if stage == "fit":
             max_epochs = trainer.max_epochs
             if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
@@ -288,7 +298,8 @@ class QuantizationAwareTraining(Callback):
             metric = QuantizationError().to(pl_module.device)
             layer = cast(Any, module)
             with torch.no_grad():
-                metric.update(layer.weight, layer.weight_fake_quant(layer.weight))
+                weight = full(layer.weight)  # a sharded (FSDP2) weight is whole only inside the forward
+                metric.update(weight, layer.weight_fake_quant(weight))
             pl_module.log(f"compress/quant_error/{name}", metric.compute(), sync_dist=trainer.world_size > 1)
 
     # ------------------------------------------------------------------ helpers

@@ -133,15 +133,25 @@ def test_twenty_fits_with_the_same_callbacks_do_not_grow_memory():
     assert sizes[-1] < sizes[4] * 1.05  # after warm-up, under 5% growth over 15 more fits
 
 
-@pytest.mark.parametrize("callback", [IterativePruning(0.5), QuantizationAwareTraining()])
-def test_sharded_strategies_are_refused_at_setup(callback):
+@pytest.mark.parametrize(
+    "callback,strategy,match",
+    [
+        (IterativePruning(0.5), "fsdp1", "does not support FSDPStrategy: it flattens or wraps the parameters"),
+        (QuantizationAwareTraining(), "fsdp1", r"Use strategy='ddp', a single device or FSDP2 \(ModelParallelStrategy"),
+        (IterativePruning(0.5), "fsdp2", "does not support sharded parameters yet"),
+        (QuantizationAwareTraining(scale="learned"), "fsdp2", r"not with \[\"scale='learned'\"\]"),
+        (QuantizationAwareTraining(export_path="m.lcz"), "fsdp2", r"not with \['export_path'\]"),
+    ],
+)
+def test_sharded_strategies_are_refused_at_setup(callback, strategy, match):
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     model = TinyModule()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fake_trainer = SimpleNamespace(strategy=FSDPStrategy())  # FSDP itself needs a GPU; setup checks first
-    with pytest.raises(ValueError, match="does not support FSDPStrategy: it shards or flattens the parameters"):
+    made = FSDPStrategy() if strategy == "fsdp1" else ModelParallelStrategy()  # FSDP1 needs a GPU: setup checks first
+    fake_trainer = SimpleNamespace(strategy=made, max_epochs=2)
+    with pytest.raises(ValueError, match=match):
         callback.setup(fake_trainer, model, "fit")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

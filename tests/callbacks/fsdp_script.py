@@ -1,0 +1,73 @@
+"""Run by the FSDP2 tests: fit a sharded TinyModule with QAT on 2 CPU processes (gloo), and dump each rank's state.
+
+``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
+``fully_shard`` on every Linear in ``configure_model``). A job is a QAT recipe (``minmax``, ``power_of_two``,
+``8da4w``), optionally suffixed ``@resume``: fit 2 epochs saving a distributed checkpoint, then resume it to 4.
+The dump holds every tensor of the model whole (``full``), so DDP and FSDP2 runs compare directly.
+"""
+
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lightning_compress import QuantizationAwareTraining
+from lightning_compress.core.sharding import full
+from tests.conftest import TinyModule
+
+warnings.filterwarnings("ignore")
+
+
+class ShardedTiny(TinyModule):
+    def configure_model(self) -> None:
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def qat(recipe: str) -> QuantizationAwareTraining:
+    if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
+        return QuantizationAwareTraining(4, 8, group_size=8, activation_granularity="per_token", start_epoch=1)
+    return QuantizationAwareTraining(4, 8, scale=recipe, start_epoch=1)
+
+
+def trainer(strategy: str, max_epochs: int, callbacks: list, dirpath: str | None = None) -> pl.Trainer:
+    made = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp"
+    if dirpath is not None:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
+    return pl.Trainer(
+        accelerator="cpu", devices=2, strategy=made, max_epochs=max_epochs, logger=False,
+        enable_checkpointing=dirpath is not None, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=callbacks,
+    )  # fmt: skip
+
+
+def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
+    for job in jobs:
+        recipe, _, resume = job.partition("@")
+        pl.seed_everything(0, verbose=False)
+        model = ShardedTiny()
+        if resume:
+            trainer(strategy, 2, [qat(recipe)], dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)
+            pl.seed_everything(0, verbose=False)
+            model = ShardedTiny()
+            fit = trainer(strategy, 4, [qat(recipe)])
+            fit.fit(model, ckpt_path=f"{out_dir}/{recipe}-ckpt/epoch=1.ckpt")
+        else:
+            fit = trainer(strategy, 4, [qat(recipe)])
+            fit.fit(model)
+        state = {k: full(v).detach().clone() for k, v in model.state_dict().items()}
+        torch.save(state, f"{out_dir}/{strategy}-{job}_rank{fit.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3].split(","))

@@ -1,0 +1,44 @@
+"""QuantizationAwareTraining under FSDP2 (ModelParallelStrategy + fully_shard, 2 CPU processes, gloo).
+
+The same seed and data under DDP and FSDP2 must give the same model, quantizer state included, whole on
+every rank; resuming a distributed checkpoint (a directory) must end where the uninterrupted run ends.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RECIPES = ["minmax", "power_of_two", "8da4w"]
+
+
+def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "callbacks" / "fsdp_script.py"
+    subprocess.run(
+        [sys.executable, str(script), str(out), strategy, ",".join(jobs)],
+        check=True, env=env, cwd=out, timeout=600, capture_output=True, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_qat_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exactly(tmp_path):
+    _run(tmp_path, "fsdp2", [*RECIPES, "minmax@resume"])
+    _run(tmp_path, "ddp", RECIPES)
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        return torch.load(tmp_path / f"{name}.pt", weights_only=True)
+
+    for job in [*RECIPES, "minmax@resume"]:
+        ranks = [load(f"fsdp2-{job}_rank{r}") for r in (0, 1)]
+        reference = load(f"ddp-{job}_rank0") if "@" not in job else load("fsdp2-minmax_rank0")
+        assert any(k.endswith("weight_fake_quant.scale") for k in reference)
+        assert ranks[0].keys() == ranks[1].keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(ranks[0][key], ranks[1][key]), (job, key)  # scales identical on every rank
+            assert torch.equal(ranks[0][key], reference[key]), (job, key)
+    assert (tmp_path / "minmax-ckpt" / "epoch=1.ckpt").is_dir()  # a distributed checkpoint was resumed
