@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelPruning
@@ -75,3 +79,24 @@ def prepare_torch_ao_qat(net: nn.Module) -> nn.Module:
     stubbed.qconfig = torch.ao.quantization.get_default_qat_qconfig("x86")
     torch.ao.quantization.prepare_qat(stubbed.train(), inplace=True)
     return stubbed
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int = 30, reps: int = 1) -> dict[str, float]:
+    """Median milliseconds of process CPU time per call, one thread, in interleaved rounds whose order rotates.
+
+    Every callable runs once untimed first; then each round times ``reps`` calls of every one of
+    them, the order shifted by one each round, so drift in machine load hits all of them alike.
+    """
+    torch.set_num_threads(1)
+    names = list(calls)
+    per: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                begin = time.process_time()
+                for _ in range(reps):
+                    calls[name]()
+                per[name].append((time.process_time() - begin) / reps)
+    return {name: 1000 * statistics.median(values) for name, values in per.items()}

@@ -34,7 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch_pruning as tp
-from common import quiet_trainer
+from common import interleaved_ms, quiet_trainer
 from torch import nn
 
 from lightning_compress import IterativePruning, compact, prune_
@@ -99,21 +99,11 @@ def run(model: str, seed: int, dense_epochs: int, finetune_epochs: int) -> dict[
 
 
 def speed(nets: dict[str, nn.Module], rounds: int = 40, reps: int = 5) -> dict[str, float]:
-    """Median ms per batch of 256 (one thread); interleaved rounds whose order rotates every round."""
-    torch.set_num_threads(1)
+    """Median ms per batch of 256 (one thread), interleaved rounds."""
     x = torch.randn(256, 1, 8, 8)
-    per: dict[str, list[float]] = {name: [] for name in nets}
-    names = list(nets)
-    with torch.inference_mode():
-        for net in nets.values():
-            net.eval()(x)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.process_time()
-                for _ in range(reps):
-                    nets[name](x)
-                per[name].append((time.process_time() - start) / reps)
-    return {name: 1000 * statistics.median(v) for name, v in per.items()}
+    for net in nets.values():
+        net.eval()
+    return interleaved_ms({name: (lambda net=net: net(x)) for name, net in nets.items()}, rounds, reps)
 
 
 def speed_check(rounds: int = 100) -> dict[str, float]:

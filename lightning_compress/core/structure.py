@@ -211,17 +211,18 @@ def _head_group(block: AttentionBlock, producers: set[str] | None) -> tuple[Chan
     if block.kv_heads < 2:
         return None, "it has one key/value head"
     group = ChannelGroup(block.module, block.kv_heads, attention=block)
-    for (name, kind), (index, channel) in sorted(block.unit_positions().items()):
-        order = sorted(range(len(index)), key=index.__getitem__)
-        group.slices.append(
-            LayerSlice(
-                name,
-                kind,
-                torch.tensor([index[i] for i in order], dtype=torch.long),
-                torch.tensor([channel[i] for i in order], dtype=torch.long),
-            )
-        )
+    group.slices = _sorted_slices(sorted(block.unit_positions().items()))
     return group, ""
+
+
+def _sorted_slices(parts: Any) -> list[LayerSlice]:
+    """``LayerSlice`` records from ``((module, kind), (positions, channels))`` pairs, by position."""
+    slices = []
+    for (name, kind), (index, channel) in parts:
+        order = sorted(range(len(index)), key=index.__getitem__)
+        positions = torch.tensor([index[i] for i in order], dtype=torch.long)
+        slices.append(LayerSlice(name, kind, positions, torch.tensor([channel[i] for i in order], dtype=torch.long)))
+    return slices
 
 
 def _convert(
@@ -252,17 +253,7 @@ def _convert(
         index, channel = slices.setdefault((name, kind), ([], []))
         index.extend(int(i) for i in item.idxs)
         channel.extend(int(c) for c in item.root_idxs)
-    group = ChannelGroup(root, size)
-    for (name, kind), (index, channel) in slices.items():
-        order = sorted(range(len(index)), key=index.__getitem__)
-        group.slices.append(
-            LayerSlice(
-                name,
-                kind,
-                torch.tensor([index[i] for i in order], dtype=torch.long),
-                torch.tensor([channel[i] for i in order], dtype=torch.long),
-            )
-        )
+    group = ChannelGroup(root, size, _sorted_slices(slices.items()))
     if not any(s.kind == "in" for s in group.slices):
         return None, "no layer consumes its channels"
     return group, ""
