@@ -44,7 +44,9 @@ class IterativePruning(Callback):
             BatchNorms, channel granularity only), or an object with a
             ``score(name, weight) -> Tensor`` method (see :mod:`lightning_compress.core.importance`).
         scope: ``"global"`` (one threshold over all selected weights) or ``"layer"`` (the same
-            sparsity in every layer).
+            sparsity in every layer). ``None`` (default): ``"global"``, and ``"layer"`` for
+            ``granularity="channel"`` (the same fraction of every layer's channels: at the same compute
+            it was more accurate and faster than a global threshold on every model measured).
         schedule: ``"cubic"`` (Zhu & Gupta 2017), ``"linear"``, ``"geometric"`` (the same
             fraction of the remaining weights each event), ``"one_shot"``, or a callable
             ``epoch -> sparsity`` (``global_step -> sparsity`` with ``every_n_steps``).
@@ -115,7 +117,7 @@ class IterativePruning(Callback):
         self,
         target_sparsity: float,
         importance: str | Importance = "magnitude",
-        scope: str = "global",
+        scope: str | None = None,
         schedule: str | Callable[[int], float] = "cubic",
         start_epoch: int = 0,
         end_epoch: int | None = None,

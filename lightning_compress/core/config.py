@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import check_choice, check_float, check_int
-from .functional import check_granularity, check_measure, resolve_min_density, validate_fraction
+from .functional import check_granularity, check_measure, default_scope, resolve_min_density, validate_fraction
 from .importance import Importance, resolve_importance
 from .schedule import SCHEDULES
 from .selection import normalize_patterns
@@ -26,11 +26,12 @@ class PruningConfig:
 
     ``max_drop=None`` turns the accuracy guard off; a float turns it on (the caller feeds it
     evaluation results). ``min_density=None`` resolves to ``0.1 * (1 - target_sparsity)``.
+    ``scope=None`` resolves to ``"layer"`` for ``granularity="channel"``, ``"global"`` otherwise.
     """
 
     target_sparsity: float
     importance: str | Importance | Any = "magnitude"
-    scope: str = "global"
+    scope: str | None = None
     schedule: str | Callable[[int], float] = "cubic"
     granularity: str = "element"
     include: Sequence[str] | str | None = None
@@ -58,12 +59,13 @@ class PruningConfig:
                 f"`regrow`={self.regrow} exchanges single weights: it needs granularity='element', "
                 f"got `granularity`={granularity!r}."
             )
-        check_choice(self.scope, "scope", ("global", "layer"))
+        scope = default_scope(self.scope, granularity)
+        set_(self, "scope", scope)
         if not callable(self.schedule):
             check_choice(self.schedule, "schedule", SCHEDULES)
         set_(self, "include", normalize_patterns(self.include, "include"))
         set_(self, "exclude", normalize_patterns(self.exclude, "exclude"))
-        set_(self, "min_density", resolve_min_density(self.min_density, target, self.scope, "target_sparsity"))
+        set_(self, "min_density", resolve_min_density(self.min_density, target, scope, "target_sparsity"))
         if self.max_drop is not None:
             set_(self, "max_drop", check_float(self.max_drop, "max_drop"))
         check_choice(self.mode, "mode", ("max", "min"))

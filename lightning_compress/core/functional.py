@@ -14,7 +14,7 @@ from .nm import parse_nm
 from .rules import rule_for
 from .selection import select_targets
 
-__all__ = ["check_granularity", "check_measure", "prune_", "sparsity", "validate_fraction"]
+__all__ = ["check_granularity", "check_measure", "default_scope", "prune_", "sparsity", "validate_fraction"]
 
 
 def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = False) -> float:
@@ -48,6 +48,17 @@ def resolve_min_density(value: object, sparsity: float, scope: str, argument: st
             f"it must be at most 1 - {argument} = {1.0 - sparsity:.4g}."
         )
     return min_density
+
+
+def default_scope(scope: object, granularity: str) -> str:
+    """Validate ``scope``; ``None`` is ``"layer"`` for channels (the same fraction of every layer: at the same
+    compute it was more accurate and faster than one global threshold on every model measured,
+    BENCHMARKS.md "A compute budget"), ``"global"`` otherwise."""
+    if scope is None:
+        return "layer" if granularity == "channel" else "global"
+    if scope not in ("global", "layer"):
+        raise ValueError(f"`scope`={scope!r} is not one of ('global', 'layer').")
+    return str(scope)
 
 
 def check_measure(measure: object, granularity: str) -> str:
@@ -91,7 +102,7 @@ def prune_(
     model: nn.Module,
     sparsity: float,
     importance: str | Importance = "magnitude",
-    scope: str = "global",
+    scope: str | None = None,
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
@@ -110,7 +121,8 @@ def prune_(
             calling twice with 0.5 leaves 50%, not 75%).
         importance: ``"magnitude"``, ``"taylor"`` (needs ``.grad``), ``"random"`` or an
             :class:`~lightning_compress.core.importance.Importance` object.
-        scope: ``"global"`` (one threshold over all selected weights) or ``"layer"``.
+        scope: ``"global"`` (one threshold over all selected weights) or ``"layer"``. ``None``: ``"layer"``
+            for ``granularity="channel"``, ``"global"`` otherwise.
         include: glob patterns over module names (see :func:`~.selection.select_targets`).
         exclude: glob patterns over module names to leave dense.
         min_density: with ``scope="global"``, the smallest fraction each layer keeps, so one
@@ -139,10 +151,9 @@ def prune_(
         0.5
     """
     sparsity = validate_fraction(sparsity, "sparsity")
-    if scope not in ("global", "layer"):
-        raise ValueError(f"`scope`={scope!r} is not one of ('global', 'layer').")
-    min_density = resolve_min_density(min_density, sparsity, scope)
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
+    scope = default_scope(scope, granularity)
+    min_density = resolve_min_density(min_density, sparsity, scope)
     measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude)

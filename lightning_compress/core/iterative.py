@@ -101,7 +101,7 @@ class IterativePruner:
         start_step: int = 0,
         every_n_steps: int | None = None,
         importance: str | Importance | Any = "magnitude",
-        scope: str = "global",
+        scope: str | None = None,
         schedule: str | Callable[[int], float] = "cubic",
         granularity: str = "element",
         include: Sequence[str] | str | None = None,
@@ -184,7 +184,7 @@ class IterativePruner:
         self.collectives: Collectives = collectives or TorchDistributed()
         targets = select_targets(model, config.include, config.exclude)
         rule, self.left_alone = rule_for(
-            model, targets, config.granularity, config.nm, config.make_importance(), config.scope,
+            model, targets, config.granularity, config.nm, config.make_importance(), str(config.scope),
             config.min_density or 0.0, example_inputs, config.measure,
         )  # fmt: skip
         self._pruner = Pruner(rule, regrow=config.regrow)

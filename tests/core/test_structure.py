@@ -486,3 +486,16 @@ def test_prune_to_a_macs_budget_on_a_resnet(scope):
     if scope == "layer":  # the same fraction of every group's channels
         kept = {after for before, after in report.channels.values()}
         assert len(kept) == 1, report.channels
+
+
+def test_channel_pruning_defaults_to_the_same_fraction_of_every_layer():
+    """The default allocation for channels is per layer (BENCHMARKS.md, "A compute budget"): a global threshold
+    over mean-normalized scores kept the wide, expensive layers and lost accuracy at the same compute."""
+    torch.manual_seed(0)
+    model = DigitsResNet(16, blocks=2).eval()
+    x = torch.randn(4, 1, 8, 8)
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    report = compact(model, x)
+    assert {after / before for before, after in report.channels.values()} == {0.5}
+    with pytest.raises(ValueError, match="`scope`='row' is not one of"):
+        prune_(model, 0.5, scope="row")
