@@ -133,6 +133,14 @@ CANDIDATES = {
 }
 
 
+# When, not what: the cadence of channel events (a diagnosis of the spread across seeds, run on seeds 5 and 6).
+CADENCE = {
+    "defaults (an event per epoch, first half)": {"importance": "magnitude", "end": 0.5},
+    "events every 10 steps, first half": {"importance": "magnitude", "end": 0.5, "every_n_steps": 10},
+    "one shot at the start": {"importance": "magnitude", "end": 0.1, "schedule": "one_shot"},
+}
+
+
 def run(seed: int, dense_epochs: int, finetune_epochs: int, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
     torch.set_num_threads(1)  # two runs side by side on two cores
     warnings.filterwarnings("ignore")
@@ -151,8 +159,9 @@ def run(seed: int, dense_epochs: int, finetune_epochs: int, variants: dict[str, 
         pl.seed_everything(seed + 100, verbose=False)
         ours = copy.deepcopy(dense)
         end = max(1, round(variant["end"] * finetune_epochs))
+        extra = {k: variant[k] for k in ("every_n_steps", "schedule") if k in variant}
         pruning = IterativePruning(  # scope: the default for channels ("layer")
-            0.5, importance=variant["importance"], granularity="channel", start_epoch=0, end_epoch=end
+            0.5, importance=variant["importance"], granularity="channel", start_epoch=0, end_epoch=end, **extra
         )
         _test(ours, seed, finetune_epochs, [pruning])
         report = compact(ours)
@@ -190,10 +199,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--candidates", action="store_true", help="compare the candidate settings (not on 0-2)")
+    parser.add_argument("--cadence", action="store_true", help="compare when channels are pruned (seeds 5, 6)")
     parser.add_argument("--out", default=None, help="default: results/vit_heads.json (--candidates: _candidates)")
     args = parser.parse_args()
-    variants = CANDIDATES if args.candidates else OURS
-    name = "vit_heads_candidates.json" if args.candidates else "vit_heads.json"
+    variants = CANDIDATES if args.candidates else CADENCE if args.cadence else OURS
+    name = "vit_heads" + ("_candidates" if args.candidates else "_cadence" if args.cadence else "") + ".json"
     out = args.out or str(pathlib.Path(__file__).parent / "results" / name)
     began = time.perf_counter()
     jobs = [(s, args.dense_epochs, args.finetune_epochs, variants) for s in args.seeds]
