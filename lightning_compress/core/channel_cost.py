@@ -78,6 +78,7 @@ class ChannelCost:
                 axis = axes.setdefault(kind, _Axis(size))
                 axis.parts.append((g, s.index, s.channel))
         self._sizes = [g.size for g in groups]
+        self._per_channel: list[Tensor] | None = None
 
     def remaining(self, alive: Sequence[Tensor]) -> float:
         """MACs of the model when every group keeps its ``alive`` channels (bool tensors, one per group)."""
@@ -93,14 +94,16 @@ class ChannelCost:
         return total
 
     def per_channel(self) -> list[Tensor]:
-        """Per group, the MACs removing each channel saves on its own (float64)."""
-        costs = [torch.zeros(size, dtype=torch.float64) for size in self._sizes]
-        for dense, axes in self._layers.values():
-            for axis in axes.values():
-                for g, _, channel in axis.parts:
-                    each = torch.full((channel.numel(),), dense / axis.size, dtype=torch.float64)
-                    costs[g].index_add_(0, channel, each)
-        return costs
+        """Per group, the MACs removing each channel saves on its own (float64; computed once)."""
+        if self._per_channel is None:
+            costs = [torch.zeros(size, dtype=torch.float64) for size in self._sizes]
+            for dense, axes in self._layers.values():
+                for axis in axes.values():
+                    for g, _, channel in axis.parts:
+                        each = torch.full((channel.numel(),), dense / axis.size, dtype=torch.float64)
+                        costs[g].index_add_(0, channel, each)
+            self._per_channel = costs
+        return self._per_channel
 
 
 def _size(module: nn.Module, weight: Tensor, kind: str) -> int:

@@ -190,12 +190,17 @@ class ChannelRule:
         """Kept channels whose MACs are at most ``1 - sparsity`` of the dense model's (or as close as floors allow)."""
         budget = (1.0 - sparsity) * cost.dense
         if self.scope == "layer":
+            # each group's channels from the lowest score up (pruned ones first), sorted once
+            orders = [_ascending(score, live) for score, live in zip(scores, alive, strict=True)]
+            before = [int((~live).sum()) for live in alive]
 
             def uniform(fraction: float) -> list[Tensor]:
-                return [
-                    _keep_top(score, live, min(round(fraction * g.size), g.size - floor))
-                    for score, live, g, floor in zip(scores, alive, self.groups, floors, strict=True)
-                ]
+                keep = []
+                for order, g, floor, pruned in zip(orders, self.groups, floors, before, strict=True):
+                    kept = torch.ones(g.size, dtype=torch.bool)
+                    kept[order[: max(min(round(fraction * g.size), g.size - floor), pruned)]] = False
+                    keep.append(kept)
+                return keep
 
             low, high = 0.0, 1.0
             for _ in range(40):  # the smallest uniform fraction that fits
@@ -212,15 +217,14 @@ class ChannelRule:
             order = torch.sort(normalized, stable=True).indices[: self.groups[g].size - floor]
             per_mac = normalized[order] / (costs[order] / mean_cost).clamp_min(1e-12)
             ranked.append((per_mac, torch.full_like(order, g), order))
-        priority = torch.cat([r[0] for r in ranked])
-        owner = torch.cat([r[1] for r in ranked])
-        position = torch.cat([r[2] for r in ranked])
-        chosen = torch.sort(priority, stable=True).indices  # pruned channels (-inf) first
+        chosen = torch.sort(torch.cat([r[0] for r in ranked]), stable=True).indices  # pruned channels (-inf) first
+        owner = torch.cat([r[1] for r in ranked])[chosen]
+        position = torch.cat([r[2] for r in ranked])[chosen]
 
         def after(k: int) -> list[Tensor]:
             keep = [live.clone() for live in alive]
-            for i in chosen[:k].tolist():
-                keep[int(owner[i])][int(position[i])] = False
+            for g, kept in enumerate(keep):
+                kept[position[:k][owner[:k] == g]] = False
             return keep
 
         low, high = 0, chosen.numel()  # the fewest channels, in priority order, whose removal fits
@@ -241,10 +245,13 @@ class ChannelRule:
         return masks
 
 
+def _ascending(score: Tensor, live: Tensor) -> Tensor:
+    """Channel positions from the lowest score up; already pruned ones (``~live``) first."""
+    return torch.sort(torch.where(live, score, torch.full_like(score, -math.inf)), stable=True).indices
+
+
 def _keep_top(score: Tensor, live: Tensor, k: int) -> Tensor:
     """Keep all but the ``k`` lowest-scored channels; already pruned ones count first."""
-    ranked = torch.where(live, score, torch.full_like(score, -math.inf))
     keep = torch.ones_like(live)
-    pruned_before = int((~live).sum())
-    keep[torch.sort(ranked, stable=True).indices[: max(k, pruned_before)]] = False
+    keep[_ascending(score, live)[: max(k, int((~live).sum()))]] = False
     return keep

@@ -191,8 +191,11 @@ def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn
     if not in_place:
         yield copy.deepcopy(model)
         return
-    names = group.modules() if group.attention is None else [group.attention.module, *group.modules()]
-    originals = {name: model.get_submodule(name) for name in names}  # an attention module first: its counts change
+    names = group.modules()
+    if group.attention is not None:  # its counts change too; a copy of it holds copies of its own projections
+        inside = f"{group.attention.module}."
+        names = [group.attention.module, *(n for n in names if not n.startswith(inside))]
+    originals = {name: model.get_submodule(name) for name in names}
     try:
         for name, module in originals.items():
             _swap(model, name, copy.deepcopy(module))

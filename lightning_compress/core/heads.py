@@ -139,7 +139,7 @@ def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool] |
     return found, attention
 
 
-def _common_parent(model: nn.Module, names: list[str]) -> str:
+def _common_parent(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     prefix: list[str] = []
     for level in zip(*parts, strict=False):
@@ -206,7 +206,7 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
 
 
 def _block(model: nn.Module, modules: dict[str, nn.Module], output: str, producers: list[str]) -> AttentionBlock | str:
-    parent = _common_parent(model, producers)
+    parent = _common_parent(producers)
     attention = modules[parent]
     d = _head_size(attention)
     if d is None:
