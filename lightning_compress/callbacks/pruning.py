@@ -17,8 +17,8 @@ from ..core.config import PruningConfig
 from ..core.controller import GuardDecision
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
+from ..core.rules import zero_counts
 from ..export.report import CompressionReport
-from ..metrics.sparsity import zero_fraction
 from ._export import check_export_path, check_export_ready, example_inputs, export_at_fit_end
 from ._validation import StrategyCollectives, check_float, check_strategy
 from ._validation_plan import EpochWindow, plan_timeline
@@ -149,6 +149,8 @@ class IterativePruning(Callback):
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
         self._core: IterativePruner | None = None
+        self._previous: IterativePruner | None = None
+        self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
         self._in_steps = False
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._optimizer_params: dict[int, set[int]] = {}
@@ -183,15 +185,29 @@ class IterativePruning(Callback):
         return {} if self._core is None else self._core.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict and self._core is not None:
+        if not state_dict:
+            return
+        if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
+            self._restored = state_dict
+        else:
             self._core.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer, "IterativePruning")
+        config = self.config
+        conflicts = [
+            name
+            for name, is_set in (
+                (f"granularity={config.granularity!r}", config.granularity != "element"),
+                (f"regrow={config.regrow}", config.regrow > 0),
+                ("export_path", self.export_path is not None),
+            )
+            if is_set
+        ]
+        check_strategy(trainer, "IterativePruning", conflicts)
         if stage != "fit":
             return
-        end_epoch = self.window.end_for(trainer)
+        self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
         check_export_ready(self.export_path, pl_module)
         if self.monitor is not None and (
             trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
@@ -205,6 +221,12 @@ class IterativePruning(Callback):
                 "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
                 f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
             )
+        self._previous = self._core if trainer.ckpt_path is None else None
+        self._core, self._restored = None, None
+        self._pending_logs, self._optimizer_params = {}, {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Select the weights now: ``configure_model`` (e.g. FSDP2's ``fully_shard``) has run since ``setup``."""
         config = self.config
         user = config.schedule
         if (
@@ -212,13 +234,14 @@ class IterativePruning(Callback):
         ):  # an epoch clock: the callable gets the epoch that ended
             config = dataclasses.replace(config, schedule=lambda t: user(t - 1))
         self._core = IterativePruner.from_config(  # provisional clock: placed in on_train_start
-            pl_module, config, total_steps=end_epoch, start_step=self.window.start_epoch,
+            pl_module, config, total_steps=self.window.end_for(trainer), start_step=self.window.start_epoch,
             example_inputs=example_inputs(pl_module), collectives=StrategyCollectives(trainer.strategy),
-            warn=rank_zero_warn, info=rank_zero_info, previous=self._core if trainer.ckpt_path is None else None,
+            warn=rank_zero_warn, info=rank_zero_info, previous=self._previous,
         )  # fmt: skip
-        self._pending_logs, self._optimizer_params = {}, {}
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._previous = None
+        if self._restored is not None:
+            self._core.load_state_dict(self._restored)
+            self._restored = None
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
 
@@ -329,9 +352,10 @@ class IterativePruning(Callback):
             self._log(pl_module, values, step_level)
 
     def _sparsity_values(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        weights = {t.name: t.param for t in self.pruner.targets if t.attr == "weight"}
-        values = {f"compress/sparsity/{name}": float(zero_fraction(w)) for name, w in weights.items()}
-        values["compress/sparsity"] = float(zero_fraction(*weights.values()))
+        weights = [t for t in self.pruner.targets if t.attr == "weight"]
+        zeros = zero_counts(weights, self.pruner.collectives)  # all shards of a sharded weight
+        values = {f"compress/sparsity/{t.name}": zeros[t.param_name] / t.numel for t in weights}
+        values["compress/sparsity"] = sum(zeros.values()) / max(1, sum(t.numel for t in weights))
         if self.config.granularity == "channel":
             values["compress/channel_sparsity"] = self.pruner.masked_sparsity()
         return values

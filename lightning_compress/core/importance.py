@@ -84,6 +84,12 @@ class Importance:
         """What element-wise rules rank, and whether by absolute value."""
         return check_scores(self, f"layer {name!r}", self.score(name, weight), weight.shape), False
 
+    def shard_ranking(self, name: str, shard: Tensor, offset: int) -> tuple[Tensor, bool]:
+        """:meth:`ranking` of one process's shard of a sharded (FSDP2) weight: the elements ``offset``,
+        ``offset + 1``, ... of the whole weight flattened. Criteria that only look at each element's value and
+        gradient (all but random) rank the shard alone, which is this default."""
+        return self.ranking(name, shard)
+
     def channel_contribution(self, name: str, weight: Tensor, module: nn.Module) -> Tensor | None:
         """What ``weight`` (a parameter of ``module`` in a channel group) adds to its channels' scores."""
         return check_scores(self, f"{name!r}", self.score(name, weight), weight.shape).detach()
@@ -199,8 +205,12 @@ class RandomImportance(Importance):
     """Uniform random scores: the seed article's sparsity-based random pruning.
 
     Reproducible and identical on every process: the scores of a layer depend only on
-    ``seed``, the number of pruning events so far and the layer name.
+    ``seed``, the number of pruning events so far and the layer name. They are drawn in blocks of
+    :attr:`BLOCK` consecutive elements, each from its own generator, so a shard of a weight (FSDP2) gets
+    exactly the scores the whole weight would have there.
     """
+
+    BLOCK: ClassVar[int] = 1 << 16
 
     def __init__(self, seed: int = 0) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -209,10 +219,22 @@ class RandomImportance(Importance):
         self.events = 0
 
     def score(self, name: str, weight: Tensor) -> Tensor:
-        key = zlib.crc32(f"{self.seed}/{self.events}/{name}".encode())
+        return self._draw(name, weight, 0)
+
+    def shard_ranking(self, name: str, shard: Tensor, offset: int) -> tuple[Tensor, bool]:
+        return self._draw(name, shard, offset), False
+
+    def _draw(self, name: str, weight: Tensor, offset: int) -> Tensor:
+        """Scores of the elements ``offset .. offset + weight.numel()`` of the whole flattened weight."""
+        out = torch.empty(weight.numel(), device=weight.device)
         generator = torch.Generator(device=weight.device)
-        generator.manual_seed(key)
-        return torch.rand(weight.shape, generator=generator, device=weight.device)
+        first, end = offset // self.BLOCK, offset + weight.numel()
+        for block in range(first, -(-end // self.BLOCK)):
+            generator.manual_seed(zlib.crc32(f"{self.seed}/{self.events}/{name}/{block}".encode()))
+            values = torch.rand(self.BLOCK, generator=generator, device=weight.device)
+            lo, hi = max(block * self.BLOCK, offset), min((block + 1) * self.BLOCK, end)
+            out[lo - offset : hi - offset] = values[lo - block * self.BLOCK : hi - block * self.BLOCK]
+        return out.view(weight.shape)
 
     def reset(self) -> None:
         self.events += 1

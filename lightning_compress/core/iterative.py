@@ -35,7 +35,7 @@ from .controller import AccuracyGuard, GuardDecision
 from .importance import Importance
 from .masks import floor_count
 from .pruner import Pruner
-from .rules import MaskRule, rule_for
+from .rules import MaskRule, pruned_counts, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
 
@@ -185,9 +185,9 @@ class IterativePruner:
         targets = select_targets(model, config.include, config.exclude)
         rule, self.left_alone = rule_for(
             model, targets, config.granularity, config.nm, config.make_importance(), str(config.scope),
-            config.min_density or 0.0, example_inputs, config.measure,
+            config.min_density or 0.0, example_inputs, config.measure, self.collectives,
         )  # fmt: skip
-        self._pruner = Pruner(rule, regrow=config.regrow)
+        self._pruner = Pruner(rule, regrow=config.regrow, collectives=self.collectives)
         if self.left_alone and config.nm is not None:
             self._warn(
                 f"IterativePruning: layer(s) {list(self.left_alone)} stay dense: their input size is not a multiple of "
@@ -362,7 +362,8 @@ class IterativePruner:
         if guard is not None:
             wanted = guard.limit(previous, wanted)
         regrow = 0.0 if wanted >= self.target_sparsity - _TOLERANCE else None  # the last event is an exact top-k
-        sync = None if self.collectives.world_size == 1 else self._broadcast
+        # replicated weights (DDP) take rank 0's masks; sharded ones are decided from counts every process shares
+        sync = None if self.collectives.world_size == 1 or self._pruner.sharded else self._broadcast
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
             return False
         self._zero_optimizer_state()
@@ -431,11 +432,12 @@ class IterativePruner:
         config = self.config
         if config.scope != "global" or not config.min_density or config.granularity != "element":
             return
+        pruned = pruned_counts(self.targets, self._pruner.masks, self.collectives)
         held = [
             target.name
             for target in self.targets
-            if (mask := self._pruner.masks.get(target.param_name)) is not None
-            and int(mask.count_nonzero()) <= floor_count(config.min_density, target.numel)
+            if target.param_name in pruned
+            and target.numel - pruned[target.param_name] <= floor_count(config.min_density, target.numel)
         ]
         new = [name for name in held if name not in self._warned_floors]
         if not new:

@@ -10,6 +10,11 @@ the exact count. Ties are broken by layer order, then position, so results are d
 Work is done in chunks of 2**20 elements, so memory stays at the masks plus a few MB.
 
 Already-pruned weights go to a reserved bucket 0, below every score, so they stay pruned.
+
+Sharded weights (FSDP2) are ranked where they live: each process counts the keys of its shards, and
+one sum of all layers' counts across processes gives every process the same plan. Only the keys of the
+threshold bucket are exchanged, with their positions in the whole weight, so the selection is the
+same exact top-k (same ties) as on the whole model; each process then writes the masks of its shards.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .collectives import Collectives
 from .importance import Importance, MaskPlanError, nonfinite_error, resolve_importance
 from .selection import Target
+from .sharding import gather_flat, is_sharded
 
 __all__ = ["MaskPlanError", "compute_masks"]
 
@@ -112,9 +119,12 @@ class _Scores:
         self.magnitude = False  # ranked by |value|: set by each pass before its first chunk
 
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
-        """``(start, float32 chunk)`` pairs over the flattened scores."""
-        weight = self.target.param
-        values, self.magnitude = self.importance.ranking(self.target.key, weight)
+        """``(start, float32 chunk)`` pairs over the flattened scores (of this process's shard)."""
+        weight = self.target.local
+        if is_sharded(self.target.param):
+            values, self.magnitude = self.importance.shard_ranking(self.target.key, weight, self.target.offset)
+        else:
+            values, self.magnitude = self.importance.ranking(self.target.key, weight)
         flat = values.detach().reshape(-1).to(weight.device)
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]
@@ -210,6 +220,7 @@ def compute_masks(
     min_density: float = 0.0,
     masks: Mapping[str, Tensor] | None = None,
     apply: bool = True,
+    collectives: Collectives | None = None,
 ) -> dict[str, Tensor]:
     """Masks (``True`` = kept) with ``sparsity`` of the selected weights pruned.
 
@@ -221,11 +232,15 @@ def compute_masks(
             sparsity: pruned weights stay pruned.
         scope: ``"global"`` (one threshold) or ``"layer"`` (same sparsity in every layer).
         min_density: with ``"global"``, no layer keeps fewer than ``ceil(min_density * n)``.
-        masks: current masks keyed by parameter name; missing layers count as dense.
+        masks: current masks keyed by parameter name (shaped like this process's shard of a sharded
+            weight); missing layers count as dense.
         apply: zero the pruned weights in place.
+        collectives: the processes that hold the shards of sharded (FSDP2) weights; they must all call
+            this together. Weights that are not sharded are ranked whole on every process.
 
     Returns:
-        Bool masks on each weight's device, keyed by qualified parameter name.
+        Bool masks on each weight's device (of this process's shard for a sharded weight), keyed by
+        qualified parameter name.
 
     Raises:
         MaskPlanError: scores of a layer are not finite or have the wrong shape. Raised before
@@ -240,12 +255,21 @@ def compute_masks(
     importance = resolve_importance(importance)
     scorers = [_Scores(importance, t) for t in targets]
     alive_masks: list[Tensor | None] = []
+    sharded = [is_sharded(t.param) for t in targets]
+    group = collectives if collectives is not None and collectives.world_size > 1 and any(sharded) else None
     with torch.no_grad():
+        hists = []
         for target, scorer in zip(targets, scorers, strict=True):
             alive = masks.get(target.param_name)
             alive_flat = None if alive is None else alive.to(target.param.device, torch.bool).reshape(-1)
             alive_masks.append(alive_flat)
-            hist = _histogram(scorer, alive_flat, target.param.device)
+            hists.append(_histogram(scorer, alive_flat, target.param.device))
+        if group is not None:  # one sum: every process gets the counts of the whole weights
+            stacked = torch.stack(hists)
+            if group.rank != 0:  # a weight that is not sharded is whole on every process: count it once
+                stacked[[i for i, s in enumerate(sharded) if not s]] = 0
+            hists = list(group.all_reduce(stacked, "sum").unbind(0))
+        for target, hist in zip(targets, hists, strict=True):
             if int(hist[1:_NONFINITE_LOW].sum()) or int(hist[_NONFINITE_HIGH:].sum()):
                 raise nonfinite_error(f"layer {target.name!r}")
             pruned = int(hist[0])
@@ -268,7 +292,7 @@ def compute_masks(
             k = max(round(sparsity * total), sum(layer.pruned for layer in layers))
             k = min(k, sum(layer.cap for layer in layers))
             decisions = _global_decisions(layers, k)
-        return _write_masks(layers, scorers, alive_masks, decisions, apply)
+        return _write_masks(layers, scorers, alive_masks, decisions, apply, group)
 
 
 def _write_masks(
@@ -277,18 +301,19 @@ def _write_masks(
     alive_masks: list[Tensor | None],
     decisions: dict[int, _Decision],
     apply: bool,
+    group: Collectives | None,
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    shared: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions, keys) of the shared bucket
+    shared: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions in the whole weight, keys) of the shared bucket
     shared_take = 0
     for i, (layer, scorer, alive) in enumerate(zip(layers, scorers, alive_masks, strict=True)):
         decision = decisions[i]
-        param = layer.target.param
+        param = layer.target.local
         flat_param = param.detach().view(-1) if apply and param.is_contiguous() else None
         threshold = _threshold(decision.bound)
         upper = _threshold(decision.bound + 1)
         gather = decision.take > 0 and layer.in_bucket(decision.bound) > 0
-        mask = torch.empty(layer.numel, dtype=torch.bool, device=param.device)
+        mask = torch.empty(param.numel(), dtype=torch.bool, device=param.device)
         positions: list[Tensor] = []
         keys_in: list[Tensor] = []
         for start, chunk in scorer.chunks():
@@ -310,8 +335,11 @@ def _write_masks(
                 # with magnitude scores every |w| was checked finite above
                 zero_pruned_(flat_param[start:end], part, finite=scorer.magnitude and alive is None)
         if gather:
-            pos = torch.cat(positions)
-            keys_cat = torch.cat(keys_in)
+            pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64, device=param.device)
+            keys_cat = torch.cat(keys_in) if keys_in else torch.zeros(0, dtype=torch.int32, device=param.device)
+            if group is not None and is_sharded(layer.target.param):  # the whole bucket, in position order
+                pos = gather_flat(pos + layer.target.offset, group)
+                keys_cat = gather_flat(keys_cat, group)
             if decision.shared:
                 shared.append((i, pos, keys_cat))
                 shared_take = decision.take
@@ -324,7 +352,7 @@ def _write_masks(
                 zero_pruned_(param, mask.view(param.shape))
     if shared:
         _resolve_shared(layers, decisions, shared, shared_take, out, apply)
-    return {layer.target.param_name: out[layer.target.param_name].view(layer.target.param.shape) for layer in layers}
+    return {layer.target.param_name: out[layer.target.param_name].view(layer.target.local.shape) for layer in layers}
 
 
 def _resolve_shared(
@@ -353,12 +381,16 @@ def _resolve_shared(
 
 
 def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool) -> None:
-    """Prune extra ``positions`` (flat indices) that were kept by the bucket bound."""
+    """Prune extra ``positions`` (flat indices in the whole weight) that were kept by the bucket bound."""
+    weight = layer.target.local
+    if is_sharded(layer.target.param):  # keep this process's part, as indices into its shard
+        positions = positions - layer.target.offset
+        positions = positions[(positions >= 0) & (positions < weight.numel())]
     mask[positions] = False
     if apply:
         with torch.no_grad():
-            flat = layer.target.param.detach().view(-1) if layer.target.param.is_contiguous() else None
+            flat = weight.detach().view(-1) if weight.is_contiguous() else None
             if flat is not None:
                 flat[positions] = 0
             else:
-                zero_pruned_(layer.target.param, mask.view(layer.target.param.shape))
+                zero_pruned_(weight, mask.view(weight.shape))

@@ -3,6 +3,10 @@
 A :class:`Pruner` owns the masks of a set of :class:`~.selection.Target` weights. At run time
 each mask is kept in the weight's dtype and device (multiplying by a float mask is ~10x faster
 than by a bool mask on CPU); in :meth:`Pruner.state_dict` masks are bool, on CPU.
+
+Under FSDP2 a weight is a ``DTensor`` sharded by rows: its mask, saved values and gradient statistics
+are those of this process's shard (:attr:`~.selection.Target.local`), and :meth:`Pruner.state_dict`
+gathers them whole (every process must call it), so a checkpoint looks the same as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .collectives import Collectives
 from .importance import Importance
 from .masks import floor_count, zero_pruned_
 from .rules import MaskRule
 from .selection import Target
+from .sharding import gather_flat, is_sharded, local, local_part
 
 __all__ = ["Pruner"]
 
@@ -34,9 +40,10 @@ class Pruner:
             the largest gradient magnitude since the last event come back, at zero (GraNet's
             neuroregeneration, Liu et al. 2021); across layers with global scope, inside each
             layer with layer scope. The sparsity is unchanged; ``0`` turns it off.
+        collectives: the processes that hold the shards of sharded (FSDP2) weights.
     """
 
-    def __init__(self, rule: MaskRule, regrow: float = 0.0) -> None:
+    def __init__(self, rule: MaskRule, regrow: float = 0.0, collectives: Collectives | None = None) -> None:
         self.rule = rule
         if not 0.0 <= regrow < 1.0:
             raise ValueError(f"`regrow` must be in [0, 1), got {regrow!r}.")
@@ -53,6 +60,13 @@ class Pruner:
         self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
         self._rewind: dict[str, Tensor] | None = None
         self._by_name = {t.param_name: t for t in self.targets}
+        self.collectives = collectives
+        self.sharded = any(is_sharded(t.param) for t in self.targets)
+        if self.sharded and regrow > 0:
+            raise ValueError(
+                f"`regrow`={regrow} ranks gradients of all weights together, which is not supported for sharded "
+                "(FSDP2) weights yet. Set `regrow=0`, or use strategy='ddp'."
+            )
 
     @property
     def importance(self) -> Importance:
@@ -127,6 +141,9 @@ class Pruner:
         if sync is not None:
             new = sync(new)
         changed = any(name not in current or not torch.equal(mask, current[name]) for name, mask in new.items())
+        group = self._group()
+        if group is not None:  # a shard may be unchanged where another changed: decide together
+            changed = bool(group.all_reduce(torch.tensor([int(changed)]), "max").item())
         if not changed:
             return False
         if keep_undo:
@@ -135,14 +152,14 @@ class Pruner:
                 target = self._by_name[name]
                 previous = current.get(name, torch.ones_like(mask))
                 revived = previous & ~mask
-                self._rollback[name] = (previous, target.param.detach()[revived].clone())
+                self._rollback[name] = (previous, target.local.detach()[revived].clone())
         for name in list(new):
             mask = new.pop(name)  # free each bool mask once converted
             existing = self._masks.get(name)
             if existing is not None:
                 existing.copy_(mask)  # reuse the buffer: no new allocation at later events
             else:
-                self._masks[name] = mask.to(self._by_name[name].param.dtype)
+                self._masks[name] = mask.to(self._by_name[name].local.dtype)
         self._pruned = self._units = None
         self.apply()
         self.rewind()
@@ -203,11 +220,11 @@ class Pruner:
             return False
         with torch.no_grad():
             for name, (previous, values) in self._rollback.items():
-                target = self._by_name[name]
+                weight = self._by_name[name].local
                 current = self.masks[name] != 0
                 revived = previous & ~current
-                target.param.detach()[revived] = values.to(target.param.dtype)
-                self._masks[name] = previous.to(target.param.dtype)
+                weight.detach()[revived] = values.to(weight.dtype)
+                self._masks[name] = previous.to(weight.dtype)
         self._pruned = self._units = None
         self._rollback = None
         self.apply()  # weights regrown by the undone event go back to zero
@@ -219,7 +236,7 @@ class Pruner:
             return
         with torch.no_grad():
             for name, mask in self.masks.items():
-                zero_pruned_(self._by_name[name].param, mask)
+                zero_pruned_(self._by_name[name].local, mask)
 
     # ------------------------------------------------------------------ training step
     def observe_gradients(self, params: set[int] | None = None) -> None:
@@ -235,8 +252,9 @@ class Pruner:
             grad = target.param.grad
             if grad is None or (params is not None and id(target.param) not in params):
                 continue
+            grad = local(grad)
             if accumulates:
-                self.importance.observe(target.key, target.param, grad)
+                self.importance.observe(target.key, target.local, grad)
             if track:
                 acc = self._grads.get(target.param_name)
                 if acc is None:
@@ -255,8 +273,9 @@ class Pruner:
             param = self._by_name[name].param
             if param.grad is None or (wanted is not None and id(param) not in wanted):
                 continue
-            grads.append(param.grad)
-            masks.append(mask if mask.dtype == param.grad.dtype else mask.to(param.grad.dtype))
+            grad = local(param.grad)
+            grads.append(grad)
+            masks.append(mask if mask.dtype == grad.dtype else mask.to(grad.dtype))
         if grads:
             torch._foreach_mul_(grads, masks)
 
@@ -272,12 +291,12 @@ class Pruner:
                     continue
                 for value in state.values():
                     if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
-                        zero_pruned_(value, mask)
+                        zero_pruned_(local(value), mask)
 
     # ------------------------------------------------------------------ lottery-ticket rewinding
     def save_rewind_point(self) -> None:
         """Remember the current weights; after every later event survivors go back to them."""
-        self._rewind = {t.param_name: t.param.detach().clone() for t in self.targets}
+        self._rewind = {t.param_name: t.local.detach().clone() for t in self.targets}
 
     @property
     def has_rewind_point(self) -> bool:
@@ -292,22 +311,26 @@ class Pruner:
             return
         with torch.no_grad():
             for name, saved in self._rewind.items():
-                param = self._by_name[name].param
-                param.copy_(saved.to(param.device, param.dtype))
-                zero_pruned_(param, self.masks[name])
+                weight = self._by_name[name].local
+                weight.copy_(saved.to(weight.device, weight.dtype))
+                zero_pruned_(weight, self.masks[name])
 
-    # ------------------------------------------------------------------ persistence
-    def matches(self, masks: dict[str, Tensor]) -> bool:
-        """Whether ``masks`` fit these targets (names and shapes)."""
+    # ------------------------------------------------------------------ checkpoints and earlier runs
+    def matches(self, masks: dict[str, Tensor], whole: bool = True) -> bool:
+        """Whether ``masks`` fit these targets (names and shapes: of the whole weights, or with ``whole=False``
+        of this process's shards)."""
         return set(masks) <= set(self._by_name) and all(
-            tuple(m.shape) == tuple(self._by_name[n].param.shape) for n, m in masks.items()
+            tuple(m.shape) == tuple((target.param if whole else target.local).shape)
+            for n, m in masks.items()
+            for target in (self._by_name[n],)
         )
 
     def adopt(self, masks: dict[str, Tensor]) -> bool:
-        """Take ``masks`` of an earlier run if they fit these targets and the model still carries them."""
-        if not masks or not self.matches(masks):
+        """Take the run-time ``masks`` of an earlier run if they fit these targets and the model still carries
+        them (every process must call it when weights are sharded)."""
+        if not masks or not self.matches(masks, whole=False):
             return False
-        self.masks = {n: m.to(self._by_name[n].param.device, self._by_name[n].param.dtype) for n, m in masks.items()}
+        self.masks = {n: m.to(self._by_name[n].local.device, self._by_name[n].local.dtype) for n, m in masks.items()}
         if self.carries_masks():
             return True
         self.masks = {}  # the model was reloaded or changed: start over
@@ -315,40 +338,94 @@ class Pruner:
 
     def carries_masks(self) -> bool:
         """Whether every masked weight of the model is zero (the model still carries the masks)."""
-        return all(bool((self._by_name[n].param.detach()[m == 0] == 0).all()) for n, m in self.masks.items())
+        carried = all(bool((self._by_name[n].local.detach()[m == 0] == 0).all()) for n, m in self.masks.items())
+        if self._group() is None:
+            return carried
+        return bool(self._group().all_reduce(torch.tensor([int(carried)]), "min").item())  # type: ignore[union-attr]
+
+    def _group(self) -> Collectives | None:
+        """The collectives to use when weights are sharded over several processes, else ``None``."""
+        if self.sharded and self.collectives is not None and self.collectives.world_size > 1:
+            return self.collectives
+        return None
+
+    # ------------------------------------------------------------------ persistence
+    def _whole(self, name: str, part: Tensor) -> Tensor:
+        """``part`` (shaped like this process's shard of weight ``name``) made whole, on CPU."""
+        target, group = self._by_name[name], self._group()
+        if group is None or not is_sharded(target.param):
+            return part.cpu()
+        return gather_flat(part.reshape(-1), group).view(target.param.shape).cpu()
+
+    def _part(self, name: str, whole: Tensor) -> Tensor:
+        """This process's part of ``whole`` (shaped like weight ``name``), on the weight's device."""
+        target = self._by_name[name]
+        if not is_sharded(target.param):
+            return whole.to(target.local.device)
+        return local_part(target.param, whole).to(target.local.device).clone()  # not a view that holds it whole
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"masks": {n: (m != 0).cpu() for n, m in self.masks.items()}}
+        """Masks (bool), undo, rewind and statistics, whole and on CPU. When weights are sharded every process
+        must call it (the shards are gathered)."""
+        state: dict[str, Any] = {"masks": {n: self._whole(n, m != 0) for n, m in self.masks.items()}}
         if self._rollback is not None:
-            state["rollback"] = {n: [p.cpu(), v.cpu()] for n, (p, v) in self._rollback.items()}
+            state["rollback"] = {n: self._rollback_whole(n, p, v) for n, (p, v) in self._rollback.items()}
         if self._rewind is not None:
-            state["rewind"] = {n: w.cpu() for n, w in self._rewind.items()}
+            state["rewind"] = {n: self._whole(n, w) for n, w in self._rewind.items()}
         if self._grads:
-            state["grads"] = {n: g.cpu() for n, g in self._grads.items()}
-        importance_state = self.importance.state_dict()
+            state["grads"] = {n: self._whole(n, g) for n, g in self._grads.items()}
+        importance_state = self._map_weight_tensors(self.importance.state_dict(), self._whole)
         if importance_state:
             state["importance"] = importance_state
         return state
 
+    def _rollback_whole(self, name: str, previous: Tensor, values: Tensor) -> list[Tensor]:
+        """The undo record of weight ``name`` whole: the previous mask, and the revived values in position
+        order (the shards' values one after the other)."""
+        group = self._group()
+        if group is None or not is_sharded(self._by_name[name].param):
+            return [previous.cpu(), values.cpu()]
+        return [self._whole(name, previous), gather_flat(values, group).cpu()]
+
+    def _rollback_part(self, name: str, previous: Tensor, values: Tensor, current: Tensor) -> tuple[Tensor, Tensor]:
+        """This process's part of a whole undo record, ``current`` being the whole mask it undoes."""
+        target = self._by_name[name]
+        if not is_sharded(target.param):
+            return previous.to(target.local.device), values.to(target.local.device)
+        revived = (previous & ~current).reshape(-1)
+        start = target.offset
+        before = int(revived[:start].sum())
+        mine = int(revived[start : start + target.local.numel()].sum())
+        return self._part(name, previous), values[before : before + mine].to(target.local.device)
+
+    def _map_weight_tensors(self, state: Any, fn: Callable[[str, Tensor], Tensor]) -> Any:
+        """``state`` with ``fn(param_name, tensor)`` applied to each tensor stored under a selected weight's
+        module or parameter name: an importance's per-weight statistics (e.g. Taylor sums), when sharded."""
+        if not self.sharded or not isinstance(state, dict):
+            return state
+        names = {t.key: t.param_name for t in self.targets} | {n: n for n in self._by_name}
+        return {
+            k: fn(names[k], v) if isinstance(v, Tensor) and k in names else self._map_weight_tensors(v, fn)
+            for k, v in state.items()
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (whole tensors: each process keeps the parts of its shards)."""
         masks = state.get("masks", {})
         if not self.matches(masks):
             raise ValueError(
                 "the checkpoint's pruning masks do not fit this model: masks for "
                 f"{sorted(masks)} vs selected weights {sorted(self._by_name)}."
             )
-        self.masks = {n: m.to(self._by_name[n].param.device, self._by_name[n].param.dtype) for n, m in masks.items()}
-        device_of = {n: t.param.device for n, t in self._by_name.items()}
+        self.masks = {n: self._part(n, m).to(self._by_name[n].local.dtype) for n, m in masks.items()}
         rollback = state.get("rollback")
         self._rollback = (
-            None
-            if rollback is None
-            else {n: (p.to(device_of[n]), v.to(device_of[n])) for n, (p, v) in rollback.items()}
+            None if rollback is None else {n: self._rollback_part(n, p, v, masks[n]) for n, (p, v) in rollback.items()}
         )
-        self._grads = {n: g.to(device_of[n]) for n, g in state.get("grads", {}).items()}
+        self._grads = {n: self._part(n, g) for n, g in state.get("grads", {}).items()}
         rewind = state.get("rewind")
-        self._rewind = None if rewind is None else {n: w.to(device_of[n]) for n, w in rewind.items()}
+        self._rewind = None if rewind is None else {n: self._part(n, w) for n, w in rewind.items()}
         if "importance" in state:
-            self.importance.load_state_dict(state["importance"])
+            self.importance.load_state_dict(self._map_weight_tensors(state["importance"], self._part))
             if self.targets:
-                self.importance.to(self.targets[0].param.device)
+                self.importance.to(self.targets[0].local.device)

@@ -11,18 +11,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from .channel_cost import ChannelCost
 from .channels import ChannelRule
+from .collectives import Collectives
 from .compact import removable_groups
 from .importance import Importance
 from .masks import compute_masks
 from .nm import NMRule, eligible
 from .selection import Target
+from .sharding import check_row_sharded, is_sharded
 from .structure import build_channel_groups
 
-__all__ = ["ElementRule", "MaskRule", "rule_for"]
+__all__ = ["ElementRule", "MaskRule", "pruned_counts", "rule_for", "zero_counts"]
 
 
 class MaskRule(Protocol):
@@ -44,24 +47,58 @@ class MaskRule(Protocol):
 
 
 class ElementRule:
-    """Unstructured: any weight may go (exact global or per-layer top-k, see :mod:`.masks`)."""
+    """Unstructured: any weight may go (exact global or per-layer top-k, see :mod:`.masks`).
+
+    ``collectives``: the processes that hold the shards of sharded (FSDP2) weights (masks are then per shard).
+    """
 
     exchanges_weights: ClassVar[bool] = True
 
-    def __init__(self, targets: Sequence[Target], importance: Importance, scope: str, min_density: float) -> None:
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        scope: str,
+        min_density: float,
+        collectives: Collectives | None = None,
+    ) -> None:
         self.targets = list(targets)
         self.importance = importance
         self.scope = scope
         self.min_density = min_density
+        self.collectives = collectives
 
     def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
         return compute_masks(
-            self.targets, self.importance, sparsity, self.scope, self.min_density, current, apply=False
-        )
+            self.targets, self.importance, sparsity, self.scope, self.min_density, current, apply=False,
+            collectives=self.collectives,
+        )  # fmt: skip
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
-        pruned = sum(int(m.numel() - m.count_nonzero()) for m in masks.values())
-        return pruned, sum(t.numel for t in self.targets)
+        return sum(pruned_counts(self.targets, masks, self.collectives).values()), sum(t.numel for t in self.targets)
+
+
+def pruned_counts(
+    targets: Sequence[Target], masks: dict[str, Tensor], collectives: Collectives | None = None
+) -> dict[str, int]:
+    """Pruned weights per masked parameter name, the shards of a sharded weight summed (one collective)."""
+    chosen = [t for t in targets if t.param_name in masks]
+    return _summed(chosen, [int(masks[t.param_name].numel() - masks[t.param_name].count_nonzero()) for t in chosen],
+                   collectives)  # fmt: skip
+
+
+def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:
+    """Exact zeros in each selected weight, keyed by parameter name, the shards of a sharded weight summed."""
+    return _summed(targets, [int((t.local.detach() == 0).sum()) for t in targets], collectives)
+
+
+def _summed(targets: Sequence[Target], local: list[int], collectives: Collectives | None) -> dict[str, int]:
+    names = [t.param_name for t in targets]
+    sharded = [is_sharded(t.param) for t in targets]
+    if collectives is None or collectives.world_size == 1 or not any(sharded):
+        return dict(zip(names, local, strict=True))
+    counts = torch.tensor([c if s or collectives.rank == 0 else 0 for c, s in zip(local, sharded, strict=True)])
+    return dict(zip(names, collectives.all_reduce(counts, "sum").tolist(), strict=True))
 
 
 def rule_for(
@@ -74,6 +111,7 @@ def rule_for(
     min_density: float,
     example_inputs: Any = None,
     measure: str = "channels",
+    collectives: Collectives | None = None,
 ) -> tuple[MaskRule, dict[str, str]]:
     """Return the rule of ``granularity`` over the selected ``targets``, and what it leaves alone, and why.
 
@@ -86,10 +124,20 @@ def rule_for(
         min_density: the per-layer floor with global scope.
         example_inputs: for ``"channel"``: what the model's ``forward`` takes.
         measure: for ``"channel"``: the unit, ``"channels"`` or ``"macs"`` (:class:`~.channel_cost.ChannelCost`).
+        collectives: the processes sharing sharded (FSDP2) weights; only ``"element"`` supports them.
 
     Raises:
         ValueError: nothing the granularity can prune.
     """
+    unsupported = [why for t in targets if (why := check_row_sharded(t.param, t.name)) is not None]
+    if unsupported:
+        raise ValueError(f"cannot prune these sharded weights: {unsupported[0]}.")
+    sharded = [t.name for t in targets if is_sharded(t.param)]
+    if sharded and granularity != "element":
+        raise ValueError(
+            f"`granularity`={granularity!r} does not support sharded (FSDP2) weights yet ({sharded[:3]}...): its "
+            "units cross shards. Use granularity='element', or strategy='ddp'."
+        )
     if nm is not None:
         m = nm[1]
         kept = [t for t in targets if eligible(t.param, m, t.in_axis)]
@@ -103,7 +151,7 @@ def rule_for(
         }
         return NMRule(kept, importance, nm[0], nm[1], scope), left
     if granularity != "channel":
-        return ElementRule(targets, importance, scope, min_density), {}
+        return ElementRule(targets, importance, scope, min_density, collectives), {}
     groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
     groups, rejected = removable_groups(model, example_inputs, groups)
     left.update(rejected)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .layers import linear_like_types, weight_axes
+from .sharding import flat_offset, local
 
 __all__ = ["Target", "default_layer_types", "normalize_patterns", "select_targets"]
 
@@ -59,7 +60,18 @@ class Target:
 
     @property
     def numel(self) -> int:
+        """Elements of the whole weight (all shards together under FSDP2)."""
         return self.param.numel()
+
+    @property
+    def local(self) -> Tensor:
+        """The weight as this process holds it: its shard under FSDP2, else the weight itself."""
+        return local(self.param)
+
+    @property
+    def offset(self) -> int:
+        """Flat index, in the whole weight, of :attr:`local`'s first element (0 unless sharded)."""
+        return flat_offset(self.param)
 
     @property
     def in_axis(self) -> int:

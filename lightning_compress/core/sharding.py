@@ -4,13 +4,24 @@ Under ``fully_shard`` a parameter is a ``DTensor`` outside its module's forward 
 holds a slice of rows); inside the forward it is the whole tensor. Code that reads a weight outside
 the forward (a metric, a scale search, an export) calls :func:`full` (an all-gather: collective, so
 every process must call it) or :func:`local`. Without sharding both return the tensor itself.
+
+Pruning works on the shards themselves: a parameter sharded by rows (``Shard(0)`` on a one-dimensional
+mesh, what ``fully_shard`` does) has its elements, flattened, in rank order: process ``r``'s shard is one
+contiguous run of the whole flattened tensor, starting at :func:`flat_offset`. :func:`gather_flat`
+puts such runs back together and :func:`local_part` cuts a whole tensor down to this process's run.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 from torch import Tensor
 
-__all__ = ["full", "is_sharded", "local"]
+if TYPE_CHECKING:
+    from .collectives import Collectives
+
+__all__ = ["check_row_sharded", "flat_offset", "full", "gather_flat", "is_sharded", "local", "local_part"]
 
 
 def is_sharded(tensor: object) -> bool:
@@ -26,3 +37,67 @@ def full(tensor: Tensor) -> Tensor:
 def local(tensor: Tensor) -> Tensor:
     """This process's shard of a ``DTensor`` (sharing its storage), or the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def check_row_sharded(tensor: Tensor, name: str) -> str | None:
+    """Why ``tensor`` cannot be pruned shard by shard (``None``: it can, or it is not sharded).
+
+    Supported: ``Shard(0)`` on a one-dimensional device mesh (``fully_shard``), whose process order is
+    the global rank order.
+    """
+    if not is_sharded(tensor):
+        return None
+    placements = tuple(getattr(tensor, "placements", ()))
+    mesh = getattr(tensor, "device_mesh", None)
+    dims = getattr(placements[0], "dim", None) if len(placements) == 1 else None
+    if mesh is None or mesh.ndim != 1 or dims != 0 or not placements[0].is_shard():
+        return (
+            f"{name} is distributed as {placements} over a {getattr(mesh, 'ndim', '?')}-D mesh; pruning supports "
+            "parameters sharded by rows over one data-parallel mesh (FSDP2's `fully_shard`)"
+        )
+    if mesh.get_local_rank() != torch.distributed.get_rank():
+        return f"{name}'s mesh does not order processes by global rank"
+    return None
+
+
+def flat_offset(tensor: Tensor) -> int:
+    """Index of this process's first element in the flattened whole ``tensor`` (0 when not sharded).
+
+    ``fully_shard`` splits rows as ``torch.chunk`` does: ``ceil(rows / world)`` per process, the last ones
+    shorter or empty.
+    """
+    if not is_sharded(tensor):
+        return 0
+    rows = tensor.shape[0]
+    world = tensor.device_mesh.size()  # type: ignore[attr-defined]
+    per = -(-rows // world)
+    start = min(per * tensor.device_mesh.get_local_rank(), rows)  # type: ignore[attr-defined]
+    return start * (tensor.numel() // rows if rows else 0)
+
+
+def local_part(tensor: Tensor, whole: Tensor) -> Tensor:
+    """The part of ``whole`` (shaped like the whole ``tensor``) that this process's shard holds."""
+    if not is_sharded(tensor):
+        return whole
+    shard = local(tensor)
+    start = flat_offset(tensor)
+    return whole.reshape(-1)[start : start + shard.numel()].view(shard.shape)
+
+
+def gather_flat(part: Tensor, collectives: Collectives) -> Tensor:
+    """Every process's 1-D ``part`` concatenated in rank order, on every process (two sums).
+
+    Parts may differ in length. Bool parts are gathered as bytes and returned as bool.
+    """
+    world = collectives.world_size
+    if world == 1:
+        return part
+    counts = torch.zeros(world, dtype=torch.int64, device=part.device)
+    counts[collectives.rank] = part.numel()
+    counts = collectives.all_reduce(counts, "sum")
+    start = int(counts[: collectives.rank].sum())
+    dtype = torch.uint8 if part.dtype == torch.bool else part.dtype
+    buffer = torch.zeros(int(counts.sum()), dtype=dtype, device=part.device)
+    buffer[start : start + part.numel()] = part.to(dtype)
+    gathered = collectives.all_reduce(buffer, "sum")
+    return gathered.bool() if part.dtype == torch.bool else gathered

@@ -1,9 +1,11 @@
-"""Run by the FSDP2 tests: fit a sharded TinyModule with QAT on 2 CPU processes (gloo), and dump each rank's state.
+"""Run by the FSDP2 tests: fit a sharded TinyModule on 2 CPU processes (gloo), and dump each rank's state.
 
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
 ``fully_shard`` on every Linear in ``configure_model``). A job is a QAT recipe (``minmax``, ``power_of_two``,
-``8da4w``), optionally suffixed ``@resume``: fit 2 epochs saving a distributed checkpoint, then resume it to 4.
-The dump holds every tensor of the model whole (``full``), so DDP and FSDP2 runs compare directly.
+``8da4w``) or a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``,
+``prune-guard``, ``prune-rewind``), optionally suffixed ``@resume``: fit saving a distributed checkpoint every
+epoch, then resume the one of epoch 2 to 4 epochs. The dump holds every tensor of the model whole (``full``), the
+pruning callback's state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs compare directly.
 """
 
 import sys
@@ -14,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_compress import QuantizationAwareTraining
+from lightning_compress import IterativePruning, QuantizationAwareTraining
 from lightning_compress.core.sharding import full
 from tests.conftest import TinyModule
 
@@ -33,8 +35,29 @@ class ShardedTiny(TinyModule):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.net, mesh=mesh)
 
+    def on_validation_epoch_end(self) -> None:
+        """Log the weights' density, a monitor that each pruning event lowers by its size."""
+        weights = [full(layer.weight) for layer in self.net if isinstance(layer, torch.nn.Linear)]
+        zeros = sum(int((w == 0).sum()) for w in weights)
+        self.log("val_density", 1.0 - zeros / sum(w.numel() for w in weights))
 
-def qat(recipe: str) -> QuantizationAwareTraining:
+
+HIDDEN = 37  # odd: rows split 19/18 over two processes
+
+
+def qat(recipe: str) -> pl.Callback:
+    if recipe.startswith("prune-"):
+        kind = recipe.removeprefix("prune-")
+        options = {
+            "magnitude": {},
+            "taylor": {"importance": "taylor"},
+            "random": {"importance": "random", "seed": 3},
+            "layer": {"scope": "layer"},
+            # an event that prunes more than 35% of the weights at once is rolled back, its step halved
+            "guard": {"monitor": "val_density", "max_drop": 0.35},
+            "rewind": {"rewind_epoch": 0, "every_n_epochs": 1},
+        }[kind]
+        return IterativePruning(0.9, start_epoch=0, end_epoch=3, **options)
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
         return QuantizationAwareTraining(4, 8, group_size=8, activation_granularity="per_token", start_epoch=1)
     return QuantizationAwareTraining(4, 8, scale=recipe, start_epoch=1)
@@ -55,17 +78,25 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
     for job in jobs:
         recipe, _, resume = job.partition("@")
         pl.seed_everything(0, verbose=False)
-        model = ShardedTiny()
+        model = ShardedTiny(hidden=HIDDEN)
+        callback = qat(recipe)
         if resume:
-            trainer(strategy, 2, [qat(recipe)], dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)
+            epochs = 4 if isinstance(callback, IterativePruning) else 2  # a pruning schedule is set by max_epochs
+            trainer(strategy, epochs, [callback], dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)
             pl.seed_everything(0, verbose=False)
-            model = ShardedTiny()
-            fit = trainer(strategy, 4, [qat(recipe)])
+            model = ShardedTiny(hidden=HIDDEN)
+            callback = qat(recipe)
+            fit = trainer(strategy, 4, [callback])
             fit.fit(model, ckpt_path=f"{out_dir}/{recipe}-ckpt/epoch=1.ckpt")
         else:
-            fit = trainer(strategy, 4, [qat(recipe)])
+            fit = trainer(strategy, 4, [callback])
             fit.fit(model)
         state = {k: full(v).detach().clone() for k, v in model.state_dict().items()}
+        if isinstance(callback, IterativePruning):
+            pruning = callback.state_dict()  # every process: sharded masks are gathered whole
+            state.update({f"pruning.{k}": v for k, v in pruning["pruner"]["masks"].items()})
+            state["pruning.decisions"] = torch.tensor([d.action == "rollback" for d in callback.decisions])
+            state["val_acc"] = fit.callback_metrics["val_acc"].detach().clone()
         torch.save(state, f"{out_dir}/{strategy}-{job}_rank{fit.global_rank}.pt")
 
 
