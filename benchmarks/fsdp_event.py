@@ -1,7 +1,7 @@
 """One pruning event on a ~1B-parameter Llama sharded by FSDP2 over 2 CPU processes, against one process.
 
 A ``transformers`` Llama config (hidden 2048, 16 layers, MLP 8192, 32 heads / 8 KV heads, vocabulary 128,256
-tied: about 1.24B parameters, 0.97B in the Linear layers that are pruned) is built on the meta device,
+tied: about 1.24B parameters, 0.97B in the decoder's Linear layers, which are pruned) is built on the meta device,
 ``fully_shard``-ed per decoder layer (``sharded``) or not (``single``), materialized on CPU with random weights,
 and pruned by :class:`~lightning_compress.IterativePruner` (global magnitude) in two events: to 25% (the masks are
 created) then to 50% (masks exist). Each run is a fresh process group; for every event it reports the wall time
@@ -83,10 +83,10 @@ def worker(rank: int, world: int, layers: int, port: int, out: str) -> None:
     from lightning_compress import IterativePruner
 
     model = build(layers, sharded=world > 1)
-    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    weights = sum(m.weight.numel() for m in linears)
     shard_gb = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters()) / 1e9
-    pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, schedule="linear")
+    # the output head is the embedding's tied twin in this config (materializing on CPU unties it): left dense
+    pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, schedule="linear", exclude="lm_head")
+    weights = sum(t.numel for t in pruner.targets)
     events = []
     for step in (1, 2):
         dist.barrier()
@@ -102,7 +102,7 @@ def worker(rank: int, world: int, layers: int, port: int, out: str) -> None:
 
 
 def run(world: int, layers: int, port: int, directory: pathlib.Path) -> list[dict]:
-    paths = [str(directory / f"world{world}_rank{r}.json") for r in range(world)]
+    paths = [str(directory / f"fsdp_event_world{world}_rank{r}.json") for r in range(world)]
     context = mp.get_context("spawn")
     procs = [context.Process(target=worker, args=(r, world, layers, port, paths[r])) for r in range(world)]
     for p in procs:
@@ -123,6 +123,8 @@ def main() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     runs = {"single": run(1, args.layers, 29511, directory), "sharded": run(2, args.layers, 29512, directory)}
     pathlib.Path(args.out).write_text(json.dumps(runs, indent=1))
+    for path in directory.glob("fsdp_event_world*_rank*.json"):
+        path.unlink()
     single = runs["single"][0]
     print(f"pruned weights: {single['pruned_weights'] / 1e9:.3f} B")
     for step in (0, 1):

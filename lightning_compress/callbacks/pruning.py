@@ -199,7 +199,6 @@ class IterativePruning(Callback):
             name
             for name, is_set in (
                 (f"granularity={config.granularity!r}", config.granularity != "element"),
-                (f"regrow={config.regrow}", config.regrow > 0),
                 ("export_path", self.export_path is not None),
             )
             if is_set

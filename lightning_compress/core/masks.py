@@ -143,9 +143,15 @@ def _histogram(scores: _Scores, alive: Tensor | None, device: torch.device) -> T
         keys = _keys(chunk, scores.magnitude)
         buckets = (keys >> 16).add_(_OFFSET)
         if alive is not None:
-            buckets.mul_(alive[start : start + keys.numel()])
+            buckets.mul_(_alive(alive, start, start + keys.numel()))
         hist += torch.bincount(buckets, minlength=_NUM_BUCKETS)
     return hist.cpu()
+
+
+def _alive(mask: Tensor, start: int, end: int) -> Tensor:
+    """Bool chunk of a flat mask (bool, or 0/1 in any dtype)."""
+    chunk = mask[start:end]
+    return chunk if chunk.dtype == torch.bool else chunk != 0
 
 
 def _first_reaching(cum: Tensor, k: int) -> int:
@@ -221,6 +227,8 @@ def compute_masks(
     masks: Mapping[str, Tensor] | None = None,
     apply: bool = True,
     collectives: Collectives | None = None,
+    out: Mapping[str, Tensor] | None = None,
+    floor: int = 0,
 ) -> dict[str, Tensor]:
     """Masks (``True`` = kept) with ``sparsity`` of the selected weights pruned.
 
@@ -232,15 +240,19 @@ def compute_masks(
             sparsity: pruned weights stay pruned.
         scope: ``"global"`` (one threshold) or ``"layer"`` (same sparsity in every layer).
         min_density: with ``"global"``, no layer keeps fewer than ``ceil(min_density * n)``.
-        masks: current masks keyed by parameter name (shaped like this process's shard of a sharded
-            weight); missing layers count as dense.
+        floor: with ``"global"``, no layer keeps fewer than this many weights either.
+        masks: current masks keyed by parameter name (bool, or 0/1 in any dtype; shaped like this
+            process's shard of a sharded weight); missing layers count as dense.
         apply: zero the pruned weights in place.
         collectives: the processes that hold the shards of sharded (FSDP2) weights; they must all call
             this together. Weights that are not sharded are ranked whole on every process.
+        out: tensors to write the new masks into (0/1 in their dtype), keyed like ``masks``; they may be
+            the ``masks`` themselves, so an event needs no memory beyond a few chunks. Layers missing from it
+            get new bool masks.
 
     Returns:
-        Bool masks on each weight's device (of this process's shard for a sharded weight), keyed by
-        qualified parameter name.
+        Masks on each weight's device (of this process's shard for a sharded weight), keyed by
+        qualified parameter name: the ``out`` tensors, bool ones for the others.
 
     Raises:
         MaskPlanError: scores of a layer are not finite or have the wrong shape. Raised before
@@ -261,7 +273,7 @@ def compute_masks(
         hists = []
         for target, scorer in zip(targets, scorers, strict=True):
             alive = masks.get(target.param_name)
-            alive_flat = None if alive is None else alive.to(target.param.device, torch.bool).reshape(-1)
+            alive_flat = None if alive is None else alive.to(target.param.device).reshape(-1)
             alive_masks.append(alive_flat)
             hists.append(_histogram(scorer, alive_flat, target.param.device))
         if group is not None:  # one sum: every process gets the counts of the whole weights
@@ -279,7 +291,7 @@ def compute_masks(
             hi = int(nonzero[-1]) if nonzero.numel() else -1
             cropped = alive_hist[lo : hi + 1].clone()
             n = target.numel
-            cap = max(n - floor_count(min_density, n), pruned) if scope == "global" else n
+            cap = max(n - max(floor_count(min_density, n), floor), pruned) if scope == "global" else n
             layers.append(_Layer(target, n, pruned, cap, lo + 1, cropped, cropped.cumsum(0)))
 
         if scope == "layer":
@@ -292,7 +304,7 @@ def compute_masks(
             k = max(round(sparsity * total), sum(layer.pruned for layer in layers))
             k = min(k, sum(layer.cap for layer in layers))
             decisions = _global_decisions(layers, k)
-        return _write_masks(layers, scorers, alive_masks, decisions, apply, group)
+        return _write_masks(layers, scorers, alive_masks, decisions, apply, group, out or {})
 
 
 def _write_masks(
@@ -302,6 +314,7 @@ def _write_masks(
     decisions: dict[int, _Decision],
     apply: bool,
     group: Collectives | None,
+    destinations: Mapping[str, Tensor],
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     shared: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions in the whole weight, keys) of the shared bucket
@@ -313,19 +326,25 @@ def _write_masks(
         threshold = _threshold(decision.bound)
         upper = _threshold(decision.bound + 1)
         gather = decision.take > 0 and layer.in_bucket(decision.bound) > 0
-        mask = torch.empty(param.numel(), dtype=torch.bool, device=param.device)
+        destination = destinations.get(layer.target.param_name)
+        # a new bool mask written chunk by chunk, or the destination, through a chunk-sized bool buffer
+        if destination is None:
+            mask, buffer = torch.empty(param.numel(), dtype=torch.bool, device=param.device), None
+        else:
+            mask = destination.view(-1)
+            buffer = torch.empty(min(_CHUNK, mask.numel()), dtype=torch.bool, device=param.device)
         positions: list[Tensor] = []
         keys_in: list[Tensor] = []
         for start, chunk in scorer.chunks():
             keys = _keys(chunk, scorer.magnitude)
             end = start + keys.numel()
-            part = mask[start:end]
+            part = mask[start:end] if buffer is None else buffer[: keys.numel()]
             if threshold is None:
                 part.fill_(False)
             else:
                 torch.ge(keys, threshold, out=part)
-            if alive is not None:
-                part.logical_and_(alive[start:end])
+            if alive is not None:  # read before the destination (which may be the same mask) is written
+                part.logical_and_(_alive(alive, start, end))
             if gather:  # kept so far but below the next bucket: the bucket ``bound`` itself
                 in_bucket = part if upper is None else torch.lt(keys, upper).logical_and_(part)
                 sel = in_bucket.nonzero().squeeze(1)
@@ -334,6 +353,8 @@ def _write_masks(
             if flat_param is not None:
                 # with magnitude scores every |w| was checked finite above
                 zero_pruned_(flat_param[start:end], part, finite=scorer.magnitude and alive is None)
+            if buffer is not None:
+                mask[start:end].copy_(part)
         if gather:
             pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64, device=param.device)
             keys_cat = torch.cat(keys_in) if keys_in else torch.zeros(0, dtype=torch.int32, device=param.device)

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance
-from .masks import floor_count, zero_pruned_
-from .rules import MaskRule
+from .masks import compute_masks, zero_pruned_
+from .rules import MaskRule, pruned_counts
 from .selection import Target
 from .sharding import gather_flat, is_sharded, local, local_part
 
@@ -62,11 +62,6 @@ class Pruner:
         self._by_name = {t.param_name: t for t in self.targets}
         self.collectives = collectives
         self.sharded = any(is_sharded(t.param) for t in self.targets)
-        if self.sharded and regrow > 0:
-            raise ValueError(
-                f"`regrow`={regrow} ranks gradients of all weights together, which is not supported for sharded "
-                "(FSDP2) weights yet. Set `regrow=0`, or use strategy='ddp'."
-            )
 
     @property
     def importance(self) -> Importance:
@@ -132,9 +127,12 @@ class Pruner:
         pruned, total = self.units()
         if round(sparsity * total) <= pruned and self.scope == "global":
             return False
+        fraction = self.regrow if regrow is None else regrow
+        in_place = getattr(self.rule, "compute_into", None)
+        if in_place is not None and not keep_undo and sync is None and not (fraction > 0 and self._grads):
+            return self._prune_in_place(in_place, sparsity, pruned)
         current = self.bool_masks()
         new = self.rule.compute(sparsity, current)
-        fraction = self.regrow if regrow is None else regrow
         if fraction > 0 and self._grads:
             self._regrow(new, current, fraction)
         self._grads.clear()
@@ -160,11 +158,29 @@ class Pruner:
                 existing.copy_(mask)  # reuse the buffer: no new allocation at later events
             else:
                 self._masks[name] = mask.to(self._by_name[name].local.dtype)
+        self._after_event()
+        return True
+
+    def _prune_in_place(self, compute_into: Callable[[float, dict[str, Tensor]], None], sparsity: float,
+                        pruned: int) -> bool:  # fmt: skip
+        """An event that keeps no undo record and needs no agreement step: the rule writes the run-time masks
+        directly (masks only lose weights here, so the pruned count tells whether anything changed)."""
+        for target in self.targets:
+            if target.param_name not in self._masks:
+                self._masks[target.param_name] = torch.ones_like(target.local.detach())
+        compute_into(sparsity, self._masks)
+        self._grads.clear()
+        self._pruned = self._units = None
+        if self.units()[0] == pruned:
+            return False
+        self._after_event()
+        return True
+
+    def _after_event(self) -> None:
         self._pruned = self._units = None
         self.apply()
         self.rewind()
         self.importance.reset()
-        return True
 
     def _regrow(self, new: dict[str, Tensor], current: dict[str, Tensor], fraction: float) -> None:
         """Swap ``regrow`` of the kept weights for pruned ones with the largest gradient sums.
@@ -179,40 +195,30 @@ class Pruner:
                 self._regrow_group(group, new, fraction)
 
     def _regrow_group(self, targets: list[Target], new: dict[str, Tensor], fraction: float) -> None:
-        flats = [new[t.param_name].view(-1) for t in targets]
-        mask = torch.cat([f.to(self._grads[t.param_name].device) for t, f in zip(targets, flats, strict=True)])
-        kept = int(mask.sum())
-        count = min(int(fraction * kept), mask.numel() - kept)
+        """Two exact selections (:func:`~.masks.compute_masks`, so sharded weights work as whole ones): the
+        lowest-scored kept weights go, within the floors (at least one weight per layer), then as many pruned
+        ones with the largest gradient sums come back."""
+        masks = {t.param_name: new[t.param_name] for t in targets}
+        total = sum(t.numel for t in targets)
+        pruned = sum(pruned_counts(targets, masks, self.collectives).values())
+        count = min(int(fraction * (total - pruned)), pruned)
         if count <= 0:
             return
-        score = torch.cat([self.importance.score(t.key, t.param).detach().reshape(-1).float() for t in targets])
-        score = torch.where(mask, score.to(mask.device), torch.full_like(score, float("inf"), device=mask.device))
-        drop = torch.topk(score, count, largest=False).indices
-        owner = torch.repeat_interleave(
-            torch.arange(len(targets), device=mask.device),
-            torch.tensor([f.numel() for f in flats], device=mask.device),
-        )
-        keep_back = []  # drops that would take a layer below its min_density floor
-        for i, (target, flat) in enumerate(zip(targets, flats, strict=True)):
-            mine = drop[owner[drop] == i]
-            room = int(flat.sum()) - max(1, floor_count(self.min_density, target.numel))
-            if mine.numel() > max(room, 0):
-                order = torch.argsort(score[mine], descending=True, stable=True)
-                keep_back.append(mine[order[: mine.numel() - max(room, 0)]])
-        if keep_back:
-            cancelled = torch.zeros_like(mask)
-            cancelled[torch.cat(keep_back)] = True
-            drop = drop[~cancelled[drop]]
-        if drop.numel() == 0:
+        dropped = compute_masks(
+            targets, self.importance, (pruned + count) / total, "global", self.min_density, masks, apply=False,
+            collectives=self.collectives, floor=1,
+        )  # fmt: skip
+        removed = sum(pruned_counts(targets, dropped, self.collectives).values()) - pruned
+        if removed <= 0:
             return
-        grads = torch.cat([self._grads[t.param_name].reshape(-1) for t in targets])
-        grow = torch.topk(torch.where(mask, torch.full_like(grads, -1.0), grads), drop.numel()).indices
-        mask[drop] = False
-        mask[grow] = True
-        offset = 0
-        for flat in flats:
-            flat.copy_(mask[offset : offset + flat.numel()].to(flat.device))
-            offset += flat.numel()
+        gradients = _Statistic({t.key: self._grads[t.param_name] for t in targets})
+        was_pruned = {name: ~mask for name, mask in masks.items()}  # candidates: the weights pruned before
+        grown = compute_masks(
+            targets, gradients, (total - removed) / total, "global", 0.0, was_pruned, apply=False,
+            collectives=self.collectives,
+        )  # fmt: skip
+        for name in masks:
+            new[name] = dropped[name] | grown[name]
 
     def undo(self) -> bool:
         """Restore the masks before the last :meth:`prune_to` and revive the weights it zeroed."""
@@ -429,3 +435,13 @@ class Pruner:
             self.importance.load_state_dict(self._map_weight_tensors(state["importance"], self._part))
             if self.targets:
                 self.importance.to(self.targets[0].local.device)
+
+
+class _Statistic(Importance):
+    """Scores read from per-weight statistics (regrowth's gradient sums), keyed like importances."""
+
+    def __init__(self, values: dict[str, Tensor]) -> None:
+        self.values = values
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        return self.values[name]

@@ -74,6 +74,14 @@ class ElementRule:
             collectives=self.collectives,
         )  # fmt: skip
 
+    def compute_into(self, sparsity: float, masks: dict[str, Tensor]) -> None:
+        """Prune to ``sparsity`` writing into the run-time ``masks`` themselves (0/1 in any dtype, every target
+        present): no memory beyond a few chunks, for the events that keep no copy of the previous masks."""
+        compute_masks(
+            self.targets, self.importance, sparsity, self.scope, self.min_density, masks, apply=False,
+            collectives=self.collectives, out=masks,
+        )  # fmt: skip
+
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
         return sum(pruned_counts(self.targets, masks, self.collectives).values()), sum(t.numel for t in self.targets)
 

@@ -139,7 +139,6 @@ def test_twenty_fits_with_the_same_callbacks_do_not_grow_memory():
         (IterativePruning(0.5), "fsdp1", "does not support FSDPStrategy: it flattens or wraps the parameters"),
         (QuantizationAwareTraining(), "fsdp1", r"Use strategy='ddp', a single device or FSDP2 \(ModelParallelStrategy"),
         (IterativePruning(0.5, granularity="channel"), "fsdp2", r"not with \[\"granularity='channel'\"\]"),
-        (IterativePruning(0.5, regrow=0.2), "fsdp2", r"not with \['regrow=0.2'\]"),
         (IterativePruning(0.5, export_path="m.lcz"), "fsdp2", r"not with \['export_path'\]"),
         (QuantizationAwareTraining(scale="learned"), "fsdp2", r"not with \[\"scale='learned'\"\]"),
         (QuantizationAwareTraining(export_path="m.lcz"), "fsdp2", r"not with \['export_path'\]"),

@@ -44,14 +44,16 @@ def test_qat_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exactly
     assert (tmp_path / "minmax-ckpt" / "epoch=1.ckpt").is_dir()  # a distributed checkpoint was resumed
 
 
-PRUNING = ["prune-magnitude", "prune-taylor", "prune-random", "prune-layer", "prune-guard", "prune-rewind"]
-RESUMED = ["prune-magnitude@resume", "prune-taylor@resume", "prune-guard@resume"]
+PRUNING = [
+    "prune-magnitude", "prune-taylor", "prune-random", "prune-layer", "prune-guard", "prune-rewind", "prune-regrow",
+]  # fmt: skip
+RESUMED = ["prune-magnitude@resume", "prune-taylor@resume", "prune-guard@resume", "prune-regrow@resume"]
 
 
 @pytest.mark.slow
 def test_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exactly(tmp_path):
-    """Every importance, both scopes, the guard (with rollbacks) and rewinding: the masks FSDP2 computes from its
-    shards (hidden size 37: shards of 19 and 18 rows) are DDP's, bit for bit, and so is the trained model."""
+    """Every importance, both scopes, the guard (with rollbacks), rewinding and regrowth: the masks FSDP2 computes
+    from its shards (hidden size 37: shards of 19 and 18 rows) are DDP's, bit for bit, and so is the trained model."""
     _run(tmp_path, "fsdp2", [*PRUNING, *RESUMED])
     _run(tmp_path, "ddp", PRUNING)
 
