@@ -92,7 +92,7 @@ def worker(rank: int, world: int, layers: int, port: int, out: str) -> None:
         dist.barrier()
         with PeakSampler() as memory:
             start = time.perf_counter()
-            changed = pruner.step()
+            changed = pruner.advance_to(step)  # the event itself (what the callback calls between steps)
             seconds = time.perf_counter() - start
         events.append({"step": step, "changed": changed, "seconds": seconds, "sparsity": pruner.masked_sparsity(),
                        "rss_before_gb": memory.before, "peak_above_gb": memory.peak - memory.before})  # fmt: skip

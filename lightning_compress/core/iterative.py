@@ -35,7 +35,7 @@ from .controller import AccuracyGuard, GuardDecision
 from .importance import Importance
 from .masks import floor_count
 from .pruner import Pruner
-from .rules import MaskRule, pruned_counts, rule_for
+from .rules import MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
 
@@ -432,7 +432,7 @@ class IterativePruner:
         config = self.config
         if config.scope != "global" or not config.min_density or config.granularity != "element":
             return
-        pruned = pruned_counts(self.targets, self._pruner.masks, self.collectives)
+        pruned = self._pruner.pruned_counts()
         held = [
             target.name
             for target in self.targets

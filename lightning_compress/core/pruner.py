@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance
-from .masks import compute_masks, zero_pruned_
+from .masks import compute_masks, mask_bits, zero_pruned_
 from .rules import MaskRule, pruned_counts
 from .selection import Target
 from .sharding import gather_flat, is_sharded, local, local_part
@@ -55,7 +55,7 @@ class Pruner:
         self.regrow = regrow
         self._grads: dict[str, Tensor] = {}  # |dL/dw| summed since the last event, when regrowing
         self._masks: dict[str, Tensor] = {}
-        self._pruned: int | None = None  # cached count of masked weights
+        self._counts: dict[str, int] | None = None  # cached pruned weights per masked parameter
         self._units: tuple[int, int] | None = None  # cached (pruned, total) in the rule's units
         self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
         self._rewind: dict[str, Tensor] | None = None
@@ -88,12 +88,13 @@ class Pruner:
     @masks.setter
     def masks(self, value: dict[str, Tensor]) -> None:
         self._masks = value
-        self._pruned = self._units = None
+        self._counts = self._units = None
 
-    def pruned_count(self) -> int:
-        if self._pruned is None:
-            self._pruned = sum(int(m.numel() - m.count_nonzero()) for m in self._masks.values())
-        return self._pruned
+    def pruned_counts(self) -> dict[str, int]:
+        """Pruned weights per masked parameter, whole (the shards of a sharded weight summed)."""
+        if self._counts is None:
+            self._counts = pruned_counts(self.targets, self._masks, self.collectives)
+        return self._counts
 
     def units(self) -> tuple[int, int]:
         """(pruned, total) in the rule's unit: weights, or channels with a channel rule."""
@@ -107,7 +108,7 @@ class Pruner:
         return pruned / total if total else 0.0
 
     def bool_masks(self) -> dict[str, Tensor]:
-        return {name: m != 0 for name, m in self.masks.items()}
+        return {name: mask_bits(m).bool() for name, m in self.masks.items()}
 
     # ------------------------------------------------------------------ pruning
     def prune_to(
@@ -164,20 +165,24 @@ class Pruner:
     def _prune_in_place(self, compute_into: Callable[[float, dict[str, Tensor]], None], sparsity: float,
                         pruned: int) -> bool:  # fmt: skip
         """An event that keeps no undo record and needs no agreement step: the rule writes the run-time masks
-        directly (masks only lose weights here, so the pruned count tells whether anything changed)."""
+        directly and zeroes the weights it prunes, in one pass. Its unit is one weight, and masks only lose
+        weights here, so the pruned count tells whether anything changed."""
         for target in self.targets:
             if target.param_name not in self._masks:
                 self._masks[target.param_name] = torch.ones_like(target.local.detach())
         compute_into(sparsity, self._masks)
         self._grads.clear()
-        self._pruned = self._units = None
-        if self.units()[0] == pruned:
+        self._counts = None
+        now = sum(self.pruned_counts().values())
+        self._units = (now, self.total)
+        if now == pruned:
             return False
-        self._after_event()
+        self.rewind()
+        self.importance.reset()
         return True
 
     def _after_event(self) -> None:
-        self._pruned = self._units = None
+        self._counts = self._units = None
         self.apply()
         self.rewind()
         self.importance.reset()
@@ -227,11 +232,11 @@ class Pruner:
         with torch.no_grad():
             for name, (previous, values) in self._rollback.items():
                 weight = self._by_name[name].local
-                current = self.masks[name] != 0
+                current = mask_bits(self.masks[name]).bool()
                 revived = previous & ~current
                 weight.detach()[revived] = values.to(weight.dtype)
                 self._masks[name] = previous.to(weight.dtype)
-        self._pruned = self._units = None
+        self._counts = self._units = None
         self._rollback = None
         self.apply()  # weights regrown by the undone event go back to zero
         return True
@@ -373,7 +378,7 @@ class Pruner:
     def state_dict(self) -> dict[str, Any]:
         """Masks (bool), undo, rewind and statistics, whole and on CPU. When weights are sharded every process
         must call it (the shards are gathered)."""
-        state: dict[str, Any] = {"masks": {n: self._whole(n, m != 0) for n, m in self.masks.items()}}
+        state: dict[str, Any] = {"masks": {n: self._whole(n, mask_bits(m).bool()) for n, m in self.masks.items()}}
         if self._rollback is not None:
             state["rollback"] = {n: self._rollback_whole(n, p, v) for n, (p, v) in self._rollback.items()}
         if self._rewind is not None:

@@ -19,7 +19,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .compact import removable_groups
 from .importance import Importance
-from .masks import compute_masks
+from .masks import compute_masks, kept_count
 from .nm import NMRule, eligible
 from .selection import Target
 from .sharding import check_row_sharded, is_sharded
@@ -76,9 +76,10 @@ class ElementRule:
 
     def compute_into(self, sparsity: float, masks: dict[str, Tensor]) -> None:
         """Prune to ``sparsity`` writing into the run-time ``masks`` themselves (0/1 in any dtype, every target
-        present): no memory beyond a few chunks, for the events that keep no copy of the previous masks."""
+        present) and zeroing the newly pruned weights: no memory beyond a few chunks, for the events that keep
+        no copy of the previous masks."""
         compute_masks(
-            self.targets, self.importance, sparsity, self.scope, self.min_density, masks, apply=False,
+            self.targets, self.importance, sparsity, self.scope, self.min_density, masks, apply=True,
             collectives=self.collectives, out=masks,
         )  # fmt: skip
 
@@ -91,8 +92,8 @@ def pruned_counts(
 ) -> dict[str, int]:
     """Pruned weights per masked parameter name, the shards of a sharded weight summed (one collective)."""
     chosen = [t for t in targets if t.param_name in masks]
-    return _summed(chosen, [int(masks[t.param_name].numel() - masks[t.param_name].count_nonzero()) for t in chosen],
-                   collectives)  # fmt: skip
+    local = [masks[t.param_name].numel() - kept_count(masks[t.param_name]) for t in chosen]
+    return _summed(chosen, local, collectives)
 
 
 def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:
