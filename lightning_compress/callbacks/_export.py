@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..core.compact import compact
+from ..core.sharding import is_sharded
 from ..export.compressed import save_compressed
 from ..export.onnx import export_onnx
 from ..export.report import CompressionReport
@@ -48,7 +49,13 @@ def export_at_fit_end(
     """Write the model (unchanged) to ``path`` on global rank zero; ``.onnx`` gives ONNX, anything else our format.
 
     ``compacted``: export a compacted copy (pruned channels removed); the model in training keeps its shapes.
+    A model sharded by FSDP2 is gathered by every process and written by rank zero (our format only: the
+    callbacks refuse ``.onnx`` then, at setup).
     """
+    if any(is_sharded(p) for p in pl_module.parameters()):
+        report = save_compressed(pl_module, path)  # every process gathers; rank zero writes
+        rank_zero_info(f"Exported the compressed model:\n{report}")
+        return report
     if trainer.global_rank != 0:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from ..core.checks import check_choice, check_float, check_int
 
-__all__ = ["StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy"]
+__all__ = [
+    "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "sharded_export_conflict",
+]  # fmt: skip
 
 
 def check_strategy(trainer: Any, callback: str, sharded_conflicts: Sequence[str] | None = None) -> None:
     """Refuse strategies the callback cannot run under.
 
     ``sharded_conflicts``: ``None`` if the callback cannot run with sharded parameters at all; else
-    the arguments set that cannot (empty: FSDP2 through ``ModelParallelStrategy`` is supported).
+    the arguments set that cannot, each with why (empty: FSDP2 through ``ModelParallelStrategy`` is supported).
     """
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -40,9 +43,19 @@ def check_strategy(trainer: Any, callback: str, sharded_conflicts: Sequence[str]
             )
         if sharded_conflicts:
             raise ValueError(
-                f"{callback} runs under {type(strategy).__name__} (FSDP2), but not with {list(sharded_conflicts)}: "
-                "they read whole weights outside the forward. Leave them at their defaults, or use strategy='ddp'."
+                f"{callback} runs under {type(strategy).__name__} (FSDP2), but not with "
+                + "; ".join(sharded_conflicts)
+                + ". Leave them at their defaults, or use strategy='ddp'."
             )
+
+
+def sharded_export_conflict(export_path: Path | None) -> tuple[str, bool]:
+    """``export_path`` as a conflict for :func:`check_strategy`: an ONNX file cannot be exported from shards."""
+    return (
+        "export_path to an .onnx file (ONNX export traces the model whole: write a compressed file, e.g. "
+        "export_path='model.lcz', then load_compressed it into the unsharded model and export_onnx)",
+        export_path is not None and export_path.suffix == ".onnx",
+    )
 
 
 class StrategyCollectives:
@@ -60,6 +73,7 @@ class StrategyCollectives:
         return int(self.strategy.world_size)
 
     def all_reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """Reduced on the strategy's device (NCCL reduces CUDA tensors only), returned on ``tensor``'s."""
         if self.world_size == 1:
             return tensor
-        return self.strategy.reduce(tensor, reduce_op=op)
+        return self.strategy.reduce(tensor.to(self.strategy.root_device), reduce_op=op).to(tensor.device)

@@ -20,7 +20,7 @@ from ..core.iterative import IterativePruner
 from ..core.rules import zero_counts
 from ..export.report import CompressionReport
 from ._export import check_export_path, check_export_ready, example_inputs, export_at_fit_end
-from ._validation import StrategyCollectives, check_float, check_strategy
+from ._validation import StrategyCollectives, check_float, check_strategy, sharded_export_conflict
 from ._validation_plan import EpochWindow, plan_timeline
 
 __all__ = ["IterativePruning"]
@@ -198,8 +198,11 @@ class IterativePruning(Callback):
         conflicts = [
             name
             for name, is_set in (
-                (f"granularity={config.granularity!r}", config.granularity != "element"),
-                ("export_path", self.export_path is not None),
+                (
+                    f"granularity={config.granularity!r} (its units cross the shards' rows; use 'element')",
+                    config.granularity != "element",
+                ),
+                sharded_export_conflict(self.export_path),
             )
             if is_set
         ]

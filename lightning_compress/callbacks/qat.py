@@ -27,7 +27,7 @@ from ..core.sharding import full
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, export_at_fit_end
-from ._validation import StrategyCollectives, check_int, check_strategy
+from ._validation import StrategyCollectives, check_int, check_strategy, sharded_export_conflict
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -153,9 +153,12 @@ class QuantizationAwareTraining(Callback):
         conflicts = [
             name
             for name, is_set in (
-                ("scale='learned'", self.config.scale == "learned"),  # fully_shard refuses scalar Parameters
-                ("shift_search=True", self.shift_search),
-                ("export_path", self.export_path is not None),
+                (
+                    "scale='learned' (fully_shard cannot shard its scalar scale parameters)",
+                    self.config.scale == "learned",
+                ),
+                ("shift_search=True (it evaluates shifts on whole weights)", self.shift_search),
+                sharded_export_conflict(self.export_path),
             )
             if is_set
         ]

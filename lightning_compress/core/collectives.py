@@ -57,8 +57,12 @@ class TorchDistributed:
         reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}.get(
             op, dist.ReduceOp.MAX
         )
+        device = tensor.device
+        if dist.get_backend() == "nccl" and device.type != "cuda":  # NCCL reduces CUDA tensors only
+            tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(tensor, op=reduce_op)
-        return tensor.div_(dist.get_world_size()) if op == "mean" else tensor
+        tensor = tensor.div_(dist.get_world_size()) if op == "mean" else tensor
+        return tensor.to(device)
 
 
 def broadcast_masks(masks: dict[str, Tensor], collectives: Collectives) -> dict[str, Tensor]:

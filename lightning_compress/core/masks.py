@@ -333,8 +333,8 @@ def _write_masks(
     destinations: Mapping[str, Tensor],
 ) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    shared: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions in the whole weight, keys) of the shared bucket
-    shared_take = 0
+    buckets: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions in the whole weight, keys) of bucket ``bound``
+    pending: list[tuple[int, Tensor, Tensor]] = []  # the same for this process's shards of sharded weights
     for i, (layer, scorer, alive) in enumerate(zip(layers, scorers, alive_masks, strict=True)):
         decision = decisions[i]
         param = layer.target.local
@@ -374,22 +374,54 @@ def _write_masks(
         if gather:
             pos = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64, device=param.device)
             keys_cat = torch.cat(keys_in) if keys_in else torch.zeros(0, dtype=torch.int32, device=param.device)
-            if group is not None and is_sharded(layer.target.param):  # the whole bucket, in position order
-                pos = gather_flat(pos + layer.target.offset, group)
-                keys_cat = gather_flat(keys_cat, group)
-            if decision.shared:
-                shared.append((i, pos, keys_cat))
-                shared_take = decision.take
+            if group is not None and is_sharded(layer.target.param):  # completed below, from every shard
+                pending.append((i, pos + layer.target.offset, keys_cat))
             else:
-                order = torch.sort(keys_cat, stable=True).indices[: decision.take]
-                _prune_positions(layer, mask, pos[order], apply)
+                buckets.append((i, pos, keys_cat))
         out[layer.target.param_name] = mask
         if apply and flat_param is None:
             with torch.no_grad():
                 zero_pruned_(param, mask.view(param.shape))
+    if pending:
+        assert group is not None
+        buckets = sorted(buckets + _gather_buckets(pending, group), key=lambda bucket: bucket[0])
+    shared: list[tuple[int, Tensor, Tensor]] = []  # (layer, positions in the whole weight, keys) of the shared bucket
+    for i, pos, keys_cat in buckets:
+        decision = decisions[i]
+        if decision.shared:
+            shared.append((i, pos, keys_cat))
+        else:
+            order = torch.sort(keys_cat, stable=True).indices[: decision.take]
+            _prune_positions(layers[i], out[layers[i].target.param_name], pos[order], apply)
     if shared:
-        _resolve_shared(layers, decisions, shared, shared_take, out, apply)
+        take = next(decisions[i].take for i, _, _ in shared)
+        _resolve_shared(layers, decisions, shared, take, out, apply)
     return {layer.target.param_name: out[layer.target.param_name].view(layer.target.local.shape) for layer in layers}
+
+
+def _gather_buckets(pending: list[tuple[int, Tensor, Tensor]], group: Collectives) -> list[tuple[int, Tensor, Tensor]]:
+    """The threshold buckets of sharded layers, whole: every shard's positions and keys, in rank (= position)
+    order. Three collectives for all layers together."""
+    world, rank = group.world_size, group.rank
+    counts = torch.zeros(world, len(pending), dtype=torch.int64)
+    counts[rank] = torch.tensor([pos.numel() for _, pos, _ in pending], dtype=torch.int64)
+    counts = group.all_reduce(counts, "sum")
+    mine = torch.cat([pos.cpu() for _, pos, _ in pending] + [keys.cpu().long() for _, _, keys in pending])
+    everything = gather_flat(mine, group)
+    per_layer: list[list[Tensor]] = [[] for _ in pending]
+    per_keys: list[list[Tensor]] = [[] for _ in pending]
+    offset = 0
+    for r in range(world):
+        sizes = counts[r].tolist()
+        parts = torch.split(everything[offset : offset + 2 * sum(sizes)], sizes + sizes)
+        offset += 2 * sum(sizes)
+        for j in range(len(pending)):
+            per_layer[j].append(parts[j])
+            per_keys[j].append(parts[len(pending) + j])
+    return [
+        (i, torch.cat(per_layer[j]).to(pos.device), torch.cat(per_keys[j]).to(keys.dtype).to(keys.device))
+        for j, (i, pos, keys) in enumerate(pending)
+    ]
 
 
 def _resolve_shared(
@@ -405,16 +437,21 @@ def _resolve_shared(
     owner = torch.cat([torch.full((k.numel(),), j, dtype=torch.int64) for j, (_, _, k) in enumerate(shared)])
     order = torch.sort(keys, stable=True).indices  # ties: layer order, then position
     owner_sorted = owner[order]
-    accepted = torch.zeros(order.numel(), dtype=torch.bool)
-    for j, (i, _, _) in enumerate(shared):
-        mine = owner_sorted == j
-        accepted[mine] = torch.arange(int(mine.sum())) < decisions[i].allow
+    # each key's rank among its own layer's keys (in key order): group by layer, keeping key order inside
+    grouped = torch.sort(owner_sorted, stable=True).indices
+    counts = torch.bincount(owner_sorted, minlength=len(shared))
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(owner_sorted)
+    rank[grouped] = torch.arange(grouped.numel()) - starts[owner_sorted[grouped]]
+    allow = torch.tensor([decisions[i].allow for i, _, _ in shared], dtype=torch.int64)
+    accepted = rank < allow[owner_sorted]
     chosen = order[accepted][:take]
+    chosen = chosen[torch.sort(owner[chosen], stable=True).indices]  # layer by layer
+    per_layer = torch.bincount(owner[chosen], minlength=len(shared)).tolist()
     offset = 0
-    for j, (i, pos, k) in enumerate(shared):
-        picked = chosen[owner[chosen] == j] - offset
+    for (i, pos, k), picked in zip(shared, torch.split(chosen, per_layer), strict=True):
+        _prune_positions(layers[i], out[layers[i].target.param_name], pos[(picked - offset).to(pos.device)], apply)
         offset += k.numel()
-        _prune_positions(layers[i], out[layers[i].target.param_name], pos[picked.to(pos.device)], apply)
 
 
 def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool) -> None:

@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..core.collectives import TorchDistributed
 from ..core.compact import COMPACTED_FLAG
 from ..core.heads import head_record
 from ..core.packing import (
@@ -35,10 +36,11 @@ from ..core.packing import (
 )
 from ..core.qat import FakeQuantizer, QuantConfig, convert_to_qat, qat_modules, quantizers
 from ..core.quant import quantize, scale_per_element
+from ..core.sharding import full, is_sharded
 from ..core.shrink import set_head_record, shrink_like
 from .container import FORMAT_VERSION, CompressedFileError, read_container, write_container
 from .records import SECTIONS, ArchitectureMismatch, TensorRecord, max_manifest_bytes, max_raw_bytes, plan
-from .report import CompressionReport, LayerReport
+from .report import CompressionReport, LayerReport, state_dict_bytes
 
 __all__ = ["FORMAT_VERSION", "CompressedFileError", "load_compressed", "save_compressed"]
 
@@ -111,6 +113,10 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
 
     Fake-quantized weights are stored as integer codes, sparse tensors as positions and values;
     the model itself is not changed. Load with :func:`load_compressed`.
+
+    A model sharded by FSDP2 (``fully_shard``) is saved whole: call this on every process (its weights are
+    gathered, so each process holds the whole model for a moment); process 0 writes the file, and every
+    process gets the same report.
     """
     path = Path(path)
     quantized = _quantized_weights(model)
@@ -118,6 +124,8 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []
     state = model.state_dict()
+    sharded = any(is_sharded(t) for t in state.values())
+    state = {name: full(tensor) for name, tensor in state.items()}  # under FSDP2: gathered on every process
     for qname, q in quantizers(model):  # learned scales are stored as the step size in use
         state[f"{qname}.scale"] = q.effective_scale().detach()
     stored: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}  # tied tensors: stored once
@@ -187,8 +195,19 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         "sections": sections.sizes(),
         "tensors": [r.to_json() for r in records],
     }
-    write_container(path, manifest, sections.joined())
-    return CompressionReport.of_file(path, "lightning-compress", layers, model)
+    if not sharded:
+        write_container(path, manifest, sections.joined())
+        return CompressionReport.of_file(path, "lightning-compress", layers, model)
+    group = TorchDistributed()
+    size = torch.zeros(1, dtype=torch.int64)
+    if group.rank == 0:
+        write_container(path, manifest, sections.joined())
+        size[0] = path.stat().st_size
+    size = group.all_reduce(size, "sum")  # the other processes learn the file's size
+    return CompressionReport(
+        path=str(path), format="lightning-compress", layers=layers, file_bytes=int(size.item()),
+        baseline_bytes=state_dict_bytes(model),
+    )  # fmt: skip
 
 
 def _worth_sparse(tensor: Tensor) -> bool:

@@ -3,10 +3,10 @@
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
 ``fully_shard`` on every Linear in ``configure_model``). A job is a QAT recipe (``minmax``, ``power_of_two``,
 ``8da4w``) or a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``,
-``prune-guard``, ``prune-rewind``, ``prune-regrow``), optionally suffixed ``@resume``: fit saving a distributed
-checkpoint every epoch, then resume the one of epoch 2 to 4 epochs. The dump holds every tensor of the model whole
-(``full``), the pruning callback's state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs compare
-directly.
+``prune-guard``, ``prune-rewind``, ``prune-regrow``), then optionally ``+export`` (the callback's ``export_path``
+writes ``STRATEGY-RECIPE.lcz``) and ``@resume`` (fit saving a distributed checkpoint every epoch, then resume the
+one of epoch 2 to 4 epochs). The dump holds every tensor of the model whole (``full``), the pruning callback's
+state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs compare directly.
 """
 
 import sys
@@ -46,7 +46,7 @@ class ShardedTiny(TinyModule):
 HIDDEN = 37  # odd: rows split 19/18 over two processes
 
 
-def qat(recipe: str) -> pl.Callback:
+def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
     if recipe.startswith("prune-"):
         kind = recipe.removeprefix("prune-")
         options = {
@@ -59,10 +59,12 @@ def qat(recipe: str) -> pl.Callback:
             "rewind": {"rewind_epoch": 0, "every_n_epochs": 1},
             "regrow": {"regrow": 0.2, "importance": "taylor"},
         }[kind]
-        return IterativePruning(0.9, start_epoch=0, end_epoch=3, **options)
+        return IterativePruning(0.9, start_epoch=0, end_epoch=3, export_path=export_path, **options)
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
-        return QuantizationAwareTraining(4, 8, group_size=8, activation_granularity="per_token", start_epoch=1)
-    return QuantizationAwareTraining(4, 8, scale=recipe, start_epoch=1)
+        return QuantizationAwareTraining(
+            4, 8, group_size=8, activation_granularity="per_token", start_epoch=1, export_path=export_path
+        )
+    return QuantizationAwareTraining(4, 8, scale=recipe, start_epoch=1, export_path=export_path)
 
 
 def trainer(strategy: str, max_epochs: int, callbacks: list, dirpath: str | None = None) -> pl.Trainer:
@@ -79,9 +81,11 @@ def trainer(strategy: str, max_epochs: int, callbacks: list, dirpath: str | None
 def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
     for job in jobs:
         recipe, _, resume = job.partition("@")
+        recipe, _, extra = recipe.partition("+")
+        export_path = f"{out_dir}/{strategy}-{recipe}.lcz" if extra == "export" else None
         pl.seed_everything(0, verbose=False)
         model = ShardedTiny(hidden=HIDDEN)
-        callback = qat(recipe)
+        callback = qat(recipe, export_path)
         if resume:
             epochs = 4 if isinstance(callback, IterativePruning) else 2  # a pruning schedule is set by max_epochs
             trainer(strategy, epochs, [callback], dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)

@@ -80,3 +80,22 @@ def test_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exa
         else:
             assert pruned == round(0.9 * total)  # exact sparsity
     assert (tmp_path / "prune-guard-ckpt" / "epoch=1.ckpt").is_dir()  # a distributed checkpoint was resumed
+
+
+@pytest.mark.slow
+def test_export_path_under_fsdp2_writes_the_file_ddp_writes(tmp_path):
+    """``export_path`` at the end of a sharded fit: every process gathers, rank 0 writes the same bytes as DDP's
+    rank 0, and the file loads into the plain (unsharded) module."""
+    from lightning_compress import load_compressed
+    from tests.conftest import TinyModule
+
+    jobs = ["prune-magnitude+export", "8da4w+export"]
+    _run(tmp_path, "fsdp2", jobs)
+    _run(tmp_path, "ddp", jobs)
+    for recipe in ("prune-magnitude", "8da4w"):
+        assert (tmp_path / f"fsdp2-{recipe}.lcz").read_bytes() == (tmp_path / f"ddp-{recipe}.lcz").read_bytes()
+    trained = torch.load(tmp_path / "fsdp2-prune-magnitude+export_rank1.pt", weights_only=True)
+    plain = TinyModule(hidden=37)
+    load_compressed(plain, tmp_path / "fsdp2-prune-magnitude.lcz")
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, trained[key]), key
