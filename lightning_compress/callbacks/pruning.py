@@ -199,8 +199,9 @@ class IterativePruning(Callback):
             name
             for name, is_set in (
                 (
-                    f"granularity={config.granularity!r} (its units cross the shards' rows; use 'element')",
-                    config.granularity != "element",
+                    "granularity='channel' (a channel spans the rows of the layers that consume it; use 'element' "
+                    "or 'N:M')",
+                    config.granularity == "channel",
                 ),
                 sharded_export_conflict(self.export_path),
             )

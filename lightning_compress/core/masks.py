@@ -31,7 +31,7 @@ from .importance import Importance, MaskPlanError, nonfinite_error, resolve_impo
 from .selection import Target
 from .sharding import gather_flat, is_sharded
 
-__all__ = ["MaskPlanError", "compute_masks", "kept_count", "mask_bits"]
+__all__ = ["MaskPlanError", "compute_masks", "kept_count", "mask_bits", "pruned_counts", "zero_counts"]
 
 _CHUNK = 1 << 20
 _NUM_BUCKETS = 65537  # 0 = already pruned, 1..65536 = top 16 bits of the key + 32769
@@ -468,3 +468,26 @@ def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool
                 flat[positions] = 0
             else:
                 zero_pruned_(weight, mask.view(weight.shape))
+
+
+def pruned_counts(
+    targets: Sequence[Target], masks: dict[str, Tensor], collectives: Collectives | None = None
+) -> dict[str, int]:
+    """Pruned weights per masked parameter name, the shards of a sharded weight summed (one collective)."""
+    chosen = [t for t in targets if t.param_name in masks]
+    local = [masks[t.param_name].numel() - kept_count(masks[t.param_name]) for t in chosen]
+    return _summed(chosen, local, collectives)
+
+
+def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:
+    """Exact zeros in each selected weight, keyed by parameter name, the shards of a sharded weight summed."""
+    return _summed(targets, [int((t.local.detach() == 0).sum()) for t in targets], collectives)
+
+
+def _summed(targets: Sequence[Target], local: list[int], collectives: Collectives | None) -> dict[str, int]:
+    names = [t.param_name for t in targets]
+    sharded = [is_sharded(t.param) for t in targets]
+    if collectives is None or collectives.world_size == 1 or not any(sharded):
+        return dict(zip(names, local, strict=True))
+    counts = torch.tensor([c if s or collectives.rank == 0 else 0 for c, s in zip(local, sharded, strict=True)])
+    return dict(zip(names, collectives.all_reduce(counts, "sum").tolist(), strict=True))

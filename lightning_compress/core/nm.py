@@ -17,8 +17,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .collectives import Collectives
 from .importance import Importance, nonfinite_error
+from .masks import compute_masks, pruned_counts
 from .selection import Target
+from .sharding import is_sharded
 
 __all__ = ["NMRule", "parse_nm"]
 
@@ -65,26 +68,39 @@ class NMRule:
         importance: how weights are ranked inside their blocks and across blocks.
         n, m: at most ``n`` of every ``m`` consecutive input weights survive.
         scope: ``"global"`` (intermediate events rank candidates across layers) or ``"layer"``.
+        collectives: the processes holding the shards of sharded (FSDP2) weights. A shard holds whole rows,
+            so the blocks of a weight whose input axis is its second one stay inside a shard; intermediate
+            events select across shards exactly (:func:`~.masks.compute_masks`).
     """
 
     exchanges_weights: ClassVar[bool] = False
     min_density = 0.0
 
     def __init__(
-        self, targets: Sequence[Target], importance: Importance, n: int, m: int, scope: str = "global"
+        self,
+        targets: Sequence[Target],
+        importance: Importance,
+        n: int,
+        m: int,
+        scope: str = "global",
+        collectives: Collectives | None = None,
     ) -> None:
         self.targets = list(targets)
         self.importance = importance
         self.n = n
         self.m = m
         self.scope = scope
+        self.collectives = collectives
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
-        pruned = sum(int(mask.numel() - mask.count_nonzero()) for mask in masks.values())
-        return pruned, sum(t.numel for t in self.targets)
+        return sum(pruned_counts(self.targets, masks, self.collectives).values()), sum(t.numel for t in self.targets)
 
     def _scores(self, target: Target) -> Tensor:
-        values, by_magnitude = self.importance.ranking(target.key, target.param)
+        weight = target.local
+        if is_sharded(target.param):
+            values, by_magnitude = self.importance.shard_ranking(target.key, weight, target.offset)
+        else:
+            values, by_magnitude = self.importance.ranking(target.key, weight)
         score = values.detach().float()
         score = score.abs() if by_magnitude else score
         if not bool(torch.isfinite(score).all()):
@@ -93,10 +109,10 @@ class NMRule:
 
     def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
         final = sparsity >= 1.0 - self.n / self.m - 1e-9
-        candidates: list[tuple[Target, Tensor, Tensor]] = []  # target, candidate mask, scores (block views)
+        candidates: dict[str, Tensor] = {}  # alive weights outside the N best of their block
         masks: dict[str, Tensor] = {}
         for target in self.targets:
-            weight = target.param.detach()
+            weight = target.local.detach()
             score = self._scores(target)
             previous = current.get(target.param_name)
             alive = torch.ones_like(weight, dtype=torch.bool) if previous is None else previous.to(torch.bool)
@@ -107,33 +123,28 @@ class NMRule:
             protected = torch.zeros_like(live)
             protected.scatter_(-1, ranked.topk(self.n, dim=-1).indices, True)
             protected &= live
-            candidate = live & ~protected
             if final:
                 masks[target.param_name] = from_block_view(protected, weight, axis)
             else:
-                candidates.append((target, candidate, blocks))
+                candidates[target.param_name] = from_block_view(live & ~protected, weight, axis)
                 masks[target.param_name] = alive.clone()
         if final:
             return masks
-        groups = [candidates] if self.scope == "global" else [[c] for c in candidates]
+        groups = [self.targets] if self.scope == "global" else [[t] for t in self.targets]
         for group in groups:
-            total = sum(t.numel for t, _, _ in group)
-            pruned = sum(int(t.numel - int(masks[t.param_name].sum())) for t, _, _ in group)
-            k = round(sparsity * total) - pruned
+            total = sum(t.numel for t in group)
+            k = round(sparsity * total) - sum(pruned_counts(group, masks, self.collectives).values())
             if k <= 0:
                 continue
-            values = torch.cat([b[c].cpu() for _, c, b in group])
-            if values.numel() == 0:
-                continue
-            threshold_order = torch.sort(values, stable=True).indices[:k]
-            chosen = torch.zeros(values.numel(), dtype=torch.bool)
-            chosen[threshold_order] = True
-            offset = 0
-            for target, candidate, _ in group:
-                count = int(candidate.sum())
-                drop = torch.zeros_like(candidate)
-                drop[candidate] = chosen[offset : offset + count].to(candidate.device)
-                offset += count
-                mask = masks[target.param_name]
-                masks[target.param_name] = mask & ~from_block_view(drop, mask, target.in_axis)
+            chosen = {t.param_name: candidates[t.param_name] for t in group}
+            others = sum(pruned_counts(group, chosen, self.collectives).values())  # all but the candidates
+            if k >= total - others:  # every candidate goes
+                kept = {name: torch.zeros_like(c) for name, c in chosen.items()}
+            else:  # the k lowest-scored candidates go: an exact selection, across shards too
+                kept = compute_masks(
+                    group, self.importance, (others + k) / total, "global", 0.0, chosen, apply=False,
+                    collectives=self.collectives,
+                )  # fmt: skip
+            for name, candidate in chosen.items():
+                masks[name] = masks[name] & ~(candidate & ~kept[name].view(candidate.shape))
         return masks

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from .channel_cost import ChannelCost
@@ -19,7 +18,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .compact import removable_groups
 from .importance import Importance
-from .masks import compute_masks, kept_count
+from .masks import compute_masks, pruned_counts, zero_counts
 from .nm import NMRule, eligible
 from .selection import Target
 from .sharding import check_row_sharded, is_sharded
@@ -87,29 +86,6 @@ class ElementRule:
         return sum(pruned_counts(self.targets, masks, self.collectives).values()), sum(t.numel for t in self.targets)
 
 
-def pruned_counts(
-    targets: Sequence[Target], masks: dict[str, Tensor], collectives: Collectives | None = None
-) -> dict[str, int]:
-    """Pruned weights per masked parameter name, the shards of a sharded weight summed (one collective)."""
-    chosen = [t for t in targets if t.param_name in masks]
-    local = [masks[t.param_name].numel() - kept_count(masks[t.param_name]) for t in chosen]
-    return _summed(chosen, local, collectives)
-
-
-def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:
-    """Exact zeros in each selected weight, keyed by parameter name, the shards of a sharded weight summed."""
-    return _summed(targets, [int((t.local.detach() == 0).sum()) for t in targets], collectives)
-
-
-def _summed(targets: Sequence[Target], local: list[int], collectives: Collectives | None) -> dict[str, int]:
-    names = [t.param_name for t in targets]
-    sharded = [is_sharded(t.param) for t in targets]
-    if collectives is None or collectives.world_size == 1 or not any(sharded):
-        return dict(zip(names, local, strict=True))
-    counts = torch.tensor([c if s or collectives.rank == 0 else 0 for c, s in zip(local, sharded, strict=True)])
-    return dict(zip(names, collectives.all_reduce(counts, "sum").tolist(), strict=True))
-
-
 def rule_for(
     model: nn.Module,
     targets: list[Target],
@@ -133,7 +109,7 @@ def rule_for(
         min_density: the per-layer floor with global scope.
         example_inputs: for ``"channel"``: what the model's ``forward`` takes.
         measure: for ``"channel"``: the unit, ``"channels"`` or ``"macs"`` (:class:`~.channel_cost.ChannelCost`).
-        collectives: the processes sharing sharded (FSDP2) weights; only ``"element"`` supports them.
+        collectives: the processes sharing sharded (FSDP2) weights (``"channel"`` refuses those).
 
     Raises:
         ValueError: nothing the granularity can prune.
@@ -141,11 +117,13 @@ def rule_for(
     unsupported = [why for t in targets if (why := check_row_sharded(t.param, t.name)) is not None]
     if unsupported:
         raise ValueError(f"cannot prune these sharded weights: {unsupported[0]}.")
-    sharded = [t.name for t in targets if is_sharded(t.param)]
-    if sharded and granularity != "element":
+    sharded = [t for t in targets if is_sharded(t.param)]
+    crossing = [t.name for t in sharded if granularity == "channel" or (nm is not None and t.in_axis == 0)]
+    if crossing:
         raise ValueError(
-            f"`granularity`={granularity!r} does not support sharded (FSDP2) weights yet ({sharded[:3]}...): its "
-            "units cross shards. Use granularity='element', or strategy='ddp'."
+            f"`granularity`={granularity!r} cannot prune sharded (FSDP2) weights {crossing[:3]}: its units cross the "
+            "shards' rows (channels span the layers that consume them; N:M blocks of a weight stored (in, out) run "
+            "down its rows). Use granularity='element', or strategy='ddp'."
         )
     if nm is not None:
         m = nm[1]
@@ -158,7 +136,7 @@ def rule_for(
         left = {
             t.name: f"its input size is not a multiple of {m}" for t in targets if not eligible(t.param, m, t.in_axis)
         }
-        return NMRule(kept, importance, nm[0], nm[1], scope), left
+        return NMRule(kept, importance, nm[0], nm[1], scope, collectives), left
     if granularity != "channel":
         return ElementRule(targets, importance, scope, min_density, collectives), {}
     groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})

@@ -3,10 +3,10 @@
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
 ``fully_shard`` on every Linear in ``configure_model``). A job is a QAT recipe (``minmax``, ``power_of_two``,
 ``8da4w``) or a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``,
-``prune-guard``, ``prune-rewind``, ``prune-regrow``), then optionally ``+export`` (the callback's ``export_path``
-writes ``STRATEGY-RECIPE.lcz``) and ``@resume`` (fit saving a distributed checkpoint every epoch, then resume the
-one of epoch 2 to 4 epochs). The dump holds every tensor of the model whole (``full``), the pruning callback's
-state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs compare directly.
+``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``), then optionally ``+export`` (the callback's
+``export_path`` writes ``STRATEGY-RECIPE.lcz``) and ``@resume`` (fit saving a distributed checkpoint every epoch,
+then resume the one of epoch 2 to 4 epochs). The dump holds every tensor of the model whole (``full``), the pruning
+callback's state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs compare directly.
 """
 
 import sys
@@ -58,8 +58,10 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
             "guard": {"monitor": "val_density", "max_drop": 0.35},
             "rewind": {"rewind_epoch": 0, "every_n_epochs": 1},
             "regrow": {"regrow": 0.2, "importance": "taylor"},
+            "2:4": {"granularity": "2:4"},
         }[kind]
-        return IterativePruning(0.9, start_epoch=0, end_epoch=3, export_path=export_path, **options)
+        target = 0.5 if kind == "2:4" else 0.9
+        return IterativePruning(target, start_epoch=0, end_epoch=3, export_path=export_path, **options)
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
         return QuantizationAwareTraining(
             4, 8, group_size=8, activation_granularity="per_token", start_epoch=1, export_path=export_path
