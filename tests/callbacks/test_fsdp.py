@@ -104,3 +104,28 @@ def test_export_path_under_fsdp2_writes_the_file_ddp_writes(tmp_path):
     load_compressed(plain, tmp_path / "fsdp2-prune-magnitude.lcz")
     for key, value in plain.state_dict().items():
         assert torch.equal(value, trained[key]), key
+
+
+@pytest.mark.slow
+def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
+    """Code nobody here wrote: a `transformers` Llama (GQA, tied embeddings) sharded per decoder layer, Taylor
+    importance, AdamW: the same masks, weights and validation loss as under DDP."""
+    pytest.importorskip("transformers")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "callbacks" / "fsdp_llama_script.py"
+    for strategy in ("fsdp2", "ddp"):
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path), strategy],
+            check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True,
+        )  # fmt: skip
+    sharded, replicated = (torch.load(tmp_path / f"{s}_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
+    other_rank = torch.load(tmp_path / "fsdp2_1.pt", weights_only=True)
+    assert len(sharded["masks"]) == 14  # 2 layers x (q, k, v, o, gate, up, down); the tied head is left out
+    total = sum(m.numel() for m in sharded["masks"].values())
+    assert sum(int((~m).sum()) for m in sharded["masks"].values()) == round(0.7 * total)
+    for name, mask in replicated["masks"].items():
+        assert torch.equal(sharded["masks"][name], mask), name
+    for key, value in replicated["state"].items():
+        assert torch.equal(sharded["state"][key], value), key
+        assert torch.equal(other_rank["state"][key], value), key
+    assert sharded["val"] == replicated["val"]
