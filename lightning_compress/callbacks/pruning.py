@@ -17,7 +17,7 @@ from ..core.config import PruningConfig
 from ..core.controller import GuardDecision
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
-from ..core.rules import zero_counts
+from ..core.mask_counts import zero_counts
 from ..export.report import CompressionReport
 from ._export import check_export_path, check_export_ready, example_inputs, export_at_fit_end
 from ._validation import StrategyCollectives, check_float, check_strategy, sharded_export_conflict

@@ -28,10 +28,11 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance, MaskPlanError, nonfinite_error, resolve_importance
+from .mask_counts import mask_bits
 from .selection import Target
 from .sharding import gather_flat, is_sharded
 
-__all__ = ["MaskPlanError", "compute_masks", "kept_count", "mask_bits", "pruned_counts", "zero_counts"]
+__all__ = ["MaskPlanError", "compute_masks"]
 
 _CHUNK = 1 << 20
 _NUM_BUCKETS = 65537  # 0 = already pruned, 1..65536 = top 16 bits of the key + 32769
@@ -152,22 +153,6 @@ def _alive(mask: Tensor, start: int, end: int) -> Tensor:
     """Bool chunk of a flat mask (bool, or 0/1 in any dtype)."""
     chunk = mask[start:end]
     return chunk if chunk.dtype == torch.bool else mask_bits(chunk).bool()
-
-
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def mask_bits(mask: Tensor) -> Tensor:
-    """A 0/1 float mask seen as integers of the same width (0 stays 0): comparing or counting those is
-    about 5x faster on CPU than on the floats."""
-    if not mask.is_floating_point():
-        return mask
-    return mask.view(_SAME_WIDTH_INT[mask.element_size()])
-
-
-def kept_count(mask: Tensor) -> int:
-    """Entries of a mask (bool, or 0/1 in any dtype) that are kept."""
-    return int(mask_bits(mask).count_nonzero())
 
 
 def _first_reaching(cum: Tensor, k: int) -> int:
@@ -468,26 +453,3 @@ def _prune_positions(layer: _Layer, mask: Tensor, positions: Tensor, apply: bool
                 flat[positions] = 0
             else:
                 zero_pruned_(weight, mask.view(weight.shape))
-
-
-def pruned_counts(
-    targets: Sequence[Target], masks: dict[str, Tensor], collectives: Collectives | None = None
-) -> dict[str, int]:
-    """Pruned weights per masked parameter name, the shards of a sharded weight summed (one collective)."""
-    chosen = [t for t in targets if t.param_name in masks]
-    local = [masks[t.param_name].numel() - kept_count(masks[t.param_name]) for t in chosen]
-    return _summed(chosen, local, collectives)
-
-
-def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:
-    """Exact zeros in each selected weight, keyed by parameter name, the shards of a sharded weight summed."""
-    return _summed(targets, [int((t.local.detach() == 0).sum()) for t in targets], collectives)
-
-
-def _summed(targets: Sequence[Target], local: list[int], collectives: Collectives | None) -> dict[str, int]:
-    names = [t.param_name for t in targets]
-    sharded = [is_sharded(t.param) for t in targets]
-    if collectives is None or collectives.world_size == 1 or not any(sharded):
-        return dict(zip(names, local, strict=True))
-    counts = torch.tensor([c if s or collectives.rank == 0 else 0 for c, s in zip(local, sharded, strict=True)])
-    return dict(zip(names, collectives.all_reduce(counts, "sum").tolist(), strict=True))

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance, nonfinite_error
-from .masks import compute_masks, pruned_counts
+from .mask_counts import pruned_counts
+from .masks import compute_masks
 from .selection import Target
 from .sharding import is_sharded
 

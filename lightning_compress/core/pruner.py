@@ -19,8 +19,9 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance
-from .masks import compute_masks, mask_bits, zero_pruned_
-from .rules import MaskRule, pruned_counts
+from .mask_counts import mask_bits, pruned_counts
+from .masks import compute_masks, zero_pruned_
+from .rules import MaskRule
 from .selection import Target
 from .sharding import gather_flat, is_sharded, local, local_part
 

@@ -18,13 +18,14 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .compact import removable_groups
 from .importance import Importance
-from .masks import compute_masks, pruned_counts, zero_counts
+from .mask_counts import pruned_counts
+from .masks import compute_masks
 from .nm import NMRule, eligible
 from .selection import Target
 from .sharding import check_row_sharded, is_sharded
 from .structure import build_channel_groups
 
-__all__ = ["ElementRule", "MaskRule", "pruned_counts", "rule_for", "zero_counts"]
+__all__ = ["ElementRule", "MaskRule", "rule_for"]
 
 
 class MaskRule(Protocol):

@@ -174,3 +174,39 @@ def test_zero_pruned_writes_exact_zeros_over_nan_and_inf(dtype, mask_kind):
     zero_pruned_(values, keep if mask_kind == "bool" else keep.to(dtype))
     assert values[:4].eq(0).all()  # NaN * 0 and inf * 0 would have left NaN
     assert values[4].isnan() and values[5] == 2.0  # kept entries untouched
+
+
+@pytest.mark.parametrize("offset,length", [(0, 10), (70_000, 300), (65_530, 20), (3, 200_000)])
+def test_random_scores_of_a_shard_are_the_whole_weights_scores_there(offset, length):
+    """A shard (FSDP2) gets exactly the scores the whole weight would have at its positions."""
+    importance = RandomImportance(seed=7)
+    whole = importance.score("fc", torch.empty(offset + length + 5))
+    values, by_magnitude = importance.shard_ranking("fc", torch.empty(length), offset)
+    assert not by_magnitude
+    assert torch.equal(values, whole[offset : offset + length])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_masks_written_in_place_into_float_masks_equal_new_bool_masks(dtype):
+    """`out=`: the run-time masks (0/1 in the weight's dtype) are read and written chunk by chunk."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 8)).to(dtype)
+    targets = select_targets(model)
+    first = compute_masks(targets, MagnitudeImportance(), 0.3, apply=False)
+    expected = compute_masks(targets, MagnitudeImportance(), 0.6, masks=first, apply=False)
+    run_time = {name: mask.to(dtype) for name, mask in first.items()}
+    buffers = {name: mask.data_ptr() for name, mask in run_time.items()}
+    written = compute_masks(targets, MagnitudeImportance(), 0.6, masks=run_time, apply=False, out=run_time)
+    for name, mask in expected.items():
+        assert written[name].data_ptr() == buffers[name]  # no new mask
+        assert torch.equal(written[name] != 0, mask)
+
+
+def test_mask_counts_read_float_masks_through_an_integer_view():
+    from lightning_compress.core.mask_counts import kept_count, mask_bits, pruned_counts
+
+    model = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 2))
+    masks = {"0.weight": (torch.arange(40).reshape(4, 10) % 3 == 0).float(), "1.weight": torch.ones(2, 4).half()}
+    assert mask_bits(masks["0.weight"]).dtype == torch.int32 and mask_bits(masks["1.weight"]).dtype == torch.int16
+    assert kept_count(masks["0.weight"]) == 14 and kept_count(masks["0.weight"].bool()) == 14
+    assert pruned_counts(select_targets(model), masks) == {"0.weight": 26, "1.weight": 0}

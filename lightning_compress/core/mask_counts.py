@@ -1,0 +1,57 @@
+"""Counting masked and zero weights, shards of a sharded (FSDP2) weight summed across processes.
+
+Run-time masks are 0/1 in the weight's dtype; reading them through an integer view of the same bytes
+(:func:`mask_bits`) makes comparing and counting about 5x faster on CPU than on the floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .collectives import Collectives
+from .selection import Target
+from .sharding import is_sharded
+
+__all__ = ["kept_count", "mask_bits", "pruned_counts", "zero_counts"]
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def mask_bits(mask: Tensor) -> Tensor:
+    """A 0/1 float mask seen as integers of the same width (0 stays 0): comparing or counting those is
+    about 5x faster on CPU than on the floats."""
+    if not mask.is_floating_point():
+        return mask
+    return mask.view(_SAME_WIDTH_INT[mask.element_size()])
+
+
+def kept_count(mask: Tensor) -> int:
+    """Entries of a mask (bool, or 0/1 in any dtype) that are kept."""
+    return int(mask_bits(mask).count_nonzero())
+
+
+def pruned_counts(
+    targets: Sequence[Target], masks: dict[str, Tensor], collectives: Collectives | None = None
+) -> dict[str, int]:
+    """Pruned weights per masked parameter name, the shards of a sharded weight summed (one collective)."""
+    chosen = [t for t in targets if t.param_name in masks]
+    local = [masks[t.param_name].numel() - kept_count(masks[t.param_name]) for t in chosen]
+    return _summed(chosen, local, collectives)
+
+
+def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:
+    """Exact zeros in each selected weight, keyed by parameter name, the shards of a sharded weight summed."""
+    return _summed(targets, [int((t.local.detach() == 0).sum()) for t in targets], collectives)
+
+
+def _summed(targets: Sequence[Target], local: list[int], collectives: Collectives | None) -> dict[str, int]:
+    names = [t.param_name for t in targets]
+    sharded = [is_sharded(t.param) for t in targets]
+    if collectives is None or collectives.world_size == 1 or not any(sharded):
+        return dict(zip(names, local, strict=True))
+    counts = torch.tensor([c if s or collectives.rank == 0 else 0 for c, s in zip(local, sharded, strict=True)])
+    return dict(zip(names, collectives.all_reduce(counts, "sum").tolist(), strict=True))
