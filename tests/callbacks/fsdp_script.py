@@ -2,11 +2,12 @@
 
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
 ``fully_shard`` on every Linear in ``configure_model``). A job is a QAT recipe (``minmax``, ``power_of_two``,
-``8da4w``) or a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``,
-``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``), then optionally ``+export`` (the callback's
-``export_path`` writes ``STRATEGY-RECIPE.lcz``) and ``@resume`` (fit saving a distributed checkpoint every epoch,
-then resume the one of epoch 2 to 4 epochs). The dump holds every tensor of the model whole (``full``), the pruning
-callback's state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs compare directly.
+``8da4w``), a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``,
+``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``) or ``both`` (pruning and QAT), then optionally
+``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) and ``@resume`` (fit saving a
+distributed checkpoint every epoch, then resume the one of epoch 2 to 4 epochs). The dump holds every tensor of the
+model whole (``full``), the pruning callback's state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs
+compare directly.
 """
 
 import sys
@@ -44,6 +45,13 @@ class ShardedTiny(TinyModule):
 
 
 HIDDEN = 37  # odd: rows split 19/18 over two processes
+
+
+def callbacks(recipe: str, export_path: str | None = None) -> list[pl.Callback]:
+    """The recipe's callbacks; ``both`` is 90% magnitude pruning and 8da4w QAT in the same fit."""
+    if recipe == "both":
+        return [qat("prune-magnitude"), qat("8da4w", export_path)]
+    return [qat(recipe, export_path)]
 
 
 def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
@@ -87,19 +95,21 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
         export_path = f"{out_dir}/{strategy}-{recipe}.lcz" if extra == "export" else None
         pl.seed_everything(0, verbose=False)
         model = ShardedTiny(hidden=HIDDEN)
-        callback = qat(recipe, export_path)
+        made = callbacks(recipe, export_path)
         if resume:
-            epochs = 4 if isinstance(callback, IterativePruning) else 2  # a pruning schedule is set by max_epochs
-            trainer(strategy, epochs, [callback], dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)
+            pruned = any(isinstance(c, IterativePruning) for c in made)
+            epochs = 4 if pruned else 2  # a pruning schedule is set by max_epochs
+            trainer(strategy, epochs, made, dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)
             pl.seed_everything(0, verbose=False)
             model = ShardedTiny(hidden=HIDDEN)
-            callback = qat(recipe)
-            fit = trainer(strategy, 4, [callback])
+            made = callbacks(recipe)
+            fit = trainer(strategy, 4, made)
             fit.fit(model, ckpt_path=f"{out_dir}/{recipe}-ckpt/epoch=1.ckpt")
         else:
-            fit = trainer(strategy, 4, [callback])
+            fit = trainer(strategy, 4, made)
             fit.fit(model)
         state = {k: full(v).detach().clone() for k, v in model.state_dict().items()}
+        callback = made[0]
         if isinstance(callback, IterativePruning):
             pruning = callback.state_dict()  # every process: sharded masks are gathered whole
             state.update({f"pruning.{k}": v for k, v in pruning["pruner"]["masks"].items()})

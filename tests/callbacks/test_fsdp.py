@@ -89,16 +89,20 @@ def test_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exa
 
 @pytest.mark.slow
 def test_export_path_under_fsdp2_writes_the_file_ddp_writes(tmp_path):
-    """``export_path`` at the end of a sharded fit: every process gathers, rank 0 writes the same bytes as DDP's
-    rank 0, and the file loads into the plain (unsharded) module."""
+    """``export_path`` at the end of a sharded fit (pruning, QAT, both): the model equals DDP's, every process
+    gathers, rank 0 writes the same bytes as DDP's rank 0, and the file loads into the plain (unsharded) module."""
     from lightning_compress import load_compressed
     from tests.conftest import TinyModule
 
-    jobs = ["prune-magnitude+export", "8da4w+export"]
+    jobs = ["prune-magnitude+export", "8da4w+export", "both+export"]  # both: pruning and QAT in one fit
     _run(tmp_path, "fsdp2", jobs)
     _run(tmp_path, "ddp", jobs)
-    for recipe in ("prune-magnitude", "8da4w"):
+    for recipe in ("prune-magnitude", "8da4w", "both"):
         assert (tmp_path / f"fsdp2-{recipe}.lcz").read_bytes() == (tmp_path / f"ddp-{recipe}.lcz").read_bytes()
+        ranks = [torch.load(tmp_path / f"{s}-{recipe}+export_rank{r}.pt", weights_only=True) for s, r in
+                 (("fsdp2", 0), ("fsdp2", 1), ("ddp", 0))]  # fmt: skip
+        for key, value in ranks[2].items():
+            assert torch.equal(ranks[0][key], value) and torch.equal(ranks[1][key], value), (recipe, key)
     trained = torch.load(tmp_path / "fsdp2-prune-magnitude+export_rank1.pt", weights_only=True)
     plain = TinyModule(hidden=37)
     load_compressed(plain, tmp_path / "fsdp2-prune-magnitude.lcz")
