@@ -18,7 +18,7 @@ from .core.importance import (
     TaylorImportance,
 )
 from .core.iterative import IterativePruner
-from .core.qat import QuantConfig, calibrate, convert_to_float, convert_to_qat, enable_fake_quant
+from .core.qat import QuantConfig, calibrate, convert_to_float, convert_to_qat, enable_fake_quant, learned_scales
 from .core.schedule import PruningSchedule
 from .export import (
     CompressedFileError,
@@ -60,6 +60,7 @@ __all__ = [
     "enable_fake_quant",
     "export_onnx",
     "from_pretrained",
+    "learned_scales",
     "load_compressed",
     "load_qat_checkpoint",
     "prune_",

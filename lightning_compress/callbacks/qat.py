@@ -23,7 +23,7 @@ from ..core.qat import (
     search_power_of_two_shifts,
 )
 from ..core.selection import normalize_patterns
-from ..core.sharding import full
+from ..core.sharding import full, is_sharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, export_at_fit_end
@@ -153,10 +153,6 @@ class QuantizationAwareTraining(Callback):
         conflicts = [
             name
             for name, is_set in (
-                (
-                    "scale='learned' (fully_shard cannot shard its scalar scale parameters)",
-                    self.config.scale == "learned",
-                ),
                 ("shift_search=True (it evaluates shifts on whole weights)", self.shift_search),
                 sharded_export_conflict(self.export_path),
             )
@@ -220,6 +216,12 @@ class QuantizationAwareTraining(Callback):
             )
         if self.config.scale == "learned":  # before Lightning restores a resumed optimizer's state
             self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]
+            if any(is_sharded(p) for p in self._learned_params):
+                raise ValueError(
+                    "QuantizationAwareTraining(scale='learned') under FSDP2 needs its learned scales whole on every "
+                    "process: in configure_model, pass `ignored_params=lightning_compress.learned_scales(self)` to "
+                    "every `fully_shard` call (their gradients are averaged across processes by the callback)."
+                )
             _check_in_optimizers(self._learned_params, trainer.optimizers)
 
     # ------------------------------------------------------------------ training hooks

@@ -494,6 +494,17 @@ def quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantizer)]
 
 
+def learned_scales(model: nn.Module) -> set[nn.Parameter]:
+    """The learned step sizes (``scale="learned"``, LSQ) of ``model``'s quantizers; empty for other scales.
+
+    Under FSDP2 pass them to ``fully_shard(..., ignored_params=learned_scales(self))`` in ``configure_model``:
+    ``fully_shard`` cannot shard a per-tensor (0-dim) scale, and left whole on every process they are
+    updated identically, since the ``QuantizationAwareTraining`` callback averages their gradients
+    across processes before every optimizer step.
+    """
+    return {q.scale for _, q in quantizers(model) if isinstance(q.scale, nn.Parameter)}
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     """Observe ranges on ``batches`` (each passed to ``model`` as ``model(*batch)`` for a tuple,
     ``model(**batch)`` for a dict, ``model(batch)`` otherwise) without fake quantization or gradients.

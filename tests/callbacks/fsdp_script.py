@@ -1,13 +1,14 @@
 """Run by the FSDP2 tests: fit a sharded TinyModule on 2 CPU processes (gloo), and dump each rank's state.
 
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
-``fully_shard`` on every Linear in ``configure_model``). A job is a QAT recipe (``minmax``, ``power_of_two``,
-``8da4w``), a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``,
-``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``) or ``both`` (pruning and QAT), then optionally
-``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) and ``@resume`` (fit saving a
-distributed checkpoint every epoch, then resume the one of epoch 2 to 4 epochs). The dump holds every tensor of the
-model whole (``full``), the pruning callback's state (whole masks) and the final ``val_acc``, so DDP and FSDP2 runs
-compare directly.
+``fully_shard`` on every Linear in ``configure_model``, learned scales left whole). A job is a QAT recipe
+(``minmax``, ``power_of_two``, ``learned``, ``8da4w``; ``learned-sharded`` lets ``fully_shard`` shard learned
+scales, which is refused), a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``,
+``prune-layer``, ``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``) or ``both`` (pruning and QAT),
+then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) and
+``@resume`` (fit saving a distributed checkpoint every epoch, then resume the one of epoch 2 to 4 epochs). The dump
+holds every tensor of the model whole (``full``), the pruning callback's state (whole masks) and the final
+``val_acc``, so DDP and FSDP2 runs compare directly.
 """
 
 import sys
@@ -18,7 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_compress import IterativePruning, QuantizationAwareTraining
+from lightning_compress import IterativePruning, QuantizationAwareTraining, learned_scales
 from lightning_compress.core.sharding import full
 from tests.conftest import TinyModule
 
@@ -26,16 +27,19 @@ warnings.filterwarnings("ignore")
 
 
 class ShardedTiny(TinyModule):
+    ignore_scales = True  # pass the learned scales to fully_shard's ignored_params, as the README says
+
     def configure_model(self) -> None:
         if self.device_mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
+        whole = learned_scales(self) if self.ignore_scales else None  # LSQ step sizes stay whole and replicated
         for layer in self.net:
             if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+                fully_shard(layer, mesh=mesh, ignored_params=whole)
+        fully_shard(self.net, mesh=mesh, ignored_params=whole)
 
     def on_validation_epoch_end(self) -> None:
         """Log the weights' density, a monitor that each pruning event lowers by its size."""
@@ -70,6 +74,9 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
         }[kind]
         target = 0.5 if kind == "2:4" else 0.9
         return IterativePruning(target, start_epoch=0, end_epoch=3, export_path=export_path, **options)
+    if recipe == "learned-sharded":  # per-channel learned weight scales only, left to fully_shard: refused
+        ShardedTiny.ignore_scales = False
+        return QuantizationAwareTraining(4, None, scale="learned", start_epoch=1)
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
         return QuantizationAwareTraining(
             4, 8, group_size=8, activation_granularity="per_token", start_epoch=1, export_path=export_path

@@ -140,7 +140,6 @@ def test_twenty_fits_with_the_same_callbacks_do_not_grow_memory():
         (QuantizationAwareTraining(), "fsdp1", r"Use strategy='ddp', a single device or FSDP2 \(ModelParallelStrategy"),
         (IterativePruning(0.5, granularity="channel"), "fsdp2", r"not with granularity='channel' \(a channel spans"),
         (IterativePruning(0.5, export_path="m.onnx"), "fsdp2", r"not with export_path to an .onnx file"),
-        (QuantizationAwareTraining(scale="learned"), "fsdp2", r"not with scale='learned' \(fully_shard cannot"),
         (QuantizationAwareTraining(export_path="m.onnx"), "fsdp2", r"export_path='model.lcz', then load_compressed"),
     ],
 )

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RECIPES = ["minmax", "power_of_two", "8da4w"]
+RECIPES = ["minmax", "power_of_two", "learned", "8da4w"]
 
 
 def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
@@ -133,3 +133,11 @@ def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
         assert torch.equal(sharded["state"][key], value), key
         assert torch.equal(other_rank["state"][key], value), key
     assert sharded["val"] == replicated["val"]
+
+
+@pytest.mark.slow
+def test_learned_scales_left_to_fully_shard_are_refused_with_the_fix(tmp_path):
+    """LSQ scales must stay whole under FSDP2; sharded ones are refused before training, naming the fix."""
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _run(tmp_path, "fsdp2", ["learned-sharded"])
+    assert "ignored_params=lightning_compress.learned_scales(self)" in failed.value.stderr
