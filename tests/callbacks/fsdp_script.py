@@ -5,7 +5,8 @@
 (``minmax``, ``power_of_two``, ``learned``, ``8da4w``; ``learned-sharded`` lets ``fully_shard`` shard learned
 scales, which is refused), a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``,
 ``prune-layer``, ``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``) or ``both`` (pruning and QAT),
-then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) and
+then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) or
+``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) and
 ``@resume`` (fit saving a distributed checkpoint every epoch, then resume the one of epoch 2 to 4 epochs). The dump
 holds every tensor of the model whole (``full``), the pruning callback's state (whole masks) and the final
 ``val_acc``, so DDP and FSDP2 runs compare directly.
@@ -84,8 +85,15 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
     return QuantizationAwareTraining(4, 8, scale=recipe, start_epoch=1, export_path=export_path)
 
 
-def trainer(strategy: str, max_epochs: int, callbacks: list, dirpath: str | None = None) -> pl.Trainer:
-    made = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp"
+def trainer(
+    strategy: str, max_epochs: int, callbacks: list, dirpath: str | None = None, distributed: bool = True
+) -> pl.Trainer:
+    """``distributed=False``: FSDP2 saves full-state checkpoints (one file) instead of directories."""
+    made = (
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed)
+        if strategy == "fsdp2"
+        else "ddp"
+    )
     if dirpath is not None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
     return pl.Trainer(
@@ -112,6 +120,9 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
             made = callbacks(recipe)
             fit = trainer(strategy, 4, made)
             fit.fit(model, ckpt_path=f"{out_dir}/{recipe}-ckpt/epoch=1.ckpt")
+        elif extra == "fullckpt":  # full-state checkpoints, for the plain module
+            fit = trainer(strategy, 4, made, dirpath=f"{out_dir}/{recipe}-full", distributed=False)
+            fit.fit(model)
         else:
             fit = trainer(strategy, 4, made)
             fit.fit(model)

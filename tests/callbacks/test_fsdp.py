@@ -141,3 +141,23 @@ def test_learned_scales_left_to_fully_shard_are_refused_with_the_fix(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as failed:
         _run(tmp_path, "fsdp2", ["learned-sharded"])
     assert "ignored_params=lightning_compress.learned_scales(self)" in failed.value.stderr
+
+
+@pytest.mark.slow
+def test_full_state_checkpoints_of_a_sharded_pruning_run_load_into_the_plain_module(tmp_path):
+    """``save_distributed_checkpoint=False``: one file whose weights load into the unsharded module with
+    ``strict=True`` and whose pruning state holds whole masks, which the weights carry."""
+    from tests.conftest import TinyModule
+
+    _run(tmp_path, "fsdp2", ["prune-magnitude+fullckpt"])
+    checkpoint = torch.load(tmp_path / "prune-magnitude-full" / "epoch=3.ckpt", weights_only=True)
+    plain = TinyModule(hidden=37)
+    plain.load_state_dict(checkpoint["state_dict"], strict=True)
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("IterativePruning")]
+    masks = state["pruner"]["masks"]
+    assert sorted(masks) == ["net.0.weight", "net.2.weight", "net.4.weight"]
+    for name, mask in masks.items():
+        weight = plain.state_dict()[name]
+        assert mask.shape == weight.shape and bool((weight[~mask] == 0).all()), name
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.9 * total)
