@@ -9,8 +9,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
 
 from ..core.qat import quantizers
+from ..core.sharding import full
 from ..core.summary import ModelSize, estimate_size
 from ._validation import check_choice
 
@@ -125,18 +127,24 @@ class CompressionMonitor(Callback):
         if self.log_images and isinstance(trainer.logger, TensorBoardLogger):
             self._tensorboard(trainer.logger, pl_module, size, trainer.global_step)
 
-    @rank_zero_only
     def _tensorboard(
         self, logger: TensorBoardLogger, pl_module: pl.LightningModule, size: ModelSize, step: int
     ) -> None:
-        experiment = logger.experiment
         names = {layer.name for layer in size.layers}
         for name, param in pl_module.named_parameters():
-            if name in names:
-                values = param.detach().float().reshape(-1)
-                values = values[values != 0]
-                if values.numel():
-                    experiment.add_histogram(f"compress/weights/{name}", values.cpu(), step)
+            if name in names:  # every process: a weight sharded by FSDP2 is gathered, one layer at a time
+                values = full(param.detach()).float().reshape(-1)
+                self._histogram(logger, f"compress/weights/{name}", values[values != 0], step)
+        self._charts(logger, size, step)
+
+    @rank_zero_only
+    def _histogram(self, logger: TensorBoardLogger, tag: str, values: Tensor, step: int) -> None:
+        if values.numel():
+            logger.experiment.add_histogram(tag, values.cpu(), step)
+
+    @rank_zero_only
+    def _charts(self, logger: TensorBoardLogger, size: ModelSize, step: int) -> None:
+        experiment = logger.experiment
         try:  # figures without pyplot: the user's matplotlib backend and global state are left alone
             from matplotlib.figure import Figure
         except ImportError:

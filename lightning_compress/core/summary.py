@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .packing import code_container_bits
 from .qat import FakeQuantizer, qat_modules
 from .selection import default_layer_types
+from .sharding import full
 
 __all__ = ["LayerSize", "ModelSize", "estimate_size"]
 
@@ -77,7 +78,10 @@ def _positions_bytes(weight: Tensor) -> int:
 
 @torch.no_grad()
 def estimate_size(model: nn.Module) -> ModelSize:
-    """Per-layer and total size of ``model`` as the compressed format would store it (before LZMA)."""
+    """Per-layer and total size of ``model`` as the compressed format would store it (before LZMA).
+
+    A weight sharded by FSDP2 is gathered whole, one layer at a time: every process must call this.
+    """
     quantizer_of: dict[int, FakeQuantizer] = {}
     for _, layer in qat_modules(model):
         candidate = layer.weight_fake_quant
@@ -91,6 +95,7 @@ def estimate_size(model: nn.Module) -> ModelSize:
             continue
         seen.add(id(weight))
         quantizer: FakeQuantizer | None = quantizer_of.get(id(weight))
+        weight = full(weight)  # a collective for a sharded weight (one layer at a time)
         values = quantizer(weight) if quantizer is not None else weight
         nonzero = int((values != 0).sum())
         bits = quantizer.bits if quantizer is not None else 8 * weight.element_size()

@@ -6,7 +6,8 @@
 scales, which is refused), a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``,
 ``prune-layer``, ``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``) or ``both`` (pruning and QAT),
 then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) or
-``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) and
+``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) or ``+monitor`` (a ``CompressionMonitor``
+logging to TensorBoard) and
 ``@resume`` (fit saving a distributed checkpoint every epoch, then resume the one of epoch 2 to 4 epochs). The dump
 holds every tensor of the model whole (``full``), the pruning callback's state (whole masks) and the final
 ``val_acc``, so DDP and FSDP2 runs compare directly.
@@ -14,13 +15,15 @@ holds every tensor of the model whole (``full``), the pruning callback's state (
 
 import sys
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_compress import IterativePruning, QuantizationAwareTraining, learned_scales
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, learned_scales
 from lightning_compress.core.sharding import full
 from tests.conftest import TinyModule
 
@@ -86,7 +89,12 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
 
 
 def trainer(
-    strategy: str, max_epochs: int, callbacks: list, dirpath: str | None = None, distributed: bool = True
+    strategy: str,
+    max_epochs: int,
+    callbacks: list,
+    dirpath: str | None = None,
+    distributed: bool = True,
+    logger: Any = False,
 ) -> pl.Trainer:
     """``distributed=False``: FSDP2 saves full-state checkpoints (one file) instead of directories."""
     made = (
@@ -97,7 +105,7 @@ def trainer(
     if dirpath is not None:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
     return pl.Trainer(
-        accelerator="cpu", devices=2, strategy=made, max_epochs=max_epochs, logger=False,
+        accelerator="cpu", devices=2, strategy=made, max_epochs=max_epochs, logger=logger,
         enable_checkpointing=dirpath is not None, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, callbacks=callbacks,
     )  # fmt: skip
@@ -120,6 +128,10 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
             made = callbacks(recipe)
             fit = trainer(strategy, 4, made)
             fit.fit(model, ckpt_path=f"{out_dir}/{recipe}-ckpt/epoch=1.ckpt")
+        elif extra == "monitor":  # CompressionMonitor with TensorBoard histograms and charts
+            made.append(CompressionMonitor(monitor="val_acc"))
+            fit = trainer(strategy, 4, made, logger=TensorBoardLogger(f"{out_dir}/{strategy}-tb"))
+            fit.fit(model)
         elif extra == "fullckpt":  # full-state checkpoints, for the plain module
             fit = trainer(strategy, 4, made, dirpath=f"{out_dir}/{recipe}-full", distributed=False)
             fit.fit(model)
@@ -133,6 +145,9 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
             state.update({f"pruning.{k}": v for k, v in pruning["pruner"]["masks"].items()})
             state["pruning.decisions"] = torch.tensor([d.action == "rollback" for d in callback.decisions])
             state["val_acc"] = fit.callback_metrics["val_acc"].detach().clone()
+        if extra == "monitor":
+            summary = made[-1].summary
+            state["monitor"] = torch.tensor([summary["sparsity"], summary["bytes"], summary["compression_ratio"]])
         torch.save(state, f"{out_dir}/{strategy}-{job}_rank{fit.global_rank}.pt")
 
 

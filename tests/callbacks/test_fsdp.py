@@ -161,3 +161,23 @@ def test_full_state_checkpoints_of_a_sharded_pruning_run_load_into_the_plain_mod
         assert mask.shape == weight.shape and bool((weight[~mask] == 0).all()), name
     total = sum(m.numel() for m in masks.values())
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.9 * total)
+
+
+@pytest.mark.slow
+def test_compression_monitor_under_fsdp2_reports_what_ddp_reports(tmp_path):
+    """The monitor gathers sharded weights one layer at a time: the same summary as DDP, and TensorBoard gets
+    the weight histograms and charts from rank 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(tmp_path, "fsdp2", ["both+monitor"])
+    _run(tmp_path, "ddp", ["both+monitor"])
+    sharded, replicated = (
+        torch.load(tmp_path / f"{s}-both+monitor_rank0.pt", weights_only=True) for s in ("fsdp2", "ddp")
+    )
+    assert torch.equal(sharded["monitor"], replicated["monitor"])  # sparsity, bytes, ratio
+    assert 0.89 < float(sharded["monitor"][0]) < 0.91
+    (run,) = (tmp_path / "fsdp2-tb" / "lightning_logs").iterdir()
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "histograms": 0})
+    events.Reload()
+    assert {"compress/weights/net.0.weight", "compress/weights/net.4.weight"} <= set(events.Tags()["histograms"])
+    assert "compress/charts/layer_sparsity" in events.Tags()["images"]
