@@ -173,7 +173,8 @@ class IterativePruning(Callback):
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Current masks (bool, ``True`` = kept), keyed by parameter name."""
+        """Current masks (bool, ``True`` = kept), keyed by parameter name: this process's shards under FSDP2
+        (:meth:`state_dict` gathers them whole)."""
         return {} if self._core is None else self._core.masks
 
     @property

@@ -279,7 +279,8 @@ class IterativePruner:
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Current masks (bool, ``True`` = kept), keyed by parameter name."""
+        """Current masks (bool, ``True`` = kept), keyed by parameter name (this process's shards of sharded
+        weights: :meth:`state_dict` gathers them whole)."""
         return self._pruner.bool_masks()
 
     def units(self) -> tuple[int, int]:
