@@ -316,7 +316,9 @@ class QuantizationAwareTraining(Callback):
             inputs = self._captured.get(name) or []
             if not inputs:
                 raise RuntimeError(f"shift search captured no validation input for layer {name!r}.")
-            w_shift, a_shift, _ = search_power_of_two_shifts(module, inputs)
+            w_shift, a_shift, _ = search_power_of_two_shifts(
+                module, inputs, collectives=StrategyCollectives(trainer.strategy)
+            )  # errors summed over every process's batches: the same shifts everywhere
             self.shifts[name] = (w_shift, a_shift)
             pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=False)
             if a_shift is not None:

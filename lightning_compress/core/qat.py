@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .collectives import Collectives, TorchDistributed
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
 from .quant import int_range, power_of_two_scale
 from .selection import Target, select_targets
+from .sharding import is_sharded
 
 __all__ = [
     "SCALE_MODES",
@@ -413,20 +415,31 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def search_power_of_two_shifts(
-    module: nn.Module, inputs: Sequence[Tensor], span: Sequence[int] = (-1, 0, 1, 2)
+    module: nn.Module,
+    inputs: Sequence[Tensor],
+    span: Sequence[int] = (-1, 0, 1, 2),
+    collectives: Collectives | None = None,
 ) -> tuple[int, int | None, float]:
     """Choose the weight and input shifts of one power-of-two QAT layer on real inputs.
 
     Candidates are the no-clipping shift ``p0`` (from the current ranges) plus ``span``; the pair
     with the smallest mean squared error of the layer output against the float output wins and
     is fixed (:meth:`FakeQuantizer.set_shift`). Returns ``(weight shift, input shift, error)``.
+
+    ``collectives``: with several processes (DDP), each passes its own inputs; the input range and
+    every candidate's error are reduced over all of them (one collective each), so every process
+    fixes the same shifts, those the union of the inputs would choose. ``None``: ``torch.distributed``
+    when initialized.
     """
+    group = collectives or TorchDistributed()
     if not isinstance(module, _QATMixin):
         raise TypeError(f"expected a QAT layer, got {type(module).__name__}")
     wq = module.weight_fake_quant
     aq = module.input_fake_quant if isinstance(module.input_fake_quant, FakeQuantizer) else None
     if not inputs:
         raise ValueError("shift search needs at least one captured input batch.")
+    if group.world_size > 1 and isinstance(module.weight, Tensor) and is_sharded(module.weight):
+        raise ValueError("shift search reads the layer's whole weight: it does not run on FSDP2-sharded layers.")
     states = [(q, q.fake_quant_enabled, q.observer_enabled) for q in (wq, aq) if q is not None]
     for q, _, _ in states:
         q.fake_quant_enabled = False
@@ -436,8 +449,8 @@ def search_power_of_two_shifts(
     w0 = int(power_of_two_scale(module.weight.abs().max(), w_qmax)[0])
     a0 = None
     if aq is not None:
-        lo = min(float(x.min()) for x in inputs)
-        hi = max(float(x.max()) for x in inputs)
+        lo = -float(group.all_reduce(torch.tensor([-min(float(x.min()) for x in inputs)]), "max").item())
+        hi = float(group.all_reduce(torch.tensor([max(float(x.max()) for x in inputs)]), "max").item())
         aq.set_signed(lo < 0)
         _, a_qmax = aq.qrange
         a0 = int(power_of_two_scale(torch.tensor(max(abs(lo), abs(hi))), a_qmax)[0])
@@ -449,7 +462,8 @@ def search_power_of_two_shifts(
             if aq is not None and a0 is not None:
                 aq.set_shift(a0 + da)
                 aq.fake_quant_enabled = True
-            error = sum(float(((module(x) - ref) ** 2).mean()) for x, ref in zip(inputs, reference, strict=True))
+            local = sum(float(((module(x) - ref) ** 2).mean()) for x, ref in zip(inputs, reference, strict=True))
+            error = float(group.all_reduce(torch.tensor([local], dtype=torch.float64), "sum").item())
             if best is None or error < best[0]:
                 best = (error, w0 + dw, None if a0 is None else a0 + da)
     assert best is not None

@@ -232,3 +232,49 @@ def test_converting_again_with_other_settings_says_the_layers_keep_theirs():
     with pytest.warns(UserWarning, match="already fake-quantized with other settings and keep them"):
         convert_to_qat(model, QuantConfig(8, 8))
     assert all(q.bits == 4 for n, q in quantizers(model) if n.endswith("weight_fake_quant"))
+
+
+def _shift_search_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        layer = _shift_layer()
+        w_shift, a_shift, error = search_power_of_two_shifts(layer[0], _shift_inputs(rank))
+        torch.save((w_shift, a_shift, error), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _shift_layer() -> nn.Sequential:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(16, 8))
+    convert_to_qat(layer, QuantConfig(4, 4, "power_of_two"))
+    return layer
+
+
+def _shift_inputs(rank: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(rank)
+    return [torch.randn(32, 16, generator=generator) * (1.0 if rank == 0 else 40.0) for _ in range(2)]
+
+
+def test_shift_search_agrees_across_processes_on_every_processs_batches(tmp_path):
+    """Under DDP each process captures different validation batches; the search reduces ranges and errors so
+    both fix the shifts the union of the batches gives (before: rank 1's 40x larger inputs chose its own)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_shift_search_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    union = search_power_of_two_shifts(_shift_layer()[0], _shift_inputs(0) + _shift_inputs(1))
+    alone = search_power_of_two_shifts(_shift_layer()[0], _shift_inputs(0))
+    assert ranks[0][:2] == ranks[1][:2] == union[:2]
+    assert ranks[0][2] == pytest.approx(union[2], rel=1e-9)
+    assert alone[1] != union[1]  # rank 0's batches alone would pick another input shift
