@@ -23,7 +23,7 @@ from ..core.qat import (
     search_power_of_two_shifts,
 )
 from ..core.selection import normalize_patterns
-from ..core.sharding import full, is_sharded
+from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, export_at_fit_end
@@ -150,14 +150,7 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        conflicts = [
-            name
-            for name, is_set in (
-                ("shift_search=True (it evaluates shifts on whole weights)", self.shift_search),
-                sharded_export_conflict(self.export_path),
-            )
-            if is_set
-        ]
+        conflicts = [name for name, is_set in (sharded_export_conflict(self.export_path),) if is_set]
         check_strategy(trainer, "QuantizationAwareTraining", conflicts)
         if stage == "fit":
             max_epochs = trainer.max_epochs
@@ -316,9 +309,10 @@ class QuantizationAwareTraining(Callback):
             inputs = self._captured.get(name) or []
             if not inputs:
                 raise RuntimeError(f"shift search captured no validation input for layer {name!r}.")
-            w_shift, a_shift, _ = search_power_of_two_shifts(
-                module, inputs, collectives=StrategyCollectives(trainer.strategy)
-            )  # errors summed over every process's batches: the same shifts everywhere
+            with unsharded(module, pl_module):  # FSDP2: the layer runs alone, outside the model's forward
+                w_shift, a_shift, _ = search_power_of_two_shifts(
+                    module, inputs, collectives=StrategyCollectives(trainer.strategy)
+                )  # errors summed over every process's batches: the same shifts everywhere
             self.shifts[name] = (w_shift, a_shift)
             pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=False)
             if a_shift is not None:

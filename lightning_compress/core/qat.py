@@ -24,7 +24,7 @@ from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
 from .quant import int_range, power_of_two_scale
 from .selection import Target, select_targets
-from .sharding import is_sharded
+from .sharding import full
 
 __all__ = [
     "SCALE_MODES",
@@ -426,10 +426,11 @@ def search_power_of_two_shifts(
     with the smallest mean squared error of the layer output against the float output wins and
     is fixed (:meth:`FakeQuantizer.set_shift`). Returns ``(weight shift, input shift, error)``.
 
-    ``collectives``: with several processes (DDP), each passes its own inputs; the input range and
+    ``collectives``: with several processes (DDP, FSDP2), each passes its own inputs; the input range and
     every candidate's error are reduced over all of them (one collective each), so every process
-    fixes the same shifts, those the union of the inputs would choose. ``None``: ``torch.distributed``
-    when initialized.
+    fixes the same shifts, those the union of the inputs would choose (each uses as many batches as the
+    process with the fewest). ``None``: ``torch.distributed`` when initialized. Under FSDP2 run it inside
+    :func:`~.sharding.unsharded` when the layer is not its own ``fully_shard`` unit.
     """
     group = collectives or TorchDistributed()
     if not isinstance(module, _QATMixin):
@@ -438,15 +439,15 @@ def search_power_of_two_shifts(
     aq = module.input_fake_quant if isinstance(module.input_fake_quant, FakeQuantizer) else None
     if not inputs:
         raise ValueError("shift search needs at least one captured input batch.")
-    if group.world_size > 1 and isinstance(module.weight, Tensor) and is_sharded(module.weight):
-        raise ValueError("shift search reads the layer's whole weight: it does not run on FSDP2-sharded layers.")
+    if group.world_size > 1:  # every process runs as many forwards (FSDP2 may all-gather in each)
+        inputs = inputs[: int(group.all_reduce(torch.tensor([len(inputs)]), "min").item())]
     states = [(q, q.fake_quant_enabled, q.observer_enabled) for q in (wq, aq) if q is not None]
     for q, _, _ in states:
         q.fake_quant_enabled = False
         q.observer_enabled = False
     reference = [module(x) for x in inputs]
     _, w_qmax = int_range(wq.bits, True)
-    w0 = int(power_of_two_scale(module.weight.abs().max(), w_qmax)[0])
+    w0 = int(power_of_two_scale(full(cast(Tensor, module.weight)).abs().max(), w_qmax)[0])
     a0 = None
     if aq is not None:
         lo = -float(group.all_reduce(torch.tensor([-min(float(x.min()) for x in inputs)]), "max").item())

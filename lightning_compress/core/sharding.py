@@ -13,15 +13,19 @@ puts such runs back together and :func:`local_part` cuts a whole tensor down to 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .collectives import Collectives
 
-__all__ = ["check_row_sharded", "flat_offset", "full", "gather_flat", "is_sharded", "local", "local_part"]
+__all__ = [
+    "check_row_sharded", "flat_offset", "full", "gather_flat", "is_sharded", "local", "local_part", "unsharded",
+]  # fmt: skip
 
 
 def is_sharded(tensor: object) -> bool:
@@ -101,3 +105,24 @@ def gather_flat(part: Tensor, collectives: Collectives) -> Tensor:
     buffer[start : start + part.numel()] = part.to(dtype)
     gathered = collectives.all_reduce(buffer, "sum")
     return gathered.bool() if part.dtype == torch.bool else gathered
+
+
+@contextmanager
+def unsharded(module: nn.Module, root: nn.Module) -> Iterator[None]:
+    """Inside, ``module``'s parameters are whole (FSDP2 ``unshard()`` of the ``fully_shard`` unit that owns it,
+    ``module`` itself or its nearest ancestor in ``root``), so it can run on its own outside the root's forward;
+    resharded after. A collective: every process must enter it. Nothing happens without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    parents = {child: parent for parent in root.modules() for child in parent.children()}
+    owner: nn.Module | None = module
+    while owner is not None and not isinstance(owner, FSDPModule):
+        owner = parents.get(owner)
+    if owner is None:
+        yield
+        return
+    owner.unshard()
+    try:
+        yield
+    finally:
+        owner.reshard()

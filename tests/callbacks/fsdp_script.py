@@ -1,16 +1,20 @@
 """Run by the FSDP2 tests: fit a sharded TinyModule on 2 CPU processes (gloo), and dump each rank's state.
 
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
-``fully_shard`` on every Linear in ``configure_model``, learned scales left whole). A job is a QAT recipe
-(``minmax``, ``power_of_two``, ``learned``, ``8da4w``; ``learned-sharded`` lets ``fully_shard`` shard learned
-scales, which is refused), a pruning recipe (``prune-magnitude``, ``prune-taylor``, ``prune-random``,
-``prune-layer``, ``prune-guard``, ``prune-rewind``, ``prune-regrow``, ``prune-2:4``) or ``both`` (pruning and QAT),
-then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``) or
-``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) or ``+monitor`` (a ``CompressionMonitor``
-logging to TensorBoard) and
-``@resume`` (fit saving a distributed checkpoint every epoch, then resume the one of epoch 2 to 4 epochs). The dump
-holds every tensor of the model whole (``full``), the pruning callback's state (whole masks) and the final
-``val_acc``, so DDP and FSDP2 runs compare directly.
+``fully_shard`` on every Linear in ``configure_model``, learned scales left whole). A job is:
+
+* a QAT recipe: ``minmax``, ``power_of_two``, ``learned``, ``8da4w``, ``shift`` (power of two with shift search),
+  ``shift-root`` (the same with one ``fully_shard`` unit for all layers), ``learned-sharded`` (learned scales
+  left to ``fully_shard``, which is refused);
+* a pruning recipe: ``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``, ``prune-guard``,
+  ``prune-rewind``, ``prune-regrow``, ``prune-2:4``; or ``both`` (pruning and QAT);
+* then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``),
+  ``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) or ``+monitor`` (a
+  ``CompressionMonitor`` logging to TensorBoard), and ``@resume`` (fit saving a distributed checkpoint every
+  epoch, then resume the one of epoch 2 to 4 epochs).
+
+The dump holds every tensor of the model whole (``full``), the pruning callback's state (whole masks) and the
+final ``val_acc``, so DDP and FSDP2 runs compare directly.
 """
 
 import sys
@@ -32,6 +36,7 @@ warnings.filterwarnings("ignore")
 
 class ShardedTiny(TinyModule):
     ignore_scales = True  # pass the learned scales to fully_shard's ignored_params, as the README says
+    per_layer = True  # every Linear its own fully_shard unit (else only the Sequential around them)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -41,7 +46,7 @@ class ShardedTiny(TinyModule):
         mesh = self.device_mesh["data_parallel"]
         whole = learned_scales(self) if self.ignore_scales else None  # LSQ step sizes stay whole and replicated
         for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
+            if isinstance(layer, torch.nn.Linear) and self.per_layer:
                 fully_shard(layer, mesh=mesh, ignored_params=whole)
         fully_shard(self.net, mesh=mesh, ignored_params=whole)
 
@@ -79,12 +84,13 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
         target = 0.5 if kind == "2:4" else 0.9
         return IterativePruning(target, start_epoch=0, end_epoch=3, export_path=export_path, **options)
     if recipe == "learned-sharded":  # per-channel learned weight scales only, left to fully_shard: refused
-        ShardedTiny.ignore_scales = False
         return QuantizationAwareTraining(4, None, scale="learned", start_epoch=1)
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
         return QuantizationAwareTraining(
             4, 8, group_size=8, activation_granularity="per_token", start_epoch=1, export_path=export_path
         )
+    if recipe.startswith("shift"):  # power-of-two scales whose shifts are searched on validation batches
+        return QuantizationAwareTraining(4, 8, scale="power_of_two", shift_search=True, start_epoch=1)
     return QuantizationAwareTraining(4, 8, scale=recipe, start_epoch=1, export_path=export_path)
 
 
@@ -111,20 +117,27 @@ def trainer(
     )  # fmt: skip
 
 
+def sharded_tiny(recipe: str) -> ShardedTiny:
+    model = ShardedTiny(hidden=HIDDEN)
+    model.per_layer = recipe != "shift-root"  # shift-root: the layers share the Sequential's unit
+    model.ignore_scales = recipe != "learned-sharded"
+    return model
+
+
 def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
     for job in jobs:
         recipe, _, resume = job.partition("@")
         recipe, _, extra = recipe.partition("+")
         export_path = f"{out_dir}/{strategy}-{recipe}.lcz" if extra == "export" else None
         pl.seed_everything(0, verbose=False)
-        model = ShardedTiny(hidden=HIDDEN)
+        model = sharded_tiny(recipe)
         made = callbacks(recipe, export_path)
         if resume:
             pruned = any(isinstance(c, IterativePruning) for c in made)
             epochs = 4 if pruned else 2  # a pruning schedule is set by max_epochs
             trainer(strategy, epochs, made, dirpath=f"{out_dir}/{recipe}-ckpt").fit(model)
             pl.seed_everything(0, verbose=False)
-            model = ShardedTiny(hidden=HIDDEN)
+            model = sharded_tiny(recipe)
             made = callbacks(recipe)
             fit = trainer(strategy, 4, made)
             fit.fit(model, ckpt_path=f"{out_dir}/{recipe}-ckpt/epoch=1.ckpt")

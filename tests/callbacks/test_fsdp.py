@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RECIPES = ["minmax", "power_of_two", "learned", "8da4w"]
+RECIPES = ["minmax", "power_of_two", "learned", "8da4w", "shift", "shift-root"]
 
 
 def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
