@@ -15,7 +15,7 @@ from .collectives import Collectives
 from .selection import Target
 from .sharding import is_sharded
 
-__all__ = ["kept_count", "mask_bits", "pruned_counts", "zero_counts"]
+__all__ = ["kept_count", "mask_bits", "pruned_counts", "weight_units", "zero_counts"]
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -41,6 +41,13 @@ def pruned_counts(
     chosen = [t for t in targets if t.param_name in masks]
     local = [masks[t.param_name].numel() - kept_count(masks[t.param_name]) for t in chosen]
     return _summed(chosen, local, collectives)
+
+
+def weight_units(
+    targets: Sequence[Target], masks: dict[str, Tensor], collectives: Collectives | None = None
+) -> tuple[int, int]:
+    """(pruned, total) weights over ``targets``: the units of the rules that prune single weights."""
+    return sum(pruned_counts(targets, masks, collectives).values()), sum(t.numel for t in targets)
 
 
 def zero_counts(targets: Sequence[Target], collectives: Collectives | None = None) -> dict[str, int]:

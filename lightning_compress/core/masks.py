@@ -32,7 +32,7 @@ from .mask_counts import mask_bits
 from .selection import Target
 from .sharding import gather_flat, is_sharded
 
-__all__ = ["MaskPlanError", "compute_masks"]
+__all__ = ["MaskPlanError", "compute_masks", "target_ranking"]
 
 _CHUNK = 1 << 20
 _NUM_BUCKETS = 65537  # 0 = already pruned, 1..65536 = top 16 bits of the key + 32769
@@ -122,16 +122,21 @@ class _Scores:
     def chunks(self) -> Iterator[tuple[int, Tensor]]:
         """``(start, float32 chunk)`` pairs over the flattened scores (of this process's shard)."""
         weight = self.target.local
-        if is_sharded(self.target.param):
-            values, self.magnitude = self.importance.shard_ranking(self.target.key, weight, self.target.offset)
-        else:
-            values, self.magnitude = self.importance.ranking(self.target.key, weight)
+        values, self.magnitude = target_ranking(self.importance, self.target)
         flat = values.detach().reshape(-1).to(weight.device)
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]
             if chunk.dtype != torch.float32:
                 chunk = chunk.float()
             yield start, chunk.contiguous()
+
+
+def target_ranking(importance: Importance, target: Target) -> tuple[Tensor, bool]:
+    """What element-wise rules rank for ``target``, and whether by absolute value: of this process's shard,
+    at its place in the whole weight, when the weight is sharded (FSDP2)."""
+    if is_sharded(target.param):
+        return importance.shard_ranking(target.key, target.local, target.offset)
+    return importance.ranking(target.key, target.local)
 
 
 def _histogram(scores: _Scores, alive: Tensor | None, device: torch.device) -> Tensor:
@@ -386,13 +391,13 @@ def _write_masks(
 
 def _gather_buckets(pending: list[tuple[int, Tensor, Tensor]], group: Collectives) -> list[tuple[int, Tensor, Tensor]]:
     """The threshold buckets of sharded layers, whole: every shard's positions and keys, in rank (= position)
-    order. Three collectives for all layers together."""
+    order. Two collectives for all layers together."""
     world, rank = group.world_size, group.rank
     counts = torch.zeros(world, len(pending), dtype=torch.int64)
     counts[rank] = torch.tensor([pos.numel() for _, pos, _ in pending], dtype=torch.int64)
     counts = group.all_reduce(counts, "sum")
     mine = torch.cat([pos.cpu() for _, pos, _ in pending] + [keys.cpu().long() for _, _, keys in pending])
-    everything = gather_flat(mine, group)
+    everything = gather_flat(mine, group, counts=2 * counts.sum(1))
     per_layer: list[list[Tensor]] = [[] for _ in pending]
     per_keys: list[list[Tensor]] = [[] for _ in pending]
     offset = 0

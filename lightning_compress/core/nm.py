@@ -19,10 +19,9 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance, nonfinite_error
-from .mask_counts import pruned_counts
-from .masks import compute_masks
+from .mask_counts import pruned_counts, weight_units
+from .masks import compute_masks, target_ranking
 from .selection import Target
-from .sharding import is_sharded
 
 __all__ = ["NMRule", "parse_nm"]
 
@@ -94,14 +93,10 @@ class NMRule:
         self.collectives = collectives
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
-        return sum(pruned_counts(self.targets, masks, self.collectives).values()), sum(t.numel for t in self.targets)
+        return weight_units(self.targets, masks, self.collectives)
 
     def _scores(self, target: Target) -> Tensor:
-        weight = target.local
-        if is_sharded(target.param):
-            values, by_magnitude = self.importance.shard_ranking(target.key, weight, target.offset)
-        else:
-            values, by_magnitude = self.importance.ranking(target.key, weight)
+        values, by_magnitude = target_ranking(self.importance, target)
         score = values.detach().float()
         score = score.abs() if by_magnitude else score
         if not bool(torch.isfinite(score).all()):

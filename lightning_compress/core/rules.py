@@ -18,7 +18,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .compact import removable_groups
 from .importance import Importance
-from .mask_counts import pruned_counts
+from .mask_counts import weight_units
 from .masks import compute_masks
 from .nm import NMRule, eligible
 from .selection import Target
@@ -84,7 +84,7 @@ class ElementRule:
         )  # fmt: skip
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
-        return sum(pruned_counts(self.targets, masks, self.collectives).values()), sum(t.numel for t in self.targets)
+        return weight_units(self.targets, masks, self.collectives)
 
 
 def rule_for(

@@ -88,17 +88,19 @@ def local_part(tensor: Tensor, whole: Tensor) -> Tensor:
     return whole.reshape(-1)[start : start + shard.numel()].view(shard.shape)
 
 
-def gather_flat(part: Tensor, collectives: Collectives) -> Tensor:
+def gather_flat(part: Tensor, collectives: Collectives, counts: Tensor | None = None) -> Tensor:
     """Every process's 1-D ``part`` concatenated in rank order, on every process (two sums).
 
-    Parts may differ in length. Bool parts are gathered as bytes and returned as bool.
+    Parts may differ in length. Bool parts are gathered as bytes and returned as bool. ``counts``: every
+    process's length, when the caller already has them (one sum then).
     """
     world = collectives.world_size
     if world == 1:
         return part
-    counts = torch.zeros(world, dtype=torch.int64, device=part.device)
-    counts[collectives.rank] = part.numel()
-    counts = collectives.all_reduce(counts, "sum")
+    if counts is None:
+        counts = torch.zeros(world, dtype=torch.int64, device=part.device)
+        counts[collectives.rank] = part.numel()
+        counts = collectives.all_reduce(counts, "sum")
     start = int(counts[: collectives.rank].sum())
     dtype = torch.uint8 if part.dtype == torch.bool else part.dtype
     buffer = torch.zeros(int(counts.sum()), dtype=dtype, device=part.device)
