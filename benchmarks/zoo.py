@@ -37,6 +37,7 @@ out per seed; an epoch is 48 random windows of 64 bytes x batch 32).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ import multiprocessing
 import pathlib
 import random
 import statistics
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -57,12 +59,15 @@ from common import model_pruning, quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from lightning_compress import IterativePruning
+from lightning_compress import IterativePruning, QuantizationAwareTraining, save_compressed
 from lightning_compress.demo import DigitsCNN, DigitsResNet, load_digits_split
 
 EPOCHS = 30
 PRUNABLE = (nn.Linear, nn.Conv2d)
 METHODS = ["dense", "defaults", "ModelPruning", "ModelPruning+LTH", "reference"]
+# The compressed file: the defaults, then int8 QAT (weights and activations) from the end of the pruning window to
+# the end of training; the model is written with save_compressed and its size compared with torch.save.
+FILE_METHOD = "defaults+int8"
 # Candidate defaults (run with --methods): chosen on seeds and pairs other than those they are judged on.
 # "events": the number of pruning events over the window, placed every window_steps // events optimizer steps.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -310,8 +315,10 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
     start, end = window(epochs)
     callbacks: list[pl.Callback] = []
     train_loader, test_loader = loaders(split, seed, pair.lm)
-    if method == "defaults":
+    if method in ("defaults", FILE_METHOD):
         callbacks.append(IterativePruning(target, start_epoch=start, end_epoch=end))
+        if method == FILE_METHOD:
+            callbacks.append(QuantizationAwareTraining(8, 8, start_epoch=end))
     elif method in CANDIDATES:
         options = dict(CANDIDATES[method])
         if "events" in options:
@@ -340,10 +347,45 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
         "seconds": time.perf_counter() - start_time,
         "warnings": sorted({str(w.message) for w in caught if "IterativePruning" in str(w.message)}),
     }  # fmt: skip
-    if method == "defaults" or method in CANDIDATES:
+    if method == FILE_METHOD:
+        out.update(file_sizes(module))
+    if method in ("defaults", FILE_METHOD) or method in CANDIDATES:
         selected = callbacks[0].pruner.targets  # type: ignore[attr-defined]
         out["selected"] = {"layers": len(selected), "weights": sum(t.numel for t in selected)}
     return out
+
+
+def file_sizes(module: pl.LightningModule) -> dict[str, int]:
+    """Bytes of the ``save_compressed`` file, of ``torch.save(state_dict)``, and of the same without the quantizers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = save_compressed(module, pathlib.Path(tmp) / "model.lcz")
+    buffer = io.BytesIO()
+    torch.save({k: v for k, v in module.state_dict().items() if "_fake_quant." not in k}, buffer)
+    return {"file_bytes": report.file_bytes, "state_dict_bytes": report.baseline_bytes, "float_bytes": buffer.tell()}
+
+
+def file_table(results: list[dict], pairs: list[str], targets: list[float]) -> str:
+    """Markdown: the compressed file against torch.save, mean of the seeds' ratios."""
+    lines = [
+        "| pair | "
+        + " | ".join(f"{100 * t:g}%: file, vs torch.save (vs float state dict), metric" for t in targets)
+        + " |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for pair in pairs:
+        cells = []
+        for target in targets:
+            rows = [r for r in results if r["pair"] == pair and r["method"] == FILE_METHOD and r["target"] == target]
+            if not rows:
+                cells.append("-")
+                continue
+            size = statistics.mean(r["file_bytes"] for r in rows)
+            ratio = statistics.mean(r["state_dict_bytes"] / r["file_bytes"] for r in rows)
+            floats = statistics.mean(r["float_bytes"] / r["file_bytes"] for r in rows)
+            metric = statistics.mean(r["metric"] for r in rows)
+            cells.append(f"{size / 1024:.1f} KiB, **{ratio:.1f}x** ({floats:.1f}x), {metric:.2f}")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run_job(job: tuple[str, str, float, int, int]) -> dict[str, Any]:
@@ -394,7 +436,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(CANDIDATES))
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, FILE_METHOD, *CANDIDATES])
     parser.add_argument("--epochs-scale", type=float, default=1.0, help=f"epochs = {EPOCHS} x this (at least 3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 epochs (prune after epochs 1 and 2)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (1: in this process)")
@@ -437,6 +479,7 @@ def main() -> None:
             *notes,
             "",
             table(results, args.pairs, args.targets, args.methods),
+            *(["", file_table(results, args.pairs, args.targets)] if FILE_METHOD in args.methods else []),
             "",
             f"{len(jobs)} runs, wall time {wall:.0f} s ({wall / 60:.1f} min) on {args.workers} worker(s).",
         ]
