@@ -9,6 +9,7 @@ the channel default ``scope="layer"``):
   event per epoch (the behaviour before this comparison);
 * **events100** / **events25**: the same with ``every_n_steps`` set so that the window holds about
   100 / 25 events (``step_interval(window_steps, n)``, the rule the element default uses);
+* **events100-taylor**: events100 with ``importance="taylor"`` (a candidate for the channel default);
 * **dense**: the same epochs of plain training.
 
 Models: ``DigitsCNN(32)`` and ``DigitsResNet(64, blocks=3)`` on sklearn digits (15 dense epochs,
@@ -43,7 +44,8 @@ from lightning_compress import IterativePruning
 from lightning_compress.core.schedule import step_interval
 
 warnings.filterwarnings("ignore")
-ARMS = {"epoch": None, "events100": 100, "events25": 25}
+ARMS = {"epoch": None, "events100": 100, "events25": 25, "events100-taylor": 100}
+IMPORTANCE = {"events100-taylor": "taylor"}  # every other arm: the default (magnitude)
 EPOCHS = {"cnn": (15, 10), "resnet": (15, 10), "vit": (20, 10), "lenet5": (15, 10), "tinyvit": (20, 10)}
 ZOO = {"lenet5": "lenet5-mnist", "tinyvit": "vit-mnist"}  # the zoo's models on MNIST-5k (benchmarks/zoo.py)
 NAMES = {**NAMES, "lenet5": "LeNet-5, MNIST-5k", "tinyvit": "zoo TinyViT (dim 64, 2 blocks, 4 heads), MNIST-5k"}
@@ -103,11 +105,13 @@ def run(name: str, seed: int, targets: list[float], arms: list[str]) -> dict[str
     for target in targets:
         for arm in arms:
             events = ARMS[arm]
-            every = None if events is None else step_interval(window, events)
+            # "epoch": set explicitly, since channel pruning now defaults to events in steps
+            cadence = {"every_n_epochs": 1} if events is None else {"every_n_steps": step_interval(window, events)}
             pl.seed_everything(seed + 100, verbose=False)
             ours = copy.deepcopy(dense)
             pruning = IterativePruning(
-                target, granularity="channel", start_epoch=0, end_epoch=half, every_n_steps=every
+                target, granularity="channel", start_epoch=0, end_epoch=half, **cadence,
+                importance=IMPORTANCE.get(arm, "magnitude"),
             )  # fmt: skip
             out[f"{arm}@{target}"] = task.fit_test(ours, finetune_epochs, [pruning])
     out["seconds"] = time.perf_counter() - began

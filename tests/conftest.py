@@ -96,3 +96,21 @@ def tiny() -> TinyModule:
 
 def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class SparsityChanges(pl.Callback):
+    """Counts the optimizer steps after which the pruning callback (listed before it) changed the masks."""
+
+    def __init__(self, pruning: pl.Callback) -> None:
+        self.pruning, self.changes, self.last = pruning, 0, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._check()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._check()
+
+    def _check(self) -> None:
+        now = self.pruning.pruner.masked_sparsity()
+        self.changes += now != self.last
+        self.last = now

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 
 from lightning_compress import IterativePruning, sparsity
-from tests.conftest import TinyModule, trainer, weights_of
+from tests.conftest import SparsityChanges, TinyModule, trainer, weights_of
 
 
 def layer_sparsity(model):
@@ -432,24 +432,6 @@ def test_an_event_that_early_stopping_leaves_unjudged_is_rolled_back():
         trainer(max_epochs=6, callbacks=[pruning, StopAfterEpochTwo()]).fit(model)
     assert [d.action for d in pruning.decisions] == ["baseline", "accept", "accept"]
     assert sparsity(model) == pytest.approx(0.2, abs=1e-3)  # two judged events; the third was undone
-
-
-class SparsityChanges(Callback):
-    """Counts the optimizer steps after which the pruning callback (listed before it) changed the masks."""
-
-    def __init__(self, pruning: IterativePruning) -> None:
-        self.pruning, self.changes, self.last = pruning, 0, 0.0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._check()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self._check()
-
-    def _check(self) -> None:
-        now = self.pruning.pruner.masked_sparsity()
-        self.changes += now != self.last
-        self.last = now
 
 
 @pytest.mark.parametrize(

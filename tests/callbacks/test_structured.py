@@ -18,7 +18,7 @@ from lightning_compress import (
 )
 from lightning_compress.core.nm import is_nm
 from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModule, DigitsResNet
-from tests.conftest import trainer
+from tests.conftest import SparsityChanges, trainer
 
 
 def _trainer(callbacks, max_epochs=4, **kwargs):
@@ -219,12 +219,42 @@ def test_channel_needs_example_inputs_and_leaves_the_model_alone():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _NoForward(DigitsClassifier):
+    """A LightningModule that computes in its steps only (``self.net(x)``) and defines no ``forward``."""
+
+    forward = pl.LightningModule.forward
+
+
+def test_channel_needs_a_forward_to_trace_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = _NoForward(DigitsCNN(8))
+    model.training_step = lambda batch, _: torch.nn.functional.cross_entropy(model.net(batch[0]), batch[1])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=r"_NoForward does not define `forward`"):
+        _trainer([IterativePruning(0.5, granularity="channel")]).fit(model, DigitsDataModule(batch_size=32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_nm_without_an_eligible_layer_fails_before_training():
     model = _model("cnn")
     with pytest.raises(ValueError, match="input size is a multiple of 4"):
         _trainer([IterativePruning(0.5, granularity="2:4", include="net.0")]).fit(
             model, DigitsDataModule(batch_size=32)
         )
+
+
+@pytest.mark.parametrize(
+    ("args", "events"), [({}, (8, 24)), ({"every_n_epochs": 1}, (1, 4))], ids=["default", "epochs"]
+)
+def test_channel_pruning_defaults_to_events_in_optimizer_steps(args, events):
+    """Like weights, channels are pruned about 100 times over the window by default (here every step of 24)."""
+    pl.seed_everything(0, verbose=False)
+    model = _model("cnn")
+    pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=4, **args)
+    counter = SparsityChanges(pruning)
+    _trainer([pruning, counter], max_epochs=5).fit(model, DigitsDataModule(batch_size=32))
+    assert events[0] <= counter.changes <= events[1]
+    assert compact(model).channels  # the target is reached: channels are removed
 
 
 def test_channel_pruning_with_the_accuracy_guard_and_rewinding():
