@@ -65,6 +65,23 @@ def _raw(t: Tensor) -> bytes:
     return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _planes(t: Tensor) -> bytes:
+    """A tensor's bytes one byte plane after the other (all first bytes, then all second bytes, ...).
+
+    Floats of one tensor share their sign and exponent bytes, which then sit together for the entropy coder
+    (format 4; about 7-10% off the floating-point data of small models: BatchNorm, biases, scales).
+    """
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    return flat.view(torch.uint8).reshape(-1, flat.element_size()).t().contiguous().numpy().tobytes()
+
+
+def _from_planes(data: Tensor, element: int, version: int) -> Tensor:
+    """Undo :func:`_planes` (files before format 4 store the bytes in order)."""
+    if version < 4 or element == 1:
+        return data.clone()
+    return data.reshape(element, -1).t().contiguous().reshape(-1)
+
+
 def _position_stream(mask: Tensor) -> tuple[str, Tensor]:
     """The smaller of a bitmask and a gap stream for the positions of ``mask``: ``(coding, bytes)``."""
     flat = mask.reshape(-1).cpu()
@@ -177,13 +194,13 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             nonzero = tensor != 0
             count = int(nonzero.sum())
             coding, pos_bytes = _positions(nonzero, sections)
-            value_bytes = sections.add("data", _raw(tensor.reshape(-1)[nonzero.reshape(-1)]))
+            value_bytes = sections.add("data", _planes(tensor.reshape(-1)[nonzero.reshape(-1)]))
             records.append(TensorRecord(**head, kind="sparse", count=count, coding=coding, position_bytes=pos_bytes))
             layers.append(
                 _layer_report(name, tensor, count, 8 * tensor.element_size(), pos_bytes + value_bytes, coding)
             )
         else:
-            sections.add("data", _raw(tensor))
+            sections.add("data", _planes(tensor))
             records.append(TensorRecord(**head, kind="raw"))
     manifest = {
         "format": "lightning-compress",
@@ -263,20 +280,21 @@ def _mask(record: TensorRecord, data: Tensor) -> Tensor:
     return mask
 
 
-def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray) -> dict[str, Tensor]:
+def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, version: int) -> dict[str, Tensor]:
     reader = _Reader(body, sizes)
     tensors: dict[str, Tensor] = {}
     pending: list[tuple[TensorRecord, Tensor, Tensor]] = []  # quantized: need their scales, decoded later
     for record in records:
         dtype, element = record.torch_dtype, record.element_size
         if record.kind == "raw":
-            tensors[record.name] = reader.take("data", record.numel * element).clone().view(dtype).reshape(record.shape)
+            data = _from_planes(reader.take("data", record.numel * element), element, version)
+            tensors[record.name] = data.view(dtype).reshape(record.shape)
             continue
         if record.kind == "alias":
             continue  # filled in below, once every stored tensor is decoded
         mask = _mask(record, reader.take("positions", record.position_bytes))
         if record.kind == "sparse":
-            values = reader.take("data", record.count * element).clone().view(dtype)
+            values = _from_planes(reader.take("data", record.count * element), element, version).view(dtype)
             out = torch.zeros(record.numel, dtype=dtype)
             out[mask] = values
             tensors[record.name] = out.reshape(record.shape)
@@ -313,6 +331,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     def body_size(manifest: dict[str, Any], version: int) -> int:
         try:
             planned["records"], planned["sizes"] = plan(model, manifest, version)
+            planned["version"] = version
         except ArchitectureMismatch as err:
             raise CompressedFileError(f"{path} {err}") from err
         except CompressedFileError as err:
@@ -322,7 +341,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     manifest, body = read_container(path, max_raw_bytes(model), max_manifest_bytes(model), body_size)
     records: list[TensorRecord] = planned["records"]
     try:
-        tensors = _decode_all(records, planned["sizes"], body)
+        tensors = _decode_all(records, planned["sizes"], body, planned["version"])
     except CompressedFileError as err:
         raise CompressedFileError(f"{path} is corrupted: {err}") from err
     except (IndexError, TypeError, ValueError, RuntimeError) as err:

@@ -25,15 +25,16 @@ from typing import IO, Any
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "CompressedFileError", "read_container", "write_container"]
 
 MAGIC = b"LCZ\x89"
-FORMAT_VERSION = 3  # 3: tied tensors stored once (alias records), dense int codes, int4 group scales
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 3: tied tensors stored once (alias records), dense int codes, int4 group scales;
+# 4: floating-point data stored byte plane by byte plane
+READABLE_VERSIONS = (1, 2, 3, 4)
 HEADER = struct.Struct("<4sHBBQQ32s")
 CODEC_LZMA = 1
 # raw LZMA2 (our header carries lengths and a checksum); lc=0: the numeric streams have little byte context.
 # The dictionary is also the decoder's window, held in memory while reading: 8 MiB (format 1 used 64 MiB).
-_DICT = {1: 64 << 20, 2: 8 << 20, 3: 8 << 20}
+_DICT = {1: 64 << 20, 2: 8 << 20, 3: 8 << 20, 4: 8 << 20}
 FILTERS = [
-    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": _DICT[3], "lc": 0, "lp": 0, "pb": 0}
+    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": _DICT[4], "lc": 0, "lp": 0, "pb": 0}
 ]
 _CHUNK = 1 << 20
 _PREFIX = struct.Struct("<I")

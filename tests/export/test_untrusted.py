@@ -181,3 +181,29 @@ def test_format_2_files_still_load():
     load_compressed(fresh, Path(__file__).parent / "data" / "format_v2.lcz")
     expected = compressed_net(0.9, QuantConfig(4, 8))
     torch.testing.assert_close(fresh.eval()(inputs()), expected(inputs()), atol=1e-6, rtol=0)
+
+
+def test_format_3_files_still_load():
+    """Written by the code at commit 8c8c296 (format 3, bytes in order): ``save_compressed(compressed_net(0.9))``."""
+    fresh = Net()
+    load_compressed(fresh, Path(__file__).parent / "data" / "format_v3.lcz")
+    expected = compressed_net(0.9)
+    torch.testing.assert_close(fresh.eval()(inputs()), expected(inputs()), atol=1e-6, rtol=0)
+
+
+def test_format_4_stores_floating_point_data_by_byte_planes_and_is_smaller_than_format_3(tmp_path):
+    model = compressed_net(0.9)
+    save_compressed(model, tmp_path / "m.lcz")
+    manifest, body = forge.read(tmp_path / "m.lcz")
+    assert manifest["version"] == 4
+    first = manifest["tensors"][[r["kind"] for r in manifest["tensors"]].index("raw")]
+    tensor = model.state_dict()[first["name"]]
+    data = body[sum(manifest["sections"][:2]) :]  # the data section starts with the first raw record
+    planes = tensor.contiguous().view(torch.uint8).reshape(-1, tensor.element_size()).t()
+    assert data[: tensor.numel()] == bytes(planes[0].tolist())  # all first bytes, then all second bytes, ...
+    assert (tmp_path / "m.lcz").stat().st_size < (Path(__file__).parent / "data" / "format_v3.lcz").stat().st_size
+    fresh = Net()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    raw = [r["name"] for r in manifest["tensors"] if r["kind"] in ("raw", "sparse")]
+    assert raw and all(torch.equal(model.state_dict()[k], fresh.state_dict()[k]) for k in raw)  # bit for bit
+    torch.testing.assert_close(fresh.eval()(inputs()), model(inputs()), atol=1e-6, rtol=0)
