@@ -94,7 +94,9 @@ def _steps_per_epoch(task: _Task | _ZooTask) -> int:
     return len(task.data.train_dataloader())
 
 
-def run(name: str, seed: int, targets: list[float], arms: list[str]) -> dict[str, Any]:
+def run(
+    name: str, seed: int, targets: list[float], arms: list[str], window_epochs: int | None = None
+) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -106,7 +108,7 @@ def run(name: str, seed: int, targets: list[float], arms: list[str]) -> dict[str
     began = time.perf_counter()
     pl.seed_everything(seed + 100, verbose=False)
     out: dict[str, Any] = {"dense": task.fit_test(copy.deepcopy(dense), finetune_epochs, [])}
-    half = finetune_epochs // 2
+    half = window_epochs or finetune_epochs // 2  # the pruning window: epochs 0 .. half - 1 of the fine-tuning
     window = half * _steps_per_epoch(task)
     for target in targets:
         for arm in arms:
@@ -130,15 +132,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--window", type=int, default=None, help="pruning epochs (default: half the fine-tuning)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "channel_cadence.json"))
     args = parser.parse_args()
     began = time.perf_counter()
-    jobs = [(m, s, args.targets, args.arms) for m in args.models for s in args.seeds]
+    jobs = [(m, s, args.targets, args.arms, args.window) for m in args.models for s in args.seeds]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         outputs = pool.starmap(run, jobs)
     runs = [{"model": m, "seed": s, **o} for (m, s, *_), o in zip(jobs, outputs, strict=True)]
-    results = {"seeds": args.seeds, "targets": args.targets, "runs": runs,
+    results = {"seeds": args.seeds, "targets": args.targets, "window": args.window, "runs": runs,
                "wall_seconds": time.perf_counter() - began}  # fmt: skip
     pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nseeds {args.seeds}, wall {results['wall_seconds'] / 60:.0f} min; test accuracy, mean (per seed)\n")
