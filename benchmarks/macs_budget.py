@@ -4,9 +4,9 @@ Torch-Pruning's uniform 50% (``MetaPruner``, L2 group importance, one shot, then
 the budget: the fraction of the dense model's multiply-accumulates its result keeps. At exactly
 that budget, from the same dense weights and with the same fine-tuning epochs:
 
-* **macs-global**: ``IterativePruning(1 - budget, granularity="channel", measure="macs")``, every
-  other argument at its default (global scope, magnitude): channels ranked by normalized score per
-  MAC their removal saves;
+* **macs-global**: ``IterativePruning(1 - budget, granularity="channel", measure="macs", scope="global")``,
+  every other argument at its default (magnitude): channels ranked by normalized score per MAC their
+  removal saves;
 * **macs-layer**: the same with ``scope="layer"``: the same fraction of every group's channels
   (Torch-Pruning's allocation), the channels chosen by magnitude during fine-tuning;
 * **channels-global**: ``IterativePruning(0.5, granularity="channel", scope="global")``, the
@@ -112,7 +112,7 @@ def run(name: str, seed: int, dense_epochs: int, finetune_epochs: int) -> dict[s
 
     half = finetune_epochs // 2
     arms = {
-        "macs-global": {"target_sparsity": 1 - budget, "measure": "macs"},
+        "macs-global": {"target_sparsity": 1 - budget, "measure": "macs", "scope": "global"},
         "macs-layer": {"target_sparsity": 1 - budget, "measure": "macs", "scope": "layer"},
         "channels-global": {"target_sparsity": 0.5, "scope": "global"},  # the channel default before session 7
     }
