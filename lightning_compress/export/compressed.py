@@ -61,10 +61,6 @@ class _Sections:
         return b"".join(b"".join(self.parts[name]) for name in SECTIONS)
 
 
-def _raw(t: Tensor) -> bytes:
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def _planes(t: Tensor) -> bytes:
     """A tensor's bytes one byte plane after the other (all first bytes, then all second bytes, ...).
 
