@@ -29,22 +29,33 @@ import torch
 from torch import Tensor, nn
 
 from .channel_cost import ChannelCost
+from .collectives import Collectives, TorchDistributed
 from .importance import Importance, MagnitudeImportance, nonfinite_error
 from .masks import floor_count
 from .selection import Target
+from .sharding import is_sharded, row_range
 from .structure import ChannelGroup, nonzero_channels, param_slices, per_position
 
 __all__ = ["ChannelRule"]
 
 
 class _Part:
-    """One parameter's share of a group: positions along ``dim`` and their channels."""
+    """One parameter's share of a group: positions along ``dim`` and their channels.
+
+    ``local_index``/``local_channel``: the positions this process's shard holds (in the shard) and their
+    channels; for a parameter that is not sharded, or cut along another dim than its rows, all of them.
+    """
 
     def __init__(self, target: Target, dim: int, index: Tensor, channel: Tensor) -> None:
         self.target = target
         self.dim = dim
         self.index = index
         self.channel = channel
+        self.local_index, self.local_channel = index, channel
+        if dim == 0 and is_sharded(target.param):
+            start, stop = row_range(target.param)
+            held = (index >= start) & (index < stop)
+            self.local_index, self.local_channel = index[held] - start, channel[held]
 
 
 class ChannelRule:
@@ -58,6 +69,7 @@ class ChannelRule:
         scope: ``"global"`` (one threshold over mean-normalized scores) or ``"layer"``.
         min_density: every group keeps at least this fraction of its channels (and at least one).
         cost: count multiply-accumulates instead of channels (``measure="macs"``).
+        collectives: the processes sharing sharded (FSDP2) parameters (default: ``torch.distributed``'s).
     """
 
     exchanges_weights: ClassVar[bool] = False
@@ -70,6 +82,7 @@ class ChannelRule:
         scope: str = "global",
         min_density: float = 0.0,
         cost: ChannelCost | None = None,
+        collectives: Collectives | None = None,
     ) -> None:
         if not groups:
             raise ValueError("no prunable channel group: nothing for granularity='channel' to prune.")
@@ -95,11 +108,15 @@ class ChannelRule:
                     parts.append(_Part(target, dim, s.index, s.channel))
             self._parts.append(parts)
         self.total_channels = sum(g.size for g in self.groups)
+        self.collectives: Collectives = collectives or TorchDistributed()
+        self.sharded = any(is_sharded(t.param) for t in self.targets)
         self._check(self.importance)
 
     # ------------------------------------------------------------------ state of the masks
     def alive(self, masks: dict[str, Tensor]) -> list[Tensor]:
         """Per group, a bool tensor of the channels still kept under ``masks``."""
+        if self.sharded:
+            return self._alive_sharded(masks)
         out = []
         for group, parts in zip(self.groups, self._parts, strict=True):
             kept = torch.ones(group.size, dtype=torch.bool)
@@ -111,6 +128,27 @@ class ChannelRule:
                 break  # every part of a channel is masked together: one is enough
             out.append(kept)
         return out
+
+    def _alive_sharded(self, masks: dict[str, Tensor]) -> list[Tensor]:
+        """:meth:`alive` from this process's shards of the masks: kept entries per channel, summed over processes."""
+        counts = []
+        for group, parts in zip(self.groups, self._parts, strict=True):
+            count = torch.zeros(group.size, dtype=torch.float64)
+            for part in parts:
+                mask = masks.get(part.target.param_name)
+                if mask is None:  # not masked yet: all kept
+                    kept = torch.ones(part.local_channel.numel(), dtype=torch.float64)
+                else:
+                    kept = per_position(mask.double(), part.dim, part.local_index).cpu()
+                count.index_add_(0, part.local_channel, kept)
+            counts.append(count)
+        return [c > 0 for c in self._sum_over_processes(counts)]
+
+    def _sum_over_processes(self, values: list[Tensor]) -> list[Tensor]:
+        """Every group's per-channel values summed over the processes (one collective for all groups)."""
+        device = self.targets[0].local.device
+        flat = self.collectives.all_reduce(torch.cat(values).to(device), "sum").cpu()
+        return list(flat.split([v.numel() for v in values]))
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
         """(pruned channels, prunable channels); with a cost, (MACs removed, dense MACs)."""
@@ -141,14 +179,24 @@ class ChannelRule:
             score = torch.zeros(group.size, dtype=torch.float64)
             for part in parts:
                 target = part.target
-                values = self.importance.channel_contribution(target.key, target.param, target.module)
+                if self.sharded and not is_sharded(target.param) and self.collectives.rank != 0:
+                    continue  # a whole (replicated) parameter among sharded ones: counted once, by rank 0
+                if self.sharded:
+                    values = self.importance.shard_channel_contribution(
+                        target.key, target.local, target.module, target.offset
+                    )
+                else:
+                    values = self.importance.channel_contribution(target.key, target.param, target.module)
                 if values is None:
                     continue
-                per = per_position(values.detach().double(), part.dim, part.index).cpu()
-                score.index_add_(0, part.channel, per)
+                per = per_position(values.detach().double(), part.dim, part.local_index).cpu()
+                score.index_add_(0, part.local_channel, per)
+            out.append(score)
+        if self.sharded:
+            out = self._sum_over_processes(out)
+        for group, score in zip(self.groups, out, strict=True):
             if not bool(torch.isfinite(score).all()):
                 raise nonfinite_error(f"channel group {group.name!r}")
-            out.append(score)
         return out
 
     # ------------------------------------------------------------------ selection
@@ -234,14 +282,15 @@ class ChannelRule:
         return after(low)
 
     def masks_for(self, alive: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Bool parameter masks that keep exactly the ``alive`` channels of every group."""
-        masks = {t.param_name: torch.ones_like(t.param, dtype=torch.bool) for t in self.targets}
+        """Bool parameter masks that keep exactly the ``alive`` channels of every group (this process's shards of
+        them for sharded parameters)."""
+        masks = {t.param_name: torch.ones_like(t.local, dtype=torch.bool) for t in self.targets}
         for parts, keep in zip(self._parts, alive, strict=True):
             for part in parts:
-                dead = ~keep[part.channel]
+                dead = ~keep[part.local_channel]
                 if bool(dead.any()):
                     mask = masks[part.target.param_name]
-                    mask.index_fill_(part.dim, part.index[dead].to(mask.device), False)
+                    mask.index_fill_(part.dim, part.local_index[dead].to(mask.device), False)
         return masks
 
 

@@ -94,6 +94,11 @@ class Importance:
         """What ``weight`` (a parameter of ``module`` in a channel group) adds to its channels' scores."""
         return check_scores(self, f"{name!r}", self.score(name, weight), weight.shape).detach()
 
+    def shard_channel_contribution(self, name: str, shard: Tensor, module: nn.Module, offset: int) -> Tensor | None:
+        """:meth:`channel_contribution` of one process's shard of a sharded (FSDP2) parameter, whose first
+        element is element ``offset`` of the whole parameter flattened. The default scores the shard alone."""
+        return self.channel_contribution(name, shard, module)
+
     def cannot_score(self, modules: Sequence[nn.Module]) -> str | None:
         """Why a channel group made of ``modules`` cannot be scored by this criterion (``None``: it can)."""
         return None
@@ -223,6 +228,9 @@ class RandomImportance(Importance):
 
     def shard_ranking(self, name: str, shard: Tensor, offset: int) -> tuple[Tensor, bool]:
         return self._draw(name, shard, offset), False
+
+    def shard_channel_contribution(self, name: str, shard: Tensor, module: nn.Module, offset: int) -> Tensor | None:
+        return self._draw(name, shard, offset)
 
     def _draw(self, name: str, weight: Tensor, offset: int) -> Tensor:
         """Scores of the elements ``offset .. offset + weight.numel()`` of the whole flattened weight."""

@@ -35,7 +35,7 @@ from .controller import AccuracyGuard, GuardDecision
 from .importance import Importance
 from .masks import floor_count
 from .pruner import Pruner
-from .rules import MaskRule, rule_for
+from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
 
@@ -73,6 +73,9 @@ class IterativePruner:
             when they fit the selection and the model still carries them (every masked weight is zero).
         warn, info: how warnings (default :func:`warnings.warn`) and notes (default the module's logger) are
             reported.
+        structure: for ``granularity="channel"``: the channel groups traced on the whole model
+            (:func:`~.rules.channel_structure`); required when its weights are sharded (FSDP2: trace before
+            ``fully_shard``), else traced here.
         importance, scope, schedule, granularity, include, exclude, min_density, regrow, max_drop,
         mode, seed, measure: the method, as in :class:`~.config.PruningConfig` (the callback's arguments of
         the same names; a callable ``schedule`` receives the step).
@@ -120,6 +123,7 @@ class IterativePruner:
         previous: IterativePruner | None = None,
         warn: Callable[[str], None] | None = None,
         info: Callable[[str], None] | None = None,
+        structure: ChannelStructure | None = None,
     ) -> None:
         config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
@@ -127,7 +131,7 @@ class IterativePruner:
         )  # fmt: skip
         self._build(
             model, config, total_steps, start_step, every_n_steps, rewind_step, judged_until, example_inputs,
-            optimizers, collectives, previous, warn, info,
+            optimizers, collectives, previous, warn, info, structure,
         )  # fmt: skip
 
     @classmethod
@@ -147,12 +151,13 @@ class IterativePruner:
         previous: IterativePruner | None = None,
         warn: Callable[[str], None] | None = None,
         info: Callable[[str], None] | None = None,
+        structure: ChannelStructure | None = None,
     ) -> IterativePruner:
         """The same pruner from a validated :class:`~.config.PruningConfig` (what the callback holds)."""
         self = cls.__new__(cls)
         self._build(
             model, config, total_steps, start_step, every_n_steps, rewind_step, judged_until, example_inputs,
-            optimizers, collectives, previous, warn, info,
+            optimizers, collectives, previous, warn, info, structure,
         )  # fmt: skip
         return self
 
@@ -171,10 +176,11 @@ class IterativePruner:
         previous: IterativePruner | None,
         warn: Callable[[str], None] | None,
         info: Callable[[str], None] | None,
+        structure: ChannelStructure | None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if config.granularity == "channel" and example_inputs is None:
+        if config.granularity == "channel" and example_inputs is None and structure is None:
             raise ValueError(
                 "`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict)."
             )
@@ -185,7 +191,7 @@ class IterativePruner:
         targets = select_targets(model, config.include, config.exclude)
         rule, self.left_alone = rule_for(
             model, targets, config.granularity, config.nm, config.make_importance(), str(config.scope),
-            config.min_density or 0.0, example_inputs, config.measure, self.collectives,
+            config.min_density or 0.0, example_inputs, config.measure, self.collectives, structure,
         )  # fmt: skip
         self._pruner = Pruner(rule, regrow=config.regrow, collectives=self.collectives)
         if self.left_alone and config.nm is not None:

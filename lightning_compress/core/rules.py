@@ -9,6 +9,7 @@ granularity; the callback, :class:`~.iterative.IterativePruner` and ``prune_`` a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
@@ -23,9 +24,9 @@ from .masks import compute_masks
 from .nm import NMRule, eligible
 from .selection import Target
 from .sharding import check_row_sharded, is_sharded
-from .structure import build_channel_groups
+from .structure import ChannelGroup, build_channel_groups
 
-__all__ = ["ElementRule", "MaskRule", "rule_for"]
+__all__ = ["ChannelStructure", "ElementRule", "MaskRule", "channel_structure", "rule_for"]
 
 
 class MaskRule(Protocol):
@@ -87,6 +88,40 @@ class ElementRule:
         return weight_units(self.targets, masks, self.collectives)
 
 
+@dataclass(frozen=True)
+class ChannelStructure:
+    """What ``granularity="channel"`` traces on a model: its prunable channel groups (by module name), the
+    groups left alone with why, and what channels cost when counted in MACs.
+
+    Traced on the whole model; it holds names and positions only, so a structure traced before the model is
+    sharded (FSDP2) applies to the sharded model with the same module names.
+    """
+
+    groups: list[ChannelGroup]
+    left: dict[str, str] = field(default_factory=dict)
+    cost: ChannelCost | None = None
+
+
+def channel_structure(
+    model: nn.Module, targets: list[Target], example_inputs: Any, measure: str = "channels"
+) -> ChannelStructure:
+    """Trace ``model``'s channel groups among the selected ``targets`` (one forward per candidate group).
+
+    Raises:
+        ValueError: no group can be pruned (each reason given).
+    """
+    groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
+    groups, rejected = removable_groups(model, example_inputs, groups)
+    left.update(rejected)
+    if not groups:
+        raise ValueError(
+            "`granularity`='channel' found no channel group it can prune: "
+            + "; ".join(f"{name}: {why}" for name, why in left.items())
+        )
+    cost = ChannelCost(model, example_inputs, groups) if measure == "macs" else None
+    return ChannelStructure(groups, left, cost)
+
+
 def rule_for(
     model: nn.Module,
     targets: list[Target],
@@ -98,6 +133,7 @@ def rule_for(
     example_inputs: Any = None,
     measure: str = "channels",
     collectives: Collectives | None = None,
+    structure: ChannelStructure | None = None,
 ) -> tuple[MaskRule, dict[str, str]]:
     """Return the rule of ``granularity`` over the selected ``targets``, and what it leaves alone, and why.
 
@@ -110,7 +146,9 @@ def rule_for(
         min_density: the per-layer floor with global scope.
         example_inputs: for ``"channel"``: what the model's ``forward`` takes.
         measure: for ``"channel"``: the unit, ``"channels"`` or ``"macs"`` (:class:`~.channel_cost.ChannelCost`).
-        collectives: the processes sharing sharded (FSDP2) weights (``"channel"`` refuses those).
+        collectives: the processes sharing sharded (FSDP2) weights.
+        structure: for ``"channel"``: the groups already traced (:func:`channel_structure`; required when the
+            weights are sharded, as a sharded model cannot be traced); else traced here.
 
     Raises:
         ValueError: nothing the granularity can prune.
@@ -119,12 +157,19 @@ def rule_for(
     if unsupported:
         raise ValueError(f"cannot prune these sharded weights: {unsupported[0]}.")
     sharded = [t for t in targets if is_sharded(t.param)]
-    crossing = [t.name for t in sharded if granularity == "channel" or (nm is not None and t.in_axis == 0)]
+    crossing = [t.name for t in sharded if nm is not None and t.in_axis == 0]
     if crossing:
         raise ValueError(
-            f"`granularity`={granularity!r} cannot prune sharded (FSDP2) weights {crossing[:3]}: its units cross the "
-            "shards' rows (channels span the layers that consume them; N:M blocks of a weight stored (in, out) run "
-            "down its rows). Use granularity='element', or strategy='ddp'."
+            f"`granularity`={granularity!r} cannot prune sharded (FSDP2) weights {crossing[:3]}: they are stored "
+            "(in, out), so N:M blocks along their input run down the shards' rows. Use granularity='element', or "
+            "strategy='ddp'."
+        )
+    if granularity == "channel" and sharded and structure is None:
+        raise ValueError(
+            f"`granularity`='channel' cannot trace a sharded (FSDP2) model ({sharded[0].name} is sharded): trace "
+            "the whole model before `fully_shard` with `lightning_compress.core.rules.channel_structure(model, "
+            "targets, example_inputs)` and pass it as `IterativePruner(..., structure=...)` (the IterativePruning "
+            "callback does this at `setup`)."
         )
     if nm is not None:
         m = nm[1]
@@ -140,13 +185,10 @@ def rule_for(
         return NMRule(kept, importance, nm[0], nm[1], scope, collectives), left
     if granularity != "channel":
         return ElementRule(targets, importance, scope, min_density, collectives), {}
-    groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
-    groups, rejected = removable_groups(model, example_inputs, groups)
-    left.update(rejected)
-    if not groups:
-        raise ValueError(
-            "`granularity`='channel' found no channel group it can prune: "
-            + "; ".join(f"{name}: {why}" for name, why in left.items())
-        )
-    cost = ChannelCost(model, example_inputs, groups) if measure == "macs" else None
-    return ChannelRule(model, groups, importance, scope, min_density, cost), left
+    if structure is None:
+        structure = channel_structure(model, targets, example_inputs, measure)
+    rule = ChannelRule(model, structure.groups, importance, scope, min_density, structure.cost, collectives)
+    unsupported = [why for t in rule.targets if (why := check_row_sharded(t.param, t.name)) is not None]
+    if unsupported:
+        raise ValueError(f"cannot prune these sharded weights: {unsupported[0]}.")
+    return rule, dict(structure.left)

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from .collectives import Collectives
 
 __all__ = [
-    "check_row_sharded", "flat_offset", "full", "gather_flat", "is_sharded", "local", "local_part", "unsharded",
+    "check_row_sharded", "flat_offset", "full", "gather_flat", "is_sharded", "local", "local_part", "row_range",
+    "unsharded",
 ]  # fmt: skip
 
 
@@ -77,6 +78,15 @@ def flat_offset(tensor: Tensor) -> int:
     per = -(-rows // world)
     start = min(per * tensor.device_mesh.get_local_rank(), rows)  # type: ignore[attr-defined]
     return start * (tensor.numel() // rows if rows else 0)
+
+
+def row_range(tensor: Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of the whole ``tensor`` that this process's shard holds (all rows if not sharded)."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    if not is_sharded(tensor):
+        return 0, rows
+    start = flat_offset(tensor) // (tensor.numel() // rows) if rows and tensor.numel() else 0
+    return start, start + local(tensor).shape[0]
 
 
 def local_part(tensor: Tensor, whole: Tensor) -> Tensor:
