@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from ..core.compact import compact
+from ..core.qat import quantizers
 from ..core.sharding import is_sharded
-from ..export.compressed import save_compressed
+from ..core.skeleton import materialize_, meta_copy
+from ..export.compressed import load_compressed, save_compressed
 from ..export.onnx import export_onnx
 from ..export.report import CompressionReport
+from ._validation import may_shard
 
 
 def check_export_path(path: Any) -> Path | None:
@@ -43,26 +49,78 @@ def example_inputs(pl_module: pl.LightningModule) -> Any:
     return pl_module.on_after_batch_transfer(example, 0)
 
 
+def export_template(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path | None, compacted: bool = False
+) -> nn.Module | None:
+    """At ``setup``, under a strategy that may shard the module (FSDP2): a copy of it without its weights (meta
+    parameters, no memory), for an export that needs the whole model (ONNX, or a compacted file); else ``None``.
+
+    At the end of fit the sharded model is gathered into it on rank zero (:func:`export_at_fit_end`).
+    """
+    if path is None or not may_shard(trainer) or not (path.suffix == ".onnx" or compacted):
+        return None
+    mesh = pl_module.device_mesh
+    return meta_copy(pl_module, buffers=False, share=() if mesh is None else (mesh,))
+
+
+def check_export_template(template: nn.Module | None, pl_module: pl.LightningModule, callback: str) -> None:
+    """At ``on_fit_start`` (after ``configure_model``): the copy taken at ``setup`` must hold every weight of the
+    model (not so when ``configure_model`` builds layers); fake-quant layers converted since are rebuilt at export."""
+    if template is None:
+        return
+    copied = {name for name, _ in template.named_parameters()}
+    quantizer_prefixes = tuple(f"{name}." for name, _ in quantizers(pl_module))
+    missing = [
+        name
+        for name, _ in pl_module.named_parameters()
+        if name not in copied and not name.startswith(quantizer_prefixes)
+    ]
+    if missing:
+        raise ValueError(
+            f"{callback}'s `export_path` exports the whole model at the end of a sharded fit, rebuilt from the module "
+            f"as it was at `setup`, but {missing[:3]} did not exist then (built in `configure_model`?). Build the "
+            "layers in `__init__` and only shard them in `configure_model`, or export a compressed file "
+            "(export_path='model.lcz')."
+        )
+
+
 def export_at_fit_end(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, compacted: bool = False
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    path: Path,
+    compacted: bool = False,
+    template: nn.Module | None = None,
 ) -> CompressionReport | None:
     """Write the model (unchanged) to ``path`` on global rank zero; ``.onnx`` gives ONNX, anything else our format.
 
     ``compacted``: export a compacted copy (pruned channels removed); the model in training keeps its shapes.
-    A model sharded by FSDP2 is gathered by every process and written by rank zero (our format only: the
-    callbacks refuse ``.onnx`` then, at setup).
+    A model sharded by FSDP2 is gathered by every process into a compressed file; rank zero writes it, or, with
+    a ``template`` (:func:`export_template`), loads it into the template and exports that (ONNX, compacted).
     """
     if any(is_sharded(p) for p in pl_module.parameters()):
-        report = save_compressed(pl_module, path)  # every process gathers; rank zero writes
-        rank_zero_info(f"Exported the compressed model:\n{report}")
-        return report
+        if template is None:
+            report = save_compressed(pl_module, path)  # every process gathers; rank zero writes
+            rank_zero_info(f"Exported the compressed model:\n{report}")
+            return report
+        with tempfile.TemporaryDirectory() as staging:
+            staged = Path(staging) / "gathered.lcz"
+            save_compressed(pl_module, staged)  # every process gathers; rank zero writes
+            if trainer.global_rank != 0:
+                return None
+            load_compressed(materialize_(template), staged)
+        return _export(template, path, move_data_to_device(example_inputs(pl_module), "cpu"), compacted)
     if trainer.global_rank != 0:
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    example = example_inputs(pl_module)
-    model: pl.LightningModule = pl_module
+    model: nn.Module = pl_module
     if compacted:
         model = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer
+    return _export(model, path, example_inputs(pl_module), compacted)
+
+
+def _export(model: nn.Module, path: Path, example: Any, compact_first: bool) -> CompressionReport:
+    """Compact ``model`` in place if asked (a copy or template), then write it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compact_first:
         rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
     report = export_onnx(model, path, example) if path.suffix == ".onnx" else save_compressed(model, path)
     rank_zero_info(f"Exported the compressed model:\n{report}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -11,51 +9,33 @@ from torch import Tensor
 from ..core.checks import check_choice, check_float, check_int
 
 __all__ = [
-    "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "sharded_export_conflict",
+    "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "may_shard",
 ]  # fmt: skip
 
 
-def check_strategy(trainer: Any, callback: str, sharded_conflicts: Sequence[str] | None = None) -> None:
-    """Refuse strategies the callback cannot run under.
-
-    ``sharded_conflicts``: ``None`` if the callback cannot run with sharded parameters at all; else
-    the arguments set that cannot, each with why (empty: FSDP2 through ``ModelParallelStrategy`` is supported).
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+def check_strategy(trainer: Any, callback: str) -> None:
+    """Refuse strategies the callback cannot run under: FSDP1 and DeepSpeed (FSDP2 through
+    ``ModelParallelStrategy``, DDP and a single device are supported)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     strategy = getattr(trainer, "strategy", None)
-    fsdp2 = "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with `fully_shard` in configure_model"
     if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
-        supported = (
-            f"strategy='ddp', a single device or FSDP2 ({fsdp2})"
-            if sharded_conflicts is not None
-            else ("strategy='ddp' (tested with 2 processes) or a single device")
+        fsdp2 = (
+            "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with `fully_shard` in configure_model"
         )
         raise ValueError(
             f"{callback} does not support {type(strategy).__name__}: it flattens or wraps the parameters, so "
-            f"per-weight masks and fake-quant layers cannot attach to them. Use {supported}."
+            f"per-weight masks and fake-quant layers cannot attach to them. Use strategy='ddp', a single device or "
+            f"FSDP2 ({fsdp2})."
         )
-    if isinstance(strategy, ModelParallelStrategy):
-        if sharded_conflicts is None:
-            raise ValueError(
-                f"{callback} does not support sharded parameters yet ({type(strategy).__name__}): its masks would "
-                "have to live with each process's shard. Use strategy='ddp' or a single device."
-            )
-        if sharded_conflicts:
-            raise ValueError(
-                f"{callback} runs under {type(strategy).__name__} (FSDP2), but not with "
-                + "; ".join(sharded_conflicts)
-                + ". Leave them at their defaults, or use strategy='ddp'."
-            )
 
 
-def sharded_export_conflict(export_path: Path | None) -> tuple[str, bool]:
-    """``export_path`` as a conflict for :func:`check_strategy`: an ONNX file cannot be exported from shards."""
-    return (
-        "export_path to an .onnx file (ONNX export traces the model whole: write a compressed file, e.g. "
-        "export_path='model.lcz', then load_compressed it into the unsharded model and export_onnx)",
-        export_path is not None and export_path.suffix == ".onnx",
-    )
+def may_shard(trainer: Any) -> bool:
+    """Whether ``configure_model`` may shard the parameters (FSDP2 through ``ModelParallelStrategy``): what needs
+    the whole model (tracing channel groups) must then be done at ``setup``."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
 
 
 class StrategyCollectives:

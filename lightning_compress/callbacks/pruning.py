@@ -12,15 +12,25 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from ..core.config import PruningConfig
 from ..core.controller import GuardDecision
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
 from ..core.mask_counts import zero_counts
+from ..core.rules import ChannelStructure, channel_structure
+from ..core.selection import select_targets
 from ..export.report import CompressionReport
-from ._export import check_export_path, check_export_ready, example_inputs, export_at_fit_end
-from ._validation import StrategyCollectives, check_float, check_strategy, sharded_export_conflict
+from ._export import (
+    check_export_path,
+    check_export_ready,
+    check_export_template,
+    example_inputs,
+    export_at_fit_end,
+    export_template,
+)  # fmt: skip
+from ._validation import StrategyCollectives, check_float, check_strategy, may_shard
 from ._validation_plan import EpochWindow, plan_timeline
 
 __all__ = ["IterativePruning"]
@@ -151,6 +161,8 @@ class IterativePruning(Callback):
         self.export_report: CompressionReport | None = None
         self._core: IterativePruner | None = None
         self._previous: IterativePruner | None = None
+        self._structure: ChannelStructure | None = None  # channel groups traced at setup, before FSDP2 shards
+        self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
         self._in_steps = False
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
@@ -197,19 +209,7 @@ class IterativePruning(Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config = self.config
-        conflicts = [
-            name
-            for name, is_set in (
-                (
-                    "granularity='channel' (a channel spans the rows of the layers that consume it; use 'element' "
-                    "or 'N:M')",
-                    config.granularity == "channel",
-                ),
-                sharded_export_conflict(self.export_path),
-            )
-            if is_set
-        ]
-        check_strategy(trainer, "IterativePruning", conflicts)
+        check_strategy(trainer, "IterativePruning")
         if stage != "fit":
             return
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
@@ -231,12 +231,20 @@ class IterativePruning(Callback):
                 f"`granularity`='channel' traces `{type(pl_module).__name__}(example_input_array)`, but "
                 f"{type(pl_module).__name__} does not define `forward`: define it (e.g. `return self.net(x)`)."
             )
+        self._structure = None
+        if config.granularity == "channel" and may_shard(trainer):  # trace the whole model now: FSDP2 shards it next
+            targets = select_targets(pl_module, config.include, config.exclude)
+            self._structure = channel_structure(pl_module, targets, example_inputs(pl_module), config.measure)
+        self._template = export_template(
+            trainer, pl_module, self.export_path, compacted=config.granularity == "channel"
+        )
         self._previous = self._core if trainer.ckpt_path is None else None
         self._core, self._restored = None, None
         self._pending_logs, self._optimizer_params = {}, {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the weights now: ``configure_model`` (e.g. FSDP2's ``fully_shard``) has run since ``setup``."""
+        check_export_template(self._template, pl_module, "IterativePruning")
         config = self.config
         user = config.schedule
         if (
@@ -246,9 +254,9 @@ class IterativePruning(Callback):
         self._core = IterativePruner.from_config(  # provisional clock: placed in on_train_start
             pl_module, config, total_steps=self.window.end_for(trainer), start_step=self.window.start_epoch,
             example_inputs=example_inputs(pl_module), collectives=StrategyCollectives(trainer.strategy),
-            warn=rank_zero_warn, info=rank_zero_info, previous=self._previous,
+            warn=rank_zero_warn, info=rank_zero_info, previous=self._previous, structure=self._structure,
         )  # fmt: skip
-        self._previous = None
+        self._previous, self._structure = None, None
         if self._restored is not None:
             self._core.load_state_dict(self._restored)
             self._restored = None
@@ -319,7 +327,8 @@ class IterativePruning(Callback):
             self._core.apply()  # after callbacks that write weights at train end (SWA)
         if self.export_path is not None:
             compacted = self.config.granularity == "channel"
-            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, compacted=compacted)
+            template, self._template = self._template, None
+            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, compacted, template)
 
     # ------------------------------------------------------------------ the guard
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

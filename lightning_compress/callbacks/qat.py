@@ -26,8 +26,8 @@ from ..core.selection import normalize_patterns
 from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
-from ._export import check_export_path, check_export_ready, export_at_fit_end
-from ._validation import StrategyCollectives, check_int, check_strategy, sharded_export_conflict
+from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
+from ._validation import StrategyCollectives, check_int, check_strategy
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -122,6 +122,7 @@ class QuantizationAwareTraining(Callback):
         self._hooks: list[Any] = []
         self._learned_params: list[nn.Parameter] = []
         self._load_hook: Any = None
+        self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
@@ -150,8 +151,7 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        conflicts = [name for name, is_set in (sharded_export_conflict(self.export_path),) if is_set]
-        check_strategy(trainer, "QuantizationAwareTraining", conflicts)
+        check_strategy(trainer, "QuantizationAwareTraining")
         if stage == "fit":
             max_epochs = trainer.max_epochs
             if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
@@ -163,6 +163,7 @@ class QuantizationAwareTraining(Callback):
                 self._check_validation_at_start(trainer, pl_module)
             check_export_ready(self.export_path, pl_module)
             self._convert(pl_module)
+            self._template = export_template(trainer, pl_module, self.export_path)  # after converting
         elif qat_modules(pl_module):
             self._convert(pl_module)
         else:
@@ -203,6 +204,7 @@ class QuantizationAwareTraining(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_export_template(self._template, pl_module, "QuantizationAwareTraining")
         if trainer.logger is not None:
             trainer.logger.log_hyperparams(
                 {f"compress/qat/{k}": ("none" if v is None else v) for k, v in self.config.to_dict().items()}
@@ -261,7 +263,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.export_path is not None:
-            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path)
+            template, self._template = self._template, None
+            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, template=template)
 
     # ------------------------------------------------------------------ validation: shift search, errors
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

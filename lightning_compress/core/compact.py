@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .heads import AttentionBlock, set_head_counts
 from .macs import count_macs
 from .model_config import describe_in_config
+from .skeleton import meta_copy
 from .structure import ChannelGroup, build_channel_groups, is_conv1d, is_depthwise, nonzero_channels, param_slices
 from .tracing import call_model, eval_mode, output_tensors, plain_float
 
@@ -113,16 +114,6 @@ def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None
     return result
 
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are on the meta device (no data is copied)."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
-
-
 def _to_meta(inputs: Any) -> Any:
     if isinstance(inputs, Tensor):
         return torch.empty_like(inputs, device="meta")
@@ -148,7 +139,7 @@ def removable_groups(
     (e.g. ``.item()`` in a ``transformers`` mask builder) is checked on the real model instead, with
     copies of only the layers a group touches swapped in and the originals put back.
     """
-    meta = _meta_copy(model)
+    meta = meta_copy(model)
     with plain_float(meta):  # shapes only: the float data flow (the copy is thrown away)
         try:
             with torch.no_grad():

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, quantizers
+from ..core.sharding import is_sharded
 from ..core.tracing import without_cache
 from .onnx_passes import (
     GraphIndex,
@@ -104,7 +105,16 @@ def export_onnx(
 
     Raises:
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
+        ValueError: ``model``'s parameters are sharded (FSDP2).
     """
+    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"export_onnx traces a whole model, but {type(model).__name__}'s parameters are sharded (FSDP2; "
+            f"{sharded!r}): set the callback's `export_path='model.onnx'` (it gathers the model and exports it on "
+            "rank 0), or call save_compressed(model, 'model.lcz') on every process, then load_compressed it into "
+            "an unsharded instance of the model and export that."
+        )
     onnx = _require("onnx")
     from onnx import numpy_helper
 

@@ -1,8 +1,10 @@
 """Run by the FSDP2 tests: a tiny ``transformers`` Llama (grouped-query attention, tied embeddings) fine-tuned
 with Taylor pruning and AdamW on 2 CPU processes, sharded per decoder layer (``fsdp2``) or not (``ddp``).
 
-``python fsdp_llama_script.py OUT_DIR STRATEGY`` dumps each rank's whole state, the pruning masks and the final
-``val_loss`` to ``OUT_DIR/STRATEGY_RANK.pt``.
+``python fsdp_llama_script.py OUT_DIR STRATEGY [channel]`` dumps each rank's whole state, the pruning masks and
+the final ``val_loss`` to ``OUT_DIR/STRATEGY_RANK.pt``. With ``channel``: half of the attention heads (whole
+key/value groups) and MLP neurons are pruned instead, the compacted model is exported to ``OUT_DIR/STRATEGY.lcz``,
+and the dump is ``OUT_DIR/STRATEGY-channel_RANK.pt``.
 """
 
 import sys
@@ -36,6 +38,10 @@ class LM(pl.LightningModule):
         )
         torch.manual_seed(0)
         self.model = LlamaForCausalLM(cfg)
+        self.example_input_array = torch.zeros(1, 16, dtype=torch.long)
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
 
     def configure_model(self):
         if self.device_mesh is None:
@@ -67,11 +73,16 @@ class LM(pl.LightningModule):
         return DataLoader(TensorDataset(torch.randint(0, 96, (16, 16), generator=g)), batch_size=8)
 
 
-def main(out, strategy):
+def main(out, strategy, channel=False):
     pl.seed_everything(0, verbose=False)
     model = LM()
     made = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp"
-    pruning = IterativePruning(0.7, importance="taylor", end_epoch=2)
+    if channel:
+        pruning = IterativePruning(
+            0.5, granularity="channel", importance="taylor", end_epoch=2, export_path=f"{out}/{strategy}.lcz"
+        )
+    else:
+        pruning = IterativePruning(0.7, importance="taylor", end_epoch=2)
     t = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -89,9 +100,9 @@ def main(out, strategy):
     masks = pruning.state_dict()["pruner"]["masks"]
     torch.save(
         {"state": state, "masks": masks, "val": float(t.callback_metrics["val_loss"])},
-        f"{out}/{strategy}_{t.global_rank}.pt",
+        f"{out}/{strategy}{'-channel' if channel else ''}_{t.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["channel"])

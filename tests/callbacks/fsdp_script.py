@@ -7,8 +7,11 @@
   ``shift-root`` (the same with one ``fully_shard`` unit for all layers), ``learned-sharded`` (learned scales
   left to ``fully_shard``, which is refused);
 * a pruning recipe: ``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``, ``prune-guard``,
-  ``prune-rewind``, ``prune-regrow``, ``prune-2:4``; or ``both`` (pruning and QAT);
-* then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``),
+  ``prune-rewind``, ``prune-regrow``, ``prune-2:4``, channel pruning to 50% of the hidden neurons ``prune-channel``
+  (defaults: layer scope, magnitude), ``prune-channel-global`` (global scope, Taylor), ``prune-channel-random``,
+  ``prune-channel-macs`` (a MACs budget), ``prune-channel-guard``; or ``both`` (pruning and QAT);
+* then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``), ``+onnx``
+  (the same with ``STRATEGY-RECIPE.onnx``), ``+late`` (``+onnx`` with a layer built in ``configure_model``),
   ``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) or ``+monitor`` (a
   ``CompressionMonitor`` logging to TensorBoard), and ``@resume`` (fit saving a distributed checkpoint every
   epoch, then resume the one of epoch 2 to 4 epochs).
@@ -37,12 +40,15 @@ warnings.filterwarnings("ignore")
 class ShardedTiny(TinyModule):
     ignore_scales = True  # pass the learned scales to fully_shard's ignored_params, as the README says
     per_layer = True  # every Linear its own fully_shard unit (else only the Sequential around them)
+    late_layer = False  # build a layer in configure_model (an export that rebuilds the module then cannot)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
             return
         from torch.distributed.fsdp import fully_shard
 
+        if self.late_layer:
+            self.head = torch.nn.Linear(4, 4)
         mesh = self.device_mesh["data_parallel"]
         whole = learned_scales(self) if self.ignore_scales else None  # LSQ step sizes stay whole and replicated
         for layer in self.net:
@@ -80,8 +86,13 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
             "rewind": {"rewind_epoch": 0, "every_n_epochs": 1},
             "regrow": {"regrow": 0.2, "importance": "taylor"},
             "2:4": {"granularity": "2:4"},
+            "channel": {"granularity": "channel"},
+            "channel-global": {"granularity": "channel", "scope": "global", "importance": "taylor"},
+            "channel-random": {"granularity": "channel", "importance": "random", "seed": 5},
+            "channel-macs": {"granularity": "channel", "measure": "macs"},
+            "channel-guard": {"granularity": "channel", "monitor": "val_density", "max_drop": 0.2},
         }[kind]
-        target = 0.5 if kind == "2:4" else 0.9
+        target = 0.5 if kind == "2:4" or kind.startswith("channel") else 0.9
         return IterativePruning(target, start_epoch=0, end_epoch=3, export_path=export_path, **options)
     if recipe == "learned-sharded":  # per-channel learned weight scales only, left to fully_shard: refused
         return QuantizationAwareTraining(4, None, scale="learned", start_epoch=1)
@@ -119,6 +130,8 @@ def trainer(
 
 def sharded_tiny(recipe: str) -> ShardedTiny:
     model = ShardedTiny(hidden=HIDDEN)
+    if "channel" in recipe:  # channel pruning traces the model
+        model.example_input_array = torch.zeros(2, 16)
     model.per_layer = recipe != "shift-root"  # shift-root: the layers share the Sequential's unit
     model.ignore_scales = recipe != "learned-sharded"
     return model
@@ -128,9 +141,13 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
     for job in jobs:
         recipe, _, resume = job.partition("@")
         recipe, _, extra = recipe.partition("+")
-        export_path = f"{out_dir}/{strategy}-{recipe}.lcz" if extra == "export" else None
+        suffix = {"export": ".lcz", "onnx": ".onnx", "late": ".onnx"}.get(extra)
+        export_path = f"{out_dir}/{strategy}-{recipe}{suffix}" if suffix else None
         pl.seed_everything(0, verbose=False)
         model = sharded_tiny(recipe)
+        if extra in ("onnx", "late"):
+            model.example_input_array = torch.zeros(2, 16)
+            model.late_layer = extra == "late"
         made = callbacks(recipe, export_path)
         if resume:
             pruned = any(isinstance(c, IterativePruning) for c in made)

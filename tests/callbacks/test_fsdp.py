@@ -111,6 +111,38 @@ def test_export_path_under_fsdp2_writes_the_file_ddp_writes(tmp_path):
 
 
 @pytest.mark.slow
+def test_onnx_and_compacted_exports_at_the_end_of_a_sharded_fit_equal_ddps(tmp_path):
+    """An ``.onnx`` ``export_path`` (int8 QAT; pruning and 8da4w QAT in one fit) and channel pruning's compacted
+    exports (``.lcz`` and ``.onnx``): every process gathers, rank 0 loads the model into a weightless copy of the
+    module taken at ``setup`` and exports that: the same bytes as DDP's rank 0."""
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import load_compressed
+    from tests.conftest import TinyModule
+
+    jobs = ["minmax+onnx", "both+onnx", "prune-channel+export", "prune-channel+onnx"]
+    _run(tmp_path, "fsdp2", jobs)
+    _run(tmp_path, "ddp", jobs)
+    for name in ("minmax.onnx", "both.onnx", "prune-channel.lcz", "prune-channel.onnx"):
+        assert (tmp_path / f"fsdp2-{name}").read_bytes() == (tmp_path / f"ddp-{name}").read_bytes(), name
+    compacted = TinyModule(hidden=37)
+    load_compressed(compacted, tmp_path / "fsdp2-prune-channel.lcz")  # the hidden layers lost 18 of 37 neurons
+    assert [compacted.net[i].out_features for i in (0, 2)] == [19, 19]
+    x = torch.randn(5, 16)
+    session = ort.InferenceSession(str(tmp_path / "fsdp2-prune-channel.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), compacted.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_an_onnx_export_from_shards_refuses_layers_built_in_configure_model_before_training(tmp_path):
+    """The export rebuilds the module from its copy at ``setup``: a layer that ``configure_model`` adds would be
+    missing at the end of fit, so the fit is refused at its start, naming the fix."""
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        _run(tmp_path, "fsdp2", ["minmax+late"])
+    assert "['head.weight', 'head.bias'] did not exist then (built in `configure_model`?)" in failed.value.stderr
+
+
+@pytest.mark.slow
 def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
     """Code nobody here wrote: a `transformers` Llama (GQA, tied embeddings) sharded per decoder layer, Taylor
     importance, AdamW: the same masks, weights and validation loss as under DDP."""
@@ -133,6 +165,38 @@ def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
         assert torch.equal(sharded["state"][key], value), key
         assert torch.equal(other_rank["state"][key], value), key
     assert sharded["val"] == replicated["val"]
+
+
+@pytest.mark.slow
+def test_pruning_heads_and_neurons_of_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
+    """Channel pruning on the sharded Llama: whole key/value head groups and gated MLP neurons, Taylor scores from
+    each process's shards: DDP's masks, weights and loss, and the compacted export (heads 2 -> 1 key/value groups,
+    MLP 176 -> 88 per layer) is DDP's file, byte for byte."""
+    pytest.importorskip("transformers")
+    from lightning_compress import load_compressed
+    from tests.callbacks.fsdp_llama_script import LM
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "callbacks" / "fsdp_llama_script.py"
+    for strategy in ("fsdp2", "ddp"):
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path), strategy, "channel"],
+            check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True,
+        )  # fmt: skip
+    sharded, replicated = (torch.load(tmp_path / f"{s}-channel_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
+    other_rank = torch.load(tmp_path / "fsdp2-channel_1.pt", weights_only=True)
+    assert sharded["masks"].keys() == replicated["masks"].keys()
+    for name, mask in replicated["masks"].items():
+        assert torch.equal(sharded["masks"][name], mask), name
+    for key, value in replicated["state"].items():
+        assert torch.equal(sharded["state"][key], value), key
+        assert torch.equal(other_rank["state"][key], value), key
+    assert sharded["val"] == replicated["val"]
+    assert (tmp_path / "fsdp2.lcz").read_bytes() == (tmp_path / "ddp.lcz").read_bytes()
+    plain = LM()  # the unsharded module
+    load_compressed(plain, tmp_path / "fsdp2.lcz")
+    for layer in plain.model.model.layers:
+        assert layer.mlp.up_proj.out_features == 88
 
 
 @pytest.mark.slow
@@ -181,3 +245,42 @@ def test_compression_monitor_under_fsdp2_reports_what_ddp_reports(tmp_path):
     events.Reload()
     assert {"compress/weights/net.0.weight", "compress/weights/net.4.weight"} <= set(events.Tags()["histograms"])
     assert "compress/charts/layer_sparsity" in events.Tags()["images"]
+
+
+CHANNEL = ["prune-channel", "prune-channel-global", "prune-channel-random", "prune-channel-macs", "prune-channel-guard"]
+
+
+@pytest.mark.slow
+def test_channel_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exactly(tmp_path):
+    """Channel groups are traced at setup, before `fully_shard`; each process scores the rows its shards hold (19 and
+    18 of 37 neurons) and the columns of the consuming layer, one sum gives both the whole scores: the masks and the
+    trained model are DDP's, bit for bit, whole neurons are pruned, and a resumed run ends where the uninterrupted
+    one does."""
+    _run(tmp_path, "fsdp2", [*CHANNEL, "prune-channel@resume"])
+    _run(tmp_path, "ddp", CHANNEL)
+
+    def load(name: str) -> dict[str, torch.Tensor]:
+        return torch.load(tmp_path / f"{name}.pt", weights_only=True)
+
+    for job in [*CHANNEL, "prune-channel@resume"]:
+        ranks = [load(f"fsdp2-{job}_rank{r}") for r in (0, 1)]
+        reference = load(f"ddp-{job.partition('@')[0]}_rank0")
+        masks = sorted(k for k in reference if k.startswith("pruning.net"))
+        assert masks == [f"pruning.net.{i}.{a}" for i in (0, 2) for a in ("bias", "weight")] + ["pruning.net.4.weight"]
+        for key in reference:
+            if key == "pruning.decisions" and "@" in job:
+                continue
+            assert torch.equal(ranks[0][key], ranks[1][key]), (job, key)
+            assert torch.equal(ranks[0][key], reference[key]), (job, key)
+        first, second, last = (ranks[0][f"pruning.net.{i}.weight"] for i in (0, 2, 4))
+        kept = [first.any(1), second.any(1)]  # the hidden neurons each layer keeps, whole rows and columns
+        assert torch.equal(first, kept[0][:, None].expand_as(first))
+        assert torch.equal(second, (kept[1][:, None] & kept[0][None, :]).expand_as(second))
+        assert torch.equal(last, kept[1][None, :].expand_as(last))
+        if job.startswith("prune-channel-guard"):
+            assert load("ddp-prune-channel-guard_rank0")["pruning.decisions"].any()
+        elif job.startswith("prune-channel-global"):
+            assert sum(int((~k).sum()) for k in kept) == 37  # exact: half of the 74 hidden neurons
+        elif not job.startswith("prune-channel-macs"):
+            assert [int((~k).sum()) for k in kept] == [18, 18]  # layer scope: half of each 37, rounded to even
+    assert (tmp_path / "prune-channel-ckpt" / "epoch=1.ckpt").is_dir()

@@ -1,0 +1,55 @@
+"""Copies of a model without its weights: parameters on the meta device (shapes only, no memory).
+
+:func:`meta_copy` keeps a model's architecture (its modules, their attributes, tied parameters) at no cost;
+:func:`materialize_` gives such a copy real, uninitialized parameters to load a state into. The export at the
+end of a sharded (FSDP2) fit uses both: the copy is taken before ``fully_shard`` changes the modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["materialize_", "meta_copy"]
+
+
+def meta_copy(model: nn.Module, buffers: bool = True, share: Iterable[object] = ()) -> nn.Module:
+    """A deep copy of ``model`` whose parameters (and buffers, with ``buffers=True``) are on the meta device.
+
+    ``buffers=False`` copies the buffers with their values (non-persistent ones, such as rotary frequencies,
+    are in no state dict). ``share``: objects the copy refers to instead of copying (e.g. a device mesh).
+    Parameters shared by several modules stay shared in the copy.
+    """
+    memo: dict[int, Any] = {id(obj): obj for obj in share}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    if buffers:
+        for b in model.buffers():
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def materialize_(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Give every meta-device parameter and buffer of ``model`` uninitialized storage on ``device``, in place.
+
+    Tied parameters stay tied. Returns ``model``.
+    """
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(
+                        torch.empty_like(param, device=device), requires_grad=param.requires_grad
+                    )
+                module.register_parameter(name, made[id(param)])  # type: ignore[arg-type]
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                if id(buffer) not in made:
+                    made[id(buffer)] = torch.empty_like(buffer, device=device)
+                setattr(module, name, made[id(buffer)])  # an existing buffer: stays (non-)persistent
+    return model
