@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
 
 from ..core.compact import compact
 from ..core.qat import quantizers
@@ -40,13 +42,20 @@ def check_export_ready(path: Path | None, pl_module: pl.LightningModule) -> None
 
 
 def example_inputs(pl_module: pl.LightningModule) -> Any:
-    """``example_input_array`` through the module's batch-transfer hooks, on its device (``None`` if unset)."""
+    """``example_input_array`` through the module's batch-transfer hooks, on its device (``None`` if unset).
+
+    Floating-point inputs take the module's dtype when its weights are bfloat16/float16 (``precision="bf16-true"``
+    converts the module, not ``example_input_array``)."""
     example = pl_module.example_input_array
     if example is None:
         return None
     example = pl_module.on_before_batch_transfer(example, 0)
     example = pl_module.transfer_batch_to_device(example, pl_module.device, 0)
-    return pl_module.on_after_batch_transfer(example, 0)
+    example = pl_module.on_after_batch_transfer(example, 0)
+    dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
+    if dtype in (torch.bfloat16, torch.float16):
+        example = apply_to_collection(example, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
+    return example
 
 
 def export_template(
@@ -107,19 +116,31 @@ def export_at_fit_end(
             save_compressed(pl_module, staged)  # every process gathers; rank zero writes
             if trainer.global_rank != 0:
                 return None
-            load_compressed(materialize_(template), staged)
+            dtypes = {name: t.dtype for name, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]}
+            load_compressed(materialize_(template, "cpu", dtypes), staged)  # the dtypes of the trained model
         return _export(template, path, move_data_to_device(example_inputs(pl_module), "cpu"), compacted)
     if trainer.global_rank != 0:
         return None
     model: nn.Module = pl_module
-    if compacted:
+    if compacted or (path.suffix == ".onnx" and _low_precision(pl_module)):
         model = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer
     return _export(model, path, example_inputs(pl_module), compacted)
 
 
+def _low_precision(model: nn.Module) -> bool:
+    """Whether ``model`` holds bfloat16/float16 weights (beside int4 group scales, which are float16 values)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return any(t.dtype in (torch.bfloat16, torch.float16) and "_fake_quant." not in n for n, t in tensors)
+
+
 def _export(model: nn.Module, path: Path, example: Any, compact_first: bool) -> CompressionReport:
-    """Compact ``model`` in place if asked (a copy or template), then write it to ``path``."""
+    """Compact ``model`` in place if asked, then write it to ``path`` (``model`` is a copy or the template when it
+    is compacted or, for ONNX, cast to float32: ONNX graphs are float32, with int8/int4 weights, and a float32
+    copy of bfloat16 weights holds exactly their values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".onnx" and _low_precision(model):
+        model.float()
+        example = apply_to_collection(example, Tensor, lambda t: t.float() if t.is_floating_point() else t)
     if compact_first:
         rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
     report = export_onnx(model, path, example) if path.suffix == ".onnx" else save_compressed(model, path)

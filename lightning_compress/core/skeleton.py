@@ -8,7 +8,7 @@ end of a sharded (FSDP2) fit uses both: the copy is taken before ``fully_shard``
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,23 +33,33 @@ def meta_copy(model: nn.Module, buffers: bool = True, share: Iterable[object] = 
     return copy.deepcopy(model, memo)
 
 
-def materialize_(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+def materialize_(
+    model: nn.Module, device: torch.device | str = "cpu", dtypes: Mapping[str, torch.dtype] | None = None
+) -> nn.Module:
     """Give every meta-device parameter and buffer of ``model`` uninitialized storage on ``device``, in place.
 
+    ``dtypes``: the dtype of each parameter or buffer, by qualified name, where it should differ from the copy's
+    (e.g. the model was converted to bfloat16 after the copy was taken); buffers with values are converted too.
     Tied parameters stay tied. Returns ``model``.
     """
+    dtypes = dtypes or {}
     made: dict[int, torch.Tensor] = {}
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                if id(param) not in made:
-                    made[id(param)] = nn.Parameter(
-                        torch.empty_like(param, device=device), requires_grad=param.requires_grad
-                    )
-                module.register_parameter(name, made[id(param)])  # type: ignore[arg-type]
+            dtype = dtypes.get(f"{prefix}.{name}" if prefix else name, param.dtype)
+            if id(param) not in made and (param.is_meta or param.dtype != dtype):
+                made[id(param)] = nn.Parameter(
+                    torch.empty_like(param, device=device, dtype=dtype) if param.is_meta else param.detach().to(dtype),
+                    requires_grad=param.requires_grad,
+                )
+            if id(param) in made:
+                module.register_parameter(name, made[id(param)])
         for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                if id(buffer) not in made:
-                    made[id(buffer)] = torch.empty_like(buffer, device=device)
+            dtype = dtypes.get(f"{prefix}.{name}" if prefix else name, buffer.dtype)
+            if id(buffer) not in made and (buffer.is_meta or buffer.dtype != dtype):
+                made[id(buffer)] = (
+                    torch.empty_like(buffer, device=device, dtype=dtype) if buffer.is_meta else buffer.to(dtype)
+                )
+            if id(buffer) in made:
                 setattr(module, name, made[id(buffer)])  # an existing buffer: stays (non-)persistent
     return model

@@ -12,6 +12,7 @@
   ``prune-channel-macs`` (a MACs budget), ``prune-channel-guard``; or ``both`` (pruning and QAT);
 * then optionally ``+export`` (the ``export_path`` of the last callback writes ``STRATEGY-RECIPE.lcz``), ``+onnx``
   (the same with ``STRATEGY-RECIPE.onnx``), ``+late`` (``+onnx`` with a layer built in ``configure_model``),
+  ``+bf16`` (``+onnx`` with ``precision="bf16-true"``),
   ``+fullckpt`` (full-state checkpoints every epoch in ``RECIPE-full/``) or ``+monitor`` (a
   ``CompressionMonitor`` logging to TensorBoard), and ``@resume`` (fit saving a distributed checkpoint every
   epoch, then resume the one of epoch 2 to 4 epochs).
@@ -112,6 +113,7 @@ def trainer(
     dirpath: str | None = None,
     distributed: bool = True,
     logger: Any = False,
+    precision: str = "32-true",
 ) -> pl.Trainer:
     """``distributed=False``: FSDP2 saves full-state checkpoints (one file) instead of directories."""
     made = (
@@ -124,7 +126,7 @@ def trainer(
     return pl.Trainer(
         accelerator="cpu", devices=2, strategy=made, max_epochs=max_epochs, logger=logger,
         enable_checkpointing=dirpath is not None, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks,
+        num_sanity_val_steps=0, callbacks=callbacks, precision=precision,
     )  # fmt: skip
 
 
@@ -141,11 +143,11 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
     for job in jobs:
         recipe, _, resume = job.partition("@")
         recipe, _, extra = recipe.partition("+")
-        suffix = {"export": ".lcz", "onnx": ".onnx", "late": ".onnx"}.get(extra)
+        suffix = {"export": ".lcz", "onnx": ".onnx", "late": ".onnx", "bf16": ".onnx"}.get(extra)
         export_path = f"{out_dir}/{strategy}-{recipe}{suffix}" if suffix else None
         pl.seed_everything(0, verbose=False)
         model = sharded_tiny(recipe)
-        if extra in ("onnx", "late"):
+        if extra in ("onnx", "late", "bf16"):
             model.example_input_array = torch.zeros(2, 16)
             model.late_layer = extra == "late"
         made = callbacks(recipe, export_path)
@@ -166,7 +168,7 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
             fit = trainer(strategy, 4, made, dirpath=f"{out_dir}/{recipe}-full", distributed=False)
             fit.fit(model)
         else:
-            fit = trainer(strategy, 4, made)
+            fit = trainer(strategy, 4, made, precision="bf16-true" if extra == "bf16" else "32-true")
             fit.fit(model)
         state = {k: full(v).detach().clone() for k, v in model.state_dict().items()}
         callback = made[0]

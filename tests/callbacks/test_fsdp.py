@@ -134,6 +134,32 @@ def test_onnx_and_compacted_exports_at_the_end_of_a_sharded_fit_equal_ddps(tmp_p
 
 
 @pytest.mark.slow
+def test_channel_pruning_and_onnx_export_of_a_bf16_fit_under_fsdp2_and_ddp(tmp_path):
+    """``precision="bf16-true"``: the channel groups are traced with inputs in the module's dtype, and the ``.onnx``
+    export (float32 graph) holds exactly the trained bfloat16 weights of the kept neurons. Before: DDP failed at
+    the trace (float inputs, bfloat16 weights); FSDP2 refused the gathered file (its dtypes were not the copy's)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    for strategy in ("fsdp2", "ddp"):  # bf16 training itself differs between the two (reduction order)
+        _run(tmp_path, strategy, ["prune-channel+bf16"])
+        state = torch.load(tmp_path / f"{strategy}-prune-channel+bf16_rank0.pt", weights_only=True)
+        assert state["net.0.weight"].dtype == torch.bfloat16
+        graph = onnx.load(tmp_path / f"{strategy}-prune-channel.onnx").graph
+        exported = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+        kept = [state[f"pruning.net.{i}.weight"].any(1) for i in (0, 2)]
+        assert [int(k.sum()) for k in kept] == [19, 19]
+        expected = {
+            "net.0.weight": state["net.0.weight"][kept[0]], "net.0.bias": state["net.0.bias"][kept[0]],
+            "net.2.weight": state["net.2.weight"][kept[1]][:, kept[0]], "net.2.bias": state["net.2.bias"][kept[1]],
+            "net.4.weight": state["net.4.weight"][:, kept[1]], "net.4.bias": state["net.4.bias"],
+        }  # fmt: skip
+        for name, value in expected.items():
+            assert exported[name].dtype == torch.float32
+            assert torch.equal(exported[name], value.float()), (strategy, name)
+
+
+@pytest.mark.slow
 def test_an_onnx_export_from_shards_refuses_layers_built_in_configure_model_before_training(tmp_path):
     """The export rebuilds the module from its copy at ``setup``: a layer that ``configure_model`` adds would be
     missing at the end of fit, so the fit is refused at its start, naming the fix."""
