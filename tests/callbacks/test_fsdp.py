@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -25,17 +26,19 @@ def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
     )  # fmt: skip
 
 
+def _dump(out: pathlib.Path, name: str) -> dict[str, torch.Tensor]:
+    """What one rank of one job saved (``fsdp_script.py``)."""
+    return torch.load(out / f"{name}.pt", weights_only=True)
+
+
 @pytest.mark.slow
 def test_qat_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exactly(tmp_path):
     _run(tmp_path, "fsdp2", [*RECIPES, "minmax@resume"])
     _run(tmp_path, "ddp", RECIPES)
 
-    def load(name: str) -> dict[str, torch.Tensor]:
-        return torch.load(tmp_path / f"{name}.pt", weights_only=True)
-
     for job in [*RECIPES, "minmax@resume"]:
-        ranks = [load(f"fsdp2-{job}_rank{r}") for r in (0, 1)]
-        reference = load(f"ddp-{job}_rank0") if "@" not in job else load("fsdp2-minmax_rank0")
+        ranks = [_dump(tmp_path, f"fsdp2-{job}_rank{r}") for r in (0, 1)]
+        reference = _dump(tmp_path, f"ddp-{job}_rank0") if "@" not in job else _dump(tmp_path, "fsdp2-minmax_rank0")
         assert any(k.endswith("weight_fake_quant.scale") for k in reference)
         assert ranks[0].keys() == ranks[1].keys() == reference.keys()
         for key in reference:
@@ -58,12 +61,10 @@ def test_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exa
     _run(tmp_path, "fsdp2", [*PRUNING, *RESUMED])
     _run(tmp_path, "ddp", PRUNING)
 
-    def load(name: str) -> dict[str, torch.Tensor]:
-        return torch.load(tmp_path / f"{name}.pt", weights_only=True)
-
     for job in [*PRUNING, *RESUMED]:
-        ranks = [load(f"fsdp2-{job}_rank{r}") for r in (0, 1)]
-        reference = load(f"ddp-{job.partition('@')[0]}_rank0")  # a resumed run ends where the uninterrupted one does
+        ranks = [_dump(tmp_path, f"fsdp2-{job}_rank{r}") for r in (0, 1)]
+        # a resumed run ends where the uninterrupted one does
+        reference = _dump(tmp_path, f"ddp-{job.partition('@')[0]}_rank0")
         masks = [k for k in reference if k.startswith("pruning.net")]
         assert len(masks) == (1 if "2:4" in job else 3)  # 2:4: the two layers with 37 inputs stay dense
         assert ranks[0].keys() == ranks[1].keys()
@@ -77,7 +78,7 @@ def test_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exa
         for key in masks:  # pruned weights are exact zeros
             assert bool((ranks[0][key.removeprefix("pruning.")][~ranks[0][key]] == 0).all()), (job, key)
         if job.startswith("prune-guard"):
-            decisions = load(f"ddp-{job.partition('@')[0]}_rank0")["pruning.decisions"]
+            decisions = _dump(tmp_path, f"ddp-{job.partition('@')[0]}_rank0")["pruning.decisions"]
             assert decisions.any() and not decisions.all()  # some events rolled back, some kept
         elif job.startswith("prune-2:4"):
             for key in masks:  # two of every four consecutive inputs, exactly
@@ -143,7 +144,7 @@ def test_channel_pruning_and_onnx_export_of_a_bf16_fit_under_fsdp2_and_ddp(tmp_p
 
     for strategy in ("fsdp2", "ddp"):  # bf16 training itself differs between the two (reduction order)
         _run(tmp_path, strategy, ["prune-channel+bf16"])
-        state = torch.load(tmp_path / f"{strategy}-prune-channel+bf16_rank0.pt", weights_only=True)
+        state = _dump(tmp_path, f"{strategy}-prune-channel+bf16_rank0")
         assert state["net.0.weight"].dtype == torch.bfloat16
         graph = onnx.load(tmp_path / f"{strategy}-prune-channel.onnx").graph
         exported = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
@@ -168,29 +169,37 @@ def test_an_onnx_export_from_shards_refuses_layers_built_in_configure_model_befo
     assert "['head.weight', 'head.bias'] did not exist then (built in `configure_model`?)" in failed.value.stderr
 
 
-@pytest.mark.slow
-def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
-    """Code nobody here wrote: a `transformers` Llama (GQA, tied embeddings) sharded per decoder layer, Taylor
-    importance, AdamW: the same masks, weights and validation loss as under DDP."""
-    pytest.importorskip("transformers")
+def _llama_fsdp2_equals_ddp(out: pathlib.Path, *extra: str) -> dict[str, Any]:
+    """Run ``fsdp_llama_script.py`` under FSDP2 and DDP; check masks, weights (both ranks) and loss are equal."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = ROOT / "tests" / "callbacks" / "fsdp_llama_script.py"
     for strategy in ("fsdp2", "ddp"):
         subprocess.run(
-            [sys.executable, str(script), str(tmp_path), strategy],
-            check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True,
+            [sys.executable, str(script), str(out), strategy, *extra],
+            check=True, env=env, cwd=out, timeout=600, capture_output=True, text=True,
         )  # fmt: skip
-    sharded, replicated = (torch.load(tmp_path / f"{s}_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
-    other_rank = torch.load(tmp_path / "fsdp2_1.pt", weights_only=True)
-    assert len(sharded["masks"]) == 14  # 2 layers x (q, k, v, o, gate, up, down); the tied head is left out
-    total = sum(m.numel() for m in sharded["masks"].values())
-    assert sum(int((~m).sum()) for m in sharded["masks"].values()) == round(0.7 * total)
+    tag = "".join(f"-{e}" for e in extra)
+    sharded, replicated = (torch.load(out / f"{s}{tag}_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
+    other_rank = torch.load(out / f"fsdp2{tag}_1.pt", weights_only=True)
+    assert sharded["masks"].keys() == replicated["masks"].keys()
     for name, mask in replicated["masks"].items():
         assert torch.equal(sharded["masks"][name], mask), name
     for key, value in replicated["state"].items():
         assert torch.equal(sharded["state"][key], value), key
         assert torch.equal(other_rank["state"][key], value), key
     assert sharded["val"] == replicated["val"]
+    return sharded
+
+
+@pytest.mark.slow
+def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
+    """Code nobody here wrote: a `transformers` Llama (GQA, tied embeddings) sharded per decoder layer, Taylor
+    importance, AdamW: the same masks, weights and validation loss as under DDP."""
+    pytest.importorskip("transformers")
+    sharded = _llama_fsdp2_equals_ddp(tmp_path)
+    assert len(sharded["masks"]) == 14  # 2 layers x (q, k, v, o, gate, up, down); the tied head is left out
+    total = sum(m.numel() for m in sharded["masks"].values())
+    assert sum(int((~m).sum()) for m in sharded["masks"].values()) == round(0.7 * total)
 
 
 @pytest.mark.slow
@@ -202,22 +211,7 @@ def test_pruning_heads_and_neurons_of_a_transformers_llama_under_fsdp2_equals_dd
     from lightning_compress import load_compressed
     from tests.callbacks.fsdp_llama_script import LM
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "callbacks" / "fsdp_llama_script.py"
-    for strategy in ("fsdp2", "ddp"):
-        subprocess.run(
-            [sys.executable, str(script), str(tmp_path), strategy, "channel"],
-            check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True,
-        )  # fmt: skip
-    sharded, replicated = (torch.load(tmp_path / f"{s}-channel_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
-    other_rank = torch.load(tmp_path / "fsdp2-channel_1.pt", weights_only=True)
-    assert sharded["masks"].keys() == replicated["masks"].keys()
-    for name, mask in replicated["masks"].items():
-        assert torch.equal(sharded["masks"][name], mask), name
-    for key, value in replicated["state"].items():
-        assert torch.equal(sharded["state"][key], value), key
-        assert torch.equal(other_rank["state"][key], value), key
-    assert sharded["val"] == replicated["val"]
+    _llama_fsdp2_equals_ddp(tmp_path, "channel")
     assert (tmp_path / "fsdp2.lcz").read_bytes() == (tmp_path / "ddp.lcz").read_bytes()
     plain = LM()  # the unsharded module
     load_compressed(plain, tmp_path / "fsdp2.lcz")
@@ -285,12 +279,9 @@ def test_channel_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkp
     _run(tmp_path, "fsdp2", [*CHANNEL, "prune-channel@resume"])
     _run(tmp_path, "ddp", CHANNEL)
 
-    def load(name: str) -> dict[str, torch.Tensor]:
-        return torch.load(tmp_path / f"{name}.pt", weights_only=True)
-
     for job in [*CHANNEL, "prune-channel@resume"]:
-        ranks = [load(f"fsdp2-{job}_rank{r}") for r in (0, 1)]
-        reference = load(f"ddp-{job.partition('@')[0]}_rank0")
+        ranks = [_dump(tmp_path, f"fsdp2-{job}_rank{r}") for r in (0, 1)]
+        reference = _dump(tmp_path, f"ddp-{job.partition('@')[0]}_rank0")
         masks = sorted(k for k in reference if k.startswith("pruning.net"))
         assert masks == [f"pruning.net.{i}.{a}" for i in (0, 2) for a in ("bias", "weight")] + ["pruning.net.4.weight"]
         for key in reference:
@@ -304,7 +295,7 @@ def test_channel_pruning_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkp
         assert torch.equal(second, (kept[1][:, None] & kept[0][None, :]).expand_as(second))
         assert torch.equal(last, kept[1][None, :].expand_as(last))
         if job.startswith("prune-channel-guard"):
-            assert load("ddp-prune-channel-guard_rank0")["pruning.decisions"].any()
+            assert _dump(tmp_path, "ddp-prune-channel-guard_rank0")["pruning.decisions"].any()
         elif job.startswith("prune-channel-global"):
             assert sum(int((~k).sum()) for k in kept) == 37  # exact: half of the 74 hidden neurons
         elif not job.startswith("prune-channel-macs"):
