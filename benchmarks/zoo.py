@@ -77,6 +77,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "events100-taylor-regrow": {"events": 100, "importance": "taylor", "regrow": 0.1},
     "events100-floor1e-3": {"events": 100, "min_density": "1e-3"},
     "taylor": {"importance": "taylor"},
+    # session 10: the two ways the step-level reference differs from the defaults, apart and together
+    "every-step": {"every_n_steps": 1},
+    "events100-nofloor": {"events": 100, "min_density": "0"},
+    "every-step-nofloor": {"every_n_steps": 1, "min_density": "0"},
 }
 Split = tuple[Tensor, Tensor, Tensor, Tensor]
 
