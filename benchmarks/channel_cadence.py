@@ -49,7 +49,7 @@ from lightning_compress import IterativePruning
 from lightning_compress.core.schedule import step_interval
 
 warnings.filterwarnings("ignore")
-ARMS = {"epoch": None, "events100": 100, "events25": 25, "events100-taylor": 100}
+ARMS = {"epoch": None, "events100": 100, "events25": 25, "events100-taylor": 100, "events1000": 1000}
 IMPORTANCE = {"events100-taylor": "taylor"}  # every other arm: the default (magnitude)
 EPOCHS = {"cnn": (15, 10), "resnet": (15, 10), "vit": (20, 10), "lenet5": (15, 10), "tinyvit": (20, 10)}
 ZOO = {"lenet5": "lenet5-mnist", "tinyvit": "vit-mnist"}  # the zoo's models on MNIST-5k (benchmarks/zoo.py)

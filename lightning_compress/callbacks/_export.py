@@ -13,6 +13,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from ..core.compact import compact
 from ..core.qat import quantizers
@@ -68,8 +69,10 @@ def export_template(
     """
     if path is None or not may_shard(trainer) or not (path.suffix == ".onnx" or compacted):
         return None
+    data = (Dataset, DataLoader)  # data sets a module holds (often large) are referred to, not copied
+    shared = [v for m in pl_module.modules() for v in vars(m).values() if isinstance(v, data)]
     mesh = pl_module.device_mesh
-    return meta_copy(pl_module, buffers=False, share=() if mesh is None else (mesh,))
+    return meta_copy(pl_module, buffers=False, share=shared if mesh is None else [*shared, mesh])
 
 
 def check_export_template(template: nn.Module | None, pl_module: pl.LightningModule, callback: str) -> None:

@@ -29,7 +29,7 @@ from ._export import (
     example_inputs,
     export_at_fit_end,
     export_template,
-)  # fmt: skip
+)
 from ._validation import StrategyCollectives, check_float, check_strategy, may_shard
 from ._validation_plan import EpochWindow, plan_timeline
 

@@ -151,3 +151,26 @@ def test_fsdp1_is_refused_at_setup_naming_fsdp2(callback, match):
     with pytest.raises(ValueError, match=match):
         callback.setup(fake_trainer, model, "fit")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_export_copy_taken_at_setup_under_fsdp2_holds_no_weights_and_refers_to_data_sets():
+    """What exporting from shards needs is taken at `setup`: the module's structure with meta weights. A data set
+    the module holds is referred to, not copied (it may be large); nothing is taken when nothing needs it."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import TensorDataset
+
+    from lightning_compress.callbacks._export import export_template
+
+    model = TinyModule()
+    model.data = TensorDataset(torch.randn(1000, 16))
+    fsdp2 = SimpleNamespace(strategy=ModelParallelStrategy())
+    template = export_template(fsdp2, model, Path("m.onnx"))
+    assert template is not None and template.data is model.data
+    assert all(p.is_meta for p in template.parameters()) and template.net is not model.net
+    assert not any(p.is_meta for p in model.parameters())
+    assert export_template(fsdp2, model, Path("m.lcz")) is None  # gathered and written as it is
+    assert export_template(fsdp2, model, Path("m.lcz"), compacted=True) is not None
+    assert export_template(SimpleNamespace(strategy=None), model, Path("m.onnx")) is None  # not sharded
