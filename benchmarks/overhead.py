@@ -7,6 +7,8 @@ backward, hooks and the optimizer step):
 
 * ``plain``: no callback (the reference);
 * ``IterativePruning``: masks in the callback, gradients masked before each optimizer step;
+* ``IterativePruning, event every step``: pruning during epoch 1 with the default cadence, which for a window
+  of fewer than 1,000 steps (here 24) is an event after every step: each timed step includes an event;
 * ``ModelPruning``: Lightning's callback, whose ``torch.nn.utils.prune`` forward-pre-hooks stay on;
 * ``QuantizationAwareTraining``: int8 weights (per channel) and activations (per tensor), fake
   quantization on from the end of epoch 0;
@@ -73,6 +75,8 @@ class StepTimer(Callback):
 def callbacks_for(name: str, model: MLP) -> list[Callback]:
     if name == "IterativePruning":
         return [IterativePruning(0.9, schedule="one_shot", start_epoch=0, end_epoch=1, every_n_epochs=1)]
+    if name == "IterativePruning, event every step":
+        return [IterativePruning(0.9, start_epoch=1, end_epoch=2)]  # the default cadence in a 24-step window
     if name == "QuantizationAwareTraining":
         return [QuantizationAwareTraining(8, 8, start_epoch=0)]
     if name == "torch.ao QAT":
@@ -110,7 +114,10 @@ def timed_fit(name: str) -> list[tuple[float, float]]:
 
 
 def main(rounds: int = 9) -> None:
-    names = ["plain", "IterativePruning", "ModelPruning", "QuantizationAwareTraining", "torch.ao QAT"]
+    names = [
+        "plain", "IterativePruning", "IterativePruning, event every step", "ModelPruning", "QuantizationAwareTraining",
+        "torch.ao QAT",
+    ]  # fmt: skip
     params = sum(p.numel() for p in MLP().parameters())
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}

@@ -66,12 +66,13 @@ class IterativePruning(Callback):
         every_n_epochs: epochs between pruning events.
         every_n_steps: prune every n optimizer steps instead (between steps), inside the same
             ``start_epoch``..``end_epoch`` window. Exclusive with ``every_n_epochs``. With neither
-            (the default), element and channel pruning without ``monitor`` make about 100 events
-            over the window, every ``window_steps // 100`` optimizer steps (chosen on model zoos, see
-            ``BENCHMARKS.md``: for weights it beat one event per epoch on every pair it was chosen on and
-            on 6 of 9 held-out cells; for channels it won 9 of 16 cells and lost 5); N:M granularity,
-            ``monitor`` (one event per validation), a callable ``schedule`` and a train dataloader
-            without a length prune once per epoch.
+            (the default), pruning without ``monitor`` happens in optimizer steps: for weights about
+            1,000 events over the window (every ``window_steps // 1000`` steps, so after every step of a
+            shorter window), for channels about 100 (every ``window_steps // 100``). Both chosen on model
+            zoos (``BENCHMARKS.md``): for weights, every step against 100 events won 9 of 12 cells where
+            it was chosen and 5 of 6 held out; for channels, 100 events against one per epoch won 9 of 16
+            cells and lost 5. N:M granularity, ``monitor`` (one event per validation), a callable
+            ``schedule`` and a train dataloader without a length prune once per epoch.
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
             exact name picks that module's weight whatever its type. ``None``: all Linear/Conv.
         exclude: glob patterns over module names to leave dense.

@@ -39,12 +39,22 @@ from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
 
-__all__ = ["DEFAULT_EVENTS", "IterativePruner"]
+__all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "default_events"]
 
 STATE_VERSION = 2
-DEFAULT_EVENTS = 100
-"""With ``every_n_steps=None``: about this many events over the schedule (chosen on a model zoo,
-see BENCHMARKS.md "Defaults on a model zoo")."""
+DEFAULT_EVENTS = 1000
+"""Element granularity with ``every_n_steps=None``: about this many events over the schedule, i.e. an event
+after every optimizer step when the schedule is shorter (chosen on a model zoo, see BENCHMARKS.md "Defaults on
+a model zoo"; 100 before session 10)."""
+STRUCTURED_DEFAULT_EVENTS = 100
+"""Channel and N:M granularity with ``every_n_steps=None``: about this many events (BENCHMARKS.md "When
+channels are pruned")."""
+
+
+def default_events(granularity: str) -> int:
+    """About how many events a schedule of ``granularity`` makes when no cadence is given."""
+    return DEFAULT_EVENTS if granularity == "element" else STRUCTURED_DEFAULT_EVENTS
+
 
 _TOLERANCE = 1e-9  # sparsities closer than this to the target count as the target
 
@@ -58,8 +68,9 @@ class IterativePruner:
             ``granularity="channel"``) that are zero at ``total_steps``.
         total_steps: the step at which the schedule reaches the target.
         start_step: steps before the first event (the first one happens after ``start_step + every``).
-        every_n_steps: steps between events. ``None``: about :data:`DEFAULT_EVENTS` events over
-            ``total_steps - start_step``.
+        every_n_steps: steps between events. ``None``: about :func:`default_events` events over
+            ``total_steps - start_step`` (1,000 for element granularity, so an event after every step of a
+            shorter schedule; 100 for channels and N:M).
         rewind_step: lottery-ticket rewinding: survivors go back to their values at this step after
             every event (``<= start_step``). ``None``: off.
         judged_until: with ``max_drop``: the last step after which :meth:`observe` will be called;
@@ -243,7 +254,7 @@ class IterativePruner:
         self.judged_until = check_int(judged_until, "judged_until", optional=True)
         self.rewind_step = rewind
         config = self.config
-        every = every or step_interval(end - start, DEFAULT_EVENTS)
+        every = every or step_interval(end - start, default_events(self.config.granularity))
         self.schedule = PruningSchedule(config.schedule, config.target_sparsity, start, end, every)
         self._save_rewind_point_if_due()
 

@@ -437,14 +437,14 @@ def test_an_event_that_early_stopping_leaves_unjudged_is_rolled_back():
 @pytest.mark.parametrize(
     ("args", "events"),
     [
-        ({}, (50, 107)),  # the default: 107 events, every 320 // 100 = 3 steps (late ones may prune no weight)
+        ({}, (250, 320)),  # the default: an event after each of the 320 steps (late ones may prune no weight)
         ({"every_n_epochs": 1}, (5, 5)),
         ({"every_n_steps": 64}, (5, 5)),
         ({"monitor": "val_acc"}, (5, 5)),  # with the guard, one event per validation
     ],
     ids=["default", "every-epoch", "every-64-steps", "monitor"],
 )
-def test_default_cadence_is_about_a_hundred_events_in_steps(args, events):
+def test_default_cadence_is_an_event_every_step_of_a_short_window(args, events):
     pl.seed_everything(0, verbose=False)
     model = TinyModule(n=2048)  # 64 optimizer steps per epoch, 320 in the window
     pruning = IterativePruning(0.9, start_epoch=1, end_epoch=6, **args)

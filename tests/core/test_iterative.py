@@ -53,15 +53,19 @@ def test_a_plain_loop_reaches_the_target_at_total_steps_on_the_schedule():
         assert bool((buffer[~mask] == 0).all()), name
 
 
-def test_default_cadence_is_about_a_hundred_events():
+def test_default_cadence_is_an_event_every_step_up_to_a_thousand_events():
+    """Element granularity: about 1,000 events, so every step of a shorter schedule; channels and N:M: about 100."""
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     pruner = IterativePruner(model, 0.9, total_steps=400, optimizers=optimizer)
-    assert pruner.schedule.every == 4
+    assert pruner.schedule.every == 1
     _train(model, pruner, optimizer, 400)
-    assert len(pruner.schedule.events()) == 100
-    assert 80 <= pruner.events <= 100  # the last events of a cubic schedule may change no weight
+    assert len(pruner.schedule.events()) == 400
+    assert 300 <= pruner.events <= 400  # the last events of a cubic schedule may change no weight
     assert pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+    longer = IterativePruner(_model(), 0.9, total_steps=5000)
+    assert longer.schedule.every == 5 and len(longer.schedule.events()) == 1000
+    assert IterativePruner(_model(), 0.5, total_steps=400, granularity="2:4").schedule.every == 4
 
 
 def test_taylor_and_regrowth_gather_gradients_in_step_without_before_optimizer_step():
