@@ -15,16 +15,20 @@ __all__ = ["call_model", "eval_mode", "output_tensors", "plain_float", "without_
 
 @contextlib.contextmanager
 def without_cache(model: nn.Module) -> Iterator[None]:
-    """``config.use_cache = False`` meanwhile (a ``transformers`` model then returns outputs, not caches)."""
-    config = getattr(model, "config", None)
-    cached = getattr(config, "use_cache", None)
-    if cached:
-        config.use_cache = False  # type: ignore[union-attr]
+    """``config.use_cache = False`` meanwhile on every ``transformers`` config in ``model`` (a model wrapped in a
+    LightningModule has its config one level down), so that it returns outputs, not caches; restored after."""
+    cached: dict[int, Any] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if id(config) not in cached and getattr(config, "use_cache", None):
+            cached[id(config)] = config
+    for config in cached.values():
+        config.use_cache = False
     try:
         yield
     finally:
-        if cached:
-            config.use_cache = cached  # type: ignore[union-attr]
+        for config in cached.values():
+            config.use_cache = True
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

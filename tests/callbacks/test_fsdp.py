@@ -220,6 +220,34 @@ def test_pruning_heads_and_neurons_of_a_transformers_llama_under_fsdp2_equals_dd
 
 
 @pytest.mark.slow
+def test_channel_pruning_of_a_wrapped_gpt2_under_fsdp2_equals_ddp(tmp_path):
+    """GPT-2's Conv1D layers store weights (in, out): its neurons are columns of the producing layers and
+    rows, split over the processes, of the consuming ones. Heads and neurons pruned from the shards are DDP's,
+    and the compacted files are the same bytes (heads 4 -> 2, MLP 192 -> 96 per block)."""
+    pytest.importorskip("transformers")
+    from lightning_compress import load_compressed
+    from tests.callbacks.fsdp_gpt2_script import LM
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "tests" / "callbacks" / "fsdp_gpt2_script.py"
+    for strategy in ("fsdp2", "ddp"):
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path), strategy],
+            check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True,
+        )  # fmt: skip
+    sharded, replicated = (torch.load(tmp_path / f"{s}_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
+    assert sharded["masks"].keys() == replicated["masks"].keys() and len(sharded["masks"]) == 12
+    for name, mask in replicated["masks"].items():
+        assert torch.equal(sharded["masks"][name], mask), name
+    for key, value in replicated["state"].items():
+        assert torch.equal(sharded["state"][key], value), key
+    assert (tmp_path / "fsdp2.lcz").read_bytes() == (tmp_path / "ddp.lcz").read_bytes()
+    plain = LM()
+    load_compressed(plain, tmp_path / "fsdp2.lcz")
+    assert [block.mlp.c_fc.nf for block in plain.model.transformer.h] == [96, 96]
+
+
+@pytest.mark.slow
 def test_learned_scales_left_to_fully_shard_are_refused_with_the_fix(tmp_path):
     """LSQ scales must stay whole under FSDP2; sharded ones are refused before training, naming the fix."""
     with pytest.raises(subprocess.CalledProcessError) as failed:

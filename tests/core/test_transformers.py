@@ -372,3 +372,25 @@ def test_llama_channel_pruning_traces_fast_and_prunes_mlp_neurons_compact_remove
     assert sum(kept) == 64 and report.params_after < report.params_before  # half the neurons, global scope
     with torch.no_grad():
         assert torch.allclose(model(**x).logits, before, atol=1e-5)
+
+
+def test_a_gpt2_wrapped_in_another_module_traces_with_its_cache_off_and_keeps_its_config():
+    """A LightningModule holds the `transformers` model one level down; its config's `use_cache=True` (the
+    default) made the trace see the cache's concatenations, and channel tracing failed in Torch-Pruning
+    (`TypeError: unsupported operand type(s) for +: 'int' and 'NoneType'`)."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = gpt2()
+            self.model.config.use_cache = True
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids).logits
+
+    wrapped = Wrapper()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    prune_(wrapped, 0.5, granularity="channel", example_inputs=ids)
+    assert wrapped.model.config.use_cache is True  # turned off for tracing only
+    kept = [int(block.mlp.c_fc.weight.detach().any(0).sum()) for block in wrapped.model.transformer.h]
+    assert kept == [64, 64]  # half of the 128 MLP neurons of each block (Conv1D: neurons are columns)
