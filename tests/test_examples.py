@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,3 +63,23 @@ def test_structured_example_compacts_and_exports(tmp_path):
     assert after < 0.4 * before
     assert all(int(b) == int(a) // 2 for a, b in channels)
     assert (tmp_path / "export" / "resnet.lcz").exists() and (tmp_path / "export" / "resnet_int8.onnx").exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_example_prunes_heads_quantizes_and_exports_onnx_from_shards(tmp_path):
+    """examples/fsdp2.py: a `transformers` Llama sharded over 2 CPU processes; half its key/value head groups and
+    MLP neurons pruned, int8 QAT, the compacted model exported to ONNX by rank 0; onnxruntime runs it."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("transformers")
+    out = _run_example("fsdp2.py", "--fast", "--out", "export", cwd=tmp_path)
+    assert "val_loss" in out, out
+    path = tmp_path / "export" / "llama_int8.onnx"
+    int8 = {i.name: list(i.dims) for i in onnx.load(path).graph.initializer if i.name.endswith("_quantized")}
+    rows = {kind: sorted({d[0] for n, d in int8.items() if f"/{kind}/" in n}) for kind in ("k_proj", "up_proj")}
+    assert rows == {"k_proj": [16], "up_proj": [88]}  # 2 -> 1 key/value group of 16, 176 -> 88 neurons, in int8
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0)).numpy()
+    feeds = {"input_ids": ids, "attention_mask": ids * 0 + 1}
+    (logits,) = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+    assert logits.shape == (2, 64, 256)
