@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_compress.core.importance import MagnitudeImportance, RandomImportance
-from lightning_compress.core.masks import MaskPlanError, compute_masks, zero_pruned_
+from lightning_compress.core.masks import MaskPlanError, compute_masks, may_hold_nan, zero_pruned_
 from lightning_compress.core.selection import select_targets
 
 
@@ -174,6 +174,22 @@ def test_zero_pruned_writes_exact_zeros_over_nan_and_inf(dtype, mask_kind):
     zero_pruned_(values, keep if mask_kind == "bool" else keep.to(dtype))
     assert values[:4].eq(0).all()  # NaN * 0 and inf * 0 would have left NaN
     assert values[4].isnan() and values[5] == 2.0  # kept entries untouched
+
+
+@pytest.mark.parametrize("pruned", [[float("inf")], [-float("inf")], [float("nan")], [float("inf"), 3.0]])
+def test_zero_pruned_finds_the_nan_an_infinite_pruned_weight_leaves_without_any_kept_nan(pruned):
+    """The NaN check is one sum: an infinite pruned weight times zero is its only NaN here."""
+    values = torch.tensor([*pruned, 2.0**100, -(2.0**100), 5.0])
+    keep = torch.tensor([False] * len(pruned) + [True, True, True])
+    zero_pruned_(values, keep)
+    assert values[: len(pruned)].eq(0).all() and values[len(pruned) :].tolist() == [2.0**100, -(2.0**100), 5.0]
+
+
+def test_may_hold_nan_is_false_only_without_nan():
+    assert not may_hold_nan(torch.randn(1000))
+    assert not may_hold_nan(torch.tensor([float("inf"), 1.0]))
+    assert may_hold_nan(torch.tensor([1.0, float("nan")]))
+    assert may_hold_nan(torch.tensor([float("inf"), -float("inf")]))  # inf - inf: a false alarm, never a miss
 
 
 @pytest.mark.parametrize("offset,length", [(0, 10), (70_000, 300), (65_530, 20), (3, 200_000)])
