@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .head_layout import common_parent, confirmed_layouts
 from .layers import linear_like_types, weight_axes
 from .tracing import call_model
 
@@ -61,7 +62,10 @@ class AttentionBlock:
     """One attention block: its projections (module names), head size and head counts.
 
     ``query``/``key``/``value`` name the same module for a fused projection; ``offsets`` are where
-    Q, K and V start among that module's outputs (``(0, 0, 0)`` for separate projections).
+    Q, K and V start among that module's outputs (``(0, 0, 0)`` for separate projections), unless
+    ``interleaved``: then the fused outputs hold one key/value group after another, each its query
+    heads, then its key head, then its value head (``view(..., kv_heads, group_size + 2, head_dim)``; with
+    one query head per group, ``view(..., heads, 3 * head_dim)`` as GPT-NeoX, BLOOM and GPTBigCode do).
     """
 
     module: str
@@ -73,30 +77,40 @@ class AttentionBlock:
     heads: int
     kv_heads: int
     offsets: tuple[int, int, int] = (0, 0, 0)
+    interleaved: bool = False
 
     @property
     def group_size(self) -> int:
         """Query heads per key/value head (1 without grouped-query attention)."""
         return self.heads // self.kv_heads
 
+    def rows(self, part: str, head: int) -> range:
+        """The output positions of ``part`` (``"query"``, ``"key"`` or ``"value"``) that hold ``head`` (a query
+        head for ``"query"``, a key/value head otherwise) in its projection."""
+        d, r = self.head_dim, self.group_size
+        if self.interleaved:
+            group, index = divmod(head, r) if part == "query" else (head, r if part == "key" else r + 1)
+            start = (group * (r + 2) + index) * d
+        else:
+            start = self.offsets[("query", "key", "value").index(part)] + head * d
+        return range(start, start + d)
+
     def unit_positions(self) -> dict[tuple[str, str], tuple[list[int], list[int]]]:
         """Per (module, ``"out"``/``"in"``), the positions each unit owns and the unit of each."""
         d, r = self.head_dim, self.group_size
         parts: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
-        def add(name: str, kind: str, start: int, unit: int, heads: range) -> None:
+        def add(name: str, kind: str, positions: range, unit: int) -> None:
             index, channel = parts.setdefault((name, kind), ([], []))
-            for h in heads:
-                index.extend(range(start + h * d, start + (h + 1) * d))
-                channel.extend([unit] * d)
+            index.extend(positions)
+            channel.extend([unit] * len(positions))
 
-        q0, k0, v0 = self.offsets
         for j in range(self.kv_heads):
-            query_heads = range(j * r, (j + 1) * r)
-            add(self.query, "out", q0, j, query_heads)
-            add(self.key, "out", k0, j, range(j, j + 1))
-            add(self.value, "out", v0, j, range(j, j + 1))
-            add(self.output, "in", 0, j, query_heads)
+            for h in range(j * r, (j + 1) * r):
+                add(self.query, "out", self.rows("query", h), j)
+                add(self.output, "in", range(h * d, (h + 1) * d), j)
+            add(self.key, "out", self.rows("key", j), j)
+            add(self.value, "out", self.rows("value", j), j)
         return parts
 
 
@@ -139,18 +153,6 @@ def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool] |
     return found, attention
 
 
-def _common_parent(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    prefix: list[str] = []
-    for level in zip(*parts, strict=False):
-        if len(set(level)) != 1:
-            break
-        prefix.append(level[0])
-    if len(prefix) == min(len(p) for p in parts):  # one name (a fused projection): its parent
-        prefix = prefix[:-1]
-    return ".".join(prefix)
-
-
 def _head_size(module: nn.Module) -> int | None:
     for attr in _HEAD_SIZE_ATTRS:
         value = getattr(module, attr, None)
@@ -191,35 +193,54 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
     blocks: list[AttentionBlock] = []
     feeding: set[str] = set()
     skipped: dict[str, str] = {}
+    candidates: list[list[AttentionBlock]] = []
     for name, value in inputs.items():
         walked = _sources(value.grad_fn, produced_by) if value.grad_fn is not None else None
         if walked is None or not walked[1] or not walked[0]:
             continue
         producers = sorted(walked[0])
         feeding.update(producers)
-        block = _block(model, modules, name, producers)
-        if isinstance(block, str):
-            skipped[name] = block
+        found = _block(model, modules, name, producers)
+        if isinstance(found, str):
+            skipped[name] = found
         else:
-            blocks.append(block)
+            candidates.append(found)
+    for options, confirmed in zip(candidates, confirmed_layouts(model, example_inputs, candidates), strict=True):
+        if confirmed is None:
+            skipped[options[0].output] = (
+                "doubling one head's rows of its projections changed the other heads' outputs in every layout "
+                "tried ([Q | K | V], or Q, K and V head by head), so which rows form a head is not known"
+            )
+        else:
+            blocks.append(confirmed)
     return blocks, feeding, skipped
 
 
-def _block(model: nn.Module, modules: dict[str, nn.Module], output: str, producers: list[str]) -> AttentionBlock | str:
-    parent = _common_parent(producers)
+def _block(
+    model: nn.Module, modules: dict[str, nn.Module], output: str, producers: list[str]
+) -> list[AttentionBlock] | str:
+    """The readings of an attention block's projections that sizes allow (confirmed on the model later), or why
+    there is none."""
+    parent = common_parent(producers)
     attention = modules[parent]
     d = _head_size(attention)
     if d is None:
         return f"its attention module {parent or type(model).__name__} has no head_dim/attention_head_size attribute"
     width = _in_features(modules[output])
+    if width % d:
+        return f"its output projection reads {width} features, not a multiple of the head size {d}"
+    heads = width // d
     if len(producers) == 1:
         (fused,) = producers
-        split = getattr(attention, "split_size", None)
-        if not isinstance(split, int) or _out_features(modules[fused]) != 3 * split or split != width:
-            return f"its fused projection {fused} is not split into equal Q, K and V thirds (`split_size`)"
-        if split % d:
-            return f"its width {split} is not a multiple of the head size {d}"
-        return AttentionBlock(parent, fused, fused, fused, output, d, split // d, split // d, (0, split, 2 * split))
+        rest = _out_features(modules[fused]) - width
+        if rest <= 0 or rest % (2 * d) or heads % (rest // (2 * d)):
+            return f"its fused projection {fused} does not hold Q for {heads} heads of size {d} and equal K and V"
+        kv_heads = rest // (2 * d)
+        split = (0, width, width + kv_heads * d)
+        return [
+            AttentionBlock(parent, fused, fused, fused, output, d, heads, kv_heads, split),
+            AttentionBlock(parent, fused, fused, fused, output, d, heads, kv_heads, interleaved=True),
+        ]
     if len(producers) != 3:
         return f"its attention reads {len(producers)} projections, not 3 (Q, K, V)"
     sizes = {n: _out_features(modules[n]) for n in producers}
@@ -233,10 +254,24 @@ def _block(model: nn.Module, modules: dict[str, nn.Module], output: str, produce
         k, v = (n for n in producers if n != q)
     else:
         return f"its projections' sizes {sizes} do not form Q and equal K/V"
-    heads, kv_heads = sizes[q] // d, sizes[k] // d
+    kv_heads = sizes[k] // d
     if sizes[q] != width or heads % kv_heads:
-        return f"its output projection reads {width} features for {heads} query heads of size {d}"
-    return AttentionBlock(parent, q, k, v, output, d, heads, kv_heads)
+        return f"its output projection reads {width} features for {sizes[q] // d} query heads of size {d}"
+    if q == k == v:
+        return [AttentionBlock(parent, q, k, v, output, d, heads, kv_heads)]
+    # equal sizes do not say which is Q: every assignment is a candidate, the model confirms one
+    return [AttentionBlock(parent, a, b, c, output, d, heads, kv_heads) for a, b, c in _assignments(q, k, v, sizes)]
+
+
+def _assignments(q: str, k: str, v: str, sizes: dict[str, int]) -> list[tuple[str, str, str]]:
+    """(query, key, value) assignments of three projections: ``q`` is Q when it alone is wider; K and V may be
+    either way round, and with equal sizes any of the three may be Q."""
+    queries = [q] if sizes[q] != sizes[k] else [q, k, v]
+    out = []
+    for query in queries:
+        others = [n for n in (q, k, v) if n != query]
+        out += [(query, others[0], others[1]), (query, others[1], others[0])]
+    return out
 
 
 def head_attributes(attention: nn.Module, block: AttentionBlock) -> dict[str, int]:

@@ -59,6 +59,23 @@ def build(kind: str, **overrides):
             num_key_value_heads=4, bos_token_id=0, eos_token_id=0, pad_token_id=0,
         )  # fmt: skip
         inputs, attention = _text_inputs(), "model.layers.{}.self_attn"
+    elif kind == "bigcode":  # one fused projection laid out head by head: [q0 k0 v0 | q1 k1 v1 | ...]
+        cls, config = transformers.GPTBigCodeForCausalLM, transformers.GPTBigCodeConfig(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=32, multi_query=False,
+        )  # fmt: skip
+        inputs, attention = _text_inputs(), "transformer.h.{}.attn"
+    elif kind == "neox":  # the same per-head layout, with rotary embeddings
+        cls, config = transformers.GPTNeoXForCausalLM, transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        inputs, attention = _text_inputs(), "gpt_neox.layers.{}.attention"
+    elif kind == "falcon":  # grouped-query heads fused per key/value group: [q q k v | q q k v], read-only head_dim
+        cls, config = transformers.FalconForCausalLM, transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_kv_heads=4,
+            new_decoder_architecture=True, bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        inputs, attention = _text_inputs(), "transformer.h.{}.self_attention"
     else:
         cls, config = transformers.ViTForImageClassification, transformers.ViTConfig(
             image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -81,7 +98,7 @@ def _logits(model, inputs) -> torch.Tensor:
         return (model(**inputs) if isinstance(inputs, dict) else model(inputs)).logits
 
 
-KINDS = ["bert", "gpt2", "llama", "vit"]
+KINDS = ["bert", "gpt2", "llama", "vit", "bigcode", "neox", "falcon"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -91,8 +108,9 @@ def test_every_attention_block_is_found_with_its_head_layout(kind):
     blocks, feeding, skipped = find_attention(model, inputs)
     assert [b.module for b in blocks] == attention and not skipped
     for block in blocks:
-        assert block.head_dim == (8 if kind == "llama" else 16)
-        assert (block.heads, block.kv_heads) == ((8, 4) if kind == "llama" else (4, 4))
+        assert block.head_dim == (8 if kind in ("llama", "falcon") else 16)
+        assert (block.heads, block.kv_heads) == ((8, 4) if kind in ("llama", "falcon") else (4, 4))
+        assert block.interleaved == (kind in ("bigcode", "neox", "falcon"))
         assert {block.query, block.key, block.value} <= feeding
     if kind == "gpt2":
         assert blocks[0].query == blocks[0].key == "transformer.h.0.attn.c_attn"
@@ -113,7 +131,7 @@ def test_heads_and_neurons_are_pruned_compacted_and_reloaded_with_the_same_outpu
         rows = masks[f"{block.query}.weight"]
         out_axis = 1 if kind == "gpt2" else 0
         per_row = rows.movedim(out_axis, 0).reshape(rows.shape[out_axis], -1).all(1)
-        heads = per_row[: block.heads * block.head_dim].reshape(block.heads, block.head_dim)
+        heads = torch.stack([per_row[list(block.rows("query", h))] for h in range(block.heads)])
         assert bool((heads.all(1) | ~heads.any(1)).all()), "a head is kept or removed whole"
         kept_query = heads.all(1).reshape(block.kv_heads, block.group_size)
         assert bool((kept_query.all(1) | ~kept_query.any(1)).all()), "a query group goes with its key/value head"
@@ -213,6 +231,45 @@ def test_a_head_layout_that_is_not_understood_is_left_whole_and_says_why():
     model.head_dim = 4  # now the layout is known
     groups, _ = build_channel_groups(model, x)
     assert [(g.name, g.size) for g in groups if g.attention is not None] == [("", 4)]
+
+
+class _GroupedAttention(torch.nn.Module):
+    """Grouped-query attention, 4 query heads of 4 over 2 key/value heads; ``tiled``: key/value head ``j`` serves
+    query heads ``j`` and ``j + 2`` (``repeat``), not ``2j`` and ``2j + 1`` (``repeat_interleave``, what
+    ``transformers`` does). Sizes alone cannot tell the two apart."""
+
+    def __init__(self, tiled: bool) -> None:
+        super().__init__()
+        self.tiled, self.head_dim = tiled, 4
+        self.q, self.o = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.k, self.v = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (-1, 4)).transpose(1, 2)
+        k, v = (p(x).unflatten(-1, (-1, 4)).transpose(1, 2) for p in (self.k, self.v))
+        k, v = (t.repeat(1, 2, 1, 1) if self.tiled else t.repeat_interleave(2, dim=1) for t in (k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.fc(torch.relu(self.o(y)))
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_the_model_confirms_which_query_heads_a_key_value_head_serves(tiled):
+    """The reading from sizes (query heads ``2j``, ``2j + 1`` with key/value head ``j``) is checked on the model: a
+    tiled model refuses it, its heads are left whole with the reason, and what `prune_` cuts `compact` removes."""
+    torch.manual_seed(0)
+    model, x = _GroupedAttention(tiled).eval(), torch.randn(2, 5, 16)
+    blocks, _, skipped = find_attention(model, x)
+    if not tiled:
+        assert [(b.heads, b.kv_heads, b.query, b.key, b.value) for b in blocks] == [(4, 2, "q", "k", "v")]
+        assert not skipped
+        return
+    assert blocks == [] and "changed the other heads' outputs in every layout tried" in skipped["o"]
+    groups, why = build_channel_groups(model, x)
+    assert all(g.attention is None for g in groups) and "its heads are left whole" in why["o"]
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    compact(model, x)  # raises if a mask cut rows that are not a whole unit
+    assert model.q.out_features == 16 and model.o.out_features == 8
 
 
 def test_iterative_pruner_with_taylor_prunes_heads_in_a_plain_training_loop():

@@ -1,0 +1,177 @@
+"""Confirming which rows of the projections hold each attention head, on the model itself.
+
+Sizes alone cannot tell where a head's rows are: GPT-2 and GPTBigCode both fuse Q, K and V into one
+projection three times as wide as the model, GPT-2 as ``[Q | K | V]`` and GPTBigCode head by head
+(``[q0 k0 v0 | q1 k1 v1 | ...]``). A mask built on the wrong reading cuts rows of several heads, which
+:func:`~.compact.compact` then cannot remove. So every candidate reading is checked with three probes
+of one forward each, scaling a head's rows (and biases) by two, which is exact in floating point:
+
+* the value rows of key/value head 0 must double exactly the output projection's input columns of its
+  query group, and leave every other column as it was;
+* the query rows of query head 0, and the key rows of key/value head 0, must leave every column
+  outside that head (that group) as it was.
+
+The attention module is called alone on the inputs it received in one plain forward (the model as a
+whole when that fails), unprobed once for the reference, with the weights restored after each probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import weight_axes
+from .tracing import call_model, eval_mode
+
+if TYPE_CHECKING:
+    from .heads import AttentionBlock
+
+__all__ = ["common_parent", "confirmed_layouts"]
+
+
+def common_parent(names: Sequence[str]) -> str:
+    """The innermost module that holds every module in ``names`` (the parent of a single one)."""
+    parts = [n.split(".") for n in names]
+    prefix: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    if len(prefix) == min(len(p) for p in parts):  # one name, or one that holds the others: its parent
+        prefix = prefix[:-1]
+    return ".".join(prefix)
+
+
+def confirmed_layouts(
+    model: nn.Module, example_inputs: Any, candidates: Sequence[Sequence[AttentionBlock]]
+) -> list[AttentionBlock | None]:
+    """Per attention block, the first of its candidate readings the model confirms (``None``: none does).
+
+    ``candidates`` holds, per block, readings of the same projections (module names and head counts).
+    Runs in eval mode (dropout off) with caches off; every weight and training flag is restored.
+    """
+    modules = dict(model.named_modules())
+    with torch.no_grad(), eval_mode(model):
+        calls = _first_calls(model, example_inputs, modules, {_probed(b) for c in candidates for b in c})
+        chosen: list[AttentionBlock | None] = []
+        for options in candidates:
+            found = None
+            for block in options:
+                run = _runner(model, example_inputs, modules, block, calls.get(_probed(block)))
+                reference = run()
+                if reference is not None and _confirms(block, modules, reference, run):
+                    found = block
+                    break
+            chosen.append(found)
+    return chosen
+
+
+def _probed(block: AttentionBlock) -> str:
+    """The module run alone for ``block``: the innermost one that holds its projections and output projection
+    (BERT keeps the output projection beside its self-attention module)."""
+    return common_parent([block.query, block.key, block.value, block.output])
+
+
+def _first_calls(
+    model: nn.Module, example_inputs: Any, modules: dict[str, nn.Module], names: set[str]
+) -> dict[str, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The first call of every attention module in one plain forward (a module shared by several layers is
+    probed on its first use)."""
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def record_call(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            calls.setdefault(name, (args, kwargs))
+
+        return hook
+
+    handles = [  # the model itself ("") is probed as a whole
+        modules[name].register_forward_pre_hook(record_call(name), with_kwargs=True) for name in names if name
+    ]
+    try:
+        call_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _runner(
+    model: nn.Module,
+    example_inputs: Any,
+    modules: dict[str, nn.Module],
+    block: AttentionBlock,
+    call: tuple[tuple[Any, ...], dict[str, Any]] | None,
+) -> Callable[[], Tensor | None]:
+    """Runs the attention module of ``block`` (or the model) and returns its output projection's first input."""
+    output = modules[block.output]
+    probed = _probed(block)
+
+    def run() -> Tensor | None:
+        seen: list[Tensor] = []
+
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not seen and args and isinstance(args[0], Tensor):
+                seen.append(args[0].detach().clone())
+
+        handle = output.register_forward_pre_hook(hook)
+        try:
+            if call is not None:
+                try:
+                    modules[probed](*call[0], **call[1])
+                except Exception:  # a module that cannot run alone: the whole model below
+                    seen.clear()
+            if not seen:
+                call_model(model, example_inputs)
+        finally:
+            handle.remove()
+        return seen[0] if seen else None
+
+    return run
+
+
+def _confirms(
+    block: AttentionBlock, modules: dict[str, nn.Module], baseline: Tensor, run: Callable[[], Tensor | None]
+) -> bool:
+    d, r = block.head_dim, block.group_size
+    width = block.heads * d
+    if baseline.shape[-1] != width:
+        return False
+    base = baseline.reshape(-1, width).float()
+    tolerance = 1e-3 * float(base.abs().max()) + 1e-12
+    group_columns = slice(0, r * d)
+    for part, head, inside in (("value", 0, group_columns), ("query", 0, slice(0, d)), ("key", 0, group_columns)):
+        probed = _scaled(modules[getattr(block, part)], block.rows(part, head), run)
+        if probed is None or probed.shape != baseline.shape:
+            return False
+        new = probed.reshape(-1, width).float()
+        outside = torch.ones(width, dtype=torch.bool)
+        outside[inside] = False
+        if outside.any() and float((new[:, outside] - base[:, outside]).abs().max()) > tolerance:
+            return False
+        if part == "value" and float((new[:, inside] - 2 * base[:, inside]).abs().max()) > 2 * tolerance:
+            return False
+    return True
+
+
+def _scaled(module: nn.Module, rows: range, run: Callable[[], Tensor | None]) -> Tensor | None:
+    """``run()`` with ``rows`` of ``module``'s outputs (weight and bias) doubled; restored afterwards."""
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    assert isinstance(weight, Tensor)
+    index = torch.arange(rows.start, rows.stop, device=weight.device)
+    axis = weight_axes(module)[0]
+    saved = weight.index_select(axis, index).clone()
+    saved_bias = bias.index_select(0, index).clone() if isinstance(bias, Tensor) else None
+    try:
+        weight.index_copy_(axis, index, saved * 2)
+        if saved_bias is not None and isinstance(bias, Tensor):
+            bias.index_copy_(0, index, saved_bias * 2)
+        return run()
+    finally:
+        weight.index_copy_(axis, index, saved)
+        if saved_bias is not None and isinstance(bias, Tensor):
+            bias.index_copy_(0, index, saved_bias)
