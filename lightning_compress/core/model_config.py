@@ -88,16 +88,26 @@ def _rewritten(config: Any, groups: Sequence[ChannelGroup], kept: dict[str, tupl
         ((kv_heads, group_size, head_dim),) = counts
         values = {"num_attention_heads": kv_heads * group_size, "num_key_value_heads": kv_heads, "head_dim": head_dim}
         for name in _HEAD_FIELDS:
-            if hasattr(candidate, name):
-                setattr(candidate, name, values[name])
+            if hasattr(candidate, name) and not _set(candidate, name, values[name]):
+                return None
     if mlps:
         sizes = {kept[g.name][1] for g in mlps}
         if len(sizes) != 1:
             return None
         for name in _MLP_FIELDS:
-            if hasattr(candidate, name):
-                setattr(candidate, name, next(iter(sizes)))
+            if hasattr(candidate, name) and not _set(candidate, name, next(iter(sizes))):
+                return None
     return candidate
+
+
+def _set(config: Any, name: str, value: int) -> bool:
+    """Set a config field; ``False`` when it is derived and read-only (Falcon's ``head_dim`` is
+    ``hidden_size // num_attention_heads``) and differs from ``value``."""
+    try:
+        setattr(config, name, value)
+    except AttributeError:
+        return bool(getattr(config, name) == value)
+    return True
 
 
 def _builds_same_shapes(model: nn.Module, config: Any) -> bool:

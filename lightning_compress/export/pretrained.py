@@ -59,6 +59,10 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
             shrink_like(self, shapes)
             set_head_record(self, heads)
 
+    # named like the class: the loader picks its checkpoint key conversions by class name (GPT-NeoX saves
+    # `lm_head` as `embed_out`; under another name the head would be left newly initialized)
+    Compacted.__name__, Compacted.__qualname__ = model_class.__name__, model_class.__qualname__
+    Compacted.__module__ = model_class.__module__
     loaded = Compacted.from_pretrained(directory, **kwargs)
     model = model_class(loaded.config)  # a plain instance of the class, with the same sizes and weights
     shrink_like(model, shapes)
