@@ -41,8 +41,14 @@ def last_validation_batch(trainer: pl.Trainer) -> int | None:
     batches = _per_epoch(trainer)
     every = trainer.val_check_batch
     max_epochs = trainer.max_epochs
-    if batches is None or batches <= 0 or every is None or max_epochs is None or max_epochs < 0:
+    if batches is None or batches <= 0 or every is None:
         return None
+    if max_epochs is None or max_epochs < 0:  # unlimited epochs: `max_steps` ends the fit, or nothing known does
+        if trainer.max_steps < 0:
+            return None
+        max_epochs = math.ceil(
+            _batches_for_steps(trainer.max_steps, batches, trainer.accumulate_grad_batches) / batches
+        )
     if not trainer.enable_validation:
         return -1
     horizon = max_epochs * batches

@@ -265,8 +265,16 @@ class IterativePruning(Callback):
             trainer.logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.monitor is not None and trainer.num_sanity_val_steps != 0:
-            self.pruner.observe(self._read_monitor(trainer))
+        """A sanity check that ran every validation batch is a validation: the baseline if none is known yet. A
+        shorter one (two batches by default) only checks that ``monitor`` is logged: its value is not comparable
+        with a whole validation's, and on a resumed fit it must not judge the event the checkpoint holds."""
+        if self.monitor is None or trainer.num_sanity_val_steps == 0:
+            return
+        value = self._read_monitor(trainer)
+        guard = self.pruner.guard
+        whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
+        if whole and guard is not None and guard.baseline is None:
+            self.pruner.observe(value)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
@@ -280,12 +288,14 @@ class IterativePruning(Callback):
         core.attach_optimizers(trainer.optimizers)
         core.set_schedule(
             total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
-            judged_until=plan.judged_until,
+            judged_until=plan.judged_until, wait_for_baseline=True,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
+        if self._guarded_epochs and trainer.current_epoch > 0:
+            self._advance(pl_module, trainer.current_epoch)  # the event after the epoch that ended
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -302,10 +312,17 @@ class IterativePruning(Callback):
             self._advance(pl_module, trainer.global_step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._in_steps:
+        if not self._in_steps and not self._guarded_epochs:
             self._advance(pl_module, trainer.current_epoch + 1)
         else:
             self._flush_logs(pl_module, step_level=False)
+
+    @property
+    def _guarded_epochs(self) -> bool:
+        """Events between epochs judged by the guard run at the start of the next epoch, not at the end of the
+        last: a checkpoint saved at the end of an epoch (``ModelCheckpoint`` saves after every other callback)
+        then holds the model the epoch's validation judged, and no event follows the fit's last epoch."""
+        return self.monitor is not None and not self._in_steps
 
     def _advance(self, pl_module: pl.LightningModule, t: int) -> None:
         self._flush_logs(pl_module)
@@ -316,11 +333,21 @@ class IterativePruning(Callback):
         if self._core is None:
             return
         rolled = self._core.finish()
-        if rolled is not None:  # fit stopped early: no validation judged the last event
+        if rolled is None:
+            return
+        change = f"sparsity {rolled.before:.4f} -> {rolled.after:.4f}"
+        if rolled.whole_model:  # fit stopped where the validation schedule did not show it would
+            rank_zero_warn(
+                f"IterativePruning: fit ended before a validation judged the last pruning event; the model went back "
+                f"to the one the last validation judged ({change}; the training since that event is undone). A "
+                "checkpoint saved after that event and before the end of fit still holds it."
+            )
+        else:
             rank_zero_warn(
                 f"IterativePruning: fit ended before a validation judged the last pruning event; it was rolled back "
-                f"(sparsity {rolled[0]:.4f} -> {rolled[1]:.4f}) so that the model `fit` returns was "
-                "judged. A checkpoint saved after that event and before the end of fit still holds it."
+                f"({change}): the weights it pruned have their values from before it again, but this run, resumed "
+                "from a checkpoint saved while the event awaited judgement, has no copy of the rest of the model "
+                "from then, so no validation has scored the model `fit` returns."
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

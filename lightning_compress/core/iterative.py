@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,8 +39,9 @@ from .pruner import Pruner
 from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
+from .snapshot import ModelSnapshot
 
-__all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "default_events"]
+__all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "Rollback", "default_events"]
 
 STATE_VERSION = 2
 DEFAULT_EVENTS = 1000
@@ -54,6 +56,15 @@ channels are pruned")."""
 def default_events(granularity: str) -> int:
     """About how many events a schedule of ``granularity`` makes when no cadence is given."""
     return DEFAULT_EVENTS if granularity == "element" else STRUCTURED_DEFAULT_EVENTS
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """An event :meth:`IterativePruner.finish` rolled back."""
+
+    before: float  # sparsity with the event
+    after: float  # sparsity without it
+    whole_model: bool  # the model is the one the last evaluation judged (else: only the pruned weights went back)
 
 
 _TOLERANCE = 1e-9  # sparsities closer than this to the target count as the target
@@ -196,6 +207,8 @@ class IterativePruner:
                 "`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict)."
             )
         self.config = config
+        self._model = model
+        self._judged: ModelSnapshot | None = None  # with the guard: the model before the event awaiting judgement
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -237,9 +250,15 @@ class IterativePruner:
         every_n_steps: int | None = None,
         rewind_step: int | None = None,
         judged_until: int | None = None,
+        wait_for_baseline: bool = False,
     ) -> None:
         """Set when events happen (the arguments of the same names above); before the first event, e.g. once
-        the length of an epoch is known. The schedule's curve and target stay those of the config."""
+        the length of an epoch is known. The schedule's curve and target stay those of the config.
+
+        ``wait_for_baseline``: with ``max_drop``, an event due before the first :meth:`observe` is skipped
+        (the caller evaluates on its own schedule, as the callback's Trainer does) instead of raising.
+        """
+        self.wait_for_baseline = bool(wait_for_baseline)
         start = check_int(start_step, "start_step") or 0
         end = check_int(total_steps, "total_steps", minimum=1) or 1
         if end <= start:
@@ -367,6 +386,8 @@ class IterativePruner:
         guard = self.guard
         if guard is not None:
             if guard.baseline is None:
+                if self.wait_for_baseline:
+                    return False
                 raise ValueError(
                     "the accuracy guard (`max_drop`) has no value before the first pruning event: evaluate and "
                     f"`observe(value)` before step {self.schedule.start + self.schedule.every}, or set `max_drop=None`."
@@ -382,8 +403,10 @@ class IterativePruner:
         regrow = 0.0 if wanted >= self.target_sparsity - _TOLERANCE else None  # the last event is an exact top-k
         # replicated weights (DDP) take rank 0's masks; sharded ones are decided from counts every process shares
         sync = None if self.collectives.world_size == 1 or self._pruner.sharded else self._broadcast
+        judged = None if guard is None else ModelSnapshot(self._model)
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
             return False
+        self._judged = judged
         self._zero_optimizer_state()
         if guard is not None:
             guard.event_applied(previous, self.masked_sparsity())
@@ -422,22 +445,36 @@ class IterativePruner:
         if decision is None:
             return None
         if decision.action in ("rollback", "stop"):
-            self._pruner.undo()
+            self._roll_back()
             self._zero_optimizer_state()
+        if decision.action != "baseline":
+            self._judged = None
         self.decisions.append(decision)
         return decision
 
-    def finish(self) -> tuple[float, float] | None:
+    def _roll_back(self) -> bool:
+        """Undo the last event: the masks before it, and the whole model as it was then (the model the last
+        evaluation judged; training since moved the other weights) when this run took that copy. A run resumed
+        from a checkpoint saved while the event awaited judgement has no copy: the pruned weights get their
+        values back and the others keep their training."""
+        whole = self._judged is not None
+        if self._judged is not None:
+            self._judged.restore()
+            self._judged = None
+        self._pruner.undo()
+        return whole
+
+    def finish(self) -> Rollback | None:
         """At the end of training: roll back an event no evaluation judged and re-apply the masks.
 
-        Returns ``(sparsity before, after)`` when an event was rolled back, else ``None``.
+        Returns what was rolled back, if anything.
         """
         rolled = None
         if self.guard is not None and self.guard.awaiting_check:
             before = self.masked_sparsity()
-            self._pruner.undo()
+            whole = self._roll_back()
             self.guard.awaiting_check = False
-            rolled = (before, self.masked_sparsity())
+            rolled = Rollback(before, self.masked_sparsity(), whole)
         self._pruner.apply()
         return rolled
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -133,6 +135,33 @@ def test_resume_mid_schedule_gives_the_same_final_masks(importance, regrow, tmp_
     for key in full.masks:
         assert torch.equal(full.masks[key], resumed.masks[key]), key
     assert sparsity(resumed_model) == sparsity(full_model)
+
+
+@pytest.mark.parametrize("cadence", [{}, {"every_n_steps": 4}], ids=["epochs", "steps"])
+def test_a_guarded_fit_resumes_exactly_with_a_sanity_check(cadence, tmp_path):
+    """Regression: on `fit(ckpt_path=...)` the two-batch sanity check judged the event the checkpoint held (saved at
+    an epoch's end, after the event that followed its validation), so the resumed run rolled back what the
+    uninterrupted one kept."""
+
+    def run(ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule(n=512)
+        pruning = IterativePruning(0.97, start_epoch=1, end_epoch=7, monitor="val_acc", max_drop=0.005, **cadence)
+        callbacks = [pruning]
+        if dirpath is not None:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        trainer(
+            max_epochs=8, callbacks=callbacks, enable_checkpointing=dirpath is not None, num_sanity_val_steps=1
+        ).fit(model, ckpt_path=ckpt_path)
+        return model, pruning
+
+    full_model, full = run(dirpath=tmp_path)
+    if not cadence:
+        assert "rollback" in [d.action for d in full.decisions]  # the guard acted in this run
+    resumed_model, resumed = run(ckpt_path=tmp_path / "epoch=3.ckpt")
+    assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in full_model.state_dict().items())
+    tail = [(d.action, d.value) for d in resumed.decisions]
+    assert tail == [(d.action, d.value) for d in full.decisions][-len(tail) :]
 
 
 def test_one_instance_serves_a_second_fit():
@@ -399,26 +428,63 @@ def test_regrowth_reaches_the_target_exactly_and_moves_masks(scope):
         ({}, {"val_check_interval": 0.375}),  # the last batch of an epoch does not validate
         ({"every_n_steps": 3}, {"val_check_interval": 0.375}),
         ({}, {"check_val_every_n_epoch": 2}),
+        ({"end_epoch": 5}, {"max_epochs": -1, "max_steps": 45}),  # the fit ends mid-epoch, by steps
+        ({"every_n_steps": 2, "end_epoch": 5}, {"max_epochs": -1, "max_steps": 45}),
     ],
-    ids=["epochs", "catch-up", "steps", "val-twice-per-epoch", "val-not-at-epoch-end", "steps-val-3/8", "val-every-2"],
-)
+    ids=[
+        "epochs", "catch-up", "steps", "val-twice-per-epoch", "val-not-at-epoch-end", "steps-val-3/8", "val-every-2",
+        "max-steps", "steps-max-steps",
+    ],
+)  # fmt: skip
 def test_fit_never_returns_a_model_no_validation_judged(tmp_path, pruning_args, trainer_args):
     """The score is 1 - sparsity, so a model within `max_drop` of the dense baseline is at most 30% sparse:
-    the returned model and the last checkpoint both are, with every cadence and validation schedule."""
+    the returned model, the last checkpoint and every checkpoint saved during the fit are, with every cadence and
+    validation schedule (regression: a checkpoint saved at an epoch's end held the event that ran after that
+    epoch's validation, and the fit's last event with `max_epochs=-1` came after its last validation)."""
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity()
     args = {"schedule": "linear", "start_epoch": 1, **pruning_args}
     pruning = IterativePruning(0.9, monitor="val_score", max_drop=0.3, **args)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    trainer(max_epochs=6, callbacks=[pruning, checkpoint], enable_checkpointing=True, **trainer_args).fit(model)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=-1, filename="{epoch}-{step}")
+    options = {"max_epochs": 6, **trainer_args}
+    trainer(callbacks=[pruning, checkpoint], enable_checkpointing=True, **options).fit(model)
     assert pruning.decisions[0].action == "baseline" and pruning.decisions[0].value == 1.0
     assert 0.0 < sparsity(model) <= 0.3 + 1e-3
     saved = ScoredBySparsity()
     saved.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"])
     assert sparsity(saved) == pytest.approx(sparsity(model), abs=1e-6)
+    files = sorted(tmp_path.glob("epoch=*.ckpt"))
+    assert len(files) >= 3
+    for path in files:
+        saved.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
+        assert sparsity(saved) <= 0.3 + 1e-3, path.name
 
 
-def test_an_event_that_early_stopping_leaves_unjudged_is_rolled_back():
+@pytest.mark.parametrize("sanity_batches", [1, -1])
+def test_only_a_sanity_check_over_the_whole_validation_gives_the_baseline(sanity_batches):
+    """A sanity check over part of the validation data (2 batches by default) is not comparable with a whole
+    validation: it neither sets the baseline nor judges an event; the first event waits for a validation."""
+
+    class Values(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.values.append((trainer.sanity_checking, float(trainer.callback_metrics["val_acc"])))
+
+    pl.seed_everything(0, verbose=False)
+    values = Values()
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=3, monitor="val_acc", max_drop=0.5, every_n_steps=2)
+    trainer(max_epochs=3, callbacks=[pruning, values], num_sanity_val_steps=sanity_batches).fit(TinyModule())
+    sanity, first = values.values[0], values.values[1]
+    assert sanity[0] and not first[0] and sanity[1] != first[1]
+    assert pruning.decisions[0].action == "baseline"
+    assert pruning.decisions[0].value == (sanity[1] if sanity_batches == -1 else first[1])
+
+
+def test_no_event_runs_after_the_validation_early_stopping_acts_on():
+    """Events between epochs run at the start of the next epoch: when early stopping ends the fit at an epoch's
+    end, the last event is the one that epoch's validation judged, and nothing is left to undo."""
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity()
     pruning = IterativePruning(0.6, schedule="linear", start_epoch=0, end_epoch=6, monitor="val_score", max_drop=0.5)
@@ -428,10 +494,34 @@ def test_an_event_that_early_stopping_leaves_unjudged_is_rolled_back():
             if trainer.current_epoch == 2:
                 trainer.should_stop = True
 
-    with pytest.warns(UserWarning, match="fit ended before a validation judged the last pruning event"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fit ended before a validation judged.*")
         trainer(max_epochs=6, callbacks=[pruning, StopAfterEpochTwo()]).fit(model)
     assert [d.action for d in pruning.decisions] == ["baseline", "accept", "accept"]
-    assert sparsity(model) == pytest.approx(0.2, abs=1e-3)  # two judged events; the third was undone
+    assert sparsity(model) == pytest.approx(0.2, abs=1e-3)  # two judged events, no third
+
+
+def test_a_stop_mid_epoch_ends_on_a_judged_event():
+    """The Trainer validates when a callback stops the fit mid-epoch: that validation judges the last event."""
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(
+        0.6, schedule="linear", start_epoch=0, end_epoch=6, every_n_steps=2, monitor="val_score", max_drop=0.5
+    )
+
+    class StopMidEpoch(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 13:  # epoch 1 (8 steps per epoch), after the event at step 12
+                trainer.should_stop = True
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*fit ended before a validation judged.*")
+        trainer(max_epochs=6, callbacks=[pruning, StopMidEpoch()]).fit(model)
+    assert pruning.decisions[-1].action == "accept" and not pruning.pruner.guard.awaiting_check
+    # the events wait for the baseline (the validation at the end of epoch 0: the two-batch sanity check is not
+    # one), then step 10 is judged at the stop
+    assert [d.action for d in pruning.decisions] == ["baseline", "accept"]
+    assert sparsity(model) == pytest.approx(0.6 * 10 / 48, abs=2e-3)
 
 
 @pytest.mark.parametrize(

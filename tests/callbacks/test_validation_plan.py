@@ -41,6 +41,9 @@ class Recorder(Callback):
         {"max_steps": 21, "val_check_interval": 0.25},
         {"accumulate_grad_batches": 3},
         {"limit_train_batches": 5, "val_check_interval": 2},
+        {"max_epochs": -1, "max_steps": 29},  # unlimited epochs: max_steps ends the fit
+        {"max_epochs": -1, "max_steps": 30, "check_val_every_n_epoch": 3},
+        {"max_epochs": -1, "max_steps": 13, "accumulate_grad_batches": 3, "val_check_interval": 0.5},
     ],
 )
 def test_the_last_validation_is_predicted_exactly(kwargs):

@@ -133,9 +133,38 @@ def test_finish_rolls_back_an_event_no_evaluation_judged():
     pruner.observe(1.0)
     pruner.advance_to(2)
     assert pruner.masked_sparsity() > judged
-    assert pruner.finish() == (pytest.approx(0.5, abs=1e-3), pytest.approx(judged))
+    rolled = pruner.finish()
+    assert (rolled.before, rolled.after, rolled.whole_model) == (pytest.approx(0.5, abs=1e-3), judged, True)
     assert pruner.masked_sparsity() == pytest.approx(judged)
     assert pruner.finish() is None
+
+
+@pytest.mark.parametrize("when", ["rollback", "finish"])
+def test_a_rolled_back_event_returns_the_whole_model_the_evaluation_judged(when):
+    """Training after an event moves every weight; rolling it back returns to the model as it was before it
+    (parameters and buffers), not to a mix of old pruned weights and newer others."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1, optimizers=optimizer)
+    pruner.observe(1.0)
+    judged = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(3):  # the event after the first step, then training on
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).sum().backward()
+        pruner.before_optimizer_step()
+        optimizer.step()
+        if pruner.steps == 0:
+            judged = {k: v.clone() for k, v in model.state_dict().items()}
+            assert pruner.step() and pruner.guard.awaiting_check
+    if when == "rollback":
+        assert pruner.observe(0.5).action == "rollback"
+    else:
+        assert pruner.finish().whole_model
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in judged.items())
+    assert pruner.masked_sparsity() == 0.0
 
 
 def test_rewinding_puts_survivors_back_to_their_initial_values():
