@@ -282,6 +282,13 @@ class IterativePruning(Callback):
         default_in_steps = (
             config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
         )
+        frozen = [t.name for t in core.targets if not t.param.requires_grad]
+        if frozen and core.rule.importance.accumulates:
+            raise ValueError(
+                f"`importance`={self.config.importance!r} scores weights by their gradients, but {frozen} are frozen "
+                "(requires_grad=False) as training starts: `exclude` them, unfreeze them before `fit`, or use "
+                "importance='magnitude'."
+            )
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor)
         self._in_steps = plan.in_steps
         core.apply()

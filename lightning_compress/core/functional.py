@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -161,7 +163,18 @@ def prune_(
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
     if granularity == "channel" and example_inputs is None:
         raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
-    rule, _ = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure)
+    rule, left_alone = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure)
+    if left_alone and nm is not None:
+        warnings.warn(
+            f"prune_: layer(s) {list(left_alone)} stay dense: their input size is not a multiple of {nm[1]}, so "
+            f"`granularity`={granularity!r} cannot apply. `exclude` them to silence this.",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif left_alone:
+        logging.getLogger(__name__).info(
+            "prune_: channels left whole: " + "; ".join(f"{n} ({why})" for n, why in left_alone.items())
+        )
     current = {k: v.to(torch.bool) for k, v in (masks or {}).items()}
     new = rule.compute(sparsity, current)
     with torch.no_grad():

@@ -162,6 +162,11 @@ class TaylorImportance(Importance):
             return acc
         if weight.grad is not None:
             return (weight.detach() * weight.grad.detach()).abs().float()
+        if not weight.requires_grad:
+            raise ValueError(
+                f"importance='taylor' scores weights by their gradients, but layer {name!r} is frozen "
+                "(requires_grad=False): `exclude` it, unfreeze it before pruning, or use importance='magnitude'."
+            )
         raise ValueError(
             f"importance='taylor' has no gradient for layer {name!r}: run backward() before pruning, "
             "or prune with IterativePruner / the IterativePruning callback, which accumulate gradients."

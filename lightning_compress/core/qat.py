@@ -315,22 +315,45 @@ def _quantizable_targets(
 ) -> list[Target]:
     owned_by_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = []
+    subclasses: set[str] = set()
     for target in select_targets(model, include, exclude):
         module = target.module
         if isinstance(module, _QATMixin):
             targets.append(target)
             continue
         if _qat_class(type(module)) is None or id(module) in owned_by_mha:
+            subclass = _subclass_note(module)
+            if subclass:
+                subclasses.add(type(module).__name__)
             if include is None:
                 continue  # default selection: silently leave e.g. MultiheadAttention's projection alone
             raise ValueError(
                 f"`include` selects {target.name!r} ({type(module).__name__}); quantization-aware training "
-                "supports nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their forward."
+                "supports nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their forward"
+                + (f"; {subclass}" if subclass else "")
+                + "."
             )
         targets.append(target)
     if not targets:
-        raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized.")
+        why = (
+            f": its layers ({', '.join(sorted(subclasses))}) subclass nn.Linear/nn.Conv with a forward of their own, "
+            "which a fake-quantized layer cannot take over"
+            if subclasses
+            else ""
+        )
+        raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
     return targets
+
+
+def _subclass_note(module: nn.Module) -> str:
+    """Why a subclass of a supported layer is left out ("" for other modules)."""
+    base = next((kind for kind in _QAT_CLASS if isinstance(module, kind) and kind is not type(module)), None)
+    if base is None or type(module).forward is base.forward:
+        return ""
+    return (
+        f"{type(module).__name__} subclasses {base.__name__} with a forward of its own, which a fake-quantized "
+        "layer cannot take over"
+    )
 
 
 def convert_to_qat(

@@ -164,6 +164,28 @@ def test_a_guarded_fit_resumes_exactly_with_a_sanity_check(cadence, tmp_path):
     assert tail == [(d.action, d.value) for d in full.decisions][-len(tail) :]
 
 
+def test_taylor_on_a_frozen_layer_is_refused_before_training_naming_the_fix():
+    """Regression: accepted at setup, it failed at the first event (after an epoch of training), with a message
+    that told the user to use the callback they were using."""
+
+    class Frozen(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.net[0].requires_grad_(False)
+
+    model = Frozen()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruning = IterativePruning(0.9, importance="taylor", start_epoch=1, end_epoch=3)
+    with pytest.raises(
+        ValueError, match=r"\['net.0'\] are frozen \(requires_grad=False\) as training starts: `exclude`"
+    ):
+        trainer(max_epochs=4, callbacks=[pruning]).fit(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    fixed = IterativePruning(0.9, importance="taylor", start_epoch=1, end_epoch=3, exclude=["net.0"])
+    trainer(max_epochs=4, callbacks=[fixed]).fit(Frozen())  # the fix the message names
+    assert fixed.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
 def test_one_instance_serves_a_second_fit():
     pruning = IterativePruning(0.6, start_epoch=0, end_epoch=2)
     pl.seed_everything(0, verbose=False)

@@ -66,3 +66,14 @@ def test_parse(spec, expected):
 def test_parse_rejects_impossible_patterns(spec):
     with pytest.raises(ValueError, match="N:M needs 0 < N < M"):
         parse_nm(spec)
+
+
+def test_prune_warns_about_layers_2_4_cannot_apply_to():
+    from lightning_compress import prune_
+
+    model = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 8))  # 6 inputs: no blocks of 4
+    with pytest.warns(
+        UserWarning, match=r"prune_: layer\(s\) \['0'\] stay dense: their input size is not a multiple of 4"
+    ):
+        masks = prune_(model, 0.5, granularity="2:4")
+    assert list(masks) == ["2.weight"] and bool(model[0].weight.ne(0).all())

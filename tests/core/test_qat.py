@@ -278,3 +278,24 @@ def test_shift_search_agrees_across_processes_on_every_processs_batches(tmp_path
     assert ranks[0][:2] == ranks[1][:2] == union[:2]
     assert ranks[0][2] == pytest.approx(union[2], rel=1e-9)
     assert alone[1] != union[1]  # rank 0's batches alone would pick another input shift
+
+
+class _OwnForwardLinear(nn.Linear):
+    """Like transformers' FalconLinear: an nn.Linear with a forward of its own."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says_why():
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    model = nn.Sequential(_OwnForwardLinear(4, 4), nn.ReLU(), _OwnForwardLinear(4, 2))
+    with pytest.raises(ValueError, match=r"its layers \(_OwnForwardLinear\) subclass nn.Linear/nn.Conv with a forward"):
+        convert_to_qat(model, QuantConfig(8, 8))
+    with pytest.raises(ValueError, match=r"`include` selects '0' .*_OwnForwardLinear subclasses Linear with a forward"):
+        convert_to_qat(model, QuantConfig(8, 8), include=["0"])
+    attention = nn.MultiheadAttention(4, 2)  # its projection is a plain subclass: no note
+    with pytest.raises(ValueError, match=r"called through their forward\.$"):
+        convert_to_qat(attention, QuantConfig(8, 8), include=["out_proj"])
+    assert type(model[0]) is _OwnForwardLinear  # untouched
