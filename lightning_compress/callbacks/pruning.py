@@ -258,11 +258,26 @@ class IterativePruning(Callback):
             warn=rank_zero_warn, info=rank_zero_info, previous=self._previous, structure=self._structure,
         )  # fmt: skip
         self._previous, self._structure = None, None
+        self._check_no_overlap(trainer)
         if self._restored is not None:
             self._core.load_state_dict(self._restored)
             self._restored = None
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
+
+    def _check_no_overlap(self, trainer: pl.Trainer) -> None:
+        """Two pruning callbacks on one weight would each undo the other's masks: refused before training."""
+        mine = {t.param_name for t in self.pruner.targets}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, IterativePruning) or other._core is None:
+                continue
+            shared = sorted(mine & {t.param_name for t in other.pruner.targets})
+            if shared:
+                self._core = None
+                raise ValueError(
+                    f"Two IterativePruning callbacks select the same weights {shared[:5]}"
+                    f"{' ...' if len(shared) > 5 else ''}: give them disjoint `include`/`exclude` patterns."
+                )
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A sanity check that ran every validation batch is a validation: the baseline if none is known yet. A

@@ -186,6 +186,18 @@ def test_taylor_on_a_frozen_layer_is_refused_before_training_naming_the_fix():
     assert fixed.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
 
 
+def test_two_pruning_callbacks_on_the_same_weights_are_refused_before_training(tiny):
+    first = IterativePruning(0.5, include=["net.0", "net.2"], start_epoch=0, end_epoch=2)
+    second = IterativePruning(0.9, include=["net.2", "net.4"], start_epoch=0, end_epoch=2)
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Two IterativePruning callbacks select the same weights \['net.2.weight'\]"):
+        trainer(max_epochs=2, callbacks=[first, second]).fit(tiny)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+    disjoint = IterativePruning(0.9, include=["net.4"], start_epoch=0, end_epoch=2)
+    trainer(max_epochs=2, callbacks=[first, disjoint]).fit(tiny)
+    assert disjoint.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-2)
+
+
 def test_one_instance_serves_a_second_fit():
     pruning = IterativePruning(0.6, start_epoch=0, end_epoch=2)
     pl.seed_everything(0, verbose=False)
