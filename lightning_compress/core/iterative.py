@@ -275,6 +275,9 @@ class IterativePruner:
         config = self.config
         every = every or step_interval(end - start, default_events(self.config.granularity))
         self.schedule = PruningSchedule(config.schedule, config.target_sparsity, start, end, every)
+        if callable(config.schedule):  # a value out of [0, 1) is reported now, not at its event
+            for t in self.schedule.events():
+                self.schedule.sparsity_at(t)
         self._save_rewind_point_if_due()
 
     def _save_rewind_point_if_due(self) -> None:

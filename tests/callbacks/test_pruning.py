@@ -198,6 +198,15 @@ def test_two_pruning_callbacks_on_the_same_weights_are_refused_before_training(t
     assert disjoint.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-2)
 
 
+def test_a_schedule_callable_out_of_range_is_refused_before_training(tiny):
+    """Regression: a callable that returns 1.0 for epoch 2 failed at that event, after two epochs of training."""
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    pruning = IterativePruning(0.9, schedule=lambda epoch: 0.5 * epoch, start_epoch=0, end_epoch=4)
+    with pytest.raises(ValueError, match=r"the `schedule` callable returned 1.0; sparsity must be in \[0, 1\)"):
+        trainer(max_epochs=4, callbacks=[pruning, FailOnFirstStep()]).fit(tiny)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())
+
+
 def test_one_instance_serves_a_second_fit():
     pruning = IterativePruning(0.6, start_epoch=0, end_epoch=2)
     pl.seed_everything(0, verbose=False)
