@@ -77,6 +77,18 @@ def _positions_bytes(weight: Tensor) -> int:
 
 
 @torch.no_grad()
+def _quantized(quantizer: FakeQuantizer, weight: Tensor) -> Tensor:
+    """What ``quantizer`` makes of ``weight`` with what it holds: in eval mode, so that a model in training
+    (e.g. at the end of ``fit``) does not have its minmax weight scales observed again."""
+    training = quantizer.training
+    quantizer.train(False)
+    try:
+        with torch.no_grad():
+            return quantizer(weight)
+    finally:
+        quantizer.train(training)
+
+
 def estimate_size(model: nn.Module) -> ModelSize:
     """Per-layer and total size of ``model`` as the compressed format would store it (before LZMA).
 
@@ -96,7 +108,7 @@ def estimate_size(model: nn.Module) -> ModelSize:
         seen.add(id(weight))
         quantizer: FakeQuantizer | None = quantizer_of.get(id(weight))
         weight = full(weight)  # a collective for a sharded weight (one layer at a time)
-        values = quantizer(weight) if quantizer is not None else weight
+        values = _quantized(quantizer, weight) if quantizer is not None else weight
         nonzero = int((values != 0).sum())
         bits = quantizer.bits if quantizer is not None else 8 * weight.element_size()
         stored_bits = code_container_bits(bits) if quantizer is not None else bits

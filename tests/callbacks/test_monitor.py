@@ -4,6 +4,7 @@ import logging
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -80,6 +81,30 @@ def test_size_estimate_tracks_the_real_file(tmp_path):
     report = save_compressed(model, tmp_path / "m.lcz")
     assert 0.5 < report.file_bytes / estimate.bytes < 1.3  # LZMA only shaves what the estimate leaves
     assert estimate.effective_bits < 4
+
+
+def test_the_monitor_never_changes_the_model(tmp_path):
+    """Regression: at the end of fit (the model in train mode) the size estimate ran the weight quantizers, which
+    observed the weights again and moved the minmax scales: the model `fit` returned differed from the same fit
+    without the monitor, and from the file `export_path` had written just before."""
+    from lightning_compress import load_compressed
+
+    def fit(monitor: bool):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        callbacks = [QuantizationAwareTraining(8, 8, start_epoch=1, export_path=tmp_path / f"{monitor}.lcz")]
+        if monitor:
+            callbacks.append(CompressionMonitor(monitor="val_acc"))
+        trainer(max_epochs=3, callbacks=callbacks).fit(model)
+        return model
+
+    plain, watched = fit(False), fit(True)
+    assert all(torch.equal(v, watched.state_dict()[k]) for k, v in plain.state_dict().items())
+    fresh = TinyModule()
+    load_compressed(fresh, tmp_path / "True.lcz")
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), watched.eval()(x))
 
 
 @pytest.mark.parametrize(
