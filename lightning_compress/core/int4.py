@@ -82,12 +82,15 @@ class Int4Weights:
     bias: Tensor | None
     block_size: int
     accuracy_level: int
+    input_quantizer: Any = None  # a static activation quantizer in export mode (Q/DQ before the matmul), or None
 
     @property
     def nbytes(self) -> int:
         return self.packed.numel() + 4 * self.scales.numel()
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         n, k = self.weight.shape
         out = _MatMulNBits.apply(
             x, self.weight, self.packed, self.scales, self.bias, k, n, self.block_size, self.accuracy_level
@@ -121,15 +124,33 @@ class DequantizedWeights:
     """A group-quantized layer ``MatMulNBits`` cannot take (not 4 bits, or a block that is not a power of two
     of at least 16): ``x @ W_q^T + b`` with its fake-quantized weights as a float constant."""
 
+    input_quantizer: Any = None  # as in Int4Weights
+
     def __init__(self, layer: Any) -> None:
         quantizer = layer.weight_fake_quant
         weight = quantizer(layer.weight).detach()
         self.weight = weight if quantizer.channel_axis == 0 else weight.t()  # (N, K)
-        self.bias = layer.bias.detach() if layer.bias is not None else None
+        bias = getattr(layer, "bias", None)  # an embedding has none
+        self.bias = bias.detach() if bias is not None else None
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         out = x.matmul(self.weight.t().to(x.dtype))
         return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
+def _static_input_quantizer(layer: Any) -> Any:
+    """``layer``'s activation quantizer put in export mode when it has static (observed, per-tensor) ranges: its
+    Q/DQ then comes before the matmul, as in the fake-quant model. Per-token ranges have no static form: ``None``
+    (the activations stay float; ``accuracy_level=4`` lets onnxruntime quantize them itself)."""
+    from .fake_quant import FakeQuantizer
+
+    quantizer = getattr(layer, "input_fake_quant", None)
+    if not isinstance(quantizer, FakeQuantizer) or not quantizer.fake_quant_enabled or quantizer.per_token:
+        return None
+    quantizer.begin_export()
+    return quantizer
 
 
 @contextmanager
@@ -150,19 +171,22 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
         model.requires_grad_(False)
         with torch.no_grad():
             for name, layer in layers:
-                weights = int4_weights(layer, accuracy_level)
-                if weights is not None:
-                    swapped[name] = weights
-                    layer.begin_int4(weights)
+                packed = None if isinstance(layer, nn.Embedding) else int4_weights(layer, accuracy_level)
+                weights: Int4Weights | DequantizedWeights
+                if packed is not None:
+                    swapped[name] = weights = packed
                 elif layer.weight_fake_quant.groups and layer.weight_fake_quant.fake_quant_enabled:
                     dequantized.append(name)
-                    layer.begin_int4(DequantizedWeights(layer))
+                    weights = DequantizedWeights(layer)
                 else:
                     layer.begin_export()
+                    continue
+                weights.input_quantizer = _static_input_quantizer(layer)
+                layer.begin_int4(weights)
         if dequantized:
             warnings.warn(
-                f"export_onnx: {dequantized} keep float weights (their fake-quantized values): MatMulNBits takes "
-                "4-bit groups of a power of two >= 16 input weights.",
+                f"export_onnx: {dequantized} keep float weights (their fake-quantized values): MatMulNBits is a "
+                "matmul (not an embedding lookup) and takes 4-bit groups of a power of two >= 16 input weights.",
                 UserWarning,
                 stacklevel=3,
             )

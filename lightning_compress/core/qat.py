@@ -236,9 +236,9 @@ class QATEmbedding(_QATMixin, nn.Embedding):
         return cast(nn.Embedding, self._share_into(nn.Embedding(**_embedding_arguments(self))))
 
     def forward(self, input: Tensor) -> Tensor:
+        table = self._int4.weight if self._int4 is not None else self.quantized_weight()  # int4 export: a constant
         return F.embedding(
-            input, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
-            self.scale_grad_by_freq, self.sparse,
+            input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse,
         )  # fmt: skip
 
 

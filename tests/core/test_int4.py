@@ -227,3 +227,49 @@ def test_export_refuses_bf16_and_bad_accuracy_levels_with_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"`accuracy_level`=7 is not one of"):
         export_onnx(quantized(), tmp_path / "m.onnx", torch.randn(2, 64), accuracy_level=7)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int4_groups_with_static_activations_keep_their_activation_quantization_in_onnx(tmp_path):
+    """Regression: with per-tensor (observed) int8 activations, the MatMulNBits layers exported float inputs, so
+    the ONNX model silently lost the activation quantization the fake-quant model trained with."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = quantized(QuantConfig(4, 8, group_size=32)).eval()
+    x = torch.randn(5, 64)
+    export_onnx(model, tmp_path / "w4a8.onnx", x)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "w4a8.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 3 and ops.count("QuantizeLinear") >= 3
+    session = ort.InferenceSession(str(tmp_path / "w4a8.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(session.run(None, {"input_0": x.numpy()})[0] - want).max() < 1e-4 * abs(want).max()
+
+
+def test_a_group_quantized_embedding_exports_its_fake_quantized_table(tmp_path):
+    """Regression: `export_onnx` raised AttributeError on an embedding quantized in groups (opted in by name)."""
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(64, 32), nn.Linear(32, 64)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    convert_to_qat(model, QuantConfig(weight_bits=4, group_size=16), include=["emb", "*"])
+    ids = torch.randint(0, 64, (4, 16))
+    calibrate(model, [ids])
+    enable_fake_quant(model)
+    model.eval()
+    with pytest.warns(UserWarning, match=r"\['emb'\] keep float weights \(their fake-quantized values\)"):
+        export_onnx(model, tmp_path / "emb.onnx", ids)
+    session = ort.InferenceSession(str(tmp_path / "emb.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(ids).numpy()
+    assert abs(session.run(None, {"input_0": ids.numpy()})[0] - want).max() < 1e-4 * abs(want).max()
