@@ -30,6 +30,8 @@ def check_export_path(path: Any) -> Path | None:
         return None
     if not isinstance(path, (str, Path)):
         raise TypeError(f"`export_path` must be a path (str or pathlib.Path) or None, got {path!r}.")
+    if not Path(path).name or Path(path).is_dir():
+        raise ValueError(f"`export_path`={str(path)!r} must name a file (e.g. 'model.lcz' or 'model.onnx').")
     return Path(path)
 
 

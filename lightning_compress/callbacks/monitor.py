@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from ..core.qat import quantizers
@@ -55,10 +55,12 @@ class CompressionMonitor(Callback):
         self.history: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
+        self._said_no_baseline = False
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.history = []
+        self._said_no_baseline = False
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -103,9 +105,17 @@ class CompressionMonitor(Callback):
             )
         return float(value)
 
-    def _drop(self, value: float) -> float:
+    def _drop(self, value: float) -> float | None:
+        """Drop from the dense baseline; ``None`` without one (the model was compressed at the first validation)."""
         if self.baseline is None:
-            return 0.0
+            if not self._said_no_baseline:
+                self._said_no_baseline = True
+                rank_zero_warn(
+                    f"CompressionMonitor: the model was already compressed at the first validation, so there is no "
+                    f"dense baseline and `{self.monitor}_drop` is not logged. Start compressing after a validation "
+                    "(e.g. `start_epoch=1`) to get one."
+                )
+            return None
         return self.baseline - value if self.mode == "max" else value - self.baseline
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, size: ModelSize, value: float | None) -> None:
@@ -122,7 +132,9 @@ class CompressionMonitor(Callback):
             metrics[f"compress/model/bits/{layer.name}"] = float(layer.bits)
         if value is not None and self.monitor is not None:
             metrics[f"compress/model/{self.monitor}"] = value
-            metrics[f"compress/model/{self.monitor}_drop"] = self._drop(value)
+            drop = self._drop(value)
+            if drop is not None:
+                metrics[f"compress/model/{self.monitor}_drop"] = drop
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
         if self.log_images and isinstance(trainer.logger, TensorBoardLogger):
             self._tensorboard(trainer.logger, pl_module, size, trainer.global_step)

@@ -83,6 +83,20 @@ def test_size_estimate_tracks_the_real_file(tmp_path):
     assert estimate.effective_bits < 4
 
 
+def test_no_drop_is_logged_without_a_dense_baseline(tmp_path):
+    """Regression: pruning from the first step left no dense validation, and the drop was logged as 0.0."""
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_acc")
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(UserWarning, match="no dense baseline and `val_acc_drop` is not logged"):
+        trainer(
+            max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=0, end_epoch=2), monitor], logger=logger
+        ).fit(TinyModule())
+    assert monitor.baseline is None
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "compress/model/val_acc," in logged and "val_acc_drop" not in logged
+
+
 def test_the_monitor_never_changes_the_model(tmp_path):
     """Regression: at the end of fit (the model in train mode) the size estimate ran the weight quantizers, which
     observed the weights again and moved the minmax scales: the model `fit` returned differed from the same fit

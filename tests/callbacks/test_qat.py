@@ -369,6 +369,9 @@ def test_onnx_export_path_needs_example_inputs(tiny, tmp_path):
         trainer(max_epochs=1, callbacks=[qat, FailOnFirstStep()]).fit(tiny)
     with pytest.raises(TypeError, match="`export_path` must be a path"):
         QuantizationAwareTraining(export_path=3)
+    for empty in ("", tmp_path):  # regression: "" failed after training ("PosixPath('.') has an empty name")
+        with pytest.raises(ValueError, match=r"`export_path`=.* must name a file"):
+            QuantizationAwareTraining(export_path=empty)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
