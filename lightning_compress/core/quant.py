@@ -190,7 +190,8 @@ def lsq_fake_quantize(
     """Fake-quantize with a trainable ``scale`` (LSQ); the forward equals :func:`fake_quantize`."""
     per_scale = x.numel() / max(1, scale.numel())
     grad_scale = 1.0 / math.sqrt(per_scale * max(abs(qmin), qmax))
-    out = _LSQ.apply(x.float(), scale, zero_point, qmin, qmax, axis, grad_scale)
+    # float32 like `quantize`: a bf16 scale inverted in bf16 moved codes by one step from what the file stores
+    out = _LSQ.apply(x.float(), scale.float(), zero_point, qmin, qmax, axis, grad_scale)
     return out.to(x.dtype)
 
 
