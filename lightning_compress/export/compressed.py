@@ -16,6 +16,7 @@ untouched.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -121,6 +122,29 @@ def _qat_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
+def _warn_about_float_uses_of_quantized_weights(model: nn.Module) -> None:
+    """A weight tied between a fake-quantized layer and a float one (an output head opted in by name, its
+    embedding not) is stored once, as codes: the reloaded float use then reads the quantized values too."""
+    qat = dict(qat_modules(model))
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    for name, layer in qat.items():
+        floats = [n for n in owners.get(id(layer.weight), []) if n not in qat]
+        quantizer = layer.weight_fake_quant
+        if floats and isinstance(quantizer, FakeQuantizer) and quantizer.fake_quant_enabled:
+            warnings.warn(
+                f"save_compressed: {name!r} is quantized but its weight is also {floats}'s, which is not (tied "
+                "weights): the file stores the weight once, as codes, so after `load_compressed` those use the "
+                "quantized values too and the model differs from this one. Leave the tied layer out of QAT, or "
+                "quantize both.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     """Write ``model`` to ``path`` in the compressed format and report the sizes.
 
@@ -133,6 +157,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     """
     path = Path(path)
     quantized = _quantized_weights(model)
+    _warn_about_float_uses_of_quantized_weights(model)
     sections = _Sections()
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []

@@ -170,3 +170,26 @@ def test_a_bf16_model_with_learned_scales_reloads_exactly(tmp_path):
     load_compressed(fresh, tmp_path / "m.lcz")
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_saving_a_quantized_head_tied_to_a_float_embedding_says_what_reloads(tmp_path):
+    """A tied output head opted in by name is fake-quantized where the head reads the weight, not where the
+    embedding does; the file stores the weight once, as codes. `save_compressed` says so."""
+    from lightning_compress import calibrate, convert_to_qat, enable_fake_quant
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    model = TiedLM()
+    convert_to_qat(model, QuantConfig(weight_bits=8), include=["head"])
+    ids = torch.randint(0, 64, (4, 8))
+    calibrate(model, [ids])
+    enable_fake_quant(model)
+    with pytest.warns(UserWarning, match=r"'head' is quantized but its weight is also \['emb'\]'s"):
+        save_compressed(model, tmp_path / "m.lcz")
