@@ -21,6 +21,7 @@ from ..core.iterative import IterativePruner
 from ..core.mask_counts import zero_counts
 from ..core.rules import ChannelStructure, channel_structure
 from ..core.selection import select_targets
+from ..core.sharding import reshard
 from ..export.report import CompressionReport
 from ._export import (
     check_export_path,
@@ -315,6 +316,7 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reshard(pl_module)  # after validation: weights written now must reach the next training forward
         self.pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
         if self._guarded_epochs and trainer.current_epoch > 0:
             self._advance(pl_module, trainer.current_epoch)  # the event after the epoch that ended
@@ -347,6 +349,7 @@ class IterativePruning(Callback):
         return self.monitor is not None and not self._in_steps
 
     def _advance(self, pl_module: pl.LightningModule, t: int) -> None:
+        reshard(pl_module)
         self._flush_logs(pl_module)
         if self.pruner.advance_to(t):
             self._log_sparsity(pl_module)
@@ -354,6 +357,7 @@ class IterativePruning(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._core is None:
             return
+        reshard(pl_module)
         rolled = self._core.finish()
         if rolled is None:
             return
@@ -385,6 +389,7 @@ class IterativePruning(Callback):
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._core is None:
             return
+        reshard(pl_module)  # a rollback writes the shards
         decision = self._core.observe(self._read_monitor(trainer))
         if decision is None:
             return

@@ -138,3 +138,16 @@ def unsharded(module: nn.Module, root: nn.Module) -> Iterator[None]:
         yield
     finally:
         owner.reshard()
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back to its shards. A forward without backward (validation) leaves the
+    root unit's parameters gathered, and the next training forward reuses that gathered copy: weights written to
+    the shards in between (a pruning event, a rollback) would not reach it. A no-op without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -84,6 +84,9 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
             "layer": {"scope": "layer"},
             # an event that prunes more than 35% of the weights at once is rolled back, its step halved
             "guard": {"monitor": "val_density", "max_drop": 0.35},
+            # the layers in the root unit, which a validation forward leaves gathered: events between epochs
+            "root": {"every_n_epochs": 1},
+            "guard-root": {"monitor": "val_density", "max_drop": 0.35},
             "rewind": {"rewind_epoch": 0, "every_n_epochs": 1},
             "regrow": {"regrow": 0.2, "importance": "taylor"},
             "2:4": {"granularity": "2:4"},
@@ -134,7 +137,7 @@ def sharded_tiny(recipe: str) -> ShardedTiny:
     model = ShardedTiny(hidden=HIDDEN)
     if "channel" in recipe:  # channel pruning traces the model
         model.example_input_array = torch.zeros(2, 16)
-    model.per_layer = recipe != "shift-root"  # shift-root: the layers share the Sequential's unit
+    model.per_layer = not recipe.endswith("-root")  # shift-root, prune-root: the layers share the Sequential's unit
     model.ignore_scales = recipe != "learned-sharded"
     return model
 

@@ -50,6 +50,7 @@ def test_qat_under_fsdp2_equals_ddp_and_resumes_a_distributed_checkpoint_exactly
 PRUNING = [
     "prune-magnitude", "prune-taylor", "prune-random", "prune-layer", "prune-guard", "prune-rewind", "prune-regrow",
     "prune-2:4",
+    "prune-root", "prune-guard-root",  # regression: the root unit stayed gathered after validation, events missed it
 ]  # fmt: skip
 RESUMED = ["prune-magnitude@resume", "prune-taylor@resume", "prune-guard@resume", "prune-regrow@resume"]
 
