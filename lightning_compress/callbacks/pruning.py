@@ -337,6 +337,7 @@ class IterativePruning(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._in_steps and not self._guarded_epochs:
+            reshard(pl_module)  # after the epoch's validation
             self._advance(pl_module, trainer.current_epoch + 1)
         else:
             self._flush_logs(pl_module, step_level=False)
@@ -349,7 +350,6 @@ class IterativePruning(Callback):
         return self.monitor is not None and not self._in_steps
 
     def _advance(self, pl_module: pl.LightningModule, t: int) -> None:
-        reshard(pl_module)
         self._flush_logs(pl_module)
         if self.pruner.advance_to(t):
             self._log_sparsity(pl_module)
