@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .heads import AttentionBlock, set_head_counts
 from .macs import count_macs
 from .model_config import describe_in_config
+from .quant_blocks import cut_quant_groups, keep_whole_blocks, quant_group_size
 from .skeleton import meta_copy
 from .structure import ChannelGroup, build_channel_groups, is_conv1d, is_depthwise, nonzero_channels, param_slices
 from .tracing import call_model, eval_mode, output_tensors, plain_float
@@ -48,6 +49,7 @@ class CompactReport:
     macs_before: int = 0  # multiply-accumulates of one forward on the example inputs (Linear/Conv layers)
     macs_after: int = 0
     config_describes: bool | None = None  # a transformers model: whether its config's fields now give the sizes
+    kept_for_quant_groups: dict[str, int] = field(default_factory=dict)  # zero channels kept, per group
 
     def __str__(self) -> str:
         lines = [f"{'group':<32}{'channels':>16}"]
@@ -60,6 +62,12 @@ class CompactReport:
             f"MACs per forward of the example inputs: {self.macs_before:,} -> {self.macs_after:,} "
             f"({self.macs_after / max(1, self.macs_before):.1%})"
         )
+        if self.kept_for_quant_groups:
+            kept = ", ".join(f"{name}: {n}" for name, n in self.kept_for_quant_groups.items())
+            lines.append(
+                f"zero channels kept (they share a group of input weights under one int4/group scale with inputs "
+                f"that stay; removing them would move the groups): {kept}"
+            )
         if self.config_describes is not None:
             how = "its fields" if self.config_describes else "a `lightning_compress` entry"
             load = "from_pretrained" if self.config_describes else "lightning_compress.from_pretrained"
@@ -162,7 +170,7 @@ def _removable(
         dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
         dead[i][0] = True
         with _trial(model, group, in_place) as trial:
-            _apply(trial, plan(trial, groups, dead))
+            _apply(trial, plan(trial, groups, dead), shapes_only=True)  # the forward runs with quantizers off
             try:
                 with torch.no_grad():
                     trial_shapes = _shapes(call_model(trial, inputs))
@@ -224,10 +232,14 @@ def _set(module: nn.Module, attr: str, value: Tensor) -> None:
         setattr(module, attr, value)
 
 
-def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> None:
+def resize_module(
+    layer: nn.Module, out_keep: Tensor | None = None, in_keep: Tensor | None = None, *, shapes_only: bool = False
+) -> None:
     """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv1D, Conv or BatchNorm.
 
-    Parameters become new (smaller) Parameters; a QAT layer's per-channel weight scale is cut too.
+    Parameters become new (smaller) Parameters; a QAT layer's per-channel weight scale is cut too, and so are
+    group-wise scales, whose groups ``in_keep`` must keep whole (``shapes_only``: left as they are, for a
+    forward with the quantizers off that only checks shapes).
     """
     module: Any = layer
     if isinstance(module, _NORM):
@@ -239,11 +251,14 @@ def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Ten
         module.num_features = out_keep.numel()
         return
     conv1d = is_conv1d(module)
+    quantizer = getattr(module, "weight_fake_quant", None)
+    group_size = quant_group_size(module) if in_keep is not None and not shapes_only else None
+    if group_size is not None and in_keep is not None:
+        cut_quant_groups(quantizer, in_keep, group_size)
     if out_keep is not None:
         for attr in ("weight", "bias"):
             if getattr(module, attr, None) is not None:
                 _set(module, attr, _cut(getattr(module, attr), 1 if conv1d and attr == "weight" else 0, out_keep))
-        quantizer = getattr(module, "weight_fake_quant", None)
         if quantizer is not None and getattr(quantizer, "per_channel", False):
             _set(quantizer, "scale", _cut(quantizer.scale, 0, out_keep))
             for attr in ("min_val", "max_val"):
@@ -271,10 +286,10 @@ def resize_module(layer: nn.Module, out_keep: Tensor | None = None, in_keep: Ten
             module.in_channels = in_keep.numel()
 
 
-def _apply(model: nn.Module, planned: Plan) -> None:
+def _apply(model: nn.Module, planned: Plan, shapes_only: bool = False) -> None:
     modules = dict(model.named_modules())
     for name, kinds in planned.keep.items():
-        resize_module(modules[name], kinds.get("out"), kinds.get("in"))
+        resize_module(modules[name], kinds.get("out"), kinds.get("in"), shapes_only=shapes_only)
     for name, (block, kv_heads) in planned.heads.items():
         set_head_counts(modules[name], block, kv_heads)
 
@@ -323,9 +338,12 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
             )
     groups, _ = build_channel_groups(model, example_inputs)
     groups, _ = removable_groups(model, example_inputs, groups)
-    planned = plan(model, groups)
+    dead = [_zero_channels(model, group) for group in groups]
+    kept_for_quant_groups = keep_whole_blocks(model, groups, dead)
+    planned = plan(model, groups, dead)
     keep = planned.keep
     report = CompactReport(channels=planned.channels, params_before=sum(p.numel() for p in model.parameters()))
+    report.kept_for_quant_groups = kept_for_quant_groups
     report.macs_before = count_macs(model, example_inputs)
     if keep:
         trial = copy.deepcopy(model)

@@ -393,3 +393,29 @@ def test_the_llm_recipe_with_pruning_in_bf16(precision):
     for name, mask in pruning.masks.items():
         assert bool((model.get_parameter(name)[~mask] == 0).all()), name
     assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_channel_pruning_with_group_wise_int4_exports_a_compacted_file_of_the_trained_model(tmp_path):
+    """Removing pruned input channels of a layer with int4 scales per group of inputs moves the groups: the export
+    at the end of fit raised CompactionError. Whole groups go; zero channels sharing a group with survivors stay."""
+    from lightning_compress import QuantConfig, compact, convert_to_qat, load_compressed
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(hidden=64)
+    model.example_input_array = torch.zeros(2, 16)
+    pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=2, export_path=tmp_path / "m.lcz")
+    qat = QuantizationAwareTraining(4, None, group_size=16, start_epoch=0)
+    trainer(max_epochs=3, callbacks=[pruning, qat]).fit(model)
+    x = make_blobs(8, seed=3).tensors[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    exported = TinyModule(hidden=64)
+    exported.example_input_array = torch.zeros(2, 16)
+    convert_to_qat(exported, QuantConfig(4, None, group_size=16))
+    exported.load_state_dict(model.state_dict())
+    report = compact(exported)  # the shapes of the exported copy
+    assert sum(report.kept_for_quant_groups.values()) > 0  # scattered zero channels stay (with these groups, all)
+    load_compressed(exported, tmp_path / "m.lcz")
+    with torch.no_grad():
+        assert torch.equal(exported.eval()(x), expected)

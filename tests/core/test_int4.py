@@ -273,3 +273,53 @@ def test_a_group_quantized_embedding_exports_its_fake_quantized_table(tmp_path):
     with torch.no_grad():
         want = model(ids).numpy()
     assert abs(session.run(None, {"input_0": ids.numpy()})[0] - want).max() < 1e-4 * abs(want).max()
+
+
+def _zero_hidden_channels(model: nn.Sequential, channels: list[int]) -> None:
+    with torch.no_grad():
+        model[0].weight[channels] = 0
+        model[0].bias[channels] = 0
+        model[2].weight[:, channels] = 0
+
+
+def test_compact_removes_whole_groups_of_a_group_quantized_consumer_and_keeps_the_rest_exact():
+    from lightning_compress import compact
+
+    model = quantized()
+    # channels 0-31 are one whole group of layer 2's inputs; 40 and 70 share their groups with survivors
+    _zero_hidden_channels(model, [*range(32), 40, 70])
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        before = model(x)
+    report = compact(model, x)
+    assert report.channels["0"] == (128, 96)
+    assert report.kept_for_quant_groups == {"0": 2}
+    assert "zero channels kept" in str(report)
+    assert model[2].in_features == 96 and model[2].weight_fake_quant.groups == 3
+    assert model[2].weight_fake_quant.scale.shape == (96, 3)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_compact_keeps_scattered_zero_channels_of_a_group_quantized_consumer():
+    from lightning_compress import compact
+
+    model = quantized()
+    _zero_hidden_channels(model, [3, 35, 67, 99])  # one channel in each group of 32
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        before = model(x)
+    report = compact(model, x)
+    assert report.kept_for_quant_groups == {"0": 4}
+    assert model[2].in_features == 128 and model[2].weight_fake_quant.groups == 4
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_resize_module_refuses_to_split_a_quantization_group():
+    from lightning_compress.core.compact import resize_module
+
+    model = quantized()
+    keep = torch.tensor([i for i in range(128) if i != 5])
+    with pytest.raises(ValueError, match="must be whole groups of 32"):
+        resize_module(model[2], in_keep=keep)
