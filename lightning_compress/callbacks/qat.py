@@ -35,6 +35,13 @@ _STATE_VERSION = 1
 _QAT_KEY_SUFFIX = ".weight_fake_quant.state"
 
 
+_LEARNED_UNDER_FSDP2 = (
+    "under FSDP2 needs its learned scales whole on every process: in configure_model, pass "
+    "`ignored_params=lightning_compress.learned_scales(self)` to every `fully_shard` call (their gradients are "
+    "averaged across processes by the callback)."
+)
+
+
 class QuantizationAwareTraining(Callback):
     r"""Quantization-aware training without touching the model's ``forward``.
 
@@ -203,6 +210,16 @@ class QuantizationAwareTraining(Callback):
                 f"`limit_val_batches` > 0 and `check_val_every_n_epoch` dividing {self.start_epoch + 1})."
             )
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """``fully_shard`` refuses our 0-dim learned activation scales in ``configure_model`` (after ``setup``, before
+        ``on_fit_start`` can check): its message asks to change the model; the fix is to leave them whole."""
+        if self.config.scale == "learned" and "scalar parameter" in str(exception):
+            note = f"QuantizationAwareTraining(scale='learned'): {_LEARNED_UNDER_FSDP2}"
+            if hasattr(exception, "add_note"):  # Python >= 3.11: printed under the message, matched by pytest
+                exception.add_note(note)
+            else:
+                rank_zero_warn(note)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_export_template(self._template, pl_module, "QuantizationAwareTraining")
         if trainer.logger is not None:
@@ -212,11 +229,7 @@ class QuantizationAwareTraining(Callback):
         if self.config.scale == "learned":  # before Lightning restores a resumed optimizer's state
             self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]
             if any(is_sharded(p) for p in self._learned_params):
-                raise ValueError(
-                    "QuantizationAwareTraining(scale='learned') under FSDP2 needs its learned scales whole on every "
-                    "process: in configure_model, pass `ignored_params=lightning_compress.learned_scales(self)` to "
-                    "every `fully_shard` call (their gradients are averaged across processes by the callback)."
-                )
+                raise ValueError(f"QuantizationAwareTraining(scale='learned') {_LEARNED_UNDER_FSDP2}")
             _check_in_optimizers(self._learned_params, trainer.optimizers)
 
     # ------------------------------------------------------------------ training hooks

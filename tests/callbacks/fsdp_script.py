@@ -5,7 +5,7 @@
 
 * a QAT recipe: ``minmax``, ``power_of_two``, ``learned``, ``8da4w``, ``shift`` (power of two with shift search),
   ``shift-root`` (the same with one ``fully_shard`` unit for all layers), ``learned-sharded`` (learned scales
-  left to ``fully_shard``, which is refused);
+  left to ``fully_shard``, which is refused), ``learned-sharded-act`` (the same with a 0-dim activation scale);
 * a pruning recipe: ``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``, ``prune-guard``,
   ``prune-rewind``, ``prune-regrow``, ``prune-2:4``, channel pruning to 50% of the hidden neurons ``prune-channel``
   (defaults: layer scope, magnitude), ``prune-channel-global`` (global scope, Taylor), ``prune-channel-random``,
@@ -100,6 +100,8 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
         return IterativePruning(target, start_epoch=0, end_epoch=3, export_path=export_path, **options)
     if recipe == "learned-sharded":  # per-channel learned weight scales only, left to fully_shard: refused
         return QuantizationAwareTraining(4, None, scale="learned", start_epoch=1)
+    if recipe == "learned-sharded-act":  # and a 0-dim activation scale, which fully_shard itself refuses
+        return QuantizationAwareTraining(4, 8, scale="learned", start_epoch=1)
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
         return QuantizationAwareTraining(
             4, 8, group_size=8, activation_granularity="per_token", start_epoch=1, export_path=export_path
@@ -138,7 +140,7 @@ def sharded_tiny(recipe: str) -> ShardedTiny:
     if "channel" in recipe:  # channel pruning traces the model
         model.example_input_array = torch.zeros(2, 16)
     model.per_layer = not recipe.endswith("-root")  # shift-root, prune-root: the layers share the Sequential's unit
-    model.ignore_scales = recipe != "learned-sharded"
+    model.ignore_scales = not recipe.startswith("learned-sharded")
     return model
 
 
