@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .importance import Importance, resolve_importance
 from .masks import compute_masks, zero_pruned_
-from .nm import parse_nm
+from .nm import dense_layers_note, parse_nm
 from .rules import rule_for
 from .selection import select_targets
 
@@ -166,8 +166,7 @@ def prune_(
     rule, left_alone = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure)
     if left_alone and nm is not None:
         warnings.warn(
-            f"prune_: layer(s) {list(left_alone)} stay dense: their input size is not a multiple of {nm[1]}, so "
-            f"`granularity`={granularity!r} cannot apply. `exclude` them to silence this.",
+            f"prune_: {dense_layers_note(list(left_alone), nm[1], granularity)}",
             UserWarning,
             stacklevel=2,
         )

@@ -257,8 +257,6 @@ def _block(
     kv_heads = sizes[k] // d
     if sizes[q] != width or heads % kv_heads:
         return f"its output projection reads {width} features for {sizes[q] // d} query heads of size {d}"
-    if q == k == v:
-        return [AttentionBlock(parent, q, k, v, output, d, heads, kv_heads)]
     # equal sizes do not say which is Q: every assignment is a candidate, the model confirms one
     return [AttentionBlock(parent, a, b, c, output, d, heads, kv_heads) for a, b, c in _assignments(q, k, v, sizes)]
 

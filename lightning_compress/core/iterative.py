@@ -35,6 +35,7 @@ from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
 from .importance import Importance
 from .masks import floor_count
+from .nm import dense_layers_note
 from .pruner import Pruner
 from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
@@ -219,10 +220,8 @@ class IterativePruner:
         )  # fmt: skip
         self._pruner = Pruner(rule, regrow=config.regrow, collectives=self.collectives)
         if self.left_alone and config.nm is not None:
-            self._warn(
-                f"IterativePruning: layer(s) {list(self.left_alone)} stay dense: their input size is not a multiple of "
-                f"{config.nm[1]}, so `granularity`={config.granularity!r} cannot apply. `exclude` them to silence this."
-            )
+            note = dense_layers_note(list(self.left_alone), config.nm[1], config.granularity)
+            self._warn(f"IterativePruning: {note}")
         elif self.left_alone:
             self._info(
                 "IterativePruning: channels left whole: " + "; ".join(f"{n} ({w})" for n, w in self.left_alone.items())

@@ -39,6 +39,14 @@ def parse_nm(spec: str) -> tuple[int, int] | None:
     return n, m
 
 
+def dense_layers_note(layers: Sequence[str], m: int, granularity: str) -> str:
+    """Why ``layers`` stay dense under N:M ``granularity`` (the warning of ``prune_`` and ``IterativePruning``)."""
+    return (
+        f"layer(s) {list(layers)} stay dense: their input size is not a multiple of {m}, so "
+        f"`granularity`={granularity!r} cannot apply. `exclude` them to silence this."
+    )
+
+
 def block_view(tensor: Tensor, m: int, in_axis: int = 1) -> Tensor:
     """``tensor`` (a weight) as ``[..., blocks, m]`` with blocks along its input axis."""
     moved = tensor.movedim(in_axis, -1)
