@@ -102,10 +102,11 @@ def _rewritten(config: Any, groups: Sequence[ChannelGroup], kept: dict[str, tupl
 
 def _set(config: Any, name: str, value: int) -> bool:
     """Set a config field; ``False`` when it is derived and read-only (Falcon's ``head_dim`` is
-    ``hidden_size // num_attention_heads``), or refuses the value, and differs from ``value``."""
+    ``hidden_size // num_attention_heads``), or refuses the value (huggingface_hub's strict dataclass
+    validation raises its own error type), and differs from ``value``."""
     try:
         setattr(config, name, value)
-    except (AttributeError, TypeError, ValueError):
+    except Exception:  # read-only, or refused by the config's own validation (a per-stage list field: SegFormer)
         return bool(getattr(config, name) == value)
     return True
 

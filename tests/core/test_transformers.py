@@ -394,3 +394,28 @@ def test_a_gpt2_wrapped_in_another_module_traces_with_its_cache_off_and_keeps_it
     assert wrapped.model.config.use_cache is True  # turned off for tracing only
     kept = [int(block.mlp.c_fc.weight.detach().any(0).sum()) for block in wrapped.model.transformer.h]
     assert kept == [64, 64]  # half of the 128 MLP neurons of each block (Conv1D: neurons are columns)
+
+
+def test_segformer_compacts_and_reloads_with_per_stage_config_fields(tmp_path):
+    """SegFormer's head counts are per-stage lists that huggingface_hub's strict validation guards: setting one to
+    an int raised its own error type from the config rewrite, after compact() had resized 27 parameters."""
+    from lightning_compress import compact, from_pretrained
+
+    config = transformers.SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
+        patch_sizes=[7, 3], strides=[4, 2], decoder_hidden_size=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    with torch.no_grad():
+        expected = model(**x).logits
+    report = compact(model, x)
+    assert report.params_after < report.params_before and report.config_describes is False
+    assert model.config.num_attention_heads == [1, 2]
+    model.save_pretrained(tmp_path)
+    reloaded = from_pretrained(transformers.SegformerForSemanticSegmentation, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, expected, atol=1e-5)
+        assert torch.equal(reloaded(**x).logits, model(**x).logits)
