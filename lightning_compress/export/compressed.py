@@ -376,7 +376,10 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
                 set_head_record(model, manifest.get("heads", {}), rollback.remember)
             except ValueError as err:
                 raise CompressedFileError(f"{path} holds bad head counts: {err}") from err
-        _convert_like(model, manifest.get("qat_layers", {}), rollback)
+        try:
+            _convert_like(model, manifest.get("qat_layers", {}), rollback)
+        except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
+            raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
         expected = model.state_dict()
         problems = [k for k in expected if k not in tensors] + [k for k in tensors if k not in expected]
         problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]

@@ -134,7 +134,7 @@ def _check_digest(f: IO[bytes], fields: bytes, digest: bytes, path: Path) -> Non
 def _parse(data: bytes, path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(data.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSON, and a 5,000-digit int
         raise CompressedFileError(f"{path} is corrupted: unreadable manifest.") from err
     if not isinstance(manifest, dict) or manifest.get("format") != "lightning-compress":
         raise CompressedFileError(f"{path}: unknown manifest format.")

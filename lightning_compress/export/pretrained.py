@@ -46,7 +46,7 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
         return model_class.from_pretrained(directory, **kwargs)  # type: ignore[attr-defined]
     shapes: Any = record.get("shapes") if isinstance(record, dict) and record.get("compacted") is True else None
     if not isinstance(shapes, dict) or not all(
-        isinstance(v, list) and all(isinstance(n, int) and n > 0 for n in v) for v in shapes.values()
+        isinstance(v, list) and all(type(n) is int and n > 0 for n in v) for v in shapes.values()
     ):
         raise ValueError(f"{directory}'s config has a bad `{CONFIG_KEY}` entry: {record!r}.")
     heads = record.get("heads", {})
@@ -63,7 +63,10 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
     # `lm_head` as `embed_out`; under another name the head would be left newly initialized)
     Compacted.__name__, Compacted.__qualname__ = model_class.__name__, model_class.__qualname__
     Compacted.__module__ = model_class.__module__
-    loaded = Compacted.from_pretrained(directory, **kwargs)
+    try:
+        loaded = Compacted.from_pretrained(directory, **kwargs)
+    except RuntimeError as err:  # transformers refuses saved weights whose shapes differ from the recorded sizes
+        raise ValueError(f"{directory}'s weights do not fit the sizes its config records: {err}") from err
     model = model_class(loaded.config)  # a plain instance of the class, with the same sizes and weights
     shrink_like(model, shapes)
     set_head_record(model, heads)

@@ -29,6 +29,9 @@ KINDS = ("raw", "sparse", "quantized", "alias")
 _V1_KINDS = {"r": "raw", "s": "sparse", "q": "quantized"}
 _QUANTIZER = re.compile(r"^(?P<layer>.+)\.(?P<role>weight|input)_fake_quant\.(?P<buffer>[A-Za-z_]+)$")
 _QUANTIZER_BUFFERS = ("scale", "zero_point", "shift", "min_val", "max_val", "state")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a quantizer's dtype follows model.to()
+_QUANTIZER_DTYPES = {"scale": _FLOATS, "min_val": _FLOATS, "max_val": _FLOATS, "zero_point": (torch.int32,)}
+_QUANTIZER_DTYPES |= {"shift": (torch.int32,), "state": (torch.int32,)}
 # a quantizer holds a few buffers per layer: per output channel at most, scalars for activations
 _PER_LAYER_SLACK = 64
 
@@ -249,7 +252,7 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
     mine = model.state_dict()
     layers = _layers_with_weights(model)
     missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))
-    extra, shapes, dtypes = [], [], []
+    extra, shapes, dtypes, kinds = [], [], [], []
     for record in records:
         have = mine.get(record.name)
         if have is None:
@@ -258,9 +261,13 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
             if found is None or weight is None or found["buffer"] not in _QUANTIZER_BUFFERS:
                 extra.append(record.name)
             elif record.numel > _quantizer_bound(weight, found["role"]) or len(record.shape) > (
-                2 if found["role"] == "weight" else 1
-            ):
+                (2 if found["role"] == "weight" else 1) if found["buffer"] == "scale" else 0
+            ):  # only a scale is per channel or group; zero points, shifts, ranges and flags are scalars
                 shapes.append(record.name)
+            elif record.torch_dtype not in _QUANTIZER_DTYPES[found["buffer"]]:
+                dtypes.append(record.name)
+            elif record.kind != "raw":  # a quantizer buffer is written whole: its scale is read before aliases
+                kinds.append(record.name)
             continue
         if record.torch_dtype != have.dtype:
             dtypes.append(record.name)
@@ -269,13 +276,14 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
         shrunk = len(record.shape) == have.dim() and all(a <= b for a, b in zip(record.shape, have.shape, strict=True))
         if not (compacted and shrunk):
             shapes.append(record.name)
-    if missing or extra or shapes or dtypes:
+    if missing or extra or shapes or dtypes or kinds:
         details = []
         for label, keys in (
             ("missing in the file", missing),
             ("unknown to the model", extra),
             ("shape differs", shapes),
             ("dtype differs", dtypes),
+            ("a quantizer buffer not stored whole", kinds),
         ):
             if keys:
                 details.append(f"{label}: {sorted(keys)[:5]}")

@@ -333,7 +333,18 @@ def test_from_pretrained_errors(tmp_path):
     model = _model(cls, config)
     prune_(model, 0.5, granularity="channel", example_inputs=inputs)
     compact(model, inputs)
+    entry = model.config.lightning_compress
     model.config.lightning_compress = {"compacted": True, "shapes": {"x.weight": [0]}}
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="bad `lightning_compress` entry"):
+        from_pretrained(cls, tmp_path)
+    model.config.lightning_compress = {**entry, "shapes": {"x.weight": [True, True]}}  # bools are not sizes
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="bad `lightning_compress` entry"):
+        from_pretrained(cls, tmp_path)
+    shapes = dict(entry["shapes"])
+    shapes["bert.encoder.layer.0.attention.self.query.weight"] = [1, 64]  # not what the weights hold
+    model.config.lightning_compress = {**entry, "shapes": shapes}
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="weights do not fit the sizes its config records"):  # was a RuntimeError
         from_pretrained(cls, tmp_path)

@@ -7,7 +7,9 @@ in a subprocess (``untrusted_script.py``), where the peak RSS of each load can b
 from __future__ import annotations
 
 import copy
+import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +97,20 @@ def forged(tmp_path: Path, manifest, body: bytes) -> Path:
             ),
             r"shape differs: \['fc1.weight_fake_quant.min_val'\]",
         ),
+        (  # a [N, 1] zero point broadcast against the codes: N x count before any refusal (4 GB from 35 KB)
+            lambda m: m["tensors"].append(
+                {"name": "fc1.weight_fake_quant.zero_point", "dtype": "int32", "shape": [4096, 1], "kind": "raw"}
+            ),
+            r"shape differs: \['fc1.weight_fake_quant.zero_point'\]",
+        ),
+        (  # a 1-byte dtype torch cannot copy: load_state_dict failed after writing other tensors in place
+            lambda m: record(m, "fc2.input_fake_quant.state").update(dtype="bits8"),
+            r"dtype differs: \['fc2.input_fake_quant.state'\]",
+        ),
+        (  # a scale stored as an alias was looked up before aliases are filled in: a bare KeyError
+            lambda m: record(m, "fc2.weight_fake_quant.scale").update(kind="alias", of="fc1.input_fake_quant.scale"),
+            r"not stored whole: \['fc2.weight_fake_quant.scale'\]",
+        ),
         (lambda m: m.update(sections=[0, 0, 10**12]), "section sizes do not match"),
         (lambda m: m.update(compacted="yes"), "bad `compacted` flag"),
         (lambda m: m["qat_layers"].update(bn={"weight_bits": 8}), "'bn', which is not a Linear/Conv"),
@@ -106,6 +122,26 @@ def test_every_size_in_the_manifest_is_checked_against_the_model(tmp_path, genui
     manifest, body = copy.deepcopy(genuine[0]), genuine[1]
     edit(manifest)
     refused(forged(tmp_path, manifest, body), match)
+
+
+def test_a_manifest_number_too_long_for_python_is_refused(tmp_path, genuine):
+    manifest, body = genuine
+    text = json.dumps(manifest)[:-1] + ', "x": ' + "9" * 5000 + "}"  # int() refuses over 4,300 digits
+    raw = struct.pack("<I", len(text)) + text.encode() + body
+    forge.write(tmp_path / "n.lcz", forge.compress(raw), len(raw))
+    refused(tmp_path / "n.lcz", "unreadable manifest")
+
+
+def test_a_file_that_names_the_root_module_as_a_quantized_layer_is_refused(tmp_path):
+    """Converting the root module matches no module: a plain ValueError escaped instead of ours."""
+    save_compressed(torch.nn.Linear(8, 4), tmp_path / "q.lcz")
+    manifest, body = forge.read(tmp_path / "q.lcz")
+    manifest["qat_layers"] = {"": {"weight_bits": 8, "activation_bits": 8}}
+    bare = torch.nn.Linear(8, 4)
+    before = copy.deepcopy(bare.state_dict())
+    with pytest.raises(CompressedFileError, match="bad quantization settings: `include` pattern ''"):
+        load_compressed(bare, forged(tmp_path, manifest, body))
+    assert type(bare) is torch.nn.Linear and all(torch.equal(before[k], v) for k, v in bare.state_dict().items())
 
 
 def test_a_compacted_file_may_not_grow_a_layer(tmp_path, genuine):
