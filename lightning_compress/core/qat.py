@@ -547,9 +547,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     """Observe ranges on ``batches`` (each passed to ``model`` as ``model(*batch)`` for a tuple,
     ``model(**batch)`` for a dict, ``model(batch)`` otherwise) without fake quantization or gradients.
 
-    Restores the training mode and quantizer flags after; the observed ranges stay. Returns the
-    number of batches seen. The Lightning-free path: ``convert_to_qat`` -> ``calibrate`` ->
-    :func:`enable_fake_quant`.
+    The model runs in eval mode, as it will be deployed (BatchNorm uses and keeps its running statistics,
+    dropout is off); only the quantizers observe. Restores the training mode and quantizer flags after;
+    the observed ranges stay. Returns the number of batches seen. The Lightning-free path:
+    ``convert_to_qat`` -> ``calibrate`` -> :func:`enable_fake_quant`.
     """
     found = quantizers(model)
     if not found:
@@ -558,8 +559,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     training = [(m, m.training) for m in model.modules()]
     count = 0
     try:
-        model.train()  # observers update in training mode
+        model.eval()  # BatchNorm statistics and dropout as deployed, and left as they were
         for q, _, _ in flags:
+            q.train()  # observers update in training mode
             q.observer_enabled = True
             q.fake_quant_enabled = False
         from .tracing import call_model  # tracing imports this module

@@ -299,3 +299,21 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
     with pytest.raises(ValueError, match=r"called through their forward\.$"):
         convert_to_qat(attention, QuantConfig(8, 8), include=["out_proj"])
     assert type(model[0]) is _OwnForwardLinear  # untouched
+
+
+def test_calibrate_observes_in_eval_mode_and_leaves_batchnorm_statistics_alone():
+    """calibrate() ran the model in training mode: BatchNorm updated its running statistics (and dropout was on),
+    so calibration alone changed the float model's outputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)).eval()
+    x = torch.randn(4, 3, 8, 8) * 5 + 3
+    convert_to_qat(net, QuantConfig(8, 8))
+    statistics = {k: v.clone() for k, v in net[1].state_dict().items()}
+    with torch.no_grad():
+        before = net(x)
+    calibrate(net, [x])
+    assert all(torch.equal(statistics[k], v) for k, v in net[1].state_dict().items())
+    assert not net.training and not any(m.training for m in net.modules())
+    assert float(net[4].input_fake_quant.max_val) > 0  # the quantizers did observe
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
