@@ -42,6 +42,17 @@ _LEARNED_UNDER_FSDP2 = (
 )
 
 
+def _warn_about_idle_layers(pl_module: nn.Module, epoch: int) -> None:
+    """Layers whose weight quantizer observed nothing while observers were on: their forward never ran."""
+    idle = [name for name, layer in qat_modules(pl_module) if not cast(Any, layer).weight_fake_quant.initialized]
+    if idle:
+        rank_zero_warn(
+            f"QuantizationAwareTraining: {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran their forward in epoch "
+            f"{epoch} (the model reads their weights directly, as transformers' Mamba does with conv1d): they compute "
+            "in float, and an export stores them in float. `exclude` them to silence this."
+        )
+
+
 class QuantizationAwareTraining(Callback):
     r"""Quantization-aware training without touching the model's ``forward``.
 
@@ -265,6 +276,7 @@ class QuantizationAwareTraining(Callback):
             if self.shift_search:
                 self._search_shifts(trainer, pl_module)
             enable_fake_quant(pl_module)  # learned scales start training now
+            _warn_about_idle_layers(pl_module, epoch)
             rank_zero_info(
                 f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
                 f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "

@@ -93,12 +93,27 @@ def _positions(mask: Tensor, sections: _Sections) -> tuple[str, int]:
 
 
 def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]:
-    """``{weight name: (its quantizer, layer name)}`` for layers whose fake quantization is on."""
-    out = {}
+    """``{weight name: (its quantizer, layer name)}`` for layers whose fake quantization is on.
+
+    A weight quantizer that never ran (the model reads the layer's weight without calling the layer, as
+    ``transformers``' Mamba does with ``conv1d``) holds no scale: the model computes with the float weight, so the
+    file stores it in float, with a warning."""
+    out, idle = {}, []
     for name, layer in qat_modules(model):
         quantizer = layer.weight_fake_quant
         if isinstance(quantizer, FakeQuantizer) and quantizer.fake_quant_enabled:
-            out[f"{name}.weight"] = (quantizer, name)
+            if quantizer.initialized or quantizer.is_learned:
+                out[f"{name}.weight"] = (quantizer, name)
+            else:
+                idle.append(name)
+    if idle:
+        warnings.warn(
+            f"save_compressed: {idle[:5]}{' ...' if len(idle) > 5 else ''} are fake-quant layers whose forward never "
+            "ran (the model reads their weights directly), so their weights have no scale and the model computes "
+            "with them in float: the file stores them in float. `exclude` them from QAT to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
     return out
 
 

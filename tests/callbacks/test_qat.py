@@ -419,3 +419,18 @@ def test_channel_pruning_with_group_wise_int4_exports_a_compacted_file_of_the_tr
     load_compressed(exported, tmp_path / "m.lcz")
     with torch.no_grad():
         assert torch.equal(exported.eval()(x), expected)
+
+
+class _ReadsAWeight(TinyModule):
+    """Its forward reads the last layer's weight instead of calling it (as transformers' Mamba does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.net[4]
+        return nn.functional.linear(self.net[:4](x), head.weight, head.bias)
+
+
+def test_a_layer_whose_forward_never_runs_is_named_when_quantization_switches_on():
+    pl.seed_everything(0, verbose=False)
+    model = _ReadsAWeight()
+    with pytest.warns(UserWarning, match=r"\['net.4'\] never ran their forward in epoch 0"):
+        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(model)

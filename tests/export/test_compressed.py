@@ -193,3 +193,37 @@ def test_saving_a_quantized_head_tied_to_a_float_embedding_says_what_reloads(tmp
     enable_fake_quant(model)
     with pytest.warns(UserWarning, match=r"'head' is quantized but its weight is also \['emb'\]'s"):
         save_compressed(model, tmp_path / "m.lcz")
+
+
+class _ReadsAWeightDirectly(nn.Module):
+    """As transformers' Mamba does with ``conv1d`` and ``dt_proj``: a layer whose weight the forward reads itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(8, 8)
+        self.direct = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x) + nn.functional.linear(x, self.direct.weight, self.direct.bias)
+
+
+def test_a_quantized_layer_whose_forward_never_runs_is_stored_in_float(tmp_path):
+    """Its quantizer never observed (scale 1.0): the file stored all-zero codes and reloaded another model."""
+    from lightning_compress import calibrate, convert_to_qat, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = _ReadsAWeightDirectly()
+    convert_to_qat(model, QuantConfig(8, 8))
+    x = torch.randn(4, 8)
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match=r"\['direct'\] are fake-quant layers whose forward never ran"):
+        save_compressed(model, tmp_path / "m.lcz")
+    fresh = _ReadsAWeightDirectly()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert torch.equal(fresh.direct.weight, model.direct.weight)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), expected)
