@@ -235,7 +235,7 @@ class IterativePruning(Callback):
             )
         self._structure = None
         if config.granularity == "channel" and may_shard(trainer):  # trace the whole model now: FSDP2 shards it next
-            targets = select_targets(pl_module, config.include, config.exclude)
+            targets = select_targets(pl_module, config.include, config.exclude, experts=True)
             self._structure = channel_structure(pl_module, targets, example_inputs(pl_module), config.measure)
         self._template = export_template(
             trainer, pl_module, self.export_path, compacted=config.granularity == "channel"
@@ -428,9 +428,9 @@ class IterativePruning(Callback):
             self._log(pl_module, values, step_level)
 
     def _sparsity_values(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        weights = [t for t in self.pruner.targets if t.attr == "weight"]
+        weights = [t for t in self.pruner.targets if t.is_weight]
         zeros = zero_counts(weights, self.pruner.collectives)  # all shards of a sharded weight
-        values = {f"compress/sparsity/{t.name}": zeros[t.param_name] / t.numel for t in weights}
+        values = {f"compress/sparsity/{t.key}": zeros[t.param_name] / t.numel for t in weights}
         values["compress/sparsity"] = sum(zeros.values()) / max(1, sum(t.numel for t in weights))
         if self.config.granularity == "channel":
             values["compress/channel_sparsity"] = self.pruner.masked_sparsity()

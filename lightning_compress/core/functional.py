@@ -158,7 +158,7 @@ def prune_(
     min_density = resolve_min_density(min_density, sparsity, scope)
     measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)
-    targets = select_targets(model, include, exclude)
+    targets = select_targets(model, include, exclude, experts=True)
     if granularity == "element":  # computes and zeroes in one pass over the weights
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
     if granularity == "channel" and example_inputs is None:
@@ -199,7 +199,7 @@ def sparsity(
         >>> sparsity(layer)
         0.5
     """
-    targets = select_targets(model, include, exclude)
+    targets = select_targets(model, include, exclude, experts=True)
     zeros = sum(int((t.param == 0).sum()) for t in targets)
     total = sum(t.numel for t in targets)
     return zeros / total if total else 0.0

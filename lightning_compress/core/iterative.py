@@ -213,7 +213,7 @@ class IterativePruner:
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
-        targets = select_targets(model, config.include, config.exclude)
+        targets = select_targets(model, config.include, config.exclude, experts=True)
         rule, self.left_alone = rule_for(
             model, targets, config.granularity, config.nm, config.make_importance(), str(config.scope),
             config.min_density or 0.0, example_inputs, config.measure, self.collectives, structure,

@@ -23,7 +23,7 @@ from .collectives import Collectives, TorchDistributed
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
 from .quant import int_range, power_of_two_scale
-from .selection import Target, select_targets
+from .selection import Target, is_experts, select_targets
 from .sharding import full
 
 __all__ = [
@@ -334,6 +334,15 @@ def _quantizable_targets(
                 + "."
             )
         targets.append(target)
+    experts = [n for n, m in model.named_modules() if is_experts(m)]
+    if experts and include is None:
+        warnings.warn(
+            f"quantization-aware training leaves the mixture-of-experts weights of {experts[:3]}"
+            f"{' ...' if len(experts) > 3 else ''} in float: they are 3-d tensors, not Linear layers whose forward "
+            "a fake-quantized layer can take over (pruning selects them).",
+            UserWarning,
+            stacklevel=3,
+        )
     if not targets:
         why = (
             f": its layers ({', '.join(sorted(subclasses))}) subclass nn.Linear/nn.Conv with a forward of their own, "

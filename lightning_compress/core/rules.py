@@ -180,7 +180,7 @@ def rule_for(
                 f"none of the selected layers {[t.name for t in targets]} has one."
             )
         left = {
-            t.name: f"its input size is not a multiple of {m}" for t in targets if not eligible(t.param, m, t.in_axis)
+            t.key: f"its input size is not a multiple of {m}" for t in targets if not eligible(t.param, m, t.in_axis)
         }
         return NMRule(kept, importance, nm[0], nm[1], scope, collectives), left
     if granularity != "channel":

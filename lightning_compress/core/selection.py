@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
 
-__all__ = ["Target", "default_layer_types", "normalize_patterns", "select_targets"]
+__all__ = ["Target", "default_layer_types", "expert_tensors", "is_experts", "normalize_patterns", "select_targets"]
 
 _WILDCARDS = set("*?[")
 
@@ -47,6 +48,12 @@ class Target:
     module: nn.Module
     param: Tensor
     attr: str = "weight"
+    expert: bool = False  # one of a mixture of experts' 3-d weights (:func:`expert_tensors`), attr its name
+
+    @property
+    def is_weight(self) -> bool:
+        """A weight as selected (a layer's ``weight`` or experts' tensor), not a bias or norm channel pruning adds."""
+        return self.attr == "weight" or self.expert
 
     @property
     def param_name(self) -> str:
@@ -75,7 +82,10 @@ class Target:
 
     @property
     def in_axis(self) -> int:
-        """The weight's input axis: 1, or 0 for a ``transformers`` Conv1D (weight stored as (in, out))."""
+        """The weight's input axis: 1, or 0 for a ``transformers`` Conv1D (weight stored as (in, out)); the last
+        for experts stored as ``(experts, out, in)``."""
+        if self.attr != "weight":
+            return self.param.dim() - 1
         return weight_axes(self.module)[1]
 
 
@@ -96,10 +106,29 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weights of a mixture of experts stored one tensor per projection, ``(experts, out, in)``, as
+    ``transformers`` stores Mixtral's and Qwen2-MoE's ``gate_up_proj`` and ``down_proj``: a module's own
+    Parameters of 3 or more dimensions sharing a first (expert) dimension above 1. Not a Linear/Conv/Embedding."""
+    if isinstance(module, (*linear_like_types(), nn.Embedding)):
+        return []
+    found = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3 and p.numel()]
+    if not found or len({p.shape[0] for _, p in found}) != 1 or found[0][1].shape[0] < 2:
+        return []
+    return found
+
+
+def is_experts(module: nn.Module) -> bool:
+    """What the default and wildcards pick as experts: a module class named for them holding expert tensors."""
+    return "expert" in type(module).__name__.lower() and bool(expert_tensors(module))
+
+
 def select_targets(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    *,
+    experts: bool = False,
 ) -> list[Target]:
     """Return the weights selected by ``include``/``exclude``, in module order.
 
@@ -109,6 +138,10 @@ def select_targets(
             Conv layer. A pattern with a wildcard picks only Linear/Conv layers; an exact name
             picks that module's ``weight`` whatever its type.
         exclude: glob patterns over qualified module names removed from the selection.
+        experts: select mixture-of-experts weights stored as 3-d tensors (:func:`expert_tensors`) too, as
+            Linear layers are (pruning: masks apply to any tensor; quantization-aware training swaps Linear
+            modules and cannot): by the default and wildcards in modules whose class is named for experts, by an
+            exact name in any module.
 
     Raises:
         ValueError: a pattern matches no module, or nothing is left to select.
@@ -131,8 +164,24 @@ def select_targets(
     seen: set[int] = set()
     embeddings = {id(m.weight) for _, m in named if isinstance(m, nn.Embedding)}
     tied: list[str] = []
+    parametrized: list[str] = []
     for name, module in named:
         weight = getattr(module, "weight", None)
+        excluded = exclude is not None and any(_matches(name, p) for p in exclude)
+        if experts and not isinstance(weight, Tensor) and not excluded:
+            exact = include is not None and name in include
+            wildcard = include is None or any(_matches(name, p) for p in include)
+            if exact or (wildcard and is_experts(module)):
+                for attr, tensor in expert_tensors(module):
+                    if id(tensor) not in seen:
+                        seen.add(id(tensor))
+                        selected.append(Target(name=name, module=module, param=tensor, attr=attr, expert=True))
+            continue
+        if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter) and is_parametrized(module, "weight"):
+            wanted = isinstance(module, layer_types) and (include is None or any(_matches(name, p) for p in include))
+            if wanted and not excluded:
+                parametrized.append(name)
+            continue
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
         if include is None:
@@ -141,7 +190,7 @@ def select_targets(
             chosen = any(
                 _matches(name, p) and (isinstance(module, layer_types) or not (_WILDCARDS & set(p))) for p in include
             )
-        if not chosen or (exclude and any(_matches(name, p) for p in exclude)):
+        if not chosen or excluded:
             continue
         if id(weight) in embeddings and not isinstance(module, nn.Embedding) and name not in (include or ()):
             tied.append(name)
@@ -156,13 +205,37 @@ def select_targets(
             f"head), so compressing them would change the embedding. Name them exactly in `include` to opt in.",
             stacklevel=2,
         )
+    if parametrized:
+        warnings.warn(
+            f"lightning-compress leaves {parametrized} out: their weight is computed by a parametrization "
+            "(torch.nn.utils.parametrizations.weight_norm, ...), not stored. Remove it "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
+            stacklevel=2,
+        )
     if not selected:
+        without = [n for n, m in named if n in (include or ()) and not isinstance(getattr(m, "weight", None), Tensor)]
         raise ValueError(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
             f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`"
-            + (f" (left out as tied to an embedding: {tied})." if tied else ".")
+            + (f" (left out as tied to an embedding: {tied})" if tied else "")
+            + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
+            + (f" ({without} have no `weight`{_experts_note(named, without, experts)})" if without else "")
+            + "."
         )
     return selected
+
+
+def _experts_note(named: list[tuple[str, nn.Module]], names: list[str], experts: bool) -> str:
+    modules = dict(named)
+    holding = [n for n in names if expert_tensors(modules[n])]
+    if not holding:
+        return ""
+    if experts:
+        return ""
+    return (
+        f"; {holding} hold mixture-of-experts weights as 3-d tensors, which pruning selects but quantization-aware "
+        "training cannot (no Linear forward to swap)"
+    )
 
 
 def _examples(named: list[tuple[str, nn.Module]]) -> str:

@@ -91,3 +91,43 @@ def test_heads_pruned_in_fit_resume_exactly_then_compact_and_reload(tmp_path):
     again = from_pretrained(transformers.BertForSequenceClassification, tmp_path / "hf")
     with torch.no_grad():
         assert torch.allclose(again(**x).logits, want, atol=1e-5)
+
+
+class MoELanguageModel(pl.LightningModule):
+    """A 2-layer Mixtral whose experts are (experts, out, in) tensors, not nn.Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = transformers.MixtralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        self.net = transformers.MixtralForCausalLM(config)
+
+    def training_step(self, batch, _):
+        ids, _ = batch
+        return self.net(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def _moe_fit(dirpath, ckpt_path=None, max_epochs=3):
+    pl.seed_everything(0, verbose=False)
+    model = MoELanguageModel()
+    pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3)
+    ckpt = ModelCheckpoint(dirpath=dirpath, save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=max_epochs, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(
+        model, _loader(0), ckpt_path=ckpt_path
+    )
+    return model, pruning
+
+
+def test_mixture_of_experts_are_pruned_in_a_fit_and_resume_exactly(tmp_path):
+    model, pruning = _moe_fit(tmp_path)
+    experts = [f"net.model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+    assert set(experts) <= {t.param_name for t in pruning.pruner.targets}
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    resumed, _ = _moe_fit(tmp_path / "resumed", ckpt_path=tmp_path / "epoch=0.ckpt")
+    state, again = model.state_dict(), resumed.state_dict()
+    assert all(torch.equal(state[k], again[k]) for k in experts)
