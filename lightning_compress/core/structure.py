@@ -163,9 +163,10 @@ def build_channel_groups(
             model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
         )
         ignored = [modules[name] for name in feeding]
-        raw = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=roots))
+        raw, untraced = _raw_groups(graph, ignored, roots, names)
     groups: list[ChannelGroup] = []
     skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}
+    skipped.update(untraced)
     for block in blocks:
         group, reason = _head_group(block, producers)
         if group is None:
@@ -180,6 +181,33 @@ def build_channel_groups(
         else:
             groups.append(group)
     return groups, skipped
+
+
+def _raw_groups(
+    graph: Any, ignored: list[nn.Module], roots: tuple[type[nn.Module], ...], names: dict[nn.Module, str]
+) -> tuple[list[Any], dict[str, str]]:
+    """Torch-Pruning's groups, one root layer at a time (its ``get_all_groups`` stops at the first layer whose
+    channels it cannot map, e.g. inside Mamba's mixer: that layer is left whole instead, with the reason)."""
+    ignored = [*ignored, *graph.IGNORED_LAYERS_IN_TRACING]
+    visited: set[int] = set()
+    groups, failed = [], {}
+    for module in list(graph.module2node):
+        if module in ignored or not isinstance(module, roots) or id(module) in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        channels = None if pruner is None else pruner.get_out_channels(module)
+        if channels is None:
+            continue
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+        except (IndexError, KeyError, ValueError, RuntimeError) as err:
+            failed[names.get(module, "?")] = f"its channels cannot be traced through the model ({type(err).__name__})"
+            continue
+        outputs = [dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(id(m) for m in outputs)
+        if not any(m in ignored for m in outputs):
+            groups.append(group)
+    return groups, failed
 
 
 def _conv1d_pruner(tp: Any) -> Any:

@@ -488,3 +488,19 @@ def test_a_weight_normed_convolution_is_left_out_with_the_reason():
     with pytest.raises(ValueError, match=r"computed by a parametrization: \['1'\]"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune_(model, 0.5, include=["1"])
+
+
+def test_channels_torch_pruning_cannot_map_are_left_whole_with_the_reason():
+    """Mamba's mixer: Torch-Pruning's group search raised a bare IndexError from inside its index mapping and
+    stopped; each such layer is now left whole with the reason, and the model stays untouched."""
+    config = transformers.MambaConfig(
+        vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=4
+    )
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"in_proj: its channels cannot be traced through the model \(IndexError"):
+            prune_(model, 0.5, granularity="channel", example_inputs={"input_ids": tokens(length=8) % 64})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
