@@ -68,6 +68,26 @@ class _Keywords(nn.Module):
         return self.model(**dict(zip(self.names, tensors, strict=True)))
 
 
+def _trace_hint(example_inputs: Any) -> str:
+    """For ``transformers`` models given ids without their mask: pass the mask (the one a model builds itself uses
+    operators the exporter lacks); nothing to add otherwise."""
+    if not isinstance(example_inputs, dict):
+        return ""
+    missing = [
+        mask
+        for ids, mask in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask"))
+        if ids in example_inputs and mask not in example_inputs
+    ]
+    if "input_features" in example_inputs and "decoder_attention_mask" not in example_inputs:
+        missing.append("decoder_attention_mask")  # an encoder-decoder on audio (Whisper) builds the decoder's mask
+    if not missing:
+        return ""
+    return (
+        f"pass {' and '.join(f'`{m}`' for m in dict.fromkeys(missing))} in `example_inputs` (a `transformers` model "
+        "builds the missing mask with operators the exporter lacks); otherwise "
+    )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -160,9 +180,7 @@ def export_onnx(
             traced.unlink(missing_ok=True)
             raise ValueError(
                 f"export_onnx cannot trace {type(model).__name__}: {str(err).splitlines()[0]} What to change: "
-                "for a `transformers` decoder (GPT-2, Llama), pass `attention_mask` along with `input_ids` in "
-                "`example_inputs` (the mask built without one uses operators the exporter lacks); otherwise "
-                "replace that operator in the model's forward, or try a newer `opset`."
+                f"{_trace_hint(example_inputs)}replace that operator in the model's forward, or try a newer `opset`."
             ) from err
     try:
         proto = onnx.load(str(traced))

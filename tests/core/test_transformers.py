@@ -146,7 +146,7 @@ def test_gpt2_exports_to_onnx_with_int8_weights(tmp_path):
     calibrate(model, [tokens(seed=s) for s in range(2)])
     enable_fake_quant(model)
     ids = tokens(seed=5)
-    with pytest.raises(ValueError, match="pass `attention_mask` along with `input_ids`"):
+    with pytest.raises(ValueError, match="pass `attention_mask` in `example_inputs`"):
         export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids})  # transformers' mask builder: aten::diff
     assert not (tmp_path / "gpt2.onnx").exists()
     export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -504,3 +504,23 @@ def test_channels_torch_pruning_cannot_map_are_left_whole_with_the_reason():
         with pytest.raises(ValueError, match=r"in_proj: its channels cannot be traced through the model \(IndexError"):
             prune_(model, 0.5, granularity="channel", example_inputs={"input_ids": tokens(length=8) % 64})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_onnx_trace_failure_names_the_mask_whisper_needs(tmp_path):
+    """Whisper (audio features in, no `input_ids`) builds its decoder mask with an operator the exporter lacks: the
+    hint named `attention_mask` with `input_ids`, which it does not take; the fix is `decoder_attention_mask`."""
+    pytest.importorskip("onnx")
+    from lightning_compress import export_onnx
+
+    config = transformers.WhisperConfig(
+        vocab_size=64, num_mel_bins=8, encoder_layers=1, decoder_layers=1, d_model=32, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+        max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.WhisperModel(config).eval()
+    inputs = {"input_features": torch.randn(1, 8, 16), "decoder_input_ids": torch.ones(1, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="pass `decoder_attention_mask` in `example_inputs`"):
+        export_onnx(model, tmp_path / "w.onnx", inputs)
+    export_onnx(model, tmp_path / "w.onnx", {**inputs, "decoder_attention_mask": torch.ones(1, 4, dtype=torch.long)})
+    assert (tmp_path / "w.onnx").exists()
