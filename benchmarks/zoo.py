@@ -5,8 +5,8 @@ the same run trains, side by side:
 
 * ``dense``: no pruning (once per seed);
 * ``defaults``: ``IterativePruning(target, start_epoch=S, end_epoch=E)``, every other argument at
-  its default (global magnitude, cubic schedule, about 100 events in optimizer steps, ``min_density``
-  floor);
+  its default (global magnitude, cubic schedule, about 1,000 events in optimizer steps: after every step
+  in windows under 1,000 steps, ``min_density`` floor);
 * ``ModelPruning`` / ``ModelPruning+LTH``: Lightning's global L1 unstructured pruning with the same
   cubic sparsity after every epoch, without / with ``use_lottery_ticket_hypothesis`` (the table
   shows the better of the two);

@@ -506,7 +506,8 @@ class IterativePruner:
             f"IterativePruning: layer(s) {new} are held at the `min_density`={config.min_density} floor: one "
             "global threshold would prune them further."
             + (f" The model reaches {now:.4f} instead of {wanted:.4f}." if short else "")
-            + " Lower `min_density`, or `exclude` the layer(s) to keep them dense on purpose."
+            + " Raise `min_density` to keep more of every layer, lower it to let the one threshold decide, or "
+            "`exclude` the layer(s) to keep them dense."
         )
 
     # ------------------------------------------------------------------ persistence
