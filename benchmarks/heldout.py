@@ -14,7 +14,7 @@ end_epoch=20)`` with every other argument at its default, against Lightning's ``
 Linear/Conv weight) following the same cubic curve per epoch, with and without the lottery ticket option (and, on
 the MLP, a constant per-epoch fraction). Seeds 11 and 12. One thread, one fit at a time.
 
-    python benchmarks/heldout.py            # 60 fits, ~20 minutes on one core
+    python benchmarks/heldout.py            # 72 fits, ~20 minutes on one core
 """
 
 from __future__ import annotations
