@@ -228,9 +228,7 @@ def select_targets(
 def _experts_note(named: list[tuple[str, nn.Module]], names: list[str], experts: bool) -> str:
     modules = dict(named)
     holding = [n for n in names if expert_tensors(modules[n])]
-    if not holding:
-        return ""
-    if experts:
+    if not holding or experts:
         return ""
     return (
         f"; {holding} hold mixture-of-experts weights as 3-d tensors, which pruning selects but quantization-aware "

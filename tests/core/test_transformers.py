@@ -74,19 +74,23 @@ def test_two_four_blocks_run_along_the_input_axis_of_conv1d():
         assert is_nm(mask.t(), 2, 4), name
 
 
+def _train(model, pruner, optimizer, batches) -> None:
+    """A plain language-model loop with the pruner's two calls around each optimizer step."""
+    for ids in batches:
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        pruner.before_optimizer_step()
+        optimizer.step()
+        pruner.step()
+
+
 def test_iterative_pruning_in_a_plain_loop_on_gpt2():
     model = gpt2().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruner = IterativePruner(model, 0.8, total_steps=12, every_n_steps=3, importance="taylor", optimizers=optimizer)
-    for step in range(12):
-        ids = tokens(seed=step)
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        pruner.before_optimizer_step()
-        optimizer.step()
-        pruner.step()
+    _train(model, pruner, optimizer, [tokens(seed=step) for step in range(12)])
     assert pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
     assert len(pruner.targets) == 8
 
@@ -442,13 +446,7 @@ def test_mixture_of_experts_weights_stored_as_3d_tensors_are_pruned_like_linear_
     assert {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")} <= names
     assert not any("gate" in n and "experts" not in n for n in names)  # the routers are not selected
     assert "model.embed_tokens.weight" not in names
-    for step in range(8):
-        ids = tokens(length=12, seed=step) % 64
-        optimizer.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        pruner.before_optimizer_step()
-        optimizer.step()
-        pruner.step()
+    _train(model, pruner, optimizer, [tokens(length=12, seed=step) % 64 for step in range(8)])
     assert pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
     experts = model.model.layers[0].mlp.experts
     assert 0.5 < float((experts.gate_up_proj == 0).float().mean()) < 1.0
