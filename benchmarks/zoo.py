@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import math
@@ -81,8 +82,52 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "every-step": {"every_n_steps": 1},
     "events100-nofloor": {"events": 100, "min_density": "0"},
     "every-step-nofloor": {"every_n_steps": 1, "min_density": "0"},
+    # session 13: LAMP scores (Lee et al. 2021), scale-free across layers, with the default cadence
+    "every-step-lamp": {"every_n_steps": 1, "importance": "lamp"},
+    # session 13: magnitude of the weight with the BatchNorm after it folded in (equal to magnitude without BN)
+    "every-step-bnfold": {"every_n_steps": 1, "importance": "bnfold"},
 }
 Split = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+class FoldedMagnitude:
+    """``|w| * |gamma| / sqrt(running_var + eps)`` per output channel of a convolution whose output a BatchNorm
+    normalizes (the weight the folded inference model holds), ``|w|`` elsewhere. A BatchNorm makes the scale of
+    the weight before it arbitrary; folding it in reads every layer on one scale. Pairs are read from module order
+    (a Conv followed by a BatchNorm of as many channels). A candidate default (benchmark-local)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        named = list(model.named_modules())
+        self.norms: dict[str, nn.Module] = {}
+        for (name, module), (_, after) in itertools.pairwise(named):
+            conv_then_norm = isinstance(module, nn.Conv2d) and isinstance(after, nn.BatchNorm2d)
+            if conv_then_norm and after.num_features == module.out_channels:
+                self.norms[name] = after
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        norm = self.norms.get(name)
+        magnitude = weight.detach().abs()
+        if norm is None:
+            return magnitude
+        factor = norm.weight.detach().abs() / torch.sqrt(norm.running_var + norm.eps)
+        return magnitude * factor.view(-1, *([1] * (weight.dim() - 1)))
+
+
+class LampScores:
+    """LAMP (Lee et al. 2021): ``w_i^2 / sum of w_j^2 over the layer's weights j at least as large``.
+
+    Monotone in ``|w|`` within a layer, and scale-free across layers: a layer's largest weight scores 1, so one
+    global threshold cannot empty a layer, and a BatchNorm's arbitrary rescaling of the weight before it does not
+    move its share of the budget. A candidate default (benchmark-local until the zoo adopts it).
+    """
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        square = weight.detach().float().square().flatten()
+        ordered, order = torch.sort(square, stable=True)
+        suffix = ordered.flip(0).cumsum(0).flip(0)
+        scores = torch.empty_like(square)
+        scores[order] = ordered / suffix.clamp_min(torch.finfo(torch.float32).tiny)
+        return scores.view(weight.shape)
 
 
 # ---------------------------------------------------------------- data (cached per process)
@@ -328,6 +373,10 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
         if "events" in options:
             window_steps = (end - start) * len(train_loader)
             options["every_n_steps"] = max(1, window_steps // options.pop("events"))
+        if options.get("importance") == "lamp":
+            options["importance"] = LampScores()
+        elif options.get("importance") == "bnfold":
+            options["importance"] = FoldedMagnitude(module)
         if options.get("min_density") is not None:
             options["min_density"] = float(options["min_density"])
         callbacks.append(IterativePruning(target, start_epoch=start, end_epoch=end, **options))

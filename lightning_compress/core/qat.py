@@ -23,7 +23,7 @@ from .collectives import Collectives, TorchDistributed
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
 from .quant import int_range, power_of_two_scale
-from .selection import Target, is_experts, select_targets
+from .selection import Target, experts_picked, select_targets
 from .sharding import full
 
 __all__ = [
@@ -334,8 +334,8 @@ def _quantizable_targets(
                 + "."
             )
         targets.append(target)
-    experts = [n for n, m in model.named_modules() if is_experts(m)]
-    if experts and include is None:
+    experts = experts_picked(model, include, exclude)
+    if experts:
         warnings.warn(
             f"quantization-aware training leaves the mixture-of-experts weights of {experts[:3]}"
             f"{' ...' if len(experts) > 3 else ''} in float: they are 3-d tensors, not Linear layers whose forward "

@@ -22,7 +22,15 @@ from torch.nn.utils.parametrize import is_parametrized
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
 
-__all__ = ["Target", "default_layer_types", "expert_tensors", "is_experts", "normalize_patterns", "select_targets"]
+__all__ = [
+    "Target",
+    "default_layer_types",
+    "expert_tensors",
+    "experts_picked",
+    "is_experts",
+    "normalize_patterns",
+    "select_targets",
+]
 
 _WILDCARDS = set("*?[")
 
@@ -123,6 +131,22 @@ def is_experts(module: nn.Module) -> bool:
     return "expert" in type(module).__name__.lower() and bool(expert_tensors(module))
 
 
+def experts_picked(
+    model: nn.Module, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
+) -> list[str]:
+    """Names of the mixture-of-experts modules (:func:`is_experts`) that the default selection (``include=None``)
+    or a wildcard pattern of ``include`` picks, and ``exclude`` does not remove."""
+    include = normalize_patterns(include, "include")
+    exclude = normalize_patterns(exclude, "exclude")
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_experts(module)
+        and (include is None or any(_WILDCARDS & set(p) and _matches(name, p) for p in include))
+        and not (exclude is not None and any(_matches(name, p) for p in exclude))
+    ]
+
+
 def select_targets(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -220,6 +244,7 @@ def select_targets(
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
             + (f" ({without} have no `weight`{_experts_note(named, without, experts)})" if without else "")
+            + ("" if experts else _wildcard_experts_note(model, include, exclude))
             + "."
         )
     return selected
@@ -233,6 +258,16 @@ def _experts_note(named: list[tuple[str, nn.Module]], names: list[str], experts:
     return (
         f"; {holding} hold mixture-of-experts weights as 3-d tensors, which pruning selects but quantization-aware "
         "training cannot (no Linear forward to swap)"
+    )
+
+
+def _wildcard_experts_note(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:
+    picked = experts_picked(model, include, exclude) if include is not None else []
+    if not picked:
+        return ""
+    return (
+        f"; the patterns match the mixture-of-experts modules {picked[:3]}{' ...' if len(picked) > 3 else ''}, whose "
+        "3-d weights pruning selects but quantization-aware training cannot (no Linear forward to swap)"
     )
 
 

@@ -468,6 +468,11 @@ def test_experts_take_two_four_blocks_along_their_input_axis_and_stay_float_unde
         convert_to_qat(model, QuantConfig(8, 8))
     with pytest.raises(ValueError, match="hold mixture-of-experts weights as 3-d tensors, which pruning selects"):
         convert_to_qat(mixtral(), QuantConfig(8, 8), include=["model.layers.0.mlp.experts"])
+    # wildcards: the same explanation (they used to get only the generic "selects no weight")
+    with pytest.raises(ValueError, match=r"patterns match the mixture-of-experts modules \['model.layers.0.mlp"):
+        convert_to_qat(mixtral(), QuantConfig(8, 8), include=["*experts*"])
+    with pytest.warns(UserWarning, match=r"mixture-of-experts weights of \['model.layers.1.mlp.experts'\]"):
+        convert_to_qat(mixtral(), QuantConfig(8, 8), include=["model.layers.*"], exclude=["model.layers.0.*"])
     only = mixtral()
     prune_(only, 0.9, include=["model.layers.0.mlp.experts"])  # an exact name selects one layer's experts
     chosen = only.model.layers[0].mlp.experts
