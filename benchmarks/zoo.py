@@ -69,6 +69,8 @@ METHODS = ["dense", "defaults", "ModelPruning", "ModelPruning+LTH", "reference"]
 # The compressed file: the defaults, then int8 QAT (weights and activations) from the end of the pruning window to
 # the end of training; the model is written with save_compressed and its size compared with torch.save.
 FILE_METHOD = "defaults+int8"
+# The same with power-of-two scales (the seed article's fixed point, W_int = round(W * 2**p), one shift per layer).
+FILE_METHODS = {FILE_METHOD: "minmax", "defaults+int8-pow2": "power_of_two"}
 # Candidate defaults (run with --methods): chosen on seeds and pairs other than those they are judged on.
 # "events": the number of pruning events over the window, placed every window_steps // events optimizer steps.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -364,10 +366,10 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
     start, end = window(epochs)
     callbacks: list[pl.Callback] = []
     train_loader, test_loader = loaders(split, seed, pair.lm)
-    if method in ("defaults", FILE_METHOD):
+    if method == "defaults" or method in FILE_METHODS:
         callbacks.append(IterativePruning(target, start_epoch=start, end_epoch=end))
-        if method == FILE_METHOD:
-            callbacks.append(QuantizationAwareTraining(8, 8, start_epoch=end))
+        if method in FILE_METHODS:
+            callbacks.append(QuantizationAwareTraining(8, 8, start_epoch=end, scale=FILE_METHODS[method]))
     elif method in CANDIDATES:
         options = dict(CANDIDATES[method])
         if "events" in options:
@@ -400,9 +402,9 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
         "seconds": time.perf_counter() - start_time,
         "warnings": sorted({str(w.message) for w in caught if "IterativePruning" in str(w.message)}),
     }  # fmt: skip
-    if method == FILE_METHOD:
+    if method in FILE_METHODS:
         out.update(file_sizes(module))
-    if method in ("defaults", FILE_METHOD) or method in CANDIDATES:
+    if method == "defaults" or method in FILE_METHODS or method in CANDIDATES:
         selected = callbacks[0].pruner.targets  # type: ignore[attr-defined]
         out["selected"] = {"layers": len(selected), "weights": sum(t.numel for t in selected)}
     return out
@@ -417,9 +419,11 @@ def file_sizes(module: pl.LightningModule) -> dict[str, int]:
     return {"file_bytes": report.file_bytes, "state_dict_bytes": report.baseline_bytes, "float_bytes": buffer.tell()}
 
 
-def file_table(results: list[dict], pairs: list[str], targets: list[float]) -> str:
-    """Markdown: the compressed file against torch.save, mean of the seeds' ratios."""
+def file_table(results: list[dict], pairs: list[str], targets: list[float], method: str) -> str:
+    """Markdown: the compressed file of ``method`` against torch.save, mean of the seeds' ratios."""
     lines = [
+        f"{method} (scale={FILE_METHODS[method]!r}):",
+        "",
         "| pair | "
         + " | ".join(f"{100 * t:g}%: file, vs torch.save (vs float state dict), metric" for t in targets)
         + " |",
@@ -428,7 +432,7 @@ def file_table(results: list[dict], pairs: list[str], targets: list[float]) -> s
     for pair in pairs:
         cells = []
         for target in targets:
-            rows = [r for r in results if r["pair"] == pair and r["method"] == FILE_METHOD and r["target"] == target]
+            rows = [r for r in results if r["pair"] == pair and r["method"] == method and r["target"] == target]
             if not rows:
                 cells.append("-")
                 continue
@@ -489,7 +493,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, FILE_METHOD, *CANDIDATES])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=[*METHODS, *FILE_METHODS, *CANDIDATES])
     parser.add_argument("--epochs-scale", type=float, default=1.0, help=f"epochs = {EPOCHS} x this (at least 3)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3 epochs (prune after epochs 1 and 2)")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each (1: in this process)")
@@ -532,7 +536,7 @@ def main() -> None:
             *notes,
             "",
             table(results, args.pairs, args.targets, args.methods),
-            *(["", file_table(results, args.pairs, args.targets)] if FILE_METHOD in args.methods else []),
+            *["\n" + file_table(results, args.pairs, args.targets, m) for m in FILE_METHODS if m in args.methods],
             "",
             f"{len(jobs)} runs, wall time {wall:.0f} s ({wall / 60:.1f} min) on {args.workers} worker(s).",
         ]
