@@ -253,6 +253,15 @@ def _sorted_slices(parts: Any) -> list[LayerSlice]:
     return slices
 
 
+def _unplaced_concat(op: Any) -> bool:
+    """A concatenation (or split) whose channel offsets Torch-Pruning left unknown: one of its tensors comes from
+    no traced layer (a model input, a constant), so the indices it gives the consumers are not where the
+    channels are (they would mask, e.g., the input image's channels of the next convolution)."""
+    tp = _torch_pruning()
+    kinds = tuple(k for k in (getattr(tp.ops, "_ConcatOp", None), getattr(tp.ops, "_SplitOp", None)) if k is not None)
+    return isinstance(op, kinds) and getattr(op, "offsets", None) is None
+
+
 def _convert(
     graph: Any, raw_group: Any, names: dict[nn.Module, str], producers: set[str] | None
 ) -> tuple[ChannelGroup | None, str]:
@@ -267,6 +276,11 @@ def _convert(
         if not isinstance(module, nn.Module) or module not in names:
             if isinstance(module, nn.Parameter):
                 return None, "a free nn.Parameter depends on its channels"
+            if _unplaced_concat(module):
+                return None, (
+                    "its channels are concatenated with a tensor no layer produces (e.g. a model input), at offsets "
+                    "the dependency graph does not know"
+                )
             if out_like and not node.outputs:
                 return None, "its channels reach the model's output"
             continue  # an operation (add, cat, flatten, activation): no parameters

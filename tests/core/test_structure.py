@@ -499,3 +499,32 @@ def test_channel_pruning_defaults_to_the_same_fraction_of_every_layer():
     assert {after / before for before, after in report.channels.values()} == {0.5}
     with pytest.raises(ValueError, match="`scope`='row' is not one of"):
         prune_(model, 0.5, scope="row")
+
+
+class InputSkip(nn.Module):
+    """The input image concatenated in front of a layer's output (a U-Net or DenseNet input skip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(3 + 8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(F.relu(self.c2(torch.cat([x, F.relu(self.c1(x))], 1))).mean((2, 3)))
+
+
+def test_channels_concatenated_after_a_model_input_are_left_whole_not_misplaced():
+    """Torch-Pruning leaves the offsets of such a concatenation unknown: c1's group was given c2's inputs 0..7
+    (the image's 3 channels among them) instead of 3..10, so masks zeroed image inputs and compact() refused."""
+    torch.manual_seed(0)
+    model, x = InputSkip(), torch.randn(2, 3, 8, 8)
+    groups, skipped = build_channel_groups(model, x)
+    assert "c1" not in {g.name for g in groups}
+    assert "concatenated with a tensor no layer produces" in skipped["c1"]
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert not bool((model.c2.weight[:, :3] == 0).all())  # the image's inputs are untouched
+    assert int((model.c1.weight.flatten(1) == 0).all(1).sum()) == 0  # c1 left whole
+    before = model(x)
+    compact(model, x)
+    assert model.c2.out_channels == 4 and torch.allclose(model(x), before, atol=1e-5)
