@@ -11,7 +11,8 @@ for its own ``quantize_static`` output. Needs the ``onnx`` extra.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,56 @@ class _Keywords(nn.Module):
 
     def forward(self, *tensors: Tensor) -> Any:
         return self.model(**dict(zip(self.names, tensors, strict=True)))
+
+
+class _Structured(nn.Module):
+    """Calls ``model(*args)`` whose positional inputs include dicts, lists or tuples of tensors, from the flat
+    tensors the tracer passes (``torch.onnx.export`` would read a trailing dict as keyword arguments)."""
+
+    def __init__(self, model: nn.Module, args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.template = args
+
+    def forward(self, *tensors: Tensor) -> Any:
+        return self.model(*_refill(self.template, iter(tensors)))
+
+
+def _leaves(value: Any, name: str) -> list[tuple[str, Tensor]]:
+    """The tensors of a nested input, in order, named by their dict keys (else by position)."""
+    if isinstance(value, Tensor):
+        return [(name, value)]
+    if isinstance(value, Mapping):
+        return [leaf for key, item in value.items() for leaf in _leaves(item, str(key))]
+    if isinstance(value, (list, tuple)):
+        return [leaf for i, item in enumerate(value) for leaf in _leaves(item, f"{name}_{i}")]
+    return []  # other values (ints, flags, None) are constants of the graph
+
+
+def _refill(template: Any, tensors: Iterator[Tensor]) -> Any:
+    if isinstance(template, Tensor):
+        return next(tensors)
+    if isinstance(template, Mapping):
+        return {key: _refill(item, tensors) for key, item in template.items()}
+    if isinstance(template, (list, tuple)):
+        return type(template)([_refill(item, tensors) for item in template])
+    return template
+
+
+@contextmanager
+def _composite_attention() -> Iterator[None]:
+    """``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run a fused kernel in eval mode without
+    gradients, which has no ONNX form: the export traces their composite operations instead (restored after)."""
+    backend = getattr(torch.backends, "mha", None)
+    if backend is None:
+        yield
+        return
+    before = backend.get_fastpath_enabled()
+    backend.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        backend.set_fastpath_enabled(before)
 
 
 def _trace_hint(example_inputs: Any) -> str:
@@ -156,17 +207,24 @@ def export_onnx(
         )
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
-    with mode as swapped, without_cache(model), torch.no_grad():
-        outputs = model(**args[0]) if isinstance(example_inputs, Mapping) else model(*args)
+    keyword = isinstance(example_inputs, Mapping)
+    traced_model: nn.Module = _Keywords(model, names) if keyword else model
+    traced_args = tuple(example_inputs[k] for k in names) if keyword else args
+    if not keyword and not all(isinstance(a, Tensor) for a in args):  # e.g. forward(batch: dict)
+        leaves = _leaves(args, "input")
+        traced_model, traced_args = _Structured(model, args), tuple(t for _, t in leaves)
+        unique = len({n for n, _ in leaves}) == len(leaves)
+        names = list(input_names or ([n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]))
+    with mode as swapped, without_cache(model), torch.no_grad(), _composite_attention():
+        outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         path = Path(path)
         traced = path.with_name(path.name + ".traced")
-        keyword = isinstance(example_inputs, Mapping)
         try:
             torch.onnx.export(
-                _Keywords(model, names) if keyword else model,
-                tuple(example_inputs[k] for k in names) if keyword else args,
+                traced_model,
+                traced_args,
                 str(traced),
                 input_names=names,
                 output_names=outs,

@@ -19,7 +19,15 @@ def run(path, feeds):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-@pytest.mark.parametrize("config", [QuantConfig(8, 8), QuantConfig(8, 8, "power_of_two"), QuantConfig(4, 4, "learned")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8),
+        QuantConfig(8, 8, "power_of_two"),
+        QuantConfig(4, 4, "learned"),
+        QuantConfig(8, 8, quantize_bias=True),
+    ],
+)
 def test_int8_weights_qdq_graph_and_matching_outputs(tmp_path, config):
     model = compressed_net(0.8, config)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -176,3 +184,66 @@ def test_a_quantized_embedding_looks_up_int8_rows_before_dequantizing(tmp_path):
     with torch.no_grad():
         want = model.eval()(ids).numpy()
     assert np.allclose(run(tmp_path / "m.onnx", {"input_0": ids.numpy()}), want, atol=1e-5)
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.block(h + a).mean(1))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_multihead_attention_exports_through_its_composite_operations(tmp_path, quantized):
+    """In eval mode without gradients, MultiheadAttention and TransformerEncoderLayer took a fused kernel with no
+    ONNX form: export_onnx refused every model holding one (found by a new-user trial)."""
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(3, 5, 8)
+    if quantized:
+        convert_to_qat(model, QuantConfig(8, 8))
+        for _, q in quantizers(model):
+            q.observer_enabled = True
+        model.train()
+        with torch.no_grad():
+            model(torch.randn(16, 5, 8))
+        for _, q in quantizers(model):
+            q.fake_quant_enabled = True
+        model.eval()
+    export_onnx(model, tmp_path / "a.onnx", x)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = run(tmp_path / "a.onnx", {"input_0": x.numpy()})
+    assert np.abs(got - want).max() < (0.1 if quantized else 1e-4)
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Conv2d(1, 4, 3, padding=1)
+        self.extra = nn.Linear(3, 4)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, batch):
+        pooled = torch.relu(self.image(batch["img"])).mean((2, 3))
+        return self.head(torch.cat([pooled, torch.relu(self.extra(batch["extra"]))], 1))
+
+
+def test_a_forward_that_takes_one_dict_exports_with_its_keys_as_input_names(tmp_path):
+    """``example_input_array = ({...},)``, Lightning's form of ``forward(batch)``: torch.onnx.export reads a trailing
+    dict as keyword arguments, and export_onnx raised a bare TypeError (found by a new-user trial)."""
+    torch.manual_seed(0)
+    model = DictInput().eval()
+    batch = {"img": torch.randn(2, 1, 8, 8), "extra": torch.randn(2, 3)}
+    export_onnx(model, tmp_path / "d.onnx", (batch,))
+    other = {"img": torch.randn(5, 1, 8, 8), "extra": torch.randn(5, 3)}
+    got = run(tmp_path / "d.onnx", {k: v.numpy() for k, v in other.items()})
+    with torch.no_grad():
+        assert np.abs(got - model(other).numpy()).max() < 1e-5
