@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 _ATTENTION_OPS = ("Bmm", "ScaledDotProduct", "Baddbmm")
-_LAYER_OPS = ("Addmm", "MmBackward", "Convolution", "AccumulateGrad")
+_LAYER_OPS = ("Addmm", "MmBackward", "Convolution")
 _MAX_DEPTH = 40
 _HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size", "head_size")
 HEADS_ATTRIBUTE = "_lightning_compress_heads"  # on a compacted attention module: {attribute: count} it was given
@@ -130,11 +130,11 @@ def _in_features(module: nn.Module) -> int:
     return int(weight.shape[weight_axes(module)[1]])
 
 
-def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool] | None:
-    """Walk back from ``start``: the layers whose outputs it is computed from, and whether an attention
-    product lies on the way; ``None`` if a parameter or an unhooked layer lies on the way too."""
+def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool, bool] | None:
+    """Walk back from ``start``: the layers whose outputs it is computed from, whether an attention product lies
+    on the way, and whether a parameter does (a query/key norm's weight); ``None`` if an unhooked layer does."""
     found: set[str] = set()
-    attention = False
+    attention = parameter = False
     seen: set[Any] = set()
     queue: deque[tuple[Any, int]] = deque([(start, 0)])
     while queue:
@@ -148,9 +148,12 @@ def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool] |
         kind = type(node).__name__
         if any(op in kind for op in _LAYER_OPS) or depth > _MAX_DEPTH:
             return None
+        if "AccumulateGrad" in kind:
+            parameter = True
+            continue
         attention = attention or any(op in kind for op in _ATTENTION_OPS)
         queue.extend((parent, depth + 1) for parent, _ in node.next_functions)
-    return found, attention
+    return found, attention, parameter
 
 
 def _head_size(module: nn.Module) -> int | None:
@@ -199,7 +202,13 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
         if walked is None or not walked[1] or not walked[0]:
             continue
         producers = sorted(walked[0])
-        feeding.update(producers)
+        feeding.update(producers)  # left out of channel groups, whether or not the heads can be removed
+        if walked[2]:
+            skipped[name] = (
+                "a layer with parameters (e.g. a query/key norm) lies between its projections and the attention "
+                "product, which head removal does not read"
+            )
+            continue
         found = _block(model, modules, name, producers)
         if isinstance(found, str):
             skipped[name] = found

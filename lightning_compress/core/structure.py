@@ -292,6 +292,8 @@ def _convert(
             return None, "its channels reach the model's output"
         if kind == "out" and not isinstance(module, _NORM) and producers is not None and name not in producers:
             return None, f"{name} is not selected (see `include`/`exclude`)"
+        if item.root_idxs is None or any(c is None for c in item.root_idxs):
+            return None, f"its channels cannot be mapped onto {name}'s"
         index, channel = slices.setdefault((name, kind), ([], []))
         index.extend(int(i) for i in item.idxs)
         channel.extend(int(c) for c in item.root_idxs)

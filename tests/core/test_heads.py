@@ -348,3 +348,46 @@ def test_from_pretrained_errors(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="weights do not fit the sizes its config records"):  # was a RuntimeError
         from_pretrained(cls, tmp_path)
+
+
+def _qk_norm_model(kind: str):
+    sizes = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    if kind == "qwen3":  # RMSNorm per head on the queries and keys
+        return _model(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(head_dim=8, **sizes))
+    if kind == "olmo2":  # RMSNorm over all heads together
+        return _model(transformers.Olmo2ForCausalLM, transformers.Olmo2Config(**sizes))
+    config = transformers.Gemma3TextConfig(head_dim=8, sliding_window=4, **sizes)
+    return _model(transformers.Gemma3ForCausalLM, config)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "olmo2", "gemma3"])
+def test_attention_with_query_key_norms_keeps_its_heads_and_is_left_out_of_channel_groups(kind):
+    """A norm with a weight between the projections and the attention product: the block was dropped silently and
+    its projections handed to Torch-Pruning, whose group search through rotary never returned (Qwen3, OLMo2) or
+    gave channels no index (Gemma3: a TypeError). Found by a new-user trial."""
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("channel tracing did not return in 60 s")
+
+    model, inputs = _qk_norm_model(kind), {"input_ids": _ids()}
+    blocks, feeding, skipped = find_attention(model, inputs)
+    attention = "model.layers.0.self_attn"
+    assert not blocks and {f"{attention}.{p}_proj" for p in "qkv"} <= feeding
+    assert "query/key norm" in skipped[f"{attention}.o_proj"]
+    before = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert not bool((model.model.layers[0].self_attn.q_proj.weight == 0).all(1).any())  # heads whole
+    assert int((model.model.layers[0].mlp.up_proj.weight == 0).all(1).sum()) == 32  # half the MLP neurons
+    expected = _logits(model, inputs)
+    compact(model, inputs)
+    assert model.model.layers[0].mlp.up_proj.out_features == 32
+    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
