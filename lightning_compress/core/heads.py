@@ -48,6 +48,7 @@ _COUNT_ATTRS = (
     ("num_heads", "heads"),
     ("num_attention_heads", "heads"),
     ("n_head", "heads"),
+    ("n_heads", "heads"),  # DistilBERT
     ("num_key_value_heads", "kv_heads"),
     ("num_kv_heads", "kv_heads"),
     ("all_head_size", "width"),

@@ -391,3 +391,22 @@ def test_attention_with_query_key_norms_keeps_its_heads_and_is_left_out_of_chann
     compact(model, inputs)
     assert model.model.layers[0].mlp.up_proj.out_features == 32
     torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_distilbert_keeps_a_true_head_count_after_compaction(tmp_path):
+    """compact() left DistilBERT's ``n_heads`` at 4 beside projections holding 2 heads (found by a new-user
+    trial); the outputs were right, code reading the count was misled."""
+    config = transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=32, num_labels=3
+    )
+    model, inputs = _model(transformers.DistilBertForSequenceClassification, config), {"input_ids": _ids()}
+    prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    expected = _logits(model, inputs)
+    compact(model, inputs)
+    attention = model.distilbert.transformer.layer[0].attention
+    assert attention.q_lin.out_features == 16 and attention.n_heads == 2
+    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    again = from_pretrained(transformers.DistilBertForSequenceClassification, tmp_path).eval()
+    assert again.distilbert.transformer.layer[0].attention.n_heads == 2
+    torch.testing.assert_close(_logits(again, inputs), expected, atol=1e-5, rtol=0)
