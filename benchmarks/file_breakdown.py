@@ -1,8 +1,9 @@
 """Where the bytes of a compressed file go: one zoo pair, one seed, pruned with the defaults plus int8 QAT.
 
-Trains the pair as ``zoo.py``'s ``defaults+int8`` does (``--scale power_of_two``: ``defaults+int8-pow2``), writes it
-with ``save_compressed`` and prints the file against ``torch.save(state_dict)`` and each part of the file (manifest,
-positions, codes, float data) LZMA-compressed on its own.
+Trains the pair as ``zoo.py``'s ``defaults+int8`` does (``--scale power_of_two``: ``defaults+int8-pow2``;
+``--quantize-bias``: the ``-bias`` variants), writes it with ``save_compressed`` and prints the file against
+``torch.save(state_dict)`` and each part of the file (manifest, positions, codes, float data) LZMA-compressed on
+its own.
 
     python benchmarks/file_breakdown.py mlp-digits 0.95 --scale power_of_two      # ~10 s
 """
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("pair", choices=list(zoo.PAIRS))
     parser.add_argument("target", type=float)
     parser.add_argument("--scale", default="minmax", choices=["minmax", "power_of_two"])
+    parser.add_argument("--quantize-bias", action="store_true", help="biases on the accumulator grid (int32 codes)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -43,7 +45,7 @@ def main() -> None:
     train_loader, _ = zoo.loaders(split, args.seed, pair.lm)
     callbacks = [
         IterativePruning(args.target, start_epoch=start, end_epoch=end),
-        QuantizationAwareTraining(8, 8, start_epoch=end, scale=args.scale),
+        QuantizationAwareTraining(8, 8, start_epoch=end, scale=args.scale, quantize_bias=args.quantize_bias),
     ]
     zoo.quiet_trainer(zoo.EPOCHS, callbacks).fit(module, train_loader)
 
@@ -67,7 +69,8 @@ def main() -> None:
         return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=FILTERS))
 
     manifest, body = written["manifest"], written["body"]
-    print(f"{args.pair} at {args.target:.0%}, scale={args.scale!r}, seed {args.seed}")
+    setting = f"scale={args.scale!r}, quantize_bias={args.quantize_bias}"
+    print(f"{args.pair} at {args.target:.0%}, {setting}, seed {args.seed}")
     print(f"file {report.file_bytes} B, torch.save {buffer.tell()} B: {buffer.tell() / report.file_bytes:.1f}x")
     text = json.dumps(manifest, separators=(",", ":")).encode()
     print(f"  manifest: {len(text)} B raw, {packed(text)} B alone after LZMA")

@@ -69,8 +69,14 @@ METHODS = ["dense", "defaults", "ModelPruning", "ModelPruning+LTH", "reference"]
 # The compressed file: the defaults, then int8 QAT (weights and activations) from the end of the pruning window to
 # the end of training; the model is written with save_compressed and its size compared with torch.save.
 FILE_METHOD = "defaults+int8"
-# The same with power-of-two scales (the seed article's fixed point, W_int = round(W * 2**p), one shift per layer).
-FILE_METHODS = {FILE_METHOD: "minmax", "defaults+int8-pow2": "power_of_two"}
+# The same with power-of-two scales (the seed article's fixed point, W_int = round(W * 2**p), one shift per layer),
+# and both with the biases on their accumulator's grid (stored as int32 codes).
+FILE_METHODS: dict[str, dict[str, Any]] = {
+    FILE_METHOD: {"scale": "minmax"},
+    "defaults+int8-pow2": {"scale": "power_of_two"},
+    "defaults+int8-bias": {"scale": "minmax", "quantize_bias": True},
+    "defaults+int8-pow2-bias": {"scale": "power_of_two", "quantize_bias": True},
+}
 # Candidate defaults (run with --methods): chosen on seeds and pairs other than those they are judged on.
 # "events": the number of pruning events over the window, placed every window_steps // events optimizer steps.
 CANDIDATES: dict[str, dict[str, Any]] = {
@@ -369,7 +375,7 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
     if method == "defaults" or method in FILE_METHODS:
         callbacks.append(IterativePruning(target, start_epoch=start, end_epoch=end))
         if method in FILE_METHODS:
-            callbacks.append(QuantizationAwareTraining(8, 8, start_epoch=end, scale=FILE_METHODS[method]))
+            callbacks.append(QuantizationAwareTraining(8, 8, start_epoch=end, **FILE_METHODS[method]))
     elif method in CANDIDATES:
         options = dict(CANDIDATES[method])
         if "events" in options:
@@ -422,7 +428,7 @@ def file_sizes(module: pl.LightningModule) -> dict[str, int]:
 def file_table(results: list[dict], pairs: list[str], targets: list[float], method: str) -> str:
     """Markdown: the compressed file of ``method`` against torch.save, mean of the seeds' ratios."""
     lines = [
-        f"{method} (scale={FILE_METHODS[method]!r}):",
+        f"{method} ({', '.join(f'{k}={v!r}' for k, v in FILE_METHODS[method].items())}):",
         "",
         "| pair | "
         + " | ".join(f"{100 * t:g}%: file, vs torch.save (vs float state dict), metric" for t in targets)

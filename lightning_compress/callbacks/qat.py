@@ -85,6 +85,10 @@ class QuantizationAwareTraining(Callback):
         activation_granularity: ``"per_tensor"`` (observed ranges) or ``"per_token"`` (a dynamic
             asymmetric scale per row, from each batch; no observers): with ``group_size=32``,
             ``weight_bits=4`` and ``activation_bits=8``, torchao's 8da4w recipe.
+        quantize_bias: also put each quantized layer's bias on its accumulator's grid (weight scale times
+            input scale, the int32 bias of integer kernels), fake-quantized from ``start_epoch`` like the
+            weights: what an integer runtime adds is then what training used, and a compressed file stores
+            the biases as int32 codes. Needs ``activation_bits`` with per-tensor activations, no ``group_size``.
 
     To load a QAT checkpoint for inference without the callback, see
     :func:`lightning_compress.load_qat_checkpoint`.
@@ -109,6 +113,7 @@ class QuantizationAwareTraining(Callback):
         export_path: str | Path | None = None,
         group_size: int | None = None,
         activation_granularity: str = "per_tensor",
+        quantize_bias: bool = False,
     ) -> None:
         super().__init__()
         self.config = QuantConfig(
@@ -117,6 +122,7 @@ class QuantizationAwareTraining(Callback):
             scale=scale,
             group_size=group_size,
             activation_granularity=activation_granularity,
+            quantize_bias=quantize_bias,
         )
         if not isinstance(shift_search, bool):
             raise TypeError(f"`shift_search` must be a bool, got {shift_search!r}.")

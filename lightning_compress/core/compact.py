@@ -30,6 +30,14 @@ __all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "rem
 
 COMPACTED_FLAG = "_lightning_compress_compacted"  # set on a compacted model; save_compressed records it
 
+
+def is_compacted(model: nn.Module) -> bool:
+    """Whether ``model`` or a module in it was compacted (a compacted ``transformers`` model inside a
+    LightningModule, or one ``lightning_compress.from_pretrained`` rebuilt): its shapes may differ from a fresh
+    instance's."""
+    return any(getattr(module, COMPACTED_FLAG, False) for module in model.modules())
+
+
 _CONV = nn.modules.conv._ConvNd
 _NORM = nn.modules.batchnorm._BatchNorm
 

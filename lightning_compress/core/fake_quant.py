@@ -48,6 +48,10 @@ class QuantConfig:
         activation_granularity: ``"per_tensor"``: one observed (EMA min/max) scale per layer input.
             ``"per_token"``: a dynamic asymmetric scale per row (token), computed from each batch, no
             observers (int8 dynamic activations of the LLM recipe). ``"minmax"`` scales only.
+        quantize_bias: put each layer's bias on the grid of its accumulator, ``s_w * s_x`` (the product of
+            the weight's and the input's scales), as the int32 bias of an integer kernel: the bias is then
+            fake-quantized like the weight (straight-through gradient) and a compressed file stores int32
+            codes instead of floats. Needs per-tensor activations and per-channel (or per-tensor) weights.
     """
 
     weight_bits: int = 8
@@ -56,6 +60,7 @@ class QuantConfig:
     averaging_constant: float = 0.01
     group_size: int | None = None
     activation_granularity: str = "per_tensor"
+    quantize_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits"):
@@ -90,9 +95,25 @@ class QuantConfig:
                 f"`activation_bits` and scale='minmax', got `activation_bits`={self.activation_bits}, "
                 f"`scale`={self.scale!r}."
             )
+        if not isinstance(self.quantize_bias, bool):
+            raise TypeError(f"`quantize_bias` must be a bool, got {self.quantize_bias!r}.")
+        if self.quantize_bias and (
+            self.activation_bits is None or self.activation_granularity != "per_tensor" or self.group_size is not None
+        ):
+            raise ValueError(
+                "`quantize_bias`=True puts a bias on its accumulator's grid, the weight scale times the input scale: "
+                "it needs quantized per-tensor activations and per-channel weight scales, got "
+                f"`activation_bits`={self.activation_bits}, `activation_granularity`={self.activation_granularity!r}, "
+                f"`group_size`={self.group_size}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, for checkpoints and state keys; ``quantize_bias`` only when set, so the state key of a
+        callback configured as before it existed (and the checkpoints saved under it) stays the same."""
+        out = asdict(self)
+        if not self.quantize_bias:
+            del out["quantize_bias"]
+        return out
 
 
 class FakeQuantizer(nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .collectives import Collectives, TorchDistributed
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
-from .quant import int_range, power_of_two_scale
+from .quant import BIAS_RANGE, accumulator_scale, fake_quantize, int_range, power_of_two_scale
 from .selection import Target, experts_picked, select_targets
 from .sharding import full
 
@@ -56,7 +56,9 @@ class _QATMixin:
     input_fake_quant: nn.Module
     float_class: ClassVar[type[nn.Module]]
     _export_weight: Tensor | None = None
+    _export_bias: Tensor | None = None
     _int4: Any = None  # an Int4Weights while `int4_export_mode` is on
+    quantize_bias: bool = False  # the bias on the accumulator's grid (QuantConfig.quantize_bias)
 
     def _adopt(self, module: Any, config: QuantConfig, quantize_input: bool = True) -> None:
         """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
@@ -83,6 +85,8 @@ class _QATMixin:
                 granularity=config.activation_granularity,
             ).to(device)
         )
+        has_bias = getattr(module, "bias", None) is not None
+        layer.quantize_bias = bool(config.quantize_bias and quantize_input and has_bias)
         layer.train(module.training)  # a model in eval mode must not start observing
 
     def _share_into(self, new: Any) -> nn.Module:
@@ -97,10 +101,36 @@ class _QATMixin:
             return self.weight_fake_quant(self._export_weight)
         return self.weight_fake_quant(self.weight)
 
+    def bias_grid(self) -> Tensor | None:
+        """The grid of the bias, ``s_w * s_x`` per output channel, while ``quantize_bias`` is set and both
+        quantizers fake-quantize; ``None`` otherwise (the bias is then used as it is)."""
+        weight_q, input_q = self.weight_fake_quant, self.input_fake_quant
+        bias = getattr(self, "bias", None)  # an embedding has none
+        if not self.quantize_bias or bias is None or not isinstance(input_q, FakeQuantizer):
+            return None
+        if not (weight_q.fake_quant_enabled and input_q.fake_quant_enabled):
+            return None
+        return accumulator_scale(weight_q.effective_scale(), input_q.effective_scale(), bias.numel())
+
+    def quantized_bias(self) -> Tensor | None:
+        """The bias the layer adds: on its accumulator's grid (int32 codes times ``s_w * s_x``, straight-through
+        gradient) when :meth:`bias_grid` has one, else the bias itself. Call after both quantizers ran in this
+        forward, so the grid is the one this batch uses."""
+        bias = cast(Any, self).bias
+        if self._export_bias is not None and self.weight_fake_quant.exporting:
+            return self._export_bias
+        grid = self.bias_grid()
+        if grid is None:
+            return cast("Tensor | None", bias)
+        zero = torch.zeros((), dtype=torch.int32, device=grid.device)
+        return fake_quantize(bias, grid, zero, *BIAS_RANGE, axis=0)
+
     def begin_export(self) -> None:
         """Carry the quantized weight as a constant and emit Q/DQ-able ops until :meth:`end_export`."""
         with torch.no_grad():
             self._export_weight = self.weight_fake_quant(self.weight).detach().clone()
+            bias = self.quantized_bias() if self.quantize_bias else None
+            self._export_bias = None if bias is None else bias.detach().clone()
         self.weight_fake_quant.begin_export(self._export_weight.shape[self.weight_fake_quant.channel_axis])
         if isinstance(self.input_fake_quant, FakeQuantizer):
             self.input_fake_quant.begin_export()
@@ -114,6 +144,7 @@ class _QATMixin:
 
     def end_export(self) -> None:
         self._export_weight = None
+        self._export_bias = None
         self.weight_fake_quant.end_export()
         if isinstance(self.input_fake_quant, FakeQuantizer):
             self.input_fake_quant.end_export()
@@ -139,7 +170,7 @@ class QATLinear(_QATMixin, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if self._int4 is not None:
             return cast(Tensor, self._int4(input))
-        return F.linear(self.input_fake_quant(input), self.quantized_weight(), self.bias)
+        return F.linear(self.input_fake_quant(input), self.quantized_weight(), self.quantized_bias())
 
 
 def _conv_arguments(module: nn.modules.conv._ConvNd) -> dict[str, Any]:
@@ -171,7 +202,7 @@ class _QATConvMixin(_QATMixin):
 
     def forward(self, input: Tensor) -> Tensor:
         conv = cast(Any, self)
-        return conv._conv_forward(self.input_fake_quant(input), self.quantized_weight(), conv.bias)
+        return conv._conv_forward(self.input_fake_quant(input), self.quantized_weight(), self.quantized_bias())
 
 
 class QATConv1d(_QATConvMixin, nn.Conv1d):
@@ -211,8 +242,8 @@ class _QATTransformersConv1DMixin(_QATMixin):
             return cast(Tensor, self._int4(input))
         x = self.input_fake_quant(input)
         flat = x.reshape(-1, x.size(-1))
-        bias = cast(Any, self).bias
         weight = self.quantized_weight()
+        bias = self.quantized_bias()
         out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
         return out.view(*input.shape[:-1], self.nf)
 

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BIAS_RANGE",
+    "accumulator_scale",
     "affine_qparams",
     "dequantize",
     "fake_quantize",
@@ -61,6 +63,18 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = 
     """``(q - zero_point) * scale`` in float32."""
     zp = _shape_for(zero_point.to(torch.int32), q, axis)
     return (q.to(torch.int32) - zp).float() * _shape_for(scale.float(), q, axis)
+
+
+# int32 codes of a bias on its accumulator's grid, bounded by the largest float32 below 2**31 so that a code
+# computed in float32 always converts to int32 and back exactly
+BIAS_RANGE = (-(1 << 31) + 128, (1 << 31) - 128)
+
+
+def accumulator_scale(weight_scale: Tensor, input_scale: Tensor, channels: int) -> Tensor:
+    """The step of a layer's accumulator, ``s_w * s_x`` per output channel (float32, ``(channels,)``): the grid
+    of an int32 bias. ``weight_scale`` per channel or per tensor; ``input_scale`` per tensor."""
+    product = weight_scale.detach().float().reshape(-1) * input_scale.detach().float().reshape(-1)
+    return product.expand(channels) if product.numel() == 1 else product
 
 
 class _FakeQuantize(torch.autograd.Function):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.collectives import TorchDistributed
-from ..core.compact import COMPACTED_FLAG
+from ..core.compact import COMPACTED_FLAG, is_compacted
 from ..core.heads import head_record
 from ..core.packing import (
     code_container_bits,
@@ -36,7 +36,7 @@ from ..core.packing import (
     unpack_codes,
 )
 from ..core.qat import FakeQuantizer, QuantConfig, convert_to_qat, qat_modules, quantizers
-from ..core.quant import quantize, scale_per_element
+from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, fake_quantize, quantize, scale_per_element
 from ..core.sharding import full, is_sharded
 from ..core.shrink import set_head_record, shrink_like
 from .container import FORMAT_VERSION, CompressedFileError, read_container, write_container
@@ -117,6 +117,29 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
     return out
 
 
+def _biases_on_grid(model: nn.Module) -> dict[str, tuple[str, Tensor]]:
+    """``{bias name: (layer name, grid)}`` for float32 biases the model puts on their accumulator's grid now."""
+    out = {}
+    for name, layer in qat_modules(model):
+        grid = cast(Any, layer).bias_grid()
+        bias = getattr(layer, "bias", None)
+        if grid is not None and isinstance(bias, Tensor) and bias.dtype == torch.float32:
+            out[f"{name}.bias" if name else "bias"] = (name, grid.detach().cpu())
+    return out
+
+
+def _bias_codes(bias: Tensor, grid: Tensor) -> Tensor | None:
+    """The int32 codes of ``bias`` on ``grid``, if the reloaded bias (codes times grid) is what the layer adds
+    now and stays so when fake-quantized again; ``None`` (store it as it is) otherwise."""
+    zero = torch.zeros((), dtype=torch.int32)
+    bias = bias.detach().cpu().float()
+    codes = quantize(bias, grid, zero, *BIAS_RANGE, axis=0)
+    values = dequantize(codes, grid, zero, axis=0)
+    in_use = fake_quantize(bias, grid, zero, *BIAS_RANGE, axis=0)
+    again = fake_quantize(values, grid, zero, *BIAS_RANGE, axis=0)
+    return codes if torch.equal(values, in_use) and torch.equal(again, values) else None
+
+
 def _qat_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     layers = {}
     for name, layer in qat_modules(model):
@@ -134,6 +157,8 @@ def _qat_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
             layers[name]["group_size"] = int(weight.shape[1 - wq.channel_axis]) // wq.groups
         if isinstance(aq, FakeQuantizer) and aq.per_token:
             layers[name]["activation_granularity"] = "per_token"
+        if layer.quantize_bias:
+            layers[name]["quantize_bias"] = True
     return layers
 
 
@@ -172,6 +197,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     """
     path = Path(path)
     quantized = _quantized_weights(model)
+    biases = _biases_on_grid(model)
     _warn_about_float_uses_of_quantized_weights(model)
     sections = _Sections()
     records: list[TensorRecord] = []
@@ -226,6 +252,9 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             )
             after = pos_bytes + code_bytes + quantizer.scale.numel() * quantizer.scale.element_size()
             layers.append(_layer_report(name, tensor, count, quantizer.bits, after, coding))
+        elif name in biases and (bias_codes := _bias_codes(tensor, biases[name][1])) is not None:
+            sections.add("data", _planes(bias_codes))
+            records.append(TensorRecord(**head, kind="bias", layer=biases[name][0]))
         elif tensor.is_floating_point() and tensor.numel() >= 64 and _worth_sparse(tensor):
             nonzero = tensor != 0
             count = int(nonzero.sum())
@@ -243,7 +272,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         "version": FORMAT_VERSION,
         "model": type(model).__name__,
         "qat_layers": _qat_layers(model),
-        "compacted": bool(getattr(model, COMPACTED_FLAG, False)),
+        "compacted": is_compacted(model),
         "heads": head_record(model),
         "sections": sections.sizes(),
         "tensors": [r.to_json() for r in records],
@@ -320,8 +349,12 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
     reader = _Reader(body, sizes)
     tensors: dict[str, Tensor] = {}
     pending: list[tuple[TensorRecord, Tensor, Tensor]] = []  # quantized: need their scales, decoded later
+    biases: list[tuple[TensorRecord, Tensor]] = []  # int32 codes on a grid made of two scales, decoded later
     for record in records:
         dtype, element = record.torch_dtype, record.element_size
+        if record.kind == "bias":
+            biases.append((record, _from_planes(reader.take("data", record.numel * 4), 4, version).view(torch.int32)))
+            continue
         if record.kind == "raw":
             data = _from_planes(reader.take("data", record.numel * element), element, version)
             tensors[record.name] = data.view(dtype).reshape(record.shape)
@@ -343,6 +376,11 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
         out = torch.zeros(record.numel, dtype=torch.float32)
         out[mask] = (codes - zero_point).float() * scale  # what `dequantize` computes, at the stored positions
         tensors[record.name] = out.to(record.torch_dtype).reshape(record.shape)
+    for record, codes in biases:
+        prefix = f"{record.layer}."
+        scales = tensors[prefix + "weight_fake_quant.scale"], tensors[prefix + "input_fake_quant.scale"]
+        grid = accumulator_scale(*scales, record.numel)
+        tensors[record.name] = dequantize(codes, grid, torch.zeros((), dtype=torch.int32), axis=0)
     for record in records:
         if record.kind == "alias":
             tensors[record.name] = tensors[record.of]

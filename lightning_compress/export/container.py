@@ -25,14 +25,14 @@ from typing import IO, Any
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "CompressedFileError", "read_container", "write_container"]
 
 MAGIC = b"LCZ\x89"
-FORMAT_VERSION = 4  # 3: tied tensors stored once (alias records), dense int codes, int4 group scales;
-# 4: floating-point data stored byte plane by byte plane
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # 3: tied tensors stored once (alias records), dense int codes, int4 group scales;
+# 4: floating-point data stored byte plane by byte plane; 5: biases on their accumulator's grid as int32 codes
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 HEADER = struct.Struct("<4sHBBQQ32s")
 CODEC_LZMA = 1
 # raw LZMA2 (our header carries lengths and a checksum); lc=0: the numeric streams have little byte context.
 # The dictionary is also the decoder's window, held in memory while reading: 8 MiB (format 1 used 64 MiB).
-_DICT = {1: 64 << 20, 2: 8 << 20, 3: 8 << 20, 4: 8 << 20}
+_DICT = {1: 64 << 20, 2: 8 << 20, 3: 8 << 20, 4: 8 << 20, 5: 8 << 20}
 FILTERS = [
     {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": _DICT[4], "lc": 0, "lp": 0, "pb": 0}
 ]

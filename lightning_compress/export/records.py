@@ -1,10 +1,11 @@
 """The manifest of a ``.lcz`` file: one named record per tensor, checked against the model before any allocation.
 
 A record says how one ``state_dict`` entry is stored: ``"raw"`` (as it is), ``"sparse"`` (positions
-of the nonzeros and their values) or ``"quantized"`` (positions and integer codes; the scale is
-another entry). :func:`plan` checks a whole manifest against the model the file is loaded into:
-names, dtypes and shapes, every count, index stream and code stream, and the section lengths, so
-that a file cannot make the reader allocate more than the model itself holds.
+of the nonzeros and their values), ``"quantized"`` (positions and integer codes; the scale is
+another entry) or ``"bias"`` (int32 codes on the layer's accumulator grid, its weight scale times its
+input scale, both other entries; format 5). :func:`plan` checks a whole manifest against the model
+the file is loaded into: names, dtypes and shapes, every count, index stream and code stream, and the
+section lengths, so that a file cannot make the reader allocate more than the model itself holds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .container import CompressedFileError
 __all__ = ["SECTIONS", "ArchitectureMismatch", "TensorRecord", "max_manifest_bytes", "max_raw_bytes", "plan"]
 
 SECTIONS = ("positions", "codes", "data")  # similar bytes together: the entropy coder does better
-KINDS = ("raw", "sparse", "quantized", "alias")
+KINDS = ("raw", "sparse", "quantized", "alias", "bias")
 _V1_KINDS = {"r": "raw", "s": "sparse", "q": "quantized"}
 _QUANTIZER = re.compile(r"^(?P<layer>.+)\.(?P<role>weight|input)_fake_quant\.(?P<buffer>[A-Za-z_]+)$")
 _QUANTIZER_BUFFERS = ("scale", "zero_point", "shift", "min_val", "max_val", "state")
@@ -60,6 +61,7 @@ class TensorRecord:
         qmin, qmax: the integer range (quantized).
         quantizer: prefix of the quantizer entries that hold the scale (``"fc.weight_fake_quant."``).
         of: the entry an alias repeats.
+        layer: the layer whose quantizers give a bias record's grid (``"fc"`` for ``"fc.bias"``).
     """
 
     name: str
@@ -75,6 +77,7 @@ class TensorRecord:
     qmax: int = 0
     quantizer: str = ""
     of: str = ""
+    layer: str = ""
 
     @property
     def numel(self) -> int:
@@ -95,6 +98,8 @@ class TensorRecord:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "kind": self.kind}
         if self.kind == "alias":
             out["of"] = self.of
+        elif self.kind == "bias":
+            out["layer"] = self.layer
         elif self.kind != "raw":
             out.update(count=self.count, coding=self.coding, position_bytes=self.position_bytes)
         if self.kind == "quantized":
@@ -112,6 +117,8 @@ class TensorRecord:
         name, dtype, shape, kind = fields.get("name"), fields.get("dtype"), fields.get("shape"), fields.get("kind")
         if not isinstance(name, str) or not isinstance(dtype, str) or kind not in KINDS:
             raise CompressedFileError(f"bad tensor record {str(entry)[:80]!r} in the file.")
+        if kind == "bias" and version < 5:
+            raise CompressedFileError(f"{name}: a bias record in a format {version} file.")
         if set(fields) != set(_FIELDS[kind]):
             raise CompressedFileError(f"{name}: a {kind} record with fields {sorted(fields)} in the file.")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
@@ -120,7 +127,7 @@ class TensorRecord:
         for key in ("count", "position_bytes", "bits", "qmin", "qmax"):
             if key in fields and not _is_int(fields[key]):
                 raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
-        for key in ("coding", "quantizer", "of"):
+        for key in ("coding", "quantizer", "of", "layer"):
             if key in fields and not isinstance(fields[key], str):
                 raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
         if fields.get("axis") not in (None, 0, 1):
@@ -131,6 +138,7 @@ class TensorRecord:
 _FIELDS = {
     "raw": ("name", "dtype", "shape", "kind"),
     "alias": ("name", "dtype", "shape", "kind", "of"),
+    "bias": ("name", "dtype", "shape", "kind", "layer"),
     "sparse": ("name", "dtype", "shape", "kind", "count", "coding", "position_bytes"),
     "quantized": (
         "name",
@@ -219,13 +227,18 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
     if not isinstance(compacted, bool):
         raise CompressedFileError(f"bad `compacted` flag {compacted!r} in the file.")
     _check_names(model, records, compacted)
-    _check_qat_layers(model, manifest.get("qat_layers", {}))
+    qat_layers = manifest.get("qat_layers", {})
+    _check_qat_layers(model, qat_layers)
     by_name = {r.name: r for r in records}
     sizes = dict.fromkeys(SECTIONS, 0)
     for i, record in enumerate(records):
         element = record.element_size
         if record.kind == "raw":
             sizes["data"] += record.numel * element
+            continue
+        if record.kind == "bias":
+            _check_bias(record, by_name, qat_layers)
+            sizes["data"] += record.numel * 4  # int32 codes
             continue
         if record.kind == "alias":
             target = by_name.get(record.of)
@@ -357,3 +370,21 @@ def _check_quantized(record: TensorRecord, by_name: dict[str, TensorRecord]) -> 
         raise CompressedFileError(f"{record.name}: group scales of shape {scale.shape} for {record.shape}.")
     if not grouped and scale.numel != (1 if axis is None else record.shape[axis]):
         raise CompressedFileError(f"{record.name}: {scale.numel} scales for axis {record.axis}.")
+
+
+def _check_bias(record: TensorRecord, by_name: dict[str, TensorRecord], qat_layers: dict[str, Any]) -> None:
+    """A bias stored as codes: the float32 bias of a layer the file quantizes with ``quantize_bias``, whose weight
+    scale (per channel or per tensor) and input scale (per tensor) are stored whole in the file."""
+    layer = record.layer
+    if not layer or record.name != f"{layer}.bias" or len(record.shape) != 1 or record.dtype != "float32":
+        raise CompressedFileError(f"{record.name}: a bias record of layer {layer!r}, shape {record.shape} in the file.")
+    if qat_layers.get(layer, {}).get("quantize_bias") is not True:
+        raise CompressedFileError(f"{record.name}: stored as codes, but the file does not quantize {layer!r}'s bias.")
+    weight = by_name.get(f"{layer}.weight_fake_quant.scale")
+    source = by_name.get(f"{layer}.input_fake_quant.scale")
+    if weight is None or source is None or weight.kind != "raw" or source.kind != "raw":
+        raise CompressedFileError(f"{record.name}: the scales of its grid are not stored whole in the file.")
+    if len(weight.shape) > 1 or weight.numel not in (1, record.numel) or source.numel != 1:
+        raise CompressedFileError(
+            f"{record.name}: a grid from scales of shapes {weight.shape} and {source.shape} for {record.shape}."
+        )

@@ -224,6 +224,7 @@ RECIPES = {
     "minmax": {"scale": "minmax"},
     "learned": {"scale": "learned"},
     "8da4w": {"group_size": 8, "activation_granularity": "per_token"},  # int4 groups, int8 dynamic per token
+    "bias": {"scale": "power_of_two", "quantize_bias": True},  # fixed point, biases on the accumulator's grid
 }
 
 
@@ -302,6 +303,7 @@ def test_load_qat_checkpoint_needs_qat_state(tiny, tmp_path):
         ({"start_epoch": -1}, ValueError, "`start_epoch`=-1 must be >= 0"),
         ({"start_epoch": 3, "freeze_observers_epoch": 2}, ValueError, "`freeze_observers_epoch`=2 is before"),
         ({"exclude": 4}, TypeError, "`exclude` must be None, a glob string"),
+        ({"quantize_bias": True, "activation_bits": None}, ValueError, r"`quantize_bias`=True .* `activation_bits`"),
     ],
 )
 def test_bad_arguments_raise_in_init(kwargs, error, match):

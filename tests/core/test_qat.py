@@ -156,6 +156,14 @@ def test_multihead_attention_projection_is_left_alone_by_default():
         ({"activation_bits": 9}, ValueError, "`activation_bits`=9 is outside"),
         ({"weight_bits": 8.0}, TypeError, "`weight_bits` must be an int"),
         ({"scale": "log"}, ValueError, "`scale`='log' is not one of"),
+        ({"quantize_bias": 1}, TypeError, "`quantize_bias` must be a bool"),
+        ({"quantize_bias": True, "activation_bits": None}, ValueError, r"`quantize_bias`=True .* `activation_bits`"),
+        (
+            {"quantize_bias": True, "activation_granularity": "per_token"},
+            ValueError,
+            "it needs quantized per-tensor activations",
+        ),
+        ({"quantize_bias": True, "group_size": 8}, ValueError, r"per-channel weight scales, .* `group_size`=8"),
     ],
 )
 def test_config_validates_itself(kwargs, error, match):
@@ -317,3 +325,38 @@ def test_calibrate_observes_in_eval_mode_and_leaves_batchnorm_statistics_alone()
     assert float(net[4].input_fake_quant.max_val) > 0  # the quantizers did observe
     with torch.no_grad():
         assert torch.equal(net(x), before)
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
+def test_a_quantized_bias_sits_on_its_accumulators_grid_with_a_straight_through_gradient(scale):
+    model = net()
+    convert_to_qat(model, QuantConfig(8, 8, scale, quantize_bias=True))
+    x = torch.randn(8, 1, 8, 8)
+    layers = [m for _, m in qat_modules(model)]
+    assert all(layer.quantize_bias for layer in layers)
+    enable(model, quant=False)
+    model.train()
+    model(x)  # observe
+    assert all(layer.bias_grid() is None and layer.quantized_bias() is layer.bias for layer in layers)
+    enable(model, observe=False)
+    head = model[3]
+    grid = head.bias_grid()
+    weight_scale = head.weight_fake_quant.effective_scale().detach().reshape(-1)
+    expected_grid = (weight_scale * head.input_fake_quant.effective_scale().detach().reshape(-1)).expand(5)
+    assert torch.equal(grid, expected_grid)  # s_w * s_x, per output channel
+    used = head.quantized_bias()
+    assert torch.equal(used, torch.round(head.bias.detach() * (1.0 / grid)) * grid)
+    assert not torch.equal(used, head.bias.detach())  # it moved onto the grid
+    head.bias.grad = None
+    model(x).sum().backward()
+    assert torch.equal(head.bias.grad, torch.full((5,), 8.0))  # straight through: d(sum)/d(bias) = batch size
+    if scale == "power_of_two":  # fixed point: the grid is a power of two too
+        assert torch.equal(torch.log2(grid), torch.round(torch.log2(grid)))
+
+
+def test_quantize_bias_off_keeps_the_config_dict_and_state_keys_of_before():
+    assert "quantize_bias" not in QuantConfig().to_dict()
+    assert QuantConfig(quantize_bias=True).to_dict()["quantize_bias"] is True
+    model = net()
+    convert_to_qat(model, QuantConfig())
+    assert not any(m.quantize_bias for _, m in qat_modules(model))

@@ -20,6 +20,8 @@ def outputs(model, x):
         QuantConfig(4, 8, "learned"),
         QuantConfig(2, None, "minmax"),
         QuantConfig(3, 5, "minmax"),
+        QuantConfig(8, 8, "minmax", quantize_bias=True),
+        QuantConfig(8, 8, "power_of_two", quantize_bias=True),
         None,
     ],
 )
@@ -37,6 +39,26 @@ def test_round_trip_reproduces_the_outputs(tmp_path, config, sparsity):
     if sparsity and config is not None:
         assert report.sparsity >= sparsity - 0.01  # codes that round to 0 add zeros
         assert {layer.bits for layer in report.layers} == {config.weight_bits}
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
+def test_biases_on_their_grid_are_stored_as_int32_codes_and_reload_bit_for_bit(tmp_path, scale):
+    from tests.export import forge
+
+    model = compressed_net(0.9, QuantConfig(8, 8, scale, quantize_bias=True))
+    save_compressed(model, tmp_path / "b.lcz")
+    manifest, _ = forge.read(tmp_path / "b.lcz")
+    kinds = {r["name"]: r["kind"] for r in manifest["tensors"]}
+    assert manifest["version"] == 5 and all(kinds[f"{n}.bias"] == "bias" for n in ("conv", "fc1", "fc2"))
+    assert all(manifest["qat_layers"][n]["quantize_bias"] is True for n in ("conv", "fc1", "fc2"))
+    fresh = Net()
+    load_compressed(fresh, tmp_path / "b.lcz")
+    x = inputs()
+    assert torch.equal(outputs(fresh, x), outputs(model, x))  # bit for bit
+    assert torch.equal(fresh.fc1.bias, model.fc1.quantized_bias())  # the file holds the bias the layer adds
+    plain = compressed_net(0.9, QuantConfig(8, 8, scale))  # the same model, biases in float
+    save_compressed(plain, tmp_path / "f.lcz")
+    assert (tmp_path / "b.lcz").stat().st_size < (tmp_path / "f.lcz").stat().st_size
 
 
 def test_file_is_really_smaller_and_the_report_says_so(tmp_path):
@@ -227,3 +249,31 @@ def test_a_quantized_layer_whose_forward_never_runs_is_stored_in_float(tmp_path)
     assert torch.equal(fresh.direct.weight, model.direct.weight)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), expected)
+
+
+class Holder(nn.Module):
+    """What a LightningModule holding a network looks like."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_a_model_compacted_inside_another_is_saved_as_compacted(tmp_path):
+    """compact(holder.net) marked only holder.net: save_compressed(holder) wrote an uncompacted file, which a fresh
+    holder then refused as "another architecture" (found by a new-user trial)."""
+    from lightning_compress import compact, prune_
+
+    x = torch.randn(8, 16)
+    holder = Holder().eval()
+    prune_(holder.net, 0.5, granularity="channel", example_inputs=x)
+    compact(holder.net, x)
+    assert holder.net[0].out_features == 16
+    save_compressed(holder, tmp_path / "h.lcz")
+    fresh = Holder()
+    load_compressed(fresh, tmp_path / "h.lcz")
+    assert fresh.net[0].out_features == 16 and torch.equal(outputs(fresh, x), outputs(holder, x))

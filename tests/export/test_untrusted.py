@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_compress import CompressedFileError, load_compressed, save_compressed
+from lightning_compress import CompressedFileError, QuantConfig, load_compressed, save_compressed
 from lightning_compress.core.qat import qat_modules
 from tests.export import forge
 from tests.export.helpers import Net, compressed_net, inputs
@@ -231,7 +231,7 @@ def test_format_4_stores_floating_point_data_by_byte_planes_and_is_smaller_than_
     model = compressed_net(0.9)
     save_compressed(model, tmp_path / "m.lcz")
     manifest, body = forge.read(tmp_path / "m.lcz")
-    assert manifest["version"] == 4
+    assert manifest["version"] >= 4
     first = manifest["tensors"][[r["kind"] for r in manifest["tensors"]].index("raw")]
     tensor = model.state_dict()[first["name"]]
     data = body[sum(manifest["sections"][:2]) :]  # the data section starts with the first raw record
@@ -243,3 +243,43 @@ def test_format_4_stores_floating_point_data_by_byte_planes_and_is_smaller_than_
     raw = [r["name"] for r in manifest["tensors"] if r["kind"] in ("raw", "sparse")]
     assert raw and all(torch.equal(model.state_dict()[k], fresh.state_dict()[k]) for k in raw)  # bit for bit
     torch.testing.assert_close(fresh.eval()(inputs()), model(inputs()), atol=1e-6, rtol=0)
+
+
+def test_format_4_files_still_load():
+    """Written by the code at commit b9fcc9b (format 4): ``save_compressed(compressed_net(0.9))``."""
+    fresh = Net()
+    load_compressed(fresh, Path(__file__).parent / "data" / "format_v4.lcz")
+    expected = compressed_net(0.9)
+    assert torch.equal(fresh.eval()(inputs()), expected(inputs()))
+
+
+@pytest.fixture(scope="module")
+def genuine_bias(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lcz") / "b.lcz"
+    save_compressed(compressed_net(config=QuantConfig(8, 8, quantize_bias=True)), path)
+    return forge.read(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["qat_layers"]["fc1"].pop("quantize_bias"), "does not quantize 'fc1''s bias"),
+        (lambda m: record(m, "fc1.bias").update(layer="fc2"), "a bias record of layer 'fc2'"),
+        (lambda m: record(m, "fc1.bias").update(layer=5), "bad layer"),
+        (lambda m: record(m, "fc1.bias").update(dtype="float64"), r"dtype differs: \['fc1.bias'\]"),
+        (lambda m: m["tensors"].remove(record(m, "fc1.input_fake_quant.scale")), "not stored whole|missing"),
+        (lambda m: record(m, "fc1.input_fake_quant.scale").update(shape=[2]), r"shape differs|grid from scales"),
+        (lambda m: m["qat_layers"]["fc1"].update(activation_bits=None), "bad quantization settings for 'fc1'"),
+    ],
+)
+def test_a_forged_bias_record_is_refused(tmp_path, genuine_bias, edit, match):
+    manifest, body = copy.deepcopy(genuine_bias[0]), genuine_bias[1]
+    edit(manifest)
+    refused(forged(tmp_path, manifest, body), match)
+
+
+def test_a_bias_record_in_a_format_4_file_is_refused(tmp_path, genuine_bias):
+    manifest, body = genuine_bias
+    raw = forge.raw_of(manifest, body)
+    forge.write(tmp_path / "v4.lcz", forge.compress(raw), len(raw), version=4)
+    refused(tmp_path / "v4.lcz", "a bias record in a format 4 file")
