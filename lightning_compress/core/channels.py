@@ -22,6 +22,7 @@ fits (the uniform allocation of Torch-Pruning at the same compute).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -111,6 +112,7 @@ class ChannelRule:
         self.collectives: Collectives = collectives or TorchDistributed()
         self.sharded = any(is_sharded(t.param) for t in self.targets)
         self._check(self.importance)
+        self._short_of_budget = False  # warned that the MACs budget cannot be met
 
     # ------------------------------------------------------------------ state of the masks
     def alive(self, masks: dict[str, Tensor]) -> list[Tensor]:
@@ -206,7 +208,9 @@ class ChannelRule:
         scores = self.scores()
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
         if self.cost is not None:
-            return self.masks_for(self._fit_macs(sparsity, alive, scores, floors, self.cost))
+            kept = self._fit_macs(sparsity, alive, scores, floors, self.cost)
+            self._warn_if_short(sparsity, kept, self.cost)
+            return self.masks_for(kept)
         new_alive: list[Tensor] = []
         if self.scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
@@ -280,6 +284,21 @@ class ChannelRule:
             middle = (low + high) // 2
             low, high = (low, middle) if cost.remaining(after(middle)) <= budget else (middle + 1, high)
         return after(low)
+
+    def _warn_if_short(self, sparsity: float, kept: list[Tensor], cost: ChannelCost) -> None:
+        """Say once when the channels this rule may prune cannot bring the model down to the budget."""
+        left = cost.remaining(kept) / cost.dense
+        if self._short_of_budget or left <= (1.0 - sparsity) + 1e-9:
+            return
+        self._short_of_budget = True
+        groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
+        warnings.warn(
+            f"measure='macs': the target leaves {1.0 - sparsity:.1%} of the dense MACs, but the channel groups that "
+            f"can be pruned are at their floors ({groups} channels kept; `min_density`) with {left:.1%} left: the "
+            "rest is in layers left whole (see the channel groups' log). Pruning goes no further than the floors.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def masks_for(self, alive: Sequence[Tensor]) -> dict[str, Tensor]:
         """Bool parameter masks that keep exactly the ``alive`` channels of every group (this process's shards of

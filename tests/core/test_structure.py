@@ -528,3 +528,29 @@ def test_channels_concatenated_after_a_model_input_are_left_whole_not_misplaced(
     before = model(x)
     compact(model, x)
     assert model.c2.out_channels == 4 and torch.allclose(model(x), before, atol=1e-5)
+
+
+class GroupedThenHead(nn.Module):
+    """Most MACs in a grouped convolution (left whole by channel pruning), a small prunable head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.avg_pool2d(F.gelu(self.grouped(F.gelu(self.stem(x)))), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def test_a_macs_budget_the_prunable_layers_cannot_reach_is_reported():
+    """The budget asked for half the MACs; the only prunable group went to its floor and 84% were left, silently
+    (found by a new-user trial)."""
+    torch.manual_seed(0)
+    model, x = GroupedThenHead(), torch.randn(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"leaves 50\.0% of the dense MACs, .*fc1 2/32 channels kept.* 84\.0% left"):
+        prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
+    report = compact(model, x)
+    assert model.fc1.out_features == 2 and report.macs_after / report.macs_before == pytest.approx(0.84, abs=0.005)
