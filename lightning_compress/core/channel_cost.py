@@ -47,9 +47,9 @@ class ChannelCost:
     def __init__(self, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup]) -> None:
         macs: dict[nn.Module, int] = {}
 
-        def hook(module: nn.Module, _args: Any, output: Any) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, Tensor):
-                macs[module] = macs.get(module, 0) + layer_macs(module, output)
+                macs[module] = macs.get(module, 0) + layer_macs(module, output, args)
 
         handles = [m.register_forward_hook(hook) for m in model.modules() if not isinstance(m, _NORM)]
         try:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import AttentionBlock, set_head_counts
+from .layers import weight_axes
 from .macs import count_macs
 from .model_config import describe_in_config
 from .quant_blocks import cut_quant_groups, keep_whole_blocks, quant_group_size
@@ -263,10 +264,11 @@ def resize_module(
     group_size = quant_group_size(module) if in_keep is not None and not shapes_only else None
     if group_size is not None and in_keep is not None:
         cut_quant_groups(quantizer, in_keep, group_size)
+    out_axis, in_axis = weight_axes(module)  # (1, 0) for Conv1D and transposed convs
     if out_keep is not None:
         for attr in ("weight", "bias"):
             if getattr(module, attr, None) is not None:
-                _set(module, attr, _cut(getattr(module, attr), 1 if conv1d and attr == "weight" else 0, out_keep))
+                _set(module, attr, _cut(getattr(module, attr), out_axis if attr == "weight" else 0, out_keep))
         if quantizer is not None and getattr(quantizer, "per_channel", False):
             _set(quantizer, "scale", _cut(quantizer.scale, 0, out_keep))
             for attr in ("min_val", "max_val"):
@@ -290,7 +292,7 @@ def resize_module(
             _set(module, "weight", _cut(module.weight, 1, in_keep))
             module.in_features = in_keep.numel()
         elif not is_depthwise(module):
-            _set(module, "weight", _cut(module.weight, 1, in_keep))
+            _set(module, "weight", _cut(module.weight, in_axis, in_keep))
             module.in_channels = in_keep.numel()
 
 

@@ -30,6 +30,11 @@ def linear_like_types() -> tuple[type[nn.Module], ...]:
 
 
 def weight_axes(module: nn.Module) -> tuple[int, int]:
-    """``(output axis, input axis)`` of ``module.weight``: ``(1, 0)`` for ``transformers`` Conv1D, else ``(0, 1)``."""
+    """``(output axis, input axis)`` of ``module.weight``: ``(1, 0)`` for ``transformers`` Conv1D and transposed
+    convolutions (weights stored as ``(in, out, ...)``), else ``(0, 1)``."""
     conv1d = transformers_conv1d()
-    return (1, 0) if conv1d is not None and isinstance(module, conv1d) else (0, 1)
+    if conv1d is not None and isinstance(module, conv1d):
+        return (1, 0)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (1, 0)
+    return (0, 1)

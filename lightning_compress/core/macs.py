@@ -20,8 +20,13 @@ from .tracing import call_model, eval_mode
 __all__ = ["count_macs", "layer_macs"]
 
 
-def layer_macs(module: nn.Module, output: Tensor) -> int:
-    """MACs ``module`` spent producing ``output`` (0 for a module that is not a linear-like layer)."""
+def layer_macs(module: nn.Module, output: Tensor, inputs: Any = ()) -> int:
+    """MACs ``module`` spent producing ``output`` from ``inputs`` (its positional arguments; 0 for a module that
+    is not a linear-like layer). A transposed convolution spreads every input element over a kernel of every
+    output channel (of its group): counted from its input."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) and inputs and isinstance(inputs[0], Tensor):
+        kernel = math.prod(module.kernel_size)
+        return inputs[0].numel() * (module.out_channels // module.groups) * kernel
     if isinstance(module, nn.modules.conv._ConvNd):
         kernel = math.prod(module.kernel_size)
         return output.numel() * (module.in_channels // module.groups) * kernel
@@ -35,10 +40,10 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of one eval-mode forward of ``model`` on ``example_inputs`` (a tensor, tuple or dict)."""
     total = 0
 
-    def hook(module: nn.Module, _args: Any, output: Any) -> None:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
         nonlocal total
         if isinstance(output, Tensor):
-            total += layer_macs(module, output)
+            total += layer_macs(module, output, args)
 
     layers = [m for m in model.modules() if isinstance(m, linear_like_types())]
     handles = [m.register_forward_hook(hook) for m in layers]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .heads import AttentionBlock, find_attention
-from .layers import transformers_conv1d
+from .layers import transformers_conv1d, weight_axes
 from .tracing import call_model, eval_mode, output_tensors, plain_float, without_cache
 
 __all__ = [
@@ -78,7 +78,7 @@ class ChannelGroup:
 
 
 def is_depthwise(module: nn.Module) -> bool:
-    if not isinstance(module, _CONV):
+    if not isinstance(module, _CONV) or isinstance(module, nn.modules.conv._ConvTransposeNd):
         return False
     return module.groups > 1 and module.groups == module.in_channels == module.out_channels
 
@@ -90,7 +90,10 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def supported(module: nn.Module) -> bool:
-    """Modules whose channels can be removed exactly: Linear, Conv1D, dense or depthwise Conv, BatchNorm."""
+    """Modules whose channels can be removed exactly: Linear, Conv1D, dense or depthwise Conv, dense transposed
+    Conv, BatchNorm."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return module.groups == 1
     if isinstance(module, _CONV):
         return module.groups == 1 or is_depthwise(module)
     return isinstance(module, (nn.Linear, _NORM)) or is_conv1d(module)
@@ -100,16 +103,13 @@ def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     """``(attribute, dim)`` of the parameters that a slice of ``kind`` cuts in ``module``."""
     if isinstance(module, _NORM):
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
-    if is_conv1d(module):
-        if kind == "out":
-            present = [a for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
-            return [(a, 1 if a == "weight" else 0) for a in present]
-        return [("weight", 0)]
+    out_axis, in_axis = weight_axes(module)  # (1, 0) for Conv1D and transposed convs: weights are (in, out, ...)
     if kind == "out":
-        return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
+        present = [a for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
+        return [(a, out_axis if a == "weight" else 0) for a in present]
     if is_depthwise(module):
         return []  # a depthwise conv's input channel is its output channel
-    return [("weight", 1)]
+    return [("weight", in_axis)]
 
 
 def per_position(values: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -278,8 +278,8 @@ def _convert(
                 return None, "a free nn.Parameter depends on its channels"
             if _unplaced_concat(module):
                 return None, (
-                    "its channels are concatenated with a tensor no layer produces (e.g. a model input), at offsets "
-                    "the dependency graph does not know"
+                    "its channels go through a concatenation whose offsets the dependency graph does not know (a "
+                    "model input, or a flattened or reshaped tensor, among its inputs)"
                 )
             if out_like and not node.outputs:
                 return None, "its channels reach the model's output"
