@@ -11,6 +11,7 @@ for its own ``quantize_static`` output. Needs the ``onnx`` extra.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,7 +216,9 @@ def export_onnx(
         traced_model, traced_args = _Structured(model, args), tuple(t for _, t in leaves)
         unique = len({n for n, _ in leaves}) == len(leaves)
         names = list(input_names or ([n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]))
-    with mode as swapped, without_cache(model), torch.no_grad(), _composite_attention():
+    with mode as swapped, without_cache(model), torch.no_grad(), _composite_attention(), warnings.catch_warnings():
+        # the activation scales are read as Python numbers on purpose: they are the graph's constants
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
         outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])

@@ -247,3 +247,14 @@ def test_a_forward_that_takes_one_dict_exports_with_its_keys_as_input_names(tmp_
     got = run(tmp_path / "d.onnx", {k: v.numpy() for k, v in other.items()})
     with torch.no_grad():
         assert np.abs(got - model(other).numpy()).max() < 1e-5
+
+
+def test_the_scales_read_as_constants_raise_no_tracer_warnings(tmp_path):
+    """Every export printed torch's "Converting a tensor to a Python float might cause the trace to be incorrect"
+    for the activation scales, which are meant to be constants (reported by new-user trials)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(compressed_net(0.8), tmp_path / "m.onnx", inputs(2))
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
