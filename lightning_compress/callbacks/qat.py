@@ -19,6 +19,7 @@ from ..core.qat import (
     convert_to_qat,
     enable_fake_quant,
     qat_modules,
+    quantizable_layers,
     quantizers,
     search_power_of_two_shifts,
 )
@@ -186,6 +187,7 @@ class QuantizationAwareTraining(Callback):
             if self.shift_search:
                 self._check_validation_at_start(trainer, pl_module)
             check_export_ready(self.export_path, pl_module)
+            self._check_no_overlap(trainer, pl_module)
             self._convert(pl_module)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
         elif qat_modules(pl_module):
@@ -200,6 +202,23 @@ class QuantizationAwareTraining(Callback):
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
+
+    def _check_no_overlap(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        """A layer keeps the settings of the first callback that converts it: a second callback on the same layers
+        would silently change nothing, so it is refused before the first one converts anything (as two pruning
+        callbacks are)."""
+        mine = set(quantizable_layers(pl_module, self.include, self.exclude))
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, QuantizationAwareTraining):
+                continue
+            theirs = set(other._layers) or set(quantizable_layers(pl_module, other.include, other.exclude))
+            shared = sorted(mine & theirs)
+            if shared:
+                raise ValueError(
+                    f"Two QuantizationAwareTraining callbacks select the same layers {shared[:5]}"
+                    f"{' ...' if len(shared) > 5 else ''}: a layer keeps the first one's settings, so give them "
+                    "disjoint `include`/`exclude` patterns."
+                )
 
     def _convert(self, pl_module: nn.Module) -> None:
         self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)

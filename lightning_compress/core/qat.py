@@ -42,6 +42,7 @@ __all__ = [
     "export_mode",
     "qat_modules",
     "quantizable",
+    "quantizable_layers",
     "quantizers",
     "search_power_of_two_shifts",
 ]
@@ -394,6 +395,16 @@ def _subclass_note(module: nn.Module) -> str:
         f"{type(module).__name__} subclasses {base.__name__} with a forward of its own, which a fake-quantized "
         "layer cannot take over"
     )
+
+
+def quantizable_layers(
+    model: nn.Module, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
+) -> list[str]:
+    """Names of the layers :func:`convert_to_qat` would fake-quantize, without changing anything (or warning: the
+    conversion says what it leaves out). Raises as the conversion would for a selection it refuses."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [t.name for t in _quantizable_targets(model, include, exclude)]
 
 
 def convert_to_qat(

@@ -341,6 +341,23 @@ def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, k
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_two_callbacks_on_the_same_layers_are_refused_and_disjoint_ones_each_keep_their_settings(tiny):
+    """The second callback on a layer changed nothing (the layer keeps the first one's settings) with only a
+    warning, where two pruning callbacks are refused (found by a new-user trial)."""
+    first, second = QuantizationAwareTraining(8, 8), QuantizationAwareTraining(4, 8, include=["net.4"])
+    with pytest.raises(ValueError, match=r"Two QuantizationAwareTraining callbacks select the same layers \['net.4'\]"):
+        trainer(max_epochs=2, callbacks=[first, second, FailOnFirstStep()]).fit(tiny)
+    assert not qat_modules(tiny)  # refused before the first callback converted anything
+    model = TinyModule()
+    first, second = (
+        QuantizationAwareTraining(8, 8, exclude=["net.4"]),
+        QuantizationAwareTraining(4, 8, include=["net.4"]),
+    )
+    trainer(max_epochs=1, callbacks=[first, second]).fit(model)
+    bits = {name: m.weight_fake_quant.bits for name, m in qat_modules(model)}
+    assert bits == {"net.0": 8, "net.2": 8, "net.4": 4}
+
+
 def test_export_at_fit_end_without_changing_the_model(tmp_path):
     from lightning_compress import load_compressed
 
