@@ -50,6 +50,12 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
     ):
         raise ValueError(f"{directory}'s config has a bad `{CONFIG_KEY}` entry: {record!r}.")
     heads = record.get("heads", {})
+    saved_as = getattr(config, "architectures", None) or []
+    if saved_as and model_class.__name__ not in saved_as:
+        raise ValueError(
+            f"{directory} was saved from {saved_as[0]} (its config's `architectures`), and its compacted sizes are "
+            f"recorded by that class's module names: pass `model_class`={saved_as[0]}, not {model_class.__name__}."
+        )
 
     class Compacted(model_class):
         """The original architecture cut to the saved sizes as it is built, so transformers' loader fills it."""

@@ -348,6 +348,11 @@ def test_from_pretrained_errors(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="weights do not fit the sizes its config records"):  # was a RuntimeError
         from_pretrained(cls, tmp_path)
+    model.config.lightning_compress = entry
+    model.save_pretrained(tmp_path)
+    # the base class instead of the one saved: "names ..., which is not an attention module of BertModel" before
+    with pytest.raises(ValueError, match=r"saved from BertForSequenceClassification .* not BertModel"):
+        from_pretrained(transformers.BertModel, tmp_path)
 
 
 def _qk_norm_model(kind: str):
