@@ -305,6 +305,12 @@ class IterativePruning(Callback):
                 "(requires_grad=False) as training starts: `exclude` them, unfreeze them before `fit`, or use "
                 "importance='magnitude'."
             )
+        if frozen:
+            rank_zero_warn(
+                f"IterativePruning prunes {frozen[:5]}{' ...' if len(frozen) > 5 else ''}, which are frozen "
+                "(requires_grad=False) as training starts: their remaining weights cannot adapt to what is removed. "
+                "`exclude` them to keep them whole, or unfreeze them."
+            )
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor)
         self._in_steps = plan.in_steps
         core.apply()

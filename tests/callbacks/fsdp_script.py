@@ -3,7 +3,8 @@
 ``python fsdp_script.py OUT_DIR STRATEGY JOB[,JOB...]`` with STRATEGY ``ddp`` or ``fsdp2`` (``ModelParallelStrategy``,
 ``fully_shard`` on every Linear in ``configure_model``, learned scales left whole). A job is:
 
-* a QAT recipe: ``minmax``, ``power_of_two``, ``learned``, ``8da4w``, ``shift`` (power of two with shift search),
+* a QAT recipe: ``minmax``, ``power_of_two``, ``learned``, ``8da4w``, ``bias`` (power of two, int32 biases),
+  ``shift`` (power of two with shift search),
   ``shift-root`` (the same with one ``fully_shard`` unit for all layers), ``learned-sharded`` (learned scales
   left to ``fully_shard``, which is refused), ``learned-sharded-act`` (the same with a 0-dim activation scale);
 * a pruning recipe: ``prune-magnitude``, ``prune-taylor``, ``prune-random``, ``prune-layer``, ``prune-guard``,
@@ -105,6 +106,10 @@ def qat(recipe: str, export_path: str | None = None) -> pl.Callback:
     if recipe == "8da4w":  # int4 weights in groups of 8, int8 dynamic per-token activations
         return QuantizationAwareTraining(
             4, 8, group_size=8, activation_granularity="per_token", start_epoch=1, export_path=export_path
+        )
+    if recipe == "bias":  # fixed point with the biases on the accumulator's grid (int32 codes in the file)
+        return QuantizationAwareTraining(
+            4, 8, scale="power_of_two", quantize_bias=True, start_epoch=1, export_path=export_path
         )
     if recipe.startswith("shift"):  # power-of-two scales whose shifts are searched on validation batches
         return QuantizationAwareTraining(4, 8, scale="power_of_two", shift_search=True, start_epoch=1)

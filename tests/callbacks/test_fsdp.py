@@ -14,7 +14,7 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-RECIPES = ["minmax", "power_of_two", "learned", "8da4w", "shift", "shift-root"]
+RECIPES = ["minmax", "power_of_two", "learned", "8da4w", "bias", "shift", "shift-root"]
 
 
 def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
@@ -96,10 +96,10 @@ def test_export_path_under_fsdp2_writes_the_file_ddp_writes(tmp_path):
     from lightning_compress import load_compressed
     from tests.conftest import TinyModule
 
-    jobs = ["prune-magnitude+export", "8da4w+export", "both+export"]  # both: pruning and QAT in one fit
+    jobs = ["prune-magnitude+export", "8da4w+export", "bias+export", "both+export"]  # both: pruning and QAT
     _run(tmp_path, "fsdp2", jobs)
     _run(tmp_path, "ddp", jobs)
-    for recipe in ("prune-magnitude", "8da4w", "both"):
+    for recipe in ("prune-magnitude", "8da4w", "bias", "both"):
         assert (tmp_path / f"fsdp2-{recipe}.lcz").read_bytes() == (tmp_path / f"ddp-{recipe}.lcz").read_bytes()
         ranks = [torch.load(tmp_path / f"{s}-{recipe}+export_rank{r}.pt", weights_only=True) for s, r in
                  (("fsdp2", 0), ("fsdp2", 1), ("ddp", 0))]  # fmt: skip

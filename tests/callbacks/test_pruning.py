@@ -184,6 +184,9 @@ def test_taylor_on_a_frozen_layer_is_refused_before_training_naming_the_fix():
     fixed = IterativePruning(0.9, importance="taylor", start_epoch=1, end_epoch=3, exclude=["net.0"])
     trainer(max_epochs=4, callbacks=[fixed]).fit(Frozen())  # the fix the message names
     assert fixed.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+    # magnitude prunes a frozen layer (it may be what the user wants), saying that it cannot adapt
+    with pytest.warns(UserWarning, match=r"prunes \['net.0'\], which are frozen .* cannot adapt"):
+        trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=1, end_epoch=3)]).fit(Frozen())
 
 
 def test_two_pruning_callbacks_on_the_same_weights_are_refused_before_training(tiny):
