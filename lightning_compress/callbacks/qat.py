@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
+    convert_to_float,
     convert_to_qat,
     enable_fake_quant,
     qat_modules,
@@ -148,6 +150,8 @@ class QuantizationAwareTraining(Callback):
         self._learned_params: list[nn.Parameter] = []
         self._load_hook: Any = None
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
+        self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
+        self._trained = False
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
@@ -188,7 +192,10 @@ class QuantizationAwareTraining(Callback):
                 self._check_validation_at_start(trainer, pl_module)
             check_export_ready(self.export_path, pl_module)
             self._check_no_overlap(trainer, pl_module)
+            before = {name for name, _ in qat_modules(pl_module)}
             self._convert(pl_module)
+            self._converted = [name for name in self._layers if name not in before]
+            self._trained = False
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -255,6 +262,9 @@ class QuantizationAwareTraining(Callback):
                 exception.add_note(note)
             else:
                 rank_zero_warn(note)
+        if not self._trained and self._converted:  # refused before training (by any callback): model untouched
+            convert_to_float(pl_module, self._converted)
+            self._converted = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_export_template(self._template, pl_module, "QuantizationAwareTraining")
@@ -268,6 +278,20 @@ class QuantizationAwareTraining(Callback):
                 raise ValueError(f"QuantizationAwareTraining(scale='learned') {_LEARNED_UNDER_FSDP2}")
             _check_in_optimizers(self._learned_params, trainer.optimizers)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known)."""
+        batches, max_steps = trainer.num_training_batches, trainer.max_steps
+        if max_steps is None or max_steps < 0 or not math.isfinite(batches) or trainer.current_epoch > self.start_epoch:
+            return
+        per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
+        switch_on = (self.start_epoch + 1) * per_epoch
+        if switch_on > max_steps:
+            raise ValueError(
+                f"`start_epoch`={self.start_epoch}: quantization switches on after {switch_on} "
+                f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={max_steps} ends the fit "
+                "before: quantization would never switch on. Lower `start_epoch` or raise `max_steps`."
+            )
+
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -279,6 +303,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._trained = True
         self._freeze_bn(trainer, pl_module)  # validation puts the model back in train mode
 
     def on_train_batch_end(

@@ -470,12 +470,15 @@ def _keep_unfused(module: nn.Module, args: Any) -> None:
     return None
 
 
-def convert_to_float(model: nn.Module) -> list[str]:
-    """Replace every fake-quant layer by its float layer (same Parameters). Returns their names."""
+def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
+    """Replace every fake-quant layer (or those named in ``layers``) by its float layer (same Parameters).
+    Returns their names."""
+    wanted = None if layers is None else set(layers)
     names = []
     for name, module in qat_modules(model):
-        _replace(model, name, cast(Any, module).to_float())
-        names.append(name)
+        if wanted is None or name in wanted:
+            _replace(model, name, cast(Any, module).to_float())
+            names.append(name)
     return names
 
 

@@ -341,6 +341,27 @@ def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, k
     assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_fit_another_callback_refuses_before_training_leaves_the_model_float(tiny):
+    """QAT converts at setup; a later callback's refusal (its own setup, or its on_train_start) left the model
+    converted, and a retry with other settings kept the first ones (found by a new-user trial)."""
+    classes = {n: type(m) for n, m in tiny.named_modules()}
+    with pytest.raises(ValueError, match="`end_epoch`=50 is after the Trainer's `max_epochs`=5"):
+        trainer(max_epochs=5, callbacks=[QuantizationAwareTraining(), IterativePruning(0.9, end_epoch=50)]).fit(tiny)
+    assert {n: type(m) for n, m in tiny.named_modules()} == classes and not qat_modules(tiny)
+    qat = QuantizationAwareTraining(4, 8, start_epoch=0)
+    trainer(max_epochs=1, callbacks=[qat]).fit(tiny)  # the retry gets its own settings
+    assert {q.bits for n, q in quantizers(tiny) if n.endswith("weight_fake_quant")} == {4}
+
+
+def test_start_epoch_beyond_max_steps_is_refused_before_training(tiny):
+    """Quantization would never switch on; the fit returned a float model without a word (new-user trial)."""
+    with pytest.raises(ValueError, match=r"`start_epoch`=5: quantization switches on after .* `max_steps`=20"):
+        trainer(
+            max_epochs=-1, max_steps=20, callbacks=[QuantizationAwareTraining(start_epoch=5), FailOnFirstStep()]
+        ).fit(tiny)
+    assert not qat_modules(tiny)
+
+
 def test_two_callbacks_on_the_same_layers_are_refused_and_disjoint_ones_each_keep_their_settings(tiny):
     """The second callback on a layer changed nothing (the layer keeps the first one's settings) with only a
     warning, where two pruning callbacks are refused (found by a new-user trial)."""
