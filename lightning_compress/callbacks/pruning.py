@@ -338,8 +338,13 @@ class IterativePruning(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._in_steps and trainer.global_step > self.pruner.steps:
-            self._advance(pl_module, trainer.global_step)
+        if not self._in_steps:
+            return
+        clock = trainer.global_step
+        if not pl_module.automatic_optimization:  # global_step counts every optimizer's steps: count batches
+            clock = trainer.current_epoch * int(trainer.num_training_batches) + batch_idx + 1
+        if clock > self.pruner.steps:
+            self._advance(pl_module, clock)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._in_steps and not self._guarded_epochs:

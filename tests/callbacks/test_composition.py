@@ -85,6 +85,24 @@ def test_manual_optimization_with_two_optimizers():
                         assert (value[~mask] == 0).all()
 
 
+def test_manual_optimization_with_two_optimizers_keeps_the_epoch_window():
+    """global_step counts both optimizers' steps: the window ran twice as fast, pruning an epoch before
+    `start_epoch` and reaching the target two epochs early (found by a new-user trial)."""
+
+    class Track(pl.Callback):
+        def __init__(self) -> None:
+            self.sparsity: list[float] = []
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            self.sparsity.append(sparsity(pl_module))
+
+    pl.seed_everything(0, verbose=False)
+    track = Track()
+    trainer(max_epochs=4, callbacks=[IterativePruning(0.8, start_epoch=2, end_epoch=4), track]).fit(Manual())
+    assert track.sparsity[:2] == [0.0, 0.0] and 0.0 < track.sparsity[2] < 0.8
+    assert track.sparsity[3] == pytest.approx(0.8, abs=1e-3)
+
+
 def test_compiled_network_does_not_recompile_per_step():
     from torch._dynamo.utils import counters
 
