@@ -370,6 +370,12 @@ class IterativePruning(Callback):
             return
         reshard(pl_module)
         rolled = self._core.finish()
+        if self._in_steps and trainer.loggers:
+            # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
+            # them, so the sparsity the fit ends at is written here (every process counts, process 0 writes)
+            values = self._sparsity_values(pl_module)
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
         if rolled is None:
             return
         change = f"sparsity {rolled.before:.4f} -> {rolled.after:.4f}"
