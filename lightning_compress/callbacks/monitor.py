@@ -62,6 +62,11 @@ class CompressionMonitor(Callback):
         self.history = []
         self._said_no_baseline = False
 
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training."""
+        if self.monitor is not None and trainer.num_sanity_val_steps != 0:
+            self._monitored(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return

@@ -137,3 +137,15 @@ def test_bad_arguments(kwargs, error, match):
 def test_unknown_monitor_is_named():
     with pytest.raises(ValueError, match="`monitor`='val_f1' was not logged"):
         trainer(max_epochs=1, callbacks=[CompressionMonitor(monitor="val_f1")]).fit(TinyModule())
+
+
+def test_an_unknown_monitor_is_refused_by_the_sanity_check_before_training():
+    """The sanity check had shown the metric missing, but the refusal came after a training epoch (new-user trial)."""
+
+    class NoTraining(pl.Callback):
+        def on_train_batch_start(self, *args):
+            raise AssertionError("training started")
+
+    callbacks = [CompressionMonitor(monitor="val_f1"), NoTraining()]
+    with pytest.raises(ValueError, match="`monitor`='val_f1' was not logged"):
+        trainer(max_epochs=1, callbacks=callbacks, num_sanity_val_steps=2).fit(TinyModule())
