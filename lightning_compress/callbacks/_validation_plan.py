@@ -19,7 +19,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core.checks import check_int
 
-__all__ = ["EpochWindow", "Timeline", "last_validation_batch", "plan_timeline", "steps_done_after"]
+__all__ = [
+    "EpochWindow",
+    "Timeline",
+    "last_validation_batch",
+    "plan_timeline",
+    "steps_done_after",
+    "validation_batches",
+]
 
 
 def _per_epoch(trainer: pl.Trainer) -> int | None:
@@ -38,6 +45,13 @@ def _batches_for_steps(steps: int, batches: int, accumulate: int) -> int:
 
 def last_validation_batch(trainer: pl.Trainer) -> int | None:
     """Index of the last batch of the fit after which validation runs; ``-1``: none; ``None``: cannot be known."""
+    found = validation_batches(trainer, 1)
+    return None if found is None else (found[0] if found else -1)
+
+
+def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
+    """The last ``count`` batches of the fit after which validation runs, latest first (fewer if the fit validates
+    less often); ``None``: cannot be known."""
     batches = _per_epoch(trainer)
     every = trainer.val_check_batch
     max_epochs = trainer.max_epochs
@@ -50,11 +64,12 @@ def last_validation_batch(trainer: pl.Trainer) -> int | None:
             _batches_for_steps(trainer.max_steps, batches, trainer.accumulate_grad_batches) / batches
         )
     if not trainer.enable_validation:
-        return -1
+        return []
     horizon = max_epochs * batches
     if trainer.max_steps >= 0:
         horizon = min(horizon, _batches_for_steps(trainer.max_steps, batches, trainer.accumulate_grad_batches))
     every_n_epochs = trainer.check_val_every_n_epoch
+    found: list[int] = []
     for epoch in range(max_epochs - 1, -1, -1):
         if every_n_epochs is not None and (epoch + 1) % every_n_epochs:
             continue
@@ -64,13 +79,16 @@ def last_validation_batch(trainer: pl.Trainer) -> int | None:
             continue
         if math.isinf(every):
             if reached == batches:
-                return first + batches - 1
-            continue
-        offset = first if every_n_epochs is None else 0  # the Trainer counts over the fit, or within the epoch
-        last = (offset + reached) // int(every) * int(every) - 1 - offset
-        if last >= 0:
-            return first + last
-    return -1
+                found.append(first + batches - 1)
+        else:
+            offset = first if every_n_epochs is None else 0  # the Trainer counts over the fit, or within the epoch
+            last = (offset + reached) // int(every) * int(every) - 1 - offset
+            while last >= 0 and len(found) < count:  # this epoch's validations, latest first
+                found.append(first + last)
+                last -= int(every)
+        if len(found) >= count:
+            return found[:count]
+    return found
 
 
 def steps_done_after(batch: int, trainer: pl.Trainer) -> int:
@@ -201,12 +219,38 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
 
 
 def _last_judged(trainer: pl.Trainer, in_steps: bool) -> int | None:
-    """The last clock time whose event a validation of this fit still judges (``None``: cannot be known)."""
-    last_batch = last_validation_batch(trainer)
-    if last_batch is None:  # time-based validation or unsized data: judged at the end of fit instead
+    """The last clock time at which an event can still run and be judged by a validation of this fit (``None``:
+    cannot be known).
+
+    An event waits for the judgement of the one before it, so the last one runs after the fit's second-to-last
+    validation (at the first time after it) and the last validation judges it; a later time would never come
+    (with ``check_val_every_n_epoch=2`` the events at odd epochs wait, and the target was never reached).
+    """
+    if not in_steps and _per_epoch(trainer) is None:
+        return _last_judged_epoch_unsized(trainer)
+    found = validation_batches(trainer, 2)
+    if found is None:  # time-based validation: judged at the end of fit instead
         return None
-    if last_batch < 0:
+    if not found:
         return 0
-    if not in_steps:  # the event at the end of epoch e (time e + 1) needs a later validation
-        return last_batch // int(trainer.num_training_batches)
-    return steps_done_after(last_batch, trainer)  # a validation after the batch that made the step, or at it
+    per_epoch = int(trainer.num_training_batches)
+    if not in_steps:  # the event at the start of epoch e (time e) needs a validation during or after epoch e
+        epochs = sorted({batch // per_epoch for batch in validation_batches(trainer, 2 * per_epoch) or found})
+        last = epochs[-1]
+        return last if len(epochs) < 2 else min(last, epochs[-2] + 1)
+    last = steps_done_after(found[0], trainer)  # a validation after the batch that made the step, or at it
+    return last if len(found) < 2 else min(last, steps_done_after(found[1] + 1, trainer))
+
+
+def _last_judged_epoch_unsized(trainer: pl.Trainer) -> int | None:
+    """Data without a length, validated at the end of every ``check_val_every_n_epoch``-th epoch: the epochs are
+    known when ``max_epochs`` ends the fit."""
+    max_epochs, every = trainer.max_epochs, trainer.check_val_every_n_epoch
+    if max_epochs is None or max_epochs < 0 or trainer.max_steps >= 0 or every is None:
+        return None
+    if trainer.val_check_interval != 1.0 or not trainer.enable_validation:
+        return None if trainer.enable_validation else 0
+    epochs = [e for e in range(max_epochs) if (e + 1) % every == 0]
+    if not epochs:
+        return 0
+    return epochs[-1] if len(epochs) < 2 else min(epochs[-1], epochs[-2] + 1)

@@ -86,7 +86,8 @@ class IterativePruning(Callback):
             before the first event is the baseline; the first validation after an event judges it,
             and one more than ``max_drop`` worse rolls it back at once and halves the step; when no
             step fits pruning stops. No event runs after the fit's last validation (with
-            ``end_epoch=None`` the schedule ends at the last event a validation follows), and an
+            ``end_epoch=None`` the schedule ends at the first event after the second-to-last validation, which
+            the last one judges), and an
             event that an early stop leaves unjudged is rolled back at the end of fit, so ``fit``
             never returns a model no validation judged. ``None`` disables it.
         max_drop: largest tolerated drop of ``monitor`` from the baseline.

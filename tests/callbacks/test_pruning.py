@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 
 from lightning_compress import IterativePruning, sparsity
-from tests.conftest import SparsityChanges, TinyModule, trainer, weights_of
+from tests.conftest import SparsityChanges, TinyModule, make_blobs, trainer, weights_of
 
 
 def layer_sparsity(model):
@@ -627,3 +627,31 @@ def test_checkpoints_of_the_callback_before_iterative_pruner_resume_to_the_same_
     for key, mask in expected["masks"].items():
         assert torch.equal(pruning.masks[key], mask), key
     assert pruning.pruner.state_dict()["version"] == 2
+
+
+class Unsized(TinyModule):
+    """Training batches from an iterable without a length."""
+
+    def train_dataloader(self):
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                data = make_blobs(256)
+                return iter(zip(data.tensors[0], data.tensors[1], strict=True))
+
+        return torch.utils.data.DataLoader(Stream(), batch_size=32)
+
+
+@pytest.mark.parametrize(
+    ("make", "trainer_kwargs"),
+    [(TinyModule, {"check_val_every_n_epoch": 2}), (Unsized, {}), (TinyModule, {"check_val_every_n_epoch": 3})],
+)
+def test_a_guard_that_accepts_every_event_reaches_the_target(make, trainer_kwargs):
+    """An event waits for the judgement of the one before it: with validations every other epoch the last event
+    (planned at an epoch no validation precedes) never ran, and on data without a length the last one was planned
+    after the last epoch; both ended short of the target without a word (found by a new-user trial)."""
+    pl.seed_everything(0, verbose=False)
+    model = make()
+    pruning = IterativePruning(0.85, monitor="val_acc", max_drop=1.0)
+    trainer(max_epochs=8, callbacks=[pruning], **trainer_kwargs).fit(model)
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.85, abs=1e-3)
+    assert {d.action for d in pruning.decisions} <= {"baseline", "accept"}

@@ -3,7 +3,7 @@
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from lightning_compress.callbacks._validation_plan import last_validation_batch, steps_done_after
+from lightning_compress.callbacks._validation_plan import last_validation_batch, steps_done_after, validation_batches
 from tests.conftest import TinyModule, trainer
 
 
@@ -18,6 +18,7 @@ class Recorder(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.predicted = last_validation_batch(trainer)
+        self.last_two = validation_batches(trainer, 2)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.batches += 1
@@ -53,6 +54,7 @@ def test_the_last_validation_is_predicted_exactly(kwargs):
     fit.fit(TinyModule())  # 8 batches per epoch
     assert recorder.validated_after, "the Trainer validated at least once in every case here"
     assert recorder.predicted == recorder.validated_after[-1]
+    assert recorder.last_two == recorder.validated_after[::-1][:2]  # the guard's last event follows the second
     assert steps_done_after(recorder.validated_after[-1], fit) == recorder.steps_at_validation[-1]
 
 
