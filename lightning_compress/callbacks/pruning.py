@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ class IterativePruning(Callback):
             the last one judges), and an
             event that an early stop leaves unjudged is rolled back at the end of fit, so ``fit``
             never returns a model no validation judged. ``None`` disables it.
-        max_drop: largest tolerated drop of ``monitor`` from the baseline.
+        max_drop: largest tolerated drop of ``monitor`` from the baseline (``None``: 0.01). Without ``monitor``
+            it has no effect, and setting it warns.
         mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise.
         rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back
             to their values at the start of this epoch (``<= start_epoch``). ``None``: off.
@@ -141,7 +143,7 @@ class IterativePruning(Callback):
         exclude: Sequence[str] | str | None = None,
         min_density: float | None = None,
         monitor: str | None = None,
-        max_drop: float = 0.01,
+        max_drop: float | None = None,
         mode: str = "max",
         rewind_epoch: int | None = None,
         seed: int = 0,
@@ -154,7 +156,14 @@ class IterativePruning(Callback):
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
         self.monitor = monitor
-        self.max_drop = check_float(max_drop, "max_drop")
+        if max_drop is not None and monitor is None:
+            warnings.warn(
+                f"IterativePruning: `max_drop`={max_drop} has no effect without `monitor` (the accuracy guard is off); "
+                "name the logged metric to guard, e.g. monitor='val_acc'.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.max_drop = check_float(0.01 if max_drop is None else max_drop, "max_drop")
         self.config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure,

@@ -655,3 +655,10 @@ def test_a_guard_that_accepts_every_event_reaches_the_target(make, trainer_kwarg
     trainer(max_epochs=8, callbacks=[pruning], **trainer_kwargs).fit(model)
     assert pruning.pruner.masked_sparsity() == pytest.approx(0.85, abs=1e-3)
     assert {d.action for d in pruning.decisions} <= {"baseline", "accept"}
+
+
+def test_max_drop_without_monitor_says_it_does_nothing():
+    """It was accepted silently with the guard off (found by a new-user trial)."""
+    with pytest.warns(UserWarning, match=r"`max_drop`=0.02 has no effect without `monitor`"):
+        IterativePruning(0.9, max_drop=0.02)
+    assert IterativePruning(0.9, monitor="val_acc").max_drop == 0.01
