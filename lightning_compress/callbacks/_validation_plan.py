@@ -176,10 +176,15 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
     sized = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
     per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))) if sized else None
     if per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
+        source = (
+            f"`end_epoch`={end_epoch}"
+            if window.end_epoch is not None
+            else f"`end_epoch` unset, so the Trainer's `max_epochs`={end_epoch}"
+        )
         raise ValueError(
-            f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps "
-            f"(`end_epoch`={end_epoch} x {per_epoch} steps per epoch) but the Trainer's "
-            f"`max_steps`={trainer.max_steps}."
+            f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps ({source} x "
+            f"{per_epoch} steps per epoch) but the Trainer's `max_steps`={trainer.max_steps} ends the fit first. Set "
+            f"`end_epoch` to at most {max(1, trainer.max_steps // per_epoch)}."
         )
     in_steps = every_n_steps is not None or (
         default_in_steps and window.every_n_epochs is None and per_epoch is not None

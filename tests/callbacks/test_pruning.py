@@ -404,6 +404,11 @@ class FailOnFirstStep(Callback):
         ({}, {"max_epochs": -1, "max_steps": 10}, "`end_epoch` is required"),
         ({"monitor": "val_acc"}, {"limit_val_batches": 0}, "`monitor`='val_acc' needs a validation loop"),
         ({"end_epoch": 3}, {"max_steps": 10}, "ends after 24 optimizer steps .* `max_steps`=10"),
+        (  # end_epoch never set: the message named an `end_epoch` the user did not give (new-user trial)
+            {},
+            {"max_epochs": 4, "max_steps": 10},
+            r"\(`end_epoch` unset, so the Trainer's `max_epochs`=4 x 8 steps per epoch\) .* at most 1\.",
+        ),
     ],
 )
 def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, kwargs, trainer_kwargs, match):
