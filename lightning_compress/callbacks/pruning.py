@@ -177,6 +177,7 @@ class IterativePruning(Callback):
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
         self._in_steps = False
+        self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._optimizer_params: dict[int, set[int]] = {}
 
@@ -323,6 +324,7 @@ class IterativePruning(Callback):
             )
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor)
         self._in_steps = plan.in_steps
+        self._batches_at_start = trainer.num_training_batches
         core.apply()
         core.attach_optimizers(trainer.optimizers)
         core.set_schedule(
@@ -332,6 +334,14 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._in_steps and self._batches_at_start and trainer.num_training_batches != self._batches_at_start:
+            rank_zero_warn(
+                f"IterativePruning: the train loader has {trainer.num_training_batches} batches in epoch "
+                f"{trainer.current_epoch}, not {self._batches_at_start} as when the schedule was placed in optimizer "
+                "steps: its events no longer fall on `start_epoch`..`end_epoch`. Prune per epoch "
+                "(`every_n_epochs=1`) when the loader's length changes."
+            )
+            self._batches_at_start = 0  # said once
         reshard(pl_module)  # after validation: weights written now must reach the next training forward
         self.pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
         if self._guarded_epochs and trainer.current_epoch > 0:

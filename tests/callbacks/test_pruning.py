@@ -667,3 +667,19 @@ def test_max_drop_without_monitor_says_it_does_nothing():
     with pytest.warns(UserWarning, match=r"`max_drop`=0.02 has no effect without `monitor`"):
         IterativePruning(0.9, max_drop=0.02)
     assert IterativePruning(0.9, monitor="val_acc").max_drop == 0.01
+
+
+def test_a_train_loader_whose_length_changes_is_named_when_pruning_in_steps():
+    """The step window is placed with the first epoch's length: with a growing loader it pruned before
+    `start_epoch` and reached the target early, silently (found by a new-user trial)."""
+
+    class Growing(TinyModule):
+        def train_dataloader(self):
+            size = 64 * (self.trainer.current_epoch + 1)
+            return torch.utils.data.DataLoader(make_blobs(size), batch_size=32)
+
+    with pytest.warns(UserWarning, match=r"has 4 batches in epoch 1, not 2 .*`every_n_epochs=1`") as caught:
+        trainer(
+            max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[IterativePruning(0.5, start_epoch=1)]
+        ).fit(Growing())
+    assert sum("batches in epoch" in str(w.message) for w in caught) == 1
