@@ -131,11 +131,12 @@ def _in_features(module: nn.Module) -> int:
     return int(weight.shape[weight_axes(module)[1]])
 
 
-def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool, bool] | None:
+def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool, list[Tensor]] | None:
     """Walk back from ``start``: the layers whose outputs it is computed from, whether an attention product lies
-    on the way, and whether a parameter does (a query/key norm's weight); ``None`` if an unhooked layer does."""
+    on the way, and the parameters that do (a query/key norm's weight); ``None`` if an unhooked layer does."""
     found: set[str] = set()
-    attention = parameter = False
+    attention = False
+    parameters: list[Tensor] = []
     seen: set[Any] = set()
     queue: deque[tuple[Any, int]] = deque([(start, 0)])
     while queue:
@@ -150,11 +151,11 @@ def _sources(start: Any, produced_by: dict[Any, str]) -> tuple[set[str], bool, b
         if any(op in kind for op in _LAYER_OPS) or depth > _MAX_DEPTH:
             return None
         if "AccumulateGrad" in kind:
-            parameter = True
+            parameters.append(node.variable)
             continue
         attention = attention or any(op in kind for op in _ATTENTION_OPS)
         queue.extend((parent, depth + 1) for parent, _ in node.next_functions)
-    return found, attention, parameter
+    return found, attention, parameters
 
 
 def _head_size(module: nn.Module) -> int | None:
@@ -204,12 +205,14 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
             continue
         producers = sorted(walked[0])
         feeding.update(producers)  # left out of channel groups, whether or not the heads can be removed
-        if walked[2]:
+        per_head = _head_size(modules.get(common_parent(producers), model))
+        if any(p.dim() != 1 or p.numel() != per_head for p in walked[2]):
             skipped[name] = (
-                "a layer with parameters (e.g. a query/key norm) lies between its projections and the attention "
-                "product, which head removal does not read"
+                "a layer with parameters other than a per-head norm (e.g. a query/key norm over all heads, a "
+                "position bias per head) lies between its projections and the attention product, which head "
+                "removal does not cut"
             )
-            continue
+            continue  # a norm over one head's features (Qwen3, Gemma3) is the same for every head: no cut needed
         found = _block(model, modules, name, producers)
         if isinstance(found, str):
             skipped[name] = found

@@ -368,30 +368,53 @@ def _qk_norm_model(kind: str):
     return _model(transformers.Gemma3ForCausalLM, config)
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "olmo2", "gemma3"])
-def test_attention_with_query_key_norms_keeps_its_heads_and_is_left_out_of_channel_groups(kind):
-    """A norm with a weight between the projections and the attention product: the block was dropped silently and
-    its projections handed to Torch-Pruning, whose group search through rotary never returned (Qwen3, OLMo2) or
-    gave channels no index (Gemma3: a TypeError). Found by a new-user trial."""
+def _within_a_minute(call):
+    """Run ``call``, failing instead of hanging (Torch-Pruning's group search once never returned)."""
     import signal
 
     def too_slow(*_):
         raise TimeoutError("channel tracing did not return in 60 s")
 
-    model, inputs = _qk_norm_model(kind), {"input_ids": _ids()}
-    blocks, feeding, skipped = find_attention(model, inputs)
-    attention = "model.layers.0.self_attn"
-    assert not blocks and {f"{attention}.{p}_proj" for p in "qkv"} <= feeding
-    assert "query/key norm" in skipped[f"{attention}.o_proj"]
     before = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(60)
     try:
-        prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+        return call()
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_heads_with_a_per_head_query_key_norm_are_pruned_compacted_and_reloaded(kind, tmp_path):
+    """A norm over one head's features (the same weights for every head) lies between the projections and the
+    attention product: the block was dropped silently and its projections handed to Torch-Pruning, whose group
+    search never returned (Qwen3) or gave channels no index (Gemma3: a TypeError). Found by a new-user trial."""
+    model, inputs = _qk_norm_model(kind), {"input_ids": _ids()}
+    blocks, _, skipped = find_attention(model, inputs)
+    attention = model.model.layers[0].self_attn
+    assert [b.module for b in blocks] == ["model.layers.0.self_attn"] and not skipped
+    _within_a_minute(lambda: prune_(model, 0.5, granularity="channel", example_inputs=inputs))
+    expected = _logits(model, inputs)
+    compact(model, inputs)
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (16, 8)  # 2 of 4 heads, 1 of 2 groups
+    assert model.model.layers[0].mlp.up_proj.out_features == 32 and attention.q_norm.weight.shape == (8,)
+    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    again = from_pretrained(type(model), tmp_path)
+    torch.testing.assert_close(_logits(again, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_heads_with_a_query_key_norm_over_all_heads_are_left_whole_with_the_reason():
+    """OLMo2 normalizes all heads' queries together: removing a head changes the others. The block is reported,
+    its projections stay out of channel groups (Torch-Pruning's search through rotary never returned), and the
+    MLP neurons are still pruned."""
+    model, inputs = _qk_norm_model("olmo2"), {"input_ids": _ids()}
+    blocks, feeding, skipped = find_attention(model, inputs)
+    attention = "model.layers.0.self_attn"
+    assert not blocks and {f"{attention}.{p}_proj" for p in "qkv"} <= feeding
+    assert "other than a per-head norm" in skipped[f"{attention}.o_proj"]
+    _within_a_minute(lambda: prune_(model, 0.5, granularity="channel", example_inputs=inputs))
     assert not bool((model.model.layers[0].self_attn.q_proj.weight == 0).all(1).any())  # heads whole
-    assert int((model.model.layers[0].mlp.up_proj.weight == 0).all(1).sum()) == 32  # half the MLP neurons
     expected = _logits(model, inputs)
     compact(model, inputs)
     assert model.model.layers[0].mlp.up_proj.out_features == 32
