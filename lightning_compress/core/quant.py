@@ -72,8 +72,15 @@ BIAS_RANGE = (-(1 << 31) + 128, (1 << 31) - 128)
 
 def accumulator_scale(weight_scale: Tensor, input_scale: Tensor, channels: int) -> Tensor:
     """The step of a layer's accumulator, ``s_w * s_x`` per output channel (float32, ``(channels,)``): the grid
-    of an int32 bias. ``weight_scale`` per channel or per tensor; ``input_scale`` per tensor."""
-    product = weight_scale.detach().float().reshape(-1) * input_scale.detach().float().reshape(-1)
+    of an int32 bias. ``weight_scale`` per channel or per tensor; ``input_scale`` per tensor.
+
+    A channel whose weights are all zero (pruned) has the smallest weight scale there is, and ``s_w * s_x`` would
+    underflow (its reciprocal is infinite, the bias NaN); its accumulator is zero whatever the grid, so its bias
+    takes the input's step ``s_x`` instead."""
+    weight = weight_scale.detach().float().reshape(-1)
+    source = input_scale.detach().float().reshape(-1)
+    product = weight * source
+    product = torch.where(weight > _EPS, product, source.expand_as(product)).clamp_min(_EPS)
     return product.expand(channels) if product.numel() == 1 else product
 
 

@@ -360,3 +360,27 @@ def test_quantize_bias_off_keeps_the_config_dict_and_state_keys_of_before():
     model = net()
     convert_to_qat(model, QuantConfig())
     assert not any(m.quantize_bias for _, m in qat_modules(model))
+
+
+def test_a_pruned_output_channel_keeps_a_finite_bias_on_the_inputs_step():
+    """A channel whose weights are all zero has the floor weight scale (float32 tiny): s_w * s_x underflowed, its
+    reciprocal was infinite and the model's outputs NaN (minmax + quantize_bias + channel pruning; found by fuzzing
+    the file format)."""
+    model = net()
+    with torch.no_grad():
+        model[3].weight[2] = 0  # a pruned output neuron
+        model[3].bias[2] = 0.3
+    convert_to_qat(model, QuantConfig(8, 8, quantize_bias=True))
+    enable(model, quant=False)
+    model.train()
+    model(torch.randn(8, 1, 8, 8))
+    enable(model, observe=False)
+    model.eval()
+    head = model[3]
+    grid = head.bias_grid()
+    assert torch.isfinite(1.0 / grid).all()
+    assert grid[2] == head.input_fake_quant.effective_scale()  # the input's step for the dead channel
+    out = model(torch.randn(4, 1, 8, 8))
+    assert torch.isfinite(out).all()
+    step = float(head.input_fake_quant.effective_scale())
+    assert float(head.quantized_bias()[2]) == pytest.approx(0.3, abs=step / 2)
