@@ -16,6 +16,7 @@ untouched.
 
 from __future__ import annotations
 
+import glob
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -369,22 +370,59 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
             tensors[record.name] = out.reshape(record.shape)
         else:
             nbytes = (record.count * code_container_bits(record.bits) + 7) // 8
-            pending.append((record, mask, unpack_codes(reader.take("codes", nbytes), record.bits, record.count)))
+            codes = unpack_codes(reader.take("codes", nbytes), record.bits, record.count).to(torch.int8)  # 2..8 bits
+            pending.append((record, mask, codes))
+    for name, tensor in tensors.items():  # every quantizer's scale, before any is used
+        if name.endswith("_fake_quant.scale"):
+            _check_scale(name, tensor)
     for record, mask, codes in pending:
-        scale = scale_per_element(tensors[record.quantizer + "scale"], record.shape, record.axis).reshape(-1)[mask]
         zero_point = tensors.get(record.quantizer + "zero_point", torch.zeros((), dtype=torch.int32)).to(torch.int32)
-        out = torch.zeros(record.numel, dtype=torch.float32)
-        out[mask] = (codes - zero_point).float() * scale  # what `dequantize` computes, at the stored positions
+        scale = tensors[record.quantizer + "scale"]
+        out = _dequantized(record, mask, codes, scale, zero_point)
         tensors[record.name] = out.to(record.torch_dtype).reshape(record.shape)
     for record, codes in biases:
         prefix = f"{record.layer}."
         scales = tensors[prefix + "weight_fake_quant.scale"], tensors[prefix + "input_fake_quant.scale"]
+        if bool((codes < BIAS_RANGE[0]).any() or (codes > BIAS_RANGE[1]).any()):
+            raise CompressedFileError(f"{record.name}: codes outside the int32 bias range.")
         grid = accumulator_scale(*scales, record.numel)
         tensors[record.name] = dequantize(codes, grid, torch.zeros((), dtype=torch.int32), axis=0)
     for record in records:
         if record.kind == "alias":
             tensors[record.name] = tensors[record.of]
     return tensors
+
+
+_CHUNK = 1 << 18  # elements dequantized at a time: a layer's temporaries stay a few MiB whatever its size
+
+
+def _dequantized(record: TensorRecord, mask: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """``dequantize`` of the stored codes at their positions, float32 and flat, a block of rows at a time (the
+    expanded scale, the codes as floats and the products of a whole layer would cost several times its size)."""
+    out = torch.zeros(record.numel, dtype=torch.float32)
+    if not record.numel:
+        return out
+    per_element = scale_per_element(scale, record.shape, record.axis)  # a broadcast view where it can be
+    rows = record.shape[0] if record.shape else 1
+    row = record.numel // rows
+    step = max(1, _CHUNK // max(1, row))
+    used = 0
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        kept = mask[first * row : last * row]
+        count = int(kept.sum())
+        values = codes[used : used + count].to(torch.int32).sub_(zero_point).float()  # (q - zero_point) * scale
+        used += count
+        values.mul_(per_element.reshape(rows, row)[first:last].reshape(-1)[kept])
+        out[first * row : last * row][kept] = values
+    return out
+
+
+def _check_scale(name: str, scale: Tensor) -> None:
+    """Scales a saved model can have: finite and positive in float32 (learned ones are stored as the step in use)."""
+    values = scale.float()
+    if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
+        raise CompressedFileError(f"{name}: scales that are not finite positive numbers.")
 
 
 def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
@@ -403,6 +441,10 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     planned: dict[str, Any] = {}
 
     def body_size(manifest: dict[str, Any], version: int) -> int:
+        if manifest.get("version") != version:  # the byte layout follows the header's version
+            raise CompressedFileError(
+                f"{path} is corrupted: its header says format {version}, its manifest {manifest.get('version')!r}."
+            )
         try:
             planned["records"], planned["sizes"] = plan(model, manifest, version)
             planned["version"] = version
@@ -418,13 +460,16 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         tensors = _decode_all(records, planned["sizes"], body, planned["version"])
     except CompressedFileError as err:
         raise CompressedFileError(f"{path} is corrupted: {err}") from err
-    except (IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise CompressedFileError(f"{path} is corrupted: {err}") from err
+    except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CompressedFileError(f"{path} is corrupted: {err!r}") from err
     del body
     rollback = _Rollback(model)
     try:
         if manifest.get("compacted"):
-            shrink_like(model, {k: tuple(v.shape) for k, v in tensors.items()}, rollback.remember)
+            try:
+                shrink_like(model, {k: tuple(v.shape) for k, v in tensors.items()}, rollback.remember)
+            except ValueError as err:  # e.g. a cut through a quantization group of a model already converted
+                raise CompressedFileError(f"{path} holds sizes the model cannot take: {err}") from err
             try:
                 set_head_record(model, manifest.get("heads", {}), rollback.remember)
             except ValueError as err:
@@ -503,4 +548,5 @@ def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback:
         groups.setdefault(tuple(sorted(cfg.items())), []).append(name)
     for key, names in groups.items():
         config = QuantConfig(**dict(key))
-        convert_to_qat(model, config, include=names)
+        # names are patterns to convert_to_qat: a module named "a*" must not also convert "ab" (never rolled back)
+        convert_to_qat(model, config, include=[glob.escape(name) for name in names])

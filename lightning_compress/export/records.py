@@ -252,6 +252,12 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
             sizes["data"] += record.count * element
         else:
             _check_quantized(record, by_name)
+            layer = record.quantizer.removesuffix(".weight_fake_quant.")
+            if layer in qat_layers and qat_layers[layer].get("weight_bits") != record.bits:
+                raise CompressedFileError(
+                    f"{record.name}: {record.bits}-bit codes for a layer the file quantizes to "
+                    f"{qat_layers[layer].get('weight_bits')!r} bits."
+                )
             sizes["codes"] += (record.count * code_container_bits(record.bits) + 7) // 8
     declared = manifest.get("sections")
     if not isinstance(declared, list) or [int(n) if _is_int(n) else -1 for n in declared] != list(sizes.values()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import struct
 import subprocess
@@ -279,7 +280,81 @@ def test_a_forged_bias_record_is_refused(tmp_path, genuine_bias, edit, match):
 
 
 def test_a_bias_record_in_a_format_4_file_is_refused(tmp_path, genuine_bias):
-    manifest, body = genuine_bias
+    manifest, body = copy.deepcopy(genuine_bias[0]), genuine_bias[1]
+    manifest["version"] = 4
     raw = forge.raw_of(manifest, body)
     forge.write(tmp_path / "v4.lcz", forge.compress(raw), len(raw), version=4)
     refused(tmp_path / "v4.lcz", "a bias record in a format 4 file")
+
+
+def test_a_header_version_that_disagrees_with_the_manifest_is_refused(tmp_path, genuine_bias):
+    """A format-5 file relabelled as format 3 was decoded in another byte order and loaded as a NaN model."""
+    manifest, body = genuine_bias
+    raw = forge.raw_of(manifest, body)
+    forge.write(tmp_path / "v3.lcz", forge.compress(raw), len(raw), version=3)
+    refused(tmp_path / "v3.lcz", "its header says format 3, its manifest 5")
+
+
+def test_scales_that_are_not_finite_positive_numbers_are_refused(tmp_path):
+    model = compressed_net(0.9, QuantConfig(8, 8, quantize_bias=True))
+    with torch.no_grad():
+        model.fc1.input_fake_quant.scale.fill_(float("nan"))
+    save_compressed(model, tmp_path / "nan.lcz")
+    refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.scale: scales that are not finite positive numbers")
+
+
+def test_an_aliased_scale_is_refused_also_by_a_model_that_is_already_quantized(tmp_path):
+    """The alias check ran only for quantizer buffers a fresh model lacks: into a converted model the reader looked
+    the scale up before aliases were filled in, and a bare KeyError escaped (found by fuzzing)."""
+    from lightning_compress import convert_to_qat
+
+    config = QuantConfig(8, 8, scale="power_of_two")  # one weight scale per layer: an alias of another fits
+    save_compressed(compressed_net(0.9, config), tmp_path / "g.lcz")
+    manifest, body = forge.read(tmp_path / "g.lcz")
+    names = [r["name"] for r in manifest["tensors"]]
+    target = names.index("fc2.weight_fake_quant.scale")
+    offset = sum(manifest["sections"][:2])  # the data section, record by record up to the scale
+    for entry in manifest["tensors"][:target]:
+        element = torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
+        count = {"raw": math.prod(entry["shape"]), "sparse": entry.get("count", 0), "bias": 0}.get(entry["kind"], 0)
+        offset += count * (4 if entry["kind"] == "bias" else element)
+    body = body[:offset] + body[offset + 4 :]  # an alias stores no bytes
+    manifest["sections"][2] -= 4
+    manifest["tensors"][target].update(kind="alias", of="conv.weight_fake_quant.scale")
+    path = forged(tmp_path, manifest, body)
+    model = Net()
+    convert_to_qat(model, config)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CompressedFileError, match=r"fc2\.weight_fake_quant\.scale"):
+        load_compressed(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_layer_named_with_glob_characters_round_trips_without_converting_its_sibling(tmp_path):
+    """The file's layer names were passed to the conversion as patterns: "d.a*" also converted "d.ab", which the
+    reader then refused and did not roll back (found by fuzzing)."""
+    from lightning_compress import convert_to_qat
+    from lightning_compress.core.qat import quantizers
+
+    class Globbed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = torch.nn.ModuleDict({"a*": torch.nn.Linear(8, 8), "ab": torch.nn.Linear(8, 4)})
+
+        def forward(self, x):
+            return self.d["ab"](self.d["a*"](x))
+
+    torch.manual_seed(0)
+    model = Globbed()
+    assert convert_to_qat(model, QuantConfig(8, 8), include=["d.a[*]"]) == ["d.a*"]
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    model.train()(torch.randn(16, 8))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    save_compressed(model.eval(), tmp_path / "g.lcz")
+    fresh = Globbed()
+    load_compressed(fresh, tmp_path / "g.lcz")
+    assert [n for n, _ in qat_modules(fresh)] == ["d.a*"] and type(fresh.d["ab"]) is torch.nn.Linear
+    x = torch.randn(4, 8)
+    assert torch.equal(fresh.eval()(x), model(x))
