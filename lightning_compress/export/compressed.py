@@ -124,8 +124,8 @@ def _biases_on_grid(model: nn.Module) -> dict[str, tuple[str, Tensor]]:
     for name, layer in qat_modules(model):
         grid = cast(Any, layer).bias_grid()
         bias = getattr(layer, "bias", None)
-        if grid is not None and isinstance(bias, Tensor) and bias.dtype == torch.float32:
-            out[f"{name}.bias" if name else "bias"] = (name, grid.detach().cpu())
+        if name and grid is not None and isinstance(bias, Tensor) and bias.dtype == torch.float32:
+            out[f"{name}.bias"] = (name, grid.detach().cpu())  # a model that is one layer keeps its bias in float
     return out
 
 

@@ -277,3 +277,22 @@ def test_a_model_compacted_inside_another_is_saved_as_compacted(tmp_path):
     fresh = Holder()
     load_compressed(fresh, tmp_path / "h.lcz")
     assert fresh.net[0].out_features == 16 and torch.equal(outputs(fresh, x), outputs(holder, x))
+
+
+def test_a_model_that_is_one_quantized_layer_with_a_quantized_bias_round_trips(tmp_path):
+    """Its bias record named the layer "" and the reader refused the file it had just written (found by fuzzing)."""
+    from lightning_compress.core.qat import QATLinear, quantizers
+
+    config = QuantConfig(8, 8, quantize_bias=True)
+    torch.manual_seed(0)
+    model = QATLinear.from_float(nn.Linear(8, 4), config)
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    model.train()(torch.randn(16, 8))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    save_compressed(model.eval(), tmp_path / "one.lcz")
+    fresh = QATLinear.from_float(nn.Linear(8, 4), config)
+    load_compressed(fresh, tmp_path / "one.lcz")
+    x = torch.randn(3, 8)
+    assert torch.equal(outputs(fresh, x), outputs(model, x))
