@@ -25,6 +25,7 @@ __all__ = [
     "last_validation_batch",
     "plan_timeline",
     "steps_done_after",
+    "steps_per_epoch",
     "validation_batches",
 ]
 
@@ -34,6 +35,12 @@ def _per_epoch(trainer: pl.Trainer) -> int | None:
     if isinstance(batches, float) and not math.isfinite(batches):
         return None
     return int(batches)
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one epoch of the train loader (``None``: a loader without a length)."""
+    batches = _per_epoch(trainer)
+    return None if batches is None else max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
 
 
 def _batches_for_steps(steps: int, batches: int, accumulate: int) -> int:
@@ -172,9 +179,7 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
     an explicit later one is warned about (its last events are skipped).
     """
     start_epoch, end_epoch, every_n_steps = window.start_epoch, window.end_for(trainer), window.every_n_steps
-    batches = trainer.num_training_batches
-    sized = isinstance(batches, int) or (isinstance(batches, float) and math.isfinite(batches))
-    per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches))) if sized else None
+    per_epoch = steps_per_epoch(trainer)
     if per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
         source = (
             f"`end_epoch`={end_epoch}"

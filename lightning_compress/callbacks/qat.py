@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +30,7 @@ from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
 from ._validation import StrategyCollectives, check_int, check_strategy
+from ._validation_plan import steps_per_epoch
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -280,10 +280,9 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known)."""
-        batches, max_steps = trainer.num_training_batches, trainer.max_steps
-        if max_steps is None or max_steps < 0 or not math.isfinite(batches) or trainer.current_epoch > self.start_epoch:
+        per_epoch, max_steps = steps_per_epoch(trainer), trainer.max_steps
+        if per_epoch is None or max_steps is None or max_steps < 0 or trainer.current_epoch > self.start_epoch:
             return
-        per_epoch = max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
         switch_on = (self.start_epoch + 1) * per_epoch
         if switch_on > max_steps:
             raise ValueError(

@@ -402,9 +402,9 @@ def _dequantized(record: TensorRecord, mask: Tensor, codes: Tensor, scale: Tenso
     out = torch.zeros(record.numel, dtype=torch.float32)
     if not record.numel:
         return out
-    per_element = scale_per_element(scale, record.shape, record.axis)  # a broadcast view where it can be
     rows = record.shape[0] if record.shape else 1
     row = record.numel // rows
+    per_row = scale_per_element(scale, record.shape, record.axis).reshape(rows, row)  # a broadcast view mostly
     step = max(1, _CHUNK // max(1, row))
     used = 0
     for first in range(0, rows, step):
@@ -413,7 +413,7 @@ def _dequantized(record: TensorRecord, mask: Tensor, codes: Tensor, scale: Tenso
         count = int(kept.sum())
         values = codes[used : used + count].to(torch.int32).sub_(zero_point).float()  # (q - zero_point) * scale
         used += count
-        values.mul_(per_element.reshape(rows, row)[first:last].reshape(-1)[kept])
+        values.mul_(per_row[first:last].reshape(-1)[kept])
         out[first * row : last * row][kept] = values
     return out
 

@@ -281,16 +281,13 @@ def test_a_model_compacted_inside_another_is_saved_as_compacted(tmp_path):
 
 def test_a_model_that_is_one_quantized_layer_with_a_quantized_bias_round_trips(tmp_path):
     """Its bias record named the layer "" and the reader refused the file it had just written (found by fuzzing)."""
-    from lightning_compress.core.qat import QATLinear, quantizers
+    from lightning_compress.core.qat import QATLinear, calibrate, enable_fake_quant
 
     config = QuantConfig(8, 8, quantize_bias=True)
     torch.manual_seed(0)
     model = QATLinear.from_float(nn.Linear(8, 4), config)
-    for _, q in quantizers(model):
-        q.observer_enabled = True
-    model.train()(torch.randn(16, 8))
-    for _, q in quantizers(model):
-        q.fake_quant_enabled = True
+    calibrate(model, [torch.randn(16, 8)])
+    enable_fake_quant(model)
     save_compressed(model.eval(), tmp_path / "one.lcz")
     fresh = QATLinear.from_float(nn.Linear(8, 4), config)
     load_compressed(fresh, tmp_path / "one.lcz")

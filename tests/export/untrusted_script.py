@@ -59,6 +59,18 @@ def network() -> nn.Module:
     )
 
 
+def quantized(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """``model`` fake-quantized with ``config``, its ranges observed on one batch, in eval mode."""
+    convert_to_qat(model, config)
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    with torch.no_grad():
+        model.train()(torch.randn(64, 1024))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    return model.eval()
+
+
 def main() -> None:
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp())
@@ -74,24 +86,9 @@ def main() -> None:
     save_compressed(dense, work / "dense.lcz")
     compressed = network()
     prune_(compressed, 0.9)
-    convert_to_qat(compressed, QuantConfig(8, 8))
-    for _, q in quantizers(compressed):
-        q.observer_enabled = True
-    with torch.no_grad():
-        compressed.train()(torch.randn(64, 1024))
-    for _, q in quantizers(compressed):
-        q.fake_quant_enabled = True
-    save_compressed(compressed.eval(), work / "qat.lcz")
+    save_compressed(quantized(compressed, QuantConfig(8, 8)), work / "qat.lcz")
     # dense int8 codes: every weight's code dequantized (it took 6.5x the model when whole layers were expanded)
-    dense_qat = network()
-    convert_to_qat(dense_qat, QuantConfig(8, 8, quantize_bias=True))
-    for _, q in quantizers(dense_qat):
-        q.observer_enabled = True
-    with torch.no_grad():
-        dense_qat.train()(torch.randn(64, 1024))
-    for _, q in quantizers(dense_qat):
-        q.fake_quant_enabled = True
-    save_compressed(dense_qat.eval(), work / "dense_qat.lcz")
+    save_compressed(quantized(network(), QuantConfig(8, 8, quantize_bias=True)), work / "dense_qat.lcz")
     for name in ("dense", "qat", "dense_qat"):
         fresh = network()
         extra = extra_memory(lambda name=name, fresh=fresh: load_compressed(fresh, work / f"{name}.lcz"))
