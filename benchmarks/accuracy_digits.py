@@ -37,7 +37,9 @@ def run(method: str, target: float, seed: int, width: int) -> dict[str, float]:
     module = DigitsClassifier(DigitsCNN(width))
     callbacks: list[pl.Callback] = []
     if method == "ours-magnitude":  # the defaults before the zoo chose a step cadence: one event per epoch
-        callbacks.append(IterativePruning(target, start_epoch=START, end_epoch=END, every_n_epochs=1))
+        callbacks.append(
+            IterativePruning(target, importance="magnitude", start_epoch=START, end_epoch=END, every_n_epochs=1)
+        )
     elif method == "ours-taylor":
         callbacks.append(
             IterativePruning(target, importance="taylor", start_epoch=START, end_epoch=END, every_n_epochs=1)

@@ -114,3 +114,14 @@ class SparsityChanges(pl.Callback):
         now = self.pruning.pruner.masked_sparsity()
         self.changes += now != self.last
         self.last = now
+
+
+class StopAfterEpoch(pl.Callback):
+    """Stops the fit at the end of epoch ``epoch`` (0-indexed), as early stopping would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True

@@ -15,10 +15,12 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.checks import check_output_path
 from ..core.compact import compact
 from ..core.qat import quantizers
 from ..core.sharding import is_sharded
 from ..core.skeleton import materialize_, meta_copy
+from ..core.tracing import call_model, eval_mode
 from ..export.compressed import load_compressed, save_compressed
 from ..export.onnx import export_onnx
 from ..export.report import CompressionReport
@@ -32,16 +34,32 @@ def check_export_path(path: Any) -> Path | None:
         raise TypeError(f"`export_path` must be a path (str or pathlib.Path) or None, got {path!r}.")
     if not Path(path).name or Path(path).is_dir():
         raise ValueError(f"`export_path`={str(path)!r} must name a file (e.g. 'model.lcz' or 'model.onnx').")
-    return Path(path)
+    return check_output_path(path, "export_path", create_parents=True)
 
 
-def check_export_ready(path: Path | None, pl_module: pl.LightningModule) -> None:
-    """``.onnx`` needs example inputs: fail at setup, not after hours of training."""
-    if path is not None and path.suffix == ".onnx" and pl_module.example_input_array is None:
+def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.LightningModule) -> None:
+    """``.onnx`` needs example inputs that the model's ``forward`` takes: fail at setup, not after hours of training.
+
+    The forward runs once, in eval mode and without gradients, unless the strategy may shard the module (its
+    weights are not all there at setup)."""
+    if path is None or path.suffix != ".onnx":
+        return
+    if pl_module.example_input_array is None:
         raise ValueError(
             f"`export_path`={str(path)!r} is an ONNX file, which needs example inputs: set "
             f"`self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
         )
+    if may_shard(trainer) or any(p.is_meta for p in pl_module.parameters()):
+        return
+    try:
+        with torch.no_grad(), eval_mode(pl_module):
+            call_model(pl_module, example_inputs(pl_module))
+    except Exception as err:
+        raise ValueError(
+            f"`export_path`={str(path)!r} exports {type(pl_module).__name__} on its `example_input_array`, but its "
+            f"forward fails on it: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} Set an "
+            "`example_input_array` that `forward` takes (a tensor, a tuple of positional inputs or a dict)."
+        ) from err
 
 
 def example_inputs(pl_module: pl.LightningModule) -> Any:

@@ -30,6 +30,16 @@ def check_strategy(trainer: Any, callback: str) -> None:
         )
 
 
+def fast_dev_run_note(trainer: Any) -> str:
+    """What to add to a refusal that Lightning's ``fast_dev_run`` caused (it sets ``max_epochs=1``)."""
+    if not getattr(trainer, "fast_dev_run", False):
+        return ""
+    return (
+        " (Lightning's `fast_dev_run` runs one short epoch whatever `max_epochs` says: leave the compression "
+        "callbacks out of a fast_dev_run, or give them no epoch arguments.)"
+    )
+
+
 def may_shard(trainer: Any) -> bool:
     """Whether ``configure_model`` may shard the parameters (FSDP2 through ``ModelParallelStrategy``): what needs
     the whole model (tracing channel groups) must then be done at ``setup``."""

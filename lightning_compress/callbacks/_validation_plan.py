@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core.checks import check_int
+from ._validation import fast_dev_run_note
 
 __all__ = [
     "EpochWindow",
@@ -149,11 +150,12 @@ class EpochWindow:
         if end <= self.start_epoch:
             raise ValueError(
                 f"`start_epoch`={self.start_epoch} leaves no pruning event before `max_epochs`={max_epochs}."
+                + fast_dev_run_note(trainer)
             )
         if not unlimited and end > max_epochs:  # type: ignore[operator]
             raise ValueError(
                 f"The schedule cannot finish: `end_epoch`={end} is after the Trainer's "
-                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`."
+                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`." + fast_dev_run_note(trainer)
             )
         return end
 
@@ -212,7 +214,7 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
             raise ValueError(
                 f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (the last one "
                 f"runs before {unit} {judged}, the first event is at {unit} {start + 1}), so no event could be judged. "
-                "Validate more often, train longer, or set `monitor=None`."
+                "Validate more often, train longer, or set `monitor=None`." + fast_dev_run_note(trainer)
             )
         if window.end_epoch is not None:
             rank_zero_warn(

@@ -64,7 +64,8 @@ class CompressionMonitor(Callback):
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training."""
-        if self.monitor is not None and trainer.num_sanity_val_steps != 0:
+        # with several validation loaders Lightning keeps no metric of the sanity check: nothing to check then
+        if self.monitor is not None and trainer.num_sanity_val_steps != 0 and trainer.callback_metrics:
             self._monitored(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,8 +52,10 @@ class IterativePruning(Callback):
     Args:
         target_sparsity: fraction in [0, 1) of the selected weights that are zero when the
             schedule ends (absolute, not compounding).
-        importance: ``"magnitude"`` (``|w|``), ``"taylor"`` (``|w * dL/dw|`` summed over the
-            steps since the last event), ``"random"``, ``"bn_scale"`` (``|gamma|`` of the
+        importance: ``"auto"`` (default: ``"lamp"`` for element-wise pruning of a model where a BatchNorm
+            follows a selected layer, ``"magnitude"`` otherwise), ``"magnitude"`` (``|w|``), ``"lamp"`` (``|w|``
+            made scale-free per layer, Lee et al. 2021; element-wise only), ``"taylor"`` (``|w * dL/dw|`` summed
+            over the steps since the last event), ``"random"``, ``"bn_scale"`` (``|gamma|`` of the
             BatchNorms, channel granularity only), or an object with a
             ``score(name, weight) -> Tensor`` method (see :mod:`lightning_compress.core.importance`).
         scope: ``"global"`` (one threshold over all selected weights) or ``"layer"`` (the same
@@ -132,7 +135,7 @@ class IterativePruning(Callback):
     def __init__(
         self,
         target_sparsity: float,
-        importance: str | Importance = "magnitude",
+        importance: str | Importance = "auto",
         scope: str | None = None,
         schedule: str | Callable[[int], float] = "cubic",
         start_epoch: int = 0,
@@ -226,7 +229,7 @@ class IterativePruning(Callback):
         if stage != "fit":
             return
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
-        check_export_ready(self.export_path, pl_module)
+        check_export_ready(trainer, self.export_path, pl_module)
         if self.monitor is not None and (
             trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
         ):
@@ -295,13 +298,25 @@ class IterativePruning(Callback):
         """A sanity check that ran every validation batch is a validation: the baseline if none is known yet. A
         shorter one (two batches by default) only checks that ``monitor`` is logged: its value is not comparable
         with a whole validation's, and on a resumed fit it must not judge the event the checkpoint holds."""
-        if self.monitor is None or trainer.num_sanity_val_steps == 0:
-            return
+        if self.monitor is None or trainer.num_sanity_val_steps == 0 or not trainer.callback_metrics:
+            return  # with several validation loaders Lightning keeps no metric of the sanity check
         value = self._read_monitor(trainer)
         guard = self.pruner.guard
         whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
-        if whole and guard is not None and guard.baseline is None:
+        if whole and guard is not None and guard.baseline is None and self._finite_baseline(value):
             self.pruner.observe(value)
+
+    def _finite_baseline(self, value: float) -> bool:
+        """Whether ``value`` can be fed to the guard: a NaN or infinite value before the first event is no
+        baseline (it would accept every drop); it is skipped, with a warning, and events wait for a finite one."""
+        guard = self.pruner.guard
+        if math.isfinite(value) or guard is None or guard.started:
+            return True
+        rank_zero_warn(
+            f"IterativePruning: `monitor`={self.monitor!r} is {value} before pruning started; it cannot be the "
+            "accuracy guard's baseline, so pruning waits for a validation that gives a finite value."
+        )
+        return False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
@@ -390,6 +405,7 @@ class IterativePruning(Callback):
             return
         reshard(pl_module)
         rolled = self._core.finish()
+        self._say_if_short_of_target()
         if self._in_steps and trainer.loggers:
             # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
             # them, so the sparsity the fit ends at is written here (every process counts, process 0 writes)
@@ -413,6 +429,28 @@ class IterativePruning(Callback):
                 "from then, so no validation has scored the model `fit` returns."
             )
 
+    def _say_if_short_of_target(self) -> None:
+        """A fit that ends short of the target says so and why (early stopping, ``max_time``, the guard)."""
+        core = self._core
+        if core is None or core.reached_target():
+            return
+        guard = core.guard
+        if guard is not None and guard.stopped:
+            why = f"the accuracy guard stopped pruning: no step kept `{self.monitor}` within `max_drop`={self.max_drop}"
+        elif core.steps < core.schedule.end:
+            why = (
+                f"the fit stopped at step {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
+                "`max_time`, `max_steps` or a shorter epoch)"
+            )
+        elif guard is not None:
+            why = "the accuracy guard's rollbacks halved the steps and no validation was left to judge more of them"
+        else:
+            why = "the last events could not run"
+        rank_zero_warn(
+            f"IterativePruning: fit ended at sparsity {core.masked_sparsity():.4f}, short of `target_sparsity`="
+            f"{self.config.target_sparsity}: {why}."
+        )
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._core is not None:
             self._core.apply()  # after callbacks that write weights at train end (SWA)
@@ -427,7 +465,10 @@ class IterativePruning(Callback):
         if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards
-        decision = self._core.observe(self._read_monitor(trainer))
+        value = self._read_monitor(trainer)
+        if not self._finite_baseline(value):
+            return
+        decision = self._core.observe(value)
         if decision is None:
             return
         rank_zero_info(

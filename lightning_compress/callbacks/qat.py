@@ -29,7 +29,7 @@ from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
-from ._validation import StrategyCollectives, check_int, check_strategy
+from ._validation import StrategyCollectives, check_int, check_strategy, fast_dev_run_note
 from ._validation_plan import steps_per_epoch
 
 __all__ = ["QuantizationAwareTraining"]
@@ -186,11 +186,11 @@ class QuantizationAwareTraining(Callback):
             if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:
                 raise ValueError(
                     f"`start_epoch`={self.start_epoch} must be below the Trainer's `max_epochs`={max_epochs}: "
-                    "quantization would never switch on."
+                    "quantization would never switch on." + fast_dev_run_note(trainer)
                 )
             if self.shift_search:
                 self._check_validation_at_start(trainer, pl_module)
-            check_export_ready(self.export_path, pl_module)
+            check_export_ready(trainer, self.export_path, pl_module)
             self._check_no_overlap(trainer, pl_module)
             before = {name for name, _ in qat_modules(pl_module)}
             self._convert(pl_module)
@@ -329,13 +329,25 @@ class QuantizationAwareTraining(Callback):
             rank_zero_info(
                 f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
                 f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
-                f"{self.config.scale}) from epoch {epoch + 1}."
+                f"{self.config.scale}) from epoch {epoch + 1} on (the end of `start_epoch`={self.start_epoch})."
             )
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
             for _, quantizer in quantizers(pl_module):
                 quantizer.observer_enabled = False
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._layers and not self._active(pl_module):
+            rank_zero_warn(
+                f"QuantizationAwareTraining: the fit ended after {trainer.current_epoch} epochs, before fake "
+                f"quantization switched on at the end of `start_epoch`={self.start_epoch} (early stopping, "
+                "`max_time` or `max_steps`?): the model is not quantized"
+                + (
+                    ""
+                    if self.export_path is None
+                    else f", and `export_path`={str(self.export_path)!r} holds float weights"
+                )
+                + "."
+            )
         if self.export_path is not None:
             template, self._template = self._template, None
             self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, template=template)

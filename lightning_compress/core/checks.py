@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
-__all__ = ["check_choice", "check_float", "check_int"]
+from torch import nn
+
+__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_module", "check_output_path", "check_path"]
 
 
 def check_int(value: Any, argument: str, *, minimum: int = 0, optional: bool = False) -> int | None:
@@ -25,9 +31,63 @@ def check_choice(value: Any, argument: str, choices: Collection[str]) -> str:
     return value
 
 
-def check_float(value: Any, argument: str, *, minimum: float = 0.0) -> float:
+def check_float(value: Any, argument: str, *, minimum: float = 0.0, finite: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{argument}` must be a float, got {type(value).__name__} ({value!r}).")
     if not value >= minimum:
         raise ValueError(f"`{argument}`={value} must be >= {minimum}.")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"`{argument}`={value} must be a finite number.")
     return float(value)
+
+
+def check_bool(value: Any, argument: str, *, optional: bool = False) -> bool | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        kind = "True, False or None" if optional else "True or False"
+        raise TypeError(f"`{argument}` must be {kind}, got {type(value).__name__} ({value!r}).")
+    return value
+
+
+def check_module(value: Any, argument: str = "model", *, materialized: bool = False) -> nn.Module:
+    """An ``nn.Module``; ``materialized``: whose parameters and buffers hold values (none on the meta device)."""
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"`{argument}` must be a torch.nn.Module, got {type(value).__name__}.")
+    if materialized:
+        meta = next((n for n, t in [*value.named_parameters(), *value.named_buffers()] if t.is_meta), None)
+        if meta is not None:
+            raise ValueError(
+                f"`{argument}` has tensors on the meta device ({meta!r}, ...): they hold no values. Materialize "
+                "the model first (e.g. `model.to_empty(device='cpu')` and load its weights)."
+            )
+    return value
+
+
+def check_path(value: Any, argument: str = "path") -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(os.fspath(value)):
+        raise TypeError(
+            f"`{argument}` must be a file path (str or os.PathLike), got {type(value).__name__} ({value!r})."
+        )
+    return Path(value)
+
+
+def check_output_path(value: Any, argument: str = "path", *, create_parents: bool = False) -> Path:
+    """A path a file can be written to: not a directory, in a writable directory (``create_parents``: one that
+    exists or can be created)."""
+    path = check_path(value, argument)
+    if path.is_dir():
+        raise ValueError(f"`{argument}`={str(path)!r} is a directory; name a file in it.")
+    parent = path.parent
+    if not parent.exists() and not create_parents:
+        raise ValueError(f"`{argument}`={str(path)!r} cannot be written: its directory {str(parent)!r} does not exist.")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise OSError(f"{str(parent)!r} is not a directory")
+        with tempfile.TemporaryFile(dir=parent):  # the one reliable test (permissions, read-only mounts, /proc)
+            pass
+    except OSError as err:
+        raise ValueError(f"`{argument}`={str(path)!r} cannot be written: {err}.") from None
+    return path

@@ -10,7 +10,6 @@ place, keeping the same module objects and names.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import check_float
 from .heads import AttentionBlock, set_head_counts
 from .layers import weight_axes
 from .macs import count_macs
 from .model_config import describe_in_config
 from .quant_blocks import cut_quant_groups, keep_whole_blocks, quant_group_size
-from .skeleton import meta_copy
+from .skeleton import deep_copy, meta_copy
 from .structure import ChannelGroup, build_channel_groups, is_conv1d, is_depthwise, nonzero_channels, param_slices
 from .tracing import call_model, eval_mode, output_tensors, plain_float
 
@@ -197,7 +197,7 @@ def _removable(
 def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn.Module]:
     """A model to remove ``group``'s channels from: a whole copy, or ``model`` with copies of the group's layers."""
     if not in_place:
-        yield copy.deepcopy(model)
+        yield deep_copy(model)
         return
     names = group.modules()
     if group.attention is not None:  # its counts change too; a copy of it holds copies of its own projections
@@ -206,7 +206,7 @@ def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn
     originals = {name: model.get_submodule(name) for name in names}
     try:
         for name, module in originals.items():
-            _swap(model, name, copy.deepcopy(module))
+            _swap(model, name, deep_copy(module))
         yield model
     finally:
         for name, module in originals.items():
@@ -339,6 +339,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_float(atol, "atol", finite=True)
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)
         if example_inputs is None:
@@ -356,7 +357,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
     report.kept_for_quant_groups = kept_for_quant_groups
     report.macs_before = count_macs(model, example_inputs)
     if keep:
-        trial = copy.deepcopy(model)
+        trial = deep_copy(model)
         _apply(trial, planned)
         before = _outputs(model, example_inputs)
         try:

@@ -30,7 +30,7 @@ class PruningConfig:
     """
 
     target_sparsity: float
-    importance: str | Importance | Any = "magnitude"
+    importance: str | Importance | Any = "auto"
     scope: str | None = None
     schedule: str | Callable[[int], float] = "cubic"
     granularity: str = "element"
@@ -77,6 +77,8 @@ class PruningConfig:
     def identity(self) -> dict[str, object]:
         """What tells two runs apart (a callback's checkpoint key): no timing, no guard settings."""
         importance = self.importance if isinstance(self.importance, str) else type(self.importance).__name__
+        # "auto" keeps the key of "magnitude", the default before it: checkpoints written then still resume
+        importance = "magnitude" if importance == "auto" else importance
         return {
             "target_sparsity": self.target_sparsity,
             "importance": importance,

@@ -56,7 +56,12 @@ class AccuracyGuard:
     def observe(self, value: float) -> GuardDecision | None:
         """Feed the latest validation value; returns the decision it triggered, if any."""
         if not math.isfinite(value):
-            value = -math.inf if self.mode == "max" else math.inf
+            if not self.started:
+                raise ValueError(
+                    f"`value`={value} cannot be the accuracy guard's baseline: the value before the first pruning "
+                    "event must be a finite number."
+                )
+            value = -math.inf if self.mode == "max" else math.inf  # judged as the worst possible result
         if not self.awaiting_check:
             if not self.started:  # the latest value before the first event is the baseline
                 self.baseline = value

@@ -73,6 +73,8 @@ class QuantConfig:
                 raise ValueError(f"`{name}`={value} is outside the supported range 2..8.")
         if self.scale not in SCALE_MODES:
             raise ValueError(f"`scale`={self.scale!r} is not one of {SCALE_MODES}.")
+        if isinstance(self.averaging_constant, bool) or not isinstance(self.averaging_constant, (int, float)):
+            raise TypeError(f"`averaging_constant` must be a float in (0, 1], got {self.averaging_constant!r}.")
         if not 0.0 < self.averaging_constant <= 1.0:
             raise ValueError(f"`averaging_constant`={self.averaging_constant} must be in (0, 1].")
         if self.group_size is not None:
@@ -375,6 +377,10 @@ class FakeQuantizer(nn.Module):
         self._batch_max = hi if self._batch_max is None else torch.maximum(self._batch_max, hi)
         if not self.sync_observers:
             self.update_from_batch()
+
+    def discard_pending(self) -> None:
+        """Forget the range observed since the last EMA update (a batch that was refused)."""
+        self._batch_min = self._batch_max = None
 
     def pending_batch_stats(self) -> tuple[Tensor, Tensor] | None:
         """Min and max seen since the last EMA update (activations), or ``None``."""

@@ -10,13 +10,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .importance import Importance, resolve_importance
+from .checks import check_module
+from .importance import Importance, auto_importance, resolve_importance
 from .masks import compute_masks, zero_pruned_
 from .nm import dense_layers_note, parse_nm
 from .rules import rule_for
 from .selection import select_targets
+from .sharding import is_sharded
 
-__all__ = ["check_granularity", "check_measure", "default_scope", "prune_", "sparsity", "validate_fraction"]
+__all__ = [
+    "check_granularity",
+    "check_masks",
+    "check_measure",
+    "default_scope",
+    "prune_",
+    "sparsity",
+    "validate_fraction",
+]
 
 
 def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = False) -> float:
@@ -50,6 +60,30 @@ def resolve_min_density(value: object, sparsity: float, scope: str, argument: st
             f"it must be at most 1 - {argument} = {1.0 - sparsity:.4g}."
         )
     return min_density
+
+
+def check_masks(masks: object, targets: Sequence[Any]) -> dict[str, Tensor] | None:
+    """Validate ``prune_(masks=...)``: a mapping from selected weights' names to masks of their shape."""
+    if masks is None:
+        return None
+    if not isinstance(masks, Mapping):
+        raise TypeError(
+            f"`masks` must be a dict of parameter name -> mask (as `prune_` returns), got {type(masks).__name__}."
+        )
+    shapes = {t.param_name: tuple(t.param.shape) for t in targets}
+    checked = {}
+    for name, mask in masks.items():
+        if name not in shapes:
+            raise ValueError(
+                f"`masks` has {name!r}, which is not a selected weight; selected: {list(shapes)[:5]}"
+                f"{' ...' if len(shapes) > 5 else ''}."
+            )
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"`masks`[{name!r}] must be a tensor, got {type(mask).__name__}.")
+        if tuple(mask.shape) != shapes[name]:
+            raise ValueError(f"`masks`[{name!r}] has shape {tuple(mask.shape)}; the weight has {shapes[name]}.")
+        checked[name] = mask
+    return checked
 
 
 def default_scope(scope: object, granularity: str) -> str:
@@ -103,7 +137,7 @@ def check_granularity(
 def prune_(
     model: nn.Module,
     sparsity: float,
-    importance: str | Importance = "magnitude",
+    importance: str | Importance = "auto",
     scope: str | None = None,
     *,
     include: Sequence[str] | str | None = None,
@@ -121,7 +155,8 @@ def prune_(
         model: any ``nn.Module``.
         sparsity: fraction in [0, 1) of the selected weights that are zero afterwards (absolute:
             calling twice with 0.5 leaves 50%, not 75%).
-        importance: ``"magnitude"``, ``"taylor"`` (needs ``.grad``), ``"random"`` or an
+        importance: ``"auto"`` (``"lamp"`` for element-wise pruning where a BatchNorm follows a selected layer,
+            else ``"magnitude"``), ``"magnitude"``, ``"lamp"``, ``"taylor"`` (needs ``.grad``), ``"random"`` or an
             :class:`~lightning_compress.core.importance.Importance` object.
         scope: ``"global"`` (one threshold over all selected weights) or ``"layer"``. ``None``: ``"layer"``
             for ``granularity="channel"``, ``"global"`` otherwise.
@@ -152,6 +187,7 @@ def prune_(
         >>> round(sparsity(model), 2)
         0.5
     """
+    check_module(model, materialized=True)
     sparsity = validate_fraction(sparsity, "sparsity")
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
     scope = default_scope(scope, granularity)
@@ -159,6 +195,12 @@ def prune_(
     measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude, experts=True)
+    masks = check_masks(masks, targets)
+    if importance == "auto":
+        kind = "N:M" if nm is not None else granularity
+        sharded = any(is_sharded(t.param) for t in targets)
+        imp, why = auto_importance(model, [t.module for t in targets], kind, sharded)
+        logging.getLogger(__name__).info(f"prune_: importance='auto' scores by {why}.")
     if granularity == "element":  # computes and zeroes in one pass over the weights
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
     if granularity == "channel" and example_inputs is None:

@@ -12,6 +12,7 @@ type. What a criterion can do is declared on the class:
   parameter of a channel group adds to its channels' scores (``None``: nothing).
 * :meth:`Importance.cannot_score` ``(modules) -> str | None``: why a channel group cannot be scored.
 * :attr:`Importance.granularities`: the granularities it can score (``None``: all).
+* :attr:`Importance.scores_shards`: ``False`` when it needs whole weights (LAMP), refused for sharded ones.
 * :attr:`Importance.accumulates`: ``True`` when :meth:`observe` must see every optimizer step's
   gradient; :meth:`reset` runs after every pruning event; :meth:`state_dict` /
   :meth:`load_state_dict` / :meth:`to` carry its state through checkpoints.
@@ -23,6 +24,7 @@ so those are declared, not guessed.
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -34,11 +36,14 @@ __all__ = [
     "IMPORTANCES",
     "BatchNormScaleImportance",
     "Importance",
+    "LampImportance",
     "MagnitudeImportance",
     "MaskPlanError",
     "RandomImportance",
     "TaylorImportance",
+    "auto_importance",
     "check_scores",
+    "normalized_layers",
     "resolve_importance",
 ]
 
@@ -72,6 +77,7 @@ class Importance:
 
     accumulates: ClassVar[bool] = False
     granularities: ClassVar[tuple[str, ...] | None] = None
+    scores_shards: ClassVar[bool] = True  # False: needs whole weights (refused under FSDP2 before training)
 
     def score(self, name: str, weight: Tensor) -> Tensor:
         """A tensor shaped like ``weight`` (any float dtype, any device); higher = more important."""
@@ -211,6 +217,35 @@ class BatchNormScaleImportance(Importance):
         return "needs a BatchNorm in every pruned channel group"
 
 
+class LampImportance(Importance):
+    """LAMP (Lee et al. 2021): ``w_i**2 / sum of w_j**2 over the weights j of the layer at least as large``.
+
+    Monotone in ``|w|`` within a layer, so a layer keeps its largest weights, as with magnitude; but the scores are
+    free of each layer's scale (a layer's largest weight scores 1), so one global threshold compares layers by the
+    shape of their weight distributions, not by their scale. That is what a layer followed by a BatchNorm needs:
+    the BatchNorm makes its weight scale arbitrary (training moves it freely), and global magnitude reads that
+    arbitrary scale as importance. ``importance="auto"`` (the default) picks it for such models
+    (:func:`auto_importance`). Element-wise pruning only; a sharded (FSDP2) weight cannot be scored shard by shard.
+    """
+
+    granularities = ("element",)
+    scores_shards = False
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        square = weight.detach().float().square().flatten()
+        ordered, order = torch.sort(square, stable=True)
+        suffix = ordered.flip(0).cumsum(0).flip(0)  # sum of the squares at least as large as each
+        scores = torch.empty_like(square)
+        scores[order] = ordered / suffix.clamp_min(torch.finfo(torch.float32).tiny)
+        return scores.view(weight.shape)
+
+    def shard_ranking(self, name: str, shard: Tensor, offset: int) -> tuple[Tensor, bool]:
+        raise ValueError(
+            f"{self!r} scores a weight against the whole layer, but {name!r} is sharded (FSDP2): use "
+            "importance='magnitude' (what importance='auto' picks for sharded models)."
+        )
+
+
 class RandomImportance(Importance):
     """Uniform random scores: the seed article's sparsity-based random pruning.
 
@@ -225,6 +260,8 @@ class RandomImportance(Importance):
     def __init__(self, seed: int = 0) -> None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"`seed` must be an int, got {seed!r}.")
+        if seed < 0:
+            raise ValueError(f"`seed`={seed} must be >= 0.")
         self.seed = seed
         self.events = 0
 
@@ -277,7 +314,9 @@ class _ScoreObject(Importance):
 
 
 IMPORTANCES: dict[str, type[Importance]] = {
+    "auto": MagnitudeImportance,  # resolved per model by auto_importance; magnitude where no model is given
     "magnitude": MagnitudeImportance,
+    "lamp": LampImportance,
     "taylor": TaylorImportance,
     "random": RandomImportance,
     "bn_scale": BatchNormScaleImportance,
@@ -286,8 +325,52 @@ IMPORTANCES: dict[str, type[Importance]] = {
 _UNDECLARED = ("observe", "reset", "state_dict", "load_state_dict")
 
 
+def normalized_layers(model: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
+    """Names of the ``modules`` whose output a BatchNorm normalizes: the next layer of ``model`` in registration
+    order (``conv, bn`` in a ``Sequential`` or as attributes ``conv1``, ``bn1``) is a BatchNorm over as many
+    channels as the layer has outputs."""
+    leaves = [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
+    wanted = {id(m) for m in modules}
+    found = []
+    for (name, layer), (_, after) in itertools.pairwise(leaves):
+        weight = getattr(layer, "weight", None)
+        if (
+            id(layer) in wanted
+            and isinstance(after, nn.modules.batchnorm._BatchNorm)
+            and isinstance(weight, Tensor)
+            and weight.dim() >= 2
+            and after.num_features == _outputs(layer, weight)
+        ):
+            found.append(name)
+    return found
+
+
+def _outputs(layer: nn.Module, weight: Tensor) -> int:
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    return int(weight.shape[1] * getattr(layer, "groups", 1)) if transposed else int(weight.shape[0])
+
+
+def auto_importance(
+    model: nn.Module, modules: Sequence[nn.Module], granularity: str, sharded: bool
+) -> tuple[Importance, str]:
+    """What ``importance="auto"`` scores with, and why: :class:`LampImportance` for element-wise pruning of a
+    model where a BatchNorm normalizes the output of a selected layer (its weight scale is arbitrary there), else
+    :class:`MagnitudeImportance` (channels, N:M, models without such a BatchNorm, sharded weights).
+
+    Chosen on the model zoo of BENCHMARKS.md ("Session 14"): scale-free LAMP won every BatchNorm model and lost
+    the models without one, where magnitudes across layers are on one scale."""
+    normalized = normalized_layers(model, modules) if granularity == "element" else []
+    if normalized and not sharded:
+        names = f"{normalized[:3]}{' ...' if len(normalized) > 3 else ''}"
+        return LampImportance(), f"LAMP (a BatchNorm normalizes the outputs of {names})"
+    if normalized:
+        return MagnitudeImportance(), "magnitude (LAMP cannot score sharded weights)"
+    return MagnitudeImportance(), "magnitude"
+
+
 def resolve_importance(spec: object, seed: int = 0) -> Importance:
-    """``"magnitude" | "taylor" | "random" | "bn_scale"`` (shorthands) or an object, as an :class:`Importance`."""
+    """``"auto" | "magnitude" | "lamp" | "taylor" | "random" | "bn_scale"`` (shorthands) or an object, as an
+    :class:`Importance`. ``"auto"`` needs the model to be decided (:func:`auto_importance`); here it is magnitude."""
     if isinstance(spec, str):
         if spec not in IMPORTANCES:
             raise ValueError(f"`importance`={spec!r} is not one of {sorted(IMPORTANCES)} or an Importance object.")

@@ -22,24 +22,25 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int
+from .checks import check_int, check_module
 from .collectives import Collectives, TorchDistributed, broadcast_masks
 from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
-from .importance import Importance
+from .importance import Importance, auto_importance
 from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
 from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
+from .sharding import is_sharded
 from .snapshot import ModelSnapshot
 
 __all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "Rollback", "default_events"]
@@ -126,7 +127,7 @@ class IterativePruner:
         total_steps: int,
         start_step: int = 0,
         every_n_steps: int | None = None,
-        importance: str | Importance | Any = "magnitude",
+        importance: str | Importance | Any = "auto",
         scope: str | None = None,
         schedule: str | Callable[[int], float] = "cubic",
         granularity: str = "element",
@@ -201,8 +202,16 @@ class IterativePruner:
         info: Callable[[str], None] | None,
         structure: ChannelStructure | None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        check_module(model, materialized=True)
+        if previous is not None and not isinstance(previous, IterativePruner):
+            raise TypeError(f"`previous` must be an IterativePruner or None, got {type(previous).__name__}.")
+        if structure is not None and not isinstance(structure, ChannelStructure):
+            raise TypeError(f"`structure` must be a ChannelStructure or None, got {type(structure).__name__}.")
+        if optimizers is not None and not isinstance(optimizers, (torch.optim.Optimizer, Iterable)):
+            raise TypeError(
+                "`optimizers` must be an optimizer, an iterable of optimizers or None, "
+                f"got {type(optimizers).__name__}."
+            )
         if config.granularity == "channel" and example_inputs is None and structure is None:
             raise ValueError(
                 "`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict)."
@@ -214,8 +223,19 @@ class IterativePruner:
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
         targets = select_targets(model, config.include, config.exclude, experts=True)
+        importance = config.make_importance()
+        if config.importance == "auto":
+            kind = "N:M" if config.nm is not None else config.granularity
+            sharded = any(is_sharded(t.param) for t in targets)
+            importance, why = auto_importance(model, [t.module for t in targets], kind, sharded)
+            self._info(f"IterativePruning: importance='auto' scores by {why}.")
+        elif not importance.scores_shards and any(is_sharded(t.param) for t in targets):
+            raise ValueError(
+                f"`importance`={config.importance!r} scores whole weights, but this model's are sharded (FSDP2): use "
+                "importance='magnitude' or 'auto'."
+            )
         rule, self.left_alone = rule_for(
-            model, targets, config.granularity, config.nm, config.make_importance(), str(config.scope),
+            model, targets, config.granularity, config.nm, importance, str(config.scope),
             config.min_density or 0.0, example_inputs, config.measure, self.collectives, structure,
         )  # fmt: skip
         self._pruner = Pruner(rule, regrow=config.regrow, collectives=self.collectives)
@@ -379,6 +399,7 @@ class IterativePruner:
 
     def advance_to(self, t: int) -> bool:
         """Set the clock to ``t`` steps done (``t > steps``) and run the event due at ``t``, if any."""
+        check_int(t, "t")
         if t <= self.steps:
             return False
         self.steps = t
@@ -443,6 +464,12 @@ class IterativePruner:
         """
         if self.guard is None:
             raise ValueError("`observe` feeds the accuracy guard, which is off: set `max_drop` to turn it on.")
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"`value` must be a number (the evaluation result), got {type(value).__name__} ({value!r})."
+            )
         decision = self.guard.observe(float(value))
         if decision is None:
             return None
@@ -523,6 +550,8 @@ class IterativePruner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (version 1, the callback's format before this class, is migrated)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a dict from `state_dict()`, got {type(state).__name__}.")
         version = state.get("version")
         if version == 1:
             state = {**state, "steps": state["last_t"], "events": 0}

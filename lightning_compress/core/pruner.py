@@ -425,9 +425,12 @@ class Pruner:
         """Restore :meth:`state_dict` (whole tensors: each process keeps the parts of its shards)."""
         masks = state.get("masks", {})
         if not self.matches(masks):
+            saved = {n: tuple(m.shape) for n, m in masks.items()}
+            here = {n: tuple(t.param.shape) for n, t in self._by_name.items()}
+            differ = {n: (shape, here.get(n)) for n, shape in saved.items() if here.get(n) != shape}
             raise ValueError(
-                "the checkpoint's pruning masks do not fit this model: masks for "
-                f"{sorted(masks)} vs selected weights {sorted(self._by_name)}."
+                "the checkpoint's pruning masks do not fit this model: (saved shape, this model's shape) of "
+                f"{dict(list(differ.items())[:5])}{' ...' if len(differ) > 5 else ''} (None: no such selected weight)."
             )
         self.masks = {n: self._part(n, m).to(self._by_name[n].local.dtype) for n, m in masks.items()}
         rollback = state.get("rollback")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_bool, check_module
 from .collectives import Collectives, TorchDistributed
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
@@ -417,6 +418,9 @@ def convert_to_qat(
 
     Layers that already are QAT layers are kept. All checks happen before any change.
     """
+    check_module(model)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"`config` must be a QuantConfig instance, e.g. QuantConfig(weight_bits=8), got {config!r}.")
     targets = _quantizable_targets(model, include, exclude)
     in_fused_block = {
         id(m)
@@ -473,6 +477,9 @@ def _keep_unfused(module: nn.Module, args: Any) -> None:
 def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
     """Replace every fake-quant layer (or those named in ``layers``) by its float layer (same Parameters).
     Returns their names."""
+    check_module(model)
+    if isinstance(layers, str):
+        raise TypeError(f"`layers` must be a list of layer names or None, got the string {layers!r}.")
     wanted = None if layers is None else set(layers)
     names = []
     for name, module in qat_modules(model):
@@ -605,11 +612,23 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     dropout is off); only the quantizers observe. Restores the training mode and quantizer flags after;
     the observed ranges stay. Returns the number of batches seen. The Lightning-free path:
     ``convert_to_qat`` -> ``calibrate`` -> :func:`enable_fake_quant`.
+
+    Raises:
+        TypeError: ``batches`` is not an iterable of batches (a single tensor: pass ``[tensor]``).
+        ValueError: no batch, or a batch gave NaN or infinite activations. On any error the quantizers are
+            left as they were before the call.
     """
+    check_module(model)
+    if isinstance(batches, (Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        hint = " (one tensor: pass `[tensor]`)" if isinstance(batches, Tensor) else ""
+        raise TypeError(
+            f"`batches` must be an iterable of batches (a DataLoader or a list){hint}, got {type(batches).__name__}."
+        )
     found = quantizers(model)
     if not found:
         raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")
     flags = [(q, q.observer_enabled, q.fake_quant_enabled) for _, q in found]
+    before = {name: {k: v.clone() for k, v in q.state_dict().items()} for name, q in found}
     training = [(m, m.training) for m in model.modules()]
     count = 0
     try:
@@ -624,6 +643,17 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
             for batch in batches:
                 call_model(model, batch)
                 count += 1
+        broken = [name for name, q in found if not all(bool(t.isfinite().all()) for t in q.state_dict().values())]
+        if broken:
+            raise ValueError(
+                f"`batches` gave NaN or infinite values to the quantizers {broken[:3]}"
+                f"{' ...' if len(broken) > 3 else ''}: calibrate on finite data. The ranges were not changed."
+            )
+    except BaseException:
+        for name, q in found:
+            q.load_state_dict(before[name])
+            q.discard_pending()
+        raise
     finally:
         for q, observing, enabled in flags:
             q.observer_enabled = observing
@@ -644,6 +674,9 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
     left them). Learned (LSQ) scales start training when quantization is on. Export a model with
     fake quantization on to get int8 (or int4 groups).
     """
+    check_module(model)
+    check_bool(enabled, "enabled")
+    check_bool(observe, "observe", optional=True)
     found = quantizers(model)
     if not found:
         raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")

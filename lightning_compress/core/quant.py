@@ -103,7 +103,8 @@ class _FakeQuantize(torch.autograd.Function):
         u.round_()
         if may_clip:
             u.add_(zp).clamp_(qmin, qmax).sub_(zp)
-            ctx.save_for_backward(x, scale, zero_point)
+            # copies: an observer rewrites these buffers in place when a shared layer runs again in the same forward
+            ctx.save_for_backward(x, scale.clone(), zero_point.clone())
             ctx.qrange = (qmin, qmax)
             ctx.axis = axis
         ctx.may_clip = may_clip

@@ -65,6 +65,24 @@ class PruningSchedule:
     end: int
     every: int = 1
 
+    def __post_init__(self) -> None:
+        if not callable(self.kind) and self.kind not in SCHEDULES:
+            raise ValueError(f"`kind`={self.kind!r} is not one of {SCHEDULES} or a callable.")
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
+            raise TypeError(f"`target` must be a float in [0, 1), got {type(self.target).__name__} ({self.target!r}).")
+        if not 0.0 <= self.target < 1.0:
+            raise ValueError(f"`target`={self.target} is outside [0, 1).")
+        for argument in ("start", "end", "every"):
+            value = getattr(self, argument)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"`{argument}` must be an int, got {type(value).__name__} ({value!r}).")
+        if self.start < 0:
+            raise ValueError(f"`start`={self.start} must be >= 0.")
+        if self.end <= self.start:
+            raise ValueError(f"`end`={self.end} must be greater than `start`={self.start}.")
+        if self.every < 1:
+            raise ValueError(f"`every`={self.every} must be >= 1.")
+
     def is_event(self, t: int) -> bool:
         """Whether a pruning event happens at time ``t``."""
         return self.start < t <= self.end and ((t - self.start) % self.every == 0 or t == self.end)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
+from .checks import check_module
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
 
@@ -170,6 +171,7 @@ def select_targets(
     Raises:
         ValueError: a pattern matches no module, or nothing is left to select.
     """
+    check_module(model)
     include = normalize_patterns(include, "include")
     exclude = normalize_patterns(exclude, "exclude")
     layer_types = default_layer_types()
@@ -189,6 +191,7 @@ def select_targets(
     embeddings = {id(m.weight) for _, m in named if isinstance(m, nn.Embedding)}
     tied: list[str] = []
     parametrized: list[str] = []
+    torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
     for name, module in named:
         weight = getattr(module, "weight", None)
         excluded = exclude is not None and any(_matches(name, p) for p in exclude)
@@ -201,10 +204,12 @@ def select_targets(
                         seen.add(id(tensor))
                         selected.append(Target(name=name, module=module, param=tensor, attr=attr, expert=True))
             continue
-        if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter) and is_parametrized(module, "weight"):
+        if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
             wanted = isinstance(module, layer_types) and (include is None or any(_matches(name, p) for p in include))
-            if wanted and not excluded:
+            if is_parametrized(module, "weight") and wanted and not excluded:
                 parametrized.append(name)
+            elif isinstance(getattr(module, "weight_orig", None), nn.Parameter) and wanted and not excluded:
+                torch_pruned.append(name)
             continue
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
@@ -236,6 +241,13 @@ def select_targets(
             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
             stacklevel=2,
         )
+    if torch_pruned:
+        warnings.warn(
+            f"lightning-compress leaves {torch_pruned} out: torch.nn.utils.prune computes their weight from "
+            "`weight_orig` and a mask. Make it permanent first (torch.nn.utils.prune.remove(module, 'weight')) to "
+            "compress them.",
+            stacklevel=2,
+        )
     if not selected:
         without = [n for n, m in named if n in (include or ()) and not isinstance(getattr(m, "weight", None), Tensor)]
         raise ValueError(
@@ -243,6 +255,7 @@ def select_targets(
             f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`"
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
+            + (f" (left out, pruned by torch.nn.utils.prune: {torch_pruned})" if torch_pruned else "")
             + (f" ({without} have no `weight`{_experts_note(named, without, experts)})" if without else "")
             + ("" if experts else _wildcard_experts_note(model, include, exclude))
             + "."

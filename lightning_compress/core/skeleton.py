@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["materialize_", "meta_copy"]
+__all__ = ["deep_copy", "materialize_", "meta_copy"]
 
 
 def meta_copy(model: nn.Module, buffers: bool = True, share: Iterable[object] = ()) -> nn.Module:
@@ -30,6 +30,18 @@ def meta_copy(model: nn.Module, buffers: bool = True, share: Iterable[object] = 
     if buffers:
         for b in model.buffers():
             memo[id(b)] = torch.empty_like(b, device="meta")
+    return deep_copy(model, memo)
+
+
+def deep_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model)``, also when a forward cached tensors with a gradient history in plain attributes
+    (LeViT's attention biases in eval mode): deepcopy refuses those, so the copy holds them detached."""
+    memo = {} if memo is None else memo
+    for module in model.modules():
+        for value in vars(module).values():
+            for cached in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(cached, torch.Tensor) and not cached.is_leaf and id(cached) not in memo:
+                    memo[id(cached)] = cached.detach()
     return copy.deepcopy(model, memo)
 
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_module, check_output_path, check_path
 from ..core.collectives import TorchDistributed
 from ..core.compact import COMPACTED_FLAG, is_compacted
 from ..core.heads import head_record
@@ -96,22 +97,46 @@ def _positions(mask: Tensor, sections: _Sections) -> tuple[str, int]:
 def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]:
     """``{weight name: (its quantizer, layer name)}`` for layers whose fake quantization is on.
 
-    A weight quantizer that never ran (the model reads the layer's weight without calling the layer, as
-    ``transformers``' Mamba does with ``conv1d``) holds no scale: the model computes with the float weight, so the
-    file stores it in float, with a warning."""
-    out, idle = {}, []
-    for name, layer in qat_modules(model):
+    Two kinds of fake-quant layers keep their weights in float in the file, with a warning, so that it still
+    reloads the model exactly:
+
+    * a weight quantizer that never ran (the model reads the layer's weight without calling the layer, as
+      ``transformers``' Mamba does with ``conv1d``) holds no scale: the model computes with the float weight;
+    * a weight tied to a layer that is not quantized (an output head opted in by name, its embedding not): the
+      float layer reads the float values, and the quantized one recomputes its codes from them.
+    """
+    qat = dict(qat_modules(model))
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor):
+            owners.setdefault(id(weight), []).append(name)
+    out, idle, tied = {}, [], {}
+    for name, layer in qat.items():
         quantizer = layer.weight_fake_quant
-        if isinstance(quantizer, FakeQuantizer) and quantizer.fake_quant_enabled:
-            if quantizer.initialized or quantizer.is_learned:
-                out[f"{name}.weight"] = (quantizer, name)
-            else:
-                idle.append(name)
+        if not isinstance(quantizer, FakeQuantizer) or not quantizer.fake_quant_enabled:
+            continue
+        floats = [n for n in owners.get(id(layer.weight), []) if n not in qat]
+        if floats:
+            tied[name] = floats
+        elif quantizer.initialized or quantizer.is_learned:
+            out[f"{name}.weight"] = (quantizer, name)
+        else:
+            idle.append(name)
     if idle:
         warnings.warn(
             f"save_compressed: {idle[:5]}{' ...' if len(idle) > 5 else ''} are fake-quant layers whose forward never "
             "ran (the model reads their weights directly), so their weights have no scale and the model computes "
             "with them in float: the file stores them in float. `exclude` them from QAT to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
+    if tied:
+        warnings.warn(
+            f"save_compressed: {list(tied)[:5]} are quantized, but their weights are also used in float by "
+            f"{[n for floats in tied.values() for n in floats][:5]} (tied weights): the file stores them in float, so "
+            "that both uses reload exactly, and they take float size. Quantize both layers, or leave the tied layer "
+            "out of QAT, to store codes.",
             UserWarning,
             stacklevel=3,
         )
@@ -163,29 +188,6 @@ def _qat_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return layers
 
 
-def _warn_about_float_uses_of_quantized_weights(model: nn.Module) -> None:
-    """A weight tied between a fake-quantized layer and a float one (an output head opted in by name, its
-    embedding not) is stored once, as codes: the reloaded float use then reads the quantized values too."""
-    qat = dict(qat_modules(model))
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, Tensor):
-            owners.setdefault(id(weight), []).append(name)
-    for name, layer in qat.items():
-        floats = [n for n in owners.get(id(layer.weight), []) if n not in qat]
-        quantizer = layer.weight_fake_quant
-        if floats and isinstance(quantizer, FakeQuantizer) and quantizer.fake_quant_enabled:
-            warnings.warn(
-                f"save_compressed: {name!r} is quantized but its weight is also {floats}'s, which is not (tied "
-                "weights): the file stores the weight once, as codes, so after `load_compressed` those use the "
-                "quantized values too and the model differs from this one. Leave the tied layer out of QAT, or "
-                "quantize both.",
-                UserWarning,
-                stacklevel=3,
-            )
-
-
 def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     """Write ``model`` to ``path`` in the compressed format and report the sizes.
 
@@ -196,10 +198,10 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     gathered, so each process holds the whole model for a moment); process 0 writes the file, and every
     process gets the same report.
     """
-    path = Path(path)
+    check_module(model, materialized=True)
+    path = check_output_path(path)
     quantized = _quantized_weights(model)
     biases = _biases_on_grid(model)
-    _warn_about_float_uses_of_quantized_weights(model)
     sections = _Sections()
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []
@@ -437,7 +439,8 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         CompressedFileError: not such a file, unknown version, truncated, corrupted, forged sizes,
             or written for another architecture. The model is left exactly as it was.
     """
-    path = Path(path)
+    check_module(model)
+    path = check_path(path)
     planned: dict[str, Any] = {}
 
     def body_size(manifest: dict[str, Any], version: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, quantizers
 from ..core.sharding import is_sharded
@@ -140,6 +141,28 @@ def _trace_hint(example_inputs: Any) -> str:
     )
 
 
+def _iterable(value: object, argument: str) -> list[Any]:
+    try:
+        return list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"`{argument}` must be a list of strings or None, got {value!r}.") from None
+
+
+def _check_names(
+    inputs: list[str], outputs: list[str], n_in: int, n_out: int, dynamic_axes: Mapping[str, Any] | None
+) -> None:
+    """The graph's input and output names against what the model takes and returns, before tracing."""
+    if len(inputs) != n_in:
+        raise ValueError(f"`input_names` names {len(inputs)} inputs ({inputs}); the model is traced with {n_in}.")
+    if len(outputs) > n_out:
+        raise ValueError(f"`output_names` names {len(outputs)} outputs ({outputs}); the model returns {n_out}.")
+    unknown = sorted(set(dynamic_axes or {}) - set(inputs) - set(outputs))
+    if unknown:
+        raise ValueError(
+            f"`dynamic_axes` names {unknown}, which are not among the inputs {inputs} or outputs {outputs}."
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -179,6 +202,27 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
+    check_module(model, materialized=True)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "`model` is a TorchScript module: export_onnx traces the eager model; pass it before `torch.jit.script`."
+        )
+    path = check_output_path(path)
+    for argument, names_given in (("input_names", input_names), ("output_names", output_names)):
+        if names_given is not None and (
+            isinstance(names_given, str) or not all(isinstance(n, str) for n in _iterable(names_given, argument))
+        ):
+            raise TypeError(f"`{argument}` must be a list of strings or None, got {names_given!r}.")
+    check_int(opset, "opset", minimum=13)
+    check_int(accuracy_level, "accuracy_level")
+    if dynamic_axes is not None and not (
+        isinstance(dynamic_axes, Mapping)
+        and all(isinstance(k, str) and isinstance(v, Mapping) for k, v in dynamic_axes.items())
+    ):
+        raise TypeError(
+            "`dynamic_axes` must map input/output names to {dimension: name} dicts, e.g. "
+            f"{{'input_ids': {{1: 'sequence'}}}}, got {dynamic_axes!r}."
+        )
     sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
     if sharded is not None:
         raise ValueError(
@@ -222,7 +266,7 @@ def export_onnx(
         outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
-        path = Path(path)
+        _check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(path.name + ".traced")
         try:
             torch.onnx.export(

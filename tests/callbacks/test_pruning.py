@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 
 from lightning_compress import IterativePruning, sparsity
-from tests.conftest import SparsityChanges, TinyModule, make_blobs, trainer, weights_of
+from tests.conftest import SparsityChanges, StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
 
 def layer_sparsity(model):
@@ -683,3 +684,68 @@ def test_a_train_loader_whose_length_changes_is_named_when_pruning_in_steps():
             max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[IterativePruning(0.5, start_epoch=1)]
         ).fit(Growing())
     assert sum("batches in epoch" in str(w.message) for w in caught) == 1
+
+
+class NaNFirstValidation(TinyModule):
+    """Logs `val_acc` NaN at its first validation (a model whose first evaluation diverged), then the real value."""
+
+    def on_validation_epoch_end(self):
+        first = getattr(self, "_seen", 0) == 0
+        self._seen = getattr(self, "_seen", 0) + 1
+        self.log("val_acc", float("nan") if first else self.val_acc.compute())
+
+
+def test_a_nan_before_pruning_is_no_baseline_and_pruning_waits_for_a_finite_one():
+    """Regression: a NaN baseline became -inf and the guard accepted every drop for the rest of the fit."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=3, monitor="val_acc", max_drop=0.05, every_n_steps=2)
+    with pytest.warns(UserWarning, match=r"`monitor`='val_acc' is nan before pruning started"):
+        trainer(max_epochs=5, callbacks=[pruning]).fit(NaNFirstValidation())
+    baseline = pruning.decisions[0]
+    assert baseline.action == "baseline" and math.isfinite(baseline.value)
+    assert all(math.isfinite(d.value) for d in pruning.decisions)
+
+
+def test_an_onnx_export_path_with_inputs_the_model_does_not_take_is_refused_at_setup(tmp_path):
+    model = TinyModule()
+    model.example_input_array = torch.zeros(2, 5)  # the model takes 16 features
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1, export_path=tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"exports TinyModule on its `example_input_array`, but its forward fails"):
+        trainer(max_epochs=2, callbacks=[pruning, FailOnFirstStep()]).fit(model)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"`export_path`=.* cannot be written"):
+        IterativePruning(0.5, export_path=tmp_path / "file" / "m.lcz")
+
+
+class TwoValidationLoaders(TinyModule):
+    def val_dataloader(self):
+        return [super().val_dataloader(), super().val_dataloader()]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+
+def test_several_validation_loaders_and_a_monitor_pass_the_sanity_check():
+    """Regression: Lightning keeps no metric of a sanity check over several loaders; the monitor check read that
+    as `monitor` never logged and stopped the fit."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=2, monitor="val_acc/dataloader_idx_0", max_drop=0.5)
+    trainer(max_epochs=3, callbacks=[pruning], num_sanity_val_steps=2).fit(TwoValidationLoaders())
+    assert pruning.decisions[0].action == "baseline"
+    assert sparsity(pruning.pruner._model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_fit_stopped_inside_the_pruning_window_says_it_is_short_of_the_target():
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=8)
+    with pytest.warns(
+        UserWarning, match=r"fit ended at sparsity 0\.\d+, short of `target_sparsity`=0.9: the fit stopped"
+    ):
+        trainer(max_epochs=10, callbacks=[pruning, StopAfterEpoch(2)]).fit(TinyModule())
+
+
+def test_a_refusal_caused_by_fast_dev_run_names_it():
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=8)
+    with pytest.raises(ValueError, match=r"`end_epoch`=8 is after .* \(Lightning's `fast_dev_run` runs one short"):
+        trainer(max_epochs=10, fast_dev_run=True, callbacks=[pruning]).fit(TinyModule())

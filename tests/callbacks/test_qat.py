@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import IterativePruning, QuantizationAwareTraining, load_qat_checkpoint, sparsity
 from lightning_compress.core.qat import QATLinear, qat_modules, quantizers
-from tests.conftest import TinyModule, make_blobs, trainer, weights_of
+from tests.conftest import StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
 
 def active(model):
@@ -474,3 +474,17 @@ def test_a_layer_whose_forward_never_runs_is_named_when_quantization_switches_on
     model = _ReadsAWeight()
     with pytest.warns(UserWarning, match=r"\['net.4'\] never ran their forward in epoch 0"):
         trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(model)
+
+
+def test_a_fit_that_ends_before_quantization_switches_on_says_so(tiny, tmp_path):
+    qat = QuantizationAwareTraining(start_epoch=3, export_path=tmp_path / "m.lcz")
+    with pytest.warns(
+        UserWarning, match=r"ended after 2 epochs, before fake quantization switched on .* holds float weights"
+    ):
+        trainer(max_epochs=5, callbacks=[qat, StopAfterEpoch(1)]).fit(tiny)
+
+
+def test_a_refusal_caused_by_fast_dev_run_names_it(tiny):
+    qat = QuantizationAwareTraining(start_epoch=3)
+    with pytest.raises(ValueError, match=r"quantization would never switch on\. \(Lightning's `fast_dev_run`"):
+        trainer(max_epochs=10, fast_dev_run=True, callbacks=[qat]).fit(tiny)

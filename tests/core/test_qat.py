@@ -384,3 +384,28 @@ def test_a_pruned_output_channel_keeps_a_finite_bias_on_the_inputs_step():
     assert torch.isfinite(out).all()
     step = float(head.input_fake_quant.effective_scale())
     assert float(head.quantized_bias()[2]) == pytest.approx(0.3, abs=step / 2)
+
+
+class _CalledTwice(nn.Module):
+    """One Linear applied twice in a forward (ALBERT shares its layer across depth)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
+def test_a_layer_called_twice_in_one_forward_trains(scale):
+    """Regression: with power-of-two scales the second call rewrote the scale the first call's backward had saved
+    ("modified by an inplace operation")."""
+    torch.manual_seed(0)
+    model, x = _CalledTwice(), torch.randn(4, 8)
+    convert_to_qat(model, QuantConfig(8, 8, scale=scale))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert model.shared.weight.grad is not None and model.shared.weight.grad.abs().sum() > 0

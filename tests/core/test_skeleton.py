@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -47,3 +49,33 @@ def test_meta_copy_shares_what_it_is_told_to_share_and_copies_the_rest():
     assert all(t.is_meta for t in [*copy.parameters(), *copy.buffers()])
     with pytest.raises(RuntimeError, match="meta tensors"):
         copy.embed.weight.sum().item()
+
+
+class _CachesInEval(nn.Module):
+    """Caches a tensor computed from a parameter in eval mode, as LeViT caches its attention biases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.fc = nn.Linear(4, 4)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            self.cache.setdefault(str(x.device), self.scale * 2)
+            return self.fc(x) * self.cache[str(x.device)]
+        return self.fc(x) * self.scale * 2
+
+
+def test_copies_hold_tensors_a_forward_cached_with_a_gradient_history_detached():
+    """Regression (LeViT, a new-user trial): channel tracing ran the eval forward, which cached a non-leaf
+    tensor; `compact` and the export template deep-copy the model and failed on it."""
+    from lightning_compress.core.skeleton import deep_copy
+
+    model = _CachesInEval().eval()
+    model(torch.randn(2, 4))
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    twin = deep_copy(model)
+    assert not twin.cache["cpu"].requires_grad and torch.equal(twin.cache["cpu"], model.cache["cpu"])
+    assert meta_copy(model).fc.weight.is_meta

@@ -31,7 +31,7 @@ def compressed_net(sparsity: float = 0.9, config: QuantConfig | None = DEFAULT, 
         net.bn.running_mean.uniform_(-0.1, 0.1)
         net.bn.running_var.uniform_(0.5, 1.5)
     if sparsity:
-        prune_(net, sparsity)
+        prune_(net, sparsity, importance="magnitude")  # the files in data/ were written with magnitude masks
     if config is not None:
         convert_to_qat(net, config)
         for _, q in quantizers(net):

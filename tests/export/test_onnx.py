@@ -258,3 +258,34 @@ def test_the_scales_read_as_constants_raise_no_tracer_warnings(tmp_path):
         warnings.simplefilter("always")
         export_onnx(compressed_net(0.8), tmp_path / "m.onnx", inputs(2))
     assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+
+
+def test_arguments_are_checked_before_tracing(tmp_path):
+    model, x = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)), torch.randn(3, 8)
+    path = tmp_path / "m.onnx"
+    cases = [
+        ({"accuracy_level": True}, TypeError, "`accuracy_level` must be an int, got bool"),
+        ({"opset": "17"}, TypeError, "`opset` must be an int, got str"),
+        ({"opset": 11}, ValueError, "`opset`=11 must be >= 13"),
+        ({"input_names": "in"}, TypeError, "`input_names` must be a list of strings or None, got 'in'"),
+        (
+            {"input_names": ["a", "b"]},
+            ValueError,
+            r"`input_names` names 2 inputs \(\['a', 'b'\]\); the model is traced with 1",
+        ),
+        ({"output_names": ["y", "z"]}, ValueError, r"`output_names` names 2 outputs .* the model returns 1"),
+        ({"dynamic_axes": ["x"]}, TypeError, "`dynamic_axes` must map input/output names"),
+        ({"dynamic_axes": {"nope": {1: "n"}}}, ValueError, r"`dynamic_axes` names \['nope'\], which are not among"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            export_onnx(model, path, x, **kwargs)
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary file left
+    with pytest.raises(ValueError, match="is a directory; name a file in it"):
+        export_onnx(model, tmp_path, x)
+    with pytest.raises(TypeError, match=r"`path` must be a file path"):
+        export_onnx(model, None, x)
+    with pytest.raises(TypeError, match="`model` is a TorchScript module"):
+        export_onnx(torch.jit.script(model), path, x)
+    export_onnx(model, path, x, input_names=["features"], dynamic_axes={"features": {}})
+    assert path.exists()

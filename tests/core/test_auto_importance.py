@@ -1,0 +1,127 @@
+"""``importance="auto"``: LAMP where a BatchNorm normalizes a pruned layer's output, magnitude elsewhere."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import IterativePruner, prune_, sparsity
+from lightning_compress.core.importance import LampImportance, MagnitudeImportance, auto_importance, normalized_layers
+
+
+def bn_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 16, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_lamp_scores_are_monotone_in_magnitude_within_a_layer_and_free_of_its_scale():
+    weight = torch.randn(32, 16)
+    scores = LampImportance().score("w", weight)
+    assert scores.max() == pytest.approx(1.0)
+    order = weight.abs().flatten().argsort()
+    assert (scores.flatten()[order].diff() >= 0).all()
+    assert torch.allclose(LampImportance().score("w", 1000.0 * weight), scores)
+
+
+def test_a_batchnorm_after_a_layer_makes_auto_lamp_and_its_masks_ignore_that_layers_scale():
+    model = bn_cnn()
+    assert normalized_layers(model, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]) == ["2"]
+
+    def scaled() -> nn.Sequential:
+        model = bn_cnn()
+        with torch.no_grad():
+            model[2].weight.mul_(100.0)  # the BatchNorm after it makes this rescaling invisible to the function
+        return model
+
+    masks, scaled_masks = prune_(model, 0.9), prune_(scaled(), 0.9)
+    assert all(torch.equal(masks[k], scaled_masks[k]) for k in masks)
+    assert all(torch.equal(masks[k], v) for k, v in prune_(bn_cnn(), 0.9, importance="lamp").items())
+    magnitude = prune_(scaled(), 0.9, importance="magnitude")
+    assert not all(torch.equal(masks[k], magnitude[k]) for k in masks)
+    assert sparsity(model) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_without_such_a_batchnorm_auto_is_magnitude():
+    model = mlp()
+    auto = prune_(model, 0.9)
+    magnitude = prune_(mlp(), 0.9, importance="magnitude")
+    assert all(torch.equal(auto[k], magnitude[k]) for k in auto)
+    head_norm = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 8))  # normalizes the input, not a layer's output
+    importance, why = auto_importance(head_norm, [head_norm[1]], "element", sharded=False)
+    assert isinstance(importance, MagnitudeImportance) and why == "magnitude"
+
+
+@pytest.mark.parametrize(("granularity", "sharded"), [("channel", False), ("N:M", False), ("element", True)])
+def test_auto_is_magnitude_for_channels_n_m_and_sharded_weights(granularity, sharded):
+    model = bn_cnn()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    importance, why = auto_importance(model, layers, granularity, sharded)
+    assert isinstance(importance, MagnitudeImportance)
+    assert ("sharded" in why) == sharded
+
+
+def test_lamp_cannot_rank_a_shard_alone():
+    with pytest.raises(ValueError, match=r"LampImportance\(\) scores a weight against the whole layer, but 'w'"):
+        LampImportance().shard_ranking("w", torch.randn(4), 4)
+
+
+def test_lamp_is_element_wise_only():
+    with pytest.raises(ValueError, match="`importance`='lamp' scores only some granularities"):
+        prune_(bn_cnn(), 0.5, importance="lamp", granularity="2:4")
+
+
+def test_the_pruner_says_what_auto_chose(caplog):
+    with caplog.at_level(logging.INFO, logger="lightning_compress"):
+        pruner = IterativePruner(bn_cnn(), 0.9, total_steps=10)
+    assert isinstance(pruner.rule.importance, LampImportance)
+    assert "importance='auto' scores by LAMP (a BatchNorm normalizes the outputs of ['2'])" in caplog.text
+
+
+def _sharded_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    try:
+        model = bn_cnn()
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        results = {"auto": type(IterativePruner(model, 0.5, total_steps=4).rule.importance).__name__}
+        try:
+            IterativePruner(model, 0.5, importance="lamp", total_steps=4)
+            results["lamp"] = ""
+        except ValueError as err:
+            results["lamp"] = str(err)
+        torch.save(results, f"{out}/results.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_under_fsdp2_auto_is_magnitude_and_lamp_is_refused_before_any_event(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(port, str(tmp_path)), nprocs=1, join=True)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
+    assert results["auto"] == "MagnitudeImportance"
+    assert "`importance`='lamp' scores whole weights, but this model's are sharded (FSDP2)" in results["lamp"]
