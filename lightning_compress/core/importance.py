@@ -329,10 +329,19 @@ def normalized_layers(model: nn.Module, modules: Sequence[nn.Module]) -> list[st
     """Names of the ``modules`` whose output a BatchNorm normalizes: the next layer of ``model`` in registration
     order (``conv, bn`` in a ``Sequential`` or as attributes ``conv1``, ``bn1``) is a BatchNorm over as many
     channels as the layer has outputs."""
-    leaves = [(name, m) for name, m in model.named_modules() if next(m.children(), None) is None]
     wanted = {id(m) for m in modules}
+    units: list[tuple[str, nn.Module]] = []  # leaves, and the selected layers whole (a QAT layer has quantizers)
+    inside = ""
+    for name, m in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if id(m) in wanted:
+            units.append((name, m))
+            inside = f"{name}."
+        elif next(m.children(), None) is None:
+            units.append((name, m))
     found = []
-    for (name, layer), (_, after) in itertools.pairwise(leaves):
+    for (name, layer), (_, after) in itertools.pairwise(units):
         weight = getattr(layer, "weight", None)
         if (
             id(layer) in wanted

@@ -192,3 +192,20 @@ def test_the_export_copy_taken_at_setup_under_fsdp2_holds_no_weights_and_refers_
     assert export_template(fsdp2, model, Path("m.lcz")) is None  # gathered and written as it is
     assert export_template(fsdp2, model, Path("m.lcz"), compacted=True) is not None
     assert export_template(SimpleNamespace(strategy=None), model, Path("m.onnx")) is None  # not sharded
+
+
+@pytest.mark.parametrize("order", ["qat-first", "pruning-first"])
+def test_auto_importance_sees_the_batchnorm_whatever_converts_the_layers_first(order):
+    """QAT converts its layers at setup, before the pruner is built: the BatchNorm after a QAT layer still makes
+    "auto" score with LAMP (it fell back to magnitude: the BN CNN's file runs pruned as before)."""
+    from lightning_compress.core.importance import LampImportance
+    from lightning_compress.demo import DigitsClassifier, DigitsCNN, DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0)
+    callbacks = [qat, pruning] if order == "qat-first" else [pruning, qat]
+    model = DigitsClassifier(DigitsCNN(4))
+    trainer(max_epochs=2, limit_train_batches=4, callbacks=callbacks).fit(model, DigitsDataModule(seed=0))
+    assert isinstance(pruning.pruner.rule.importance, LampImportance)
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-2)

@@ -125,3 +125,14 @@ def test_under_fsdp2_auto_is_magnitude_and_lamp_is_refused_before_any_event(tmp_
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     assert results["auto"] == "MagnitudeImportance"
     assert "`importance`='lamp' scores whole weights, but this model's are sharded (FSDP2)" in results["lamp"]
+
+
+def test_a_model_already_converted_for_qat_is_still_seen_as_normalized():
+    """Regression: QAT layers hold their quantizers as children, so the layer was no leaf and a pruning callback
+    set up after QAT's conversion fell back to magnitude."""
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    model = bn_cnn()
+    convert_to_qat(model, QuantConfig())
+    layers = [model[i] for i in (0, 2, 6, 8)]
+    assert normalized_layers(model, layers) == ["2"]
