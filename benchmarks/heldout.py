@@ -15,6 +15,10 @@ Linear/Conv weight) following the same cubic curve per epoch, with and without t
 the MLP, a constant per-epoch fraction). Seeds 11 and 12. One thread, one fit at a time.
 
     python benchmarks/heldout.py            # 72 fits, ~20 minutes on one core
+    python benchmarks/heldout.py --pairs dwsep-glyphs --methods ours --out benchmarks/results/heldout_session14.jsonl
+                                            # session 14's defaults on the glyph CNN (6 fits)
+    python benchmarks/heldout.py --pairs widemlp-cancer cnn1d-stdlib --methods ours-lamp \
+        --out benchmarks/results/heldout_lamp_session14.jsonl        # LAMP on the pairs without BatchNorm (12 fits)
 """
 
 from __future__ import annotations
@@ -218,8 +222,11 @@ def fit(pair: str, method: str, target: float, seed: int) -> dict:
         TensorDataset(xtr, ytr), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
     callbacks: list[pl.Callback] = []
-    if method == "ours":
+    if method == "ours":  # the defaults of the code that runs (importance="auto" since session 14)
         callbacks.append(IterativePruning(target, start_epoch=START, end_epoch=END))
+    elif method in ("ours-magnitude", "ours-lamp"):  # the defaults before session 14; LAMP everywhere
+        importance = method.split("-")[1]
+        callbacks.append(IterativePruning(target, importance=importance, start_epoch=START, end_epoch=END))
     elif method.startswith("MP"):  # MP-cubic, MP-cubic-LTH, MP-const, MP-const-LTH
         callbacks.append(model_pruning(target, method.endswith("LTH"), module, method.split("-")[1]))
     trainer = pl.Trainer(
@@ -245,6 +252,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=PAIRS, choices=PAIRS)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
     parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
+    parser.add_argument("--methods", nargs="+", help="default: dense, ours and ModelPruning's configurations")
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "heldout.jsonl"))
     args = parser.parse_args()
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -252,9 +260,10 @@ def main() -> None:
     with open(args.out, "a") as out:
         for pair in args.pairs:
             for seed in args.seeds:
-                runs = [("dense", 0.0)]
+                runs = [] if args.methods and "dense" not in args.methods else [("dense", 0.0)]
                 methods = ["ours", "MP-cubic", "MP-cubic-LTH"]
                 methods += ["MP-const", "MP-const-LTH"] if pair == "widemlp-cancer" else []
+                methods = [m for m in args.methods if m != "dense"] if args.methods else methods
                 runs += [(m, t) for t in args.targets for m in methods]
                 for method, target in runs:
                     record = fit(pair, method, target, seed)

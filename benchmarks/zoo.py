@@ -94,6 +94,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "every-step-lamp": {"every_n_steps": 1, "importance": "lamp"},
     # session 13: magnitude of the weight with the BatchNorm after it folded in (equal to magnitude without BN)
     "every-step-bnfold": {"every_n_steps": 1, "importance": "bnfold"},
+    # session 14: the defaults before importance="auto" (magnitude everywhere)
+    "magnitude": {"importance": "magnitude"},
 }
 Split = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -119,23 +121,6 @@ class FoldedMagnitude:
             return magnitude
         factor = norm.weight.detach().abs() / torch.sqrt(norm.running_var + norm.eps)
         return magnitude * factor.view(-1, *([1] * (weight.dim() - 1)))
-
-
-class LampScores:
-    """LAMP (Lee et al. 2021): ``w_i^2 / sum of w_j^2 over the layer's weights j at least as large``.
-
-    Monotone in ``|w|`` within a layer, and scale-free across layers: a layer's largest weight scores 1, so one
-    global threshold cannot empty a layer, and a BatchNorm's arbitrary rescaling of the weight before it does not
-    move its share of the budget. A candidate default (benchmark-local until the zoo adopts it).
-    """
-
-    def score(self, name: str, weight: Tensor) -> Tensor:
-        square = weight.detach().float().square().flatten()
-        ordered, order = torch.sort(square, stable=True)
-        suffix = ordered.flip(0).cumsum(0).flip(0)
-        scores = torch.empty_like(square)
-        scores[order] = ordered / suffix.clamp_min(torch.finfo(torch.float32).tiny)
-        return scores.view(weight.shape)
 
 
 # ---------------------------------------------------------------- data (cached per process)
@@ -377,13 +362,11 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
         if method in FILE_METHODS:
             callbacks.append(QuantizationAwareTraining(8, 8, start_epoch=end, **FILE_METHODS[method]))
     elif method in CANDIDATES:
-        options = dict(CANDIDATES[method])
+        options = {"importance": "magnitude", **CANDIDATES[method]}  # what the candidates ran with before "auto"
         if "events" in options:
             window_steps = (end - start) * len(train_loader)
             options["every_n_steps"] = max(1, window_steps // options.pop("events"))
-        if options.get("importance") == "lamp":
-            options["importance"] = LampScores()
-        elif options.get("importance") == "bnfold":
+        if options.get("importance") == "bnfold":
             options["importance"] = FoldedMagnitude(module)
         if options.get("min_density") is not None:
             options["min_density"] = float(options["min_density"])
