@@ -91,6 +91,12 @@ class CompressionMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         size = estimate_size(pl_module)
         final = self.history[-1].get("value") if self.history else None
+        if self.monitor is not None and not self.history:
+            rank_zero_warn(
+                f"CompressionMonitor: no validation ran during the fit, so `monitor`={self.monitor!r} was never read "
+                "and the summary has no baseline or final value: give the fit validation data (`val_dataloaders`, "
+                "`limit_val_batches` > 0)."
+            )
         self.summary = {
             **size.to_dict(),
             "monitor": self.monitor,

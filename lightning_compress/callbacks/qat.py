@@ -191,9 +191,18 @@ class QuantizationAwareTraining(Callback):
             if self.shift_search:
                 self._check_validation_at_start(trainer, pl_module)
             check_export_ready(trainer, self.export_path, pl_module)
-            self._check_no_overlap(trainer, pl_module)
             before = {name for name, _ in qat_modules(pl_module)}
-            self._convert(pl_module)
+            try:
+                self._check_no_overlap(trainer, pl_module)
+                self._convert(pl_module)
+            except ValueError as err:
+                if not is_overridden("configure_model", pl_module) or "select no" not in str(err):
+                    raise
+                raise ValueError(
+                    f"{err} QuantizationAwareTraining converts layers at `setup`, before "
+                    f"{type(pl_module).__name__}.configure_model runs: build the layers to quantize in `__init__` "
+                    "(`configure_model` may still shard them)."
+                ) from err
             self._converted = [name for name in self._layers if name not in before]
             self._trained = False
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
@@ -268,6 +277,13 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_export_template(self._template, pl_module, "QuantizationAwareTraining")
+        late = [name for name in quantizable_layers(pl_module, self.include, self.exclude) if name not in self._layers]
+        if late:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: {late[:5]}{' ...' if len(late) > 5 else ''} match `include`/`exclude` "
+                "but did not exist at `setup`, when the layers were converted (built in `configure_model`?): they "
+                "stay float. Build them in `__init__` to quantize them."
+            )
         if trainer.logger is not None:
             trainer.logger.log_hyperparams(
                 {f"compress/qat/{k}": ("none" if v is None else v) for k, v in self.config.to_dict().items()}
@@ -397,7 +413,12 @@ class QuantizationAwareTraining(Callback):
         for name, module in qat_modules(pl_module):
             inputs = self._captured.get(name) or []
             if not inputs:
-                raise RuntimeError(f"shift search captured no validation input for layer {name!r}.")
+                raise ValueError(
+                    f"`shift_search` chooses the shifts on validation data at the end of `start_epoch`="
+                    f"{self.start_epoch}, but no validation batch reached layer {name!r} in that epoch (no validation "
+                    "loader, or none ran then): pass `val_dataloaders` to `fit`, validate in that epoch, or set "
+                    "`shift_search=False`."
+                )
             with unsharded(module, pl_module):  # FSDP2: the layer runs alone, outside the model's forward
                 w_shift, a_shift, _ = search_power_of_two_shifts(
                     module, inputs, collectives=StrategyCollectives(trainer.strategy)

@@ -149,3 +149,10 @@ def test_an_unknown_monitor_is_refused_by_the_sanity_check_before_training():
     callbacks = [CompressionMonitor(monitor="val_f1"), NoTraining()]
     with pytest.raises(ValueError, match="`monitor`='val_f1' was not logged"):
         trainer(max_epochs=1, callbacks=callbacks, num_sanity_val_steps=2).fit(TinyModule())
+
+
+def test_a_fit_without_validation_says_the_monitor_was_never_read():
+    monitor = CompressionMonitor(monitor="val_acc")
+    with pytest.warns(UserWarning, match=r"no validation ran during the fit, so `monitor`='val_acc' was never read"):
+        trainer(max_epochs=1, limit_val_batches=0, callbacks=[monitor]).fit(TinyModule())
+    assert monitor.summary["baseline"] is None and monitor.summary["final"] is None

@@ -488,3 +488,42 @@ def test_a_refusal_caused_by_fast_dev_run_names_it(tiny):
     qat = QuantizationAwareTraining(start_epoch=3)
     with pytest.raises(ValueError, match=r"quantization would never switch on\. \(Lightning's `fast_dev_run`"):
         trainer(max_epochs=10, fast_dev_run=True, callbacks=[qat]).fit(tiny)
+
+
+class LayersInConfigureModel(TinyModule):
+    """Builds its head in `configure_model`, after QAT converted the layers at `setup`."""
+
+    def __init__(self, everything: bool = False) -> None:
+        super().__init__()
+        self.everything = everything
+        if everything:
+            del self.net
+
+    def configure_model(self) -> None:
+        if self.everything and not hasattr(self, "net"):
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        elif not hasattr(self, "late"):
+            self.late = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.net(x)
+        return self.late(out) if hasattr(self, "late") else out
+
+
+def test_layers_built_in_configure_model_are_named():
+    """Found by a trial: QAT converts at `setup`, before `configure_model`: with every layer built there the
+    refusal blamed `include`; with some, those stayed float and nothing said so."""
+    with pytest.raises(ValueError, match=r"select no weight .* converts layers at `setup`, before .*configure_model"):
+        trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(start_epoch=0)]).fit(LayersInConfigureModel(True))
+    with pytest.warns(UserWarning, match=r"\['late'\] match `include`/`exclude` but did not exist at `setup`"):
+        trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(start_epoch=0)]).fit(LayersInConfigureModel())
+
+
+class NoValidationLoader(TinyModule):
+    val_dataloader = pl.LightningModule.val_dataloader  # a validation_step, and no loader for it
+
+
+def test_shift_search_without_validation_data_names_what_is_missing():
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=0)
+    with pytest.raises(ValueError, match=r"`shift_search` chooses the shifts on validation data .* no validation"):
+        trainer(max_epochs=2, callbacks=[qat]).fit(NoValidationLoader())
