@@ -195,3 +195,5 @@ class _CappedStream:
                 )
         if not self.decompressor.eof:
             raise CompressedFileError(f"{self.path} is corrupted: the compressed stream does not end.")
+        if self.decompressor.unused_data or self.f.read(1):
+            raise CompressedFileError(f"{self.path} is corrupted: bytes follow the end of the compressed stream.")

@@ -355,3 +355,12 @@ def test_a_layer_named_with_glob_characters_round_trips_without_converting_its_s
     assert [n for n, _ in qat_modules(fresh)] == ["d.a*"] and type(fresh.d["ab"]) is torch.nn.Linear
     x = torch.randn(4, 8)
     assert torch.equal(fresh.eval()(x), model(x))
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"hidden payload" * 100])
+def test_bytes_after_the_end_of_the_compressed_stream_are_refused(tmp_path, genuine, extra):
+    """A file whose checksum covers bytes after the LZMA end marker loaded as if they were not there."""
+    manifest, body = genuine
+    raw = forge.raw_of(manifest, body)
+    forge.write(tmp_path / "t.lcz", forge.compress(raw) + extra, len(raw))
+    refused(tmp_path / "t.lcz", "bytes follow the end of the compressed stream")
