@@ -125,3 +125,15 @@ class StopAfterEpoch(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.epoch:
             trainer.should_stop = True
+
+
+def spawn(worker: object, tmp_path: object, nprocs: int) -> None:
+    """Run ``worker(rank, port, str(tmp_path))`` in ``nprocs`` spawned processes on a free local port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(worker, args=(port, str(tmp_path)), nprocs=nprocs, start_method="spawn")

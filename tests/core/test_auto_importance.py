@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_compress import IterativePruner, prune_, sparsity
 from lightning_compress.core.importance import LampImportance, MagnitudeImportance, auto_importance, normalized_layers
+from tests.conftest import spawn
 
 
 def bn_cnn() -> nn.Sequential:
@@ -114,14 +115,7 @@ def _sharded_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_under_fsdp2_auto_is_magnitude_and_lamp_is_refused_before_any_event(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sharded_worker, args=(port, str(tmp_path)), nprocs=1, join=True)
+    spawn(_sharded_worker, tmp_path, nprocs=1)
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     assert results["auto"] == "MagnitudeImportance"
     assert "`importance`='lamp' scores whole weights, but this model's are sharded (FSDP2)" in results["lamp"]

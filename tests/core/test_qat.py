@@ -15,6 +15,7 @@ from lightning_compress.core.qat import (
     quantizers,
     search_power_of_two_shifts,
 )
+from tests.conftest import spawn
 
 
 def net():
@@ -272,14 +273,7 @@ def _shift_inputs(rank: int) -> list[torch.Tensor]:
 def test_shift_search_agrees_across_processes_on_every_processs_batches(tmp_path):
     """Under DDP each process captures different validation batches; the search reduces ranges and errors so
     both fix the shifts the union of the batches gives (before: rank 1's 40x larger inputs chose its own)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_shift_search_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn(_shift_search_worker, tmp_path, nprocs=2)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
     union = search_power_of_two_shifts(_shift_layer()[0], _shift_inputs(0) + _shift_inputs(1))
     alone = search_power_of_two_shifts(_shift_layer()[0], _shift_inputs(0))

@@ -4,7 +4,6 @@ refuses a sharded model, naming what works."""
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from lightning_compress.core.importance import BatchNormScaleImportance, Magnitu
 from lightning_compress.core.rules import channel_structure, rule_for
 from lightning_compress.core.selection import select_targets
 from lightning_compress.core.sharding import local_part
+from tests.conftest import spawn
 
 
 def _model() -> nn.Sequential:
@@ -77,12 +77,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow
 def test_sharded_channel_masks_are_the_whole_models_cut_to_each_shard(tmp_path):
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    spawn(_worker, tmp_path, nprocs=2)
     for rank in (0, 1):
         results = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
         assert "cannot trace a sharded (FSDP2) model (0 is sharded): trace the whole model before" in results["refused"]
