@@ -232,7 +232,11 @@ class LampImportance(Importance):
     scores_shards = False
 
     def score(self, name: str, weight: Tensor) -> Tensor:
-        square = weight.detach().float().square().flatten()
+        magnitude = weight.detach().float().abs().flatten()
+        largest = magnitude.max() if magnitude.numel() else magnitude.new_ones(())
+        # relative to the layer's largest weight: the scores are the same, and the squares neither overflow
+        # (|w| > 1e19) nor all underflow (|w| < 1e-19) in float32
+        square = (magnitude / largest.clamp_min(torch.finfo(torch.float32).tiny)).square()
         ordered, order = torch.sort(square, stable=True)
         suffix = ordered.flip(0).cumsum(0).flip(0)  # sum of the squares at least as large as each
         scores = torch.empty_like(square)

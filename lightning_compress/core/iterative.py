@@ -546,6 +546,7 @@ class IterativePruner:
             "events": self.events,
             "pruner": self._pruner.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
+            "importance": type(self.rule.importance).__name__,  # what scored the masks ("auto" resolved)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -558,6 +559,13 @@ class IterativePruner:
         elif version != STATE_VERSION:
             raise ValueError(f"IterativePruning state version {version!r} is not supported (expected {STATE_VERSION}).")
         self._pruner.load_state_dict(state["pruner"])
+        scored_by, now = state.get("importance"), type(self.rule.importance).__name__
+        if scored_by is not None and scored_by != now and int(state["steps"]) < self.schedule.end:
+            self._warn(
+                f"IterativePruning: the checkpoint's masks were scored by {scored_by}, this run scores by {now} (the "
+                "`importance` argument, or what importance='auto' picks, differs): the rest of the schedule is pruned "
+                f"by {now}. Pass the checkpoint's importance to continue as it ran."
+            )
         self.steps = max(int(state["steps"]), 0)
         self.events = int(state.get("events", 0))
         if state.get("guard") is not None and self.guard is not None:

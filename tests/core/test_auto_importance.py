@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -130,3 +131,28 @@ def test_a_model_already_converted_for_qat_is_still_seen_as_normalized():
     convert_to_qat(model, QuantConfig())
     layers = [model[i] for i in (0, 2, 6, 8)]
     assert normalized_layers(model, layers) == ["2"]
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_lamp_scores_stay_finite_and_scale_free_at_extreme_scales(scale):
+    """Regression (a trial): the squares overflowed float32 above |w| ~ 1e19 (NaN scores, a refused event) and
+    underflowed to zero below ~1e-19 (the scale came back)."""
+    weight = torch.randn(64, 32)
+    scores = LampImportance().score("w", weight * scale)
+    assert scores.isfinite().all()
+    assert torch.allclose(scores, LampImportance().score("w", weight), rtol=1e-5, atol=1e-7)
+
+
+def test_resuming_with_another_importance_says_so():
+    """A checkpoint pruned with magnitude, resumed on a BatchNorm model where "auto" picks LAMP: the rest of the
+    schedule is scored differently, which the resume now says (it did so silently)."""
+    before = IterativePruner(bn_cnn(), 0.9, importance="magnitude", total_steps=10, every_n_steps=1)
+    for _ in range(3):
+        before.step()
+    after = IterativePruner(bn_cnn(), 0.9, total_steps=10, every_n_steps=1)
+    with pytest.warns(UserWarning, match="masks were scored by MagnitudeImportance, this run scores by LampImportance"):
+        after.load_state_dict(before.state_dict())
+    same = IterativePruner(bn_cnn(), 0.9, importance="magnitude", total_steps=10, every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(before.state_dict())
