@@ -17,13 +17,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ["minmax", "power_of_two", "learned", "8da4w", "bias", "shift", "shift-root"]
 
 
-def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
+def _script(name: str, cwd: pathlib.Path, *args: str) -> None:
+    """Run ``tests/callbacks/<name>`` with ``args``; a failure shows the end of the script's output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "callbacks" / "fsdp_script.py"
-    subprocess.run(
-        [sys.executable, str(script), str(out), strategy, ",".join(jobs)],
-        check=True, env=env, cwd=out, timeout=600, capture_output=True, text=True,
-    )  # fmt: skip
+    script = ROOT / "tests" / "callbacks" / name
+    done = subprocess.run(
+        [sys.executable, str(script), *args], env=env, cwd=cwd, timeout=600, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"{name} {args} exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
+
+
+def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
+    _script("fsdp_script.py", out, str(out), strategy, ",".join(jobs))
 
 
 def _dump(out: pathlib.Path, name: str) -> dict[str, torch.Tensor]:
@@ -172,13 +177,8 @@ def test_an_onnx_export_from_shards_refuses_layers_built_in_configure_model_befo
 
 def _llama_fsdp2_equals_ddp(out: pathlib.Path, *extra: str) -> dict[str, Any]:
     """Run ``fsdp_llama_script.py`` under FSDP2 and DDP; check masks, weights (both ranks) and loss are equal."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "callbacks" / "fsdp_llama_script.py"
     for strategy in ("fsdp2", "ddp"):
-        subprocess.run(
-            [sys.executable, str(script), str(out), strategy, *extra],
-            check=True, env=env, cwd=out, timeout=600, capture_output=True, text=True,
-        )  # fmt: skip
+        _script("fsdp_llama_script.py", out, str(out), strategy, *extra)
     tag = "".join(f"-{e}" for e in extra)
     sharded, replicated = (torch.load(out / f"{s}{tag}_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
     other_rank = torch.load(out / f"fsdp2{tag}_1.pt", weights_only=True)
@@ -229,13 +229,8 @@ def test_channel_pruning_of_a_wrapped_gpt2_under_fsdp2_equals_ddp(tmp_path):
     from lightning_compress import load_compressed
     from tests.callbacks.fsdp_gpt2_script import LM
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    script = ROOT / "tests" / "callbacks" / "fsdp_gpt2_script.py"
     for strategy in ("fsdp2", "ddp"):
-        subprocess.run(
-            [sys.executable, str(script), str(tmp_path), strategy],
-            check=True, env=env, cwd=tmp_path, timeout=600, capture_output=True, text=True,
-        )  # fmt: skip
+        _script("fsdp_gpt2_script.py", tmp_path, str(tmp_path), strategy)
     sharded, replicated = (torch.load(tmp_path / f"{s}_0.pt", weights_only=True) for s in ("fsdp2", "ddp"))
     assert sharded["masks"].keys() == replicated["masks"].keys() and len(sharded["masks"]) == 12
     for name, mask in replicated["masks"].items():
