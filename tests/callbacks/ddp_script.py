@@ -71,4 +71,6 @@ def main(out_dir: str, importances: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2].split(","))
+    from tests.callbacks._exit import run_and_leave_the_group
+
+    run_and_leave_the_group(main, sys.argv[1], sys.argv[2].split(","))

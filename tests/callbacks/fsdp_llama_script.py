@@ -105,4 +105,6 @@ def main(out, strategy, channel=False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:] == ["channel"])
+    from tests.callbacks._exit import run_and_leave_the_group
+
+    run_and_leave_the_group(main, sys.argv[1], sys.argv[2], sys.argv[3:] == ["channel"])

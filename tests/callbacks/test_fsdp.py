@@ -24,7 +24,9 @@ def _script(name: str, cwd: pathlib.Path, *args: str) -> None:
     done = subprocess.run(
         [sys.executable, str(script), *args], env=env, cwd=cwd, timeout=600, capture_output=True, text=True
     )
-    assert done.returncode == 0, f"{name} {args} exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}"
+    if done.returncode != 0:
+        sys.stderr.write(f"{name} {args} exited with {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}\n")
+        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
 
 
 def _run(out: pathlib.Path, strategy: str, jobs: list[str]) -> None:
