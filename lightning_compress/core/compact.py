@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_float
+from .checks import check_float, check_module
 from .heads import AttentionBlock, set_head_counts
 from .layers import weight_axes
 from .macs import count_macs
@@ -337,8 +337,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
         >>> model[0]
         Linear(in_features=4, out_features=4, bias=True)
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    check_module(model)
     check_float(atol, "atol", finite=True)
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)

@@ -11,12 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_module
-from .importance import Importance, auto_importance, resolve_importance
+from .importance import Importance, auto_importance_of, resolve_importance
 from .masks import compute_masks, zero_pruned_
 from .nm import dense_layers_note, parse_nm
 from .rules import rule_for
 from .selection import select_targets
-from .sharding import is_sharded
 
 __all__ = [
     "check_granularity",
@@ -198,8 +197,7 @@ def prune_(
     masks = check_masks(masks, targets)
     if importance == "auto":
         kind = "N:M" if nm is not None else granularity
-        sharded = any(is_sharded(t.param) for t in targets)
-        imp, why = auto_importance(model, [t.module for t in targets], kind, sharded)
+        imp, why = auto_importance_of(model, targets, kind)
         logging.getLogger(__name__).info(f"prune_: importance='auto' scores by {why}.")
     if granularity == "element":  # computes and zeroes in one pass over the weights
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)

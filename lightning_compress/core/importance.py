@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .sharding import is_sharded
+
 __all__ = [
     "IMPORTANCES",
     "BatchNormScaleImportance",
@@ -42,6 +44,7 @@ __all__ = [
     "RandomImportance",
     "TaylorImportance",
     "auto_importance",
+    "auto_importance_of",
     "check_scores",
     "normalized_layers",
     "resolve_importance",
@@ -379,6 +382,12 @@ def auto_importance(
     if normalized:
         return MagnitudeImportance(), "magnitude (LAMP cannot score sharded weights)"
     return MagnitudeImportance(), "magnitude"
+
+
+def auto_importance_of(model: nn.Module, targets: Sequence[Any], granularity: str) -> tuple[Importance, str]:
+    """:func:`auto_importance` for selected targets (``.module`` and ``.param``: sharded when any is)."""
+    sharded = any(is_sharded(t.param) for t in targets)
+    return auto_importance(model, [t.module for t in targets], granularity, sharded)
 
 
 def resolve_importance(spec: object, seed: int = 0) -> Importance:

@@ -33,7 +33,7 @@ from .checks import check_int, check_module
 from .collectives import Collectives, TorchDistributed, broadcast_masks
 from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
-from .importance import Importance, auto_importance
+from .importance import Importance, auto_importance_of
 from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
@@ -226,8 +226,7 @@ class IterativePruner:
         importance = config.make_importance()
         if config.importance == "auto":
             kind = "N:M" if config.nm is not None else config.granularity
-            sharded = any(is_sharded(t.param) for t in targets)
-            importance, why = auto_importance(model, [t.module for t in targets], kind, sharded)
+            importance, why = auto_importance_of(model, targets, kind)
             self._info(f"IterativePruning: importance='auto' scores by {why}.")
         elif not importance.scores_shards and any(is_sharded(t.param) for t in targets):
             raise ValueError(
