@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 
+from .core.checks import check_path
 from .core.qat import QuantConfig, convert_to_qat
 
 __all__ = ["load_qat_checkpoint"]
@@ -31,8 +32,17 @@ def load_qat_checkpoint(
     model is returned in eval mode: its outputs are what the quantized model computes.
 
     Raises:
+        TypeError: ``module_class`` is not a LightningModule class, or ``checkpoint_path`` is not a path or file.
         ValueError: the checkpoint holds no ``QuantizationAwareTraining`` state.
     """
+    if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
+        raise TypeError(
+            f"`module_class` must be a LightningModule subclass (the class, not an instance), got {module_class!r}."
+        )
+    if not callable(getattr(checkpoint_path, "read", None)):
+        checkpoint_path = check_path(checkpoint_path, "checkpoint_path")
+        if not checkpoint_path.is_file():
+            raise ValueError(f"`checkpoint_path`={str(checkpoint_path)!r} is not a file.")
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("QuantizationAwareTraining")]
     if not states or not states[0].get("layers"):

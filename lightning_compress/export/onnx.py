@@ -287,6 +287,13 @@ def export_onnx(
                 f"export_onnx cannot trace {type(model).__name__}: {str(err).splitlines()[0]} What to change: "
                 f"{_trace_hint(example_inputs)}replace that operator in the model's forward, or try a newer `opset`."
             ) from err
+        except RuntimeError as err:
+            traced.unlink(missing_ok=True)
+            if "onnx_opset_version" not in str(err):
+                raise
+            raise ValueError(
+                f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
+            ) from err
     try:
         proto = onnx.load(str(traced))
     finally:

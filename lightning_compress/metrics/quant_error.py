@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["QuantizationError"]
+__all__ = ["QuantizationError", "quantization_error"]
 
 
 class QuantizationError(Metric):
@@ -39,17 +39,45 @@ class QuantizationError(Metric):
 
     def update(self, reference: Tensor, quantized: Tensor) -> None:
         """Add one ``(float tensor, its quantized version)`` pair of the same shape."""
-        if not isinstance(reference, Tensor) or not isinstance(quantized, Tensor):
-            raise TypeError("`reference` and `quantized` must be torch.Tensors.")
-        if reference.shape != quantized.shape:
-            raise ValueError(
-                f"`reference` {tuple(reference.shape)} and `quantized` {tuple(quantized.shape)} differ in shape."
-            )
-        ref = reference.detach().double()
-        self.squared_error += ((ref - quantized.detach().double()) ** 2).sum().to(self.squared_error.device)
-        self.squared_reference += (ref**2).sum().to(self.squared_reference.device)
+        squared_error, squared_reference = _squared_sums(reference, quantized)
+        self.squared_error += squared_error.to(self.squared_error.device)
+        self.squared_reference += squared_reference.to(self.squared_reference.device)
 
     def compute(self) -> Tensor:
-        if self.squared_reference == 0:
-            return (self.squared_error > 0).float()
-        return (self.squared_error / self.squared_reference).float()
+        return _relative(self.squared_error, self.squared_reference)
+
+
+def quantization_error(reference: Tensor, quantized: Tensor) -> Tensor:
+    """Functional twin of :class:`QuantizationError`: ``sum (x - q(x))^2 / sum x^2`` for one pair.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.metrics import quantization_error
+        >>> quantization_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+        tensor(0.2000)
+    """
+    return _relative(*_squared_sums(reference, quantized))
+
+
+def _squared_sums(reference: Tensor, quantized: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(reference, Tensor) or not isinstance(quantized, Tensor):
+        raise TypeError("`reference` and `quantized` must be torch.Tensors.")
+    if reference.shape != quantized.shape:
+        raise ValueError(
+            f"`reference` {tuple(reference.shape)} and `quantized` {tuple(quantized.shape)} differ in shape."
+        )
+    ref, quant = (_dense(t, name) for t, name in ((reference, "reference"), (quantized, "quantized")))
+    return ((ref - quant.to(ref.device)) ** 2).sum(), (ref**2).sum()
+
+
+def _dense(tensor: Tensor, argument: str) -> Tensor:
+    if tensor.is_meta:
+        raise ValueError(f"`{argument}` is on the meta device: it holds no values to compare.")
+    tensor = tensor.detach()
+    return (tensor if tensor.layout == torch.strided else tensor.to_dense()).double()
+
+
+def _relative(squared_error: Tensor, squared_reference: Tensor) -> Tensor:
+    if squared_reference == 0:
+        return (squared_error > 0).float()
+    return (squared_error / squared_reference).float()

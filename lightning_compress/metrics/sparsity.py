@@ -71,4 +71,12 @@ def zero_fraction(*tensors: Tensor) -> Tensor:
 def _zero_count(tensor: Tensor) -> tuple[int, int]:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"`tensor` must be a torch.Tensor, got {type(tensor).__name__}.")
+    if tensor.is_meta:
+        raise ValueError(
+            "`tensor` is on the meta device: it holds no values to count. Materialize it first "
+            "(e.g. `model.to_empty(device='cpu')` and load its weights)."
+        )
+    if tensor.layout != torch.strided:  # sparse COO/CSR/...: every entry not stored is a zero
+        values = tensor.detach().coalesce().values() if tensor.layout == torch.sparse_coo else tensor.detach().values()
+        return tensor.numel() - int((values != 0).sum()), tensor.numel()
     return int((tensor.detach() == 0).sum()), tensor.numel()

@@ -290,6 +290,21 @@ def test_load_qat_checkpoint_needs_qat_state(tiny, tmp_path):
         load_qat_checkpoint(TinyModule, tmp_path / "plain.ckpt")
 
 
+@pytest.mark.parametrize(
+    ("module_class", "path", "error", "match"),
+    [
+        (TinyModule, None, TypeError, r"`checkpoint_path` must be a file path"),
+        (TinyModule, "missing.ckpt", ValueError, r"`checkpoint_path`='.*missing\.ckpt' is not a file"),
+        (TinyModule, ".", ValueError, r"is not a file"),
+        ("TinyModule", "x.ckpt", TypeError, r"`module_class` must be a LightningModule subclass"),
+        (torch.nn.Linear, "x.ckpt", TypeError, r"`module_class` must be a LightningModule subclass"),
+    ],
+)
+def test_load_qat_checkpoint_checks_its_arguments(tmp_path, module_class, path, error, match):
+    with pytest.raises(error, match=match):
+        load_qat_checkpoint(module_class, path if path in (None, ".") else tmp_path / path)
+
+
 # ---------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),

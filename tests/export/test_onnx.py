@@ -267,6 +267,7 @@ def test_arguments_are_checked_before_tracing(tmp_path):
         ({"accuracy_level": True}, TypeError, "`accuracy_level` must be an int, got bool"),
         ({"opset": "17"}, TypeError, "`opset` must be an int, got str"),
         ({"opset": 11}, ValueError, "`opset`=11 must be >= 13"),
+        ({"opset": 99}, ValueError, "`opset`=99 is newer than this torch's ONNX exporter supports"),
         ({"input_names": "in"}, TypeError, "`input_names` must be a list of strings or None, got 'in'"),
         (
             {"input_names": ["a", "b"]},

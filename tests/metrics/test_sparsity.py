@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_compress.metrics import Sparsity
+from lightning_compress.metrics import Sparsity, zero_fraction
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -28,3 +28,23 @@ def test_empty_is_zero_and_reset_works():
 def test_rejects_non_tensors():
     with pytest.raises(TypeError, match=r"`tensor` must be a torch\.Tensor"):
         Sparsity().update([0.0, 1.0])
+
+
+def test_sparse_tensors_count_their_implicit_zeros():
+    dense = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
+    coo = dense.to_sparse()
+    with_stored_zero = torch.sparse_coo_tensor(
+        torch.tensor([[0, 1], [1, 0]]), torch.tensor([1.0, 0.0]), (2, 3), check_invariants=True
+    )
+    for tensor, zeros in ((coo, 4), (dense.to_sparse_csr(), 4), (with_stored_zero, 5)):
+        metric = Sparsity()
+        metric.update(tensor)
+        assert metric.compute().item() == pytest.approx(zeros / 6)
+        assert zero_fraction(tensor).item() == pytest.approx(zeros / 6)
+
+
+def test_refuses_meta_tensors():
+    with pytest.raises(ValueError, match=r"`tensor` is on the meta device"):
+        Sparsity().update(torch.empty(3, device="meta"))
+    with pytest.raises(ValueError, match=r"`tensor` is on the meta device"):
+        zero_fraction(torch.empty(3, device="meta"))
