@@ -22,6 +22,8 @@ from lightning_compress import (
     save_compressed,
 )
 from lightning_compress.core.nm import is_nm
+from lightning_compress.core.rules import channel_structure
+from lightning_compress.core.selection import select_targets
 from lightning_compress.core.qat import qat_modules, quantizers
 
 transformers = pytest.importorskip("transformers")
@@ -423,6 +425,31 @@ def test_segformer_compacts_and_reloads_with_per_stage_config_fields(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(**x).logits, expected, atol=1e-5)
         assert torch.equal(reloaded(**x).logits, model(**x).logits)
+
+
+def test_levit_channel_groups_its_query_subsample_breaks_are_left_whole_and_the_rest_compacts():
+    """LeViT's attention subsample reads the residual stream through a spatial stride the dependency graph took
+    for a channel map: removing one channel of those groups ran, so they were kept, masked, and compact() then
+    refused the whole model. The trial now removes half of a group's channels at scattered positions."""
+    from lightning_compress import compact
+
+    config = transformers.LevitConfig(
+        image_size=32, hidden_sizes=[16, 32, 48], num_attention_heads=[1, 2, 3], depths=[1, 1, 1],
+        key_dim=[8, 8, 8], down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 4, 4, 2, 2]], num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LevitForImageClassification(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    structure = channel_structure(model, select_targets(model), x)
+    down = "levit.encoder.stages.0.layers.1.module.linear_down.linear"
+    assert "the dependency graph does not see" in structure.left[down]
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    with torch.no_grad():
+        expected = model(x).logits
+    report = compact(model, x)
+    assert report.params_after < report.params_before
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, expected, atol=1e-5)
 
 
 def mixtral(seed: int = 0):
