@@ -22,9 +22,9 @@ from lightning_compress import (
     save_compressed,
 )
 from lightning_compress.core.nm import is_nm
+from lightning_compress.core.qat import qat_modules, quantizers
 from lightning_compress.core.rules import channel_structure
 from lightning_compress.core.selection import select_targets
-from lightning_compress.core.qat import qat_modules, quantizers
 
 transformers = pytest.importorskip("transformers")
 
