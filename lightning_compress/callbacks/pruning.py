@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..core.config import PruningConfig
-from ..core.controller import GuardDecision
+from ..core.controller import GuardDecision, monitor_mode
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
 from ..core.mask_counts import zero_counts
@@ -96,7 +96,11 @@ class IterativePruning(Callback):
             never returns a model no validation judged. ``None`` disables it.
         max_drop: largest tolerated drop of ``monitor`` from the baseline (``None``: 0.01). Without ``monitor``
             it has no effect, and setting it warns.
-        mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise.
+        mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise. ``None`` (default): ``"min"`` for a
+            name that says it is lower-is-better (contains ``loss``, ``perplexity``, ``ppl``, ``error``, ``mse`` or
+            ``mae``, as ``val_loss``), ``"max"`` otherwise (``val_acc``, ``val_f1``); the choice is logged.
+            Lightning's ``EarlyStopping`` defaults to ``"min"``: a guard that read ``val_loss`` as higher-is-better
+            would accept every drop, so an explicit ``mode="max"`` with such a name warns.
         rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back
             to their values at the start of this epoch (``<= start_epoch``). ``None``: off.
         seed: seed of ``importance="random"`` (the same on every process).
@@ -147,7 +151,7 @@ class IterativePruning(Callback):
         min_density: float | None = None,
         monitor: str | None = None,
         max_drop: float | None = None,
-        mode: str = "max",
+        mode: str | None = None,
         rewind_epoch: int | None = None,
         seed: int = 0,
         granularity: str = "element",
@@ -167,6 +171,10 @@ class IterativePruning(Callback):
                 stacklevel=2,
             )
         self.max_drop = check_float(0.01 if max_drop is None else max_drop, "max_drop")
+        inferred = mode is None
+        mode = monitor_mode(monitor, mode)
+        if monitor is not None and inferred:
+            rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
         self.config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure,
@@ -182,6 +190,7 @@ class IterativePruning(Callback):
         self._in_steps = False
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
+        self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._optimizer_params: dict[int, set[int]] = {}
 
     # ------------------------------------------------------------------ identity and state
@@ -406,6 +415,14 @@ class IterativePruning(Callback):
         reshard(pl_module)
         rolled = self._core.finish()
         self._say_if_short_of_target()
+        validated_at, self._validated_at = self._validated_at, None
+        if rolled is None and validated_at is not None and trainer.global_step > validated_at:
+            rank_zero_warn(
+                f"IterativePruning: training ran {trainer.global_step - validated_at} optimizer step(s) after the "
+                f"fit's last validation (step {validated_at}); no pruning event ran in them, but no validation has "
+                f"scored the model `fit` returns (a fit that ends between validations: `max_steps`, "
+                "`check_val_every_n_epoch`, a stop). `trainer.validate(model)` scores it."
+            )
         if self._in_steps and trainer.loggers:
             # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
             # them, so the sparsity the fit ends at is written here (every process counts, process 0 writes)
@@ -418,7 +435,7 @@ class IterativePruning(Callback):
         if rolled.whole_model:  # fit stopped where the validation schedule did not show it would
             rank_zero_warn(
                 f"IterativePruning: fit ended before a validation judged the last pruning event; the model went back "
-                f"to the one the last validation judged ({change}; the training since that event is undone). A "
+                f"to the one the last validation judged ({change}; the training since that validation is undone). A "
                 "checkpoint saved after that event and before the end of fit still holds it."
             )
         else:
@@ -443,7 +460,11 @@ class IterativePruning(Callback):
                 "`max_time`, `max_steps` or a shorter epoch)"
             )
         elif guard is not None:
-            why = "the accuracy guard's rollbacks halved the steps and no validation was left to judge more of them"
+            why = (
+                "after the window, each event waits for a validation to judge the one before it, and the fit ended "
+                "before enough of them ran"
+                + (f" ({guard.rollbacks} rollback(s) halved the steps)" if guard.rollbacks else "")
+            )
         else:
             why = "the last events could not run"
         rank_zero_warn(
@@ -469,6 +490,7 @@ class IterativePruning(Callback):
         if not self._finite_baseline(value):
             return
         decision = self._core.observe(value)
+        self._validated_at = trainer.global_step
         if decision is None:
             return
         rank_zero_info(

@@ -10,10 +10,33 @@ with at most that step. When the step falls below ``min_step`` no step fits and 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["AccuracyGuard", "GuardDecision"]
+__all__ = ["AccuracyGuard", "GuardDecision", "monitor_mode"]
+
+_LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|error|mse|mae", re.IGNORECASE)
+
+
+def monitor_mode(monitor: str | None, mode: str | None) -> str:
+    """``mode`` for the metric named ``monitor``: as given, or (``None``) ``"min"`` for a name that says it is
+    lower-is-better (``val_loss``, ``val_ppl``, ``val_error``, ...) and ``"max"`` otherwise. An explicit ``"max"``
+    for such a name warns: the guard would read every rise of the loss as an improvement."""
+    if mode is not None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"`mode`={mode!r} is not one of ('max', 'min').")
+        if mode == "max" and monitor is not None and _LOWER_IS_BETTER.search(monitor):
+            warnings.warn(
+                f"`monitor`={monitor!r} reads as lower-is-better, but `mode`='max' treats a higher value as better: "
+                "the accuracy guard would accept every rise of it. Pass mode='min' (or leave `mode` unset to infer "
+                "it from the name).",
+                UserWarning,
+                stacklevel=3,
+            )
+        return mode
+    return "min" if monitor is not None and _LOWER_IS_BETTER.search(monitor) else "max"
 
 
 @dataclass(frozen=True)

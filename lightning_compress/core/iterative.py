@@ -218,7 +218,8 @@ class IterativePruner:
             )
         self.config = config
         self._model = model
-        self._judged: ModelSnapshot | None = None  # with the guard: the model before the event awaiting judgement
+        # with the guard: the model as the last evaluation saw it (taken at `observe`), what a rollback returns to
+        self._judged: ModelSnapshot | None = None
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -425,7 +426,8 @@ class IterativePruner:
         regrow = 0.0 if wanted >= self.target_sparsity - _TOLERANCE else None  # the last event is an exact top-k
         # replicated weights (DDP) take rank 0's masks; sharded ones are decided from counts every process shares
         sync = None if self.collectives.world_size == 1 or self._pruner.sharded else self._broadcast
-        judged = None if guard is None else ModelSnapshot(self._model)
+        # the copy `observe` took is the model the last evaluation judged; a resumed run has none yet: take it now
+        judged = self._judged if guard is None or self._judged is not None else ModelSnapshot(self._model)
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
             return False
         self._judged = judged
@@ -470,26 +472,27 @@ class IterativePruner:
                 f"`value` must be a number (the evaluation result), got {type(value).__name__} ({value!r})."
             )
         decision = self.guard.observe(float(value))
-        if decision is None:
-            return None
-        if decision.action in ("rollback", "stop"):
-            self._roll_back()
+        rolled_back = decision is not None and decision.action in ("rollback", "stop")
+        if rolled_back:
+            self._roll_back()  # the model is again the one the copy holds: the last one judged
             self._zero_optimizer_state()
-        if decision.action != "baseline":
-            self._judged = None
-        self.decisions.append(decision)
+        if self.guard.stopped or (self.reached_target() and not self.guard.awaiting_check):
+            self._judged = None  # no event follows: no copy to hold
+        elif not rolled_back:
+            self._judged = ModelSnapshot(self._model)  # what the next event's rollback returns to
+        if decision is not None:
+            self.decisions.append(decision)
         return decision
 
     def _roll_back(self) -> bool:
-        """Undo the last event: the masks before it, and the whole model as it was then (the model the last
-        evaluation judged; training since moved the other weights) when this run took that copy. A run resumed
-        from a checkpoint saved while the event awaited judgement has no copy: the pruned weights get their
-        values back and the others keep their training."""
+        """Undo the last event: the masks before it, and the whole model as the last evaluation before the event
+        saw it (training since moved the other weights) when this run took that copy. A run resumed from a
+        checkpoint saved while the event awaited judgement has no copy: the pruned weights get their values back
+        and the others keep their training."""
         whole = self._judged is not None
+        self._pruner.undo()  # the masks before the event (and the pruned weights' values at it)
         if self._judged is not None:
-            self._judged.restore()
-            self._judged = None
-        self._pruner.undo()
+            self._judged.restore()  # then every tensor as the evaluation saw it
         return whole
 
     def finish(self) -> Rollback | None:
@@ -503,6 +506,7 @@ class IterativePruner:
             whole = self._roll_back()
             self.guard.awaiting_check = False
             rolled = Rollback(before, self.masked_sparsity(), whole)
+        self._judged = None
         self._pruner.apply()
         return rolled
 

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 
 from lightning_compress import IterativePruning, sparsity
+from lightning_compress.core.controller import monitor_mode
 from tests.conftest import SparsityChanges, StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
 
@@ -323,6 +324,31 @@ def test_accuracy_guard_rolls_back_halves_the_step_and_stops():
         assert (model.get_parameter(name)[~mask] == 0).all()
 
 
+class LossBySparsity(TinyModule):
+    """Logs ``val_loss`` = sparsity: lower is better, and every pruned fraction costs the same."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", sparsity(self))
+
+
+def test_a_loss_monitor_is_read_as_lower_is_better_without_mode():
+    """With `mode` defaulting to "max", `monitor="val_loss"` made the guard accept every rise of the loss."""
+    pl.seed_everything(0, verbose=False)
+    model = LossBySparsity()
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_loss", max_drop=0.3)
+    trainer(max_epochs=6, callbacks=[pruning]).fit(model)
+    first = next(d for d in pruning.decisions if d.action != "baseline")
+    assert first.action == "rollback" and first.drop == pytest.approx(0.9, abs=1e-3)
+    assert sparsity(model) <= 0.3
+
+
+def test_an_explicit_max_mode_for_a_loss_warns():
+    with pytest.warns(UserWarning, match=r"`monitor`='val_loss' reads as lower-is-better, but `mode`='max'"):
+        IterativePruning(0.9, monitor="val_loss", mode="max")
+    assert monitor_mode("val_ppl", None) == "min" and monitor_mode("val_acc", None) == "max"
+    assert monitor_mode(None, None) == "max" and monitor_mode("val_loss", "min") == "min"
+
+
 def test_rollback_revives_the_pruned_weights():
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity(lr=0.0)  # no training: the weights only change by pruning
@@ -589,6 +615,46 @@ def test_a_stop_mid_epoch_ends_on_a_judged_event():
     # one), then step 10 is judged at the stop
     assert [d.action for d in pruning.decisions] == ["baseline", "accept"]
     assert sparsity(model) == pytest.approx(0.6 * 10 / 48, abs=2e-3)
+
+
+def test_an_event_a_stop_leaves_unjudged_goes_back_to_the_model_the_last_validation_saw():
+    """Events every 3 steps, a validation every other epoch, a stop no validation follows: the end-of-fit rollback
+    restored the copy taken at the event, some optimizer steps after the last validation (a trial found the
+    returned model 0.5 points below the validated one). It now returns the validated model itself."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    pruning = IterativePruning(
+        0.9, importance="random", start_epoch=1, end_epoch=8, every_n_steps=3, monitor="val_acc", max_drop=1.0
+    )
+
+    class LastValidated(Callback):
+        state: dict = {}
+
+        def on_validation_end(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    class StopAt(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 21:  # epoch 2 (8 steps per epoch), which no validation ends
+                trainer.should_stop = True
+
+    validated = LastValidated()
+    with pytest.warns(UserWarning, match="fit ended before a validation judged the last pruning event"):
+        trainer(max_epochs=10, check_val_every_n_epoch=2, callbacks=[pruning, validated, StopAt()]).fit(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in validated.state.items())
+
+
+def test_training_after_the_last_validation_is_named():
+    """`max_steps` mid-epoch: no event runs after the last validation, but the steps trained after it were left
+    unmentioned, and the short-of-target warning blamed rollbacks that never happened."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=2, every_n_steps=2, monitor="val_acc", max_drop=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=10, max_steps=21, callbacks=[pruning]).fit(TinyModule())
+    messages = [str(w.message) for w in caught if "IterativePruning" in str(w.message)]
+    assert any("training ran 5 optimizer step(s) after the fit's last validation (step 16)" in m for m in messages)
+    assert not any("rollback" in m for m in messages) and pruning.pruner.guard.rollbacks == 0
 
 
 @pytest.mark.parametrize(

@@ -141,8 +141,9 @@ def test_finish_rolls_back_an_event_no_evaluation_judged():
 
 @pytest.mark.parametrize("when", ["rollback", "finish"])
 def test_a_rolled_back_event_returns_the_whole_model_the_evaluation_judged(when):
-    """Training after an event moves every weight; rolling it back returns to the model as it was before it
-    (parameters and buffers), not to a mix of old pruned weights and newer others."""
+    """Training moves every weight; rolling an event back returns to the model the evaluation before it saw
+    (parameters and buffers), not to a mix of old pruned weights and newer others, and not to the model at the
+    event, some training steps later (a trial found those steps in a returned model no validation had seen)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 2)
@@ -151,13 +152,12 @@ def test_a_rolled_back_event_returns_the_whole_model_the_evaluation_judged(when)
     pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1, optimizers=optimizer)
     pruner.observe(1.0)
     judged = {k: v.clone() for k, v in model.state_dict().items()}
-    for _ in range(3):  # the event after the first step, then training on
+    for _ in range(3):  # a step of training, the event after it, then training on
         optimizer.zero_grad()
         model(torch.randn(4, 8)).sum().backward()
         pruner.before_optimizer_step()
         optimizer.step()
         if pruner.steps == 0:
-            judged = {k: v.clone() for k, v in model.state_dict().items()}
             assert pruner.step() and pruner.guard.awaiting_check
     if when == "rollback":
         assert pruner.observe(0.5).action == "rollback"
