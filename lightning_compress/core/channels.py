@@ -293,8 +293,9 @@ class ChannelRule:
         self._short_of_budget = True
         groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
         warnings.warn(
-            f"measure='macs': the target leaves {1.0 - sparsity:.1%} of the dense MACs, but the channel groups that "
-            f"can be pruned are at their floors ({groups} channels kept; `min_density`) with {left:.1%} left: the "
+            f"measure='macs': the schedule asks for {1.0 - sparsity:.1%} of the dense MACs at this event, but the "
+            f"channel groups that can be pruned are at their floors ({groups} channels kept; `min_density`) with "
+            f"{left:.1%} left: the "
             "rest is in layers left whole (see the channel groups' log). Pruning goes no further than the floors.",
             UserWarning,
             stacklevel=2,

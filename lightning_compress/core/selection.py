@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _WILDCARDS = set("*?[")
+_UNSELECTED = (nn.RNNBase, nn.MultiheadAttention)  # hold weights the default selection cannot take: said once
 
 
 def default_layer_types() -> tuple[type[nn.Module], ...]:
@@ -228,6 +229,30 @@ def select_targets(
             continue
         seen.add(id(weight))
         selected.append(Target(name=name, module=module, param=weight))
+    picked = {t.name for t in selected}
+    ignored = [
+        n
+        for n, m in named
+        if n in (include or ())
+        and n not in picked
+        and not isinstance(getattr(m, "weight", None), Tensor)
+        and not (exclude is not None and any(_matches(n, p) for p in exclude))
+    ]
+    if selected and ignored:  # the other patterns select something: the name alone would be dropped silently
+        raise ValueError(
+            f"`include` names {ignored}, which have no `weight`{_experts_note(named, ignored, experts)}: an exact "
+            f"name picks that module's `weight`. Name the layers inside a container (e.g. '{ignored[0]}.*'), or "
+            "leave the name out (recurrent layers and nn.MultiheadAttention's packed projections are not "
+            "compressed)."
+        )
+    unseen = [f"{n} ({type(m).__name__})" for n, m in named if isinstance(m, _UNSELECTED)] if include is None else []
+    if unseen:
+        warnings.warn(
+            f"lightning-compress leaves {unseen[:4]}{' ...' if len(unseen) > 4 else ''} dense: it compresses Linear "
+            "and Conv layers, and the weights of recurrent layers (weight_ih_l0, ...) and of nn.MultiheadAttention's "
+            "packed q/k/v projection (in_proj_weight) are neither (its out_proj is a Linear and is selected).",
+            stacklevel=2,
+        )
     if tied:
         warnings.warn(
             f"lightning-compress leaves {tied} out: their weight is also an nn.Embedding's (a tied output "

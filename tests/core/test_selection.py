@@ -102,3 +102,28 @@ def test_prune_never_zeroes_a_tied_embedding_by_default():
         prune_(model, 0.9)
     assert torch.equal(model.wte.weight, embedding)
     assert float((model.block.weight == 0).float().mean()) >= 0.85
+
+
+class Recurrent(nn.Module):
+    """Linear -> GRU -> Linear: the GRU's weights are `weight_ih_l0`, ... (no `weight`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = nn.Linear(16, 2)
+
+
+def test_an_exact_name_without_a_weight_is_refused_beside_other_patterns():
+    """`include=["gru", "*"]` dropped the GRU silently (found by a held-out trial); alone it was refused."""
+    with pytest.raises(ValueError, match=r"`include` names \['gru'\], which have no `weight`"):
+        select_targets(Recurrent(), include=["gru", "*"])
+    with pytest.raises(ValueError, match=r"\['gru'\] have no `weight`"):
+        select_targets(Recurrent(), include=["gru"])
+    assert names(Recurrent(), include=["*"], exclude=["gru"]) == ["inp", "attn.out_proj", "out"]
+
+
+def test_the_default_selection_says_which_layers_it_leaves_dense():
+    with pytest.warns(UserWarning, match=r"leaves \['gru \(GRU\)', 'attn \(MultiheadAttention\)'\] dense"):
+        assert names(Recurrent()) == ["inp", "attn.out_proj", "out"]
