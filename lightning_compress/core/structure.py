@@ -159,11 +159,20 @@ def build_channel_groups(
     custom = {type(m): _conv1d_pruner(tp) for m in modules.values() if is_conv1d(m)}
     with torch.enable_grad(), plain_float(model):
         blocks, feeding, not_heads = find_attention(model, example_inputs)
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
-        )
-        ignored = [modules[name] for name in feeding]
-        raw, untraced = _raw_groups(graph, ignored, roots, names)
+        try:
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
+            )
+        except (TypeError, IndexError, KeyError, ValueError, RuntimeError, AttributeError) as err:
+            # e.g. Longformer: a concatenation whose sizes the tracer cannot read. Heads are found without the
+            # graph; every other channel is left whole, with the reason
+            graph, raw = None, []
+            untraced = {
+                type(model).__name__: "the channel dependency graph could not be built (Torch-Pruning: "
+                f"{type(err).__name__}: {str(err)[:120]}), so no channel outside attention heads can be pruned"
+            }
+        else:
+            raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
     groups: list[ChannelGroup] = []
     skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}
     skipped.update(untraced)

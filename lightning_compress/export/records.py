@@ -272,6 +272,8 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
     layers = _layers_with_weights(model)
     missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))
     extra, shapes, dtypes, kinds = [], [], [], []
+    dtype_pairs: set[tuple[str, str]] = set()  # (in the file, in the model) of model tensors whose dtype differs
+    floating = 0  # model tensors of a floating dtype the file holds
     for record in records:
         have = mine.get(record.name)
         if have is None:
@@ -288,8 +290,10 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
             elif record.kind != "raw":  # a quantizer buffer is written whole: its scale is read before aliases
                 kinds.append(record.name)
             continue
+        floating += int(have.is_floating_point())
         if record.torch_dtype != have.dtype:
             dtypes.append(record.name)
+            dtype_pairs.add((str(record.torch_dtype), str(have.dtype)))
         if record.shape == tuple(have.shape):
             continue
         shrunk = len(record.shape) == have.dim() and all(a <= b for a, b in zip(record.shape, have.shape, strict=True))
@@ -306,6 +310,14 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
         ):
             if keys:
                 details.append(f"{label}: {sorted(keys)[:5]}")
+        whole_model = len(dtypes) == floating > 1 and len(dtype_pairs) == 1  # every float tensor: a model dtype
+        if whole_model and not (missing or extra or shapes or kinds):
+            written, held = next(iter(dtype_pairs))
+            raise ArchitectureMismatch(
+                f"holds {written} tensors where {type(model).__name__} has {held} ({sorted(dtypes)[:3]} ...): the "
+                f"file was written from a {written} model (e.g. `precision='bf16-true'`). Convert the fresh model "
+                f"first (`model.to({written})`), then load."
+            )
         raise ArchitectureMismatch(
             f"was written for another architecture than {type(model).__name__}: " + "; ".join(details)
         )

@@ -452,6 +452,26 @@ def test_levit_channel_groups_its_query_subsample_breaks_are_left_whole_and_the_
         assert torch.allclose(model(x).logits, expected, atol=1e-5)
 
 
+def test_a_model_whose_dependency_graph_cannot_be_built_is_refused_by_name():
+    """Longformer: Torch-Pruning's graph build raised a raw TypeError at a concatenation it cannot size, from
+    `prune_`, the callback's setup and `compact` alike (found by a new-user trial)."""
+    from lightning_compress import compact
+
+    config = transformers.LongformerConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=64,
+        max_position_embeddings=64, num_labels=3, attention_window=[4, 4], pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LongformerForSequenceClassification(config).eval()
+    x = {"input_ids": torch.randint(4, 64, (2, 12))}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"channel dependency graph could not be built \(Torch-Pruning: TypeError"):
+        prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = compact(model, x)  # nothing to remove, and no error
+    assert report.params_after == report.params_before
+
+
 def mixtral(seed: int = 0):
     config = transformers.MixtralConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

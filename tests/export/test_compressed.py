@@ -328,3 +328,15 @@ def test_paths_and_models_that_cannot_be_saved_are_refused_before_anything_is_wr
     with pytest.raises(ValueError, match="`model` has tensors on the meta device"):
         save_compressed(meta, tmp_path / "m.lcz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_file_from_a_bfloat16_model_names_the_conversion_a_float32_model_needs(tmp_path):
+    """A file written from a `bf16-true` fit, loaded into a fresh float32 model, was refused as 'another
+    architecture' (found by a new-user trial)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).to(torch.bfloat16)
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(CompressedFileError, match=r"holds torch\.bfloat16 tensors where Sequential has torch\.float32"):
+        load_compressed(fresh, tmp_path / "m.lcz")
+    load_compressed(fresh.to(torch.bfloat16), tmp_path / "m.lcz")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
