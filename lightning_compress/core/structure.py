@@ -159,6 +159,7 @@ def build_channel_groups(
     custom = {type(m): _conv1d_pruner(tp) for m in modules.values() if is_conv1d(m)}
     with torch.enable_grad(), plain_float(model):
         blocks, feeding, not_heads = find_attention(model, example_inputs)
+        raw: list[Any]
         try:
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
