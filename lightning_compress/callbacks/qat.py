@@ -46,13 +46,27 @@ _LEARNED_UNDER_FSDP2 = (
 
 
 def _warn_about_idle_layers(pl_module: nn.Module, epoch: int) -> None:
-    """Layers whose weight quantizer observed nothing while observers were on: their forward never ran."""
+    """Layers whose quantizers observed nothing while observers were on: their forward never ran in training."""
     idle = [name for name, layer in qat_modules(pl_module) if not cast(Any, layer).weight_fake_quant.initialized]
     if idle:
         rank_zero_warn(
             f"QuantizationAwareTraining: {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran their forward in epoch "
             f"{epoch} (the model reads their weights directly, as transformers' Mamba does with conv1d): they compute "
             "in float, and an export stores them in float. `exclude` them to silence this."
+        )
+    unseen = [
+        name
+        for name, layer in qat_modules(pl_module)
+        if name not in idle
+        and isinstance(q := getattr(layer, "input_fake_quant", None), FakeQuantizer)
+        and q.fake_quant_enabled
+        and not q.has_range
+    ]
+    if unseen:
+        rank_zero_warn(
+            f"QuantizationAwareTraining: the inputs of {unseen[:5]}{' ...' if len(unseen) > 5 else ''} were never "
+            f"observed in a training step of epoch {epoch} (the layer runs outside `training_step`?): their inputs "
+            "stay float until a training step reaches them."
         )
 
 
@@ -313,6 +327,8 @@ class QuantizationAwareTraining(Callback):
         if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
             for _, quantizer in quantizers(pl_module):
                 quantizer.observer_enabled = True
+        for _, quantizer in quantizers(pl_module):  # they observe while the model trains, even if it was left in
+            quantizer.train()  # eval mode (Lightning keeps a module's mode): they would never calibrate
         self._freeze_bn(trainer, pl_module)
 
     def on_train_batch_start(

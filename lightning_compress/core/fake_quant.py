@@ -236,6 +236,15 @@ class FakeQuantizer(nn.Module):
         return self._flag(self._INITIALIZED)
 
     @property
+    def has_range(self) -> bool:
+        """Whether the scale describes data: a weight's always (it takes its range from the weight when it
+        first quantizes it); an activation's once it observed a batch or had its shift fixed. An activation
+        quantizer without a range (its layer never ran while observers were on, e.g. a model fit in eval mode
+        or fake quantization switched on without calibration) passes its input through in float until a
+        training forward gives it one: its default scale of 1 would round most activations to zero."""
+        return self.role == "weight" or self.initialized or self.frozen_shift
+
+    @property
     def signed(self) -> bool:
         return self._flag(self._SIGNED)
 
@@ -285,7 +294,7 @@ class FakeQuantizer(nn.Module):
         observed = (self.training and self.observer_enabled) or first
         if observed:
             self.observe(x)
-        if not self.fake_quant_enabled:
+        if not self.fake_quant_enabled or not self.has_range:
             return x
         qmin, qmax = self.qrange
         if self.groups:
@@ -351,7 +360,7 @@ class FakeQuantizer(nn.Module):
         The exporters map these ops to QuantizeLinear/DequantizeLinear; ranges narrower than the
         8-bit container are enforced by a clamp first, so the values stay those of the narrow grid.
         """
-        if not self.fake_quant_enabled:
+        if not self.fake_quant_enabled or not self.has_range:
             return x
         qmin, qmax = self.qrange
         if self.role == "weight":  # x is the layer's already-quantized weight: re-quantizing it is exact

@@ -686,4 +686,13 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
             q.observer_enabled = observe
         elif q.role == "weight":
             q.observer_enabled = enabled
+    unseen = [name for name, q in found if enabled and not q.has_range]
+    if unseen:
+        warnings.warn(
+            f"enable_fake_quant: {unseen[:3]}{' ...' if len(unseen) > 3 else ''} never observed an activation (no "
+            "`calibrate(model, batches)` reached them): they pass their inputs through in float until a forward in "
+            "training mode with observers on gives them a range.",
+            UserWarning,
+            stacklevel=2,
+        )
     return len(found)

@@ -203,6 +203,17 @@ def test_shift_search_chooses_and_logs_shifts(tmp_path):
     assert errors and all(0 <= e < 0.01 for e in errors)
 
 
+@pytest.mark.parametrize("scale", ["minmax", "learned"])
+def test_a_model_left_in_eval_mode_still_calibrates(tiny, scale):
+    """A model fit after `model.eval()` (Lightning keeps modules' modes): the quantizers never observed, inputs were
+    quantized with scale 1 and LSQ weights with step 1, down to chance accuracy (found by a QAT trial)."""
+    tiny.eval()
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, scale=scale, start_epoch=0)]).fit(tiny)
+    for _, layer in qat_modules(tiny):
+        assert layer.input_fake_quant.has_range and layer.input_fake_quant.initialized
+        assert float(layer.weight_fake_quant.effective_scale().max()) < 0.5  # from the weights, not the default 1
+
+
 def test_hparams_are_logged(tiny, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -403,3 +403,19 @@ def test_a_layer_called_twice_in_one_forward_trains(scale):
     model.train()
     model(x).pow(2).mean().backward()
     assert model.shared.weight.grad is not None and model.shared.weight.grad.abs().sum() > 0
+
+
+def test_an_activation_quantizer_that_never_observed_passes_its_input_through_and_says_so():
+    """Switched on without calibration, an input quantizer used its default scale of 1: inputs in [0, 0.5) became
+    0, silently (found by a QAT trial). It now computes in float until an observation gives it a range."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    convert_to_qat(model, QuantConfig(8, 8))
+    with pytest.warns(UserWarning, match=r"enable_fake_quant: \['0.input_fake_quant', .*never observed an activation"):
+        enable_fake_quant(model)
+    x = torch.rand(4, 16) * 0.4
+    quantizer = model[0].input_fake_quant
+    assert not quantizer.has_range and torch.equal(quantizer.eval()(x), x)
+    calibrate(model, [x])  # observers on for these batches: the quantizer now has a range and quantizes
+    assert quantizer.has_range and not torch.equal(quantizer.eval()(x), x)
+    assert (quantizer(x) - x).abs().max() <= quantizer.scale / 2 + 1e-7
