@@ -309,7 +309,15 @@ class QuantizationAwareTraining(Callback):
             _check_in_optimizers(self._learned_params, trainer.optimizers)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known)."""
+        """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
+        shift search needs validation data (the loaders are known now, before any training step)."""
+        searching = self.shift_search and trainer.current_epoch <= self.start_epoch and not self._active(pl_module)
+        if searching and (trainer.val_dataloaders is None or not any(trainer.num_val_batches)):
+            raise ValueError(
+                "`shift_search=True` evaluates shifts on the validation batches of epoch "
+                f"`start_epoch`={self.start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "
+                "`fit` (or a datamodule's `val_dataloader`), or set `shift_search=False`."
+            )
         per_epoch, max_steps = steps_per_epoch(trainer), trainer.max_steps
         if per_epoch is None or max_steps is None or max_steps < 0 or trainer.current_epoch > self.start_epoch:
             return

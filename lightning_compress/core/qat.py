@@ -384,7 +384,35 @@ def _quantizable_targets(
             else ""
         )
         raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
+    _say_tied_partners(model, targets, include)
     return targets
+
+
+def _say_tied_partners(model: nn.Module, targets: list[Target], include: Sequence[str] | str | None) -> None:
+    """Layers that share a selected layer's weight (tied Linear layers) are converted once, under the first name:
+    a named one is refused, the others are said."""
+    chosen = {id(t.param): t.name for t in targets}
+    picked = {t.name for t in targets}
+    partners = {
+        name: chosen[id(module.weight)]
+        for name, module in model.named_modules()
+        if name not in picked and id(getattr(module, "weight", None)) in chosen and _qat_class(type(module)) is not None
+    }
+    if not partners:
+        return
+    named = [n for n in partners if include is not None and n in include]
+    described = ", ".join(f"{n!r} shares {first!r}'s weight" for n, first in list(partners.items())[:3])
+    if named:
+        raise ValueError(
+            f"`include` names {named}, but {described}: quantization-aware training converts one layer per weight "
+            "(the first). Leave the tied layer out of `include`, or untie the weights to quantize both."
+        )
+    warnings.warn(
+        f"quantization-aware training converts one layer per weight: {described}, so it computes with the float "
+        "weight (and a compressed file stores that weight in float). Untie the weights to quantize both.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _subclass_note(module: nn.Module) -> str:
@@ -641,7 +669,16 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
 
         with torch.no_grad():
             for batch in batches:
-                call_model(model, batch)
+                try:
+                    call_model(model, batch)
+                except TypeError as err:
+                    if not (isinstance(batch, (tuple, list)) and "positional argument" in str(err)):
+                        raise
+                    raise TypeError(
+                        f"`batches` yields {type(batch).__name__}s of {len(batch)}, which calibrate passes to the "
+                        f"model as {len(batch)} positional inputs ({err}). Pass the inputs only: from an (x, y) "
+                        "loader, `(x for x, _ in loader)`. The ranges were not changed."
+                    ) from err
                 count += 1
         broken = [name for name, q in found if not all(bool(t.isfinite().all()) for t in q.state_dict().values())]
         if broken:

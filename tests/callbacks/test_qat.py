@@ -550,6 +550,11 @@ class NoValidationLoader(TinyModule):
 
 
 def test_shift_search_without_validation_data_names_what_is_missing():
+    """Refused after a whole epoch of training, with the layers left converted (found by a QAT trial): now before
+    the first step, and the model is float again."""
+    model = NoValidationLoader()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=0)
-    with pytest.raises(ValueError, match=r"`shift_search` chooses the shifts on validation data .* no validation"):
-        trainer(max_epochs=2, callbacks=[qat]).fit(NoValidationLoader())
+    with pytest.raises(ValueError, match=r"`shift_search=True` .* this fit has no validation data: pass `val_dataloa"):
+        trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert not qat_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

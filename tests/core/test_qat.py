@@ -419,3 +419,36 @@ def test_an_activation_quantizer_that_never_observed_passes_its_input_through_an
     calibrate(model, [x])  # observers on for these batches: the quantizer now has a range and quantizes
     assert quantizer.has_range and not torch.equal(quantizer.eval()(x), x)
     assert (quantizer(x) - x).abs().max() <= quantizer.scale / 2 + 1e-7
+
+
+def test_calibrating_on_labelled_batches_names_the_fix():
+    """`calibrate(model, train_loader)` with (x, y) batches raised Sequential.forward's own TypeError (a trial)."""
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    convert_to_qat(model, QuantConfig(8, 8))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 16), torch.zeros(8)), 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"`batches` yields lists of 2, .* `\(x for x, _ in loader\)`"):
+        calibrate(model, loader)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert calibrate(model, (x for x, _ in loader)) == 2
+
+
+class TiedLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_linear_tied_to_a_converted_one_is_named():
+    """Two Linear layers sharing one weight: QAT converted the first only, silently, also when both were named in
+    `include` (found by a QAT trial)."""
+    with pytest.raises(ValueError, match=r"`include` names \['b'\], but 'b' shares 'a''s weight"):
+        convert_to_qat(TiedLinears(), QuantConfig(8, 8), include=["a", "b", "h"])
+    model = TiedLinears()
+    with pytest.warns(UserWarning, match=r"converts one layer per weight: 'b' shares 'a''s weight"):
+        assert convert_to_qat(model, QuantConfig(8, 8)) == ["a", "h"]
+    assert type(model.b) is nn.Linear
