@@ -121,10 +121,17 @@ def _composite_attention() -> Iterator[None]:
         backend.set_fastpath_enabled(before)
 
 
-def _trace_hint(example_inputs: Any) -> str:
+def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
     """For ``transformers`` models given ids without their mask: pass the mask (the one a model builds itself uses
     operators the exporter lacks); nothing to add otherwise."""
     if not isinstance(example_inputs, dict):
+        main = getattr(model, "main_input_name", None)  # a transformers PreTrainedModel called with a bare tensor
+        if isinstance(main, str) and main in ("input_ids", "input_features"):
+            return (
+                f"pass a dict with `{main}` and its mask (`attention_mask`, or `decoder_attention_mask` for an "
+                "encoder-decoder) as `example_inputs` (a `transformers` model builds the missing mask with operators "
+                "the exporter lacks); otherwise "
+            )
         return ""
     missing = [
         mask
@@ -285,7 +292,8 @@ def export_onnx(
             traced.unlink(missing_ok=True)
             raise ValueError(
                 f"export_onnx cannot trace {type(model).__name__}: {str(err).splitlines()[0]} What to change: "
-                f"{_trace_hint(example_inputs)}replace that operator in the model's forward, or try a newer `opset`."
+                f"{_trace_hint(example_inputs, model)}replace that operator in the model's forward, or try a newer "
+                "`opset`."
             ) from err
         except RuntimeError as err:
             traced.unlink(missing_ok=True)

@@ -574,3 +574,22 @@ def test_onnx_trace_failure_names_the_mask_whisper_needs(tmp_path):
         export_onnx(model, tmp_path / "w.onnx", inputs)
     export_onnx(model, tmp_path / "w.onnx", {**inputs, "decoder_attention_mask": torch.ones(1, 4, dtype=torch.long)})
     assert (tmp_path / "w.onnx").exists()
+
+
+def test_onnx_trace_failure_of_a_bare_ids_tensor_names_the_dict_with_the_mask(tmp_path):
+    """A decoder exported from a bare `input_ids` tensor fails on the mask it builds (`aten::diff`); the hint said
+    to replace the operator (found by a QAT trial)."""
+    pytest.importorskip("onnx")
+    from lightning_compress import export_onnx
+
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with pytest.raises(ValueError, match=r"pass a dict with `input_ids` and its mask"):
+        export_onnx(model, tmp_path / "m.onnx", ids)
+    export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert (tmp_path / "m.onnx").exists()
