@@ -110,8 +110,8 @@ class _QATMixin:
         bias = getattr(self, "bias", None)  # an embedding has none
         if not self.quantize_bias or bias is None or not isinstance(input_q, FakeQuantizer):
             return None
-        if not (weight_q.fake_quant_enabled and input_q.fake_quant_enabled):
-            return None
+        if not (weight_q.fake_quant_enabled and input_q.fake_quant_enabled and input_q.has_range):
+            return None  # an input without a range stays float (FakeQuantizer.has_range), so does its bias
         return accumulator_scale(weight_q.effective_scale(), input_q.effective_scale(), bias.numel())
 
     def quantized_bias(self) -> Tensor | None:
