@@ -209,3 +209,27 @@ def test_auto_importance_sees_the_batchnorm_whatever_converts_the_layers_first(o
     trainer(max_epochs=2, limit_train_batches=4, callbacks=callbacks).fit(model, DigitsDataModule(seed=0))
     assert isinstance(pruning.pruner.rule.importance, LampImportance)
     assert sparsity(model) == pytest.approx(0.5, abs=1e-2)
+
+
+class ScoredBySparsity(TinyModule):
+    """`val_score` = 1 - sparsity: with a tight `max_drop` every pruning event is rolled back."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_score", 1.0 - sparsity(self))
+
+
+def test_a_rollback_across_the_switch_to_fake_quantization_leaves_the_quantizers_as_they_are():
+    """The guard's copy of the model, taken before QAT switched on, put the quantizers' buffers back (off, scale 1)
+    under layers that quantize: every weight rounded to 0 and the model was at chance (found by a trial)."""
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=4, monitor="val_score", max_drop=1e-4)
+    trainer(max_epochs=5, callbacks=[pruning, QuantizationAwareTraining(8, 8, start_epoch=1)]).fit(model)
+    assert [d.action for d in pruning.decisions][-3:] == ["rollback"] * 3  # judged after the switch (epoch 1)
+    model.eval()  # a weight quantizer in training mode would take its scale from the weight again
+    for _, q in quantizers(model):
+        assert q.fake_quant_enabled and q.has_range
+    for layer in (model.net[0], model.net[2]):
+        weight = layer.weight.detach()
+        assert float((layer.weight_fake_quant(weight) - weight).abs().max()) < float(weight.abs().max()) / 100
