@@ -131,7 +131,7 @@ class CompressionMonitor(Callback):
         return self.baseline - value if self.mode == "max" else value - self.baseline
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, size: ModelSize, value: float | None) -> None:
-        if trainer.logger is None:
+        if not trainer.loggers:
             return
         metrics: dict[str, float] = {
             "compress/model/sparsity": size.sparsity,
@@ -147,9 +147,10 @@ class CompressionMonitor(Callback):
             drop = self._drop(value)
             if drop is not None:
                 metrics[f"compress/model/{self.monitor}_drop"] = drop
-        trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        if self.log_images and isinstance(trainer.logger, TensorBoardLogger):
-            self._tensorboard(trainer.logger, pl_module, size, trainer.global_step)
+        for logger in trainer.loggers:  # every logger, as Lightning's own `self.log` does
+            logger.log_metrics(metrics, step=trainer.global_step)
+            if self.log_images and isinstance(logger, TensorBoardLogger):
+                self._tensorboard(logger, pl_module, size, trainer.global_step)
 
     def _tensorboard(
         self, logger: TensorBoardLogger, pl_module: pl.LightningModule, size: ModelSize, step: int

@@ -286,8 +286,8 @@ class IterativePruning(Callback):
         if self._restored is not None:
             self._core.load_state_dict(self._restored)
             self._restored = None
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
 
     def _check_no_overlap(self, trainer: pl.Trainer) -> None:
         """Two pruning callbacks on one weight would each undo the other's masks: refused before training."""

@@ -298,8 +298,8 @@ class QuantizationAwareTraining(Callback):
                 "but did not exist at `setup`, when the layers were converted (built in `configure_model`?): they "
                 "stay float. Build them in `__init__` to quantize them."
             )
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams(
+        for logger in trainer.loggers:
+            logger.log_hyperparams(
                 {f"compress/qat/{k}": ("none" if v is None else v) for k, v in self.config.to_dict().items()}
             )
         if self.config.scale == "learned":  # before Lightning restores a resumed optimizer's state

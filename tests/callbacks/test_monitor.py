@@ -62,14 +62,17 @@ def test_tensorboard_tags_values_images_and_summary(tmp_path, caplog):
 
 
 def test_any_logger_and_hparams(tmp_path):
+    """Every logger of the Trainer gets the values: only the first did (found by a trial with CSV + TensorBoard)."""
     pl.seed_everything(0, verbose=False)
-    logger = CSVLogger(tmp_path, name="csv", version=0)
+    loggers = [CSVLogger(tmp_path, name="first", version=0), CSVLogger(tmp_path, name="csv", version=0)]
     pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1)
-    trainer(max_epochs=2, callbacks=[pruning, CompressionMonitor()], logger=logger).fit(TinyModule())
-    metrics = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
-    assert "compress/model/effective_bits" in metrics
-    hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
-    assert "compress/pruning/target_sparsity: 0.5" in hparams
+    callbacks = [pruning, QuantizationAwareTraining(8, 8, start_epoch=0), CompressionMonitor()]
+    trainer(max_epochs=2, callbacks=callbacks, logger=loggers).fit(TinyModule())
+    for name in ("first", "csv"):
+        metrics = (tmp_path / name / "version_0" / "metrics.csv").read_text()
+        assert "compress/model/effective_bits" in metrics
+        hparams = (tmp_path / name / "version_0" / "hparams.yaml").read_text()
+        assert "compress/pruning/target_sparsity: 0.5" in hparams and "compress/qat/weight_bits: 8" in hparams
 
 
 def test_size_estimate_tracks_the_real_file(tmp_path):
