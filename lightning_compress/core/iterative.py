@@ -94,7 +94,8 @@ class IterativePruner:
         collectives: how processes agree (rank 0's masks are used everywhere). ``None``:
             ``torch.distributed`` when initialized.
         previous: the pruner of an earlier run on this model: its masks, guard and decisions carry on
-            when they fit the selection and the model still carries them (every masked weight is zero).
+            when they fit the selection and the model still carries them (every masked weight is zero); a
+            pruner of another model object carries nothing.
         warn, info: how warnings (default :func:`warnings.warn`) and notes (default the module's logger) are
             reported.
         structure: for ``granularity="channel"``: the channel groups traced on the whole model
@@ -304,6 +305,8 @@ class IterativePruner:
             self._pruner.save_rewind_point()
 
     def _continue(self, previous: IterativePruner) -> None:
+        if previous._model is not self._model:  # another model: its masks and baseline say nothing of this one
+            return
         if self._pruner.adopt(previous._pruner.masks):
             self.guard, self.decisions = previous.guard, previous.decisions
 

@@ -228,6 +228,18 @@ def test_one_instance_serves_a_second_fit():
     assert sparsity(second) == pytest.approx(0.6, abs=1e-3)
 
 
+def test_a_guarded_instance_judges_a_new_model_on_its_own_baseline():
+    """A first fit whose every event was rolled back left a dense model, which 'carries' any all-ones masks: the
+    second model inherited the first one's baseline and halved step (found by a trial)."""
+    pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
+    pl.seed_everything(0, verbose=False)
+    trainer(max_epochs=3, callbacks=[pruning]).fit(ScoredBySparsity())  # the one event drops 0.5: rolled back
+    assert [d.action for d in pruning.decisions][-1] == "rollback" and pruning.pruner.masked_sparsity() == 0.0
+    trainer(max_epochs=3, callbacks=[pruning]).fit(ScoredBySparsity())
+    assert [d.action for d in pruning.decisions][:1] == ["baseline"]  # a fresh guard
+    assert pruning.decisions[-1].drop == pytest.approx(0.5, abs=1e-3)  # the full step tried again, not half of it
+
+
 def test_composes_with_checkpoint_early_stopping_and_swa(tiny, tmp_path):
     pruning = IterativePruning(0.7, start_epoch=0, end_epoch=3)
     callbacks = [
