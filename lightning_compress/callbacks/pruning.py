@@ -355,6 +355,10 @@ class IterativePruning(Callback):
             total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
             judged_until=plan.judged_until, wait_for_baseline=True,
         )  # fmt: skip
+        if not self._in_steps and core.steps < trainer.current_epoch:
+            # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
+            # without that epoch's end (where its event runs) or the next one's start. The event runs now.
+            self._advance(pl_module, trainer.current_epoch)
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -311,7 +311,20 @@ class QuantizationAwareTraining(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
-        searching = self.shift_search and trainer.current_epoch <= self.start_epoch and not self._active(pl_module)
+        epoch = trainer.current_epoch
+        if epoch > self.start_epoch and self._layers and not self._active(pl_module):
+            # resumed from a checkpoint saved on the last batch of `start_epoch`: Lightning goes on with the next
+            # epoch without that epoch's end, where quantization switches on. It switches on now.
+            if self.shift_search:
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: the fit resumed after the end of `start_epoch`={self.start_epoch} "
+                    "without running it (a checkpoint saved on its last batch), so no validation chose the shifts: "
+                    "they come from the observed ranges."
+                )
+            self._switch_on(pl_module, epoch - 1)
+        for _, quantizer in quantizers(pl_module):  # Lightning skips the epoch start of a resumed epoch
+            quantizer.train()
+        searching = self.shift_search and epoch <= self.start_epoch and not self._active(pl_module)
         if searching and (trainer.val_dataloaders is None or not any(trainer.num_val_batches)):
             raise ValueError(
                 "`shift_search=True` evaluates shifts on the validation batches of epoch "
@@ -364,16 +377,19 @@ class QuantizationAwareTraining(Callback):
         if epoch == self.start_epoch and not self._active(pl_module):
             if self.shift_search:
                 self._search_shifts(trainer, pl_module)
-            enable_fake_quant(pl_module)  # learned scales start training now
-            _warn_about_idle_layers(pl_module, epoch)
-            rank_zero_info(
-                f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
-                f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
-                f"{self.config.scale}) from epoch {epoch + 1} on (the end of `start_epoch`={self.start_epoch})."
-            )
+            self._switch_on(pl_module, epoch)
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
             for _, quantizer in quantizers(pl_module):
                 quantizer.observer_enabled = False
+
+    def _switch_on(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        enable_fake_quant(pl_module)  # learned scales start training now
+        _warn_about_idle_layers(pl_module, epoch)
+        rank_zero_info(
+            f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
+            f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
+            f"{self.config.scale}) from epoch {epoch + 1} on (the end of `start_epoch`={self.start_epoch})."
+        )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._layers and not self._active(pl_module):

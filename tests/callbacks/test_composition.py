@@ -8,7 +8,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_compress import IterativePruning, QuantizationAwareTraining, sparsity
@@ -233,3 +233,36 @@ def test_a_rollback_across_the_switch_to_fake_quantization_leaves_the_quantizers
     for layer in (model.net[0], model.net[2]):
         weight = layer.weight.detach()
         assert float((layer.weight_fake_quant(weight) - weight).abs().max()) < float(weight.abs().max()) / 100
+
+
+class CrashAtEpochEnd(Callback):
+    """Dies at the end of `epoch`, before the callbacks after it: as a kill right after the checkpoint saved on
+    that epoch's last batch (`ModelCheckpoint(every_n_train_steps=...)` dividing the epoch)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def test_resuming_from_an_epochs_last_batch_runs_that_epochs_event_and_switch(tmp_path):
+    """Lightning resumes such a checkpoint at the next epoch without the epoch's end or the next one's start: the
+    one-shot pruning event and the switch to fake quantization were lost, and the fit ended dense and float
+    (found by a trial)."""
+
+    def callbacks(crash: bool) -> list[Callback]:
+        ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_last=True, save_top_k=-1)
+        pruning = IterativePruning(0.7, schedule="one_shot", start_epoch=1, end_epoch=2, every_n_epochs=1)
+        qat = QuantizationAwareTraining(8, 8, start_epoch=1)
+        return [*([CrashAtEpochEnd(1)] if crash else []), pruning, qat, ckpt]
+
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer(max_epochs=3, callbacks=callbacks(True), enable_checkpointing=True).fit(TinyModule())
+    model = TinyModule()
+    trainer(max_epochs=3, callbacks=callbacks(False), enable_checkpointing=True).fit(
+        model, ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert sparsity(model) == pytest.approx(0.7, abs=1e-3) and quantizing(model)
