@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..core.checks import check_choice, check_float, check_int
@@ -67,3 +68,16 @@ class StrategyCollectives:
         if self.world_size == 1:
             return tensor
         return self.strategy.reduce(tensor.to(self.strategy.root_device), reduce_op=op).to(tensor.device)
+
+
+def warn_if_saved_under_another_key(checkpoint: dict[str, Any], callback: Any) -> None:
+    """Lightning restores a callback's state only under the same ``state_key``, which holds its arguments: a
+    resume with changed arguments dropped the saved state without a word. Say so."""
+    name = type(callback).__name__
+    saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith(name)]
+    if saved and callback.state_key not in saved:
+        rank_zero_warn(
+            f"{name}: the checkpoint holds the state of {saved[0]}, saved with other arguments than this one's "
+            f"({callback.state_key}), so Lightning does not restore it: this {name} starts afresh. Pass the "
+            "arguments of the run being resumed to continue it."
+        )

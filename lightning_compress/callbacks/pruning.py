@@ -33,7 +33,13 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
-from ._validation import StrategyCollectives, check_float, check_strategy, may_shard
+from ._validation import (
+    StrategyCollectives,
+    check_float,
+    check_strategy,
+    may_shard,
+    warn_if_saved_under_another_key,
+)
 from ._validation_plan import EpochWindow, plan_timeline
 
 __all__ = ["IterativePruning"]
@@ -222,6 +228,11 @@ class IterativePruning(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self._core is None else self._core.state_dict()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_if_saved_under_another_key(checkpoint, self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:

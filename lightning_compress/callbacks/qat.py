@@ -29,7 +29,13 @@ from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
-from ._validation import StrategyCollectives, check_int, check_strategy, fast_dev_run_note
+from ._validation import (
+    StrategyCollectives,
+    check_int,
+    check_strategy,
+    fast_dev_run_note,
+    warn_if_saved_under_another_key,
+)
 from ._validation_plan import steps_per_epoch
 
 __all__ = ["QuantizationAwareTraining"]
@@ -174,6 +180,11 @@ class QuantizationAwareTraining(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(**self.config.to_dict(), include=self.include, exclude=self.exclude)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        warn_if_saved_under_another_key(checkpoint, self)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 
-from lightning_compress import IterativePruning, sparsity
+from lightning_compress import IterativePruning, QuantizationAwareTraining, sparsity
 from lightning_compress.core.controller import monitor_mode
 from tests.conftest import SparsityChanges, StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
@@ -238,6 +238,25 @@ def test_a_guarded_instance_judges_a_new_model_on_its_own_baseline():
     trainer(max_epochs=3, callbacks=[pruning]).fit(ScoredBySparsity())
     assert [d.action for d in pruning.decisions][:1] == ["baseline"]  # a fresh guard
     assert pruning.decisions[-1].drop == pytest.approx(0.5, abs=1e-3)  # the full step tried again, not half of it
+
+
+def test_resuming_with_other_arguments_says_the_saved_state_is_not_restored(tmp_path):
+    """Lightning keys a callback's state by its arguments: a resume with another target dropped it silently."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=2, callbacks=[IterativePruning(0.5, end_epoch=2), ckpt], enable_checkpointing=True).fit(
+        TinyModule()
+    )
+    changed = IterativePruning(0.6, end_epoch=3)
+    with pytest.warns(UserWarning, match=r"IterativePruning: the checkpoint holds the state of IterativePruning\{"):
+        trainer(max_epochs=3, callbacks=[changed]).fit(TinyModule(), ckpt_path=str(tmp_path / "last.ckpt"))
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0)
+    trainer(max_epochs=1, callbacks=[qat, ModelCheckpoint(dirpath=tmp_path / "q", save_last=True)],
+            enable_checkpointing=True).fit(TinyModule())  # fmt: skip
+    with pytest.warns(UserWarning, match=r"QuantizationAwareTraining: .* starts afresh"):
+        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(7, 8, start_epoch=0)]).fit(
+            TinyModule(), ckpt_path=str(tmp_path / "q" / "last.ckpt")
+        )
 
 
 def test_composes_with_checkpoint_early_stopping_and_swa(tiny, tmp_path):
