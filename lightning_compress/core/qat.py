@@ -723,6 +723,21 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
             q.observer_enabled = observe
         elif q.role == "weight":
             q.observer_enabled = enabled
+    saturated = [
+        name
+        for name, layer in qat_modules(model)
+        if enabled
+        and (grid := cast(Any, layer).bias_grid()) is not None
+        and bool((cast(Any, layer).bias.detach().abs() > grid * BIAS_RANGE[1]).any())
+    ]
+    if saturated:
+        warnings.warn(
+            f"enable_fake_quant: biases of {saturated[:3]}{' ...' if len(saturated) > 3 else ''} exceed their int32 "
+            "grid (|b| > 2^31 x weight scale x input scale): the layer adds the clamped value. Their scales are tiny; "
+            "set `quantize_bias=False` to keep those biases in float.",
+            UserWarning,
+            stacklevel=2,
+        )
     unseen = [name for name, q in found if enabled and not q.has_range]
     if unseen:
         warnings.warn(

@@ -452,3 +452,15 @@ def test_a_linear_tied_to_a_converted_one_is_named():
     with pytest.warns(UserWarning, match=r"converts one layer per weight: 'b' shares 'a''s weight"):
         assert convert_to_qat(model, QuantConfig(8, 8)) == ["a", "h"]
     assert type(model.b) is nn.Linear
+
+
+def test_a_bias_beyond_its_int32_grid_is_named():
+    """With tiny weight and input scales a bias of 1.0 was clamped to a fraction of itself, silently (a trial)."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.mul_(1e-6)
+        model[0].bias.fill_(1.0)
+    convert_to_qat(model, QuantConfig(8, 8, quantize_bias=True))
+    calibrate(model, [torch.rand(8, 4) * 1e-4])
+    with pytest.warns(UserWarning, match=r"biases of \['0'\] exceed their int32 grid"):
+        enable_fake_quant(model)
