@@ -25,7 +25,7 @@ from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import transformers_conv1d, weight_axes
 from .quant import BIAS_RANGE, accumulator_scale, fake_quantize, int_range, power_of_two_scale
 from .selection import Target, experts_picked, select_targets
-from .sharding import full
+from .sharding import full, is_sharded
 
 __all__ = [
     "SCALE_MODES",
@@ -728,7 +728,8 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
         for name, layer in qat_modules(model)
         if enabled
         and (grid := cast(Any, layer).bias_grid()) is not None
-        and bool((cast(Any, layer).bias.detach().abs() > grid * BIAS_RANGE[1]).any())
+        and not is_sharded(bias := cast(Any, layer).bias)  # an FSDP2 shard of it is not checked
+        and bool((bias.detach().abs() > grid * BIAS_RANGE[1]).any())
     ]
     if saturated:
         warnings.warn(
