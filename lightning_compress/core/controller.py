@@ -15,6 +15,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .checks import check_choice
+
 __all__ = ["AccuracyGuard", "GuardDecision", "monitor_mode"]
 
 _LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|error|mse|mae", re.IGNORECASE)
@@ -25,8 +27,7 @@ def monitor_mode(monitor: str | None, mode: str | None) -> str:
     lower-is-better (``val_loss``, ``val_ppl``, ``val_error``, ...) and ``"max"`` otherwise. An explicit ``"max"``
     for such a name warns: the guard would read every rise of the loss as an improvement."""
     if mode is not None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"`mode`={mode!r} is not one of ('max', 'min').")
+        check_choice(mode, "mode", ("max", "min"))
         if mode == "max" and monitor is not None and _LOWER_IS_BETTER.search(monitor):
             warnings.warn(
                 f"`monitor`={monitor!r} reads as lower-is-better, but `mode`='max' treats a higher value as better: "

@@ -274,14 +274,13 @@ def select_targets(
             stacklevel=2,
         )
     if not selected:
-        without = [n for n, m in named if n in (include or ()) and not isinstance(getattr(m, "weight", None), Tensor)]
         raise ValueError(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
             f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`"
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
             + (f" (left out, pruned by torch.nn.utils.prune: {torch_pruned})" if torch_pruned else "")
-            + (f" ({without} have no `weight`{_experts_note(named, without, experts)})" if without else "")
+            + (f" ({ignored} have no `weight`{_experts_note(named, ignored, experts)})" if ignored else "")
             + ("" if experts else _wildcard_experts_note(model, include, exclude))
             + "."
         )
