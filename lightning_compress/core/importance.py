@@ -237,13 +237,16 @@ class LampImportance(Importance):
     def score(self, name: str, weight: Tensor) -> Tensor:
         magnitude = weight.detach().float().abs().flatten()
         largest = magnitude.max() if magnitude.numel() else magnitude.new_ones(())
+        tiny = torch.finfo(torch.float32).tiny
         # relative to the layer's largest weight: the scores are the same, and the squares neither overflow
         # (|w| > 1e19) nor all underflow (|w| < 1e-19) in float32
-        square = (magnitude / largest.clamp_min(torch.finfo(torch.float32).tiny)).square()
-        ordered, order = torch.sort(square, stable=True)
+        square = (magnitude / largest.clamp_min(tiny)).square()
+        # the bits of a float32 >= 0 order as int32s do, and torch sorts integers by radix: the order (ties too,
+        # the sort is stable) and the sorted values of sorting the floats, several times faster on a large layer
+        bits, order = torch.sort(square.view(torch.int32), stable=True)
+        ordered = bits.view(torch.float32)
         suffix = ordered.flip(0).cumsum(0).flip(0)  # sum of the squares at least as large as each
-        scores = torch.empty_like(square)
-        scores[order] = ordered / suffix.clamp_min(torch.finfo(torch.float32).tiny)
+        scores = torch.empty_like(square).scatter_(0, order, ordered / suffix.clamp_min(tiny))
         return scores.view(weight.shape)
 
     def shard_ranking(self, name: str, shard: Tensor, offset: int) -> tuple[Tensor, bool]:

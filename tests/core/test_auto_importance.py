@@ -37,6 +37,30 @@ def test_lamp_scores_are_monotone_in_magnitude_within_a_layer_and_free_of_its_sc
     assert torch.allclose(LampImportance().score("w", 1000.0 * weight), scores)
 
 
+def lamp_by_definition(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP by its definition, the squares sorted as floats (the code before they were sorted as int32 bits)."""
+    magnitude = weight.abs().flatten()
+    square = (magnitude / magnitude.max()).square()
+    ordered, order = torch.sort(square, stable=True)
+    scores = torch.empty_like(square)
+    scores[order] = ordered / ordered.flip(0).cumsum(0).flip(0).clamp_min(torch.finfo(torch.float32).tiny)
+    return scores.view(weight.shape)
+
+
+def test_lamp_sorts_the_squares_bits_as_integers_and_scores_bit_for_bit_as_its_definition():
+    """An event sorts each layer's squares by their int32 bits (a radix sort, several times faster than a float
+    sort), and the scores are bit for bit those of sorting the floats: zeros, ties and tiny values included."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 48)
+    weight[torch.rand_like(weight) < 0.85] = 0.0  # a layer at 85% sparsity
+    weight[0, :8] = 0.5  # ties
+    weight[1, 0] = 1e-30  # squares to zero against the largest weight
+    assert torch.equal(LampImportance().score("w", weight), lamp_by_definition(weight))
+    assert torch.equal(LampImportance().score("w", torch.zeros(4, 4)), torch.zeros(4, 4))
+    dense = torch.randn(16, 8)
+    assert torch.equal(LampImportance().score("w", dense), lamp_by_definition(dense))
+
+
 def test_a_batchnorm_after_a_layer_makes_auto_lamp_and_its_masks_ignore_that_layers_scale():
     model = bn_cnn()
     assert normalized_layers(model, [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]) == ["2"]
