@@ -91,17 +91,18 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(data: Tensor, bits: int, count: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: ``count`` signed codes as int32."""
+    """Inverse of :func:`pack_codes`: ``count`` signed codes as int8 (one byte per code: loading a layer's codes
+    never costs more than the layer's element count in bytes)."""
     width = code_container_bits(bits)
     data = data.reshape(-1).cpu()
     if width == 8:
         if data.numel() < count:
             raise ValueError(f"code stream of {data.numel()} bytes cannot hold {count} codes")
-        return data[:count].view(torch.int8).to(torch.int32)
+        return data[:count].view(torch.int8).clone()
     per_byte = 8 // width
     if data.numel() * per_byte < count:
         raise ValueError(f"code stream of {data.numel()} bytes cannot hold {count} codes")
     shifts = torch.arange(per_byte, dtype=torch.uint8) * width
-    unsigned = ((data.reshape(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count].to(torch.int32)
-    sign = 1 << (width - 1)
-    return torch.where(unsigned >= sign, unsigned - (1 << width), unsigned)
+    codes = ((data.reshape(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count].view(torch.int8)
+    codes[codes >= 1 << (width - 1)] -= 1 << width  # two's complement in `width` bits
+    return codes

@@ -330,10 +330,11 @@ class _Reader:
         return torch.frombuffer(self.view[start : start + nbytes], dtype=torch.uint8)
 
 
-def _mask(record: TensorRecord, data: Tensor) -> Tensor:
-    """The record's positions as a flat bool mask; raises if the stream does not hold ``count`` of them."""
+def _mask(record: TensorRecord, data: Tensor) -> Tensor | None:
+    """The record's positions as a flat bool mask (``None``: every position, a dense record); raises if the stream
+    does not hold ``count`` of them."""
     if record.coding == "dense":
-        return torch.ones(record.numel, dtype=torch.bool)
+        return None
     if record.coding == "bitmask":
         mask = unpack_bits(data, record.numel)
         if int(mask.sum()) != record.count:
@@ -368,20 +369,18 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
         if record.kind == "sparse":
             values = _from_planes(reader.take("data", record.count * element), element, version).view(dtype)
             out = torch.zeros(record.numel, dtype=dtype)
-            out[mask] = values
+            out[torch.ones(record.numel, dtype=torch.bool) if mask is None else mask] = values
             tensors[record.name] = out.reshape(record.shape)
         else:
             nbytes = (record.count * code_container_bits(record.bits) + 7) // 8
-            codes = unpack_codes(reader.take("codes", nbytes), record.bits, record.count).to(torch.int8)  # 2..8 bits
-            pending.append((record, mask, codes))
+            pending.append((record, mask, reader.take("codes", nbytes)))  # packed, unpacked a block at a time
     for name, tensor in tensors.items():  # every quantizer's scale, before any is used
         if name.endswith("_fake_quant.scale"):
             _check_scale(name, tensor)
     for record, mask, codes in pending:
         zero_point = tensors.get(record.quantizer + "zero_point", torch.zeros((), dtype=torch.int32)).to(torch.int32)
         scale = tensors[record.quantizer + "scale"]
-        out = _dequantized(record, mask, codes, scale, zero_point)
-        tensors[record.name] = out.to(record.torch_dtype).reshape(record.shape)
+        tensors[record.name] = _dequantized(record, mask, codes, scale, zero_point).reshape(record.shape)
     for record, codes in biases:
         prefix = f"{record.layer}."
         scales = tensors[prefix + "weight_fake_quant.scale"], tensors[prefix + "input_fake_quant.scale"]
@@ -398,26 +397,54 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
 _CHUNK = 1 << 18  # elements dequantized at a time: a layer's temporaries stay a few MiB whatever its size
 
 
-def _dequantized(record: TensorRecord, mask: Tensor, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    """``dequantize`` of the stored codes at their positions, float32 and flat, a block of rows at a time (the
-    expanded scale, the codes as floats and the products of a whole layer would cost several times its size)."""
-    out = torch.zeros(record.numel, dtype=torch.float32)
+def _dequantized(
+    record: TensorRecord, mask: Tensor | None, codes: Tensor, scale: Tensor, zero_point: Tensor
+) -> Tensor:
+    """``dequantize`` of the packed codes (``record.bits`` each) at their positions (``mask``; ``None``: all), flat,
+    in the record's dtype, a block of rows at a time: the block's codes, scales and products are the only
+    temporaries (the whole layer's would cost several times its size: unpacked codes, float32 products and group
+    scales expanded to every element). Each value is rounded to the dtype as the whole float32 tensor would be."""
+    out = torch.zeros(record.numel, dtype=record.torch_dtype)
     if not record.numel:
         return out
     rows = record.shape[0] if record.shape else 1
     row = record.numel // rows
-    per_row = scale_per_element(scale, record.shape, record.axis).reshape(rows, row)  # a broadcast view mostly
     step = max(1, _CHUNK // max(1, row))
     used = 0
     for first in range(0, rows, step):
         last = min(rows, first + step)
-        kept = mask[first * row : last * row]
-        count = int(kept.sum())
-        values = codes[used : used + count].to(torch.int32).sub_(zero_point).float()  # (q - zero_point) * scale
+        block = out[first * row : last * row]
+        kept = None if mask is None else mask[first * row : last * row]
+        count = block.numel() if kept is None else int(kept.sum())
+        values = _unpacked(codes, record.bits, used, count).to(torch.int32).sub_(zero_point).float()  # (q - zp) * s
         used += count
-        values.mul_(per_row[first:last].reshape(-1)[kept])
-        out[first * row : last * row][kept] = values
+        scales = _block_scales(scale, record.shape, record.axis, first, last)
+        values.mul_(scales if kept is None else scales[kept])
+        if kept is None:
+            block.copy_(values)
+        else:
+            block[kept] = values.to(out.dtype)
     return out
+
+
+def _unpacked(packed: Tensor, bits: int, start: int, count: int) -> Tensor:
+    """Codes ``start:start + count`` of a packed stream, unpacked (int8) from the bytes that hold them only."""
+    per_byte = 8 // code_container_bits(bits)
+    skip = start % per_byte
+    first, last = start // per_byte, (start + count + per_byte - 1) // per_byte
+    return unpack_codes(packed[first:last], bits, skip + count)[skip:]
+
+
+def _block_scales(scale: Tensor, shape: tuple[int, ...], axis: int | None, first: int, last: int) -> Tensor:
+    """The scale of every element of rows ``first:last`` (along dimension 0) of a tensor of ``shape``, flat:
+    :func:`scale_per_element` of those rows only."""
+    if scale.dim() == 2 and axis is not None:  # (channels, groups) of a 2-d weight, groups along the other axis
+        group = shape[1 - axis] // scale.shape[1]
+        if axis == 0:
+            return scale[first:last].float().repeat_interleave(group, dim=1).reshape(-1)
+        return scale[:, torch.arange(first, last) // group].float().t().reshape(-1)
+    every = scale_per_element(scale, shape, axis)  # an expanded view
+    return every.reshape(1) if every.dim() == 0 else every[first:last].reshape(-1)
 
 
 def _check_scale(name: str, scale: Tensor) -> None:

@@ -50,7 +50,8 @@ def test_codes_round_trip(bits, data):
     values = data.draw(st.lists(st.integers(lo, hi), max_size=100))
     codes = torch.tensor(values, dtype=torch.int32)
     packed = pack_codes(codes, bits)
-    assert torch.equal(unpack_codes(packed, bits, len(values)), codes)
+    unpacked = unpack_codes(packed, bits, len(values))
+    assert unpacked.dtype == torch.int8 and torch.equal(unpacked, codes.to(torch.int8))
 
 
 def test_code_density():
