@@ -206,6 +206,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []
     state = model.state_dict()
+    _check_storable(state)
     sharded = any(is_sharded(t) for t in state.values())
     state = {name: full(tensor) for name, tensor in state.items()}  # under FSDP2: gathered on every process
     for qname, q in quantizers(model):  # learned scales are stored as the step size in use
@@ -293,6 +294,21 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         path=str(path), format="lightning-compress", layers=layers, file_bytes=int(size.item()),
         baseline_bytes=state_dict_bytes(model),
     )  # fmt: skip
+
+
+def _check_storable(state: dict[str, Any]) -> None:
+    """Entries the file can hold: dense (strided) tensors. Anything else is named before a byte is written."""
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"save_compressed stores tensors, but the state dict entry {name!r} is a {type(value).__name__} (a "
+                "module's `get_extra_state`); save that state apart, e.g. with torch.save."
+            )
+        if value.layout != torch.strided:
+            raise TypeError(
+                f"save_compressed stores dense tensors, but the state dict entry {name!r} is a {value.layout} "
+                "tensor; register it dense (`.to_dense()`) or as a non-persistent buffer."
+            )
 
 
 def _worth_sparse(tensor: Tensor) -> bool:
@@ -447,6 +463,16 @@ def _block_scales(scale: Tensor, shape: tuple[int, ...], axis: int | None, first
     return every.reshape(1) if every.dim() == 0 else every[first:last].reshape(-1)
 
 
+def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Zero points a saved model can have: in the integer range of their quantizer (a forged one loaded, shifted
+    every value it touches and broke `export_onnx`)."""
+    for name, quantizer in quantizers(model):
+        zero_point = tensors.get(f"{name}.zero_point")
+        low, high = quantizer.qrange
+        if zero_point is not None and bool((zero_point < low).any() or (zero_point > high).any()):
+            raise CompressedFileError(f"{name}.zero_point: zero points outside the quantizer's range {low}..{high}.")
+
+
 def _check_scale(name: str, scale: Tensor) -> None:
     """Scales a saved model can have: finite and positive in float32 (learned ones are stored as the step in use)."""
     values = scale.float()
@@ -508,6 +534,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             _convert_like(model, manifest.get("qat_layers", {}), rollback)
         except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
             raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
+        _check_zero_points(model, tensors)
         expected = model.state_dict()
         problems = [k for k in expected if k not in tensors] + [k for k in tensors if k not in expected]
         problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]

@@ -327,6 +327,20 @@ def test_paths_and_models_that_cannot_be_saved_are_refused_before_anything_is_wr
         meta = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(ValueError, match="`model` has tensors on the meta device"):
         save_compressed(meta, tmp_path / "m.lcz")
+
+    class Extra(nn.Linear):  # state a module keeps outside tensors
+        def get_extra_state(self):
+            return {"vocabulary": ["a", "b"]}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(TypeError, match=r"entry '_extra_state' is a dict \(a module's `get_extra_state`\)"):
+        save_compressed(Extra(4, 2), tmp_path / "m.lcz")  # an AttributeError from inside before (a trial)
+    sparse = nn.Linear(4, 2)
+    sparse.register_buffer("table", torch.eye(3).to_sparse())
+    with pytest.raises(TypeError, match=r"entry 'table' is a torch\.sparse_coo tensor; register it dense"):
+        save_compressed(sparse, tmp_path / "m.lcz")  # a RuntimeError about data pointers before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 

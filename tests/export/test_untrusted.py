@@ -303,6 +303,21 @@ def test_scales_that_are_not_finite_positive_numbers_are_refused(tmp_path):
     refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.scale: scales that are not finite positive numbers")
 
 
+@pytest.mark.parametrize("value", [-5, 2_000_000_000])
+def test_zero_points_outside_their_quantizers_range_are_refused(tmp_path, value):
+    """A forged activation zero point (checksum valid) loaded, shifted the layer's inputs and broke `export_onnx`
+    (a trial): it is refused like a bad scale, the model left as it was."""
+    model = compressed_net(0.9, QuantConfig(8, 8))
+    with torch.no_grad():
+        model.fc1.input_fake_quant.zero_point.fill_(value)
+    save_compressed(model, tmp_path / "zp.lcz")
+    fresh = Net()
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(CompressedFileError, match=r"fc1\.input_fake_quant\.zero_point: zero points outside .* 0\.\.255"):
+        load_compressed(fresh, tmp_path / "zp.lcz")
+    assert not qat_modules(fresh) and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
 def test_an_aliased_scale_is_refused_also_by_a_model_that_is_already_quantized(tmp_path):
     """The alias check ran only for quantizer buffers a fresh model lacks: into a converted model the reader looked
     the scale up before aliases were filled in, and a bare KeyError escaped (found by fuzzing)."""
