@@ -313,7 +313,8 @@ def test_zero_points_outside_their_quantizers_range_are_refused(tmp_path, value)
     save_compressed(model, tmp_path / "zp.lcz")
     fresh = Net()
     before = copy.deepcopy(fresh.state_dict())
-    with pytest.raises(CompressedFileError, match=r"fc1\.input_fake_quant\.zero_point: zero points outside .* 0\.\.255"):
+    match = r"fc1\.input_fake_quant\.zero_point: zero points outside .* 0\.\.255"
+    with pytest.raises(CompressedFileError, match=match):
         load_compressed(fresh, tmp_path / "zp.lcz")
     assert not qat_modules(fresh) and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
