@@ -413,9 +413,7 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
 _CHUNK = 1 << 18  # elements dequantized at a time: a layer's temporaries stay a few MiB whatever its size
 
 
-def _dequantized(
-    record: TensorRecord, mask: Tensor | None, codes: Tensor, scale: Tensor, zero_point: Tensor
-) -> Tensor:
+def _dequantized(record: TensorRecord, mask: Tensor | None, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
     """``dequantize`` of the packed codes (``record.bits`` each) at their positions (``mask``; ``None``: all), flat,
     in the record's dtype, a block of rows at a time: the block's codes, scales and products are the only
     temporaries (the whole layer's would cost several times its size: unpacked codes, float32 products and group
