@@ -1,8 +1,10 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from lightning_compress import CompressedFileError, QuantConfig, load_compressed, save_compressed
+from lightning_compress import CompressedFileError, QuantConfig, convert_to_qat, load_compressed, save_compressed
 from lightning_compress.core.qat import qat_modules
 from tests.export.helpers import Net, compressed_net, inputs
 
@@ -354,3 +356,23 @@ def test_a_file_from_a_bfloat16_model_names_the_conversion_a_float32_model_needs
         load_compressed(fresh, tmp_path / "m.lcz")
     load_compressed(fresh.to(torch.bfloat16), tmp_path / "m.lcz")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+def test_a_model_converted_with_other_settings_is_refused_and_one_converted_alike_loads(tmp_path):
+    """An 8-bit file loaded into a model the user had converted at 4 bits took the file's scales and computed on
+    4 bits, silently (a trial). The settings of a layer converted already must be the file's."""
+    saved = compressed_net(0.9, QuantConfig(8, 8))
+    save_compressed(saved, tmp_path / "q8.lcz")
+    other = Net()
+    convert_to_qat(other, QuantConfig(4, 8))
+    before = copy.deepcopy(other.state_dict())
+    match = r"written from another quantization: the model's fake-quant layer 'conv' quantizes with \{'weight_bits': 4"
+    with pytest.raises(CompressedFileError, match=match):
+        load_compressed(other, tmp_path / "q8.lcz")
+    assert other.conv.weight_fake_quant.bits == 4
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    alike = Net()
+    convert_to_qat(alike, QuantConfig(8, 8))
+    load_compressed(alike, tmp_path / "q8.lcz")
+    x = inputs()
+    assert torch.equal(alike.eval()(x), saved(x))
