@@ -371,7 +371,7 @@ def _mask(record: TensorRecord, data: Tensor) -> Tensor | None:
 def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, version: int) -> dict[str, Tensor]:
     reader = _Reader(body, sizes)
     tensors: dict[str, Tensor] = {}
-    pending: list[tuple[TensorRecord, Tensor, Tensor]] = []  # quantized: need their scales, decoded later
+    pending: list[tuple[TensorRecord, Tensor | None, Tensor]] = []  # quantized: need their scales, decoded later
     biases: list[tuple[TensorRecord, Tensor]] = []  # int32 codes on a grid made of two scales, decoded later
     for record in records:
         dtype, element = record.torch_dtype, record.element_size
