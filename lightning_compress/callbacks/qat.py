@@ -168,6 +168,7 @@ class QuantizationAwareTraining(Callback):
         self._captured: dict[str, list[Tensor]] = {}
         self._hooks: list[Any] = []
         self._learned_params: list[nn.Parameter] = []
+        self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
@@ -194,6 +195,7 @@ class QuantizationAwareTraining(Callback):
             "exclude": list(self.exclude) if self.exclude else None,
             "layers": list(self._layers),
             "shifts": {k: [w, a] for k, (w, a) in self.shifts.items()},
+            "scales_group": self._scales_group,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -202,6 +204,7 @@ class QuantizationAwareTraining(Callback):
         if state_dict.get("version") != _STATE_VERSION:
             raise ValueError(f"QuantizationAwareTraining state version {state_dict.get('version')!r} is not supported.")
         self.shifts = {k: (int(w), None if a is None else int(a)) for k, (w, a) in state_dict.get("shifts", {}).items()}
+        self._scales_group = bool(state_dict.get("scales_group", False))
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -317,7 +320,7 @@ class QuantizationAwareTraining(Callback):
             self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]
             if any(is_sharded(p) for p in self._learned_params):
                 raise ValueError(f"QuantizationAwareTraining(scale='learned') {_LEARNED_UNDER_FSDP2}")
-            _check_in_optimizers(self._learned_params, trainer.optimizers)
+            self._scales_group = _check_in_optimizers(self._learned_params, trainer.optimizers, self._scales_group)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
@@ -505,19 +508,35 @@ def _update_observers(activation_quantizers: list[FakeQuantizer], collectives: S
         q.update_from_batch(-ends[i, 0], ends[i, 1])
 
 
-def _check_in_optimizers(params: list[nn.Parameter], optimizers: list[torch.optim.Optimizer]) -> None:
+def _check_in_optimizers(
+    params: list[nn.Parameter], optimizers: list[torch.optim.Optimizer], own_group: bool = False
+) -> bool:
     """Learned scales are model Parameters from the conversion on: an optimizer over ``parameters()`` holds them.
 
-    One that filtered them out (e.g. by ``requires_grad``, False until quantization switches on) gets
-    them as a new group of its first optimizer, without weight decay; LR schedulers built before
-    do not scale that group.
-    """
+    One that filtered them out (e.g. by ``requires_grad``, False until quantization switches on) gets them as a new
+    group of its first optimizer, without weight decay, with the first group's other settings (what LR schedulers
+    added to it too: OneCycleLR's ``initial_lr``, ``max_lr``; without them it failed at its first step). A run
+    resumed from such a fit (``own_group``) rebuilds that group, so the checkpoint's optimizer state fits: its
+    optimizer was built with the scales already training, and so holding them. Returns whether the scales have a
+    group of their own."""
+    if not optimizers or not params:
+        return own_group
+    ids = {id(p) for p in params}
     known = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
     missing = [p for p in params if id(p) not in known]
-    if missing and optimizers:
-        optimizers[0].add_param_group({"params": missing, "weight_decay": 0.0})
+    if not missing and not own_group:
+        return False
+    if own_group:  # a fresh optimizer, before Lightning restores its state: nothing is lost by regrouping
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+    first = optimizers[0]
+    settings = {k: v for k, v in first.param_groups[0].items() if k not in ("params", "weight_decay")}
+    first.add_param_group({**settings, "params": list(params), "weight_decay": 0.0})
+    if missing and not own_group:
         rank_zero_warn(
             f"QuantizationAwareTraining: {len(missing)} learned scales were not in the optimizer; they were added to "
             "the first one as a new parameter group. Build the optimizer over `self.parameters()` so LR "
             "schedulers see them."
         )
+    return True

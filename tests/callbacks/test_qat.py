@@ -558,3 +558,42 @@ def test_shift_search_without_validation_data_names_what_is_missing():
     with pytest.raises(ValueError, match=r"`shift_search=True` .* this fit has no validation data: pass `val_dataloa"):
         trainer(max_epochs=2, callbacks=[qat]).fit(model)
     assert not qat_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class TrainableOnly(TinyModule):
+    """An optimizer over the parameters that train now (what one writes with frozen layers): learned scales train
+    only once quantization is on, so they are left out; OneCycleLR stepping per step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_learned_scales_left_out_of_the_optimizer_train_under_a_scheduler_and_resume_exactly(tmp_path):
+    """The scales' group added by the callback lacked the keys OneCycleLR had put on the others (KeyError
+    'initial_lr' at its first step); and a resume failed (the resumed optimizer, built with the scales already
+    training, held them in its first group: 'a different number of parameter groups'). A trial found both."""
+
+    def fit(epochs, callbacks, ckpt_path=None, root=tmp_path):
+        pl.seed_everything(0, verbose=False)
+        model = TrainableOnly()
+        qat = QuantizationAwareTraining(4, 8, scale="learned", start_epoch=0)
+        run = trainer(root, max_epochs=epochs, callbacks=[qat, *callbacks], enable_checkpointing=True)
+        with (
+            pytest.warns(UserWarning, match="learned scales were not in the optimizer")
+            if ckpt_path is None
+            else (warnings.catch_warnings())
+        ):
+            run.fit(model, ckpt_path=ckpt_path)
+        return model, run
+
+    whole, run = fit(3, [])
+    groups = run.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and groups[1]["max_lr"] == 0.05
+    assert {id(p) for p in groups[1]["params"]} == {id(q.scale) for _, q in quantizers(whole) if q.mode == "learned"}
+    checkpoints = tmp_path / "resume"
+    fit(3, [StopAfterEpoch(1), ModelCheckpoint(dirpath=checkpoints, save_last=True)], root=checkpoints)
+    resumed, _ = fit(3, [ModelCheckpoint(dirpath=checkpoints, save_last=True)], str(checkpoints / "last.ckpt"))
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
