@@ -11,6 +11,7 @@ from ..core.checks import check_choice, check_float, check_int
 
 __all__ = [
     "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "may_shard",
+    "weight_averaging",
 ]  # fmt: skip
 
 
@@ -29,6 +30,21 @@ def check_strategy(trainer: Any, callback: str) -> None:
             f"per-weight masks and fake-quant layers cannot attach to them. Use strategy='ddp', a single device or "
             f"FSDP2 ({fsdp2})."
         )
+
+
+def weight_averaging(trainer: Any) -> list[str]:
+    """The names of Lightning's weight-averaging callbacks in the fit (``StochasticWeightAveraging`` and the
+    ``WeightAveraging`` family, e.g. ``EMAWeightAveraging``): they replace the trained weights with an average at
+    the end of fit, and ``WeightAveraging`` also validates the average and averages buffers."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # Lightning before 2.6
+        averaging: tuple[type, ...] = (StochasticWeightAveraging,)
+    else:
+        averaging = (StochasticWeightAveraging, WeightAveraging)
+    return [type(c).__name__ for c in getattr(trainer, "callbacks", []) if isinstance(c, averaging)]
 
 
 def fast_dev_run_note(trainer: Any) -> str:

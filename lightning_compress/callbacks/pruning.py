@@ -39,6 +39,7 @@ from ._validation import (
     check_strategy,
     may_shard,
     warn_if_saved_under_another_key,
+    weight_averaging,
 )
 from ._validation_plan import EpochWindow, plan_timeline
 
@@ -256,6 +257,13 @@ class IterativePruning(Callback):
             raise ValueError(
                 f"`monitor`={self.monitor!r} needs a validation loop that logs it, but this fit has none "
                 "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
+            )
+        averaging = weight_averaging(trainer)
+        if self.monitor is not None and averaging:
+            raise ValueError(
+                f"`monitor`={self.monitor!r} judges the weights this fit trains, but {averaging[0]} replaces them with "
+                "an average at the end of fit (one that keeps the events the guard rolled back): the model returned "
+                "would not be one a validation judged. Guard without weight averaging, or set `monitor=None`."
             )
         if self.config.granularity == "channel" and pl_module.example_input_array is None:
             raise ValueError(

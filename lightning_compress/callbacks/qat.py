@@ -35,6 +35,7 @@ from ._validation import (
     check_strategy,
     fast_dev_run_note,
     warn_if_saved_under_another_key,
+    weight_averaging,
 )
 from ._validation_plan import steps_per_epoch
 
@@ -207,6 +208,24 @@ class QuantizationAwareTraining(Callback):
         self._scales_group = bool(state_dict.get("scales_group", False))
 
     # ------------------------------------------------------------------ setup
+    def _check_averaging(self, trainer: pl.Trainer) -> None:
+        """Weight averaging that would average what quantizes: ``WeightAveraging`` (EMA) averages buffers too, so
+        the quantizers' scales, ranges and flags (a model at chance, or a shape error with BatchNorm); SWA averages
+        Parameters, so learned scales with their values from before calibration."""
+        from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+        swa = StochasticWeightAveraging.__name__
+        for name in weight_averaging(trainer):
+            if name == swa and self.config.scale != "learned":
+                continue  # Parameters only: the weights, which the weight quantizers observe again
+            what = "learned scales, with their values from before calibration" if name == swa else "scales, ranges "
+            what += "" if name == swa else "and flags: it averages buffers"
+            fix = "use minmax or power-of-two scales" if name == swa else f"use {swa} (Parameters only) with minmax"
+            raise ValueError(
+                f"QuantizationAwareTraining cannot run beside {name}: it would average the quantizers' state ({what}) "
+                f"into the model it returns. Quantize without weight averaging, or {fix}."
+            )
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QuantizationAwareTraining")
         if stage == "fit":
@@ -216,6 +235,7 @@ class QuantizationAwareTraining(Callback):
                     f"`start_epoch`={self.start_epoch} must be below the Trainer's `max_epochs`={max_epochs}: "
                     "quantization would never switch on." + fast_dev_run_note(trainer)
                 )
+            self._check_averaging(trainer)
             if self.shift_search:
                 self._check_validation_at_start(trainer, pl_module)
             check_export_ready(trainer, self.export_path, pl_module)

@@ -266,3 +266,30 @@ def test_resuming_from_an_epochs_last_batch_runs_that_epochs_event_and_switch(tm
         model, ckpt_path=str(tmp_path / "last.ckpt")
     )
     assert sparsity(model) == pytest.approx(0.7, abs=1e-3) and quantizing(model)
+
+
+def test_weight_averaging_that_would_undo_the_guard_or_average_quantizers_is_refused_before_training():
+    """Lightning's weight averaging replaces the trained weights with an average at the end of fit. Beside the
+    guard, a rollback was undone (fit returned the model it rejected); EMAWeightAveraging averaged the quantizers'
+    buffers (scales, ranges, flags: a model at chance, a shape error with BatchNorm); SWA averaged learned scales
+    with their values from before calibration (chance). A trial found all three; each is refused at setup, the
+    model untouched. SWA beside minmax QAT (Parameters only) and beside unguarded pruning still runs."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    from lightning_compress.core.qat import qat_modules
+
+    cases = [
+        (IterativePruning(0.5, monitor="val_acc"), EMAWeightAveraging(), r"`monitor`='val_acc' judges the weights"),
+        (IterativePruning(0.5, monitor="val_acc"), StochasticWeightAveraging(0.01), "StochasticWeightAveraging replac"),
+        (QuantizationAwareTraining(), EMAWeightAveraging(), r"beside EMAWeightAveraging: .* it averages buffers"),
+        (QuantizationAwareTraining(scale="learned"), StochasticWeightAveraging(0.01), r"learned scales, with their"),
+    ]
+    for compressing, averaging, match in cases:
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            trainer(max_epochs=2, callbacks=[averaging, compressing]).fit(model)
+        assert not qat_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for compressing in (QuantizationAwareTraining(), IterativePruning(0.5)):
+        trainer(max_epochs=2, callbacks=[compressing, StochasticWeightAveraging(0.01)]).fit(TinyModule())
