@@ -11,10 +11,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full
 from ..core.summary import ModelSize, estimate_size
-from ._validation import check_choice
 
 __all__ = ["CompressionMonitor"]
 
@@ -34,7 +34,9 @@ class CompressionMonitor(Callback):
 
     Args:
         monitor: a logged validation metric, e.g. ``"val_acc"`` (``None``: sizes only).
-        mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise.
+        mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise; ``None`` (default): ``"min"`` for a
+            name that reads as lower-is-better (``val_loss``, ``val_ppl``, ...), ``"max"`` otherwise, as
+            :class:`IterativePruning` infers it.
         log_images: TensorBoard histograms and charts (on by default).
 
     Example:
@@ -42,20 +44,21 @@ class CompressionMonitor(Callback):
         >>> monitor = CompressionMonitor(monitor="val_acc")
     """
 
-    def __init__(self, monitor: str | None = None, mode: str = "max", log_images: bool = True) -> None:
+    def __init__(self, monitor: str | None = None, mode: str | None = None, log_images: bool = True) -> None:
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
         if not isinstance(log_images, bool):
             raise TypeError(f"`log_images` must be a bool, got {log_images!r}.")
         self.monitor = monitor
-        self.mode = check_choice(mode, "mode", ("max", "min"))
+        self.mode = monitor_mode(monitor, mode)
         self.log_images = log_images
         self.baseline: float | None = None
         self.history: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
         self._said_no_baseline = False
+        self._validated: tuple[ModelSize, bool] | None = None  # the model a validation scores, at its start
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -68,12 +71,23 @@ class CompressionMonitor(Callback):
         if self.monitor is not None and trainer.num_sanity_val_steps != 0 and trainer.callback_metrics:
             self._monitored(trainer)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure the model the validation scores now: a callback may change it at the validation's end (the
+        guard's rollback), and the point logged must pair the value with the model it belongs to."""
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        compressed = any(q.fake_quant_enabled for _, q in quantizers(pl_module))
+        size = estimate_size(pl_module)
+        self._validated = size, compressed or size.sparsity > 0
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        size = estimate_size(pl_module)
+        if self._validated is None:
+            self.on_validation_start(trainer, pl_module)
+        assert self._validated is not None
+        (size, compressed), self._validated = self._validated, None
         value = self._monitored(trainer)
-        compressed = size.sparsity > 0 or any(q.fake_quant_enabled for _, q in quantizers(pl_module))
         if value is not None and not compressed:
             self.baseline = value
         point = {

@@ -159,3 +159,23 @@ def test_a_fit_without_validation_says_the_monitor_was_never_read():
     with pytest.warns(UserWarning, match=r"no validation ran during the fit, so `monitor`='val_acc' was never read"):
         trainer(max_epochs=1, limit_val_batches=0, callbacks=[monitor]).fit(TinyModule())
     assert monitor.summary["baseline"] is None and monitor.summary["final"] is None
+
+
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_beside_a_guard_that_rolls_back_the_points_pair_each_value_with_the_model_it_scored(monitor_first):
+    """Listed after a guard that rolled an event back, the monitor saw the model back at sparsity 0 and took the
+    rejected model's loss as the dense baseline (0.5568 for 0.5025); and it read `val_loss` as higher-is-better,
+    logging a rise as a negative drop (a trial). It now measures the model when the validation starts, and infers
+    the mode from the name as the guard does."""
+    pl.seed_everything(0, verbose=False)
+    guard = IterativePruning(0.95, start_epoch=1, end_epoch=2, monitor="val_loss", max_drop=0.0)
+    monitor = CompressionMonitor(monitor="val_loss")
+    assert monitor.mode == "min" and CompressionMonitor(monitor="val_acc").mode == "max"
+    callbacks = [monitor, guard] if monitor_first else [guard, monitor]
+    trainer(max_epochs=4, callbacks=callbacks).fit(TinyModule())
+    assert any(d.action == "rollback" for d in guard.decisions)
+    baselines = [d.value for d in guard.decisions if d.action == "baseline"]
+    assert monitor.baseline == pytest.approx(baselines[-1])
+    for point, decision in zip(monitor.history, guard.decisions, strict=True):
+        assert point["value"] == pytest.approx(decision.value)
+        assert (point["sparsity"] > 0) == (decision.action != "baseline")  # the model each value scored
