@@ -484,6 +484,7 @@ def convert_to_qat(
             UserWarning,
             stacklevel=2,
         )
+    registered = _registered_names(model)
     for target in targets:
         module = target.module
         names.append(target.name)
@@ -494,7 +495,8 @@ def convert_to_qat(
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one
             new.register_forward_pre_hook(_keep_unfused)
-        _replace(model, target.name, new)
+        for name in registered[id(module)]:  # a layer registered under two names stays one layer
+            _replace(model, name, new)
     return names
 
 
@@ -510,10 +512,21 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
         raise TypeError(f"`layers` must be a list of layer names or None, got the string {layers!r}.")
     wanted = None if layers is None else set(layers)
     names = []
+    registered = _registered_names(model)
     for name, module in qat_modules(model):
         if wanted is None or name in wanted:
-            _replace(model, name, cast(Any, module).to_float())
+            float_layer = cast(Any, module).to_float()
+            for alias in registered[id(module)]:
+                _replace(model, alias, float_layer)
             names.append(name)
+    return names
+
+
+def _registered_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module is registered under (a module may be a child of two parents, or twice of one)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
     return names
 
 

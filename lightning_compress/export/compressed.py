@@ -42,7 +42,16 @@ from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, fake_quantiz
 from ..core.sharding import full, is_sharded
 from ..core.shrink import set_head_record, shrink_like
 from .container import FORMAT_VERSION, CompressedFileError, read_container, write_container
-from .records import SECTIONS, ArchitectureMismatch, TensorRecord, max_manifest_bytes, max_raw_bytes, plan
+from .records import (
+    SECTIONS,
+    ArchitectureMismatch,
+    TensorRecord,
+    first_name,
+    max_manifest_bytes,
+    max_raw_bytes,
+    plan,
+    second_names,
+)
 from .report import CompressionReport, LayerReport, state_dict_bytes
 
 __all__ = ["FORMAT_VERSION", "CompressedFileError", "load_compressed", "save_compressed"]
@@ -106,17 +115,17 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
       float layer reads the float values, and the quantized one recomputes its codes from them.
     """
     qat = dict(qat_modules(model))
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor):
-            owners.setdefault(id(weight), []).append(name)
+            owners.setdefault(id(weight), []).append((name, module))
     out, idle, tied = {}, [], {}
     for name, layer in qat.items():
         quantizer = layer.weight_fake_quant
         if not isinstance(quantizer, FakeQuantizer) or not quantizer.fake_quant_enabled:
-            continue
-        floats = [n for n in owners.get(id(layer.weight), []) if n not in qat]
+            continue  # the layer itself under another name (a module registered twice) is no float use
+        floats = [n for n, m in owners.get(id(layer.weight), []) if n not in qat and m is not layer]
         if floats:
             tied[name] = floats
         elif quantizer.initialized or quantizer.is_learned:
@@ -215,9 +224,14 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     for qname, q in quantizers(model):  # learned scales are stored as the step size in use
         state[f"{qname}.scale"] = q.effective_scale().detach()
     stored: dict[tuple[int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}  # tied tensors: stored once
+    registered_twice = second_names(model)
     for name, tensor in state.items():
         tensor = tensor.detach()
         head: dict[str, Any] = {"name": name, "dtype": str(tensor.dtype).split(".")[-1], "shape": tuple(tensor.shape)}
+        first = first_name(name, registered_twice)
+        if first is not None:  # a module's entries under its second name: those under its first
+            records.append(TensorRecord(**head, kind="alias", of=first))
+            continue
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
         if tensor.numel() and key in stored and name not in quantized and stored[key] not in quantized:
             records.append(TensorRecord(**head, kind="alias", of=stored[key]))

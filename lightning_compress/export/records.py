@@ -175,9 +175,36 @@ def _from_v1(entry: Any) -> Any:
 def _layers_with_weights(model: nn.Module) -> dict[str, Tensor]:
     return {
         name: module.weight
-        for name, module in model.named_modules()
+        for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2
     }
+
+
+def second_names(model: nn.Module) -> dict[str, str]:
+    """Names of modules registered under more than one name (``self.backbone`` also ``self.model[0]``), each
+    mapped to the module's first name: the file stores their entries once, under the first."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if first.setdefault(id(module), name) != name:
+            out[name] = first[id(module)]
+    return out
+
+
+def first_name(name: str, second: dict[str, str]) -> str | None:
+    """The state-dict entry ``name`` under the first name of a module registered twice that holds it (a quantizer
+    inside such a layer too); ``None`` when no module on its path is registered twice."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        first = second.get(".".join(parts[:cut]))
+        if first is not None:
+            return ".".join([first, *parts[cut:]] if first else parts[cut:])
+    return None
+
+
+def _same_module_entry(record: TensorRecord, second: dict[str, str]) -> bool:
+    """Whether an alias record names an entry of a module registered twice by its entry under the first name."""
+    return record.of is not None and record.of == first_name(record.name, second)
 
 
 def max_manifest_bytes(model: nn.Module) -> int:
@@ -270,6 +297,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
 def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool) -> None:
     mine = model.state_dict()
     layers = _layers_with_weights(model)
+    second = second_names(model)
     missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))
     extra, shapes, dtypes, kinds = [], [], [], []
     dtype_pairs: set[tuple[str, str]] = set()  # (in the file, in the model) of model tensors whose dtype differs
@@ -287,8 +315,8 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
                 shapes.append(record.name)
             elif record.torch_dtype not in _QUANTIZER_DTYPES[found["buffer"]]:
                 dtypes.append(record.name)
-            elif record.kind != "raw":  # a quantizer buffer is written whole: its scale is read before aliases
-                kinds.append(record.name)
+            elif record.kind != "raw" and not (record.kind == "alias" and _same_module_entry(record, second)):
+                kinds.append(record.name)  # a quantizer buffer is written whole: its scale is read before aliases
             continue
         floating += int(have.is_floating_point())
         if record.torch_dtype != have.dtype:

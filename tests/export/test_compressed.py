@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -376,3 +377,62 @@ def test_a_model_converted_with_other_settings_is_refused_and_one_converted_alik
     load_compressed(alike, tmp_path / "q8.lcz")
     x = inputs()
     assert torch.equal(alike.eval()(x), saved(x))
+
+
+class TwoNames(nn.Module):
+    """Layers reachable under two names (a common way to expose a part): the Linear `self.first` is also
+    `self.model[0]`, the block `self.backbone` also `self.model[1]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.model = nn.Sequential(self.first, self.backbone, nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class OneName(nn.Module):
+    """The same layers, each under one name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 16)
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.first(x)))
+
+
+def test_a_layer_registered_under_two_names_stays_one_layer_through_qat_the_file_and_back(tmp_path):
+    """convert_to_qat swapped the layer under its first name only: the second path computed in float, silently.
+    The file then stored the weight twice, in float (a 'tied weights' warning), and could not be reloaded (a
+    trial). Now the layer is converted under both names, stored once, and reloads equal."""
+    from lightning_compress import calibrate, convert_to_float, enable_fake_quant, prune_
+
+    def compressed(model: nn.Module) -> nn.Module:
+        torch.manual_seed(1)
+        prune_(model, 0.8)
+        convert_to_qat(model, QuantConfig(8, 8))
+        calibrate(model, [torch.randn(32, 16)])
+        enable_fake_quant(model)
+        return model.eval()
+
+    torch.manual_seed(0)
+    model = compressed(TwoNames())
+    assert [n for n, _ in qat_modules(model)] == ["first", "backbone.0", "model.2"]
+    assert model.first is model.model[0] and model.backbone[0] is model.model[1][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "stored in float (tied weights)"
+        report = save_compressed(model, tmp_path / "two.lcz")
+    fresh = TwoNames()
+    load_compressed(fresh, tmp_path / "two.lcz")
+    x = torch.randn(8, 16)
+    assert torch.equal(fresh.eval()(x), model(x)) and fresh.first is fresh.model[0]
+    torch.manual_seed(0)
+    once = save_compressed(compressed(OneName()), tmp_path / "one.lcz")
+    assert report.file_bytes - once.file_bytes < 200  # aliases for the second name (a float copy: +2 KiB)
+    convert_to_float(model)
+    assert type(model.first) is nn.Linear and model.first is model.model[0]
