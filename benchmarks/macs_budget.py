@@ -51,6 +51,9 @@ from lightning_compress.demo import DigitsClassifier, DigitsDataModule
 
 warnings.filterwarnings("ignore")
 ARMS = ("dense", "torch-pruning", "macs-global", "macs-layer", "channels-global")
+# more arms for --arms (a diagnosis, not a default): macs-layer with one event per epoch (the channel cadence
+# before session 9, which the first ViT rows were measured with)
+EXTRA = {"macs-layer-per-epoch": {"measure": "macs", "scope": "layer", "every_n_epochs": 1}}
 NAMES = {"cnn": "DigitsCNN(32)", "resnet": "DigitsResNet(64, blocks=3)", "vit": "ViT (transformers), MNIST-5k"}
 
 
@@ -88,7 +91,7 @@ def _macs(module: pl.LightningModule) -> int:
     return count_macs(module, module.example_input_array)
 
 
-def run(name: str, seed: int, dense_epochs: int, finetune_epochs: int) -> dict[str, Any]:
+def run(name: str, seed: int, dense_epochs: int, finetune_epochs: int, arms: tuple[str, ...] = ARMS) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -111,26 +114,29 @@ def run(name: str, seed: int, dense_epochs: int, finetune_epochs: int) -> dict[s
     out["dense"] = {"acc": task.fit_test(baseline, finetune_epochs, []), "net": baseline}
 
     half = finetune_epochs // 2
-    arms = {
+    settings = {
         "macs-global": {"target_sparsity": 1 - budget, "measure": "macs", "scope": "global"},
         "macs-layer": {"target_sparsity": 1 - budget, "measure": "macs", "scope": "layer"},
         "channels-global": {"target_sparsity": 0.5, "scope": "global"},  # the channel default before session 7
+        **{arm: {"target_sparsity": 1 - budget, **kwargs} for arm, kwargs in EXTRA.items()},
     }
-    for arm, kwargs in arms.items():
+    for arm, kwargs in settings.items():
+        if arm not in arms:
+            continue
         pl.seed_everything(seed + 100, verbose=False)
         ours = copy.deepcopy(dense)
         pruning = IterativePruning(granularity="channel", start_epoch=0, end_epoch=half, **kwargs)
         task.fit_test(ours, finetune_epochs, [pruning])
         compact(ours)
         out[arm] = {"acc": task.fit_test(ours, 0, []), "net": ours}
-    for arm in ARMS:
+    for arm in arms:
         net = out[arm]["net"]
         out[arm]["params"] = sum(p.numel() for p in net.parameters())
         out[arm]["macs_fraction"] = _macs(net) / dense_macs
     out["budget"] = budget
     out["seconds"] = time.perf_counter() - began
     if seed != 0:
-        for arm in ARMS:
+        for arm in arms:
             del out[arm]["net"]
     return out
 
@@ -149,17 +155,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "macs_budget.json"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS[2:]), choices=[*ARMS[2:], *EXTRA])
     args = parser.parse_args()
+    arms = ("dense", "torch-pruning", *args.arms)
     began = time.perf_counter()
     epochs = {"vit": (20, 10), "resnet": (15, 10), "cnn": (15, 10)}
-    jobs = [(m, s, *epochs[m]) for m in args.models for s in args.seeds]
+    jobs = [(m, s, *epochs[m], arms) for m in args.models for s in args.seeds]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         outputs = pool.starmap(run, jobs)
     results: dict[str, Any] = {}
-    for (model, seed, _, _), out in zip(jobs, outputs, strict=True):
+    for (model, seed, *_), out in zip(jobs, outputs, strict=True):
         entry = results.setdefault(model, {"runs": []})
         if seed == 0:
-            nets = {arm: out[arm]["net"] for arm in ARMS}
+            nets = {arm: out[arm]["net"] for arm in arms}
             entry["ms_batch_256"] = speed(nets, nets["dense"].example_input_array)
         entry["runs"].append({k: {kk: vv for kk, vv in v.items() if kk != "net"} if isinstance(v, dict) else v
                               for k, v in out.items()})  # fmt: skip
@@ -169,9 +177,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for model, entry in results.items():
         runs, ms = entry["runs"], entry["ms_batch_256"]
-        means = {arm: statistics.mean(r[arm]["acc"] for r in runs) for arm in ARMS}
+        means = {arm: statistics.mean(r[arm]["acc"] for r in runs) for arm in arms}
         entry["mean_acc"] = means
-        for arm in ARMS:
+        for arm in arms:
             macs = statistics.mean(r[arm]["macs_fraction"] for r in runs)
             print(
                 f"| {NAMES[model]} | {arm} | {macs:.1%} | {runs[0][arm]['params']:,} | {means[arm]:.2f}% | "

@@ -109,7 +109,8 @@ class CompressionReport:
         ratio = self.compression_ratio
         # a ratio under 1.05 reads "1.0x smaller" or "0.9x smaller" for a file as large or larger (an ONNX export)
         relation = f"{ratio:.1f}x smaller" if ratio >= 1.05 else f"{1 / ratio:.2f}x its size" if ratio else "no file"
-        lines.append(f"file {_size(self.file_bytes)} vs torch.save(state_dict) {_size(self.baseline_bytes)}: {relation}")
+        sizes = f"file {_size(self.file_bytes)} vs torch.save(state_dict) {_size(self.baseline_bytes)}"
+        lines.append(f"{sizes}: {relation}")
         return "\n".join(lines)
 
 
