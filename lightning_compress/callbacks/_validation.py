@@ -11,7 +11,7 @@ from ..core.checks import check_choice, check_float, check_int
 
 __all__ = [
     "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "may_shard",
-    "weight_averaging",
+    "trained_max_epochs", "weight_averaging",
 ]  # fmt: skip
 
 
@@ -45,6 +45,24 @@ def weight_averaging(trainer: Any) -> list[str]:
     else:
         averaging = (StochasticWeightAveraging, WeightAveraging)
     return [type(c).__name__ for c in getattr(trainer, "callbacks", []) if isinstance(c, averaging)]
+
+
+def trained_max_epochs(trainer: Any) -> int | None:
+    """The Trainer's ``max_epochs`` without the epoch ``StochasticWeightAveraging`` adds, for a model with
+    BatchNorm, to recompute its statistics: no optimizer step runs in that epoch, so a schedule that ended there
+    would never finish (its ``swa_end`` is the last epoch that trains)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    max_epochs = getattr(trainer, "max_epochs", None)
+    if max_epochs is None or max_epochs < 0:
+        return max_epochs
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, StochasticWeightAveraging):
+            try:
+                max_epochs = min(max_epochs, int(callback.swa_end) + 1)
+            except (AttributeError, TypeError, OverflowError):  # before its setup, or unlimited epochs
+                continue
+    return max_epochs
 
 
 def fast_dev_run_note(trainer: Any) -> str:

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core.checks import check_int
-from ._validation import fast_dev_run_note
+from ._validation import fast_dev_run_note, trained_max_epochs
 
 __all__ = [
     "EpochWindow",
@@ -141,8 +141,9 @@ class EpochWindow:
             )
 
     def end_for(self, trainer: pl.Trainer) -> int:
-        """The epoch the schedule ends after in this fit (``end_epoch``, or the Trainer's ``max_epochs``)."""
-        max_epochs = trainer.max_epochs
+        """The epoch the schedule ends after in this fit (``end_epoch``, or the Trainer's ``max_epochs``, less an
+        epoch of SWA's that does not train)."""
+        max_epochs = trained_max_epochs(trainer)
         unlimited = max_epochs is None or max_epochs < 0
         if self.end_epoch is None and unlimited:
             raise ValueError("`end_epoch` is required when the Trainer's `max_epochs` is unlimited.")

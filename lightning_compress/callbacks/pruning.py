@@ -381,7 +381,13 @@ class IterativePruning(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._in_steps and self._batches_at_start and trainer.num_training_batches != self._batches_at_start:
+        within = trainer.current_epoch < self.window.end_for(trainer)  # after the schedule, lengths do not matter
+        if (
+            within
+            and self._in_steps
+            and self._batches_at_start
+            and trainer.num_training_batches != self._batches_at_start
+        ):
             rank_zero_warn(
                 f"IterativePruning: the train loader has {trainer.num_training_batches} batches in epoch "
                 f"{trainer.current_epoch}, not {self._batches_at_start} as when the schedule was placed in optimizer "

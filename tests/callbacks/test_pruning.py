@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
+from torch import nn
 
 from lightning_compress import IterativePruning, QuantizationAwareTraining, sparsity
 from lightning_compress.core.controller import monitor_mode
@@ -272,6 +273,29 @@ def test_composes_with_checkpoint_early_stopping_and_swa(tiny, tmp_path):
     for name, mask in pruning.masks.items():
         assert (tiny.get_parameter(name)[~mask] == 0).all()
     assert len(list(tmp_path.glob("*.ckpt"))) == 2
+
+
+class BatchNormTiny(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("swa_first", [True, False])
+def test_the_default_schedule_finishes_beside_swa_on_a_batchnorm_model(swa_first):
+    """SWA adds an epoch to a BatchNorm model's fit to recompute its statistics, with no optimizer step: the
+    default schedule (to `max_epochs`, in steps) counted that epoch and ended at 0.7968 of 0.8, with a warning
+    about the loader's length (a trial). It now ends with SWA's last training epoch."""
+    pl.seed_everything(0, verbose=False)
+    model = BatchNormTiny()
+    pruning = IterativePruning(0.8)
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="IterativePruning")
+        trainer(max_epochs=5, callbacks=[swa, pruning] if swa_first else [pruning, swa]).fit(model)
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
 
 
 def test_min_density_keeps_the_head_alive():
