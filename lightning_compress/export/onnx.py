@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
-from ..core.qat import export_mode, quantizers
+from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.sharding import is_sharded
 from ..core.tracing import without_cache
 from .onnx_passes import (
@@ -306,7 +306,8 @@ def export_onnx(
         proto = onnx.load(str(traced))
     finally:
         traced.unlink(missing_ok=True)
-    layers = _int8_weights(proto, numpy_helper) + _int4_reports(swapped if isinstance(swapped, dict) else {})
+    known = [name for name, _ in qat_modules(model)]
+    layers = _int8_weights(proto, numpy_helper, known) + _int4_reports(swapped if isinstance(swapped, dict) else {})
     fold_batch_norms(proto, numpy_helper)
     quantize_before_pass_through(proto, numpy_helper)
     integer_float_gemms(proto, numpy_helper)
@@ -333,8 +334,9 @@ def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:
     ]
 
 
-def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
-    """Replace ``QuantizeLinear(constant weight)`` by an int8 initializer; return one report per weight."""
+def _int8_weights(proto: Any, numpy_helper: Any, known: Sequence[str] = ()) -> list[LayerReport]:
+    """Replace ``QuantizeLinear(constant weight)`` by an int8 initializer; return one report per weight, named by
+    the model's layer (``known``: the fake-quant layers' qualified names)."""
     import numpy as np
 
     graph = proto.graph
@@ -363,7 +365,7 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
         remove.append(node)
         reports.append(
             LayerReport(
-                name=_layer_name(node.input[0]),
+                name=_layer_name(node.input[0], known),
                 numel=int(weight.size),
                 nonzero=int(np.count_nonzero(codes)),
                 bits=8,
@@ -378,11 +380,18 @@ def _int8_weights(proto: Any, numpy_helper: Any) -> list[LayerReport]:
     return reports
 
 
-def _layer_name(onnx_name: str) -> str:
-    """``/net/net.0/weight_fake_quant/Constant_output_0`` -> ``net.0.weight``."""
+def _layer_name(onnx_name: str, known: Sequence[str] = ()) -> str:
+    """``/net/net.0/weight_fake_quant/Constant_output_0`` -> ``net.0.weight``: the scopes before the weight's
+    quantizer, joined as the longest of ``known`` they end with (the exporter may add a wrapper's scope in front;
+    Llama's ``/model/model/layers.0/self_attn/q_proj/...`` is ``model.layers.0.self_attn.q_proj``), else the
+    innermost scope (which repeats from block to block)."""
     parts = [p for p in onnx_name.split("/") if p]
-    if "weight_fake_quant" in parts:
-        index = parts.index("weight_fake_quant")
-        if index > 0:
-            return parts[index - 1] + ".weight"
-    return onnx_name
+    if "weight_fake_quant" not in parts or parts.index("weight_fake_quant") == 0:
+        return onnx_name
+    scopes = parts[: parts.index("weight_fake_quant")]
+    names = set(known)
+    for first in range(len(scopes)):
+        joined = ".".join(scopes[first:])
+        if joined in names:
+            return joined + ".weight"
+    return scopes[-1] + ".weight"

@@ -155,8 +155,10 @@ def test_gpt2_exports_to_onnx_with_int8_weights(tmp_path):
     with pytest.raises(ValueError, match="pass `attention_mask` in `example_inputs`"):
         export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids})  # transformers' mask builder: aten::diff
     assert not (tmp_path / "gpt2.onnx").exists()
-    export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    report = export_onnx(model, tmp_path / "gpt2.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert model.config.use_cache is True  # turned off for tracing only
+    # each layer by its name in the model (they were "c_attn.weight", ... once per block: a trial)
+    assert sorted(layer.name for layer in report.layers) == sorted(f"{n}.weight" for n, _ in qat_modules(model))
     proto = onnx.load(str(tmp_path / "gpt2.onnx"))
     int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     assert len(int8) >= 8
