@@ -218,9 +218,10 @@ class QuantizationAwareTraining(Callback):
         for name in weight_averaging(trainer):
             if name == swa and self.config.scale != "learned":
                 continue  # Parameters only: the weights, which the weight quantizers observe again
-            what = "learned scales, with their values from before calibration" if name == swa else "scales, ranges "
-            what += "" if name == swa else "and flags: it averages buffers"
-            fix = "use minmax or power-of-two scales" if name == swa else f"use {swa} (Parameters only) with minmax"
+            if name == swa:
+                what, fix = "learned scales, with their values from before calibration", "use minmax or power of two"
+            else:
+                what, fix = "scales, ranges and flags: it averages buffers", f"use {swa} (Parameters only) with minmax"
             raise ValueError(
                 f"QuantizationAwareTraining cannot run beside {name}: it would average the quantizers' state ({what}) "
                 f"into the model it returns. Quantize without weight averaging, or {fix}."
