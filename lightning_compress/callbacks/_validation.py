@@ -32,8 +32,8 @@ def check_strategy(trainer: Any, callback: str) -> None:
         )
 
 
-def weight_averaging(trainer: Any) -> list[str]:
-    """The names of Lightning's weight-averaging callbacks in the fit (``StochasticWeightAveraging`` and the
+def weight_averaging(trainer: Any) -> list[Any]:
+    """Lightning's weight-averaging callbacks in the fit (``StochasticWeightAveraging`` and the
     ``WeightAveraging`` family, e.g. ``EMAWeightAveraging``): they replace the trained weights with an average at
     the end of fit, and ``WeightAveraging`` also validates the average and averages buffers."""
     from lightning.pytorch.callbacks import StochasticWeightAveraging
@@ -44,7 +44,7 @@ def weight_averaging(trainer: Any) -> list[str]:
         averaging: tuple[type, ...] = (StochasticWeightAveraging,)
     else:
         averaging = (StochasticWeightAveraging, WeightAveraging)
-    return [type(c).__name__ for c in getattr(trainer, "callbacks", []) if isinstance(c, averaging)]
+    return [c for c in getattr(trainer, "callbacks", []) if isinstance(c, averaging)]
 
 
 def trained_max_epochs(trainer: Any) -> int | None:

@@ -258,7 +258,7 @@ class IterativePruning(Callback):
                 f"`monitor`={self.monitor!r} needs a validation loop that logs it, but this fit has none "
                 "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
             )
-        averaging = weight_averaging(trainer)
+        averaging = [type(c).__name__ for c in weight_averaging(trainer)]
         if self.monitor is not None and averaging:
             raise ValueError(
                 f"`monitor`={self.monitor!r} judges the weights this fit trains, but {averaging[0]} replaces them with "

@@ -214,17 +214,18 @@ class QuantizationAwareTraining(Callback):
         Parameters, so learned scales with their values from before calibration."""
         from lightning.pytorch.callbacks import StochasticWeightAveraging
 
-        swa = StochasticWeightAveraging.__name__
-        for name in weight_averaging(trainer):
-            if name == swa and self.config.scale != "learned":
+        for callback in weight_averaging(trainer):
+            swa = isinstance(callback, StochasticWeightAveraging)
+            if swa and self.config.scale != "learned":
                 continue  # Parameters only: the weights, which the weight quantizers observe again
-            if name == swa:
+            if swa:
                 what, fix = "learned scales, with their values from before calibration", "use minmax or power of two"
             else:
-                what, fix = "scales, ranges and flags: it averages buffers", f"use {swa} (Parameters only) with minmax"
+                what = "scales, ranges and flags: it averages buffers"
+                fix = "use StochasticWeightAveraging (Parameters only) with minmax"
             raise ValueError(
-                f"QuantizationAwareTraining cannot run beside {name}: it would average the quantizers' state ({what}) "
-                f"into the model it returns. Quantize without weight averaging, or {fix}."
+                f"QuantizationAwareTraining cannot run beside {type(callback).__name__}: it would average the "
+                f"quantizers' state ({what}) into the model it returns. Quantize without weight averaging, or {fix}."
             )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -12,7 +12,7 @@ import sys
 
 from torch import nn
 
-__all__ = ["linear_like_types", "transformers_conv1d", "weight_axes"]
+__all__ = ["linear_like_types", "registered_names", "transformers_conv1d", "weight_axes"]
 
 
 def transformers_conv1d() -> type[nn.Module] | None:
@@ -38,3 +38,12 @@ def weight_axes(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return (1, 0)
     return (0, 1)
+
+
+def registered_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each module of ``model`` is registered under, first name first, keyed by ``id(module)`` (a module
+    may be a child of two parents, or twice of one: ``self.backbone`` that is also ``self.model[0]``)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names

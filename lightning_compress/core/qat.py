@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .checks import check_bool, check_module
 from .collectives import Collectives, TorchDistributed
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
-from .layers import transformers_conv1d, weight_axes
+from .layers import registered_names, transformers_conv1d, weight_axes
 from .quant import BIAS_RANGE, accumulator_scale, fake_quantize, int_range, power_of_two_scale
 from .selection import Target, experts_picked, select_targets
 from .sharding import full, is_sharded
@@ -484,7 +484,7 @@ def convert_to_qat(
             UserWarning,
             stacklevel=2,
         )
-    registered = _registered_names(model)
+    registered = registered_names(model)
     for target in targets:
         module = target.module
         names.append(target.name)
@@ -512,21 +512,13 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
         raise TypeError(f"`layers` must be a list of layer names or None, got the string {layers!r}.")
     wanted = None if layers is None else set(layers)
     names = []
-    registered = _registered_names(model)
+    registered = registered_names(model)
     for name, module in qat_modules(model):
         if wanted is None or name in wanted:
             float_layer = cast(Any, module).to_float()
             for alias in registered[id(module)]:
                 _replace(model, alias, float_layer)
             names.append(name)
-    return names
-
-
-def _registered_names(model: nn.Module) -> dict[int, list[str]]:
-    """Every name each module is registered under (a module may be a child of two parents, or twice of one)."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
     return names
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.layers import registered_names
 from ..core.packing import code_container_bits
 from ..core.qat import QuantConfig, quantizable
 from ..core.quant import int_range
@@ -183,12 +184,7 @@ def _layers_with_weights(model: nn.Module) -> dict[str, Tensor]:
 def second_names(model: nn.Module) -> dict[str, str]:
     """Names of modules registered under more than one name (``self.backbone`` also ``self.model[0]``), each
     mapped to the module's first name: the file stores their entries once, under the first."""
-    first: dict[int, str] = {}
-    out = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if first.setdefault(id(module), name) != name:
-            out[name] = first[id(module)]
-    return out
+    return {name: names[0] for names in registered_names(model).values() for name in names[1:]}
 
 
 def first_name(name: str, second: dict[str, str]) -> str | None:
