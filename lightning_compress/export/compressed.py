@@ -47,6 +47,7 @@ from .records import (
     ArchitectureMismatch,
     TensorRecord,
     first_name,
+    layer_settings,
     max_manifest_bytes,
     max_raw_bytes,
     plan,
@@ -176,28 +177,7 @@ def _bias_codes(bias: Tensor, grid: Tensor) -> Tensor | None:
 
 
 def _qat_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {name: _layer_settings(layer) for name, layer in qat_modules(model)}
-
-
-def _layer_settings(layer: nn.Module) -> dict[str, Any]:
-    """A fake-quant layer's :class:`QuantConfig` fields, as the manifest records them."""
-    wq = layer.weight_fake_quant
-    aq = layer.input_fake_quant
-    assert isinstance(wq, FakeQuantizer)
-    settings = {
-        "weight_bits": wq.bits,
-        "activation_bits": aq.bits if isinstance(aq, FakeQuantizer) else None,
-        "scale": wq.mode,
-        "averaging_constant": wq.averaging_constant,
-    }
-    if wq.groups:  # the LLM recipe's fields, written only when used (older readers know the rest)
-        weight = cast(Tensor, layer.weight)
-        settings["group_size"] = int(weight.shape[1 - wq.channel_axis]) // wq.groups
-    if isinstance(aq, FakeQuantizer) and aq.per_token:
-        settings["activation_granularity"] = "per_token"
-    if layer.quantize_bias:
-        settings["quantize_bias"] = True
-    return settings
+    return {name: layer_settings(layer) for name, layer in qat_modules(model)}
 
 
 def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
@@ -547,8 +527,6 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
                 raise CompressedFileError(f"{path} holds bad head counts: {err}") from err
         try:
             _convert_like(model, manifest.get("qat_layers", {}), rollback)
-        except _OtherSettings as err:
-            raise CompressedFileError(f"{path} was written from another quantization: {err}") from err
         except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
             raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
         _check_zero_points(model, tensors)
@@ -611,22 +589,10 @@ class _Rollback:
                 setattr(self.model.get_submodule(parent), child, module)
 
 
-class _OtherSettings(Exception):
-    """A layer the model has converted already quantizes otherwise than the file's."""
-
-
 def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback) -> None:
-    """Convert the layers the file has as fake-quant layers (if the model does not have them yet); a layer the model
-    has converted already must quantize as the file's does (the file's codes and scales mean nothing on another
-    grid: an 8-bit file loaded into a 4-bit layer took its scales and computed on 4 bits, silently)."""
-    converted = dict(qat_modules(model))
-    for name, cfg in layers.items():
-        if name in converted and QuantConfig(**_layer_settings(converted[name])) != QuantConfig(**cfg):
-            raise _OtherSettings(
-                f"the model's fake-quant layer {name!r} quantizes with {_layer_settings(converted[name])}, the file "
-                f"with {cfg}; load into a fresh model (the file converts it) or one converted with the file's settings"
-            )
-    present = set(converted)
+    """Convert the layers the file has as fake-quant layers (if the model does not have them yet; the plan checked
+    that those it has quantize as the file's do)."""
+    present = {name for name, _ in qat_modules(model)}
     missing = {name: cfg for name, cfg in layers.items() if name not in present}
     for name in missing:
         rollback.remember(name)

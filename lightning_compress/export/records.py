@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..core.layers import registered_names
 from ..core.packing import code_container_bits
-from ..core.qat import QuantConfig, quantizable
+from ..core.qat import FakeQuantizer, QuantConfig, qat_modules, quantizable
 from ..core.quant import int_range
 from .container import CompressedFileError
 
@@ -230,6 +230,47 @@ def max_raw_bytes(model: nn.Module) -> int:
     return 4 + max_manifest_bytes(model) + state + quantizers
 
 
+def layer_settings(layer: nn.Module) -> dict[str, Any]:
+    """A fake-quant layer's :class:`QuantConfig` fields, as the manifest records them."""
+    wq = layer.weight_fake_quant
+    aq = layer.input_fake_quant
+    assert isinstance(wq, FakeQuantizer)
+    settings = {
+        "weight_bits": wq.bits,
+        "activation_bits": aq.bits if isinstance(aq, FakeQuantizer) else None,
+        "scale": wq.mode,
+        "averaging_constant": wq.averaging_constant,
+    }
+    if wq.groups:  # the LLM recipe's fields, written only when used (older readers know the rest)
+        weight = cast(Tensor, layer.weight)
+        settings["group_size"] = int(weight.shape[1 - wq.channel_axis]) // wq.groups
+    if isinstance(aq, FakeQuantizer) and aq.per_token:
+        settings["activation_granularity"] = "per_token"
+    if layer.quantize_bias:
+        settings["quantize_bias"] = True
+    return settings
+
+
+def _check_converted_alike(model: nn.Module, layers: Any) -> None:
+    """A layer the model has converted already must quantize as the file's does: the file's codes and scales mean
+    nothing on another grid (an 8-bit file loaded into a 4-bit layer took its scales and computed on 4 bits,
+    silently). Checked before the file's shapes, which such a model may also fail, for the clearer reason."""
+    if not isinstance(layers, dict):
+        return  # `_check_qat_layers` refuses it
+    for name, layer in qat_modules(model):
+        cfg = layers.get(name)
+        try:
+            same = not isinstance(cfg, dict) or QuantConfig(**layer_settings(layer)) == QuantConfig(**cfg)
+        except (TypeError, ValueError):
+            continue  # unreadable settings: `_check_qat_layers` names them
+        if not same:
+            raise ArchitectureMismatch(
+                f"was written from another quantization: the model's fake-quant layer {name!r} quantizes with "
+                f"{layer_settings(layer)}, the file with {cfg}; load into a fresh model (the file converts it) or "
+                "one converted with the file's settings."
+            )
+
+
 # ---------------------------------------------------------------------------------------------- the plan
 def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list[TensorRecord], list[int]]:
     """Check every record of ``manifest`` against ``model``; return the records and the section sizes.
@@ -249,8 +290,9 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
     compacted = manifest.get("compacted", False)
     if not isinstance(compacted, bool):
         raise CompressedFileError(f"bad `compacted` flag {compacted!r} in the file.")
-    _check_names(model, records, compacted)
     qat_layers = manifest.get("qat_layers", {})
+    _check_converted_alike(model, qat_layers)
+    _check_names(model, records, compacted)
     _check_qat_layers(model, qat_layers)
     by_name = {r.name: r for r in records}
     sizes = dict.fromkeys(SECTIONS, 0)
