@@ -83,8 +83,10 @@ class QuantizationAwareTraining(Callback):
     At ``setup`` the selected ``nn.Linear``/``nn.Conv{1,2,3}d`` layers are swapped for subclasses
     that share the same Parameters and fake-quantize their weight and input activation
     (:mod:`lightning_compress.core.qat`); until quantization switches on they compute exactly what
-    the float layers compute. During epoch ``start_epoch`` the observers calibrate; at its end
-    fake quantization switches on. All quantization state (on/off, scales, zero points, observer
+    the float layers compute. During epoch ``start_epoch`` the observers calibrate; fake quantization
+    switches on when the next epoch starts (after the end of ``start_epoch``: its validation and its
+    checkpoints score and hold the model they see, in float), or at the end of ``fit`` if
+    ``start_epoch`` is the last epoch. All quantization state (on/off, scales, zero points, observer
     ranges, shifts) lives in the model's buffers, so it is in every checkpoint.
 
     Args:
@@ -94,7 +96,8 @@ class QuantizationAwareTraining(Callback):
             fixed point with ``p`` fractional bits) or ``"learned"`` (LSQ, trained step sizes).
         shift_search: with ``power_of_two``, choose ``p`` per layer by trying shifts on the
             validation batches of epoch ``start_epoch`` (layer output error against float).
-        start_epoch: fake quantization switches on at the end of this epoch (0-indexed).
+        start_epoch: the observers calibrate during this epoch (0-indexed); fake quantization is on from the
+            next.
         freeze_observers_epoch: ranges stop moving after this epoch (``None``: never).
         freeze_bn_epoch: BatchNorm statistics freeze after this epoch (``None``: never).
         include: glob patterns over module names (Linear/Conv layers; see ``IterativePruning``).
@@ -174,6 +177,7 @@ class QuantizationAwareTraining(Callback):
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
         self._trained = False
+        self._calibrated = False  # `start_epoch` ended in this fit
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
@@ -255,6 +259,7 @@ class QuantizationAwareTraining(Callback):
                 ) from err
             self._converted = [name for name in self._layers if name not in before]
             self._trained = False
+            self._calibrated = False  # `start_epoch` ended in this fit
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -349,15 +354,15 @@ class QuantizationAwareTraining(Callback):
         shift search needs validation data (the loaders are known now, before any training step)."""
         epoch = trainer.current_epoch
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
-            # resumed from a checkpoint saved on the last batch of `start_epoch`: Lightning goes on with the next
-            # epoch without that epoch's end, where quantization switches on. It switches on now.
-            if self.shift_search:
+            # resumed after `start_epoch` (Lightning skips the epoch start of a resumed epoch): quantization
+            # switches on now. A checkpoint saved on the last batch of `start_epoch`, before its end, has no shifts.
+            if self.shift_search and not self.shifts:
                 rank_zero_warn(
                     f"QuantizationAwareTraining: the fit resumed after the end of `start_epoch`={self.start_epoch} "
                     "without running it (a checkpoint saved on its last batch), so no validation chose the shifts: "
                     "they come from the observed ranges."
                 )
-            self._switch_on(pl_module, epoch - 1)
+            self._switch_on(pl_module)
         for _, quantizer in quantizers(pl_module):  # Lightning skips the epoch start of a resumed epoch
             quantizer.train()
         searching = self.shift_search and epoch <= self.start_epoch and not self._active(pl_module)
@@ -386,6 +391,8 @@ class QuantizationAwareTraining(Callback):
                 quantizer.observer_enabled = True
         for _, quantizer in quantizers(pl_module):  # they observe while the model trains, even if it was left in
             quantizer.train()  # eval mode (Lightning keeps a module's mode): they would never calibrate
+        if epoch > self.start_epoch and self._layers and not self._active(pl_module):
+            self._switch_on(pl_module)  # after `start_epoch`'s end: its checkpoints hold the model it validated
         self._freeze_bn(trainer, pl_module)
 
     def on_train_batch_start(
@@ -413,19 +420,28 @@ class QuantizationAwareTraining(Callback):
         if epoch == self.start_epoch and not self._active(pl_module):
             if self.shift_search:
                 self._search_shifts(trainer, pl_module)
-            self._switch_on(pl_module, epoch)
+            self._calibrated = True  # quantization switches on when the next epoch starts, or at the end of fit
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
             for _, quantizer in quantizers(pl_module):
                 quantizer.observer_enabled = False
 
-    def _switch_on(self, pl_module: pl.LightningModule, epoch: int) -> None:
+    def _switch_on(self, pl_module: pl.LightningModule, *, at_fit_end: bool = False) -> None:
         enable_fake_quant(pl_module)  # learned scales start training now
-        _warn_about_idle_layers(pl_module, epoch)
+        _warn_about_idle_layers(pl_module, self.start_epoch)
+        when = (
+            "at the end of fit (`start_epoch` was its last epoch: calibrated, not yet trained or validated quantized)"
+            if at_fit_end
+            else f"from epoch {self.start_epoch + 1} on"
+        )
         rank_zero_info(
             f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
             f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
-            f"{self.config.scale}) from epoch {epoch + 1} on (the end of `start_epoch`={self.start_epoch})."
+            f"{self.config.scale}) {when}."
         )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._calibrated and self._layers and not self._active(pl_module):
+            self._switch_on(pl_module, at_fit_end=True)  # no epoch followed `start_epoch`
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._layers and not self._active(pl_module):

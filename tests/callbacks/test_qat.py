@@ -33,7 +33,7 @@ def on_grid(model):
 
 
 @pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
-def test_switches_on_at_the_end_of_start_epoch(tiny, scale):
+def test_switches_on_when_the_epoch_after_start_epoch_starts(tiny, scale):
     states = []
 
     class Probe(Callback):
@@ -42,7 +42,7 @@ def test_switches_on_at_the_end_of_start_epoch(tiny, scale):
 
     qat = QuantizationAwareTraining(4, 8, scale=scale, start_epoch=1)
     trainer(max_epochs=3, callbacks=[qat, Probe()]).fit(tiny)
-    assert states == [False, True, True]
+    assert states == [False, False, True]  # on from epoch 2: epoch 1's end still holds the model it validated
     assert on_grid(tiny)
     assert tiny.trainer.callback_metrics["val_acc"] > 0.5
 
@@ -239,6 +239,36 @@ RECIPES = {
 }
 
 
+def test_every_checkpoint_holds_the_model_its_validation_scored(tmp_path):
+    """The checkpoint at the end of `start_epoch` was scored by a float validation: it holds the float model
+    (quantization switched on before ModelCheckpoint saved, so `best_model_path` could name a quantized model
+    scored in float)."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, filename="{epoch}")
+    qat = QuantizationAwareTraining(2, 2, start_epoch=0)  # 2 bits: quantized and float scores differ
+    trainer(max_epochs=2, callbacks=[qat, ckpt], enable_checkpointing=True).fit(TinyModule())
+    assert len(ckpt.best_k_models) == 2
+    for path, score in ckpt.best_k_models.items():
+        fresh = TinyModule()
+        t = trainer(callbacks=[QuantizationAwareTraining(2, 2, start_epoch=0)])
+        rescored = t.validate(fresh, ckpt_path=path, verbose=False)[0]["val_loss"]
+        assert rescored == pytest.approx(float(score), rel=1e-5), path
+    assert not any(active(load_qat_checkpoint(TinyModule, tmp_path / "epoch=0.ckpt")))
+    assert all(active(load_qat_checkpoint(TinyModule, tmp_path / "epoch=1.ckpt")))
+
+
+def test_start_epoch_the_last_epoch_quantizes_at_the_end_of_fit(tiny, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    qat = QuantizationAwareTraining(4, 8, start_epoch=1)
+    t = trainer(max_epochs=2, callbacks=[qat, ckpt], enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(tiny)
+    assert not [w for w in caught if "not quantized" in str(w.message)]
+    assert all(active(tiny)) and on_grid(tiny)  # the model fit returns is quantized, as the user asked
+    assert not any(active(load_qat_checkpoint(TinyModule, tmp_path / "last.ckpt")))  # what was validated
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_resume_rebuilds_quantization_before_the_weights_load(recipe, tmp_path):
     def run(ckpt_path=None, dirpath=None):
@@ -254,6 +284,10 @@ def test_resume_rebuilds_quantization_before_the_weights_load(recipe, tmp_path):
 
     full, _ = run(dirpath=tmp_path)
     resumed, t = run(ckpt_path=tmp_path / "epoch=2.ckpt")  # quantization already on in this checkpoint
+    from_calibrated, _ = run(ckpt_path=tmp_path / "epoch=1.ckpt")  # the end of `start_epoch`: on from the next
+    assert all(active(from_calibrated))
+    for key, value in weights_of(from_calibrated).items():
+        assert torch.allclose(weights_of(full)[key].float(), value.float(), atol=1e-6), key
     a, b = weights_of(full), weights_of(resumed)
     assert a.keys() == b.keys()
     for key in a:
