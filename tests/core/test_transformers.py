@@ -120,6 +120,29 @@ def test_qat_converts_every_conv1d_computes_the_same_until_enabled_and_round_tri
     assert convert_to_float(model) and torch.equal(logits(model, ids), before)
 
 
+def test_a_whole_quantized_gpt2_pickles_and_the_old_class_path_still_resolves(tmp_path):
+    """`torch.save(model)` pickles the fake-quant Conv1D class made on first use; a pickle written when the layer
+    classes lived in `core.qat` names that module, which still hands them out."""
+    from lightning_compress.core import qat, qat_layers
+
+    model = gpt2()
+    ids = tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [tokens(seed=s) for s in range(2)])
+    enable_fake_quant(model)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False).eval()
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    made = type(model.transformer.h[0].attn.c_attn)
+    assert made.__module__ == "lightning_compress.core.qat_layers"
+    assert qat.QATTransformersConv1D is made is qat_layers.QATTransformersConv1D
+    assert qat.QATLinear is qat_layers.QATLinear
+    with pytest.raises(AttributeError, match="has no attribute 'Missing'"):
+        qat.Missing  # noqa: B018
+
+
 def test_pruned_and_quantized_gpt2_saves_and_loads_into_a_fresh_model(tmp_path):
     model = gpt2()
     with warnings.catch_warnings():

@@ -1,0 +1,329 @@
+"""The fake-quantized layers. Pure torch.
+
+Each class (:class:`QATLinear`, :class:`QATConv2d`, ...) subclasses its float layer and **shares the same Parameter
+objects** (``from_float`` / ``to_float`` build the other layer on the meta device and hand it the Parameters), so
+optimizers keep working and ``weight``/``bias`` keep their ``state_dict`` keys; the quantizers add their own keys
+(``<layer>.weight_fake_quant.scale``, ...). Until a quantizer is enabled its layer computes exactly what the float
+layer computes. :mod:`.qat` swaps them in and out of a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fake_quant import FakeQuantizer, QuantConfig
+from .layers import transformers_conv1d, weight_axes
+from .quant import BIAS_RANGE, accumulator_scale, fake_quantize
+
+__all__ = [
+    "QAT_CLASSES",
+    "QATConv1d",
+    "QATConv2d",
+    "QATConv3d",
+    "QATEmbedding",
+    "QATLayer",
+    "QATLinear",
+    "group_count",
+    "qat_class",
+    "qat_modules",
+    "quantizable",
+]
+
+
+class QATLayer:
+    """What every fake-quantized layer adds to its float layer: the quantizers, the quantized weight and bias, and
+    the export modes (test ``isinstance(module, QATLayer)``)."""
+
+    weight: Tensor
+    training: bool
+    weight_fake_quant: FakeQuantizer
+    input_fake_quant: nn.Module
+    float_class: ClassVar[type[nn.Module]]
+    _export_weight: Tensor | None = None
+    _export_bias: Tensor | None = None
+    _int4: Any = None  # an Int4Weights while `int4_export_mode` is on
+    quantize_bias: bool = False  # the bias on the accumulator's grid (QuantConfig.quantize_bias)
+
+    def _adopt(self, module: Any, config: QuantConfig, quantize_input: bool = True) -> None:
+        """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
+        layer = cast(Any, self)
+        layer.weight = module.weight
+        if hasattr(module, "bias"):
+            layer.bias = module.bias
+        weight: Tensor = module.weight
+        device = weight.device
+        out_axis, in_axis = weight_axes(module)
+        layer.weight_fake_quant = FakeQuantizer(
+            "weight", config.weight_bits, config.scale, channels=weight.shape[out_axis],
+            averaging_constant=config.averaging_constant, channel_axis=out_axis,
+            groups=group_count(weight, in_axis, config.group_size) or 0,
+        ).to(device)  # fmt: skip
+        layer.input_fake_quant = (
+            nn.Identity()
+            if config.activation_bits is None or not quantize_input
+            else FakeQuantizer(
+                "activation",
+                config.activation_bits,
+                config.scale,
+                averaging_constant=config.averaging_constant,
+                granularity=config.activation_granularity,
+            ).to(device)
+        )
+        has_bias = getattr(module, "bias", None) is not None
+        layer.quantize_bias = bool(config.quantize_bias and quantize_input and has_bias)
+        layer.train(module.training)  # a model in eval mode must not start observing
+
+    def _share_into(self, new: Any) -> nn.Module:
+        layer = cast(Any, self)
+        new.weight = layer.weight
+        if hasattr(layer, "bias"):
+            new.bias = layer.bias
+        return cast(nn.Module, new.train(layer.training))
+
+    def quantized_weight(self) -> Tensor:
+        if self._export_weight is not None and self.weight_fake_quant.exporting:
+            return self.weight_fake_quant(self._export_weight)
+        return self.weight_fake_quant(self.weight)
+
+    def bias_grid(self) -> Tensor | None:
+        """The grid of the bias, ``s_w * s_x`` per output channel, while ``quantize_bias`` is set and both
+        quantizers fake-quantize; ``None`` otherwise (the bias is then used as it is)."""
+        weight_q, input_q = self.weight_fake_quant, self.input_fake_quant
+        bias = getattr(self, "bias", None)  # an embedding has none
+        if not self.quantize_bias or bias is None or not isinstance(input_q, FakeQuantizer):
+            return None
+        if not (weight_q.fake_quant_enabled and input_q.fake_quant_enabled and input_q.has_range):
+            return None  # an input without a range stays float (FakeQuantizer.has_range), so does its bias
+        return accumulator_scale(weight_q.effective_scale(), input_q.effective_scale(), bias.numel())
+
+    def quantized_bias(self) -> Tensor | None:
+        """The bias the layer adds: on its accumulator's grid (int32 codes times ``s_w * s_x``, straight-through
+        gradient) when :meth:`bias_grid` has one, else the bias itself. Call after both quantizers ran in this
+        forward, so the grid is the one this batch uses."""
+        bias = cast(Any, self).bias
+        if self._export_bias is not None and self.weight_fake_quant.exporting:
+            return self._export_bias
+        grid = self.bias_grid()
+        if grid is None:
+            return cast("Tensor | None", bias)
+        zero = torch.zeros((), dtype=torch.int32, device=grid.device)
+        return fake_quantize(bias, grid, zero, *BIAS_RANGE, axis=0)
+
+    def begin_export(self) -> None:
+        """Carry the quantized weight as a constant and emit Q/DQ-able ops until :meth:`end_export`."""
+        with torch.no_grad():
+            self._export_weight = self.weight_fake_quant(self.weight).detach().clone()
+            bias = self.quantized_bias() if self.quantize_bias else None
+            self._export_bias = None if bias is None else bias.detach().clone()
+        self.weight_fake_quant.begin_export(self._export_weight.shape[self.weight_fake_quant.channel_axis])
+        if isinstance(self.input_fake_quant, FakeQuantizer):
+            self.input_fake_quant.begin_export()
+
+    def begin_int4(self, weights: Any) -> None:
+        """Compute through ``MatMulNBits`` (see :mod:`.int4`) until :meth:`end_int4`."""
+        self._int4 = weights
+
+    def end_int4(self) -> None:
+        self._int4 = None
+
+    def end_export(self) -> None:
+        self._export_weight = None
+        self._export_bias = None
+        self.weight_fake_quant.end_export()
+        if isinstance(self.input_fake_quant, FakeQuantizer):
+            self.input_fake_quant.end_export()
+
+
+class QATLinear(QATLayer, nn.Linear):
+    """``nn.Linear`` with fake-quantized weight and input; same Parameters as the float layer."""
+
+    float_class = nn.Linear
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: QuantConfig) -> QATLinear:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+        new = cls(module.in_features, module.out_features, module.bias is not None, device="meta")
+        new._adopt(module, config)
+        return new
+
+    def to_float(self) -> nn.Linear:
+        """The float layer back, with the same Parameters."""
+        float_layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        return cast(nn.Linear, self._share_into(float_layer))
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self._int4 is not None:
+            return cast(Tensor, self._int4(input))
+        return F.linear(self.input_fake_quant(input), self.quantized_weight(), self.quantized_bias())
+
+
+def _conv_arguments(module: nn.modules.conv._ConvNd) -> dict[str, Any]:
+    return {
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size,
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "groups": module.groups,
+        "bias": module.bias is not None,
+        "padding_mode": module.padding_mode,
+        "device": "meta",
+    }
+
+
+class _QATConvMixin(QATLayer):
+    @classmethod
+    def from_float(cls, module: nn.modules.conv._ConvNd, config: QuantConfig) -> nn.Module:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+        new = cls(**_conv_arguments(module))
+        new._adopt(module, config)
+        return cast(nn.Module, new)
+
+    def to_float(self) -> nn.Module:
+        """The float layer back, with the same Parameters."""
+        return self._share_into(self.float_class(**_conv_arguments(cast(Any, self))))
+
+    def forward(self, input: Tensor) -> Tensor:
+        conv = cast(Any, self)
+        return conv._conv_forward(self.input_fake_quant(input), self.quantized_weight(), self.quantized_bias())
+
+
+class QATConv1d(_QATConvMixin, nn.Conv1d):
+    float_class = nn.Conv1d
+
+
+class QATConv2d(_QATConvMixin, nn.Conv2d):
+    float_class = nn.Conv2d
+
+
+class QATConv3d(_QATConvMixin, nn.Conv3d):
+    float_class = nn.Conv3d
+
+
+class _QATTransformersConv1DMixin(QATLayer):
+    """``transformers``' Conv1D (weight ``(in, out)``) with fake-quantized weight (per output column) and input."""
+
+    nf: int
+    nx: int
+
+    @classmethod
+    def from_float(cls, module: nn.Module, config: QuantConfig) -> nn.Module:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+        with torch.device("meta"):
+            new = cls(cast(Any, module).nf, cast(Any, module).nx)  # type: ignore[call-arg]
+        new._adopt(module, config)
+        return cast(nn.Module, new)
+
+    def to_float(self) -> nn.Module:
+        """The float layer back, with the same Parameters."""
+        with torch.device("meta"):
+            float_layer = self.float_class(self.nf, self.nx)
+        return self._share_into(float_layer)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self._int4 is not None:
+            return cast(Tensor, self._int4(input))
+        x = self.input_fake_quant(input)
+        flat = x.reshape(-1, x.size(-1))
+        weight = self.quantized_weight()
+        bias = self.quantized_bias()
+        out = torch.addmm(bias, flat, weight) if bias is not None else flat @ weight
+        return out.view(*input.shape[:-1], self.nf)
+
+
+class QATEmbedding(QATLayer, nn.Embedding):
+    """``nn.Embedding`` with fake-quantized rows (one scale per token's vector, or per group of it).
+
+    Opt-in: only an exact module name in ``include`` selects an embedding. Its input is indices,
+    never quantized.
+    """
+
+    float_class = nn.Embedding
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, config: QuantConfig) -> QATEmbedding:
+        new = cls(**_embedding_arguments(module))
+        new._adopt(module, config, quantize_input=False)  # its input is indices
+        return new
+
+    def to_float(self) -> nn.Embedding:
+        return cast(nn.Embedding, self._share_into(nn.Embedding(**_embedding_arguments(self))))
+
+    def forward(self, input: Tensor) -> Tensor:
+        table = self._int4.weight if self._int4 is not None else self.quantized_weight()  # int4 export: a constant
+        return F.embedding(
+            input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse,
+        )  # fmt: skip
+
+
+def _embedding_arguments(module: nn.Embedding) -> dict[str, Any]:
+    return {
+        "num_embeddings": module.num_embeddings,
+        "embedding_dim": module.embedding_dim,
+        "padding_idx": module.padding_idx,
+        "max_norm": module.max_norm,
+        "norm_type": module.norm_type,
+        "scale_grad_by_freq": module.scale_grad_by_freq,
+        "sparse": module.sparse,
+        "device": "meta",
+    }
+
+
+QAT_CLASSES: dict[type[nn.Module], Any] = {
+    nn.Linear: QATLinear,
+    nn.Embedding: QATEmbedding,
+    nn.Conv1d: QATConv1d,
+    nn.Conv2d: QATConv2d,
+    nn.Conv3d: QATConv3d,
+}
+_TRANSFORMERS_CONV1D_QAT = "QATTransformersConv1D"
+
+
+def qat_class(kind: type[nn.Module]) -> Any:
+    """The fake-quant class of a float layer type (``None``: not quantizable)."""
+    if kind in QAT_CLASSES:
+        return QAT_CLASSES[kind]
+    conv1d = transformers_conv1d()
+    if conv1d is None or kind is not conv1d:
+        return None
+    made = type(
+        _TRANSFORMERS_CONV1D_QAT,
+        (_QATTransformersConv1DMixin, conv1d),
+        {"float_class": conv1d, "__module__": __name__, "__qualname__": _TRANSFORMERS_CONV1D_QAT},
+    )
+    QAT_CLASSES[conv1d] = made
+    globals()[_TRANSFORMERS_CONV1D_QAT] = made  # pickle finds it by name
+    return made
+
+
+def __getattr__(name: str) -> Any:
+    """``QATTransformersConv1D`` is made on first use (it subclasses ``transformers``' Conv1D); unpickling asks here."""
+    if name == _TRANSFORMERS_CONV1D_QAT:
+        import transformers.pytorch_utils
+
+        made = qat_class(transformers.pytorch_utils.Conv1D)
+        if made is not None:
+            return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def group_count(weight: Tensor, in_axis: int, group_size: int | None) -> int | None:
+    """Scale groups per output channel for ``group_size`` (``None``: the layer stays per channel)."""
+    if group_size is None or weight.dim() != 2 or weight.shape[in_axis] % group_size:
+        return None
+    return weight.shape[in_axis] // group_size
+
+
+def quantizable(module: nn.Module) -> bool:
+    """Whether ``module`` has a fake-quant layer (Linear, Conv1d/2d/3d, ``transformers`` Conv1D) or is one."""
+    return isinstance(module, QATLayer) or qat_class(type(module)) is not None
+
+
+def qat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The fake-quantized layers of ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QATLayer)]  # type: ignore[misc]
