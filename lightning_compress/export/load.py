@@ -1,0 +1,320 @@
+"""Reading a compressed file: :func:`load_compressed`, which treats it as untrusted input (see :mod:`.compressed`)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.checks import check_module, check_path
+from ..core.compact import COMPACTED_FLAG
+from ..core.packing import (
+    code_container_bits,
+    decode_gaps,
+    unpack_bits,
+    unpack_codes,
+)
+from ..core.qat import QuantConfig, convert_to_qat, qat_modules, quantizers
+from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
+from ..core.shrink import set_head_record, shrink_like
+from .container import CompressedFileError, read_container
+from .records import (
+    SECTIONS,
+    ArchitectureMismatch,
+    TensorRecord,
+    max_manifest_bytes,
+    max_raw_bytes,
+    plan,
+)
+from .report import CompressionReport, LayerReport
+
+__all__ = ["load_compressed"]
+
+
+def _from_planes(data: Tensor, element: int, version: int) -> Tensor:
+    """Undo :func:`_planes` (files before format 4 store the bytes in order)."""
+    if version < 4 or element == 1:
+        return data.clone()
+    return data.reshape(element, -1).t().contiguous().reshape(-1)
+
+
+class _Reader:
+    """Hands out the sections front to back, in the order the records were written, without copying."""
+
+    def __init__(self, body: bytearray, sizes: list[int]) -> None:
+        self.view = memoryview(body)
+        starts = [0, sizes[0], sizes[0] + sizes[1]]
+        self.cursor = dict(zip(SECTIONS, starts, strict=True))
+
+    def take(self, section: str, nbytes: int) -> Tensor:
+        """``nbytes`` bytes as a uint8 tensor that shares the body's memory (sizes were checked by the plan)."""
+        start = self.cursor[section]
+        self.cursor[section] = start + nbytes
+        if nbytes == 0:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.frombuffer(self.view[start : start + nbytes], dtype=torch.uint8)
+
+
+def _mask(record: TensorRecord, data: Tensor) -> Tensor | None:
+    """The record's positions as a flat bool mask (``None``: every position, a dense record); raises if the stream
+    does not hold ``count`` of them."""
+    if record.coding == "dense":
+        return None
+    if record.coding == "bitmask":
+        mask = unpack_bits(data, record.numel)
+        if int(mask.sum()) != record.count:
+            found = int(mask.sum())
+            raise CompressedFileError(f"{record.name}: bitmask holds {found} entries, expected {record.count}.")
+        return mask
+    positions = decode_gaps(data, record.count)
+    if record.count and int(positions[-1]) >= record.numel:
+        raise CompressedFileError(f"{record.name}: position outside the tensor.")
+    mask = torch.zeros(record.numel, dtype=torch.bool)
+    mask[positions] = True
+    return mask
+
+
+def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, version: int) -> dict[str, Tensor]:
+    reader = _Reader(body, sizes)
+    tensors: dict[str, Tensor] = {}
+    pending: list[tuple[TensorRecord, Tensor | None, Tensor]] = []  # quantized: need their scales, decoded later
+    biases: list[tuple[TensorRecord, Tensor]] = []  # int32 codes on a grid made of two scales, decoded later
+    for record in records:
+        dtype, element = record.torch_dtype, record.element_size
+        if record.kind == "bias":
+            biases.append((record, _from_planes(reader.take("data", record.numel * 4), 4, version).view(torch.int32)))
+            continue
+        if record.kind == "raw":
+            data = _from_planes(reader.take("data", record.numel * element), element, version)
+            tensors[record.name] = data.view(dtype).reshape(record.shape)
+            continue
+        if record.kind == "alias":
+            continue  # filled in below, once every stored tensor is decoded
+        mask = _mask(record, reader.take("positions", record.position_bytes))
+        if record.kind == "sparse":
+            values = _from_planes(reader.take("data", record.count * element), element, version).view(dtype)
+            out = torch.zeros(record.numel, dtype=dtype)
+            out[torch.ones(record.numel, dtype=torch.bool) if mask is None else mask] = values
+            tensors[record.name] = out.reshape(record.shape)
+        else:
+            nbytes = (record.count * code_container_bits(record.bits) + 7) // 8
+            pending.append((record, mask, reader.take("codes", nbytes)))  # packed, unpacked a block at a time
+    for name, tensor in tensors.items():  # every quantizer's scale, before any is used
+        if name.endswith("_fake_quant.scale"):
+            _check_scale(name, tensor)
+    for record, mask, codes in pending:
+        zero_point = tensors.get(record.quantizer + "zero_point", torch.zeros((), dtype=torch.int32)).to(torch.int32)
+        scale = tensors[record.quantizer + "scale"]
+        tensors[record.name] = _dequantized(record, mask, codes, scale, zero_point).reshape(record.shape)
+    for record, codes in biases:
+        prefix = f"{record.layer}."
+        scales = tensors[prefix + "weight_fake_quant.scale"], tensors[prefix + "input_fake_quant.scale"]
+        if bool((codes < BIAS_RANGE[0]).any() or (codes > BIAS_RANGE[1]).any()):
+            raise CompressedFileError(f"{record.name}: codes outside the int32 bias range.")
+        grid = accumulator_scale(*scales, record.numel)
+        tensors[record.name] = dequantize(codes, grid, torch.zeros((), dtype=torch.int32), axis=0)
+    for record in records:
+        if record.kind == "alias":
+            tensors[record.name] = tensors[record.of]
+    return tensors
+
+
+_CHUNK = 1 << 18  # elements dequantized at a time: a layer's temporaries stay a few MiB whatever its size
+
+
+def _dequantized(record: TensorRecord, mask: Tensor | None, codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """``dequantize`` of the packed codes (``record.bits`` each) at their positions (``mask``; ``None``: all), flat,
+    in the record's dtype, a block of rows at a time: the block's codes, scales and products are the only
+    temporaries (the whole layer's would cost several times its size: unpacked codes, float32 products and group
+    scales expanded to every element). Each value is rounded to the dtype as the whole float32 tensor would be."""
+    out = torch.zeros(record.numel, dtype=record.torch_dtype)
+    if not record.numel:
+        return out
+    rows = record.shape[0] if record.shape else 1
+    row = record.numel // rows
+    step = max(1, _CHUNK // max(1, row))
+    used = 0
+    for first in range(0, rows, step):
+        last = min(rows, first + step)
+        block = out[first * row : last * row]
+        kept = None if mask is None else mask[first * row : last * row]
+        count = block.numel() if kept is None else int(kept.sum())
+        values = _unpacked(codes, record.bits, used, count).to(torch.int32).sub_(zero_point).float()  # (q - zp) * s
+        used += count
+        scales = _block_scales(scale, record.shape, record.axis, first, last)
+        values.mul_(scales if kept is None else scales[kept])
+        if kept is None:
+            block.copy_(values)
+        else:
+            block[kept] = values.to(out.dtype)
+    return out
+
+
+def _unpacked(packed: Tensor, bits: int, start: int, count: int) -> Tensor:
+    """Codes ``start:start + count`` of a packed stream, unpacked (int8) from the bytes that hold them only."""
+    per_byte = 8 // code_container_bits(bits)
+    skip = start % per_byte
+    first, last = start // per_byte, (start + count + per_byte - 1) // per_byte
+    return unpack_codes(packed[first:last], bits, skip + count)[skip:]
+
+
+def _block_scales(scale: Tensor, shape: tuple[int, ...], axis: int | None, first: int, last: int) -> Tensor:
+    """The scale of every element of rows ``first:last`` (along dimension 0) of a tensor of ``shape``, flat:
+    :func:`scale_per_element` of those rows only."""
+    if scale.dim() == 2 and axis is not None:  # (channels, groups) of a 2-d weight, groups along the other axis
+        group = shape[1 - axis] // scale.shape[1]
+        if axis == 0:
+            return scale[first:last].float().repeat_interleave(group, dim=1).reshape(-1)
+        return scale[:, torch.arange(first, last) // group].float().t().reshape(-1)
+    every = scale_per_element(scale, shape, axis)  # an expanded view
+    return every.reshape(1) if every.dim() == 0 else every[first:last].reshape(-1)
+
+
+def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Zero points a saved model can have: in the integer range of their quantizer (a forged one loaded, shifted
+    every value it touches and broke `export_onnx`)."""
+    for name, quantizer in quantizers(model):
+        zero_point = tensors.get(f"{name}.zero_point")
+        low, high = quantizer.qrange
+        if zero_point is not None and bool((zero_point < low).any() or (zero_point > high).any()):
+            raise CompressedFileError(f"{name}.zero_point: zero points outside the quantizer's range {low}..{high}.")
+
+
+def _check_scale(name: str, scale: Tensor) -> None:
+    """Scales a saved model can have: finite and positive in float32 (learned ones are stored as the step in use)."""
+    values = scale.float()
+    if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
+        raise CompressedFileError(f"{name}: scales that are not finite positive numbers.")
+
+
+def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
+    """Load a file written by :func:`save_compressed` into ``model`` (a fresh instance of the architecture).
+
+    Fake-quant layers recorded in the file are put back (with their scales, zero points and
+    activation ranges), so the eval-mode outputs equal those of the saved model. The file is
+    treated as untrusted: its sizes are checked against ``model`` before anything is decompressed
+    or allocated, so loading costs at most about twice the model's size in memory.
+
+    Raises:
+        CompressedFileError: not such a file, unknown version, truncated, corrupted, forged sizes,
+            or written for another architecture. The model is left exactly as it was.
+    """
+    check_module(model)
+    path = check_path(path)
+    planned: dict[str, Any] = {}
+
+    def body_size(manifest: dict[str, Any], version: int) -> int:
+        if manifest.get("version") != version:  # the byte layout follows the header's version
+            raise CompressedFileError(
+                f"{path} is corrupted: its header says format {version}, its manifest {manifest.get('version')!r}."
+            )
+        try:
+            planned["records"], planned["sizes"] = plan(model, manifest, version)
+            planned["version"] = version
+        except ArchitectureMismatch as err:
+            raise CompressedFileError(f"{path} {err}") from err
+        except CompressedFileError as err:
+            raise CompressedFileError(f"{path} does not hold a valid model for {type(model).__name__}: {err}") from err
+        return sum(planned["sizes"])
+
+    manifest, body = read_container(path, max_raw_bytes(model), max_manifest_bytes(model), body_size)
+    records: list[TensorRecord] = planned["records"]
+    try:
+        tensors = _decode_all(records, planned["sizes"], body, planned["version"])
+    except CompressedFileError as err:
+        raise CompressedFileError(f"{path} is corrupted: {err}") from err
+    except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CompressedFileError(f"{path} is corrupted: {err!r}") from err
+    del body
+    rollback = _Rollback(model)
+    try:
+        if manifest.get("compacted"):
+            try:
+                shrink_like(model, {k: tuple(v.shape) for k, v in tensors.items()}, rollback.remember)
+            except ValueError as err:  # e.g. a cut through a quantization group of a model already converted
+                raise CompressedFileError(f"{path} holds sizes the model cannot take: {err}") from err
+            try:
+                set_head_record(model, manifest.get("heads", {}), rollback.remember)
+            except ValueError as err:
+                raise CompressedFileError(f"{path} holds bad head counts: {err}") from err
+        try:
+            _convert_like(model, manifest.get("qat_layers", {}), rollback)
+        except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
+            raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
+        _check_zero_points(model, tensors)
+        expected = model.state_dict()
+        problems = [k for k in expected if k not in tensors] + [k for k in tensors if k not in expected]
+        problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+        if problems:
+            raise CompressedFileError(
+                f"{path} was written for another architecture than {type(model).__name__}: {sorted(problems)[:5]}"
+            )
+        model.load_state_dict(tensors, strict=True)
+    except Exception:
+        rollback()
+        raise
+    if manifest.get("compacted"):
+        setattr(model, COMPACTED_FLAG, True)
+    del tensors
+    layers = [_loaded_layer(r) for r in records if r.kind in ("sparse", "quantized")]
+    return CompressionReport.of_file(path, "lightning-compress", layers, model)
+
+
+def _loaded_layer(record: TensorRecord) -> LayerReport:
+    bits = record.bits if record.kind == "quantized" else 8 * record.element_size
+    bytes_before = record.numel * record.element_size
+    if record.kind == "quantized":
+        stored = (record.count * code_container_bits(record.bits) + 7) // 8
+    else:
+        stored = record.count * record.element_size
+    return LayerReport(
+        record.name, record.numel, record.count, bits, bytes_before, record.position_bytes + stored, record.coding
+    )
+
+
+class _Rollback:
+    """Remembers modules (the object at each name and its attributes) so that a refused file changes nothing.
+
+    Conversions replace module objects, resizing replaces their Parameters: undoing puts the original
+    object back at its name with its original attributes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+
+    def remember(self, name: str) -> None:
+        if name in self.saved:  # the first snapshot is the original
+            return
+        module = self.model.get_submodule(name)
+        state = dict(module.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = dict(state[key])
+        self.saved[name] = (module, state)
+
+    def __call__(self) -> None:
+        for name, (module, state) in self.saved.items():
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            if name:
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent), child, module)
+
+
+def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback) -> None:
+    """Convert the layers the file has as fake-quant layers (if the model does not have them yet; the plan checked
+    that those it has quantize as the file's do)."""
+    present = {name for name, _ in qat_modules(model)}
+    missing = {name: cfg for name, cfg in layers.items() if name not in present}
+    for name in missing:
+        rollback.remember(name)
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, cfg in missing.items():
+        groups.setdefault(tuple(sorted(cfg.items())), []).append(name)
+    for key, names in groups.items():
+        config = QuantConfig(**dict(key))
+        # names are patterns to convert_to_qat: a module named "a*" must not also convert "ab" (never rolled back)
+        convert_to_qat(model, config, include=[glob.escape(name) for name in names])
