@@ -241,8 +241,9 @@ class FakeQuantizer(nn.Module):
         first quantizes it); an activation's once it observed a batch or had its shift fixed. An activation
         quantizer without a range (its layer never ran while observers were on, e.g. a model fit in eval mode
         or fake quantization switched on without calibration) passes its input through in float until a
-        training forward gives it one: its default scale of 1 would round most activations to zero."""
-        return self.role == "weight" or self.initialized or self.frozen_shift
+        training forward gives it one: its default scale of 1 would round most activations to zero. A per-token
+        quantizer takes its ranges from each batch: it always has them."""
+        return self.role == "weight" or self.per_token or self.initialized or self.frozen_shift
 
     @property
     def signed(self) -> bool:

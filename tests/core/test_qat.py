@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -419,6 +421,20 @@ def test_an_activation_quantizer_that_never_observed_passes_its_input_through_an
     calibrate(model, [x])  # observers on for these batches: the quantizer now has a range and quantizes
     assert quantizer.has_range and not torch.equal(quantizer.eval()(x), x)
     assert (quantizer(x) - x).abs().max() <= quantizer.scale / 2 + 1e-7
+
+
+def test_per_token_activations_need_no_observation_and_are_not_said_unobserved():
+    """Per-token quantizers take their ranges from each batch: enabling them without calibration, and a fit with the
+    LLM recipe, said their layers' inputs were never observed and stayed float, while they were quantized."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+    convert_to_qat(model, QuantConfig(4, 8, group_size=8, activation_granularity="per_token"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enable_fake_quant(model)
+    quantizer = model[0].input_fake_quant
+    x = torch.rand(4, 16)
+    assert quantizer.has_range and not torch.equal(quantizer.eval()(x), x)
 
 
 def test_calibrating_on_labelled_batches_names_the_fix():
