@@ -3,23 +3,47 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from torch import nn
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_module", "check_output_path", "check_path"]
+__all__ = [
+    "check_bool",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_module",
+    "check_output_path",
+    "check_path",
+    "is_integer",
+    "is_lazy",
+    "is_real",
+]
+
+
+def is_integer(value: object) -> TypeGuard[numbers.Integral]:
+    """An integer: ``int`` or any ``numbers.Integral`` (a numpy integer from a sweep), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> TypeGuard[numbers.Real]:
+    """A real number: ``int``, ``float`` or any ``numbers.Real`` (numpy's), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_int(value: Any, argument: str, *, minimum: int = 0, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_integer(value):
         kind = "an int or None" if optional else "an int"
         raise TypeError(f"`{argument}` must be {kind}, got {type(value).__name__} ({value!r}).")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"`{argument}`={value} must be >= {minimum}.")
     return value
@@ -32,8 +56,9 @@ def check_choice(value: Any, argument: str, choices: Collection[str]) -> str:
 
 
 def check_float(value: Any, argument: str, *, minimum: float = 0.0, finite: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"`{argument}` must be a float, got {type(value).__name__} ({value!r}).")
+    value = float(value)
     if not value >= minimum:
         raise ValueError(f"`{argument}`={value} must be >= {minimum}.")
     if finite and not math.isfinite(value):
@@ -50,10 +75,21 @@ def check_bool(value: Any, argument: str, *, optional: bool = False) -> bool | N
     return value
 
 
+def is_lazy(tensor: object) -> bool:
+    """A parameter or buffer of a lazy module (``nn.LazyLinear``, ...) before its first forward: no shape yet."""
+    return isinstance(tensor, (UninitializedParameter, UninitializedBuffer))
+
+
 def check_module(value: Any, argument: str = "model", *, materialized: bool = False) -> nn.Module:
     """An ``nn.Module``; ``materialized``: whose parameters and buffers hold values (none on the meta device)."""
     if not isinstance(value, nn.Module):
         raise TypeError(f"`{argument}` must be a torch.nn.Module, got {type(value).__name__}.")
+    lazy = next((n for n, t in [*value.named_parameters(), *value.named_buffers()] if is_lazy(t)), None)
+    if lazy is not None:
+        raise ValueError(
+            f"`{argument}` has parameters a lazy module has not created yet ({lazy!r}, ...: nn.LazyLinear, "
+            "nn.LazyConv2d, ...): run one forward pass on an example batch first, so they get their shapes."
+        )
     if materialized:
         meta = next((n for n, t in [*value.named_parameters(), *value.named_buffers()] if t.is_meta), None)
         if meta is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import is_integer, is_real
 from .quant import (
     affine_qparams,
     fake_quantize,
@@ -67,16 +68,20 @@ class QuantConfig:
             value = getattr(self, name)
             if value is None and name == "activation_bits":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_integer(value):
                 raise TypeError(f"`{name}` must be an int in 2..8, got {value!r}.")
+            value = int(value)
+            object.__setattr__(self, name, value)  # frozen: a numpy integer is stored as an int
             if not 2 <= value <= 8:
                 raise ValueError(f"`{name}`={value} is outside the supported range 2..8.")
         if self.scale not in SCALE_MODES:
             raise ValueError(f"`scale`={self.scale!r} is not one of {SCALE_MODES}.")
-        if isinstance(self.averaging_constant, bool) or not isinstance(self.averaging_constant, (int, float)):
+        if not is_real(self.averaging_constant):
             raise TypeError(f"`averaging_constant` must be a float in (0, 1], got {self.averaging_constant!r}.")
-        if not 0.0 < self.averaging_constant <= 1.0:
-            raise ValueError(f"`averaging_constant`={self.averaging_constant} must be in (0, 1].")
+        constant = float(self.averaging_constant)
+        object.__setattr__(self, "averaging_constant", constant)
+        if not 0.0 < constant <= 1.0:
+            raise ValueError(f"`averaging_constant`={constant} must be in (0, 1].")
         if self.group_size is not None:
             if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
                 raise TypeError(f"`group_size` must be an int or None, got {self.group_size!r}.")
@@ -286,6 +291,8 @@ class FakeQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ observing
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):  # what the float layer would have been given: it fails on it too
+            raise TypeError(f"a {self.role} quantizer takes a tensor, got {type(x).__name__} ({x!r:.60}).")
         if self.exporting:
             return self._export_forward(x)
         if self.per_token:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_module
+from .checks import check_int, check_module, is_real
 from .importance import Importance, auto_importance_of, resolve_importance
 from .masks import compute_masks, zero_pruned_
 from .nm import dense_layers_note, parse_nm
@@ -30,7 +30,7 @@ __all__ = [
 
 def validate_fraction(value: object, argument: str, *, upper_inclusive: bool = False) -> float:
     """Check that ``value`` is a real number in [0, 1) (or [0, 1]) and return it as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"`{argument}` must be a float, got {type(value).__name__} ({value!r}).")
     value = float(value)
     ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
@@ -188,6 +188,7 @@ def prune_(
     """
     check_module(model, materialized=True)
     sparsity = validate_fraction(sparsity, "sparsity")
+    seed = check_int(seed, "seed") or 0  # checked whatever the importance, as the callback does
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
     scope = default_scope(scope, granularity)
     min_density = resolve_min_density(min_density, sparsity, scope)

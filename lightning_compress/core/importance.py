@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .checks import is_integer
 from .sharding import is_sharded
 
 __all__ = [
@@ -268,8 +269,9 @@ class RandomImportance(Importance):
     BLOCK: ClassVar[int] = 1 << 16
 
     def __init__(self, seed: int = 0) -> None:
-        if not isinstance(seed, int) or isinstance(seed, bool):
+        if not is_integer(seed):
             raise TypeError(f"`seed` must be an int, got {seed!r}.")
+        seed = int(seed)
         if seed < 0:
             raise ValueError(f"`seed`={seed} must be >= 0.")
         self.seed = seed

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_module
+from .checks import check_int, check_module, is_real
 from .collectives import Collectives, TorchDistributed, broadcast_masks
 from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
@@ -208,6 +208,10 @@ class IterativePruner:
             raise TypeError(f"`previous` must be an IterativePruner or None, got {type(previous).__name__}.")
         if structure is not None and not isinstance(structure, ChannelStructure):
             raise TypeError(f"`structure` must be a ChannelStructure or None, got {type(structure).__name__}.")
+        for argument, hook in (("warn", warn), ("info", info)):
+            if hook is not None and not callable(hook):
+                kind = type(hook).__name__
+                raise TypeError(f"`{argument}` must be a callable taking a message, or None, got {kind}.")
         if optimizers is not None and not isinstance(optimizers, (torch.optim.Optimizer, Iterable)):
             raise TypeError(
                 "`optimizers` must be an optimizer, an iterable of optimizers or None, "
@@ -470,7 +474,7 @@ class IterativePruner:
             raise ValueError("`observe` feeds the accuracy guard, which is off: set `max_drop` to turn it on.")
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):
             raise TypeError(
                 f"`value` must be a number (the evaluation result), got {type(value).__name__} ({value!r})."
             )

@@ -337,6 +337,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
                 try:
                     call_model(model, batch)
                 except TypeError as err:
+                    if "quantizer takes a tensor" in str(err):
+                        raise TypeError(
+                            f"`batches` yields {type(batch).__name__}s that reach a quantized layer as something "
+                            f"other than a tensor ({err}). Pass what the model's forward takes. The ranges were "
+                            "not changed."
+                        ) from err
                     if not (isinstance(batch, (tuple, list)) and "positional argument" in str(err)):
                         raise
                     raise TypeError(

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .checks import is_integer, is_real
+
 __all__ = ["SCHEDULES", "PruningSchedule", "schedule_curve", "step_interval"]
 
 SCHEDULES = ("cubic", "linear", "geometric", "one_shot")
@@ -68,14 +70,17 @@ class PruningSchedule:
     def __post_init__(self) -> None:
         if not callable(self.kind) and self.kind not in SCHEDULES:
             raise ValueError(f"`kind`={self.kind!r} is not one of {SCHEDULES} or a callable.")
-        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)):
+        if not is_real(self.target):
             raise TypeError(f"`target` must be a float in [0, 1), got {type(self.target).__name__} ({self.target!r}).")
-        if not 0.0 <= self.target < 1.0:
-            raise ValueError(f"`target`={self.target} is outside [0, 1).")
+        target = float(self.target)
+        object.__setattr__(self, "target", target)
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"`target`={target} is outside [0, 1).")
         for argument in ("start", "end", "every"):
             value = getattr(self, argument)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_integer(value):
                 raise TypeError(f"`{argument}` must be an int, got {type(value).__name__} ({value!r}).")
+            object.__setattr__(self, argument, int(value))
         if self.start < 0:
             raise ValueError(f"`start`={self.start} must be >= 0.")
         if self.end <= self.start:
@@ -99,10 +104,11 @@ class PruningSchedule:
         if t <= self.start:
             return 0.0
         if callable(self.kind):
-            value = self.kind(t if user_time is None else user_time)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise TypeError(f"the `schedule` callable returned {value!r}; it must return a float in [0, 1).")
+            returned = self.kind(t if user_time is None else user_time)
+            if not is_real(returned) or not math.isfinite(returned):
+                raise TypeError(f"the `schedule` callable returned {returned!r}; it must return a float in [0, 1).")
+            value = float(returned)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"the `schedule` callable returned {value}; sparsity must be in [0, 1).")
-            return min(float(value), self.target)
+            return min(value, self.target)
         return schedule_curve(self.kind, self.target, (t - self.start) / (self.end - self.start))

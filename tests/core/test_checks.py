@@ -213,6 +213,10 @@ def test_the_pruner_names_its_argument_types_and_the_shapes_that_differ():
         IterativePruner(model, 0.5, total_steps=4, previous="x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`optimizers` must be an optimizer, an iterable of optimizers or None"):
         IterativePruner(model, 0.5, total_steps=4, optimizers=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`warn` must be a callable taking a message, or None, got int"):
+        IterativePruner(model, 0.5, total_steps=4, warn=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`info` must be a callable taking a message, or None, got str"):
+        IterativePruner(model, 0.5, total_steps=4, info="x")  # type: ignore[arg-type]
     small = IterativePruner(mlp(16), 0.5, total_steps=2, every_n_steps=1)
     small.step()
     wide = IterativePruner(mlp(32), 0.5, total_steps=2)
@@ -220,3 +224,69 @@ def test_the_pruner_names_its_argument_types_and_the_shapes_that_differ():
         wide.load_state_dict(small.state_dict())
     with pytest.raises(TypeError, match="`state` must be a dict from `state_dict\\(\\)`, got NoneType"):
         wide.load_state_dict(None)  # type: ignore[arg-type]
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    """A sweep's `np.int64` / `np.float32` values were refused ("must be an int, got int64"); they are numbers."""
+    np = pytest.importorskip("numpy")
+    from lightning_compress import IterativePruning, QuantizationAwareTraining
+
+    config = QuantConfig(np.int64(4), np.int64(8), averaging_constant=np.float32(0.5))
+    assert (type(config.weight_bits), type(config.activation_bits), type(config.averaging_constant)) == (
+        int,
+        int,
+        float,
+    )
+    assert QuantizationAwareTraining(weight_bits=np.int64(4), start_epoch=np.int64(1)).start_epoch == 1
+    pruning = IterativePruning(np.float32(0.5), start_epoch=np.int64(1), every_n_steps=np.int64(2), seed=np.int64(3))
+    assert type(pruning.config.target_sparsity) is float and type(pruning.config.seed) is int
+    schedule = PruningSchedule(lambda t: np.float32(0.25), np.float32(0.5), start=np.int64(0), end=np.int64(4))
+    assert schedule.sparsity_at(2) == 0.25 and type(schedule.end) is int
+    model = mlp()
+    prune_(model, np.float32(0.5), importance="random", seed=np.int64(1))
+    assert sparsity(model) == pytest.approx(0.5, abs=0.01)
+    for bad, match in ((np.bool_(True), "must be an int"), (torch.tensor(1), "must be an int")):
+        with pytest.raises(TypeError, match=match):
+            QuantizationAwareTraining(start_epoch=bad)
+
+
+@pytest.mark.parametrize(
+    ("seed", "error", "match"),
+    [
+        ("a", TypeError, "`seed` must be an int"),
+        (-1, ValueError, "`seed`=-1 must be >= 0"),
+        (1.5, TypeError, "`seed` must be an int"),
+        (None, TypeError, "`seed` must be an int"),
+    ],
+)
+def test_prune_checks_seed_whatever_the_importance(seed, error, match):
+    """`seed` was checked only with importance='random' (a docs trial): a bad one passed silently otherwise."""
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        prune_(model, 0.5, seed=seed)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_lazy_module_before_its_first_forward_is_named_with_the_fix():
+    """An uninitialized `nn.LazyLinear` failed inside torch ('Attempted to use an uninitialized parameter')."""
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))
+    match = r"`model` has parameters a lazy module has not created yet \('0.weight'.*run one forward pass"
+    for call in (lambda: prune_(model, 0.5), lambda: convert_to_qat(model, QuantConfig(8, 8)), lambda: sparsity(model)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert isinstance(model[0], nn.LazyLinear)
+    model(torch.randn(3, 5))  # materialized: it compresses like any model
+    prune_(model, 0.5)
+    assert sparsity(model) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("batch", ["a string", None])
+def test_calibrating_on_batches_that_are_not_tensors_names_batches(batch):
+    """A string or None reached the observer and failed with AttributeError: 'str' object has no attribute 'detach'."""
+    model = mlp()
+    convert_to_qat(model, QuantConfig(8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"`batches` yields \w+s that reach a quantized layer as something other than"):
+        calibrate(model, [batch])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
