@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_compress import PruningSchedule
+from lightning_compress.core.selection import select_targets
 
 
 def quiet_trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
@@ -28,15 +30,18 @@ def quiet_trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
 
 
 def model_pruning(target: float, start: int, end: int, lottery: bool, model: nn.Module) -> ModelPruning:
-    """Lightning's ModelPruning with global L1 on every Linear/Conv2d weight and the same cubic sparsity
-    as ``IterativePruning(target, start_epoch=start, end_epoch=end)`` after every epoch."""
+    """Lightning's ModelPruning with global L1 on the weights ``IterativePruning`` selects by default (every
+    Linear/Conv weight, recurrent and attention matrices, experts) and the same cubic sparsity as
+    ``IterativePruning(target, start_epoch=start, end_epoch=end)`` after every epoch."""
     schedule = PruningSchedule("cubic", target, start, end)
 
     def amount(epoch: int) -> float:  # torch.nn.utils.prune compounds: prune a fraction of what is left
         before, after = schedule.sparsity_at(epoch), schedule.sparsity_at(epoch + 1)
         return 0.0 if after <= before else 1.0 - (1.0 - after) / (1.0 - before)
 
-    params = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the default leaves out was said when IterativePruning selected
+        params = [(t.module, t.attr) for t in select_targets(model, module_tensors=True)]
     return ModelPruning(
         "l1_unstructured",
         parameters_to_prune=params,

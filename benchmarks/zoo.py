@@ -14,9 +14,9 @@ the same run trains, side by side:
   over the same window evaluated at every optimizer step, masks re-applied after every step.
 
 Every method prunes the weight of every ``nn.Linear``/``nn.Conv2d``, which is also what
-``IterativePruning`` selects by default; embeddings, norms, biases, CLS/position parameters stay
-dense. The ViT and the LM write q/k/v/out as ``nn.Linear``: with ``nn.MultiheadAttention`` the
-default selection would take ``out_proj`` but not the packed ``in_proj_weight`` (q/k/v).
+``IterativePruning`` selects by default on these models; embeddings, norms, biases, CLS/position
+parameters stay dense. The ViT and the LM write q/k/v/out as ``nn.Linear`` (the default would select
+an ``nn.MultiheadAttention``'s matrices as well).
 30 epochs of Adam (lr 1e-3, batch 64), pruning at the end of epochs 5..19 (``S = epochs // 6``,
 ``E = 2 * epochs // 3``, the same fractions for every pair), the same data split per seed for all
 methods, one thread per run, deterministic. Metric: test accuracy (images) or byte-level test

@@ -277,7 +277,7 @@ class IterativePruning(Callback):
             )
         self._structure = None
         if config.granularity == "channel" and may_shard(trainer):  # trace the whole model now: FSDP2 shards it next
-            targets = select_targets(pl_module, config.include, config.exclude, experts=True)
+            targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
             self._structure = channel_structure(pl_module, targets, example_inputs(pl_module), config.measure)
         self._template = export_template(
             trainer, pl_module, self.export_path, compacted=config.granularity == "channel"

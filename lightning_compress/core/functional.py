@@ -194,7 +194,7 @@ def prune_(
     min_density = resolve_min_density(min_density, sparsity, scope)
     measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)
-    targets = select_targets(model, include, exclude, experts=True)
+    targets = select_targets(model, include, exclude, module_tensors=True)
     masks = check_masks(masks, targets)
     if importance == "auto":
         kind = "N:M" if nm is not None else granularity
@@ -240,7 +240,7 @@ def sparsity(
         >>> sparsity(layer)
         0.5
     """
-    targets = select_targets(model, include, exclude, experts=True)
+    targets = select_targets(model, include, exclude, module_tensors=True)
     zeros = sum(int((t.param == 0).sum()) for t in targets)
     total = sum(t.numel for t in targets)
     return zeros / total if total else 0.0

@@ -228,7 +228,7 @@ class IterativePruner:
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
-        targets = select_targets(model, config.include, config.exclude, experts=True)
+        targets = select_targets(model, config.include, config.exclude, module_tensors=True)
         importance = config.make_importance()
         if config.importance == "auto":
             kind = "N:M" if config.nm is not None else config.granularity

@@ -35,7 +35,7 @@ from .qat_layers import (
     quantizable,
 )
 from .quant import BIAS_RANGE
-from .selection import Target, experts_picked, select_targets
+from .selection import Target, module_tensor_holders, select_targets
 from .sharding import is_sharded
 from .shift_search import search_power_of_two_shifts
 
@@ -92,12 +92,13 @@ def _quantizable_targets(
                 + "."
             )
         targets.append(target)
-    experts = experts_picked(model, include, exclude)
-    if experts:
+    held = module_tensor_holders(model, include, exclude)
+    if held:
         warnings.warn(
-            f"quantization-aware training leaves the mixture-of-experts weights of {experts[:3]}"
-            f"{' ...' if len(experts) > 3 else ''} in float: they are 3-d tensors, not Linear layers whose forward "
-            "a fake-quantized layer can take over (pruning selects them).",
+            f"quantization-aware training leaves the weights of {held[:3]}{' ...' if len(held) > 3 else ''} in "
+            "float: their module multiplies them in its own forward (mixture-of-experts 3-d tensors, recurrent "
+            "layers, nn.MultiheadAttention, whose out_proj it calls without its forward), which a fake-quantized "
+            "Linear cannot take over (pruning selects them).",
             UserWarning,
             stacklevel=3,
         )

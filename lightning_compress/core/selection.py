@@ -6,7 +6,9 @@ layers** (``transformers``' Conv1D included) **; an exact module name picks that
 ``weight`` **whatever its type** (an embedding or a norm). Biases are never selected. A layer whose weight is also an
 ``nn.Embedding``'s (an output head tied to the token embedding, as in GPT-2) is left out by
 wildcards and the default, with a warning: pruning or quantizing it would change the embedding.
-An exact name in ``include`` opts it in.
+An exact name in ``include`` opts it in. For pruning (``module_tensors=True``) the weight matrices a module
+multiplies in its own forward count as layers too: the experts of a mixture of experts stored as 3-d tensors, and
+the matrices of recurrent layers and ``nn.MultiheadAttention``.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ __all__ = [
     "expert_tensors",
     "experts_picked",
     "is_experts",
+    "matrix_tensors",
+    "module_tensor_holders",
     "normalize_patterns",
     "select_targets",
 ]
 
 _WILDCARDS = set("*?[")
-_UNSELECTED = (nn.RNNBase, nn.MultiheadAttention)  # hold weights the default selection cannot take: said once
+_MATRIX_HOLDERS = (nn.RNNBase, nn.MultiheadAttention)  # weight matrices under names of their own (matrix_tensors)
 
 
 def default_layer_types() -> tuple[type[nn.Module], ...]:
@@ -58,12 +62,13 @@ class Target:
     module: nn.Module
     param: Tensor
     attr: str = "weight"
-    expert: bool = False  # one of a mixture of experts' 3-d weights (:func:`expert_tensors`), attr its name
+    own_name: bool = False  # a weight under a name of its own (experts' 3-d tensors, recurrent or attention matrices)
 
     @property
     def is_weight(self) -> bool:
-        """A weight as selected (a layer's ``weight`` or experts' tensor), not a bias or norm channel pruning adds."""
-        return self.attr == "weight" or self.expert
+        """A weight as selected (a layer's ``weight`` or a module's own matrix), not a bias or norm channel pruning
+        adds."""
+        return self.attr == "weight" or self.own_name
 
     @property
     def param_name(self) -> str:
@@ -93,7 +98,7 @@ class Target:
     @property
     def in_axis(self) -> int:
         """The weight's input axis: 1, or 0 for a ``transformers`` Conv1D (weight stored as (in, out)); the last
-        for experts stored as ``(experts, out, in)``."""
+        for a module's own matrices (``(out, in)``) and experts stored as ``(experts, out, in)``."""
         if self.attr != "weight":
             return self.param.dim() - 1
         return weight_axes(self.module)[1]
@@ -128,9 +133,39 @@ def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return found
 
 
+def matrix_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weight matrices of a recurrent layer (``weight_ih_l0``, ``weight_hh_l0``, ..., ``(out, in)``) or of an
+    ``nn.MultiheadAttention`` (its packed ``in_proj_weight``, or ``q/k/v_proj_weight``; its ``out_proj`` is a Linear
+    of its own): Parameters its own forward multiplies, which no Linear holds."""
+    if not isinstance(module, _MATRIX_HOLDERS):
+        return []
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and "weight" in n and p.numel()]
+
+
 def is_experts(module: nn.Module) -> bool:
     """What the default and wildcards pick as experts: a module class named for them holding expert tensors."""
     return "expert" in type(module).__name__.lower() and bool(expert_tensors(module))
+
+
+def module_tensor_holders(
+    model: nn.Module, include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None
+) -> list[str]:
+    """Names of the modules whose own weight tensors ``select_targets(..., module_tensors=True)`` selects by the
+    default or a wildcard of ``include`` (experts: :func:`experts_picked`; recurrent layers and
+    ``nn.MultiheadAttention``: :func:`matrix_tensors`), and ``exclude`` does not remove."""
+    include = normalize_patterns(include, "include")
+    exclude = normalize_patterns(exclude, "exclude")
+    experts = set(experts_picked(model, include, exclude))
+    return [
+        name
+        for name, module in model.named_modules()
+        if name in experts
+        or (
+            matrix_tensors(module)
+            and (include is None or any(_WILDCARDS & set(p) and _matches(name, p) for p in include))
+            and not (exclude is not None and any(_matches(name, p) for p in exclude))
+        )
+    ]
 
 
 def experts_picked(
@@ -154,7 +189,7 @@ def select_targets(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     *,
-    experts: bool = False,
+    module_tensors: bool = False,
 ) -> list[Target]:
     """Return the weights selected by ``include``/``exclude``, in module order.
 
@@ -164,10 +199,12 @@ def select_targets(
             Conv layer. A pattern with a wildcard picks only Linear/Conv layers; an exact name
             picks that module's ``weight`` whatever its type.
         exclude: glob patterns over qualified module names removed from the selection.
-        experts: select mixture-of-experts weights stored as 3-d tensors (:func:`expert_tensors`) too, as
-            Linear layers are (pruning: masks apply to any tensor; quantization-aware training swaps Linear
-            modules and cannot): by the default and wildcards in modules whose class is named for experts, by an
-            exact name in any module.
+        module_tensors: also select the weight matrices a module holds under names of its own and uses in its own
+            forward, as Linear layers are (pruning: masks apply to any tensor; quantization-aware training swaps
+            Linear modules and cannot): mixture-of-experts weights stored as 3-d tensors (:func:`expert_tensors`;
+            by the default and wildcards in modules whose class is named for experts, by an exact name in any
+            module), and the matrices of recurrent layers and ``nn.MultiheadAttention`` (:func:`matrix_tensors`;
+            by the default, wildcards and exact names).
 
     Raises:
         ValueError: a pattern matches no module, or nothing is left to select.
@@ -196,14 +233,16 @@ def select_targets(
     for name, module in named:
         weight = getattr(module, "weight", None)
         excluded = exclude is not None and any(_matches(name, p) for p in exclude)
-        if experts and not isinstance(weight, Tensor) and not excluded:
+        if module_tensors and not isinstance(weight, Tensor) and not excluded:
             exact = include is not None and name in include
             wildcard = include is None or any(_matches(name, p) for p in include)
-            if exact or (wildcard and is_experts(module)):
-                for attr, tensor in expert_tensors(module):
-                    if id(tensor) not in seen:
-                        seen.add(id(tensor))
-                        selected.append(Target(name=name, module=module, param=tensor, attr=attr, expert=True))
+            held = matrix_tensors(module) if exact or wildcard else []
+            if not held and (exact or (wildcard and is_experts(module))):
+                held = expert_tensors(module)
+            for attr, tensor in held:
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    selected.append(Target(name=name, module=module, param=tensor, attr=attr, own_name=True))
             continue
         if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
             wanted = isinstance(module, layer_types) and (include is None or any(_matches(name, p) for p in include))
@@ -240,18 +279,9 @@ def select_targets(
     ]
     if selected and ignored:  # the other patterns select something: the name alone would be dropped silently
         raise ValueError(
-            f"`include` names {ignored}, which have no `weight`{_experts_note(named, ignored, experts)}: an exact "
+            f"`include` names {ignored}, which have no `weight`{_held_note(named, ignored, module_tensors)}: an exact "
             f"name picks that module's `weight`. Name the layers inside a container (e.g. '{ignored[0]}.*'), or "
-            "leave the name out (recurrent layers and nn.MultiheadAttention's packed projections are not "
-            "compressed)."
-        )
-    unseen = [f"{n} ({type(m).__name__})" for n, m in named if isinstance(m, _UNSELECTED)] if include is None else []
-    if unseen:
-        warnings.warn(
-            f"lightning-compress leaves {unseen[:4]}{' ...' if len(unseen) > 4 else ''} dense: it compresses Linear "
-            "and Conv layers, and the weights of recurrent layers (weight_ih_l0, ...) and of nn.MultiheadAttention's "
-            "packed q/k/v projection (in_proj_weight) are neither (its out_proj is a Linear and is selected).",
-            stacklevel=2,
+            "leave the name out."
         )
     if tied:
         warnings.warn(
@@ -280,32 +310,32 @@ def select_targets(
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
             + (f" (left out, pruned by torch.nn.utils.prune: {torch_pruned})" if torch_pruned else "")
-            + (f" ({ignored} have no `weight`{_experts_note(named, ignored, experts)})" if ignored else "")
-            + ("" if experts else _wildcard_experts_note(model, include, exclude))
+            + (f" ({ignored} have no `weight`{_held_note(named, ignored, module_tensors)})" if ignored else "")
+            + ("" if module_tensors else _wildcard_held_note(model, include, exclude))
             + "."
         )
     return selected
 
 
-def _experts_note(named: list[tuple[str, nn.Module]], names: list[str], experts: bool) -> str:
+def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tensors: bool) -> str:
     modules = dict(named)
-    holding = [n for n in names if expert_tensors(modules[n])]
-    if not holding or experts:
+    holding = [n for n in names if matrix_tensors(modules[n]) or expert_tensors(modules[n])]
+    if not holding or module_tensors:
         return ""
-    return (
-        f"; {holding} hold mixture-of-experts weights as 3-d tensors, which pruning selects but quantization-aware "
-        "training cannot (no Linear forward to swap)"
-    )
+    return f"; {holding} {_HELD}"
 
 
-def _wildcard_experts_note(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:
-    picked = experts_picked(model, include, exclude) if include is not None else []
+def _wildcard_held_note(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:
+    picked = module_tensor_holders(model, include, exclude) if include is not None else []
     if not picked:
         return ""
-    return (
-        f"; the patterns match the mixture-of-experts modules {picked[:3]}{' ...' if len(picked) > 3 else ''}, whose "
-        "3-d weights pruning selects but quantization-aware training cannot (no Linear forward to swap)"
-    )
+    return f"; the patterns match {picked[:3]}{' ...' if len(picked) > 3 else ''}, which {_HELD}"
+
+
+_HELD = (
+    "multiply their weights inside their own forward (mixture-of-experts 3-d tensors, recurrent layers, "
+    "nn.MultiheadAttention): pruning selects them, quantization-aware training cannot (no Linear forward to swap)"
+)
 
 
 def _examples(named: list[tuple[str, nn.Module]]) -> str:

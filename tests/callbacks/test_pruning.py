@@ -870,3 +870,83 @@ def test_a_refusal_caused_by_fast_dev_run_names_it():
     pruning = IterativePruning(0.5, start_epoch=0, end_epoch=8)
     with pytest.raises(ValueError, match=r"`end_epoch`=8 is after .* \(Lightning's `fast_dev_run` runs one short"):
         trainer(max_epochs=10, fast_dev_run=True, callbacks=[pruning]).fit(TinyModule())
+
+
+class SequenceClassifier(pl.LightningModule):
+    """A GRU (or LSTM) and an attention layer over 8-step sequences: most weights are recurrent or attention
+    matrices, which no Linear holds."""
+
+    def __init__(self, cell: str = "gru") -> None:
+        super().__init__()
+        self.rnn = (nn.GRU if cell == "gru" else nn.LSTM)(4, 24, batch_first=True)
+        self.attn = nn.MultiheadAttention(24, 2, batch_first=True)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        h, _ = self.rnn(x.view(x.shape[0], 4, 4))
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(a.mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(make_blobs(256), batch_size=32)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(make_blobs(128, seed=1), batch_size=64)
+
+
+@pytest.mark.parametrize(("cell", "granularity", "importance"), [("gru", "element", "auto"), ("lstm", "2:4", "taylor")])
+def test_recurrent_and_attention_matrices_are_pruned_in_fit_and_resume_exactly(cell, granularity, importance, tmp_path):
+    """The held-out GRU classifier reached 'sparsity 0.90' with 1.5% of its weights pruned (its head): the matrices
+    of recurrent layers and nn.MultiheadAttention are now selected, stay pruned through training and resume."""
+
+    def run(ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model = SequenceClassifier(cell)
+        pruning = IterativePruning(0.5 if granularity == "2:4" else 0.9, granularity=granularity,
+                                   importance=importance, start_epoch=0, end_epoch=2)  # fmt: skip
+        callbacks: list = [pruning]
+        if dirpath is not None:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=dirpath is not None).fit(
+            model, ckpt_path=ckpt_path
+        )
+        return model, pruning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing is left dense with a warning
+        warnings.filterwarnings("ignore", ".*(does not have many workers|fused=True|floor).*")
+        model, pruning = run(dirpath=tmp_path)
+    names = set(pruning.masks)
+    assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "attn.in_proj_weight", "attn.out_proj.weight"} <= names
+    for name in names:
+        weight = model.get_parameter(name)
+        assert bool((weight[~pruning.masks[name]] == 0).all()), name
+    every = [p for n, p in model.named_parameters() if p.dim() == 2]
+    pruned = sum(int((p == 0).sum()) for p in every) / sum(p.numel() for p in every)
+    assert pruned == pytest.approx(0.5 if granularity == "2:4" else 0.9, abs=0.01)  # of every matrix of the model
+    resumed, _ = run(ckpt_path=tmp_path / "epoch=1.ckpt")
+    for key, value in weights_of(model).items():
+        assert torch.equal(value, weights_of(resumed)[key]), key
+
+
+def test_quantization_leaves_recurrent_and_attention_layers_float_and_says_so():
+    pl.seed_everything(0, verbose=False)
+    model = SequenceClassifier()
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0)
+    with pytest.warns(UserWarning, match=r"leaves the weights of \['rnn', 'attn'\] in float: .* out_proj"):
+        trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert (
+        type(model.head).__name__ == "QATLinear"
+        and type(model.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    )
