@@ -176,7 +176,6 @@ class QuantizationAwareTraining(Callback):
         self._load_hook: Any = None
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
-        self._trained = False
         self._calibrated = False  # `start_epoch` ended in this fit
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
@@ -258,7 +257,6 @@ class QuantizationAwareTraining(Callback):
                     "(`configure_model` may still shard them)."
                 ) from err
             self._converted = [name for name in self._layers if name not in before]
-            self._trained = False
             self._calibrated = False  # `start_epoch` ended in this fit
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
         elif qat_modules(pl_module):
@@ -326,7 +324,10 @@ class QuantizationAwareTraining(Callback):
                 exception.add_note(note)
             else:
                 rank_zero_warn(note)
-        if not self._trained and self._converted:  # refused before training (by any callback): model untouched
+        if self._converted and not (self._layers and self._active(pl_module)):
+            # refused before training, or failed before quantization switched on (an unlogged `monitor` found at
+            # the first validation, a custom importance's scores at the first event): the layers this fit converted
+            # computed exactly what the float ones do, so the model is given them back
             convert_to_float(pl_module, self._converted)
             self._converted = []
 
@@ -398,7 +399,6 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._trained = True
         self._freeze_bn(trainer, pl_module)  # validation puts the model back in train mode
 
     def on_train_batch_end(

@@ -634,3 +634,29 @@ def test_learned_scales_left_out_of_the_optimizer_train_under_a_scheduler_and_re
     fit(3, [StopAfterEpoch(1), ModelCheckpoint(dirpath=checkpoints, save_last=True)], root=checkpoints)
     resumed, _ = fit(3, [ModelCheckpoint(dirpath=checkpoints, save_last=True)], str(checkpoints / "last.ckpt"))
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+def test_a_fit_that_fails_before_quantization_switched_on_gives_the_float_layers_back():
+    """An unlogged `monitor` is found at the first validation when the sanity check is off, after training steps:
+    the layers stayed QAT layers (a docs trial). They computed float, so the model gets its float layers back."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    pruning = IterativePruning(0.5, monitor="val_accuracy", max_drop=0.1, start_epoch=0, end_epoch=2)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1)
+    with pytest.raises(ValueError, match="`monitor`='val_accuracy' was not logged during validation"):
+        trainer(max_epochs=3, callbacks=[pruning, qat]).fit(model)
+    assert not qat_modules(model) and isinstance(model.net[0], nn.Linear)
+    model = TinyModule()  # after the switch the quantized model is what trained: it stays quantized
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0)
+    with pytest.raises(RuntimeError, match="stop"):
+        trainer(max_epochs=3, callbacks=[qat, FailAtEpoch(1)]).fit(model)
+    assert qat_modules(model) and all(active(model))
+
+
+class FailAtEpoch(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("stop")
