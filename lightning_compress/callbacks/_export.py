@@ -20,7 +20,7 @@ from ..core.compact import compact
 from ..core.qat import quantizers
 from ..core.sharding import is_sharded
 from ..core.skeleton import materialize_, meta_copy
-from ..core.tracing import call_model, eval_mode
+from ..core.tracing import check_example_inputs
 from ..export.compressed import load_compressed, save_compressed
 from ..export.onnx import export_onnx
 from ..export.report import CompressionReport
@@ -51,15 +51,9 @@ def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.Lig
         )
     if may_shard(trainer) or any(p.is_meta for p in pl_module.parameters()):
         return
-    try:
-        with torch.no_grad(), eval_mode(pl_module):
-            call_model(pl_module, example_inputs(pl_module))
-    except Exception as err:
-        raise ValueError(
-            f"`export_path`={str(path)!r} exports {type(pl_module).__name__} on its `example_input_array`, but its "
-            f"forward fails on it: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} Set an "
-            "`example_input_array` that `forward` takes (a tensor, a tuple of positional inputs or a dict)."
-        ) from err
+    check_example_inputs(
+        pl_module, example_inputs(pl_module), "example_input_array", f"`export_path`={str(path)!r} exports on it: "
+    )
 
 
 def example_inputs(pl_module: pl.LightningModule) -> Any:

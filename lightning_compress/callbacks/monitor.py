@@ -51,6 +51,12 @@ class CompressionMonitor(Callback):
         if not isinstance(log_images, bool):
             raise TypeError(f"`log_images` must be a bool, got {log_images!r}.")
         self.monitor = monitor
+        if mode is not None and monitor is None:
+            warnings.warn(
+                f"CompressionMonitor: `mode`={mode!r} has no effect without `monitor` (no metric to read).",
+                UserWarning,
+                stacklevel=2,
+            )
         self.mode = monitor_mode(monitor, mode)
         self.log_images = log_images
         self.baseline: float | None = None

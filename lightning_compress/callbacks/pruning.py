@@ -7,7 +7,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.config import PruningConfig
 from ..core.controller import GuardDecision, monitor_mode
+from ..core.functional import warn_if_min_density_idle
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
 from ..core.mask_counts import zero_counts
@@ -71,7 +72,8 @@ class IterativePruning(Callback):
             it was more accurate and faster than a global threshold on every model measured).
         schedule: ``"cubic"`` (Zhu & Gupta 2017), ``"linear"``, ``"geometric"`` (the same
             fraction of the remaining weights each event), ``"one_shot"``, or a callable
-            ``epoch -> sparsity`` (``global_step -> sparsity`` with ``every_n_steps``).
+            ``epoch -> sparsity`` (``global_step -> sparsity`` with ``every_n_steps``): the path before
+            ``end_epoch``, capped at ``target_sparsity``, which is reached at ``end_epoch`` whatever it returns.
         start_epoch: first epoch (0-indexed) at whose end pruning happens.
         end_epoch: the target is reached at the end of epoch ``end_epoch - 1``, i.e. after
             ``end_epoch`` epochs. ``None``: ``max_epochs``. Must be ``<= max_epochs``.
@@ -178,6 +180,12 @@ class IterativePruning(Callback):
                 stacklevel=2,
             )
         self.max_drop = check_float(0.01 if max_drop is None else max_drop, "max_drop")
+        if mode is not None and monitor is None:
+            warnings.warn(
+                f"IterativePruning: `mode`={mode!r} has no effect without `monitor` (the accuracy guard is off).",
+                UserWarning,
+                stacklevel=2,
+            )
         inferred = mode is None
         mode = monitor_mode(monitor, mode)
         if monitor is not None and inferred:
@@ -186,6 +194,7 @@ class IterativePruning(Callback):
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure,
         )  # fmt: skip
+        warn_if_min_density_idle(min_density, cast(str, self.config.scope), self.config.granularity)
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
@@ -278,7 +287,9 @@ class IterativePruning(Callback):
         self._structure = None
         if config.granularity == "channel" and may_shard(trainer):  # trace the whole model now: FSDP2 shards it next
             targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
-            self._structure = channel_structure(pl_module, targets, example_inputs(pl_module), config.measure)
+            self._structure = channel_structure(
+                pl_module, targets, example_inputs(pl_module), config.measure, "example_input_array"
+            )
         self._template = export_template(
             trainer, pl_module, self.export_path, compacted=config.granularity == "channel"
         )

@@ -102,7 +102,7 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_epoch: BatchNorm statistics freeze after this epoch (``None``: never).
         include: glob patterns over module names (Linear/Conv layers; see ``IterativePruning``).
         exclude: glob patterns over module names to keep in float.
-        shift_search_batches: validation batches used by ``shift_search``.
+        shift_search_batches: validation batches used by ``shift_search`` (``None``: 4).
         export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
             needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
             The model itself is not changed; the report is in :attr:`export_report`.
@@ -136,7 +136,7 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_epoch: int | None = None,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
-        shift_search_batches: int = 4,
+        shift_search_batches: int | None = None,
         export_path: str | Path | None = None,
         group_size: int | None = None,
         activation_granularity: str = "per_tensor",
@@ -166,7 +166,13 @@ class QuantizationAwareTraining(Callback):
         self.freeze_bn_epoch = check_int(freeze_bn_epoch, "freeze_bn_epoch", optional=True)
         self.include = normalize_patterns(include, "include")
         self.exclude = normalize_patterns(exclude, "exclude")
-        self.shift_search_batches = check_int(shift_search_batches, "shift_search_batches", minimum=1) or 1
+        if shift_search_batches is not None and not shift_search:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: `shift_search_batches`={shift_search_batches} has no effect without "
+                "`shift_search=True`."
+            )
+        self.shift_search_batches = check_int(4 if shift_search_batches is None else shift_search_batches,
+                                              "shift_search_batches", minimum=1) or 1  # fmt: skip
         self.shifts: dict[str, tuple[int, int | None]] = {}
         self._layers: list[str] = []
         self._captured: dict[str, list[Tensor]] = {}

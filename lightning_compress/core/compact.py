@@ -25,7 +25,7 @@ from .model_config import describe_in_config
 from .quant_blocks import cut_quant_groups, keep_whole_blocks, quant_group_size
 from .skeleton import deep_copy, meta_copy
 from .structure import ChannelGroup, build_channel_groups, is_conv1d, is_depthwise, nonzero_channels, param_slices
-from .tracing import call_model, eval_mode, output_tensors, plain_float
+from .tracing import call_model, check_example_inputs, eval_mode, output_tensors, plain_float
 
 __all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "removable_groups", "resize_module"]
 
@@ -348,6 +348,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
     """
     check_module(model)
     check_float(atol, "atol", finite=True)
+    given = example_inputs is not None
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)
         if example_inputs is None:
@@ -355,6 +356,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
                 "compact() traces the model and needs `example_inputs` (a tensor, tuple or dict), or a "
                 "LightningModule with `example_input_array` set."
             )
+    check_example_inputs(model, example_inputs, "example_inputs" if given else "example_input_array")
     groups, _ = build_channel_groups(model, example_inputs)
     groups, _ = removable_groups(model, example_inputs, groups)
     dead = [_zero_channels(model, group) for group in groups]

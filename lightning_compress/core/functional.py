@@ -61,6 +61,20 @@ def resolve_min_density(value: object, sparsity: float, scope: str, argument: st
     return min_density
 
 
+def warn_if_min_density_idle(value: object, scope: str, granularity: str, stacklevel: int = 3) -> None:
+    """Say when a ``min_density`` the user gave cannot act: element pruning per layer prunes every layer to the
+    target alone, and N:M fixes each block; it floors one global threshold and channel groups."""
+    if value is None or granularity == "channel" or (scope == "global" and granularity == "element"):
+        return
+    why = "every layer is pruned to the target alone" if granularity == "element" else f"{granularity!r} fixes blocks"
+    warnings.warn(
+        f"`min_density`={value} has no effect with `scope`={scope!r} and `granularity`={granularity!r} ({why}): it "
+        "is the floor of one global threshold (`scope='global'`) and of channel groups.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def check_masks(masks: object, targets: Sequence[Any]) -> dict[str, Tensor] | None:
     """Validate ``prune_(masks=...)``: a mapping from selected weights' names to masks of their shape."""
     if masks is None:
@@ -191,6 +205,7 @@ def prune_(
     seed = check_int(seed, "seed") or 0  # checked whatever the importance, as the callback does
     granularity, nm = check_granularity(granularity, sparsity, importance, "sparsity")
     scope = default_scope(scope, granularity)
+    warn_if_min_density_idle(min_density, scope, granularity)
     min_density = resolve_min_density(min_density, sparsity, scope)
     measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)

@@ -24,7 +24,7 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ from .checks import check_int, check_module, is_real
 from .collectives import Collectives, TorchDistributed, broadcast_masks
 from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
+from .functional import warn_if_min_density_idle
 from .importance import Importance, auto_importance_of
 from .masks import floor_count
 from .nm import dense_layers_note
@@ -154,6 +155,7 @@ class IterativePruner:
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             max_drop, mode, seed, measure,
         )  # fmt: skip
+        warn_if_min_density_idle(min_density, cast(str, config.scope), config.granularity)
         self._build(
             model, config, total_steps, start_step, every_n_steps, rewind_step, judged_until, example_inputs,
             optimizers, collectives, previous, warn, info, structure,

@@ -25,6 +25,7 @@ from .nm import NMRule, eligible
 from .selection import Target
 from .sharding import check_row_sharded, is_sharded
 from .structure import ChannelGroup, build_channel_groups
+from .tracing import check_example_inputs
 
 __all__ = ["ChannelStructure", "ElementRule", "MaskRule", "channel_structure", "rule_for"]
 
@@ -103,13 +104,20 @@ class ChannelStructure:
 
 
 def channel_structure(
-    model: nn.Module, targets: list[Target], example_inputs: Any, measure: str = "channels"
+    model: nn.Module,
+    targets: list[Target],
+    example_inputs: Any,
+    measure: str = "channels",
+    argument: str = "example_inputs",
 ) -> ChannelStructure:
     """Trace ``model``'s channel groups among the selected ``targets`` (one forward per candidate group).
 
+    ``argument`` names the example inputs in errors (``"example_input_array"`` for the callback).
+
     Raises:
-        ValueError: no group can be pruned (each reason given).
+        ValueError: ``forward`` fails on the example inputs, or no group can be pruned (each reason given).
     """
+    check_example_inputs(model, example_inputs, argument)
     groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
     groups, rejected = removable_groups(model, example_inputs, groups)
     left.update(rejected)

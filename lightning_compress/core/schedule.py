@@ -54,7 +54,8 @@ class PruningSchedule:
 
     Args:
         kind: a name in :data:`SCHEDULES` or a callable ``time -> sparsity`` (called with the
-            0-indexed epoch that just ended, or the global step in step mode).
+            0-indexed epoch that just ended, or the global step in step mode): the path before ``end``,
+            capped at ``target``; ``target`` is reached at ``end`` whatever it returns.
         target: final sparsity in [0, 1).
         start: ``t`` before the first event (first event at ``start + every``, capped at end).
         end: ``t`` of the last event, where ``target`` is reached.
@@ -103,6 +104,8 @@ class PruningSchedule:
         """
         if t <= self.start:
             return 0.0
+        if t >= self.end:
+            return self.target  # a callable's too: it draws the path, the target is the target
         if callable(self.kind):
             returned = self.kind(t if user_time is None else user_time)
             if not is_real(returned) or not math.isfinite(returned):

@@ -6,11 +6,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .qat import quantizers
 
-__all__ = ["call_model", "eval_mode", "output_tensors", "plain_float", "without_cache"]
+__all__ = ["call_model", "check_example_inputs", "eval_mode", "output_tensors", "plain_float", "without_cache"]
 
 
 @contextlib.contextmanager
@@ -68,6 +69,25 @@ def plain_float(model: nn.Module) -> Iterator[None]:
         for q, fq, ob in saved:
             q.fake_quant_enabled = fq
             q.observer_enabled = ob
+
+
+def check_example_inputs(
+    model: nn.Module, example_inputs: Any, argument: str = "example_inputs", why: str = ""
+) -> None:
+    """Run ``model`` once on ``example_inputs`` (float, eval mode, no gradients) before anything traces it: inputs
+    its ``forward`` does not take fail here with a ``ValueError`` naming ``argument``, not deep inside a tracer.
+
+    ``why``: what the inputs are for, put before the message (e.g. the export path)."""
+    try:
+        with torch.no_grad(), plain_float(model):
+            call_model(model, example_inputs)
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"{why}`{argument}` does not run through {type(model).__name__}'s forward ({type(err).__name__}: "
+            f"{first}): pass what `forward` takes, with the shapes it expects (a tensor, a tuple of positional "
+            "inputs or a dict of keyword inputs)."
+        ) from err
 
 
 def output_tensors(out: Any) -> list[Tensor]:

@@ -24,7 +24,7 @@ from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.sharding import is_sharded
-from ..core.tracing import without_cache
+from ..core.tracing import check_example_inputs, without_cache
 from .onnx_passes import (
     GraphIndex,
     fold_batch_norms,
@@ -257,6 +257,7 @@ def export_onnx(
             f"export_onnx writes float32 graphs, but {type(model).__name__} has {low} tensors: export a float32 copy "
             "(`copy.deepcopy(model).float()`; int4 group scales stay float16 values) or call `model.float()` first."
         )
+    check_example_inputs(model, example_inputs)  # a forward that fails names them, not the tracer's stack
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, Mapping)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -293,3 +294,30 @@ def test_weight_averaging_that_would_undo_the_guard_or_average_quantizers_is_ref
         assert not qat_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for compressing in (QuantizationAwareTraining(), IterativePruning(0.5)):
         trainer(max_epochs=2, callbacks=[compressing, StochasticWeightAveraging(0.01)]).fit(TinyModule())
+
+
+def test_arguments_that_cannot_act_in_their_combination_are_said():
+    """`mode` without `monitor`, `min_density` where no floor applies and `shift_search_batches` without the search
+    were accepted silently (a docs trial); `max_drop` without `monitor` already warned."""
+    from lightning_compress import CompressionMonitor, IterativePruner, prune_
+
+    with pytest.warns(UserWarning, match=r"IterativePruning: `mode`='min' has no effect without `monitor`"):
+        IterativePruning(0.5, mode="min")
+    with pytest.warns(UserWarning, match=r"CompressionMonitor: `mode`='min' has no effect without `monitor`"):
+        CompressionMonitor(mode="min")
+    with pytest.warns(UserWarning, match=r"`shift_search_batches`=8 has no effect without `shift_search=True`"):
+        QuantizationAwareTraining(shift_search_batches=8)
+    idle = r"`min_density`=0.5 has no effect with `scope`='layer' and `granularity`='element'"
+    with pytest.warns(UserWarning, match=idle):
+        IterativePruning(0.9, scope="layer", min_density=0.5)
+    with pytest.warns(UserWarning, match=idle):
+        prune_(nn.Sequential(nn.Linear(8, 8)), 0.9, scope="layer", min_density=0.5)
+    with pytest.warns(UserWarning, match=r"`min_density`=0.1 has no effect .* `granularity`='2:4'"):
+        IterativePruner(nn.Sequential(nn.Linear(8, 8)), 0.5, total_steps=2, granularity="2:4", min_density=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # where they act, or left at their defaults: nothing is said
+        IterativePruning(0.9, min_density=0.05, monitor="val_loss", mode="min")
+        IterativePruning(0.5, granularity="channel", min_density=0.2)
+        IterativePruning(0.5, scope="layer")
+        CompressionMonitor()
+        QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, shift_search_batches=2)

@@ -831,7 +831,7 @@ def test_an_onnx_export_path_with_inputs_the_model_does_not_take_is_refused_at_s
     model = TinyModule()
     model.example_input_array = torch.zeros(2, 5)  # the model takes 16 features
     pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1, export_path=tmp_path / "m.onnx")
-    with pytest.raises(ValueError, match=r"exports TinyModule on its `example_input_array`, but its forward fails"):
+    with pytest.raises(ValueError, match=r"exports on it: `example_input_array` does not run through TinyModule.s forward"):
         trainer(max_epochs=2, callbacks=[pruning, FailOnFirstStep()]).fit(model)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"`export_path`=.* cannot be written"):
@@ -950,3 +950,12 @@ def test_quantization_leaves_recurrent_and_attention_layers_float_and_says_so():
         type(model.head).__name__ == "QATLinear"
         and type(model.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
     )
+
+
+def test_a_callable_schedule_ending_low_still_reaches_the_target(tiny):
+    pruning = IterativePruning(0.5, schedule=lambda epoch: 0.3, start_epoch=0, end_epoch=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=3, callbacks=[pruning]).fit(tiny)
+    assert not [w for w in caught if "short of" in str(w.message)]
+    assert sparsity(tiny) == pytest.approx(0.5, abs=1e-3)

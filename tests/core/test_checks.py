@@ -290,3 +290,21 @@ def test_calibrating_on_batches_that_are_not_tensors_names_batches(batch):
     with pytest.raises(TypeError, match=r"`batches` yields \w+s that reach a quantized layer as something other than"):
         calibrate(model, [batch])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_example_inputs_the_forward_does_not_take_are_named(tmp_path):
+    """A wrongly shaped `example_inputs` surfaced the model's own 'mat1 and mat2 shapes cannot be multiplied' from
+    inside the tracer, without naming the argument (a docs trial)."""
+    from lightning_compress import export_onnx
+
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    match = r"`example_inputs` does not run through Sequential's forward \(RuntimeError: mat1 and mat2 shapes"
+    with pytest.raises(ValueError, match=match):
+        prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 5))
+    with pytest.raises(ValueError, match=match):
+        compact(model, torch.randn(2, 5))
+    with pytest.raises(ValueError, match=match):
+        export_onnx(model, tmp_path / "model.onnx", torch.randn(2, 5))
+    assert not (tmp_path / "model.onnx").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -45,6 +45,15 @@ def test_callable_schedule_is_capped_at_target_and_validated():
         PruningSchedule(lambda e: math.nan, 0.5, 0, 10).sparsity_at(1)
 
 
+def test_a_callable_draws_the_path_and_the_target_is_reached_at_the_end():
+    """A callable that ended below the target left the fit there, and the warning blamed events that 'could not
+    run' (a docs trial); one above it was capped without a word in the docs."""
+    low = PruningSchedule(lambda t: 0.3, 0.5, start=0, end=4)
+    assert [low.sparsity_at(t) for t in range(1, 6)] == [0.3, 0.3, 0.3, 0.5, 0.5]
+    high = PruningSchedule(lambda t: 0.95, 0.5, start=0, end=4)
+    assert [high.sparsity_at(t) for t in range(1, 5)] == [0.5, 0.5, 0.5, 0.5]
+
+
 def test_unknown_schedule_name():
     with pytest.raises(ValueError, match="`schedule`='exp' is not one of"):
         schedule_curve("exp", 0.5, 0.5)
