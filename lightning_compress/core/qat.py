@@ -74,6 +74,7 @@ def _quantizable_targets(
     owned_by_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = []
     subclasses: set[str] = set()
+    skipped: list[str] = []  # picked by the default or a wildcard, with no fake-quantized form: said once
     for target in select_targets(model, include, exclude):
         module = target.module
         if isinstance(module, QATLayer):
@@ -83,15 +84,25 @@ def _quantizable_targets(
             subclass = _subclass_note(module)
             if subclass:
                 subclasses.add(type(module).__name__)
-            if include is None:
-                continue  # default selection: silently leave e.g. MultiheadAttention's projection alone
-            raise ValueError(
-                f"`include` selects {target.name!r} ({type(module).__name__}); quantization-aware training "
-                "supports nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their forward"
-                + (f"; {subclass}" if subclass else "")
-                + "."
-            )
+            if include is not None and target.name in include:  # named exactly: refused
+                raise ValueError(
+                    f"`include` selects {target.name!r} ({type(module).__name__}); quantization-aware training "
+                    "supports nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their forward"
+                    + (f"; {subclass}" if subclass else "")
+                    + "."
+                )
+            if id(module) not in owned_by_mha:  # MultiheadAttention's projection: said with its module below
+                skipped.append(f"{target.name} ({type(module).__name__})")
+            continue
         targets.append(target)
+    if skipped and targets:
+        warnings.warn(
+            f"quantization-aware training leaves {skipped[:3]}{' ...' if len(skipped) > 3 else ''} in float: it "
+            "fake-quantizes nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their own forward "
+            "(not transposed convolutions, nor subclasses with a forward of their own).",
+            UserWarning,
+            stacklevel=3,
+        )
     held = module_tensor_holders(model, include, exclude)
     if held:
         warnings.warn(

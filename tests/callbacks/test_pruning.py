@@ -831,7 +831,8 @@ def test_an_onnx_export_path_with_inputs_the_model_does_not_take_is_refused_at_s
     model = TinyModule()
     model.example_input_array = torch.zeros(2, 5)  # the model takes 16 features
     pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1, export_path=tmp_path / "m.onnx")
-    with pytest.raises(ValueError, match=r"exports on it: `example_input_array` does not run through TinyModule.s forward"):
+    match = r"exports on it: `example_input_array` does not run through TinyModule.s forward"
+    with pytest.raises(ValueError, match=match):
         trainer(max_epochs=2, callbacks=[pruning, FailOnFirstStep()]).fit(model)
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"`export_path`=.* cannot be written"):

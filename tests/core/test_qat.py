@@ -480,3 +480,26 @@ def test_a_bias_beyond_its_int32_grid_is_named():
     calibrate(model, [torch.rand(8, 4) * 1e-4])
     with pytest.warns(UserWarning, match=r"biases of \['0'\] exceed their int32 grid"):
         enable_fake_quant(model)
+
+
+class _UpSampler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2)
+        self.up = nn.ConvTranspose2d(4, 1, 3, stride=2)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+
+def test_layers_pruning_selects_but_quantization_cannot_are_said_and_wildcards_skip_them():
+    """A ConvTranspose2d, pruned by default, stayed float under QAT without a word, and a wildcard that matched one
+    (or a MultiheadAttention's out_proj) refused the whole conversion (a docs trial)."""
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    for include in (None, ["*"]):
+        model = _UpSampler()
+        with pytest.warns(UserWarning, match=r"leaves \['up \(ConvTranspose2d\)'\] in float") as caught:
+            assert convert_to_qat(model, QuantConfig(8, 8), include=include) == ["down"]
+        assert any("out_proj it calls without its forward" in str(w.message) for w in caught)
+        assert type(model.up) is nn.ConvTranspose2d
+    with pytest.raises(ValueError, match=r"`include` selects 'up' \(ConvTranspose2d\)"):
+        convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["up", "down"])
