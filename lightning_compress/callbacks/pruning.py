@@ -34,6 +34,7 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
+from ._guard import ValidationMetrics, read_monitor, short_of_target_note, unjudged_event_note
 from ._validation import (
     StrategyCollectives,
     check_float,
@@ -207,6 +208,7 @@ class IterativePruning(Callback):
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
+        self._metrics = ValidationMetrics()  # what a rollback gives checkpoint callbacks
         self._optimizer_params: dict[int, set[int]] = {}
 
     # ------------------------------------------------------------------ identity and state
@@ -296,6 +298,7 @@ class IterativePruning(Callback):
         self._previous = self._core if trainer.ckpt_path is None else None
         self._core, self._restored = None, None
         self._pending_logs, self._optimizer_params = {}, {}
+        self._metrics = ValidationMetrics()  # a fresh fit: no validation scored a copy yet
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the weights now: ``configure_model`` (e.g. FSDP2's ``fully_shard``) has run since ``setup``."""
@@ -339,7 +342,7 @@ class IterativePruning(Callback):
         with a whole validation's, and on a resumed fit it must not judge the event the checkpoint holds."""
         if self.monitor is None or trainer.num_sanity_val_steps == 0 or not trainer.callback_metrics:
             return  # with several validation loaders Lightning keeps no metric of the sanity check
-        value = self._read_monitor(trainer)
+        value = read_monitor(trainer, self.monitor or "")
         guard = self.pruner.guard
         whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
         if whole and guard is not None and guard.baseline is None and self._finite_baseline(value):
@@ -454,7 +457,9 @@ class IterativePruning(Callback):
             return
         reshard(pl_module)
         rolled = self._core.finish()
-        self._say_if_short_of_target()
+        short = short_of_target_note(self._core, self.monitor, self.max_drop)
+        if short is not None:
+            rank_zero_warn(short)
         validated_at, self._validated_at = self._validated_at, None
         if rolled is None and validated_at is not None and trainer.global_step > validated_at:
             rank_zero_warn(
@@ -469,48 +474,8 @@ class IterativePruning(Callback):
             values = self._sparsity_values(pl_module)
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=trainer.global_step)
-        if rolled is None:
-            return
-        change = f"sparsity {rolled.before:.4f} -> {rolled.after:.4f}"
-        if rolled.whole_model:  # fit stopped where the validation schedule did not show it would
-            rank_zero_warn(
-                f"IterativePruning: fit ended before a validation judged the last pruning event; the model went back "
-                f"to the one the last validation judged ({change}; the training since that validation is undone). A "
-                "checkpoint saved after that event and before the end of fit still holds it."
-            )
-        else:
-            rank_zero_warn(
-                f"IterativePruning: fit ended before a validation judged the last pruning event; it was rolled back "
-                f"({change}): the weights it pruned have their values from before it again, but this run, resumed "
-                "from a checkpoint saved while the event awaited judgement, has no copy of the rest of the model "
-                "from then, so no validation has scored the model `fit` returns."
-            )
-
-    def _say_if_short_of_target(self) -> None:
-        """A fit that ends short of the target says so and why (early stopping, ``max_time``, the guard)."""
-        core = self._core
-        if core is None or core.reached_target():
-            return
-        guard = core.guard
-        if guard is not None and guard.stopped:
-            why = f"the accuracy guard stopped pruning: no step kept `{self.monitor}` within `max_drop`={self.max_drop}"
-        elif core.steps < core.schedule.end:
-            why = (
-                f"the fit stopped at step {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
-                "`max_time`, `max_steps` or a shorter epoch)"
-            )
-        elif guard is not None:
-            why = (
-                "after the window, each event waits for a validation to judge the one before it, and the fit ended "
-                "before enough of them ran"
-                + (f" ({guard.rollbacks} rollback(s) halved the steps)" if guard.rollbacks else "")
-            )
-        else:
-            why = "the last events could not run"
-        rank_zero_warn(
-            f"IterativePruning: fit ended at sparsity {core.masked_sparsity():.4f}, short of `target_sparsity`="
-            f"{self.config.target_sparsity}: {why}."
-        )
+        if rolled is not None:
+            rank_zero_warn(unjudged_event_note(rolled))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._core is not None:
@@ -521,16 +486,26 @@ class IterativePruning(Callback):
             self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, compacted, template)
 
     # ------------------------------------------------------------------ the guard
+    def _guarding(self, trainer: pl.Trainer) -> bool:
+        return self.monitor is not None and not trainer.sanity_checking and trainer.state.fn == "fit"
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._guarding(trainer):
+            self._metrics.start(trainer)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
-        if self.monitor is None or trainer.sanity_checking or trainer.state.fn != "fit" or self._core is None:
+        if not self._guarding(trainer) or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards
-        value = self._read_monitor(trainer)
+        value = read_monitor(trainer, self.monitor or "")
         if not self._finite_baseline(value):
             return
+        measured = self._metrics.measured(trainer)
         decision = self._core.observe(value)
         self._validated_at = trainer.global_step
+        if self._core.judged_value is not None and (decision is None or decision.action not in ("rollback", "stop")):
+            self._metrics.keep(measured)  # the copy a rollback would return to is of the model just scored
         if decision is None:
             return
         rank_zero_info(
@@ -549,16 +524,7 @@ class IterativePruning(Callback):
         )
         if decision.action in ("rollback", "stop"):
             self._pending_logs.update(self._sparsity_values(pl_module))
-
-    def _read_monitor(self, trainer: pl.Trainer) -> float:
-        value = trainer.callback_metrics.get(self.monitor or "")
-        if value is None:
-            available = sorted(trainer.callback_metrics)
-            raise ValueError(
-                f"`monitor`={self.monitor!r} was not logged during validation; logged metrics: {available}. "
-                "Log it with `self.log(...)` in `validation_step` or change `monitor`."
-            )
-        return float(value)
+            self._metrics.restore(trainer, measured, self.monitor or "", self._core.restored_value)
 
     # ------------------------------------------------------------------ logging
     def _flush_logs(self, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:

@@ -244,7 +244,7 @@ def sparsity(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
 ) -> float:
-    """Fraction of exactly-zero entries among the selected weights (default: Linear/Conv).
+    """Fraction of exactly-zero entries among the selected weights (default: those pruning selects by default).
 
     Example:
         >>> import torch

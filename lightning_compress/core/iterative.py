@@ -227,6 +227,8 @@ class IterativePruner:
         self._model = model
         # with the guard: the model as the last evaluation saw it (taken at `observe`), what a rollback returns to
         self._judged: ModelSnapshot | None = None
+        self._judged_value: float | None = None  # what the evaluation that `_judged` copied gave
+        self.restored_value: float | None = None  # that value after a rollback that restored that model exactly
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -331,6 +333,12 @@ class IterativePruner:
                 self._pruner.zero_optimizer_state(optimizer)
 
     # ------------------------------------------------------------------ what the run looks like now
+    @property
+    def judged_value(self) -> float | None:
+        """What the evaluation gave whose model a rollback would return to (``None``: no such copy, or one taken
+        without an evaluation)."""
+        return self._judged_value if self._judged is not None else None
+
     @property
     def target_sparsity(self) -> float:
         return self.config.target_sparsity
@@ -439,6 +447,8 @@ class IterativePruner:
         judged = self._judged if guard is None or self._judged is not None else ModelSnapshot(self._model)
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
             return False
+        if judged is not self._judged:  # taken now, after no evaluation: its value is not known
+            self._judged_value = None
         self._judged = judged
         self._zero_optimizer_state()
         if guard is not None:
@@ -482,13 +492,17 @@ class IterativePruner:
             )
         decision = self.guard.observe(float(value))
         rolled_back = decision is not None and decision.action in ("rollback", "stop")
+        self.restored_value = None
         if rolled_back:
-            self._roll_back()  # the model is again the one the copy holds: the last one judged
+            value_then = self._judged_value
+            if self._roll_back():  # the model is again the one the copy holds: the last one judged
+                self.restored_value = value_then
             self._zero_optimizer_state()
         if self.guard.stopped or (self.reached_target() and not self.guard.awaiting_check):
-            self._judged = None  # no event follows: no copy to hold
+            self._judged, self._judged_value = None, None  # no event follows: no copy to hold
         elif not rolled_back:
             self._judged = ModelSnapshot(self._model)  # what the next event's rollback returns to
+            self._judged_value = float(value)
         if decision is not None:
             self.decisions.append(decision)
         return decision
@@ -497,12 +511,12 @@ class IterativePruner:
         """Undo the last event: the masks before it, and the whole model as the last evaluation before the event
         saw it (training since moved the other weights) when this run took that copy. A run resumed from a
         checkpoint saved while the event awaited judgement has no copy: the pruned weights get their values back
-        and the others keep their training."""
-        whole = self._judged is not None
+        and the others keep their training. Returns whether the model is exactly the one that evaluation saw (not
+        after a partial rollback, nor when quantization switched on in between)."""
         self._pruner.undo()  # the masks before the event (and the pruned weights' values at it)
-        if self._judged is not None:
-            self._judged.restore()  # then every tensor as the evaluation saw it
-        return whole
+        if self._judged is None:
+            return False
+        return self._judged.restore()  # then every tensor as the evaluation saw it
 
     def finish(self) -> Rollback | None:
         """At the end of training: roll back an event no evaluation judged and re-apply the masks.
@@ -512,10 +526,11 @@ class IterativePruner:
         rolled = None
         if self.guard is not None and self.guard.awaiting_check:
             before = self.masked_sparsity()
-            whole = self._roll_back()
+            whole = self._judged is not None  # the weights went back (a partial rollback: the pruned ones only)
+            self._roll_back()
             self.guard.awaiting_check = False
             rolled = Rollback(before, self.masked_sparsity(), whole)
-        self._judged = None
+        self._judged, self._judged_value = None, None
         self._pruner.apply()
         return rolled
 

@@ -13,14 +13,22 @@ __all__ = ["ModelSnapshot"]
 
 
 class ModelSnapshot:
-    """Every parameter and buffer of ``model`` as they are now (this process's shards of sharded ones), but for
-    the quantizers' state: fake quantization's switch, scales and ranges belong to quantization-aware training, not
-    to the model an evaluation judged (a rollback across the switch would restore quantizers that were off, with
-    their default scale of 1, under a layer that quantizes)."""
+    """Every parameter and buffer of ``model`` as they are now (this process's shards of sharded ones). The
+    quantizers' scales and ranges go back only when their flags (fake quantization on, observing, initialized) are
+    what they were: a rollback across the switch to fake quantization would otherwise restore quantizers that were
+    off, with their default scale of 1, under a layer that now quantizes; there they keep their state, and the model
+    is the judged one but for its quantizers (:meth:`restore` says which)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._tensors: list[tuple[Tensor, Tensor]] = []
-        seen = {id(t) for m in model.modules() if isinstance(m, FakeQuantizer) for t in [*m.parameters(), *m.buffers()]}
+        quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+        with torch.no_grad():
+            self._quantizer_state = [  # the flags, then each scale, zero point and range as they are now
+                (q, int(q.state), [(t, t.detach().clone()) for t in [*q.parameters(), *q.buffers()] if t is not flags])
+                for q in quantizers
+                for flags in [q.state]
+            ]
+        seen = {id(t) for q in quantizers for t in [*q.parameters(), *q.buffers()]}
         self._quantized: list[tuple[FakeQuantizer, Tensor]] = [  # (a weight's quantizer, the weight)
             (q, m.weight)
             for m in model.modules()
@@ -34,14 +42,23 @@ class ModelSnapshot:
                 seen.add(id(tensor))
                 self._tensors.append((tensor, tensor.detach().clone()))
 
-    def restore(self) -> None:
-        """Write the saved values back, in place (the tensors the optimizer holds stay the same objects); a weight
-        whose quantizer takes its scale from it gets that scale again (eval mode does not recompute it)."""
+    def restore(self) -> bool:
+        """Write the saved values back, in place (the tensors the optimizer holds stay the same objects). When the
+        quantizers' scales stay as they are, a weight whose quantizer takes its scale from it gets that scale again
+        (eval mode does not recompute it).
+
+        Returns whether the model is now exactly the one copied: ``False`` when a quantizer's flags changed since
+        (its scales and ranges were left as they are)."""
+        exact = all(int(q.state) == flags for q, flags, _ in self._quantizer_state)
         with torch.no_grad():
             for tensor, saved in self._tensors:
                 tensor.copy_(saved)
-            for quantizer, weight in self._quantized:
+            for _, _, values in self._quantizer_state if exact else []:
+                for tensor, saved in values:
+                    tensor.copy_(saved)
+            for quantizer, weight in [] if exact else self._quantized:
                 # from its weight, as a training forward would (a sharded weight's next forward does it)
                 own_scale = quantizer.fake_quant_enabled and quantizer.initialized and not quantizer.is_learned
                 if own_scale and not is_sharded(weight):
                     quantizer.observe(weight)
+        return exact

@@ -236,6 +236,36 @@ def test_a_rollback_across_the_switch_to_fake_quantization_leaves_the_quantizers
         assert float((layer.weight_fake_quant(weight) - weight).abs().max()) < float(weight.abs().max()) / 100
 
 
+def test_a_rollback_under_quantization_returns_the_quantizers_too_and_checkpoints_score_what_they_hold(tmp_path):
+    """With quantization on before the event and after, the guard's copy now holds the quantizers' ranges and
+    scales too: the model rolled back to is exactly the one its validation scored, so each checkpoint re-validates
+    to the score it recorded. Across the switch it says the metrics are the rejected model's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.callbacks.test_pruning import ScoredBySparsity
+
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(0.5, start_epoch=2, end_epoch=5, monitor="val_score", max_drop=1e-4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, filename="{epoch}")
+    qat = QuantizationAwareTraining(4, 8, start_epoch=0)  # on from epoch 1, events from the end of epoch 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=5, callbacks=[pruning, qat, ckpt], enable_checkpointing=True).fit(model)
+    assert "rollback" in [d.action for d in pruning.decisions]
+    assert not [w for w in caught if "no validation scored" in str(w.message)]
+    for path, recorded in ckpt.best_k_models.items():
+        rescored = trainer(callbacks=[QuantizationAwareTraining(4, 8)]).validate(
+            ScoredBySparsity(), ckpt_path=path, verbose=False
+        )[0]["val_loss"]
+        assert rescored == pytest.approx(float(recorded), rel=1e-6), path
+    across = IterativePruning(0.5, start_epoch=0, end_epoch=4, monitor="val_score", max_drop=1e-4)
+    with pytest.warns(UserWarning, match="the rollback left a model no validation scored"):
+        trainer(max_epochs=5, callbacks=[across, QuantizationAwareTraining(8, 8, start_epoch=1)]).fit(
+            ScoredBySparsity()
+        )  # the first event's copy is of the float model: quantization switches on before it is judged
+
+
 class CrashAtEpochEnd(Callback):
     """Dies at the end of `epoch`, before the callbacks after it: as a kill right after the checkpoint saved on
     that epoch's last batch (`ModelCheckpoint(every_n_train_steps=...)` dividing the epoch)."""

@@ -960,3 +960,21 @@ def test_a_callable_schedule_ending_low_still_reaches_the_target(tiny):
         trainer(max_epochs=3, callbacks=[pruning]).fit(tiny)
     assert not [w for w in caught if "short of" in str(w.message)]
     assert sparsity(tiny) == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("checkpoint_monitor", ["val_score", "val_loss"])
+def test_after_a_rollback_checkpoints_record_the_scores_of_the_model_they_hold(checkpoint_monitor, tmp_path):
+    """After a guard rollback, ModelCheckpoint recorded the rejected model's score for a file that holds the model
+    rolled back to (a trial: 0.4915 recorded, 0.4467 re-validated). Every validation metric is now the restored
+    model's, the guard's own and the others."""
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
+    mode = "max" if checkpoint_monitor == "val_score" else "min"
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor=checkpoint_monitor, mode=mode, save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=6, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(model)
+    assert "rollback" in [d.action for d in pruning.decisions]
+    for path, recorded in ckpt.best_k_models.items():
+        fresh = ScoredBySparsity()
+        rescored = trainer().validate(fresh, ckpt_path=path, verbose=False)[0][checkpoint_monitor]
+        assert rescored == pytest.approx(float(recorded), abs=1e-6), path

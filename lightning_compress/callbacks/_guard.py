@@ -1,0 +1,114 @@
+"""The accuracy guard's side of ``IterativePruning`` that talks to the Trainer: the monitored value, the validation
+metrics a rollback hands to checkpoint callbacks, and what the fit's end says."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from ..core.iterative import IterativePruner, Rollback
+
+__all__ = ["ValidationMetrics", "read_monitor", "short_of_target_note", "unjudged_event_note"]
+
+
+def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
+    """The monitored value of the validation that just ran; a name it never logged is refused with those it did."""
+    value = trainer.callback_metrics.get(monitor)
+    if value is None:
+        available = sorted(trainer.callback_metrics)
+        raise ValueError(
+            f"`monitor`={monitor!r} was not logged during validation; logged metrics: {available}. "
+            "Log it with `self.log(...)` in `validation_step` or change `monitor`."
+        )
+    return float(value)
+
+
+class ValidationMetrics:
+    """The metrics of the validation whose model the guard's copy holds.
+
+    After a rollback the model is that one again; ``ModelCheckpoint`` and ``EarlyStopping`` read the Trainer's
+    metrics after the pruning callback, so they are given that validation's values, not the rejected model's (the
+    logger keeps what each validation measured). A validation's metrics are those it logged or changed.
+    """
+
+    def __init__(self) -> None:
+        self._before: dict[str, Tensor] = {}
+        self._judged: dict[str, Tensor] = {}
+
+    def start(self, trainer: pl.Trainer) -> None:
+        self._before = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+
+    def measured(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """What this validation logged or changed."""
+        before = self._before
+        return {
+            k: v.clone()
+            for k, v in trainer.callback_metrics.items()
+            if k not in before or not torch.equal(v, before[k])
+        }
+
+    def keep(self, measured: dict[str, Tensor]) -> None:
+        """The guard copied the model ``measured`` scored."""
+        self._judged = measured
+
+    def restore(self, trainer: pl.Trainer, measured: dict[str, Tensor], monitor: str, value: float | None) -> None:
+        """After a rollback to the copied model: its validation's metrics, ``value`` for ``monitor``. ``None``: the
+        model is no validation's (a partial rollback, or one across the switch to fake quantization), said."""
+        if value is None:
+            rank_zero_warn(
+                "IterativePruning: the rollback left a model no validation scored (resumed while the event awaited "
+                "judgement, or quantization switched on since): this validation's metrics are the rejected model's, "
+                "and checkpoint callbacks read them after it."
+            )
+            return
+        metrics = trainer.callback_metrics
+        for key in measured:
+            if key in self._judged:
+                metrics[key] = self._judged[key]
+        logged = metrics[monitor]
+        metrics[monitor] = torch.as_tensor(value, dtype=logged.dtype, device=logged.device)
+
+
+def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: float) -> str | None:
+    """Why a fit ended short of the target (early stopping, ``max_time``, the guard); ``None`` if it did not."""
+    if core.reached_target():
+        return None
+    guard = core.guard
+    if guard is not None and guard.stopped:
+        why = f"the accuracy guard stopped pruning: no step kept `{monitor}` within `max_drop`={max_drop}"
+    elif core.steps < core.schedule.end:
+        why = (
+            f"the fit stopped at step {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
+            "`max_time`, `max_steps` or a shorter epoch)"
+        )
+    elif guard is not None:
+        why = (
+            "after the window, each event waits for a validation to judge the one before it, and the fit ended "
+            "before enough of them ran"
+            + (f" ({guard.rollbacks} rollback(s) halved the steps)" if guard.rollbacks else "")
+        )
+    else:
+        why = "the last events could not run"
+    return (
+        f"IterativePruning: fit ended at sparsity {core.masked_sparsity():.4f}, short of `target_sparsity`="
+        f"{core.target_sparsity}: {why}."
+    )
+
+
+def unjudged_event_note(rolled: Rollback) -> str:
+    """What the end of fit did with the event no validation judged."""
+    change = f"sparsity {rolled.before:.4f} -> {rolled.after:.4f}"
+    if rolled.whole_model:  # fit stopped where the validation schedule did not show it would
+        return (
+            f"IterativePruning: fit ended before a validation judged the last pruning event; the model went back "
+            f"to the one the last validation judged ({change}; the training since that validation is undone). A "
+            "checkpoint saved after that event and before the end of fit still holds it."
+        )
+    return (
+        f"IterativePruning: fit ended before a validation judged the last pruning event; it was rolled back "
+        f"({change}): the weights it pruned have their values from before it again, but this run, resumed "
+        "from a checkpoint saved while the event awaited judgement, has no copy of the rest of the model "
+        "from then, so no validation has scored the model `fit` returns."
+    )
