@@ -1,13 +1,14 @@
 """What a model would weigh if exported now: per-layer sparsity, bits and bytes. Pure torch.
 
-The estimate follows :func:`~lightning_compress.save_compressed` without its final entropy coder:
-for each Linear/Conv weight, its nonzero positions (bitmask or gap stream, whichever is smaller),
-its values at their width (the fake-quant bits, or the dtype's) and per-channel scales; every other
-state entry as it is. It is cheap enough to run at every validation.
+The estimate follows :func:`~lightning_compress.save_compressed` without its final entropy coder: for each weight
+pruning selects by default (Linear/Conv layers, recurrent and attention matrices, experts), its nonzero positions
+(bitmask or gap stream, whichever is smaller), its values at their width (the fake-quant bits, or the dtype's) and
+per-channel scales; every other state entry as it is. It is cheap enough to run at every validation.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .packing import code_container_bits
 from .qat import FakeQuantizer, qat_modules
-from .selection import default_layer_types
+from .selection import select_targets
 from .sharding import full
 
 __all__ = ["LayerSize", "ModelSize", "estimate_size"]
@@ -100,12 +101,14 @@ def estimate_size(model: nn.Module) -> ModelSize:
         if isinstance(candidate, FakeQuantizer) and candidate.fake_quant_enabled:
             quantizer_of[id(layer.weight)] = candidate
     layers: list[LayerSize] = []
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, default_layer_types()) or not isinstance(weight, Tensor) or id(weight) in seen:
-            continue
-        seen.add(id(weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the default leaves out is said where it prunes, not at every estimate
+        try:
+            targets = select_targets(model, module_tensors=True)  # the weights pruning selects by default
+        except ValueError:  # none: every entry is stored as it is
+            targets = []
+    for target in targets:
+        weight = target.param
         quantizer: FakeQuantizer | None = quantizer_of.get(id(weight))
         weight = full(weight)  # a collective for a sharded weight (one layer at a time)
         values = _quantized(quantizer, weight) if quantizer is not None else weight
@@ -121,7 +124,7 @@ def estimate_size(model: nn.Module) -> ModelSize:
             size = min(sparse, dense_quantized)
         else:
             size = min(sparse, dense)
-        layers.append(LayerSize(f"{name}.weight" if name else "weight", weight.numel(), nonzero, bits, dense, size))
+        layers.append(LayerSize(target.param_name, weight.numel(), nonzero, bits, dense, size))
     covered = {layer.name for layer in layers}
     rest = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in covered)
     dense_total = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "_fake_quant." not in k)

@@ -179,3 +179,20 @@ def test_beside_a_guard_that_rolls_back_the_points_pair_each_value_with_the_mode
     for point, decision in zip(monitor.history, guard.decisions, strict=True):
         assert point["value"] == pytest.approx(decision.value)
         assert (point["sparsity"] > 0) == (decision.action != "baseline")  # the model each value scored
+
+
+def test_the_monitor_counts_the_recurrent_and_attention_matrices_pruning_prunes():
+    """A trial's LSTM pruned to 90% read '0.0% sparse, 1.0x smaller' in the monitor, whose dense baseline was then
+    the sparse model: it counted Linear/Conv weights only. It now counts what pruning selects."""
+    from tests.callbacks.test_pruning import SequenceClassifier
+
+    pl.seed_everything(0, verbose=False)
+    model = SequenceClassifier("lstm")
+    pruning = IterativePruning(0.9, start_epoch=1, end_epoch=3, exclude=["head"])
+    monitor = CompressionMonitor(monitor="val_acc", log_images=False)
+    trainer(max_epochs=4, callbacks=[pruning, monitor]).fit(model)
+    layers = {layer.name for layer in estimate_size(model).layers}
+    assert {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "attn.in_proj_weight"} <= layers
+    assert monitor.summary["sparsity"] > 0.85 and monitor.summary["compression_ratio"] > 3
+    assert monitor.summary["baseline"] == monitor.history[0]["value"]  # before the first event: dense
+    assert monitor.history[0]["sparsity"] == 0.0 and monitor.history[-1]["sparsity"] > 0.85
