@@ -27,9 +27,25 @@ from .skeleton import deep_copy, meta_copy
 from .structure import ChannelGroup, build_channel_groups, is_conv1d, is_depthwise, nonzero_channels, param_slices
 from .tracing import call_model, check_example_inputs, eval_mode, output_tensors, plain_float
 
-__all__ = ["COMPACTED_FLAG", "CompactReport", "CompactionError", "compact", "removable_groups", "resize_module"]
+__all__ = [
+    "COMPACTED_FLAG",
+    "CompactReport",
+    "CompactionError",
+    "compact",
+    "is_compacted",
+    "mark_compacted",
+    "removable_groups",
+    "resize_module",
+]
 
 COMPACTED_FLAG = "_lightning_compress_compacted"  # set on a compacted model; save_compressed records it
+
+
+def mark_compacted(model: nn.Module) -> None:
+    """Flag ``model`` and every module in it as compacted: a file saved from any part of it (a LightningModule's
+    inner network) then records that its shapes may differ from a fresh instance's."""
+    for module in model.modules():
+        setattr(module, COMPACTED_FLAG, True)
 
 
 def is_compacted(model: nn.Module) -> bool:
@@ -386,7 +402,7 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
         _apply(model, planned)
         report.config_describes = describe_in_config(model, groups, planned.channels)
         report.max_abs_diff = diff
-        setattr(model, COMPACTED_FLAG, True)
+        mark_compacted(model)
     report.params_after = sum(p.numel() for p in model.parameters())
     report.macs_after = count_macs(model, example_inputs) if keep else report.macs_before
     return report

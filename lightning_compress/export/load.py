@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import check_module, check_path
-from ..core.compact import COMPACTED_FLAG
+from ..core.compact import mark_compacted
 from ..core.packing import (
     code_container_bits,
     decode_gaps,
@@ -257,7 +257,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         rollback()
         raise
     if manifest.get("compacted"):
-        setattr(model, COMPACTED_FLAG, True)
+        mark_compacted(model)
     del tensors
     layers = [_loaded_layer(r) for r in records if r.kind in ("sparse", "quantized")]
     return CompressionReport.of_file(path, "lightning-compress", layers, model)

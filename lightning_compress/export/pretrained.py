@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.compact import COMPACTED_FLAG
+from ..core.compact import mark_compacted
 from ..core.model_config import CONFIG_KEY
 from ..core.shrink import set_head_record, shrink_like
 
@@ -77,5 +77,5 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
     shrink_like(model, shapes)
     set_head_record(model, heads)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    setattr(model, COMPACTED_FLAG, True)
+    mark_compacted(model)
     return model.eval()

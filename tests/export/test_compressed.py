@@ -300,6 +300,28 @@ def test_a_model_compacted_inside_another_is_saved_as_compacted(tmp_path):
     assert fresh.net[0].out_features == 16 and torch.equal(outputs(fresh, x), outputs(holder, x))
 
 
+def test_the_inner_network_of_a_compacted_model_is_saved_as_compacted(tmp_path):
+    """The other way round: compact(holder) marked only holder, so save_compressed(holder.net) wrote an uncompacted
+    file that a fresh network refused as "another architecture" (a trial). Every module of a compacted model, and of
+    a model a compacted file loaded into, is marked."""
+    from lightning_compress import compact, prune_
+
+    x = torch.randn(8, 16)
+    holder = Holder().eval()
+    prune_(holder, 0.5, granularity="channel", example_inputs=x)
+    compact(holder, x)
+    save_compressed(holder.net, tmp_path / "net.lcz")
+    fresh = Holder().net
+    load_compressed(fresh, tmp_path / "net.lcz")
+    assert fresh[0].out_features == 16 and torch.equal(outputs(fresh, x), outputs(holder.net, x))
+    again = Holder()
+    load_compressed(again.net, tmp_path / "net.lcz")
+    save_compressed(again, tmp_path / "again.lcz")  # loaded into the inner network, saved from the holder
+    last = Holder()
+    load_compressed(last, tmp_path / "again.lcz")
+    assert torch.equal(outputs(last, x), outputs(holder, x))
+
+
 def test_a_model_that_is_one_quantized_layer_with_a_quantized_bias_round_trips(tmp_path):
     """Its bias record named the layer "" and the reader refused the file it had just written (found by fuzzing)."""
     from lightning_compress.core.qat import QATLinear, calibrate, enable_fake_quant
