@@ -1,6 +1,6 @@
 """What channels cost: a model's multiply-accumulates as a function of the channels its groups keep.
 
-One forward on the example inputs counts each Linear/Conv layer's MACs (:func:`~.macs.layer_macs`).
+One forward on the example inputs counts each layer's MACs (:func:`~.macs.layer_macs`).
 A layer's MACs are proportional to its output channels times its input channels per group (a
 depthwise conv: to its channels), so after removing channels they are
 ``dense * kept_out / out * kept_in / in``: exact for every layer whose channels are removed as
@@ -47,11 +47,10 @@ class ChannelCost:
     def __init__(self, model: nn.Module, example_inputs: Any, groups: Sequence[ChannelGroup]) -> None:
         macs: dict[nn.Module, int] = {}
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, Tensor):
-                macs[module] = macs.get(module, 0) + layer_macs(module, output, args)
+        def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+            macs[module] = macs.get(module, 0) + layer_macs(module, output, args, kwargs)
 
-        handles = [m.register_forward_hook(hook) for m in model.modules() if not isinstance(m, _NORM)]
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if not isinstance(m, _NORM)]
         try:
             with plain_float(model), torch.no_grad():
                 call_model(model, example_inputs)

@@ -1,8 +1,10 @@
 """Multiply-accumulates of one forward, counted on the model itself (forward hooks on the layers).
 
 Counted: ``nn.Linear`` and ``transformers``' Conv1D (``output elements x input features``), every
-``nn.ConvNd`` (``output elements x input channels per group x kernel size``). Attention products,
-norms and activations are not counted: on the models this package compacts, the layers hold
+``nn.ConvNd`` (``output elements x input channels per group x kernel size``), and the weight matrices that
+recurrent layers and ``nn.MultiheadAttention`` multiply in their own forward (each matrix once per token: its
+size times the tokens it is applied to; MultiheadAttention's ``out_proj`` included, which it uses without calling).
+Attention products, norms and activations are not counted: on the models this package compacts, the weights hold
 almost all of the compute, and the count is what channel pruning changes.
 """
 
@@ -20,10 +22,14 @@ from .tracing import call_model, eval_mode
 __all__ = ["count_macs", "layer_macs"]
 
 
-def layer_macs(module: nn.Module, output: Tensor, inputs: Any = ()) -> int:
-    """MACs ``module`` spent producing ``output`` from ``inputs`` (its positional arguments; 0 for a module that
-    is not a linear-like layer). A transposed convolution spreads every input element over a kernel of every
-    output channel (of its group): counted from its input."""
+def layer_macs(module: nn.Module, output: Any, inputs: Any = (), kwargs: dict[str, Any] | None = None) -> int:
+    """MACs ``module`` spent producing ``output`` from ``inputs`` (its positional arguments) and ``kwargs`` (0 for
+    a module that is not a linear-like, recurrent or attention layer). A transposed convolution spreads every input
+    element over a kernel of every output channel (of its group): counted from its input."""
+    if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+        return _own_matrix_macs(module, tuple(inputs), kwargs or {})
+    if not isinstance(output, Tensor):
+        return 0
     if isinstance(module, nn.modules.conv._ConvTransposeNd) and inputs and isinstance(inputs[0], Tensor):
         kernel = math.prod(module.kernel_size)
         return inputs[0].numel() * (module.out_channels // module.groups) * kernel
@@ -36,17 +42,42 @@ def layer_macs(module: nn.Module, output: Tensor, inputs: Any = ()) -> int:
     return 0
 
 
+def _argument(inputs: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str) -> Any:
+    return inputs[position] if len(inputs) > position else kwargs.get(name)
+
+
+def _tokens(x: Any, features: int) -> int:
+    """Vectors of ``features`` in ``x`` (a tensor or a ``PackedSequence``)."""
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        return int(x.data.shape[0])
+    return x.numel() // features if isinstance(x, Tensor) and features else 0
+
+
+def _own_matrix_macs(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """A recurrent layer applies each of its matrices once per token and step; MultiheadAttention its query, key
+    and value blocks to the query, key and value tokens, and ``out_proj`` to the query tokens."""
+    if isinstance(module, nn.RNNBase):
+        steps = _tokens(_argument(inputs, kwargs, 0, "input"), module.input_size)
+        return steps * sum(p.numel() for n, p in module.named_parameters(recurse=False) if "weight" in n)
+    assert isinstance(module, nn.MultiheadAttention)
+    width = module.embed_dim
+    query = _tokens(_argument(inputs, kwargs, 0, "query"), width)
+    key = _tokens(_argument(inputs, kwargs, 1, "key"), module.kdim)
+    value = _tokens(_argument(inputs, kwargs, 2, "value"), module.vdim)
+    return query * width * width + key * width * module.kdim + value * width * module.vdim + query * width * width
+
+
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of one eval-mode forward of ``model`` on ``example_inputs`` (a tensor, tuple or dict)."""
     total = 0
 
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
+    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         nonlocal total
-        if isinstance(output, Tensor):
-            total += layer_macs(module, output, args)
+        total += layer_macs(module, output, args, kwargs)
 
-    layers = [m for m in model.modules() if isinstance(m, linear_like_types())]
-    handles = [m.register_forward_hook(hook) for m in layers]
+    counted = (*linear_like_types(), nn.MultiheadAttention, nn.RNNBase)
+    layers = [m for m in model.modules() if isinstance(m, counted)]
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
     try:
         with eval_mode(model), torch.no_grad():
             call_model(model, example_inputs)

@@ -453,6 +453,35 @@ def test_macs_are_counted_per_layer_and_reported_by_compact():
     assert "MACs per forward" in str(report)
 
 
+class _SequenceLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(6, 10, batch_first=True, bidirectional=True, proj_size=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=6, vdim=6)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)  # (2, 5, 8): both directions' projections
+        a, _ = self.attn(query=h, key=x, value=x, need_weights=False)  # keywords: counted too
+        return self.head(a)
+
+
+def test_macs_count_the_matrices_of_recurrent_and_attention_layers():
+    """MultiheadAttention's projections (out_proj too: it is used, not called) and a recurrent layer's matrices
+    were left out of the count, so a 'half the MACs' budget on a transformer encoder left 74% of them (a trial)."""
+    from lightning_compress.core.channel_cost import ChannelCost
+    from lightning_compress.core.macs import count_macs
+
+    model = _SequenceLayers().eval()
+    x = torch.randn(2, 5, 6)
+    tokens = 2 * 5
+    recurrent = tokens * sum(p.numel() for n, p in model.rnn.named_parameters() if "weight" in n)
+    attention = tokens * (8 * 8 + 8 * 6 + 8 * 6 + 8 * 8)  # query, key, value blocks, then out_proj
+    head = tokens * 3 * 8
+    assert count_macs(model, x) == recurrent + attention + head
+    assert ChannelCost(model, x, []).dense == recurrent + attention + head
+
+
 def test_channel_cost_predicts_the_macs_compact_leaves_exactly():
     from lightning_compress.core.channel_cost import ChannelCost
     from lightning_compress.core.macs import count_macs
