@@ -545,7 +545,7 @@ class IterativePruner:
             return
         pruned = self._pruner.pruned_counts()
         held = [
-            target.name
+            target.key  # the layer, or a module's own matrix ("attn.in_proj_weight")
             for target in self.targets
             if target.param_name in pruned
             and target.numel - pruned[target.param_name] <= floor_count(config.min_density, target.numel)

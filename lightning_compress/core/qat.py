@@ -81,8 +81,12 @@ def _quantizable_targets(
             targets.append(target)
             continue
         if qat_class(type(module)) is None or id(module) in owned_by_mha:
-            subclass = _subclass_note(module)
-            if subclass:
+            subclass = (
+                "its nn.MultiheadAttention multiplies its weight in its own forward without calling the layer"
+                if id(module) in owned_by_mha
+                else _subclass_note(module)
+            )
+            if subclass and id(module) not in owned_by_mha:
                 subclasses.add(type(module).__name__)
             if include is not None and target.name in include:  # named exactly: refused
                 raise ValueError(

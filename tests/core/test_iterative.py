@@ -283,3 +283,17 @@ def test_a_plain_score_object_is_accepted_and_stateful_ones_must_subclass():
     assert pruner.advance_to(1) and pruner.masked_sparsity() == pytest.approx(0.5, abs=1e-3)
     with pytest.raises(TypeError, match=r"defines \['observe'\] without subclassing"):
         IterativePruner(_model(), 0.5, total_steps=1, importance=Stateful())
+
+
+def test_the_floor_warning_names_a_modules_own_matrix():
+    """The floor warning named 'attn' where only its q_proj_weight was held (a trial)."""
+    from lightning_compress import IterativePruner
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(16, 2, kdim=4, vdim=4), "head": nn.Linear(16, 2)})
+    with torch.no_grad():
+        model["attn"].q_proj_weight.mul_(1e-3)  # one global threshold would empty it
+    said: list[str] = []
+    pruner = IterativePruner(model, 0.9, total_steps=1, every_n_steps=1, min_density=0.05, warn=said.append)
+    pruner.step()
+    assert len(said) == 1 and "layer(s) ['attn.q_proj_weight', 'attn.out_proj', 'head'] are held" in said[0]

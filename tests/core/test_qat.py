@@ -299,8 +299,9 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
         convert_to_qat(model, QuantConfig(8, 8))
     with pytest.raises(ValueError, match=r"`include` selects '0' .*_OwnForwardLinear subclasses Linear with a forward"):
         convert_to_qat(model, QuantConfig(8, 8), include=["0"])
-    attention = nn.MultiheadAttention(4, 2)  # its projection is a plain subclass: no note
-    with pytest.raises(ValueError, match=r"called through their forward\.$"):
+    attention = nn.MultiheadAttention(4, 2)  # its projection is used without its forward: said (a trial)
+    match = r"called through their forward; its nn.MultiheadAttention multiplies its weight in its own forward"
+    with pytest.raises(ValueError, match=match):
         convert_to_qat(attention, QuantConfig(8, 8), include=["out_proj"])
     assert type(model[0]) is _OwnForwardLinear  # untouched
 
