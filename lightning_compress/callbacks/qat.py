@@ -29,6 +29,7 @@ from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
+from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._validation import (
     StrategyCollectives,
     check_int,
@@ -50,31 +51,6 @@ _LEARNED_UNDER_FSDP2 = (
     "`ignored_params=lightning_compress.learned_scales(self)` to every `fully_shard` call (their gradients are "
     "averaged across processes by the callback)."
 )
-
-
-def _warn_about_idle_layers(pl_module: nn.Module, epoch: int) -> None:
-    """Layers whose quantizers observed nothing while observers were on: their forward never ran in training."""
-    idle = [name for name, layer in qat_modules(pl_module) if not cast(Any, layer).weight_fake_quant.initialized]
-    if idle:
-        rank_zero_warn(
-            f"QuantizationAwareTraining: {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran their forward in epoch "
-            f"{epoch} (the model reads their weights directly, as transformers' Mamba does with conv1d): they compute "
-            "in float, and an export stores them in float. `exclude` them to silence this."
-        )
-    unseen = [
-        name
-        for name, layer in qat_modules(pl_module)
-        if name not in idle
-        and isinstance(q := getattr(layer, "input_fake_quant", None), FakeQuantizer)
-        and q.fake_quant_enabled
-        and not q.has_range
-    ]
-    if unseen:
-        rank_zero_warn(
-            f"QuantizationAwareTraining: the inputs of {unseen[:5]}{' ...' if len(unseen) > 5 else ''} were never "
-            f"observed in a training step of epoch {epoch} (the layer runs outside `training_step`?): their inputs "
-            "stay float until a training step reaches them."
-        )
 
 
 class QuantizationAwareTraining(Callback):
@@ -354,7 +330,7 @@ class QuantizationAwareTraining(Callback):
             self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]
             if any(is_sharded(p) for p in self._learned_params):
                 raise ValueError(f"QuantizationAwareTraining(scale='learned') {_LEARNED_UNDER_FSDP2}")
-            self._scales_group = _check_in_optimizers(self._learned_params, trainer.optimizers, self._scales_group)
+            self._scales_group = check_in_optimizers(self._learned_params, trainer.optimizers, self._scales_group)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
@@ -410,7 +386,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        _update_observers(self._activation_quantizers, StrategyCollectives(trainer.strategy))
+        update_observers(self._activation_quantizers, StrategyCollectives(trainer.strategy))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -433,7 +409,7 @@ class QuantizationAwareTraining(Callback):
 
     def _switch_on(self, pl_module: pl.LightningModule, *, at_fit_end: bool = False) -> None:
         enable_fake_quant(pl_module)  # learned scales start training now
-        _warn_about_idle_layers(pl_module, self.start_epoch)
+        warn_about_idle_layers(pl_module, self.start_epoch)
         when = (
             "at the end of fit (`start_epoch` was its last epoch: calibrated, not yet trained or validated quantized)"
             if at_fit_end
@@ -534,53 +510,3 @@ class QuantizationAwareTraining(Callback):
         for module in pl_module.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 module.eval()
-
-
-def _update_observers(activation_quantizers: list[FakeQuantizer], collectives: StrategyCollectives) -> None:
-    """Fold pending batch ranges into the EMAs, reduced across processes so every rank agrees."""
-    pending: list[tuple[FakeQuantizer, tuple[Tensor, Tensor]]] = []
-    for q in activation_quantizers:
-        stats = q.pending_batch_stats()
-        if stats is not None:
-            pending.append((q, stats))
-    if not pending:
-        return
-    # one collective: min(lo) is -max(-lo), so both ends reduce with "max"
-    ends = torch.stack([torch.stack([-stats[0], stats[1]]) for _, stats in pending])
-    ends = collectives.all_reduce(ends, "max")
-    for i, (q, _) in enumerate(pending):
-        q.update_from_batch(-ends[i, 0], ends[i, 1])
-
-
-def _check_in_optimizers(
-    params: list[nn.Parameter], optimizers: list[torch.optim.Optimizer], own_group: bool = False
-) -> bool:
-    """Learned scales are model Parameters from the conversion on: an optimizer over ``parameters()`` holds them.
-
-    One that filtered them out (e.g. by ``requires_grad``, False until quantization switches on) gets them as a new
-    group of its first optimizer, without weight decay, with the first group's other settings (what LR schedulers
-    added to it too: OneCycleLR's ``initial_lr``, ``max_lr``; without them it failed at its first step). A run
-    resumed from such a fit (``own_group``) rebuilds that group, so the checkpoint's optimizer state fits: its
-    optimizer was built with the scales already training, and so holding them. Returns whether the scales have a
-    group of their own."""
-    if not optimizers or not params:
-        return own_group
-    ids = {id(p) for p in params}
-    known = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
-    missing = [p for p in params if id(p) not in known]
-    if not missing and not own_group:
-        return False
-    if own_group:  # a fresh optimizer, before Lightning restores its state: nothing is lost by regrouping
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in ids]
-    first = optimizers[0]
-    settings = {k: v for k, v in first.param_groups[0].items() if k not in ("params", "weight_decay")}
-    first.add_param_group({**settings, "params": list(params), "weight_decay": 0.0})
-    if missing and not own_group:
-        rank_zero_warn(
-            f"QuantizationAwareTraining: {len(missing)} learned scales were not in the optimizer; they were added to "
-            "the first one as a new parameter group. Build the optimizer over `self.parameters()` so LR "
-            "schedulers see them."
-        )
-    return True
