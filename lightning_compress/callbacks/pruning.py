@@ -191,6 +191,14 @@ class IterativePruning(Callback):
         mode = monitor_mode(monitor, mode)
         if monitor is not None and inferred:
             rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
+        if monitor is not None and mode == "min" and max_drop is None:
+            warnings.warn(
+                f"IterativePruning: the guard lets `monitor`={monitor!r} rise by at most `max_drop`=0.01, the default "
+                "chosen for accuracies in [0, 1]; a loss is in units of its own, and one that drifts up by more (a "
+                "model that overfits) rolls every event back. Set `max_drop` to the rise you accept.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure,

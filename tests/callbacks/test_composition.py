@@ -335,6 +335,8 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         IterativePruning(0.5, mode="min")
     with pytest.warns(UserWarning, match=r"CompressionMonitor: `mode`='min' has no effect without `monitor`"):
         CompressionMonitor(mode="min")
+    with pytest.warns(UserWarning, match=r"lets `monitor`='val_loss' rise by at most `max_drop`=0.01, the default"):
+        IterativePruning(0.9, monitor="val_loss")  # a trial's overfitting GRU: every event rolled back, 0% sparse
     with pytest.warns(UserWarning, match=r"`shift_search_batches`=8 has no effect without `shift_search=True`"):
         QuantizationAwareTraining(shift_search_batches=8)
     idle = r"`min_density`=0.5 has no effect with `scope`='layer' and `granularity`='element'"
@@ -346,7 +348,7 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         IterativePruner(nn.Sequential(nn.Linear(8, 8)), 0.5, total_steps=2, granularity="2:4", min_density=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # where they act, or left at their defaults: nothing is said
-        IterativePruning(0.9, min_density=0.05, monitor="val_loss", mode="min")
+        IterativePruning(0.9, min_density=0.05, monitor="val_loss", mode="min", max_drop=0.05)
         IterativePruning(0.5, granularity="channel", min_density=0.2)
         IterativePruning(0.5, scope="layer")
         CompressionMonitor()
