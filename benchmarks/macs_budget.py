@@ -91,7 +91,9 @@ def _macs(module: pl.LightningModule) -> int:
     return count_macs(module, module.example_input_array)
 
 
-def run(name: str, seed: int, dense_epochs: int, finetune_epochs: int, arms: tuple[str, ...] = ARMS) -> dict[str, Any]:
+def run(
+    name: str, seed: int, dense_epochs: int, finetune_epochs: int, arms: tuple[str, ...] = ARMS, keep_nets: bool = True
+) -> dict[str, Any]:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
@@ -135,7 +137,7 @@ def run(name: str, seed: int, dense_epochs: int, finetune_epochs: int, arms: tup
         out[arm]["macs_fraction"] = _macs(net) / dense_macs
     out["budget"] = budget
     out["seconds"] = time.perf_counter() - began
-    if seed != 0:
+    if not keep_nets:  # only the first seed's models are timed: the others are not sent back
         for arm in arms:
             del out[arm]["net"]
     return out
@@ -160,7 +162,7 @@ def main() -> None:
     arms = ("dense", "torch-pruning", *args.arms)
     began = time.perf_counter()
     epochs = {"vit": (20, 10), "resnet": (15, 10), "cnn": (15, 10)}
-    jobs = [(m, s, *epochs[m], arms) for m in args.models for s in args.seeds]
+    jobs = [(m, s, *epochs[m], arms, s == args.seeds[0]) for m in args.models for s in args.seeds]
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         outputs = pool.starmap(run, jobs)
     results: dict[str, Any] = {}
