@@ -90,7 +90,8 @@ class IterativePruning(Callback):
             ``schedule`` and a train dataloader without a length prune once per epoch.
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
             exact name picks that module's weight whatever its type. ``None``: all Linear/Conv.
-        exclude: glob patterns over module names to leave dense.
+        exclude: glob patterns over module names to leave dense (with ``granularity="channel"``: an excluded layer
+            keeps its output channels, and loses the input columns of channels the layers feeding it lose).
         min_density: with ``scope="global"``, every layer keeps at least this fraction, so one
             threshold cannot wipe out a layer (e.g. the classifier head). ``None`` (default): a
             tenth of the density at the target, ``0.1 * (1 - target_sparsity)`` (0.01 at 90%,

@@ -484,15 +484,24 @@ class QuantizationAwareTraining(Callback):
         return any(q.fake_quant_enabled for _, q in quantizers(pl_module))
 
     def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for name, module in qat_modules(pl_module):
+        layers = list(qat_modules(pl_module))
+        unreached = [name for name, _ in layers if not self._captured.get(name)]
+        if len(unreached) == len(layers):
+            raise ValueError(
+                f"`shift_search` chooses the shifts on validation data at the end of `start_epoch`="
+                f"{self.start_epoch}, but no validation batch ran in that epoch: pass `val_dataloaders` to `fit`, "
+                "validate in that epoch, or set `shift_search=False`."
+            )
+        if unreached:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: validation never calls {unreached} (a layer only training uses, such as "
+                "an auxiliary head): their shifts come from the ranges observed in training, without the search. "
+                "`exclude` them to keep them float."
+            )
+        for name, module in layers:
             inputs = self._captured.get(name) or []
             if not inputs:
-                raise ValueError(
-                    f"`shift_search` chooses the shifts on validation data at the end of `start_epoch`="
-                    f"{self.start_epoch}, but no validation batch reached layer {name!r} in that epoch (no validation "
-                    "loader, or none ran then): pass `val_dataloaders` to `fit`, validate in that epoch, or set "
-                    "`shift_search=False`."
-                )
+                continue
             with unsharded(module, pl_module):  # FSDP2: the layer runs alone, outside the model's forward
                 w_shift, a_shift, _ = search_power_of_two_shifts(
                     module, inputs, collectives=StrategyCollectives(trainer.strategy)

@@ -341,6 +341,14 @@ class FakeQuantizer(nn.Module):
         """
         if self.role == "weight" and not self.groups:
             scale = self.effective_scale().detach().float().expand(channels).contiguous()
+            # An all-zero row (a pruned output channel) has its scale at the float32 floor; its codes are 0 under
+            # any scale. onnxruntime's fused int8 kernels put the bias on the weight scale x input scale grid,
+            # where the floor underflows and the bias is dropped: such rows take the layer's largest scale (1 if
+            # every row is zero, the input grid `quantize_bias` keeps their biases on)
+            floor = scale <= 2 * torch.finfo(torch.float32).tiny
+            if bool(floor.any()):
+                fill = scale[~floor].max() if bool((~floor).any()) else torch.ones((), device=scale.device)
+                scale = torch.where(floor, fill, scale)
             # persistent: exporters lift state_dict entries to initializers; anything else is a constant
             self.register_buffer("_export_scale", scale)
             self.register_buffer("_export_zero_point", torch.zeros(scale.shape, dtype=torch.int32, device=scale.device))

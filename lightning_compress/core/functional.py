@@ -174,7 +174,8 @@ def prune_(
         scope: ``"global"`` (one threshold over all selected weights) or ``"layer"``. ``None``: ``"layer"``
             for ``granularity="channel"``, ``"global"`` otherwise.
         include: glob patterns over module names (see :func:`~.selection.select_targets`).
-        exclude: glob patterns over module names to leave dense.
+        exclude: glob patterns over module names to leave dense (with ``granularity="channel"``: an excluded layer
+            keeps its output channels, and loses the input columns of channels the layers feeding it lose).
         min_density: with ``scope="global"``, the smallest fraction each layer keeps, so one
             threshold cannot wipe out a layer. ``None``: a tenth of the density at ``sparsity``,
             ``0.1 * (1 - sparsity)``.
@@ -210,7 +211,8 @@ def prune_(
     measure = check_measure(measure, granularity)
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude, module_tensors=True)
-    masks = check_masks(masks, targets)
+    if granularity == "element":
+        masks = check_masks(masks, targets)
     if importance == "auto":
         kind = "N:M" if nm is not None else granularity
         imp, why = auto_importance_of(model, targets, kind)
@@ -220,6 +222,7 @@ def prune_(
     if granularity == "channel" and example_inputs is None:
         raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
     rule, left_alone = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure)
+    masks = check_masks(masks, rule.targets)  # channel masks hold the biases and BatchNorm entries they cut too
     if left_alone and nm is not None:
         warnings.warn(
             f"prune_: {dense_layers_note(list(left_alone), nm[1], granularity)}",

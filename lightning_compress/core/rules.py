@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .channel_cost import ChannelCost
 from .channels import ChannelRule
 from .collectives import Collectives
-from .compact import removable_groups
+from .group_check import faithful_groups, removable_groups
 from .importance import Importance
 from .mask_counts import weight_units
 from .masks import compute_masks
@@ -110,7 +110,8 @@ def channel_structure(
     measure: str = "channels",
     argument: str = "example_inputs",
 ) -> ChannelStructure:
-    """Trace ``model``'s channel groups among the selected ``targets`` (one forward per candidate group).
+    """Trace ``model``'s channel groups among the selected ``targets`` (one shape-only forward per candidate group,
+    then trials on a copy that zeroed channels are removed ones: :mod:`.group_check`).
 
     ``argument`` names the example inputs in errors (``"example_input_array"`` for the callback).
 
@@ -120,6 +121,8 @@ def channel_structure(
     check_example_inputs(model, example_inputs, argument)
     groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
     groups, rejected = removable_groups(model, example_inputs, groups)
+    left.update(rejected)
+    groups, rejected = faithful_groups(model, example_inputs, groups)
     left.update(rejected)
     if not groups:
         raise ValueError(

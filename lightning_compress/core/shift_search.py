@@ -45,6 +45,8 @@ def search_power_of_two_shifts(
         raise ValueError("shift search needs at least one captured input batch.")
     if group.world_size > 1:  # every process runs as many forwards (FSDP2 may all-gather in each)
         inputs = inputs[: int(group.all_reduce(torch.tensor([len(inputs)]), "min").item())]
+    dtype = cast(Tensor, module.weight).dtype  # inputs captured under autocast (bf16-mixed) are in its dtype
+    inputs = [x.to(dtype) if x.is_floating_point() else x for x in inputs]
     states = [(q, q.fake_quant_enabled, q.observer_enabled) for q in (wq, aq) if q is not None]
     for q, _, _ in states:
         q.fake_quant_enabled = False

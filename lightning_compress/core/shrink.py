@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compact import resize_module
 from .heads import COUNT_ATTRIBUTES, HEADS_ATTRIBUTE
 from .layers import weight_axes
+from .resize import resize_module
 from .structure import is_depthwise, supported
 
 __all__ = ["set_head_record", "shrink_like"]

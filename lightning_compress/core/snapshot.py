@@ -17,7 +17,8 @@ class ModelSnapshot:
     quantizers' scales and ranges go back only when their flags (fake quantization on, observing, initialized) are
     what they were: a rollback across the switch to fake quantization would otherwise restore quantizers that were
     off, with their default scale of 1, under a layer that now quantizes; there they keep their state, and the model
-    is the judged one but for its quantizers (:meth:`restore` says which)."""
+    is the judged one but for its quantizers (:meth:`restore` says which). Quantizers that only started observing
+    (fake quantization off then and now) keep their ranges too: they do not change outputs."""
 
     def __init__(self, model: nn.Module) -> None:
         self._tensors: list[tuple[Tensor, Tensor]] = []
@@ -28,6 +29,7 @@ class ModelSnapshot:
                 for q in quantizers
                 for flags in [q.state]
             ]
+            self._quantizing = [q.fake_quant_enabled for q in quantizers]
         seen = {id(t) for q in quantizers for t in [*q.parameters(), *q.buffers()]}
         self._quantized: list[tuple[FakeQuantizer, Tensor]] = [  # (a weight's quantizer, the weight)
             (q, m.weight)
@@ -47,14 +49,19 @@ class ModelSnapshot:
         quantizers' scales stay as they are, a weight whose quantizer takes its scale from it gets that scale again
         (eval mode does not recompute it).
 
-        Returns whether the model is now exactly the one copied: ``False`` when a quantizer's flags changed since
-        (its scales and ranges were left as they are)."""
-        exact = all(int(q.state) == flags for q, flags, _ in self._quantizer_state)
+        Returns whether the model now computes exactly what the copied one did: ``False`` when a quantizer's flags
+        changed since (its scales and ranges were left as they are) and it quantizes now or did then. A quantizer
+        off then and now (observers calibrating, fake quantization not yet on) passes values through: it keeps
+        what it observed since, and the model is still the copied one."""
+        same = [int(q.state) == flags for q, flags, _ in self._quantizer_state]
+        states = zip(self._quantizer_state, self._quantizing, strict=True)
+        off = [not was and not q.fake_quant_enabled for (q, _, _), was in states]
+        exact = all(s or o for s, o in zip(same, off, strict=True))
         with torch.no_grad():
             for tensor, saved in self._tensors:
                 tensor.copy_(saved)
-            for _, _, values in self._quantizer_state if exact else []:
-                for tensor, saved in values:
+            for (_, _, values), restore in zip(self._quantizer_state, same, strict=True):
+                for tensor, saved in values if exact and restore else []:
                     tensor.copy_(saved)
             for quantizer, weight in [] if exact else self._quantized:
                 # from its weight, as a training forward would (a sharded weight's next forward does it)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from .heads import AttentionBlock, find_attention
 from .layers import transformers_conv1d, weight_axes
@@ -181,16 +182,85 @@ def build_channel_groups(
         group, reason = _head_group(block, producers)
         if group is None:
             skipped[block.module] = reason
+            for projection in (block.query, block.key, block.value):
+                skipped.setdefault(projection, f"the heads of {block.module} are left whole")
         else:
             groups.append(group)
+    tied = _tied(model)
     for raw_group in raw:
         root = names.get(raw_group[0].dep.target.module, "?")
-        group, reason = _convert(graph, raw_group, names, producers)
+        group, reason = _convert(graph, raw_group, names, producers, tied)
         if group is None:
             skipped[root] = reason
+            for other in _out_modules(graph, raw_group, names) - {root}:  # layers whose outputs are these channels
+                skipped.setdefault(other, f"its channels are {root}'s: {reason}")
         else:
             groups.append(group)
+    if graph is not None:
+        _say_what_is_unseen(graph, names, groups, skipped, roots, producers, set(feeding))
     return groups, skipped
+
+
+def _out_modules(graph: Any, raw_group: Any, names: dict[nn.Module, str]) -> set[str]:
+    """The layers whose outputs a raw group's channels are."""
+    return {
+        names[item.dep.target.module]
+        for item in raw_group.items
+        if item.dep.target.module in names
+        and isinstance(item.dep.target.module, (_CONV, nn.Linear))
+        and graph.is_out_channel_pruning_fn(item.dep.handler)
+    }
+
+
+def _say_what_is_unseen(
+    graph: Any,
+    names: dict[nn.Module, str],
+    groups: list[ChannelGroup],
+    skipped: dict[str, str],
+    roots: tuple[type[nn.Module], ...],
+    producers: set[str] | None,
+    attention: set[str],
+) -> None:
+    """A reason for every layer that could be a group's and is in none, nor already explained (``attention``: the
+    projections that feed attention, whose heads have their own reasons)."""
+    covered = {s.module for g in groups for s in g.slices if s.kind == "out"} | {g.name for g in groups}
+    traced = {names[m] for m in graph.module2node if m in names}
+    for module, name in names.items():
+        if not isinstance(module, roots) or name in covered or name in skipped:
+            continue
+        if producers is not None and name not in producers:
+            continue
+        if name in attention:
+            skipped[name] = (
+                "its outputs go into a product with another activation (as attention's projections do), which no "
+                "channel group follows"
+            )
+        elif name not in traced:
+            skipped[name] = (
+                "the traced forward never calls it as a module (its weight used through F.linear, F.conv2d, "
+                "einsum, ...), so nothing says where its channels go"
+            )
+        else:
+            skipped[name] = "the dependency graph gives its outputs no channel group (see the other reasons)"
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Modules holding a parameter another module holds too (tied weights), each with one such other module."""
+    holders: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return {n: next(o for o in names if o != n) for names in holders.values() if len(names) > 1 for n in names}
+
+
+def slice_bound(module: nn.Module, kind: str) -> int:
+    """How many positions ``module`` has along its outputs (``"out"``) or inputs (``"in"``)."""
+    if isinstance(module, _NORM):
+        return int(module.num_features)
+    if isinstance(module, _CONV):
+        return int(module.out_channels if kind == "out" else module.in_channels)
+    out_axis, in_axis = weight_axes(module)
+    return int(module.weight.shape[out_axis if kind == "out" else in_axis])  # type: ignore[index]
 
 
 def _raw_groups(
@@ -273,7 +343,7 @@ def _unplaced_concat(op: Any) -> bool:
 
 
 def _convert(
-    graph: Any, raw_group: Any, names: dict[nn.Module, str], producers: set[str] | None
+    graph: Any, raw_group: Any, names: dict[nn.Module, str], producers: set[str] | None, tied: dict[str, str]
 ) -> tuple[ChannelGroup | None, str]:
     root_item = raw_group[0]
     root = names[root_item.dep.target.module]
@@ -297,12 +367,18 @@ def _convert(
         name = names[module]
         if not supported(module):
             return None, f"{name} ({type(module).__name__}) mixes or cannot lose channels"
+        if is_parametrized(module):
+            return None, f"{name}'s weight is computed by a parametrization (e.g. weight_norm), not stored"
+        if name in tied:
+            return None, f"{name} shares a parameter with {tied[name]} (tied weights): cutting one would untie them"
         kind = "out" if out_like else "in"
         if kind == "out" and not node.outputs:
             return None, "its channels reach the model's output"
         if kind == "out" and not isinstance(module, _NORM) and producers is not None and name not in producers:
             return None, f"{name} is not selected (see `include`/`exclude`)"
         if item.root_idxs is None or any(c is None for c in item.root_idxs):
+            return None, f"its channels cannot be mapped onto {name}'s"
+        if any(not 0 <= int(i) < slice_bound(module, kind) for i in item.idxs):  # e.g. read through a pixel shuffle
             return None, f"its channels cannot be mapped onto {name}'s"
         index, channel = slices.setdefault((name, kind), ([], []))
         index.extend(int(i) for i in item.idxs)

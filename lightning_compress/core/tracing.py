@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,16 @@ from torch import Tensor, nn
 
 from .qat import quantizers
 
-__all__ = ["call_model", "check_example_inputs", "eval_mode", "output_tensors", "plain_float", "without_cache"]
+__all__ = [
+    "call_model",
+    "check_example_inputs",
+    "eval_mode",
+    "has_float_tensor",
+    "jittered",
+    "output_tensors",
+    "plain_float",
+    "without_cache",
+]
 
 
 @contextlib.contextmanager
@@ -103,3 +113,39 @@ def output_tensors(out: Any) -> list[Tensor]:
         elif isinstance(item, (tuple, list)):
             stack.extend(item)
     return flat
+
+
+def jittered(inputs: Any, seed: int = 0) -> Any:
+    """``inputs`` with random noise of each floating-point tensor's spread added (a standard normal where the tensor
+    is constant, e.g. an all-zero ``example_input_array``); other values as they are, the structure the same.
+
+    Two models compared on the example inputs alone can agree only because zeros hide a difference (a network
+    without biases maps zeros to zeros). The noise comes from its own generator: the global random state is not
+    touched."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def one(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            spread = float(value.detach().float().std()) if value.numel() > 1 else 0.0
+            if not math.isfinite(spread) or spread == 0.0:
+                spread = 1.0
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * spread
+            return value.detach() + noise.to(device=value.device, dtype=value.dtype)
+        if isinstance(value, dict):
+            return {k: one(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(one(v) for v in value)
+        return value
+
+    return one(inputs)
+
+
+def has_float_tensor(inputs: Any) -> bool:
+    """Whether ``inputs`` (a tensor, or nested tuples, lists and dicts) holds a floating-point tensor."""
+    if isinstance(inputs, Tensor):
+        return inputs.is_floating_point()
+    if isinstance(inputs, dict):
+        return any(has_float_tensor(v) for v in inputs.values())
+    if isinstance(inputs, (tuple, list)):
+        return any(has_float_tensor(v) for v in inputs)
+    return False

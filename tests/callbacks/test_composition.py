@@ -266,6 +266,30 @@ def test_a_rollback_under_quantization_returns_the_quantizers_too_and_checkpoint
         )  # the first event's copy is of the float model: quantization switches on before it is judged
 
 
+def test_a_rollback_while_quantizers_only_observe_is_exact_and_checkpoints_score_what_they_hold(tmp_path):
+    """In QAT's calibration epoch the observers run and fake quantization is off: the model computes as the float
+    one the guard copied, so the rollback is exact (a trial: it was called inexact, and the checkpoint recorded the
+    rejected model's score, 0.4778, for a model that re-validates to 0.6963)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.callbacks.test_pruning import ScoredBySparsity
+
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=3, monitor="val_score", max_drop=1e-4)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, filename="{epoch}")
+    qat = QuantizationAwareTraining(8, 8, start_epoch=2)  # observing through epoch 2, quantizing after it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=3, callbacks=[pruning, qat, ckpt], enable_checkpointing=True).fit(ScoredBySparsity())
+    assert "rollback" in [d.action for d in pruning.decisions]
+    assert not [w for w in caught if "no validation scored" in str(w.message)]
+    for path, recorded in ckpt.best_k_models.items():
+        rescored = trainer(callbacks=[QuantizationAwareTraining(8, 8)]).validate(
+            ScoredBySparsity(), ckpt_path=path, verbose=False
+        )[0]["val_loss"]
+        assert rescored == pytest.approx(float(recorded), rel=1e-6), path
+
+
 class CrashAtEpochEnd(Callback):
     """Dies at the end of `epoch`, before the callbacks after it: as a kill right after the checkpoint saved on
     that epoch's last batch (`ModelCheckpoint(every_n_train_steps=...)` dividing the epoch)."""

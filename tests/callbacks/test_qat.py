@@ -203,6 +203,42 @@ def test_shift_search_chooses_and_logs_shifts(tmp_path):
     assert errors and all(0 <= e < 0.01 for e in errors)
 
 
+def test_shift_search_under_bf16_mixed_precision():
+    """Inputs captured under autocast are bfloat16 while the layer's weights are float32: the search failed at the
+    end of `start_epoch` with a dtype mismatch (found by a trial)."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=0)
+    trainer(max_epochs=2, callbacks=[qat], precision="bf16-mixed").fit(model)
+    assert set(qat.shifts) == {"net.0", "net.2", "net.4"}
+    assert all(q.fake_quant_enabled for _, q in quantizers(model))
+
+
+class TrainingOnlyHead(TinyModule):
+    """`aux` is called in training only (an auxiliary classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(32, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        hidden = self.net[:4](x)
+        loss = nn.functional.cross_entropy(self.net[4](hidden), y) + nn.functional.cross_entropy(self.aux(hidden), y)
+        return loss
+
+
+def test_shift_search_keeps_the_observed_shift_of_a_layer_validation_never_calls():
+    """It failed after `start_epoch` had trained, saying no validation batch ran (found by a trial)."""
+    pl.seed_everything(0, verbose=False)
+    model = TrainingOnlyHead()
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=0)
+    with pytest.warns(UserWarning, match=r"validation never calls \['aux'\].*ranges observed in training"):
+        trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert set(qat.shifts) == {"net.0", "net.2", "net.4"}
+    assert model.aux.weight_fake_quant.fake_quant_enabled and model.aux.weight_fake_quant.has_range
+
+
 @pytest.mark.parametrize("scale", ["minmax", "learned"])
 def test_a_model_left_in_eval_mode_still_calibrates(tiny, scale):
     """A model fit after `model.eval()` (Lightning keeps modules' modes): the quantizers never observed, inputs were

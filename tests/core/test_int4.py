@@ -317,7 +317,7 @@ def test_compact_keeps_scattered_zero_channels_of_a_group_quantized_consumer():
 
 
 def test_resize_module_refuses_to_split_a_quantization_group():
-    from lightning_compress.core.compact import resize_module
+    from lightning_compress.core.resize import resize_module
 
     model = quantized()
     keep = torch.tensor([i for i in range(128) if i != 5])

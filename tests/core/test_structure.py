@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_compress import CompactionError, compact, prune_
 from lightning_compress.core.channels import ChannelRule
-from lightning_compress.core.compact import removable_groups
+from lightning_compress.core.group_check import removable_groups
 from lightning_compress.core.importance import (
     BatchNormScaleImportance,
     MagnitudeImportance,
@@ -203,13 +203,31 @@ def test_non_finite_scores_raise():
         Pruner(rule).prune_to(0.5)
 
 
-def test_compact_refuses_when_outputs_would_change_and_leaves_the_model_alone():
-    model = ChannelSoftmax()
+def _zero_fc1_half(model: nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         model.fc1.weight[:8] = 0
         model.fc1.bias[:8] = 0
         model.fc2.weight[:, :8] = 0
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_compact_keeps_zero_channels_a_softmax_mixes_and_says_why():
+    model = ChannelSoftmax()
+    state = _zero_fc1_half(model)
+    with pytest.warns(UserWarning, match=r"keeps these zero channels: fc1: 8 \(zeroing its channels is not the same"):
+        report = compact(model, torch.randn(4, 16))
+    assert report.channels == {}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.fc1.out_features == 32
+
+
+def test_compact_refuses_when_outputs_would_change_and_leaves_the_model_alone(monkeypatch):
+    # the last line of defence: a group the trials let through (here: no trial at all) whose removal changes outputs
+    import lightning_compress.core.compact as compact_module
+
+    monkeypatch.setattr(compact_module, "faithful_groups", lambda model, inputs, groups: (groups, {}))
+    model = ChannelSoftmax()
+    state = _zero_fc1_half(model)
     with pytest.raises(CompactionError, match="model is unchanged"):
         compact(model, torch.randn(4, 16))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

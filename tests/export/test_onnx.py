@@ -311,3 +311,38 @@ def test_weight_only_layers_on_sequences_match_with_float_activations_in_onnxrun
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"input_0": x.numpy()})[0] - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_biases_of_all_zero_output_channels_survive_onnxruntimes_int8_kernels(tmp_path, scale, conv):
+    # a pruned channel's weight scale sits at the float32 floor (per-channel minmax; a per-layer power of two when
+    # the whole layer is pruned); onnxruntime's QGemm / QLinearConv put the bias on weight scale x input scale
+    # and dropped it
+    from lightning_compress import calibrate, enable_fake_quant
+
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(
+            nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)
+        )
+        x = torch.randn(16, 2, 8, 8)
+    else:
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        x = torch.randn(16, 8)
+    model(x)  # materializes the lazy layer
+    rows = 4 if scale == "minmax" else model[2].weight.shape[0]  # power of two: one scale, the whole layer pruned
+    with torch.no_grad():
+        model[2].weight[:rows] = 0  # pruned output channels whose biases stay
+        model[2].bias[:4] = torch.tensor([0.6, -0.4, 0.5, 0.3])
+    convert_to_qat(model, QuantConfig(8, 8, scale=scale))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, tmp_path / "m.onnx", x[:1])
+    got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})  # onnxruntime's default optimizations
+    with torch.no_grad():
+        want = model(x).numpy()
+        model[2].bias[:4] = 0
+        without = model(x).numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(without - want).max()

@@ -1,0 +1,289 @@
+"""Which channel groups can really be removed: trial forwards with some of their channels gone.
+
+The dependency graph maps channels through the operations it knows and reads any other operation as element-wise.
+Two checks catch what it gets wrong, on trial copies, before a mask is computed or a layer cut:
+
+* :func:`removable_groups`, shapes: the model must still run, with its outputs' shapes, when half of a group's
+  channels are removed (a residual addition with the model's input, a reshape into heads).
+* :func:`faithful_groups`, values: zeroing channels (every slice of them: rows, biases, BatchNorm entries and the
+  columns of the layers that read them) must give the outputs that removing them gives, on the example inputs and
+  on noisy ones. An operation that moves or mixes channels without parameters (``flip``, ``roll``, a pixel shuffle,
+  a softmax over channels) breaks this: masks that do not line up with the data, which ``compact`` could not undo.
+  The smaller model must also run in training mode where the model does (a layer only training calls, such as an
+  auxiliary head, reads the channels too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .resize import apply_plan, plan
+from .skeleton import deep_copy, meta_copy
+from .structure import ChannelGroup, param_slices
+from .tracing import call_model, eval_mode, has_float_tensor, jittered, output_tensors, plain_float
+
+__all__ = ["faithful_groups", "output_change", "removable_groups"]
+
+MIXED = (
+    "zeroing its channels is not the same as removing them: an operation between its layers moves or mixes "
+    "channels (e.g. flip, roll, a pixel shuffle, a softmax or a mean over channels) and the dependency graph "
+    "reads it as element-wise"
+)
+TRAINING_ONLY = (
+    "without its channels the model no longer runs in training mode: a layer only training calls (e.g. an "
+    "auxiliary head) reads them, and the eval-mode trace does not see it"
+)
+
+
+def _to_meta(inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return torch.empty_like(inputs, device="meta")
+    if isinstance(inputs, dict):
+        return {k: _to_meta(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to_meta(v) for v in inputs)
+    return inputs
+
+
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in output_tensors(out)]
+
+
+def removable_groups(
+    model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """Keep the groups whose channels can really be removed: one forward with half of the group's channels
+    removed, at scattered positions (:func:`_probe`).
+
+    Catches what a dependency graph cannot see: a residual addition with the model's own input, or
+    attention that reshapes projections into heads (removing one Q/K/V row breaks the reshape). The
+    forwards run on a meta-device copy (shapes only, no data); a model whose forward needs data
+    (e.g. ``.item()`` in a ``transformers`` mask builder) is checked on the real model instead, with
+    copies of only the layers a group touches swapped in and the originals put back.
+    """
+    meta = meta_copy(model)
+    with plain_float(meta):  # shapes only: the float data flow (the copy is thrown away)
+        try:
+            with torch.no_grad():
+                shapes = _shapes(call_model(meta, _to_meta(example_inputs)))
+        except Exception:  # data-dependent code: check on the real model
+            shapes = None
+        if shapes is not None:
+            return _removable(meta, _to_meta(example_inputs), groups, shapes, in_place=False)
+    with plain_float(model), torch.no_grad():
+        shapes = _shapes(call_model(model, example_inputs))
+        return _removable(model, example_inputs, groups, shapes, in_place=True)
+
+
+def _removable(
+    model: nn.Module, inputs: Any, groups: list[ChannelGroup], shapes: list[tuple[int, ...]], in_place: bool
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    ok: list[ChannelGroup] = []
+    rejected: dict[str, str] = {}
+    for i, group in enumerate(groups):
+        dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+        dead[i][_probe(group.size)] = True
+        with _trial(model, group, in_place) as trial:
+            apply_plan(trial, plan(trial, groups, dead), shapes_only=True)  # the forward runs with quantizers off
+            try:
+                with torch.no_grad():
+                    trial_shapes = _shapes(call_model(trial, inputs))
+            except Exception:  # any failure: these channels cannot go
+                rejected[group.name] = "its channels also feed an operation the dependency graph does not see"
+                continue
+        if trial_shapes != shapes:
+            rejected[group.name] = "its channels reach one of the model's outputs"
+        else:
+            ok.append(group)
+    return ok, rejected
+
+
+def _probe(size: int) -> Tensor:
+    """The channels a removability trial removes: half of them (one of one), at scattered positions, so that a
+    dependency the graph maps wrongly (a stride or a slice read as a channel map) shows as a count that differs;
+    a fixed pattern such as every other channel can line up with a stride and pass."""
+    generator = torch.Generator().manual_seed(size)
+    return torch.randperm(size, generator=generator)[: max(1, size // 2)]
+
+
+@contextlib.contextmanager
+def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn.Module]:
+    """A model to remove ``group``'s channels from: a whole copy, or ``model`` with copies of the group's layers."""
+    if not in_place:
+        yield deep_copy(model)
+        return
+    names = group.modules()
+    if group.attention is not None:  # its counts change too; a copy of it holds copies of its own projections
+        inside = f"{group.attention.module}."
+        names = [group.attention.module, *(n for n in names if not n.startswith(inside))]
+    originals = {name: model.get_submodule(name) for name in names}
+    try:
+        for name, module in originals.items():
+            _swap(model, name, deep_copy(module))
+        yield model
+    finally:
+        for name, module in originals.items():
+            _swap(model, name, module)
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def output_change(before: list[Tensor], after: list[Tensor]) -> tuple[float, float]:
+    """The largest ``|after - before|`` over the outputs' finite entries, and the largest such change relative to its
+    output's largest ``|before|``; both ``inf`` where the outputs differ in number or shape, or in which entries are
+    finite."""
+    if len(before) != len(after):
+        return math.inf, math.inf
+    largest, worst = 0.0, 0.0
+    for a, b in zip(before, after, strict=True):
+        if a.shape != b.shape:
+            return math.inf, math.inf
+        finite = torch.isfinite(a)
+        if not torch.equal(finite, torch.isfinite(b)):
+            return math.inf, math.inf
+        if not bool(finite.any()):
+            continue
+        diff = float((a[finite] - b[finite]).abs().max())
+        scale = float(a[finite].abs().max())
+        largest = max(largest, diff)
+        if diff > 0.0:
+            worst = max(worst, diff / scale if scale > 0.0 else math.inf)
+    return largest, worst
+
+
+def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
+    with torch.no_grad():
+        return [t.detach().float() for t in output_tensors(call_model(model, inputs))]
+
+
+def _float32(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, dict):
+        return {k: _float32(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float32(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def _own_random_state(model: nn.Module) -> Iterator[None]:
+    """Dropout in a training-mode trial draws from the global generators: they are put back afterwards."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _runs_in_training(model: nn.Module, inputs: Any) -> bool:
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        with torch.no_grad(), _own_random_state(model):
+            call_model(model, inputs)
+        return True
+    except Exception:
+        return False
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def _zero(model: nn.Module, group: ChannelGroup, dead: Tensor) -> None:
+    """Zero every parameter slice of ``group``'s ``dead`` channels."""
+    modules = dict(model.named_modules())
+    for s in group.slices:
+        module = modules[s.module]
+        positions = s.index[dead[s.channel]]
+        for attr, dim in param_slices(module, s.kind):
+            getattr(module, attr).data.index_fill_(dim, positions.to(getattr(module, attr).device), 0)
+
+
+def faithful_groups(
+    model: nn.Module, example_inputs: Any, groups: list[ChannelGroup], rtol: float = 1e-4
+) -> tuple[list[ChannelGroup], dict[str, str]]:
+    """Keep the groups whose channels, zeroed, give the outputs that removing them gives (see the module's doc).
+
+    Half of every group's channels (:func:`_probe`) are zeroed on a float32 copy, then removed; the outputs are
+    compared on ``example_inputs`` and on :func:`~.tracing.jittered` ones. Where they differ, halves of the groups
+    are tried until each group at fault is found, so a model whose groups all hold costs one trial. ``model`` is not
+    changed, nor the global random state. A model that does not run on the copy (e.g. code that needs its own
+    dtype) is not checked: its groups are returned as they are.
+    """
+    if not groups:
+        return [], {}
+    try:
+        base = deep_copy(model).float()
+    except Exception:
+        return list(groups), {}
+    inputs = [_float32(example_inputs)]
+    if has_float_tensor(example_inputs):
+        inputs.append(jittered(inputs[0]))
+    with plain_float(base):  # quantizers off; eval mode inside the trials
+        try:
+            _outputs(base, inputs[0])
+        except Exception:
+            return list(groups), {}
+        in_training = _runs_in_training(base, inputs[0])
+        verdict = _verdicts(
+            lambda subset: _zeroed_vs_removed(base, groups, subset, inputs, in_training, rtol), len(groups)
+        )
+    kept = [g for i, g in enumerate(groups) if i not in verdict]
+    return kept, {groups[i].name: why for i, why in verdict.items()}
+
+
+def _zeroed_vs_removed(
+    base: nn.Module, groups: list[ChannelGroup], subset: list[int], inputs: list[Any], in_training: bool, rtol: float
+) -> str | None:
+    """Why removing the probe channels of the groups in ``subset`` is not zeroing them; ``None`` if it is."""
+    trial = deep_copy(base)
+    dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
+    for i in subset:
+        dead[i][_probe(groups[i].size)] = True
+    with torch.no_grad(), eval_mode(trial):
+        for i in subset:
+            _zero(trial, groups[i], dead[i])
+        before = [_outputs(trial, x) for x in inputs]
+        try:
+            apply_plan(trial, plan(trial, groups, dead), shapes_only=True)  # quantizers are off
+            after = [_outputs(trial, x) for x in inputs]
+        except Exception:
+            return "removing its channels breaks the forward"
+    if any(output_change(b, a)[1] > rtol for b, a in zip(before, after, strict=True)):
+        return MIXED
+    if in_training and not _runs_in_training(trial, inputs[0]):
+        return TRAINING_ONLY
+    return None
+
+
+def _verdicts(trial: Callable[[list[int]], str | None], count: int) -> dict[int, str]:
+    """Which of ``count`` groups fail ``trial``, and why: all together first, then halves of a failing set."""
+    found: dict[int, str] = {}
+
+    def search(subset: list[int], why: str) -> None:
+        if len(subset) == 1:
+            found[subset[0]] = why
+            return
+        half = len(subset) // 2
+        for part in (subset[:half], subset[half:]):
+            reason = trial(part)
+            if reason is not None:
+                search(part, reason)
+
+    everything = list(range(count))
+    why = trial(everything)
+    if why is None:
+        return found
+    search(everything, why)
+    rest = [i for i in everything if i not in found]
+    if rest and (why := trial(rest)) is not None:  # groups that fail only together: none of them is removed
+        found.update({i: f"{why} (with other groups removed at once)" for i in rest})
+    return found

@@ -1,0 +1,256 @@
+"""Channel groups the dependency graph gets wrong are left whole, with the reason, before any mask is computed:
+operations that move channels without parameters, layers only training calls, parametrized and tied weights,
+weights used through functional calls. And ``compact`` judges its output change relatively, on noisy inputs too."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from lightning_compress import CompactionError, compact, prune_
+from lightning_compress.core.group_check import MIXED, TRAINING_ONLY, faithful_groups, output_change
+from lightning_compress.core.structure import build_channel_groups
+from lightning_compress.core.tracing import jittered
+
+
+class Flip(nn.Module):
+    """``flip`` reverses the channel order between ``a`` and ``b``: the graph reads it as element-wise."""
+
+    def __init__(self, head_scale: float = 1.0) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.head.weight.mul_(head_scale)
+            self.head.bias.mul_(head_scale)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(x)).flip(1))).mean((2, 3)))
+
+
+class PixelShuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = F.relu(self.b(F.pixel_shuffle(F.relu(self.a(x)), 2)))
+        return self.head(F.relu(self.c(y)).mean((2, 3)))
+
+
+class AuxHead(nn.Module):
+    """``aux`` reads ``a``'s channels in training mode only (GoogLeNet's auxiliary classifier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+        self.aux = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        out = self.head(F.relu(self.b(y)).mean((2, 3)))
+        return out + 0.3 * self.aux(y.mean((2, 3))) if self.training else out
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = F.relu(self.c(F.relu(self.b(F.relu(self.a(x))))))
+        return self.head(F.relu(self.d(y)).mean((2, 3)))
+
+
+class Tied(Chain):
+    """``c`` holds ``b``'s weight: one tensor, two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c.weight = self.b.weight
+
+
+class Functional(nn.Module):
+    """``w``'s weight is used through ``einsum``; the graph never sees ``w`` called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 16)
+        self.w = nn.Linear(16, 12)
+        self.b = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.einsum("bi,oi->bo", F.relu(self.a(x)), self.w.weight) + self.w.bias
+        return self.head(F.relu(self.b(F.relu(y))))
+
+
+def _groups(model: nn.Module, x: torch.Tensor) -> tuple[list, dict[str, str]]:
+    groups, _ = build_channel_groups(model, x)
+    return faithful_groups(model, x, groups)
+
+
+def test_a_flip_between_layers_leaves_their_group_whole_even_on_all_zero_example_inputs():
+    torch.manual_seed(0)
+    model = Flip().eval()
+    zeros = torch.zeros(1, 1, 8, 8)  # a LightningModule's example_input_array: no bias, so all zeros inside
+    kept, left = _groups(model, zeros)
+    assert left == {"a": MIXED}
+    assert [g.name for g in kept] == ["b"]
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=zeros)
+    assert "a.weight" not in masks and not (model.a.weight == 0).any()  # the group it cannot follow is not masked
+    pruned = copy.deepcopy(model)
+    compact(model, zeros)
+    assert model.b.out_channels == 8 and model.a.out_channels == 16
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        change = output_change([pruned(x)], [model(x)])[1]
+    assert change < 1e-5
+
+
+def test_a_pixel_shuffle_leaves_the_group_whole_instead_of_failing():
+    torch.manual_seed(0)
+    model = PixelShuffle()
+    x = torch.randn(2, 3, 8, 8)
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=x)  # was an IndexError inside the pruner
+    assert "a.weight" not in masks and not (model.a.weight == 0).any()
+    assert not masks["c.weight"].all()
+    report = compact(model, x)
+    assert model.a.out_channels == 16 and report.channels["c"] == (6, 3)
+
+
+def test_a_layer_only_training_calls_leaves_the_group_it_reads_whole():
+    torch.manual_seed(0)
+    model = AuxHead()
+    x = torch.randn(2, 1, 8, 8)
+    kept, left = _groups(model, x)
+    assert left == {"a": TRAINING_ONLY}
+    assert [g.name for g in kept] == ["b"]
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    compact(model, x)
+    model.train()
+    model(x).sum().backward()  # the compacted model still trains (was: a shape error in `aux`)
+    assert model.a.out_channels == model.aux.in_features == 16
+
+
+def test_the_check_leaves_the_model_and_the_global_random_state_alone():
+    torch.manual_seed(0)
+    model = AuxHead()
+    with torch.no_grad():
+        model.a.weight.mul_(3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    training = model.training
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _groups(model, torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.training == training
+
+
+def test_a_parametrized_consumer_leaves_its_group_whole_with_the_reason():
+    model = Chain()
+    weight_norm(model.b)
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match="computed by a parametrization"):  # selection leaves `b` out
+        masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert not any(name.startswith(("a.", "b.")) for name in masks)
+    assert not (model.a.weight == 0).any()  # zeroing a's channels would have masked nothing in b
+    assert not masks["d.weight"].all()
+    _, left = build_channel_groups(model, x)
+    assert "parametrization" in left["a"]
+
+
+def test_tied_layers_leave_their_groups_whole_and_stay_tied():
+    model = Tied()
+    x = torch.randn(2, 1, 8, 8)
+    _, left = build_channel_groups(model, x)
+    assert "shares a parameter with c (tied weights)" in left["b"]
+    assert "tied weights" in left["a"]
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert not (model.b.weight == 0).any() and not (model.a.weight == 0).any()
+    assert not masks["d.weight"].all()
+    compact(model, x)
+    assert model.b.weight is model.c.weight and model.d.out_channels == 4
+
+
+def test_layers_the_graph_cannot_follow_are_named_with_a_reason(caplog):
+    model = Functional()
+    x = torch.randn(4, 10)
+    with caplog.at_level(logging.INFO, logger="lightning_compress"):
+        masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert not masks["b.weight"].all()
+    assert "w (the traced forward never calls it as a module" in caplog.text
+    assert "a (its outputs go into a product with another activation" in caplog.text
+
+
+def _zero_as_the_graph_maps_it(model: Flip) -> None:
+    """Half of ``a``'s channels zeroed, and the same columns of ``b``: where the flip does not send them."""
+    with torch.no_grad():
+        model.a.weight[:8] = 0
+        model.b.weight[:, :8] = 0
+
+
+def test_compact_judges_the_output_change_relative_to_small_outputs(monkeypatch):
+    # outputs around 1e-6: an absolute tolerance of 1e-4 let a wrong compaction through
+    import lightning_compress.core.compact as compact_module
+
+    monkeypatch.setattr(compact_module, "faithful_groups", lambda model, inputs, groups: (groups, {}))
+    torch.manual_seed(0)
+    model = Flip(head_scale=1e-6)
+    _zero_as_the_graph_maps_it(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CompactionError, match="of their largest value"):
+        compact(model, torch.randn(4, 1, 8, 8))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_compact_also_checks_noisy_inputs_when_the_example_is_all_zeros(monkeypatch):
+    import lightning_compress.core.compact as compact_module
+
+    monkeypatch.setattr(compact_module, "faithful_groups", lambda model, inputs, groups: (groups, {}))
+    torch.manual_seed(0)
+    model = Flip()
+    _zero_as_the_graph_maps_it(model)
+    with pytest.raises(CompactionError, match="would change the outputs"):
+        compact(model, torch.zeros(1, 1, 8, 8))  # zeros map to zeros: only the noisy copy shows the change
+
+
+def test_jittered_inputs_keep_structure_dtype_and_non_float_values():
+    ids = torch.tensor([[1, 2, 3]])
+    inputs = {"x": torch.zeros(2, 3, dtype=torch.float64), "ids": ids, "pair": (torch.ones(4), 7)}
+    noisy = jittered(inputs)
+    assert noisy["ids"] is ids and noisy["pair"][1] == 7
+    assert noisy["x"].dtype == torch.float64 and noisy["x"].shape == (2, 3)
+    assert not torch.equal(noisy["x"], inputs["x"]) and not torch.equal(noisy["pair"][0], inputs["pair"][0])
+    assert torch.equal(jittered(inputs)["x"], noisy["x"])  # its own fixed generator
+
+
+def test_channel_masks_from_prune_go_back_in_as_masks():
+    # they hold the biases (and BatchNorm entries) channels cut: `masks=` refused them as "not a selected weight"
+    torch.manual_seed(0)
+    model = Chain()
+    x = torch.randn(2, 1, 8, 8)
+    first = prune_(model, 0.25, granularity="channel", example_inputs=x)
+    assert "a.bias" in first
+    second = prune_(model, 0.5, granularity="channel", example_inputs=x, masks=first)
+    assert all(bool((second[k] <= first[k]).all()) for k in first)  # what was pruned stays pruned
+    with pytest.raises(ValueError, match=r"'head\.bias', which is not a selected weight"):
+        prune_(model, 0.5, granularity="channel", example_inputs=x, masks={"head.bias": torch.ones(10)})
