@@ -110,7 +110,10 @@ class CompressionMonitor(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         size = estimate_size(pl_module)
-        final = self.history[-1].get("value") if self.history else None
+        # the value of the last validation that scored the model fit returns: after a guard's rollback the last one
+        # scored the rejected model (the Trainer's metrics then still hold its values)
+        same = [p for p in self.history if (p["sparsity"], p["effective_bits"]) == (size.sparsity, size.effective_bits)]
+        final = (same or self.history or [{}])[-1].get("value")
         if self.monitor is not None and not self.history:
             rank_zero_warn(
                 f"CompressionMonitor: no validation ran during the fit, so `monitor`={self.monitor!r} was never read "

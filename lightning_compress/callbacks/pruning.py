@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..core.config import PruningConfig
-from ..core.controller import GuardDecision, monitor_mode
+from ..core.controller import GuardDecision, is_rate, monitor_mode
 from ..core.functional import warn_if_min_density_idle
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
@@ -192,7 +192,7 @@ class IterativePruning(Callback):
         mode = monitor_mode(monitor, mode)
         if monitor is not None and inferred:
             rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
-        if monitor is not None and mode == "min" and max_drop is None:
+        if monitor is not None and mode == "min" and max_drop is None and not is_rate(monitor):
             warnings.warn(
                 f"IterativePruning: the guard lets `monitor`={monitor!r} rise by at most `max_drop`=0.01, the default "
                 "chosen for accuracies in [0, 1]; a loss is in units of its own, and one that drifts up by more (a "
@@ -356,6 +356,11 @@ class IterativePruning(Callback):
         whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
         if whole and guard is not None and guard.baseline is None and self._finite_baseline(value):
             self.pruner.observe(value)
+            rank_zero_info(
+                f"IterativePruning: {self.monitor}={value:.4f} in the sanity check, which ran the whole validation "
+                "set -> baseline (a validation before the first event replaces it; without one, drops are measured "
+                "from the model before training)"
+            )
 
     def _finite_baseline(self, value: float) -> bool:
         """Whether ``value`` can be fed to the guard: a NaN or infinite value before the first event is no

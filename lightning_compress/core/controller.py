@@ -17,18 +17,84 @@ from typing import Any
 
 from .checks import check_choice
 
-__all__ = ["AccuracyGuard", "GuardDecision", "monitor_mode"]
+__all__ = ["AccuracyGuard", "GuardDecision", "is_rate", "lower_is_better", "monitor_mode"]
 
-_LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|error|mse|mae", re.IGNORECASE)
+# words of a metric's name (split at anything but letters and digits) that say lower is better
+_LOWER_WORDS = frozenset(
+    [
+        "loss",
+        "losses",
+        "nll",
+        "kl",
+        "kld",
+        "divergence",
+        "perplexity",
+        "ppl",
+        "error",
+        "errors",
+        "err",
+        "mse",
+        "rmse",
+        "mae",
+        "msle",
+        "rmsle",
+        "mape",
+        "smape",
+        "wer",
+        "cer",
+        "ter",
+        "bpd",
+        "bpc",
+        "l1",
+        "l2",
+        "fid",
+        "kid",
+        "regret",
+        "cost",
+        "distance",
+        "dist",
+        "recon",
+        "reconstruction",
+        "xent",
+        "bce",
+        "hamming",
+    ]
+)
+_RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
+_SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
+_HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
+_NEGATED = frozenset(["neg", "negative"])  # scikit-learn's neg_mean_squared_error: higher is better
+
+
+def _words(monitor: str) -> list[str]:
+    return [w for w in re.split(r"[^a-z0-9]+", monitor.lower()) if w]
+
+
+def lower_is_better(monitor: str) -> bool:
+    """Whether the metric's name says lower is better: a word such as ``loss``, ``nll``, ``kl``, ``perplexity``,
+    ``error``, ``mse``, ``mae``, ``mape``, ``wer``, ``bpd``, ``fid``, ``cost`` (``val/nll``, ``valid_error``,
+    ``val_celoss``), unless a word says the opposite (``error_reduction``, ``mse_skill``); ``neg_`` flips the
+    reading (``neg_mse``: higher is better; ``neg_elbo``: lower)."""
+    words = _words(monitor)
+    lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in "_".join(words)
+    lower = lower and not any(w in _HIGHER_WORDS for w in words)
+    return lower != any(w in _NEGATED for w in words)
+
+
+def is_rate(monitor: str) -> bool:
+    """Whether the name reads as a rate of mistakes in [0, 1] (``val_error``, ``val_wer``), on an accuracy's scale."""
+    return any(w in _RATE_WORDS for w in _words(monitor)) and not any(
+        w in _LOWER_WORDS - _RATE_WORDS for w in _words(monitor)
+    )
 
 
 def monitor_mode(monitor: str | None, mode: str | None) -> str:
     """``mode`` for the metric named ``monitor``: as given, or (``None``) ``"min"`` for a name that says it is
-    lower-is-better (``val_loss``, ``val_ppl``, ``val_error``, ...) and ``"max"`` otherwise. An explicit ``"max"``
-    for such a name warns: the guard would read every rise of the loss as an improvement."""
+    lower-is-better (:func:`lower_is_better`: ``val_loss``, ``val_nll``, ``val_wer``, ...) and ``"max"`` otherwise.
+    An explicit ``"max"`` for such a name warns: the guard would read every rise of the loss as an improvement."""
     if mode is not None:
         check_choice(mode, "mode", ("max", "min"))
-        if mode == "max" and monitor is not None and _LOWER_IS_BETTER.search(monitor):
+        if mode == "max" and monitor is not None and lower_is_better(monitor):
             warnings.warn(
                 f"`monitor`={monitor!r} reads as lower-is-better, but `mode`='max' treats a higher value as better: "
                 "the accuracy guard would accept every rise of it. Pass mode='min' (or leave `mode` unset to infer "
@@ -37,7 +103,7 @@ def monitor_mode(monitor: str | None, mode: str | None) -> str:
                 stacklevel=3,
             )
         return mode
-    return "min" if monitor is not None and _LOWER_IS_BETTER.search(monitor) else "max"
+    return "min" if monitor is not None and lower_is_better(monitor) else "max"
 
 
 @dataclass(frozen=True)

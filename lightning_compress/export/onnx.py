@@ -195,7 +195,8 @@ def export_onnx(
         example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors; the
             first dimension of each is the batch.
         input_names: names of the graph inputs (default ``input_0, ...`` or the dict keys).
-        output_names: names of the graph outputs (default ``output_0, ...``).
+        output_names: names of the graph outputs (default ``output_0, ...``), one per tensor of what ``forward``
+            returns, tuples, lists and dicts flattened in order.
         opset: ONNX opset (13 or newer for per-channel quantization).
         dynamic_axes: more dynamic dimensions per input or output name, on top of the batch (dimension 0),
             e.g. ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}, "output_0": {1: "sequence"}}``.
@@ -272,7 +273,7 @@ def export_onnx(
         # the activation scales are read as Python numbers on purpose: they are the graph's constants
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
         outputs = model(**args[0]) if keyword else model(*args)
-        n_out = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+        n_out = len(_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         _check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(path.name + ".traced")

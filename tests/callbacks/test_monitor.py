@@ -196,3 +196,21 @@ def test_the_monitor_counts_the_recurrent_and_attention_matrices_pruning_prunes(
     assert monitor.summary["sparsity"] > 0.85 and monitor.summary["compression_ratio"] > 3
     assert monitor.summary["baseline"] == monitor.history[0]["value"]  # before the first event: dense
     assert monitor.history[0]["sparsity"] == 0.0 and monitor.history[-1]["sparsity"] > 0.85
+
+
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_the_summary_gives_the_score_of_the_model_fit_returns_after_a_rollback(monitor_first):
+    """A trial: the guard rolled the last event back, and the summary gave the rejected model's score (0.8417)
+    beside the size of the model fit returned (0% sparse, score 1.0)."""
+    from lightning_compress import IterativePruning
+    from tests.callbacks.test_pruning import ScoredBySparsity
+
+    pl.seed_everything(0, verbose=False)
+    model = ScoredBySparsity()
+    pruning = IterativePruning(0.5, start_epoch=1, end_epoch=3, monitor="val_score", max_drop=1e-4, every_n_epochs=1)
+    monitor = CompressionMonitor(monitor="val_score")
+    callbacks = [monitor, pruning] if monitor_first else [pruning, monitor]
+    trainer(max_epochs=4, callbacks=callbacks).fit(model)
+    assert [d.action for d in pruning.decisions][-1] in ("rollback", "stop")
+    assert monitor.summary["sparsity"] == 0.0
+    assert monitor.summary["final"] == pytest.approx(1.0) == monitor.summary["baseline"]

@@ -404,6 +404,36 @@ def test_an_explicit_max_mode_for_a_loss_warns():
     assert monitor_mode(None, None) == "max" and monitor_mode("val_loss", "min") == "min"
 
 
+@pytest.mark.parametrize(
+    "names, mode",
+    [
+        (
+            "val_loss val/mse valid_error val_nll val/kl val_wer val_cer val_mape val_rmsle val_bpd val_bits_per_dim "
+            "val_l1 val_recon val_neg_elbo val_fid val_cost val_celoss val_ppl",
+            "min",
+        ),
+        (
+            "val_acc val_r2 score val_elbo val_error_reduction val_lossless_ratio val_mse_skill neg_mean_squared_error",
+            "max",
+        ),
+    ],
+)
+def test_the_guard_reads_the_direction_from_the_metrics_name(names, mode):
+    # a trial: val_nll, val_kl, val_wer, val_mape, val_recon ... were read as higher-is-better, and the guard rolled
+    # every improvement back
+    assert {name: monitor_mode(name, None) for name in names.split()} == {name: mode for name in names.split()}
+
+
+def test_an_error_rate_monitor_with_the_default_max_drop_does_not_warn():
+    # an error rate is in [0, 1], the scale the default was chosen for; a loss is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IterativePruning(0.9, monitor="val_error")
+        IterativePruning(0.9, monitor="val/wer")
+    with pytest.warns(UserWarning, match="a loss is in units of its own"):
+        IterativePruning(0.9, monitor="val_nll")
+
+
 def test_rollback_revives_the_pruned_weights():
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity(lr=0.0)  # no training: the weights only change by pruning
@@ -609,9 +639,11 @@ def test_fit_never_returns_a_model_no_validation_judged(tmp_path, pruning_args, 
 
 
 @pytest.mark.parametrize("sanity_batches", [1, -1])
-def test_only_a_sanity_check_over_the_whole_validation_gives_the_baseline(sanity_batches):
+def test_only_a_sanity_check_over_the_whole_validation_gives_the_baseline(sanity_batches, caplog):
     """A sanity check over part of the validation data (2 batches by default) is not comparable with a whole
-    validation: it neither sets the baseline nor judges an event; the first event waits for a validation."""
+    validation: it neither sets the baseline nor judges an event; the first event waits for a validation. A
+    whole one gives the baseline and says so (it was the one decision not logged: a trial)."""
+    import logging
 
     class Values(Callback):
         def __init__(self):
@@ -623,7 +655,11 @@ def test_only_a_sanity_check_over_the_whole_validation_gives_the_baseline(sanity
     pl.seed_everything(0, verbose=False)
     values = Values()
     pruning = IterativePruning(0.5, start_epoch=0, end_epoch=3, monitor="val_acc", max_drop=0.5, every_n_steps=2)
-    trainer(max_epochs=3, callbacks=[pruning, values], num_sanity_val_steps=sanity_batches).fit(TinyModule())
+    with caplog.at_level(logging.INFO):
+        trainer(max_epochs=3, callbacks=[pruning, values], num_sanity_val_steps=sanity_batches).fit(TinyModule())
+    assert ("in the sanity check, which ran the whole validation set -> baseline" in caplog.text) == (
+        sanity_batches == -1
+    )
     sanity, first = values.values[0], values.values[1]
     assert sanity[0] and not first[0] and sanity[1] != first[1]
     assert pruning.decisions[0].action == "baseline"

@@ -346,3 +346,32 @@ def test_biases_of_all_zero_output_channels_survive_onnxruntimes_int8_kernels(tm
         model[2].bias[:4] = 0
         without = model(x).numpy()
     assert np.abs(got - want).max() < 0.1 * np.abs(without - want).max()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(6, 8)
+        self.a = nn.Linear(8, 3)
+        self.b = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.trunk(x))
+        return {"logits": self.a(h), "value": self.b(h)}
+
+
+def test_a_forward_that_returns_a_dict_exports_one_output_per_tensor(tmp_path):
+    # a trial: it counted the dict as one output, named the second '10' and refused two `output_names`
+    model = TwoHeads().eval()
+    x = torch.randn(4, 6)
+    export_onnx(model, tmp_path / "m.onnx", x[:1], output_names=["logits", "value"], dynamic_axes={"value": {}})
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "value"]
+    got = session.run(None, {"input_0": x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    assert np.abs(got[0] - want["logits"].numpy()).max() < 1e-5 and np.abs(got[1] - want["value"].numpy()).max() < 1e-5
+    export_onnx(model, tmp_path / "d.onnx", x[:1])
+    assert [o.name for o in onnx.load(str(tmp_path / "d.onnx")).graph.output] == ["output_0", "output_1"]
+    with pytest.raises(ValueError, match=r"`output_names` names 3 outputs .* the model returns 2"):
+        export_onnx(model, tmp_path / "e.onnx", x[:1], output_names=["a", "b", "c"])
