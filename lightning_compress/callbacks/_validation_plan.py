@@ -213,9 +213,10 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
         unit = "step" if in_steps else "epoch"
         if judged <= start:
             raise ValueError(
-                f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (the last one "
-                f"runs before {unit} {judged}, the first event is at {unit} {start + 1}), so no event could be judged. "
-                "Validate more often, train longer, or set `monitor=None`." + fast_dev_run_note(trainer)
+                f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (a validation could "
+                f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}), so no event could be "
+                "judged. Validate more often (and give the fit validation data), train longer, or set "
+                "`monitor=None`." + fast_dev_run_note(trainer)
             )
         if window.end_epoch is not None:
             rank_zero_warn(

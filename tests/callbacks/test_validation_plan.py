@@ -62,3 +62,18 @@ def test_time_based_validation_cannot_be_planned():
     recorder = Recorder()
     trainer(callbacks=[recorder], max_epochs=1, val_check_interval="00:00:00:01").fit(TinyModule())
     assert recorder.predicted is None
+
+
+def test_a_guard_no_validation_can_act_on_is_refused_before_training():
+    import torch
+
+    from lightning_compress import IterativePruning
+    from tests.conftest import weights_of
+
+    model = TinyModule()
+    before = weights_of(model)
+    pruning = IterativePruning(0.5, monitor="val_acc", start_epoch=0, end_epoch=1, every_n_epochs=1)
+    with pytest.raises(ValueError, match=r"could judge events up to epoch 0; the first event is at epoch 1"):
+        trainer(max_epochs=1, callbacks=[pruning]).fit(model)
+    after = weights_of(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
