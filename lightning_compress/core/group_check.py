@@ -214,37 +214,49 @@ def faithful_groups(
 
     Half of every group's channels (:func:`_probe`) are zeroed on a float32 copy, then removed; the outputs are
     compared on ``example_inputs`` and on :func:`~.tracing.jittered` ones. Where they differ, halves of the groups
-    are tried until each group at fault is found, so a model whose groups all hold costs one trial. ``model`` is not
-    changed, nor the global random state. A model that does not run on the copy (e.g. code that needs its own
-    dtype) is not checked: its groups are returned as they are.
+    are tried until each group at fault is found, so a model whose groups all hold costs one trial: one copy of the
+    model (two for a model not in float32) and six forwards. ``model`` is not changed, nor the global random state.
+    A model that does not run in float32 (e.g. code that needs its own dtype) is not checked: its groups are
+    returned as they are.
     """
     if not groups:
         return [], {}
-    try:
-        base = deep_copy(model).float()
+    tensors = [*model.parameters(), *model.buffers()]
+    try:  # trials copy the model; one in another float dtype is first copied to float32 once
+        source = model if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()) else None
+        source = deep_copy(model).float() if source is None else source
     except Exception:
         return list(groups), {}
     inputs = [_float32(example_inputs)]
     if has_float_tensor(example_inputs):
         inputs.append(jittered(inputs[0]))
-    with plain_float(base):  # quantizers off; eval mode inside the trials
+    with plain_float(source):  # quantizers off (restored after), eval mode
         try:
-            _outputs(base, inputs[0])
+            _outputs(source, inputs[0])
         except Exception:
             return list(groups), {}
-        in_training = _runs_in_training(base, inputs[0])
+        in_training: list[bool] = []  # whether the whole model runs in training mode: found by the first trial
         verdict = _verdicts(
-            lambda subset: _zeroed_vs_removed(base, groups, subset, inputs, in_training, rtol), len(groups)
+            lambda subset: _zeroed_vs_removed(source, groups, subset, inputs, in_training, rtol), len(groups)
         )
     kept = [g for i, g in enumerate(groups) if i not in verdict]
     return kept, {groups[i].name: why for i, why in verdict.items()}
 
 
 def _zeroed_vs_removed(
-    base: nn.Module, groups: list[ChannelGroup], subset: list[int], inputs: list[Any], in_training: bool, rtol: float
+    source: nn.Module,
+    groups: list[ChannelGroup],
+    subset: list[int],
+    inputs: list[Any],
+    in_training: list[bool],
+    rtol: float,
 ) -> str | None:
-    """Why removing the probe channels of the groups in ``subset`` is not zeroing them; ``None`` if it is."""
-    trial = deep_copy(base)
+    """Why removing the probe channels of the groups in ``subset`` is not zeroing them; ``None`` if it is. The first
+    trial also finds whether the whole model runs in training mode (on its copy: the BatchNorm statistics it moves
+    are the copy's, the same before and after the removal), into ``in_training``."""
+    trial = deep_copy(source)
+    if not in_training:
+        in_training.append(_runs_in_training(trial, inputs[0]))
     dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
     for i in subset:
         dead[i][_probe(groups[i].size)] = True
@@ -259,7 +271,7 @@ def _zeroed_vs_removed(
             return "removing its channels breaks the forward"
     if any(output_change(b, a)[1] > rtol for b, a in zip(before, after, strict=True)):
         return MIXED
-    if in_training and not _runs_in_training(trial, inputs[0]):
+    if in_training[0] and not _runs_in_training(trial, inputs[0]):
         return TRAINING_ONLY
     return None
 
