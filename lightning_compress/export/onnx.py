@@ -30,6 +30,7 @@ from .onnx_passes import (
     fold_batch_norms,
     gather_quantized_rows,
     integer_float_gemms,
+    keep_biases_in_int32,
     quantize_before_pass_through,
 )
 from .report import CompressionReport, LayerReport
@@ -314,6 +315,7 @@ def export_onnx(
     quantize_before_pass_through(proto, numpy_helper)
     integer_float_gemms(proto, numpy_helper)
     gather_quantized_rows(proto, numpy_helper)
+    keep_biases_in_int32(proto, numpy_helper)
     onnx.checker.check_model(proto)
     tmp = path.with_name(path.name + ".tmp")
     onnx.save(proto, str(tmp))

@@ -1,7 +1,8 @@
 """Rewrites of an exported ONNX graph that let onnxruntime run the quantized layers as integer kernels.
 
 Each pass reads the graph through one :class:`GraphIndex` and keeps values exactly (up to float
-rounding): they move or fold quantization, never change what is computed.
+rounding): they move or fold quantization, never change what is computed; :func:`keep_biases_in_int32` coarsens only
+the weights of a channel whose bias the integer kernels could not hold, by less than that bias's precision.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ __all__ = [
     "fold_batch_norms",
     "gather_quantized_rows",
     "integer_float_gemms",
+    "keep_biases_in_int32",
     "quantize_before_pass_through",
 ]
 
@@ -270,3 +272,56 @@ def gather_quantized_rows(proto: Any, numpy_helper: Any) -> None:
         for offset, node in enumerate(nodes):
             graph.node.insert(position + offset, node)
     index.drop_unused("DequantizeLinear")
+
+
+_INT32_ROOM = 2.0**29  # the largest |bias| / (s_w * s_x) left as it is: int32 with room for the rounding
+
+
+def keep_biases_in_int32(proto: Any, numpy_helper: Any) -> None:
+    """Give each int8 ``Conv``/``Gemm`` a weight scale under which its bias fits onnxruntime's int32 bias.
+
+    onnxruntime runs ``DequantizeLinear -> Conv/Gemm`` as ``QLinearConv``/``QGemm`` with the float bias as int32 codes
+    ``round(b / (s_w * s_x))``. Where that overflows (a channel whose weights are zero or tiny: pruned, a BatchNorm
+    weight of 0 folded in, learned scales at their floor; or an input whose range is tiny) the bias came out as
+    ``-2**31 * s_w * s_x`` whatever its sign. Such a channel gets the scale ``|b| / (s_x * 2**29)`` (for power-of-two
+    scales the next power of two) and its weight codes are requantized to it: the change of its weights is smaller
+    than the bias grid's step, and the bias is kept to 2**-29 of itself.
+    """
+    import numpy as np
+
+    graph = proto.graph
+    index = GraphIndex(graph, numpy_helper)
+    constants, producer = index.constants, index.producer
+    for node in [n for n in graph.node if n.op_type in ("Conv", "Gemm")]:
+        if len(node.input) < 3 or not node.input[2] or node.input[2] not in constants:
+            continue
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+            continue  # the exporter's Linear is Gemm(x, W^T): weights as (out, in), per-channel along axis 0
+        x_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        if not all(n in constants for n in (*x_dq.input[1:2], *w_dq.input)) or len(w_dq.input) < 2:
+            continue
+        codes = constants[w_dq.input[0]]
+        s_x = float(np.asarray(constants[x_dq.input[1]], dtype=np.float64).reshape(-1)[0])
+        s_w = np.asarray(constants[w_dq.input[1]], dtype=np.float64).reshape(-1)
+        bias = np.asarray(constants[node.input[2]], dtype=np.float64).reshape(-1)
+        zero = np.asarray(constants[w_dq.input[2]]) if len(w_dq.input) > 2 and w_dq.input[2] else np.zeros(1)
+        if codes.dtype != np.int8 or np.any(zero != 0) or s_w.size != bias.size or s_x <= 0.0:
+            continue  # per-channel int8 weights (what export_onnx writes), a per-tensor input scale
+        needed = np.abs(bias) / (s_x * _INT32_ROOM)
+        move = needed > np.abs(s_w)  # a folded BatchNorm's negative weight gives a negative scale
+        if not move.any():
+            continue
+        size = np.abs(s_w)
+        power_of_two = bool(np.all(size > 0) and np.all(np.log2(size) == np.round(np.log2(size))))
+        magnitude = np.exp2(np.ceil(np.log2(needed, where=move, out=np.ones_like(needed)))) if power_of_two else needed
+        new = np.where(move, np.where(s_w < 0, -magnitude, magnitude), s_w)
+        ratio = (s_w / new).reshape((-1,) + (1,) * (codes.ndim - 1))
+        requantized = np.clip(np.round(codes.astype(np.float64) * ratio), -127, 127).astype(np.int8)
+        names = (index.fresh(f"{w_dq.input[0]}_int32bias"), index.fresh(f"{w_dq.input[1]}_int32bias"))
+        graph.initializer.extend(
+            [numpy_helper.from_array(requantized, names[0]), numpy_helper.from_array(new.astype(np.float32), names[1])]
+        )
+        w_dq.input[0], w_dq.input[1] = names
+    index.drop_unused()

@@ -375,3 +375,70 @@ def test_a_forward_that_returns_a_dict_exports_one_output_per_tensor(tmp_path):
     assert [o.name for o in onnx.load(str(tmp_path / "d.onnx")).graph.output] == ["output_0", "output_1"]
     with pytest.raises(ValueError, match=r"`output_names` names 3 outputs .* the model returns 2"):
         export_onnx(model, tmp_path / "e.onnx", x[:1], output_names=["a", "b", "c"])
+
+
+def _tiny_rows(model):
+    with torch.no_grad():
+        model[0].weight[:4] *= 1e-7  # nearly dead channels: their scale is above the float32 floor
+        model[0].bias[:4] = torch.tensor([0.6, -0.4, 0.5, -0.3])
+
+
+def _zero_rows(model):
+    with torch.no_grad():
+        model[0].weight[:4] = 0
+        model[0].bias[:4] = torch.tensor([1.0, -1.0, 0.8, -0.6])
+
+
+@pytest.mark.parametrize(
+    "case, config, prepare, input_scale",
+    [
+        ("learned scales, pruned rows", QuantConfig(8, 8, "learned"), _zero_rows, 1.0),
+        ("minmax, nearly dead rows", QuantConfig(8, 8), _tiny_rows, 1.0),
+        ("inputs of 1e-6", QuantConfig(8, 8), None, 1e-6),
+        ("inputs of 1e-6, int32 biases", QuantConfig(8, 8, quantize_bias=True), None, 1e-6),
+        ("power of two, inputs of 1e-6", QuantConfig(8, 8, "power_of_two"), None, 1e-6),
+    ],
+)
+def test_every_bias_fits_onnxruntimes_int32_bias_grid(tmp_path, case, config, prepare, input_scale):
+    # onnxruntime's QGemm/QLinearConv hold a bias as round(b / (s_w * s_x)) in int32: where that overflowed, the
+    # bias came out as -2**31 * s_w * s_x, whatever its sign (a trial)
+    from lightning_compress import calibrate, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    if prepare is not None:
+        prepare(model)
+    x = torch.randn(32, 8) * input_scale
+    convert_to_qat(model, config)
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, tmp_path / "m.onnx", x[:1])
+    got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})  # onnxruntime's default optimizations
+    with torch.no_grad():
+        want = model(x).numpy()
+    step = max(float(q.effective_scale().max()) for _, q in quantizers(model) if q.role == "activation")
+    assert np.abs(got - want).max() <= 2 * step, case
+
+
+def test_a_batchnorm_weight_of_zero_folded_into_an_int8_conv_keeps_its_bias(tmp_path):
+    from lightning_compress import calibrate, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
+    with torch.no_grad():
+        model[1].weight[:4] = 0  # half the BatchNorm's channels pruned (an exact name in `include` allows it)
+        model[1].bias.uniform_(0.2, 0.6)
+    x = torch.randn(16, 2, 8, 8)
+    model.train()(x)  # running statistics
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, tmp_path / "m.onnx", x[:1])
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})
+    with torch.no_grad():
+        want = model(x).numpy()
+    step = max(float(q.effective_scale().max()) for _, q in quantizers(model) if q.role == "activation")
+    assert np.abs(got - want).max() <= 2 * step
