@@ -39,7 +39,6 @@ from ._validation import (
     StrategyCollectives,
     check_float,
     check_strategy,
-    may_shard,
     warn_if_saved_under_another_key,
     weight_averaging,
 )
@@ -296,7 +295,7 @@ class IterativePruning(Callback):
                 f"{type(pl_module).__name__} does not define `forward`: define it (e.g. `return self.net(x)`)."
             )
         self._structure = None
-        if config.granularity == "channel" and may_shard(trainer):  # trace the whole model now: FSDP2 shards it next
+        if config.granularity == "channel":  # trace the whole model now (FSDP2 shards it next), naming its inputs
             targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
             self._structure = channel_structure(
                 pl_module, targets, example_inputs(pl_module), config.measure, "example_input_array"

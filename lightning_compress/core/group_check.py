@@ -58,8 +58,9 @@ def _shapes(out: Any) -> list[tuple[int, ...]]:
 def removable_groups(
     model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
-    """Keep the groups whose channels can really be removed: one forward with half of the group's channels
-    removed, at scattered positions (:func:`_probe`).
+    """Keep the groups whose channels can really be removed: a forward with half of every group's channels
+    removed, at scattered positions (:func:`_probe`); where the shapes break, halves of the groups until each group
+    at fault is found (one forward when every group holds).
 
     Catches what a dependency graph cannot see: a residual addition with the model's own input, or
     attention that reshapes projections into heads (removing one Q/K/V row breaks the reshape). The
@@ -84,24 +85,21 @@ def removable_groups(
 def _removable(
     model: nn.Module, inputs: Any, groups: list[ChannelGroup], shapes: list[tuple[int, ...]], in_place: bool
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
-    ok: list[ChannelGroup] = []
-    rejected: dict[str, str] = {}
-    for i, group in enumerate(groups):
+    def trial(subset: list[int]) -> str | None:
         dead = [torch.zeros(g.size, dtype=torch.bool) for g in groups]
-        dead[i][_probe(group.size)] = True
-        with _trial(model, group, in_place) as trial:
-            apply_plan(trial, plan(trial, groups, dead), shapes_only=True)  # the forward runs with quantizers off
+        for i in subset:
+            dead[i][_probe(groups[i].size)] = True
+        with _trial(model, [groups[i] for i in subset], in_place) as copy:
+            apply_plan(copy, plan(copy, groups, dead), shapes_only=True)  # the forward runs with quantizers off
             try:
                 with torch.no_grad():
-                    trial_shapes = _shapes(call_model(trial, inputs))
+                    trial_shapes = _shapes(call_model(copy, inputs))
             except Exception:  # any failure: these channels cannot go
-                rejected[group.name] = "its channels also feed an operation the dependency graph does not see"
-                continue
-        if trial_shapes != shapes:
-            rejected[group.name] = "its channels reach one of the model's outputs"
-        else:
-            ok.append(group)
-    return ok, rejected
+                return "its channels also feed an operation the dependency graph does not see"
+        return None if trial_shapes == shapes else "its channels reach one of the model's outputs"
+
+    verdict = _verdicts(trial, len(groups))  # all groups at once, then halves of a failing set
+    return [g for i, g in enumerate(groups) if i not in verdict], {groups[i].name: w for i, w in verdict.items()}
 
 
 def _probe(size: int) -> Tensor:
@@ -113,15 +111,17 @@ def _probe(size: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def _trial(model: nn.Module, group: ChannelGroup, in_place: bool) -> Iterator[nn.Module]:
-    """A model to remove ``group``'s channels from: a whole copy, or ``model`` with copies of the group's layers."""
+def _trial(model: nn.Module, groups: list[ChannelGroup], in_place: bool) -> Iterator[nn.Module]:
+    """A model to remove ``groups``' channels from: a whole copy, or ``model`` with copies of the groups' layers."""
     if not in_place:
         yield deep_copy(model)
         return
-    names = group.modules()
-    if group.attention is not None:  # its counts change too; a copy of it holds copies of its own projections
-        inside = f"{group.attention.module}."
-        names = [group.attention.module, *(n for n in names if not n.startswith(inside))]
+    wanted: set[str] = set()
+    for group in groups:  # an attention block's counts change too: a copy of it holds copies of its projections
+        wanted.update(group.modules())
+        if group.attention is not None:
+            wanted.add(group.attention.module)
+    names = sorted(n for n in wanted if not any(n.startswith(f"{other}.") for other in wanted))
     originals = {name: model.get_submodule(name) for name in names}
     try:
         for name, module in originals.items():

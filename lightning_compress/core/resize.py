@@ -15,11 +15,9 @@ from torch import Tensor, nn
 from .heads import AttentionBlock, set_head_counts
 from .layers import weight_axes
 from .quant_blocks import cut_quant_groups, quant_group_size
-from .structure import ChannelGroup, is_conv1d, is_depthwise, nonzero_channels, param_slices
+from .structure import ChannelGroup, is_conv1d, is_depthwise, nonzero_channels, param_slices, per_channel
 
 __all__ = ["Plan", "apply_plan", "plan", "resize_module", "zero_channels"]
-
-_NORM = nn.modules.batchnorm._BatchNorm
 
 
 def zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
@@ -59,7 +57,7 @@ def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None
             gone = s.index[gone_channels[s.channel]].tolist()
             if not gone:
                 continue
-            kind = "out" if isinstance(modules[s.module], _NORM) or is_depthwise(modules[s.module]) else s.kind
+            kind = "out" if per_channel(modules[s.module]) or is_depthwise(modules[s.module]) else s.kind
             removed.setdefault(s.module, {}).setdefault(kind, set()).update(gone)
     for name, kinds in removed.items():
         module = modules[name]
@@ -74,7 +72,9 @@ def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None
 
 def _size(layer: nn.Module, kind: str) -> int:
     module: Any = layer
-    if isinstance(module, _NORM):
+    if isinstance(module, nn.PReLU):
+        return int(module.num_parameters)
+    if per_channel(module):
         return int(module.num_features)
     if is_conv1d(module):
         return int(module.weight.shape[1 if kind == "out" else 0])
@@ -98,20 +98,24 @@ def _set(module: nn.Module, attr: str, value: Tensor) -> None:
 def resize_module(
     layer: nn.Module, out_keep: Tensor | None = None, in_keep: Tensor | None = None, *, shapes_only: bool = False
 ) -> None:
-    """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv1D, Conv or BatchNorm.
+    """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv1D, Conv, BatchNorm,
+    InstanceNorm or per-channel PReLU.
 
     Parameters become new (smaller) Parameters; a QAT layer's per-channel weight scale is cut too, and so are
     group-wise scales, whose groups ``in_keep`` must keep whole (``shapes_only``: left as they are, for a
     forward with the quantizers off that only checks shapes).
     """
     module: Any = layer
-    if isinstance(module, _NORM):
+    if per_channel(module):
         if out_keep is None:
             return
         for attr in ("weight", "bias", "running_mean", "running_var"):
             if getattr(module, attr, None) is not None:
                 _set(module, attr, _cut(getattr(module, attr), 0, out_keep))
-        module.num_features = out_keep.numel()
+        if isinstance(module, nn.PReLU):
+            module.num_parameters = out_keep.numel()
+        else:
+            module.num_features = out_keep.numel()
         return
     conv1d = is_conv1d(module)
     quantizer = getattr(module, "weight_fake_quant", None)

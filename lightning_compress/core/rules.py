@@ -110,8 +110,8 @@ def channel_structure(
     measure: str = "channels",
     argument: str = "example_inputs",
 ) -> ChannelStructure:
-    """Trace ``model``'s channel groups among the selected ``targets`` (one shape-only forward per candidate group,
-    then trials on a copy that zeroed channels are removed ones: :mod:`.group_check`).
+    """Trace ``model``'s channel groups among the selected ``targets`` (the dependency graph, then trial forwards that
+    removing channels keeps shapes and is zeroing them: :mod:`.group_check`).
 
     ``argument`` names the example inputs in errors (``"example_input_array"`` for the callback).
 

@@ -22,6 +22,7 @@ with its query group. The projections that feed attention are never roots of a c
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,13 +43,20 @@ __all__ = [
     "nonzero_channels",
     "output_tensors",
     "param_slices",
+    "per_channel",
     "per_position",
     "plain_float",
     "without_cache",
 ]
 
 _CONV = nn.modules.conv._ConvNd
-_NORM = nn.modules.batchnorm._BatchNorm
+_NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def per_channel(module: nn.Module) -> bool:
+    """A module that treats each channel on its own, with (at most) one value per channel in each parameter or
+    buffer: BatchNorm, InstanceNorm, a PReLU with one slope per channel."""
+    return isinstance(module, _NORM) or (isinstance(module, nn.PReLU) and module.num_parameters > 1)
 
 
 @dataclass(frozen=True)
@@ -92,17 +100,17 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def supported(module: nn.Module) -> bool:
     """Modules whose channels can be removed exactly: Linear, Conv1D, dense or depthwise Conv, dense transposed
-    Conv, BatchNorm."""
+    Conv, and :func:`per_channel` ones (BatchNorm, InstanceNorm, per-channel PReLU)."""
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return module.groups == 1
     if isinstance(module, _CONV):
         return module.groups == 1 or is_depthwise(module)
-    return isinstance(module, (nn.Linear, _NORM)) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or per_channel(module) or is_conv1d(module)
 
 
 def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     """``(attribute, dim)`` of the parameters that a slice of ``kind`` cuts in ``module``."""
-    if isinstance(module, _NORM):
+    if per_channel(module):
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
     out_axis, in_axis = weight_axes(module)  # (1, 0) for Conv1D and transposed convs: weights are (in, out, ...)
     if kind == "out":
@@ -158,7 +166,9 @@ def build_channel_groups(
     conv1d = transformers_conv1d()
     roots: tuple[type[nn.Module], ...] = (_CONV, nn.Linear) if conv1d is None else (_CONV, nn.Linear, conv1d)
     custom = {type(m): _conv1d_pruner(tp) for m in modules.values() if is_conv1d(m)}
-    with torch.enable_grad(), plain_float(model):
+    with torch.enable_grad(), plain_float(model), warnings.catch_warnings():
+        # Torch-Pruning's shape inference warns once per node it cannot follow (a recurrent layer: thousands)
+        warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
         blocks, feeding, not_heads = find_attention(model, example_inputs)
         raw: list[Any]
         try:
@@ -187,9 +197,10 @@ def build_channel_groups(
         else:
             groups.append(group)
     tied = _tied(model)
+    parameters = {id(p): name for name, p in model.named_parameters()}
     for raw_group in raw:
         root = names.get(raw_group[0].dep.target.module, "?")
-        group, reason = _convert(graph, raw_group, names, producers, tied)
+        group, reason = _convert(graph, raw_group, names, producers, tied, parameters)
         if group is None:
             skipped[root] = reason
             for other in _out_modules(graph, raw_group, names) - {root}:  # layers whose outputs are these channels
@@ -223,12 +234,17 @@ def _say_what_is_unseen(
 ) -> None:
     """A reason for every layer that could be a group's and is in none, nor already explained (``attention``: the
     projections that feed attention, whose heads have their own reasons)."""
-    covered = {s.module for g in groups for s in g.slices if s.kind == "out"} | {g.name for g in groups}
+    modules = {name: module for module, name in names.items()}
+    covered = {s.module for g in groups for s in g.slices if s.kind == "out" or is_depthwise(modules[s.module])}
+    covered |= {g.name for g in groups}  # a depthwise conv loses its outputs with its inputs, from an "in" slice
     traced = {names[m] for m in graph.module2node if m in names}
     for module, name in names.items():
-        if not isinstance(module, roots) or name in covered or name in skipped:
+        if name in covered or name in skipped or (producers is not None and name not in producers):
             continue
-        if producers is not None and name not in producers:
+        if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+            skipped[name] = "channels of recurrent layers and of nn.MultiheadAttention's own matrices are not pruned"
+            continue
+        if not isinstance(module, roots):
             continue
         if name in attention:
             skipped[name] = (
@@ -255,6 +271,8 @@ def _tied(model: nn.Module) -> dict[str, str]:
 
 def slice_bound(module: nn.Module, kind: str) -> int:
     """How many positions ``module`` has along its outputs (``"out"``) or inputs (``"in"``)."""
+    if isinstance(module, nn.PReLU):
+        return int(module.num_parameters)
     if isinstance(module, _NORM):
         return int(module.num_features)
     if isinstance(module, _CONV):
@@ -343,7 +361,12 @@ def _unplaced_concat(op: Any) -> bool:
 
 
 def _convert(
-    graph: Any, raw_group: Any, names: dict[nn.Module, str], producers: set[str] | None, tied: dict[str, str]
+    graph: Any,
+    raw_group: Any,
+    names: dict[nn.Module, str],
+    producers: set[str] | None,
+    tied: dict[str, str],
+    parameters: dict[int, str],
 ) -> tuple[ChannelGroup | None, str]:
     root_item = raw_group[0]
     root = names[root_item.dep.target.module]
@@ -352,10 +375,15 @@ def _convert(
     for item in raw_group.items:
         node = item.dep.target
         module = node.module
-        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or isinstance(module, _NORM)
+        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or per_channel(module)
         if not isinstance(module, nn.Module) or module not in names:
             if isinstance(module, nn.Parameter):
-                return None, "a free nn.Parameter depends on its channels"
+                owner = parameters.get(id(module), "a free nn.Parameter")
+                return (
+                    None,
+                    f"{owner} (a parameter outside Linear/Conv/BatchNorm: a norm's weight, a layer scale) "
+                    "depends on its channels",
+                )
             if _unplaced_concat(module):
                 return None, (
                     "its channels go through a concatenation whose offsets the dependency graph does not know (a "
@@ -374,7 +402,7 @@ def _convert(
         kind = "out" if out_like else "in"
         if kind == "out" and not node.outputs:
             return None, "its channels reach the model's output"
-        if kind == "out" and not isinstance(module, _NORM) and producers is not None and name not in producers:
+        if kind == "out" and not per_channel(module) and producers is not None and name not in producers:
             return None, f"{name} is not selected (see `include`/`exclude`)"
         if item.root_idxs is None or any(c is None for c in item.root_idxs):
             return None, f"its channels cannot be mapped onto {name}'s"

@@ -254,3 +254,109 @@ def test_channel_masks_from_prune_go_back_in_as_masks():
     assert all(bool((second[k] <= first[k]).all()) for k in first)  # what was pruned stays pruned
     with pytest.raises(ValueError, match=r"'head\.bias', which is not a selected weight"):
         prune_(model, 0.5, granularity="channel", example_inputs=x, masks={"head.bias": torch.ones(10)})
+
+
+class InstanceNormPReLU(nn.Module):
+    """Style-transfer shapes: InstanceNorm and a per-channel PReLU treat each channel on their own."""
+
+    def __init__(self, affine: bool) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.n1 = nn.InstanceNorm2d(16, affine=affine, track_running_stats=affine)
+        self.a1 = nn.PReLU(16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c2(self.a1(self.n1(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_and_per_channel_prelu_lose_channels_with_their_layer(tmp_path, affine):
+    # a trial: both were "mixes or cannot lose channels", and a conv -> InstanceNorm -> conv network had no group
+    from lightning_compress import load_compressed, save_compressed
+
+    torch.manual_seed(0)
+    model = InstanceNormPReLU(affine)
+    x = torch.randn(2, 3, 8, 8)
+    if affine:
+        model.train()(torch.randn(8, 3, 8, 8))  # running statistics
+    model.eval()
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    masked = copy.deepcopy(model)
+    report = compact(model, x)
+    assert report.channels["c1"] == (16, 8) and model.a1.num_parameters == 8 and model.n1.num_features == 8
+    if affine:
+        assert model.n1.weight.shape == model.n1.running_var.shape == (8,)
+    fresh = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert output_change([masked(fresh)], [model(fresh)])[1] < 1e-5
+    save_compressed(model, tmp_path / "m.lcz")
+    reloaded = InstanceNormPReLU(affine).eval()
+    load_compressed(reloaded, tmp_path / "m.lcz")
+    with torch.no_grad():
+        assert torch.equal(reloaded(fresh), model(fresh))
+
+
+class DepthwiseBranch(nn.Module):
+    """The stem feeds a depthwise branch and a 1x1 branch (ShuffleNetV2's downsampling unit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.pw1 = nn.Conv2d(16, 8, 1)
+        self.pw2 = nn.Conv2d(16, 8, 1, stride=2)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        return self.head(torch.cat([self.pw1(self.dw(x)), self.pw2(x)], 1).mean((2, 3)))
+
+
+class GruClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(8, 16, batch_first=True, bidirectional=True)
+        self.fc1 = nn.Linear(32, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.gru(x)[0][:, -1])))
+
+
+class RmsNormMlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.norm = nn.RMSNorm(16)
+        self.b = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def test_the_reasons_name_what_they_mean(recwarn):
+    # a trial: a pruned depthwise conv was listed as left whole; a norm's weight was "a free nn.Parameter"; a GRU
+    # was in no list, and its trace raised 2,073 warnings from Torch-Pruning's shape inference
+    _, left = build_channel_groups(DepthwiseBranch(), torch.randn(2, 3, 16, 16))
+    assert "dw" not in left
+    _, left = build_channel_groups(RmsNormMlp(), torch.randn(2, 8))
+    assert left["a"].startswith("norm.weight (a parameter outside Linear/Conv/BatchNorm")
+    groups, left = build_channel_groups(GruClassifier(), torch.randn(2, 5, 8), producers={"gru", "fc1", "fc2"})
+    assert [g.name for g in groups] == ["fc1"]
+    assert "recurrent layers" in left["gru"]
+    assert not [w for w in recwarn if "Maximum recursive depth" in str(w.message)]
+
+
+def test_the_callback_names_example_input_array_when_forward_refuses_it():
+    import lightning.pytorch as pl
+
+    from lightning_compress import IterativePruning
+    from tests.conftest import TinyModule, trainer
+
+    model = TinyModule()
+    model.example_input_array = torch.randn(2, 7)  # forward takes 16 features
+    with pytest.raises(ValueError, match=r"`example_input_array` does not run through TinyModule's forward"):
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.5, granularity="channel")]).fit(model)
+    assert isinstance(model, pl.LightningModule) and not (model.net[0].weight == 0).any()
