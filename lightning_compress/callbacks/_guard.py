@@ -30,24 +30,29 @@ class ValidationMetrics:
 
     After a rollback the model is that one again; ``ModelCheckpoint`` and ``EarlyStopping`` read the Trainer's
     metrics after the pruning callback, so they are given that validation's values, not the rejected model's (the
-    logger keeps what each validation measured). A validation's metrics are those it logged or changed.
+    logger keeps what each validation measured). A validation's metrics are the names any validation logged.
+
+    While the validation's results are live (its end hooks), every read of ``trainer.callback_metrics`` merges them
+    in again: a callback after this one that reads the metrics there gets the rejected model's values back. They are
+    written again at the next training hook (:meth:`reapply`), before ``ModelCheckpoint`` saves at the epoch's end.
     """
 
     def __init__(self) -> None:
         self._before: dict[str, Tensor] = {}
         self._judged: dict[str, Tensor] = {}
+        self._names: set[str] = set()  # every metric a validation of this fit logged or changed
+        self._restored: dict[str, Tensor] = {}  # written by the last rollback, until the next validation
 
     def start(self, trainer: pl.Trainer) -> None:
         self._before = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+        self._restored = {}
 
     def measured(self, trainer: pl.Trainer) -> dict[str, Tensor]:
-        """What this validation logged or changed."""
-        before = self._before
-        return {
-            k: v.clone()
-            for k, v in trainer.callback_metrics.items()
-            if k not in before or not torch.equal(v, before[k])
-        }
+        """This validation's metrics: what it logged or changed, and the names earlier validations logged (a value
+        equal to the one before is this validation's too)."""
+        metrics, before = trainer.callback_metrics, self._before
+        self._names.update(k for k, v in metrics.items() if k not in before or not torch.equal(v, before[k]))
+        return {k: metrics[k].clone() for k in self._names if k in metrics}
 
     def keep(self, measured: dict[str, Tensor]) -> None:
         """The guard copied the model ``measured`` scored."""
@@ -63,12 +68,17 @@ class ValidationMetrics:
                 "and checkpoint callbacks read them after it."
             )
             return
+        restored = {key: self._judged[key] for key in measured if key in self._judged}
+        logged = measured.get(monitor, trainer.callback_metrics[monitor])
+        restored[monitor] = torch.as_tensor(value, dtype=logged.dtype, device=logged.device)
+        self._restored = restored
+        self.reapply(trainer)
+
+    def reapply(self, trainer: pl.Trainer) -> None:
+        """Write the restored metrics again (see the class doc); nothing after a validation without a rollback."""
         metrics = trainer.callback_metrics
-        for key in measured:
-            if key in self._judged:
-                metrics[key] = self._judged[key]
-        logged = metrics[monitor]
-        metrics[monitor] = torch.as_tensor(value, dtype=logged.dtype, device=logged.device)
+        for key, value in self._restored.items():
+            metrics[key] = value
 
 
 def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: float) -> str | None:

@@ -407,6 +407,11 @@ class IterativePruning(Callback):
             self._advance(pl_module, trainer.current_epoch)
 
     # ------------------------------------------------------------------ training hooks
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._metrics.reapply(trainer)  # a rollback's metrics, merged over again by readers during the validation
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         within = trainer.current_epoch < self.window.end_for(trainer)  # after the schedule, lengths do not matter
         if (
@@ -447,6 +452,7 @@ class IterativePruning(Callback):
             self._advance(pl_module, clock)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
         if not self._in_steps and not self._guarded_epochs:
             reshard(pl_module)  # after the epoch's validation
             self._advance(pl_module, trainer.current_epoch + 1)

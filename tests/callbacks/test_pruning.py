@@ -999,18 +999,52 @@ def test_a_callable_schedule_ending_low_still_reaches_the_target(tiny):
 
 
 @pytest.mark.parametrize("checkpoint_monitor", ["val_score", "val_loss"])
-def test_after_a_rollback_checkpoints_record_the_scores_of_the_model_they_hold(checkpoint_monitor, tmp_path):
+@pytest.mark.parametrize("reader_after", [False, True])
+def test_after_a_rollback_checkpoints_record_the_scores_of_the_model_they_hold(
+    checkpoint_monitor, reader_after, tmp_path
+):
     """After a guard rollback, ModelCheckpoint recorded the rejected model's score for a file that holds the model
     rolled back to (a trial: 0.4915 recorded, 0.4467 re-validated). Every validation metric is now the restored
-    model's, the guard's own and the others."""
+    model's, the guard's own and the others, also when a callback after this one reads the metrics at the
+    validation's end (Lightning merges that validation's results in again: a later trial, with CompressionMonitor
+    listed after the pruning callback as the README's example lists it)."""
+
+    class Reader(Callback):
+        def on_validation_end(self, trainer, pl_module):
+            trainer.callback_metrics.get("val_score")
+
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity()
     pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
     mode = "max" if checkpoint_monitor == "val_score" else "min"
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor=checkpoint_monitor, mode=mode, save_top_k=-1, filename="{epoch}")
-    trainer(max_epochs=6, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(model)
+    readers = [Reader()] if reader_after else []
+    trainer(max_epochs=6, callbacks=[pruning, *readers, ckpt], enable_checkpointing=True).fit(model)
     assert "rollback" in [d.action for d in pruning.decisions]
     for path, recorded in ckpt.best_k_models.items():
         fresh = ScoredBySparsity()
         rescored = trainer().validate(fresh, ckpt_path=path, verbose=False)[0][checkpoint_monitor]
         assert rescored == pytest.approx(float(recorded), abs=1e-6), path
+
+
+def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
+    """A trial: a validation right after a rollback gave `val_acc` the restored value again; unchanged, it was not
+    taken as that validation's, so the next rollback left the rejected model's `val_acc` for checkpoints."""
+    from types import SimpleNamespace
+
+    from lightning_compress.callbacks._guard import ValidationMetrics
+
+    tensor = torch.tensor
+    metrics = ValidationMetrics()
+    run = SimpleNamespace(callback_metrics={})
+    for values in ({"val_acc": 0.9, "val_loss": 0.5}, {"val_acc": 0.9, "val_loss": 0.4}):  # the second: judged
+        metrics.start(run)
+        run.callback_metrics.update({k: tensor(v) for k, v in values.items()})
+        metrics.keep(metrics.measured(run))
+    metrics.start(run)
+    run.callback_metrics.update({"val_acc": tensor(0.7), "val_loss": tensor(0.9)})  # rejected
+    metrics.restore(run, metrics.measured(run), "val_loss", 0.4)
+    assert {k: round(float(v), 4) for k, v in run.callback_metrics.items()} == {"val_acc": 0.9, "val_loss": 0.4}
+    run.callback_metrics["val_acc"] = tensor(0.7)  # a reader during the validation's end merged it in again
+    metrics.reapply(run)
+    assert float(run.callback_metrics["val_acc"]) == pytest.approx(0.9)
