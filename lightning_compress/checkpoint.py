@@ -31,6 +31,12 @@ def load_qat_checkpoint(
     full state (weights, scales, zero points, shifts, on/off flags) is loaded strictly, and the
     model is returned in eval mode: its outputs are what the quantized model computes.
 
+    Args:
+        module_class: the LightningModule class the checkpoint was saved from.
+        checkpoint_path: a path, or an open binary file.
+        map_location: where the tensors are loaded (as ``torch.load``'s; default ``"cpu"``).
+        **kwargs: passed to the module's constructor over the saved hyperparameters.
+
     Raises:
         TypeError: ``module_class`` is not a LightningModule class, or ``checkpoint_path`` is not a path or file.
         ValueError: the checkpoint holds no ``QuantizationAwareTraining`` state.

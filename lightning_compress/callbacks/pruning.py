@@ -74,7 +74,8 @@ class IterativePruning(Callback):
             fraction of the remaining weights each event), ``"one_shot"``, or a callable
             ``epoch -> sparsity`` (``global_step -> sparsity`` with ``every_n_steps``): the path before
             ``end_epoch``, capped at ``target_sparsity``, which is reached at ``end_epoch`` whatever it returns.
-        start_epoch: first epoch (0-indexed) at whose end pruning happens.
+        start_epoch: first epoch (0-indexed) of the pruning window: with events in optimizer steps (the default
+            without ``monitor``) pruning starts during it; with ``every_n_epochs`` the first event is at its end.
         end_epoch: the target is reached at the end of epoch ``end_epoch - 1``, i.e. after
             ``end_epoch`` epochs. ``None``: ``max_epochs``. Must be ``<= max_epochs``.
         every_n_epochs: epochs between pruning events.
@@ -88,7 +89,9 @@ class IterativePruning(Callback):
             cells and lost 5. N:M granularity, ``monitor`` (one event per validation), a callable
             ``schedule`` and a train dataloader without a length prune once per epoch.
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
-            exact name picks that module's weight whatever its type. ``None``: all Linear/Conv.
+            exact name picks that module's weight whatever its type. ``None``: every Linear/Conv (and
+            ``transformers``' Conv1D), the experts a mixture of experts stores as 3-d tensors, and the weight
+            matrices of recurrent layers and ``nn.MultiheadAttention`` (not a head tied to the token embedding).
         exclude: glob patterns over module names to leave dense (with ``granularity="channel"``: an excluded layer
             keeps its output channels, and loses the input columns of channels the layers feeding it lose).
         min_density: with ``scope="global"``, every layer keeps at least this fraction, so one
@@ -107,8 +110,10 @@ class IterativePruning(Callback):
         max_drop: largest tolerated drop of ``monitor`` from the baseline (``None``: 0.01). Without ``monitor``
             it has no effect, and setting it warns.
         mode: ``"max"`` if higher ``monitor`` is better, ``"min"`` otherwise. ``None`` (default): ``"min"`` for a
-            name that says it is lower-is-better (contains ``loss``, ``perplexity``, ``ppl``, ``error``, ``mse`` or
-            ``mae``, as ``val_loss``), ``"max"`` otherwise (``val_acc``, ``val_f1``); the choice is logged.
+            name whose words say it is lower-is-better (``val_loss``, ``val_nll``, ``val_kl``, ``val_ppl``,
+            ``val_error``, ``val_mse``, ``val_wer``, ``val_mape``, ``val_fid``, ...; ``neg_`` flips it; see
+            :func:`lightning_compress.core.controller.lower_is_better`), ``"max"`` otherwise (``val_acc``,
+            ``val_f1``); the choice is logged.
             Lightning's ``EarlyStopping`` defaults to ``"min"``: a guard that read ``val_loss`` as higher-is-better
             would accept every drop, so an explicit ``mode="max"`` with such a name warns.
         rewind_epoch: lottery-ticket rewinding: after each event the surviving weights go back

@@ -249,6 +249,11 @@ def sparsity(
 ) -> float:
     """Fraction of exactly-zero entries among the selected weights (default: those pruning selects by default).
 
+    Args:
+        model: the model.
+        include: glob patterns over module names, as for pruning.
+        exclude: glob patterns over module names to leave out.
+
     Example:
         >>> import torch
         >>> from lightning_compress import sparsity

@@ -186,6 +186,13 @@ def convert_to_qat(
     """Swap the selected layers for fake-quant layers (disabled until enabled). Returns their names.
 
     Layers that already are QAT layers are kept. All checks happen before any change.
+
+    Args:
+        model: the model, changed in place (the new layers share the old layers' Parameters).
+        config: bits, scale kind and grouping (:class:`QuantConfig`).
+        include: glob patterns over module names (default: every Linear, Conv1d/2d/3d and ``transformers``'
+            Conv1D; an exact name picks an ``nn.Embedding`` too), as for pruning.
+        exclude: glob patterns over module names to leave float.
     """
     check_module(model)
     if not isinstance(config, QuantConfig):
@@ -247,7 +254,12 @@ def _keep_unfused(module: nn.Module, args: Any) -> None:
 
 def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:
     """Replace every fake-quant layer (or those named in ``layers``) by its float layer (same Parameters).
-    Returns their names."""
+    Returns their names.
+
+    Args:
+        model: the model, changed in place.
+        layers: names of the fake-quant layers to convert back (``None``: all of them).
+    """
     check_module(model)
     if isinstance(layers, str):
         raise TypeError(f"`layers` must be a list of layer names or None, got the string {layers!r}.")

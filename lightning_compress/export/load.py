@@ -198,6 +198,13 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     treated as untrusted: its sizes are checked against ``model`` before anything is decompressed
     or allocated, so loading costs at most about twice the model's size in memory.
 
+    Args:
+        model: a fresh instance of the saved architecture (uncompacted is fine: it is cut to the saved sizes).
+        path: the file :func:`save_compressed` wrote.
+
+    Returns:
+        What the file holds, layer by layer (:class:`CompressionReport`).
+
     Raises:
         CompressedFileError: not such a file, unknown version, truncated, corrupted, forged sizes,
             or written for another architecture. The model is left exactly as it was.

@@ -27,7 +27,8 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
     Args:
         model_class: the ``transformers`` class it was saved from (e.g. ``BertForSequenceClassification``).
         directory: the directory ``save_pretrained`` wrote.
-        **kwargs: passed to ``model_class.from_pretrained`` when the config describes the sizes itself.
+        **kwargs: passed to ``model_class.from_pretrained`` (``torch_dtype`` included: the model has the loaded
+            weights' dtypes).
 
     Returns:
         The model in eval mode, with the compacted sizes and the saved weights.
@@ -76,6 +77,10 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
     model = model_class(loaded.config)  # a plain instance of the class, with the same sizes and weights
     shrink_like(model, shapes)
     set_head_record(model, heads)
-    model.load_state_dict(loaded.state_dict(), strict=True)
+    state = loaded.state_dict()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in state and tensor.is_floating_point():  # the loaded dtypes (`torch_dtype`, kept-float32 layers)
+            tensor.data = tensor.data.to(state[name].dtype)
+    model.load_state_dict(state, strict=True)
     mark_compacted(model)
     return model.eval()

@@ -195,7 +195,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             else:
                 codes = quantize(tensor, quantizer.effective_scale().detach(), quantizer.zero_point, qmin, qmax, axis)
             nonzero = codes != 0
-            count = int(nonzero.sum())
+            count = nonzero_codes = int(nonzero.sum())
             container = code_container_bits(quantizer.bits)
             coding, stream = _position_stream(nonzero)
             if stream.numel() + (count * container + 7) // 8 >= (codes.numel() * container + 7) // 8:
@@ -221,7 +221,8 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
                 )
             )
             after = pos_bytes + code_bytes + quantizer.scale.numel() * quantizer.scale.element_size()
-            layers.append(_layer_report(name, tensor, count, quantizer.bits, after, coding))
+            # the report counts zero codes whether the file stores them densely or not
+            layers.append(_layer_report(name, tensor, nonzero_codes, quantizer.bits, after, coding))
         elif name in biases and (bias_codes := _bias_codes(tensor, biases[name][1])) is not None:
             sections.add("data", _planes(bias_codes))
             records.append(TensorRecord(**head, kind="bias", layer=biases[name][0]))

@@ -50,6 +50,10 @@ class QuantizationError(Metric):
 def quantization_error(reference: Tensor, quantized: Tensor) -> Tensor:
     """Functional twin of :class:`QuantizationError`: ``sum (x - q(x))^2 / sum x^2`` for one pair.
 
+    Args:
+        reference: the float tensor ``x``.
+        quantized: its quantized values ``q(x)``, of the same shape.
+
     Example:
         >>> import torch
         >>> from lightning_compress.metrics import quantization_error

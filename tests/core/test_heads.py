@@ -186,6 +186,22 @@ def test_bert_sizes_the_config_cannot_describe_are_recorded_and_plain_from_pretr
         cls.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_of_recorded_sizes_keeps_the_requested_dtype(tmp_path):
+    # a trial: `torch_dtype=torch.float16` gave a float32 BERT on this path (the Llama path gave float16)
+    from lightning_compress import from_pretrained
+
+    cls, config, inputs, _ = build("bert")
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=inputs)
+    compact(model, inputs)
+    model.save_pretrained(tmp_path)
+    half = from_pretrained(cls, tmp_path, torch_dtype=torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    full = from_pretrained(cls, tmp_path)
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    assert torch.equal(half.bert.embeddings.word_embeddings.weight, full.bert.embeddings.word_embeddings.weight.half())
+
+
 def test_gpt2_pruning_without_compaction_leaves_its_attention_attributes_alone():
     """Regression: the removability trial on a model that cannot run on the meta device set `split_size` on the
     real attention module (the trial copied only the projections), so the pruned model stopped running."""

@@ -461,3 +461,21 @@ def test_a_layer_registered_under_two_names_stays_one_layer_through_qat_the_file
     assert report.file_bytes - once.file_bytes < 200  # aliases for the second name (a float copy: +2 KiB)
     convert_to_float(model)
     assert type(model.first) is nn.Linear and model.first is model.model[0]
+
+
+def test_the_report_counts_zeros_of_a_layer_stored_densely(tmp_path):
+    # a trial: 9.8% zeros, stored as dense codes (cheaper than positions), were reported as 0.0% sparse
+    from lightning_compress import calibrate, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    with torch.no_grad():
+        model[0].weight[torch.rand_like(model[0].weight) < 0.1] = 0
+    zeros = float((model[0].weight == 0).float().mean())
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [torch.randn(16, 32)])
+    enable_fake_quant(model)
+    report = save_compressed(model, tmp_path / "m.lcz")
+    layer = next(r for r in report.layers if r.name == "0.weight")
+    assert layer.index_coding == "dense"
+    assert layer.sparsity == pytest.approx(zeros, abs=0.01)
