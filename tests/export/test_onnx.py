@@ -313,14 +313,29 @@ def test_weight_only_layers_on_sequences_match_with_float_activations_in_onnxrun
     assert np.abs(session.run(None, {"input_0": x.numpy()})[0] - expected).max() < 1e-5
 
 
+def _quantized_in_onnxruntime(model: nn.Module, config: QuantConfig, x: torch.Tensor, path) -> np.ndarray:
+    """``model`` quantized with ``config`` and calibrated on ``x``, exported, then run by onnxruntime with its default
+    optimizations (the fused int8 kernels) on ``x``."""
+    from lightning_compress import calibrate, enable_fake_quant
+
+    convert_to_qat(model, config)
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, path, x[:1])
+    return run(path, {"input_0": x.numpy()})
+
+
+def _activation_step(model: nn.Module) -> float:
+    return max(float(q.effective_scale().max()) for _, q in quantizers(model) if q.role == "activation")
+
+
 @pytest.mark.parametrize("scale", ["minmax", "power_of_two"])
 @pytest.mark.parametrize("conv", [False, True])
 def test_biases_of_all_zero_output_channels_survive_onnxruntimes_int8_kernels(tmp_path, scale, conv):
     # a pruned channel's weight scale sits at the float32 floor (per-channel minmax; a per-layer power of two when
     # the whole layer is pruned); onnxruntime's QGemm / QLinearConv put the bias on weight scale x input scale
     # and dropped it
-    from lightning_compress import calibrate, enable_fake_quant
-
     torch.manual_seed(0)
     if conv:
         model = nn.Sequential(
@@ -335,12 +350,7 @@ def test_biases_of_all_zero_output_channels_survive_onnxruntimes_int8_kernels(tm
     with torch.no_grad():
         model[2].weight[:rows] = 0  # pruned output channels whose biases stay
         model[2].bias[:4] = torch.tensor([0.6, -0.4, 0.5, 0.3])
-    convert_to_qat(model, QuantConfig(8, 8, scale=scale))
-    calibrate(model, [x])
-    enable_fake_quant(model)
-    model.eval()
-    export_onnx(model, tmp_path / "m.onnx", x[:1])
-    got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})  # onnxruntime's default optimizations
+    got = _quantized_in_onnxruntime(model, QuantConfig(8, 8, scale=scale), x, tmp_path / "m.onnx")
     with torch.no_grad():
         want = model(x).numpy()
         model[2].bias[:4] = 0
@@ -402,28 +412,18 @@ def _zero_rows(model):
 def test_every_bias_fits_onnxruntimes_int32_bias_grid(tmp_path, case, config, prepare, input_scale):
     # onnxruntime's QGemm/QLinearConv hold a bias as round(b / (s_w * s_x)) in int32: where that overflowed, the
     # bias came out as -2**31 * s_w * s_x, whatever its sign (a trial)
-    from lightning_compress import calibrate, enable_fake_quant
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     if prepare is not None:
         prepare(model)
     x = torch.randn(32, 8) * input_scale
-    convert_to_qat(model, config)
-    calibrate(model, [x])
-    enable_fake_quant(model)
-    model.eval()
-    export_onnx(model, tmp_path / "m.onnx", x[:1])
-    got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})  # onnxruntime's default optimizations
+    got = _quantized_in_onnxruntime(model, config, x, tmp_path / "m.onnx")
     with torch.no_grad():
         want = model(x).numpy()
-    step = max(float(q.effective_scale().max()) for _, q in quantizers(model) if q.role == "activation")
-    assert np.abs(got - want).max() <= 2 * step, case
+    assert np.abs(got - want).max() <= 2 * _activation_step(model), case
 
 
 def test_a_batchnorm_weight_of_zero_folded_into_an_int8_conv_keeps_its_bias(tmp_path):
-    from lightning_compress import calibrate, enable_fake_quant
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
     with torch.no_grad():
@@ -431,14 +431,8 @@ def test_a_batchnorm_weight_of_zero_folded_into_an_int8_conv_keeps_its_bias(tmp_
         model[1].bias.uniform_(0.2, 0.6)
     x = torch.randn(16, 2, 8, 8)
     model.train()(x)  # running statistics
-    convert_to_qat(model, QuantConfig(8, 8))
-    calibrate(model, [x])
-    enable_fake_quant(model)
-    model.eval()
-    export_onnx(model, tmp_path / "m.onnx", x[:1])
+    got = _quantized_in_onnxruntime(model, QuantConfig(8, 8), x, tmp_path / "m.onnx")
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node]
-    got = run(tmp_path / "m.onnx", {"input_0": x.numpy()})
     with torch.no_grad():
         want = model(x).numpy()
-    step = max(float(q.effective_scale().max()) for _, q in quantizers(model) if q.role == "activation")
-    assert np.abs(got - want).max() <= 2 * step
+    assert np.abs(got - want).max() <= 2 * _activation_step(model)
