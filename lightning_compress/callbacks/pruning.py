@@ -42,7 +42,7 @@ from ._validation import (
     warn_if_saved_under_another_key,
     weight_averaging,
 )
-from ._validation_plan import EpochWindow, plan_timeline
+from ._validation_plan import EpochWindow, plan_timeline, warn_if_max_steps_counts_several_optimizers
 
 __all__ = ["IterativePruning"]
 
@@ -381,6 +381,7 @@ class IterativePruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
         config, core = self.config, self.pruner
+        warn_if_max_steps_counts_several_optimizers(trainer, pl_module, "IterativePruning")
         default_in_steps = (
             config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
         )

@@ -38,7 +38,7 @@ from ._validation import (
     warn_if_saved_under_another_key,
     weight_averaging,
 )
-from ._validation_plan import steps_per_epoch
+from ._validation_plan import steps_per_epoch, warn_if_max_steps_counts_several_optimizers
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -335,6 +335,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
+        warn_if_max_steps_counts_several_optimizers(trainer, pl_module, "QuantizationAwareTraining")
         epoch = trainer.current_epoch
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             # resumed after `start_epoch` (Lightning skips the epoch start of a resumed epoch): quantization

@@ -66,6 +66,21 @@ class Manual(TinyModule):
         return loss
 
 
+def test_max_steps_under_manual_optimization_with_two_optimizers_is_said_to_count_both():
+    # a trial: the setup checks passed `max_steps` against batches, and the fit ended at 0.815 of 0.9
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=10, max_steps=60, callbacks=both()).fit(Manual())
+    said = [str(w.message) for w in caught if "under manual optimization" in str(w.message)]
+    assert len(said) == 2 and all("`max_steps`=60 counts the steps of all 2 optimizers" in m for m in said)
+    assert said[0].startswith("IterativePruning") and said[1].startswith("QuantizationAwareTraining")
+    with warnings.catch_warnings(record=True) as caught:  # one optimizer: nothing to say
+        warnings.simplefilter("always")
+        trainer(max_epochs=10, max_steps=60, callbacks=both()).fit(TinyModule())
+    assert not [w for w in caught if "under manual optimization" in str(w.message)]
+
+
 def test_manual_optimization_with_two_optimizers():
     pl.seed_everything(0, verbose=False)
     model = Manual()
