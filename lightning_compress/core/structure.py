@@ -413,5 +413,5 @@ def _convert(
         channel.extend(int(c) for c in item.root_idxs)
     group = ChannelGroup(root, size, _sorted_slices(slices.items()))
     if not any(s.kind == "in" for s in group.slices):
-        return None, "no layer consumes its channels"
+        return None, "no layer consumes its channels (they reach the model's output through an activation or pooling)"
     return group, ""

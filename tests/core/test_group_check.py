@@ -360,3 +360,10 @@ def test_the_callback_names_example_input_array_when_forward_refuses_it():
     with pytest.raises(ValueError, match=r"`example_input_array` does not run through TinyModule's forward"):
         trainer(max_epochs=2, callbacks=[IterativePruning(0.5, granularity="channel")]).fit(model)
     assert isinstance(model, pl.LightningModule) and not (model.net[0].weight == 0).any()
+
+
+def test_an_output_layer_behind_an_activation_is_said_to_reach_the_output():
+    # a trial: "no layer consumes its channels" for a classifier followed by a sigmoid
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4), nn.Sigmoid())
+    _, left = build_channel_groups(model, torch.randn(2, 8))
+    assert "reach the model's output" in left["2"]
