@@ -36,24 +36,17 @@ def models() -> Iterator[tuple[str, nn.Module, Any]]:
         hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=1000
     )
     yield "BERT, 4 layers, hidden 256", hf.BertForSequenceClassification(bert), ids
-    llama = hf.LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=688,
-        vocab_size=1000,
-    )
-    yield "Llama (GQA 8/2), 4 layers, hidden 256", hf.LlamaForCausalLM(llama), ids
-    big = hf.LlamaConfig(
-        hidden_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        intermediate_size=2816,
-        vocab_size=32000,
-    )
-    yield "Llama (GQA 16/4), 8 layers, hidden 1024", hf.LlamaForCausalLM(big), ids
+    for hidden, layers, heads, kv, mlp, vocab in ((256, 4, 8, 2, 688, 1000), (1024, 8, 16, 4, 2816, 32000)):
+        llama = hf.LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            intermediate_size=mlp,
+            vocab_size=vocab,
+        )
+        name = f"Llama (GQA {heads}/{kv}), {layers} layers, hidden {hidden}"
+        yield name, hf.LlamaForCausalLM(llama), ids
     vit = hf.ViTConfig(
         hidden_size=192,
         num_hidden_layers=4,
