@@ -3,6 +3,8 @@ metrics a rollback hands to checkpoint callbacks, and what the fit's end says.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -40,6 +42,7 @@ class ValidationMetrics:
     def __init__(self) -> None:
         self._before: dict[str, Tensor] = {}
         self._judged: dict[str, Tensor] = {}
+        self._judged_step: int | None = None  # the last optimizer step at which the model was the judged one
         self._names: set[str] = set()  # every metric a validation of this fit logged or changed
         self._restored: dict[str, Tensor] = {}  # written by the last rollback, until the next validation
 
@@ -54,9 +57,27 @@ class ValidationMetrics:
         self._names.update(k for k, v in metrics.items() if k not in before or not torch.equal(v, before[k]))
         return {k: metrics[k].clone() for k in self._names if k in metrics}
 
-    def keep(self, measured: dict[str, Tensor]) -> None:
-        """The guard copied the model ``measured`` scored."""
-        self._judged = measured
+    def keep(self, measured: dict[str, Tensor], step: int) -> None:
+        """The guard copied the model ``measured`` scored, at optimizer step ``step``."""
+        self._judged, self._judged_step = measured, step
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The judged validation's metrics (numbers) and the last step at which the model was the one it scored (that
+        validation's, or a rollback's since), for a checkpoint."""
+        if self._judged_step is None:
+            return None
+        return {"global_step": self._judged_step, "metrics": {k: float(v) for k, v in self._judged.items()}}
+
+    def resume(self, trainer: pl.Trainer, state: dict[str, Any] | None, core: IterativePruner) -> bool:
+        """On a fit resumed from a checkpoint saved while the model was the one the validation ``state`` describes
+        scored (right after it, or after a rollback to it; no optimizer step since): the guard copies the model it holds with that validation's value, and a rollback restores
+        that validation's metrics, as in the uninterrupted run. Returns whether it did."""
+        if state is None or int(state["global_step"]) != trainer.global_step or not core.adopt_saved_judgement():
+            return False
+        self._judged = {k: torch.tensor(float(v)) for k, v in state["metrics"].items()}
+        self._judged_step = int(state["global_step"])
+        self._names.update(self._judged)
+        return True
 
     def restore(self, trainer: pl.Trainer, measured: dict[str, Tensor], monitor: str, value: float | None) -> None:
         """After a rollback to the copied model: its validation's metrics, ``value`` for ``monitor``. ``None``: the
@@ -68,6 +89,7 @@ class ValidationMetrics:
                 "and checkpoint callbacks read them after it."
             )
             return
+        self._judged_step = trainer.global_step  # the model is the judged one again
         restored = {key: self._judged[key] for key in measured if key in self._judged}
         logged = measured.get(monitor, trainer.callback_metrics[monitor])
         restored[monitor] = torch.as_tensor(value, dtype=logged.dtype, device=logged.device)

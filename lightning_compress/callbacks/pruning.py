@@ -217,6 +217,7 @@ class IterativePruning(Callback):
         self._structure: ChannelStructure | None = None  # channel groups traced at setup, before FSDP2 shards
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
+        self._resumed_validation: dict[str, Any] | None = None  # the checkpoint's judged validation (step, metrics)
         self._in_steps = False
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
@@ -252,7 +253,9 @@ class IterativePruning(Callback):
         return [] if self._core is None else self._core.decisions
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._core is None else self._core.state_dict()
+        if self._core is None:
+            return {}
+        return {**self._core.state_dict(), "validation": self._metrics.state_dict()}
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -262,6 +265,7 @@ class IterativePruning(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        self._resumed_validation = state_dict.get("validation")
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:
@@ -309,7 +313,7 @@ class IterativePruning(Callback):
             trainer, pl_module, self.export_path, compacted=config.granularity == "channel"
         )
         self._previous = self._core if trainer.ckpt_path is None else None
-        self._core, self._restored = None, None
+        self._core, self._restored, self._resumed_validation = None, None, None
         self._pending_logs, self._optimizer_params = {}, {}
         self._metrics = ValidationMetrics()  # a fresh fit: no validation scored a copy yet
 
@@ -407,6 +411,9 @@ class IterativePruning(Callback):
             total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
             judged_until=plan.judged_until, wait_for_baseline=True,
         )  # fmt: skip
+        resumed, self._resumed_validation = self._resumed_validation, None
+        if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
+            self._metrics.resume(trainer, resumed, core)
         if not self._in_steps and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
             # without that epoch's end (where its event runs) or the next one's start. The event runs now.
@@ -530,7 +537,8 @@ class IterativePruning(Callback):
         decision = self._core.observe(value)
         self._validated_at = trainer.global_step
         if self._core.judged_value is not None and (decision is None or decision.action not in ("rollback", "stop")):
-            self._metrics.keep(measured)  # the copy a rollback would return to is of the model just scored
+            # the copy a rollback would return to is of the model just scored
+            self._metrics.keep(measured, trainer.global_step)
         if decision is None:
             return
         rank_zero_info(

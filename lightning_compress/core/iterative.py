@@ -42,7 +42,7 @@ from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
 from .sharding import is_sharded
-from .snapshot import ModelSnapshot
+from .snapshot import ModelSnapshot, quantizer_flags
 
 __all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "Rollback", "default_events"]
 
@@ -229,6 +229,7 @@ class IterativePruner:
         self._judged: ModelSnapshot | None = None
         self._judged_value: float | None = None  # what the evaluation that `_judged` copied gave
         self.restored_value: float | None = None  # that value after a rollback that restored that model exactly
+        self._saved_judgement: dict[str, Any] | None = None  # a checkpoint's `judged` entry, until adopted
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -574,7 +575,31 @@ class IterativePruner:
             "pruner": self._pruner.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "importance": type(self.rule.importance).__name__,  # what scored the masks ("auto" resolved)
+            "judged": self._judgement(),
         }
+
+    def _judgement(self) -> dict[str, Any] | None:
+        """The value of the evaluation whose model the copy holds, while the model is still that one (no event
+        since it), and how its quantizers stood: what :meth:`adopt_saved_judgement` needs after a resume."""
+        guard, copy, value = self.guard, self._judged, self._judged_value
+        if guard is None or copy is None or value is None or guard.awaiting_check:
+            return None
+        return {"value": value, "quantizers": list(copy.quantizer_flags)}
+
+    def adopt_saved_judgement(self) -> bool:
+        """After :meth:`load_state_dict`, when nothing has trained since the checkpoint's last evaluation (a
+        checkpoint saved right after it): take the copy a rollback returns to now, with that evaluation's value,
+        as the uninterrupted run holds it; without it, a rollback after the resume returns to the model of the next
+        event with no score. Returns whether it did: not when the checkpoint was saved with an event awaiting
+        judgement, or with quantizers that stood otherwise than they do now."""
+        saved, self._saved_judgement = self._saved_judgement, None
+        guard = self.guard
+        if saved is None or guard is None or guard.awaiting_check or guard.stopped:
+            return False
+        if quantizer_flags(self._model) != [int(flags) for flags in saved["quantizers"]]:
+            return False
+        self._judged, self._judged_value = ModelSnapshot(self._model), float(saved["value"])
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (version 1, the callback's format before this class, is migrated)."""
@@ -597,6 +622,7 @@ class IterativePruner:
         self.events = int(state.get("events", 0))
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
+        self._saved_judgement = state.get("judged")
 
 
 def _warn(message: str) -> None:

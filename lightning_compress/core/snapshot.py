@@ -9,7 +9,13 @@ from torch import Tensor, nn
 from .fake_quant import FakeQuantizer
 from .sharding import is_sharded
 
-__all__ = ["ModelSnapshot"]
+__all__ = ["ModelSnapshot", "quantizer_flags"]
+
+
+def quantizer_flags(model: nn.Module) -> list[int]:
+    """Each fake quantizer's flags (on, observing, initialized), in module order: whether two moments of a model
+    quantize alike."""
+    return [int(m.state) for m in model.modules() if isinstance(m, FakeQuantizer)]
 
 
 class ModelSnapshot:
@@ -30,6 +36,7 @@ class ModelSnapshot:
                 for flags in [q.state]
             ]
             self._quantizing = [q.fake_quant_enabled for q in quantizers]
+        self.quantizer_flags = [flags for _, flags, _ in self._quantizer_state]  # as :func:`quantizer_flags` reads
         seen = {id(t) for q in quantizers for t in [*q.parameters(), *q.buffers()]}
         self._quantized: list[tuple[FakeQuantizer, Tensor]] = [  # (a weight's quantizer, the weight)
             (q, m.weight)

@@ -1027,6 +1027,34 @@ def test_after_a_rollback_checkpoints_record_the_scores_of_the_model_they_hold(
         assert rescored == pytest.approx(float(recorded), abs=1e-6), path
 
 
+def test_a_rollback_after_resuming_restores_the_judged_validations_metrics(tmp_path):
+    """Session 18 left it: resumed from a checkpoint saved while the model was the judged one (after an epoch's
+    validation, or after a rollback to it), the guard had no copy with a score, so each rollback after the resume
+    warned that no validation scored the model and checkpoints recorded the rejected model's score (0.3954 for
+    a file that re-validates to 0.8149). The checkpoint now holds the judged validation's value and metrics."""
+
+    def run(ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model = ScoredBySparsity()
+        pruning = IterativePruning(0.5, start_epoch=1, end_epoch=5, monitor="val_score", max_drop=1e-4)
+        ckpt = ModelCheckpoint(dirpath=dirpath, monitor="val_loss", save_top_k=-1, filename="{epoch}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=6, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(model, ckpt_path=ckpt_path)
+        return model, pruning, ckpt, caught
+
+    full_model, full, _, _ = run(dirpath=tmp_path / "full")
+    model, resumed, ckpt, caught = run(ckpt_path=tmp_path / "full" / "epoch=2.ckpt", dirpath=tmp_path / "resumed")
+    assert [d.action for d in resumed.decisions] == ["rollback"] * 3
+    assert [(d.action, d.value) for d in resumed.decisions] == [(d.action, d.value) for d in full.decisions][-3:]
+    assert not [w for w in caught if "no validation scored" in str(w.message)]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in full_model.state_dict().items())
+    assert len(ckpt.best_k_models) == 3
+    for path, recorded in ckpt.best_k_models.items():
+        rescored = trainer().validate(ScoredBySparsity(), ckpt_path=path, verbose=False)[0]["val_loss"]
+        assert rescored == pytest.approx(float(recorded), rel=1e-6), path
+
+
 def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
     """A trial: a validation right after a rollback gave `val_acc` the restored value again; unchanged, it was not
     taken as that validation's, so the next rollback left the rejected model's `val_acc` for checkpoints."""
@@ -1036,11 +1064,11 @@ def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
 
     tensor = torch.tensor
     metrics = ValidationMetrics()
-    run = SimpleNamespace(callback_metrics={})
+    run = SimpleNamespace(callback_metrics={}, global_step=0)
     for values in ({"val_acc": 0.9, "val_loss": 0.5}, {"val_acc": 0.9, "val_loss": 0.4}):  # the second: judged
         metrics.start(run)
         run.callback_metrics.update({k: tensor(v) for k, v in values.items()})
-        metrics.keep(metrics.measured(run))
+        metrics.keep(metrics.measured(run), step=0)
     metrics.start(run)
     run.callback_metrics.update({"val_acc": tensor(0.7), "val_loss": tensor(0.9)})  # rejected
     metrics.restore(run, metrics.measured(run), "val_loss", 0.4)

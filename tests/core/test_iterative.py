@@ -167,6 +167,47 @@ def test_a_rolled_back_event_returns_the_whole_model_the_evaluation_judged(when)
     assert pruner.masked_sparsity() == 0.0
 
 
+def test_a_resumed_pruner_adopts_the_judged_copy_only_while_the_model_is_that_one():
+    """Resumed from a state saved right after an evaluation, the pruner had no copy and no value: a rollback
+    returned to the model of the next event with no score. `adopt_saved_judgement` takes the copy and value the
+    uninterrupted run holds; a state saved with an event awaiting judgement, or quantizers that stood otherwise,
+    is not adopted."""
+    from lightning_compress import QuantConfig, convert_to_qat, enable_fake_quant
+
+    def pruner_for(model):
+        return IterativePruner(model, 0.5, total_steps=4, every_n_steps=1, max_drop=0.1)
+
+    model = _model()
+    first = pruner_for(model)
+    first.observe(0.9)
+    state, weights = first.state_dict(), copy.deepcopy(model.state_dict())
+    assert state["judged"] == {"value": 0.9, "quantizers": []}
+    resumed_model = _model(seed=1)
+    resumed_model.load_state_dict(weights)
+    resumed = pruner_for(resumed_model)
+    resumed.load_state_dict(state)
+    assert resumed.judged_value is None and resumed.adopt_saved_judgement() and resumed.judged_value == 0.9
+    assert not resumed.adopt_saved_judgement()  # adopted once
+    assert resumed.advance_to(1)
+    with torch.no_grad():
+        resumed_model[0].weight.add_(1.0)  # training after the event
+    assert resumed.observe(0.1).action == "rollback" and resumed.restored_value == 0.9
+    assert all(torch.equal(resumed_model.state_dict()[k], v) for k, v in weights.items())
+
+    assert first.advance_to(1)
+    assert first.state_dict()["judged"] is None  # an event awaits judgement: the model is not the judged one
+    quantized = _model()
+    convert_to_qat(quantized, QuantConfig(weight_bits=8))
+    saved = pruner_for(quantized)
+    saved.observe(0.9)
+    state = saved.state_dict()
+    with pytest.warns(UserWarning, match="never observed an activation"):
+        enable_fake_quant(quantized)
+    again = pruner_for(quantized)
+    again.load_state_dict(state)
+    assert not again.adopt_saved_judgement() and again.judged_value is None  # quantizers switched on since
+
+
 def test_rewinding_puts_survivors_back_to_their_initial_values():
     model = _model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
