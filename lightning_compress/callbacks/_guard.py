@@ -70,8 +70,9 @@ class ValidationMetrics:
 
     def resume(self, trainer: pl.Trainer, state: dict[str, Any] | None, core: IterativePruner) -> bool:
         """On a fit resumed from a checkpoint saved while the model was the one the validation ``state`` describes
-        scored (right after it, or after a rollback to it; no optimizer step since): the guard copies the model it holds with that validation's value, and a rollback restores
-        that validation's metrics, as in the uninterrupted run. Returns whether it did."""
+        scored (right after it, or after a rollback to it; no optimizer step since): the guard copies the model it
+        holds with that validation's value, and a rollback restores that validation's metrics, as in the
+        uninterrupted run. Returns whether it did."""
         if state is None or int(state["global_step"]) != trainer.global_step or not core.adopt_saved_judgement():
             return False
         self._judged = {k: torch.tensor(float(v)) for k, v in state["metrics"].items()}
