@@ -224,6 +224,9 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
         start, end = start_epoch * per_epoch, end_epoch * per_epoch
         every = every_n_steps  # None: the core's default cadence
     judged = None if monitor is None else _last_judged(trainer, in_steps)
+    max_epochs = trained_max_epochs(trainer)
+    if judged is None and monitor is not None and not in_steps and max_epochs is not None and max_epochs > 0:
+        judged = max_epochs - 1  # unplanned validations (by time): events between epochs run at the next one's start
     if judged is not None and end > judged:
         unit = "step" if in_steps else "epoch"
         if judged <= start:
@@ -272,13 +275,16 @@ def _last_judged(trainer: pl.Trainer, in_steps: bool) -> int | None:
 
 
 def _last_judged_epoch_unsized(trainer: pl.Trainer) -> int | None:
-    """Data without a length, validated at the end of every ``check_val_every_n_epoch``-th epoch: the epochs are
-    known when ``max_epochs`` ends the fit."""
+    """Data without a length, validated in every ``check_val_every_n_epoch``-th epoch (at its end, or every N of its
+    batches): the epochs are known when ``max_epochs`` ends the fit. With every N batches an epoch shorter than N
+    has no validation; an event it leaves unjudged is rolled back at the end of fit."""
     max_epochs, every = trainer.max_epochs, trainer.check_val_every_n_epoch
     if max_epochs is None or max_epochs < 0 or trainer.max_steps >= 0 or every is None:
         return None
-    if trainer.val_check_interval != 1.0 or not trainer.enable_validation:
-        return None if trainer.enable_validation else 0
+    if not trainer.enable_validation:
+        return 0
+    if trainer.val_check_batch is None:  # time-based validation
+        return None
     epochs = [e for e in range(max_epochs) if (e + 1) % every == 0]
     if not epochs:
         return 0
