@@ -72,19 +72,24 @@ class CompressionMonitor(Callback):
         self._said_no_baseline = False
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training."""
+        """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training. One
+        that ran every validation batch (``num_sanity_val_steps=-1``) on a model neither sparse nor quantized gives
+        the dense baseline, for a fit that compresses from its first step."""
         # with several validation loaders Lightning keeps no metric of the sanity check: nothing to check then
-        if self.monitor is not None and trainer.num_sanity_val_steps != 0 and trainer.callback_metrics:
-            self._monitored(trainer)
+        if self.monitor is None or trainer.num_sanity_val_steps == 0 or not trainer.callback_metrics:
+            return
+        value = self._monitored(trainer)
+        whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
+        if whole and value is not None and not _compressed(pl_module, estimate_size(pl_module)):
+            self.baseline = value
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the model the validation scores now: a callback may change it at the validation's end (the
         guard's rollback), and the point logged must pair the value with the model it belongs to."""
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        compressed = any(q.fake_quant_enabled for _, q in quantizers(pl_module))
         size = estimate_size(pl_module)
-        self._validated = size, compressed or size.sparsity > 0
+        self._validated = size, _compressed(pl_module, size)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -147,8 +152,9 @@ class CompressionMonitor(Callback):
                 self._said_no_baseline = True
                 rank_zero_warn(
                     f"CompressionMonitor: the model was already compressed at the first validation, so there is no "
-                    f"dense baseline and `{self.monitor}_drop` is not logged. Start compressing after a validation "
-                    "(e.g. `start_epoch=1`) to get one."
+                    f"dense baseline and `{self.monitor}_drop` is not logged. Validate the dense model first: a "
+                    "sanity check over the whole validation set (`Trainer(num_sanity_val_steps=-1)`), or start "
+                    "compressing after a validation (e.g. `start_epoch=1`)."
                 )
             return None
         return self.baseline - value if self.mode == "max" else value - self.baseline
@@ -219,6 +225,11 @@ class CompressionMonitor(Callback):
                 axis.legend()
             figure.tight_layout()
             experiment.add_figure("compress/charts/accuracy_vs_compression", figure, step)
+
+
+def _compressed(pl_module: pl.LightningModule, size: ModelSize) -> bool:
+    """Whether the model is sparse or quantized now (not a dense baseline)."""
+    return size.sparsity > 0 or any(q.fake_quant_enabled for _, q in quantizers(pl_module))
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

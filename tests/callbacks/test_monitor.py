@@ -100,6 +100,29 @@ def test_no_drop_is_logged_without_a_dense_baseline(tmp_path):
     assert "compress/model/val_acc," in logged and "val_acc_drop" not in logged
 
 
+@pytest.mark.parametrize("sanity_steps", [-1, 1])
+def test_a_sanity_check_over_the_whole_validation_set_gives_the_dense_baseline(tmp_path, sanity_steps):
+    """A trial: the README's own example prunes from its first step, so its monitor had no dense baseline (it warned
+    and its summary read "dense n/a"). A sanity check that ran every validation batch scores the dense model; one of
+    part of them is not comparable with a whole validation and gives none."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    monitor = CompressionMonitor(monitor="val_acc")
+    dense = trainer().validate(model, verbose=False)[0]["val_acc"]
+    callbacks = [IterativePruning(0.5, start_epoch=0, end_epoch=2), monitor]
+    logger = CSVLogger(tmp_path)
+    fit = trainer(max_epochs=2, callbacks=callbacks, logger=logger, num_sanity_val_steps=sanity_steps)
+    if sanity_steps == -1:
+        fit.fit(model)
+        assert monitor.baseline == pytest.approx(dense)
+        logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+        assert "compress/model/val_acc_drop" in logged and monitor.summary["baseline"] == pytest.approx(dense)
+    else:
+        with pytest.warns(UserWarning, match=r"no dense baseline .*`Trainer\(num_sanity_val_steps=-1\)`"):
+            fit.fit(model)
+        assert monitor.baseline is None
+
+
 def test_the_monitor_never_changes_the_model(tmp_path):
     """Regression: at the end of fit (the model in train mode) the size estimate ran the weight quantizers, which
     observed the weights again and moved the minmax scales: the model `fit` returned differed from the same fit
