@@ -67,9 +67,22 @@ class CompressionMonitor(Callback):
         self._validated: tuple[ModelSize, bool] | None = None  # the model a validation scores, at its start
 
     # ------------------------------------------------------------------ hooks
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.history = []
-        self._said_no_baseline = False
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A new fit starts a new history (a checkpoint's, restored after this, continues its own)."""
+        if stage == "fit":
+            self.history = []
+            self._said_no_baseline = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dense baseline and the history, for a checkpoint: a resumed fit measures drops from the same
+        baseline."""
+        return {"baseline": self.baseline, "history": [dict(point) for point in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self.baseline = state_dict.get("baseline")
+        self.history = [dict(point) for point in state_dict.get("history", [])]
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training. One

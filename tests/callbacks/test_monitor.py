@@ -1,6 +1,7 @@
 """CompressionMonitor with the real Trainer and a real TensorBoard event file."""
 
 import logging
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -121,6 +122,29 @@ def test_a_sanity_check_over_the_whole_validation_set_gives_the_dense_baseline(t
         with pytest.warns(UserWarning, match=r"no dense baseline .*`Trainer\(num_sanity_val_steps=-1\)`"):
             fit.fit(model)
         assert monitor.baseline is None
+
+
+def test_a_resumed_fit_keeps_the_dense_baseline_and_the_history(tmp_path):
+    """A trial: after `fit(ckpt_path=...)` the monitor had no baseline (the drop was no longer logged, the summary
+    read "dense n/a") and warned to start compressing later, which the run already did."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        monitor = CompressionMonitor(monitor="val_acc")
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+        callbacks = [IterativePruning(0.5, start_epoch=1, end_epoch=3), monitor, ckpt]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=4, callbacks=callbacks, enable_checkpointing=True).fit(TinyModule(), ckpt_path=ckpt_path)
+        assert not [w for w in caught if "CompressionMonitor" in str(w.message)]
+        return monitor
+
+    full = run()
+    resumed = run(ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert full.baseline is not None and resumed.baseline == full.baseline
+    assert resumed.history == full.history and len(full.history) == 4
+    assert resumed.summary["baseline"] == full.summary["baseline"]
 
 
 def test_the_monitor_never_changes_the_model(tmp_path):
