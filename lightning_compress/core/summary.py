@@ -1,7 +1,8 @@
 """What a model would weigh if exported now: per-layer sparsity, bits and bytes. Pure torch.
 
 The estimate follows :func:`~lightning_compress.save_compressed` without its final entropy coder: for each weight
-pruning selects by default (Linear/Conv layers, recurrent and attention matrices, experts), its nonzero positions
+pruning selects by default (Linear/Conv layers, recurrent and attention matrices, experts), each weight quantized
+and each other tensor stored sparsely, its nonzero positions
 (bitmask or gap stream, whichever is smaller), its values at their width (the fake-quant bits, or the dtype's) and
 per-channel scales; every other state entry as it is. It is cheap enough to run at every validation.
 """
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from .packing import code_container_bits
 from .qat import FakeQuantizer, qat_modules
 from .selection import select_targets
-from .sharding import full
+from .sharding import full, local
 
 __all__ = ["LayerSize", "ModelSize", "estimate_size"]
 
@@ -93,39 +94,78 @@ def _quantized(quantizer: FakeQuantizer, weight: Tensor) -> Tensor:
 def estimate_size(model: nn.Module) -> ModelSize:
     """Per-layer and total size of ``model`` as the compressed format would store it (before LZMA).
 
-    A weight sharded by FSDP2 is gathered whole, one layer at a time: every process must call this.
+    The layers are the weights pruning selects by default, every weight fake quantization is on for (an embedding
+    too), and every other floating-point tensor the format stores sparsely (60% zeros or more, as
+    :func:`~lightning_compress.save_compressed` decides); a tensor shared by two modules (tied embeddings) counts
+    once, as the file and ``torch.save`` store it. A weight sharded by FSDP2 is gathered whole, one at a time: every
+    process must call this.
     """
     quantizer_of: dict[int, FakeQuantizer] = {}
     for _, layer in qat_modules(model):
         candidate = layer.weight_fake_quant
         if isinstance(candidate, FakeQuantizer) and candidate.fake_quant_enabled:
             quantizer_of[id(layer.weight)] = candidate
-    layers: list[LayerSize] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the default leaves out is said where it prunes, not at every estimate
         try:
             targets = select_targets(model, module_tensors=True)  # the weights pruning selects by default
-        except ValueError:  # none: every entry is stored as it is
+        except ValueError:  # none
             targets = []
-    for target in targets:
-        weight = target.param
-        quantizer: FakeQuantizer | None = quantizer_of.get(id(weight))
-        weight = full(weight)  # a collective for a sharded weight (one layer at a time)
-        values = _quantized(quantizer, weight) if quantizer is not None else weight
-        nonzero = int((values != 0).sum())
-        bits = quantizer.bits if quantizer is not None else 8 * weight.element_size()
-        stored_bits = code_container_bits(bits) if quantizer is not None else bits
-        dense = weight.numel() * weight.element_size()
-        sparse = _positions_bytes(values) + (nonzero * stored_bits + 7) // 8
-        if quantizer is not None:
-            scale_bytes = quantizer.scale.numel() * quantizer.scale.element_size()  # float16 group scales: 2
-            sparse += scale_bytes
-            dense_quantized = (weight.numel() * stored_bits + 7) // 8 + scale_bytes
-            size = min(sparse, dense_quantized)
+    selected = {t.param_name for t in targets}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    layers: list[LayerSize] = []
+    dense_total = rest = 0
+    for name, tensor in _unique_entries(model):
+        size = tensor.numel() * tensor.element_size()
+        if "_fake_quant." in name:  # the quantizers' state: stored, not part of the float model
+            rest += size
+            continue
+        dense_total += size
+        parameter = parameters.get(name)
+        quantizer = quantizer_of.get(id(parameter)) if parameter is not None else None
+        if name in selected or quantizer is not None:
+            layers.append(_layer_size(name, full(parameter if parameter is not None else tensor), quantizer))
+        elif tensor.is_floating_point() and tensor.numel() >= _SPARSE_MIN_NUMEL and _stored_sparse(full(tensor)):
+            layers.append(_layer_size(name, full(tensor), None))
         else:
-            size = min(sparse, dense)
-        layers.append(LayerSize(target.param_name, weight.numel(), nonzero, bits, dense, size))
-    covered = {layer.name for layer in layers}
-    rest = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in covered)
-    dense_total = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if "_fake_quant." not in k)
+            rest += size
     return ModelSize(layers, dense_total, sum(layer.bytes for layer in layers) + rest)
+
+
+_SPARSE_MIN_NUMEL = 64  # the compressed format stores smaller tensors as they are
+
+
+def _stored_sparse(tensor: Tensor) -> bool:
+    """Whether the compressed format stores a float tensor as positions and values (as ``save_compressed``)."""
+    return float((tensor != 0).float().mean()) < 0.6
+
+
+def _unique_entries(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """The state dict's entries, a tensor two names share (tied weights) under its first name only."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = []
+    for name, tensor in model.state_dict().items():
+        shard = local(tensor)
+        key = (shard.untyped_storage().data_ptr(), int(shard.storage_offset()), tuple(tensor.shape))
+        if shard.numel() and key in seen:
+            continue
+        seen.add(key)
+        out.append((name, tensor))
+    return out
+
+
+def _layer_size(name: str, weight: Tensor, quantizer: FakeQuantizer | None) -> LayerSize:
+    values = _quantized(quantizer, weight) if quantizer is not None else weight
+    nonzero = int((values != 0).sum())
+    bits = quantizer.bits if quantizer is not None else 8 * weight.element_size()
+    stored_bits = code_container_bits(bits) if quantizer is not None else bits
+    dense = weight.numel() * weight.element_size()
+    sparse = _positions_bytes(values) + (nonzero * stored_bits + 7) // 8
+    if quantizer is not None:
+        scale_bytes = quantizer.scale.numel() * quantizer.scale.element_size()  # float16 group scales: 2
+        sparse += scale_bytes
+        dense_quantized = (weight.numel() * stored_bits + 7) // 8 + scale_bytes
+        size = min(sparse, dense_quantized)
+    else:
+        size = min(sparse, dense)
+    return LayerSize(name, weight.numel(), nonzero, bits, dense, size)

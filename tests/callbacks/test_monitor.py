@@ -87,6 +87,36 @@ def test_size_estimate_tracks_the_real_file(tmp_path):
     assert estimate.effective_bits < 4
 
 
+def test_the_estimate_counts_a_tied_weight_once_and_compressed_tensors_outside_the_default_selection(tmp_path):
+    """A trial: a weight tied to an embedding was counted twice (dense bytes 528,640 for 272,640 unique), and a
+    pruned or int8 embedding was counted as dense float, so the monitor logged a ratio of 1.0 for a model the file
+    stores 1.6x smaller (and reset its dense baseline at every validation)."""
+    from torch import nn
+
+    from lightning_compress import QuantConfig, convert_to_qat, enable_fake_quant, prune_
+
+    class LM(nn.Module):
+        def __init__(self, tied):
+            super().__init__()
+            self.emb, self.h, self.head = nn.Embedding(100, 16), nn.Linear(16, 16), nn.Linear(16, 100, bias=False)
+            if tied:
+                self.head.weight = self.emb.weight
+
+    unique = 4 * (100 * 16 + 16 * 16 + 16)
+    assert estimate_size(LM(tied=True)).dense_bytes == unique
+    assert estimate_size(LM(tied=False)).dense_bytes == unique + 4 * 100 * 16
+    model = LM(tied=False)
+    prune_(model, 0.5, include=["emb"])
+    size = estimate_size(model)
+    assert "emb.weight" in [layer.name for layer in size.layers] and size.sparsity > 0
+    assert size.bytes < size.dense_bytes - 4 * 100 * 16 // 3  # the embedding's zeros are not stored
+    quantized = LM(tied=False)
+    convert_to_qat(quantized, QuantConfig(weight_bits=8, activation_bits=None), include=["emb", "h", "head"])
+    enable_fake_quant(quantized)
+    layers = {layer.name: layer.bits for layer in estimate_size(quantized).layers}
+    assert layers == {"emb.weight": 8, "h.weight": 8, "head.weight": 8}
+
+
 def test_no_drop_is_logged_without_a_dense_baseline(tmp_path):
     """Regression: pruning from the first step left no dense validation, and the drop was logged as 0.0."""
     pl.seed_everything(0, verbose=False)
