@@ -78,7 +78,10 @@ class QuantConfig:
             raise ValueError(f"`scale`={self.scale!r} is not one of {SCALE_MODES}.")
         if not is_real(self.averaging_constant):
             raise TypeError(f"`averaging_constant` must be a float in (0, 1], got {self.averaging_constant!r}.")
-        constant = float(self.averaging_constant)
+        try:
+            constant = float(self.averaging_constant)
+        except OverflowError:  # an int beyond a float's range
+            raise ValueError(f"`averaging_constant`={self.averaging_constant} must be in (0, 1].") from None
         object.__setattr__(self, "averaging_constant", constant)
         if not 0.0 < constant <= 1.0:
             raise ValueError(f"`averaging_constant`={constant} must be in (0, 1].")

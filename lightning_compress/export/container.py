@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,11 @@ def write_container(path: Path, manifest: dict[str, Any], body: bytes) -> None:
 
 
 def read_container(
-    path: Path, max_raw: int, max_manifest: int, body_size: Callable[[dict[str, Any], int], int]
+    path: Path,
+    max_raw: int,
+    max_manifest: int,
+    body_size: Callable[[dict[str, Any], int], int],
+    max_values: int | None = None,
 ) -> tuple[dict[str, Any], bytearray]:
     """Read ``path``: its manifest, then its body, never decompressing more than ``max_raw`` bytes.
 
@@ -66,6 +71,8 @@ def read_container(
         max_raw: the most decompressed bytes a file for this model can need (the caller derives it
             from the model); a file that declares more is refused before anything is decompressed.
         max_manifest: the longest manifest accepted.
+        max_values: the most JSON values (commas and brackets) the manifest may hold, counted before it is parsed
+            (``None``: not counted).
         body_size: checks the parsed manifest (given the file's format version) against the model
             and returns the exact body length it accounts for; raises :class:`CompressedFileError`.
 
@@ -73,7 +80,10 @@ def read_container(
         CompressedFileError: unreadable, damaged, or sizes that do not add up or exceed the caps.
     """
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the open until a writer came
+            raise CompressedFileError(f"{path} is not a regular file.")
+        size = info.st_size
         with path.open("rb") as f:
             header = f.read(HEADER.size)
             if len(header) < HEADER.size or header[:4] != MAGIC:
@@ -103,7 +113,7 @@ def read_container(
             (manifest_len,) = _PREFIX.unpack(stream.read(_PREFIX.size))
             if manifest_len > min(max_manifest, raw_len - _PREFIX.size):
                 raise CompressedFileError(f"{path} declares a {manifest_len}-byte manifest, more than allowed.")
-            manifest = _parse(bytes(stream.read(manifest_len)), path)
+            manifest = _parse(stream.read(manifest_len), path, max_values)
             expected = body_size(manifest, version)
             if expected != raw_len - _PREFIX.size - manifest_len:
                 raise CompressedFileError(
@@ -131,7 +141,13 @@ def _check_digest(f: IO[bytes], fields: bytes, digest: bytes, path: Path) -> Non
         raise CompressedFileError(f"{path} is corrupted: checksum mismatch.")
 
 
-def _parse(data: bytes, path: Path) -> dict[str, Any]:
+def _parse(data: bytes | bytearray, path: Path, max_values: int | None = None) -> dict[str, Any]:
+    if max_values is not None:
+        values = data.count(b",") + data.count(b"{") + data.count(b"[")
+        if values > max_values:  # each one a Python object: refused before building them
+            raise CompressedFileError(
+                f"{path}: its manifest holds {values} JSON values; a file for this model holds at most {max_values}."
+            )
     try:
         manifest = json.loads(data.decode())
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # ValueError: JSON, and a 5,000-digit int

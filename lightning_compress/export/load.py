@@ -26,6 +26,7 @@ from .records import (
     ArchitectureMismatch,
     TensorRecord,
     max_manifest_bytes,
+    max_manifest_values,
     max_raw_bytes,
     plan,
 )
@@ -227,7 +228,9 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             raise CompressedFileError(f"{path} does not hold a valid model for {type(model).__name__}: {err}") from err
         return sum(planned["sizes"])
 
-    manifest, body = read_container(path, max_raw_bytes(model), max_manifest_bytes(model), body_size)
+    manifest, body = read_container(
+        path, max_raw_bytes(model), max_manifest_bytes(model), body_size, max_manifest_values(model)
+    )
     records: list[TensorRecord] = planned["records"]
     try:
         tensors = _decode_all(records, planned["sizes"], body, planned["version"])

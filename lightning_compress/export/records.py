@@ -24,7 +24,15 @@ from ..core.qat import FakeQuantizer, QuantConfig, qat_modules, quantizable
 from ..core.quant import int_range
 from .container import CompressedFileError
 
-__all__ = ["SECTIONS", "ArchitectureMismatch", "TensorRecord", "max_manifest_bytes", "max_raw_bytes", "plan"]
+__all__ = [
+    "SECTIONS",
+    "ArchitectureMismatch",
+    "TensorRecord",
+    "max_manifest_bytes",
+    "max_manifest_values",
+    "max_raw_bytes",
+    "plan",
+]
 
 SECTIONS = ("positions", "codes", "data")  # similar bytes together: the entropy coder does better
 KINDS = ("raw", "sparse", "quantized", "alias", "bias")
@@ -164,7 +172,7 @@ def _is_int(value: Any) -> bool:
 
 def _from_v1(entry: Any) -> Any:
     """Format 1: ``[name, dtype, shape, kind, count, coding, position_bytes, bits, axis, qmin, qmax, prefix]``."""
-    if not isinstance(entry, list) or len(entry) < 4 or entry[3] not in _V1_KINDS:
+    if not isinstance(entry, list) or len(entry) < 4 or not isinstance(entry[3], str) or entry[3] not in _V1_KINDS:
         return entry
     kind = _V1_KINDS[entry[3]]
     out = dict(zip(_FIELDS[kind], entry, strict=False))
@@ -203,10 +211,34 @@ def _same_module_entry(record: TensorRecord, second: dict[str, str]) -> bool:
     return record.of is not None and record.of == first_name(record.name, second)
 
 
+def _manifest_names(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """The names a file for ``model`` can record: its state entries, every quantizer buffer its layers can hold (a
+    float model loads a QAT file), and the layers."""
+    layers = list(_layers_with_weights(model))
+    buffers = [f"{layer}.{role}_fake_quant.{buffer}" for layer in layers for role in ("weight", "input") for buffer in
+               _QUANTIZER_BUFFERS]  # fmt: skip
+    return list(model.state_dict()), buffers, layers
+
+
 def max_manifest_bytes(model: nn.Module) -> int:
-    """The longest manifest a file for ``model`` can have: a few hundred bytes per tensor, generously."""
-    entries = len(model.state_dict()) + 2 * len(_QUANTIZER_BUFFERS) * len(_layers_with_weights(model))
-    return 65536 + 1024 * entries
+    """The longest manifest a file for ``model`` can have: a record names its tensor up to three times (an alias, a
+    quantizer) beside about a hundred bytes of fields (a quantizer buffer's record: its name and about sixty), and
+    each layer has its quantization settings and heads (twice as many bytes as a file needs)."""
+    entries, buffers, layers = _manifest_names(model)
+    return (
+        65536
+        + sum(3 * len(name) + 192 for name in entries)
+        + sum(2 * len(name) + 128 for name in buffers)
+        + sum(len(layer) + 384 for layer in layers)
+    )
+
+
+def max_manifest_values(model: nn.Module) -> int:
+    """The most JSON values (commas and brackets) a manifest for ``model`` can hold: a record has at most about 20,
+    a quantizer buffer's about 10, a layer's settings and heads about 20. Checked before parsing: a few KiB of
+    ``{},{},...`` would otherwise build millions of Python objects."""
+    entries, buffers, layers = _manifest_names(model)
+    return 4096 + 24 * len(entries) + 12 * len(buffers) + 32 * len(layers)
 
 
 def _quantizer_bound(weight: Tensor, role: str) -> int:
@@ -295,6 +327,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
     _check_names(model, records, compacted)
     _check_qat_layers(model, qat_layers)
     by_name = {r.name: r for r in records}
+    position = {r.name: i for i, r in enumerate(records)}
     sizes = dict.fromkeys(SECTIONS, 0)
     for i, record in enumerate(records):
         element = record.element_size
@@ -307,7 +340,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
             continue
         if record.kind == "alias":
             target = by_name.get(record.of)
-            if target is None or target.kind == "alias" or records.index(target) >= i:
+            if target is None or target.kind == "alias" or position[target.name] >= i:
                 raise CompressedFileError(f"{record.name}: an alias of {record.of!r}, which is not stored before it.")
             if (target.dtype, target.shape) != (record.dtype, record.shape):
                 raise CompressedFileError(f"{record.name}: an alias of {record.of!r} with another dtype or shape.")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_compress import CompressedFileError, QuantConfig, load_compressed, save_compressed
 from lightning_compress.core.qat import qat_modules
@@ -67,6 +68,35 @@ def test_a_huge_manifest_length_is_refused(tmp_path):
     raw = (2**31).to_bytes(4, "little") + b"{}"
     forge.write(tmp_path / "m.lcz", forge.compress(raw), raw_len=len(raw))
     refused(tmp_path / "m.lcz", "manifest, more than allowed")
+
+
+def test_aliases_are_checked_in_linear_time(tmp_path):
+    """A trial: a 9 KB file of 12,000 quantizer-buffer records and 2,000 aliases took 20.7 s to refuse (each alias
+    looked its target up with `list.index`)."""
+    import time
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(1000)])
+    buffers = {"scale": "float32", "zero_point": "int32", "shift": "int32", "min_val": "float32",
+               "max_val": "float32", "state": "int32"}  # fmt: skip
+    records = [
+        {"name": f"{i}.{role}_fake_quant.{buffer}", "dtype": dtype, "shape": [], "kind": "raw"}
+        for i in range(1000)
+        for role in ("weight", "input")
+        for buffer, dtype in buffers.items()
+    ]
+    body = bytes(4 * len(records) + 24)
+    records += [{"name": "0.weight", "dtype": "float32", "shape": [2, 2], "kind": "raw"},
+                {"name": "0.bias", "dtype": "float32", "shape": [2], "kind": "raw"}]  # fmt: skip
+    for i in range(1, 1000):
+        records.append({"name": f"{i}.weight", "dtype": "float32", "shape": [2, 2], "kind": "alias", "of": "0.weight"})
+        records.append({"name": f"{i}.bias", "dtype": "float32", "shape": [2], "kind": "alias", "of": "0.bias"})
+    manifest = {"format": "lightning-compress", "version": 5, "model": "Sequential", "qat_layers": {},
+                "compacted": False, "heads": {}, "sections": [0, 0, len(body)], "tensors": records}  # fmt: skip
+    path = forged(tmp_path, manifest, body)
+    start = time.perf_counter()
+    with pytest.raises(CompressedFileError):
+        load_compressed(model, path)
+    assert time.perf_counter() - start < 5.0  # 20 s before; well under a second now
 
 
 def forged(tmp_path: Path, manifest, body: bytes) -> Path:
@@ -277,6 +307,34 @@ def test_a_forged_bias_record_is_refused(tmp_path, genuine_bias, edit, match):
     manifest, body = copy.deepcopy(genuine_bias[0]), genuine_bias[1]
     edit(manifest)
     refused(forged(tmp_path, manifest, body), match)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m["qat_layers"]["fc1"].update(averaging_constant=10**400), "bad quantization settings for 'fc1'"),
+        (lambda m: m.update(tensors=[["fc1.weight", "float32", [4, 4], ["q"]]]), "bad tensor record"),
+        (lambda m: m.update(tensors=[["fc1.weight", "float32", [4, 4], {}]]), "bad tensor record"),
+    ],
+)
+def test_values_python_cannot_compare_or_convert_are_refused_as_a_bad_file(tmp_path, genuine_bias, edit, match):
+    """A trial: an integer too large for a float raised `OverflowError`, a format-1 record whose kind was a list or
+    an object `TypeError` (unhashable), instead of `CompressedFileError`."""
+    manifest, body = copy.deepcopy(genuine_bias[0]), genuine_bias[1]
+    edit(manifest)
+    refused(forged(tmp_path, manifest, body), match)
+    with pytest.raises(ValueError, match=r"`averaging_constant`=1000.* must be in \(0, 1\]"):
+        QuantConfig(8, 8, averaging_constant=10**400)
+
+
+def test_a_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path):
+    """A trial: `load_compressed` on a FIFO waited forever for a writer."""
+    import os
+
+    fifo = tmp_path / "pipe.lcz"
+    os.mkfifo(fifo)
+    refused(fifo, "is not a regular file")
+    refused(tmp_path, "is not a regular file")
 
 
 def test_a_bias_record_in_a_format_4_file_is_refused(tmp_path, genuine_bias):

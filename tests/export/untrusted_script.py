@@ -30,7 +30,7 @@ from lightning_compress import (
     save_compressed,
 )
 from lightning_compress.core.qat import qat_modules, quantizers
-from lightning_compress.export.records import max_raw_bytes
+from lightning_compress.export.records import max_manifest_bytes, max_raw_bytes
 from tests.export import forge
 
 SLACK = 16 << 20  # the LZMA window (8 MiB) and allocator noise around one load
@@ -177,6 +177,32 @@ def main() -> None:
 
     hostile()
     print(f"{len(refusals)} hostile files refused within {bound / 2**20:.1f} MiB")
+    many_small_layers(work)
+
+
+def many_small_layers(work: Path) -> None:
+    """A trial: for a model of 1,000 tiny layers (23 KiB) a 2 KiB file whose manifest was its whole allowance of
+    ``{},{},...`` cost +381 MiB to refuse (the manifest was parsed before anything was counted): the JSON values are
+    counted first now, and the allowance follows the model's names."""
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(1000)])
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    path = work / "values.lcz"
+    head, tail = b'{"format": "lightning-compress", "version": 5, "tensors": [', b"{}]}"
+    manifest = head + b"{}," * ((max_manifest_bytes(model) - len(head) - len(tail)) // 3) + tail
+    raw = len(manifest).to_bytes(4, "little") + manifest
+    forge.write(path, forge.compress(raw), len(raw))
+    failures = []
+
+    def load() -> None:
+        try:
+            load_compressed(model, path)
+        except CompressedFileError as err:
+            failures.append(str(err))
+
+    extra = extra_memory(load)
+    assert failures and "JSON values" in failures[0], failures
+    assert extra <= 2 * size + SLACK, (extra, size)
+    print(f"refused (a manifest of empty objects for 1,000 tiny layers): +{extra / 2**20:.1f} MiB: {failures[0][-90:]}")
 
 
 def records_of(manifest: dict) -> dict[str, dict]:
