@@ -35,6 +35,7 @@ __all__ = [
     "module_tensor_holders",
     "normalize_patterns",
     "select_targets",
+    "state_root",
 ]
 
 _WILDCARDS = set("*?[")
@@ -182,6 +183,23 @@ def experts_picked(
         and (include is None or any(_WILDCARDS & set(p) and _matches(name, p) for p in include))
         and not (exclude is not None and any(_matches(name, p) for p in exclude))
     ]
+
+
+def state_root(model: nn.Module) -> nn.Module:
+    """The module whose names ``model.state_dict()`` uses: ``model`` itself, or the inner module a wrapper hands its
+    state to (``lightning.fabric``'s ``_FabricModule`` keys its state without its ``_forward_module.`` prefix).
+    Read from where the state dict's first tensor sits among the named parameters and buffers."""
+    state = model.state_dict(keep_vars=True)
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for key, tensor in state.items():
+        name = names.get(id(tensor))
+        if name is None:
+            continue
+        if name == key or not name.endswith("." + key):
+            return model
+        inner = model.get_submodule(name[: -len(key) - 1])
+        return inner if inner.state_dict(keep_vars=True).keys() == state.keys() else model
+    return model
 
 
 def select_targets(

@@ -19,6 +19,7 @@ from ..core.packing import (
 )
 from ..core.qat import QuantConfig, convert_to_qat, qat_modules, quantizers
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
+from ..core.selection import state_root
 from ..core.shrink import set_head_record, shrink_like
 from .container import CompressedFileError, read_container
 from .records import (
@@ -211,6 +212,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             or written for another architecture. The model is left exactly as it was.
     """
     check_module(model)
+    model = state_root(model)  # a wrapper's inner module (Fabric): the names its state dict uses
     path = check_path(path)
     planned: dict[str, Any] = {}
 

@@ -479,3 +479,25 @@ def test_the_report_counts_zeros_of_a_layer_stored_densely(tmp_path):
     layer = next(r for r in report.layers if r.name == "0.weight")
     assert layer.index_coding == "dense"
     assert layer.sparsity == pytest.approx(zeros, abs=0.01)
+
+
+def test_a_model_wrapped_by_fabric_saves_and_loads_as_the_plain_model(tmp_path):
+    """A trial: `save_compressed(fabric.setup_module(model))` took names from the wrapper's modules
+    (`_forward_module.fc1`) and from its state dict (`fc1`): the QAT weights were stored in float (131 KB against 40 KB)
+    and the file loaded into neither a plain nor a wrapped model."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = compressed_net(0.5, config=QuantConfig(8, 8))
+    plain_report = save_compressed(model, tmp_path / "plain.lcz")
+    wrapped_report = save_compressed(fabric.setup_module(model), tmp_path / "wrapped.lcz")
+    assert (tmp_path / "plain.lcz").read_bytes() == (tmp_path / "wrapped.lcz").read_bytes()
+    assert wrapped_report.file_bytes == plain_report.file_bytes
+    expected = model.eval()(inputs())
+    for path in ("plain.lcz", "wrapped.lcz"):
+        fresh = Net()
+        load_compressed(fresh, tmp_path / path)
+        torch.testing.assert_close(fresh.eval()(inputs()), expected, atol=0, rtol=0)
+        wrapped = fabric.setup_module(Net())
+        load_compressed(wrapped, tmp_path / path)
+        torch.testing.assert_close(wrapped.module.eval()(inputs()), expected, atol=0, rtol=0)
