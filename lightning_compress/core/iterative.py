@@ -404,7 +404,8 @@ class IterativePruner:
         """After every optimizer step: advance the clock by one and run an event if one is due.
 
         Without :meth:`before_optimizer_step` this step, the gradients are read here, and pruned weights
-        the optimizer moved, and their optimizer state, are zeroed again. Returns whether an event
+        the optimizer moved, and their optimizer state, are zeroed again; pruned weights are zeroed again too when
+        no optimizer is attached (``optimizers=``), whose momentum could move them. Returns whether an event
         changed the masks.
         """
         if not self._grads_masked:
@@ -412,6 +413,8 @@ class IterativePruner:
                 self._pruner.observe_gradients()
             self._pruner.apply()
             self._zero_optimizer_state()
+        elif not self.optimizers:  # masked gradients, but momentum no one zeroed moved pruned weights: zero them
+            self._pruner.apply()
         self._grads_masked = False
         return self.advance_to(self.steps + 1)
 

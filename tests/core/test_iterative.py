@@ -53,6 +53,18 @@ def test_a_plain_loop_reaches_the_target_at_total_steps_on_the_schedule():
         assert bool((buffer[~mask] == 0).all()), name
 
 
+def test_pruned_weights_stay_zero_with_masked_gradients_and_no_optimizer_attached():
+    """A trial: the README's loop with `before_optimizer_step()` and Adam not passed as `optimizers=`: Adam's moments
+    moved the pruned weights (sparsity 0.9 after the last event, 0.137 one step later) while `masked_sparsity()`
+    still said 0.9."""
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = IterativePruner(model, 0.9, total_steps=10, every_n_steps=2)
+    _train(model, pruner, optimizer, 14)
+    assert pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+    assert sparsity(model) == pytest.approx(pruner.masked_sparsity())
+
+
 def test_default_cadence_is_an_event_every_step_up_to_a_thousand_events():
     """Element granularity: about 1,000 events, so every step of a shorter schedule; channels and N:M: about 100."""
     model = _model()
