@@ -230,6 +230,7 @@ class IterativePruner:
         self._judged_value: float | None = None  # what the evaluation that `_judged` copied gave
         self.restored_value: float | None = None  # that value after a rollback that restored that model exactly
         self._saved_judgement: dict[str, Any] | None = None  # a checkpoint's `judged` entry, until adopted
+        self._judged_steps: int | None = None  # the clock when the model was last the one `_judged` holds
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -501,12 +502,13 @@ class IterativePruner:
             value_then = self._judged_value
             if self._roll_back():  # the model is again the one the copy holds: the last one judged
                 self.restored_value = value_then
+                self._judged_steps = self.steps
             self._zero_optimizer_state()
         if self.guard.stopped or (self.reached_target() and not self.guard.awaiting_check):
             self._judged, self._judged_value = None, None  # no event follows: no copy to hold
         elif not rolled_back:
             self._judged = ModelSnapshot(self._model)  # what the next event's rollback returns to
-            self._judged_value = float(value)
+            self._judged_value, self._judged_steps = float(value), self.steps
         if decision is not None:
             self.decisions.append(decision)
         return decision
@@ -587,21 +589,24 @@ class IterativePruner:
         guard, copy, value = self.guard, self._judged, self._judged_value
         if guard is None or copy is None or value is None or guard.awaiting_check:
             return None
-        return {"value": value, "quantizers": list(copy.quantizer_flags)}
+        return {"value": value, "quantizers": list(copy.quantizer_flags), "steps": self._judged_steps}
 
     def adopt_saved_judgement(self) -> bool:
-        """After :meth:`load_state_dict`, when nothing has trained since the checkpoint's last evaluation (a
-        checkpoint saved right after it): take the copy a rollback returns to now, with that evaluation's value,
-        as the uninterrupted run holds it; without it, a rollback after the resume returns to the model of the next
-        event with no score. Returns whether it did: not when the checkpoint was saved with an event awaiting
-        judgement, or with quantizers that stood otherwise than they do now."""
+        """After :meth:`load_state_dict` and the model's own state, when nothing has trained since the checkpoint's
+        last evaluation (saved right after an :meth:`observe`): take the copy a rollback returns to now, with that
+        evaluation's value, as the uninterrupted run holds it; without it, a rollback after the resume returns to the
+        model of the next event with no score. Returns whether it did: not when the clock moved after that
+        evaluation, an event awaits judgement, or the quantizers stood otherwise than they do now."""
         saved, self._saved_judgement = self._saved_judgement, None
         guard = self.guard
         if saved is None or guard is None or guard.awaiting_check or guard.stopped:
             return False
+        if saved.get("steps") is not None and int(saved["steps"]) != self.steps:
+            return False  # steps trained after that evaluation
         if quantizer_flags(self._model) != [int(flags) for flags in saved["quantizers"]]:
             return False
         self._judged, self._judged_value = ModelSnapshot(self._model), float(saved["value"])
+        self._judged_steps = self.steps
         return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -193,7 +193,7 @@ def test_a_resumed_pruner_adopts_the_judged_copy_only_while_the_model_is_that_on
     first = pruner_for(model)
     first.observe(0.9)
     state, weights = first.state_dict(), copy.deepcopy(model.state_dict())
-    assert state["judged"] == {"value": 0.9, "quantizers": []}
+    assert state["judged"] == {"value": 0.9, "quantizers": [], "steps": 0}
     resumed_model = _model(seed=1)
     resumed_model.load_state_dict(weights)
     resumed = pruner_for(resumed_model)
@@ -206,6 +206,9 @@ def test_a_resumed_pruner_adopts_the_judged_copy_only_while_the_model_is_that_on
     assert resumed.observe(0.1).action == "rollback" and resumed.restored_value == 0.9
     assert all(torch.equal(resumed_model.state_dict()[k], v) for k, v in weights.items())
 
+    resumed_late = pruner_for(_model(seed=1))
+    resumed_late.load_state_dict({**state, "steps": 1})
+    assert not resumed_late.adopt_saved_judgement()  # saved a step after the evaluation: the model moved since
     assert first.advance_to(1)
     assert first.state_dict()["judged"] is None  # an event awaits judgement: the model is not the judged one
     quantized = _model()
