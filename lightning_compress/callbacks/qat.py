@@ -159,6 +159,7 @@ class QuantizationAwareTraining(Callback):
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
         self._calibrated = False  # `start_epoch` ended in this fit
+        self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
@@ -240,6 +241,7 @@ class QuantizationAwareTraining(Callback):
                 ) from err
             self._converted = [name for name in self._layers if name not in before]
             self._calibrated = False  # `start_epoch` ended in this fit
+            self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -253,6 +255,15 @@ class QuantizationAwareTraining(Callback):
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
+        if stage == "fit" and self._converted and not self._trained and not (self._layers and self._active(pl_module)):
+            # a fit whose training never started with this callback (`Tuner.lr_find`/`scale_batch_size` run their
+            # own callbacks): the layers it converted computed what the float ones do; the model gets them back
+            convert_to_float(pl_module, self._converted)
+            self._converted = []
+            rank_zero_info(
+                "QuantizationAwareTraining: the fit ended before its training started (a tuner's run?): the model's "
+                "layers are float again."
+            )
 
     def _check_no_overlap(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """A layer keeps the settings of the first callback that converts it: a second callback on the same layers
@@ -335,6 +346,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
+        self._trained = True
         warn_if_max_steps_counts_several_optimizers(trainer, pl_module, "QuantizationAwareTraining")
         epoch = trainer.current_epoch
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):

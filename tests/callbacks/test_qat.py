@@ -689,6 +689,35 @@ def test_a_fit_that_fails_before_quantization_switched_on_gives_the_float_layers
     assert qat_modules(model) and all(active(model))
 
 
+@pytest.mark.parametrize("tune", ["lr_find", "scale_batch_size"])
+def test_a_tuner_run_leaves_the_model_float_and_the_next_fit_quantizes(tune):
+    """A trial: `Tuner(trainer).lr_find(model)` runs its own callbacks in place of these, so the layers QAT converted
+    at `setup` stayed QAT layers (21 extra state entries: the model no longer loaded into its plain class)."""
+    from lightning.pytorch.tuner import Tuner
+
+    class Tunable(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.lr, self.batch_size = 0.05, 16
+
+        def train_dataloader(self):
+            return DataLoader(make_blobs(256), batch_size=self.batch_size, shuffle=True)
+
+    pl.seed_everything(0, verbose=False)
+    model = Tunable()
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1)
+    fit = trainer(max_epochs=3, callbacks=[qat])
+    tuner = Tuner(fit)
+    if tune == "lr_find":
+        tuner.lr_find(model, num_training=8)
+    else:
+        tuner.scale_batch_size(model, max_trials=2, steps_per_trial=2)
+    assert not qat_modules(model) and isinstance(model.net[0], nn.Linear)
+    TinyModule().load_state_dict({k: v for k, v in model.state_dict().items()})
+    fit.fit(model)
+    assert qat_modules(model) and all(active(model))
+
+
 class FailAtEpoch(Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
