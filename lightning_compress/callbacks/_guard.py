@@ -104,8 +104,9 @@ class ValidationMetrics:
             metrics[key] = value
 
 
-def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: float) -> str | None:
-    """Why a fit ended short of the target (early stopping, ``max_time``, the guard); ``None`` if it did not."""
+def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: float, unit: str = "step") -> str | None:
+    """Why a fit ended short of the target (early stopping, ``max_time``, the guard); ``None`` if it did not.
+    ``unit``: what the pruning clock counts (``"step"``: optimizer steps, or ``"epoch"``)."""
     if core.reached_target():
         return None
     guard = core.guard
@@ -113,7 +114,7 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
         why = f"the accuracy guard stopped pruning: no step kept `{monitor}` within `max_drop`={max_drop}"
     elif core.steps < core.schedule.end:
         why = (
-            f"the fit stopped at step {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
+            f"the fit stopped at {unit} {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
             "`max_time`, `max_steps` or a shorter epoch)"
         )
     elif guard is not None:

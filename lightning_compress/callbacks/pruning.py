@@ -489,7 +489,7 @@ class IterativePruning(Callback):
             return
         reshard(pl_module)
         rolled = self._core.finish()
-        short = short_of_target_note(self._core, self.monitor, self.max_drop)
+        short = short_of_target_note(self._core, self.monitor, self.max_drop, "step" if self._in_steps else "epoch")
         if short is not None:
             rank_zero_warn(short)
         validated_at, self._validated_at = self._validated_at, None

@@ -709,6 +709,16 @@ def test_a_stop_mid_epoch_ends_on_a_judged_event():
     assert sparsity(model) == pytest.approx(0.6 * 10 / 48, abs=2e-3)
 
 
+@pytest.mark.parametrize(("cadence", "unit"), [({}, "epoch"), ({"every_n_steps": 2}, "step")])
+def test_the_short_of_target_note_counts_in_the_clocks_unit(cadence, unit):
+    """A trial: with `monitor` the clock counts epochs, and the note said 'stopped at step 2 of the pruning window's
+    5'."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=5, monitor="val_acc", max_drop=1.0, **cadence)
+    with pytest.warns(UserWarning, match=rf"the fit stopped at {unit} \d+ of the pruning window's \d+"):
+        trainer(max_epochs=6, callbacks=[pruning, StopAfterEpoch(2)]).fit(TinyModule())
+
+
 def test_an_event_a_stop_leaves_unjudged_goes_back_to_the_model_the_last_validation_saw():
     """Events every 3 steps, a validation every other epoch, a stop no validation follows: the end-of-fit rollback
     restored the copy taken at the event, some optimizer steps after the last validation (a trial found the
