@@ -567,7 +567,8 @@ class IterativePruning(Callback):
             self._log(pl_module, values, step_level)
 
     def _sparsity_values(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        weights = [t for t in self.pruner.targets if t.is_weight]
+        # the weights pruning selects (as `sparsity(model)` counts them), not the norms channel pruning cuts with them
+        weights = [t for t in self.pruner.targets if t.is_weight and t.param.dim() > 1]
         zeros = zero_counts(weights, self.pruner.collectives)  # all shards of a sharded weight
         values = {f"compress/sparsity/{t.key}": zeros[t.param_name] / t.numel for t in weights}
         values["compress/sparsity"] = sum(zeros.values()) / max(1, sum(t.numel for t in weights))

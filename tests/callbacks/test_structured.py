@@ -290,3 +290,18 @@ def test_a_compute_budget_in_fit_leaves_that_fraction_of_the_macs(scope):
     report = compact(model)
     assert report.macs_after <= 0.25 * report.macs_before
     assert report.macs_after == pytest.approx(dense - removed, abs=1)  # what the rule counted is what compact left
+
+
+def test_the_logged_sparsity_of_channel_pruning_is_the_weights_as_sparsity_counts_them():
+    """A trial: `compress/sparsity` summed BatchNorm weights in (0.73934 against 0.73993 from `sparsity(model)` and
+    the monitor), and BatchNorms were logged as layers."""
+    from lightning_compress import sparsity
+
+    model = _model()
+    pruning = IterativePruning(0.5, granularity="channel", start_epoch=1, end_epoch=3)
+    fit = _trainer([pruning])
+    fit.fit(model, DigitsDataModule(batch_size=32))
+    logged = fit.callback_metrics
+    assert float(logged["compress/sparsity"]) == pytest.approx(sparsity(model), abs=1e-6)
+    layers = [name.removeprefix("compress/sparsity/") for name in logged if name.startswith("compress/sparsity/")]
+    assert layers and not [n for n in layers if isinstance(model.get_submodule(n), torch.nn.BatchNorm2d)]
