@@ -30,7 +30,8 @@ class CompressionMonitor(Callback):
     was neither sparse nor quantized). With a ``TensorBoardLogger`` also weight histograms of the
     compressed layers, a per-layer sparsity bar chart, an accuracy-vs-compression chart (needs
     matplotlib) and the compression callbacks' settings as hyperparameters. At the end of ``fit``
-    a summary table is printed once (rank zero); the same data is :attr:`summary`.
+    a summary table is logged once (rank zero, an info message of Lightning's Python logger, not a logger's
+    metric); the same data is :attr:`summary`.
 
     Args:
         monitor: a logged validation metric, e.g. ``"val_acc"`` (``None``: sizes only).
@@ -245,6 +246,11 @@ def _compressed(pl_module: pl.LightningModule, size: ModelSize) -> bool:
     return size.sparsity > 0 or any(q.fake_quant_enabled for _, q in quantizers(pl_module))
 
 
+def _relation(ratio: float) -> str:
+    """The estimate against the dense model, in words: "1.0x smaller" would misread a model as large or larger."""
+    return f"{ratio:.1f}x smaller" if ratio >= 1.05 else f"{1 / ratio:.2f}x the dense size" if ratio else "empty"
+
+
 def _log_summary(summary: dict[str, Any]) -> None:
     layers = summary["layers"]
     width = max([len(layer["name"]) for layer in layers] + [6])
@@ -256,7 +262,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         )
     lines.append(
         f"{'model':<{width}}  {100 * summary['sparsity']:>7.1f}%  {'':>4}  {summary['dense_bytes']:>10,}  "
-        f"{summary['bytes']:>10,}   {summary['compression_ratio']:.1f}x smaller, "
+        f"{summary['bytes']:>10,}   {_relation(summary['compression_ratio'])}, "
         f"{summary['effective_bits']:.2f} bits per weight"
     )
     if summary["monitor"] is not None and summary["final"] is not None:

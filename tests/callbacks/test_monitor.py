@@ -231,6 +231,15 @@ def test_an_unknown_monitor_is_refused_by_the_sanity_check_before_training():
         trainer(max_epochs=1, callbacks=callbacks, num_sanity_val_steps=2).fit(TinyModule())
 
 
+def test_the_summary_of_a_model_nothing_compressed_does_not_call_it_smaller(caplog):
+    """A trial: a model with nothing compressed (and a QAT model before its switch, 0.99 with its buffers) read
+    '1.0x smaller'."""
+    with caplog.at_level(logging.INFO):
+        trainer(max_epochs=1, callbacks=[CompressionMonitor()]).fit(TinyModule())
+    summary = [r.getMessage() for r in caplog.records if "Compression summary" in r.getMessage()]
+    assert len(summary) == 1 and "x smaller" not in summary[0] and "1.00x the dense size" in summary[0]
+
+
 def test_a_fit_without_validation_says_the_monitor_was_never_read():
     monitor = CompressionMonitor(monitor="val_acc")
     with pytest.warns(UserWarning, match=r"no validation ran during the fit, so `monitor`='val_acc' was never read"):
