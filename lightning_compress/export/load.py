@@ -270,20 +270,23 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         raise
     if manifest.get("compacted"):
         mark_compacted(model)
+    layers = [_loaded_layer(r, tensors) for r in records if r.kind in ("sparse", "quantized")]
     del tensors
-    layers = [_loaded_layer(r) for r in records if r.kind in ("sparse", "quantized")]
     return CompressionReport.of_file(path, "lightning-compress", layers, model)
 
 
-def _loaded_layer(record: TensorRecord) -> LayerReport:
+def _loaded_layer(record: TensorRecord, tensors: dict[str, Tensor]) -> LayerReport:
+    """The layer as :func:`save_compressed` reported it: zeros stored densely counted as zeros, scales included."""
     bits = record.bits if record.kind == "quantized" else 8 * record.element_size
     bytes_before = record.numel * record.element_size
+    nonzero = record.count if record.coding != "dense" else int(torch.count_nonzero(tensors[record.name]))
     if record.kind == "quantized":
-        stored = (record.count * code_container_bits(record.bits) + 7) // 8
+        scale = tensors[record.quantizer + "scale"]
+        stored = (record.count * code_container_bits(record.bits) + 7) // 8 + scale.numel() * scale.element_size()
     else:
         stored = record.count * record.element_size
     return LayerReport(
-        record.name, record.numel, record.count, bits, bytes_before, record.position_bytes + stored, record.coding
+        record.name, record.numel, nonzero, bits, bytes_before, record.position_bytes + stored, record.coding
     )
 
 
