@@ -49,6 +49,7 @@ def load_qat_checkpoint(
         checkpoint_path = check_path(checkpoint_path, "checkpoint_path")
         if not checkpoint_path.is_file():
             raise ValueError(f"`checkpoint_path`={str(checkpoint_path)!r} is not a file.")
+    start = checkpoint_path.tell() if callable(getattr(checkpoint_path, "tell", None)) else None
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("QuantizationAwareTraining")]
     if not states or not states[0].get("layers"):
@@ -59,7 +60,11 @@ def load_qat_checkpoint(
     state = states[0]
     with warnings.catch_warnings():  # the quantizer entries: loaded strictly just below, once the layers exist
         warnings.filterwarnings("ignore", message=".*Found keys that are not in the model state dict.*")
-        model = module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, strict=False, **kwargs)
+        if start is not None:  # an open file: read again from where it started
+            checkpoint_path.seek(start)  # type: ignore[union-attr]
+        model = module_class.load_from_checkpoint(
+            checkpoint_path, map_location=map_location, strict=False, weights_only=True, **kwargs
+        )
     convert_to_qat(model, QuantConfig(**state["config"]), include=state["layers"])
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval()
