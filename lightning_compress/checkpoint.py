@@ -49,7 +49,8 @@ def load_qat_checkpoint(
         checkpoint_path = check_path(checkpoint_path, "checkpoint_path")
         if not checkpoint_path.is_file():
             raise ValueError(f"`checkpoint_path`={str(checkpoint_path)!r} is not a file.")
-    start = checkpoint_path.tell() if callable(getattr(checkpoint_path, "tell", None)) else None
+    tell, seek = getattr(checkpoint_path, "tell", None), getattr(checkpoint_path, "seek", None)
+    start = tell() if callable(tell) and callable(seek) else None
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
     states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("QuantizationAwareTraining")]
     if not states or not states[0].get("layers"):
@@ -60,8 +61,8 @@ def load_qat_checkpoint(
     state = states[0]
     with warnings.catch_warnings():  # the quantizer entries: loaded strictly just below, once the layers exist
         warnings.filterwarnings("ignore", message=".*Found keys that are not in the model state dict.*")
-        if start is not None:  # an open file: read again from where it started
-            checkpoint_path.seek(start)  # type: ignore[union-attr]
+        if start is not None and callable(seek):  # an open file: read again from where it started
+            seek(start)
         model = module_class.load_from_checkpoint(
             checkpoint_path, map_location=map_location, strict=False, weights_only=True, **kwargs
         )
