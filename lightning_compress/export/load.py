@@ -177,19 +177,28 @@ def _block_scales(scale: Tensor, shape: tuple[int, ...], axis: int | None, first
 
 def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Zero points a saved model can have: in the integer range of their quantizer (a forged one loaded, shifted
-    every value it touches and broke `export_onnx`)."""
+    every value it touches and broke `export_onnx`); observed ranges that are numbers (a NaN range loaded, and the
+    next `calibrate` blamed the user's finite data)."""
     for name, quantizer in quantizers(model):
         zero_point = tensors.get(f"{name}.zero_point")
         low, high = quantizer.qrange
         if zero_point is not None and bool((zero_point < low).any() or (zero_point > high).any()):
             raise CompressedFileError(f"{name}.zero_point: zero points outside the quantizer's range {low}..{high}.")
+        for bound in ("min_val", "max_val"):
+            value = tensors.get(f"{name}.{bound}")
+            if value is not None and value.is_floating_point() and bool(torch.isnan(value).any()):
+                raise CompressedFileError(f"{name}.{bound}: an observed range that is not a number (NaN).")
 
 
 def _check_scale(name: str, scale: Tensor) -> None:
-    """Scales a saved model can have: finite and positive in float32 (learned ones are stored as the step in use)."""
+    """Scales a saved model can have: finite, and at least float32's smallest normal number, which the quantizers
+    floor scales at (learned ones are stored as the step in use; a forged subnormal scale made every output NaN)."""
     values = scale.float()
-    if not bool(torch.isfinite(values).all()) or bool((values <= 0).any()):
-        raise CompressedFileError(f"{name}: scales that are not finite positive numbers.")
+    if not bool(torch.isfinite(values).all()) or bool((values < torch.finfo(torch.float32).tiny).any()):
+        raise CompressedFileError(
+            f"{name}: scales that are not finite numbers of at least {torch.finfo(torch.float32).tiny:.3g} (the "
+            "smallest a quantizer sets)."
+        )
 
 
 def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:

@@ -353,12 +353,24 @@ def test_a_header_version_that_disagrees_with_the_manifest_is_refused(tmp_path, 
     refused(tmp_path / "v3.lcz", "its header says format 3, its manifest 5")
 
 
-def test_scales_that_are_not_finite_positive_numbers_are_refused(tmp_path):
+@pytest.mark.parametrize("value", [float("nan"), 0.0, -1.0, 1e-40])
+def test_scales_that_are_not_finite_positive_normal_numbers_are_refused(tmp_path, value):
+    """A trial: a forged subnormal scale (1e-40; a quantizer floors scales at 1.18e-38) loaded, and every output was
+    NaN."""
     model = compressed_net(0.9, QuantConfig(8, 8, quantize_bias=True))
     with torch.no_grad():
-        model.fc1.input_fake_quant.scale.fill_(float("nan"))
+        model.fc1.input_fake_quant.scale.fill_(value)
+    save_compressed(model, tmp_path / "bad.lcz")
+    refused(tmp_path / "bad.lcz", r"fc1.input_fake_quant.scale: scales that are not finite numbers of at least 1.18e")
+
+
+def test_an_observed_range_that_is_not_a_number_is_refused(tmp_path):
+    """A trial: a NaN `min_val` loaded, and the next `calibrate` on finite data said to calibrate on finite data."""
+    model = compressed_net(0.9, QuantConfig(8, 8))
+    with torch.no_grad():
+        model.fc1.input_fake_quant.min_val.fill_(float("nan"))
     save_compressed(model, tmp_path / "nan.lcz")
-    refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.scale: scales that are not finite positive numbers")
+    refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.min_val: an observed range that is not a number")
 
 
 @pytest.mark.parametrize("value", [-5, 2_000_000_000])
