@@ -512,3 +512,29 @@ def test_load_compressed_reports_the_layers_save_compressed_reported(tmp_path, s
     saved = save_compressed(compressed_net(sparsity, config=config), tmp_path / "m.lcz")
     loaded = load_compressed(Net(), tmp_path / "m.lcz")
     assert loaded.layers == saved.layers and loaded.sparsity == saved.sparsity
+
+
+def test_a_model_with_very_long_parameter_names_round_trips(tmp_path):
+    """A trial: names of 12,000 characters made a file the reader refused (its manifest allowance was a fixed 1 KiB
+    per tensor); the allowance follows the model's names now."""
+
+    def build():
+        torch.manual_seed(0)
+        root = nn.ModuleDict()
+        for i in range(20):
+            level = root
+            for depth in range(4):
+                key = f"L{depth}_{'k' * 3000}_{i}"
+                level[key] = nn.ModuleDict()
+                level = level[key]
+            level["lin"] = nn.Linear(2, 2)
+        return root
+
+    model = build()
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = build()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
