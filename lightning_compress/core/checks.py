@@ -101,7 +101,9 @@ def check_module(value: Any, argument: str = "model", *, materialized: bool = Fa
 
 
 def check_path(value: Any, argument: str = "path") -> Path:
-    if not isinstance(value, (str, os.PathLike)) or not str(os.fspath(value)):
+    if isinstance(value, (str, os.PathLike)) and not str(os.fspath(value)):
+        raise ValueError(f"`{argument}` is an empty path: name a file.")
+    if not isinstance(value, (str, os.PathLike)):
         raise TypeError(
             f"`{argument}` must be a file path (str or os.PathLike), got {type(value).__name__} ({value!r})."
         )

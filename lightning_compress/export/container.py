@@ -14,12 +14,15 @@ most as many bytes as the manifest accounts for.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import lzma
+import os
+import secrets
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,9 +55,28 @@ def write_container(path: Path, manifest: dict[str, Any], body: bytes) -> None:
     payload = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=FILTERS)
     fields = HEADER.pack(MAGIC, FORMAT_VERSION, CODEC_LZMA, 0, len(payload), len(raw), b"\0" * 32)[:-32]
     header = fields + hashlib.sha256(fields + payload).digest()  # the checksum covers the header too
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(header + payload)
-    tmp.replace(path)  # never leave a half-written file under the final name
+    with replacing(path) as tmp:
+        tmp.write_bytes(header + payload)
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path`` to write, renamed to ``path`` when the block ends (removed if it fails):
+    never a half-written file under the final name, and never a file of the user's (``<name>.tmp``) taken over.
+    Created like any new file (the umask applies)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_container(

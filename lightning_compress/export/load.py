@@ -265,10 +265,20 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             _convert_like(model, manifest.get("qat_layers", {}), rollback)
         except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
             raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
-        _check_zero_points(model, tensors)
+        try:
+            _check_zero_points(model, tensors)
+        except CompressedFileError as err:
+            raise CompressedFileError(f"{path}: {err}") from err
         expected = model.state_dict()
-        problems = [k for k in expected if k not in tensors] + [k for k in tensors if k not in expected]
+        unloaded = [k for k in expected if k not in tensors]
+        problems = unloaded + [k for k in tensors if k not in expected]
         problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
+        if problems and unloaded == problems and all("_fake_quant." in k for k in problems):
+            raise CompressedFileError(
+                f"{path} holds no quantizer state for {type(model).__name__}'s fake-quant layers "
+                f"({sorted(problems)[:3]} ...): the file was written from a model without them. Load it into a "
+                "model not converted with `convert_to_qat`."
+            )
         if problems:
             raise CompressedFileError(
                 f"{path} was written for another architecture than {type(model).__name__}: {sorted(problems)[:5]}"

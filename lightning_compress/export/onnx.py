@@ -11,6 +11,7 @@ for its own ``quantize_static`` output. Needs the ``onnx`` extra.
 from __future__ import annotations
 
 import importlib
+import secrets
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
+from .container import replacing
 from .onnx_passes import (
     GraphIndex,
     fold_batch_norms,
@@ -277,7 +279,7 @@ def export_onnx(
         n_out = len(_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         _check_names(names, outs, len(traced_args), n_out, dynamic_axes)
-        traced = path.with_name(path.name + ".traced")
+        traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over
         try:
             torch.onnx.export(
                 traced_model,
@@ -317,9 +319,8 @@ def export_onnx(
     gather_quantized_rows(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
     onnx.checker.check_model(proto)
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        onnx.save(proto, str(tmp))
     return CompressionReport.of_file(path, "onnx-int4" if grouped else "onnx", layers, model)
 
 

@@ -414,8 +414,9 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
             written, held = next(iter(dtype_pairs))
             raise ArchitectureMismatch(
                 f"holds {written} tensors where {type(model).__name__} has {held} ({sorted(dtypes)[:3]} ...): the "
-                f"file was written from a {written} model (e.g. `precision='bf16-true'`). Convert the fresh model "
-                f"first (`model.to({written})`), then load."
+                f"file was written from a {written} model"
+                + (" (e.g. `precision='bf16-true'`)" if written in ("torch.bfloat16", "torch.float16") else "")
+                + f". Convert the fresh model first (`model.to({written})`), then load."
             )
         raise ArchitectureMismatch(
             f"was written for another architecture than {type(model).__name__}: " + "; ".join(details)

@@ -349,6 +349,8 @@ def test_paths_and_models_that_cannot_be_saved_are_refused_before_anything_is_wr
         save_compressed(model, tmp_path / "file" / "m.lcz")
     with pytest.raises(TypeError, match=r"`path` must be a file path"):
         save_compressed(model, 3)
+    with pytest.raises(ValueError, match=r"`path` is an empty path: name a file"):  # a trial: "got str ('')"
+        save_compressed(model, "")
     with pytest.raises(TypeError, match=r"`model` must be a torch\.nn\.Module"):
         save_compressed(None, tmp_path / "m.lcz")
     with torch.device("meta"):
@@ -538,3 +540,39 @@ def test_a_model_with_very_long_parameter_names_round_trips(tmp_path):
             p.zero_()
     load_compressed(fresh, tmp_path / "m.lcz")
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_writing_never_takes_over_a_file_of_the_users_beside_the_target(tmp_path):
+    """A trial: `save_compressed` wrote through `<path>.tmp`: an existing file of that name was overwritten and
+    removed, and a directory of that name raised a raw IsADirectoryError."""
+    from lightning_compress import export_onnx
+
+    model = compressed_net(0.5, config=QuantConfig(8, 8))
+    (tmp_path / "m.lcz.tmp").write_text("mine")
+    (tmp_path / "m.onnx.tmp").mkdir()
+    (tmp_path / "m.onnx.traced").write_text("mine too")
+    save_compressed(model, tmp_path / "m.lcz")
+    export_onnx(model, tmp_path / "m.onnx", inputs())
+    assert (tmp_path / "m.lcz.tmp").read_text() == "mine" and (tmp_path / "m.onnx.tmp").is_dir()
+    assert (tmp_path / "m.onnx.traced").read_text() == "mine too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.lcz", "m.lcz.tmp", "m.onnx", "m.onnx.tmp", "m.onnx.traced"]
+    load_compressed(Net(), tmp_path / "m.lcz")
+
+
+def test_refusals_name_the_cause_a_float32_file_or_a_model_already_quantized(tmp_path):
+    """A trial: a float32 file into a float64 model suggested `precision='bf16-true'`; a float file into a model
+    already converted with `convert_to_qat` was 'written for another architecture'; a forged zero point's refusal
+    was the one message without the file's name."""
+    save_compressed(compressed_net(0.5, config=None), tmp_path / "float.lcz")
+    with pytest.raises(CompressedFileError, match=r"written from a torch.float32 model\. Convert the fresh model"):
+        load_compressed(Net().double(), tmp_path / "float.lcz")
+    converted = Net()
+    convert_to_qat(converted, QuantConfig(8, 8))
+    with pytest.raises(CompressedFileError, match=r"holds no quantizer state .* not converted with `convert_to_qat`"):
+        load_compressed(converted, tmp_path / "float.lcz")
+    model = compressed_net(0.5, config=QuantConfig(8, 8))
+    with torch.no_grad():
+        model.fc1.input_fake_quant.zero_point.fill_(-5)
+    save_compressed(model, tmp_path / "zp.lcz")
+    with pytest.raises(CompressedFileError, match=r"zp\.lcz: fc1\.input_fake_quant\.zero_point"):
+        load_compressed(Net(), tmp_path / "zp.lcz")
