@@ -251,6 +251,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         raise CompressedFileError(f"{path} is corrupted: {err!r}") from err
     del body
     rollback = _Rollback(model)
+    converted_before = {f"{name}." for name, _ in qat_modules(model)}  # by the user, before this load
     try:
         if manifest.get("compacted"):
             try:
@@ -273,7 +274,7 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         unloaded = [k for k in expected if k not in tensors]
         problems = unloaded + [k for k in tensors if k not in expected]
         problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
-        if problems and unloaded == problems and all("_fake_quant." in k for k in problems):
+        if problems and unloaded == problems and all(_quantizer_of(k, converted_before) for k in problems):
             raise CompressedFileError(
                 f"{path} holds no quantizer state for {type(model).__name__}'s fake-quant layers "
                 f"({sorted(problems)[:3]} ...): the file was written from a model without them. Load it into a "
@@ -292,6 +293,12 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     layers = [_loaded_layer(r, tensors) for r in records if r.kind in ("sparse", "quantized")]
     del tensors
     return CompressionReport.of_file(path, "lightning-compress", layers, model)
+
+
+def _quantizer_of(key: str, layers: set[str]) -> bool:
+    """Whether state entry ``key`` is a quantizer buffer of one of ``layers`` (prefixes ending in a dot)."""
+    head, found, _ = key.partition("_fake_quant.")
+    return bool(found) and any(head.startswith(layer) for layer in layers)
 
 
 def _loaded_layer(record: TensorRecord, tensors: dict[str, Tensor]) -> LayerReport:
