@@ -29,7 +29,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_module, is_real
+from .checks import check_int, check_module, is_integer, is_real
 from .collectives import Collectives, TorchDistributed, broadcast_masks
 from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
@@ -580,6 +580,7 @@ class IterativePruner:
             "pruner": self._pruner.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "importance": type(self.rule.importance).__name__,  # what scored the masks ("auto" resolved)
+            "target_sparsity": self.target_sparsity,
             "judged": self._judgement(),
         }
 
@@ -590,6 +591,36 @@ class IterativePruner:
         if guard is None or copy is None or value is None or guard.awaiting_check:
             return None
         return {"value": value, "quantizers": list(copy.quantizer_flags), "steps": self._judged_steps}
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """A state this pruner's :meth:`state_dict` could have written: refused whole, naming the entry, before the
+        masks change (a bad one left the masks replaced and the clock as it was)."""
+        steps, events = state.get("steps"), state.get("events", 0)
+        if not is_integer(steps) or int(steps) < 0 or not is_integer(events) or int(events) < 0:
+            raise ValueError(f"`state` has steps={steps!r}, events={events!r}: both must be ints >= 0.")
+        pruner = state.get("pruner")
+        masks = pruner.get("masks") if isinstance(pruner, Mapping) else None
+        mine = sorted({t.param_name for t in self.targets})
+        if not isinstance(masks, Mapping) or not set(masks) <= set(mine):
+            names = sorted(masks) if isinstance(masks, Mapping) else masks
+            raise ValueError(
+                f"`state['pruner']` holds masks for {str(names)[:200]}, not for this pruner's weights "
+                f"{mine[:5]}{' ...' if len(mine) > 5 else ''}: a state of another model or selection "
+                "(`include`/`exclude`)."
+            )
+        guard = state.get("guard")
+        if (
+            guard is not None
+            and self.guard is not None
+            and (not isinstance(guard, Mapping) or not set(guard) <= set(self.guard.state_dict()))
+        ):
+            raise ValueError(f"`state['guard']` is not an accuracy guard's state: {str(guard)[:200]}.")
+        saved = state.get("target_sparsity")
+        if saved is not None and saved != self.target_sparsity and int(steps) < self.schedule.end:
+            self._warn(
+                f"IterativePruning: the state was saved by a pruner with target_sparsity={saved}, this one has "
+                f"{self.target_sparsity}: the rest of the schedule runs to {self.target_sparsity}."
+            )
 
     def adopt_saved_judgement(self) -> bool:
         """After :meth:`load_state_dict` and the model's own state, when nothing has trained since the checkpoint's
@@ -615,9 +646,10 @@ class IterativePruner:
             raise TypeError(f"`state` must be a dict from `state_dict()`, got {type(state).__name__}.")
         version = state.get("version")
         if version == 1:
-            state = {**state, "steps": state["last_t"], "events": 0}
+            state = {**state, "steps": state.get("last_t"), "events": 0}
         elif version != STATE_VERSION:
             raise ValueError(f"IterativePruning state version {version!r} is not supported (expected {STATE_VERSION}).")
+        self._check_state(state)  # all of it before anything changes
         self._pruner.load_state_dict(state["pruner"])
         scored_by, now = state.get("importance"), type(self.rule.importance).__name__
         if scored_by is not None and scored_by != now and int(state["steps"]) < self.schedule.end:

@@ -271,6 +271,42 @@ def test_resuming_from_state_dict_continues_exactly():
     assert all(torch.equal(v, resumed_model.state_dict()[k]) for k, v in full_model.state_dict().items())
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: s.update(steps="abc"), r"steps='abc'"),
+        (lambda s: s.pop("steps"), r"steps=None"),
+        (lambda s: s.update(pruner={}), r"holds masks for None"),
+        (lambda s: s["pruner"].update(masks={"other.weight": torch.ones(2)}), r"holds masks for \['other.weight'\]"),
+        (lambda s: s.update(guard={"junk": 1}), r"`state\['guard'\]` is not an accuracy guard's state"),
+    ],
+)
+def test_a_bad_state_is_refused_before_the_masks_change(edit, match):
+    """A trial: `steps="abc"` raised after the masks were replaced (masked 0.244 -> 0.842, steps unchanged), and
+    `pruner={}` cleared every mask silently."""
+    model = _model()
+    saved = IterativePruner(model, 0.9, total_steps=10, every_n_steps=1, max_drop=0.5)
+    saved.observe(1.0)
+    saved.advance_to(8)
+    state = copy.deepcopy(saved.state_dict())
+    edit(state)
+    pruner = IterativePruner(_model(), 0.9, total_steps=10, every_n_steps=1, max_drop=0.5)
+    pruner.observe(1.0)
+    pruner.advance_to(2)
+    masks, steps = copy.deepcopy(pruner.masks), pruner.steps
+    with pytest.raises(ValueError, match=match):
+        pruner.load_state_dict(state)
+    assert pruner.steps == steps and all(torch.equal(masks[k], v) for k, v in pruner.masks.items())
+
+
+def test_a_state_saved_with_another_target_says_so():
+    saved = IterativePruner(_model(), 0.9, total_steps=10, every_n_steps=1)
+    saved.advance_to(3)
+    other = IterativePruner(_model(), 0.5, total_steps=10, every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"saved by a pruner with target_sparsity=0.9, this one has 0.5"):
+        other.load_state_dict(saved.state_dict())
+
+
 def test_loads_the_callbacks_version_1_state():
     model = _model()
     pruner = IterativePruner(model, 0.5, total_steps=4, every_n_steps=1)
