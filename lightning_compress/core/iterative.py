@@ -394,8 +394,14 @@ class IterativePruner:
     def before_optimizer_step(self, params: set[int] | None = None) -> None:
         """Between ``backward`` and ``optimizer.step``: gather gradient statistics, zero pruned weights' gradients.
 
-        ``params``: ids of the parameters one optimizer steps (``None``: all).
+        ``params``: ids of the parameters one optimizer steps (``None``: all), e.g.
+        ``{id(p) for group in optimizer.param_groups for p in group["params"]}``.
         """
+        if params is not None and (not isinstance(params, (set, frozenset)) or not all(is_integer(p) for p in params)):
+            raise TypeError(
+                "`params` must be a set of parameter ids, e.g. `{id(p) for group in optimizer.param_groups for p in "
+                f"group['params']}}`, or None (all), got {type(params).__name__}."
+            )
         if self.events_remain():
             self._pruner.observe_gradients(params)
         self._pruner.mask_gradients(params)

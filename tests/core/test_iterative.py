@@ -299,6 +299,17 @@ def test_a_bad_state_is_refused_before_the_masks_change(edit, match):
     assert pruner.steps == steps and all(torch.equal(masks[k], v) for k, v in pruner.masks.items())
 
 
+def test_before_optimizer_step_checks_its_params_argument():
+    """A trial: a set of Parameters raised 'Boolean value of Tensor ... is ambiguous', "all" a TypeError about
+    strings; neither named `params`."""
+    model = _model()
+    pruner = IterativePruner(model, 0.9, total_steps=10, every_n_steps=1)
+    for bad in (set(model.parameters()), "all", [id(p) for p in model.parameters()]):
+        with pytest.raises(TypeError, match=r"`params` must be a set of parameter ids"):
+            pruner.before_optimizer_step(bad)
+    pruner.before_optimizer_step({id(p) for p in model.parameters()})
+
+
 def test_a_state_saved_with_another_target_says_so():
     saved = IterativePruner(_model(), 0.9, total_steps=10, every_n_steps=1)
     saved.advance_to(3)
