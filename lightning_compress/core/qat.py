@@ -266,8 +266,16 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
     wanted = None if layers is None else set(layers)
     names = []
     registered = registered_names(model)
-    for name, module in qat_modules(model):
-        if wanted is None or name in wanted:
+    present = qat_modules(model)
+    known = {alias for _, module in present for alias in registered[id(module)]}
+    unknown = sorted(wanted - known) if wanted is not None else []
+    if unknown:
+        raise ValueError(
+            f"`layers` names {unknown[:5]}, which are not fake-quant layers of the model; its fake-quant layers: "
+            f"{sorted(known)[:5]}{' ...' if len(known) > 5 else ''}."
+        )
+    for name, module in present:
+        if wanted is None or wanted & set(registered[id(module)]):
             float_layer = cast(Any, module).to_float()
             for alias in registered[id(module)]:
                 _replace(model, alias, float_layer)

@@ -50,6 +50,9 @@ def test_round_trip_to_float_keeps_parameters_and_keys():
     keys = set(model.state_dict())
     weight = model[3].weight
     convert_to_qat(model, QuantConfig())
+    with pytest.raises(ValueError, match=r"`layers` names \['nonexistent'\], which are not fake-quant layers"):
+        convert_to_float(model, ["0", "nonexistent"])  # a trial: returned [] silently
+    assert isinstance(model[0], QATConv2d)  # refused before any layer changed
     assert convert_to_float(model) == ["0", "3"]
     assert type(model[3]) is nn.Linear and model[3].weight is weight
     assert set(model.state_dict()) == keys
