@@ -178,8 +178,10 @@ class TaylorImportance(Importance):
                 "(requires_grad=False): `exclude` it, unfreeze it before pruning, or use importance='magnitude'."
             )
         raise ValueError(
-            f"importance='taylor' has no gradient for layer {name!r}: run backward() before pruning, "
-            "or prune with IterativePruner / the IterativePruning callback, which accumulate gradients."
+            f"importance='taylor' has no gradient for layer {name!r}: run backward() before pruning (with "
+            "IterativePruner: `before_optimizer_step()` between `backward()` and `optimizer.step()`, or `step()` "
+            "before `optimizer.zero_grad()`), or prune with IterativePruner / the IterativePruning callback, which "
+            "accumulate gradients."
         )
 
     def reset(self) -> None:

@@ -230,6 +230,7 @@ class IterativePruner:
         self._judged_value: float | None = None  # what the evaluation that `_judged` copied gave
         self.restored_value: float | None = None  # that value after a rollback that restored that model exactly
         self._saved_judgement: dict[str, Any] | None = None  # a checkpoint's `judged` entry, until adopted
+        self._gradients_checked = False  # whether `step` checked once that it reads gradients
         self._judged_steps: int | None = None  # the clock when the model was last the one `_judged` holds
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
@@ -417,6 +418,7 @@ class IterativePruner:
         """
         if not self._grads_masked:
             if self.events_remain():
+                self._check_gradients_once()
                 self._pruner.observe_gradients()
             self._pruner.apply()
             self._zero_optimizer_state()
@@ -424,6 +426,20 @@ class IterativePruner:
             self._pruner.apply()
         self._grads_masked = False
         return self.advance_to(self.steps + 1)
+
+    def _check_gradients_once(self) -> None:
+        """Gradient scores read in :meth:`step` need the gradients still there: after ``zero_grad(set_to_none=False)``
+        every score is 0 and the masks follow the weights' order (a trial: chance accuracy). Said once."""
+        if self._gradients_checked or not self.rule.importance.accumulates:
+            return
+        self._gradients_checked = True
+        grads = [t.param.grad for t in self.targets if t.is_weight]
+        if grads and all(g is not None and not bool(g.any()) for g in grads):
+            self._warn(
+                "IterativePruner: every gradient was zero when `step()` read it for importance="
+                f"{type(self.rule.importance).__name__}: call `step()` before `optimizer.zero_grad()`, or "
+                "`before_optimizer_step()` between `backward()` and `optimizer.step()`."
+            )
 
     def advance_to(self, t: int) -> bool:
         """Set the clock to ``t`` steps done (``t > steps``) and run the event due at ``t``, if any."""

@@ -310,6 +310,21 @@ def test_before_optimizer_step_checks_its_params_argument():
     pruner.before_optimizer_step({id(p) for p in model.parameters()})
 
 
+def test_taylor_read_after_the_gradients_were_zeroed_says_so_once():
+    """A trial: `backward; opt.step(); opt.zero_grad(set_to_none=False); pruner.step()` scored every weight 0 and
+    pruned in the weights' order (chance accuracy), silently."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = IterativePruner(model, 0.5, total_steps=4, every_n_steps=2, importance="taylor", optimizers=optimizer)
+    with pytest.warns(UserWarning, match=r"every gradient was zero when `step\(\)` read it") as caught:
+        for _ in range(4):
+            nn.functional.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 3, (8,))).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+            pruner.step()
+    assert sum("every gradient was zero" in str(w.message) for w in caught) == 1
+
+
 def test_a_state_saved_with_another_target_says_so():
     saved = IterativePruner(_model(), 0.9, total_steps=10, every_n_steps=1)
     saved.advance_to(3)
