@@ -20,7 +20,7 @@ from .layers import weight_axes
 from .resize import resize_module
 from .structure import is_depthwise, supported
 
-__all__ = ["set_head_record", "shrink_like"]
+__all__ = ["check_shapes", "set_head_record", "shrink_like"]
 
 
 def shrink_like(
@@ -44,6 +44,34 @@ def shrink_like(
         out_keep = torch.arange(want[out_axis])
         in_keep = torch.arange(want[in_axis]) if len(want) > 1 and not is_depthwise(module) else None
         resize_module(module, out_keep, in_keep)
+
+
+def check_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Refuse a record of compacted sizes that :func:`shrink_like` could not apply whole: every entry must name the
+    weight of a layer it cuts (Linear/Conv1D/Conv/BatchNorm), with the weight's rank and no larger size.
+
+    Raises:
+        ValueError: naming the entries that do not fit.
+    """
+    modules = dict(model.named_modules())
+    bad = []
+    for key, want in shapes.items():
+        name, _, attr = key.rpartition(".") if "." in key else ("", "", key)
+        module = modules.get(name)
+        weight = getattr(module, "weight", None) if module is not None else None
+        have = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        fits = (
+            attr == "weight"
+            and module is not None
+            and supported(module)
+            and have is not None
+            and len(want) == len(have)
+            and all(int(w) <= h for w, h in zip(want, have, strict=True))
+        )
+        if not fits:
+            bad.append(f"{key}: {list(want)} (the model: {list(have) if have is not None else 'no such layer weight'})")
+    if bad:
+        raise ValueError(f"compacted sizes that do not fit {type(model).__name__}: {bad[:5]}")
 
 
 def set_head_record(model: nn.Module, record: Any, before: Callable[[str], None] | None = None) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.compact import mark_compacted
 from ..core.model_config import CONFIG_KEY
-from ..core.shrink import set_head_record, shrink_like
+from ..core.shrink import check_shapes, set_head_record, shrink_like
 
 __all__ = ["from_pretrained"]
 
@@ -63,6 +63,7 @@ def from_pretrained(model_class: Any, directory: str | Path, **kwargs: Any) -> n
 
         def __init__(self, config: Any, *args: Any, **inner: Any) -> None:
             super().__init__(config, *args, **inner)
+            check_shapes(self, shapes)  # an entry shrink_like would skip is refused, not ignored
             shrink_like(self, shapes)
             set_head_record(self, heads)
 

@@ -5,6 +5,7 @@ compacted, saved with `save_pretrained` and reloaded."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -364,6 +365,16 @@ def test_from_pretrained_errors(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="weights do not fit the sizes its config records"):  # was a RuntimeError
         from_pretrained(cls, tmp_path)
+    for key, size in [
+        ("nope.weight", [3, 3]),  # a trial: entries naming no layer, a bias, a LayerNorm or the embedding were ignored
+        ("classifier.bias", [2]),
+        ("bert.embeddings.LayerNorm.weight", [16]),
+        ("bert.embeddings.word_embeddings.weight", [50, 32]),
+    ]:
+        model.config.lightning_compress = {**entry, "shapes": {**entry["shapes"], key: size}}
+        model.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match=rf"compacted sizes that do not fit .*{re.escape(key)}"):
+            from_pretrained(cls, tmp_path)
     model.config.lightning_compress = entry
     model.save_pretrained(tmp_path)
     # the base class instead of the one saved: "names ..., which is not an attention module of BertModel" before
