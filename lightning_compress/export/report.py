@@ -76,7 +76,9 @@ class CompressionReport:
 
     @property
     def sparsity(self) -> float:
-        """Zero fraction over the compressed weights."""
+        """Zero fraction over the tensors the file stores compressed (its :attr:`layers`: quantized weights, and any
+        tensor of 64 or more entries stored as positions and values, an all-zero bias too); a weight stored as it is
+        is not among them. ``sparsity(model)`` gives the zero fraction of the weights pruning selects."""
         total = sum(layer.numel for layer in self.layers)
         return 1.0 - sum(layer.nonzero for layer in self.layers) / total if total else 0.0
 
