@@ -12,7 +12,7 @@ import torch
 from .core.checks import check_path
 from .core.qat import QuantConfig, convert_to_qat
 
-__all__ = ["load_qat_checkpoint"]
+__all__ = ["load_qat_checkpoint", "saved_quantization"]
 
 M = TypeVar("M", bound=pl.LightningModule)
 
@@ -52,13 +52,12 @@ def load_qat_checkpoint(
     tell, seek = getattr(checkpoint_path, "tell", None), getattr(checkpoint_path, "seek", None)
     start = tell() if callable(tell) and callable(seek) else None
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    states = [v for k, v in checkpoint.get("callbacks", {}).items() if k.startswith("QuantizationAwareTraining")]
-    if not states or not states[0].get("layers"):
+    saved = saved_quantization(checkpoint)
+    if not saved:
         raise ValueError(
             f"{checkpoint_path} holds no QuantizationAwareTraining state; load it with "
             f"{module_class.__name__}.load_from_checkpoint instead."
         )
-    state = states[0]
     with warnings.catch_warnings():  # the quantizer entries: loaded strictly just below, once the layers exist
         warnings.filterwarnings("ignore", message=".*Found keys that are not in the model state dict.*")
         if start is not None and callable(seek):  # an open file: read again from where it started
@@ -66,6 +65,18 @@ def load_qat_checkpoint(
         model = module_class.load_from_checkpoint(
             checkpoint_path, map_location=map_location, strict=False, weights_only=True, **kwargs
         )
-    convert_to_qat(model, QuantConfig(**state["config"]), include=state["layers"])
+    for config, layers in saved:  # every QuantizationAwareTraining callback's layers (disjoint), with its settings
+        convert_to_qat(model, config, include=layers)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval()
+
+
+def saved_quantization(checkpoint: dict[str, Any]) -> list[tuple[QuantConfig, list[str]]]:
+    """``(settings, layer names)`` of every ``QuantizationAwareTraining`` callback whose state a Lightning checkpoint
+    holds (layers converted by then only)."""
+    callbacks = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
+    return [
+        (QuantConfig(**state["config"]), list(state["layers"]))
+        for key, state in (callbacks.items() if isinstance(callbacks, dict) else [])
+        if str(key).startswith("QuantizationAwareTraining") and isinstance(state, dict) and state.get("layers")
+    ]

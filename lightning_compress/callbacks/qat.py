@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
+from ..checkpoint import saved_quantization
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
@@ -156,6 +157,7 @@ class QuantizationAwareTraining(Callback):
         self._learned_params: list[nn.Parameter] = []
         self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
+        self._evaluating: pl.Trainer | None = None  # the Trainer whose checkpoint the load hook reads
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
         self._calibrated = False  # `start_epoch` ended in this fit
@@ -249,12 +251,14 @@ class QuantizationAwareTraining(Callback):
             # evaluating a float model: convert only if the checkpoint about to be loaded is quantized.
             # Lightning loads the weights after `setup` (and sets `trainer.ckpt_path` only then), so look at
             # the state dict itself, just before it is applied.
+            self._evaluating = trainer
             self._load_hook = pl_module._register_load_state_dict_pre_hook(self._convert_if_quantized, with_module=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
+        self._evaluating = None
         if stage == "fit" and self._converted and not self._trained and not (self._layers and self._active(pl_module)):
             # a fit whose training never started with this callback (`Tuner.lr_find`/`scale_batch_size` run their
             # own callbacks): the layers it converted computed what the float ones do; the model gets them back
@@ -291,8 +295,35 @@ class QuantizationAwareTraining(Callback):
                 self._activation_quantizers.append(quantizer)
 
     def _convert_if_quantized(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        if not qat_modules(module) and any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
+        """Convert a float model the way the checkpoint about to be loaded was quantized: with the settings and layers
+        its ``QuantizationAwareTraining`` states record (every such callback's; a trial: 4-bit layers given an 8-bit
+        checkpoint's scales scored at chance), else with this callback's."""
+        if qat_modules(module) or not any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
+            return
+        saved = self._checkpoint_quantization()
+        if not saved:
             self._convert(module)
+            return
+        for config, layers in saved:
+            convert_to_qat(module, config, include=layers)
+        self._layers = [name for name, _ in qat_modules(module)]
+        other = [config for config, _ in saved if config != self.config]
+        if other:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: the checkpoint was quantized with {other[0]}, not this callback's "
+                f"{self.config}: its layers are converted with the checkpoint's settings, which its scales belong to."
+            )
+
+    def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:
+        """What the checkpoint the Trainer is loading records of its quantization (``[]``: nothing readable)."""
+        path = None if self._evaluating is None else self._evaluating.ckpt_path
+        if path is None or not Path(path).is_file():
+            return []
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # another format (a distributed checkpoint's directory, a legacy file): this callback's
+            return []
+        return saved_quantization(checkpoint)
 
     def _check_validation_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = trainer.check_val_every_n_epoch or 1

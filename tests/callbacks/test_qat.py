@@ -366,6 +366,32 @@ def test_test_with_a_qat_checkpoint_and_a_fresh_model(tmp_path):
     assert result[0]["test_loss"] > 0 and all(active(fresh))
 
 
+def test_evaluating_a_checkpoint_converts_as_it_was_quantized_also_by_two_callbacks(tmp_path):
+    """Trial W: `validate(ckpt_path=...)` with `QuantizationAwareTraining(4)` on an 8-bit checkpoint converted the
+    float model to 4 bits and loaded the 8-bit scales into it (chance accuracy); a checkpoint of two callbacks on
+    disjoint layers loaded neither through the Trainer nor through `load_qat_checkpoint`."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last", monitor="val_loss")
+    callbacks = [
+        QuantizationAwareTraining(4, 8, start_epoch=0, include=["net.0"]),
+        QuantizationAwareTraining(8, 8, start_epoch=0, include=["net.2", "net.4"]),
+        ckpt,
+    ]
+    trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True).fit(model)
+    recorded = float(ckpt.best_model_score)
+    with pytest.warns(UserWarning, match=r"the checkpoint was quantized with .*weight_bits=4.*not this callback's"):
+        result = trainer(callbacks=[QuantizationAwareTraining(2, 8)]).validate(
+            fresh := TinyModule(), ckpt_path=tmp_path / "last.ckpt", verbose=False
+        )
+    assert result[0]["val_loss"] == pytest.approx(recorded, rel=1e-6)
+    assert [q.bits for name, q in quantizers(fresh) if name.endswith("weight_fake_quant")] == [4, 8, 8]
+    loaded = load_qat_checkpoint(TinyModule, tmp_path / "last.ckpt")
+    x = make_blobs(16, seed=5).tensors[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
 def test_evaluating_a_float_model_changes_nothing(tiny):
     before = weights_of(tiny)
     t = trainer(callbacks=[QuantizationAwareTraining()])
