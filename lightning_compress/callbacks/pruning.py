@@ -255,7 +255,7 @@ class IterativePruning(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._core is None:
             return {}
-        return {**self._core.state_dict(), "validation": self._metrics.state_dict()}
+        return {**self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor}
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -269,7 +269,22 @@ class IterativePruning(Callback):
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:
-            self._core.load_state_dict(state_dict)
+            self._load_core_state(state_dict)
+
+    def _load_core_state(self, state: dict[str, Any]) -> None:
+        """The checkpoint's pruning state; a guard that monitored another metric leaves no baseline to compare with
+        (a trial: resumed with `monitor='val_loss'`, the old `val_acc` baseline judged a rising loss as a gain)."""
+        self._core.load_state_dict(state)  # type: ignore[union-attr]
+        saved = state.get("monitor", self.monitor)
+        guard = self._core.guard  # type: ignore[union-attr]
+        if guard is not None and state.get("guard") is not None and saved != self.monitor:
+            guard.forget_baseline()
+            self._resumed_validation = None  # its metrics are of the other monitor's validations
+            rank_zero_warn(
+                f"IterativePruning: the checkpoint's accuracy guard monitored {saved!r}, this fit monitors "
+                f"{self.monitor!r}: its baseline is not comparable, so the next validation gives a new one (an event "
+                "awaiting judgement is kept)."
+            )
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -334,7 +349,7 @@ class IterativePruning(Callback):
         self._previous, self._structure = None, None
         self._check_no_overlap(trainer)
         if self._restored is not None:
-            self._core.load_state_dict(self._restored)
+            self._load_core_state(self._restored)
             self._restored = None
         for logger in trainer.loggers:
             logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})

@@ -145,6 +145,11 @@ class AccuracyGuard:
 
     def observe(self, value: float) -> GuardDecision | None:
         """Feed the latest validation value; returns the decision it triggered, if any."""
+        if self.baseline is None and self.started:  # resumed reading another metric (:meth:`forget_baseline`)
+            if not math.isfinite(value):
+                return None  # waits for a finite one
+            self.baseline, self.awaiting_check = value, False  # the model as it is now is what drops count from
+            return GuardDecision("baseline", value, 0.0, self.step_cap)
         if not math.isfinite(value):
             if not self.started:
                 raise ValueError(
@@ -185,6 +190,16 @@ class AccuracyGuard:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The run's state from ``state``; the settings (``max_drop``, ``mode``, ``min_step``) stay this guard's. A
+        state saved reading the metric the other way (``mode``) holds a baseline this guard cannot compare with:
+        the next value is the new baseline."""
+        settings = ("max_drop", "mode", "min_step")
         for key, value in state.items():
-            if key in self.__dataclass_fields__:
+            if key in self.__dataclass_fields__ and key not in settings:
                 setattr(self, key, value)
+        if state.get("mode", self.mode) != self.mode:
+            self.forget_baseline()
+
+    def forget_baseline(self) -> None:
+        """The monitored metric changed (a resumed fit monitors another one): the next value is the baseline."""
+        self.baseline = None

@@ -1075,6 +1075,30 @@ def test_a_rollback_after_resuming_restores_the_judged_validations_metrics(tmp_p
         assert rescored == pytest.approx(float(recorded), rel=1e-6), path
 
 
+def test_a_resumed_guard_judges_with_this_fits_monitor_mode_and_max_drop(tmp_path):
+    """Trial W: resumed with `monitor='val_loss'` (or another `max_drop`), the guard kept the checkpoint's mode,
+    max_drop and `val_acc` baseline, and read a rising loss as a gain, while its log printed the new settings."""
+
+    def run(ckpt_path=None, **guard):
+        pl.seed_everything(0, verbose=False)
+        pruning = IterativePruning(0.5, start_epoch=1, end_epoch=4, **guard)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+        trainer(max_epochs=5, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(
+            TinyModule(), ckpt_path=ckpt_path
+        )
+        return pruning
+
+    run(monitor="val_acc", max_drop=0.05)
+    with pytest.warns(UserWarning, match=r"guard monitored 'val_acc', this fit monitors 'val_loss'"):
+        resumed = run(tmp_path / "epoch=2.ckpt", monitor="val_loss", max_drop=0.5)
+    guard = resumed.pruner.guard
+    assert (guard.mode, guard.max_drop) == ("min", 0.5)
+    first = resumed.decisions[0]
+    assert first.action == "baseline" and guard.baseline is not None and guard.baseline > 0.01  # a loss, not 0.9x
+    same = run(tmp_path / "epoch=2.ckpt", monitor="val_acc", max_drop=0.2)
+    assert same.pruner.guard.max_drop == 0.2 and same.decisions[0].action != "baseline"
+
+
 def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
     """A trial: a validation right after a rollback gave `val_acc` the restored value again; unchanged, it was not
     taken as that validation's, so the next rollback left the rejected model's `val_acc` for checkpoints."""

@@ -30,9 +30,17 @@ def test_mode_min_for_losses_and_state_roundtrip():
     guard.observe(1.0)
     guard.event_applied(0.0, 0.5)
     assert guard.observe(1.2).action == "rollback"
-    copy = AccuracyGuard(max_drop=0.0)
+    copy = AccuracyGuard(max_drop=0.1, mode="min")
     copy.load_state_dict(guard.state_dict())
     assert copy == guard
+    # settings stay the loading guard's (trial W: a resumed fit's new `max_drop` and `mode` were overwritten)
+    other = AccuracyGuard(max_drop=0.3, mode="min")
+    other.load_state_dict(guard.state_dict())
+    assert (other.max_drop, other.baseline, other.rollbacks) == (0.3, guard.baseline, guard.rollbacks)
+    flipped = AccuracyGuard(max_drop=0.1, mode="max")  # another reading: the baseline is not comparable
+    flipped.load_state_dict(guard.state_dict())
+    assert flipped.mode == "max" and flipped.baseline is None
+    assert flipped.observe(0.7).action == "baseline" and flipped.baseline == 0.7
 
 
 def test_nan_counts_as_a_drop():
