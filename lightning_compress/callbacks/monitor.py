@@ -77,10 +77,17 @@ class CompressionMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The dense baseline and the history, for a checkpoint: a resumed fit measures drops from the same
         baseline."""
-        return {"baseline": self.baseline, "history": [dict(point) for point in self.history]}
+        return {"monitor": self.monitor, "baseline": self.baseline, "history": [dict(point) for point in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
+            return
+        saved = state_dict.get("monitor", self.monitor)
+        if saved != self.monitor:  # a trial: a val_acc baseline and history summarized beside val_loss values
+            rank_zero_warn(
+                f"CompressionMonitor: the checkpoint's monitor watched {saved!r}, this one watches {self.monitor!r}: "
+                "its baseline and history are not restored."
+            )
             return
         self.baseline = state_dict.get("baseline")
         self.history = [dict(point) for point in state_dict.get("history", [])]

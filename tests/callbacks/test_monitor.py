@@ -175,6 +175,11 @@ def test_a_resumed_fit_keeps_the_dense_baseline_and_the_history(tmp_path):
     assert full.baseline is not None and resumed.baseline == full.baseline
     assert resumed.history == full.history and len(full.history) == 4
     assert resumed.summary["baseline"] == full.summary["baseline"]
+    # another metric: nothing of val_acc's is restored (trial W: a val_acc baseline beside val_loss values)
+    other = CompressionMonitor(monitor="val_loss")
+    with pytest.warns(UserWarning, match=r"watched 'val_acc', this one watches 'val_loss'"):
+        other.load_state_dict(full.state_dict())
+    assert other.baseline is None and other.history == []
 
 
 def test_the_monitor_never_changes_the_model(tmp_path):
