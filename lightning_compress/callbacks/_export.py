@@ -42,7 +42,7 @@ def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.Lig
 
     The forward runs once, in eval mode and without gradients, unless the strategy may shard the module (its
     weights are not all there at setup)."""
-    if path is None or path.suffix != ".onnx":
+    if path is None or not _is_onnx(path):
         return
     if pl_module.example_input_array is None:
         raise ValueError(
@@ -81,7 +81,7 @@ def export_template(
 
     At the end of fit the sharded model is gathered into it on rank zero (:func:`export_at_fit_end`).
     """
-    if path is None or not may_shard(trainer) or not (path.suffix == ".onnx" or compacted):
+    if path is None or not may_shard(trainer) or not (_is_onnx(path) or compacted):
         return None
     data = (Dataset, DataLoader)  # data sets a module holds (often large) are referred to, not copied
     shared = [v for m in pl_module.modules() for v in vars(m).values() if isinstance(v, data)]
@@ -139,15 +139,21 @@ def export_at_fit_end(
     if trainer.global_rank != 0:
         return None
     model: nn.Module = pl_module
-    if compacted or (path.suffix == ".onnx" and _low_precision(pl_module)):
+    if compacted or (_is_onnx(path) and _low_precision(pl_module)):
         model = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer
     return _export(model, path, example_inputs(pl_module), compacted)
 
 
+def _is_onnx(path: Path) -> bool:
+    """An ONNX path: ``.onnx`` in any case (a trial's ``model.ONNX`` received a compressed file)."""
+    return path.suffix.lower() == ".onnx"
+
+
 def _low_precision(model: nn.Module) -> bool:
-    """Whether ``model`` holds bfloat16/float16 weights (beside int4 group scales, which are float16 values)."""
+    """Whether ``model`` holds floating-point weights other than float32 (bfloat16/float16, or float64 under
+    ``precision="64-true"``; beside int4 group scales, which are float16 values): ONNX graphs are float32."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    return any(t.dtype in (torch.bfloat16, torch.float16) and "_fake_quant." not in n for n, t in tensors)
+    return any(t.is_floating_point() and t.dtype != torch.float32 and "_fake_quant." not in n for n, t in tensors)
 
 
 def _export(model: nn.Module, path: Path, example: Any, compact_first: bool) -> CompressionReport:
@@ -155,11 +161,11 @@ def _export(model: nn.Module, path: Path, example: Any, compact_first: bool) -> 
     is compacted or, for ONNX, cast to float32: ONNX graphs are float32, with int8/int4 weights, and a float32
     copy of bfloat16 weights holds exactly their values)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".onnx" and _low_precision(model):
+    if _is_onnx(path) and _low_precision(model):
         model.float()
         example = apply_to_collection(example, Tensor, lambda t: t.float() if t.is_floating_point() else t)
     if compact_first:
         rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
-    report = export_onnx(model, path, example) if path.suffix == ".onnx" else save_compressed(model, path)
+    report = export_onnx(model, path, example) if _is_onnx(path) else save_compressed(model, path)
     rank_zero_info(f"Exported the compressed model:\n{report}")
     return report

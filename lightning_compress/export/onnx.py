@@ -253,8 +253,12 @@ def export_onnx(
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"`accuracy_level`={accuracy_level!r} is not one of MatMulNBits' levels 0..4.")
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    low = sorted(  # float16 group scales are values, not the model's dtype
-        {str(t.dtype) for n, t in tensors if t.dtype in (torch.bfloat16, torch.float16) and "_fake_quant." not in n}
+    low = sorted(  # float16 group scales are values, not the model's dtype; float64 has no QuantizeLinear kernel
+        {
+            str(t.dtype)
+            for n, t in tensors
+            if t.is_floating_point() and t.dtype != torch.float32 and "_fake_quant." not in n
+        }
     )
     if low:
         raise ValueError(

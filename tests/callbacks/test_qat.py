@@ -392,6 +392,27 @@ def test_evaluating_a_checkpoint_converts_as_it_was_quantized_also_by_two_callba
         assert torch.equal(loaded(x), model.eval()(x))
 
 
+def test_an_onnx_export_path_under_64_true_in_any_case_writes_a_float32_graph(tmp_path):
+    """Trial X: `precision="64-true"` wrote float64 QuantizeLinear graphs onnxruntime cannot load, found after
+    training; trial W: `export_path="model.ONNX"` received a compressed file."""
+    import onnxruntime as ort
+
+    class WithExample(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.example_input_array = torch.zeros(2, 16)
+
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=tmp_path / "model.ONNX")
+    trainer(max_epochs=2, callbacks=[qat], precision="64-true").fit(model := WithExample())
+    assert (tmp_path / "model.ONNX").read_bytes()[:4] != b"LCZ\x89"
+    session = ort.InferenceSession(str(tmp_path / "model.ONNX"), providers=["CPUExecutionProvider"])
+    x = make_blobs(16, seed=5).tensors[0]
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = model.eval()(x.double()).float()
+    assert (torch.as_tensor(out).argmax(1) == expected.argmax(1)).float().mean() > 0.9
+
+
 def test_evaluating_a_float_model_changes_nothing(tiny):
     before = weights_of(tiny)
     t = trainer(callbacks=[QuantizationAwareTraining()])

@@ -224,6 +224,9 @@ def test_export_refuses_bf16_and_bad_accuracy_levels_with_what_to_do(tmp_path):
     model = quantized(dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"export a float32 copy"):
         export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 64, dtype=torch.bfloat16))
+    # float64 too (a trial: the graph was written, and neither onnx.checker nor onnxruntime could load it)
+    with pytest.raises(ValueError, match=r"\['torch.float64'\] tensors: export a float32 copy"):
+        export_onnx(quantized(dtype=torch.float64), tmp_path / "m.onnx", torch.randn(2, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"`accuracy_level`=7 is not one of"):
         export_onnx(quantized(), tmp_path / "m.onnx", torch.randn(2, 64), accuracy_level=7)
     assert not (tmp_path / "m.onnx").exists()
