@@ -57,6 +57,12 @@ _LOWER_WORDS = frozenset(
         "reconstruction",
         "xent",
         "bce",
+        "ce",
+        "crossentropy",
+        "huber",
+        "ece",
+        "mce",
+        "brier",
         "hamming",
     ]
 )
@@ -76,7 +82,9 @@ def lower_is_better(monitor: str) -> bool:
     ``val_celoss``), unless a word says the opposite (``error_reduction``, ``mse_skill``); ``neg_`` flips the
     reading (``neg_mse``: higher is better; ``neg_elbo``: lower)."""
     words = _words(monitor)
-    lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in "_".join(words)
+    joined = "_".join(words)
+    lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
+    lower = lower or "cross_entropy" in joined
     lower = lower and not any(w in _HIGHER_WORDS for w in words)
     return lower != any(w in _NEGATED for w in words)
 

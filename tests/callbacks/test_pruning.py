@@ -410,11 +410,13 @@ def test_an_explicit_max_mode_for_a_loss_warns():
     [
         (
             "val_loss val/mse valid_error val_nll val/kl val_wer val_cer val_mape val_rmsle val_bpd val_bits_per_dim "
-            "val_l1 val_recon val_neg_elbo val_fid val_cost val_celoss val_ppl",
+            "val_l1 val_recon val_neg_elbo val_fid val_cost val_celoss val_ppl "
+            "val_cross_entropy val_crossentropy val_ce val_huber val_ece val_brier",  # trial X: read as "max"
             "min",
         ),
         (
-            "val_acc val_r2 score val_elbo val_error_reduction val_lossless_ratio val_mse_skill neg_mean_squared_error",
+            "val_acc val_r2 score val_elbo val_error_reduction val_lossless_ratio val_mse_skill neg_mean_squared_error "
+            "val_entropy val_cross_entropy_reduction val_precision val_recall val_auroc",
             "max",
         ),
     ],
