@@ -207,7 +207,13 @@ class Pruner:
         masks = {t.param_name: new[t.param_name] for t in targets}
         total = sum(t.numel for t in targets)
         pruned = sum(pruned_counts(targets, masks, self.collectives).values())
-        count = min(int(fraction * (total - pruned)), pruned)
+        # only pruned weights with a gradient can come back: one with none would stay at zero, kept by its mask
+        # (a trial: the sparsity overshot the target and a layer fell under its `min_density` floor)
+        movable = {
+            t.param_name: mask_bits(masks[t.param_name]).bool() | (self._grads[t.param_name] == 0) for t in targets
+        }
+        candidates = sum(pruned_counts(targets, movable, self.collectives).values())
+        count = min(int(fraction * (total - pruned)), candidates)
         if count <= 0:
             return
         dropped = compute_masks(
