@@ -363,9 +363,17 @@ class IterativePruning(Callback):
             shared = sorted(mine & {t.param_name for t in other.pruner.targets})
             if shared:
                 self._core = None
+                channel = "channel" in (self.config.granularity, other.config.granularity)
                 raise ValueError(
                     f"Two IterativePruning callbacks select the same weights {shared[:5]}"
                     f"{' ...' if len(shared) > 5 else ''}: give them disjoint `include`/`exclude` patterns."
+                    + (
+                        " Channel pruning also cuts the input channels of the layers that consume the pruned ones "
+                        "(and the norms between), so those layers belong to the channel-pruning callback too: "
+                        "exclude them from the other one."
+                        if channel
+                        else ""
+                    )
                 )
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -305,3 +305,17 @@ def test_the_logged_sparsity_of_channel_pruning_is_the_weights_as_sparsity_count
     assert float(logged["compress/sparsity"]) == pytest.approx(sparsity(model), abs=1e-6)
     layers = [name.removeprefix("compress/sparsity/") for name in logged if name.startswith("compress/sparsity/")]
     assert layers and not [n for n in layers if isinstance(model.get_submodule(n), torch.nn.BatchNorm2d)]
+
+
+def test_a_channel_callback_and_an_element_callback_on_its_consumer_say_why_they_overlap():
+    """Trial X: `include=["conv"]` (channels) and `include=["fc"]` (elements) were refused as selecting 'the same
+    weights' with the advice to do what the user did: channel pruning of conv also cuts fc's input columns."""
+    model = _model("cnn")
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    callbacks = [
+        IterativePruning(0.5, granularity="channel", include=[convs[-1]]),
+        IterativePruning(0.8, include=[names[0]]),
+    ]
+    with pytest.raises(ValueError, match=r"select the same weights .*Channel pruning also cuts the input channels"):
+        _trainer(callbacks).fit(model, DigitsDataModule(batch_size=32))
