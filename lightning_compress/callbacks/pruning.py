@@ -35,6 +35,7 @@ from ._export import (
     export_template,
 )
 from ._guard import ValidationMetrics, read_monitor, short_of_target_note, unjudged_event_note
+from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
     check_float,
@@ -351,8 +352,18 @@ class IterativePruning(Callback):
         if self._restored is not None:
             self._load_core_state(self._restored)
             self._restored = None
-        for logger in trainer.loggers:
-            logger.log_hyperparams({f"compress/pruning/{k}": v for k, v in self.config.describe().items()})
+        log_settings(trainer, pl_module, self)
+
+    def compression_settings(self) -> tuple[str, dict[str, Any]]:
+        """``("pruning", settings)``: what the loggers record as ``compress/pruning/...`` hyperparameters."""
+        window, config = self.window, self.config
+        return "pruning", {
+            **config.describe(), "start_epoch": window.start_epoch, "end_epoch": window.end_epoch,
+            "every_n_epochs": window.every_n_epochs, "every_n_steps": window.every_n_steps,
+            "include": config.include, "exclude": config.exclude, "min_density": config.min_density,
+            "regrow": config.regrow, "seed": config.seed, "monitor": self.monitor,
+            "max_drop": self.max_drop if self.monitor is not None else None,
+        }  # fmt: skip
 
     def _check_no_overlap(self, trainer: pl.Trainer) -> None:
         """Two pruning callbacks on one weight would each undo the other's masks: refused before training."""

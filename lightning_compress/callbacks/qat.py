@@ -31,6 +31,7 @@ from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
+from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
     check_int,
@@ -355,7 +356,15 @@ class QuantizationAwareTraining(Callback):
             convert_to_float(pl_module, self._converted)
             self._converted = []
 
+    def compression_settings(self) -> tuple[str, dict[str, Any]]:
+        """``("qat", settings)``: what the loggers record as ``compress/qat/...`` hyperparameters."""
+        return "qat", {
+            **self.config.to_dict(), "start_epoch": self.start_epoch, "include": self.include,
+            "exclude": self.exclude, "shift_search": self.shift_search,
+        }  # fmt: skip
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_settings(trainer, pl_module, self)
         check_export_template(self._template, pl_module, "QuantizationAwareTraining")
         late = [name for name in quantizable_layers(pl_module, self.include, self.exclude) if name not in self._layers]
         if late:
@@ -363,10 +372,6 @@ class QuantizationAwareTraining(Callback):
                 f"QuantizationAwareTraining: {late[:5]}{' ...' if len(late) > 5 else ''} match `include`/`exclude` "
                 "but did not exist at `setup`, when the layers were converted (built in `configure_model`?): they "
                 "stay float. Build them in `__init__` to quantize them."
-            )
-        for logger in trainer.loggers:
-            logger.log_hyperparams(
-                {f"compress/qat/{k}": ("none" if v is None else v) for k, v in self.config.to_dict().items()}
             )
         if self.config.scale == "learned":  # before Lightning restores a resumed optimizer's state
             self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]

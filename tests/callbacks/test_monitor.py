@@ -76,6 +76,39 @@ def test_any_logger_and_hparams(tmp_path):
         assert "compress/pruning/target_sparsity: 0.5" in hparams and "compress/qat/weight_bits: 8" in hparams
 
 
+def test_the_callbacks_settings_leave_the_modules_hparams_first_and_two_qat_callbacks_apart(tmp_path):
+    """Trial W: each callback logged its settings as a set of its own before Lightning logged the module's
+    hyperparameters, and TensorBoard's HParams view keeps the first set a run logs (`hidden` and `lr` disappeared
+    from it); two QAT callbacks wrote the same keys (a 4-bit and an 8-bit callback read `weight_bits: 8`). One set
+    now holds the module's hyperparameters and every callback's settings."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    class WithHparams(TinyModule):
+        def __init__(self, hidden: int = 32, lr: float = 0.05):
+            super().__init__(hidden=hidden, lr=lr)
+            self.save_hyperparameters()
+
+    callbacks = [
+        IterativePruning(0.5, start_epoch=0, end_epoch=1, include=["net.0"]),
+        QuantizationAwareTraining(4, 8, start_epoch=0, include=["net.0"]),
+        QuantizationAwareTraining(8, 8, start_epoch=0, include=["net.2", "net.4"]),
+    ]
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer(max_epochs=1, callbacks=callbacks, logger=logger).fit(WithHparams())
+    (path,) = (tmp_path / "tb" / "version_0").glob("events.*")
+    sessions = [  # the hyperparameters of each set logged, in order: TensorBoard's HParams view shows the first
+        set(plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info.hparams)
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == "_hparams_/session_start_info"
+    ]
+    assert sessions and {"hidden", "lr", "compress/qat/weight_bits", "compress/pruning/include"} <= sessions[0]
+    hparams = (tmp_path / "tb" / "version_0" / "hparams.yaml").read_text()
+    assert "compress/qat/weight_bits: 4" in hparams and "compress/qat1/weight_bits: 8" in hparams
+    assert "compress/pruning/start_epoch: 0" in hparams and "compress/pruning/include: net.0" in hparams
+
+
 def test_size_estimate_tracks_the_real_file(tmp_path):
     pl.seed_everything(0, verbose=False)
     model = TinyModule()
