@@ -7,6 +7,7 @@ epochs) is not part of it: that is the caller's clock.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,8 @@ class PruningConfig:
             )
         scope = default_scope(self.scope, granularity)
         set_(self, "scope", scope)
+        if isinstance(self.schedule, str) and self.schedule not in SCHEDULES and "." in self.schedule:
+            set_(self, "schedule", _imported(self.schedule, "schedule"))  # a dotted path, as LightningCLI passes it
         if not callable(self.schedule):
             check_choice(self.schedule, "schedule", SCHEDULES)
         set_(self, "include", normalize_patterns(self.include, "include"))
@@ -99,3 +102,18 @@ class PruningConfig:
             "granularity": self.granularity,
             "measure": self.measure,
         }
+
+
+def _imported(path: str, argument: str) -> Any:
+    """The callable a dotted path names (``"my_module.half"``): LightningCLI passes a callable argument so."""
+    module, _, name = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"`{argument}`={path!r} is not one of {SCHEDULES}, and as a dotted path it names nothing importable "
+            f"({err})."
+        ) from None
+    if not callable(found):
+        raise ValueError(f"`{argument}`={path!r} names {type(found).__name__}, not a callable.")
+    return found

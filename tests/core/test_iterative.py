@@ -354,6 +354,20 @@ def test_regrowth_brings_back_only_weights_with_a_gradient():
     assert sparsity(model) == pytest.approx(pruner.masked_sparsity(), abs=4 / 1216)
 
 
+def test_a_schedule_given_as_a_dotted_path_is_imported():
+    """Trial W: LightningCLI passes `--trainer.callbacks.schedule=sched.half` as the string 'sched.half', which was
+    refused as an unknown schedule name."""
+    import math
+
+    assert PruningConfig(0.9, schedule="math.sqrt").schedule is math.sqrt
+    with pytest.raises(ValueError, match=r"`schedule`='no_such_module.half' .* names nothing importable"):
+        PruningConfig(0.9, schedule="no_such_module.half")
+    with pytest.raises(ValueError, match=r"`schedule`='math.pi' names float, not a callable"):
+        PruningConfig(0.9, schedule="math.pi")
+    with pytest.raises(ValueError, match=r"`schedule`='cubical' is not one of"):
+        PruningConfig(0.9, schedule="cubical")
+
+
 def test_a_state_saved_with_another_target_says_so():
     saved = IterativePruner(_model(), 0.9, total_steps=10, every_n_steps=1)
     saved.advance_to(3)
