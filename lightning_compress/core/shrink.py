@@ -97,8 +97,31 @@ def set_head_record(model: nn.Module, record: Any, before: Callable[[str], None]
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= current:
                 raise ValueError(f"head count {name}.{attr}={value!r} is not between 1 and {current}.")
             checked.append((name, module, attr, value))
+    for name, module in {name: module for name, module, _, _ in checked}.items():
+        _check_head_width(name, module, {a: v for n, _, a, v in checked if n == name})
     for name, module, attr, value in checked:
         if before is not None:
             before(name)
         setattr(module, attr, value)
         setattr(module, HEADS_ATTRIBUTE, {**getattr(module, HEADS_ATTRIBUTE, {}), attr: value})
+
+
+_HEADS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_WIDTHS = ("all_head_size", "inner_dim")
+_HEAD_SIZES = ("attention_head_size", "head_dim", "head_size")
+
+
+def _check_head_width(name: str, module: nn.Module, new: dict[str, int]) -> None:
+    """A module that keeps a head count, a head size and the width of all heads must keep them consistent (a trial:
+    `num_attention_heads=1` with `all_head_size=24` and heads of 8 loaded)."""
+    sizes = {
+        a: getattr(module, a) for a in (*_HEADS, *_WIDTHS, *_HEAD_SIZES) if isinstance(getattr(module, a, None), int)
+    }
+    sizes.update(new)
+    heads = next((sizes[a] for a in _HEADS if a in sizes), None)
+    width = next((sizes[a] for a in _WIDTHS if a in sizes), None)
+    size = next((sizes[a] for a in _HEAD_SIZES if a in sizes), None)
+    if heads is not None and width is not None and size is not None and heads * size != width:
+        raise ValueError(
+            f"head counts of {name!r} do not fit: {heads} heads of {size} make {heads * size}, not {width}."
+        )

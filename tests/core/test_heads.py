@@ -375,6 +375,12 @@ def test_from_pretrained_errors(tmp_path):
         model.save_pretrained(tmp_path)
         with pytest.raises(ValueError, match=rf"compacted sizes that do not fit .*{re.escape(key)}"):
             from_pretrained(cls, tmp_path)
+    layer = "bert.encoder.layer.0.attention.self"  # head counts against the width of all heads (a trial: loaded)
+    heads = {**entry["heads"], layer: {**entry["heads"][layer], "num_attention_heads": 1}}
+    model.config.lightning_compress = {**entry, "heads": heads}
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"head counts of '{layer}' do not fit: 1 heads of \d+ make"):
+        from_pretrained(cls, tmp_path)
     model.config.lightning_compress = entry
     model.save_pretrained(tmp_path)
     # the base class instead of the one saved: "names ..., which is not an attention module of BertModel" before
