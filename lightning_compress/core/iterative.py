@@ -272,6 +272,12 @@ class IterativePruner:
             total_steps=total_steps, start_step=start_step, every_n_steps=every_n_steps, rewind_step=rewind_step,
             judged_until=judged_until,
         )  # fmt: skip
+        if self.guard is not None and self.judged_until is not None and self.judged_until < self.schedule.end:
+            self._warn(  # a trial: the run ended at 0.787 of 0.9 without a word
+                f"IterativePruner: `judged_until`={self.judged_until} is before the schedule's end (`total_steps`="
+                f"{self.schedule.end}): the events after it are skipped, since no evaluation would judge them, and "
+                "the target may not be reached. End the schedule by then, or evaluate later."
+            )
 
     def set_schedule(
         self,
