@@ -246,6 +246,7 @@ class QuantizationAwareTraining(Callback):
             self._calibrated = False  # `start_epoch` ended in this fit
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
+            self._load_hook = pl_module._register_load_state_dict_pre_hook(self._check_resumed_layers, with_module=True)
         elif qat_modules(pl_module):
             self._convert(pl_module)
         else:
@@ -313,6 +314,20 @@ class QuantizationAwareTraining(Callback):
             rank_zero_warn(
                 f"QuantizationAwareTraining: the checkpoint was quantized with {other[0]}, not this callback's "
                 f"{self.config}: its layers are converted with the checkpoint's settings, which its scales belong to."
+            )
+
+    def _check_resumed_layers(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """A checkpoint quantized on other layers than this fit's callbacks quantize fails in Lightning's strict load
+        with a raw list of unexpected keys (a trial): named here, with the fix."""
+        saved = {k[len(prefix) : -len(_QAT_KEY_SUFFIX)] for k in state_dict if k.endswith(_QAT_KEY_SUFFIX)}
+        mine = {name for name, _ in qat_modules(module)}
+        if saved and saved != mine:
+            raise ValueError(
+                f"QuantizationAwareTraining: the checkpoint quantizes the layers {sorted(saved)[:5]}"
+                f"{' ...' if len(saved) > 5 else ''}, this fit's QuantizationAwareTraining callbacks "
+                f"{sorted(mine)[:5]}{' ...' if len(mine) > 5 else ''}: pass the `include`/`exclude` of the run being "
+                "resumed (one callback per set of settings it used), or load it for inference with "
+                "`load_qat_checkpoint`."
             )
 
     def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:

@@ -413,6 +413,22 @@ def test_an_onnx_export_path_under_64_true_in_any_case_writes_a_float32_graph(tm
     assert (torch.as_tensor(out).argmax(1) == expected.argmax(1)).float().mean() > 0.9
 
 
+def test_resuming_with_qat_on_other_layers_names_the_fix(tmp_path):
+    """Trial W: resuming a checkpoint quantized on other layers failed in Lightning's strict load with a raw list of
+    unexpected keys, naming neither the callback nor the fix."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    callbacks = [QuantizationAwareTraining(8, 8, start_epoch=0, include=["net.0", "net.2"]), ckpt]
+    trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True).fit(TinyModule())
+    model = TinyModule()
+    other = QuantizationAwareTraining(8, 8, start_epoch=0, include=["net.4"])
+    with pytest.raises(ValueError, match=r"the checkpoint quantizes the layers \['net.0', 'net.2'\].*\['net.4'\]"):
+        trainer(max_epochs=3, callbacks=[other]).fit(model, ckpt_path=tmp_path / "last.ckpt")
+    assert not qat_modules(model)  # the layers it converted are float again
+    same = QuantizationAwareTraining(8, 8, start_epoch=0, include=["net.0", "net.2"])
+    trainer(max_epochs=3, callbacks=[same]).fit(TinyModule(), ckpt_path=tmp_path / "last.ckpt")
+
+
 def test_evaluating_a_float_model_changes_nothing(tiny):
     before = weights_of(tiny)
     t = trainer(callbacks=[QuantizationAwareTraining()])
