@@ -159,6 +159,7 @@ class FakeQuantizer(nn.Module):
     _export_zero_point: Tensor
 
     _OBSERVE, _FAKE_QUANT, _FROZEN_SHIFT, _INITIALIZED, _SIGNED = 1, 2, 4, 8, 16
+    KNOWN_FLAGS = 31  # every bit of :attr:`state` a quantizer sets
 
     def __init__(
         self,

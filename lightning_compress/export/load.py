@@ -188,6 +188,10 @@ def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
             value = tensors.get(f"{name}.{bound}")
             if value is not None and value.is_floating_point() and bool(torch.isnan(value).any()):
                 raise CompressedFileError(f"{name}.{bound}: an observed range that is not a number (NaN).")
+        flags = tensors.get(f"{name}.state")
+        known = quantizer.KNOWN_FLAGS
+        if flags is not None and bool(((flags.long() & ~known) != 0).any() | (flags < 0).any()):
+            raise CompressedFileError(f"{name}.state: flags a quantizer does not have ({flags.tolist()}).")
 
 
 def _check_scale(name: str, scale: Tensor) -> None:

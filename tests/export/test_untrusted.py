@@ -364,6 +364,16 @@ def test_scales_that_are_not_finite_positive_normal_numbers_are_refused(tmp_path
     refused(tmp_path / "bad.lcz", r"fc1.input_fake_quant.scale: scales that are not finite numbers of at least 1.18e")
 
 
+@pytest.mark.parametrize("value", [1 << 20, -1])
+def test_quantizer_flags_no_quantizer_sets_are_refused(tmp_path, value):
+    """A trial: unknown bits in a quantizer's `state` buffer loaded without complaint."""
+    model = compressed_net(0.9, QuantConfig(8, 8))
+    with torch.no_grad():
+        model.fc1.input_fake_quant.state.fill_(value)
+    save_compressed(model, tmp_path / "flags.lcz")
+    refused(tmp_path / "flags.lcz", r"fc1.input_fake_quant.state: flags a quantizer does not have")
+
+
 def test_an_observed_range_that_is_not_a_number_is_refused(tmp_path):
     """A trial: a NaN `min_val` loaded, and the next `calibrate` on finite data said to calibrate on finite data."""
     model = compressed_net(0.9, QuantConfig(8, 8))
