@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import warnings
@@ -261,7 +262,37 @@ class IterativePruning(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        """Lightning restores the state saved under this callback's key, which holds its patterns as written; a state
+        saved with other `include`/`exclude` patterns that select the same weights (another order, a glob) is this
+        run's too (a trial: it started afresh, and the run ended 0.727 away from the uninterrupted one)."""
+        states = checkpoint.get("callbacks", {})
+        same = None if self.state_key in states else self._same_selection(pl_module, states)
+        if same is not None:
+            self.load_state_dict(states[same])
+            return
         warn_if_saved_under_another_key(checkpoint, self)
+
+    def _same_selection(self, pl_module: pl.LightningModule, states: dict[str, Any]) -> str | None:
+        """The key of a saved state whose arguments are this callback's but for patterns that select the same
+        weights."""
+        name, mine = type(self).__name__, self.config.identity()
+        for key in states:
+            if not (isinstance(key, str) and key.startswith(name + "{")):
+                continue
+            try:
+                saved = ast.literal_eval(key[len(name) :])
+            except (ValueError, SyntaxError):
+                continue
+            if not isinstance(saved, dict) or _without_patterns(saved) != _without_patterns(mine):
+                continue
+            try:
+                theirs = select_targets(pl_module, saved.get("include"), saved.get("exclude"), module_tensors=True)
+            except (TypeError, ValueError):
+                continue
+            ours = select_targets(pl_module, self.config.include, self.config.exclude, module_tensors=True)
+            if [t.param_name for t in theirs] == [t.param_name for t in ours]:
+                return key
+        return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -621,3 +652,7 @@ class IterativePruning(Callback):
                 name, value, on_step=step_level, on_epoch=not step_level, sync_dist=pl_module.trainer.world_size > 1,
                 batch_size=1,
             )  # fmt: skip
+
+
+def _without_patterns(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k not in ("include", "exclude")}

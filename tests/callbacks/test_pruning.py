@@ -1101,6 +1101,27 @@ def test_a_resumed_guard_judges_with_this_fits_monitor_mode_and_max_drop(tmp_pat
     assert same.pruner.guard.max_drop == 0.2 and same.decisions[0].action != "baseline"
 
 
+@pytest.mark.parametrize("include", [["net.2", "net.0"], ["net.[02]"]])
+def test_patterns_that_select_the_same_weights_resume_the_saved_state(tmp_path, include):
+    """Trial W: `include` written in another order, or as a glob, dropped the saved state ('saved with other
+    arguments ... starts afresh'), and the resumed run ended 0.727 away from the uninterrupted one."""
+
+    def run(include, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        pruning = IterativePruning(0.8, importance="taylor", start_epoch=0, end_epoch=3, include=include)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=4, callbacks=[pruning, ckpt], enable_checkpointing=True).fit(model, ckpt_path=ckpt_path)
+        assert not [w for w in caught if "saved with other arguments" in str(w.message)]
+        return model
+
+    full = run(["net.0", "net.2"])
+    resumed = run(include, ckpt_path=tmp_path / "epoch=1.ckpt")
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
+
+
 def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
     """A trial: a validation right after a rollback gave `val_acc` the restored value again; unchanged, it was not
     taken as that validation's, so the next rollback left the rejected model's `val_acc` for checkpoints."""
