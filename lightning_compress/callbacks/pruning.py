@@ -276,6 +276,7 @@ class IterativePruning(Callback):
         """The key of a saved state whose arguments are this callback's but for patterns that select the same
         weights."""
         name, mine = type(self).__name__, self.config.identity()
+        ours: list[str] | None = None  # this callback's weights, read once a candidate key is found
         for key in states:
             if not (isinstance(key, str) and key.startswith(name + "{")):
                 continue
@@ -289,8 +290,10 @@ class IterativePruning(Callback):
                 theirs = select_targets(pl_module, saved.get("include"), saved.get("exclude"), module_tensors=True)
             except (TypeError, ValueError):
                 continue
-            ours = select_targets(pl_module, self.config.include, self.config.exclude, module_tensors=True)
-            if [t.param_name for t in theirs] == [t.param_name for t in ours]:
+            if ours is None:
+                ours = [t.param_name for t in select_targets(pl_module, self.config.include, self.config.exclude,
+                                                              module_tensors=True)]  # fmt: skip
+            if [t.param_name for t in theirs] == ours:
                 return key
         return None
 

@@ -288,8 +288,15 @@ class QuantizationAwareTraining(Callback):
                     "disjoint `include`/`exclude` patterns."
                 )
 
-    def _convert(self, pl_module: nn.Module) -> None:
-        self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
+    def _convert(self, pl_module: nn.Module, saved: list[tuple[QuantConfig, list[str]]] | None = None) -> None:
+        """Convert this callback's layers with its settings, or ``saved``'s layers with their settings (a checkpoint
+        being evaluated)."""
+        if saved is None:
+            self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
+        else:
+            for config, layers in saved:
+                convert_to_qat(pl_module, config, include=layers)
+            self._layers = [name for name, _ in qat_modules(pl_module)]
         self._activation_quantizers = []  # cached: walking the module tree at every step costs on big models
         for _, quantizer in quantizers(pl_module):
             quantizer.sync_observers = True
@@ -303,12 +310,7 @@ class QuantizationAwareTraining(Callback):
         if qat_modules(module) or not any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
             return
         saved = self._checkpoint_quantization()
-        if not saved:
-            self._convert(module)
-            return
-        for config, layers in saved:
-            convert_to_qat(module, config, include=layers)
-        self._layers = [name for name, _ in qat_modules(module)]
+        self._convert(module, saved or None)
         other = [config for config, _ in saved if config != self.config]
         if other:
             rank_zero_warn(

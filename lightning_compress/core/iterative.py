@@ -404,7 +404,8 @@ class IterativePruner:
         ``params``: ids of the parameters one optimizer steps (``None``: all), e.g.
         ``{id(p) for group in optimizer.param_groups for p in group["params"]}``.
         """
-        if params is not None and (not isinstance(params, (set, frozenset)) or not all(is_integer(p) for p in params)):
+        # on every step: the type and one element, not the whole set
+        if params is not None and (not isinstance(params, (set, frozenset)) or not is_integer(next(iter(params), 0))):
             raise TypeError(
                 "`params` must be a set of parameter ids, e.g. `{id(p) for group in optimizer.param_groups for p in "
                 f"group['params']}}`, or None (all), got {type(params).__name__}."

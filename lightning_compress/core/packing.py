@@ -18,6 +18,7 @@ __all__ = [
     "encode_gaps",
     "pack_bits",
     "pack_codes",
+    "stored_sparse",
     "unpack_bits",
     "unpack_codes",
 ]
@@ -106,3 +107,10 @@ def unpack_codes(data: Tensor, bits: int, count: int) -> Tensor:
     codes = ((data.reshape(-1, 1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count].view(torch.int8)
     codes[codes >= 1 << (width - 1)] -= 1 << width  # two's complement in `width` bits
     return codes
+
+
+def stored_sparse(tensor: Tensor) -> bool:
+    """Whether the compressed format stores a floating-point tensor that is not quantized as positions and values:
+    64 entries or more, under 60% of them nonzero (positions cost at most 1 bit per entry; values are saved only
+    where nonzero)."""
+    return tensor.is_floating_point() and tensor.numel() >= 64 and float((tensor != 0).float().mean()) < 0.6

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .packing import code_container_bits
+from .packing import code_container_bits, stored_sparse
 from .qat import FakeQuantizer, qat_modules
 from .selection import select_targets
 from .sharding import full, local
@@ -125,19 +125,11 @@ def estimate_size(model: nn.Module) -> ModelSize:
         quantizer = quantizer_of.get(id(parameter)) if parameter is not None else None
         if name in selected or quantizer is not None:
             layers.append(_layer_size(name, full(parameter if parameter is not None else tensor), quantizer))
-        elif tensor.is_floating_point() and tensor.numel() >= _SPARSE_MIN_NUMEL and _stored_sparse(full(tensor)):
+        elif tensor.is_floating_point() and stored_sparse(full(tensor)):
             layers.append(_layer_size(name, full(tensor), None))
         else:
             rest += size
     return ModelSize(layers, dense_total, sum(layer.bytes for layer in layers) + rest)
-
-
-_SPARSE_MIN_NUMEL = 64  # the compressed format stores smaller tensors as they are
-
-
-def _stored_sparse(tensor: Tensor) -> bool:
-    """Whether the compressed format stores a float tensor as positions and values (as ``save_compressed``)."""
-    return float((tensor != 0).float().mean()) < 0.6
 
 
 def _unique_entries(model: nn.Module) -> list[tuple[str, Tensor]]:

@@ -18,6 +18,7 @@ from ..core.packing import (
     encode_gaps,
     pack_bits,
     pack_codes,
+    stored_sparse,
 )
 from ..core.qat import FakeQuantizer, qat_modules, quantizers
 from ..core.quant import BIAS_RANGE, dequantize, fake_quantize, quantize
@@ -228,7 +229,7 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
         elif name in biases and (bias_codes := _bias_codes(tensor, biases[name][1])) is not None:
             sections.add("data", _planes(bias_codes))
             records.append(TensorRecord(**head, kind="bias", layer=biases[name][0]))
-        elif tensor.is_floating_point() and tensor.numel() >= 64 and _worth_sparse(tensor):
+        elif stored_sparse(tensor):
             nonzero = tensor != 0
             count = int(nonzero.sum())
             coding, pos_bytes = _positions(nonzero, sections)
@@ -278,11 +279,6 @@ def _check_storable(state: dict[str, Any]) -> None:
                 f"save_compressed stores dense tensors, but the state dict entry {name!r} is a {value.layout} "
                 "tensor; register it dense (`.to_dense()`) or as a non-persistent buffer."
             )
-
-
-def _worth_sparse(tensor: Tensor) -> bool:
-    density = float((tensor != 0).float().mean())
-    return density < 0.6  # positions cost at most 1 bit per entry; values are saved only where nonzero
 
 
 def _layer_report(name: str, tensor: Tensor, nonzero: int, bits: int, after: int, coding: str) -> LayerReport:
