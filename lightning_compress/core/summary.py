@@ -95,7 +95,7 @@ def estimate_size(model: nn.Module) -> ModelSize:
     """Per-layer and total size of ``model`` as the compressed format would store it (before LZMA).
 
     The layers are the weights pruning selects by default, every weight fake quantization is on for (an embedding
-    too), and every other floating-point tensor the format stores sparsely (60% zeros or more, as
+    too), and every other floating-point matrix the format stores sparsely (60% zeros or more, as
     :func:`~lightning_compress.save_compressed` decides); a tensor shared by two modules (tied embeddings) counts
     once, as the file and ``torch.save`` store it. A weight sharded by FSDP2 is gathered whole, one at a time: every
     process must call this.
@@ -125,8 +125,12 @@ def estimate_size(model: nn.Module) -> ModelSize:
         quantizer = quantizer_of.get(id(parameter)) if parameter is not None else None
         if name in selected or quantizer is not None:
             layers.append(_layer_size(name, full(parameter if parameter is not None else tensor), quantizer))
-        elif tensor.is_floating_point() and stored_sparse(full(tensor)):
-            layers.append(_layer_size(name, full(tensor), None))
+        elif tensor.is_floating_point() and stored_sparse(whole := full(tensor)):
+            sparse = _layer_size(name, whole, None)
+            if tensor.dim() > 1:  # a weight matrix pruned outside the default selection (an embedding)
+                layers.append(sparse)
+            else:  # a bias or norm initialized to zeros: stored small, but no weight pruning made sparse
+                rest += sparse.bytes
         else:
             rest += size
     return ModelSize(layers, dense_total, sum(layer.bytes for layer in layers) + rest)

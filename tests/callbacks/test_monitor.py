@@ -148,6 +148,12 @@ def test_the_estimate_counts_a_tied_weight_once_and_compressed_tensors_outside_t
     enable_fake_quant(quantized)
     layers = {layer.name: layer.bits for layer in estimate_size(quantized).layers}
     assert layers == {"emb.weight": 8, "h.weight": 8, "head.weight": 8}
+    # biases initialized to zeros (GPT-2's) are stored small, but are no pruned layer: a dense model is not sparse
+    zero_biases = nn.Sequential(nn.Linear(16, 128), nn.Linear(128, 4))
+    with torch.no_grad():
+        zero_biases[0].bias.zero_()
+    size = estimate_size(zero_biases)
+    assert size.sparsity == 0.0 and size.bytes < size.dense_bytes
 
 
 def test_no_drop_is_logged_without_a_dense_baseline(tmp_path):
