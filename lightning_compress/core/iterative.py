@@ -35,6 +35,7 @@ from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
 from .functional import warn_if_min_density_idle
 from .importance import Importance, auto_importance_of
+from .iterative_state import STATE_VERSION, check_state, migrate_state
 from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
@@ -42,11 +43,10 @@ from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets
 from .sharding import is_sharded
-from .snapshot import ModelSnapshot, quantizer_flags
+from .snapshot import JudgedModel, ModelSnapshot
 
 __all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "Rollback", "default_events"]
 
-STATE_VERSION = 2
 DEFAULT_EVENTS = 1000
 """Element granularity with ``every_n_steps=None``: about this many events over the schedule, i.e. an event
 after every optimizer step when the schedule is shorter (chosen on a model zoo, see BENCHMARKS.md "Defaults on
@@ -226,12 +226,10 @@ class IterativePruner:
         self.config = config
         self._model = model
         # with the guard: the model as the last evaluation saw it (taken at `observe`), what a rollback returns to
-        self._judged: ModelSnapshot | None = None
-        self._judged_value: float | None = None  # what the evaluation that `_judged` copied gave
+        self._judged = JudgedModel(model)
         self.restored_value: float | None = None  # that value after a rollback that restored that model exactly
         self._saved_judgement: dict[str, Any] | None = None  # a checkpoint's `judged` entry, until adopted
         self._gradients_checked = False  # whether `step` checked once that it reads gradients
-        self._judged_steps: int | None = None  # the clock when the model was last the one `_judged` holds
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -346,7 +344,7 @@ class IterativePruner:
     def judged_value(self) -> float | None:
         """What the evaluation gave whose model a rollback would return to (``None``: no such copy, or one taken
         without an evaluation)."""
-        return self._judged_value if self._judged is not None else None
+        return self._judged.known_value
 
     @property
     def target_sparsity(self) -> float:
@@ -478,12 +476,11 @@ class IterativePruner:
         # replicated weights (DDP) take rank 0's masks; sharded ones are decided from counts every process shares
         sync = None if self.collectives.world_size == 1 or self._pruner.sharded else self._broadcast
         # the copy `observe` took is the model the last evaluation judged; a resumed run has none yet: take it now
-        judged = self._judged if guard is None or self._judged is not None else ModelSnapshot(self._model)
+        copy = None if guard is None or self._judged.held else ModelSnapshot(self._model)
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
             return False
-        if judged is not self._judged:  # taken now, after no evaluation: its value is not known
-            self._judged_value = None
-        self._judged = judged
+        if copy is not None:  # taken now, after no evaluation: its value is not known
+            self._judged.hold(copy, None)
         self._zero_optimizer_state()
         if guard is not None:
             guard.event_applied(previous, self.masked_sparsity())
@@ -528,16 +525,15 @@ class IterativePruner:
         rolled_back = decision is not None and decision.action in ("rollback", "stop")
         self.restored_value = None
         if rolled_back:
-            value_then = self._judged_value
+            value_then = self._judged.value
             if self._roll_back():  # the model is again the one the copy holds: the last one judged
                 self.restored_value = value_then
-                self._judged_steps = self.steps
+                self._judged.steps = self.steps
             self._zero_optimizer_state()
         if self.guard.stopped or (self.reached_target() and not self.guard.awaiting_check):
-            self._judged, self._judged_value = None, None  # no event follows: no copy to hold
+            self._judged.clear()  # no event follows: no copy to hold
         elif not rolled_back:
-            self._judged = ModelSnapshot(self._model)  # what the next event's rollback returns to
-            self._judged_value, self._judged_steps = float(value), self.steps
+            self._judged.take(float(value), self.steps)  # what the next event's rollback returns to
         if decision is not None:
             self.decisions.append(decision)
         return decision
@@ -549,9 +545,7 @@ class IterativePruner:
         and the others keep their training. Returns whether the model is exactly the one that evaluation saw (not
         after a partial rollback, nor when quantization switched on in between)."""
         self._pruner.undo()  # the masks before the event (and the pruned weights' values at it)
-        if self._judged is None:
-            return False
-        return self._judged.restore()  # then every tensor as the evaluation saw it
+        return self._judged.restore()  # then every tensor as the evaluation saw it (False without a copy)
 
     def finish(self) -> Rollback | None:
         """At the end of training: roll back an event no evaluation judged and re-apply the masks.
@@ -561,11 +555,11 @@ class IterativePruner:
         rolled = None
         if self.guard is not None and self.guard.awaiting_check:
             before = self.masked_sparsity()
-            whole = self._judged is not None  # the weights went back (a partial rollback: the pruned ones only)
+            whole = self._judged.held  # the weights went back (a partial rollback: the pruned ones only)
             self._roll_back()
             self.guard.awaiting_check = False
             rolled = Rollback(before, self.masked_sparsity(), whole)
-        self._judged, self._judged_value = None, None
+        self._judged.clear()
         self._pruner.apply()
         return rolled
 
@@ -616,36 +610,13 @@ class IterativePruner:
     def _judgement(self) -> dict[str, Any] | None:
         """The value of the evaluation whose model the copy holds, while the model is still that one (no event
         since it), and how its quantizers stood: what :meth:`adopt_saved_judgement` needs after a resume."""
-        guard, copy, value = self.guard, self._judged, self._judged_value
-        if guard is None or copy is None or value is None or guard.awaiting_check:
+        if self.guard is None or self.guard.awaiting_check:
             return None
-        return {"value": value, "quantizers": list(copy.quantizer_flags), "steps": self._judged_steps}
+        return self._judged.record()
 
-    def _check_state(self, state: Mapping[str, Any]) -> None:
-        """A state this pruner's :meth:`state_dict` could have written: refused whole, naming the entry, before the
-        masks change (a bad one left the masks replaced and the clock as it was)."""
-        steps, events = state.get("steps"), state.get("events", 0)
-        if not is_integer(steps) or int(steps) < 0 or not is_integer(events) or int(events) < 0:
-            raise ValueError(f"`state` has steps={steps!r}, events={events!r}: both must be ints >= 0.")
-        pruner = state.get("pruner")
-        masks = pruner.get("masks") if isinstance(pruner, Mapping) else None
-        mine = sorted({t.param_name for t in self.targets})
-        if not isinstance(masks, Mapping) or not set(masks) <= set(mine):
-            names = sorted(masks) if isinstance(masks, Mapping) else masks
-            raise ValueError(
-                f"`state['pruner']` holds masks for {str(names)[:200]}, not for this pruner's weights "
-                f"{mine[:5]}{' ...' if len(mine) > 5 else ''}: a state of another model or selection "
-                "(`include`/`exclude`)."
-            )
-        guard = state.get("guard")
-        if (
-            guard is not None
-            and self.guard is not None
-            and (not isinstance(guard, Mapping) or not set(guard) <= set(self.guard.state_dict()))
-        ):
-            raise ValueError(f"`state['guard']` is not an accuracy guard's state: {str(guard)[:200]}.")
+    def _warn_other_target(self, state: Mapping[str, Any]) -> None:
         saved = state.get("target_sparsity")
-        if saved is not None and saved != self.target_sparsity and int(steps) < self.schedule.end:
+        if saved is not None and saved != self.target_sparsity and int(state["steps"]) < self.schedule.end:
             self._warn(
                 f"IterativePruning: the state was saved by a pruner with target_sparsity={saved}, this one has "
                 f"{self.target_sparsity}: the rest of the schedule runs to {self.target_sparsity}."
@@ -661,24 +632,14 @@ class IterativePruner:
         guard = self.guard
         if saved is None or guard is None or guard.awaiting_check or guard.stopped:
             return False
-        if saved.get("steps") is not None and int(saved["steps"]) != self.steps:
-            return False  # steps trained after that evaluation
-        if quantizer_flags(self._model) != [int(flags) for flags in saved["quantizers"]]:
-            return False
-        self._judged, self._judged_value = ModelSnapshot(self._model), float(saved["value"])
-        self._judged_steps = self.steps
-        return True
+        return self._judged.adopt(saved, self.steps)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (version 1, the callback's format before this class, is migrated)."""
-        if not isinstance(state, Mapping):
-            raise TypeError(f"`state` must be a dict from `state_dict()`, got {type(state).__name__}.")
-        version = state.get("version")
-        if version == 1:
-            state = {**state, "steps": state.get("last_t"), "events": 0}
-        elif version != STATE_VERSION:
-            raise ValueError(f"IterativePruning state version {version!r} is not supported (expected {STATE_VERSION}).")
-        self._check_state(state)  # all of it before anything changes
+        state = migrate_state(state)
+        guard_keys = None if self.guard is None else self.guard.state_dict()
+        check_state(state, (t.param_name for t in self.targets), guard_keys)  # all of it before anything changes
+        self._warn_other_target(state)
         self._pruner.load_state_dict(state["pruner"])
         scored_by, now = state.get("importance"), type(self.rule.importance).__name__
         if scored_by is not None and scored_by != now and int(state["steps"]) < self.schedule.end:

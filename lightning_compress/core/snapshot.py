@@ -1,7 +1,11 @@
 """A copy of a model's parameters and buffers to go back to: what the accuracy guard returns to when it rolls
-an event back, so that the model is again the one an evaluation judged."""
+an event back, so that the model is again the one an evaluation judged (:class:`JudgedModel`: the copy, the
+evaluation's value, and how it crosses a checkpoint)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -9,7 +13,7 @@ from torch import Tensor, nn
 from .fake_quant import FakeQuantizer
 from .sharding import is_sharded
 
-__all__ = ["ModelSnapshot", "quantizer_flags"]
+__all__ = ["JudgedModel", "ModelSnapshot", "quantizer_flags"]
 
 
 def quantizer_flags(model: nn.Module) -> list[int]:
@@ -76,3 +80,58 @@ class ModelSnapshot:
                 if own_scale and not is_sharded(weight):
                     quantizer.observe(weight)
         return exact
+
+
+class JudgedModel:
+    """The model as an evaluation judged it: a :class:`ModelSnapshot`, the value that evaluation gave (``None`` for
+    a copy taken without one) and the clock (steps done) at which the model was last that one.
+
+    A checkpoint cannot hold the copy, only :meth:`record`; after a resume, :meth:`adopt` takes the copy again from
+    the model when the model is still the judged one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        self.snapshot: ModelSnapshot | None = None
+        self.value: float | None = None
+        self.steps: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.snapshot is not None
+
+    @property
+    def known_value(self) -> float | None:
+        """The value of the evaluation whose model the copy holds (``None``: no copy, or one taken without one)."""
+        return self.value if self.snapshot is not None else None
+
+    def take(self, value: float | None, steps: int | None) -> None:
+        """Copy the model now, as the evaluation that gave ``value`` saw it at ``steps``."""
+        self.hold(ModelSnapshot(self._model), value)
+        self.steps = steps
+
+    def hold(self, snapshot: ModelSnapshot, value: float | None) -> None:
+        """Hold a copy taken earlier (before an event no evaluation judged: ``value=None``)."""
+        self.snapshot, self.value = snapshot, value
+
+    def clear(self) -> None:
+        self.snapshot, self.value = None, None
+
+    def restore(self) -> bool:
+        """Write the copy back; whether the model is now exactly the judged one (``False`` without a copy)."""
+        return self.snapshot is not None and self.snapshot.restore()
+
+    def record(self) -> dict[str, Any] | None:
+        """Primitives for a checkpoint: the value, the quantizers' flags and the clock (``None`` without a value)."""
+        if self.snapshot is None or self.value is None:
+            return None
+        return {"value": self.value, "quantizers": list(self.snapshot.quantizer_flags), "steps": self.steps}
+
+    def adopt(self, record: Mapping[str, Any], steps: int) -> bool:
+        """Take the copy from the model as it is now, with a saved :meth:`record`'s value, when the model is still
+        that one: nothing trained after it (the clock is ``steps``) and the quantizers stand as they did."""
+        if record.get("steps") is not None and int(record["steps"]) != steps:
+            return False  # steps trained after that evaluation
+        if quantizer_flags(self._model) != [int(flags) for flags in record["quantizers"]]:
+            return False
+        self.take(float(record["value"]), steps)
+        return True
