@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
 import warnings
@@ -14,7 +13,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..core.config import PruningConfig
@@ -36,13 +34,13 @@ from ._export import (
     export_template,
 )
 from ._guard import ValidationMetrics, read_monitor, short_of_target_note, unjudged_event_note
+from ._pruning_checks import check_fit, check_frozen, check_no_overlap, key_of_same_selection
 from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
     check_float,
     check_strategy,
     warn_if_saved_under_another_key,
-    weight_averaging,
 )
 from ._validation_plan import EpochWindow, plan_timeline, warn_if_max_steps_counts_several_optimizers
 
@@ -266,36 +264,15 @@ class IterativePruning(Callback):
         saved with other `include`/`exclude` patterns that select the same weights (another order, a glob) is this
         run's too (a trial: it started afresh, and the run ended 0.727 away from the uninterrupted one)."""
         states = checkpoint.get("callbacks", {})
-        same = None if self.state_key in states else self._same_selection(pl_module, states)
+        same = (
+            None
+            if self.state_key in states
+            else key_of_same_selection(type(self).__name__, self.config, pl_module, states)
+        )
         if same is not None:
             self.load_state_dict(states[same])
             return
         warn_if_saved_under_another_key(checkpoint, self)
-
-    def _same_selection(self, pl_module: pl.LightningModule, states: dict[str, Any]) -> str | None:
-        """The key of a saved state whose arguments are this callback's but for patterns that select the same
-        weights."""
-        name, mine = type(self).__name__, self.config.identity()
-        ours: list[str] | None = None  # this callback's weights, read once a candidate key is found
-        for key in states:
-            if not (isinstance(key, str) and key.startswith(name + "{")):
-                continue
-            try:
-                saved = ast.literal_eval(key[len(name) :])
-            except (ValueError, SyntaxError):
-                continue
-            if not isinstance(saved, dict) or _without_patterns(saved) != _without_patterns(mine):
-                continue
-            try:
-                theirs = select_targets(pl_module, saved.get("include"), saved.get("exclude"), module_tensors=True)
-            except (TypeError, ValueError):
-                continue
-            if ours is None:
-                ours = [t.param_name for t in select_targets(pl_module, self.config.include, self.config.exclude,
-                                                              module_tensors=True)]  # fmt: skip
-            if [t.param_name for t in theirs] == ours:
-                return key
-        return None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
@@ -329,30 +306,7 @@ class IterativePruning(Callback):
             return
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
         check_export_ready(trainer, self.export_path, pl_module)
-        if self.monitor is not None and (
-            trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
-        ):
-            raise ValueError(
-                f"`monitor`={self.monitor!r} needs a validation loop that logs it, but this fit has none "
-                "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
-            )
-        averaging = [type(c).__name__ for c in weight_averaging(trainer)]
-        if self.monitor is not None and averaging:
-            raise ValueError(
-                f"`monitor`={self.monitor!r} judges the weights this fit trains, but {averaging[0]} replaces them with "
-                "an average at the end of fit (one that keeps the events the guard rolled back): the model returned "
-                "would not be one a validation judged. Guard without weight averaging, or set `monitor=None`."
-            )
-        if self.config.granularity == "channel" and pl_module.example_input_array is None:
-            raise ValueError(
-                "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
-                f"set `self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
-            )
-        if self.config.granularity == "channel" and not is_overridden("forward", pl_module):
-            raise TypeError(
-                f"`granularity`='channel' traces `{type(pl_module).__name__}(example_input_array)`, but "
-                f"{type(pl_module).__name__} does not define `forward`: define it (e.g. `return self.net(x)`)."
-            )
+        check_fit(trainer, pl_module, self.monitor, config.granularity)
         self._structure = None
         if config.granularity == "channel":  # trace the whole model now (FSDP2 shards it next), naming its inputs
             targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
@@ -382,7 +336,16 @@ class IterativePruning(Callback):
             warn=rank_zero_warn, info=rank_zero_info, previous=self._previous, structure=self._structure,
         )  # fmt: skip
         self._previous, self._structure = None, None
-        self._check_no_overlap(trainer)
+        others = [
+            (other.pruner.targets, other.config.granularity)
+            for other in trainer.callbacks  # type: ignore[attr-defined]
+            if other is not self and isinstance(other, IterativePruning) and other._core is not None
+        ]
+        try:
+            check_no_overlap(self.pruner.targets, self.config.granularity, others)
+        except ValueError:
+            self._core = None
+            raise
         if self._restored is not None:
             self._load_core_state(self._restored)
             self._restored = None
@@ -398,28 +361,6 @@ class IterativePruning(Callback):
             "regrow": config.regrow, "seed": config.seed, "monitor": self.monitor,
             "max_drop": self.max_drop if self.monitor is not None else None,
         }  # fmt: skip
-
-    def _check_no_overlap(self, trainer: pl.Trainer) -> None:
-        """Two pruning callbacks on one weight would each undo the other's masks: refused before training."""
-        mine = {t.param_name for t in self.pruner.targets}
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, IterativePruning) or other._core is None:
-                continue
-            shared = sorted(mine & {t.param_name for t in other.pruner.targets})
-            if shared:
-                self._core = None
-                channel = "channel" in (self.config.granularity, other.config.granularity)
-                raise ValueError(
-                    f"Two IterativePruning callbacks select the same weights {shared[:5]}"
-                    f"{' ...' if len(shared) > 5 else ''}: give them disjoint `include`/`exclude` patterns."
-                    + (
-                        " Channel pruning also cuts the input channels of the layers that consume the pruned ones "
-                        "(and the norms between), so those layers belong to the channel-pruning callback too: "
-                        "exclude them from the other one."
-                        if channel
-                        else ""
-                    )
-                )
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A sanity check that ran every validation batch is a validation: the baseline if none is known yet. A
@@ -457,19 +398,7 @@ class IterativePruning(Callback):
         default_in_steps = (
             config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
         )
-        frozen = [t.name for t in core.targets if not t.param.requires_grad]
-        if frozen and core.rule.importance.accumulates:
-            raise ValueError(
-                f"`importance`={self.config.importance!r} scores weights by their gradients, but {frozen} are frozen "
-                "(requires_grad=False) as training starts: `exclude` them, unfreeze them before `fit`, or use "
-                "importance='magnitude'."
-            )
-        if frozen:
-            rank_zero_warn(
-                f"IterativePruning prunes {frozen[:5]}{' ...' if len(frozen) > 5 else ''}, which are frozen "
-                "(requires_grad=False) as training starts: their remaining weights cannot adapt to what is removed. "
-                "`exclude` them to keep them whole, or unfreeze them."
-            )
+        check_frozen(core.targets, core.rule.importance, self.config.importance)
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor)
         self._in_steps = plan.in_steps
         self._batches_at_start = trainer.num_training_batches
@@ -655,7 +584,3 @@ class IterativePruning(Callback):
                 name, value, on_step=step_level, on_epoch=not step_level, sync_dist=pl_module.trainer.world_size > 1,
                 batch_size=1,
             )  # fmt: skip
-
-
-def _without_patterns(identity: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in identity.items() if k not in ("include", "exclude")}

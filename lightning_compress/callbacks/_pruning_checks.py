@@ -1,0 +1,121 @@
+"""What ``IterativePruning`` checks against the Trainer, the module and the other callbacks before training starts,
+and how it finds its state in a checkpoint saved with other patterns that select the same weights."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from ..core.config import PruningConfig
+from ..core.importance import Importance
+from ..core.selection import Target, select_targets
+from ._validation import weight_averaging
+
+__all__ = ["check_fit", "check_frozen", "check_no_overlap", "key_of_same_selection"]
+
+
+def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str | None, granularity: str) -> None:
+    """The fit has what the arguments need: a validation loop that logs ``monitor``, no weight averaging that would
+    hand back a model the guard never judged, and for channels a ``forward`` and ``example_input_array`` to trace."""
+    if monitor is not None and (trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)):
+        raise ValueError(
+            f"`monitor`={monitor!r} needs a validation loop that logs it, but this fit has none "
+            "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
+        )
+    averaging = [type(c).__name__ for c in weight_averaging(trainer)]
+    if monitor is not None and averaging:
+        raise ValueError(
+            f"`monitor`={monitor!r} judges the weights this fit trains, but {averaging[0]} replaces them with "
+            "an average at the end of fit (one that keeps the events the guard rolled back): the model returned "
+            "would not be one a validation judged. Guard without weight averaging, or set `monitor=None`."
+        )
+    name = type(pl_module).__name__
+    if granularity == "channel" and pl_module.example_input_array is None:
+        raise ValueError(
+            "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
+            f"set `self.example_input_array` in {name}.__init__ (a tensor, tuple or dict)."
+        )
+    if granularity == "channel" and not is_overridden("forward", pl_module):
+        raise TypeError(
+            f"`granularity`='channel' traces `{name}(example_input_array)`, but {name} does not define `forward`: "
+            "define it (e.g. `return self.net(x)`)."
+        )
+
+
+def check_frozen(targets: Sequence[Target], importance: Importance, argument: Any) -> None:
+    """Selected weights frozen as training starts: refused when ``importance`` reads their gradients, else said."""
+    frozen = [t.name for t in targets if not t.param.requires_grad]
+    if frozen and importance.accumulates:
+        raise ValueError(
+            f"`importance`={argument!r} scores weights by their gradients, but {frozen} are frozen "
+            "(requires_grad=False) as training starts: `exclude` them, unfreeze them before `fit`, or use "
+            "importance='magnitude'."
+        )
+    if frozen:
+        rank_zero_warn(
+            f"IterativePruning prunes {frozen[:5]}{' ...' if len(frozen) > 5 else ''}, which are frozen "
+            "(requires_grad=False) as training starts: their remaining weights cannot adapt to what is removed. "
+            "`exclude` them to keep them whole, or unfreeze them."
+        )
+
+
+def check_no_overlap(
+    targets: Sequence[Target], granularity: str, others: Sequence[tuple[Sequence[Target], str]]
+) -> None:
+    """Two pruning callbacks on one weight would each undo the other's masks: refused before training. ``others``:
+    each other pruning callback's targets and granularity."""
+    mine = {t.param_name for t in targets}
+    for their_targets, their_granularity in others:
+        shared = sorted(mine & {t.param_name for t in their_targets})
+        if not shared:
+            continue
+        channel = "channel" in (granularity, their_granularity)
+        raise ValueError(
+            f"Two IterativePruning callbacks select the same weights {shared[:5]}"
+            f"{' ...' if len(shared) > 5 else ''}: give them disjoint `include`/`exclude` patterns."
+            + (
+                " Channel pruning also cuts the input channels of the layers that consume the pruned ones "
+                "(and the norms between), so those layers belong to the channel-pruning callback too: "
+                "exclude them from the other one."
+                if channel
+                else ""
+            )
+        )
+
+
+def key_of_same_selection(
+    name: str, config: PruningConfig, pl_module: pl.LightningModule, states: dict[str, Any]
+) -> str | None:
+    """The key of a saved state of callback class ``name`` whose arguments are ``config``'s but for patterns that
+    select the same weights (another order, a glob)."""
+    mine = config.identity()
+    ours: list[str] | None = None  # this callback's weights, read once a candidate key is found
+    for key in states:
+        if not (isinstance(key, str) and key.startswith(name + "{")):
+            continue
+        try:
+            saved = ast.literal_eval(key[len(name) :])
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(saved, dict) or _without_patterns(saved) != _without_patterns(mine):
+            continue
+        try:
+            theirs = select_targets(pl_module, saved.get("include"), saved.get("exclude"), module_tensors=True)
+        except (TypeError, ValueError):
+            continue
+        if ours is None:
+            ours = [
+                t.param_name for t in select_targets(pl_module, config.include, config.exclude, module_tensors=True)
+            ]
+        if [t.param_name for t in theirs] == ours:
+            return key
+    return None
+
+
+def _without_patterns(identity: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in identity.items() if k not in ("include", "exclude")}
