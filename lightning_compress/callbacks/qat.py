@@ -30,6 +30,7 @@ from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
+from ._qat_checks import check_averaging, check_no_overlap, check_validation_at
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._settings import log_settings
 from ._validation import (
@@ -38,7 +39,6 @@ from ._validation import (
     check_strategy,
     fast_dev_run_note,
     warn_if_saved_under_another_key,
-    weight_averaging,
 )
 from ._validation_plan import steps_per_epoch, warn_if_max_steps_counts_several_optimizers
 
@@ -197,26 +197,6 @@ class QuantizationAwareTraining(Callback):
         self._scales_group = bool(state_dict.get("scales_group", False))
 
     # ------------------------------------------------------------------ setup
-    def _check_averaging(self, trainer: pl.Trainer) -> None:
-        """Weight averaging that would average what quantizes: ``WeightAveraging`` (EMA) averages buffers too, so
-        the quantizers' scales, ranges and flags (a model at chance, or a shape error with BatchNorm); SWA averages
-        Parameters, so learned scales with their values from before calibration."""
-        from lightning.pytorch.callbacks import StochasticWeightAveraging
-
-        for callback in weight_averaging(trainer):
-            swa = isinstance(callback, StochasticWeightAveraging)
-            if swa and self.config.scale != "learned":
-                continue  # Parameters only: the weights, which the weight quantizers observe again
-            if swa:
-                what, fix = "learned scales, with their values from before calibration", "use minmax or power of two"
-            else:
-                what = "scales, ranges and flags: it averages buffers"
-                fix = "use StochasticWeightAveraging (Parameters only) with minmax"
-            raise ValueError(
-                f"QuantizationAwareTraining cannot run beside {type(callback).__name__}: it would average the "
-                f"quantizers' state ({what}) into the model it returns. Quantize without weight averaging, or {fix}."
-            )
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QuantizationAwareTraining")
         if stage == "fit":
@@ -226,13 +206,18 @@ class QuantizationAwareTraining(Callback):
                     f"`start_epoch`={self.start_epoch} must be below the Trainer's `max_epochs`={max_epochs}: "
                     "quantization would never switch on." + fast_dev_run_note(trainer)
                 )
-            self._check_averaging(trainer)
+            check_averaging(trainer, self.config.scale)
             if self.shift_search:
-                self._check_validation_at_start(trainer, pl_module)
+                check_validation_at(trainer, pl_module, self.start_epoch)
             check_export_ready(trainer, self.export_path, pl_module)
             before = {name for name, _ in qat_modules(pl_module)}
             try:
-                self._check_no_overlap(trainer, pl_module)
+                others = [
+                    set(other._layers) or set(quantizable_layers(pl_module, other.include, other.exclude))
+                    for other in trainer.callbacks  # type: ignore[attr-defined]
+                    if other is not self and isinstance(other, QuantizationAwareTraining)
+                ]
+                check_no_overlap(set(quantizable_layers(pl_module, self.include, self.exclude)), others)
                 self._convert(pl_module)
             except ValueError as err:
                 if not is_overridden("configure_model", pl_module) or "select no" not in str(err):
@@ -246,7 +231,7 @@ class QuantizationAwareTraining(Callback):
             self._calibrated = False  # `start_epoch` ended in this fit
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
-            self._load_hook = pl_module._register_load_state_dict_pre_hook(self._check_resumed_layers, with_module=True)
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._check_resumed_layers)
         elif qat_modules(pl_module):
             self._convert(pl_module)
         else:
@@ -254,7 +239,7 @@ class QuantizationAwareTraining(Callback):
             # Lightning loads the weights after `setup` (and sets `trainer.ckpt_path` only then), so look at
             # the state dict itself, just before it is applied.
             self._evaluating = trainer
-            self._load_hook = pl_module._register_load_state_dict_pre_hook(self._convert_if_quantized, with_module=True)
+            self._load_hook = pl_module.register_load_state_dict_pre_hook(self._convert_if_quantized)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._load_hook is not None:
@@ -270,23 +255,6 @@ class QuantizationAwareTraining(Callback):
                 "QuantizationAwareTraining: the fit ended before its training started (a tuner's run?): the model's "
                 "layers are float again."
             )
-
-    def _check_no_overlap(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
-        """A layer keeps the settings of the first callback that converts it: a second callback on the same layers
-        would silently change nothing, so it is refused before the first one converts anything (as two pruning
-        callbacks are)."""
-        mine = set(quantizable_layers(pl_module, self.include, self.exclude))
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if other is self or not isinstance(other, QuantizationAwareTraining):
-                continue
-            theirs = set(other._layers) or set(quantizable_layers(pl_module, other.include, other.exclude))
-            shared = sorted(mine & theirs)
-            if shared:
-                raise ValueError(
-                    f"Two QuantizationAwareTraining callbacks select the same layers {shared[:5]}"
-                    f"{' ...' if len(shared) > 5 else ''}: a layer keeps the first one's settings, so give them "
-                    "disjoint `include`/`exclude` patterns."
-                )
 
     def _convert(self, pl_module: nn.Module, saved: list[tuple[QuantConfig, list[str]]] | None = None) -> None:
         """Convert this callback's layers with its settings, or ``saved``'s layers with their settings (a checkpoint
@@ -342,20 +310,6 @@ class QuantizationAwareTraining(Callback):
         except Exception:  # another format (a distributed checkpoint's directory, a legacy file): this callback's
             return []
         return saved_quantization(checkpoint)
-
-    def _check_validation_at_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        every = trainer.check_val_every_n_epoch or 1
-        runs = (
-            trainer.limit_val_batches != 0
-            and is_overridden("validation_step", pl_module)
-            and (self.start_epoch + 1) % every == 0
-        )
-        if not runs:
-            raise ValueError(
-                "`shift_search=True` evaluates shifts on the validation batches of epoch "
-                f"`start_epoch`={self.start_epoch}, but no validation runs then (needs a `validation_step`, "
-                f"`limit_val_batches` > 0 and `check_val_every_n_epoch` dividing {self.start_epoch + 1})."
-            )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """``fully_shard`` refuses our 0-dim learned activation scales in ``configure_model`` (after ``setup``, before

@@ -1,0 +1,63 @@
+"""What ``QuantizationAwareTraining`` checks against the Trainer, the module and the other callbacks before it
+converts anything."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from ._validation import weight_averaging
+
+__all__ = ["check_averaging", "check_no_overlap", "check_validation_at"]
+
+
+def check_averaging(trainer: pl.Trainer, scale: str) -> None:
+    """Weight averaging that would average what quantizes: ``WeightAveraging`` (EMA) averages buffers too, so
+    the quantizers' scales, ranges and flags (a model at chance, or a shape error with BatchNorm); SWA averages
+    Parameters, so learned scales (``scale="learned"``) with their values from before calibration."""
+    for callback in weight_averaging(trainer):
+        swa = isinstance(callback, StochasticWeightAveraging)
+        if swa and scale != "learned":
+            continue  # Parameters only: the weights, which the weight quantizers observe again
+        if swa:
+            what, fix = "learned scales, with their values from before calibration", "use minmax or power of two"
+        else:
+            what = "scales, ranges and flags: it averages buffers"
+            fix = "use StochasticWeightAveraging (Parameters only) with minmax"
+        raise ValueError(
+            f"QuantizationAwareTraining cannot run beside {type(callback).__name__}: it would average the "
+            f"quantizers' state ({what}) into the model it returns. Quantize without weight averaging, or {fix}."
+        )
+
+
+def check_no_overlap(mine: set[str], others: Iterable[set[str]]) -> None:
+    """A layer keeps the settings of the first callback that converts it: a second callback on the same layers
+    would silently change nothing, so it is refused before the first one converts anything (as two pruning
+    callbacks are). ``mine``, ``others``: the layers this callback and each other QAT callback select."""
+    for theirs in others:
+        shared = sorted(mine & theirs)
+        if shared:
+            raise ValueError(
+                f"Two QuantizationAwareTraining callbacks select the same layers {shared[:5]}"
+                f"{' ...' if len(shared) > 5 else ''}: a layer keeps the first one's settings, so give them "
+                "disjoint `include`/`exclude` patterns."
+            )
+
+
+def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, start_epoch: int) -> None:
+    """``shift_search=True`` needs a validation in epoch ``start_epoch``."""
+    every = trainer.check_val_every_n_epoch or 1
+    runs = (
+        trainer.limit_val_batches != 0
+        and is_overridden("validation_step", pl_module)
+        and (start_epoch + 1) % every == 0
+    )
+    if not runs:
+        raise ValueError(
+            "`shift_search=True` evaluates shifts on the validation batches of epoch "
+            f"`start_epoch`={start_epoch}, but no validation runs then (needs a `validation_step`, "
+            f"`limit_val_batches` > 0 and `check_val_every_n_epoch` dividing {start_epoch + 1})."
+        )
