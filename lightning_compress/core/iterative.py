@@ -41,7 +41,7 @@ from .nm import dense_layers_note
 from .pruner import Pruner
 from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
-from .selection import Target, select_targets
+from .selection import Target, select_targets, state_root
 from .sharding import is_sharded
 from .snapshot import JudgedModel, ModelSnapshot
 
@@ -206,6 +206,7 @@ class IterativePruner:
         structure: ChannelStructure | None,
     ) -> None:
         check_module(model, materialized=True)
+        model = state_root(model)  # a wrapper's (Fabric's) inner module: masks keyed as the model's state dict is
         if previous is not None and not isinstance(previous, IterativePruner):
             raise TypeError(f"`previous` must be an IterativePruner or None, got {type(previous).__name__}.")
         if structure is not None and not isinstance(structure, ChannelStructure):

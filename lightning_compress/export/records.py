@@ -322,6 +322,10 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
     compacted = manifest.get("compacted", False)
     if not isinstance(compacted, bool):
         raise CompressedFileError(f"bad `compacted` flag {compacted!r} in the file.")
+    if manifest.get("heads") and not compacted:  # only compaction sets head counts: they would set nothing
+        raise CompressedFileError(
+            "the file holds head counts but no compacted model: a file `save_compressed` never wrote."
+        )
     qat_layers = manifest.get("qat_layers", {})
     _check_converted_alike(model, qat_layers)
     _check_names(model, records, compacted)

@@ -459,3 +459,24 @@ def test_the_floor_warning_names_a_modules_own_matrix():
     pruner = IterativePruner(model, 0.9, total_steps=1, every_n_steps=1, min_density=0.05, warn=said.append)
     pruner.step()
     assert len(said) == 1 and "layer(s) ['attn.q_proj_weight', 'attn.out_proj', 'head'] are held" in said[0]
+
+
+def test_a_pruner_of_a_fabric_wrapped_model_keys_its_state_as_the_plain_model():
+    """Session 19 left it: a pruner built after `fabric.setup` keyed its masks `_forward_module.0.weight`, so its
+    state loaded into no pruner of the plain model (nor the reverse), and `include` patterns needed the prefix."""
+    from lightning.fabric import Fabric
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    wrapped = fabric.setup_module(build())
+    pruner = IterativePruner(wrapped, 0.5, total_steps=2, include=["0"])
+    pruner.step()
+    pruner.step()
+    assert sorted(pruner.masks) == ["0.weight"] and sparsity(wrapped.module) > 0
+    plain = build()
+    resumed = IterativePruner(plain, 0.5, total_steps=2, include=["0"])
+    resumed.load_state_dict(pruner.state_dict())
+    assert torch.equal(resumed.masks["0.weight"], pruner.masks["0.weight"])

@@ -144,6 +144,10 @@ def forged(tmp_path: Path, manifest, body: bytes) -> Path:
         ),
         (lambda m: m.update(sections=[0, 0, 10**12]), "section sizes do not match"),
         (lambda m: m.update(compacted="yes"), "bad `compacted` flag"),
+        (  # session 19 left it: accepted, and it set nothing
+            lambda m: m.update(heads={"fc1": {"num_heads": 2}}),
+            "holds head counts but no compacted model",
+        ),
         (lambda m: m["qat_layers"].update(bn={"weight_bits": 8}), "'bn', which is not a Linear/Conv"),
         (lambda m: m["qat_layers"]["fc1"].update(weight_bits=64), "bad quantization settings for 'fc1'"),
         (lambda m: m["qat_layers"]["fc1"].update(evil=1), "bad quantization settings for 'fc1'"),
