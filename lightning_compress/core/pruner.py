@@ -170,7 +170,9 @@ class Pruner:
         weights here, so the pruned count tells whether anything changed."""
         for target in self.targets:
             if target.param_name not in self._masks:
-                self._masks[target.param_name] = torch.ones_like(target.local.detach())
+                self._masks[target.param_name] = torch.ones_like(
+                    target.local.detach(), memory_format=torch.contiguous_format
+                )
         compute_into(sparsity, self._masks)
         self._grads.clear()
         self._counts = None

@@ -480,3 +480,35 @@ def test_a_pruner_of_a_fabric_wrapped_model_keys_its_state_as_the_plain_model():
     resumed = IterativePruner(plain, 0.5, total_steps=2, include=["0"])
     resumed.load_state_dict(pruner.state_dict())
     assert torch.equal(resumed.masks["0.weight"], pruner.masks["0.weight"])
+
+
+@pytest.mark.parametrize(
+    "method", [{}, {"importance": "taylor"}, {"granularity": "2:4"}, {"granularity": "channel", "scope": "global"}]
+)
+def test_a_channels_last_model_prunes_like_the_contiguous_one(method):
+    """A trial: a model in `channels_last` failed at the first event (a mask with its strides had no flat view) after
+    its first convolution was already pruned."""
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)
+        )
+
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = build().to(memory_format=layout)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        pruner = IterativePruner(
+            model, 0.5, total_steps=4, optimizers=optimizer, example_inputs=torch.randn(1, 3, 8, 8), **method
+        )
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(torch.randn(4, 3, 8, 8, generator=generator).to(memory_format=layout)).square().sum().backward()
+            optimizer.step()
+            pruner.step()
+        results.append({k: v.contiguous() for k, v in model.state_dict().items()})
+    assert sparsity(model) > 0.3
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, atol=1e-5, rtol=1e-5)
