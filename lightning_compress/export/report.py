@@ -10,6 +10,8 @@ from typing import IO, Any, cast
 import torch
 from torch import nn
 
+from ..core.fake_quant import FakeQuantizer
+
 __all__ = ["CompressionReport", "LayerReport", "state_dict_bytes"]
 
 
@@ -49,7 +51,8 @@ class CompressionReport:
         format: ``"lightning-compress"`` or ``"onnx"``.
         layers: one :class:`LayerReport` per compressed weight.
         file_bytes: size of the file on disk.
-        baseline_bytes: size of ``torch.save(model.state_dict())`` of the same model.
+        baseline_bytes: size of ``torch.save(model.state_dict())`` of the same model in float (without the fake
+            quantizers' scales and ranges).
     """
 
     path: str
@@ -60,7 +63,7 @@ class CompressionReport:
 
     @classmethod
     def of_file(cls, path: Path, format: str, layers: list[LayerReport], model: nn.Module) -> CompressionReport:
-        """The report of ``path`` as it is on disk, against ``torch.save(model.state_dict())``."""
+        """The report of ``path`` as it is on disk, against ``torch.save(model.state_dict())`` of the float model."""
         return cls(
             path=str(path),
             format=format,
@@ -141,7 +144,17 @@ class _ByteCounter(io.RawIOBase):
 
 
 def state_dict_bytes(model: nn.Module) -> int:
-    """Size of ``torch.save(model.state_dict())``: the baseline the ratio is computed against."""
+    """Size of ``torch.save(model.state_dict())`` of the float model: the baseline the ratio is computed against.
+    The fake quantizers' scales, ranges and flags are left out: they are not in the model a user starts from (a
+    trial: with them, a 20k-parameter Qwen2's file read 6.2x smaller than a float model it is 4.5x smaller than)."""
+    quantizer_tensors = {
+        id(t) for m in model.modules() if isinstance(m, FakeQuantizer) for t in [*m.parameters(), *m.buffers()]
+    }
+    state = {
+        key: tensor.detach()
+        for key, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) not in quantizer_tensors
+    }
     counter = _ByteCounter()
-    torch.save(model.state_dict(), cast(IO[bytes], counter))
+    torch.save(state, cast(IO[bytes], counter))
     return counter.count

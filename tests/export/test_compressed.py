@@ -576,3 +576,17 @@ def test_refusals_name_the_cause_a_float32_file_or_a_model_already_quantized(tmp
     save_compressed(model, tmp_path / "zp.lcz")
     with pytest.raises(CompressedFileError, match=r"zp\.lcz: fc1\.input_fake_quant\.zero_point"):
         load_compressed(Net(), tmp_path / "zp.lcz")
+
+
+def test_the_ratio_is_against_the_float_model_without_the_quantizers_state(tmp_path):
+    """A trial: the baseline was `torch.save` of the converted model, quantizer scales, ranges and flags included (98
+    entries on a 20k-parameter Qwen2): its file read 6.2x smaller than a float model it is 4.5x smaller than."""
+    import io
+
+    quantized = compressed_net(0.9, config=QuantConfig(8, 8))
+    float_model = compressed_net(0.9, config=None)
+    buffer = io.BytesIO()
+    torch.save(float_model.state_dict(), buffer)
+    report = save_compressed(quantized, tmp_path / "m.lcz")
+    assert report.baseline_bytes == pytest.approx(buffer.tell(), rel=0.002)  # but the modules' version metadata
+    assert report.compression_ratio == pytest.approx(buffer.tell() / report.file_bytes, rel=0.002)
