@@ -59,8 +59,9 @@ def check_frozen(targets: Sequence[Target], importance: Importance, argument: An
     if frozen:
         rank_zero_warn(
             f"IterativePruning prunes {frozen[:5]}{' ...' if len(frozen) > 5 else ''}, which are frozen "
-            "(requires_grad=False) as training starts: their remaining weights cannot adapt to what is removed. "
-            "`exclude` them to keep them whole, or unfreeze them."
+            "(requires_grad=False) as training starts: while they stay frozen, their remaining weights cannot adapt to "
+            "what is removed (unfrozen later, e.g. by BackboneFinetuning, they train with their masks). `exclude` them "
+            "to keep them whole."
         )
 
 

@@ -84,7 +84,7 @@ def check_in_optimizers(
     if missing and not own_group:
         rank_zero_warn(
             f"QuantizationAwareTraining: {len(missing)} learned scales were not in the optimizer; they were added to "
-            "the first one as a new parameter group. Build the optimizer over `self.parameters()` so LR "
-            "schedulers see them."
+            "the first one as a new parameter group, with its first group's settings and no weight decay. Build the "
+            "optimizer over `self.parameters()` to choose their settings yourself."
         )
     return True

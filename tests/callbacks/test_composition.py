@@ -392,3 +392,40 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         IterativePruning(0.5, scope="layer")
         CompressionMonitor()
         QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, shift_search_batches=2)
+
+
+def test_backbone_finetuning_unfreezing_pruned_layers_keeps_them_pruned():
+    """A trial: with Lightning's documented BackboneFinetuning (an optimizer over the trainable parameters, the
+    backbone added as a new parameter group when unfrozen), the backbone's pruned weights came back: 0.80 -> 0.13
+    sparse at the next validations, and checkpoints held them."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    class FineTune(TinyModule):
+        def __init__(self):
+            super().__init__()
+            del self.net
+            self.backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+            self.head = nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+    class Sparsities(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_validation_start(self, trainer, pl_module):
+            self.seen.append(round(sparsity(pl_module), 4))
+
+    torch.manual_seed(0)
+    model, seen = FineTune(), Sparsities()
+    pruning = IterativePruning(0.8, importance="magnitude", start_epoch=0, end_epoch=2)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=3, backbone_initial_ratio_lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frozen backbone, said at the start
+        trainer(max_epochs=5, callbacks=[pruning, unfreeze, seen]).fit(model)
+    assert model.backbone[0].weight.requires_grad
+    assert seen.seen[-3:] == [pytest.approx(0.8, abs=1e-3)] * 3  # epochs 2-4, the last two after the unfreeze
