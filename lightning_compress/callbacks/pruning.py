@@ -42,7 +42,12 @@ from ._validation import (
     check_strategy,
     warn_if_saved_under_another_key,
 )
-from ._validation_plan import EpochWindow, plan_timeline, warn_if_max_steps_counts_several_optimizers
+from ._validation_plan import (
+    EpochWindow,
+    plan_timeline,
+    steps_per_epoch,
+    warn_if_max_steps_counts_several_optimizers,
+)
 
 __all__ = ["IterativePruning"]
 
@@ -219,6 +224,9 @@ class IterativePruning(Callback):
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
         self._resumed_validation: dict[str, Any] | None = None  # the checkpoint's judged validation (step, metrics)
         self._in_steps = False
+        self._steps_per_epoch: int | None = None  # optimizer steps per epoch of a step clock placed from epochs
+        self._resumed_steps_per_epoch: int | None = None  # the checkpoint's
+        self._clock_offset = 0  # the step clock minus the Trainer's global_step (a resume with other steps per epoch)
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
@@ -255,7 +263,10 @@ class IterativePruning(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._core is None:
             return {}
-        return {**self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor}
+        return {
+            **self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor,
+            "steps_per_epoch": self._steps_per_epoch,
+        }  # fmt: skip
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -278,6 +289,7 @@ class IterativePruning(Callback):
         if not state_dict:
             return
         self._resumed_validation = state_dict.get("validation")
+        self._resumed_steps_per_epoch = state_dict.get("steps_per_epoch")
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:
@@ -411,10 +423,32 @@ class IterativePruning(Callback):
         resumed, self._resumed_validation = self._resumed_validation, None
         if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
             self._metrics.resume(trainer, resumed, core)
+        self._place_resumed_clock(trainer)
         if not self._in_steps and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
             # without that epoch's end (where its event runs) or the next one's start. The event runs now.
             self._advance(pl_module, trainer.current_epoch)
+
+    def _place_resumed_clock(self, trainer: pl.Trainer) -> None:
+        """A step clock placed from epochs counts the checkpoint's steps per epoch; resumed with another number (other
+        devices, batch size or accumulation), its position is carried over in epochs (a trial: DDP's checkpoint
+        resumed on one device ran no event in an epoch, ended at 0.7703 of 0.8 and blamed an early stop)."""
+        saved, self._resumed_steps_per_epoch = self._resumed_steps_per_epoch, None
+        from_epochs = self._in_steps and self.window.every_n_steps is None
+        self._steps_per_epoch = steps_per_epoch(trainer) if from_epochs else None
+        self._clock_offset = 0
+        now = self._steps_per_epoch
+        if not (from_epochs and saved and now and int(saved) != now):
+            return
+        core = self.pruner
+        steps = round(core.steps * now / int(saved))
+        self._clock_offset = steps - trainer.global_step
+        core.set_clock(steps)
+        rank_zero_info(
+            f"IterativePruning: the checkpoint was saved with {saved} optimizer steps per epoch, this fit makes {now} "
+            f"(other devices, batch size or accumulation): the pruning schedule goes on from epoch "
+            f"{steps / now:.2f}, step {steps} of {core.schedule.end}."
+        )
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(
@@ -457,7 +491,7 @@ class IterativePruning(Callback):
     ) -> None:
         if not self._in_steps:
             return
-        clock = trainer.global_step
+        clock = trainer.global_step + self._clock_offset
         if not pl_module.automatic_optimization:  # global_step counts every optimizer's steps: count batches
             clock = trainer.current_epoch * int(trainer.num_training_batches) + batch_idx + 1
         if clock > self.pruner.steps:

@@ -489,6 +489,14 @@ class IterativePruner:
         self._warn_floors(wanted)
         return True
 
+    def set_clock(self, t: int) -> None:
+        """Set the clock to ``t`` steps done without running an event: a resumed run whose steps count otherwise
+        (another number of devices or batch size makes other optimizer steps per epoch)."""
+        check_int(t, "t")
+        if self._judged.steps is not None:
+            self._judged.steps += t - self.steps
+        self.steps = t
+
     def _event_due(self, t: int) -> bool:
         schedule = self.schedule
         if schedule.is_event(t):

@@ -1143,3 +1143,35 @@ def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
     run.callback_metrics["val_acc"] = tensor(0.7)  # a reader during the validation's end merged it in again
     metrics.reapply(run)
     assert float(run.callback_metrics["val_acc"]) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("resumed_accumulation", [1, 4])
+def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(resumed_accumulation, tmp_path):
+    """A trial: a DDP checkpoint (11 steps per epoch) resumed on one device (22) ran no event in the resumed epoch,
+    ended at 0.7703 of 0.8 and blamed an early stop; the step clock counted the checkpoint's steps. Here the number of
+    optimizer steps per epoch changes by gradient accumulation (8 -> 2) or not at all (8 -> 8)."""
+
+    class Record(Callback):
+        def __init__(self):
+            self.at_epoch_end = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.at_epoch_end.append(round(sparsity(pl_module), 3))
+
+    def run(accumulate, ckpt_path=None, dirpath=None):
+        pl.seed_everything(0, verbose=False)
+        model, record = TinyModule(), Record()
+        pruning = IterativePruning(0.8, importance="magnitude", start_epoch=0, end_epoch=3)
+        callbacks = [pruning, record]
+        if dirpath is not None:
+            callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
+        trainer(
+            max_epochs=4, callbacks=callbacks, enable_checkpointing=dirpath is not None,
+            accumulate_grad_batches=accumulate,
+        ).fit(model, ckpt_path=ckpt_path)  # fmt: skip
+        return record.at_epoch_end
+
+    full = run(1, dirpath=tmp_path)
+    resumed = run(resumed_accumulation, ckpt_path=tmp_path / "epoch=0.ckpt")
+    assert full[2:] == [0.8, 0.8]
+    assert resumed[0] < 0.8 and resumed[1:] == [0.8, 0.8]  # epochs 1-3: the target at epoch 2's end
