@@ -32,6 +32,14 @@ def check_strategy(trainer: Any, callback: str) -> None:
         )
 
 
+def runs_in_spawned_processes(trainer: Any) -> bool:
+    """Whether the fit runs in processes the launcher starts (``strategy="ddp_spawn"``, ``"ddp_fork"``,
+    ``"ddp_notebook"``) and hands back to the caller's model only its weights (Lightning loads them with
+    ``strict=False``): a layer the callback converted, and the callback's own state, stay in those processes."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return callable(getattr(launcher, "update_main_process_results", None))
+
+
 def weight_averaging(trainer: Any) -> list[Any]:
     """Lightning's weight-averaging callbacks in the fit (``StochasticWeightAveraging`` and the
     ``WeightAveraging`` family, e.g. ``EMAWeightAveraging``): they replace the trained weights with an average at

@@ -40,6 +40,7 @@ from ._validation import (
     StrategyCollectives,
     check_float,
     check_strategy,
+    runs_in_spawned_processes,
     warn_if_saved_under_another_key,
 )
 from ._validation_plan import (
@@ -314,6 +315,13 @@ class IterativePruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         config = self.config
         check_strategy(trainer, "IterativePruning")
+        if stage == "fit" and runs_in_spawned_processes(trainer):
+            rank_zero_warn(
+                "IterativePruning under a strategy that trains in spawned processes (`ddp_spawn`, `ddp_fork`, "
+                "`ddp_notebook`): the model in the calling process gets back the pruned weights, but this callback's "
+                "masks and decisions stay in the workers (`pruner` and `masks` are empty there). Use strategy='ddp' "
+                "to keep them, or `export_path` to write the file in the workers."
+            )
         if stage != "fit":
             return
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`

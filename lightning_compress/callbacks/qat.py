@@ -38,6 +38,7 @@ from ._validation import (
     check_int,
     check_strategy,
     fast_dev_run_note,
+    runs_in_spawned_processes,
     warn_if_saved_under_another_key,
 )
 from ._validation_plan import steps_per_epoch, warn_if_max_steps_counts_several_optimizers
@@ -199,6 +200,13 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer, "QuantizationAwareTraining")
+        if stage == "fit" and runs_in_spawned_processes(trainer):
+            raise ValueError(
+                "QuantizationAwareTraining cannot run under a strategy that trains in spawned processes "
+                "(`ddp_spawn`, `ddp_fork`, `ddp_notebook`): Lightning hands back only the weights, so the model in "
+                "this process would end float, without its quantizers. Use strategy='ddp' (run as a script), or export "
+                "in the workers with `export_path`."
+            )
         if stage == "fit":
             max_epochs = trainer.max_epochs
             if max_epochs is not None and max_epochs >= 0 and self.start_epoch >= max_epochs:

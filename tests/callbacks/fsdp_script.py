@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, learned_scales
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, learned_scales, sparsity
 from lightning_compress.core.sharding import full
 from tests.conftest import TinyModule
 
@@ -187,6 +187,7 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
             state.update({f"pruning.{k}": v for k, v in pruning["pruner"]["masks"].items()})
             state["pruning.decisions"] = torch.tensor([d.action == "rollback" for d in callback.decisions])
             state["val_acc"] = fit.callback_metrics["val_acc"].detach().clone()
+            state["sparsity"] = torch.tensor(sparsity(model))  # every process's shards counted
         if extra == "monitor":
             summary = made[-1].summary
             state["monitor"] = torch.tensor([summary["sparsity"], summary["bytes"], summary["compression_ratio"]])

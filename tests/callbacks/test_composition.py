@@ -429,3 +429,21 @@ def test_backbone_finetuning_unfreezing_pruned_layers_keeps_them_pruned():
         trainer(max_epochs=5, callbacks=[pruning, unfreeze, seen]).fit(model)
     assert model.backbone[0].weight.requires_grad
     assert seen.seen[-3:] == [pytest.approx(0.8, abs=1e-3)] * 3  # epochs 2-4, the last two after the unfreeze
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_strategies_that_train_in_spawned_processes_are_refused_by_qat_and_said_by_pruning(strategy):
+    """A trial: under `ddp_spawn` Lightning hands back only the weights (`strict=False`), so the caller's model ended
+    float with no word, its quantizers gone, and `save_compressed` wrote a float file."""
+    model = TinyModule()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spawning = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, max_epochs=2)
+    with pytest.raises(ValueError, match="spawned processes .* the model in this process would end float"):
+        QuantizationAwareTraining().setup(spawning, model, "fit")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="masks and decisions stay in the workers"):
+        IterativePruning(0.5).setup(spawning, model, "fit")
+    plain = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        IterativePruning(0.5).setup(plain, TinyModule(), "fit")
