@@ -500,8 +500,10 @@ class QuantizationAwareTraining(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._active(pl_module):
             return
         for name, module in qat_modules(pl_module):
-            metric = QuantizationError().to(pl_module.device)
             layer = cast(Any, module)
+            if not layer.weight_fake_quant.initialized:
+                continue  # its forward never ran: it computes in float (measuring it would give it a scale)
+            metric = QuantizationError().to(pl_module.device)
             with torch.no_grad():
                 weight = full(layer.weight)  # a sharded (FSDP2) weight is whole only inside the forward
                 metric.update(weight, layer.weight_fake_quant(weight))

@@ -438,7 +438,7 @@ def test_strategies_that_train_in_spawned_processes_are_refused_by_qat_and_said_
     model = TinyModule()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     spawning = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False, max_epochs=2)
-    with pytest.raises(ValueError, match="spawned processes .* the model in this process would end float"):
+    with pytest.raises(ValueError, match=r"spawned processes .* the model in this process would end float"):
         QuantizationAwareTraining().setup(spawning, model, "fit")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match="masks and decisions stay in the workers"):

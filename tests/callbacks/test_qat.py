@@ -11,7 +11,14 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import IterativePruning, QuantizationAwareTraining, load_qat_checkpoint, sparsity
+from lightning_compress import (
+    IterativePruning,
+    QuantizationAwareTraining,
+    load_compressed,
+    load_qat_checkpoint,
+    save_compressed,
+    sparsity,
+)
 from lightning_compress.core.qat import QATLinear, qat_modules, quantizers
 from tests.conftest import StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
@@ -641,11 +648,20 @@ class _ReadsAWeight(TinyModule):
         return nn.functional.linear(self.net[:4](x), head.weight, head.bias)
 
 
-def test_a_layer_whose_forward_never_runs_is_named_when_quantization_switches_on():
+def test_a_layer_whose_forward_never_runs_is_named_when_quantization_switches_on(tmp_path):
+    """It computes in float and its file stores it in float, as said; a trial: the quantization error logged at each
+    validation gave its idle quantizer a scale, so the file stored it in 8 bits and reloaded another model."""
     pl.seed_everything(0, verbose=False)
     model = _ReadsAWeight()
     with pytest.warns(UserWarning, match=r"\['net.4'\] never ran their forward in epoch 0"):
         trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(model)
+    report = save_compressed(model, tmp_path / "m.lcz")
+    assert all(layer.bits == 32 for layer in report.layers if layer.name == "net.4.weight")
+    fresh = _ReadsAWeight()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
 
 
 def test_a_fit_that_ends_before_quantization_switches_on_says_so(tiny, tmp_path):
