@@ -40,7 +40,7 @@ class GraphIndex:
         self.producer = {out: node for node in graph.node for out in node.output}
         self.consumers: dict[str, list[Any]] = {}
         for node in graph.node:
-            for name in node.input:
+            for name in _names_read(node):  # a Loop or If also reads what its bodies read from this scope
                 self.consumers.setdefault(name, []).append(node)
         self.outputs = {o.name for o in graph.output}
         self.names = {init.name for init in graph.initializer} | set(self.producer)
@@ -57,13 +57,26 @@ class GraphIndex:
     def drop_unused(self, *op_types: str) -> None:
         """Remove nodes of ``op_types`` whose output nothing reads, then unread initializers."""
         graph = self.graph
-        used = {name for node in graph.node for name in node.input} | self.outputs
+        used = {name for node in graph.node for name in _names_read(node)} | self.outputs
         for node in [n for n in graph.node if n.op_type in op_types and n.output[0] not in used]:
             graph.node.remove(node)
-        used = {name for node in graph.node for name in node.input} | self.outputs
+        used = {name for node in graph.node for name in _names_read(node)} | self.outputs
         keep = [init for init in graph.initializer if init.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep)
+
+
+def _names_read(node: Any) -> set[str]:
+    """The names ``node`` reads: its inputs, and those the graphs in its attributes (a ``Loop``'s or ``If``'s
+    bodies) read from the enclosing scope (a trial: an ``EmbeddingBag``'s Loop body read a weight and constants that
+    were dropped as unused)."""
+    names = {name for name in node.input if name}
+    for attr in node.attribute:
+        for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            inner = {out for n in body.node for out in n.output}
+            inner |= {i.name for i in body.input} | {init.name for init in body.initializer}
+            names |= {name for n in body.node for name in _names_read(n)} - inner
+    return names
 
 
 def fold_batch_norms(proto: Any, numpy_helper: Any) -> None:

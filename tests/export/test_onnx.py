@@ -436,3 +436,36 @@ def test_a_batchnorm_weight_of_zero_folded_into_an_int8_conv_keeps_its_bias(tmp_
     with torch.no_grad():
         want = model(x).numpy()
     assert np.abs(got - want).max() <= 2 * _activation_step(model)
+
+
+class BagNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(17, 16, mode="mean")
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.bag((x * 16).round().long().clamp(0, 16)))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_an_embedding_bag_whose_loop_body_reads_outer_names_exports(tmp_path, quantized):
+    """A trial: every model with an `nn.EmbeddingBag` failed the ONNX checker: its Loop body reads the bag's weight
+    and constants from the graph, and the rewrite passes dropped them as unread."""
+    torch.manual_seed(0)
+    model, x = BagNet().eval(), torch.rand(3, 5)
+    if quantized:
+        convert_to_qat(model, QuantConfig(8, 8), include=["head"])
+        for _, q in quantizers(model):
+            q.observer_enabled = True
+        model.train()
+        with torch.no_grad():
+            model(torch.rand(16, 5))
+        for _, q in quantizers(model):
+            q.fake_quant_enabled = True
+        model.eval()
+    export_onnx(model, tmp_path / "b.onnx", x)
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = run(tmp_path / "b.onnx", {"input_0": x.numpy()})
+    assert np.abs(got - want).max() < (0.05 if quantized else 1e-5)
