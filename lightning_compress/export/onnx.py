@@ -297,7 +297,8 @@ def export_onnx(
                 dynamo=False,
                 custom_opsets={"com.microsoft": 1} if grouped else None,
             )
-        except torch.onnx.errors.UnsupportedOperatorError as err:
+        except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as err:
+            # a SymbolicValueError (e.g. "LSTMs with projections") carries a TorchScript dump: its first line says it
             traced.unlink(missing_ok=True)
             raise ValueError(
                 f"export_onnx cannot trace {type(model).__name__}: {str(err).splitlines()[0]} What to change: "
@@ -392,8 +393,9 @@ def _int8_weights(proto: Any, numpy_helper: Any, known: Sequence[str] = ()) -> l
 def _layer_name(onnx_name: str, known: Sequence[str] = ()) -> str:
     """``/net/net.0/weight_fake_quant/Constant_output_0`` -> ``net.0.weight``: the scopes before the weight's
     quantizer, joined as the longest of ``known`` they end with (the exporter may add a wrapper's scope in front;
-    Llama's ``/model/model/layers.0/self_attn/q_proj/...`` is ``model.layers.0.self_attn.q_proj``), else the
-    innermost scope (which repeats from block to block)."""
+    Llama's ``/model/model/layers.0/self_attn/q_proj/...`` is ``model.layers.0.self_attn.q_proj``), or the one of
+    ``known`` alone to end with them (an ``nn.ModuleDict`` adds no scope), else the innermost scope (which repeats
+    from block to block)."""
     parts = [p for p in onnx_name.split("/") if p]
     if "weight_fake_quant" not in parts or parts.index("weight_fake_quant") == 0:
         return onnx_name
@@ -403,4 +405,9 @@ def _layer_name(onnx_name: str, known: Sequence[str] = ()) -> str:
         joined = ".".join(scopes[first:])
         if joined in names:
             return joined + ".weight"
+    for first in range(len(scopes)):  # a container the exporter names no scope for (nn.ModuleDict: `/l1/` of
+        joined = ".".join(scopes[first:])  # `layers.l1`), when one known layer alone ends with these scopes
+        ending = [name for name in names if name.endswith("." + joined)]
+        if len(ending) == 1:
+            return ending[0] + ".weight"
     return scopes[-1] + ".weight"

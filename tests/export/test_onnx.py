@@ -469,3 +469,48 @@ def test_an_embedding_bag_whose_loop_body_reads_outer_names_exports(tmp_path, qu
         want = model(x).numpy()
     got = run(tmp_path / "b.onnx", {"input_0": x.numpy()})
     assert np.abs(got - want).max() < (0.05 if quantized else 1e-5)
+
+
+def test_layers_in_a_module_dict_are_reported_by_their_model_names(tmp_path):
+    """A trial: the report named `layers.l1` of an `nn.ModuleDict` `l1.weight` (the exporter adds no scope for the
+    dict), where `save_compressed` and `convert_to_qat` say `layers.l1.weight`."""
+
+    class Dict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleDict({"l1": nn.Linear(8, 8), "l2": nn.Linear(8, 8)})
+            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 2)])
+
+        def forward(self, x):
+            x = torch.relu(self.layers["l2"](torch.relu(self.layers["l1"](x))))
+            return self.blocks[1](torch.relu(self.blocks[0](x)))
+
+    torch.manual_seed(0)
+    model = Dict()
+    convert_to_qat(model, QuantConfig(8, 8))
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    with torch.no_grad():
+        model(torch.randn(16, 8))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    report = export_onnx(model.eval(), tmp_path / "d.onnx", torch.randn(2, 8))
+    names = sorted(layer.name for layer in report.layers)
+    assert names == ["blocks.0.weight", "blocks.1.weight", "layers.l1.weight", "layers.l2.weight"]
+
+
+def test_a_layer_the_onnx_exporter_cannot_express_is_refused_in_one_line_with_what_to_change(tmp_path):
+    """A trial: an `nn.LSTM` with `proj_size` raised torch's SymbolicValueError with a TorchScript dump of several kB;
+    `nn.Bilinear`'s unsupported operator was already refused in our words."""
+
+    class Projected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 16, batch_first=True, proj_size=8)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+
+    with pytest.raises(ValueError, match=r"cannot trace Projected: .*LSTMs with projections.*What to change"):
+        export_onnx(Projected().eval(), tmp_path / "p.onnx", torch.randn(2, 3, 4))
+    assert not list(tmp_path.iterdir())
