@@ -94,8 +94,12 @@ def _removable(
             try:
                 with torch.no_grad():
                     trial_shapes = _shapes(call_model(copy, inputs))
-            except Exception:  # any failure: these channels cannot go
-                return "its channels also feed an operation the dependency graph does not see"
+            except Exception as err:  # any failure: these channels cannot go; what failed is part of the reason
+                first = (str(err).strip().splitlines() or [""])[0][:160]
+                return (
+                    "its channels also feed an operation the dependency graph does not see (the forward without half "
+                    f"of them fails: {type(err).__name__}: {first})"
+                )
         return None if trial_shapes == shapes else "its channels reach one of the model's outputs"
 
     verdict = _verdicts(trial, len(groups))  # all groups at once, then halves of a failing set

@@ -618,3 +618,22 @@ def test_onnx_trace_failure_of_a_bare_ids_tensor_names_the_dict_with_the_mask(tm
         export_onnx(model, tmp_path / "m.onnx", ids)
     export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_a_group_left_whole_because_its_trial_forward_fails_says_what_failed():
+    """A trial: Phi-3's fused `gate_up_proj` (split by `chunk`) and `qkv_proj` (split at fixed offsets) were left
+    whole with "its channels also feed an operation the dependency graph does not see", and the error that said why
+    was thrown away."""
+    config = transformers.Phi3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 64, (2, 12))}
+    with pytest.raises(ValueError, match="found no channel group") as refused:
+        channel_structure(model, select_targets(model), x)
+    assert "gate_up_proj: its channels also feed an operation the dependency graph does not see (the forward " in str(
+        refused.value
+    )
+    assert "fails: RuntimeError: mat1 and mat2 shapes cannot be multiplied" in str(refused.value)
