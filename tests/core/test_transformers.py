@@ -637,3 +637,20 @@ def test_a_group_left_whole_because_its_trial_forward_fails_says_what_failed():
         refused.value
     )
     assert "fails: RuntimeError: mat1 and mat2 shapes cannot be multiplied" in str(refused.value)
+
+
+def test_from_pretrained_of_a_quantization_aware_model_says_it_comes_back_float(tmp_path):
+    """A trial: `save_pretrained` of a QAT model, reloaded with `from_pretrained`, came back float (logits 0.049 off)
+    and only transformers' report of unexpected keys hinted at it."""
+    from lightning_compress import from_pretrained
+
+    model = gpt2()
+    model.save_pretrained(tmp_path / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "float")
+    convert_to_qat(model, QuantConfig(8, 8))
+    model.save_pretrained(tmp_path / "qat")
+    with pytest.warns(UserWarning, match=r"fake quantizers' state .* `from_pretrained` builds float layers"):
+        reloaded = from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "qat")
+    assert not qat_modules(reloaded)
