@@ -30,7 +30,7 @@ from .qat_layers import (
     QATLayer,
     QATLinear,
     group_count,
-    qat_class,
+    qat_class_of,
     qat_modules,
     quantizable,
 )
@@ -80,7 +80,7 @@ def _quantizable_targets(
         if isinstance(module, QATLayer):
             targets.append(target)
             continue
-        if qat_class(type(module)) is None or id(module) in owned_by_mha:
+        if qat_class_of(module) is None or id(module) in owned_by_mha:
             subclass = (
                 "its nn.MultiheadAttention multiplies its weight in its own forward without calling the layer"
                 if id(module) in owned_by_mha
@@ -137,7 +137,7 @@ def _say_tied_partners(model: nn.Module, targets: list[Target], include: Sequenc
     partners = {
         name: chosen[id(module.weight)]
         for name, module in model.named_modules()
-        if name not in picked and id(getattr(module, "weight", None)) in chosen and qat_class(type(module)) is not None
+        if name not in picked and id(getattr(module, "weight", None)) in chosen and qat_class_of(module) is not None
     }
     if not partners:
         return
@@ -238,7 +238,7 @@ def convert_to_qat(
         names.append(target.name)
         if isinstance(module, QATLayer):
             continue
-        new = qat_class(type(module)).from_float(module, config)
+        new = qat_class_of(module).from_float(module, config)
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one

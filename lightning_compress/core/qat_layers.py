@@ -29,6 +29,7 @@ __all__ = [
     "QATLinear",
     "group_count",
     "qat_class",
+    "qat_class_of",
     "qat_modules",
     "quantizable",
 ]
@@ -319,9 +320,34 @@ def group_count(weight: Tensor, in_axis: int, group_size: int | None) -> int | N
     return weight.shape[in_axis] // group_size
 
 
+def qat_class_of(module: nn.Module) -> Any:
+    """The fake-quant class for ``module`` (``None``: not quantizable): its type's, or nn.Linear's for a subclass
+    whose own forward computes what nn.Linear's does (transformers' ``FalconLinear``: ``x @ W.T + b``; a trial: every
+    Falcon layer was refused), checked on a random input. A subclass that computes anything else stays float."""
+    made = qat_class(type(module))
+    if made is not None or not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+        return made
+    return QAT_CLASSES[nn.Linear] if _computes_linear(module) else None
+
+
+def _computes_linear(module: nn.Linear) -> bool:
+    weight, bias = module.weight, module.bias
+    if weight.is_meta or not weight.dtype.is_floating_point or type(weight) is not nn.Parameter:
+        return False  # nothing to run it on (meta), or a distributed tensor: left as it is
+    x = torch.randn(2, 3, module.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(device=weight.device, dtype=weight.dtype)
+    try:
+        with torch.no_grad():
+            out = module(x)
+            torch.testing.assert_close(out, F.linear(x, weight, bias))
+    except Exception:  # another shape, another result, or it cannot run alone: not nn.Linear's computation
+        return False
+    return True
+
+
 def quantizable(module: nn.Module) -> bool:
     """Whether ``module`` has a fake-quant layer (Linear, Conv1d/2d/3d, ``transformers`` Conv1D) or is one."""
-    return isinstance(module, QATLayer) or qat_class(type(module)) is not None
+    return isinstance(module, QATLayer) or qat_class_of(module) is not None
 
 
 def qat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

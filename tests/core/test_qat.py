@@ -288,10 +288,18 @@ def test_shift_search_agrees_across_processes_on_every_processs_batches(tmp_path
 
 
 class _OwnForwardLinear(nn.Linear):
-    """Like transformers' FalconLinear: an nn.Linear with a forward of its own."""
+    """An nn.Linear with a forward of its own that computes something else (a scaled output, as an adapter would)."""
 
     def forward(self, x):
-        return x @ self.weight.T + self.bias
+        return 2 * (x @ self.weight.T) + self.bias
+
+
+class _FalconLinear(nn.Linear):
+    """Like transformers' FalconLinear: a forward of its own that computes what nn.Linear's does."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
 
 
 def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says_why():
@@ -307,6 +315,23 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
     with pytest.raises(ValueError, match=match):
         convert_to_qat(attention, QuantConfig(8, 8), include=["out_proj"])
     assert type(model[0]) is _OwnForwardLinear  # untouched
+
+
+def test_a_linear_subclass_whose_forward_computes_linear_is_quantized():
+    """A trial: transformers' Falcon (every layer a FalconLinear, `x @ W.T + b`) could not be quantized at all."""
+    from lightning_compress import QuantConfig, convert_to_float, convert_to_qat
+    from lightning_compress.core.qat import QATLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_FalconLinear(4, 8), nn.ReLU(), _FalconLinear(8, 2, bias=False), nn.ReLU(), nn.Linear(2, 2))
+    x = torch.randn(3, 4)
+    expected = model(x)
+    assert convert_to_qat(model, QuantConfig(8, 8)) == ["0", "2", "4"]
+    assert all(type(model[i]) is QATLinear for i in (0, 2, 4))
+    torch.testing.assert_close(model(x), expected)  # fake quantization is off until enabled
+    convert_to_float(model)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_calibrate_observes_in_eval_mode_and_leaves_batchnorm_statistics_alone():
