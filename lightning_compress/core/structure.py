@@ -113,11 +113,10 @@ def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     if per_channel(module):
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
     out_axis, in_axis = weight_axes(module)  # (1, 0) for Conv1D and transposed convs: weights are (in, out, ...)
-    if kind == "out":
+    if kind == "out" or is_depthwise(module):  # a depthwise conv's input channel is its output channel: its filter
+        # and bias go with it (a trial: they were never masked, and only `compact()` removed them)
         present = [a for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
         return [(a, out_axis if a == "weight" else 0) for a in present]
-    if is_depthwise(module):
-        return []  # a depthwise conv's input channel is its output channel
     return [("weight", in_axis)]
 
 

@@ -635,3 +635,22 @@ def test_transposed_convolutions_lose_channels_on_their_own_weight_axes():
     assert (model.up.in_channels, model.up.out_channels) == (4, 3) and model.up.weight.shape == (4, 3, 2, 2)
     assert torch.allclose(model(x), before, atol=1e-5)
     assert report.macs_after == count_macs(model, x)
+
+
+def test_a_depthwise_convolution_loses_its_filters_with_its_channels_under_the_masks():
+    """A trial: the masks cut the convolution before a depthwise one and the one after, but left the depthwise
+    filters and biases of the pruned channels whole: its weight read 0% sparse, a masked file stored it dense, and
+    only `compact()` removed them."""
+    torch.manual_seed(0)
+    model, x = Depthwise().eval(), torch.randn(4, 1, 8, 8)
+    masks = prune_(model, 0.5, granularity="channel", example_inputs=x)
+    assert "dw.weight" in masks and "dw.bias" in masks
+    dead = (model.pw1.weight.flatten(1).abs().sum(1) == 0).nonzero().flatten()
+    assert dead.numel() > 0
+    assert bool((model.dw.weight[dead] == 0).all()) and bool((model.dw.bias[dead] == 0).all())
+    with torch.no_grad():
+        expected = model(x)
+    report = compact(model, x)
+    assert model.dw.weight.shape[0] == 12 - dead.numel() and report.params_after < report.params_before
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
