@@ -401,7 +401,8 @@ def run(pair_name: str, method: str, target: float, seed: int, epochs: int) -> d
 
 
 def file_sizes(module: pl.LightningModule) -> dict[str, int]:
-    """Bytes of the ``save_compressed`` file, of ``torch.save(state_dict)``, and of the same without the quantizers."""
+    """Bytes of the ``save_compressed`` file, of its report's baseline (``torch.save(state_dict)`` of the QAT model
+    until session 20, of the float model since) and of ``torch.save`` without the quantizers (the float model)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = save_compressed(module, pathlib.Path(tmp) / "model.lcz")
     buffer = io.BytesIO()
