@@ -46,6 +46,7 @@ class QATLayer:
     float_class: ClassVar[type[nn.Module]]
     _export_weight: Tensor | None = None
     _export_bias: Tensor | None = None
+    _quantizer_before: dict[str, Tensor] | None = None  # an idle weight quantizer's state, put back after export
     _int4: Any = None  # an Int4Weights while `int4_export_mode` is on
     quantize_bias: bool = False  # the bias on the accumulator's grid (QuantConfig.quantize_bias)
 
@@ -115,7 +116,13 @@ class QATLayer:
         return fake_quantize(bias, grid, zero, *BIAS_RANGE, axis=0)
 
     def begin_export(self) -> None:
-        """Carry the quantized weight as a constant and emit Q/DQ-able ops until :meth:`end_export`."""
+        """Carry the quantized weight as a constant and emit Q/DQ-able ops until :meth:`end_export`. A weight
+        quantizer that never ran gets its scale from the weight for the graph, and its state back at
+        :meth:`end_export`: exporting leaves the model as it was (a trial: an idle layer, whose weight the model reads
+        directly, was then stored in 8 bits by the next ``save_compressed``)."""
+        quantizer = self.weight_fake_quant
+        idle = not (quantizer.initialized or quantizer.is_learned)
+        self._quantizer_before = {k: v.clone() for k, v in quantizer.state_dict().items()} if idle else None
         with torch.no_grad():
             self._export_weight = self.weight_fake_quant(self.weight).detach().clone()
             bias = self.quantized_bias() if self.quantize_bias else None
@@ -135,6 +142,9 @@ class QATLayer:
         self._export_weight = None
         self._export_bias = None
         self.weight_fake_quant.end_export()
+        before, self._quantizer_before = self._quantizer_before, None
+        if before is not None:
+            self.weight_fake_quant.load_state_dict(before)
         if isinstance(self.input_fake_quant, FakeQuantizer):
             self.input_fake_quant.end_export()
 

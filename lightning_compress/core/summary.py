@@ -81,7 +81,11 @@ def _positions_bytes(weight: Tensor) -> int:
 @torch.no_grad()
 def _quantized(quantizer: FakeQuantizer, weight: Tensor) -> Tensor:
     """What ``quantizer`` makes of ``weight`` with what it holds: in eval mode, so that a model in training
-    (e.g. at the end of ``fit``) does not have its minmax weight scales observed again."""
+    (e.g. at the end of ``fit``) does not have its minmax weight scales observed again. A weight quantizer that never
+    ran (its layer's forward never did: the model reads the weight directly) holds no scale; the file stores that
+    weight in float, and measuring it must not give it one (a trial: the file then stored it in 8 bits)."""
+    if not (quantizer.initialized or quantizer.is_learned):
+        return weight
     training = quantizer.training
     quantizer.train(False)
     try:

@@ -514,3 +514,35 @@ def test_a_layer_the_onnx_exporter_cannot_express_is_refused_in_one_line_with_wh
     with pytest.raises(ValueError, match=r"cannot trace Projected: .*LSTMs with projections.*What to change"):
         export_onnx(Projected().eval(), tmp_path / "p.onnx", torch.randn(2, 3, 4))
     assert not list(tmp_path.iterdir())
+
+
+def test_exporting_and_measuring_leave_a_layer_whose_forward_never_ran_without_a_scale(tmp_path):
+    """A trial: `export_onnx` and the size estimate (`CompressionMonitor`) gave the quantizer of a layer whose weight
+    the model reads directly a scale, so the next `save_compressed` stored it in 8 bits and reloaded another model."""
+    from lightning_compress import calibrate, enable_fake_quant, load_compressed, save_compressed
+    from lightning_compress.core.summary import estimate_size
+
+    class Side(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.side = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x) + nn.functional.linear(x, self.side.weight)  # `side`'s forward never runs
+
+    torch.manual_seed(0)
+    model, x = Side(), torch.randn(16, 8)
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "m.onnx", x)
+    estimate_size(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match=r"\['side'\] are fake-quant layers whose forward never ran"):
+        save_compressed(model, tmp_path / "m.lcz")
+    fresh = Side()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model(x))
