@@ -438,15 +438,16 @@ class IterativePruning(Callback):
             self._advance(pl_module, trainer.current_epoch)
 
     def _place_resumed_clock(self, trainer: pl.Trainer) -> None:
-        """A step clock placed from epochs counts the checkpoint's steps per epoch; resumed with another number (other
-        devices, batch size or accumulation), its position is carried over in epochs (a trial: DDP's checkpoint
+        """A step clock placed on the epoch window counts the checkpoint's steps per epoch; resumed with another number
+        (other devices, batch size or accumulation), its position is carried over in epochs (a trial: DDP's checkpoint
         resumed on one device ran no event in an epoch, ended at 0.7703 of 0.8 and blamed an early stop)."""
         saved, self._resumed_steps_per_epoch = self._resumed_steps_per_epoch, None
-        from_epochs = self._in_steps and self.window.every_n_steps is None
-        self._steps_per_epoch = steps_per_epoch(trainer) if from_epochs else None
+        # `start_epoch`/`end_epoch` place the window in steps, also with `every_n_steps` (a trial: resumed with fewer
+        # steps per epoch, an `every_n_steps` schedule ran no more events)
+        self._steps_per_epoch = steps_per_epoch(trainer) if self._in_steps else None
         self._clock_offset = 0
         now = self._steps_per_epoch
-        if not (from_epochs and saved and now and int(saved) != now):
+        if not (saved and now and int(saved) != now):
             return
         core = self.pruner
         steps = round(core.steps * now / int(saved))

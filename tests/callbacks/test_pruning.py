@@ -1167,8 +1167,9 @@ def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
     assert float(run.callback_metrics["val_acc"]) == pytest.approx(0.9)
 
 
+@pytest.mark.parametrize("cadence", [{}, {"every_n_steps": 2}], ids=["default", "every_n_steps"])
 @pytest.mark.parametrize("resumed_accumulation", [1, 4])
-def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(resumed_accumulation, tmp_path):
+def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(resumed_accumulation, cadence, tmp_path):
     """A trial: a DDP checkpoint (11 steps per epoch) resumed on one device (22) ran no event in the resumed epoch,
     ended at 0.7703 of 0.8 and blamed an early stop; the step clock counted the checkpoint's steps. Here the number of
     optimizer steps per epoch changes by gradient accumulation (8 -> 2) or not at all (8 -> 8)."""
@@ -1183,7 +1184,7 @@ def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(resume
     def run(accumulate, ckpt_path=None, dirpath=None):
         pl.seed_everything(0, verbose=False)
         model, record = TinyModule(), Record()
-        pruning = IterativePruning(0.8, importance="magnitude", start_epoch=0, end_epoch=3)
+        pruning = IterativePruning(0.8, importance="magnitude", start_epoch=0, end_epoch=3, **cadence)
         callbacks = [pruning, record]
         if dirpath is not None:
             callbacks.append(ModelCheckpoint(dirpath=dirpath, save_top_k=-1, every_n_epochs=1, filename="{epoch}"))
