@@ -814,3 +814,24 @@ class FailAtEpoch(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             raise RuntimeError("stop")
+
+
+def test_a_model_with_a_layer_registered_twice_resumes_its_quantization(tmp_path):
+    """A trial: a module registered under two names (`self.backbone = nn.Sequential(self.net[0])`, as for
+    BackboneFinetuning) made `fit(ckpt_path=...)` refuse the same callback's checkpoint: the state dict names the
+    layer twice, the check counted it once."""
+
+    class Aliased(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(self.net[0])
+
+    pl.seed_everything(0, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0), checkpoint],
+            enable_checkpointing=True).fit(Aliased())  # fmt: skip
+    resumed = Aliased()
+    trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+        resumed, ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert any(name == "backbone.0" for name, _ in resumed.named_modules(remove_duplicate=False))
