@@ -11,6 +11,7 @@ for its own ``quantize_static`` output. Needs the ``onnx`` extra.
 from __future__ import annotations
 
 import importlib
+import re
 import secrets
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -394,20 +395,23 @@ def _layer_name(onnx_name: str, known: Sequence[str] = ()) -> str:
     """``/net/net.0/weight_fake_quant/Constant_output_0`` -> ``net.0.weight``: the scopes before the weight's
     quantizer, joined as the longest of ``known`` they end with (the exporter may add a wrapper's scope in front;
     Llama's ``/model/model/layers.0/self_attn/q_proj/...`` is ``model.layers.0.self_attn.q_proj``), or the one of
-    ``known`` alone to end with them (an ``nn.ModuleDict`` adds no scope), else the innermost scope (which repeats
-    from block to block)."""
+    ``known`` (in module order) to end with them (an ``nn.ModuleDict`` adds no scope; the exporter numbers a repeated
+    scope, ``weight_fake_quant_1``, in the order the layers run), else the innermost scope (which repeats from block
+    to block)."""
     parts = [p for p in onnx_name.split("/") if p]
-    if "weight_fake_quant" not in parts or parts.index("weight_fake_quant") == 0:
+    at = next((i for i, p in enumerate(parts) if re.fullmatch(r"weight_fake_quant(_\d+)?", p)), None)
+    if not at:  # no quantizer scope, or nothing before it
         return onnx_name
-    scopes = parts[: parts.index("weight_fake_quant")]
+    repeat = int(parts[at].rpartition("_")[2]) if parts[at] != "weight_fake_quant" else 0
+    scopes = parts[:at]
     names = set(known)
     for first in range(len(scopes)):
         joined = ".".join(scopes[first:])
         if joined in names:
             return joined + ".weight"
     for first in range(len(scopes)):  # a container the exporter names no scope for (nn.ModuleDict: `/l1/` of
-        joined = ".".join(scopes[first:])  # `layers.l1`), when one known layer alone ends with these scopes
-        ending = [name for name in names if name.endswith("." + joined)]
-        if len(ending) == 1:
-            return ending[0] + ".weight"
+        joined = ".".join(scopes[first:])  # `layers.l1`)
+        ending = [name for name in known if name.endswith("." + joined)]
+        if repeat < len(ending):
+            return ending[repeat] + ".weight"
     return scopes[-1] + ".weight"

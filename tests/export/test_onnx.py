@@ -479,11 +479,12 @@ def test_layers_in_a_module_dict_are_reported_by_their_model_names(tmp_path):
         def __init__(self):
             super().__init__()
             self.layers = nn.ModuleDict({"l1": nn.Linear(8, 8), "l2": nn.Linear(8, 8)})
-            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 2)])
+            self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+            self.heads = nn.ModuleDict({"l1": nn.Linear(8, 2)})  # a key another dict has: `weight_fake_quant_1`
 
         def forward(self, x):
             x = torch.relu(self.layers["l2"](torch.relu(self.layers["l1"](x))))
-            return self.blocks[1](torch.relu(self.blocks[0](x)))
+            return self.heads["l1"](torch.relu(self.blocks[1](torch.relu(self.blocks[0](x)))))
 
     torch.manual_seed(0)
     model = Dict()
@@ -496,7 +497,7 @@ def test_layers_in_a_module_dict_are_reported_by_their_model_names(tmp_path):
         q.fake_quant_enabled = True
     report = export_onnx(model.eval(), tmp_path / "d.onnx", torch.randn(2, 8))
     names = sorted(layer.name for layer in report.layers)
-    assert names == ["blocks.0.weight", "blocks.1.weight", "layers.l1.weight", "layers.l2.weight"]
+    assert names == ["blocks.0.weight", "blocks.1.weight", "heads.l1.weight", "layers.l1.weight", "layers.l2.weight"]
 
 
 def test_a_layer_the_onnx_exporter_cannot_express_is_refused_in_one_line_with_what_to_change(tmp_path):
