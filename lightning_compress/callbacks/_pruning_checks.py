@@ -49,7 +49,7 @@ def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str |
 
 def check_frozen(targets: Sequence[Target], importance: Importance, argument: Any) -> None:
     """Selected weights frozen as training starts: refused when ``importance`` reads their gradients, else said."""
-    frozen = [t.name for t in targets if not t.param.requires_grad]
+    frozen = list(dict.fromkeys(t.name for t in targets if not t.param.requires_grad))  # a layer once (channels)
     if frozen and importance.accumulates:
         raise ValueError(
             f"`importance`={argument!r} scores weights by their gradients, but {frozen} are frozen "

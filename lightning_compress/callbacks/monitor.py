@@ -15,6 +15,7 @@ from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full
 from ..core.summary import ModelSize, estimate_size
+from ._validation import runs_in_spawned_processes
 
 __all__ = ["CompressionMonitor"]
 
@@ -73,6 +74,12 @@ class CompressionMonitor(Callback):
         if stage == "fit":
             self.history = []
             self._said_no_baseline = False
+            if runs_in_spawned_processes(trainer):
+                rank_zero_warn(
+                    "CompressionMonitor under a strategy that trains in spawned processes (`ddp_spawn`, `ddp_fork`, "
+                    "`ddp_notebook`): its `summary` and `history` stay in the workers (empty in the calling process); "
+                    "the loggers still get every point. Use strategy='ddp' to read them after `fit`."
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """The dense baseline and the history, for a checkpoint: a resumed fit measures drops from the same

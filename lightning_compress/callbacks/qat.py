@@ -204,8 +204,7 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 "QuantizationAwareTraining cannot run under a strategy that trains in spawned processes "
                 "(`ddp_spawn`, `ddp_fork`, `ddp_notebook`): Lightning hands back only the weights, so the model in "
-                "this process would end float, without its quantizers. Use strategy='ddp' (run as a script), or export "
-                "in the workers with `export_path`."
+                "this process would end float, without its quantizers. Use strategy='ddp' (run as a script)."
             )
         if stage == "fit":
             max_epochs = trainer.max_epochs

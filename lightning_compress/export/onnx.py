@@ -298,20 +298,20 @@ def export_onnx(
                 dynamo=False,
                 custom_opsets={"com.microsoft": 1} if grouped else None,
             )
-        except (torch.onnx.errors.UnsupportedOperatorError, torch.onnx.errors.SymbolicValueError) as err:
-            # a SymbolicValueError (e.g. "LSTMs with projections") carries a TorchScript dump: its first line says it
+        except RuntimeError as err:  # the exporter's (an operator it lacks, a SymbolicValueError), or the model's
             traced.unlink(missing_ok=True)
+            if "onnx_opset_version" in str(err):
+                raise ValueError(
+                    f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
+                ) from err
+            # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
+            # characters), which the chained exception still holds
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first if len(first) <= 300 else first[:300] + " ..."
             raise ValueError(
-                f"export_onnx cannot trace {type(model).__name__}: {str(err).splitlines()[0]} What to change: "
-                f"{_trace_hint(example_inputs, model)}replace that operator in the model's forward, or try a newer "
-                "`opset`."
-            ) from err
-        except RuntimeError as err:
-            traced.unlink(missing_ok=True)
-            if "onnx_opset_version" not in str(err):
-                raise
-            raise ValueError(
-                f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
+                f"export_onnx cannot trace {type(model).__name__}: {first} What to change: "
+                f"{_trace_hint(example_inputs, model)}replace that operation in the model's forward (a newer `opset` "
+                "may support it)."
             ) from err
     try:
         proto = onnx.load(str(traced))

@@ -443,6 +443,10 @@ def test_strategies_that_train_in_spawned_processes_are_refused_by_qat_and_said_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match="masks and decisions stay in the workers"):
         IterativePruning(0.5).setup(spawning, model, "fit")
+    from lightning_compress import CompressionMonitor
+
+    with pytest.warns(UserWarning, match="its `summary` and `history` stay in the workers"):
+        CompressionMonitor("val_acc").setup(spawning, model, "fit")
     plain = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, max_epochs=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -547,3 +547,21 @@ def test_exporting_and_measuring_leave_a_layer_whose_forward_never_ran_without_a
     load_compressed(fresh, tmp_path / "m.lcz")
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_an_operation_the_exporter_refuses_with_a_plain_runtime_error_is_named(tmp_path):
+    """A trial: `nn.EmbeddingBag(padding_idx=...)` gave torch's bare RuntimeError('embedding_bag with padding_idx');
+    and a SymbolicValueError's first line alone ran to 1,588 characters of graph."""
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(10, 4, padding_idx=0)
+
+        def forward(self, x):
+            return self.bag(x)
+
+    with pytest.raises(ValueError, match=r"cannot trace Padded: .*padding_idx.* What to change") as refused:
+        export_onnx(Padded().eval(), tmp_path / "p.onnx", torch.randint(0, 10, (2, 3)))
+    assert len(str(refused.value)) < 600
+    assert not list(tmp_path.iterdir())
