@@ -65,6 +65,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def all_tracked(model: nn.Module) -> Iterator[None]:
+    """Every floating-point parameter requires grad until the block ends: a graph traced through autograd sees a
+    frozen layer too (a trial: a frozen first layer was "never called as a module" and left whole)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for param in frozen:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param in frozen:
+            param.requires_grad_(False)
+
+
+@contextlib.contextmanager
 def plain_float(model: nn.Module) -> Iterator[None]:
     """The float data flow in eval mode: fake quantizers off; everything restored afterwards."""
     saved = []

@@ -319,3 +319,18 @@ def test_a_channel_callback_and_an_element_callback_on_its_consumer_say_why_they
     ]
     with pytest.raises(ValueError, match=r"select the same weights .*Channel pruning also cuts the input channels"):
         _trainer(callbacks).fit(model, DigitsDataModule(batch_size=32))
+
+
+def test_a_frozen_layer_is_traced_pruned_and_named_once_by_channel_pruning():
+    """A trial: channel pruning's targets hold a layer's weight and bias, and the warning named each frozen layer
+    twice ("['c2', 'c2', 'c1', 'c1']"). And the autograd trace did not see a frozen first layer at all: it was left
+    whole as "never called as a module"."""
+    from tests.conftest import TinyModule
+
+    model = TinyModule()
+    model.example_input_array = torch.zeros(2, 16)
+    model.net[0].requires_grad_(False)
+    pruning = IterativePruning(0.5, granularity="channel", importance="magnitude", start_epoch=0, end_epoch=1)
+    with pytest.warns(UserWarning, match=r"prunes \['net\.0'\], which are frozen"):
+        trainer(max_epochs=1, callbacks=[pruning]).fit(model)
+    assert "net.0.weight" in pruning.masks and not model.net[0].weight.requires_grad
