@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from common import quiet_trainer
 from lightning.pytorch.callbacks import ModelPruning
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
@@ -197,15 +198,7 @@ def main():
         )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tr = pl.Trainer(
-            max_epochs=EPOCHS,
-            callbacks=cbs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accelerator="cpu",
-        )
+        tr = quiet_trainer(EPOCHS, cbs)
         tr.fit(module, train)
         acc = tr.test(module, test, verbose=False)[0]["test_acc"]
     ws = [m.weight for m, _ in prunable(net)]
