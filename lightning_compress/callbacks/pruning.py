@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..core.checks import is_integer
 from ..core.config import PruningConfig
 from ..core.controller import GuardDecision, is_rate, monitor_mode
 from ..core.functional import warn_if_min_density_idle
@@ -290,7 +291,13 @@ class IterativePruning(Callback):
         if not state_dict:
             return
         self._resumed_validation = state_dict.get("validation")
-        self._resumed_steps_per_epoch = state_dict.get("steps_per_epoch")
+        per_epoch = state_dict.get("steps_per_epoch")
+        if per_epoch is not None and not (is_integer(per_epoch) and int(per_epoch) > 0):
+            raise ValueError(
+                f"The checkpoint's IterativePruning state has steps_per_epoch={str(per_epoch)[:40]!r}: an int > 0 or "
+                "None was saved; the checkpoint is damaged."
+            )
+        self._resumed_steps_per_epoch = None if per_epoch is None else int(per_epoch)
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:

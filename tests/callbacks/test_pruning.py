@@ -1198,3 +1198,10 @@ def test_a_resume_with_other_steps_per_epoch_keeps_the_schedule_in_epochs(resume
     resumed = run(resumed_accumulation, ckpt_path=tmp_path / "epoch=0.ckpt")
     assert full[2:] == [0.8, 0.8]
     assert resumed[0] < 0.8 and resumed[1:] == [0.8, 0.8]  # epochs 1-3: the target at epoch 2's end
+
+
+@pytest.mark.parametrize("value", [0, -3, "8", 2.5, [8]])
+def test_a_damaged_steps_per_epoch_in_a_checkpoint_is_refused(value):
+    pruning = IterativePruning(0.5)
+    with pytest.raises(ValueError, match=r"has steps_per_epoch=.*: an int > 0 or None was saved"):
+        pruning.load_state_dict({"version": 2, "steps": 3, "steps_per_epoch": value})
