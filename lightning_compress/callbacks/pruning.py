@@ -294,7 +294,7 @@ class IterativePruning(Callback):
         per_epoch = state_dict.get("steps_per_epoch")
         if per_epoch is not None and not (is_integer(per_epoch) and int(per_epoch) > 0):
             raise ValueError(
-                f"The checkpoint's IterativePruning state has steps_per_epoch={str(per_epoch)[:40]!r}: an int > 0 or "
+                f"The checkpoint's IterativePruning state has steps_per_epoch={repr(per_epoch)[:40]}: an int > 0 or "
                 "None was saved; the checkpoint is damaged."
             )
         self._resumed_steps_per_epoch = None if per_epoch is None else int(per_epoch)

@@ -647,7 +647,9 @@ class IterativePruner:
         """Restore :meth:`state_dict` (version 1, the callback's format before this class, is migrated)."""
         state = migrate_state(state)
         guard_keys = None if self.guard is None else self.guard.state_dict()
-        check_state(state, (t.param_name for t in self.targets), guard_keys)  # all of it before anything changes
+        shapes = {t.param_name: tuple(t.param.shape) for t in self.targets}
+        statistics = {t.key: tuple(t.param.shape) for t in self.targets if t.is_weight}
+        check_state(state, shapes, guard_keys, self.rule.importance, statistics)  # all of it before anything changes
         self._warn_other_target(state)
         self._pruner.load_state_dict(state["pruner"])
         scored_by, now = state.get("importance"), type(self.rule.importance).__name__

@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .checks import is_integer
+import torch
+from torch import Tensor
+
+from .checks import is_integer, is_real
 
 __all__ = ["STATE_VERSION", "check_state", "migrate_state"]
 
@@ -26,22 +29,61 @@ def migrate_state(state: Any) -> Mapping[str, Any]:
     return state
 
 
-def check_state(state: Mapping[str, Any], weights: Iterable[str], guard_keys: Iterable[str] | None) -> None:
-    """Refuse a state that a pruner of these ``weights`` (parameter names under masks) and of a guard whose state
-    has ``guard_keys`` (``None``: no guard) could not have written."""
+def check_state(
+    state: Mapping[str, Any],
+    shapes: Mapping[str, tuple[int, ...]],
+    guard_keys: Iterable[str] | None,
+    importance: Any = None,
+    statistic_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Refuse a state that a pruner of these weights (``shapes``: parameter name under a mask -> its shape) and of a
+    guard whose state has ``guard_keys`` (``None``: no guard) could not have written: every entry's type, names and
+    shapes, before anything is restored (a trial: a refused state left the masks replaced, a mask of 0.5 scaled a
+    layer, and a 17 KB Taylor accumulator of 2e9 entries was cloned into 8 GB)."""
     steps, events = state.get("steps"), state.get("events", 0)
     if not is_integer(steps) or int(steps) < 0 or not is_integer(events) or int(events) < 0:
-        raise ValueError(f"`state` has steps={steps!r}, events={events!r}: both must be ints >= 0.")
+        raise ValueError(f"`state` has steps={repr(steps)[:40]}, events={repr(events)[:40]}: both must be ints >= 0.")
     pruner = state.get("pruner")
     masks = pruner.get("masks") if isinstance(pruner, Mapping) else None
-    mine = sorted(set(weights))
+    mine = sorted(shapes)
     if not isinstance(masks, Mapping) or not set(masks) <= set(mine):
-        names = sorted(masks) if isinstance(masks, Mapping) else masks
+        names = sorted(map(str, masks)) if isinstance(masks, Mapping) else type(masks).__name__
         raise ValueError(
             f"`state['pruner']` holds masks for {str(names)[:200]}, not for this pruner's weights "
             f"{mine[:5]}{' ...' if len(mine) > 5 else ''}: a state of another model or selection "
             "(`include`/`exclude`)."
         )
+    assert isinstance(pruner, Mapping)
+    for name, mask in masks.items():
+        _check_tensor(mask, f"the mask of {name!r}", shapes[name], zero_one=True)
+    rollback = pruner.get("rollback")
+    if rollback is not None:
+        if not isinstance(rollback, Mapping) or not set(rollback) <= set(masks):
+            raise ValueError(
+                f"`state['pruner']['rollback']` is not an undo record of its masks: {str(rollback)[:200]}."
+            )
+        for name, record in rollback.items():
+            if not isinstance(record, (list, tuple)) or len(record) != 2:
+                raise ValueError(
+                    f"the undo record of {name!r} must be [previous mask, values], got {str(record)[:80]}."
+                )
+            previous, values = record
+            _check_tensor(previous, f"the undo record's mask of {name!r}", shapes[name], zero_one=True)
+            revived = int((previous.bool() & ~masks[name].bool()).sum())
+            _check_tensor(values, f"the undo record's values of {name!r}", (revived,))
+    for entry in ("grads", "rewind"):
+        tensors = pruner.get(entry)
+        if tensors is None:
+            continue
+        if not isinstance(tensors, Mapping) or not set(tensors) <= set(mine):
+            raise ValueError(
+                f"`state['pruner'][{entry!r}]` is not keyed by this pruner's weights: {str(tensors)[:200]}."
+            )
+        for name, tensor in tensors.items():
+            _check_tensor(tensor, f"the {entry} of {name!r}", shapes[name])
+    check = getattr(importance, "check_state", None)
+    if "importance" in pruner and callable(check):  # its statistics, keyed by layer (``statistic_shapes``)
+        check(pruner["importance"], shapes if statistic_shapes is None else statistic_shapes)
     guard = state.get("guard")
     if (
         guard is not None
@@ -49,3 +91,22 @@ def check_state(state: Mapping[str, Any], weights: Iterable[str], guard_keys: It
         and (not isinstance(guard, Mapping) or not set(guard) <= set(guard_keys))
     ):
         raise ValueError(f"`state['guard']` is not an accuracy guard's state: {str(guard)[:200]}.")
+    judged = state.get("judged")
+    if judged is not None and not (
+        isinstance(judged, Mapping)
+        and is_real(judged.get("value"))
+        and isinstance(judged.get("quantizers"), (list, tuple))
+        and all(is_integer(flags) for flags in judged["quantizers"])
+        and (judged.get("steps") is None or is_integer(judged["steps"]))
+    ):
+        raise ValueError(f"`state['judged']` is not the record of a judged evaluation: {str(judged)[:200]}.")
+
+
+def _check_tensor(value: Any, what: str, shape: tuple[int, ...], *, zero_one: bool = False) -> None:
+    """``value`` is a real tensor of ``shape`` with data (not on the meta device); ``zero_one``: only 0 and 1."""
+    if not isinstance(value, Tensor) or value.is_meta or value.is_complex():
+        raise ValueError(f"{what} must be a tensor with data, got {type(value).__name__}.")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{what} has shape {tuple(value.shape)}, this model's is {tuple(shape)}.")
+    if zero_one and value.dtype != torch.bool and not bool(((value == 0) | (value == 1)).all()):
+        raise ValueError(f"{what} holds values other than 0 and 1: a mask keeps a weight or prunes it.")

@@ -440,7 +440,7 @@ class Pruner:
                 "the checkpoint's pruning masks do not fit this model: (saved shape, this model's shape) of "
                 f"{dict(list(differ.items())[:5])}{' ...' if len(differ) > 5 else ''} (None: no such selected weight)."
             )
-        self.masks = {n: self._part(n, m).to(self._by_name[n].local.dtype) for n, m in masks.items()}
+        self.masks = {n: self._part(n, m).to(self._by_name[n].local.dtype).contiguous() for n, m in masks.items()}
         rollback = state.get("rollback")
         self._rollback = (
             None if rollback is None else {n: self._rollback_part(n, p, v, masks[n]) for n, (p, v) in rollback.items()}

@@ -280,6 +280,22 @@ def test_resuming_from_state_dict_continues_exactly():
         (lambda s: s.update(pruner={}), r"holds masks for None"),
         (lambda s: s["pruner"].update(masks={"other.weight": torch.ones(2)}), r"holds masks for \['other.weight'\]"),
         (lambda s: s.update(guard={"junk": 1}), r"`state\['guard'\]` is not an accuracy guard's state"),
+        # trial AF: each of these raised a raw error after the masks were replaced, or loaded wrong state silently
+        (lambda s: s["pruner"]["masks"].update({"0.weight": torch.full((32, 8), 0.5)}), "other than 0 and 1"),
+        (lambda s: s["pruner"]["masks"].update({"0.weight": [1]}), r"the mask of '0.weight' must be a tensor"),
+        (lambda s: s["pruner"]["masks"].update({"0.weight": torch.ones(32, 8, device="meta")}), "must be a tensor"),
+        (lambda s: s["pruner"]["rollback"].update({"0.weight": "xy"}), r"must be \[previous mask, values\]"),
+        (lambda s: s["pruner"]["rollback"].update({"zz": [1, 2]}), "is not an undo record of its masks"),
+        (
+            lambda s: s["pruner"]["rollback"]["0.weight"].__setitem__(1, torch.ones(7)),
+            r"values of '0.weight' has shape",
+        ),
+        (lambda s: s["pruner"].update(grads="x"), r"`state\['pruner'\]\['grads'\]` is not keyed"),
+        (
+            lambda s: s["pruner"].update(rewind={"0.weight": torch.ones(3)}),
+            r"the rewind of '0.weight' has shape \(3,\)",
+        ),
+        (lambda s: s.update(judged="junk"), r"`state\['judged'\]` is not the record of a judged evaluation"),
     ],
 )
 def test_a_bad_state_is_refused_before_the_masks_change(edit, match):
@@ -512,3 +528,19 @@ def test_a_channels_last_model_prunes_like_the_contiguous_one(method):
     assert sparsity(model) > 0.3
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, atol=1e-5, rtol=1e-5)
+
+
+def test_a_taylor_state_of_other_shapes_is_refused_before_anything_is_cloned():
+    """A trial: a 17 KB checkpoint whose Taylor sums were `torch.zeros(1).expand(2e9)` made the resume allocate
+    8 GB; sums of the wrong shape or of an unknown layer loaded silently."""
+    model = _model()
+    pruner = IterativePruner(model, 0.9, total_steps=10, importance="taylor")
+    state = pruner.state_dict()
+    for acc, match in [
+        ({"0": torch.zeros(1).expand(2_000_000_000)}, r"holds '0' \(\(2000000000,\)\)"),
+        ({"0": torch.zeros(3)}, r"holds '0' \(\(3,\)\)"),
+        ({"zz": torch.zeros(32, 8)}, "holds 'zz'"),
+    ]:
+        state["pruner"]["importance"] = {"acc": acc}
+        with pytest.raises(ValueError, match=match):
+            IterativePruner(_model(), 0.9, total_steps=10, importance="taylor").load_state_dict(state)
