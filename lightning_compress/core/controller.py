@@ -12,12 +12,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .checks import check_choice
+from .checks import check_choice, is_integer, is_real
 
-__all__ = ["AccuracyGuard", "GuardDecision", "is_rate", "lower_is_better", "monitor_mode"]
+__all__ = ["AccuracyGuard", "GuardDecision", "check_guard_state", "is_rate", "lower_is_better", "monitor_mode"]
 
 # words of a metric's name (split at anything but letters and digits) that say lower is better
 _LOWER_WORDS = frozenset(
@@ -202,6 +203,7 @@ class AccuracyGuard:
         state saved reading the metric the other way (``mode``) holds a baseline this guard cannot compare with:
         the next value is the new baseline."""
         settings = ("max_drop", "mode", "min_step")
+        check_guard_state(state)  # all of it before anything changes (a trial: a string baseline failed mid-fit)
         for key, value in state.items():
             if key in self.__dataclass_fields__ and key not in settings:
                 setattr(self, key, value)
@@ -211,3 +213,25 @@ class AccuracyGuard:
     def forget_baseline(self) -> None:
         """The monitored metric changed (a resumed fit monitors another one): the next value is the baseline."""
         self.baseline = None
+
+
+def check_guard_state(state: Any) -> None:
+    """Refuse a saved guard state whose values are not what :class:`AccuracyGuard` writes, naming the entry."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"the accuracy guard's state must be a dict, got {type(state).__name__}.")
+    numbers_or_none = ("baseline", "step_cap")
+    for key, value in state.items():
+        if key in numbers_or_none:
+            ok = value is None or (is_real(value) and math.isfinite(value))
+        elif key in ("stopped", "started", "awaiting_check"):
+            ok = isinstance(value, bool)
+        elif key in ("last_step", "max_drop", "min_step"):
+            ok = is_real(value) and math.isfinite(value)
+        elif key == "rollbacks":
+            ok = is_integer(value) and int(value) >= 0
+        elif key == "mode":
+            ok = value in ("min", "max")
+        else:
+            ok = True  # not read
+        if not ok:
+            raise ValueError(f"the accuracy guard's state has {key}={repr(value)[:60]}: the checkpoint is damaged.")

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .checks import is_integer, is_real
+from .controller import check_guard_state
 
 __all__ = ["STATE_VERSION", "check_state", "migrate_state"]
 
@@ -91,6 +92,8 @@ def check_state(
         and (not isinstance(guard, Mapping) or not set(guard) <= set(guard_keys))
     ):
         raise ValueError(f"`state['guard']` is not an accuracy guard's state: {str(guard)[:200]}.")
+    if guard is not None and guard_keys is not None:
+        check_guard_state(guard)
     judged = state.get("judged")
     if judged is not None and not (
         isinstance(judged, Mapping)

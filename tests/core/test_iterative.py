@@ -296,6 +296,8 @@ def test_resuming_from_state_dict_continues_exactly():
             r"the rewind of '0.weight' has shape \(3,\)",
         ),
         (lambda s: s.update(judged="junk"), r"`state\['judged'\]` is not the record of a judged evaluation"),
+        (lambda s: s["guard"].update(baseline="junk"), r"guard's state has baseline='junk'"),
+        (lambda s: s["guard"].update(rollbacks=-1), r"guard's state has rollbacks=-1"),
     ],
 )
 def test_a_bad_state_is_refused_before_the_masks_change(edit, match):
