@@ -10,9 +10,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ..core.checks import is_integer, is_real
 from ..core.iterative import IterativePruner, Rollback
 
-__all__ = ["ValidationMetrics", "read_monitor", "short_of_target_note", "unjudged_event_note"]
+__all__ = ["ValidationMetrics", "check_validation_state", "read_monitor", "short_of_target_note", "unjudged_event_note"]
 
 
 def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
@@ -25,6 +26,24 @@ def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
             "Log it with `self.log(...)` in `validation_step` or change `monitor`."
         )
     return float(value)
+
+
+def check_validation_state(state: Any) -> None:
+    """Refuse a checkpoint's record of the judged validation that :meth:`ValidationMetrics.state_dict` could not
+    have written (a trial: a string raised "string indices must be integers")."""
+    if state is None:
+        return
+    metrics = state.get("metrics") if isinstance(state, dict) else None
+    if not (
+        isinstance(state, dict)
+        and is_integer(state.get("global_step"))
+        and isinstance(metrics, dict)
+        and all(isinstance(k, str) and is_real(v) for k, v in metrics.items())
+    ):
+        raise ValueError(
+            f"The checkpoint's IterativePruning state has validation={str(state)[:120]}: not the record of a "
+            "validation (its step and its metrics); the checkpoint is damaged."
+        )
 
 
 class ValidationMetrics:

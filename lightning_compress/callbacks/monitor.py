@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -11,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from ..core.checks import is_real
 from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full
@@ -87,8 +89,11 @@ class CompressionMonitor(Callback):
         return {"monitor": self.monitor, "baseline": self.baseline, "history": [dict(point) for point in self.history]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"CompressionMonitor's checkpoint state must be a dict, got {type(state_dict).__name__}.")
         if not state_dict:
             return
+        _check_state(state_dict)
         saved = state_dict.get("monitor", self.monitor)
         if saved != self.monitor:  # a trial: a val_acc baseline and history summarized beside val_loss values
             rank_zero_warn(
@@ -283,3 +288,25 @@ def _log_summary(summary: dict[str, Any]) -> None:
         before = "n/a" if summary["baseline"] is None else f"{summary['baseline']:.4f}"
         lines.append(f"{summary['monitor']}: dense {before} -> compressed {summary['final']:.4f}")
     rank_zero_info("\nCompression summary (estimated sizes before entropy coding):\n" + "\n".join(lines))
+
+
+_POINT_KEYS = ("step", "epoch", "sparsity", "compression_ratio", "effective_bits")
+
+
+def _check_state(state: dict[str, Any]) -> None:
+    """Refuse a saved baseline or history :meth:`CompressionMonitor.state_dict` could not have written (a trial: a
+    string baseline and a point without its sparsity failed at the end of fit, after all training)."""
+    baseline, history = state.get("baseline"), state.get("history", [])
+    good_baseline = baseline is None or (is_real(baseline) and math.isfinite(baseline))
+    good_history = isinstance(history, list) and all(
+        isinstance(point, dict)
+        and all(key in point for key in _POINT_KEYS)
+        and all(isinstance(k, str) and is_real(v) for k, v in point.items())
+        for point in history
+    )
+    if not (good_baseline and good_history):
+        raise ValueError(
+            f"The checkpoint's CompressionMonitor state has baseline={repr(baseline)[:40]}, history="
+            f"{str(history)[:80]}: not what it saves (a finite number or None; points of numbers with "
+            f"{list(_POINT_KEYS)}); the checkpoint is damaged."
+        )

@@ -34,7 +34,7 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
-from ._guard import ValidationMetrics, read_monitor, short_of_target_note, unjudged_event_note
+from ._guard import ValidationMetrics, check_validation_state, read_monitor, short_of_target_note, unjudged_event_note
 from ._pruning_checks import check_fit, check_frozen, check_no_overlap, key_of_same_selection
 from ._settings import log_settings
 from ._validation import (
@@ -288,8 +288,11 @@ class IterativePruning(Callback):
         warn_if_saved_under_another_key(checkpoint, self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"IterativePruning's checkpoint state must be a dict, got {type(state_dict).__name__}.")
         if not state_dict:
             return
+        check_validation_state(state_dict.get("validation"))
         self._resumed_validation = state_dict.get("validation")
         per_epoch = state_dict.get("steps_per_epoch")
         if per_epoch is not None and not (is_integer(per_epoch) and int(per_epoch) > 0):

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from ..checkpoint import saved_quantization
+from ..core.checks import is_integer
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
@@ -190,12 +191,33 @@ class QuantizationAwareTraining(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"QuantizationAwareTraining's checkpoint state must be a dict, got {type(state_dict).__name__}."
+            )
         if not state_dict:
             return
         if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"QuantizationAwareTraining state version {state_dict.get('version')!r} is not supported.")
-        self.shifts = {k: (int(w), None if a is None else int(a)) for k, (w, a) in state_dict.get("shifts", {}).items()}
-        self._scales_group = bool(state_dict.get("scales_group", False))
+            raise ValueError(
+                f"QuantizationAwareTraining state version {repr(state_dict.get('version'))[:40]} is not supported."
+            )
+        shifts, group = state_dict.get("shifts", {}), state_dict.get("scales_group", False)
+        good = isinstance(shifts, dict) and all(
+            isinstance(name, str)
+            and isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and is_integer(pair[0])
+            and (pair[1] is None or is_integer(pair[1]))
+            for name, pair in shifts.items()
+        )
+        if not good or not isinstance(group, bool):  # a trial: bool("no") is True, and the optimizer restore failed
+            raise ValueError(
+                f"The checkpoint's QuantizationAwareTraining state has shifts={str(shifts)[:80]}, "
+                f"scales_group={repr(group)[:20]}: not what it saves ({{layer: [weight shift, input shift or None]}}, "
+                "a bool); the checkpoint is damaged."
+            )
+        self.shifts = {k: (int(w), None if a is None else int(a)) for k, (w, a) in shifts.items()}
+        self._scales_group = group
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_compress import IterativePruning, QuantizationAwareTraining, sparsity
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, sparsity
 from lightning_compress.core.qat import quantizers
 from tests.conftest import TinyModule, trainer
 
@@ -443,11 +443,37 @@ def test_strategies_that_train_in_spawned_processes_are_refused_by_qat_and_said_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match="masks and decisions stay in the workers"):
         IterativePruning(0.5).setup(spawning, model, "fit")
-    from lightning_compress import CompressionMonitor
-
     with pytest.warns(UserWarning, match="its `summary` and `history` stay in the workers"):
         CompressionMonitor("val_acc").setup(spawning, model, "fit")
     plain = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, max_epochs=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         IterativePruning(0.5).setup(plain, TinyModule(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("make", "state", "error", "match"),
+    [
+        (lambda: IterativePruning(0.5), "junk", TypeError, "IterativePruning's checkpoint state must be a dict"),
+        (lambda: IterativePruning(0.5), {"steps": 1, "validation": "junk"}, ValueError, "has validation='?junk"),
+        (
+            lambda: IterativePruning(0.5),
+            {"steps": 1, "validation": {"global_step": 3}},
+            ValueError,
+            "not the record of a validation",
+        ),
+        (lambda: QuantizationAwareTraining(), "junk", TypeError, "QuantizationAwareTraining's checkpoint state"),
+        (lambda: QuantizationAwareTraining(), {"version": 1, "shifts": ["x"]}, ValueError, r"has shifts=\['x'\]"),
+        (lambda: QuantizationAwareTraining(), {"version": 1, "shifts": {"a": ["x", 1]}}, ValueError, "damaged"),
+        (lambda: QuantizationAwareTraining(), {"version": 1, "scales_group": "no"}, ValueError, "scales_group='no'"),
+        (lambda: CompressionMonitor("val_acc"), [1], TypeError, "CompressionMonitor's checkpoint state must be"),
+        (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "baseline": "x"}, ValueError, "baseline='x'"),
+        (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "history": [{"a": 1.0}]}, ValueError, "points"),
+        (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "history": 3}, ValueError, "history=3"),
+    ],
+)
+def test_damaged_callback_states_are_refused_at_restore_naming_the_entry(make, state, error, match):
+    """A trial (AF): damaged states raised raw AttributeError/TypeError/KeyError, or loaded and failed after all
+    training (a string baseline: "Unknown format code 'f'" at the end of fit); `bool("no")` made scales_group True."""
+    with pytest.raises(error, match=match):
+        make().load_state_dict(state)
