@@ -67,7 +67,15 @@ def load_qat_checkpoint(
         )
     for config, layers in saved:  # every QuantizationAwareTraining callback's layers (disjoint), with its settings
         convert_to_qat(model, config, include=layers)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    state = checkpoint.get("state_dict")
+    missing = sorted(set(model.state_dict()) - set(state if isinstance(state, dict) else {}))
+    if missing:  # a quantizer keeps its fresh state for a missing entry: the model would compute in float
+        raise ValueError(
+            f"{checkpoint_path} lacks {len(missing)} entries of the quantized model ({missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}): its quantizers' state is incomplete, so the model would not "
+            "compute what the quantized one did."
+        )
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -75,8 +83,21 @@ def saved_quantization(checkpoint: dict[str, Any]) -> list[tuple[QuantConfig, li
     """``(settings, layer names)`` of every ``QuantizationAwareTraining`` callback whose state a Lightning checkpoint
     holds (layers converted by then only)."""
     callbacks = checkpoint.get("callbacks", {}) if isinstance(checkpoint, dict) else {}
-    return [
-        (QuantConfig(**state["config"]), list(state["layers"]))
-        for key, state in (callbacks.items() if isinstance(callbacks, dict) else [])
-        if str(key).startswith("QuantizationAwareTraining") and isinstance(state, dict) and state.get("layers")
-    ]
+    found = []
+    for key, state in callbacks.items() if isinstance(callbacks, dict) else []:
+        if not (str(key).startswith("QuantizationAwareTraining") and isinstance(state, dict) and state.get("layers")):
+            continue
+        layers, config = state["layers"], state.get("config")
+        if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)):
+            raise ValueError(f"the checkpoint's QuantizationAwareTraining state has layers={str(layers)[:80]}: a list "
+                             "of layer names is saved; the checkpoint is damaged.")  # fmt: skip
+        try:
+            if not isinstance(config, dict):
+                raise TypeError(f"a dict is saved, not {type(config).__name__}")
+            found.append((QuantConfig(**config), list(layers)))
+        except (TypeError, ValueError) as err:  # not a dict, an unknown setting, a value out of range
+            raise ValueError(
+                f"the checkpoint's QuantizationAwareTraining state has settings {str(config)[:120]} that are not "
+                f"a QuantConfig's ({err}); the checkpoint is damaged."
+            ) from err
+    return found
