@@ -119,7 +119,7 @@ def warn_if_saved_under_another_key(checkpoint: dict[str, Any], callback: Any) -
     saved = [key for key in checkpoint.get("callbacks", {}) if str(key).startswith(name)]
     if saved and callback.state_key not in saved:
         rank_zero_warn(
-            f"{name}: the checkpoint holds the state of {saved[0]}, saved with other arguments than this one's "
-            f"({callback.state_key}), so Lightning does not restore it: this {name} starts afresh. Pass the "
+            f"{name}: the checkpoint holds the state of {str(saved[0])[:300]}, saved with other arguments than this "
+            f"one's ({callback.state_key}), so Lightning does not restore it: this {name} starts afresh. Pass the "
             "arguments of the run being resumed to continue it."
         )

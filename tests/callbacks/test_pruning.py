@@ -1205,3 +1205,12 @@ def test_a_damaged_steps_per_epoch_in_a_checkpoint_is_refused(value):
     pruning = IterativePruning(0.5)
     with pytest.raises(ValueError, match=r"has steps_per_epoch=.*: an int > 0 or None was saved"):
         pruning.load_state_dict({"version": 2, "steps": 3, "steps_per_epoch": value})
+
+
+def test_a_huge_foreign_state_key_is_cut_in_the_warning():
+    """A trial (AF): a hostile checkpoint key of 200,000 characters was printed whole in the warning."""
+    pruning = IterativePruning(0.5)
+    checkpoint = {"callbacks": {"IterativePruning" + "{" * 100_000 + "}" * 100_000: {}}}
+    with pytest.warns(UserWarning, match="starts afresh") as caught:
+        pruning.on_load_checkpoint(None, TinyModule(), checkpoint)
+    assert max(len(str(w.message)) for w in caught) < 1_000
