@@ -331,6 +331,19 @@ class QuantizationAwareTraining(Callback):
                 "resumed (one callback per set of settings it used), or load it for inference with "
                 "`load_qat_checkpoint`."
             )
+        bad = [
+            k[len(prefix) :]
+            for k, v in state_dict.items()
+            if k.endswith("_fake_quant.scale")
+            and isinstance(v, Tensor)
+            and v.is_floating_point()
+            and not bool((torch.isfinite(v) & (v > 0)).all())
+        ]
+        if bad:  # a trial: a NaN scale passed, and the first event blamed the weights and gradients
+            raise ValueError(
+                f"QuantizationAwareTraining: the checkpoint's scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
+                "not all finite and positive: the checkpoint is damaged."
+            )
 
     def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:
         """What the checkpoint the Trainer is loading records of its quantization (``[]``: nothing readable)."""

@@ -868,3 +868,19 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
         with pytest.raises(ValueError, match=match):
             load_qat_checkpoint(TinyModule, damaged(edit, f"bad{i}.ckpt"))
     assert load_qat_checkpoint(TinyModule, tmp_path / "last.ckpt") is not None
+
+
+def test_a_resumed_checkpoint_with_a_scale_that_is_not_finite_and_positive_is_refused(tmp_path):
+    """A trial (AF): a NaN scale loaded, and the first pruning event blamed "the weights and gradients"; a NaN learned
+    scale trained two epochs to NaN weights."""
+    pl.seed_everything(0, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0), checkpoint],
+            enable_checkpointing=True).fit(TinyModule())  # fmt: skip
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state["state_dict"]["net.0.weight_fake_quant.scale"].fill_(float("nan"))
+    torch.save(state, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"scales of \['net.0.weight_fake_quant.scale'\] are not all finite"):
+        trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+            TinyModule(), ckpt_path=str(tmp_path / "bad.ckpt")
+        )
