@@ -11,12 +11,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ..core.checks import is_integer
 from ..core.config import PruningConfig
 from ..core.importance import Importance
 from ..core.selection import Target, select_targets
 from ._validation import weight_averaging
 
-__all__ = ["check_fit", "check_frozen", "check_no_overlap", "key_of_same_selection"]
+__all__ = ["check_fit", "check_frozen", "check_no_overlap", "key_of_same_selection", "saved_steps_per_epoch"]
 
 
 def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str | None, granularity: str) -> None:
@@ -120,3 +121,14 @@ def key_of_same_selection(
 
 def _without_patterns(identity: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in identity.items() if k not in ("include", "exclude")}
+
+
+def saved_steps_per_epoch(state: dict[str, Any]) -> int | None:
+    """The optimizer steps per epoch a saved state's clock counted (``None``: not saved), refused when damaged."""
+    per_epoch = state.get("steps_per_epoch")
+    if per_epoch is not None and not (is_integer(per_epoch) and int(per_epoch) > 0):
+        raise ValueError(
+            f"The checkpoint's IterativePruning state has steps_per_epoch={repr(per_epoch)[:40]}: an int > 0 or "
+            "None was saved; the checkpoint is damaged."
+        )
+    return None if per_epoch is None else int(per_epoch)

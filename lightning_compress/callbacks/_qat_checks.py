@@ -4,14 +4,17 @@ converts anything."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from ..core.checks import is_integer
 from ._validation import weight_averaging
 
-__all__ = ["check_averaging", "check_no_overlap", "check_validation_at"]
+__all__ = ["check_averaging", "check_no_overlap", "check_scales", "check_state", "check_validation_at"]
 
 
 def check_averaging(trainer: pl.Trainer, scale: str) -> None:
@@ -60,4 +63,45 @@ def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, star
             "`shift_search=True` evaluates shifts on the validation batches of epoch "
             f"`start_epoch`={start_epoch}, but no validation runs then (needs a `validation_step`, "
             f"`limit_val_batches` > 0 and `check_val_every_n_epoch` dividing {start_epoch + 1})."
+        )
+
+
+def check_state(state: dict[str, Any], version: int) -> tuple[dict[str, tuple[int, int | None]], bool]:
+    """The shifts and the scales-group flag of a saved callback state, refused when it is not what the callback saves
+    (a trial: `bool("no")` is True, and the optimizer restore failed)."""
+    if state.get("version") != version:
+        raise ValueError(f"QuantizationAwareTraining state version {repr(state.get('version'))[:40]} is not supported.")
+    shifts, group = state.get("shifts", {}), state.get("scales_group", False)
+    good = isinstance(shifts, dict) and all(
+        isinstance(name, str)
+        and isinstance(pair, (list, tuple))
+        and len(pair) == 2
+        and is_integer(pair[0])
+        and (pair[1] is None or is_integer(pair[1]))
+        for name, pair in shifts.items()
+    )
+    if not good or not isinstance(group, bool):
+        raise ValueError(
+            f"The checkpoint's QuantizationAwareTraining state has shifts={str(shifts)[:80]}, "
+            f"scales_group={repr(group)[:20]}: not what it saves ({{layer: [weight shift, input shift or None]}}, "
+            "a bool); the checkpoint is damaged."
+        )
+    return {k: (int(w), None if a is None else int(a)) for k, (w, a) in shifts.items()}, group
+
+
+def check_scales(state_dict: dict[str, Any], prefix: str) -> None:
+    """Every quantizer scale in a state dict about to be loaded is finite and positive (a trial: a NaN scale passed,
+    and the first pruning event blamed the weights and gradients)."""
+    bad = [
+        key[len(prefix) :]
+        for key, value in state_dict.items()
+        if key.endswith("_fake_quant.scale")
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool((torch.isfinite(value) & (value > 0)).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"QuantizationAwareTraining: the checkpoint's scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
+            "not all finite and positive: the checkpoint is damaged."
         )

@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ..core.checks import is_integer
 from ..core.config import PruningConfig
 from ..core.controller import GuardDecision, is_rate, monitor_mode
 from ..core.functional import warn_if_min_density_idle
@@ -35,7 +34,7 @@ from ._export import (
     export_template,
 )
 from ._guard import ValidationMetrics, check_validation_state, read_monitor, short_of_target_note, unjudged_event_note
-from ._pruning_checks import check_fit, check_frozen, check_no_overlap, key_of_same_selection
+from ._pruning_checks import check_fit, check_frozen, check_no_overlap, key_of_same_selection, saved_steps_per_epoch
 from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
@@ -294,13 +293,7 @@ class IterativePruning(Callback):
             return
         check_validation_state(state_dict.get("validation"))
         self._resumed_validation = state_dict.get("validation")
-        per_epoch = state_dict.get("steps_per_epoch")
-        if per_epoch is not None and not (is_integer(per_epoch) and int(per_epoch) > 0):
-            raise ValueError(
-                f"The checkpoint's IterativePruning state has steps_per_epoch={repr(per_epoch)[:40]}: an int > 0 or "
-                "None was saved; the checkpoint is damaged."
-            )
-        self._resumed_steps_per_epoch = None if per_epoch is None else int(per_epoch)
+        self._resumed_steps_per_epoch = saved_steps_per_epoch(state_dict)
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:

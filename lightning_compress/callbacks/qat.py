@@ -14,7 +14,6 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 
 from ..checkpoint import saved_quantization
-from ..core.checks import is_integer
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
@@ -31,7 +30,7 @@ from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
-from ._qat_checks import check_averaging, check_no_overlap, check_validation_at
+from ._qat_checks import check_averaging, check_no_overlap, check_scales, check_state, check_validation_at
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._settings import log_settings
 from ._validation import (
@@ -197,27 +196,8 @@ class QuantizationAwareTraining(Callback):
             )
         if not state_dict:
             return
-        if state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"QuantizationAwareTraining state version {repr(state_dict.get('version'))[:40]} is not supported."
-            )
-        shifts, group = state_dict.get("shifts", {}), state_dict.get("scales_group", False)
-        good = isinstance(shifts, dict) and all(
-            isinstance(name, str)
-            and isinstance(pair, (list, tuple))
-            and len(pair) == 2
-            and is_integer(pair[0])
-            and (pair[1] is None or is_integer(pair[1]))
-            for name, pair in shifts.items()
-        )
-        if not good or not isinstance(group, bool):  # a trial: bool("no") is True, and the optimizer restore failed
-            raise ValueError(
-                f"The checkpoint's QuantizationAwareTraining state has shifts={str(shifts)[:80]}, "
-                f"scales_group={repr(group)[:20]}: not what it saves ({{layer: [weight shift, input shift or None]}}, "
-                "a bool); the checkpoint is damaged."
-            )
-        self.shifts = {k: (int(w), None if a is None else int(a)) for k, (w, a) in shifts.items()}
-        self._scales_group = group
+        shifts, group = check_state(state_dict, _STATE_VERSION)
+        self.shifts, self._scales_group = shifts, group
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -331,19 +311,7 @@ class QuantizationAwareTraining(Callback):
                 "resumed (one callback per set of settings it used), or load it for inference with "
                 "`load_qat_checkpoint`."
             )
-        bad = [
-            k[len(prefix) :]
-            for k, v in state_dict.items()
-            if k.endswith("_fake_quant.scale")
-            and isinstance(v, Tensor)
-            and v.is_floating_point()
-            and not bool((torch.isfinite(v) & (v > 0)).all())
-        ]
-        if bad:  # a trial: a NaN scale passed, and the first event blamed the weights and gradients
-            raise ValueError(
-                f"QuantizationAwareTraining: the checkpoint's scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
-                "not all finite and positive: the checkpoint is damaged."
-            )
+        check_scales(state_dict, prefix)
 
     def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:
         """What the checkpoint the Trainer is loading records of its quantization (``[]``: nothing readable)."""
