@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from .core.checks import check_path
-from .core.qat import QuantConfig, convert_to_qat
+from .core.qat import QuantConfig, check_saved_scales, convert_to_qat
 
 __all__ = ["load_qat_checkpoint", "saved_quantization"]
 
@@ -68,6 +68,8 @@ def load_qat_checkpoint(
     for config, layers in saved:  # every QuantizationAwareTraining callback's layers (disjoint), with its settings
         convert_to_qat(model, config, include=layers)
     state = checkpoint.get("state_dict")
+    if isinstance(state, dict):
+        check_saved_scales(state, "")  # not finite and positive: the checkpoint is damaged
     missing = sorted(set(model.state_dict()) - set(state if isinstance(state, dict) else {}))
     if missing:  # a quantizer keeps its fresh state for a missing entry: the model would compute in float
         raise ValueError(
@@ -87,6 +89,11 @@ def saved_quantization(checkpoint: dict[str, Any]) -> list[tuple[QuantConfig, li
     for key, state in callbacks.items() if isinstance(callbacks, dict) else []:
         if not (str(key).startswith("QuantizationAwareTraining") and isinstance(state, dict) and state.get("layers")):
             continue
+        if state.get("version") != 1:
+            raise ValueError(
+                f"the checkpoint's QuantizationAwareTraining state has version {repr(state.get('version'))[:40]}, "
+                "not 1 (the only one written so far); the checkpoint is damaged or from a newer release."
+            )
         layers, config = state["layers"], state.get("config")
         if not (isinstance(layers, list) and all(isinstance(name, str) for name in layers)):
             raise ValueError(f"the checkpoint's QuantizationAwareTraining state has layers={str(layers)[:80]}: a list "

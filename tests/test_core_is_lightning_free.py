@@ -27,3 +27,11 @@ def test_core_imports_without_lightning_loaded():
         "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning loaded'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_public_module_imports_first_in_a_fresh_interpreter():
+    """Importing a module first must not meet a cycle (`lightning_compress.checkpoint` and the callbacks import each
+    other's names)."""
+    modules = ["lightning_compress.checkpoint", "lightning_compress.callbacks", "lightning_compress.export"]
+    for module in modules:
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)

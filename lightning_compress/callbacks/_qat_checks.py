@@ -7,14 +7,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..core.checks import is_integer
 from ._validation import weight_averaging
 
-__all__ = ["check_averaging", "check_no_overlap", "check_scales", "check_state", "check_validation_at"]
+__all__ = ["check_averaging", "check_no_overlap", "check_state", "check_validation_at"]
 
 
 def check_averaging(trainer: pl.Trainer, scale: str) -> None:
@@ -87,21 +86,3 @@ def check_state(state: dict[str, Any], version: int) -> tuple[dict[str, tuple[in
             "a bool); the checkpoint is damaged."
         )
     return {k: (int(w), None if a is None else int(a)) for k, (w, a) in shifts.items()}, group
-
-
-def check_scales(state_dict: dict[str, Any], prefix: str) -> None:
-    """Every quantizer scale in a state dict about to be loaded is finite and positive (a trial: a NaN scale passed,
-    and the first pruning event blamed the weights and gradients)."""
-    bad = [
-        key[len(prefix) :]
-        for key, value in state_dict.items()
-        if key.endswith("_fake_quant.scale")
-        and isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and not bool((torch.isfinite(value) & (value > 0)).all())
-    ]
-    if bad:
-        raise ValueError(
-            f"QuantizationAwareTraining: the checkpoint's scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
-            "not all finite and positive: the checkpoint is damaged."
-        )

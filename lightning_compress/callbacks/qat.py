@@ -17,6 +17,7 @@ from ..checkpoint import saved_quantization
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
+    check_saved_scales,
     convert_to_float,
     convert_to_qat,
     enable_fake_quant,
@@ -30,7 +31,7 @@ from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
-from ._qat_checks import check_averaging, check_no_overlap, check_scales, check_state, check_validation_at
+from ._qat_checks import check_averaging, check_no_overlap, check_state, check_validation_at
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._settings import log_settings
 from ._validation import (
@@ -311,7 +312,7 @@ class QuantizationAwareTraining(Callback):
                 "resumed (one callback per set of settings it used), or load it for inference with "
                 "`load_qat_checkpoint`."
             )
-        check_scales(state_dict, prefix)
+        check_saved_scales(state_dict, prefix)
 
     def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:
         """What the checkpoint the Trainer is loading records of its quantization (``[]``: nothing readable)."""

@@ -49,6 +49,7 @@ __all__ = [
     "QATLinear",
     "QuantConfig",
     "calibrate",
+    "check_saved_scales",
     "convert_to_float",
     "convert_to_qat",
     "enable_fake_quant",
@@ -456,3 +457,21 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
             stacklevel=2,
         )
     return len(found)
+
+
+def check_saved_scales(state_dict: dict[str, Any], prefix: str) -> None:
+    """Every quantizer scale in a state dict about to be loaded is finite and positive (a trial: a NaN scale passed,
+    and the first pruning event blamed the weights and gradients)."""
+    bad = [
+        key[len(prefix) :]
+        for key, value in state_dict.items()
+        if key.endswith("_fake_quant.scale")
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool((torch.isfinite(value) & (value > 0)).all())
+    ]
+    if bad:
+        raise ValueError(
+            f"the checkpoint's quantizer scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
+            "not all finite and positive: the checkpoint is damaged."
+        )

@@ -863,6 +863,8 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
         (lambda s: s["callbacks"][key].update(layers="net.0"), r"has layers=net.0: a list of layer names"),
         (lambda s: s["callbacks"][key]["config"].update(bogus=1), r"has settings .* that are not a QuantConfig's"),
         (lambda s: s["callbacks"][key].update(config="x"), r"that are not a QuantConfig's \(a dict is saved"),
+        (lambda s: s["callbacks"][key].update(version=7), r"state has version 7, not 1"),
+        (lambda s: s["state_dict"]["net.0.weight_fake_quant.scale"].fill_(float("nan")), "not all finite and positive"),
     ]
     for i, (edit, match) in enumerate(cases):
         with pytest.raises(ValueError, match=match):
