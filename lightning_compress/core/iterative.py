@@ -648,7 +648,7 @@ class IterativePruner:
         state = migrate_state(state)
         guard_keys = None if self.guard is None else self.guard.state_dict()
         shapes = {t.param_name: tuple(t.param.shape) for t in self.targets}
-        statistics = {t.key: tuple(t.param.shape) for t in self.targets if t.is_weight}
+        statistics = {t.key: tuple(t.param.shape) for t in self.targets}  # channels': biases and norms too
         check_state(state, shapes, guard_keys, self.rule.importance, statistics)  # all of it before anything changes
         self._warn_other_target(state)
         self._pruner.load_state_dict(state["pruner"])
