@@ -10,7 +10,7 @@ Parameter objects**, so optimizers keep working and ``weight``/``bias`` keep the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -69,9 +69,25 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _class_cache() -> Callable[[nn.Module], Any]:
+    """``qat_class_of`` asked once per layer in one conversion: for an ``nn.Linear`` subclass it runs the layer."""
+    known: dict[int, Any] = {}
+
+    def class_of(module: nn.Module) -> Any:
+        if id(module) not in known:
+            known[id(module)] = qat_class_of(module)
+        return known[id(module)]
+
+    return class_of
+
+
 def _quantizable_targets(
-    model: nn.Module, include: Sequence[str] | str | None, exclude: Sequence[str] | str | None
+    model: nn.Module,
+    include: Sequence[str] | str | None,
+    exclude: Sequence[str] | str | None,
+    class_of: Callable[[nn.Module], Any] | None = None,
 ) -> list[Target]:
+    class_of = class_of or _class_cache()
     owned_by_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = []
     subclasses: set[str] = set()
@@ -81,7 +97,7 @@ def _quantizable_targets(
         if isinstance(module, QATLayer):
             targets.append(target)
             continue
-        if qat_class_of(module) is None or id(module) in owned_by_mha:
+        if class_of(module) is None or id(module) in owned_by_mha:
             subclass = (
                 "its nn.MultiheadAttention multiplies its weight in its own forward without calling the layer"
                 if id(module) in owned_by_mha
@@ -126,11 +142,16 @@ def _quantizable_targets(
             else ""
         )
         raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
-    _say_tied_partners(model, targets, include)
+    _say_tied_partners(model, targets, include, class_of)
     return targets
 
 
-def _say_tied_partners(model: nn.Module, targets: list[Target], include: Sequence[str] | str | None) -> None:
+def _say_tied_partners(
+    model: nn.Module,
+    targets: list[Target],
+    include: Sequence[str] | str | None,
+    class_of: Callable[[nn.Module], Any],
+) -> None:
     """Layers that share a selected layer's weight (tied Linear layers) are converted once, under the first name:
     a named one is refused, the others are said."""
     chosen = {id(t.param): t.name for t in targets}
@@ -138,7 +159,7 @@ def _say_tied_partners(model: nn.Module, targets: list[Target], include: Sequenc
     partners = {
         name: chosen[id(module.weight)]
         for name, module in model.named_modules()
-        if name not in picked and id(getattr(module, "weight", None)) in chosen and qat_class_of(module) is not None
+        if name not in picked and id(getattr(module, "weight", None)) in chosen and class_of(module) is not None
     }
     if not partners:
         return
@@ -198,7 +219,8 @@ def convert_to_qat(
     check_module(model)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"`config` must be a QuantConfig instance, e.g. QuantConfig(weight_bits=8), got {config!r}.")
-    targets = _quantizable_targets(model, include, exclude)
+    class_of = _class_cache()
+    targets = _quantizable_targets(model, include, exclude, class_of)
     in_fused_block = {
         id(m)
         for block in model.modules()
@@ -239,7 +261,7 @@ def convert_to_qat(
         names.append(target.name)
         if isinstance(module, QATLayer):
             continue
-        new = qat_class_of(module).from_float(module, config)
+        new = class_of(module).from_float(module, config)
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one

@@ -334,6 +334,28 @@ def test_a_linear_subclass_whose_forward_computes_linear_is_quantized():
     torch.testing.assert_close(model(x), expected)
 
 
+class _CountingFalconLinear(_FalconLinear):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+def test_a_linear_subclass_is_run_once_per_conversion():
+    """The review: the check that a subclass computes nn.Linear ran the layer up to three times per conversion (the
+    selection, the tied-weight note, the swap); on a large model each run is a forward of a large layer."""
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    tied = _CountingFalconLinear(4, 4)
+    model = nn.Sequential(tied, nn.ReLU(), _CountingFalconLinear(4, 4), nn.ReLU(), _CountingFalconLinear(4, 4))
+    model[4].weight = tied.weight  # a tied partner: the note asks about it too
+    _CountingFalconLinear.calls = 0
+    with pytest.warns(UserWarning, match="converts one layer per weight"):
+        assert convert_to_qat(model, QuantConfig(8, 8)) == ["0", "2"]
+    assert _CountingFalconLinear.calls == 3  # one check per layer (the partner included)
+
+
 def test_calibrate_observes_in_eval_mode_and_leaves_batchnorm_statistics_alone():
     """calibrate() ran the model in training mode: BatchNorm updated its running statistics (and dropout was on),
     so calibration alone changed the float model's outputs."""
