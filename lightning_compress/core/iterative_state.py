@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .checks import is_integer, is_real
 from .controller import check_guard_state
+from .pruner import check_mask_shapes
 
 __all__ = ["STATE_VERSION", "check_state", "migrate_state"]
 
@@ -55,16 +56,7 @@ def check_state(
             "(`include`/`exclude`)."
         )
     assert isinstance(pruner, Mapping)
-    differ = {
-        name: (tuple(mask.shape), shapes[name])
-        for name, mask in masks.items()
-        if isinstance(mask, Tensor) and tuple(mask.shape) != tuple(shapes[name])
-    }
-    if differ:  # every layer that differs at once: a checkpoint of another width
-        raise ValueError(
-            "the checkpoint's pruning masks do not fit this model: (saved shape, this model's shape) of "
-            f"{dict(list(differ.items())[:5])}{' ...' if len(differ) > 5 else ''}."
-        )
+    check_mask_shapes(dict(masks), {n: tuple(s) for n, s in shapes.items()})
     for name, mask in masks.items():
         _check_tensor(mask, f"the mask of {name!r}", shapes[name], zero_one=True)
     rollback = pruner.get("rollback")

@@ -432,14 +432,7 @@ class Pruner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (whole tensors: each process keeps the parts of its shards)."""
         masks = state.get("masks", {})
-        if not self.matches(masks):
-            saved = {n: tuple(m.shape) for n, m in masks.items()}
-            here = {n: tuple(t.param.shape) for n, t in self._by_name.items()}
-            differ = {n: (shape, here.get(n)) for n, shape in saved.items() if here.get(n) != shape}
-            raise ValueError(
-                "the checkpoint's pruning masks do not fit this model: (saved shape, this model's shape) of "
-                f"{dict(list(differ.items())[:5])}{' ...' if len(differ) > 5 else ''} (None: no such selected weight)."
-            )
+        check_mask_shapes(masks, {n: tuple(t.param.shape) for n, t in self._by_name.items()})
         self.masks = {n: self._part(n, m).to(self._by_name[n].local.dtype).contiguous() for n, m in masks.items()}
         rollback = state.get("rollback")
         self._rollback = (
@@ -452,6 +445,21 @@ class Pruner:
             self.importance.load_state_dict(self._map_weight_tensors(state["importance"], self._part))
             if self.targets:
                 self.importance.to(self.targets[0].local.device)
+
+
+def check_mask_shapes(masks: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse masks that do not fit weights of ``shapes`` (name -> whole shape), naming every layer that differs at
+    once: a checkpoint of another width, or of another selection."""
+    differ = {
+        n: (tuple(m.shape), shapes.get(n))
+        for n, m in masks.items()
+        if isinstance(m, Tensor) and shapes.get(n) != tuple(m.shape)  # what is not a tensor: its check says so
+    }
+    if differ:
+        raise ValueError(
+            "the checkpoint's pruning masks do not fit this model: (saved shape, this model's shape) of "
+            f"{dict(list(differ.items())[:5])}{' ...' if len(differ) > 5 else ''} (None: no such selected weight)."
+        )
 
 
 class _Statistic(Importance):

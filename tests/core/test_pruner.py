@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.importance import MagnitudeImportance
+from lightning_compress.core.iterative import IterativePruner
 from lightning_compress.core.nm import NMRule
 from lightning_compress.core.pruner import Pruner
 from lightning_compress.core.rules import ElementRule
@@ -102,3 +103,25 @@ def test_pruner_refuses_bad_regrow(rule: str | None, regrow: float, match: str):
         mask_rule = NMRule(targets, MagnitudeImportance(), 2, 4)
     with pytest.raises(ValueError, match=match):
         Pruner(mask_rule, regrow=regrow)
+
+
+def test_masks_of_another_width_are_refused_naming_every_layer_that_differs():
+    """One check for the pruner's own restore and the iterative pruner's state check (they had two copies)."""
+    model = _model()
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0))
+    pruner.prune_to(0.5)
+    state = pruner.state_dict()
+    state["masks"] = {n: torch.ones(m.shape[0] + 1, *m.shape[1:]) for n, m in state["masks"].items()}
+    shapes = r"\{'0.weight': \(\(2, 10\), \(1, 10\)\), '1.weight': \(\(2, 10\), \(1, 10\)\)\}"
+    with pytest.raises(
+        ValueError, match=r"masks do not fit this model: \(saved shape, this model's shape\) of " + shapes
+    ):
+        Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0)).load_state_dict(state)
+    iterative = IterativePruner(model, 0.5, total_steps=4, every_n_steps=1)
+    iterative.advance_to(2)
+    saved = iterative.state_dict()
+    saved["pruner"]["masks"] = state["masks"]
+    with pytest.raises(
+        ValueError, match=r"masks do not fit this model: \(saved shape, this model's shape\) of " + shapes
+    ):
+        IterativePruner(model, 0.5, total_steps=4, every_n_steps=1).load_state_dict(saved)
