@@ -161,6 +161,7 @@ class QuantizationAwareTraining(Callback):
         self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
         self._evaluating: pl.Trainer | None = None  # the Trainer whose checkpoint the load hook reads
+        self._resumed_layers: set[str] | None = None  # the quantized layers a resumed fit's weights hold entries for
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
         self._calibrated = False  # `start_epoch` ended in this fit
@@ -198,6 +199,15 @@ class QuantizationAwareTraining(Callback):
         if not state_dict:
             return
         shifts, group = check_state(state_dict, _STATE_VERSION)
+        layers = state_dict.get("layers")
+        missing = sorted(set(layers) - self._resumed_layers) if self._resumed_layers is not None and layers else []
+        if missing:  # Lightning loads the weights before the callbacks' states: their load hook noted what they held
+            raise ValueError(
+                f"QuantizationAwareTraining: the checkpoint's state says it quantized {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, but its weights hold no quantizer entries for them (they were "
+                "removed, or the weights come from another file): the scales it trained are lost. Resume from the "
+                "checkpoint as it was saved, or start a new fit from its weights without `ckpt_path`."
+            )
         self.shifts, self._scales_group = shifts, group
 
     # ------------------------------------------------------------------ setup
@@ -241,6 +251,7 @@ class QuantizationAwareTraining(Callback):
             self._calibrated = False  # `start_epoch` ended in this fit
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
+            self._resumed_layers = None
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._check_resumed_layers)
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -304,6 +315,7 @@ class QuantizationAwareTraining(Callback):
         # them (a trial: the same callback's checkpoint was refused)
         quantized = {id(m) for _, m in qat_modules(module)}
         mine = {name for name, m in module.named_modules(remove_duplicate=False) if id(m) in quantized}
+        self._resumed_layers = saved
         if saved and saved != mine:
             raise ValueError(
                 f"QuantizationAwareTraining: the checkpoint quantizes the layers {sorted(saved)[:5]}"

@@ -437,6 +437,31 @@ def test_resuming_with_qat_on_other_layers_names_the_fix(tmp_path):
     trainer(max_epochs=3, callbacks=[same]).fit(TinyModule(), ckpt_path=tmp_path / "last.ckpt")
 
 
+def test_resuming_a_checkpoint_whose_quantizer_entries_were_removed_is_refused(tmp_path):
+    """Trial AF: a QAT checkpoint with its quantizers' entries removed resumed without a word: the scales it trained
+    were lost and the observers started again. A float checkpoint given QAT on resume still starts it."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    trainer(
+        max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0), ckpt], enable_checkpointing=True
+    ).fit(TinyModule())
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "fake_quant" not in k}
+    torch.save(checkpoint, tmp_path / "stripped.ckpt")
+    match = r"the checkpoint's state says it quantized \['net.0', 'net.2', 'net.4'\], but its weights hold no quantizer"
+    with pytest.raises(ValueError, match=match):
+        trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+            TinyModule(), ckpt_path=tmp_path / "stripped.ckpt"
+        )
+    float_run = ModelCheckpoint(dirpath=tmp_path, filename="float")
+    trainer(max_epochs=1, callbacks=[float_run], enable_checkpointing=True).fit(TinyModule())
+    model = TinyModule()
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+        model, ckpt_path=tmp_path / "float.ckpt"
+    )
+    assert qat_modules(model)
+
+
 def test_evaluating_a_float_model_changes_nothing(tiny):
     before = weights_of(tiny)
     t = trainer(callbacks=[QuantizationAwareTraining()])
