@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from .core.checks import check_path
-from .core.qat import QuantConfig, check_saved_scales, convert_to_qat
+from .core.qat import QuantConfig, check_quantizer_state, check_saved_scales, convert_to_qat
 
 __all__ = ["load_qat_checkpoint", "saved_quantization"]
 
@@ -39,7 +39,8 @@ def load_qat_checkpoint(
 
     Raises:
         TypeError: ``module_class`` is not a LightningModule class, or ``checkpoint_path`` is not a path or file.
-        ValueError: the checkpoint holds no ``QuantizationAwareTraining`` state.
+        ValueError: the checkpoint holds no ``QuantizationAwareTraining`` state, or one that does not fit
+            ``module_class`` or that quantizers could not have saved (a damaged checkpoint).
     """
     if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
         raise TypeError(
@@ -52,33 +53,67 @@ def load_qat_checkpoint(
     tell, seek = getattr(checkpoint_path, "tell", None), getattr(checkpoint_path, "seek", None)
     start = tell() if callable(tell) and callable(seek) else None
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(
+            f"{checkpoint_path} is not a Lightning checkpoint: it has no `state_dict` mapping names to tensors "
+            f"(found {type(state).__name__})."
+        )
     saved = saved_quantization(checkpoint)
     if not saved:
         raise ValueError(
             f"{checkpoint_path} holds no QuantizationAwareTraining state; load it with "
             f"{module_class.__name__}.load_from_checkpoint instead."
         )
+    _check_disjoint(saved, checkpoint_path)
     with warnings.catch_warnings():  # the quantizer entries: loaded strictly just below, once the layers exist
         warnings.filterwarnings("ignore", message=".*Found keys that are not in the model state dict.*")
         if start is not None and callable(seek):  # an open file: read again from where it started
             seek(start)
-        model = module_class.load_from_checkpoint(
-            checkpoint_path, map_location=map_location, strict=False, weights_only=True, **kwargs
-        )
+        try:
+            model = module_class.load_from_checkpoint(
+                checkpoint_path, map_location=map_location, strict=False, weights_only=True, **kwargs
+            )
+        except RuntimeError as err:  # torch's size mismatch: weights of another width
+            said = " ".join(str(err).split())[:300]  # torch's message spans lines
+            raise ValueError(f"{checkpoint_path} does not fit {module_class.__name__}: {said}") from err
     for config, layers in saved:  # every QuantizationAwareTraining callback's layers (disjoint), with its settings
         convert_to_qat(model, config, include=layers)
-    state = checkpoint.get("state_dict")
-    if isinstance(state, dict):
+    try:
         check_saved_scales(state, "")  # not finite and positive: the checkpoint is damaged
-    missing = sorted(set(model.state_dict()) - set(state if isinstance(state, dict) else {}))
+        check_quantizer_state(model, state)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint_path}: {err}") from err
+    missing = sorted(set(model.state_dict()) - set(state))
     if missing:  # a quantizer keeps its fresh state for a missing entry: the model would compute in float
         raise ValueError(
             f"{checkpoint_path} lacks {len(missing)} entries of the quantized model ({missing[:3]}"
             f"{' ...' if len(missing) > 3 else ''}): its quantizers' state is incomplete, so the model would not "
             "compute what the quantized one did."
         )
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(
+            f"{checkpoint_path} holds {len(unexpected)} entries {module_class.__name__} does not have "
+            f"({[k[:60] for k in unexpected[:3]]}{' ...' if len(unexpected) > 3 else ''}): a checkpoint of another "
+            "model, or a damaged one."
+        )
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _check_disjoint(saved: list[tuple[QuantConfig, list[str]]], path: Any) -> None:
+    """Each layer is quantized by one callback: two states that name the same layer contradict each other (a trial:
+    the second, 4-bit, state was dropped without a word)."""
+    seen: dict[str, QuantConfig] = {}
+    for config, layers in saved:
+        for name in layers:
+            if name in seen:
+                raise ValueError(
+                    f"{path} holds two QuantizationAwareTraining states that both quantize {name!r} ({seen[name]} "
+                    f"and {config}): the checkpoint is damaged."
+                )
+            seen[name] = config
 
 
 def saved_quantization(checkpoint: dict[str, Any]) -> list[tuple[QuantConfig, list[str]]]:

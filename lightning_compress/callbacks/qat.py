@@ -17,6 +17,7 @@ from ..checkpoint import saved_quantization
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
+    check_quantizer_state,
     check_saved_scales,
     convert_to_float,
     convert_to_qat,
@@ -325,6 +326,7 @@ class QuantizationAwareTraining(Callback):
                 "`load_qat_checkpoint`."
             )
         check_saved_scales(state_dict, prefix)
+        check_quantizer_state(module, state_dict, prefix)
 
     def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:
         """What the checkpoint the Trainer is loading records of its quantization (``[]``: nothing readable)."""

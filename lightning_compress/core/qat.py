@@ -49,6 +49,7 @@ __all__ = [
     "QATLinear",
     "QuantConfig",
     "calibrate",
+    "check_quantizer_state",
     "check_saved_scales",
     "convert_to_float",
     "convert_to_qat",
@@ -489,11 +490,40 @@ def check_saved_scales(state_dict: dict[str, Any], prefix: str) -> None:
         for key, value in state_dict.items()
         if key.endswith("_fake_quant.scale")
         and isinstance(value, torch.Tensor)
-        and value.is_floating_point()
-        and not bool((torch.isfinite(value) & (value > 0)).all())
+        and (not value.is_floating_point() or not bool((torch.isfinite(value) & (value > 0)).all()))
     ]
     if bad:
         raise ValueError(
             f"the checkpoint's quantizer scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
-            "not all finite and positive: the checkpoint is damaged."
+            "not all finite and positive floats: the checkpoint is damaged."
         )
+
+
+def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
+    """The entries of ``model``'s quantizers in a state dict about to be loaded hold what a quantizer can: integer
+    zero points inside its range, integer flags it knows, observed ranges that are numbers (a trial: a compressed
+    file refused a zero point of 10^6, NaN ranges and unknown flags, which a checkpoint loaded and which then moved
+    the outputs by up to 1.7).
+
+    Raises:
+        ValueError: naming the first entry that a quantizer could not have saved.
+    """
+    for name, quantizer in quantizers(model):
+        key = f"{prefix}{name}."
+        low, high = quantizer.qrange
+        for entry in ("zero_point", "shift", "state"):
+            value = state_dict.get(key + entry)
+            if isinstance(value, Tensor) and (
+                value.is_floating_point() or value.is_complex() or value.dtype is torch.bool
+            ):
+                raise ValueError(f"{name}.{entry}: a {value.dtype} tensor; a quantizer saves integers there.")
+        zero_point = state_dict.get(key + "zero_point")
+        if isinstance(zero_point, Tensor) and bool((zero_point < low).any() or (zero_point > high).any()):
+            raise ValueError(f"{name}.zero_point: zero points outside the quantizer's range {low}..{high}.")
+        for bound in ("min_val", "max_val"):
+            value = state_dict.get(key + bound)
+            if isinstance(value, Tensor) and (not value.is_floating_point() or bool(torch.isnan(value).any())):
+                raise ValueError(f"{name}.{bound}: an observed range that is not a number (NaN or not floating point).")
+        flags = state_dict.get(key + "state")
+        if isinstance(flags, Tensor) and bool(((flags.long() & ~quantizer.KNOWN_FLAGS) != 0).any() | (flags < 0).any()):
+            raise ValueError(f"{name}.state: flags a quantizer does not have ({flags.flatten()[:4].tolist()}).")

@@ -17,7 +17,7 @@ from ..core.packing import (
     unpack_bits,
     unpack_codes,
 )
-from ..core.qat import QuantConfig, convert_to_qat, qat_modules, quantizers
+from ..core.qat import QuantConfig, check_quantizer_state, convert_to_qat, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.selection import state_root
 from ..core.shrink import set_head_record, shrink_like
@@ -178,20 +178,11 @@ def _block_scales(scale: Tensor, shape: tuple[int, ...], axis: int | None, first
 def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Zero points a saved model can have: in the integer range of their quantizer (a forged one loaded, shifted
     every value it touches and broke `export_onnx`); observed ranges that are numbers (a NaN range loaded, and the
-    next `calibrate` blamed the user's finite data)."""
-    for name, quantizer in quantizers(model):
-        zero_point = tensors.get(f"{name}.zero_point")
-        low, high = quantizer.qrange
-        if zero_point is not None and bool((zero_point < low).any() or (zero_point > high).any()):
-            raise CompressedFileError(f"{name}.zero_point: zero points outside the quantizer's range {low}..{high}.")
-        for bound in ("min_val", "max_val"):
-            value = tensors.get(f"{name}.{bound}")
-            if value is not None and value.is_floating_point() and bool(torch.isnan(value).any()):
-                raise CompressedFileError(f"{name}.{bound}: an observed range that is not a number (NaN).")
-        flags = tensors.get(f"{name}.state")
-        known = quantizer.KNOWN_FLAGS
-        if flags is not None and bool(((flags.long() & ~known) != 0).any() | (flags < 0).any()):
-            raise CompressedFileError(f"{name}.state: flags a quantizer does not have ({flags.tolist()}).")
+    next `calibrate` blamed the user's finite data); flags a quantizer has."""
+    try:
+        check_quantizer_state(model, tensors)
+    except ValueError as err:
+        raise CompressedFileError(str(err)) from err
 
 
 def _check_scale(name: str, scale: Tensor) -> None:

@@ -890,6 +890,45 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
         (lambda s: s["callbacks"][key].update(config="x"), r"that are not a QuantConfig's \(a dict is saved"),
         (lambda s: s["callbacks"][key].update(version=7), r"state has version 7, not 1"),
         (lambda s: s["state_dict"]["net.0.weight_fake_quant.scale"].fill_(float("nan")), "not all finite and positive"),
+        # trial AL: these loaded, and moved the outputs by up to 1.7
+        (
+            lambda s: s["state_dict"]["net.0.input_fake_quant.zero_point"].fill_(10**6),
+            r"net.0.input_fake_quant.zero_point: zero points outside the quantizer's range 0..255",
+        ),
+        (
+            lambda s: s["state_dict"]["net.0.input_fake_quant.state"].fill_(-7),
+            r"net.0.input_fake_quant.state: flags a quantizer does not have \(\[-7\]\)",
+        ),
+        (
+            lambda s: s["state_dict"]["net.0.input_fake_quant.min_val"].fill_(float("nan")),
+            r"min_val: an observed range that is not a number \(NaN or not floating point\)",
+        ),
+        (
+            lambda s: s["state_dict"].update({"net.0.weight_fake_quant.scale": torch.ones(8, dtype=torch.int64)}),
+            r"scale'\] are not all finite and positive floats",
+        ),
+        (
+            lambda s: s["callbacks"].update(
+                {key + "x": {**s["callbacks"][key], "config": {**s["callbacks"][key]["config"], "weight_bits": 4}}}
+            ),
+            r"two QuantizationAwareTraining states that both quantize 'net.0'",
+        ),
+        (
+            lambda s: s.pop("state_dict"),
+            r"is not a Lightning checkpoint: it has no `state_dict` mapping names to tensors \(found NoneType\)",
+        ),
+        (
+            lambda s: s.update(state_dict=list(s["state_dict"].values())),
+            r"no `state_dict` mapping names to tensors \(found list\)",
+        ),
+        (
+            lambda s: s["state_dict"].update({"net.__class__": torch.zeros(1)}),
+            r"holds 1 entries TinyModule does not have \(\['net.__class__'\]\)",
+        ),
+        (
+            lambda s: s["state_dict"].update({"net.0.weight": torch.zeros(3, 3)}),
+            r"does not fit TinyModule: .*size mismatch",
+        ),
     ]
     for i, (edit, match) in enumerate(cases):
         with pytest.raises(ValueError, match=match):
@@ -908,6 +947,13 @@ def test_a_resumed_checkpoint_with_a_scale_that_is_not_finite_and_positive_is_re
     state["state_dict"]["net.0.weight_fake_quant.scale"].fill_(float("nan"))
     torch.save(state, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"scales of \['net.0.weight_fake_quant.scale'\] are not all finite"):
+        trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+            TinyModule(), ckpt_path=str(tmp_path / "bad.ckpt")
+        )
+    state["state_dict"]["net.0.weight_fake_quant.scale"].fill_(0.01)
+    state["state_dict"]["net.2.input_fake_quant.zero_point"].fill_(10**6)  # trial AL: loaded, outputs 1.7 off
+    torch.save(state, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"net.2.input_fake_quant.zero_point: zero points outside the quantizer's"):
         trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
             TinyModule(), ckpt_path=str(tmp_path / "bad.ckpt")
         )
