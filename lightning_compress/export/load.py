@@ -144,7 +144,13 @@ def _dequantized(record: TensorRecord, mask: Tensor | None, codes: Tensor, scale
         block = out[first * row : last * row]
         kept = None if mask is None else mask[first * row : last * row]
         count = block.numel() if kept is None else int(kept.sum())
-        values = _unpacked(codes, record.bits, used, count).to(torch.int32).sub_(zero_point).float()  # (q - zp) * s
+        unpacked = _unpacked(codes, record.bits, used, count)
+        if count and (int(unpacked.min()) < record.qmin or int(unpacked.max()) > record.qmax):
+            raise CompressedFileError(
+                f"{record.name}: codes outside its integer range {record.qmin}..{record.qmax} "
+                f"({int(unpacked.min())}..{int(unpacked.max())} in rows {first}..{last - 1})."
+            )
+        values = unpacked.to(torch.int32).sub_(zero_point).float()  # (q - zp) * s
         used += count
         scales = _block_scales(scale, record.shape, record.axis, first, last)
         values.mul_(scales if kept is None else scales[kept])

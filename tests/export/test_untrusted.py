@@ -150,6 +150,13 @@ def forged(tmp_path: Path, manifest, body: bytes) -> Path:
         ),
         (lambda m: m["qat_layers"].update(bn={"weight_bits": 8}), "'bn', which is not a Linear/Conv"),
         (lambda m: m["qat_layers"]["fc1"].update(weight_bits=64), "bad quantization settings for 'fc1'"),
+        (  # trial AL: settings and range said 6 bits, and the 8-bit codes loaded off the layer's grid
+            lambda m: (
+                m["qat_layers"]["fc1"].update(weight_bits=6),
+                record(m, "fc1.weight").update(bits=6, qmin=-32, qmax=31),
+            ),
+            r"fc1.weight: codes outside its integer range -32..31 \(-\d+..\d+ in rows 0..",
+        ),
         (lambda m: m["qat_layers"]["fc1"].update(evil=1), "bad quantization settings for 'fc1'"),
     ],
 )
