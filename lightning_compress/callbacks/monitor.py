@@ -17,6 +17,7 @@ from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full
 from ..core.summary import ModelSize, estimate_size
+from ._guard import LoggedNames, stale_note
 from ._validation import runs_in_spawned_processes
 
 __all__ = ["CompressionMonitor"]
@@ -69,6 +70,7 @@ class CompressionMonitor(Callback):
         self._warned_matplotlib = False
         self._said_no_baseline = False
         self._validated: tuple[ModelSize, bool] | None = None  # the model a validation scores, at its start
+        self._logged = LoggedNames()  # which names that validation logged itself
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -123,15 +125,20 @@ class CompressionMonitor(Callback):
             return
         size = estimate_size(pl_module)
         self._validated = size, _compressed(pl_module, size)
+        self._logged.start(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        if self._validated is None:
+        started = self._validated is not None
+        if not started:
             self.on_validation_start(trainer, pl_module)
         assert self._validated is not None
         (size, compressed), self._validated = self._validated, None
         value = self._monitored(trainer)
+        if value is not None and started and not self._logged.logged(trainer, self.monitor or ""):
+            rank_zero_warn(stale_note("CompressionMonitor", trainer, self.monitor or "", "its point has no value"))
+            value = None
         if value is not None and not compressed:
             self.baseline = value
         point = {

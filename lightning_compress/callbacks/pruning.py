@@ -33,7 +33,14 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
-from ._guard import ValidationMetrics, check_validation_state, read_monitor, short_of_target_note, unjudged_event_note
+from ._guard import (
+    ValidationMetrics,
+    check_validation_state,
+    read_monitor,
+    short_of_target_note,
+    stale_note,
+    unjudged_event_note,
+)
 from ._pruning_checks import check_fit, check_frozen, check_no_overlap, key_of_same_selection, saved_steps_per_epoch
 from ._settings import log_settings
 from ._validation import (
@@ -581,6 +588,10 @@ class IterativePruning(Callback):
             return
         reshard(pl_module)  # a rollback writes the shards
         value = read_monitor(trainer, self.monitor or "")
+        if not self._metrics.logged.logged(trainer, self.monitor or ""):
+            rank_zero_warn(stale_note("IterativePruning", trainer, self.monitor or "", "it judges nothing: the last "
+                                      "pruning event waits for a validation that logs it"))  # fmt: skip
+            return
         if not self._finite_baseline(value):
             return
         measured = self._metrics.measured(trainer)

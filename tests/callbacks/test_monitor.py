@@ -344,3 +344,24 @@ def test_the_summary_gives_the_score_of_the_model_fit_returns_after_a_rollback(m
     assert [d.action for d in pruning.decisions][-1] in ("rollback", "stop")
     assert monitor.summary["sparsity"] == 0.0
     assert monitor.summary["final"] == pytest.approx(1.0) == monitor.summary["baseline"]
+
+
+class _LossEveryOtherEpoch(TinyModule):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        if self.current_epoch % 2 == 0:
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+@pytest.mark.parametrize("monitor_first", [True, False])
+def test_a_validation_that_does_not_log_the_monitor_gives_a_point_without_a_value(monitor_first):
+    """Trial AJ: the point of a validation that did not log `monitor` paired the new model with the earlier
+    validation's value (a 99% sparse model with the dense model's score); beside a guard, in either order."""
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_loss")
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2)
+    callbacks = [monitor, pruning] if monitor_first else [pruning, monitor]
+    with pytest.warns(UserWarning, match=r"CompressionMonitor: the validation at epoch 1, .* its point has no value"):
+        trainer(max_epochs=3, callbacks=callbacks).fit(_LossEveryOtherEpoch())
+    assert ["value" in p for p in monitor.history] == [True, False, True]
+    assert monitor.history[1]["sparsity"] > 0.8

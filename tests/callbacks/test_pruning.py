@@ -402,6 +402,27 @@ def test_accuracy_guard_rolls_back_halves_the_step_and_stops():
         assert (model.get_parameter(name)[~mask] == 0).all()
 
 
+class ScoredEveryOtherEpoch(ScoredBySparsity):
+    """Logs its score in even epochs only: Lightning keeps the last logged value in the Trainer's metrics."""
+
+    def validation_step(self, batch, batch_idx):
+        TinyModule.validation_step(self, batch, batch_idx)
+        if self.current_epoch % 2 == 0:
+            self.log("val_score", 1.0 - sparsity(self))
+
+
+def test_a_validation_that_does_not_log_the_monitor_judges_nothing():
+    """Trial AJ: a validation that did not log `monitor` judged the event by the earlier validation's value: a 99%
+    sparse model at 0.087 was accepted with the dense model's 0.93, and fit returned it."""
+    pl.seed_everything(0, verbose=False)
+    model = ScoredEveryOtherEpoch()
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
+    with pytest.warns(UserWarning, match=r"at epoch 1, step \d+ did not log `monitor`='val_score'; .* judges nothing"):
+        trainer(max_epochs=3, callbacks=[pruning]).fit(model)
+    assert [d.action for d in pruning.decisions] == ["baseline", "rollback"]  # epoch 0, then epoch 2's
+    assert sparsity(model) <= 0.3 + 1e-6  # within max_drop of the baseline by the score's own definition
+
+
 class LossBySparsity(TinyModule):
     """Logs ``val_loss`` = sparsity: lower is better, and every pruned fraction costs the same."""
 
