@@ -188,13 +188,17 @@ class Timeline:
     rewind: int | None  # the time of the rewind point
 
 
-def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bool, monitor: str | None) -> Timeline:
+def plan_timeline(
+    trainer: pl.Trainer, window: EpochWindow, default_in_steps: bool, monitor: str | None, baseline_known: bool = False
+) -> Timeline:
     """Map the callback's epochs onto the clock it drives ``IterativePruner`` with.
 
     ``default_in_steps``: with neither ``every_n_*`` set, prune at the core's default cadence in
     optimizer steps (when the data is sized). With ``monitor``, no event may come after the fit's
     last validation (nothing would judge it): the default ``end_epoch`` ends the schedule there,
-    an explicit later one is warned about (its last events are skipped).
+    an explicit later one is warned about (its last events are skipped). ``baseline_known``: the guard has its
+    baseline already (a sanity check over the whole validation set, a resumed checkpoint); otherwise the first
+    validation gives it and judges nothing.
     """
     start_epoch, end_epoch, every_n_steps = window.start_epoch, window.end_for(trainer), window.every_n_steps
     per_epoch = steps_per_epoch(trainer)
@@ -223,7 +227,7 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
     else:
         start, end = start_epoch * per_epoch, end_epoch * per_epoch
         every = every_n_steps  # None: the core's default cadence
-    judged = None if monitor is None else _last_judged(trainer, in_steps)
+    judged = None if monitor is None else _last_judged(trainer, in_steps, baseline_known)
     max_epochs = trained_max_epochs(trainer)
     if judged is None and monitor is not None and not in_steps and max_epochs is not None and max_epochs > 0:
         judged = max_epochs - 1  # unplanned validations (by time): events between epochs run at the next one's start
@@ -232,7 +236,8 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
         if judged <= start:
             raise ValueError(
                 f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (a validation could "
-                f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}), so no event could be "
+                f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}; without a sanity "
+                "check over the whole validation set, the first validation gives the baseline), so no event could be "
                 "judged. Validate more often (and give the fit validation data), train longer, or set "
                 "`monitor=None`." + fast_dev_run_note(trainer)
             )
@@ -250,16 +255,18 @@ def plan_timeline(trainer: pl.Trainer, window: EpochWindow, default_in_steps: bo
     return Timeline(start, end, every, in_steps, judged, rewind)
 
 
-def _last_judged(trainer: pl.Trainer, in_steps: bool) -> int | None:
+def _last_judged(trainer: pl.Trainer, in_steps: bool, baseline_known: bool) -> int | None:
     """The last clock time at which an event can still run and be judged by a validation of this fit (``None``:
     cannot be known).
 
     An event waits for the judgement of the one before it, so the last one runs after the fit's second-to-last
     validation (at the first time after it) and the last validation judges it; a later time would never come
-    (with ``check_val_every_n_epoch=2`` the events at odd epochs wait, and the target was never reached).
+    (with ``check_val_every_n_epoch=2`` the events at odd epochs wait, and the target was never reached). Without a
+    baseline the first event waits for the first validation, so a fit that validates once judges nothing (a trial:
+    it trained to the end and returned the model dense).
     """
     if not in_steps and _per_epoch(trainer) is None:
-        return _last_judged_epoch_unsized(trainer)
+        return _last_judged_epoch_unsized(trainer, baseline_known)
     found = validation_batches(trainer, 2)
     if found is None:  # time-based validation: judged at the end of fit instead
         return None
@@ -269,12 +276,16 @@ def _last_judged(trainer: pl.Trainer, in_steps: bool) -> int | None:
     if not in_steps:  # the event at the start of epoch e (time e) needs a validation during or after epoch e
         epochs = sorted({batch // per_epoch for batch in validation_batches(trainer, 2 * per_epoch) or found})
         last = epochs[-1]
-        return last if len(epochs) < 2 else min(last, epochs[-2] + 1)
+        if len(epochs) < 2:
+            return last if baseline_known else 0
+        return min(last, epochs[-2] + 1)
     last = steps_done_after(found[0], trainer)  # a validation after the batch that made the step, or at it
-    return last if len(found) < 2 else min(last, steps_done_after(found[1] + 1, trainer))
+    if len(found) < 2:
+        return last if baseline_known else 0
+    return min(last, steps_done_after(found[1], trainer) + 1)
 
 
-def _last_judged_epoch_unsized(trainer: pl.Trainer) -> int | None:
+def _last_judged_epoch_unsized(trainer: pl.Trainer, baseline_known: bool) -> int | None:
     """Data without a length, validated in every ``check_val_every_n_epoch``-th epoch (at its end, or every N of its
     batches): the epochs are known when ``max_epochs`` ends the fit. With every N batches an epoch shorter than N
     has no validation; an event it leaves unjudged is rolled back at the end of fit."""
@@ -286,6 +297,6 @@ def _last_judged_epoch_unsized(trainer: pl.Trainer) -> int | None:
     if trainer.val_check_batch is None:  # time-based validation
         return None
     epochs = [e for e in range(max_epochs) if (e + 1) % every == 0]
-    if not epochs:
+    if not epochs or (len(epochs) < 2 and not baseline_known):
         return 0
     return epochs[-1] if len(epochs) < 2 else min(epochs[-1], epochs[-2] + 1)

@@ -429,7 +429,9 @@ class IterativePruning(Callback):
             config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
         )
         check_frozen(core.targets, core.rule.importance, self.config.importance)
-        plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor)
+        guard = core.guard
+        baseline_known = guard is not None and guard.baseline is not None
+        plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
         self._in_steps = plan.in_steps
         self._batches_at_start = trainer.num_training_batches
         core.apply()

@@ -1,6 +1,7 @@
 """The callbacks' reading of when the Trainer validates agrees with what the Trainer does."""
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_compress.callbacks._validation_plan import last_validation_batch, steps_done_after, validation_batches
@@ -77,3 +78,42 @@ def test_a_guard_no_validation_can_act_on_is_refused_before_training():
         trainer(max_epochs=1, callbacks=[pruning]).fit(model)
     after = weights_of(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("accumulate", [1, 3, 4])
+def test_a_guarded_fit_with_gradient_accumulation_runs_the_event_its_last_validation_judges(accumulate):
+    """Trial AJ: with `accumulate_grad_batches` > 1 the event after the second-to-last validation was planned at the
+    step of that validation, where it could not run: a 2-epoch guarded fit ran no event and ended dense."""
+    import torch
+
+    from lightning_compress import IterativePruning, sparsity
+
+    torch.manual_seed(0)
+    model = TinyModule()
+    pruning = IterativePruning(0.9, monitor="val_acc", max_drop=1.0, every_n_steps=1)
+    trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[pruning]).fit(model)
+    assert pruning.pruner.events >= 1
+    assert sparsity(model) == pytest.approx(0.9, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_epochs": 3, "check_val_every_n_epoch": 2}, {"max_epochs": 4, "check_val_every_n_epoch": 3}]
+)
+def test_a_guarded_fit_that_validates_once_is_refused_unless_the_sanity_check_gives_the_baseline(kwargs):
+    """Trial AG: one validation gives the baseline and judges nothing: the fit trained to the end and returned the
+    model dense, said only after training. A sanity check over the whole validation set gives the baseline."""
+    from lightning_compress import IterativePruning, sparsity
+    from tests.conftest import weights_of
+
+    model = TinyModule()
+    before = weights_of(model)
+    pruning = IterativePruning(0.5, monitor="val_acc")
+    with pytest.raises(ValueError, match=r"`monitor`='val_acc': no validation runs after a pruning event .* the first "
+                       r"validation gives the baseline"):  # fmt: skip
+        trainer(callbacks=[pruning], **kwargs).fit(model)
+    assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
+    model = TinyModule()
+    trainer(callbacks=[IterativePruning(0.5, monitor="val_acc", max_drop=1.0)], num_sanity_val_steps=-1, **kwargs).fit(
+        model
+    )
+    assert sparsity(model) > 0.4  # the events one validation can judge ran
