@@ -48,3 +48,18 @@ def test_nan_counts_as_a_drop():
     guard.observe(0.9)
     guard.event_applied(0.0, 0.5)
     assert guard.observe(float("nan")).action == "rollback"
+
+
+def test_a_drop_of_max_drop_in_float32_is_accepted():
+    """Trial AJ: 194/200 then 193/200, logged as float32 (0.9700000286, 0.9649999738), is a drop of 0.0050000548: it
+    was rolled back at `max_drop`=0.005, which the guard tolerates. A drop one sample larger still is not."""
+    import torch
+
+    def logged(correct):
+        return float(torch.tensor(correct / 200, dtype=torch.float32))
+
+    for larger in (False, True):
+        guard = AccuracyGuard(max_drop=0.005)
+        guard.observe(logged(194))
+        guard.event_applied(0.0, 0.5)
+        assert guard.observe(logged(192 if larger else 193)).action == ("rollback" if larger else "accept")
