@@ -72,6 +72,12 @@ class CompressionMonitor(Callback):
         self._validated: tuple[ModelSize, bool] | None = None  # the model a validation scores, at its start
         self._logged = LoggedNames()  # which names that validation logged itself
 
+    @property
+    def state_key(self) -> str:
+        """One per watched metric: two monitors (``val_loss`` and ``val_acc``) in one Trainer (a trial: Lightning
+        refused them as two stateful callbacks of one kind). A checkpoint saved under the class name still loads."""
+        return self._generate_state_key(monitor=self.monitor)
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A new fit starts a new history (a checkpoint's, restored after this, continues its own)."""

@@ -365,3 +365,21 @@ def test_a_validation_that_does_not_log_the_monitor_gives_a_point_without_a_valu
         trainer(max_epochs=3, callbacks=callbacks).fit(_LossEveryOtherEpoch())
     assert ["value" in p for p in monitor.history] == [True, False, True]
     assert monitor.history[1]["sparsity"] > 0.8
+
+
+def test_two_monitors_watch_two_metrics_and_resume_each_its_own(tmp_path):
+    """Trial AJ: two monitors (`val_loss`, `val_acc`) were refused by Lightning as two stateful callbacks of a kind."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    loss, acc = CompressionMonitor(monitor="val_loss"), CompressionMonitor(monitor="val_acc")
+    pruning = IterativePruning(0.5, start_epoch=1, end_epoch=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=2, callbacks=[pruning, loss, acc, ckpt], enable_checkpointing=True).fit(TinyModule())
+    assert loss.baseline != acc.baseline and len(loss.history) == len(acc.history) == 2
+    again = [CompressionMonitor(monitor="val_acc"), CompressionMonitor(monitor="val_loss")]
+    trainer(max_epochs=3, callbacks=[IterativePruning(0.5, start_epoch=1, end_epoch=2), *again]).fit(
+        TinyModule(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert again[0].baseline == acc.baseline and again[1].baseline == loss.baseline
+    assert len(again[0].history) == 3
