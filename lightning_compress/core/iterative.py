@@ -612,6 +612,7 @@ class IterativePruner:
             "pruner": self._pruner.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "importance": type(self.rule.importance).__name__,  # what scored the masks ("auto" resolved)
+            "granularity": str(self.config.granularity),  # what structure the masks have
             "target_sparsity": self.target_sparsity,
             "judged": self._judgement(),
         }
@@ -650,6 +651,13 @@ class IterativePruner:
         shapes = {t.param_name: tuple(t.param.shape) for t in self.targets}
         statistics = {t.key: tuple(t.param.shape) for t in self.targets}  # channels': biases and norms too
         check_state(state, shapes, guard_keys, self.rule.importance, statistics)  # all of it before anything changes
+        saved = state.get("granularity")
+        if saved is not None and saved != str(self.config.granularity):
+            raise ValueError(
+                f"the state was saved by a pruner with granularity={saved!r}, this one has "
+                f"{self.config.granularity!r}: its masks do not have this pruner's structure (a trial: element masks "
+                "loaded into a 2:4 pruner ended off the 2:4 pattern). Build the pruner with the saved granularity."
+            )
         self._warn_other_target(state)
         self._pruner.load_state_dict(state["pruner"])
         scored_by, now = state.get("importance"), type(self.rule.importance).__name__

@@ -546,3 +546,16 @@ def test_a_taylor_state_of_other_shapes_is_refused_before_anything_is_cloned():
         state["pruner"]["importance"] = {"acc": acc}
         with pytest.raises(ValueError, match=match):
             IterativePruner(_model(), 0.9, total_steps=10, importance="taylor").load_state_dict(state)
+
+
+def test_a_state_saved_with_another_granularity_is_refused_before_anything_changes():
+    """Trial AG: element masks loaded into a 2:4 pruner without a word, and the fit ended off the 2:4 pattern (0.518
+    sparse for 0.5)."""
+    saved = IterativePruner(_model(), 0.5, total_steps=10, every_n_steps=1)
+    saved.advance_to(4)
+    model = _model()
+    other = IterativePruner(model, 0.5, total_steps=10, every_n_steps=1, granularity="2:4")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"saved by a pruner with granularity='element', this one has '2:4'"):
+        other.load_state_dict(saved.state_dict())
+    assert other.steps == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
