@@ -169,6 +169,12 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
             f"the fit stopped at {unit} {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
             "`max_time`, `max_steps` or a shorter epoch)"
         )
+    elif core.held_at_floor:
+        held = core.held_at_floor
+        why = (
+            f"the `min_density`={core.config.min_density} floor holds {held[:3]}{' ...' if len(held) > 3 else ''} at "
+            "their fewest weights (at least one per layer); lower `min_density` or `exclude` them to go further"
+        )
     elif guard is not None:
         why = (
             "after the window, each event waits for a validation to judge the one before it, and the fit ended "

@@ -52,8 +52,9 @@ def resolve_min_density(value: object, sparsity: float, scope: str, argument: st
 
     ``argument`` names the sparsity in messages (``"target_sparsity"`` for the callback).
     """
-    if value is None:
-        return round(FLOOR_OF_TARGET_DENSITY * (1.0 - sparsity), 12)
+    if value is None:  # rounded against float noise, yet positive below a target of 1 (1 - 1e-12 emptied layers)
+        floor = FLOOR_OF_TARGET_DENSITY * (1.0 - sparsity)
+        return round(floor, 12) or floor
     min_density = validate_fraction(value, "min_density", upper_inclusive=True)
     if scope == "global" and min_density > 1.0 - sparsity + 1e-9:
         raise ValueError(

@@ -383,6 +383,11 @@ class IterativePruner:
         """The weights survivors go back to after every event (lottery-ticket rewinding), if saved."""
         return self._pruner.rewind_point
 
+    @property
+    def held_at_floor(self) -> list[str]:
+        """The layers the ``min_density`` floor has held back so far (said once each, as they are found)."""
+        return sorted(self._warned_floors)
+
     def reached_target(self) -> bool:
         """Whether as many units are pruned as the target asks for (rounded as the rules round it)."""
         pruned, total = self.units()

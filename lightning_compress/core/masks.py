@@ -65,9 +65,10 @@ def floor_count(min_density: float, n: int) -> int:
     """Fewest units a layer of ``n`` keeps under ``min_density``: ``ceil(min_density * n)``.
 
     Rounded first, so that a density computed in floating point (``0.1 * (1 - 0.95)`` is
-    ``0.005000000000000004``) does not round a whole unit up.
+    ``0.005000000000000004``) does not round a whole unit up; any positive density keeps at least one unit (a
+    trial: ``target_sparsity=1 - 1e-12`` rounded the floor to nothing and emptied every layer, the head included).
     """
-    return math.ceil(round(min_density * n, 6))
+    return max(1 if min_density > 0 and n > 0 else 0, math.ceil(round(min_density * n, 6)))
 
 
 def _keys(chunk: Tensor, magnitude: bool) -> Tensor:

@@ -226,3 +226,13 @@ def test_mask_counts_read_float_masks_through_an_integer_view():
     assert mask_bits(masks["0.weight"]).dtype == torch.int32 and mask_bits(masks["1.weight"]).dtype == torch.int16
     assert kept_count(masks["0.weight"]) == 14 and kept_count(masks["0.weight"].bool()) == 14
     assert pruned_counts(select_targets(model), masks) == {"0.weight": 26, "1.weight": 0}
+
+
+def test_a_target_just_under_one_keeps_a_unit_in_every_layer():
+    """Trial AG: `target_sparsity=1 - 1e-12` made the default floor (0.1 * (1 - target)) round to no unit, and every
+    layer was emptied, the classifier head included."""
+    from lightning_compress import prune_
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    prune_(model, 1 - 1e-12)
+    assert [int((m.weight != 0).sum()) for m in (model[0], model[2])] == [1, 1]
