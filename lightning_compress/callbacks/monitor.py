@@ -62,7 +62,7 @@ class CompressionMonitor(Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        self.mode = monitor_mode(monitor, mode)
+        self.mode = monitor_mode(monitor, mode, "CompressionMonitor")
         self.log_images = log_images
         self.baseline: float | None = None
         self.history: list[dict[str, float]] = []

@@ -8,6 +8,7 @@ epochs) is not part of it: that is the caller's clock.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,14 @@ class PruningConfig:
             set_(self, "schedule", _imported(self.schedule, "schedule"))  # a dotted path, as LightningCLI passes it
         if not callable(self.schedule):
             check_choice(self.schedule, "schedule", SCHEDULES)
+        if self.regrow > 0 and self.schedule == "one_shot":  # a trial: the masks were regrow=0's, at 4 B per weight
+            warnings.warn(
+                f"`regrow`={self.regrow} does nothing with schedule='one_shot': regrowth exchanges weights at the "
+                "events after the first, and a one-shot schedule has one. Use a gradual schedule, or leave `regrow` "
+                "at 0.",
+                UserWarning,
+                stacklevel=3,
+            )
         set_(self, "include", normalize_patterns(self.include, "include"))
         set_(self, "exclude", normalize_patterns(self.exclude, "exclude"))
         set_(self, "min_density", resolve_min_density(self.min_density, target, scope, "target_sparsity"))

@@ -103,17 +103,22 @@ def is_rate(monitor: str) -> bool:
     )
 
 
-def monitor_mode(monitor: str | None, mode: str | None) -> str:
+def monitor_mode(monitor: str | None, mode: str | None, who: str = "IterativePruning") -> str:
     """``mode`` for the metric named ``monitor``: as given, or (``None``) ``"min"`` for a name that says it is
     lower-is-better (:func:`lower_is_better`: ``val_loss``, ``val_nll``, ``val_wer``, ...) and ``"max"`` otherwise.
-    An explicit ``"max"`` for such a name warns: the guard would read every rise of the loss as an improvement."""
+    An explicit ``"max"`` for such a name warns: ``who`` (the guard, or the monitor's drops) would read every rise
+    of the loss as an improvement."""
     if mode is not None:
         check_choice(mode, "mode", ("max", "min"))
         if mode == "max" and monitor is not None and lower_is_better(monitor):
             warnings.warn(
-                f"`monitor`={monitor!r} reads as lower-is-better, but `mode`='max' treats a higher value as better: "
-                "the accuracy guard would accept every rise of it. Pass mode='min' (or leave `mode` unset to infer "
-                "it from the name).",
+                f"{who}: `monitor`={monitor!r} reads as lower-is-better, but `mode`='max' treats a higher value as "
+                + (
+                    "better: the accuracy guard would accept every rise of it."
+                    if who == "IterativePruning"
+                    else "better: every rise of it would be logged as a gain, not a drop."
+                )
+                + " Pass mode='min' (or leave `mode` unset to infer it from the name).",
                 UserWarning,
                 stacklevel=3,
             )

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 from torch import nn
 
-from lightning_compress import IterativePruning, QuantizationAwareTraining, sparsity
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, sparsity
 from lightning_compress.core.controller import monitor_mode
 from tests.conftest import SparsityChanges, StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
@@ -442,8 +442,12 @@ def test_a_loss_monitor_is_read_as_lower_is_better_without_mode():
 
 
 def test_an_explicit_max_mode_for_a_loss_warns():
-    with pytest.warns(UserWarning, match=r"`monitor`='val_loss' reads as lower-is-better, but `mode`='max'"):
+    with pytest.warns(UserWarning, match=r"IterativePruning: `monitor`='val_loss' reads as lower-is-better, but "
+                      r"`mode`='max' .* the accuracy guard would accept every rise"):  # fmt: skip
         IterativePruning(0.9, monitor="val_loss", mode="max")
+    # trial AG: the monitor has no guard; it said the guard's consequence without its name
+    with pytest.warns(UserWarning, match=r"CompressionMonitor: .* every rise of it would be logged as a gain"):
+        CompressionMonitor(monitor="val_loss", mode="max")
     assert monitor_mode("val_ppl", None) == "min" and monitor_mode("val_acc", None) == "max"
     assert monitor_mode(None, None) == "max" and monitor_mode("val_loss", "min") == "min"
 

@@ -559,3 +559,13 @@ def test_a_state_saved_with_another_granularity_is_refused_before_anything_chang
     with pytest.raises(ValueError, match=r"saved by a pruner with granularity='element', this one has '2:4'"):
         other.load_state_dict(saved.state_dict())
     assert other.steps == 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_regrowth_with_a_one_shot_schedule_warns_that_it_does_nothing():
+    """Trial AG: `regrow` with schedule="one_shot" left the masks regrow=0's and still kept gradient sums."""
+    from lightning_compress import IterativePruning
+
+    with pytest.warns(UserWarning, match=r"`regrow`=0.2 does nothing with schedule='one_shot'"):
+        IterativePruning(0.9, schedule="one_shot", regrow=0.2)
+    with pytest.warns(UserWarning, match=r"`regrow`=0.2 does nothing"):
+        IterativePruner(_model(), 0.9, total_steps=4, schedule="one_shot", regrow=0.2)
