@@ -187,6 +187,7 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
         return record
 
     modules = dict(model.named_modules())
+    owner = {id(p): n for n, m in modules.items() for p in m.parameters(recurse=False)}
     hooks = [m.register_forward_hook(hook(n)) for n, m in modules.items() if _linear_like(m)]
     try:
         with torch.enable_grad():
@@ -206,13 +207,22 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
         producers = sorted(walked[0])
         feeding.update(producers)  # left out of channel groups, whether or not the heads can be removed
         per_head = _head_size(modules.get(common_parent(producers), model))
+        owners = {owner.get(id(p)) for p in walked[2]}
+        if len(owners) > 2:  # StableLM's qk_layernorm: a LayerNorm per head, which head removal would have to cut
+            skipped[name] = (
+                f"{len(owners)} norm layers lie between its projections and the attention product (a norm per head, "
+                "as StableLM's qk_layernorm), which head removal does not cut"
+            )
+            continue
         if any(p.dim() != 1 or p.numel() != per_head for p in walked[2]):
             skipped[name] = (
                 "a layer with parameters other than a per-head norm (e.g. a query/key norm over all heads, a "
                 "position bias per head) lies between its projections and the attention product, which head "
                 "removal does not cut"
             )
-            continue  # a norm over one head's features (Qwen3, Gemma3) is the same for every head: no cut needed
+            continue
+        # else a norm over one head's features (Qwen3, Gemma3: one for the queries, one for the keys) is the same for
+        # every head: no cut needed
         found = _block(model, modules, name, producers)
         if isinstance(found, str):
             skipped[name] = found

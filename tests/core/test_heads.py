@@ -397,6 +397,11 @@ def _qk_norm_model(kind: str):
         return _model(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(head_dim=8, **sizes))
     if kind == "olmo2":  # RMSNorm over all heads together
         return _model(transformers.Olmo2ForCausalLM, transformers.Olmo2Config(**sizes))
+    if kind == "stablelm":  # a LayerNorm of its own per head (StableLmLayerNormPerHead)
+        config = transformers.StableLmConfig(
+            qk_layernorm=True, **{k: v for k, v in sizes.items() if k != "pad_token_id"}
+        )
+        return _model(transformers.StableLmForCausalLM, config)
     config = transformers.Gemma3TextConfig(head_dim=8, sliding_window=4, **sizes)
     return _model(transformers.Gemma3ForCausalLM, config)
 
@@ -452,6 +457,22 @@ def test_heads_with_a_query_key_norm_over_all_heads_are_left_whole_with_the_reas
     compact(model, inputs)
     assert model.model.layers[0].mlp.up_proj.out_features == 32
     torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_heads_with_a_norm_of_their_own_per_head_are_left_whole_with_the_reason():
+    """Trial AH: StableLM's `qk_layernorm` holds one LayerNorm per head; at setup they are all 1/0, so they passed for
+    one norm shared by every head, half the heads were pruned through the fit, and compact() could not remove them
+    (nor the norms, when it did): the fit paid for heads the model kept."""
+    model, inputs = _qk_norm_model("stablelm"), {"input_ids": _ids()}
+    blocks, feeding, skipped = find_attention(model, inputs)
+    attention = "model.layers.0.self_attn"
+    assert not blocks and {f"{attention}.{p}_proj" for p in "qkv"} <= feeding
+    assert (
+        "6 norm layers lie between its projections and the attention product (a norm per head"
+        in skipped[f"{attention}.o_proj"]
+    )
+    _within_a_minute(lambda: prune_(model, 0.5, granularity="channel", example_inputs=inputs))
+    assert not bool((model.model.layers[0].self_attn.q_proj.weight == 0).all(1).any())  # heads whole
 
 
 def test_distilbert_keeps_a_true_head_count_after_compaction(tmp_path):
