@@ -191,6 +191,8 @@ def test_a_compacted_file_may_not_grow_a_layer(tmp_path, genuine):
     manifest["compacted"] = True
     record(manifest, "fc2.bias").update(shape=[11])
     refused(forged(tmp_path, manifest, body), r"shape differs: \['fc2.bias'\]")
+    record(manifest, "fc2.bias").update(shape=[0])  # trial AL: a layer of no channels loaded, its forward failed
+    refused(forged(tmp_path, manifest, body), r"shape differs: \['fc2.bias'\]")
 
 
 def test_an_index_stream_that_points_outside_the_tensor(tmp_path, genuine):
@@ -471,3 +473,20 @@ def test_bytes_after_the_end_of_the_compressed_stream_are_refused(tmp_path, genu
     raw = forge.raw_of(manifest, body)
     forge.write(tmp_path / "t.lcz", forge.compress(raw) + extra, len(raw))
     refused(tmp_path / "t.lcz", "bytes follow the end of the compressed stream")
+
+
+def test_quantizer_scales_wider_than_their_layers_dtype_are_refused(tmp_path):
+    """Trial AL: int4 group scales stored as float64 for a float32 model loaded, at 63 MiB of peak memory for a
+    16 MiB model (the README bounds it by twice the model plus 16 MiB). A float64 model's float64 scales load."""
+    config = QuantConfig(4, 8, group_size=8, activation_granularity="per_token")
+    model = compressed_net(0.5, config)
+    with torch.no_grad():
+        model.fc1.weight_fake_quant.scale = model.fc1.weight_fake_quant.scale.double()
+    save_compressed(model, tmp_path / "wide.lcz")
+    refused(tmp_path / "wide.lcz", r"dtype differs: \['fc1.weight_fake_quant.scale'\]")
+    double = compressed_net(0.5, config).double()
+    save_compressed(double, tmp_path / "double.lcz")
+    fresh = Net().double()
+    load_compressed(fresh, tmp_path / "double.lcz")
+    x = inputs().double()
+    torch.testing.assert_close(fresh.eval()(x), double.eval()(x))
