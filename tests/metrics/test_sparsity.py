@@ -48,3 +48,12 @@ def test_refuses_meta_tensors():
         Sparsity().update(torch.empty(3, device="meta"))
     with pytest.raises(ValueError, match=r"`tensor` is on the meta device"):
         zero_fraction(torch.empty(3, device="meta"))
+
+
+def test_the_class_and_its_functional_twin_agree_past_float32_counts():
+    """Trial AJ: on 50M weights with 7 non-zero the class read 8.9 non-zero (float32 counts), the function 6.0."""
+    weights = torch.zeros(50_000_001)
+    weights[:7] = 1.0
+    metric = Sparsity()
+    metric.update(weights)
+    assert metric.compute().item() == zero_fraction(weights).item()
