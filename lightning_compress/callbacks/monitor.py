@@ -78,6 +78,16 @@ class CompressionMonitor(Callback):
         refused them as two stateful callbacks of one kind). A checkpoint saved under the class name still loads."""
         return self._generate_state_key(monitor=self.monitor)
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint written before the state key named the metric keeps the state under the class name: it is
+        read from there (a trial: the baseline and history were dropped without a word)."""
+        states = checkpoint.get("callbacks")
+        legacy = type(self).__qualname__
+        if isinstance(states, dict) and self.state_key not in states and legacy in states:
+            states[self.state_key] = states[legacy]  # its saved monitor is compared with this one's on loading
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A new fit starts a new history (a checkpoint's, restored after this, continues its own)."""

@@ -383,3 +383,25 @@ def test_two_monitors_watch_two_metrics_and_resume_each_its_own(tmp_path):
     )
     assert again[0].baseline == acc.baseline and again[1].baseline == loss.baseline
     assert len(again[0].history) == 3
+
+
+def test_a_checkpoint_saved_under_the_class_name_still_resumes_the_monitor(tmp_path):
+    """Trial AM: checkpoints written before the state key named the metric keep the state under
+    "CompressionMonitor"; Lightning's fallback key is the class itself, so the baseline and history were dropped."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_acc")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=1, end_epoch=2), monitor, ckpt],
+            enable_checkpointing=True).fit(TinyModule())  # fmt: skip
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    saved["callbacks"] = {
+        ("CompressionMonitor" if k == monitor.state_key else k): v for k, v in saved["callbacks"].items()
+    }  # as an older release wrote it
+    torch.save(saved, tmp_path / "old.ckpt")
+    again = CompressionMonitor(monitor="val_acc")
+    trainer(max_epochs=3, callbacks=[IterativePruning(0.5, start_epoch=1, end_epoch=2), again]).fit(
+        TinyModule(), ckpt_path=tmp_path / "old.ckpt"
+    )
+    assert again.baseline == monitor.baseline and len(again.history) == 3
