@@ -113,6 +113,7 @@ class ChannelRule:
         self.sharded = any(is_sharded(t.param) for t in self.targets)
         self._check(self.importance)
         self._short_of_budget = False  # warned that the MACs budget cannot be met
+        self.floored: list[str] = []  # the groups whose floors stopped the MACs budget (when it was said)
 
     # ------------------------------------------------------------------ state of the masks
     def alive(self, masks: dict[str, Tensor]) -> list[Tensor]:
@@ -291,6 +292,11 @@ class ChannelRule:
         if self._short_of_budget or left <= (1.0 - sparsity) + 1e-9:
             return
         self._short_of_budget = True
+        self.floored = [
+            g.name
+            for g, k in zip(self.groups, kept, strict=True)
+            if int(k.sum()) <= max(1, floor_count(self.min_density, g.size))
+        ]
         groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
         warnings.warn(
             f"measure='macs': the schedule asks for {1.0 - sparsity:.1%} of the dense MACs at this event, but the "

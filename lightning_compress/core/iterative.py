@@ -385,8 +385,23 @@ class IterativePruner:
 
     @property
     def held_at_floor(self) -> list[str]:
-        """The layers the ``min_density`` floor has held back so far (said once each, as they are found)."""
-        return sorted(self._warned_floors)
+        """The layers (or channel groups, under a MACs budget) the ``min_density`` floor holds back now."""
+        if self.config.granularity == "channel":
+            return list(getattr(self.rule, "floored", []))
+        return self._floored_layers()
+
+    def _floored_layers(self) -> list[str]:
+        """The layers at their ``min_density`` floor now (global scope, element granularity)."""
+        config = self.config
+        if config.scope != "global" or not config.min_density or config.granularity != "element":
+            return []
+        pruned = self._pruner.pruned_counts()
+        return [
+            target.key  # the layer, or a module's own matrix ("attn.in_proj_weight")
+            for target in self.targets
+            if target.param_name in pruned
+            and target.numel - pruned[target.param_name] <= floor_count(config.min_density, target.numel)
+        ]
 
     def reached_target(self) -> bool:
         """Whether as many units are pruned as the target asks for (rounded as the rules round it)."""
@@ -584,15 +599,7 @@ class IterativePruner:
     def _warn_floors(self, wanted: float) -> None:
         """Say once which layers the ``min_density`` floor holds back, and what to do about it."""
         config = self.config
-        if config.scope != "global" or not config.min_density or config.granularity != "element":
-            return
-        pruned = self._pruner.pruned_counts()
-        held = [
-            target.key  # the layer, or a module's own matrix ("attn.in_proj_weight")
-            for target in self.targets
-            if target.param_name in pruned
-            and target.numel - pruned[target.param_name] <= floor_count(config.min_density, target.numel)
-        ]
+        held = self._floored_layers()
         new = [name for name in held if name not in self._warned_floors]
         if not new:
             return

@@ -1249,6 +1249,6 @@ def test_a_target_the_floors_cannot_reach_says_the_floor_is_why():
     """Trial AG: at 0.999 on 1,664 weights each layer keeps one weight (0.9982), and the note blamed "the last
     events could not run", though every event ran."""
     pl.seed_everything(0, verbose=False)
-    with pytest.warns(UserWarning, match=r"short of `target_sparsity`=0.999: the `min_density`=0.0001 floor holds "
-                      r"\['net.0', 'net.2', 'net.4'\]"):  # fmt: skip
+    with pytest.warns(UserWarning, match=r"short of `target_sparsity`=0.999: the `min_density`=0.0001 floor \(and at "
+                      r"least one unit per layer\) holds \['net.0', 'net.2', 'net.4'\]"):  # fmt: skip
         trainer(max_epochs=2, callbacks=[IterativePruning(0.999, schedule="one_shot")]).fit(TinyModule())
