@@ -228,6 +228,11 @@ def plan_timeline(
         start, end = start_epoch * per_epoch, end_epoch * per_epoch
         every = every_n_steps  # None: the core's default cadence
     judged = None if monitor is None else _last_judged(trainer, in_steps, baseline_known)
+    if judged is not None and baseline_known and _validations_left(trainer, in_steps) == 1:
+        # the baseline is known and one validation is left: it judges the first event, so the schedule ends there
+        # (a trial: events every step waited for judgement after the first, and the fit ended at 0.096 of 0.8)
+        now = trainer.global_step if in_steps else trainer.current_epoch
+        judged = min(judged, max(start, now) + 1)
     max_epochs = trained_max_epochs(trainer)
     if judged is None and monitor is not None and not in_steps and max_epochs is not None and max_epochs > 0:
         judged = max_epochs - 1  # unplanned validations (by time): events between epochs run at the next one's start
@@ -283,6 +288,14 @@ def _last_judged(trainer: pl.Trainer, in_steps: bool, baseline_known: bool) -> i
     if len(found) < 2:
         return last if baseline_known else 0
     return min(last, steps_done_after(found[1], trainer) + 1)
+
+
+def _validations_left(trainer: pl.Trainer, in_steps: bool) -> int | None:
+    """How many validations this fit runs, counted up to two (``None``: cannot be known)."""
+    if not in_steps and _per_epoch(trainer) is None:
+        return None
+    found = validation_batches(trainer, 2)
+    return None if found is None else len(found)
 
 
 def _last_judged_epoch_unsized(trainer: pl.Trainer, baseline_known: bool) -> int | None:
