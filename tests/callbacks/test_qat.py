@@ -889,7 +889,7 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
         (lambda s: s["callbacks"][key]["config"].update(bogus=1), r"has settings .* that are not a QuantConfig's"),
         (lambda s: s["callbacks"][key].update(config="x"), r"that are not a QuantConfig's \(a dict is saved"),
         (lambda s: s["callbacks"][key].update(version=7), r"state has version 7, not 1"),
-        (lambda s: s["state_dict"]["net.0.weight_fake_quant.scale"].fill_(float("nan")), "not all finite and positive"),
+        (lambda s: s["state_dict"]["net.0.weight_fake_quant.scale"].fill_(float("nan")), "not all finite floats"),
         # trial AL: these loaded, and moved the outputs by up to 1.7
         (
             lambda s: s["state_dict"]["net.0.input_fake_quant.zero_point"].fill_(10**6),
@@ -901,11 +901,23 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
         ),
         (
             lambda s: s["state_dict"]["net.0.input_fake_quant.min_val"].fill_(float("nan")),
-            r"min_val: an observed range that is not a number \(NaN or not floating point\)",
+            r"min_val: an observed range that is not a finite number \(NaN, infinite or not floating point\)",
+        ),
+        (  # trial AM: an infinite range loaded, and the resumed fit went NaN without a word
+            lambda s: s["state_dict"]["net.2.input_fake_quant.min_val"].fill_(-float("inf")),
+            r"net.2.input_fake_quant.min_val: an observed range that is not a finite number",
+        ),
+        (
+            lambda s: s["state_dict"]["net.0.weight_fake_quant.scale"].fill_(1e-45),
+            r"net.0.weight_fake_quant.scale: scales that are not positive normal numbers \(at least 1.18e-38",
+        ),
+        (
+            lambda s: s["state_dict"]["net.0.weight_fake_quant.scale"].neg_(),
+            r"net.0.weight_fake_quant.scale: scales that are not positive normal numbers",
         ),
         (
             lambda s: s["state_dict"].update({"net.0.weight_fake_quant.scale": torch.ones(8, dtype=torch.int64)}),
-            r"scale'\] are not all finite and positive floats",
+            r"scale'\] are not all finite floats",
         ),
         (
             lambda s: s["callbacks"].update(
@@ -934,6 +946,24 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
         with pytest.raises(ValueError, match=match):
             load_qat_checkpoint(TinyModule, damaged(edit, f"bad{i}.ckpt"))
     assert load_qat_checkpoint(TinyModule, tmp_path / "last.ckpt") is not None
+
+
+def test_a_learned_scale_that_crossed_zero_loads_and_resumes(tmp_path):
+    """Trial AM: LSQ legitimately drove 14 of 64 weight scales below zero (its quantizer uses |scale|), and both
+    `load_qat_checkpoint` and a resume refused the genuine checkpoint as damaged."""
+    pl.seed_everything(0, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = TinyModule()
+    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(8, 8, scale="learned", start_epoch=0), checkpoint],
+            enable_checkpointing=True).fit(model)  # fmt: skip
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state["state_dict"]["net.0.weight_fake_quant.scale"][:4].neg_()  # as training can leave them
+    torch.save(state, tmp_path / "crossed.ckpt")
+    loaded = load_qat_checkpoint(TinyModule, tmp_path / "crossed.ckpt")
+    assert bool((loaded.net[0].weight_fake_quant.scale < 0).any())
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, scale="learned", start_epoch=0)]).fit(
+        TinyModule(), ckpt_path=tmp_path / "crossed.ckpt"
+    )
 
 
 def test_a_resumed_checkpoint_with_a_scale_that_is_not_finite_and_positive_is_refused(tmp_path):

@@ -393,7 +393,7 @@ def test_an_observed_range_that_is_not_a_number_is_refused(tmp_path):
     with torch.no_grad():
         model.fc1.input_fake_quant.min_val.fill_(float("nan"))
     save_compressed(model, tmp_path / "nan.lcz")
-    refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.min_val: an observed range that is not a number")
+    refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.min_val: an observed range that is not a finite number")
 
 
 @pytest.mark.parametrize("value", [-5, 2_000_000_000])
