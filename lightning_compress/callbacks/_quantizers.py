@@ -15,9 +15,11 @@ from ._validation import StrategyCollectives
 __all__ = ["check_in_optimizers", "update_observers", "warn_about_idle_layers"]
 
 
-def warn_about_idle_layers(pl_module: nn.Module, epoch: int) -> None:
-    """Layers whose quantizers observed nothing while observers were on: their forward never ran in training."""
-    idle = [name for name, layer in qat_modules(pl_module) if not cast(Any, layer).weight_fake_quant.initialized]
+def warn_about_idle_layers(pl_module: nn.Module, epoch: int, layers: list[tuple[str, nn.Module]] | None = None) -> None:
+    """Layers (``layers``: a callback's own; ``None``: every fake-quant layer) whose quantizers observed nothing while
+    observers were on: their forward never ran in training."""
+    layers = qat_modules(pl_module) if layers is None else layers
+    idle = [name for name, layer in layers if not cast(Any, layer).weight_fake_quant.initialized]
     if idle:
         rank_zero_warn(
             f"QuantizationAwareTraining: {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran their forward in epoch "
@@ -26,7 +28,7 @@ def warn_about_idle_layers(pl_module: nn.Module, epoch: int) -> None:
         )
     unseen = [
         name
-        for name, layer in qat_modules(pl_module)
+        for name, layer in layers
         if name not in idle
         and isinstance(q := getattr(layer, "input_fake_quant", None), FakeQuantizer)
         and q.fake_quant_enabled

@@ -288,7 +288,7 @@ class QuantizationAwareTraining(Callback):
                 convert_to_qat(pl_module, config, include=layers)
             self._layers = [name for name, _ in qat_modules(pl_module)]
         self._activation_quantizers = []  # cached: walking the module tree at every step costs on big models
-        for _, quantizer in quantizers(pl_module):
+        for _, quantizer in self._own_quantizers(pl_module):
             quantizer.sync_observers = True
             if quantizer.role == "activation":
                 self._activation_quantizers.append(quantizer)
@@ -373,7 +373,7 @@ class QuantizationAwareTraining(Callback):
                 "stay float. Build them in `__init__` to quantize them."
             )
         if self.config.scale == "learned":  # before Lightning restores a resumed optimizer's state
-            self._learned_params = [cast(nn.Parameter, q.scale) for _, q in quantizers(pl_module)]
+            self._learned_params = [cast(nn.Parameter, q.scale) for _, q in self._own_quantizers(pl_module)]
             if any(is_sharded(p) for p in self._learned_params):
                 raise ValueError(f"QuantizationAwareTraining(scale='learned') {_LEARNED_UNDER_FSDP2}")
             self._scales_group = check_in_optimizers(self._learned_params, trainer.optimizers, self._scales_group)
@@ -394,7 +394,7 @@ class QuantizationAwareTraining(Callback):
                     "they come from the observed ranges."
                 )
             self._switch_on(pl_module)
-        for _, quantizer in quantizers(pl_module):  # Lightning skips the epoch start of a resumed epoch
+        for _, quantizer in self._own_quantizers(pl_module):  # Lightning skips the epoch start of a resumed epoch
             quantizer.train()
         searching = self.shift_search and epoch <= self.start_epoch and not self._active(pl_module)
         if searching and (trainer.val_dataloaders is None or not any(trainer.num_val_batches)):
@@ -418,9 +418,11 @@ class QuantizationAwareTraining(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
-            for _, quantizer in quantizers(pl_module):
+            for _, quantizer in self._own_quantizers(pl_module):
                 quantizer.observer_enabled = True
-        for _, quantizer in quantizers(pl_module):  # they observe while the model trains, even if it was left in
+        for _, quantizer in self._own_quantizers(
+            pl_module
+        ):  # they observe while the model trains, even if it was left in
             quantizer.train()  # eval mode (Lightning keeps a module's mode): they would never calibrate
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             self._switch_on(pl_module)  # after `start_epoch`'s end: its checkpoints hold the model it validated
@@ -452,12 +454,12 @@ class QuantizationAwareTraining(Callback):
                 self._search_shifts(trainer, pl_module)
             self._calibrated = True  # quantization switches on when the next epoch starts, or at the end of fit
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
-            for _, quantizer in quantizers(pl_module):
+            for _, quantizer in self._own_quantizers(pl_module):
                 quantizer.observer_enabled = False
 
     def _switch_on(self, pl_module: pl.LightningModule, *, at_fit_end: bool = False) -> None:
-        enable_fake_quant(pl_module)  # learned scales start training now
-        warn_about_idle_layers(pl_module, self.start_epoch)
+        enable_fake_quant(pl_module, layers=self._layers)  # learned scales start training now
+        warn_about_idle_layers(pl_module, self.start_epoch, self._own_layers(pl_module))
         when = (
             "at the end of fit (`start_epoch` was its last epoch: calibrated, not yet trained or validated quantized)"
             if at_fit_end
@@ -501,8 +503,8 @@ class QuantizationAwareTraining(Callback):
         )
         if not capture:
             return
-        self._captured = {name: [] for name, _ in qat_modules(pl_module)}
-        for name, module in qat_modules(pl_module):
+        self._captured = {name: [] for name, _ in self._own_layers(pl_module)}
+        for name, module in self._own_layers(pl_module):
 
             def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
                 stored = self._captured[name]
@@ -519,7 +521,7 @@ class QuantizationAwareTraining(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._active(pl_module):
             return
-        for name, module in qat_modules(pl_module):
+        for name, module in self._own_layers(pl_module):
             layer = cast(Any, module)
             if not layer.weight_fake_quant.initialized:
                 continue  # its forward never ran: it computes in float (measuring it would give it a scale)
@@ -531,10 +533,21 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _active(self, pl_module: nn.Module) -> bool:
-        return any(q.fake_quant_enabled for _, q in quantizers(pl_module))
+        return any(q.fake_quant_enabled for _, q in self._own_quantizers(pl_module))
+
+    def _own_layers(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+        """This callback's fake-quant layers (another callback's keep their own schedule and settings; a trial: the
+        first to switch on switched on every layer, and learned scales were gathered from both)."""
+        mine = set(self._layers)
+        return [(name, module) for name, module in qat_modules(pl_module) if name in mine]
+
+    def _own_quantizers(self, pl_module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+        return [
+            (f"{n}.{q}", quantizer) for n, module in self._own_layers(pl_module) for q, quantizer in quantizers(module)
+        ]
 
     def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        layers = list(qat_modules(pl_module))
+        layers = self._own_layers(pl_module)
         unreached = [name for name, _ in layers if not self._captured.get(name)]
         if len(unreached) == len(layers):
             raise ValueError(

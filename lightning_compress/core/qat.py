@@ -433,8 +433,11 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     return count
 
 
-def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool | None = None) -> int:
-    """Switch fake quantization on (or off) in every quantizer of ``model``; returns how many.
+def enable_fake_quant(
+    model: nn.Module, enabled: bool = True, *, observe: bool | None = None, layers: Iterable[str] | None = None
+) -> int:
+    """Switch fake quantization on (or off) in every quantizer of ``model`` (or of its fake-quant ``layers``, by
+    name); returns how many.
 
     ``observe``: switch every observer on or off too. ``None`` (default): weight observers follow
     ``enabled`` (a weight's scale then follows the weight as it trains, and is read from it in
@@ -445,7 +448,13 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
     check_module(model)
     check_bool(enabled, "enabled")
     check_bool(observe, "observe", optional=True)
-    found = quantizers(model)
+    chosen = None if layers is None else set(layers)
+    modules = [(n, m) for n, m in qat_modules(model) if chosen is None or n in chosen]
+    found = (
+        quantizers(model)
+        if chosen is None
+        else [(f"{n}.{q}", quantizer) for n, m in modules for q, quantizer in quantizers(m)]
+    )
     if not found:
         raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")
     for _, q in found:
@@ -456,7 +465,7 @@ def enable_fake_quant(model: nn.Module, enabled: bool = True, *, observe: bool |
             q.observer_enabled = enabled
     saturated = [
         name
-        for name, layer in qat_modules(model)
+        for name, layer in modules
         if enabled
         and (grid := cast(Any, layer).bias_grid()) is not None
         and not is_sharded(bias := cast(Any, layer).bias)  # an FSDP2 shard of it is not checked

@@ -987,3 +987,31 @@ def test_a_resumed_checkpoint_with_a_scale_that_is_not_finite_and_positive_is_re
         trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
             TinyModule(), ckpt_path=str(tmp_path / "bad.ckpt")
         )
+
+
+class _Switches(Callback):
+    """Records at each epoch's start which of two layers quantize and observe."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        first, last = pl_module.net[0], pl_module.net[4]
+        self.seen.append(
+            (first.weight_fake_quant.fake_quant_enabled, last.weight_fake_quant.fake_quant_enabled,
+             last.input_fake_quant.observer_enabled)
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("scale", ["minmax", "learned"])
+def test_two_callbacks_keep_their_own_schedules_and_learned_scales(scale):
+    """Trial AM: the callback that switched on first switched on every fake-quant layer (and its observers started
+    the other's); beside a learned-scale callback, a minmax one gathered the learned scales too and the fit failed
+    with torch's "some parameters appear in more than one parameter group"."""
+    pl.seed_everything(0, verbose=False)
+    early = QuantizationAwareTraining(8, 8, start_epoch=0, include=["net.0"])
+    late = QuantizationAwareTraining(8, 8, start_epoch=2, include=["net.4"], scale=scale)
+    switches = _Switches()
+    trainer(max_epochs=4, callbacks=[early, late, switches]).fit(TinyModule())
+    assert switches.seen == [(False, False, False), (True, False, False), (True, False, True), (True, True, True)]
+    assert len(early._learned_params) == 0 and len(late._learned_params) == (2 if scale == "learned" else 0)
