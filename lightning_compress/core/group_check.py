@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
 from .structure import ChannelGroup, param_slices
@@ -188,7 +189,7 @@ def _own_random_state(model: nn.Module) -> Iterator[None]:
 
 
 def _runs_in_training(model: nn.Module, inputs: Any) -> bool:
-    modes = {m: m.training for m in model.modules()}
+    modes = [(m, m.training) for m in model.modules()]
     model.train()
     try:
         with torch.no_grad(), _own_random_state(model):
@@ -197,8 +198,7 @@ def _runs_in_training(model: nn.Module, inputs: Any) -> bool:
     except Exception:
         return False
     finally:
-        for module, training in modes.items():
-            module.training = training
+        restore_training(modes)
 
 
 def _zero(model: nn.Module, group: ChannelGroup, dead: Tensor) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
+from .layers import restore_training
 from .quant import dequantize, quantize
 
 __all__ = ["Int4Weights", "int4_export_mode", "pack_int4_blocks"]
@@ -195,7 +196,6 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
         for _, layer in layers:  # both are no-ops on a layer that did not start them
             layer.end_int4()
             layer.end_export()
-        for module, mode in training:
-            module.training = mode
+        restore_training(training)
         for param, flag in grads:
             param.requires_grad_(flag)

@@ -9,10 +9,11 @@ this package never imports ``transformers`` itself.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["linear_like_types", "registered_names", "transformers_conv1d", "weight_axes"]
+__all__ = ["linear_like_types", "registered_names", "restore_training", "transformers_conv1d", "weight_axes"]
 
 
 def transformers_conv1d() -> type[nn.Module] | None:
@@ -47,3 +48,15 @@ def registered_names(model: nn.Module) -> dict[int, list[str]]:
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), []).append(name)
     return names
+
+
+def restore_training(modes: Iterable[tuple[nn.Module, bool]]) -> None:
+    """Put each module back in its recorded training mode (``modes`` in ``model.modules()`` order). A module whose
+    class overrides ``train`` is put back through it, since the override may do more than set the flag
+    (transformers' LeViT clears its eval-mode attention-bias cache in ``train(True)``; a trial: assigning the flag
+    left the cache of a trace, and the trained model's eval outputs were computed with stale biases, 2.17 off)."""
+    for module, mode in modes:  # parents before children: ``train`` recurses, and each child is set after
+        if type(module).train is not nn.Module.train:
+            module.train(mode)
+        else:
+            module.training = mode

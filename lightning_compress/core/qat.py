@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import qat_layers
 from .checks import check_bool, check_module
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
-from .layers import registered_names
+from .layers import registered_names, restore_training
 from .qat_layers import (
     QAT_CLASSES,
     QATConv1d,
@@ -335,8 +335,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.end_export()
-        for module, mode in training:
-            module.training = mode
+        restore_training(training)
         for param, flag in grads:
             param.requires_grad_(flag)
 
@@ -426,8 +425,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
         for q, observing, enabled in flags:
             q.observer_enabled = observing
             q.fake_quant_enabled = enabled
-        for module, mode in training:
-            module.training = mode
+        restore_training(training)
     if count == 0:
         raise ValueError("`batches` was empty: calibration needs at least one batch.")
     return count

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layers import restore_training
 from .qat import quantizers
 
 __all__ = [
@@ -55,13 +56,12 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Every module in eval mode; each module's own training flag restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        for m, training in modes.items():
-            m.training = training
+        restore_training(modes)
 
 
 @contextlib.contextmanager

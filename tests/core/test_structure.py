@@ -654,3 +654,40 @@ def test_a_depthwise_convolution_loses_its_filters_with_its_channels_under_the_m
     assert model.dw.weight.shape[0] == 12 - dead.numel() and report.params_after < report.params_before
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class _BiasCache(nn.Module):
+    """Like transformers' LeViT attention: an eval-mode cache its own `train(True)` clears."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return self.linear(x)
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.linear.bias.detach().clone()
+        return x @ self.linear.weight.T + self.cache["bias"]
+
+
+def test_tracing_puts_modes_back_through_their_own_train():
+    """Trial AN: the trace's eval mode was undone by assigning `training`, skipping LeViT's `train(True)`, which clears
+    its eval-mode cache: after training, the model's eval outputs used the trace's stale biases (2.17 off)."""
+    from lightning_compress import compact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), _BiasCache())
+    compact(model, torch.randn(2, 4))  # traces in eval mode, removes nothing
+    assert model.training and model[2].training and model[2].cache == {}
+    with torch.no_grad():
+        model[2].linear.bias.add_(1.0)  # training moves the bias
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model.eval()(x), model[2].linear(model[1](model[0](x))))
