@@ -307,7 +307,10 @@ def compute_masks(
             hi = int(nonzero[-1]) if nonzero.numel() else -1
             cropped = alive_hist[lo : hi + 1].clone()
             n = target.numel
-            cap = max(n - max(floor_count(min_density, n), floor), pruned) if scope == "global" else n
+            if scope == "global":
+                cap = max(n - max(floor_count(min_density, n), floor), pruned)
+            else:  # a layer keeps a weight below a target of 1 (a trial: 0.9999 emptied every layer, the head too)
+                cap = max(n - 1, pruned) if sparsity < 1.0 and n else n
             layers.append(_Layer(target, n, pruned, cap, lo + 1, cropped, cropped.cumsum(0)))
 
         if scope == "layer":

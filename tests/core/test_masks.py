@@ -29,7 +29,7 @@ def reference(scores, alive, sparsity, scope, min_density):
     pruned = {n: int((~alive[n]).sum()) for n in names}
     n_of = {n: scores[n].numel() for n in names}
     if scope == "layer":
-        k_of = {n: max(round(sparsity * n_of[n]), pruned[n]) for n in names}
+        k_of = {n: max(min(round(sparsity * n_of[n]), n_of[n] - 1), pruned[n]) for n in names}  # one kept below 1
         caps = {n: n_of[n] for n in names}
         groups = [[n] for n in names]
     else:
@@ -236,3 +236,7 @@ def test_a_target_just_under_one_keeps_a_unit_in_every_layer():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     prune_(model, 1 - 1e-12)
     assert [int((m.weight != 0).sum()) for m in (model[0], model[2])] == [1, 1]
+    for target in (0.9999, 1 - 1e-12):  # trial AM: the layer scope still emptied every layer
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        prune_(model, target, scope="layer")
+        assert [int((m.weight != 0).sum()) for m in (model[0], model[2])] == [1, 1]
