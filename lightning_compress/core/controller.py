@@ -28,7 +28,12 @@ _LOWER_WORDS = frozenset(
         "nll",
         "kl",
         "kld",
+        "kldiv",
         "divergence",
+        "deviance",  # torchmetrics' TweedieDevianceScore
+        "lpips",
+        "perceptual",  # LearnedPerceptualImagePatchSimilarity, PerceptualPathLength: distances
+        "lost",  # WordInfoLost
         "perplexity",
         "ppl",
         "error",
@@ -69,7 +74,9 @@ _LOWER_WORDS = frozenset(
 )
 _RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
 _SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
-_HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
+_HIGHER_WORDS = frozenset(
+    ["skill", "reduction", "improvement", "gain", "correlation"]
+)  # DistanceCorrelation  # an error's reduction: higher is better
 _NEGATED = frozenset(["neg", "negative"])  # scikit-learn's neg_mean_squared_error: higher is better
 
 
@@ -80,7 +87,9 @@ _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")  # WordE
 def _words(monitor: str) -> list[str]:
     """The words of a metric's name, split at separators and at camel case (torchmetrics' class names are the keys
     of a ``MetricCollection``; a trial: ``val_WordErrorRate`` read as higher-is-better)."""
-    return [w for w in re.split(r"[^a-z0-9]+", _CAMEL.sub("_", monitor).lower()) if w]
+    plain = [w for w in re.split(r"[^a-z0-9]+", monitor.lower()) if w]  # val_KLdiv: "kldiv"
+    camel = [w for w in re.split(r"[^a-z0-9]+", _CAMEL.sub("_", monitor).lower()) if w]
+    return camel + [w for w in plain if w not in camel]
 
 
 def lower_is_better(monitor: str) -> bool:

@@ -461,13 +461,14 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_cross_entropy val_crossentropy val_ce val_huber val_ece val_brier "  # trial X: read as "max"
             # trial AJ: torchmetrics' class names, a MetricCollection's keys
             "val_WordErrorRate val_CharErrorRate val_KLDivergence val_MulticlassHammingDistance val_EditDistance "
-            "val_MeanSquaredError BCEWithLogitsLoss val_CrossEntropy",
+            "val_MeanSquaredError BCEWithLogitsLoss val_CrossEntropy val_KLdiv val_WordInfoLost "
+            "val_TweedieDevianceScore val_LearnedPerceptualImagePatchSimilarity val_PerceptualPathLength",
             "min",
         ),
         (
             "val_acc val_r2 score val_elbo val_error_reduction val_lossless_ratio val_mse_skill neg_mean_squared_error "
             "val_entropy val_cross_entropy_reduction val_precision val_recall val_auroc "
-            "val_MulticlassAccuracy val_F1Score val_BLEUScore mAP val_ExplainedVariance",
+            "val_MulticlassAccuracy val_F1Score val_BLEUScore mAP val_ExplainedVariance val_DistanceCorrelation",
             "max",
         ),
     ],
