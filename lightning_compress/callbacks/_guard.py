@@ -173,8 +173,13 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
         held = core.held_at_floor
         named = f"{held[:3]}{' ...' if len(held) > 3 else ''}"
         why = (
-            f"the channel groups that can be pruned are at their `min_density`={core.config.min_density} floors "
-            f"({named}), and the rest of the MACs are in layers left whole (see the channel groups' log)"
+            f"the channel groups {named} are at their floors (`min_density`={core.config.min_density}, and at least "
+            "one channel)"
+            + (
+                ", and the rest of the MACs are in layers left whole (see the channel groups' log)"
+                if core.config.measure == "macs"
+                else ""
+            )
             if core.config.granularity == "channel"
             else f"the `min_density`={core.config.min_density} floor (and at least one unit per layer) holds {named} "
             "at their fewest units; lower `min_density` (if above one unit) or `exclude` them to go further"

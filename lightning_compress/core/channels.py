@@ -113,7 +113,6 @@ class ChannelRule:
         self.sharded = any(is_sharded(t.param) for t in self.targets)
         self._check(self.importance)
         self._short_of_budget = False  # warned that the MACs budget cannot be met
-        self.floored: list[str] = []  # the groups whose floors stopped the MACs budget (when it was said)
 
     # ------------------------------------------------------------------ state of the masks
     def alive(self, masks: dict[str, Tensor]) -> list[Tensor]:
@@ -131,6 +130,15 @@ class ChannelRule:
                 break  # every part of a channel is masked together: one is enough
             out.append(kept)
         return out
+
+    def at_floor(self, masks: dict[str, Tensor]) -> list[str]:
+        """The groups that keep no more channels than their floor (``min_density``, and at least one) under
+        ``masks`` (a collective when sharded: every process calls it)."""
+        return [
+            group.name
+            for group, kept in zip(self.groups, self.alive(masks), strict=True)
+            if int(kept.sum()) <= max(1, floor_count(self.min_density, group.size))
+        ]
 
     def _alive_sharded(self, masks: dict[str, Tensor]) -> list[Tensor]:
         """:meth:`alive` from this process's shards of the masks: kept entries per channel, summed over processes."""
@@ -292,11 +300,6 @@ class ChannelRule:
         if self._short_of_budget or left <= (1.0 - sparsity) + 1e-9:
             return
         self._short_of_budget = True
-        self.floored = [
-            g.name
-            for g, k in zip(self.groups, kept, strict=True)
-            if int(k.sum()) <= max(1, floor_count(self.min_density, g.size))
-        ]
         groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
         warnings.warn(
             f"measure='macs': the schedule asks for {1.0 - sparsity:.1%} of the dense MACs at this event, but the "

@@ -387,7 +387,7 @@ class IterativePruner:
     def held_at_floor(self) -> list[str]:
         """The layers (or channel groups, under a MACs budget) the ``min_density`` floor holds back now."""
         if self.config.granularity == "channel":
-            return list(getattr(self.rule, "floored", []))
+            return cast(Any, self.rule).at_floor(self._pruner.masks)
         return self._floored_layers()
 
     def _floored_layers(self) -> list[str]:

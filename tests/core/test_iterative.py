@@ -611,7 +611,13 @@ def test_a_macs_budget_the_floors_stop_names_the_groups_held():
         pruner.advance_to(2)
     assert pruner.held_at_floor == ["c3"] and not pruner.reached_target()
     note = short_of_target_note(pruner, None, 0.01)
-    assert (
-        note is not None
-        and "channel groups that can be pruned are at their `min_density`=0.025 floors (['c3'])" in note
+    assert note is not None and "the channel groups ['c3'] are at their floors (`min_density`=0.025, and at" in note
+    assert "the rest of the MACs are in layers left whole" in note
+    # trial AO: channels counted (not MACs) held at one channel per group said "the last events could not run"
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    pruner = IterativePruner(
+        model, 0.99, total_steps=2, every_n_steps=1, granularity="channel", example_inputs=torch.randn(2, 16)
     )
+    pruner.advance_to(2)
+    note = short_of_target_note(pruner, None, 0.01)
+    assert note is not None and "the channel groups ['2', '0'] are at their floors" in note and "MACs" not in note
