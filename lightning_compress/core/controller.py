@@ -30,10 +30,10 @@ _LOWER_WORDS = frozenset(
         "kld",
         "kldiv",
         "divergence",
-        "deviance",  # torchmetrics' TweedieDevianceScore
         "lpips",
-        "perceptual",  # LearnedPerceptualImagePatchSimilarity, PerceptualPathLength: distances
         "lost",  # WordInfoLost
+        "eer",  # equal error rate
+        "disparity",  # ProcrustesDisparity
         "perplexity",
         "ppl",
         "error",
@@ -74,9 +74,20 @@ _LOWER_WORDS = frozenset(
 )
 _RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
 _SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
-_HIGHER_WORDS = frozenset(
-    ["skill", "reduction", "improvement", "gain", "correlation"]
-)  # DistanceCorrelation  # an error's reduction: higher is better
+_HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
+# torchmetrics' class names (a MetricCollection's keys) whose words alone read the wrong way, split at camel case
+_LOWER_PHRASES = (
+    "perceptual_image_patch",  # LearnedPerceptualImagePatchSimilarity (LPIPS): a distance
+    "perceptual_path_length",
+    "tweedie_deviance",
+    "davies_bouldin",
+    "continuous_ranked_probability",
+    "fall_out",
+    "translation_edit_rate",
+    "spectral_distortion",
+)
+_HIGHER_PHRASES = ("distance_correlation", "intersection_over_union")  # DistanceIntersectionOverUnion
+_NOT_NEGATED = ("negative_predictive",)  # NegativePredictiveValue
 _NEGATED = frozenset(["neg", "negative"])  # scikit-learn's neg_mean_squared_error: higher is better
 
 
@@ -100,9 +111,10 @@ def lower_is_better(monitor: str) -> bool:
     words = _words(monitor)
     joined = "_".join(words)
     lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
-    lower = lower or "cross_entropy" in joined
-    lower = lower and not any(w in _HIGHER_WORDS for w in words)
-    return lower != any(w in _NEGATED for w in words)
+    lower = lower or "cross_entropy" in joined or any(phrase in joined for phrase in _LOWER_PHRASES)
+    lower = lower and not any(w in _HIGHER_WORDS for w in words) and not any(p in joined for p in _HIGHER_PHRASES)
+    negated = any(w in _NEGATED for w in words) and not any(phrase in joined for phrase in _NOT_NEGATED)
+    return lower != negated
 
 
 def is_rate(monitor: str) -> bool:

@@ -462,13 +462,17 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             # trial AJ: torchmetrics' class names, a MetricCollection's keys
             "val_WordErrorRate val_CharErrorRate val_KLDivergence val_MulticlassHammingDistance val_EditDistance "
             "val_MeanSquaredError BCEWithLogitsLoss val_CrossEntropy val_KLdiv val_WordInfoLost "
-            "val_TweedieDevianceScore val_LearnedPerceptualImagePatchSimilarity val_PerceptualPathLength",
+            "val_TweedieDevianceScore val_LearnedPerceptualImagePatchSimilarity val_PerceptualPathLength "
+            "val_correlation_loss val_BinaryEER val_RetrievalFallOut val_TranslationEditRate val_ProcrustesDisparity",
             "min",
         ),
         (
             "val_acc val_r2 score val_elbo val_error_reduction val_lossless_ratio val_mse_skill neg_mean_squared_error "
             "val_entropy val_cross_entropy_reduction val_precision val_recall val_auroc "
-            "val_MulticlassAccuracy val_F1Score val_BLEUScore mAP val_ExplainedVariance val_DistanceCorrelation",
+            "val_MulticlassAccuracy val_F1Score val_BLEUScore mAP val_ExplainedVariance val_DistanceCorrelation "
+            # trial AO: read as lower-is-better by a word of another metric's name
+            "val_PerceptualEvaluationSpeechQuality val_explained_deviance val_NegativePredictiveValue "
+            "val_DistanceIntersectionOverUnion",
             "max",
         ),
     ],
