@@ -301,7 +301,10 @@ class QuantizationAwareTraining(Callback):
             return
         saved = self._checkpoint_quantization()
         self._convert(module, saved or None)
-        other = [config for config, _ in saved if config != self.config]
+        trainer = self._evaluating
+        present = {cb.config for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationAwareTraining)}
+        # settings no callback of this Trainer has (a trial: each of two callbacks warned about the other's)
+        other = [config for config, _ in saved if config not in (present or {self.config})]
         if other:
             rank_zero_warn(
                 f"QuantizationAwareTraining: the checkpoint was quantized with {other[0]}, not this callback's "

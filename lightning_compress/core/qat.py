@@ -446,8 +446,19 @@ def enable_fake_quant(
     check_module(model)
     check_bool(enabled, "enabled")
     check_bool(observe, "observe", optional=True)
+    if isinstance(layers, str) or not (layers is None or isinstance(layers, Iterable)):
+        raise TypeError(f"`layers` must be None or an iterable of layer names (a list), got {layers!r}.")
     chosen = None if layers is None else set(layers)
-    modules = [(n, m) for n, m in qat_modules(model) if chosen is None or n in chosen]
+    every = qat_modules(model)
+    unknown = sorted(map(str, chosen - {n for n, _ in every})) if chosen is not None else []
+    if chosen is not None and not chosen:
+        raise ValueError("`layers` is empty: name at least one fake-quant layer, or pass None for all of them.")
+    if unknown:  # a typo or a module that is not a fake-quant layer would be left float without a word
+        raise ValueError(
+            f"`layers` names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}, which are not fake-quant layers of "
+            f"the model (they are {[n for n, _ in every][:5]}{' ...' if len(every) > 5 else ''})."
+        )
+    modules = [(n, m) for n, m in every if chosen is None or n in chosen]
     found = (
         quantizers(model)
         if chosen is None

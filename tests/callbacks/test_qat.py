@@ -398,6 +398,14 @@ def test_evaluating_a_checkpoint_converts_as_it_was_quantized_also_by_two_callba
     x = make_blobs(16, seed=5).tensors[0]
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+    same = [
+        QuantizationAwareTraining(4, 8, include=["net.0"]),
+        QuantizationAwareTraining(8, 8, include=["net.2", "net.4"]),
+    ]
+    with warnings.catch_warnings():  # trial AO: each of the same two callbacks warned about the other's settings
+        warnings.filterwarnings("error", message=".*the checkpoint was quantized with")
+        again = trainer(callbacks=same).validate(TinyModule(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+    assert again[0]["val_loss"] == pytest.approx(recorded, rel=1e-6)
 
 
 def test_an_onnx_export_path_under_64_true_in_any_case_writes_a_float32_graph(tmp_path):

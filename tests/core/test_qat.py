@@ -554,3 +554,23 @@ def test_layers_pruning_selects_but_quantization_cannot_are_said_and_wildcards_s
         assert type(model.up) is nn.ConvTranspose2d
     with pytest.raises(ValueError, match=r"`include` selects 'up' \(ConvTranspose2d\)"):
         convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["up", "down"])
+
+
+def test_enable_fake_quant_of_named_layers_switches_those_only_and_checks_the_names():
+    """Trial AO: `layers=["fc", "haed"]` ignored the typo, a string was read letter by letter, and an empty list was
+    told the model has no fake-quant layer."""
+    from lightning_compress import QuantConfig, convert_to_qat, enable_fake_quant
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    convert_to_qat(model, QuantConfig(8, 8))
+    assert enable_fake_quant(model, layers=["0"]) == 2
+    assert model[0].weight_fake_quant.fake_quant_enabled and not model[2][0].weight_fake_quant.fake_quant_enabled
+    with pytest.raises(
+        ValueError, match=r"`layers` names \['2', 'haed'\], which are not fake-quant layers .*\['0', '2.0'\]"
+    ):
+        enable_fake_quant(model, layers=["0", "haed", "2"])
+    with pytest.raises(TypeError, match=r"`layers` must be None or an iterable of layer names \(a list\), got '0'"):
+        enable_fake_quant(model, layers="0")
+    with pytest.raises(ValueError, match=r"`layers` is empty"):
+        enable_fake_quant(model, layers=[])
+    assert not model[2][0].weight_fake_quant.fake_quant_enabled  # nothing changed by a refused call
