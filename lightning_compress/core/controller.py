@@ -85,6 +85,10 @@ _LOWER_PHRASES = (
     "fall_out",
     "translation_edit_rate",
     "spectral_distortion",
+    "spatial_distortion",
+    "spectral_angle",
+    "total_variation",
+    "image_structure_and_texture",  # DISTS: a distance
 )
 _HIGHER_PHRASES = ("distance_correlation", "intersection_over_union")  # DistanceIntersectionOverUnion
 _NOT_NEGATED = ("negative_predictive",)  # NegativePredictiveValue

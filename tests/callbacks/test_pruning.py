@@ -463,7 +463,9 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_WordErrorRate val_CharErrorRate val_KLDivergence val_MulticlassHammingDistance val_EditDistance "
             "val_MeanSquaredError BCEWithLogitsLoss val_CrossEntropy val_KLdiv val_WordInfoLost "
             "val_TweedieDevianceScore val_LearnedPerceptualImagePatchSimilarity val_PerceptualPathLength "
-            "val_correlation_loss val_BinaryEER val_RetrievalFallOut val_TranslationEditRate val_ProcrustesDisparity",
+            "val_correlation_loss val_BinaryEER val_RetrievalFallOut val_TranslationEditRate val_ProcrustesDisparity "
+            "val_SpatialDistortionIndex val_SpectralAngleMapper val_TotalVariation "
+            "val_DeepImageStructureAndTextureSimilarity",
             "min",
         ),
         (
