@@ -174,14 +174,18 @@ def test_twenty_fits_with_the_same_callbacks_do_not_grow_memory():
         (QuantizationAwareTraining(), r"Use strategy='ddp', a single device or FSDP2 \(ModelParallelStrategy"),
     ],
 )
-def test_fsdp1_is_refused_at_setup_naming_fsdp2(callback, match):
+@pytest.mark.parametrize("kind", ["fsdp1", "deepspeed"])
+def test_fsdp1_is_refused_at_setup_naming_fsdp2(callback, match, kind):
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
     model = TinyModule()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fake_trainer = SimpleNamespace(strategy=FSDPStrategy(), max_epochs=2)  # FSDP1 needs a GPU: setup checks first
+    # FSDP1 needs a GPU and DeepSpeed its package (not installed here): an instance of the class is what setup checks
+    strategy = FSDPStrategy() if kind == "fsdp1" else object.__new__(DeepSpeedStrategy)
+    fake_trainer = SimpleNamespace(strategy=strategy, max_epochs=2)
+    match = match if kind == "fsdp1" else match.replace("FSDPStrategy", "DeepSpeedStrategy")
     with pytest.raises(ValueError, match=match):
         callback.setup(fake_trainer, model, "fit")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -33,7 +33,7 @@ class Probe(Callback):
         self.by_epoch.append(sparsity(pl_module))
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "taylor", "random"])
+@pytest.mark.parametrize("importance", ["auto", "magnitude", "lamp", "taylor", "random"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_reaches_target_and_keeps_state_dict_keys(tiny, importance, scope, tmp_path):
     keys = list(tiny.state_dict())
