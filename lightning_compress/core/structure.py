@@ -32,7 +32,7 @@ from torch.nn.utils.parametrize import is_parametrized
 
 from .heads import AttentionBlock, find_attention
 from .layers import transformers_conv1d, weight_axes
-from .tracing import all_tracked, call_model, eval_mode, output_tensors, plain_float, without_cache
+from .tracing import all_tracked, call_model, comparable_modules, eval_mode, output_tensors, plain_float, without_cache
 
 __all__ = [
     "ChannelGroup",
@@ -171,9 +171,11 @@ def build_channel_groups(
         blocks, feeding, not_heads = find_attention(model, example_inputs)
         raw: list[Any]
         try:
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
-            )
+            with comparable_modules(model):
+                graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
+                )
+                raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
         except (TypeError, IndexError, KeyError, ValueError, RuntimeError, AttributeError) as err:
             # e.g. Longformer: a concatenation whose sizes the tracer cannot read. Heads are found without the
             # graph; every other channel is left whole, with the reason
@@ -182,8 +184,6 @@ def build_channel_groups(
                 type(model).__name__: "the channel dependency graph could not be built (Torch-Pruning: "
                 f"{type(err).__name__}: {str(err)[:120]}), so no channel outside attention heads can be pruned"
             }
-        else:
-            raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
     groups: list[ChannelGroup] = []
     skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}
     skipped.update(untraced)

@@ -65,6 +65,27 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def comparable_modules(model: nn.Module) -> Iterator[None]:
+    """Submodules without parameters whose class overrides ``==`` are set aside (an ``nn.Identity`` in their place)
+    until the block ends: Torch-Pruning finds modules in lists with ``==``, and a torchmetrics ``Metric`` answers
+    ``==`` with a metric, which is always true (a trial: a metric on a GPT-2's LightningModule made every Linear and
+    Conv1D read as ignored, and no MLP neuron was pruned)."""
+    swapped = [
+        (parent, name, child)
+        for parent in list(model.modules())
+        for name, child in list(parent.named_children())
+        if type(child).__eq__ is not nn.Module.__eq__ and next(child.parameters(), None) is None
+    ]
+    for parent, name, _ in swapped:
+        setattr(parent, name, nn.Identity())
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+@contextlib.contextmanager
 def all_tracked(model: nn.Module) -> Iterator[None]:
     """Every floating-point parameter requires grad until the block ends: a graph traced through autograd sees a
     frozen layer too (a trial: a frozen first layer was "never called as a module" and left whole)."""

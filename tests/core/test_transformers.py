@@ -654,3 +654,31 @@ def test_from_pretrained_of_a_quantization_aware_model_says_it_comes_back_float(
     with pytest.warns(UserWarning, match=r"fake quantizers' state .* `from_pretrained` builds float layers"):
         reloaded = from_pretrained(transformers.GPT2LMHeadModel, tmp_path / "qat")
     assert not qat_modules(reloaded)
+
+
+class _WithMetric(torch.nn.Module):
+    """A GPT-2 beside a torchmetrics metric, as a LightningModule holds `self.val_acc`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = gpt2()
+        import torchmetrics
+
+        self.metric = torchmetrics.MeanMetric()
+
+    def forward(self, input_ids):
+        return self.net(input_ids=input_ids).logits
+
+
+def test_a_torchmetrics_metric_beside_gpt2_leaves_its_neurons_prunable():
+    """Trial AQ: a Metric answers `==` with a metric (always true), so Torch-Pruning read every Linear and Conv1D as
+    ignored: no MLP neuron of a GPT-2 was pruned (0 of 256) and the reason blamed F.linear."""
+    from lightning_compress import prune_
+
+    model = _WithMetric().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_(model, 0.5, granularity="channel", example_inputs=tokens())
+    weight = model.net.transformer.h[0].mlp.c_fc.weight
+    assert int((weight.abs().sum(0) == 0).sum()) == weight.shape[1] // 2
+    assert isinstance(model.metric, torch.nn.Module) and type(model.metric).__name__ == "MeanMetric"  # put back
