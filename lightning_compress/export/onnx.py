@@ -129,8 +129,11 @@ def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
     """For ``transformers`` models given ids without their mask: pass the mask (the one a model builds itself uses
     operators the exporter lacks); nothing to add otherwise."""
     if not isinstance(example_inputs, dict):
-        main = getattr(model, "main_input_name", None)  # a transformers PreTrainedModel called with a bare tensor
-        if isinstance(main, str) and main in ("input_ids", "input_features"):
+        # a transformers PreTrainedModel called with a bare tensor, itself or inside the model (a LightningModule
+        # that wraps one: a trial's export_path was told to replace an operator of the model's forward)
+        names = (getattr(m, "main_input_name", None) for m in model.modules())
+        main = next((n for n in names if isinstance(n, str) and n in ("input_ids", "input_features")), None)
+        if main is not None:
             return (
                 f"pass a dict with `{main}` and its mask (`attention_mask`, or `decoder_attention_mask` for an "
                 "encoder-decoder) as `example_inputs` (a `transformers` model builds the missing mask with operators "
