@@ -470,8 +470,11 @@ class QuantizationAwareTraining(Callback):
         )
         rank_zero_info(
             f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
-            f"(weights {self.config.weight_bits} bits, activations {self.config.activation_bits} bits, "
-            f"{self.config.scale}) {when}."
+            f"(weights {self.config.weight_bits} bits"
+            + (f" in groups of {self.config.group_size}" if self.config.group_size else "")
+            + f", activations {self.config.activation_bits} bits"
+            + (" per token" if self.config.activation_granularity == "per_token" else "")
+            + f", {self.config.scale}) {when}."
         )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -1023,3 +1023,14 @@ def test_two_callbacks_keep_their_own_schedules_and_learned_scales(scale):
     trainer(max_epochs=4, callbacks=[early, late, switches]).fit(TinyModule())
     assert switches.seen == [(False, False, False), (True, False, False), (True, False, True), (True, True, True)]
     assert len(early._learned_params) == 0 and len(late._learned_params) == (2 if scale == "learned" else 0)
+
+
+def test_the_switch_on_message_names_groups_and_per_token_activations(caplog):
+    """Trial AQ: 8da4w said "weights 4 bits, activations 8 bits, minmax", which reads as per-tensor 4-bit weights."""
+    import logging
+
+    pl.seed_everything(0, verbose=False)
+    qat = QuantizationAwareTraining(4, 8, group_size=16, activation_granularity="per_token", start_epoch=0)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        trainer(max_epochs=2, callbacks=[qat]).fit(TinyModule())
+    assert "weights 4 bits in groups of 16, activations 8 bits per token, minmax" in caplog.text
