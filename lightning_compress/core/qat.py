@@ -35,6 +35,7 @@ from .qat_layers import (
     quantizable,
 )
 from .quant import BIAS_RANGE
+from .quantizer_state import check_quantizer_state, check_saved_scales
 from .selection import Target, module_tensor_holders, select_targets
 from .sharding import is_sharded
 from .shift_search import search_power_of_two_shifts
@@ -498,64 +499,3 @@ def enable_fake_quant(
             stacklevel=2,
         )
     return len(found)
-
-
-def check_saved_scales(state_dict: dict[str, Any], prefix: str) -> None:
-    """Every quantizer scale in a state dict about to be loaded is finite and positive (a trial: a NaN scale passed,
-    and the first pruning event blamed the weights and gradients)."""
-    bad = [
-        key[len(prefix) :]
-        for key, value in state_dict.items()
-        if key.endswith("_fake_quant.scale")
-        and isinstance(value, torch.Tensor)
-        and (not value.is_floating_point() or not bool(torch.isfinite(value).all()))
-    ]  # a learned scale may cross zero in training (its quantizer uses |scale|): its sign is checked with the model
-    if bad:
-        raise ValueError(
-            f"the checkpoint's quantizer scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
-            "not all finite floats: the checkpoint is damaged."
-        )
-
-
-def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
-    """The entries of ``model``'s quantizers in a state dict about to be loaded hold what a quantizer can: integer
-    zero points inside its range, integer flags it knows, observed ranges that are numbers (a trial: a compressed
-    file refused a zero point of 10^6, NaN ranges and unknown flags, which a checkpoint loaded and which then moved
-    the outputs by up to 1.7).
-
-    Raises:
-        ValueError: naming the first entry that a quantizer could not have saved.
-    """
-    for name, quantizer in quantizers(model):
-        key = f"{prefix}{name}."
-        low, high = quantizer.qrange
-        for entry in ("zero_point", "shift", "state"):
-            value = state_dict.get(key + entry)
-            if isinstance(value, Tensor) and (
-                value.is_floating_point() or value.is_complex() or value.dtype is torch.bool
-            ):
-                raise ValueError(f"{name}.{entry}: a {value.dtype} tensor; a quantizer saves integers there.")
-        scale = state_dict.get(key + "scale")
-        tiny = torch.finfo(torch.float32).tiny  # a quantizer floors the scales it sets there
-        learned = quantizer.mode == "learned"  # a learned scale may cross zero: its quantizer uses |scale|
-        if not learned and isinstance(scale, Tensor) and scale.is_floating_point() and not bool((scale >= tiny).all()):
-            raise ValueError(
-                f"{name}.scale: scales that are not positive normal numbers (at least {tiny:.3g}, the smallest a "
-                "quantizer sets)."
-            )
-        shift = state_dict.get(key + "shift")
-        if isinstance(shift, Tensor) and not shift.is_floating_point() and bool((shift.abs() > 126).any()):
-            raise ValueError(f"{name}.shift: shifts beyond ±126, outside float32's normal scales 2**-126..2**126.")
-        zero_point = state_dict.get(key + "zero_point")
-        if isinstance(zero_point, Tensor) and bool((zero_point < low).any() or (zero_point > high).any()):
-            raise ValueError(f"{name}.zero_point: zero points outside the quantizer's range {low}..{high}.")
-        for bound in ("min_val", "max_val"):
-            value = state_dict.get(key + bound)
-            if isinstance(value, Tensor) and (not value.is_floating_point() or not bool(torch.isfinite(value).all())):
-                raise ValueError(
-                    f"{name}.{bound}: an observed range that is not a finite number (NaN, infinite or not floating "
-                    "point)."
-                )
-        flags = state_dict.get(key + "state")
-        if isinstance(flags, Tensor) and bool(((flags.long() & ~quantizer.KNOWN_FLAGS) != 0).any() | (flags < 0).any()):
-            raise ValueError(f"{name}.state: flags a quantizer does not have ({flags.flatten()[:4].tolist()}).")
