@@ -472,8 +472,12 @@ class QuantizationAwareTraining(Callback):
             f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
             f"(weights {self.config.weight_bits} bits"
             + (f" in groups of {self.config.group_size}" if self.config.group_size else "")
-            + f", activations {self.config.activation_bits} bits"
-            + (" per token" if self.config.activation_granularity == "per_token" else "")
+            + (
+                ", activations in float"
+                if self.config.activation_bits is None
+                else f", activations {self.config.activation_bits} bits"
+                + (" per token" if self.config.activation_granularity == "per_token" else "")
+            )
             + f", {self.config.scale}) {when}."
         )
 

@@ -450,6 +450,8 @@ def enable_fake_quant(
     if isinstance(layers, str) or not (layers is None or isinstance(layers, Iterable)):
         raise TypeError(f"`layers` must be None or an iterable of layer names (a list), got {layers!r}.")
     chosen = None if layers is None else set(layers)
+    if chosen is not None and not all(isinstance(name, str) for name in chosen):
+        raise TypeError(f"`layers` must hold layer names (strings), got {sorted(map(repr, chosen))[:5]}.")
     every = qat_modules(model)
     unknown = sorted(map(str, chosen - {n for n, _ in every})) if chosen is not None else []
     if chosen is not None and not chosen:

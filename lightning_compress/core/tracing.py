@@ -64,25 +64,41 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         restore_training(modes)
 
 
+class _SameCall(nn.Module):
+    """Calls ``wrapped`` as it would be called, and compares as a plain module: a stand-in while a tracer that compares
+    modules with ``==`` runs (``wrapped`` is kept out of the module tree)."""
+
+    def __init__(self, wrapped: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "wrapped", wrapped)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return object.__getattribute__(self, "wrapped")(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def comparable_modules(model: nn.Module) -> Iterator[None]:
-    """Submodules without parameters whose class overrides ``==`` are set aside (an ``nn.Identity`` in their place)
-    until the block ends: Torch-Pruning finds modules in lists with ``==``, and a torchmetrics ``Metric`` answers
-    ``==`` with a metric, which is always true (a trial: a metric on a GPT-2's LightningModule made every Linear and
-    Conv1D read as ignored, and no MLP neuron was pruned)."""
-    swapped = [
-        (parent, name, child)
-        for parent in list(model.modules())
-        for name, child in list(parent.named_children())
-        if type(child).__eq__ is not nn.Module.__eq__ and next(child.parameters(), None) is None
-    ]
-    for parent, name, _ in swapped:
-        setattr(parent, name, nn.Identity())
+    """Submodules whose class overrides ``==`` are replaced by stand-ins that call them the same way until the block
+    ends: Torch-Pruning finds modules in lists with ``==``, and a torchmetrics ``Metric`` answers ``==`` with a
+    metric, which is always true (a trial: a metric on a GPT-2's LightningModule made every Linear and Conv1D read as
+    ignored, and no MLP neuron was pruned). Every name of a module registered twice is replaced; what they hold is
+    left as it is (its parameters are outside the trace, as a metric's are)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    stand_ins: dict[int, nn.Module] = {}
+    replaced: list[str] = []
+    for name, child in model.named_modules(remove_duplicate=False):
+        if not name or type(child).__eq__ is nn.Module.__eq__ or any(name.startswith(f"{r}.") for r in replaced):
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        swapped.append((model.get_submodule(parent_name), attr, child))
+        replaced.append(name)
+    for parent, attr, child in swapped:
+        setattr(parent, attr, stand_ins.setdefault(id(child), _SameCall(child)))
     try:
         yield
     finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+        for parent, attr, child in reversed(swapped):
+            setattr(parent, attr, child)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ for its own ``quantize_static`` output. Needs the ``onnx`` extra.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 import secrets
 import warnings
@@ -133,6 +134,12 @@ def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
         # that wraps one: a trial's export_path was told to replace an operator of the model's forward)
         names = (getattr(m, "main_input_name", None) for m in model.modules())
         main = next((n for n in names if isinstance(n, str) and n in ("input_ids", "input_features")), None)
+        if main is not None and not _takes_keyword(model, main):  # a wrapper whose forward takes the ids alone
+            return (
+                "the `transformers` model inside builds a missing attention mask with operators the exporter lacks: "
+                f"give {type(model).__name__}.forward the mask and pass it to the model inside, then pass both in "
+                "`example_inputs`; otherwise "
+            )
         if main is not None:
             return (
                 f"pass a dict with `{main}` and its mask (`attention_mask`, or `decoder_attention_mask` for an "
@@ -153,6 +160,15 @@ def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
         f"pass {' and '.join(f'`{m}`' for m in dict.fromkeys(missing))} in `example_inputs` (a `transformers` model "
         "builds the missing mask with operators the exporter lacks); otherwise "
     )
+
+
+def _takes_keyword(model: nn.Module, name: str) -> bool:
+    """Whether ``model``'s forward accepts ``name`` as a keyword (or any keyword)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _iterable(value: object, argument: str) -> list[Any]:

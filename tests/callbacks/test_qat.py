@@ -1034,3 +1034,7 @@ def test_the_switch_on_message_names_groups_and_per_token_activations(caplog):
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
         trainer(max_epochs=2, callbacks=[qat]).fit(TinyModule())
     assert "weights 4 bits in groups of 16, activations 8 bits per token, minmax" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):  # trial AS: "activations None bits"
+        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, None, start_epoch=0)]).fit(TinyModule())
+    assert "weights 8 bits, activations in float, minmax" in caplog.text

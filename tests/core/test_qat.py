@@ -573,4 +573,6 @@ def test_enable_fake_quant_of_named_layers_switches_those_only_and_checks_the_na
         enable_fake_quant(model, layers="0")
     with pytest.raises(ValueError, match=r"`layers` is empty"):
         enable_fake_quant(model, layers=[])
+    with pytest.raises(TypeError, match=r"`layers` must hold layer names \(strings\), got \['0'\]"):
+        enable_fake_quant(model, layers=[0])  # trial AS: "names ['0'], which are not ... (they are ['0', ...])"
     assert not model[2][0].weight_fake_quant.fake_quant_enabled  # nothing changed by a refused call

@@ -691,3 +691,38 @@ def test_tracing_puts_modes_back_through_their_own_train():
         model[2].linear.bias.add_(1.0)  # training moves the bias
     x = torch.randn(2, 4)
     torch.testing.assert_close(model.eval()(x), model[2].linear(model[1](model[0](x))))
+
+
+class _ValueGate(nn.Module):
+    """No parameters, compared by value, called with two inputs."""
+
+    def __eq__(self, other):
+        return isinstance(other, _ValueGate)
+
+    __hash__ = nn.Module.__hash__
+
+    def forward(self, x, gate):
+        return x * torch.sigmoid(gate)
+
+
+class _GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.gate, self.head = nn.Linear(16, 32), nn.Linear(16, 32), _ValueGate(), nn.Linear(32, 4)
+        self.alias = self.gate  # registered twice
+
+    def forward(self, x):
+        return self.head(self.gate(self.a(x), self.b(x)))
+
+
+def test_modules_that_override_equality_are_traced_as_they_are_called():
+    """Trial AS: set aside as an `nn.Identity`, a module called with two inputs broke the graph ("Identity.forward()
+    takes 2 positional arguments"), and no channel could be pruned."""
+    from lightning_compress import prune_
+
+    torch.manual_seed(0)
+    model = _GatedNet()
+    gate = model.gate
+    prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 16))
+    assert int((model.a.weight.abs().sum(1) == 0).sum()) == 16
+    assert model.gate is gate and model.alias is gate  # put back under both names

@@ -617,7 +617,9 @@ def test_onnx_trace_failure_of_a_bare_ids_tensor_names_the_dict_with_the_mask(tm
     with pytest.raises(ValueError, match=r"pass a dict with `input_ids` and its mask"):
         export_onnx(model, tmp_path / "m.onnx", ids)
     wrapped = torch.nn.Sequential(model)  # a module that wraps one (a LightningModule's export_path; trial AQ)
-    with pytest.raises(ValueError, match=r"pass a dict with `input_ids` and its mask"):
+    # its forward takes the ids alone: it must take the mask too (trial AS: told to pass a dict it refused)
+    with pytest.raises(ValueError, match=r"the `transformers` model inside builds a missing attention mask .* give "
+                       r"Sequential.forward the mask"):  # fmt: skip
         export_onnx(wrapped, tmp_path / "m.onnx", ids)
     export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert (tmp_path / "m.onnx").exists()
