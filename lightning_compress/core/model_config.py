@@ -90,6 +90,10 @@ def _rewritten(config: Any, groups: Sequence[ChannelGroup], kept: dict[str, tupl
         for name in _HEAD_FIELDS:
             if hasattr(candidate, name) and not _set(candidate, name, values[name]):
                 return None
+        if not hasattr(candidate, "head_dim") and hasattr(candidate, "num_attention_heads"):
+            # a config that derives the head size (Qwen2: hidden_size // heads) may still read a `head_dim` field;
+            # the model built from it decides (a trial: Qwen2's compacted config was left old) below
+            _set(candidate, "head_dim", head_dim)
     if mlps:
         sizes = {kept[g.name][1] for g in mlps}
         if len(sizes) != 1:

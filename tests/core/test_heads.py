@@ -502,3 +502,22 @@ def test_distilbert_keeps_a_true_head_count_after_compaction(tmp_path):
     again = from_pretrained(transformers.DistilBertForSequenceClassification, tmp_path).eval()
     assert again.distilbert.transformer.layer[0].attention.n_heads == 2
     torch.testing.assert_close(_logits(again, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_a_uniform_qwen2_gets_a_config_that_plain_from_pretrained_reloads(tmp_path):
+    """Trial AS: Qwen2's config has no `head_dim` field (it derives the head size), so a compacted Qwen2 kept its old
+    config and the class's own from_pretrained refused the weights; the field is added when the model built from it
+    has the compacted shapes."""
+    cls = transformers.Qwen2ForCausalLM
+    config = transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    inputs = _text_inputs()
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=inputs)
+    want = _logits(model, inputs)
+    assert compact(model, inputs).config_describes is True
+    model.save_pretrained(tmp_path)
+    again = cls.from_pretrained(tmp_path).eval()
+    assert torch.allclose(_logits(again, inputs), want, atol=1e-5)
