@@ -169,8 +169,7 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
             f"the fit stopped at {unit} {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
             "`max_time`, `max_steps` or a shorter epoch)"
         )
-    elif core.held_at_floor:
-        held = core.held_at_floor
+    elif held := core.held_at_floor:  # once: for sharded channel groups it is a collective
         named = f"{held[:3]}{' ...' if len(held) > 3 else ''}"
         why = (
             f"the channel groups {named} are at their floors (`min_density`={core.config.min_density}, and at least "

@@ -420,13 +420,12 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
+        own = self._own_quantizers(pl_module)
         if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
-            for _, quantizer in self._own_quantizers(pl_module):
+            for _, quantizer in own:
                 quantizer.observer_enabled = True
-        for _, quantizer in self._own_quantizers(
-            pl_module
-        ):  # they observe while the model trains, even if it was left in
-            quantizer.train()  # eval mode (Lightning keeps a module's mode): they would never calibrate
+        for _, quantizer in own:  # they observe while the model trains, even if it was left in eval mode (Lightning
+            quantizer.train()  # keeps a module's mode): they would never calibrate
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             self._switch_on(pl_module)  # after `start_epoch`'s end: its checkpoints hold the model it validated
         self._freeze_bn(trainer, pl_module)

@@ -385,7 +385,7 @@ class IterativePruner:
 
     @property
     def held_at_floor(self) -> list[str]:
-        """The layers (or channel groups, under a MACs budget) the ``min_density`` floor holds back now."""
+        """The layers (channel groups, for ``granularity="channel"``) the ``min_density`` floor holds back now."""
         if self.config.granularity == "channel":
             return cast(Any, self.rule).at_floor(self._pruner.masks)
         return self._floored_layers()

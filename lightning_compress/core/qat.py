@@ -452,10 +452,10 @@ def enable_fake_quant(
     chosen = None if layers is None else set(layers)
     if chosen is not None and not all(isinstance(name, str) for name in chosen):
         raise TypeError(f"`layers` must hold layer names (strings), got {sorted(map(repr, chosen))[:5]}.")
-    every = qat_modules(model)
-    unknown = sorted(map(str, chosen - {n for n, _ in every})) if chosen is not None else []
     if chosen is not None and not chosen:
         raise ValueError("`layers` is empty: name at least one fake-quant layer, or pass None for all of them.")
+    every = qat_modules(model)
+    unknown = sorted(chosen - {n for n, _ in every}) if chosen is not None else []
     if unknown:  # a typo or a module that is not a fake-quant layer would be left float without a word
         raise ValueError(
             f"`layers` names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}, which are not fake-quant layers of "
