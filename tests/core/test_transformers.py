@@ -497,6 +497,72 @@ def test_a_model_whose_dependency_graph_cannot_be_built_is_refused_by_name():
     assert report.params_after == report.params_before
 
 
+def test_a_channel_search_that_never_ends_is_bounded_and_its_layers_are_left_whole():
+    """A DPT (trial AN): its readout token is concatenated along the dimension the tracer reads as channels, so the
+    residual stream's channel indices shift by one on every lap of a cycle, and Torch-Pruning's group search ran for
+    minutes (25k entries) without ending; every channel fit or `prune_` call hung. The search is now bounded: those
+    roots are left whole with the reason, and the rest of the model (its neck's convolutions) is pruned."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    config = transformers.DPTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], reassemble_factors=[2, 1],
+        fusion_hidden_size=16, head_in_index=-1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DPTForDepthEstimation(config).eval()
+    x = {"pixel_values": torch.randn(1, 3, 32, 32)}
+    groups, skipped = build_channel_groups(model, x)
+    assert "did not end within" in skipped["dpt.embeddings.patch_embeddings.projection"]
+    assert "indices shift on every lap of a cycle" in skipped["dpt.encoder.layer.0.output.dense"]
+    assert any(g.name.startswith("neck.") for g in groups)
+    masks = prune_(model, 0.3, granularity="channel", scope="layer", example_inputs=x)
+    assert masks and all(name.startswith(("neck.", "head.", "dpt.encoder")) for name in masks)
+
+
+def test_the_bounded_group_search_finds_what_torch_prunings_own_search_finds():
+    """The search that replaced Torch-Pruning's ``get_pruning_group`` (to bound it) gives the same layers, indices and
+    root indices, root by root, on a ResNet (residual additions, BatchNorm) and a Swin (windows, reshapes)."""
+    tp = pytest.importorskip("torch_pruning")
+    from lightning_compress.core.group_search import search_group
+    from lightning_compress.core.tracing import call_model
+
+    def items(group):
+        return {
+            (
+                id(item.dep.target),
+                item.dep.handler.__name__,
+                tuple(sorted(zip(item.idxs, map(str, item.root_idxs), strict=True))),
+            )
+            for item in group.items
+        }
+
+    resnet = transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5)
+    )
+    swin = transformers.SwinForImageClassification(
+        transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=5
+        )
+    )
+    for model in (resnet.eval(), swin.eval()):
+        x = {"pixel_values": torch.randn(1, 3, 32, 32)}
+        graph = tp.DependencyGraph().build_dependency(model, x, forward_fn=call_model, verbose=False)
+        names = {module: name for name, module in model.named_modules()}
+        compared = 0
+        for module in list(graph.module2node):
+            if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) or "attention.self" in names.get(module, ""):
+                continue  # the projections feeding attention are never roots (their groups explode; see structure)
+            pruner = graph.get_pruner_of_module(module)
+            channels = pruner.get_out_channels(module)
+            theirs = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+            ours = search_group(graph, module, pruner.prune_out_channels, channels, 10_000)
+            assert ours is not None and len(ours.items) == len(theirs.items)
+            assert items(ours) == items(theirs)
+            compared += 1
+        assert compared >= 8
+
+
 def mixtral(seed: int = 0):
     config = transformers.MixtralConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
