@@ -47,8 +47,9 @@ class QuantConfig:
             32-128). It must divide a layer's input size; other layers (and convolutions) stay per
             channel, with a one-time message. ``"minmax"`` scales only.
         activation_granularity: ``"per_tensor"``: one observed (EMA min/max) scale per layer input.
-            ``"per_token"``: a dynamic asymmetric scale per row (token), computed from each batch, no
-            observers (int8 dynamic activations of the LLM recipe). ``"minmax"`` scales only.
+            ``"per_token"``: a dynamic asymmetric scale per token (a row of a Linear's input; a sample's
+            position, over its channels, in a convolution's), computed from each batch, no observers (int8
+            dynamic activations of the LLM recipe). ``"minmax"`` scales only.
         quantize_bias: put each layer's bias on the grid of its accumulator, ``s_w * s_x`` (the product of
             the weight's and the input's scales), as the int32 bias of an integer kernel: the bias is then
             fake-quantized like the weight (straight-through gradient) and a compressed file stores int32
@@ -147,6 +148,8 @@ class FakeQuantizer(nn.Module):
         groups: weights: scale groups per output channel (the input axis of a 2-d weight split into
             that many consecutive groups); ``0``: one scale per channel.
         granularity: activations: ``"per_tensor"`` (observed) or ``"per_token"`` (dynamic, per row).
+        feature_axis: per-token activations: the input's feature axis; a token is every other position (``-1``
+            for a Linear's input; ``-3`` for a Conv2d's ``(N, C, H, W)``: one scale per sample and pixel).
     """
 
     scale: Tensor
@@ -159,6 +162,7 @@ class FakeQuantizer(nn.Module):
     _export_zero_point: Tensor
 
     _OBSERVE, _FAKE_QUANT, _FROZEN_SHIFT, _INITIALIZED, _SIGNED = 1, 2, 4, 8, 16
+    feature_axis = -1  # a quantizer pickled before the argument existed: a Linear's
     KNOWN_FLAGS = 31  # every bit of :attr:`state` a quantizer sets
 
     def __init__(
@@ -171,6 +175,7 @@ class FakeQuantizer(nn.Module):
         channel_axis: int = 0,
         groups: int = 0,
         granularity: str = "per_tensor",
+        feature_axis: int = -1,
     ) -> None:
         super().__init__()
         if role not in ("weight", "activation"):
@@ -183,6 +188,7 @@ class FakeQuantizer(nn.Module):
         self.channel_axis = channel_axis
         self.groups = groups if self.per_channel else 0
         self.per_token = role == "activation" and granularity == "per_token"
+        self.feature_axis = feature_axis
         if self.groups:  # group scales are float16 values, as deployment formats store them
             scale = torch.ones((channels, self.groups), dtype=torch.float16)
         else:
@@ -330,13 +336,16 @@ class FakeQuantizer(nn.Module):
         return rows if self.channel_axis == 0 else rows.t()
 
     def _per_token(self, x: Tensor) -> Tensor:
-        """Dynamic asymmetric fake quantization, one scale per row of the last dimension (straight-through)."""
+        """Dynamic asymmetric fake quantization, one scale per token: per position along every axis but
+        :attr:`feature_axis`, over the features there (straight-through)."""
         qmin, qmax = int_range(self.bits, True)
-        rows = x.reshape(-1, x.shape[-1]).float()
+        tokens = x if self.feature_axis in (-1, x.dim() - 1) else x.movedim(self.feature_axis, -1)
+        rows = tokens.reshape(-1, tokens.shape[-1]).float()
         lo = rows.amin(dim=-1, keepdim=True)  # amin + amax: several times faster than aminmax on short rows
         hi = rows.amax(dim=-1, keepdim=True)
         scale, zero_point = affine_qparams(lo.detach(), hi.detach(), qmin, qmax)
-        return fake_quantize_dynamic(rows, scale, zero_point, qmin, qmax).reshape(x.shape).to(x.dtype)
+        out = fake_quantize_dynamic(rows, scale, zero_point, qmin, qmax).reshape(tokens.shape)
+        return (out if tokens is x else out.movedim(-1, self.feature_axis)).to(x.dtype)
 
     def begin_export(self, channels: int = 0) -> None:
         """Emit ``torch.fake_quantize_*`` ops with constant scales (ONNX Q/DQ) until :meth:`end_export`.

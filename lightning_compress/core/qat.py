@@ -183,11 +183,11 @@ def _say_tied_partners(
 def _subclass_note(module: nn.Module) -> str:
     """Why a subclass of a supported layer is left out ("" for other modules)."""
     base = next((kind for kind in QAT_CLASSES if isinstance(module, kind) and kind is not type(module)), None)
-    if base is None or type(module).forward is base.forward:
+    if base is None:
         return ""
     return (
-        f"{type(module).__name__} subclasses {base.__name__} with a forward of its own, which a fake-quantized "
-        "layer cannot take over"
+        f"{type(module).__name__} subclasses {base.__name__} with a computation of its own (its forward or "
+        "_conv_forward), which a fake-quantized layer cannot take over"
     )
 
 

@@ -73,6 +73,8 @@ class QATLayer:
                 config.scale,
                 averaging_constant=config.averaging_constant,
                 granularity=config.activation_granularity,
+                # a convolution's channels are ahead of its spatial axes, batched or not
+                feature_axis=-(weight.dim() - 1) if isinstance(module, nn.modules.conv._ConvNd) else -1,
             ).to(device)
         )
         has_bias = getattr(module, "bias", None) is not None
@@ -331,13 +333,35 @@ def group_count(weight: Tensor, in_axis: int, group_size: int | None) -> int | N
 
 
 def qat_class_of(module: nn.Module) -> Any:
-    """The fake-quant class for ``module`` (``None``: not quantizable): its type's, or nn.Linear's for a subclass
-    whose own forward computes what nn.Linear's does (transformers' ``FalconLinear``: ``x @ W.T + b``; a trial: every
-    Falcon layer was refused), checked on a random input. A subclass that computes anything else stays float."""
+    """The fake-quant class for ``module`` (``None``: not quantizable): its type's; its base's for a subclass that
+    keeps its base's computation (only its ``__init__`` is its own: transformers' ``EfficientNetDepthwiseConv2d``; a
+    trial found them left in float); or nn.Linear's for a subclass whose own forward computes what nn.Linear's does
+    (transformers' ``FalconLinear``: ``x @ W.T + b``), checked on a random input. A subclass that computes anything
+    else stays float. A subclass converted back to float is its base class."""
     made = qat_class(type(module))
-    if made is not None or not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+    if made is not None:
         return made
-    return QAT_CLASSES[nn.Linear] if _computes_linear(module) else None
+    base = _computing_base(module)
+    if base is not None:
+        return QAT_CLASSES[base]
+    if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward and _computes_linear(module):
+        return QAT_CLASSES[nn.Linear]
+    return None
+
+
+def _computing_base(module: nn.Module) -> type[nn.Module] | None:
+    """The supported layer class that ``module`` subclasses without overriding what it computes (its ``forward``,
+    and a convolution's ``_conv_forward``); ``None`` for any other module."""
+    for base in QAT_CLASSES:
+        if type(module) is base or not isinstance(module, base):
+            continue
+        kind = type(module)
+        if kind.forward is not base.forward:
+            return None
+        if issubclass(base, nn.modules.conv._ConvNd) and kind._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
+            return None
+        return base
+    return None
 
 
 def _computes_linear(module: nn.Linear) -> bool:

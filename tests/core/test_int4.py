@@ -98,6 +98,26 @@ def test_per_token_activations_use_a_scale_per_row_and_pass_gradients_straight_t
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+@pytest.mark.parametrize("layer", [nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1)], ids=["conv1d", "conv2d"])
+def test_per_token_activations_of_a_convolution_take_a_scale_per_position_over_its_channels(layer):
+    """A trial: a convolution's (N, C, L) input was quantized per row of its last axis, one scale per sample and
+    channel: a channel of tiny values next to one of large values kept its precision, which no per-token int8
+    kernel does. A token of a convolution is a sample's position (a time step, a pixel), its values the channels."""
+    nn.init.eye_(layer.weight.view(2, 2)) if layer.weight.dim() == 3 else None
+    model = nn.Sequential(layer)
+    convert_to_qat(model, QuantConfig(8, 8, activation_granularity="per_token"))
+    enable_fake_quant(model)
+    q = model[0].input_fake_quant
+    small, large = torch.tensor([0.001, 0.002, 0.003]), torch.tensor([250.0, 500.0, 1000.0])
+    x = torch.stack([small, large])[None]  # (1, C=2, L=3): channel 0 tiny, channel 1 large, at every position
+    x = x if layer.weight.dim() == 3 else x[..., None]  # (1, 2, 3, 1) for the Conv2d
+    out = q(x).squeeze(-1) if layer.weight.dim() == 4 else q(x)
+    assert torch.equal(out[0, 0], torch.zeros(3))  # on the large channel's scale at each position: rounds to 0
+    assert torch.allclose(out[0, 1], large, rtol=0, atol=1000 / 255)
+    unbatched = q(x[0])  # a convolution's channels come before its spatial axes, batched or not
+    torch.testing.assert_close(unbatched, q(x)[0])
+
+
 def test_bf16_weights_train_and_stay_bf16():
     model = quantized(dtype=torch.bfloat16).train()
     x = torch.randn(8, 64, dtype=torch.bfloat16)

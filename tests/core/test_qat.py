@@ -308,7 +308,9 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
     model = nn.Sequential(_OwnForwardLinear(4, 4), nn.ReLU(), _OwnForwardLinear(4, 2))
     with pytest.raises(ValueError, match=r"its layers \(_OwnForwardLinear\) subclass nn.Linear/nn.Conv with a forward"):
         convert_to_qat(model, QuantConfig(8, 8))
-    with pytest.raises(ValueError, match=r"`include` selects '0' .*_OwnForwardLinear subclasses Linear with a forward"):
+    with pytest.raises(
+        ValueError, match=r"`include` selects '0' .*_OwnForwardLinear subclasses Linear with a computation of its own"
+    ):
         convert_to_qat(model, QuantConfig(8, 8), include=["0"])
     attention = nn.MultiheadAttention(4, 2)  # its projection is used without its forward: said (a trial)
     match = r"called through their forward; its nn.MultiheadAttention multiplies its weight in its own forward"
@@ -332,6 +334,65 @@ def test_a_linear_subclass_whose_forward_computes_linear_is_quantized():
     convert_to_float(model)
     assert type(model[0]) is nn.Linear
     torch.testing.assert_close(model(x), expected)
+
+
+class _DepthwiseConv2d(nn.Conv2d):
+    """Like transformers' EfficientNetDepthwiseConv2d: only its __init__ is its own."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 3, padding="same", groups=channels, bias=False)
+
+
+class _PlainLinear(nn.Linear):
+    pass
+
+
+class _OwnConvForward(nn.Conv2d):
+    """Keeps nn.Conv2d's forward, computes something else in `_conv_forward`."""
+
+    def _conv_forward(self, input, weight, bias):
+        return super()._conv_forward(input, 2 * weight, bias)
+
+
+def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base():
+    """A trial: transformers' EfficientNet kept its depthwise convolutions (a Conv2d subclass with only an __init__ of
+    its own) and `class MyLinear(nn.Linear): pass` in float, with a warning that said they had a forward of their own;
+    a model of only such layers was refused with no reason. A subclass computing otherwise stays float, said."""
+    from lightning_compress import QuantConfig, convert_to_float, convert_to_qat
+    from lightning_compress.core.qat import QATConv2d, QATLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_DepthwiseConv2d(3), nn.Flatten(), _PlainLinear(48, 4))
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    assert convert_to_qat(model, QuantConfig(8, 8)) == ["0", "2"]
+    assert type(model[0]) is QATConv2d and type(model[2]) is QATLinear
+    assert model[0].groups == 3 and model[0].padding == "same"
+    torch.testing.assert_close(model(x), expected)  # fake quantization is off until enabled
+    convert_to_float(model)
+    assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Linear
+    torch.testing.assert_close(model(x), expected)
+    other = nn.Sequential(_OwnConvForward(3, 3, 1), nn.Flatten(), nn.Linear(48, 4))
+    with pytest.warns(UserWarning, match=r"leaves \['0 \(_OwnConvForward\)'\] in float"):
+        assert convert_to_qat(other, QuantConfig(8, 8)) == ["2"]
+    with pytest.raises(ValueError, match=r"_OwnConvForward subclasses Conv2d with a computation of its own"):
+        convert_to_qat(nn.Sequential(_OwnConvForward(3, 3, 1)), QuantConfig(8, 8), include=["0"])
+
+
+def test_every_convolution_of_a_transformers_efficientnet_is_quantized():
+    transformers = pytest.importorskip("transformers")
+    from lightning_compress import QuantConfig, convert_to_qat
+    from lightning_compress.core.qat import QATLayer
+
+    config = transformers.EfficientNetConfig(
+        image_size=32, width_coefficient=0.25, depth_coefficient=0.25, num_labels=3, hidden_dim=320
+    )
+    model = transformers.EfficientNetForImageClassification(config).eval()
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    depthwise = [n for n, m in model.named_modules() if type(m).__name__ == "EfficientNetDepthwiseConv2d"]
+    assert depthwise
+    assert convert_to_qat(model, QuantConfig(8, 8)) == layers
+    assert all(isinstance(model.get_submodule(n), QATLayer) for n in depthwise)
 
 
 class _CountingFalconLinear(_FalconLinear):
