@@ -58,6 +58,18 @@ _LEARNED_UNDER_FSDP2 = (
 )
 
 
+def _groups_note(group_size: int | None, grouped: int, layers: int) -> str:
+    """How the weights are scaled, as the switch-on message says it: a layer whose input ``group_size`` does not
+    divide keeps per-channel scales (a trial: the message said groups of 48 when no layer had them)."""
+    if group_size is None:
+        return ""
+    if grouped == layers:
+        return f" in groups of {group_size}"
+    if grouped == 0:
+        return f" per channel: `group_size`={group_size} divides no layer's input"
+    return f" in groups of {group_size} in {grouped} of the {layers} layers, per channel in the others"
+
+
 class QuantizationAwareTraining(Callback):
     r"""Quantization-aware training without touching the model's ``forward``.
 
@@ -467,10 +479,12 @@ class QuantizationAwareTraining(Callback):
             if at_fit_end
             else f"from epoch {self.start_epoch + 1} on"
         )
+        own = self._own_layers(pl_module)
+        grouped = sum(1 for _, layer in own if getattr(layer.weight_fake_quant, "groups", 0))
         rank_zero_info(
             f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
             f"(weights {self.config.weight_bits} bits"
-            + (f" in groups of {self.config.group_size}" if self.config.group_size else "")
+            + _groups_note(self.config.group_size, grouped, len(own))
             + (
                 ", activations in float"
                 if self.config.activation_bits is None

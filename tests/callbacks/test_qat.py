@@ -1038,3 +1038,15 @@ def test_the_switch_on_message_names_groups_and_per_token_activations(caplog):
     with caplog.at_level(logging.INFO, logger="lightning.pytorch"):  # trial AS: "activations None bits"
         trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, None, start_epoch=0)]).fit(TinyModule())
     assert "weights 8 bits, activations in float, minmax" in caplog.text
+    for group_size, said in [  # trial AW: "in groups of 48" where no layer's input is a multiple of 48
+        (32, "weights 4 bits in groups of 32 in 2 of the 3 layers, per channel in the others, activations 8"),
+        (64, "weights 4 bits per channel: `group_size`=64 divides no layer's input, activations 8 bits"),
+    ]:
+        caplog.clear()
+        qat = QuantizationAwareTraining(4, 8, group_size=group_size, start_epoch=0)
+        with (
+            pytest.warns(UserWarning, match="keep per-channel weight scales"),
+            caplog.at_level(logging.INFO, logger="lightning.pytorch"),
+        ):
+            trainer(max_epochs=2, callbacks=[qat]).fit(TinyModule())
+        assert said in caplog.text
