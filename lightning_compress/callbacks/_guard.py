@@ -31,7 +31,8 @@ def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
         available = sorted(trainer.callback_metrics)
         raise ValueError(
             f"`monitor`={monitor!r} was not logged during validation; logged metrics: {available}. "
-            "Log it with `self.log(...)` in `validation_step` or change `monitor`."
+            "Log it with `self.log(...)` in `validation_step` (with `on_epoch=True`, the default there: a value "
+            "logged only `on_step` reaches no callback) or change `monitor`."
         )
     return float(value)
 

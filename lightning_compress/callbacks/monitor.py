@@ -53,6 +53,8 @@ class CompressionMonitor(Callback):
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
+        if monitor is not None and not monitor.strip():
+            raise ValueError(f"`monitor`={monitor!r} names no metric: pass the name a validation logs, or None.")
         if not isinstance(log_images, bool):
             raise TypeError(f"`log_images` must be a bool, got {log_images!r}.")
         self.monitor = monitor

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..core.config import PruningConfig
-from ..core.controller import GuardDecision, is_rate, monitor_mode
+from ..core.controller import GuardDecision, is_rate, monitor_mode, reads_higher
 from ..core.functional import warn_if_min_density_idle
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
@@ -190,6 +190,8 @@ class IterativePruning(Callback):
         super().__init__()
         if monitor is not None and not isinstance(monitor, str):
             raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
+        if monitor is not None and not monitor.strip():
+            raise ValueError(f"`monitor`={monitor!r} names no metric: pass the name a validation logs, or None.")
         self.monitor = monitor
         if max_drop is not None and monitor is None:
             warnings.warn(
@@ -198,7 +200,7 @@ class IterativePruning(Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        self.max_drop = check_float(0.01 if max_drop is None else max_drop, "max_drop")
+        self.max_drop = check_float(0.01 if max_drop is None else max_drop, "max_drop", finite=True)
         if mode is not None and monitor is None:
             warnings.warn(
                 f"IterativePruning: `mode`={mode!r} has no effect without `monitor` (the accuracy guard is off).",
@@ -209,7 +211,13 @@ class IterativePruning(Callback):
         mode = monitor_mode(monitor, mode)
         if monitor is not None and inferred:
             rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
-        if monitor is not None and mode == "min" and max_drop is None and not is_rate(monitor):
+        if (
+            monitor is not None
+            and mode == "min"
+            and max_drop is None
+            and not is_rate(monitor)
+            and not reads_higher(monitor)
+        ):
             warnings.warn(
                 f"IterativePruning: the guard lets `monitor`={monitor!r} rise by at most `max_drop`=0.01, the default "
                 "chosen for accuracies in [0, 1]; a loss is in units of its own, and one that drifts up by more (a "
@@ -238,6 +246,7 @@ class IterativePruning(Callback):
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
+        self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
         self._metrics = ValidationMetrics()  # what a rollback gives checkpoint callbacks
         self._optimizer_params: dict[tuple[int, int], set[int]] = {}
 
@@ -396,7 +405,10 @@ class IterativePruning(Callback):
         """A sanity check that ran every validation batch is a validation: the baseline if none is known yet. A
         shorter one (two batches by default) only checks that ``monitor`` is logged: its value is not comparable
         with a whole validation's, and on a resumed fit it must not judge the event the checkpoint holds."""
-        if self.monitor is None or trainer.num_sanity_val_steps == 0 or not trainer.callback_metrics:
+        batches = list(trainer.num_sanity_val_batches)
+        if self.monitor is None or trainer.num_sanity_val_steps == 0 or sum(batches) == 0:
+            return
+        if not trainer.callback_metrics and len(batches) > 1:
             return  # with several validation loaders Lightning keeps no metric of the sanity check
         value = read_monitor(trainer, self.monitor or "")
         guard = self.pruner.guard
@@ -481,6 +493,10 @@ class IterativePruning(Callback):
             # recomputes BatchNorm statistics in the epoch that follows (a trial: 0.44 sparse, statistics 8.6x off)
             reshard(pl_module)
             self._core.apply()
+            if self._guarded_epochs and trainer.current_epoch > 0:
+                # the event after the epoch that ended, once every callback's epoch start ran: quantization that
+                # switched on there holds it back until a validation scores the model quantized
+                self._advance(pl_module, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         within = trainer.current_epoch < self.window.end_for(trainer)  # after the schedule, lengths do not matter
@@ -499,8 +515,6 @@ class IterativePruning(Callback):
             self._batches_at_start = 0  # said once
         reshard(pl_module)  # after validation: weights written now must reach the next training forward
         self.pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
-        if self._guarded_epochs and trainer.current_epoch > 0:
-            self._advance(pl_module, trainer.current_epoch)  # the event after the epoch that ended
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -559,6 +573,12 @@ class IterativePruning(Callback):
                 f"scored the model `fit` returns (a fit that ends between validations: `max_steps`, "
                 "`check_val_every_n_epoch`, a stop). `trainer.validate(model)` scores it."
             )
+        elif rolled is None and validated_at == trainer.global_step and self._unscored_rollback:
+            rank_zero_warn(
+                "IterativePruning: the fit's last validation rolled back a pruning event, and the model it went back "
+                "to is not one a validation scored (quantization switched on, or the fit resumed, after the copy "
+                "was taken): no validation has scored the model `fit` returns. `trainer.validate(model)` scores it."
+            )
         if self._in_steps and trainer.loggers:
             # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
             # them, so the sparsity the fit ends at is written here (every process counts, process 0 writes)
@@ -599,6 +619,7 @@ class IterativePruning(Callback):
         measured = self._metrics.measured(trainer)
         decision = self._core.observe(value)
         self._validated_at = trainer.global_step
+        self._unscored_rollback = False
         if self._core.judged_value is not None and (decision is None or decision.action not in ("rollback", "stop")):
             # the copy a rollback would return to is of the model just scored
             self._metrics.keep(measured, trainer.global_step)
@@ -621,6 +642,7 @@ class IterativePruning(Callback):
         if decision.action in ("rollback", "stop"):
             self._pending_logs.update(self._sparsity_values(pl_module))
             self._metrics.restore(trainer, measured, self.monitor or "", self._core.restored_value)
+            self._unscored_rollback = self._core.restored_value is None
 
     # ------------------------------------------------------------------ logging
     def _flush_logs(self, pl_module: pl.LightningModule, step_level: bool | None = None) -> None:

@@ -75,6 +75,12 @@ _LOWER_WORDS = frozenset(
 _RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
 _SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
 _HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
+# metrics that are higher-is-better; named after a word of the other kind they are what is measured (val_recon_psnr,
+# val_ce_f1: a trial read them as lower-is-better), before one they are what it is measured of (val_top1_error)
+_HIGHER_METRICS = frozenset(
+    ["acc", "accuracy", "f1", "fbeta", "auroc", "auc", "auprc", "psnr", "ssim", "precision", "recall", "iou",
+     "jaccard", "dice", "bleu", "rouge", "r2", "mcc", "kappa", "ndcg", "mrr", "specificity", "sensitivity"]
+)  # fmt: skip
 # torchmetrics' class names (a MetricCollection's keys) whose words alone read the wrong way, split at camel case
 _LOWER_PHRASES = (
     "perceptual_image_patch",  # LearnedPerceptualImagePatchSimilarity (LPIPS): a distance
@@ -117,8 +123,25 @@ def lower_is_better(monitor: str) -> bool:
     lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
     lower = lower or "cross_entropy" in joined or any(phrase in joined for phrase in _LOWER_PHRASES)
     lower = lower and not any(w in _HIGHER_WORDS for w in words) and not any(p in joined for p in _HIGHER_PHRASES)
+    lower = lower and not _named_last(words, _HIGHER_METRICS)
     negated = any(w in _NEGATED for w in words) and not any(phrase in joined for phrase in _NOT_NEGATED)
     return lower != negated
+
+
+def _named_last(words: list[str], metrics: frozenset[str]) -> bool:
+    """Whether the last word that names a metric of either direction is one of ``metrics``."""
+    for word in reversed(words):
+        if word in metrics:
+            return True
+        if word in _LOWER_WORDS or word.endswith(_SUFFIXES) or word in _HIGHER_METRICS:
+            return False
+    return False
+
+
+def reads_higher(monitor: str) -> bool:
+    """Whether the name says higher is better (``val_acc``, ``val/f1``, ``val_recon_psnr``), not only fails to say
+    lower is better (``val_score`` says neither)."""
+    return not lower_is_better(monitor) and any(w in _HIGHER_METRICS for w in _words(monitor))
 
 
 def is_rate(monitor: str) -> bool:
@@ -131,19 +154,21 @@ def is_rate(monitor: str) -> bool:
 def monitor_mode(monitor: str | None, mode: str | None, who: str = "IterativePruning") -> str:
     """``mode`` for the metric named ``monitor``: as given, or (``None``) ``"min"`` for a name that says it is
     lower-is-better (:func:`lower_is_better`: ``val_loss``, ``val_nll``, ``val_wer``, ...) and ``"max"`` otherwise.
-    An explicit ``"max"`` for such a name warns: ``who`` (the guard, or the monitor's drops) would read every rise
-    of the loss as an improvement."""
+    An explicit ``"max"`` for such a name warns, and so does ``"min"`` for a name that says higher is better
+    (:func:`reads_higher`): ``who`` (the guard, or the monitor's drops) would read every worsening as an improvement."""
     if mode is not None:
         check_choice(mode, "mode", ("max", "min"))
-        if mode == "max" and monitor is not None and lower_is_better(monitor):
+        if monitor is not None and (lower_is_better(monitor) if mode == "max" else reads_higher(monitor)):
+            reads, change, fix = ("lower", "rise", "min") if mode == "max" else ("higher", "fall", "max")
             warnings.warn(
-                f"{who}: `monitor`={monitor!r} reads as lower-is-better, but `mode`='max' treats a higher value as "
+                f"{who}: `monitor`={monitor!r} reads as {reads}-is-better, but `mode`={mode!r} treats a "
+                f"{'higher' if mode == 'max' else 'lower'} value as "
                 + (
-                    "better: the accuracy guard would accept every rise of it."
+                    f"better: the accuracy guard would accept every {change} of it."
                     if who == "IterativePruning"
-                    else "better: every rise of it would be logged as a gain, not a drop."
+                    else f"better: every {change} of it would be logged as a gain, not a drop."
                 )
-                + " Pass mode='min' (or leave `mode` unset to infer it from the name).",
+                + f" Pass mode={fix!r} (or leave `mode` unset to infer it from the name).",
                 UserWarning,
                 stacklevel=3,
             )

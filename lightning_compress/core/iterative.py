@@ -489,6 +489,8 @@ class IterativePruner:
                 return False
             if self.judged_until is not None and t > self.judged_until:
                 return False  # no evaluation before the end of the run would judge it
+            if not self._judged.quantizes_alike():
+                return False  # quantization switched on since the last evaluation: it first judges the model so
         previous = self.masked_sparsity()
         wanted = self.target_sparsity if t > self.schedule.end else self.schedule.sparsity_at(t)
         if guard is not None:

@@ -55,6 +55,14 @@ class ModelSnapshot:
                 seen.add(id(tensor))
                 self._tensors.append((tensor, tensor.detach().clone()))
 
+    def quantizes_alike(self) -> bool:
+        """Whether the model's quantizers would let :meth:`restore` give back exactly the copied model: each has the
+        flags it had, or was off then and is off now."""
+        return all(
+            int(q.state) == flags or (not was and not q.fake_quant_enabled)
+            for (q, flags, _), was in zip(self._quantizer_state, self._quantizing, strict=True)
+        )
+
     def restore(self) -> bool:
         """Write the saved values back, in place (the tensors the optimizer holds stay the same objects). When the
         quantizers' scales stay as they are, a weight whose quantizer takes its scale from it gets that scale again
@@ -65,9 +73,7 @@ class ModelSnapshot:
         off then and now (observers calibrating, fake quantization not yet on) passes values through: it keeps
         what it observed since, and the model is still the copied one."""
         same = [int(q.state) == flags for q, flags, _ in self._quantizer_state]
-        states = zip(self._quantizer_state, self._quantizing, strict=True)
-        off = [not was and not q.fake_quant_enabled for (q, _, _), was in states]
-        exact = all(s or o for s, o in zip(same, off, strict=True))
+        exact = self.quantizes_alike()
         with torch.no_grad():
             for tensor, saved in self._tensors:
                 tensor.copy_(saved)
@@ -115,6 +121,11 @@ class JudgedModel:
 
     def clear(self) -> None:
         self.snapshot, self.value = None, None
+
+    def quantizes_alike(self) -> bool:
+        """Whether a rollback now would give back exactly the judged model (``True`` without a copy: a resumed run
+        takes one at its first event): quantization has not switched on or off since."""
+        return self.snapshot is None or self.snapshot.quantizes_alike()
 
     def restore(self) -> bool:
         """Write the copy back; whether the model is now exactly the judged one (``False`` without a copy)."""

@@ -249,6 +249,7 @@ def test_the_monitor_never_changes_the_model(tmp_path):
     ("kwargs", "error", "match"),
     [
         ({"monitor": 1}, TypeError, "`monitor` must be a metric name"),
+        ({"monitor": ""}, ValueError, "`monitor`='' names no metric"),
         ({"mode": "up"}, ValueError, "`mode`='up' is not one of"),
         ({"log_images": "yes"}, TypeError, "`log_images` must be a bool"),
     ],

@@ -449,6 +449,21 @@ def test_an_explicit_max_mode_for_a_loss_warns():
     with pytest.warns(UserWarning, match=r"CompressionMonitor: .* every rise of it would be logged as a gain"):
         CompressionMonitor(monitor="val_loss", mode="max")
     assert monitor_mode("val_ppl", None) == "min" and monitor_mode("val_acc", None) == "max"
+    # trial AV: mode="min" on an accuracy passed unsaid (with a warning about losses), and the guard accepted a
+    # collapse from 0.95 to 0.27
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        IterativePruning(0.9, monitor="val_acc", mode="min")
+    assert [str(w.message) for w in caught] == [
+        "IterativePruning: `monitor`='val_acc' reads as higher-is-better, but `mode`='min' treats a lower value as "
+        "better: the accuracy guard would accept every fall of it. Pass mode='max' (or leave `mode` unset to infer "
+        "it from the name)."
+    ]
+    with pytest.warns(UserWarning, match=r"CompressionMonitor: .* every fall of it would be logged as a gain"):
+        CompressionMonitor(monitor="val/f1", mode="min")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IterativePruning(0.9, monitor="val_score", mode="min", max_drop=0.1)  # says neither: taken as given
     assert monitor_mode(None, None) == "max" and monitor_mode("val_loss", "min") == "min"
 
 
@@ -465,7 +480,7 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_TweedieDevianceScore val_LearnedPerceptualImagePatchSimilarity val_PerceptualPathLength "
             "val_correlation_loss val_BinaryEER val_RetrievalFallOut val_TranslationEditRate val_ProcrustesDisparity "
             "val_SpatialDistortionIndex val_SpectralAngleMapper val_TotalVariation "
-            "val_DeepImageStructureAndTextureSimilarity",
+            "val_DeepImageStructureAndTextureSimilarity val_top1_error val_acc_loss val_f1_loss",
             "min",
         ),
         (
@@ -474,7 +489,9 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_MulticlassAccuracy val_F1Score val_BLEUScore mAP val_ExplainedVariance val_DistanceCorrelation "
             # trial AO: read as lower-is-better by a word of another metric's name
             "val_PerceptualEvaluationSpeechQuality val_explained_deviance val_NegativePredictiveValue "
-            "val_DistanceIntersectionOverUnion",
+            "val_DistanceIntersectionOverUnion "
+            # trial AV: a metric named after what it measures
+            "val_recon_psnr val_reconstruction_accuracy val_ce_f1 val_bce_auroc val_recon_ssim val_mse_r2",
             "max",
         ),
     ],
@@ -548,6 +565,10 @@ def test_rewinding_restores_survivors_and_copies_storage():
         ({"min_density": 0.2}, ValueError, "`min_density`=0.2 leaves no room for `target_sparsity`=0.9"),
         ({"mode": "up"}, ValueError, "`mode`='up' is not one of"),
         ({"max_drop": -0.1}, ValueError, "`max_drop`=-0.1 must be >= 0"),
+        # trial AV: both were taken, the first refused only at the first validation, the second a guard that copied
+        # the model at every validation and judged nothing
+        ({"monitor": " ", "max_drop": 0.1}, ValueError, "`monitor`=' ' names no metric"),
+        ({"monitor": "val_acc", "max_drop": float("inf")}, ValueError, "`max_drop`=inf must be a finite number"),
         ({"monitor": 3}, TypeError, "`monitor` must be a metric name"),
         ({"rewind_epoch": 2, "start_epoch": 1}, ValueError, "`rewind_epoch`=2 must be <= `start_epoch`=1"),
         ({"include": 5}, TypeError, "`include` must be None, a glob string"),
@@ -591,6 +612,25 @@ def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, k
         trainer(**{"max_epochs": 5, **trainer_kwargs}, callbacks=[pruning, FailOnFirstStep()]).fit(tiny)
     after = weights_of(tiny)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class LogsOnStepOnly(TinyModule):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", 1.0 - sparsity(self), on_step=True, on_epoch=False)
+
+
+def test_a_monitor_logged_on_step_only_is_refused_at_the_sanity_check_with_the_fix():
+    """Trial AV: a validation metric logged `on_step=True, on_epoch=False` reaches no callback; the sanity check let
+    it pass (no metric at all read as "several loaders") and the first validation, an epoch later, asked for a
+    `self.log` the user had written."""
+    pl.seed_everything(0, verbose=False)
+    model = LogsOnStepOnly()
+    before = weights_of(model)
+    match = r"`monitor`='val_acc' was not logged during validation; .* \(with `on_epoch=True`, the default there"
+    with pytest.raises(ValueError, match=match):
+        trainer(max_epochs=5, num_sanity_val_steps=1, callbacks=[IterativePruning(0.5, monitor="val_acc"),
+                                                                 FailOnFirstStep()]).fit(model)  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
 
 
 def test_every_n_steps_needs_a_sized_loader():
