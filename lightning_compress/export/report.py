@@ -95,7 +95,7 @@ class CompressionReport:
         return out
 
     def __str__(self) -> str:
-        width = max([len(layer.name) for layer in self.layers] + [5])
+        width = max([len(layer.name) for layer in self.layers] + [23])  # the total's label
         lines = [
             f"{self.format} file {self.path}",
             f"{'layer':<{width}}  {'sparsity':>8}  {'bits':>4}  {'index':>7}  {'before':>12}  {'after':>12}",
@@ -108,7 +108,7 @@ class CompressionReport:
         before = sum(layer.bytes_before for layer in self.layers)
         after = sum(layer.bytes_after for layer in self.layers)
         lines.append(
-            f"{'compressed weights':<{width}}  {100 * self.sparsity:>7.1f}%  {'':>4}  {'':>7}  "
+            f"{'total of the rows above':<{width}}  {100 * self.sparsity:>7.1f}%  {'':>4}  {'':>7}  "
             f"{_size(before):>12}  {_size(after):>12}"
         )
         ratio = self.compression_ratio

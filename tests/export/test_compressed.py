@@ -75,6 +75,7 @@ def test_file_is_really_smaller_and_the_report_says_so(tmp_path):
     assert {layer["name"] for layer in as_dict["layers"]} == {"conv.weight", "fc1.weight", "fc2.weight"}
     text = str(report)
     assert "fc1.weight" in text and "x smaller" in text
+    assert "total of the rows above" in text  # read "compressed weights" (trial AU: taken for every selected weight)
     larger = dataclasses.replace(report, file_bytes=int(report.baseline_bytes * 1.1))  # e.g. a float ONNX file
     assert str(larger).endswith(": 1.10x its size")  # it read "0.9x smaller" (a trial)
     fc1 = next(layer for layer in report.layers if layer.name == "fc1.weight")
