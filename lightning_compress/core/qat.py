@@ -122,7 +122,8 @@ def _quantizable_targets(
         warnings.warn(
             f"quantization-aware training leaves {skipped[:3]}{' ...' if len(skipped) > 3 else ''} in float: it "
             "fake-quantizes nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their own forward "
-            "(not transposed convolutions, nor subclasses with a forward of their own).",
+            "(not transposed convolutions, nor subclasses with more of their own than an __init__: a forward, a "
+            "method, a buffer or an attribute).",
             UserWarning,
             stacklevel=3,
         )
@@ -138,8 +139,9 @@ def _quantizable_targets(
         )
     if not targets:
         why = (
-            f": its layers ({', '.join(sorted(subclasses))}) subclass nn.Linear/nn.Conv with a forward of their own, "
-            "which a fake-quantized layer cannot take over"
+            f": its layers ({', '.join(sorted(subclasses))}) subclass nn.Linear/nn.Conv with more of their own "
+            "than an __init__ (a forward, a method, a buffer or an attribute), which a fake-quantized layer cannot "
+            "take over"
             if subclasses
             else ""
         )
@@ -186,8 +188,8 @@ def _subclass_note(module: nn.Module) -> str:
     if base is None:
         return ""
     return (
-        f"{type(module).__name__} subclasses {base.__name__} with a computation of its own (its forward or "
-        "_conv_forward), which a fake-quantized layer cannot take over"
+        f"{type(module).__name__} subclasses {base.__name__} with more of its own than an __init__ (a forward, a "
+        "method, a buffer or an attribute), which a fake-quantized layer cannot take over"
     )
 
 

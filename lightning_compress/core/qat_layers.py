@@ -349,19 +349,38 @@ def qat_class_of(module: nn.Module) -> Any:
     return None
 
 
+_CLASS_METADATA = frozenset(
+    ["__module__", "__qualname__", "__doc__", "__init__", "__firstlineno__", "__static_attributes__",
+     "__annotations__", "__dict__", "__weakref__", "__orig_bases__", "__parameters__"]
+)  # fmt: skip
+
+
 def _computing_base(module: nn.Module) -> type[nn.Module] | None:
-    """The supported layer class that ``module`` subclasses without overriding what it computes (its ``forward``,
-    and a convolution's ``_conv_forward``); ``None`` for any other module."""
-    for base in QAT_CLASSES:
-        if type(module) is base or not isinstance(module, base):
-            continue
-        kind = type(module)
-        if kind.forward is not base.forward:
-            return None
-        if issubclass(base, nn.modules.conv._ConvNd) and kind._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
-            return None
-        return base
-    return None
+    """The supported layer class that ``module`` subclasses with nothing of its own but an ``__init__``: no method,
+    no class attribute, no buffer, submodule or instance attribute its base lacks (the fake-quant layer that takes
+    its place has exactly its base's). ``None`` for any other module."""
+    kind = type(module)
+    base = next((b for b in QAT_CLASSES if b is not kind and isinstance(module, b)), None)
+    if base is None:
+        return None
+    own = kind.__mro__[: kind.__mro__.index(base)]
+    if any(set(vars(cls)) - _CLASS_METADATA for cls in own):
+        return None
+    public = {name for name in vars(module) if not name.startswith("_")}  # not transformers' _is_hf_initialized
+    if module._buffers or module._modules or public - _base_attributes(base):
+        return None
+    return base
+
+
+_BASE_ATTRIBUTES: dict[type[nn.Module], frozenset[str]] = {}
+
+
+def _base_attributes(base: type[nn.Module]) -> frozenset[str]:
+    """The instance attributes of a ``base`` layer (built once, on the meta device)."""
+    if base not in _BASE_ATTRIBUTES:
+        made = base(1, 1, device="meta") if base in (nn.Linear, nn.Embedding) else base(1, 1, 1, device="meta")
+        _BASE_ATTRIBUTES[base] = frozenset(vars(made))
+    return _BASE_ATTRIBUTES[base]
 
 
 def _computes_linear(module: nn.Linear) -> bool:

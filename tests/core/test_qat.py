@@ -306,10 +306,13 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
     from lightning_compress import QuantConfig, convert_to_qat
 
     model = nn.Sequential(_OwnForwardLinear(4, 4), nn.ReLU(), _OwnForwardLinear(4, 2))
-    with pytest.raises(ValueError, match=r"its layers \(_OwnForwardLinear\) subclass nn.Linear/nn.Conv with a forward"):
+    with pytest.raises(
+        ValueError, match=r"its layers \(_OwnForwardLinear\) subclass nn.Linear/nn.Conv with more of their own"
+    ):
         convert_to_qat(model, QuantConfig(8, 8))
     with pytest.raises(
-        ValueError, match=r"`include` selects '0' .*_OwnForwardLinear subclasses Linear with a computation of its own"
+        ValueError,
+        match=r"`include` selects '0' .*_OwnForwardLinear subclasses Linear with more of its own than an __init__",
     ):
         convert_to_qat(model, QuantConfig(8, 8), include=["0"])
     attention = nn.MultiheadAttention(4, 2)  # its projection is used without its forward: said (a trial)
@@ -354,6 +357,23 @@ class _OwnConvForward(nn.Conv2d):
         return super()._conv_forward(input, 2 * weight, bias)
 
 
+class _WithMethod(nn.Linear):
+    def scaled(self, x):
+        return 2 * self(x)
+
+
+class _WithBuffer(nn.Linear):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("steps", torch.zeros(()))
+
+
+class _WithAttribute(nn.Linear):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.tag = "adapter"
+
+
 def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base():
     """A trial: transformers' EfficientNet kept its depthwise convolutions (a Conv2d subclass with only an __init__ of
     its own) and `class MyLinear(nn.Linear): pass` in float, with a warning that said they had a forward of their own;
@@ -375,8 +395,12 @@ def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base
     other = nn.Sequential(_OwnConvForward(3, 3, 1), nn.Flatten(), nn.Linear(48, 4))
     with pytest.warns(UserWarning, match=r"leaves \['0 \(_OwnConvForward\)'\] in float"):
         assert convert_to_qat(other, QuantConfig(8, 8)) == ["2"]
-    with pytest.raises(ValueError, match=r"_OwnConvForward subclasses Conv2d with a computation of its own"):
+    with pytest.raises(ValueError, match=r"_OwnConvForward subclasses Conv2d with more of its own than an __init__"):
         convert_to_qat(nn.Sequential(_OwnConvForward(3, 3, 1)), QuantConfig(8, 8), include=["0"])
+    # anything else of its own (a method, a buffer, an attribute its parent may read) would be lost in the swap
+    for layer in (_WithMethod(4, 4), _WithBuffer(4, 4), _WithAttribute(4, 4)):
+        with pytest.warns(UserWarning, match=rf"leaves \['0 \({type(layer).__name__}\)'\] in float"):
+            assert convert_to_qat(nn.Sequential(layer, nn.Linear(4, 2)), QuantConfig(8, 8)) == ["1"]
 
 
 def test_every_convolution_of_a_transformers_efficientnet_is_quantized():
