@@ -192,6 +192,17 @@ class QuantizationAwareTraining(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         warn_if_saved_under_another_key(checkpoint, self)
+        if (
+            self.config.scale == "learned"
+            and checkpoint.get("optimizer_states")
+            and self.state_key not in checkpoint.get("callbacks", {})
+        ):  # torch's own error came later, from the optimizer: "a parameter group that doesn't match the size"
+            raise ValueError(
+                "QuantizationAwareTraining(scale='learned'): the checkpoint was saved without this callback (no state "
+                "under its key), so its optimizer state holds no learned scales and cannot be restored into an "
+                "optimizer that trains them. Load its weights into the model and fit without `ckpt_path` to add "
+                "learned-scale QAT, or resume with the callbacks the checkpoint was saved with."
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {

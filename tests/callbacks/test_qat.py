@@ -447,7 +447,8 @@ def test_resuming_with_qat_on_other_layers_names_the_fix(tmp_path):
 
 def test_resuming_a_checkpoint_whose_quantizer_entries_were_removed_is_refused(tmp_path):
     """Trial AF: a QAT checkpoint with its quantizers' entries removed resumed without a word: the scales it trained
-    were lost and the observers started again. A float checkpoint given QAT on resume still starts it."""
+    were lost and the observers started again. A float checkpoint given QAT on resume still starts it; with learned
+    scales it is refused, saying why (the defect list of session 21)."""
     pl.seed_everything(0, verbose=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
     trainer(
@@ -468,6 +469,14 @@ def test_resuming_a_checkpoint_whose_quantizer_entries_were_removed_is_refused(t
         model, ckpt_path=tmp_path / "float.ckpt"
     )
     assert qat_modules(model)
+    # learned scales are Parameters the float run's optimizer state has no place for: torch's "loaded state dict
+    # contains a parameter group that doesn't match the size of optimizer's group" came from the optimizer's restore
+    learned = TinyModule(optimizer="adam")
+    with pytest.raises(ValueError, match=r"scale='learned'\): the checkpoint was saved without this callback"):
+        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, scale="learned", start_epoch=0)]).fit(
+            learned, ckpt_path=tmp_path / "float.ckpt"
+        )
+    assert not qat_modules(learned)  # the layers it converted are float again
 
 
 def test_evaluating_a_float_model_changes_nothing(tiny):
