@@ -364,6 +364,20 @@ def _sorted_slices(parts: Any) -> list[LayerSlice]:
     return slices
 
 
+def _unsupported_reason(name: str, module: nn.Module) -> str:
+    """Why a layer in a group stops it (:func:`supported` said no)."""
+    kind = type(module).__name__
+    groups = getattr(module, "groups", 1)
+    if isinstance(module, (_CONV, nn.modules.conv._ConvTransposeNd)) and groups > 1:
+        return (
+            f"{name} is a grouped convolution ({kind}, groups={groups}): a channel cannot leave one of its groups "
+            "without the others' sizes changing (depthwise convolutions, one channel per group, are pruned)"
+        )
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+        return f"{name} ({kind}) normalizes over several channels: removing one is not the same as zeroing it"
+    return f"{name} ({kind}) mixes its channels or cannot lose one (not a Linear, Conv or per-channel norm)"
+
+
 def _unplaced_concat(op: Any) -> bool:
     """A concatenation (or split) whose channel offsets Torch-Pruning left unknown: one of its tensors comes from
     no traced layer (a model input, a constant), so the indices it gives the consumers are not where the
@@ -407,7 +421,7 @@ def _convert(
             continue  # an operation (add, cat, flatten, activation): no parameters
         name = names[module]
         if not supported(module):
-            return None, f"{name} ({type(module).__name__}) mixes or cannot lose channels"
+            return None, _unsupported_reason(name, module)
         if is_parametrized(module):
             return None, f"{name}'s weight is computed by a parametrization (e.g. weight_norm), not stored"
         if name in tied:
@@ -419,9 +433,17 @@ def _convert(
             return None, f"{name} is not selected (see `include`/`exclude`)"
         roots = [c for c in item.root_idxs if c is not None]
         if len(roots) != len(item.root_idxs):
-            return None, f"its channels cannot be mapped onto {name}'s"
-        if any(not 0 <= int(i) < slice_bound(module, kind) for i in item.idxs):  # e.g. read through a pixel shuffle
-            return None, f"its channels cannot be mapped onto {name}'s"
+            return None, (
+                f"its channels cannot be mapped onto {name}'s: an operation on the way (a repeat, reshape, split or "
+                f"chunk) loses which of its channels each of {name}'s comes from"
+            )
+        bound = slice_bound(module, kind)
+        if any(not 0 <= int(i) < bound for i in item.idxs):  # e.g. read through a pixel shuffle
+            return None, (
+                f"its channels cannot be mapped onto {name}'s: the indices reaching it run past its {bound} "
+                f"{kind}put channels (a reshape, pixel shuffle, split or chunk the tracer reads along another "
+                "dimension)"
+            )
         index, channel = slices.setdefault((name, kind), ([], []))
         index.extend(int(i) for i in item.idxs)
         channel.extend(roots)

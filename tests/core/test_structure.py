@@ -726,3 +726,39 @@ def test_modules_that_override_equality_are_traced_as_they_are_called():
     prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 16))
     assert int((model.a.weight.abs().sum(1) == 0).sum()) == 16
     assert model.gate is gate and model.alias is gate  # put back under both names
+
+
+class GroupedAndSwapped(nn.Module):
+    """A grouped convolution, then halves swapped by chunk + cat, then a LayerNorm over channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.e = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.c(self.b(torch.relu(self.a(x))))
+        u, v = y.chunk(2, dim=1)
+        z = self.d(torch.cat([v, u], 1)).mean((2, 3))
+        return self.head(self.norm(self.e(z)))
+
+
+def test_layers_left_whole_say_what_stops_them():
+    """The reasons were "b (Conv2d) mixes or cannot lose channels" and "its channels cannot be mapped onto c's"
+    (session 21's list of what was left): they now name the grouped convolution, the norm, and the operation."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    groups, skipped = build_channel_groups(GroupedAndSwapped().eval(), torch.randn(1, 3, 8, 8))
+    assert [g.name for g in groups] == ["d"]
+    assert skipped["a"] == skipped["b"] and skipped["b"].startswith(
+        "b is a grouped convolution (Conv2d, groups=2): a channel cannot leave one of its groups"
+    )
+    assert skipped["c"].startswith("its channels cannot be mapped onto c's: the indices reaching it run past its 8")
+    assert (
+        skipped["e"] == "norm (LayerNorm) normalizes over several channels: removing one is not the same as zeroing it"
+    )
