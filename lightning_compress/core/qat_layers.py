@@ -357,8 +357,8 @@ _CLASS_METADATA = frozenset(
 
 def _computing_base(module: nn.Module) -> type[nn.Module] | None:
     """The supported layer class that ``module`` subclasses with nothing of its own but an ``__init__``: no method,
-    no class attribute, no buffer, submodule or instance attribute its base lacks (the fake-quant layer that takes
-    its place has exactly its base's). ``None`` for any other module."""
+    no class attribute, no buffer, submodule or instance attribute (a private one too) its base lacks (the
+    fake-quant layer that takes its place has exactly its base's). ``None`` for any other module."""
     kind = type(module)
     base = next((b for b in QAT_CLASSES if b is not kind and isinstance(module, b)), None)
     if base is None:
@@ -366,13 +366,14 @@ def _computing_base(module: nn.Module) -> type[nn.Module] | None:
     own = kind.__mro__[: kind.__mro__.index(base)]
     if any(set(vars(cls)) - _CLASS_METADATA for cls in own):
         return None
-    public = {name for name in vars(module) if not name.startswith("_")}  # not transformers' _is_hf_initialized
-    if module._buffers or module._modules or public - _base_attributes(base):
+    own_attributes = set(vars(module)) - _base_attributes(base) - _BOOKKEEPING
+    if module._buffers or module._modules or own_attributes:
         return None
     return base
 
 
 _BASE_ATTRIBUTES: dict[type[nn.Module], frozenset[str]] = {}
+_BOOKKEEPING = frozenset(["_is_hf_initialized"])  # transformers marks every module it initialized, plain ones too
 
 
 def _base_attributes(base: type[nn.Module]) -> frozenset[str]:

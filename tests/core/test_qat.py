@@ -374,6 +374,14 @@ class _WithAttribute(nn.Linear):
         self.tag = "adapter"
 
 
+class _WithPrivateAttribute(nn.Linear):
+    """Trial AX: its parent's forward reads `_scale`; converted, the layer lost it (AttributeError in forward)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._scale = 0.5
+
+
 def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base():
     """A trial: transformers' EfficientNet kept its depthwise convolutions (a Conv2d subclass with only an __init__ of
     its own) and `class MyLinear(nn.Linear): pass` in float, with a warning that said they had a forward of their own;
@@ -398,7 +406,7 @@ def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base
     with pytest.raises(ValueError, match=r"_OwnConvForward subclasses Conv2d with more of its own than an __init__"):
         convert_to_qat(nn.Sequential(_OwnConvForward(3, 3, 1)), QuantConfig(8, 8), include=["0"])
     # anything else of its own (a method, a buffer, an attribute its parent may read) would be lost in the swap
-    for layer in (_WithMethod(4, 4), _WithBuffer(4, 4), _WithAttribute(4, 4)):
+    for layer in (_WithMethod(4, 4), _WithBuffer(4, 4), _WithAttribute(4, 4), _WithPrivateAttribute(4, 4)):
         with pytest.warns(UserWarning, match=rf"leaves \['0 \({type(layer).__name__}\)'\] in float"):
             assert convert_to_qat(nn.Sequential(layer, nn.Linear(4, 2)), QuantConfig(8, 8)) == ["1"]
 
