@@ -75,6 +75,9 @@ _LOWER_WORDS = frozenset(
 _RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
 _SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
 _HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
+_FALL_WORDS = frozenset(["drop", "degradation", "decline"])  # val_acc_drop: lower is better; val_loss_drop: higher
+_GAP_WORDS = frozenset(["gap"])  # val_accuracy_gap, a generalization gap: lower is better
+_QUALIFIERS = frozenset(["recon", "reconstruction"])  # what a metric is of (val_psnr_recon), a loss alone (val_recon)
 # metrics that are higher-is-better; named after a word of the other kind they are what is measured (val_recon_psnr,
 # val_ce_f1: a trial read them as lower-is-better), before one they are what it is measured of (val_top1_error)
 _HIGHER_METRICS = frozenset(
@@ -119,13 +122,29 @@ def lower_is_better(monitor: str) -> bool:
     ``val_celoss``), unless a word says the opposite (``error_reduction``, ``mse_skill``); ``neg_`` flips the
     reading (``neg_mse``: higher is better; ``neg_elbo``: lower)."""
     words = _words(monitor)
+    one_minus = re.search(r"(?:^|[_/.\s])1-[a-z]", monitor.lower()) is not None  # val_1-ssim: lower is better
+    for i in range(len(words) - 1, -1, -1):  # a fall or gap of the metric named before it (trial AV)
+        if words[i] in _GAP_WORDS:
+            return True
+        if words[i] in _FALL_WORDS:
+            before = "_".join(words[:i])
+            return (not lower_is_better(before) if before else True) != one_minus
+        if _decisive(words[i]):
+            break
     joined = "_".join(words)
     lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
     lower = lower or "cross_entropy" in joined or any(phrase in joined for phrase in _LOWER_PHRASES)
     lower = lower and not any(w in _HIGHER_WORDS for w in words) and not any(p in joined for p in _HIGHER_PHRASES)
     lower = lower and not _named_last(words, _HIGHER_METRICS)
     negated = any(w in _NEGATED for w in words) and not any(phrase in joined for phrase in _NOT_NEGATED)
-    return lower != negated
+    return (lower != negated) != one_minus
+
+
+def _decisive(word: str) -> bool:
+    """A word that names a metric of either direction (not a qualifier such as ``recon``)."""
+    if word in _QUALIFIERS:
+        return False
+    return word in _LOWER_WORDS or word.endswith(_SUFFIXES) or word in _HIGHER_METRICS
 
 
 def _named_last(words: list[str], metrics: frozenset[str]) -> bool:
@@ -133,7 +152,7 @@ def _named_last(words: list[str], metrics: frozenset[str]) -> bool:
     for word in reversed(words):
         if word in metrics:
             return True
-        if word in _LOWER_WORDS or word.endswith(_SUFFIXES) or word in _HIGHER_METRICS:
+        if _decisive(word):
             return False
     return False
 
@@ -141,7 +160,7 @@ def _named_last(words: list[str], metrics: frozenset[str]) -> bool:
 def reads_higher(monitor: str) -> bool:
     """Whether the name says higher is better (``val_acc``, ``val/f1``, ``val_recon_psnr``), not only fails to say
     lower is better (``val_score`` says neither)."""
-    return not lower_is_better(monitor) and any(w in _HIGHER_METRICS for w in _words(monitor))
+    return not lower_is_better(monitor) and _named_last(_words(monitor), _HIGHER_METRICS)
 
 
 def is_rate(monitor: str) -> bool:

@@ -464,6 +464,7 @@ def test_an_explicit_max_mode_for_a_loss_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         IterativePruning(0.9, monitor="val_score", mode="min", max_drop=0.1)  # says neither: taken as given
+        IterativePruning(0.9, monitor="val_acc_drop", mode="min", max_drop=0.1)  # trial AX: told to pass "max"
     assert monitor_mode(None, None) == "max" and monitor_mode("val_loss", "min") == "min"
 
 
@@ -480,7 +481,9 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_TweedieDevianceScore val_LearnedPerceptualImagePatchSimilarity val_PerceptualPathLength "
             "val_correlation_loss val_BinaryEER val_RetrievalFallOut val_TranslationEditRate val_ProcrustesDisparity "
             "val_SpatialDistortionIndex val_SpectralAngleMapper val_TotalVariation "
-            "val_DeepImageStructureAndTextureSimilarity val_top1_error val_acc_loss val_f1_loss",
+            "val_DeepImageStructureAndTextureSimilarity val_top1_error val_acc_loss val_f1_loss "
+            # trial AX: a fall or gap of a higher-is-better metric, and one minus it
+            "val_acc_drop val_accuracy_gap val_psnr_drop val_1-ssim val/acc_degradation",
             "min",
         ),
         (
@@ -491,7 +494,8 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_PerceptualEvaluationSpeechQuality val_explained_deviance val_NegativePredictiveValue "
             "val_DistanceIntersectionOverUnion "
             # trial AV: a metric named after what it measures
-            "val_recon_psnr val_reconstruction_accuracy val_ce_f1 val_bce_auroc val_recon_ssim val_mse_r2",
+            "val_recon_psnr val_reconstruction_accuracy val_ce_f1 val_bce_auroc val_recon_ssim val_mse_r2 "
+            "val_psnr_recon val_loss_drop val_top-1-acc",
             "max",
         ),
     ],
