@@ -456,9 +456,10 @@ class IterativePruning(Callback):
         if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
             self._metrics.resume(trainer, resumed, core)
         self._place_resumed_clock(trainer)
-        if not self._in_steps and core.steps < trainer.current_epoch:
+        if not self._in_steps and not self._guarded_epochs and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
-            # without that epoch's end (where its event runs) or the next one's start. The event runs now.
+            # without that epoch's end (where its event runs) or the next one's start. The event runs now (a
+            # guarded one at the epoch's first batch, after every callback's start: QAT's switch included)
             self._advance(pl_module, trainer.current_epoch)
 
     def _place_resumed_clock(self, trainer: pl.Trainer) -> None:

@@ -241,6 +241,11 @@ class FakeQuantizer(nn.Module):
         if self.mode == "learned":
             self.scale.requires_grad_(on)  # LSQ: the step size trains while quantization is on
 
+    @classmethod
+    def quantizes(cls, flags: int) -> bool:
+        """Whether a quantizer whose :attr:`state` is ``flags`` quantizes its output."""
+        return bool(flags & cls._FAKE_QUANT)
+
     @property
     def frozen_shift(self) -> bool:
         """Whether the power-of-two shift was fixed (by :meth:`set_shift`)."""

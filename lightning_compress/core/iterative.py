@@ -21,6 +21,7 @@ optimizer steps.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -554,6 +555,8 @@ class IterativePruner:
             )
         decision = self.guard.observe(float(value))
         rolled_back = decision is not None and decision.action in ("rollback", "stop")
+        if decision is None and not self._judged.quantizes_alike():
+            self._warn_if_quantization_costs_more(float(value))
         self.restored_value = None
         if rolled_back:
             value_then = self._judged.value
@@ -568,6 +571,21 @@ class IterativePruner:
         if decision is not None:
             self.decisions.append(decision)
         return decision
+
+    def _warn_if_quantization_costs_more(self, value: float) -> None:
+        """The first evaluation since quantization switched on scores the model quantized, with no event to judge:
+        when that alone is beyond ``max_drop``, every event from now on is rolled back (a trial: the guard kept the
+        first quantized model, 0.23 below the baseline, through every later rollback). Said, with what to change."""
+        guard = self.guard
+        assert guard is not None
+        drop = guard.drop(value)
+        if guard.started and math.isfinite(drop) and drop > guard.max_drop:
+            self._warn(
+                f"IterativePruning: with quantization switched on the model scores {value:.4f}, {drop:.4f} from the "
+                f"baseline {guard.baseline:.4f} before any new pruning event: more than `max_drop`={guard.max_drop}. "
+                "Events are judged against that baseline, so each is rolled back, to this model. Raise `max_drop` "
+                "to cover quantization's cost, or end pruning before quantization starts."
+            )
 
     def _roll_back(self) -> bool:
         """Undo the last event: the masks before it, and the whole model as the last evaluation before the event
@@ -686,6 +704,7 @@ class IterativePruner:
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
         self._saved_judgement = state.get("judged")
+        self._judged.note_saved(self._saved_judgement)  # events wait if quantization switched on since it
 
 
 def _warn(message: str) -> None:

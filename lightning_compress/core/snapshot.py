@@ -22,6 +22,14 @@ def quantizer_flags(model: nn.Module) -> list[int]:
     return [int(m.state) for m in model.modules() if isinstance(m, FakeQuantizer)]
 
 
+def flags_alike(then: list[int], now: list[int]) -> bool:
+    """Whether quantizers whose flags were ``then`` compute as they did with ``now``: each has the flags it had, or
+    quantized neither then nor now (observers that only calibrate pass values through)."""
+    return len(then) == len(now) and all(
+        a == b or not (FakeQuantizer.quantizes(a) or FakeQuantizer.quantizes(b)) for a, b in zip(then, now, strict=True)
+    )
+
+
 class ModelSnapshot:
     """Every parameter and buffer of ``model`` as they are now (this process's shards of sharded ones). The
     quantizers' scales and ranges go back only when their flags (fake quantization on, observing, initialized) are
@@ -39,7 +47,6 @@ class ModelSnapshot:
                 for q in quantizers
                 for flags in [q.state]
             ]
-            self._quantizing = [q.fake_quant_enabled for q in quantizers]
         self.quantizer_flags = [flags for _, flags, _ in self._quantizer_state]  # as :func:`quantizer_flags` reads
         seen = {id(t) for q in quantizers for t in [*q.parameters(), *q.buffers()]}
         self._quantized: list[tuple[FakeQuantizer, Tensor]] = [  # (a weight's quantizer, the weight)
@@ -58,10 +65,7 @@ class ModelSnapshot:
     def quantizes_alike(self) -> bool:
         """Whether the model's quantizers would let :meth:`restore` give back exactly the copied model: each has the
         flags it had, or was off then and is off now."""
-        return all(
-            int(q.state) == flags or (not was and not q.fake_quant_enabled)
-            for (q, flags, _), was in zip(self._quantizer_state, self._quantizing, strict=True)
-        )
+        return flags_alike(self.quantizer_flags, [int(q.state) for q, _, _ in self._quantizer_state])
 
     def restore(self) -> bool:
         """Write the saved values back, in place (the tensors the optimizer holds stay the same objects). When the
@@ -100,6 +104,7 @@ class JudgedModel:
         self.snapshot: ModelSnapshot | None = None
         self.value: float | None = None
         self.steps: int | None = None
+        self.flags_then: list[int] | None = None  # a checkpoint's record of the judged model's quantizers, no copy
 
     @property
     def held(self) -> bool:
@@ -117,15 +122,22 @@ class JudgedModel:
 
     def hold(self, snapshot: ModelSnapshot, value: float | None) -> None:
         """Hold a copy taken earlier (before an event no evaluation judged: ``value=None``)."""
-        self.snapshot, self.value = snapshot, value
+        self.snapshot, self.value, self.flags_then = snapshot, value, None
 
     def clear(self) -> None:
         self.snapshot, self.value = None, None
 
     def quantizes_alike(self) -> bool:
-        """Whether a rollback now would give back exactly the judged model (``True`` without a copy: a resumed run
-        takes one at its first event): quantization has not switched on or off since."""
-        return self.snapshot is None or self.snapshot.quantizes_alike()
+        """Whether quantization has not switched on or off since the judged evaluation, so that a rollback now would
+        give back the model it judged. A resumed run without a copy reads the quantizers' flags of the checkpoint's
+        :meth:`record` (:meth:`note_saved`); with neither (saved while an event awaited judgement): ``True``."""
+        if self.snapshot is not None:
+            return self.snapshot.quantizes_alike()
+        return self.flags_then is None or flags_alike(self.flags_then, quantizer_flags(self._model))
+
+    def note_saved(self, record: Mapping[str, Any] | None) -> None:
+        """A checkpoint's :meth:`record` (``None``: it has none): how the judged model's quantizers stood."""
+        self.flags_then = None if record is None else [int(flags) for flags in record["quantizers"]]
 
     def restore(self) -> bool:
         """Write the copy back; whether the model is now exactly the judged one (``False`` without a copy)."""

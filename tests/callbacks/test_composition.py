@@ -143,6 +143,26 @@ def test_compiled_network_does_not_recompile_per_step():
     assert sparsity(model) == pytest.approx(0.7, abs=1e-3)
 
 
+def test_a_compiled_network_exports_to_onnx_at_the_end_of_fit(tmp_path):
+    """Trial AZ: `export_path=".onnx"` failed after training ("FX to torch.jit.trace a dynamo-optimized function"),
+    with a hint to replace an operation; the compiled module is exported as the module it compiled."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    model.net[2] = torch.compile(model.net[2])  # a compiled submodule
+    model.example_input_array = torch.randn(2, 16)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=tmp_path / "model.onnx")
+    trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert type(model.net[2]).__name__ == "OptimizedModule"  # the model is left as it was
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    x = torch.randn(4, 16)
+    model.eval()
+    expected = model(x).detach().numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - expected).max() < 0.05
+    assert {layer.name for layer in qat.export_report.layers} >= {"net.0.weight", "net.2.weight", "net.4.weight"}
+
+
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/status") as f:
         for line in f:
@@ -277,6 +297,48 @@ def test_no_event_runs_between_the_switch_to_fake_quantization_and_a_validation_
     assert len(actions) == 4  # epoch 2's validation judged no event: it scored the model quantized
     assert all(q.fake_quant_enabled for _, q in quantizers(model))
     assert digest(model) in seen.seen
+
+
+def test_a_fit_resumed_before_the_switch_to_fake_quantization_waits_as_the_uninterrupted_one(tmp_path):
+    """Trial AX: resumed from the checkpoint of QAT's calibration epoch, the epoch event ran at train start, before
+    QAT switched on there, and the next validation judged event and switch together (the uninterrupted run judges
+    the quantized model alone first). The resumed run now takes the uninterrupted run's decisions."""
+
+    def fit(ckpt_path=None, callbacks=()):
+        pl.seed_everything(0, verbose=False)
+        pruning = IterativePruning(0.8, start_epoch=0, end_epoch=4, monitor="val_acc", max_drop=1.0, every_n_epochs=1)
+        trainer(
+            max_epochs=5,
+            callbacks=[pruning, QuantizationAwareTraining(8, 8, start_epoch=1), *callbacks],
+            enable_checkpointing=bool(callbacks),
+        ).fit(TinyModule(), ckpt_path=ckpt_path)
+        return [(d.action, d.value) for d in pruning.decisions]
+
+    whole = fit(callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")])
+    assert [a for a, _ in whole] == ["baseline", "accept", "accept", "accept"]  # epoch 2's validation: no event
+    assert fit(tmp_path / "epoch=1.ckpt") == whole[2:]
+
+
+class QuantizationCosts(TinyModule):
+    """`val_score` is 1 in float and 0.7 while the layers fake-quantize, whatever is pruned."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        quantizing = any(q.fake_quant_enabled for _, q in quantizers(self))
+        self.log("val_score", 0.7 if quantizing else 1.0)
+
+
+def test_quantization_that_alone_costs_more_than_max_drop_is_said():
+    """Trial AX: QAT alone cost 0.23 against `max_drop`=0.01; every later event was rolled back to the first
+    quantized model, and the fit only said it ended short of its target."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=4, monitor="val_score", max_drop=0.1, every_n_epochs=1)
+    match = r"with quantization switched on the model scores 0.7000, 0.3000 from the baseline 1.0000 before any new"
+    with pytest.warns(UserWarning, match=match):
+        trainer(max_epochs=5, callbacks=[pruning, QuantizationAwareTraining(8, 8, start_epoch=1)]).fit(
+            QuantizationCosts()
+        )
+    assert [d.action for d in pruning.decisions] == ["baseline", "accept", "rollback", "rollback"]
 
 
 class SwitchOnMidEpoch(Callback):
