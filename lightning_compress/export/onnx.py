@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -233,6 +233,46 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
+    with _uncompiled(model) as plain:
+        return _export_onnx(
+            plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
+            dynamic_axes=dynamic_axes, accuracy_level=accuracy_level,
+        )  # fmt: skip
+
+
+@contextmanager
+def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with each ``torch.compile``d module (an ``OptimizedModule``, which the TorchScript exporter cannot
+    trace: a trial's `export_path` failed at the end of fit) swapped for the module it compiled, meanwhile; the
+    layers are the same objects, and the ONNX names are the uncompiled model's."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if _is_compiled(child):
+                    swapped.append((parent, name, child))
+                    setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
+        yield cast(nn.Module, model._orig_mod) if _is_compiled(model) else model
+    finally:
+        for parent, name, child in reversed(swapped):
+            setattr(parent, name, child)
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def _export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: Any,
+    *,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    opset: int,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+    accuracy_level: int,
+) -> CompressionReport:
     check_module(model, materialized=True)
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
