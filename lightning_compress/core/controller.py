@@ -122,22 +122,33 @@ def lower_is_better(monitor: str) -> bool:
     ``val_celoss``), unless a word says the opposite (``error_reduction``, ``mse_skill``); ``neg_`` flips the
     reading (``neg_mse``: higher is better; ``neg_elbo``: lower)."""
     words = _words(monitor)
-    one_minus = re.search(r"(?:^|[_/.\s])1-[a-z]", monitor.lower()) is not None  # val_1-ssim: lower is better
     for i in range(len(words) - 1, -1, -1):  # a fall or gap of the metric named before it (trial AV)
         if words[i] in _GAP_WORDS:
             return True
         if words[i] in _FALL_WORDS:
             before = "_".join(words[:i])
-            return (not lower_is_better(before) if before else True) != one_minus
+            return not lower_is_better(before) if before else True
         if _decisive(words[i]):
             break
+    if _one_minus_last(monitor, words):
+        return True
     joined = "_".join(words)
     lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
     lower = lower or "cross_entropy" in joined or any(phrase in joined for phrase in _LOWER_PHRASES)
     lower = lower and not any(w in _HIGHER_WORDS for w in words) and not any(p in joined for p in _HIGHER_PHRASES)
     lower = lower and not _named_last(words, _HIGHER_METRICS)
     negated = any(w in _NEGATED for w in words) and not any(phrase in joined for phrase in _NOT_NEGATED)
-    return (lower != negated) != one_minus
+    return lower != negated
+
+
+_ONE_MINUS = re.compile(r"(?:^|[_/.\s])(?:1-|one_minus_)([a-z0-9]+)")
+
+
+def _one_minus_last(monitor: str, words: list[str]) -> bool:
+    """Whether the name's last metric word is a higher-is-better metric taken from one (``val_1-ssim``,
+    ``val_one_minus_ssim``: lower is better); ``val_1-shot_acc`` and ``val_1-ssim_loss`` are not."""
+    last = next((w for w in reversed(words) if _decisive(w)), None)
+    return last in _HIGHER_METRICS and any(m.group(1) == last for m in _ONE_MINUS.finditer(monitor.lower()))
 
 
 def _decisive(word: str) -> bool:

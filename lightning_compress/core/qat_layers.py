@@ -35,6 +35,18 @@ __all__ = [
 ]
 
 
+def carry_forward_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Register ``old``'s forward pre-hooks and hooks on the layer that takes its place, in order and with their
+    flags (trial BA: a hook reading a layer's output was dropped by the swap, and the output it changed changed), as
+    torch.ao's own module swap does. The handles the user holds still refer to ``old``."""
+    for key, hook in old._forward_pre_hooks.items():
+        new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
+    for key, hook in old._forward_hooks.items():
+        new.register_forward_hook(
+            hook, with_kwargs=key in old._forward_hooks_with_kwargs, always_call=key in old._forward_hooks_always_called
+        )
+
+
 class QATLayer:
     """What every fake-quantized layer adds to its float layer: the quantizers, the quantized weight and bias, and
     the export modes (test ``isinstance(module, QATLayer)``)."""
@@ -80,12 +92,14 @@ class QATLayer:
         has_bias = getattr(module, "bias", None) is not None
         layer.quantize_bias = bool(config.quantize_bias and quantize_input and has_bias)
         layer.train(module.training)  # a model in eval mode must not start observing
+        carry_forward_hooks(module, layer)
 
     def _share_into(self, new: Any) -> nn.Module:
         layer = cast(Any, self)
         new.weight = layer.weight
         if hasattr(layer, "bias"):
             new.bias = layer.bias
+        carry_forward_hooks(layer, new)
         return cast(nn.Module, new.train(layer.training))
 
     def quantized_weight(self) -> Tensor:
@@ -363,7 +377,7 @@ def _computing_base(module: nn.Module) -> type[nn.Module] | None:
     base = next((b for b in QAT_CLASSES if b is not kind and isinstance(module, b)), None)
     if base is None:
         return None
-    own = kind.__mro__[: kind.__mro__.index(base)]
+    own = [cls for cls in kind.__mro__ if cls not in base.__mro__]  # mixins after the base too (trial BA)
     if any(set(vars(cls)) - _CLASS_METADATA for cls in own):
         return None
     own_attributes = set(vars(module)) - _base_attributes(base) - _BOOKKEEPING

@@ -374,6 +374,15 @@ class _WithAttribute(nn.Linear):
         self.tag = "adapter"
 
 
+class _Helper:
+    def helper(self):
+        return self
+
+
+class _MixinAfter(nn.Linear, _Helper):
+    """Trial BA: a mixin after the base was not looked at; converted, the layer lost `helper`."""
+
+
 class _WithPrivateAttribute(nn.Linear):
     """Trial AX: its parent's forward reads `_scale`; converted, the layer lost it (AttributeError in forward)."""
 
@@ -406,7 +415,14 @@ def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base
     with pytest.raises(ValueError, match=r"_OwnConvForward subclasses Conv2d with more of its own than an __init__"):
         convert_to_qat(nn.Sequential(_OwnConvForward(3, 3, 1)), QuantConfig(8, 8), include=["0"])
     # anything else of its own (a method, a buffer, an attribute its parent may read) would be lost in the swap
-    for layer in (_WithMethod(4, 4), _WithBuffer(4, 4), _WithAttribute(4, 4), _WithPrivateAttribute(4, 4)):
+    layers = (
+        _WithMethod(4, 4),
+        _WithBuffer(4, 4),
+        _WithAttribute(4, 4),
+        _WithPrivateAttribute(4, 4),
+        _MixinAfter(4, 4),
+    )
+    for layer in layers:
         with pytest.warns(UserWarning, match=rf"leaves \['0 \({type(layer).__name__}\)'\] in float"):
             assert convert_to_qat(nn.Sequential(layer, nn.Linear(4, 2)), QuantConfig(8, 8)) == ["1"]
 
@@ -669,3 +685,24 @@ def test_enable_fake_quant_of_named_layers_switches_those_only_and_checks_the_na
     with pytest.raises(TypeError, match=r"`layers` must hold layer names \(strings\), got \['0'\]"):
         enable_fake_quant(model, layers=[0])  # trial AS: "names ['0'], which are not ... (they are ['0', ...])"
     assert not model[2][0].weight_fake_quant.fake_quant_enabled  # nothing changed by a refused call
+
+
+def test_forward_hooks_and_pre_hooks_survive_the_swap_both_ways():
+    """Trial BA: `convert_to_qat` dropped a layer's forward hooks (the output a hook changed changed by 7.65)."""
+    from lightning_compress import QuantConfig, convert_to_float, convert_to_qat
+    from lightning_compress.core.qat import QATLinear
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    seen: list[str] = []
+    model[0].register_forward_pre_hook(lambda m, args, kwargs: seen.append("pre") or ((2 * args[0],), kwargs),
+                                       with_kwargs=True)  # fmt: skip
+    model[0].register_forward_hook(lambda m, args, out: seen.append("post") or out + 3)
+    x = torch.randn(3, 4)
+    expected = model(x)
+    convert_to_qat(model, QuantConfig(8, 8))
+    assert type(model[0]) is QATLinear
+    torch.testing.assert_close(model(x), expected)  # fake quantization is off until enabled
+    convert_to_float(model)
+    torch.testing.assert_close(model(x), expected)
+    assert seen == ["pre", "post"] * 3
