@@ -449,5 +449,8 @@ def _convert(
         channel.extend(roots)
     group = ChannelGroup(root, size, _sorted_slices(slices.items()))
     if not any(s.kind == "in" for s in group.slices):
-        return None, "no layer consumes its channels (they reach the model's output through an activation or pooling)"
+        return None, (
+            "no traced layer consumes its channels: they reach the model's output through operations that are not "
+            "layers (an activation, pooling, or a weight used directly through F.linear, matmul or einsum)"
+        )
     return group, ""

@@ -762,3 +762,23 @@ def test_layers_left_whole_say_what_stops_them():
     assert (
         skipped["e"] == "norm (LayerNorm) normalizes over several channels: removing one is not the same as zeroing it"
     )
+
+
+class ThroughFunctionalLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return F.linear(torch.relu(self.l2(torch.relu(self.l1(x)))), self.fc.weight, self.fc.bias)
+
+
+def test_a_layer_consumed_through_f_linear_is_said_to_be():
+    """Trial AZ: the reason said the channels "reach the model's output through an activation or pooling"."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    _, skipped = build_channel_groups(ThroughFunctionalLinear().eval(), torch.randn(2, 8))
+    assert skipped["l2"].startswith("no traced layer consumes its channels")
+    assert "F.linear" in skipped["l2"]
