@@ -122,33 +122,48 @@ def lower_is_better(monitor: str) -> bool:
     ``val_celoss``), unless a word says the opposite (``error_reduction``, ``mse_skill``); ``neg_`` flips the
     reading (``neg_mse``: higher is better; ``neg_elbo``: lower)."""
     words = _words(monitor)
+    joined = "_".join(words)
+    negated = any(w in _NEGATED for w in words) and not any(phrase in joined for phrase in _NOT_NEGATED)
     for i in range(len(words) - 1, -1, -1):  # a fall or gap of the metric named before it (trial AV)
         if words[i] in _GAP_WORDS:
-            return True
+            return not negated
         if words[i] in _FALL_WORDS:
-            before = "_".join(words[:i])
-            return not lower_is_better(before) if before else True
+            before = monitor[: monitor.lower().rfind(words[i])]  # as written: val_1-acc_drop keeps its "1-"
+            return (not lower_is_better(before) if _words(before) else True) != negated
         if _decisive(words[i]):
             break
     if _one_minus_last(monitor, words):
-        return True
-    joined = "_".join(words)
+        return not negated
     lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
     lower = lower or "cross_entropy" in joined or any(phrase in joined for phrase in _LOWER_PHRASES)
     lower = lower and not any(w in _HIGHER_WORDS for w in words) and not any(p in joined for p in _HIGHER_PHRASES)
     lower = lower and not _named_last(words, _HIGHER_METRICS)
-    negated = any(w in _NEGATED for w in words) and not any(phrase in joined for phrase in _NOT_NEGATED)
     return lower != negated
 
 
-_ONE_MINUS = re.compile(r"(?:^|[_/.\s])(?:1-|one_minus_)([a-z0-9]+)")
+_ONE_MINUS = re.compile(r"(?:^|[_/.\s-])(?:1-|1_minus_|one_?minus_|one-minus-)")
+_AFTER_TOP = re.compile(r"top[_/.\s-]?$")  # val_top_1-acc: top-1 accuracy, not one minus it
+# words that may stand between "1-" and the metric it takes from one: val_1-top1_acc, val_1-ms_ssim
+_MODIFIERS = frozenset(
+    ["top", "top1", "top5", "1", "5", "ms", "multiscale", "mean", "macro", "micro", "weighted", "balanced", "avg"]
+)
 
 
 def _one_minus_last(monitor: str, words: list[str]) -> bool:
     """Whether the name's last metric word is a higher-is-better metric taken from one (``val_1-ssim``,
-    ``val_one_minus_ssim``: lower is better); ``val_1-shot_acc`` and ``val_1-ssim_loss`` are not."""
+    ``val_1-top1_acc``, ``val_one_minus_ssim``: lower is better); ``val_1-shot_acc``, ``val_top_1-acc`` and
+    ``val_1-ssim_loss`` are not."""
     last = next((w for w in reversed(words) if _decisive(w)), None)
-    return last in _HIGHER_METRICS and any(m.group(1) == last for m in _ONE_MINUS.finditer(monitor.lower()))
+    if last not in _HIGHER_METRICS:
+        return False
+    lowered = monitor.lower()
+    for match in _ONE_MINUS.finditer(lowered):
+        if _AFTER_TOP.search(lowered[: match.start() + 1]):
+            continue
+        following = _words(lowered[match.end() :])
+        if last in following and all(w in _MODIFIERS for w in following[: following.index(last)]):
+            return True
+    return False
 
 
 def _decisive(word: str) -> bool:

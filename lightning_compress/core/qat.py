@@ -30,6 +30,7 @@ from .qat_layers import (
     QATLayer,
     QATLinear,
     group_count,
+    keep_unfused,
     qat_class_of,
     qat_modules,
     quantizable,
@@ -269,14 +270,10 @@ def convert_to_qat(
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one
-            new.register_forward_pre_hook(_keep_unfused)
+            new.register_forward_pre_hook(keep_unfused)
         for name in registered[id(module)]:  # a layer registered under two names stays one layer
             _replace(model, name, new)
     return names
-
-
-def _keep_unfused(module: nn.Module, args: Any) -> None:
-    return None
 
 
 def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:

@@ -35,16 +35,32 @@ __all__ = [
 ]
 
 
-def carry_forward_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Register ``old``'s forward pre-hooks and hooks on the layer that takes its place, in order and with their
-    flags (trial BA: a hook reading a layer's output was dropped by the swap, and the output it changed changed), as
-    torch.ao's own module swap does. The handles the user holds still refer to ``old``."""
-    for key, hook in old._forward_pre_hooks.items():
-        new.register_forward_pre_hook(hook, with_kwargs=key in old._forward_pre_hooks_with_kwargs)
-    for key, hook in old._forward_hooks.items():
-        new.register_forward_hook(
-            hook, with_kwargs=key in old._forward_hooks_with_kwargs, always_call=key in old._forward_hooks_always_called
-        )
+_HOOKS = (  # every hook table of an nn.Module (torch 2.x)
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook",
+    "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+
+
+def move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give the layer that takes ``old``'s place ``old``'s hook tables themselves (trial BA: the swap dropped a
+    layer's forward hooks; trial BB: re-registered, they no longer answered their handles' ``remove()``): every
+    hook runs on ``new`` as it ran on ``old``, and the handles the user holds still remove it. ``old`` is left
+    without hooks. The no-op hook the swap adds for PyTorch's fused encoder (:func:`keep_unfused`) does not go back
+    to a float layer."""
+    for name in _HOOKS:
+        if name in vars(old):
+            setattr(new, name, vars(old)[name])
+            setattr(old, name, type(vars(old)[name])())
+    if not isinstance(new, QATLayer):
+        for key in [k for k, hook in new._forward_pre_hooks.items() if hook is keep_unfused]:
+            del new._forward_pre_hooks[key]
+
+
+def keep_unfused(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook: PyTorch's fused ``TransformerEncoderLayer`` path reads weights directly, skipping
+    the fake-quant forward, and is disabled while a submodule has a forward hook."""
+    return None
 
 
 class QATLayer:
@@ -92,14 +108,14 @@ class QATLayer:
         has_bias = getattr(module, "bias", None) is not None
         layer.quantize_bias = bool(config.quantize_bias and quantize_input and has_bias)
         layer.train(module.training)  # a model in eval mode must not start observing
-        carry_forward_hooks(module, layer)
+        move_hooks(module, layer)
 
     def _share_into(self, new: Any) -> nn.Module:
         layer = cast(Any, self)
         new.weight = layer.weight
         if hasattr(layer, "bias"):
             new.bias = layer.bias
-        carry_forward_hooks(layer, new)
+        move_hooks(layer, new)
         return cast(nn.Module, new.train(layer.training))
 
     def quantized_weight(self) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .structure import ChannelGroup
 
-__all__ = ["cut_quant_groups", "keep_whole_blocks", "quant_group_size"]
+__all__ = ["cut_quant_groups", "grouped_consumers", "keep_whole_blocks", "quant_group_size"]
 
 
 def quant_group_size(module: nn.Module) -> int | None:
@@ -28,6 +28,14 @@ def quant_group_size(module: nn.Module) -> int | None:
         return None
     weight: Tensor = module.weight  # type: ignore[assignment]
     return weight.numel() // quantizer.scale.numel()
+
+
+def grouped_consumers(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, int]:
+    """The layers whose inputs are channels of ``groups`` and whose weights are quantized in groups of input weights
+    (name: group size): there a channel can leave only with every other channel of its block."""
+    modules = dict(model.named_modules())
+    found = {s.module: quant_group_size(modules[s.module]) for g in groups for s in g.slices if s.kind == "in"}
+    return {name: size for name, size in found.items() if size is not None}
 
 
 def cut_quant_groups(quantizer: Any, in_keep: Tensor, group_size: int) -> None:

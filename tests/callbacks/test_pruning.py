@@ -484,7 +484,8 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_DeepImageStructureAndTextureSimilarity val_top1_error val_acc_loss val_f1_loss "
             # trial AX: a fall or gap of a higher-is-better metric, and one minus it
             "val_acc_drop val_accuracy_gap val_psnr_drop val_1-ssim val/acc_degradation val_one_minus_ssim "
-            "val_1-ssim_loss",
+            "val_1-ssim_loss val_1-top1_acc val_1-top-1-acc val_1-ms_ssim val_1_minus_ssim val_oneminus_ssim "
+            "val_one-minus-ssim",
             "min",
         ),
         (
@@ -498,7 +499,9 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             "val_recon_psnr val_reconstruction_accuracy val_ce_f1 val_bce_auroc val_recon_ssim val_mse_r2 "
             "val_psnr_recon val_loss_drop val_top-1-acc "
             # trial BA: a "1-" that is not one minus the metric
-            "val_acc_1-shot val_1-shot_acc val_1-nn_acc val_f1_1-vs-rest",
+            "val_acc_1-shot val_1-shot_acc val_1-nn_acc val_f1_1-vs-rest "
+            # trial BB: top-1 accuracy; a fall of an error; one minus one minus
+            "val_top_1-acc val_1-acc_drop val_1-ssim_drop val_neg_1-ssim",
             "max",
         ),
     ],

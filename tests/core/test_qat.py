@@ -706,3 +706,33 @@ def test_forward_hooks_and_pre_hooks_survive_the_swap_both_ways():
     convert_to_float(model)
     torch.testing.assert_close(model(x), expected)
     assert seen == ["pre", "post"] * 3
+
+
+def test_moved_hooks_still_answer_their_handles_and_the_fast_path_comes_back():
+    """Trial BB: hooks registered again on the new layer ignored their handles' `remove()` (a removed hook went on
+    zeroing the outputs), and the no-op hook that keeps PyTorch's fused encoder off came back with `convert_to_float`
+    (one more per round trip: the fast path never returned). Backward hooks were dropped."""
+    from lightning_compress import QuantConfig, convert_to_float, convert_to_qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    calls: list[str] = []
+    handle = model[0].register_forward_hook(lambda m, args, out: calls.append("post") or out * 0)
+    model[0].register_full_backward_hook(lambda m, grad_in, grad_out: calls.append("backward"))
+    convert_to_qat(model, QuantConfig(8, 8))
+    model(torch.randn(3, 4, requires_grad=True)).sum().backward()
+    assert calls == ["post", "backward"]
+    handle.remove()
+    assert bool(model(torch.ones(1, 4)).abs().sum() > 0) and calls == ["post", "backward"]
+    convert_to_float(model)
+    late = model[0].register_forward_pre_hook(lambda m, args: calls.append("late"))
+    model(torch.ones(1, 4))
+    late.remove()
+    model(torch.ones(1, 4))
+    assert calls == ["post", "backward", "late"]
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    for _ in range(2):
+        convert_to_qat(layer, QuantConfig(8, 8))
+        convert_to_float(layer)
+    assert not layer.linear1._forward_pre_hooks and not layer.linear2._forward_pre_hooks
