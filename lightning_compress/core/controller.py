@@ -132,8 +132,9 @@ def lower_is_better(monitor: str) -> bool:
             return (not lower_is_better(before) if _words(before) else True) != negated
         if _decisive(words[i]):
             break
-    if _one_minus_last(monitor, words):
-        return not negated
+    minus = _one_minus(monitor, words)
+    if minus is not None:
+        return minus != negated
     lower = any(w in _LOWER_WORDS or w.endswith(_SUFFIXES) for w in words) or "bits_per" in joined
     lower = lower or "cross_entropy" in joined or any(phrase in joined for phrase in _LOWER_PHRASES)
     lower = lower and not any(w in _HIGHER_WORDS for w in words) and not any(p in joined for p in _HIGHER_PHRASES)
@@ -141,29 +142,32 @@ def lower_is_better(monitor: str) -> bool:
     return lower != negated
 
 
-_ONE_MINUS = re.compile(r"(?:^|[_/.\s-])(?:1-|1_minus_|one_?minus_|one-minus-)")
-_AFTER_TOP = re.compile(r"top[_/.\s-]?$")  # val_top_1-acc: top-1 accuracy, not one minus it
+_ONE_MINUS = re.compile(r"(?:^|[_/.\s-])(?:1\s*-\s*|1_minus_|one_?minus_|one-minus-)")
+_AFTER_TOP = re.compile(r"top\d*[_/.\s-]?$")  # val_top_1-acc: top-1 accuracy, not one minus it
 # words that may stand between "1-" and the metric it takes from one: val_1-top1_acc, val_1-ms_ssim
 _MODIFIERS = frozenset(
-    ["top", "top1", "top5", "1", "5", "ms", "multiscale", "mean", "macro", "micro", "weighted", "balanced", "avg"]
-)
+    ["top", "top1", "top5", "1", "5", "ms", "multiscale", "mean", "macro", "micro", "weighted", "balanced", "avg",
+     "multiclass", "multilabel", "binary"]
+)  # fmt: skip
 
 
-def _one_minus_last(monitor: str, words: list[str]) -> bool:
-    """Whether the name's last metric word is a higher-is-better metric taken from one (``val_1-ssim``,
-    ``val_1-top1_acc``, ``val_one_minus_ssim``: lower is better); ``val_1-shot_acc``, ``val_top_1-acc`` and
-    ``val_1-ssim_loss`` are not."""
-    last = next((w for w in reversed(words) if _decisive(w)), None)
-    if last not in _HIGHER_METRICS:
-        return False
+def _one_minus(monitor: str, words: list[str]) -> bool | None:
+    """Whether the name takes its last metric from one: ``True`` (lower is better) for a higher-is-better metric
+    (``val_1-ssim``, ``val_1-top1_acc``, ``val_one_minus_ssim``), ``False`` for a lower-is-better one (``val_1-wer``);
+    ``None`` when it does not (``val_1-shot_acc``, ``val_top_1-acc``, ``val_1-ssim_loss``, and
+    ``val_1-ssim_improvement``: an improvement of it)."""
+    position = next((i for i in range(len(words) - 1, -1, -1) if _decisive(words[i])), None)
+    if position is None or any(w in _HIGHER_WORDS for w in words[position + 1 :]):
+        return None
+    last = words[position]
     lowered = monitor.lower()
     for match in _ONE_MINUS.finditer(lowered):
         if _AFTER_TOP.search(lowered[: match.start() + 1]):
             continue
-        following = _words(lowered[match.end() :])
+        following = _words(monitor[match.end() :])
         if last in following and all(w in _MODIFIERS for w in following[: following.index(last)]):
-            return True
-    return False
+            return last in _HIGHER_METRICS
+    return None
 
 
 def _decisive(word: str) -> bool:

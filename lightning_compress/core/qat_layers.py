@@ -52,6 +52,10 @@ def move_hooks(old: nn.Module, new: nn.Module) -> None:
         if name in vars(old):
             setattr(new, name, vars(old)[name])
             setattr(old, name, type(vars(old)[name])())
+    table: dict[int, Any] = new._load_state_dict_pre_hooks  # torch wraps these with a reference to their module
+    for key, hook in list(table.items()):  # (trial BD: a moved one was called with the old layer, then failed)
+        if getattr(hook, "with_module", False) and hook.module() is old:
+            table[key] = type(hook)(hook.hook, new)
     if not isinstance(new, QATLayer):
         for key in [k for k, hook in new._forward_pre_hooks.items() if hook is keep_unfused]:
             del new._forward_pre_hooks[key]

@@ -485,7 +485,7 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             # trial AX: a fall or gap of a higher-is-better metric, and one minus it
             "val_acc_drop val_accuracy_gap val_psnr_drop val_1-ssim val/acc_degradation val_one_minus_ssim "
             "val_1-ssim_loss val_1-top1_acc val_1-top-1-acc val_1-ms_ssim val_1_minus_ssim val_oneminus_ssim "
-            "val_one-minus-ssim",
+            "val_one-minus-ssim val_1-MulticlassAccuracy",
             "min",
         ),
         (
@@ -501,7 +501,9 @@ def test_an_explicit_max_mode_for_a_loss_warns():
             # trial BA: a "1-" that is not one minus the metric
             "val_acc_1-shot val_1-shot_acc val_1-nn_acc val_f1_1-vs-rest "
             # trial BB: top-1 accuracy; a fall of an error; one minus one minus
-            "val_top_1-acc val_1-acc_drop val_1-ssim_drop val_neg_1-ssim",
+            "val_top_1-acc val_1-acc_drop val_1-ssim_drop val_neg_1-ssim "
+            # trial BD: one minus a lower-is-better metric; an improvement of one minus a metric
+            "val_1-wer val_1-err val_1-ssim_improvement val_top5_1-acc",
             "max",
         ),
     ],

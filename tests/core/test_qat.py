@@ -712,7 +712,11 @@ def test_moved_hooks_still_answer_their_handles_and_the_fast_path_comes_back():
     """Trial BB: hooks registered again on the new layer ignored their handles' `remove()` (a removed hook went on
     zeroing the outputs), and the no-op hook that keeps PyTorch's fused encoder off came back with `convert_to_float`
     (one more per round trip: the fast path never returned). Backward hooks were dropped."""
+    import copy
+    import gc
+
     from lightning_compress import QuantConfig, convert_to_float, convert_to_qat
+    from lightning_compress.core.qat import QATLinear
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -730,6 +734,14 @@ def test_moved_hooks_still_answer_their_handles_and_the_fast_path_comes_back():
     late.remove()
     model(torch.ones(1, 4))
     assert calls == ["post", "backward", "late"]
+
+    seen_by: list[type] = []  # trial BD: a load_state_dict pre-hook was called with the discarded layer
+    model[0].register_load_state_dict_pre_hook(lambda module, *args: seen_by.append(type(module)))
+    convert_to_qat(model, QuantConfig(8, 8))
+    gc.collect()  # the float layer it replaced is gone
+    model.load_state_dict(model.state_dict())
+    copy.deepcopy(model)
+    assert seen_by == [QATLinear]
 
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
     for _ in range(2):
