@@ -25,7 +25,9 @@ __all__ = [
 
 
 def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
-    """The monitored value of the validation that just ran; a name it never logged is refused with those it did."""
+    """The monitored value of the validation that just ran, the same on every process: their mean (a value logged
+    without ``sync_dist=True`` is each process's own: trial BE's guard rolled back on one process of two, the models
+    parted and the fit failed); a name it never logged is refused with those it did."""
     value = trainer.callback_metrics.get(monitor)
     if value is None:
         available = sorted(trainer.callback_metrics)
@@ -34,7 +36,17 @@ def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
             "Log it with `self.log(...)` in `validation_step` (with `on_epoch=True`, the default there: a value "
             "logged only `on_step` reaches no callback) or change `monitor`."
         )
-    return float(value)
+    if trainer.world_size == 1:
+        return float(value)
+    local = torch.as_tensor(value, dtype=torch.float64).to(trainer.strategy.root_device)
+    lowest, highest = (float(trainer.strategy.reduce(sign * local, reduce_op="max")) for sign in (-1, 1))
+    if -lowest != highest:
+        rank_zero_warn(  # one text per monitor: Python shows it once
+            f"IterativePruning: `monitor`={monitor!r} differs between processes (logged without `sync_dist=True`): "
+            "the guard judges their mean, the same on every process. Log it with `sync_dist=True` to judge the "
+            "value of the whole validation set."
+        )
+    return float(trainer.strategy.reduce(local, reduce_op="mean"))
 
 
 class LoggedNames:

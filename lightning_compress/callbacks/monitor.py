@@ -15,7 +15,7 @@ from torch import Tensor
 from ..core.checks import is_real
 from ..core.controller import monitor_mode
 from ..core.qat import quantizers
-from ..core.sharding import full
+from ..core.sharding import full, reshard
 from ..core.summary import ModelSize, estimate_size
 from ._guard import LoggedNames, stale_note
 from ._validation import runs_in_spawned_processes
@@ -133,6 +133,7 @@ class CompressionMonitor(Callback):
             return
         value = self._monitored(trainer)
         whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
+        reshard(pl_module)  # a forward without backward left FSDP2's root unit gathered (trial BE: a segfault)
         if whole and value is not None and not _compressed(pl_module, estimate_size(pl_module)):
             self.baseline = value
 
@@ -141,6 +142,7 @@ class CompressionMonitor(Callback):
         guard's rollback), and the point logged must pair the value with the model it belongs to."""
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        reshard(pl_module)
         size = estimate_size(pl_module)
         self._validated = size, _compressed(pl_module, size)
         self._logged.start(trainer)
@@ -172,6 +174,7 @@ class CompressionMonitor(Callback):
         self._log(trainer, pl_module, size, value)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reshard(pl_module)
         size = estimate_size(pl_module)
         # the value of the last validation that scored the model fit returns: after a guard's rollback the last one
         # scored the rejected model (the Trainer's metrics then still hold its values)

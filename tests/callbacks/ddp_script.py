@@ -14,6 +14,7 @@ from lightning_compress import IterativePruning, QuantizationAwareTraining
 from tests.conftest import TinyModule
 
 warnings.filterwarnings("ignore")
+warnings.filterwarnings("default", message=".*differs between processes")  # the guard job asserts it
 
 
 class RankNoisyImportance:
@@ -25,14 +26,28 @@ class RankNoisyImportance:
         return weight.detach().abs() + torch.rand(weight.shape, generator=g)
 
 
+class RankLocalScore(TinyModule):
+    """`val_score` logged without `sync_dist`: 1 on rank 0, 1 - sparsity on rank 1 (the guard read each rank's own
+    value: rank 1 rolled back where rank 0 accepted, the models parted and the fit failed; trial BE)."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        sparse = sum(int((p == 0).sum()) for p in self.net.parameters()) / sum(p.numel() for p in self.net.parameters())
+        self.log("val_score", 1.0 - rank * sparse)
+
+
 def main(out_dir: str, importances: list[str]) -> None:
     for name in importances:
         pl.seed_everything(0, verbose=False)
-        model = TinyModule()
+        model = RankLocalScore() if name == "guard-ranklocal" else TinyModule()
         prune_part, _, qat_part = name.partition("+") if not name.startswith("qat-") else ("", "", name)
         callbacks: list[pl.Callback] = []
         pruning = None
-        if prune_part:
+        if name == "guard-ranklocal":
+            pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, monitor="val_score", max_drop=0.2)
+            callbacks.append(pruning)
+        elif prune_part:
             granularity, _, prune_part = prune_part.rpartition("-")  # "channel-taylor", "2:4-noisy", "magnitude"
             importance = RankNoisyImportance() if prune_part == "noisy" else prune_part
             target = {"": 0.8, "channel": 0.5, "2:4": 0.5}[granularity]
@@ -64,6 +79,7 @@ def main(out_dir: str, importances: list[str]) -> None:
         torch.save(
             {
                 "masks": pruning.masks if pruning else {},
+                "decisions": [d.action for d in pruning.decisions] if pruning else [],
                 "weights": {k: v.clone() for k, v in model.state_dict().items()},
             },
             f"{out_dir}/{name}_rank{rank}.pt",

@@ -21,6 +21,7 @@ JOBS = [
     "channel-taylor",
     "2:4-noisy+qat-learned",
     "taylor+qat-8da4w",
+    "guard-ranklocal",
 ]
 
 
@@ -41,10 +42,13 @@ def test_masks_identical_on_every_rank(tmp_path):
     # decisions are logged once, by rank zero, not once per process
     assert output.count("QuantizationAwareTraining: fake quantization on") == sum("qat" in job for job in JOBS)
     assert output.count("IterativePruning: channels left whole") == sum(job.startswith("channel-") for job in JOBS)
+    assert "`monitor`='val_score' differs between processes" in output  # the guard judges the mean
     for name in JOBS:
         r0 = torch.load(tmp_path / f"{name}_rank0.pt", weights_only=True)
         r1 = torch.load(tmp_path / f"{name}_rank1.pt", weights_only=True)
-        assert r0["masks"].keys() == r1["masks"].keys()
+        assert r0["masks"].keys() == r1["masks"].keys() and r0["decisions"] == r1["decisions"]
+        if name.startswith("guard-"):
+            assert "rollback" in r0["decisions"] and "accept" in r0["decisions"]
         assert bool(r0["masks"]) == (not name.startswith("qat-"))
         if "qat" in name:  # observer ranges, scales and zero points too
             assert any(k.endswith("input_fake_quant.min_val") for k in r0["weights"])
@@ -53,7 +57,7 @@ def test_masks_identical_on_every_rank(tmp_path):
             assert torch.equal(r0["masks"][key], r1["masks"][key]), (name, key)
         for key in r0["weights"]:
             assert torch.equal(r0["weights"][key], r1["weights"][key]), (name, key)
-        if r0["masks"] and not name.startswith("channel-"):
+        if r0["masks"] and not name.startswith(("channel-", "guard-")):
             kept = sum(int(m.sum()) for m in r0["masks"].values())
             total = sum(m.numel() for m in r0["masks"].values())
             assert 1 - kept / total == pytest.approx(0.5 if name.startswith("2:4") else 0.8, abs=1e-3)
