@@ -24,24 +24,36 @@ __all__ = [
 ]
 
 
-def read_monitor(trainer: pl.Trainer, monitor: str) -> float:
+def read_monitor(trainer: pl.Trainer, monitor: str, said: set[str] | None = None) -> float:
     """The monitored value of the validation that just ran, the same on every process: their mean (a value logged
     without ``sync_dist=True`` is each process's own: trial BE's guard rolled back on one process of two, the models
-    parted and the fit failed); a name it never logged is refused with those it did."""
+    parted and the fit hung). Differing values are said once per name in ``said`` (``None``: not said). A name a
+    validation did not log, on any process, is refused on every process with the names it did log."""
     value = trainer.callback_metrics.get(monitor)
-    if value is None:
+    distributed = trainer.world_size > 1
+    device = trainer.strategy.root_device
+    if distributed:  # every process takes the same way: a refusal on one alone would leave the others waiting
+        logged = trainer.strategy.reduce(torch.tensor(float(value is not None), device=device), reduce_op="min")
+        missing = float(logged) == 0.0
+    else:
+        missing = value is None
+    if missing:
         available = sorted(trainer.callback_metrics)
         raise ValueError(
-            f"`monitor`={monitor!r} was not logged during validation; logged metrics: {available}. "
-            "Log it with `self.log(...)` in `validation_step` (with `on_epoch=True`, the default there: a value "
-            "logged only `on_step` reaches no callback) or change `monitor`."
+            f"`monitor`={monitor!r} was not logged during validation"
+            + (" on every process (`rank_zero_only=True` logs it on one)" if value is not None else "")
+            + f"; logged metrics: {available}. Log it with `self.log(...)` in `validation_step` (with "
+            "`on_epoch=True`, the default there: a value logged only `on_step` reaches no callback) or change "
+            "`monitor`."
         )
-    if trainer.world_size == 1:
+    assert value is not None
+    if not distributed:
         return float(value)
-    local = torch.as_tensor(value, dtype=torch.float64).to(trainer.strategy.root_device)
+    local = torch.as_tensor(value, dtype=torch.float64).to(device)
     lowest, highest = (float(trainer.strategy.reduce(sign * local, reduce_op="max")) for sign in (-1, 1))
-    if -lowest != highest:
-        rank_zero_warn(  # one text per monitor: Python shows it once
+    if -lowest != highest and said is not None and monitor not in said:
+        said.add(monitor)  # Python's own once-only record is cleared by any `catch_warnings` (trial BF)
+        rank_zero_warn(
             f"IterativePruning: `monitor`={monitor!r} differs between processes (logged without `sync_dist=True`): "
             "the guard judges their mean, the same on every process. Log it with `sync_dist=True` to judge the "
             "value of the whole validation set."

@@ -17,7 +17,7 @@ from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full, reshard
 from ..core.summary import ModelSize, estimate_size
-from ._guard import LoggedNames, stale_note
+from ._guard import LoggedNames, read_monitor, stale_note
 from ._validation import runs_in_spawned_processes
 
 __all__ = ["CompressionMonitor"]
@@ -198,13 +198,7 @@ class CompressionMonitor(Callback):
     def _monitored(self, trainer: pl.Trainer) -> float | None:
         if self.monitor is None:
             return None
-        value = trainer.callback_metrics.get(self.monitor)
-        if value is None:
-            raise ValueError(
-                f"`monitor`={self.monitor!r} was not logged during validation; logged metrics: "
-                f"{sorted(trainer.callback_metrics)}. Log it with `self.log(...)` or change `monitor`."
-            )
-        return float(value)
+        return read_monitor(trainer, self.monitor)  # the processes' mean, as the guard judges it (trial BF)
 
     def _drop(self, value: float) -> float | None:
         """Drop from the dense baseline; ``None`` without one (the model was compressed at the first validation)."""

@@ -249,6 +249,7 @@ class IterativePruning(Callback):
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
+        self._said_differs: set[str] = set()  # monitors said to differ between processes
         self._metrics = ValidationMetrics()  # what a rollback gives checkpoint callbacks
         self._optimizer_params: dict[tuple[int, int], set[int]] = {}
 
@@ -412,7 +413,7 @@ class IterativePruning(Callback):
             return
         if not trainer.callback_metrics and len(batches) > 1:
             return  # with several validation loaders Lightning keeps no metric of the sanity check
-        value = read_monitor(trainer, self.monitor or "")
+        value = read_monitor(trainer, self.monitor or "", self._said_differs)
         guard = self.pruner.guard
         whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
         if whole and guard is not None and guard.baseline is None and self._finite_baseline(value):
@@ -631,7 +632,7 @@ class IterativePruning(Callback):
         if not self._guarding(trainer) or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards
-        value = read_monitor(trainer, self.monitor or "")
+        value = read_monitor(trainer, self.monitor or "", self._said_differs)
         if not self._metrics.logged.logged(trainer, self.monitor or ""):
             rank_zero_warn(stale_note("IterativePruning", trainer, self.monitor or "", "it judges nothing: the last "
                                       "pruning event waits for a validation that logs it"))  # fmt: skip

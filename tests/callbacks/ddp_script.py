@@ -10,7 +10,7 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
-from lightning_compress import IterativePruning, QuantizationAwareTraining
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining
 from tests.conftest import TinyModule
 
 warnings.filterwarnings("ignore")
@@ -44,9 +44,11 @@ def main(out_dir: str, importances: list[str]) -> None:
         prune_part, _, qat_part = name.partition("+") if not name.startswith("qat-") else ("", "", name)
         callbacks: list[pl.Callback] = []
         pruning = None
-        if name == "guard-ranklocal":
+        monitor = None
+        if name == "guard-ranklocal":  # with a monitor of the same metric: it reads the guard's mean (trial BF)
             pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, monitor="val_score", max_drop=0.2)
-            callbacks.append(pruning)
+            monitor = CompressionMonitor(monitor="val_score")
+            callbacks += [pruning, monitor]
         elif prune_part:
             granularity, _, prune_part = prune_part.rpartition("-")  # "channel-taylor", "2:4-noisy", "magnitude"
             importance = RankNoisyImportance() if prune_part == "noisy" else prune_part
@@ -80,6 +82,7 @@ def main(out_dir: str, importances: list[str]) -> None:
             {
                 "masks": pruning.masks if pruning else {},
                 "decisions": [d.action for d in pruning.decisions] if pruning else [],
+                "monitor": [monitor.summary["baseline"], monitor.summary["final"]] if monitor else [],
                 "weights": {k: v.clone() for k, v in model.state_dict().items()},
             },
             f"{out_dir}/{name}_rank{rank}.pt",
