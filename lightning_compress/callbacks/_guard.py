@@ -16,6 +16,7 @@ from ..core.iterative import IterativePruner, Rollback
 __all__ = [
     "LoggedNames",
     "ValidationMetrics",
+    "check_monitor_name",
     "check_validation_state",
     "read_monitor",
     "short_of_target_note",
@@ -24,20 +25,25 @@ __all__ = [
 ]
 
 
+def check_monitor_name(monitor: Any) -> None:
+    """``monitor`` is a metric's name or ``None``: refused otherwise, before training."""
+    if monitor is not None and not isinstance(monitor, str):
+        raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
+    if monitor is not None and not monitor.strip():
+        raise ValueError(f"`monitor`={monitor!r} names no metric: pass the name a validation logs, or None.")
+
+
 def read_monitor(trainer: pl.Trainer, monitor: str, said: set[str] | None = None) -> float:
     """The monitored value of the validation that just ran, the same on every process: their mean (a value logged
     without ``sync_dist=True`` is each process's own: trial BE's guard rolled back on one process of two, the models
     parted and the fit hung). Differing values are said once per name in ``said`` (``None``: not said). A name a
     validation did not log, on any process, is refused on every process with the names it did log."""
     value = trainer.callback_metrics.get(monitor)
-    distributed = trainer.world_size > 1
-    device = trainer.strategy.root_device
-    if distributed:  # every process takes the same way: a refusal on one alone would leave the others waiting
-        logged = trainer.strategy.reduce(torch.tensor(float(value is not None), device=device), reduce_op="min")
-        missing = float(logged) == 0.0
-    else:
-        missing = value is None
-    if missing:
+    seen = torch.tensor([0.0 if value is None else 1.0, 0.0 if value is None else float(value)], dtype=torch.float64)
+    if trainer.world_size > 1:  # one gather: every process takes the same way (a refusal on one alone would leave
+        seen = trainer.strategy.all_gather(seen.to(trainer.strategy.root_device)).reshape(-1, 2).cpu()  # the rest)
+    seen = seen.reshape(-1, 2)
+    if not bool(seen[:, 0].all()):
         available = sorted(trainer.callback_metrics)
         raise ValueError(
             f"`monitor`={monitor!r} was not logged during validation"
@@ -46,19 +52,15 @@ def read_monitor(trainer: pl.Trainer, monitor: str, said: set[str] | None = None
             "`on_epoch=True`, the default there: a value logged only `on_step` reaches no callback) or change "
             "`monitor`."
         )
-    assert value is not None
-    if not distributed:
-        return float(value)
-    local = torch.as_tensor(value, dtype=torch.float64).to(device)
-    lowest, highest = (float(trainer.strategy.reduce(sign * local, reduce_op="max")) for sign in (-1, 1))
-    if -lowest != highest and said is not None and monitor not in said:
+    values = seen[:, 1]
+    if len(values) > 1 and bool(values.min() != values.max()) and said is not None and monitor not in said:
         said.add(monitor)  # Python's own once-only record is cleared by any `catch_warnings` (trial BF)
         rank_zero_warn(
             f"IterativePruning: `monitor`={monitor!r} differs between processes (logged without `sync_dist=True`): "
             "the guard judges their mean, the same on every process. Log it with `sync_dist=True` to judge the "
             "value of the whole validation set."
         )
-    return float(trainer.strategy.reduce(local, reduce_op="mean"))
+    return float(values.mean()) if len(values) > 1 else float(values[0])
 
 
 class LoggedNames:

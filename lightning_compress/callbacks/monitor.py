@@ -17,7 +17,7 @@ from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full, reshard
 from ..core.summary import ModelSize, estimate_size
-from ._guard import LoggedNames, read_monitor, stale_note
+from ._guard import LoggedNames, check_monitor_name, read_monitor, stale_note
 from ._validation import runs_in_spawned_processes
 
 __all__ = ["CompressionMonitor"]
@@ -51,10 +51,7 @@ class CompressionMonitor(Callback):
 
     def __init__(self, monitor: str | None = None, mode: str | None = None, log_images: bool = True) -> None:
         super().__init__()
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
-        if monitor is not None and not monitor.strip():
-            raise ValueError(f"`monitor`={monitor!r} names no metric: pass the name a validation logs, or None.")
+        check_monitor_name(monitor)
         if not isinstance(log_images, bool):
             raise TypeError(f"`log_images` must be a bool, got {log_images!r}.")
         self.monitor = monitor

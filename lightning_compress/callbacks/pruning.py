@@ -37,6 +37,7 @@ from ._export import (
 )
 from ._guard import (
     ValidationMetrics,
+    check_monitor_name,
     check_validation_state,
     read_monitor,
     short_of_target_note,
@@ -190,10 +191,7 @@ class IterativePruning(Callback):
         measure: str = "channels",
     ) -> None:
         super().__init__()
-        if monitor is not None and not isinstance(monitor, str):
-            raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
-        if monitor is not None and not monitor.strip():
-            raise ValueError(f"`monitor`={monitor!r} names no metric: pass the name a validation logs, or None.")
+        check_monitor_name(monitor)
         self.monitor = monitor
         if max_drop is not None and monitor is None:
             warnings.warn(

@@ -64,8 +64,7 @@ def keep_whole_blocks(model: nn.Module, groups: list[ChannelGroup], dead: list[T
     kept for one layer is kept in every layer it feeds, so this repeats until nothing changes.
     """
     modules = dict(model.named_modules())
-    found = {s.module: quant_group_size(modules[s.module]) for g in groups for s in g.slices if s.kind == "in"}
-    sizes = {name: size for name, size in found.items() if size is not None}
+    sizes = grouped_consumers(model, groups)
     kept = dict.fromkeys((g.name for g in groups), 0)
     for channels in dead:
         if bool(channels.all()):

@@ -292,6 +292,7 @@ def _raw_groups(
     """The graph's groups, one root layer at a time (Torch-Pruning's ``get_all_groups`` stops at the first layer whose
     channels it cannot map, e.g. inside Mamba's mixer: that layer is left whole instead, with the reason)."""
     ignored = [*ignored, *graph.IGNORED_LAYERS_IN_TRACING]
+    limit = GROUP_SEARCH_LIMIT * len(graph.module2node) + 1024
     visited: set[int] = set()
     groups, failed = [], {}
     for module in list(graph.module2node):
@@ -301,7 +302,6 @@ def _raw_groups(
         channels = None if pruner is None else pruner.get_out_channels(module)
         if channels is None:
             continue
-        limit = GROUP_SEARCH_LIMIT * len(graph.module2node) + 1024
         try:
             group = search_group(graph, module, pruner.prune_out_channels, channels, limit)
         except (IndexError, KeyError, ValueError, RuntimeError) as err:
