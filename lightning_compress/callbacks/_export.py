@@ -122,7 +122,26 @@ def export_at_fit_end(
     ``compacted``: export a compacted copy (pruned channels removed); the model in training keeps its shapes.
     A model sharded by FSDP2 is gathered by every process into a compressed file; rank zero writes it, or, with
     a ``template`` (:func:`export_template`), loads it into the template and exports that (ONNX, compacted).
+
+    Every process waits for rank zero, so the file exists on return from ``fit`` in all of them; an export that
+    fails on rank zero raises there and, instead of leaving the others waiting, in every other process too.
     """
+    error: Exception | None = None
+    report = None
+    try:
+        report = _export_on_rank_zero(trainer, pl_module, path, compacted, template)
+    except Exception as exc:  # said to every process below, then raised here
+        error = exc
+    if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
+        raise RuntimeError(f"Writing `export_path`={str(path)!r} failed in another process: see its error.")
+    if error is not None:
+        raise error
+    return report
+
+
+def _export_on_rank_zero(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, compacted: bool, template: nn.Module | None
+) -> CompressionReport | None:
     if any(is_sharded(p) for p in pl_module.parameters()):
         if template is None:
             report = save_compressed(pl_module, path)  # every process gathers; rank zero writes

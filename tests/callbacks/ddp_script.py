@@ -4,6 +4,7 @@ A job name is an importance (``magnitude``, ``taylor``, ``random``, ``noisy``), 
 granularity (``channel-``, ``2:4-``) and followed by ``+qat-<scale>``, or ``qat-<scale>`` alone.
 """
 
+import os
 import sys
 import warnings
 
@@ -49,6 +50,9 @@ def main(out_dir: str, importances: list[str]) -> None:
             pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, monitor="val_score", max_drop=0.2)
             monitor = CompressionMonitor(monitor="val_score")
             callbacks += [pruning, monitor]
+        elif name == "export":  # every process finds the file when fit returns (rank 1 returned before it was written)
+            pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, export_path=f"{out_dir}/export.lcz")
+            callbacks.append(pruning)
         elif prune_part:
             granularity, _, prune_part = prune_part.rpartition("-")  # "channel-taylor", "2:4-noisy", "magnitude"
             importance = RankNoisyImportance() if prune_part == "noisy" else prune_part
@@ -83,6 +87,7 @@ def main(out_dir: str, importances: list[str]) -> None:
                 "masks": pruning.masks if pruning else {},
                 "decisions": [d.action for d in pruning.decisions] if pruning else [],
                 "monitor": [monitor.summary["baseline"], monitor.summary["final"]] if monitor else [],
+                "exported": os.path.exists(f"{out_dir}/export.lcz"),
                 "weights": {k: v.clone() for k, v in model.state_dict().items()},
             },
             f"{out_dir}/{name}_rank{rank}.pt",

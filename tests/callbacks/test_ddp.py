@@ -22,6 +22,7 @@ JOBS = [
     "2:4-noisy+qat-learned",
     "taylor+qat-8da4w",
     "guard-ranklocal",
+    "export",
 ]
 
 
@@ -50,6 +51,8 @@ def test_masks_identical_on_every_rank(tmp_path):
         if name.startswith("guard-"):
             assert "rollback" in r0["decisions"] and "accept" in r0["decisions"]
             assert r0["monitor"] == r1["monitor"] and r0["monitor"][0] == 1.0 > r0["monitor"][1]  # both: the mean
+        if name == "export":
+            assert r0["exported"] and r1["exported"]  # rank 1 waits for rank 0's file
         assert bool(r0["masks"]) == (not name.startswith("qat-"))
         if "qat" in name:  # observer ranges, scales and zero points too
             assert any(k.endswith("input_fake_quant.min_val") for k in r0["weights"])

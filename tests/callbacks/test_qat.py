@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -620,6 +621,23 @@ def test_export_at_fit_end_without_changing_the_model(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh.eval()(x), model(x), atol=1e-6)
     assert t.test(model, ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]["test_loss"] > 0
+
+
+class _AnotherProcessFailed(SingleDeviceStrategy):
+    """A strategy whose collective decision says some other process's export raised."""
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return True
+
+
+def test_an_export_that_failed_in_another_process_raises_in_this_one_too(tmp_path):
+    """Every process waits for rank zero's file; when rank zero's export raised, the others raise too (instead of
+    returning from fit without the file)."""
+    pl.seed_everything(0, verbose=False)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=tmp_path / "model.lcz")
+    t = trainer(max_epochs=1, callbacks=[qat], strategy=_AnotherProcessFailed(torch.device("cpu")))
+    with pytest.raises(RuntimeError, match=r"Writing `export_path`=.*model.lcz' failed in another process"):
+        t.fit(TinyModule())
 
 
 def test_onnx_export_path_needs_example_inputs(tiny, tmp_path):
