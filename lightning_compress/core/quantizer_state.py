@@ -20,12 +20,13 @@ def _quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
 def check_saved_scales(state_dict: dict[str, Any], prefix: str) -> None:
     """Every quantizer scale in a state dict about to be loaded is finite and positive (a trial: a NaN scale passed,
     and the first pruning event blamed the weights and gradients)."""
+    scales = {k: v for k, v in state_dict.items() if k.endswith("_fake_quant.scale") and isinstance(v, Tensor)}
+    for key, value in scales.items():
+        _check_stored(key[len(prefix) :], value)
     bad = [
         key[len(prefix) :]
-        for key, value in state_dict.items()
-        if key.endswith("_fake_quant.scale")
-        and isinstance(value, torch.Tensor)
-        and (not value.is_floating_point() or not bool(torch.isfinite(value).all()))
+        for key, value in scales.items()
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all())
     ]  # a learned scale may cross zero in training (its quantizer uses |scale|): its sign is checked with the model
     if bad:
         raise ValueError(
@@ -43,7 +44,18 @@ def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: 
     Raises:
         ValueError: naming the first entry that a quantizer could not have saved.
     """
-    for name, quantizer in _quantizers(model):
+    quantizers = _quantizers(model)
+    for name, quantizer in quantizers:  # shapes first: nothing below reads a value the model could not hold
+        for entry, current in [*quantizer.named_parameters(recurse=False), *quantizer.named_buffers(recurse=False)]:
+            value = state_dict.get(f"{prefix}{name}.{entry}")
+            if isinstance(value, Tensor) and value.shape != current.shape:
+                raise ValueError(
+                    f"{name}.{entry}: shape {tuple(value.shape)}, where the model's quantizer holds "
+                    f"{tuple(current.shape)}: a checkpoint of another model, or a damaged one."
+                )
+            if isinstance(value, Tensor):
+                _check_stored(f"{name}.{entry}", value)
+    for name, quantizer in quantizers:
         key = f"{prefix}{name}."
         low, high = quantizer.qrange
         for entry in ("zero_point", "shift", "state"):
@@ -76,3 +88,14 @@ def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: 
         flags = state_dict.get(key + "state")
         if isinstance(flags, Tensor) and bool(((flags.long() & ~quantizer.KNOWN_FLAGS) != 0).any() | (flags < 0).any()):
             raise ValueError(f"{name}.state: flags a quantizer does not have ({flags.flatten()[:4].tolist()}).")
+
+
+def _check_stored(name: str, value: Tensor) -> None:
+    """A quantizer entry holds its own values: a tensor expanded from fewer stored values (a stride-0 view, a few
+    bytes in the file) is not what a quantizer saves, and reading it would allocate all its elements (a trial: a
+    12 KB checkpoint took 7 GB)."""
+    if value.numel() and value.untyped_storage().nbytes() < value.numel() * value.element_size():
+        raise ValueError(
+            f"{name}: {value.numel()} values stored in {value.untyped_storage().nbytes()} bytes (an expanded view); "
+            "a quantizer saves each of its values: the checkpoint is damaged."
+        )

@@ -976,6 +976,18 @@ def test_load_qat_checkpoint_refuses_a_damaged_quantization_state(tmp_path):
             lambda s: s["state_dict"].update({"net.0.weight": torch.zeros(3, 3)}),
             r"does not fit TinyModule: .*size mismatch",
         ),
+        (  # trial BH: 4 stored bytes read as 2**28 scales took 1.8 GB, then torch's raw size mismatch
+            lambda s: s["state_dict"].update({"net.0.weight_fake_quant.scale": torch.ones(1).expand(2**28)}),
+            r"net.0.weight_fake_quant.scale: 268435456 values stored in 4 bytes \(an expanded view\)",
+        ),
+        (
+            lambda s: s["state_dict"].update({"net.0.weight_fake_quant.scale": torch.ones(3)}),
+            r"net.0.weight_fake_quant.scale: shape \(3,\), where the model's quantizer holds \(32,\)",
+        ),
+        (
+            lambda s: s["state_dict"].update({"net.0.input_fake_quant.max_val": torch.ones(1).expand(2**28)}),
+            r"net.0.input_fake_quant.max_val: shape \(268435456,\), where the model's quantizer holds \(\)",
+        ),
     ]
     for i, (edit, match) in enumerate(cases):
         with pytest.raises(ValueError, match=match):
@@ -1019,6 +1031,13 @@ def test_a_resumed_checkpoint_with_a_scale_that_is_not_finite_and_positive_is_re
     state["state_dict"]["net.2.input_fake_quant.zero_point"].fill_(10**6)  # trial AL: loaded, outputs 1.7 off
     torch.save(state, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"net.2.input_fake_quant.zero_point: zero points outside the quantizer's"):
+        trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+            TinyModule(), ckpt_path=str(tmp_path / "bad.ckpt")
+        )
+    state["state_dict"]["net.2.input_fake_quant.zero_point"].fill_(0)
+    state["state_dict"]["net.0.weight_fake_quant.scale"] = torch.ones(1).as_strided((2**28,), (0,))  # trial BH
+    torch.save(state, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"268435456 values stored in 4 bytes \(an expanded view\)"):
         trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
             TinyModule(), ckpt_path=str(tmp_path / "bad.ckpt")
         )
