@@ -107,7 +107,7 @@ def set_head_record(model: nn.Module, record: Any, before: Callable[[str], None]
 
 
 _HEADS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
-_WIDTHS = ("all_head_size", "inner_dim")
+_WIDTHS = ("all_head_size", "inner_dim", "split_size")  # split_size: GPT-2
 _HEAD_SIZES = ("attention_head_size", "head_dim", "head_size")
 
 

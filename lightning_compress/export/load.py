@@ -21,6 +21,7 @@ from ..core.qat import QuantConfig, check_quantizer_state, convert_to_qat, qat_m
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.selection import state_root
 from ..core.shrink import set_head_record, shrink_like
+from ..core.tracing import call_model, output_tensors, plain_float
 from .container import CompressedFileError, read_container
 from .records import (
     SECTIONS,
@@ -202,7 +203,7 @@ def _check_scale(name: str, scale: Tensor) -> None:
         )
 
 
-def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
+def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = None) -> CompressionReport:
     """Load a file written by :func:`save_compressed` into ``model`` (a fresh instance of the architecture).
 
     Fake-quant layers recorded in the file are put back (with their scales, zero points and
@@ -210,9 +211,17 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     treated as untrusted: its sizes are checked against ``model`` before anything is decompressed
     or allocated, so loading costs at most about twice the model's size in memory.
 
+    A compacted file (channels removed by :func:`~lightning_compress.compact`) can only shrink layers, each one
+    checked on its own. Whether the cut layers still fit together, and give outputs of the model's shapes, takes a
+    forward pass: with example inputs, the model runs on them before and after loading, and a file whose sizes do
+    not chain or that cut an output is refused.
+
     Args:
         model: a fresh instance of the saved architecture (uncompacted is fine: it is cut to the saved sizes).
         path: the file :func:`save_compressed` wrote.
+        example_inputs: what ``model``'s forward takes (a tensor, a tuple of positional inputs or a dict of keyword
+            inputs), to check a compacted file's sizes as above. ``None``: the model's ``example_input_array`` if it
+            has one (a LightningModule), else no such check.
 
     Returns:
         What the file holds, layer by layer (:class:`CompressionReport`).
@@ -222,6 +231,11 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
             or written for another architecture. The model is left exactly as it was.
     """
     check_module(model)
+    called = model  # the module whose forward takes the example inputs
+    if example_inputs is None:
+        example_inputs, argument = getattr(model, "example_input_array", None), "example_input_array"
+    else:
+        argument = "example_inputs"
     model = state_root(model)  # a wrapper's inner module (Fabric): the names its state dict uses
     path = check_path(path)
     planned: dict[str, Any] = {}
@@ -251,7 +265,16 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CompressedFileError(f"{path} is corrupted: {err!r}") from err
     del body
-    rollback = _Rollback(model)
+    outputs = None
+    if manifest.get("compacted") and example_inputs is not None:  # before anything changes
+        try:
+            outputs = _output_shapes(called, example_inputs)
+        except Exception as err:
+            raise ValueError(
+                f"`{argument}` does not run through {type(called).__name__}'s forward before loading "
+                f"({type(err).__name__}: {_first_line(err)}): pass what `forward` takes, or None."
+            ) from err
+    rollback = _Rollback(model, values=outputs is not None)  # the chain check runs after the values are loaded
     converted_before = {f"{name}." for name, _ in qat_modules(model)}  # by the user, before this load
     try:
         if manifest.get("compacted"):
@@ -286,6 +309,8 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
                 f"{path} was written for another architecture than {type(model).__name__}: {sorted(problems)[:5]}"
             )
         model.load_state_dict(tensors, strict=True)
+        if outputs is not None:
+            _check_chain(called, example_inputs, outputs, path)
     except Exception:
         rollback()
         raise
@@ -294,6 +319,33 @@ def load_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     layers = [_loaded_layer(r, tensors) for r in records if r.kind in ("sparse", "quantized")]
     del tensors
     return CompressionReport.of_file(path, "lightning-compress", layers, model)
+
+
+def _output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
+    """The shapes of ``model``'s outputs on ``inputs`` (float data flow, eval mode, no gradients)."""
+    with torch.no_grad(), plain_float(model):
+        return [tuple(t.shape) for t in output_tensors(call_model(model, inputs))]
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
+def _check_chain(model: nn.Module, inputs: Any, before: list[tuple[int, ...]], path: Path) -> None:
+    """A compacted model runs on the inputs it ran on before loading, with outputs of the same shapes (a trial: a
+    forged file cut the classifier from 10 classes to 5, and another cut a layer without its consumer)."""
+    try:
+        after = _output_shapes(model, inputs)
+    except Exception as err:
+        raise CompressedFileError(
+            f"{path} holds compacted sizes that do not fit together: the model no longer runs on the example inputs "
+            f"({type(err).__name__}: {_first_line(err)})."
+        ) from err
+    if after != before:
+        raise CompressedFileError(
+            f"{path} holds compacted sizes that change the model's outputs: shapes {before[:3]} became {after[:3]} "
+            "(`compact` never cuts an output)."
+        )
 
 
 def _quantizer_of(key: str, layers: set[str]) -> bool:
@@ -324,9 +376,12 @@ class _Rollback:
     object back at its name with its original attributes.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, values: bool = False) -> None:
+        """``values``: also copy every parameter and buffer, for a refusal after the values were loaded."""
         self.model = model
         self.saved: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+        tensors = [*model.parameters(), *model.buffers()] if values else []
+        self.values = [(t, t.detach().clone()) for t in tensors]
 
     def remember(self, name: str) -> None:
         if name in self.saved:  # the first snapshot is the original
@@ -344,6 +399,9 @@ class _Rollback:
             if name:
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
+        with torch.no_grad():
+            for tensor, value in self.values:
+                tensor.copy_(value)
 
 
 def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback) -> None:

@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import itertools
 import warnings
 
 import pytest
@@ -591,3 +592,58 @@ def test_the_ratio_is_against_the_float_model_without_the_quantizers_state(tmp_p
     report = save_compressed(quantized, tmp_path / "m.lcz")
     assert report.baseline_bytes == pytest.approx(buffer.tell(), rel=0.002)  # but the modules' version metadata
     assert report.compression_ratio == pytest.approx(buffer.tell() / report.file_bytes, rel=0.002)
+
+
+def _mlp(*widths):
+    layers = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize(
+    ("saved", "match"),
+    [  # trial BH: each of these loaded; the forward then failed, or the model silently gave 5 classes of 10
+        ((32, 128, 64, 10), r"sizes that do not fit together: the model no longer runs on the example inputs"),
+        ((64, 100, 64, 10), r"sizes that do not fit together: .*RuntimeError: mat1 and mat2 shapes"),
+        ((64, 128, 64, 5), r"sizes that change the model's outputs: shapes \[\(2, 10\)\] became \[\(2, 5\)\]"),
+    ],
+)
+def test_a_compacted_file_whose_sizes_do_not_chain_or_cut_an_output_is_refused_given_example_inputs(
+    tmp_path, saved, match
+):
+    from lightning_compress.core.compact import mark_compacted
+
+    forged = _mlp(*saved)
+    if saved[1] == 100:  # a producer cut without its consumer
+        forged[2] = nn.Linear(128, 64)
+    mark_compacted(forged)  # what compact() leaves: the file says its layers may be smaller than a fresh model's
+    save_compressed(forged, tmp_path / "forged.lcz")
+    torch.manual_seed(0)
+    model = _mlp(64, 128, 64, 10)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 64)
+    with pytest.raises(CompressedFileError, match=match):
+        load_compressed(model, tmp_path / "forged.lcz", example_inputs=x)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    model.example_input_array = x  # a LightningModule's inputs are used when none are passed
+    with pytest.raises(CompressedFileError, match=match):
+        load_compressed(model, tmp_path / "forged.lcz")
+
+
+def test_a_genuine_compacted_file_passes_the_chain_check_and_inputs_the_model_does_not_take_are_named(tmp_path):
+    from lightning_compress import compact, prune_
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = _mlp(64, 128, 64, 10).eval()
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    compact(model, x)
+    save_compressed(model, tmp_path / "c.lcz")
+    fresh = _mlp(64, 128, 64, 10)
+    load_compressed(fresh, tmp_path / "c.lcz", example_inputs=x)
+    assert fresh[0].out_features == model[0].out_features < 128
+    assert torch.equal(outputs(fresh, x), outputs(model, x))
+    with pytest.raises(ValueError, match=r"`example_inputs` does not run through Sequential's forward before loading"):
+        load_compressed(_mlp(64, 128, 64, 10), tmp_path / "c.lcz", example_inputs=torch.zeros(2, 3))
