@@ -521,3 +521,24 @@ def test_a_uniform_qwen2_gets_a_config_that_plain_from_pretrained_reloads(tmp_pa
     model.save_pretrained(tmp_path)
     again = cls.from_pretrained(tmp_path).eval()
     assert torch.allclose(_logits(again, inputs), want, atol=1e-5)
+
+
+def test_a_gpt2_head_count_that_does_not_fit_its_split_size_is_refused(tmp_path):
+    """Trial BH: a compacted GPT-2 whose record gave a layer that keeps 2 heads of 16 (`split_size` 32) 3 or 4 heads
+    loaded, with a head count the layer does not have."""
+    cls, config, inputs, attention = build("gpt2")
+    model = _model(cls, config)
+    prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    compact(model, inputs)
+    entry = model.config.lightning_compress
+    layer = attention[0]
+    assert model.get_submodule(layer).split_size == 32 and entry["heads"][layer]["num_heads"] == 2
+    for heads in (3, 4):
+        record = {**entry["heads"][layer], "num_heads": heads}  # split_size stays 32
+        model.config.lightning_compress = {**entry, "heads": {**entry["heads"], layer: record}}
+        model.save_pretrained(tmp_path)
+        with pytest.raises(ValueError, match=rf"head counts of '{layer}' do not fit: {heads} heads of 16 make"):
+            from_pretrained(cls, tmp_path)
+    model.config.lightning_compress = entry
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(from_pretrained(cls, tmp_path), inputs), _logits(model, inputs))
