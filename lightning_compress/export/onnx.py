@@ -405,8 +405,9 @@ def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:
 
 
 def _int8_weights(proto: Any, numpy_helper: Any, known: Sequence[str] = ()) -> list[LayerReport]:
-    """Replace ``QuantizeLinear(constant weight)`` by an int8 initializer; return one report per weight, named by
-    the model's layer (``known``: the fake-quant layers' qualified names)."""
+    """Replace ``QuantizeLinear(constant)`` by an int8 initializer; return one report per weight, named by the
+    model's layer (``known``: the fake-quant layers' qualified names). An input quantizer's constant (an activation
+    the exporter folded) is replaced too, and is not reported."""
     import numpy as np
 
     graph = proto.graph
@@ -433,6 +434,8 @@ def _int8_weights(proto: Any, numpy_helper: Any, known: Sequence[str] = ()) -> l
         for dq in consumers.get(node.output[0], []):
             dq.input[0] = name
         remove.append(node)
+        if re.search(r"/input_fake_quant(_\d+)?/", node.name):
+            continue  # an activation the exporter folded to a constant (DeBERTa's position embeddings): not a weight
         reports.append(
             LayerReport(
                 name=_layer_name(node.input[0], known),

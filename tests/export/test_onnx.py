@@ -500,6 +500,41 @@ def test_layers_in_a_module_dict_are_reported_by_their_model_names(tmp_path):
     assert names == ["blocks.0.weight", "blocks.1.weight", "heads.l1.weight", "layers.l1.weight", "layers.l2.weight"]
 
 
+def test_an_activation_the_exporter_folds_to_a_constant_is_not_reported_as_a_weight(tmp_path):
+    """Trial BI: DeBERTa's position embeddings, through a LayerNorm into a quantized projection, are a constant
+    for the exporter (here a Parameter straight into a quantized layer): the report listed them as two more layers
+    under raw ONNX names and overstated the bytes."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4, 8))
+            self.pos = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.out(x + self.pos(self.table).mean(0))
+
+    torch.manual_seed(0)
+    model = Positions()
+    convert_to_qat(model, QuantConfig(8, 8))
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    with torch.no_grad():
+        model(torch.randn(16, 8))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    model.eval()
+    x = torch.randn(3, 8)
+    report = export_onnx(model, tmp_path / "p.onnx", x)
+    assert sorted(layer.name for layer in report.layers) == ["out.weight", "pos.weight"]
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.allclose(got, model(x).numpy(), atol=1e-5)
+
+
 def test_a_layer_the_onnx_exporter_cannot_express_is_refused_in_one_line_with_what_to_change(tmp_path):
     """A trial: an `nn.LSTM` with `proj_size` raised torch's SymbolicValueError with a TorchScript dump of several kB;
     `nn.Bilinear`'s unsupported operator was already refused in our words."""
