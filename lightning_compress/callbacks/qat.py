@@ -173,7 +173,8 @@ class QuantizationAwareTraining(Callback):
         self._learned_params: list[nn.Parameter] = []
         self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
-        self._evaluating: pl.Trainer | None = None  # the Trainer whose checkpoint the load hook reads
+        self._evaluating: pl.Trainer | None = None  # the Trainer whose checkpoint the load hook reads (evaluating)
+        self._resuming: pl.Trainer | None = None  # the same, fitting
         self._resumed_layers: set[str] | None = None  # the quantized layers a resumed fit's weights hold entries for
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
@@ -191,6 +192,8 @@ class QuantizationAwareTraining(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if self._resuming is not None:  # fitting (evaluating converts as the checkpoint was quantized); here when
+            self._check_saved_settings(saved_quantization(checkpoint))  # the load hook could not read the file
         warn_if_saved_under_another_key(checkpoint, self)
         if (
             self.config.scale == "learned"
@@ -203,6 +206,25 @@ class QuantizationAwareTraining(Callback):
                 "optimizer that trains them. Load its weights into the model and fit without `ckpt_path` to add "
                 "learned-scale QAT, or resume with the callbacks the checkpoint was saved with."
             )
+
+    def _check_saved_settings(self, saved: list[tuple[QuantConfig, list[str]]]) -> None:
+        """The model's quantizers hold the checkpoint's scales, ranges and flags: under other settings (bits, scale
+        kind, groups, granularity) they would mean something else (a trial: 8-bit scales, loaded into 4-bit
+        quantizers by a resume with `weight_bits=4` at the end of the run, clamped every weight: chance accuracy,
+        while the warning said the callback started afresh). The observers' averaging constant may change."""
+        mine = set(self._layers)
+        for config, layers in saved:
+            if not mine & set(layers):
+                continue
+            was, wanted = config.to_dict(), self.config.to_dict()
+            differ = [k for k in wanted if k != "averaging_constant" and was.get(k) != wanted[k]]
+            if differ:
+                said = ", ".join(f"{k}={was.get(k)!r} (this callback: {wanted[k]!r})" for k in differ)
+                raise ValueError(
+                    f"QuantizationAwareTraining: the checkpoint's quantizers of these layers were trained with {said}; "
+                    "their saved scales and ranges do not carry over to other settings. Resume with the settings "
+                    "of the run being resumed, or start a new fit from its weights (without `ckpt_path`)."
+                )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -276,6 +298,7 @@ class QuantizationAwareTraining(Callback):
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
             self._resumed_layers = None
+            self._resuming = trainer
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._check_resumed_layers)
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -290,7 +313,7 @@ class QuantizationAwareTraining(Callback):
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
-        self._evaluating = None
+        self._evaluating = self._resuming = None
         if stage == "fit" and self._converted and not self._trained and not (self._layers and self._active(pl_module)):
             # a fit whose training never started with this callback (`Tuner.lr_find`/`scale_batch_size` run their
             # own callbacks): the layers it converted computed what the float ones do; the model gets them back
@@ -322,7 +345,7 @@ class QuantizationAwareTraining(Callback):
         checkpoint's scales scored at chance), else with this callback's."""
         if qat_modules(module) or not any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
             return
-        saved = self._checkpoint_quantization()
+        saved = self._checkpoint_quantization(self._evaluating)
         self._convert(module, saved or None)
         trainer = self._evaluating
         present = {cb.config for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationAwareTraining)}
@@ -351,12 +374,14 @@ class QuantizationAwareTraining(Callback):
                 "resumed (one callback per set of settings it used), or load it for inference with "
                 "`load_qat_checkpoint`."
             )
+        self._check_saved_settings(self._checkpoint_quantization(self._resuming))  # before its values are read
         check_saved_scales(state_dict, prefix)
         check_quantizer_state(module, state_dict, prefix)
 
-    def _checkpoint_quantization(self) -> list[tuple[QuantConfig, list[str]]]:
-        """What the checkpoint the Trainer is loading records of its quantization (``[]``: nothing readable)."""
-        path = None if self._evaluating is None else self._evaluating.ckpt_path
+    @staticmethod
+    def _checkpoint_quantization(trainer: pl.Trainer | None) -> list[tuple[QuantConfig, list[str]]]:
+        """What the checkpoint ``trainer`` is loading records of its quantization (``[]``: nothing readable)."""
+        path = None if trainer is None else trainer.ckpt_path
         if path is None or not Path(path).is_file():
             return []
         try:

@@ -256,9 +256,27 @@ def test_resuming_with_other_arguments_says_the_saved_state_is_not_restored(tmp_
     trainer(max_epochs=1, callbacks=[qat, ModelCheckpoint(dirpath=tmp_path / "q", save_last=True)],
             enable_checkpointing=True).fit(TinyModule())  # fmt: skip
     with pytest.warns(UserWarning, match=r"QuantizationAwareTraining: .* starts afresh"):
-        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(7, 8, start_epoch=0)]).fit(
+        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0, include="net.*")]).fit(
             TinyModule(), ckpt_path=str(tmp_path / "q" / "last.ckpt")
         )
+
+
+def test_resuming_quantizers_with_other_bits_or_scales_is_refused_before_training(tmp_path):
+    """Trial BG: a finished 8-bit run resumed with `weight_bits=4` loaded the 8-bit scales into 4-bit quantizers
+    (scales up to 128 for codes up to 7) and ended at chance accuracy in the model, its file and its ONNX, while the
+    warning said the callback started afresh."""
+    pl.seed_everything(0, verbose=False)
+    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0),
+                                     ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+            enable_checkpointing=True).fit(TinyModule())  # fmt: skip
+    for changed, said in [
+        (QuantizationAwareTraining(4, 8, start_epoch=0), r"weight_bits=8 \(this callback: 4\)"),
+        (QuantizationAwareTraining(8, 8, scale="power_of_two", start_epoch=0), r"scale='minmax' \(this callback: "),
+        (QuantizationAwareTraining(8, None, start_epoch=0), r"activation_bits=8 \(this callback: None\)"),
+    ]:
+        stop = FailOnFirstStep()
+        with pytest.raises(ValueError, match=rf"checkpoint's quantizers of these layers were trained with {said}"):
+            trainer(max_epochs=2, callbacks=[changed, stop]).fit(TinyModule(), ckpt_path=str(tmp_path / "last.ckpt"))
 
 
 def test_composes_with_checkpoint_early_stopping_and_swa(tiny, tmp_path):
