@@ -10,29 +10,39 @@ from torch import Tensor, nn
 
 from .fake_quant import FakeQuantizer
 
-__all__ = ["check_quantizer_state", "check_saved_scales"]
+__all__ = ["check_quantizer_state", "check_saved_scales", "check_scales"]
 
 
 def _quantizers(model: nn.Module) -> list[tuple[str, FakeQuantizer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantizer)]
 
 
+def check_scales(name: str, scale: Tensor, signed: bool = False) -> None:
+    """Scales a quantizer can hold: finite floats and, unless ``signed``, at least float32's smallest normal number,
+    which quantizers floor the scales they set at (a forged subnormal scale made every output NaN). ``signed``: a
+    learned scale in training may cross zero (its quantizer uses ``|scale|``).
+
+    Raises:
+        ValueError: naming ``name`` and what its scales must be.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    if (
+        not scale.is_floating_point()
+        or not bool(torch.isfinite(scale).all())
+        or (not signed and bool((scale.float() < tiny).any()))
+    ):
+        need = "finite floats" if signed else f"finite floats of at least {tiny:.3g} (the smallest a quantizer sets)"
+        raise ValueError(f"{name}: scales that are not all {need}.")
+
+
 def check_saved_scales(state_dict: dict[str, Any], prefix: str) -> None:
-    """Every quantizer scale in a state dict about to be loaded is finite and positive (a trial: a NaN scale passed,
-    and the first pruning event blamed the weights and gradients)."""
-    scales = {k: v for k, v in state_dict.items() if k.endswith("_fake_quant.scale") and isinstance(v, Tensor)}
-    for key, value in scales.items():
-        _check_stored(key[len(prefix) :], value)
-    bad = [
-        key[len(prefix) :]
-        for key, value in scales.items()
-        if not value.is_floating_point() or not bool(torch.isfinite(value).all())
-    ]  # a learned scale may cross zero in training (its quantizer uses |scale|): its sign is checked with the model
-    if bad:
-        raise ValueError(
-            f"the checkpoint's quantizer scales of {bad[:3]}{' ...' if len(bad) > 3 else ''} are "
-            "not all finite floats: the checkpoint is damaged."
-        )
+    """Every quantizer scale in a state dict about to be loaded is finite (a trial: a NaN scale passed, and the first
+    pruning event blamed the weights and gradients); its sign is checked with the model (learned scales may cross
+    zero), by :func:`check_quantizer_state`."""
+    for key, value in state_dict.items():
+        if key.endswith("_fake_quant.scale") and isinstance(value, Tensor):
+            _check_stored(key[len(prefix) :], value)
+            check_scales(key[len(prefix) :], value, signed=True)
 
 
 def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> None:
@@ -65,13 +75,8 @@ def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: 
             ):
                 raise ValueError(f"{name}.{entry}: a {value.dtype} tensor; a quantizer saves integers there.")
         scale = state_dict.get(key + "scale")
-        tiny = torch.finfo(torch.float32).tiny  # a quantizer floors the scales it sets there
-        learned = quantizer.mode == "learned"  # a learned scale may cross zero: its quantizer uses |scale|
-        if not learned and isinstance(scale, Tensor) and scale.is_floating_point() and not bool((scale >= tiny).all()):
-            raise ValueError(
-                f"{name}.scale: scales that are not positive normal numbers (at least {tiny:.3g}, the smallest a "
-                "quantizer sets)."
-            )
+        if isinstance(scale, Tensor):
+            check_scales(f"{name}.scale", scale, signed=quantizer.mode == "learned")
         shift = state_dict.get(key + "shift")
         if isinstance(shift, Tensor) and not shift.is_floating_point() and bool((shift.abs() > 126).any()):
             raise ValueError(f"{name}.shift: shifts beyond ±126, outside float32's normal scales 2**-126..2**126.")

@@ -19,6 +19,7 @@ from ..core.packing import (
 )
 from ..core.qat import QuantConfig, check_quantizer_state, convert_to_qat, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
+from ..core.quantizer_state import check_scales
 from ..core.selection import state_root
 from ..core.shrink import set_head_record, shrink_like
 from ..core.tracing import call_model, output_tensors, plain_float
@@ -182,10 +183,10 @@ def _block_scales(scale: Tensor, shape: tuple[int, ...], axis: int | None, first
     return every.reshape(1) if every.dim() == 0 else every[first:last].reshape(-1)
 
 
-def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    """Zero points a saved model can have: in the integer range of their quantizer (a forged one loaded, shifted
-    every value it touches and broke `export_onnx`); observed ranges that are numbers (a NaN range loaded, and the
-    next `calibrate` blamed the user's finite data); flags a quantizer has."""
+def _check_quantizer_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """The file's quantizer entries hold what a quantizer can (:func:`check_quantizer_state`): zero points in their
+    quantizer's range (a forged one loaded, shifted every value it touches and broke `export_onnx`), observed ranges
+    that are numbers (a NaN range loaded, and the next `calibrate` blamed the user's finite data), known flags."""
     try:
         check_quantizer_state(model, tensors)
     except ValueError as err:
@@ -193,14 +194,11 @@ def _check_zero_points(model: nn.Module, tensors: dict[str, Tensor]) -> None:
 
 
 def _check_scale(name: str, scale: Tensor) -> None:
-    """Scales a saved model can have: finite, and at least float32's smallest normal number, which the quantizers
-    floor scales at (learned ones are stored as the step in use; a forged subnormal scale made every output NaN)."""
-    values = scale.float()
-    if not bool(torch.isfinite(values).all()) or bool((values < torch.finfo(torch.float32).tiny).any()):
-        raise CompressedFileError(
-            f"{name}: scales that are not finite numbers of at least {torch.finfo(torch.float32).tiny:.3g} (the "
-            "smallest a quantizer sets)."
-        )
+    """A file stores the step in use (``|scale|`` of a learned one): positive, as :func:`check_scales` says."""
+    try:
+        check_scales(name, scale)
+    except ValueError as err:
+        raise CompressedFileError(str(err)) from err
 
 
 def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = None) -> CompressionReport:
@@ -291,7 +289,7 @@ def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = No
         except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
             raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
         try:
-            _check_zero_points(model, tensors)
+            _check_quantizer_state(model, tensors)
         except CompressedFileError as err:
             raise CompressedFileError(f"{path}: {err}") from err
         expected = model.state_dict()
