@@ -17,6 +17,7 @@ import fnmatch
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
@@ -185,10 +186,19 @@ def experts_picked(
     ]
 
 
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is what ``torch.compile`` returns for a module (an ``OptimizedModule``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
 def state_root(model: nn.Module) -> nn.Module:
-    """The module whose names ``model.state_dict()`` uses: ``model`` itself, or the inner module a wrapper hands its
-    state to (``lightning.fabric``'s ``_FabricModule`` keys its state without its ``_forward_module.`` prefix).
-    Read from where the state dict's first tensor sits among the named parameters and buffers."""
+    """The module whose names a fresh instance's state dict uses: ``model`` itself, the inner module a wrapper hands
+    its state to (``lightning.fabric``'s ``_FabricModule`` keys its state without its ``_forward_module.`` prefix;
+    read from where the state dict's first tensor sits among the named parameters and buffers), or the module
+    ``torch.compile`` compiled (its ``_orig_mod.`` prefix: a trial's file from a compiled model did not load into
+    a fresh instance)."""
+    if is_compiled(model):
+        return state_root(cast(nn.Module, model._orig_mod))
     state = model.state_dict(keep_vars=True)
     names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
     for key, tensor in state.items():

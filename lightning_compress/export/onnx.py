@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
+from ..core.selection import is_compiled, state_root
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
@@ -233,7 +234,7 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
-    with _uncompiled(model) as plain:
+    with _uncompiled(state_root(model)) as plain:  # a Fabric module's inner one (its forward runs under autocast)
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
             dynamic_axes=dynamic_axes, accuracy_level=accuracy_level,
@@ -249,17 +250,13 @@ def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if _is_compiled(child):
+                if is_compiled(child):
                     swapped.append((parent, name, child))
                     setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
-        yield cast(nn.Module, model._orig_mod) if _is_compiled(model) else model
+        yield cast(nn.Module, model._orig_mod) if is_compiled(model) else model
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
 def _export_onnx(

@@ -507,6 +507,28 @@ def test_a_model_wrapped_by_fabric_saves_and_loads_as_the_plain_model(tmp_path):
         torch.testing.assert_close(wrapped.module.eval()(inputs()), expected, atol=0, rtol=0)
 
 
+def test_a_compiled_model_saves_loads_and_prunes_as_the_plain_model(tmp_path):
+    """Trial BK: `save_compressed(torch.compile(model))` and `IterativePruner` keyed everything `_orig_mod.`, so the
+    file loaded into no fresh instance of the class and the pruner's state resumed only into a compiled model."""
+    from lightning_compress import IterativePruner
+
+    model = compressed_net(0.5, config=QuantConfig(8, 8))
+    save_compressed(model, tmp_path / "plain.lcz")
+    save_compressed(torch.compile(model), tmp_path / "compiled.lcz")
+    assert (tmp_path / "plain.lcz").read_bytes() == (tmp_path / "compiled.lcz").read_bytes()
+    fresh = Net()
+    load_compressed(torch.compile(fresh), tmp_path / "compiled.lcz")  # into a compiled model too
+    torch.testing.assert_close(fresh.eval()(inputs()), model.eval()(inputs()), atol=0, rtol=0)
+    torch.manual_seed(0)
+    net = Net()
+    pruner = IterativePruner(torch.compile(net), 0.5, total_steps=1, importance="magnitude")
+    pruner.step()
+    assert pruner.masks and not any(name.startswith("_orig_mod.") for name in pruner.masks)
+    again = IterativePruner(Net(), 0.5, total_steps=1, importance="magnitude")
+    again.load_state_dict(pruner.state_dict())  # a compiled run's state resumes into the plain model
+    assert again.masks.keys() == pruner.masks.keys()
+
+
 @pytest.mark.parametrize(
     ("sparsity", "config"), [(0.0, QuantConfig(4, 8)), (0.9, QuantConfig(8, 8)), (0.5, QuantConfig(8, 8)), (0.9, None)]
 )

@@ -535,6 +535,33 @@ def test_an_activation_the_exporter_folds_to_a_constant_is_not_reported_as_a_wei
         assert np.allclose(got, model(x).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_fabric_module_under_bf16_mixed_exports_its_inner_float32_model(tmp_path, quantized):
+    """Trial BK: `export_onnx(fabric.setup_module(model))` under `precision="bf16-mixed"` traced the wrapper's forward
+    in bfloat16 autocast and wrote a graph onnxruntime refuses (a bfloat16 Conv input), without an error."""
+    from lightning.fabric import Fabric
+
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    x = torch.randn(8, 1, 8, 8)
+    if quantized:
+        convert_to_qat(model, QuantConfig(8, 8))
+        for _, q in quantizers(model):
+            q.observer_enabled = True
+        with torch.no_grad():
+            model(x)
+        for _, q in quantizers(model):
+            q.fake_quant_enabled = True
+    wrapped = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed").setup_module(model)
+    wrapped.eval()
+    export_onnx(wrapped, tmp_path / "w.onnx", x[:2])
+    session = ort.InferenceSession(str(tmp_path / "w.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert np.allclose(got, model.eval()(x).numpy(), atol=0.05 if quantized else 1e-5)
+
+
 def test_a_layer_the_onnx_exporter_cannot_express_is_refused_in_one_line_with_what_to_change(tmp_path):
     """A trial: an `nn.LSTM` with `proj_size` raised torch's SymbolicValueError with a TorchScript dump of several kB;
     `nn.Bilinear`'s unsupported operator was already refused in our words."""
