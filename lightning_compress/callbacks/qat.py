@@ -174,7 +174,8 @@ class QuantizationAwareTraining(Callback):
         self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
         self._evaluating: pl.Trainer | None = None  # the Trainer whose checkpoint the load hook reads (evaluating)
-        self._resuming: pl.Trainer | None = None  # the same, fitting
+        self._fitting = False  # between a fit's `setup` and `teardown` (the load hook reads the module's Trainer: a
+        # Trainer held here would be deep-copied with the module's hooks, and under DDP it holds a lock; a trial)
         self._resumed_layers: set[str] | None = None  # the quantized layers a resumed fit's weights hold entries for
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
@@ -192,7 +193,7 @@ class QuantizationAwareTraining(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._resuming is not None:  # fitting (evaluating converts as the checkpoint was quantized); here when
+        if self._fitting:  # (evaluating converts as the checkpoint was quantized); here when
             self._check_saved_settings(saved_quantization(checkpoint))  # the load hook could not read the file
         warn_if_saved_under_another_key(checkpoint, self)
         if (
@@ -298,7 +299,7 @@ class QuantizationAwareTraining(Callback):
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
             self._resumed_layers = None
-            self._resuming = trainer
+            self._fitting = True
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._check_resumed_layers)
         elif qat_modules(pl_module):
             self._convert(pl_module)
@@ -313,7 +314,7 @@ class QuantizationAwareTraining(Callback):
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
-        self._evaluating = self._resuming = None
+        self._evaluating, self._fitting = None, False
         if stage == "fit" and self._converted and not self._trained and not (self._layers and self._active(pl_module)):
             # a fit whose training never started with this callback (`Tuner.lr_find`/`scale_batch_size` run their
             # own callbacks): the layers it converted computed what the float ones do; the model gets them back
@@ -374,7 +375,7 @@ class QuantizationAwareTraining(Callback):
                 "resumed (one callback per set of settings it used), or load it for inference with "
                 "`load_qat_checkpoint`."
             )
-        self._check_saved_settings(self._checkpoint_quantization(self._resuming))  # before its values are read
+        self._check_saved_settings(self._checkpoint_quantization(_attached_trainer(module)))  # before values are read
         check_saved_scales(state_dict, prefix)
         check_quantizer_state(module, state_dict, prefix)
 
@@ -641,3 +642,13 @@ class QuantizationAwareTraining(Callback):
         for module in pl_module.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 module.eval()
+
+
+def _attached_trainer(module: nn.Module) -> pl.Trainer | None:
+    """The Trainer ``module`` is attached to (``None``: not a LightningModule, or not attached)."""
+    if not isinstance(module, pl.LightningModule):
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        return None

@@ -53,6 +53,11 @@ def main(out_dir: str, importances: list[str]) -> None:
         elif name == "export":  # every process finds the file when fit returns (rank 1 returned before it was written)
             pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, export_path=f"{out_dir}/export.lcz")
             callbacks.append(pruning)
+        elif name == "channel-qatfirst":  # QAT listed first: a deep copy of the module reached a Trainer (trial BJ)
+            model.example_input_array = torch.zeros(1, 16)
+            pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=3,
+                                       export_path=f"{out_dir}/compacted.lcz")  # fmt: skip
+            callbacks += [QuantizationAwareTraining(4, 8, start_epoch=1), pruning]
         elif prune_part:
             granularity, _, prune_part = prune_part.rpartition("-")  # "channel-taylor", "2:4-noisy", "magnitude"
             importance = RankNoisyImportance() if prune_part == "noisy" else prune_part

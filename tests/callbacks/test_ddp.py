@@ -23,6 +23,7 @@ JOBS = [
     "taylor+qat-8da4w",
     "guard-ranklocal",
     "export",
+    "channel-qatfirst",
 ]
 
 
