@@ -73,6 +73,8 @@ _LOWER_WORDS = frozenset(
     ]
 )
 _RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
+# an error measured by size, not counted: unbounded, in the target's units (MeanSquaredError, val_abs_err)
+_SIZE_WORDS = frozenset(["squared", "sq", "absolute", "abs", "root", "log", "percentage", "relative", "normalized"])
 _SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
 _HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
 _FALL_WORDS = frozenset(["drop", "degradation", "decline"])  # val_acc_drop: lower is better; val_loss_drop: higher
@@ -194,9 +196,11 @@ def reads_higher(monitor: str) -> bool:
 
 
 def is_rate(monitor: str) -> bool:
-    """Whether the name reads as a rate of mistakes in [0, 1] (``val_error``, ``val_wer``), on an accuracy's scale."""
-    return any(w in _RATE_WORDS for w in _words(monitor)) and not any(
-        w in _LOWER_WORDS - _RATE_WORDS for w in _words(monitor)
+    """Whether the name reads as a rate of mistakes in [0, 1] (``val_error``, ``val_wer``), on an accuracy's scale,
+    not an error's size (``val_MeanSquaredError``, ``val_abs_err``: a trial's diabetes MSE was about 3000)."""
+    words = _words(monitor)
+    return any(w in _RATE_WORDS for w in words) and not any(
+        w in _LOWER_WORDS - _RATE_WORDS or w in _SIZE_WORDS for w in words
     )
 
 
