@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -218,8 +219,9 @@ def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = No
         model: a fresh instance of the saved architecture (uncompacted is fine: it is cut to the saved sizes).
         path: the file :func:`save_compressed` wrote.
         example_inputs: what ``model``'s forward takes (a tensor, a tuple of positional inputs or a dict of keyword
-            inputs), to check a compacted file's sizes as above. ``None``: the model's ``example_input_array`` if it
-            has one (a LightningModule), else no such check.
+            inputs), to check a compacted file's sizes as above; floating-point inputs take the model's dtype
+            (bfloat16 weights) and device. ``None``: the model's ``example_input_array`` if it has one (a
+            LightningModule; if the model does not run on it, the check is skipped with a warning), else no check.
 
     Returns:
         What the file holds, layer by layer (:class:`CompressionReport`).
@@ -265,13 +267,22 @@ def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = No
     del body
     outputs = None
     if manifest.get("compacted") and example_inputs is not None:  # before anything changes
+        example_inputs = _like_model(example_inputs, model)
         try:
             outputs = _output_shapes(called, example_inputs)
         except Exception as err:
-            raise ValueError(
+            said = (
                 f"`{argument}` does not run through {type(called).__name__}'s forward before loading "
-                f"({type(err).__name__}: {_first_line(err)}): pass what `forward` takes, or None."
-            ) from err
+                f"({type(err).__name__}: {_first_line(err)})"
+            )
+            if argument == "example_inputs":
+                raise ValueError(f"{said}: pass what `forward` takes.") from err
+            warnings.warn(
+                f"load_compressed: {said}, so whether the compacted sizes of {path} fit together is not checked "
+                "(pass `example_inputs`).",
+                UserWarning,
+                stacklevel=2,
+            )
     rollback = _Rollback(model, values=outputs is not None)  # the chain check runs after the values are loaded
     converted_before = {f"{name}." for name, _ in qat_modules(model)}  # by the user, before this load
     try:
@@ -323,6 +334,21 @@ def _output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
     """The shapes of ``model``'s outputs on ``inputs`` (float data flow, eval mode, no gradients)."""
     with torch.no_grad(), plain_float(model):
         return [tuple(t.shape) for t in output_tensors(call_model(model, inputs))]
+
+
+def _like_model(inputs: Any, model: nn.Module) -> Any:
+    """``inputs`` with floating-point tensors in ``model``'s floating-point dtype and every tensor on its device (a
+    trial: a bfloat16 model's float32 ``example_input_array`` refused a genuine file)."""
+    weight = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    if weight is None:
+        return inputs
+    if isinstance(inputs, Tensor):
+        return inputs.to(weight.device, weight.dtype if inputs.is_floating_point() else inputs.dtype)
+    if isinstance(inputs, (tuple, list)):
+        return (tuple if isinstance(inputs, tuple) else list)(_like_model(item, model) for item in inputs)
+    if isinstance(inputs, dict):
+        return {key: _like_model(value, model) for key, value in inputs.items()}
+    return inputs
 
 
 def _first_line(err: Exception) -> str:

@@ -669,3 +669,27 @@ def test_a_genuine_compacted_file_passes_the_chain_check_and_inputs_the_model_do
     assert torch.equal(outputs(fresh, x), outputs(model, x))
     with pytest.raises(ValueError, match=r"`example_inputs` does not run through Sequential's forward before loading"):
         load_compressed(_mlp(64, 128, 64, 10), tmp_path / "c.lcz", example_inputs=torch.zeros(2, 3))
+    unfit = _mlp(64, 128, 64, 10)
+    unfit.example_input_array = torch.zeros(2, 3)  # picked up, not given: the check is skipped and said
+    with pytest.warns(UserWarning, match=r"`example_input_array` does not run .* sizes of .* is not checked"):
+        load_compressed(unfit, tmp_path / "c.lcz")
+    assert torch.equal(outputs(unfit, x), outputs(model, x))
+
+
+def test_a_bfloat16_model_loads_a_compacted_file_checked_on_its_float32_example_input_array(tmp_path):
+    """Trial BJ: a bf16 LightningModule's float32 `example_input_array` (as Lightning users leave it) refused a
+    genuine compacted file: the inputs now take the model's dtype."""
+    from lightning_compress import compact, prune_
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    model = _mlp(64, 128, 64, 10).to(torch.bfloat16).eval()
+    prune_(model, 0.5, granularity="channel", example_inputs=x.to(torch.bfloat16))
+    compact(model, x.to(torch.bfloat16))
+    save_compressed(model, tmp_path / "c.lcz")
+    fresh = _mlp(64, 128, 64, 10).to(torch.bfloat16)
+    fresh.example_input_array = (x,)  # float32, in a tuple
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_compressed(fresh, tmp_path / "c.lcz")
+    assert torch.equal(outputs(fresh, x.to(torch.bfloat16)), outputs(model, x.to(torch.bfloat16)))
