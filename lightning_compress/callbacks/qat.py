@@ -196,11 +196,15 @@ class QuantizationAwareTraining(Callback):
         if self._fitting:  # (evaluating converts as the checkpoint was quantized); here when
             self._check_saved_settings(saved_quantization(checkpoint))  # the load hook could not read the file
         warn_if_saved_under_another_key(checkpoint, self)
+        mine = set(self._layers)
         if (
             self.config.scale == "learned"
             and checkpoint.get("optimizer_states")
             and self.state_key not in checkpoint.get("callbacks", {})
+            and not any(mine & set(layers) for _, layers in saved_quantization(checkpoint))
         ):  # torch's own error came later, from the optimizer: "a parameter group that doesn't match the size"
+            # (a state under another key that quantized these layers, `include` written otherwise: its optimizer
+            # state holds the learned scales; trial BJ)
             raise ValueError(
                 "QuantizationAwareTraining(scale='learned'): the checkpoint was saved without this callback (no state "
                 "under its key), so its optimizer state holds no learned scales and cannot be restored into an "
