@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
-from ..core.selection import is_compiled, state_root
+from ..core.selection import is_compiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
@@ -234,11 +234,21 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
-    with _uncompiled(state_root(model)) as plain:  # a Fabric module's inner one (its forward runs under autocast)
+    with _uncompiled(_unwrapped(model)) as plain:
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
             dynamic_axes=dynamic_axes, accuracy_level=accuracy_level,
         )  # fmt: skip
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a Lightning Fabric wrapper holds (its forward runs the model under the precision's autocast: a
+    trial's `bf16-mixed` export wrote a bfloat16 graph onnxruntime refuses), else ``model``. Only Fabric's own
+    wrapper: a plain model whose state dict names an inner module's is exported whole."""
+    from lightning.fabric.wrappers import is_wrapped
+
+    inner = getattr(model, "module", None)
+    return inner if is_wrapped(model) and isinstance(inner, nn.Module) else model
 
 
 @contextmanager
