@@ -209,7 +209,14 @@ class IterativePruning(Callback):
             )
         inferred = mode is None
         mode = monitor_mode(monitor, mode)
-        if monitor is not None and inferred:
+        if monitor is not None and inferred and mode == "max" and not reads_higher(monitor):
+            warnings.warn(  # a trial's `val_total`, a sum of losses: every event rolled back, 0% sparse
+                f"IterativePruning: `monitor`={monitor!r} names neither a loss nor an accuracy, so the guard reads a "
+                "higher value as better (mode='max'). Pass `mode` ('min' for a loss) to say which.",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif monitor is not None and inferred:
             rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
         if (
             monitor is not None

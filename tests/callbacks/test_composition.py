@@ -528,6 +528,8 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         CompressionMonitor(mode="min")
     with pytest.warns(UserWarning, match=r"lets `monitor`='val_loss' rise by at most `max_drop`=0.01, the default"):
         IterativePruning(0.9, monitor="val_loss")  # a trial's overfitting GRU: every event rolled back, 0% sparse
+    with pytest.warns(UserWarning, match=r"`monitor`='val_total' names neither a loss nor an accuracy, so the guard"):
+        IterativePruning(0.9, monitor="val_total")  # trial BL: a sum of two losses read as max, every event undone
     for name in ("val_MeanSquaredError", "val_MeanAbsoluteError", "val_abs_err", "val_root_mean_squared_error"):
         with pytest.warns(UserWarning, match=rf"lets `monitor`='{name}' rise by at most `max_drop`=0.01"):
             IterativePruning(0.9, monitor=name)  # trial BL: an error's size, in the target's units, was read as a rate
@@ -545,6 +547,8 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         IterativePruning(0.9, min_density=0.05, monitor="val_loss", mode="min", max_drop=0.05)
         for rate in ("val_error", "val_wer", "val_top1_error", "val_WordErrorRate"):  # rates in [0, 1]: 0.01 fits
             IterativePruning(0.9, monitor=rate)
+        IterativePruning(0.9, monitor="val_acc")  # a name that says its direction
+        IterativePruning(0.9, monitor="val_total", mode="min", max_drop=0.05)  # or a mode given
         IterativePruning(0.5, granularity="channel", min_density=0.2)
         IterativePruning(0.5, scope="layer")
         CompressionMonitor()
