@@ -37,7 +37,7 @@ from .qat_layers import (
 )
 from .quant import BIAS_RANGE
 from .quantizer_state import check_quantizer_state, check_saved_scales
-from .selection import Target, module_tensor_holders, select_targets
+from .selection import Target, is_compiled, module_tensor_holders, select_targets
 from .sharding import is_sharded
 from .shift_search import search_power_of_two_shifts
 
@@ -92,13 +92,25 @@ def _quantizable_targets(
 ) -> list[Target]:
     class_of = class_of or _class_cache()
     owned_by_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    # a layer torch.compile'd by itself: its compiled forward is bound to the float layer, which a swap would not
+    # reach (a trial: trained in float while its ONNX export quantized it)
+    compiled_alone = {id(m._orig_mod) for m in model.modules() if is_compiled(m)}
     targets = []
     subclasses: set[str] = set()
     skipped: list[str] = []  # picked by the default or a wildcard, with no fake-quantized form: said once
+    compiled: list[str] = []
     for target in select_targets(model, include, exclude):
         module = target.module
         if isinstance(module, QATLayer):
             targets.append(target)
+            continue
+        if id(module) in compiled_alone:
+            if include is not None and target.name in include:
+                raise ValueError(
+                    f"`include` selects {target.name!r}, a layer compiled by itself (`torch.compile(layer)`): its "
+                    "compiled forward keeps the float layer. Convert before compiling, or compile a module around it."
+                )
+            compiled.append(target.name.removesuffix("._orig_mod"))
             continue
         if class_of(module) is None or id(module) in owned_by_mha:
             subclass = (
@@ -125,6 +137,14 @@ def _quantizable_targets(
             "fake-quantizes nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their own forward "
             "(not transposed convolutions, nor subclasses with more of their own than an __init__: a forward, a "
             "method, a buffer or an attribute).",
+            UserWarning,
+            stacklevel=3,
+        )
+    if compiled:
+        warnings.warn(
+            f"quantization-aware training leaves {compiled[:3]}{' ...' if len(compiled) > 3 else ''} in float: each is "
+            "compiled by itself (`torch.compile(layer)`), and its compiled forward keeps the float layer. Convert "
+            "before compiling, or compile a module around the layer.",
             UserWarning,
             stacklevel=3,
         )
