@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import cast
 
@@ -189,6 +190,26 @@ def experts_picked(
 def is_compiled(module: nn.Module) -> bool:
     """Whether ``module`` is what ``torch.compile`` returns for a module (an ``OptimizedModule``)."""
     return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+@contextmanager
+def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with each ``torch.compile``d submodule swapped for the module it compiled, meanwhile: its names are a
+    plain instance's (a compiled submodule's ``_orig_mod.``: a trial's file loaded only into a model compiled alike),
+    and the layers are the same objects. Each wrapper is put back where the module it compiled is still in place
+    (a layer replaced meanwhile, by a QAT conversion while loading, keeps its replacement)."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if is_compiled(child):
+                    swapped.append((parent, name, child))
+                    setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
+        yield cast(nn.Module, model._orig_mod) if is_compiled(model) else model
+    finally:
+        for parent, name, child in reversed(swapped):
+            if getattr(parent, name, None) is child._orig_mod:
+                setattr(parent, name, child)
 
 
 def state_root(model: nn.Module) -> nn.Module:

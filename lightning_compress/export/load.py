@@ -21,7 +21,7 @@ from ..core.packing import (
 from ..core.qat import QuantConfig, check_quantizer_state, convert_to_qat, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.quantizer_state import check_scales
-from ..core.selection import state_root
+from ..core.selection import state_root, uncompiled
 from ..core.shrink import set_head_record, shrink_like
 from ..core.tracing import call_model, output_tensors, plain_float
 from .container import CompressedFileError, read_container
@@ -236,8 +236,12 @@ def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = No
         example_inputs, argument = getattr(model, "example_input_array", None), "example_input_array"
     else:
         argument = "example_inputs"
-    model = state_root(model)  # a wrapper's inner module (Fabric): the names its state dict uses
     path = check_path(path)
+    with uncompiled(state_root(model)) as plain:  # a wrapper's inner module (Fabric, torch.compile): plain names
+        return _load(called, plain, path, example_inputs, argument)
+
+
+def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, argument: str) -> CompressionReport:
     planned: dict[str, Any] = {}
 
     def body_size(manifest: dict[str, Any], version: int) -> int:
@@ -281,7 +285,7 @@ def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = No
                 f"load_compressed: {said}, so whether the compacted sizes of {path} fit together is not checked "
                 "(pass `example_inputs`).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
     rollback = _Rollback(model, values=outputs is not None)  # the chain check runs after the values are loaded
     converted_before = {f"{name}." for name, _ in qat_modules(model)}  # by the user, before this load

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
-from ..core.selection import is_compiled
+from ..core.selection import uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
@@ -234,7 +234,7 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
-    with _uncompiled(_unwrapped(model)) as plain:
+    with uncompiled(_unwrapped(model)) as plain:  # the TorchScript exporter cannot trace compiled modules
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
             dynamic_axes=dynamic_axes, accuracy_level=accuracy_level,
@@ -249,24 +249,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
     inner = getattr(model, "module", None)
     return inner if is_wrapped(model) and isinstance(inner, nn.Module) else model
-
-
-@contextmanager
-def _uncompiled(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with each ``torch.compile``d module (an ``OptimizedModule``, which the TorchScript exporter cannot
-    trace: a trial's `export_path` failed at the end of fit) swapped for the module it compiled, meanwhile; the
-    layers are the same objects, and the ONNX names are the uncompiled model's."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if is_compiled(child):
-                    swapped.append((parent, name, child))
-                    setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
-        yield cast(nn.Module, model._orig_mod) if is_compiled(model) else model
-    finally:
-        for parent, name, child in reversed(swapped):
-            setattr(parent, name, child)
 
 
 def _export_onnx(

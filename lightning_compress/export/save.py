@@ -22,7 +22,7 @@ from ..core.packing import (
 )
 from ..core.qat import FakeQuantizer, qat_modules, quantizers
 from ..core.quant import BIAS_RANGE, dequantize, fake_quantize, quantize
-from ..core.selection import state_root
+from ..core.selection import state_root, uncompiled
 from ..core.sharding import full, is_sharded
 from .container import FORMAT_VERSION, write_container
 from .records import (
@@ -163,7 +163,11 @@ def save_compressed(model: nn.Module, path: str | Path) -> CompressionReport:
     """
     check_module(model, materialized=True)
     path = check_output_path(path)
-    model = state_root(model)  # a wrapper's inner module (Fabric): the names its state dict uses
+    with uncompiled(state_root(model)) as plain:  # a wrapper's inner module (Fabric, torch.compile): plain names
+        return _save(plain, path)
+
+
+def _save(model: nn.Module, path: Path) -> CompressionReport:
     quantized = _quantized_weights(model)
     biases = _biases_on_grid(model)
     sections = _Sections()

@@ -529,6 +529,32 @@ def test_a_compiled_model_saves_loads_and_prunes_as_the_plain_model(tmp_path):
     assert again.masks.keys() == pruner.masks.keys()
 
 
+def test_a_model_with_a_compiled_submodule_saves_and_loads_under_the_plain_names(tmp_path):
+    """Trial BM: a compiled submodule's weights were saved as `fc2._orig_mod.weight`: the file loaded only into a
+    model compiled alike. The wrappers are put back after saving and loading (a layer the file quantizes, converted
+    while loading, keeps its fake-quant layer)."""
+    model = compressed_net(0.5, config=QuantConfig(8, 8))
+    save_compressed(model, tmp_path / "plain.lcz")
+    name, layer = next(iter(qat_modules(model)))
+    parent, _, child = name.rpartition(".")
+    holder = model.get_submodule(parent) if parent else model
+    setattr(holder, child, torch.compile(layer))
+    save_compressed(model, tmp_path / "compiled.lcz")
+    assert type(getattr(holder, child)).__name__ == "OptimizedModule"  # put back
+    assert (tmp_path / "plain.lcz").read_bytes() == (tmp_path / "compiled.lcz").read_bytes()
+    setattr(holder, child, layer)
+    expected = model.eval()(inputs())
+    fresh = Net()
+    load_compressed(fresh, tmp_path / "compiled.lcz")
+    torch.testing.assert_close(fresh.eval()(inputs()), expected, atol=0, rtol=0)
+    compiled = Net()
+    inner = compiled.get_submodule(parent) if parent else compiled
+    setattr(inner, child, torch.compile(getattr(inner, child)))
+    load_compressed(compiled, tmp_path / "plain.lcz")  # the compiled layer became a fake-quant layer
+    assert type(getattr(inner, child)).__name__ != "OptimizedModule"
+    torch.testing.assert_close(compiled.eval()(inputs()), expected, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("sparsity", "config"), [(0.0, QuantConfig(4, 8)), (0.9, QuantConfig(8, 8)), (0.5, QuantConfig(8, 8)), (0.9, None)]
 )
