@@ -195,6 +195,21 @@ def reads_higher(monitor: str) -> bool:
     return not lower_is_better(monitor) and _named_last(_words(monitor), _HIGHER_METRICS)
 
 
+def names_no_direction(monitor: str) -> bool:
+    """Whether the name holds no word that says a direction (``val_total``, ``val_score``, ``val_metric``): no loss,
+    error, accuracy-like or negating word, and no camel case (torchmetrics' class names, such as
+    ``val_BinaryFBetaScore``, are read as their ``higher_is_better`` says)."""
+    if re.search(r"[a-z0-9][A-Z]|[A-Z][A-Z][a-z]", monitor):  # MulticlassAccuracy, BERTScore
+        return False
+    known = _LOWER_WORDS | _HIGHER_METRICS | _HIGHER_WORDS | _FALL_WORDS | _GAP_WORDS | _NEGATED | _QUALIFIERS
+    known |= {"top1", "top5", "reward", "return", "elbo", "miou", "map", "ap"}  # higher-is-better, by convention
+    words = _words(monitor)
+    joined = "_".join(words)
+    return not any(w in known or w.endswith(_SUFFIXES) for w in words) and not any(
+        phrase in joined for phrase in (*_LOWER_PHRASES, *_HIGHER_PHRASES, "bits_per", "cross_entropy")
+    )
+
+
 def is_rate(monitor: str) -> bool:
     """Whether the name reads as a rate of mistakes in [0, 1] (``val_error``, ``val_wer``), on an accuracy's scale,
     not an error's size (``val_MeanSquaredError``, ``val_abs_err``: a trial's diabetes MSE was about 3000)."""

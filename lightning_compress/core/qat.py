@@ -104,8 +104,8 @@ def _quantizable_targets(
         if isinstance(module, QATLayer):
             targets.append(target)
             continue
-        if id(module) in compiled_alone:
-            if include is not None and target.name in include:
+        if id(module) in compiled_alone or is_compiled(module):
+            if include is not None and target.name in include:  # the layer's name, or its `._orig_mod`
                 raise ValueError(
                     f"`include` selects {target.name!r}, a layer compiled by itself (`torch.compile(layer)`): its "
                     "compiled forward keeps the float layer. Convert before compiling, or compile a module around it."

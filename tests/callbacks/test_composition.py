@@ -163,6 +163,9 @@ def test_a_compiled_network_exports_to_onnx_at_the_end_of_fit(tmp_path, compiled
             trainer(max_epochs=2, callbacks=[qat]).fit(model)
         assert type(model.net[2]).__name__ == "OptimizedModule"  # the model is left as it was
         expected_layers = {"net.0.weight", "net.4.weight"}
+        for name in ("net.2", "net.2._orig_mod"):  # named exactly: refused with the reason (trial BN)
+            with pytest.raises(ValueError, match=rf"`include` selects '{name}', a layer compiled by itself"):
+                convert_to_qat(model, QuantConfig(8, 8), include=[name])
     else:
         trainer(max_epochs=2, callbacks=[qat]).fit(model)
         expected_layers = {"net.0.weight", "net.2.weight", "net.4.weight"}
@@ -559,7 +562,10 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         IterativePruning(0.9, min_density=0.05, monitor="val_loss", mode="min", max_drop=0.05)
         for rate in ("val_error", "val_wer", "val_top1_error", "val_WordErrorRate"):  # rates in [0, 1]: 0.01 fits
             IterativePruning(0.9, monitor=rate)
-        IterativePruning(0.9, monitor="val_acc")  # a name that says its direction
+        for name in ("val_acc", "val_neg_mse", "val_neg_mean_squared_error", "val_PeakSignalNoiseRatio",
+                     "val_MulticlassMatthewsCorrCoef", "val_BinaryFBetaScore", "val_f1", "val_BERTScore", "val_map",
+                     "val_top1", "val_elbo"):  # fmt: skip
+            IterativePruning(0.9, monitor=name)  # names that say their direction (trial BN: these warned)
         IterativePruning(0.9, monitor="val_total", mode="min", max_drop=0.05)  # or a mode given
         IterativePruning(0.5, granularity="channel", min_density=0.2)
         IterativePruning(0.5, scope="layer")
