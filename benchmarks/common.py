@@ -42,6 +42,9 @@ def model_pruning(target: float, start: int, end: int, lottery: bool, model: nn.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what the default leaves out was said when IterativePruning selected
         params = [(t.module, t.attr) for t in select_targets(model, module_tensors=True)]
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):  # it reads out_proj.weight without calling out_proj, so the
+            module.register_forward_pre_hook(_out_proj_pruning)  # pruning hook there must run first (trial BO)
     return ModelPruning(
         "l1_unstructured",
         parameters_to_prune=params,
@@ -50,6 +53,13 @@ def model_pruning(target: float, start: int, end: int, lottery: bool, model: nn.
         use_lottery_ticket_hypothesis=lottery,
         verbose=0,
     )
+
+
+def _out_proj_pruning(attention: nn.Module, args: object) -> None:
+    """Recompute ``out_proj.weight`` from its ``torch.nn.utils.prune`` mask before ``nn.MultiheadAttention`` reads it:
+    otherwise it stays the tensor of the last pruning and the second backward through it fails."""
+    for hook in list(attention.out_proj._forward_pre_hooks.values()):
+        hook(attention.out_proj, args)
 
 
 def mlp_layers() -> nn.Sequential:
