@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress import QuantConfig, convert_to_qat, export_onnx
+from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant, export_onnx
 from lightning_compress.core.qat import quantizers
 from tests.export.helpers import compressed_net, inputs
 
@@ -518,12 +518,8 @@ def test_an_activation_the_exporter_folds_to_a_constant_is_not_reported_as_a_wei
     torch.manual_seed(0)
     model = Positions()
     convert_to_qat(model, QuantConfig(8, 8))
-    for _, q in quantizers(model):
-        q.observer_enabled = True
-    with torch.no_grad():
-        model(torch.randn(16, 8))
-    for _, q in quantizers(model):
-        q.fake_quant_enabled = True
+    calibrate(model, [torch.randn(16, 8)])
+    enable_fake_quant(model)
     model.eval()
     x = torch.randn(3, 8)
     report = export_onnx(model, tmp_path / "p.onnx", x)
@@ -547,12 +543,8 @@ def test_a_fabric_module_under_bf16_mixed_exports_its_inner_float32_model(tmp_pa
     x = torch.randn(8, 1, 8, 8)
     if quantized:
         convert_to_qat(model, QuantConfig(8, 8))
-        for _, q in quantizers(model):
-            q.observer_enabled = True
-        with torch.no_grad():
-            model(x)
-        for _, q in quantizers(model):
-            q.fake_quant_enabled = True
+        calibrate(model, [x])
+        enable_fake_quant(model)
     wrapped = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed").setup_module(model)
     wrapped.eval()
     export_onnx(wrapped, tmp_path / "w.onnx", x[:2])
