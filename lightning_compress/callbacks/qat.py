@@ -173,9 +173,9 @@ class QuantizationAwareTraining(Callback):
         self._learned_params: list[nn.Parameter] = []
         self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
-        self._evaluating: pl.Trainer | None = None  # the Trainer whose checkpoint the load hook reads (evaluating)
-        self._fitting = False  # between a fit's `setup` and `teardown` (the load hook reads the module's Trainer: a
-        # Trainer held here would be deep-copied with the module's hooks, and under DDP it holds a lock; a trial)
+        # between `setup` and `teardown`: the load hooks read the module's Trainer (a Trainer held here would be
+        # deep-copied with the module's hooks, and under DDP it holds a lock; a trial)
+        self._fitting = False
         self._resumed_layers: set[str] | None = None  # the quantized layers a resumed fit's weights hold entries for
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
@@ -311,14 +311,13 @@ class QuantizationAwareTraining(Callback):
             # evaluating a float model: convert only if the checkpoint about to be loaded is quantized.
             # Lightning loads the weights after `setup` (and sets `trainer.ckpt_path` only then), so look at
             # the state dict itself, just before it is applied.
-            self._evaluating = trainer
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._convert_if_quantized)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
-        self._evaluating, self._fitting = None, False
+        self._fitting = False
         if stage == "fit" and self._converted and not self._trained and not (self._layers and self._active(pl_module)):
             # a fit whose training never started with this callback (`Tuner.lr_find`/`scale_batch_size` run their
             # own callbacks): the layers it converted computed what the float ones do; the model gets them back
@@ -350,9 +349,9 @@ class QuantizationAwareTraining(Callback):
         checkpoint's scales scored at chance), else with this callback's."""
         if qat_modules(module) or not any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
             return
-        saved = self._checkpoint_quantization(self._evaluating)
+        trainer = _attached_trainer(module)
+        saved = self._checkpoint_quantization(trainer)
         self._convert(module, saved or None)
-        trainer = self._evaluating
         present = {cb.config for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationAwareTraining)}
         # settings no callback of this Trainer has (a trial: each of two callbacks warned about the other's)
         other = [config for config, _ in saved if config not in (present or {self.config})]
