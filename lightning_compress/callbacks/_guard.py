@@ -3,6 +3,9 @@ metrics a rollback hands to checkpoint callbacks, and what the fit's end says.""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..core.checks import is_integer, is_real
+from ..core.controller import names_no_direction
 from ..core.iterative import IterativePruner, Rollback
 
 __all__ = [
@@ -19,10 +23,35 @@ __all__ = [
     "check_monitor_name",
     "check_validation_state",
     "read_monitor",
+    "says_no_direction",
     "short_of_target_note",
     "stale_note",
     "unjudged_event_note",
 ]
+
+
+def says_no_direction(monitor: str) -> bool:
+    """Whether ``monitor`` names no direction (:func:`names_no_direction`) and is no torchmetrics class name either
+    (``val_BinaryFBetaScore``, ``val/PearsonCorrCoef``: a ``MetricCollection``'s keys, read as higher-is-better)."""
+    return names_no_direction(monitor) and not any(
+        part in _metric_class_names() for part in re.split(r"[^A-Za-z0-9]+", monitor)
+    )
+
+
+@functools.cache
+def _metric_class_names() -> frozenset[str]:
+    """The names of torchmetrics' ``Metric`` classes, from its modules that import here."""
+    import torchmetrics
+
+    names: set[str] = set()
+    for module in ("", ".classification", ".regression", ".image", ".text", ".retrieval", ".segmentation", ".audio",
+                   ".detection", ".clustering", ".nominal", ".aggregation", ".multimodal", ".shape"):  # fmt: skip
+        try:
+            found = importlib.import_module("torchmetrics" + module)
+        except Exception:  # a domain whose extra packages are missing
+            continue
+        names.update(k for k, v in vars(found).items() if isinstance(v, type) and issubclass(v, torchmetrics.Metric))
+    return frozenset(names)
 
 
 def check_monitor_name(monitor: Any) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.channels import ChannelRule
 from ..core.config import PruningConfig
-from ..core.controller import GuardDecision, is_rate, monitor_mode, names_no_direction, reads_higher
+from ..core.controller import GuardDecision, is_rate, monitor_mode, reads_higher
 from ..core.functional import warn_if_min_density_idle
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
@@ -40,6 +40,7 @@ from ._guard import (
     check_monitor_name,
     check_validation_state,
     read_monitor,
+    says_no_direction,
     short_of_target_note,
     stale_note,
     unjudged_event_note,
@@ -209,7 +210,7 @@ class IterativePruning(Callback):
             )
         inferred = mode is None
         mode = monitor_mode(monitor, mode)
-        if monitor is not None and inferred and names_no_direction(monitor):
+        if monitor is not None and inferred and says_no_direction(monitor):
             warnings.warn(  # a trial's `val_total`, a sum of losses: every event rolled back, 0% sparse
                 f"IterativePruning: `monitor`={monitor!r} names neither a loss nor an accuracy, so the guard reads a "
                 "higher value as better (mode='max'). Pass `mode` ('min' for a loss) to say which.",

@@ -196,11 +196,8 @@ def reads_higher(monitor: str) -> bool:
 
 
 def names_no_direction(monitor: str) -> bool:
-    """Whether the name holds no word that says a direction (``val_total``, ``val_score``, ``val_metric``): no loss,
-    error, accuracy-like or negating word, and no camel case (torchmetrics' class names, such as
-    ``val_BinaryFBetaScore``, are read as their ``higher_is_better`` says)."""
-    if re.search(r"[a-z0-9][A-Z]|[A-Z][A-Z][a-z]", monitor):  # MulticlassAccuracy, BERTScore
-        return False
+    """Whether the name holds no word that says a direction (``val_total``, ``valTotal``, ``val_score``): no loss,
+    error, accuracy-like or negating word (split at separators and camel case)."""
     known = _LOWER_WORDS | _HIGHER_METRICS | _HIGHER_WORDS | _FALL_WORDS | _GAP_WORDS | _NEGATED | _QUALIFIERS
     known |= {"top1", "top5", "reward", "return", "elbo", "miou", "map", "ap"}  # higher-is-better, by convention
     words = _words(monitor)

@@ -110,7 +110,7 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
             "ran (the model reads their weights directly), so their weights have no scale and the model computes "
             "with them in float: the file stores them in float. `exclude` them from QAT to silence this.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # save_compressed -> _save -> here
         )
     if tied:
         warnings.warn(
@@ -119,7 +119,7 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
             "that both uses reload exactly, and they take float size. Quantize the embedding too (by its exact name "
             "in `include`), untie the weights, or leave the tied layer out of QAT, to store codes.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # save_compressed -> _save -> here
         )
     return out
 

@@ -543,8 +543,9 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
         CompressionMonitor(mode="min")
     with pytest.warns(UserWarning, match=r"lets `monitor`='val_loss' rise by at most `max_drop`=0.01, the default"):
         IterativePruning(0.9, monitor="val_loss")  # a trial's overfitting GRU: every event rolled back, 0% sparse
-    with pytest.warns(UserWarning, match=r"`monitor`='val_total' names neither a loss nor an accuracy, so the guard"):
-        IterativePruning(0.9, monitor="val_total")  # trial BL: a sum of two losses read as max, every event undone
+    for name in ("val_total", "valTotal", "val_myMetric"):  # trial BP: camel case without a direction word too
+        with pytest.warns(UserWarning, match=rf"`monitor`='{name}' names neither a loss nor an accuracy, so the guard"):
+            IterativePruning(0.9, monitor=name)  # trial BL: a sum of two losses read as max, every event undone
     for name in ("val_MeanSquaredError", "val_MeanAbsoluteError", "val_abs_err", "val_root_mean_squared_error"):
         with pytest.warns(UserWarning, match=rf"lets `monitor`='{name}' rise by at most `max_drop`=0.01"):
             IterativePruning(0.9, monitor=name)  # trial BL: an error's size, in the target's units, was read as a rate
@@ -564,7 +565,7 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
             IterativePruning(0.9, monitor=rate)
         for name in ("val_acc", "val_neg_mse", "val_neg_mean_squared_error", "val_PeakSignalNoiseRatio",
                      "val_MulticlassMatthewsCorrCoef", "val_BinaryFBetaScore", "val_f1", "val_BERTScore", "val_map",
-                     "val_top1", "val_elbo"):  # fmt: skip
+                     "val_top1", "val_elbo", "val/PearsonCorrCoef", "val_ExactMatch"):  # fmt: skip
             IterativePruning(0.9, monitor=name)  # names that say their direction (trial BN: these warned)
         IterativePruning(0.9, monitor="val_total", mode="min", max_drop=0.05)  # or a mode given
         IterativePruning(0.5, granularity="channel", min_density=0.2)

@@ -265,8 +265,9 @@ def test_a_quantized_layer_whose_forward_never_runs_is_stored_in_float(tmp_path)
     model.eval()
     with torch.no_grad():
         expected = model(x)
-    with pytest.warns(UserWarning, match=r"\['direct'\] are fake-quant layers whose forward never ran"):
+    with pytest.warns(UserWarning, match=r"\['direct'\] are fake-quant layers whose forward never ran") as said:
         save_compressed(model, tmp_path / "m.lcz")
+    assert said[0].filename == __file__  # the caller's line (trial BP: pointed into the package)
     fresh = _ReadsAWeightDirectly()
     load_compressed(fresh, tmp_path / "m.lcz")
     assert torch.equal(fresh.direct.weight, model.direct.weight)
