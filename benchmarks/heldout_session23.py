@@ -36,6 +36,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from common import model_pruning, quiet_trainer
+from heldout_session20 import Module  # the same classifier module (Adam 1e-3, test_acc)
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -120,26 +121,6 @@ def split(pair: str, seed: int):
 
 
 MODELS = {"mbnet-mnist": MobileNetMini, "tfenc-digits": DigitsEncoder}
-
-
-class Module(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, b, i):
-        x, y = b
-        return nn.functional.cross_entropy(self(x), y)
-
-    def test_step(self, b, i):
-        x, y = b
-        self.log("test_acc", (self(x).argmax(1) == y).float().mean(), batch_size=len(y))
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
 def prunable_tensors(net: nn.Module) -> list[tuple[str, Tensor]]:

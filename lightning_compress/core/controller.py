@@ -195,15 +195,20 @@ def reads_higher(monitor: str) -> bool:
     return not lower_is_better(monitor) and _named_last(_words(monitor), _HIGHER_METRICS)
 
 
+# every word and phrase that gives a name a direction, and names higher-is-better by convention
+_DIRECTION_WORDS = (
+    _LOWER_WORDS | _HIGHER_METRICS | _HIGHER_WORDS | _FALL_WORDS | _GAP_WORDS | _NEGATED | _QUALIFIERS
+) | frozenset(["top1", "top5", "reward", "return", "elbo", "miou", "map", "ap"])
+_DIRECTION_PHRASES = (*_LOWER_PHRASES, *_HIGHER_PHRASES, "bits_per", "cross_entropy")
+
+
 def names_no_direction(monitor: str) -> bool:
     """Whether the name holds no word that says a direction (``val_total``, ``valTotal``, ``val_score``): no loss,
     error, accuracy-like or negating word (split at separators and camel case)."""
-    known = _LOWER_WORDS | _HIGHER_METRICS | _HIGHER_WORDS | _FALL_WORDS | _GAP_WORDS | _NEGATED | _QUALIFIERS
-    known |= {"top1", "top5", "reward", "return", "elbo", "miou", "map", "ap"}  # higher-is-better, by convention
     words = _words(monitor)
     joined = "_".join(words)
-    return not any(w in known or w.endswith(_SUFFIXES) for w in words) and not any(
-        phrase in joined for phrase in (*_LOWER_PHRASES, *_HIGHER_PHRASES, "bits_per", "cross_entropy")
+    return not any(w in _DIRECTION_WORDS or w.endswith(_SUFFIXES) for w in words) and not any(
+        phrase in joined for phrase in _DIRECTION_PHRASES
     )
 
 

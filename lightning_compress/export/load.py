@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from ..core.checks import check_module, check_path
@@ -287,7 +288,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
                 UserWarning,
                 stacklevel=3,
             )
-    rollback = _Rollback(model, values=outputs is not None)  # the chain check runs after the values are loaded
+    rollback = _Rollback(model)
     converted_before = {f"{name}." for name, _ in qat_modules(model)}  # by the user, before this load
     try:
         if manifest.get("compacted"):
@@ -321,9 +322,9 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
             raise CompressedFileError(
                 f"{path} was written for another architecture than {type(model).__name__}: {sorted(problems)[:5]}"
             )
-        model.load_state_dict(tensors, strict=True)
-        if outputs is not None:
+        if outputs is not None:  # the sizes are final: whether they chain needs no values
             _check_chain(called, example_inputs, outputs, path)
+        model.load_state_dict(tensors, strict=True)
     except Exception:
         rollback()
         raise
@@ -346,13 +347,9 @@ def _like_model(inputs: Any, model: nn.Module) -> Any:
     weight = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
     if weight is None:
         return inputs
-    if isinstance(inputs, Tensor):
-        return inputs.to(weight.device, weight.dtype if inputs.is_floating_point() else inputs.dtype)
-    if isinstance(inputs, (tuple, list)):
-        return (tuple if isinstance(inputs, tuple) else list)(_like_model(item, model) for item in inputs)
-    if isinstance(inputs, dict):
-        return {key: _like_model(value, model) for key, value in inputs.items()}
-    return inputs
+    return apply_to_collection(
+        inputs, Tensor, lambda t: t.to(weight.device, weight.dtype if t.is_floating_point() else t.dtype)
+    )
 
 
 def _first_line(err: Exception) -> str:
@@ -404,12 +401,9 @@ class _Rollback:
     object back at its name with its original attributes.
     """
 
-    def __init__(self, model: nn.Module, values: bool = False) -> None:
-        """``values``: also copy every parameter and buffer, for a refusal after the values were loaded."""
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.saved: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-        tensors = [*model.parameters(), *model.buffers()] if values else []
-        self.values = [(t, t.detach().clone()) for t in tensors]
 
     def remember(self, name: str) -> None:
         if name in self.saved:  # the first snapshot is the original
@@ -427,9 +421,6 @@ class _Rollback:
             if name:
                 parent, _, child = name.rpartition(".")
                 setattr(self.model.get_submodule(parent), child, module)
-        with torch.no_grad():
-            for tensor, value in self.values:
-                tensor.copy_(value)
 
 
 def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback) -> None:
