@@ -27,6 +27,7 @@ __all__ = [
     "short_of_target_note",
     "stale_note",
     "unjudged_event_note",
+    "unscored_model_note",
 ]
 
 
@@ -268,3 +269,23 @@ def unjudged_event_note(rolled: Rollback) -> str:
         "from a checkpoint saved while the event awaited judgement, has no copy of the rest of the model "
         "from then, so no validation has scored the model `fit` returns."
     )
+
+
+def unscored_model_note(global_step: int, validated_at: int | None, unscored_rollback: bool) -> str | None:
+    """What the fit's end says when no validation scored the model ``fit`` returns (and no rollback at the end
+    gave back one that was): training went on after the last validation the guard read (at ``validated_at``), or
+    that validation's rollback returned to a model no validation scored."""
+    if validated_at is not None and global_step > validated_at:
+        return (
+            f"IterativePruning: training ran {global_step - validated_at} optimizer step(s) after the fit's last "
+            f"validation (step {validated_at}); no pruning event ran in them, but no validation has scored the model "
+            "`fit` returns (a fit that ends between validations: `max_steps`, `check_val_every_n_epoch`, a stop). "
+            "`trainer.validate(model)` scores it."
+        )
+    if validated_at == global_step and unscored_rollback:
+        return (
+            "IterativePruning: the fit's last validation rolled back a pruning event, and the model it went back "
+            "to is not one a validation scored (quantization switched on, or the fit resumed, after the copy "
+            "was taken): no validation has scored the model `fit` returns. `trainer.validate(model)` scores it."
+        )
+    return None

@@ -15,14 +15,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ..core.channels import ChannelRule
 from ..core.config import PruningConfig
 from ..core.controller import GuardDecision, is_rate, monitor_mode, reads_higher
 from ..core.functional import warn_if_min_density_idle
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
-from ..core.mask_counts import zero_counts
-from ..core.quant_blocks import grouped_consumers
 from ..core.rules import ChannelStructure, channel_structure
 from ..core.selection import select_targets
 from ..core.sharding import reshard
@@ -44,8 +41,17 @@ from ._guard import (
     short_of_target_note,
     stale_note,
     unjudged_event_note,
+    unscored_model_note,
 )
-from ._pruning_checks import check_fit, check_frozen, check_no_overlap, key_of_same_selection, saved_steps_per_epoch
+from ._pruning_checks import (
+    check_fit,
+    check_frozen,
+    check_no_overlap,
+    key_of_same_selection,
+    saved_steps_per_epoch,
+    warn_if_quant_groups_hold_channels,
+)
+from ._pruning_log import log_values, sparsity_values
 from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
@@ -456,7 +462,7 @@ class IterativePruning(Callback):
         self._in_steps = plan.in_steps
         self._batches_at_start = trainer.num_training_batches
         core.apply()
-        self._warn_if_quant_groups_hold_channels(pl_module)
+        warn_if_quant_groups_hold_channels(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)
         core.set_schedule(
             total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
@@ -471,24 +477,6 @@ class IterativePruning(Callback):
             # without that epoch's end (where its event runs) or the next one's start. The event runs now (a
             # guarded one at the epoch's first batch, after every callback's start: QAT's switch included)
             self._advance(pl_module, trainer.current_epoch)
-
-    def _warn_if_quant_groups_hold_channels(self, pl_module: pl.LightningModule) -> None:
-        """Channels are chosen one by one, but a layer quantized in groups of input weights (QAT's ``group_size``)
-        loses an input channel in ``compact()`` only with its whole block (trial BC: a MACs budget of 50% with the
-        LLM recipe compacted to 86%, and nothing said so until ``compact()``'s report)."""
-        rule = self.pruner.rule
-        if not isinstance(rule, ChannelRule):
-            return
-        grouped = grouped_consumers(pl_module, rule.groups)
-        if grouped:
-            names = sorted(grouped)
-            rank_zero_warn(
-                f"IterativePruning: {names[:3]}{' ...' if len(names) > 3 else ''} quantize their inputs in groups of "
-                f"{sorted(set(grouped.values()))} weights (QAT's `group_size`), while channels are pruned one by "
-                "one: `compact()` removes a pruned input channel only when its whole group is pruned, so most of the "
-                "pruned channels' cost (and of a `measure='macs'` budget) stays. Keep these layers out of the "
-                "grouped QAT callback (`exclude`) to make channel pruning buy speed there."
-            )
 
     def _place_resumed_clock(self, trainer: pl.Trainer) -> None:
         """A step clock placed on the epoch window counts the checkpoint's steps per epoch; resumed with another number
@@ -595,19 +583,10 @@ class IterativePruning(Callback):
         if short is not None:
             rank_zero_warn(short)
         validated_at, self._validated_at = self._validated_at, None
-        if rolled is None and validated_at is not None and trainer.global_step > validated_at:
-            rank_zero_warn(
-                f"IterativePruning: training ran {trainer.global_step - validated_at} optimizer step(s) after the "
-                f"fit's last validation (step {validated_at}); no pruning event ran in them, but no validation has "
-                f"scored the model `fit` returns (a fit that ends between validations: `max_steps`, "
-                "`check_val_every_n_epoch`, a stop). `trainer.validate(model)` scores it."
-            )
-        elif rolled is None and validated_at == trainer.global_step and self._unscored_rollback:
-            rank_zero_warn(
-                "IterativePruning: the fit's last validation rolled back a pruning event, and the model it went back "
-                "to is not one a validation scored (quantization switched on, or the fit resumed, after the copy "
-                "was taken): no validation has scored the model `fit` returns. `trainer.validate(model)` scores it."
-            )
+        if rolled is None:
+            note = unscored_model_note(trainer.global_step, validated_at, self._unscored_rollback)
+            if note is not None:
+                rank_zero_warn(note)
         if self._in_steps and trainer.loggers:
             # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
             # them, so the sparsity the fit ends at is written here (every process counts, process 0 writes)
@@ -681,23 +660,11 @@ class IterativePruning(Callback):
             self._log(pl_module, values, step_level)
 
     def _sparsity_values(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        # the weights pruning selects (as `sparsity(model)` counts them), not the norms channel pruning cuts with them
-        weights = [t for t in self.pruner.targets if t.is_weight and t.param.dim() > 1]
-        zeros = zero_counts(weights, self.pruner.collectives)  # all shards of a sharded weight
-        values = {f"compress/sparsity/{t.key}": zeros[t.param_name] / t.numel for t in weights}
-        values["compress/sparsity"] = sum(zeros.values()) / max(1, sum(t.numel for t in weights))
-        if self.config.granularity == "channel":
-            values["compress/channel_sparsity"] = self.pruner.masked_sparsity()
-        return values
+        return sparsity_values(self.pruner, self.config.granularity == "channel")
 
     def _log_sparsity(self, pl_module: pl.LightningModule) -> None:
         self._log(pl_module, self._sparsity_values(pl_module))
 
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float], step_level: bool | None = None) -> None:
         """Log through the module: per step when pruning in steps (unless ``step_level`` says otherwise)."""
-        step_level = self._in_steps if step_level is None else step_level
-        for name, value in values.items():
-            pl_module.log(
-                name, value, on_step=step_level, on_epoch=not step_level, sync_dist=pl_module.trainer.world_size > 1,
-                batch_size=1,
-            )  # fmt: skip
+        log_values(pl_module, values, self._in_steps if step_level is None else step_level)

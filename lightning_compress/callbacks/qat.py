@@ -17,8 +17,6 @@ from ..checkpoint import saved_quantization
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
-    check_quantizer_state,
-    check_saved_scales,
     convert_to_float,
     convert_to_qat,
     enable_fake_quant,
@@ -33,6 +31,14 @@ from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
 from ._qat_checks import check_averaging, check_no_overlap, check_state, check_validation_at
+from ._qat_resume import (
+    attached_trainer,
+    check_learned_resume,
+    check_resumed_layers,
+    check_saved_settings,
+    checkpoint_quantization,
+    quantized_keys,
+)
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._settings import log_settings
 from ._validation import (
@@ -48,7 +54,6 @@ from ._validation_plan import steps_per_epoch, warn_if_max_steps_counts_several_
 __all__ = ["QuantizationAwareTraining"]
 
 _STATE_VERSION = 1
-_QAT_KEY_SUFFIX = ".weight_fake_quant.state"
 
 
 _LEARNED_UNDER_FSDP2 = (
@@ -193,43 +198,10 @@ class QuantizationAwareTraining(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self._fitting:  # (evaluating converts as the checkpoint was quantized); here when
-            self._check_saved_settings(saved_quantization(checkpoint))  # the load hook could not read the file
+        if self._fitting:  # here when the load hook could not read the file (evaluating converts as it was saved)
+            check_saved_settings(self.config, self._layers, saved_quantization(checkpoint))
         warn_if_saved_under_another_key(checkpoint, self)
-        mine = set(self._layers)
-        if (
-            self.config.scale == "learned"
-            and checkpoint.get("optimizer_states")
-            and self.state_key not in checkpoint.get("callbacks", {})
-            and not any(mine & set(layers) for _, layers in saved_quantization(checkpoint))
-        ):  # torch's own error came later, from the optimizer: "a parameter group that doesn't match the size"
-            # (a state under another key that quantized these layers, `include` written otherwise: its optimizer
-            # state holds the learned scales; trial BJ)
-            raise ValueError(
-                "QuantizationAwareTraining(scale='learned'): the checkpoint was saved without this callback (no state "
-                "under its key), so its optimizer state holds no learned scales and cannot be restored into an "
-                "optimizer that trains them. Load its weights into the model and fit without `ckpt_path` to add "
-                "learned-scale QAT, or resume with the callbacks the checkpoint was saved with."
-            )
-
-    def _check_saved_settings(self, saved: list[tuple[QuantConfig, list[str]]]) -> None:
-        """The model's quantizers hold the checkpoint's scales, ranges and flags: under other settings (bits, scale
-        kind, groups, granularity) they would mean something else (a trial: 8-bit scales, loaded into 4-bit
-        quantizers by a resume with `weight_bits=4` at the end of the run, clamped every weight: chance accuracy,
-        while the warning said the callback started afresh). The observers' averaging constant may change."""
-        mine = set(self._layers)
-        for config, layers in saved:
-            if not mine & set(layers):
-                continue
-            was, wanted = config.to_dict(), self.config.to_dict()
-            differ = [k for k in wanted if k != "averaging_constant" and was.get(k) != wanted[k]]
-            if differ:
-                said = ", ".join(f"{k}={was.get(k)!r} (this callback: {wanted[k]!r})" for k in differ)
-                raise ValueError(
-                    f"QuantizationAwareTraining: the checkpoint's quantizers of these layers were trained with {said}; "
-                    "their saved scales and ranges do not carry over to other settings. Resume with the settings "
-                    "of the run being resumed, or start a new fit from its weights (without `ckpt_path`)."
-                )
+        check_learned_resume(self.config, self.state_key, self._layers, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -347,10 +319,10 @@ class QuantizationAwareTraining(Callback):
         """Convert a float model the way the checkpoint about to be loaded was quantized: with the settings and layers
         its ``QuantizationAwareTraining`` states record (every such callback's; a trial: 4-bit layers given an 8-bit
         checkpoint's scales scored at chance), else with this callback's."""
-        if qat_modules(module) or not any(key.endswith(_QAT_KEY_SUFFIX) for key in state_dict):
+        if qat_modules(module) or not quantized_keys(state_dict):
             return
-        trainer = _attached_trainer(module)
-        saved = self._checkpoint_quantization(trainer)
+        trainer = attached_trainer(module)
+        saved = checkpoint_quantization(trainer)
         self._convert(module, saved or None)
         present = {cb.config for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationAwareTraining)}
         # settings no callback of this Trainer has (a trial: each of two callbacks warned about the other's)
@@ -362,37 +334,7 @@ class QuantizationAwareTraining(Callback):
             )
 
     def _check_resumed_layers(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """A checkpoint quantized on other layers than this fit's callbacks quantize fails in Lightning's strict load
-        with a raw list of unexpected keys (a trial): named here, with the fix."""
-        saved = {k[len(prefix) : -len(_QAT_KEY_SUFFIX)] for k in state_dict if k.endswith(_QAT_KEY_SUFFIX)}
-        # every name of a layer registered twice (`self.backbone = nn.Sequential(self.fc0)`), as the state dict has
-        # them (a trial: the same callback's checkpoint was refused)
-        quantized = {id(m) for _, m in qat_modules(module)}
-        mine = {name for name, m in module.named_modules(remove_duplicate=False) if id(m) in quantized}
-        self._resumed_layers = saved
-        if saved and saved != mine:
-            raise ValueError(
-                f"QuantizationAwareTraining: the checkpoint quantizes the layers {sorted(saved)[:5]}"
-                f"{' ...' if len(saved) > 5 else ''}, this fit's QuantizationAwareTraining callbacks "
-                f"{sorted(mine)[:5]}{' ...' if len(mine) > 5 else ''}: pass the `include`/`exclude` of the run being "
-                "resumed (one callback per set of settings it used), or load it for inference with "
-                "`load_qat_checkpoint`."
-            )
-        self._check_saved_settings(self._checkpoint_quantization(_attached_trainer(module)))  # before values are read
-        check_saved_scales(state_dict, prefix)
-        check_quantizer_state(module, state_dict, prefix)
-
-    @staticmethod
-    def _checkpoint_quantization(trainer: pl.Trainer | None) -> list[tuple[QuantConfig, list[str]]]:
-        """What the checkpoint ``trainer`` is loading records of its quantization (``[]``: nothing readable)."""
-        path = None if trainer is None else trainer.ckpt_path
-        if path is None or not Path(path).is_file():
-            return []
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # another format (a distributed checkpoint's directory, a legacy file): this callback's
-            return []
-        return saved_quantization(checkpoint)
+        self._resumed_layers = check_resumed_layers(module, state_dict, prefix, self.config, self._layers)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """``fully_shard`` refuses our 0-dim learned activation scales in ``configure_model`` (after ``setup``, before
@@ -645,13 +587,3 @@ class QuantizationAwareTraining(Callback):
         for module in pl_module.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 module.eval()
-
-
-def _attached_trainer(module: nn.Module) -> pl.Trainer | None:
-    """The Trainer ``module`` is attached to (``None``: not a LightningModule, or not attached)."""
-    if not isinstance(module, pl.LightningModule):
-        return None
-    try:
-        return module.trainer
-    except RuntimeError:  # "... is not attached to a `Trainer`"
-        return None

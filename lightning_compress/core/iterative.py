@@ -36,7 +36,7 @@ from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
 from .functional import warn_if_min_density_idle
 from .importance import Importance, auto_importance_of
-from .iterative_state import STATE_VERSION, check_state, migrate_state
+from .iterative_state import STATE_VERSION, check_compatible, check_state, migrate_state
 from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
@@ -656,14 +656,6 @@ class IterativePruner:
             return None
         return self._judged.record()
 
-    def _warn_other_target(self, state: Mapping[str, Any]) -> None:
-        saved = state.get("target_sparsity")
-        if saved is not None and saved != self.target_sparsity and int(state["steps"]) < self.schedule.end:
-            self._warn(
-                f"IterativePruning: the state was saved by a pruner with target_sparsity={saved}, this one has "
-                f"{self.target_sparsity}: the rest of the schedule runs to {self.target_sparsity}."
-            )
-
     def adopt_saved_judgement(self) -> bool:
         """After :meth:`load_state_dict` and the model's own state, when nothing has trained since the checkpoint's
         last evaluation (saved right after an :meth:`observe`): take the copy a rollback returns to now, with that
@@ -683,22 +675,11 @@ class IterativePruner:
         shapes = {t.param_name: tuple(t.param.shape) for t in self.targets}
         statistics = {t.key: tuple(t.param.shape) for t in self.targets}  # channels': biases and norms too
         check_state(state, shapes, guard_keys, self.rule.importance, statistics)  # all of it before anything changes
-        saved = state.get("granularity")
-        if saved is not None and saved != str(self.config.granularity):
-            raise ValueError(
-                f"the state was saved by a pruner with granularity={saved!r}, this one has "
-                f"{self.config.granularity!r}: its masks do not have this pruner's structure (a trial: element masks "
-                "loaded into a 2:4 pruner ended off the 2:4 pattern). Build the pruner with the saved granularity."
-            )
-        self._warn_other_target(state)
+        check_compatible(
+            state, str(self.config.granularity), self.target_sparsity, type(self.rule.importance).__name__,
+            self.schedule.end, self._warn,
+        )  # fmt: skip
         self._pruner.load_state_dict(state["pruner"])
-        scored_by, now = state.get("importance"), type(self.rule.importance).__name__
-        if scored_by is not None and scored_by != now and int(state["steps"]) < self.schedule.end:
-            self._warn(
-                f"IterativePruning: the checkpoint's masks were scored by {scored_by}, this run scores by {now} (the "
-                "`importance` argument, or what importance='auto' picks, differs): the rest of the schedule is pruned "
-                f"by {now}. Pass the checkpoint's importance to continue as it ran."
-            )
         self.steps = max(int(state["steps"]), 0)
         self.events = int(state.get("events", 0))
         if state.get("guard") is not None and self.guard is not None:

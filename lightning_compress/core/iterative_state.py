@@ -3,7 +3,7 @@ primitives and CPU tensors, versioned, refused whole (naming the entry) before a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +13,7 @@ from .checks import is_integer, is_real
 from .controller import check_guard_state
 from .pruner import check_mask_shapes
 
-__all__ = ["STATE_VERSION", "check_state", "migrate_state"]
+__all__ = ["STATE_VERSION", "check_compatible", "check_state", "migrate_state"]
 
 STATE_VERSION = 2
 
@@ -105,6 +105,41 @@ def check_state(
         and (judged.get("steps") is None or is_integer(judged["steps"]))
     ):
         raise ValueError(f"`state['judged']` is not the record of a judged evaluation: {str(judged)[:200]}.")
+
+
+def check_compatible(
+    state: Mapping[str, Any],
+    granularity: str,
+    target_sparsity: float,
+    importance: str,
+    schedule_end: int,
+    warn: Callable[[str], None],
+) -> None:
+    """Refuse a checked state whose masks have another structure than this pruner's ``granularity`` (a trial:
+    element masks loaded into a 2:4 pruner ended off the 2:4 pattern); say when the rest of the schedule runs to
+    another target or is scored by another importance (``importance``: the class name) than the saved one's."""
+    saved = state.get("granularity")
+    if saved is not None and saved != granularity:
+        raise ValueError(
+            f"the state was saved by a pruner with granularity={saved!r}, this one has {granularity!r}: its masks do "
+            "not have this pruner's structure (a trial: element masks loaded into a 2:4 pruner ended off the 2:4 "
+            "pattern). Build the pruner with the saved granularity."
+        )
+    if int(state["steps"]) >= schedule_end:
+        return
+    target = state.get("target_sparsity")
+    if target is not None and target != target_sparsity:
+        warn(
+            f"IterativePruning: the state was saved by a pruner with target_sparsity={target}, this one has "
+            f"{target_sparsity}: the rest of the schedule runs to {target_sparsity}."
+        )
+    scored_by = state.get("importance")
+    if scored_by is not None and scored_by != importance:
+        warn(
+            f"IterativePruning: the checkpoint's masks were scored by {scored_by}, this run scores by {importance} "
+            "(the `importance` argument, or what importance='auto' picks, differs): the rest of the schedule is "
+            f"pruned by {importance}. Pass the checkpoint's importance to continue as it ran."
+        )
 
 
 def _check_tensor(value: Any, what: str, shape: tuple[int, ...], *, zero_one: bool = False) -> None:

@@ -1,0 +1,33 @@
+"""What ``IterativePruning`` logs through the LightningModule: the sparsity of every selected weight and of all of
+them after each event, and the guard's decisions after the validation that took them."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+from ..core.iterative import IterativePruner
+from ..core.mask_counts import zero_counts
+
+__all__ = ["log_values", "sparsity_values"]
+
+
+def sparsity_values(pruner: IterativePruner, channels: bool) -> dict[str, float]:
+    """``compress/sparsity/<layer>`` and ``compress/sparsity`` (the fraction of zeros, counted over every shard of a
+    sharded weight), plus ``compress/channel_sparsity`` when ``channels`` are pruned. The weights pruning selects
+    (as ``sparsity(model)`` counts them), not the biases and norms channel pruning cuts with them."""
+    weights = [t for t in pruner.targets if t.is_weight and t.param.dim() > 1]
+    zeros = zero_counts(weights, pruner.collectives)
+    values = {f"compress/sparsity/{t.key}": zeros[t.param_name] / t.numel for t in weights}
+    values["compress/sparsity"] = sum(zeros.values()) / max(1, sum(t.numel for t in weights))
+    if channels:
+        values["compress/channel_sparsity"] = pruner.masked_sparsity()
+    return values
+
+
+def log_values(pl_module: pl.LightningModule, values: dict[str, float], step_level: bool) -> None:
+    """Log through the module, per step (``step_level``) or per epoch, averaged over processes."""
+    for name, value in values.items():
+        pl_module.log(
+            name, value, on_step=step_level, on_epoch=not step_level, sync_dist=pl_module.trainer.world_size > 1,
+            batch_size=1,
+        )  # fmt: skip
