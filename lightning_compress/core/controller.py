@@ -74,7 +74,9 @@ _LOWER_WORDS = frozenset(
 )
 _RATE_WORDS = frozenset(["error", "errors", "err", "wer", "cer", "ter", "hamming"])  # fractions of mistakes, in [0, 1]
 # an error measured by size, not counted: unbounded, in the target's units (MeanSquaredError, val_abs_err)
-_SIZE_WORDS = frozenset(["squared", "sq", "absolute", "abs", "root", "log", "percentage", "relative", "normalized"])
+_SIZE_WORDS = frozenset(
+    ["squared", "sq", "absolute", "abs", "root", "log", "percentage", "relative", "normalized", "max", "maximum"]
+)  # max_error: scikit-learn's largest residual
 _SUFFIXES = ("loss", "error", "perplexity")  # run together with another word: celoss, valerror
 _HIGHER_WORDS = frozenset(["skill", "reduction", "improvement", "gain"])  # an error's reduction: higher is better
 _FALL_WORDS = frozenset(["drop", "degradation", "decline"])  # val_acc_drop: lower is better; val_loss_drop: higher
@@ -216,6 +218,8 @@ def is_rate(monitor: str) -> bool:
     """Whether the name reads as a rate of mistakes in [0, 1] (``val_error``, ``val_wer``), on an accuracy's scale,
     not an error's size (``val_MeanSquaredError``, ``val_abs_err``: a trial's diabetes MSE was about 3000)."""
     words = _words(monitor)
+    if "hamming_distance" in "_".join(words):  # torchmetrics' HammingDistance: the fraction of wrong labels
+        words = [w for w in words if w != "distance"]
     return any(w in _RATE_WORDS for w in words) and not any(
         w in _LOWER_WORDS - _RATE_WORDS or w in _SIZE_WORDS for w in words
     )
