@@ -127,6 +127,24 @@ def _composite_attention() -> Iterator[None]:
         backend.set_fastpath_enabled(before)
 
 
+@contextmanager
+def _eager_forward(model: nn.Module) -> Iterator[None]:
+    """``model`` with its own ``forward`` while it is traced, when a ``torch.compile``d one was set on the instance
+    (what Lightning does to a compiled LightningModule passed to ``fit``; ``module.forward =
+    torch.compile(module.forward)``): the ONNX tracer cannot enter compiled code (a trial: ``export_path`` failed at
+    the end of such a fit). The compiled function wraps the module's own (``__wrapped__``); it is put back after."""
+    compiled = vars(model).get("forward")
+    own = getattr(compiled, "__wrapped__", None)
+    if compiled is None or getattr(own, "__self__", None) is not model or not callable(own):
+        yield
+        return
+    model.forward = own
+    try:
+        yield
+    finally:
+        model.forward = compiled
+
+
 def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
     """For ``transformers`` models given ids without their mask: pass the mask (the one a model builds itself uses
     operators the exporter lacks); nothing to add otherwise."""
@@ -325,7 +343,14 @@ def _export_onnx(
         traced_model, traced_args = _Structured(model, args), tuple(t for _, t in leaves)
         unique = len({n for n, _ in leaves}) == len(leaves)
         names = list(input_names or ([n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]))
-    with mode as swapped, without_cache(model), torch.no_grad(), _composite_attention(), warnings.catch_warnings():
+    with (
+        mode as swapped,
+        _eager_forward(model),
+        without_cache(model),
+        torch.no_grad(),
+        _composite_attention(),
+        warnings.catch_warnings(),
+    ):
         # the activation scales are read as Python numbers on purpose: they are the graph's constants
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
         outputs = model(**args[0]) if keyword else model(*args)
@@ -351,6 +376,13 @@ def _export_onnx(
             if "onnx_opset_version" in str(err):
                 raise ValueError(
                     f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
+                ) from err
+            if "dynamo-optimized" in str(err):
+                raise ValueError(
+                    f"export_onnx cannot trace {type(model).__name__}: it runs code compiled by `torch.compile` (a "
+                    "compiled submodule's forward, or `module.compile()`), which the ONNX tracer cannot enter. "
+                    "Export the model before compiling it, or an uncompiled instance given its weights "
+                    "(`load_state_dict`)."
                 ) from err
             # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
             # characters), which the chained exception still holds

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, sparsity
 from lightning_compress.core.qat import QuantConfig, convert_to_qat, enable_fake_quant, quantizers
-from tests.conftest import TinyModule, trainer
+from tests.conftest import TinyModule, make_blobs, trainer
 
 
 def both(end_epoch: int = 2, qat_start: int = 2) -> list[Callback]:
@@ -176,6 +176,49 @@ def test_a_compiled_network_exports_to_onnx_at_the_end_of_fit(tmp_path, compiled
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert abs(got - expected).max() < 0.01
     assert {layer.name for layer in qat.export_report.layers} == expected_layers
+
+
+class Unlogged(pl.LightningModule):
+    """Logs nothing: Lightning's `self.log` fails inside a compiled `training_step` (a dynamo error of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.example_input_array = torch.randn(2, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(make_blobs(128, 16, 4), batch_size=32)
+
+
+@pytest.mark.parametrize("callback", ["pruning", "qat"])
+def test_a_compiled_lightning_module_exports_to_onnx_at_the_end_of_fit(tmp_path, callback):
+    """Session 23's list: a whole LightningModule compiled and passed to `fit` (Lightning sets a compiled `forward`
+    on it) failed to export at fit end ("FX to torch.jit.trace a dynamo-optimized function"), after training. It is
+    traced with its own forward; Lightning's compiled one is put back after."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pl.seed_everything(0, verbose=False)
+    model = Unlogged()
+    if callback == "pruning":
+        compressor: Callback = IterativePruning(0.5, start_epoch=0, end_epoch=1, export_path=tmp_path / "m.onnx")
+    else:
+        compressor = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=tmp_path / "m.onnx")
+    trainer(max_epochs=2, callbacks=[compressor], limit_val_batches=0).fit(torch.compile(model))
+    assert getattr(vars(model).get("forward"), "__wrapped__", None) is not None  # Lightning's, still in place
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 16)
+    expected = model.eval()(x).detach().numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - expected).max() < 0.01
 
 
 def test_channel_pruning_beside_grouped_qat_says_compact_keeps_the_channels_of_partly_pruned_groups():

@@ -648,3 +648,23 @@ def test_an_operation_the_exporter_refuses_with_a_plain_runtime_error_is_named(t
         export_onnx(Padded().eval(), tmp_path / "p.onnx", torch.randint(0, 10, (2, 3)))
     assert len(str(refused.value)) < 600
     assert not list(tmp_path.iterdir())
+
+
+def test_a_model_whose_forward_is_compiled_exports_as_its_own_forward(tmp_path):
+    """Session 23's list: `model.forward = torch.compile(model.forward)` (what Lightning does to a compiled
+    LightningModule) failed to export ("FX to torch.jit.trace a dynamo-optimized function") with a hint to replace
+    an operation. It is traced with its own forward, and the compiled one is put back; `module.compile()`, which
+    the tracer cannot leave, is refused with what to do."""
+    ort = pytest.importorskip("onnxruntime")
+    model = compressed_net(0.5, config=QuantConfig(8, 8)).eval()
+    compiled = torch.compile(model.forward, backend="eager")
+    model.forward = compiled
+    export_onnx(model, tmp_path / "m.onnx", inputs())
+    assert vars(model)["forward"] is compiled
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: inputs().numpy()})[0]
+    assert np.abs(got - model(inputs()).detach().numpy()).max() < 0.05
+    plain = nn.Sequential(nn.Linear(8, 4))
+    plain.compile(backend="eager")
+    with pytest.raises(ValueError, match=r"runs code compiled by `torch.compile` .* Export the model before compiling"):
+        export_onnx(plain, tmp_path / "p.onnx", torch.randn(2, 8))
