@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .heads import head_record
+from .shrink import sized_tensor
 from .structure import ChannelGroup
 
 __all__ = ["CONFIG_KEY", "describe_in_config"]
@@ -70,9 +71,9 @@ def _describe(sub: nn.Module, prefix: str, groups: Sequence[ChannelGroup], kept:
     modules = dict(sub.named_modules())
     for group in mine:
         for name in group.modules():
-            weight = getattr(modules[name[len(start) :]], "weight", None)
-            if isinstance(weight, torch.Tensor):
-                shapes[f"{name[len(start) :]}.weight"] = list(weight.shape)
+            attr, weight = sized_tensor(modules[name[len(start) :]])
+            if weight is not None:
+                shapes[f"{name[len(start) :]}.{attr}"] = list(weight.shape)
     setattr(config, CONFIG_KEY, {"compacted": True, "heads": head_record(sub), "shapes": shapes})
     return False
 

@@ -18,19 +18,20 @@ from torch import nn
 from .heads import COUNT_ATTRIBUTES, HEADS_ATTRIBUTE
 from .layers import weight_axes
 from .resize import resize_module
-from .structure import is_depthwise, supported
+from .structure import is_depthwise, per_channel, supported
 
-__all__ = ["check_shapes", "set_head_record", "shrink_like"]
+__all__ = ["check_shapes", "set_head_record", "shrink_like", "sized_tensor"]
 
 
 def shrink_like(
     model: nn.Module, shapes: Mapping[str, Sequence[int]], before: Callable[[str], None] | None = None
 ) -> None:
-    """Cut every Linear/Conv1D/Conv/BatchNorm of ``model`` whose saved weight (``shapes["<name>.weight"]``)
-    is smaller, keeping its first channels. ``before(name)`` is called before a module is changed."""
+    """Cut every Linear/Conv1D/Conv/BatchNorm of ``model`` whose saved weight (``shapes["<name>.weight"]``; a norm
+    without one: its ``running_mean``) is smaller, keeping its first channels. ``before(name)`` is called before a
+    module is changed."""
     for name, module in model.named_modules():
-        want = shapes.get(f"{name}.weight" if name else "weight")
-        weight = getattr(module, "weight", None)
+        attr, weight = sized_tensor(module)
+        want = shapes.get(f"{name}.{attr}" if name else attr)
         if want is None or weight is None or not supported(module):
             continue
         have, want = tuple(weight.shape), tuple(int(w) for w in want)
@@ -46,6 +47,17 @@ def shrink_like(
         resize_module(module, out_keep, in_keep)
 
 
+def sized_tensor(module: nn.Module) -> tuple[str, torch.Tensor | None]:
+    """The tensor whose saved shape records ``module``'s compacted size, and its attribute: the weight, or for a
+    norm without one (``BatchNorm2d(affine=False)``, ``InstanceNorm2d(track_running_stats=True)``) its running
+    mean (a trial: such a norm, cut by ``compact()``, was not cut on loading, and the file loaded into nothing)."""
+    weight = getattr(module, "weight", None)
+    running_mean = getattr(module, "running_mean", None)
+    if weight is None and per_channel(module) and isinstance(running_mean, torch.Tensor):
+        return "running_mean", running_mean
+    return "weight", weight if isinstance(weight, torch.Tensor) else None
+
+
 def check_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
     """Refuse a record of compacted sizes that :func:`shrink_like` could not apply whole: every entry must name the
     weight of a layer it cuts (Linear/Conv1D/Conv/BatchNorm), with the weight's rank and no larger size.
@@ -58,10 +70,10 @@ def check_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
     for key, want in shapes.items():
         name, _, attr = key.rpartition(".") if "." in key else ("", "", key)
         module = modules.get(name)
-        weight = getattr(module, "weight", None) if module is not None else None
+        sized, weight = sized_tensor(module) if module is not None else ("weight", None)
         have = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
         fits = (
-            attr == "weight"
+            attr == sized
             and module is not None
             and supported(module)
             and have is not None

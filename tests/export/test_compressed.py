@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress import CompressedFileError, QuantConfig, convert_to_qat, load_compressed, save_compressed
+from lightning_compress import (
+    CompressedFileError,
+    QuantConfig,
+    compact,
+    convert_to_qat,
+    load_compressed,
+    prune_,
+    save_compressed,
+)
 from lightning_compress.core.qat import qat_modules
 from tests.export.helpers import Net, compressed_net, inputs
 
@@ -720,3 +728,39 @@ def test_a_bfloat16_model_loads_a_compacted_file_checked_on_its_float32_example_
         warnings.simplefilter("error")
         load_compressed(fresh, tmp_path / "c.lcz")
     assert torch.equal(outputs(fresh, x.to(torch.bfloat16)), outputs(model, x.to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [lambda c: nn.BatchNorm2d(c, affine=False), lambda c: nn.InstanceNorm2d(c, track_running_stats=True)],
+    ids=["batchnorm-no-affine", "instancenorm-running-stats"],
+)
+def test_a_compacted_norm_without_a_weight_loads_into_a_fresh_instance(tmp_path, norm):
+    """Trial BS: `compact()` cut a norm's running statistics, but loading shrank only modules with a weight, so the
+    file of a model with `BatchNorm2d(affine=False)` loaded into nothing ("written for another architecture")."""
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+            self.norm = norm(8)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.norm(self.c1(x)))
+            return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    model = Normed()
+    model(x)  # running statistics of their own
+    model.eval()
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    compact(model, x)
+    assert model.norm.running_mean.shape == (4,)
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = Normed().eval()
+    load_compressed(fresh, tmp_path / "m.lcz", example_inputs=x)
+    assert fresh.norm.running_var.shape == (4,) and fresh.norm.num_features == 4
+    torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
