@@ -155,6 +155,8 @@ def _unique_entries(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def _layer_size(name: str, weight: Tensor, quantizer: FakeQuantizer | None) -> LayerSize:
+    if quantizer is not None and not (quantizer.initialized or quantizer.is_learned):
+        quantizer = None  # never ran: the file stores the weight in float (a trial: the summary counted 8 bits)
     values = _quantized(quantizer, weight) if quantizer is not None else weight
     nonzero = int((values != 0).sum())
     bits = quantizer.bits if quantizer is not None else 8 * weight.element_size()

@@ -120,6 +120,32 @@ def test_size_estimate_tracks_the_real_file(tmp_path):
     assert estimate.effective_bits < 4
 
 
+def test_the_estimate_counts_a_quantized_layer_that_never_ran_in_float_as_the_file_stores_it(tmp_path):
+    """Trial BS: a fake-quant layer whose forward never ran (an unused head) holds no scale, and the file stores its
+    weight in float; the monitor's summary counted it in 8 bits (9.2 effective bits per weight instead of 17.4)."""
+    from torch import nn
+
+    from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(16, 16), nn.Linear(16, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    model = Unused()
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [torch.randn(8, 16)])
+    enable_fake_quant(model)
+    rows = {layer.name: layer for layer in estimate_size(model).layers}
+    assert rows["used.weight"].bits == 8 and rows["unused.weight"].bits == 32
+    assert rows["unused.weight"].bytes == 4 * 64 * 16
+    report = save_compressed(model, tmp_path / "m.lcz")
+    assert "unused.weight" not in {layer.name for layer in report.layers}  # stored as it is
+
+
 def test_the_estimate_counts_a_tied_weight_once_and_compressed_tensors_outside_the_default_selection(tmp_path):
     """A trial: a weight tied to an embedding was counted twice (dense bytes 528,640 for 272,640 unique), and a
     pruned or int8 embedding was counted as dense float, so the monitor logged a ratio of 1.0 for a model the file
