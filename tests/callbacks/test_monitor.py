@@ -172,6 +172,7 @@ def test_the_estimate_counts_a_tied_weight_once_and_compressed_tensors_outside_t
     quantized = LM(tied=False)
     convert_to_qat(quantized, QuantConfig(weight_bits=8, activation_bits=None), include=["emb", "h", "head"])
     enable_fake_quant(quantized)
+    quantized.head(quantized.h(quantized.emb(torch.randint(0, 100, (4, 8)))))  # each quantizer runs once
     layers = {layer.name: layer.bits for layer in estimate_size(quantized).layers}
     assert layers == {"emb.weight": 8, "h.weight": 8, "head.weight": 8}
     # biases initialized to zeros (GPT-2's) are stored small, but are no pruned layer: a dense model is not sparse
