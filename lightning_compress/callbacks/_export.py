@@ -116,12 +116,15 @@ def export_at_fit_end(
     path: Path,
     compacted: bool = False,
     template: nn.Module | None = None,
+    calibration: list[Any] | None = None,
 ) -> CompressionReport | None:
     """Write the model (unchanged) to ``path`` on global rank zero; ``.onnx`` gives ONNX, anything else our format.
 
     ``compacted``: export a compacted copy (pruned channels removed); the model in training keeps its shapes.
     A model sharded by FSDP2 is gathered by every process into a compressed file; rank zero writes it, or, with
     a ``template`` (:func:`export_template`), loads it into the template and exports that (ONNX, compacted).
+    ``calibration``: batches of inputs an ONNX export measures float convolution outputs on (``None`` or empty:
+    not measured).
 
     Every process waits for rank zero, so the file exists on return from ``fit`` in all of them; an export that
     fails on rank zero raises there and, instead of leaving the others waiting, in every other process too.
@@ -129,7 +132,7 @@ def export_at_fit_end(
     error: Exception | None = None
     report = None
     try:
-        report = _export_on_rank_zero(trainer, pl_module, path, compacted, template)
+        report = _export_on_rank_zero(trainer, pl_module, path, compacted, template, calibration or None)
     except Exception as exc:  # said to every process below, then raised here
         error = exc
     if trainer.strategy.reduce_boolean_decision(error is not None, all=False) and error is None:
@@ -139,8 +142,53 @@ def export_at_fit_end(
     return report
 
 
+class ValidationInputs:
+    """What the LightningModule's ``forward`` receives in a fit's validation (the last one's first ``limit``
+    calls), each like ``example_input_array`` (a tensor, a tuple of positional tensors, or a dict of keyword ones),
+    on the CPU in float32: the batches an ONNX ``export_path`` measures float convolution outputs on
+    (``export_onnx``'s ``calibration``). A ``validation_step`` that does not call ``self(...)`` leaves none."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self.batches: list[Any] = []
+        self._hook: Any = None
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path | None) -> None:
+        """At a validation's start: record it, when it is a fit's (not the sanity check) and ``path`` is ONNX."""
+        self.stop()
+        if path is not None and _is_onnx(path) and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.batches = []
+            self._hook = pl_module.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def take(self) -> list[Any]:
+        """The batches recorded, handed over once."""
+        self.stop()
+        batches, self.batches = self.batches, []
+        return batches
+
+    def stop(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(self.batches) >= self.limit or (args and kwargs):
+            return
+        inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        self.batches.append(
+            apply_to_collection(
+                inputs, Tensor, lambda t: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()
+            )
+        )
+
+
 def _export_on_rank_zero(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path, compacted: bool, template: nn.Module | None
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    path: Path,
+    compacted: bool,
+    template: nn.Module | None,
+    calibration: list[Any] | None,
 ) -> CompressionReport | None:
     if any(is_sharded(p) for p in pl_module.parameters()):
         if template is None:
@@ -154,13 +202,13 @@ def _export_on_rank_zero(
                 return None
             dtypes = {name: t.dtype for name, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]}
             load_compressed(materialize_(template, "cpu", dtypes), staged)  # the dtypes of the trained model
-        return _export(template, path, move_data_to_device(example_inputs(pl_module), "cpu"), compacted)
+        return _export(template, path, move_data_to_device(example_inputs(pl_module), "cpu"), compacted, calibration)
     if trainer.global_rank != 0:
         return None
     model: nn.Module = pl_module
     if compacted or (_is_onnx(path) and _low_precision(pl_module)):
         model = copy.deepcopy(pl_module)  # LightningModule.__getstate__ drops the trainer
-    return _export(model, path, example_inputs(pl_module), compacted)
+    return _export(model, path, example_inputs(pl_module), compacted, calibration)
 
 
 def _is_onnx(path: Path) -> bool:
@@ -175,7 +223,9 @@ def _low_precision(model: nn.Module) -> bool:
     return any(t.is_floating_point() and t.dtype != torch.float32 and "_fake_quant." not in n for n, t in tensors)
 
 
-def _export(model: nn.Module, path: Path, example: Any, compact_first: bool) -> CompressionReport:
+def _export(
+    model: nn.Module, path: Path, example: Any, compact_first: bool, calibration: list[Any] | None = None
+) -> CompressionReport:
     """Compact ``model`` in place if asked, then write it to ``path`` (``model`` is a copy or the template when it
     is compacted or, for ONNX, cast to float32: ONNX graphs are float32, with int8/int4 weights, and a float32
     copy of bfloat16 weights holds exactly their values)."""
@@ -185,6 +235,11 @@ def _export(model: nn.Module, path: Path, example: Any, compact_first: bool) -> 
         example = apply_to_collection(example, Tensor, lambda t: t.float() if t.is_floating_point() else t)
     if compact_first:
         rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
-    report = export_onnx(model, path, example) if _is_onnx(path) else save_compressed(model, path)
+    if _is_onnx(path):
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        batches = None if calibration is None else [move_data_to_device(b, device) for b in calibration]
+        report = export_onnx(model, path, example, calibration=batches)
+    else:
+        report = save_compressed(model, path)
     rank_zero_info(f"Exported the compressed model:\n{report}")
     return report

@@ -25,6 +25,7 @@ from ..core.selection import select_targets
 from ..core.sharding import reshard
 from ..export.report import CompressionReport
 from ._export import (
+    ValidationInputs,
     check_export_path,
     check_export_ready,
     check_export_template,
@@ -247,6 +248,7 @@ class IterativePruning(Callback):
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
+        self._validation_inputs = ValidationInputs()  # what an ONNX export measures float convolution outputs on
         self._core: IterativePruner | None = None
         self._previous: IterativePruner | None = None
         self._structure: ChannelStructure | None = None  # channel groups traced at setup, before FSDP2 shards
@@ -602,18 +604,25 @@ class IterativePruning(Callback):
         if self.export_path is not None:
             compacted = self.config.granularity == "channel"
             template, self._template = self._template, None
-            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, compacted, template)
+            self.export_report = export_at_fit_end(
+                trainer, pl_module, self.export_path, compacted, template, self._validation_inputs.take()
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._validation_inputs.take()  # a fit that failed in a validation: its hook goes, and what it recorded
 
     # ------------------------------------------------------------------ the guard
     def _guarding(self, trainer: pl.Trainer) -> bool:
         return self.monitor is not None and not trainer.sanity_checking and trainer.state.fn == "fit"
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_inputs.start(trainer, pl_module, self.export_path)
         if self._guarding(trainer):
             self._metrics.start(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
+        self._validation_inputs.stop()
         if not self._guarding(trainer) or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards

@@ -29,7 +29,14 @@ from ..core.selection import normalize_patterns
 from ..core.sharding import full, is_sharded, unsharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
-from ._export import check_export_path, check_export_ready, check_export_template, export_at_fit_end, export_template
+from ._export import (
+    ValidationInputs,
+    check_export_path,
+    check_export_ready,
+    check_export_template,
+    export_at_fit_end,
+    export_template,
+)
 from ._qat_checks import check_averaging, check_no_overlap, check_state, check_validation_at
 from ._qat_resume import (
     attached_trainer,
@@ -189,6 +196,7 @@ class QuantizationAwareTraining(Callback):
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
+        self._validation_inputs = ValidationInputs()  # what an ONNX export measures float convolution outputs on
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -286,6 +294,7 @@ class QuantizationAwareTraining(Callback):
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._convert_if_quantized)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._validation_inputs.take()  # a fit that failed in a validation: its hook goes, and what it recorded
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -495,10 +504,13 @@ class QuantizationAwareTraining(Callback):
             )
         if self.export_path is not None:
             template, self._template = self._template, None
-            self.export_report = export_at_fit_end(trainer, pl_module, self.export_path, template=template)
+            self.export_report = export_at_fit_end(
+                trainer, pl_module, self.export_path, template=template, calibration=self._validation_inputs.take()
+            )
 
     # ------------------------------------------------------------------ validation: shift search, errors
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_inputs.start(trainer, pl_module, self.export_path)
         capture = (
             self.shift_search
             and trainer.state.fn == "fit"
@@ -519,6 +531,7 @@ class QuantizationAwareTraining(Callback):
             self._hooks.append(module.register_forward_pre_hook(hook))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_inputs.stop()
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

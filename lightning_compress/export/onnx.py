@@ -15,7 +15,7 @@ import inspect
 import re
 import secrets
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from ..core.selection import uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
+from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_passes import (
     GraphIndex,
     fold_batch_norms,
@@ -222,6 +223,7 @@ def export_onnx(
     opset: int = 17,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     accuracy_level: int = 0,
+    calibration: Iterable[Any] | None = None,
 ) -> CompressionReport:
     """Export ``model`` to an ONNX file with int8 weights (int4 group weights) and a dynamic batch dimension.
 
@@ -244,6 +246,12 @@ def export_onnx(
             e.g. ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}, "output_0": {1: "sequence"}}``.
         accuracy_level: ``MatMulNBits``' compute type for int4 layers: ``0`` (float activations, W4A16)
             or ``4`` (int8 activations, quantized by onnxruntime per block).
+        calibration: batches of inputs, each like ``example_inputs`` (e.g. a few hundred validation samples), on
+            which the range of each quantized convolution's output that no quantized layer reads first (before a
+            residual add, a GroupNorm, global pooling, a convolutional head) is measured, as onnxruntime's
+            ``quantize_static`` does: that output gets a uint8 Q/DQ pair, one more rounding, and onnxruntime runs
+            the convolution in int8 (``QLinearConv``) instead of in float on dequantized inputs (slower than the
+            float model). ``None``: such convolutions keep float outputs, with a warning.
 
     Returns:
         A :class:`CompressionReport` of the quantized weights and the file size.
@@ -255,7 +263,7 @@ def export_onnx(
     with uncompiled(_unwrapped(model)) as plain:  # the TorchScript exporter cannot trace compiled modules
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
-            dynamic_axes=dynamic_axes, accuracy_level=accuracy_level,
+            dynamic_axes=dynamic_axes, accuracy_level=accuracy_level, calibration=calibration,
         )  # fmt: skip
 
 
@@ -279,8 +287,16 @@ def _export_onnx(
     opset: int,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None,
     accuracy_level: int,
+    calibration: Iterable[Any] | None,
 ) -> CompressionReport:
     check_module(model, materialized=True)
+    if calibration is not None and (
+        isinstance(calibration, (Tensor, Mapping, str)) or not isinstance(calibration, Iterable)
+    ):
+        raise TypeError(
+            "`calibration` must be an iterable of batches, each like `example_inputs` (e.g. a list of tensors), or "
+            f"None, got {type(calibration).__name__}."
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
             "`model` is a TorchScript module: export_onnx traces the eager model; pass it before `torch.jit.script`."
@@ -404,10 +420,51 @@ def _export_onnx(
     integer_float_gemms(proto, numpy_helper)
     gather_quantized_rows(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
+    _quantize_float_conv_outputs(proto, numpy_helper, calibration, names if keyword else None)
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
     return CompressionReport.of_file(path, "onnx-int4" if grouped else "onnx", layers, model)
+
+
+def _quantize_float_conv_outputs(
+    proto: Any, numpy_helper: Any, calibration: Iterable[Any] | None, keys: list[str] | None
+) -> None:
+    """Give the convolutions with float outputs a quantized output, from ranges measured on ``calibration``
+    (:mod:`.onnx_calibration`); without batches, say how many run in float. ``keys``: the keyword inputs' names,
+    in the graph's order (``None``: positional inputs)."""
+    convs = float_output_convs(proto, numpy_helper)
+    if not convs:
+        return
+    if calibration is None:
+        warnings.warn(
+            f"export_onnx: {len(convs)} quantized convolution(s) have outputs no quantized layer reads first (before a "
+            "residual add, a norm other than BatchNorm, global pooling, or as the model's output): onnxruntime runs "
+            "them in float on dequantized inputs, which can be slower than the float model. Pass `calibration` (a "
+            "few batches of inputs) to measure their output ranges, so that they run in int8.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    names = [i.name for i in proto.graph.input]
+    feeds = []
+    for number, batch in enumerate(calibration):
+        tensors = [batch[k] for k in keys] if keys is not None and isinstance(batch, Mapping) else None
+        if tensors is None:
+            tensors = [t for _, t in _leaves(_as_args(batch), "input")] if keys is None else []
+        if len(tensors) != len(names) or not all(isinstance(t, Tensor) for t in tensors):
+            raise ValueError(
+                f"`calibration` batch {number} holds {len(tensors)} tensor(s) where the graph takes {len(names)} "
+                f"({names}): each batch must be like `example_inputs`."
+            )
+        feeds.append({n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)})
+    if not feeds:
+        raise ValueError("`calibration` holds no batch: pass at least one, or None.")
+    try:
+        ranges = measure_ranges(proto, convs, feeds)
+    except Exception as err:  # onnxruntime's: a shape the graph does not take (a dynamic axis not declared)
+        raise ValueError(f"`calibration` batches do not run in the exported graph: {str(err)[:300]}") from err
+    quantize_conv_outputs(proto, numpy_helper, ranges)
 
 
 def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:

@@ -23,6 +23,7 @@ from lightning_compress import (
 )
 from lightning_compress.core.qat import QATLinear, qat_modules, quantizers
 from tests.conftest import StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
+from tests.export.helpers import Residual, ort_kernels
 
 
 def active(model):
@@ -621,6 +622,65 @@ def test_export_at_fit_end_without_changing_the_model(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh.eval()(x), model(x), atol=1e-6)
     assert t.test(model, ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]["test_loss"] > 0
+
+
+class ResidualModule(pl.LightningModule):
+    """`Residual` (two convolutions whose outputs no quantized layer reads first) on blobs shaped as images."""
+
+    def __init__(self, calls_forward: bool = True) -> None:
+        super().__init__()
+        self.net = Residual()
+        self.calls_forward = calls_forward
+        self.example_input_array = torch.zeros(2, 3, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x) if self.calls_forward else self.net(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def _data(self, seed: int):
+        x, y = make_blobs(96, 192, 4, seed=seed).tensors
+        return DataLoader(TensorDataset(x.reshape(-1, 3, 8, 8), y), batch_size=16)
+
+    def train_dataloader(self):
+        return self._data(0)
+
+    def val_dataloader(self):
+        return self._data(1)
+
+
+@pytest.mark.parametrize("callback", ["qat", "pruning"])
+def test_an_onnx_export_path_measures_float_convolution_outputs_on_the_last_validation(tmp_path, callback):
+    """Trial BS: convolutions whose outputs no quantized layer reads first ran in float in the exported ONNX. The
+    callbacks' `export_path` hands the inputs of the last validation's first batches to `export_onnx(calibration=)`:
+    every convolution runs as QLinearConv. A `validation_step` that does not call `forward` records none: said."""
+    pytest.importorskip("onnxruntime")
+    for calls_forward in (True, False):
+        pl.seed_everything(0, verbose=False)
+        model = ResidualModule(calls_forward)
+        path = tmp_path / f"{calls_forward}.onnx"
+        qat = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=path if callback == "qat" else None)
+        callbacks: list[Callback] = [qat]
+        if callback == "pruning":
+            callbacks.append(IterativePruning(0.5, start_epoch=0, end_epoch=1, export_path=path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=2, callbacks=callbacks).fit(model)
+        said = [str(w.message) for w in caught if "quantized convolution(s)" in str(w.message)]
+        kernels = ort_kernels(path)
+        if calls_forward:
+            assert not said and kernels.get("QLinearConv") == 3 and "Conv" not in kernels
+        else:
+            assert said and kernels.get("QLinearConv", 0) < 3
 
 
 class _AnotherProcessFailed(SingleDeviceStrategy):

@@ -47,3 +47,32 @@ def compressed_net(sparsity: float = 0.9, config: QuantConfig | None = DEFAULT, 
 
 def inputs(n: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+class Residual(nn.Module):
+    """A residual block whose second convolution's output meets the skip in an `Add`, then global pooling: two
+    quantized convolutions whose outputs no quantized layer reads first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        y = self.c2(torch.relu(self.c1(h)))
+        return self.fc(torch.relu(y + h).mean((2, 3)))
+
+
+def ort_kernels(path) -> dict[str, int]:
+    """The operators onnxruntime runs the file with, after its own fusions."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path) + ".optimized"
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return dict(collections.Counter(node.op_type for node in onnx.load(str(path) + ".optimized").graph.node))

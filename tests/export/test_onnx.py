@@ -1,4 +1,5 @@
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant, export_onnx
 from lightning_compress.core.qat import quantizers
-from tests.export.helpers import compressed_net, inputs
+from tests.export.helpers import Residual, compressed_net, inputs, ort_kernels
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -668,3 +669,38 @@ def test_a_model_whose_forward_is_compiled_exports_as_its_own_forward(tmp_path):
     plain.compile(backend="eager")
     with pytest.raises(ValueError, match=r"runs code compiled by `torch.compile` .* Export the model before compiling"):
         export_onnx(plain, tmp_path / "p.onnx", torch.randn(2, 8))
+
+
+def test_calibration_quantizes_the_convolution_outputs_no_quantized_layer_reads(tmp_path):
+    """Trial BS: a convolution before a residual add or global pooling kept a float output, so onnxruntime ran it in
+    float on dequantized inputs (a residual block 12.7 ms against 8.7 ms for the float model): said without
+    `calibration`; with it, each such output's range is measured and every convolution runs as QLinearConv."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Residual()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, batches)
+    enable_fake_quant(model)
+    model.eval()
+    with pytest.warns(UserWarning, match=r"2 quantized convolution\(s\) have outputs no quantized layer reads first"):
+        export_onnx(model, tmp_path / "plain.onnx", batches[0][:2])
+    assert ort_kernels(tmp_path / "plain.onnx").get("QLinearConv", 0) < 3
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*quantized convolution")
+        export_onnx(model, tmp_path / "calibrated.onnx", batches[0][:2], calibration=batches)
+    kernels = ort_kernels(tmp_path / "calibrated.onnx")
+    assert kernels.get("QLinearConv") == 3 and not {"Conv", "FusedConv"} & set(kernels)
+    session = ort.InferenceSession(str(tmp_path / "calibrated.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(8, 3, 8, 8)
+    expected = model(x).detach().numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max()  # a few steps of the new roundings
+    with pytest.raises(TypeError, match=r"`calibration` must be an iterable of batches"):
+        export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=x)
+    with pytest.raises(ValueError, match=r"`calibration` batch 0 holds 2 tensor\(s\) where the graph takes 1"):
+        export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=[(x, x)])
+    with pytest.raises(ValueError, match=r"`calibration` holds no batch"):
+        export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=[])
+    with pytest.raises(ValueError, match=r"`calibration` batches do not run in the exported graph"):
+        export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=[torch.randn(2, 5, 8, 8)])
