@@ -149,29 +149,40 @@ class MagnitudeImportance(Importance):
 class TaylorImportance(Importance):
     """First-order Taylor importance ``sum_t |w_t * dL/dw_t|`` (Molchanov et al. 2019).
 
-    Accumulated over the optimizer steps since the last pruning event. Before any step has been
-    observed, the current ``weight.grad`` is used; without one, scoring raises.
+    Accumulated over the optimizer steps since the last pruning event. A layer no gradient reached since then (one a
+    `layerdrop` skipped) keeps its sums of the last interval that had some; one no gradient has ever reached while
+    others' did (a pooler the loss does not use) scores 0. Before any step has been observed, the current
+    ``weight.grad`` is used; without one, scoring raises.
     """
 
     accumulates = True
 
     def __init__(self) -> None:
         self._acc: dict[str, Tensor] = {}
+        self._fresh: set[str] = set()  # the layers whose sums are of the steps since the last event
 
     def observe(self, name: str, weight: Tensor, grad: Tensor) -> None:
         contribution = (weight.detach() * grad.detach()).abs_().float()
         acc = self._acc.get(name)
-        if acc is None or acc.shape != contribution.shape or acc.device != contribution.device:
-            self._acc[name] = contribution
+        if (
+            name not in self._fresh
+            or acc is None
+            or acc.shape != contribution.shape
+            or acc.device != contribution.device
+        ):
+            self._acc[name] = contribution  # the first step of an interval replaces an earlier interval's sums
+            self._fresh.add(name)
         else:
             acc.add_(contribution)
 
     def score(self, name: str, weight: Tensor) -> Tensor:
         acc = self._acc.get(name)
-        if acc is not None:
-            return acc
+        if acc is not None:  # this interval's sums, or the last ones a gradient reached it in (trial BQ: `layerdrop`
+            return acc  # skipped a layer for every step since the last event, and the fit failed)
         if weight.grad is not None:
             return (weight.detach() * weight.grad.detach()).abs().float()
+        if self._fresh and weight.requires_grad:  # other layers had gradients: the loss does not reach this one
+            return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if not weight.requires_grad:
             raise ValueError(
                 f"importance='taylor' scores weights by their gradients, but layer {name!r} is frozen "
@@ -185,10 +196,10 @@ class TaylorImportance(Importance):
         )
 
     def reset(self) -> None:
-        self._acc.clear()
+        self._fresh.clear()  # the sums stay, for layers no gradient reaches before the next event
 
     def state_dict(self) -> dict[str, Any]:
-        return {"acc": {k: v.detach().cpu() for k, v in self._acc.items()}}
+        return {"acc": {k: v.detach().cpu() for k, v in self._acc.items()}, "fresh": sorted(self._fresh)}
 
     def check_state(self, state: Any, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Refuse a saved state that is not sums of this model's weights' shapes (``shapes``: layer -> shape), before
@@ -203,9 +214,16 @@ class TaylorImportance(Importance):
                     f"the Taylor importance's state holds {str(name)[:80]!r} ({shape}), not the sums of a selected "
                     "weight of this model."
                 )
+        fresh = state.get("fresh", [])
+        if not isinstance(fresh, (list, tuple)) or not all(isinstance(n, str) and n in acc for n in fresh):
+            raise ValueError(
+                f"the Taylor importance's state names {str(fresh)[:200]} as this interval's sums: not layers it holds."
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._acc = {k: v.clone() for k, v in state.get("acc", {}).items()}
+        # a state saved before `fresh` was kept: its sums were all of the interval in progress
+        self._fresh = set(state.get("fresh", self._acc))
 
     def to(self, device: torch.device) -> TaylorImportance:
         self._acc = {k: v.to(device) for k, v in self._acc.items()}

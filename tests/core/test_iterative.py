@@ -621,3 +621,50 @@ def test_a_macs_budget_the_floors_stop_names_the_groups_held():
     pruner.advance_to(2)
     note = short_of_target_note(pruner, None, 0.01)
     assert note is not None and "the channel groups ['2', '0'] are at their floors" in note and "MACs" not in note
+
+
+class LayerDrop(nn.Module):
+    """`mid` is skipped on odd steps (transformers' `layerdrop`); `pooler` is never used by the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.mid, self.out, self.pooler = (
+            nn.Linear(8, 16),
+            nn.Linear(16, 16),
+            nn.Linear(16, 2),
+            nn.Linear(16, 16),
+        )
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h = torch.relu(self.inp(x))
+        if self.calls % 2 == 0:
+            h = torch.relu(self.mid(h))
+        return self.out(h)
+
+
+def test_taylor_scores_a_layer_no_gradient_reached_since_the_last_event():
+    """Trial BQ: with `layerdrop`, a layer skipped for every step since the last event had no Taylor sums, and the fit
+    failed mid-run ("has no gradient for layer ... prune with the IterativePruning callback", which it was). It keeps
+    the sums of the last interval a gradient reached it in; a layer the loss never reaches scores 0 (a pooler); a
+    resumed pruner knows which sums are of the interval in progress."""
+    torch.manual_seed(0)
+    model = LayerDrop()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = IterativePruner(model, 0.6, total_steps=12, importance="taylor", min_density=0.0, optimizers=optimizer)
+    for step in range(12):
+        optimizer.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        pruner.before_optimizer_step()
+        if step == 6:  # the sums since the last event (one step): `mid` was skipped
+            copy_state = pruner.state_dict()
+            assert copy_state["pruner"]["importance"]["fresh"] == ["inp", "out"]  # keyed by layer
+        optimizer.step()
+        pruner.step()
+    assert sparsity(model) == pytest.approx(0.6, abs=0.01)
+    assert float((model.pooler.weight == 0).float().mean()) > 0.9  # scored 0: pruned first (ties at 0 aside)
+    assert float((model.mid.weight == 0).float().mean()) < 1.0  # scored by its last sums, not by 0
+    again = IterativePruner(LayerDrop(), 0.6, total_steps=12, importance="taylor", min_density=0.0)
+    again.load_state_dict(copy_state)
+    assert sorted(again.state_dict()["pruner"]["importance"]["fresh"]) == ["inp", "out"]
