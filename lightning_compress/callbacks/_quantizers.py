@@ -58,8 +58,31 @@ def update_observers(activation_quantizers: list[FakeQuantizer], collectives: St
         q.update_from_batch(-ends[i, 0], ends[i, 1])
 
 
+# an LR scheduler's lists of one value per parameter group (torch's names): a group added after the scheduler was
+# built needs its entry, or the scheduler fails at its first step (LambdaLR, CyclicLR, CosineAnnealingWarmRestarts,
+# SequentialLR, transformers' warmup schedules: "zip() argument 2 is shorter than argument 1"; trial BR) or leaves
+# the group's rate unscheduled (CosineAnnealingLR)
+_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs", "base_momentums", "max_momentums")
+
+
+def _extend_schedulers(schedulers: list[Any], optimizer: torch.optim.Optimizer, groups: int) -> None:
+    """Give the group ``optimizer`` just received (its ``groups``-th) the first group's entry in every per-group
+    list of the schedulers that step ``optimizer`` (and of those a SequentialLR or ChainedScheduler holds)."""
+    for scheduler in schedulers:
+        _extend_schedulers(list(getattr(scheduler, "_schedulers", [])), optimizer, groups)
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            continue
+        for attr in _PER_GROUP:
+            values = getattr(scheduler, attr, None)
+            if isinstance(values, list) and len(values) == groups - 1 and values:
+                values.append(values[0])
+
+
 def check_in_optimizers(
-    params: list[nn.Parameter], optimizers: list[torch.optim.Optimizer], own_group: bool = False
+    params: list[nn.Parameter],
+    optimizers: list[torch.optim.Optimizer],
+    own_group: bool = False,
+    schedulers: list[Any] | None = None,
 ) -> bool:
     """Learned scales are model Parameters from the conversion on: an optimizer over ``parameters()`` holds them.
 
@@ -67,8 +90,8 @@ def check_in_optimizers(
     group of its first optimizer, without weight decay, with the first group's other settings (what LR schedulers
     added to it too: OneCycleLR's ``initial_lr``, ``max_lr``; without them it failed at its first step). A run
     resumed from such a fit (``own_group``) rebuilds that group, so the checkpoint's optimizer state fits: its
-    optimizer was built with the scales already training, and so holding them. Returns whether the scales have a
-    group of their own."""
+    optimizer was built with the scales already training, and so holding them. ``schedulers`` (the Trainer's) get
+    the new group's entries. Returns whether the scales have a group of their own."""
     if not optimizers or not params:
         return own_group
     ids = {id(p) for p in params}
@@ -83,6 +106,7 @@ def check_in_optimizers(
     first = optimizers[0]
     settings = {k: v for k, v in first.param_groups[0].items() if k not in ("params", "weight_decay")}
     first.add_param_group({**settings, "params": list(params), "weight_decay": 0.0})
+    _extend_schedulers(list(schedulers or []), first, len(first.param_groups))
     if missing and not own_group:
         rank_zero_warn(
             f"QuantizationAwareTraining: {len(missing)} learned scales were not in the optimizer; they were added to "

@@ -382,7 +382,10 @@ class QuantizationAwareTraining(Callback):
             self._learned_params = [cast(nn.Parameter, q.scale) for _, q in self._own_quantizers(pl_module)]
             if any(is_sharded(p) for p in self._learned_params):
                 raise ValueError(f"QuantizationAwareTraining(scale='learned') {_LEARNED_UNDER_FSDP2}")
-            self._scales_group = check_in_optimizers(self._learned_params, trainer.optimizers, self._scales_group)
+            self._scales_group = check_in_optimizers(
+                self._learned_params, trainer.optimizers, self._scales_group,
+                [config.scheduler for config in trainer.lr_scheduler_configs],
+            )  # fmt: skip
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a

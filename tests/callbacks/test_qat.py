@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -880,6 +881,46 @@ def test_learned_scales_left_out_of_the_optimizer_train_under_a_scheduler_and_re
     fit(3, [StopAfterEpoch(1), ModelCheckpoint(dirpath=checkpoints, save_last=True)], root=checkpoints)
     resumed, _ = fit(3, [ModelCheckpoint(dirpath=checkpoints, save_last=True)], str(checkpoints / "last.ckpt"))
     assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+class ScheduledTrainableOnly(TinyModule):
+    """An optimizer over the parameters that train now, under a scheduler holding one entry per parameter group."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+        schedulers = torch.optim.lr_scheduler
+        if self.kind == "LambdaLR":  # transformers' warmup schedules are LambdaLRs
+            schedule: Any = schedulers.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        elif self.kind == "CyclicLR":
+            schedule = schedulers.CyclicLR(optimizer, base_lr=0.01, max_lr=0.05, step_size_up=3)
+        elif self.kind == "SequentialLR":
+            warmup = schedulers.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+            decay = schedulers.ExponentialLR(optimizer, gamma=0.9)
+            schedule = schedulers.SequentialLR(optimizer, [warmup, decay], milestones=[4])
+        else:
+            schedule = schedulers.CosineAnnealingLR(optimizer, T_max=20)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@pytest.mark.parametrize("kind", ["LambdaLR", "CyclicLR", "SequentialLR", "CosineAnnealingLR"])
+def test_learned_scales_given_a_group_of_their_own_follow_every_scheduler(kind):
+    """Trial BR: the scales' group was added after the scheduler was built, so a scheduler keeping one entry per
+    group (LambdaLR, transformers' warmup, CyclicLR, SequentialLR) failed at its first step ("zip() argument 2 is
+    shorter than argument 1"), and CosineAnnealingLR left the group's rate unscheduled. The group gets the first
+    group's entries: its rate follows the schedule."""
+    pl.seed_everything(0, verbose=False)
+    model = ScheduledTrainableOnly(kind)
+    qat = QuantizationAwareTraining(8, 8, scale="learned", start_epoch=0)
+    run = trainer(max_epochs=2, callbacks=[qat])
+    with pytest.warns(UserWarning, match="learned scales were not in the optimizer"):
+        run.fit(model)
+    groups = run.optimizers[0].param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(groups[0]["lr"])
+    assert groups[0]["lr"] != pytest.approx(0.05)  # the schedule moved both
 
 
 def test_a_fit_that_fails_before_quantization_switched_on_gives_the_float_layers_back():
