@@ -116,8 +116,9 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
         warnings.warn(
             f"save_compressed: {list(tied)[:5]} are quantized, but their weights are also used in float by "
             f"{[n for floats in tied.values() for n in floats][:5]} (tied weights): the file stores them in float, so "
-            "that both uses reload exactly, and they take float size. Quantize the embedding too (by its exact name "
-            "in `include`), untie the weights, or leave the tied layer out of QAT, to store codes.",
+            "that both uses reload exactly, and they take float size. Untie the weights to store codes (QAT converts "
+            "one layer per weight, so the other use stays float while they are tied), or `exclude` the layer from "
+            "QAT to silence this.",
             UserWarning,
             stacklevel=4,  # save_compressed -> _save -> here
         )

@@ -235,8 +235,10 @@ def test_a_quantized_head_tied_to_a_float_embedding_is_stored_in_float_and_reloa
     model, ids = quantized(), torch.randint(0, 64, (4, 8))
     calibrate(model, [ids])
     enable_fake_quant(model)
-    with pytest.warns(
-        UserWarning, match=r"\['head'\] are quantized, but their weights are also used in float by \['emb'\]"
+    with pytest.warns(  # trial BQ: it advised quantizing the embedding too, which QAT refuses for tied weights
+        UserWarning,
+        match=r"\['head'\] are quantized, but their weights are also used in float by \['emb'\] .* Untie the weights "
+        r"to store codes \(QAT converts one layer per weight",
     ):
         save_compressed(model, tmp_path / "m.lcz")
     fresh = quantized()
