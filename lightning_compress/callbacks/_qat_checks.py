@@ -9,11 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
 
 from ..core.checks import is_integer
+from ..core.qat import QuantConfig, qat_modules, settings_differ
 from ._validation import weight_averaging
 
-__all__ = ["check_averaging", "check_no_overlap", "check_state", "check_validation_at"]
+__all__ = ["check_averaging", "check_converted_alike", "check_no_overlap", "check_state", "check_validation_at"]
 
 
 def check_averaging(trainer: pl.Trainer, scale: str) -> None:
@@ -47,6 +49,24 @@ def check_no_overlap(mine: set[str], others: Iterable[set[str]]) -> None:
                 f"{' ...' if len(shared) > 5 else ''}: a layer keeps the first one's settings, so give them "
                 "disjoint `include`/`exclude` patterns."
             )
+
+
+def check_converted_alike(model: nn.Module, selected: set[str], config: QuantConfig) -> None:
+    """Layers this callback selects that are fake-quant layers already (an earlier fit's) must have its settings: the
+    conversion keeps a layer's own, while the checkpoints of this fit would record the callback's (a trial: a second
+    fit with 4-bit settings kept the 8-bit layers, and its checkpoint reloaded 4-bit quantizers holding 8-bit
+    scales: 9.3% against 81.7%)."""
+    differ = {
+        name: d for name, layer in qat_modules(model) if name in selected and (d := settings_differ(layer, config))
+    }
+    if differ:
+        names = sorted(differ)
+        raise ValueError(
+            f"QuantizationAwareTraining: {names[:5]}{' ...' if len(names) > 5 else ''} are fake-quant layers already, "
+            f"converted with other settings ({', '.join(differ[names[0]])}). Call `convert_to_float(model)` before "
+            "this fit to quantize them again with this callback's settings, or give the callback the settings they "
+            "have."
+        )
 
 
 def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, start_epoch: int) -> None:

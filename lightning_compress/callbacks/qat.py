@@ -37,7 +37,7 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
-from ._qat_checks import check_averaging, check_no_overlap, check_state, check_validation_at
+from ._qat_checks import check_averaging, check_converted_alike, check_no_overlap, check_state, check_validation_at
 from ._qat_resume import (
     attached_trainer,
     check_learned_resume,
@@ -268,7 +268,9 @@ class QuantizationAwareTraining(Callback):
                     for other in trainer.callbacks  # type: ignore[attr-defined]
                     if other is not self and isinstance(other, QuantizationAwareTraining)
                 ]
-                check_no_overlap(set(quantizable_layers(pl_module, self.include, self.exclude)), others)
+                selected = set(quantizable_layers(pl_module, self.include, self.exclude))
+                check_no_overlap(selected, others)
+                check_converted_alike(pl_module, selected, self.config)
                 self._convert(pl_module)
             except ValueError as err:
                 if not is_overridden("configure_model", pl_module) or "select no" not in str(err):

@@ -34,6 +34,7 @@ from .qat_layers import (
     qat_class_of,
     qat_modules,
     quantizable,
+    settings_differ,
 )
 from .quant import BIAS_RANGE
 from .quantizer_state import check_quantizer_state, check_saved_scales
@@ -62,6 +63,7 @@ __all__ = [
     "quantizable_layers",
     "quantizers",
     "search_power_of_two_shifts",
+    "settings_differ",
 ]
 
 
@@ -267,12 +269,7 @@ def convert_to_qat(
             UserWarning,
             stacklevel=2,
         )
-    kept = [
-        t.name
-        for t in targets
-        if isinstance(t.module, QATLayer)
-        and (t.module.weight_fake_quant.bits, t.module.weight_fake_quant.mode) != (config.weight_bits, config.scale)
-    ]
+    kept = [t.name for t in targets if isinstance(t.module, QATLayer) and settings_differ(t.module, config)]
     if kept:
         warnings.warn(
             f"lightning-compress: {kept} are already fake-quantized with other settings and keep them; "

@@ -32,6 +32,7 @@ __all__ = [
     "qat_class_of",
     "qat_modules",
     "quantizable",
+    "settings_differ",
 ]
 
 
@@ -441,3 +442,35 @@ def quantizable(module: nn.Module) -> bool:
 def qat_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The fake-quantized layers of ``model``, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QATLayer)]  # type: ignore[misc]
+
+
+def settings_differ(layer: nn.Module, config: QuantConfig) -> list[str]:
+    """The settings of ``config`` that a fake-quant ``layer`` was converted with otherwise, as ``"name=had (asked)"``
+    (``[]``: the same; the observers' averaging constant may differ)."""
+    quantizer = cast(Any, layer).weight_fake_quant
+    weight = cast(Any, layer).weight
+    _, in_axis = weight_axes(layer)
+    groups = group_count(weight, in_axis, config.group_size) or 0 if config.group_size is not None else 0
+    inputs = getattr(layer, "input_fake_quant", None)
+    inputs = inputs if isinstance(inputs, FakeQuantizer) else None
+    had = {
+        "weight_bits": quantizer.bits,
+        "scale": quantizer.mode,
+        "groups": quantizer.groups,
+        "activation_bits": None if inputs is None else inputs.bits,
+        "activation_granularity": None if inputs is None else ("per_token" if inputs.per_token else "per_tensor"),
+        "quantize_bias": bool(getattr(layer, "quantize_bias", False)),
+    }
+    embedding = isinstance(layer, nn.Embedding)  # its input is indices: never quantized
+    has_bias = getattr(layer, "bias", None) is not None
+    asked = {
+        "weight_bits": config.weight_bits,
+        "scale": config.scale,
+        "groups": groups,
+        "activation_bits": None if embedding else config.activation_bits,
+        "activation_granularity": None
+        if embedding or config.activation_bits is None
+        else config.activation_granularity,
+        "quantize_bias": bool(config.quantize_bias and not embedding and has_bias),
+    }
+    return [f"{k}={had[k]!r} ({asked[k]!r} asked)" for k in had if had[k] != asked[k]]

@@ -923,6 +923,27 @@ def test_learned_scales_given_a_group_of_their_own_follow_every_scheduler(kind):
     assert groups[0]["lr"] != pytest.approx(0.05)  # the schedule moved both
 
 
+def test_a_second_fit_with_other_settings_on_layers_quantized_already_is_refused():
+    """Trial BR: a second fit with 4-bit settings kept the first fit's 8-bit layers (a warning) or, with other
+    activation bits only, said nothing, while its checkpoints recorded the callback's settings: reloaded, 4-bit
+    quantizers held 8-bit scales (9.3% against 81.7%). Refused before training; the same settings fit again."""
+    from lightning_compress import convert_to_float
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(8, 8)]).fit(model)
+    before = copy.deepcopy(model.state_dict())
+    for bits in ((4, 4), (8, 4)):
+        with pytest.raises(ValueError, match=r"are fake-quant layers already, converted with other settings \(.*"
+                           r"activation_bits=8 \(4 asked\)\)\. Call `convert_to_float\(model\)`"):  # fmt: skip
+            trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(*bits)]).fit(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8)]).fit(model)  # the same settings
+    convert_to_float(model)
+    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(4, 4)]).fit(model)
+    assert {q.bits for _, q in quantizers(model)} == {4}
+
+
 def test_a_fit_that_fails_before_quantization_switched_on_gives_the_float_layers_back():
     """An unlogged `monitor` is found at the first validation when the sanity check is off, after training steps:
     the layers stayed QAT layers (a docs trial). They computed float, so the model gets its float layers back."""

@@ -246,6 +246,11 @@ def test_converting_again_with_other_settings_says_the_layers_keep_theirs():
     with pytest.warns(UserWarning, match="already fake-quantized with other settings and keep them"):
         convert_to_qat(model, QuantConfig(8, 8))
     assert all(q.bits == 4 for n, q in quantizers(model) if n.endswith("weight_fake_quant"))
+    with pytest.warns(UserWarning, match="already fake-quantized with other settings"):  # trial BR: activation
+        convert_to_qat(model, QuantConfig(4, 4))  # bits alone were not compared, and nothing was said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_to_qat(model, QuantConfig(4, 8))  # the same settings: nothing to say
 
 
 def _shift_search_worker(rank: int, port: int, out: str) -> None:
