@@ -247,10 +247,11 @@ def plan_timeline(
                 "`monitor=None`." + fast_dev_run_note(trainer)
             )
         if window.end_epoch is not None:
-            rank_zero_warn(
-                f"IterativePruning: the fit's last validation comes before the pruning events after {unit} {judged}; "
-                f"with `monitor`={monitor!r} they are skipped, since nothing would judge them, and the target "
-                "may not be reached. End the schedule earlier (`end_epoch`) or validate later."
+            rank_zero_warn(  # a trial: it said the last validation came before step 29, which ran at 35
+                f"IterativePruning: with `monitor`={monitor!r} each pruning event waits for a validation to judge the "
+                f"one before it, so the last event a validation of this fit can judge runs at {unit} {judged} (after "
+                "its second-to-last validation): that event prunes to the target in one step, and the schedule's "
+                "events after it are skipped. End the schedule earlier (`end_epoch`) or validate later."
             )
         else:
             end = judged

@@ -275,8 +275,8 @@ class IterativePruner:
         if self.guard is not None and self.judged_until is not None and self.judged_until < self.schedule.end:
             self._warn(  # a trial: the run ended at 0.787 of 0.9 without a word
                 f"IterativePruner: `judged_until`={self.judged_until} is before the schedule's end (`total_steps`="
-                f"{self.schedule.end}): the events after it are skipped, since no evaluation would judge them, and "
-                "the target may not be reached. End the schedule by then, or evaluate later."
+                f"{self.schedule.end}): the event at {self.judged_until} prunes to the target, and the events after "
+                "it are skipped, since no evaluation would judge them. End the schedule by then, or evaluate later."
             )
 
     def set_schedule(
@@ -493,7 +493,8 @@ class IterativePruner:
             if not self._judged.quantizes_alike():
                 return False  # quantization switched on since the last evaluation: it first judges the model so
         previous = self.masked_sparsity()
-        wanted = self.target_sparsity if t > self.schedule.end else self.schedule.sparsity_at(t)
+        last = t > self.schedule.end or (guard is not None and t == self.judged_until)  # no later event is judged
+        wanted = self.target_sparsity if last else self.schedule.sparsity_at(t)
         if guard is not None:
             wanted = guard.limit(previous, wanted)
         regrow = 0.0 if wanted >= self.target_sparsity - _TOLERANCE else None  # the last event is an exact top-k
@@ -524,11 +525,12 @@ class IterativePruner:
         schedule = self.schedule
         if schedule.is_event(t):
             return True
-        return (  # with the guard: catch up at the same cadence until the target is reached
-            self.guard is not None
-            and t > schedule.end
-            and (t - schedule.start) % schedule.every == 0
-            and not self.reached_target()
+        if self.guard is None or t <= schedule.start or self.reached_target():
+            return False
+        # the last time an evaluation can still judge an event is one, off the cadence too (a trial: with
+        # `every_n_steps=2` the catch-up event fell one step past it, and the fit ended at 0.785 of 0.8)
+        return t == self.judged_until or (  # with the guard: catch up at the same cadence until the target
+            t > schedule.end and (t - schedule.start) % schedule.every == 0
         )
 
     def _broadcast(self, masks: dict[str, Tensor]) -> dict[str, Tensor]:

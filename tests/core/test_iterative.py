@@ -134,6 +134,9 @@ def test_the_guard_catches_up_after_the_schedule_and_stops_at_the_judged_limit()
     late.observe(1.0)
     assert late.advance_to(2)
     late.observe(1.0)
+    # trial BR: the last time an evaluation can judge is an event off the cadence too, to the target
+    assert late.advance_to(3) and late.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    late.observe(1.0)
     assert not late.advance_to(4)  # after the last evaluation: nothing would judge it
 
 
