@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import re
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..core.iterative import IterativePruner, Rollback
 __all__ = [
     "LoggedNames",
     "ValidationMetrics",
+    "below_baseline_note",
     "check_monitor_name",
     "check_validation_state",
     "read_monitor",
@@ -289,3 +291,21 @@ def unscored_model_note(global_step: int, validated_at: int | None, unscored_rol
             "was taken): no validation has scored the model `fit` returns. `trainer.validate(model)` scores it."
         )
     return None
+
+
+def below_baseline_note(core: IterativePruner, monitor: str, scored: float | None) -> str | None:
+    """What the fit's end says when the last validation scored the model ``fit`` returns (``scored``) more than
+    ``max_drop`` below the guard's baseline: the guard judges pruning events, and training since them lowered it (a
+    trial: a learning rate raised after the schedule ended, 0.955 -> 0.108, and nothing was said)."""
+    guard = core.guard
+    if guard is None or guard.baseline is None or scored is None or not math.isfinite(scored):
+        return None
+    if guard.within_max_drop(scored):
+        return None
+    drop = guard.drop(scored)
+    return (
+        f"IterativePruning: the fit's last validation scored the model `fit` returns {monitor}={scored:.4f}, "
+        f"{drop:.4f} from the guard's baseline {guard.baseline:.4f}: more than `max_drop`={guard.max_drop}. The guard "
+        "judges pruning events (each was kept within it, or rolled back); training since lowered the score. Keep the "
+        "best checkpoint (`ModelCheckpoint(monitor=...)`) or look at the training (learning rate, overfitting)."
+    )

@@ -35,6 +35,7 @@ from ._export import (
 )
 from ._guard import (
     ValidationMetrics,
+    below_baseline_note,
     check_monitor_name,
     check_validation_state,
     read_monitor,
@@ -263,6 +264,7 @@ class IterativePruning(Callback):
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
+        self._scored: float | None = None  # what that validation scored the model it left (None: not known)
         self._said_differs: set[str] = set()  # monitors said to differ between processes
         self._metrics = ValidationMetrics()  # what a rollback gives checkpoint callbacks
         self._optimizer_params: dict[tuple[int, int], set[int]] = {}
@@ -587,6 +589,8 @@ class IterativePruning(Callback):
         validated_at, self._validated_at = self._validated_at, None
         if rolled is None:
             note = unscored_model_note(trainer.global_step, validated_at, self._unscored_rollback)
+            if note is None and validated_at == trainer.global_step:
+                note = below_baseline_note(self._core, self.monitor or "", self._scored)
             if note is not None:
                 rank_zero_warn(note)
         if self._in_steps and trainer.loggers:
@@ -637,6 +641,8 @@ class IterativePruning(Callback):
         decision = self._core.observe(value)
         self._validated_at = trainer.global_step
         self._unscored_rollback = False
+        rolled_back = decision is not None and decision.action in ("rollback", "stop")
+        self._scored = self._core.restored_value if rolled_back else value
         if self._core.judged_value is not None and (decision is None or decision.action not in ("rollback", "stop")):
             # the copy a rollback would return to is of the model just scored
             self._metrics.keep(measured, trainer.global_step)

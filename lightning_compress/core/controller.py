@@ -287,6 +287,13 @@ class AccuracyGuard:
             return 0.0
         return self.baseline - value if self.mode == "max" else value - self.baseline
 
+    def within_max_drop(self, value: float) -> bool:
+        """Whether ``value`` is at most ``max_drop`` worse than the baseline. Logged metrics are float32: 193/200
+        after 194/200 is a drop of 0.0050000548 (a trial: rolled back at `max_drop`=0.005, which the guard
+        tolerates); a few float32 roundings of the values are no drop."""
+        rounding = 4 * _FLOAT32_EPS * max(1.0, abs(self.baseline or 0.0), abs(value) if math.isfinite(value) else 0.0)
+        return self.drop(value) <= self.max_drop + rounding
+
     def observe(self, value: float) -> GuardDecision | None:
         """Feed the latest validation value; returns the decision it triggered, if any."""
         if self.baseline is None and self.started:  # resumed reading another metric (:meth:`forget_baseline`)
@@ -308,10 +315,7 @@ class AccuracyGuard:
             return None
         self.awaiting_check = False
         drop = self.drop(value)
-        # logged metrics are float32: 193/200 after 194/200 is a drop of 0.0050000548 (a trial: rolled back at
-        # `max_drop`=0.005, which the guard tolerates); a few float32 roundings of the values are no drop
-        rounding = 4 * _FLOAT32_EPS * max(1.0, abs(self.baseline or 0.0), abs(value) if math.isfinite(value) else 0.0)
-        if drop <= self.max_drop + rounding:
+        if self.within_max_drop(value):
             return GuardDecision("accept", value, drop, self.step_cap)
         self.rollbacks += 1
         self.step_cap = self.last_step / 2.0

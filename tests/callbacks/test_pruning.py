@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -418,6 +419,37 @@ def test_accuracy_guard_rolls_back_halves_the_step_and_stops():
     assert all(d.drop <= 0.3 for d in pruning.decisions if d.action == "accept")
     for name, mask in pruning.masks.items():
         assert (model.get_parameter(name)[~mask] == 0).all()
+
+
+class WorseAfterEpoch(ScoredBySparsity):
+    """Scores 1 - sparsity, less ``loss`` from epoch ``after`` on: what training after the schedule can do."""
+
+    def __init__(self, after: int, loss: float) -> None:
+        super().__init__()
+        self.after, self.loss = after, loss
+
+    def validation_step(self, batch, batch_idx):
+        TinyModule.validation_step(self, batch, batch_idx)
+        self.log("val_score", 1.0 - sparsity(self) - (self.loss if self.current_epoch >= self.after else 0.0))
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.5])
+def test_the_fit_end_says_when_the_model_returned_scored_beyond_max_drop_from_training(loss):
+    """Trial BR: every event was judged within `max_drop`, then a learning rate raised after the schedule took the
+    model from 0.955 to 0.108, and the fit returned it without a word. The guard judges events; the end of fit says
+    when its last validation scored the model returned beyond `max_drop` of the baseline."""
+    pl.seed_everything(0, verbose=False)
+    model = WorseAfterEpoch(after=3, loss=loss)
+    pruning = IterativePruning(0.2, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=5, callbacks=[pruning]).fit(model)
+    said = [str(w.message) for w in caught if "the fit's last validation scored the model" in str(w.message)]
+    assert sparsity(model) == pytest.approx(0.2, abs=1e-3)
+    if loss:
+        assert said and re.search(r"val_score=0\.\d+, 0\.70\d+ from the guard.s baseline 1\.0000", said[0])
+    else:
+        assert not said
 
 
 class ScoredEveryOtherEpoch(ScoredBySparsity):
