@@ -17,6 +17,9 @@ __all__ = ["load_qat_checkpoint", "saved_quantization"]
 M = TypeVar("M", bound=pl.LightningModule)
 
 
+_QUANTIZER_STATE = ".weight_fake_quant.state"  # a fake-quant layer's entry in a state dict
+
+
 def load_qat_checkpoint(
     module_class: type[M], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
 ) -> M:
@@ -60,6 +63,13 @@ def load_qat_checkpoint(
             f"(found {type(state).__name__})."
         )
     saved = saved_quantization(checkpoint)
+    if not saved and any(key.endswith(_QUANTIZER_STATE) for key in state):
+        raise ValueError(  # a trial: it pointed to `load_from_checkpoint`, which failed on the quantizer entries
+            f"{checkpoint_path} holds fake-quant layers but no QuantizationAwareTraining state (saved with "
+            "`save_weights_only=True`?): the settings they were trained with (bits, scale kind) are not in it. "
+            "Evaluate it with `trainer.validate(model, ckpt_path=...)` beside a QuantizationAwareTraining callback "
+            "with the run's settings, or save whole checkpoints."
+        )
     if not saved:
         raise ValueError(
             f"{checkpoint_path} holds no QuantizationAwareTraining state; load it with "

@@ -497,6 +497,22 @@ def test_load_qat_checkpoint_needs_qat_state(tiny, tmp_path):
         load_qat_checkpoint(TinyModule, tmp_path / "plain.ckpt")
 
 
+def test_a_weights_only_qat_checkpoint_says_its_settings_are_not_in_it(tmp_path):
+    """Trial BR: `load_qat_checkpoint` of a `save_weights_only=True` checkpoint pointed to `load_from_checkpoint`,
+    which failed on the quantizer entries; `validate(ckpt_path=...)` converted it with the evaluating callback's bits
+    in silence (a 4-bit run scored 9.3% under a 2-bit callback)."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="w", save_weights_only=True)
+    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(), ckpt], enable_checkpointing=True).fit(TinyModule())
+    with pytest.raises(ValueError, match=r"holds fake-quant layers but no QuantizationAwareTraining state \(saved "
+                       r"with `save_weights_only=True`\?\)"):  # fmt: skip
+        load_qat_checkpoint(TinyModule, tmp_path / "w.ckpt")
+    with pytest.warns(UserWarning, match=r"the checkpoint holds fake-quant layers but records no settings"):
+        trainer(callbacks=[QuantizationAwareTraining(2, 2)]).validate(
+            TinyModule(), ckpt_path=tmp_path / "w.ckpt", verbose=False
+        )
+
+
 @pytest.mark.parametrize(
     ("module_class", "path", "error", "match"),
     [
