@@ -247,6 +247,13 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
             "after the window, each event waits for a validation to judge the one before it, and the fit ended "
             "before enough of them ran"
             + (f" ({guard.rollbacks} rollback(s) halved the steps)" if guard.rollbacks else "")
+            + (  # a trial: the note named the cadence when QAT's switch held the last event
+                f"; {core.waited_for_quantization} event time(s) waited because quantization switched on since the "
+                "validation before (events wait for a validation of the model quantized): start QAT after "
+                "`end_epoch`, or end pruning earlier"
+                if core.waited_for_quantization
+                else ""
+            )
         )
     else:
         why = "the last events could not run"

@@ -260,6 +260,7 @@ class IterativePruner:
             )
         self.steps = 0
         self.events = 0
+        self.waited_for_quantization = 0  # events that waited for an evaluation of the model quantized
         self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
         self.decisions: list[GuardDecision] = []
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -491,6 +492,7 @@ class IterativePruner:
             if self.judged_until is not None and t > self.judged_until:
                 return False  # no evaluation before the end of the run would judge it
             if not self._judged.quantizes_alike():
+                self.waited_for_quantization += 1
                 return False  # quantization switched on since the last evaluation: it first judges the model so
         previous = self.masked_sparsity()
         last = t > self.schedule.end or (guard is not None and t == self.judged_until)  # no later event is judged
