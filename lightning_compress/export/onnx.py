@@ -38,6 +38,7 @@ from .onnx_passes import (
     integer_float_gemms,
     keep_biases_in_int32,
     quantize_before_pass_through,
+    share_transposed_initializers,
 )
 from .report import CompressionReport, LayerReport
 
@@ -420,6 +421,7 @@ def _export_onnx(
     integer_float_gemms(proto, numpy_helper)
     gather_quantized_rows(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
+    share_transposed_initializers(proto, numpy_helper)
     _quantize_float_conv_outputs(proto, numpy_helper, calibration, names if keyword else None)
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:

@@ -704,3 +704,30 @@ def test_calibration_quantizes_the_convolution_outputs_no_quantized_layer_reads(
         export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=[])
     with pytest.raises(ValueError, match=r"`calibration` batches do not run in the exported graph"):
         export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=[torch.randn(2, 5, 8, 8)])
+
+
+def test_a_tied_embedding_and_output_head_are_stored_once(tmp_path):
+    """Session 22's list: a tied LM's ONNX file held its embedding twice (GPT-2's `wte`, and the transposed copy the
+    exporter folds for `lm_head`), twice the size it needs. The copy becomes a Transpose onnxruntime folds at load."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mix = nn.Embedding(500, 32), nn.Linear(32, 32)
+            self.head = nn.Linear(32, 500, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mix(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model, ids = TiedLM().eval(), torch.randint(0, 500, (2, 8))
+    report = export_onnx(model, tmp_path / "lm.onnx", ids)
+    graph = onnx.load(str(tmp_path / "lm.onnx")).graph
+    tables = [i for i in graph.initializer if sorted(i.dims) == [32, 500]]
+    assert len(tables) == 1 and report.file_bytes < 1.3 * 500 * 32 * 4
+    session = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    np.testing.assert_allclose(got, model(ids).detach().numpy(), atol=1e-5)
