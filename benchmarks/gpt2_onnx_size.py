@@ -2,7 +2,7 @@
 its size with the tied ``wte`` / ``lm_head`` stored once (session 24) against twice (the exporter's own folding, kept
 by ``share_transposed_initializers(..., min_size=huge)``), and the largest difference between the two files' logits.
 
-    python benchmarks/gpt2_onnx_size.py            # about 3 minutes and 3 GB of memory on 2 CPU cores
+    python benchmarks/gpt2_onnx_size.py            # about 4 minutes and 3 GB of memory on 2 CPU cores
 """
 
 from __future__ import annotations
