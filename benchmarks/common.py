@@ -115,3 +115,22 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int = 30, rep
                     calls[name]()
                 per[name].append((time.process_time() - begin) / reps)
     return {name: 1000 * statistics.median(values) for name, values in per.items()}
+
+
+def quantize_static_qdq(src: object, dst: object, batches: list[torch.Tensor]) -> None:
+    """onnxruntime's ``quantize_static`` of the fp32 file ``src`` (one input, ``input_0``) into ``dst``: QDQ,
+    per-channel int8 weights, uint8 activations, calibrated on ``batches``: the anchor the int8 exports are timed
+    against."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input_0": b.numpy()} for b in batches])
+
+        def get_next(self) -> dict[str, object] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip

@@ -29,7 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from common import mlp_layers, quiet_trainer
+from common import mlp_layers, quantize_static_qdq, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -176,7 +176,7 @@ def main() -> None:
             dynamic_axes={"input_0": {0: "batch"}, "output_0": {0: "batch"}},
             dynamo=False,
         )
-        _quantize_static(tmp / "fp32.onnx", tmp / "ort_int8.onnx", calibration)
+        quantize_static_qdq(tmp / "fp32.onnx", tmp / "ort_int8.onnx", calibration)
         export_onnx(qat_model, tmp / "ours.onnx", torch.zeros(2, 1024))
         with torch.no_grad():
             results["mlp_accuracy"] = {
@@ -212,27 +212,6 @@ def _ort_session(path: pathlib.Path) -> Any:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _quantize_static(src: pathlib.Path, dst: pathlib.Path, batches: list[torch.Tensor]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"input_0": b.numpy()} for b in batches])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
-
-    quantize_static(
-        str(src),
-        str(dst),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
 
 
 def _timings(sessions: dict[str, Any], rounds: int = 25) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from common import interleaved_ms, quiet_trainer
+from common import interleaved_ms, quantize_static_qdq, quiet_trainer
 from torch import nn
 
 from lightning_compress import QuantConfig, QuantizationAwareTraining, calibrate, convert_to_qat, enable_fake_quant
@@ -73,22 +73,6 @@ def _kernels(path: pathlib.Path) -> dict[str, int]:
     return {op: counts[op] for op in keep if counts[op]}
 
 
-def _quantize_static(src: pathlib.Path, dst: pathlib.Path, batches: list[torch.Tensor]) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"input_0": b.numpy()} for b in batches])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.items, None)
-
-    quantize_static(
-        str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )  # fmt: skip
-
-
 def _fp32_onnx(model: nn.Module, path: pathlib.Path, example: torch.Tensor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -106,7 +90,7 @@ def _variants(
     example = batches[0][:2]
     paths = {name: tmp / f"{name}.onnx" for name in ("fp32", "quantize_static", "export_onnx", "export_onnx_cal")}
     _fp32_onnx(float_model, paths["fp32"], example)
-    _quantize_static(paths["fp32"], paths["quantize_static"], batches)
+    quantize_static_qdq(paths["fp32"], paths["quantize_static"], batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         lc_export_onnx(qat_model, paths["export_onnx"], example)
