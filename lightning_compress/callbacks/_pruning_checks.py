@@ -58,10 +58,12 @@ def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str |
         )
 
 
-def check_frozen(targets: Sequence[Target], importance: Importance, argument: Any) -> None:
-    """Selected weights frozen as training starts: refused when ``importance`` reads their gradients, else said."""
+def check_frozen(targets: Sequence[Target], importance: Importance, argument: Any, later: bool = False) -> None:
+    """Selected weights frozen as training starts: refused when ``importance`` reads their gradients, else said
+    (``later``: pruning starts in a later epoch and a finetuning callback, such as BackboneFinetuning, may unfreeze
+    them by then: said; a trial's were refused; still frozen at an event, Taylor refuses there)."""
     frozen = list(dict.fromkeys(t.name for t in targets if not t.param.requires_grad))  # a layer once (channels)
-    if frozen and importance.accumulates:
+    if frozen and importance.accumulates and not later:
         raise ValueError(
             f"`importance`={argument!r} scores weights by their gradients, but {frozen} are frozen "
             "(requires_grad=False) as training starts: `exclude` them, unfreeze them before `fit`, or use "

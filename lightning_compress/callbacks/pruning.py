@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
@@ -459,7 +459,10 @@ class IterativePruning(Callback):
         default_in_steps = (
             config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
         )
-        check_frozen(core.targets, core.rule.importance, self.config.importance)
+        unfreezes = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
+        check_frozen(
+            core.targets, core.rule.importance, self.config.importance, self.window.start_epoch > 0 and unfreezes
+        )
         guard = core.guard
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
@@ -613,7 +616,10 @@ class IterativePruning(Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._validation_inputs.take()  # a fit that failed in a validation: its hook goes, and what it recorded
+        self._validation_inputs.take()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._validation_inputs.take()  # Lightning calls no `teardown` after an exception (trial BT: the hook stayed)
 
     # ------------------------------------------------------------------ the guard
     def _guarding(self, trainer: pl.Trainer) -> bool:
@@ -642,7 +648,7 @@ class IterativePruning(Callback):
         self._validated_at = trainer.global_step
         self._unscored_rollback = False
         rolled_back = decision is not None and decision.action in ("rollback", "stop")
-        self._scored = self._core.restored_value if rolled_back else value
+        self._scored = None if rolled_back else value  # a rollback's model: what the guard said of it stands
         if self._core.judged_value is not None and (decision is None or decision.action not in ("rollback", "stop")):
             # the copy a rollback would return to is of the model just scored
             self._metrics.keep(measured, trainer.global_step)

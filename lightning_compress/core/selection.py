@@ -30,6 +30,7 @@ from .sharding import flat_offset, local
 __all__ = [
     "Target",
     "default_layer_types",
+    "eager",
     "expert_tensors",
     "experts_picked",
     "is_experts",
@@ -210,6 +211,31 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
         for parent, name, child in reversed(swapped):
             if getattr(parent, name, None) is child._orig_mod:
                 setattr(parent, name, child)
+
+
+@contextmanager
+def eager(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` running its modules' own code meanwhile, for a tracer (the ONNX exporter, the channel dependency
+    graph) that cannot enter code ``torch.compile`` compiled: a ``forward`` compiled on the instance (what Lightning
+    does to a compiled LightningModule passed to ``fit``; ``module.forward = torch.compile(module.forward)``) is the
+    function it wraps (``__wrapped__``), and ``module.compile()``'s compiled call is set aside (its only handle,
+    ``_compiled_call_impl``). Everything is put back after (trials: ``export_path`` failed after training, and channel
+    pruning of a compiled module found no layer)."""
+    undo: list[tuple[nn.Module, str, object]] = []
+    try:
+        for module in model.modules():
+            compiled = vars(module).get("forward")
+            own = getattr(compiled, "__wrapped__", None)
+            if compiled is not None and callable(own) and getattr(own, "__self__", None) is module:
+                undo.append((module, "forward", compiled))
+                module.forward = own
+            if vars(module).get("_compiled_call_impl") is not None:
+                undo.append((module, "_compiled_call_impl", module._compiled_call_impl))
+                module._compiled_call_impl = None
+        yield model
+    finally:
+        for module, name, value in reversed(undo):
+            setattr(module, name, value)
 
 
 def state_root(model: nn.Module) -> nn.Module:

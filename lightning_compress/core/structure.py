@@ -33,6 +33,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from .group_search import TracedGroup, search_group
 from .heads import AttentionBlock, find_attention
 from .layers import transformers_conv1d, weight_axes
+from .selection import eager
 from .tracing import all_tracked, call_model, comparable_modules, eval_mode, output_tensors, plain_float, without_cache
 
 __all__ = [
@@ -171,7 +172,7 @@ def build_channel_groups(
     conv1d = transformers_conv1d()
     roots: tuple[type[nn.Module], ...] = (_CONV, nn.Linear) if conv1d is None else (_CONV, nn.Linear, conv1d)
     custom = {type(m): _conv1d_pruner(tp) for m in modules.values() if is_conv1d(m)}
-    with torch.enable_grad(), plain_float(model), all_tracked(model), warnings.catch_warnings():
+    with torch.enable_grad(), eager(model), plain_float(model), all_tracked(model), warnings.catch_warnings():
         # Torch-Pruning's shape inference warns once per node it cannot follow (a recurrent layer: thousands)
         warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
         blocks, feeding, not_heads = find_attention(model, example_inputs)

@@ -713,3 +713,48 @@ def test_a_guarded_fit_short_of_its_target_because_quantization_switched_on_says
                       r"quantization switched on since the validation before"):  # fmt: skip
         trainer(max_epochs=3, callbacks=[pruning, QuantizationAwareTraining(start_epoch=1)]).fit(TinyModule())
     assert pruning.pruner.waited_for_quantization == 1
+
+
+class FrozenBackbone(TinyModule):
+    """A backbone BackboneFinetuning freezes at the start of fit and unfreezes later; the optimizer over what trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.net
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+def test_taylor_pruning_that_starts_after_backbone_finetuning_unfreezes_is_not_refused():
+    """Trial BT: Taylor importance was refused at train start for a backbone BackboneFinetuning freezes in
+    `on_fit_start`, with advice to unfreeze it before `fit` that cannot be followed, although pruning started only
+    after the unfreeze. Said, not refused, when pruning starts in a later epoch."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    torch.manual_seed(0)
+    model = FrozenBackbone()
+    pruning = IterativePruning(0.8, importance="taylor", start_epoch=2, end_epoch=3)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=0.1)
+    with pytest.warns(UserWarning, match=r"prunes \['backbone.0', 'backbone.2'\], which are frozen"):
+        trainer(max_epochs=4, callbacks=[pruning, unfreeze]).fit(model)
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    with pytest.raises(ValueError, match=r"`importance`='taylor' scores weights by their gradients, but"):
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.8, importance="taylor"), BackboneFinetuning(1)]).fit(
+            FrozenBackbone()
+        )
+
+
+def test_channel_pruning_of_a_compiled_lightning_module():
+    """Trial BT: channels of a compiled LightningModule passed to `fit` were traced through its compiled forward:
+    "found no channel group it can prune" (every layer "never called as a module"). Traced with its own forward."""
+    pl.seed_everything(0, verbose=False)
+    model = Unlogged()
+    pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=1)
+    trainer(max_epochs=2, callbacks=[pruning], limit_val_batches=0).fit(torch.compile(model))
+    assert float((model.net[0].weight.abs().sum(1) == 0).float().mean()) == pytest.approx(0.5)
