@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
@@ -152,12 +153,15 @@ class ValidationInputs:
         self.limit = limit
         self.batches: list[Any] = []
         self._hook: Any = None
+        self._wanted: Any = None  # the signature of `example_input_array`
 
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path | None) -> None:
         """At a validation's start: record it, when it is a fit's (not the sanity check) and ``path`` is ONNX."""
         self.stop()
+        example = pl_module.example_input_array
         if path is not None and _is_onnx(path) and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.batches = []
+            self._wanted = _signature(example_inputs(pl_module)) if example is not None else None
             self._hook = pl_module.register_forward_pre_hook(self._record, with_kwargs=True)
 
     def take(self) -> list[Any]:
@@ -172,9 +176,14 @@ class ValidationInputs:
             self._hook = None
 
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep a call whose inputs are like ``example_input_array``: the graph takes no other (trial BT: padded
+        sequences, uint8 images; trial BU: under DDP Lightning calls the module with ``(batch, batch_idx)`` to reach
+        ``validation_step``, which took half the budget)."""
         if len(self.batches) >= self.limit or (args and kwargs):
             return
         inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
+        if _signature(inputs) != self._wanted:
+            return
         self.batches.append(
             apply_to_collection(
                 inputs, Tensor, lambda t: t.detach().cpu().float() if t.is_floating_point() else t.detach().cpu()
@@ -190,7 +199,8 @@ def _export_on_rank_zero(
     template: nn.Module | None,
     calibration: list[Any] | None,
 ) -> CompressionReport | None:
-    if any(is_sharded(p) for p in pl_module.parameters()):
+    path.parent.mkdir(parents=True, exist_ok=True)  # every process: the sharded file is written by all of them
+    if any(is_sharded(p) for p in pl_module.parameters()):  # (trial BU: FSDP2 failed after training without it)
         if template is None:
             report = save_compressed(pl_module, path)  # every process gathers; rank zero writes
             rank_zero_info(f"Exported the compressed model:\n{report}")
@@ -223,6 +233,34 @@ def _low_precision(model: nn.Module) -> bool:
     return any(t.is_floating_point() and t.dtype != torch.float32 and "_fake_quant." not in n for n, t in tensors)
 
 
+def _signature(value: Any) -> Any:
+    """What an input must share with ``example_input_array`` to feed the exported graph: its structure (dict keys,
+    sequence lengths), each tensor's kind (floating point, which the graph takes as float32, or its dtype) and sizes
+    but the batch's (the graph fixes them); other values by type."""
+    if isinstance(value, Tensor):
+        return ("float" if value.is_floating_point() else str(value.dtype), tuple(value.shape[1:]))
+    if isinstance(value, Mapping):
+        return {str(k): _signature(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_signature(v) for v in value]
+    return type(value).__name__
+
+
+def _export_onnx(model: nn.Module, path: Path, example: Any, calibration: list[Any] | None) -> CompressionReport:
+    """``export_onnx`` with the recorded inputs as ``calibration``; inputs it cannot run cost the measurement, not
+    the file (written without it, with a warning)."""
+    if calibration is not None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        calibration = [move_data_to_device(batch, device) for batch in calibration]
+        try:
+            return export_onnx(model, path, example, calibration=calibration)
+        except ValueError as err:
+            if "`calibration`" not in str(err):
+                raise
+            rank_zero_warn(f"The ONNX export is written without measuring convolution outputs: {err}")
+    return export_onnx(model, path, example)
+
+
 def _export(
     model: nn.Module, path: Path, example: Any, compact_first: bool, calibration: list[Any] | None = None
 ) -> CompressionReport:
@@ -235,11 +273,7 @@ def _export(
         example = apply_to_collection(example, Tensor, lambda t: t.float() if t.is_floating_point() else t)
     if compact_first:
         rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
-    if _is_onnx(path):
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        batches = None if calibration is None else [move_data_to_device(b, device) for b in calibration]
-        report = export_onnx(model, path, example, calibration=batches)
-    else:
-        report = save_compressed(model, path)
+    onnx = _is_onnx(path)
+    report = _export_onnx(model, path, example, calibration or None) if onnx else save_compressed(model, path)
     rank_zero_info(f"Exported the compressed model:\n{report}")
     return report

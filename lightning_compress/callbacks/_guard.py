@@ -313,6 +313,7 @@ def below_baseline_note(core: IterativePruner, monitor: str, scored: float | Non
     return (
         f"IterativePruning: the fit's last validation scored the model `fit` returns {monitor}={scored:.4f}, "
         f"{drop:.4f} from the guard's baseline {guard.baseline:.4f}: more than `max_drop`={guard.max_drop}. The guard "
-        "judges pruning events (each was kept within it, or rolled back); training since lowered the score. Keep the "
-        "best checkpoint (`ModelCheckpoint(monitor=...)`) or look at the training (learning rate, overfitting)."
+        "judges pruning events (each was kept within it, or rolled back); what came after them lowered the score "
+        "(training, or quantization switching on). Keep the best checkpoint (`ModelCheckpoint(monitor=...)`), or look "
+        "at the training (learning rate, overfitting) and the quantization settings."
     )

@@ -296,7 +296,7 @@ class QuantizationAwareTraining(Callback):
             self._load_hook = pl_module.register_load_state_dict_pre_hook(self._convert_if_quantized)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._validation_inputs.take()  # a fit that failed in a validation: its hook goes, and what it recorded
+        self._validation_inputs.take()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -356,6 +356,7 @@ class QuantizationAwareTraining(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """``fully_shard`` refuses our 0-dim learned activation scales in ``configure_model`` (after ``setup``, before
         ``on_fit_start`` can check): its message asks to change the model; the fix is to leave them whole."""
+        self._validation_inputs.take()  # Lightning calls no `teardown` after an exception (trial BT: the hook stayed)
         if self.config.scale == "learned" and "scalar parameter" in str(exception):
             note = f"QuantizationAwareTraining(scale='learned'): {_LEARNED_UNDER_FSDP2}"
             if hasattr(exception, "add_note"):  # Python >= 3.11: printed under the message, matched by pytest

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
-from ..core.selection import uncompiled
+from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
@@ -127,24 +127,6 @@ def _composite_attention() -> Iterator[None]:
         yield
     finally:
         backend.set_fastpath_enabled(before)
-
-
-@contextmanager
-def _eager_forward(model: nn.Module) -> Iterator[None]:
-    """``model`` with its own ``forward`` while it is traced, when a ``torch.compile``d one was set on the instance
-    (what Lightning does to a compiled LightningModule passed to ``fit``; ``module.forward =
-    torch.compile(module.forward)``): the ONNX tracer cannot enter compiled code (a trial: ``export_path`` failed at
-    the end of such a fit). The compiled function wraps the module's own (``__wrapped__``); it is put back after."""
-    compiled = vars(model).get("forward")
-    own = getattr(compiled, "__wrapped__", None)
-    if compiled is None or getattr(own, "__self__", None) is not model or not callable(own):
-        yield
-        return
-    model.forward = own
-    try:
-        yield
-    finally:
-        model.forward = compiled
 
 
 def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
@@ -298,6 +280,10 @@ def _export_onnx(
             "`calibration` must be an iterable of batches, each like `example_inputs` (e.g. a list of tensors), or "
             f"None, got {type(calibration).__name__}."
         )
+    if isinstance(calibration, (list, tuple)):  # checked even where no convolution needs it (a trial: [1, 2] passed)
+        odd = [type(b).__name__ for b in calibration if not isinstance(b, (Tensor, Mapping, list, tuple))]
+        if odd:
+            raise ValueError(f"`calibration` holds {odd[:3]}: each batch must be like `example_inputs`.")
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(
             "`model` is a TorchScript module: export_onnx traces the eager model; pass it before `torch.jit.script`."
@@ -353,8 +339,9 @@ def _export_onnx(
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, Mapping)
-    traced_model: nn.Module = _Keywords(model, names) if keyword else model
-    traced_args = tuple(example_inputs[k] for k in names) if keyword else args
+    keys = list(example_inputs) if keyword else []  # the graph's inputs are named `input_names`, or the keys
+    traced_model: nn.Module = _Keywords(model, keys) if keyword else model
+    traced_args = tuple(example_inputs[k] for k in keys) if keyword else args
     if not keyword and not all(isinstance(a, Tensor) for a in args):  # e.g. forward(batch: dict)
         leaves = _leaves(args, "input")
         traced_model, traced_args = _Structured(model, args), tuple(t for _, t in leaves)
@@ -362,7 +349,7 @@ def _export_onnx(
         names = list(input_names or ([n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]))
     with (
         mode as swapped,
-        _eager_forward(model),
+        eager(model),
         without_cache(model),
         torch.no_grad(),
         _composite_attention(),
@@ -397,7 +384,7 @@ def _export_onnx(
             if "dynamo-optimized" in str(err):
                 raise ValueError(
                     f"export_onnx cannot trace {type(model).__name__}: it runs code compiled by `torch.compile` (a "
-                    "compiled submodule's forward, or `module.compile()`), which the ONNX tracer cannot enter. "
+                    "compiled function it calls), which the ONNX tracer cannot enter. "
                     "Export the model before compiling it, or an uncompiled instance given its weights "
                     "(`load_state_dict`)."
                 ) from err
@@ -422,7 +409,7 @@ def _export_onnx(
     gather_quantized_rows(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
     share_transposed_initializers(proto, numpy_helper)
-    _quantize_float_conv_outputs(proto, numpy_helper, calibration, names if keyword else None)
+    _quantize_float_conv_outputs(proto, numpy_helper, calibration, keys if keyword else None)
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -443,23 +430,15 @@ def _quantize_float_conv_outputs(
             f"export_onnx: {len(convs)} quantized convolution(s) have outputs no quantized layer reads first (before a "
             "residual add, a norm other than BatchNorm, global pooling, or as the model's output): onnxruntime runs "
             "them in float on dequantized inputs, which can be slower than the float model. Pass `calibration` (a "
-            "few batches of inputs) to measure their output ranges, so that they run in int8.",
+            "few batches of inputs) to `export_onnx` to measure their output ranges, so that they run in int8 (the "
+            "callbacks' ONNX `export_path` passes the inputs `forward` received in the fit's last validation, those "
+            "like `example_input_array`: none here).",
             UserWarning,
             stacklevel=4,
         )
         return
     names = [i.name for i in proto.graph.input]
-    feeds = []
-    for number, batch in enumerate(calibration):
-        tensors = [batch[k] for k in keys] if keys is not None and isinstance(batch, Mapping) else None
-        if tensors is None:
-            tensors = [t for _, t in _leaves(_as_args(batch), "input")] if keys is None else []
-        if len(tensors) != len(names) or not all(isinstance(t, Tensor) for t in tensors):
-            raise ValueError(
-                f"`calibration` batch {number} holds {len(tensors)} tensor(s) where the graph takes {len(names)} "
-                f"({names}): each batch must be like `example_inputs`."
-            )
-        feeds.append({n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)})
+    feeds = [_feed(number, batch, names, keys) for number, batch in enumerate(calibration)]
     if not feeds:
         raise ValueError("`calibration` holds no batch: pass at least one, or None.")
     try:
@@ -467,6 +446,41 @@ def _quantize_float_conv_outputs(
     except Exception as err:  # onnxruntime's: a shape the graph does not take (a dynamic axis not declared)
         raise ValueError(f"`calibration` batches do not run in the exported graph: {str(err)[:300]}") from err
     quantize_conv_outputs(proto, numpy_helper, ranges)
+
+
+def _holds_dict(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_dict(item) for item in value)
+
+
+def _feed(number: int, batch: Any, names: list[str], keys: list[str] | None) -> dict[str, Any]:
+    """Calibration batch ``number`` as onnxruntime's feed for the graph inputs ``names``: keyword inputs by their
+    keys (``keys``), the tensors of a nested input by their names where they name every graph input (a dict's keys,
+    in any order, other keys left out: a trial's reordered keys were fed to the wrong inputs), else in order."""
+    like = "each batch must be like `example_inputs`"
+    if keys is not None:
+        missing = [k for k in keys if not isinstance(batch, Mapping) or k not in batch]
+        if missing:
+            raise ValueError(f"`calibration` batch {number} lacks the keyword input(s) {missing}: {like}.")
+        tensors = [batch[k] for k in keys]
+    else:
+        try:
+            leaves = _leaves(_as_args(batch), "input")
+        except TypeError as err:  # not a tensor, tuple or dict
+            raise ValueError(f"`calibration` batch {number} is a {type(batch).__name__}: {like}.") from err
+        named = dict(leaves)
+        keyed = _holds_dict(batch)  # leaves named by dict keys, not by position
+        if keyed and len(named) == len(leaves) and all(name in named for name in names):
+            tensors = [named[name] for name in names]
+        else:
+            tensors = [t for _, t in leaves]
+    if len(tensors) != len(names) or not all(isinstance(t, Tensor) for t in tensors):
+        raise ValueError(
+            f"`calibration` batch {number} holds {len(tensors)} tensor(s) where the graph takes {len(names)} "
+            f"({names}): {like}."
+        )
+    return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors, strict=True)}
 
 
 def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:

@@ -16,10 +16,15 @@ from typing import Any
 
 __all__ = ["float_output_convs", "measure_ranges", "quantize_conv_outputs"]
 
+# activations onnxruntime fuses between a QDQ convolution and the QuantizeLinear after it (ReLU, and ReLU6 /
+# Hardtanh as `Clip`: a trial's ReLU6 CNN ran as QLinearConv already and was warned about)
+_CLAMPS = ("Relu", "Clip")
+
 
 def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
     """The outputs of ``Conv`` nodes that read a dequantized activation and dequantized int8 weights, and whose
-    output no ``QuantizeLinear`` reads (directly or through a ``Relu``): the convolutions onnxruntime runs in float."""
+    output no ``QuantizeLinear`` reads (directly or through a ``Relu`` or ``Clip``): the convolutions onnxruntime
+    runs in float."""
     from .onnx_passes import GraphIndex
 
     index = GraphIndex(proto.graph, numpy_helper)
@@ -28,7 +33,7 @@ def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
     def requantized(name: str) -> bool:
         users = consumers.get(name, [])
         return bool(users) and all(
-            user.op_type == "QuantizeLinear" or (user.op_type == "Relu" and requantized(user.output[0]))
+            user.op_type == "QuantizeLinear" or (user.op_type in _CLAMPS and requantized(user.output[0]))
             for user in users
         )
 

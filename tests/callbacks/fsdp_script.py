@@ -155,7 +155,9 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
         recipe, _, resume = job.partition("@")
         recipe, _, extra = recipe.partition("+")
         suffix = {"export": ".lcz", "onnx": ".onnx", "late": ".onnx", "bf16": ".onnx"}.get(extra)
-        export_path = f"{out_dir}/{strategy}-{recipe}{suffix}" if suffix else None
+        # `.lcz` exports go to a directory that does not exist yet (trial BU: FSDP2 failed after training)
+        folder = f"{out_dir}/exports" if suffix == ".lcz" else out_dir
+        export_path = f"{folder}/{strategy}-{recipe}{suffix}" if suffix else None
         pl.seed_everything(0, verbose=False)
         model = sharded_tiny(recipe)
         if extra in ("onnx", "late", "bf16"):
@@ -192,6 +194,9 @@ def main(out_dir: str, strategy: str, jobs: list[str]) -> None:
             state["pruning.decisions"] = torch.tensor([d.action == "rollback" for d in callback.decisions])
             state["val_acc"] = fit.callback_metrics["val_acc"].detach().clone()
             state["sparsity"] = torch.tensor(sparsity(model))  # every process's shards counted
+        report = getattr(made[-1], "export_report", None)
+        if report is not None:  # the ratio's baseline: the whole float model (trial BU: one process's shards)
+            state["report.baseline_bytes"] = torch.tensor(report.baseline_bytes)
         if extra == "monitor":
             summary = made[-1].summary
             state["monitor"] = torch.tensor([summary["sparsity"], summary["bytes"], summary["compression_ratio"]])

@@ -106,15 +106,19 @@ def test_export_path_under_fsdp2_writes_the_file_ddp_writes(tmp_path):
     jobs = ["prune-magnitude+export", "8da4w+export", "bias+export", "both+export"]  # both: pruning and QAT
     _run(tmp_path, "fsdp2", jobs)
     _run(tmp_path, "ddp", jobs)
+    exports = tmp_path / "exports"  # created by the export (trial BU: FSDP2 failed after training)
     for recipe in ("prune-magnitude", "8da4w", "bias", "both"):
-        assert (tmp_path / f"fsdp2-{recipe}.lcz").read_bytes() == (tmp_path / f"ddp-{recipe}.lcz").read_bytes()
+        assert (exports / f"fsdp2-{recipe}.lcz").read_bytes() == (exports / f"ddp-{recipe}.lcz").read_bytes()
         ranks = [torch.load(tmp_path / f"{s}-{recipe}+export_rank{r}.pt", weights_only=True) for s, r in
                  (("fsdp2", 0), ("fsdp2", 1), ("ddp", 0))]  # fmt: skip
+        baseline = int(ranks[2].pop("report.baseline_bytes"))  # trial BU: FSDP2 counted one process's shards
+        for rank in ranks[:2]:
+            assert int(rank.pop("report.baseline_bytes")) == pytest.approx(baseline, rel=0.03), recipe  # alignment
         for key, value in ranks[2].items():
             assert torch.equal(ranks[0][key], value) and torch.equal(ranks[1][key], value), (recipe, key)
     trained = torch.load(tmp_path / "fsdp2-prune-magnitude+export_rank1.pt", weights_only=True)
     plain = TinyModule(hidden=37)
-    load_compressed(plain, tmp_path / "fsdp2-prune-magnitude.lcz")
+    load_compressed(plain, exports / "fsdp2-prune-magnitude.lcz")
     for key, value in plain.state_dict().items():
         assert torch.equal(value, trained[key]), key
 
@@ -131,10 +135,12 @@ def test_onnx_and_compacted_exports_at_the_end_of_a_sharded_fit_equal_ddps(tmp_p
     jobs = ["minmax+onnx", "both+onnx", "prune-channel+export", "prune-channel+onnx"]
     _run(tmp_path, "fsdp2", jobs)
     _run(tmp_path, "ddp", jobs)
-    for name in ("minmax.onnx", "both.onnx", "prune-channel.lcz", "prune-channel.onnx"):
-        assert (tmp_path / f"fsdp2-{name}").read_bytes() == (tmp_path / f"ddp-{name}").read_bytes(), name
+    for name in ("minmax.onnx", "both.onnx", "exports/prune-channel.lcz", "prune-channel.onnx"):
+        folder, _, file = name.rpartition("/")
+        where = tmp_path / folder
+        assert (where / f"fsdp2-{file}").read_bytes() == (where / f"ddp-{file}").read_bytes(), name
     compacted = TinyModule(hidden=37)
-    load_compressed(compacted, tmp_path / "fsdp2-prune-channel.lcz")  # the hidden layers lost 18 of 37 neurons
+    load_compressed(compacted, tmp_path / "exports" / "fsdp2-prune-channel.lcz")  # hidden layers: 18 of 37 neurons gone
     assert [compacted.net[i].out_features for i in (0, 2)] == [19, 19]
     x = torch.randn(5, 16)
     session = ort.InferenceSession(str(tmp_path / "fsdp2-prune-channel.onnx"), providers=["CPUExecutionProvider"])

@@ -654,8 +654,9 @@ def test_an_operation_the_exporter_refuses_with_a_plain_runtime_error_is_named(t
 def test_a_model_whose_forward_is_compiled_exports_as_its_own_forward(tmp_path):
     """Session 23's list: `model.forward = torch.compile(model.forward)` (what Lightning does to a compiled
     LightningModule) failed to export ("FX to torch.jit.trace a dynamo-optimized function") with a hint to replace
-    an operation. It is traced with its own forward, and the compiled one is put back; `module.compile()`, which
-    the tracer cannot leave, is refused with what to do."""
+    an operation. It is traced with its own forward, and the compiled one is put back; so is a model compiled in place
+    (`module.compile()`, trial BT: refused after a whole fit); a compiled function the forward calls is refused with
+    what to do."""
     ort = pytest.importorskip("onnxruntime")
     model = compressed_net(0.5, config=QuantConfig(8, 8)).eval()
     compiled = torch.compile(model.forward, backend="eager")
@@ -665,10 +666,85 @@ def test_a_model_whose_forward_is_compiled_exports_as_its_own_forward(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: inputs().numpy()})[0]
     assert np.abs(got - model(inputs()).detach().numpy()).max() < 0.05
-    plain = nn.Sequential(nn.Linear(8, 4))
+    plain = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    plain[0].compile(backend="eager")
     plain.compile(backend="eager")
+    x = torch.randn(2, 8)
+    export_onnx(plain, tmp_path / "p.onnx", x)
+    session = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input_0": x.numpy()})[0], plain(x).detach().numpy(), atol=1e-5)
+    double = torch.compile(lambda t: t * 2, backend="eager")
+
+    class CallsCompiled(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return double(t)
+
     with pytest.raises(ValueError, match=r"runs code compiled by `torch.compile` .* Export the model before compiling"):
-        export_onnx(plain, tmp_path / "p.onnx", torch.randn(2, 8))
+        export_onnx(CallsCompiled(), tmp_path / "c.onnx", x)
+
+
+class DictBatch(nn.Module):
+    """`forward(batch)` with a dict of two images: a residual conv on one, scaled by the other's mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (self.conv(batch["image"]) + batch["image"]).mean((2, 3)) * batch["gain"].mean((1, 2, 3))[:, None]
+
+
+class KeywordConv(DictBatch):
+    """`DictBatch` taking its two images as keyword arguments."""
+
+    def forward(self, *, image: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward({"image": image, "gain": gain})
+
+
+def test_calibration_batches_are_matched_to_the_graph_inputs_by_name_and_checked(tmp_path):
+    """Trial BT: a `forward(batch: dict)` model's calibration dicts were fed by key order (reordered keys swapped the
+    inputs: 0.198 off instead of 0.011, in silence) and an extra key failed; a missing keyword input was a raw
+    KeyError, a numpy batch named `example_inputs`, junk passed where no convolution needed it; a ReLU6 after a
+    convolution (ONNX `Clip`, fused by onnxruntime) was warned about; `input_names` with a dict example: KeyError."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = DictBatch()
+    batches = [{"image": torch.randn(4, 3, 8, 8), "gain": torch.rand(4, 1, 8, 8) + 1} for _ in range(3)]
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [(b,) for b in batches])
+    enable_fake_quant(model)
+    model.eval()
+    example = (batches[0],)
+    reordered = [({"label": torch.zeros(4), "gain": b["gain"], "image": b["image"]},) for b in batches]
+    export_onnx(model, tmp_path / "same.onnx", example, calibration=[(b,) for b in batches])
+    export_onnx(model, tmp_path / "reordered.onnx", example, calibration=reordered)
+    for name in ("same", "reordered"):
+        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {k: v.numpy() for k, v in batches[1].items()})[0]
+        assert np.abs(got - model(batches[1]).detach().numpy()).max() < 0.05
+    with pytest.raises(ValueError, match=r"`calibration` holds \['ndarray'\]: each batch must be like"):
+        export_onnx(model, tmp_path / "bad.onnx", example, calibration=[batches[0]["image"].numpy()])
+    with pytest.raises(ValueError, match=r"`calibration` holds \['int', 'int'\]"):
+        export_onnx(nn.Linear(4, 2), tmp_path / "bad.onnx", torch.randn(2, 4), calibration=[1, 2])
+    keyword = KeywordConv()
+    convert_to_qat(keyword, QuantConfig(8, 8))
+    calibrate(keyword, batches)
+    enable_fake_quant(keyword)
+    keyword.eval()
+    with pytest.raises(ValueError, match=r"`calibration` batch 0 lacks the keyword input\(s\) \['gain'\]"):
+        export_onnx(keyword, tmp_path / "bad.onnx", batches[0], calibration=[{"image": batches[0]["image"]}])
+    export_onnx(keyword, tmp_path / "named.onnx", batches[0], input_names=["a", "b"], calibration=batches)
+    assert [i.name for i in ort.InferenceSession(str(tmp_path / "named.onnx")).get_inputs()] == ["a", "b"]
+    relu6 = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 3), nn.ReLU6(), nn.Flatten(), nn.Linear(32, 2)
+    )
+    images = torch.randn(4, 3, 6, 6)
+    convert_to_qat(relu6, QuantConfig(8, 8))
+    calibrate(relu6, [images])
+    enable_fake_quant(relu6)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*quantized convolution")
+        export_onnx(relu6.eval(), tmp_path / "relu6.onnx", images)
 
 
 def test_calibration_quantizes_the_convolution_outputs_no_quantized_layer_reads(tmp_path):
