@@ -181,8 +181,11 @@ class ValidationInputs:
         ``validation_step``, which took half the budget)."""
         if len(self.batches) >= self.limit or (args and kwargs):
             return
-        inputs = kwargs if kwargs else (args[0] if len(args) == 1 else args)
-        if _signature(inputs) != self._wanted:
+        # the forms Lightning calls `forward` with `example_input_array` in: `(**dict)`, `(*tuple)` or `(tensor)`;
+        # `self(x=x)` for a one-tensor example too (trial BV: a tuple example, or a keyword call, recorded nothing)
+        forms: list[Any] = [kwargs, *kwargs.values()][: 1 + (len(kwargs) == 1)] if kwargs else [args, *args[:1]]
+        inputs = next((form for form in forms if _signature(form) == self._wanted), None)
+        if inputs is None:
             return
         self.batches.append(
             apply_to_collection(

@@ -409,7 +409,8 @@ def _export_onnx(
     gather_quantized_rows(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
     share_transposed_initializers(proto, numpy_helper)
-    _quantize_float_conv_outputs(proto, numpy_helper, calibration, keys if keyword else None)
+    order = keys if keyword else [name for name, _ in _leaves(args, "input")]  # the graph's inputs, as the example's
+    _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, keyword)
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -417,11 +418,11 @@ def _export_onnx(
 
 
 def _quantize_float_conv_outputs(
-    proto: Any, numpy_helper: Any, calibration: Iterable[Any] | None, keys: list[str] | None
+    proto: Any, numpy_helper: Any, calibration: Iterable[Any] | None, order: list[str], keyword: bool
 ) -> None:
     """Give the convolutions with float outputs a quantized output, from ranges measured on ``calibration``
-    (:mod:`.onnx_calibration`); without batches, say how many run in float. ``keys``: the keyword inputs' names,
-    in the graph's order (``None``: positional inputs)."""
+    (:mod:`.onnx_calibration`); without batches, say how many run in float. ``order``: the example's keyword
+    inputs (``keyword``), or the names of its tensors (dict keys, else positions), in the graph's order."""
     convs = float_output_convs(proto, numpy_helper)
     if not convs:
         return
@@ -438,7 +439,7 @@ def _quantize_float_conv_outputs(
         )
         return
     names = [i.name for i in proto.graph.input]
-    feeds = [_feed(number, batch, names, keys) for number, batch in enumerate(calibration)]
+    feeds = [_feed(number, batch, names, order, keyword) for number, batch in enumerate(calibration)]
     if not feeds:
         raise ValueError("`calibration` holds no batch: pass at least one, or None.")
     try:
@@ -454,25 +455,26 @@ def _holds_dict(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(_holds_dict(item) for item in value)
 
 
-def _feed(number: int, batch: Any, names: list[str], keys: list[str] | None) -> dict[str, Any]:
+def _feed(number: int, batch: Any, names: list[str], order: list[str], keyword: bool) -> dict[str, Any]:
     """Calibration batch ``number`` as onnxruntime's feed for the graph inputs ``names``: keyword inputs by their
-    keys (``keys``), the tensors of a nested input by their names where they name every graph input (a dict's keys,
-    in any order, other keys left out: a trial's reordered keys were fed to the wrong inputs), else in order."""
+    keys, the tensors of a nested input by the names of the example's (``order``: a dict's keys, in any order, other
+    keys left out; trial BT: reordered keys were fed to the wrong inputs, trial BV: with `input_names` too), else in
+    order."""
     like = "each batch must be like `example_inputs`"
-    if keys is not None:
-        missing = [k for k in keys if not isinstance(batch, Mapping) or k not in batch]
+    if keyword:
+        missing = [k for k in order if not isinstance(batch, Mapping) or k not in batch]
         if missing:
             raise ValueError(f"`calibration` batch {number} lacks the keyword input(s) {missing}: {like}.")
-        tensors = [batch[k] for k in keys]
+        tensors = [batch[k] for k in order]
     else:
         try:
             leaves = _leaves(_as_args(batch), "input")
         except TypeError as err:  # not a tensor, tuple or dict
             raise ValueError(f"`calibration` batch {number} is a {type(batch).__name__}: {like}.") from err
         named = dict(leaves)
-        keyed = _holds_dict(batch)  # leaves named by dict keys, not by position
-        if keyed and len(named) == len(leaves) and all(name in named for name in names):
-            tensors = [named[name] for name in names]
+        unique = len(named) == len(leaves) and len(set(order)) == len(order)
+        if _holds_dict(batch) and unique and all(name in named for name in order):  # named by dict keys
+            tensors = [named[name] for name in order]
         else:
             tensors = [t for _, t in leaves]
     if len(tensors) != len(names) or not all(isinstance(t, Tensor) for t in tensors):

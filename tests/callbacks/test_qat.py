@@ -644,7 +644,7 @@ def test_export_at_fit_end_without_changing_the_model(tmp_path):
 class ResidualModule(pl.LightningModule):
     """`Residual` (two convolutions whose outputs no quantized layer reads first) on blobs shaped as images."""
 
-    def __init__(self, calls_forward: bool = True, val_size: int = 8) -> None:
+    def __init__(self, calls_forward: bool | str = True, val_size: int = 8) -> None:
         super().__init__()
         self.net = Residual()
         self.calls_forward = calls_forward
@@ -660,7 +660,9 @@ class ResidualModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x) if self.calls_forward else self.net(x), y))
+        keyword, direct = self.calls_forward == "keyword", bool(self.calls_forward)
+        out = self(x=x) if keyword else self(x) if direct else self.net(x)
+        self.log("val_loss", nn.functional.cross_entropy(out, y))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
@@ -1288,4 +1290,20 @@ def test_an_onnx_export_path_under_ddp_records_only_the_inputs_forward_receives(
     qat._validation_inputs.take = take  # type: ignore[method-assign]
     trainer(max_epochs=2, callbacks=[qat], strategy="ddp").fit(model)
     assert len(recorded) == 6 and all(isinstance(b, torch.Tensor) and b.shape[1:] == (3, 8, 8) for b in recorded)
+    assert ort_kernels(tmp_path / "m.onnx").get("QLinearConv") == 3
+
+
+@pytest.mark.parametrize(("example", "call"), [("tuple", True), ("tensor", "keyword")])
+def test_an_onnx_export_path_records_the_forms_lightning_calls_forward_in(tmp_path, example, call):
+    """Trial BV: a tuple `example_input_array` (Lightning's positional form) with `self(x)`, or `self(x=x)` with a
+    tensor example, recorded nothing, and the warning said no input was like the example."""
+    pytest.importorskip("onnxruntime")
+    pl.seed_everything(0, verbose=False)
+    model = ResidualModule(calls_forward=call)
+    if example == "tuple":
+        model.example_input_array = (torch.zeros(2, 3, 8, 8),)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=tmp_path / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*quantized convolution")
+        trainer(max_epochs=2, callbacks=[qat]).fit(model)
     assert ort_kernels(tmp_path / "m.onnx").get("QLinearConv") == 3

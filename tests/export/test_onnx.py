@@ -718,10 +718,14 @@ def test_calibration_batches_are_matched_to_the_graph_inputs_by_name_and_checked
     reordered = [({"label": torch.zeros(4), "gain": b["gain"], "image": b["image"]},) for b in batches]
     export_onnx(model, tmp_path / "same.onnx", example, calibration=[(b,) for b in batches])
     export_onnx(model, tmp_path / "reordered.onnx", example, calibration=reordered)
-    for name in ("same", "reordered"):
+    # trial BV: with `input_names` the reordered keys went to each other's inputs, in silence
+    export_onnx(model, tmp_path / "named.onnx", example, input_names=["p", "q"], calibration=reordered)
+    for name in ("same", "reordered", "named"):
         session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-        got = session.run(None, {k: v.numpy() for k, v in batches[1].items()})[0]
-        assert np.abs(got - model(batches[1]).detach().numpy()).max() < 0.05
+        inputs = [i.name for i in session.get_inputs()]
+        feeds = dict(zip(inputs, [batches[1]["image"], batches[1]["gain"]], strict=True))
+        got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+        assert np.abs(got - model(batches[1]).detach().numpy()).max() < 0.05, name
     with pytest.raises(ValueError, match=r"`calibration` holds \['ndarray'\]: each batch must be like"):
         export_onnx(model, tmp_path / "bad.onnx", example, calibration=[batches[0]["image"].numpy()])
     with pytest.raises(ValueError, match=r"`calibration` holds \['int', 'int'\]"):
