@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -1288,7 +1289,14 @@ def test_an_onnx_export_path_under_ddp_records_only_the_inputs_forward_receives(
         return list(recorded)
 
     qat._validation_inputs.take = take  # type: ignore[method-assign]
-    trainer(max_epochs=2, callbacks=[qat], strategy="ddp").fit(model)
+    environment = dict(os.environ)
+    try:
+        trainer(max_epochs=2, callbacks=[qat], strategy="ddp").fit(model)
+    finally:  # the group's store holds MASTER_PORT, which Lightning left in the environment: a later subprocess's
+        if torch.distributed.is_initialized():  # group failed with EADDRINUSE (a CI run)
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
     assert len(recorded) == 6 and all(isinstance(b, torch.Tensor) and b.shape[1:] == (3, 8, 8) for b in recorded)
     assert ort_kernels(tmp_path / "m.onnx").get("QLinearConv") == 3
 
