@@ -252,9 +252,7 @@ def _signature(value: Any) -> Any:
 def _export_onnx(model: nn.Module, path: Path, example: Any, calibration: list[Any] | None) -> CompressionReport:
     """``export_onnx`` with the recorded inputs as ``calibration``; inputs it cannot run cost the measurement, not
     the file (written without it, with a warning)."""
-    if calibration is not None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        calibration = [move_data_to_device(batch, device) for batch in calibration]
+    if calibration is not None:  # on the CPU, where onnxruntime reads them
         try:
             return export_onnx(model, path, example, calibration=calibration)
         except ValueError as err:
@@ -277,6 +275,6 @@ def _export(
     if compact_first:
         rank_zero_info(f"Compacted the exported copy:\n{compact(model, example)}")
     onnx = _is_onnx(path)
-    report = _export_onnx(model, path, example, calibration or None) if onnx else save_compressed(model, path)
+    report = _export_onnx(model, path, example, calibration) if onnx else save_compressed(model, path)
     rank_zero_info(f"Exported the compressed model:\n{report}")
     return report

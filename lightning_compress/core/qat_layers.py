@@ -450,7 +450,7 @@ def settings_differ(layer: nn.Module, config: QuantConfig) -> list[str]:
     quantizer = cast(Any, layer).weight_fake_quant
     weight = cast(Any, layer).weight
     _, in_axis = weight_axes(layer)
-    groups = group_count(weight, in_axis, config.group_size) or 0 if config.group_size is not None else 0
+    groups = (group_count(weight, in_axis, config.group_size) or 0) if config.group_size is not None else 0
     inputs = getattr(layer, "input_fake_quant", None)
     inputs = inputs if isinstance(inputs, FakeQuantizer) else None
     had = {

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .onnx_passes import GraphIndex
+
 __all__ = ["float_output_convs", "measure_ranges", "quantize_conv_outputs"]
 
 # activations onnxruntime fuses between a QDQ convolution and the QuantizeLinear after it (ReLU, and ReLU6 /
@@ -25,8 +27,6 @@ def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
     """The outputs of ``Conv`` nodes that read a dequantized activation and dequantized int8 weights, and whose
     output no ``QuantizeLinear`` reads (directly or through a ``Relu`` or ``Clip``): the convolutions onnxruntime
     runs in float."""
-    from .onnx_passes import GraphIndex
-
     index = GraphIndex(proto.graph, numpy_helper)
     producer, consumers, constants = index.producer, index.consumers, index.constants
 
@@ -79,8 +79,6 @@ def quantize_conv_outputs(proto: Any, numpy_helper: Any, ranges: Mapping[str, tu
     hold 0, as ``quantize_static`` does), read by every node that read the tensor."""
     import numpy as np
     from onnx import helper
-
-    from .onnx_passes import GraphIndex
 
     graph = proto.graph
     index = GraphIndex(graph, numpy_helper)
