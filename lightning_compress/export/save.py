@@ -59,6 +59,8 @@ def _planes(t: Tensor) -> bytes:
     (format 4; about 7-10% off the floating-point data of small models: BatchNorm, biases, scales).
     """
     flat = t.detach().contiguous().cpu().reshape(-1)
+    if flat.is_floating_point():  # -0.0 + 0.0 is +0.0: a zero is stored alike however a mask made it (FSDP2, DDP)
+        flat = flat + 0
     return flat.view(torch.uint8).reshape(-1, flat.element_size()).t().contiguous().numpy().tobytes()
 
 

@@ -768,3 +768,18 @@ def test_a_compacted_norm_without_a_weight_loads_into_a_fresh_instance(tmp_path,
     load_compressed(fresh, tmp_path / "m.lcz", example_inputs=x)
     assert fresh.norm.running_var.shape == (4,) and fresh.norm.num_features == 4
     torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
+def test_a_zero_is_stored_alike_whatever_its_sign(tmp_path):
+    # a mask's multiply leaves -0.0 where a weight was negative; FSDP2 and DDP runs made files differing in those bits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].bias.copy_(torch.tensor([0.0, -1.0, 2.0]))
+    save_compressed(model, tmp_path / "plus.lcz")
+    with torch.no_grad():
+        model[1].bias[0] = -0.0
+    save_compressed(model, tmp_path / "minus.lcz")
+    assert (tmp_path / "plus.lcz").read_bytes() == (tmp_path / "minus.lcz").read_bytes()
+    load_compressed(fresh := nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), tmp_path / "minus.lcz")
+    assert torch.equal(fresh[1].bias, model[1].bias)
