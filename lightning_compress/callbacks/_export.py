@@ -127,8 +127,9 @@ def export_at_fit_end(
     ``calibration``: batches of inputs an ONNX export measures float convolution outputs on (``None`` or empty:
     not measured).
 
-    Every process waits for rank zero, so the file exists on return from ``fit`` in all of them; an export that
-    fails on rank zero raises there and, instead of leaving the others waiting, in every other process too.
+    Every process waits for rank zero, so the file exists on return from ``fit`` in all of them, and gets its
+    report; an export that fails on rank zero raises there and, instead of leaving the others waiting, in every
+    other process too.
     """
     error: Exception | None = None
     report = None
@@ -140,6 +141,8 @@ def export_at_fit_end(
         raise RuntimeError(f"Writing `export_path`={str(path)!r} failed in another process: see its error.")
     if error is not None:
         raise error
+    if trainer.world_size > 1:  # every process returns rank zero's report (trial BU: `None` on the others)
+        report = trainer.strategy.broadcast(report, src=0)
     return report
 
 

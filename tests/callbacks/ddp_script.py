@@ -93,6 +93,7 @@ def main(out_dir: str, importances: list[str]) -> None:
                 "decisions": [d.action for d in pruning.decisions] if pruning else [],
                 "monitor": [monitor.summary["baseline"], monitor.summary["final"]] if monitor else [],
                 "exported": os.path.exists(f"{out_dir}/export.lcz"),
+                "report": pruning.export_report.file_bytes if pruning and pruning.export_report else None,
                 "weights": {k: v.clone() for k, v in model.state_dict().items()},
             },
             f"{out_dir}/{name}_rank{rank}.pt",

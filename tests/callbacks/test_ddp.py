@@ -54,6 +54,8 @@ def test_masks_identical_on_every_rank(tmp_path):
             assert r0["monitor"] == r1["monitor"] and r0["monitor"][0] == 1.0 > r0["monitor"][1]  # both: the mean
         if name == "export":
             assert r0["exported"] and r1["exported"]  # rank 1 waits for rank 0's file
+            # every process gets rank zero's report (trial BU: None on rank 1)
+            assert r0["report"] == r1["report"] == (tmp_path / "export.lcz").stat().st_size
         assert bool(r0["masks"]) == (not name.startswith("qat-"))
         if "qat" in name:  # observer ranges, scales and zero points too
             assert any(k.endswith("input_fake_quant.min_val") for k in r0["weights"])
