@@ -68,15 +68,17 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
 
 
 class _Keywords(nn.Module):
-    """Calls ``model(**{name: tensor})`` from positional tensors: the tracer passes inputs positionally."""
+    """Calls ``model(**{name: tensor}, **constants)`` from positional tensors: the tracer passes inputs positionally;
+    ``constants`` (flags, ints, ``None``) are fixed in the graph."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[str], constants: dict[str, Any]) -> None:
         super().__init__()
         self.model = model
         self.names = names
+        self.constants = constants
 
     def forward(self, *tensors: Tensor) -> Any:
-        return self.model(**dict(zip(self.names, tensors, strict=True)))
+        return self.model(**dict(zip(self.names, tensors, strict=True)), **self.constants)
 
 
 class _Structured(nn.Module):
@@ -220,8 +222,9 @@ def export_onnx(
             ``QuantizationAwareTraining``); float layers are exported as they are.
         path: the ``.onnx`` file to write.
         example_inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors; the
-            first dimension of each is the batch.
-        input_names: names of the graph inputs (default ``input_0, ...`` or the dict keys).
+            first dimension of each is the batch. A dict's values that hold no tensor (``return_dict=False``,
+            ``None``) are passed to every call as they are, constants of the graph.
+        input_names: names of the graph inputs (default ``input_0, ...`` or the keys of a dict's tensors).
         output_names: names of the graph outputs (default ``output_0, ...``), one per tensor of what ``forward``
             returns, tuples, lists and dicts flattened in order.
         opset: ONNX opset (13 or newer for per-channel quantization).
@@ -316,8 +319,8 @@ def _export_onnx(
     from onnx import numpy_helper
 
     args = _as_args(example_inputs)
-    if isinstance(example_inputs, Mapping):
-        names = list(input_names or example_inputs.keys())
+    if isinstance(example_inputs, Mapping):  # values holding no tensor (`return_dict=False`) are graph constants
+        names = list(input_names or [k for k, v in example_inputs.items() if _leaves(v, "")])
     else:
         names = list(input_names or [f"input_{i}" for i in range(len(args))])
     if accuracy_level not in (0, 1, 2, 3, 4):
@@ -339,8 +342,11 @@ def _export_onnx(
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, Mapping)
-    keys = list(example_inputs) if keyword else []  # the graph's inputs are named `input_names`, or the keys
-    traced_model: nn.Module = _Keywords(model, keys) if keyword else model
+    # the graph's inputs are named `input_names`, or the keys of the values that hold tensors (trial BV: a flag gave
+    # the tracer's message)
+    keys = [k for k, v in example_inputs.items() if _leaves(v, "")] if keyword else []
+    constants = {k: v for k, v in example_inputs.items() if k not in keys} if keyword else {}
+    traced_model: nn.Module = _Keywords(model, keys, constants) if keyword else model
     traced_args = tuple(example_inputs[k] for k in keys) if keyword else args
     if not keyword and not all(isinstance(a, Tensor) for a in args):  # e.g. forward(batch: dict)
         leaves = _leaves(args, "input")

@@ -84,6 +84,28 @@ def test_keyword_inputs(tmp_path):
     assert np.allclose(got, want, atol=0.1)
 
 
+class FlaggedModel(KeywordModel):
+    def forward(self, *, left, right, return_dict=True, scale=None):
+        out = super().forward(left=left, right=right) * (1.0 if scale is None else scale)
+        return {"logits": out} if return_dict else (out,)
+
+
+def test_keyword_inputs_that_hold_no_tensor_are_constants_of_the_graph(tmp_path):
+    # trial BV: `return_dict=False` in the example got the tracer's message
+    model = FlaggedModel()
+    feeds = {"left": torch.randn(5, 6), "return_dict": False, "right": torch.randn(5, 3), "scale": 2.0}
+    export_onnx(model, tmp_path / "k.onnx", feeds, calibration=[feeds])
+    graph = onnx.load(str(tmp_path / "k.onnx")).graph
+    assert [i.name for i in graph.input] == ["left", "right"] and [o.name for o in graph.output] == ["output_0"]
+    got = run(tmp_path / "k.onnx", {"left": feeds["left"].numpy(), "right": feeds["right"].numpy()})
+    with torch.no_grad():
+        assert np.allclose(got, model(**feeds)[0].numpy(), atol=1e-5)
+    export_onnx(model, tmp_path / "n.onnx", feeds, input_names=["x", "y"])
+    assert [i.name for i in onnx.load(str(tmp_path / "n.onnx")).graph.input] == ["x", "y"]
+    with pytest.raises(ValueError, match=r"`input_names` names 3 inputs"):
+        export_onnx(model, tmp_path / "m.onnx", feeds, input_names=["x", "y", "z"])
+
+
 def test_training_mode_and_grads_are_restored(tmp_path):
     model = compressed_net(0.5)
     model.train()
