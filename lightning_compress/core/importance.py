@@ -434,7 +434,14 @@ def resolve_importance(spec: object, seed: int = 0) -> Importance:
     :class:`Importance`. ``"auto"`` needs the model to be decided (:func:`auto_importance`); here it is magnitude."""
     if isinstance(spec, str):
         if spec not in IMPORTANCES:
-            raise ValueError(f"`importance`={spec!r} is not one of {sorted(IMPORTANCES)} or an Importance object.")
+            # a dotted path: how a LightningCLI user names a class (trial BV: jsonargparse's message did not say)
+            cli = (
+                " A custom Importance on the LightningCLI is given by its class: "
+                f"`--trainer.callbacks.importance.class_path={spec}` (YAML: `importance: {{class_path: {spec}}}`)."
+                if "." in spec.strip(".")
+                else ""
+            )
+            raise ValueError(f"`importance`={spec!r} is not one of {sorted(IMPORTANCES)} or an Importance object.{cli}")
         return RandomImportance(seed) if spec == "random" else IMPORTANCES[spec]()
     if isinstance(spec, Importance):
         return spec
