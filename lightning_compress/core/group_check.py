@@ -97,6 +97,13 @@ def _removable(
                     trial_shapes = _shapes(call_model(copy, inputs))
             except Exception as err:  # any failure: these channels cannot go; what failed is part of the reason
                 first = (str(err).strip().splitlines() or [""])[0][:160]
+                if all(groups[i].attention is not None for i in subset):  # trial BI: the shape error alone
+                    return (
+                        "its heads are left whole: the forward without half of them fails "
+                        f"({type(err).__name__}: {first}), so the model uses the head count outside this attention "
+                        "module too (e.g. BLOOM's ALiBi position bias, built with one slope per head for every layer), "
+                        "which head removal does not change"
+                    )
                 return (
                     "its channels also feed an operation the dependency graph does not see (the forward without half "
                     f"of them fails: {type(err).__name__}: {first})"

@@ -22,6 +22,8 @@ from lightning_compress import (
     save_compressed,
 )
 from lightning_compress.core.heads import find_attention
+from lightning_compress.core.rules import channel_structure
+from lightning_compress.core.selection import select_targets
 from lightning_compress.core.shrink import set_head_record
 from lightning_compress.core.structure import build_channel_groups
 
@@ -483,6 +485,25 @@ def test_heads_with_a_norm_of_their_own_per_head_are_left_whole_with_the_reason(
     )
     _within_a_minute(lambda: prune_(model, 0.5, granularity="channel", example_inputs=inputs))
     assert not bool((model.model.layers[0].self_attn.q_proj.weight == 0).all(1).any())  # heads whole
+
+
+def test_bloom_heads_are_left_whole_with_the_reason_and_its_mlp_neurons_pruned():
+    """BLOOM builds its ALiBi position bias once, one slope per head of the config's count: without half of a
+    layer's heads the forward fails. The reason said only the shape error (trial BI)."""
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    model = transformers.BloomForCausalLM(config).eval()
+    inputs = {"input_ids": _ids()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied head left out
+        masks = prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    assert not any("self_attention" in name for name in masks)
+    assert any("dense_h_to_4h" in name for name in masks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        structure = channel_structure(model, select_targets(model), inputs)
+    why = structure.left["transformer.h.0.self_attention"]
+    assert why.startswith("its heads are left whole: the forward without half of them fails (RuntimeError")
+    assert "uses the head count outside this attention module too (e.g. BLOOM's ALiBi" in why
 
 
 def test_distilbert_keeps_a_true_head_count_after_compaction(tmp_path):
