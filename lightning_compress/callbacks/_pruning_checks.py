@@ -162,3 +162,43 @@ def warn_if_quant_groups_hold_channels(rule: MaskRule, pl_module: pl.LightningMo
             "pruned channels' cost (and of a `measure='macs'` budget) stays. Keep these layers out of the "
             "grouped QAT callback (`exclude`) to make channel pruning buy speed there."
         )
+
+
+def check_resumed_clock(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    steps: int,
+    in_steps: bool,
+    offset: int,
+    saved_in_steps: bool,
+) -> None:
+    """Refuse a resumed pruning state whose clock (``steps``: optimizer steps, batches under manual optimization,
+    or epochs) is ahead of the fit it resumes: its schedule would read as further along than the fit and skip its
+    events, or as finished (trial BH: a state at step 10^30 was accepted). A state written by this run is never
+    ahead: the clock advances at the ends of batches and epochs, before ``ModelCheckpoint`` saves.
+    ``saved_in_steps``: the state was saved by a fit pruning in optimizer steps."""
+    if trainer.ckpt_path is None:
+        return
+    if not in_steps:
+        now, unit = trainer.current_epoch + 1, "epoch"  # a checkpoint saved at an epoch's end counts it
+    elif pl_module.automatic_optimization:
+        now, unit = trainer.global_step + offset, "optimizer step"
+    else:
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int):
+            return
+        now, unit = (trainer.current_epoch + 1) * batches, "batch"
+    if steps <= now:
+        return
+    if saved_in_steps and not in_steps:
+        raise ValueError(
+            f"IterativePruning: the checkpoint's pruning state counts optimizer steps (step {steps}: its fit pruned "
+            f"in steps), this fit prunes per epoch (epoch {now} at most): its schedule would read {steps} epochs as "
+            "done. Resume with the cadence it was saved with (`every_n_epochs`, `every_n_steps`, `monitor` and "
+            "`granularity` decide it)."
+        )
+    raise ValueError(
+        f"IterativePruning: the checkpoint's pruning state is at {unit} {steps}, ahead of the fit it resumes "
+        f"({unit} {now} at most): it is not the state this run saved (its schedule would read as further along "
+        "and skip events). Resume from a checkpoint of this run."
+    )

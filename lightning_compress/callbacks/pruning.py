@@ -49,6 +49,7 @@ from ._pruning_checks import (
     check_fit,
     check_frozen,
     check_no_overlap,
+    check_resumed_clock,
     key_of_same_selection,
     saved_steps_per_epoch,
     warn_if_quant_groups_hold_channels,
@@ -478,7 +479,9 @@ class IterativePruning(Callback):
         resumed, self._resumed_validation = self._resumed_validation, None
         if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
             self._metrics.resume(trainer, resumed, core)
+        saved_in_steps = bool(self._resumed_steps_per_epoch)
         self._place_resumed_clock(trainer)
+        check_resumed_clock(trainer, pl_module, core.steps, self._in_steps, self._clock_offset, saved_in_steps)
         if not self._in_steps and not self._guarded_epochs and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
             # without that epoch's end (where its event runs) or the next one's start. The event runs now (a

@@ -142,6 +142,45 @@ def test_resume_mid_schedule_gives_the_same_final_masks(importance, regrow, tmp_
     assert sparsity(resumed_model) == sparsity(full_model)
 
 
+@pytest.mark.parametrize(
+    ("saved", "resumed", "forged", "match"),
+    [
+        ({}, {}, 10**30, r"at optimizer step 10{30}, ahead of the fit it resumes \(optimizer step 4 at most\)"),
+        ({"every_n_epochs": 1}, {"every_n_epochs": 1}, 10**30, r"at epoch 10{30}, ahead .*\(epoch 3 at most\)"),
+        (
+            {},
+            {"every_n_epochs": 1},
+            None,
+            r"counts optimizer steps \(step 4: its fit pruned in steps\), this fit prunes per epoch \(epoch 3 at most",
+        ),
+    ],
+    ids=["steps-forged", "epochs-forged", "steps-resumed-per-epoch"],
+)
+def test_a_resumed_pruning_clock_ahead_of_the_fit_is_refused_before_training(saved, resumed, forged, match, tmp_path):
+    """Trial BH: a checkpoint's pruning state at step 10^30 was accepted, its schedule read as finished; a state
+    whose clock counts optimizer steps resumed per epoch read as 4 epochs done out of 3."""
+
+    def run(cadence, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule(n=64)  # 2 optimizer steps per epoch
+        pruning = IterativePruning(0.8, start_epoch=0, end_epoch=4, **cadence)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+        trainer(max_epochs=5, callbacks=[pruning, checkpoint], enable_checkpointing=True).fit(
+            model, ckpt_path=ckpt_path
+        )
+        return model
+
+    run(saved)
+    path = tmp_path / "epoch=1.ckpt"
+    if forged is not None:
+        checkpoint = torch.load(path, weights_only=False)
+        (key,) = [k for k in checkpoint["callbacks"] if k.startswith("IterativePruning")]
+        checkpoint["callbacks"][key]["steps"] = forged
+        torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=match):
+        run(resumed, ckpt_path=path)
+
+
 @pytest.mark.parametrize("cadence", [{}, {"every_n_steps": 4}], ids=["epochs", "steps"])
 def test_a_guarded_fit_resumes_exactly_with_a_sanity_check(cadence, tmp_path):
     """Regression: on `fit(ckpt_path=...)` the two-batch sanity check judged the event the checkpoint held (saved at
