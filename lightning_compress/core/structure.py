@@ -209,13 +209,29 @@ def build_channel_groups(
         group, reason = _convert(graph, raw_group, names, producers, tied, parameters)
         if group is None:
             skipped[root] = reason
+            width = _outputs(modules.get(root))
             for other in _out_modules(graph, raw_group, names) - {root}:  # layers whose outputs are these channels
-                skipped.setdefault(other, f"its channels are {root}'s: {reason}")
+                if _outputs(modules[other]) == width:
+                    skipped.setdefault(other, f"its channels are {root}'s: {reason}")
+                else:  # trial AZ: an MLP-Mixer's token projection was said to have the embedding's channels
+                    skipped.setdefault(
+                        other,
+                        f"the dependency graph joins its {_outputs(modules[other])} outputs to {root}'s {width} "
+                        "channels through an operation that moves axes (a transpose or reshape, as an MLP-Mixer's "
+                        "token mixing), so its outputs have no channel group",
+                    )
         else:
             groups.append(group)
     if graph is not None:
         _say_what_is_unseen(graph, names, groups, skipped, roots, producers, set(feeding))
     return groups, skipped
+
+
+def _outputs(module: nn.Module | None) -> int | None:
+    """A Linear's or convolution's output channels (``None`` for anything else)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.out_channels if isinstance(module, _CONV) else None
 
 
 def _out_modules(graph: Any, raw_group: TracedGroup, names: dict[nn.Module, str]) -> set[str]:

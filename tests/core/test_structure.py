@@ -782,3 +782,29 @@ def test_a_layer_consumed_through_f_linear_is_said_to_be():
     _, skipped = build_channel_groups(ThroughFunctionalLinear().eval(), torch.randn(2, 8))
     assert skipped["l2"].startswith("no traced layer consumes its channels")
     assert "F.linear" in skipped["l2"]
+
+
+class TokenMixer(nn.Module):
+    """An MLP-Mixer block: the token projection's outputs run along the token axis, added back transposed."""
+
+    def __init__(self, tokens: int = 6, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.t1 = nn.Linear(tokens, 12)
+        self.t2 = nn.Linear(12, tokens)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (batch, tokens, 3)
+        x = self.embed(x)
+        x = x + self.t2(F.gelu(self.t1(x.transpose(1, 2)))).transpose(1, 2)
+        return self.head(self.norm(x).mean(1))
+
+
+def test_a_layer_joined_to_a_group_through_a_transpose_is_not_said_to_have_its_channels():
+    """Trial AZ: the token projection (6 outputs) was reported as having the embedding's 8 channels."""
+    model = TokenMixer()
+    groups, left = build_channel_groups(model, torch.randn(2, 6, 3))
+    assert "t1" in [g.name for g in groups]
+    assert left["t2"].startswith("the dependency graph joins its 6 outputs to ")
+    assert "'s 8 channels through an operation that moves axes" in left["t2"]
