@@ -6,10 +6,11 @@ projection three times as wide as the model, GPT-2 as ``[Q | K | V]`` and GPTBig
 :func:`~.compact.compact` then cannot remove. So every candidate reading is checked with three probes
 of one forward each, scaling a head's rows (and biases) by two, which is exact in floating point:
 
-* the value rows of key/value head 0 must double exactly the output projection's input columns of its
-  query group, and leave every other column as it was;
-* the query rows of query head 0, and the key rows of key/value head 0, must leave every column
-  outside that head (that group) as it was.
+* the value rows of the first key/value head that holds nonzero value rows (a pruned head proves nothing)
+  must double exactly the output projection's input columns of its query group, visibly, and leave every
+  other column as it was;
+* the query rows of its first query head, and its key rows, must leave every column outside that head
+  (that group) as it was.
 
 The attention module is called alone on the inputs it received in one plain forward (the model as a
 whole when that fails), unprobed once for the reference, with the weights restored after each probe.
@@ -142,8 +143,19 @@ def _confirms(
         return False
     base = baseline.reshape(-1, width).float()
     tolerance = 1e-3 * float(base.abs().max()) + 1e-12
-    group_columns = slice(0, r * d)
-    for part, head, inside in (("value", 0, group_columns), ("query", 0, slice(0, d)), ("key", 0, group_columns)):
+    # the first key/value head whose value rows hold weights under this reading: doubling zero rows proves nothing
+    # (trial BY: with a pruned head 0, Falcon's fused projection passed for [Q | K | V] and masks cut the wrong rows)
+    value = modules[block.value]
+    j = next((j for j in range(block.kv_heads) if not _zero_rows(value, block.rows("value", j))), None)
+    if j is None:
+        return False
+    group_columns = slice(j * r * d, (j + 1) * r * d)
+    q = j * r
+    for part, head, inside in (
+        ("value", j, group_columns),
+        ("query", q, slice(q * d, (q + 1) * d)),
+        ("key", j, group_columns),
+    ):
         probed = _scaled(modules[getattr(block, part)], block.rows(part, head), run)
         if probed is None or probed.shape != baseline.shape:
             return False
@@ -152,9 +164,22 @@ def _confirms(
         outside[inside] = False
         if outside.any() and float((new[:, outside] - base[:, outside]).abs().max()) > tolerance:
             return False
-        if part == "value" and float((new[:, inside] - 2 * base[:, inside]).abs().max()) > 2 * tolerance:
+        if part == "value" and (
+            float(base[:, inside].abs().max()) <= tolerance  # no visible output to double: not confirmed
+            or float((new[:, inside] - 2 * base[:, inside]).abs().max()) > 2 * tolerance
+        ):
             return False
     return True
+
+
+def _zero_rows(module: nn.Module, rows: range) -> bool:
+    """Whether ``rows`` of ``module``'s outputs (weight and bias) are all zero."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    index = torch.arange(rows.start, rows.stop, device=weight.device)
+    bias = getattr(module, "bias", None)
+    zero = not bool(weight.index_select(weight_axes(module)[0], index).any())
+    return zero and not (isinstance(bias, Tensor) and bool(bias.index_select(0, index).any()))
 
 
 def _scaled(module: nn.Module, rows: range, run: Callable[[], Tensor | None]) -> Tensor | None:

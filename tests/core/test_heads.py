@@ -506,6 +506,30 @@ def test_bloom_heads_are_left_whole_with_the_reason_and_its_mlp_neurons_pruned()
     assert "uses the head count outside this attention module too (e.g. BLOOM's ALiBi" in why
 
 
+def test_a_pruned_first_head_group_does_not_confirm_a_wrong_reading_of_a_fused_projection():
+    """Trial BY: Falcon fuses Q, K and V group by group. With key/value group 0 pruned (all zero) and a constant
+    example input, the probes of head 0 changed nothing, so the [Q | K | V] reading passed: `compact` kept the pruned
+    group and a second pruning cut the surviving group's query and key rows. The probes now take the first group
+    with weights, and the value probe must change the output visibly."""
+    config = transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.FalconForCausalLM(config).eval()
+    attention = model.transformer.h[0].self_attention
+    with torch.no_grad():
+        attention.query_key_value.weight[:32] = 0  # group 0: two query heads, its key and value rows (8 each)
+        attention.dense.weight[:, :16] = 0
+    inputs = {"input_ids": torch.zeros(1, 12, dtype=torch.long)}
+    blocks, _, _ = find_attention(model, inputs)
+    assert [b.interleaved for b in blocks] == [True]
+    expected = _logits(model, inputs)
+    report = compact(model, inputs)
+    assert report.channels["transformer.h.0.self_attention"] == (2, 1)
+    torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
+
+
 def test_distilbert_keeps_a_true_head_count_after_compaction(tmp_path):
     """compact() left DistilBERT's ``n_heads`` at 4 beside projections holding 2 heads (found by a new-user
     trial); the outputs were right, code reading the count was misled."""
