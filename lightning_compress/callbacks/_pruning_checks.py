@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..core.channels import ChannelRule
@@ -26,7 +26,7 @@ __all__ = [
     "check_no_overlap",
     "key_of_same_selection",
     "saved_steps_per_epoch",
-    "warn_if_quant_groups_hold_channels",
+    "say_quant_blocks",
 ]
 
 
@@ -146,21 +146,20 @@ def saved_steps_per_epoch(state: dict[str, Any]) -> int | None:
     return None if per_epoch is None else int(per_epoch)
 
 
-def warn_if_quant_groups_hold_channels(rule: MaskRule, pl_module: pl.LightningModule) -> None:
-    """Channels are chosen one by one, but a layer quantized in groups of input weights (QAT's ``group_size``)
-    loses an input channel in ``compact()`` only with its whole block (trial BC: a MACs budget of 50% with the
-    LLM recipe compacted to 86%, and nothing said so until ``compact()``'s report)."""
+def say_quant_blocks(rule: MaskRule, pl_module: pl.LightningModule) -> None:
+    """Say which layers quantize the pruned channels in blocks (QAT's ``group_size``): their channels go a whole
+    block at a time, so that ``compact()`` removes them (trial BC: pruned one by one, a MACs budget of 50% with the
+    LLM recipe compacted to 86%)."""
     if not isinstance(rule, ChannelRule):
         return
     grouped = grouped_consumers(pl_module, rule.groups)
     if grouped:
         names = sorted(grouped)
-        rank_zero_warn(
-            f"IterativePruning: {names[:3]}{' ...' if len(names) > 3 else ''} quantize their inputs in groups of "
-            f"{sorted(set(grouped.values()))} weights (QAT's `group_size`), while channels are pruned one by "
-            "one: `compact()` removes a pruned input channel only when its whole group is pruned, so most of the "
-            "pruned channels' cost (and of a `measure='macs'` budget) stays. Keep these layers out of the "
-            "grouped QAT callback (`exclude`) to make channel pruning buy speed there."
+        rank_zero_info(
+            f"IterativePruning: {names[:3]}{' ...' if len(names) > 3 else ''} quantize their inputs in blocks of "
+            f"{sorted(set(grouped.values()))} (QAT's `group_size`): the channels they take are pruned a whole block "
+            "at a time (an event prunes every block it cuts into, up to a block more than its share), so that "
+            "`compact()` removes them."
         )
 
 

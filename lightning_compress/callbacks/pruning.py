@@ -52,7 +52,7 @@ from ._pruning_checks import (
     check_resumed_clock,
     key_of_same_selection,
     saved_steps_per_epoch,
-    warn_if_quant_groups_hold_channels,
+    say_quant_blocks,
 )
 from ._pruning_log import log_values, sparsity_values
 from ._settings import log_settings
@@ -470,7 +470,7 @@ class IterativePruning(Callback):
         self._in_steps = plan.in_steps
         self._batches_at_start = trainer.num_training_batches
         core.apply()
-        warn_if_quant_groups_hold_channels(core.rule, pl_module)
+        say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)
         core.set_schedule(
             total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,

@@ -33,6 +33,7 @@ from .channel_cost import ChannelCost
 from .collectives import Collectives, TorchDistributed
 from .importance import Importance, MagnitudeImportance, nonfinite_error
 from .masks import floor_count
+from .quant_blocks import channel_blocks
 from .selection import Target
 from .sharding import is_sharded, row_range
 from .structure import ChannelGroup, nonzero_channels, param_slices, per_position
@@ -109,6 +110,7 @@ class ChannelRule:
                     parts.append(_Part(target, dim, s.index, s.channel))
             self._parts.append(parts)
         self.total_channels = sum(g.size for g in self.groups)
+        self._modules = modules
         self.collectives: Collectives = collectives or TorchDistributed()
         self.sharded = any(is_sharded(t.param) for t in self.targets)
         self._check(self.importance)
@@ -212,14 +214,26 @@ class ChannelRule:
 
     # ------------------------------------------------------------------ selection
     def compute(self, sparsity: float, current: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Bool masks (True = kept) for every target, with ``sparsity`` of the channels pruned."""
+        """Bool masks (True = kept) for every target, with ``sparsity`` of the channels pruned (or more: channels
+        that share a quantization block of a layer they feed, QAT's ``group_size``, go together, so a block the
+        selection cuts into goes whole; trials AW and BC: scattered over the blocks, ``compact`` removed none)."""
         alive = self.alive(current)
-        scores = self.scores()
+        blocks = channel_blocks(self._modules, self.groups)  # read now: quantizers may be added after the rule
+        scores = [s if b is None else _pooled(s, b) for s, b in zip(self.scores(), blocks, strict=True)]
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
+        kept = self._select(sparsity, alive, scores, floors)
+        kept = [
+            k if b is None else _whole_blocks(k, live, b, score, floor)
+            for k, live, b, score, floor in zip(kept, alive, blocks, scores, floors, strict=True)
+        ]
         if self.cost is not None:
-            kept = self._fit_macs(sparsity, alive, scores, floors, self.cost)
             self._warn_if_short(sparsity, kept, self.cost)
-            return self.masks_for(kept)
+        return self.masks_for(kept)
+
+    def _select(self, sparsity: float, alive: list[Tensor], scores: list[Tensor], floors: list[int]) -> list[Tensor]:
+        """Per group, the channels kept at ``sparsity`` (of the channels, or of the MACs with a cost)."""
+        if self.cost is not None:
+            return self._fit_macs(sparsity, alive, scores, floors, self.cost)
         new_alive: list[Tensor] = []
         if self.scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
@@ -243,7 +257,7 @@ class ChannelRule:
                 keep = torch.ones(group.size, dtype=torch.bool)
                 keep[position[chosen[owner[chosen] == g]]] = False
                 new_alive.append(keep & alive[g])  # pruned channels stay pruned
-        return self.masks_for(new_alive)
+        return new_alive
 
     def _fit_macs(
         self, sparsity: float, alive: list[Tensor], scores: list[Tensor], floors: list[int], cost: ChannelCost
@@ -321,6 +335,30 @@ class ChannelRule:
                     mask = masks[part.target.param_name]
                     mask.index_fill_(part.dim, part.local_index[dead].to(mask.device), False)
         return masks
+
+
+def _pooled(score: Tensor, blocks: Tensor) -> Tensor:
+    """Every channel scored by the mean of its block's (``blocks``: a label per channel), so a block's channels
+    rank together."""
+    n = int(blocks.max()) + 1
+    total = torch.zeros(n, dtype=score.dtype).index_add_(0, blocks, score)
+    count = torch.zeros(n, dtype=score.dtype).index_add_(0, blocks, torch.ones_like(score))
+    return (total / count.clamp_min(1))[blocks]
+
+
+def _whole_blocks(keep: Tensor, live: Tensor, blocks: Tensor, score: Tensor, floor: int) -> Tensor:
+    """``keep`` with every block the selection cut into this time (a channel of ``live`` not kept) removed whole;
+    blocks come back, best scored first, while fewer than ``floor`` channels stay."""
+    n = int(blocks.max()) + 1
+    cut = torch.zeros(n, dtype=torch.bool)
+    cut[blocks[live & ~keep]] = True
+    out = keep & ~cut[blocks]
+    if int(out.sum()) < floor:
+        for block in sorted(cut.nonzero().flatten().tolist(), key=lambda b: -float(score[blocks == b][0])):
+            out |= (blocks == block) & live
+            if int(out.sum()) >= floor:
+                break
+    return out
 
 
 def _ascending(score: Tensor, live: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .structure import ChannelGroup
 
-__all__ = ["cut_quant_groups", "grouped_consumers", "keep_whole_blocks", "quant_group_size"]
+__all__ = ["channel_blocks", "cut_quant_groups", "grouped_consumers", "keep_whole_blocks", "quant_group_size"]
 
 
 def quant_group_size(module: nn.Module) -> int | None:
@@ -36,6 +36,32 @@ def grouped_consumers(model: nn.Module, groups: list[ChannelGroup]) -> dict[str,
     modules = dict(model.named_modules())
     found = {s.module: quant_group_size(modules[s.module]) for g in groups for s in g.slices if s.kind == "in"}
     return {name: size for name, size in found.items() if size is not None}
+
+
+def channel_blocks(modules: dict[str, nn.Module], groups: list[ChannelGroup]) -> list[Tensor | None]:
+    """Per group, which of its channels share a quantization block of a layer they feed (a label per channel:
+    channels with one label leave together, or ``compact`` cannot remove them); ``None`` where every channel is a
+    block of its own (no layer it feeds quantizes its inputs in groups)."""
+    out: list[Tensor | None] = []
+    for group in groups:
+        label = torch.arange(group.size)
+        keys = []
+        for s in group.slices:
+            size = quant_group_size(modules[s.module]) if s.kind == "in" else None
+            if size is not None:
+                keys.append((s.index // size, s.channel))
+        changed = bool(keys)
+        while changed:  # every channel takes the smallest label of the channels it shares a block with
+            changed = False
+            for block, channel in keys:
+                smallest = torch.full((int(block.max()) + 1,), group.size, dtype=torch.long)
+                smallest.scatter_reduce_(0, block, label[channel], reduce="amin")
+                new = torch.minimum(label[channel], smallest[block])
+                if bool((new != label[channel]).any()):
+                    label.scatter_reduce_(0, channel, new, reduce="amin")
+                    changed = True
+        out.append(label if keys and bool((label != torch.arange(group.size)).any()) else None)
+    return out
 
 
 def cut_quant_groups(quantizer: Any, in_keep: Tensor, group_size: int) -> None:

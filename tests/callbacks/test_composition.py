@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import warnings
 
@@ -12,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, sparsity
+from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, compact, sparsity
 from lightning_compress.core.qat import QuantConfig, convert_to_qat, enable_fake_quant, quantizers
 from tests.conftest import TinyModule, make_blobs, trainer
 
@@ -221,36 +222,35 @@ def test_a_compiled_lightning_module_exports_to_onnx_at_the_end_of_fit(tmp_path,
     assert abs(got - expected).max() < 0.01
 
 
-def test_channel_pruning_beside_grouped_qat_says_compact_keeps_the_channels_of_partly_pruned_groups():
-    """Trial BC: a MACs budget of 50% with the LLM recipe (int4 weights in groups of 32) compacted to 86% of the MACs:
-    `compact()` removes an input channel of a grouped layer only with its whole group, and nothing said so before
-    `compact()`'s report. The warning comes at train start and names the layers; without groups there is none."""
-
-    def traced() -> TinyModule:
-        model = TinyModule()
-        model.example_input_array = torch.randn(2, 16)
-        return model
-
+@pytest.mark.parametrize("measure", ["channels", "macs"])
+def test_channel_pruning_beside_grouped_qat_prunes_whole_blocks_that_compact_removes(measure, caplog):
+    """Trials AW and BC: with the LLM recipe (int4 weights in groups of 32) channels were pruned one by one,
+    scattered over the blocks of the layers they feed, and `compact()` removes an input channel of a grouped layer
+    only with its whole block: a MACs budget of 50% compacted to 86%. The channels a grouped layer takes now go a
+    block at a time, said at train start, and `compact()` removes every pruned channel."""
     pl.seed_everything(0, verbose=False)
-    match = r"\['net.2', 'net.4'\] quantize their inputs in groups of \[16\] weights .* `compact\(\)` removes a pruned"
-    with pytest.warns(UserWarning, match=match):
-        trainer(
-            max_epochs=2,
-            callbacks=[
-                IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=1),
-                QuantizationAwareTraining(4, None, group_size=16, start_epoch=0),
-            ],
-        ).fit(traced())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer(
-            max_epochs=2,
-            callbacks=[
-                IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=1),
-                QuantizationAwareTraining(8, 8, start_epoch=0),
-            ],
-        ).fit(traced())
-    assert not [w for w in caught if "quantize their inputs in groups" in str(w.message)]
+    model = TinyModule()
+    model.example_input_array = torch.randn(2, 16)
+    dense_macs = sum(m.in_features * m.out_features for m in model.net if isinstance(m, nn.Linear))
+    caplog.set_level(logging.INFO)
+    trainer(
+        max_epochs=2,
+        callbacks=[
+            IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=1, measure=measure),
+            QuantizationAwareTraining(4, None, group_size=8, start_epoch=0),
+        ],
+    ).fit(model)
+    assert "['net.2', 'net.4'] quantize their inputs in blocks of [8] (QAT's `group_size`)" in caplog.text
+    alive = [int(model.net[i].weight.detach().abs().sum(1).gt(0).sum()) for i in (0, 2)]
+    assert all(a % 8 == 0 for a in alive) and max(alive) < 32
+    x = torch.randn(5, 16)
+    before = model.eval()(x)
+    compact(model, x)
+    assert [model.net[i].out_features for i in (0, 2)] == alive  # every pruned channel removed
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=0)
+    macs = sum(m.in_features * m.out_features for m in model.net if isinstance(m, nn.Linear))
+    if measure == "macs":
+        assert macs <= 0.5 * dense_macs
 
 
 def _rss_bytes() -> int:

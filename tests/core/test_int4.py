@@ -339,6 +339,31 @@ def test_compact_keeps_scattered_zero_channels_of_a_group_quantized_consumer():
         assert torch.equal(model(x), before)
 
 
+@pytest.mark.parametrize(
+    ("target", "scope", "kept"),
+    [(0.5, "layer", 64), (0.3, "layer", 64), (0.99, "layer", 32), (0.5, "global", None)],
+)
+def test_channel_pruning_takes_whole_groups_of_a_group_quantized_consumer_so_compact_removes_them(target, scope, kept):
+    """Trials AW and BC: channels pruned one by one were scattered over the groups of 32 inputs the next layer
+    quantizes together, and `compact()` could remove none of them. A group the selection cuts into now goes whole
+    (0.3 of 128 channels: 38, rounded up to two groups); the floor keeps a whole group."""
+    from lightning_compress import compact
+
+    model = quantized()
+    x = torch.randn(8, 64)
+    masks = prune_(model, target, granularity="channel", example_inputs=x, scope=scope)
+    dead = (~masks["0.weight"].any(1)).nonzero().flatten()
+    assert bool((dead.reshape(-1, 32) % 32 == torch.arange(32)).all())  # whole groups
+    kept = kept or 128 - dead.numel()
+    assert dead.numel() == 128 - kept
+    with torch.no_grad():
+        before = model(x)
+    report = compact(model, x)
+    assert report.channels["0"] == (128, kept) and not report.kept_for_quant_groups
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
 def test_resize_module_refuses_to_split_a_quantization_group():
     from lightning_compress.core.resize import resize_module
 
