@@ -23,7 +23,7 @@ from ..core.sharding import is_sharded
 from ..core.skeleton import materialize_, meta_copy
 from ..core.tracing import check_example_inputs
 from ..export.compressed import load_compressed, save_compressed
-from ..export.onnx import export_onnx
+from ..export.onnx import check_traceable, export_onnx
 from ..export.report import CompressionReport
 from ._validation import may_shard
 
@@ -39,9 +39,11 @@ def check_export_path(path: Any) -> Path | None:
 
 
 def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.LightningModule) -> None:
-    """``.onnx`` needs example inputs that the model's ``forward`` takes: fail at setup, not after hours of training.
+    """``.onnx`` needs example inputs that the model's ``forward`` takes, and a forward the ONNX exporter can
+    convert: fail at setup, not after hours of training.
 
-    The forward runs once, in eval mode and without gradients, unless the strategy may shard the module (its
+    The forward runs once, in eval mode and without gradients, then is traced without its weights
+    (:func:`~lightning_compress.export.onnx.check_traceable`), unless the strategy may shard the module (its
     weights are not all there at setup)."""
     if path is None or not _is_onnx(path):
         return
@@ -55,6 +57,11 @@ def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.Lig
     check_example_inputs(
         pl_module, example_inputs(pl_module), "example_input_array", f"`export_path`={str(path)!r} exports on it: "
     )
+    try:  # an operation the exporter cannot convert fails now, not after the fit (trial BY)
+        check_traceable(pl_module, example_inputs(pl_module))
+    except ValueError as err:
+        said = str(err).replace("`example_inputs`", "`example_input_array`")
+        raise ValueError(f"`export_path`={str(path)!r}: {said}") from err
 
 
 def example_inputs(pl_module: pl.LightningModule) -> Any:

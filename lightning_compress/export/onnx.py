@@ -14,6 +14,7 @@ import importlib
 import inspect
 import re
 import secrets
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
-from ..core.tracing import check_example_inputs, without_cache
+from ..core.tracing import check_example_inputs, plain_float, without_cache
 from .container import replacing
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_passes import (
@@ -42,7 +43,7 @@ from .onnx_passes import (
 )
 from .report import CompressionReport, LayerReport
 
-__all__ = ["export_onnx"]
+__all__ = ["check_traceable", "export_onnx"]
 
 
 def _require(name: str) -> Any:
@@ -129,6 +130,78 @@ def _composite_attention() -> Iterator[None]:
         yield
     finally:
         backend.set_fastpath_enabled(before)
+
+
+def _tracing(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[Any, ...], list[str], list[str] | None]:
+    """What the tracer calls and with what: the module (``model``, or one that passes keyword or nested inputs), its
+    positional tensors, the example's keyword inputs that hold tensors (the graph's inputs, in order; trial BV: a
+    flag among them gave the tracer's message), and the names of a nested input's tensors (``None`` otherwise)."""
+    if isinstance(example_inputs, Mapping):
+        keys = [k for k, v in example_inputs.items() if _leaves(v, "")]
+        constants = {k: v for k, v in example_inputs.items() if k not in keys}
+        return _Keywords(model, keys, constants), tuple(example_inputs[k] for k in keys), keys, None
+    args = _as_args(example_inputs)
+    if all(isinstance(a, Tensor) for a in args):
+        return model, args, [], None
+    leaves = _leaves(args, "input")  # e.g. forward(batch: dict)
+    unique = len({n for n, _ in leaves}) == len(leaves)
+    names = [n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]
+    return _Structured(model, args), tuple(t for _, t in leaves), [], names
+
+
+def _trace_error(err: RuntimeError, model: nn.Module, example_inputs: Any, opset: int) -> ValueError:
+    """The exporter's error (an operator it lacks, a SymbolicValueError) or the model's, said with what to change."""
+    if "onnx_opset_version" in str(err):
+        return ValueError(
+            f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
+        )
+    if "dynamo-optimized" in str(err):
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: it runs code compiled by `torch.compile` (a "
+            "compiled function it calls), which the ONNX tracer cannot enter. "
+            "Export the model before compiling it, or an uncompiled instance given its weights "
+            "(`load_state_dict`)."
+        )
+    # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
+    # characters), which the chained exception still holds
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = first if len(first) <= 300 else first[:300] + " ..."
+    return ValueError(
+        f"export_onnx cannot trace {type(model).__name__}: {first} What to change: "
+        f"{_trace_hint(example_inputs, model)}replace that operation in the model's forward (a newer `opset` "
+        "may support it)."
+    )
+
+
+def check_traceable(model: nn.Module, example_inputs: Any, opset: int = 17) -> None:
+    """Raise the ``ValueError`` :func:`export_onnx` would raise for an operation the ONNX exporter cannot convert,
+    without writing a file: the model's own graph is traced (fake quantization off), without its weights
+    (``export_params=False``) and into a scratch file, so it costs one forward and the graph's conversion. The callbacks
+    run it at ``setup`` for an ONNX ``export_path`` (trial BY: a Llama whose example held no attention mask
+    trained to the end, then failed to export)."""
+    with uncompiled(_unwrapped(model)) as plain:  # as export_onnx traces it
+        _check_traceable(plain, example_inputs, opset)
+
+
+def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
+    traced_model, traced_args, _, _ = _tracing(model, example_inputs)
+    with (
+        plain_float(model),  # the model's own operations: the quantizers' export forms are this package's
+        eager(model),
+        without_cache(model),
+        torch.no_grad(),
+        _composite_attention(),
+        warnings.catch_warnings(),
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        warnings.simplefilter("ignore")  # the tracer's warnings are for the export itself
+        try:
+            torch.onnx.export(
+                traced_model, traced_args, str(Path(scratch) / "graph.onnx"), opset_version=opset,
+                export_params=False, do_constant_folding=False, dynamo=False,
+            )  # fmt: skip
+        except RuntimeError as err:
+            raise _trace_error(err, model, example_inputs, opset) from err
 
 
 def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
@@ -342,17 +415,9 @@ def _export_onnx(
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, Mapping)
-    # the graph's inputs are named `input_names`, or the keys of the values that hold tensors (trial BV: a flag gave
-    # the tracer's message)
-    keys = [k for k, v in example_inputs.items() if _leaves(v, "")] if keyword else []
-    constants = {k: v for k, v in example_inputs.items() if k not in keys} if keyword else {}
-    traced_model: nn.Module = _Keywords(model, keys, constants) if keyword else model
-    traced_args = tuple(example_inputs[k] for k in keys) if keyword else args
-    if not keyword and not all(isinstance(a, Tensor) for a in args):  # e.g. forward(batch: dict)
-        leaves = _leaves(args, "input")
-        traced_model, traced_args = _Structured(model, args), tuple(t for _, t in leaves)
-        unique = len({n for n, _ in leaves}) == len(leaves)
-        names = list(input_names or ([n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]))
+    traced_model, traced_args, keys, leaf_names = _tracing(model, example_inputs)
+    if leaf_names is not None:
+        names = list(input_names or leaf_names)
     with (
         mode as swapped,
         eager(model),
@@ -383,26 +448,7 @@ def _export_onnx(
             )
         except RuntimeError as err:  # the exporter's (an operator it lacks, a SymbolicValueError), or the model's
             traced.unlink(missing_ok=True)
-            if "onnx_opset_version" in str(err):
-                raise ValueError(
-                    f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
-                ) from err
-            if "dynamo-optimized" in str(err):
-                raise ValueError(
-                    f"export_onnx cannot trace {type(model).__name__}: it runs code compiled by `torch.compile` (a "
-                    "compiled function it calls), which the ONNX tracer cannot enter. "
-                    "Export the model before compiling it, or an uncompiled instance given its weights "
-                    "(`load_state_dict`)."
-                ) from err
-            # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
-            # characters), which the chained exception still holds
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            first = first if len(first) <= 300 else first[:300] + " ..."
-            raise ValueError(
-                f"export_onnx cannot trace {type(model).__name__}: {first} What to change: "
-                f"{_trace_hint(example_inputs, model)}replace that operation in the model's forward (a newer `opset` "
-                "may support it)."
-            ) from err
+            raise _trace_error(err, model, example_inputs, opset) from err
     try:
         proto = onnx.load(str(traced))
     finally:

@@ -253,6 +253,41 @@ def test_channel_pruning_beside_grouped_qat_prunes_whole_blocks_that_compact_rem
         assert macs <= 0.5 * dense_macs
 
 
+class Differencing(TinyModule):
+    """Its forward uses `torch.diff`, which the ONNX exporter cannot convert (as a `transformers` model building a
+    missing attention mask does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_input_array = torch.randn(2, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.diff(x, dim=1, prepend=x[:, :1]))
+
+
+@pytest.mark.parametrize("callback", ["pruning", "qat"])
+def test_an_onnx_export_path_the_exporter_cannot_convert_is_refused_before_training(tmp_path, callback):
+    """Trial BY: a Llama whose `example_input_array` held no attention mask trained to the end, then failed to
+    export. The forward is traced without its weights at setup; a `.lcz` path is not traced."""
+    path = tmp_path / "m.onnx"
+    compressor = (
+        IterativePruning(0.5, start_epoch=0, end_epoch=1, export_path=path)
+        if callback == "pruning"
+        else QuantizationAwareTraining(8, 8, start_epoch=0, export_path=path)
+    )
+    model = Differencing()
+    fit = trainer(max_epochs=2, callbacks=[compressor])
+    with pytest.raises(
+        ValueError, match=r"`export_path`='.*m.onnx': export_onnx cannot trace Differencing: .*aten::diff"
+    ):
+        fit.fit(model)
+    assert fit.global_step == 0 and not path.exists()
+    assert model.training and all(p.requires_grad for p in model.parameters())  # as it was
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, export_path=tmp_path / "m.lcz")]).fit(
+        Differencing()
+    )
+
+
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/status") as f:
         for line in f:
