@@ -331,7 +331,8 @@ def keep_biases_in_int32(proto: Any, numpy_helper: Any) -> None:
         power_of_two = bool(np.all(size > 0) and np.all(np.log2(size) == np.round(np.log2(size))))
         magnitude = np.exp2(np.ceil(np.log2(needed, where=move, out=np.ones_like(needed)))) if power_of_two else needed
         new = np.where(move, np.where(s_w < 0, -magnitude, magnitude), s_w)
-        ratio = (s_w / new).reshape((-1,) + (1,) * (codes.ndim - 1))
+        # channels that keep their scale keep their codes (a pruned channel's scale is 0: 0 / 0 warned, trial BX)
+        ratio = np.divide(s_w, new, out=np.ones_like(s_w), where=move).reshape((-1,) + (1,) * (codes.ndim - 1))
         requantized = np.clip(np.round(codes.astype(np.float64) * ratio), -127, 127).astype(np.int8)
         names = (index.fresh(f"{w_dq.input[0]}_int32bias"), index.fresh(f"{w_dq.input[1]}_int32bias"))
         graph.initializer.extend(

@@ -422,10 +422,17 @@ def _zero_rows(model):
         model[0].bias[:4] = torch.tensor([1.0, -1.0, 0.8, -0.6])
 
 
+def _pruned_channels(model):
+    with torch.no_grad():  # channel pruning zeroes a channel's bias too: its weight scale is 0
+        model[0].weight[:4] = 0
+        model[0].bias[:4] = 0
+
+
 @pytest.mark.parametrize(
     "case, config, prepare, input_scale",
     [
         ("learned scales, pruned rows", QuantConfig(8, 8, "learned"), _zero_rows, 1.0),
+        ("pruned channels, inputs of 1e-6", QuantConfig(8, 8), _pruned_channels, 1e-6),
         ("minmax, nearly dead rows", QuantConfig(8, 8), _tiny_rows, 1.0),
         ("inputs of 1e-6", QuantConfig(8, 8), None, 1e-6),
         ("inputs of 1e-6, int32 biases", QuantConfig(8, 8, quantize_bias=True), None, 1e-6),
@@ -440,10 +447,46 @@ def test_every_bias_fits_onnxruntimes_int32_bias_grid(tmp_path, case, config, pr
     if prepare is not None:
         prepare(model)
     x = torch.randn(32, 8) * input_scale
-    got = _quantized_in_onnxruntime(model, config, x, tmp_path / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # trial BX: 0 / 0 for a pruned channel's scale, cast to int8
+        got = _quantized_in_onnxruntime(model, config, x, tmp_path / "m.onnx")
     with torch.no_grad():
         want = model(x).numpy()
     assert np.abs(got - want).max() <= 2 * _activation_step(model), case
+
+
+def test_a_weight_scale_of_zero_beside_a_scale_that_moves_warns_nothing(tmp_path):
+    """Trial BX: a channel whose weight scale is 0 (a pruned channel's BatchNorm weight folded in) beside one whose
+    bias needs a larger scale: its codes were requantized by 0 / 0, with numpy's RuntimeWarnings (NaN cast to int8)."""
+    from onnx import numpy_helper
+
+    from lightning_compress.export.onnx_passes import keep_biases_in_int32
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [torch.randn(16, 2, 8, 8)])
+    enable_fake_quant(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the last convolution's float output
+        export_onnx(model.eval(), tmp_path / "m.onnx", torch.randn(2, 2, 8, 8))
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    gemm = next(n for n in proto.graph.node if n.op_type == "Conv")
+    initializers = {i.name: i for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    w_scale = initializers[producers[gemm.input[1]].input[1]]
+    scales = numpy_helper.to_array(w_scale).copy()
+    scales[0] = 0.0  # a channel pruned with its BatchNorm
+    w_scale.CopyFrom(numpy_helper.from_array(scales, w_scale.name))
+    bias = initializers[gemm.input[2]]
+    values = numpy_helper.to_array(bias).copy()
+    values[0], values[1] = 0.0, 1e9  # channel 1's bias overflows int32 under its scale: it moves
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        keep_biases_in_int32(proto, numpy_helper)
+    moved = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}[producers[gemm.input[1]].input[1]]
+    assert moved[0] == 0.0 and moved[1] > scales[1] and list(moved[2:]) == list(scales[2:])
 
 
 def test_a_batchnorm_weight_of_zero_folded_into_an_int8_conv_keeps_its_bias(tmp_path):
