@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import weight_axes
-from .tracing import call_model, eval_mode
+from .tracing import call_model, eval_mode, has_float_tensor, jittered
 
 if TYPE_CHECKING:
     from .heads import AttentionBlock
@@ -54,6 +54,20 @@ def confirmed_layouts(
     ``candidates`` holds, per block, readings of the same projections (module names and head counts).
     Runs in eval mode (dropout off) with caches off; every weight and training flag is restored.
     """
+    chosen = _confirmed(model, example_inputs, candidates)
+    if None in chosen and has_float_tensor(example_inputs):
+        # an all-zero example (audio, images) can leave the attention output zero: nothing to see a probe in (trial
+        # BX: HuBERT's heads were never pruned with zeros). Blocks not confirmed are tried on noisy inputs too
+        left = [i for i, found in enumerate(chosen) if found is None]
+        again = _confirmed(model, jittered(example_inputs), [candidates[i] for i in left])
+        for i, found in zip(left, again, strict=True):
+            chosen[i] = found
+    return chosen
+
+
+def _confirmed(
+    model: nn.Module, example_inputs: Any, candidates: Sequence[Sequence[AttentionBlock]]
+) -> list[AttentionBlock | None]:
     modules = dict(model.named_modules())
     with torch.no_grad(), eval_mode(model):
         calls = _first_calls(model, example_inputs, modules, {_probed(b) for c in candidates for b in c})

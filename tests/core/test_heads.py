@@ -530,6 +530,21 @@ def test_a_pruned_first_head_group_does_not_confirm_a_wrong_reading_of_a_fused_p
     torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
 
 
+def test_heads_of_an_audio_model_are_found_with_an_all_zero_example_input():
+    """Trial BX: HuBERT's attention output is zero on an all-zero `input_values` (as the README's examples use), so
+    no probe could see a head and its heads were never pruned, said as a layout that failed. Blocks the example
+    inputs cannot confirm are tried on noisy ones too."""
+    config = transformers.HubertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4), conv_kernel=(10, 8, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        num_labels=4, classifier_proj_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.HubertForSequenceClassification(config).eval()
+    blocks, _, skipped = find_attention(model, {"input_values": torch.zeros(1, 4000)})
+    assert len(blocks) == 2 and not skipped
+
+
 def test_distilbert_keeps_a_true_head_count_after_compaction(tmp_path):
     """compact() left DistilBERT's ``n_heads`` at 4 beside projections holding 2 heads (found by a new-user
     trial); the outputs were right, code reading the count was misled."""
