@@ -305,6 +305,7 @@ def select_targets(
     tied: list[str] = []
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
+    hooked: dict[str, list[str]] = {"weight_norm": [], "spectral_norm": [], "hook": []}  # computed before forward
     for name, module in named:
         weight = getattr(module, "weight", None)
         excluded = exclude is not None and any(_matches(name, p) for p in exclude)
@@ -324,7 +325,9 @@ def select_targets(
             if is_parametrized(module, "weight") and wanted and not excluded:
                 parametrized.append(name)
             elif isinstance(getattr(module, "weight_orig", None), nn.Parameter) and wanted and not excluded:
-                torch_pruned.append(name)
+                (torch_pruned if hasattr(module, "weight_mask") else hooked["spectral_norm"]).append(name)
+            elif wanted and not excluded:  # trial BX: the old torch.nn.utils.weight_norm was left out in silence
+                hooked["weight_norm" if hasattr(module, "weight_g") else "hook"].append(name)
             continue
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
@@ -378,6 +381,9 @@ def select_targets(
             "compress them.",
             stacklevel=2,
         )
+    for kind, hooked_names in hooked.items():
+        if hooked_names:
+            warnings.warn(f"lightning-compress leaves {hooked_names} out: {_HOOKED[kind]}", stacklevel=2)
     if not selected:
         raise ValueError(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
@@ -385,11 +391,24 @@ def select_targets(
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
             + (f" (left out, pruned by torch.nn.utils.prune: {torch_pruned})" if torch_pruned else "")
+            + "".join(f" (left out, a weight computed before each forward: {n})" for n in hooked.values() if n)
             + (f" ({ignored} have no `weight`{_held_note(named, ignored, module_tensors)})" if ignored else "")
             + ("" if module_tensors else _wildcard_held_note(model, include, exclude))
             + "."
         )
     return selected
+
+
+_HOOKED = {
+    "weight_norm": "torch.nn.utils.weight_norm computes their weight from `weight_g` and `weight_v` before each "
+    "forward, so a mask or a quantizer on it would be overwritten. Remove it (torch.nn.utils.remove_weight_norm("
+    "module)) to compress them.",
+    "spectral_norm": "torch.nn.utils.spectral_norm computes their weight from `weight_orig` before each forward, so a "
+    "mask or a quantizer on it would be overwritten. Remove it (torch.nn.utils.remove_spectral_norm(module)) to "
+    "compress them.",
+    "hook": "their `weight` is not a Parameter but a tensor computed outside the optimizer (e.g. by a forward "
+    "pre-hook), so a mask or a quantizer on it would be overwritten.",
+}
 
 
 def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tensors: bool) -> str:

@@ -631,6 +631,35 @@ def test_a_weight_normed_convolution_is_left_out_with_the_reason():
         prune_(model, 0.5, include=["1"])
 
 
+@pytest.mark.parametrize(
+    ("wrap", "said"),
+    [
+        (
+            torch.nn.utils.weight_norm,
+            r"torch.nn.utils.weight_norm computes their weight from `weight_g` and `weight_v`",
+        ),
+        (torch.nn.utils.spectral_norm, r"torch.nn.utils.spectral_norm computes their weight from `weight_orig`"),
+    ],
+    ids=["weight_norm", "spectral_norm"],
+)
+def test_a_layer_whose_weight_an_old_style_hook_computes_is_left_out_with_the_reason(wrap, said):
+    """Trial BX: the old `torch.nn.utils.weight_norm` (vocoders, older audio code) was left out of pruning and QAT
+    in silence, and naming it exactly said it was no Linear or Conv layer; the old `spectral_norm` was taken for
+    `torch.nn.utils.prune`, with a fix that fails."""
+    from lightning_compress import convert_to_qat
+    from lightning_compress.core.qat import QuantConfig
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    wrap(model[2])
+    with pytest.warns(UserWarning, match=rf"leaves \['2'\] out: {said}"):
+        prune_(model, 0.5)
+    with pytest.warns(UserWarning, match=rf"leaves \['2'\] out: {said}"):
+        convert_to_qat(model, QuantConfig(8, 8))
+    with pytest.raises(ValueError, match=r"a weight computed before each forward: \['2'\]"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_(model, 0.5, include=["2"])
+
+
 def test_channels_torch_pruning_cannot_map_are_left_whole_with_the_reason():
     """Mamba's mixer: Torch-Pruning's group search raised a bare IndexError from inside its index mapping and
     stopped; each such layer is now left whole with the reason, and the model stays untouched."""
