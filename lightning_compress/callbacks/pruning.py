@@ -262,6 +262,7 @@ class IterativePruning(Callback):
         self._resumed_steps_per_epoch: int | None = None  # the checkpoint's
         self._clock_offset = 0  # the step clock minus the Trainer's global_step (a resume with other steps per epoch)
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
+        self._epoch_ran = False  # a batch ran in this training epoch
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
@@ -515,6 +516,7 @@ class IterativePruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._metrics.reapply(trainer)  # a rollback's metrics, merged over again by readers during the validation
+        self._epoch_ran = True
         if batch_idx == 0 and self._core is not None:
             # after every callback's epoch start: SWA's, listed after this one, writes its unmasked average there and
             # recomputes BatchNorm statistics in the epoch that follows (a trial: 0.44 sparse, statistics 8.6x off)
@@ -566,6 +568,13 @@ class IterativePruning(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
+        ran, self._epoch_ran = self._epoch_ran, False
+        core = self._core
+        if not ran and self._guarded_epochs and core is not None and core.judged_until is not None:
+            # an epoch without a batch (Lightning's resume of a fit `max_steps` stopped at an epoch's end): the
+            # validations the plan placed by batch come an epoch later, and so may the last judged event (trial BW:
+            # every event waited past `judged_until`, the fit ended dense)
+            core.judged_until += 1
         if not self._in_steps and not self._guarded_epochs:
             reshard(pl_module)  # after the epoch's validation
             self._advance(pl_module, trainer.current_epoch + 1)

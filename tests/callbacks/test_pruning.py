@@ -181,6 +181,26 @@ def test_a_resumed_pruning_clock_ahead_of_the_fit_is_refused_before_training(sav
         run(resumed, ckpt_path=path)
 
 
+def test_a_guarded_fit_resumed_after_an_empty_epoch_still_prunes_to_the_target(tmp_path):
+    """Trial BW: a fit `max_steps` stopped at an epoch's end, resumed, runs an epoch without a batch first, so every
+    validation came an epoch later than the plan placed them: each event waited past the last judged time and the
+    guarded fit ended dense, blaming events that waited for judgements."""
+    pl.seed_everything(0, verbose=False)
+    dense = TinyModule(n=64)  # 2 optimizer steps per epoch
+    first = trainer(max_steps=4, max_epochs=-1)
+    first.fit(dense)
+    first.save_checkpoint(tmp_path / "dense.ckpt")
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(n=64)
+    pruning = IterativePruning(0.8, start_epoch=2, end_epoch=3, monitor="val_acc", max_drop=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=8, max_epochs=-1, callbacks=[pruning]).fit(model, ckpt_path=tmp_path / "dense.ckpt")
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    assert "accept" in [d.action for d in pruning.decisions]
+    assert not [w for w in caught if "short of `target_sparsity`" in str(w.message)]
+
+
 @pytest.mark.parametrize("cadence", [{}, {"every_n_steps": 4}], ids=["epochs", "steps"])
 def test_a_guarded_fit_resumes_exactly_with_a_sanity_check(cadence, tmp_path):
     """Regression: on `fit(ckpt_path=...)` the two-batch sanity check judged the event the checkpoint held (saved at
