@@ -228,7 +228,10 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
             f"the fit stopped at {unit} {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
             "`max_time`, `max_steps` or a shorter epoch)"
         )
-    elif held := core.held_at_floor:  # once: for sharded channel groups it is a collective
+    elif core.fell_short and (held := core.held_at_floor):
+        # the last event pruned less than it asked for: floors held it. (A layer at its floor need not be what stopped
+        # pruning: trial BW's last event waited for quantization, and the note blamed `min_density`.) Read once: for
+        # sharded channel groups it is a collective
         named = f"{held[:3]}{' ...' if len(held) > 3 else ''}"
         why = (
             f"the channel groups {named} are at their floors (`min_density`={core.config.min_density}, and at least "

@@ -259,6 +259,7 @@ class IterativePruner:
                 "IterativePruning: channels left whole: " + "; ".join(f"{n} ({w})" for n, w in self.left_alone.items())
             )
         self.steps = 0
+        self.fell_short = False  # the last event pruned less than it asked for (``min_density`` floors)
         self.events = 0
         self.waited_for_quantization = 0  # events that waited for an evaluation of the model quantized
         self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
@@ -509,8 +510,10 @@ class IterativePruner:
         if copy is not None:  # taken now, after no evaluation: its value is not known
             self._judged.hold(copy, None)
         self._zero_optimizer_state()
+        now = self.masked_sparsity()
+        self.fell_short = now < wanted - 1.0 / max(1, self._pruner.total)  # floors (or units) held this event back
         if guard is not None:
-            guard.event_applied(previous, self.masked_sparsity())
+            guard.event_applied(previous, now)
         self.events += 1
         self._warn_floors(wanted)
         return True

@@ -626,6 +626,27 @@ def test_a_macs_budget_the_floors_stop_names_the_groups_held():
     assert note is not None and "the channel groups ['2', '0'] are at their floors" in note and "MACs" not in note
 
 
+def test_floors_are_blamed_only_when_they_held_the_last_event_back():
+    """Trial BW: layers sat at their floors, but the last event had waited for a validation of the model quantized
+    (the same fit without QAT reached the target): the note told the user to lower `min_density`."""
+    from lightning_compress.callbacks._guard import short_of_target_note
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    pruner = IterativePruner(
+        model, 0.99, total_steps=2, every_n_steps=1, granularity="channel", example_inputs=torch.randn(2, 16),
+        max_drop=1.0,
+    )  # fmt: skip
+    pruner.observe(1.0)  # the baseline
+    pruner.advance_to(1)
+    pruner.observe(1.0)
+    pruner.advance_to(2)  # to the target: the floors hold it back
+    assert pruner.fell_short and pruner.held_at_floor
+    assert "are at their floors" in (short_of_target_note(pruner, "val_acc", 1.0) or "")
+    pruner.fell_short, pruner.waited_for_quantization = False, 1  # the last event asked for less, then waited
+    note = short_of_target_note(pruner, "val_acc", 1.0) or ""
+    assert "1 event time(s) waited because quantization switched on" in note and "floors" not in note
+
+
 class LayerDrop(nn.Module):
     """`mid` is skipped on odd steps (transformers' `layerdrop`); `pooler` is never used by the loss."""
 
