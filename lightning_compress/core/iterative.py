@@ -236,6 +236,7 @@ class IterativePruner:
         self._info = info or logging.getLogger(__name__).info
         self.collectives: Collectives = collectives or TorchDistributed()
         targets = select_targets(model, config.include, config.exclude, module_tensors=True)
+        self.selected = targets  # the selected weights (channel pruning masks only those its groups reach)
         importance = config.make_importance()
         if config.importance == "auto":
             kind = "N:M" if config.nm is not None else config.granularity

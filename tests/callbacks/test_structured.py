@@ -307,6 +307,47 @@ def test_the_logged_sparsity_of_channel_pruning_is_the_weights_as_sparsity_count
     assert layers and not [n for n in layers if isinstance(model.get_submodule(n), torch.nn.BatchNorm2d)]
 
 
+class _NormedHead(pl.LightningModule):
+    """The last hidden layer feeds a LayerNorm: its outputs and the head's inputs are in no channel group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.LayerNorm(32),
+            torch.nn.Linear(32, 4),
+        )  # fmt: skip
+        self.example_input_array = torch.zeros(2, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        from tests.conftest import make_blobs
+
+        return torch.utils.data.DataLoader(make_blobs(64, 16, 4), batch_size=16)
+
+
+def test_the_logged_sparsity_of_channel_pruning_counts_selected_layers_no_group_reaches():
+    """Trial BW: on ALBERT `compress/sparsity` read 0.50 where `sparsity(model)` and the monitor read 0.47: a selected
+    layer no channel group reaches (its weight under no mask) was left out of the count and of the per-layer values."""
+    from lightning_compress import sparsity
+
+    pl.seed_everything(0, verbose=False)
+    model = _NormedHead()
+    fit = trainer(max_epochs=2, callbacks=[IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=1)])
+    fit.fit(model)
+    logged = fit.callback_metrics
+    assert float(logged["compress/sparsity"]) == pytest.approx(sparsity(model), abs=1e-6)
+    assert "compress/sparsity/net.4" in logged and float(logged["compress/sparsity/net.4"]) == 0.0
+
+
 def test_a_channel_callback_and_an_element_callback_on_its_consumer_say_why_they_overlap():
     """Trial X: `include=["conv"]` (channels) and `include=["fc"]` (elements) were refused as selecting 'the same
     weights' with the advice to do what the user did: channel pruning of conv also cuts fc's input columns."""
