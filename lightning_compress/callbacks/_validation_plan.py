@@ -161,7 +161,17 @@ class EpochWindow:
         max_epochs = trained_max_epochs(trainer)
         unlimited = max_epochs is None or max_epochs < 0
         if self.end_epoch is None and unlimited:
-            raise ValueError("`end_epoch` is required when the Trainer's `max_epochs` is unlimited.")
+            steps = trainer.max_steps
+            raise ValueError(
+                "`end_epoch` is required when the Trainer's `max_epochs` is unlimited"
+                + (
+                    f": `max_steps`={steps} ends this fit, but the schedule is placed in epochs before the train "
+                    f"loader's length is known. Pass the epoch by which it should reach the target (`max_steps` / "
+                    "optimizer steps per epoch, or less), or set `max_epochs`."
+                    if steps is not None and steps >= 0
+                    else "."
+                )
+            )
         end = self.end_epoch if self.end_epoch is not None else int(max_epochs)  # type: ignore[arg-type]
         if end <= self.start_epoch:
             raise ValueError(
