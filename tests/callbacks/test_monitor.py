@@ -62,6 +62,32 @@ def test_tensorboard_tags_values_images_and_summary(tmp_path, caplog):
     assert monitor.summary["baseline"] == monitor.history[1]["value"]  # epoch 1 ends before its pruning event
 
 
+class LongNames(TinyModule):
+    """Layers named as deep `transformers` models name theirs (ALBERT's run past 60 characters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder_albert_layer_groups_0_albert_layers_0_attention_query_projection = self.net
+        del self.net
+
+    def forward(self, x):
+        return self.encoder_albert_layer_groups_0_albert_layers_0_attention_query_projection(x)
+
+
+def test_the_sparsity_chart_of_long_layer_names_draws_without_a_warning(tmp_path):
+    """Trial BW: matplotlib warned "Tight layout not applied" at every validation for ALBERT's layer names."""
+    pl.seed_everything(0, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    callbacks = [IterativePruning(0.5, start_epoch=0, end_epoch=1), CompressionMonitor(monitor="val_acc")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, callbacks=callbacks, logger=logger).fit(LongNames())
+    assert not [w for w in caught if "layout" in str(w.message).lower()]
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 0})
+    events.Reload()
+    assert "compress/charts/layer_sparsity" in events.Tags()["images"]
+
+
 def test_any_logger_and_hparams(tmp_path):
     """Every logger of the Trainer gets the values: only the first did (found by a trial with CSV + TensorBoard)."""
     pl.seed_everything(0, verbose=False)
