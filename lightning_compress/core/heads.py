@@ -209,9 +209,11 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
         per_head = _head_size(modules.get(common_parent(producers), model))
         owners = {owner.get(id(p)) for p in walked[2]}
         if len(owners) > 2:  # StableLM's qk_layernorm: a LayerNorm per head, which head removal would have to cut
-            skipped[name] = (
-                f"{len(owners)} norm layers lie between its projections and the attention product (a norm per head, "
-                "as StableLM's qk_layernorm), which head removal does not cut"
+            held = sorted(str(o) for o in owners)
+            skipped[name] = (  # named (trial BX: LeViT's BatchNorms and attention biases were called norms per head)
+                f"{len(owners)} modules with parameters ({held[:4]}{' ...' if len(held) > 4 else ''}) lie between "
+                "its projections and the attention product (a norm per head, as StableLM's qk_layernorm, or norms and "
+                "biases over all heads), which head removal does not cut"
             )
             continue
         if any(p.dim() != 1 or p.numel() != per_head for p in walked[2]):

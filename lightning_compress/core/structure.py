@@ -274,9 +274,10 @@ def _say_what_is_unseen(
                 "channel group follows"
             )
         elif name not in traced:
-            skipped[name] = (
+            skipped[name] = (  # trial BX: a decoder head only `training_step` used was said to be called otherwise
                 "the traced forward never calls it as a module (its weight used through F.linear, F.conv2d, "
-                "einsum, ...), so nothing says where its channels go"
+                "einsum, ...), or its output does not reach the forward's outputs (a head only the training code "
+                "uses), so nothing says where its channels go"
             )
         else:
             skipped[name] = "the dependency graph gives its outputs no channel group (see the other reasons)"
