@@ -201,6 +201,28 @@ def test_layers_the_graph_cannot_follow_are_named_with_a_reason(caplog):
     assert "a (its outputs go into a product with another activation" in caplog.text
 
 
+class DroppedHead(nn.Module):
+    """A reconstruction head the forward calls and drops (only a training step would use it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(10, 16)
+        self.head = nn.Linear(16, 3)
+        self.decoder = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        self.reconstruction = self.decoder(h)
+        return self.head(h)
+
+
+def test_a_layer_whose_output_the_forward_drops_is_not_said_never_called():
+    """Trial BX: an autoencoder's decoder, called by the forward but used only by `training_step`, was said to be
+    used through F.linear or einsum."""
+    _, left = build_channel_groups(DroppedHead(), torch.randn(4, 10))
+    assert "or its output does not reach the forward's outputs (a head only the training code uses)" in left["decoder"]
+
+
 def _zero_as_the_graph_maps_it(model: Flip) -> None:
     """Half of ``a``'s channels zeroed, and the same columns of ``b``: where the flip does not send them."""
     with torch.no_grad():
