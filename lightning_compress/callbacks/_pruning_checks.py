@@ -25,6 +25,7 @@ __all__ = [
     "check_frozen",
     "check_no_overlap",
     "key_of_same_selection",
+    "saved_clock_offset",
     "saved_steps_per_epoch",
     "say_quant_blocks",
 ]
@@ -144,6 +145,19 @@ def saved_steps_per_epoch(state: dict[str, Any]) -> int | None:
             "None was saved; the checkpoint is damaged."
         )
     return None if per_epoch is None else int(per_epoch)
+
+
+def saved_clock_offset(state: dict[str, Any]) -> int:
+    """The step clock's offset from the Trainer's ``global_step`` a saved state counted with (0: not saved)."""
+    offset = state.get("clock_offset", 0)
+    if offset is None:
+        return 0
+    if not is_integer(offset):
+        raise ValueError(
+            f"The checkpoint's IterativePruning state has clock_offset={repr(offset)[:40]}: an int was saved; the "
+            "checkpoint is damaged."
+        )
+    return int(offset)
 
 
 def say_quant_blocks(rule: MaskRule, pl_module: pl.LightningModule) -> None:

@@ -51,6 +51,7 @@ from ._pruning_checks import (
     check_no_overlap,
     check_resumed_clock,
     key_of_same_selection,
+    saved_clock_offset,
     saved_steps_per_epoch,
     say_quant_blocks,
 )
@@ -262,7 +263,8 @@ class IterativePruning(Callback):
         self._resumed_steps_per_epoch: int | None = None  # the checkpoint's
         self._clock_offset = 0  # the step clock minus the Trainer's global_step (a resume with other steps per epoch)
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
-        self._epoch_ran = False  # a batch ran in this training epoch
+        self._first_epoch = False  # no epoch of this fit has started a batch yet
+        self._resumed_offset = 0  # the checkpoint's clock offset
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
@@ -303,7 +305,7 @@ class IterativePruning(Callback):
             return {}
         return {
             **self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor,
-            "steps_per_epoch": self._steps_per_epoch,
+            "steps_per_epoch": self._steps_per_epoch, "clock_offset": self._clock_offset,
         }  # fmt: skip
 
     def on_load_checkpoint(
@@ -331,6 +333,7 @@ class IterativePruning(Callback):
         check_validation_state(state_dict.get("validation"))
         self._resumed_validation = state_dict.get("validation")
         self._resumed_steps_per_epoch = saved_steps_per_epoch(state_dict)
+        self._resumed_offset = saved_clock_offset(state_dict)
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:
@@ -482,12 +485,26 @@ class IterativePruning(Callback):
             self._metrics.resume(trainer, resumed, core)
         saved_in_steps = bool(self._resumed_steps_per_epoch)
         self._place_resumed_clock(trainer)
+        self._first_epoch = True
         check_resumed_clock(trainer, pl_module, core.steps, self._in_steps, self._clock_offset, saved_in_steps)
         if not self._in_steps and not self._guarded_epochs and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
             # without that epoch's end (where its event runs) or the next one's start. The event runs now (a
             # guarded one at the epoch's first batch, after every callback's start: QAT's switch included)
             self._advance(pl_module, trainer.current_epoch)
+
+    def _shift_judged_epochs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At the first epoch start of the fit: an epoch Lightning ran without a batch before it (the resume of a
+        fit `max_steps` stopped at an epoch's end) moves every validation the plan placed by batch an epoch later,
+        and so the last judged event (trial BW: every event waited past it, the fit ended dense). A checkpoint saved
+        inside an epoch's last batch resumes into that epoch's empty rest: no shift (trial CB)."""
+        core, per_epoch = self._core, steps_per_epoch(trainer)
+        if not (self._guarded_epochs and core is not None and core.judged_until is not None and per_epoch):
+            return
+        if pl_module.automatic_optimization:  # global_step counts this fit's batches in steps
+            shift = trainer.current_epoch - trainer.global_step // per_epoch
+            if shift > 0:
+                core.judged_until += shift
 
     def _place_resumed_clock(self, trainer: pl.Trainer) -> None:
         """A step clock placed on the epoch window counts the checkpoint's steps per epoch; resumed with another number
@@ -497,8 +514,11 @@ class IterativePruning(Callback):
         # `start_epoch`/`end_epoch` place the window in steps, also with `every_n_steps` (a trial: resumed with fewer
         # steps per epoch, an `every_n_steps` schedule ran no more events)
         self._steps_per_epoch = steps_per_epoch(trainer) if self._in_steps else None
-        self._clock_offset = 0
+        offset, self._resumed_offset = self._resumed_offset, 0
         now = self._steps_per_epoch
+        # a state saved by a resumed run counts its steps with that run's offset (trial CB: a second resume was
+        # refused as ahead of the fit, or its clock jumped); one that did not count in steps has none
+        self._clock_offset = offset if saved and now else 0
         if not (saved and now and int(saved) != now):
             return
         core = self.pruner
@@ -516,7 +536,9 @@ class IterativePruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._metrics.reapply(trainer)  # a rollback's metrics, merged over again by readers during the validation
-        self._epoch_ran = True
+        if batch_idx == 0 and self._first_epoch:
+            self._first_epoch = False
+            self._shift_judged_epochs(trainer, pl_module)
         if batch_idx == 0 and self._core is not None:
             # after every callback's epoch start: SWA's, listed after this one, writes its unmasked average there and
             # recomputes BatchNorm statistics in the epoch that follows (a trial: 0.44 sparse, statistics 8.6x off)
@@ -568,13 +590,6 @@ class IterativePruning(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
-        ran, self._epoch_ran = self._epoch_ran, False
-        core = self._core
-        if not ran and self._guarded_epochs and core is not None and core.judged_until is not None:
-            # an epoch without a batch (Lightning's resume of a fit `max_steps` stopped at an epoch's end): the
-            # validations the plan placed by batch come an epoch later, and so may the last judged event (trial BW:
-            # every event waited past `judged_until`, the fit ended dense)
-            core.judged_until += 1
         if not self._in_steps and not self._guarded_epochs:
             reshard(pl_module)  # after the epoch's validation
             self._advance(pl_module, trainer.current_epoch + 1)

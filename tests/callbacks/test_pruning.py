@@ -201,6 +201,53 @@ def test_a_guarded_fit_resumed_after_an_empty_epoch_still_prunes_to_the_target(t
     assert not [w for w in caught if "short of `target_sparsity`" in str(w.message)]
 
 
+def test_a_guarded_fit_with_validations_every_second_epoch_resumes_to_the_uninterrupted_sparsity(tmp_path):
+    """Trial CB: a checkpoint saved inside an epoch's last batch resumes into that epoch's empty rest; read as an
+    epoch that moves the validations, it moved the last judged event past the last validation (0.56 of 0.8)."""
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        pruning = IterativePruning(0.8, start_epoch=1, end_epoch=4, monitor="val_acc", max_drop=1.0)
+        callbacks = [pruning, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")]
+        trainer(
+            max_epochs=5, check_val_every_n_epoch=2, callbacks=callbacks, enable_checkpointing=True
+        ).fit(model, ckpt_path=ckpt_path)
+        return sparsity(model)
+
+    assert run() == pytest.approx(0.8, abs=1e-3)
+    saved = sorted(tmp_path.glob("epoch=*.ckpt"))
+    assert len(saved) >= 2
+    for path in saved:
+        assert run(path) == pytest.approx(0.8, abs=1e-3), path.name
+
+
+def test_a_second_resume_with_the_steps_per_epoch_of_the_first_resume_goes_on_exactly(tmp_path):
+    """Trial CB: run 2 resumed run 1 with another batch size (its clock placed with an offset from `global_step`);
+    run 3 resumed run 2's checkpoint with run 2's settings: refused as a clock ahead of the fit (more steps per
+    epoch), or its clock jumped ahead (fewer). The offset is saved with the state."""
+
+    def run(batch_size, stop_after, ckpt_path=None, save=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule(n=96)
+        model.train_dataloader = lambda: torch.utils.data.DataLoader(make_blobs(96, 16, 4), batch_size=batch_size)
+        pruning = IterativePruning(0.8, end_epoch=6, every_n_steps=2)
+        fit = trainer(max_epochs=8, callbacks=[pruning, StopAfterEpoch(stop_after - 1)])
+        fit.fit(model, ckpt_path=ckpt_path)
+        if save is not None:
+            fit.save_checkpoint(save)
+        return pruning.pruner, fit
+
+    for first, second in ((32, 16), (16, 32)):
+        run(first, 2, save=tmp_path / "a.ckpt")
+        pruner, _ = run(second, 3, tmp_path / "a.ckpt", tmp_path / "b.ckpt")
+        at_epoch_3 = pruner.steps
+        pruner, _ = run(second, 4, tmp_path / "b.ckpt")
+        per_epoch = 96 // second
+        assert pruner.steps == at_epoch_3 + per_epoch  # one more epoch of steps, no jump
+        assert pruner.schedule.end == 6 * per_epoch
+
+
 @pytest.mark.parametrize("cadence", [{}, {"every_n_steps": 4}], ids=["epochs", "steps"])
 def test_a_guarded_fit_resumes_exactly_with_a_sanity_check(cadence, tmp_path):
     """Regression: on `fit(ckpt_path=...)` the two-batch sanity check judged the event the checkpoint held (saved at
