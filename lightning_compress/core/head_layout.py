@@ -6,7 +6,7 @@ projection three times as wide as the model, GPT-2 as ``[Q | K | V]`` and GPTBig
 :func:`~.compact.compact` then cannot remove. So every candidate reading is checked with three probes
 of one forward each, scaling a head's rows (and biases) by two, which is exact in floating point:
 
-* the value rows of the first key/value head that holds nonzero value rows (a pruned head proves nothing)
+* the value rows of the key/value head with the largest value weights (a pruned or weak head proves nothing)
   must double exactly the output projection's input columns of its query group, visibly, and leave every
   other column as it was;
 * the query rows of its first query head, and its key rows, must leave every column outside that head
@@ -160,8 +160,9 @@ def _confirms(
     # the first key/value head whose value rows hold weights under this reading: doubling zero rows proves nothing
     # (trial BY: with a pruned head 0, Falcon's fused projection passed for [Q | K | V] and masks cut the wrong rows)
     value = modules[block.value]
-    j = next((j for j in range(block.kv_heads) if not _zero_rows(value, block.rows("value", j))), None)
-    if j is None:
+    sizes = [_rows_size(value, block.rows("value", j)) for j in range(block.kv_heads)]
+    j = max(range(block.kv_heads), key=lambda i: sizes[i])  # the strongest (trial CA: a weak first head failed)
+    if sizes[j] == 0.0:
         return False
     group_columns = slice(j * r * d, (j + 1) * r * d)
     q = j * r
@@ -186,14 +187,14 @@ def _confirms(
     return True
 
 
-def _zero_rows(module: nn.Module, rows: range) -> bool:
-    """Whether ``rows`` of ``module``'s outputs (weight and bias) are all zero."""
+def _rows_size(module: nn.Module, rows: range) -> float:
+    """The largest ``|value|`` in ``rows`` of ``module``'s outputs (weight and bias)."""
     weight = module.weight
     assert isinstance(weight, Tensor)
     index = torch.arange(rows.start, rows.stop, device=weight.device)
     bias = getattr(module, "bias", None)
-    zero = not bool(weight.index_select(weight_axes(module)[0], index).any())
-    return zero and not (isinstance(bias, Tensor) and bool(bias.index_select(0, index).any()))
+    size = float(weight.index_select(weight_axes(module)[0], index).abs().max())
+    return max(size, float(bias.index_select(0, index).abs().max())) if isinstance(bias, Tensor) else size
 
 
 def _scaled(module: nn.Module, rows: range, run: Callable[[], Tensor | None]) -> Tensor | None:

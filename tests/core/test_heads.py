@@ -529,6 +529,22 @@ def test_a_pruned_first_head_group_does_not_confirm_a_wrong_reading_of_a_fused_p
     torch.testing.assert_close(_logits(model, inputs), expected, atol=1e-5, rtol=0)
 
 
+def test_a_weak_first_head_does_not_keep_the_other_heads_from_being_pruned():
+    """Trial CA: with GPT-NeoX's head 0 value rows scaled by 1e-3 the probe of head 0 changed the output too little to
+    confirm any reading, and every head of the layer stayed, said as a layout that failed. The strongest head is
+    probed."""
+    config = transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXModel(config).eval()
+    with torch.no_grad():
+        model.layers[0].attention.query_key_value.weight[32:48] *= 1e-3  # head 0's value rows ([q k v] per head)
+    blocks, _, skipped = find_attention(model, {"input_ids": _ids()})
+    assert len(blocks) == 1 and not skipped
+
+
 def test_heads_of_an_audio_model_are_found_with_an_all_zero_example_input():
     """Trial BX: HuBERT's attention output is zero on an all-zero `input_values` (as the README's examples use), so
     no probe could see a head and its heads were never pruned, said as a layout that failed. Blocks the example
