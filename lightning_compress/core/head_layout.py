@@ -6,8 +6,8 @@ projection three times as wide as the model, GPT-2 as ``[Q | K | V]`` and GPTBig
 :func:`~.compact.compact` then cannot remove. So every candidate reading is checked with three probes
 of one forward each, scaling a head's rows (and biases) by two, which is exact in floating point:
 
-* the value rows of the key/value head with the largest value weights (a pruned or weak head proves nothing)
-  must double exactly the output projection's input columns of its query group, visibly, and leave every
+* the value rows of the first key/value head with a tenth of the largest value weights (a pruned or weak head
+  proves nothing) must double exactly the output projection's input columns of its query group, visibly, and leave every
   other column as it was;
 * the query rows of its first query head, and its key rows, must leave every column outside that head
   (that group) as it was.
@@ -160,10 +160,13 @@ def _confirms(
     # the first key/value head whose value rows hold weights under this reading: doubling zero rows proves nothing
     # (trial BY: with a pruned head 0, Falcon's fused projection passed for [Q | K | V] and masks cut the wrong rows)
     value = modules[block.value]
+    # the first head with a tenth of the largest value weights (trial CA: a weak first head failed every reading);
+    # not the strongest: a `[Q | K | V]` reading of a head-by-head projection puts the last head's value rows where
+    # they are, and its probes pass
     sizes = [_rows_size(value, block.rows("value", j)) for j in range(block.kv_heads)]
-    j = max(range(block.kv_heads), key=lambda i: sizes[i])  # the strongest (trial CA: a weak first head failed)
-    if sizes[j] == 0.0:
+    if max(sizes) == 0.0:
         return False
+    j = next(i for i, size in enumerate(sizes) if size >= 0.1 * max(sizes))
     group_columns = slice(j * r * d, (j + 1) * r * d)
     q = j * r
     for part, head, inside in (
