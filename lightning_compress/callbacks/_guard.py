@@ -223,7 +223,9 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
     guard = core.guard
     if guard is not None and guard.stopped:
         why = f"the accuracy guard stopped pruning: no step kept `{monitor}` within `max_drop`={max_drop}"
-    elif core.steps < core.schedule.end:
+    elif core.steps < core.schedule.end and not (
+        guard is not None and core.judged_until is not None and core.steps >= core.judged_until
+    ):  # (an `end_epoch` past the last judged time: the clock stops there, no early stop; trial CB)
         why = (
             f"the fit stopped at {unit} {core.steps} of the pruning window's {core.schedule.end} (early stopping, "
             "`max_time`, `max_steps` or a shorter epoch)"

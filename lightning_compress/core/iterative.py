@@ -649,6 +649,7 @@ class IterativePruner:
             "version": STATE_VERSION,
             "steps": self.steps,
             "events": self.events,
+            "fell_short": self.fell_short,
             "pruner": self._pruner.state_dict(),
             "guard": None if self.guard is None else self.guard.state_dict(),
             "importance": type(self.rule.importance).__name__,  # what scored the masks ("auto" resolved)
@@ -690,6 +691,7 @@ class IterativePruner:
         self._pruner.load_state_dict(state["pruner"])
         self.steps = max(int(state["steps"]), 0)
         self.events = int(state.get("events", 0))
+        self.fell_short = state.get("fell_short") is True  # what the end-of-fit note reads (trial CB)
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
         self._saved_judgement = state.get("judged")

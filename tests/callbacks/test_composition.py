@@ -739,11 +739,13 @@ def test_damaged_callback_states_are_refused_at_restore_naming_the_entry(make, s
         make().load_state_dict(state)
 
 
-def test_a_guarded_fit_short_of_its_target_because_quantization_switched_on_says_so():
+@pytest.mark.parametrize("end_epoch", [2, 3])
+def test_a_guarded_fit_short_of_its_target_because_quantization_switched_on_says_so(end_epoch):
     """Trial BR: an event that waited for a validation of the model quantized (QAT switched on after the validation
-    before it) left the fit short of the target, and the note blamed the cadence of judgements."""
+    before it) left the fit short of the target, and the note blamed the cadence of judgements. Trial CB: with
+    `end_epoch` past the last judged time it blamed an early stop."""
     pl.seed_everything(0, verbose=False)
-    pruning = IterativePruning(0.8, monitor="val_acc", max_drop=1.0, end_epoch=2)
+    pruning = IterativePruning(0.8, monitor="val_acc", max_drop=1.0, end_epoch=end_epoch)
     with pytest.warns(UserWarning, match=r"short of `target_sparsity`=0.8: .*; 1 event time\(s\) waited because "
                       r"quantization switched on since the validation before"):  # fmt: skip
         trainer(max_epochs=3, callbacks=[pruning, QuantizationAwareTraining(start_epoch=1)]).fit(TinyModule())
