@@ -442,6 +442,12 @@ def _convert(
             return None, _unsupported_reason(name, module)
         if is_parametrized(module):
             return None, f"{name}'s weight is computed by a parametrization (e.g. weight_norm), not stored"
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):  # trial CB: "not selected"
+            return None, (
+                f"{name}'s weight is computed before each forward (torch.nn.utils.weight_norm or spectral_norm), not "
+                "stored"
+            )
         if name in tied:
             return None, f"{name} shares a parameter with {tied[name]} (tied weights): cutting one would untie them"
         kind = "out" if out_like else "in"

@@ -658,6 +658,10 @@ def test_a_layer_whose_weight_an_old_style_hook_computes_is_left_out_with_the_re
     with pytest.raises(ValueError, match=r"a weight computed before each forward: \['2'\]"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune_(model, 0.5, include=["2"])
+    # channels: the layer that reads them is named with the reason (trial CB: "2 is not selected")
+    with pytest.raises(ValueError, match=r"0: 2's weight is computed before each forward"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 8))
 
 
 def test_channels_torch_pruning_cannot_map_are_left_whole_with_the_reason():
