@@ -110,7 +110,7 @@ class ChannelRule:
                     parts.append(_Part(target, dim, s.index, s.channel))
             self._parts.append(parts)
         self.total_channels = sum(g.size for g in self.groups)
-        self._modules = modules
+        self._model = model
         self.collectives: Collectives = collectives or TorchDistributed()
         self.sharded = any(is_sharded(t.param) for t in self.targets)
         self._check(self.importance)
@@ -218,7 +218,9 @@ class ChannelRule:
         that share a quantization block of a layer they feed, QAT's ``group_size``, go together, so a block the
         selection cuts into goes whole; trials AW and BC: scattered over the blocks, ``compact`` removed none)."""
         alive = self.alive(current)
-        blocks = channel_blocks(self._modules, self.groups)  # read now: quantizers may be added after the rule
+        # read now: QAT may convert the layers after the rule is built (trial CA: the rule's own modules were the
+        # float layers conversion replaced)
+        blocks = channel_blocks(dict(self._model.named_modules()), self.groups)
         scores = [s if b is None else _pooled(s, b) for s, b in zip(self.scores(), blocks, strict=True)]
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
         kept = self._select(sparsity, alive, scores, floors)

@@ -364,6 +364,22 @@ def test_channel_pruning_takes_whole_groups_of_a_group_quantized_consumer_so_com
         assert torch.equal(model(x), before)
 
 
+def test_a_pruner_built_before_the_layers_are_quantized_in_groups_prunes_whole_groups():
+    """Trial CA: an IterativePruner built before `convert_to_qat(group_size=32)` read the float layers conversion
+    replaced: its channels were scattered over the groups and `compact()` removed none of them."""
+    from lightning_compress import IterativePruner, compact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(8, 32)
+    pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, granularity="channel", example_inputs=x)
+    convert_to_qat(model, QuantConfig(4, None, group_size=32))
+    enable_fake_quant(model)
+    pruner.advance_to(2)
+    report = compact(model.eval(), x)
+    assert report.channels["0"] == (128, 64) and not report.kept_for_quant_groups
+
+
 def test_compact_judges_a_model_with_quantized_activations_by_what_its_channels_carry():
     """Benchmarking the LLM recipe: a Llama with int8 per-token activations was refused by compact() (outputs 0.4% off):
     a layer with fewer inputs sums in another order, and an activation a rounding away from a step flips it. The
