@@ -236,8 +236,8 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
         # sharded channel groups it is a collective
         named = f"{held[:3]}{' ...' if len(held) > 3 else ''}"
         why = (
-            f"the channel groups {named} are at their floors (`min_density`={core.config.min_density}, and at least "
-            "one channel)"
+            f"the channel groups {named} are at their floors (`min_density`={core.config.min_density}, at least "
+            "one channel, and whole quantization groups where a layer reads the channels in groups)"
             + (
                 ", and the rest of the MACs are in layers left whole (see the channel groups' log)"
                 if core.config.measure == "macs"

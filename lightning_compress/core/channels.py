@@ -136,11 +136,16 @@ class ChannelRule:
     def at_floor(self, masks: dict[str, Tensor]) -> list[str]:
         """The groups that keep no more channels than their floor (``min_density``, and at least one) under
         ``masks`` (a collective when sharded: every process calls it)."""
-        return [
-            group.name
-            for group, kept in zip(self.groups, self.alive(masks), strict=True)
-            if int(kept.sum()) <= max(1, floor_count(self.min_density, group.size))
-        ]
+        blocks = channel_blocks(dict(self._model.named_modules()), self.groups)
+        held = []
+        for group, kept, block in zip(self.groups, self.alive(masks), blocks, strict=True):
+            floor, count = max(1, floor_count(self.min_density, group.size)), int(kept.sum())
+            if block is not None and count:  # channels leave a quantization block at a time (trial CA)
+                smallest = int(torch.bincount(block[kept]).masked_select(torch.bincount(block[kept]) > 0).min())
+                count -= smallest - 1
+            if count <= floor:
+                held.append(group.name)
+        return held
 
     def _alive_sharded(self, masks: dict[str, Tensor]) -> list[Tensor]:
         """:meth:`alive` from this process's shards of the masks: kept entries per channel, summed over processes."""
@@ -223,19 +228,32 @@ class ChannelRule:
         blocks = channel_blocks(dict(self._model.named_modules()), self.groups)
         scores = [s if b is None else _pooled(s, b) for s, b in zip(self.scores(), blocks, strict=True)]
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
-        kept = self._select(sparsity, alive, scores, floors)
-        kept = [
-            k if b is None else _whole_blocks(k, live, b, score, floor)
-            for k, live, b, score, floor in zip(kept, alive, blocks, scores, floors, strict=True)
-        ]
+        kept = self._whole(self._select(sparsity, alive, scores, floors, blocks), alive, blocks, scores, floors)
         if self.cost is not None:
             self._warn_if_short(sparsity, kept, self.cost)
         return self.masks_for(kept)
 
-    def _select(self, sparsity: float, alive: list[Tensor], scores: list[Tensor], floors: list[int]) -> list[Tensor]:
+    @staticmethod
+    def _whole(
+        kept: list[Tensor], alive: list[Tensor], blocks: list[Tensor | None], scores: list[Tensor], floors: list[int]
+    ) -> list[Tensor]:
+        """``kept`` with every quantization block the selection cut into removed whole (:func:`_whole_blocks`)."""
+        return [
+            k if b is None else _whole_blocks(k, live, b, score, floor)
+            for k, live, b, score, floor in zip(kept, alive, blocks, scores, floors, strict=True)
+        ]
+
+    def _select(
+        self,
+        sparsity: float,
+        alive: list[Tensor],
+        scores: list[Tensor],
+        floors: list[int],
+        blocks: list[Tensor | None],
+    ) -> list[Tensor]:
         """Per group, the channels kept at ``sparsity`` (of the channels, or of the MACs with a cost)."""
         if self.cost is not None:
-            return self._fit_macs(sparsity, alive, scores, floors, self.cost)
+            return self._fit_macs(sparsity, alive, scores, floors, self.cost, blocks)
         new_alive: list[Tensor] = []
         if self.scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
@@ -262,9 +280,16 @@ class ChannelRule:
         return new_alive
 
     def _fit_macs(
-        self, sparsity: float, alive: list[Tensor], scores: list[Tensor], floors: list[int], cost: ChannelCost
+        self,
+        sparsity: float,
+        alive: list[Tensor],
+        scores: list[Tensor],
+        floors: list[int],
+        cost: ChannelCost,
+        blocks: list[Tensor | None],
     ) -> list[Tensor]:
-        """Kept channels whose MACs are at most ``1 - sparsity`` of the dense model's (or as close as floors allow)."""
+        """Kept channels whose MACs are at most ``1 - sparsity`` of the dense model's (or as close as floors allow),
+        counted after whole quantization blocks (trial CA: counted before, blocks that came back missed the budget)."""
         budget = (1.0 - sparsity) * cost.dense
         if self.scope == "layer":
             # each group's channels from the lowest score up (pruned ones first), sorted once
@@ -277,7 +302,7 @@ class ChannelRule:
                     kept = torch.ones(g.size, dtype=torch.bool)
                     kept[order[: max(min(round(fraction * g.size), g.size - floor), pruned)]] = False
                     keep.append(kept)
-                return keep
+                return self._whole(keep, alive, blocks, scores, floors)
 
             low, high = 0.0, 1.0
             for _ in range(40):  # the smallest uniform fraction that fits
@@ -302,7 +327,7 @@ class ChannelRule:
             keep = [live.clone() for live in alive]
             for g, kept in enumerate(keep):
                 kept[position[:k][owner[:k] == g]] = False
-            return keep
+            return self._whole(keep, alive, blocks, scores, floors)
 
         low, high = 0, chosen.numel()  # the fewest channels, in priority order, whose removal fits
         while low < high:
@@ -319,8 +344,8 @@ class ChannelRule:
         groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
         warnings.warn(
             f"measure='macs': the schedule asks for {1.0 - sparsity:.1%} of the dense MACs at this event, but the "
-            f"channel groups that can be pruned are at their floors ({groups} channels kept; `min_density`) with "
-            f"{left:.1%} left: the "
+            f"channel groups that can be pruned are at their floors ({groups} channels kept; `min_density`, or "
+            f"whole quantization groups) with {left:.1%} left: the "
             "rest is in layers left whole (see the channel groups' log). Pruning goes no further than the floors.",
             UserWarning,
             stacklevel=2,

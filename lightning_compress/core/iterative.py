@@ -507,6 +507,8 @@ class IterativePruner:
         # the copy `observe` took is the model the last evaluation judged; a resumed run has none yet: take it now
         copy = None if guard is None or self._judged.held else ModelSnapshot(self._model)
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
+            # nothing changed: floors (or whole quantization blocks) may hold every unit back (trial CA)
+            self.fell_short = self.masked_sparsity() < wanted - 1.0 / max(1, self._pruner.total)
             return False
         if copy is not None:  # taken now, after no evaluation: its value is not known
             self._judged.hold(copy, None)

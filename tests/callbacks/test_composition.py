@@ -288,6 +288,21 @@ def test_an_onnx_export_path_the_exporter_cannot_convert_is_refused_before_train
     )
 
 
+def test_a_target_whole_quantization_groups_cannot_reach_is_said_to_be_held_by_them():
+    """Trial CA: 64 hidden channels in two groups of 32 of the next layer, target 0.75: one group can go, every event
+    ran, and the note said "the last events could not run"."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(hidden=64)
+    model.example_input_array = torch.randn(2, 16)
+    callbacks = [
+        IterativePruning(0.75, granularity="channel", end_epoch=2, include=["net.0"]),
+        QuantizationAwareTraining(4, None, group_size=32, start_epoch=0, include=["net.2"]),
+    ]
+    said = r"=0.75: the channel groups \['net.0'\] are at their floors .*whole quantization groups where a layer"
+    with pytest.warns(UserWarning, match=said):
+        trainer(max_epochs=3, callbacks=callbacks).fit(model)
+
+
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/status") as f:
         for line in f:

@@ -364,6 +364,27 @@ def test_channel_pruning_takes_whole_groups_of_a_group_quantized_consumer_so_com
         assert torch.equal(model(x), before)
 
 
+def test_a_global_macs_budget_beside_group_quantized_layers_counts_whole_groups():
+    """Trial CA: the global MACs ranking counted channels one by one, then groups the floor keeps whole came back:
+    a reachable 70% budget left 100% of the MACs, blamed on `min_density`. The budget is now counted after whole
+    groups."""
+    from lightning_compress import compact
+    from lightning_compress.core.macs import count_macs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)  # its channels score lowest per MAC, and they are one group of the next layer's
+    convert_to_qat(model, QuantConfig(4, None, group_size=64), include=["2", "4", "6"])
+    x = torch.randn(8, 32)
+    dense = count_macs(model, x)
+    prune_(model, 0.3, granularity="channel", measure="macs", scope="global", example_inputs=x)
+    compact(model, x)
+    assert count_macs(model, x) <= 0.7 * dense
+
+
 def test_a_pruner_built_before_the_layers_are_quantized_in_groups_prunes_whole_groups():
     """Trial CA: an IterativePruner built before `convert_to_qat(group_size=32)` read the float layers conversion
     replaced: its channels were scattered over the groups and `compact()` removed none of them."""

@@ -614,7 +614,7 @@ def test_a_macs_budget_the_floors_stop_names_the_groups_held():
         pruner.advance_to(2)
     assert pruner.held_at_floor == ["c3"] and not pruner.reached_target()
     note = short_of_target_note(pruner, None, 0.01)
-    assert note is not None and "the channel groups ['c3'] are at their floors (`min_density`=0.025, and at" in note
+    assert note is not None and "the channel groups ['c3'] are at their floors (`min_density`=0.025, at least" in note
     assert "the rest of the MACs are in layers left whole" in note
     # trial AO: channels counted (not MACs) held at one channel per group said "the last events could not run"
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
