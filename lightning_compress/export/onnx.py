@@ -82,6 +82,17 @@ class _Keywords(nn.Module):
         return self.model(**dict(zip(self.names, tensors, strict=True)), **self.constants)
 
 
+class _KeywordCall(nn.Module):
+    """Calls ``model(**inputs)`` from one dict of keyword inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: dict[str, Any]) -> Any:
+        return self.model(**inputs)
+
+
 class _Structured(nn.Module):
     """Calls ``model(*args)`` whose positional inputs include dicts, lists or tuples of tensors, from the flat
     tensors the tracer passes (``torch.onnx.export`` would read a trailing dict as keyword arguments)."""
@@ -138,8 +149,16 @@ def _tracing(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[An
     flag among them gave the tracer's message), and the names of a nested input's tensors (``None`` otherwise)."""
     if isinstance(example_inputs, Mapping):
         keys = [k for k, v in example_inputs.items() if _leaves(v, "")]
-        constants = {k: v for k, v in example_inputs.items() if k not in keys}
-        return _Keywords(model, keys, constants), tuple(example_inputs[k] for k in keys), keys, None
+        if all(isinstance(example_inputs[k], Tensor) for k in keys):
+            constants = {k: v for k, v in example_inputs.items() if k not in keys}
+            return _Keywords(model, keys, constants), tuple(example_inputs[k] for k in keys), keys, None
+        # a value holding several tensors (a tuple, a dict): each tensor one input, named by its keys (trial CA: a
+        # trailing dict was read as the tracer's keyword arguments, a tuple became one misnamed input)
+        template = (dict(example_inputs),)
+        leaves = _leaves(template, "input")
+        unique = len({n for n, _ in leaves}) == len(leaves)
+        names = [n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]
+        return _Structured(_KeywordCall(model), template), tuple(t for _, t in leaves), [], names
     args = _as_args(example_inputs)
     if all(isinstance(a, Tensor) for a in args):
         return model, args, [], None
@@ -461,8 +480,9 @@ def _export_onnx(
     gather_quantized_rows(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
     share_transposed_initializers(proto, numpy_helper)
-    order = keys if keyword else [name for name, _ in _leaves(args, "input")]  # the graph's inputs, as the example's
-    _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, keyword)
+    by_key = keyword and leaf_names is None  # plain keyword tensors, fed by key; nested ones by their leaves' names
+    order = keys if by_key else [name for name, _ in _leaves(args, "input")]  # the graph's inputs, as the example's
+    _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key)
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))

@@ -106,6 +106,34 @@ def test_keyword_inputs_that_hold_no_tensor_are_constants_of_the_graph(tmp_path)
         export_onnx(model, tmp_path / "m.onnx", feeds, input_names=["x", "y", "z"])
 
 
+class NestedKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+
+    def forward(self, x, pair, extra):
+        return self.a(x) + pair[0] - pair[1] + extra["k"]
+
+
+def test_keyword_inputs_holding_several_tensors_are_one_input_per_tensor(tmp_path):
+    # trial CA: a tuple value became one input named by its key (plus an unnamed one of fixed batch), and a trailing
+    # dict value was read as the tracer's keyword arguments ("zip() argument 2 is shorter than argument 1")
+    model = NestedKeywords()
+    example = {
+        "x": torch.randn(2, 6),
+        "pair": (torch.randn(2, 8), torch.randn(2, 8)),
+        "extra": {"k": torch.randn(2, 8)},
+    }
+    export_onnx(model, tmp_path / "n.onnx", example, calibration=[example])
+    graph = onnx.load(str(tmp_path / "n.onnx")).graph
+    assert [i.name for i in graph.input] == ["x", "pair_0", "pair_1", "k"]
+    batch = {"x": torch.randn(5, 6), "pair": (torch.randn(5, 8), torch.randn(5, 8)), "extra": {"k": torch.randn(5, 8)}}
+    feeds = {"x": batch["x"], "pair_0": batch["pair"][0], "pair_1": batch["pair"][1], "k": batch["extra"]["k"]}
+    got = run(tmp_path / "n.onnx", {k: v.numpy() for k, v in feeds.items()})
+    with torch.no_grad():
+        assert np.allclose(got, model(**batch).numpy(), atol=1e-5)
+
+
 def test_training_mode_and_grads_are_restored(tmp_path):
     model = compressed_net(0.5)
     model.train()
