@@ -192,6 +192,7 @@ class QuantizationAwareTraining(Callback):
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
         self._calibrated = False  # `start_epoch` ended in this fit
+        self._calibration_epoch = start_epoch  # the epoch whose end switches quantization on
         self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
@@ -282,6 +283,7 @@ class QuantizationAwareTraining(Callback):
                 ) from err
             self._converted = [name for name in self._layers if name not in before]
             self._calibrated = False  # `start_epoch` ended in this fit
+            self._calibration_epoch = self.start_epoch
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
             self._resumed_layers = None
@@ -405,13 +407,13 @@ class QuantizationAwareTraining(Callback):
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             # resumed after `start_epoch` (Lightning skips the epoch start of a resumed epoch): quantization
             # switches on now. A checkpoint saved on the last batch of `start_epoch`, before its end, has no shifts.
-            if self.shift_search and not self.shifts:
+            if self.shift_search and not self.shifts and self._observed(pl_module):
                 rank_zero_warn(
                     f"QuantizationAwareTraining: the fit resumed after the end of `start_epoch`={self.start_epoch} "
                     "without running it (a checkpoint saved on its last batch), so no validation chose the shifts: "
                     "they come from the observed ranges."
                 )
-            self._switch_on(pl_module)
+            self._switch_on_or_calibrate(pl_module, epoch)
         for _, quantizer in self._own_quantizers(pl_module):  # Lightning skips the epoch start of a resumed epoch
             quantizer.train()
         searching = self.shift_search and epoch <= self.start_epoch and not self._active(pl_module)
@@ -442,7 +444,8 @@ class QuantizationAwareTraining(Callback):
         for _, quantizer in own:  # they observe while the model trains, even if it was left in eval mode (Lightning
             quantizer.train()  # keeps a module's mode): they would never calibrate
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
-            self._switch_on(pl_module)  # after `start_epoch`'s end: its checkpoints hold the model it validated
+            self._switch_on_or_calibrate(pl_module, epoch)  # after `start_epoch`'s end: its checkpoints hold the
+            # model it validated
         self._freeze_bn(trainer, pl_module)
 
     def on_train_batch_start(
@@ -466,7 +469,7 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch == self.start_epoch and not self._active(pl_module):
+        if epoch == self._calibration_epoch and not self._active(pl_module):
             if self.shift_search:
                 self._search_shifts(trainer, pl_module)
             self._calibrated = True  # quantization switches on when the next epoch starts, or at the end of fit
@@ -476,11 +479,11 @@ class QuantizationAwareTraining(Callback):
 
     def _switch_on(self, pl_module: pl.LightningModule, *, at_fit_end: bool = False) -> None:
         enable_fake_quant(pl_module, layers=self._layers)  # learned scales start training now
-        warn_about_idle_layers(pl_module, self.start_epoch, self._own_layers(pl_module))
+        warn_about_idle_layers(pl_module, self._calibration_epoch, self._own_layers(pl_module))
         when = (
-            "at the end of fit (`start_epoch` was its last epoch: calibrated, not yet trained or validated quantized)"
+            "at the end of fit (its calibration epoch was the last: calibrated, not yet trained or validated quantized)"
             if at_fit_end
-            else f"from epoch {self.start_epoch + 1} on"
+            else f"from epoch {self._calibration_epoch + 1} on"
         )
         own = self._own_layers(pl_module)
         grouped = sum(1 for _, layer in own if getattr(layer.weight_fake_quant, "groups", 0))
@@ -496,6 +499,29 @@ class QuantizationAwareTraining(Callback):
             )
             + f", {self.config.scale}) {when}."
         )
+
+    def _switch_on_or_calibrate(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        """After ``start_epoch``: fake quantization on; or, when nothing calibrated the quantizers (the callback added
+        on a resume past it), ``epoch`` calibrates them first (trial CA: switched on at once, it warned that every
+        layer "never ran its forward")."""
+        if self._calibrated or self._observed(pl_module):
+            self._switch_on(pl_module)
+            return
+        if self._calibration_epoch == epoch:
+            return  # said at the start of training
+        self._calibration_epoch = epoch
+        for _, quantizer in self._own_quantizers(pl_module):
+            quantizer.observer_enabled = True
+        rank_zero_info(
+            f"QuantizationAwareTraining: its quantizers have observed nothing (the fit resumed at epoch {epoch}, past "
+            f"`start_epoch`={self.start_epoch}): epoch {epoch} calibrates them, fake quantization from epoch "
+            f"{epoch + 1} on."
+        )
+
+    def _observed(self, pl_module: pl.LightningModule) -> bool:
+        """Whether any of this callback's quantizers observed a tensor or had its shift fixed (from a checkpoint
+        too)."""
+        return any(quantizer.initialized or quantizer.frozen_shift for _, quantizer in self._own_quantizers(pl_module))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._calibrated and self._layers and not self._active(pl_module):

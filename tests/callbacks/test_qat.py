@@ -1316,3 +1316,25 @@ def test_an_onnx_export_path_records_the_forms_lightning_calls_forward_in(tmp_pa
         warnings.filterwarnings("error", message=r".*quantized convolution")
         trainer(max_epochs=2, callbacks=[qat]).fit(model)
     assert ort_kernels(tmp_path / "m.onnx").get("QLinearConv") == 3
+
+
+def test_a_callback_added_on_a_resume_past_its_start_epoch_calibrates_first(tmp_path, caplog):
+    """Trial CA: added to a pruning fit resumed at epoch 2 with `start_epoch=0`, it switched on at once, with
+    quantizers that had observed nothing, and warned that every layer "never ran its forward" (false: they ran).
+    The first epoch it sees calibrates them; quantization switches on at the next."""
+    import logging
+
+    pl.seed_everything(0, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=4, callbacks=[checkpoint], enable_checkpointing=True).fit(TinyModule())
+    model = TinyModule()
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(
+            model, ckpt_path=tmp_path / "epoch=1.ckpt"
+        )
+    assert not [w for w in caught if "never ran their forward" in str(w.message)]
+    assert "epoch 2 calibrates them, fake quantization from epoch 3 on" in caplog.text
+    assert "fake quantization on for 3 layers (weights 8 bits, activations 8 bits, minmax) from epoch 3" in caplog.text
+    assert all(q.fake_quant_enabled and (q.initialized or q.role == "weight") for _, q in quantizers(model))
