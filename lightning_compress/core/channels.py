@@ -141,7 +141,8 @@ class ChannelRule:
         for group, kept, block in zip(self.groups, self.alive(masks), blocks, strict=True):
             floor, count = max(1, floor_count(self.min_density, group.size)), int(kept.sum())
             if block is not None and count:  # channels leave a quantization block at a time (trial CA)
-                smallest = int(torch.bincount(block[kept]).masked_select(torch.bincount(block[kept]) > 0).min())
+                sizes = torch.bincount(block[kept])
+                smallest = int(sizes[sizes > 0].min())
                 count -= smallest - 1
             if count <= floor:
                 held.append(group.name)
