@@ -68,6 +68,7 @@ from ._validation_plan import (
     EpochWindow,
     plan_timeline,
     steps_per_epoch,
+    validation_skipped_on_resume,
     warn_if_max_steps_counts_several_optimizers,
 )
 
@@ -257,6 +258,7 @@ class IterativePruning(Callback):
         self._structure: ChannelStructure | None = None  # channel groups traced at setup, before FSDP2 shards
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
+        self._fitting = True  # set up for `fit` (or not set up by a Trainer yet: a state loaded by hand applies)
         self._resumed_validation: dict[str, Any] | None = None  # the checkpoint's judged validation (step, metrics)
         self._in_steps = False
         self._steps_per_epoch: int | None = None  # optimizer steps per epoch of a step clock placed from epochs
@@ -328,7 +330,10 @@ class IterativePruning(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"IterativePruning's checkpoint state must be a dict, got {type(state_dict).__name__}.")
-        if not state_dict:
+        if not state_dict or not self._fitting:
+            # `validate`/`test`/`predict` with `ckpt_path` restore it too: the checkpoint's model has its zeros, and
+            # the state is the fit's (a trial: `test` of another model's checkpoint replaced this instance's masks,
+            # and its next fit revived the weights they left)
             return
         check_validation_state(state_dict.get("validation"))
         self._resumed_validation = state_dict.get("validation")
@@ -365,6 +370,7 @@ class IterativePruning(Callback):
                 "masks and decisions stay in the workers (`pruner` and `masks` are empty there). Use strategy='ddp' "
                 "to keep them, or `export_path` to write the file in the workers."
             )
+        self._fitting = stage == "fit"
         if stage != "fit":
             return
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
@@ -372,7 +378,9 @@ class IterativePruning(Callback):
         check_fit(trainer, pl_module, self.monitor, config.granularity)
         self._structure = None
         if config.granularity == "channel":  # trace the whole model now (FSDP2 shards it next), naming its inputs
-            targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
+            with warnings.catch_warnings():  # what it leaves out is said once, when the pruner selects them again
+                warnings.simplefilter("ignore")
+                targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
             self._structure = channel_structure(
                 pl_module, targets, example_inputs(pl_module), config.measure, "example_input_array"
             )
@@ -486,6 +494,13 @@ class IterativePruning(Callback):
         saved_in_steps = bool(self._resumed_steps_per_epoch)
         self._place_resumed_clock(trainer)
         self._first_epoch = True
+        if guard is not None and guard.awaiting_check and validation_skipped_on_resume(trainer):
+            core.judgement_skipped()
+            rank_zero_info(
+                "IterativePruning: Lightning resumes this checkpoint without the validation due after its batch, which "
+                "was to judge the last pruning event: the next event runs beside it, and the next validation judges "
+                "both."
+            )
         check_resumed_clock(trainer, pl_module, core.steps, self._in_steps, self._clock_offset, saved_in_steps)
         if not self._in_steps and not self._guarded_epochs and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch

@@ -333,7 +333,9 @@ class AccuracyGuard:
         return scheduled
 
     def event_applied(self, previous: float, new: float) -> None:
-        self.last_step = new - previous
+        """An event pruned from ``previous`` to ``new``; one joining an event still unjudged adds to its step (a
+        rollback halves the step both took since the judged copy)."""
+        self.last_step = new - previous + (self.last_step if self.awaiting_check else 0.0)
         self.started = True
         self.awaiting_check = True
 

@@ -263,6 +263,7 @@ class IterativePruner:
         self.fell_short = False  # the last event pruned less than it asked for (``min_density`` floors)
         self.events = 0
         self.waited_for_quantization = 0  # events that waited for an evaluation of the model quantized
+        self._join_next = False  # the next event runs beside the one awaiting judgement (:meth:`judgement_skipped`)
         self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
         self.decisions: list[GuardDecision] = []
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -489,7 +490,7 @@ class IterativePruner:
                     "the accuracy guard (`max_drop`) has no value before the first pruning event: evaluate and "
                     f"`observe(value)` before step {self.schedule.start + self.schedule.every}, or set `max_drop=None`."
                 )
-            if guard.stopped or guard.awaiting_check:
+            if guard.stopped or (guard.awaiting_check and not (self._join_next or self._joins_unjudged_event(t))):
                 return False
             if self.judged_until is not None and t > self.judged_until:
                 return False  # no evaluation before the end of the run would judge it
@@ -505,8 +506,10 @@ class IterativePruner:
         # replicated weights (DDP) take rank 0's masks; sharded ones are decided from counts every process shares
         sync = None if self.collectives.world_size == 1 or self._pruner.sharded else self._broadcast
         # the copy `observe` took is the model the last evaluation judged; a resumed run has none yet: take it now
-        copy = None if guard is None or self._judged.held else ModelSnapshot(self._model)
-        if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow):
+        # an event joining an unjudged one takes none: the copy would hold that event, which nothing judged
+        joining = guard is not None and guard.awaiting_check
+        copy = None if guard is None or joining or self._judged.held else ModelSnapshot(self._model)
+        if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow, join_undo=joining):
             # nothing changed: floors (or whole quantization blocks) may hold every unit back (trial CA)
             self.fell_short = self.masked_sparsity() < wanted - 1.0 / max(1, self._pruner.total)
             return False
@@ -517,9 +520,23 @@ class IterativePruner:
         self.fell_short = now < wanted - 1.0 / max(1, self._pruner.total)  # floors (or units) held this event back
         if guard is not None:
             guard.event_applied(previous, now)
+        self._join_next = False
         self.events += 1
         self._warn_floors(wanted)
         return True
+
+    def judgement_skipped(self) -> None:
+        """The evaluation that was to judge the event awaiting judgement will not come (a resumed fit: Lightning skips
+        the validation of the batch its checkpoint was saved after): the next event runs beside it, on the schedule,
+        and the next evaluation judges both; a rollback returns to the masks before the first."""
+        self._join_next = self.guard is not None and self.guard.awaiting_check
+
+    def _joins_unjudged_event(self, t: int) -> bool:
+        """Whether the event due at ``t`` runs although the last one waits for its judgement: only at the last time
+        an evaluation can judge an event, when the evaluation that was to judge the waiting one will not come (a
+        resumed fit: Lightning skips the validation of the batch its checkpoint was saved after). The next
+        evaluation judges both; a rollback returns to the copy taken before the first."""
+        return self.judged_until is not None and t == self.judged_until
 
     def set_clock(self, t: int) -> None:
         """Set the clock to ``t`` steps done without running an event: a resumed run whose steps count otherwise
@@ -564,6 +581,7 @@ class IterativePruner:
                 f"`value` must be a number (the evaluation result), got {type(value).__name__} ({value!r})."
             )
         decision = self.guard.observe(float(value))
+        self._join_next = self._join_next and self.guard.awaiting_check
         rolled_back = decision is not None and decision.action in ("rollback", "stop")
         if decision is None and not self._judged.quantizes_alike():
             self._warn_if_quantization_costs_more(float(value))

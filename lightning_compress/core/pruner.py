@@ -119,12 +119,14 @@ class Pruner:
         keep_undo: bool = False,
         sync: MaskSync | None = None,
         regrow: float | None = None,
+        join_undo: bool = False,
     ) -> bool:
         """Prune to ``sparsity`` (never below the current one). Returns whether anything changed.
 
         ``sync`` may replace the computed masks (e.g. by rank 0's under DDP) before they are applied.
         ``regrow``: the fraction to regrow at this event instead of :attr:`regrow` (``0``: none, as
-        at the callback's last event, which is an exact top-k).
+        at the callback's last event, which is an exact top-k). ``join_undo`` (with ``keep_undo``): :meth:`undo`
+        then undoes this event and the last one together, back to the masks before that one.
         """
         pruned, total = self.units()
         if round(sparsity * total) <= pruned and self.scope == "global":
@@ -147,12 +149,7 @@ class Pruner:
         if not changed:
             return False
         if keep_undo:
-            self._rollback = {}
-            for name, mask in new.items():
-                target = self._by_name[name]
-                previous = current.get(name, torch.ones_like(mask))
-                revived = previous & ~mask
-                self._rollback[name] = (previous, target.local.detach()[revived].clone())
+            self._rollback = self._undo_record(new, current, self._rollback if join_undo else None)
         for name in list(new):
             mask = new.pop(name)  # free each bool mask once converted
             existing = self._masks.get(name)
@@ -162,6 +159,23 @@ class Pruner:
                 self._masks[name] = mask.to(self._by_name[name].local.dtype)
         self._after_event()
         return True
+
+    def _undo_record(
+        self, new: dict[str, Tensor], current: dict[str, Tensor], last: dict[str, tuple[Tensor, Tensor]] | None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per weight: the masks an undo goes back to, and the values of the weights it revives, in position order
+        (``current`` before this event; ``last``: the record of the event before it, joined to this one's)."""
+        record = {}
+        for name, mask in new.items():
+            weight = self._by_name[name].local.detach()
+            previous = current.get(name, torch.ones_like(mask))
+            if last is not None and name in last:
+                earlier, values = last[name]
+                whole = weight.clone()  # this event's revived weights hold their values now, the last one's its own
+                whole[earlier & ~previous] = values.to(whole.dtype)
+                previous, weight = earlier, whole
+            record[name] = (previous, weight[previous & ~mask].clone())
+        return record
 
     def _prune_in_place(self, compute_into: Callable[[float, dict[str, Tensor]], None], sparsity: float,
                         pruned: int) -> bool:  # fmt: skip

@@ -599,6 +599,42 @@ def test_resuming_from_an_epochs_last_batch_runs_that_epochs_event_and_switch(tm
     assert sparsity(model) == pytest.approx(0.7, abs=1e-3) and quantizing(model)
 
 
+@pytest.mark.parametrize(
+    ("crash", "pruning", "validation"),
+    [(4, {"every_n_steps": 4}, {}), (3, {}, {"check_val_every_n_epoch": 2})],
+    ids=["steps", "epochs-validated-every-2"],
+)
+def test_a_guarded_fit_resumed_from_an_epochs_last_batch_still_reaches_the_target_judged(
+    tmp_path, crash, pruning, validation
+):
+    """Lightning resumes a checkpoint saved on an epoch's last batch without that epoch's validation: the event it
+    was to judge waited for the next, every later event one validation later, and the fit ended at 0.787 / 0.641 of
+    0.8 (trials CB, CD). The plan counts only validations still ahead, and the next event joins the unjudged one:
+    the masks are the uninterrupted fit's."""
+
+    def run(crashing: bool, ckpt_path: str | None, folder: str = "resumed") -> tuple[TinyModule, IterativePruning]:
+        ckpt = ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=8, save_last=True, save_top_k=-1)
+        guard = IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=0, end_epoch=6, **pruning)
+        model = TinyModule()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(
+                max_epochs=6, callbacks=[*([CrashAtEpochEnd(crash)] if crashing else []), guard, ckpt],
+                enable_checkpointing=True, **validation,
+            ).fit(model, ckpt_path=ckpt_path)  # fmt: skip
+        return model, guard
+
+    pl.seed_everything(0, verbose=False)
+    _, uninterrupted = run(False, None, "uninterrupted")
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(True, None)
+    model, guard = run(False, str(tmp_path / "resumed" / "last.ckpt"))
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    assert guard.decisions[-1].action == "accept" and not guard.pruner.guard.awaiting_check
+    assert all(torch.equal(guard.masks[k], uninterrupted.masks[k]) for k in uninterrupted.masks)
+
+
 def test_weight_averaging_that_would_undo_the_guard_or_average_quantizers_is_refused_before_training():
     """Lightning's weight averaging replaces the trained weights with an average at the end of fit. Beside the
     guard, a rollback was undone (fit returned the model it rejected); EMAWeightAveraging averaged the quantizers'

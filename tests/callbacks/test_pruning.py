@@ -210,9 +210,9 @@ def test_a_guarded_fit_with_validations_every_second_epoch_resumes_to_the_uninte
         model = TinyModule()
         pruning = IterativePruning(0.8, start_epoch=1, end_epoch=4, monitor="val_acc", max_drop=1.0)
         callbacks = [pruning, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")]
-        trainer(
-            max_epochs=5, check_val_every_n_epoch=2, callbacks=callbacks, enable_checkpointing=True
-        ).fit(model, ckpt_path=ckpt_path)
+        trainer(max_epochs=5, check_val_every_n_epoch=2, callbacks=callbacks, enable_checkpointing=True).fit(
+            model, ckpt_path=ckpt_path
+        )
         return sparsity(model)
 
     assert run() == pytest.approx(0.8, abs=1e-3)
@@ -220,6 +220,42 @@ def test_a_guarded_fit_with_validations_every_second_epoch_resumes_to_the_uninte
     assert len(saved) >= 2
     for path in saved:
         assert run(path) == pytest.approx(0.8, abs=1e-3), path.name
+
+
+def test_testing_another_models_checkpoint_leaves_the_callbacks_masks_alone(tmp_path):
+    """Trial CD: `test(other, ckpt_path=...)` with the same instance loaded the checkpoint's pruning state into it
+    (masks 0.90 -> 0.63 sparse), and the next fit revived the weights the model's masks had pruned."""
+    pl.seed_everything(0, verbose=False)
+    model, pruning = TinyModule(), IterativePruning(0.8, end_epoch=3, every_n_epochs=1)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=3, callbacks=[pruning, checkpoints], enable_checkpointing=True).fit(model)
+    masks = {k: v.clone() for k, v in pruning.masks.items()}
+    trainer(callbacks=[pruning]).test(TinyModule(), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    assert all(torch.equal(masks[k], v) for k, v in pruning.masks.items())
+    trainer(max_epochs=3, callbacks=[pruning]).fit(model)
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_a_guarded_fit_resumed_after_its_last_validation_trains_on_without_an_event(tmp_path):
+    """Trial CD: the checkpoint of a fit's last validation, resumed with steps left (a crash in the last batches),
+    was refused as a fit no validation could judge, though its events had run and its target was reached."""
+
+    def run(ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        pruning = IterativePruning(0.5, monitor="val_acc", max_drop=1.0)
+        callbacks = [pruning, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+        trainer(max_epochs=4, val_check_interval=3, callbacks=callbacks, enable_checkpointing=True).fit(
+            model, ckpt_path=ckpt_path
+        )
+        return sparsity(model), pruning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uninterrupted, _ = run()
+        resumed, pruning = run(tmp_path / "last.ckpt")  # saved at step 30 of 32, after the fit's last validation
+    assert uninterrupted == pytest.approx(0.5, abs=1e-3) and resumed == uninterrupted
+    assert not pruning.pruner.guard.awaiting_check and not pruning.decisions  # no validation: nothing to decide
 
 
 def test_a_second_resume_with_the_steps_per_epoch_of_the_first_resume_goes_on_exactly(tmp_path):

@@ -140,6 +140,41 @@ def test_the_guard_catches_up_after_the_schedule_and_stops_at_the_judged_limit()
     assert not late.advance_to(4)  # after the last evaluation: nothing would judge it
 
 
+def test_the_last_judged_event_joins_one_whose_evaluation_never_came_and_a_rollback_undoes_both():
+    """A resumed fit: Lightning skips the validation of the batch its checkpoint was saved after, so the event
+    before it waits for judgement at the last time one can be judged. It waited, and the fit ended short (0.77 of
+    0.8, trial CB); now the last event runs too, to the target, and the last evaluation judges both."""
+    for verdict, after in ((1.0, 0.8), (0.0, 0.0)):
+        model = _model()
+        pruner = IterativePruner(model, 0.8, total_steps=8, every_n_steps=2, max_drop=0.1, judged_until=5)
+        pruner.observe(1.0)
+        before = copy.deepcopy(model.state_dict())
+        assert pruner.advance_to(2)  # its evaluation never comes
+        with torch.no_grad():
+            model[2].weight.add_(1.0)  # training goes on
+        assert not pruner.advance_to(4)  # waits for a judgement: not the last judged time
+        assert pruner.advance_to(5) and pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+        decision = pruner.observe(verdict)
+        assert pruner.masked_sparsity() == pytest.approx(after, abs=1e-3)
+        if after == 0.0:  # both undone: the masks before the first; its step is the cap's origin
+            assert decision.action == "rollback" and decision.step_cap == pytest.approx(0.4, abs=1e-3)
+            assert torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_after_judgement_skipped_the_next_event_joins_the_waiting_one_on_the_schedule():
+    model = _model()
+    pruner = IterativePruner(model, 0.8, total_steps=8, every_n_steps=2, max_drop=0.1)
+    pruner.observe(1.0)
+    assert pruner.advance_to(2)
+    assert not pruner.advance_to(4)  # waits for the evaluation of the event at 2
+    pruner.judgement_skipped()  # that evaluation will not come
+    assert pruner.advance_to(6) and not pruner.advance_to(8)  # one event joins it; the next waits again
+    decision = pruner.observe(0.0)
+    assert decision.action == "rollback" and pruner.masked_sparsity() == 0.0  # both undone
+    pruner.judgement_skipped()  # nothing awaits judgement: no event joins
+    assert pruner.advance_to(10) and not pruner.advance_to(12)
+
+
 def test_finish_rolls_back_an_event_no_evaluation_judged():
     model = _model()
     pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)

@@ -67,6 +67,24 @@ def test_undo_zeroes_regrown_weights_that_trained_since():
     assert model[1].weight[0, 1] == 12  # and the weight regrowth dropped is back
 
 
+def test_a_joined_undo_goes_back_before_both_events_with_each_weights_value_when_it_was_pruned():
+    model = _model()
+    original = model[0].weight.detach().clone()
+    pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0))
+    pruner.prune_to(0.25, keep_undo=True)  # |w| = 1..5
+    with torch.no_grad():
+        model[0].weight[0, 5:] += 0.5  # the kept weights train before the second event
+    trained = model[0].weight.detach().clone()
+    pruner.prune_to(0.5, keep_undo=True, join_undo=True)  # |w| = 6.5..10.5 go too
+    assert pruner.masked_sparsity() == pytest.approx(0.5) and not bool(model[0].weight.any())
+    assert pruner.undo() and pruner.masked_sparsity() == 0.0
+    assert torch.equal(model[0].weight[0, :5], original[0, :5])  # values when the first event pruned them
+    assert torch.equal(model[0].weight[0, 5:], trained[0, 5:])  # and when the second did
+    pruner.prune_to(0.25, keep_undo=True)
+    pruner.prune_to(0.5, keep_undo=True)  # not joined: undo goes back one event
+    assert pruner.undo() and pruner.masked_sparsity() == pytest.approx(0.25)
+
+
 def test_gradient_sums_survive_a_checkpoint():
     model = _model()
     pruner = Pruner(ElementRule(select_targets(model), MagnitudeImportance(), "global", 0.0), regrow=0.2)
