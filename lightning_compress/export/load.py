@@ -128,6 +128,26 @@ def _decode_all(records: list[TensorRecord], sizes: list[int], body: bytearray, 
     return tensors
 
 
+def _check_ties(model: nn.Module, expected: dict[str, Tensor], tensors: dict[str, Tensor], path: Any) -> None:
+    """Names ``model`` ties (one tensor, e.g. an output head sharing the input embedding) must hold one tensor in the
+    file too: two different ones would both be written into it, the last one winning (a trial: an untied model's
+    file loaded into a tied one without a word, its embedding lost)."""
+    tied: dict[tuple[Any, ...], list[str]] = {}
+    for name, value in expected.items():
+        if value.numel():
+            key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+            tied.setdefault(key, []).append(name)
+    for names in tied.values():
+        first = tensors[names[0]]
+        for other in names[1:]:
+            if tensors[other] is not first and not torch.equal(tensors[other], first):
+                raise CompressedFileError(
+                    f"{path} holds {names[0]!r} and {other!r} as two different tensors, but {type(model).__name__} "
+                    "ties them (one tensor): the file was written from a model that does not tie them (e.g. "
+                    "`tie_word_embeddings=False`). Build the model the same way."
+                )
+
+
 _CHUNK = 1 << 18  # elements dequantized at a time: a layer's temporaries stay a few MiB whatever its size
 
 
@@ -322,6 +342,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
             raise CompressedFileError(
                 f"{path} was written for another architecture than {type(model).__name__}: {sorted(problems)[:5]}"
             )
+        _check_ties(model, expected, tensors, path)
         if outputs is not None:  # the sizes are final: whether they chain needs no values
             _check_chain(called, example_inputs, outputs, path)
         model.load_state_dict(tensors, strict=True)

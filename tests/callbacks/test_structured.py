@@ -348,6 +348,40 @@ def test_the_logged_sparsity_of_channel_pruning_counts_selected_layers_no_group_
     assert "compress/sparsity/net.4" in logged and float(logged["compress/sparsity/net.4"]) == 0.0
 
 
+class _TiedLM(pl.LightningModule):
+    """Token embedding, an MLP, and an output head tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+        self.example_input_array = torch.zeros(2, 4, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(self.emb(x)))
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        return torch.nn.functional.cross_entropy(self(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        data = torch.randint(0, 16, (32, 6), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=8)
+
+
+def test_a_tied_output_head_left_out_of_channel_pruning_is_said_once(recwarn):
+    """Trial CC: with `granularity="channel"` the tied head was said twice (the setup's trace selects too)."""
+    pl.seed_everything(0, verbose=False)
+    trainer(max_epochs=1, callbacks=[IterativePruning(0.5, granularity="channel")]).fit(_TiedLM())
+    said = [w for w in recwarn if "tied output head" in str(w.message)]
+    assert len(said) == 1 and "['head']" in str(said[0].message)
+
+
 def test_a_channel_callback_and_an_element_callback_on_its_consumer_say_why_they_overlap():
     """Trial X: `include=["conv"]` (channels) and `include=["fc"]` (elements) were refused as selecting 'the same
     weights' with the advice to do what the user did: channel pruning of conv also cuts fc's input columns."""

@@ -502,7 +502,22 @@ def test_bloom_heads_are_left_whole_with_the_reason_and_its_mlp_neurons_pruned()
         structure = channel_structure(model, select_targets(model), inputs)
     why = structure.left["transformer.h.0.self_attention"]
     assert why.startswith("its heads are left whole: the forward without half of them fails (RuntimeError")
-    assert "uses the head count outside this attention module too (e.g. BLOOM's ALiBi" in why
+    assert "reads the head count where head removal does not change it" in why and "BLOOM's ALiBi" in why
+
+
+def test_phi3_heads_read_from_the_shared_config_are_left_whole_with_that_reason():
+    """Trial CC: Phi-3's attention reads `self.config.num_attention_heads` in its forward; the reason named only
+    ALiBi-like position biases."""
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0,
+    )  # fmt: skip
+    model = transformers.Phi3ForCausalLM(config).eval()
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"found no channel group it can prune") as err:
+        warnings.simplefilter("ignore")  # one layer: its fused MLP and heads are all a Phi-3 has to prune
+        channel_structure(model, select_targets(model), {"input_ids": _ids()})
+    assert "self_attn: its heads are left whole: the forward without half of them fails" in str(err.value)
+    assert "(e.g. Phi-3's `self.config.num_attention_heads`)" in str(err.value)
 
 
 def test_a_pruned_first_head_group_does_not_confirm_a_wrong_reading_of_a_fused_projection():

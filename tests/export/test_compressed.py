@@ -210,6 +210,34 @@ def test_a_bf16_model_with_learned_scales_reloads_exactly(tmp_path):
         assert torch.equal(fresh.eval()(x), model(x))
 
 
+def test_an_untied_models_file_is_refused_by_a_model_that_ties_the_two_tensors(tmp_path):
+    """Trial CC: Qwen2 saved with `tie_word_embeddings=False` loaded into a tied one without a word: both tensors were
+    written into the shared one, the embedding lost (logits 1.14 off). The other way round loads."""
+
+    class LM(nn.Module):
+        def __init__(self, tied: bool) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+            if tied:
+                self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    torch.manual_seed(0)
+    save_compressed(LM(tied=False), tmp_path / "untied.lcz")
+    tied = LM(tied=True)
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    with pytest.raises(CompressedFileError, match=r"holds 'emb.weight' and 'head.weight' as two different tensors"):
+        load_compressed(tied, tmp_path / "untied.lcz")
+    assert all(torch.equal(before[k], v) for k, v in tied.state_dict().items())
+    save_compressed(tied, tmp_path / "tied.lcz")
+    untied = LM(tied=False)
+    load_compressed(untied, tmp_path / "tied.lcz")
+    assert torch.equal(untied.head.weight, tied.emb.weight) and torch.equal(untied.emb.weight, tied.emb.weight)
+    load_compressed(LM(tied=True), tmp_path / "tied.lcz")
+
+
 def test_a_quantized_head_tied_to_a_float_embedding_is_stored_in_float_and_reloads_exactly(tmp_path):
     """A tied output head opted in by name is fake-quantized where the head reads the weight, not where the
     embedding does. Regression: the file stored the weight once, as codes, so the reloaded embedding read quantized
