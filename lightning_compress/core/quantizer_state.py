@@ -26,10 +26,11 @@ def check_scales(name: str, scale: Tensor, signed: bool = False) -> None:
         ValueError: naming ``name`` and what its scales must be.
     """
     tiny = torch.finfo(torch.float32).tiny
-    if (
-        not scale.is_floating_point()
-        or not bool(torch.isfinite(scale).all())
-        or (not signed and bool((scale.float() < tiny).any()))
+    # a block at a time: group scales of groups of 2 are half as many as the weights (a whole float32 copy of them
+    # took a trial's load past twice the model's size)
+    blocks = scale.detach().reshape(-1).split(1 << 18) if scale.is_floating_point() else ()
+    if not scale.is_floating_point() or not all(
+        bool(torch.isfinite(b).all()) and (signed or not bool((b.float() < tiny).any())) for b in blocks
     ):
         need = "finite floats" if signed else f"finite floats of at least {tiny:.3g} (the smallest a quantizer sets)"
         raise ValueError(f"{name}: scales that are not all {need}.")
