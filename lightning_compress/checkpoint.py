@@ -51,6 +51,12 @@ def load_qat_checkpoint(
         )
     if not callable(getattr(checkpoint_path, "read", None)):
         checkpoint_path = check_path(checkpoint_path, "checkpoint_path")
+        if checkpoint_path.is_dir():  # a trial: ModelParallelStrategy's default, told only "not a file"
+            raise ValueError(
+                f"`checkpoint_path`={str(checkpoint_path)!r} is a folder: a distributed checkpoint (shards, as "
+                "ModelParallelStrategy writes by default). load_qat_checkpoint reads one file: train with "
+                "`ModelParallelStrategy(save_distributed_checkpoint=False)`, or convert the folder to one file first."
+            )
         if not checkpoint_path.is_file():
             raise ValueError(f"`checkpoint_path`={str(checkpoint_path)!r} is not a file.")
     tell, seek = getattr(checkpoint_path, "tell", None), getattr(checkpoint_path, "seek", None)

@@ -278,10 +278,12 @@ def unjudged_event_note(rolled: Rollback) -> str:
             "checkpoint saved after that event and before the end of fit still holds it."
         )
     return (
-        f"IterativePruning: fit ended before a validation judged the last pruning event; it was rolled back "
-        f"({change}): the weights it pruned have their values from before it again, but this run, resumed "
-        "from a checkpoint saved while the event awaited judgement, has no copy of the rest of the model "
-        "from then, so no validation has scored the model `fit` returns."
+        "IterativePruning: fit ended before a validation judged the last pruning event (sparsity "
+        f"{rolled.before:.4f}), and it is kept: this run, resumed from a checkpoint saved while the event awaited "
+        "judgement (Lightning resumes without the validation of the batch a checkpoint was saved after), holds no "
+        "copy of the model "
+        "from before it, and putting back only the weights it pruned would leave a model trained without them. No "
+        "validation has scored the model `fit` returns: `trainer.validate(model)` scores it."
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "plan_timeline",
     "steps_done_after",
     "steps_per_epoch",
+    "validation_ahead",
     "validation_batches",
     "validation_skipped_on_resume",
     "warn_if_max_steps_counts_several_optimizers",
@@ -93,7 +94,6 @@ def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
     if trainer.max_steps >= 0:
         horizon = min(horizon, _batches_for_steps(trainer.max_steps, batches, trainer.accumulate_grad_batches))
     every_n_epochs = trainer.check_val_every_n_epoch
-    first_batch = _first_batch(trainer, batches)
     found: list[int] = []
     for epoch in range(max_epochs - 1, -1, -1):
         if every_n_epochs is not None and (epoch + 1) % every_n_epochs:
@@ -111,8 +111,7 @@ def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
             while last >= 0 and len(found) < count:  # this epoch's validations, latest first
                 found.append(first + last)
                 last -= int(every)
-        found = [batch for batch in found if batch >= first_batch - 1]
-        if len(found) >= count or first < first_batch - 1:
+        if len(found) >= count:
             return found[:count]
     return found
 
@@ -137,13 +136,16 @@ def validation_skipped_on_resume(trainer: pl.Trainer) -> bool:
     return (counted + 1) % int(every) == 0
 
 
+def validation_ahead(trainer: pl.Trainer) -> bool:
+    """Whether a validation of this fit is still to come (a resumed fit's from where it goes on; ``True`` when it
+    cannot be known: validation by time, data without a length)."""
+    batches, last = _per_epoch(trainer), last_validation_batch(trainer)
+    return last is None or not batches or last >= _first_batch(trainer, batches)
+
+
 def _first_batch(trainer: pl.Trainer, batches: int) -> int:
-    """The first batch (counted over the fit) this fit runs: 0, or where a resumed one goes on. The validations it
-    plans with are those from the batch before it on: that one ran before the checkpoint was saved, or Lightning
-    skipped it on resume (:func:`validation_skipped_on_resume`) and the event it was to judge joins the next one, so
-    the events fall where the uninterrupted fit's do (a trial: a fit resumed after its last validation was refused as
-    one no validation could judge). Under manual optimization ``global_step`` counts every optimizer's steps: counted
-    from 0."""
+    """The first batch (counted over the fit) this fit runs: 0, or where a resumed one goes on. Under manual
+    optimization ``global_step`` counts every optimizer's steps: counted from 0."""
     if trainer.global_step <= 0 or not trainer.lightning_module.automatic_optimization:
         return 0
     return _batches_for_steps(trainer.global_step, batches, trainer.accumulate_grad_batches)
@@ -283,11 +285,10 @@ def plan_timeline(
         judged = max_epochs - 1  # unplanned validations (by time): events between epochs run at the next one's start
     if judged is not None and end > judged:
         unit = "step" if in_steps else "epoch"
-        if trainer.global_step > 0 and start <= now and judged <= now:
-            # resumed with no validation ahead that could judge an event: it trains on without one (the schedule's
-            # end, or why it fell short, is said at the end of fit)
-            return Timeline(start, end, every, in_steps, now, _rewind(window, in_steps, per_epoch))
-        if judged <= start:
+        # resumed past the last time an event can be judged: it trains on without one (the schedule's end, or why it
+        # fell short, is said at the end of fit; trial CD: it was refused as a fit no validation could judge)
+        resumed_past = trainer.global_step > 0 and start <= now and judged <= now
+        if judged <= start and not resumed_past:
             raise ValueError(
                 f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (a validation could "
                 f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}; without a sanity "
@@ -295,15 +296,15 @@ def plan_timeline(
                 "judged. Validate more often (and give the fit validation data), train longer, or set "
                 "`monitor=None`." + fast_dev_run_note(trainer)
             )
-        if window.end_epoch is not None:
+        if window.end_epoch is not None and not resumed_past:  # said when the fit first planned
             rank_zero_warn(  # a trial: it said the last validation came before step 29, which ran at 35
                 f"IterativePruning: with `monitor`={monitor!r} each pruning event waits for a validation to judge the "
                 f"one before it, so the last event a validation of this fit can judge runs at {unit} {judged} (after "
                 "its second-to-last validation): that event prunes to the target in one step, and the schedule's "
                 "events after it are skipped. End the schedule earlier (`end_epoch`) or validate later."
             )
-        else:
-            end = judged
+        elif window.end_epoch is None:
+            end = max(judged, start + 1)
     return Timeline(start, end, every, in_steps, judged, _rewind(window, in_steps, per_epoch))
 
 

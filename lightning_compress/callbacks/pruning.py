@@ -68,6 +68,7 @@ from ._validation_plan import (
     EpochWindow,
     plan_timeline,
     steps_per_epoch,
+    validation_ahead,
     validation_skipped_on_resume,
     warn_if_max_steps_counts_several_optimizers,
 )
@@ -267,6 +268,8 @@ class IterativePruning(Callback):
         self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
         self._first_epoch = False  # no epoch of this fit has started a batch yet
         self._resumed_offset = 0  # the checkpoint's clock offset
+        self._last_validation = -1  # the optimizer step of this fit's last validation (-1: none yet)
+        self._resumed_last_validation: int | None = None  # the checkpoint's (None: not recorded, an older one)
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
@@ -308,6 +311,7 @@ class IterativePruning(Callback):
         return {
             **self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor,
             "steps_per_epoch": self._steps_per_epoch, "clock_offset": self._clock_offset,
+            "last_validation": self._last_validation,
         }  # fmt: skip
 
     def on_load_checkpoint(
@@ -339,6 +343,9 @@ class IterativePruning(Callback):
         self._resumed_validation = state_dict.get("validation")
         self._resumed_steps_per_epoch = saved_steps_per_epoch(state_dict)
         self._resumed_offset = saved_clock_offset(state_dict)
+        saved = state_dict.get("last_validation")
+        self._resumed_last_validation = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
+        self._last_validation = -1 if self._resumed_last_validation is None else self._resumed_last_validation
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:
@@ -373,6 +380,7 @@ class IterativePruning(Callback):
         self._fitting = stage == "fit"
         if stage != "fit":
             return
+        self._last_validation, self._resumed_last_validation = -1, None
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
         check_export_ready(trainer, self.export_path, pl_module)
         check_fit(trainer, pl_module, self.monitor, config.granularity)
@@ -477,6 +485,23 @@ class IterativePruning(Callback):
             core.targets, core.rule.importance, self.config.importance, self.window.start_epoch > 0 and unfreezes
         )
         guard = core.guard
+        # a checkpoint saved before the validation due after its batch (not after it: its last validation is not at
+        # its step), which Lightning resumes without
+        saved_validation, self._resumed_last_validation = self._resumed_last_validation, None
+        skipped = (
+            guard is not None
+            and saved_validation is not None
+            and saved_validation != trainer.global_step
+            and validation_skipped_on_resume(trainer)
+        )
+        if skipped and guard is not None and not guard.started and guard.baseline is not None:
+            # it was to give the baseline, the latest value before the first event (trial CH: an older one, 0.43
+            # where the skipped validation scored 0.73, let the guard accept what the uninterrupted fit rolled back)
+            guard.forget_baseline()
+            rank_zero_info(
+                "IterativePruning: Lightning resumes this checkpoint without the validation due after its batch, "
+                "which was to give the accuracy guard its baseline: pruning waits for the next validation to give it."
+            )
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
         self._in_steps = plan.in_steps
@@ -494,7 +519,7 @@ class IterativePruning(Callback):
         saved_in_steps = bool(self._resumed_steps_per_epoch)
         self._place_resumed_clock(trainer)
         self._first_epoch = True
-        if guard is not None and guard.awaiting_check and validation_skipped_on_resume(trainer):
+        if skipped and guard is not None and guard.awaiting_check and validation_ahead(trainer):
             core.judgement_skipped()
             rank_zero_info(
                 "IterativePruning: Lightning resumes this checkpoint without the validation due after its batch, which "
@@ -659,6 +684,7 @@ class IterativePruning(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._validation_inputs.take()
+        self._fitting = True  # a state loaded by hand after `test` applies again (trial CH)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._validation_inputs.take()  # Lightning calls no `teardown` after an exception (trial BT: the hook stayed)
@@ -675,6 +701,8 @@ class IterativePruning(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
         self._validation_inputs.stop()
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._last_validation = trainer.global_step
         if not self._guarding(trainer) or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards

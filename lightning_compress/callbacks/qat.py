@@ -414,7 +414,10 @@ class QuantizationAwareTraining(Callback):
                     "they come from the observed ranges."
                 )
             self._switch_on_or_calibrate(pl_module, epoch)
-        for _, quantizer in self._own_quantizers(pl_module):  # Lightning skips the epoch start of a resumed epoch
+        # Lightning skips the epoch start of a resumed epoch (trial CH: resumed from `start_epoch - 1`'s last batch,
+        # the calibration epoch observed nothing and quantization switched on uncalibrated)
+        self._observe_if_due(pl_module, epoch)
+        for _, quantizer in self._own_quantizers(pl_module):
             quantizer.train()
         searching = self.shift_search and epoch <= self.start_epoch and not self._active(pl_module)
         if searching and (trainer.val_dataloaders is None or not any(trainer.num_val_batches)):
@@ -435,12 +438,15 @@ class QuantizationAwareTraining(Callback):
             )
 
     # ------------------------------------------------------------------ training hooks
+    def _observe_if_due(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
+            for _, quantizer in self._own_quantizers(pl_module):
+                quantizer.observer_enabled = True
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         own = self._own_quantizers(pl_module)
-        if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
-            for _, quantizer in own:
-                quantizer.observer_enabled = True
+        self._observe_if_due(pl_module, epoch)
         for _, quantizer in own:  # they observe while the model trains, even if it was left in eval mode (Lightning
             quantizer.train()  # keeps a module's mode): they would never calibrate
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):

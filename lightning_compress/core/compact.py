@@ -25,6 +25,7 @@ from .model_config import describe_in_config
 from .qat import quantizers
 from .quant_blocks import keep_whole_blocks
 from .resize import apply_plan, plan, zero_channels
+from .sharding import is_sharded, model_class_name
 from .skeleton import deep_copy
 from .structure import ChannelGroup, build_channel_groups
 from .tracing import call_model, check_example_inputs, eval_mode, has_float_tensor, jittered, output_tensors
@@ -164,6 +165,14 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
     """
     check_module(model)
     check_float(atol, "atol", finite=True)
+    sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
+    if sharded is not None:  # a trial: FSDP's own AssertionError from the copy the check takes
+        raise ValueError(
+            f"compact removes channels of whole layers, but {model_class_name(model)}'s parameters are sharded (FSDP2; "
+            f"{sharded!r}): set the callback's `export_path='model.lcz'` (it gathers and compacts the model), or call "
+            "save_compressed(model, 'model.lcz') on every process, then load_compressed it into an unsharded instance "
+            "of the model and compact that."
+        )
     given = example_inputs is not None
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)

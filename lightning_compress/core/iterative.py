@@ -69,6 +69,7 @@ class Rollback:
     before: float  # sparsity with the event
     after: float  # sparsity without it
     whole_model: bool  # the model is the one the last evaluation judged (else: only the pruned weights went back)
+    kept: bool = False  # not rolled back: no copy of the model before it (``after`` is ``before``)
 
 
 _TOLERANCE = 1e-9  # sparsities closer than this to the target count as the target
@@ -490,7 +491,7 @@ class IterativePruner:
                     "the accuracy guard (`max_drop`) has no value before the first pruning event: evaluate and "
                     f"`observe(value)` before step {self.schedule.start + self.schedule.every}, or set `max_drop=None`."
                 )
-            if guard.stopped or (guard.awaiting_check and not (self._join_next or self._joins_unjudged_event(t))):
+            if guard.stopped or (guard.awaiting_check and not self._join_next):
                 return False
             if self.judged_until is not None and t > self.judged_until:
                 return False  # no evaluation before the end of the run would judge it
@@ -530,13 +531,6 @@ class IterativePruner:
         the validation of the batch its checkpoint was saved after): the next event runs beside it, on the schedule,
         and the next evaluation judges both; a rollback returns to the masks before the first."""
         self._join_next = self.guard is not None and self.guard.awaiting_check
-
-    def _joins_unjudged_event(self, t: int) -> bool:
-        """Whether the event due at ``t`` runs although the last one waits for its judgement: only at the last time
-        an evaluation can judge an event, when the evaluation that was to judge the waiting one will not come (a
-        resumed fit: Lightning skips the validation of the batch its checkpoint was saved after). The next
-        evaluation judges both; a rollback returns to the copy taken before the first."""
-        return self.judged_until is not None and t == self.judged_until
 
     def set_clock(self, t: int) -> None:
         """Set the clock to ``t`` steps done without running an event: a resumed run whose steps count otherwise
@@ -627,15 +621,21 @@ class IterativePruner:
     def finish(self) -> Rollback | None:
         """At the end of training: roll back an event no evaluation judged and re-apply the masks.
 
-        Returns what was rolled back, if anything.
+        Returns what was rolled back, if anything. Without a copy of the model the last evaluation judged (a run
+        resumed from a state saved while the event awaited judgement) the event stays (``Rollback.kept``): the
+        weights trained with its masks since.
         """
         rolled = None
         if self.guard is not None and self.guard.awaiting_check:
             before = self.masked_sparsity()
-            whole = self._judged.held  # the weights went back (a partial rollback: the pruned ones only)
-            self._roll_back()
+            if self._judged.held:
+                self._roll_back()
+                rolled = Rollback(before, self.masked_sparsity(), True)
+            else:  # resumed while it awaited judgement: putting back only the weights it pruned would leave a model
+                # trained without them (trial CH: 0.45 where the event's model scored 0.75); it stays, unjudged
+                rolled = Rollback(before, before, False, kept=True)
             self.guard.awaiting_check = False
-            rolled = Rollback(before, self.masked_sparsity(), whole)
+            self._join_next = False
         self._judged.clear()
         self._pruner.apply()
         return rolled
@@ -676,6 +676,7 @@ class IterativePruner:
             "granularity": str(self.config.granularity),  # what structure the masks have
             "target_sparsity": self.target_sparsity,
             "judged": self._judgement(),
+            "join_next": self._join_next,
         }
 
     def _judgement(self) -> dict[str, Any] | None:
@@ -712,6 +713,7 @@ class IterativePruner:
         self.steps = max(int(state["steps"]), 0)
         self.events = int(state.get("events", 0))
         self.fell_short = state.get("fell_short") is True  # what the end-of-fit note reads (trial CB)
+        self._join_next = state.get("join_next") is True  # a second resume before the join (trial CH)
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
         self._saved_judgement = state.get("judged")

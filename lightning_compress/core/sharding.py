@@ -151,3 +151,15 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+
+
+def model_class_name(model: nn.Module) -> str:
+    """``model``'s class name as its user wrote it: FSDP2's ``fully_shard`` gives a module it shards a class of its
+    own, ``FSDP<name>``, a subclass of the user's (a trial: a compressed file named the model 'FSDPMLP')."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return type(model).__name__
+    if not isinstance(model, FSDPModule):
+        return type(model).__name__
+    return next(b for b in type(model).__mro__ if not issubclass(b, FSDPModule)).__name__

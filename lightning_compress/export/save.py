@@ -23,7 +23,7 @@ from ..core.packing import (
 from ..core.qat import FakeQuantizer, qat_modules, quantizers
 from ..core.quant import BIAS_RANGE, dequantize, fake_quantize, quantize
 from ..core.selection import state_root, uncompiled
-from ..core.sharding import full, is_sharded
+from ..core.sharding import full, is_sharded, model_class_name
 from .container import FORMAT_VERSION, write_container
 from .records import (
     SECTIONS,
@@ -251,7 +251,7 @@ def _save(model: nn.Module, path: Path) -> CompressionReport:
     manifest = {
         "format": "lightning-compress",
         "version": FORMAT_VERSION,
-        "model": type(model).__name__,
+        "model": model_class_name(model),
         "qat_layers": _qat_layers(model),
         "compacted": is_compacted(model),
         "heads": head_record(model),

@@ -635,6 +635,60 @@ def test_a_guarded_fit_resumed_from_an_epochs_last_batch_still_reaches_the_targe
     assert all(torch.equal(guard.masks[k], uninterrupted.masks[k]) for k in uninterrupted.masks)
 
 
+def _resume_after_crash(tmp_path, crash: int, callbacks, max_epochs: int = 6):
+    """Fit until the end of epoch ``crash`` (its last batch's checkpoint is the last one), then resume it; returns
+    the resumed model, its callbacks and the warnings."""
+
+    def fit(crashing: bool, ckpt_path=None):
+        model, made = TinyModule(), callbacks()
+        ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_last=True, save_top_k=-1)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            trainer(
+                max_epochs=max_epochs, callbacks=[*([CrashAtEpochEnd(crash)] if crashing else []), *made, ckpt],
+                enable_checkpointing=True,
+            ).fit(model, ckpt_path=ckpt_path)  # fmt: skip
+        return model, made, [str(w.message) for w in said]
+
+    pl.seed_everything(0, verbose=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(True)
+    return fit(False, str(tmp_path / "last.ckpt"))
+
+
+def test_a_resume_without_the_validation_that_was_to_give_the_baseline_waits_for_the_next_one(tmp_path):
+    """Trial CH: the skipped validation was the last before the first event; the resumed guard kept an older
+    baseline (0.43 where the skipped validation scored 0.73) and accepted what the uninterrupted fit rolled back."""
+    _, (pruning,), _ = _resume_after_crash(
+        tmp_path, 1,
+        lambda: [IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=2, end_epoch=5, every_n_steps=4)],
+    )  # fmt: skip
+    assert pruning.decisions[0].action == "baseline"  # given by the resumed fit's first validation
+
+
+def test_a_resume_of_the_fits_last_batch_keeps_the_event_no_validation_can_judge_and_says_so(tmp_path):
+    """Trial CH: Lightning runs nothing more; the end of fit put back only the pruned weights of the event the
+    skipped validation was to judge (0.45 where the checkpoint's model scored 0.75)."""
+    model, _, said = _resume_after_crash(
+        tmp_path, 5, lambda: [IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=0, end_epoch=6)]
+    )
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert any("fit ended before a validation judged the last pruning event" in m and "it is kept" in m for m in said)
+    assert not any("runs beside it" in m for m in said)
+
+
+def test_qat_resumed_from_the_last_batch_before_start_epoch_calibrates_in_start_epoch(tmp_path):
+    """Trial CH: Lightning skips the resumed epoch's start, where the observers switch on: `start_epoch` observed
+    nothing, quantization switched on uncalibrated, with a false 'never ran their forward' warning."""
+    pl.seed_everything(0, verbose=False)
+    uninterrupted = TinyModule()
+    trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=2)]).fit(uninterrupted)
+    model, _, said = _resume_after_crash(tmp_path, 1, lambda: [QuantizationAwareTraining(8, 8, start_epoch=2)], 4)
+    assert not any("never ran their forward" in m for m in said)
+    assert all(torch.equal(uninterrupted.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_weight_averaging_that_would_undo_the_guard_or_average_quantizers_is_refused_before_training():
     """Lightning's weight averaging replaces the trained weights with an average at the end of fit. Beside the
     guard, a rollback was undone (fit returned the model it rejected); EMAWeightAveraging averaged the quantizers'

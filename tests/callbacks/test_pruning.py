@@ -232,6 +232,10 @@ def test_testing_another_models_checkpoint_leaves_the_callbacks_masks_alone(tmp_
     masks = {k: v.clone() for k, v in pruning.masks.items()}
     trainer(callbacks=[pruning]).test(TinyModule(), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
     assert all(torch.equal(masks[k], v) for k, v in pruning.masks.items())
+    early = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)["callbacks"][pruning.state_key]
+    pruning.load_state_dict(early)  # by hand, after `test`: it applies (trial CH: ignored)
+    assert not all(torch.equal(masks[k], v) for k, v in pruning.masks.items())
+    pruning.load_state_dict(pruning.state_dict() | {"pruner": {**early["pruner"], "masks": masks}})
     trainer(max_epochs=3, callbacks=[pruning]).fit(model)
     assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
 

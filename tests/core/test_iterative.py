@@ -140,10 +140,11 @@ def test_the_guard_catches_up_after_the_schedule_and_stops_at_the_judged_limit()
     assert not late.advance_to(4)  # after the last evaluation: nothing would judge it
 
 
-def test_the_last_judged_event_joins_one_whose_evaluation_never_came_and_a_rollback_undoes_both():
+def test_a_joined_event_at_the_last_judged_time_prunes_to_the_target_and_a_rollback_undoes_both():
     """A resumed fit: Lightning skips the validation of the batch its checkpoint was saved after, so the event
-    before it waits for judgement at the last time one can be judged. It waited, and the fit ended short (0.77 of
-    0.8, trial CB); now the last event runs too, to the target, and the last evaluation judges both."""
+    before it waited for judgement at the last time one can be judged, and the fit ended short (0.77 of 0.8, trial
+    CB). With the judgement said skipped, the last event runs too, to the target, and the last evaluation judges
+    both; without it (trial CH: a resume after a validation that did run), it waits."""
     for verdict, after in ((1.0, 0.8), (0.0, 0.0)):
         model = _model()
         pruner = IterativePruner(model, 0.8, total_steps=8, every_n_steps=2, max_drop=0.1, judged_until=5)
@@ -152,13 +153,17 @@ def test_the_last_judged_event_joins_one_whose_evaluation_never_came_and_a_rollb
         assert pruner.advance_to(2)  # its evaluation never comes
         with torch.no_grad():
             model[2].weight.add_(1.0)  # training goes on
-        assert not pruner.advance_to(4)  # waits for a judgement: not the last judged time
+        assert not pruner.advance_to(4)  # waits for a judgement
+        pruner.judgement_skipped()
         assert pruner.advance_to(5) and pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
         decision = pruner.observe(verdict)
         assert pruner.masked_sparsity() == pytest.approx(after, abs=1e-3)
         if after == 0.0:  # both undone: the masks before the first; its step is the cap's origin
             assert decision.action == "rollback" and decision.step_cap == pytest.approx(0.4, abs=1e-3)
             assert torch.equal(model[0].weight, before["0.weight"])
+    waiting = IterativePruner(_model(), 0.8, total_steps=8, every_n_steps=2, max_drop=0.1, judged_until=5)
+    waiting.observe(1.0)
+    assert waiting.advance_to(2) and not waiting.advance_to(5)
 
 
 def test_after_judgement_skipped_the_next_event_joins_the_waiting_one_on_the_schedule():
@@ -173,6 +178,29 @@ def test_after_judgement_skipped_the_next_event_joins_the_waiting_one_on_the_sch
     assert decision.action == "rollback" and pruner.masked_sparsity() == 0.0  # both undone
     pruner.judgement_skipped()  # nothing awaits judgement: no event joins
     assert pruner.advance_to(10) and not pruner.advance_to(12)
+    saved = IterativePruner(_model(), 0.8, total_steps=8, every_n_steps=2, max_drop=0.1)
+    saved.observe(1.0)
+    saved.advance_to(2)
+    saved.judgement_skipped()
+    again = IterativePruner(_model(), 0.8, total_steps=8, every_n_steps=2, max_drop=0.1)
+    again.load_state_dict(saved.state_dict())  # a second resume before the join (trial CH) joins too
+    assert again.advance_to(4)
+
+
+def test_finish_keeps_an_unjudged_event_it_has_no_copy_from_before():
+    """Trial CH: resumed from a checkpoint saved while an event awaited judgement, with no validation ahead, the end
+    of fit put back only the weights it pruned: 0.45 where the event's model scored 0.75. The event stays, said."""
+    model = _model()
+    first = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
+    first.observe(1.0)
+    first.advance_to(1)
+    resumed = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
+    resumed.load_state_dict(first.state_dict())
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rolled = resumed.finish()
+    assert rolled.kept and rolled.before == rolled.after == first.masked_sparsity() > 0 and not rolled.whole_model
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert resumed.finish() is None
 
 
 def test_finish_rolls_back_an_event_no_evaluation_judged():

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress import export_onnx
+from lightning_compress import compact, export_onnx
 from lightning_compress.core.importance import BatchNormScaleImportance, MagnitudeImportance, RandomImportance
 from lightning_compress.core.rules import channel_structure, rule_for
 from lightning_compress.core.selection import select_targets
-from lightning_compress.core.sharding import local_part
+from lightning_compress.core.sharding import local_part, model_class_name
 from tests.conftest import spawn
 
 
@@ -49,11 +49,15 @@ def _worker(rank: int, port: int, out: str) -> None:
             refused = ""
         except ValueError as err:
             refused = str(err)
-        results = {"refused": refused, "onnx": ""}
+        results = {"refused": refused, "onnx": "", "compact": "", "name": model_class_name(model)}
         try:
             export_onnx(model, f"{out}/sharded.onnx", x)
         except ValueError as err:
             results["onnx"] = str(err)
+        try:  # trial CG: FSDP's own AssertionError from the copy the output check takes
+            compact(model, x)
+        except ValueError as err:
+            results["compact"] = str(err)
         importances = (("magnitude", MagnitudeImportance()), ("random", RandomImportance(3)))
         for name, importance in (*importances, ("bn_scale", BatchNormScaleImportance())):
             for scope in ("global", "layer"):
@@ -82,6 +86,8 @@ def test_sharded_channel_masks_are_the_whole_models_cut_to_each_shard(tmp_path):
         results = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
         assert "cannot trace a sharded (FSDP2) model (0 is sharded): trace the whole model before" in results["refused"]
         assert "export_onnx traces a whole model, but FSDPSequential's parameters are sharded" in results["onnx"]
+        assert "compact removes channels of whole layers, but Sequential's parameters are sharded" in results["compact"]
+        assert results["name"] == "Sequential"  # trial CG: a compressed file named the model 'FSDPSequential'
         for name in ("magnitude", "random", "bn_scale"):
             for scope in ("global", "layer"):
                 key = f"{name}/{scope}"
