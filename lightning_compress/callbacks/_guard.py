@@ -196,9 +196,10 @@ class ValidationMetrics:
         model is no validation's (a partial rollback, or one across the switch to fake quantization), said."""
         if value is None:
             rank_zero_warn(
-                "IterativePruning: the rollback left a model no validation scored (resumed while the event awaited "
-                "judgement, or quantization switched on since): this validation's metrics are the rejected model's, "
-                "and checkpoint callbacks read them after it."
+                "IterativePruning: the rollback left a model no validation scored (this run holds no copy of the "
+                "model the last validation scored, as when resumed from a checkpoint saved after it; or quantization "
+                "switched on since): this validation's metrics are the rejected model's, and checkpoint callbacks "
+                "read them after it."
             )
             return
         self._judged_step = trainer.global_step  # the model is the judged one again

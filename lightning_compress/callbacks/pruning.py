@@ -494,7 +494,7 @@ class IterativePruning(Callback):
             and saved_validation != trainer.global_step
             and validation_skipped_on_resume(trainer)
         )
-        if skipped and guard is not None and not guard.started and guard.baseline is not None:
+        if skipped and guard is not None and not guard.started:
             # it was to give the baseline, the latest value before the first event (trial CH: an older one, 0.43
             # where the skipped validation scored 0.73, let the guard accept what the uninterrupted fit rolled back)
             guard.forget_baseline()
@@ -659,7 +659,8 @@ class IterativePruning(Callback):
         validated_at, self._validated_at = self._validated_at, None
         if rolled is None:
             note = unscored_model_note(trainer.global_step, validated_at, self._unscored_rollback)
-            if note is None and validated_at == trainer.global_step:
+            kept = bool(self._core.decisions) and self._core.decisions[-1].action == "keep"  # said when it was
+            if note is None and validated_at == trainer.global_step and not kept:
                 note = below_baseline_note(self._core, self.monitor or "", self._scored)
             if note is not None:
                 rank_zero_warn(note)
@@ -738,6 +739,15 @@ class IterativePruning(Callback):
                 "compress/step_cap": -1.0 if decision.step_cap is None else decision.step_cap,
             }
         )
+        if decision.action == "keep":
+            rank_zero_warn(
+                f"IterativePruning: the fit's last validation rejects the last pruning event ({self.monitor}="
+                f"{decision.value:.4f}, drop {decision.drop:.4f} > `max_drop`={self.max_drop}), but this run, resumed "
+                "from a checkpoint saved while the event awaited judgement, holds no copy of the model before it: "
+                "putting back only the weights it pruned would leave a model trained without them that no validation "
+                "scores, so the model this validation scored stays. Resume from a checkpoint saved at a validation's "
+                "end to keep the guard's promise."
+            )
         if decision.action in ("rollback", "stop"):
             self._pending_logs.update(self._sparsity_values(pl_module))
             self._metrics.restore(trainer, measured, self.monitor or "", self._core.restored_value)

@@ -439,9 +439,12 @@ class QuantizationAwareTraining(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def _observe_if_due(self, pl_module: pl.LightningModule, epoch: int) -> None:
-        if epoch >= self.start_epoch and (self.freeze_observers_epoch is None or epoch <= self.freeze_observers_epoch):
+        """Observers on from ``start_epoch`` through ``freeze_observers_epoch``, off after it (a resume past the
+        freeze epoch's last batch skips its end, where they freeze: trial CI)."""
+        frozen = self.freeze_observers_epoch is not None and epoch > self.freeze_observers_epoch
+        if epoch >= self.start_epoch:
             for _, quantizer in self._own_quantizers(pl_module):
-                quantizer.observer_enabled = True
+                quantizer.observer_enabled = not frozen
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch

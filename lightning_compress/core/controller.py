@@ -254,7 +254,7 @@ def monitor_mode(monitor: str | None, mode: str | None, who: str = "IterativePru
 class GuardDecision:
     """What the guard decided after a validation."""
 
-    action: str  # "baseline", "accept", "rollback", "stop"
+    action: str  # "baseline", "accept", "rollback", "stop"; "keep": rejected, but there is nothing to go back to
     value: float
     drop: float
     step_cap: float | None

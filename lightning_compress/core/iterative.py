@@ -577,6 +577,13 @@ class IterativePruner:
         decision = self.guard.observe(float(value))
         self._join_next = self._join_next and self.guard.awaiting_check
         rolled_back = decision is not None and decision.action in ("rollback", "stop")
+        if rolled_back and not self._judged.held and self.judged_until is not None and self.steps >= self.judged_until:
+            # the last evaluation, and no copy of the model before the event (a resumed run): putting back only the
+            # weights it pruned would leave a model trained without them that nothing scores (trial CI: 0.48 where
+            # the rejected one scored 0.62); the scored model stays, and pruning stops
+            assert decision is not None
+            decision = GuardDecision("keep", decision.value, decision.drop, decision.step_cap)
+            self.guard.stopped, rolled_back = True, False
         if decision is None and not self._judged.quantizes_alike():
             self._warn_if_quantization_costs_more(float(value))
         self.restored_value = None
@@ -677,6 +684,7 @@ class IterativePruner:
             "target_sparsity": self.target_sparsity,
             "judged": self._judgement(),
             "join_next": self._join_next,
+            "judged_quantizers": None if self.guard is None else self._judged.flags(),
         }
 
     def _judgement(self) -> dict[str, Any] | None:
@@ -717,7 +725,8 @@ class IterativePruner:
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
         self._saved_judgement = state.get("judged")
-        self._judged.note_saved(self._saved_judgement)  # events wait if quantization switched on since it
+        # events wait if quantization switched on since it
+        self._judged.note_saved(self._saved_judgement, state.get("judged_quantizers"))
 
 
 def _warn(message: str) -> None:

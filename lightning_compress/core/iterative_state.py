@@ -96,6 +96,9 @@ def check_state(
         raise ValueError(f"`state['guard']` is not an accuracy guard's state: {str(guard)[:200]}.")
     if guard is not None and guard_keys is not None:
         check_guard_state(guard)
+    flags = state.get("judged_quantizers")
+    if flags is not None and not (isinstance(flags, (list, tuple)) and all(is_integer(f) for f in flags)):
+        raise ValueError(f"`state['judged_quantizers']` is not a list of quantizer flags: {str(flags)[:200]}.")
     judged = state.get("judged")
     if judged is not None and not (
         isinstance(judged, Mapping)

@@ -408,7 +408,9 @@ def _computing_base(module: nn.Module) -> type[nn.Module] | None:
 
 
 _BASE_ATTRIBUTES: dict[type[nn.Module], frozenset[str]] = {}
-_BOOKKEEPING = frozenset(["_is_hf_initialized"])  # transformers marks every module it initialized, plain ones too
+# transformers marks every module it initialized, plain ones too; `compact` every module it compacted (a trial:
+# EfficientNet's depthwise Conv2d subclasses stayed float after `compact`; `compact.COMPACTED_FLAG`)
+_BOOKKEEPING = frozenset(["_is_hf_initialized", "_lightning_compress_compacted"])
 
 
 def _base_attributes(base: type[nn.Module]) -> frozenset[str]:

@@ -135,9 +135,17 @@ class JudgedModel:
             return self.snapshot.quantizes_alike()
         return self.flags_then is None or flags_alike(self.flags_then, quantizer_flags(self._model))
 
-    def note_saved(self, record: Mapping[str, Any] | None) -> None:
-        """A checkpoint's :meth:`record` (``None``: it has none): how the judged model's quantizers stood."""
-        self.flags_then = None if record is None else [int(flags) for flags in record["quantizers"]]
+    def note_saved(self, record: Mapping[str, Any] | None, flags: list[int] | None = None) -> None:
+        """A checkpoint's :meth:`record` (``None``: it has none), or only :meth:`flags` (saved while an event awaited
+        judgement): how the judged model's quantizers stood."""
+        saved = flags if record is None else record["quantizers"]
+        self.flags_then = None if saved is None else [int(f) for f in saved]
+
+    def flags(self) -> list[int] | None:
+        """How the judged model's quantizers stood (``None``: not known), for a checkpoint saved while an event awaits
+        judgement: a resumed run's next event then still waits for an evaluation of the model quantized (trial CI: a
+        joined event ran in the batch quantization switched on, and the validation judged both with it)."""
+        return list(self.snapshot.quantizer_flags) if self.snapshot is not None else self.flags_then
 
     def restore(self) -> bool:
         """Write the copy back; whether the model is now exactly the judged one (``False`` without a copy)."""

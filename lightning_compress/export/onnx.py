@@ -635,10 +635,17 @@ def _layer_name(onnx_name: str, known: Sequence[str] = ()) -> str:
     repeat = int(parts[at].rpartition("_")[2]) if parts[at] != "weight_fake_quant" else 0
     scopes = parts[:at]
     names = set(known)
-    for first in range(len(scopes)):
-        joined = ".".join(scopes[first:])
-        if joined in names:
-            return joined + ".weight"
+    merged: list[str] = []  # a child's scope may repeat its parent's name: `layer/layer.0` is `layer.0` (a trial:
+    for part in scopes:  # HF ResNet's stages.1 convolutions were reported as stages.0's)
+        if merged and part.startswith(merged[-1] + "."):
+            merged[-1] = part
+        else:
+            merged.append(part)
+    for candidate in (merged, scopes):
+        for first in range(len(candidate)):
+            joined = ".".join(candidate[first:])
+            if joined in names:
+                return joined + ".weight"
     for first in range(len(scopes)):  # a container the exporter names no scope for (nn.ModuleDict: `/l1/` of
         joined = ".".join(scopes[first:])  # `layers.l1`)
         ending = [name for name in known if name.endswith("." + joined)]

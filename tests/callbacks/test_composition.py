@@ -689,6 +689,36 @@ def test_qat_resumed_from_the_last_batch_before_start_epoch_calibrates_in_start_
     assert all(torch.equal(uninterrupted.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_joined_event_waits_for_a_validation_of_the_model_quantized_as_the_uninterrupted_fit_does(tmp_path):
+    """Trial CI: resumed from a checkpoint saved while an event awaited judgement, the pruner had no copy telling how
+    the judged model's quantizers stood: the joined event ran in the batch quantization switched on, and the
+    validation judged two events and quantization together. The flags are saved with the state now."""
+
+    def callbacks():
+        return [
+            IterativePruning(0.8, monitor="val_acc", max_drop=0.5, start_epoch=1, end_epoch=6),
+            QuantizationAwareTraining(8, 8, start_epoch=3),
+        ]
+
+    pl.seed_everything(0, verbose=False)
+    made = callbacks()
+    trainer(max_epochs=6, callbacks=made).fit(TinyModule())
+    _, (pruning, _), _ = _resume_after_crash(tmp_path, 3, callbacks)
+    assert pruning.pruner.waited_for_quantization == made[0].pruner.waited_for_quantization == 1
+    assert all(torch.equal(pruning.masks[k], v) for k, v in made[0].masks.items())
+
+
+def test_qat_resumed_past_freeze_observers_epoch_keeps_its_observers_frozen(tmp_path):
+    """Trial CI: resumed from the last batch of `freeze_observers_epoch`, whose end (where they freeze) Lightning
+    skips, the observers went on observing: 19 tensors differed from the uninterrupted fit."""
+    pl.seed_everything(0, verbose=False)
+    uninterrupted = TinyModule()
+    qat = {"start_epoch": 1, "freeze_observers_epoch": 2}
+    trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(8, 8, **qat)]).fit(uninterrupted)
+    model, _, _ = _resume_after_crash(tmp_path, 2, lambda: [QuantizationAwareTraining(8, 8, **qat)], 4)
+    assert all(torch.equal(uninterrupted.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_weight_averaging_that_would_undo_the_guard_or_average_quantizers_is_refused_before_training():
     """Lightning's weight averaging replaces the trained weights with an average at the end of fit. Beside the
     guard, a rollback was undone (fit returned the model it rejected); EMAWeightAveraging averaged the quantizers'

@@ -203,6 +203,21 @@ def test_finish_keeps_an_unjudged_event_it_has_no_copy_from_before():
     assert resumed.finish() is None
 
 
+def test_the_last_evaluation_keeps_a_rejected_event_it_has_no_copy_from_before():
+    """Trial CI: resumed while an event awaited judgement, the fit's last validation rejected it and put back only
+    the weights it pruned: 0.48 where the rejected model scored 0.62, and no validation left to score it."""
+    model = _model()
+    first = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1, judged_until=1)
+    first.observe(1.0)
+    first.advance_to(1)
+    resumed = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1, judged_until=1)
+    resumed.load_state_dict(first.state_dict())
+    before = resumed.masked_sparsity()
+    decision = resumed.observe(0.0)
+    assert decision.action == "keep" and resumed.masked_sparsity() == before > 0 and resumed.guard.stopped
+    assert not resumed.events_remain()
+
+
 def test_finish_rolls_back_an_event_no_evaluation_judged():
     model = _model()
     pruner = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)

@@ -414,6 +414,11 @@ def test_subclasses_that_keep_their_base_computation_are_quantized_as_their_base
     convert_to_float(model)
     assert type(model[0]) is nn.Conv2d and type(model[2]) is nn.Linear
     torch.testing.assert_close(model(x), expected)
+    from lightning_compress.core.compact import mark_compacted
+
+    compacted = nn.Sequential(_DepthwiseConv2d(3), nn.Flatten(), _PlainLinear(48, 4))
+    mark_compacted(compacted)  # trial CJ: `compact`'s flag on every module read as the subclass's own attribute
+    assert convert_to_qat(compacted, QuantConfig(8, 8)) == ["0", "2"]
     other = nn.Sequential(_OwnConvForward(3, 3, 1), nn.Flatten(), nn.Linear(48, 4))
     with pytest.warns(UserWarning, match=r"leaves \['0 \(_OwnConvForward\)'\] in float"):
         assert convert_to_qat(other, QuantConfig(8, 8)) == ["2"]

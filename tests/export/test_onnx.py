@@ -594,6 +594,54 @@ def test_layers_in_a_module_dict_are_reported_by_their_model_names(tmp_path):
     assert names == ["blocks.0.weight", "blocks.1.weight", "heads.l1.weight", "layers.l1.weight", "layers.l2.weight"]
 
 
+def test_layers_of_repeated_blocks_whose_scopes_repeat_their_parents_name_are_reported_by_their_names(tmp_path):
+    """Trial CJ: HF ResNet's exporter scopes read `stages.1/layers.0/layer/layer.0/convolution`; the report named
+    stages.1's convolutions as stages.0's (the first name ending in `layer.0.convolution`)."""
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convolution = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.convolution(x)
+
+    class Stage(nn.Module):  # HF ResNet's stage: `layers` (Sequential) of blocks whose `layer` is a Sequential
+        def __init__(self):
+            super().__init__()
+            block = nn.Module()
+            block.layer = nn.Sequential(Conv(), Conv())
+            block.forward = lambda x: block.layer(x)
+            self.layers = nn.Sequential(block)
+
+        def forward(self, x):
+            return self.layers(x)
+
+    class Stages(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stages = nn.ModuleList([Stage(), Stage()])
+
+        def forward(self, x):
+            for stage in self.stages:
+                x = stage(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Stages()
+    convert_to_qat(model, QuantConfig(8, 8))
+    for _, q in quantizers(model):
+        q.observer_enabled = True
+    with torch.no_grad():
+        model(torch.randn(16, 8))
+    for _, q in quantizers(model):
+        q.fake_quant_enabled = True
+    report = export_onnx(model.eval(), tmp_path / "s.onnx", torch.randn(2, 8))
+    assert sorted(layer.name for layer in report.layers) == [
+        f"stages.{i}.layers.0.layer.{j}.convolution.weight" for i in (0, 1) for j in (0, 1)
+    ]
+
+
 def test_an_activation_the_exporter_folds_to_a_constant_is_not_reported_as_a_weight(tmp_path):
     """Trial BI: DeBERTa's position embeddings, through a LayerNorm into a quantized projection, are a constant
     for the exporter (here a Parameter straight into a quantized layer): the report listed them as two more layers
