@@ -162,6 +162,10 @@ class IterativePruning(Callback):
             measure="macs")`` leaves a quarter of the compute. Global scope then ranks channels by score
             per MAC their removal saves; layer scope prunes the same fraction of every group's channels,
             the smallest that fits.
+        round_to: with ``granularity="channel"``: every group of output channels keeps a multiple of this many
+            (rounded down, so the target or MACs budget still holds; heads, and groups a group-wise quantized
+            layer reads in blocks, aside): widths onnxruntime's fast CPU convolution layout takes whole (8 or 16).
+            ``None`` (default): any count.
         regrow: fraction of the kept weights exchanged at every event but the last: the
             lowest-scored are pruned and as many pruned weights with the largest gradient magnitude
             since the previous event come back at zero (GraNet's neuroregeneration, Liu et al. 2021),
@@ -202,6 +206,7 @@ class IterativePruning(Callback):
         regrow: float = 0.0,
         export_path: str | Path | None = None,
         measure: str = "channels",
+        round_to: int | None = None,
     ) -> None:
         super().__init__()
         check_monitor_name(monitor)
@@ -247,7 +252,7 @@ class IterativePruning(Callback):
             )
         self.config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
-            None if monitor is None else self.max_drop, mode, seed, measure,
+            None if monitor is None else self.max_drop, mode, seed, measure, round_to,
         )  # fmt: skip
         warn_if_min_density_idle(min_density, cast(str, self.config.scope), self.config.granularity)
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)

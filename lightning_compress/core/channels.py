@@ -72,6 +72,10 @@ class ChannelRule:
         min_density: every group keeps at least this fraction of its channels (and at least one).
         cost: count multiply-accumulates instead of channels (``measure="macs"``).
         collectives: the processes sharing sharded (FSDP2) parameters (default: ``torch.distributed``'s).
+        round_to: every group of output channels (not heads, not groups a group-wise quantized layer reads in
+            blocks) keeps a multiple of this many channels, rounded down (more pruned, so the target or the MACs
+            budget still holds), at least one multiple or all it has: compacted widths that fast convolution
+            layouts take whole (onnxruntime's wants multiples of 8 or 16). ``None``: any count.
     """
 
     exchanges_weights: ClassVar[bool] = False
@@ -85,6 +89,7 @@ class ChannelRule:
         min_density: float = 0.0,
         cost: ChannelCost | None = None,
         collectives: Collectives | None = None,
+        round_to: int | None = None,
     ) -> None:
         if not groups:
             raise ValueError("no prunable channel group: nothing for granularity='channel' to prune.")
@@ -94,6 +99,7 @@ class ChannelRule:
         self.scope = scope
         self.min_density = min_density
         self.cost = cost
+        self.round_to = round_to
         self.targets: list[Target] = []
         by_param: dict[int, Target] = {}
         self._parts: list[list[_Part]] = []
@@ -144,6 +150,8 @@ class ChannelRule:
                 sizes = torch.bincount(block[kept])
                 smallest = int(sizes[sizes > 0].min())
                 count -= smallest - 1
+            elif self.round_to is not None and group.attention is None and count:  # they leave a multiple at a time
+                count -= self.round_to - 1
             if count <= floor:
                 held.append(group.name)
         return held
@@ -234,15 +242,20 @@ class ChannelRule:
             self._warn_if_short(sparsity, kept, self.cost)
         return self.masks_for(kept)
 
-    @staticmethod
     def _whole(
-        kept: list[Tensor], alive: list[Tensor], blocks: list[Tensor | None], scores: list[Tensor], floors: list[int]
-    ) -> list[Tensor]:
-        """``kept`` with every quantization block the selection cut into removed whole (:func:`_whole_blocks`)."""
-        return [
-            k if b is None else _whole_blocks(k, live, b, score, floor)
-            for k, live, b, score, floor in zip(kept, alive, blocks, scores, floors, strict=True)
-        ]
+        self, kept: list[Tensor], alive: list[Tensor], blocks: list[Tensor | None], scores: list[Tensor],
+        floors: list[int],
+    ) -> list[Tensor]:  # fmt: skip
+        """``kept`` with every quantization block the selection cut into removed whole (:func:`_whole_blocks`), and
+        with ``round_to``, every other group's count a multiple (:func:`_aligned`)."""
+        out = []
+        for group, k, live, b, score, floor in zip(self.groups, kept, alive, blocks, scores, floors, strict=True):
+            if b is not None:
+                k = _whole_blocks(k, live, b, score, floor)
+            elif self.round_to is not None and group.attention is None:
+                k = _aligned(k, live, score, floor, self.round_to)
+            out.append(k)
+        return out
 
     def _select(
         self,
@@ -345,8 +358,9 @@ class ChannelRule:
         groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
         warnings.warn(
             f"measure='macs': the schedule asks for {1.0 - sparsity:.1%} of the dense MACs at this event, but the "
-            f"channel groups that can be pruned are at their floors ({groups} channels kept; `min_density`, or "
-            f"whole quantization groups) with {left:.1%} left: the "
+            f"channel groups that can be pruned are at their floors ({groups} channels kept; `min_density`, whole "
+            f"quantization groups{', or one multiple of `round_to`=' + str(self.round_to) if self.round_to else ''})"
+            f" with {left:.1%} left: the "
             "rest is in layers left whole (see the channel groups' log). Pruning goes no further than the floors.",
             UserWarning,
             stacklevel=2,
@@ -386,6 +400,25 @@ def _whole_blocks(keep: Tensor, live: Tensor, blocks: Tensor, score: Tensor, flo
             out |= (blocks == block) & live
             if int(out.sum()) >= floor:
                 break
+    return out
+
+
+def _aligned(keep: Tensor, live: Tensor, score: Tensor, floor: int, multiple: int) -> Tensor:
+    """``keep`` with its count rounded down to a multiple of ``multiple`` (its lowest-scored channels go too), or up
+    to the smallest multiple at or above ``floor`` (the best-scored live channels come back), or all ``live``."""
+    count, available = int(keep.sum()), int(live.sum())
+    want = count // multiple * multiple
+    if want < max(1, floor):
+        want = min(available, -(-max(1, floor) // multiple) * multiple)
+    if want == count:
+        return keep
+    out = keep.clone()
+    if want < count:
+        drop = torch.where(keep, score, torch.full_like(score, math.inf))
+        out[torch.sort(drop, stable=True).indices[: count - want]] = False
+    else:
+        back = torch.where(live & ~keep, score, torch.full_like(score, -math.inf))
+        out[torch.sort(back, descending=True, stable=True).indices[: want - count]] = True
     return out
 
 

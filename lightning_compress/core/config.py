@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import check_choice, check_float, check_int
-from .functional import check_granularity, check_measure, default_scope, resolve_min_density, validate_fraction
+from .functional import (
+    check_granularity,
+    check_measure,
+    check_round_to,
+    default_scope,
+    resolve_min_density,
+    validate_fraction,
+)
 from .importance import Importance, resolve_importance
 from .schedule import SCHEDULES
 from .selection import normalize_patterns
@@ -44,6 +51,7 @@ class PruningConfig:
     mode: str = "max"
     seed: int = 0
     measure: str = "channels"
+    round_to: int | None = None
     nm: tuple[int, int] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -55,6 +63,7 @@ class PruningConfig:
         granularity, nm = check_granularity(self.granularity, target, self.importance)
         set_(self, "nm", nm)
         check_measure(self.measure, granularity)
+        check_round_to(self.round_to, granularity)
         set_(self, "regrow", validate_fraction(self.regrow, "regrow"))
         if self.regrow > 0 and granularity != "element":
             raise ValueError(
@@ -99,6 +108,7 @@ class PruningConfig:
             "exclude": self.exclude,
             **({} if self.granularity == "element" else {"granularity": self.granularity}),
             **({} if self.measure == "channels" else {"measure": self.measure}),
+            **({} if self.round_to is None else {"round_to": self.round_to}),
         }
 
     def describe(self) -> dict[str, object]:
@@ -110,6 +120,7 @@ class PruningConfig:
             "schedule": str(self.schedule),
             "granularity": self.granularity,
             "measure": self.measure,
+            "round_to": self.round_to,
         }
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "check_granularity",
     "check_masks",
     "check_measure",
+    "check_round_to",
     "default_scope",
     "prune_",
     "sparsity",
@@ -113,6 +114,17 @@ def default_scope(scope: object, granularity: str) -> str:
     return str(scope)
 
 
+def check_round_to(round_to: object, granularity: str) -> int | None:
+    """Validate ``round_to``: ``None`` or a positive integer, for ``granularity="channel"`` only."""
+    value = check_int(round_to, "round_to", minimum=1, optional=True)
+    if value is not None and granularity != "channel":
+        raise ValueError(
+            f"`round_to`={value} rounds the channels a layer keeps: it needs granularity='channel', got "
+            f"`granularity`={granularity!r}."
+        )
+    return value
+
+
 def check_measure(measure: object, granularity: str) -> str:
     """Validate ``measure``: ``"channels"`` or ``"macs"``, the latter for ``granularity="channel"`` only."""
     if measure not in ("channels", "macs"):
@@ -164,6 +176,7 @@ def prune_(
     granularity: str = "element",
     example_inputs: Any = None,
     measure: str = "channels",
+    round_to: int | None = None,
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place to ``sparsity`` and return the masks.
 
@@ -191,6 +204,9 @@ def prune_(
         measure: with ``"channel"``: what ``sparsity`` counts, ``"channels"`` or ``"macs"`` (the fraction
             of the model's multiply-accumulates on ``example_inputs`` removed; global scope then ranks
             channels by score per MAC).
+        round_to: with ``"channel"``: every group keeps a multiple of this many channels (rounded down, so more
+            are pruned; heads and groups read in quantization blocks aside), for widths fast convolution layouts
+            take whole. ``None``: any count.
 
     Returns:
         ``{parameter name: bool mask}``, ``True`` where the weight is kept (with ``"channel"`` also
@@ -212,6 +228,7 @@ def prune_(
     warn_if_min_density_idle(min_density, scope, granularity)
     min_density = resolve_min_density(min_density, sparsity, scope)
     measure = check_measure(measure, granularity)
+    check_round_to(round_to, granularity)
     imp = resolve_importance(importance, seed)
     targets = select_targets(model, include, exclude, module_tensors=True)
     if granularity == "element":
@@ -224,7 +241,9 @@ def prune_(
         return compute_masks(targets, imp, sparsity, scope, min_density, masks, apply=True)
     if granularity == "channel" and example_inputs is None:
         raise ValueError("`granularity`='channel' traces the model: pass `example_inputs` (a tensor, tuple or dict).")
-    rule, left_alone = rule_for(model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure)
+    rule, left_alone = rule_for(
+        model, targets, granularity, nm, imp, scope, min_density, example_inputs, measure, round_to=round_to
+    )
     masks = check_masks(masks, rule.targets)  # channel masks hold the biases and BatchNorm entries they cut too
     if left_alone and nm is not None:
         warnings.warn(

@@ -105,7 +105,7 @@ class IterativePruner:
             (:func:`~.rules.channel_structure`); required when its weights are sharded (FSDP2: trace before
             ``fully_shard``), else traced here.
         importance, scope, schedule, granularity, include, exclude, min_density, regrow, max_drop,
-        mode, seed, measure: the method, as in :class:`~.config.PruningConfig` (the callback's arguments of
+        mode, seed, measure, round_to: the method, as in :class:`~.config.PruningConfig` (the callback's arguments of
         the same names; a callable ``schedule`` receives the step).
 
     Example:
@@ -143,6 +143,7 @@ class IterativePruner:
         mode: str = "max",
         seed: int = 0,
         measure: str = "channels",
+        round_to: int | None = None,
         rewind_step: int | None = None,
         judged_until: int | None = None,
         example_inputs: Any = None,
@@ -155,7 +156,7 @@ class IterativePruner:
     ) -> None:
         config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
-            max_drop, mode, seed, measure,
+            max_drop, mode, seed, measure, round_to,
         )  # fmt: skip
         warn_if_min_density_idle(min_density, cast(str, config.scope), config.granularity)
         self._build(
@@ -250,7 +251,7 @@ class IterativePruner:
             )
         rule, self.left_alone = rule_for(
             model, targets, config.granularity, config.nm, importance, str(config.scope),
-            config.min_density or 0.0, example_inputs, config.measure, self.collectives, structure,
+            config.min_density or 0.0, example_inputs, config.measure, self.collectives, structure, config.round_to,
         )  # fmt: skip
         self._pruner = Pruner(rule, regrow=config.regrow, collectives=self.collectives)
         if self.left_alone and config.nm is not None:

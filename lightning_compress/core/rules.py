@@ -145,6 +145,7 @@ def rule_for(
     measure: str = "channels",
     collectives: Collectives | None = None,
     structure: ChannelStructure | None = None,
+    round_to: int | None = None,
 ) -> tuple[MaskRule, dict[str, str]]:
     """Return the rule of ``granularity`` over the selected ``targets``, and what it leaves alone, and why.
 
@@ -158,6 +159,7 @@ def rule_for(
         example_inputs: for ``"channel"``: what the model's ``forward`` takes.
         measure: for ``"channel"``: the unit, ``"channels"`` or ``"macs"`` (:class:`~.channel_cost.ChannelCost`).
         collectives: the processes sharing sharded (FSDP2) weights.
+        round_to: for ``"channel"``: kept channels per group in multiples of it (:class:`~.channels.ChannelRule`).
         structure: for ``"channel"``: the groups already traced (:func:`channel_structure`; required when the
             weights are sharded, as a sharded model cannot be traced); else traced here.
 
@@ -198,7 +200,7 @@ def rule_for(
         return ElementRule(targets, importance, scope, min_density, collectives), {}
     if structure is None:
         structure = channel_structure(model, targets, example_inputs, measure)
-    rule = ChannelRule(model, structure.groups, importance, scope, min_density, structure.cost, collectives)
+    rule = ChannelRule(model, structure.groups, importance, scope, min_density, structure.cost, collectives, round_to)
     unsupported = [why for t in rule.targets if (why := check_row_sharded(t.param, t.name)) is not None]
     if unsupported:
         raise ValueError(f"cannot prune these sharded weights: {unsupported[0]}.")

@@ -348,6 +348,20 @@ def test_the_logged_sparsity_of_channel_pruning_counts_selected_layers_no_group_
     assert "compress/sparsity/net.4" in logged and float(logged["compress/sparsity/net.4"]) == 0.0
 
 
+def test_round_to_in_fit_compacts_to_widths_in_multiples(tmp_path):
+    """`round_to` through the callback, every event on the schedule: the compacted widths are multiples of it."""
+    from lightning_compress import compact
+
+    pl.seed_everything(0, verbose=False)
+    model = DigitsClassifier(DigitsCNN(16), lr=3e-3)
+    pruning = IterativePruning(0.5, granularity="channel", measure="macs", round_to=8, end_epoch=2)
+    _trainer([pruning], max_epochs=2).fit(model, DigitsDataModule(batch_size=32))
+    report = compact(model, _x())
+    assert report.channels and all(after % 8 == 0 for _, after in report.channels.values())
+    assert report.macs_after <= 0.5 * report.macs_before + 1e-6
+    assert pruning.config.describe()["round_to"] == 8
+
+
 class _TiedLM(pl.LightningModule):
     """Token embedding, an MLP, and an output head tied to the embedding."""
 
