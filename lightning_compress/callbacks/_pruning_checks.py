@@ -26,6 +26,7 @@ __all__ = [
     "check_no_overlap",
     "key_of_same_selection",
     "saved_clock_offset",
+    "saved_last_validation",
     "saved_steps_per_epoch",
     "say_quant_blocks",
 ]
@@ -145,6 +146,18 @@ def saved_steps_per_epoch(state: dict[str, Any]) -> int | None:
             "None was saved; the checkpoint is damaged."
         )
     return None if per_epoch is None else int(per_epoch)
+
+
+def saved_last_validation(state: dict[str, Any]) -> int | None:
+    """The optimizer step of the last validation before a saved state (-1: none; ``None``: not saved, an older
+    checkpoint)."""
+    step = state.get("last_validation")
+    if step is not None and not is_integer(step):
+        raise ValueError(
+            f"The checkpoint's IterativePruning state has last_validation={repr(step)[:40]}: an int was saved; the "
+            "checkpoint is damaged."
+        )
+    return None if step is None else int(step)
 
 
 def saved_clock_offset(state: dict[str, Any]) -> int:

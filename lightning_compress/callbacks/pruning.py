@@ -52,6 +52,7 @@ from ._pruning_checks import (
     check_resumed_clock,
     key_of_same_selection,
     saved_clock_offset,
+    saved_last_validation,
     saved_steps_per_epoch,
     say_quant_blocks,
 )
@@ -163,9 +164,10 @@ class IterativePruning(Callback):
             per MAC their removal saves; layer scope prunes the same fraction of every group's channels,
             the smallest that fits.
         round_to: with ``granularity="channel"``: every group of output channels keeps a multiple of this many
-            (rounded down, so the target or MACs budget still holds; heads, and groups a group-wise quantized
-            layer reads in blocks, aside): widths onnxruntime's fast CPU convolution layout takes whole (8 or 16).
-            ``None`` (default): any count.
+            (rounded down, so a reachable target or MACs budget still holds; heads, and groups a group-wise
+            quantized layer reads in blocks, aside): widths onnxruntime's fast CPU convolution layout takes whole (8
+            or 16). A group keeps at least one multiple, or all it has, so small groups may not shrink: a MACs budget
+            that leaves out of reach sends every group to that floor, with a warning. ``None`` (default): any count.
         regrow: fraction of the kept weights exchanged at every event but the last: the
             lowest-scored are pruned and as many pruned weights with the largest gradient magnitude
             since the previous event come back at zero (GraNet's neuroregeneration, Liu et al. 2021),
@@ -348,8 +350,7 @@ class IterativePruning(Callback):
         self._resumed_validation = state_dict.get("validation")
         self._resumed_steps_per_epoch = saved_steps_per_epoch(state_dict)
         self._resumed_offset = saved_clock_offset(state_dict)
-        saved = state_dict.get("last_validation")
-        self._resumed_last_validation = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
+        self._resumed_last_validation = saved_last_validation(state_dict)
         self._last_validation = -1 if self._resumed_last_validation is None else self._resumed_last_validation
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict

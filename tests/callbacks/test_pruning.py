@@ -1507,3 +1507,9 @@ def test_a_target_the_floors_cannot_reach_says_the_floor_is_why():
     with pytest.warns(UserWarning, match=r"short of `target_sparsity`=0.999: the `min_density`=0.0001 floor \(and at "
                       r"least one unit per layer\) holds \['net.0', 'net.2', 'net.4'\]"):  # fmt: skip
         trainer(max_epochs=2, callbacks=[IterativePruning(0.999, schedule="one_shot")]).fit(TinyModule())
+
+
+@pytest.mark.parametrize(("key", "value"), [("clock_offset", "3"), ("last_validation", 2.5)])
+def test_a_damaged_clock_entry_of_the_saved_state_is_refused_naming_it(key, value):
+    with pytest.raises(ValueError, match=rf"state has {key}=.*: an int was saved; the checkpoint is damaged"):
+        IterativePruning(0.5).load_state_dict({"steps": 0, key: value})

@@ -630,12 +630,8 @@ def test_layers_of_repeated_blocks_whose_scopes_repeat_their_parents_name_are_re
     torch.manual_seed(0)
     model = Stages()
     convert_to_qat(model, QuantConfig(8, 8))
-    for _, q in quantizers(model):
-        q.observer_enabled = True
-    with torch.no_grad():
-        model(torch.randn(16, 8))
-    for _, q in quantizers(model):
-        q.fake_quant_enabled = True
+    calibrate(model, [torch.randn(16, 8)])
+    enable_fake_quant(model)
     report = export_onnx(model.eval(), tmp_path / "s.onnx", torch.randn(2, 8))
     assert sorted(layer.name for layer in report.layers) == [
         f"stages.{i}.layers.0.layer.{j}.convolution.weight" for i in (0, 1) for j in (0, 1)
