@@ -7,15 +7,16 @@ import functools
 import importlib
 import math
 import re
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ..core.checks import is_integer, is_real
-from ..core.controller import names_no_direction
+from ..core.checks import check_float, is_integer, is_real
+from ..core.controller import is_rate, monitor_mode, names_no_direction, reads_higher
 from ..core.iterative import IterativePruner, Rollback
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "below_baseline_note",
     "check_monitor_name",
     "check_validation_state",
+    "guard_arguments",
     "read_monitor",
     "says_no_direction",
     "short_of_target_note",
@@ -63,6 +65,53 @@ def check_monitor_name(monitor: Any) -> None:
         raise TypeError(f"`monitor` must be a metric name (str) or None, got {monitor!r}.")
     if monitor is not None and not monitor.strip():
         raise ValueError(f"`monitor`={monitor!r} names no metric: pass the name a validation logs, or None.")
+
+
+def guard_arguments(monitor: Any, max_drop: Any, mode: Any) -> tuple[str | None, float, str]:
+    """``IterativePruning``'s guard arguments checked: ``(monitor, max_drop, mode)``, ``max_drop`` at its default
+    0.01 when ``None`` and ``mode`` inferred from the name when ``None``; said when one has no effect or the
+    inferred reading may be wrong."""
+    check_monitor_name(monitor)
+    if max_drop is not None and monitor is None:
+        warnings.warn(
+            f"IterativePruning: `max_drop`={max_drop} has no effect without `monitor` (the accuracy guard is off); "
+            "name the logged metric to guard, e.g. monitor='val_acc'.",
+            UserWarning,
+            stacklevel=3,
+        )
+    max_drop_value = check_float(0.01 if max_drop is None else max_drop, "max_drop", finite=True)
+    if mode is not None and monitor is None:
+        warnings.warn(
+            f"IterativePruning: `mode`={mode!r} has no effect without `monitor` (the accuracy guard is off).",
+            UserWarning,
+            stacklevel=3,
+        )
+    inferred = mode is None
+    mode = monitor_mode(monitor, mode)
+    if monitor is not None and inferred and says_no_direction(monitor):
+        warnings.warn(  # a trial's `val_total`, a sum of losses: every event rolled back, 0% sparse
+            f"IterativePruning: `monitor`={monitor!r} names neither a loss nor an accuracy, so the guard reads a "
+            "higher value as better (mode='max'). Pass `mode` ('min' for a loss) to say which.",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif monitor is not None and inferred:
+        rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
+    if (
+        monitor is not None
+        and mode == "min"
+        and max_drop is None
+        and not is_rate(monitor)
+        and not reads_higher(monitor)
+    ):
+        warnings.warn(
+            f"IterativePruning: the guard lets `monitor`={monitor!r} rise by at most `max_drop`=0.01, the default "
+            "chosen for accuracies in [0, 1]; a loss is in units of its own, and one that drifts up by more (a "
+            "model that overfits) rolls every event back. Set `max_drop` to the rise you accept.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return monitor, max_drop_value, mode
 
 
 def read_monitor(trainer: pl.Trainer, monitor: str, said: set[str] | None = None) -> float:
@@ -183,8 +232,12 @@ class ValidationMetrics:
         """On a fit resumed from a checkpoint saved while the model was the one the validation ``state`` describes
         scored (right after it, or after a rollback to it; no optimizer step since): the guard copies the model it
         holds with that validation's value, and a rollback restores that validation's metrics, as in the
-        uninterrupted run. Returns whether it did."""
-        if state is None or int(state["global_step"]) != trainer.global_step or not core.adopt_saved_judgement():
+        uninterrupted run; so it does from a checkpoint saved while an event awaited judgement, which holds that copy.
+        Returns whether it did."""
+        if state is None:
+            return False
+        adopted = int(state["global_step"]) == trainer.global_step and core.adopt_saved_judgement()
+        if not adopted and not core.resumed_copy:  # a checkpoint saved while an event awaited judgement holds the copy
             return False
         self._judged = {k: torch.tensor(float(v)) for k, v in state["metrics"].items()}
         self._judged_step = int(state["global_step"])
@@ -238,7 +291,9 @@ def short_of_target_note(core: IterativePruner, monitor: str | None, max_drop: f
         named = f"{held[:3]}{' ...' if len(held) > 3 else ''}"
         why = (
             f"the channel groups {named} are at their floors (`min_density`={core.config.min_density}, at least "
-            "one channel, and whole quantization groups where a layer reads the channels in groups)"
+            "one channel, "
+            + (f"one multiple of `round_to`={core.config.round_to}, " if core.config.round_to else "")
+            + "and whole quantization groups where a layer reads the channels in groups)"
             + (
                 ", and the rest of the MACs are in layers left whole (see the channel groups' log)"
                 if core.config.measure == "macs"
@@ -282,8 +337,8 @@ def unjudged_event_note(rolled: Rollback) -> str:
         "IterativePruning: fit ended before a validation judged the last pruning event (sparsity "
         f"{rolled.before:.4f}), and it is kept: this run, resumed from a checkpoint saved while the event awaited "
         "judgement (Lightning resumes without the validation of the batch a checkpoint was saved after), holds no "
-        "copy of the model "
-        "from before it, and putting back only the weights it pruned would leave a model trained without them. No "
+        "copy of the model from before it (FSDP2's shards, or a checkpoint an earlier version wrote, keep none), "
+        "and putting back only the weights it pruned would leave a model trained without them. No "
         "validation has scored the model `fit` returns: `trainer.validate(model)` scores it."
     )
 

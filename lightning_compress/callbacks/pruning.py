@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..core.config import PruningConfig
-from ..core.controller import GuardDecision, is_rate, monitor_mode, reads_higher
+from ..core.controller import GuardDecision
 from ..core.functional import warn_if_min_density_idle
 from ..core.importance import Importance
 from ..core.iterative import IterativePruner
@@ -36,10 +36,9 @@ from ._export import (
 from ._guard import (
     ValidationMetrics,
     below_baseline_note,
-    check_monitor_name,
     check_validation_state,
+    guard_arguments,
     read_monitor,
-    says_no_direction,
     short_of_target_note,
     stale_note,
     unjudged_event_note,
@@ -51,16 +50,13 @@ from ._pruning_checks import (
     check_no_overlap,
     check_resumed_clock,
     key_of_same_selection,
-    saved_clock_offset,
-    saved_last_validation,
-    saved_steps_per_epoch,
     say_quant_blocks,
 )
+from ._pruning_clock import PruningClock
 from ._pruning_log import log_values, sparsity_values
 from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
-    check_float,
     check_strategy,
     runs_in_spawned_processes,
     warn_if_saved_under_another_key,
@@ -68,9 +64,7 @@ from ._validation import (
 from ._validation_plan import (
     EpochWindow,
     plan_timeline,
-    steps_per_epoch,
     validation_ahead,
-    validation_skipped_on_resume,
     warn_if_max_steps_counts_several_optimizers,
 )
 
@@ -211,47 +205,7 @@ class IterativePruning(Callback):
         round_to: int | None = None,
     ) -> None:
         super().__init__()
-        check_monitor_name(monitor)
-        self.monitor = monitor
-        if max_drop is not None and monitor is None:
-            warnings.warn(
-                f"IterativePruning: `max_drop`={max_drop} has no effect without `monitor` (the accuracy guard is off); "
-                "name the logged metric to guard, e.g. monitor='val_acc'.",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.max_drop = check_float(0.01 if max_drop is None else max_drop, "max_drop", finite=True)
-        if mode is not None and monitor is None:
-            warnings.warn(
-                f"IterativePruning: `mode`={mode!r} has no effect without `monitor` (the accuracy guard is off).",
-                UserWarning,
-                stacklevel=2,
-            )
-        inferred = mode is None
-        mode = monitor_mode(monitor, mode)
-        if monitor is not None and inferred and says_no_direction(monitor):
-            warnings.warn(  # a trial's `val_total`, a sum of losses: every event rolled back, 0% sparse
-                f"IterativePruning: `monitor`={monitor!r} names neither a loss nor an accuracy, so the guard reads a "
-                "higher value as better (mode='max'). Pass `mode` ('min' for a loss) to say which.",
-                UserWarning,
-                stacklevel=2,
-            )
-        elif monitor is not None and inferred:
-            rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
-        if (
-            monitor is not None
-            and mode == "min"
-            and max_drop is None
-            and not is_rate(monitor)
-            and not reads_higher(monitor)
-        ):
-            warnings.warn(
-                f"IterativePruning: the guard lets `monitor`={monitor!r} rise by at most `max_drop`=0.01, the default "
-                "chosen for accuracies in [0, 1]; a loss is in units of its own, and one that drifts up by more (a "
-                "model that overfits) rolls every event back. Set `max_drop` to the rise you accept.",
-                UserWarning,
-                stacklevel=2,
-            )
+        self.monitor, self.max_drop, mode = guard_arguments(monitor, max_drop, mode)
         self.config = PruningConfig(
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure, round_to,
@@ -268,15 +222,7 @@ class IterativePruning(Callback):
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
         self._fitting = True  # set up for `fit` (or not set up by a Trainer yet: a state loaded by hand applies)
         self._resumed_validation: dict[str, Any] | None = None  # the checkpoint's judged validation (step, metrics)
-        self._in_steps = False
-        self._steps_per_epoch: int | None = None  # optimizer steps per epoch of a step clock placed from epochs
-        self._resumed_steps_per_epoch: int | None = None  # the checkpoint's
-        self._clock_offset = 0  # the step clock minus the Trainer's global_step (a resume with other steps per epoch)
-        self._batches_at_start: float = 0  # the loader's length the step schedule was placed with
-        self._first_epoch = False  # no epoch of this fit has started a batch yet
-        self._resumed_offset = 0  # the checkpoint's clock offset
-        self._last_validation = -1  # the optimizer step of this fit's last validation (-1: none yet)
-        self._resumed_last_validation: int | None = None  # the checkpoint's (None: not recorded, an older one)
+        self._clock = PruningClock()
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
@@ -317,8 +263,7 @@ class IterativePruning(Callback):
             return {}
         return {
             **self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor,
-            "steps_per_epoch": self._steps_per_epoch, "clock_offset": self._clock_offset,
-            "last_validation": self._last_validation,
+            **self._clock.state_dict(),
         }  # fmt: skip
 
     def on_load_checkpoint(
@@ -348,10 +293,7 @@ class IterativePruning(Callback):
             return
         check_validation_state(state_dict.get("validation"))
         self._resumed_validation = state_dict.get("validation")
-        self._resumed_steps_per_epoch = saved_steps_per_epoch(state_dict)
-        self._resumed_offset = saved_clock_offset(state_dict)
-        self._resumed_last_validation = saved_last_validation(state_dict)
-        self._last_validation = -1 if self._resumed_last_validation is None else self._resumed_last_validation
+        self._clock.load(state_dict)
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:
@@ -386,7 +328,7 @@ class IterativePruning(Callback):
         self._fitting = stage == "fit"
         if stage != "fit":
             return
-        self._last_validation, self._resumed_last_validation = -1, None
+        self._clock.reset()
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
         check_export_ready(trainer, self.export_path, pl_module)
         check_fit(trainer, pl_module, self.monitor, config.granularity)
@@ -490,16 +432,8 @@ class IterativePruning(Callback):
         check_frozen(
             core.targets, core.rule.importance, self.config.importance, self.window.start_epoch > 0 and unfreezes
         )
-        guard = core.guard
-        # a checkpoint saved before the validation due after its batch (not after it: its last validation is not at
-        # its step), which Lightning resumes without
-        saved_validation, self._resumed_last_validation = self._resumed_last_validation, None
-        skipped = (
-            guard is not None
-            and saved_validation is not None
-            and saved_validation != trainer.global_step
-            and validation_skipped_on_resume(trainer)
-        )
+        guard, clock = core.guard, self._clock
+        skipped = clock.skipped_validation(trainer) and guard is not None
         if skipped and guard is not None and not guard.started:
             # it was to give the baseline, the latest value before the first event (trial CH: an older one, 0.43
             # where the skipped validation scored 0.73, let the guard accept what the uninterrupted fit rolled back)
@@ -510,8 +444,7 @@ class IterativePruning(Callback):
             )
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
-        self._in_steps = plan.in_steps
-        self._batches_at_start = trainer.num_training_batches
+        clock.in_steps = plan.in_steps
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)
@@ -522,9 +455,9 @@ class IterativePruning(Callback):
         resumed, self._resumed_validation = self._resumed_validation, None
         if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
             self._metrics.resume(trainer, resumed, core)
-        saved_in_steps = bool(self._resumed_steps_per_epoch)
-        self._place_resumed_clock(trainer)
-        self._first_epoch = True
+        saved_in_steps = clock.saved_in_steps
+        clock.place(trainer, core)
+        clock.first_epoch = clock.first_batch = True
         if skipped and guard is not None and guard.awaiting_check and validation_ahead(trainer):
             core.judgement_skipped()
             rank_zero_info(
@@ -532,59 +465,25 @@ class IterativePruning(Callback):
                 "was to judge the last pruning event: the next event runs beside it, and the next validation judges "
                 "both."
             )
-        check_resumed_clock(trainer, pl_module, core.steps, self._in_steps, self._clock_offset, saved_in_steps)
-        if not self._in_steps and not self._guarded_epochs and core.steps < trainer.current_epoch:
+        check_resumed_clock(trainer, pl_module, core.steps, clock.in_steps, clock.offset, saved_in_steps)
+        if not clock.in_steps and not self._guarded_epochs and core.steps < trainer.current_epoch:
             # resumed from a checkpoint saved on an epoch's last batch: Lightning goes on with the next epoch
             # without that epoch's end (where its event runs) or the next one's start. The event runs now (a
             # guarded one at the epoch's first batch, after every callback's start: QAT's switch included)
             self._advance(pl_module, trainer.current_epoch)
-
-    def _shift_judged_epochs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """At the first epoch start of the fit: an epoch Lightning ran without a batch before it (the resume of a
-        fit `max_steps` stopped at an epoch's end) moves every validation the plan placed by batch an epoch later,
-        and so the last judged event (trial BW: every event waited past it, the fit ended dense). A checkpoint saved
-        inside an epoch's last batch resumes into that epoch's empty rest: no shift (trial CB)."""
-        core, per_epoch = self._core, steps_per_epoch(trainer)
-        if not (self._guarded_epochs and core is not None and core.judged_until is not None and per_epoch):
-            return
-        if pl_module.automatic_optimization:  # global_step counts this fit's batches in steps
-            shift = trainer.current_epoch - trainer.global_step // per_epoch
-            if shift > 0:
-                core.judged_until += shift
-
-    def _place_resumed_clock(self, trainer: pl.Trainer) -> None:
-        """A step clock placed on the epoch window counts the checkpoint's steps per epoch; resumed with another number
-        (other devices, batch size or accumulation), its position is carried over in epochs (a trial: DDP's checkpoint
-        resumed on one device ran no event in an epoch, ended at 0.7703 of 0.8 and blamed an early stop)."""
-        saved, self._resumed_steps_per_epoch = self._resumed_steps_per_epoch, None
-        # `start_epoch`/`end_epoch` place the window in steps, also with `every_n_steps` (a trial: resumed with fewer
-        # steps per epoch, an `every_n_steps` schedule ran no more events)
-        self._steps_per_epoch = steps_per_epoch(trainer) if self._in_steps else None
-        offset, self._resumed_offset = self._resumed_offset, 0
-        now = self._steps_per_epoch
-        # a state saved by a resumed run counts its steps with that run's offset (trial CB: a second resume was
-        # refused as ahead of the fit, or its clock jumped); one that did not count in steps has none
-        self._clock_offset = offset if saved and now else 0
-        if not (saved and now and int(saved) != now):
-            return
-        core = self.pruner
-        steps = round(core.steps * now / int(saved))
-        self._clock_offset = steps - trainer.global_step
-        core.set_clock(steps)
-        rank_zero_info(
-            f"IterativePruning: the checkpoint was saved with {saved} optimizer steps per epoch, this fit makes {now} "
-            f"(other devices, batch size or accumulation): the pruning schedule goes on from epoch "
-            f"{steps / now:.2f}, step {steps} of {core.schedule.end}."
-        )
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._metrics.reapply(trainer)  # a rollback's metrics, merged over again by readers during the validation
-        if batch_idx == 0 and self._first_epoch:
-            self._first_epoch = False
-            self._shift_judged_epochs(trainer, pl_module)
+        first_batch, self._clock.first_batch = self._clock.first_batch, False
+        if (batch_idx == 0 or first_batch) and self._core is not None:  # an epoch's length, after its callbacks' start
+            self._clock.follow_length(trainer, pl_module, self._core, self.window, guarded=self.monitor is not None)
+        if batch_idx == 0 and self._clock.first_epoch:
+            self._clock.first_epoch = False
+            if self._guarded_epochs and self._core is not None:
+                self._clock.shift_judged_epochs(trainer, pl_module, self._core)
         if batch_idx == 0 and self._core is not None:
             # after every callback's epoch start: SWA's, listed after this one, writes its unmasked average there and
             # recomputes BatchNorm statistics in the epoch that follows (a trial: 0.44 sparse, statistics 8.6x off)
@@ -596,20 +495,6 @@ class IterativePruning(Callback):
                 self._advance(pl_module, trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        within = trainer.current_epoch < self.window.end_for(trainer)  # after the schedule, lengths do not matter
-        if (
-            within
-            and self._in_steps
-            and self._batches_at_start
-            and trainer.num_training_batches != self._batches_at_start
-        ):
-            rank_zero_warn(
-                f"IterativePruning: the train loader has {trainer.num_training_batches} batches in epoch "
-                f"{trainer.current_epoch}, not {self._batches_at_start} as when the schedule was placed in optimizer "
-                "steps: its events no longer fall on `start_epoch`..`end_epoch`. Prune per epoch "
-                "(`every_n_epochs=1`) when the loader's length changes."
-            )
-            self._batches_at_start = 0  # said once
         reshard(pl_module)  # after validation: weights written now must reach the next training forward
         self.pruner.apply()  # weights written outside the optimizer (e.g. SWA) must not revive pruned ones
 
@@ -626,17 +511,15 @@ class IterativePruning(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._in_steps:
+        if not self._clock.in_steps:
             return
-        clock = trainer.global_step + self._clock_offset
-        if not pl_module.automatic_optimization:  # global_step counts every optimizer's steps: count batches
-            clock = trainer.current_epoch * int(trainer.num_training_batches) + batch_idx + 1
+        clock = self._clock.now(trainer, pl_module, batch_idx)
         if clock > self.pruner.steps:
             self._advance(pl_module, clock)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
-        if not self._in_steps and not self._guarded_epochs:
+        if not self._clock.in_steps and not self._guarded_epochs:
             reshard(pl_module)  # after the epoch's validation
             self._advance(pl_module, trainer.current_epoch + 1)
         else:
@@ -647,7 +530,7 @@ class IterativePruning(Callback):
         """Events between epochs judged by the guard run at the start of the next epoch, not at the end of the
         last: a checkpoint saved at the end of an epoch (``ModelCheckpoint`` saves after every other callback)
         then holds the model the epoch's validation judged, and no event follows the fit's last epoch."""
-        return self.monitor is not None and not self._in_steps
+        return self.monitor is not None and not self._clock.in_steps
 
     def _advance(self, pl_module: pl.LightningModule, t: int) -> None:
         self._flush_logs(pl_module)
@@ -659,7 +542,8 @@ class IterativePruning(Callback):
             return
         reshard(pl_module)
         rolled = self._core.finish()
-        short = short_of_target_note(self._core, self.monitor, self.max_drop, "step" if self._in_steps else "epoch")
+        unit = "step" if self._clock.in_steps else "epoch"
+        short = short_of_target_note(self._core, self.monitor, self.max_drop, unit)
         if short is not None:
             rank_zero_warn(short)
         validated_at, self._validated_at = self._validated_at, None
@@ -670,7 +554,7 @@ class IterativePruning(Callback):
                 note = below_baseline_note(self._core, self.monitor or "", self._scored)
             if note is not None:
                 rank_zero_warn(note)
-        if self._in_steps and trainer.loggers:
+        if self._clock.in_steps and trainer.loggers:
             # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
             # them, so the sparsity the fit ends at is written here (every process counts, process 0 writes)
             values = self._sparsity_values(pl_module)
@@ -708,8 +592,7 @@ class IterativePruning(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
         self._validation_inputs.stop()
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._last_validation = trainer.global_step
+        self._clock.validated(trainer)
         if not self._guarding(trainer) or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards
@@ -749,7 +632,8 @@ class IterativePruning(Callback):
             rank_zero_warn(
                 f"IterativePruning: the fit's last validation rejects the last pruning event ({self.monitor}="
                 f"{decision.value:.4f}, drop {decision.drop:.4f} > `max_drop`={self.max_drop}), but this run, resumed "
-                "from a checkpoint saved while the event awaited judgement, holds no copy of the model before it: "
+                "from a checkpoint saved while the event awaited judgement, holds no copy of the model before it "
+                "(FSDP2's shards, or a checkpoint an earlier version wrote, keep none): "
                 "putting back only the weights it pruned would leave a model trained without them that no validation "
                 "scores, so the model this validation scored stays. Resume from a checkpoint saved at a validation's "
                 "end to keep the guard's promise."
@@ -774,4 +658,4 @@ class IterativePruning(Callback):
 
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float], step_level: bool | None = None) -> None:
         """Log through the module: per step when pruning in steps (unless ``step_level`` says otherwise)."""
-        log_values(pl_module, values, self._in_steps if step_level is None else step_level)
+        log_values(pl_module, values, self._clock.in_steps if step_level is None else step_level)

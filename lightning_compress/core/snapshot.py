@@ -40,6 +40,7 @@ class ModelSnapshot:
 
     def __init__(self, model: nn.Module) -> None:
         self._tensors: list[tuple[Tensor, Tensor]] = []
+        self._names: list[str] = []  # each copied tensor's name, for a checkpoint
         quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
         with torch.no_grad():
             self._quantizer_state = [  # the flags, then each scale, zero point and range as they are now
@@ -56,11 +57,49 @@ class ModelSnapshot:
         ]
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
         with torch.no_grad():
-            for _, tensor in named:
+            for name, tensor in named:
                 if tensor is None or id(tensor) in seen:  # a tied parameter is copied once
                     continue
                 seen.add(id(tensor))
                 self._tensors.append((tensor, tensor.detach().clone()))
+                self._names.append(name)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether it holds this process's shards of sharded tensors (FSDP2): a checkpoint cannot hold it."""
+        return any(is_sharded(tensor) for tensor, _ in self._tensors)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The copied values as CPU tensors, by name, and each quantizer's flags and values, in module order."""
+        return {
+            "tensors": {name: saved.cpu() for name, (_, saved) in zip(self._names, self._tensors, strict=True)},
+            "quantizers": [[flags, [saved.cpu() for _, saved in values]] for _, flags, values in self._quantizer_state],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Hold the values of a :meth:`state_dict` instead of the model's own; ``False`` (nothing changed) when they
+        are not of this model: other names, shapes or quantizers."""
+        tensors, quantizers = state.get("tensors"), state.get("quantizers")
+        if not isinstance(tensors, Mapping) or not isinstance(quantizers, list):
+            return False
+        if sorted(tensors) != sorted(self._names) or len(quantizers) != len(self._quantizer_state):
+            return False
+        pairs = [(saved, tensors[name]) for name, (_, saved) in zip(self._names, self._tensors, strict=True)]
+        for (_, _, values), entry in zip(self._quantizer_state, quantizers, strict=True):
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
+                return False
+            if len(entry[1]) != len(values):
+                return False
+            pairs += [(saved, value) for (_, saved), value in zip(values, entry[1], strict=True)]
+        if not all(isinstance(v, Tensor) and v.shape == saved.shape for saved, v in pairs):
+            return False
+        with torch.no_grad():
+            for saved, value in pairs:
+                saved.copy_(value)
+        flags = [int(entry[0]) for entry in quantizers]
+        self._quantizer_state = [(q, f, values) for (q, _, values), f in zip(self._quantizer_state, flags, strict=True)]
+        self.quantizer_flags = flags
+        return True
 
     def quantizes_alike(self) -> bool:
         """Whether the model's quantizers would let :meth:`restore` give back exactly the copied model: each has the
@@ -96,8 +135,9 @@ class JudgedModel:
     """The model as an evaluation judged it: a :class:`ModelSnapshot`, the value that evaluation gave (``None`` for
     a copy taken without one) and the clock (steps done) at which the model was last that one.
 
-    A checkpoint cannot hold the copy, only :meth:`record`; after a resume, :meth:`adopt` takes the copy again from
-    the model when the model is still the judged one."""
+    A checkpoint saved right after the evaluation holds :meth:`record` only: after a resume, :meth:`adopt` takes the
+    copy again from the model, which is still the judged one. One saved while an event awaits judgement holds the
+    copy itself (:meth:`state_dict`; not of sharded tensors)."""
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
@@ -146,6 +186,23 @@ class JudgedModel:
         judgement: a resumed run's next event then still waits for an evaluation of the model quantized (trial CI: a
         joined event ran in the batch quantization switched on, and the validation judged both with it)."""
         return list(self.snapshot.quantizer_flags) if self.snapshot is not None else self.flags_then
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The copy, its value and clock, for a checkpoint saved while an event awaits judgement (``None``: no copy,
+        or one of sharded tensors)."""
+        if self.snapshot is None or self.snapshot.sharded:
+            return None
+        return {"value": self.value, "steps": self.steps, "snapshot": self.snapshot.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Hold the copy of a :meth:`state_dict`; whether it could (it is of this model)."""
+        snapshot = ModelSnapshot(self._model)
+        value, steps = state.get("value"), state.get("steps")
+        if not isinstance(state.get("snapshot"), Mapping) or not snapshot.load_state_dict(state["snapshot"]):
+            return False
+        self.hold(snapshot, None if value is None else float(value))
+        self.steps = None if steps is None else int(steps)
+        return True
 
     def restore(self) -> bool:
         """Write the copy back; whether the model is now exactly the judged one (``False`` without a copy)."""

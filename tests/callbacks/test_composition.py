@@ -635,9 +635,9 @@ def test_a_guarded_fit_resumed_from_an_epochs_last_batch_still_reaches_the_targe
     assert all(torch.equal(guard.masks[k], uninterrupted.masks[k]) for k in uninterrupted.masks)
 
 
-def _resume_after_crash(tmp_path, crash: int, callbacks, max_epochs: int = 6):
-    """Fit until the end of epoch ``crash`` (its last batch's checkpoint is the last one), then resume it; returns
-    the resumed model, its callbacks and the warnings."""
+def _resume_after_crash(tmp_path, crash: int, callbacks, max_epochs: int = 6, edit=None):
+    """Fit until the end of epoch ``crash`` (its last batch's checkpoint is the last one), then resume it (after
+    ``edit(checkpoint)``, when given); returns the resumed model, its callbacks and the warnings."""
 
     def fit(crashing: bool, ckpt_path=None):
         model, made = TinyModule(), callbacks()
@@ -653,6 +653,10 @@ def _resume_after_crash(tmp_path, crash: int, callbacks, max_epochs: int = 6):
     pl.seed_everything(0, verbose=False)
     with pytest.raises(RuntimeError, match="killed"):
         fit(True)
+    if edit is not None:
+        checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+        edit(checkpoint)
+        torch.save(checkpoint, tmp_path / "last.ckpt")
     return fit(False, str(tmp_path / "last.ckpt"))
 
 
@@ -666,16 +670,94 @@ def test_a_resume_without_the_validation_that_was_to_give_the_baseline_waits_for
     assert pruning.decisions[0].action == "baseline"  # given by the resumed fit's first validation
 
 
-def test_a_resume_of_the_fits_last_batch_keeps_the_event_no_validation_can_judge_and_says_so(tmp_path):
+def _without_judged_copy(checkpoint):
+    """A checkpoint as this library wrote it before it saved the judged model's copy (and as FSDP2 writes it)."""
+    for state in checkpoint["callbacks"].values():
+        state.pop("judged_copy", None)
+
+
+def test_a_resume_of_the_fits_last_batch_rolls_back_the_event_no_validation_can_judge(tmp_path):
     """Trial CH: Lightning runs nothing more; the end of fit put back only the pruned weights of the event the
-    skipped validation was to judge (0.45 where the checkpoint's model scored 0.75)."""
+    skipped validation was to judge (0.45 where the checkpoint's model scored 0.75). The checkpoint holds the copy of
+    the model the last validation judged now: the fit goes back to it, as an uninterrupted fit ending unjudged does."""
+    resumed_from = []
     model, _, said = _resume_after_crash(
-        tmp_path, 5, lambda: [IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=0, end_epoch=6)]
-    )
+        tmp_path, 5, lambda: [IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=0, end_epoch=6)],
+        edit=resumed_from.append,
+    )  # fmt: skip
+    state = next(s for k, s in resumed_from[0]["callbacks"].items() if k.startswith("IterativePruning"))
+    copy = state["judged_copy"]["snapshot"]["tensors"]
+    assert all(torch.equal(copy[k], v) for k, v in model.state_dict().items())  # the judged model, exactly
+    assert not all(torch.equal(resumed_from[0]["state_dict"][k], v) for k, v in model.state_dict().items())
+    assert any("the model went back to the one the last validation judged" in m for m in said)
+
+
+def test_a_resume_of_the_fits_last_batch_without_the_copy_keeps_the_event_and_says_so(tmp_path):
+    """Without the copy (a checkpoint written before the copy was saved, or FSDP2's shards), putting back only the
+    pruned weights would leave a model trained without them that no validation scores: the event stays, said."""
+    model, _, said = _resume_after_crash(
+        tmp_path, 5, lambda: [IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=0, end_epoch=6)],
+        edit=_without_judged_copy,
+    )  # fmt: skip
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     assert any("fit ended before a validation judged the last pruning event" in m and "it is kept" in m for m in said)
     assert not any("runs beside it" in m for m in said)
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A loader Lightning resumes mid-epoch at the batch it stopped at (its `state_dict` counts the batches served)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = self._skip = 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self._served += 1
+                yield batch
+
+    def state_dict(self):
+        return {"served": self._served}
+
+    def load_state_dict(self, state):
+        self._skip = state["served"]
+
+
+class ResumableScoredBySparsity(ScoredBySparsity):
+    def train_dataloader(self):
+        return ResumableLoader(make_blobs(self.hparams.n), batch_size=32)
+
+
+@pytest.mark.parametrize("step", [9, 27])
+def test_a_guarded_fit_resumed_mid_epoch_while_an_event_awaits_judgement_is_the_uninterrupted_fit(tmp_path, step):
+    """Trial CM: the checkpoint held no copy of the model the last validation judged, so a rollback after the resume
+    put back only the pruned weights, or (at the fit's last validation) kept the rejected model: 0.32 where the
+    uninterrupted fit returned 0.94, its baseline 0.92. The state holds the copy while an event awaits judgement."""
+
+    def run(folder: str, ckpt_path: str | None = None) -> tuple[nn.Module, IterativePruning]:
+        pl.seed_everything(0, verbose=False)
+        model = ResumableScoredBySparsity()
+        guard = IterativePruning(0.9, monitor="val_score", max_drop=0.3, start_epoch=0, end_epoch=4)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(max_epochs=6, callbacks=[guard, ckpt], enable_checkpointing=True).fit(model, ckpt_path=ckpt_path)
+        return model, guard
+
+    model, guard = run("uninterrupted")
+    path = tmp_path / "uninterrupted" / f"step={step}.ckpt"
+    state = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "IterativePruning" in k)
+    assert state["judged_copy"] is not None  # saved while an event awaited judgement
+    resumed, resumed_guard = run("resumed", str(path))
+    assert "rollback" in [d.action for d in resumed_guard.decisions]
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert [d.action for d in resumed_guard.decisions] == [d.action for d in guard.decisions][
+        -len(resumed_guard.decisions) :
+    ]
 
 
 def test_qat_resumed_from_the_last_batch_before_start_epoch_calibrates_in_start_epoch(tmp_path):

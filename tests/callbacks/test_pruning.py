@@ -1155,20 +1155,52 @@ def test_max_drop_without_monitor_says_it_does_nothing():
     assert IterativePruning(0.9, monitor="val_acc").max_drop == 0.01
 
 
-def test_a_train_loader_whose_length_changes_is_named_when_pruning_in_steps():
-    """The step window is placed with the first epoch's length: with a growing loader it pruned before
-    `start_epoch` and reached the target early, silently (found by a new-user trial)."""
+class Growing(TinyModule):
+    """Its train loader grows every epoch (reloaded: ``reload_dataloaders_every_n_epochs=1``)."""
 
-    class Growing(TinyModule):
-        def train_dataloader(self):
-            size = 64 * (self.trainer.current_epoch + 1)
-            return torch.utils.data.DataLoader(make_blobs(size), batch_size=32)
+    def train_dataloader(self):
+        size = 64 * (self.trainer.current_epoch + 1)
+        return torch.utils.data.DataLoader(make_blobs(size), batch_size=32)
 
-    with pytest.warns(UserWarning, match=r"has 4 batches in epoch 1, not 2 .*`every_n_epochs=1`") as caught:
-        trainer(
-            max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[IterativePruning(0.5, start_epoch=1)]
-        ).fit(Growing())
-    assert sum("batches in epoch" in str(w.message) for w in caught) == 1
+
+def test_a_step_schedule_follows_a_train_loader_whose_length_changes():
+    """The step window was placed with the first epoch's length: with a growing loader it pruned before
+    `start_epoch` and reached the target early, silently (found by a new-user trial); now the rest of the schedule is
+    placed on every new length, and the events keep to `start_epoch`..`end_epoch`."""
+    probe = Probe()
+    pruning = IterativePruning(0.5, start_epoch=1, end_epoch=3)
+    trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[pruning, probe]).fit(Growing())
+    assert probe.by_epoch[0] == 0.0
+    assert 0.0 < probe.by_epoch[1] < probe.by_epoch[2]
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.5, abs=1e-3)
+    assert probe.by_epoch[2] == pytest.approx(0.5, abs=1e-3)  # reached at `end_epoch`, not before or after
+    assert pruning.pruner.schedule.end == 3 * 6  # placed anew on epoch 2's 6 batches
+
+
+@pytest.mark.parametrize("scheduling", [{0: 1, 2: 4}, {0: 4, 2: 1}])
+def test_a_step_schedule_follows_a_gradient_accumulation_scheduler(scheduling):
+    """Trial CM: the schedule was placed in steps with the first epoch's accumulation: {0: 1, 2: 4} ended at 0.787 of
+    0.8 (blamed on an early stop), {0: 4, 2: 1} reached the target two epochs after `end_epoch`, silently."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    probe = Probe()
+    pruning = IterativePruning(0.8, end_epoch=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no note of a fit that fell short
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer(max_epochs=6, callbacks=[pruning, GradientAccumulationScheduler(scheduling), probe]).fit(
+            TinyModule(n=512)
+        )
+    assert probe.by_epoch[2] < 0.8 - 1e-3
+    assert probe.by_epoch[3] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_a_guarded_step_schedule_says_it_cannot_follow_a_new_epoch_length():
+    """A guarded step clock's events wait for validations planned on the first length: said, once."""
+    pruning = IterativePruning(0.5, start_epoch=1, every_n_steps=2, monitor="val_acc", max_drop=1.0)
+    with pytest.warns(UserWarning, match=r"epoch 1 makes 4 optimizer steps, not 2 .*`every_n_epochs=1`") as caught:
+        trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[pruning]).fit(Growing())
+    assert sum("optimizer steps, not" in str(w.message) for w in caught) == 1
 
 
 class NaNFirstValidation(TinyModule):
