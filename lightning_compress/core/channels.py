@@ -238,8 +238,7 @@ class ChannelRule:
         scores = [s if b is None else _pooled(s, b) for s, b in zip(self.scores(), blocks, strict=True)]
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
         kept = self._whole(self._select(sparsity, alive, scores, floors, blocks), alive, blocks, scores, floors)
-        if self.cost is not None:
-            self._warn_if_short(sparsity, kept, self.cost)
+        self._warn_if_short(sparsity, kept)
         return self.masks_for(kept)
 
     def _whole(
@@ -349,19 +348,36 @@ class ChannelRule:
             low, high = (low, middle) if cost.remaining(after(middle)) <= budget else (middle + 1, high)
         return after(low)
 
-    def _warn_if_short(self, sparsity: float, kept: list[Tensor], cost: ChannelCost) -> None:
-        """Say once when the channels this rule may prune cannot bring the model down to the budget."""
-        left = cost.remaining(kept) / cost.dense
-        if self._short_of_budget or left <= (1.0 - sparsity) + 1e-9:
+    def _warn_if_short(self, sparsity: float, kept: list[Tensor]) -> None:
+        """Say once when the channels this rule may prune cannot bring the model down to the target (of the MACs, or
+        of the channels: trial CL, `prune_(..., round_to=8)` pruned 55% of 60% without a word)."""
+        if self._short_of_budget:
             return
+        cost = self.cost
+        if cost is not None:
+            left = cost.remaining(kept) / cost.dense
+            if left <= (1.0 - sparsity) + 1e-9:
+                return
+        else:
+            left = sum(int(k.sum()) for k in kept) / self.total_channels
+            # a group's count is rounded (layer scope): short only by more than that, with a group at its floor
+            if left * self.total_channels <= (1.0 - sparsity) * self.total_channels + len(self.groups) / 2 + 1e-9:
+                return
+            if not self.at_floor(self.masks_for(kept)):
+                return
         self._short_of_budget = True
+        what = "MACs" if cost is not None else "channels"
         groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
+        rounded = (
+            f"one multiple of `round_to`={self.round_to} (counts go down to a multiple), " if self.round_to else ""
+        )
         warnings.warn(
-            f"measure='macs': the schedule asks for {1.0 - sparsity:.1%} of the dense MACs at this event, but the "
-            f"channel groups that can be pruned are at their floors ({groups} channels kept; `min_density`, whole "
-            f"quantization groups{', or one multiple of `round_to`=' + str(self.round_to) if self.round_to else ''})"
-            f" with {left:.1%} left: the "
-            "rest is in layers left whole (see the channel groups' log). Pruning goes no further than the floors.",
+            f"measure={'macs' if cost is not None else 'channels'!r}: the schedule asks for {1.0 - sparsity:.1%} of "
+            f"the dense {what} at this event, but the channel groups that can be pruned are at their floors "
+            f"({groups} channels kept; {rounded}`min_density`, at least one channel, whole quantization groups) "
+            f"with {left:.1%} left"
+            + (": the rest is in layers left whole (see the channel groups' log)" if cost is not None else "")
+            + ". Pruning goes no further than the floors.",
             UserWarning,
             stacklevel=2,
         )

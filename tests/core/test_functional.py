@@ -1,3 +1,6 @@
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -130,6 +133,25 @@ def test_round_to_keeps_a_multiple_of_channels_per_layer_within_the_target(scope
         assert report.macs_after <= 0.4 * report.macs_before + 1e-6
     else:
         assert sum(widths) <= 0.4 * (40 + 56 + 12) + 1e-6
+
+
+def test_a_channel_target_the_floors_put_out_of_reach_is_said():
+    """Trial CL: `prune_(..., round_to=8)` on groups of 4, 12, 24 and 40 channels pruned 55% of the 60% asked, without
+    a word (only the callback's end of fit said it, and not that `round_to` held the groups)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 12, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(12, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 40, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(40 * 16, 4),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.warns(
+        UserWarning, match=r"measure='channels': .*40.0% of the dense channels.*`round_to`=8.*45.0% left"
+    ):
+        prune_(model, 0.6, granularity="channel", example_inputs=x, round_to=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # within reach: nothing said
+        prune_(copy.deepcopy(model), 0.5, granularity="channel", example_inputs=x)
 
 
 @pytest.mark.parametrize(
