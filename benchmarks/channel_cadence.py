@@ -49,8 +49,12 @@ from lightning_compress import IterativePruning
 from lightning_compress.core.schedule import step_interval
 
 warnings.filterwarnings("ignore")
-ARMS = {"epoch": None, "events100": 100, "events25": 25, "events100-taylor": 100, "events1000": 1000}
+ARMS = {
+    "epoch": None, "events100": 100, "events25": 25, "events100-taylor": 100, "events1000": 1000,
+    "events100-round8": 100,
+}  # fmt: skip
 IMPORTANCE = {"events100-taylor": "taylor"}  # every other arm: the default (magnitude)
+ROUND_TO = {"events100-round8": 8}  # every other arm: the default (None, any count)
 EPOCHS = {"cnn": (15, 10), "resnet": (15, 10), "vit": (20, 10), "lenet5": (15, 10), "tinyvit": (20, 10)}
 ZOO = {"lenet5": "lenet5-mnist", "tinyvit": "vit-mnist"}  # the zoo's models on MNIST-5k (benchmarks/zoo.py)
 NAMES = {**NAMES, "lenet5": "LeNet-5, MNIST-5k", "tinyvit": "zoo TinyViT (dim 64, 2 blocks, 4 heads), MNIST-5k"}
@@ -119,7 +123,7 @@ def run(
             ours = copy.deepcopy(dense)
             pruning = IterativePruning(
                 target, granularity="channel", start_epoch=0, end_epoch=half, **cadence,
-                importance=IMPORTANCE.get(arm, "magnitude"),
+                importance=IMPORTANCE.get(arm, "magnitude"), round_to=ROUND_TO.get(arm),
             )  # fmt: skip
             out[f"{arm}@{target}"] = task.fit_test(ours, finetune_epochs, [pruning])
     out["seconds"] = time.perf_counter() - began
