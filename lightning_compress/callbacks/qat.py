@@ -406,20 +406,24 @@ class QuantizationAwareTraining(Callback):
         epoch = trainer.current_epoch
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             # resumed after `start_epoch` (Lightning skips the epoch start of a resumed epoch): quantization
-            # switches on now. A checkpoint saved on the last batch of `start_epoch`, before its end, has no shifts.
+            # switches on now. A checkpoint saved on the last batch of `start_epoch`, before its end, has no shifts:
+            # this epoch's validation chooses them (trial CO: they came from the observed ranges, and were not fixed)
             if self.shift_search and not self.shifts and self._observed(pl_module):
+                self._calibration_epoch = epoch
                 rank_zero_warn(
                     f"QuantizationAwareTraining: the fit resumed after the end of `start_epoch`={self.start_epoch} "
                     "without running it (a checkpoint saved on its last batch), so no validation chose the shifts: "
-                    "they come from the observed ranges."
+                    f"epoch {epoch}'s validation chooses them, and fake quantization switches on from epoch "
+                    f"{epoch + 1} on, one epoch later than in the uninterrupted fit."
                 )
-            self._switch_on_or_calibrate(pl_module, epoch)
+            else:
+                self._switch_on_or_calibrate(pl_module, epoch)
         # Lightning skips the epoch start of a resumed epoch (trial CH: resumed from `start_epoch - 1`'s last batch,
         # the calibration epoch observed nothing and quantization switched on uncalibrated)
         self._observe_if_due(pl_module, epoch)
         for _, quantizer in self._own_quantizers(pl_module):
             quantizer.train()
-        searching = self.shift_search and epoch <= self.start_epoch and not self._active(pl_module)
+        searching = self.shift_search and epoch <= self._calibration_epoch and not self._active(pl_module)
         if searching and (trainer.val_dataloaders is None or not any(trainer.num_val_batches)):
             raise ValueError(
                 "`shift_search=True` evaluates shifts on the validation batches of epoch "
@@ -562,7 +566,7 @@ class QuantizationAwareTraining(Callback):
             self.shift_search
             and trainer.state.fn == "fit"
             and not trainer.sanity_checking
-            and trainer.current_epoch == self.start_epoch
+            and trainer.current_epoch == self._calibration_epoch
             and not self._active(pl_module)
         )
         if not capture:
@@ -614,6 +618,12 @@ class QuantizationAwareTraining(Callback):
     def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = self._own_layers(pl_module)
         unreached = [name for name, _ in layers if not self._captured.get(name)]
+        if len(unreached) == len(layers) and self._calibration_epoch != self.start_epoch:
+            rank_zero_warn(  # the epoch a resume chose to search in (`on_train_start`) validated nothing
+                f"QuantizationAwareTraining: no validation ran in epoch {self._calibration_epoch}, which was to choose "
+                "the shifts `start_epoch`'s skipped validation did not: they come from the observed ranges."
+            )
+            return
         if len(unreached) == len(layers):
             raise ValueError(
                 f"`shift_search` chooses the shifts on validation data at the end of `start_epoch`="

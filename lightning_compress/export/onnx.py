@@ -482,7 +482,9 @@ def _export_onnx(
     share_transposed_initializers(proto, numpy_helper)
     by_key = keyword and leaf_names is None  # plain keyword tensors, fed by key; nested ones by their leaves' names
     order = keys if by_key else [name for name, _ in _leaves(args, "input")]  # the graph's inputs, as the example's
-    _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key)
+    modes = {q.mode for _, q in quantizers(model)}
+    # a fixed-point model's calibrated outputs get power-of-two scales too (trial CO: range / 255 scales in it)
+    _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key, modes == {"power_of_two"})
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -490,11 +492,13 @@ def _export_onnx(
 
 
 def _quantize_float_conv_outputs(
-    proto: Any, numpy_helper: Any, calibration: Iterable[Any] | None, order: list[str], keyword: bool
-) -> None:
+    proto: Any, numpy_helper: Any, calibration: Iterable[Any] | None, order: list[str], keyword: bool,
+    power_of_two: bool = False,
+) -> None:  # fmt: skip
     """Give the convolutions with float outputs a quantized output, from ranges measured on ``calibration``
     (:mod:`.onnx_calibration`); without batches, say how many run in float. ``order``: the example's keyword
-    inputs (``keyword``), or the names of its tensors (dict keys, else positions), in the graph's order."""
+    inputs (``keyword``), or the names of its tensors (dict keys, else positions), in the graph's order.
+    ``power_of_two``: the model quantizes with power-of-two scales only, and so do these outputs."""
     convs = float_output_convs(proto, numpy_helper)
     if not convs:
         return
@@ -518,7 +522,7 @@ def _quantize_float_conv_outputs(
         ranges = measure_ranges(proto, convs, feeds)
     except Exception as err:  # onnxruntime's: a shape the graph does not take (a dynamic axis not declared)
         raise ValueError(f"`calibration` batches do not run in the exported graph: {str(err)[:300]}") from err
-    quantize_conv_outputs(proto, numpy_helper, ranges)
+    quantize_conv_outputs(proto, numpy_helper, ranges, power_of_two)
 
 
 def _holds_dict(value: Any) -> bool:

@@ -11,6 +11,7 @@ range / 255), and every convolution runs as ``QLinearConv``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -74,9 +75,13 @@ def measure_ranges(
     return ranges
 
 
-def quantize_conv_outputs(proto: Any, numpy_helper: Any, ranges: Mapping[str, tuple[float, float]]) -> None:
+def quantize_conv_outputs(
+    proto: Any, numpy_helper: Any, ranges: Mapping[str, tuple[float, float]], power_of_two: bool = False
+) -> None:
     """Put a uint8 ``QuantizeLinear -> DequantizeLinear`` pair after each tensor of ``ranges`` (its range widened to
-    hold 0, as ``quantize_static`` does), read by every node that read the tensor."""
+    hold 0, as ``quantize_static`` does), read by every node that read the tensor. ``power_of_two``: each scale is
+    the smallest power of two that holds the range (a fixed-point model's, whose other scales are all powers of
+    two), with an integer zero point as before."""
     import numpy as np
     from onnx import helper
 
@@ -85,6 +90,8 @@ def quantize_conv_outputs(proto: Any, numpy_helper: Any, ranges: Mapping[str, tu
     for name, (low, high) in ranges.items():
         low, high = min(low, 0.0), max(high, 0.0)
         scale = np.float32(max(high - low, 1e-8) / 255.0)
+        if power_of_two:
+            scale = np.float32(2.0 ** math.ceil(math.log2(float(scale))))
         zero = np.uint8(np.clip(np.rint(-low / scale), 0, 255))
         params = [index.fresh(f"{name}_out_scale"), index.fresh(f"{name}_out_zero_point")]
         graph.initializer.extend(

@@ -771,6 +771,21 @@ def test_qat_resumed_from_the_last_batch_before_start_epoch_calibrates_in_start_
     assert all(torch.equal(uninterrupted.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_shift_search_resumed_from_start_epochs_last_batch_chooses_the_shifts_on_the_next_validation(tmp_path):
+    """Trial CO: Lightning resumes such a checkpoint without `start_epoch`'s end and validation, where the shifts are
+    chosen: quantization switched on with shifts from the observed ranges, not fixed, and moved through training."""
+    from lightning_compress.core.qat_layers import QATLayer
+
+    model, (qat,), said = _resume_after_crash(
+        tmp_path, 1, lambda: [QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)],
+        max_epochs=4,
+    )  # fmt: skip
+    assert any("epoch 2's validation chooses them" in m and "from epoch 3 on" in m for m in said)
+    layers = [m for m in model.modules() if isinstance(m, QATLayer)]
+    assert layers and set(qat.shifts) == {n for n, m in model.named_modules() if isinstance(m, QATLayer)}
+    assert all(m.weight_fake_quant.frozen_shift and m.weight_fake_quant.fake_quant_enabled for m in layers)
+
+
 def test_a_joined_event_waits_for_a_validation_of_the_model_quantized_as_the_uninterrupted_fit_does(tmp_path):
     """Trial CI: resumed from a checkpoint saved while an event awaited judgement, the pruner had no copy telling how
     the judged model's quantizers stood: the joined event ran in the batch quantization switched on, and the

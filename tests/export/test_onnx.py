@@ -923,6 +923,35 @@ def test_calibration_quantizes_the_convolution_outputs_no_quantized_layer_reads(
         export_onnx(model, tmp_path / "bad.onnx", x[:2], calibration=[torch.randn(2, 5, 8, 8)])
 
 
+def test_a_power_of_two_models_calibrated_outputs_have_power_of_two_scales(tmp_path):
+    """Trial CO: the callback's `export_path` calibrates, and the fixed-point model's file held uint8 scales of
+    range / 255 (0.02398, 0.01555, ...) beside its power-of-two ones."""
+    pytest.importorskip("onnxruntime")
+    import math
+
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = Residual()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    convert_to_qat(model, QuantConfig(8, 8, scale="power_of_two"))
+    calibrate(model, batches)
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, tmp_path / "pow2.onnx", batches[0][:2], calibration=batches)
+    graph = onnx.load(str(tmp_path / "pow2.onnx")).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    scales = [
+        float(v) for n in graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in constants
+        for v in np.ravel(constants[n.input[1]])
+    ]  # fmt: skip
+    calibrated = [n for n in graph.initializer if "_out_scale" in n.name]
+    assert len(calibrated) == 2 and scales
+    assert all(math.log2(s).is_integer() for s in scales)
+
+
 def test_a_tied_embedding_and_output_head_are_stored_once(tmp_path):
     """Session 22's list: a tied LM's ONNX file held its embedding twice (GPT-2's `wte`, and the transposed copy the
     exporter folds for `lm_head`), twice the size it needs. The copy becomes a Transpose onnxruntime folds at load."""
