@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checks import is_integer, is_real
 from .fake_quant import FakeQuantizer
 from .sharding import is_sharded
 
@@ -86,7 +87,9 @@ class ModelSnapshot:
             return False
         pairs = [(saved, tensors[name]) for name, (_, saved) in zip(self._names, self._tensors, strict=True)]
         for (_, _, values), entry in zip(self._quantizer_state, quantizers, strict=True):
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
+            if not (
+                isinstance(entry, list) and len(entry) == 2 and is_integer(entry[0]) and isinstance(entry[1], list)
+            ):
                 return False
             if len(entry[1]) != len(values):
                 return False
@@ -196,9 +199,13 @@ class JudgedModel:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
         """Hold the copy of a :meth:`state_dict`; whether it could (it is of this model)."""
-        snapshot = ModelSnapshot(self._model)
         value, steps = state.get("value"), state.get("steps")
-        if not isinstance(state.get("snapshot"), Mapping) or not snapshot.load_state_dict(state["snapshot"]):
+        if not (value is None or is_real(value)) or not (steps is None or is_integer(steps)):
+            return False
+        if not isinstance(state.get("snapshot"), Mapping):
+            return False
+        snapshot = ModelSnapshot(self._model)
+        if not snapshot.load_state_dict(state["snapshot"]):
             return False
         self.hold(snapshot, None if value is None else float(value))
         self.steps = None if steps is None else int(steps)

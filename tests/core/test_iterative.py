@@ -244,17 +244,38 @@ def test_a_state_saved_while_an_event_awaits_judgement_holds_the_copy_a_rollback
     assert all(torch.equal(model.state_dict()[k], v) for k, v in judged.items())
 
 
-def test_a_saved_copy_of_another_model_is_said_and_left():
+def _shape(copy):
+    name = next(iter(copy["snapshot"]["tensors"]))
+    copy["snapshot"]["tensors"][name] = torch.zeros(1)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _shape,
+        lambda copy: copy["snapshot"]["tensors"].popitem(),
+        lambda copy: copy.update(value="high"),
+        lambda copy: copy.update(steps=1.5),
+        lambda copy: copy.update(snapshot=[1, 2]),
+        lambda copy: copy["snapshot"].update(quantizers=[["on", []]]),
+        lambda copy: copy["snapshot"]["tensors"].update({"0.weight": "not a tensor"}),
+    ],
+    ids=["shape", "missing", "value", "steps", "snapshot", "quantizers", "tensor"],
+)
+def test_a_saved_copy_of_another_model_is_said_and_left(damage):
+    """A copy that is not of this model (or damaged) is said, and the run goes on without it: a rollback then puts
+    back only the pruned weights, as before the copy was saved."""
     model = _model()
     first = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
     first.observe(1.0)
     first.advance_to(1)
     state = first.state_dict()
-    name = next(iter(state["judged_copy"]["snapshot"]["tensors"]))
-    state["judged_copy"]["snapshot"]["tensors"][name] = torch.zeros(1)
+    damage(state["judged_copy"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     resumed = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
     with pytest.warns(UserWarning, match=r"copy of the model its last evaluation judged is not of this model"):
         resumed.load_state_dict(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not resumed.resumed_copy and resumed.finish().kept
 
 
