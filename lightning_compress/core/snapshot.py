@@ -4,6 +4,7 @@ evaluation's value, and how it crosses a checkpoint)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,32 +78,40 @@ class ModelSnapshot:
             "quantizers": [[flags, [saved.cpu() for _, saved in values]] for _, flags, values in self._quantizer_state],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
-        """Hold the values of a :meth:`state_dict` instead of the model's own; ``False`` (nothing changed) when they
-        are not of this model: other names, shapes or quantizers."""
-        tensors, quantizers = state.get("tensors"), state.get("quantizers")
+    def load_state_dict(self, state: Any) -> None:
+        """Hold the values of a :meth:`state_dict` instead of the model's own. Raises ``ValueError`` (nothing changed)
+        when they are not this model's: other names, shapes, dtypes or quantizers, or values that are not finite."""
+        tensors = state.get("tensors") if isinstance(state, Mapping) else None
+        quantizers = state.get("quantizers") if isinstance(state, Mapping) else None
         if not isinstance(tensors, Mapping) or not isinstance(quantizers, list):
-            return False
-        if sorted(tensors) != sorted(self._names) or len(quantizers) != len(self._quantizer_state):
-            return False
-        pairs = [(saved, tensors[name]) for name, (_, saved) in zip(self._names, self._tensors, strict=True)]
-        for (_, _, values), entry in zip(self._quantizer_state, quantizers, strict=True):
-            if not (
-                isinstance(entry, list) and len(entry) == 2 and is_integer(entry[0]) and isinstance(entry[1], list)
-            ):
-                return False
-            if len(entry[1]) != len(values):
-                return False
-            pairs += [(saved, value) for (_, saved), value in zip(values, entry[1], strict=True)]
-        if not all(isinstance(v, Tensor) and v.shape == saved.shape for saved, v in pairs):
-            return False
+            raise ValueError("holds no 'tensors' mapping and 'quantizers' list")
+        if set(tensors) != set(self._names):
+            unknown, missing = (
+                sorted(map(str, set(tensors) - set(self._names))),
+                sorted(set(self._names) - set(tensors)),
+            )
+            raise ValueError(f"names other tensors than the model's (unknown {unknown[:3]}, missing {missing[:3]})")
+        if len(quantizers) != len(self._quantizer_state):
+            raise ValueError(f"holds {len(quantizers)} quantizers, the model {len(self._quantizer_state)}")
+        pairs = [(name, saved, tensors[name]) for name, (_, saved) in zip(self._names, self._tensors, strict=True)]
+        flags = []
+        for number, ((_, _, values), entry) in enumerate(zip(self._quantizer_state, quantizers, strict=True)):
+            ok = isinstance(entry, list) and len(entry) == 2 and is_integer(entry[0]) and isinstance(entry[1], list)
+            if not ok or len(entry[1]) != len(values):
+                raise ValueError(f"quantizer {number} is not [flags, values] with {len(values)} values")
+            flags.append(int(entry[0]))
+            pairs += [(f"quantizer {number}", saved, value) for (_, saved), value in zip(values, entry[1], strict=True)]
+        for name, saved, value in pairs:
+            if not isinstance(value, Tensor) or value.shape != saved.shape or value.dtype != saved.dtype:
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name!r} is {got}, the model's {saved.dtype} {tuple(saved.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name!r} holds values that are not finite")
         with torch.no_grad():
-            for saved, value in pairs:
+            for _, saved, value in pairs:
                 saved.copy_(value)
-        flags = [int(entry[0]) for entry in quantizers]
         self._quantizer_state = [(q, f, values) for (q, _, values), f in zip(self._quantizer_state, flags, strict=True)]
         self.quantizer_flags = flags
-        return True
 
     def quantizes_alike(self) -> bool:
         """Whether the model's quantizers would let :meth:`restore` give back exactly the copied model: each has the
@@ -148,6 +157,7 @@ class JudgedModel:
         self.value: float | None = None
         self.steps: int | None = None
         self.flags_then: list[int] | None = None  # a checkpoint's record of the judged model's quantizers, no copy
+        self.trained_since = False  # an optimizer step ran since the copy was taken: a checkpoint must hold it
 
     @property
     def held(self) -> bool:
@@ -165,7 +175,7 @@ class JudgedModel:
 
     def hold(self, snapshot: ModelSnapshot, value: float | None) -> None:
         """Hold a copy taken earlier (before an event no evaluation judged: ``value=None``)."""
-        self.snapshot, self.value, self.flags_then = snapshot, value, None
+        self.snapshot, self.value, self.flags_then, self.trained_since = snapshot, value, None, False
 
     def clear(self) -> None:
         self.snapshot, self.value = None, None
@@ -191,25 +201,31 @@ class JudgedModel:
         return list(self.snapshot.quantizer_flags) if self.snapshot is not None else self.flags_then
 
     def state_dict(self) -> dict[str, Any] | None:
-        """The copy, its value and clock, for a checkpoint saved while an event awaits judgement (``None``: no copy,
-        or one of sharded tensors)."""
+        """The copy, its value and clock, for a checkpoint the model moved away from it by (``None``: no copy, or one
+        of sharded tensors)."""
         if self.snapshot is None or self.snapshot.sharded:
             return None
         return {"value": self.value, "steps": self.steps, "snapshot": self.snapshot.state_dict()}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
-        """Hold the copy of a :meth:`state_dict`; whether it could (it is of this model)."""
+    def parse(self, state: Any) -> tuple[ModelSnapshot, float | None, int | None]:
+        """A :meth:`state_dict` read against this model, nothing held yet (:meth:`hold_parsed`); ``ValueError`` with
+        the reason when it is not this model's or is damaged."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"is a {type(state).__name__}, not a mapping")
         value, steps = state.get("value"), state.get("steps")
-        if not (value is None or is_real(value)) or not (steps is None or is_integer(steps)):
-            return False
-        if not isinstance(state.get("snapshot"), Mapping):
-            return False
+        if not (value is None or (is_real(value) and math.isfinite(float(value)))):
+            raise ValueError(f"has 'value' {value!r}, not a finite number or None")
+        if not (steps is None or is_integer(steps)):
+            raise ValueError(f"has 'steps' {steps!r}, not an integer or None")
         snapshot = ModelSnapshot(self._model)
-        if not snapshot.load_state_dict(state["snapshot"]):
-            return False
-        self.hold(snapshot, None if value is None else float(value))
-        self.steps = None if steps is None else int(steps)
-        return True
+        snapshot.load_state_dict(state.get("snapshot"))
+        return snapshot, None if value is None else float(value), None if steps is None else int(steps)
+
+    def hold_parsed(self, parsed: tuple[ModelSnapshot, float | None, int | None]) -> None:
+        """Hold a copy :meth:`parse` read: the model has trained since it (a checkpoint saves it again)."""
+        snapshot, value, steps = parsed
+        self.hold(snapshot, value)
+        self.steps, self.trained_since = steps, True
 
     def restore(self) -> bool:
         """Write the copy back; whether the model is now exactly the judged one (``False`` without a copy)."""

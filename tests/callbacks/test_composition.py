@@ -732,16 +732,18 @@ class ResumableScoredBySparsity(ScoredBySparsity):
         return ResumableLoader(make_blobs(self.hparams.n), batch_size=32)
 
 
-@pytest.mark.parametrize("step", [9, 27])
-def test_a_guarded_fit_resumed_mid_epoch_while_an_event_awaits_judgement_is_the_uninterrupted_fit(tmp_path, step):
+@pytest.mark.parametrize(("step", "cadence"), [(9, {}), (27, {}), (9, {"every_n_steps": 2})])
+def test_a_guarded_fit_resumed_mid_epoch_is_the_uninterrupted_fit(tmp_path, step, cadence):
     """Trial CM: the checkpoint held no copy of the model the last validation judged, so a rollback after the resume
     put back only the pruned weights, or (at the fit's last validation) kept the rejected model: 0.32 where the
-    uninterrupted fit returned 0.94, its baseline 0.92. The state holds the copy while an event awaits judgement."""
+    uninterrupted fit returned 0.94, its baseline 0.92. The state holds the copy while an event awaits judgement,
+    and (trial CN: `every_n_steps`, a checkpoint between a validation and the next event) once the model trained
+    after the judged validation."""
 
     def run(folder: str, ckpt_path: str | None = None) -> tuple[nn.Module, IterativePruning]:
         pl.seed_everything(0, verbose=False)
         model = ResumableScoredBySparsity()
-        guard = IterativePruning(0.9, monitor="val_score", max_drop=0.3, start_epoch=0, end_epoch=4)
+        guard = IterativePruning(0.9, monitor="val_score", max_drop=0.3, start_epoch=0, end_epoch=4, **cadence)
         ckpt = ModelCheckpoint(dirpath=tmp_path / folder, every_n_train_steps=3, save_top_k=-1, filename="{step}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -751,7 +753,7 @@ def test_a_guarded_fit_resumed_mid_epoch_while_an_event_awaits_judgement_is_the_
     model, guard = run("uninterrupted")
     path = tmp_path / "uninterrupted" / f"step={step}.ckpt"
     state = next(v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "IterativePruning" in k)
-    assert state["judged_copy"] is not None  # saved while an event awaited judgement
+    assert state["judged_copy"] is not None  # saved after the model moved from the judged one
     resumed, resumed_guard = run("resumed", str(path))
     assert "rollback" in [d.action for d in resumed_guard.decisions]
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -249,34 +250,60 @@ def _shape(copy):
     copy["snapshot"]["tensors"][name] = torch.zeros(1)
 
 
+def _dtype(copy):
+    name = next(iter(copy["snapshot"]["tensors"]))
+    copy["snapshot"]["tensors"][name] = copy["snapshot"]["tensors"][name].long()
+
+
+def _nan(copy):
+    name = next(iter(copy["snapshot"]["tensors"]))
+    copy["snapshot"]["tensors"][name] = torch.full_like(copy["snapshot"]["tensors"][name], math.nan)
+
+
 @pytest.mark.parametrize(
-    "damage",
+    ("damage", "match"),
     [
-        _shape,
-        lambda copy: copy["snapshot"]["tensors"].popitem(),
-        lambda copy: copy.update(value="high"),
-        lambda copy: copy.update(steps=1.5),
-        lambda copy: copy.update(snapshot=[1, 2]),
-        lambda copy: copy["snapshot"].update(quantizers=[["on", []]]),
-        lambda copy: copy["snapshot"]["tensors"].update({"0.weight": "not a tensor"}),
+        (_shape, r"is torch.float32 \(1,\), the model's torch.float32"),
+        (_dtype, r"is torch.int64 .*the model's torch.float32"),
+        (_nan, r"holds values that are not finite"),
+        (lambda copy: copy["snapshot"]["tensors"].popitem(), r"names other tensors than the model's"),
+        (lambda copy: copy.update(value="high"), r"has 'value' 'high'"),
+        (lambda copy: copy.update(value=math.nan), r"has 'value' nan"),
+        (lambda copy: copy.update(steps=1.5), r"has 'steps' 1.5"),
+        (lambda copy: copy.update(snapshot=[1, 2]), r"holds no 'tensors' mapping"),
+        (lambda copy: copy["snapshot"].update(quantizers=[["on", []]]), r"holds 1 quantizers, the model 0"),
+        (lambda copy: copy["snapshot"]["tensors"].update({"0.weight": "x"}), r"'0.weight' is str"),
     ],
-    ids=["shape", "missing", "value", "steps", "snapshot", "quantizers", "tensor"],
+    ids=["shape", "dtype", "nan", "missing", "value", "nan-value", "steps", "snapshot", "quantizers", "tensor"],
 )
-def test_a_saved_copy_of_another_model_is_said_and_left(damage):
-    """A copy that is not of this model (or damaged) is said, and the run goes on without it: a rollback then puts
-    back only the pruned weights, as before the copy was saved."""
+def test_a_damaged_judged_copy_is_refused_naming_it_before_anything_changes(damage, match):
+    """Trial CN: a value or steps that are not numbers failed deep in `float()`/`int()` after the masks and the clock
+    were loaded; a copy of int64 or NaN values was taken, and a rollback wrote it into the model."""
     model = _model()
     first = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
     first.observe(1.0)
     first.advance_to(1)
     state = first.state_dict()
     damage(state["judged_copy"])
+    model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     resumed = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
-    with pytest.warns(UserWarning, match=r"copy of the model its last evaluation judged is not of this model"):
+    with pytest.raises(ValueError, match=r"the pruning state's `judged_copy` .*" + match):
         resumed.load_state_dict(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    assert not resumed.resumed_copy and resumed.finish().kept
+    assert resumed.steps == 0 and resumed.masked_sparsity() == 0.0 and not resumed.resumed_copy
+
+
+def test_the_copy_is_saved_when_the_model_trained_after_the_judged_evaluation():
+    """Trial CN: with `every_n_steps`, a checkpoint between a validation and the next event held no copy (no event
+    awaited judgement), and the resumed run could not adopt one (steps ran since): its rollback put back only the
+    pruned weights. Right after the evaluation no copy is needed: the model is the copy."""
+    model = _model()
+    pruner = IterativePruner(model, 0.5, total_steps=4, every_n_steps=2, max_drop=0.1)
+    pruner.observe(1.0)
+    assert pruner.state_dict()["judged_copy"] is None
+    pruner.before_optimizer_step()  # a training step after the evaluation, no event yet
+    assert pruner.state_dict()["judged_copy"] is not None
 
 
 def test_finish_rolls_back_an_event_no_evaluation_judged():
