@@ -533,6 +533,12 @@ class IterativePruning(Callback):
         return self.monitor is not None and not self._clock.in_steps
 
     def _advance(self, pl_module: pl.LightningModule, t: int) -> None:
+        if self._guarded_epochs:
+            # every epoch-level value from one hook, the epoch's end (trial CN: logged from the epoch's first batch
+            # too, Lightning kept whichever hook registered the name later: a resumed fit wrote the rejected event's)
+            if self.pruner.advance_to(t):
+                self._pending_logs.update(self._sparsity_values(pl_module))
+            return
         self._flush_logs(pl_module)
         if self.pruner.advance_to(t):
             self._log_sparsity(pl_module)
