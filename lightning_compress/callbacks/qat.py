@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor, nn
+from torch import nn
 
 from ..checkpoint import saved_quantization
 from ..core.qat import (
@@ -23,10 +23,9 @@ from ..core.qat import (
     qat_modules,
     quantizable_layers,
     quantizers,
-    search_power_of_two_shifts,
 )
 from ..core.selection import normalize_patterns
-from ..core.sharding import full, is_sharded, unsharded
+from ..core.sharding import full, is_sharded
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import (
@@ -48,6 +47,7 @@ from ._qat_resume import (
 )
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._settings import log_settings
+from ._shift_capture import ShiftCapture
 from ._validation import (
     StrategyCollectives,
     check_int,
@@ -180,8 +180,7 @@ class QuantizationAwareTraining(Callback):
                                               "shift_search_batches", minimum=1) or 1  # fmt: skip
         self.shifts: dict[str, tuple[int, int | None]] = {}
         self._layers: list[str] = []
-        self._captured: dict[str, list[Tensor]] = {}
-        self._hooks: list[Any] = []
+        self._capture = ShiftCapture(self.shift_search_batches)  # validation inputs the shift search runs on
         self._learned_params: list[nn.Parameter] = []
         self._scales_group = False  # the learned scales were given a parameter group of their own
         self._load_hook: Any = None
@@ -571,21 +570,11 @@ class QuantizationAwareTraining(Callback):
         )
         if not capture:
             return
-        self._captured = {name: [] for name, _ in self._own_layers(pl_module)}
-        for name, module in self._own_layers(pl_module):
-
-            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-                stored = self._captured[name]
-                if len(stored) < self.shift_search_batches and args and isinstance(args[0], Tensor):
-                    stored.append(args[0].detach())
-
-            self._hooks.append(module.register_forward_pre_hook(hook))
+        self._capture.start(self._own_layers(pl_module))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validation_inputs.stop()
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self._capture.stop()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not self._active(pl_module):
@@ -617,39 +606,19 @@ class QuantizationAwareTraining(Callback):
 
     def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = self._own_layers(pl_module)
-        unreached = [name for name, _ in layers if not self._captured.get(name)]
-        if len(unreached) == len(layers) and self._calibration_epoch != self.start_epoch:
+        if self._capture.captured_none(layers) and self._calibration_epoch != self.start_epoch:
             rank_zero_warn(  # the epoch a resume chose to search in (`on_train_start`) validated nothing
                 f"QuantizationAwareTraining: no validation ran in epoch {self._calibration_epoch}, which was to choose "
                 "the shifts `start_epoch`'s skipped validation did not: they come from the observed ranges."
             )
             return
-        if len(unreached) == len(layers):
+        if self._capture.captured_none(layers):
             raise ValueError(
                 f"`shift_search` chooses the shifts on validation data at the end of `start_epoch`="
                 f"{self.start_epoch}, but no validation batch ran in that epoch: pass `val_dataloaders` to `fit`, "
                 "validate in that epoch, or set `shift_search=False`."
             )
-        if unreached:
-            rank_zero_warn(
-                f"QuantizationAwareTraining: validation never calls {unreached} (a layer only training uses, such as "
-                "an auxiliary head): their shifts come from the ranges observed in training, without the search. "
-                "`exclude` them to keep them float."
-            )
-        for name, module in layers:
-            inputs = self._captured.get(name) or []
-            if not inputs:
-                continue
-            with unsharded(module, pl_module):  # FSDP2: the layer runs alone, outside the model's forward
-                w_shift, a_shift, _ = search_power_of_two_shifts(
-                    module, inputs, collectives=StrategyCollectives(trainer.strategy)
-                )  # errors summed over every process's batches: the same shifts everywhere
-            self.shifts[name] = (w_shift, a_shift)
-            pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=False)
-            if a_shift is not None:
-                pl_module.log(f"compress/shift/{name}/input", float(a_shift), sync_dist=False)
-            rank_zero_info(f"QuantizationAwareTraining: {name}: weight shift p={w_shift}, input shift p={a_shift}")
-        self._captured = {}
+        self.shifts.update(self._capture.search(trainer, pl_module, layers))
 
     def _freeze_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.freeze_bn_epoch is None or trainer.current_epoch <= self.freeze_bn_epoch:

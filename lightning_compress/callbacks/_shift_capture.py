@@ -1,0 +1,76 @@
+"""``QuantizationAwareTraining(shift_search=True)``'s validation side: the inputs of each layer captured in the
+validation of the calibration epoch, and the power-of-two shifts chosen on them (the seed article's fixed point: the
+shift p of ``W_int = round(W * 2^p)`` chosen on validation data)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from ..core.sharding import unsharded
+from ..core.shift_search import search_power_of_two_shifts
+from ._validation import StrategyCollectives
+
+
+class ShiftCapture:
+    """Up to ``batches`` validation inputs per layer, captured by forward pre-hooks between :meth:`start` and
+    :meth:`stop`; :meth:`search` chooses every layer's shifts on them."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self._inputs: dict[str, list[Tensor]] = {}
+        self._hooks: list[Any] = []
+
+    def start(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
+        """Capture the inputs ``layers`` receive from now on (a new validation: earlier captures are dropped)."""
+        self._inputs = {name: [] for name, _ in layers}
+        for name, module in layers:
+
+            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                stored = self._inputs[name]
+                if len(stored) < self.batches and args and isinstance(args[0], Tensor):
+                    stored.append(args[0].detach())
+
+            self._hooks.append(module.register_forward_pre_hook(hook))
+
+    def stop(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def captured_none(self, layers: Sequence[tuple[str, nn.Module]]) -> bool:
+        """Whether no validation batch reached any of ``layers`` since :meth:`start`."""
+        return not any(self._inputs.get(name) for name, _ in layers)
+
+    def search(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Sequence[tuple[str, nn.Module]]
+    ) -> dict[str, tuple[int, int | None]]:
+        """Each captured layer's (weight shift, input shift), logged; the layers validation never called are said
+        (their shifts come from the ranges observed in training). Drops the captured inputs."""
+        unreached = [name for name, _ in layers if not self._inputs.get(name)]
+        if unreached:
+            rank_zero_warn(
+                f"QuantizationAwareTraining: validation never calls {unreached} (a layer only training uses, such as "
+                "an auxiliary head): their shifts come from the ranges observed in training, without the search. "
+                "`exclude` them to keep them float."
+            )
+        shifts: dict[str, tuple[int, int | None]] = {}
+        for name, module in layers:
+            inputs = self._inputs.get(name) or []
+            if not inputs:
+                continue
+            with unsharded(module, pl_module):  # FSDP2: the layer runs alone, outside the model's forward
+                w_shift, a_shift, _ = search_power_of_two_shifts(
+                    module, inputs, collectives=StrategyCollectives(trainer.strategy)
+                )  # errors summed over every process's batches: the same shifts everywhere
+            shifts[name] = (w_shift, a_shift)
+            pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=False)
+            if a_shift is not None:
+                pl_module.log(f"compress/shift/{name}/input", float(a_shift), sync_dist=False)
+            rank_zero_info(f"QuantizationAwareTraining: {name}: weight shift p={w_shift}, input shift p={a_shift}")
+        self._inputs = {}
+        return shifts
