@@ -71,11 +71,30 @@ def test_events_once_per_scheduled_epoch_and_not_in_validation(tiny):
     probe = Probe()
     pruning = IterativePruning(0.8, schedule="linear", start_epoch=1, end_epoch=5, every_n_epochs=2)
     trainer(max_epochs=7, callbacks=[pruning, probe], val_check_interval=0.25, num_sanity_val_steps=2).fit(tiny)
-    # events at t = 3, 5 (ends of epochs 2 and 4): sparsity 0.4 then 0.8, flat elsewhere
-    assert probe.by_epoch[:2] == [0.0, 0.0]
-    assert probe.by_epoch[2] == pytest.approx(0.4, abs=1e-3)
-    assert probe.by_epoch[3] == probe.by_epoch[2]
-    assert all(s == pytest.approx(0.8, abs=1e-3) for s in probe.by_epoch[4:])
+    # events at t = 3, 5 (after epochs 2 and 4, at the next epoch's first batch: the epochs' validations and
+    # checkpoints see the model they trained): sparsity 0.4 then 0.8, flat elsewhere
+    assert probe.by_epoch[:3] == [0.0, 0.0, 0.0]
+    assert probe.by_epoch[3] == pytest.approx(0.4, abs=1e-3)
+    assert probe.by_epoch[4] == probe.by_epoch[3]
+    assert all(s == pytest.approx(0.8, abs=1e-3) for s in probe.by_epoch[5:])
+
+
+@pytest.mark.parametrize("granularity", ["element", "2:4"])
+def test_a_checkpoint_saved_at_an_epochs_end_holds_the_model_its_validation_scored(tmp_path, granularity):
+    """Trial CP: without `monitor`, an event between epochs ran at the epoch's end, after its validation and before
+    `ModelCheckpoint` saved: `epoch=2-val_acc=0.9037.ckpt` held 0.935-sparse weights that scored 0.1778. Events run
+    at the next epoch's first batch now; the one after the fit's last epoch at the end of training."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.9 if granularity == "element" else 0.5, granularity=granularity, every_n_epochs=1,
+                               start_epoch=0, end_epoch=4)  # fmt: skip
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, monitor="val_acc", mode="max", save_top_k=-1, filename="{epoch}")
+    model = TinyModule()
+    trainer(max_epochs=4, callbacks=[pruning, checkpoints], enable_checkpointing=True).fit(model)
+    assert sparsity(model) == pytest.approx(pruning.target_sparsity, abs=1e-3)  # the last event ran at the end
+    assert len(checkpoints.best_k_models) == 4
+    for path, recorded in checkpoints.best_k_models.items():
+        rescored = trainer().validate(TinyModule(), ckpt_path=path, verbose=False)[0]["val_acc"]
+        assert rescored == pytest.approx(float(recorded), abs=1e-6), path
 
 
 def test_validate_test_and_sanity_check_never_change_the_model(tiny):
@@ -230,9 +249,9 @@ def test_testing_another_models_checkpoint_leaves_the_callbacks_masks_alone(tmp_
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
     trainer(max_epochs=3, callbacks=[pruning, checkpoints], enable_checkpointing=True).fit(model)
     masks = {k: v.clone() for k, v in pruning.masks.items()}
-    trainer(callbacks=[pruning]).test(TinyModule(), ckpt_path=tmp_path / "epoch=0.ckpt", verbose=False)
+    trainer(callbacks=[pruning]).test(TinyModule(), ckpt_path=tmp_path / "epoch=1.ckpt", verbose=False)
     assert all(torch.equal(masks[k], v) for k, v in pruning.masks.items())
-    early = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)["callbacks"][pruning.state_key]
+    early = torch.load(tmp_path / "epoch=1.ckpt", weights_only=False)["callbacks"][pruning.state_key]
     pruning.load_state_dict(early)  # by hand, after `test`: it applies (trial CH: ignored)
     assert not all(torch.equal(masks[k], v) for k, v in pruning.masks.items())
     pruning.load_state_dict(pruning.state_dict() | {"pruner": {**early["pruner"], "masks": masks}})
@@ -741,9 +760,9 @@ def test_rewinding_restores_survivors_and_copies_storage():
     initial = weights_of(model)
     captured = {}
 
-    class AfterEvent(Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
+    class AfterEvent(Callback):  # the event after epoch 0 runs at epoch 1's first batch
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 0:
                 captured.update(weights_of(pl_module))
 
     pruning = IterativePruning(0.5, schedule="one_shot", start_epoch=0, end_epoch=1, rewind_epoch=0, every_n_epochs=1)
