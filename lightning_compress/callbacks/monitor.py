@@ -91,7 +91,7 @@ class CompressionMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A new fit starts a new history (a checkpoint's, restored after this, continues its own)."""
         if stage == "fit":
-            self.history = []
+            self.history, self.baseline = [], None  # (trial CP: a second fit kept the first model's baseline)
             self._said_no_baseline = False
             if runs_in_spawned_processes(trainer):
                 rank_zero_warn(
@@ -174,9 +174,11 @@ class CompressionMonitor(Callback):
         reshard(pl_module)
         size = estimate_size(pl_module)
         # the value of the last validation that scored the model fit returns: after a guard's rollback the last one
-        # scored the rejected model (the Trainer's metrics then still hold its values)
+        # scored the rejected model (the Trainer's metrics then still hold its values); none when no validation
+        # scored it (trial CP: quantization switched on, or an event ran, after the last validation: the summary
+        # paired a 2-bit model's size with the float model's 0.92, where it scored 0.70)
         same = [p for p in self.history if (p["sparsity"], p["effective_bits"]) == (size.sparsity, size.effective_bits)]
-        final = (same or self.history or [{}])[-1].get("value")
+        final = same[-1].get("value") if same else None
         if self.monitor is not None and not self.history:
             rank_zero_warn(
                 f"CompressionMonitor: no validation ran during the fit, so `monitor`={self.monitor!r} was never read "
@@ -189,7 +191,7 @@ class CompressionMonitor(Callback):
             "baseline": self.baseline,
             "final": final,
         }
-        _log_summary(self.summary)
+        _log_summary({**self.summary, "history": bool(self.history)})
 
     # ------------------------------------------------------------------ helpers
     def _monitored(self, trainer: pl.Trainer) -> float | None:
@@ -308,9 +310,14 @@ def _log_summary(summary: dict[str, Any]) -> None:
         f"{summary['bytes']:>10,}   {_relation(summary['compression_ratio'])}, "
         f"{summary['effective_bits']:.2f} bits per weight"
     )
-    if summary["monitor"] is not None and summary["final"] is not None:
+    if summary["monitor"] is not None and summary["history"]:
         before = "n/a" if summary["baseline"] is None else f"{summary['baseline']:.4f}"
-        lines.append(f"{summary['monitor']}: dense {before} -> compressed {summary['final']:.4f}")
+        after = (
+            "not validated (no validation scored the model `fit` returns: `trainer.validate(model)` scores it)"
+            if summary["final"] is None
+            else f"{summary['final']:.4f}"
+        )
+        lines.append(f"{summary['monitor']}: dense {before} -> compressed {after}")
     rank_zero_info("\nCompression summary (estimated sizes before entropy coding):\n" + "\n".join(lines))
 
 

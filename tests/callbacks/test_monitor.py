@@ -400,6 +400,32 @@ def test_the_summary_gives_the_score_of_the_model_fit_returns_after_a_rollback(m
     assert monitor.summary["final"] == pytest.approx(1.0) == monitor.summary["baseline"]
 
 
+def test_the_summary_gives_no_score_when_no_validation_scored_the_model_fit_returns(caplog):
+    """Trial CP: quantization switched on at the end of fit (no epoch after `start_epoch`), and the summary paired the
+    2-bit model's size with the float model's score (0.92, where the 2-bit model scored 0.70)."""
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_acc")
+    with caplog.at_level(logging.INFO):
+        trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(2, 8, start_epoch=2), monitor]).fit(TinyModule())
+    assert monitor.summary["effective_bits"] < 32 and monitor.history and monitor.summary["final"] is None
+    assert "-> compressed not validated" in caplog.text
+
+
+def test_a_second_fit_measures_drops_from_its_own_dense_baseline():
+    """Trial CP: a monitor reused for a second fit kept the first model's baseline, and summarized the second model,
+    sparse at every validation, as dropping from it."""
+    from lightning_compress import prune_
+
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_acc")
+    trainer(max_epochs=1, callbacks=[monitor]).fit(TinyModule())
+    assert monitor.baseline is not None
+    sparse = TinyModule()
+    prune_(sparse, 0.5)
+    trainer(max_epochs=1, callbacks=[monitor, IterativePruning(0.5, start_epoch=0, end_epoch=1)]).fit(sparse)
+    assert monitor.baseline is None and monitor.summary["baseline"] is None
+
+
 class _LossEveryOtherEpoch(TinyModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
