@@ -387,6 +387,8 @@ class IterativePruning(Callback):
             "include": config.include, "exclude": config.exclude, "min_density": config.min_density,
             "regrow": config.regrow, "seed": config.seed, "monitor": self.monitor,
             "max_drop": self.max_drop if self.monitor is not None else None,
+            "mode": self.config.mode if self.monitor is not None else None, "rewind_epoch": window.rewind_epoch,
+            "export_path": None if self.export_path is None else str(self.export_path),
         }  # fmt: skip
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

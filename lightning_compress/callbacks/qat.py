@@ -376,6 +376,9 @@ class QuantizationAwareTraining(Callback):
         return "qat", {
             **self.config.to_dict(), "start_epoch": self.start_epoch, "include": self.include,
             "exclude": self.exclude, "shift_search": self.shift_search,
+            "shift_search_batches": self.shift_search_batches if self.shift_search else None,
+            "freeze_observers_epoch": self.freeze_observers_epoch, "freeze_bn_epoch": self.freeze_bn_epoch,
+            "export_path": None if self.export_path is None else str(self.export_path),
         }  # fmt: skip
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

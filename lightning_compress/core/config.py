@@ -117,11 +117,17 @@ class PruningConfig:
             "target_sparsity": self.target_sparsity,
             "importance": str(self.importance),
             "scope": self.scope,
-            "schedule": str(self.schedule),
+            "schedule": self.schedule if isinstance(self.schedule, str) else _dotted(self.schedule),
             "granularity": self.granularity,
             "measure": self.measure,
             "round_to": self.round_to,
         }
+
+
+def _dotted(function: Any) -> str:
+    """A callable's dotted name (``my_module.half``), as LightningCLI takes it back; not its address (trial CP)."""
+    name = getattr(function, "__qualname__", None)
+    return str(function) if name is None else f"{getattr(function, '__module__', None) or '?'}.{name}"
 
 
 def _imported(path: str, argument: str) -> Any:

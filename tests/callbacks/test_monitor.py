@@ -102,6 +102,26 @@ def test_any_logger_and_hparams(tmp_path):
         assert "compress/pruning/target_sparsity: 0.5" in hparams and "compress/qat/weight_bits: 8" in hparams
 
 
+def _half(t: int) -> float:
+    return 0.5 * min(1.0, (t + 1) / 2)
+
+
+def test_every_setting_is_logged_and_a_callable_schedule_by_its_dotted_name(tmp_path):
+    """Trial CP: a schedule callable was logged as `<function half at 0x7fa2...>`, an address no run reproduces, and
+    `freeze_observers_epoch`, `freeze_bn_epoch`, `rewind_epoch`, `mode` and `export_path` were not logged."""
+    pl.seed_everything(0, verbose=False)
+    callbacks = [
+        IterativePruning(0.5, schedule=_half, start_epoch=0, end_epoch=2, monitor="val_acc", max_drop=1.0),
+        QuantizationAwareTraining(8, 8, start_epoch=0, freeze_observers_epoch=1, freeze_bn_epoch=1),
+    ]
+    trainer(max_epochs=2, callbacks=callbacks, logger=CSVLogger(tmp_path, name="csv", version=0)).fit(TinyModule())
+    hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert f"compress/pruning/schedule: {__name__}._half" in hparams
+    for line in ("compress/pruning/mode: max", "compress/pruning/rewind_epoch: none", "compress/qat/freeze_bn_epoch: 1",
+                 "compress/qat/freeze_observers_epoch: 1", "compress/qat/export_path: none"):  # fmt: skip
+        assert line in hparams
+
+
 def test_the_callbacks_settings_leave_the_modules_hparams_first_and_two_qat_callbacks_apart(tmp_path):
     """Trial W: each callback logged its settings as a set of its own before Lightning logged the module's
     hyperparameters, and TensorBoard's HParams view keeps the first set a run logs (`hidden` and `lr` disappeared
