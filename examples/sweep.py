@@ -117,6 +117,7 @@ def _chart(rows: list[dict[str, float]], front: list[dict[str, float]], path: pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     figure, axis = plt.subplots(figsize=(7, 5))
     for bits in sorted({int(r["bits"]) for r in rows}, reverse=True):
@@ -142,6 +143,9 @@ def _chart(rows: list[dict[str, float]], front: list[dict[str, float]], path: pa
         label="Pareto front",
     )
     axis.set_xscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # "30", not "3x10^1": labels of a narrow range ran together
+    axis.xaxis.set_major_formatter(plain)
+    axis.xaxis.set_minor_formatter(plain)
     axis.set_xlabel("compressed file size (KiB, log scale)")
     axis.set_ylabel("test accuracy (%)")
     axis.set_title("sklearn digits: accuracy vs size (labels: sparsity)")
