@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..core.channels import ChannelRule
-from ..core.checks import is_integer
+from ..core.checks import is_integer, is_real
 from ..core.config import PruningConfig
 from ..core.importance import Importance
 from ..core.quant_blocks import grouped_consumers
@@ -27,6 +27,7 @@ __all__ = [
     "key_of_same_selection",
     "saved_clock_offset",
     "saved_last_validation",
+    "saved_pending_logs",
     "saved_steps_per_epoch",
     "say_quant_blocks",
 ]
@@ -158,6 +159,18 @@ def saved_last_validation(state: dict[str, Any]) -> int | None:
             "checkpoint is damaged."
         )
     return None if step is None else int(step)
+
+
+def saved_pending_logs(state: dict[str, Any]) -> dict[str, float]:
+    """The values a saved state was still to log at its epoch's end (``{}``: none, or not saved), refused when
+    damaged."""
+    pending = state.get("pending_logs") or {}
+    if not isinstance(pending, dict) or not all(isinstance(k, str) and is_real(v) for k, v in pending.items()):
+        raise ValueError(
+            f"IterativePruning's checkpoint state has `pending_logs`={pending!r}: it must map metric names to "
+            "numbers (the checkpoint is damaged)."
+        )
+    return {k: float(v) for k, v in pending.items()}
 
 
 def saved_clock_offset(state: dict[str, Any]) -> int:

@@ -50,6 +50,7 @@ from ._pruning_checks import (
     check_no_overlap,
     check_resumed_clock,
     key_of_same_selection,
+    saved_pending_logs,
     say_quant_blocks,
 )
 from ._pruning_clock import PruningClock
@@ -263,7 +264,7 @@ class IterativePruning(Callback):
             return {}
         return {
             **self._core.state_dict(), "validation": self._metrics.state_dict(), "monitor": self.monitor,
-            **self._clock.state_dict(),
+            **self._clock.state_dict(), "pending_logs": dict(self._pending_logs),
         }  # fmt: skip
 
     def on_load_checkpoint(
@@ -292,8 +293,11 @@ class IterativePruning(Callback):
             # and its next fit revived the weights they left)
             return
         check_validation_state(state_dict.get("validation"))
+        pending = saved_pending_logs(state_dict)
         self._resumed_validation = state_dict.get("validation")
         self._clock.load(state_dict)
+        # decisions and sparsity logged at the epoch's end (trial CQ: a checkpoint saved before it lost them)
+        self._pending_logs = pending
         if self._core is None:  # restored before `on_fit_start` (all strategies but FSDP2): applied there
             self._restored = state_dict
         else:

@@ -765,6 +765,46 @@ def test_a_guarded_fit_resumed_mid_epoch_is_the_uninterrupted_fit(tmp_path, step
     ]
 
 
+def test_the_decisions_a_checkpoint_was_still_to_log_are_logged_by_the_resumed_fit(tmp_path):
+    """Trial CQ: a guarded fit with events between epochs logs a decision at the epoch's end; a checkpoint saved at a
+    mid-epoch validation lost it (the resumed fit never logged that rollback). The state holds what is pending."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(folder: str, ckpt_path: str | None = None) -> str:
+        pl.seed_everything(0, verbose=False)
+        guard = IterativePruning(0.9, monitor="val_score", max_drop=0.3, start_epoch=0, end_epoch=4)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{step}")  # at each validation
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(
+                max_epochs=4, callbacks=[guard, ckpt], enable_checkpointing=True, val_check_interval=0.5,
+                logger=CSVLogger(tmp_path, name=folder, version=0),
+            ).fit(ResumableScoredBySparsity(), ckpt_path=ckpt_path)  # fmt: skip
+        return (tmp_path / folder / "version_0" / "metrics.csv").read_text()
+
+    uninterrupted = run("uninterrupted")
+    pending = [
+        path for path in sorted((tmp_path / "uninterrupted").glob("*.ckpt"))
+        if "compress/rollbacks" in next(
+            v for k, v in torch.load(path, weights_only=False)["callbacks"].items() if "IterativePruning" in k
+        )["pending_logs"]
+    ]  # fmt: skip
+    assert pending  # a checkpoint saved after a mid-epoch rollback, before the epoch's end logged it
+    resumed = run("resumed", str(pending[0]))
+
+    def rows(text: str, after: int) -> list[tuple[int, str]]:
+        import csv
+        import io
+
+        return [
+            (int(r["step"]), r["compress/rollbacks"]) for r in csv.DictReader(io.StringIO(text))
+            if r.get("compress/rollbacks") and int(r["step"]) > after
+        ]  # fmt: skip
+
+    step = int(pending[0].stem.split("=")[1])
+    assert rows(resumed, step) == rows(uninterrupted, step) and rows(resumed, step)
+
+
 def test_qat_resumed_from_the_last_batch_before_start_epoch_calibrates_in_start_epoch(tmp_path):
     """Trial CH: Lightning skips the resumed epoch's start, where the observers switch on: `start_epoch` observed
     nothing, quantization switched on uncalibrated, with a false 'never ran their forward' warning."""
