@@ -43,6 +43,8 @@ class ModelSnapshot:
     def __init__(self, model: nn.Module) -> None:
         self._tensors: list[tuple[Tensor, Tensor]] = []
         self._names: list[str] = []  # each copied tensor's name, for a checkpoint
+        self._persistent: list[bool] = []  # whether the model's state dict holds it (not a non-persistent buffer)
+        in_state = set(model.state_dict(keep_vars=True))
         quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
         with torch.no_grad():
             self._quantizer_state = [  # the flags, then each scale, zero point and range as they are now
@@ -65,6 +67,7 @@ class ModelSnapshot:
                 seen.add(id(tensor))
                 self._tensors.append((tensor, tensor.detach().clone()))
                 self._names.append(name)
+                self._persistent.append(name in in_state)
 
     @property
     def sharded(self) -> bool:
@@ -74,26 +77,33 @@ class ModelSnapshot:
     def state_dict(self) -> dict[str, Any]:
         """The copied values as CPU tensors, by name, and each quantizer's flags and values, in module order."""
         return {
-            "tensors": {name: saved.cpu() for name, (_, saved) in zip(self._names, self._tensors, strict=True)},
+            "tensors": {
+                name: saved.cpu()
+                for name, (_, saved), kept in zip(self._names, self._tensors, self._persistent, strict=True)
+                if kept  # a non-persistent buffer (a cache) is the model's own, as in its state dict
+            },
             "quantizers": [[flags, [saved.cpu() for _, saved in values]] for _, flags, values in self._quantizer_state],
         }
 
     def load_state_dict(self, state: Any) -> None:
-        """Hold the values of a :meth:`state_dict` instead of the model's own. Raises ``ValueError`` (nothing changed)
-        when they are not this model's: other names, shapes, dtypes or quantizers, or values that are not finite."""
+        """Hold the values of a :meth:`state_dict` instead of the model's own (floats cast to the model's dtype;
+        non-persistent buffers keep the model's values). Raises ``ValueError`` (nothing changed) when they are not this
+        model's: other names, shapes, kinds of dtype or quantizers, or values that are not finite."""
         tensors = state.get("tensors") if isinstance(state, Mapping) else None
         quantizers = state.get("quantizers") if isinstance(state, Mapping) else None
         if not isinstance(tensors, Mapping) or not isinstance(quantizers, list):
             raise ValueError("holds no 'tensors' mapping and 'quantizers' list")
-        if set(tensors) != set(self._names):
-            unknown, missing = (
-                sorted(map(str, set(tensors) - set(self._names))),
-                sorted(set(self._names) - set(tensors)),
-            )
+        names = [name for name, kept in zip(self._names, self._persistent, strict=True) if kept]
+        if set(tensors) != set(names):
+            unknown, missing = sorted(map(str, set(tensors) - set(names))), sorted(set(names) - set(tensors))
             raise ValueError(f"names other tensors than the model's (unknown {unknown[:3]}, missing {missing[:3]})")
         if len(quantizers) != len(self._quantizer_state):
             raise ValueError(f"holds {len(quantizers)} quantizers, the model {len(self._quantizer_state)}")
-        pairs = [(name, saved, tensors[name]) for name, (_, saved) in zip(self._names, self._tensors, strict=True)]
+        pairs = [
+            (name, saved, tensors[name])
+            for name, (_, saved), kept in zip(self._names, self._tensors, self._persistent, strict=True)
+            if kept
+        ]
         flags = []
         for number, ((_, _, values), entry) in enumerate(zip(self._quantizer_state, quantizers, strict=True)):
             ok = isinstance(entry, list) and len(entry) == 2 and is_integer(entry[0]) and isinstance(entry[1], list)
@@ -102,7 +112,11 @@ class ModelSnapshot:
             flags.append(int(entry[0]))
             pairs += [(f"quantizer {number}", saved, value) for (_, saved), value in zip(values, entry[1], strict=True)]
         for name, saved, value in pairs:
-            if not isinstance(value, Tensor) or value.shape != saved.shape or value.dtype != saved.dtype:
+            # another float dtype is cast, as a state dict's load casts it (trial CQ: a resume at `precision="64-true"`)
+            alike = isinstance(value, Tensor) and (
+                value.dtype == saved.dtype or (value.is_floating_point() and saved.is_floating_point())
+            )
+            if not isinstance(value, Tensor) or value.shape != saved.shape or not alike:
                 got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{name!r} is {got}, the model's {saved.dtype} {tuple(saved.shape)}")
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):

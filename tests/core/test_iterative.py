@@ -294,6 +294,24 @@ def test_a_damaged_judged_copy_is_refused_naming_it_before_anything_changes(dama
     assert resumed.steps == 0 and resumed.masked_sparsity() == 0.0 and not resumed.resumed_copy
 
 
+def test_a_saved_copy_loads_into_another_float_dtype_and_beside_non_persistent_buffers():
+    """Trial CQ: a checkpoint holding the copy was refused resumed at `precision="64-true"` (Lightning casts the
+    weights), or into the same model with a non-persistent buffer (which no checkpoint holds)."""
+    model = _model()
+    first = IterativePruner(model, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
+    first.observe(1.0)
+    judged = {k: v.clone() for k, v in model.state_dict().items()}
+    first.advance_to(1)
+    state = first.state_dict()
+    other = _model().double()
+    other.register_buffer("cache", torch.full((3,), 7.0), persistent=False)
+    resumed = IterativePruner(other, 0.5, total_steps=2, every_n_steps=1, max_drop=0.1)
+    resumed.load_state_dict(state)
+    assert resumed.resumed_copy and resumed.finish().whole_model
+    assert all(torch.equal(other.state_dict()[k], v.double()) for k, v in judged.items())
+    assert torch.equal(other.cache, torch.full((3,), 7.0, dtype=torch.float64))
+
+
 def test_the_copy_is_saved_when_the_model_trained_after_the_judged_evaluation():
     """Trial CN: with `every_n_steps`, a checkpoint between a validation and the next event held no copy (no event
     awaited judgement), and the resumed run could not adopt one (steps ran since): its rollback put back only the
