@@ -484,9 +484,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch == self._calibration_epoch and not self._active(pl_module):
-            if self.shift_search:
-                self._search_shifts(trainer, pl_module)
+        calibrating = epoch == self._calibration_epoch and not self._active(pl_module)
+        if calibrating and (not self.shift_search or self._search_shifts(trainer, pl_module)):
             self._calibrated = True  # quantization switches on when the next epoch starts, or at the end of fit
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
             for _, quantizer in self._own_quantizers(pl_module):
@@ -519,6 +518,8 @@ class QuantizationAwareTraining(Callback):
         """After ``start_epoch``: fake quantization on; or, when nothing calibrated the quantizers (the callback added
         on a resume past it), ``epoch`` calibrates them first (trial CA: switched on at once, it warned that every
         layer "never ran its forward")."""
+        if self.shift_search and not self._calibrated and epoch <= self._calibration_epoch:
+            return  # a resumed fit's shifts wait for this epoch's validation (:meth:`_search_shifts`)
         if self._calibrated or self._observed(pl_module):
             self._switch_on(pl_module)
             return
@@ -607,14 +608,28 @@ class QuantizationAwareTraining(Callback):
             (f"{n}.{q}", quantizer) for n, module in self._own_layers(pl_module) for q, quantizer in quantizers(module)
         ]
 
-    def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Choose the shifts on the inputs this epoch's validations gave; ``False``: none did in a resumed fit (its
+        validations ran before the checkpoint, or Lightning skipped them), and the next epoch's choose them."""
         layers = self._own_layers(pl_module)
-        if self._capture.captured_none(layers) and self._calibration_epoch != self.start_epoch:
-            rank_zero_warn(  # the epoch a resume chose to search in (`on_train_start`) validated nothing
-                f"QuantizationAwareTraining: no validation ran in epoch {self._calibration_epoch}, which was to choose "
-                "the shifts `start_epoch`'s skipped validation did not: they come from the observed ranges."
+        epoch = trainer.current_epoch
+        if self._capture.captured_none(layers) and (trainer.ckpt_path is not None or epoch != self.start_epoch):
+            max_epochs = trainer.max_epochs
+            if max_epochs is None or max_epochs < 0 or epoch + 1 < max_epochs:
+                # (trial CQ: resumed after `start_epoch`'s last validation, the fit failed at its end)
+                self._calibration_epoch = epoch + 1
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: no validation of this fit ran in epoch {epoch}, which was to choose "
+                    f"the shifts (it resumed after that epoch's validations, or Lightning skipped them): epoch "
+                    f"{epoch + 1}'s validation chooses them, and fake quantization switches on from epoch {epoch + 2} "
+                    "on, later than in the uninterrupted fit."
+                )
+                return False
+            rank_zero_warn(
+                f"QuantizationAwareTraining: no validation of this fit ran in epoch {epoch}, which was to choose the "
+                "shifts, and no epoch follows: they come from the observed ranges."
             )
-            return
+            return True
         if self._capture.captured_none(layers):
             raise ValueError(
                 f"`shift_search` chooses the shifts on validation data at the end of `start_epoch`="
@@ -622,6 +637,7 @@ class QuantizationAwareTraining(Callback):
                 "validate in that epoch, or set `shift_search=False`."
             )
         self.shifts.update(self._capture.search(trainer, pl_module, layers))
+        return True
 
     def _freeze_bn(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.freeze_bn_epoch is None or trainer.current_epoch <= self.freeze_bn_epoch:

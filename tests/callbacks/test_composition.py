@@ -831,6 +831,27 @@ def test_shift_search_resumed_from_start_epochs_last_batch_chooses_the_shifts_on
     assert all(m.weight_fake_quant.frozen_shift and m.weight_fake_quant.fake_quant_enabled for m in layers)
 
 
+def test_shift_search_resumed_after_start_epochs_last_validation_chooses_the_shifts_on_the_next_epochs(tmp_path):
+    """Trial CQ: resumed inside `start_epoch` after its last validation (`val_check_interval=3` of 8 batches, the
+    checkpoint at its 7th), the fit failed at the epoch's end: "no validation batch ran in that epoch"."""
+    from lightning_compress.core.qat_layers import QATLayer
+
+    def qat():
+        return QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)
+
+    pl.seed_everything(0, verbose=False)
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    trainer(max_epochs=4, callbacks=[qat(), saves], enable_checkpointing=True, val_check_interval=3).fit(TinyModule())
+    model, callback = TinyModule(), qat()
+    with pytest.warns(UserWarning, match=r"no validation of this fit ran in epoch 1.*epoch 2's validation chooses"):
+        trainer(max_epochs=4, callbacks=[callback], val_check_interval=3).fit(
+            model, ckpt_path=tmp_path / "step=15.ckpt"
+        )
+    layers = [m for m in model.modules() if isinstance(m, QATLayer)]
+    assert set(callback.shifts) == {n for n, m in model.named_modules() if isinstance(m, QATLayer)}
+    assert all(m.weight_fake_quant.frozen_shift and m.weight_fake_quant.fake_quant_enabled for m in layers)
+
+
 def test_a_joined_event_waits_for_a_validation_of_the_model_quantized_as_the_uninterrupted_fit_does(tmp_path):
     """Trial CI: resumed from a checkpoint saved while an event awaited judgement, the pruner had no copy telling how
     the judged model's quantizers stood: the joined event ran in the batch quantization switched on, and the
