@@ -224,6 +224,7 @@ class IterativePruning(Callback):
         self._fitting = True  # set up for `fit` (or not set up by a Trainer yet: a state loaded by hand applies)
         self._resumed_validation: dict[str, Any] | None = None  # the checkpoint's judged validation (step, metrics)
         self._clock = PruningClock()
+        self._trained = False
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
@@ -333,6 +334,7 @@ class IterativePruning(Callback):
         if stage != "fit":
             return
         self._clock.reset()
+        self._trained = False  # this fit's `on_train_start` ran (Lightning skips it for a fit already finished)
         self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
         check_export_ready(trainer, self.export_path, pl_module)
         check_fit(trainer, pl_module, self.monitor, config.granularity)
@@ -429,11 +431,10 @@ class IterativePruning(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
-        config, core = self.config, self.pruner
+        core = self.pruner
         warn_if_max_steps_counts_several_optimizers(trainer, pl_module, "IterativePruning")
-        default_in_steps = (
-            config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
-        )
+        self._trained = True
+        default_in_steps = self._default_in_steps
         unfreezes = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
         check_frozen(
             core.targets, core.rule.importance, self.config.importance, self.window.start_epoch > 0 and unfreezes
@@ -527,6 +528,33 @@ class IterativePruning(Callback):
         self._flush_logs(pl_module, step_level=False)
 
     @property
+    def _default_in_steps(self) -> bool:
+        """With neither ``every_n_*`` set, events in optimizer steps (when the data is sized)."""
+        config = self.config
+        return config.granularity in ("element", "channel") and self.monitor is None and not callable(config.schedule)
+
+    def _finish_untrained_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fit resumed from a checkpoint of its last epoch's end: Lightning trains nothing and calls neither
+        ``on_train_start`` nor ``on_train_end``, so the event after that epoch, which an epoch clock without a guard
+        runs at the end of training, runs here (trial CR: the fit ended at 0.5907 of 0.6, without a word)."""
+        core = self.pruner
+        if self.monitor is not None or trainer.current_epoch <= core.steps:
+            return
+        plan = plan_timeline(trainer, self.window, self._default_in_steps, None)
+        if plan.in_steps:
+            return
+        core.set_schedule(
+            total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
+            wait_for_baseline=True,
+        )  # fmt: skip
+        reshard(pl_module)
+        core.apply()
+        if core.advance_to(trainer.current_epoch):
+            for logger in trainer.loggers:
+                logger.log_metrics(self._sparsity_values(pl_module), step=trainer.global_step)
+        core.finish()
+
+    @property
     def _guarded_epochs(self) -> bool:
         """Events between epochs judged by the guard run at the start of the next epoch, not at the end of the
         last: a checkpoint saved at the end of an epoch (``ModelCheckpoint`` saves after every other callback)
@@ -575,6 +603,8 @@ class IterativePruning(Callback):
             rank_zero_warn(unjudged_event_note(rolled))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._core is not None and not self._trained:
+            self._finish_untrained_fit(trainer, pl_module)
         if self._core is not None:
             self._core.apply()  # after callbacks that write weights at train end (SWA)
         if self.export_path is not None:

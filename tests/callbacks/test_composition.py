@@ -805,6 +805,24 @@ def test_the_decisions_a_checkpoint_was_still_to_log_are_logged_by_the_resumed_f
     assert rows(resumed, step) == rows(uninterrupted, step) and rows(resumed, step)
 
 
+@pytest.mark.parametrize("granularity", ["element", "2:4"])
+def test_a_fit_resumed_from_its_last_epochs_end_still_runs_the_event_after_it(tmp_path, granularity):
+    """Trial CR: the event after the fit's last epoch runs at the end of training, which Lightning skips for a fit
+    resumed from that epoch's end checkpoint (no `on_train_start`/`on_train_end`): it ended at 0.5907 of 0.6."""
+
+    def pruning():
+        return IterativePruning(0.6 if granularity == "element" else 0.5, granularity=granularity, every_n_epochs=1)
+
+    pl.seed_everything(0, verbose=False)
+    uninterrupted = TinyModule()
+    saves = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    trainer(max_epochs=3, callbacks=[pruning(), saves], enable_checkpointing=True).fit(uninterrupted)
+    model = TinyModule()
+    trainer(max_epochs=3, callbacks=[pruning()]).fit(model, ckpt_path=tmp_path / "epoch=2.ckpt")
+    assert sparsity(model) == pytest.approx(sparsity(uninterrupted), abs=1e-6)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in uninterrupted.state_dict().items())
+
+
 def test_qat_resumed_from_the_last_batch_before_start_epoch_calibrates_in_start_epoch(tmp_path):
     """Trial CH: Lightning skips the resumed epoch's start, where the observers switch on: `start_epoch` observed
     nothing, quantization switched on uncalibrated, with a false 'never ran their forward' warning."""
