@@ -7,15 +7,16 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.checks import is_real
 from ..core.controller import monitor_mode
 from ..core.qat import quantizers
-from ..core.sharding import full, reshard
+from ..core.sharding import full, local, reshard
 from ..core.summary import ModelSize, estimate_size
 from ._guard import LoggedNames, check_monitor_name, read_monitor, stale_note
 from ._validation import runs_in_spawned_processes
@@ -68,7 +69,8 @@ class CompressionMonitor(Callback):
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
         self._said_no_baseline = False
-        self._validated: tuple[ModelSize, bool] | None = None  # the model a validation scores, at its start
+        self._validated: tuple[ModelSize, bool, float] | None = None  # the model a validation scores, at its start
+        self._fingerprints: list[float | None] = []  # of each point's model (this process's; None: restored points)
         self._logged = LoggedNames()  # which names that validation logged itself
 
     @property
@@ -92,6 +94,7 @@ class CompressionMonitor(Callback):
         """A new fit starts a new history (a checkpoint's, restored after this, continues its own)."""
         if stage == "fit":
             self.history, self.baseline = [], None  # (trial CP: a second fit kept the first model's baseline)
+            self._fingerprints = []
             self._said_no_baseline = False
             if runs_in_spawned_processes(trainer):
                 rank_zero_warn(
@@ -120,6 +123,7 @@ class CompressionMonitor(Callback):
             return
         self.baseline = state_dict.get("baseline")
         self.history = [dict(point) for point in state_dict.get("history", [])]
+        self._fingerprints = [None] * len(self.history)
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training. One
@@ -141,7 +145,7 @@ class CompressionMonitor(Callback):
             return
         reshard(pl_module)
         size = estimate_size(pl_module)
-        self._validated = size, _compressed(pl_module, size)
+        self._validated = size, _compressed(pl_module, size), _fingerprint(pl_module)
         self._logged.start(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -151,7 +155,7 @@ class CompressionMonitor(Callback):
         if not started:
             self.on_validation_start(trainer, pl_module)
         assert self._validated is not None
-        (size, compressed), self._validated = self._validated, None
+        (size, compressed, fingerprint), self._validated = self._validated, None
         value = self._monitored(trainer)
         if value is not None and started and not self._logged.logged(trainer, self.monitor or ""):
             rank_zero_warn(stale_note("CompressionMonitor", trainer, self.monitor or "", "its point has no value"))
@@ -168,6 +172,7 @@ class CompressionMonitor(Callback):
         if value is not None:
             point["value"] = value
         self.history.append(point)
+        self._fingerprints.append(fingerprint)
         self._log(trainer, pl_module, size, value)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,7 +182,13 @@ class CompressionMonitor(Callback):
         # scored the rejected model (the Trainer's metrics then still hold its values); none when no validation
         # scored it (trial CP: quantization switched on, or an event ran, after the last validation: the summary
         # paired a 2-bit model's size with the float model's 0.92, where it scored 0.70)
-        same = [p for p in self.history if (p["sparsity"], p["effective_bits"]) == (size.sparsity, size.effective_bits)]
+        # (trial CR: matched on sparsity and bits alone, it gave a score to SWA's average and to weights trained after
+        # the last validation): the weights must be those the validation saw
+        now = _fingerprint(pl_module)
+        same = [
+            p for p, f in zip(self.history, self._fingerprints, strict=True)
+            if (p["sparsity"], p["effective_bits"]) == (size.sparsity, size.effective_bits) and f == now
+        ]  # fmt: skip
         final = same[-1].get("value") if same else None
         if self.monitor is not None and not self.history:
             rank_zero_warn(
@@ -294,6 +305,12 @@ def _compressed(pl_module: pl.LightningModule, size: ModelSize) -> bool:
 def _relation(ratio: float) -> str:
     """The estimate against the dense model, in words: "1.0x smaller" would misread a model as large or larger."""
     return f"{ratio:.1f}x smaller" if ratio >= 1.05 else f"{1 / ratio:.2f}x the dense size" if ratio else "empty"
+
+
+def _fingerprint(model: nn.Module) -> float:
+    """A sum over this process's parameters (their shards under FSDP2), telling whether the weights changed."""
+    with torch.no_grad():
+        return float(sum(float(local(p).detach().double().abs().sum()) for p in model.parameters()))
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

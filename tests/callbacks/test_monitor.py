@@ -431,6 +431,18 @@ def test_the_summary_gives_no_score_when_no_validation_scored_the_model_fit_retu
     assert "-> compressed not validated" in caplog.text
 
 
+def test_the_summary_gives_no_score_to_weights_trained_after_the_last_validation():
+    """Trial CR: matched on sparsity and bits alone, the summary gave the last validation's 0.6463 to a model trained
+    an epoch further (`check_val_every_n_epoch=2`), which scored 0.8185."""
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_acc")
+    trainer(max_epochs=3, callbacks=[monitor], check_val_every_n_epoch=2).fit(TinyModule())
+    assert monitor.history and monitor.summary["final"] is None
+    pl.seed_everything(0, verbose=False)
+    trainer(max_epochs=2, callbacks=[monitor], check_val_every_n_epoch=2).fit(TinyModule())
+    assert monitor.summary["final"] == pytest.approx(monitor.history[-1]["value"])  # it scored the model returned
+
+
 def test_a_second_fit_measures_drops_from_its_own_dense_baseline():
     """Trial CP: a monitor reused for a second fit kept the first model's baseline, and summarized the second model,
     sparse at every validation, as dropping from it."""
