@@ -56,7 +56,7 @@ from ._validation import (
     runs_in_spawned_processes,
     warn_if_saved_under_another_key,
 )
-from ._validation_plan import steps_per_epoch, warn_if_max_steps_counts_several_optimizers
+from ._validation_plan import steps_per_epoch, validation_ahead, warn_if_max_steps_counts_several_optimizers
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -410,7 +410,7 @@ class QuantizationAwareTraining(Callback):
             # resumed after `start_epoch` (Lightning skips the epoch start of a resumed epoch): quantization
             # switches on now. A checkpoint saved on the last batch of `start_epoch`, before its end, has no shifts:
             # this epoch's validation chooses them (trial CO: they came from the observed ranges, and were not fixed)
-            if self.shift_search and not self.shifts and self._observed(pl_module):
+            if self.shift_search and not self.shifts and self._observed(pl_module) and validation_ahead(trainer):
                 self._calibration_epoch = epoch
                 rank_zero_warn(
                     f"QuantizationAwareTraining: the fit resumed after the end of `start_epoch`={self.start_epoch} "
@@ -419,6 +419,12 @@ class QuantizationAwareTraining(Callback):
                     f"{epoch + 1} on, one epoch later than in the uninterrupted fit."
                 )
             else:
+                if self.shift_search and not self.shifts and self._observed(pl_module):  # (trial CR: it promised an
+                    rank_zero_warn(  # epoch the fit does not have)
+                        f"QuantizationAwareTraining: the fit resumed after `start_epoch`={self.start_epoch}'s "
+                        "validations without running them, and no validation is ahead to choose the shifts: they come "
+                        "from the observed ranges."
+                    )
                 self._switch_on_or_calibrate(pl_module, epoch)
         # Lightning skips the epoch start of a resumed epoch (trial CH: resumed from `start_epoch - 1`'s last batch,
         # the calibration epoch observed nothing and quantization switched on uncalibrated)
@@ -426,7 +432,14 @@ class QuantizationAwareTraining(Callback):
         for _, quantizer in self._own_quantizers(pl_module):
             quantizer.train()
         searching = self.shift_search and epoch <= self._calibration_epoch and not self._active(pl_module)
-        if searching and (trainer.val_dataloaders is None or not any(trainer.num_val_batches)):
+        # Lightning loads the validation loaders here only when the first epoch validates or a sanity check ran
+        # (trial CR: `check_val_every_n_epoch=2` without a sanity check was refused as having no validation data);
+        # otherwise the end of `start_epoch` says it if none ran
+        loaded = trainer.val_dataloaders is not None
+        first_validates = trainer.check_val_every_n_epoch in (None, 1)  # the loaders would be loaded by now
+        no_data = not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0
+        no_data = no_data or (not loaded and first_validates)
+        if searching and (no_data or (loaded and not any(trainer.num_val_batches))):
             raise ValueError(
                 "`shift_search=True` evaluates shifts on the validation batches of epoch "
                 f"`start_epoch`={self.start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, compact, sparsity
-from lightning_compress.core.qat import QuantConfig, convert_to_qat, enable_fake_quant, quantizers
+from lightning_compress.core.qat import QuantConfig, convert_to_qat, enable_fake_quant, qat_modules, quantizers
 from tests.conftest import TinyModule, make_blobs, trainer
 
 
@@ -868,6 +868,18 @@ def test_shift_search_resumed_after_start_epochs_last_validation_chooses_the_shi
     layers = [m for m in model.modules() if isinstance(m, QATLayer)]
     assert set(callback.shifts) == {n for n, m in model.named_modules() if isinstance(m, QATLayer)}
     assert all(m.weight_fake_quant.frozen_shift and m.weight_fake_quant.fake_quant_enabled for m in layers)
+
+
+def test_shift_search_resumed_with_no_validation_ahead_says_the_shifts_come_from_the_ranges(tmp_path):
+    """Trial CR: resumed from `start_epoch`'s last batch with no epoch after it, the warning promised an epoch 2 the
+    fit does not have, and the end blamed an early stop."""
+    model, _, said = _resume_after_crash(
+        tmp_path, 1, lambda: [QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)],
+        max_epochs=2,
+    )  # fmt: skip
+    assert all(m.weight_fake_quant.fake_quant_enabled for _, m in qat_modules(model))  # quantized, as uninterrupted
+    assert any("no validation is ahead to choose the shifts" in m for m in said)
+    assert not any("epoch 2's validation chooses" in m for m in said)
 
 
 def test_a_joined_event_waits_for_a_validation_of_the_model_quantized_as_the_uninterrupted_fit_does(tmp_path):

@@ -868,6 +868,16 @@ def test_shift_search_without_validation_data_names_what_is_missing():
     assert not qat_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_shift_search_with_a_first_epoch_that_does_not_validate_is_not_refused():
+    """Trial CR: with `check_val_every_n_epoch=2` and no sanity check Lightning had not loaded the validation loaders
+    when training started, and the fit was refused as having no validation data; `start_epoch`=1 validates."""
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)
+    model = TinyModule()
+    trainer(max_epochs=3, callbacks=[qat], check_val_every_n_epoch=2).fit(model)
+    layers = qat_modules(model)
+    assert qat.shifts and layers and all(m.weight_fake_quant.frozen_shift for _, m in layers)
+
+
 class TrainableOnly(TinyModule):
     """An optimizer over the parameters that train now (what one writes with frozen layers): learned scales train
     only once quantization is on, so they are left out; OneCycleLR stepping per step."""
