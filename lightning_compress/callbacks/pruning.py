@@ -527,6 +527,17 @@ class IterativePruning(Callback):
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
         self._flush_logs(pl_module, step_level=False)
 
+    def _write_final_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The sparsity the fit ends at, to every logger and to ``trainer.callback_metrics``: Lightning writes
+        step-level values every `log_every_n_steps` steps, so the last events may not be among them, and no hook
+        logs after the fit's last epoch (trial CR: `callback_metrics` kept the epoch before's). Every process counts,
+        process 0 writes."""
+        values = self._sparsity_values(pl_module)
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        for key, value in values.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+
     @property
     def _default_in_steps(self) -> bool:
         """With neither ``every_n_*`` set, events in optimizer steps (when the data is sized)."""
@@ -550,8 +561,7 @@ class IterativePruning(Callback):
         reshard(pl_module)
         core.apply()
         if core.advance_to(trainer.current_epoch):
-            for logger in trainer.loggers:
-                logger.log_metrics(self._sparsity_values(pl_module), step=trainer.global_step)
+            self._write_final_values(trainer, pl_module)
         core.finish()
 
     @property
@@ -592,13 +602,8 @@ class IterativePruning(Callback):
                 note = below_baseline_note(self._core, self.monitor or "", self._scored)
             if note is not None:
                 rank_zero_warn(note)
-        if (self._clock.in_steps or ended_on_event) and trainer.loggers:
-            # Lightning writes step-level values every `log_every_n_steps` steps: the last events may not be among
-            # them (and no hook logs after the fit's last epoch), so the sparsity the fit ends at is written here
-            # (every process counts, process 0 writes)
-            values = self._sparsity_values(pl_module)
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+        if self._clock.in_steps or ended_on_event:
+            self._write_final_values(trainer, pl_module)
         if rolled is not None:
             rank_zero_warn(unjudged_event_note(rolled))
 
