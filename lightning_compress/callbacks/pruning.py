@@ -112,7 +112,9 @@ class IterativePruning(Callback):
             zoos (``BENCHMARKS.md``): for weights, every step against 100 events won 9 of 12 cells where
             it was chosen and 5 of 6 held out; for channels, 100 events against one per epoch won 9 of 16
             cells and lost 5. N:M granularity, ``monitor`` (one event per validation), a callable
-            ``schedule`` and a train dataloader without a length prune once per epoch.
+            ``schedule`` and a train dataloader without a length prune once per epoch. An event after an epoch
+            runs at the next epoch's first batch (after the epoch's validation and checkpoints, so a checkpoint
+            holds the model its validation scored); the one after the fit's last epoch at the end of training.
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
             exact name picks that module's weight whatever its type. ``None``: every Linear/Conv (and
             ``transformers``' Conv1D), the experts a mixture of experts stores as 3-d tensors, and the weight
