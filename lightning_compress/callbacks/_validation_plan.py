@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ..core.checks import check_int
+from ..core.iterative import IterativePruner
 from ._validation import fast_dev_run_note, trained_max_epochs
 
 __all__ = [
@@ -233,6 +234,13 @@ class Timeline:
     in_steps: bool
     judged_until: int | None  # with a monitor: the last time an event can still be judged
     rewind: int | None  # the time of the rewind point
+
+    def place(self, core: IterativePruner) -> None:
+        """Set ``core``'s schedule to this timeline (events skipped, not refused, before the guard's baseline)."""
+        core.set_schedule(
+            total_steps=self.end, start_step=self.start, every_n_steps=self.every, rewind_step=self.rewind,
+            judged_until=self.judged_until, wait_for_baseline=True,
+        )  # fmt: skip
 
 
 def plan_timeline(

@@ -202,7 +202,7 @@ class CompressionMonitor(Callback):
             "baseline": self.baseline,
             "final": final,
         }
-        _log_summary({**self.summary, "history": bool(self.history)})
+        _log_summary(self.summary, validated=bool(self.history))
 
     # ------------------------------------------------------------------ helpers
     def _monitored(self, trainer: pl.Trainer) -> float | None:
@@ -313,7 +313,7 @@ def _fingerprint(model: nn.Module) -> float:
         return float(sum(float(local(p).detach().double().abs().sum()) for p in model.parameters()))
 
 
-def _log_summary(summary: dict[str, Any]) -> None:
+def _log_summary(summary: dict[str, Any], validated: bool) -> None:
     layers = summary["layers"]
     width = max([len(layer["name"]) for layer in layers] + [6])
     lines = [f"{'layer':<{width}}  {'sparsity':>8}  {'bits':>4}  {'dense':>10}  {'compressed':>10}"]
@@ -327,7 +327,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
         f"{summary['bytes']:>10,}   {_relation(summary['compression_ratio'])}, "
         f"{summary['effective_bits']:.2f} bits per weight"
     )
-    if summary["monitor"] is not None and summary["history"]:
+    if summary["monitor"] is not None and validated:
         before = "n/a" if summary["baseline"] is None else f"{summary['baseline']:.4f}"
         after = (
             "not validated (no validation scored the model `fit` returns: `trainer.validate(model)` scores it)"

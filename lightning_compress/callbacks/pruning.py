@@ -457,10 +457,7 @@ class IterativePruning(Callback):
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)
-        core.set_schedule(
-            total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
-            judged_until=plan.judged_until, wait_for_baseline=True,
-        )  # fmt: skip
+        plan.place(core)
         resumed, self._resumed_validation = self._resumed_validation, None
         if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
             self._metrics.resume(trainer, resumed, core)
@@ -556,10 +553,7 @@ class IterativePruning(Callback):
         plan = plan_timeline(trainer, self.window, self._default_in_steps, None)
         if plan.in_steps:
             return
-        core.set_schedule(
-            total_steps=plan.end, start_step=plan.start, every_n_steps=plan.every, rewind_step=plan.rewind,
-            wait_for_baseline=True,
-        )  # fmt: skip
+        plan.place(core)
         reshard(pl_module)
         core.apply()
         if core.advance_to(trainer.current_epoch):
