@@ -287,7 +287,7 @@ def sparsity(
         >>> sparsity(layer)
         0.5
     """
-    targets = select_targets(model, include, exclude, module_tensors=True)
+    targets = select_targets(model, include, exclude, module_tensors=True, note_left_out=False)  # said by pruning
     zeros = sum(zero_counts(targets, TorchDistributed()).values())  # every process's shards of sharded weights
     total = sum(t.numel for t in targets)
     return zeros / total if total else 0.0

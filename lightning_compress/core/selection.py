@@ -265,6 +265,7 @@ def select_targets(
     exclude: Sequence[str] | None = None,
     *,
     module_tensors: bool = False,
+    note_left_out: bool = True,
 ) -> list[Target]:
     """Return the weights selected by ``include``/``exclude``, in module order.
 
@@ -280,6 +281,9 @@ def select_targets(
             by the default and wildcards in modules whose class is named for experts, by an exact name in any
             module), and the matrices of recurrent layers and ``nn.MultiheadAttention`` (:func:`matrix_tensors`;
             by the default, wildcards and exact names).
+        note_left_out: warn about the layers the patterns would pick but the selection leaves out (tied to an
+            embedding, a parametrized, pruned or hooked weight); off for what only reads the model (``sparsity``,
+            the size summary), which would otherwise repeat the warning the pruning gave at every call (trial CS).
 
     Raises:
         ValueError: a pattern matches no module, or nothing is left to select.
@@ -361,20 +365,20 @@ def select_targets(
             f"name picks that module's `weight`. Name the layers inside a container (e.g. '{ignored[0]}.*'), or "
             "leave the name out."
         )
-    if tied:
+    if note_left_out and tied:
         warnings.warn(
             f"lightning-compress leaves {tied} out: their weight is also an nn.Embedding's (a tied output "
             f"head), so compressing them would change the embedding. Name them exactly in `include` to opt in.",
             stacklevel=2,
         )
-    if parametrized:
+    if note_left_out and parametrized:
         warnings.warn(
             f"lightning-compress leaves {parametrized} out: their weight is computed by a parametrization "
             "(torch.nn.utils.parametrizations.weight_norm, ...), not stored. Remove it "
             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
             stacklevel=2,
         )
-    if torch_pruned:
+    if note_left_out and torch_pruned:
         warnings.warn(
             f"lightning-compress leaves {torch_pruned} out: torch.nn.utils.prune computes their weight from "
             "`weight_orig` and a mask. Make it permanent first (torch.nn.utils.prune.remove(module, 'weight')) to "
@@ -382,7 +386,7 @@ def select_targets(
             stacklevel=2,
         )
     for kind, hooked_names in hooked.items():
-        if hooked_names:
+        if hooked_names and note_left_out:
             warnings.warn(f"lightning-compress leaves {hooked_names} out: {_HOOKED[kind]}", stacklevel=2)
     if not selected:
         raise ValueError(

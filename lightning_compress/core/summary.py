@@ -9,7 +9,6 @@ per-channel scales; every other state entry as it is. It is cheap enough to run 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -109,12 +108,10 @@ def estimate_size(model: nn.Module) -> ModelSize:
         candidate = layer.weight_fake_quant
         if isinstance(candidate, FakeQuantizer) and candidate.fake_quant_enabled:
             quantizer_of[id(layer.weight)] = candidate
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # what the default leaves out is said where it prunes, not at every estimate
-        try:
-            targets = select_targets(model, module_tensors=True)  # the weights pruning selects by default
-        except ValueError:  # none
-            targets = []
+    try:  # what the default leaves out is said where it prunes, not at every estimate
+        targets = select_targets(model, module_tensors=True, note_left_out=False)  # what pruning selects by default
+    except ValueError:  # none
+        targets = []
     selected = {t.param_name for t in targets}
     parameters = dict(model.named_parameters(remove_duplicate=False))
     layers: list[LayerSize] = []

@@ -321,10 +321,30 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
     ):
         convert_to_qat(model, QuantConfig(8, 8), include=["0"])
     attention = nn.MultiheadAttention(4, 2)  # its projection is used without its forward: said (a trial)
-    match = r"called through their forward; its nn.MultiheadAttention multiplies its weight in its own forward"
+    match = r"called through their forward, and an nn.Embedding named exactly; its nn.MultiheadAttention multiplies"
     with pytest.raises(ValueError, match=match):
         convert_to_qat(attention, QuantConfig(8, 8), include=["out_proj"])
     assert type(model[0]) is _OwnForwardLinear  # untouched
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """BART's `BartScaledWordEmbedding`: an embedding that scales its rows in a forward of its own."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * 2.0
+
+
+def test_an_embedding_subclass_named_exactly_is_refused_and_the_message_lists_what_is_supported():
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    model = nn.Sequential(_ScaledEmbedding(16, 4), nn.Linear(4, 2))
+    match = r"`include` selects '0' .*and an nn.Embedding named exactly; _ScaledEmbedding"
+    with pytest.raises(ValueError, match=match):
+        convert_to_qat(model, QuantConfig(8, 8), include=["0", "*"])
+    assert type(model[0]) is _ScaledEmbedding and type(model[1]) is nn.Linear  # untouched
+    plain = nn.Sequential(nn.Embedding(16, 4), nn.Linear(4, 2))  # what the message says is supported: converted
+    convert_to_qat(plain, QuantConfig(8, 8), include=["0", "*"])
+    assert type(plain[0]) is not nn.Embedding
 
 
 def test_a_linear_subclass_whose_forward_computes_linear_is_quantized():

@@ -94,6 +94,22 @@ def test_a_head_tied_to_an_embedding_is_left_out_unless_named():
         select_targets(model, exclude=["block"])
 
 
+def test_reading_the_sparsity_of_a_model_with_a_tied_head_warns_nothing(recwarn):
+    """`sparsity()` only reads: the tied head pruning leaves out is said by pruning, not at every call (trial CS: a
+    warning per call, after every fit of T5, BART, Mistral...)."""
+    from lightning_compress import sparsity
+    from lightning_compress.core.summary import estimate_size
+
+    model = TiedLM()
+    with torch.no_grad():
+        model.block.weight[:4] = 0.0
+    assert sparsity(model) == 0.5  # the block alone, as pruning selects
+    estimate_size(model)
+    assert [str(w.message) for w in recwarn] == []
+    with pytest.warns(UserWarning, match="lm_head"):  # pruning and selection still say it
+        select_targets(model)
+
+
 def test_prune_never_zeroes_a_tied_embedding_by_default():
     from lightning_compress import prune_
 
