@@ -8,8 +8,10 @@ Layout (little endian)::
 The payload is raw LZMA2 of ``u32 manifest length | manifest JSON | body``. A file is untrusted
 input: :func:`read_container` never holds more than the caller's budget of decompressed bytes. It
 checks the declared sizes first, then the checksum (streamed), then decompresses the manifest
-alone and lets the caller check it against the model, and only then decompresses the body, at
-most as many bytes as the manifest accounts for.
+alone (at most the caller's manifest budget) and lets the caller check it against the model, and
+only then decompresses the body, at most as many bytes as the manifest accounts for. A file that
+declares more than the budget is refused after its manifest, before its body: a file of another
+model is then refused for how it differs.
 """
 
 from __future__ import annotations
@@ -122,21 +124,27 @@ def read_container(
                 raise CompressedFileError(
                     f"{path} is truncated or padded: payload {size - HEADER.size} bytes, header says {payload_len}."
                 )
+            too_large = None  # said after the manifest, which names the tensors that differ (a trial: a genuine
+            # file of a wider model, or of another dtype, read as a forged size)
             if raw_len > max_raw:
-                raise CompressedFileError(
-                    f"{path} declares {raw_len} decompressed bytes; a file for this model needs at most "
-                    f"{max_raw}. Refused before decompressing."
-                )
-            if payload_len > max_raw + max_raw // 64 + 65536:  # LZMA never expands data by that much
-                raise CompressedFileError(f"{path} has a {payload_len}-byte payload, too large for this model.")
+                too_large = f"declares {raw_len} decompressed bytes; a file for this model needs at most {max_raw}"
+            elif payload_len > max_raw + max_raw // 64 + 65536:  # LZMA never expands data by that much
+                too_large = f"has a {payload_len}-byte payload, too large for this model"
             _check_digest(f, header[: HEADER.size - 32], digest, path)
             f.seek(HEADER.size)
             stream = _CappedStream(f, raw_len, path, _decoder_filters(version, raw_len))
-            (manifest_len,) = _PREFIX.unpack(stream.read(_PREFIX.size))
-            if manifest_len > min(max_manifest, raw_len - _PREFIX.size):
-                raise CompressedFileError(f"{path} declares a {manifest_len}-byte manifest, more than allowed.")
-            manifest = _parse(stream.read(manifest_len), path, max_values)
-            expected = body_size(manifest, version)
+            try:
+                (manifest_len,) = _PREFIX.unpack(stream.read(_PREFIX.size))
+                if manifest_len > min(max_manifest, raw_len - _PREFIX.size):
+                    raise CompressedFileError(f"{path} declares a {manifest_len}-byte manifest, more than allowed.")
+                manifest = _parse(stream.read(manifest_len), path, max_values)
+            except CompressedFileError:
+                if too_large:  # no manifest to say more: the size is what is wrong
+                    raise CompressedFileError(f"{path} {too_large}. Refused before decompressing.") from None
+                raise
+            expected = body_size(manifest, version)  # refuses a file of another model, saying how it differs
+            if too_large:
+                raise CompressedFileError(f"{path} {too_large}. Refused before decompressing its data.")
             if expected != raw_len - _PREFIX.size - manifest_len:
                 raise CompressedFileError(
                     f"{path} is corrupted: the manifest accounts for {expected} bytes of data, the header for "

@@ -41,10 +41,12 @@ __all__ = ["load_compressed"]
 
 
 def _from_planes(data: Tensor, element: int, version: int) -> Tensor:
-    """Undo :func:`_planes` (files before format 4 store the bytes in order)."""
+    """Undo :func:`_planes` (files before format 4 store the bytes in order), into memory of its own: a view of the
+    body (``contiguous()`` of a one-element tensor's planes is one) kept the whole body alive until the load ended
+    (trial CU: a file of group scales of 2 then cost 2.9 times the model)."""
     if version < 4 or element == 1:
         return data.clone()
-    return data.reshape(element, -1).t().contiguous().reshape(-1)
+    return data.reshape(element, -1).t().clone(memory_format=torch.contiguous_format).reshape(-1)
 
 
 class _Reader:

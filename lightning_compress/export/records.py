@@ -96,7 +96,7 @@ class TensorRecord:
     def torch_dtype(self) -> torch.dtype:
         dtype = getattr(torch, self.dtype, None)
         if not isinstance(dtype, torch.dtype):
-            raise CompressedFileError(f"{self.name}: unknown dtype {self.dtype!r} in the file.")
+            raise CompressedFileError(f"{shown(self.name)}: unknown dtype {shown(self.dtype)} in the file.")
         return dtype
 
     @property
@@ -127,20 +127,20 @@ class TensorRecord:
         if not isinstance(name, str) or not isinstance(dtype, str) or kind not in KINDS:
             raise CompressedFileError(f"bad tensor record {str(entry)[:80]!r} in the file.")
         if kind == "bias" and version < 5:
-            raise CompressedFileError(f"{name}: a bias record in a format {version} file.")
+            raise CompressedFileError(f"{shown(name)}: a bias record in a format {version} file.")
         if set(fields) != set(_FIELDS[kind]):
-            raise CompressedFileError(f"{name}: a {kind} record with fields {sorted(fields)} in the file.")
+            raise CompressedFileError(f"{shown(name)}: a {kind} record with fields {sorted(fields)} in the file.")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
-            raise CompressedFileError(f"{name}: bad shape {str(shape)[:80]} in the file.")
+            raise CompressedFileError(f"{shown(name)}: bad shape {str(shape)[:80]} in the file.")
         fields["shape"] = tuple(shape)
         for key in ("count", "position_bytes", "bits", "qmin", "qmax"):
             if key in fields and not _is_int(fields[key]):
-                raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
+                raise CompressedFileError(f"{shown(name)}: bad {key} {fields[key]!r} in the file.")
         for key in ("coding", "quantizer", "of", "layer"):
             if key in fields and not isinstance(fields[key], str):
-                raise CompressedFileError(f"{name}: bad {key} {fields[key]!r} in the file.")
+                raise CompressedFileError(f"{shown(name)}: bad {key} {str(fields[key])[:80]!r} in the file.")
         if fields.get("axis") not in (None, 0, 1):
-            raise CompressedFileError(f"{name}: bad axis {fields['axis']!r} in the file.")
+            raise CompressedFileError(f"{shown(name)}: bad axis {fields['axis']!r} in the file.")
         return cls(**fields)
 
 
@@ -164,6 +164,14 @@ _FIELDS = {
         "quantizer",
     ),
 }
+
+
+def shown(text: str, limit: int = 120) -> str:
+    """A string read from a file, as a message shows it: quoted and escaped (a newline or a lone surrogate in a name
+    forged lines or broke ``print(err)``), and cut at ``limit`` characters (a trial: a 60,000-character name in a
+    60 KB message)."""
+    more = len(text) - limit
+    return repr(text[:limit]) + (f" (+{more} characters)" if more > 0 else "")
 
 
 def _is_int(value: Any) -> bool:
@@ -241,10 +249,31 @@ def max_manifest_values(model: nn.Module) -> int:
     return 4096 + 24 * len(entries) + 12 * len(buffers) + 32 * len(layers)
 
 
-def _quantizer_bound(weight: Tensor, role: str) -> int:
-    """The most entries one quantizer buffer may hold: for weights one per output channel, or per group of
-    at least two input weights (float16 group scales), else one."""
-    return max(1, *weight.shape[:2], weight.numel() // 2) if role == "weight" else 1
+def _quantizer_shapes(weight: Tensor, role: str, buffer: str, settings: dict[str, Any]) -> list[tuple[int, ...]]:
+    """The shapes one quantizer buffer may have, by the settings the file gives its layer: a weight's scale per
+    tensor, per output channel (either axis of the first two: a ``transformers`` Conv1D's is the second) or per group
+    of ``group_size`` input weights of each channel; an input's scale, and every other buffer, one value. Checked
+    before anything is decompressed (trial CU: group scales for every layer, whatever the file quantized, and of any
+    shape up to one per two weights, let a hostile file cost 3.4 times a bfloat16 model before its refusal)."""
+    if buffer != "scale":
+        return [()]
+    if role != "weight":
+        return [(), (1,)]
+    shapes: list[tuple[int, ...]] = [(), *((int(d),) for d in weight.shape[:2])]
+    group = settings.get("group_size")
+    size = group if isinstance(group, int) and not isinstance(group, bool) else 0
+    if size >= 2 and weight.dim() == 2:
+        rows, columns = (int(d) for d in weight.shape)
+        shapes += [(rows, columns // size), (columns, rows // size)]
+    return shapes
+
+
+def _fits(shape: tuple[int, ...], allowed: list[tuple[int, ...]], compacted: bool) -> bool:
+    """``shape`` is one of ``allowed``, or, in a compacted file, one of them cut (no dimension larger)."""
+    return any(
+        shape == a or (compacted and len(shape) == len(a) and all(s <= b for s, b in zip(shape, a, strict=True)))
+        for a in allowed
+    )
 
 
 def max_raw_bytes(model: nn.Module) -> int:
@@ -328,7 +357,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
         )
     qat_layers = manifest.get("qat_layers", {})
     _check_converted_alike(model, qat_layers)
-    _check_names(model, records, compacted)
+    _check_names(model, records, compacted, qat_layers)
     _check_qat_layers(model, qat_layers)
     by_name = {r.name: r for r in records}
     position = {r.name: i for i, r in enumerate(records)}
@@ -345,9 +374,11 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
         if record.kind == "alias":
             target = by_name.get(record.of)
             if target is None or target.kind == "alias" or position[target.name] >= i:
-                raise CompressedFileError(f"{record.name}: an alias of {record.of!r}, which is not stored before it.")
+                raise CompressedFileError(
+                    f"{record.name}: an alias of {shown(record.of)}, which is not stored before it."
+                )
             if (target.dtype, target.shape) != (record.dtype, record.shape):
-                raise CompressedFileError(f"{record.name}: an alias of {record.of!r} with another dtype or shape.")
+                raise CompressedFileError(f"{record.name}: an alias of {shown(record.of)} with another dtype or shape.")
             continue
         sizes["positions"] += _check_positions(record)
         if record.kind == "sparse":
@@ -369,12 +400,13 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
     return records, list(sizes.values())
 
 
-def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool) -> None:
+def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool, qat_layers: Any) -> None:
+    quantized = qat_layers if isinstance(qat_layers, dict) else {}  # not a dict: `_check_qat_layers` refuses it
     mine = model.state_dict()
     layers = _layers_with_weights(model)
     second = second_names(model)
     missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))
-    extra, shapes, dtypes, kinds = [], [], [], []
+    extra, shapes, dtypes, kinds, unquantized = [], [], [], [], []
     dtype_pairs: set[tuple[str, str]] = set()  # (in the file, in the model) of model tensors whose dtype differs
     floating = 0  # model tensors of a floating dtype the file holds
     for record in records:
@@ -382,12 +414,18 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
         if have is None:
             found = _QUANTIZER.match(record.name)
             weight = layers.get(found["layer"]) if found else None
+            settings = quantized.get(found["layer"]) if found else None
+            if settings is None and found is not None:  # a layer registered twice: its settings under its first name
+                first = _QUANTIZER.match(first_name(record.name, second) or "")
+                settings = quantized.get(first["layer"]) if first else None
             if found is None or weight is None or found["buffer"] not in _QUANTIZER_BUFFERS:
                 extra.append(record.name)
-            elif record.numel > _quantizer_bound(weight, found["role"]) or len(record.shape) > (
-                (2 if found["role"] == "weight" else 1) if found["buffer"] == "scale" else 0
-            ):  # only a scale is per channel or group; zero points, shifts, ranges and flags are scalars
-                shapes.append(record.name)
+            elif not isinstance(settings, dict):  # a quantizer's state comes with its layer's settings
+                unquantized.append(record.name)
+            elif not _fits(
+                record.shape, _quantizer_shapes(weight, found["role"], found["buffer"], settings), compacted
+            ):
+                shapes.append(record.name)  # only a scale is per channel or group; the other buffers are scalars
             elif record.torch_dtype not in _QUANTIZER_DTYPES[found["buffer"]] or (
                 record.torch_dtype.is_floating_point and record.torch_dtype.itemsize > max(4, weight.element_size())
             ):  # float64 scales for a float32 layer: `model.to()` gives quantizers the weights' dtype (a trial:
@@ -408,7 +446,7 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
         )
         if not (compacted and shrunk):
             shapes.append(record.name)
-    if missing or extra or shapes or dtypes or kinds:
+    if missing or extra or shapes or dtypes or kinds or unquantized:
         details = []
         for label, keys in (
             ("missing in the file", missing),
@@ -416,11 +454,12 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool)
             ("shape differs", shapes),
             ("dtype differs", dtypes),
             ("a quantizer buffer not stored whole", kinds),
+            ("quantizer state of a layer the file does not quantize", unquantized),
         ):
             if keys:
-                details.append(f"{label}: {sorted(keys)[:5]}")
+                details.append(f"{label}: [{', '.join(shown(k) for k in sorted(keys)[:5])}]")
         whole_model = len(dtypes) == floating > 1 and len(dtype_pairs) == 1  # every float tensor: a model dtype
-        if whole_model and not (missing or extra or shapes or kinds):
+        if whole_model and not (missing or extra or shapes or kinds or unquantized):
             written, held = next(iter(dtype_pairs))
             raise ArchitectureMismatch(
                 f"holds {written} tensors where {type(model).__name__} has {held} ({sorted(dtypes)[:3]} ...): the "
@@ -444,13 +483,15 @@ def _check_qat_layers(model: nn.Module, layers: Any) -> None:
     for name, cfg in layers.items():
         module = modules.get(name)
         if module is None or not quantizable(module):
-            raise CompressedFileError(f"the file quantizes {name!r}, which is not a Linear/Conv layer of the model.")
+            raise CompressedFileError(
+                f"the file quantizes {shown(name)}, which is not a Linear/Conv layer of the model."
+            )
         if not isinstance(cfg, dict):
-            raise CompressedFileError(f"bad quantization settings for {name!r} in the file.")
+            raise CompressedFileError(f"bad quantization settings for {shown(name)} in the file.")
         try:
             QuantConfig(**cfg)
         except (TypeError, ValueError) as err:
-            raise CompressedFileError(f"bad quantization settings for {name!r} in the file: {err}") from err
+            raise CompressedFileError(f"bad quantization settings for {shown(name)} in the file: {err}") from err
 
 
 def _check_positions(record: TensorRecord) -> int:
@@ -468,14 +509,14 @@ def _check_positions(record: TensorRecord) -> int:
         if not count <= nbytes < (numel + 7) // 8 or (count == 0 and nbytes != 0):
             raise CompressedFileError(f"{record.name}: an index stream of {nbytes} bytes for {count} positions.")
     else:
-        raise CompressedFileError(f"{record.name}: unknown index coding {record.coding!r}.")
+        raise CompressedFileError(f"{record.name}: unknown index coding {shown(record.coding)}.")
     return nbytes
 
 
 def _check_quantized(record: TensorRecord, by_name: dict[str, TensorRecord]) -> None:
     layer = record.name.removesuffix(".weight")
     if record.quantizer != f"{layer}.weight_fake_quant." or layer == record.name:
-        raise CompressedFileError(f"{record.name}: bad quantizer {record.quantizer!r} in the file.")
+        raise CompressedFileError(f"{record.name}: bad quantizer {shown(record.quantizer)} in the file.")
     if not 2 <= record.bits <= 8:
         raise CompressedFileError(f"{record.name}: {record.bits}-bit codes are outside 2..8.")
     lowest, highest = int_range(record.bits, True)
@@ -505,7 +546,9 @@ def _check_bias(record: TensorRecord, by_name: dict[str, TensorRecord], qat_laye
     scale (per channel or per tensor) and input scale (per tensor) are stored whole in the file."""
     layer = record.layer
     if not layer or record.name != f"{layer}.bias" or len(record.shape) != 1 or record.dtype != "float32":
-        raise CompressedFileError(f"{record.name}: a bias record of layer {layer!r}, shape {record.shape} in the file.")
+        raise CompressedFileError(
+            f"{record.name}: a bias record of layer {shown(layer)}, shape {record.shape} in the file."
+        )
     if qat_layers.get(layer, {}).get("quantize_bias") is not True:
         raise CompressedFileError(f"{record.name}: stored as codes, but the file does not quantize {layer!r}'s bias.")
     weight = by_name.get(f"{layer}.weight_fake_quant.scale")

@@ -158,12 +158,52 @@ def forged(tmp_path: Path, manifest, body: bytes) -> Path:
             r"fc1.weight: codes outside its integer range -32..31 \(-\d+..\d+ in rows 0..",
         ),
         (lambda m: m["qat_layers"]["fc1"].update(evil=1), "bad quantization settings for 'fc1'"),
+        (  # trial CU: quantizer buffers of layers the file left float filled the allowance, refused only once decoded
+            lambda m: m["qat_layers"].pop("fc2"),
+            r"quantizer state of a layer the file does not quantize: \['fc2.input_fake_quant.max_val'",
+        ),
+        (  # per-channel settings: one scale per output channel, not the group allowance of one per two weights
+            lambda m: record(m, "fc1.weight_fake_quant.scale").update(
+                shape=[math.prod(record(m, "fc1.weight")["shape"]) // 2]
+            ),
+            r"shape differs: \['fc1.weight_fake_quant.scale'\]",
+        ),
     ],
 )
 def test_every_size_in_the_manifest_is_checked_against_the_model(tmp_path, genuine, edit, match):
     manifest, body = copy.deepcopy(genuine[0]), genuine[1]
     edit(manifest)
     refused(forged(tmp_path, manifest, body), match)
+
+
+def test_names_from_the_file_are_quoted_escaped_and_cut_in_messages(tmp_path, genuine):
+    """Trial CU: a forged name went into the message raw: a lone surrogate broke `print(err)`, a newline forged a log
+    line, and a 60,000-character name made a 60 KB message."""
+    manifest, body = copy.deepcopy(genuine[0]), genuine[1]
+    manifest["tensors"].append({"name": "\ud800 ok\nINFO " + "x" * 60_000, "dtype": "float32", "shape": [-1]})
+    manifest["tensors"][-1]["kind"] = "raw"
+    with pytest.raises(CompressedFileError) as err:
+        load_compressed(Net(), forged(tmp_path, manifest, body))
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 600, message
+    assert r"'\ud800 ok\nINFO xxx" in message and "(+59890 characters)" in message
+    message.encode("utf-8")  # printable anywhere
+
+
+def test_a_file_of_a_wider_model_is_refused_for_its_shapes_not_its_size(tmp_path):
+    """Trial CU: a genuine file of a wider model, or of a float64 copy, read as a forged size ("declares N
+    decompressed bytes"); the manifest, read first, says which tensors differ. Nothing past it is decompressed."""
+    wide = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 10))
+    save_compressed(wide, tmp_path / "wide.lcz")
+    save_compressed(nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).double(), tmp_path / "f64.lcz")
+    narrow = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    with pytest.raises(CompressedFileError, match=r"another architecture than Sequential: shape differs: \['0.bias'"):
+        load_compressed(narrow, tmp_path / "wide.lcz")
+    with pytest.raises(CompressedFileError, match=r"holds torch.float64 tensors where Sequential has torch.float32"):
+        load_compressed(narrow, tmp_path / "f64.lcz")
+    forge.write(tmp_path / "zeros.lcz", forge.compress(b"\0" * 64), raw_len=1 << 40)  # no manifest: the size is said
+    with pytest.raises(CompressedFileError, match="declares 1099511627776 decompressed bytes"):
+        load_compressed(narrow, tmp_path / "zeros.lcz")
 
 
 def test_a_manifest_number_too_long_for_python_is_refused(tmp_path, genuine):
@@ -377,6 +417,19 @@ def test_scales_that_are_not_finite_positive_normal_numbers_are_refused(tmp_path
     refused(
         tmp_path / "bad.lcz", r"fc1.input_fake_quant.scale: scales that are not all finite floats of at least 1.18e"
     )
+
+
+@pytest.mark.parametrize("quantizer", ["weight_fake_quant", "input_fake_quant"])
+def test_a_power_of_two_scale_that_is_not_two_to_the_minus_shift_is_refused(tmp_path, quantizer):
+    """Trial CU: a file whose power-of-two scale was 0.3 beside a shift of 8 loaded, and `export_onnx` wrote 0.3 where
+    fixed point needs a power of two."""
+    model = compressed_net(0.9, QuantConfig(8, 8, scale="power_of_two", quantize_bias=True))
+    save_compressed(model, tmp_path / "good.lcz")
+    load_compressed(Net(), tmp_path / "good.lcz")  # the genuine file: every scale is 2**-shift
+    with torch.no_grad():
+        getattr(model.fc1, quantizer).scale.fill_(0.3)
+    save_compressed(model, tmp_path / "bad.lcz")
+    refused(tmp_path / "bad.lcz", rf"fc1.{quantizer}.scale: \[0.3.*beside a shift of .*scale is 2\*\*-shift")
 
 
 @pytest.mark.parametrize("value", [1 << 20, -1])
