@@ -8,10 +8,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..core.checks import is_integer
+from ..core.fake_quant import FakeQuantizer
 from ..core.qat import QuantConfig, qat_modules, settings_differ
 from ._validation import weight_averaging
 
@@ -106,3 +108,26 @@ def check_state(state: dict[str, Any], version: int) -> tuple[dict[str, tuple[in
             "a bool); the checkpoint is damaged."
         )
     return {k: (int(w), None if a is None else int(a)) for k, (w, a) in shifts.items()}, group
+
+
+def warn_if_already_quantizing(
+    trainer: pl.Trainer, start_epoch: int, converted_now: list[str], own: list[tuple[str, FakeQuantizer]]
+) -> None:
+    """Layers converted before this fit (an earlier fit, a `fast_dev_run`, ``convert_to_qat``) whose quantizers already
+    fake-quantize keep doing so from the first step, with the ranges they hold: the schedule cannot switch on what is
+    on (trial CT: a smoke run's one-batch calibration quantized every epoch of the next fit, said nowhere). Called at
+    the start of training, after Lightning restored a checkpoint (a resumed fit's quantizers are its own)."""
+    if trainer.ckpt_path is not None or start_epoch <= trainer.current_epoch:
+        return
+    fresh = {f"{name}." for name in converted_now}
+    on = sorted(
+        {name.rsplit(".", 1)[0] for name, q in own if q.fake_quant_enabled and not name.startswith(tuple(fresh))}
+    )
+    if on:
+        rank_zero_warn(
+            f"QuantizationAwareTraining: {on[:3]}{' ...' if len(on) > 3 else ''} already fake-quantize (converted "
+            f"and switched on before this fit: an earlier fit, a fast_dev_run, or your own code), so they quantize "
+            f"from the first step with the ranges they hold, not from `start_epoch`={start_epoch} after a "
+            "calibration. Fit a fresh instance of the model to follow the schedule, or set `start_epoch=0` to go on "
+            "quantizing."
+        )

@@ -73,13 +73,15 @@ def trained_max_epochs(trainer: Any) -> int | None:
     return max_epochs
 
 
-def fast_dev_run_note(trainer: Any) -> str:
-    """What to add to a refusal that Lightning's ``fast_dev_run`` caused (it sets ``max_epochs=1``)."""
+def fast_dev_run_note(trainer: Any, fix: str = "give them no epoch arguments") -> str:
+    """What to add to a refusal that Lightning's ``fast_dev_run`` caused (it sets ``max_epochs=1``): ``fix`` is what
+    else makes the callback fit one short epoch (trial CT: an accuracy guard was told to drop its epoch arguments,
+    which it did not have)."""
     if not getattr(trainer, "fast_dev_run", False):
         return ""
     return (
         " (Lightning's `fast_dev_run` runs one short epoch whatever `max_epochs` says: leave the compression "
-        "callbacks out of a fast_dev_run, or give them no epoch arguments.)"
+        f"callbacks out of a fast_dev_run, or {fix}.)"
     )
 
 

@@ -48,12 +48,19 @@ def steps_per_epoch(trainer: pl.Trainer) -> int | None:
     return None if batches is None else max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
 
 
-def warn_if_max_steps_counts_several_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule, who: str) -> None:
+def warn_if_max_steps_counts_several_optimizers(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, who: str, epochs_needed: int | None
+) -> None:
     """Under manual optimization ``global_step`` (and so ``max_steps``) counts every optimizer's steps, while the
     callbacks place their epochs on batches, as if each made one step: with several optimizers the fit may end
-    before the epochs it was checked against (a trial: pruning ended at 0.815 of 0.9, QAT never switched on)."""
+    before the epochs it was checked against (a trial: pruning ended at 0.815 of 0.9, QAT never switched on). Said
+    unless the batches the fit runs hold the ``epochs_needed`` the callback's schedule needs (trial CT: it advised
+    lowering `end_epoch` when the schedule fitted)."""
     count = len(trainer.optimizers)
     if pl_module.automatic_optimization or count < 2 or trainer.max_steps is None or trainer.max_steps < 0:
+        return
+    batches = _per_epoch(trainer)
+    if epochs_needed is not None and batches is not None and trainer.max_steps // count >= epochs_needed * batches:
         return
     rank_zero_warn(
         f"{who}: under manual optimization the Trainer's `max_steps`={trainer.max_steps} counts the steps of all "
@@ -302,7 +309,7 @@ def plan_timeline(
                 f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}; without a sanity "
                 "check over the whole validation set, the first validation gives the baseline), so no event could be "
                 "judged. Validate more often (and give the fit validation data), train longer, or set "
-                "`monitor=None`." + fast_dev_run_note(trainer)
+                "`monitor=None`." + fast_dev_run_note(trainer, "set `monitor=None` there")
             )
         if window.end_epoch is not None and not resumed_past:  # said when the fit first planned
             rank_zero_warn(  # a trial: it said the last validation came before step 29, which ran at 35

@@ -52,6 +52,7 @@ from ._pruning_checks import (
     key_of_same_selection,
     saved_pending_logs,
     say_quant_blocks,
+    warn_if_already_sparse,
 )
 from ._pruning_clock import PruningClock
 from ._pruning_log import log_values, sparsity_values
@@ -434,7 +435,9 @@ class IterativePruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
         core = self.pruner
-        warn_if_max_steps_counts_several_optimizers(trainer, pl_module, "IterativePruning")
+        warn_if_max_steps_counts_several_optimizers(
+            trainer, pl_module, "IterativePruning", self.window.end_for(trainer)
+        )
         self._trained = True
         default_in_steps = self._default_in_steps
         unfreezes = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
@@ -454,6 +457,7 @@ class IterativePruning(Callback):
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
         clock.in_steps = plan.in_steps
+        warn_if_already_sparse(trainer, core)  # before `apply`: a resumed fit's masks are the checkpoint's
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)

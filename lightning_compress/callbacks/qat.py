@@ -36,7 +36,14 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
-from ._qat_checks import check_averaging, check_converted_alike, check_no_overlap, check_state, check_validation_at
+from ._qat_checks import (
+    check_averaging,
+    check_converted_alike,
+    check_no_overlap,
+    check_state,
+    check_validation_at,
+    warn_if_already_quantizing,
+)
 from ._qat_resume import (
     attached_trainer,
     check_learned_resume,
@@ -404,7 +411,10 @@ class QuantizationAwareTraining(Callback):
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
         self._trained = True
-        warn_if_max_steps_counts_several_optimizers(trainer, pl_module, "QuantizationAwareTraining")
+        warn_if_max_steps_counts_several_optimizers(  # it switches on when epoch `start_epoch + 1` starts
+            trainer, pl_module, "QuantizationAwareTraining", self.start_epoch + 1
+        )
+        warn_if_already_quantizing(trainer, self.start_epoch, self._converted, self._own_quantizers(pl_module))
         epoch = trainer.current_epoch
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             # resumed after `start_epoch` (Lightning skips the epoch start of a resumed epoch): quantization

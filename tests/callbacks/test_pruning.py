@@ -1567,3 +1567,26 @@ def test_a_target_the_floors_cannot_reach_says_the_floor_is_why():
 def test_a_damaged_clock_entry_of_the_saved_state_is_refused_naming_it(key, value):
     with pytest.raises(ValueError, match=rf"state has {key}=.*: an int was saved; the checkpoint is damaged"):
         IterativePruning(0.5).load_state_dict({"steps": 0, key: value})
+
+
+def test_a_fresh_schedule_on_a_model_pruned_before_says_it_starts_from_dense(tiny):
+    """Trial CT: on a model `prune_` left 80% sparse, the schedule's first events kept more weights than it had and
+    the zeros trained back (0.80 -> 0.27 after the first step), said nowhere."""
+    from lightning_compress import prune_
+
+    prune_(tiny, 0.8)
+    with pytest.warns(UserWarning, match=r"already 80.0% zero \(pruned before\?\)\. The schedule starts from a dense"):
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=1)]).fit(tiny)
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings():  # a dense model: nothing to say
+        warnings.filterwarnings("error", message=".*already .* zero")
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=1)]).fit(TinyModule())
+
+
+def test_a_guard_refused_under_fast_dev_run_is_told_what_fixes_it(tiny):
+    """Trial CT: the note told a guard with no epoch arguments to drop its epoch arguments."""
+    pruning = IterativePruning(0.8, monitor="val_acc")
+    with pytest.raises(
+        ValueError, match=r"leave the compression callbacks out of a fast_dev_run, or set `monitor=None`"
+    ):
+        trainer(fast_dev_run=True, callbacks=[pruning]).fit(tiny)

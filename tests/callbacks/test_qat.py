@@ -1348,3 +1348,19 @@ def test_a_callback_added_on_a_resume_past_its_start_epoch_calibrates_first(tmp_
     assert "epoch 2 calibrates them, fake quantization from epoch 3 on" in caplog.text
     assert "fake quantization on for 3 layers (weights 8 bits, activations 8 bits, minmax) from epoch 3" in caplog.text
     assert all(q.fake_quant_enabled and (q.initialized or q.role == "weight") for _, q in quantizers(model))
+
+
+def test_layers_already_quantizing_before_the_fit_are_said_to_ignore_start_epoch(tiny):
+    """Trial CT: a `fast_dev_run` smoke test left the model fake-quantized with one batch's ranges, and the next fit's
+    `start_epoch=3` quantized from its first step, said nowhere."""
+    trainer(fast_dev_run=True, callbacks=[QuantizationAwareTraining()]).fit(tiny)
+    assert active(tiny)
+    with pytest.warns(
+        UserWarning, match=r"\['net.0', 'net.2', 'net.4'\] already fake-quantize .*not from `start_epoch`=3"
+    ):
+        trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(start_epoch=3)]).fit(tiny)
+    pl.seed_everything(0, verbose=False)
+    fresh = TinyModule()
+    with warnings.catch_warnings():  # a fresh model follows the schedule: nothing to say
+        warnings.filterwarnings("error", message=".*already fake-quantize")
+        trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(start_epoch=3)]).fit(fresh)
