@@ -256,8 +256,10 @@ def warn_if_already_sparse(trainer: pl.Trainer, pruner: IterativePruner) -> None
     0.80 sparse became 0.27 after the first step). Said at the start of a fit that is not resumed."""
     if trainer.ckpt_path is not None or pruner.steps or pruner.events:
         return
-    zeros = sum(zero_counts(pruner.targets, pruner.collectives).values())
-    total = sum(t.numel for t in pruner.targets)
+    counts = zero_counts(pruner.targets, pruner.collectives)
+    # a weight all zero is initialized so (a LoRA-style B matrix, adaLN-zero), not pruned: it trains from zero anyway
+    partly = [(counts[t.param_name], t.numel) for t in pruner.targets if counts[t.param_name] < t.numel]
+    zeros, total = sum(z for z, _ in partly), sum(n for _, n in partly)
     if total and zeros / total >= ALREADY_SPARSE:
         rank_zero_warn(
             f"IterativePruning: the selected weights are already {zeros / total:.1%} zero (pruned before?). The "
