@@ -246,15 +246,24 @@ def check_resumed_clock(
 
 
 ALREADY_SPARSE = 0.1
-"""The fraction of exact zeros among the selected weights above which a fresh pruning schedule says it starts over: a
-trained dense model has next to none, a model pruned before (``prune_``, an earlier fit) has its sparsity."""
+"""The fraction of exact zeros among the selected weights (those partly zero) from which a fresh schedule treats the
+model as pruned before: a trained dense model has next to none, a model pruned before (``prune_``, an earlier fit)
+has its sparsity."""
 
 
-def warn_if_already_sparse(trainer: pl.Trainer, pruner: IterativePruner) -> None:
-    """A fresh schedule starts from a dense model (Zhu & Gupta's ``s_i = 0``): on a model pruned before, the first
-    events keep more weights than it has, and the zeros train back until the events reach them again (trial CT:
-    0.80 sparse became 0.27 after the first step). Said at the start of a fit that is not resumed."""
+def keep_earlier_pruning(trainer: pl.Trainer, pruner: IterativePruner) -> None:
+    """At the start of a fit that is not resumed, on a model pruned before: element pruning keeps its zeros as masks
+    and starts the schedule from their sparsity (:meth:`IterativePruner.keep_zeros`); otherwise (channels, N:M,
+    sharded weights, a model already past the target) the schedule starts from a dense model, and a warning says the
+    zeros train back (trial CT: 0.80 sparse became 0.27 after the first step, said nowhere)."""
     if trainer.ckpt_path is not None or pruner.steps or pruner.events:
+        return
+    initial = pruner.keep_zeros(ALREADY_SPARSE)
+    if initial is not None:
+        rank_zero_info(
+            f"IterativePruning: the selected weights are already {initial:.1%} zero (pruned before): their zeros "
+            f"stay pruned, and the schedule goes from {initial:.4f} to {pruner.target_sparsity}."
+        )
         return
     counts = zero_counts(pruner.targets, pruner.collectives)
     # a weight all zero is initialized so (a LoRA-style B matrix, adaLN-zero), not pruned: it trains from zero anyway
@@ -263,8 +272,9 @@ def warn_if_already_sparse(trainer: pl.Trainer, pruner: IterativePruner) -> None
     if total and zeros / total >= ALREADY_SPARSE:
         rank_zero_warn(
             f"IterativePruning: the selected weights are already {zeros / total:.1%} zero (pruned before?). The "
-            f"schedule starts from a dense model and reaches {pruner.target_sparsity} at its end: before its first "
-            "event, and while its events keep more weights than the model has, the zeros train back, and the masks "
-            "it ends with are chosen afresh. To go on with an earlier fit's pruning, resume that fit from its "
+            f"schedule starts from a dense model and reaches {pruner.target_sparsity} at its end (only element "
+            "pruning of whole weights below the target keeps a model's zeros and starts from them): before its "
+            "first event, and while its events keep more weights than the model has, the zeros train back, and the "
+            "masks it ends with are chosen afresh. To go on with an earlier fit's pruning, resume that fit from its "
             "checkpoint (`ckpt_path`), which holds its masks and schedule."
         )

@@ -49,10 +49,10 @@ from ._pruning_checks import (
     check_frozen,
     check_no_overlap,
     check_resumed_clock,
+    keep_earlier_pruning,
     key_of_same_selection,
     saved_pending_logs,
     say_quant_blocks,
-    warn_if_already_sparse,
 )
 from ._pruning_clock import PruningClock
 from ._pruning_log import log_values, sparsity_values
@@ -457,7 +457,7 @@ class IterativePruning(Callback):
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
         clock.in_steps = plan.in_steps
-        warn_if_already_sparse(trainer, core)  # before `apply`: a resumed fit's masks are the checkpoint's
+        keep_earlier_pruning(trainer, core)  # before the schedule is placed; a resumed fit's masks are the checkpoint's
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)

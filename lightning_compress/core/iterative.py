@@ -265,6 +265,7 @@ class IterativePruner:
         self.steps = 0
         self.fell_short = False  # the last event pruned less than it asked for (``min_density`` floors)
         self.events = 0
+        self.initial_sparsity = 0.0  # what the schedule starts from: a model pruned before (:meth:`keep_zeros`)
         self.waited_for_quantization = 0  # events that waited for an evaluation of the model quantized
         self._join_next = False  # the next event runs beside the one awaiting judgement (:meth:`judgement_skipped`)
         self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
@@ -318,11 +319,44 @@ class IterativePruner:
         self.rewind_step = rewind
         config = self.config
         every = every or step_interval(end - start, default_events(self.config.granularity))
-        self.schedule = PruningSchedule(config.schedule, config.target_sparsity, start, end, every)
+        self.schedule = PruningSchedule(
+            config.schedule, config.target_sparsity, start, end, every, self.initial_sparsity
+        )
         if callable(config.schedule):  # a value out of [0, 1) is reported now, not at its event
             for t in self.schedule.events():
                 self.schedule.sparsity_at(t)
         self._save_rewind_point_if_due()
+
+    def keep_zeros(self, threshold: float) -> float | None:
+        """Before a fresh run's first step, on a model pruned before (``prune_``, an earlier run): the zeros of every
+        selected weight that is partly zero become its mask, and the schedule starts from their sparsity (Zhu &
+        Gupta's ``s_i``) instead of from a dense model, whose first events kept more weights than the model had and
+        let its zeros train back (trial CT: 0.80 sparse became 0.27 after the first step). A weight all zero is left
+        unmasked (initialized so, as a LoRA-style B matrix: it trains from zero). Only element granularity on whole
+        weights, and only when the zeros are at least ``threshold`` of the partly-zero weights and less than the
+        target. Returns the sparsity the schedule starts from, or ``None`` (nothing changed)."""
+        if self.steps or self.events or self._pruner.masks or str(self.config.granularity) != "element":
+            return None
+        if any(is_sharded(t.param) for t in self.targets):
+            return None
+        masks, zeros, partly = {}, 0, 0
+        for target in self.targets:
+            keep = target.param.detach() != 0
+            kept = int(keep.sum())
+            if 0 < kept < target.numel:
+                masks[target.param_name] = keep
+                zeros, partly = zeros + target.numel - kept, partly + target.numel
+        initial = zeros / max(1, sum(t.numel for t in self.targets))
+        if not partly or zeros / partly < threshold or initial >= self.target_sparsity:
+            return None
+        if not self._pruner.adopt(masks):
+            return None
+        self.initial_sparsity = initial
+        schedule = self.schedule
+        self.schedule = PruningSchedule(
+            schedule.kind, schedule.target, schedule.start, schedule.end, schedule.every, initial
+        )
+        return initial
 
     def _save_rewind_point_if_due(self) -> None:
         if self.rewind_step is not None and self.steps == self.rewind_step and not self._pruner.has_rewind_point:
@@ -691,6 +725,7 @@ class IterativePruner:
             "join_next": self._join_next,
             "judged_quantizers": None if self.guard is None else self._judged.flags(),
             "judged_copy": self._judged_copy(),
+            "initial_sparsity": self.initial_sparsity,
         }
 
     def _judged_copy(self) -> dict[str, Any] | None:
@@ -733,6 +768,13 @@ class IterativePruner:
             state, str(self.config.granularity), self.target_sparsity, type(self.rule.importance).__name__,
             self.schedule.end, self._warn,
         )  # fmt: skip
+        initial = state.get("initial_sparsity", 0.0)  # absent before session 28: a schedule from a dense model
+        if not is_real(initial) or not 0.0 <= float(initial) <= self.target_sparsity:
+            raise ValueError(
+                f"the pruning state's `initial_sparsity`={repr(initial)[:40]} is not a sparsity in "
+                f"[0, {self.target_sparsity}]: the checkpoint is damaged."
+            )
+        initial = float(initial)
         copy = state.get("judged_copy")
         try:  # read before anything changes; held once the rest is loaded
             parsed = None if copy is None or self.guard is None else self._judged.parse(copy)
@@ -747,6 +789,11 @@ class IterativePruner:
         self.events = int(state.get("events", 0))
         self.fell_short = state.get("fell_short") is True  # what the end-of-fit note reads (trial CB)
         self._join_next = state.get("join_next") is True  # a second resume before the join (trial CH)
+        self.initial_sparsity = initial  # the schedule of a model pruned before starts from its sparsity
+        schedule = self.schedule
+        self.schedule = PruningSchedule(
+            schedule.kind, schedule.target, schedule.start, schedule.end, schedule.every, initial
+        )
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
         self._saved_judgement = state.get("judged")

@@ -20,24 +20,25 @@ __all__ = ["SCHEDULES", "PruningSchedule", "schedule_curve", "step_interval"]
 SCHEDULES = ("cubic", "linear", "geometric", "one_shot")
 
 
-def schedule_curve(kind: str, target: float, progress: float) -> float:
-    """Sparsity of a built-in schedule at ``progress`` in [0, 1] (clamped).
+def schedule_curve(kind: str, target: float, progress: float, initial: float = 0.0) -> float:
+    """Sparsity of a built-in schedule at ``progress`` in [0, 1] (clamped), from ``initial`` (``s_i``: the sparsity
+    of the model the schedule starts from, 0 for a dense one) to ``target`` (``s_f``).
 
-    * ``cubic``: Zhu & Gupta 2017, ``s_f + (s_i - s_f)(1 - progress)^3`` with ``s_i = 0``.
-    * ``linear``: ``s_f * progress``.
+    * ``cubic``: Zhu & Gupta 2017, ``s_f + (s_i - s_f)(1 - progress)^3``.
+    * ``linear``: ``s_i + (s_f - s_i) progress``.
     * ``geometric``: the same fraction of the *remaining* weights at every step,
-      ``1 - (1 - s_f)^progress`` ("repeat until the ratio is reached").
+      ``1 - (1 - s_i)((1 - s_f) / (1 - s_i))^progress`` ("repeat until the ratio is reached").
     * ``one_shot``: ``s_f`` from the first event on.
     """
     p = min(max(progress, 0.0), 1.0)
     if kind == "cubic":
-        return target * (1.0 - (1.0 - p) ** 3)
+        return target + (initial - target) * (1.0 - p) ** 3
     if kind == "linear":
-        return target * p
+        return initial + (target - initial) * p
     if kind == "geometric":
-        return 1.0 - (1.0 - target) ** p
+        return 1.0 - (1.0 - initial) * ((1.0 - target) / (1.0 - initial)) ** p
     if kind == "one_shot":
-        return target if p > 0 else 0.0
+        return target if p > 0 else initial
     raise ValueError(f"`schedule`={kind!r} is not one of {SCHEDULES} or a callable.")
 
 
@@ -60,6 +61,8 @@ class PruningSchedule:
         start: ``t`` before the first event (first event at ``start + every``, capped at end).
         end: ``t`` of the last event, where ``target`` is reached.
         every: units between events.
+        initial: the sparsity the schedule starts from (``s_i``): 0 for a dense model, the model's own for one
+            pruned before; a callable's values below it are raised to it.
     """
 
     kind: str | Callable[[int], float]
@@ -67,6 +70,7 @@ class PruningSchedule:
     start: int
     end: int
     every: int = 1
+    initial: float = 0.0
 
     def __post_init__(self) -> None:
         if not callable(self.kind) and self.kind not in SCHEDULES:
@@ -88,6 +92,9 @@ class PruningSchedule:
             raise ValueError(f"`end`={self.end} must be greater than `start`={self.start}.")
         if self.every < 1:
             raise ValueError(f"`every`={self.every} must be >= 1.")
+        if not is_real(self.initial) or not 0.0 <= float(self.initial) <= target:
+            raise ValueError(f"`initial`={self.initial!r} must be a float in [0, `target`={target}].")
+        object.__setattr__(self, "initial", float(self.initial))
 
     def is_event(self, t: int) -> bool:
         """Whether a pruning event happens at time ``t``."""
@@ -103,7 +110,7 @@ class PruningSchedule:
         ``user_time`` is what a callable schedule receives (defaults to ``t``).
         """
         if t <= self.start:
-            return 0.0
+            return self.initial
         if t >= self.end:
             return self.target  # a callable's too: it draws the path, the target is the target
         if callable(self.kind):
@@ -113,5 +120,5 @@ class PruningSchedule:
             value = float(returned)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"the `schedule` callable returned {value}; sparsity must be in [0, 1).")
-            return min(value, self.target)
-        return schedule_curve(self.kind, self.target, (t - self.start) / (self.end - self.start))
+            return max(min(value, self.target), self.initial)
+        return schedule_curve(self.kind, self.target, (t - self.start) / (self.end - self.start), self.initial)

@@ -1569,22 +1569,81 @@ def test_a_damaged_clock_entry_of_the_saved_state_is_refused_naming_it(key, valu
         IterativePruning(0.5).load_state_dict({"steps": 0, key: value})
 
 
-def test_a_fresh_schedule_on_a_model_pruned_before_says_it_starts_from_dense(tiny):
-    """Trial CT: on a model `prune_` left 80% sparse, the schedule's first events kept more weights than it had and
-    the zeros trained back (0.80 -> 0.27 after the first step), said nowhere."""
+class SparsityTrace(pl.Callback):
+    """The sparsity of the selected weights before every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(sparsity(pl_module))
+
+
+def test_a_model_pruned_before_keeps_its_zeros_and_the_schedule_starts_from_its_sparsity(tiny, caplog):
+    """Trial CT: on a model `prune_` left 80% sparse, a fresh schedule started from a dense model: its first events
+    kept more weights than the model had and the zeros trained back (0.80 -> 0.27 after the first step)."""
     from lightning_compress import prune_
 
     prune_(tiny, 0.8)
+    before = sparsity(tiny)
+    zeros = {n: p.detach() == 0 for n, p in tiny.named_parameters() if n.endswith("weight")}
+    trace = SparsityTrace()
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=2)
+    with caplog.at_level("INFO"):
+        trainer(max_epochs=3, callbacks=[pruning, trace]).fit(tiny)
+    assert (
+        "already 80.0% zero (pruned before): their zeros stay pruned, and the schedule goes from 0.7999" in caplog.text
+    )
+    assert min(trace.seen) == before and trace.seen == sorted(trace.seen)  # never back below the model's
+    assert sparsity(tiny) == pytest.approx(0.9, abs=1e-3)
+    assert all(bool((p.detach()[zeros[n]] == 0).all()) for n, p in tiny.named_parameters() if n in zeros)
+    assert pruning.pruner.schedule.initial == pytest.approx(0.8, abs=1e-3)
+
+
+def test_a_resumed_fit_of_a_model_pruned_before_is_the_uninterrupted_one(tmp_path):
+    """The sparsity the schedule started from is in the callback's state: a fit resumed from a checkpoint keeps it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_compress import prune_
+
+    def run(resume: bool) -> dict[str, torch.Tensor]:
+        pl.seed_everything(0, verbose=False)
+        model = TinyModule()
+        prune_(model, 0.7)
+        if resume:
+            saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+            first = [IterativePruning(0.9, start_epoch=0, end_epoch=3), saver, StopAfterEpoch(0)]
+            trainer(tmp_path, max_epochs=4, callbacks=first, enable_checkpointing=True).fit(model)
+            model = TinyModule()  # a fresh instance, as a new process would build it
+            trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=3)]).fit(
+                model, ckpt_path=str(tmp_path / "epoch=0.ckpt")
+            )
+        else:
+            trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=3)]).fit(model)
+        return weights_of(model)
+
+    uninterrupted, resumed = run(False), run(True)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_a_fresh_schedule_that_cannot_keep_a_models_zeros_says_it_starts_from_dense(tiny):
+    """N:M (and channels, sharded weights, a model past the target) start from a dense model: said."""
+    from lightning_compress import prune_
+
+    prune_(tiny, 0.8)
+    pruning = IterativePruning(0.5, granularity="2:4", start_epoch=0, end_epoch=1)
     with pytest.warns(UserWarning, match=r"already 80.0% zero \(pruned before\?\)\. The schedule starts from a dense"):
-        trainer(max_epochs=2, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=1)]).fit(tiny)
+        trainer(max_epochs=2, callbacks=[pruning]).fit(tiny)
     pl.seed_everything(0, verbose=False)
     dense, zero_init = TinyModule(), TinyModule()
     with torch.no_grad():  # a layer initialized to zero (adaLN-zero, a LoRA B matrix) is not a pruning: 62% of them
         zero_init.net[2].weight.zero_()
-    for model in (dense, zero_init):  # nothing to say
+    for model in (dense, zero_init):  # nothing to say, nothing kept
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*already .* zero")
-            trainer(max_epochs=2, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=1)]).fit(model)
+            pruning = IterativePruning(0.9, start_epoch=0, end_epoch=1)
+            trainer(max_epochs=2, callbacks=[pruning]).fit(model)
+        assert pruning.pruner.schedule.initial == 0.0
 
 
 def test_a_guard_refused_under_fast_dev_run_is_told_what_fixes_it(tiny):

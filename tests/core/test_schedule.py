@@ -68,3 +68,26 @@ def test_step_interval_spreads_about_that_many_events():
     assert len(schedule.events()) == 107
     with pytest.raises(ValueError, match="`events`=0 must be at least 1"):
         step_interval(320, 0)
+
+
+@pytest.mark.parametrize("kind", ["cubic", "linear", "geometric", "one_shot"])
+def test_curves_from_an_initial_sparsity_start_there_and_end_at_target(kind):
+    """Zhu & Gupta's `s_i`: a model pruned before starts the schedule at its sparsity (trial CT)."""
+    values = [schedule_curve(kind, 0.9, p / 20, initial=0.6) for p in range(21)]
+    assert values[0] == pytest.approx(0.6) and values[-1] == pytest.approx(0.9)
+    assert all(b >= a for a, b in itertools.pairwise(values))
+    sched = PruningSchedule(kind, 0.9, start=2, end=10, initial=0.6)
+    assert sched.sparsity_at(2) == 0.6 and sched.sparsity_at(10) == pytest.approx(0.9)
+    assert PruningSchedule(lambda t: 0.1, 0.9, start=2, end=10, initial=0.6).sparsity_at(5) == 0.6  # raised to it
+
+
+def test_cubic_from_an_initial_sparsity_is_zhu_gupta():
+    sched = PruningSchedule("cubic", 0.9, start=0, end=10, initial=0.5)
+    for t in range(11):
+        assert sched.sparsity_at(t) == pytest.approx(0.9 + (0.5 - 0.9) * (1 - t / 10) ** 3)
+
+
+@pytest.mark.parametrize("initial", [-0.1, 0.95, float("nan"), "0.5"])
+def test_an_initial_sparsity_outside_zero_to_target_is_refused(initial):
+    with pytest.raises(ValueError, match=r"`initial`=.* must be a float in \[0, `target`=0.9\]"):
+        PruningSchedule("cubic", 0.9, start=0, end=10, initial=initial)
