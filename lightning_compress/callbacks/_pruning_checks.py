@@ -15,7 +15,7 @@ from ..core.channels import ChannelRule
 from ..core.checks import is_integer, is_real
 from ..core.config import PruningConfig
 from ..core.importance import Importance
-from ..core.iterative import IterativePruner
+from ..core.iterative import IterativePruner, initialized_zeros
 from ..core.mask_counts import zero_counts
 from ..core.quant_blocks import grouped_consumers
 from ..core.rules import MaskRule
@@ -246,35 +246,58 @@ def check_resumed_clock(
 
 
 ALREADY_SPARSE = 0.1
-"""The fraction of exact zeros among the selected weights (those partly zero) from which a fresh schedule treats the
-model as pruned before: a trained dense model has next to none, a model pruned before (``prune_``, an earlier fit)
-has its sparsity."""
+"""The fraction of exact zeros among the selected weights that look pruned above which a fresh schedule says it
+starts from a dense model: a trained dense model has next to none, a model pruned before has its sparsity."""
 
 
-def keep_earlier_pruning(trainer: pl.Trainer, pruner: IterativePruner) -> None:
-    """At the start of a fit that is not resumed, on a model pruned before: element pruning keeps its zeros as masks
-    and starts the schedule from their sparsity (:meth:`IterativePruner.keep_zeros`); otherwise (channels, N:M,
-    sharded weights, a model already past the target) the schedule starts from a dense model, and a warning says the
-    zeros train back (trial CT: 0.80 sparse became 0.27 after the first step, said nowhere)."""
+def check_keep_zeros(keep_zeros: Any, granularity: str) -> bool:
+    """``keep_zeros``: a bool, for element granularity (a channel or N:M mask is not a weight's zeros)."""
+    if not isinstance(keep_zeros, bool):
+        raise TypeError(f"`keep_zeros` must be a bool, got {keep_zeros!r}.")
+    if keep_zeros and granularity != "element":
+        raise ValueError(
+            f"`keep_zeros`=True keeps a model's zeros as element masks; `granularity`={granularity!r} prunes whole "
+            "channels or N:M blocks. Use it with `granularity='element'`."
+        )
+    return keep_zeros
+
+
+def keep_earlier_pruning(trainer: pl.Trainer, pruner: IterativePruner, keep: bool) -> None:
+    """At the start of a fit that is not resumed, on a model pruned before: with ``keep`` (``keep_zeros``) its zeros
+    become masks and the schedule starts from their sparsity (:meth:`IterativePruner.keep_zeros`), said; without, the
+    schedule starts from a dense model, and a warning says the zeros train back when they are 10% of the selected
+    weights or more (trial CT: 0.80 sparse became 0.27 after the first step, said nowhere). Kept off by default: a
+    fresh model initialized with zeros (``eye_``, ``dirac_``, ``sparse_``) cannot always be told from a pruned one
+    (trial CV: an identity layer's zeros were kept, and never trained)."""
     if trainer.ckpt_path is not None or pruner.steps or pruner.events:
         return
-    initial = pruner.keep_zeros(ALREADY_SPARSE)
-    if initial is not None:
-        rank_zero_info(
-            f"IterativePruning: the selected weights are already {initial:.1%} zero (pruned before): their zeros "
-            f"stay pruned, and the schedule goes from {initial:.4f} to {pruner.target_sparsity}."
-        )
+    if keep:
+        initial = pruner.keep_zeros()
+        if initial is None:
+            rank_zero_warn(
+                "IterativePruning(keep_zeros=True): no zeros kept: the selected weights have none that look pruned, "
+                "are sharded (FSDP2), or are already as sparse as the target."
+            )
+        else:
+            rank_zero_info(
+                f"IterativePruning: keep_zeros=True: the selected weights' zeros ({initial:.1%} of them) stay pruned, "
+                f"and the schedule goes from {initial:.4f} to {pruner.target_sparsity}."
+            )
         return
-    counts = zero_counts(pruner.targets, pruner.collectives)
-    # a weight all zero is initialized so (a LoRA-style B matrix, adaLN-zero), not pruned: it trains from zero anyway
-    partly = [(counts[t.param_name], t.numel) for t in pruner.targets if counts[t.param_name] < t.numel]
-    zeros, total = sum(z for z, _ in partly), sum(n for _, n in partly)
+    zeros, total = pruned_looking_zeros(pruner)
     if total and zeros / total >= ALREADY_SPARSE:
         rank_zero_warn(
             f"IterativePruning: the selected weights are already {zeros / total:.1%} zero (pruned before?). The "
-            f"schedule starts from a dense model and reaches {pruner.target_sparsity} at its end (only element "
-            "pruning of whole weights below the target keeps a model's zeros and starts from them): before its "
-            "first event, and while its events keep more weights than the model has, the zeros train back, and the "
-            "masks it ends with are chosen afresh. To go on with an earlier fit's pruning, resume that fit from its "
-            "checkpoint (`ckpt_path`), which holds its masks and schedule."
+            f"schedule starts from a dense model and reaches {pruner.target_sparsity} at its end: before its first "
+            "event, and while its events keep more weights than the model has, the zeros train back, and the masks "
+            "it ends with are chosen afresh. To keep them and start the schedule from their sparsity, pass "
+            "`keep_zeros=True` (element granularity); to go on with an earlier fit, resume it from its checkpoint."
         )
+
+
+def pruned_looking_zeros(pruner: IterativePruner) -> tuple[int, int]:
+    """Exact zeros, and elements, of the selected weights whose zeros may be a pruning: not all zero, nor zeros
+    beside one value (``eye_``, ``dirac_`` initialization), shards summed."""
+    counts = zero_counts(pruner.targets, pruner.collectives)
+    looking = [t for t in pruner.targets if counts[t.param_name] < t.numel and not initialized_zeros(t.local)]
+    return sum(counts[t.param_name] for t in looking), sum(t.numel for t in looking)

@@ -47,6 +47,7 @@ from ._guard import (
 from ._pruning_checks import (
     check_fit,
     check_frozen,
+    check_keep_zeros,
     check_no_overlap,
     check_resumed_clock,
     keep_earlier_pruning,
@@ -172,6 +173,12 @@ class IterativePruning(Callback):
             so early mistakes can be undone and density can move between layers (within
             ``min_density``). Sparsity is unchanged. ``0`` (default) turns it off; element granularity
             only. Costs 4 bytes per selected weight for the gradient sums.
+        keep_zeros: at the start of a fit (not resumed), keep the selected weights' exact zeros as masks and start
+            the schedule from their sparsity (Zhu & Gupta's ``s_i``): to prune further a model pruned before
+            (``prune_``, an earlier fit). Weights all zero, or whose other values are all one value (``eye_``,
+            ``dirac_``), are initialized so and left out. Element granularity only. ``False`` (default): the schedule
+            starts from a dense model, and when the selected weights are already 10% zero or more a warning says
+            their zeros will train back.
         export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
             needs ``example_input_array``; otherwise :func:`~lightning_compress.save_compressed`).
             The model itself is not changed; the report is in :attr:`export_report`. With
@@ -207,6 +214,7 @@ class IterativePruning(Callback):
         export_path: str | Path | None = None,
         measure: str = "channels",
         round_to: int | None = None,
+        keep_zeros: bool = False,
     ) -> None:
         super().__init__()
         self.monitor, self.max_drop, mode = guard_arguments(monitor, max_drop, mode)
@@ -214,6 +222,7 @@ class IterativePruning(Callback):
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure, round_to,
         )  # fmt: skip
+        self.keep_zeros = check_keep_zeros(keep_zeros, self.config.granularity)
         warn_if_min_density_idle(min_density, cast(str, self.config.scope), self.config.granularity)
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
         self.export_path = check_export_path(export_path)
@@ -398,6 +407,7 @@ class IterativePruning(Callback):
             "max_drop": self.max_drop if self.monitor is not None else None,
             "mode": self.config.mode if self.monitor is not None else None, "rewind_epoch": window.rewind_epoch,
             "export_path": None if self.export_path is None else str(self.export_path),
+            "keep_zeros": self.keep_zeros,
         }  # fmt: skip
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -457,7 +467,7 @@ class IterativePruning(Callback):
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
         clock.in_steps = plan.in_steps
-        keep_earlier_pruning(trainer, core)  # before the schedule is placed; a resumed fit's masks are the checkpoint's
+        keep_earlier_pruning(trainer, core, self.keep_zeros)  # before the schedule is placed
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)

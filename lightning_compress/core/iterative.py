@@ -46,7 +46,14 @@ from .selection import Target, select_targets, state_root
 from .sharding import is_sharded
 from .snapshot import JudgedModel, ModelSnapshot
 
-__all__ = ["DEFAULT_EVENTS", "STRUCTURED_DEFAULT_EVENTS", "IterativePruner", "Rollback", "default_events"]
+__all__ = [
+    "DEFAULT_EVENTS",
+    "STRUCTURED_DEFAULT_EVENTS",
+    "IterativePruner",
+    "Rollback",
+    "default_events",
+    "initialized_zeros",
+]
 
 DEFAULT_EVENTS = 1000
 """Element granularity with ``every_n_steps=None``: about this many events over the schedule, i.e. an event
@@ -327,29 +334,26 @@ class IterativePruner:
                 self.schedule.sparsity_at(t)
         self._save_rewind_point_if_due()
 
-    def keep_zeros(self, threshold: float) -> float | None:
+    def keep_zeros(self) -> float | None:
         """Before a fresh run's first step, on a model pruned before (``prune_``, an earlier run): the zeros of every
-        selected weight that is partly zero become its mask, and the schedule starts from their sparsity (Zhu &
-        Gupta's ``s_i``) instead of from a dense model, whose first events kept more weights than the model had and
-        let its zeros train back (trial CT: 0.80 sparse became 0.27 after the first step). A weight all zero is left
-        unmasked (initialized so, as a LoRA-style B matrix: it trains from zero). Only element granularity on whole
-        weights, and only when the zeros are at least ``threshold`` of the partly-zero weights and less than the
-        target. Returns the sparsity the schedule starts from, or ``None`` (nothing changed)."""
+        selected weight become its mask, and the schedule starts from their sparsity (Zhu & Gupta's ``s_i``) instead
+        of from a dense model, whose first events kept more weights than the model had and let its zeros train back
+        (trial CT: 0.80 sparse became 0.27 after the first step). Weights whose zeros are an initialization are left
+        unmasked (:func:`initialized_zeros`). Only element granularity on whole weights, and only below the target.
+        Returns the sparsity the schedule starts from, or ``None`` (nothing changed)."""
         if self.steps or self.events or self._pruner.masks or str(self.config.granularity) != "element":
             return None
         if any(is_sharded(t.param) for t in self.targets):
             return None
-        masks, zeros, partly = {}, 0, 0
+        masks, zeros = {}, 0
         for target in self.targets:
             keep = target.param.detach() != 0
             kept = int(keep.sum())
-            if 0 < kept < target.numel:
+            if kept < target.numel and not initialized_zeros(target.param):
                 masks[target.param_name] = keep
-                zeros, partly = zeros + target.numel - kept, partly + target.numel
+                zeros += target.numel - kept
         initial = zeros / max(1, sum(t.numel for t in self.targets))
-        if not partly or zeros / partly < threshold or initial >= self.target_sparsity:
-            return None
-        if not self._pruner.adopt(masks):
+        if not masks or initial >= self.target_sparsity or not self._pruner.adopt(masks):
             return None
         self.initial_sparsity = initial
         schedule = self.schedule
@@ -804,6 +808,14 @@ class IterativePruner:
         self.resumed_copy = parsed is not None
         if parsed is not None:
             self._judged.hold_parsed(parsed)
+
+
+def initialized_zeros(weight: Tensor) -> bool:
+    """Whether a weight's zeros are its initialization, not a pruning: all of it zero (a LoRA-style B matrix,
+    adaLN-zero), or zeros beside one value (``nn.init.eye_``, ``dirac_``: trial CV's identity layer)."""
+    values = weight.detach()
+    nonzero = values[values != 0].abs()
+    return nonzero.numel() == 0 or bool(nonzero.amin() == nonzero.amax())
 
 
 def _warn(message: str) -> None:

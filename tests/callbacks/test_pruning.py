@@ -1579,7 +1579,7 @@ class SparsityTrace(pl.Callback):
         self.seen.append(sparsity(pl_module))
 
 
-def test_a_model_pruned_before_keeps_its_zeros_and_the_schedule_starts_from_its_sparsity(tiny, caplog):
+def test_keep_zeros_keeps_a_pruned_models_zeros_and_starts_the_schedule_from_its_sparsity(tiny, caplog):
     """Trial CT: on a model `prune_` left 80% sparse, a fresh schedule started from a dense model: its first events
     kept more weights than the model had and the zeros trained back (0.80 -> 0.27 after the first step)."""
     from lightning_compress import prune_
@@ -1588,19 +1588,18 @@ def test_a_model_pruned_before_keeps_its_zeros_and_the_schedule_starts_from_its_
     before = sparsity(tiny)
     zeros = {n: p.detach() == 0 for n, p in tiny.named_parameters() if n.endswith("weight")}
     trace = SparsityTrace()
-    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=2)
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=2, keep_zeros=True)
     with caplog.at_level("INFO"):
         trainer(max_epochs=3, callbacks=[pruning, trace]).fit(tiny)
-    assert (
-        "already 80.0% zero (pruned before): their zeros stay pruned, and the schedule goes from 0.7999" in caplog.text
-    )
+    said = "keep_zeros=True: the selected weights' zeros (80.0% of them) stay pruned, and the schedule goes from 0.7999"
+    assert said in caplog.text
     assert min(trace.seen) == before and trace.seen == sorted(trace.seen)  # never back below the model's
     assert sparsity(tiny) == pytest.approx(0.9, abs=1e-3)
     assert all(bool((p.detach()[zeros[n]] == 0).all()) for n, p in tiny.named_parameters() if n in zeros)
     assert pruning.pruner.schedule.initial == pytest.approx(0.8, abs=1e-3)
 
 
-def test_a_resumed_fit_of_a_model_pruned_before_is_the_uninterrupted_one(tmp_path):
+def test_a_resumed_fit_that_keeps_zeros_is_the_uninterrupted_one(tmp_path):
     """The sparsity the schedule started from is in the callback's state: a fit resumed from a checkpoint keeps it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -1612,38 +1611,57 @@ def test_a_resumed_fit_of_a_model_pruned_before_is_the_uninterrupted_one(tmp_pat
         prune_(model, 0.7)
         if resume:
             saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
-            first = [IterativePruning(0.9, start_epoch=0, end_epoch=3), saver, StopAfterEpoch(0)]
+            first = [IterativePruning(0.9, start_epoch=0, end_epoch=3, keep_zeros=True), saver, StopAfterEpoch(0)]
             trainer(tmp_path, max_epochs=4, callbacks=first, enable_checkpointing=True).fit(model)
             model = TinyModule()  # a fresh instance, as a new process would build it
-            trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=3)]).fit(
+            trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=3, keep_zeros=True)]).fit(
                 model, ckpt_path=str(tmp_path / "epoch=0.ckpt")
             )
         else:
-            trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=3)]).fit(model)
+            trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=3, keep_zeros=True)]).fit(
+                model
+            )
         return weights_of(model)
 
     uninterrupted, resumed = run(False), run(True)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
-def test_a_fresh_schedule_that_cannot_keep_a_models_zeros_says_it_starts_from_dense(tiny):
-    """N:M (and channels, sharded weights, a model past the target) start from a dense model: said."""
+def test_by_default_a_pruned_models_zeros_are_said_to_train_back_and_initialized_zeros_are_not(tiny):
+    """Off by default: a fresh model initialized with zeros (trial CV: `eye_`) cannot always be told from a pruned
+    one, and its zeros must train."""
     from lightning_compress import prune_
 
     prune_(tiny, 0.8)
-    pruning = IterativePruning(0.5, granularity="2:4", start_epoch=0, end_epoch=1)
-    with pytest.warns(UserWarning, match=r"already 80.0% zero \(pruned before\?\)\. The schedule starts from a dense"):
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=1)
+    with pytest.warns(UserWarning, match=r"already 80.0% zero \(pruned before\?\)\. .*pass `keep_zeros=True`"):
         trainer(max_epochs=2, callbacks=[pruning]).fit(tiny)
+    assert pruning.pruner.schedule.initial == 0.0
     pl.seed_everything(0, verbose=False)
-    dense, zero_init = TinyModule(), TinyModule()
-    with torch.no_grad():  # a layer initialized to zero (adaLN-zero, a LoRA B matrix) is not a pruning: 62% of them
+    dense, zero_init, identity = TinyModule(), TinyModule(), TinyModule()
+    with torch.no_grad():  # initialized with zeros (adaLN-zero, a LoRA B matrix; an identity): 62% of the weights
         zero_init.net[2].weight.zero_()
-    for model in (dense, zero_init):  # nothing to say, nothing kept
+        torch.nn.init.eye_(identity.net[2].weight)
+    for model in (dense, zero_init, identity):  # nothing to say
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*already .* zero")
-            pruning = IterativePruning(0.9, start_epoch=0, end_epoch=1)
-            trainer(max_epochs=2, callbacks=[pruning]).fit(model)
-        assert pruning.pruner.schedule.initial == 0.0
+            trainer(max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=0, end_epoch=1)]).fit(model)
+    pl.seed_everything(0, verbose=False)
+    identity = TinyModule()
+    with torch.no_grad():
+        torch.nn.init.eye_(identity.net[2].weight)
+    pruning = IterativePruning(0.5, start_epoch=1, end_epoch=2, keep_zeros=True)  # even when asked: not a pruning
+    with pytest.warns(UserWarning, match=r"keep_zeros=True\): no zeros kept"):
+        trainer(max_epochs=2, callbacks=[pruning]).fit(identity)
+    off_diagonal = ~torch.eye(32, dtype=torch.bool)
+    assert bool((identity.net[2].weight.detach()[off_diagonal] != 0).any())  # they trained
+
+
+def test_keep_zeros_is_checked_before_training():
+    with pytest.raises(TypeError, match=r"`keep_zeros` must be a bool, got 'yes'"):
+        IterativePruning(0.9, keep_zeros="yes")
+    with pytest.raises(ValueError, match=r"`keep_zeros`=True keeps a model's zeros as element masks; .*'2:4'"):
+        IterativePruning(0.5, granularity="2:4", keep_zeros=True)
 
 
 def test_a_guard_refused_under_fast_dev_run_is_told_what_fixes_it(tiny):

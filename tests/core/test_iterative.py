@@ -904,19 +904,19 @@ def test_a_model_pruned_before_keeps_its_zeros_and_its_state_says_where_the_sche
     zeros = {n: p.detach() == 0 for n, p in model.named_parameters() if n.endswith("weight")}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     pruner = IterativePruner(model, 0.8, total_steps=20, start_step=4, every_n_steps=4, optimizers=optimizer)
-    initial = pruner.keep_zeros(0.1)
+    initial = pruner.keep_zeros()
     assert initial == pytest.approx(sparsity(model)) and pruner.schedule.sparsity_at(4) == initial
     _train(model, pruner, optimizer, 4)  # before the first event: the zeros stay
     assert all(bool((p.detach()[zeros[n]] == 0).all()) for n, p in model.named_parameters() if n in zeros)
     state = pruner.state_dict()
     again = IterativePruner(_model(1), 0.8, total_steps=20, start_step=4, every_n_steps=4)
     again.load_state_dict(state)
-    assert again.schedule.initial == initial and again.keep_zeros(0.1) is None  # not a fresh run
+    assert again.schedule.initial == initial and again.keep_zeros() is None  # not a fresh run
     _train(model, pruner, optimizer, 16)
     assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
     with pytest.raises(ValueError, match=r"`initial_sparsity`=0.95 is not a sparsity in \[0, 0.8\]"):
         again.load_state_dict({**state, "initial_sparsity": 0.95})
     dense = _model()  # a dense model, or one already past the target: nothing kept
-    assert IterativePruner(dense, 0.8, total_steps=20).keep_zeros(0.1) is None
+    assert IterativePruner(dense, 0.8, total_steps=20).keep_zeros() is None
     prune_(dense, 0.9)
-    assert IterativePruner(dense, 0.8, total_steps=20).keep_zeros(0.1) is None
+    assert IterativePruner(dense, 0.8, total_steps=20).keep_zeros() is None
