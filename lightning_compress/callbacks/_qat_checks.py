@@ -128,6 +128,7 @@ def warn_if_already_quantizing(
             f"QuantizationAwareTraining: {on[:3]}{' ...' if len(on) > 3 else ''} already fake-quantize (converted "
             f"and switched on before this fit: an earlier fit, a fast_dev_run, or your own code), so they quantize "
             f"from the first step with the ranges they hold, not from `start_epoch`={start_epoch} after a "
-            "calibration. Fit a fresh instance of the model to follow the schedule, or set `start_epoch=0` to go on "
-            "quantizing."
+            "calibration. To follow the schedule with the trained weights, switch them off first "
+            "(`enable_fake_quant(model, False)`, or `convert_to_float(model)`), or fit a fresh instance; set "
+            "`start_epoch=0` to go on quantizing."
         )

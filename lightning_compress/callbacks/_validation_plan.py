@@ -62,10 +62,14 @@ def warn_if_max_steps_counts_several_optimizers(
     batches = _per_epoch(trainer)
     if epochs_needed is not None and batches is not None and trainer.max_steps // count >= epochs_needed * batches:
         return
+    argument = "`start_epoch`" if who == "QuantizationAwareTraining" else "`end_epoch`"
+    needs = "" if epochs_needed is None or batches is None else f", before the {epochs_needed * batches} it needs"
     rank_zero_warn(
         f"{who}: under manual optimization the Trainer's `max_steps`={trainer.max_steps} counts the steps of all "
-        f"{count} optimizers (each stepping every batch: the fit ends after {trainer.max_steps // count} batches), "
-        "but the epochs it was checked against count batches: lower `end_epoch`/`start_epoch`, or use `max_epochs`."
+        f"{count} optimizers (if each steps at every batch, the fit ends after {trainer.max_steps // count} "
+        f"batches{needs}), "
+        f"but the epochs it was checked against count batches: lower {argument}, or use `max_epochs` (an optimizer "
+        "that steps less often leaves more batches: then the schedule may fit)."
     )
 
 

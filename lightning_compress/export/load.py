@@ -261,7 +261,24 @@ def load_compressed(model: nn.Module, path: str | Path, example_inputs: Any = No
         argument = "example_inputs"
     path = check_path(path)
     with uncompiled(state_root(model)) as plain:  # a wrapper's inner module (Fabric, torch.compile): plain names
-        return _load(called, plain, path, example_inputs, argument)
+        try:
+            return _load(called, plain, path, example_inputs, argument)
+        except CompressedFileError as err:  # what the file wrote may be in it: escaped and bounded (trial CV)
+            raise CompressedFileError(_bounded(str(err))) from err.__cause__
+
+
+_MESSAGE_LIMIT = 2000
+
+
+def _bounded(message: str) -> str:
+    """A refusal's message, whatever text of the file it quotes: one line (control characters and lone surrogates
+    escaped: a key ending in a newline forged a log line, trial CV) of at most :data:`_MESSAGE_LIMIT` characters (a
+    30,000-character key made a 30 KB message)."""
+    line = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message[: 4 * _MESSAGE_LIMIT])
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(line) <= _MESSAGE_LIMIT and len(message) <= 4 * _MESSAGE_LIMIT:
+        return line
+    return line[: _MESSAGE_LIMIT - 40] + f" ... ({len(message)} characters in all)"
 
 
 def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, argument: str) -> CompressionReport:
@@ -269,9 +286,8 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
 
     def body_size(manifest: dict[str, Any], version: int) -> int:
         if manifest.get("version") != version:  # the byte layout follows the header's version
-            raise CompressedFileError(
-                f"{path} is corrupted: its header says format {version}, its manifest {manifest.get('version')!r}."
-            )
+            said = repr(manifest.get("version"))[:40]
+            raise CompressedFileError(f"{path} is corrupted: its header says format {version}, its manifest {said}.")
         try:
             planned["records"], planned["sizes"] = plan(model, manifest, version)
             planned["version"] = version

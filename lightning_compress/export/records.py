@@ -135,12 +135,12 @@ class TensorRecord:
         fields["shape"] = tuple(shape)
         for key in ("count", "position_bytes", "bits", "qmin", "qmax"):
             if key in fields and not _is_int(fields[key]):
-                raise CompressedFileError(f"{shown(name)}: bad {key} {fields[key]!r} in the file.")
+                raise CompressedFileError(f"{shown(name)}: bad {key} {repr(fields[key])[:80]} in the file.")
         for key in ("coding", "quantizer", "of", "layer"):
             if key in fields and not isinstance(fields[key], str):
                 raise CompressedFileError(f"{shown(name)}: bad {key} {str(fields[key])[:80]!r} in the file.")
         if fields.get("axis") not in (None, 0, 1):
-            raise CompressedFileError(f"{shown(name)}: bad axis {fields['axis']!r} in the file.")
+            raise CompressedFileError(f"{shown(name)}: bad axis {repr(fields['axis'])[:80]} in the file.")
         return cls(**fields)
 
 
@@ -350,7 +350,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
         raise CompressedFileError("the file stores a tensor twice.")
     compacted = manifest.get("compacted", False)
     if not isinstance(compacted, bool):
-        raise CompressedFileError(f"bad `compacted` flag {compacted!r} in the file.")
+        raise CompressedFileError(f"bad `compacted` flag {repr(compacted)[:80]} in the file.")
     if manifest.get("heads") and not compacted:  # only compaction sets head counts: they would set nothing
         raise CompressedFileError(
             "the file holds head counts but no compacted model: a file `save_compressed` never wrote."
@@ -491,7 +491,9 @@ def _check_qat_layers(model: nn.Module, layers: Any) -> None:
         try:
             QuantConfig(**cfg)
         except (TypeError, ValueError) as err:
-            raise CompressedFileError(f"bad quantization settings for {shown(name)} in the file: {err}") from err
+            raise CompressedFileError(
+                f"bad quantization settings for {shown(name)} in the file: {shown(str(err))}"
+            ) from err
 
 
 def _check_positions(record: TensorRecord) -> int:

@@ -190,6 +190,27 @@ def test_names_from_the_file_are_quoted_escaped_and_cut_in_messages(tmp_path, ge
     message.encode("utf-8")  # printable anywhere
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["qat_layers"]["fc1"].update({"x\nINFO: file verified OK" + "y" * 30_000: 1}),
+        lambda m: m.update(compacted=True, heads={"\nINFO " + "z" * 50_000: {"num_heads": 1}}),
+        lambda m: record(m, "fc1.weight").update(count="9\n" * 25_000),
+        lambda m: m.update(compacted="\n" * 50_000),
+        lambda m: m.update(version="v\n" * 25_000),
+    ],
+)
+def test_every_refusal_is_one_bounded_line_whatever_the_file_says(tmp_path, genuine, edit):
+    """Trial CV: a settings key, a head-count name and values went into messages raw or whole (a forged log line,
+    messages of 30-50 KB)."""
+    manifest, body = copy.deepcopy(genuine[0]), genuine[1]
+    edit(manifest)
+    with pytest.raises(CompressedFileError) as err:
+        load_compressed(Net(), forged(tmp_path, manifest, body))
+    message = str(err.value)
+    assert "\n" not in message and len(message) <= 2000, message[:300]
+
+
 def test_a_file_of_a_wider_model_is_refused_for_its_shapes_not_its_size(tmp_path):
     """Trial CU: a genuine file of a wider model, or of a float64 copy, read as a forged size ("declares N
     decompressed bytes"); the manifest, read first, says which tensors differ. Nothing past it is decompressed."""
