@@ -271,6 +271,8 @@ def keep_earlier_pruning(trainer: pl.Trainer, pruner: IterativePruner, keep: boo
     (trial CV: an identity layer's zeros were kept, and never trained)."""
     if trainer.ckpt_path is not None or pruner.steps or pruner.events:
         return
+    if pruner.continue_masks() is not None:  # one instance's second fit: its masks, and the schedule from them
+        return
     if keep:
         initial = pruner.keep_zeros()
         if initial is None:
@@ -296,8 +298,9 @@ def keep_earlier_pruning(trainer: pl.Trainer, pruner: IterativePruner, keep: boo
 
 
 def pruned_looking_zeros(pruner: IterativePruner) -> tuple[int, int]:
-    """Exact zeros, and elements, of the selected weights whose zeros may be a pruning: not all zero, nor zeros
-    beside one value (``eye_``, ``dirac_`` initialization), shards summed."""
+    """Exact zeros of the selected weights whose zeros may be a pruning (not all zero, nor zeros beside one value:
+    ``eye_``, ``dirac_``), and the elements of all of them (trial CW: counted against the weights with zeros alone, a
+    ``sparse_`` head's zeros, 1.9% of the model, read as 50%), shards summed."""
     counts = zero_counts(pruner.targets, pruner.collectives)
     looking = [t for t in pruner.targets if counts[t.param_name] < t.numel and not initialized_zeros(t.local)]
-    return sum(counts[t.param_name] for t in looking), sum(t.numel for t in looking)
+    return sum(counts[t.param_name] for t in looking), sum(t.numel for t in pruner.targets)

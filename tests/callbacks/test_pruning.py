@@ -1671,3 +1671,28 @@ def test_a_guard_refused_under_fast_dev_run_is_told_what_fixes_it(tiny):
         ValueError, match=r"leave the compression callbacks out of a fast_dev_run, or set `monitor=None`"
     ):
         trainer(fast_dev_run=True, callbacks=[pruning]).fit(tiny)
+
+
+def test_a_second_fit_of_one_instance_starts_its_schedule_from_the_masks_it_took(tiny):
+    """Trial CW: the second fit took the first one's masks but scheduled from 0: it sat at 0.835 for 40 of 66 steps
+    and rushed to 0.9, and warned that the zeros would train back, which they did not."""
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=3)
+    trainer(max_epochs=4, callbacks=[pruning, StopAfterEpoch(1)]).fit(tiny)
+    start = sparsity(tiny)
+    assert 0.5 < start < 0.9
+    trace = SparsityTrace()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*already .* zero")
+        trainer(max_epochs=4, callbacks=[pruning, trace]).fit(tiny)
+    assert pruning.pruner.schedule.initial == pytest.approx(start, abs=1e-6)
+    assert min(trace.seen) == pytest.approx(start) and trace.seen == sorted(trace.seen)
+    assert sparsity(tiny) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_a_sparse_initialization_is_not_read_as_a_pruned_model(tiny):
+    """Trial CW: a `sparse_`-initialized head (1.9% of the weights zero) was read as 50% pruned."""
+    with torch.no_grad():
+        torch.nn.init.sparse_(tiny.net[4].weight, sparsity=0.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*already .* zero")
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=0, end_epoch=1)]).fit(tiny)

@@ -918,5 +918,17 @@ def test_a_model_pruned_before_keeps_its_zeros_and_its_state_says_where_the_sche
         again.load_state_dict({**state, "initial_sparsity": 0.95})
     dense = _model()  # a dense model, or one already past the target: nothing kept
     assert IterativePruner(dense, 0.8, total_steps=20).keep_zeros() is None
-    prune_(dense, 0.9)
+    prune_(dense, 0.85, scope="layer")  # every layer 85% sparse, above its floor
     assert IterativePruner(dense, 0.8, total_steps=20).keep_zeros() is None
+    assert IterativePruner(dense, 0.86, total_steps=20).keep_zeros() == pytest.approx(0.85, abs=0.01)  # below: kept
+
+
+def test_keep_zeros_leaves_a_layer_under_its_floor_unmasked():
+    """Trial CW: a layer kept at 0.06% density, under the 1% floor, was then said to be held at the floor."""
+    model = _model()
+    with torch.no_grad():  # pruned by hand: half of layer 0, all but 5 weights of layer 2 (0.5% density)
+        model[0].weight.view(-1)[::2] = 0.0
+        model[2].weight.view(-1)[5:] = 0.0
+    pruner = IterativePruner(model, 0.9, total_steps=20)  # floor 0.1 * (1 - 0.9) = 1% density
+    assert pruner.keep_zeros() is not None
+    assert "2.weight" not in pruner.masks and "0.weight" in pruner.masks
