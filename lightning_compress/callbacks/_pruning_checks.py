@@ -301,6 +301,6 @@ def pruned_looking_zeros(pruner: IterativePruner) -> tuple[int, int]:
     """Exact zeros of the selected weights whose zeros may be a pruning (not all zero, nor zeros beside one value:
     ``eye_``, ``dirac_``), and the elements of all of them (trial CW: counted against the weights with zeros alone, a
     ``sparse_`` head's zeros, 1.9% of the model, read as 50%), shards summed."""
-    counts = zero_counts(pruner.targets, pruner.collectives)
-    looking = [t for t in pruner.targets if counts[t.param_name] < t.numel and not initialized_zeros(t.local)]
+    counts = zero_counts(pruner.targets, pruner.collectives)  # a weight without zeros is not read again (a copy)
+    looking = [t for t in pruner.targets if 0 < counts[t.param_name] < t.numel and not initialized_zeros(t.local)]
     return sum(counts[t.param_name] for t in looking), sum(t.numel for t in pruner.targets)

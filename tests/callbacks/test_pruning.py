@@ -1696,3 +1696,13 @@ def test_a_sparse_initialization_is_not_read_as_a_pruned_model(tiny):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*already .* zero")
         trainer(max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=0, end_epoch=1)]).fit(tiny)
+
+
+def test_a_dense_model_is_read_once_for_zeros_at_the_start_of_a_fit(tiny, monkeypatch):
+    """Whether zeros are an initialization copies a weight's nonzero values: only weights with zeros are read so."""
+    from lightning_compress.callbacks import _pruning_checks
+
+    read = []
+    monkeypatch.setattr(_pruning_checks, "initialized_zeros", lambda weight: read.append(weight) or False)
+    trainer(max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=0, end_epoch=1)]).fit(tiny)
+    assert read == []
