@@ -811,11 +811,7 @@ class IterativePruner:
         self.events = int(state.get("events", 0))
         self.fell_short = state.get("fell_short") is True  # what the end-of-fit note reads (trial CB)
         self._join_next = state.get("join_next") is True  # a second resume before the join (trial CH)
-        self.initial_sparsity = initial  # the schedule of a model pruned before starts from its sparsity
-        schedule = self.schedule
-        self.schedule = PruningSchedule(
-            schedule.kind, schedule.target, schedule.start, schedule.end, schedule.every, initial
-        )
+        self._start_from(initial)  # the schedule of a model pruned before starts from its sparsity
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
         self._saved_judgement = state.get("judged")
