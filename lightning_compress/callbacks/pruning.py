@@ -222,7 +222,7 @@ class IterativePruning(Callback):
             target_sparsity, importance, scope, schedule, granularity, include, exclude, min_density, regrow,
             None if monitor is None else self.max_drop, mode, seed, measure, round_to,
         )  # fmt: skip
-        self.keep_zeros = check_keep_zeros(keep_zeros, self.config.granularity)
+        self.keep_zeros = check_keep_zeros(keep_zeros, self.config.granularity, cast(str, self.config.scope))
         warn_if_min_density_idle(min_density, cast(str, self.config.scope), self.config.granularity)
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
         self.export_path = check_export_path(export_path)

@@ -273,6 +273,7 @@ class IterativePruner:
         self.fell_short = False  # the last event pruned less than it asked for (``min_density`` floors)
         self.events = 0
         self.initial_sparsity = 0.0  # what the schedule starts from: a model pruned before (:meth:`keep_zeros`)
+        self.left_unmasked: list[str] = []  # weights :meth:`keep_zeros` left to train back
         self.waited_for_quantization = 0  # events that waited for an evaluation of the model quantized
         self._join_next = False  # the next event runs beside the one awaiting judgement (:meth:`judgement_skipped`)
         self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
@@ -338,25 +339,32 @@ class IterativePruner:
         """Before a fresh run's first step, on a model pruned before (``prune_``, an earlier run): the zeros of every
         selected weight become its mask, and the schedule starts from their sparsity (Zhu & Gupta's ``s_i``) instead
         of from a dense model, whose first events kept more weights than the model had and let its zeros train back
-        (trial CT: 0.80 sparse became 0.27 after the first step). Left unmasked: weights whose zeros are an
-        initialization (:func:`initialized_zeros`; a weight pruned whole too), and layers under the ``min_density``
-        floor (trial CW: one kept at 0.06% density was then said to be held at the floor). Only element granularity
-        on whole weights, and only up to the target. Returns the sparsity the schedule starts from, or ``None``
-        (nothing changed)."""
+        (trial CT: 0.80 sparse became 0.27 after the first step). Left unmasked, and named in
+        :attr:`left_unmasked`: weights whose zeros are an initialization (:func:`initialized_zeros`; a weight pruned
+        whole too), and layers under the ``min_density`` floor (trial CW: one kept at 0.06% density was then said to
+        be held at the floor). Only element granularity, global scope (layer scope prunes every layer to one
+        sparsity, which a model pruned before does not have: trial CX), whole weights, and up to the target (a model
+        pruned to it is a weight or so over: trial CX's 0.90024 for 0.9). Returns the sparsity the schedule starts
+        from, or ``None`` (nothing changed)."""
+        self.left_unmasked = []
         if self.steps or self.events or self._pruner.masks or str(self.config.granularity) != "element":
             return None
-        if any(is_sharded(t.param) for t in self.targets):
+        if self.config.scope != "global" or any(is_sharded(t.param) for t in self.targets):
             return None
         floor = self._pruner.min_density
         masks, zeros = {}, 0
         for target in self.targets:
             keep = target.param.detach() != 0
             kept = int(keep.sum())
-            if kept < target.numel and kept >= floor * target.numel and not initialized_zeros(target.param):
+            if kept == target.numel:
+                continue
+            if kept >= floor * target.numel and not initialized_zeros(target.param):
                 masks[target.param_name] = keep
                 zeros += target.numel - kept
-        initial = zeros / max(1, sum(t.numel for t in self.targets))
-        if not masks or initial > self.target_sparsity or not self._pruner.adopt(masks):
+            else:
+                self.left_unmasked.append(target.param_name)
+        initial = self._within_target(zeros / max(1, sum(t.numel for t in self.targets)))
+        if not masks or initial is None or not self._pruner.adopt(masks):
             return None
         self._start_from(initial)
         return initial
@@ -367,11 +375,16 @@ class IterativePruner:
         40 of 66 steps, then rushed to 0.9). Returns it, or ``None`` (no masks taken, or past the target)."""
         if self.steps or self.events or not self._pruner.masks or self.initial_sparsity:
             return None
-        initial = self.masked_sparsity()
-        if initial > self.target_sparsity:
-            return None
-        self._start_from(initial)
+        initial = self._within_target(self.masked_sparsity())
+        if initial is not None:
+            self._start_from(initial)
         return initial
+
+    def _within_target(self, sparsity: float) -> float | None:
+        """``sparsity`` as a schedule's start: at most the target, which a model pruned to it exceeds by a weight or
+        so (0.1% of the weights allowed); ``None`` further past it."""
+        target = self.target_sparsity
+        return None if sparsity > target + 1e-3 else min(sparsity, target)
 
     def _start_from(self, initial: float) -> None:
         self.initial_sparsity = initial

@@ -1706,3 +1706,47 @@ def test_a_dense_model_is_read_once_for_zeros_at_the_start_of_a_fit(tiny, monkey
     monkeypatch.setattr(_pruning_checks, "initialized_zeros", lambda weight: read.append(weight) or False)
     trainer(max_epochs=2, callbacks=[IterativePruning(0.5, start_epoch=0, end_epoch=1)]).fit(tiny)
     assert read == []
+
+
+def test_keep_zeros_on_a_model_pruned_to_the_target_keeps_it_there(tiny):
+    """Trial CX: `prune_(m, 0.9)` leaves 0.90024 (a weight over), read as past the target: every zero was dropped and
+    the model fell to 0.52 before the schedule pruned it again."""
+    from lightning_compress import prune_
+
+    prune_(tiny, 0.9)
+    trace = SparsityTrace()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no zeros kept")
+        trainer(
+            max_epochs=3, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=2, keep_zeros=True), trace]
+        ).fit(tiny)
+    assert min(trace.seen) >= 0.9 - 1e-3 and sparsity(tiny) == pytest.approx(0.9, abs=1e-3)
+
+
+def test_a_second_fit_of_one_instance_after_a_whole_first_fit_warns_nothing(tiny):
+    """Trial CX: after a first fit to 0.9 (0.90024), the second fit of the same instance said the zeros would train
+    back (or, with `keep_zeros`, that none were kept): its masks were kept."""
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=2)
+    trainer(max_epochs=3, callbacks=[pruning]).fit(tiny)
+    trace = SparsityTrace()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(already .* zero|no zeros kept)")
+        trainer(max_epochs=3, callbacks=[pruning, trace]).fit(tiny)
+    assert min(trace.seen) >= 0.9 - 1e-3
+
+
+def test_keep_zeros_names_the_layers_it_leaves_to_train_back(tiny, caplog):
+    """Trial CX: layers under the floor were left unmasked without a word (a 95% sparse model read as 26%)."""
+    with torch.no_grad():  # pruned by hand: half of the first layer, all but 5 weights of the second (0.5% density)
+        tiny.net[0].weight.view(-1)[::2] = 0.0
+        tiny.net[2].weight.view(-1)[5:] = 0.0
+    with caplog.at_level("INFO"):
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.9, start_epoch=0, end_epoch=1, keep_zeros=True)]).fit(tiny)
+    assert "Left to train back: ['net.2.weight']" in caplog.text
+
+
+def test_keep_zeros_needs_global_scope():
+    with pytest.raises(
+        ValueError, match=r"`keep_zeros`=True starts one schedule .* `scope`='layer' prunes every layer"
+    ):
+        IterativePruning(0.9, scope="layer", keep_zeros=True)
