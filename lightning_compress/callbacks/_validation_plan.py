@@ -49,26 +49,25 @@ def steps_per_epoch(trainer: pl.Trainer) -> int | None:
 
 
 def warn_if_max_steps_counts_several_optimizers(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, who: str, epochs_needed: int | None
+    trainer: pl.Trainer, pl_module: pl.LightningModule, who: str, epochs_needed: int | None, argument: str
 ) -> None:
     """Under manual optimization ``global_step`` (and so ``max_steps``) counts every optimizer's steps, while the
     callbacks place their epochs on batches, as if each made one step: with several optimizers the fit may end
     before the epochs it was checked against (a trial: pruning ended at 0.815 of 0.9, QAT never switched on). Said
     unless the batches the fit runs hold the ``epochs_needed`` the callback's schedule needs (trial CT: it advised
-    lowering `end_epoch` when the schedule fitted)."""
+    lowering `end_epoch` when the schedule fitted); ``argument`` is the callback's own epoch argument to lower."""
     count = len(trainer.optimizers)
     if pl_module.automatic_optimization or count < 2 or trainer.max_steps is None or trainer.max_steps < 0:
         return
     batches = _per_epoch(trainer)
     if epochs_needed is not None and batches is not None and trainer.max_steps // count >= epochs_needed * batches:
         return
-    argument = "`start_epoch`" if who == "QuantizationAwareTraining" else "`end_epoch`"
     needs = "" if epochs_needed is None or batches is None else f", before the {epochs_needed * batches} it needs"
     rank_zero_warn(
         f"{who}: under manual optimization the Trainer's `max_steps`={trainer.max_steps} counts the steps of all "
         f"{count} optimizers (if each steps at every batch, the fit ends after {trainer.max_steps // count} "
         f"batches{needs}), "
-        f"but the epochs it was checked against count batches: lower {argument}, or use `max_epochs` (an optimizer "
+        f"but the epochs it was checked against count batches: lower `{argument}`, or use `max_epochs` (an optimizer "
         "that steps less often leaves more batches: then the schedule may fit)."
     )
 

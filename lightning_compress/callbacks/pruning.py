@@ -176,7 +176,8 @@ class IterativePruning(Callback):
         keep_zeros: at the start of a fit (not resumed), keep the selected weights' exact zeros as masks and start
             the schedule from their sparsity (Zhu & Gupta's ``s_i``): to prune further a model pruned before
             (``prune_``, an earlier fit). Weights all zero, or whose other values are all one value (``eye_``,
-            ``dirac_``), are initialized so and left out. Element granularity only. ``False`` (default): the schedule
+            ``dirac_``), are initialized so and left out, and so are layers under the ``min_density`` floor (both
+            named in the log). Element granularity and global scope only. ``False`` (default): the schedule
             starts from a dense model, and when the selected weights are already 10% zero or more a warning says
             their zeros will train back.
         export_path: at the end of ``fit``, write the model there (``.onnx``: an int8 ONNX model, which
@@ -446,7 +447,7 @@ class IterativePruning(Callback):
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
         core = self.pruner
         warn_if_max_steps_counts_several_optimizers(
-            trainer, pl_module, "IterativePruning", self.window.end_for(trainer)
+            trainer, pl_module, "IterativePruning", self.window.end_for(trainer), "end_epoch"
         )
         self._trained = True
         default_in_steps = self._default_in_steps

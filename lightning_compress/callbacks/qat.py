@@ -412,7 +412,7 @@ class QuantizationAwareTraining(Callback):
         shift search needs validation data (the loaders are known now, before any training step)."""
         self._trained = True
         warn_if_max_steps_counts_several_optimizers(  # it switches on when epoch `start_epoch + 1` starts
-            trainer, pl_module, "QuantizationAwareTraining", self.start_epoch + 1
+            trainer, pl_module, "QuantizationAwareTraining", self.start_epoch + 1, "start_epoch"
         )
         warn_if_already_quantizing(trainer, self.start_epoch, self._converted, self._own_quantizers(pl_module))
         epoch = trainer.current_epoch

@@ -274,8 +274,7 @@ def _bounded(message: str) -> str:
     """A refusal's message, whatever text of the file it quotes: one line (control characters and lone surrogates
     escaped: a key ending in a newline forged a log line, trial CV) of at most :data:`_MESSAGE_LIMIT` characters (a
     30,000-character key made a 30 KB message)."""
-    line = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message[: 4 * _MESSAGE_LIMIT])
-    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[: 4 * _MESSAGE_LIMIT])  # surrogates too
     if len(line) <= _MESSAGE_LIMIT and len(message) <= 4 * _MESSAGE_LIMIT:
         return line
     return line[: _MESSAGE_LIMIT - 40] + f" ... ({len(message)} characters in all)"
