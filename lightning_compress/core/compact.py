@@ -25,6 +25,7 @@ from .model_config import describe_in_config
 from .qat import quantizers
 from .quant_blocks import keep_whole_blocks
 from .resize import apply_plan, plan, zero_channels
+from .selection import uncompiled
 from .sharding import is_sharded, model_class_name
 from .skeleton import deep_copy
 from .structure import ChannelGroup, build_channel_groups
@@ -146,7 +147,9 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
     that moves channels, which the dependency graph reads as element-wise) are left whole.
 
     Args:
-        model: a model whose pruned channels are exactly zero (after ``IterativePruning(granularity="channel")``).
+        model: a model whose pruned channels are exactly zero (after ``IterativePruning(granularity="channel")``);
+            its ``torch.compile``d submodules are compacted as the modules they compiled (names without
+            ``_orig_mod``).
         example_inputs: a tensor, tuple or dict as the model's ``forward`` takes it;
             ``None``: the model's ``example_input_array`` (a LightningModule's).
         atol: tolerance of the output check, relative to each output's largest entry.
@@ -173,6 +176,11 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float = 1e-4)
             "save_compressed(model, 'model.lcz') on every process, then load_compressed it into an unsharded instance "
             "of the model and compact that."
         )
+    with uncompiled(model) as plain:  # trial DD: a compiled submodule hid its layers (MACs 0 -> 0, zeros kept)
+        return _compact(plain, example_inputs, atol)
+
+
+def _compact(model: nn.Module, example_inputs: Any, atol: float) -> CompactReport:
     given = example_inputs is not None
     if example_inputs is None:
         example_inputs = getattr(model, "example_input_array", None)

@@ -93,7 +93,8 @@ def _quantizable_targets(
     class_of: Callable[[nn.Module], Any] | None = None,
 ) -> list[Target]:
     class_of = class_of or _class_cache()
-    owned_by_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    owned_by_mha = {id(m.out_proj): n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    held = module_tensor_holders(model, include, exclude)  # said below, with their out_proj
     # a layer torch.compile'd by itself: its compiled forward is bound to the float layer, which a swap would not
     # reach (a trial: trained in float while its ONNX export quantized it)
     compiled_alone = {id(m._orig_mod) for m in model.modules() if is_compiled(m)}
@@ -130,8 +131,10 @@ def _quantizable_targets(
                     + (f"; {subclass}" if subclass else "")
                     + "."
                 )
-            if id(module) not in owned_by_mha:  # MultiheadAttention's projection: said with its module below
+            if id(module) not in owned_by_mha:
                 skipped.append(f"{target.name} ({type(module).__name__})")
+            elif owned_by_mha[id(module)] not in held:  # else said with its module below; trial DD: `attn.*`
+                skipped.append(f"{target.name} (its nn.MultiheadAttention calls it without its forward)")
             continue
         targets.append(target)
     if skipped and targets:
@@ -151,7 +154,6 @@ def _quantizable_targets(
             UserWarning,
             stacklevel=3,
         )
-    held = module_tensor_holders(model, include, exclude)
     if held:
         warnings.warn(
             f"quantization-aware training leaves the weights of {held[:3]}{' ...' if len(held) > 3 else ''} in "

@@ -310,10 +310,19 @@ def select_targets(
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
     hooked: dict[str, list[str]] = {"weight_norm": [], "spectral_norm": [], "hook": []}  # computed before forward
+    kept_out: dict[int, str] = {}  # weights of excluded modules: a module tied to one is left out too (trial DD)
     for name, module in named:
-        weight = getattr(module, "weight", None)
+        computed = is_parametrized(module, "weight")  # reading it would run the parametrization: spectral_norm's
+        # power iteration updates its buffers in training mode (trial DD: a refused fit changed the model)
+        weight = (
+            getattr(module.parametrizations["weight"], "original", None)
+            if computed
+            else getattr(module, "weight", None)
+        )
         excluded = exclude is not None and any(_matches(name, p) for p in exclude)
-        if module_tensors and not isinstance(weight, Tensor) and not excluded:
+        if excluded and isinstance(weight, nn.Parameter) and not computed:
+            kept_out.setdefault(id(weight), name)
+        if module_tensors and not computed and not isinstance(weight, Tensor) and not excluded:
             exact = include is not None and name in include
             wildcard = include is None or any(_matches(name, p) for p in include)
             held = matrix_tensors(module) if exact or wildcard else []
@@ -324,9 +333,9 @@ def select_targets(
                     seen.add(id(tensor))
                     selected.append(Target(name=name, module=module, param=tensor, attr=attr, own_name=True))
             continue
-        if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):
+        if computed or (isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter)):
             wanted = isinstance(module, layer_types) and (include is None or any(_matches(name, p) for p in include))
-            if is_parametrized(module, "weight") and wanted and not excluded:
+            if computed and wanted and not excluded:
                 parametrized.append(name)
             elif isinstance(getattr(module, "weight_orig", None), nn.Parameter) and wanted and not excluded:
                 (torch_pruned if hasattr(module, "weight_mask") else hooked["spectral_norm"]).append(name)
@@ -350,6 +359,8 @@ def select_targets(
             continue
         seen.add(id(weight))
         selected.append(Target(name=name, module=module, param=weight))
+    shares_excluded = {t.name: kept_out[id(t.param)] for t in selected if id(t.param) in kept_out}
+    selected = [t for t in selected if id(t.param) not in kept_out]
     picked = {t.name for t in selected}
     ignored = [
         n
@@ -369,6 +380,13 @@ def select_targets(
         warnings.warn(
             f"lightning-compress leaves {tied} out: their weight is also an nn.Embedding's (a tied output "
             f"head), so compressing them would change the embedding. Name them exactly in `include` to opt in.",
+            stacklevel=2,
+        )
+    if note_left_out and shares_excluded:
+        warnings.warn(
+            f"lightning-compress leaves {sorted(shares_excluded)} out: their weight is also the weight of "
+            f"{sorted(set(shares_excluded.values()))}, which `exclude` leaves out, so compressing them would change "
+            "the excluded layers. Untie the weights, or drop the layers from `exclude`, to compress them.",
             stacklevel=2,
         )
     if note_left_out and parametrized:
@@ -393,6 +411,11 @@ def select_targets(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
             f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`"
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
+            + (
+                f" (left out as sharing an excluded layer's weight: {sorted(shares_excluded)})"
+                if shares_excluded
+                else ""
+            )
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
             + (f" (left out, pruned by torch.nn.utils.prune: {torch_pruned})" if torch_pruned else "")
             + "".join(f" (left out, a weight computed before each forward: {n})" for n in hooked.values() if n)

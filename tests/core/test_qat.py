@@ -693,6 +693,9 @@ def test_layers_pruning_selects_but_quantization_cannot_are_said_and_wildcards_s
         assert type(model.up) is nn.ConvTranspose2d
     with pytest.raises(ValueError, match=r"`include` selects 'up' \(ConvTranspose2d\)"):
         convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["up", "down"])
+    # a wildcard inside the attention picks its out_proj but not the attention module: said (trial DD: silent)
+    with pytest.warns(UserWarning, match=r"leaves \['attn.out_proj \(its nn.MultiheadAttention calls it without"):
+        assert convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["attn.*", "down"]) == ["down"]
 
 
 def test_enable_fake_quant_of_named_layers_switches_those_only_and_checks_the_names():

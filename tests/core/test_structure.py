@@ -808,3 +808,25 @@ def test_a_layer_joined_to_a_group_through_a_transpose_is_not_said_to_have_its_c
     assert "t1" in [g.name for g in groups]
     assert left["t2"].startswith("the dependency graph joins its 6 outputs to ")
     assert "'s 8 channels through an operation that moves axes" in left["t2"]
+
+
+def test_a_compiled_submodule_is_compacted_and_channel_pruning_it_is_refused_for_its_reason():
+    """Trial DD: `compact()` on a model holding a `torch.compile`d submodule reported MACs 0 -> 0 and kept the zeros,
+    and channel pruning refused it as "never called as a module"."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    net = DigitsCNN(8)
+    prune_(net, 0.5, granularity="channel", example_inputs=x)
+    net.eval()
+    masked = net(x)
+    model = nn.Sequential(torch.compile(net))
+    report = compact(model, x)
+    assert report.channels and report.macs_after < report.macs_before
+    assert type(model[0]).__name__ == "OptimizedModule" and model[0]._orig_mod is net  # the wrapper is kept
+    assert all("_orig_mod" not in name for name in report.channels)
+    torch.testing.assert_close(net(x), masked, atol=1e-5, rtol=1e-5)
+    fresh = nn.Sequential(torch.compile(DigitsCNN(8)))
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\['0'\] are `torch.compile`d submodules, whose layers the trace cannot"):
+        prune_(fresh, 0.5, granularity="channel", example_inputs=x)
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
