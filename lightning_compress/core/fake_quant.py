@@ -286,10 +286,14 @@ class FakeQuantizer(nn.Module):
 
     @property
     def qrange(self) -> tuple[int, int]:
+        return self.qrange_of(self._flags)
+
+    def qrange_of(self, flags: int) -> tuple[int, int]:
+        """The integer range this quantizer has with the ``state`` flags ``flags`` (a state being loaded)."""
         if self.role == "weight":
             return int_range(self.bits, True)
         if self.mode == "power_of_two":
-            return int_range(self.bits, self.signed)
+            return int_range(self.bits, bool(flags & self._SIGNED))
         return int_range(self.bits, False)  # asymmetric with a zero point
 
     def effective_scale(self) -> Tensor:

@@ -68,13 +68,17 @@ def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: 
                 _check_stored(f"{name}.{entry}", value)
     for name, quantizer in quantizers:
         key = f"{prefix}{name}."
-        low, high = quantizer.qrange
         for entry in ("zero_point", "shift", "state"):
             value = state_dict.get(key + entry)
             if isinstance(value, Tensor) and (
                 value.is_floating_point() or value.is_complex() or value.dtype is torch.bool
             ):
                 raise ValueError(f"{name}.{entry}: a {value.dtype} tensor; a quantizer saves integers there.")
+        flags = state_dict.get(key + "state")
+        if isinstance(flags, Tensor) and bool(((flags.long() & ~quantizer.KNOWN_FLAGS) != 0).any() | (flags < 0).any()):
+            raise ValueError(f"{name}.state: flags a quantizer does not have ({flags.flatten()[:4].tolist()}).")
+        # the range the loaded flags give (trial DC: a file turning the signed flag on kept a zero point of 200)
+        low, high = quantizer.qrange_of(int(flags)) if isinstance(flags, Tensor) else quantizer.qrange
         scale = state_dict.get(key + "scale")
         if isinstance(scale, Tensor):
             check_scales(f"{name}.scale", scale, signed=quantizer.mode == "learned")
@@ -93,9 +97,6 @@ def check_quantizer_state(model: nn.Module, state_dict: dict[str, Any], prefix: 
                     f"{name}.{bound}: an observed range that is not a finite number (NaN, infinite or not floating "
                     "point)."
                 )
-        flags = state_dict.get(key + "state")
-        if isinstance(flags, Tensor) and bool(((flags.long() & ~quantizer.KNOWN_FLAGS) != 0).any() | (flags < 0).any()):
-            raise ValueError(f"{name}.state: flags a quantizer does not have ({flags.flatten()[:4].tolist()}).")
 
 
 def _check_power_of_two(name: str, scale: Tensor, shift: Tensor) -> None:

@@ -139,7 +139,8 @@ class TensorRecord:
         for key in ("coding", "quantizer", "of", "layer"):
             if key in fields and not isinstance(fields[key], str):
                 raise CompressedFileError(f"{shown(name)}: bad {key} {str(fields[key])[:80]!r} in the file.")
-        if fields.get("axis") not in (None, 0, 1):
+        axis = fields.get("axis")
+        if axis is not None and not (_is_int(axis) and axis in (0, 1)):  # trial DC: 0.0 == 0 reached `shape[0.0]`
             raise CompressedFileError(f"{shown(name)}: bad axis {repr(fields['axis'])[:80]} in the file.")
         return cls(**fields)
 
@@ -206,11 +207,16 @@ def second_names(model: nn.Module) -> dict[str, str]:
 def first_name(name: str, second: dict[str, str]) -> str | None:
     """The state-dict entry ``name`` under the first name of a module registered twice that holds it (a quantizer
     inside such a layer too); ``None`` when no module on its path is registered twice."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        first = second.get(".".join(parts[:cut]))
+    if not second:
+        return None
+    depth = max(n.count(".") for n in second) + 1  # no deeper prefix can be a module's name: a forged name of
+    parts = name.split(".", depth)  # 30,000 dots was joined once per dot (trial DC: seconds per file)
+    for cut in range(min(depth, len(parts) - 1), 0, -1):
+        prefix = ".".join(parts[:cut])
+        first = second.get(prefix)
         if first is not None:
-            return ".".join([first, *parts[cut:]] if first else parts[cut:])
+            rest = name[len(prefix) + 1 :]
+            return f"{first}.{rest}" if first else rest
     return None
 
 

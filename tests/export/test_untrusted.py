@@ -119,6 +119,8 @@ def forged(tmp_path: Path, manifest, body: bytes) -> Path:
         (lambda m: record(m, "fc1.weight").update(dtype="float64"), r"dtype differs: \['fc1.weight'\]"),
         (lambda m: record(m, "fc1.weight").update(dtype="os.system"), "unknown dtype"),
         (lambda m: record(m, "fc1.weight").update(bits=16), "outside 2..8"),
+        (lambda m: record(m, "fc1.weight").update(axis=0.0), r"bad axis 0\.0"),  # trial DC: a TypeError escaped
+        (lambda m: record(m, "fc1.weight").update(axis=False), r"bad axis False"),
         (lambda m: record(m, "fc1.weight").update(kind="pickle"), "bad tensor record"),
         (lambda m: m["tensors"].append(dict(record(m, "fc2.bias"))), "stores a tensor twice"),
         (lambda m: m["tensors"].append({**record(m, "fc2.bias"), "name": "evil"}), "unknown to the model"),
@@ -486,6 +488,43 @@ def test_zero_points_outside_their_quantizers_range_are_refused(tmp_path, value)
     with pytest.raises(CompressedFileError, match=match):
         load_compressed(fresh, tmp_path / "zp.lcz")
     assert not qat_modules(fresh) and all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_a_zero_point_is_checked_against_the_range_of_the_flags_loaded_with_it(tmp_path):
+    """Trial DC: a file turning a power-of-two activation's signed flag on kept a zero point of 200, checked against
+    the fresh quantizer's unsigned 0..255: it loaded, collapsed the layer's inputs and broke `export_onnx`."""
+    model = compressed_net(0.9, QuantConfig(8, 8, scale="power_of_two"))
+    model.fc1.input_fake_quant.set_signed(True)
+    save_compressed(model, tmp_path / "good.lcz")
+    load_compressed(Net(), tmp_path / "good.lcz")  # signed, zero point 0: genuine
+    with torch.no_grad():
+        model.fc1.input_fake_quant.zero_point.fill_(200)
+    save_compressed(model, tmp_path / "zp.lcz")
+    refused(tmp_path / "zp.lcz", r"fc1\.input_fake_quant\.zero_point: zero points outside .* -128\.\.127")
+
+
+def test_a_long_name_is_matched_against_modules_registered_twice_in_linear_time(tmp_path):
+    """Trial DC: a quantizer-like name of 32,000 characters took 3.4 s to refuse (each dot joined the name's parts
+    again); a model registering a module twice is what makes the reader look for its first name."""
+    import time
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+            self.b = self.a
+            self.many = nn.Sequential(*[nn.Linear(1, 1) for _ in range(3000)])  # an allowance for a long manifest
+
+    save_compressed(Twice(), tmp_path / "good.lcz")
+    manifest, body = forge.read(tmp_path / "good.lcz")
+    manifest["tensors"].append({"name": "b." * 60_000 + "weight_fake_quant.scale", "dtype": "float32", "shape": []})
+    manifest["tensors"][-1]["kind"] = "raw"
+    manifest["sections"][2] += 4
+    path = forged(tmp_path, manifest, body + bytes(4))
+    start = time.perf_counter()
+    with pytest.raises(CompressedFileError, match="unknown to the model"):
+        load_compressed(Twice(), path)
+    assert time.perf_counter() - start < 5.0  # minutes before; milliseconds now
 
 
 def test_an_aliased_scale_is_refused_also_by_a_model_that_is_already_quantized(tmp_path):
