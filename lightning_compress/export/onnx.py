@@ -445,6 +445,14 @@ def _export_onnx(
         _composite_attention(),
         warnings.catch_warnings(),
     ):
+        if accuracy_level and not (grouped and swapped):  # trial DE: level 4 was dropped in silence
+            warnings.warn(
+                f"export_onnx: `accuracy_level`={accuracy_level} has no effect: it is MatMulNBits' compute type, and "
+                f"no layer of {type(model).__name__} exports as MatMulNBits (4-bit weights in groups of a power of "
+                "two >= 16 input weights).",
+                UserWarning,
+                stacklevel=3,
+            )
         # the activation scales are read as Python numbers on purpose: they are the graph's constants
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
         outputs = model(**args[0]) if keyword else model(*args)

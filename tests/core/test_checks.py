@@ -117,6 +117,19 @@ def test_calibrate_on_nan_data_is_refused_and_leaves_the_ranges_as_they_were():
     assert calibrate(model, [torch.randn(4, 8)]) == 1  # still usable
 
 
+def test_a_weight_whose_group_scale_overflows_is_blamed_not_the_batches():
+    """Trial DE: a weight group of 1e6 overflowed its float16 group scale, and calibrate told the user to calibrate
+    on finite data."""
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    model = nn.Sequential(nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight[0, :32] = 1e6
+    convert_to_qat(model, QuantConfig(4, 8, group_size=32, activation_granularity="per_token"))
+    with pytest.raises(ValueError, match=r"the weights of \['0.weight_fake_quant'\] give NaN or infinite scales"):
+        calibrate(model, [torch.randn(4, 64)])
+
+
 def test_a_batch_that_fails_leaves_the_quantizers_as_they_were():
     model = quantized()
     before = state(model)

@@ -252,6 +252,21 @@ def test_export_refuses_bf16_and_bad_accuracy_levels_with_what_to_do(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_an_accuracy_level_no_layer_can_use_is_said(tmp_path):
+    """Trial DE: with groups MatMulNBits cannot take (not a power of two), `accuracy_level=4` was dropped in silence."""
+    import warnings
+
+    from lightning_compress import export_onnx
+
+    odd = quantized(QuantConfig(4, 8, group_size=8, activation_granularity="per_token"))
+    with pytest.warns(UserWarning, match=r"`accuracy_level`=4 has no effect: .* no layer of Sequential exports as"):
+        export_onnx(odd, tmp_path / "odd.onnx", torch.randn(2, 64), accuracy_level=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(quantized(), tmp_path / "m.onnx", torch.randn(2, 64), accuracy_level=4)  # MatMulNBits: used
+    assert not any("has no effect" in str(w.message) for w in caught)
+
+
 def test_int4_groups_with_static_activations_keep_their_activation_quantization_in_onnx(tmp_path):
     """Regression: with per-tensor (observed) int8 activations, the MatMulNBits layers exported float inputs, so
     the ONNX model silently lost the activation quantization the fake-quant model trained with."""
