@@ -134,3 +134,11 @@ def quantize_static_qdq(src: object, dst: object, batches: list[torch.Tensor]) -
         str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
     )  # fmt: skip
+
+
+def no_arguments(doc: str | None) -> None:
+    """For a benchmark that takes no arguments: ``--help`` prints its docstring, anything else is refused (a trial:
+    ``--help`` ran the whole benchmark, or a 5 GB child)."""
+    import argparse
+
+    argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

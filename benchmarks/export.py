@@ -29,7 +29,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from common import mlp_layers, quantize_static_qdq, quiet_trainer
+from common import mlp_layers, no_arguments, quantize_static_qdq, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -256,4 +256,5 @@ def _print(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -15,6 +15,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from common import no_arguments
 from torch import nn
 
 from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant, export_onnx
@@ -81,4 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from common import no_arguments
 from torch import nn
 
 from lightning_compress.core.group_check import faithful_groups, removable_groups
@@ -89,4 +90,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

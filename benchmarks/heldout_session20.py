@@ -10,10 +10,10 @@ with importance="lamp"), mp / mplth (Lightning's ModelPruning, global L1, the sa
 table (means of seeds 0 and 1; the mixer also seed 2).
 """
 
+import argparse
 import json
 import logging
 import os
-import sys
 import time
 import warnings
 
@@ -169,7 +169,13 @@ def prunable(net):
 
 
 def main():
-    model, method, target, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=["conv1d", "mixer", "mlpln"])
+    parser.add_argument("method", choices=["dense", "ours", "ourslamp", "mp", "mplth"])
+    parser.add_argument("target", type=float)
+    parser.add_argument("seed", type=int)
+    args = parser.parse_args()  # trial DB: `--help` was an IndexError
+    model, method, target, seed = args.model, args.method, args.target, args.seed
     t0 = time.perf_counter()
     pl.seed_everything(seed, verbose=False)
     train, test = data(model, seed)

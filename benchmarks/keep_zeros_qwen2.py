@@ -20,6 +20,7 @@ from pydoc_data.topics import topics
 
 import lightning.pytorch as pl
 import torch
+from common import no_arguments
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -113,4 +114,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import torch
+from common import no_arguments
 from torch import nn
 
 from lightning_compress import prune_
@@ -41,4 +42,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from common import interleaved_ms, quantize_static_qdq, quiet_trainer
+from common import interleaved_ms, no_arguments, quantize_static_qdq, quiet_trainer
 from torch import nn
 
 from lightning_compress import QuantConfig, QuantizationAwareTraining, calibrate, convert_to_qat, enable_fake_quant
@@ -211,4 +211,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

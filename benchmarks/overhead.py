@@ -27,7 +27,7 @@ import warnings
 
 import lightning.pytorch as pl
 import torch
-from common import mlp_layers, prepare_torch_ao_qat
+from common import mlp_layers, no_arguments, prepare_torch_ao_qat
 from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -154,4 +154,5 @@ def main(rounds: int = 9) -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -20,7 +20,7 @@ import warnings
 import onnxruntime as ort
 import torch
 import transformers
-from common import interleaved_ms
+from common import interleaved_ms, no_arguments
 from torch import nn
 
 from lightning_compress import compact, export_onnx, prune_
@@ -86,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    no_arguments(__doc__)
     main()

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from common import no_arguments
 from torch import nn
 
 
@@ -88,7 +89,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):  # one method's child process
         child(sys.argv[1])
     else:
+        no_arguments(__doc__)  # trial DB: `--help` ran a 100M-weight child as the method "--help"
         main()

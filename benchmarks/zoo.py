@@ -1,6 +1,6 @@
 """A model zoo for ``IterativePruning`` with default arguments, against Lightning's ModelPruning.
 
-Six model/data pairs of different shapes; at every target sparsity (90/95/98%) and seed (0/1/2)
+Seven model/data pairs of different shapes; at every target sparsity (90/95/98%) and seed (0/1/2)
 the same run trains, side by side:
 
 * ``dense``: no pruning (once per seed);

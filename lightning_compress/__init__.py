@@ -82,3 +82,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'lightning_compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, the lazily imported callbacks among them (trial DB: tab completion missed them)."""
+    return sorted({*__all__, *globals()} - {"TYPE_CHECKING", "Any", "annotations"})

@@ -50,7 +50,7 @@ def load_qat_checkpoint(
             f"`module_class` must be a LightningModule subclass (the class, not an instance), got {module_class!r}."
         )
     if not callable(getattr(checkpoint_path, "read", None)):
-        checkpoint_path = check_path(checkpoint_path, "checkpoint_path")
+        checkpoint_path = check_path(checkpoint_path, "checkpoint_path", " or an open binary file")
         if checkpoint_path.is_dir():  # a trial: ModelParallelStrategy's default, told only "not a file"
             raise ValueError(
                 f"`checkpoint_path`={str(checkpoint_path)!r} is a folder: a distributed checkpoint (shards, as "

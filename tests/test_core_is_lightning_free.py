@@ -35,3 +35,15 @@ def test_every_public_module_imports_first_in_a_fresh_interpreter():
     modules = ["lightning_compress.checkpoint", "lightning_compress.callbacks", "lightning_compress.export"]
     for module in modules:
         subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+
+
+def test_the_lazily_imported_callbacks_are_listed_by_dir_without_importing_lightning():
+    """Trial DB: `dir(lightning_compress)` listed `Any` and `TYPE_CHECKING` but not the callbacks (lazy imports)."""
+    code = (
+        "import sys, lightning_compress as lc; names = dir(lc);"
+        "assert {'IterativePruning', 'QuantizationAwareTraining', 'CompressionMonitor', 'load_qat_checkpoint',"
+        " 'prune_', 'QuantConfig'} <= set(names), names;"
+        "assert not {'Any', 'TYPE_CHECKING', 'annotations'} & set(names), names;"
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning loaded'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -125,9 +125,10 @@ class QuantizationAwareTraining(Callback):
             asymmetric scale per row, from each batch; no observers): with ``group_size=32``,
             ``weight_bits=4`` and ``activation_bits=8``, torchao's 8da4w recipe.
         quantize_bias: also put each quantized layer's bias on its accumulator's grid (weight scale times
-            input scale, the int32 bias of integer kernels), fake-quantized from ``start_epoch`` like the
-            weights: what an integer runtime adds is then what training used, and a compressed file stores
-            the biases as int32 codes. Needs ``activation_bits`` with per-tensor activations, no ``group_size``.
+            input scale, the int32 bias of integer kernels), fake-quantized with the weights (from the epoch
+            after ``start_epoch``): what an integer runtime adds is then what training used, and a compressed
+            file stores the biases as int32 codes. Needs ``activation_bits`` with per-tensor activations, no
+            ``group_size``.
 
     To load a QAT checkpoint for inference without the callback, see
     :func:`lightning_compress.load_qat_checkpoint`.

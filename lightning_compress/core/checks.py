@@ -100,12 +100,13 @@ def check_module(value: Any, argument: str = "model", *, materialized: bool = Fa
     return value
 
 
-def check_path(value: Any, argument: str = "path") -> Path:
+def check_path(value: Any, argument: str = "path", also: str = "") -> Path:
+    """``value`` as a ``Path``; ``also`` names what else the caller takes (said in the ``TypeError``)."""
     if isinstance(value, (str, os.PathLike)) and not str(os.fspath(value)):
         raise ValueError(f"`{argument}` is an empty path: name a file.")
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(
-            f"`{argument}` must be a file path (str or os.PathLike), got {type(value).__name__} ({value!r})."
+            f"`{argument}` must be a file path (str or os.PathLike){also}, got {type(value).__name__} ({value!r})."
         )
     return Path(value)
 

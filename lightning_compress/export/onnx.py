@@ -161,11 +161,21 @@ def _tracing(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[An
         return _Structured(_KeywordCall(model), template), tuple(t for _, t in leaves), [], names
     args = _as_args(example_inputs)
     if all(isinstance(a, Tensor) for a in args):
-        return model, args, [], None
+        # the tracer passes a keyword-only parameter's default as one more positional input: called through a
+        # module that passes the tensors only (trial DB: `forward(self, x, *, scale=1.0)` gave a bare TypeError)
+        return (_Structured(model, args) if _has_keyword_only(model) else model), args, [], None
     leaves = _leaves(args, "input")  # e.g. forward(batch: dict)
     unique = len({n for n, _ in leaves}) == len(leaves)
     names = [n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]
     return _Structured(model, args), tuple(t for _, t in leaves), [], names
+
+
+def _has_keyword_only(model: nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a signature: traced as it is
+        return False
+    return any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
 
 
 def _trace_error(err: RuntimeError, model: nn.Module, example_inputs: Any, opset: int) -> ValueError:

@@ -108,10 +108,13 @@ class CompressionReport:
             )
         before = sum(layer.bytes_before for layer in self.layers)
         after = sum(layer.bytes_after for layer in self.layers)
-        lines.append(
-            f"{'total of the rows above':<{width}}  {100 * self.sparsity:>7.1f}%  {'':>4}  {'':>7}  "
-            f"{_size(before):>12}  {_size(after):>12}"
-        )
+        if self.layers:  # trial DB: a file without sparse or quantized layers printed a total of nothing
+            lines.append(
+                f"{'total of the rows above':<{width}}  {100 * self.sparsity:>7.1f}%  {'':>4}  {'':>7}  "
+                f"{_size(before):>12}  {_size(after):>12}"
+            )
+        else:
+            lines.append("(no weight is stored sparse or quantized)")
         ratio = self.compression_ratio
         # a ratio under 1.05 reads "1.0x smaller" or "0.9x smaller" for a file as large or larger (an ONNX export)
         relation = f"{ratio:.1f}x smaller" if ratio >= 1.05 else f"{1 / ratio:.2f}x its size" if ratio else "no file"

@@ -517,7 +517,7 @@ def test_a_weights_only_qat_checkpoint_says_its_settings_are_not_in_it(tmp_path)
 @pytest.mark.parametrize(
     ("module_class", "path", "error", "match"),
     [
-        (TinyModule, None, TypeError, r"`checkpoint_path` must be a file path"),
+        (TinyModule, None, TypeError, r"`checkpoint_path` must be a file path .* or an open binary file, got NoneType"),
         (TinyModule, "missing.ckpt", ValueError, r"`checkpoint_path`='.*missing\.ckpt' is not a file"),
         (TinyModule, ".", ValueError, r"is a folder: a distributed checkpoint .*\(save_distributed_checkpoint=False\)"),
         ("TinyModule", "x.ckpt", TypeError, r"`module_class` must be a LightningModule subclass"),

@@ -85,6 +85,8 @@ def test_file_is_really_smaller_and_the_report_says_so(tmp_path):
     text = str(report)
     assert "fc1.weight" in text and "x smaller" in text
     assert "total of the rows above" in text  # read "compressed weights" (trial AU: taken for every selected weight)
+    dense = str(save_compressed(Net(), tmp_path / "dense.lcz"))  # trial DB: "total of the rows above 0.0% 0 B 0 B"
+    assert "total of the rows above" not in dense and "(no weight is stored sparse or quantized)" in dense
     larger = dataclasses.replace(report, file_bytes=int(report.baseline_bytes * 1.1))  # e.g. a float ONNX file
     assert str(larger).endswith(": 1.10x its size")  # it read "0.9x smaller" (a trial)
     fc1 = next(layer for layer in report.layers if layer.name == "fc1.weight")

@@ -90,6 +90,34 @@ class FlaggedModel(KeywordModel):
         return {"logits": out} if return_dict else (out,)
 
 
+class KeywordOnlyOptions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.h = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x, *, scale=1.0, extra=None):
+        return self.h(torch.relu(self.a(x))) * scale
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_a_forward_with_keyword_only_options_exports_from_positional_examples(tmp_path, as_tuple):
+    """Trial DB: the tracer passed `scale`'s default as a third positional input: a bare TypeError ("takes 2
+    positional arguments but 3 were given"), also at the callback's setup for an ONNX `export_path`."""
+    from lightning_compress.export.onnx import check_traceable
+
+    model = KeywordOnlyOptions()
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [torch.randn(16, 4)])
+    enable_fake_quant(model)
+    model.eval()
+    x = torch.randn(5, 4)
+    check_traceable(model, (x,) if as_tuple else x)
+    export_onnx(model, tmp_path / "k.onnx", (x,) if as_tuple else x)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.allclose(run(tmp_path / "k.onnx", {"input_0": x.numpy()}), want, atol=0.1)
+
+
 def test_keyword_inputs_that_hold_no_tensor_are_constants_of_the_graph(tmp_path):
     # trial BV: `return_dict=False` in the example got the tracer's message
     model = FlaggedModel()
