@@ -23,7 +23,15 @@ from lightning_compress import (
     save_compressed,
     sparsity,
 )
-from lightning_compress.core.qat import QATLinear, qat_modules, quantizers
+from lightning_compress.core.qat import (
+    QATLinear,
+    QuantConfig,
+    convert_to_float,
+    convert_to_qat,
+    enable_fake_quant,
+    qat_modules,
+    quantizers,
+)
 from tests.conftest import StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 from tests.export.helpers import Residual, ort_kernels
 
@@ -1364,3 +1372,20 @@ def test_layers_already_quantizing_before_the_fit_are_said_to_ignore_start_epoch
     with warnings.catch_warnings():  # a fresh model follows the schedule: nothing to say
         warnings.filterwarnings("error", message=".*already fake-quantize")
         trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(start_epoch=3)]).fit(fresh)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_quantization_switched_on_at_the_end_of_fit_reads_the_final_weights(group_size):
+    """Trial DE: with `start_epoch` the last epoch, the returned model quantized its final weights with the scales of
+    the batch before the last optimizer step (a Llama: 55.48 perplexity against 54.73 quantized by hand)."""
+    torch.manual_seed(0)
+    model = TinyModule(optimizer="adam")
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=group_size, start_epoch=1)
+    trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    by_hand = copy.deepcopy(model.net)
+    convert_to_float(by_hand)
+    convert_to_qat(by_hand, QuantConfig(4, None, group_size=group_size))
+    enable_fake_quant(by_hand)
+    x = make_blobs(16).tensors[0]
+    with torch.no_grad():
+        assert torch.equal(model.net.eval()(x), by_hand.eval()(x))
