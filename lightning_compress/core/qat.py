@@ -9,6 +9,7 @@ Parameter objects**, so optimizers keep working and ``weight``/``bias`` keep the
 
 from __future__ import annotations
 
+import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from .qat_layers import (
 )
 from .quant import BIAS_RANGE
 from .quantizer_state import check_quantizer_state, check_saved_scales
-from .selection import Target, is_compiled, module_tensor_holders, select_targets
+from .selection import Target, is_compiled, module_tensor_holders, normalize_patterns, select_targets, stored_weight
 from .sharding import full, is_sharded
 from .shift_search import search_power_of_two_shifts
 
@@ -94,6 +95,7 @@ def _quantizable_targets(
 ) -> list[Target]:
     class_of = class_of or _class_cache()
     owned_by_mha = {id(m.out_proj): n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    excluded = normalize_patterns(exclude, "exclude") or ()
     held = module_tensor_holders(model, include, exclude)  # said below, with their out_proj
     # a layer torch.compile'd by itself: its compiled forward is bound to the float layer, which a swap would not
     # reach (a trial: trained in float while its ONNX export quantized it)
@@ -133,7 +135,10 @@ def _quantizable_targets(
                 )
             if id(module) not in owned_by_mha:
                 skipped.append(f"{target.name} ({type(module).__name__})")
-            elif owned_by_mha[id(module)] not in held:  # else said with its module below; trial DD: `attn.*`
+            elif owned_by_mha[id(module)] not in held and not any(  # else said with its module below (trial
+                fnmatch.fnmatchcase(owned_by_mha[id(module)], p)
+                for p in excluded  # DD: `attn.*`), or excluded
+            ):
                 skipped.append(f"{target.name} (its nn.MultiheadAttention calls it without its forward)")
             continue
         targets.append(target)
@@ -169,6 +174,8 @@ def _quantizable_targets(
             "than an __init__ (a forward, a method, a buffer or an attribute), which a fake-quantized layer cannot "
             "take over"
             if subclasses
+            else f": the layers selected have no fake-quantized form ({skipped[:3]}{' ...' * (len(skipped) > 3)})"
+            if skipped  # trial DF: `include=["attn.*"]` picked only an attention's out_proj, refused with no reason
             else ""
         )
         raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
@@ -189,7 +196,7 @@ def _say_tied_partners(
     partners = {
         name: chosen[id(module.weight)]
         for name, module in model.named_modules()
-        if name not in picked and id(getattr(module, "weight", None)) in chosen and class_of(module) is not None
+        if name not in picked and id(stored_weight(module)) in chosen and class_of(module) is not None
     }
     if not partners:
         return
@@ -510,6 +517,15 @@ def enable_fake_quant(
             if q.observer_enabled and q.initialized and not (q.is_learned or q.frozen_shift):
                 with torch.no_grad():
                     q.observe(full(weight))  # an FSDP2 shard gathered, as a forward reads it (every rank calls this)
+        overflowing = [n for n, layer in modules if not bool(cast(Any, layer).weight_fake_quant.scale.isfinite().all())]
+        if overflowing:  # trial DF: the callback trained to NaN from here on, in silence
+            warnings.warn(
+                f"enable_fake_quant: the weights of {overflowing[:3]}{' ...' * (len(overflowing) > 3)} give NaN or "
+                "infinite scales (a NaN or infinite weight, or one too large for the scale's dtype: float16 group "
+                "scales end at 65504 times the largest code), so their outputs will be NaN.",
+                UserWarning,
+                stacklevel=2,
+            )
     saturated = [
         name
         for name, layer in modules

@@ -118,10 +118,10 @@ def channel_structure(
     Raises:
         ValueError: ``forward`` fails on the example inputs, or no group can be pruned (each reason given).
     """
-    compiled = [n for n, m in model.named_modules() if n and is_compiled(m)]
-    if compiled:  # trial DD: refused as "never called as a module", the wrong reason
+    compiled = [n or "the model itself" for n, m in model.named_modules() if is_compiled(m)]
+    if compiled:  # trial DD: refused as "never called as a module", the wrong reason (DF: a compiled model too)
         raise ValueError(
-            f"`granularity`='channel' traces the model's channels, but {compiled} are `torch.compile`d submodules, "
+            f"`granularity`='channel' traces the model's channels, but {compiled} are `torch.compile`d (sub)modules, "
             "whose layers the trace cannot follow: prune channels on the plain modules and compile after `compact()`, "
             "or prune with granularity='element' or an N:M pattern, which work on compiled submodules."
         )

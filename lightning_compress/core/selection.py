@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
@@ -188,6 +188,17 @@ def experts_picked(
     ]
 
 
+def stored_weight(module: nn.Module) -> Any:
+    """``module.weight`` without computing it: a parametrized weight's stored original (``original``, or
+    ``original0`` of a parametrization that stores several, as ``weight_norm``), since reading ``weight`` runs the
+    parametrization, and spectral_norm's power iteration then updates its buffers in training mode (trial DD: a refused
+    fit changed the model). ``None`` when the module has no weight."""
+    if is_parametrized(module, "weight"):
+        stored = cast(Any, module).parametrizations["weight"]
+        return getattr(stored, "original", None) if hasattr(stored, "original") else getattr(stored, "original0", None)
+    return getattr(module, "weight", None)
+
+
 def is_compiled(module: nn.Module) -> bool:
     """Whether ``module`` is what ``torch.compile`` returns for a module (an ``OptimizedModule``)."""
     return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
@@ -199,13 +210,17 @@ def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
     plain instance's (a compiled submodule's ``_orig_mod.``: a trial's file loaded only into a model compiled alike),
     and the layers are the same objects. Each wrapper is put back where the module it compiled is still in place
     (a layer replaced meanwhile, by a QAT conversion while loading, keeps its replacement)."""
+    places: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for qualified, child in model.named_modules(remove_duplicate=False):  # every name (trial DF: a wrapper
+        if qualified and is_compiled(child):  # registered twice stayed under its second name)
+            parent_name, _, name = qualified.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            places.setdefault((id(parent), name), (parent, name, child))
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if is_compiled(child):
-                    swapped.append((parent, name, child))
-                    setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
+        for parent, name, child in places.values():
+            swapped.append((parent, name, child))
+            setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
         yield cast(nn.Module, model._orig_mod) if is_compiled(model) else model
     finally:
         for parent, name, child in reversed(swapped):
@@ -305,20 +320,17 @@ def select_targets(
 
     selected: list[Target] = []
     seen: set[int] = set()
-    embeddings = {id(m.weight) for _, m in named if isinstance(m, nn.Embedding)}
+    embeddings = {id(stored_weight(m)) for _, m in named if isinstance(m, nn.Embedding)}
     tied: list[str] = []
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
     hooked: dict[str, list[str]] = {"weight_norm": [], "spectral_norm": [], "hook": []}  # computed before forward
     kept_out: dict[int, str] = {}  # weights of excluded modules: a module tied to one is left out too (trial DD)
+    later_names: dict[int, list[str]] = {}  # the other modules of a tied weight, selected under its first name
     for name, module in named:
         computed = is_parametrized(module, "weight")  # reading it would run the parametrization: spectral_norm's
         # power iteration updates its buffers in training mode (trial DD: a refused fit changed the model)
-        weight = (
-            getattr(module.parametrizations["weight"], "original", None)
-            if computed
-            else getattr(module, "weight", None)
-        )
+        weight = stored_weight(module)
         excluded = exclude is not None and any(_matches(name, p) for p in exclude)
         if excluded and isinstance(weight, nn.Parameter) and not computed:
             kept_out.setdefault(id(weight), name)
@@ -356,10 +368,16 @@ def select_targets(
             tied.append(name)
             continue
         if id(weight) in seen:  # tied weights: one mask, under the first name
+            later_names.setdefault(id(weight), []).append(name)
             continue
         seen.add(id(weight))
         selected.append(Target(name=name, module=module, param=weight))
-    shares_excluded = {t.name: kept_out[id(t.param)] for t in selected if id(t.param) in kept_out}
+    shares_excluded = {  # every module of the tied weight named (trial DF: the third was left out unsaid)
+        name: kept_out[id(t.param)]
+        for t in selected
+        if id(t.param) in kept_out
+        for name in [t.name, *later_names.get(id(t.param), [])]
+    }
     selected = [t for t in selected if id(t.param) not in kept_out]
     picked = {t.name for t in selected}
     ignored = [
@@ -367,7 +385,7 @@ def select_targets(
         for n, m in named
         if n in (include or ())
         and n not in picked
-        and not isinstance(getattr(m, "weight", None), Tensor)
+        and not isinstance(stored_weight(m), Tensor)
         and not (exclude is not None and any(_matches(n, p) for p in exclude))
     ]
     if selected and ignored:  # the other patterns select something: the name alone would be dropped silently

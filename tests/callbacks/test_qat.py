@@ -1389,3 +1389,15 @@ def test_quantization_switched_on_at_the_end_of_fit_reads_the_final_weights(grou
     x = make_blobs(16).tensors[0]
     with torch.no_grad():
         assert torch.equal(model.net.eval()(x), by_hand.eval()(x))
+
+
+def test_a_weight_whose_group_scale_overflows_is_said_when_quantization_switches_on():
+    """Trial DF: a weight of 1e6 overflowed its float16 group scale and the fit trained to NaN from the switch on,
+    in silence."""
+    torch.manual_seed(0)
+    model = TinyModule()
+    with torch.no_grad():
+        model.net[0].weight[0, 0] = 1e6
+    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=16, start_epoch=0)
+    with pytest.warns(UserWarning, match=r"the weights of \['net.0'.* give NaN or infinite scales"):
+        trainer(max_epochs=2, callbacks=[qat], limit_train_batches=2, limit_val_batches=1).fit(model)

@@ -697,6 +697,13 @@ def test_layers_pruning_selects_but_quantization_cannot_are_said_and_wildcards_s
     # a wildcard inside the attention picks its out_proj but not the attention module: said (trial DD: silent)
     with pytest.warns(UserWarning, match=r"leaves \['attn.out_proj \(its nn.MultiheadAttention calls it without"):
         assert convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["attn.*", "down"]) == ["down"]
+    # alone, it is the reason of the refusal (trial DF: "no nn.Linear or nn.Conv layer ... can be quantized.")
+    with pytest.raises(ValueError, match=r"no fake-quantized form \(\['attn.out_proj \(its nn.MultiheadAttention"):
+        convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["attn.*"])
+    with warnings.catch_warnings(record=True) as caught:  # an excluded attention's out_proj is not news
+        warnings.simplefilter("always")
+        convert_to_qat(_UpSampler(), QuantConfig(8, 8), exclude=["attn", "up"])
+    assert not any("out_proj" in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
 def test_enable_fake_quant_of_named_layers_switches_those_only_and_checks_the_names():

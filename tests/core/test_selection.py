@@ -85,6 +85,10 @@ def test_a_layer_sharing_an_excluded_layers_weight_is_left_out_with_a_warning():
     assert (model[0].weight == 0).sum() == 0 and (model[2].weight == 0).float().mean() > 0.5
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"sharing an excluded layer's weight: \['1'\]"):
         select_targets(model, exclude=["0", "2"])
+    model.append(nn.Linear(4, 4))
+    model[3].weight = model[0].weight  # three modules of one weight: both others named (trial DF: only the first)
+    with pytest.warns(UserWarning, match=r"leaves \['1', '3'\] out: their weight is also the weight of \['0'\]"):
+        assert [t.name for t in select_targets(model, exclude=["0"])] == ["2"]
 
 
 class TiedLM(nn.Module):
@@ -210,4 +214,12 @@ def test_selecting_never_runs_a_parametrization():
     for module_tensors in (False, True):  # weight_norm has no single `original`: still left out and said
         with pytest.warns(UserWarning, match=r"leaves \['0', '2'\] out: their weight is computed by a parametriz"):
             assert [t.name for t in select_targets(model, module_tensors=module_tensors)] == ["3"]
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    # trial DF: an exact name, the QAT tie check and `sparsity` still read `weight`
+    from lightning_compress import QuantConfig, convert_to_qat, sparsity
+
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="select no weight"):
+        select_targets(model, include=["0"])
+    sparsity(model, include=["0", "3"])
+    with pytest.warns(UserWarning, match="computed by a parametrization"):
+        convert_to_qat(model, QuantConfig(8, 8))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if "fake_quant" not in k)

@@ -827,6 +827,38 @@ def test_a_compiled_submodule_is_compacted_and_channel_pruning_it_is_refused_for
     torch.testing.assert_close(net(x), masked, atol=1e-5, rtol=1e-5)
     fresh = nn.Sequential(torch.compile(DigitsCNN(8)))
     state = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(ValueError, match=r"\['0'\] are `torch.compile`d submodules, whose layers the trace cannot"):
+    with pytest.raises(ValueError, match=r"\['0'\] are `torch.compile`d \(sub\)modules, whose layers the trace"):
         prune_(fresh, 0.5, granularity="channel", example_inputs=x)
     assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+    with pytest.raises(ValueError, match=r"\['the model itself'\] are `torch.compile`d"):  # trial DF: the old reason
+        prune_(torch.compile(DigitsResNet(8)), 0.5, granularity="channel", example_inputs=x)
+
+
+def test_a_compiled_submodule_registered_twice_is_compacted_and_saved_under_plain_names(tmp_path):
+    """Trial DF: a wrapper registered under two names stayed under the second (`named_children` skips it): compact
+    kept the zeros, and the file held `alias._orig_mod.` names a plain model could not load."""
+    from lightning_compress import load_compressed, save_compressed
+
+    class Aliased(nn.Module):
+        def __init__(self, block: nn.Module) -> None:
+            super().__init__()
+            self.block = block
+            self.alias = block
+
+        def forward(self, x):
+            return self.alias(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    net = DigitsCNN(8)
+    prune_(net, 0.5, granularity="channel", example_inputs=x)
+    net.eval()
+    masked = net(x)
+    model = Aliased(torch.compile(net))
+    report = compact(model, x)
+    assert report.channels and report.macs_after < report.macs_before
+    torch.testing.assert_close(net(x), masked, atol=1e-5, rtol=1e-5)
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = Aliased(DigitsCNN(8))
+    load_compressed(fresh, tmp_path / "m.lcz", example_inputs=x)
+    torch.testing.assert_close(fresh.eval()(x), masked, atol=1e-5, rtol=1e-5)
