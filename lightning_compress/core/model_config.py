@@ -24,7 +24,7 @@ from .heads import head_record
 from .shrink import sized_tensor
 from .structure import ChannelGroup
 
-__all__ = ["CONFIG_KEY", "describe_in_config"]
+__all__ = ["CONFIG_KEY", "describe_in_config", "record_sizes"]
 
 CONFIG_KEY = "lightning_compress"
 _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim")
@@ -46,13 +46,56 @@ def describe_in_config(
     class reloads it); if not, the config records the head counts and the resized layers' weight
     shapes under ``lightning_compress``. ``None``, and nothing done, without such a config.
     """
+    results = [_describe(sub, prefix, groups, kept) for prefix, sub in _outermost(model)]
+    return all(results) if results else None
+
+
+def record_sizes(model: nn.Module, resized: Sequence[str]) -> bool | None:
+    """After ``load_compressed`` cut the modules ``resized`` of ``model`` to a compacted file's sizes: each
+    ``transformers`` model's config records the head counts and those layers' weight shapes under
+    ``lightning_compress``, as :func:`describe_in_config` does when the standard fields cannot say them, so
+    ``save_pretrained`` then :func:`lightning_compress.from_pretrained` rebuilds it (trial DG: the fresh model kept
+    the dense sizes, and its saved directory reloaded into neither). ``None`` without such a config."""
+    found = _outermost(model)
+    for prefix, sub in found:
+        start = f"{prefix}." if prefix else ""
+        _record(sub, [name[len(start) :] for name in resized if name.startswith(start)])
+    return False if found else None
+
+
+def _outermost(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``transformers`` models in ``model`` (itself, or e.g. a LightningModule's ``self.net``), outermost only."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in found)
         if _config_of(module) is not None and not inside:
             found.append((name, module))
-    results = [_describe(sub, prefix, groups, kept) for prefix, sub in found]
-    return all(results) if results else None
+    return found
+
+
+def _replace_config(sub: nn.Module, new: Any) -> None:
+    """``new`` as the config of ``sub`` and of its modules that share its config (trial DG: the attention layers kept
+    the old object, so `config._attn_implementation` no longer reached them)."""
+    old = _config_of(sub)
+    for module in sub.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
+
+
+def _record(sub: nn.Module, names: Sequence[str]) -> None:
+    """A copy of ``sub``'s config, set on it, that records its head counts and the weight shapes of ``names`` (with
+    those an earlier record holds) under ``lightning_compress``: the config object the user built ``sub`` from, maybe
+    shared with other models, is left alone (trial DG: a dense model built from it read as compacted)."""
+    config = copy.deepcopy(_config_of(sub))
+    previous = getattr(config, CONFIG_KEY, None)
+    shapes = dict(previous.get("shapes", {})) if isinstance(previous, dict) else {}
+    modules = dict(sub.named_modules())
+    for name in names:
+        attr, weight = sized_tensor(modules[name])
+        if weight is not None:
+            shapes[f"{name}.{attr}"] = list(weight.shape)
+    setattr(config, CONFIG_KEY, {"compacted": True, "heads": head_record(sub), "shapes": shapes})
+    _replace_config(sub, config)
 
 
 def _describe(sub: nn.Module, prefix: str, groups: Sequence[ChannelGroup], kept: dict[str, tuple[int, int]]) -> bool:
@@ -64,17 +107,9 @@ def _describe(sub: nn.Module, prefix: str, groups: Sequence[ChannelGroup], kept:
     if candidate is not None and _builds_same_shapes(sub, candidate):
         if hasattr(candidate, CONFIG_KEY):
             delattr(candidate, CONFIG_KEY)
-        sub.config = candidate
+        _replace_config(sub, candidate)
         return True
-    previous = getattr(config, CONFIG_KEY, None)
-    shapes = dict(previous.get("shapes", {})) if isinstance(previous, dict) else {}
-    modules = dict(sub.named_modules())
-    for group in mine:
-        for name in group.modules():
-            attr, weight = sized_tensor(modules[name[len(start) :]])
-            if weight is not None:
-                shapes[f"{name[len(start) :]}.{attr}"] = list(weight.shape)
-    setattr(config, CONFIG_KEY, {"compacted": True, "heads": head_record(sub), "shapes": shapes})
+    _record(sub, [name[len(start) :] for group in mine for name in group.modules()])
     return False
 
 

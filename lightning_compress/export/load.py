@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..core.checks import check_module, check_path
 from ..core.compact import mark_compacted
+from ..core.model_config import record_sizes
 from ..core.packing import (
     code_container_bits,
     decode_gaps,
@@ -326,11 +327,18 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
                 stacklevel=3,
             )
     rollback = _Rollback(model)
+    resized: list[str] = []  # the modules cut to the file's sizes, for the config's record
+
+    def remember(name: str) -> None:
+        rollback.remember(name)
+        if not name.endswith("_fake_quant"):
+            resized.append(name)
+
     converted_before = {f"{name}." for name, _ in qat_modules(model)}  # by the user, before this load
     try:
         if manifest.get("compacted"):
             try:
-                shrink_like(model, {k: tuple(v.shape) for k, v in tensors.items()}, rollback.remember)
+                shrink_like(model, {k: tuple(v.shape) for k, v in tensors.items()}, remember)
             except ValueError as err:  # e.g. a cut through a quantization group of a model already converted
                 raise CompressedFileError(f"{path} holds sizes the model cannot take: {err}") from err
             try:
@@ -368,6 +376,8 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
         raise
     if manifest.get("compacted"):
         mark_compacted(model)
+        if resized:
+            record_sizes(model, resized)
     layers = [_loaded_layer(r, tensors) for r in records if r.kind in ("sparse", "quantized")]
     del tensors
     return CompressionReport.of_file(path, "lightning-compress", layers, model)

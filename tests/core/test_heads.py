@@ -647,3 +647,30 @@ def test_a_gpt2_head_count_that_does_not_fit_its_split_size_is_refused(tmp_path)
     model.config.lightning_compress = entry
     model.save_pretrained(tmp_path)
     assert torch.equal(_logits(from_pretrained(cls, tmp_path), inputs), _logits(model, inputs))
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_compaction_leaves_the_users_config_alone_and_reloads_carry_the_sizes(tmp_path, kind):
+    """Trial DG: `compact()` wrote its record into the config object the model was built from (a dense model built
+    from it too read as compacted, and its saved directory failed to reload), the attention layers kept the old
+    config object (heads 4 where the model's said 2; `_attn_implementation` no longer reached them), and a file
+    loaded into a fresh model left that model's config at the dense sizes (its saved directory reloaded into
+    nothing)."""
+    from lightning_compress import from_pretrained
+
+    cls, config, inputs, _ = build(kind)
+    model, dense = cls(config).eval(), cls(config).eval()
+    before = config.to_json_string()
+    prune_(model, 0.5, granularity="channel", scope="layer", example_inputs=inputs)
+    want = _logits(model, inputs)
+    compact(model, inputs)
+    assert config.to_json_string() == before and dense.config.to_json_string() == before
+    assert all(m.config is model.config for m in model.modules() if hasattr(m, "config"))
+    save_compressed(model, tmp_path / "model.lcz")
+    fresh = cls(config).eval()
+    load_compressed(fresh, tmp_path / "model.lcz")
+    assert config.to_json_string() == before
+    assert all(m.config is fresh.config for m in fresh.modules() if hasattr(m, "config"))
+    fresh.save_pretrained(tmp_path / "fresh")
+    again = from_pretrained(cls, tmp_path / "fresh")
+    assert torch.allclose(_logits(again, inputs), want, atol=1e-5)
