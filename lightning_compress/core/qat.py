@@ -438,7 +438,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
                     ) from err
                 count += 1
         broken = [name for name, q in found if not all(bool(t.isfinite().all()) for t in q.state_dict().values())]
-        weights = [name for name in broken if dict(found)[name].role == "weight"]
+        weights = [name.removesuffix(".weight_fake_quant") for name in broken if dict(found)[name].role == "weight"]
         if weights:  # trial DE: a float16 group scale that overflows is the weight's, not the batches'
             raise ValueError(
                 f"the weights of {weights[:3]}{' ...' if len(weights) > 3 else ''} give NaN or infinite scales (a "
