@@ -317,7 +317,7 @@ class FakeQuantizer(nn.Module):
         if self.per_token:
             return self._per_token(x) if self.fake_quant_enabled else x
         # a weight quantizer switched on before it ever saw its weight takes its range from it now
-        first = self.role == "weight" and self.fake_quant_enabled and not self.initialized and not self.is_learned
+        first = self.role == "weight" and self.fake_quant_enabled and not self.initialized  # LSQ too (trial DH)
         observed = (self.training and self.observer_enabled) or first
         if observed:
             self.observe(x)
@@ -465,7 +465,8 @@ class FakeQuantizer(nn.Module):
             grouped = self._grouped(w)
             amax = torch.maximum(grouped.amax(dim=-1), -grouped.amin(dim=-1))
             self.scale.copy_(symmetric_scale_fp16(amax, qmax))
-        elif not self.is_learned:
+        elif not self.is_learned or not self.initialized:  # a learned scale starts at the weight's range: switched on
+            # without `calibrate`, it stayed 1.0 and rounded every weight to zero (trial DH)
             if self.per_channel:
                 moved = w.movedim(self.channel_axis, 0)
                 flat = moved.reshape(moved.shape[0], -1)
@@ -473,7 +474,8 @@ class FakeQuantizer(nn.Module):
                 flat = w.reshape(1, -1)
             amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
             amax = amax if self.per_channel else amax[0]
-            self.scale.copy_(symmetric_scale(amax, qmax))
+            with torch.no_grad():  # a learned scale is a Parameter
+                self.scale.copy_(symmetric_scale(amax, qmax))
         self._set_flag(self._INITIALIZED, True)
 
     def _set_activation_qparams(self) -> None:

@@ -59,7 +59,9 @@ def record_sizes(model: nn.Module, resized: Sequence[str]) -> bool | None:
     found = _outermost(model)
     for prefix, sub in found:
         start = f"{prefix}." if prefix else ""
-        _record(sub, [name[len(start) :] for name in resized if name.startswith(start)])
+        mine = [name[len(start) :] for name in resized if name.startswith(start)]
+        if mine:  # a model the file left at its sizes (a teacher beside the student) keeps its config (trial DH)
+            _record(sub, mine)
     return False if found else None
 
 
@@ -68,7 +70,9 @@ def _outermost(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in found)
-        if _config_of(module) is not None and not inside:
+        # a transformers model has `save_pretrained`: a LightningModule keeping `self.config = cfg` is not one (trial
+        # DH: its record was written on the wrapper, under the wrong names, and spread to a teacher)
+        if _config_of(module) is not None and callable(getattr(module, "save_pretrained", None)) and not inside:
             found.append((name, module))
     return found
 

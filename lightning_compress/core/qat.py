@@ -176,6 +176,8 @@ def _quantizable_targets(
             if subclasses
             else f": the layers selected have no fake-quantized form ({skipped[:3]}{' ...' * (len(skipped) > 3)})"
             if skipped  # trial DF: `include=["attn.*"]` picked only an attention's out_proj, refused with no reason
+            else f": {held[:3]}{' ...' * (len(held) > 3)} multiply their weights in their own forward (said above)"
+            if held  # trial DH: `include=["attn*"]` picked the attention and its out_proj
             else ""
         )
         raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
@@ -502,21 +504,22 @@ def enable_fake_quant(
     )
     if not found:
         raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")
+    if enabled and observe is not False:  # a weight's scale is read from the weight as it is now (trial DE: a fit's
+        # last switch-on quantized the final weights with the scales of the batch before the last step: perplexity
+        # 55.48 against 54.73), before the switch: a learned (LSQ) scale not yet training starts there (trial DH)
+        for _, layer in modules:
+            q = cast(Any, layer).weight_fake_quant
+            # one that never read its weight (a layer whose forward never ran) keeps saying so: read at its first
+            if q.initialized and not (q.is_learned or q.frozen_shift):
+                with torch.no_grad():  # an FSDP2 shard gathered, as a forward reads it (every rank calls this)
+                    q.observe(full(cast(Any, layer).weight))
     for _, q in found:
         q.fake_quant_enabled = enabled
         if observe is not None:
             q.observer_enabled = observe
         elif q.role == "weight":
             q.observer_enabled = enabled
-    if enabled:  # a weight's scale is read from the weight as it is now (trial DE: a fit's last switch-on quantized
-        # the final weights with the scales of the batch before the last step: perplexity 55.48 against 54.73)
-        for _, layer in modules:
-            q = cast(Any, layer).weight_fake_quant
-            weight = cast(Any, layer).weight
-            # one that never read its weight (a layer whose forward never ran) keeps saying so: read at its first
-            if q.observer_enabled and q.initialized and not (q.is_learned or q.frozen_shift):
-                with torch.no_grad():
-                    q.observe(full(weight))  # an FSDP2 shard gathered, as a forward reads it (every rank calls this)
+    if enabled:
         overflowing = [n for n, layer in modules if not bool(cast(Any, layer).weight_fake_quant.scale.isfinite().all())]
         if overflowing:  # trial DF: the callback trained to NaN from here on, in silence
             warnings.warn(

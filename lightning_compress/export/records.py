@@ -22,6 +22,7 @@ from ..core.layers import registered_names
 from ..core.packing import code_container_bits
 from ..core.qat import FakeQuantizer, QuantConfig, qat_modules, quantizable
 from ..core.quant import int_range
+from ..core.selection import stored_weight
 from .container import CompressedFileError
 
 __all__ = [
@@ -191,11 +192,8 @@ def _from_v1(entry: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- bounds
 def _layers_with_weights(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: module.weight
-        for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(getattr(module, "weight", None), Tensor) and module.weight.dim() >= 2
-    }
+    weights = {name: stored_weight(module) for name, module in model.named_modules(remove_duplicate=False)}
+    return {name: w for name, w in weights.items() if isinstance(w, Tensor) and w.dim() >= 2}  # no parametrization run
 
 
 def second_names(model: nn.Module) -> dict[str, str]:

@@ -22,7 +22,7 @@ from ..core.packing import (
 )
 from ..core.qat import FakeQuantizer, qat_modules, quantizers
 from ..core.quant import BIAS_RANGE, dequantize, fake_quantize, quantize
-from ..core.selection import state_root, uncompiled
+from ..core.selection import state_root, stored_weight, uncompiled
 from ..core.sharding import full, is_sharded, model_class_name
 from .container import FORMAT_VERSION, write_container
 from .records import (
@@ -91,7 +91,7 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
     qat = dict(qat_modules(model))
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        weight = getattr(module, "weight", None)
+        weight = stored_weight(module)  # a parametrization is not run (trial DH: spectral_norm's `_u` changed)
         if isinstance(weight, Tensor):
             owners.setdefault(id(weight), []).append((name, module))
     out, idle, tied = {}, [], {}

@@ -1374,17 +1374,17 @@ def test_layers_already_quantizing_before_the_fit_are_said_to_ignore_start_epoch
         trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(start_epoch=3)]).fit(fresh)
 
 
-@pytest.mark.parametrize("group_size", [None, 16])
-def test_quantization_switched_on_at_the_end_of_fit_reads_the_final_weights(group_size):
+@pytest.mark.parametrize(("group_size", "scale"), [(None, "minmax"), (16, "minmax"), (None, "learned")])
+def test_quantization_switched_on_at_the_end_of_fit_reads_the_final_weights(group_size, scale):
     """Trial DE: with `start_epoch` the last epoch, the returned model quantized its final weights with the scales of
     the batch before the last optimizer step (a Llama: 55.48 perplexity against 54.73 quantized by hand)."""
     torch.manual_seed(0)
     model = TinyModule(optimizer="adam")
-    qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=group_size, start_epoch=1)
+    qat = QuantizationAwareTraining(4, None, scale, group_size=group_size, start_epoch=1)  # DH: learned too
     trainer(max_epochs=2, callbacks=[qat]).fit(model)
     by_hand = copy.deepcopy(model.net)
     convert_to_float(by_hand)
-    convert_to_qat(by_hand, QuantConfig(4, None, group_size=group_size))
+    convert_to_qat(by_hand, QuantConfig(4, None, scale, group_size=group_size))
     enable_fake_quant(by_hand)
     x = make_blobs(16).tensors[0]
     with torch.no_grad():
@@ -1401,3 +1401,26 @@ def test_a_weight_whose_group_scale_overflows_is_said_when_quantization_switches
     qat = QuantizationAwareTraining(weight_bits=4, activation_bits=None, group_size=16, start_epoch=0)
     with pytest.warns(UserWarning, match=r"the weights of \['net.0'.* give NaN or infinite scales"):
         trainer(max_epochs=2, callbacks=[qat], limit_train_batches=2, limit_val_batches=1).fit(model)
+
+
+def test_ranges_frozen_at_the_calibration_epoch_stay_frozen_when_quantization_switches_on():
+    """Trial DH: `freeze_observers_epoch` equal to `start_epoch` froze the ranges, then switching quantization on
+    turned the weight observers back on (they moved for one more epoch, or left the fit on)."""
+    torch.manual_seed(0)
+    model = TinyModule(optimizer="adam")
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1, freeze_observers_epoch=1)
+    trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert all(not q.observer_enabled for _, q in quantizers(model)) and any(
+        q.fake_quant_enabled for _, q in quantizers(model)
+    )
+    torch.manual_seed(0)
+    model = TinyModule(optimizer="adam")
+    scales = []
+
+    class Record(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            scales.append(pl_module.net[0].weight_fake_quant.scale.clone())
+
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, freeze_observers_epoch=0)
+    trainer(max_epochs=3, callbacks=[qat, Record()]).fit(model)
+    assert torch.equal(scales[0], scales[1]) and torch.equal(scales[1], scales[2])  # as epoch 0 froze them

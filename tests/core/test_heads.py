@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_compress import (
     CompressedFileError,
@@ -674,3 +675,37 @@ def test_compaction_leaves_the_users_config_alone_and_reloads_carry_the_sizes(tm
     fresh.save_pretrained(tmp_path / "fresh")
     again = from_pretrained(cls, tmp_path / "fresh")
     assert torch.allclose(_logits(again, inputs), want, atol=1e-5)
+
+
+def test_a_wrapper_keeping_the_config_is_not_taken_for_the_transformers_model(tmp_path):
+    """Trial DH: a LightningModule-like wrapper with `self.config = cfg` (a student and a teacher built from it) was
+    taken for the transformers model: the record went on the wrapper under the wrong names and spread to the
+    teacher, and the student's directory reloaded into nothing; a file loaded into a fresh wrapper marked the
+    untouched teacher compacted."""
+    cls, config, inputs, _ = build("llama")
+
+    class Distil(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = config
+            self.student, self.teacher = cls(config).eval(), cls(config).eval()
+
+        def forward(self, **kw):
+            return self.student(**kw)
+
+    torch.manual_seed(0)
+    model = Distil()
+    teacher_config = model.teacher.config.to_json_string()
+    prune_(model, 0.5, granularity="channel", scope="layer", include=["student.*"], example_inputs=inputs)
+    want = _logits(model, inputs)
+    compact(model, inputs)
+    assert model.student.config.num_attention_heads < config.num_attention_heads  # the class's fields describe it
+    assert model.teacher.config.to_json_string() == teacher_config
+    model.student.save_pretrained(tmp_path / "student")
+    assert torch.allclose(_logits(from_pretrained(cls, tmp_path / "student"), inputs), want, atol=1e-5)
+    save_compressed(model, tmp_path / "model.lcz")
+    fresh = Distil()
+    load_compressed(fresh, tmp_path / "model.lcz")
+    assert fresh.teacher.config.to_json_string() == teacher_config
+    fresh.student.save_pretrained(tmp_path / "fresh")
+    assert torch.allclose(_logits(from_pretrained(cls, tmp_path / "fresh"), inputs), want, atol=1e-5)

@@ -700,6 +700,8 @@ def test_layers_pruning_selects_but_quantization_cannot_are_said_and_wildcards_s
     # alone, it is the reason of the refusal (trial DF: "no nn.Linear or nn.Conv layer ... can be quantized.")
     with pytest.raises(ValueError, match=r"no fake-quantized form \(\['attn.out_proj \(its nn.MultiheadAttention"):
         convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["attn.*"])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"\['attn'\] multiply their weights in their own"):
+        convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["attn*"])  # trial DH: no reason
     with warnings.catch_warnings(record=True) as caught:  # an excluded attention's out_proj is not news
         warnings.simplefilter("always")
         convert_to_qat(_UpSampler(), QuantConfig(8, 8), exclude=["attn", "up"])
@@ -815,3 +817,21 @@ def test_switching_quantization_on_reads_each_weight_as_it_is_now(config):
     x = torch.randn(4, 32)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), fresh.eval()(x))
+
+
+def test_a_learned_scale_switched_on_without_calibration_starts_at_the_weights_range():
+    """Trial DH: LSQ switched on by hand without `calibrate` kept its scale of 1.0 and rounded every weight to
+    zero (93% output error), in silence; minmax and power-of-two read the weight at their first forward."""
+    from lightning_compress import convert_to_qat, enable_fake_quant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        want = model(x)
+    convert_to_qat(model, QuantConfig(4, None, scale="learned"))
+    enable_fake_quant(model)
+    with torch.no_grad():
+        got = model(x)
+    assert model[0].weight_fake_quant.initialized
+    assert (got - want).norm() < 0.2 * want.norm()

@@ -223,3 +223,22 @@ def test_selecting_never_runs_a_parametrization():
     with pytest.warns(UserWarning, match="computed by a parametrization"):
         convert_to_qat(model, QuantConfig(8, 8))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if "fake_quant" not in k)
+
+
+def test_saving_and_loading_never_run_a_parametrization(tmp_path):
+    """Trial DH: `save_compressed` of a model in training mode ran spectral_norm's power iteration (`_u` changed)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from lightning_compress import load_compressed, save_compressed
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(spectral_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2)).train()
+
+    model = build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    save_compressed(model, tmp_path / "m.lcz")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    fresh = build()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
