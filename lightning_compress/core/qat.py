@@ -135,11 +135,10 @@ def _quantizable_targets(
                 )
             if id(module) not in owned_by_mha:
                 skipped.append(f"{target.name} ({type(module).__name__})")
-            elif owned_by_mha[id(module)] not in held and not any(  # else said with its module below (trial
-                fnmatch.fnmatchcase(owned_by_mha[id(module)], p)
-                for p in excluded  # DD: `attn.*`), or excluded
-            ):
-                skipped.append(f"{target.name} (its nn.MultiheadAttention calls it without its forward)")
+            else:  # said with its attention below, or not at all when the attention is excluded (trial DD: `attn.*`)
+                owner = owned_by_mha[id(module)]
+                if owner not in held and not any(fnmatch.fnmatchcase(owner, p) for p in excluded):
+                    skipped.append(f"{target.name} (its nn.MultiheadAttention calls it without its forward)")
             continue
         targets.append(target)
     if skipped and targets:
@@ -183,6 +182,12 @@ def _quantizable_targets(
         raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
     _say_tied_partners(model, targets, include, class_of)
     return targets
+
+
+_NON_FINITE_SCALES = (
+    "(a NaN or infinite weight, or one too large for the scale's dtype: float16 group scales end at 65504 times the "
+    "largest code)"
+)
 
 
 def _say_tied_partners(
@@ -443,9 +448,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
         weights = [name.removesuffix(".weight_fake_quant") for name in broken if dict(found)[name].role == "weight"]
         if weights:  # trial DE: a float16 group scale that overflows is the weight's, not the batches'
             raise ValueError(
-                f"the weights of {weights[:3]}{' ...' if len(weights) > 3 else ''} give NaN or infinite scales (a "
-                "NaN or infinite weight, or one too large for the scale's dtype: float16 group scales end at 65504 "
-                "times the largest code). The ranges were not changed."
+                f"the weights of {weights[:3]}{' ...' if len(weights) > 3 else ''} give NaN or infinite scales "
+                f"{_NON_FINITE_SCALES}. The ranges were not changed."
             )
         if broken:
             raise ValueError(
@@ -524,8 +528,7 @@ def enable_fake_quant(
         if overflowing:  # trial DF: the callback trained to NaN from here on, in silence
             warnings.warn(
                 f"enable_fake_quant: the weights of {overflowing[:3]}{' ...' * (len(overflowing) > 3)} give NaN or "
-                "infinite scales (a NaN or infinite weight, or one too large for the scale's dtype: float16 group "
-                "scales end at 65504 times the largest code), so their outputs will be NaN.",
+                f"infinite scales {_NON_FINITE_SCALES}, so their outputs will be NaN.",
                 UserWarning,
                 stacklevel=2,
             )
