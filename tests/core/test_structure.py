@@ -810,15 +810,20 @@ def test_a_layer_joined_to_a_group_through_a_transpose_is_not_said_to_have_its_c
     assert "'s 8 channels through an operation that moves axes" in left["t2"]
 
 
-def test_a_compiled_submodule_is_compacted_and_channel_pruning_it_is_refused_for_its_reason():
-    """Trial DD: `compact()` on a model holding a `torch.compile`d submodule reported MACs 0 -> 0 and kept the zeros,
-    and channel pruning refused it as "never called as a module"."""
+def _channel_pruned_cnn() -> tuple[torch.Tensor, nn.Module, torch.Tensor]:
+    """Example inputs, a DigitsCNN with half its channels pruned (eval mode), and its masked outputs."""
     torch.manual_seed(0)
     x = torch.randn(4, 1, 8, 8)
     net = DigitsCNN(8)
     prune_(net, 0.5, granularity="channel", example_inputs=x)
     net.eval()
-    masked = net(x)
+    return x, net, net(x)
+
+
+def test_a_compiled_submodule_is_compacted_and_channel_pruning_it_is_refused_for_its_reason():
+    """Trial DD: `compact()` on a model holding a `torch.compile`d submodule reported MACs 0 -> 0 and kept the zeros,
+    and channel pruning refused it as "never called as a module"."""
+    x, net, masked = _channel_pruned_cnn()
     model = nn.Sequential(torch.compile(net))
     report = compact(model, x)
     assert report.channels and report.macs_after < report.macs_before
@@ -848,12 +853,7 @@ def test_a_compiled_submodule_registered_twice_is_compacted_and_saved_under_plai
         def forward(self, x):
             return self.alias(x)
 
-    torch.manual_seed(0)
-    x = torch.randn(4, 1, 8, 8)
-    net = DigitsCNN(8)
-    prune_(net, 0.5, granularity="channel", example_inputs=x)
-    net.eval()
-    masked = net(x)
+    x, net, masked = _channel_pruned_cnn()
     model = Aliased(torch.compile(net))
     report = compact(model, x)
     assert report.channels and report.macs_after < report.macs_before
