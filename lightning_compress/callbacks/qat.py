@@ -518,8 +518,8 @@ class QuantizationAwareTraining(Callback):
     def _switch_on(self, pl_module: pl.LightningModule, epoch: int, *, at_fit_end: bool = False) -> None:
         # ranges frozen at the end of an epoch before (`freeze_observers_epoch`) stay frozen: enable_fake_quant would
         # switch the weight observers back on (trial DH: they moved for one more epoch, or left the fit on)
-        freeze = self.freeze_observers_epoch
-        frozen = freeze is not None and (epoch >= freeze if at_fit_end else epoch > freeze)
+        freeze = self.freeze_observers_epoch  # `epoch`: the epoch starting, or at fit end the calibration epoch that
+        frozen = freeze is not None and (epoch >= freeze if at_fit_end else epoch > freeze)  # ended (trial DI)
         enable_fake_quant(pl_module, layers=self._layers, observe=False if frozen else None)  # learned scales train
         warn_about_idle_layers(pl_module, self._calibration_epoch, self._own_layers(pl_module))
         when = (
@@ -569,7 +569,7 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._calibrated and self._layers and not self._active(pl_module):
-            self._switch_on(pl_module, trainer.current_epoch, at_fit_end=True)  # no epoch followed `start_epoch`
+            self._switch_on(pl_module, self._calibration_epoch, at_fit_end=True)  # no epoch followed `start_epoch`
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._layers and not self._active(pl_module):

@@ -14,6 +14,7 @@ and gains a ``lightning_compress`` entry, which :func:`lightning_compress.from_p
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,11 +71,19 @@ def _outermost(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in found)
-        # a transformers model has `save_pretrained`: a LightningModule keeping `self.config = cfg` is not one (trial
-        # DH: its record was written on the wrapper, under the wrong names, and spread to a teacher)
-        if _config_of(module) is not None and callable(getattr(module, "save_pretrained", None)) and not inside:
+        # a LightningModule keeping `self.config = cfg` (and a `save_pretrained` of its own) is not one (trials DH,
+        # DI: its record was written on the wrapper, under the wrong names, and spread to a teacher)
+        if _config_of(module) is not None and _is_pretrained_model(module) and not inside:
             found.append((name, module))
     return found
+
+
+def _is_pretrained_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``PreTrainedModel`` (none can exist unless ``transformers`` is
+    loaded)."""
+    loaded = sys.modules.get("transformers")
+    base = getattr(loaded, "PreTrainedModel", None) if loaded is not None else None
+    return isinstance(base, type) and isinstance(module, base)
 
 
 def _replace_config(sub: nn.Module, new: Any) -> None:

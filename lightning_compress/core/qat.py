@@ -510,11 +510,12 @@ def enable_fake_quant(
         raise ValueError("`model` has no fake-quant layer: call `convert_to_qat(model, config)` first.")
     if enabled and observe is not False:  # a weight's scale is read from the weight as it is now (trial DE: a fit's
         # last switch-on quantized the final weights with the scales of the batch before the last step: perplexity
-        # 55.48 against 54.73), before the switch: a learned (LSQ) scale not yet training starts there (trial DH)
+        # 55.48 against 54.73); a learned (LSQ) scale keeps what it trained, also when switched off and on again
+        # (trial DI: it was reset), and one that never read its weight (a layer whose forward never ran) keeps
+        # saying so: it reads it at its first forward
         for _, layer in modules:
             q = cast(Any, layer).weight_fake_quant
-            # one that never read its weight (a layer whose forward never ran) keeps saying so: read at its first
-            if q.initialized and not (q.is_learned or q.frozen_shift):
+            if q.initialized and q.mode != "learned" and not q.frozen_shift:
                 with torch.no_grad():  # an FSDP2 shard gathered, as a forward reads it (every rank calls this)
                     q.observe(full(cast(Any, layer).weight))
     for _, q in found:

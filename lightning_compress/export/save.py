@@ -102,7 +102,8 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
         floats = [n for n, m in owners.get(id(layer.weight), []) if n not in qat and m is not layer]
         if floats:
             tied[name] = floats
-        elif quantizer.initialized or quantizer.is_learned:
+        elif quantizer.initialized:  # a learned scale too reads its weight at its first forward (trial DI: one saved
+            # before it held 1.0 and the file's weights were zero)
             out[f"{name}.weight"] = (quantizer, name)
         else:
             idle.append(name)

@@ -1374,14 +1374,18 @@ def test_layers_already_quantizing_before_the_fit_are_said_to_ignore_start_epoch
         trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(start_epoch=3)]).fit(fresh)
 
 
-@pytest.mark.parametrize(("group_size", "scale"), [(None, "minmax"), (16, "minmax"), (None, "learned")])
-def test_quantization_switched_on_at_the_end_of_fit_reads_the_final_weights(group_size, scale):
+@pytest.mark.parametrize(
+    ("group_size", "scale", "freeze"), [(None, "minmax", None), (16, "minmax", None), (None, "minmax", 2)]
+)
+def test_quantization_switched_on_at_the_end_of_fit_reads_the_final_weights(group_size, scale, freeze):
     """Trial DE: with `start_epoch` the last epoch, the returned model quantized its final weights with the scales of
     the batch before the last optimizer step (a Llama: 55.48 perplexity against 54.73 quantized by hand)."""
     torch.manual_seed(0)
     model = TinyModule(optimizer="adam")
-    qat = QuantizationAwareTraining(4, None, scale, group_size=group_size, start_epoch=1)  # DH: learned too
+    # trial DI: a freeze epoch after the last one froze the ranges at the switch-on, before any re-read
+    qat = QuantizationAwareTraining(4, None, scale, group_size=group_size, start_epoch=1, freeze_observers_epoch=freeze)
     trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert all(q.observer_enabled for _, q in quantizers(model) if q.role == "weight")
     by_hand = copy.deepcopy(model.net)
     convert_to_float(by_hand)
     convert_to_qat(by_hand, QuantConfig(4, None, scale, group_size=group_size))

@@ -693,6 +693,9 @@ def test_a_wrapper_keeping_the_config_is_not_taken_for_the_transformers_model(tm
         def forward(self, **kw):
             return self.student(**kw)
 
+        def save_pretrained(self, directory) -> None:  # trial DI: a helper of its own made it "a transformers model"
+            self.student.save_pretrained(directory)
+
     torch.manual_seed(0)
     model = Distil()
     teacher_config = model.teacher.config.to_json_string()

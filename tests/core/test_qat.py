@@ -835,3 +835,32 @@ def test_a_learned_scale_switched_on_without_calibration_starts_at_the_weights_r
         got = model(x)
     assert model[0].weight_fake_quant.initialized
     assert (got - want).norm() < 0.2 * want.norm()
+
+
+def test_switching_a_learned_scale_off_and_on_keeps_what_it_trained(tmp_path):
+    """Trial DI: re-enabling after `enable_fake_quant(model, False)` reset trained LSQ step sizes to the weights'
+    min/max, in silence; and a learned quantizer saved before its first forward wrote all-zero weights."""
+    from lightning_compress import calibrate, convert_to_qat, enable_fake_quant, load_compressed, save_compressed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    convert_to_qat(model, QuantConfig(4, None, scale="learned"))
+    calibrate(model, [torch.randn(16, 8)])
+    enable_fake_quant(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        optimizer.step()
+    trained = model[0].weight_fake_quant.scale.detach().clone()
+    enable_fake_quant(model, False)
+    enable_fake_quant(model)
+    assert torch.equal(model[0].weight_fake_quant.scale.detach(), trained)
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    convert_to_qat(fresh, QuantConfig(8, None, scale="learned"))
+    enable_fake_quant(fresh)  # no forward yet: its scale is not read
+    with pytest.warns(UserWarning, match="never"):
+        save_compressed(fresh, tmp_path / "f.lcz")
+    again = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    load_compressed(again, tmp_path / "f.lcz")
+    assert bool((again[0].weight != 0).all())
