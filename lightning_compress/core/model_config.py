@@ -47,7 +47,12 @@ def describe_in_config(
     class reloads it); if not, the config records the head counts and the resized layers' weight
     shapes under ``lightning_compress``. ``None``, and nothing done, without such a config.
     """
-    results = [_describe(sub, prefix, groups, kept) for prefix, sub in _outermost(model)]
+    results = [
+        _describe(sub, prefix, groups, kept)
+        for prefix, sub in _outermost(model)
+        # a model no group is in (a teacher beside the student) keeps its config (trial DJ: it was marked compacted)
+        if any(all(name.startswith(f"{prefix}." if prefix else "") for name in g.modules()) for g in groups)
+    ]
     return all(results) if results else None
 
 
