@@ -23,6 +23,14 @@ def transformers_conv1d() -> type[nn.Module] | None:
     return found if isinstance(found, type) and issubclass(found, nn.Module) else None
 
 
+def is_pretrained_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``PreTrainedModel`` (none can exist unless ``transformers`` is
+    loaded)."""
+    loaded = sys.modules.get("transformers")
+    base = getattr(loaded, "PreTrainedModel", None) if loaded is not None else None
+    return isinstance(base, type) and isinstance(module, base)
+
+
 def linear_like_types() -> tuple[type[nn.Module], ...]:
     """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers`` Conv1D."""
     conv1d = transformers_conv1d()

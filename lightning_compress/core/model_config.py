@@ -14,7 +14,6 @@ and gains a ``lightning_compress`` entry, which :func:`lightning_compress.from_p
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from .heads import head_record
+from .layers import is_pretrained_model
 from .shrink import sized_tensor
 from .structure import ChannelGroup
 
@@ -56,19 +56,17 @@ def describe_in_config(
     return all(results) if results else None
 
 
-def record_sizes(model: nn.Module, resized: Sequence[str]) -> bool | None:
+def record_sizes(model: nn.Module, resized: Sequence[str]) -> None:
     """After ``load_compressed`` cut the modules ``resized`` of ``model`` to a compacted file's sizes: each
     ``transformers`` model's config records the head counts and those layers' weight shapes under
     ``lightning_compress``, as :func:`describe_in_config` does when the standard fields cannot say them, so
     ``save_pretrained`` then :func:`lightning_compress.from_pretrained` rebuilds it (trial DG: the fresh model kept
-    the dense sizes, and its saved directory reloaded into neither). ``None`` without such a config."""
-    found = _outermost(model)
-    for prefix, sub in found:
+    the dense sizes, and its saved directory reloaded into neither)."""
+    for prefix, sub in _outermost(model):
         start = f"{prefix}." if prefix else ""
         mine = [name[len(start) :] for name in resized if name.startswith(start)]
         if mine:  # a model the file left at its sizes (a teacher beside the student) keeps its config (trial DH)
             _record(sub, mine)
-    return False if found else None
 
 
 def _outermost(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -78,17 +76,9 @@ def _outermost(model: nn.Module) -> list[tuple[str, nn.Module]]:
         inside = any(name.startswith(f"{outer}.") or not outer for outer, _ in found)
         # a LightningModule keeping `self.config = cfg` (and a `save_pretrained` of its own) is not one (trials DH,
         # DI: its record was written on the wrapper, under the wrong names, and spread to a teacher)
-        if _config_of(module) is not None and _is_pretrained_model(module) and not inside:
+        if _config_of(module) is not None and is_pretrained_model(module) and not inside:
             found.append((name, module))
     return found
-
-
-def _is_pretrained_model(module: nn.Module) -> bool:
-    """Whether ``module`` is a ``transformers`` ``PreTrainedModel`` (none can exist unless ``transformers`` is
-    loaded)."""
-    loaded = sys.modules.get("transformers")
-    base = getattr(loaded, "PreTrainedModel", None) if loaded is not None else None
-    return isinstance(base, type) and isinstance(module, base)
 
 
 def _replace_config(sub: nn.Module, new: Any) -> None:

@@ -195,7 +195,7 @@ def stored_weight(module: nn.Module) -> Any:
     fit changed the model). ``None`` when the module has no weight."""
     if is_parametrized(module, "weight"):
         stored = cast(Any, module).parametrizations["weight"]
-        return getattr(stored, "original", None) if hasattr(stored, "original") else getattr(stored, "original0", None)
+        return getattr(stored, "original", getattr(stored, "original0", None))
     return getattr(module, "weight", None)
 
 
