@@ -43,7 +43,7 @@ def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
         x, w = producer.get(conv.input[0]), producer.get(conv.input[1])
         if x is None or w is None or x.op_type != "DequantizeLinear" or w.op_type != "DequantizeLinear":
             continue
-        if w.input[0] not in constants or str(constants[w.input[0]].dtype) != "int8":
+        if w.input[0] not in constants or str(constants[w.input[0]].dtype) not in ("int8", "uint8"):
             continue
         if not requantized(conv.output[0]):
             found.append(conv.output[0])

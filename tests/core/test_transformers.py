@@ -183,13 +183,13 @@ def test_gpt2_exports_to_onnx_with_int8_weights(tmp_path):
     # each layer by its name in the model (they were "c_attn.weight", ... once per block: a trial)
     assert sorted(layer.name for layer in report.layers) == sorted(f"{n}.weight" for n, _ in qat_modules(model))
     proto = onnx.load(str(tmp_path / "gpt2.onnx"))
-    int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
-    assert len(int8) >= 8
+    codes = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2]
+    assert len(codes) >= 8 and not any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)
     session = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
     want = logits(model, ids).numpy()
     assert got.shape == want.shape
-    assert abs(got - want).max() < 0.05 * abs(want).max()
+    assert abs(got - want).max() < 1e-3 * abs(want).max()  # 1e-7 measured (0.05 allowed when int8 codes saturated)
 
 
 def bert(seed: int = 0):
