@@ -23,6 +23,7 @@ from ..core.qat import (
     qat_modules,
     quantizable_layers,
     quantizers,
+    read_weight_ranges,
 )
 from ..core.selection import normalize_patterns
 from ..core.sharding import full, is_sharded
@@ -512,6 +513,9 @@ class QuantizationAwareTraining(Callback):
         if calibrating and (not self.shift_search or self._search_shifts(trainer, pl_module)):
             self._calibrated = True  # quantization switches on when the next epoch starts, or at the end of fit
         if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch:
+            # the weights' ranges freeze as the weights end the epoch, not as the last forward saw them, one
+            # optimizer step before (trial DK: 4-9% off the final weights with a switch-on at the end of fit)
+            read_weight_ranges(self._own_layers(pl_module))
             for _, quantizer in self._own_quantizers(pl_module):
                 quantizer.observer_enabled = False
 

@@ -63,6 +63,7 @@ __all__ = [
     "quantizable",
     "quantizable_layers",
     "quantizers",
+    "read_weight_ranges",
     "search_power_of_two_shifts",
     "settings_differ",
 ]
@@ -471,6 +472,17 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     return count
 
 
+def read_weight_ranges(layers: Sequence[tuple[str, nn.Module]]) -> None:
+    """Read each weight quantizer's range from its layer's weight as it is now (not from the last forward, one
+    optimizer step before), but learned (LSQ) scales, fixed shifts and quantizers that never read their weight.
+    FSDP2 shards are gathered as a forward reads them: every rank calls this."""
+    for _, layer in layers:
+        q = cast(Any, layer).weight_fake_quant
+        if q.initialized and q.mode != "learned" and not q.frozen_shift:
+            with torch.no_grad():
+                q.observe(full(cast(Any, layer).weight))
+
+
 def enable_fake_quant(
     model: nn.Module, enabled: bool = True, *, observe: bool | None = None, layers: Iterable[str] | None = None
 ) -> int:
@@ -513,11 +525,7 @@ def enable_fake_quant(
         # 55.48 against 54.73); a learned (LSQ) scale keeps what it trained, also when switched off and on again
         # (trial DI: it was reset), and one that never read its weight (a layer whose forward never ran) keeps
         # saying so: it reads it at its first forward
-        for _, layer in modules:
-            q = cast(Any, layer).weight_fake_quant
-            if q.initialized and q.mode != "learned" and not q.frozen_shift:
-                with torch.no_grad():  # an FSDP2 shard gathered, as a forward reads it (every rank calls this)
-                    q.observe(full(cast(Any, layer).weight))
+        read_weight_ranges(modules)
     for _, q in found:
         q.fake_quant_enabled = enabled
         if observe is not None:
