@@ -308,7 +308,16 @@ def select_targets(
     exclude = normalize_patterns(exclude, "exclude")
     layer_types = default_layer_types()
     named = [(n, m) for n, m in model.named_modules()]
-    names = {n for n, _ in named}
+    aliases: dict[int, list[str]] = {}  # a module registered under several names answers to each (trial DK:
+    for n, m in model.named_modules(remove_duplicate=False):  # `self.classifier = self.head`, excluded as
+        aliases.setdefault(id(m), []).append(n)  # 'classifier', matched no module)
+    names = {n for every in aliases.values() for n in every}
+
+    def matches(name: str, module: nn.Module, pattern: str) -> bool:
+        return any(_matches(n, pattern) for n in aliases.get(id(module), [name]))
+
+    def named_in(name: str, module: nn.Module, patterns: Sequence[str] | None) -> bool:
+        return patterns is not None and any(n in patterns for n in aliases.get(id(module), [name]))
 
     for argument, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
@@ -331,12 +340,12 @@ def select_targets(
         computed = is_parametrized(module, "weight")  # reading it would run the parametrization: spectral_norm's
         # power iteration updates its buffers in training mode (trial DD: a refused fit changed the model)
         weight = stored_weight(module)
-        excluded = exclude is not None and any(_matches(name, p) for p in exclude)
+        excluded = exclude is not None and any(matches(name, module, p) for p in exclude)
         if excluded and isinstance(weight, nn.Parameter) and not computed:
             kept_out.setdefault(id(weight), name)
         if module_tensors and not computed and not isinstance(weight, Tensor) and not excluded:
-            exact = include is not None and name in include
-            wildcard = include is None or any(_matches(name, p) for p in include)
+            exact = named_in(name, module, include)
+            wildcard = include is None or any(matches(name, module, p) for p in include)
             held = matrix_tensors(module) if exact or wildcard else []
             if not held and (exact or (wildcard and is_experts(module))):
                 held = expert_tensors(module)
@@ -346,7 +355,9 @@ def select_targets(
                     selected.append(Target(name=name, module=module, param=tensor, attr=attr, own_name=True))
             continue
         if computed or (isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter)):
-            wanted = isinstance(module, layer_types) and (include is None or any(_matches(name, p) for p in include))
+            wanted = isinstance(module, layer_types) and (
+                include is None or any(matches(name, module, p) for p in include)
+            )
             if computed and wanted and not excluded:
                 parametrized.append(name)
             elif isinstance(getattr(module, "weight_orig", None), nn.Parameter) and wanted and not excluded:
@@ -360,11 +371,12 @@ def select_targets(
             chosen = isinstance(module, layer_types)
         else:
             chosen = any(
-                _matches(name, p) and (isinstance(module, layer_types) or not (_WILDCARDS & set(p))) for p in include
+                matches(name, module, p) and (isinstance(module, layer_types) or not (_WILDCARDS & set(p)))
+                for p in include
             )
         if not chosen or excluded:
             continue
-        if id(weight) in embeddings and not isinstance(module, nn.Embedding) and name not in (include or ()):
+        if id(weight) in embeddings and not isinstance(module, nn.Embedding) and not named_in(name, module, include):
             tied.append(name)
             continue
         if id(weight) in seen:  # tied weights: one mask, under the first name
@@ -383,10 +395,10 @@ def select_targets(
     ignored = [
         n
         for n, m in named
-        if n in (include or ())
+        if named_in(n, m, include)
         and n not in picked
         and not isinstance(stored_weight(m), Tensor)
-        and not (exclude is not None and any(_matches(n, p) for p in exclude))
+        and not (exclude is not None and any(matches(n, m, p) for p in exclude))
     ]
     if selected and ignored:  # the other patterns select something: the name alone would be dropped silently
         raise ValueError(

@@ -91,6 +91,23 @@ def test_a_layer_sharing_an_excluded_layers_weight_is_left_out_with_a_warning():
         assert [t.name for t in select_targets(model, exclude=["0"])] == ["2"]
 
 
+def test_a_module_registered_under_two_names_answers_to_either():
+    """Trial DK: with `self.classifier = self.head`, `exclude=["classifier"]` (or `include`) said the pattern matched
+    no module: only the first name was looked at. The layer is still selected once, under its first name."""
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    model = Net()
+    model.classifier = model.head
+    assert names(model, exclude=["classifier"]) == ["encoder.0", "encoder.2"]
+    assert names(model, exclude=["classif*"]) == ["encoder.0", "encoder.2"]
+    assert names(model, include=["classifier"]) == ["head"]
+    assert names(model) == ["encoder.0", "encoder.2", "head"]
+    with pytest.raises(ValueError, match="pattern 'classifer' matches no module"):
+        names(model, exclude=["classifer"])
+    convert_to_qat(model, QuantConfig(8, 8), exclude=["classifier"])
+    assert type(model.head) is nn.Linear and type(model.encoder[0]) is not nn.Linear
+
+
 class TiedLM(nn.Module):
     """An embedding and an output head that share one weight (GPT-2's `lm_head` / `wte`)."""
 
