@@ -244,17 +244,23 @@ def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
         # that wraps one: a trial's export_path was told to replace an operator of the model's forward)
         names = (getattr(m, "main_input_name", None) for m in model.modules())
         main = next((n for n in names if isinstance(n, str) and n in ("input_ids", "input_features")), None)
-        if main is not None and not _takes_keyword(model, main):  # a wrapper whose forward takes the ids alone
+        tensors = len(_leaves(example_inputs, "input"))
+        if main is not None and not _takes_keyword(model, main) and tensors == 1:  # a wrapper given the ids alone
             return (
                 "the `transformers` model inside builds a missing attention mask with operators the exporter lacks: "
                 f"give {type(model).__name__}.forward the mask and pass it to the model inside, then pass both in "
                 "`example_inputs`; otherwise "
             )
-        if main is not None:
+        if main is not None and tensors == 1:
             return (
                 f"pass a dict with `{main}` and its mask (`attention_mask`, or `decoder_attention_mask` for an "
                 "encoder-decoder) as `example_inputs` (a `transformers` model builds the missing mask with operators "
                 "the exporter lacks); otherwise "
+            )
+        if main is not None:  # several tensors, the mask among them (trial DL: a wrapper given both, failing on
+            return (  # an MoE router's `histc`, was told to give its forward the mask)
+                "if the `transformers` model inside is called without its attention mask, pass it the mask (the one "
+                "it builds uses operators the exporter lacks); otherwise "
             )
         return ""
     missing = [
@@ -266,10 +272,12 @@ def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
         missing.append("decoder_attention_mask")  # an encoder-decoder on audio (Whisper) builds the decoder's mask
     if not missing:
         return ""
-    return (
-        f"pass {' and '.join(f'`{m}`' for m in dict.fromkeys(missing))} in `example_inputs` (a `transformers` model "
-        "builds the missing mask with operators the exporter lacks); otherwise "
-    )
+    said = " and ".join(f"`{m}`" for m in dict.fromkeys(missing))
+    if all(_takes_keyword(model, m) for m in missing):
+        how = f"pass {said} in `example_inputs`"
+    else:  # trial DL: a wrapper whose forward lacks the argument was told to pass it, and then failed on it
+        how = f"give {type(model).__name__}.forward {said}, pass it to the model inside and in `example_inputs`"
+    return f"{how} (a `transformers` model builds the missing mask with operators the exporter lacks); otherwise "
 
 
 def _takes_keyword(model: nn.Module, name: str) -> bool:

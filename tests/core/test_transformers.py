@@ -699,6 +699,17 @@ def test_onnx_trace_failure_names_the_mask_whisper_needs(tmp_path):
     export_onnx(model, tmp_path / "w.onnx", {**inputs, "decoder_attention_mask": torch.ones(1, 4, dtype=torch.long)})
     assert (tmp_path / "w.onnx").exists()
 
+    class Wrapper(torch.nn.Module):  # trial DL: told to pass the mask, which this forward does not take
+        def __init__(self) -> None:
+            super().__init__()
+            self.whisper = model
+
+        def forward(self, input_features, decoder_input_ids):
+            return self.whisper(input_features=input_features, decoder_input_ids=decoder_input_ids).last_hidden_state
+
+    with pytest.raises(ValueError, match=r"give Wrapper.forward `decoder_attention_mask`, pass it to the model inside"):
+        export_onnx(Wrapper(), tmp_path / "w.onnx", inputs)
+
 
 def test_onnx_trace_failure_of_a_bare_ids_tensor_names_the_dict_with_the_mask(tmp_path):
     """A decoder exported from a bare `input_ids` tensor fails on the mask it builds (`aten::diff`); the hint said
@@ -720,6 +731,17 @@ def test_onnx_trace_failure_of_a_bare_ids_tensor_names_the_dict_with_the_mask(tm
     with pytest.raises(ValueError, match=r"the `transformers` model inside builds a missing attention mask .* give "
                        r"Sequential.forward the mask"):  # fmt: skip
         export_onnx(wrapped, tmp_path / "m.onnx", ids)
+
+    class Both(torch.nn.Module):  # given the ids and the mask, it forgets the mask (trial DL: told to give its
+        def __init__(self) -> None:  # forward the mask it takes)
+            super().__init__()
+            self.llama = model
+
+        def forward(self, ids, mask):
+            return self.llama(ids).logits
+
+    with pytest.raises(ValueError, match=r"if the `transformers` model inside is called without its attention mask"):
+        export_onnx(Both(), tmp_path / "m.onnx", (ids, torch.ones_like(ids)))
     export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert (tmp_path / "m.onnx").exists()
 
