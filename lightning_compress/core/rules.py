@@ -8,6 +8,7 @@ granularity; the callback, :class:`~.iterative.IterativePruner` and ``prune_`` a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -19,6 +20,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .group_check import faithful_groups, removable_groups
 from .importance import Importance
+from .macs import uncounted_experts
 from .mask_counts import weight_units
 from .masks import compute_masks
 from .nm import NMRule, eligible
@@ -137,6 +139,15 @@ def channel_structure(
             + "; ".join(f"{name}: {why}" for name, why in left.items())
         )
     cost = ChannelCost(model, example_inputs, groups) if measure == "macs" else None
+    experts = uncounted_experts(model) if cost is not None else []
+    if experts:
+        warnings.warn(
+            f"`measure`='macs' counts the MACs of Linear/Conv layers: the expert weights of {experts[:3]}"
+            f"{' ...' * (len(experts) > 3)} (3-d tensors their module multiplies for the tokens routed to each "
+            "expert) are not counted and not channel-pruned, so the budget is a fraction of the other layers' MACs.",
+            UserWarning,
+            stacklevel=2,
+        )
     return ChannelStructure(groups, left, cost)
 
 
