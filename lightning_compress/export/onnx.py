@@ -322,6 +322,7 @@ def export_onnx(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     accuracy_level: int = 0,
     calibration: Iterable[Any] | None = None,
+    weight_type: str = "uint8",
 ) -> CompressionReport:
     """Export ``model`` to an ONNX file with int8 weights (int4 group weights) and a dynamic batch dimension.
 
@@ -351,6 +352,11 @@ def export_onnx(
             ``quantize_static`` does: that output gets a uint8 Q/DQ pair, one more rounding, and onnxruntime runs
             the convolution in int8 (``QLinearConv``) instead of in float on dequantized inputs (slower than the
             float model). ``None``: such convolutions keep float outputs, with a warning.
+        weight_type: how the 8-bit codes are stored. ``"uint8"`` (default): each weight code plus 128 with a zero
+            point of 128 (and signed activations likewise), the same values, which onnxruntime multiplies with its
+            u8u8 kernels, exact on every CPU. ``"int8"``: the codes as they are, for its u8s8 kernels, faster where
+            the CPU has VNNI (AVX512-VNNI, AVX-VNNI) but wrong on x86 CPUs with AVX2 alone, which add pairs of
+            products in int16 and saturate (onnxruntime's ``quantize_static`` writes this form).
 
     Returns:
         A :class:`CompressionReport` of the quantized weights and the file size.
@@ -362,7 +368,7 @@ def export_onnx(
     with uncompiled(_unwrapped(model)) as plain:  # the TorchScript exporter cannot trace compiled modules
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
-            dynamic_axes=dynamic_axes, accuracy_level=accuracy_level, calibration=calibration,
+            dynamic_axes=dynamic_axes, accuracy_level=accuracy_level, calibration=calibration, weight_type=weight_type,
         )  # fmt: skip
 
 
@@ -387,8 +393,11 @@ def _export_onnx(
     dynamic_axes: Mapping[str, Mapping[int, str]] | None,
     accuracy_level: int,
     calibration: Iterable[Any] | None,
+    weight_type: str,
 ) -> CompressionReport:
     check_module(model, materialized=True)
+    if weight_type not in ("uint8", "int8"):
+        raise ValueError(f"`weight_type` must be 'uint8' (exact on every CPU) or 'int8', got {weight_type!r}.")
     if calibration is not None and (
         isinstance(calibration, (Tensor, Mapping, str)) or not isinstance(calibration, Iterable)
     ):
@@ -508,7 +517,8 @@ def _export_onnx(
     quantize_before_pass_through(proto, numpy_helper)
     integer_float_gemms(proto, numpy_helper)
     keep_biases_in_int32(proto, numpy_helper)
-    unsigned_integers(proto, numpy_helper)  # the passes before read int8 codes; exact kernels on every x86 CPU
+    if weight_type == "uint8":
+        unsigned_integers(proto, numpy_helper)  # the passes before read int8 codes; exact kernels on every x86 CPU
     gather_quantized_rows(proto, numpy_helper)
     share_transposed_initializers(proto, numpy_helper)
     by_key = keyword and leaf_names is None  # plain keyword tensors, fed by key; nested ones by their leaves' names

@@ -86,6 +86,17 @@ def test_integer_kernels_do_not_saturate_on_cpus_without_vnni(tmp_path, scale):
         session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
         got = session.run(None, {"input_0": x.numpy()})[0]
         assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max(), level
+    # the codes as they are, for onnxruntime's u8s8 kernels on CPUs with VNNI: the same values
+    export_onnx(model, tmp_path / "s.onnx", x[:2], weight_type="int8")
+    signed = onnx.load(str(tmp_path / "s.onnx"))
+    assert sum(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in signed.graph.initializer) == 2
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(tmp_path / "s.onnx"), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input_0": x[:1].numpy()})[0]  # one row: 1 x 64 inputs, the float Gemm's path
+    assert got.shape == (1, 4)
+    with pytest.raises(ValueError, match="`weight_type` must be 'uint8'"):
+        export_onnx(model, tmp_path / "s.onnx", x[:2], weight_type="qint8")
 
 
 def test_float_biases_on_a_coarse_integer_grid_are_said(tmp_path):
