@@ -19,16 +19,14 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core.checks import check_int, check_module, check_output_path
-from ..core.fake_quant import FakeQuantizer
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
-from ..core.quant import accumulator_scale
 from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, plain_float, without_cache
@@ -36,6 +34,7 @@ from .container import replacing
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_passes import (
     GraphIndex,
+    bias_shifts,
     fold_batch_norms,
     gather_quantized_rows,
     integer_float_gemms,
@@ -461,7 +460,6 @@ def _export_onnx(
             "(`copy.deepcopy(model).float()`; int4 group scales stay float16 values) or call `model.float()` first."
         )
     check_example_inputs(model, example_inputs)  # a forward that fails names them, not the tracer's stack
-    _warn_about_coarse_bias_grids(model)
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, Mapping)
@@ -526,6 +524,7 @@ def _export_onnx(
     modes = {q.mode for _, q in quantizers(model)}
     # a fixed-point model's calibrated outputs get power-of-two scales too (trial CO: range / 255 scales in it)
     _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key, modes == {"power_of_two"})
+    _warn_about_moved_biases(bias_shifts(proto, numpy_helper))
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -617,32 +616,22 @@ def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:
     ]
 
 
-def _warn_about_coarse_bias_grids(model: nn.Module) -> None:
-    """Say which float biases onnxruntime's integer kernels will move visibly. They add a layer's bias as int32 codes
-    on the grid weight scale x input scale; with weights under 8 bits that grid is coarse (trial DN: a 2-bit CNN's
-    ONNX changed 48 of 540 predictions, 3 at 4 bits). ``quantize_bias=True`` trains with the bias on that grid."""
-    coarse: dict[str, float] = {}
-    for name, layer in qat_modules(model):
-        weight_q, input_q = cast(Any, layer).weight_fake_quant, getattr(layer, "input_fake_quant", None)
-        bias = getattr(layer, "bias", None)
-        if bias is None or cast(Any, layer).bias_grid() is not None or weight_q.bits >= 8 or weight_q.groups:
-            continue
-        if not (isinstance(input_q, FakeQuantizer) and input_q.fake_quant_enabled and input_q.has_range):
-            continue  # a float input: a float kernel adds the float bias
-        if input_q.per_token or not weight_q.fake_quant_enabled:
-            continue
-        with torch.no_grad():
-            grid = accumulator_scale(weight_q.effective_scale(), input_q.effective_scale(), bias.numel()).float()
-            moved = (bias.float() - torch.round(bias.float() / grid) * grid).abs().max()
-        if float(moved) > 0.0:
-            coarse[name] = float(grid.max()) / 2
-    if coarse:
-        names = sorted(coarse)
+_BIAS_SHIFT_SAID = 0.1  # of an output step: about one output code in ten flips where a bias moves that far
+
+
+def _warn_about_moved_biases(shifts: Mapping[str, float]) -> None:
+    """Say which float biases onnxruntime's integer kernels move far enough to change outputs (:func:`bias_shifts`;
+    trial DN: a 2-bit CNN's ONNX changed 48 of 540 predictions). ``quantize_bias=True`` trains with the bias on the
+    kernels' grid."""
+    moved = {name: shift for name, shift in shifts.items() if shift >= _BIAS_SHIFT_SAID}
+    if moved:
+        names = sorted(moved, key=moved.__getitem__, reverse=True)
         warnings.warn(
-            f"export_onnx: onnxruntime's integer kernels add the biases of {names[:3]}{' ...' * (len(names) > 3)} "
-            f"as int32 codes on the grid weight scale x input scale, coarse with weights under 8 bits: each bias moves "
-            f"by up to half a step (up to {max(coarse.values()):.3g}), so the ONNX outputs differ from the model's. "
-            "Train with `quantize_bias=True` (the model then adds the biases the runtime adds).",
+            f"export_onnx: onnxruntime's integer kernels add the biases of {names[:3]}{' ...' * (len(names) > 3)} as "
+            "int32 codes on the grid weight scale x input scale, which moves them by up to "
+            f"{max(moved.values()):.2f} of their output's quantization step (coarse weight scales: weights under 8 "
+            "bits), so the ONNX outputs differ from the model's. Train with `quantize_bias=True` (the model then adds "
+            "the biases the runtime adds).",
             UserWarning,
             stacklevel=4,
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "GraphIndex",
+    "bias_shifts",
     "fold_batch_norms",
     "gather_quantized_rows",
     "integer_float_gemms",
@@ -412,6 +413,54 @@ def keep_biases_in_int32(proto: Any, numpy_helper: Any) -> None:
         )
         w_dq.input[0], w_dq.input[1] = names
     index.drop_unused()
+
+
+def bias_shifts(proto: Any, numpy_helper: Any) -> dict[str, float]:
+    """How far onnxruntime's integer kernels move each float bias, in steps of the output's quantization.
+
+    A ``Conv``/``Gemm`` on dequantized inputs and weights whose output is quantized again (directly or through a
+    ``Relu``/``Clip``) runs as ``QLinearConv``/``QGemm``, which adds the bias as int32 codes on the grid
+    ``s_w * s_x``: each bias moves to the nearest grid point. Returned per node name: the largest move over its
+    channels, divided by the output's scale (an output code flips with about that probability); other nodes keep their
+    float bias (a ``MatMulInteger`` adds it after the integer product) and are left out.
+    """
+    import numpy as np
+
+    index = GraphIndex(proto.graph, numpy_helper)
+    constants, producer, consumers = index.constants, index.producer, index.consumers
+
+    def output_scale(name: str) -> float | None:
+        users = consumers.get(name, [])
+        scales = []
+        for user in users:
+            if user.op_type == "QuantizeLinear" and len(user.input) > 1 and user.input[1] in constants:
+                scales.append(float(np.asarray(constants[user.input[1]]).reshape(-1)[0]))
+            elif user.op_type in ("Relu", "Clip") and (inner := output_scale(user.output[0])) is not None:
+                scales.append(inner)
+            else:
+                return None
+        return min(scales) if scales else None
+
+    shifts: dict[str, float] = {}
+    for node in [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]:
+        if len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        x_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        if not all(n in constants for n in (x_dq.input[1], w_dq.input[1])):
+            continue
+        step = output_scale(node.output[0])
+        if step is None or step <= 0.0:
+            continue
+        s_x = float(np.asarray(constants[x_dq.input[1]], dtype=np.float64).reshape(-1)[0])
+        grid = np.abs(np.asarray(constants[w_dq.input[1]], dtype=np.float64).reshape(-1)) * s_x
+        bias = np.asarray(constants[node.input[2]], dtype=np.float64).reshape(-1)
+        if grid.size not in (1, bias.size) or not np.all(grid > 0):
+            continue
+        moved = np.abs(bias - np.round(bias / grid) * grid)
+        shifts[node.name or node.output[0]] = float(moved.max() / step)
+    return shifts
 
 
 def share_transposed_initializers(proto: Any, numpy_helper: Any, min_size: int = 4096) -> None:

@@ -119,12 +119,20 @@ def test_float_biases_on_a_coarse_integer_grid_are_said(tmp_path):
             export_onnx(model, tmp_path / "m.onnx", x[:2])  # the last convolution in float, its bias exact
         said = [str(w.message) for w in caught if "integer kernels add the biases" in str(w.message)]
         assert bool(said) == warned, (bits, on_grid, said)
-        if warned:
-            assert "['0', '2']" in said[0] and "quantize_bias=True" in said[0]
+        if warned:  # the last convolution has a float output: it keeps its float bias
+            assert "['/0/Conv'] as int32" in said[0] and "quantize_bias=True" in said[0]
         with torch.no_grad():
             want = model(x).numpy()
         differences[bits, on_grid] = np.abs(run(tmp_path / "m.onnx", {"input_0": x.numpy()}) - want).max()
     assert differences[2, True] < 1e-4 < differences[2, False]
+    # trial DO: layers whose float outputs keep their float biases (`MatMulInteger`, then an add) were said too
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))  # its outputs are 1e-7 apart
+    convert_to_qat(model, QuantConfig(2, 8))
+    calibrate(model, [torch.randn(64, 16)])
+    enable_fake_quant(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*integer kernels add the biases")
+        export_onnx(model.eval(), tmp_path / "m.onnx", torch.randn(2, 16))
 
 
 class KeywordModel(nn.Module):
