@@ -474,7 +474,10 @@ class QuantizationAwareTraining(Callback):
         freeze epoch's last batch skips its end, where they freeze: trial CI)."""
         frozen = self.freeze_observers_epoch is not None and epoch > self.freeze_observers_epoch
         if epoch >= self.start_epoch:
-            for _, quantizer in self._own_quantizers(pl_module):
+            own = self._own_quantizers(pl_module)
+            if frozen and any(q.observer_enabled for _, q in own if q.role == "weight"):
+                read_weight_ranges(self._own_layers(pl_module))  # as the skipped epoch end would have
+            for _, quantizer in own:
                 quantizer.observer_enabled = not frozen
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
