@@ -229,9 +229,18 @@ class EpochWindow:
         if not unlimited and end > max_epochs:  # type: ignore[operator]
             raise ValueError(
                 f"The schedule cannot finish: `end_epoch`={end} is after the Trainer's "
-                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`." + fast_dev_run_note(trainer)
+                f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`{_IN_PARTS}."
+                + fast_dev_run_note(trainer)
             )
         return end
+
+
+# trial DP: a fit stopped with a smaller `max_steps`/`max_epochs`, to be resumed with the full one, was refused with
+# advice that changed the schedule
+_IN_PARTS = (
+    " (to train in parts, keep the full `max_epochs`/`max_steps`, stop early, e.g. at a checkpoint or by setting "
+    "`trainer.should_stop`, and resume with `fit(ckpt_path=...)`: the schedule goes on exactly)"
+)
 
 
 @dataclass(frozen=True)
@@ -276,7 +285,7 @@ def plan_timeline(
         raise ValueError(
             f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps ({source} x "
             f"{per_epoch} steps per epoch) but the Trainer's `max_steps`={trainer.max_steps} ends the fit first. Set "
-            f"`end_epoch` to at most {max(1, trainer.max_steps // per_epoch)}."
+            f"`end_epoch` to at most {max(1, trainer.max_steps // per_epoch)}{_IN_PARTS}."
         )
     in_steps = every_n_steps is not None or (
         default_in_steps and window.every_n_epochs is None and per_epoch is not None

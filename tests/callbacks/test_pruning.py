@@ -823,15 +823,20 @@ class FailOnFirstStep(Callback):
         ({"include": ["encoder.*"]}, {}, "`include` pattern 'encoder.\\*' matches no module"),
         ({"exclude": ["*"]}, {}, "select no weight of TinyModule"),
         ({"end_epoch": 9}, {"max_epochs": 5}, "`end_epoch`=9 is after the Trainer's `max_epochs`=5"),
+        (  # trial DP: a fit meant to be resumed with the full max_epochs was told only to change the schedule
+            {"end_epoch": 9},
+            {"max_epochs": 5},
+            r"to train in parts, keep the full `max_epochs`/`max_steps`, stop early.*resume with `fit\(ckpt_path=",
+        ),
         ({"start_epoch": 5}, {"max_epochs": 5}, "leaves no pruning event"),
         ({"monitor": "val_f1"}, {"num_sanity_val_steps": 1}, "`monitor`='val_f1' was not logged"),
         ({}, {"max_epochs": -1, "max_steps": 10}, r"`end_epoch` is required .*: `max_steps`=10 ends this fit"),
         ({"monitor": "val_acc"}, {"limit_val_batches": 0}, "`monitor`='val_acc' needs a validation loop"),
-        ({"end_epoch": 3}, {"max_steps": 10}, "ends after 24 optimizer steps .* `max_steps`=10"),
+        ({"end_epoch": 3}, {"max_steps": 10}, "ends after 24 optimizer steps .* `max_steps`=10 .*to train in parts"),
         (  # end_epoch never set: the message named an `end_epoch` the user did not give (new-user trial)
             {},
             {"max_epochs": 4, "max_steps": 10},
-            r"\(`end_epoch` unset, so the Trainer's `max_epochs`=4 x 8 steps per epoch\) .* at most 1\.",
+            r"\(`end_epoch` unset, so the Trainer's `max_epochs`=4 x 8 steps per epoch\) .* at most 1 \(to train",
         ),
     ],
 )
