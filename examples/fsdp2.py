@@ -54,9 +54,12 @@ class ByteLlama(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def configure_model(self) -> None:
-        if self.device_mesh is None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        # Lightning calls this hook again for `validate`/`test(ckpt_path=...)` after a fit: shard once (trial DP:
+        # "fully_shard has already been applied")
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
             return
-        from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         for layer in self.model.model.layers:
