@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized
 
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
@@ -193,14 +194,28 @@ def _trace_error(err: RuntimeError, model: nn.Module, example_inputs: Any, opset
             "Export the model before compiling it, or an uncompiled instance given its weights "
             "(`load_state_dict`)."
         )
+    constant = re.search(r"output (\d+) \(.*did not have observable data dependence", str(err), re.DOTALL)
+    if constant:  # trial DK: "output 1 (3 What to change: replace that operation", the number cut at a line break
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: output {constant.group(1)} of its forward (flattened, "
+            "from 0) does not depend on the inputs: a Python number or a constant it returns. An ONNX graph computes "
+            "its outputs from its inputs: return only tensors computed from them (drop the constant, or export a "
+            "module that returns the tensors alone)."
+        )
     # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
     # characters), which the chained exception still holds
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     first = first if len(first) <= 300 else first[:300] + " ..."
+    parametrized = [n for n, m in model.named_modules() if is_parametrized(m)]
+    where = (  # trial DK: an operator of spectral_norm's / orthogonal's parametrization was blamed on the forward
+        f"replace that operation in the model's forward, or in the parametrizations of {parametrized[:3]}, which run "
+        "in it (`torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')` keeps their current weight)"
+        if parametrized
+        else "replace that operation in the model's forward"
+    )
     return ValueError(
         f"export_onnx cannot trace {type(model).__name__}: {first} What to change: "
-        f"{_trace_hint(example_inputs, model)}replace that operation in the model's forward (a newer `opset` "
-        "may support it)."
+        f"{_trace_hint(example_inputs, model)}{where} (a newer `opset` may support it)."
     )
 
 

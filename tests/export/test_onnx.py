@@ -135,6 +135,27 @@ def test_float_biases_on_a_coarse_integer_grid_are_said(tmp_path):
         export_onnx(model.eval(), tmp_path / "m.onnx", torch.randn(2, 16))
 
 
+def test_a_constant_output_or_a_parametrization_that_cannot_trace_is_said_as_such(tmp_path):
+    """Trial DK: a forward returning a Python number beside its tensor was refused with "output 1 (3 What to change:
+    replace that operation" (the message cut at a line break, the advice wrong); an operator of an orthogonal
+    parametrization was blamed on the model's forward."""
+
+    class WithCount(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"logits": self.fc(x), "n": 3}
+
+    with pytest.raises(ValueError, match=r"output 1 of its forward \(flattened, from 0\) does not depend on the inp"):
+        export_onnx(WithCount(), tmp_path / "m.onnx", torch.randn(2, 4))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    torch.nn.utils.parametrizations.orthogonal(model[0])
+    with pytest.raises(ValueError, match=r"or in the parametrizations of \['0'\], which run in it .*remove_param"):
+        export_onnx(model, tmp_path / "o.onnx", torch.randn(2, 4))  # torch 2.13's exporter lacks aten::mH
+
+
 class KeywordModel(nn.Module):
     def __init__(self):
         super().__init__()
