@@ -73,7 +73,11 @@ def test_fsdp2_example_prunes_heads_quantizes_and_exports_onnx_from_shards(tmp_p
     out = _run_example("fsdp2.py", "--fast", "--out", "export", cwd=tmp_path)
     assert "val_loss" in out, out
     path = tmp_path / "export" / "llama_int8.onnx"
-    int8 = {i.name: list(i.dims) for i in onnx.load(path).graph.initializer if i.name.endswith("_quantized")}
+    int8 = {  # int8 codes, stored plus 128 as uint8 (`export_onnx`'s default weight_type)
+        i.name: list(i.dims)
+        for i in onnx.load(path).graph.initializer
+        if i.name.endswith("_quantized_u8") and i.data_type == onnx.TensorProto.UINT8
+    }
     rows = {kind: sorted({d[0] for n, d in int8.items() if f"/{kind}/" in n}) for kind in ("k_proj", "up_proj")}
     assert rows == {"k_proj": [16], "up_proj": [88]}  # 2 -> 1 key/value group of 16, 176 -> 88 neurons, in int8
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
