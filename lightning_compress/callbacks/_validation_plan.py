@@ -35,6 +35,14 @@ __all__ = [
 ]
 
 
+# trial DP: a fit stopped with a smaller `max_steps`/`max_epochs`, to be resumed with the full one, was refused with
+# advice that changed the schedule
+_IN_PARTS = (
+    " (to train in parts, keep the full `max_epochs`/`max_steps`, stop early, e.g. at a checkpoint or by setting "
+    "`trainer.should_stop`, and resume with `fit(ckpt_path=...)`: the schedule goes on exactly)"
+)
+
+
 def _per_epoch(trainer: pl.Trainer) -> int | None:
     batches = trainer.num_training_batches
     if isinstance(batches, float) and not math.isfinite(batches):
@@ -233,14 +241,6 @@ class EpochWindow:
                 + fast_dev_run_note(trainer)
             )
         return end
-
-
-# trial DP: a fit stopped with a smaller `max_steps`/`max_epochs`, to be resumed with the full one, was refused with
-# advice that changed the schedule
-_IN_PARTS = (
-    " (to train in parts, keep the full `max_epochs`/`max_steps`, stop early, e.g. at a checkpoint or by setting "
-    "`trainer.should_stop`, and resume with `fit(ckpt_path=...)`: the schedule goes on exactly)"
-)
 
 
 @dataclass(frozen=True)
