@@ -129,6 +129,7 @@ def fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
 
 
 _PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+_RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}  # pure data movement, commuting with any quantization
 
 
 def quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
@@ -176,7 +177,10 @@ def integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
     onnxruntime fuses a QDQ ``Gemm`` into its int8 ``QGemm`` only when the output is quantized
     again; a model's last layer (float logits) would otherwise run in float on dequantized weights.
     ``MatMulInteger`` is standard ONNX; integer accumulation is exact, so the values equal the
-    float Gemm's up to float rounding.
+    float Gemm's up to float rounding. The weight may be stored either way round (``transB`` 1 for
+    ``nn.Linear``, 0 for a ``transformers`` Conv1D, scaled along its second axis), and reshapes
+    between the activation's DequantizeLinear and the Gemm (a Conv1D flattens its input) move onto
+    the integer tensor: a per-tensor scale commutes with them.
     """
     import numpy as np
     from onnx import TensorProto, helper
@@ -193,13 +197,25 @@ def integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
                 return True
         return False
 
+    def shape_ops(name: str) -> list[Any]:
+        """The reshapes from ``name`` back to the node that is not one, each read by the next alone."""
+        chain = []
+        node = producer.get(name)
+        while node is not None and node.op_type in _RESHAPES and len(consumers.get(node.output[0], [])) == 1:
+            chain.append(node)
+            node = producer.get(node.input[0])
+        return chain
+
     for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
+        transposed = attrs.get("transB", 0)
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
             continue
         if attrs.get("beta", 1.0) != 1.0 or requantized(gemm.output[0]):
             continue
-        dq_a, dq_b = producer.get(gemm.input[0]), producer.get(gemm.input[1])
+        reshapes = shape_ops(gemm.input[0])
+        dq_a = producer.get(reshapes[-1].input[0] if reshapes else gemm.input[0])
+        dq_b = producer.get(gemm.input[1])
         if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
             continue
         if dq_b.input[0] not in constants or not all(n in constants for n in (*dq_a.input[1:], *dq_b.input[1:])):
@@ -210,19 +226,30 @@ def integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
         w_zero = constants[dq_b.input[2]] if len(dq_b.input) > 2 else np.zeros(1, np.int8)
         if weight.dtype != np.int8 or a_scale.size != 1 or np.any(w_zero != 0) or weight.ndim != 2:
             continue
+        out_axis = 0 if transposed else 1  # the axis of the weight's output channels
+        axis = next((helper.get_attribute_value(a) for a in dq_b.attribute if a.name == "axis"), 1)
+        if w_scale.size != 1 and (w_scale.size != weight.shape[out_axis] or axis % 2 != out_axis):
+            continue
+        integer_input = dq_a.input[0]
+        if reshapes:  # the reshapes read the integer tensor; their float input stays for its other readers
+            reshapes[-1].input[0] = integer_input
+            integer_input = reshapes[0].output[0]
+            for user in consumers.get(dq_a.output[0], []):
+                if user.op_type == "Shape":  # the shape the reshape reads: the integer tensor has it too
+                    user.input[0] = dq_a.input[0]
         base = gemm.output[0]
         keys = ("wt", "wzp", "a_scale", "w_scale", "scale", "int", "float", "scaled")
         names = {k: index.fresh(f"{base}_{k}") for k in keys}
         graph.initializer.extend(
             [
-                numpy_helper.from_array(np.ascontiguousarray(weight.T), names["wt"]),
-                numpy_helper.from_array(np.zeros(weight.shape[0], np.int8), names["wzp"]),
+                numpy_helper.from_array(np.ascontiguousarray(weight.T if transposed else weight), names["wt"]),
+                numpy_helper.from_array(np.zeros(weight.shape[out_axis], np.int8), names["wzp"]),
                 numpy_helper.from_array(a_scale.reshape(()), names["a_scale"]),
                 numpy_helper.from_array(w_scale, names["w_scale"]),
             ]
         )
         has_bias = len(gemm.input) > 2 and gemm.input[2]
-        integer_inputs = [dq_a.input[0], names["wt"], dq_a.input[2], names["wzp"]]
+        integer_inputs = [integer_input, names["wt"], dq_a.input[2], names["wzp"]]
         # the scale as Mul(a_scale, w_scale): the pattern onnxruntime fuses into MatMulIntegerToFloat
         new_nodes = [
             helper.make_node("MatMulInteger", integer_inputs, [names["int"]]),

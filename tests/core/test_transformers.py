@@ -185,11 +185,17 @@ def test_gpt2_exports_to_onnx_with_int8_weights(tmp_path):
     proto = onnx.load(str(tmp_path / "gpt2.onnx"))
     codes = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 2]
     assert len(codes) >= 8 and not any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)
-    session = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), options, providers=["CPUExecutionProvider"])
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()})[0]
     want = logits(model, ids).numpy()
     assert got.shape == want.shape
     assert abs(got - want).max() < 1e-3 * abs(want).max()  # 1e-7 measured (0.05 allowed when int8 codes saturated)
+    # every Conv1D runs as an integer matrix product (they ran as float Gemms on dequantized weights: a Reshape sat
+    # between the activation's DequantizeLinear and the Gemm, and the weight is stored (in, out))
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == len(conv1d_names(model)) and "Gemm" not in ops
 
 
 def bert(seed: int = 0):
