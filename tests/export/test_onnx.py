@@ -1105,3 +1105,50 @@ def test_a_tied_embedding_and_output_head_are_stored_once(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
     np.testing.assert_allclose(got, model(ids).detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_float_gemm_on_weights_stored_in_out_becomes_an_integer_product_only_when_scaled_per_output(axis):
+    """A ``transformers`` Conv1D's Gemm reads its weight (in, out) with ``transB=0``, its scales along the second
+    axis; a weight scaled along its first (input) axis cannot move its scales past the integer product."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_compress.export.onnx_passes import integer_float_gemms
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (4, 4)).astype(np.int8)
+    w_scale = rng.uniform(0.01, 0.1, 4).astype(np.float32)
+    initializers = [
+        numpy_helper.from_array(codes, "w"),
+        numpy_helper.from_array(w_scale, "w_scale"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "w_zero"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(3, np.uint8), "x_zero"),
+        numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["xd"]),
+        helper.make_node("Reshape", ["xd", "shape"], ["x2"]),  # a Conv1D flattens its input after the quantizer
+        helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["wd"], axis=axis),
+        helper.make_node("Gemm", ["x2", "wd"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])],
+        initializers,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.normal(0, 1, (2, 3, 4)).astype(np.float32)}
+
+    def outputs(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+
+    want = outputs(proto)
+    integer_float_gemms(proto, numpy_helper)
+    onnx.checker.check_model(proto)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ("MatMulInteger" in ops) == (axis == 1) and ("Gemm" in ops) == (axis == 0)
+    np.testing.assert_allclose(outputs(proto), want, rtol=1e-5, atol=1e-6)
