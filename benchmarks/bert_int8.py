@@ -1,8 +1,11 @@
-"""Int8 ONNX of a BERT-base-width encoder: ours (QAT layers -> export_onnx) against onnxruntime's quantize_dynamic.
+"""Int8 ONNX of a BERT-base-width encoder (or GPT-2 decoder): ours (QAT layers -> export_onnx) against onnxruntime's
+quantize_dynamic.
 
 Model: ``transformers.BertForSequenceClassification`` from a config with random weights (nothing
-downloaded): hidden 768, 12 heads, MLP 3072, 4 layers, 3 labels; inputs of 128 tokens. Three ONNX
-files of the same weights:
+downloaded): hidden 768, 12 heads, MLP 3072, 4 layers, 3 labels; inputs of 128 tokens. With
+``--model gpt2``: ``transformers.GPT2ForSequenceClassification`` of GPT-2 small's width (768, 12 heads,
+MLP 3072, vocabulary 50257), 4 layers, 3 labels, whose layers are ``transformers``' Conv1D (weights
+stored (in, out)). Four ONNX files of the same weights:
 
 * **fp32**: ``torch.onnx.export`` of the float model;
 * **quantize_dynamic**: onnxruntime's ``quantize_dynamic(fp32, weight_type=QInt8)``, the usual BERT
@@ -11,8 +14,8 @@ files of the same weights:
   sequences, ``enable_fake_quant``, ``export_onnx`` (int8 weights per channel, static int8 activations:
   Q/DQ that onnxruntime fuses);
 * **ours + embedding**: the same, with the word embedding quantized too (opt-in by exact name:
-  ``include=["*", "bert.embeddings.word_embeddings"]``; int8 per row, as ``quantize_dynamic``
-  quantizes its ``Gather``): the file size comparable to ``quantize_dynamic``'s.
+  ``include=["*", "bert.embeddings.word_embeddings"]``, GPT-2's ``transformer.wte``; int8 per row, as
+  ``quantize_dynamic`` quantizes its ``Gather``): the file size comparable to ``quantize_dynamic``'s.
 
 Speed: onnxruntime CPU, one thread (intra and inter op), at batch 1 and batch 8: interleaved rounds
 whose order rotates, median process CPU time per call. Agreement: our int8 ONNX logits against the
@@ -20,7 +23,8 @@ fake-quant PyTorch model's, and both quantized files' logits against fp32 (max |
 held-out sequences, relative to the fp32 logits' largest magnitude).
 
     pip install -e ".[dev,bench]"
-    python benchmarks/bert_int8.py          # ~5 minutes on 2 CPU cores
+    python benchmarks/bert_int8.py                  # ~5 minutes on 2 CPU cores
+    python benchmarks/bert_int8.py --model gpt2     # results/gpt2_int8.json
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant, export_onnx
 
 warnings.filterwarnings("ignore")
-LENGTH, VOCAB = 128, 30522
+LENGTH, VOCAB = 128, {"bert": 30522, "gpt2": 50257}
 NAMES = ["input_ids", "attention_mask"]
 KEYS = ("fp32", "quantize_dynamic", "ours", "ours + embedding")
 
@@ -52,14 +56,25 @@ KEYS = ("fp32", "quantize_dynamic", "ours", "ours + embedding")
 def bert() -> transformers.BertForSequenceClassification:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=768, num_attention_heads=12, intermediate_size=3072, num_hidden_layers=4,
-        max_position_embeddings=512, num_labels=3,
+        vocab_size=VOCAB["bert"], hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+        num_hidden_layers=4, max_position_embeddings=512, num_labels=3,
     )  # fmt: skip
     return transformers.BertForSequenceClassification(config).eval()
 
 
-def batch(size: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, VOCAB, (size, LENGTH), generator=torch.Generator().manual_seed(seed))
+def gpt2() -> transformers.GPT2ForSequenceClassification:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB["gpt2"], n_embd=768, n_head=12, n_layer=4, num_labels=3, pad_token_id=0, use_cache=False
+    )
+    return transformers.GPT2ForSequenceClassification(config).eval()
+
+
+MODELS = {"bert": (bert, "bert.embeddings.word_embeddings"), "gpt2": (gpt2, "transformer.wte")}
+
+
+def batch(size: int, seed: int, vocab: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (size, LENGTH), generator=torch.Generator().manual_seed(seed))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -73,8 +88,9 @@ def feed(sess: ort.InferenceSession, inputs: dict[str, torch.Tensor]) -> dict[st
     return {i.name: inputs[i.name].numpy() for i in sess.get_inputs()}
 
 
-def timings(sessions: dict[str, ort.InferenceSession], size: int, rounds: int) -> dict[str, float]:
-    inputs = batch(size, 99)
+def timings(
+    sessions: dict[str, ort.InferenceSession], inputs: dict[str, torch.Tensor], rounds: int
+) -> dict[str, float]:
     feeds = {k: feed(s, inputs) for k, s in sessions.items()}
     names = list(sessions)
     per: dict[str, list[float]] = {k: [] for k in names}
@@ -91,30 +107,34 @@ def timings(sessions: dict[str, ort.InferenceSession], size: int, rounds: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=40, help="timed calls per file at batch 1 (a quarter at 8)")
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "bert_int8.json"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="bert")
+    parser.add_argument("--out", default=None, help="default: results/<model>_int8.json")
     args = parser.parse_args()
+    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"{args.model}_int8.json")
     torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     began = time.perf_counter()
-    model = bert()
-    held_out = batch(32, 7)
+    build, embedding = MODELS[args.model]
+    vocab = VOCAB[args.model]
+    model = build()
+    held_out = batch(32, 7, vocab)
     with torch.no_grad():
         fp32_logits = model(**held_out).logits
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = pathlib.Path(tmp_dir)
         torch.onnx.export(
-            model, (), str(tmp / "fp32.onnx"), kwargs=batch(1, 0), input_names=NAMES, output_names=["logits"],
+            model, (), str(tmp / "fp32.onnx"), kwargs=batch(1, 0, vocab), input_names=NAMES, output_names=["logits"],
             dynamic_axes={n: {0: "batch"} for n in [*NAMES, "logits"]}, opset_version=17, dynamo=False,
         )  # fmt: skip
         quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "quantize_dynamic.onnx"), weight_type=QuantType.QInt8)
         embedded = copy.deepcopy(model)
         convert_to_qat(model, QuantConfig(8, 8))
-        convert_to_qat(embedded, QuantConfig(8, 8), include=["*", "bert.embeddings.word_embeddings"])
+        convert_to_qat(embedded, QuantConfig(8, 8), include=["*", embedding])
         for net, name in ((model, "ours"), (embedded, "ours + embedding")):
-            calibrate(net, [batch(8, seed) for seed in range(4)])
+            calibrate(net, [batch(8, seed, vocab) for seed in range(4)])
             enable_fake_quant(net)
-            export_onnx(net, tmp / f"{name}.onnx", batch(1, 0), output_names=["logits"])
+            export_onnx(net, tmp / f"{name}.onnx", batch(1, 0, vocab), output_names=["logits"])
         with torch.no_grad():
             fake_quant_logits = model(**held_out).logits
         sessions = {k: session(tmp / f"{k}.onnx") for k in KEYS}
@@ -128,11 +148,12 @@ def main() -> None:
         }
         results["file_mb"] = {k: (tmp / f"{k}.onnx").stat().st_size / 1e6 for k in sessions}
         results["ms"] = {
-            "batch_1": timings(sessions, 1, args.rounds),
-            "batch_8": timings(sessions, 8, max(5, args.rounds // 4)),
+            "batch_1": timings(sessions, batch(1, 99, vocab), args.rounds),
+            "batch_8": timings(sessions, batch(8, 99, vocab), max(5, args.rounds // 4)),
         }
     results["wall_seconds"] = time.perf_counter() - began
-    print(f"\nBERT-base width, 4 layers, sequence {LENGTH}, onnxruntime {ort.__version__}, one thread, "
+    results["model"] = f"{build().__class__.__name__}, width 768, 4 layers, random weights"
+    print(f"\n{results['model']}, sequence {LENGTH}, onnxruntime {ort.__version__}, one thread, "
           f"wall {results['wall_seconds']:.0f} s\n")  # fmt: skip
     print("| file | MB | ms batch 1 | ms batch 8 | speed-up vs fp32 (1 / 8) | vs quantize_dynamic (1 / 8) |")
     print("|---|---|---|---|---|---|")
@@ -145,7 +166,7 @@ def main() -> None:
         )
     agreement = ", ".join(f"{k} {v:.4f}" for k, v in results["agreement"].items())
     print(f"\nmax |logit difference| / max |fp32 logit|: {agreement}")
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=1))
+    out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
