@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# One intra-op thread per test process (and the processes tests start), unless the caller chose: the suite's models
+# are tiny, and on a 2-core machine two threads per process made it up to 3x slower (session 31: 210 s against 63 s
+# for tests/callbacks/test_pruning.py and tests/core/test_structure.py beside another job).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import warnings
 
 import lightning.pytorch as pl
