@@ -31,7 +31,7 @@ from .tracing import call_model, eval_mode, has_float_tensor, jittered
 if TYPE_CHECKING:
     from .heads import AttentionBlock
 
-__all__ = ["common_parent", "confirmed_layouts"]
+__all__ = ["common_parent", "confirmed_layouts", "unconfirmed_reasons"]
 
 
 def common_parent(names: Sequence[str]) -> str:
@@ -64,6 +64,34 @@ def confirmed_layouts(
         for i, found in zip(left, again, strict=True):
             chosen[i] = found
     return chosen
+
+
+_NOT_CONFIRMED = (
+    "doubling one head's rows of its projections changed the other heads' outputs in every layout tried "
+    "([Q | K | V], or Q, K and V head by head), so which rows form a head is not known"
+)
+
+
+def unconfirmed_reasons(model: nn.Module, example_inputs: Any, blocks: Sequence[AttentionBlock]) -> list[str]:
+    """Why each of ``blocks`` (a reading no probe confirmed) was not confirmed: an attention output too small to
+    read on ``example_inputs`` (zero, or subnormal, where doubling is not exact: a trial's random-weight MobileViT
+    ends its attention outputs at 1e-41 and 0), or probes that moved other heads' outputs."""
+    modules = dict(model.named_modules())
+    with torch.no_grad(), eval_mode(model):
+        calls = _first_calls(model, example_inputs, modules, {_probed(b) for b in blocks})
+        reasons = []
+        for block in blocks:
+            output = _runner(model, example_inputs, modules, block, calls.get(_probed(block)))()
+            largest = float(output.detach().float().abs().max()) if output is not None and output.numel() else 0.0
+            if output is not None and largest < torch.finfo(output.dtype).tiny:
+                reasons.append(
+                    f"its attention output on `example_inputs` is {'zero' if largest == 0.0 else 'subnormal'} "
+                    f"(largest |value| {largest:.3g}), so no probe can show which rows form a head (a model with "
+                    "random weights? Prune a trained model, or give other example inputs)"
+                )
+            else:
+                reasons.append(_NOT_CONFIRMED)
+    return reasons
 
 
 def _confirmed(

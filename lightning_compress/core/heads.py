@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .head_layout import common_parent, confirmed_layouts
+from .head_layout import common_parent, confirmed_layouts, unconfirmed_reasons
 from .layers import linear_like_types, weight_axes
 from .tracing import call_model
 
@@ -230,14 +230,15 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
             skipped[name] = found
         else:
             candidates.append(found)
+    unconfirmed = []
     for options, confirmed in zip(candidates, confirmed_layouts(model, example_inputs, candidates), strict=True):
         if confirmed is None:
-            skipped[options[0].output] = (
-                "doubling one head's rows of its projections changed the other heads' outputs in every layout "
-                "tried ([Q | K | V], or Q, K and V head by head), so which rows form a head is not known"
-            )
+            unconfirmed.append(options[0])
         else:
             blocks.append(confirmed)
+    if unconfirmed:
+        for block, reason in zip(unconfirmed, unconfirmed_reasons(model, example_inputs, unconfirmed), strict=True):
+            skipped[block.output] = reason
     return blocks, feeding, skipped
 
 
