@@ -68,9 +68,11 @@ class ShiftCapture:
                     module, inputs, collectives=StrategyCollectives(trainer.strategy)
                 )  # errors summed over every process's batches: the same shifts everywhere
             shifts[name] = (w_shift, a_shift)
-            pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=False)
+            # the same on every process; synced all the same, as Lightning asks of epoch-level logs under DDP
+            sync = trainer.world_size > 1
+            pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=sync)
             if a_shift is not None:
-                pl_module.log(f"compress/shift/{name}/input", float(a_shift), sync_dist=False)
+                pl_module.log(f"compress/shift/{name}/input", float(a_shift), sync_dist=sync)
             rank_zero_info(f"QuantizationAwareTraining: {name}: weight shift p={w_shift}, input shift p={a_shift}")
         self._inputs = {}
         return shifts

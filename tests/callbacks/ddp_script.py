@@ -16,6 +16,7 @@ from tests.conftest import TinyModule
 
 warnings.filterwarnings("ignore")
 warnings.filterwarnings("default", message=".*differs between processes")  # the guard job asserts it
+warnings.filterwarnings("default", message=".*sync_dist=True.*")  # Lightning's advice: none of our logs draws it
 
 
 class RankNoisyImportance:
@@ -71,6 +72,8 @@ def main(out_dir: str, importances: list[str]) -> None:
             callbacks.append(
                 QuantizationAwareTraining(4, 8, group_size=8, activation_granularity="per_token", start_epoch=1)
             )
+        elif qat_part == "qat-shift":  # power-of-two shifts searched on validation batches, logged per layer
+            callbacks.append(QuantizationAwareTraining(4, 8, scale="power_of_two", shift_search=True, start_epoch=1))
         elif qat_part:
             callbacks.append(QuantizationAwareTraining(4, 8, scale=qat_part.removeprefix("qat-"), start_epoch=1))
         trainer = pl.Trainer(
