@@ -326,10 +326,11 @@ class IterativePruning(Callback):
         if guard is not None and state.get("guard") is not None and saved != self.monitor:
             guard.forget_baseline()
             self._resumed_validation = None  # its metrics are of the other monitor's validations
+            self._core.decisions.clear()  # type: ignore[union-attr]  # judged on the other monitor
             rank_zero_warn(
                 f"IterativePruning: the checkpoint's accuracy guard monitored {saved!r}, this fit monitors "
                 f"{self.monitor!r}: its baseline is not comparable, so the next validation gives a new one (an event "
-                "awaiting judgement is kept)."
+                "awaiting judgement is kept), and `decisions` starts afresh."
             )
 
     # ------------------------------------------------------------------ setup

@@ -761,6 +761,10 @@ class IterativePruner:
             "judged_quantizers": None if self.guard is None else self._judged.flags(),
             "judged_copy": self._judged_copy(),
             "initial_sparsity": self.initial_sparsity,
+            # trial DP: a resumed fit listed only the decisions taken after the resume
+            "decisions": [
+                {"action": d.action, "value": d.value, "drop": d.drop, "step_cap": d.step_cap} for d in self.decisions
+            ],
         }
 
     def _judged_copy(self) -> dict[str, Any] | None:
@@ -827,6 +831,10 @@ class IterativePruner:
         self._start_from(initial)  # the schedule of a model pruned before starts from its sparsity
         if state.get("guard") is not None and self.guard is not None:
             self.guard.load_state_dict(state["guard"])
+        self.decisions[:] = [
+            GuardDecision(str(d["action"]), float(d["value"]), float(d["drop"]), _real_or_none(d["step_cap"]))
+            for d in state.get("decisions", [])
+        ]
         self._saved_judgement = state.get("judged")
         # events wait if quantization switched on since it
         self._judged.note_saved(self._saved_judgement, state.get("judged_quantizers"))
@@ -835,6 +843,10 @@ class IterativePruner:
         self.resumed_copy = parsed is not None
         if parsed is not None:
             self._judged.hold_parsed(parsed)
+
+
+def _real_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def initialized_zeros(weight: Tensor) -> bool:

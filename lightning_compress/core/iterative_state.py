@@ -96,6 +96,17 @@ def check_state(
         raise ValueError(f"`state['guard']` is not an accuracy guard's state: {str(guard)[:200]}.")
     if guard is not None and guard_keys is not None:
         check_guard_state(guard)
+    decisions = state.get("decisions", [])  # absent before session 30
+    if not isinstance(decisions, (list, tuple)) or not all(
+        isinstance(d, Mapping)
+        and set(d) == {"action", "value", "drop", "step_cap"}
+        and d["action"] in ("baseline", "accept", "rollback", "stop", "keep")
+        and is_real(d["value"])
+        and is_real(d["drop"])
+        and (d["step_cap"] is None or is_real(d["step_cap"]))
+        for d in decisions
+    ):
+        raise ValueError(f"`state['decisions']` is not a list of the guard's decisions: {str(decisions)[:200]}.")
     flags = state.get("judged_quantizers")
     if flags is not None and not (isinstance(flags, (list, tuple)) and all(is_integer(f) for f in flags)):
         raise ValueError(f"`state['judged_quantizers']` is not a list of quantizer flags: {str(flags)[:200]}.")

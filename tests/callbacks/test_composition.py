@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, compact, sparsity
+from lightning_compress.core.controller import GuardDecision
 from lightning_compress.core.qat import QuantConfig, convert_to_qat, enable_fake_quant, qat_modules, quantizers
 from tests.conftest import TinyModule, make_blobs, trainer
 
@@ -461,7 +462,7 @@ def test_a_fit_resumed_before_the_switch_to_fake_quantization_waits_as_the_unint
 
     whole = fit(callbacks=[ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")])
     assert [a for a, _ in whole] == ["baseline", "accept", "accept", "accept"]  # epoch 2's validation: no event
-    assert fit(tmp_path / "epoch=1.ckpt") == whole[2:]
+    assert fit(tmp_path / "epoch=1.ckpt") == whole  # the two taken before the checkpoint come back with it
 
 
 class QuantizationCosts(TinyModule):
@@ -694,6 +695,24 @@ def test_a_resume_of_the_fits_last_batch_rolls_back_the_event_no_validation_can_
     assert all(torch.equal(copy[k], v) for k, v in model.state_dict().items())  # the judged model, exactly
     assert not all(torch.equal(resumed_from[0]["state_dict"][k], v) for k, v in model.state_dict().items())
     assert any("the model went back to the one the last validation judged" in m for m in said)
+
+
+def test_the_guards_decisions_survive_a_resume(tmp_path):
+    """Trial DP: a resumed guarded fit listed only the decisions taken after the resume (3 of 7) in `decisions`, its
+    masks and guard identical to the uninterrupted fit's."""
+
+    def make():
+        return [IterativePruning(0.8, monitor="val_acc", max_drop=0.05, start_epoch=0, end_epoch=6)]
+
+    pl.seed_everything(0, verbose=False)
+    model, whole = TinyModule(), make()
+    trainer(max_epochs=6, callbacks=whole).fit(model)
+    checkpoints = []
+    _, resumed, _ = _resume_after_crash(tmp_path, 3, make, edit=checkpoints.append)
+    state = next(s for k, s in checkpoints[0]["callbacks"].items() if k.startswith("IterativePruning"))
+    saved = [GuardDecision(**d) for d in state["decisions"]]
+    assert len(saved) >= 3 and saved == whole[0].decisions[: len(saved)]  # the uninterrupted fit's, so far
+    assert resumed[0].decisions[: len(saved)] == saved and len(resumed[0].decisions) > len(saved)
 
 
 def test_a_resume_of_the_fits_last_batch_without_the_copy_keeps_the_event_and_says_so(tmp_path):

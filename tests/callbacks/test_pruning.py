@@ -278,10 +278,11 @@ def test_a_guarded_fit_resumed_after_its_last_validation_trains_on_without_an_ev
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        uninterrupted, _ = run()
+        uninterrupted, whole = run()
         resumed, pruning = run(tmp_path / "last.ckpt")  # saved at step 30 of 32, after the fit's last validation
     assert uninterrupted == pytest.approx(0.5, abs=1e-3) and resumed == uninterrupted
-    assert not pruning.pruner.guard.awaiting_check and not pruning.decisions  # no validation: nothing to decide
+    # no validation: nothing more to decide (the decisions before the checkpoint come back with it)
+    assert not pruning.pruner.guard.awaiting_check and pruning.decisions == whole.decisions
 
 
 def test_a_second_resume_with_the_steps_per_epoch_of_the_first_resume_goes_on_exactly(tmp_path):
@@ -1432,8 +1433,9 @@ def test_a_rollback_after_resuming_restores_the_judged_validations_metrics(tmp_p
 
     full_model, full, _, _ = run(dirpath=tmp_path / "full")
     model, resumed, ckpt, caught = run(ckpt_path=tmp_path / "full" / "epoch=2.ckpt", dirpath=tmp_path / "resumed")
-    assert [d.action for d in resumed.decisions] == ["rollback"] * 3
-    assert [(d.action, d.value) for d in resumed.decisions] == [(d.action, d.value) for d in full.decisions][-3:]
+    # the whole fit's decisions: those before the checkpoint come back with it (trial DP), then three rollbacks
+    assert [d.action for d in resumed.decisions][-3:] == ["rollback"] * 3
+    assert [(d.action, d.value) for d in resumed.decisions] == [(d.action, d.value) for d in full.decisions]
     assert not [w for w in caught if "no validation scored" in str(w.message)]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in full_model.state_dict().items())
     assert len(ckpt.best_k_models) == 3
@@ -1455,15 +1457,17 @@ def test_a_resumed_guard_judges_with_this_fits_monitor_mode_and_max_drop(tmp_pat
         )
         return pruning
 
-    run(monitor="val_acc", max_drop=0.05)
-    with pytest.warns(UserWarning, match=r"guard monitored 'val_acc', this fit monitors 'val_loss'"):
+    full = run(monitor="val_acc", max_drop=0.05)
+    before = full.decisions[:3]  # one per validation of epochs 0-2, saved with epoch 2's checkpoint
+    with pytest.warns(UserWarning, match=r"monitors 'val_loss'.*`decisions` starts afresh"):
         resumed = run(tmp_path / "epoch=2.ckpt", monitor="val_loss", max_drop=0.5)
     guard = resumed.pruner.guard
     assert (guard.mode, guard.max_drop) == ("min", 0.5)
-    first = resumed.decisions[0]
+    first = resumed.decisions[0]  # val_acc's decisions are not listed beside val_loss's
     assert first.action == "baseline" and guard.baseline is not None and guard.baseline > 0.01  # a loss, not 0.9x
     same = run(tmp_path / "epoch=2.ckpt", monitor="val_acc", max_drop=0.2)
-    assert same.pruner.guard.max_drop == 0.2 and same.decisions[0].action != "baseline"
+    assert same.pruner.guard.max_drop == 0.2 and same.decisions[:3] == before
+    assert "baseline" not in [d.action for d in same.decisions[3:]]  # the saved baseline still judges
 
 
 @pytest.mark.parametrize("include", [["net.2", "net.0"], ["net.[02]"]])

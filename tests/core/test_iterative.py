@@ -483,6 +483,8 @@ def test_resuming_from_state_dict_continues_exactly():
             r"the rewind of '0.weight' has shape \(3,\)",
         ),
         (lambda s: s.update(judged="junk"), r"`state\['judged'\]` is not the record of a judged evaluation"),
+        (lambda s: s.update(decisions="x"), r"`state\['decisions'\]` is not a list of the guard's decisions"),
+        (lambda s: s["decisions"][0].update(action="maybe"), r"`state\['decisions'\]` is not a list of the guard"),
         (lambda s: s["guard"].update(baseline="junk"), r"guard's state has baseline='junk'"),
         (lambda s: s["guard"].update(rollbacks=-1), r"guard's state has rollbacks=-1"),
     ],
