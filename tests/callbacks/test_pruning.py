@@ -1465,6 +1465,7 @@ def test_a_resumed_guard_judges_with_this_fits_monitor_mode_and_max_drop(tmp_pat
     assert (guard.mode, guard.max_drop) == ("min", 0.5)
     first = resumed.decisions[0]  # val_acc's decisions are not listed beside val_loss's
     assert first.action == "baseline" and guard.baseline is not None and guard.baseline > 0.01  # a loss, not 0.9x
+    assert first.value == guard.baseline and len(resumed.decisions) <= 3  # validations of epochs 2-4 at most
     same = run(tmp_path / "epoch=2.ckpt", monitor="val_acc", max_drop=0.2)
     assert same.pruner.guard.max_drop == 0.2 and same.decisions[:3] == before
     assert "baseline" not in [d.action for d in same.decisions[3:]]  # the saved baseline still judges
