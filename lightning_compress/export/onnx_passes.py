@@ -57,6 +57,16 @@ class GraphIndex:
         self.names.add(candidate)
         return candidate
 
+    def single_reader_chain(self, name: str, op_types: set[str]) -> list[Any]:
+        """The nodes of ``op_types`` from ``name`` back, nearest first, while each one's output has no other
+        reader: the ops a quantization can move across without changing what another node reads."""
+        chain = []
+        node = self.producer.get(name)
+        while node is not None and node.op_type in op_types and len(self.consumers.get(node.output[0], [])) == 1:
+            chain.append(node)
+            node = self.producer.get(node.input[0])
+        return chain
+
     def drop_unused(self, *op_types: str) -> None:
         """Remove nodes of ``op_types`` whose output nothing reads, then unread initializers."""
         graph = self.graph
@@ -144,19 +154,16 @@ def quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
 
     graph = proto.graph
     index = GraphIndex(graph, numpy_helper)
-    constants, producer, consumers = index.constants, index.producer, index.consumers
+    constants, consumers = index.constants, index.consumers
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         if not all(name in constants for name in q.input[1:]):
             continue
-        head = q.input[0]
-        first = None
-        while True:
-            node = producer.get(head)
-            if node is None or node.op_type not in _PASS_THROUGH or len(consumers.get(head, [])) != 1:
-                break
-            first = node
-            head = node.input[0]
-        if first is None or len(consumers.get(head, [])) != 1:
+        chain = index.single_reader_chain(q.input[0], _PASS_THROUGH)
+        if not chain:
+            continue
+        first = chain[-1]
+        head = first.input[0]
+        if len(consumers.get(head, [])) != 1:
             continue
         name = index.fresh(f"{head}_requantized")
         params = [f"{name}_scale", f"{name}_zero_point"][: len(q.input) - 1]
@@ -197,15 +204,6 @@ def integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
                 return True
         return False
 
-    def shape_ops(name: str) -> list[Any]:
-        """The reshapes from ``name`` back to the node that is not one, each read by the next alone."""
-        chain = []
-        node = producer.get(name)
-        while node is not None and node.op_type in _RESHAPES and len(consumers.get(node.output[0], [])) == 1:
-            chain.append(node)
-            node = producer.get(node.input[0])
-        return chain
-
     for gemm in [n for n in graph.node if n.op_type == "Gemm"]:
         attrs = {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
         transposed = attrs.get("transB", 0)
@@ -213,7 +211,7 @@ def integer_float_gemms(proto: Any, numpy_helper: Any) -> None:
             continue
         if attrs.get("beta", 1.0) != 1.0 or requantized(gemm.output[0]):
             continue
-        reshapes = shape_ops(gemm.input[0])
+        reshapes = index.single_reader_chain(gemm.input[0], _RESHAPES)
         dq_a = producer.get(reshapes[-1].input[0] if reshapes else gemm.input[0])
         dq_b = producer.get(gemm.input[1])
         if dq_a is None or dq_b is None or dq_a.op_type != "DequantizeLinear" or dq_b.op_type != "DequantizeLinear":
