@@ -5,7 +5,8 @@ Model: ``transformers.BertForSequenceClassification`` from a config with random 
 downloaded): hidden 768, 12 heads, MLP 3072, 4 layers, 3 labels; inputs of 128 tokens. With
 ``--model gpt2``: ``transformers.GPT2ForSequenceClassification`` of GPT-2 small's width (768, 12 heads,
 MLP 3072, vocabulary 50257), 4 layers, 3 labels, whose layers are ``transformers``' Conv1D (weights
-stored (in, out)). Four ONNX files of the same weights:
+stored (in, out)). With ``--model gpt2-lm``: that decoder as ``transformers.GPT2LMHeadModel``, whose output head
+(768 x 50257, the largest matrix product) is tied to ``transformer.wte``. Four ONNX files of the same weights:
 
 * **fp32**: ``torch.onnx.export`` of the float model;
 * **quantize_dynamic**: onnxruntime's ``quantize_dynamic(fp32, weight_type=QInt8)``, the usual BERT
@@ -15,7 +16,9 @@ stored (in, out)). Four ONNX files of the same weights:
   Q/DQ that onnxruntime fuses);
 * **ours + embedding**: the same, with the word embedding quantized too (opt-in by exact name:
   ``include=["*", "bert.embeddings.word_embeddings"]``, GPT-2's ``transformer.wte``; int8 per row, as
-  ``quantize_dynamic`` quantizes its ``Gather``): the file size comparable to ``quantize_dynamic``'s.
+  ``quantize_dynamic`` quantizes its ``Gather``): the file size comparable to ``quantize_dynamic``'s. A head tied
+  to the embedding (``gpt2-lm``) shares its weight quantizer: int8 too, one table for both; in **ours** it stays
+  float, as the default leaves a tied head out.
 
 Speed: onnxruntime CPU, one thread (intra and inter op), at batch 1 and batch 8: interleaved rounds
 whose order rotates, median process CPU time per call. Agreement: our int8 ONNX logits against the
@@ -25,6 +28,7 @@ held-out sequences, relative to the fp32 logits' largest magnitude).
     pip install -e ".[dev,bench]"
     python benchmarks/bert_int8.py                  # ~5 minutes on 2 CPU cores
     python benchmarks/bert_int8.py --model gpt2     # results/gpt2_int8.json
+    python benchmarks/bert_int8.py --model gpt2-lm  # results/gpt2-lm_int8.json (~15 minutes)
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant, export_onnx
 
 warnings.filterwarnings("ignore")
-LENGTH, VOCAB = 128, {"bert": 30522, "gpt2": 50257}
+LENGTH, VOCAB = 128, {"bert": 30522, "gpt2": 50257, "gpt2-lm": 50257}
+HELD_OUT = {"gpt2-lm": 8}  # sequences whose logits are compared (32 by default; a language model's are 50257 wide)
 NAMES = ["input_ids", "attention_mask"]
 KEYS = ("fp32", "quantize_dynamic", "ours", "ours + embedding")
 
@@ -70,7 +75,28 @@ def gpt2() -> transformers.GPT2ForSequenceClassification:
     return transformers.GPT2ForSequenceClassification(config).eval()
 
 
-MODELS = {"bert": (bert, "bert.embeddings.word_embeddings"), "gpt2": (gpt2, "transformer.wte")}
+class LanguageModel(torch.nn.Module):
+    """``GPT2LMHeadModel`` called with the two inputs alone (the exporters made its ``logits_to_keep`` an input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=VOCAB["gpt2-lm"], n_embd=768, n_head=12, n_layer=4, use_cache=False)
+        self.lm = transformers.GPT2LMHeadModel(config)  # lm_head tied to transformer.wte
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def gpt2_lm() -> LanguageModel:
+    return LanguageModel().eval()
+
+
+MODELS = {
+    "bert": (bert, "bert.embeddings.word_embeddings"),
+    "gpt2": (gpt2, "transformer.wte"),
+    "gpt2-lm": (gpt2_lm, "lm.transformer.wte"),
+}
 
 
 def batch(size: int, seed: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -117,7 +143,7 @@ def main() -> None:
     build, embedding = MODELS[args.model]
     vocab = VOCAB[args.model]
     model = build()
-    held_out = batch(32, 7, vocab)
+    held_out = batch(HELD_OUT.get(args.model, 32), 7, vocab)
     with torch.no_grad():
         fp32_logits = model(**held_out).logits
     results: dict[str, Any] = {}
@@ -137,12 +163,16 @@ def main() -> None:
             export_onnx(net, tmp / f"{name}.onnx", batch(1, 0, vocab), output_names=["logits"])
         with torch.no_grad():
             fake_quant_logits = model(**held_out).logits
+            embedded_logits = embedded(**held_out).logits
         sessions = {k: session(tmp / f"{k}.onnx") for k in KEYS}
         logits = {k: torch.from_numpy(s.run(None, feed(s, held_out))[0]) for k, s in sessions.items()}
         scale = float(fp32_logits.abs().max())
         results["agreement"] = {
             "ours_onnx_vs_fake_quant": float((logits["ours"] - fake_quant_logits).abs().max()) / scale,
             "ours_onnx_vs_fp32": float((logits["ours"] - fp32_logits).abs().max()) / scale,
+            "ours_embedding_onnx_vs_fake_quant": float((logits["ours + embedding"] - embedded_logits).abs().max())
+            / scale,
+            "ours_embedding_onnx_vs_fp32": float((logits["ours + embedding"] - fp32_logits).abs().max()) / scale,
             "quantize_dynamic_vs_fp32": float((logits["quantize_dynamic"] - fp32_logits).abs().max()) / scale,
             "fp32_onnx_vs_torch": float((logits["fp32"] - fp32_logits).abs().max()) / scale,
         }

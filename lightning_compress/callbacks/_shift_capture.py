@@ -5,7 +5,7 @@ shift p of ``W_int = round(W * 2^p)`` chosen on validation data)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -58,18 +58,22 @@ class ShiftCapture:
                 "an auxiliary head): their shifts come from the ranges observed in training, without the search. "
                 "`exclude` them to keep them float."
             )
-        shifts: dict[str, tuple[int, int | None]] = {}
+        searched: dict[str, tuple[nn.Module, int | None]] = {}
         for name, module in layers:
             inputs = self._inputs.get(name) or []
             if not inputs:
                 continue
             with unsharded(module, pl_module):  # FSDP2: the layer runs alone, outside the model's forward
-                w_shift, a_shift, _ = search_power_of_two_shifts(
+                _, a_shift, _ = search_power_of_two_shifts(
                     module, inputs, collectives=StrategyCollectives(trainer.strategy)
                 )  # errors summed over every process's batches: the same shifts everywhere
+            searched[name] = (module, a_shift)
+        shifts: dict[str, tuple[int, int | None]] = {}
+        sync = trainer.world_size > 1  # the same on every process; synced all the same, as Lightning asks under DDP
+        for name, (module, a_shift) in searched.items():
+            # layers tied to one weight share its quantizer (core/qat_ties.py): the last search's shift is theirs
+            w_shift = int(cast(Any, module).weight_fake_quant.shift.item())
             shifts[name] = (w_shift, a_shift)
-            # the same on every process; synced all the same, as Lightning asks of epoch-level logs under DDP
-            sync = trainer.world_size > 1
             pl_module.log(f"compress/shift/{name}/weight", float(w_shift), sync_dist=sync)
             if a_shift is not None:
                 pl_module.log(f"compress/shift/{name}/input", float(a_shift), sync_dist=sync)

@@ -328,7 +328,10 @@ class QuantizationAwareTraining(Callback):
             self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
         else:
             for config, layers in saved:
-                convert_to_qat(pl_module, config, include=layers)
+                converted = convert_to_qat(pl_module, config, include=layers)
+                untied = [name for name in converted if name not in layers]  # saved before tied layers shared a
+                if untied:  # quantizer (core/qat_ties.py): the head stayed float
+                    convert_to_float(pl_module, untied)
             self._layers = [name for name, _ in qat_modules(pl_module)]
         self._activation_quantizers = []  # cached: walking the module tree at every step costs on big models
         for _, quantizer in self._own_quantizers(pl_module):

@@ -37,9 +37,10 @@ from .qat_layers import (
     quantizable,
     settings_differ,
 )
+from .qat_ties import say_unshared_partners, shared_partners
 from .quant import BIAS_RANGE
 from .quantizer_state import check_quantizer_state, check_saved_scales
-from .selection import Target, is_compiled, module_tensor_holders, normalize_patterns, select_targets, stored_weight
+from .selection import Target, is_compiled, module_tensor_holders, normalize_patterns, select_targets
 from .sharding import full, is_sharded
 from .shift_search import search_power_of_two_shifts
 
@@ -181,7 +182,6 @@ def _quantizable_targets(
             else ""
         )
         raise ValueError(f"no nn.Linear or nn.Conv layer of {type(model).__name__} can be quantized{why}.")
-    _say_tied_partners(model, targets, include, class_of)
     return targets
 
 
@@ -189,38 +189,6 @@ _NON_FINITE_SCALES = (
     "(a NaN or infinite weight, or one too large for the scale's dtype: float16 group scales end at 65504 times the "
     "largest code)"
 )
-
-
-def _say_tied_partners(
-    model: nn.Module,
-    targets: list[Target],
-    include: Sequence[str] | str | None,
-    class_of: Callable[[nn.Module], Any],
-) -> None:
-    """Layers that share a selected layer's weight (tied Linear layers) are converted once, under the first name:
-    a named one is refused, the others are said."""
-    chosen = {id(t.param): t.name for t in targets}
-    picked = {t.name for t in targets}
-    partners = {
-        name: chosen[id(module.weight)]
-        for name, module in model.named_modules()
-        if name not in picked and id(stored_weight(module)) in chosen and class_of(module) is not None
-    }
-    if not partners:
-        return
-    named = [n for n in partners if include is not None and n in include]
-    described = ", ".join(f"{n!r} shares {first!r}'s weight" for n, first in list(partners.items())[:3])
-    if named:
-        raise ValueError(
-            f"`include` names {named}, but {described}: quantization-aware training converts one layer per weight "
-            "(the first). Leave the tied layer out of `include`, or untie the weights to quantize both."
-        )
-    warnings.warn(
-        f"quantization-aware training converts one layer per weight: {described}, so it computes with the float "
-        "weight (and a compressed file stores that weight in float). Untie the weights to quantize both.",
-        UserWarning,
-        stacklevel=4,
-    )
 
 
 def _subclass_note(module: nn.Module) -> str:
@@ -241,7 +209,10 @@ def quantizable_layers(
     conversion says what it leaves out). Raises as the conversion would for a selection it refuses."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [t.name for t in _quantizable_targets(model, include, exclude)]
+        class_of = _class_cache()
+        targets = _quantizable_targets(model, include, exclude, class_of)
+        shared = shared_partners(model, targets, class_of)
+        return _in_module_order(model, [n for t in targets for n in [t.name, *(n for n, _ in shared.get(t.name, []))]])
 
 
 def convert_to_qat(
@@ -266,6 +237,8 @@ def convert_to_qat(
         raise TypeError(f"`config` must be a QuantConfig instance, e.g. QuantConfig(weight_bits=8), got {config!r}.")
     class_of = _class_cache()
     targets = _quantizable_targets(model, include, exclude, class_of)
+    shared = shared_partners(model, targets, class_of)
+    say_unshared_partners(model, targets, include, class_of, shared)
     in_fused_block = {
         id(m)
         for block in model.modules()
@@ -296,19 +269,32 @@ def convert_to_qat(
             stacklevel=2,
         )
     registered = registered_names(model)
-    for target in targets:
-        module = target.module
-        names.append(target.name)
+
+    def swap(module: nn.Module, quantizer: FakeQuantizer | None) -> FakeQuantizer:
         if isinstance(module, QATLayer):
-            continue
-        new = class_of(module).from_float(module, config)
+            return module.weight_fake_quant
+        new = class_of(module).from_float(module, config, weight_quantizer=quantizer)
         if id(module) in in_fused_block:
             # PyTorch's fused TransformerEncoderLayer fast path reads weights directly (skipping our forward);
             # it is disabled whenever a submodule has a forward hook, so register a no-op one
             new.register_forward_pre_hook(keep_unfused)
         for name in registered[id(module)]:  # a layer registered under two names stays one layer
             _replace(model, name, new)
-    return names
+        return cast(FakeQuantizer, new.weight_fake_quant)
+
+    for target in targets:
+        names.append(target.name)
+        quantizer = swap(target.module, None)
+        for name, partner in shared.get(target.name, []):  # tied to the same weight: one quantizer (.qat_ties)
+            names.append(name)
+            swap(partner, quantizer)
+    return _in_module_order(model, names)
+
+
+def _in_module_order(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` in the order of ``model.named_modules()`` (a tied layer selected under a later layer's name)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(names, key=lambda name: order.get(name, len(order)))
 
 
 def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> list[str]:

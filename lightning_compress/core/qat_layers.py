@@ -27,6 +27,7 @@ __all__ = [
     "QATEmbedding",
     "QATLayer",
     "QATLinear",
+    "check_shared_quantizer",
     "group_count",
     "qat_class",
     "qat_class_of",
@@ -83,8 +84,16 @@ class QATLayer:
     _int4: Any = None  # an Int4Weights while `int4_export_mode` is on
     quantize_bias: bool = False  # the bias on the accumulator's grid (QuantConfig.quantize_bias)
 
-    def _adopt(self, module: Any, config: QuantConfig, quantize_input: bool = True) -> None:
-        """Take ``module``'s Parameters (the same objects) and add the quantizers on their device."""
+    def _adopt(
+        self,
+        module: Any,
+        config: QuantConfig,
+        quantize_input: bool = True,
+        weight_quantizer: FakeQuantizer | None = None,
+    ) -> None:
+        """Take ``module``'s Parameters (the same objects) and add the quantizers on their device; with
+        ``weight_quantizer``, that quantizer (one module shared with the layers tied to the same weight) instead of
+        a new one."""
         layer = cast(Any, self)
         layer.weight = module.weight
         if hasattr(module, "bias"):
@@ -92,7 +101,7 @@ class QATLayer:
         weight: Tensor = module.weight
         device = weight.device
         out_axis, in_axis = weight_axes(module)
-        layer.weight_fake_quant = FakeQuantizer(
+        layer.weight_fake_quant = weight_quantizer or FakeQuantizer(
             "weight", config.weight_bits, config.scale, channels=weight.shape[out_axis],
             averaging_constant=config.averaging_constant, channel_axis=out_axis,
             groups=group_count(weight, in_axis, config.group_size) or 0,
@@ -192,10 +201,13 @@ class QATLinear(QATLayer, nn.Linear):
     float_class = nn.Linear
 
     @classmethod
-    def from_float(cls, module: nn.Linear, config: QuantConfig) -> QATLinear:
-        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+    def from_float(
+        cls, module: nn.Linear, config: QuantConfig, *, weight_quantizer: FakeQuantizer | None = None
+    ) -> QATLinear:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them), and
+        ``weight_quantizer`` when given (see :func:`check_shared_quantizer`)."""
         new = cls(module.in_features, module.out_features, module.bias is not None, device="meta")
-        new._adopt(module, config)
+        new._adopt(module, config, weight_quantizer=check_shared_quantizer(module, weight_quantizer))
         return new
 
     def to_float(self) -> nn.Linear:
@@ -226,10 +238,13 @@ def _conv_arguments(module: nn.modules.conv._ConvNd) -> dict[str, Any]:
 
 class _QATConvMixin(QATLayer):
     @classmethod
-    def from_float(cls, module: nn.modules.conv._ConvNd, config: QuantConfig) -> nn.Module:
-        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+    def from_float(
+        cls, module: nn.modules.conv._ConvNd, config: QuantConfig, *, weight_quantizer: FakeQuantizer | None = None
+    ) -> nn.Module:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them), and
+        ``weight_quantizer`` when given (see :func:`check_shared_quantizer`)."""
         new = cls(**_conv_arguments(module))
-        new._adopt(module, config)
+        new._adopt(module, config, weight_quantizer=check_shared_quantizer(module, weight_quantizer))
         return cast(nn.Module, new)
 
     def to_float(self) -> nn.Module:
@@ -260,11 +275,14 @@ class _QATTransformersConv1DMixin(QATLayer):
     nx: int
 
     @classmethod
-    def from_float(cls, module: nn.Module, config: QuantConfig) -> nn.Module:
-        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them)."""
+    def from_float(
+        cls, module: nn.Module, config: QuantConfig, *, weight_quantizer: FakeQuantizer | None = None
+    ) -> nn.Module:
+        """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them), and
+        ``weight_quantizer`` when given (see :func:`check_shared_quantizer`)."""
         with torch.device("meta"):
             new = cls(cast(Any, module).nf, cast(Any, module).nx)  # type: ignore[call-arg]
-        new._adopt(module, config)
+        new._adopt(module, config, weight_quantizer=check_shared_quantizer(module, weight_quantizer))
         return cast(nn.Module, new)
 
     def to_float(self) -> nn.Module:
@@ -294,9 +312,14 @@ class QATEmbedding(QATLayer, nn.Embedding):
     float_class = nn.Embedding
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, config: QuantConfig) -> QATEmbedding:
+    def from_float(
+        cls, module: nn.Embedding, config: QuantConfig, *, weight_quantizer: FakeQuantizer | None = None
+    ) -> QATEmbedding:
+        """A fake-quant embedding sharing ``module``'s Parameters, and ``weight_quantizer`` when given (see
+        :func:`check_shared_quantizer`)."""
         new = cls(**_embedding_arguments(module))
-        new._adopt(module, config, quantize_input=False)  # its input is indices
+        shared = check_shared_quantizer(module, weight_quantizer)
+        new._adopt(module, config, quantize_input=False, weight_quantizer=shared)  # its input is indices
         return new
 
     def to_float(self) -> nn.Embedding:
@@ -307,6 +330,31 @@ class QATEmbedding(QATLayer, nn.Embedding):
         return F.embedding(
             input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse,
         )  # fmt: skip
+
+
+def check_shared_quantizer(module: nn.Module, quantizer: FakeQuantizer | None) -> FakeQuantizer | None:
+    """``quantizer`` if it can quantize ``module``'s weight as it quantizes the weight it was made for: a weight
+    quantizer whose channels lie along the weight's output axis, as many as it has. Layers tied to one weight (an
+    output head and its token embedding) share one, so both compute with the same integer weight.
+
+    Raises:
+        TypeError: ``quantizer`` is not a weight :class:`FakeQuantizer`.
+        ValueError: its channels do not fit ``module``'s weight.
+    """
+    if quantizer is None:
+        return None
+    if not isinstance(quantizer, FakeQuantizer) or quantizer.role != "weight":
+        raise TypeError(f"`weight_quantizer` must be a weight FakeQuantizer, got {quantizer!r}.")
+    weight: Tensor = cast(Any, module).weight
+    out_axis, _ = weight_axes(module)
+    channels = weight.shape[out_axis]
+    if quantizer.per_channel and (quantizer.channel_axis != out_axis or quantizer.scale.shape[0] != channels):
+        raise ValueError(
+            f"`weight_quantizer` scales {quantizer.scale.shape[0]} channels along axis {quantizer.channel_axis}, "
+            f"but {type(module).__name__}'s weight {tuple(weight.shape)} has {channels} output channels along axis "
+            f"{out_axis}."
+        )
+    return quantizer
 
 
 def _embedding_arguments(module: nn.Embedding) -> dict[str, Any]:

@@ -376,11 +376,11 @@ def select_targets(
             )
         if not chosen or excluded:
             continue
+        if id(weight) in seen:  # tied weights: one mask, under the first name (the embedding's, when it is selected)
+            later_names.setdefault(id(weight), []).append(name)
+            continue
         if id(weight) in embeddings and not isinstance(module, nn.Embedding) and not named_in(name, module, include):
             tied.append(name)
-            continue
-        if id(weight) in seen:  # tied weights: one mask, under the first name
-            later_names.setdefault(id(weight), []).append(name)
             continue
         seen.add(id(weight))
         selected.append(Target(name=name, module=module, param=weight))

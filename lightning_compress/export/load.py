@@ -20,10 +20,10 @@ from ..core.packing import (
     unpack_bits,
     unpack_codes,
 )
-from ..core.qat import QuantConfig, check_quantizer_state, convert_to_qat, qat_modules
+from ..core.qat import QuantConfig, check_quantizer_state, convert_to_float, convert_to_qat, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.quantizer_state import check_scales
-from ..core.selection import state_root, uncompiled
+from ..core.selection import state_root, stored_weight, uncompiled
 from ..core.shrink import set_head_record, shrink_like
 from ..core.tracing import call_model, output_tensors, plain_float
 from .container import CompressedFileError, read_container
@@ -478,10 +478,17 @@ def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback:
     missing = {name: cfg for name, cfg in layers.items() if name not in present}
     for name in missing:
         rollback.remember(name)
+    modules = dict(model.named_modules())
+    weights = {id(stored_weight(modules[name])) for name in missing if not isinstance(modules[name], nn.Embedding)}
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, cfg in missing.items():
+        if isinstance(modules[name], nn.Embedding) and id(stored_weight(modules[name])) in weights:
+            continue  # tied to a Linear head the file quantizes: converted with it, one weight quantizer for both
         groups.setdefault(tuple(sorted(cfg.items())), []).append(name)
     for key, names in groups.items():
         config = QuantConfig(**dict(key))
         # names are patterns to convert_to_qat: a module named "a*" must not also convert "ab" (never rolled back)
-        convert_to_qat(model, config, include=[glob.escape(name) for name in names])
+        converted = convert_to_qat(model, config, include=[glob.escape(name) for name in names])
+        untied = [name for name in converted if name not in layers]  # a file of an earlier version: a tied head
+        if untied:  # its embedding quantized, the head float (it kept its own copy of the codes' float values)
+            convert_to_float(model, untied)

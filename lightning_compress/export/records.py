@@ -223,6 +223,16 @@ def _same_module_entry(record: TensorRecord, second: dict[str, str]) -> bool:
     return record.of is not None and record.of == first_name(record.name, second)
 
 
+def _tied_quantizer(record: TensorRecord, layers: dict[str, Tensor]) -> bool:
+    """Whether an alias record names a weight quantizer's buffer by the same buffer of another layer of the same
+    weight (a tied output head and its embedding share one quantizer: ``core/qat_ties.py``)."""
+    found, of = _QUANTIZER.match(record.name), _QUANTIZER.match(record.of or "")
+    if found is None or of is None or found["role"] != "weight" or of["role"] != "weight":
+        return False
+    mine, theirs = layers.get(found["layer"]), layers.get(of["layer"])
+    return found["buffer"] == of["buffer"] and mine is not None and mine is theirs
+
+
 def _manifest_names(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
     """The names a file for ``model`` can record: its state entries, every quantizer buffer its layers can hold (a
     float model loads a QAT file), and the layers."""
@@ -434,7 +444,9 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool,
                 record.torch_dtype.is_floating_point and record.torch_dtype.itemsize > max(4, weight.element_size())
             ):  # float64 scales for a float32 layer: `model.to()` gives quantizers the weights' dtype (a trial:
                 dtypes.append(record.name)  # int4 group scales in float64 took 63 MiB to load a 16 MiB model)
-            elif record.kind != "raw" and not (record.kind == "alias" and _same_module_entry(record, second)):
+            elif record.kind != "raw" and not (
+                record.kind == "alias" and (_same_module_entry(record, second) or _tied_quantizer(record, layers))
+            ):
                 kinds.append(record.name)  # a quantizer buffer is written whole: its scale is read before aliases
             continue
         floating += int(have.is_floating_point())

@@ -85,8 +85,9 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
 
     * a weight quantizer that never ran (the model reads the layer's weight without calling the layer, as
       ``transformers``' Mamba does with ``conv1d``) holds no scale: the model computes with the float weight;
-    * a weight tied to a layer that is not quantized (an output head opted in by name, its embedding not): the
-      float layer reads the float values, and the quantized one recomputes its codes from them.
+    * a weight tied to a layer that is not quantized (one that stores it the other way round, as ``transformers``'
+      Conv1D; tied layers stored alike share one quantizer, and their codes are stored once): the float layer reads
+      the float values, and the quantized one recomputes its codes from them.
     """
     qat = dict(qat_modules(model))
     owners: dict[int, list[tuple[str, nn.Module]]] = {}
@@ -119,13 +120,21 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
         warnings.warn(
             f"save_compressed: {list(tied)[:5]} are quantized, but their weights are also used in float by "
             f"{[n for floats in tied.values() for n in floats][:5]} (tied weights): the file stores them in float, so "
-            "that both uses reload exactly, and they take float size. Untie the weights to store codes (QAT converts "
-            "one layer per weight, so the other use stays float while they are tied), or `exclude` the layer from "
-            "QAT to silence this.",
+            "that both uses reload exactly, and they take float size. Untie the weights to store codes (a tied "
+            "layer stored the other way round, as transformers' Conv1D, cannot share the quantizer and stays float), "
+            "or `exclude` the layer from QAT to silence this.",
             UserWarning,
             stacklevel=4,  # save_compressed -> _save -> here
         )
     return out
+
+
+def _same_coding(first: tuple[FakeQuantizer, str] | None, second: tuple[FakeQuantizer, str] | None) -> bool:
+    """Whether two entries of one tensor are stored alike: both in float, or both coded by one weight quantizer
+    (layers tied to one weight share it)."""
+    if first is None or second is None:
+        return first is second
+    return first[0] is second[0]
 
 
 def _biases_on_grid(model: nn.Module) -> dict[str, tuple[str, Tensor]]:
@@ -193,8 +202,8 @@ def _save(model: nn.Module, path: Path) -> CompressionReport:
             records.append(TensorRecord(**head, kind="alias", of=first))
             continue
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if tensor.numel() and key in stored and name not in quantized and stored[key] not in quantized:
-            records.append(TensorRecord(**head, kind="alias", of=stored[key]))
+        if tensor.numel() and key in stored and _same_coding(quantized.get(name), quantized.get(stored[key])):
+            records.append(TensorRecord(**head, kind="alias", of=stored[key]))  # tied: codes too (core/qat_ties.py)
             continue
         stored.setdefault(key, name)
         if name in quantized:

@@ -1,10 +1,12 @@
 """Run by the FSDP2 tests: a tiny ``transformers`` Llama (grouped-query attention, tied embeddings) fine-tuned
 with Taylor pruning and AdamW on 2 CPU processes, sharded per decoder layer (``fsdp2``) or not (``ddp``).
 
-``python fsdp_llama_script.py OUT_DIR STRATEGY [channel]`` dumps each rank's whole state, the pruning masks and
+``python fsdp_llama_script.py OUT_DIR STRATEGY [channel|qat]`` dumps each rank's whole state, the pruning masks and
 the final ``val_loss`` to ``OUT_DIR/STRATEGY_RANK.pt``. With ``channel``: half of the attention heads (whole
 key/value groups) and MLP neurons are pruned instead, the compacted model is exported to ``OUT_DIR/STRATEGY.lcz``,
-and the dump is ``OUT_DIR/STRATEGY-channel_RANK.pt``.
+and the dump is ``OUT_DIR/STRATEGY-channel_RANK.pt``. With ``qat``: int8 quantization-aware training of every layer and
+the tied embedding (its head shares the embedding's weight quantizer) from the first epoch, no pruning; the dump is
+``OUT_DIR/STRATEGY-qat_RANK.pt``.
 """
 
 import sys
@@ -15,7 +17,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import IterativePruning
+from lightning_compress import IterativePruning, QuantizationAwareTraining
 from lightning_compress.core.sharding import full
 
 warnings.filterwarnings("ignore")
@@ -73,11 +75,13 @@ class LM(pl.LightningModule):
         return DataLoader(TensorDataset(torch.randint(0, 96, (16, 16), generator=g)), batch_size=8)
 
 
-def main(out, strategy, channel=False):
+def main(out, strategy, mode=""):
     pl.seed_everything(0, verbose=False)
     model = LM()
     made = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp"
-    if channel:
+    if mode == "qat":
+        pruning = QuantizationAwareTraining(8, 8, start_epoch=0, include=["model.model.embed_tokens", "*"])
+    elif mode == "channel":
         pruning = IterativePruning(
             0.5, granularity="channel", importance="taylor", end_epoch=2, export_path=f"{out}/{strategy}.lcz"
         )
@@ -97,14 +101,14 @@ def main(out, strategy, channel=False):
     )
     t.fit(model)
     state = {k: full(v).detach().clone() for k, v in model.state_dict().items()}
-    masks = pruning.state_dict()["pruner"]["masks"]
+    masks = pruning.state_dict()["pruner"]["masks"] if mode != "qat" else {}
     torch.save(
         {"state": state, "masks": masks, "val": float(t.callback_metrics["val_loss"])},
-        f"{out}/{strategy}{'-channel' if channel else ''}_{t.global_rank}.pt",
+        f"{out}/{strategy}{'-' + mode if mode else ''}_{t.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
     from tests.callbacks._exit import run_and_leave_the_group
 
-    run_and_leave_the_group(main, sys.argv[1], sys.argv[2], sys.argv[3:] == ["channel"])
+    run_and_leave_the_group(main, sys.argv[1], sys.argv[2], *sys.argv[3:4])

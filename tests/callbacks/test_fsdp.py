@@ -212,6 +212,19 @@ def test_pruning_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
 
 
 @pytest.mark.slow
+def test_quantizing_a_transformers_llama_with_its_tied_embedding_under_fsdp2_equals_ddp(tmp_path):
+    """QAT of every layer and the tied embedding, whose head shares the embedding's weight quantizer (one module under
+    two names, the weight sharded once): the same weights, quantizer states and validation loss as under DDP."""
+    pytest.importorskip("transformers")
+    sharded = _llama_fsdp2_equals_ddp(tmp_path, "qat")
+    state = sharded["state"]
+    assert torch.equal(
+        state["model.lm_head.weight_fake_quant.scale"], state["model.model.embed_tokens.weight_fake_quant.scale"]
+    )
+    assert "model.lm_head.input_fake_quant.scale" in state  # the head's own input quantizer
+
+
+@pytest.mark.slow
 def test_pruning_heads_and_neurons_of_a_transformers_llama_under_fsdp2_equals_ddp(tmp_path):
     """Channel pruning on the sharded Llama: whole key/value head groups and gated MLP neurons, Taylor scores from
     each process's shards: DDP's masks, weights and loss, and the compacted export (heads 2 -> 1 key/value groups,

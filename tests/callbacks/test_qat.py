@@ -1447,3 +1447,77 @@ def test_ranges_frozen_at_the_calibration_epoch_stay_frozen_when_quantization_sw
     qat = QuantizationAwareTraining(8, 8, start_epoch=0, freeze_observers_epoch=0)
     trainer(max_epochs=3, callbacks=[qat, Record()]).fit(model)
     assert torch.equal(scales[0], scales[1]) and torch.equal(scales[1], scales[2])  # as epoch 0 froze them
+
+
+class TiedLM(pl.LightningModule):
+    """A token model whose output head is tied to its embedding (as GPT-2's): predicts the next token id."""
+
+    def __init__(self, vocab: int = 48) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, vocab, bias=False)
+        self.head.weight = self.emb.weight
+        self.vocab = vocab
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.emb(ids))))
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        (ids,) = batch
+        return nn.functional.cross_entropy(self(ids).flatten(0, 1), ((ids + 1) % self.vocab).flatten())
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._loss(batch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-2)
+
+    def train_dataloader(self) -> DataLoader:
+        ids = torch.randint(0, self.vocab, (64, 8), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(ids), batch_size=16)
+
+    def val_dataloader(self) -> DataLoader:
+        ids = torch.randint(0, self.vocab, (32, 8), generator=torch.Generator().manual_seed(1))
+        return DataLoader(TensorDataset(ids), batch_size=16)
+
+
+@pytest.mark.parametrize("scale", ["minmax", "power_of_two", "learned"])
+def test_a_tied_embedding_and_head_train_with_one_weight_quantizer_and_reload(tmp_path, scale):
+    """Quantizing a tied embedding left its output head float (QAT converted one layer per weight): the head, the
+    largest matrix product of a small language model, ran in float in PyTorch and in ONNX. Both now train on one
+    weight quantizer, and a checkpoint loads back into a fresh model (through the Trainer or `load_qat_checkpoint`)
+    with the tie and the shared quantizer."""
+    pl.seed_everything(0, verbose=False)
+    model = TiedLM()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    search = scale == "power_of_two"
+    qat = QuantizationAwareTraining(8, 8, scale=scale, start_epoch=0, include=["emb", "*"], shift_search=search)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(tied|float).*")  # nothing tied is left float, nor said to be
+        trainer(max_epochs=6, callbacks=[qat, ckpt], enable_checkpointing=True).fit(model)
+    assert isinstance(model.head, QATLinear) and model.head.weight_fake_quant is model.emb.weight_fake_quant
+    assert model.head.weight is model.emb.weight and all(active(model))
+    assert model.trainer.callback_metrics["val_loss"] < 3.0  # ln(48) = 3.87 at chance
+    if scale == "power_of_two":  # searched per layer: both report the shift the shared quantizer kept
+        logged = model.trainer.callback_metrics
+        assert logged["compress/shift/emb/weight"] == logged["compress/shift/head/weight"]
+        assert int(logged["compress/shift/head/weight"]) == int(model.emb.weight_fake_quant.shift)
+    ids = torch.randint(0, 48, (4, 8))
+    with torch.no_grad():
+        want = model.eval()(ids)
+    loaded = load_qat_checkpoint(TiedLM, tmp_path / "last.ckpt").eval()
+    assert loaded.head.weight is loaded.emb.weight
+    assert loaded.head.weight_fake_quant is loaded.emb.weight_fake_quant
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), want)
+    fresh = TiedLM()
+    trainer(callbacks=[QuantizationAwareTraining(8, 8, scale=scale)]).validate(
+        fresh, ckpt_path=tmp_path / "last.ckpt", verbose=False
+    )
+    assert fresh.head.weight_fake_quant is fresh.emb.weight_fake_quant
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), want)

@@ -15,6 +15,7 @@ from lightning_compress.core.qat import (
     convert_to_qat,
     enable_fake_quant,
     qat_modules,
+    quantizable_layers,
     quantizers,
     search_power_of_two_shifts,
 )
@@ -489,11 +490,11 @@ def test_a_linear_subclass_is_run_once_per_conversion():
 
     tied = _CountingFalconLinear(4, 4)
     model = nn.Sequential(tied, nn.ReLU(), _CountingFalconLinear(4, 4), nn.ReLU(), _CountingFalconLinear(4, 4))
-    model[4].weight = tied.weight  # a tied partner: the note asks about it too
+    model[4].weight = tied.weight  # a tied partner: asked about too, to share the first one's quantizer
     _CountingFalconLinear.calls = 0
-    with pytest.warns(UserWarning, match="converts one layer per weight"):
-        assert convert_to_qat(model, QuantConfig(8, 8)) == ["0", "2"]
+    assert convert_to_qat(model, QuantConfig(8, 8)) == ["0", "2", "4"]
     assert _CountingFalconLinear.calls == 3  # one check per layer (the partner included)
+    assert model[4].weight_fake_quant is model[0].weight_fake_quant
 
 
 def test_calibrate_observes_in_eval_mode_and_leaves_batchnorm_statistics_alone():
@@ -650,15 +651,58 @@ class TiedLinears(nn.Module):
         return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-def test_a_linear_tied_to_a_converted_one_is_named():
-    """Two Linear layers sharing one weight: QAT converted the first only, silently, also when both were named in
-    `include` (found by a QAT trial)."""
-    with pytest.raises(ValueError, match=r"`include` names \['b'\], but 'b' shares 'a''s weight"):
-        convert_to_qat(TiedLinears(), QuantConfig(8, 8), include=["a", "b", "h"])
-    model = TiedLinears()
-    with pytest.warns(UserWarning, match=r"converts one layer per weight: 'b' shares 'a''s weight"):
-        assert convert_to_qat(model, QuantConfig(8, 8)) == ["a", "h"]
-    assert type(model.b) is nn.Linear
+def test_linears_tied_to_one_weight_share_one_weight_quantizer():
+    """Two Linear layers sharing one weight: QAT converted the first only, silently (a QAT trial), then said so and
+    left the second float. Both are converted now, with one weight quantizer: both compute with the same codes, and
+    the conversion back gives the tie back."""
+    for include in (["a", "b", "h"], ["b", "h"], None):
+        model = TiedLinears()
+        x = torch.randn(4, 16)
+        assert quantizable_layers(model, include) == ["a", "b", "h"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is left float, so nothing is said
+            assert convert_to_qat(model, QuantConfig(8, 8), include=include) == ["a", "b", "h"]
+        assert isinstance(model.b, QATLinear) and model.b.weight_fake_quant is model.a.weight_fake_quant
+        assert model.b.input_fake_quant is not model.a.input_fake_quant  # each its own input
+        calibrate(model, [x])
+        enable_fake_quant(model)
+        assert torch.equal(model.a.quantized_weight(), model.b.quantized_weight())
+        assert sum(1 for _, q in quantizers(model) if q.role == "weight") == 2  # a/b's, h's: listed once
+        convert_to_float(model)
+        assert type(model.b) is nn.Linear and model.b.weight is model.a.weight
+
+
+def test_a_tied_layer_stored_the_other_way_round_stays_float_and_is_named():
+    """A layer whose tied weight holds its output channels along another axis (transformers' Conv1D stores its weight
+    (in, out)) cannot share a Linear's per-row quantizer: said, or refused when named."""
+    transformers = pytest.importorskip("transformers")
+
+    class Crossed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.b = transformers.pytorch_utils.Conv1D(8, 16)  # weight (16, 8): (in, out)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    with pytest.raises(ValueError, match=r"`include` names \['b'\], but 'b' shares 'a''s weight, stored the other"):
+        convert_to_qat(Crossed(), QuantConfig(8, 8), include=["a", "b"])
+    model = Crossed()
+    with pytest.warns(UserWarning, match=r"leaves a tied layer float: 'b' shares 'a''s weight, stored the other way"):
+        assert convert_to_qat(model, QuantConfig(8, 8)) == ["a"]
+    assert type(model.b) is transformers.pytorch_utils.Conv1D
+
+
+def test_a_shared_weight_quantizer_must_fit_the_layer():
+    layer = nn.Linear(8, 4)
+    other = QATLinear.from_float(nn.Linear(8, 6), QuantConfig(8, 8))
+    with pytest.raises(ValueError, match=r"`weight_quantizer` scales 6 channels along axis 0, but Linear's weight"):
+        QATLinear.from_float(layer, QuantConfig(8, 8), weight_quantizer=other.weight_fake_quant)
+    with pytest.raises(TypeError, match="`weight_quantizer` must be a weight FakeQuantizer"):
+        QATLinear.from_float(layer, QuantConfig(8, 8), weight_quantizer=other.input_fake_quant)
+    assert type(layer) is nn.Linear and not hasattr(layer, "weight_fake_quant")
 
 
 def test_a_bias_beyond_its_int32_grid_is_named():

@@ -133,6 +133,14 @@ def test_a_head_tied_to_an_embedding_is_left_out_unless_named():
         select_targets(model, exclude=["block"])
 
 
+def test_a_head_tied_to_a_selected_embedding_is_not_said_to_be_left_out(recwarn):
+    """With the embedding named, the wildcard's tied head was said to be left out "so as not to change the
+    embedding", while the embedding's weight, which is the head's, was selected (pruned or quantized for both)."""
+    model = TiedLM()
+    assert [t.name for t in select_targets(model, include=["wte", "*"])] == ["wte", "block"]
+    assert not [w for w in recwarn if "lm_head" in str(w.message)]
+
+
 def test_reading_the_sparsity_of_a_model_with_a_tied_head_warns_nothing(recwarn):
     """`sparsity()` only reads: the tied head pruning leaves out is said by pruning, not at every call (trial CS: a
     warning per call, after every fit of T5, BART, Mistral...)."""

@@ -370,6 +370,7 @@ def test_embedding_quantization_is_opt_in_by_exact_name(tmp_path):
         convert_to_qat(model, QuantConfig(4, None, group_size=16), include=["transformer.wte"])
     wte = model.transformer.wte
     assert isinstance(wte, QATEmbedding) and wte.weight is model.lm_head.weight  # still tied
+    assert model.lm_head.weight_fake_quant is wte.weight_fake_quant  # the tied head shares its quantizer
     assert torch.equal(logits(model, ids), before)  # off until enabled
     enable_fake_quant(model)
     quantized = logits(model, ids)
@@ -379,7 +380,8 @@ def test_embedding_quantization_is_opt_in_by_exact_name(tmp_path):
     fresh = gpt2(seed=5)
     load_compressed(fresh, tmp_path / "m.lcz")
     assert torch.equal(logits(fresh, ids), quantized)
-    assert convert_to_float(model) == ["transformer.wte"] and torch.equal(logits(model, ids), before)
+    assert convert_to_float(model) == ["transformer.wte", "lm_head"] and torch.equal(logits(model, ids), before)
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_llama_channel_pruning_traces_fast_and_prunes_mlp_neurons_compact_removes():
@@ -833,3 +835,38 @@ def test_a_torchmetrics_metric_beside_gpt2_leaves_its_neurons_prunable():
     weight = model.net.transformer.h[0].mlp.c_fc.weight
     assert int((weight.abs().sum(0) == 0).sum()) == weight.shape[1] // 2
     assert isinstance(model.metric, torch.nn.Module) and type(model.metric).__name__ == "MeanMetric"  # put back
+
+
+def test_a_tied_gpt2_head_quantized_with_its_embedding_exports_one_int8_table_on_integer_kernels(tmp_path):
+    """Quantizing GPT-2's tied embedding left `lm_head` float: the ONNX held the int8 table and a float transposed
+    copy, and the head (the largest matrix product at a real vocabulary) ran as a float MatMul. Now the head shares
+    the embedding's weight quantizer: one uint8 table serves the Gather and the head, which onnxruntime runs on an
+    integer kernel."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    model = gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        names = convert_to_qat(model, QuantConfig(8, 8), include=["transformer.wte", "*"])
+    assert names[:1] == ["transformer.wte"] and names[-1] == "lm_head"
+    calibrate(model, [tokens(seed=s) for s in range(2)])
+    enable_fake_quant(model)
+    ids = tokens(seed=5)
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    export_onnx(model, tmp_path / "gpt2.onnx", feeds)
+    proto = onnx.load(str(tmp_path / "gpt2.onnx"))
+    matrices = [(i.data_type, tuple(i.dims)) for i in proto.graph.initializer if len(i.dims) == 2]
+    assert matrices.count((onnx.TensorProto.UINT8, (96, 32))) == 1  # the table; c_attn's are (32, 96)
+    assert (onnx.TensorProto.FLOAT, (32, 96)) not in matrices  # no float copy, transposed (wpe is (32, 32))
+    assert (onnx.TensorProto.FLOAT, (96, 32)) not in matrices
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(tmp_path / "gpt2.onnx"), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    want = logits(model, ids).numpy()
+    assert abs(got - want).max() < 1e-3 * abs(want).max()
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    integer = ops.count("MatMulInteger") + ops.count("MatMulIntegerToFloat")
+    assert integer == len(conv1d_names(model)) + 1  # the head too (attention products stay float MatMul)

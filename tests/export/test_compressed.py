@@ -241,44 +241,112 @@ def test_an_untied_models_file_is_refused_by_a_model_that_ties_the_two_tensors(t
     load_compressed(LM(tied=True), tmp_path / "tied.lcz")
 
 
-def test_a_quantized_head_tied_to_a_float_embedding_is_stored_in_float_and_reloads_exactly(tmp_path):
-    """A tied output head opted in by name is fake-quantized where the head reads the weight, not where the
-    embedding does. Regression: the file stored the weight once, as codes, so the reloaded embedding read quantized
-    values and the outputs differed (a new-user trial: OPT, BART, T5, ALBERT). Now it is stored in float, with a
-    warning, and the reloaded model gives the same outputs."""
+class _TiedLM(nn.Module):
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(vocab, 32), nn.Linear(32, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.emb(ids)))
+
+
+@pytest.mark.parametrize("named", [["head"], ["emb"], ["emb", "head"]])
+def test_a_tied_head_and_embedding_store_their_codes_once_and_reload_exactly(tmp_path, named):
+    """A tied output head opted in by name was fake-quantized where the head reads the weight, not where the
+    embedding does: the file stored the weight once, as codes, and the reloaded embedding read quantized values (a
+    new-user trial: OPT, BART, T5, ALBERT); then it was stored in float, with a warning. Now naming either converts
+    both with one weight quantizer: the file stores the codes once (the head's weight an alias of the embedding's),
+    and a fresh float model reloads with the tie and the shared quantizer, computing the same outputs."""
     from lightning_compress import calibrate, convert_to_qat, enable_fake_quant
+    from tests.export import forge
 
-    class TiedLM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.head = nn.Embedding(64, 32), nn.Linear(32, 64, bias=False)
-            self.head.weight = self.emb.weight
-
-        def forward(self, ids):
-            return self.head(self.emb(ids))
-
-    def quantized() -> TiedLM:
+    def quantized() -> _TiedLM:
         torch.manual_seed(0)
-        model = TiedLM()
-        convert_to_qat(model, QuantConfig(weight_bits=8), include=["head"])
+        model = _TiedLM(vocab=256)
+        convert_to_qat(model, QuantConfig(8, 8), include=named)
         return model
 
-    model, ids = quantized(), torch.randint(0, 64, (4, 8))
+    model, ids = quantized(), torch.randint(0, 256, (4, 8))
     calibrate(model, [ids])
     enable_fake_quant(model)
-    with pytest.warns(  # trial BQ: it advised quantizing the embedding too, which QAT refuses for tied weights
-        UserWarning,
-        match=r"\['head'\] are quantized, but their weights are also used in float by \['emb'\] .* Untie the weights "
-        r"to store codes \(QAT converts one layer per weight",
-    ):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is stored in float for a tie
+        report = save_compressed(model, tmp_path / "m.lcz")
+    manifest, _ = forge.read(tmp_path / "m.lcz")
+    kinds = {r["name"]: (r["kind"], r.get("of")) for r in manifest["tensors"]}
+    assert kinds["emb.weight"] == ("quantized", None) and kinds["head.weight"] == ("alias", "emb.weight")
+    assert kinds["head.weight_fake_quant.scale"] == ("alias", "emb.weight_fake_quant.scale")
+    assert report.file_bytes < 256 * 32 * 4 / 3  # int8 codes once (float: 32 KiB)
+    fresh = _TiedLM(vocab=256)
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert fresh.head.weight is fresh.emb.weight
+    assert fresh.head.weight_fake_quant is fresh.emb.weight_fake_quant
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), model.eval()(ids))
+
+
+def test_a_file_whose_tied_head_was_left_float_loads_as_it_was_written(tmp_path):
+    """Before tied layers shared a quantizer, quantizing an embedding left its tied head float, and the file recorded
+    the embedding alone: loading it converts the embedding, not the head (converted with it now), so the model is the
+    one the file was written from."""
+    from lightning_compress import calibrate, enable_fake_quant
+    from lightning_compress.core.qat import QATEmbedding
+
+    torch.manual_seed(0)
+    model = _TiedLM()
+    model.emb = QATEmbedding.from_float(model.emb, QuantConfig(8, 8))  # as the conversion of an earlier version
+    ids = torch.randint(0, 64, (4, 8))
+    calibrate(model, [ids])
+    enable_fake_quant(model)
+    with pytest.warns(UserWarning, match=r"\['emb'\] are quantized, but their weights are also used in float by"):
+        save_compressed(model, tmp_path / "m.lcz")
+    fresh = _TiedLM()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert (
+        isinstance(fresh.emb, QATEmbedding) and type(fresh.head) is nn.Linear and fresh.head.weight is fresh.emb.weight
+    )
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), model.eval()(ids))
+
+
+def test_a_quantized_layer_whose_weight_is_also_read_in_float_is_stored_in_float(tmp_path):
+    """A tied layer that cannot share the quantizer (its weight stored the other way round: transformers' Conv1D)
+    stays float, so the weight is stored in float, with a warning, and the reloaded model gives the same outputs
+    (the codes would change what the float layer reads)."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_compress import calibrate, convert_to_qat, enable_fake_quant
+
+    class Crossed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.b = transformers.pytorch_utils.Conv1D(8, 16)  # weight (16, 8): (in, out)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    def quantized() -> Crossed:
+        torch.manual_seed(0)
+        model = Crossed()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 'b' stays float: said by the conversion
+            convert_to_qat(model, QuantConfig(8, 8))
+        return model
+
+    model, x = quantized(), torch.randn(4, 8)
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    with pytest.warns(UserWarning, match=r"\['a'\] are quantized, but their weights are also used in float by \['b'\]"):
         save_compressed(model, tmp_path / "m.lcz")
     fresh = quantized()
     with torch.no_grad():
-        fresh.emb.weight.normal_()
+        fresh.a.weight.normal_()
     load_compressed(fresh, tmp_path / "m.lcz")
-    assert torch.equal(fresh.emb.weight, model.emb.weight)
+    assert torch.equal(fresh.a.weight, model.a.weight)
     with torch.no_grad():
-        assert torch.equal(fresh.eval()(ids), model.eval()(ids))
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
 
 
 class _ReadsAWeightDirectly(nn.Module):
