@@ -20,6 +20,22 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class CrossedTie(nn.Module):
+    """A Linear and a ``transformers`` Conv1D given one Parameter: the Conv1D stores it (in, out), so its output
+    channels lie along the other axis (the two cannot share a weight quantizer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.a = nn.Linear(8, 16)
+        self.b = Conv1D(8, 16)  # weight (16, 8): (in, out)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
 DEFAULT = QuantConfig()
 
 

@@ -17,7 +17,7 @@ from lightning_compress import (
     save_compressed,
 )
 from lightning_compress.core.qat import qat_modules
-from tests.export.helpers import Net, compressed_net, inputs
+from tests.export.helpers import CrossedTie, Net, compressed_net, inputs
 
 
 def outputs(model, x):
@@ -314,22 +314,12 @@ def test_a_quantized_layer_whose_weight_is_also_read_in_float_is_stored_in_float
     """A tied layer that cannot share the quantizer (its weight stored the other way round: transformers' Conv1D)
     stays float, so the weight is stored in float, with a warning, and the reloaded model gives the same outputs
     (the codes would change what the float layer reads)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from lightning_compress import calibrate, convert_to_qat, enable_fake_quant
 
-    class Crossed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a = nn.Linear(8, 16)
-            self.b = transformers.pytorch_utils.Conv1D(8, 16)  # weight (16, 8): (in, out)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
-    def quantized() -> Crossed:
+    def quantized() -> CrossedTie:
         torch.manual_seed(0)
-        model = Crossed()
+        model = CrossedTie()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 'b' stays float: said by the conversion
             convert_to_qat(model, QuantConfig(8, 8))
