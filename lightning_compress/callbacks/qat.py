@@ -17,6 +17,7 @@ from ..checkpoint import saved_quantization
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
+    convert_listed,
     convert_to_float,
     convert_to_qat,
     enable_fake_quant,
@@ -328,10 +329,7 @@ class QuantizationAwareTraining(Callback):
             self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
         else:
             for config, layers in saved:
-                converted = convert_to_qat(pl_module, config, include=layers)
-                untied = [name for name in converted if name not in layers]  # saved before tied layers shared a
-                if untied:  # quantizer (core/qat_ties.py): the head stayed float
-                    convert_to_float(pl_module, untied)
+                convert_listed(pl_module, config, layers)
             self._layers = [name for name, _ in qat_modules(pl_module)]
         self._activation_quantizers = []  # cached: walking the module tree at every step costs on big models
         for _, quantizer in self._own_quantizers(pl_module):
@@ -642,9 +640,13 @@ class QuantizationAwareTraining(Callback):
         return [(name, module) for name, module in qat_modules(pl_module) if name in mine]
 
     def _own_quantizers(self, pl_module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
-        return [
-            (f"{n}.{q}", quantizer) for n, module in self._own_layers(pl_module) for q, quantizer in quantizers(module)
-        ]
+        """Each quantizer once, under its first layer's name: layers tied to one weight share its quantizer (trial DS:
+        a learned scale shared by 4 layers was put in the optimizer 4 times and stepped 4 times per step)."""
+        found: dict[int, tuple[str, FakeQuantizer]] = {}
+        for n, module in self._own_layers(pl_module):
+            for q, quantizer in quantizers(module):
+                found.setdefault(id(quantizer), (f"{n}.{q}", quantizer))
+        return list(found.values())
 
     def _search_shifts(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Choose the shifts on the inputs this epoch's validations gave; ``False``: none did in a resumed fit (its

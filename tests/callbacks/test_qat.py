@@ -1521,3 +1521,74 @@ def test_a_tied_embedding_and_head_train_with_one_weight_quantizer_and_reload(tm
     assert fresh.head.weight_fake_quant is fresh.emb.weight_fake_quant
     with torch.no_grad():
         assert torch.equal(fresh.eval()(ids), want)
+
+
+def test_a_learned_scale_shared_by_tied_layers_joins_the_optimizer_once(tmp_path):
+    """Trial DS: with the optimizer built over the Parameters that require grad (the learned scales do not until
+    quantization switches on), the callback added the tied layers' shared scale once per layer: 4 times in T5, so
+    AdamW stepped it 4 times per step, and PyTorch warned of duplicate parameters."""
+
+    class Filtered(TiedLM):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=3e-2)
+
+    pl.seed_everything(0, verbose=False)
+    model = Filtered()
+    qat = QuantizationAwareTraining(8, 8, scale="learned", start_epoch=0, include=["emb", "*"])
+    fit = trainer(max_epochs=2, callbacks=[qat], limit_train_batches=3)
+    with pytest.warns(UserWarning, match=r"QuantizationAwareTraining: 4 learned scales were not in the optimizer"):
+        fit.fit(model)  # the shared weight scale, mix's weight scale, mix's and the head's input scales (5 before)
+    optimizer = fit.optimizers[0]
+    added = optimizer.param_groups[-1]["params"]
+    shared = model.head.weight_fake_quant.scale
+    assert len(added) == len({id(p) for p in added}) and sum(p is shared for p in added) == 1
+    alone = model.head.input_fake_quant.scale  # one layer's: stepped once per optimizer step
+    assert float(optimizer.state[shared]["step"]) == float(optimizer.state[alone]["step"]) > 0
+
+
+def test_shift_search_says_nothing_of_a_tied_layer_its_partners_searched():
+    """Trial DS: T5's `shared` embedding, never called (its encoder's and decoder's embeddings use its weight), was
+    said to be missed by validation, with the advice to `exclude` it, which would leave the whole tie float; its only
+    quantizer, the shared weight's, was searched through the layers that validation calls."""
+
+    class SpareTable(TiedLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Embedding(self.vocab, 16)  # holds the weight, never called
+            self.shared.weight = self.emb.weight
+
+    pl.seed_everything(0, verbose=False)
+    model = SpareTable()
+    qat = QuantizationAwareTraining(8, 8, "power_of_two", start_epoch=0, include=["emb", "*"], shift_search=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*validation never calls.*")
+        trainer(max_epochs=2, callbacks=[qat]).fit(model)
+    assert model.shared.weight_fake_quant is model.head.weight_fake_quant
+    assert int(model.shared.weight_fake_quant.shift) == int(
+        model.trainer.callback_metrics["compress/shift/head/weight"]
+    )
+
+
+def test_resuming_a_checkpoint_whose_tied_head_was_left_float_says_why(tmp_path):
+    """A fit saved before tied layers shared a quantizer quantized the embedding and left its tied head float; this
+    version converts both, so the resumed layers differ. It was refused with the advice to pass the run's
+    `include`/`exclude`, which cannot help: the refusal says what happened and that `load_qat_checkpoint` loads it."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0, include=["emb", "*"])
+    trainer(max_epochs=1, callbacks=[qat, ckpt], enable_checkpointing=True).fit(TiedLM())
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)  # as an earlier version wrote it: the head float
+    saved["state_dict"] = {
+        k: v for k, v in saved["state_dict"].items() if not k.startswith("head.") or k == "head.weight"
+    }
+    for state in saved["callbacks"].values():
+        if "layers" in state:
+            state["layers"] = [n for n in state["layers"] if n != "head"]
+    torch.save(saved, tmp_path / "old.ckpt")
+    resumed = QuantizationAwareTraining(8, 8, start_epoch=0, include=["emb", "*"])
+    with pytest.raises(
+        ValueError, match=r"leaves \['head'\] float, tied to a layer it quantizes: it was written before"
+    ):
+        trainer(max_epochs=2, callbacks=[resumed]).fit(TiedLM(), ckpt_path=tmp_path / "old.ckpt")
+    loaded = load_qat_checkpoint(TiedLM, tmp_path / "old.ckpt")
+    assert type(loaded.head) is nn.Linear and loaded.head.weight is loaded.emb.weight
