@@ -55,29 +55,47 @@ def say_unshared_partners(
     class_of: Callable[[nn.Module], Any],
     shared: dict[str, list[tuple[str, nn.Module]]],
 ) -> None:
-    """Layers that use a selected layer's weight but cannot share its quantizer (the weight lies the other way
-    round for them) stay float: a named one is refused, the others are said."""
+    """Layers that use a selected layer's weight but cannot share its quantizer stay float: one that stores the weight
+    the other way round is refused when named, and said otherwise; one with no fake-quantized form (a scaled word
+    embedding with a forward of its own, as BART's and Gemma3's; trial DS: left float unsaid) is said."""
     chosen = {id(t.param): t.name for t in targets}
     picked = {t.name for t in targets} | {name for partners in shared.values() for name, _ in partners}
-    partners = {
-        name: chosen[id(stored_weight(module))]
-        for name, module in model.named_modules()
-        if name not in picked and id(stored_weight(module)) in chosen and class_of(module) is not None
-    }
-    if not partners:
-        return
-    named = [n for n in partners if include is not None and n in include]
-    described = ", ".join(f"{n!r} shares {first!r}'s weight" for n, first in list(partners.items())[:3])
+    crossed: dict[str, str] = {}
+    formless: dict[str, str] = {}
+    for name, module in model.named_modules():
+        first = chosen.get(id(stored_weight(module)))
+        if first is None or name in picked or isinstance(module, QATLayer):
+            continue
+        (crossed if class_of(module) is not None else formless)[name] = first
+    named = [n for n in crossed if include is not None and n in include]
     if named:
         raise ValueError(
-            f"`include` names {named}, but {described}, stored the other way round (output channels along another "
-            "axis), so the two cannot share one weight quantizer. Leave the tied layer out of `include`, or untie "
-            "the weights to quantize both."
+            f"`include` names {named}, but {_described(crossed)}, stored the other way round (output channels along "
+            "another axis), so the two cannot share one weight quantizer. Leave the tied layer out of `include`, or "
+            "untie the weights to quantize both."
         )
-    warnings.warn(
-        f"quantization-aware training leaves a tied layer float: {described}, stored the other way round (output "
-        "channels along another axis), so it cannot share that layer's weight quantizer and computes with the float "
-        "weight (and a compressed file stores that weight in float). Untie the weights to quantize both.",
-        UserWarning,
-        stacklevel=4,
+    if crossed:
+        warnings.warn(
+            f"quantization-aware training leaves a tied layer float: {_described(crossed)}, stored the other way round "
+            "(output channels along another axis), so it cannot share that layer's weight quantizer and computes with "
+            "the float weight (and a compressed file stores that weight in float). Untie the weights to quantize both.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if formless:
+        kinds = sorted({type(model.get_submodule(n)).__name__ for n in formless})
+        warnings.warn(
+            f"quantization-aware training leaves a tied layer float: {_described(formless)}, and {kinds} have no "
+            "fake-quantized form (a subclass with a forward or method of its own, such as a scaled word embedding), "
+            "so they compute with the float weight: a compressed file stores that weight in float, and the ONNX holds "
+            "it in float besides the quantized layer's int8 copy. Leave the tied layer out of `include` to keep one "
+            "float weight, or untie the weights.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _described(partners: dict[str, str]) -> str:
+    return ", ".join(f"{n!r} shares {first!r}'s weight" for n, first in list(partners.items())[:3]) + (
+        " ..." if len(partners) > 3 else ""
     )

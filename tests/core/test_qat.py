@@ -899,3 +899,30 @@ def test_switching_a_learned_scale_off_and_on_keeps_what_it_trained(tmp_path):
     again = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     load_compressed(again, tmp_path / "f.lcz")
     assert bool((again[0].weight != 0).all())
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """A word embedding with a forward of its own (BART's, Gemma3's): no fake-quantized form."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.0
+
+
+def test_a_tied_layer_with_no_fake_quantized_form_is_said_to_stay_float():
+    """Trial DS: naming BART's `lm_head` quantized the head alone; its tied scaled embeddings kept the float weight,
+    unsaid until the file was written (in float) and the ONNX stored the table twice."""
+
+    class ScaledLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = _ScaledEmbedding(32, 8), nn.Linear(8, 32, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    model = ScaledLM()
+    with pytest.warns(UserWarning, match=r"leaves a tied layer float: 'emb' shares 'head''s weight, and "
+                      r"\['_ScaledEmbedding'\] have no fake-quantized form"):  # fmt: skip
+        assert convert_to_qat(model, QuantConfig(8, 8), include=["head"]) == ["head"]
+    assert type(model.emb) is _ScaledEmbedding
