@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from .core.checks import check_path
-from .core.qat import QuantConfig, check_quantizer_state, check_saved_scales, convert_to_qat
+from .core.qat import QuantConfig, check_quantizer_state, check_saved_scales, convert_listed
 
 __all__ = ["load_qat_checkpoint", "saved_quantization"]
 
@@ -94,7 +94,7 @@ def load_qat_checkpoint(
             said = " ".join(str(err).split())[:300]  # torch's message spans lines
             raise ValueError(f"{checkpoint_path} does not fit {module_class.__name__}: {said}") from err
     for config, layers in saved:  # every QuantizationAwareTraining callback's layers (disjoint), with its settings
-        convert_to_qat(model, config, include=layers)
+        convert_listed(model, config, layers)
     try:
         check_saved_scales(state, "")  # not finite and positive: the checkpoint is damaged
         check_quantizer_state(model, state)

@@ -4,7 +4,7 @@ quantizer entries it holds against the layers and settings of this fit's callbac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -105,6 +105,17 @@ def check_resumed_layers(
     # them (a trial: the same callback's checkpoint was refused)
     quantized = {id(m) for _, m in qat_modules(module)}
     mine = {name for name, m in module.named_modules(remove_duplicate=False) if id(m) in quantized}
+    modules = dict(module.named_modules(remove_duplicate=False))
+    quantizer_of = {name: id(cast(Any, modules[name]).weight_fake_quant) for name in mine}
+    tied = {quantizer_of[n] for n in saved & mine}
+    extra = sorted(n for n in mine - saved if quantizer_of[n] in tied)
+    if saved and saved < mine and extra == sorted(mine - saved):
+        raise ValueError(
+            f"QuantizationAwareTraining: the checkpoint leaves {extra[:5]} float, tied to a layer it quantizes: it was "
+            "written before layers tied to one weight shared its quantizer, and this version quantizes them together. "
+            "Load it with `load_qat_checkpoint` (which converts as it was written) to evaluate it, or start the fit "
+            "afresh."
+        )
     if saved and saved != mine:
         raise ValueError(
             f"QuantizationAwareTraining: the checkpoint quantizes the layers {sorted(saved)[:5]}"

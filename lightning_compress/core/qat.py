@@ -10,6 +10,7 @@ Parameter objects**, so optimizers keep working and ``weight``/``bias`` keep the
 from __future__ import annotations
 
 import fnmatch
+import glob
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +57,7 @@ __all__ = [
     "calibrate",
     "check_quantizer_state",
     "check_saved_scales",
+    "convert_listed",
     "convert_to_float",
     "convert_to_qat",
     "enable_fake_quant",
@@ -289,6 +291,21 @@ def convert_to_qat(
             names.append(name)
             swap(partner, quantizer)
     return _in_module_order(model, names)
+
+
+def convert_listed(
+    model: nn.Module, config: QuantConfig, layers: Sequence[str], recorded: Iterable[str] | None = None
+) -> list[str]:
+    """Convert exactly the layers named in ``layers`` (a record of a conversion: a checkpoint's, a file's), as they
+    were: a layer tied to one of them stays float unless ``recorded`` (every layer the record quantizes, with other
+    settings too; default ``layers``) names it (recorded before tied layers shared a quantizer, a tied head stayed
+    float). Returns the names converted."""
+    converted = convert_to_qat(model, config, include=[glob.escape(name) for name in layers])
+    listed = set(layers if recorded is None else recorded)
+    untied = [name for name in converted if name not in listed]
+    if untied:
+        convert_to_float(model, untied)
+    return [name for name in converted if name in listed]
 
 
 def _in_module_order(model: nn.Module, names: list[str]) -> list[str]:

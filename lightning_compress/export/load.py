@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from ..core.packing import (
     unpack_bits,
     unpack_codes,
 )
-from ..core.qat import QuantConfig, check_quantizer_state, convert_to_float, convert_to_qat, qat_modules
+from ..core.qat import QuantConfig, check_quantizer_state, convert_listed, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.quantizer_state import check_scales
 from ..core.selection import state_root, stored_weight, uncompiled
@@ -488,7 +487,4 @@ def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback:
     for key, names in groups.items():
         config = QuantConfig(**dict(key))
         # names are patterns to convert_to_qat: a module named "a*" must not also convert "ab" (never rolled back)
-        converted = convert_to_qat(model, config, include=[glob.escape(name) for name in names])
-        untied = [name for name in converted if name not in layers]  # a file of an earlier version: a tied head
-        if untied:  # its embedding quantized, the head float (it kept its own copy of the codes' float values)
-            convert_to_float(model, untied)
+        convert_listed(model, config, names, layers)  # a file of an earlier version may leave a tied head float
