@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_compress import QuantConfig, calibrate, convert_to_qat, enable_fake_quant, export_onnx
 from lightning_compress.export import onnx as onnx_export
-from lightning_compress.export.onnx_passes import share_transposed_initializers
+from lightning_compress.export.onnx_sharing import share_transposed_initializers
 
 OUT = pathlib.Path(__file__).parent / "results"
 

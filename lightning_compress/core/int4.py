@@ -15,9 +15,10 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
 
@@ -73,6 +74,29 @@ class _MatMulNBits(torch.autograd.Function):
         return out if bias is None else g.op("Add", out, bias)
 
 
+class _GatherBlockQuantized(torch.autograd.Function):
+    """``weight[ids]`` in PyTorch; one ``com.microsoft::GatherBlockQuantized`` node in ONNX, which reads the rows from
+    the packed codes ``MatMulNBits`` reads (the same bytes: a tied embedding and head store them once)."""
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight: Tensor, packed: Tensor, scales: Tensor, block_size: int) -> Tensor:
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    @symbolic_helper.parse_args("v", "v", "v", "v", "i")
+    def symbolic(g, ids, weight, packed, scales, block_size: int):  # type: ignore[no-untyped-def]
+        return g.op(
+            "com.microsoft::GatherBlockQuantized",
+            packed,
+            ids,
+            scales,
+            gather_axis_i=0,
+            quantize_axis_i=1,
+            block_size_i=block_size,
+            bits_i=4,
+        )
+
+
 @dataclass
 class Int4Weights:
     """One layer's weights in ``MatMulNBits`` form, and how to call them."""
@@ -98,6 +122,13 @@ class Int4Weights:
         )
         return out
 
+    def gather(self, ids: Tensor) -> Tensor:
+        """The rows ``ids`` of the weight (an embedding's lookup), read from the packed codes in ONNX."""
+        n, k = self.weight.shape
+        packed = self.packed.reshape(n, k // 2)
+        scales = self.scales.reshape(n, k // self.block_size)
+        return cast(Tensor, _GatherBlockQuantized.apply(ids, self.weight, packed, scales, self.block_size))
+
 
 def int4_weights(layer: Any, accuracy_level: int) -> Int4Weights | None:
     """The ``MatMulNBits`` form of a fake-quant layer with 4-bit group weights (``None`` if it has none)."""
@@ -116,7 +147,8 @@ def int4_weights(layer: Any, accuracy_level: int) -> Int4Weights | None:
     zero = torch.zeros((), dtype=torch.int32)
     codes = quantize(rows, scale, zero, -8, 7)
     dequantized = dequantize(codes, scale, zero)
-    bias = layer.bias.detach().float() if layer.bias is not None else None
+    bias = getattr(layer, "bias", None)  # an embedding has none
+    bias = bias.detach().float() if bias is not None else None
     scales = quantizer.effective_scale().detach().float().reshape(-1).contiguous()
     return Int4Weights(dequantized, pack_int4_blocks(codes, block), scales, bias, block, accuracy_level)
 
@@ -172,7 +204,10 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
         model.requires_grad_(False)
         with torch.no_grad():
             for name, layer in layers:
-                packed = None if isinstance(layer, nn.Embedding) else int4_weights(layer, accuracy_level)
+                # an embedding reads its rows from the packed codes (GatherBlockQuantized) unless its lookup
+                # renormalizes them (`max_norm`)
+                lookup = isinstance(layer, nn.Embedding) and layer.max_norm is not None
+                packed = None if lookup else int4_weights(layer, accuracy_level)
                 weights: Int4Weights | DequantizedWeights
                 if packed is not None:
                     swapped[name] = weights = packed
@@ -186,8 +221,9 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
                 layer.begin_int4(weights)
         if dequantized:
             warnings.warn(
-                f"export_onnx: {dequantized} keep float weights (their fake-quantized values): MatMulNBits is a "
-                "matmul (not an embedding lookup) and takes 4-bit groups of a power of two >= 16 input weights.",
+                f"export_onnx: {dequantized} keep float weights (their fake-quantized values): MatMulNBits and "
+                "GatherBlockQuantized take 4-bit groups of a power of two >= 16 input weights (and an embedding "
+                "without `max_norm`).",
                 UserWarning,
                 stacklevel=3,
             )

@@ -326,6 +326,9 @@ class QATEmbedding(QATLayer, nn.Embedding):
         return cast(nn.Embedding, self._share_into(nn.Embedding(**_embedding_arguments(self))))
 
     def forward(self, input: Tensor) -> Tensor:
+        gather = getattr(self._int4, "gather", None)  # int4 export: rows read from the packed codes
+        if gather is not None:
+            return cast(Tensor, gather(input))
         table = self._int4.weight if self._int4 is not None else self.quantized_weight()  # int4 export: a constant
         return F.embedding(
             input, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse,

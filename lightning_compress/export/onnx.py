@@ -41,9 +41,9 @@ from .onnx_passes import (
     integer_float_gemms,
     keep_biases_in_int32,
     quantize_before_pass_through,
-    share_transposed_initializers,
     unsigned_integers,
 )
+from .onnx_sharing import share_identical_constants, share_transposed_initializers
 from .report import CompressionReport, LayerReport
 
 __all__ = ["check_traceable", "export_onnx"]
@@ -540,6 +540,7 @@ def _export_onnx(
     # a fixed-point model's calibrated outputs get power-of-two scales too (trial CO: range / 255 scales in it)
     _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key, modes == {"power_of_two"})
     _warn_about_moved_biases(bias_shifts(proto, numpy_helper))
+    share_identical_constants(proto, numpy_helper)  # last: a tied int4 embedding and head read one copy of the codes
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))

@@ -17,7 +17,6 @@ __all__ = [
     "integer_float_gemms",
     "keep_biases_in_int32",
     "quantize_before_pass_through",
-    "share_transposed_initializers",
     "unsigned_integers",
 ]
 
@@ -486,41 +485,3 @@ def bias_shifts(proto: Any, numpy_helper: Any) -> dict[str, float]:
         moved = np.abs(bias - np.round(bias / grid) * grid)
         shifts[node.name or node.output[0]] = float(moved.max() / step)
     return shifts
-
-
-def share_transposed_initializers(proto: Any, numpy_helper: Any, min_size: int = 4096) -> None:
-    """Store once a float matrix the graph holds twice, as itself and transposed (of ``min_size`` entries or more).
-
-    A weight used both ways, a tied embedding and output head (GPT-2's ``wte`` and ``lm_head``), is stored twice:
-    the exporter folds the transpose into a constant of its own (trial: a tied LM's file twice the embedding's size).
-    The transposed copy becomes a ``Transpose`` of the other, which onnxruntime folds again when it loads the
-    model: the same values and kernels, the file one copy smaller.
-    """
-    import numpy as np
-    from onnx import TensorProto, helper
-
-    graph = proto.graph
-    inputs = {i.name for i in graph.input}
-    matrices = [
-        init
-        for init in graph.initializer
-        if len(init.dims) == 2 and init.data_type == TensorProto.FLOAT and init.name not in inputs
-        and init.dims[0] * init.dims[1] >= min_size
-    ]  # fmt: skip
-    by_shape: dict[tuple[int, int], list[Any]] = {}
-    for init in matrices:
-        by_shape.setdefault((int(init.dims[0]), int(init.dims[1])), []).append(init)
-    replaced: set[str] = set()
-    for init in matrices:
-        if init.name in replaced:
-            continue
-        partners = [p for p in by_shape.get((int(init.dims[1]), int(init.dims[0])), []) if p is not init]
-        if not partners:
-            continue
-        transposed = numpy_helper.to_array(init).T
-        for other in partners:
-            if other.name in replaced or not np.array_equal(numpy_helper.to_array(other), transposed):
-                continue
-            replaced.add(other.name)
-            graph.initializer.remove(other)
-            graph.node.insert(0, helper.make_node("Transpose", [init.name], [other.name], perm=[1, 0]))

@@ -285,28 +285,60 @@ def test_int4_groups_with_static_activations_keep_their_activation_quantization_
     assert abs(session.run(None, {"input_0": x.numpy()})[0] - want).max() < 1e-4 * abs(want).max()
 
 
-def test_a_group_quantized_embedding_exports_its_fake_quantized_table(tmp_path):
-    """Regression: `export_onnx` raised AttributeError on an embedding quantized in groups (opted in by name)."""
-    ort = pytest.importorskip("onnxruntime")
+class _TokenModel(nn.Module):
+    def __init__(self, tied: bool = False, max_norm: float | None = None) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(512, 32, max_norm=max_norm), nn.Linear(32, 512, bias=False)
+        if tied:
+            self.fc.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.emb(ids)))
+
+
+def _int4_token_model(tmp_path, **kwargs):
     from lightning_compress import export_onnx
 
-    class Tiny(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.fc = nn.Embedding(64, 32), nn.Linear(32, 64)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids))
-
     torch.manual_seed(0)
-    model = Tiny()
+    model = _TokenModel(**kwargs)
     convert_to_qat(model, QuantConfig(weight_bits=4, group_size=16), include=["emb", "*"])
-    ids = torch.randint(0, 64, (4, 16))
+    ids = torch.randint(0, 512, (4, 16))
     calibrate(model, [ids])
     enable_fake_quant(model)
     model.eval()
+    export_onnx(model, tmp_path / "emb.onnx", ids)
+    return model, ids
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_group_quantized_embedding_reads_its_rows_from_packed_int4_codes(tmp_path, tied):
+    """An embedding quantized in 4-bit groups exported its fake-quantized table in float (and before that raised
+    AttributeError); tied to the head, the ONNX held that float table beside the head's packed codes (trial DS). It
+    reads its rows from packed codes now (onnxruntime's GatherBlockQuantized), the same bytes MatMulNBits reads, so a
+    tied embedding and head store one copy of the codes and scales."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*keep float weights.*")
+        model, ids = _int4_token_model(tmp_path, tied=tied)
+    proto = onnx.load(str(tmp_path / "emb.onnx"))
+    assert [n.op_type for n in proto.graph.node].count("GatherBlockQuantized") == 1
+    tables = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.raw_data) == 8192]
+    assert len(tables) == (1 if tied else 2)  # 512 x 32 codes, two per byte: once when tied
+    floats = [len(i.raw_data) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert floats.count(4096) == (1 if tied else 2) and max(floats) <= 4096  # the scales; no float table
+    session = ort.InferenceSession(str(tmp_path / "emb.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = model(ids).numpy()
+    assert abs(session.run(None, {"input_0": ids.numpy()})[0] - want).max() < 1e-4 * abs(want).max()
+
+
+def test_an_embedding_that_renormalizes_its_rows_exports_its_fake_quantized_table(tmp_path):
+    """`max_norm` rescales the rows a lookup reads, which GatherBlockQuantized does not: such an embedding keeps its
+    fake-quantized table in float, said."""
+    ort = pytest.importorskip("onnxruntime")
     with pytest.warns(UserWarning, match=r"\['emb'\] keep float weights \(their fake-quantized values\)"):
-        export_onnx(model, tmp_path / "emb.onnx", ids)
+        model, ids = _int4_token_model(tmp_path, max_norm=1.0)
     session = ort.InferenceSession(str(tmp_path / "emb.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = model(ids).numpy()

@@ -1152,3 +1152,37 @@ def test_a_float_gemm_on_weights_stored_in_out_becomes_an_integer_product_only_w
     ops = [n.op_type for n in proto.graph.node]
     assert ("MatMulInteger" in ops) == (axis == 1) and ("Gemm" in ops) == (axis == 0)
     np.testing.assert_allclose(outputs(proto), want, rtol=1e-5, atol=1e-6)
+
+
+def test_identical_constants_are_stored_once_whatever_their_shapes():
+    """A tied int4 embedding and head: the exporter wrote the packed codes GatherBlockQuantized and MatMulNBits read
+    twice, (V, d/2) and (V, d/block, block/2). Constants of equal values (initializers and Constant nodes) are one
+    initializer now, the others a Reshape (or Identity) of it: the same outputs, the file one copy smaller."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_compress.export.onnx_sharing import share_identical_constants
+
+    values = np.random.default_rng(0).standard_normal(4096).astype(np.float32)
+    other = values[::-1].copy()
+    inits = [
+        numpy_helper.from_array(values.reshape(4, 1024), "a"),
+        numpy_helper.from_array(values.reshape(1024, 4), "b"),  # same values, another shape
+        numpy_helper.from_array(values.reshape(4, 1024), "d"),  # same values and shape
+        numpy_helper.from_array(other, "e"),  # other values
+    ]
+    constant = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(values, "c"))
+    nodes = [constant] + [helper.make_node("Mul", [n, "x"], [f"y_{n}"]) for n in "abcde"]
+    shapes = {"a": [4, 1024], "b": [1024, 4], "c": [4096], "d": [4, 1024], "e": [4096]}
+    outputs = [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, shapes[n]) for n in "abcde"]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])], outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": np.asarray(2.0, dtype=np.float32)}
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    share_identical_constants(proto, numpy_helper)
+    onnx.checker.check_model(proto)
+    assert sorted(i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT) == ["a", "e"]
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert all(np.array_equal(x, y) and x.shape == y.shape for x, y in zip(before, after, strict=True))
