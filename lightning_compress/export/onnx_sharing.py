@@ -27,6 +27,8 @@ def share_transposed_initializers(proto: Any, numpy_helper: Any, min_size: int =
 
     graph = proto.graph
     inputs = {i.name for i in graph.input}
+    # the fake-quantized float weights of an int4 export's fallback are Constant nodes (trial DT: a tied table twice)
+    constants_as_initializers(graph, 4 * min_size)
     matrices = [
         init
         for init in graph.initializer
@@ -60,15 +62,7 @@ def share_identical_constants(proto: Any, numpy_helper: Any, min_bytes: int = 40
 
     graph = proto.graph
     kept_names = {i.name for i in graph.input} | {o.name for o in graph.output}
-    for node in list(graph.node):  # large Constant nodes become initializers, which the rest of the pass reads
-        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
-            continue
-        tensor = node.attribute[0].t
-        if node.output[0] in kept_names or _size(tensor) < min_bytes:
-            continue
-        tensor.name = node.output[0]
-        graph.initializer.append(tensor)
-        graph.node.remove(node)
+    constants_as_initializers(graph, min_bytes)
     first: dict[tuple[int, bytes], Any] = {}
     for init in list(graph.initializer):
         if init.name in kept_names or _size(init) < min_bytes:
@@ -84,6 +78,21 @@ def share_identical_constants(proto: Any, numpy_helper: Any, min_bytes: int = 40
         shape = numpy_helper.from_array(_int64(list(init.dims)), f"{init.name}_shape")
         graph.initializer.append(shape)
         graph.node.insert(0, helper.make_node("Reshape", [kept.name, shape.name], [init.name]))
+
+
+def constants_as_initializers(graph: Any, min_bytes: int) -> None:
+    """Turn the ``Constant`` nodes of ``min_bytes`` or more (a graph output's excepted) into initializers of the same
+    name: the same values, read by the passes that look at initializers."""
+    outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+            continue
+        tensor = node.attribute[0].t
+        if node.output[0] in outputs or _size(tensor) < min_bytes:
+            continue
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
 
 
 def _size(tensor: Any) -> int:

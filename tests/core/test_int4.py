@@ -333,6 +333,28 @@ def test_a_group_quantized_embedding_reads_its_rows_from_packed_int4_codes(tmp_p
     assert abs(session.run(None, {"input_0": ids.numpy()})[0] - want).max() < 1e-4 * abs(want).max()
 
 
+def test_a_tied_table_that_falls_back_to_float_is_stored_once(tmp_path):
+    """Trial DT: groups MatMulNBits cannot take (8 weights) export fake-quantized float weights as Constant nodes,
+    which the pass storing a tied table and its transpose once did not read: the "int4" file held the table twice and
+    was larger than the fp32 one."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    torch.manual_seed(0)
+    model = _TokenModel(tied=True)
+    convert_to_qat(model, QuantConfig(weight_bits=4, group_size=8), include=["emb", "*"])
+    ids = torch.randint(0, 512, (4, 16))
+    calibrate(model, [ids])
+    enable_fake_quant(model)
+    with pytest.warns(UserWarning, match=r"\['emb', 'fc'\] keep float weights"):
+        export_onnx(model.eval(), tmp_path / "m.onnx", ids)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    tables = [i for i in proto.graph.initializer if len(i.raw_data) == 512 * 32 * 4]
+    constants = [n for n in proto.graph.node if n.op_type == "Constant" and len(n.attribute[0].t.raw_data) >= 65536]
+    assert len(tables) == 1 and not constants
+
+
 def test_an_embedding_that_renormalizes_its_rows_exports_its_fake_quantized_table(tmp_path):
     """`max_norm` rescales the rows a lookup reads, which GatherBlockQuantized does not: such an embedding keeps its
     fake-quantized table in float, said."""
