@@ -11,26 +11,22 @@ for its own ``quantize_static`` output. Needs the ``onnx`` extra.
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
 import secrets
-import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.parametrize import is_parametrized
 
 from ..core.checks import check_int, check_module, check_output_path
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
-from ..core.tracing import check_example_inputs, plain_float, without_cache
+from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_passes import (
@@ -44,6 +40,17 @@ from .onnx_passes import (
     unsigned_integers,
 )
 from .onnx_sharing import share_identical_constants, share_transposed_initializers
+from .onnx_tracing import (
+    as_args,
+    check_names,
+    check_traceable,
+    composite_attention,
+    listed,
+    tensor_leaves,
+    trace_error,
+    tracing_call,
+    unwrapped,
+)
 from .report import CompressionReport, LayerReport
 
 __all__ = ["check_traceable", "export_onnx"]
@@ -56,273 +63,6 @@ def _require(name: str) -> Any:
         raise ImportError(
             f"export_onnx needs `{name}`: install the extra with pip install 'lightning-compress[onnx]'."
         ) from err
-
-
-def _as_args(example_inputs: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Mapping):
-        return (dict(example_inputs),)  # a trailing dict: keyword arguments
-    if isinstance(example_inputs, Sequence):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"`example_inputs` must be a Tensor, a tuple of positional inputs or a dict of keyword inputs, "
-        f"got {type(example_inputs).__name__}."
-    )
-
-
-class _Keywords(nn.Module):
-    """Calls ``model(**{name: tensor}, **constants)`` from positional tensors: the tracer passes inputs positionally;
-    ``constants`` (flags, ints, ``None``) are fixed in the graph."""
-
-    def __init__(self, model: nn.Module, names: list[str], constants: dict[str, Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.names = names
-        self.constants = constants
-
-    def forward(self, *tensors: Tensor) -> Any:
-        return self.model(**dict(zip(self.names, tensors, strict=True)), **self.constants)
-
-
-class _KeywordCall(nn.Module):
-    """Calls ``model(**inputs)`` from one dict of keyword inputs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs: dict[str, Any]) -> Any:
-        return self.model(**inputs)
-
-
-class _Structured(nn.Module):
-    """Calls ``model(*args)`` whose positional inputs include dicts, lists or tuples of tensors, from the flat
-    tensors the tracer passes (``torch.onnx.export`` would read a trailing dict as keyword arguments)."""
-
-    def __init__(self, model: nn.Module, args: tuple[Any, ...]) -> None:
-        super().__init__()
-        self.model = model
-        self.template = args
-
-    def forward(self, *tensors: Tensor) -> Any:
-        return self.model(*_refill(self.template, iter(tensors)))
-
-
-def _leaves(value: Any, name: str) -> list[tuple[str, Tensor]]:
-    """The tensors of a nested input, in order, named by their dict keys (else by position)."""
-    if isinstance(value, Tensor):
-        return [(name, value)]
-    if isinstance(value, Mapping):
-        return [leaf for key, item in value.items() for leaf in _leaves(item, str(key))]
-    if isinstance(value, (list, tuple)):
-        return [leaf for i, item in enumerate(value) for leaf in _leaves(item, f"{name}_{i}")]
-    return []  # other values (ints, flags, None) are constants of the graph
-
-
-def _refill(template: Any, tensors: Iterator[Tensor]) -> Any:
-    if isinstance(template, Tensor):
-        return next(tensors)
-    if isinstance(template, Mapping):
-        return {key: _refill(item, tensors) for key, item in template.items()}
-    if isinstance(template, (list, tuple)):
-        return type(template)([_refill(item, tensors) for item in template])
-    return template
-
-
-@contextmanager
-def _composite_attention() -> Iterator[None]:
-    """``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run a fused kernel in eval mode without
-    gradients, which has no ONNX form: the export traces their composite operations instead (restored after)."""
-    backend = getattr(torch.backends, "mha", None)
-    if backend is None:
-        yield
-        return
-    before = backend.get_fastpath_enabled()
-    backend.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        backend.set_fastpath_enabled(before)
-
-
-def _tracing(model: nn.Module, example_inputs: Any) -> tuple[nn.Module, tuple[Any, ...], list[str], list[str] | None]:
-    """What the tracer calls and with what: the module (``model``, or one that passes keyword or nested inputs), its
-    positional tensors, the example's keyword inputs that hold tensors (the graph's inputs, in order; trial BV: a
-    flag among them gave the tracer's message), and the names of a nested input's tensors (``None`` otherwise)."""
-    if isinstance(example_inputs, Mapping):
-        keys = [k for k, v in example_inputs.items() if _leaves(v, "")]
-        if all(isinstance(example_inputs[k], Tensor) for k in keys):
-            constants = {k: v for k, v in example_inputs.items() if k not in keys}
-            return _Keywords(model, keys, constants), tuple(example_inputs[k] for k in keys), keys, None
-        # a value holding several tensors (a tuple, a dict): each tensor one input, named by its keys (trial CA: a
-        # trailing dict was read as the tracer's keyword arguments, a tuple became one misnamed input)
-        template = (dict(example_inputs),)
-        leaves = _leaves(template, "input")
-        unique = len({n for n, _ in leaves}) == len(leaves)
-        names = [n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]
-        return _Structured(_KeywordCall(model), template), tuple(t for _, t in leaves), [], names
-    args = _as_args(example_inputs)
-    if all(isinstance(a, Tensor) for a in args):
-        # the tracer passes a keyword-only parameter's default as one more positional input: called through a
-        # module that passes the tensors only (trial DB: `forward(self, x, *, scale=1.0)` gave a bare TypeError)
-        return (_Structured(model, args) if _has_keyword_only(model) else model), args, [], None
-    leaves = _leaves(args, "input")  # e.g. forward(batch: dict)
-    unique = len({n for n, _ in leaves}) == len(leaves)
-    names = [n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]
-    return _Structured(model, args), tuple(t for _, t in leaves), [], names
-
-
-def _has_keyword_only(model: nn.Module) -> bool:
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a forward without a signature: traced as it is
-        return False
-    return any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
-
-
-def _trace_error(err: RuntimeError, model: nn.Module, example_inputs: Any, opset: int) -> ValueError:
-    """The exporter's error (an operator it lacks, a SymbolicValueError) or the model's, said with what to change."""
-    if "onnx_opset_version" in str(err):
-        return ValueError(
-            f"`opset`={opset} is newer than this torch's ONNX exporter supports ({err}); try 17 (the default)."
-        )
-    if "dynamo-optimized" in str(err):
-        return ValueError(
-            f"export_onnx cannot trace {type(model).__name__}: it runs code compiled by `torch.compile` (a "
-            "compiled function it calls), which the ONNX tracer cannot enter. "
-            "Export the model before compiling it, or an uncompiled instance given its weights "
-            "(`load_state_dict`)."
-        )
-    constant = re.search(r"output (\d+) \(.*did not have observable data dependence", str(err), re.DOTALL)
-    if constant:  # trial DK: "output 1 (3 What to change: replace that operation", the number cut at a line break
-        return ValueError(
-            f"export_onnx cannot trace {type(model).__name__}: output {constant.group(1)} of its forward (flattened, "
-            "from 0) does not depend on the inputs: a Python number or a constant it returns. An ONNX graph computes "
-            "its outputs from its inputs: return only tensors computed from them (drop the constant, or export a "
-            "module that returns the tensors alone)."
-        )
-    # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
-    # characters), which the chained exception still holds
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    first = first if len(first) <= 300 else first[:300] + " ..."
-    parametrized = [n for n, m in model.named_modules() if is_parametrized(m)]
-    where = (  # trial DK: an operator of spectral_norm's / orthogonal's parametrization was blamed on the forward
-        f"replace that operation in the model's forward, or in the parametrizations of {parametrized[:3]}, which run "
-        "in it (`torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')` keeps their current weight)"
-        if parametrized
-        else "replace that operation in the model's forward"
-    )
-    return ValueError(
-        f"export_onnx cannot trace {type(model).__name__}: {first} What to change: "
-        f"{_trace_hint(example_inputs, model)}{where} (a newer `opset` may support it)."
-    )
-
-
-def check_traceable(model: nn.Module, example_inputs: Any, opset: int = 17) -> None:
-    """Raise the ``ValueError`` :func:`export_onnx` would raise for an operation the ONNX exporter cannot convert,
-    without writing a file: the model's own graph is traced (fake quantization off), without its weights
-    (``export_params=False``) and into a scratch file, so it costs one forward and the graph's conversion. The callbacks
-    run it at ``setup`` for an ONNX ``export_path`` (trial BY: a Llama whose example held no attention mask
-    trained to the end, then failed to export)."""
-    with uncompiled(_unwrapped(model)) as plain:  # as export_onnx traces it
-        _check_traceable(plain, example_inputs, opset)
-
-
-def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
-    traced_model, traced_args, _, _ = _tracing(model, example_inputs)
-    with (
-        plain_float(model),  # the model's own operations: the quantizers' export forms are this package's
-        eager(model),
-        without_cache(model),
-        torch.no_grad(),
-        _composite_attention(),
-        warnings.catch_warnings(),
-        tempfile.TemporaryDirectory() as scratch,
-    ):
-        warnings.simplefilter("ignore")  # the tracer's warnings are for the export itself
-        try:
-            torch.onnx.export(
-                traced_model, traced_args, str(Path(scratch) / "graph.onnx"), opset_version=opset,
-                export_params=False, do_constant_folding=False, dynamo=False,
-            )  # fmt: skip
-        except RuntimeError as err:
-            raise _trace_error(err, model, example_inputs, opset) from err
-
-
-def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
-    """For ``transformers`` models given ids without their mask: pass the mask (the one a model builds itself uses
-    operators the exporter lacks); nothing to add otherwise."""
-    if not isinstance(example_inputs, dict):
-        # a transformers PreTrainedModel called with a bare tensor, itself or inside the model (a LightningModule
-        # that wraps one: a trial's export_path was told to replace an operator of the model's forward)
-        names = (getattr(m, "main_input_name", None) for m in model.modules())
-        main = next((n for n in names if isinstance(n, str) and n in ("input_ids", "input_features")), None)
-        tensors = len(_leaves(example_inputs, "input"))
-        if main is not None and not _takes_keyword(model, main) and tensors == 1:  # a wrapper given the ids alone
-            return (
-                "the `transformers` model inside builds a missing attention mask with operators the exporter lacks: "
-                f"give {type(model).__name__}.forward the mask and pass it to the model inside, then pass both in "
-                "`example_inputs`; otherwise "
-            )
-        if main is not None and tensors == 1:
-            return (
-                f"pass a dict with `{main}` and its mask (`attention_mask`, or `decoder_attention_mask` for an "
-                "encoder-decoder) as `example_inputs` (a `transformers` model builds the missing mask with operators "
-                "the exporter lacks); otherwise "
-            )
-        if main is not None:  # several tensors, the mask among them (trial DL: a wrapper given both, failing on
-            return (  # an MoE router's `histc`, was told to give its forward the mask)
-                "if the `transformers` model inside is called without its attention mask, pass it the mask (the one "
-                "it builds uses operators the exporter lacks); otherwise "
-            )
-        return ""
-    missing = [
-        mask
-        for ids, mask in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask"))
-        if ids in example_inputs and mask not in example_inputs
-    ]
-    if "input_features" in example_inputs and "decoder_attention_mask" not in example_inputs:
-        missing.append("decoder_attention_mask")  # an encoder-decoder on audio (Whisper) builds the decoder's mask
-    if not missing:
-        return ""
-    said = " and ".join(f"`{m}`" for m in dict.fromkeys(missing))
-    if all(_takes_keyword(model, m) for m in missing):
-        how = f"pass {said} in `example_inputs`"
-    else:  # trial DL: a wrapper whose forward lacks the argument was told to pass it, and then failed on it
-        how = f"give {type(model).__name__}.forward {said}, pass it to the model inside and in `example_inputs`"
-    return f"{how} (a `transformers` model builds the missing mask with operators the exporter lacks); otherwise "
-
-
-def _takes_keyword(model: nn.Module, name: str) -> bool:
-    """Whether ``model``'s forward accepts ``name`` as a keyword (or any keyword)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def _iterable(value: object, argument: str) -> list[Any]:
-    try:
-        return list(value)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(f"`{argument}` must be a list of strings or None, got {value!r}.") from None
-
-
-def _check_names(
-    inputs: list[str], outputs: list[str], n_in: int, n_out: int, dynamic_axes: Mapping[str, Any] | None
-) -> None:
-    """The graph's input and output names against what the model takes and returns, before tracing."""
-    if len(inputs) != n_in:
-        raise ValueError(f"`input_names` names {len(inputs)} inputs ({inputs}); the model is traced with {n_in}.")
-    if len(outputs) > n_out:
-        raise ValueError(f"`output_names` names {len(outputs)} outputs ({outputs}); the model returns {n_out}.")
-    unknown = sorted(set(dynamic_axes or {}) - set(inputs) - set(outputs))
-    if unknown:
-        raise ValueError(
-            f"`dynamic_axes` names {unknown}, which are not among the inputs {inputs} or outputs {outputs}."
-        )
 
 
 def export_onnx(
@@ -379,21 +119,11 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
-    with uncompiled(_unwrapped(model)) as plain:  # the TorchScript exporter cannot trace compiled modules
+    with uncompiled(unwrapped(model)) as plain:  # the TorchScript exporter cannot trace compiled modules
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
             dynamic_axes=dynamic_axes, accuracy_level=accuracy_level, calibration=calibration, weight_type=weight_type,
         )  # fmt: skip
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module a Lightning Fabric wrapper holds (its forward runs the model under the precision's autocast: a
-    trial's `bf16-mixed` export wrote a bfloat16 graph onnxruntime refuses), else ``model``. Only Fabric's own
-    wrapper: a plain model whose state dict names an inner module's is exported whole."""
-    from lightning.fabric.wrappers import is_wrapped
-
-    inner = getattr(model, "module", None)
-    return inner if is_wrapped(model) and isinstance(inner, nn.Module) else model
 
 
 def _export_onnx(
@@ -430,7 +160,7 @@ def _export_onnx(
     path = check_output_path(path)
     for argument, names_given in (("input_names", input_names), ("output_names", output_names)):
         if names_given is not None and (
-            isinstance(names_given, str) or not all(isinstance(n, str) for n in _iterable(names_given, argument))
+            isinstance(names_given, str) or not all(isinstance(n, str) for n in listed(names_given, argument))
         ):
             raise TypeError(f"`{argument}` must be a list of strings or None, got {names_given!r}.")
     check_int(opset, "opset", minimum=13)
@@ -454,9 +184,9 @@ def _export_onnx(
     onnx = _require("onnx")
     from onnx import numpy_helper
 
-    args = _as_args(example_inputs)
+    args = as_args(example_inputs)
     if isinstance(example_inputs, Mapping):  # values holding no tensor (`return_dict=False`) are graph constants
-        names = list(input_names or [k for k, v in example_inputs.items() if _leaves(v, "")])
+        names = list(input_names or [k for k, v in example_inputs.items() if tensor_leaves(v, "")])
     else:
         names = list(input_names or [f"input_{i}" for i in range(len(args))])
     if accuracy_level not in (0, 1, 2, 3, 4):
@@ -478,7 +208,7 @@ def _export_onnx(
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, Mapping)
-    traced_model, traced_args, keys, leaf_names = _tracing(model, example_inputs)
+    traced_model, traced_args, keys, leaf_names = tracing_call(model, example_inputs)
     if leaf_names is not None:
         names = list(input_names or leaf_names)
     with (
@@ -486,7 +216,7 @@ def _export_onnx(
         eager(model),
         without_cache(model),
         torch.no_grad(),
-        _composite_attention(),
+        composite_attention(),
         warnings.catch_warnings(),
     ):
         if accuracy_level and not (grouped and swapped):  # trial DE: level 4 was dropped in silence
@@ -500,9 +230,9 @@ def _export_onnx(
         # the activation scales are read as Python numbers on purpose: they are the graph's constants
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
         outputs = model(**args[0]) if keyword else model(*args)
-        n_out = len(_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
+        n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
-        _check_names(names, outs, len(traced_args), n_out, dynamic_axes)
+        check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over
         try:
             torch.onnx.export(
@@ -519,7 +249,7 @@ def _export_onnx(
             )
         except RuntimeError as err:  # the exporter's (an operator it lacks, a SymbolicValueError), or the model's
             traced.unlink(missing_ok=True)
-            raise _trace_error(err, model, example_inputs, opset) from err
+            raise trace_error(err, model, example_inputs, opset) from err
     try:
         proto = onnx.load(str(traced))
     finally:
@@ -535,7 +265,9 @@ def _export_onnx(
     gather_quantized_rows(proto, numpy_helper)
     share_transposed_initializers(proto, numpy_helper)
     by_key = keyword and leaf_names is None  # plain keyword tensors, fed by key; nested ones by their leaves' names
-    order = keys if by_key else [name for name, _ in _leaves(args, "input")]  # the graph's inputs, as the example's
+    order = (
+        keys if by_key else [name for name, _ in tensor_leaves(args, "input")]
+    )  # the graph's inputs, as the example's
     modes = {q.mode for _, q in quantizers(model)}
     # a fixed-point model's calibrated outputs get power-of-two scales too (trial CO: range / 255 scales in it)
     _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key, modes == {"power_of_two"})
@@ -600,7 +332,7 @@ def _feed(number: int, batch: Any, names: list[str], order: list[str], keyword: 
         tensors = [batch[k] for k in order]
     else:
         try:
-            leaves = _leaves(_as_args(batch), "input")
+            leaves = tensor_leaves(as_args(batch), "input")
         except TypeError as err:  # not a tensor, tuple or dict
             raise ValueError(f"`calibration` batch {number} is a {type(batch).__name__}: {like}.") from err
         named = dict(leaves)
