@@ -11,6 +11,7 @@ function whose ONNX form is one ``MatMulNBits`` node (plus an ``Add`` for the bi
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -197,6 +198,7 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
     training = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     swapped: dict[str, Int4Weights] = {}
+    packed_by_quantizer: dict[int, Int4Weights] = {}  # layers tied to one weight share its quantizer: packed once
     dequantized: list[str] = []
     layers: list[tuple[str, Any]] = list(qat_modules(model))
     try:
@@ -207,7 +209,14 @@ def int4_export_mode(model: nn.Module, accuracy_level: int = 0) -> Iterator[dict
                 # an embedding reads its rows from the packed codes (GatherBlockQuantized) unless its lookup
                 # renormalizes them (`max_norm`)
                 lookup = isinstance(layer, nn.Embedding) and layer.max_norm is not None
-                packed = None if lookup else int4_weights(layer, accuracy_level)
+                packed = None if lookup else packed_by_quantizer.get(id(layer.weight_fake_quant))
+                if packed is not None:  # the codes and scales of a tied layer, with this layer's bias
+                    bias = getattr(layer, "bias", None)
+                    packed = dataclasses.replace(packed, bias=None if bias is None else bias.detach().float())
+                elif not lookup:
+                    packed = int4_weights(layer, accuracy_level)
+                    if packed is not None:
+                        packed_by_quantizer[id(layer.weight_fake_quant)] = packed
                 weights: Int4Weights | DequantizedWeights
                 if packed is not None:
                     swapped[name] = weights = packed

@@ -63,9 +63,13 @@ def share_identical_constants(proto: Any, numpy_helper: Any, min_bytes: int = 40
     graph = proto.graph
     kept_names = {i.name for i in graph.input} | {o.name for o in graph.output}
     constants_as_initializers(graph, min_bytes)
+    candidates = [i for i in graph.initializer if i.name not in kept_names and _size(i) >= min_bytes]
+    sizes: dict[tuple[int, int], int] = {}
+    for init in candidates:  # only constants of a type and size another has are read and hashed
+        sizes[(init.data_type, _size(init))] = sizes.get((init.data_type, _size(init)), 0) + 1
     first: dict[tuple[int, bytes], Any] = {}
-    for init in list(graph.initializer):
-        if init.name in kept_names or _size(init) < min_bytes:
+    for init in candidates:
+        if sizes[(init.data_type, _size(init))] < 2:
             continue
         key = (init.data_type, hashlib.sha256(numpy_helper.to_array(init).tobytes()).digest())
         kept = first.setdefault(key, init)
