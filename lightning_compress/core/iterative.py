@@ -21,10 +21,8 @@ optimizer steps.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -37,6 +35,7 @@ from .controller import AccuracyGuard, GuardDecision
 from .functional import warn_if_min_density_idle
 from .importance import Importance, auto_importance_of
 from .iterative_state import STATE_VERSION, check_compatible, check_state, migrate_state
+from .judge import EventJudge, Rollback
 from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
@@ -44,7 +43,6 @@ from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
 from .selection import Target, select_targets, state_root
 from .sharding import is_sharded
-from .snapshot import JudgedModel, ModelSnapshot
 
 __all__ = [
     "DEFAULT_EVENTS",
@@ -67,16 +65,6 @@ channels are pruned")."""
 def default_events(granularity: str) -> int:
     """About how many events a schedule of ``granularity`` makes when no cadence is given."""
     return DEFAULT_EVENTS if granularity == "element" else STRUCTURED_DEFAULT_EVENTS
-
-
-@dataclass(frozen=True)
-class Rollback:
-    """An event :meth:`IterativePruner.finish` rolled back."""
-
-    before: float  # sparsity with the event
-    after: float  # sparsity without it
-    whole_model: bool  # the model is the one the last evaluation judged (else: only the pruned weights went back)
-    kept: bool = False  # not rolled back: no copy of the model before it (``after`` is ``before``)
 
 
 _TOLERANCE = 1e-9  # sparsities closer than this to the target count as the target
@@ -236,11 +224,6 @@ class IterativePruner:
             )
         self.config = config
         self._model = model
-        # with the guard: the model as the last evaluation saw it (taken at `observe`), what a rollback returns to
-        self._judged = JudgedModel(model)
-        self.restored_value: float | None = None  # that value after a rollback that restored that model exactly
-        self._saved_judgement: dict[str, Any] | None = None  # a checkpoint's `judged` entry, until adopted
-        self.resumed_copy = False  # the copy a rollback returns to came from a checkpoint (:meth:`load_state_dict`)
         self._gradients_checked = False  # whether `step` checked once that it reads gradients
         self._warn = warn or _warn
         self._info = info or logging.getLogger(__name__).info
@@ -274,10 +257,8 @@ class IterativePruner:
         self.events = 0
         self.initial_sparsity = 0.0  # what the schedule starts from: a model pruned before (:meth:`keep_zeros`)
         self.left_unmasked: list[str] = []  # weights :meth:`keep_zeros` left to train back
-        self.waited_for_quantization = 0  # events that waited for an evaluation of the model quantized
-        self._join_next = False  # the next event runs beside the one awaiting judgement (:meth:`judgement_skipped`)
-        self.guard = None if config.max_drop is None else AccuracyGuard(config.max_drop, config.mode)
-        self.decisions: list[GuardDecision] = []
+        # with ``max_drop``: which events may run, the model a rollback returns to, the decisions
+        self.judge = None if config.max_drop is None else EventJudge(model, config.max_drop, config.mode, self._warn)
         self.optimizers: list[torch.optim.Optimizer] = []
         self._grads_masked = False
         self._warned_floors: set[str] = set()
@@ -400,8 +381,8 @@ class IterativePruner:
     def _continue(self, previous: IterativePruner) -> None:
         if previous._model is not self._model:  # another model: its masks and baseline say nothing of this one
             return
-        if self._pruner.adopt(previous._pruner.masks):
-            self.guard, self.decisions = previous.guard, previous.decisions
+        if self._pruner.adopt(previous._pruner.masks) and self.judge is not None and previous.judge is not None:
+            self.judge.carry(previous.judge)
 
     def attach_optimizers(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> None:
         """Zero the state of pruned weights in these optimizers now and at every event."""
@@ -419,10 +400,36 @@ class IterativePruner:
 
     # ------------------------------------------------------------------ what the run looks like now
     @property
+    def guard(self) -> AccuracyGuard | None:
+        """The accuracy guard's state (baseline, step cap, whether an event awaits judgement); ``None`` without
+        ``max_drop``."""
+        return None if self.judge is None else self.judge.guard
+
+    @property
+    def decisions(self) -> list[GuardDecision]:
+        """The guard's decisions so far (empty without ``max_drop``)."""
+        return [] if self.judge is None else self.judge.decisions
+
+    @property
+    def restored_value(self) -> float | None:
+        """After the last :meth:`observe`'s rollback: the value of the evaluation whose model it restored exactly."""
+        return None if self.judge is None else self.judge.restored_value
+
+    @property
+    def resumed_copy(self) -> bool:
+        """Whether the copy a rollback returns to came from a checkpoint (:meth:`load_state_dict`)."""
+        return self.judge is not None and self.judge.resumed_copy
+
+    @property
+    def waited_for_quantization(self) -> int:
+        """Event times that waited for an evaluation of the model as quantization switched it."""
+        return 0 if self.judge is None else self.judge.waited_for_quantization
+
+    @property
     def judged_value(self) -> float | None:
         """What the evaluation gave whose model a rollback would return to (``None``: no such copy, or one taken
         without an evaluation)."""
-        return self._judged.known_value
+        return None if self.judge is None else self.judge.judged.known_value
 
     @property
     def target_sparsity(self) -> float:
@@ -510,7 +517,7 @@ class IterativePruner:
             self._pruner.observe_gradients(params)
         self._pruner.mask_gradients(params)
         self._grads_masked = True
-        self._judged.trained_since = True  # the model moves from the judged copy
+        self._moved()
 
     def step(self) -> bool:
         """After every optimizer step: advance the clock by one and run an event if one is due.
@@ -529,8 +536,12 @@ class IterativePruner:
         elif not self.optimizers:  # masked gradients, but momentum no one zeroed moved pruned weights: zero them
             self._pruner.apply()
         self._grads_masked = False
-        self._judged.trained_since = True
+        self._moved()
         return self.advance_to(self.steps + 1)
+
+    def _moved(self) -> None:
+        if self.judge is not None:
+            self.judge.moved()  # the model moves from the judged copy
 
     def _check_gradients_once(self) -> None:
         """Gradient scores read in :meth:`step` need the gradients still there: after ``zero_grad(set_to_none=False)``
@@ -555,22 +566,11 @@ class IterativePruner:
         self._save_rewind_point_if_due()
         if not self._event_due(t):
             return False
+        judge = self.judge
+        first_event = self.schedule.start + self.schedule.every
+        if judge is not None and not judge.allows(t, self.judged_until, self.wait_for_baseline, first_event):
+            return False
         guard = self.guard
-        if guard is not None:
-            if guard.baseline is None:
-                if self.wait_for_baseline:
-                    return False
-                raise ValueError(
-                    "the accuracy guard (`max_drop`) has no value before the first pruning event: evaluate and "
-                    f"`observe(value)` before step {self.schedule.start + self.schedule.every}, or set `max_drop=None`."
-                )
-            if guard.stopped or (guard.awaiting_check and not self._join_next):
-                return False
-            if self.judged_until is not None and t > self.judged_until:
-                return False  # no evaluation before the end of the run would judge it
-            if not self._judged.quantizes_alike():
-                self.waited_for_quantization += 1
-                return False  # quantization switched on since the last evaluation: it first judges the model so
         previous = self.masked_sparsity()
         last = t > self.schedule.end or (guard is not None and t == self.judged_until)  # no later event is judged
         wanted = self.target_sparsity if last else self.schedule.sparsity_at(t)
@@ -579,22 +579,17 @@ class IterativePruner:
         regrow = 0.0 if wanted >= self.target_sparsity - _TOLERANCE else None  # the last event is an exact top-k
         # replicated weights (DDP) take rank 0's masks; sharded ones are decided from counts every process shares
         sync = None if self.collectives.world_size == 1 or self._pruner.sharded else self._broadcast
-        # the copy `observe` took is the model the last evaluation judged; a resumed run has none yet: take it now
-        # an event joining an unjudged one takes none: the copy would hold that event, which nothing judged
         joining = guard is not None and guard.awaiting_check
-        copy = None if guard is None or joining or self._judged.held else ModelSnapshot(self._model)
+        copy = None if judge is None else judge.copy_before_event(self._model)
         if not self._pruner.prune_to(wanted, keep_undo=guard is not None, sync=sync, regrow=regrow, join_undo=joining):
             # nothing changed: floors (or whole quantization blocks) may hold every unit back (trial CA)
             self.fell_short = self.masked_sparsity() < wanted - 1.0 / max(1, self._pruner.total)
             return False
-        if copy is not None:  # taken now, after no evaluation: its value is not known
-            self._judged.hold(copy, None)
         self._zero_optimizer_state()
         now = self.masked_sparsity()
         self.fell_short = now < wanted - 1.0 / max(1, self._pruner.total)  # floors (or units) held this event back
-        if guard is not None:
-            guard.event_applied(previous, now)
-        self._join_next = False
+        if judge is not None:
+            judge.event_applied(copy, previous, now)
         self.events += 1
         self._warn_floors(wanted)
         return True
@@ -603,14 +598,15 @@ class IterativePruner:
         """The evaluation that was to judge the event awaiting judgement will not come (a resumed fit: Lightning skips
         the validation of the batch its checkpoint was saved after): the next event runs beside it, on the schedule,
         and the next evaluation judges both; a rollback returns to the masks before the first."""
-        self._join_next = self.guard is not None and self.guard.awaiting_check
+        if self.judge is not None:
+            self.judge.judgement_skipped()
 
     def set_clock(self, t: int) -> None:
         """Set the clock to ``t`` steps done without running an event: a resumed run whose steps count otherwise
         (another number of devices or batch size makes other optimizer steps per epoch)."""
         check_int(t, "t")
-        if self._judged.steps is not None:
-            self._judged.steps += t - self.steps
+        if self.judge is not None:
+            self.judge.shift_clock(t - self.steps)
         self.steps = t
 
     def _event_due(self, t: int) -> bool:
@@ -639,7 +635,7 @@ class IterativePruner:
         The last value before the first event is the baseline; the first one after an event judges
         it: more than ``max_drop`` worse rolls it back at once and halves the step.
         """
-        if self.guard is None:
+        if self.judge is None:
             raise ValueError("`observe` feeds the accuracy guard, which is off: set `max_drop` to turn it on.")
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
@@ -647,57 +643,10 @@ class IterativePruner:
             raise TypeError(
                 f"`value` must be a number (the evaluation result), got {type(value).__name__} ({value!r})."
             )
-        decision = self.guard.observe(float(value))
-        self._join_next = self._join_next and self.guard.awaiting_check
-        rolled_back = decision is not None and decision.action in ("rollback", "stop")
-        if rolled_back and not self._judged.held and self.judged_until is not None and self.steps >= self.judged_until:
-            # the last evaluation, and no copy of the model before the event (a resumed run): putting back only the
-            # weights it pruned would leave a model trained without them that nothing scores (trial CI: 0.48 where
-            # the rejected one scored 0.62); the scored model stays, and pruning stops
-            assert decision is not None
-            decision = GuardDecision("keep", decision.value, decision.drop, decision.step_cap)
-            self.guard.stopped, rolled_back = True, False
-        if decision is None and not self._judged.quantizes_alike():
-            self._warn_if_quantization_costs_more(float(value))
-        self.restored_value = None
-        if rolled_back:
-            value_then = self._judged.value
-            if self._roll_back():  # the model is again the one the copy holds: the last one judged
-                self.restored_value = value_then
-                self._judged.steps = self.steps
-                self._judged.trained_since = False
-            self._zero_optimizer_state()
-        if self.guard.stopped or (self.reached_target() and not self.guard.awaiting_check):
-            self._judged.clear()  # no event follows: no copy to hold
-        elif not rolled_back:
-            self._judged.take(float(value), self.steps)  # what the next event's rollback returns to
-        if decision is not None:
-            self.decisions.append(decision)
-        return decision
-
-    def _warn_if_quantization_costs_more(self, value: float) -> None:
-        """The first evaluation since quantization switched on scores the model quantized, with no event to judge:
-        when that alone is beyond ``max_drop``, every event from now on is rolled back (a trial: the guard kept the
-        first quantized model, 0.23 below the baseline, through every later rollback). Said, with what to change."""
-        guard = self.guard
-        assert guard is not None
-        drop = guard.drop(value)
-        if guard.started and math.isfinite(drop) and drop > guard.max_drop:
-            self._warn(
-                f"IterativePruning: with quantization switched on the model scores {value:.4f}, {drop:.4f} from the "
-                f"baseline {guard.baseline:.4f} before any new pruning event: more than `max_drop`={guard.max_drop}. "
-                "Events are judged against that baseline, so each is rolled back, to this model. Raise `max_drop` "
-                "to cover quantization's cost, or end pruning before quantization starts."
-            )
-
-    def _roll_back(self) -> bool:
-        """Undo the last event: the masks before it, and the whole model as the last evaluation before the event
-        saw it (training since moved the other weights) when this run took that copy. A run resumed from a
-        checkpoint saved while the event awaited judgement has no copy: the pruned weights get their values back
-        and the others keep their training. Returns whether the model is exactly the one that evaluation saw (not
-        after a partial rollback, nor when quantization switched on in between)."""
-        self._pruner.undo()  # the masks before the event (and the pruned weights' values at it)
-        return self._judged.restore()  # then every tensor as the evaluation saw it (False without a copy)
+        return self.judge.observe(
+            float(value), self.steps, self.judged_until, self._pruner.undo, self.reached_target,
+            self._zero_optimizer_state,
+        )  # fmt: skip
 
     def finish(self) -> Rollback | None:
         """At the end of training: roll back an event no evaluation judged and re-apply the masks.
@@ -706,18 +655,7 @@ class IterativePruner:
         resumed from a state saved while the event awaited judgement) the event stays (``Rollback.kept``): the
         weights trained with its masks since.
         """
-        rolled = None
-        if self.guard is not None and self.guard.awaiting_check:
-            before = self.masked_sparsity()
-            if self._judged.held:
-                self._roll_back()
-                rolled = Rollback(before, self.masked_sparsity(), True)
-            else:  # resumed while it awaited judgement: putting back only the weights it pruned would leave a model
-                # trained without them (trial CH: 0.45 where the event's model scored 0.75); it stays, unjudged
-                rolled = Rollback(before, before, False, kept=True)
-            self.guard.awaiting_check = False
-            self._join_next = False
-        self._judged.clear()
+        rolled = None if self.judge is None else self.judge.finish(self._pruner.undo, self.masked_sparsity)
         self._pruner.apply()
         return rolled
 
@@ -746,43 +684,22 @@ class IterativePruner:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Primitives and CPU tensors: the clock, the masks (with undo, rewind and statistics) and the guard."""
+        guarded = {
+            "guard": None, "judged": None, "join_next": False, "judged_quantizers": None, "judged_copy": None,
+            "decisions": [],
+        } if self.judge is None else self.judge.state_entries()  # fmt: skip
         return {
             "version": STATE_VERSION,
             "steps": self.steps,
             "events": self.events,
             "fell_short": self.fell_short,
             "pruner": self._pruner.state_dict(),
-            "guard": None if self.guard is None else self.guard.state_dict(),
             "importance": type(self.rule.importance).__name__,  # what scored the masks ("auto" resolved)
             "granularity": str(self.config.granularity),  # what structure the masks have
             "target_sparsity": self.target_sparsity,
-            "judged": self._judgement(),
-            "join_next": self._join_next,
-            "judged_quantizers": None if self.guard is None else self._judged.flags(),
-            "judged_copy": self._judged_copy(),
             "initial_sparsity": self.initial_sparsity,
-            # trial DP: a resumed fit listed only the decisions taken after the resume
-            "decisions": [
-                {"action": d.action, "value": d.value, "drop": d.drop, "step_cap": d.step_cap} for d in self.decisions
-            ],
+            **guarded,
         }
-
-    def _judged_copy(self) -> dict[str, Any] | None:
-        """The copy a rollback returns to, for a checkpoint saved after the model moved away from it: an event awaits
-        judgement, or an optimizer step ran since the evaluation (trial CM: resumed without it, the last validation's
-        rejection kept a model 0.61 below the baseline; trial CN: with `every_n_steps`, steps between a validation
-        and the next event). Right after the evaluation :meth:`_judgement` suffices: the model is the copy."""
-        guard = self.guard
-        if guard is None or not (guard.awaiting_check or self._judged.trained_since):
-            return None
-        return self._judged.state_dict()
-
-    def _judgement(self) -> dict[str, Any] | None:
-        """The value of the evaluation whose model the copy holds, while the model is still that one (no event
-        since it), and how its quantizers stood: what :meth:`adopt_saved_judgement` needs after a resume."""
-        if self.guard is None or self.guard.awaiting_check:
-            return None
-        return self._judged.record()
 
     def adopt_saved_judgement(self) -> bool:
         """After :meth:`load_state_dict` and the model's own state, when nothing has trained since the checkpoint's
@@ -790,11 +707,7 @@ class IterativePruner:
         evaluation's value, as the uninterrupted run holds it; without it, a rollback after the resume returns to the
         model of the next event with no score. Returns whether it did: not when the clock moved after that
         evaluation, an event awaits judgement, or the quantizers stood otherwise than they do now."""
-        saved, self._saved_judgement = self._saved_judgement, None
-        guard = self.guard
-        if saved is None or guard is None or guard.awaiting_check or guard.stopped:
-            return False
-        return self._judged.adopt(saved, self.steps)
+        return self.judge is not None and self.judge.adopt_saved_judgement(self.steps)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (version 1, the callback's format before this class, is migrated)."""
@@ -814,39 +727,15 @@ class IterativePruner:
                 f"[0, {self.target_sparsity}]: the checkpoint is damaged."
             )
         initial = float(initial)
-        copy = state.get("judged_copy")
-        try:  # read before anything changes; held once the rest is loaded
-            parsed = None if copy is None or self.guard is None else self._judged.parse(copy)
-        except ValueError as err:
-            raise ValueError(
-                f"the pruning state's `judged_copy` (the model its last evaluation judged, which a rollback returns "
-                f"to) {err}: it is not of this model, or the checkpoint is damaged. Resume from the checkpoint as it "
-                "was saved, for this model."
-            ) from None
+        # read before anything changes; held once the rest is loaded
+        parsed = None if self.judge is None else self.judge.parse_copy(state)
         self._pruner.load_state_dict(state["pruner"])
         self.steps = max(int(state["steps"]), 0)
         self.events = int(state.get("events", 0))
         self.fell_short = state.get("fell_short") is True  # what the end-of-fit note reads (trial CB)
-        self._join_next = state.get("join_next") is True  # a second resume before the join (trial CH)
         self._start_from(initial)  # the schedule of a model pruned before starts from its sparsity
-        if state.get("guard") is not None and self.guard is not None:
-            self.guard.load_state_dict(state["guard"])
-        self.decisions[:] = [
-            GuardDecision(str(d["action"]), float(d["value"]), float(d["drop"]), _real_or_none(d["step_cap"]))
-            for d in state.get("decisions", [])
-        ]
-        self._saved_judgement = state.get("judged")
-        # events wait if quantization switched on since it
-        self._judged.note_saved(self._saved_judgement, state.get("judged_quantizers"))
-        # saved after the model moved from the judged one: the copy a rollback returns to, as the uninterrupted run
-        # holds it
-        self.resumed_copy = parsed is not None
-        if parsed is not None:
-            self._judged.hold_parsed(parsed)
-
-
-def _real_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
+        if self.judge is not None:
+            self.judge.load_state(state, parsed)
 
 
 def initialized_zeros(weight: Tensor) -> bool:

@@ -844,7 +844,8 @@ def test_floors_are_blamed_only_when_they_held_the_last_event_back():
     )  # fmt: skip
     resumed.load_state_dict(pruner.state_dict())  # trial CB: a resumed fit's note lost the reason
     assert "are at their floors" in (short_of_target_note(resumed, "val_acc", 1.0) or "")
-    pruner.fell_short, pruner.waited_for_quantization = False, 1  # the last event asked for less, then waited
+    assert pruner.judge is not None
+    pruner.fell_short, pruner.judge.waited_for_quantization = False, 1  # the last event asked for less, then waited
     note = short_of_target_note(pruner, "val_acc", 1.0) or ""
     assert "1 event time(s) waited because quantization switched on" in note and "floors" not in note
 
