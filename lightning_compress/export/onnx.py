@@ -29,6 +29,7 @@ from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
+from .onnx_pads import pad_quantized_codes
 from .onnx_passes import (
     GraphIndex,
     bias_shifts,
@@ -262,6 +263,7 @@ def _export_onnx(
     keep_biases_in_int32(proto, numpy_helper)
     if weight_type == "uint8":
         unsigned_integers(proto, numpy_helper)  # the passes before read int8 codes; exact kernels on every x86 CPU
+    pad_quantized_codes(proto, numpy_helper)  # after the zero points' last change
     gather_quantized_rows(proto, numpy_helper)
     share_transposed_initializers(proto, numpy_helper)
     by_key = keyword and leaf_names is None  # plain keyword tensors, fed by key; nested ones by their leaves' names
