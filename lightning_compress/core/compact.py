@@ -78,7 +78,10 @@ class CompactReport:
 
     def __str__(self) -> str:
         lines = [f"{'group':<32}{'channels':>16}"]
-        lines += [f"{name:<32}{f'{a} -> {b}':>16}" for name, (a, b) in self.channels.items()]
+        lines += [f"{name:<32}{f'{a} -> {b}':>16}" for name, (a, b) in self.channels.items() if a != b]
+        unchanged = sum(a == b for a, b in self.channels.values())  # trial DV: listed as if cut ("2 -> 2")
+        if unchanged:
+            lines.append(f"({unchanged} group(s) unchanged: `channels` lists every group)")
         lines.append(
             f"parameters: {self.params_before:,} -> {self.params_after:,} "
             f"({self.params_after / max(1, self.params_before):.1%}); max |output change| {self.max_abs_diff:.2e} "

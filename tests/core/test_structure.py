@@ -469,6 +469,11 @@ def test_macs_are_counted_per_layer_and_reported_by_compact():
     report = compact(model, x)
     assert report.macs_before == conv + linear and report.macs_after == (conv + linear) // 2
     assert "MACs per forward" in str(report)
+    assert "8 -> 4" in str(report) and "unchanged" not in str(report)
+    again = compact(model, x)  # nothing left to remove: trial DV read "2 -> 2" as a group that was cut
+    assert again.channels == {name: (4, 4) for name in report.channels}
+    assert not any(line.startswith(tuple(again.channels)) for line in str(again).splitlines())
+    assert "(1 group(s) unchanged: `channels` lists every group)" in str(again)
 
 
 class _SequenceLayers(nn.Module):
