@@ -194,15 +194,21 @@ def build_channel_groups(
     groups: list[ChannelGroup] = []
     skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}
     skipped.update(untraced)
+    tied = _tied(model)
     for block in blocks:
         group, reason = _head_group(block, producers)
+        shared = [] if group is None else [s.module for s in group.slices if s.module in tied]
+        if shared:  # trial DU: Zamba's layers share one attention's Parameters; compact() gave each its own copy
+            group, reason = (
+                None,
+                f"{shared[0]} shares a parameter with {tied[shared[0]]} (tied weights): cutting one would untie them",
+            )
         if group is None:
             skipped[block.module] = reason
             for projection in (block.query, block.key, block.value):
                 skipped.setdefault(projection, f"the heads of {block.module} are left whole")
         else:
             groups.append(group)
-    tied = _tied(model)
     parameters = {id(p): name for name, p in model.named_parameters()}
     for raw_group in raw:
         root = names.get(raw_group.items[0].dep.target.module, "?")

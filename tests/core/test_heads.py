@@ -729,3 +729,52 @@ def test_a_wrapper_keeping_the_config_is_not_taken_for_the_transformers_model(tm
     assert fresh.teacher.config is config and not hasattr(config, "lightning_compress")
     fresh.student.save_pretrained(tmp_path / "fresh")
     assert torch.allclose(_logits(from_pretrained(cls, tmp_path / "fresh"), inputs), want, atol=1e-5)
+
+
+def test_heads_of_attention_layers_that_share_their_weights_are_left_whole():
+    """Trial DU: Zamba's hybrid layers share one attention's Parameters (`transformers` ties them), and channel pruning
+    cut its heads as if each layer held its own: `compact()` gave each layer a copy of its own (no parameter saved,
+    "198,720 -> 198,720"), the copies then trained apart, and `from_pretrained` refused to tie them again. The heads of
+    an attention block whose projections share a parameter with another module are left whole, as tied channels are,
+    with the reason: Zamba (whose graph Torch-Pruning cannot build) has nothing else to prune, and says so; a BERT
+    whose second layer shares the first one's attention keeps the tie through `compact()` while its neurons go."""
+    torch.manual_seed(0)
+    zamba = transformers.ZambaForCausalLM(
+        transformers.ZambaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            layers_block_type=["mamba", "hybrid", "hybrid"], num_attention_heads=4, num_key_value_heads=4,
+            attention_head_dim=32, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, n_mamba_heads=2,
+            use_mamba_kernels=False, use_cache=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+    ).eval()  # fmt: skip
+    attention = zamba.model.layers[1].shared_transf.self_attn
+    assert attention.q_proj.weight is zamba.model.layers[2].shared_transf.self_attn.q_proj.weight
+    before = {name: p.clone() for name, p in zamba.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"self_attn\.\w_proj shares a parameter with model\.layers\.2\..*cutting one would"
+    ):
+        prune_(zamba, 0.5, granularity="channel", example_inputs=(_ids(),))
+    assert all(torch.equal(before[name], p) for name, p in zamba.state_dict().items())
+
+    cls, config, inputs, blocks = build("bert")
+    torch.manual_seed(0)
+    bert = cls(config).eval()
+    first, second = (bert.bert.encoder.layer[i].attention for i in (0, 1))
+    for name in ("query", "key", "value"):
+        layer = nn.Linear(64, 64)
+        layer.weight, layer.bias = getattr(first.self, name).weight, getattr(first.self, name).bias
+        setattr(second.self, name, layer)  # another module holding the same Parameters: tied
+    second.output.dense.weight, second.output.dense.bias = first.output.dense.weight, first.output.dense.bias
+    groups, skipped = build_channel_groups(bert, inputs)
+    assert not any(g.attention is not None for g in groups)
+    assert "cutting one would untie them" in skipped[blocks[0]]
+    unique = sum(p.numel() for p in bert.parameters())
+    prune_(bert, 0.5, granularity="channel", example_inputs=inputs)
+    with torch.no_grad():
+        masked = bert(**inputs).logits
+    report = compact(bert, inputs)
+    assert second.self.query.weight is first.self.query.weight and first.self.query.weight.shape == (64, 64)
+    assert report.params_before == unique and report.params_after < unique  # the MLP neurons went
+    assert bert.bert.encoder.layer[0].intermediate.dense.out_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(bert(**inputs).logits, masked, rtol=0, atol=1e-5)
