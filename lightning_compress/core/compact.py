@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .checks import check_float, check_module
 from .group_check import faithful_groups, output_change, removable_groups
-from .macs import count_macs, uncounted_experts
+from .macs import count_macs, uncounted_experts, uncounted_note
 from .model_config import describe_in_config
 from .qat import quantizers
 from .quant_blocks import keep_whole_blocks
@@ -74,7 +74,8 @@ class CompactReport:
     macs_after: int = 0
     config_describes: bool | None = None  # a transformers model: whether its config's fields now give the sizes
     kept_for_quant_groups: dict[str, int] = field(default_factory=dict)  # zero channels kept, per group
-    uncounted: list[str] = field(default_factory=list)  # expert modules whose 3-d weights the MACs leave out
+    uncounted: list[str] = field(default_factory=list)  # modules whose 3-d weights (experts) the MACs leave out
+    uncounted_note: str = ""  # what they hold, said
 
     def __str__(self) -> str:
         lines = [f"{'group':<32}{'channels':>16}"]
@@ -90,12 +91,7 @@ class CompactReport:
         lines.append(
             f"MACs per forward of the example inputs: {self.macs_before:,} -> {self.macs_after:,} "
             f"({self.macs_after / max(1, self.macs_before):.1%})"
-            + (
-                f", not counting the expert weights of {self.uncounted[:3]}{' ...' * (len(self.uncounted) > 3)} "
-                "(3-d tensors their module multiplies for the tokens routed to each expert; left whole)"
-                if self.uncounted
-                else ""
-            )
+            + (f", not counting {self.uncounted_note} (left whole)" if self.uncounted else "")
         )
         if self.kept_for_quant_groups:
             kept = ", ".join(f"{name}: {n}" for name, n in self.kept_for_quant_groups.items())
@@ -213,6 +209,7 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float) -> CompactRepor
     report.kept_for_quant_groups = kept_for_quant_groups
     report.macs_before = count_macs(model, example_inputs)
     report.uncounted = uncounted_experts(model)
+    report.uncounted_note = uncounted_note(model, report.uncounted) if report.uncounted else ""
     if keep:
         # the example inputs, and noisy ones: zeros can hide a change (a network without biases keeps them zero)
         checks = [example_inputs, jittered(example_inputs)] if has_float_tensor(example_inputs) else [example_inputs]

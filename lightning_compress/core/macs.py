@@ -19,16 +19,31 @@ import torch
 from torch import Tensor, nn
 
 from .layers import linear_like_types, weight_axes
-from .selection import expert_tensors
+from .selection import expert_tensors, is_experts
 from .tracing import call_model, eval_mode
 
-__all__ = ["count_macs", "layer_macs", "uncounted_experts"]
+__all__ = ["count_macs", "layer_macs", "uncounted_experts", "uncounted_note"]
 
 
 def uncounted_experts(model: nn.Module) -> list[str]:
     """The modules whose expert weights (3-d tensors, :func:`~.selection.expert_tensors`) :func:`count_macs` leaves
     out (trial DL: a Qwen2-MoE's 50% MACs budget was said met at 49.4% where the experts made it 65%)."""
     return [name for name, module in model.named_modules() if expert_tensors(module)]
+
+
+def uncounted_note(model: nn.Module, names: list[str]) -> str:
+    """What :func:`uncounted_experts`' ``names`` hold, for a message: experts, or (trial DU: Zamba's Mamba mixers, said
+    to hold "expert weights") other 3-d weights a module multiplies in its own forward."""
+    modules = dict(model.named_modules())
+    listed = f"{names[:3]}{' ...' * (len(names) > 3)}"
+    if all(is_experts(modules[name]) for name in names):
+        return (
+            f"the expert weights of {listed} (3-d tensors their module multiplies for the tokens routed to each expert)"
+        )
+    return (
+        f"the 3-d weights of {listed} (tensors their module multiplies in its own forward: a mixture's experts, or "
+        "per-head projections such as a Mamba mixer's)"
+    )
 
 
 def layer_macs(module: nn.Module, output: Any, inputs: Any = (), kwargs: dict[str, Any] | None = None) -> int:

@@ -20,7 +20,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .group_check import faithful_groups, removable_groups
 from .importance import Importance
-from .macs import uncounted_experts
+from .macs import uncounted_experts, uncounted_note
 from .mask_counts import weight_units
 from .masks import compute_masks
 from .nm import NMRule, eligible
@@ -142,9 +142,8 @@ def channel_structure(
     experts = uncounted_experts(model) if cost is not None else []
     if experts:
         warnings.warn(
-            f"`measure`='macs' counts the MACs of Linear/Conv layers: the expert weights of {experts[:3]}"
-            f"{' ...' * (len(experts) > 3)} (3-d tensors their module multiplies for the tokens routed to each "
-            "expert) are not counted and not channel-pruned, so the budget is a fraction of the other layers' MACs.",
+            f"`measure`='macs' counts the MACs of Linear/Conv layers: {uncounted_note(model, experts)} are not "
+            "counted and not channel-pruned, so the budget is a fraction of the other layers' MACs.",
             UserWarning,
             stacklevel=2,
         )

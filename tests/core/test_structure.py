@@ -867,3 +867,27 @@ def test_a_compiled_submodule_registered_twice_is_compacted_and_saved_under_plai
     fresh = Aliased(DigitsCNN(8))
     load_compressed(fresh, tmp_path / "m.lcz", example_inputs=x)
     torch.testing.assert_close(fresh.eval()(x), masked, atol=1e-5, rtol=1e-5)
+
+
+class _PerHeadMixer(nn.Module):
+    """A module multiplying a 3-d weight of its own, one matrix per head (as Zamba's Mamba mixer's `x_proj_weight`):
+    not a mixture of experts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhi,hoi->bho", x.view(-1, 2, 4), self.weight).flatten(1)
+
+
+def test_compact_says_what_the_uncounted_3d_weights_are():
+    """Trial DU: `compact()` said Zamba's Mamba mixers held "expert weights ... for the tokens routed to each
+    expert"; a module whose class is not named for experts is described as what it is."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), _PerHeadMixer(), nn.Linear(8, 2))
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match=r"the 3-d weights of \['3'\] \(tensors their module multiplies in its own"):
+        prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
+    report = compact(model, x)
+    assert report.uncounted == ["3"] and "expert" not in str(report).replace("a mixture's experts", "")
+    assert "not counting the 3-d weights of ['3'] (tensors their module multiplies in its own forward" in str(report)
