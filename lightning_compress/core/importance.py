@@ -373,7 +373,8 @@ _UNDECLARED = ("observe", "reset", "state_dict", "load_state_dict")
 
 def normalized_layers(model: nn.Module, modules: Sequence[nn.Module]) -> list[str]:
     """Names of the ``modules`` whose output a BatchNorm normalizes: the next layer of ``model`` in registration
-    order (``conv, bn`` in a ``Sequential`` or as attributes ``conv1``, ``bn1``) is a BatchNorm over as many
+    order (``conv, bn`` in a ``Sequential`` or as attributes ``conv1``, ``bn1``), past identities, dropouts and drop
+    paths (trial DU: PatchTST's ``out_proj, dropout_path1, norm_sublayer1.batchnorm``), is a BatchNorm over as many
     channels as the layer has outputs."""
     wanted = {id(m) for m in modules}
     units: list[tuple[str, nn.Module]] = []  # leaves, and the selected layers whole (a QAT layer has quantizers)
@@ -384,7 +385,7 @@ def normalized_layers(model: nn.Module, modules: Sequence[nn.Module]) -> list[st
         if id(m) in wanted:
             units.append((name, m))
             inside = f"{name}."
-        elif next(m.children(), None) is None:
+        elif next(m.children(), None) is None and not _passes_scale(m):
             units.append((name, m))
     found = []
     for (name, layer), (_, after) in itertools.pairwise(units):
@@ -398,6 +399,14 @@ def normalized_layers(model: nn.Module, modules: Sequence[nn.Module]) -> list[st
         ):
             found.append(name)
     return found
+
+
+def _passes_scale(module: nn.Module) -> bool:
+    """A module between a layer and its BatchNorm that leaves the layer's scale to the norm: an identity, a dropout,
+    a drop path (stochastic depth: each sample kept whole or zeroed)."""
+    if isinstance(module, (nn.Identity, nn.modules.dropout._DropoutNd)):
+        return True
+    return "droppath" in type(module).__name__.lower().replace("_", "") and not any(module.parameters())
 
 
 def _outputs(layer: nn.Module, weight: Tensor) -> int:

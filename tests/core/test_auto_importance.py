@@ -79,6 +79,26 @@ def test_a_batchnorm_after_a_layer_makes_auto_lamp_and_its_masks_ignore_that_lay
     assert sparsity(model) == pytest.approx(0.9, abs=1e-3)
 
 
+class _DropPath(nn.Module):
+    """Stochastic depth as `transformers` and timm write it (`PatchTSTDropPath`, `DropPath`): no parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_batchnorm_after_a_dropout_or_drop_path_still_normalizes_the_layer():
+    """Trial DU: PatchTST registers `out_proj, dropout_path1 (Identity), norm_sublayer1.batchnorm`, and `"auto"`
+    scored by magnitude (one seed's validation MSE 4.64 against 0.49 with LAMP). Identities, dropouts and drop paths
+    leave the layer's scale to the BatchNorm after them; an activation or another layer does not count as one."""
+    layers = lambda m: [x for x in m.modules() if isinstance(x, (nn.Conv2d, nn.Linear))]  # noqa: E731
+    for between in (nn.Identity(), nn.Dropout(0.1), nn.Dropout2d(0.1), _DropPath()):
+        model = nn.Sequential(nn.Conv2d(1, 8, 3), between, nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+        assert normalized_layers(model, layers(model)) == ["0"]
+    for between in (nn.ReLU(), nn.Conv2d(8, 8, 1)):
+        model = nn.Sequential(nn.Conv2d(1, 8, 3), between, nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3))
+        assert "0" not in normalized_layers(model, layers(model))
+
+
 def test_without_such_a_batchnorm_auto_is_magnitude():
     model = mlp()
     auto = prune_(model, 0.9)
