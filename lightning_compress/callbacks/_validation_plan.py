@@ -196,7 +196,7 @@ class EpochWindow:
         if self.end_epoch is not None and self.end_epoch <= self.start_epoch:
             raise ValueError(
                 f"`end_epoch`={self.end_epoch} must be greater than `start_epoch`={self.start_epoch}: pruning "
-                "happens at the end of epochs start_epoch .. end_epoch - 1."
+                "events run during epochs start_epoch .. end_epoch - 1."
             )
         if self.every_n_epochs is not None and self.every_n_steps is not None:
             raise ValueError(

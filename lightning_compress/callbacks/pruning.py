@@ -226,6 +226,16 @@ class IterativePruning(Callback):
         self.keep_zeros = check_keep_zeros(keep_zeros, self.config.granularity, cast(str, self.config.scope))
         warn_if_min_density_idle(min_density, cast(str, self.config.scope), self.config.granularity)
         self.window = EpochWindow(start_epoch, end_epoch, every_n_epochs, every_n_steps, rewind_epoch)
+        frequent = every_n_epochs is None and every_n_steps is None and monitor is None and not callable(schedule)
+        if rewind_epoch is not None and frequent and self.config.nm is None:
+            warnings.warn(  # trial DW: 0.78 where the same fit without rewinding reached 0.91, unsaid
+                f"IterativePruning: `rewind_epoch`={rewind_epoch} puts the surviving weights back after every event, "
+                "and the default cadence runs an event every few optimizer steps (after every step of a window under "
+                "2,000 steps), so the training between events is undone each time. Pass `every_n_epochs=1` to train an "
+                "epoch between rewinds, or a larger `every_n_steps`.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.export_path = check_export_path(export_path)
         self.export_report: CompressionReport | None = None
         self._validation_inputs = ValidationInputs()  # what an ONNX export measures float convolution outputs on

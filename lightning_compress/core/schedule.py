@@ -4,7 +4,8 @@ Time ``t`` counts completed units (epochs, or optimizer steps in step mode). Pru
 happen at ``start < t <= end`` every ``every`` units, plus one at ``t == end``; the sparsity at
 an event is ``curve(progress)`` with ``progress = (t - start) / (end - start)``, so the target is
 reached exactly at ``end``. In epoch mode ``t = current_epoch + 1`` at the end of an epoch:
-pruning happens at the end of epochs ``start_epoch ... end_epoch - 1`` (0-indexed).
+pruning happens at the end of epochs ``start_epoch ... end_epoch - 1`` (0-indexed); in step mode (the callback's
+default) between the optimizer steps of those epochs.
 """
 
 from __future__ import annotations

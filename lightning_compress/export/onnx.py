@@ -230,6 +230,8 @@ def _export_onnx(
             )
         # the activation scales are read as Python numbers on purpose: they are the graph's constants
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
+        # the exporter is this function's choice (its QDQ layout), not the caller's: torch's notice is not for them
+        warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export")
         outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])

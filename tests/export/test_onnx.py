@@ -1186,3 +1186,17 @@ def test_identical_constants_are_stored_once_whatever_their_shapes():
     assert sorted(i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT) == ["a", "e"]
     after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     assert all(np.array_equal(x, y) and x.shape == y.shape for x, y in zip(before, after, strict=True))
+
+
+def test_export_does_not_pass_on_torchs_notice_about_its_legacy_exporter(tmp_path):
+    """Trial DW: every `export_onnx` printed torch's "You are using the legacy TorchScript-based ONNX export"
+    deprecation notice, which the caller cannot act on: the exporter is `export_onnx`'s choice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(8, 4)
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*legacy TorchScript-based ONNX export")
+        export_onnx(model.eval(), tmp_path / "m.onnx", x[:2])
