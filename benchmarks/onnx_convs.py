@@ -10,8 +10,9 @@ as ``QLinearConv`` (trial BS, session 24). Models:
   inputs, is what is timed as "export_onnx + calibration"); accuracy on the digits test split;
 * ``transformers``' ``ResNetForImageClassification`` and ``ConvNextForImageClassification`` from small configs
   with random weights (models this project did not write; widths 32-64-128, two blocks per stage, 64x64
-  inputs), converted to int8 QAT and calibrated on random images: speed, and agreement of the ONNX outputs with
-  the fake-quant model (top-1 and largest difference).
+  inputs), and ``MobileNetV1ForImageClassification`` (depth multiplier 0.25, which pads before each convolution
+  as TensorFlow's "SAME" does; session 33), converted to int8 QAT and calibrated on random images: speed, and
+  agreement of the ONNX outputs with the fake-quant model (top-1 and largest difference).
 
 Every variant: 1 thread, batch 32, interleaved rounds, median process CPU time (``common.interleaved_ms``); the
 operators onnxruntime runs after its fusions. ``quantize_static``: QDQ, per-channel int8 weights, uint8
@@ -151,11 +152,14 @@ def hf_model(name: str, tmp: pathlib.Path) -> dict[str, Any]:
             num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[2, 2, 2], num_labels=10
         )
         model: nn.Module = transformers.ResNetForImageClassification(config)
-    else:
+    elif name == "convnext":
         config = transformers.ConvNextConfig(
             num_channels=3, hidden_sizes=[32, 64, 128], depths=[2, 2, 2], num_stages=3, num_labels=10
         )
         model = transformers.ConvNextForImageClassification(config)
+    else:  # pads before each convolution (TensorFlow's "SAME", `tf_padding=True`): trial DV, session 33
+        config = transformers.MobileNetV1Config(num_channels=3, image_size=64, depth_multiplier=0.25, num_labels=10)
+        model = transformers.MobileNetV1ForImageClassification(config)
 
     class Logits(nn.Module):  # a tensor in, the logits out
         def __init__(self, inner: nn.Module) -> None:
@@ -165,17 +169,26 @@ def hf_model(name: str, tmp: pathlib.Path) -> dict[str, Any]:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner(pixel_values=x).logits
 
+    batches = [torch.randn(16, 3, 64, 64) for _ in range(8)]
+    if name == "mobilenetv1":  # its BatchNorms' initial statistics let random activations vanish (logits ~1e-33)
+        with torch.no_grad():
+            for _ in range(3):
+                for batch in batches:
+                    model.train()(pixel_values=batch)
     float_model = Logits(model).eval()
     qat_model = Logits(transformers.AutoModelForImageClassification.from_config(config)).eval()
     qat_model.load_state_dict(float_model.state_dict())
-    batches = [torch.randn(16, 3, 64, 64) for _ in range(8)]
     convert_to_qat(qat_model, QuantConfig(8, 8))
     calibrate(qat_model, batches)
     enable_fake_quant(qat_model)
     qat_model.eval()
     paths = _variants(float_model, qat_model, batches, tmp, None)
     x = torch.randn(32, 3, 64, 64)
-    shape = "widths 32-64-128, 2 blocks per stage, 64x64 inputs"
+    shape = (
+        "depth multiplier 0.25 (8 to 256 channels, 27 convolutions), 64x64 inputs"
+        if name == "mobilenetv1"
+        else "widths 32-64-128, 2 blocks per stage, 64x64 inputs"
+    )
     row: dict[str, Any] = {"model": f"transformers {type(model).__name__} (random weights), {shape}"}
     row["timing"] = _timed(paths, x)
     with torch.no_grad():
@@ -195,7 +208,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for job in ("digits", "resnet", "convnext"):
+        for job in ("digits", "resnet", "convnext", "mobilenetv1"):
             where = pathlib.Path(tmp) / job
             where.mkdir()
             rows.append(digits_resnet(where) if job == "digits" else hf_model(job, where))
