@@ -274,6 +274,35 @@ def state_root(model: nn.Module) -> nn.Module:
     return model
 
 
+_UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the selected weights (a ViT's position
+# embeddings, a Mamba's A_log are a few percent)
+
+
+def _excluded_by(name: str, module: nn.Module, exclude: Sequence[str] | None, matches: Any) -> bool:
+    return exclude is not None and any(matches(name, module, p) for p in exclude)
+
+
+def _unselected_matrices(
+    named: list[tuple[str, nn.Module]], selected: list[Target], excluded: Any
+) -> list[tuple[str, int, tuple[int, ...]]]:
+    """The Parameters of two or more dimensions that modules other than layers and embeddings hold and the selection
+    leaves out (not those of excluded modules): name, size, shape."""
+    chosen = {id(t.param) for t in selected}
+    found: list[tuple[str, int, tuple[int, ...]]] = []
+    for name, module in named:
+        if isinstance(module, (*default_layer_types(), nn.Embedding, nn.EmbeddingBag)) or excluded(name, module):
+            continue
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2 and param.numel() and id(param) not in chosen:
+                chosen.add(id(param))
+                found.append((f"{name}.{attr}" if name else attr, param.numel(), tuple(param.shape)))
+    return found
+
+
+def _largest(found: list[tuple[str, int, tuple[int, ...]]], k: int) -> list[tuple[str, int, tuple[int, ...]]]:
+    return sorted(found, key=lambda item: -item[1])[:k]
+
+
 def select_targets(
     model: nn.Module,
     include: Sequence[str] | None = None,
@@ -436,6 +465,19 @@ def select_targets(
     for kind, hooked_names in hooked.items():
         if hooked_names and note_left_out:
             warnings.warn(f"lightning-compress leaves {hooked_names} out: {_HOOKED[kind]}", stacklevel=2)
+    if module_tensors and note_left_out and selected:
+        unselected = _unselected_matrices(named, selected, lambda n, m: _excluded_by(n, m, exclude, matches))
+        total, pruned = sum(n for _, n, _ in unselected), sum(t.numel for t in selected)
+        if total >= _UNSELECTED_SHARE * pruned:  # trial DX: XLNet's attention, 52% of its matrices, left dense unsaid
+            listed = ", ".join(f"{name} {shape}" for name, _, shape in _largest(unselected, 3))
+            warnings.warn(
+                f"lightning-compress does not prune {listed}{' ...' * (len(unselected) > 3)} ({total:,} weights in "
+                f"{len(unselected)} tensor(s), {total / max(1, pruned):.0%} as many as the {pruned:,} it prunes): "
+                "Parameters a module multiplies in its own forward (through einsum or matmul, as XLNet's attention "
+                "does), which are not layers it selects (Linear, Conv, experts, recurrent layers, "
+                "nn.MultiheadAttention). They stay dense, and `sparsity` does not count them.",
+                stacklevel=2,
+            )
     if not selected:
         raise ValueError(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "

@@ -267,3 +267,29 @@ def test_saving_and_loading_never_run_a_parametrization(tmp_path):
     fresh = build()
     load_compressed(fresh, tmp_path / "m.lcz")
     assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_matrices_a_module_multiplies_itself_are_said_when_left_dense():
+    """Trial DX: XLNet's attention holds its q, k, v, o and r as 3-d Parameters it multiplies through einsum; pruning
+    left them dense (52% of the model's matrices) and `sparsity` read 0.900, with nothing said. Said now, with their
+    share; not for a model whose unselected tensors are a few position embeddings (ViT) or none (BERT)."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_compress import prune_
+
+    torch.manual_seed(0)
+    xlnet = transformers.XLNetForSequenceClassification(
+        transformers.XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64, num_labels=3)
+    )
+    with pytest.warns(UserWarning, match=r"does not prune transformer\.layer\.0\.rel_attn\.q \(32, 2, 16\), .* "
+                      r"\(10,592 weights in 19 tensor\(s\), 114% as many as the 9,312 it prunes\)"):  # fmt: skip
+        prune_(xlnet, 0.9)
+    vit = transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64,
+        )
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*does not prune")
+        prune_(vit, 0.9)  # its position embeddings: 12% of the weights it prunes
+        prune_(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.5)
