@@ -28,7 +28,11 @@ __all__ = ["count_macs", "layer_macs", "uncounted_experts", "uncounted_note"]
 def uncounted_experts(model: nn.Module) -> list[str]:
     """The modules whose expert weights (3-d tensors, :func:`~.selection.expert_tensors`) :func:`count_macs` leaves
     out (trial DL: a Qwen2-MoE's 50% MACs budget was said met at 49.4% where the experts made it 65%)."""
-    return [name for name, module in model.named_modules() if expert_tensors(module)]
+    return [
+        name  # matrices: a (heads, 1, 1) scale is none (trial DY: Swinv2's `logit_scale` was said to be one)
+        for name, module in model.named_modules()
+        if any(min(tensor.shape[-2:]) > 1 for _, tensor in expert_tensors(module))
+    ]
 
 
 def uncounted_note(model: nn.Module, names: list[str]) -> str:

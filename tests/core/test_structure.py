@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -891,3 +893,26 @@ def test_compact_says_what_the_uncounted_3d_weights_are():
     report = compact(model, x)
     assert report.uncounted == ["3"] and "expert" not in str(report).replace("a mixture's experts", "")
     assert "not counting the 3-d weights of ['3'] (tensors their module multiplies in its own forward" in str(report)
+
+
+class _PerHeadScale(nn.Module):
+    """A per-head temperature of shape (heads, 1, 1), as Swinv2's attention's `logit_scale`: no matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.ones(2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.view(-1, 2, 1, 4) * self.logit_scale).flatten(1)
+
+
+def test_a_per_head_scale_is_not_said_to_be_an_uncounted_matrix():
+    """Trial DY: a MACs budget and `compact()` said Swinv2's attention held uncounted 3-d weights: its `logit_scale`,
+    one number per head, which multiplies nothing."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), _PerHeadScale(), nn.Linear(8, 2))
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*3-d weights")
+        prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
+    report = compact(model, x)
+    assert report.uncounted == [] and "3-d" not in str(report)
