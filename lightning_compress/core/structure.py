@@ -190,6 +190,8 @@ def build_channel_groups(
             untraced = {
                 type(model).__name__: "the channel dependency graph could not be built (Torch-Pruning: "
                 f"{type(err).__name__}: {str(err)[:120]}), so no channel outside attention heads can be pruned"
+                # trial DX: Longformer's attention has no head this finds either, and the message implied it had
+                + ("" if blocks else ", and no attention with heads this reads was found")
             }
     groups: list[ChannelGroup] = []
     skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}
