@@ -568,7 +568,7 @@ class IterativePruner:
             return False
         judge = self.judge
         first_event = self.schedule.start + self.schedule.every
-        if judge is not None and not judge.allows(t, self.judged_until, self.wait_for_baseline, first_event):
+        if judge is not None and not judge.admit(t, self.judged_until, self.wait_for_baseline, first_event):
             return False
         guard = self.guard
         previous = self.masked_sparsity()
@@ -684,10 +684,7 @@ class IterativePruner:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Primitives and CPU tensors: the clock, the masks (with undo, rewind and statistics) and the guard."""
-        guarded = {
-            "guard": None, "judged": None, "join_next": False, "judged_quantizers": None, "judged_copy": None,
-            "decisions": [],
-        } if self.judge is None else self.judge.state_entries()  # fmt: skip
+        guarded = EventJudge.empty_entries() if self.judge is None else self.judge.state_entries()
         return {
             "version": STATE_VERSION,
             "steps": self.steps,

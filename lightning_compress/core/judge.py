@@ -58,9 +58,10 @@ class EventJudge:
         self.guard, self.decisions = previous.guard, previous.decisions
 
     # ------------------------------------------------------------------ events
-    def allows(self, t: int, judged_until: int | None, wait_for_baseline: bool, first_event: int) -> bool:
-        """Whether the event due at ``t`` may run: raises when no baseline came before an event the caller does not
-        wait for (``wait_for_baseline``; ``first_event``: when the first one was due)."""
+    def admit(self, t: int, judged_until: int | None, wait_for_baseline: bool, first_event: int) -> bool:
+        """Whether the event due at ``t`` may run; one held back until an evaluation judges the model quantized as it
+        is now is counted (:attr:`waited_for_quantization`). Raises when no baseline came before an event the caller
+        does not wait for (``wait_for_baseline``; ``first_event``: when the first one was due)."""
         guard = self.guard
         if guard.baseline is None:
             if wait_for_baseline:
@@ -186,6 +187,14 @@ class EventJudge:
         return rolled
 
     # ------------------------------------------------------------------ persistence
+    @staticmethod
+    def empty_entries() -> dict[str, Any]:
+        """:meth:`state_entries` of a pruner without the guard (``max_drop=None``)."""
+        return {
+            "guard": None, "judged": None, "join_next": False, "judged_quantizers": None, "judged_copy": None,
+            "decisions": [],
+        }  # fmt: skip
+
     def state_entries(self) -> dict[str, Any]:
         """The pruner state's entries for the guard: primitives and CPU tensors."""
         return {

@@ -278,10 +278,6 @@ _UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the s
 # embeddings, a Mamba's A_log are a few percent)
 
 
-def _excluded_by(name: str, module: nn.Module, exclude: Sequence[str] | None, matches: Any) -> bool:
-    return exclude is not None and any(matches(name, module, p) for p in exclude)
-
-
 def _unselected_matrices(
     named: list[tuple[str, nn.Module]], selected: list[Target], excluded: Any
 ) -> list[tuple[str, int, tuple[int, ...]]]:
@@ -348,6 +344,9 @@ def select_targets(
     def named_in(name: str, module: nn.Module, patterns: Sequence[str] | None) -> bool:
         return patterns is not None and any(n in patterns for n in aliases.get(id(module), [name]))
 
+    def excluded_by(name: str, module: nn.Module) -> bool:
+        return exclude is not None and any(matches(name, module, p) for p in exclude)
+
     for argument, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or ():
             if not any(_matches(n, pattern) for n in names if n):
@@ -369,7 +368,7 @@ def select_targets(
         computed = is_parametrized(module, "weight")  # reading it would run the parametrization: spectral_norm's
         # power iteration updates its buffers in training mode (trial DD: a refused fit changed the model)
         weight = stored_weight(module)
-        excluded = exclude is not None and any(matches(name, module, p) for p in exclude)
+        excluded = excluded_by(name, module)
         if excluded and isinstance(weight, nn.Parameter) and not computed:
             kept_out.setdefault(id(weight), name)
         if module_tensors and not computed and not isinstance(weight, Tensor) and not excluded:
@@ -427,7 +426,7 @@ def select_targets(
         if named_in(n, m, include)
         and n not in picked
         and not isinstance(stored_weight(m), Tensor)
-        and not (exclude is not None and any(matches(n, m, p) for p in exclude))
+        and not excluded_by(n, m)
     ]
     if selected and ignored:  # the other patterns select something: the name alone would be dropped silently
         raise ValueError(
@@ -466,7 +465,7 @@ def select_targets(
         if hooked_names and note_left_out:
             warnings.warn(f"lightning-compress leaves {hooked_names} out: {_HOOKED[kind]}", stacklevel=2)
     if module_tensors and note_left_out and selected:
-        unselected = _unselected_matrices(named, selected, lambda n, m: _excluded_by(n, m, exclude, matches))
+        unselected = _unselected_matrices(named, selected, excluded_by)
         total, pruned = sum(n for _, n, _ in unselected), sum(t.numel for t in selected)
         if total >= _UNSELECTED_SHARE * pruned:  # trial DX: XLNet's attention, 52% of its matrices, left dense unsaid
             listed = ", ".join(f"{name} {shape}" for name, _, shape in _largest(unselected, 3))

@@ -28,12 +28,16 @@ def pad_quantized_codes(proto: Any, numpy_helper: Any) -> None:
     constants, producer, consumers = index.constants, index.producer, index.consumers
 
     def params(node: Any) -> tuple[Any, Any] | None:
+        # both given: without a zero point, a DequantizeLinear's codes are of its input's type, which is not known
         names = list(node.input[1:3])
-        if not names or not all(name in constants for name in names if name):
+        if len(names) < 2 or not all(name and name in constants for name in names):
             return None
-        zero = constants[names[1]] if len(names) > 1 and names[1] else np.zeros((), np.uint8)
-        return constants[names[0]], zero
+        return constants[names[0]], constants[names[1]]
 
+    # nodes named by their output (unique in a graph): a float Pad's, the Pad of codes that takes its place; the
+    # QuantizeLinear nodes after them, removed
+    replaced: dict[str, Any] = {}
+    removed: set[str] = set()
     for pad in [n for n in graph.node if n.op_type == "Pad"]:
         dq, users = producer.get(pad.input[0]), consumers.get(pad.output[0], [])
         if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
@@ -65,9 +69,16 @@ def pad_quantized_codes(proto: Any, numpy_helper: Any) -> None:
         while inputs and not inputs[-1]:
             inputs.pop()
         name = index.fresh(f"{pad.name or 'Pad'}_codes")
-        padded = helper.make_node("Pad", inputs, [q.output[0]], name=name, mode=mode)
-        position = list(graph.node).index(pad)
-        graph.node.remove(q)
-        graph.node.remove(pad)
-        graph.node.insert(position, padded)
+        replaced[pad.output[0]] = helper.make_node("Pad", inputs, [q.output[0]], name=name, mode=mode)
+        removed.add(q.output[0])
+    if replaced:  # one pass over the nodes, in their order (the Pad of codes where the float one was)
+        nodes = []
+        for node in graph.node:
+            first = node.output[0] if node.output else ""
+            if first not in removed:
+                kept = type(node)()
+                kept.CopyFrom(replaced.get(first, node))
+                nodes.append(kept)
+        graph.ClearField("node")
+        graph.node.extend(nodes)
     index.drop_unused("DequantizeLinear", "Constant")  # and the float padding value

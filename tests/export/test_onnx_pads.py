@@ -84,3 +84,49 @@ def test_convolutions_before_a_padding_run_as_integer_kernels_on_padded_codes(tm
     plain = ort.InferenceSession(str(tmp_path / "padded.onnx"), options, providers=["CPUExecutionProvider"])
     written = plain.run(None, {plain.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(written - expected).max() < 1e-4 * np.abs(expected).max()  # the codes padded are the model's
+
+
+def test_a_padding_between_quantizations_without_zero_points_stays_in_floats():
+    """Without a zero point a DequantizeLinear's codes are of its input's type, which the graph need not say: such a
+    padding is left as written (it assumed uint8 codes), and one with zero points is rewritten, in the nodes' order."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lightning_compress.export.onnx_pads import pad_quantized_codes
+
+    def graph(zero_points: bool) -> object:
+        zp = ["zp"] if zero_points else []
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", *zp], ["xq"]),
+            helper.make_node("DequantizeLinear", ["xq", "s", *zp], ["xf"]),
+            helper.make_node("Pad", ["xf", "pads"], ["xp"], mode="constant"),
+            helper.make_node("QuantizeLinear", ["xp", "s", *zp], ["yq"]),
+            helper.make_node("DequantizeLinear", ["yq", "s", *zp], ["y"]),
+        ]
+        inits = [
+            numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+            numpy_helper.from_array(np.array([0, 1, 0, 1], np.int64), "pads"),
+        ]
+        if zero_points:
+            inits.append(numpy_helper.from_array(np.array(3, np.int8), "zp"))
+        g = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits,
+        )  # fmt: skip
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    bare = graph(False)
+    pad_quantized_codes(bare, numpy_helper)
+    assert [n.op_type for n in bare.graph.node] == ["QuantizeLinear", "DequantizeLinear", "Pad", "QuantizeLinear",
+                                                    "DequantizeLinear"]  # fmt: skip
+    given = graph(True)
+    pad_quantized_codes(given, numpy_helper)
+    assert [n.op_type for n in given.graph.node] == ["QuantizeLinear", "Pad", "DequantizeLinear"]
+    onnx.checker.check_model(given)
+    ort = pytest.importorskip("onnxruntime")
+    x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+    out = {}
+    for name, model in (("float", graph(True)), ("codes", given)):
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        out[name] = session.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out["codes"], out["float"])  # zero point 3: the padding is code 3, value 0
