@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .channel_cost import ChannelCost
 from .collectives import Collectives, TorchDistributed
 from .importance import Importance, MagnitudeImportance, nonfinite_error
+from .mask_counts import pruned_count
 from .masks import floor_count
 from .quant_blocks import channel_blocks
 from .selection import Target
@@ -270,7 +271,7 @@ class ChannelRule:
         new_alive: list[Tensor] = []
         if self.scope == "layer":
             for score, live, group, floor in zip(scores, alive, self.groups, floors, strict=True):
-                k = min(round(sparsity * group.size), group.size - floor)
+                k = min(pruned_count(sparsity, group.size), group.size - floor)
                 new_alive.append(_keep_top(score, live, k))
         else:
             ranked = []
@@ -284,7 +285,7 @@ class ChannelRule:
             owner = torch.cat([r[1] for r in ranked])
             position = torch.cat([r[2] for r in ranked])
             pruned_before = sum(int((~live).sum()) for live in alive)
-            k = min(max(round(sparsity * self.total_channels), pruned_before), values.numel())
+            k = min(max(pruned_count(sparsity, self.total_channels), pruned_before), values.numel())
             chosen = torch.sort(values, stable=True).indices[:k]
             for g, group in enumerate(self.groups):
                 keep = torch.ones(group.size, dtype=torch.bool)
@@ -313,7 +314,7 @@ class ChannelRule:
                 keep = []
                 for order, g, floor, pruned in zip(orders, self.groups, floors, before, strict=True):
                     kept = torch.ones(g.size, dtype=torch.bool)
-                    kept[order[: max(min(round(fraction * g.size), g.size - floor), pruned)]] = False
+                    kept[order[: max(min(pruned_count(fraction, g.size), g.size - floor), pruned)]] = False
                     keep.append(kept)
                 return self._whole(keep, alive, blocks, scores, floors)
 

@@ -36,6 +36,7 @@ from .functional import warn_if_min_density_idle
 from .importance import Importance, auto_importance_of
 from .iterative_state import STATE_VERSION, check_compatible, check_state, migrate_state
 from .judge import EventJudge, Rollback
+from .mask_counts import pruned_count
 from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
@@ -490,7 +491,7 @@ class IterativePruner:
     def reached_target(self) -> bool:
         """Whether as many units are pruned as the target asks for (rounded as the rules round it)."""
         pruned, total = self.units()
-        return pruned >= round(self.target_sparsity * total)
+        return pruned >= pruned_count(self.target_sparsity, total)
 
     def events_remain(self) -> bool:
         """Whether an event may still happen (Taylor and regrowth statistics are gathered until then)."""

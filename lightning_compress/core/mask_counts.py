@@ -6,6 +6,7 @@ Run-time masks are 0/1 in the weight's dtype; reading them through an integer vi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +16,7 @@ from .collectives import Collectives
 from .selection import Target
 from .sharding import is_sharded
 
-__all__ = ["kept_count", "mask_bits", "pruned_counts", "weight_units", "zero_counts"]
+__all__ = ["kept_count", "mask_bits", "pruned_count", "pruned_counts", "weight_units", "zero_counts"]
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -32,6 +33,13 @@ def mask_bits(mask: Tensor) -> Tensor:
 def kept_count(mask: Tensor) -> int:
     """Entries of a mask (bool, or 0/1 in any dtype) that are kept."""
     return int(mask_bits(mask).count_nonzero())
+
+
+def pruned_count(sparsity: float, n: int) -> int:
+    """Units pruned of ``n`` at ``sparsity``: the nearest count, a half rounded up (Python's ``round`` rounds halves
+    to even: at 0.5 it pruned 2 of 3 heads and 2 of 5, a trial). Rounded to 9 places first, so that floating point
+    (``0.7 * 5`` is ``3.4999999999999996``) does not decide a half."""
+    return math.floor(round(sparsity * n, 9) + 0.5)
 
 
 def pruned_counts(

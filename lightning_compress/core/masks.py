@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance, MaskPlanError, nonfinite_error, resolve_importance
-from .mask_counts import mask_bits
+from .mask_counts import mask_bits, pruned_count
 from .selection import Target
 from .sharding import gather_flat, is_sharded
 
@@ -315,12 +315,12 @@ def compute_masks(
 
         if scope == "layer":
             decisions = {
-                i: _local_decision(layer, min(max(round(sparsity * layer.numel), layer.pruned), layer.cap))
+                i: _local_decision(layer, min(max(pruned_count(sparsity, layer.numel), layer.pruned), layer.cap))
                 for i, layer in enumerate(layers)
             }
         else:
             total = sum(layer.numel for layer in layers)
-            k = max(round(sparsity * total), sum(layer.pruned for layer in layers))
+            k = max(pruned_count(sparsity, total), sum(layer.pruned for layer in layers))
             k = min(k, sum(layer.cap for layer in layers))
             decisions = _global_decisions(layers, k)
         return _write_masks(layers, scorers, alive_masks, decisions, apply, group, out or {})

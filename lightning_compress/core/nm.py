@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance, nonfinite_error
-from .mask_counts import pruned_counts, weight_units
+from .mask_counts import pruned_count, pruned_counts, weight_units
 from .masks import compute_masks, target_ranking
 from .selection import Target
 
@@ -137,7 +137,7 @@ class NMRule:
         groups = [self.targets] if self.scope == "global" else [[t] for t in self.targets]
         for group in groups:
             total = sum(t.numel for t in group)
-            k = round(sparsity * total) - sum(pruned_counts(group, masks, self.collectives).values())
+            k = pruned_count(sparsity, total) - sum(pruned_counts(group, masks, self.collectives).values())
             if k <= 0:
                 continue
             chosen = {t.param_name: candidates[t.param_name] for t in group}

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .collectives import Collectives
 from .importance import Importance
-from .mask_counts import mask_bits, pruned_counts
+from .mask_counts import mask_bits, pruned_count, pruned_counts
 from .masks import compute_masks, zero_pruned_
 from .rules import MaskRule
 from .selection import Target
@@ -129,7 +129,7 @@ class Pruner:
         then undoes this event and the last one together, back to the masks before that one.
         """
         pruned, total = self.units()
-        if round(sparsity * total) <= pruned and self.scope == "global":
+        if pruned_count(sparsity, total) <= pruned and self.scope == "global":
             return False
         fraction = self.regrow if regrow is None else regrow
         in_place = getattr(self.rule, "compute_into", None)

@@ -26,15 +26,19 @@ class Fixed:
 def reference(scores, alive, sparsity, scope, min_density):
     """Sort everything; prune the lowest (pruned first), layer order then position breaking ties."""
     names = list(scores)
+
+    def nearest(x: float) -> int:  # halves rounded up
+        return math.floor(round(x, 9) + 0.5)
+
     pruned = {n: int((~alive[n]).sum()) for n in names}
     n_of = {n: scores[n].numel() for n in names}
     if scope == "layer":
-        k_of = {n: max(min(round(sparsity * n_of[n]), n_of[n] - 1), pruned[n]) for n in names}  # one kept below 1
+        k_of = {n: max(min(nearest(sparsity * n_of[n]), n_of[n] - 1), pruned[n]) for n in names}  # one kept below 1
         caps = {n: n_of[n] for n in names}
         groups = [[n] for n in names]
     else:
         caps = {n: max(n_of[n] - math.ceil(min_density * n_of[n]), pruned[n]) for n in names}
-        total_k = min(max(round(sparsity * sum(n_of.values())), sum(pruned.values())), sum(caps.values()))
+        total_k = min(max(nearest(sparsity * sum(n_of.values())), sum(pruned.values())), sum(caps.values()))
         groups = [names]
     out = {n: torch.ones(n_of[n], dtype=torch.bool) for n in names}
     for group in groups:
