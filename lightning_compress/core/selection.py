@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from .checks import check_module
+from .experts import expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
 
@@ -103,7 +104,7 @@ class Target:
     def in_axis(self) -> int:
         """The weight's input axis: 1, or 0 for a ``transformers`` Conv1D (weight stored as (in, out)); the last
         for a module's own matrices (``(out, in)``) and experts stored as ``(experts, out, in)``."""
-        if self.attr != "weight":
+        if self.own_name or self.attr != "weight":
             return self.param.dim() - 1
         return weight_axes(self.module)[1]
 
@@ -125,18 +126,6 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The weights of a mixture of experts stored one tensor per projection, ``(experts, out, in)``, as
-    ``transformers`` stores Mixtral's and Qwen2-MoE's ``gate_up_proj`` and ``down_proj``: a module's own
-    Parameters of 3 or more dimensions sharing a first (expert) dimension above 1. Not a Linear/Conv/Embedding."""
-    if isinstance(module, (*linear_like_types(), nn.Embedding)):
-        return []
-    found = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3 and p.numel()]
-    if not found or len({p.shape[0] for _, p in found}) != 1 or found[0][1].shape[0] < 2:
-        return []
-    return found
-
-
 def matrix_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The weight matrices of a recurrent layer (``weight_ih_l0``, ``weight_hh_l0``, ..., ``(out, in)``) or of an
     ``nn.MultiheadAttention`` (its packed ``in_proj_weight``, or ``q/k/v_proj_weight``; its ``out_proj`` is a Linear
@@ -144,11 +133,6 @@ def matrix_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     if not isinstance(module, _MATRIX_HOLDERS):
         return []
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 2 and "weight" in n and p.numel()]
-
-
-def is_experts(module: nn.Module) -> bool:
-    """What the default and wildcards pick as experts: a module class named for them holding expert tensors."""
-    return "expert" in type(module).__name__.lower() and bool(expert_tensors(module))
 
 
 def module_tensor_holders(
@@ -281,12 +265,15 @@ _UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the s
 def _unselected_matrices(
     named: list[tuple[str, nn.Module]], selected: list[Target], excluded: Any
 ) -> list[tuple[str, int, tuple[int, ...]]]:
-    """The Parameters of two or more dimensions that modules other than layers and embeddings hold and the selection
-    leaves out (not those of excluded modules): name, size, shape."""
+    """The Parameters of two or more dimensions that modules other than layers, embeddings, experts, recurrent layers
+    and ``nn.MultiheadAttention`` hold and the selection leaves out (not those of excluded modules): name, size,
+    shape."""
     chosen = {id(t.param) for t in selected}
     found: list[tuple[str, int, tuple[int, ...]]] = []
     for name, module in named:
         if isinstance(module, (*default_layer_types(), nn.Embedding, nn.EmbeddingBag)) or excluded(name, module):
+            continue
+        if is_experts(module) or matrix_tensors(module):  # kinds it selects, which `include` left out
             continue
         for attr, param in module.named_parameters(recurse=False):
             if param.dim() >= 2 and param.numel() and id(param) not in chosen:
@@ -358,6 +345,7 @@ def select_targets(
     selected: list[Target] = []
     seen: set[int] = set()
     embeddings = {id(stored_weight(m)) for _, m in named if isinstance(m, nn.Embedding)}
+    routers = router_layers(model)
     tied: list[str] = []
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
@@ -371,7 +359,9 @@ def select_targets(
         excluded = excluded_by(name, module)
         if excluded and isinstance(weight, nn.Parameter) and not computed:
             kept_out.setdefault(id(weight), name)
-        if module_tensors and not computed and not isinstance(weight, Tensor) and not excluded:
+        # experts kept as a module's `weight` (JetMoE's `JetMoeParallelExperts`, (experts, out, in)) are experts too
+        experts_weight = not isinstance(module, layer_types) and is_experts(module)
+        if module_tensors and not computed and (not isinstance(weight, Tensor) or experts_weight) and not excluded:
             exact = named_in(name, module, include)
             wildcard = include is None or any(matches(name, module, p) for p in include)
             held = matrix_tensors(module) if exact or wildcard else []
@@ -395,13 +385,11 @@ def select_targets(
             continue
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
+        layer = isinstance(module, layer_types) and id(module) not in routers  # a router: by its exact name only
         if include is None:
-            chosen = isinstance(module, layer_types)
+            chosen = layer
         else:
-            chosen = any(
-                matches(name, module, p) and (isinstance(module, layer_types) or not (_WILDCARDS & set(p)))
-                for p in include
-            )
+            chosen = any(matches(name, module, p) and (layer or not (_WILDCARDS & set(p))) for p in include)
         if not chosen or excluded:
             continue
         if id(weight) in seen:  # tied weights: one mask, under the first name (the embedding's, when it is selected)

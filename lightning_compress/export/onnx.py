@@ -354,6 +354,11 @@ def _feed(number: int, batch: Any, names: list[str], order: list[str], keyword: 
 
 
 def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:
+    """One row per packed weight: layers tied to one weight (an embedding and its output head) read one copy of the
+    codes in the graph, counted once, under the first name (trial EB: twice, a total above the float model's)."""
+    first: dict[int, tuple[str, Any]] = {}
+    for name, w in swapped.items():
+        first.setdefault(id(w.weight), (name, w))
     return [
         LayerReport(
             name=f"{name}.weight",
@@ -364,7 +369,7 @@ def _int4_reports(swapped: dict[str, Any]) -> list[LayerReport]:
             bytes_after=w.nbytes,
             index_coding="dense",
         )
-        for name, w in swapped.items()
+        for name, w in first.values()
     ]
 
 

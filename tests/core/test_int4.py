@@ -306,8 +306,8 @@ def _int4_token_model(tmp_path, **kwargs):
     calibrate(model, [ids])
     enable_fake_quant(model)
     model.eval()
-    export_onnx(model, tmp_path / "emb.onnx", ids)
-    return model, ids
+    report = export_onnx(model, tmp_path / "emb.onnx", ids)
+    return model, ids, report
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -320,13 +320,16 @@ def test_a_group_quantized_embedding_reads_its_rows_from_packed_int4_codes(tmp_p
     ort = pytest.importorskip("onnxruntime")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*keep float weights.*")
-        model, ids = _int4_token_model(tmp_path, tied=tied)
+        model, ids, report = _int4_token_model(tmp_path, tied=tied)
     proto = onnx.load(str(tmp_path / "emb.onnx"))
     assert [n.op_type for n in proto.graph.node].count("GatherBlockQuantized") == 1
     tables = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and len(i.raw_data) == 8192]
     assert len(tables) == (1 if tied else 2)  # 512 x 32 codes, two per byte: once when tied
     floats = [len(i.raw_data) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
     assert floats.count(4096) == (1 if tied else 2) and max(floats) <= 4096  # the scales; no float table
+    # one report row per copy of the codes (trial EB: the tied table counted twice, more than the float model)
+    rows = [layer for layer in report.layers if layer.bits == 4]
+    assert [r.name for r in rows] == (["emb.weight"] if tied else ["emb.weight", "fc.weight"])
     session = ort.InferenceSession(str(tmp_path / "emb.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = model(ids).numpy()
@@ -360,7 +363,7 @@ def test_an_embedding_that_renormalizes_its_rows_exports_its_fake_quantized_tabl
     fake-quantized table in float, said."""
     ort = pytest.importorskip("onnxruntime")
     with pytest.warns(UserWarning, match=r"\['emb'\] keep float weights \(their fake-quantized values\)"):
-        model, ids = _int4_token_model(tmp_path, max_norm=1.0)
+        model, ids, _ = _int4_token_model(tmp_path, max_norm=1.0)
     session = ort.InferenceSession(str(tmp_path / "emb.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = model(ids).numpy()

@@ -872,3 +872,62 @@ def test_a_tied_gpt2_head_quantized_with_its_embedding_exports_one_int8_table_on
     ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     integer = ops.count("MatMulInteger") + ops.count("MatMulIntegerToFloat")
     assert integer == len(conv1d_names(model)) + 1  # the head too (attention products stay float MatMul)
+
+
+def jetmoe(seed: int = 0):
+    config = transformers.JetMoeConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.JetMoeForCausalLM(config)
+
+
+def test_jetmoe_experts_kept_as_a_modules_weight_are_selected_and_its_routers_are_not():
+    """Trial EB: JetMoE keeps each projection's experts as `JetMoeParallelExperts.weight` (experts, out, in): the
+    default selection took them for an unknown layer and left them dense (the model ~4% sparse while the log said
+    0.9), pruned the routers' Linear layers instead (86-92% zero), and 2:4 blocks of named experts ran along their
+    output axis."""
+    model = jetmoe()
+    names = {t.param_name for t in IterativePruner(model, 0.9, total_steps=8).targets}
+    experts = {f"model.layers.{i}.{m}.output_linear.weight" for i in (0, 1) for m in ("mlp", "self_attention.experts")}
+    assert experts <= names and "model.layers.0.self_attention.kv_proj.weight" in names
+    assert not any("router" in n for n in names)
+    prune_(model, 0.5, granularity="2:4")
+    for i in (0, 1):
+        for m in (model.model.layers[i].mlp, model.model.layers[i].self_attention.experts):
+            for tensor in (m.input_linear.weight, m.output_linear.weight):
+                assert is_nm(tensor != 0, 2, 4, in_axis=2)
+            assert bool(m.router.layer.weight.all())  # dense
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        named = prune_(jetmoe(), 0.5, include=["model.layers.0.mlp.router.layer"])  # an exact name opts in
+    assert list(named) == ["model.layers.0.mlp.router.layer.weight"]
+    assert not [w for w in caught if "does not prune" in str(w.message)]  # experts `include` left out: not unsaid
+
+
+def test_a_linear_router_and_a_shared_expert_gate_are_left_out_and_the_shared_experts_projections_are_not():
+    from torch import nn
+
+    from lightning_compress.core.experts import router_layers
+
+    class Expert(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 8)
+
+    class Block(nn.Module):  # the older Mixtral layout: a ModuleList of expert MLPs and a Linear router named `gate`
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(8, 4)
+            self.experts = nn.ModuleList(Expert() for _ in range(4))
+            self.shared_expert = Expert()  # 4 outputs, as many as experts: not a router by its names
+            self.shared_expert_gate = nn.Linear(8, 1)
+
+    model = nn.Sequential(Block(), nn.Linear(8, 1))  # a one-output head outside the block stays a layer
+    assert sorted(router_layers(model).values()) == ["0.gate", "0.shared_expert_gate"]
+    names = {t.name for t in IterativePruner(model, 0.5, total_steps=4).targets}
+    assert "0.gate" not in names and "0.shared_expert_gate" not in names
+    assert {"0.shared_expert.gate_proj", "0.experts.3.down_proj", "1"} <= names
+    wildcard = {t.name for t in IterativePruner(model, 0.5, total_steps=4, include=["0.*"]).targets}
+    assert "0.gate" not in wildcard and "0.experts.0.gate_proj" in wildcard
