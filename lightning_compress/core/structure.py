@@ -191,7 +191,14 @@ def build_channel_groups(
                 type(model).__name__: "the channel dependency graph could not be built (Torch-Pruning: "
                 f"{type(err).__name__}: {str(err)[:120]}), so no channel outside attention heads can be pruned"
                 # trial DX: Longformer's attention has no head this finds either, and the message implied it had
-                + ("" if blocks else ", and no attention with heads this reads was found")
+                + (
+                    ""
+                    if blocks
+                    # trial EB: DeepSeek's heads were said left whole, then "no attention with heads" was found
+                    else ", and the heads of every attention found are left whole"
+                    if not_heads
+                    else ", and no attention with heads this reads was found"
+                )
             }
     groups: list[ChannelGroup] = []
     skipped = {name: f"its heads are left whole: {why}" for name, why in not_heads.items()}

@@ -507,6 +507,22 @@ def test_a_model_whose_dependency_graph_cannot_be_built_is_refused_by_name():
     assert report.params_after == report.params_before
 
 
+def test_a_graph_that_cannot_be_built_beside_heads_left_whole_says_so_without_contradiction():
+    """Trial EB: DeepSeek-V3's latent attention has no head size to read and the graph build fails; the refusal said
+    its heads were left whole, then that no attention with heads was found."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+        v_head_dim=8, n_group=1, topk_group=1, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"heads are left whole: .* and the heads of every attention found are") as err:
+        prune_(model, 0.5, granularity="channel", example_inputs=torch.randint(0, 64, (2, 8)))
+    assert "no attention with heads" not in str(err.value)
+
+
 def test_a_channel_search_that_never_ends_is_bounded_and_its_layers_are_left_whole():
     """A DPT (trial AN): its readout token is concatenated along the dimension the tracer reads as channels, so the
     residual stream's channel indices shift by one on every lap of a cycle, and Torch-Pruning's group search ran for
