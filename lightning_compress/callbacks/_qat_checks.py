@@ -117,7 +117,8 @@ def warn_if_already_quantizing(
     fake-quantize keep doing so from the first step, with the ranges they hold: the schedule cannot switch on what is
     on (trial CT: a smoke run's one-batch calibration quantized every epoch of the next fit, said nowhere). Called at
     the start of training, after Lightning restored a checkpoint (a resumed fit's quantizers are its own)."""
-    if trainer.ckpt_path is not None or start_epoch <= trainer.current_epoch:
+    # the calibration epoch still ahead or now (trial EA: the default `start_epoch=0` was never warned about)
+    if trainer.ckpt_path is not None or start_epoch < trainer.current_epoch:
         return
     fresh = {f"{name}." for name in converted_now}
     on = sorted(
@@ -129,6 +130,6 @@ def warn_if_already_quantizing(
             f"and switched on before this fit: an earlier fit, a fast_dev_run, or your own code), so they quantize "
             f"from the first step with the ranges they hold, not from `start_epoch`={start_epoch} after a "
             "calibration. To follow the schedule with the trained weights, switch them off first "
-            "(`enable_fake_quant(model, False)`, or `convert_to_float(model)`), or fit a fresh instance; set "
-            "`start_epoch=0` to go on quantizing."
+            "(`enable_fake_quant(model, False)`, or `convert_to_float(model)`), or fit a fresh instance"
+            + ("." if start_epoch == trainer.current_epoch else "; set `start_epoch=0` to go on quantizing.")
         )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import weight_axes
-from .macs import layer_macs
+from .macs import layer_macs, uncalled_layers
 from .structure import ChannelGroup, is_depthwise
 from .tracing import call_model, plain_float
 
@@ -59,6 +59,7 @@ class ChannelCost:
                 handle.remove()
         modules = dict(model.named_modules())
         self.dense = sum(macs.values())
+        self.uncalled = uncalled_layers(model, {id(m) for m in macs})  # layers whose MACs are not counted
         self._layers: dict[str, tuple[int, dict[str, _Axis]]] = {}
         seen: set[tuple[str, str, int]] = set()
         for g, group in enumerate(groups):

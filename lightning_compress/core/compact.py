@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .checks import check_float, check_module
 from .group_check import faithful_groups, output_change, removable_groups
-from .macs import count_macs, uncounted_experts, uncounted_note
+from .macs import count_macs, uncalled_note, uncounted_experts, uncounted_note
 from .model_config import describe_in_config
 from .qat import quantizers
 from .quant_blocks import keep_whole_blocks
@@ -76,10 +76,13 @@ class CompactReport:
     kept_for_quant_groups: dict[str, int] = field(default_factory=dict)  # zero channels kept, per group
     uncounted: list[str] = field(default_factory=list)  # modules whose 3-d weights (experts) the MACs leave out
     uncounted_note: str = ""  # what they hold, said
+    uncalled: list[str] = field(default_factory=list)  # Linear/Conv layers the forward did not call: MACs uncounted
 
     def __str__(self) -> str:
-        lines = [f"{'group':<32}{'channels':>16}"]
-        lines += [f"{name:<32}{f'{a} -> {b}':>16}" for name, (a, b) in self.channels.items() if a != b]
+        changed = {name: sizes for name, sizes in self.channels.items() if sizes[0] != sizes[1]}
+        width = max([32, *(len(name) + 2 for name in changed)])  # trial EA: longer names pushed the column out
+        lines = [f"{'group':<{width}}{'channels':>16}"]
+        lines += [f"{name:<{width}}{f'{a} -> {b}':>16}" for name, (a, b) in changed.items()]
         unchanged = sum(a == b for a, b in self.channels.values())  # trial DV: listed as if cut ("2 -> 2")
         if unchanged:
             lines.append(f"({unchanged} group(s) unchanged: `channels` lists every group)")
@@ -92,6 +95,7 @@ class CompactReport:
             f"MACs per forward of the example inputs: {self.macs_before:,} -> {self.macs_after:,} "
             f"({self.macs_after / max(1, self.macs_before):.1%})"
             + (f", not counting {self.uncounted_note} (left whole)" if self.uncounted else "")
+            + (f", not counting {uncalled_note(self.uncalled)}" if self.uncalled else "")
         )
         if self.kept_for_quant_groups:
             kept = ", ".join(f"{name}: {n}" for name, n in self.kept_for_quant_groups.items())
@@ -207,7 +211,7 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float) -> CompactRepor
     keep = planned.keep
     report = CompactReport(channels=planned.channels, params_before=sum(p.numel() for p in model.parameters()))
     report.kept_for_quant_groups = kept_for_quant_groups
-    report.macs_before = count_macs(model, example_inputs)
+    report.macs_before = count_macs(model, example_inputs, report.uncalled)
     report.uncounted = uncounted_experts(model)
     report.uncounted_note = uncounted_note(model, report.uncounted) if report.uncounted else ""
     if keep:

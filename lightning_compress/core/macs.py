@@ -22,7 +22,7 @@ from .layers import linear_like_types, weight_axes
 from .selection import expert_tensors, is_experts
 from .tracing import call_model, eval_mode
 
-__all__ = ["count_macs", "layer_macs", "uncounted_experts", "uncounted_note"]
+__all__ = ["count_macs", "layer_macs", "uncalled_layers", "uncalled_note", "uncounted_experts", "uncounted_note"]
 
 
 def uncounted_experts(model: nn.Module) -> list[str]:
@@ -95,12 +95,40 @@ def _own_matrix_macs(module: nn.Module, inputs: tuple[Any, ...], kwargs: dict[st
     return query * width * width + key * width * module.kdim + value * width * module.vdim + query * width * width
 
 
-def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """MACs of one eval-mode forward of ``model`` on ``example_inputs`` (a tensor, tuple or dict)."""
+def uncalled_layers(model: nn.Module, called: set[int]) -> list[str]:
+    """The Linear/Conv layers of ``model`` holding weights whose forward did not run (``called``: ids of the modules
+    that ran): their MACs are not counted (trial EA: WavLM multiplies its attention projections' weights in
+    ``F.multi_head_attention_forward`` without calling them: a 50% budget was said met where 66.5% was left)."""
+    # nn.MultiheadAttention's `out_proj`, which it uses without calling, is counted with it
+    counted = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    found = []
+    for name, module in model.named_modules():
+        if id(module) in counted:
+            continue
+        weight = getattr(module, "weight", None)
+        layer = isinstance(module, linear_like_types()) and isinstance(weight, Tensor) and weight.numel() > 0
+        if layer and id(module) not in called:
+            found.append(name)
+    return found
+
+
+def uncalled_note(names: list[str]) -> str:
+    """:func:`uncalled_layers`' ``names``, for a message."""
+    return (
+        f"the layers {names[:3]}{' ...' * (len(names) > 3)} ({len(names)}), which the forward did not call (unused, "
+        "or their weights multiplied directly, as WavLM's attention does)"
+    )
+
+
+def count_macs(model: nn.Module, example_inputs: Any, uncalled: list[str] | None = None) -> int:
+    """MACs of one eval-mode forward of ``model`` on ``example_inputs`` (a tensor, tuple or dict); ``uncalled``, when
+    given, receives the names of the Linear/Conv layers the forward did not call (:func:`uncalled_layers`)."""
     total = 0
+    called: set[int] = set()
 
     def hook(module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         nonlocal total
+        called.add(id(module))
         total += layer_macs(module, output, args, kwargs)
 
     counted = (*linear_like_types(), nn.MultiheadAttention, nn.RNNBase)
@@ -112,4 +140,6 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     finally:
         for handle in handles:
             handle.remove()
+    if uncalled is not None:
+        uncalled.extend(uncalled_layers(model, called))
     return total

@@ -20,7 +20,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .group_check import faithful_groups, removable_groups
 from .importance import Importance
-from .macs import uncounted_experts, uncounted_note
+from .macs import uncalled_note, uncounted_experts, uncounted_note
 from .mask_counts import weight_units
 from .masks import compute_masks
 from .nm import NMRule, eligible
@@ -140,9 +140,11 @@ def channel_structure(
         )
     cost = ChannelCost(model, example_inputs, groups) if measure == "macs" else None
     experts = uncounted_experts(model) if cost is not None else []
-    if experts:
+    uncalled = cost.uncalled if cost is not None else []
+    if experts or uncalled:
+        notes = ([uncounted_note(model, experts)] if experts else []) + ([uncalled_note(uncalled)] if uncalled else [])
         warnings.warn(
-            f"`measure`='macs' counts the MACs of Linear/Conv layers: {uncounted_note(model, experts)} are not "
+            f"`measure`='macs' counts the MACs of Linear/Conv layers a forward calls: {' and '.join(notes)} are not "
             "counted and not channel-pruned, so the budget is a fraction of the other layers' MACs.",
             UserWarning,
             stacklevel=2,

@@ -1367,6 +1367,10 @@ def test_layers_already_quantizing_before_the_fit_are_said_to_ignore_start_epoch
         UserWarning, match=r"\['net.0', 'net.2', 'net.4'\] already fake-quantize .*not from `start_epoch`=3"
     ):
         trainer(max_epochs=4, callbacks=[QuantizationAwareTraining(start_epoch=3)]).fit(tiny)
+    smoked = TinyModule()  # trial EA: the default `start_epoch=0` calibrates in the first epoch, and was not warned
+    trainer(fast_dev_run=True, callbacks=[QuantizationAwareTraining()]).fit(smoked)
+    with pytest.warns(UserWarning, match=r"already fake-quantize .*not from `start_epoch`=0 .* a fresh instance\.$"):
+        trainer(max_epochs=2, callbacks=[QuantizationAwareTraining()]).fit(smoked)
     pl.seed_everything(0, verbose=False)
     fresh = TinyModule()
     with warnings.catch_warnings():  # a fresh model follows the schedule: nothing to say

@@ -507,6 +507,45 @@ def test_macs_count_the_matrices_of_recurrent_and_attention_layers():
     assert ChannelCost(model, x, []).dense == recurrent + attention + head
 
 
+class _DirectWeights(nn.Module):
+    """A Linear whose weight the forward multiplies without calling it (as WavLM's attention passes its projections'
+    weights to F.multi_head_attention_forward), beside MultiheadAttention (its out_proj is counted with it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(6, 12), nn.Linear(12, 16)
+        self.direct, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 3)
+        self.attention = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.attention(x, x, x)
+        hidden = torch.relu(self.fc1(torch.relu(self.fc0(x))))
+        return self.fc2(torch.relu(F.linear(hidden, self.direct.weight, self.direct.bias)))
+
+
+def test_layers_the_forward_does_not_call_are_named_where_macs_are_counted():
+    """Trial EA: WavLM multiplies its attention projections' weights without calling the layers, so their MACs were
+    not counted, and a 50% `measure="macs"` budget was said met (49.7%) where two thirds of the compute was left."""
+    from lightning_compress.core.macs import count_macs
+
+    model, x = _DirectWeights().eval(), torch.randn(2, 5, 6)
+    uncalled: list[str] = []
+    count_macs(model, x, uncalled)
+    assert uncalled == ["direct"]  # not `attention.out_proj`
+    with pytest.warns(UserWarning, match=r"the layers \['direct'\] \(1\), which the forward did not call .* are not"):
+        prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
+    report = compact(model, x)
+    assert report.uncalled == ["direct"] and "not counting the layers ['direct'] (1), which the forward" in str(report)
+    assert compact(_SequenceLayers().eval(), torch.randn(2, 5, 6)).uncalled == []
+
+
+def test_compacts_report_columns_line_up_with_long_group_names():
+    from lightning_compress.core.compact import CompactReport
+
+    lines = str(CompactReport(channels={"a" * 50: (8, 4), "b": (6, 3)})).splitlines()
+    assert len({len(line) for line in lines[:3]}) == 1 and lines[1].endswith("8 -> 4") and lines[2].endswith("6 -> 3")
+
+
 def test_channel_cost_predicts_the_macs_compact_leaves_exactly():
     from lightning_compress.core.channel_cost import ChannelCost
     from lightning_compress.core.macs import count_macs
