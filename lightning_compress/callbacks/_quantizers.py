@@ -15,9 +15,11 @@ from ._validation import StrategyCollectives
 __all__ = ["check_in_optimizers", "update_observers", "warn_about_idle_layers"]
 
 
-def warn_about_idle_layers(pl_module: nn.Module, epoch: int, layers: list[tuple[str, nn.Module]] | None = None) -> None:
+def warn_about_idle_layers(
+    pl_module: nn.Module, epoch: int, layers: list[tuple[str, nn.Module]] | None = None
+) -> list[str]:
     """Layers (``layers``: a callback's own; ``None``: every fake-quant layer) whose quantizers observed nothing while
-    observers were on: their forward never ran in training."""
+    observers were on: their forward never ran in training. Returns their names."""
     layers = qat_modules(pl_module) if layers is None else layers
     idle = [name for name, layer in layers if not cast(Any, layer).weight_fake_quant.initialized]
     if idle:
@@ -40,6 +42,7 @@ def warn_about_idle_layers(pl_module: nn.Module, epoch: int, layers: list[tuple[
             f"observed in a training step of epoch {epoch} (the layer runs outside `training_step`?): their inputs "
             "stay float until a training step reaches them."
         )
+    return idle
 
 
 def update_observers(activation_quantizers: list[FakeQuantizer], collectives: StrategyCollectives) -> None:

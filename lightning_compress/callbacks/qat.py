@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -528,8 +529,10 @@ class QuantizationAwareTraining(Callback):
         # switch the weight observers back on (trial DH: they moved for one more epoch, or left the fit on)
         freeze = self.freeze_observers_epoch  # `epoch`: the epoch starting, or at fit end the calibration epoch that
         frozen = freeze is not None and (epoch >= freeze if at_fit_end else epoch > freeze)  # ended (trial DI)
-        enable_fake_quant(pl_module, layers=self._layers, observe=False if frozen else None)  # learned scales train
-        warn_about_idle_layers(pl_module, self._calibration_epoch, self._own_layers(pl_module))
+        with warnings.catch_warnings():  # said below, with the reason (trial EA: it named `calibrate`, never called)
+            warnings.filterwarnings("ignore", message=r"enable_fake_quant: .* never observed an activation")
+            enable_fake_quant(pl_module, layers=self._layers, observe=False if frozen else None)  # learned scales train
+        idle = warn_about_idle_layers(pl_module, self._calibration_epoch, self._own_layers(pl_module))
         when = (
             "at the end of fit (its calibration epoch was the last: calibrated, not yet trained or validated quantized)"
             if at_fit_end
@@ -538,8 +541,9 @@ class QuantizationAwareTraining(Callback):
         own = self._own_layers(pl_module)
         grouped = sum(1 for _, layer in own if getattr(layer.weight_fake_quant, "groups", 0))
         rank_zero_info(
-            f"QuantizationAwareTraining: fake quantization on for {len(self._layers)} layers "
-            f"(weights {self.config.weight_bits} bits"
+            f"QuantizationAwareTraining: fake quantization on for {len(self._layers) - len(idle)} layers "
+            + (f"({len(idle)} that never ran stay float) " if idle else "")
+            + f"(weights {self.config.weight_bits} bits"
             + _groups_note(self.config.group_size, grouped, len(own))
             + (
                 ", activations in float"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import warnings
 from typing import Any
@@ -802,13 +803,19 @@ class _ReadsAWeight(TinyModule):
         return nn.functional.linear(self.net[:4](x), head.weight, head.bias)
 
 
-def test_a_layer_whose_forward_never_runs_is_named_when_quantization_switches_on(tmp_path):
+def test_a_layer_whose_forward_never_runs_is_named_when_quantization_switches_on(tmp_path, caplog):
     """It computes in float and its file stores it in float, as said; a trial: the quantization error logged at each
-    validation gave its idle quantizer a scale, so the file stored it in 8 bits and reloaded another model."""
+    validation gave its idle quantizer a scale, so the file stored it in 8 bits and reloaded another model. Trial EA:
+    the switch also said `calibrate` (never called) had not reached it, and counted it among the layers quantized."""
     pl.seed_everything(0, verbose=False)
     model = _ReadsAWeight()
-    with pytest.warns(UserWarning, match=r"\['net.4'\] never ran their forward in epoch 0"):
+    with (
+        pytest.warns(UserWarning, match=r"\['net.4'\] never ran their forward in epoch 0") as caught,
+        caplog.at_level(logging.INFO),
+    ):
         trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0)]).fit(model)
+    assert not [w for w in caught if "calibrate(model, batches)" in str(w.message)]
+    assert "fake quantization on for 2 layers (1 that never ran stay float) (weights 8 bits" in caplog.text
     report = save_compressed(model, tmp_path / "m.lcz")
     assert all(layer.bits == 32 for layer in report.layers if layer.name == "net.4.weight")
     fresh = _ReadsAWeight()
