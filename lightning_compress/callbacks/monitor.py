@@ -241,10 +241,13 @@ class CompressionMonitor(Callback):
             drop = self._drop(value)
             if drop is not None:
                 metrics[f"compress/model/{self.monitor}_drop"] = drop
+        # the step Lightning logs this validation's metrics at: the batches trained before the one it follows (trial
+        # EA: one step later, every point stood apart from its `val_acc` in TensorBoard)
+        step = max(trainer.global_step - 1, 0)
         for logger in trainer.loggers:  # every logger, as Lightning's own `self.log` does
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=step)
             if self.log_images and isinstance(logger, TensorBoardLogger):
-                self._tensorboard(logger, pl_module, size, trainer.global_step)
+                self._tensorboard(logger, pl_module, size, step)
 
     def _tensorboard(
         self, logger: TensorBoardLogger, pl_module: pl.LightningModule, size: ModelSize, step: int

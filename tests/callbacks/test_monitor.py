@@ -53,6 +53,9 @@ def test_tensorboard_tags_values_images_and_summary(tmp_path, caplog):
     # the dense baseline: the last value before any compression
     drops = [e.value for e in events.Scalars("compress/model/val_acc_drop")]
     assert drops[0] == 0.0
+    # at the steps of the validation metrics they pair with (trial EA: one step later)
+    assert [e.step for e in events.Scalars("compress/model/val_acc")] == [e.step for e in events.Scalars("val_acc")]
+    assert [e.step for e in events.Images("compress/charts/layer_sparsity")][-1] == events.Scalars("val_acc")[-1].step
     assert {"compress/charts/layer_sparsity", "compress/charts/accuracy_vs_compression"} <= set(events.Tags()["images"])
     assert "compress/weights/net.2.weight" in events.Tags()["histograms"]
     # summary: logged once (through Lightning's logger, on rank zero), and the same data as a dict
