@@ -947,3 +947,20 @@ def test_a_linear_router_and_a_shared_expert_gate_are_left_out_and_the_shared_ex
     assert {"0.shared_expert.gate_proj", "0.experts.3.down_proj", "1"} <= names
     wildcard = {t.name for t in IterativePruner(model, 0.5, total_steps=4, include=["0.*"]).targets}
     assert "0.gate" not in wildcard and "0.experts.0.gate_proj" in wildcard
+
+
+def test_a_layer_whose_input_heads_stay_whole_and_whose_outputs_are_cut_is_said_so():
+    """Trial EA: Timesformer's temporal attention has no head size this reads; its output layer was listed among the
+    channels left whole, and its outputs (which feed `temporal_dense`) were then cut."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    config = transformers.TimesformerConfig(
+        image_size=16, patch_size=8, num_frames=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.TimesformerForVideoClassification(config).eval()
+    groups, left = build_channel_groups(model, torch.randn(2, 2, 3, 16, 16))
+    name = "timesformer.encoder.layer.0.temporal_attention.output.dense"
+    assert any(s.module == name and s.kind == "out" for g in groups for s in g.slices)
+    assert left[name].startswith("its input heads are left whole (its output channels are in a group of their own)")
