@@ -56,15 +56,21 @@ class GraphIndex:
         self.names.add(candidate)
         return candidate
 
-    def single_reader_chain(self, name: str, op_types: set[str]) -> list[Any]:
+    def single_reader_chain(self, name: str, op_types: set[str], shapes_read: bool = False) -> list[Any]:
         """The nodes of ``op_types`` from ``name`` back, nearest first, while each one's output has no other
-        reader: the ops a quantization can move across without changing what another node reads."""
+        reader: the ops a quantization can move across without changing what another node reads. ``shapes_read``:
+        readers of only the shape (``Shape``, ``Size``) do not count; a quantization keeps the shape."""
         chain = []
         node = self.producer.get(name)
-        while node is not None and node.op_type in op_types and len(self.consumers.get(node.output[0], [])) == 1:
+        while node is not None and node.op_type in op_types and len(self.readers(node.output[0], shapes_read)) == 1:
             chain.append(node)
             node = self.producer.get(node.input[0])
         return chain
+
+    def readers(self, name: str, shapes_read: bool = False) -> list[Any]:
+        """The nodes reading ``name``; with ``shapes_read``, not those that read only its shape."""
+        found = self.consumers.get(name, [])
+        return [n for n in found if n.op_type not in _SHAPE_READERS] if shapes_read else found
 
     def drop_unused(self, *op_types: str) -> None:
         """Remove nodes of ``op_types`` whose output nothing reads, then unread initializers."""
@@ -139,6 +145,7 @@ def fold_batch_norms(proto: Any, numpy_helper: Any) -> None:
 
 # a Pad leaves the values it keeps alone and adds constants (or copies), which the quantization after it rounds
 _PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Pad"}
+_SHAPE_READERS = {"Shape", "Size"}  # ops that read a tensor's shape, not its values
 _RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}  # pure data movement, commuting with any quantization
 
 
@@ -160,12 +167,14 @@ def quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
     for q in [n for n in graph.node if n.op_type == "QuantizeLinear"]:
         if not all(name in constants for name in q.input[1:]):
             continue
-        chain = index.single_reader_chain(q.input[0], _PASS_THROUGH)
+        # readers of only the shape do not count (trial EC: CvT's `view` of a convolution's output reads its shape,
+        # so its projections' convolutions kept float outputs, and `calibration` rounded them twice)
+        chain = index.single_reader_chain(q.input[0], _PASS_THROUGH, shapes_read=True)
         if not chain:
             continue
         first = chain[-1]
         head = first.input[0]
-        if len(consumers.get(head, [])) != 1:
+        if len(index.readers(head, shapes_read=True)) != 1:
             continue
         name = index.fresh(f"{head}_requantized")
         params = [f"{name}_scale", f"{name}_zero_point"][: len(q.input) - 1]
@@ -175,7 +184,11 @@ def quantize_before_pass_through(proto: Any, numpy_helper: Any) -> None:
         new_q = helper.make_node("QuantizeLinear", [head, *params], [name + "_q"])
         new_dq = helper.make_node("DequantizeLinear", [name + "_q", *params], [name])
         first.input[0] = name
-        position = list(graph.node).index(first)
+        shapes = [r for r in consumers.get(head, []) if r.op_type in _SHAPE_READERS]
+        for reader in shapes:  # the shape from the dequantized copy: the Q is the head's one reader
+            reader.input[0] = name
+        nodes = list(graph.node)
+        position = min(nodes.index(node) for node in [first, *shapes])  # before every node that reads the copy
         graph.node.insert(position, new_dq)
         graph.node.insert(position, new_q)
 
