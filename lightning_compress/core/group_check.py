@@ -100,10 +100,11 @@ def _removable(
                 if all(groups[i].attention is not None for i in subset):  # trial BI: the shape error alone
                     return (
                         "its heads are left whole: the forward without half of them fails "
-                        f"({type(err).__name__}: {first}), so the model reads the head count where head removal "
-                        "does not change it: a config the layers share, read in the forward (e.g. Phi-3's "
-                        "`self.config.num_attention_heads`), or a position bias built for every layer's heads (e.g. "
-                        "BLOOM's ALiBi, one slope per head)"
+                        f"({type(err).__name__}: {first}), so the model reads the head count or the attention's "
+                        "width where head removal does not change it: an attribute of its own (e.g. Hiera's "
+                        "`hidden_size_output`), the input's size, a config the layers share, read in the forward "
+                        "(e.g. Phi-3's `self.config.num_attention_heads`), or a position bias built for every "
+                        "layer's heads (e.g. BLOOM's ALiBi, one slope per head)"
                     )
                 return (
                     "its channels also feed an operation the dependency graph does not see (the forward without half "

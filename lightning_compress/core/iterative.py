@@ -665,21 +665,29 @@ class IterativePruner:
         self._pruner.apply()
 
     def _warn_floors(self, wanted: float) -> None:
-        """Say once which layers the ``min_density`` floor holds back, and what to do about it."""
+        """Say once which layers the ``min_density`` floor holds back, and what to do about it; layers it holds at later
+        events are logged (trial EC: one warning per event, six on a FocalNet)."""
         config = self.config
         held = self._floored_layers()
         new = [name for name in held if name not in self._warned_floors]
         if not new:
             return
+        first = not self._warned_floors
         self._warned_floors.update(new)
         now = self.masked_sparsity()
         short = now < wanted - 1.0 / max(1, self._pruner.total)
+        if not first:
+            self._info(
+                f"IterativePruning: layer(s) {new} are held at the `min_density`={config.min_density} floor too"
+                + (f" (the model reaches {now:.4f} instead of {wanted:.4f})." if short else ".")
+            )
+            return
         self._warn(
             f"IterativePruning: layer(s) {new} are held at the `min_density`={config.min_density} floor: one "
             "global threshold would prune them further."
             + (f" The model reaches {now:.4f} instead of {wanted:.4f}." if short else "")
             + " Raise `min_density` to keep more of every layer, lower it to let the one threshold decide, or "
-            "`exclude` the layer(s) to keep them dense."
+            "`exclude` the layer(s) to keep them dense. Layers it holds later are logged; `held_at_floor` lists them."
         )
 
     # ------------------------------------------------------------------ persistence

@@ -460,9 +460,10 @@ def select_targets(
             warnings.warn(
                 f"lightning-compress does not prune {listed}{' ...' * (len(unselected) > 3)} ({total:,} weights in "
                 f"{len(unselected)} tensor(s), {total / max(1, pruned):.0%} as many as the {pruned:,} it prunes): "
-                "Parameters a module multiplies in its own forward (through einsum or matmul, as XLNet's attention "
-                "does), which are not layers it selects (Linear, Conv, experts, recurrent layers, "
-                "nn.MultiheadAttention). They stay dense, and `sparsity` does not count them.",
+                "Parameters a module uses in its own forward (multiplied through einsum or matmul, as XLNet's "
+                "attention does, or added, as position embeddings are), which are not layers it selects (Linear, "
+                "Conv, experts, recurrent layers, nn.MultiheadAttention). They stay dense, and `sparsity` does not "
+                "count them.",
                 stacklevel=2,
             )
     if not selected:

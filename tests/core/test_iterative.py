@@ -772,6 +772,26 @@ def test_the_layers_held_at_their_floor_are_those_held_now():
     assert pruner.held_at_floor == []
 
 
+def test_layers_held_at_the_floor_are_warned_about_once_and_later_ones_logged():
+    """Trial EC: one warning per event that held another layer, six on a FocalNet."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 20), nn.Linear(20, 20))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-4)  # emptied by the first event's threshold
+        model[2].weight.mul_(0.05)  # by a later one's
+    warned, logged = [], []
+    pruner = IterativePruner(
+        model, 0.9, total_steps=10, every_n_steps=1, schedule="linear", min_density=0.05,
+        warn=warned.append, info=logged.append,
+    )  # fmt: skip
+    for t in range(1, 11):
+        pruner.advance_to(t)
+    floored = [m for m in warned if "held at the `min_density`" in m]
+    assert len(floored) == 1 and "['1']" in floored[0] and "`held_at_floor` lists them" in floored[0]
+    assert any("['2'] are held at the `min_density`=0.05 floor too" in m for m in logged)
+    assert pruner.held_at_floor == ["1", "2"]
+
+
 class _GroupedConvNet(nn.Module):
     """Only `c3`'s channels can go: a grouped convolution keeps the rest whole."""
 
