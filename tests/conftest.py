@@ -77,10 +77,15 @@ class TinyModule(pl.LightningModule):
         return DataLoader(make_blobs(128, seed=2), batch_size=64)
 
 
+# The accelerator of `trainer()`: the CPU, unless LIGHTNING_COMPRESS_TEST_ACCELERATOR names another ("gpu" in
+# benchmarks/gpu_check.sh, which runs the callbacks' tests on a lent GPU machine).
+TEST_ACCELERATOR = os.environ.get("LIGHTNING_COMPRESS_TEST_ACCELERATOR", "cpu")
+
+
 def trainer(tmp_path=None, **kwargs) -> pl.Trainer:
-    """A quiet CPU Trainer."""
+    """A quiet Trainer on `TEST_ACCELERATOR`."""
     defaults = dict(
-        accelerator="cpu",
+        accelerator=TEST_ACCELERATOR,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -102,7 +107,9 @@ def tiny() -> TinyModule:
 
 
 def weights_of(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {
+        k: v.detach().cpu().clone() for k, v in module.state_dict().items()
+    }  # on the CPU: the suite also runs on GPUs
 
 
 class SparsityChanges(pl.Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,12 +76,21 @@ def example_inputs(pl_module: pl.LightningModule) -> Any:
     if example is None:
         return None
     example = pl_module.on_before_batch_transfer(example, 0)
-    example = pl_module.transfer_batch_to_device(example, pl_module.device, 0)
+    example = pl_module.transfer_batch_to_device(example, weights_device(pl_module), 0)
     example = pl_module.on_after_batch_transfer(example, 0)
     dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
     if dtype in (torch.bfloat16, torch.float16):
         example = apply_to_collection(example, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t)
     return example
+
+
+def weights_device(pl_module: pl.LightningModule) -> torch.device:
+    """Where the module's weights are now. Not ``pl_module.device`` at ``setup``: Lightning sets that to the
+    accelerator's device before it moves the module there (a GPU fit traced CPU weights with CUDA inputs)."""
+    for tensor in itertools.chain(pl_module.parameters(), pl_module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return pl_module.device
 
 
 def export_template(

@@ -207,14 +207,15 @@ class ValidationMetrics:
 
     def start(self, trainer: pl.Trainer) -> None:
         self.logged.start(trainer)
-        self._before = {k: v.clone() for k, v in trainer.callback_metrics.items()}
+        self._before = {k: v.detach().cpu() for k, v in trainer.callback_metrics.items()}
         self._restored = {}
 
     def measured(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         """This validation's metrics: what it logged or changed, and the names earlier validations logged (a value
         equal to the one before is this validation's too)."""
         metrics, before = trainer.callback_metrics, self._before
-        self._names.update(k for k, v in metrics.items() if k not in before or not torch.equal(v, before[k]))
+        # compared on the CPU: a value restored from a checkpoint may be there while the validation logs on the GPU
+        self._names.update(k for k, v in metrics.items() if k not in before or not torch.equal(v.cpu(), before[k]))
         return {k: metrics[k].clone() for k in self._names if k in metrics}
 
     def keep(self, measured: dict[str, Tensor], step: int) -> None:
@@ -256,7 +257,9 @@ class ValidationMetrics:
             )
             return
         self._judged_step = trainer.global_step  # the model is the judged one again
-        restored = {key: self._judged[key] for key in measured if key in self._judged}
+        # on the devices this validation logged them on (the judged values of a checkpoint are on the CPU; trial
+        # GPU: the next validation compared a CUDA metric with a CPU one and the fit stopped)
+        restored = {key: self._judged[key].to(value.device) for key, value in measured.items() if key in self._judged}
         logged = measured.get(monitor, trainer.callback_metrics[monitor])
         restored[monitor] = torch.as_tensor(value, dtype=logged.dtype, device=logged.device)
         self._restored = restored

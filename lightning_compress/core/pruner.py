@@ -265,12 +265,34 @@ class Pruner:
         return True
 
     def apply(self) -> None:
-        """Zero every pruned weight (e.g. after something outside the optimizer wrote weights)."""
+        """Zero every pruned weight (e.g. after something outside the optimizer wrote weights), on the device the
+        weights are on now (:meth:`follow_weights`)."""
         if not self.masks:
             return
+        self.follow_weights()
         with torch.no_grad():
             for name, mask in self.masks.items():
                 zero_pruned_(self._by_name[name].local, mask)
+
+    def follow_weights(self) -> None:
+        """Move the masks, the undo record, regrowth's sums, the rewind point and the importance's statistics to the
+        device of their weights, where the model was moved since they were made: Lightning trains on the accelerator
+        and moves the model back to the CPU before ``on_fit_end``, so a mask made in training is on the GPU there.
+        """
+
+        def moved(name: str, tensor: Tensor) -> Tensor:
+            device = self._by_name[name].local.device
+            return tensor if tensor.device == device else tensor.to(device)
+
+        if any(mask.device != self._by_name[name].local.device for name, mask in self._masks.items()):
+            self._masks = {name: moved(name, mask) for name, mask in self._masks.items()}
+        if self._rollback is not None:
+            self._rollback = {n: (moved(n, previous), moved(n, v)) for n, (previous, v) in self._rollback.items()}
+        self._grads = {name: moved(name, total) for name, total in self._grads.items()}
+        if self._rewind is not None:
+            self._rewind = {name: moved(name, saved) for name, saved in self._rewind.items()}
+        if self.targets:
+            self.importance.to(self.targets[0].local.device)
 
     # ------------------------------------------------------------------ training step
     def observe_gradients(self, params: set[int] | None = None) -> None:

@@ -380,6 +380,21 @@ def test_the_export_copy_taken_at_setup_under_fsdp2_holds_no_weights_and_refers_
     assert export_template(SimpleNamespace(strategy=None), model, Path("m.onnx")) is None  # not sharded
 
 
+def test_example_inputs_go_where_the_weights_are_not_where_lightning_says_the_module_is_at_setup():
+    """At `setup` Lightning sets every module's `device` to the accelerator's before it moves the weights there: on a
+    GPU, channel pruning traced CPU weights with CUDA inputs and every `.onnx` `export_path` was refused (session 35,
+    the first run of benchmarks/gpu_check.sh). The meta device stands in for the GPU here, set as Lightning sets it."""
+    from lightning_compress.callbacks._export import example_inputs
+
+    model = TinyModule()
+    model.example_input_array = torch.zeros(2, 16)
+    for module in model.modules():
+        if isinstance(module, pl.LightningModule):
+            module._device = torch.device("meta")  # lightning/pytorch/trainer/call.py, `_call_setup_hook`
+    assert model.device.type == "meta"
+    assert example_inputs(model).device.type == "cpu"
+
+
 @pytest.mark.parametrize("order", ["qat-first", "pruning-first"])
 def test_auto_importance_sees_the_batchnorm_whatever_converts_the_layers_first(order):
     """QAT converts its layers at setup, before the pruner is built: the BatchNorm after a QAT layer still makes
@@ -406,7 +421,7 @@ class ScoredBySparsity(TinyModule):
 
 
 def digest(model: nn.Module) -> bytes:
-    return b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values())
+    return b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values())
 
 
 class Digests(Callback):

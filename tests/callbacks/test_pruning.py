@@ -1084,7 +1084,7 @@ def test_an_event_a_stop_leaves_unjudged_goes_back_to_the_model_the_last_validat
         state: dict = {}
 
         def on_validation_end(self, trainer, pl_module):
-            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            self.state = {k: v.cpu().clone() for k, v in pl_module.state_dict().items()}
 
     class StopAt(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -1528,6 +1528,25 @@ def test_a_metric_a_validation_repeats_is_still_restored_after_a_rollback():
     run.callback_metrics["val_acc"] = tensor(0.7)  # a reader during the validation's end merged it in again
     metrics.reapply(run)
     assert float(run.callback_metrics["val_acc"]) == pytest.approx(0.9)
+
+
+def test_metrics_a_rollback_restores_are_on_the_device_the_validation_logged_them_on():
+    """On a GPU a guarded fit resumed from a checkpoint restored the judged validation's metrics as CPU tensors among
+    CUDA ones, and the next validation's comparison with them stopped the fit (session 35, benchmarks/gpu_check.sh).
+    The meta device stands in for the GPU."""
+    from types import SimpleNamespace
+
+    from lightning_compress.callbacks._guard import ValidationMetrics
+
+    metrics = ValidationMetrics()
+    run = SimpleNamespace(callback_metrics={}, global_step=0)
+    metrics.start(run)
+    run.callback_metrics.update({"val_acc": torch.tensor(0.9), "val_loss": torch.tensor(0.4)})
+    metrics.keep(metrics.measured(run), step=0)  # judged values on the CPU, as a checkpoint gives them back
+    logged = {"val_acc": torch.tensor(0.7, device="meta"), "val_loss": torch.tensor(0.9, device="meta")}
+    run.callback_metrics.update(logged)
+    metrics.restore(run, logged, "val_loss", 0.4)
+    assert {k: v.device.type for k, v in run.callback_metrics.items()} == {"val_acc": "meta", "val_loss": "meta"}
 
 
 @pytest.mark.parametrize("cadence", [{}, {"every_n_steps": 2}], ids=["default", "every_n_steps"])

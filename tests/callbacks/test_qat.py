@@ -728,7 +728,7 @@ def test_an_export_that_failed_in_another_process_raises_in_this_one_too(tmp_pat
     returning from fit without the file)."""
     pl.seed_everything(0, verbose=False)
     qat = QuantizationAwareTraining(8, 8, start_epoch=0, export_path=tmp_path / "model.lcz")
-    t = trainer(max_epochs=1, callbacks=[qat], strategy=_AnotherProcessFailed(torch.device("cpu")))
+    t = trainer(max_epochs=1, callbacks=[qat], strategy=_AnotherProcessFailed(torch.device("cpu")), accelerator="cpu")
     with pytest.raises(RuntimeError, match=r"Writing `export_path`=.*model.lcz' failed in another process"):
         t.fit(TinyModule())
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress.core.importance import MagnitudeImportance
+from lightning_compress.core.importance import MagnitudeImportance, TaylorImportance
 from lightning_compress.core.iterative import IterativePruner
 from lightning_compress.core.nm import NMRule
 from lightning_compress.core.pruner import Pruner
@@ -25,6 +25,34 @@ def _model() -> nn.Sequential:
 def _grads(model: nn.Sequential, first: list[float], second: list[float]) -> None:
     model[0].weight.grad = torch.tensor([first], dtype=torch.float32)
     model[1].weight.grad = torch.tensor([second], dtype=torch.float32)
+
+
+def test_masks_and_the_pruners_statistics_follow_their_weights_to_the_device_they_moved_to():
+    """Lightning trains on the GPU and moves the model back to the CPU before ``on_fit_end``, where the callback
+    zeroes the pruned weights again: on a GPU every fit ended in a device mismatch (session 35, the first run of
+    benchmarks/gpu_check.sh). Here the meta device stands in for the other one, reached as ``.to("cuda")`` moves a
+    model (the same Parameter objects, new storage)."""
+    model = _model()
+    pruner = Pruner(ElementRule(select_targets(model), TaylorImportance(), "global", 0.0), regrow=0.2)
+    pruner.save_rewind_point()
+    _grads(model, [1.0] * 10, [2.0] * 10)
+    pruner.observe_gradients()
+    pruner.prune_to(0.5, keep_undo=True)  # an undo record
+    _grads(model, [3.0] * 10, [1.0] * 10)
+    pruner.observe_gradients()  # regrowth's and Taylor's sums for the next event
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    assert model[0].weight is pruner.targets[0].param
+    pruner.follow_weights()
+    undo = [t for pair in (pruner._rollback or {}).values() for t in pair]
+    statistics = [*pruner._grads.values(), *pruner.importance._acc.values()]  # type: ignore[attr-defined]
+    moved = [*pruner.masks.values(), *(pruner.rewind_point or {}).values(), *undo, *statistics]
+    assert len(moved) == 2 + 2 + 2 + 2 + 2 + 2
+    assert {t.device.type for t in moved} == {"meta"}
 
 
 def test_regrowth_swaps_the_weakest_kept_for_the_pruned_with_the_largest_gradients():
