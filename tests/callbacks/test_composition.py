@@ -707,8 +707,8 @@ def test_a_resume_of_the_fits_last_batch_rolls_back_the_event_no_validation_can_
     )  # fmt: skip
     state = next(s for k, s in resumed_from[0]["callbacks"].items() if k.startswith("IterativePruning"))
     copy = state["judged_copy"]["snapshot"]["tensors"]
-    assert all(torch.equal(copy[k], v) for k, v in model.state_dict().items())  # the judged model, exactly
-    assert not all(torch.equal(resumed_from[0]["state_dict"][k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(copy[k].cpu(), v) for k, v in model.state_dict().items())  # the judged model, exactly
+    assert not all(torch.equal(resumed_from[0]["state_dict"][k].cpu(), v) for k, v in model.state_dict().items())
     assert any("the model went back to the one the last validation judged" in m for m in said)
 
 
@@ -738,7 +738,7 @@ def test_a_resume_of_the_fits_last_batch_without_the_copy_keeps_the_event_and_sa
         edit=_without_judged_copy,
     )  # fmt: skip
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
-    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(saved[k].cpu(), v) for k, v in model.state_dict().items())
     assert any("fit ended before a validation judged the last pruning event" in m and "it is kept" in m for m in said)
     assert not any("runs beside it" in m for m in said)
 
