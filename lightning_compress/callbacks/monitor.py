@@ -69,8 +69,8 @@ class CompressionMonitor(Callback):
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
         self._said_no_baseline = False
-        self._validated: tuple[ModelSize, bool, float] | None = None  # the model a validation scores, at its start
-        self._fingerprints: list[float | None] = []  # of each point's model (this process's; None: restored points)
+        self._validated: tuple[ModelSize, bool, int] | None = None  # the model a validation scores, at its start
+        self._fingerprints: list[int | None] = []  # of each point's model (this process's; None: restored points)
         self._logged = LoggedNames()  # which names that validation logged itself
 
     @property
@@ -310,10 +310,22 @@ def _relation(ratio: float) -> str:
     return f"{ratio:.1f}x smaller" if ratio >= 1.05 else f"{1 / ratio:.2f}x the dense size" if ratio else "empty"
 
 
-def _fingerprint(model: nn.Module) -> float:
-    """A sum over this process's parameters (their shards under FSDP2), telling whether the weights changed."""
+_SAME_WIDTH_INTEGERS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(model: nn.Module) -> int:
+    """The sum of the bit patterns of this process's parameters (their shards under FSDP2), telling whether the
+    weights changed. An integer sum is exact in any order: the validations of a GPU fit take it on the GPU and
+    ``on_fit_end`` on the CPU, where Lightning has moved the model back; a float sum differs there in its last bits
+    when the weights' magnitudes span more than a double holds (then the summary said no validation scored the model
+    `fit` returns)."""
+    total = 0
     with torch.no_grad():
-        return float(sum(float(local(p).detach().double().abs().sum()) for p in model.parameters()))
+        for parameter in model.parameters():
+            values = local(parameter).detach().contiguous()
+            bits = values.view(_SAME_WIDTH_INTEGERS[values.element_size()])
+            total += int(bits.sum(dtype=torch.int64))
+    return total
 
 
 def _log_summary(summary: dict[str, Any], validated: bool) -> None:

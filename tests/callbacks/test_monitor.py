@@ -520,3 +520,21 @@ def test_a_checkpoint_saved_under_the_class_name_still_resumes_the_monitor(tmp_p
         TinyModule(), ckpt_path=tmp_path / "old.ckpt"
     )
     assert again.baseline == monitor.baseline and len(again.history) == 3
+
+
+def test_the_fingerprint_of_the_weights_does_not_depend_on_the_order_a_device_sums_them_in():
+    """A GPU fit's validations take the fingerprint on the GPU and `on_fit_end` takes it on the CPU, where Lightning has
+    moved the model: a float sum of weights whose magnitudes span more than a double holds depended on that order
+    (here the same values reversed), and the summary would say no validation scored the model `fit` returns."""
+    from lightning_compress.callbacks.monitor import _fingerprint
+
+    values = torch.cat([torch.ones(1000), torch.tensor([2.0**60])])
+    assert float(values.double().sum()) != float(values.flip(0).double().sum())  # a float sum would differ
+    forward, backward = torch.nn.Linear(1001, 1, bias=False), torch.nn.Linear(1001, 1, bias=False)
+    with torch.no_grad():
+        forward.weight.copy_(values)
+        backward.weight.copy_(values.flip(0))
+    assert _fingerprint(forward) == _fingerprint(backward)
+    with torch.no_grad():
+        forward.weight[0, 0] = 1.0000001  # one weight changed by one step of float32
+    assert _fingerprint(forward) != _fingerprint(backward)
