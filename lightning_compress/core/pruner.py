@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .collectives import Collectives
-from .importance import Importance
+from .importance import Importance, finite_or_zero
 from .mask_counts import mask_bits, pruned_count, pruned_counts
 from .masks import compute_masks, zero_pruned_
 from .rules import MaskRule
@@ -313,10 +313,10 @@ class Pruner:
                 self.importance.observe(target.key, target.local, grad)
             if track:
                 acc = self._grads.get(target.param_name)
-                if acc is None:
-                    self._grads[target.param_name] = grad.detach().abs().float()
+                if acc is None:  # an overflowed step's infinite entries add nothing (fp16 mixed precision)
+                    self._grads[target.param_name] = finite_or_zero(grad.detach().abs().float())
                 else:
-                    acc.add_(grad.detach().abs())
+                    acc.add_(finite_or_zero(grad.detach().abs()))
 
     def mask_gradients(self, params: set[int] | None = None) -> None:
         """Zero the gradients of pruned weights so no optimizer moves them (``params``: ids to consider)."""

@@ -1794,3 +1794,22 @@ def test_keep_zeros_needs_global_scope():
         ValueError, match=r"`keep_zeros`=True starts one schedule .* `scope`='layer' prunes every layer"
     ):
         IterativePruning(0.9, scope="layer", keep_zeros=True)
+
+
+@pytest.mark.parametrize(("importance", "regrow"), [("taylor", 0.0), ("magnitude", 0.1)])
+def test_steps_an_fp16_grad_scaler_skips_add_nothing_to_taylor_or_regrowth_sums(importance, regrow):
+    """fp16 mixed precision (`precision="16-mixed"` on a GPU): the GradScaler's first steps overflow, and the unscaled
+    gradients `on_before_optimizer_step` sees hold infinities. Taylor's and regrowth's sums took them, and the next
+    event refused the layer ("importance scores of layer 'net.0' contain NaN or Inf"). Here on the CPU, with a
+    GradScaler that starts too high and grows every 3 steps (so it overflows again and again)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=3)
+    pruning = IterativePruning(0.5, importance=importance, regrow=regrow, start_epoch=0, end_epoch=2)
+    amp = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer(max_epochs=3, callbacks=[pruning], plugins=[amp], accelerator="cpu").fit(model)
+    assert scaler.get_scale() < 2.0**24  # steps overflowed
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-2)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
