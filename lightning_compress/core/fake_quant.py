@@ -18,6 +18,7 @@ from .quant import (
     int_range,
     lsq_fake_quantize,
     power_of_two_scale,
+    scale_floor,
     scale_per_element,
     symmetric_scale,
     symmetric_scale_fp16,
@@ -300,7 +301,7 @@ class FakeQuantizer(nn.Module):
         """The step size in use: a learned scale is used as ``|scale|`` (at least ``1e-8``), since an
         optimizer may push the Parameter through zero; the other modes' scale as it is."""
         if self.mode == "learned":
-            return self.scale.abs().clamp_min(_MIN_LEARNED_SCALE)
+            return self.scale.abs().clamp_min(max(_MIN_LEARNED_SCALE, scale_floor(self.scale.dtype)))
         return self.scale
 
     @property
@@ -367,7 +368,7 @@ class FakeQuantizer(nn.Module):
             # any scale. onnxruntime's fused int8 kernels put the bias on the weight scale x input scale grid,
             # where the floor underflows and the bias is dropped: such rows take the layer's largest scale (1 if
             # every row is zero, the input grid `quantize_bias` keeps their biases on)
-            floor = scale <= 2 * torch.finfo(torch.float32).tiny
+            floor = scale <= 2 * scale_floor(self.scale.dtype)
             if bool(floor.any()):
                 fill = scale[~floor].max() if bool((~floor).any()) else torch.ones((), device=scale.device)
                 scale = torch.where(floor, fill, scale)
@@ -460,11 +461,11 @@ class FakeQuantizer(nn.Module):
             if not self.frozen_shift:
                 shift, _ = power_of_two_scale(w.abs().max(), qmax)
                 self.shift.copy_(shift)
-            self.scale.copy_(torch.pow(2.0, -self.shift.float()))
+            self._store_scale(torch.pow(2.0, -self.shift.float()))
         elif self.groups:
             grouped = self._grouped(w)
             amax = torch.maximum(grouped.amax(dim=-1), -grouped.amin(dim=-1))
-            self.scale.copy_(symmetric_scale_fp16(amax, qmax))
+            self._store_scale(symmetric_scale_fp16(amax, qmax))
         elif not self.is_learned or not self.initialized:  # a learned scale starts at the weight's range: switched on
             # without `calibrate`, it stayed 1.0 and rounded every weight to zero (trial DH)
             if self.per_channel:
@@ -475,7 +476,7 @@ class FakeQuantizer(nn.Module):
             amax = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))  # max |w| without a |w| copy
             amax = amax if self.per_channel else amax[0]
             with torch.no_grad():  # a learned scale is a Parameter
-                self.scale.copy_(symmetric_scale(amax, qmax))
+                self._store_scale(symmetric_scale(amax, qmax))
         self._set_flag(self._INITIALIZED, True)
 
     def _set_activation_qparams(self) -> None:
@@ -486,19 +487,25 @@ class FakeQuantizer(nn.Module):
                 amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
                 shift, _ = power_of_two_scale(amax, qmax)
                 self.shift.copy_(shift)
-            self.scale.copy_(torch.pow(2.0, -self.shift.float()))
+            self._store_scale(torch.pow(2.0, -self.shift.float()))
             self.zero_point.zero_()
             return
         qmin, qmax = self.qrange
         scale, zero_point = affine_qparams(self.min_val, self.max_val, qmin, qmax)
-        self.scale.copy_(scale)
+        self._store_scale(scale)
         self.zero_point.copy_(zero_point)
+
+    def _store_scale(self, value: Tensor) -> None:
+        """Write ``value`` (float32) into the scale, never below the smallest scale its dtype holds (float16 in a
+        ``precision="16-true"`` model, where float32's floor rounded to 0)."""
+        self.scale.copy_(value.clamp_min(scale_floor(self.scale.dtype)))
 
     # ------------------------------------------------------------------ control
     def set_shift(self, shift: int) -> None:
         """Fix the power-of-two shift (``p`` fractional bits) and stop the observer from moving it."""
         self.shift.fill_(shift)
-        self.scale.data.copy_(torch.full_like(self.scale, 2.0**-shift))
+        with torch.no_grad():
+            self._store_scale(torch.full_like(self.scale, 2.0**-shift, dtype=torch.float32))
         self._set_flag(self._FROZEN_SHIFT, True)
 
     def extra_repr(self) -> str:

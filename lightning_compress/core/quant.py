@@ -28,6 +28,7 @@ __all__ = [
     "lsq_fake_quantize",
     "power_of_two_scale",
     "quantize",
+    "scale_floor",
     "scale_per_element",
     "symmetric_scale",
     "symmetric_scale_fp16",
@@ -35,6 +36,14 @@ __all__ = [
 
 _EPS = torch.finfo(torch.float32).tiny
 _FP16_TINY = 2.0**-24  # the smallest positive float16
+
+
+def scale_floor(dtype: torch.dtype) -> float:
+    """The smallest scale a quantizer stores in ``dtype``: float32's smallest normal number, or float16's smallest
+    positive value, 2^-24, where that would round to 0 (a model trained in ``precision="16-true"`` holds its
+    quantizers' scales in float16: an all-zero row, a pruned neuron, got scale 0, and 0/0 made its outputs NaN)."""
+    info = torch.finfo(dtype)
+    return max(_EPS, info.smallest_normal * info.eps)
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import warnings
 from typing import Any
@@ -1603,3 +1604,45 @@ def test_resuming_a_checkpoint_whose_tied_head_was_left_float_says_why(tmp_path)
         trainer(max_epochs=2, callbacks=[resumed]).fit(TiedLM(), ckpt_path=tmp_path / "old.ckpt")
     loaded = load_qat_checkpoint(TiedLM, tmp_path / "old.ckpt")
     assert type(loaded.head) is nn.Linear and loaded.head.weight is loaded.emb.weight
+
+
+_INT4_PER_TOKEN = dict(weight_bits=4, group_size=16, activation_bits=8, activation_granularity="per_token")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(scale="minmax"), dict(scale="power_of_two"), dict(scale="learned"), _INT4_PER_TOKEN],
+    ids=["minmax", "power_of_two", "learned", "int4-groups-per-token"],
+)
+def test_a_float16_model_with_pruned_neurons_quantizes_without_nan(config):
+    """`precision="16-true"` holds the quantizers' scales in float16, where float32's smallest scale rounds to 0: the
+    all-zero rows of pruned neurons got scale 0, 0/0 made the fit's loss NaN (minmax and learned scales), and pruning
+    with QAT in float16 ended with NaN weights. A scale is never below the smallest its dtype holds now."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    with torch.no_grad():
+        model.net[0].weight[:4] = 0  # four pruned neurons
+    qat = QuantizationAwareTraining(**({"weight_bits": 8, "activation_bits": 8} | config), start_epoch=0)
+    fit = trainer(max_epochs=2, precision="16-true", callbacks=[qat])
+    fit.fit(model)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert math.isfinite(float(fit.callback_metrics["val_loss"]))
+    assert all(bool((q.effective_scale() > 0).all()) for _, q in quantizers(model))
+
+
+@pytest.mark.parametrize("config", [dict(scale="learned"), _INT4_PER_TOKEN], ids=["learned", "int4-groups-per-token"])
+def test_quantization_aware_training_under_fp16_mixed_precision_with_a_grad_scaler_that_overflows(config):
+    """`precision="16-mixed"` on a GPU: the GradScaler skips the steps whose gradients overflowed (learned scales'
+    gradients included). Here on the CPU, with a GradScaler that starts too high and grows every 3 steps."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, growth_interval=3)
+    qat = QuantizationAwareTraining(**({"weight_bits": 8, "activation_bits": 8} | config), start_epoch=0)
+    amp = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    fit = trainer(max_epochs=3, callbacks=[qat], plugins=[amp], accelerator="cpu")
+    fit.fit(model)
+    assert scaler.get_scale() < 2.0**24  # steps overflowed
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert math.isfinite(float(fit.callback_metrics["val_loss"]))
