@@ -1140,7 +1140,9 @@ def test_a_float_gemm_on_weights_stored_in_out_becomes_an_integer_product_only_w
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])],
         initializers,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+    )  # onnxruntime < 1.31 reads <= 13
     x = {"x": rng.normal(0, 1, (2, 3, 4)).astype(np.float32)}
 
     def outputs(model):
@@ -1178,7 +1180,9 @@ def test_identical_constants_are_stored_once_whatever_their_shapes():
     shapes = {"a": [4, 1024], "b": [1024, 4], "c": [4096], "d": [4, 1024], "e": [4096]}
     outputs = [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, shapes[n]) for n in "abcde"]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])], outputs, inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+    )  # onnxruntime < 1.31 reads <= 13
     feed = {"x": np.asarray(2.0, dtype=np.float32)}
     before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
     share_identical_constants(proto, numpy_helper)
