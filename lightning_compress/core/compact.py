@@ -29,7 +29,15 @@ from .selection import uncompiled
 from .sharding import is_sharded, model_class_name
 from .skeleton import deep_copy
 from .structure import ChannelGroup, build_channel_groups
-from .tracing import call_model, check_example_inputs, eval_mode, has_float_tensor, jittered, output_tensors
+from .tracing import (
+    call_model,
+    check_example_inputs,
+    eval_mode,
+    has_float_tensor,
+    jittered,
+    like_model,
+    output_tensors,
+)
 
 __all__ = [
     "COMPACTED_FLAG",
@@ -199,6 +207,8 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float) -> CompactRepor
                 "compact() traces the model and needs `example_inputs` (a tensor, tuple or dict), or a "
                 "LightningModule with `example_input_array` set."
             )
+    # a bfloat16/float16 model's float32 `example_input_array` (trial EF: refused after a `bf16-true` fit)
+    example_inputs = like_model(example_inputs, model)
     check_example_inputs(model, example_inputs, "example_inputs" if given else "example_input_array")
     groups, _ = build_channel_groups(model, example_inputs)
     groups, _ = removable_groups(model, example_inputs, groups)

@@ -299,10 +299,14 @@ class FakeQuantizer(nn.Module):
 
     def effective_scale(self) -> Tensor:
         """The step size in use: a learned scale is used as ``|scale|`` (at least ``1e-8``), since an
-        optimizer may push the Parameter through zero; the other modes' scale as it is."""
+        optimizer may push the Parameter through zero; the other modes' scale as it is. Never below the smallest
+        scale the scale's dtype holds: a model calibrated in float32 and cast to float16 afterwards (``.half()``, a
+        ``16-true`` validation of its checkpoint) rounds float32's floor, an all-zero row's scale, to 0 (trial EF:
+        every output NaN)."""
+        floor = scale_floor(self.scale.dtype)
         if self.mode == "learned":
-            return self.scale.abs().clamp_min(max(_MIN_LEARNED_SCALE, scale_floor(self.scale.dtype)))
-        return self.scale
+            return self.scale.abs().clamp_min(max(_MIN_LEARNED_SCALE, floor))
+        return self.scale.clamp_min(floor)
 
     @property
     def is_learned(self) -> bool:
@@ -328,13 +332,15 @@ class FakeQuantizer(nn.Module):
         if self.groups:
             grouped = self._grouped(x)
             # a min/max scale computed from this very weight cannot clip it
-            out = fake_quantize(grouped, self.scale.unsqueeze(-1), self.zero_point, qmin, qmax, None, not observed)
+            out = fake_quantize(
+                grouped, self.effective_scale().unsqueeze(-1), self.zero_point, qmin, qmax, None, not observed
+            )
             return self._ungrouped(out, x)
         if self.is_learned:
             return lsq_fake_quantize(x, self.effective_scale(), self.zero_point, qmin, qmax, self.axis)
         # a min/max weight scale computed from this very tensor cannot clip it
         may_clip = not (observed and self.role == "weight" and self.mode == "minmax")
-        return fake_quantize(x, self.scale, self.zero_point, qmin, qmax, self.axis, may_clip)
+        return fake_quantize(x, self.effective_scale(), self.zero_point, qmin, qmax, self.axis, may_clip)
 
     def _grouped(self, w: Tensor) -> Tensor:
         """A 2-d weight as ``(out, groups, group_size)``."""

@@ -191,6 +191,27 @@ def jittered(inputs: Any, seed: int = 0) -> Any:
     return one(inputs)
 
 
+def like_model(inputs: Any, model: nn.Module) -> Any:
+    """``inputs`` (a tensor, or nested tuples, lists and dicts) with floating-point tensors in ``model``'s
+    floating-point dtype and every tensor on its device: a bfloat16 or float16 model (``precision="bf16-true"``,
+    ``"16-true"``) with a float32 ``example_input_array`` (trials: ``load_compressed`` refused a genuine file, and
+    ``compact()`` called the inputs wrong)."""
+    weight = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
+    if weight is None:
+        return inputs
+
+    def one(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(weight.device, weight.dtype if value.is_floating_point() else value.dtype)
+        if isinstance(value, dict):
+            return {k: one(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(one(v) for v in value)
+        return value
+
+    return one(inputs)
+
+
 def has_float_tensor(inputs: Any) -> bool:
     """Whether ``inputs`` (a tensor, or nested tuples, lists and dicts) holds a floating-point tensor."""
     if isinstance(inputs, Tensor):

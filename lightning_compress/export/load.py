@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from ..core.checks import check_module, check_path
@@ -19,12 +18,12 @@ from ..core.packing import (
     unpack_bits,
     unpack_codes,
 )
-from ..core.qat import QuantConfig, check_quantizer_state, convert_listed, qat_modules
+from ..core.qat import FakeQuantizer, QuantConfig, check_quantizer_state, convert_listed, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.quantizer_state import check_scales
 from ..core.selection import state_root, stored_weight, uncompiled
 from ..core.shrink import set_head_record, shrink_like
-from ..core.tracing import call_model, output_tensors, plain_float
+from ..core.tracing import call_model, like_model, output_tensors, plain_float
 from .container import CompressedFileError, read_container
 from .records import (
     SECTIONS,
@@ -309,7 +308,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
     del body
     outputs = None
     if manifest.get("compacted") and example_inputs is not None:  # before anything changes
-        example_inputs = _like_model(example_inputs, model)
+        example_inputs = like_model(example_inputs, model)
         try:
             outputs = _output_shapes(called, example_inputs)
         except Exception as err:
@@ -386,17 +385,6 @@ def _output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
     """The shapes of ``model``'s outputs on ``inputs`` (float data flow, eval mode, no gradients)."""
     with torch.no_grad(), plain_float(model):
         return [tuple(t.shape) for t in output_tensors(call_model(model, inputs))]
-
-
-def _like_model(inputs: Any, model: nn.Module) -> Any:
-    """``inputs`` with floating-point tensors in ``model``'s floating-point dtype and every tensor on its device (a
-    trial: a bfloat16 model's float32 ``example_input_array`` refused a genuine file)."""
-    weight = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
-    if weight is None:
-        return inputs
-    return apply_to_collection(
-        inputs, Tensor, lambda t: t.to(weight.device, weight.dtype if t.is_floating_point() else t.dtype)
-    )
 
 
 def _first_line(err: Exception) -> str:
@@ -488,3 +476,8 @@ def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback:
         config = QuantConfig(**dict(key))
         # names are patterns to convert_to_qat: a module named "a*" must not also convert "ab" (never rolled back)
         convert_listed(model, config, names, layers)  # a file of an earlier version may leave a tied head float
+    for name in missing:  # quantizers are made in float32: in a float16/bfloat16 model they take its dtype, as a fit's
+        layer = model.get_submodule(name)  # precision gives them (trial EF: a 16-true file reloaded held float32
+        for quantizer in layer.children():  # scales, and saved again it grew)
+            if isinstance(quantizer, FakeQuantizer):
+                quantizer.to(stored_weight(layer).dtype)

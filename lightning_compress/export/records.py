@@ -480,7 +480,10 @@ def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool,
             raise ArchitectureMismatch(
                 f"holds {written} tensors where {type(model).__name__} has {held} ({sorted(dtypes)[:3]} ...): the "
                 f"file was written from a {written} model"
-                + (" (e.g. `precision='bf16-true'`)" if written in ("torch.bfloat16", "torch.float16") else "")
+                + {
+                    "torch.bfloat16": " (e.g. `precision='bf16-true'`)",
+                    "torch.float16": " (e.g. `precision='16-true'`)",
+                }.get(written, "")
                 + f". Convert the fresh model first (`model.to({written})`), then load."
             )
         raise ArchitectureMismatch(

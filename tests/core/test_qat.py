@@ -926,3 +926,25 @@ def test_a_tied_layer_with_no_fake_quantized_form_is_said_to_stay_float():
                       r"\['_ScaledEmbedding'\] have no fake-quantized form"):  # fmt: skip
         assert convert_to_qat(model, QuantConfig(8, 8), include=["head"]) == ["head"]
     assert type(model.emb) is _ScaledEmbedding
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", ["minmax", "learned"])
+def test_a_model_quantized_in_float32_runs_cast_to_half_precision_with_pruned_rows(scale, dtype):
+    """Trial EF: a model calibrated in float32 holds float32's floor as the scale of an all-zero (pruned) row; cast to
+    float16 (`.half()`, a `precision="16-true"` validation of its checkpoint) the floor rounded to 0 and 0/0 made every
+    output NaN. A scale is used at no less than the smallest its dtype holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight[:3] = 0  # three pruned neurons
+    x = torch.randn(32, 8)
+    convert_to_qat(model, QuantConfig(8, 8, scale))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+        half = model.to(dtype)(x.to(dtype)).float()
+    assert bool(torch.isfinite(half).all())
+    assert float((half - reference).abs().max()) < 0.05 * float(reference.abs().max())

@@ -133,6 +133,23 @@ def test_masked_and_compacted_models_agree(make, shape, scope):
         model(torch.randn(7, *shape[1:]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_compacts_on_float32_example_inputs(dtype):
+    """Trial EF: after a `bf16-true` or `16-true` fit, `compact(model)` called the model on its float32
+    `example_input_array` and refused it as inputs `forward` does not take; they take the model's dtype now."""
+    torch.manual_seed(0)
+    model = DigitsResNet(8, blocks=1)
+    x = torch.randn(4, 1, 8, 8)
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        masked = model(x.to(dtype))
+    report = compact(model, x)
+    assert report.channels
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to(dtype)), masked, atol=0.05, rtol=0.05)
+
+
 def test_residual_chain_is_one_group_and_the_head_stays_whole():
     model = DigitsResNet(8, blocks=2)
     groups, skipped = build_channel_groups(model, torch.zeros(1, 1, 8, 8))

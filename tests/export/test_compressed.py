@@ -16,7 +16,7 @@ from lightning_compress import (
     prune_,
     save_compressed,
 )
-from lightning_compress.core.qat import qat_modules
+from lightning_compress.core.qat import qat_modules, quantizers
 from tests.export.helpers import CrossedTie, Net, compressed_net, inputs
 
 
@@ -716,6 +716,9 @@ def test_refusals_name_the_cause_a_float32_file_or_a_model_already_quantized(tmp
     save_compressed(compressed_net(0.5, config=None), tmp_path / "float.lcz")
     with pytest.raises(CompressedFileError, match=r"written from a torch.float32 model\. Convert the fresh model"):
         load_compressed(Net().double(), tmp_path / "float.lcz")
+    save_compressed(compressed_net(0.5, config=None).half(), tmp_path / "half.lcz")  # trial EF: it said bf16-true
+    with pytest.raises(CompressedFileError, match=r"torch.float16 model \(e\.g\. `precision='16-true'`\)\. Convert"):
+        load_compressed(Net(), tmp_path / "half.lcz")
     converted = Net()
     convert_to_qat(converted, QuantConfig(8, 8))
     with pytest.raises(CompressedFileError, match=r"holds no quantizer state .* not converted with `convert_to_qat`"):
@@ -873,3 +876,17 @@ def test_a_zero_is_stored_alike_whatever_its_sign(tmp_path):
     assert (tmp_path / "plus.lcz").read_bytes() == (tmp_path / "minus.lcz").read_bytes()
     load_compressed(fresh := nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), tmp_path / "minus.lcz")
     assert torch.equal(fresh[1].bias, model[1].bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_file_loads_with_its_quantizers_in_the_models_dtype(dtype, tmp_path):
+    """Trial EF: a file written from a float16 model (a `16-true` fit) loaded into `Net().half()` with its quantizers'
+    scales and ranges in float32; the outputs were the same, but saved again the file grew."""
+    model = compressed_net(0.5, QuantConfig(8, 8)).to(dtype)
+    first = save_compressed(model, tmp_path / "a.lcz")
+    fresh = Net().to(dtype)
+    load_compressed(fresh, tmp_path / "a.lcz")
+    assert {t.dtype for _, q in quantizers(fresh) for t in q.state_dict().values() if t.is_floating_point()} == {dtype}
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(inputs().to(dtype)), model.eval()(inputs().to(dtype)))
+    assert save_compressed(fresh, tmp_path / "b.lcz").file_bytes == first.file_bytes
