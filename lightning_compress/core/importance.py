@@ -146,16 +146,6 @@ class MagnitudeImportance(Importance):
         return weight.detach().float().square()
 
 
-def finite_or_zero(values: Tensor) -> Tensor:
-    """``values`` (a fresh tensor of one layer's gradient statistics at one step), or zeros where any entry is infinite
-    or NaN, in place. Under fp16 mixed precision the GradScaler's first steps, and one step in each of its growth
-    intervals, overflow: a layer's unscaled gradients then hold infinities (spread by the products of its backward),
-    the GradScaler skips that optimizer step, and so does this layer's sum (those entries made every score of the
-    interval infinite, and the event refused the layer; zeroing only them would mark the largest gradients as the
-    least important). Decided on the device: no host synchronization per step."""
-    return values.masked_fill_(~values.isfinite().all(), 0.0)
-
-
 class TaylorImportance(Importance):
     """First-order Taylor importance ``sum_t |w_t * dL/dw_t|`` (Molchanov et al. 2019).
 
@@ -172,7 +162,8 @@ class TaylorImportance(Importance):
         self._fresh: set[str] = set()  # the layers whose sums are of the steps since the last event
 
     def observe(self, name: str, weight: Tensor, grad: Tensor) -> None:
-        contribution = finite_or_zero((weight.detach() * grad.detach()).abs_().float())
+        # formed in float32: a float16 product underflows to 0 for the smallest (trial ED: 6.5% of a q_proj's scores)
+        contribution = (weight.detach().float() * grad.detach().float()).abs_()
         acc = self._acc.get(name)
         if (
             name not in self._fresh
@@ -190,7 +181,7 @@ class TaylorImportance(Importance):
         if acc is not None:  # this interval's sums, or the last ones a gradient reached it in (trial BQ: `layerdrop`
             return acc  # skipped a layer for every step since the last event, and the fit failed)
         if weight.grad is not None:
-            return finite_or_zero((weight.detach() * weight.grad.detach()).abs().float())
+            return (weight.detach().float() * weight.grad.detach().float()).abs_()
         if self._fresh and weight.requires_grad:  # other layers had gradients: the loss does not reach this one
             return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if not weight.requires_grad:

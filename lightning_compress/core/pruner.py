@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .collectives import Collectives
-from .importance import Importance, finite_or_zero
+from .importance import Importance
 from .mask_counts import mask_bits, pruned_count, pruned_counts
 from .masks import compute_masks, zero_pruned_
 from .rules import MaskRule
@@ -60,6 +60,8 @@ class Pruner:
         self._units: tuple[int, int] | None = None  # cached (pruned, total) in the rule's units
         self._rollback: dict[str, tuple[Tensor, Tensor]] | None = None  # name -> (previous mask, revived values)
         self._rewind: dict[str, Tensor] | None = None
+        self._overflowed = 0  # steps since the last event whose gradients were not all finite (none observed)
+        self._observed = False  # an importance that accumulates observed a step since the last event
         self._by_name = {t.param_name: t for t in self.targets}
         self.collectives = collectives
         self.sharded = any(is_sharded(t.param) for t in self.targets)
@@ -131,6 +133,8 @@ class Pruner:
         pruned, total = self.units()
         if pruned_count(sparsity, total) <= pruned and self.scope == "global":
             return False
+        if self._overflowed and not self._observed and self.importance.accumulates:
+            return False  # every step since the last event overflowed: no scores yet, the next event prunes for both
         fraction = self.regrow if regrow is None else regrow
         in_place = getattr(self.rule, "compute_into", None)
         if in_place is not None and not keep_undo and sync is None and not (fraction > 0 and self._grads):
@@ -194,15 +198,19 @@ class Pruner:
         self._units = (now, self.total)
         if now == pruned:
             return False
-        self.rewind()
-        self.importance.reset()
+        self._new_interval()
         return True
 
     def _after_event(self) -> None:
         self._counts = self._units = None
         self.apply()
+        self._new_interval()
+
+    def _new_interval(self) -> None:
+        """After an event: survivors rewound, and importance statistics gathered afresh."""
         self.rewind()
         self.importance.reset()
+        self._overflowed, self._observed = 0, False
 
     def _regrow(self, new: dict[str, Tensor], current: dict[str, Tensor], fraction: float) -> None:
         """Swap ``regrow`` of the kept weights for pruned ones with the largest gradient sums.
@@ -298,25 +306,36 @@ class Pruner:
     def observe_gradients(self, params: set[int] | None = None) -> None:
         """Feed the current gradients to importances that accumulate them (Taylor).
 
-        ``params``: ids of the parameters to consider (those of one optimizer); ``None``: all.
+        ``params``: ids of the parameters to consider (those of one optimizer); ``None``: all. A step whose gradients
+        are not all finite adds nothing: under fp16 mixed precision the GradScaler's first steps, and one in each of
+        its growth intervals, overflow, and it skips them (trial ED: their infinities made every score NaN, and zeroed
+        they left all-zero sums that pruned whole layers in index order). Under FSDP2 each process decides on its
+        shards.
         """
         accumulates = self.importance.accumulates
         track = self.regrow > 0 and bool(self._masks)
         if not accumulates and not track:
             return
+        observed = []
         for target in self.targets:
             grad = target.param.grad
-            if grad is None or (params is not None and id(target.param) not in params):
-                continue
-            grad = local(grad)
+            if grad is not None and (params is None or id(target.param) in params):
+                observed.append((target, local(grad)))
+        if not observed:
+            return
+        if not all_finite([grad for _, grad in observed]):
+            self._overflowed += 1
+            return
+        self._observed = self._observed or accumulates
+        for target, grad in observed:
             if accumulates:
                 self.importance.observe(target.key, target.local, grad)
             if track:
                 acc = self._grads.get(target.param_name)
-                if acc is None:  # an overflowed step's infinite entries add nothing (fp16 mixed precision)
-                    self._grads[target.param_name] = finite_or_zero(grad.detach().abs().float())
+                if acc is None:
+                    self._grads[target.param_name] = grad.detach().abs().float()
                 else:
-                    acc.add_(finite_or_zero(grad.detach().abs()))
+                    acc.add_(grad.detach().abs())
 
     def mask_gradients(self, params: set[int] | None = None) -> None:
         """Zero the gradients of pruned weights so no optimizer moves them (``params``: ids to consider)."""
@@ -481,6 +500,13 @@ class Pruner:
             self.importance.load_state_dict(self._map_weight_tensors(state["importance"], self._part))
             if self.targets:
                 self.importance.to(self.targets[0].local.device)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite: one host synchronization for all of them (the GradScaler makes
+    one per step as well)."""
+    device = tensors[0].device
+    return bool(torch.stack([t.isfinite().all().to(device) for t in tensors]).all())
 
 
 def check_mask_shapes(masks: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:

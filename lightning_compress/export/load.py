@@ -344,7 +344,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
             except ValueError as err:
                 raise CompressedFileError(f"{path} holds bad head counts: {err}") from err
         try:
-            _convert_like(model, manifest.get("qat_layers", {}), rollback)
+            _convert_like(model, manifest.get("qat_layers", {}), rollback, tensors)
         except (TypeError, ValueError) as err:  # e.g. the root module named as a layer: matches no module
             raise CompressedFileError(f"{path} holds bad quantization settings: {err}") from err
         try:
@@ -458,7 +458,9 @@ class _Rollback:
                 setattr(self.model.get_submodule(parent), child, module)
 
 
-def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback) -> None:
+def _convert_like(
+    model: nn.Module, layers: dict[str, dict[str, Any]], rollback: _Rollback, tensors: dict[str, Tensor]
+) -> None:
     """Convert the layers the file has as fake-quant layers (if the model does not have them yet; the plan checked
     that those it has quantize as the file's do)."""
     present = {name for name, _ in qat_modules(model)}
@@ -476,8 +478,22 @@ def _convert_like(model: nn.Module, layers: dict[str, dict[str, Any]], rollback:
         config = QuantConfig(**dict(key))
         # names are patterns to convert_to_qat: a module named "a*" must not also convert "ab" (never rolled back)
         convert_listed(model, config, names, layers)  # a file of an earlier version may leave a tied head float
-    for name in missing:  # quantizers are made in float32: in a float16/bfloat16 model they take its dtype, as a fit's
-        layer = model.get_submodule(name)  # precision gives them (trial EF: a 16-true file reloaded held float32
-        for quantizer in layer.children():  # scales, and saved again it grew)
+    for name in missing:
+        for child, quantizer in model.get_submodule(name).named_children():
             if isinstance(quantizer, FakeQuantizer):
-                quantizer.to(stored_weight(layer).dtype)
+                _like_file(quantizer, f"{name}.{child}", tensors)
+
+
+def _like_file(quantizer: FakeQuantizer, name: str, tensors: dict[str, Tensor]) -> None:
+    """A quantizer just made (in float32; int4 group scales in float16) with its floating tensors in the dtypes the file
+    stores them in: those of the model it was saved from (trial EF: a `16-true` file reloaded held float32 scales and
+    ranges, and saved again it grew)."""
+    for entry, tensor in [*quantizer.named_parameters(recurse=False), *quantizer.named_buffers(recurse=False)]:
+        stored = tensors.get(f"{name}.{entry}")
+        if stored is None or not (stored.is_floating_point() and tensor.is_floating_point()):
+            continue
+        if stored.dtype != tensor.dtype:
+            value = tensor.detach().to(stored.dtype)
+            if isinstance(tensor, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+            setattr(quantizer, entry, value)

@@ -1800,8 +1800,9 @@ def test_keep_zeros_needs_global_scope():
 def test_steps_an_fp16_grad_scaler_skips_add_nothing_to_taylor_or_regrowth_sums(importance, regrow):
     """fp16 mixed precision (`precision="16-mixed"` on a GPU): the GradScaler's first steps overflow, and the unscaled
     gradients `on_before_optimizer_step` sees hold infinities. Taylor's and regrowth's sums took them, and the next
-    event refused the layer ("importance scores of layer 'net.0' contain NaN or Inf"). Here on the CPU, with a
-    GradScaler that starts too high and grows every 3 steps (so it overflows again and again)."""
+    event refused the layer ("importance scores of layer 'net.0' contain NaN or Inf"); zeroing them instead left
+    all-zero sums that pruned each layer's first weights (trial ED). Such a step adds nothing now. Here on the CPU,
+    with a GradScaler that starts too high and grows every 3 steps (so it overflows again and again)."""
     from lightning.pytorch.plugins import MixedPrecision
 
     pl.seed_everything(0, verbose=False)
@@ -1813,3 +1814,6 @@ def test_steps_an_fp16_grad_scaler_skips_add_nothing_to_taylor_or_regrowth_sums(
     assert scaler.get_scale() < 2.0**24  # steps overflowed
     assert sparsity(model) == pytest.approx(0.5, abs=1e-2)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    for name, mask in pruning.masks.items():  # trial ED: all-zero sums pruned each layer's first weights
+        pruned = int((mask == 0).sum())
+        assert pruned == 0 or bool(mask.flatten()[:pruned].any()), f"{name}: pruned in index order"

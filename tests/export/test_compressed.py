@@ -890,3 +890,22 @@ def test_a_half_precision_file_loads_with_its_quantizers_in_the_models_dtype(dty
     with torch.no_grad():
         assert torch.equal(fresh.eval()(inputs().to(dtype)), model.eval()(inputs().to(dtype)))
     assert save_compressed(fresh, tmp_path / "b.lcz").file_bytes == first.file_bytes
+
+
+def test_a_model_with_non_finite_weights_or_scales_is_refused_before_anything_is_written(tmp_path):
+    """Trial ED: a BERT whose float16 fit diverged was written "51x smaller", and loading the file then called it
+    corrupted. Non-finite weights or quantizer state are refused at saving; other buffers may hold infinities."""
+    model = compressed_net(0.5, QuantConfig(8, 8))
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"holds NaN or infinite values in \['fc1\.weight'\]: the fit diverged"):
+        save_compressed(model, tmp_path / "w.lcz")
+    model = compressed_net(0.5, QuantConfig(8, 8))
+    with torch.no_grad():
+        model.fc1.input_fake_quant.max_val.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"\['fc1\.input_fake_quant\.max_val'"):
+        save_compressed(model, tmp_path / "q.lcz")
+    assert not list(tmp_path.iterdir())
+    model = compressed_net(0.5, QuantConfig(8, 8))
+    model.register_buffer("mask", torch.full((2, 2), float("-inf")))  # an attention mask: kept as it is
+    save_compressed(model, tmp_path / "m.lcz")

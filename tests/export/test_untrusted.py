@@ -430,12 +430,16 @@ def test_a_header_version_that_disagrees_with_the_manifest_is_refused(tmp_path, 
 
 
 @pytest.mark.parametrize("value", [float("nan"), 0.0, -1.0, 1e-40])
-def test_scales_that_are_not_finite_positive_normal_numbers_are_refused(tmp_path, value):
+def test_scales_that_are_not_finite_positive_normal_numbers_are_refused(tmp_path, value, monkeypatch):
     """A trial: a forged subnormal scale (1e-40; a quantizer floors scales at 1.18e-38) loaded, and every output was
-    NaN."""
+    NaN. Forged: a quantizer uses its scale at no less than that floor, and saving refuses a NaN one."""
+    import lightning_compress.export.save as save_module
+
     model = compressed_net(0.9, QuantConfig(8, 8, quantize_bias=True))
-    with torch.no_grad():
-        model.fc1.input_fake_quant.scale.fill_(value)
+    quantizer = model.fc1.input_fake_quant
+    forged = torch.full_like(quantizer.scale, value)
+    monkeypatch.setattr(quantizer, "effective_scale", lambda: forged)
+    monkeypatch.setattr(save_module, "_check_finite", lambda model, state: None)
     save_compressed(model, tmp_path / "bad.lcz")
     refused(
         tmp_path / "bad.lcz", r"fc1.input_fake_quant.scale: scales that are not all finite floats of at least 1.18e"
@@ -465,11 +469,15 @@ def test_quantizer_flags_no_quantizer_sets_are_refused(tmp_path, value):
     refused(tmp_path / "flags.lcz", r"fc1.input_fake_quant.state: flags a quantizer does not have")
 
 
-def test_an_observed_range_that_is_not_a_number_is_refused(tmp_path):
-    """A trial: a NaN `min_val` loaded, and the next `calibrate` on finite data said to calibrate on finite data."""
+def test_an_observed_range_that_is_not_a_number_is_refused(tmp_path, monkeypatch):
+    """A trial: a NaN `min_val` loaded, and the next `calibrate` on finite data said to calibrate on finite data.
+    Forged: saving refuses a model that holds one."""
+    import lightning_compress.export.save as save_module
+
     model = compressed_net(0.9, QuantConfig(8, 8))
     with torch.no_grad():
         model.fc1.input_fake_quant.min_val.fill_(float("nan"))
+    monkeypatch.setattr(save_module, "_check_finite", lambda model, state: None)
     save_compressed(model, tmp_path / "nan.lcz")
     refused(tmp_path / "nan.lcz", r"fc1.input_fake_quant.min_val: an observed range that is not a finite number")
 
