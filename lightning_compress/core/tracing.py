@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -175,20 +175,28 @@ def jittered(inputs: Any, seed: int = 0) -> Any:
     touched."""
     generator = torch.Generator().manual_seed(seed)
 
-    def one(value: Any) -> Any:
-        if isinstance(value, Tensor) and value.is_floating_point():
-            spread = float(value.detach().float().std()) if value.numel() > 1 else 0.0
-            if not math.isfinite(spread) or spread == 0.0:
-                spread = 1.0
-            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * spread
-            return value.detach() + noise.to(device=value.device, dtype=value.dtype)
-        if isinstance(value, dict):
-            return {k: one(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(one(v) for v in value)
-        return value
+    def noisy(value: Tensor) -> Tensor:
+        if not value.is_floating_point():
+            return value
+        spread = float(value.detach().float().std()) if value.numel() > 1 else 0.0
+        if not math.isfinite(spread) or spread == 0.0:
+            spread = 1.0
+        noise = torch.randn(value.shape, generator=generator, dtype=torch.float32) * spread
+        return value.detach() + noise.to(device=value.device, dtype=value.dtype)
 
-    return one(inputs)
+    return map_tensors(inputs, noisy)
+
+
+def map_tensors(inputs: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``inputs`` (a tensor, or nested tuples, lists and dicts) with ``fn`` applied to every tensor, in order; other
+    values as they are, the structure the same."""
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    if isinstance(inputs, dict):
+        return {k: map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(v, fn) for v in inputs)
+    return inputs
 
 
 def like_model(inputs: Any, model: nn.Module) -> Any:
@@ -199,17 +207,7 @@ def like_model(inputs: Any, model: nn.Module) -> Any:
     weight = next((t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()), None)
     if weight is None:
         return inputs
-
-    def one(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.to(weight.device, weight.dtype if value.is_floating_point() else value.dtype)
-        if isinstance(value, dict):
-            return {k: one(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            return type(value)(one(v) for v in value)
-        return value
-
-    return one(inputs)
+    return map_tensors(inputs, lambda t: t.to(weight.device, weight.dtype if t.is_floating_point() else t.dtype))
 
 
 def has_float_tensor(inputs: Any) -> bool:
