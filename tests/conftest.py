@@ -80,6 +80,20 @@ class TinyModule(pl.LightningModule):
 # The accelerator of `trainer()`: the CPU, unless LIGHTNING_COMPRESS_TEST_ACCELERATOR names another ("gpu" in
 # benchmarks/gpu_check.sh, which runs the callbacks' tests on a lent GPU machine).
 TEST_ACCELERATOR = os.environ.get("LIGHTNING_COMPRESS_TEST_ACCELERATOR", "cpu")
+# Where that Trainer computes: a test that redoes by hand what a fit computed redoes it there (a GPU divides a tensor
+# by a Python number as a product with its reciprocal, which can round differently from the CPU's division).
+TEST_DEVICE = torch.device("cuda" if TEST_ACCELERATOR == "gpu" else TEST_ACCELERATOR)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(*paths: os.PathLike | str, **extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: ``paths`` and the repository first on ``PYTHONPATH``, the caller's
+    ``PYTHONPATH`` after them (on the GPU machine the carried wheels live there), one intra-op thread, then ``extra``.
+    """
+    path = [str(p) for p in paths] + [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1", **extra}
 
 
 def trainer(tmp_path=None, **kwargs) -> pl.Trainer:
@@ -97,7 +111,9 @@ def trainer(tmp_path=None, **kwargs) -> pl.Trainer:
     if tmp_path is not None:
         defaults["default_root_dir"] = str(tmp_path)
     defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    with warnings.catch_warnings():  # on a GPU machine, a CPU Trainer warns; tests that turn warnings into errors
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        return pl.Trainer(**defaults)
 
 
 @pytest.fixture

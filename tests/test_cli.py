@@ -1,11 +1,12 @@
 """Both callbacks configure from a YAML file and from the command line through LightningCLI."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = ["--trainer.max_epochs=3", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
@@ -85,7 +86,7 @@ def test_a_custom_importance_from_the_command_line_by_its_class_path(tmp_path):
         "    def score(self, name, weight):\n"
         "        return weight.detach() ** 2\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    env = child_env(tmp_path)
     prune = [*FAST, "--trainer.callbacks+=lightning_compress.IterativePruning", "--trainer.callbacks.end_epoch=2"]
     prune.append("--trainer.callbacks.target_sparsity=0.5")
     # the dotted path alone is read as a string: the message names the form that works (trial BV: it did not)

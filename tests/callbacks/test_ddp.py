@@ -1,12 +1,13 @@
 """Under strategy="ddp" (2 CPU processes, gloo) every rank ends with the same masks and quantization state."""
 
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests.conftest import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMPORTANCES = ["magnitude", "taylor", "random", "noisy"]
@@ -30,7 +31,7 @@ JOBS = [
 
 @pytest.mark.slow
 def test_masks_identical_on_every_rank(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     script = ROOT / "tests" / "callbacks" / "ddp_script.py"
     run = subprocess.run(
         [sys.executable, str(script), str(tmp_path), ",".join(JOBS)],

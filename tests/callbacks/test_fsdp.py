@@ -4,7 +4,6 @@ The same seed and data under DDP and FSDP2 must give the same model, quantizer s
 every rank; resuming a distributed checkpoint (a directory) must end where the uninterrupted run ends.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -13,13 +12,15 @@ from typing import Any
 import pytest
 import torch
 
+from tests.conftest import child_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RECIPES = ["minmax", "power_of_two", "learned", "8da4w", "bias", "shift", "shift-root"]
 
 
 def _script(name: str, cwd: pathlib.Path, *args: str) -> None:
     """Run ``tests/callbacks/<name>`` with ``args``; a failure shows the end of the script's output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env()
     script = ROOT / "tests" / "callbacks" / name
     done = subprocess.run(
         [sys.executable, str(script), *args], env=env, cwd=cwd, timeout=600, capture_output=True, text=True

@@ -3,7 +3,6 @@ exactly where an uninterrupted run ends, and every checkpoint left on disk must 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import random
 import re
@@ -15,9 +14,11 @@ import time
 import pytest
 import torch
 
+from tests.conftest import child_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "callbacks" / "kill_script.py"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = child_env()
 KILLS = 10
 
 
