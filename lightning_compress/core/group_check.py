@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .layers import restore_training
 from .resize import apply_plan, plan
@@ -50,6 +52,33 @@ def _to_meta(inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(_to_meta(v) for v in inputs)
     return inputs
+
+
+class _CheckedKernels(TorchFunctionMode):
+    """Refuses, with a ``RuntimeError`` the trial reports, the calls a trial copy makes that some torch builds do not
+    refuse but crash on. A Phi-3 with half its heads removed slices its fused projection by the config's head count,
+    so its keys and values have 0 heads: torch 2.11's CPU ``scaled_dot_product_attention`` divides by that count and
+    the process dies of SIGFPE (torch 2.13 runs it; the next matrix product fails)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            _check_attention_heads(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _check_attention_heads(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any, enable_gqa: bool = False, **kwargs: Any
+) -> None:
+    if min(query.dim(), key.dim(), value.dim()) < 3:
+        return  # no head dimension
+    heads = (query.shape[-3], key.shape[-3], value.shape[-3])
+    grouped_wrong = enable_gqa and (heads[1] != heads[2] or heads[0] % max(heads[1], 1))
+    if not all(heads) or grouped_wrong:
+        raise RuntimeError(
+            f"scaled_dot_product_attention with {heads[0]} query, {heads[1]} key and {heads[2]} value heads "
+            "(refused before the kernel, which some torch builds crash on)"
+        )
 
 
 def _shapes(out: Any) -> list[tuple[int, ...]]:
@@ -93,7 +122,7 @@ def _removable(
         with _trial(model, [groups[i] for i in subset], in_place) as copy:
             apply_plan(copy, plan(copy, groups, dead), shapes_only=True)  # the forward runs with quantizers off
             try:
-                with torch.no_grad():
+                with torch.no_grad(), _CheckedKernels():
                     trial_shapes = _shapes(call_model(copy, inputs))
             except Exception as err:  # any failure: these channels cannot go; what failed is part of the reason
                 first = (str(err).strip().splitlines() or [""])[0][:160]
