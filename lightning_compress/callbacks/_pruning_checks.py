@@ -269,14 +269,17 @@ def check_keep_zeros(keep_zeros: Any, granularity: str, scope: str) -> bool:
     return keep_zeros
 
 
-def keep_earlier_pruning(trainer: pl.Trainer, pruner: IterativePruner, keep: bool) -> None:
-    """At the start of a fit that is not resumed, on a model pruned before: with ``keep`` (``keep_zeros``) its zeros
+def keep_earlier_pruning(pruner: IterativePruner, keep: bool, *, resumed: bool) -> None:
+    """At the start of a fit that does not resume this callback's state (``resumed``: a checkpoint gave it; one
+    saved with other arguments, or by another run, does not: trial EG's `fit(ckpt_path=...)` with a new target
+    started afresh and ignored `keep_zeros`, the 0.80 zeros trained back to 0.199 after one batch, said nowhere),
+    on a model pruned before: with ``keep`` (``keep_zeros``) its zeros
     become masks and the schedule starts from their sparsity (:meth:`IterativePruner.keep_zeros`), said; without, the
     schedule starts from a dense model, and a warning says the zeros train back when they are 10% of the selected
     weights or more (trial CT: 0.80 sparse became 0.27 after the first step, said nowhere). Kept off by default: a
     fresh model initialized with zeros (``eye_``, ``dirac_``, ``sparse_``) cannot always be told from a pruned one
     (trial CV: an identity layer's zeros were kept, and never trained)."""
-    if trainer.ckpt_path is not None or pruner.steps or pruner.events:
+    if resumed or pruner.steps or pruner.events:
         return
     if pruner.continue_masks() is not None:  # one instance's second fit: its masks, and the schedule from them
         return

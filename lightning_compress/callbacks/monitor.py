@@ -19,7 +19,7 @@ from ..core.qat import quantizers
 from ..core.sharding import full, local, reshard
 from ..core.summary import ModelSize, estimate_size
 from ._guard import LoggedNames, check_monitor_name, read_monitor, stale_note
-from ._validation import runs_in_spawned_processes
+from ._validation import runs_in_spawned_processes, sanity_check_is_a_baseline
 
 __all__ = ["CompressionMonitor"]
 
@@ -133,9 +133,12 @@ class CompressionMonitor(Callback):
         if self.monitor is None or trainer.num_sanity_val_steps == 0 or not trainer.callback_metrics:
             return
         value = self._monitored(trainer)
-        whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
         reshard(pl_module)  # a forward without backward left FSDP2's root unit gathered (trial BE: a segfault)
-        if whole and value is not None and not _compressed(pl_module, estimate_size(pl_module)):
+        if (
+            sanity_check_is_a_baseline(trainer)
+            and value is not None
+            and not _compressed(pl_module, estimate_size(pl_module))
+        ):
             self.baseline = value
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

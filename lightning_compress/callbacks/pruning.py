@@ -60,8 +60,10 @@ from ._pruning_log import log_values, sparsity_values
 from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
+    built_late_note,
     check_strategy,
     runs_in_spawned_processes,
+    sanity_check_is_a_baseline,
     warn_if_saved_under_another_key,
 )
 from ._validation_plan import (
@@ -173,9 +175,10 @@ class IterativePruning(Callback):
             so early mistakes can be undone and density can move between layers (within
             ``min_density``). Sparsity is unchanged. ``0`` (default) turns it off; element granularity
             only. Costs 4 bytes per selected weight for the gradient sums.
-        keep_zeros: at the start of a fit (not resumed), keep the selected weights' exact zeros as masks and start
-            the schedule from their sparsity (Zhu & Gupta's ``s_i``): to prune further a model pruned before
-            (``prune_``, an earlier fit). Weights all zero, or whose other values are all one value (``eye_``,
+        keep_zeros: at the start of a fit that does not resume this callback's state (a checkpoint of another
+            pruning run, or saved with other arguments, does not), keep the selected weights' exact zeros as masks
+            and start the schedule from their sparsity (Zhu & Gupta's ``s_i``): to prune further a model pruned
+            before (``prune_``, an earlier fit). Weights all zero, or whose other values are all one value (``eye_``,
             ``dirac_``), are initialized so and left out, and so are layers under the ``min_density`` floor (both
             named in the log). Element granularity and global scope only. ``False`` (default): the schedule
             starts from a dense model, and when the selected weights are already 10% zero or more a warning says
@@ -244,6 +247,8 @@ class IterativePruning(Callback):
         self._structure: ChannelStructure | None = None  # channel groups traced at setup, before FSDP2 shards
         self._template: nn.Module | None = None  # the module without weights, for exporting from shards
         self._restored: dict[str, Any] | None = None  # a checkpoint's state that arrived before the pruner
+        self._resumes = False
+        self._said_revived = False
         self._fitting = True  # set up for `fit` (or not set up by a Trainer yet: a state loaded by hand applies)
         self._resumed_validation: dict[str, Any] | None = None  # the checkpoint's judged validation (step, metrics)
         self._clock = PruningClock()
@@ -317,6 +322,7 @@ class IterativePruning(Callback):
             # and its next fit revived the weights they left)
             return
         check_validation_state(state_dict.get("validation"))
+        self._resumes = True
         pending = saved_pending_logs(state_dict)
         self._resumed_validation = state_dict.get("validation")
         self._clock.load(state_dict)
@@ -366,7 +372,13 @@ class IterativePruning(Callback):
         if config.granularity == "channel":  # trace the whole model now (FSDP2 shards it next), naming its inputs
             with warnings.catch_warnings():  # what it leaves out is said once, when the pruner selects them again
                 warnings.simplefilter("ignore")
-                targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
+                try:
+                    targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
+                except ValueError as err:
+                    note = built_late_note(pl_module, "granularity='channel' traces the model")
+                    if not note or "select no" not in str(err):
+                        raise
+                    raise ValueError(f"{err}{note}") from err
             self._structure = channel_structure(
                 pl_module, targets, example_inputs(pl_module), config.measure, "example_input_array"
             )
@@ -375,6 +387,8 @@ class IterativePruning(Callback):
         )
         self._previous = self._core if trainer.ckpt_path is None else None
         self._core, self._restored, self._resumed_validation = None, None, None
+        self._resumes = False  # whether the checkpoint gives this fit this callback's state (`load_state_dict`)
+        self._said_revived = False  # pruned weights found nonzero at a validation were said
         self._pending_logs, self._optimizer_params = {}, {}
         self._metrics = ValidationMetrics()  # a fresh fit: no validation scored a copy yet
 
@@ -423,9 +437,11 @@ class IterativePruning(Callback):
         }  # fmt: skip
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """A sanity check that ran every validation batch is a validation: the baseline if none is known yet. A
-        shorter one (two batches by default) only checks that ``monitor`` is logged: its value is not comparable
-        with a whole validation's, and on a resumed fit it must not judge the event the checkpoint holds."""
+        """A sanity check asked for every validation batch (``num_sanity_val_steps=-1``) is a validation of the
+        model before training: the baseline if none is known yet. Another one (two batches by default) only checks
+        that ``monitor`` is logged: its value is not comparable with a whole validation's (or scores a model that
+        has not trained yet: :func:`sanity_check_is_a_baseline`), and on a resumed fit it must not judge the event
+        the checkpoint holds."""
         batches = list(trainer.num_sanity_val_batches)
         if self.monitor is None or trainer.num_sanity_val_steps == 0 or sum(batches) == 0:
             return
@@ -433,13 +449,14 @@ class IterativePruning(Callback):
             return  # with several validation loaders Lightning keeps no metric of the sanity check
         value = read_monitor(trainer, self.monitor or "", self._said_differs)
         guard = self.pruner.guard
-        whole = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
-        if whole and guard is not None and guard.baseline is None and self._finite_baseline(value):
+        if guard is None or guard.baseline is not None or not sanity_check_is_a_baseline(trainer):
+            return
+        if self._finite_baseline(value):
             self.pruner.observe(value)
             rank_zero_info(
                 f"IterativePruning: {self.monitor}={value:.4f} in the sanity check, which ran the whole validation "
-                "set -> baseline (a validation before the first event replaces it; without one, drops are measured "
-                "from the model before training)"
+                "set as asked (`num_sanity_val_steps=-1`) -> baseline: the model before training, taken as trained (a "
+                "validation before the first event replaces it; without one, drops are measured from it)"
             )
 
     def _finite_baseline(self, value: float) -> bool:
@@ -479,7 +496,7 @@ class IterativePruning(Callback):
         baseline_known = guard is not None and guard.baseline is not None
         plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
         clock.in_steps = plan.in_steps
-        keep_earlier_pruning(trainer, core, self.keep_zeros)  # before the schedule is placed
+        keep_earlier_pruning(core, self.keep_zeros, resumed=self._resumes)  # before the schedule is placed
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)
@@ -653,9 +670,26 @@ class IterativePruning(Callback):
         return self.monitor is not None and not trainer.sanity_checking and trainer.state.fn == "fit"
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._core is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._masks_held(pl_module)  # before the guard copies the model this validation scores
         self._validation_inputs.start(trainer, pl_module, self.export_path)
         if self._guarding(trainer):
             self._metrics.start(trainer)
+
+    def _masks_held(self, pl_module: pl.LightningModule) -> None:
+        """A validation scores the pruned model: pruned weights found nonzero are zeroed again, said once (trial EG: an
+        optimizer from ``self.optimizers(use_pl_optimizer=False)`` revived them between events, unseen; the guard
+        accepted a 0.8-sparse model at val_acc 0.8954 that scored 0.7404 with its masks applied at the end)."""
+        revived = self._core.reapply_revived()  # type: ignore[union-attr]
+        if revived and not self._said_revived:
+            self._said_revived = True
+            rank_zero_warn(
+                f"IterativePruning: pruned weights of {revived[:3]}{' ...' if len(revived) > 3 else ''} were nonzero "
+                "at this validation: an optimizer step the callback did not see wrote them (an optimizer from "
+                "`self.optimizers(use_pl_optimizer=False)`, whose steps bypass Lightning's hooks, or weights written "
+                "by hand). They are zeroed again before the validation scores the model, but between validations "
+                "they train: step the optimizers `self.optimizers()` returns so the masks hold."
+            )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""

@@ -60,6 +60,7 @@ from ._settings import log_settings
 from ._shift_capture import ShiftCapture
 from ._validation import (
     StrategyCollectives,
+    built_late_note,
     check_int,
     check_strategy,
     fast_dev_run_note,
@@ -284,13 +285,10 @@ class QuantizationAwareTraining(Callback):
                 check_converted_alike(pl_module, selected, self.config)
                 self._convert(pl_module)
             except ValueError as err:
-                if not is_overridden("configure_model", pl_module) or "select no" not in str(err):
+                note = built_late_note(pl_module, "QuantizationAwareTraining converts layers")
+                if not note or "select no" not in str(err):
                     raise
-                raise ValueError(
-                    f"{err} QuantizationAwareTraining converts layers at `setup`, before "
-                    f"{type(pl_module).__name__}.configure_model runs: build the layers to quantize in `__init__` "
-                    "(`configure_model` may still shard them)."
-                ) from err
+                raise ValueError(f"{err}{note}") from err
             self._converted = [name for name in self._layers if name not in before]
             self._calibrated = False  # `start_epoch` ended in this fit
             self._calibration_epoch = self.start_epoch

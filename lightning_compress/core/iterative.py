@@ -664,6 +664,14 @@ class IterativePruner:
         """Zero every pruned weight again (after something outside the optimizer wrote weights)."""
         self._pruner.apply()
 
+    def reapply_revived(self) -> list[str]:
+        """Zero again the pruned weights found nonzero, which an optimizer step this pruner never saw (a step
+        without :meth:`step` after it) wrote; returns their names (empty when the masks held)."""
+        revived = self._pruner.revived()
+        if revived:
+            self._pruner.apply()
+        return revived
+
     def _warn_floors(self, wanted: float) -> None:
         """Say once which layers the ``min_density`` floor holds back, and what to do about it; layers it holds at later
         events are logged (trial EC: one warning per event, six on a FocalNet)."""

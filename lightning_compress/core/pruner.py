@@ -282,6 +282,19 @@ class Pruner:
             for name, mask in self.masks.items():
                 zero_pruned_(self._by_name[name].local, mask)
 
+    def revived(self) -> list[str]:
+        """Masked weights (this process's shards) nonzero where their mask prunes: written by something the pruner
+        did not see, such as an optimizer stepped outside the training framework's hooks."""
+        if not self.masks:
+            return []
+        self.follow_weights()
+        with torch.no_grad():
+            return [
+                name
+                for name, mask in self.masks.items()
+                if bool(((self._by_name[name].local != 0) & (mask == 0)).any())
+            ]
+
     def follow_weights(self) -> None:
         """Move the masks, the undo record, regrowth's sums, the rewind point and the importance's statistics to the
         device of their weights, where the model was moved since they were made: Lightning trains on the accelerator

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import warnings
 
 import lightning.pytorch as pl
@@ -1162,3 +1163,86 @@ def test_channel_pruning_of_a_compiled_lightning_module():
     pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=1)
     trainer(max_epochs=2, callbacks=[pruning], limit_val_batches=0).fit(torch.compile(model))
     assert float((model.net[0].weight.abs().sum(1) == 0).float().mean()) == pytest.approx(0.5)
+
+
+class BuiltInSetup(TinyModule):
+    """Trial EG: a head sized by what the data says, built in `setup` as Lightning documents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = None  # type: ignore[assignment]
+        self.example_input_array = torch.zeros(2, 16)
+
+    def setup(self, stage: str) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("callback", "what"),
+    [
+        (lambda: QuantizationAwareTraining(8, 8), "QuantizationAwareTraining converts layers"),
+        (lambda: IterativePruning(0.5, granularity="channel"), "granularity='channel' traces the model"),
+        (lambda: IterativePruning(0.5, export_path="m.onnx"), "`export_path`='m.onnx' runs the model"),
+    ],
+)
+def test_layers_built_in_the_modules_setup_are_said_to_come_too_late(tmp_path, callback, what):
+    """Trial EG: QAT and channel pruning said "select no weight ... it needs a Linear or Conv layer" and an ONNX
+    `export_path` blamed `example_input_array`, of a module that builds its layers in `setup`: Lightning calls the
+    callbacks' `setup` first. The refusal now names that order and the fix; the model is left untouched."""
+    made = callback()
+    if isinstance(made, IterativePruning) and made.export_path is not None:
+        made = IterativePruning(0.5, export_path=tmp_path / "m.onnx")
+        what = what.replace("'m.onnx'", repr(str(tmp_path / "m.onnx")))
+    model = BuiltInSetup()
+    with pytest.raises(ValueError, match=rf"{re.escape(what)} at `setup`, before BuiltInSetup\.setup run"):
+        trainer(max_epochs=1, callbacks=[made]).fit(model)
+    assert model.net is None and not qat_modules(model)  # refused before its own `setup` ran
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=1)  # element pruning selects at `on_fit_start`
+    trainer(max_epochs=2, callbacks=[pruning]).fit(BuiltInSetup())
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+class RawOptimizer(TinyModule):
+    """Manual optimization with the optimizer Lightning wraps taken raw: its steps reach no callback hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_pruned_weights_an_unseen_optimizer_revives_are_zeroed_before_a_validation_scores_them():
+    """Trial EG: an optimizer from `self.optimizers(use_pl_optimizer=False)` (documented as bypassing the masking
+    hooks) revived the pruned weights between events: each validation scored a model 0.11-0.16 sparse, the guard
+    accepted "0.8954 at sparsity 0.8", and the 0.8-sparse model `fit` returned scored 0.7404. Now every validation
+    scores the masked model, and a warning says what happened, once."""
+
+    class Scored(Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[float, float]] = []
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.seen.append((sparsity(pl_module), pruning.pruner.masked_sparsity()))
+
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, every_n_epochs=1, monitor="val_acc", max_drop=0.5)
+    scored = Scored()
+    with pytest.warns(
+        UserWarning, match=r"pruned weights of \['net.0.weight', .* were nonzero at this validation"
+    ) as w:
+        trainer(max_epochs=4, callbacks=[pruning, scored]).fit(RawOptimizer())
+    assert sum("were nonzero at this validation" in str(m.message) for m in w) == 1
+    assert len(scored.seen) == 4 and scored.seen[-1][1] == pytest.approx(0.8, abs=1e-3)
+    assert all(seen == pytest.approx(masked, abs=1e-6) for seen, masked in scored.seen)
