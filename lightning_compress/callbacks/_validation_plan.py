@@ -271,7 +271,7 @@ def plan_timeline(
     optimizer steps (when the data is sized). With ``monitor``, no event may come after the fit's
     last validation (nothing would judge it): the default ``end_epoch`` ends the schedule there,
     an explicit later one is warned about (its last events are skipped). ``baseline_known``: the guard has its
-    baseline already (a sanity check over the whole validation set, a resumed checkpoint); otherwise the first
+    baseline already (a sanity check asked for every validation batch, a resumed checkpoint); otherwise the first
     validation gives it and judges nothing.
     """
     start_epoch, end_epoch, every_n_steps = window.start_epoch, window.end_for(trainer), window.every_n_steps
@@ -319,7 +319,8 @@ def plan_timeline(
             raise ValueError(
                 f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (a validation could "
                 f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}; without a sanity "
-                "check over the whole validation set, the first validation gives the baseline), so no event could be "
+                "check of every validation batch, `num_sanity_val_steps=-1`, the first validation gives the baseline), "
+                "so no event could be "
                 "judged. Validate more often (and give the fit validation data), train longer, or set "
                 "`monitor=None`." + fast_dev_run_note(trainer, "set `monitor=None` there")
             )

@@ -101,7 +101,7 @@ def test_a_guarded_fit_with_gradient_accumulation_runs_the_event_its_last_valida
 )
 def test_a_guarded_fit_that_validates_once_is_refused_unless_the_sanity_check_gives_the_baseline(kwargs):
     """Trial AG: one validation gives the baseline and judges nothing: the fit trained to the end and returned the
-    model dense, said only after training. A sanity check over the whole validation set gives the baseline."""
+    model dense, said only after training. A sanity check asked for every validation batch gives the baseline."""
     from lightning_compress import IterativePruning, sparsity
     from tests.conftest import weights_of
 
