@@ -1246,3 +1246,32 @@ def test_pruned_weights_an_unseen_optimizer_revives_are_zeroed_before_a_validati
     assert sum("were nonzero at this validation" in str(m.message) for m in w) == 1
     assert len(scored.seen) == 4 and scored.seen[-1][1] == pytest.approx(0.8, abs=1e-3)
     assert all(seen == pytest.approx(masked, abs=1e-6) for seen, masked in scored.seen)
+
+
+class ScoredByQuantization(TinyModule):
+    """Its validation score is 1 while it computes in float and 0.8 once fake quantization is on."""
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        self.log("val_score", 0.8 if any(q.fake_quant_enabled for _, q in quantizers(self)) else 1.0)
+
+
+@pytest.mark.parametrize("qat_first", [True, False])
+def test_quantization_that_costs_more_than_max_drop_before_pruning_starts_is_said(qat_first):
+    """Trial EH: with QAT switched on before the first pruning event, the guard took the quantized model's score as its
+    baseline (0.9330 -> 0.7705) and accepted every event, and the fit returned a model 0.147 below the float one with
+    nothing said; QAT switched on after the first event is said (session 21's warning)."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, start_epoch=2 if qat_first else 1, end_epoch=4, monitor="val_score", max_drop=0.05)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=0 if qat_first else 3)
+    with pytest.warns(UserWarning) as caught:
+        trainer(max_epochs=6, callbacks=[pruning, qat]).fit(ScoredByQuantization())
+    said = [str(w.message) for w in caught if "quantization switched on" in str(w.message)[:60]]
+    if qat_first:
+        assert (
+            len(said) == 1
+            and "before the first pruning event, and the model scores 0.8000, 0.2000 from 1.0000" in said[0]
+        )
+        assert [d.value for d in pruning.decisions if d.action == "baseline"][-1] == pytest.approx(0.8)
+    else:
+        assert len(said) == 1 and "with quantization switched on the model scores 0.8000" in said[0]
