@@ -318,11 +318,18 @@ def plan_timeline(
         if judged <= start and not resumed_past:
             raise ValueError(
                 f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (a validation could "
-                f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}; without a sanity "
-                "check of every validation batch, `num_sanity_val_steps=-1`, the first validation gives the baseline), "
-                "so no event could be "
-                "judged. Validate more often (and give the fit validation data), train longer, or set "
-                "`monitor=None`." + fast_dev_run_note(trainer, "set `monitor=None` there")
+                f"judge events up to {unit} {judged}; the first event is at {unit} {start + 1}"
+                + (
+                    ""
+                    if baseline_known
+                    else "; the first validation gives the baseline, unless a sanity check of every validation batch "
+                    "(`num_sanity_val_steps=-1`) gives it before training, for events in steps from `start_epoch=0`"
+                )
+                + "), so no event could be judged. Validate more often (and give the fit validation data), train "
+                "longer, "
+                + ("" if in_steps else "prune in steps (`every_n_steps`: events between epochs wait for one to end), ")
+                + "or set `monitor=None`."
+                + fast_dev_run_note(trainer, "set `monitor=None` there")
             )
         if window.end_epoch is not None and not resumed_past:  # said when the fit first planned
             rank_zero_warn(  # a trial: it said the last validation came before step 29, which ran at 35

@@ -1022,6 +1022,31 @@ def test_only_a_sanity_check_over_the_whole_validation_gives_the_baseline(sanity
     assert pruning.decisions[0].value == (sanity[1] if sanity_batches == -1 else first[1])
 
 
+def test_a_sanity_check_is_no_baseline_for_events_after_an_epoch_it_did_not_score(caplog):
+    """Trial EH: `num_sanity_val_steps=-1` with events between epochs and `check_val_every_n_epoch=2`: the first event
+    ran at epoch 1, after an epoch of training no validation scored, judged against the sanity check's score of the
+    model before it (0.9213 where the pruned model had scored 0.9330; the fit returned 0.9179, "accept")."""
+    import logging
+
+    class Values(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.values.append(float(trainer.callback_metrics["val_acc"]))
+
+    pl.seed_everything(0, verbose=False)
+    values = Values()
+    pruning = IterativePruning(0.5, start_epoch=0, end_epoch=4, monitor="val_acc", max_drop=0.5)
+    with caplog.at_level(logging.INFO):
+        trainer(max_epochs=6, callbacks=[pruning, values], num_sanity_val_steps=-1, check_val_every_n_epoch=2).fit(
+            TinyModule()
+        )
+    assert "in the sanity check is not the baseline: the first pruning event comes after training" in caplog.text
+    assert pruning.decisions[0].action == "baseline" and pruning.decisions[0].value == values.values[0]
+
+
 def test_no_event_runs_after_the_validation_early_stopping_acts_on():
     """Events between epochs run at the start of the next epoch: when early stopping ends the fit at an epoch's
     end, the last event is the one that epoch's validation judged, and nothing is left to undo."""

@@ -101,7 +101,8 @@ def test_a_guarded_fit_with_gradient_accumulation_runs_the_event_its_last_valida
 )
 def test_a_guarded_fit_that_validates_once_is_refused_unless_the_sanity_check_gives_the_baseline(kwargs):
     """Trial AG: one validation gives the baseline and judges nothing: the fit trained to the end and returned the
-    model dense, said only after training. A sanity check asked for every validation batch gives the baseline."""
+    model dense, said only after training. A sanity check asked for every validation batch gives the baseline to
+    events in steps from the first epoch."""
     from lightning_compress import IterativePruning, sparsity
     from tests.conftest import weights_of
 
@@ -112,10 +113,13 @@ def test_a_guarded_fit_that_validates_once_is_refused_unless_the_sanity_check_gi
                        r"validation gives the baseline"):  # fmt: skip
         trainer(callbacks=[pruning], **kwargs).fit(model)
     assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
+    # trial EH: events between epochs come after an epoch the sanity check did not score: it is no baseline for them
+    with pytest.raises(ValueError, match=r"the first validation gives the baseline, unless .* prune in steps"):
+        pruning = IterativePruning(0.5, monitor="val_acc", max_drop=1.0)
+        trainer(callbacks=[pruning], num_sanity_val_steps=-1, **kwargs).fit(TinyModule())
     model = TinyModule()
-    trainer(callbacks=[IterativePruning(0.5, monitor="val_acc", max_drop=1.0)], num_sanity_val_steps=-1, **kwargs).fit(
-        model
-    )
+    pruning = IterativePruning(0.5, monitor="val_acc", max_drop=1.0, every_n_steps=8)
+    trainer(callbacks=[pruning], num_sanity_val_steps=-1, **kwargs).fit(model)
     assert sparsity(model) == pytest.approx(0.5, abs=2e-3)  # the one validation judges one event: to the target
     # trial AM: in steps, events waited for judgement after the first one and the fit ended at 0.096 of 0.8
     model = TinyModule()
