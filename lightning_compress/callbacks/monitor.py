@@ -69,6 +69,8 @@ class CompressionMonitor(Callback):
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
         self._said_no_baseline = False
+        self._compressed_seen = False  # a validation scored the model sparse or quantized: the baseline stays
+        self._compressed_at_start = False  # the model was sparse or quantized when training started
         self._validated: tuple[ModelSize, bool, int] | None = None  # the model a validation scores, at its start
         self._fingerprints: list[int | None] = []  # of each point's model (this process's; None: restored points)
         self._logged = LoggedNames()  # which names that validation logged itself
@@ -95,7 +97,7 @@ class CompressionMonitor(Callback):
         if stage == "fit":
             self.history, self.baseline = [], None  # (trial CP: a second fit kept the first model's baseline)
             self._fingerprints = []
-            self._said_no_baseline = False
+            self._said_no_baseline = self._compressed_seen = self._compressed_at_start = False
             if runs_in_spawned_processes(trainer):
                 rank_zero_warn(
                     "CompressionMonitor under a strategy that trains in spawned processes (`ddp_spawn`, `ddp_fork`, "
@@ -106,7 +108,13 @@ class CompressionMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The dense baseline and the history, for a checkpoint: a resumed fit measures drops from the same
         baseline."""
-        return {"monitor": self.monitor, "baseline": self.baseline, "history": [dict(point) for point in self.history]}
+        return {
+            "monitor": self.monitor,
+            "baseline": self.baseline,
+            "history": [dict(point) for point in self.history],
+            "fingerprints": list(self._fingerprints),  # a resumed fit's summary matches the model `fit` returns
+            "compressed_seen": self._compressed_seen,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict):
@@ -123,7 +131,9 @@ class CompressionMonitor(Callback):
             return
         self.baseline = state_dict.get("baseline")
         self.history = [dict(point) for point in state_dict.get("history", [])]
-        self._fingerprints = [None] * len(self.history)
+        # a checkpoint written before session 36 has no fingerprints: its points match no model at the end of fit
+        self._fingerprints = list(state_dict.get("fingerprints", [None] * len(self.history)))
+        self._compressed_seen = bool(state_dict.get("compressed_seen", any(p["sparsity"] > 0 for p in self.history)))
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sanity check's validation already shows whether ``monitor`` is logged: refuse before training. One
@@ -140,6 +150,12 @@ class CompressionMonitor(Callback):
             and not _compressed(pl_module, estimate_size(pl_module))
         ):
             self.baseline = value
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Whether the model is compressed before training (a model pruned before, a checkpoint): then no validation
+        of this fit scores it dense, which the warning without a baseline says."""
+        reshard(pl_module)
+        self._compressed_at_start = _compressed(pl_module, estimate_size(pl_module))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the model the validation scores now: a callback may change it at the validation's end (the
@@ -163,8 +179,13 @@ class CompressionMonitor(Callback):
         if value is not None and started and not self._logged.logged(trainer, self.monitor or ""):
             rank_zero_warn(stale_note("CompressionMonitor", trainer, self.monitor or "", "its point has no value"))
             value = None
-        if value is not None and not compressed:
+        if value is not None and not compressed and not self._compressed_seen:
+            # the last value before the model was first compressed: a guard's rollback to the dense model, validated
+            # again, does not move it (trial EH: 0.9330 became 0.9414, where the guard kept 0.9330)
             self.baseline = value
+        self._compressed_seen = self._compressed_seen or compressed
+        if value is not None and self.baseline is None:
+            self._drop(value)  # says why there is no baseline, with or without a logger
         point = {
             "step": float(trainer.global_step),
             "epoch": float(trainer.current_epoch),
@@ -218,11 +239,23 @@ class CompressionMonitor(Callback):
         if self.baseline is None:
             if not self._said_no_baseline:
                 self._said_no_baseline = True
+                if self._compressed_at_start:  # trial EH: it advised settings the fit already had
+                    why = (
+                        "the model was already sparse or quantized when this fit's training started (`prune_`, "
+                        "`keep_zeros`, an earlier fit or its checkpoint), so no validation of this fit scores it "
+                        "dense"
+                    )
+                    fix = "Validate the dense model in the fit that first compresses it."
+                else:
+                    why = "the model was already compressed at the first validation"
+                    fix = (
+                        "Validate the dense model first: a sanity check over the whole validation set "
+                        "(`Trainer(num_sanity_val_steps=-1)`), or start compressing after a validation (e.g. "
+                        "`start_epoch=1`)."
+                    )
                 rank_zero_warn(
-                    f"CompressionMonitor: the model was already compressed at the first validation, so there is no "
-                    f"dense baseline and `{self.monitor}_drop` is not logged. Validate the dense model first: a "
-                    "sanity check over the whole validation set (`Trainer(num_sanity_val_steps=-1)`), or start "
-                    "compressing after a validation (e.g. `start_epoch=1`)."
+                    f"CompressionMonitor: {why}, so there is no dense baseline and `{self.monitor}_drop` is not "
+                    f"logged. {fix}"
                 )
             return None
         return self.baseline - value if self.mode == "max" else value - self.baseline
@@ -370,9 +403,17 @@ def _check_state(state: dict[str, Any]) -> None:
         and all(isinstance(k, str) and is_real(v) for k, v in point.items())
         for point in history
     )
-    if not (good_baseline and good_history):
+    prints = state.get("fingerprints", [None] * len(history) if isinstance(history, list) else None)
+    good_prints = (
+        isinstance(prints, list)
+        and isinstance(history, list)
+        and len(prints) == len(history)
+        and all(f is None or (isinstance(f, int) and not isinstance(f, bool)) for f in prints)
+        and isinstance(state.get("compressed_seen", False), bool)
+    )
+    if not (good_baseline and good_history and good_prints):
         raise ValueError(
             f"The checkpoint's CompressionMonitor state has baseline={repr(baseline)[:40]}, history="
-            f"{str(history)[:80]}: not what it saves (a finite number or None; points of numbers with "
-            f"{list(_POINT_KEYS)}); the checkpoint is damaged."
+            f"{str(history)[:80]}, fingerprints={str(prints)[:40]}: not what it saves (a finite number or None; "
+            f"points of numbers with {list(_POINT_KEYS)}; one integer or None per point); the checkpoint is damaged."
         )

@@ -1098,6 +1098,8 @@ def test_strategies_that_train_in_spawned_processes_are_refused_by_qat_and_said_
         (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "baseline": "x"}, ValueError, "baseline='x'"),
         (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "history": [{"a": 1.0}]}, ValueError, "points"),
         (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "history": 3}, ValueError, "history=3"),
+        (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "fingerprints": [1]}, ValueError, r"=\[1\]"),
+        (lambda: CompressionMonitor("val_acc"), {"monitor": "val_acc", "compressed_seen": "no"}, ValueError, "damaged"),
     ],
 )
 def test_damaged_callback_states_are_refused_at_restore_naming_the_entry(make, state, error, match):

@@ -291,6 +291,10 @@ def test_a_resumed_fit_keeps_the_dense_baseline_and_the_history(tmp_path):
     assert full.baseline is not None and resumed.baseline == full.baseline
     assert resumed.history == full.history and len(full.history) == 4
     assert resumed.summary["baseline"] == full.summary["baseline"]
+    # trial EH: resumed from the last epoch's checkpoint (nothing left to train), the model `fit` returns is the one its
+    # restored last point scored, but the restored points had no fingerprint: the summary said "not validated"
+    done = run(ckpt_path=tmp_path / "epoch=3.ckpt")
+    assert full.summary["final"] is not None and done.summary["final"] == full.summary["final"]
     # another metric: nothing of val_acc's is restored (trial W: a val_acc baseline beside val_loss values)
     other = CompressionMonitor(monitor="val_loss")
     with pytest.warns(UserWarning, match=r"watched 'val_acc', this one watches 'val_loss'"):
@@ -539,3 +543,44 @@ def test_the_fingerprint_of_the_weights_does_not_depend_on_the_order_a_device_su
     with torch.no_grad():
         forward.weight[0, 0] = 1.0000001  # one weight changed by one step of float32
     assert _fingerprint(forward) != _fingerprint(backward)
+
+
+class DriftingScore(TinyModule):
+    """Its validation score is 1 - sparsity, plus 0.001 per optimizer step: a dense model scores higher later."""
+
+    def validation_step(self, batch, batch_idx):
+        from lightning_compress import sparsity
+
+        super().validation_step(batch, batch_idx)
+        self.log("val_score", 1.0 - sparsity(self) + 0.001 * self.global_step)
+
+
+def test_the_dense_baseline_stays_when_a_rollback_returns_to_the_dense_model():
+    """Trial EH: the guard rolled an event back to the dense model, a later validation scored it dense again, and the
+    monitor took that score as its baseline (0.9330 became 0.9414) where the guard kept the first: the monitor's
+    baseline is the last value before the model was first compressed."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.9, schedule="one_shot", start_epoch=1, end_epoch=2, monitor="val_score", max_drop=0.3)
+    monitor = CompressionMonitor(monitor="val_score")
+    trainer(max_epochs=4, callbacks=[pruning, monitor], val_check_interval=0.5).fit(DriftingScore())
+    assert [d.action for d in pruning.decisions][:5] == ["baseline"] * 4 + ["rollback"]
+    dense_again = [p for p in monitor.history[5:] if p["sparsity"] == 0]
+    assert dense_again and dense_again[0]["value"] > monitor.baseline + 1e-3  # a later dense validation, higher
+    assert monitor.baseline == pytest.approx(pruning.decisions[3].value)
+
+
+def test_no_baseline_for_a_model_compressed_before_the_fit_says_so(caplog):
+    """Trial EH: a model pruned before (`prune_`, then `keep_zeros`) has no dense validation in the fit; the warning
+    advised `num_sanity_val_steps=-1` and `start_epoch=1`, which the fit already had. It is also said without a
+    logger (it was reached only when logging)."""
+    from lightning_compress import prune_
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    prune_(model, 0.8)
+    monitor = CompressionMonitor(monitor="val_acc")
+    callbacks = [IterativePruning(0.9, start_epoch=1, end_epoch=2, keep_zeros=True), monitor]
+    with pytest.warns(UserWarning, match=r"already sparse or quantized when this fit's training started") as caught:
+        trainer(max_epochs=3, callbacks=callbacks, num_sanity_val_steps=-1).fit(model)
+    said = [str(w.message) for w in caught if "no dense baseline" in str(w.message)]
+    assert len(said) == 1 and "num_sanity_val_steps" not in said[0] and monitor.baseline is None
