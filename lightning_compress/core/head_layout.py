@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import weight_axes
-from .tracing import call_model, eval_mode, has_float_tensor, jittered
+from .tracing import call_model, eval_mode, has_float_tensor, jittered, map_tensors
 
 if TYPE_CHECKING:
     from .heads import AttentionBlock
@@ -77,6 +77,7 @@ def unconfirmed_reasons(model: nn.Module, example_inputs: Any, blocks: Sequence[
     read on ``example_inputs`` (zero, or subnormal, where doubling is not exact: a trial's random-weight MobileViT
     ends its attention outputs at 1e-41 and 0), or probes that moved other heads' outputs."""
     modules = dict(model.named_modules())
+    padding_note = _padding_only(model, example_inputs)
     with torch.no_grad(), eval_mode(model):
         calls = _first_calls(model, example_inputs, modules, {_probed(b) for b in blocks})
         reasons = []
@@ -86,12 +87,31 @@ def unconfirmed_reasons(model: nn.Module, example_inputs: Any, blocks: Sequence[
             if output is not None and largest < torch.finfo(output.dtype).tiny:
                 reasons.append(
                     f"its attention output on `example_inputs` is {'zero' if largest == 0.0 else 'subnormal'} "
-                    f"(largest |value| {largest:.3g}), so no probe can show which rows form a head (a model with "
-                    "random weights? Prune a trained model, or give other example inputs)"
-                )
+                    f"(largest |value| {largest:.3g}), so no probe can show which rows form a head ("
+                    + (padding_note or "a model with random weights? Prune a trained model, or give other example "
+                       "inputs")
+                    + ")"
+                )  # fmt: skip
             else:
                 reasons.append(_NOT_CONFIRMED)
     return reasons
+
+
+def _padding_only(model: nn.Module, example_inputs: Any) -> str:
+    """When every integer of ``example_inputs`` (token ids) is the ``padding_idx`` of an embedding of ``model``, whose
+    row is zero (trial EJ: all-zero `input_ids` with `pad_token_id=0` left every head of a trained Llama whole, and
+    the reason blamed random weights; the retry with noise is for float inputs), what to give instead; else empty."""
+    ids: list[Tensor] = []
+    map_tensors(example_inputs, lambda t: ids.append(t) if not (t.is_floating_point() or t.is_complex()) else None)
+    ids = [t for t in ids if t.dtype != torch.bool and t.numel()]
+    for name, module in model.named_modules():
+        pad = module.padding_idx if isinstance(module, nn.Embedding) else None
+        if pad is not None and ids and all(bool((t == pad).all()) for t in ids):
+            return (
+                f"every token id of `example_inputs` is {pad}, the `padding_idx` of {name or 'the model'}, whose "
+                "embedding row is zero: give other token ids, e.g. `torch.randint(1, vocab_size, (1, 16))`"
+            )
+    return ""
 
 
 def _confirmed(
