@@ -248,7 +248,7 @@ def _export_onnx(
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
-                custom_opsets={"com.microsoft": 1} if grouped else None,
+                custom_opsets={"com.microsoft": 1} if grouped and swapped else None,  # MatMulNBits' domain
             )
         except RuntimeError as err:  # the exporter's (an operator it lacks, a SymbolicValueError), or the model's
             traced.unlink(missing_ok=True)
@@ -280,7 +280,9 @@ def _export_onnx(
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
-    return CompressionReport.of_file(path, "onnx-int4" if grouped else "onnx", layers, model)
+    # "onnx-int4" only when a layer is stored in 4 bits (trial EJ: 8-bit, 2-bit or odd groups export float weights,
+    # and the report said int4 of a file larger than the float model's `torch.save`)
+    return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model)
 
 
 def _quantize_float_conv_outputs(

@@ -510,3 +510,27 @@ def test_resize_module_refuses_to_split_a_quantization_group():
     keep = torch.tensor([i for i in range(128) if i != 5])
     with pytest.raises(ValueError, match="must be whole groups of 32"):
         resize_module(model[2], in_keep=keep)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, 32), (2, 32), (4, 8)])
+def test_groups_without_an_onnx_kernel_export_float_weights_in_a_file_not_labelled_int4(tmp_path, bits, group_size):
+    """Trial EJ: 8-bit, 2-bit and 4-bit groups of 8 have no MatMulNBits form and export float weights (said), but the
+    report labelled the file "onnx-int4" (larger than the float model's `torch.save`) and declared the com.microsoft
+    opset it does not use."""
+    onnx = pytest.importorskip("onnx")
+    from lightning_compress import export_onnx
+
+    model = quantized(QuantConfig(bits, None, group_size=group_size))
+    x = torch.randn(3, 64)
+    with pytest.warns(UserWarning, match=r"keep float weights \(their fake-quantized values\)"):
+        report = export_onnx(model, tmp_path / "m.onnx", x)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert "MatMulNBits" not in [n.op_type for n in proto.graph.node]
+    assert report.format == "onnx" and "com.microsoft" not in [o.domain for o in proto.opset_import]
+    with torch.no_grad():
+        want = model(x).numpy()
+    ort = pytest.importorskip("onnxruntime")
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input_0": x.numpy()}
+    )
+    assert abs(got[0] - want).max() < 1e-4
