@@ -88,8 +88,8 @@ def say_unshared_partners(
             f"quantization-aware training leaves a tied layer float: {_described(formless)}, and {kinds} have no "
             "fake-quantized form (a subclass with a forward or method of its own, such as a scaled word embedding), "
             "so they compute with the float weight: a compressed file stores that weight in float, and the ONNX holds "
-            "it in float besides the quantized layer's int8 copy. Leave the tied layer out of `include` to keep one "
-            "float weight, or untie the weights.",
+            "it in float besides the quantized layer's copy (int8, or int4 groups). Leave the tied layer out of "
+            "`include` to keep one float weight, or untie the weights.",
             UserWarning,
             stacklevel=4,
         )

@@ -923,8 +923,10 @@ def test_a_tied_layer_with_no_fake_quantized_form_is_said_to_stay_float():
 
     model = ScaledLM()
     with pytest.warns(UserWarning, match=r"leaves a tied layer float: 'emb' shares 'head''s weight, and "
-                      r"\['_ScaledEmbedding'\] have no fake-quantized form"):  # fmt: skip
+                      r"\['_ScaledEmbedding'\] have no fake-quantized form") as said:  # fmt: skip
         assert convert_to_qat(model, QuantConfig(8, 8), include=["head"]) == ["head"]
+    # trial EJ: it said "int8 copy" of a head quantized in int4 groups
+    assert any("besides the quantized layer's copy (int8, or int4 groups)" in str(w.message) for w in said)
     assert type(model.emb) is _ScaledEmbedding
 
 
