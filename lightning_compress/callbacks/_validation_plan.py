@@ -337,6 +337,7 @@ def plan_timeline(
                 f"one before it, so the last event a validation of this fit can judge runs at {unit} {judged} (after "
                 "its second-to-last validation): that event prunes to the target in one step, and the schedule's "
                 "events after it are skipped. End the schedule earlier (`end_epoch`) or validate later."
+                + _quantization_note(trainer, window.start_epoch)
             )
         elif window.end_epoch is None:
             end = max(judged, start + 1)
@@ -401,3 +402,23 @@ def _last_judged_epoch_unsized(trainer: pl.Trainer, baseline_known: bool) -> int
     if not epochs or (len(epochs) < 2 and not baseline_known):
         return 0
     return epochs[-1] if len(epochs) < 2 else min(epochs[-1], epochs[-2] + 1)
+
+
+def _quantization_note(trainer: pl.Trainer, start_epoch: int) -> str:
+    """Beside a QAT callback that switches quantization on while pruning runs: an event waits for a validation of the
+    model quantized, so the last judged event may not run (trial EG: this warning promised the target, and the fit
+    ended at 0.563 of 0.8, which only the end of fit explained)."""
+    from .qat import QuantizationAwareTraining
+
+    later = [
+        c.start_epoch
+        for c in trainer.callbacks  # type: ignore[attr-defined]
+        if isinstance(c, QuantizationAwareTraining) and c.start_epoch >= start_epoch
+    ]
+    if not later:
+        return ""
+    return (
+        f" QuantizationAwareTraining (`start_epoch`={min(later)}) switches quantization on inside the pruning "
+        "window: the event after it waits for a validation of the model quantized, so the fit may end short of the "
+        "target; start QAT after `end_epoch` to prune to it first."
+    )
