@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import weight_axes
-from .tracing import call_model, eval_mode, has_float_tensor, jittered, map_tensors
+from .tracing import call_model, eval_mode, has_float_tensor, jittered, output_tensors
 
 if TYPE_CHECKING:
     from .heads import AttentionBlock
@@ -101,9 +101,11 @@ def _padding_only(model: nn.Module, example_inputs: Any) -> str:
     """When every integer of ``example_inputs`` (token ids) is the ``padding_idx`` of an embedding of ``model``, whose
     row is zero (trial EJ: all-zero `input_ids` with `pad_token_id=0` left every head of a trained Llama whole, and
     the reason blamed random weights; the retry with noise is for float inputs), what to give instead; else empty."""
-    ids: list[Tensor] = []
-    map_tensors(example_inputs, lambda t: ids.append(t) if not (t.is_floating_point() or t.is_complex()) else None)
-    ids = [t for t in ids if t.dtype != torch.bool and t.numel()]
+    ids = [
+        t
+        for t in output_tensors(example_inputs)
+        if not (t.is_floating_point() or t.is_complex()) and t.dtype != torch.bool and t.numel()
+    ]
     for name, module in model.named_modules():
         pad = module.padding_idx if isinstance(module, nn.Embedding) else None
         if pad is not None and ids and all(bool((t == pad).all()) for t in ids):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
@@ -129,12 +129,15 @@ class EventJudge:
             assert decision is not None
             decision = GuardDecision("keep", decision.value, decision.drop, decision.step_cap)
             guard.stopped, rolled_back = True, False
-        rebased = before is not None and decision is not None and decision.action == "baseline"
-        if (decision is None or rebased) and not self.judged.quantizes_alike():
-            if rebased:
-                self._warn_if_quantization_moved_the_baseline(cast(float, before), value)
-            else:
-                self._warn_if_quantization_costs_more(value)
+        if decision is None and not self.judged.quantizes_alike():
+            self._warn_if_quantization_costs_more(value)
+        elif (
+            before is not None
+            and decision is not None
+            and decision.action == "baseline"
+            and not self.judged.quantizes_alike()
+        ):
+            self._warn_if_quantization_moved_the_baseline(before, value)
         self.restored_value = None
         if rolled_back:
             value_then = self.judged.value

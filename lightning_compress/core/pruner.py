@@ -289,11 +289,7 @@ class Pruner:
             return []
         self.follow_weights()
         with torch.no_grad():
-            return [
-                name
-                for name, mask in self.masks.items()
-                if bool(((self._by_name[name].local != 0) & (mask == 0)).any())
-            ]
+            return [name for name, mask in self.masks.items() if _revived(self._by_name[name].local, mask)]
 
     def follow_weights(self) -> None:
         """Move the masks, the undo record, regrowth's sums, the rewind point and the importance's statistics to the
@@ -426,7 +422,7 @@ class Pruner:
 
     def carries_masks(self) -> bool:
         """Whether every masked weight of the model is zero (the model still carries the masks)."""
-        carried = all(bool((self._by_name[n].local.detach()[m == 0] == 0).all()) for n, m in self.masks.items())
+        carried = not any(_revived(self._by_name[n].local.detach(), m) for n, m in self.masks.items())
         if self._group() is None:
             return carried
         return bool(self._group().all_reduce(torch.tensor([int(carried)]), "min").item())  # type: ignore[union-attr]
@@ -513,6 +509,11 @@ class Pruner:
             self.importance.load_state_dict(self._map_weight_tensors(state["importance"], self._part))
             if self.targets:
                 self.importance.to(self.targets[0].local.device)
+
+
+def _revived(weight: Tensor, mask: Tensor) -> bool:
+    """Whether ``weight`` is nonzero anywhere ``mask`` prunes."""
+    return bool(((weight != 0) & (mask == 0)).any())
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
