@@ -26,7 +26,7 @@ from ..core.tracing import check_example_inputs
 from ..export.compressed import load_compressed, save_compressed
 from ..export.onnx import check_traceable, export_onnx
 from ..export.report import CompressionReport
-from ._validation import built_late_note, may_shard
+from ._validation import may_shard, noting_layers_built_late
 
 
 def check_export_path(path: Any) -> Path | None:
@@ -55,15 +55,10 @@ def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.Lig
         )
     if may_shard(trainer) or any(p.is_meta for p in pl_module.parameters()):
         return
-    try:
+    with noting_layers_built_late(pl_module, f"`export_path`={str(path)!r} runs the model"):
         check_example_inputs(
             pl_module, example_inputs(pl_module), "example_input_array", f"`export_path`={str(path)!r} exports on it: "
         )
-    except ValueError as err:
-        note = built_late_note(pl_module, f"`export_path`={str(path)!r} runs the model")
-        if not note:
-            raise
-        raise ValueError(f"{err}{note}") from err
     try:  # an operation the exporter cannot convert fails now, not after the fit (trial BY)
         check_traceable(pl_module, example_inputs(pl_module))
     except ValueError as err:

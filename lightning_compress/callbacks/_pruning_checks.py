@@ -14,8 +14,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from ..core.channels import ChannelRule
 from ..core.checks import is_integer, is_real
 from ..core.config import PruningConfig
+from ..core.earlier_pruning import initialized_zeros
 from ..core.importance import Importance
-from ..core.iterative import IterativePruner, initialized_zeros
+from ..core.iterative import IterativePruner
 from ..core.mask_counts import zero_counts
 from ..core.quant_blocks import grouped_consumers
 from ..core.rules import MaskRule

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -42,6 +44,19 @@ def built_late_note(pl_module: Any, what: str) -> str:
         f" {what} at `setup`, before {' and '.join(late)} run (Lightning calls its callbacks first): layers built "
         "there do not exist yet. Build the layers in `__init__` (`configure_model` may still shard them)."
     )
+
+
+@contextmanager
+def noting_layers_built_late(pl_module: Any, what: str, only_if: str | None = None) -> Iterator[None]:
+    """A ``ValueError`` raised inside gets :func:`built_late_note`'s likely cause appended (when the module builds
+    layers in ``setup``/``configure_model``, and the message holds ``only_if`` when given)."""
+    try:
+        yield
+    except ValueError as err:
+        note = built_late_note(pl_module, what)
+        if not note or (only_if is not None and only_if not in str(err)):
+            raise
+        raise ValueError(f"{err}{note}") from err
 
 
 def check_strategy(trainer: Any, callback: str) -> None:

@@ -60,8 +60,8 @@ from ._pruning_log import log_values, sparsity_values
 from ._settings import log_settings
 from ._validation import (
     StrategyCollectives,
-    built_late_note,
     check_strategy,
+    noting_layers_built_late,
     runs_in_spawned_processes,
     sanity_check_is_a_baseline,
     warn_if_saved_under_another_key,
@@ -372,13 +372,8 @@ class IterativePruning(Callback):
         if config.granularity == "channel":  # trace the whole model now (FSDP2 shards it next), naming its inputs
             with warnings.catch_warnings():  # what it leaves out is said once, when the pruner selects them again
                 warnings.simplefilter("ignore")
-                try:
+                with noting_layers_built_late(pl_module, "granularity='channel' traces the model", "select no"):
                     targets = select_targets(pl_module, config.include, config.exclude, module_tensors=True)
-                except ValueError as err:
-                    note = built_late_note(pl_module, "granularity='channel' traces the model")
-                    if not note or "select no" not in str(err):
-                        raise
-                    raise ValueError(f"{err}{note}") from err
             self._structure = channel_structure(
                 pl_module, targets, example_inputs(pl_module), config.measure, "example_input_array"
             )

@@ -60,10 +60,10 @@ from ._settings import log_settings
 from ._shift_capture import ShiftCapture
 from ._validation import (
     StrategyCollectives,
-    built_late_note,
     check_int,
     check_strategy,
     fast_dev_run_note,
+    noting_layers_built_late,
     runs_in_spawned_processes,
     warn_if_saved_under_another_key,
 )
@@ -274,7 +274,7 @@ class QuantizationAwareTraining(Callback):
                 check_validation_at(trainer, pl_module, self.start_epoch)
             check_export_ready(trainer, self.export_path, pl_module)
             before = {name for name, _ in qat_modules(pl_module)}
-            try:
+            with noting_layers_built_late(pl_module, "QuantizationAwareTraining converts layers", "select no"):
                 others = [
                     set(other._layers) or set(quantizable_layers(pl_module, other.include, other.exclude))
                     for other in trainer.callbacks  # type: ignore[attr-defined]
@@ -284,11 +284,6 @@ class QuantizationAwareTraining(Callback):
                 check_no_overlap(selected, others)
                 check_converted_alike(pl_module, selected, self.config)
                 self._convert(pl_module)
-            except ValueError as err:
-                note = built_late_note(pl_module, "QuantizationAwareTraining converts layers")
-                if not note or "select no" not in str(err):
-                    raise
-                raise ValueError(f"{err}{note}") from err
             self._converted = [name for name in self._layers if name not in before]
             self._calibrated = False  # `start_epoch` ended in this fit
             self._calibration_epoch = self.start_epoch

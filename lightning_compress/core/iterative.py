@@ -32,12 +32,13 @@ from .checks import check_int, check_module, is_integer, is_real
 from .collectives import Collectives, TorchDistributed, broadcast_masks
 from .config import PruningConfig
 from .controller import AccuracyGuard, GuardDecision
+from .earlier_pruning import zeros_as_masks
+from .floors import FloorNotes, floored_layers
 from .functional import warn_if_min_density_idle
 from .importance import Importance, auto_importance_of
 from .iterative_state import STATE_VERSION, check_compatible, check_state, migrate_state
 from .judge import EventJudge, Rollback
 from .mask_counts import pruned_count
-from .masks import floor_count
 from .nm import dense_layers_note
 from .pruner import Pruner
 from .rules import ChannelStructure, MaskRule, rule_for
@@ -51,7 +52,6 @@ __all__ = [
     "IterativePruner",
     "Rollback",
     "default_events",
-    "initialized_zeros",
 ]
 
 DEFAULT_EVENTS = 1000
@@ -262,7 +262,7 @@ class IterativePruner:
         self.judge = None if config.max_drop is None else EventJudge(model, config.max_drop, config.mode, self._warn)
         self.optimizers: list[torch.optim.Optimizer] = []
         self._grads_masked = False
-        self._warned_floors: set[str] = set()
+        self._floor_notes = FloorNotes(config.min_density, self._warn, self._info)
         if previous is not None:
             self._continue(previous)
         self.attach_optimizers(optimizers)
@@ -333,19 +333,8 @@ class IterativePruner:
             return None
         if self.config.scope != "global" or any(is_sharded(t.param) for t in self.targets):
             return None
-        floor = self._pruner.min_density
-        masks, zeros = {}, 0
-        for target in self.targets:
-            keep = target.param.detach() != 0
-            kept = int(keep.sum())
-            if kept == target.numel:
-                continue
-            if kept >= floor * target.numel and not initialized_zeros(target.param):
-                masks[target.param_name] = keep
-                zeros += target.numel - kept
-            else:
-                self.left_unmasked.append(target.param_name)
-        initial = self._within_target(zeros / max(1, sum(t.numel for t in self.targets)))
+        masks, zeros, self.left_unmasked = zeros_as_masks(self.targets, self._pruner.min_density)
+        initial = self._within_target(zeros)
         if not masks or initial is None or not self._pruner.adopt(masks):
             return None
         self._start_from(initial)
@@ -480,13 +469,7 @@ class IterativePruner:
         config = self.config
         if config.scope != "global" or not config.min_density or config.granularity != "element":
             return []
-        pruned = self._pruner.pruned_counts()
-        return [
-            target.key  # the layer, or a module's own matrix ("attn.in_proj_weight")
-            for target in self.targets
-            if target.param_name in pruned
-            and target.numel - pruned[target.param_name] <= floor_count(config.min_density, target.numel)
-        ]
+        return floored_layers(self.targets, self._pruner.pruned_counts(), config.min_density)
 
     def reached_target(self) -> bool:
         """Whether as many units are pruned as the target asks for (rounded as the rules round it)."""
@@ -592,7 +575,7 @@ class IterativePruner:
         if judge is not None:
             judge.event_applied(copy, previous, now)
         self.events += 1
-        self._warn_floors(wanted)
+        self._floor_notes.note(self._floored_layers(), now, wanted, self.fell_short)
         return True
 
     def judgement_skipped(self) -> None:
@@ -672,32 +655,6 @@ class IterativePruner:
             self._pruner.apply()
         return revived
 
-    def _warn_floors(self, wanted: float) -> None:
-        """Say once which layers the ``min_density`` floor holds back, and what to do about it; layers it holds at later
-        events are logged (trial EC: one warning per event, six on a FocalNet)."""
-        config = self.config
-        held = self._floored_layers()
-        new = [name for name in held if name not in self._warned_floors]
-        if not new:
-            return
-        first = not self._warned_floors
-        self._warned_floors.update(new)
-        now = self.masked_sparsity()
-        short = now < wanted - 1.0 / max(1, self._pruner.total)
-        if not first:
-            self._info(
-                f"IterativePruning: layer(s) {new} are held at the `min_density`={config.min_density} floor too"
-                + (f" (the model reaches {now:.4f} instead of {wanted:.4f})." if short else ".")
-            )
-            return
-        self._warn(
-            f"IterativePruning: layer(s) {new} are held at the `min_density`={config.min_density} floor: one "
-            "global threshold would prune them further."
-            + (f" The model reaches {now:.4f} instead of {wanted:.4f}." if short else "")
-            + " Raise `min_density` to keep more of every layer, lower it to let the one threshold decide, or "
-            "`exclude` the layer(s) to keep them dense. Layers it holds later are logged; `held_at_floor` lists them."
-        )
-
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Primitives and CPU tensors: the clock, the masks (with undo, rewind and statistics) and the guard."""
@@ -750,14 +707,6 @@ class IterativePruner:
         self._start_from(initial)  # the schedule of a model pruned before starts from its sparsity
         if self.judge is not None:
             self.judge.load_state(state, parsed)
-
-
-def initialized_zeros(weight: Tensor) -> bool:
-    """Whether a weight's zeros are its initialization, not a pruning: all of it zero (a LoRA-style B matrix,
-    adaLN-zero), or zeros beside one value (``nn.init.eye_``, ``dirac_``: trial CV's identity layer)."""
-    values = weight.detach()
-    nonzero = values[values != 0].abs()
-    return nonzero.numel() == 0 or bool(nonzero.amin() == nonzero.amax())
 
 
 def _warn(message: str) -> None:
