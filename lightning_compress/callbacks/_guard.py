@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..core.checks import check_float, is_integer, is_real
-from ..core.controller import is_rate, monitor_mode, names_no_direction, reads_higher
+from ..core.controller import GuardDecision, is_rate, monitor_mode, names_no_direction, reads_higher
 from ..core.iterative import IterativePruner, Rollback
 
 __all__ = [
@@ -27,6 +27,8 @@ __all__ = [
     "check_validation_state",
     "guard_arguments",
     "read_monitor",
+    "rejected_but_kept_note",
+    "revived_weights_note",
     "says_no_direction",
     "short_of_target_note",
     "stale_note",
@@ -382,4 +384,30 @@ def below_baseline_note(core: IterativePruner, monitor: str, scored: float | Non
         "judges pruning events (each was kept within it, or rolled back); what came after them lowered the score "
         "(training, or quantization switching on). Keep the best checkpoint (`ModelCheckpoint(monitor=...)`), or look "
         "at the training (learning rate, overfitting) and the quantization settings."
+    )
+
+
+def rejected_but_kept_note(decision: GuardDecision, monitor: str, max_drop: float) -> str:
+    """What the fit's last validation says when it rejects the last event (``decision.action == "keep"``) but a run
+    resumed while the event awaited judgement holds no copy of the model before it."""
+    return (
+        f"IterativePruning: the fit's last validation rejects the last pruning event ({monitor}={decision.value:.4f}, "
+        f"drop {decision.drop:.4f} > `max_drop`={max_drop}), but this run, resumed from a checkpoint saved while the "
+        "event awaited judgement, holds no copy of the model before it (FSDP2's shards, or a checkpoint an earlier "
+        "version wrote, keep none): putting back only the weights it pruned would leave a model trained without them "
+        "that no validation scores, so the model this validation scored stays. Resume from a checkpoint saved at a "
+        "validation's end to keep the guard's promise."
+    )
+
+
+def revived_weights_note(revived: list[str]) -> str:
+    """What a validation says, once, when it finds pruned weights nonzero (``revived``: their names): trial EG, an
+    optimizer from ``self.optimizers(use_pl_optimizer=False)`` revived them between events, unseen; the guard accepted
+    a 0.8-sparse model at val_acc 0.8954 that scored 0.7404 with its masks applied at the end."""
+    return (
+        f"IterativePruning: pruned weights of {revived[:3]}{' ...' if len(revived) > 3 else ''} were nonzero at this "
+        "validation: an optimizer step the callback did not see wrote them (an optimizer from "
+        "`self.optimizers(use_pl_optimizer=False)`, whose steps bypass Lightning's hooks, or weights written by hand). "
+        "They are zeroed again before the validation scores the model, but between validations they train: step the "
+        "optimizers `self.optimizers()` returns so the masks hold."
     )

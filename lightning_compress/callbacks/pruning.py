@@ -39,6 +39,8 @@ from ._guard import (
     check_validation_state,
     guard_arguments,
     read_monitor,
+    rejected_but_kept_note,
+    revived_weights_note,
     short_of_target_note,
     stale_note,
     unjudged_event_note,
@@ -685,19 +687,11 @@ class IterativePruning(Callback):
             self._metrics.start(trainer)
 
     def _masks_held(self, pl_module: pl.LightningModule) -> None:
-        """A validation scores the pruned model: pruned weights found nonzero are zeroed again, said once (trial EG: an
-        optimizer from ``self.optimizers(use_pl_optimizer=False)`` revived them between events, unseen; the guard
-        accepted a 0.8-sparse model at val_acc 0.8954 that scored 0.7404 with its masks applied at the end)."""
+        """A validation scores the pruned model: pruned weights found nonzero are zeroed again, said once."""
         revived = self._core.reapply_revived()  # type: ignore[union-attr]
         if revived and not self._said_revived:
             self._said_revived = True
-            rank_zero_warn(
-                f"IterativePruning: pruned weights of {revived[:3]}{' ...' if len(revived) > 3 else ''} were nonzero "
-                "at this validation: an optimizer step the callback did not see wrote them (an optimizer from "
-                "`self.optimizers(use_pl_optimizer=False)`, whose steps bypass Lightning's hooks, or weights written "
-                "by hand). They are zeroed again before the validation scores the model, but between validations "
-                "they train: step the optimizers `self.optimizers()` returns so the masks hold."
-            )
+            rank_zero_warn(revived_weights_note(revived))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
@@ -739,15 +733,7 @@ class IterativePruning(Callback):
             }
         )
         if decision.action == "keep":
-            rank_zero_warn(
-                f"IterativePruning: the fit's last validation rejects the last pruning event ({self.monitor}="
-                f"{decision.value:.4f}, drop {decision.drop:.4f} > `max_drop`={self.max_drop}), but this run, resumed "
-                "from a checkpoint saved while the event awaited judgement, holds no copy of the model before it "
-                "(FSDP2's shards, or a checkpoint an earlier version wrote, keep none): "
-                "putting back only the weights it pruned would leave a model trained without them that no validation "
-                "scores, so the model this validation scored stays. Resume from a checkpoint saved at a validation's "
-                "end to keep the guard's promise."
-            )
+            rank_zero_warn(rejected_but_kept_note(decision, self.monitor or "", self.max_drop))
         if decision.action in ("rollback", "stop"):
             self._pending_logs.update(self._sparsity_values(pl_module))
             self._metrics.restore(trainer, measured, self.monitor or "", self._core.restored_value)
