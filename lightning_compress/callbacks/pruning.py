@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..core.adapters import lora_note
 from ..core.config import PruningConfig
 from ..core.controller import GuardDecision
 from ..core.functional import warn_if_min_density_idle
@@ -124,7 +125,8 @@ class IterativePruning(Callback):
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
             exact name picks that module's weight whatever its type. ``None``: every Linear/Conv (and
             ``transformers``' Conv1D), the experts a mixture of experts stores as 3-d tensors, and the weight
-            matrices of recurrent layers and ``nn.MultiheadAttention`` (not a head tied to the token embedding).
+            matrices of recurrent layers and ``nn.MultiheadAttention`` (not a head tied to the token embedding, nor
+            ``peft``'s LoRA adapters: their base layers are selected, docs/pruning.md "LoRA adapters").
         exclude: glob patterns over module names to leave dense (with ``granularity="channel"``: an excluded layer
             keeps its output channels, and loses the input columns of channels the layers feeding it lose).
         min_density: with ``scope="global"``, every layer keeps at least this fraction, so one
@@ -417,6 +419,9 @@ class IterativePruning(Callback):
         if self._restored is not None:
             self._load_core_state(self._restored)
             self._restored = None
+        lora = lora_note(pl_module, [t.name for t in self.pruner.targets], "prunes")
+        if lora is not None:
+            rank_zero_warn(lora)
         log_settings(trainer, pl_module, self)
 
     def compression_settings(self) -> tuple[str, dict[str, Any]]:

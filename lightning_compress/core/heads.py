@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import adapter_modules
 from .head_layout import common_parent, confirmed_layouts, unconfirmed_reasons
 from .layers import linear_like_types, weight_axes
 from .tracing import call_model
@@ -268,7 +269,10 @@ def _block(
             AttentionBlock(parent, fused, fused, fused, output, d, heads, kv_heads, interleaved=True),
         ]
     if len(producers) != 3:
-        return f"its attention reads {len(producers)} projections, not 3 (Q, K, V)"
+        adapters = adapter_modules(model)
+        added = [n for n in producers if id(modules[n]) in adapters]
+        lora = f" (LoRA adapters {added} add to them: merge the adapters first to prune heads)" if added else ""
+        return f"its attention reads {len(producers)} projections, not 3 (Q, K, V){lora}"
     sizes = {n: _out_features(modules[n]) for n in producers}
     if any(s % d for s in sizes.values()):
         return f"its projections' sizes {sorted(sizes.values())} are not multiples of the head size {d}"

@@ -23,6 +23,7 @@ from typing import Any, cast
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
+from .adapters import adapter_modules, forwards_base_weight
 from .checks import check_module
 from .experts import expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
@@ -177,6 +178,8 @@ def stored_weight(module: nn.Module) -> Any:
     ``original0`` of a parametrization that stores several, as ``weight_norm``), since reading ``weight`` runs the
     parametrization, and spectral_norm's power iteration then updates its buffers in training mode (trial DD: a refused
     fit changed the model). ``None`` when the module has no weight."""
+    if forwards_base_weight(module):  # peft's tuner layer: its `base_layer`'s weight, which that layer uses
+        return None
     if is_parametrized(module, "weight"):
         stored = cast(Any, module).parametrizations["weight"]
         return getattr(stored, "original", getattr(stored, "original0", None))
@@ -346,6 +349,7 @@ def select_targets(
     seen: set[int] = set()
     embeddings = {id(stored_weight(m)) for _, m in named if isinstance(m, nn.Embedding)}
     routers = router_layers(model)
+    adapters = adapter_modules(model)  # peft's adapters and unused originals: by an exact name only
     tied: list[str] = []
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
@@ -385,7 +389,7 @@ def select_targets(
             continue
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
-        layer = isinstance(module, layer_types) and id(module) not in routers  # a router: by its exact name only
+        layer = isinstance(module, layer_types) and id(module) not in routers and id(module) not in adapters
         if include is None:
             chosen = layer
         else:
@@ -418,7 +422,8 @@ def select_targets(
     ]
     if selected and ignored:  # the other patterns select something: the name alone would be dropped silently
         raise ValueError(
-            f"`include` names {ignored}, which have no `weight`{_held_note(named, ignored, module_tensors)}: an exact "
+            f"`include` names {ignored}, which have no `weight`{_held_note(named, ignored, module_tensors)}"
+            f"{_wrapper_note(named, ignored)}: an exact "
             f"name picks that module's `weight`. Name the layers inside a container (e.g. '{ignored[0]}.*'), or "
             "leave the name out."
         )
@@ -504,6 +509,14 @@ def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tens
     if not holding or module_tensors:
         return ""
     return f"; {holding} {_HELD}"
+
+
+def _wrapper_note(named: list[tuple[str, nn.Module]], names: list[str]) -> str:
+    modules = dict(named)
+    wrappers = [n for n in names if forwards_base_weight(modules[n])]
+    if not wrappers:
+        return ""
+    return f"; {wrappers} are peft tuner layers, whose weight is their base layer's (name '{wrappers[0]}.base_layer')"
 
 
 def _wildcard_held_note(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:
