@@ -135,6 +135,25 @@ def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
     return found
 
 
+def validates_in_epoch(trainer: pl.Trainer, epoch: int) -> bool | None:
+    """Whether the fit validates during epoch ``epoch`` (0-indexed); ``None``: cannot be known (a loader without a
+    length). With ``check_val_every_n_epoch=None`` an integer ``val_check_interval`` counts batches over the whole
+    fit, so an interval longer than an epoch skips some epochs (trial EL: `shift_search` trained through
+    `start_epoch`, which had none, and then failed)."""
+    batches = _per_epoch(trainer)
+    every = trainer.val_check_batch
+    if batches is None or batches <= 0 or every is None:
+        return None
+    if not trainer.enable_validation:
+        return False
+    every_n_epochs = trainer.check_val_every_n_epoch
+    if every_n_epochs is not None:
+        return (epoch + 1) % every_n_epochs == 0
+    if math.isinf(every):
+        return True
+    return (epoch + 1) * batches // int(every) > epoch * batches // int(every)
+
+
 def validation_skipped_on_resume(trainer: pl.Trainer) -> bool:
     """Whether this fit resumed from a checkpoint saved after a batch the Trainer validates after: Lightning goes on
     at the next batch without that validation (trial CD: the event it was to judge waited for the next one, and

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..checkpoint import saved_quantization
+from ..core.adapters import lora_note
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
@@ -67,7 +68,12 @@ from ._validation import (
     runs_in_spawned_processes,
     warn_if_saved_under_another_key,
 )
-from ._validation_plan import steps_per_epoch, validation_ahead, warn_if_max_steps_counts_several_optimizers
+from ._validation_plan import (
+    steps_per_epoch,
+    validates_in_epoch,
+    validation_ahead,
+    warn_if_max_steps_counts_several_optimizers,
+)
 
 __all__ = ["QuantizationAwareTraining"]
 
@@ -285,6 +291,9 @@ class QuantizationAwareTraining(Callback):
                 check_converted_alike(pl_module, selected, self.config)
                 self._convert(pl_module)
             self._converted = [name for name in self._layers if name not in before]
+            lora = lora_note(pl_module, self._converted, "fake-quantizes")
+            if lora is not None:
+                rank_zero_warn(lora)
             self._calibrated = False  # `start_epoch` ended in this fit
             self._calibration_epoch = self.start_epoch
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
@@ -451,6 +460,15 @@ class QuantizationAwareTraining(Callback):
                 "`shift_search=True` evaluates shifts on the validation batches of epoch "
                 f"`start_epoch`={self.start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "
                 "`fit` (or a datamodule's `val_dataloader`), or set `shift_search=False`."
+            )
+        if searching and epoch <= self.start_epoch and validates_in_epoch(trainer, self.start_epoch) is False:
+            raise ValueError(
+                "`shift_search=True` evaluates shifts on the validation batches of epoch "
+                f"`start_epoch`={self.start_epoch}, but the Trainer's `val_check_interval`="
+                f"{trainer.val_check_interval} batches, counted over the fit (`check_val_every_n_epoch`=None), runs "
+                f"no validation in that epoch ({trainer.num_training_batches} batches per epoch): choose an interval "
+                "that validates in it, or "
+                "another `start_epoch`, or set `shift_search=False`."
             )
         per_epoch, max_steps = steps_per_epoch(trainer), trainer.max_steps
         if per_epoch is None or max_steps is None or max_steps < 0 or trainer.current_epoch > self.start_epoch:

@@ -894,6 +894,24 @@ def test_shift_search_with_a_first_epoch_that_does_not_validate_is_not_refused()
     assert qat.shifts and layers and all(m.weight_fake_quant.frozen_shift for _, m in layers)
 
 
+def test_shift_search_with_an_interval_over_epochs_that_skips_start_epoch_is_refused_before_training():
+    """Trial EL: an integer `val_check_interval` counted over the fit (`check_val_every_n_epoch=None`) that runs no
+    validation in `start_epoch` trained through it, then failed blaming missing `val_dataloaders`."""
+    model = TinyModule()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    per_epoch = len(model.train_dataloader())
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)
+    fit = trainer(max_epochs=4, callbacks=[qat], val_check_interval=3 * per_epoch, check_val_every_n_epoch=None)
+    with pytest.raises(ValueError, match=rf"`val_check_interval`={3 * per_epoch} batches, counted over the fit"):
+        fit.fit(model)
+    assert fit.global_step == 0
+    assert not qat_modules(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # an interval that validates in `start_epoch` (its last batch) searches there
+    qat = QuantizationAwareTraining(8, 8, scale="power_of_two", shift_search=True, start_epoch=1)
+    trainer(max_epochs=3, callbacks=[qat], val_check_interval=2 * per_epoch, check_val_every_n_epoch=None).fit(model)
+    assert qat.shifts
+
+
 class TrainableOnly(TinyModule):
     """An optimizer over the parameters that train now (what one writes with frozen layers): learned scales train
     only once quantization is on, so they are left out; OneCycleLR stepping per step."""
