@@ -64,16 +64,25 @@ def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str |
         )
 
 
-def check_frozen(targets: Sequence[Target], importance: Importance, argument: Any, later: bool = False) -> None:
-    """Selected weights frozen as training starts: refused when ``importance`` reads their gradients, else said
-    (``later``: pruning starts in a later epoch and a finetuning callback, such as BackboneFinetuning, may unfreeze
-    them by then: said; a trial's were refused; still frozen at an event, Taylor refuses there)."""
+def check_frozen(
+    targets: Sequence[Target], importance: Importance, argument: Any, later: bool = False, regrow: float = 0.0
+) -> None:
+    """Selected weights frozen as training starts: refused when ``importance`` or ``regrow`` reads their gradients
+    (trial EM: regrowth on LoRA's frozen base weights exchanged nothing, unsaid), else said (``later``: pruning starts
+    in a later epoch and a finetuning callback, such as BackboneFinetuning, may unfreeze them by then: said; a trial's
+    were refused; still frozen at an event, Taylor refuses there)."""
     frozen = list(dict.fromkeys(t.name for t in targets if not t.param.requires_grad))  # a layer once (channels)
     if frozen and importance.accumulates and not later:
         raise ValueError(
             f"`importance`={argument!r} scores weights by their gradients, but {frozen} are frozen "
             "(requires_grad=False) as training starts: `exclude` them, unfreeze them before `fit`, or use "
             "importance='magnitude'."
+        )
+    if frozen and regrow > 0 and not later:
+        raise ValueError(
+            f"`regrow`={regrow} brings pruned weights back by their gradients, but {frozen[:5]}"
+            f"{' ...' if len(frozen) > 5 else ''} are frozen (requires_grad=False) as training starts, so none would "
+            "come back: `exclude` them, unfreeze them before `fit`, or set regrow=0."
         )
     if frozen:
         rank_zero_warn(

@@ -496,8 +496,9 @@ class IterativePruning(Callback):
         default_in_steps = self._default_in_steps
         unfreezes = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
         check_frozen(
-            core.targets, core.rule.importance, self.config.importance, self.window.start_epoch > 0 and unfreezes
-        )
+            core.targets, core.rule.importance, self.config.importance, self.window.start_epoch > 0 and unfreezes,
+            self.config.regrow,
+        )  # fmt: skip
         guard, clock = core.guard, self._clock
         skipped = clock.skipped_validation(trainer) and guard is not None
         if skipped and guard is not None and not guard.started:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["adapter_modules", "forwards_base_weight", "lora_base_layers", "lora_note"]
+__all__ = ["adapter_modules", "adds_to_weight", "forwards_base_weight", "lora_note"]
 
 
 def _tuner_adapters(module: nn.Module) -> list[nn.Module]:
@@ -25,43 +25,50 @@ def _tuner_adapters(module: nn.Module) -> list[nn.Module]:
     return [child for child in found if isinstance(child, nn.Module)]
 
 
-def _unused_original(module: nn.Module) -> nn.Module | None:
-    """The original a ``modules_to_save`` wrapper keeps beside the copy it trains."""
+def _unused_copies(module: nn.Module) -> list[nn.Module]:
+    """What a ``modules_to_save`` wrapper keeps but does not run: its ``original_module`` and the copies of the
+    adapters that are not active (trial EM: a second adapter's head was pruned by a fit that trained the first)."""
     original = getattr(module, "original_module", None)
-    trained = getattr(module, "modules_to_save", None)
-    return original if isinstance(original, nn.Module) and isinstance(trained, nn.ModuleDict) else None
+    copies = getattr(module, "modules_to_save", None)
+    if not isinstance(original, nn.Module) or not isinstance(copies, nn.ModuleDict):
+        return []
+    active = getattr(module, "active_adapters", None)
+    active = [active] if isinstance(active, str) else active
+    inactive = [copy for key, copy in copies.items() if isinstance(active, list) and key not in active]
+    return [original, *inactive]
 
 
 def adapter_modules(model: nn.Module) -> dict[int, str]:
-    """``{id(module): why}`` for every module inside a tuner's adapters or a ``modules_to_save`` wrapper's unused
-    original: what the default selection and wildcards leave out (an exact name still picks one)."""
+    """``{id(module): why}`` for every module inside a tuner's adapters, or a ``modules_to_save`` wrapper's original
+    or inactive copies: what the default selection and wildcards leave out (an exact name still picks one)."""
     found: dict[int, str] = {}
     for module in model.modules():
         for adapter in _tuner_adapters(module):
             found.update((id(m), f"an adapter of {type(module).__name__} (peft)") for m in adapter.modules())
-        original = _unused_original(module)
-        if original is not None:
-            why = (
-                "the original peft keeps beside the copy `modules_to_save` trains (not run while an adapter is active)"
-            )
-            found.update((id(m), why) for m in original.modules())
+        for copy in _unused_copies(module):
+            why = "a copy peft keeps beside the one `modules_to_save` trains for the active adapter (not run)"
+            found.update((id(m), why) for m in copy.modules())
     return found
 
 
-def lora_base_layers(model: nn.Module) -> dict[int, str]:
-    """``{id(base layer): tuner layer's name}``: the layers a tuner layer adds adapters to."""
-    return {
-        id(module.base_layer): name
-        for name, module in model.named_modules()
-        if _tuner_adapters(module) and isinstance(module.base_layer, nn.Module)
-    }
+def adds_to_weight(module: nn.Module) -> bool:
+    """Whether a tuner layer's merge adds a dense update to its base weight (LoRA, DoRA, AdaLoRA, LoHa, LoKr, ...),
+    which fills pruned positions; IA3 (``ia3_*`` adapters) only rescales it, which keeps its zeros (trial EM)."""
+    names = getattr(type(module), "adapter_layer_names", ())
+    return bool(_tuner_adapters(module)) and not all(str(n).startswith("ia3_") for n in names)
+
+
+def _uses_dora(module: nn.Module) -> bool:
+    """A LoRA layer with DoRA's magnitude (``use_dora=True``), which reads its base weight directly for a norm."""
+    magnitude = getattr(module, "lora_magnitude_vector", None)
+    return isinstance(magnitude, nn.ModuleDict) and len(magnitude) > 0
 
 
 def forwards_base_weight(module: nn.Module) -> bool:
     """Whether ``module.weight`` is a weight of a layer the module wraps, read through a property: ``peft``'s tuner
     layers (their ``base_layer``'s) and ``modules_to_save`` wrappers (the active copy's). The wrapper computes with it
     by calling that layer, so it is no second user of the weight (no tie)."""
-    wrapped = isinstance(getattr(module, "base_layer", None), nn.Module) or _unused_original(module) is not None
+    wrapped = isinstance(getattr(module, "base_layer", None), nn.Module) or bool(_unused_copies(module))
     if not wrapped or any(name == "weight" for name, _ in module.named_parameters(recurse=False)):
         return False
     weight = getattr(module, "weight", None)
@@ -69,30 +76,43 @@ def forwards_base_weight(module: nn.Module) -> bool:
 
 
 def lora_note(model: nn.Module, layers: list[str], what: str) -> str | None:
-    """What a callback says when ``layers`` (qualified names it compresses) hold LoRA base layers: the adapters stay
-    dense and float beside them, and ``merge_and_unload()`` adds their product to the compressed weights (a trial:
-    0.50 sparse became 0.30 once merged, the 2:4 pattern 0.42 -> 0.09, and merged logits moved by up to 0.30 from
-    the quantized model trained). ``what``: ``"prunes"`` or ``"fake-quantizes"``. ``None`` without such layers."""
-    bases = lora_base_layers(model)
+    """What a callback says when ``layers`` (qualified names it compresses) hold the base layers of tuners whose merge
+    adds a dense update (:func:`adds_to_weight`): the adapters stay dense and float beside them, and
+    ``merge_and_unload()`` adds their product to the compressed weights (a trial: 0.50 sparse became 0.30 once
+    merged, the 2:4 pattern 0.42 -> 0.09, and merged logits moved by up to 0.30 from the quantized model trained).
+    ``what``: ``"prunes"`` or ``"fake-quantizes"``. ``None`` without such layers."""
+    tuners = {
+        id(module.base_layer): (name, module)
+        for name, module in model.named_modules()
+        if adds_to_weight(module) and isinstance(module.base_layer, nn.Module)
+    }
     by_name = dict(model.named_modules())
-    held = [bases[id(by_name[n])] for n in layers if n in by_name and id(by_name[n]) in bases]
+    held = [tuners[id(by_name[n])] for n in layers if n in by_name and id(by_name[n]) in tuners]
     if not held:
         return None
-    shown = f"{held[:3]}{' ...' if len(held) > 3 else ''}"
+    names = [name for name, _ in held]
+    shown = f"{names[:3]}{' ...' if len(names) > 3 else ''}"
     if what == "prunes":
         effect = (
-            "their pruned positions are zero in the base weights, but `merge_and_unload()` adds the dense product "
-            "B @ A to every position and the merged model is no longer sparse. Keep the adapters unmerged (the sparse "
-            "base weights and the adapters are what the validations scored, and what `save_compressed` stores), or "
-            "merge them first and prune the merged model"
+            "their pruned positions are zero in the base weights, but `merge_and_unload()` adds the adapters' dense "
+            "update (LoRA's B @ A) to every position and the merged model is no longer sparse. Keep the adapters "
+            "unmerged (the sparse base weights and the adapters are what the validations scored, and what "
+            "`save_compressed` stores), or merge them first and prune the merged model"
         )
     else:
         effect = (
-            "`merge_and_unload()` adds B @ A to the quantized weights, so the merged model is not the one trained and "
-            "validated. Keep the adapters unmerged (`save_compressed` and the ONNX export take the model so), or "
-            "merge them first and train the merged model with quantization"
+            "`merge_and_unload()` adds the adapters' update to the quantized weights, so the merged model is not the "
+            "one trained and validated. Keep the adapters unmerged (`save_compressed` and the ONNX export take the "
+            "model so), or merge them first and train the merged model with quantization"
         )
+        dora = [name for name, module in held if _uses_dora(module)]
+        if dora:  # trial EM: reloaded logits 0.0088 off the trained model's, the ONNX's 3.6e-7
+            effect += (
+                f". DoRA layers ({dora[:3]}{' ...' if len(dora) > 3 else ''}) read their base weight directly for "
+                "a norm: training reads the float weight there, a compressed file stores the quantized one, so the "
+                "reloaded model's outputs differ from the trained model's (the ONNX export keeps the float read)"
+            )
     return (
-        f"lightning-compress {what} the base weights of {len(held)} LoRA layer(s) (peft: {shown}) and leaves their "
+        f"lightning-compress {what} the base weights of {len(held)} adapter layer(s) (peft: {shown}) and leaves their "
         f"adapters out (float, dense): {effect}."
     )

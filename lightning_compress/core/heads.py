@@ -188,6 +188,7 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
         return record
 
     modules = dict(model.named_modules())
+    adapters = adapter_modules(model)  # peft adapters adding to projections: heads left whole
     owner = {id(p): n for n, m in modules.items() for p in m.parameters(recurse=False)}
     hooks = [m.register_forward_hook(hook(n)) for n, m in modules.items() if _linear_like(m)]
     try:
@@ -226,7 +227,7 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
             continue
         # else a norm over one head's features (Qwen3, Gemma3: one for the queries, one for the keys) is the same for
         # every head: no cut needed
-        found = _block(model, modules, name, producers)
+        found = _block(model, modules, name, producers, adapters)
         if isinstance(found, str):
             skipped[name] = found
         else:
@@ -244,10 +245,14 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
 
 
 def _block(
-    model: nn.Module, modules: dict[str, nn.Module], output: str, producers: list[str]
+    model: nn.Module, modules: dict[str, nn.Module], output: str, producers: list[str], adapters: dict[int, str]
 ) -> list[AttentionBlock] | str:
     """The readings of an attention block's projections that sizes allow (confirmed on the model later), or why
     there is none."""
+    added = [n for n in producers if id(modules[n]) in adapters]
+    if added:  # trial EM: GPT-2's reason named the tuner layer, the adapters' common parent, as the attention
+        shown = f"{added[:2]}{' ...' if len(added) > 2 else ''}"
+        return f"adapters (peft: {shown}) add to its projections: merge the adapters first to prune heads"
     parent = common_parent(producers)
     attention = modules[parent]
     d = _head_size(attention)
@@ -269,10 +274,7 @@ def _block(
             AttentionBlock(parent, fused, fused, fused, output, d, heads, kv_heads, interleaved=True),
         ]
     if len(producers) != 3:
-        adapters = adapter_modules(model)
-        added = [n for n in producers if id(modules[n]) in adapters]
-        lora = f" (LoRA adapters {added} add to them: merge the adapters first to prune heads)" if added else ""
-        return f"its attention reads {len(producers)} projections, not 3 (Q, K, V){lora}"
+        return f"its attention reads {len(producers)} projections, not 3 (Q, K, V)"
     sizes = {n: _out_features(modules[n]) for n in producers}
     if any(s % d for s in sizes.values()):
         return f"its projections' sizes {sorted(sizes.values())} are not multiples of the head size {d}"

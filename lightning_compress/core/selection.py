@@ -484,7 +484,12 @@ def select_targets(
             + (f" (left out, computed by a parametrization: {parametrized})" if parametrized else "")
             + (f" (left out, pruned by torch.nn.utils.prune: {torch_pruned})" if torch_pruned else "")
             + "".join(f" (left out, a weight computed before each forward: {n})" for n in hooked.values() if n)
-            + (f" ({ignored} have no `weight`{_held_note(named, ignored, module_tensors)})" if ignored else "")
+            + (
+                f" ({ignored} have no `weight`{_held_note(named, ignored, module_tensors)}"
+                f"{_wrapper_note(named, ignored)})"
+                if ignored
+                else ""
+            )
             + ("" if module_tensors else _wildcard_held_note(model, include, exclude))
             + "."
         )
@@ -512,11 +517,18 @@ def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tens
 
 
 def _wrapper_note(named: list[tuple[str, nn.Module]], names: list[str]) -> str:
+    """For peft's wrappers among ``names``: the name of the layer they run (a tuner layer's ``base_layer``, the copy a
+    ``modules_to_save`` wrapper trains for its active adapter)."""
     modules = dict(named)
     wrappers = [n for n in names if forwards_base_weight(modules[n])]
     if not wrappers:
         return ""
-    return f"; {wrappers} are peft tuner layers, whose weight is their base layer's (name '{wrappers[0]}.base_layer')"
+    first = modules[wrappers[0]]
+    inner = "base_layer"
+    if not isinstance(getattr(first, "base_layer", None), nn.Module):
+        active = getattr(first, "active_adapters", None) or ["default"]
+        inner = f"modules_to_save.{active[0] if isinstance(active, list) else active}"
+    return f"; {wrappers} are peft wrappers, whose weight is a layer's inside (name '{wrappers[0]}.{inner}')"
 
 
 def _wildcard_held_note(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:

@@ -23,6 +23,7 @@ with its query group. The projections that feed attention are never roots of a c
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
+from .adapters import adapter_modules
 from .group_search import TracedGroup, search_group
 from .heads import AttentionBlock, find_attention
 from .layers import transformers_conv1d, weight_axes
 from .selection import eager
-from .tracing import all_tracked, call_model, comparable_modules, eval_mode, output_tensors, plain_float, without_cache
+from .tracing import (
+    all_tracked,
+    call_model,
+    call_model_for_tracer,
+    comparable_modules,
+    eval_mode,
+    output_tensors,
+    plain_float,
+    without_cache,
+)
 
 __all__ = [
     "ChannelGroup",
@@ -180,7 +191,11 @@ def build_channel_groups(
         try:
             with comparable_modules(model):
                 graph = tp.DependencyGraph().build_dependency(
-                    model, example_inputs, forward_fn=call_model, verbose=False, customized_pruners=custom or None
+                    model,
+                    example_inputs,
+                    forward_fn=call_model_for_tracer,
+                    verbose=False,
+                    customized_pruners=custom or None,
                 )
                 raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
         except (TypeError, IndexError, KeyError, ValueError, RuntimeError, AttributeError) as err:
@@ -219,9 +234,11 @@ def build_channel_groups(
         else:
             groups.append(group)
     parameters = {id(p): name for name, p in model.named_parameters()}
+    adapters = adapter_modules(model)
+    followers = {name for module, name in names.items() if id(module) in adapters}
     for raw_group in raw:
         root = names.get(raw_group.items[0].dep.target.module, "?")
-        group, reason = _convert(graph, raw_group, names, producers, tied, parameters)
+        group, reason = _convert(graph, raw_group, names, producers, tied, parameters, followers)
         if group is None:
             skipped[root] = reason
             width = _outputs(modules.get(root))
@@ -431,8 +448,12 @@ def _convert(
     producers: set[str] | None,
     tied: dict[str, str],
     parameters: dict[int, str],
+    followers: Collection[str] = (),
 ) -> tuple[ChannelGroup | None, str]:
+    """The group of a traced one, or why it is left whole. ``followers``: modules (``peft``'s adapters) whose outputs
+    are cut with a selected layer's channels they add to, but never make a group of their own (an adapter's rank)."""
     root_item = raw_group.items[0]
+    selected_out = producers is None
     root = names[root_item.dep.target.module]
     size = len(root_item.idxs)
     slices: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
@@ -472,8 +493,11 @@ def _convert(
         kind = "out" if out_like else "in"
         if kind == "out" and not node.outputs:
             return None, "its channels reach the model's output"
-        if kind == "out" and not per_channel(module) and producers is not None and name not in producers:
-            return None, f"{name} is not selected (see `include`/`exclude`)"
+        if kind == "out" and not per_channel(module) and producers is not None:
+            if name in producers:
+                selected_out = True
+            elif name not in followers:
+                return None, f"{name} is not selected (see `include`/`exclude`)"
         roots = [c for c in item.root_idxs if c is not None]
         if len(roots) != len(item.root_idxs):
             return None, (
@@ -490,6 +514,8 @@ def _convert(
         index, channel = slices.setdefault((name, kind), ([], []))
         index.extend(int(i) for i in item.idxs)
         channel.extend(roots)
+    if not selected_out:  # trial EM: a LoRA adapter's rank, pruned when the adapters were named
+        return None, f"its channels are an adapter's rank (peft: {root}), which is not pruned"
     group = ChannelGroup(root, size, _sorted_slices(slices.items()))
     if not any(s.kind == "in" for s in group.slices):
         return None, (

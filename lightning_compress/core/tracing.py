@@ -166,6 +166,29 @@ def output_tensors(out: Any) -> list[Tensor]:
     return flat
 
 
+def call_model_for_tracer(model: nn.Module, inputs: Any) -> Any:
+    """:func:`call_model`, with an output that holds anything but tensors (nanoGPT's ``(logits, None)`` without
+    targets, a dict with ``"loss": None``) reduced to the tuple of its tensors: a tracer that walks the output
+    (Torch-Pruning's) iterates every item (trial EN: ``'NoneType' object is not iterable``, no channel pruned)."""
+    out = call_model(model, inputs)
+    tensors = output_tensors(out)
+    return out if _leaves(out) == len(tensors) else tuple(reversed(tensors))
+
+
+def _leaves(out: Any) -> int:
+    """How many leaves a model's output has (tensors or anything else), counted as :func:`output_tensors` walks it."""
+    count, stack = 0, [out]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        else:
+            count += 1
+    return count
+
+
 def jittered(inputs: Any, seed: int = 0) -> Any:
     """``inputs`` with random noise of each floating-point tensor's spread added (a standard normal where the tensor
     is constant, e.g. an all-zero ``example_input_array``); other values as they are, the structure the same.

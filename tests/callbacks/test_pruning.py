@@ -361,6 +361,14 @@ def test_taylor_on_a_frozen_layer_is_refused_before_training_naming_the_fix():
     # magnitude prunes a frozen layer (it may be what the user wants), saying that it cannot adapt
     with pytest.warns(UserWarning, match=r"prunes \['net.0'\], which are frozen .* cannot adapt"):
         trainer(max_epochs=4, callbacks=[IterativePruning(0.9, start_epoch=1, end_epoch=3)]).fit(Frozen())
+    # regrowth reads gradients too (trial EM: on LoRA's frozen base weights it exchanged nothing, unsaid)
+    model = Frozen()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"`regrow`=0.1 brings pruned weights back by their gradients, but \['net.0'\]"
+    ):
+        trainer(max_epochs=4, callbacks=[IterativePruning(0.9, regrow=0.1, start_epoch=1, end_epoch=3)]).fit(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_two_pruning_callbacks_on_the_same_weights_are_refused_before_training(tiny):

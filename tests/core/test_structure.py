@@ -972,3 +972,28 @@ def test_a_per_head_scale_is_not_said_to_be_an_uncounted_matrix():
         prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
     report = compact(model, x)
     assert report.uncounted == [] and "3-d" not in str(report)
+
+
+class _OutputWithNone(nn.Module):
+    """nanoGPT's `GPT.forward` returns `(logits, None)` without targets; transformers-style dicts hold `loss: None`."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor):
+        y = self.b(torch.relu(self.a(x)))
+        return (y, None) if self.kind == "tuple" else {"logits": y, "loss": None, "aux": [y * 2, "note"]}
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_channels_are_traced_through_an_output_that_holds_none(kind):
+    """Trial EN: Torch-Pruning iterated the output and failed on its `None` (`'NoneType' object is not iterable`), so
+    no channel of nanoGPT was pruned."""
+    torch.manual_seed(0)
+    model = _OutputWithNone(kind)
+    assert sorted(prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 8))) == [
+        "a.bias", "a.weight", "b.weight",
+    ]  # fmt: skip
+    assert int((model.a.weight == 0).all(1).sum()) == 8
