@@ -5,8 +5,9 @@ submodules its ``adapter_layer_names`` names (LoRA's ``lora_A``/``lora_B``), and
 classifier head in ``modules_to_save``) in a wrapper that keeps the untouched ``original_module`` beside the trained
 copy. The default selection compresses the model's layers: the base layers and the trained copies. It leaves out
 the adapters (a few low-rank matrices whose product is added to a base weight: pruning them spends the budget on
-a rank-8 path, and LoRA's B starts at zero, so it went first: a trial's were 81-95% zero) and the original copies,
-which no forward runs while an adapter is active. Nothing here imports ``peft``.
+a rank-8 path, and LoRA's B starts at zero, so it went first: a trial's were 81-95% zero), the original copies,
+which no forward runs while an adapter is active, and the copies of inactive adapters. Nothing here imports
+``peft``.
 """
 
 from __future__ import annotations
