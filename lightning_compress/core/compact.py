@@ -33,10 +33,10 @@ from .tracing import (
     call_model,
     check_example_inputs,
     eval_mode,
-    has_float_tensor,
-    jittered,
     like_model,
+    noisy_checks,
     output_tensors,
+    seeded,
 )
 
 __all__ = [
@@ -122,7 +122,7 @@ def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
     """The outputs with weights quantized as they are and activations in float: a layer with fewer inputs sums in
     another order, and a quantized activation a rounding away can flip a step (a trial: 3.4e-4 of a Llama's logits
     with int8 per-token activations), a change of the rounding, not of what the channels carry."""
-    with eval_mode(model), torch.no_grad(), _float_activations(model):
+    with eval_mode(model), torch.no_grad(), _float_activations(model), seeded(model):  # the same random draws
         out = call_model(model, inputs)
     return [t.detach().float() for t in output_tensors(out)]
 
@@ -236,7 +236,7 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
     report.uncounted_note = uncounted_note(model, report.uncounted) if report.uncounted else ""
     if keep:
         # the example inputs, and noisy ones: zeros can hide a change (a network without biases keeps them zero)
-        checks = [example_inputs, jittered(example_inputs)] if has_float_tensor(example_inputs) else [example_inputs]
+        checks = noisy_checks(example_inputs, lambda inputs: _outputs(model, inputs))
         trial = deep_copy(model)
         apply_plan(trial, planned)
         before = [_outputs(model, inputs) for inputs in checks]

@@ -1,7 +1,8 @@
 """Mixtures of experts: the experts stored one tensor per projection, their count, and the routers beside them.
 
 ``transformers`` stores most experts as one ``(experts, out, in)`` Parameter per projection (Mixtral's
-``gate_up_proj``, JetMoE's ``JetMoeParallelExperts.weight``); older code and Switch Transformers keep a
+``gate_up_proj``, JetMoE's ``JetMoeParallelExperts.weight``), some as ``(experts, in, out)``, which its experts
+decorator marks ``is_transposed`` (gpt-oss, Aria: :func:`expert_input_axis`); older code and Switch Transformers keep a
 ``ModuleList``/``ModuleDict`` of expert MLPs. A router scores the experts for each token: a Linear layer in some
 models (JetMoE's ``router.layer``, DBRX, PhiMoE, Switch Transformers, Llama 4), as is Qwen2-MoE's one-output
 ``shared_expert_gate``. The default selection leaves routers out (:func:`router_layers`): a few weights that decide
@@ -10,11 +11,11 @@ which experts run, where pruning them reroutes tokens (a trial: JetMoE's routers
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import linear_like_types
 
-__all__ = ["expert_count", "expert_tensors", "is_experts", "router_layers"]
+__all__ = ["expert_count", "expert_input_axis", "expert_tensors", "is_experts", "router_layers"]
 
 _ROUTER_WORDS = ("router", "gate")  # a path component so named or ending "_router" / "_gate" (not "gate_proj")
 _ROUTER_CLASS_WORDS = ("router", "gating", "gate")
@@ -30,6 +31,13 @@ def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     if not found or len({p.shape[0] for _, p in found}) != 1 or found[0][1].shape[0] < 2:
         return []
     return found
+
+
+def expert_input_axis(module: nn.Module, tensor: Tensor) -> int:
+    """The input axis of one of ``module``'s expert tensors: the last for ``(experts, out, in)``; the one before it
+    where ``transformers`` marks the experts ``is_transposed`` (``(experts, in, out)``, multiplied as ``x @ W``:
+    gpt-oss's ``gate_up_proj`` and ``down_proj``; a trial's 2:4 blocks ran along their outputs)."""
+    return tensor.dim() - 2 if getattr(module, "is_transposed", False) is True else tensor.dim() - 1
 
 
 def is_experts(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
 from .structure import ChannelGroup, param_slices
-from .tracing import call_model, eval_mode, has_float_tensor, jittered, output_tensors, plain_float
+from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, seeded
 
 __all__ = ["faithful_groups", "output_change", "removable_groups"]
 
@@ -37,6 +37,12 @@ MIXED = (
     "zeroing its channels is not the same as removing them: an operation between its layers moves or mixes "
     "channels (e.g. flip, roll, a pixel shuffle, a softmax or a mean over channels) and the dependency graph "
     "reads it as element-wise"
+)
+UNSEEDED = (
+    "the model's forward gives other outputs on the same inputs with torch's generators seeded alike (random "
+    "numbers from another source: Python's `random`, NumPy), so zeroing channels and removing them cannot be "
+    "compared: draw them from torch (`torch.randn_like`), or prune channels of a module whose forward is "
+    "deterministic"
 )
 TRAINING_ONLY = (
     "without its channels the model no longer runs in training mode: a layer only training calls (e.g. an "
@@ -204,7 +210,8 @@ def output_change(before: list[Tensor], after: list[Tensor]) -> tuple[float, flo
 
 
 def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
-    with torch.no_grad():
+    """The model's output tensors, with the same random numbers drawn on every call (:func:`~.tracing.seeded`)."""
+    with torch.no_grad(), seeded(model):
         return [t.detach().float() for t in output_tensors(call_model(model, inputs))]
 
 
@@ -218,19 +225,11 @@ def _float32(value: Any) -> Any:
     return value
 
 
-@contextlib.contextmanager
-def _own_random_state(model: nn.Module) -> Iterator[None]:
-    """Dropout in a training-mode trial draws from the global generators: they are put back afterwards."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 def _runs_in_training(model: nn.Module, inputs: Any) -> bool:
     modes = [(m, m.training) for m in model.modules()]
     model.train()
     try:
-        with torch.no_grad(), _own_random_state(model):
+        with torch.no_grad(), seeded(model, None):  # dropout draws: the global state is put back
             call_model(model, inputs)
         return True
     except Exception:
@@ -255,11 +254,11 @@ def faithful_groups(
     """Keep the groups whose channels, zeroed, give the outputs that removing them gives (see the module's doc).
 
     Half of every group's channels (:func:`_probe`) are zeroed on a float32 copy, then removed; the outputs are
-    compared on ``example_inputs`` and on :func:`~.tracing.jittered` ones. Where they differ, halves of the groups
-    are tried until each group at fault is found, so a model whose groups all hold costs one trial: one copy of the
-    model (two for a model not in float32) and six forwards. ``model`` is not changed, nor the global random state.
-    A model that does not run in float32 (e.g. code that needs its own dtype) is not checked: its groups are
-    returned as they are.
+    compared on ``example_inputs`` and on noisy ones where the model runs on them (:func:`~.tracing.noisy_checks`).
+    Where they differ, halves of the groups are tried until each group at fault is found, so a model whose groups
+    all hold costs one trial: one copy of the model (two for a model not in float32) and six forwards. ``model``
+    is not changed, nor the global random state. A model that does not run in float32 (e.g. code that needs its
+    own dtype) is not checked: its groups are returned as they are.
     """
     if not groups:
         return [], {}
@@ -269,14 +268,14 @@ def faithful_groups(
         source = deep_copy(model).float() if source is None else source
     except Exception:
         return list(groups), {}
-    inputs = [_float32(example_inputs)]
-    if has_float_tensor(example_inputs):
-        inputs.append(jittered(inputs[0]))
     with plain_float(source):  # quantizers off (restored after), eval mode
         try:
-            _outputs(source, inputs[0])
+            first = _outputs(source, _float32(example_inputs))
         except Exception:
             return list(groups), {}
+        if output_change(first, _outputs(source, _float32(example_inputs)))[0] > 0.0:
+            return [], {g.name: UNSEEDED for g in groups}
+        inputs = noisy_checks(_float32(example_inputs), lambda x: _outputs(source, x))
         in_training: list[bool] = []  # whether the whole model runs in training mode: found by the first trial
         verdict = _verdicts(
             lambda subset: _zeroed_vs_removed(source, groups, subset, inputs, in_training, rtol), len(groups)

@@ -25,7 +25,7 @@ from torch.nn.utils.parametrize import is_parametrized
 
 from .adapters import adapter_modules, forwards_base_weight
 from .checks import check_module
-from .experts import expert_tensors, is_experts, router_layers
+from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
 
@@ -104,7 +104,10 @@ class Target:
     @property
     def in_axis(self) -> int:
         """The weight's input axis: 1, or 0 for a ``transformers`` Conv1D (weight stored as (in, out)); the last
-        for a module's own matrices (``(out, in)``) and experts stored as ``(experts, out, in)``."""
+        for a module's own matrices (``(out, in)``) and experts stored as ``(experts, out, in)``, the middle one for
+        experts ``transformers`` marks transposed (:func:`~.experts.expert_input_axis`)."""
+        if self.own_name and is_experts(self.module):
+            return expert_input_axis(self.module, self.param)
         if self.own_name or self.attr != "weight":
             return self.param.dim() - 1
         return weight_axes(self.module)[1]

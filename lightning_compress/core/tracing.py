@@ -19,8 +19,10 @@ __all__ = [
     "eval_mode",
     "has_float_tensor",
     "jittered",
+    "noisy_checks",
     "output_tensors",
     "plain_float",
+    "seeded",
     "without_cache",
 ]
 
@@ -132,6 +134,20 @@ def plain_float(model: nn.Module) -> Iterator[None]:
             q.observer_enabled = ob
 
 
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int | None = 0) -> Iterator[None]:
+    """Meanwhile, torch's generators of the CPU and of ``model``'s CUDA devices start from ``seed`` (``None``: as
+    they are); put back afterwards. Two forwards compared (a model with channels zeroed, then removed) draw the
+    same random numbers: a VAE's ``torch.randn_like`` made every channel group look unfaithful (trial EP)."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in devices:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
 def check_example_inputs(
     model: nn.Module, example_inputs: Any, argument: str = "example_inputs", why: str = ""
 ) -> None:
@@ -208,6 +224,21 @@ def jittered(inputs: Any, seed: int = 0) -> Any:
         return value.detach() + noise.to(device=value.device, dtype=value.dtype)
 
     return map_tensors(inputs, noisy)
+
+
+def noisy_checks(inputs: Any, runs: Callable[[Any], object]) -> list[Any]:
+    """The inputs to compare two models on: ``[inputs]``, and :func:`jittered` ones after it where ``inputs`` hold a
+    floating-point tensor and ``runs`` (a forward of the model) accepts them. A model that turns floats into
+    indices (``(x * 16).round().long()`` into an embedding) can fail on noise (trial EQ: ModernBERT on digits'
+    pixels); it is then compared on its own inputs alone."""
+    if not has_float_tensor(inputs):
+        return [inputs]
+    noisy = jittered(inputs)
+    try:
+        runs(noisy)
+    except Exception:
+        return [inputs]
+    return [inputs, noisy]
 
 
 def map_tensors(inputs: Any, fn: Callable[[Tensor], Any]) -> Any:

@@ -28,6 +28,7 @@ from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
+from .onnx_batch import batch_size, fixed_batch_note, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_pads import pad_quantized_codes
 from .onnx_passes import (
@@ -50,6 +51,7 @@ from .onnx_tracing import (
     tensor_leaves,
     trace_error,
     tracing_call,
+    unread_entries,
     unwrapped,
 )
 from .report import CompressionReport, LayerReport
@@ -232,8 +234,10 @@ def _export_onnx(
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"lightning_compress\.")
         # the exporter is this function's choice (its QDQ layout), not the caller's: torch's notice is not for them
         warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export")
-        outputs = model(**args[0]) if keyword else model(*args)
+        with unread_entries(model) as unread:  # left out of the baseline: the graph holds none of them
+            outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
+        batch_check = _at_other_batch(model, traced_model, traced_args, outputs)
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over
@@ -250,7 +254,8 @@ def _export_onnx(
                 dynamo=False,
                 custom_opsets={"com.microsoft": 1} if grouped and swapped else None,  # MatMulNBits' domain
             )
-        except RuntimeError as err:  # the exporter's (an operator it lacks, a SymbolicValueError), or the model's
+        except (RuntimeError, AssertionError) as err:  # the exporter's (an operator it lacks, a SymbolicValueError,
+            # a symbolic's assertion: trial EQ's GLM-4, 'All tensors must have the same rank'), or the model's
             traced.unlink(missing_ok=True)
             raise trace_error(err, model, example_inputs, opset) from err
     try:
@@ -280,9 +285,32 @@ def _export_onnx(
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
+    if batch_check is not None:
+        note = fixed_batch_note(path, *batch_check)
+        if note is not None:
+            warnings.warn(f"export_onnx: {note}", UserWarning, stacklevel=3)
     # "onnx-int4" only when a layer is stored in 4 bits (trial EJ: 8-bit, 2-bit or odd groups export float weights,
     # and the report said int4 of a file larger than the float model's `torch.save`)
-    return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model)
+    return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model, unread)
+
+
+def _at_other_batch(
+    model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any
+) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], list[Tensor], int] | None:
+    """What :func:`~.onnx_batch.fixed_batch_note` compares: the graph's inputs and the model's outputs at the
+    example's batch and at another. ``None`` where there is nothing to compare: a model in training mode (another
+    forward would move its BatchNorm statistics; dropout draws anew), an example without a batch dimension, or a
+    model that does not run at the other batch size itself."""
+    tensors = list(traced_args)
+    batch = batch_size(tensors) if all(isinstance(t, Tensor) for t in tensors) else None
+    if batch is None or any(m.training for m in model.modules()):
+        return None
+    others = other_batch(tensors, batch)
+    try:
+        expected_others = [t for _, t in tensor_leaves(traced_model(*others), "output")]
+    except Exception:
+        return None
+    return tensors, [t for _, t in tensor_leaves(outputs, "output")], others, expected_others, batch
 
 
 def _quantize_float_conv_outputs(

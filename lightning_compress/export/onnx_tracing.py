@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
+from torch.overrides import TorchFunctionMode
 
+from ..core.experts import is_experts
+from ..core.fake_quant import FakeQuantizer
 from ..core.selection import eager, uncompiled
 from ..core.tracing import plain_float, without_cache
 
@@ -122,6 +125,58 @@ def composite_attention() -> Iterator[None]:
         backend.set_fastpath_enabled(before)
 
 
+class _Reads(TorchFunctionMode):
+    """Records the ids of the tensors every torch function called meanwhile is given (nested in lists and dicts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        stack: list[Any] = [args, kwargs or {}]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, Tensor):
+                self.seen.add(id(value))
+            elif isinstance(value, (list, tuple)):
+                stack.extend(value)
+            elif isinstance(value, Mapping):
+                stack.extend(value.values())
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def unread_entries(model: nn.Module) -> Iterator[list[str]]:
+    """Meanwhile, the modules of ``model`` called and the torch functions called are watched; afterwards the list
+    holds the state dict entries of the modules neither called nor read from, none of their own parameters or
+    buffers given to a torch function (an ONNX graph of a GAN's generator: the discriminator's; a module whose weight
+    another reads, as ``nn.MultiheadAttention``'s ``out_proj``, is read; one whose forward uses constants made from
+    its weight, as in an export, is called). A module counts whole: BatchNorm's ``num_batches_tracked``, read in
+    training only, goes with its statistics. The fake quantizers' tensors are not listed (no baseline counts them)."""
+    reads = _Reads()
+    unread: list[str] = []
+    called: set[int] = set()
+    handles = [
+        m.register_forward_pre_hook(lambda module, _args: called.add(id(module)))
+        for m in model.modules()
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+    ]
+    try:
+        with reads:
+            yield unread
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, module in model.named_modules():
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        if not own or id(module) in called or isinstance(module, FakeQuantizer):
+            continue
+        if not any(id(t) in reads.seen for _, t in own):
+            unread.extend(f"{name}.{key}" if name else key for key, _ in own)
+    state = model.state_dict(keep_vars=True)
+    unread[:] = [key for key in unread if key in state]
+
+
 def tracing_call(
     model: nn.Module, example_inputs: Any
 ) -> tuple[nn.Module, tuple[Any, ...], list[str], list[str] | None]:
@@ -159,7 +214,7 @@ def _has_keyword_only(model: nn.Module) -> bool:
     return any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters)
 
 
-def trace_error(err: RuntimeError, model: nn.Module, example_inputs: Any, opset: int) -> ValueError:
+def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: int) -> ValueError:
     """The exporter's error (an operator it lacks, a SymbolicValueError) or the model's, said with what to change."""
     if "onnx_opset_version" in str(err):
         return ValueError(
@@ -179,6 +234,17 @@ def trace_error(err: RuntimeError, model: nn.Module, example_inputs: Any, opset:
             "from 0) does not depend on the inputs: a Python number or a constant it returns. An ONNX graph computes "
             "its outputs from its inputs: return only tensors computed from them (drop the constant, or export a "
             "module that returns the tensors alone)."
+        )
+    experts = [name for name, module in model.named_modules() if is_experts(module)]
+    if "histc" in str(err) and experts:  # trial EQ: gpt-oss, Qwen3-MoE and DeepSeek-V3 were told to pass a mask
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: the mixture of experts in {experts[:2]} counts the "
+            "tokens of each expert with `torch.histc` (`transformers`' grouped experts), which the ONNX exporter "
+            "lacks. The eager experts (`model.set_experts_implementation('eager')` on the `transformers` model) "
+            "trace, but their loop over the experts the example's tokens reach is fixed in the graph, which then "
+            "fails on inputs that leave one of those experts without a token (a trial: one sequence of one repeated "
+            "token). What to change: keep the model as the compressed file (`save_compressed`), which reloads it "
+            "whole; or export the eager experts for large batches only."
         )
     # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
     # characters), which the chained exception still holds
@@ -224,7 +290,7 @@ def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
                 traced_model, traced_args, str(Path(scratch) / "graph.onnx"), opset_version=opset,
                 export_params=False, do_constant_folding=False, dynamo=False,
             )  # fmt: skip
-        except RuntimeError as err:
+        except (RuntimeError, AssertionError) as err:  # a symbolic's assertion too (trial EQ: GLM-4's `cat`)
             raise trace_error(err, model, example_inputs, opset) from err
 
 

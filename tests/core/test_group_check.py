@@ -16,7 +16,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from lightning_compress import CompactionError, compact, prune_
 from lightning_compress.core.group_check import MIXED, TRAINING_ONLY, faithful_groups, output_change
 from lightning_compress.core.structure import build_channel_groups
-from lightning_compress.core.tracing import jittered
+from lightning_compress.core.tracing import jittered, noisy_checks
 
 
 class Flip(nn.Module):
@@ -263,6 +263,70 @@ def test_jittered_inputs_keep_structure_dtype_and_non_float_values():
     assert noisy["x"].dtype == torch.float64 and noisy["x"].shape == (2, 3)
     assert not torch.equal(noisy["x"], inputs["x"]) and not torch.equal(noisy["pair"][0], inputs["pair"][0])
     assert torch.equal(jittered(inputs)["x"], noisy["x"])  # its own fixed generator
+
+
+class _Indexed(nn.Module):
+    """Float inputs made into embedding indices: noise added to them gives indices out of range."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.a, self.b = nn.Embedding(17, 8), nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(self.embed((x * 16).round().long()).mean(1))))
+
+
+def test_a_model_that_cannot_take_noisy_inputs_is_checked_on_its_example_alone():
+    """Trial EQ: the checks also run on noisy copies of float example inputs; a forward that makes them indices
+    failed there (IndexError out of `prune_`). Such a model is checked on its example alone, and compacts exactly."""
+    torch.manual_seed(0)
+    model, example = _Indexed(), torch.rand(2, 4)
+    assert noisy_checks(example, model) == [example]
+    assert len(noisy_checks(torch.full((2, 4), 0.5), nn.Identity())) == 2
+    assert len(noisy_checks(torch.tensor([[1, 2]]), nn.Identity())) == 1  # no float tensor: nothing to add noise to
+    prune_(model, 0.5, granularity="channel", example_inputs=example)
+    pruned = model(example)
+    report = compact(model, example)
+    assert model.a.out_features == 8 and report.max_abs_diff < 1e-6
+    assert torch.allclose(model(example), pruned, atol=1e-6)
+
+
+class _Vae(nn.Module):
+    """pytorch/examples' VAE, narrow: its forward draws the latent sample with `torch.randn_like`."""
+
+    def __init__(self, python_random: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(16, 24), nn.Linear(24, 4), nn.Linear(24, 4)
+        self.fc3, self.fc4 = nn.Linear(4, 24), nn.Linear(24, 16)
+        self.python_random = python_random
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        if self.python_random:
+            import random
+
+            noise = torch.full_like(mu, random.random())
+        else:
+            noise = torch.randn_like(mu)
+        return torch.sigmoid(self.fc4(torch.relu(self.fc3(mu + noise * torch.exp(0.5 * logvar)))))
+
+
+def test_a_forward_that_draws_random_numbers_is_compared_with_the_same_draws():
+    """Trial EP: pytorch/examples' VAE (`torch.randn_like` in its forward) had every channel group refused as
+    'zeroing its channels is not the same as removing them ... a flip, roll, pixel shuffle': two forwards drew
+    different noise. Both now draw the same (and the check leaves the global random state as it was); fc1 and fc3
+    lose half their neurons. Random numbers from outside torch are named as the reason instead."""
+    torch.manual_seed(0)
+    model, example = _Vae(), torch.rand(4, 16)
+    groups, state = build_channel_groups(model, example)[0], torch.get_rng_state()
+    kept, _ = faithful_groups(model, example, groups)
+    assert torch.equal(torch.get_rng_state(), state) and len(kept) == 2  # fc1's and fc3's neurons
+    prune_(model, 0.5, granularity="channel", example_inputs=example)
+    report = compact(model, example)
+    assert (model.fc1.out_features, model.fc3.out_features) == (12, 12) and report.max_abs_diff < 1e-6
+    with pytest.raises(ValueError, match=r"gives other outputs on the same inputs with torch's generators seeded"):
+        prune_(_Vae(python_random=True), 0.5, granularity="channel", example_inputs=example)
 
 
 def test_channel_masks_from_prune_go_back_in_as_masks():

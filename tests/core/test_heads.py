@@ -170,6 +170,34 @@ def test_token_ids_that_are_all_the_padding_token_are_named_as_why_heads_are_lef
     assert len(blocks) == 1 and not skipped
 
 
+class _PixelsToIds(nn.Module):
+    """A language model read from float inputs made into token ids: noise added to them gives ids out of range."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=(x * 16).round().long()).logits
+
+
+def test_heads_not_found_on_the_example_are_not_sought_on_noise_the_model_cannot_take():
+    """Trial EQ: heads not confirmed on an example are tried again on noisy copies of its float tensors; a forward
+    that makes them indices failed on the noise (IndexError out of `find_attention`). The heads stay unconfirmed,
+    with the reason the example gave."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=4, pad_token_id=0,
+    )  # fmt: skip
+    model = _PixelsToIds(transformers.LlamaForCausalLM(config)).eval()
+    blocks, _, skipped = find_attention(model, torch.zeros(2, 12))  # every id the padding id: the output is zero
+    assert not blocks and len(skipped) == 1
+    assert "attention output on `example_inputs` is zero" in next(iter(skipped.values()))
+    blocks, _, skipped = find_attention(model, torch.full((2, 12), 5 / 16))
+    assert len(blocks) == 1 and not skipped
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_heads_and_neurons_are_pruned_compacted_and_reloaded_with_the_same_outputs(kind, scope, tmp_path):

@@ -685,6 +685,23 @@ def test_experts_take_two_four_blocks_along_their_input_axis_and_stay_float_unde
     assert not bool((only.model.layers[1].mlp.experts.down_proj == 0).any())
 
 
+def test_experts_stored_input_by_output_take_two_four_blocks_along_their_inputs():
+    """Trial EQ: gpt-oss stores its experts as (experts, in, out), multiplied as `x @ W` (transformers marks them
+    `is_transposed`); their 2:4 blocks ran along the outputs, which no sparse kernel reads."""
+    config = transformers.GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(config)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 32, 96) and experts.down_proj.shape == (4, 48, 32)  # (experts, in, out)
+    prune_(model, 0.5, granularity="2:4")
+    assert is_nm(experts.gate_up_proj != 0, 2, 4, in_axis=1) and is_nm(experts.down_proj != 0, 2, 4, in_axis=1)
+    assert not is_nm(experts.gate_up_proj != 0, 2, 4, in_axis=2)
+    assert is_nm(model.model.layers[0].self_attn.q_proj.weight != 0, 2, 4, in_axis=1)
+
+
 def test_a_weight_normed_convolution_is_left_out_with_the_reason():
     """wav2vec2's positional convolution (weight_norm parametrization): skipped silently, and naming it was refused
     as if it were not a Conv layer."""

@@ -1204,3 +1204,92 @@ def test_export_does_not_pass_on_torchs_notice_about_its_legacy_exporter(tmp_pat
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*legacy TorchScript-based ONNX export")
         export_onnx(model.eval(), tmp_path / "m.onnx", x[:2])
+
+
+class _SplitByBatch(nn.Module):
+    """Reads the batch size as a Python number: the trace keeps the example's."""
+
+    def __init__(self, scale: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.scale = nn.Linear(8, 16), nn.Linear(16, 3), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[0])
+        if self.scale:  # a constant of the graph: right at the example's batch only
+            return self.b(self.a(x)) * n
+        parts = self.a(x).split([1] * n, dim=0)  # a Split sized for the example's batch
+        return self.b(torch.cat(parts, 0))
+
+
+@pytest.mark.parametrize(
+    ("scale", "said"), [(False, "but fails at a batch of 1"), (True, r"but not at a batch of 1 \(")]
+)
+def test_a_graph_whose_batch_size_the_trace_fixed_is_said_to_be(tmp_path, scale, said):
+    """Trial EQ: a LLaVA graph declared a dynamic batch, matched the model at the example's batch of 4 and failed at
+    1 and 7 (a Split sized for 4), said nowhere. The graph is run at a batch of 1 too; a model whose graph computes
+    it at any batch is exported without a word."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=rf"the graph (runs|matches the model) at the example's batch of 4 .*{said}"):
+        export_onnx(_SplitByBatch(scale).eval(), tmp_path / "m.onnx", torch.randn(4, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(nn.Sequential(nn.Linear(8, 16), nn.ReLU()).eval(), tmp_path / "n.onnx", torch.randn(4, 8))
+        export_onnx(nn.Sequential(nn.Linear(8, 16), nn.ReLU()).eval(), tmp_path / "o.onnx", torch.randn(1, 8))
+    assert not [w for w in caught if "batch of" in str(w.message)]
+
+
+def test_a_mixture_of_experts_that_counts_tokens_with_histc_is_named_as_the_cause(tmp_path):
+    """Trial EQ: gpt-oss, Qwen3-MoE and DeepSeek-V3 failed on `aten::histc` (transformers' grouped experts) and
+    were told to pass the attention mask they had passed."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 8))
+    if getattr(model.config, "_experts_implementation", "grouped_mm") == "eager":
+        pytest.skip("this transformers runs eager experts by default")
+    with pytest.raises(ValueError, match=r"mixture of experts in \['model.layers.0.mlp.experts'\] counts the tokens"):
+        export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def test_the_ratio_leaves_out_what_the_forward_does_not_read(tmp_path):
+    """Trial EP: a GAN module whose forward runs the generator alone exported a float graph of the generator, and
+    the report read "1.8x smaller" against the state dict with the discriminator in it."""
+    from lightning_compress.export.report import state_dict_bytes
+
+    class Gan(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.generator = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64))
+            self.discriminator = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.generator(z)
+
+    model = Gan().eval()
+    report = export_onnx(model, tmp_path / "g.onnx", torch.randn(2, 64))
+    assert report.unused == [f"discriminator.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+    assert 0.9 < report.compression_ratio < 1.15  # a float graph: about as large as what it computes
+    assert state_dict_bytes(model) / report.file_bytes > 1.4  # what it read before
+    assert "without the 4 entries the forward does not read: ['discriminator.0.weight'" in str(report)
+    whole = export_onnx(model.generator, tmp_path / "whole.onnx", torch.randn(2, 64))
+    assert whole.unused == [] and "does not read" not in str(whole)  # num_batches_tracked goes with its BatchNorm
+
+
+def test_an_assertion_of_the_exporter_is_said_as_its_other_failures(tmp_path):
+    """Trial EQ: GLM-4's export failed with a bare `AssertionError: All tensors must have the same rank` from the
+    exporter's `cat` symbolic, where its other failures name the model and what to change."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Glm4Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0,
+    )  # fmt: skip
+    ids = torch.randint(1, 64, (2, 8))
+    with pytest.raises(ValueError, match=r"export_onnx cannot trace Glm4ForCausalLM: .* What to change"):
+        export_onnx(
+            transformers.Glm4ForCausalLM(config).eval(),
+            tmp_path / "m.onnx",
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        )

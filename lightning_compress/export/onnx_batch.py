@@ -1,0 +1,116 @@
+"""Whether an exported graph's batch dimension is as dynamic as it is declared: one run at another batch size.
+
+``export_onnx`` declares dimension 0 of every input and output dynamic, but a trace records what the forward did
+with the example: a size read as a Python number, a branch taken on the data (a mixture of experts loops over the
+experts the example's tokens reached) become constants of the graph. A trial's LLaVA graph ran at the example's
+batch of 4, matching the model to 4.8e-7, and failed at 1 and 7 (a ``Split`` sized for 4). The graph is run by
+onnxruntime at the example's batch and at another (the first sample alone; two copies where the example holds one)
+and compared with the model at both; where it fails or drifts, :func:`fixed_batch_note` says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["batch_size", "fixed_batch_note", "other_batch"]
+
+_DRIFT = 10.0  # the other batch's error, against the example's, above which the graph is said to compute otherwise
+_FLOOR = 1e-3  # ... and above this share of its largest output (an int8 rounding away flips a step)
+
+
+def batch_size(tensors: Sequence[Tensor]) -> int | None:
+    """The example's batch: the first dimension of its first tensor of one dimension or more (``None``: none)."""
+    return next((int(t.shape[0]) for t in tensors if t.dim() >= 1), None)
+
+
+def other_batch(tensors: Sequence[Tensor], batch: int) -> tuple[Tensor, ...]:
+    """The example at another batch size: each tensor whose first dimension is the example's ``batch`` cut to its
+    first sample (or, where ``batch`` is 1, repeated twice); other tensors as they are."""
+
+    def resized(t: Tensor) -> Tensor:
+        if t.dim() == 0 or t.shape[0] != batch:
+            return t
+        return t[:1] if batch > 1 else torch.cat([t, t])
+
+    return tuple(resized(t) for t in tensors)
+
+
+def fixed_batch_note(
+    path: Path,
+    tensors: Sequence[Tensor],
+    expected: Sequence[Tensor],
+    others: Sequence[Tensor],
+    expected_others: Sequence[Tensor],
+    batch: int,
+) -> str | None:
+    """Why the graph at ``path`` does not compute the model at another batch size; ``None`` where it does, or where
+    it cannot be told (no onnxruntime, an input the exporter dropped, outputs that do not line up).
+
+    ``tensors`` and ``others``: the graph's inputs in order, at the example's ``batch`` and at another
+    (:func:`other_batch`); ``expected`` and ``expected_others``: the model's output tensors on them (flattened as the
+    exporter flattens them)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the failure is said below, not in onnxruntime's log
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        return None
+    other = 1 if batch > 1 else 2
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+    try:
+        at_example = session.run(None, feed)
+    except Exception:  # the graph not running at its own example is not this check's to judge
+        return None
+    try:
+        at_other = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, others, strict=True)})
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return (
+            f"the graph runs at the example's batch of {batch} but fails at a batch of {other} ({first}): the model's "
+            "forward fixed its batch size while it was traced (a size read as a Python number, or a branch taken on "
+            "the data, such as a mixture of experts' routing). Serve it at a batch of "
+            f"{batch}, or make that size a tensor operation in the forward."
+        )
+    error = _max_error(at_example, expected)
+    error_other = _max_error(at_other, expected_others)
+    if error is None or error_other is None:
+        return None
+    scale = max((float(t.detach().float().abs().max()) for t in expected_others if t.numel()), default=0.0)
+    if error_other <= max(_DRIFT * error, _FLOOR * scale):
+        return None
+    return (
+        f"the graph matches the model at the example's batch of {batch} (max |difference| {error:.3g}) but not at a "
+        f"batch of {other} ({error_other:.3g}, of outputs up to {scale:.3g}): the trace fixed something the example "
+        "held (a size read as a Python number, or a branch taken on the data, such as a mixture of experts' "
+        f"routing). Serve it at a batch of {batch}, or make that size a tensor operation in the forward."
+    )
+
+
+def _max_error(got: Sequence[Any], expected: Sequence[Tensor]) -> float | None:
+    """The largest |difference| over the floating-point outputs; ``None`` where the outputs do not line up."""
+    if len(got) != len(expected):
+        return None
+    largest = 0.0
+    for value, want in zip(got, expected, strict=True):
+        if not want.is_floating_point():
+            continue
+        reference = want.detach().float().cpu()
+        actual = torch.as_tensor(value).float()
+        if actual.shape != reference.shape:
+            return None
+        if reference.numel():
+            difference = float((actual - reference).abs().max())
+            if not math.isfinite(difference):
+                return None
+            largest = max(largest, difference)
+    return largest
