@@ -35,8 +35,9 @@ __all__ = ["faithful_groups", "output_change", "removable_groups"]
 
 MIXED = (
     "zeroing its channels is not the same as removing them: an operation between its layers moves or mixes "
-    "channels (e.g. flip, roll, a pixel shuffle, a softmax or a mean over channels) and the dependency graph "
-    "reads it as element-wise"
+    "channels (e.g. flip, roll, a pixel shuffle, a softmax or a mean over channels, or a split of one layer's "
+    "output into halves that pair up: a fused gate and up projection's `chunk`) and the dependency graph reads it "
+    "as element-wise"
 )
 UNSEEDED = (
     "the model's forward gives other outputs on the same inputs with torch's generators seeded alike (random "
@@ -143,7 +144,9 @@ def _removable(
                     )
                 return (
                     "its channels also feed an operation the dependency graph does not see (the forward without half "
-                    f"of them fails: {type(err).__name__}: {first})"
+                    f"of them fails: {type(err).__name__}: {first}), such as the halves of one layer's output split "
+                    "apart (`chunk`, `split`: a fused gate and up projection, GLM-4's `gate_up_proj`, ModernBERT's "
+                    "`Wi`), whose channels pair across the halves"
                 )
         return None if trial_shapes == shapes else "its channels reach one of the model's outputs"
 

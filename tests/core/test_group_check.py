@@ -329,6 +329,25 @@ def test_a_forward_that_draws_random_numbers_is_compared_with_the_same_draws():
         prune_(_Vae(python_random=True), 0.5, granularity="channel", example_inputs=example)
 
 
+class _FusedGateUp(nn.Module):
+    """One Linear for the gate and the up projection, split by `chunk`: channel i pairs with channel i + 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(8, 32), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def test_a_fused_gate_and_up_projection_is_left_whole_with_a_reason_that_names_it():
+    """Trial EQ: GLM-4's `gate_up_proj` and ModernBERT's `Wi` were left whole 'feeding an operation the dependency
+    graph does not see', the split that pairs their halves unnamed."""
+    with pytest.raises(ValueError, match=r"found no channel group it can prune(.|\n)*a fused gate and up projection"):
+        prune_(_FusedGateUp(), 0.5, granularity="channel", example_inputs=torch.randn(2, 8))
+
+
 def test_channel_masks_from_prune_go_back_in_as_masks():
     # they hold the biases (and BatchNorm entries) channels cut: `masks=` refused them as "not a selected weight"
     torch.manual_seed(0)

@@ -663,6 +663,19 @@ def test_a_macs_budget_and_compact_say_the_expert_weights_are_not_counted():
     assert dense.uncounted == [] and "expert" not in str(dense)
 
 
+def test_channel_pruning_names_the_experts_among_the_layers_it_leaves_whole(caplog):
+    """Trial EQ: a Qwen3-MoE's experts were left whole by channel pruning, and not among the layers its log gives a
+    reason for (only compact()'s MACs line named them)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lightning_compress"):
+        prune_(mixtral(), 0.5, granularity="channel", example_inputs=tokens(length=8, seed=0) % 64)
+    said = caplog.text
+    assert "channels left whole: " in said
+    for i in (0, 1):
+        assert f"model.layers.{i}.mlp.experts (mixture-of-experts weights stored as 3-d tensors" in said
+
+
 def test_experts_take_two_four_blocks_along_their_input_axis_and_stay_float_under_qat():
     model = mixtral()
     prune_(model, 0.5, granularity="2:4")
