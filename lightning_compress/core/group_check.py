@@ -40,10 +40,15 @@ MIXED = (
     "as element-wise"
 )
 UNSEEDED = (
-    "the model's forward gives other outputs on the same inputs with torch's generators seeded alike (random "
-    "numbers from another source: Python's `random`, NumPy), so zeroing channels and removing them cannot be "
-    "compared: draw them from torch (`torch.randn_like`), or prune channels of a module whose forward is "
-    "deterministic"
+    "the model's forward gives other outputs on the same inputs with torch's default generators seeded alike "
+    "(random numbers from another source: a `torch.Generator` of its own, Python's `random`, NumPy), so zeroing "
+    "channels and removing them cannot be compared: draw them from torch's default generator (`torch.randn_like` "
+    "without `generator=`), or prune channels of a module whose forward is deterministic"
+)
+RANDOM_DRAWS = (
+    "; the forward draws random numbers, and a draw sized by these channels (`torch.randn_like` of their "
+    "activations, dropout with `training=True`) lands on other channels once some are removed: prune channels of a "
+    "module whose eval-mode forward draws none"
 )
 TRAINING_ONLY = (
     "without its channels the model no longer runs in training mode: a layer only training calls (e.g. an "
@@ -279,12 +284,28 @@ def faithful_groups(
         if output_change(first, _outputs(source, _float32(example_inputs)))[0] > 0.0:
             return [], {g.name: UNSEEDED for g in groups}
         inputs = noisy_checks(_float32(example_inputs), lambda x: _outputs(source, x))
+        draws = _draws_random(source, inputs[0])
         in_training: list[bool] = []  # whether the whole model runs in training mode: found by the first trial
         verdict = _verdicts(
             lambda subset: _zeroed_vs_removed(source, groups, subset, inputs, in_training, rtol), len(groups)
         )
     kept = [g for i, g in enumerate(groups) if i not in verdict]
-    return kept, {groups[i].name: why for i, why in verdict.items()}
+    reasons = {groups[i].name: why for i, why in verdict.items()}
+    if draws:  # trial ER: a draw sized by the channels was blamed on a flip or a pixel shuffle alone
+        reasons = {name: why + RANDOM_DRAWS if why.startswith(MIXED) else why for name, why in reasons.items()}
+    return kept, reasons
+
+
+def _draws_random(model: nn.Module, inputs: Any) -> bool:
+    """Whether the model's forward draws from torch's default CPU generator (or its CUDA devices'): its state moves.
+    The states are put back."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with seeded(model, None):
+        before = [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in devices)]
+        with torch.no_grad():
+            call_model(model, inputs)
+        after = [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in devices)]
+    return any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
 
 
 def _zeroed_vs_removed(

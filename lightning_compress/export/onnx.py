@@ -262,6 +262,8 @@ def _export_onnx(
         proto = onnx.load(str(traced))
     finally:
         traced.unlink(missing_ok=True)
+    held = {init.name for init in proto.graph.initializer}  # read where the watch cannot see (a scripted function)
+    unread[:] = [key for key in unread if key not in held]
     known = [name for name, _ in qat_modules(model)]
     layers = _int8_weights(proto, numpy_helper, known) + _int4_reports(swapped if isinstance(swapped, dict) else {})
     fold_batch_norms(proto, numpy_helper)
@@ -285,10 +287,9 @@ def _export_onnx(
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
-    if batch_check is not None:
-        note = fixed_batch_note(path, *batch_check)
-        if note is not None:
-            warnings.warn(f"export_onnx: {note}", UserWarning, stacklevel=3)
+    note = fixed_batch_note(path, *batch_check) if isinstance(batch_check, tuple) else batch_check
+    if note is not None:
+        warnings.warn(f"export_onnx: {note}", UserWarning, stacklevel=3)
     # "onnx-int4" only when a layer is stored in 4 bits (trial EJ: 8-bit, 2-bit or odd groups export float weights,
     # and the report said int4 of a file larger than the float model's `torch.save`)
     return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model, unread)
@@ -296,11 +297,11 @@ def _export_onnx(
 
 def _at_other_batch(
     model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any
-) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], list[Tensor], int] | None:
+) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], list[Tensor], int] | str | None:
     """What :func:`~.onnx_batch.fixed_batch_note` compares: the graph's inputs and the model's outputs at the
-    example's batch and at another. ``None`` where there is nothing to compare: a model in training mode (another
-    forward would move its BatchNorm statistics; dropout draws anew), an example without a batch dimension, or a
-    model that does not run at the other batch size itself."""
+    example's batch and at another (one more forward of the model). ``None`` where there is nothing to compare: a
+    model in training mode (another forward would move its BatchNorm statistics; dropout draws anew), an example
+    without a batch dimension. A note where the model itself does not run at the other batch size."""
     tensors = list(traced_args)
     batch = batch_size(tensors) if all(isinstance(t, Tensor) for t in tensors) else None
     if batch is None or any(m.training for m in model.modules()):
@@ -308,8 +309,15 @@ def _at_other_batch(
     others = other_batch(tensors, batch)
     try:
         expected_others = [t for _, t in tensor_leaves(traced_model(*others), "output")]
-    except Exception:
-        return None
+    except Exception as err:  # trial ER: an LSTM given (h0, c0), whose batch is their dimension 1
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return (
+            f"the model does not run on its example cut to {'its first sample' if batch > 1 else 'two copies'} along "
+            f"dimension 0 of every input ({type(err).__name__}: {first}), so the dynamic batch the graph declares "
+            "(dimension 0 of every input and output) was not checked: where an input holds the batch in another "
+            "dimension (an LSTM's `(h0, c0)`, a sequence-first input), the graph runs only at the example's sizes "
+            "there; give `dynamic_axes` for that dimension, or serve it at the example's sizes."
+        )
     return tensors, [t for _, t in tensor_leaves(outputs, "output")], others, expected_others, batch
 
 

@@ -5,7 +5,9 @@ with the example: a size read as a Python number, a branch taken on the data (a 
 experts the example's tokens reached) become constants of the graph. A trial's LLaVA graph ran at the example's
 batch of 4, matching the model to 4.8e-7, and failed at 1 and 7 (a ``Split`` sized for 4). The graph is run by
 onnxruntime at the example's batch and at another (the first sample alone; two copies where the example holds one)
-and compared with the model at both; where it fails or drifts, :func:`fixed_batch_note` says so.
+and compared with the model at both; where it fails, drifts or returns other shapes, :func:`fixed_batch_note` says
+so. The other batch is cut from the example: a branch the forward takes on the data is seen only where the first
+sample takes the other way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from torch import Tensor
 
 __all__ = ["batch_size", "fixed_batch_note", "other_batch"]
 
+_FIXED = (
+    "the trace fixed what the forward did with the example's batch (a size read as a Python number, such as "
+    "`int(x.shape[0])`, or a mixture of experts' loop over the experts its tokens reached)."
+)
 _DRIFT = 10.0  # the other batch's error, against the example's, above which the graph is said to compute otherwise
 _FLOOR = 1e-3  # ... and above this share of its largest output (an int8 rounding away flips a step)
 
@@ -76,10 +82,14 @@ def fixed_batch_note(
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         return (
-            f"the graph runs at the example's batch of {batch} but fails at a batch of {other} ({first}): the model's "
-            "forward fixed its batch size while it was traced (a size read as a Python number, or a branch taken on "
-            "the data, such as a mixture of experts' routing). Serve it at a batch of "
-            f"{batch}, or make that size a tensor operation in the forward."
+            f"the graph runs at the example's batch of {batch} but fails at a batch of {other} ({first}): {_FIXED} "
+            f"Serve it at a batch of {batch}, or make that size a tensor operation in the forward."
+        )
+    shapes = _shape_mismatch(at_other, expected_others)
+    if shapes is not None:  # trial ER: `zeros(int(x.shape[0]), 1)` broadcast kept 4 rows at a batch of 1
+        return (
+            f"the graph runs at the example's batch of {batch}, but at a batch of {other} it returns {shapes}: "
+            f"{_FIXED} Serve it at a batch of {batch}, or make that size a tensor operation in the forward."
         )
     error = _max_error(at_example, expected)
     error_other = _max_error(at_other, expected_others)
@@ -90,10 +100,20 @@ def fixed_batch_note(
         return None
     return (
         f"the graph matches the model at the example's batch of {batch} (max |difference| {error:.3g}) but not at a "
-        f"batch of {other} ({error_other:.3g}, of outputs up to {scale:.3g}): the trace fixed something the example "
-        "held (a size read as a Python number, or a branch taken on the data, such as a mixture of experts' "
-        f"routing). Serve it at a batch of {batch}, or make that size a tensor operation in the forward."
+        f"batch of {other} ({error_other:.3g}, of outputs up to {scale:.3g}): {_FIXED} Serve it at a batch of "
+        f"{batch}, or make that size a tensor operation in the forward."
     )
+
+
+def _shape_mismatch(got: Sequence[Any], expected: Sequence[Tensor]) -> str | None:
+    """``"shape (4, 8) where the model returns (1, 8)"`` for the first output whose shape is not the model's."""
+    if len(got) != len(expected):
+        return None
+    for value, want in zip(got, expected, strict=True):
+        shape = tuple(getattr(value, "shape", ()))
+        if shape != tuple(want.shape):
+            return f"an output of shape {shape} where the model returns {tuple(want.shape)}"
+    return None
 
 
 def _max_error(got: Sequence[Any], expected: Sequence[Tensor]) -> float | None:

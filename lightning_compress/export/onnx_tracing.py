@@ -156,11 +156,14 @@ def unread_entries(model: nn.Module) -> Iterator[list[str]]:
     reads = _Reads()
     unread: list[str] = []
     called: set[int] = set()
-    handles = [
+    scripted = {id(m) for s in model.modules() if isinstance(s, torch.jit.ScriptModule) for m in s.modules()}
+    handles = [  # a scripted module takes no hook (trial ER) and runs unseen: it counts as called
         m.register_forward_pre_hook(lambda module, _args: called.add(id(module)))
         for m in model.modules()
-        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+        if id(m) not in scripted
+        and (any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)))
     ]
+    called.update(scripted)
     try:
         with reads:
             yield unread

@@ -131,7 +131,8 @@ class CompressionReport:
         lines.append(f"{sizes}: {relation}")
         if self.unused:
             shown = self.unused if len(self.unused) <= 4 else [*self.unused[:4], "..."]
-            lines.append(f"(the state dict without the {len(self.unused)} entries the forward does not read: {shown})")
+            entries = "entry" if len(self.unused) == 1 else f"{len(self.unused)} entries"
+            lines.append(f"(the state dict without the {entries} the forward does not read: {shown})")
         return "\n".join(lines)
 
 

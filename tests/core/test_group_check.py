@@ -325,8 +325,34 @@ def test_a_forward_that_draws_random_numbers_is_compared_with_the_same_draws():
     prune_(model, 0.5, granularity="channel", example_inputs=example)
     report = compact(model, example)
     assert (model.fc1.out_features, model.fc3.out_features) == (12, 12) and report.max_abs_diff < 1e-6
-    with pytest.raises(ValueError, match=r"gives other outputs on the same inputs with torch's generators seeded"):
+    with pytest.raises(
+        ValueError, match=r"gives other outputs on the same inputs with torch's default generators seeded"
+    ):
         prune_(_Vae(python_random=True), 0.5, granularity="channel", example_inputs=example)
+
+
+class _NoisyActivations(nn.Module):
+    """Multiplicative noise on a layer's activations: the draw is sized by its channels."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.a, self.b, self.generator = nn.Linear(8, 16), nn.Linear(16, 2), generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        noise = torch.randn(h.shape, generator=self.generator) if self.generator is not None else torch.randn_like(h)
+        return self.b(h * (1 + 0.1 * noise))
+
+
+def test_a_random_draw_sized_by_the_channels_is_named_in_the_reason():
+    """Trial ER: noise drawn in the shape of a layer's activations lands on other channels once some are removed;
+    the group was refused as if a flip or a pixel shuffle moved its channels. A generator of the model's own was
+    told to draw from torch, which it did."""
+    with pytest.raises(ValueError, match=r"a pixel shuffle.*; the forward draws random numbers, and a draw sized by"):
+        prune_(_NoisyActivations(), 0.5, granularity="channel", example_inputs=torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"another source: a `torch.Generator` of its own"):
+        model = _NoisyActivations(torch.Generator().manual_seed(0))
+        prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(4, 8))
 
 
 class _FusedGateUp(nn.Module):

@@ -1209,28 +1209,35 @@ def test_export_does_not_pass_on_torchs_notice_about_its_legacy_exporter(tmp_pat
 class _SplitByBatch(nn.Module):
     """Reads the batch size as a Python number: the trace keeps the example's."""
 
-    def __init__(self, scale: bool = False) -> None:
+    def __init__(self, scale: bool = False, rows: bool = False) -> None:
         super().__init__()
-        self.a, self.b, self.scale = nn.Linear(8, 16), nn.Linear(16, 3), scale
+        self.a, self.b, self.scale, self.rows = nn.Linear(8, 16), nn.Linear(16, 3), scale, rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = int(x.shape[0])
         if self.scale:  # a constant of the graph: right at the example's batch only
             return self.b(self.a(x)) * n
+        if self.rows:  # broadcast against the example's rows: 4 rows at any batch
+            return self.b(self.a(x)) + torch.zeros(n, 1)
         parts = self.a(x).split([1] * n, dim=0)  # a Split sized for the example's batch
         return self.b(torch.cat(parts, 0))
 
 
 @pytest.mark.parametrize(
-    ("scale", "said"), [(False, "but fails at a batch of 1"), (True, r"but not at a batch of 1 \(")]
+    ("kind", "said"),
+    [
+        ({}, "but fails at a batch of 1"),
+        ({"scale": True}, r"but not at a batch of 1 \("),
+        ({"rows": True}, r"at a batch of 1 it returns an output of shape \(4, 3\) where the model returns \(1, 3\)"),
+    ],
 )
-def test_a_graph_whose_batch_size_the_trace_fixed_is_said_to_be(tmp_path, scale, said):
+def test_a_graph_whose_batch_size_the_trace_fixed_is_said_to_be(tmp_path, kind, said):
     """Trial EQ: a LLaVA graph declared a dynamic batch, matched the model at the example's batch of 4 and failed at
     1 and 7 (a Split sized for 4), said nowhere. The graph is run at a batch of 1 too; a model whose graph computes
     it at any batch is exported without a word."""
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=rf"the graph (runs|matches the model) at the example's batch of 4 .*{said}"):
-        export_onnx(_SplitByBatch(scale).eval(), tmp_path / "m.onnx", torch.randn(4, 8))
+    with pytest.warns(UserWarning, match=rf"the graph (runs|matches the model) at the example's batch of 4.*{said}"):
+        export_onnx(_SplitByBatch(**kind).eval(), tmp_path / "m.onnx", torch.randn(4, 8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         export_onnx(nn.Sequential(nn.Linear(8, 16), nn.ReLU()).eval(), tmp_path / "n.onnx", torch.randn(4, 8))
@@ -1293,3 +1300,41 @@ def test_an_assertion_of_the_exporter_is_said_as_its_other_failures(tmp_path):
             tmp_path / "m.onnx",
             {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
         )
+
+
+def test_an_example_whose_batch_is_not_the_first_dimension_of_every_input_is_said_unchecked(tmp_path):
+    """Trial ER: an LSTM given (h0, c0), whose batch is their dimension 1, does not run on the example cut along
+    dimension 0; the check was skipped without a word, and the graph failed at every other batch."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+
+        def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return self.lstm(x, state)[0]
+
+    example = (torch.randn(4, 5, 8), (torch.zeros(2, 4, 16), torch.zeros(2, 4, 16)))
+    with pytest.warns(UserWarning, match=r"does not run on its example cut to its first sample along dimension 0"):
+        export_onnx(Recurrent().eval(), tmp_path / "r.onnx", example)
+
+
+def test_a_weight_read_in_a_scripted_function_is_not_said_unread(tmp_path):
+    """Trial ER: a weight a `torch.jit.script` function multiplies passes no torch function the watch sees; it was
+    left out of the ratio (23x its size) though the graph holds it."""
+
+    @torch.jit.script
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+    class Scripted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.holder = nn.Linear(8, 64), nn.Module()
+            self.holder.w = nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return matmul(self.fc(x), self.holder.w)
+
+    report = export_onnx(Scripted().eval(), tmp_path / "s.onnx", torch.randn(2, 8))
+    assert report.unused == [] and 0.8 < report.compression_ratio < 1.2
