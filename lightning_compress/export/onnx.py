@@ -44,6 +44,7 @@ from .onnx_passes import (
 from .onnx_sharing import share_identical_constants, share_transposed_initializers
 from .onnx_tracing import (
     as_args,
+    check_batched,
     check_names,
     check_traceable,
     composite_attention,
@@ -214,6 +215,7 @@ def _export_onnx(
     traced_model, traced_args, keys, leaf_names = tracing_call(model, example_inputs)
     if leaf_names is not None:
         names = list(input_names or leaf_names)
+    check_batched(traced_args, names)
     with (
         mode as swapped,
         eager(model),

@@ -276,8 +276,21 @@ def check_traceable(model: nn.Module, example_inputs: Any, opset: int = 17) -> N
         _check_traceable(plain, example_inputs, opset)
 
 
+def check_batched(tensors: Sequence[Any], names: Sequence[str]) -> None:
+    """Refuse a 0-d tensor among the graph's inputs: the export declares dimension 0 of every input the batch (trial
+    ES: a diffusion UNet's timestep `torch.tensor(500)` failed after the fit, blamed on an operation of the forward)."""
+    scalars = [name for name, t in zip(names, tensors, strict=False) if isinstance(t, Tensor) and t.dim() == 0]
+    if scalars:
+        raise ValueError(
+            f"`example_inputs` holds 0-d tensors ({scalars}): the ONNX graph takes dimension 0 of every input as the "
+            "batch. Give each one a batch dimension (a timestep per sample: `t.expand(batch)`, with the forward "
+            "taking a tensor of shape (batch,)), or pass it as a Python number, a constant of the graph."
+        )
+
+
 def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
-    traced_model, traced_args, _, _ = tracing_call(model, example_inputs)
+    traced_model, traced_args, keys, leaf_names = tracing_call(model, example_inputs)
+    check_batched(traced_args, keys or leaf_names or [f"input_{i}" for i in range(len(traced_args))])
     with (
         plain_float(model),  # the model's own operations: the quantizers' export forms are this package's
         eager(model),

@@ -295,6 +295,30 @@ def test_an_onnx_export_path_the_exporter_cannot_convert_is_refused_before_train
     )
 
 
+class Timestepped(TinyModule):
+    """A denoiser's forward: a sample and its timestep, given as a 0-d tensor in the example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.example_input_array = (torch.randn(2, 16), torch.tensor(500.0))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x if t is None else x + t / 1000)
+
+
+def test_an_onnx_export_path_with_a_zero_dimensional_input_is_refused_before_training(tmp_path):
+    """Trial ES: a diffusion UNet's `example_input_array` held its timestep as `torch.tensor(500)`; the setup trace
+    passed, the whole fit ran, then the export failed ('Dynamic shape axis should be no more than the shape
+    dimension'), blamed on an operation of the forward."""
+    path = tmp_path / "m.onnx"
+    fit = trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(8, 8, start_epoch=0, export_path=path)])
+    with pytest.raises(
+        ValueError, match=r"`example_input_array` holds 0-d tensors \(\[.input_1.\]\).*`t.expand\(batch\)`"
+    ):
+        fit.fit(Timestepped())
+    assert fit.global_step == 0 and not path.exists()
+
+
 def test_a_target_whole_quantization_groups_cannot_reach_is_said_to_be_held_by_them():
     """Trial CA: 64 hidden channels in two groups of 32 of the next layer, target 0.75: one group can go, every event
     ran, and the note said "the last events could not run"."""

@@ -1338,3 +1338,21 @@ def test_a_weight_read_in_a_scripted_function_is_not_said_unread(tmp_path):
 
     report = export_onnx(Scripted().eval(), tmp_path / "s.onnx", torch.randn(2, 8))
     assert report.unused == [] and 0.8 < report.compression_ratio < 1.2
+
+
+def test_a_zero_dimensional_input_is_refused_with_the_batch_it_lacks(tmp_path):
+    """Trial ES: a timestep given as `torch.tensor(500)` failed in the exporter ('Dynamic shape axis should be no
+    more than the shape dimension for batch'), told to replace an operation of the forward; one per sample exports."""
+
+    class Denoiser(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * t.reshape(-1, 1)
+
+    with pytest.raises(ValueError, match=r"`example_inputs` holds 0-d tensors \(\['input_1'\]\)"):
+        export_onnx(Denoiser().eval(), tmp_path / "d.onnx", (torch.randn(2, 8), torch.tensor(500.0)))
+    assert not (tmp_path / "d.onnx").exists()
+    export_onnx(Denoiser().eval(), tmp_path / "d.onnx", (torch.randn(2, 8), torch.tensor([500.0, 20.0])))
