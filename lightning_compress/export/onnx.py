@@ -28,7 +28,7 @@ from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, without_cache
 from .container import replacing
-from .onnx_batch import batch_size, fixed_batch_note, other_batch
+from .onnx_batch import GraphCheck, batch_size, graph_note, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_pads import pad_quantized_codes
 from .onnx_passes import (
@@ -289,7 +289,7 @@ def _export_onnx(
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
-    note = fixed_batch_note(path, *batch_check) if isinstance(batch_check, tuple) else batch_check
+    note = graph_note(path, batch_check) if batch_check is not None else None
     if note is not None:
         warnings.warn(f"export_onnx: {note}", UserWarning, stacklevel=3)
     # "onnx-int4" only when a layer is stored in 4 bits (trial EJ: 8-bit, 2-bit or odd groups export float weights,
@@ -299,28 +299,31 @@ def _export_onnx(
 
 def _at_other_batch(
     model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any
-) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, ...], list[Tensor], int] | str | None:
-    """What :func:`~.onnx_batch.fixed_batch_note` compares: the graph's inputs and the model's outputs at the
-    example's batch and at another (one more forward of the model). ``None`` where there is nothing to compare: a
-    model in training mode (another forward would move its BatchNorm statistics; dropout draws anew), an example
-    without a batch dimension. A note where the model itself does not run at the other batch size."""
+) -> GraphCheck | None:
+    """What :func:`~.onnx_batch.graph_note` compares: the graph's inputs and the model's outputs at the example's
+    batch and at another (one more forward of the model; where the model does not run there itself, a note saying
+    the batch was not checked). ``None`` where there is nothing to compare: a model in training mode (another
+    forward would move its BatchNorm statistics; dropout draws anew), an example without a batch dimension."""
     tensors = list(traced_args)
     batch = batch_size(tensors) if all(isinstance(t, Tensor) for t in tensors) else None
     if batch is None or any(m.training for m in model.modules()):
         return None
+    expected = [t for _, t in tensor_leaves(outputs, "output")]
+    quantized = bool(quantizers(model))  # any: a rounding tolerance, never a false alarm
     others = other_batch(tensors, batch)
     try:
         expected_others = [t for _, t in tensor_leaves(traced_model(*others), "output")]
     except Exception as err:  # trial ER: an LSTM given (h0, c0), whose batch is their dimension 1
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return (
+        skipped = (
             f"the model does not run on its example cut to {'its first sample' if batch > 1 else 'two copies'} along "
             f"dimension 0 of every input ({type(err).__name__}: {first}), so the dynamic batch the graph declares "
             "(dimension 0 of every input and output) was not checked: where an input holds the batch in another "
             "dimension (an LSTM's `(h0, c0)`, a sequence-first input), the graph runs only at the example's sizes "
             "there; give `dynamic_axes` for that dimension, or serve it at the example's sizes."
         )
-    return tensors, [t for _, t in tensor_leaves(outputs, "output")], others, expected_others, batch
+        return GraphCheck(tensors, expected, batch, quantized, skipped=skipped)
+    return GraphCheck(tensors, expected, batch, quantized, others, expected_others)
 
 
 def _quantize_float_conv_outputs(

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["batch_size", "fixed_batch_note", "other_batch"]
+__all__ = ["GraphCheck", "batch_size", "graph_note", "other_batch"]
 
 _FIXED = (
     "the trace fixed what the forward did with the example's batch (a size read as a Python number, such as "
     "`int(x.shape[0])`, or a mixture of experts' loop over the experts its tokens reached)."
 )
+_WRONG_QUANTIZED = 0.25  # at the example, an error above this share of the largest output is no rounding
+_WRONG_FLOAT = 1e-3
 _DRIFT = 10.0  # the other batch's error, against the example's, above which the graph is said to compute otherwise
 _FLOOR = 1e-3  # ... and above this share of its largest output (an int8 rounding away flips a step)
 
@@ -47,61 +50,85 @@ def other_batch(tensors: Sequence[Tensor], batch: int) -> tuple[Tensor, ...]:
     return tuple(resized(t) for t in tensors)
 
 
-def fixed_batch_note(
-    path: Path,
-    tensors: Sequence[Tensor],
-    expected: Sequence[Tensor],
-    others: Sequence[Tensor],
-    expected_others: Sequence[Tensor],
-    batch: int,
-) -> str | None:
-    """Why the graph at ``path`` does not compute the model at another batch size; ``None`` where it does, or where
-    it cannot be told (no onnxruntime, an input the exporter dropped, outputs that do not line up).
+@dataclass
+class GraphCheck:
+    """What :func:`graph_note` compares: the graph's inputs in order (``tensors``) and the model's output tensors on
+    them (``expected``, flattened as the exporter flattens them), at the example's ``batch``; at another batch
+    (:func:`other_batch`) where the model runs there (``others``, ``expected_others``); ``quantized``: whether the
+    model holds fake quantizers that are on (the graph then rounds as onnxruntime's integer kernels do)."""
 
-    ``tensors`` and ``others``: the graph's inputs in order, at the example's ``batch`` and at another
-    (:func:`other_batch`); ``expected`` and ``expected_others``: the model's output tensors on them (flattened as the
-    exporter flattens them)."""
+    tensors: Sequence[Tensor]
+    expected: Sequence[Tensor]
+    batch: int
+    quantized: bool
+    others: Sequence[Tensor] | None = None
+    expected_others: Sequence[Tensor] | None = None
+    skipped: str | None = None  # why the other batch was not compared (the model does not run there itself)
+
+
+def graph_note(path: Path, check: GraphCheck) -> str | None:
+    """Why the graph at ``path`` does not compute the model: at the example itself (beyond what rounding explains:
+    a quarter of the largest output for a quantized model, a thousandth for a float one), or at another batch size
+    (fails, returns other shapes, or drifts from the model by more than at the example). ``None`` where it does, or
+    where it cannot be told (no onnxruntime, an input the exporter dropped, outputs that do not line up)."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return None
+        return check.skipped
     options = ort.SessionOptions()
     options.log_severity_level = 4  # the failure is said below, not in onnxruntime's log
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    if len(names) != len(tensors):
-        return None
-    other = 1 if batch > 1 else 2
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+    if len(names) != len(check.tensors):
+        return check.skipped
+    batch, other = check.batch, 1 if check.batch > 1 else 2
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, check.tensors, strict=True)}
     try:
         at_example = session.run(None, feed)
     except Exception:  # the graph not running at its own example is not this check's to judge
-        return None
+        return check.skipped
+    error = _max_error(at_example, check.expected)
+    scale = _largest(check.expected)
+    if error is not None and error > (_WRONG_QUANTIZED if check.quantized else _WRONG_FLOAT) * scale + 1e-6:
+        return (  # trial ET: `index_add_` with repeated indices, which the exporter converts as if they were not
+            f"the graph's outputs on the example differ from the model's by {error:.3g} (of outputs up to "
+            f"{scale:.3g}), more than {'its int8 rounding' if check.quantized else 'float rounding'} explains: the "
+            "exporter converted an operation of the forward wrongly (torch's exporter warns of some, e.g. "
+            "`index_add_` or an index with repeated values: 'does not support duplicated values'). Do not serve "
+            "this graph: rewrite that operation (`scatter_add_` exports exactly) or keep the compressed file."
+        )
+    if check.others is None or check.expected_others is None:
+        return check.skipped
     try:
-        at_other = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, others, strict=True)})
+        at_other = session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, check.others, strict=True)})
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         return (
             f"the graph runs at the example's batch of {batch} but fails at a batch of {other} ({first}): {_FIXED} "
             f"Serve it at a batch of {batch}, or make that size a tensor operation in the forward."
         )
-    shapes = _shape_mismatch(at_other, expected_others)
+    shapes = _shape_mismatch(at_other, check.expected_others)
     if shapes is not None:  # trial ER: `zeros(int(x.shape[0]), 1)` broadcast kept 4 rows at a batch of 1
         return (
             f"the graph runs at the example's batch of {batch}, but at a batch of {other} it returns {shapes}: "
             f"{_FIXED} Serve it at a batch of {batch}, or make that size a tensor operation in the forward."
         )
-    error = _max_error(at_example, expected)
-    error_other = _max_error(at_other, expected_others)
+    error_other = _max_error(at_other, check.expected_others)
     if error is None or error_other is None:
         return None
-    scale = max((float(t.detach().float().abs().max()) for t in expected_others if t.numel()), default=0.0)
+    scale = _largest(check.expected_others)
     if error_other <= max(_DRIFT * error, _FLOOR * scale):
         return None
     return (
         f"the graph matches the model at the example's batch of {batch} (max |difference| {error:.3g}) but not at a "
         f"batch of {other} ({error_other:.3g}, of outputs up to {scale:.3g}): {_FIXED} Serve it at a batch of "
         f"{batch}, or make that size a tensor operation in the forward."
+    )
+
+
+def _largest(outputs: Sequence[Tensor]) -> float:
+    return max(
+        (float(t.detach().float().abs().max()) for t in outputs if t.is_floating_point() and t.numel()), default=0.0
     )
 
 

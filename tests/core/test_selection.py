@@ -293,3 +293,30 @@ def test_matrices_a_module_multiplies_itself_are_said_when_left_dense():
         warnings.filterwarnings("error", message=r".*does not prune")
         prune_(vit, 0.9)  # its position embeddings: 12% of the weights it prunes
         prune_(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.5)
+
+
+def test_embedding_tables_larger_than_the_selection_are_named_with_how_to_include_them():
+    """Trial ET: a recommender's embedding tables held 99% of its weights; the default pruned its MLPs to 90%,
+    `sparsity` read 0.90 with 0.8% of the parameters zero, and nothing said the tables were left out. A language
+    model's token embedding, smaller than its layers, is left out without a word."""
+    import warnings
+
+    from lightning_compress import prune_
+
+    class Recommender(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.users, self.items = nn.Embedding(2000, 16), nn.EmbeddingBag(1000, 16)
+            self.top = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+        def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            return self.top(torch.cat([self.users(user), self.items(items)], dim=1))
+
+    with pytest.warns(UserWarning, match=r"does not prune the embedding tables \['users', 'items'\] \(48,000 weights"):
+        prune_(Recommender(), 0.9)
+    model = Recommender()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_(model, 0.9, include=["users", "items", "*"])  # named: pruned, nothing to say
+        prune_(nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 64), nn.Linear(64, 50)), 0.5)
+    assert float((model.users.weight == 0).float().mean()) > 0.5
