@@ -293,13 +293,12 @@ def _note_larger_embeddings(named: list[tuple[str, nn.Module]], selected: list[T
     recommender's tables, 99% of its weights: `sparsity` read 0.90 with 0.8% of the parameters zero, said nowhere).
     A language model's token embedding, smaller than its layers, is left out without a word, as documented."""
     chosen = {id(t.param) for t in selected}
-    tables = [
-        (name, module.weight.numel())
-        for name, module in named
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag))
-        and not excluded(name, module)
-        and id(module.weight) not in chosen
-    ]
+    tables: list[tuple[str, int]] = []
+    for name, module in named:  # a table shared by several modules (T5's `shared`) counts once (trial EU)
+        weight = module.weight if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) else None
+        if weight is not None and not excluded(name, module) and id(weight) not in chosen:
+            chosen.add(id(weight))
+            tables.append((name, weight.numel()))
     total, pruned = sum(n for _, n in tables), sum(t.numel for t in selected)
     if total > pruned:
         names = [name for name, _ in sorted(tables, key=lambda item: -item[1])[:3]]
@@ -308,7 +307,7 @@ def _note_larger_embeddings(named: list[tuple[str, nn.Module]], selected: list[T
             f"weights in {len(tables)} table(s), {total / max(1, pruned):.1f}x the {pruned:,} it prunes): the default "
             "selects Linear and Conv layers, and `sparsity` counts those. Name each table exactly in `include`, "
             "with '*' for the layers (e.g. include=['emb', '*']), to prune it; quantization-aware training takes "
-            "an nn.Embedding named exactly too.",
+            "an nn.Embedding (not an EmbeddingBag) named exactly too.",
             UserWarning,
             stacklevel=3,
         )

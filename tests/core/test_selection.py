@@ -320,3 +320,8 @@ def test_embedding_tables_larger_than_the_selection_are_named_with_how_to_includ
         prune_(model, 0.9, include=["users", "items", "*"])  # named: pruned, nothing to say
         prune_(nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 64), nn.Linear(64, 50)), 0.5)
     assert float((model.users.weight == 0).float().mean()) > 0.5
+    shared = nn.ModuleDict({"a": nn.Embedding(1000, 64), "b": nn.Embedding(1000, 64), "fc": nn.Linear(64, 1000)})
+    shared["b"].weight = shared["a"].weight  # one table read twice (T5's `shared`): 64,000 weights, not 128,000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune_(shared, 0.5)
