@@ -215,7 +215,8 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
             skipped[name] = (  # named (trial BX: LeViT's BatchNorms and attention biases were called norms per head)
                 f"{len(owners)} modules with parameters ({held[:4]}{' ...' if len(held) > 4 else ''}) lie between "
                 "its projections and the attention product (a norm per head, as StableLM's qk_layernorm, or norms and "
-                "biases over all heads), which head removal does not cut"
+                "biases over all heads; or the product is no attention at all, as a recommender's interaction of its "
+                "embeddings), which head removal does not cut"
             )
             continue
         if any(p.dim() != 1 or p.numel() != per_head for p in walked[2]):

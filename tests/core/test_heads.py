@@ -170,6 +170,28 @@ def test_token_ids_that_are_all_the_padding_token_are_named_as_why_heads_are_lef
     assert len(blocks) == 1 and not skipped
 
 
+class _Interaction(nn.Module):
+    """A DLRM's pairwise interaction: a bottom MLP's output and embedding lookups stacked, multiplied by their own
+    transpose (a `bmm` the head finder reads as an attention product), then a top MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(20, 8) for _ in range(3))
+        self.bottom = nn.Linear(4, 8)
+        self.top = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.stack([self.bottom(dense)] + [t(ids[:, i]) for i, t in enumerate(self.tables)], dim=1)
+        return self.top(torch.bmm(rows, rows.transpose(1, 2)).flatten(1))
+
+
+def test_a_product_that_is_no_attention_is_not_said_to_hold_norms_per_head():
+    """Trial ET: a recommender's interaction (embeddings stacked and multiplied by their transpose) was said to hold
+    'a norm per head, as StableLM's qk_layernorm' between its projections and the attention product."""
+    _, _, skipped = find_attention(_Interaction(), (torch.randn(2, 4), torch.randint(0, 20, (2, 3))))
+    assert "top.0" in skipped and "or the product is no attention at all" in skipped["top.0"]
+
+
 class _PixelsToIds(nn.Module):
     """A language model read from float inputs made into token ids: noise added to them gives ids out of range."""
 
