@@ -276,15 +276,17 @@ def faithful_groups(
         source = deep_copy(model).float() if source is None else source
     except Exception:
         return list(groups), {}
+    example = _float32(example_inputs)
     with plain_float(source):  # quantizers off (restored after), eval mode
         try:
-            first = _outputs(source, _float32(example_inputs))
+            with torch.no_grad(), seeded(source) as drew:
+                first = [t.detach().float() for t in output_tensors(call_model(source, example))]
+                draws = drew()  # the forward draws random numbers: named where a group is refused (trial ER)
         except Exception:
             return list(groups), {}
-        if output_change(first, _outputs(source, _float32(example_inputs)))[0] > 0.0:
+        if output_change(first, _outputs(source, example))[0] > 0.0:
             return [], {g.name: UNSEEDED for g in groups}
-        inputs = noisy_checks(_float32(example_inputs), lambda x: _outputs(source, x))
-        draws = _draws_random(source, inputs[0])
+        inputs = noisy_checks(example, lambda x: _outputs(source, x))
         in_training: list[bool] = []  # whether the whole model runs in training mode: found by the first trial
         verdict = _verdicts(
             lambda subset: _zeroed_vs_removed(source, groups, subset, inputs, in_training, rtol), len(groups)
@@ -294,18 +296,6 @@ def faithful_groups(
     if draws:  # trial ER: a draw sized by the channels was blamed on a flip or a pixel shuffle alone
         reasons = {name: why + RANDOM_DRAWS if why.startswith(MIXED) else why for name, why in reasons.items()}
     return kept, reasons
-
-
-def _draws_random(model: nn.Module, inputs: Any) -> bool:
-    """Whether the model's forward draws from torch's default CPU generator (or its CUDA devices'): its state moves.
-    The states are put back."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with seeded(model, None):
-        before = [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in devices)]
-        with torch.no_grad():
-            call_model(model, inputs)
-        after = [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in devices)]
-    return any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
 
 
 def _zeroed_vs_removed(

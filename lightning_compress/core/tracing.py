@@ -135,17 +135,23 @@ def plain_float(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def seeded(model: nn.Module, seed: int | None = 0) -> Iterator[None]:
+def seeded(model: nn.Module, seed: int | None = 0) -> Iterator[Callable[[], bool]]:
     """Meanwhile, torch's generators of the CPU and of ``model``'s CUDA devices start from ``seed`` (``None``: as
     they are); put back afterwards. Two forwards compared (a model with channels zeroed, then removed) draw the
-    same random numbers: a VAE's ``torch.randn_like`` made every channel group look unfaithful (trial EP)."""
+    same random numbers: a VAE's ``torch.randn_like`` made every channel group look unfaithful (trial EP). Yields a
+    function that says whether anything drew from those generators since they were set."""
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+    def states() -> list[Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(i) for i in devices)]
+
     with torch.random.fork_rng(devices=devices):
         if seed is not None:
             torch.default_generator.manual_seed(seed)
             for index in devices:
                 torch.cuda.default_generators[index].manual_seed(seed)
-        yield
+        start = states()
+        yield lambda: any(not torch.equal(a, b) for a, b in zip(start, states(), strict=True))
 
 
 def check_example_inputs(

@@ -239,7 +239,7 @@ def _export_onnx(
         with unread_entries(model) as unread:  # left out of the baseline: the graph holds none of them
             outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
-        batch_check = _at_other_batch(model, traced_model, traced_args, outputs)
+        batch_check = _graph_check(model, traced_model, traced_args, outputs)
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over
@@ -297,7 +297,7 @@ def _export_onnx(
     return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model, unread)
 
 
-def _at_other_batch(
+def _graph_check(
     model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any
 ) -> GraphCheck | None:
     """What :func:`~.onnx_batch.graph_note` compares: the graph's inputs and the model's outputs at the example's
