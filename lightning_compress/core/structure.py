@@ -37,9 +37,9 @@ from .heads import AttentionBlock, find_attention
 from .layers import transformers_conv1d, weight_axes
 from .selection import eager
 from .tracing import (
+    TracerForward,
     all_tracked,
     call_model,
-    call_model_for_tracer,
     comparable_modules,
     eval_mode,
     output_tensors,
@@ -190,14 +190,13 @@ def build_channel_groups(
         raw: list[TracedGroup]
         try:
             with comparable_modules(model):
-                graph = tp.DependencyGraph().build_dependency(
-                    model,
-                    example_inputs,
-                    forward_fn=call_model_for_tracer,
-                    verbose=False,
-                    customized_pruners=custom or None,
-                )
+                graph, unread = _dependency_graph(tp, model, example_inputs, custom)
                 raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
+                untraced.update(
+                    (names[m], f"it returns a {kind}, not a tensor (as Llama4's router), which the "
+                     "dependency graph's tracer cannot read, so its channels are left whole")
+                    for m, kind in unread
+                )  # fmt: skip
         except (TypeError, IndexError, KeyError, ValueError, RuntimeError, AttributeError) as err:
             # e.g. Longformer: a concatenation whose sizes the tracer cannot read. Heads are found without the
             # graph; every other channel is left whole, with the reason
@@ -340,6 +339,37 @@ def slice_bound(module: nn.Module, kind: str) -> int:
     return int(module.weight.shape[out_axis if kind == "out" else in_axis])  # type: ignore[index]
 
 
+def _dependency_graph(
+    tp: Any, model: nn.Module, example_inputs: Any, custom: dict[type, Any]
+) -> tuple[Any, list[tuple[nn.Module, str]]]:
+    """Torch-Pruning's graph of ``model``; the hooks it registers are removed whatever the forward raises
+    (:class:`TracerForward`). An ``nn.Linear`` that returns no tensor (Llama4's router returns a tuple), which the
+    tracer's hook cannot read, is left out of the trace and the forward traced again: its weights are no channel root
+    (trial EW: the whole trace failed, and no channel of the model could be pruned). Returns the graph, and each
+    layer left out with what it returned."""
+    ignored: list[tuple[nn.Module, str]] = []
+    while True:
+        forward = TracerForward()
+        try:
+            graph = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs,
+                forward_fn=forward,
+                verbose=False,
+                customized_pruners=custom or None,
+                ignored_layers=[m for m, _ in ignored] or None,
+            )
+        except Exception:
+            if forward.failure is None:
+                raise  # the tracer's own failure (after a forward that ran)
+        left_out = {id(m) for m, _ in ignored}
+        unread = [(m, kind) for m, kind in forward.non_tensor_linears if id(m) not in left_out]
+        if forward.failure is None or not unread:
+            forward.reraise()
+            return graph, ignored
+        ignored.extend(unread)
+
+
 def _raw_groups(
     graph: Any, ignored: list[nn.Module], roots: tuple[type[nn.Module], ...], names: dict[nn.Module, str]
 ) -> tuple[list[TracedGroup], dict[str, str]]:
@@ -358,8 +388,12 @@ def _raw_groups(
             continue
         try:
             group = search_group(graph, module, pruner.prune_out_channels, channels, limit)
-        except (IndexError, KeyError, ValueError, RuntimeError) as err:
-            failed[names.get(module, "?")] = f"its channels cannot be traced through the model ({type(err).__name__})"
+        except (ArithmeticError, IndexError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as err:
+            # trial EW: SAM's mask decoder, a ZeroDivisionError in an index mapping of the tracer, ended the setup
+            failed[names.get(module, "?")] = (
+                f"its channels cannot be traced through the model (Torch-Pruning's index mapping: {type(err).__name__}"
+                + (f": {str(err)[:100]})" if str(err) else ")")
+            )
             continue
         if group is None:
             failed[names.get(module, "?")] = (

@@ -14,6 +14,7 @@ from .layers import restore_training
 from .qat import quantizers
 
 __all__ = [
+    "TracerForward",
     "call_model",
     "check_example_inputs",
     "eval_mode",
@@ -195,6 +196,43 @@ def call_model_for_tracer(model: nn.Module, inputs: Any) -> Any:
     out = call_model(model, inputs)
     tensors = output_tensors(out)
     return out if _leaves(out) == len(tensors) else tuple(reversed(tensors))
+
+
+class TracerForward:
+    """The ``forward_fn`` handed to a tracer that hooks the model's layers itself (Torch-Pruning's): it calls
+    :func:`call_model_for_tracer`, and a forward that raises, in the model or in the tracer's own hooks, returns a
+    placeholder instead, so that the tracer removes the hooks it registered (trial EW: Llama4's router, an
+    ``nn.Linear`` returning a tuple, broke Torch-Pruning's hook; its 17 hooks stayed on the model and every later
+    forward, a plain ``fit`` too, failed the same way). :meth:`reraise` then raises what the forward raised.
+
+    It also records the ``nn.Linear`` layers whose output is no tensor (``non_tensor_linears``: each with its type),
+    with its own hooks (run before the tracer's, removed before it returns): a tracer that reads a Linear's output
+    shape can be told to leave them out."""
+
+    def __init__(self) -> None:
+        self.failure: Exception | None = None
+        self.non_tensor_linears: list[tuple[nn.Module, str]] = []
+
+    def __call__(self, model: nn.Module, inputs: Any) -> Any:
+        def record(module: nn.Module, _args: Any, out: Any) -> None:
+            if not isinstance(out, Tensor) and all(module is not m for m, _ in self.non_tensor_linears):
+                self.non_tensor_linears.append((module, type(out).__name__))
+
+        hooks = [m.register_forward_hook(record, prepend=True) for m in model.modules() if isinstance(m, nn.Linear)]
+        try:
+            return call_model_for_tracer(model, inputs)
+        except Exception as err:
+            self.failure = err
+            return torch.zeros((), requires_grad=True)
+        finally:
+            for handle in hooks:
+                handle.remove()
+
+    def reraise(self) -> None:
+        """Raise what the forward raised, if it did."""
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
 
 
 def _leaves(out: Any) -> int:

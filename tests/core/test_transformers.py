@@ -720,8 +720,10 @@ def test_a_weight_normed_convolution_is_left_out_with_the_reason():
     as if it were not a Conv layer."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Conv1d(8, 8, 3))
     torch.nn.utils.parametrizations.weight_norm(model[1])
-    with pytest.warns(UserWarning, match=r"leaves \['1'\] out: their weight is computed by a parametrization"):
+    with pytest.warns(UserWarning, match=r"leaves \['1'\] out: their weight is computed by a parametrization") as said:
         prune_(model, 0.5)
+    # trial EW: EnCodec's parametrizations were also listed as Parameters multiplied through einsum or matmul
+    assert not [w for w in said if "does not prune" in str(w.message)]
     with pytest.raises(ValueError, match=r"computed by a parametrization: \['1'\]"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune_(model, 0.5, include=["1"])
@@ -771,7 +773,10 @@ def test_channels_torch_pruning_cannot_map_are_left_whole_with_the_reason():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=r"in_proj: its channels cannot be traced through the model \(IndexError"):
+        with pytest.raises(
+            ValueError,
+            match=r"in_proj: its channels cannot be traced through the model \(Torch-Pruning.s index mapping",
+        ):
             prune_(model, 0.5, granularity="channel", example_inputs={"input_ids": tokens(length=8) % 64})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
