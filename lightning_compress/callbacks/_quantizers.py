@@ -25,8 +25,9 @@ def warn_about_idle_layers(
     if idle:
         rank_zero_warn(
             f"QuantizationAwareTraining: {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran their forward in epoch "
-            f"{epoch} (the model reads their weights directly, as transformers' Mamba does with conv1d): they compute "
-            "in float, and an export stores them in float. `exclude` them to silence this."
+            f"{epoch}: a branch the training data did not take (as SAM's mask embedding without `input_masks`), or the "
+            "model reads their weights directly (as transformers' Mamba does with conv1d). They compute in float, and "
+            "an export stores them in float. `exclude` them to silence this."
         )
     unseen = [
         name

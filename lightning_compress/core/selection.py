@@ -273,11 +273,19 @@ def _unselected_matrices(
 ) -> list[tuple[str, int, tuple[int, ...]]]:
     """The Parameters of two or more dimensions that modules other than layers, embeddings, experts, recurrent layers
     and ``nn.MultiheadAttention`` hold and the selection leaves out (not those of excluded modules): name, size,
-    shape."""
+    shape. A layer's parametrization (``weight_norm``'s ``original0``/``original1``) is no such Parameter: the layer
+    left out for it is named on its own (trial EW: EnCodec's were listed here too, as einsum operands)."""
     chosen = {id(t.param) for t in selected}
+    layer_types = default_layer_types()
+    chosen.update(
+        id(p)
+        for _, m in named
+        if isinstance(m, layer_types) and is_parametrized(m)
+        for p in cast(nn.Module, m.parametrizations).parameters()
+    )
     found: list[tuple[str, int, tuple[int, ...]]] = []
     for name, module in named:
-        if isinstance(module, (*default_layer_types(), nn.Embedding, nn.EmbeddingBag)) or excluded(name, module):
+        if isinstance(module, (*layer_types, nn.Embedding, nn.EmbeddingBag)) or excluded(name, module):
             continue
         if is_experts(module) or matrix_tensors(module):  # kinds it selects, which `include` left out
             continue

@@ -253,6 +253,14 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
     # characters), which the chained exception still holds
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     first = first if len(first) <= 300 else first[:300] + " ..."
+    if re.search(r"aten::(polar|view_as_complex|view_as_real|complex)\b", first):
+        # trial EW: Llama4's rotary embedding, given its mask, was told to pass the mask
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: {first} ONNX has no complex numbers, and the forward "
+            "computes with them (a rotary embedding as a complex rotation, `torch.polar` / `torch.view_as_complex`, "
+            "as `transformers`' Llama4 does). What to change: rotate with `cos` and `sin` of real tensors in the "
+            "model's forward; or keep the model as the compressed file (`save_compressed`), which reloads it whole."
+        )
     parametrized = [n for n, m in model.named_modules() if is_parametrized(m)]
     where = (  # trial DK: an operator of spectral_norm's / orthogonal's parametrization was blamed on the forward
         f"replace that operation in the model's forward, or in the parametrizations of {parametrized[:3]}, which run "

@@ -111,8 +111,9 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
     if idle:
         warnings.warn(
             f"save_compressed: {idle[:5]}{' ...' if len(idle) > 5 else ''} are fake-quant layers whose forward never "
-            "ran (the model reads their weights directly), so their weights have no scale and the model computes "
-            "with them in float: the file stores them in float. `exclude` them from QAT to silence this.",
+            "ran in training (a branch the data did not take, or the model reads their weights directly), so their "
+            "weights have no scale and the model computes with them in float: the file stores them in float. `exclude` "
+            "them from QAT to silence this.",
             UserWarning,
             stacklevel=4,  # save_compressed -> _save -> here
         )
