@@ -310,6 +310,15 @@ def plan_timeline(
         default_in_steps and window.every_n_epochs is None and per_epoch is not None
     )
     every: int | None
+    if not in_steps and per_epoch is None and trainer.max_steps >= 0 and trainer.global_step == 0:
+        rank_zero_warn(  # trial EV: an endless stream's one epoch ended at `max_steps`, and 0 -> 0.90 ran after it
+            "IterativePruning: the train dataloader has no length and `max_steps`="
+            f"{trainer.max_steps} can end the fit: pruning events run between epochs, when the loader's iterator "
+            "runs out. A stream that never runs out makes the whole fit one epoch, and every event would run at the "
+            "end of training (no training after it, no validation to judge it). Give epochs a length with "
+            "`limit_train_batches=N` (N batches per epoch: `start_epoch`/`end_epoch` count those, and events run "
+            "between optimizer steps)."
+        )
     if not in_steps:
         start, end, every = start_epoch, end_epoch, window.every_n_epochs or 1
     elif per_epoch is None:

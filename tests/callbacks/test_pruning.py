@@ -908,6 +908,35 @@ def test_every_n_steps_needs_a_sized_loader():
         trainer(max_epochs=1, callbacks=[pruning, FailOnFirstStep()]).fit(Model())
 
 
+class Endless(TinyModule):
+    """Training batches from a stream that never runs out."""
+
+    def train_dataloader(self):
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                data = make_blobs(64)
+                while True:
+                    yield from zip(data.tensors[0], data.tensors[1], strict=True)
+
+        return torch.utils.data.DataLoader(Stream(), batch_size=16)
+
+
+def test_an_endless_stream_bounded_by_max_steps_is_told_its_events_would_all_come_at_the_end():
+    """Trial EV: the fit's one epoch ended at `max_steps`, and all of the schedule (0 -> 0.90) ran after its last
+    step, untrained and unvalidated, without a word."""
+    pl.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"no length and `max_steps`=12 can end the fit: .* `limit_train_batches=N`"):
+        trainer(max_steps=12, max_epochs=-1, callbacks=[IterativePruning(0.9, end_epoch=1)]).fit(Endless())
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.9, end_epoch=2)
+    changes = SparsityChanges(pruning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no length and `max_steps`")
+        trainer(max_steps=12, max_epochs=-1, limit_train_batches=4, callbacks=[pruning, changes]).fit(Endless())
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
+    assert changes.changes >= 4  # events between optimizer steps of the 4-batch epochs, not one at the end
+
+
 def test_min_density_at_the_boundary_is_accepted():
     IterativePruning(0.9, min_density=0.1)  # 1 - 0.9 == 0.0999... in floating point (regression)
 
