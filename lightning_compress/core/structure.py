@@ -193,7 +193,7 @@ def build_channel_groups(
                 graph, unread = _dependency_graph(tp, model, example_inputs, custom)
                 raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
                 untraced.update(
-                    (names[m], f"it returns a {kind}, not a tensor (as Llama4's router), which the "
+                    (names[m], f"it returns a {kind}, not a tensor or a tuple, which the "
                      "dependency graph's tracer cannot read, so its channels are left whole")
                     for m, kind in unread
                 )  # fmt: skip
@@ -343,10 +343,11 @@ def _dependency_graph(
     tp: Any, model: nn.Module, example_inputs: Any, custom: dict[type, Any]
 ) -> tuple[Any, list[tuple[nn.Module, str]]]:
     """Torch-Pruning's graph of ``model``; the hooks it registers are removed whatever the forward raises
-    (:class:`TracerForward`). An ``nn.Linear`` that returns no tensor (Llama4's router returns a tuple), which the
-    tracer's hook cannot read, is left out of the trace and the forward traced again: its weights are no channel root
-    (trial EW: the whole trace failed, and no channel of the model could be pruned). Returns the graph, and each
-    layer left out with what it returned."""
+    (:class:`TracerForward`: a layer's plain tuple, such as Llama4's router's, is handed to the tracer as a tuple with a
+    shape). A layer that returns another kind of object (a dict, a named tuple), which the tracer's hook cannot read,
+    is left out of the trace and the forward traced again: its weights are no channel root (trial EW: the whole trace
+    failed, and no channel of the model could be pruned). Returns the graph, and each layer left out with what it
+    returned."""
     ignored: list[tuple[nn.Module, str]] = []
     while True:
         forward = TracerForward()
@@ -363,7 +364,7 @@ def _dependency_graph(
             if forward.failure is None:
                 raise  # the tracer's own failure (after a forward that ran)
         left_out = {id(m) for m, _ in ignored}
-        unread = [(m, kind) for m, kind in forward.non_tensor_linears if id(m) not in left_out]
+        unread = [(m, kind) for m, kind in forward.non_tensor_layers if id(m) not in left_out]
         if forward.failure is None or not unread:
             forward.reraise()
             return graph, ignored

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -198,6 +198,19 @@ def call_model_for_tracer(model: nn.Module, inputs: Any) -> Any:
     return out if _leaves(out) == len(tensors) else tuple(reversed(tensors))
 
 
+_TRACED = (
+    nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding
+)  # fmt: skip
+
+
+class _TracedTuple(tuple):
+    """A tuple a layer returned, with the ``shape`` of its first item (a tracer reads a layer's output shape)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return cast(Tensor, self[0]).shape
+
+
 class TracerForward:
     """The ``forward_fn`` handed to a tracer that hooks the model's layers itself (Torch-Pruning's): it calls
     :func:`call_model_for_tracer`, and a forward that raises, in the model or in the tracer's own hooks, returns a
@@ -205,20 +218,29 @@ class TracerForward:
     ``nn.Linear`` returning a tuple, broke Torch-Pruning's hook; its 17 hooks stayed on the model and every later
     forward, a plain ``fit`` too, failed the same way). :meth:`reraise` then raises what the forward raised.
 
-    It also records the ``nn.Linear`` layers whose output is no tensor (``non_tensor_linears``: each with its type),
-    with its own hooks (run before the tracer's, removed before it returns): a tracer that reads a Linear's output
-    shape can be told to leave them out."""
+    Its own hooks on the layers the tracer hooks (Linear, Conv, norms, embeddings; run before the tracer's, removed
+    before it returns) hand the tracer a plain tuple such a layer returns as a :class:`_TracedTuple`, which has its
+    first tensor's ``shape``: Torch-Pruning reads a Linear's output shape, then follows a tuple's first item, so a
+    router returning ``(logits, weights)`` is traced as a layer (trial EY: left out of the trace, the layers feeding it
+    were left whole, and a concatenation of its weights failed the whole trace). Any other output that is no tensor
+    (a dict, a named tuple, a dataclass) is recorded in ``non_tensor_layers``, each with its type, so that the tracer
+    can be told to leave them out."""
 
     def __init__(self) -> None:
         self.failure: Exception | None = None
-        self.non_tensor_linears: list[tuple[nn.Module, str]] = []
+        self.non_tensor_layers: list[tuple[nn.Module, str]] = []
 
     def __call__(self, model: nn.Module, inputs: Any) -> Any:
-        def record(module: nn.Module, _args: Any, out: Any) -> None:
-            if not isinstance(out, Tensor) and all(module is not m for m, _ in self.non_tensor_linears):
-                self.non_tensor_linears.append((module, type(out).__name__))
+        def record(module: nn.Module, _args: Any, out: Any) -> Any:
+            if isinstance(out, Tensor):
+                return None
+            if type(out) is tuple and out and isinstance(out[0], Tensor):
+                return _TracedTuple(out)  # the same items to the forward that reads them
+            if all(module is not m for m, _ in self.non_tensor_layers):
+                self.non_tensor_layers.append((module, type(out).__name__))
+            return None
 
-        hooks = [m.register_forward_hook(record, prepend=True) for m in model.modules() if isinstance(m, nn.Linear)]
+        hooks = [m.register_forward_hook(record, prepend=True) for m in model.modules() if isinstance(m, _TRACED)]
         try:
             return call_model_for_tracer(model, inputs)
         except Exception as err:

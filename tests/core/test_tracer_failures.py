@@ -39,24 +39,66 @@ def _hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_a_linear_returning_a_tuple_is_left_whole_and_the_rest_is_pruned_with_no_hook_left_behind():
+def test_a_linear_returning_a_tuple_is_traced_as_a_layer_with_no_hook_left_behind():
     """Before: Torch-Pruning's hook read the tuple's `.shape` (AttributeError), its hooks stayed on the model, and every
-    later forward failed the same way."""
+    later forward failed the same way. Trial EY: left out of the trace instead, the layer feeding it stayed whole."""
     torch.manual_seed(0)
     model, x = _Routed(), torch.randn(4, 8)
     structure = channel_structure(model, select_targets(model), x)
     assert _hooks(model) == 0
     model(x)  # a plain forward still runs
-    assert "it returns a tuple, not a tensor (as Llama4's router)" in structure.left["router"]
-    assert {g.name for g in structure.groups} == {"fc2", "fc3"}  # fc1 feeds the router: the check leaves it whole
+    assert {g.name for g in structure.groups} == {"fc1", "fc2", "fc3"}
     prune_(model, 0.5, granularity="channel", example_inputs=x)
     model.eval()
     with torch.no_grad():
         before = model(x)
         report = compact(model, x)
         assert torch.allclose(model(x), before, atol=1e-6)
-    assert (model.fc2.out_features, model.fc3.out_features, model.fc1.out_features) == (6, 5, 16)
+    assert (model.fc1.out_features, model.router.in_features, model.fc2.out_features) == (8, 8, 6)
     assert report.params_after < report.params_before
+
+
+class _DictOut(nn.Linear):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"out": super().forward(x)}
+
+
+class _DictConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"out": super().forward(x)}
+
+
+class _Branches(nn.Module):
+    """A layer returning a dict on one branch, a plain branch beside it, and a router's weights concatenated."""
+
+    def __init__(self, layer: nn.Module, width: int) -> None:
+        super().__init__()
+        self.odd, self.router = layer, _Router(16, 4)
+        self.s1, self.s2, self.head = nn.Linear(16, 48), nn.Linear(48, 4), nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.odd(x if isinstance(self.odd, nn.Linear) else x.view(-1, 1, 4, 4))["out"]
+        _, probs = self.router(x)
+        gate = torch.cat([probs[:, :2], probs[:, 2:]], dim=-1)  # trial EY: PhiMoE's sparsemixer concatenates them
+        return self.head(inner.flatten(1)) + self.s2(torch.relu(self.s1(x))) * gate
+
+
+@pytest.mark.parametrize(("layer", "width"), [(_DictOut(16, 8), 8), (_DictConv(1, 2, 3), 8)])
+def test_a_layer_returning_a_dict_is_left_out_of_the_trace_and_whole_and_the_rest_is_pruned(layer, width):
+    """Trial EY: a Conv returning a dict failed the whole trace; a router's concatenated weights failed it too."""
+    torch.manual_seed(0)
+    model, x = _Branches(layer, width), torch.randn(8, 16)
+    structure = channel_structure(model, select_targets(model), x)
+    assert _hooks(model) == 0
+    assert "it returns a dict, not a tensor or a tuple, which the dependency graph's tracer" in structure.left["odd"]
+    assert "s1" in {g.name for g in structure.groups}
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        compact(model, x)
+        assert torch.allclose(model(x), before, atol=1e-6)
+    assert model.s1.out_features == 24
 
 
 def test_a_forward_that_raises_while_traced_leaves_no_hook_and_raises_its_own_error():
@@ -90,12 +132,12 @@ def _llama4() -> nn.Module:
     return transformers.Llama4ForCausalLM(config).eval()
 
 
-def test_llama4_prunes_heads_and_mlp_neurons_around_its_router_and_compacts_exactly(caplog):
+def test_llama4_prunes_heads_and_mlp_neurons_beside_its_router_and_compacts_exactly(caplog):
     model, ids = _llama4(), {"input_ids": torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(1))}
     with caplog.at_level(logging.INFO):
         prune_(model, 0.5, granularity="channel", example_inputs=ids)
     assert _hooks(model) == 0
-    assert "it returns a tuple, not a tensor (as Llama4's router)" in caplog.text
+    assert "router (" in caplog.text  # its tuple traced: its outputs, the experts' weights, are left whole
     with torch.no_grad():
         before = model(**ids).logits
         report = compact(model, ids)
