@@ -61,6 +61,7 @@ from ._pruning_checks import (
 from ._pruning_clock import PruningClock
 from ._pruning_log import log_values, sparsity_values
 from ._settings import log_settings
+from ._untrained import UnreachedWeights
 from ._validation import (
     StrategyCollectives,
     check_strategy,
@@ -264,6 +265,7 @@ class IterativePruning(Callback):
         self._said_differs: set[str] = set()  # monitors said to differ between processes
         self._metrics = ValidationMetrics()  # what a rollback gives checkpoint callbacks
         self._optimizer_params: dict[tuple[int, int], set[int]] = {}
+        self._unreached = UnreachedWeights()  # selected weights no gradient reaches in the first epoch
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -516,6 +518,7 @@ class IterativePruning(Callback):
         core.apply()
         say_quant_blocks(core.rule, pl_module)
         core.attach_optimizers(trainer.optimizers)
+        self._unreached.start(core.targets)
         plan.place(core)
         resumed, self._resumed_validation = self._resumed_validation, None
         if self.monitor is not None:  # a checkpoint saved right after a validation: its copy and metrics again
@@ -571,6 +574,7 @@ class IterativePruning(Callback):
         if key not in self._optimizer_params:
             self._optimizer_params[key] = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.pruner.before_optimizer_step(self._optimizer_params[key])
+        self._unreached.observe()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -584,6 +588,7 @@ class IterativePruning(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
         self._flush_logs(pl_module, step_level=False)
+        self._unreached.say(trainer.current_epoch)
 
     def _write_final_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sparsity the fit ends at, to every logger and to ``trainer.callback_metrics``: Lightning writes

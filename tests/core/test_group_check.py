@@ -374,6 +374,28 @@ def test_a_fused_gate_and_up_projection_is_left_whole_with_a_reason_that_names_i
         prune_(_FusedGateUp(), 0.5, granularity="channel", example_inputs=torch.randn(2, 8))
 
 
+class _ReadsItsWidth(nn.Module):
+    """A forward that fails with an error of its own when a layer is narrower than it was built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc1.weight.shape[0] != 16:
+            raise LookupError("no lookup table for this model")
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_forward_failing_with_its_own_error_is_not_blamed_on_a_chunk_or_split():
+    """Trial EY: the reason for a model's own error went on 'such as the halves of one layer's output split apart'."""
+    with pytest.raises(
+        ValueError, match=r"the forward without half of its channels fails \(LookupError: no lookup"
+    ) as e:
+        prune_(_ReadsItsWidth(), 0.5, granularity="channel", example_inputs=torch.randn(2, 8))
+    assert "chunk" not in str(e.value)
+
+
 def test_channel_masks_from_prune_go_back_in_as_masks():
     # they hold the biases (and BatchNorm entries) channels cut: `masks=` refused them as "not a selected weight"
     torch.manual_seed(0)

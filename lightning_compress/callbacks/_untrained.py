@@ -1,0 +1,52 @@
+"""Selected weights that the training loss never reaches: pruned by their scores alone, with nothing to recover."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from ..core.selection import Target
+
+__all__ = ["UnreachedWeights"]
+
+
+class UnreachedWeights:
+    """Which selected, trainable weights have had no gradient at any optimizer step of the fit's first epoch.
+
+    A layer the training forward does not call (a branch the data never takes: SAM's mask embedding without
+    ``input_masks``; a head only used outside ``training_step``) gets no gradient: pruning it still counts toward
+    ``target_sparsity``, but no training can recover what it removes (trial EW: BLIP's unused projections ended 21%
+    zero, unsaid). Said once, after the first epoch; the check costs nothing once every weight has had a gradient.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, tuple[str, Tensor]] = {}
+        self._said = True
+
+    def start(self, targets: Sequence[Target]) -> None:
+        """Watch ``targets``' trainable weights (frozen ones are said at the start of training)."""
+        self._waiting = {id(t.param): (t.name, t.param) for t in targets if t.is_weight and t.param.requires_grad}
+        self._said = False
+
+    def observe(self) -> None:
+        """Before an optimizer step: the weights whose gradient is there have been reached."""
+        if self._waiting:
+            self._waiting = {k: v for k, v in self._waiting.items() if v[1].grad is None}
+
+    def say(self, epoch: int) -> None:
+        """At the end of the first epoch this fit trained: name the weights still unreached, once."""
+        if self._said:
+            return
+        self._said = True
+        names = list(dict.fromkeys(name for name, _ in self._waiting.values()))
+        self._waiting = {}
+        if names:
+            rank_zero_warn(
+                f"IterativePruning: {names[:5]}{' ...' if len(names) > 5 else ''} got no gradient in any optimizer "
+                f"step of epoch {epoch}: the training loss does not reach them (a branch the data does not take, as "
+                "SAM's mask embedding without `input_masks`, or a layer used only outside `training_step`). They are "
+                "pruned by their scores alone, with no training to recover what is removed, and count toward "
+                "`target_sparsity`. `exclude` them to keep them dense."
+            )
