@@ -157,7 +157,9 @@ def _removable(
                     "its channels also feed an operation the dependency graph does not see (the forward without half "
                     f"of them fails: {type(err).__name__}: {first}), such as the halves of one layer's output split "
                     "apart (`chunk`, `split`: a fused gate and up projection, GLM-4's `gate_up_proj`, ModernBERT's "
-                    "`Wi`), whose channels pair across the halves"
+                    "`Wi`) or joined to a function of itself (GhostNet's `cat([x, cheap(x)])`), whose channels pair "
+                    "across the halves; or a layer of the same chain whose output the forward drops (left whole for "
+                    "that: see its own reason; a WaveNet's last residual convolution)"
                 )
         return None if trial_shapes == shapes else "its channels reach one of the model's outputs"
 

@@ -197,9 +197,10 @@ def build_channel_groups(
                      "dependency graph's tracer cannot read, so its channels are left whole")
                     for m, kind in unread
                 )  # fmt: skip
-        except (TypeError, IndexError, KeyError, ValueError, RuntimeError, AttributeError) as err:
-            # e.g. Longformer: a concatenation whose sizes the tracer cannot read. Heads are found without the
-            # graph; every other channel is left whole, with the reason
+        except (ArithmeticError, TypeError, IndexError, KeyError, ValueError, RuntimeError, AttributeError) as err:
+            # e.g. Longformer: a concatenation whose sizes the tracer cannot read; ShuffleNetV2's channel shuffle, a
+            # ZeroDivisionError in Torch-Pruning's reshape mapping after three units (trial EX: it ended the setup).
+            # Heads are found without the graph; every other channel is left whole, with the reason
             graph, raw = None, []
             untraced = {
                 type(model).__name__: "the channel dependency graph could not be built (Torch-Pruning: "

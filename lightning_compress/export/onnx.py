@@ -340,9 +340,10 @@ def _quantize_float_conv_outputs(
     if calibration is None:
         warnings.warn(
             f"export_onnx: {len(convs)} quantized convolution(s) have outputs no quantized layer reads first (before a "
-            "residual add, a norm other than BatchNorm, global pooling, or as the model's output): onnxruntime runs "
-            "them in float on dequantized inputs, which can be slower than the float model. Pass `calibration` (a "
-            "few batches of inputs) to `export_onnx` to measure their output ranges, so that they run in int8 (the "
+            "residual add, a concatenation, a norm other than BatchNorm, global pooling, or as the model's output): "
+            "onnxruntime runs them in float on dequantized inputs, which can be slower than the float model. Pass "
+            "`calibration` (a few batches of inputs) to `export_onnx` to measure their output ranges, so that they run "
+            "in int8 (the "
             "callbacks' ONNX `export_path` passes the inputs `forward` received in the fit's last validation, those "
             "like `example_input_array`: none here).",
             UserWarning,

@@ -396,6 +396,33 @@ def test_a_forward_failing_with_its_own_error_is_not_blamed_on_a_chunk_or_split(
     assert "chunk" not in str(e.value)
 
 
+class _DeadLastResidual(nn.Module):
+    """A WaveNet-style stack whose last residual convolution is computed and dropped (only the skips reach the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(1, 16, 1)
+        self.conv = nn.ModuleList([nn.Conv1d(16, 16, 2, dilation=d) for d in (1, 2, 4)])
+        self.res = nn.ModuleList([nn.Conv1d(16, 16, 1) for _ in range(3)])
+        self.skip = nn.ModuleList([nn.Conv1d(16, 16, 1) for _ in range(3)])
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, skips = self.inp(x), 0
+        for conv, res, skip in zip(self.conv, self.res, self.skip, strict=True):
+            h = torch.relu(conv(F.pad(x, (conv.dilation[0], 0))))
+            skips = skips + skip(h)
+            x = x + res(h)  # the last one is never read
+        return self.fc(torch.relu(skips)[:, :, -1])
+
+
+def test_a_chain_held_whole_by_a_layer_whose_output_is_dropped_names_that_cause(caplog):
+    """Trial EX: the residual stream's reason named only a chunk or split."""
+    with caplog.at_level(logging.INFO):
+        prune_(_DeadLastResidual(), 0.5, granularity="channel", example_inputs=torch.randn(2, 1, 32))
+    assert "or a layer of the same chain whose output the forward drops" in caplog.text
+
+
 def test_channel_masks_from_prune_go_back_in_as_masks():
     # they hold the biases (and BatchNorm entries) channels cut: `masks=` refused them as "not a selected weight"
     torch.manual_seed(0)

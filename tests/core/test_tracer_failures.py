@@ -188,3 +188,39 @@ def test_llama4_export_names_its_complex_rotary_embedding_not_the_mask_it_was_gi
     ) as e:
         export_onnx(model, tmp_path / "l.onnx", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert "mask" not in str(e.value)
+
+
+def _cbr(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class _ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: a channel split (stride 1) or two branches (stride 2), concatenated, then shuffled."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride, half = stride, cout // 2
+        if stride == 2:
+            self.branch1 = nn.Sequential(_cbr(cin, cin, 3, 2, groups=cin), _cbr(cin, half))
+        inner = cin if stride == 2 else cin // 2
+        self.branch2 = nn.Sequential(_cbr(inner, half), _cbr(half, half, 3, stride, groups=half), _cbr(half, half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat([x1, self.branch2(x2)], 1)
+        else:
+            out = torch.cat([self.branch1(x), self.branch2(x)], 1)
+        b, c, h, w = out.shape
+        return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_a_tracer_failing_on_shufflenets_channel_shuffle_is_refused_with_the_reason_not_a_bare_error():
+    """Trial EX: three ShuffleNetV2 units made Torch-Pruning's reshape mapping divide by zero, and the ZeroDivisionError
+    ended the callback's setup; now no channel outside heads is prunable, said with the tracer's error."""
+    torch.manual_seed(0)
+    units = [_ShuffleUnit(24, 48, 2), _ShuffleUnit(48, 48, 1), _ShuffleUnit(48, 48, 1)]
+    model = nn.Sequential(_cbr(1, 24, 3), *units, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+    with pytest.raises(ValueError, match=r"could not be built \(Torch-Pruning: ZeroDivisionError"):
+        prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 1, 16, 16))
+    assert _hooks(model) == 0
