@@ -24,29 +24,34 @@ class UnreachedWeights:
     def __init__(self) -> None:
         self._waiting: dict[int, tuple[str, Tensor]] = {}
         self._said = True
+        self._steps = 0
 
     def start(self, targets: Sequence[Target]) -> None:
         """Watch ``targets``' trainable weights (frozen ones are said at the start of training)."""
         self._waiting = {id(t.param): (t.name, t.param) for t in targets if t.is_weight and t.param.requires_grad}
-        self._said = False
+        self._said, self._steps = False, 0
 
     def observe(self) -> None:
         """Before an optimizer step: the weights whose gradient is there have been reached."""
+        self._steps += 1
         if self._waiting:
             self._waiting = {k: v for k, v in self._waiting.items() if v[1].grad is None}
 
     def say(self, epoch: int) -> None:
-        """At the end of the first epoch this fit trained: name the weights still unreached, once."""
+        """At the end of the first epoch this fit trained: name the weights still unreached, once. Not when no
+        optimizer step was seen at all (an optimizer Lightning does not wrap, said at the next validation: trial EZ),
+        nor for weights frozen now (a warm-up that trains the head first: they train later, with their masks)."""
         if self._said:
             return
         self._said = True
-        names = list(dict.fromkeys(name for name, _ in self._waiting.values()))
-        self._waiting = {}
-        if names:
+        waiting, self._waiting = self._waiting, {}
+        names = list(dict.fromkeys(name for name, param in waiting.values() if param.requires_grad))
+        if names and self._steps:
             rank_zero_warn(
                 f"IterativePruning: {names[:5]}{' ...' if len(names) > 5 else ''} got no gradient in any optimizer "
                 f"step of epoch {epoch}: the training loss does not reach them (a branch the data does not take, as "
-                "SAM's mask embedding without `input_masks`, or a layer used only outside `training_step`). They are "
-                "pruned by their scores alone, with no training to recover what is removed, and count toward "
-                "`target_sparsity`. `exclude` them to keep them dense."
+                "SAM's mask embedding without `input_masks`; a layer used only outside `training_step`, or under "
+                "`torch.no_grad()`, as a distillation's teacher). They are pruned by their scores alone, with no "
+                "training to recover what is removed, and count toward `target_sparsity`. `exclude` them to keep "
+                "them dense."
             )

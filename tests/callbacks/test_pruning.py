@@ -961,6 +961,22 @@ def test_a_selected_layer_the_training_loss_never_reaches_is_named_once_after_th
         trainer(max_epochs=2, callbacks=[IterativePruning(0.5, exclude="mask_embed")]).fit(WithAnUnusedBranch())
 
 
+class _HeadFirst(TinyModule):
+    """A warm-up that trains the head alone in the first epoch (the rest frozen by the module itself)."""
+
+    def on_train_epoch_start(self) -> None:
+        for layer in self.net[:3]:
+            layer.requires_grad_(self.current_epoch >= 1)
+
+
+def test_layers_frozen_in_the_first_epoch_by_the_module_are_not_said_unreached():
+    """Trial EZ: a warm-up freezing the backbone in epoch 0 was told its layers got no gradient and to exclude them."""
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*got no gradient")
+        trainer(max_epochs=3, callbacks=[IterativePruning(0.5)]).fit(_HeadFirst())
+
+
 def test_min_density_at_the_boundary_is_accepted():
     IterativePruning(0.9, min_density=0.1)  # 1 - 0.9 == 0.0999... in floating point (regression)
 
