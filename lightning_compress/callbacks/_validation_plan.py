@@ -240,9 +240,10 @@ class EpochWindow:
             raise ValueError(
                 "`end_epoch` is required when the Trainer's `max_epochs` is unlimited"
                 + (
-                    f": `max_steps`={steps} ends this fit, but the schedule is placed in epochs before the train "
-                    f"loader's length is known. Pass the epoch by which it should reach the target (`max_steps` / "
-                    "optimizer steps per epoch, or less), or set `max_epochs`."
+                    f": `max_steps`={steps} ends this fit, but the schedule is placed in epochs at `setup`, before "
+                    "the Trainer loads the train loader (a sized one too: its length is not known yet). Pass the epoch "
+                    "by which it should reach the target (`max_steps` / optimizer steps per epoch, or less), or set "
+                    "`max_epochs`."
                     if steps is not None and steps >= 0
                     else "."
                 )

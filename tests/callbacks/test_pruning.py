@@ -854,7 +854,11 @@ class FailOnFirstStep(Callback):
         ),
         ({"start_epoch": 5}, {"max_epochs": 5}, "leaves no pruning event"),
         ({"monitor": "val_f1"}, {"num_sanity_val_steps": 1}, "`monitor`='val_f1' was not logged"),
-        ({}, {"max_epochs": -1, "max_steps": 10}, r"`end_epoch` is required .*: `max_steps`=10 ends this fit"),
+        (
+            {},
+            {"max_epochs": -1, "max_steps": 10},
+            r"`end_epoch` is required .*: `max_steps`=10 ends this fit, .* at `setup`, before the Trainer loads",
+        ),
         ({"monitor": "val_acc"}, {"limit_val_batches": 0}, "`monitor`='val_acc' needs a validation loop"),
         ({"end_epoch": 3}, {"max_steps": 10}, "ends after 24 optimizer steps .* `max_steps`=10 .*to train in parts"),
         (  # end_epoch never set: the message named an `end_epoch` the user did not give (new-user trial)
