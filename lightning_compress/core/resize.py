@@ -84,7 +84,17 @@ def _size(layer: nn.Module, kind: str) -> int:
 
 
 def _cut(tensor: Tensor, dim: int, keep: Tensor) -> Tensor:
-    return tensor.detach().index_select(dim, keep.to(tensor.device)).clone()
+    """``keep``'s slices of ``tensor`` along ``dim``, in the memory format the tensor had (a convolution's weight in
+    `channels_last` stays so: trial FB, compact() gave them back contiguous)."""
+    cut = tensor.detach().index_select(dim, keep.to(tensor.device))
+    for memory_format in (torch.channels_last, torch.channels_last_3d):
+        if (
+            tensor.dim() == (4 if memory_format is torch.channels_last else 5)
+            and not tensor.is_contiguous()
+            and (tensor.is_contiguous(memory_format=memory_format))
+        ):
+            return cut.contiguous(memory_format=memory_format).clone(memory_format=memory_format)
+    return cut.clone()
 
 
 def _set(module: nn.Module, attr: str, value: Tensor) -> None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
@@ -45,6 +46,14 @@ __all__ = [
 
 _WILDCARDS = set("*?[")
 _MATRIX_HOLDERS = (nn.RNNBase, nn.MultiheadAttention)  # weight matrices under names of their own (matrix_tensors)
+
+
+def _scripted_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear or Conv layer compiled by ``torch.jit.script`` (its original class's name)."""
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _LAYER_NAMES
+
+
+_LAYER_NAMES = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
 
 
 def default_layer_types() -> tuple[type[nn.Module], ...]:
@@ -287,6 +296,8 @@ def _unselected_matrices(
     for name, module in named:
         if isinstance(module, (*layer_types, nn.Embedding, nn.EmbeddingBag)) or excluded(name, module):
             continue
+        if _scripted_layer(module):  # named on its own
+            continue
         if is_experts(module) or matrix_tensors(module):  # kinds it selects, which `include` left out
             continue
         for attr, param in module.named_parameters(recurse=False):
@@ -389,6 +400,7 @@ def select_targets(
     tied: list[str] = []
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
+    scripted: list[str] = []  # Linear/Conv layers compiled by `torch.jit.script`: no longer their classes
     hooked: dict[str, list[str]] = {"weight_norm": [], "spectral_norm": [], "hook": []}  # computed before forward
     kept_out: dict[int, str] = {}  # weights of excluded modules: a module tied to one is left out too (trial DD)
     later_names: dict[int, list[str]] = {}  # the other modules of a tied weight, selected under its first name
@@ -426,6 +438,8 @@ def select_targets(
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
         layer = isinstance(module, layer_types) and id(module) not in routers and id(module) not in adapters
+        if include is None and not excluded and _scripted_layer(module):
+            scripted.append(name)  # trial FB: a `torch.jit.script`ed block's convolutions were left dense unsaid
         if include is None:
             chosen = layer
         else:
@@ -481,6 +495,14 @@ def select_targets(
             f"lightning-compress leaves {parametrized} out: their weight is computed by a parametrization "
             "(torch.nn.utils.parametrizations.weight_norm, ...), not stored. Remove it "
             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
+            stacklevel=2,
+        )
+    if note_left_out and scripted:
+        warnings.warn(
+            f"lightning-compress leaves {scripted[:5]}{' ...' if len(scripted) > 5 else ''} out: they are layers "
+            "compiled by `torch.jit.script` (no longer nn.Linear/nn.Conv instances). Name them exactly in `include` "
+            "to prune them; quantization-aware training cannot convert them: script the model after converting, or "
+            "leave the submodule unscripted.",
             stacklevel=2,
         )
     if note_left_out and torch_pruned:

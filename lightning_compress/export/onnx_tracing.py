@@ -253,6 +253,12 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
     # characters), which the chained exception still holds
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     first = first if len(first) <= 300 else first[:300] + " ..."
+    if "is not part of the active trace" in first:  # trial FB: told to replace an operation or try a newer opset
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: it calls a submodule compiled by `torch.jit.script`, "
+            "which the ONNX tracer cannot enter. What to change: export a model whose submodules are not scripted "
+            "(script it after exporting), or keep the model as the compressed file (`save_compressed`)."
+        )
     if re.search(r"aten::(polar|view_as_complex|view_as_real|complex)\b", first):
         # trial EW: Llama4's rotary embedding, given its mask, was told to pass the mask
         return ValueError(

@@ -325,3 +325,40 @@ def test_embedding_tables_larger_than_the_selection_are_named_with_how_to_includ
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prune_(shared, 0.5)
+
+
+class _ScriptedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.c2(torch.relu(self.c1(x))))
+
+
+class _WithScripted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.body = torch.jit.script(_ScriptedBlock())
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def test_layers_of_a_scripted_submodule_are_named_as_left_out_and_export_says_why_it_fails(tmp_path):
+    """Trial FB: a `torch.jit.script`ed block's convolutions stayed dense and float without a word, and the export's
+    failure advised replacing an operation or a newer opset."""
+    model = _WithScripted()
+    with pytest.warns(UserWarning, match=r"leaves \['body.c1', 'body.c2'\] out: they are layers compiled by") as said:
+        targets = select_targets(model)
+    assert [t.name for t in targets] == ["fc"]
+    assert not [w for w in said if "does not prune" in str(w.message)]  # not also listed as einsum operands
+    assert [t.name for t in select_targets(model, include=["fc", "body.c1"])] == ["body.c1", "fc"]
+    pytest.importorskip("onnx")
+    from lightning_compress import export_onnx
+
+    with pytest.raises(ValueError, match=r"calls a submodule compiled by `torch.jit.script`, which the ONNX tracer"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8))

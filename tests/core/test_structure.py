@@ -150,6 +150,21 @@ def test_a_half_precision_model_compacts_on_float32_example_inputs(dtype):
         torch.testing.assert_close(model(x.to(dtype)), masked, atol=0.05, rtol=0.05)
 
 
+def test_compact_keeps_a_channels_last_model_in_channels_last():
+    """Trial FB: the compacted convolutions' weights came back contiguous, the speed of channels_last lost unsaid."""
+    torch.manual_seed(0)
+    model, x = DigitsResNet(8, 2).to(memory_format=torch.channels_last), torch.randn(4, 1, 8, 8)
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        compact(model, x)
+        assert torch.allclose(model(x), before, atol=1e-5)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not all(m.weight.is_contiguous() for m in convs)
+
+
 def test_residual_chain_is_one_group_and_the_head_stays_whole():
     model = DigitsResNet(8, blocks=2)
     groups, skipped = build_channel_groups(model, torch.zeros(1, 1, 8, 8))
