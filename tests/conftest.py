@@ -158,6 +158,20 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
+def prune_and_compact(model: nn.Module, x: torch.Tensor, atol: float) -> Any:
+    """Half of ``model``'s channels pruned on ``x``, then ``compact()`` in eval mode; the outputs on ``x`` must stay
+    within ``atol``. Returns the compaction's report."""
+    from lightning_compress import compact, prune_
+
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        report = compact(model, x)
+        assert torch.allclose(model(x), before, atol=atol)
+    return report
+
+
 def _leave_after(rank: int, worker: Any, port: int, out: str) -> None:
     """``worker(rank, port, out)``, then exit without the interpreter's teardown, as the distributed scripts do
     (``tests/callbacks/_exit.py``): the gloo threads FSDP2 keeps alive after ``destroy_process_group`` sometimes

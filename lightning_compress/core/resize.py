@@ -87,13 +87,9 @@ def _cut(tensor: Tensor, dim: int, keep: Tensor) -> Tensor:
     """``keep``'s slices of ``tensor`` along ``dim``, in the memory format the tensor had (a convolution's weight in
     `channels_last` stays so: trial FB, compact() gave them back contiguous)."""
     cut = tensor.detach().index_select(dim, keep.to(tensor.device))
-    for memory_format in (torch.channels_last, torch.channels_last_3d):
-        if (
-            tensor.dim() == (4 if memory_format is torch.channels_last else 5)
-            and not tensor.is_contiguous()
-            and (tensor.is_contiguous(memory_format=memory_format))
-        ):
-            return cut.contiguous(memory_format=memory_format).clone(memory_format=memory_format)
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+    if layout is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=layout):
+        return cut.clone(memory_format=layout)
     return cut.clone()
 
 

@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .layers import restore_training
+from .layers import linear_like_types, restore_training
 from .qat import quantizers
 
 __all__ = [
@@ -198,11 +198,6 @@ def call_model_for_tracer(model: nn.Module, inputs: Any) -> Any:
     return out if _leaves(out) == len(tensors) else tuple(reversed(tensors))
 
 
-_TRACED = (
-    nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding
-)  # fmt: skip
-
-
 class _TracedTuple(tuple):
     """A tuple a layer returned, with the ``shape`` of its first item (a tracer reads a layer's output shape)."""
 
@@ -240,7 +235,8 @@ class TracerForward:
                 self.non_tensor_layers.append((module, type(out).__name__))
             return None
 
-        hooks = [m.register_forward_hook(record, prepend=True) for m in model.modules() if isinstance(m, _TRACED)]
+        traced = (*linear_like_types(), nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+        hooks = [m.register_forward_hook(record, prepend=True) for m in model.modules() if isinstance(m, traced)]
         try:
             return call_model_for_tracer(model, inputs)
         except Exception as err:

@@ -23,6 +23,7 @@ from lightning_compress.core.importance import (
 from lightning_compress.core.pruner import Pruner
 from lightning_compress.core.structure import build_channel_groups
 from lightning_compress.demo import DigitsCNN, DigitsResNet
+from tests.conftest import prune_and_compact
 
 
 class Concat(nn.Module):
@@ -154,12 +155,7 @@ def test_compact_keeps_a_channels_last_model_in_channels_last():
     """Trial FB: the compacted convolutions' weights came back contiguous, the speed of channels_last lost unsaid."""
     torch.manual_seed(0)
     model, x = DigitsResNet(8, 2).to(memory_format=torch.channels_last), torch.randn(4, 1, 8, 8)
-    prune_(model, 0.5, granularity="channel", example_inputs=x)
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        compact(model, x)
-        assert torch.allclose(model(x), before, atol=1e-5)
+    prune_and_compact(model, x, atol=1e-5)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     assert not all(m.weight.is_contiguous() for m in convs)

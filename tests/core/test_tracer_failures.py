@@ -11,6 +11,7 @@ from torch import nn
 from lightning_compress import compact, prune_
 from lightning_compress.core.rules import channel_structure
 from lightning_compress.core.selection import select_targets
+from tests.conftest import prune_and_compact
 
 transformers = pytest.importorskip("transformers")
 
@@ -48,12 +49,7 @@ def test_a_linear_returning_a_tuple_is_traced_as_a_layer_with_no_hook_left_behin
     assert _hooks(model) == 0
     model(x)  # a plain forward still runs
     assert {g.name for g in structure.groups} == {"fc1", "fc2", "fc3"}
-    prune_(model, 0.5, granularity="channel", example_inputs=x)
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        report = compact(model, x)
-        assert torch.allclose(model(x), before, atol=1e-6)
+    report = prune_and_compact(model, x, atol=1e-6)
     assert (model.fc1.out_features, model.router.in_features, model.fc2.out_features) == (8, 8, 6)
     assert report.params_after < report.params_before
 
@@ -92,12 +88,7 @@ def test_a_layer_returning_a_dict_is_left_out_of_the_trace_and_whole_and_the_res
     assert _hooks(model) == 0
     assert "it returns a dict, not a tensor or a tuple, which the dependency graph's tracer" in structure.left["odd"]
     assert "s1" in {g.name for g in structure.groups}
-    prune_(model, 0.5, granularity="channel", example_inputs=x)
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        compact(model, x)
-        assert torch.allclose(model(x), before, atol=1e-6)
+    prune_and_compact(model, x, atol=1e-6)
     assert model.s1.out_features == 24
 
 
