@@ -152,7 +152,7 @@ class ChannelRule:
                 smallest = int(sizes[sizes > 0].min())
                 count -= smallest - 1
             elif self.round_to is not None and group.attention is None and count:  # they leave a multiple at a time
-                count -= self.round_to - 1
+                count -= _unit_step(self.round_to, group) - 1
             if count <= floor:
                 held.append(group.name)
         return held
@@ -253,7 +253,7 @@ class ChannelRule:
             if b is not None:
                 k = _whole_blocks(k, live, b, score, floor)
             elif self.round_to is not None and group.attention is None:
-                k = _aligned(k, live, score, floor, self.round_to)
+                k = _aligned(k, live, score, floor, _unit_step(self.round_to, group))
             out.append(k)
         return out
 
@@ -394,6 +394,12 @@ class ChannelRule:
                     mask = masks[part.target.param_name]
                     mask.index_fill_(part.dim, part.local_index[dead].to(mask.device), False)
         return masks
+
+
+def _unit_step(round_to: int, group: ChannelGroup) -> int:
+    """The units of ``group`` that make a multiple of ``round_to`` channels (a GroupNorm's group is a unit of several
+    channels: 8 channels with groups of 4 are 2 units)."""
+    return round_to // math.gcd(round_to, group.unit_channels)
 
 
 def _pooled(score: Tensor, blocks: Tensor) -> Tensor:

@@ -15,7 +15,15 @@ from torch import Tensor, nn
 from .heads import AttentionBlock, set_head_counts
 from .layers import weight_axes
 from .quant_blocks import cut_quant_groups, quant_group_size
-from .structure import ChannelGroup, is_conv1d, is_depthwise, nonzero_channels, param_slices, per_channel
+from .structure import (
+    ChannelGroup,
+    is_conv1d,
+    is_depthwise,
+    is_group_norm,
+    nonzero_channels,
+    param_slices,
+    per_channel,
+)
 
 __all__ = ["Plan", "apply_plan", "plan", "resize_module", "zero_channels"]
 
@@ -50,14 +58,16 @@ def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None
         gone_channels = zero_channels(model, group) if dead is None else dead[i].clone()
         if bool(gone_channels.all()):
             gone_channels[0] = False  # a layer keeps at least one channel
-        result.channels[group.name] = (group.size, group.size - int(gone_channels.sum()))
+        unit = group.unit_channels  # a GroupNorm's group is one unit: counted in channels
+        result.channels[group.name] = (group.size * unit, (group.size - int(gone_channels.sum())) * unit)
         if group.attention is not None and bool(gone_channels.any()):
             result.heads[group.attention.module] = (group.attention, result.channels[group.name][1])
         for s in group.slices:
             gone = s.index[gone_channels[s.channel]].tolist()
             if not gone:
                 continue
-            kind = "out" if per_channel(modules[s.module]) or is_depthwise(modules[s.module]) else s.kind
+            module = modules[s.module]
+            kind = "out" if per_channel(module) or is_group_norm(module) or is_depthwise(module) else s.kind
             removed.setdefault(s.module, {}).setdefault(kind, set()).update(gone)
     for name, kinds in removed.items():
         module = modules[name]
@@ -76,6 +86,8 @@ def _size(layer: nn.Module, kind: str) -> int:
         return int(module.num_parameters)
     if per_channel(module):
         return int(module.num_features)
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
     if is_conv1d(module):
         return int(module.weight.shape[1 if kind == "out" else 0])
     if isinstance(module, nn.Linear):
@@ -93,6 +105,22 @@ def _cut(tensor: Tensor, dim: int, keep: Tensor) -> Tensor:
     return cut.clone()
 
 
+def _cut_group_norm(module: nn.GroupNorm, keep: Tensor) -> None:
+    """Keep the channels ``keep`` of a GroupNorm: whole groups of it (one fewer group per group removed)."""
+    width = module.num_channels // module.num_groups
+    groups = keep.reshape(-1, width) if keep.numel() % width == 0 else None
+    offsets = torch.arange(width, device=keep.device)
+    if groups is None or not bool((groups == groups[:, :1] + offsets).all()) or bool((groups[:, 0] % width).any()):
+        raise ValueError(
+            f"a GroupNorm ({module.num_groups} groups of {width} channels) keeps whole groups: the kept channels "
+            f"{keep.tolist()[:16]} are not."
+        )
+    for attr in ("weight", "bias"):
+        if getattr(module, attr, None) is not None:
+            _set(module, attr, _cut(getattr(module, attr), 0, keep))
+    module.num_channels, module.num_groups = keep.numel(), keep.numel() // width
+
+
 def _set(module: nn.Module, attr: str, value: Tensor) -> None:
     old = getattr(module, attr)
     if isinstance(old, nn.Parameter):
@@ -105,7 +133,7 @@ def resize_module(
     layer: nn.Module, out_keep: Tensor | None = None, in_keep: Tensor | None = None, *, shapes_only: bool = False
 ) -> None:
     """Keep only ``out_keep`` output and ``in_keep`` input channels of a Linear, Conv1D, Conv, BatchNorm,
-    InstanceNorm or per-channel PReLU.
+    InstanceNorm, per-channel PReLU, or GroupNorm (``out_keep``: whole groups of its channels).
 
     Parameters become new (smaller) Parameters; a QAT layer's per-channel weight scale is cut too, and so are
     group-wise scales, whose groups ``in_keep`` must keep whole (``shapes_only``: left as they are, for a
@@ -122,6 +150,10 @@ def resize_module(
             module.num_parameters = out_keep.numel()
         else:
             module.num_features = out_keep.numel()
+        return
+    if isinstance(module, nn.GroupNorm):
+        if out_keep is not None:
+            _cut_group_norm(module, out_keep)
         return
     conv1d = is_conv1d(module)
     quantizer = getattr(module, "weight_fake_quant", None)

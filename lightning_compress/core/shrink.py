@@ -79,11 +79,20 @@ def check_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
             and have is not None
             and len(want) == len(have)
             and all(int(w) <= h for w, h in zip(want, have, strict=True))
+            and _whole_groups(module, want)
         )
         if not fits:
             bad.append(f"{key}: {list(want)} (the model: {list(have) if have is not None else 'no such layer weight'})")
     if bad:
         raise ValueError(f"compacted sizes that do not fit {type(model).__name__}: {bad[:5]}")
+
+
+def _whole_groups(module: nn.Module, want: Sequence[int]) -> bool:
+    """Whether ``want`` keeps whole groups of a GroupNorm (anything else: no condition)."""
+    if not isinstance(module, nn.GroupNorm) or len(want) != 1:
+        return True
+    width = module.num_channels // module.num_groups
+    return int(want[0]) > 0 and int(want[0]) % width == 0
 
 
 def set_head_record(model: nn.Module, record: Any, before: Callable[[str], None] | None = None) -> None:

@@ -10,9 +10,11 @@ the groups are turned into plain :class:`ChannelGroup` records (module names and
 tensors), and masking and compaction are ours.
 
 A group is prunable when every module in it is a Linear (``transformers``' Conv1D included), a
-Conv (dense or depthwise) or a BatchNorm, and none of its channels reaches the model's output
-(the classifier's outputs are never pruned). Groups with a LayerNorm, GroupNorm or a free
-``nn.Parameter`` are left alone: removing a channel there is not the same as zeroing it.
+Conv (dense or depthwise), a BatchNorm or a GroupNorm, and none of its channels reaches the model's
+output (the classifier's outputs are never pruned). Groups with a LayerNorm or a free ``nn.Parameter``
+are left alone: removing a channel there is not the same as zeroing it. A GroupNorm normalizes each
+of its groups of channels together, so there the unit is one of its groups (:func:`_norm_group_units`):
+zeroing a whole group (its inputs, scale and shift) gives zeros, as removing it does.
 
 Attention heads are groups too (:mod:`.heads`): a head's rows of the Q, K and V projections and
 its columns of the output projection; with grouped-query attention the unit is a key/value head
@@ -71,6 +73,12 @@ _NORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 GROUP_SEARCH_LIMIT = 16
 
 
+def is_group_norm(module: nn.Module) -> bool:
+    """A GroupNorm with a scale and shift (``affine=True``, its default): whole groups of its channels can be removed
+    (a compacted file's size is read from its weight)."""
+    return isinstance(module, nn.GroupNorm) and module.affine
+
+
 def per_channel(module: nn.Module) -> bool:
     """A module that treats each channel on its own, with (at most) one value per channel in each parameter or
     buffer: BatchNorm, InstanceNorm, a PReLU with one slope per channel."""
@@ -99,6 +107,7 @@ class ChannelGroup:
     size: int
     slices: list[LayerSlice] = field(default_factory=list)
     attention: AttentionBlock | None = None  # set for a group of attention heads
+    unit_channels: int = 1  # the root layer's channels in one unit: a GroupNorm's group (:func:`_norm_group_units`)
 
     def modules(self) -> list[str]:
         return sorted({s.module for s in self.slices})
@@ -118,17 +127,18 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def supported(module: nn.Module) -> bool:
     """Modules whose channels can be removed exactly: Linear, Conv1D, dense or depthwise Conv, dense transposed
-    Conv, and :func:`per_channel` ones (BatchNorm, InstanceNorm, per-channel PReLU)."""
+    Conv, :func:`per_channel` ones (BatchNorm, InstanceNorm, per-channel PReLU), and a GroupNorm's whole groups
+    (:func:`is_group_norm`)."""
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return module.groups == 1
     if isinstance(module, _CONV):
         return module.groups == 1 or is_depthwise(module)
-    return isinstance(module, nn.Linear) or per_channel(module) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or per_channel(module) or is_group_norm(module) or is_conv1d(module)
 
 
 def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     """``(attribute, dim)`` of the parameters that a slice of ``kind`` cuts in ``module``."""
-    if per_channel(module):
+    if per_channel(module) or is_group_norm(module):
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
     out_axis, in_axis = weight_axes(module)  # (1, 0) for Conv1D and transposed convs: weights are (in, out, ...)
     if kind == "out" or is_depthwise(module):  # a depthwise conv's input channel is its output channel: its filter
@@ -334,6 +344,8 @@ def slice_bound(module: nn.Module, kind: str) -> int:
         return int(module.num_parameters)
     if isinstance(module, _NORM):
         return int(module.num_features)
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
     if isinstance(module, _CONV):
         return int(module.out_channels if kind == "out" else module.in_channels)
     out_axis, in_axis = weight_axes(module)
@@ -463,7 +475,9 @@ def _unsupported_reason(name: str, module: nn.Module) -> str:
             f"{name} is a grouped convolution ({kind}, groups={groups}): a channel cannot leave one of its groups "
             "without the others' sizes changing (depthwise convolutions, one channel per group, are pruned)"
         )
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+    if isinstance(module, nn.GroupNorm):  # affine=False: nothing in a compacted file would say its new size
+        return f"{name} (GroupNorm without a scale and shift, affine=False) has no weight to read its size from"
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return f"{name} ({kind}) normalizes over several channels: removing one is not the same as zeroing it"
     return f"{name} ({kind}) mixes its channels or cannot lose one (not a Linear, Conv or per-channel norm)"
 
@@ -496,7 +510,7 @@ def _convert(
     for item in raw_group.items:
         node = item.dep.target
         module = node.module
-        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or per_channel(module)
+        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or per_channel(module) or is_group_norm(module)
         if not isinstance(module, nn.Module) or module not in names:
             if isinstance(module, nn.Parameter):
                 owner = parameters.get(id(module), "a free nn.Parameter")
@@ -529,7 +543,7 @@ def _convert(
         kind = "out" if out_like else "in"
         if kind == "out" and not node.outputs:
             return None, "its channels reach the model's output"
-        if kind == "out" and not per_channel(module) and producers is not None:
+        if kind == "out" and not per_channel(module) and not is_group_norm(module) and producers is not None:
             if name in producers:
                 selected_out = True
             elif name not in followers:
@@ -558,4 +572,52 @@ def _convert(
             "no traced layer consumes its channels: they reach the model's output through operations that are not "
             "layers (an activation, pooling, or a weight used directly through F.linear, matmul or einsum)"
         )
-    return group, ""
+    members = {s.module for s in group.slices}
+    norms = {
+        name: module
+        for module, name in names.items()
+        if name in members and isinstance(module, nn.GroupNorm) and is_group_norm(module)
+    }
+    return _norm_group_units(group, norms) if norms else (group, "")
+
+
+def _norm_group_units(group: ChannelGroup, norms: dict[str, nn.GroupNorm]) -> tuple[ChannelGroup | None, str]:
+    """``group`` with a GroupNorm's groups as its units: the channels that share a group of any of ``norms`` (the
+    GroupNorms in it, by name) are kept or removed together (a connected component), and every unit has as many of
+    the root's channels. ``None`` and the reason where a GroupNorm's group holds channels from outside ``group`` (a
+    concatenation that splits it): removing part of it would change how the rest is normalized."""
+    parent = list(range(group.size))
+
+    def find(c: int) -> int:
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    for s in group.slices:
+        norm = norms.get(s.module)
+        if norm is None:
+            continue
+        width = norm.num_channels // norm.num_groups
+        which = s.index // width
+        for g in torch.unique(which).tolist():
+            members = s.channel[which == g].tolist()
+            if len(set(s.index[which == g].tolist())) != width:
+                return None, (
+                    f"{s.module} (GroupNorm, {norm.num_groups} groups of {width} channels) normalizes these channels "
+                    "together with others (a concatenation splits one of its groups): removing some of a group would "
+                    "change how the rest is normalized"
+                )
+            for c in members[1:]:
+                parent[find(c)] = find(members[0])
+    roots = [find(c) for c in range(group.size)]
+    unit_of = {r: i for i, r in enumerate(dict.fromkeys(roots))}
+    unit = torch.tensor([unit_of[r] for r in roots], dtype=torch.long)
+    sizes = torch.bincount(unit)
+    if bool((sizes != sizes[0]).any()):
+        return None, (
+            f"{sorted(norms)} (GroupNorm) group its channels in units of different sizes "
+            f"({sorted(set(sizes.tolist()))} channels: a norm reads only some of them), which are not pruned"
+        )
+    slices = [LayerSlice(s.module, s.kind, s.index, unit[s.channel]) for s in group.slices]
+    return ChannelGroup(group.name, len(unit_of), slices, unit_channels=int(sizes[0])), ""

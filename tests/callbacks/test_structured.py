@@ -146,6 +146,49 @@ def test_channel_qat_compact_export_and_load_into_a_fresh_model(tmp_path):
     assert agree >= 0.95
 
 
+def _gn_net() -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+        nn.GroupNorm(4, 16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+def test_group_norm_channels_pruned_in_fit_with_qat_compact_load_into_a_fresh_model_and_export(tmp_path):
+    """A GroupNorm CNN (diffusion UNets, SegResNet): its groups of channels are pruned in `fit`, quantized, compacted
+    (GroupNorm(4, 16) -> GroupNorm(2, 8)), written, read into the original architecture and exported."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnxruntime as ort
+
+    from lightning_compress import export_onnx
+
+    pl.seed_everything(0, verbose=False)
+    model = DigitsClassifier(_gn_net(), lr=3e-3)
+    pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=2)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=1)
+    _trainer([pruning, qat]).fit(model, DigitsDataModule(batch_size=32))
+    assert pruning.pruner.units() == (4, 8)  # half the groups of both norms' chains
+    model.eval()
+    x = _x()
+    expected = model(x)
+    report = compact(model)
+    assert report.channels == {"net.3": (16, 8), "net.0": (16, 8)}
+    assert (model.net[1].num_groups, model.net[4].num_channels) == (2, 8)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+    save_compressed(model, tmp_path / "gn.lcz")
+    fresh = DigitsClassifier(_gn_net()).eval()
+    load_compressed(fresh, tmp_path / "gn.lcz")
+    assert (fresh.net[1].num_groups, fresh.net[4].num_groups, fresh.net[3].weight.shape) == (2, 2, (8, 8, 3, 3))
+    torch.testing.assert_close(fresh(x), model(x), atol=1e-6, rtol=0)
+    export_onnx(model, tmp_path / "gn.onnx", x)
+    session = ort.InferenceSession(str(tmp_path / "gn.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert (np.argmax(got, 1) == expected.argmax(1).numpy()).mean() >= 0.95
+
+
 def test_a_file_for_a_wider_model_still_fails_cleanly(tmp_path):
     from lightning_compress import CompressedFileError
 
