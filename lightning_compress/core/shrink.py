@@ -42,8 +42,10 @@ def shrink_like(
             if getattr(module, "weight_fake_quant", None) is not None:
                 before(f"{name}.weight_fake_quant")
         out_axis, in_axis = weight_axes(module)
-        out_keep = torch.arange(want[out_axis])
-        in_keep = torch.arange(want[in_axis]) if len(want) > 1 and not is_depthwise(module) else None
+        # on the CPU, also where transformers' from_pretrained builds the model under a meta default device (a
+        # GroupNorm checks that the kept channels are whole groups, which a meta tensor cannot say)
+        out_keep = torch.arange(want[out_axis], device="cpu")
+        in_keep = torch.arange(want[in_axis], device="cpu") if len(want) > 1 and not is_depthwise(module) else None
         resize_module(module, out_keep, in_keep)
 
 

@@ -481,6 +481,34 @@ def test_segformer_compacts_and_reloads_with_per_stage_config_fields(tmp_path):
         assert torch.equal(reloaded(**x).logits, model(**x).logits)
 
 
+def test_wav2vec2s_group_normed_feature_extractor_compacts_and_reloads_from_pretrained(tmp_path):
+    """Wav2Vec2's first feature convolution is normalized by GroupNorm(16, 16) (`feat_extract_norm="group"`): its
+    channels were left whole. A group of one channel is a unit; `from_pretrained` builds the model on the meta device,
+    where checking that a GroupNorm keeps whole groups read a meta tensor and failed."""
+    from lightning_compress import compact, from_pretrained
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), feat_extract_norm="group", num_labels=3, num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForSequenceClassification(config).eval()
+    x = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    with torch.no_grad():
+        expected = model(x).logits
+    report = compact(model, x)
+    assert report.channels["wav2vec2.feature_extractor.conv_layers.0.conv"] == (16, 8)
+    norm = model.wav2vec2.feature_extractor.conv_layers[0].layer_norm
+    assert (norm.num_groups, norm.num_channels) == (8, 8)
+    model.save_pretrained(tmp_path)
+    reloaded = from_pretrained(transformers.Wav2Vec2ForSequenceClassification, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, expected, atol=1e-5)
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
 def test_levit_channel_groups_its_query_subsample_breaks_are_left_whole_and_the_rest_compacts():
     """LeViT's attention subsample reads the residual stream through a spatial stride the dependency graph took
     for a channel map: removing one channel of those groups ran, so they were kept, masked, and compact() then
