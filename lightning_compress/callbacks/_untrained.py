@@ -32,10 +32,11 @@ class UnreachedWeights:
         self._said, self._steps = False, 0
 
     def observe(self) -> None:
-        """Before an optimizer step: the weights whose gradient is there have been reached."""
+        """Before an optimizer step: the weights whose gradient is there, and not all zero, have been reached (an
+        expert of a mixture the router sent no token gets a zero gradient, not ``None``: trial EZ)."""
         self._steps += 1
         if self._waiting:
-            self._waiting = {k: v for k, v in self._waiting.items() if v[1].grad is None}
+            self._waiting = {k: v for k, v in self._waiting.items() if not _reached(v[1].grad)}
 
     def say(self, epoch: int) -> None:
         """At the end of the first epoch this fit trained: name the weights still unreached, once. Not when no
@@ -48,10 +49,15 @@ class UnreachedWeights:
         names = list(dict.fromkeys(name for name, param in waiting.values() if param.requires_grad))
         if names and self._steps:
             rank_zero_warn(
-                f"IterativePruning: {names[:5]}{' ...' if len(names) > 5 else ''} got no gradient in any optimizer "
-                f"step of epoch {epoch}: the training loss does not reach them (a branch the data does not take, as "
-                "SAM's mask embedding without `input_masks`; a layer used only outside `training_step`, or under "
+                f"IterativePruning: {names[:5]}{' ...' if len(names) > 5 else ''} got no gradient (or only zeros) in "
+                f"any optimizer step of epoch {epoch}: the training loss does not reach them (a branch the data does "
+                "not take, as SAM's mask embedding without `input_masks`; an expert the router sends no token; a "
+                "layer used only outside `training_step`, or under "
                 "`torch.no_grad()`, as a distillation's teacher). They are pruned by their scores alone, with no "
                 "training to recover what is removed, and count toward `target_sparsity`. `exclude` them to keep "
                 "them dense."
             )
+
+
+def _reached(grad: Tensor | None) -> bool:
+    return grad is not None and bool(grad.any())

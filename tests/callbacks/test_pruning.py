@@ -955,7 +955,9 @@ class WithAnUnusedBranch(TinyModule):
 def test_a_selected_layer_the_training_loss_never_reaches_is_named_once_after_the_first_epoch():
     """Trial EW: BLIP's and SAM's layers on branches the data did not take were pruned (21% zero) without a word."""
     pl.seed_everything(0, verbose=False)
-    with pytest.warns(UserWarning, match=r"\['mask_embed'\] got no gradient in any optimizer step of epoch 0") as said:
+    with pytest.warns(
+        UserWarning, match=r"\['mask_embed'\] got no gradient \(or only zeros\) in any optimizer step of epoch 0"
+    ) as said:
         trainer(max_epochs=3, callbacks=[IterativePruning(0.5)]).fit(WithAnUnusedBranch())
     assert sum("got no gradient" in str(w.message) for w in said) == 1
     pl.seed_everything(0, verbose=False)
@@ -1950,3 +1952,26 @@ def test_steps_an_fp16_grad_scaler_skips_add_nothing_to_taylor_or_regrowth_sums(
     for name, mask in pruning.masks.items():  # trial ED: all-zero sums pruned each layer's first weights
         pruned = int((mask == 0).sum())
         assert pruned == 0 or bool(mask.flatten()[:pruned].any()), f"{name}: pruned in index order"
+
+
+class _TwoExperts(TinyModule):
+    """A mixture whose router sends every token to the first expert: the second is called on zero tokens, so its
+    gradient is zeros, not ``None`` (trial EZ)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        routed = torch.zeros_like(logits)
+        for e, expert in enumerate(self.experts):
+            chosen = torch.zeros(len(x), dtype=torch.bool) if e else torch.ones(len(x), dtype=torch.bool)
+            routed[chosen] = expert(logits[chosen])
+        return logits + routed
+
+
+def test_an_expert_the_router_sends_no_token_is_named_among_the_unreached_weights():
+    pl.seed_everything(0, verbose=False)
+    with pytest.warns(UserWarning, match=r"\['experts.1'\] got no gradient \(or only zeros\) in any optimizer step"):
+        trainer(max_epochs=2, callbacks=[IterativePruning(0.5)]).fit(_TwoExperts())
