@@ -125,9 +125,10 @@ class IterativePruning(Callback):
             holds the model its validation scored); the one after the fit's last epoch at the end of training.
         include: glob patterns over qualified module names; wildcards pick Linear/Conv layers, an
             exact name picks that module's weight whatever its type. ``None``: every Linear/Conv (and
-            ``transformers``' Conv1D), the experts a mixture of experts stores as 3-d tensors, and the weight
-            matrices of recurrent layers and ``nn.MultiheadAttention`` (not a head tied to the token embedding, nor
-            ``peft``'s LoRA adapters: their base layers are selected, docs/pruning.md "LoRA adapters").
+            ``transformers``' Conv1D, PyTorch Geometric's Linear), the experts a mixture of experts stores as 3-d
+            tensors, and the weight matrices of recurrent layers and ``nn.MultiheadAttention`` (not a head tied to
+            the token embedding, nor ``peft``'s LoRA adapters: their base layers are selected, docs/pruning.md "LoRA
+            adapters").
         exclude: glob patterns over module names to leave dense (with ``granularity="channel"``: an excluded layer
             keeps its output channels, and loses the input columns of channels the layers feeding it lose).
         min_density: with ``scope="global"``, every layer keeps at least this fraction, so one

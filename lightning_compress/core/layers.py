@@ -31,11 +31,26 @@ def is_pretrained_model(module: nn.Module) -> bool:
     return isinstance(base, type) and isinstance(module, base)
 
 
+def foreign_linear_types() -> tuple[type[nn.Module], ...]:
+    """Layers of other libraries that are not ``nn.Linear`` but hold its ``(out, in)`` weight and compute its
+    ``F.linear(x, weight, bias)``: PyTorch Geometric's ``torch_geometric.nn.Linear`` (the ``lin`` of GCNConv, SAGEConv,
+    GATConv; trial FD: left out of every selection), if it is loaded."""
+    module = sys.modules.get("torch_geometric.nn.dense.linear")
+    found = getattr(module, "Linear", None) if module is not None else None
+    return (found,) if isinstance(found, type) and issubclass(found, nn.Module) else ()
+
+
 def linear_like_types() -> tuple[type[nn.Module], ...]:
-    """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers`` Conv1D."""
+    """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers`` Conv1D, and the
+    :func:`foreign_linear_types`."""
     conv1d = transformers_conv1d()
-    base: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+    base: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, *foreign_linear_types())
     return base if conv1d is None else (*base, conv1d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or a layer of another library that computes what it does (:func:`foreign_linear_types`)."""
+    return isinstance(module, (nn.Linear, *foreign_linear_types()))
 
 
 def weight_axes(module: nn.Module) -> tuple[int, int]:

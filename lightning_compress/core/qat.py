@@ -132,8 +132,8 @@ def _quantizable_targets(
             if include is not None and target.name in include:  # named exactly: refused
                 raise ValueError(
                     f"`include` selects {target.name!r} ({type(module).__name__}); quantization-aware training "
-                    "supports nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their forward, and "
-                    "an nn.Embedding named exactly"  # trial CS: the list left the embedding out
+                    "supports nn.Linear, nn.Conv1d/2d/3d, transformers' Conv1D and PyTorch Geometric's Linear called "
+                    "through their forward, and an nn.Embedding named exactly"  # trial CS: the embedding was left out
                     + (f"; {subclass}" if subclass else "")
                     + "."
                 )

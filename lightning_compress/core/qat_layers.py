@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fake_quant import FakeQuantizer, QuantConfig
-from .layers import transformers_conv1d, weight_axes
+from .layers import foreign_linear_types, transformers_conv1d, weight_axes
 from .quant import BIAS_RANGE, accumulator_scale, fake_quantize
 
 __all__ = [
@@ -206,7 +206,8 @@ class QATLinear(QATLayer, nn.Linear):
     ) -> QATLinear:
         """A fake-quant layer sharing ``module``'s Parameters (built on the meta device, then given them), and
         ``weight_quantizer`` when given (see :func:`check_shared_quantizer`)."""
-        new = cls(module.in_features, module.out_features, module.bias is not None, device="meta")
+        out_features, in_features = module.weight.shape  # a foreign Linear (PyG's) names them otherwise
+        new = cls(in_features, out_features, module.bias is not None, device="meta")
         new._adopt(module, config, weight_quantizer=check_shared_quantizer(module, weight_quantizer))
         return new
 
@@ -422,8 +423,10 @@ def qat_class_of(module: nn.Module) -> Any:
     """The fake-quant class for ``module`` (``None``: not quantizable): its type's; its base's for a subclass that
     keeps its base's computation (only its ``__init__`` is its own: transformers' ``EfficientNetDepthwiseConv2d``; a
     trial found them left in float); or nn.Linear's for a subclass whose own forward computes what nn.Linear's does
-    (transformers' ``FalconLinear``: ``x @ W.T + b``), checked on a random input. A subclass that computes anything
-    else stays float. A subclass converted back to float is its base class."""
+    (transformers' ``FalconLinear``: ``x @ W.T + b``), or a layer of another library that does
+    (:func:`~.layers.foreign_linear_types`, PyTorch Geometric's Linear), checked on a random input. A subclass that
+    computes anything else stays float. A subclass converted back to float is its base class; a foreign Linear is an
+    ``nn.Linear``."""
     made = qat_class(type(module))
     if made is not None:
         return made
@@ -431,6 +434,8 @@ def qat_class_of(module: nn.Module) -> Any:
     if base is not None:
         return QAT_CLASSES[base]
     if isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward and _computes_linear(module):
+        return QAT_CLASSES[nn.Linear]
+    if isinstance(module, foreign_linear_types()) and _computes_linear(module):  # PyG's Linear (trial FD)
         return QAT_CLASSES[nn.Linear]
     return None
 
@@ -472,11 +477,13 @@ def _base_attributes(base: type[nn.Module]) -> frozenset[str]:
     return _BASE_ATTRIBUTES[base]
 
 
-def _computes_linear(module: nn.Linear) -> bool:
-    weight, bias = module.weight, module.bias
-    if weight.is_meta or not weight.dtype.is_floating_point or type(weight) is not nn.Parameter:
-        return False  # nothing to run it on (meta), or a distributed tensor: left as it is
-    x = torch.randn(2, 3, module.in_features, generator=torch.Generator().manual_seed(0))
+def _computes_linear(module: nn.Module) -> bool:
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if not isinstance(weight, nn.Parameter) or type(weight) is not nn.Parameter or weight.dim() != 2:
+        return False  # a distributed tensor, or a lazy one not yet given its size (PyG's `in_channels=-1`)
+    if weight.is_meta or not weight.dtype.is_floating_point:
+        return False  # nothing to run it on
+    x = torch.randn(2, 3, weight.shape[1], generator=torch.Generator().manual_seed(0))
     x = x.to(device=weight.device, dtype=weight.dtype)
     try:
         with torch.no_grad():

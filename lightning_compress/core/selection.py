@@ -57,7 +57,8 @@ _LAYER_NAMES = {"Linear", "Conv1d", "Conv2d", "Conv3d"}
 
 
 def default_layer_types() -> tuple[type[nn.Module], ...]:
-    """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers``' Conv1D."""
+    """Module types whose ``weight`` is selected by default: Linear, every Conv, ``transformers``' Conv1D, PyTorch
+    Geometric's Linear."""
     return linear_like_types()
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from .adapters import adapter_modules
 from .group_search import TracedGroup, search_group
 from .heads import AttentionBlock, find_attention
-from .layers import transformers_conv1d, weight_axes
+from .layers import foreign_linear_types, is_linear, transformers_conv1d, weight_axes
 from .selection import eager
 from .tracing import (
     TracerForward,
@@ -133,7 +133,7 @@ def supported(module: nn.Module) -> bool:
         return module.groups == 1
     if isinstance(module, _CONV):
         return module.groups == 1 or is_depthwise(module)
-    return isinstance(module, nn.Linear) or per_channel(module) or is_group_norm(module) or is_conv1d(module)
+    return is_linear(module) or per_channel(module) or is_group_norm(module) or is_conv1d(module)
 
 
 def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
@@ -191,8 +191,12 @@ def build_channel_groups(
     names = {module: name for name, module in model.named_modules()}
     modules = dict(model.named_modules())
     conv1d = transformers_conv1d()
-    roots: tuple[type[nn.Module], ...] = (_CONV, nn.Linear) if conv1d is None else (_CONV, nn.Linear, conv1d)
-    custom = {type(m): _conv1d_pruner(tp) for m in modules.values() if is_conv1d(m)}
+    foreign = foreign_linear_types()
+    roots: tuple[type[nn.Module], ...] = (_CONV, nn.Linear, *foreign, *((conv1d,) if conv1d is not None else ()))
+    custom = {type(m): _sizes_pruner(tp, *weight_axes(m)) for m in modules.values() if is_conv1d(m)}
+    # a foreign Linear is a layer of the trace only if Torch-Pruning has a handler for it (trial FD: PyG's was read as
+    # an unknown operation, and the layer feeding a GCNConv was left whole, blamed on the conv's bias)
+    custom.update({kind: _sizes_pruner(tp, 0, 1) for kind in foreign})
     with torch.enable_grad(), eager(model), plain_float(model), all_tracked(model), warnings.catch_warnings():
         # Torch-Pruning's shape inference warns once per node it cannot follow (a recurrent layer: thousands)
         warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
@@ -277,6 +281,8 @@ def _outputs(module: nn.Module | None) -> int | None:
     """A Linear's or convolution's output channels (``None`` for anything else)."""
     if isinstance(module, nn.Linear):
         return module.out_features
+    if module is not None and is_linear(module):
+        return int(cast(Tensor, module.weight).shape[0])
     return module.out_channels if isinstance(module, _CONV) else None
 
 
@@ -286,7 +292,7 @@ def _out_modules(graph: Any, raw_group: TracedGroup, names: dict[nn.Module, str]
         names[item.dep.target.module]
         for item in raw_group.items
         if item.dep.target.module in names
-        and isinstance(item.dep.target.module, (_CONV, nn.Linear))
+        and (isinstance(item.dep.target.module, _CONV) or is_linear(item.dep.target.module))
         and graph.is_out_channel_pruning_fn(item.dep.handler)
     }
 
@@ -423,11 +429,11 @@ def _raw_groups(
     return groups, failed
 
 
-def _conv1d_pruner(tp: Any) -> Any:
-    """A Torch-Pruning layer handler for ``transformers``' Conv1D: only its sizes are read (we never let
-    Torch-Pruning cut a model)."""
+def _sizes_pruner(tp: Any, out_axis: int, in_axis: int) -> Any:
+    """A Torch-Pruning layer handler for a layer it does not know (``transformers``' Conv1D, whose weight is ``(in,
+    out)``; PyTorch Geometric's Linear): only its sizes are read (we never let Torch-Pruning cut a model)."""
 
-    class Conv1DSizes(tp.pruner.function.BasePruningFunc):
+    class LayerSizes(tp.pruner.function.BasePruningFunc):
         def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
             raise NotImplementedError("lightning-compress reads Torch-Pruning's graph only")
 
@@ -436,12 +442,12 @@ def _conv1d_pruner(tp: Any) -> Any:
             raise NotImplementedError("lightning-compress reads Torch-Pruning's graph only")
 
         def get_out_channels(self, layer: nn.Module) -> int:
-            return int(layer.weight.shape[1])  # type: ignore[index]
+            return int(layer.weight.shape[out_axis])  # type: ignore[index]
 
         def get_in_channels(self, layer: nn.Module) -> int:
-            return int(layer.weight.shape[0])  # type: ignore[index]
+            return int(layer.weight.shape[in_axis])  # type: ignore[index]
 
-    return Conv1DSizes()
+    return LayerSizes()
 
 
 def _head_group(block: AttentionBlock, producers: set[str] | None) -> tuple[ChannelGroup | None, str]:

@@ -1,0 +1,150 @@
+"""PyTorch Geometric's graph layers, whose weights live in ``torch_geometric.nn.Linear`` (not an ``nn.Linear``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pyg = pytest.importorskip("torch_geometric")
+from torch_geometric.nn import GCNConv, SAGEConv  # noqa: E402
+from torch_geometric.nn.models import GCN  # noqa: E402
+
+from lightning_compress import compact, load_compressed, prune_, save_compressed, sparsity  # noqa: E402
+from lightning_compress.core.qat import QuantConfig, calibrate, convert_to_qat, enable_fake_quant  # noqa: E402
+
+
+def _graph(nodes: int = 60, features: int = 16, edges: int = 240) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(nodes, features, generator=g), torch.randint(0, nodes, (2, edges), generator=g)
+
+
+class _Net(nn.Module):
+    """A Linear, a graph convolution, a classifier."""
+
+    def __init__(self, conv: nn.Module, width: int = 24) -> None:
+        super().__init__()
+        self.pre, self.conv, self.head = nn.Linear(16, width), conv, nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(torch.relu(self.pre(x)), edge_index)))
+
+
+def test_the_weights_of_pyg_convolutions_are_selected_by_default():
+    """Trial FD: GCNConv's `lin` (a torch_geometric.nn.Linear) was left out, and said to be a parameter a module
+    multiplies in its own forward; `sparsity` read 0.9 with 12% of the weights zero; PyG's own GCN was refused."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"conv": GCNConv(64, 32), "head": nn.Linear(32, 10)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left out to warn about
+        prune_(model, 0.9)
+    weights = [model["conv"].lin.weight, model["head"].weight]
+    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zero == pytest.approx(0.9, abs=1e-3) and sparsity(model) == pytest.approx(zero)
+    assert float((model["conv"].lin.weight == 0).float().mean()) > 0.8
+    gcn = GCN(16, 32, 2, out_channels=4)
+    prune_(gcn, 0.5)
+    assert all(float((conv.lin.weight == 0).float().mean()) > 0.3 for conv in gcn.convs)
+
+
+def test_pyg_linears_are_quantized_and_the_file_reloads_into_a_fresh_model(tmp_path):
+    """Trial FD: `convert_to_qat` converted only the classifier, without a word, and naming `conv.lin` was refused as
+    if it were not a Linear."""
+
+    def net() -> _Net:
+        torch.manual_seed(0)
+        return _Net(GCNConv(24, 12))
+
+    x, edges = _graph()
+    model = net().eval()
+    float_out = model(x, edges)
+    convert_to_qat(model, QuantConfig(8, 8))
+    assert type(model.conv.lin).__name__ == "QATLinear"
+    assert torch.equal(model(x, edges), float_out)  # the same computation until fake quantization is on
+    calibrate(model, [(x, edges)])
+    enable_fake_quant(model)
+    expected = model(x, edges)
+    save_compressed(model, tmp_path / "gcn.lcz")
+    fresh = net().eval()
+    load_compressed(fresh, tmp_path / "gcn.lcz")
+    assert torch.equal(fresh(x, edges), expected)
+
+
+def test_a_lazy_pyg_linear_is_quantized_after_its_first_forward():
+    layer = pyg.nn.Linear(-1, 8)
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match=r"a lazy module has not created yet \('0.weight'"):
+        convert_to_qat(model, QuantConfig(8, 8))
+    assert model[0] is layer
+    layer(torch.randn(2, 5))  # sized now
+    convert_to_qat(model, QuantConfig(8, 8))
+    assert type(model[0]).__name__ == "QATLinear" and model[0].weight.shape == (8, 5)
+
+
+def test_the_layer_feeding_a_graph_convolution_loses_channels_with_the_convolutions_inputs():
+    """Trial FD: the tracer did not see PyG's Linear as a layer, so `pre`'s channels were left whole and blamed on
+    the convolution's bias (32 entries, against `pre`'s 24 channels). SAGEConv's two Linears (neighbours and root)
+    share their output channels."""
+    x, edges = _graph()
+    for conv in (GCNConv(24, 12), SAGEConv(24, 12)):
+        torch.manual_seed(0)
+        model = _Net(conv).eval()
+        prune_(model, 0.5, granularity="channel", example_inputs=(x, edges))
+        with torch.no_grad():
+            before = model(x, edges)
+            report = compact(model, (x, edges))
+            assert torch.allclose(model(x, edges), before, atol=1e-5)
+        assert report.channels["pre"] == (24, 12)
+        assert model.pre.out_features == 12
+        lins = [m for m in model.conv.modules() if isinstance(m, pyg.nn.Linear)]
+        assert all(lin.weight.shape[1] == 12 and lin.in_channels == 12 for lin in lins)
+        if isinstance(conv, SAGEConv):  # no bias outside its Linears: its outputs are a group too
+            assert report.channels["conv.lin_l"] == (12, 6) and model.head.in_features == 6
+        assert report.macs_after < report.macs_before
+
+
+def test_a_full_graph_fit_prunes_and_quantizes_the_graph_layers(tmp_path):
+    """One batch per epoch (the whole graph), as PyG's node classification runs in Lightning."""
+    import lightning.pytorch as pl
+
+    from lightning_compress import IterativePruning, QuantizationAwareTraining
+    from tests.conftest import trainer
+
+    x, edges = _graph()
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+    class Nodes(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _Net(SAGEConv(24, 12))
+
+        def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+            return self.net(x, edge_index)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self(x, edges), y)
+
+        def train_dataloader(self):
+            return [0]
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    pl.seed_everything(0, verbose=False)
+    module = Nodes()
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=20)
+    qat = QuantizationAwareTraining(8, 8, start_epoch=10)
+    trainer(max_epochs=30, callbacks=[pruning, qat]).fit(module)
+    names = [t.name for t in pruning.pruner.targets]
+    assert names == ["net.pre", "net.conv.lin_l", "net.conv.lin_r", "net.head"]
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.9, abs=2e-3)
+    assert float((module.net.conv.lin_l.weight == 0).float().mean()) > 0.5
+    assert type(module.net.conv.lin_l).__name__ == "QATLinear"
+    module.eval()
+    save_compressed(module, tmp_path / "nodes.lcz")
+    fresh = Nodes().eval()
+    load_compressed(fresh, tmp_path / "nodes.lcz")
+    assert torch.equal(fresh(x, edges), module(x, edges))
