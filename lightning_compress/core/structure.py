@@ -368,6 +368,10 @@ def _dependency_graph(
     failed, and no channel of the model could be pruned). Returns the graph, and each layer left out with what it
     returned."""
     ignored: list[tuple[nn.Module, str]] = []
+    # a PReLU with one slope for every channel acts on each element alone: traced as an operation, not a layer
+    # (trial FC: Torch-Pruning's handler has no channel count for it, so its layer groups were refused, and a
+    # concatenation after it failed the whole trace of MONAI's UNet, whose default activation it is)
+    shared = [m for m in model.modules() if isinstance(m, nn.PReLU) and m.num_parameters == 1]
     while True:
         forward = TracerForward()
         try:
@@ -377,7 +381,7 @@ def _dependency_graph(
                 forward_fn=forward,
                 verbose=False,
                 customized_pruners=custom or None,
-                ignored_layers=[m for m, _ in ignored] or None,
+                ignored_layers=[*shared, *(m for m, _ in ignored)] or None,
             )
         except Exception:
             if forward.failure is None:

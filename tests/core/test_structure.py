@@ -1033,3 +1033,21 @@ def test_channel_pruning_says_when_its_groups_reach_few_of_the_selected_weights(
         warnings.simplefilter("error")
         mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
         prune_(mlp, 0.5, granularity="channel", example_inputs=torch.randn(2, 16))
+
+
+def test_a_prelu_with_one_slope_for_every_channel_is_an_operation_of_the_trace_not_a_layer():
+    """Trial FC: `nn.PReLU()` (MONAI's default activation) acts on each element alone, but Torch-Pruning's handler has
+    no channel count for it, and its groups were refused ("mixes its channels or cannot lose one")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.PReLU(), nn.Conv2d(8, 8, 3), nn.PReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    nn.init.uniform_(model[2].weight, 0.1, 0.3)
+    nn.init.uniform_(model[4].weight, 0.1, 0.3)
+    x = torch.randn(4, 1, 10, 10)
+    groups, skipped = build_channel_groups(model, x)
+    assert sorted(g.name for g in groups) == ["0", "3"] and "PReLU" not in str(skipped)
+    report = prune_and_compact(model, x, atol=1e-6)
+    assert report.channels == {"0": (8, 4), "3": (8, 4)}
+    assert model[2].weight.shape == (1,)  # its one slope stays
