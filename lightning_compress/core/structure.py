@@ -44,6 +44,7 @@ from .tracing import (
     call_model,
     comparable_modules,
     eval_mode,
+    out_of_place,
     output_tensors,
     plain_float,
     without_cache,
@@ -197,7 +198,14 @@ def build_channel_groups(
     # a foreign Linear is a layer of the trace only if Torch-Pruning has a handler for it (trial FD: PyG's was read as
     # an unknown operation, and the layer feeding a GCNConv was left whole, blamed on the conv's bias)
     custom.update({kind: _sizes_pruner(tp, 0, 1) for kind in foreign})
-    with torch.enable_grad(), eager(model), plain_float(model), all_tracked(model), warnings.catch_warnings():
+    with (
+        torch.enable_grad(),
+        eager(model),
+        plain_float(model),
+        all_tracked(model),
+        out_of_place(model),
+        warnings.catch_warnings(),
+    ):
         # Torch-Pruning's shape inference warns once per node it cannot follow (a recurrent layer: thousands)
         warnings.filterwarnings("ignore", message="Maximum recursive depth reached")
         blocks, feeding, not_heads = find_attention(model, example_inputs)

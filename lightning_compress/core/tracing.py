@@ -21,6 +21,7 @@ __all__ = [
     "has_float_tensor",
     "jittered",
     "noisy_checks",
+    "out_of_place",
     "output_tensors",
     "plain_float",
     "seeded",
@@ -133,6 +134,22 @@ def plain_float(model: nn.Module) -> Iterator[None]:
         for q, fq, ob in saved:
             q.fake_quant_enabled = fq
             q.observer_enabled = ob
+
+
+@contextlib.contextmanager
+def out_of_place(model: nn.Module) -> Iterator[None]:
+    """Modules that can compute in place (``nn.ReLU(inplace=True)``, ``nn.LeakyReLU``, ``nn.Dropout``, ...) compute out
+    of place meanwhile; put back afterwards. An in-place activation after a norm that reshapes internally (an
+    InstanceNorm) rewrites the graph the dependency tracer reads, and the norm fell out of its group (trial FC:
+    MONAI's DynUNet, InstanceNorm then an in-place LeakyReLU, had its groups refused)."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", None) is True]
+    for module in changed:
+        cast(Any, module).inplace = False
+    try:
+        yield
+    finally:
+        for module in changed:
+            cast(Any, module).inplace = True
 
 
 @contextlib.contextmanager

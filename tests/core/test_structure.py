@@ -1051,3 +1051,20 @@ def test_a_prelu_with_one_slope_for_every_channel_is_an_operation_of_the_trace_n
     report = prune_and_compact(model, x, atol=1e-6)
     assert report.channels == {"0": (8, 4), "3": (8, 4)}
     assert model[2].weight.shape == (1,)  # its one slope stays
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_an_instance_norm_before_an_in_place_activation_loses_channels_with_its_layer(affine):
+    """Trial FC: MONAI's DynUNet (InstanceNorm, then LeakyReLU(inplace=True)): the in-place activation rewrote the graph
+    the tracer reads, the norm fell out of its group, and the group was refused (affine) or the norm kept its stale
+    `num_features` (not affine: torch warned at every forward). Traced out of place; the flags are put back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=affine), nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=affine), nn.LeakyReLU(0.01, inplace=True),
+        nn.Conv2d(8, 1, 1),
+    )  # fmt: skip
+    report = prune_and_compact(model, torch.randn(2, 1, 12, 12), atol=1e-5)
+    assert report.channels == {"0": (8, 4), "3": (8, 4)}
+    assert (model[1].num_features, model[4].num_features) == (4, 4)
+    assert model[2].inplace and model[5].inplace
