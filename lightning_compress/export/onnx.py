@@ -77,7 +77,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     opset: int = 17,
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str | None]] | None = None,
     accuracy_level: int = 0,
     calibration: Iterable[Any] | None = None,
     weight_type: str = "uint8",
@@ -101,7 +101,10 @@ def export_onnx(
             returns, tuples, lists and dicts flattened in order.
         opset: ONNX opset (13 or newer for per-channel quantization).
         dynamic_axes: more dynamic dimensions per input or output name, on top of the batch (dimension 0),
-            e.g. ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}, "output_0": {1: "sequence"}}``.
+            e.g. ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}, "output_0": {1: "sequence"}}``;
+            another name for dimension 0 replaces ``"batch"``, and ``None`` makes a dimension static (a PyTorch
+            Geometric model: ``{"input_0": {0: "nodes"}, "input_1": {0: None, 1: "edges"}, "output_0": {0:
+            "nodes"}}`` for ``x`` and ``edge_index``).
         accuracy_level: ``MatMulNBits``' compute type for int4 layers: ``0`` (float activations, W4A16)
             or ``4`` (int8 activations, quantized by onnxruntime per block).
         calibration: batches of inputs, each like ``example_inputs`` (e.g. a few hundred validation samples), on
@@ -138,7 +141,7 @@ def _export_onnx(
     input_names: Sequence[str] | None,
     output_names: Sequence[str] | None,
     opset: int,
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+    dynamic_axes: Mapping[str, Mapping[int, str | None]] | None,
     accuracy_level: int,
     calibration: Iterable[Any] | None,
     weight_type: str,
@@ -171,10 +174,15 @@ def _export_onnx(
     check_int(accuracy_level, "accuracy_level")
     if dynamic_axes is not None and not (
         isinstance(dynamic_axes, Mapping)
-        and all(isinstance(k, str) and isinstance(v, Mapping) for k, v in dynamic_axes.items())
+        and all(
+            isinstance(k, str)
+            and isinstance(v, Mapping)
+            and all(_is_dim(d) and (n is None or isinstance(n, str)) for d, n in v.items())
+            for k, v in dynamic_axes.items()
+        )
     ):
         raise TypeError(
-            "`dynamic_axes` must map input/output names to {dimension: name} dicts, e.g. "
+            "`dynamic_axes` must map input/output names to {dimension: name or None} dicts, e.g. "
             f"{{'input_ids': {{1: 'sequence'}}}}, got {dynamic_axes!r}."
         )
     sharded = next((name for name, p in model.named_parameters() if is_sharded(p)), None)
@@ -250,7 +258,7 @@ def _export_onnx(
                 str(traced),
                 input_names=names,
                 output_names=outs,
-                dynamic_axes={name: {0: "batch", **dict((dynamic_axes or {}).get(name, {}))} for name in names + outs},
+                dynamic_axes=_axes(names + outs, dynamic_axes),
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
@@ -295,6 +303,20 @@ def _export_onnx(
     # "onnx-int4" only when a layer is stored in 4 bits (trial EJ: 8-bit, 2-bit or odd groups export float weights,
     # and the report said int4 of a file larger than the float model's `torch.save`)
     return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model, unread)
+
+
+def _is_dim(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _axes(names: list[str], given: Mapping[str, Mapping[int, str | None]] | None) -> dict[str, dict[int, str]]:
+    """The exporter's dynamic axes: dimension 0 of every input and output is ``"batch"`` unless ``given`` names it
+    otherwise, or ``None`` (static: a graph's ``edge_index`` is ``(2, edges)``), with ``given``'s other dimensions."""
+    out = {}
+    for name in names:
+        axes = {0: "batch", **dict((given or {}).get(name, {}))}
+        out[name] = {dim: label for dim, label in axes.items() if label is not None}
+    return out
 
 
 def _graph_check(

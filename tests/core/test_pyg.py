@@ -148,3 +148,24 @@ def test_a_full_graph_fit_prunes_and_quantizes_the_graph_layers(tmp_path):
     fresh = Nodes().eval()
     load_compressed(fresh, tmp_path / "nodes.lcz")
     assert torch.equal(fresh(x, edges), module(x, edges))
+
+
+def test_a_graph_model_exports_with_a_static_edge_dimension_and_runs_on_another_graph(tmp_path):
+    """Trial FD: dimension 0 of every input was the batch, `edge_index`'s (always 2) too, and the edge count was fixed
+    at the example's: another graph failed in onnxruntime. `None` makes a dimension static."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import onnxruntime as ort
+
+    from lightning_compress import export_onnx
+
+    torch.manual_seed(0)
+    model = _Net(SAGEConv(24, 12)).eval()
+    axes = {"input_0": {0: "nodes"}, "input_1": {0: None, 1: "edges"}, "output_0": {0: "nodes"}}
+    export_onnx(model, tmp_path / "g.onnx", _graph(), dynamic_axes=axes)
+    shape = onnx.load(str(tmp_path / "g.onnx")).graph.input[1].type.tensor_type.shape.dim
+    assert [d.dim_value or d.dim_param for d in shape] == [2, "edges"]
+    session = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    x, edges = _graph(nodes=90, edges=500)
+    got = session.run(None, {"input_0": x.numpy(), "input_1": edges.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), model(x, edges), atol=1e-5)

@@ -455,6 +455,8 @@ def test_arguments_are_checked_before_tracing(tmp_path):
         ),
         ({"output_names": ["y", "z"]}, ValueError, r"`output_names` names 2 outputs .* the model returns 1"),
         ({"dynamic_axes": ["x"]}, TypeError, "`dynamic_axes` must map input/output names"),
+        ({"dynamic_axes": {"input_0": {1: 5}}}, TypeError, r"to \{dimension: name or None\} dicts"),
+        ({"dynamic_axes": {"input_0": {-1: "x"}}}, TypeError, r"to \{dimension: name or None\} dicts"),
         ({"dynamic_axes": {"nope": {1: "n"}}}, ValueError, r"`dynamic_axes` names \['nope'\], which are not among"),
     ]
     for kwargs, error, message in cases:
