@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -14,6 +15,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 __all__ = [
+    "caller_level",
     "check_bool",
     "check_choice",
     "check_float",
@@ -130,3 +132,16 @@ def check_output_path(value: Any, argument: str = "path", *, create_parents: boo
     except OSError as err:
         raise ValueError(f"`{argument}`={str(path)!r} cannot be written: {err}.") from None
     return path
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the function calling this one name the first frame outside
+    this package: the user's call of ``prune_`` or ``convert_to_qat`` (trial FD: the selection's warnings named
+    ``core/functional.py``), whichever entry point reached the warning."""
+    frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None  # the function that warns: level 1
+    level = 1
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("lightning_compress."):
+        frame = frame.f_back
+        level += 1
+    return level

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
 from .adapters import adapter_modules, forwards_base_weight
-from .checks import check_module
+from .checks import caller_level, check_module
 from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
@@ -329,7 +329,7 @@ def _note_larger_embeddings(named: list[tuple[str, nn.Module]], selected: list[T
             "with '*' for the layers (e.g. include=['emb', '*']), to prune it; quantization-aware training takes "
             "an nn.Embedding (not an EmbeddingBag) named exactly too.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=caller_level(),
         )
 
 
@@ -482,21 +482,21 @@ def select_targets(
         warnings.warn(
             f"lightning-compress leaves {tied} out: their weight is also an nn.Embedding's (a tied output "
             f"head), so compressing them would change the embedding. Name them exactly in `include` to opt in.",
-            stacklevel=2,
+            stacklevel=caller_level(),
         )
     if note_left_out and shares_excluded:
         warnings.warn(
             f"lightning-compress leaves {sorted(shares_excluded)} out: their weight is also the weight of "
             f"{sorted(set(shares_excluded.values()))}, which `exclude` leaves out, so compressing them would change "
             "the excluded layers. Untie the weights, or drop the layers from `exclude`, to compress them.",
-            stacklevel=2,
+            stacklevel=caller_level(),
         )
     if note_left_out and parametrized:
         warnings.warn(
             f"lightning-compress leaves {parametrized} out: their weight is computed by a parametrization "
             "(torch.nn.utils.parametrizations.weight_norm, ...), not stored. Remove it "
             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
-            stacklevel=2,
+            stacklevel=caller_level(),
         )
     if note_left_out and scripted:
         warnings.warn(
@@ -504,18 +504,18 @@ def select_targets(
             "compiled by `torch.jit.script` (no longer nn.Linear/nn.Conv instances). Name them exactly in `include` "
             "to prune them; quantization-aware training cannot convert them: script the model after converting, or "
             "leave the submodule unscripted.",
-            stacklevel=2,
+            stacklevel=caller_level(),
         )
     if note_left_out and torch_pruned:
         warnings.warn(
             f"lightning-compress leaves {torch_pruned} out: torch.nn.utils.prune computes their weight from "
             "`weight_orig` and a mask. Make it permanent first (torch.nn.utils.prune.remove(module, 'weight')) to "
             "compress them.",
-            stacklevel=2,
+            stacklevel=caller_level(),
         )
     for kind, hooked_names in hooked.items():
         if hooked_names and note_left_out:
-            warnings.warn(f"lightning-compress leaves {hooked_names} out: {_HOOKED[kind]}", stacklevel=2)
+            warnings.warn(f"lightning-compress leaves {hooked_names} out: {_HOOKED[kind]}", stacklevel=caller_level())
     if module_tensors and note_left_out and selected:
         unselected = _unselected_matrices(named, selected, excluded_by)
         total, pruned = sum(n for _, n, _ in unselected), sum(t.numel for t in selected)
@@ -528,7 +528,7 @@ def select_targets(
                 "attention does, or added, as position embeddings are), which are not layers it selects (Linear, "
                 "Conv, experts, recurrent layers, nn.MultiheadAttention). They stay dense, and `sparsity` does not "
                 "count them.",
-                stacklevel=2,
+                stacklevel=caller_level(),
             )
     if module_tensors and note_left_out and selected and include is None:
         _note_larger_embeddings(named, selected, excluded_by)

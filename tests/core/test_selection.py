@@ -362,3 +362,21 @@ def test_layers_of_a_scripted_submodule_are_named_as_left_out_and_export_says_wh
 
     with pytest.raises(ValueError, match=r"calls a submodule compiled by `torch.jit.script`, which the ONNX tracer"):
         export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 1, 8, 8))
+
+
+def test_the_selections_warnings_name_the_users_call_not_the_package():
+    """Trial FD: `prune_`'s warning about a tied head was attributed to lightning_compress/core/functional.py."""
+    from lightning_compress import prune_
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.fc(self.emb(x)))
+
+    with pytest.warns(UserWarning, match=r"leaves \['head'\] out") as said:
+        prune_(Tied(), 0.5)
+    assert {w.filename for w in said if "leaves ['head'] out" in str(w.message)} == {__file__}
