@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .layers import weight_axes
 from .macs import layer_macs, uncalled_layers
 from .structure import ChannelGroup, is_depthwise
-from .tracing import call_model, plain_float
+from .tracing import call_model, forward_state_kept, plain_float
 
 __all__ = ["ChannelCost"]
 
@@ -52,7 +52,7 @@ class ChannelCost:
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if not isinstance(m, _NORM)]
         try:
-            with plain_float(model), torch.no_grad():
+            with plain_float(model), torch.no_grad(), forward_state_kept(model):
                 call_model(model, example_inputs)
         finally:
             for handle in handles:

@@ -33,6 +33,7 @@ from .tracing import (
     call_model,
     check_example_inputs,
     eval_mode,
+    forward_state_kept,
     like_model,
     noisy_checks,
     output_tensors,
@@ -122,8 +123,8 @@ def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
     """The outputs with weights quantized as they are and activations in float: a layer with fewer inputs sums in
     another order, and a quantized activation a rounding away can flip a step (a trial: 3.4e-4 of a Llama's logits
     with int8 per-token activations), a change of the rounding, not of what the channels carry."""
-    with eval_mode(model), torch.no_grad(), _float_activations(model), seeded(model):  # the same random draws
-        out = call_model(model, inputs)
+    with eval_mode(model), torch.no_grad(), _float_activations(model), seeded(model), forward_state_kept(model):
+        out = call_model(model, inputs)  # the same random draws; a cache the forward fills is taken back
     return [t.detach().float() for t in output_tensors(out)]
 
 
@@ -219,11 +220,12 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
             )
     # a bfloat16/float16 model's float32 `example_input_array` (trial EF: refused after a `bf16-true` fit)
     example_inputs = like_model(example_inputs, model)
-    check_example_inputs(model, example_inputs, "example_inputs" if given else "example_input_array")
-    groups, _ = build_channel_groups(model, example_inputs)
-    groups, _ = removable_groups(model, example_inputs, groups)
-    traced = groups
-    groups, unfaithful = faithful_groups(model, example_inputs, groups)
+    with forward_state_kept(model):  # the trace's forwards leave no cache behind (PyG's cached GCNConv: trial FE)
+        check_example_inputs(model, example_inputs, "example_inputs" if given else "example_input_array")
+        groups, _ = build_channel_groups(model, example_inputs)
+        groups, _ = removable_groups(model, example_inputs, groups)
+        traced = groups
+        groups, unfaithful = faithful_groups(model, example_inputs, groups)
     _warn_zero_channels_kept(model, [g for g in traced if g.name in unfaithful], unfaithful)
     dead = [zero_channels(model, group) for group in groups]
     kept_for_quant_groups = keep_whole_blocks(model, groups, dead)

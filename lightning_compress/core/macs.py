@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .layers import linear_like_types, weight_axes
 from .selection import expert_tensors, is_experts
-from .tracing import call_model, eval_mode
+from .tracing import call_model, eval_mode, forward_state_kept
 
 __all__ = ["count_macs", "layer_macs", "uncalled_layers", "uncalled_note", "uncounted_experts", "uncounted_note"]
 
@@ -135,7 +135,7 @@ def count_macs(model: nn.Module, example_inputs: Any, uncalled: list[str] | None
     layers = [m for m in model.modules() if isinstance(m, counted)]
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), forward_state_kept(model):
             call_model(model, example_inputs)
     finally:
         for handle in handles:

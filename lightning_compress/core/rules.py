@@ -28,7 +28,7 @@ from .nm import NMRule, eligible
 from .selection import Target, is_compiled, is_experts
 from .sharding import check_row_sharded, is_sharded
 from .structure import ChannelGroup, build_channel_groups
-from .tracing import check_example_inputs
+from .tracing import check_example_inputs, forward_state_kept
 
 __all__ = ["ChannelStructure", "ElementRule", "MaskRule", "channel_structure", "rule_for"]
 
@@ -128,12 +128,13 @@ def channel_structure(
             "whose layers the trace cannot follow: prune channels on the plain modules and compile after `compact()`, "
             "or prune with granularity='element' or an N:M pattern, which work on compiled submodules."
         )
-    check_example_inputs(model, example_inputs, argument)
-    groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
-    groups, rejected = removable_groups(model, example_inputs, groups)
-    left.update(rejected)
-    groups, rejected = faithful_groups(model, example_inputs, groups)
-    left.update(rejected)
+    with forward_state_kept(model):  # the trace's forwards leave no cache behind (PyG's cached GCNConv: trial FE)
+        check_example_inputs(model, example_inputs, argument)
+        groups, left = build_channel_groups(model, example_inputs, producers={t.name for t in targets})
+        groups, rejected = removable_groups(model, example_inputs, groups)
+        left.update(rejected)
+        groups, rejected = faithful_groups(model, example_inputs, groups)
+        left.update(rejected)
     for target in targets:  # trial EQ: a Qwen3-MoE's experts were not among the layers said to be left whole
         if target.own_name and is_experts(target.module):
             left.setdefault(

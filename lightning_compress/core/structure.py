@@ -44,6 +44,7 @@ from .tracing import (
     call_model,
     comparable_modules,
     eval_mode,
+    forward_state_kept,
     out_of_place,
     output_tensors,
     plain_float,
@@ -204,6 +205,7 @@ def build_channel_groups(
         plain_float(model),
         all_tracked(model),
         out_of_place(model),
+        forward_state_kept(model),
         warnings.catch_warnings(),
     ):
         # Torch-Pruning's shape inference warns once per node it cannot follow (a recurrent layer: thousands)

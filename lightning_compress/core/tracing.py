@@ -18,6 +18,7 @@ __all__ = [
     "call_model",
     "check_example_inputs",
     "eval_mode",
+    "forward_state_kept",
     "has_float_tensor",
     "jittered",
     "noisy_checks",
@@ -137,6 +138,31 @@ def plain_float(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def forward_state_kept(model: nn.Module) -> Iterator[None]:
+    """Tensors this package's own forwards (traces, probes, checks) leave in ``model``'s modules' attributes that held
+    ``None`` are taken back: a cache filled on the first input it sees would keep the example's (trial FE: PyG's
+    ``GCNConv(cached=True)`` kept the 50-node example graph's edges after ``prune_``, and every later forward on the
+    full graph was wrong, unsaid; a fit's validation accuracy fell to 0.13). Only data: an attribute a forward sets
+    to anything else stays (``transformers`` marks the output hooks it installs on the first forward), and so do
+    Parameters, buffers and submodules."""
+    empty = [(m, [k for k, v in vars(m).items() if v is None]) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, keys in empty:
+            now = vars(module)
+            for key in keys:
+                if _holds_tensor(now.get(key)):
+                    now[key] = None
+
+
+def _holds_tensor(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v) for v in value)
+    return isinstance(value, Tensor) or type(value).__name__ == "SparseTensor"  # torch_sparse's, PyG's adjacency
+
+
+@contextlib.contextmanager
 def out_of_place(model: nn.Module) -> Iterator[None]:
     """Modules that can compute in place (``nn.ReLU(inplace=True)``, ``nn.LeakyReLU``, ``nn.Dropout``, ...) compute out
     of place meanwhile; put back afterwards. An in-place activation after a norm that reshapes internally (an
@@ -180,7 +206,7 @@ def check_example_inputs(
 
     ``why``: what the inputs are for, put before the message (e.g. the export path)."""
     try:
-        with torch.no_grad(), plain_float(model):
+        with torch.no_grad(), plain_float(model), forward_state_kept(model):
             call_model(model, example_inputs)
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""

@@ -23,7 +23,7 @@ from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_el
 from ..core.quantizer_state import check_scales
 from ..core.selection import state_root, stored_weight, uncompiled
 from ..core.shrink import set_head_record, shrink_like
-from ..core.tracing import call_model, like_model, output_tensors, plain_float
+from ..core.tracing import call_model, forward_state_kept, like_model, output_tensors, plain_float
 from .container import CompressedFileError, read_container
 from .records import (
     SECTIONS,
@@ -383,7 +383,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
 
 def _output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
     """The shapes of ``model``'s outputs on ``inputs`` (float data flow, eval mode, no gradients)."""
-    with torch.no_grad(), plain_float(model):
+    with torch.no_grad(), plain_float(model), forward_state_kept(model):
         return [tuple(t.shape) for t in output_tensors(call_model(model, inputs))]
 
 

@@ -26,7 +26,7 @@ from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
-from ..core.tracing import check_example_inputs, without_cache
+from ..core.tracing import check_example_inputs, forward_state_kept, without_cache
 from .container import replacing
 from .onnx_batch import GraphCheck, batch_size, graph_note, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
@@ -228,6 +228,7 @@ def _export_onnx(
         mode as swapped,
         eager(model),
         without_cache(model),
+        forward_state_kept(model),  # a cache the traced forwards fill is taken back (PyG's cached GCNConv: trial FE)
         torch.no_grad(),
         composite_attention(),
         warnings.catch_warnings(),

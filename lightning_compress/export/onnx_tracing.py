@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.experts import is_experts
 from ..core.fake_quant import FakeQuantizer
 from ..core.selection import eager, uncompiled
-from ..core.tracing import plain_float, without_cache
+from ..core.tracing import forward_state_kept, plain_float, without_cache
 
 __all__ = [
     "as_args",
@@ -286,7 +286,7 @@ def check_traceable(model: nn.Module, example_inputs: Any, opset: int = 17) -> N
     (``export_params=False``) and into a scratch file, so it costs one forward and the graph's conversion. The callbacks
     run it at ``setup`` for an ONNX ``export_path`` (trial BY: a Llama whose example held no attention mask
     trained to the end, then failed to export)."""
-    with uncompiled(unwrapped(model)) as plain:  # as export_onnx traces it
+    with uncompiled(unwrapped(model)) as plain, forward_state_kept(plain):  # as export_onnx traces it
         _check_traceable(plain, example_inputs, opset)
 
 

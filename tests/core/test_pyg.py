@@ -169,3 +169,29 @@ def test_a_graph_model_exports_with_a_static_edge_dimension_and_runs_on_another_
     x, edges = _graph(nodes=90, edges=500)
     got = session.run(None, {"input_0": x.numpy(), "input_1": edges.numpy()})[0]
     assert torch.allclose(torch.from_numpy(got), model(x, edges), atol=1e-5)
+
+
+def test_the_packages_own_forwards_leave_no_cache_behind(tmp_path):
+    """Trial FE: `GCNConv(cached=True)` keeps the normalized edges of the first graph it sees; the channel trace,
+    `compact()` and `export_onnx` ran it on the 50-node example, and every later forward on the full graph used the
+    example's edges (a fit's validation accuracy 0.13 instead of 0.98), unsaid."""
+    from lightning_compress import export_onnx
+
+    x, edges = _graph(nodes=60, edges=300)
+    small = edges[:, (edges < 20).all(0)]
+
+    def net() -> _Net:
+        torch.manual_seed(0)
+        return _Net(GCNConv(24, 12, cached=True)).eval()
+
+    for run in (
+        lambda m: prune_(m, 0.5, granularity="channel", example_inputs=(x[:20], small)),
+        lambda m: compact(m, (x[:20], small)),
+        lambda m: export_onnx(m, tmp_path / "g.onnx", (x[:20], small)),
+    ):
+        model = net()
+        run(model)
+        assert model.conv._cached_edge_index is None
+        reference = net()
+        reference.load_state_dict(model.state_dict())
+        assert torch.equal(model(x, edges), reference(x, edges))  # the full graph's own edges
