@@ -639,5 +639,10 @@ def _norm_group_units(group: ChannelGroup, norms: dict[str, nn.GroupNorm]) -> tu
             f"{sorted(norms)} (GroupNorm) group its channels in units of different sizes "
             f"({sorted(set(sizes.tolist()))} channels: a norm reads only some of them), which are not pruned"
         )
+    if len(unit_of) == 1:  # trial FE: GroupNorm(1, C) made channel pruning a no-op, unsaid
+        return None, (
+            f"{sorted(norms)} (GroupNorm) normalize all {group.size} of its channels as one group (num_groups=1, or "
+            "groups of different sizes that join into one unit): none can leave without the others"
+        )
     slices = [LayerSlice(s.module, s.kind, s.index, unit[s.channel]) for s in group.slices]
     return ChannelGroup(group.name, len(unit_of), slices, unit_channels=int(sizes[0])), ""

@@ -151,3 +151,14 @@ def test_units_of_different_sizes_are_refused():
     units, _ = _norm_group_units(whole, {"n": nn.GroupNorm(2, 8)})
     assert units is not None and (units.size, units.unit_channels) == (2, 4)
     assert units.slices[0].channel.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_a_group_norm_with_one_group_leaves_its_channels_whole_with_the_reason():
+    """Trial FE: GroupNorm(1, C) made the whole chain one unit, which the floor (at least one) kept: channel pruning
+    did nothing and said nothing (a diffusers UNet with norm_num_groups=1 cut only its time embedding)."""
+    groups, skipped = build_channel_groups(_gn_net(groups=1), _x())
+    assert "3.c2" not in {g.name for g in groups}
+    assert skipped["3.c2"] == (
+        "['1', '3.n2'] (GroupNorm) normalize all 16 of its channels as one group (num_groups=1, or groups of different "
+        "sizes that join into one unit): none can leave without the others"
+    )
