@@ -273,8 +273,9 @@ def build_channel_groups(
                     skipped.setdefault(
                         other,
                         f"the dependency graph joins its {_outputs(modules[other])} outputs to {root}'s {width} "
-                        "channels through an operation that moves axes (a transpose or reshape, as an MLP-Mixer's "
-                        "token mixing), so its outputs have no channel group",
+                        "channels through an operation that moves axes or splits them (a transpose or reshape, as an "
+                        "MLP-Mixer's token mixing; a `chunk` of the wider output, as a diffusers UNet's time "
+                        "embedding split into scale and shift), so its outputs have no channel group",
                     )
         else:
             groups.append(group)
