@@ -537,7 +537,8 @@ def _convert(
                 owner = parameters.get(id(module), "a free nn.Parameter")
                 return (
                     None,
-                    f"{owner} (a parameter outside Linear/Conv/BatchNorm: a norm's weight, a layer scale) "
+                    f"{owner} (a parameter outside Linear/Conv/BatchNorm: a norm's weight, a layer scale, a bias "
+                    "added after the layer, as PyTorch Geometric's GCNConv's, or a GAT's attention vectors) "
                     "depends on its channels",
                 )
             if _unplaced_concat(module):

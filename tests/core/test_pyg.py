@@ -14,6 +14,7 @@ from torch_geometric.nn.models import GCN  # noqa: E402
 
 from lightning_compress import compact, load_compressed, prune_, save_compressed, sparsity  # noqa: E402
 from lightning_compress.core.qat import QuantConfig, calibrate, convert_to_qat, enable_fake_quant  # noqa: E402
+from lightning_compress.core.structure import build_channel_groups  # noqa: E402
 
 
 def _graph(nodes: int = 60, features: int = 16, edges: int = 240) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,3 +196,12 @@ def test_the_packages_own_forwards_leave_no_cache_behind(tmp_path):
         reference = net()
         reference.load_state_dict(model.state_dict())
         assert torch.equal(model(x, edges), reference(x, edges))  # the full graph's own edges
+
+
+def test_a_graph_convolution_whose_bias_is_added_after_its_linear_is_left_whole_with_the_reason():
+    x, edges = _graph()
+    torch.manual_seed(0)
+    groups, skipped = build_channel_groups(_Net(GCNConv(24, 12)), (x, edges))
+    assert "conv.lin" not in {g.name for g in groups}
+    assert skipped["conv.lin"].startswith("conv.bias (a parameter outside Linear/Conv/BatchNorm: a norm's weight, a")
+    assert "a bias added after the layer, as PyTorch Geometric's GCNConv's" in skipped["conv.lin"]
