@@ -368,7 +368,10 @@ class ChannelRule:
                 return
         self._short_of_budget = True
         what = "MACs" if cost is not None else "channels"
-        groups = ", ".join(f"{g.name} {int(k.sum())}/{g.size}" for g, k in zip(self.groups, kept, strict=True))
+        groups = ", ".join(  # in channels: a GroupNorm's group is a unit of several (trial FG: "4/4" for 16)
+            f"{g.name} {int(k.sum()) * g.unit_channels}/{g.size * g.unit_channels}"
+            for g, k in zip(self.groups, kept, strict=True)
+        )
         rounded = (
             f"one multiple of `round_to`={self.round_to} (counts go down to a multiple), " if self.round_to else ""
         )

@@ -248,7 +248,9 @@ def _export_onnx(
         with unread_entries(model) as unread:  # left out of the baseline: the graph holds none of them
             outputs = model(**args[0]) if keyword else model(*args)
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
-        batch_check = _graph_check(model, traced_model, traced_args, outputs)
+        # dimension 0 named otherwise, or static, for an input (a graph's nodes and edges): not a batch to cut
+        renamed = any(0 in dict((dynamic_axes or {}).get(name, {})) for name in names)
+        batch_check = None if renamed else _graph_check(model, traced_model, traced_args, outputs)
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over

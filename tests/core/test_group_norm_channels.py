@@ -162,3 +162,9 @@ def test_a_group_norm_with_one_group_leaves_its_channels_whole_with_the_reason()
         "['1', '3.n2'] (GroupNorm) normalize all 16 of its channels as one group (num_groups=1, or groups of different "
         "sizes that join into one unit): none can leave without the others"
     )
+
+
+def test_the_floor_warning_counts_a_group_norms_channels():
+    """Trial FG: it said "4/4 channels kept" of a 16-channel layer (its GroupNorm's groups)."""
+    with pytest.warns(UserWarning, match=r"at their floors \(.*3\.c2 16/16, .*channels kept"):
+        prune_(_gn_net(), 0.5, granularity="channel", example_inputs=_x(), round_to=16)
