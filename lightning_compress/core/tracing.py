@@ -80,6 +80,14 @@ class _SameCall(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return object.__getattribute__(self, "wrapped")(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        """What the forward reads of the module it stands for (trial FF: pytorch-forecasting reads
+        ``self.loss.rescale_parameters`` of its loss, a torchmetrics Metric, and no channel could be traced)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "wrapped"), name)
+
 
 @contextlib.contextmanager
 def comparable_modules(model: nn.Module) -> Iterator[None]:

@@ -215,3 +215,32 @@ def test_a_tracer_failing_on_shufflenets_channel_shuffle_is_refused_with_the_rea
     with pytest.raises(ValueError, match=r"could not be built \(Torch-Pruning: ZeroDivisionError"):
         prune_(model, 0.5, granularity="channel", example_inputs=torch.randn(2, 1, 16, 16))
     assert _hooks(model) == 0
+
+
+class _ReadsItsMetric(nn.Module):
+    """A model whose forward reads an attribute of a torchmetrics Metric it holds (pytorch-forecasting's
+    `self.loss.rescale_parameters`): the tracer swaps such modules for stand-ins, since a Metric answers `==` with a
+    metric."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.a, self.b, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.loss = torchmetrics.MeanSquaredError()
+        self.loss.rescale = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+        return h * 2 if self.loss.rescale else h
+
+
+def test_a_forward_reading_an_attribute_of_a_metric_it_holds_is_traced():
+    """Trial FF: the stand-in passed calls through but not attribute reads, and the channel graph of every
+    pytorch-forecasting model failed ("'_SameCall' object has no attribute 'rescale_parameters'"), blamed on
+    Torch-Pruning."""
+    torch.manual_seed(0)
+    model = _ReadsItsMetric()
+    report = prune_and_compact(model, torch.randn(4, 6), atol=1e-6)
+    assert report.channels == {"a": (16, 8), "b": (16, 8)}
+    assert isinstance(model.loss.rescale, bool)  # the metric is back in its place
