@@ -146,6 +146,14 @@ def read_monitor(trainer: pl.Trainer, monitor: str, said: set[str] | None = None
     return float(values.mean()) if len(values) > 1 else float(values[0])
 
 
+def named_after_the_stage(trainer: pl.Trainer, monitor: str) -> bool:
+    """Whether the sanity check logged its metrics under its own stage's name (``sanity_check_loss``, as
+    pytorch-forecasting names them) and not ``monitor``, which the validations then log (trial FF: ``val_loss`` was
+    refused at the sanity check as "not logged", and every fit of its models ended there)."""
+    names = trainer.callback_metrics
+    return monitor not in names and any(name.startswith("sanity_check") for name in names)
+
+
 class LoggedNames:
     """Which names a validation logged itself. Lightning computes a new tensor per validation for each name it logs;
     a name it did not log keeps the earlier validation's tensor object in ``trainer.callback_metrics`` (a trial: a

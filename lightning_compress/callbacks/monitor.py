@@ -18,7 +18,7 @@ from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full, local, reshard
 from ..core.summary import ModelSize, estimate_size
-from ._guard import LoggedNames, check_monitor_name, read_monitor, stale_note
+from ._guard import LoggedNames, check_monitor_name, named_after_the_stage, read_monitor, stale_note
 from ._validation import runs_in_spawned_processes, sanity_check_is_a_baseline
 
 __all__ = ["CompressionMonitor"]
@@ -141,6 +141,8 @@ class CompressionMonitor(Callback):
         the dense baseline, for a fit that compresses from its first step."""
         # with several validation loaders Lightning keeps no metric of the sanity check: nothing to check then
         if self.monitor is None or trainer.num_sanity_val_steps == 0 or not trainer.callback_metrics:
+            return
+        if named_after_the_stage(trainer, self.monitor):  # the first validation reads it (trial FF)
             return
         value = self._monitored(trainer)
         reshard(pl_module)  # a forward without backward left FSDP2's root unit gathered (trial BE: a segfault)

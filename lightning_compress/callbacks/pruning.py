@@ -39,6 +39,7 @@ from ._guard import (
     below_baseline_note,
     check_validation_state,
     guard_arguments,
+    named_after_the_stage,
     read_monitor,
     rejected_but_kept_note,
     revived_weights_note,
@@ -453,6 +454,8 @@ class IterativePruning(Callback):
             return
         if not trainer.callback_metrics and len(batches) > 1:
             return  # with several validation loaders Lightning keeps no metric of the sanity check
+        if named_after_the_stage(trainer, self.monitor):
+            return  # the first validation reads it (and refuses a name it does not log)
         value = read_monitor(trainer, self.monitor or "", self._said_differs)
         guard = self.pruner.guard
         if guard is None or guard.baseline is not None or not sanity_check_is_a_baseline(trainer):

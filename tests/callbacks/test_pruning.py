@@ -1975,3 +1975,27 @@ def test_an_expert_the_router_sends_no_token_is_named_among_the_unreached_weight
     pl.seed_everything(0, verbose=False)
     with pytest.warns(UserWarning, match=r"\['experts.1'\] got no gradient \(or only zeros\) in any optimizer step"):
         trainer(max_epochs=2, callbacks=[IterativePruning(0.5)]).fit(_TwoExperts())
+
+
+class _StageNamed(TinyModule):
+    """Logs its loss under the stage's name, as pytorch-forecasting does: `sanity_check_loss`, then `val_loss`."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        stage = "sanity_check" if self.trainer.sanity_checking else "val"
+        self.log(f"{stage}_loss", nn.functional.cross_entropy(self(x), y))
+
+
+def test_metrics_named_after_the_sanity_check_are_read_at_the_first_validation():
+    """Trial FF: every pytorch-forecasting fit with `monitor="val_loss"` ended at the sanity check ("was not logged
+    during validation"), for the guard and for CompressionMonitor; a name no validation logs is still refused."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.5, monitor="val_loss", max_drop=0.5, start_epoch=1, end_epoch=3)
+    monitor = CompressionMonitor(monitor="val_loss")
+    trainer(max_epochs=4, callbacks=[pruning, monitor], num_sanity_val_steps=2).fit(_StageNamed())
+    assert pruning.pruner.guard is not None and pruning.pruner.guard.baseline is not None
+    assert monitor.summary["final"] is not None
+    with pytest.raises(ValueError, match=r"`monitor`='val_los' was not logged during validation; logged metrics:"):
+        trainer(
+            max_epochs=2, callbacks=[IterativePruning(0.5, monitor="val_los", max_drop=0.5)], num_sanity_val_steps=2
+        ).fit(_StageNamed())
