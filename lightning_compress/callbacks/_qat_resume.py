@@ -3,6 +3,7 @@ quantizer entries it holds against the layers and settings of this fit's callbac
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_saved_settings",
     "checkpoint_quantization",
     "quantized_keys",
+    "read_checkpoint_quantization",
 ]
 
 QAT_KEY_SUFFIX = ".weight_fake_quant.state"
@@ -44,14 +46,24 @@ def attached_trainer(module: nn.Module) -> pl.Trainer | None:
 def checkpoint_quantization(trainer: pl.Trainer | None) -> list[tuple[QuantConfig, list[str]]]:
     """What the checkpoint ``trainer`` is loading records of its quantization (``[]``: nothing readable). Read
     memory-mapped: the model's load hook runs before the callbacks see the checkpoint."""
+    return read_checkpoint_quantization(trainer)[0]
+
+
+def read_checkpoint_quantization(trainer: pl.Trainer | None) -> tuple[list[tuple[QuantConfig, list[str]]], str]:
+    """:func:`checkpoint_quantization`, and why nothing could be read where the file is one ``torch.load`` with
+    ``weights_only=True`` refuses (trial FF: pytorch-forecasting keeps objects in its hyperparameters, and the
+    warning said the checkpoint recorded no settings); ``""`` otherwise."""
     path = None if trainer is None else trainer.ckpt_path
     if path is None or not Path(path).is_file():
-        return []
+        return [], ""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # objects the safe loader refuses: the settings may be there, unread
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        return [], f"torch.load(weights_only=True) cannot read it ({first})"
     except Exception:  # another format (a distributed checkpoint's directory, a legacy file): this callback's
-        return []
-    return saved_quantization(checkpoint)
+        return [], ""
+    return saved_quantization(checkpoint), ""
 
 
 def check_saved_settings(config: QuantConfig, layers: list[str], saved: list[tuple[QuantConfig, list[str]]]) -> None:

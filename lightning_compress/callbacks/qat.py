@@ -53,8 +53,8 @@ from ._qat_resume import (
     check_learned_resume,
     check_resumed_layers,
     check_saved_settings,
-    checkpoint_quantization,
     quantized_keys,
+    read_checkpoint_quantization,
 )
 from ._quantizers import check_in_optimizers, update_observers, warn_about_idle_layers
 from ._settings import log_settings
@@ -347,13 +347,18 @@ class QuantizationAwareTraining(Callback):
         if qat_modules(module) or not quantized_keys(state_dict):
             return
         trainer = attached_trainer(module)
-        saved = checkpoint_quantization(trainer)
+        saved, unread = read_checkpoint_quantization(trainer)
         self._convert(module, saved or None)
         if not saved:  # a trial: a 4-bit run's weights-only checkpoint scored 9.3% under a 2-bit callback, unsaid
             rank_zero_warn(
-                "QuantizationAwareTraining: the checkpoint holds fake-quant layers but records no settings (saved with "
-                f"`save_weights_only=True`?): they are converted with this callback's, {self.config}; its scales "
-                "mean what they did in training only if the run used these."
+                "QuantizationAwareTraining: the checkpoint holds fake-quant layers but "
+                + (
+                    f"its settings could not be read: {unread}"
+                    if unread
+                    else "records no settings (saved with `save_weights_only=True`?)"
+                )
+                + f": they are converted with this callback's, {self.config}; its scales mean what they did in "
+                "training only if the run used these."
             )
         present = {cb.config for cb in getattr(trainer, "callbacks", []) if isinstance(cb, QuantizationAwareTraining)}
         # settings no callback of this Trainer has (a trial: each of two callbacks warned about the other's)

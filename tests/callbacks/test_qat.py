@@ -1670,3 +1670,29 @@ def test_quantization_aware_training_under_fp16_mixed_precision_with_a_grad_scal
     assert scaler.get_scale() < 2.0**24  # steps overflowed
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     assert math.isfinite(float(fit.callback_metrics["val_loss"]))
+
+
+class _Normalizer:
+    """An object kept in the hyperparameters, as pytorch-forecasting keeps its target normalizer."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+
+class _WithAnObjectInItsHyperparameters(TinyModule):
+    def __init__(self, normalizer: _Normalizer | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_a_checkpoint_the_safe_loader_refuses_is_said_unread_not_without_settings(tmp_path):
+    """Trial FF: the settings of a pytorch-forecasting checkpoint could not be read with `weights_only=True` (objects in
+    its hyperparameters), and the warning said the checkpoint recorded none ("saved with `save_weights_only=True`?")."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="objects")
+    model = _WithAnObjectInItsHyperparameters(_Normalizer(2.0))
+    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(), ckpt], enable_checkpointing=True).fit(model)
+    with pytest.warns(UserWarning, match=r"holds fake-quant layers but its settings could not be read: torch\.load\("):
+        trainer(callbacks=[QuantizationAwareTraining()]).validate(
+            _WithAnObjectInItsHyperparameters(), ckpt_path=tmp_path / "objects.ckpt", verbose=False, weights_only=False
+        )
