@@ -17,12 +17,13 @@ from .layers import weight_axes
 from .quant_blocks import cut_quant_groups, quant_group_size
 from .structure import (
     ChannelGroup,
+    cut_with_channels,
     is_conv1d,
     is_depthwise,
-    is_group_norm,
     nonzero_channels,
     param_slices,
     per_channel,
+    slice_bound,
 )
 
 __all__ = ["Plan", "apply_plan", "plan", "resize_module", "zero_channels"]
@@ -67,32 +68,17 @@ def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None
             if not gone:
                 continue
             module = modules[s.module]
-            kind = "out" if per_channel(module) or is_group_norm(module) or is_depthwise(module) else s.kind
+            kind = "out" if cut_with_channels(module) or is_depthwise(module) else s.kind
             removed.setdefault(s.module, {}).setdefault(kind, set()).update(gone)
     for name, kinds in removed.items():
         module = modules[name]
         for kind, dropped in kinds.items():
-            size = _size(module, kind)
+            size = slice_bound(module, kind)
             if max(dropped) >= size:  # a group traced wrongly: cutting would silently drop other positions
                 raise IndexError(f"{name}: position {max(dropped)} of its {kind}puts is beyond its {size}")
             kept = [i for i in range(size) if i not in dropped]
             result.keep.setdefault(name, {})[kind] = torch.tensor(kept, dtype=torch.long)
     return result
-
-
-def _size(layer: nn.Module, kind: str) -> int:
-    module: Any = layer
-    if isinstance(module, nn.PReLU):
-        return int(module.num_parameters)
-    if per_channel(module):
-        return int(module.num_features)
-    if isinstance(module, nn.GroupNorm):
-        return int(module.num_channels)
-    if is_conv1d(module):
-        return int(module.weight.shape[1 if kind == "out" else 0])
-    if isinstance(module, nn.Linear):
-        return int(module.out_features if kind == "out" else module.in_features)
-    return int(module.out_channels if kind == "out" else module.in_channels)
 
 
 def _cut(tensor: Tensor, dim: int, keep: Tensor) -> Tensor:

@@ -56,6 +56,7 @@ __all__ = [
     "LayerSlice",
     "build_channel_groups",
     "call_model",
+    "cut_with_channels",
     "eval_mode",
     "nonzero_channels",
     "output_tensors",
@@ -79,6 +80,12 @@ def is_group_norm(module: nn.Module) -> bool:
     """A GroupNorm with a scale and shift (``affine=True``, its default): whole groups of its channels can be removed
     (a compacted file's size is read from its weight)."""
     return isinstance(module, nn.GroupNorm) and module.affine
+
+
+def cut_with_channels(module: nn.Module) -> bool:
+    """A norm or activation whose entries are cut with the channels it reads (:func:`per_channel`, a GroupNorm's
+    whole groups): its input channels are its output channels."""
+    return per_channel(module) or is_group_norm(module)
 
 
 def per_channel(module: nn.Module) -> bool:
@@ -135,12 +142,12 @@ def supported(module: nn.Module) -> bool:
         return module.groups == 1
     if isinstance(module, _CONV):
         return module.groups == 1 or is_depthwise(module)
-    return is_linear(module) or per_channel(module) or is_group_norm(module) or is_conv1d(module)
+    return is_linear(module) or cut_with_channels(module) or is_conv1d(module)
 
 
 def param_slices(module: nn.Module, kind: str) -> list[tuple[str, int]]:
     """``(attribute, dim)`` of the parameters that a slice of ``kind`` cuts in ``module``."""
-    if per_channel(module) or is_group_norm(module):
+    if cut_with_channels(module):
         return [(a, 0) for a in ("weight", "bias") if isinstance(getattr(module, a, None), nn.Parameter)]
     out_axis, in_axis = weight_axes(module)  # (1, 0) for Conv1D and transposed convs: weights are (in, out, ...)
     if kind == "out" or is_depthwise(module):  # a depthwise conv's input channel is its output channel: its filter
@@ -531,7 +538,7 @@ def _convert(
     for item in raw_group.items:
         node = item.dep.target
         module = node.module
-        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or per_channel(module) or is_group_norm(module)
+        out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or cut_with_channels(module)
         if not isinstance(module, nn.Module) or module not in names:
             if isinstance(module, nn.Parameter):
                 owner = parameters.get(id(module), "a free nn.Parameter")
@@ -565,7 +572,7 @@ def _convert(
         kind = "out" if out_like else "in"
         if kind == "out" and not node.outputs:
             return None, "its channels reach the model's output"
-        if kind == "out" and not per_channel(module) and not is_group_norm(module) and producers is not None:
+        if kind == "out" and not cut_with_channels(module) and producers is not None:
             if name in producers:
                 selected_out = True
             elif name not in followers:
