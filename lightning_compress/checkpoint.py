@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +22,12 @@ _QUANTIZER_STATE = ".weight_fake_quant.state"  # a fake-quant layer's entry in a
 
 
 def load_qat_checkpoint(
-    module_class: type[M], checkpoint_path: str | Path, map_location: Any = "cpu", **kwargs: Any
+    module_class: type[M],
+    checkpoint_path: str | Path,
+    map_location: Any = "cpu",
+    *,
+    weights_only: bool = True,
+    **kwargs: Any,
 ) -> M:
     """Load a checkpoint saved during quantization-aware training, ready for inference.
 
@@ -38,17 +44,24 @@ def load_qat_checkpoint(
         module_class: the LightningModule class the checkpoint was saved from.
         checkpoint_path: a path, or an open binary file.
         map_location: where the tensors are loaded (as ``torch.load``'s; default ``"cpu"``).
+        weights_only: read the file with ``torch.load``'s safe loader (tensors and primitive types only; the
+            default). ``False`` unpickles any object, which runs code the file names: only for a checkpoint you
+            trust whose hyperparameters hold objects (pytorch-forecasting keeps its normalizers and loss there).
         **kwargs: passed to the module's constructor over the saved hyperparameters.
 
     Raises:
-        TypeError: ``module_class`` is not a LightningModule class, or ``checkpoint_path`` is not a path or file.
-        ValueError: the checkpoint holds no ``QuantizationAwareTraining`` state, or one that does not fit
+        TypeError: ``module_class`` is not a LightningModule class, ``checkpoint_path`` is not a path or file, or
+            ``weights_only`` is not a bool.
+        ValueError: the safe loader cannot read the checkpoint (``weights_only=True``), the checkpoint holds
+            no ``QuantizationAwareTraining`` state, or one that does not fit
             ``module_class`` or that quantizers could not have saved (a damaged checkpoint).
     """
     if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
         raise TypeError(
             f"`module_class` must be a LightningModule subclass (the class, not an instance), got {module_class!r}."
         )
+    if not isinstance(weights_only, bool):
+        raise TypeError(f"`weights_only` must be a bool, got {weights_only!r}.")
     if not callable(getattr(checkpoint_path, "read", None)):
         checkpoint_path = check_path(checkpoint_path, "checkpoint_path", " or an open binary file")
         if checkpoint_path.is_dir():  # a trial: ModelParallelStrategy's default, told only "not a file"
@@ -61,7 +74,16 @@ def load_qat_checkpoint(
             raise ValueError(f"`checkpoint_path`={str(checkpoint_path)!r} is not a file.")
     tell, seek = getattr(checkpoint_path, "tell", None), getattr(checkpoint_path, "seek", None)
     start = tell() if callable(tell) and callable(seek) else None
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if not weights_only:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ValueError(  # trial FF: pytorch-forecasting's checkpoints keep objects in their hyperparameters
+            f"{checkpoint_path} cannot be read by torch.load(weights_only=True) ({first}): it holds objects, not "
+            "only tensors. If you trust the file, pass `weights_only=False` (unpickling runs code the file names)."
+        ) from err
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ValueError(
@@ -88,7 +110,7 @@ def load_qat_checkpoint(
             seek(start)
         try:
             model = module_class.load_from_checkpoint(
-                checkpoint_path, map_location=map_location, strict=False, weights_only=True, **kwargs
+                checkpoint_path, map_location=map_location, strict=False, weights_only=weights_only, **kwargs
             )
         except RuntimeError as err:  # torch's size mismatch: weights of another width
             said = " ".join(str(err).split())[:300]  # torch's message spans lines
