@@ -250,7 +250,7 @@ def _export_onnx(
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         # dimension 0 named otherwise, or static, for an input (a graph's nodes and edges): not a batch to cut
         renamed = any(0 in dict((dynamic_axes or {}).get(name, {})) for name in names)
-        batch_check = None if renamed else _graph_check(model, traced_model, traced_args, outputs)
+        batch_check = None if renamed else _graph_check(model, traced_model, traced_args, outputs, names)
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over
@@ -323,7 +323,7 @@ def _axes(names: list[str], given: Mapping[str, Mapping[int, str | None]] | None
 
 
 def _graph_check(
-    model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any
+    model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any, names: Sequence[str]
 ) -> GraphCheck | None:
     """What :func:`~.onnx_batch.graph_note` compares: the graph's inputs and the model's outputs at the example's
     batch and at another (one more forward of the model; where the model does not run there itself, a note saying
@@ -347,8 +347,8 @@ def _graph_check(
             "dimension (an LSTM's `(h0, c0)`, a sequence-first input), the graph runs only at the example's sizes "
             "there; give `dynamic_axes` for that dimension, or serve it at the example's sizes."
         )
-        return GraphCheck(tensors, expected, batch, quantized, skipped=skipped)
-    return GraphCheck(tensors, expected, batch, quantized, others, expected_others)
+        return GraphCheck(tensors, expected, batch, quantized, skipped=skipped, names=names)
+    return GraphCheck(tensors, expected, batch, quantized, others, expected_others, names=names)
 
 
 def _quantize_float_conv_outputs(

@@ -1408,3 +1408,24 @@ def test_float_rounding_of_a_norm_that_cancels_a_large_offset_is_no_wrong_graph(
         warnings.simplefilter("always")
         export_onnx(Offset().eval(), tmp_path / "n.onnx", torch.rand(8, 64) * 16)
     assert not [w for w in caught if "differ from the model's" in str(w.message)]
+
+
+class _SplitByBatchWithAnUnreadInput(_SplitByBatch):
+    def forward(self, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_the_batch_is_checked_when_the_exporter_drops_an_input_the_forward_never_reads(tmp_path, keyword):
+    """Trial FF: N-HiTS takes a dict of which its forward reads a few entries; the exporter drops the others, and the
+    batch check, which lined the graph's inputs up by count, was skipped without a word."""
+    torch.manual_seed(0)
+    x, unused = torch.randn(4, 8), torch.randn(4, 2)
+    example = {"x": x, "unused": unused} if keyword else (x, unused)
+    with pytest.warns(UserWarning, match=r"the graph runs at the example's batch of 4 but fails at a batch of 1"):
+        export_onnx(_SplitByBatchWithAnUnreadInput().eval(), tmp_path / "m.onnx", example)
+    import onnxruntime as ort
+
+    assert [i.name for i in ort.InferenceSession(str(tmp_path / "m.onnx")).get_inputs()] == [
+        "x" if keyword else "input_0"
+    ]
