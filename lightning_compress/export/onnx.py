@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.checks import check_int, check_module, check_output_path
+from ..core.checks import check_int, check_module, check_output_path, is_integer
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.selection import eager, uncompiled
@@ -177,7 +177,7 @@ def _export_onnx(
         and all(
             isinstance(k, str)
             and isinstance(v, Mapping)
-            and all(_is_dim(d) and (n is None or isinstance(n, str)) for d, n in v.items())
+            and all(is_integer(d) and int(d) >= 0 and (n is None or isinstance(n, str)) for d, n in v.items())
             for k, v in dynamic_axes.items()
         )
     ):
@@ -308,17 +308,13 @@ def _export_onnx(
     return CompressionReport.of_file(path, "onnx-int4" if grouped and swapped else "onnx", layers, model, unread)
 
 
-def _is_dim(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _axes(names: list[str], given: Mapping[str, Mapping[int, str | None]] | None) -> dict[str, dict[int, str]]:
     """The exporter's dynamic axes: dimension 0 of every input and output is ``"batch"`` unless ``given`` names it
     otherwise, or ``None`` (static: a graph's ``edge_index`` is ``(2, edges)``), with ``given``'s other dimensions."""
     out = {}
     for name in names:
         axes = {0: "batch", **dict((given or {}).get(name, {}))}
-        out[name] = {dim: label for dim, label in axes.items() if label is not None}
+        out[name] = {int(dim): label for dim, label in axes.items() if label is not None}
     return out
 
 

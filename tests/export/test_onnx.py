@@ -471,6 +471,9 @@ def test_arguments_are_checked_before_tracing(tmp_path):
         export_onnx(torch.jit.script(model), path, x)
     export_onnx(model, path, x, input_names=["features"], dynamic_axes={"features": {}})
     assert path.exists()
+    export_onnx(model, path, x, input_names=["features"], dynamic_axes={"features": {np.int64(0): "rows"}})
+    onnx = pytest.importorskip("onnx")
+    assert onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "rows"  # a numpy integer
 
 
 def test_weight_only_layers_on_sequences_match_with_float_activations_in_onnxruntime(tmp_path):
