@@ -13,7 +13,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ from .tracing import (
     like_model,
     noisy_checks,
     output_tensors,
+    quiet_norm_widths,
     seeded,
 )
 
@@ -123,7 +124,14 @@ def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
     """The outputs with weights quantized as they are and activations in float: a layer with fewer inputs sums in
     another order, and a quantized activation a rounding away can flip a step (a trial: 3.4e-4 of a Llama's logits
     with int8 per-token activations), a change of the rounding, not of what the channels carry."""
-    with eval_mode(model), torch.no_grad(), _float_activations(model), seeded(model), forward_state_kept(model):
+    with (
+        eval_mode(model),
+        torch.no_grad(),
+        _float_activations(model),
+        seeded(model),
+        forward_state_kept(model),
+        quiet_norm_widths(),  # a compacted stateless InstanceNorm's width is set after these forwards
+    ):
         out = call_model(model, inputs)  # the same random draws; a cache the forward fills is taken back
     return [t.detach().float() for t in output_tensors(out)]
 
@@ -139,6 +147,39 @@ def _float_activations(model: nn.Module) -> Iterator[None]:
     finally:
         for q, enabled in saved:
             q.fake_quant_enabled = enabled
+
+
+_BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+
+
+def _stateless_norms_read_their_width(model: nn.Module, inputs: Any) -> None:
+    """An InstanceNorm without affine weights or running statistics holds no tensor a plan cuts, and the trace can
+    lose it (an in-place ``out += residual`` after it: MONAI's UNETR), so its ``num_features`` may still be the old
+    width: it computes the same, but torch warned on every compacted model's forward. Each takes the channel count
+    of its input on ``inputs``."""
+    norms: dict[nn.Module, int] = {
+        module: batched
+        for module in model.modules()
+        for kind, batched in _BATCHED_DIMS.items()
+        if isinstance(module, kind) and not module.affine and not module.track_running_stats
+    }
+    if not norms:
+        return
+    seen: dict[nn.Module, int] = {}
+
+    def read(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.dim() in (norms[module] - 1, norms[module]):
+            seen[module] = int(x.shape[0 if x.dim() < norms[module] else 1])
+
+    hooks = [module.register_forward_pre_hook(read) for module in norms]
+    try:
+        _outputs(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for module, width in seen.items():
+        cast(Any, module).num_features = width
 
 
 def _warn_zero_channels_kept(model: nn.Module, groups: list[ChannelGroup], why: dict[str, str]) -> None:
@@ -256,6 +297,7 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
             )
         del trial
         apply_plan(model, planned)
+        _stateless_norms_read_their_width(model, example_inputs)
         report.config_describes = describe_in_config(model, groups, planned.channels)
         report.max_abs_diff = largest
         report.max_relative_change = change

@@ -30,7 +30,7 @@ from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
 from .structure import ChannelGroup, param_slices
-from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, seeded
+from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, quiet_norm_widths, seeded
 
 __all__ = ["faithful_groups", "output_change", "removable_groups"]
 
@@ -98,6 +98,7 @@ def _shapes(out: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in output_tensors(out)]
 
 
+@quiet_norm_widths()
 def removable_groups(
     model: nn.Module, example_inputs: Any, groups: list[ChannelGroup]
 ) -> tuple[list[ChannelGroup], dict[str, str]]:
@@ -264,6 +265,7 @@ def _zero(model: nn.Module, group: ChannelGroup, dead: Tensor) -> None:
             getattr(module, attr).data.index_fill_(dim, positions.to(getattr(module, attr).device), 0)
 
 
+@quiet_norm_widths()
 def faithful_groups(
     model: nn.Module, example_inputs: Any, groups: list[ChannelGroup], rtol: float = 1e-4
 ) -> tuple[list[ChannelGroup], dict[str, str]]:

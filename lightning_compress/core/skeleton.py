@@ -35,11 +35,13 @@ def meta_copy(model: nn.Module, buffers: bool = True, share: Iterable[object] = 
 
 def deep_copy(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy(model)``, also when a forward cached tensors with a gradient history in plain attributes
-    (LeViT's attention biases in eval mode): deepcopy refuses those, so the copy holds them detached."""
+    (LeViT's attention biases in eval mode; MONAI's DynUNet keeps its deep supervision heads' outputs in a list):
+    deepcopy refuses those, so the copy holds them detached."""
     memo = {} if memo is None else memo
     for module in model.modules():
         for value in vars(module).values():
-            for cached in value.values() if isinstance(value, dict) else (value,):
+            held = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else (value,)
+            for cached in held:
                 if isinstance(cached, torch.Tensor) and not cached.is_leaf and id(cached) not in memo:
                     memo[id(cached)] = cached.detach()
     return copy.deepcopy(model, memo)

@@ -392,8 +392,9 @@ def _dependency_graph(
     shared = [m for m in model.modules() if isinstance(m, nn.PReLU) and m.num_parameters == 1]
     while True:
         forward = TracerForward()
+        graph = tp.DependencyGraph()
         try:
-            graph = tp.DependencyGraph().build_dependency(
+            graph.build_dependency(
                 model,
                 example_inputs,
                 forward_fn=forward,
@@ -401,8 +402,8 @@ def _dependency_graph(
                 customized_pruners=custom or None,
                 ignored_layers=[*shared, *(m for m, _ in ignored)] or None,
             )
-        except Exception:
-            if forward.failure is None:
+        except Exception as err:
+            if forward.failure is None and not _mapped_with_measured_concat_sizes(tp, graph, err, forward.concat_sizes):
                 raise  # the tracer's own failure (after a forward that ran)
         left_out = {id(m) for m, _ in ignored}
         unread = [(m, kind) for m, kind in forward.non_tensor_layers if id(m) not in left_out]
@@ -410,6 +411,36 @@ def _dependency_graph(
             forward.reraise()
             return graph, ignored
         ignored.extend(unread)
+
+
+def _mapped_with_measured_concat_sizes(tp: Any, graph: Any, err: Exception, sizes: dict[Any, list[int]]) -> bool:
+    """Whether the graph's index mappings were built again, once Torch-Pruning failed to build them over a
+    concatenation whose inputs' channel counts it could not infer, with those counts measured in the forward
+    (trial FC: MONAI's UNet, whose upsampling branch's count Torch-Pruning's shape inference reads as ``None``; it
+    then sums them, and the whole trace failed: no channel of the model could be pruned). The groups found are
+    checked by value like every other: where an input has no gradient history (the model's own input), the tracer
+    does not see it, its sizes do not add up to the output's, and Torch-Pruning maps no channel through that
+    concatenation; the value trials then refuse the groups it would have moved."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    if "update_concat_index_mapping" not in frames:
+        return False
+    filled = False
+    for node in list(getattr(graph, "module2node", {}).values()):
+        measured = sizes.get(getattr(node, "grad_fn", None))
+        if node.type == tp.ops.OPTYPE.CONCAT and measured is not None and len(measured) == len(node.inputs):
+            filled |= node.module.concat_sizes != measured
+            node.module.concat_sizes = measured
+    if not filled:
+        return False
+    try:
+        tp.dependency.index_mapping.update_index_mapping(graph)
+    except Exception:
+        return False
+    return True
 
 
 def _raw_groups(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ __all__ = [
     "out_of_place",
     "output_tensors",
     "plain_float",
+    "quiet_norm_widths",
     "seeded",
     "without_cache",
 ]
@@ -171,6 +173,16 @@ def _holds_tensor(value: Any) -> bool:
 
 
 @contextlib.contextmanager
+def quiet_norm_widths() -> Iterator[None]:
+    """Meanwhile, torch's warning that an InstanceNorm without affine weights or running statistics sees another width
+    than its ``num_features`` is not shown: such a norm holds nothing to cut, and the channel checks' forwards of cut
+    copies (and compact's, before it sets the width) make it (MONAI's UNETR: a warning per norm)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="input's size at dim=1 does not match num_features")
+        yield
+
+
+@contextlib.contextmanager
 def out_of_place(model: nn.Module) -> Iterator[None]:
     """Modules that can compute in place (``nn.ReLU(inplace=True)``, ``nn.LeakyReLU``, ``nn.Dropout``, ...) compute out
     of place meanwhile; put back afterwards. An in-place activation after a norm that reshapes internally (an
@@ -270,11 +282,16 @@ class TracerForward:
     router returning ``(logits, weights)`` is traced as a layer (trial EY: left out of the trace, the layers feeding it
     were left whole, and a concatenation of its weights failed the whole trace). Any other output that is no tensor
     (a dict, a named tuple, a dataclass) is recorded in ``non_tensor_layers``, each with its type, so that the tracer
-    can be told to leave them out."""
+    can be told to leave them out.
+
+    It also records the sizes of every concatenation's inputs along its dimension (``concat_sizes``, by the output's
+    ``grad_fn``, which the tracer's nodes hold; only inputs with a gradient history, which the tracer sees): where the
+    tracer cannot infer them itself, they are measured."""
 
     def __init__(self) -> None:
         self.failure: Exception | None = None
         self.non_tensor_layers: list[tuple[nn.Module, str]] = []
+        self.concat_sizes: dict[Any, list[int]] = {}
 
     def __call__(self, model: nn.Module, inputs: Any) -> Any:
         def record(module: nn.Module, _args: Any, out: Any) -> Any:
@@ -289,7 +306,8 @@ class TracerForward:
         traced = (*linear_like_types(), nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
         hooks = [m.register_forward_hook(record, prepend=True) for m in model.modules() if isinstance(m, traced)]
         try:
-            return call_model_for_tracer(model, inputs)
+            with _Concatenations(self.concat_sizes):
+                return call_model_for_tracer(model, inputs)
         except Exception as err:
             self.failure = err
             return torch.zeros((), requires_grad=True)
@@ -302,6 +320,30 @@ class TracerForward:
         if self.failure is not None:
             failure, self.failure = self.failure, None
             raise failure
+
+
+_CONCATENATIONS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class _Concatenations(torch.overrides.TorchFunctionMode):
+    """Meanwhile, the sizes of each concatenation's inputs along its dimension, by the output's ``grad_fn``."""
+
+    def __init__(self, sizes: dict[Any, list[int]]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in _CONCATENATIONS and isinstance(out, Tensor) and out.grad_fn is not None and out.dim():
+            parts = args[0] if args else kwargs.get("tensors", ())
+            dim = kwargs.get("dim", kwargs.get("axis", args[1] if len(args) > 1 else 0))
+            if isinstance(dim, int):  # the inputs a tracer sees: those with a gradient history
+                dim %= out.dim()
+                self.sizes[out.grad_fn] = [
+                    int(t.shape[dim]) for t in parts if isinstance(t, Tensor) and t.requires_grad
+                ]
+        return out
 
 
 def _leaves(out: Any) -> int:
