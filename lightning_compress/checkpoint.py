@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 
+from .callbacks._modules import is_lightning_module_class
 from .core.checks import check_path
 from .core.qat import QuantConfig, check_quantizer_state, check_saved_scales, convert_listed
 
@@ -56,7 +57,7 @@ def load_qat_checkpoint(
             no ``QuantizationAwareTraining`` state, or one that does not fit
             ``module_class`` or that quantizers could not have saved (a damaged checkpoint).
     """
-    if not (isinstance(module_class, type) and issubclass(module_class, pl.LightningModule)):
+    if not is_lightning_module_class(module_class):  # lightning.pytorch's or pytorch_lightning's
         raise TypeError(
             f"`module_class` must be a LightningModule subclass (the class, not an instance), got {module_class!r}."
         )

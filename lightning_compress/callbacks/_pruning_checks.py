@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..core.channels import ChannelRule
 from ..core.checks import is_integer, is_real
@@ -21,6 +20,7 @@ from ..core.mask_counts import zero_counts
 from ..core.quant_blocks import grouped_consumers
 from ..core.rules import MaskRule
 from ..core.selection import Target, select_targets
+from ._modules import overrides
 from ._validation import weight_averaging
 
 __all__ = [
@@ -39,7 +39,7 @@ __all__ = [
 def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str | None, granularity: str) -> None:
     """The fit has what the arguments need: a validation loop that logs ``monitor``, no weight averaging that would
     hand back a model the guard never judged, and for channels a ``forward`` and ``example_input_array`` to trace."""
-    if monitor is not None and (trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)):
+    if monitor is not None and (trainer.limit_val_batches == 0 or not overrides("validation_step", pl_module)):
         raise ValueError(
             f"`monitor`={monitor!r} needs a validation loop that logs it, but this fit has none "
             "(no `validation_step` or `limit_val_batches=0`); set `monitor=None` or add validation."
@@ -57,7 +57,7 @@ def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str |
             "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
             f"set `self.example_input_array` in {name}.__init__ (a tensor, tuple or dict)."
         )
-    if granularity == "channel" and not is_overridden("forward", pl_module):
+    if granularity == "channel" and not overrides("forward", pl_module):
         raise TypeError(
             f"`granularity`='channel' traces `{name}(example_input_array)`, but {name} does not define `forward`: "
             "define it (e.g. `return self.net(x)`)."

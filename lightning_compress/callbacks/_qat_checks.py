@@ -9,12 +9,12 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..core.checks import is_integer
 from ..core.fake_quant import FakeQuantizer
 from ..core.qat import QuantConfig, qat_modules, settings_differ
+from ._modules import overrides
 from ._validation import weight_averaging
 
 __all__ = ["check_averaging", "check_converted_alike", "check_no_overlap", "check_state", "check_validation_at"]
@@ -74,11 +74,7 @@ def check_converted_alike(model: nn.Module, selected: set[str], config: QuantCon
 def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, start_epoch: int) -> None:
     """``shift_search=True`` needs a validation in epoch ``start_epoch``."""
     every = trainer.check_val_every_n_epoch or 1
-    runs = (
-        trainer.limit_val_batches != 0
-        and is_overridden("validation_step", pl_module)
-        and (start_epoch + 1) % every == 0
-    )
+    runs = trainer.limit_val_batches != 0 and overrides("validation_step", pl_module) and (start_epoch + 1) % every == 0
     if not runs:
         raise ValueError(
             "`shift_search=True` evaluates shifts on the validation batches of epoch "

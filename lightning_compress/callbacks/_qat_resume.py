@@ -13,6 +13,7 @@ from torch import nn
 
 from ..checkpoint import saved_quantization
 from ..core.qat import QuantConfig, check_quantizer_state, check_saved_scales, qat_modules
+from ._modules import is_lightning_module_class
 
 __all__ = [
     "QAT_KEY_SUFFIX",
@@ -35,10 +36,10 @@ def quantized_keys(state_dict: dict[str, Any]) -> bool:
 
 def attached_trainer(module: nn.Module) -> pl.Trainer | None:
     """The Trainer ``module`` is attached to (``None``: not a LightningModule, or not attached)."""
-    if not isinstance(module, pl.LightningModule):
+    if not is_lightning_module_class(type(module)):  # pytorch_lightning's too (neuralforecast's: trial FI)
         return None
     try:
-        return module.trainer
+        return cast(pl.Trainer, cast(Any, module).trainer)
     except RuntimeError:  # "... is not attached to a `Trainer`"
         return None
 

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from ..core.checks import check_choice, check_float, check_int
+from ._modules import overrides
 
 __all__ = [
     "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "may_shard",
@@ -34,10 +35,8 @@ def built_late_note(pl_module: Any, what: str) -> str:
     layers built in either do not exist yet (trial EG: a head sized by the datamodule's class count, built in
     ``setup`` as Lightning documents, was refused as "select no weight" and as example inputs that do not run).
     Empty when the module overrides neither hook."""
-    from lightning.pytorch.utilities.model_helpers import is_overridden
-
     name = type(pl_module).__name__
-    late = [f"{name}.{hook}" for hook in ("setup", "configure_model") if is_overridden(hook, pl_module)]
+    late = [f"{name}.{hook}" for hook in ("setup", "configure_model") if overrides(hook, pl_module)]
     if not late:
         return ""
     return (

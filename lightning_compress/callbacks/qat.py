@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from ..checkpoint import saved_quantization
@@ -40,6 +39,7 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
+from ._modules import overrides
 from ._qat_checks import (
     check_averaging,
     check_converted_alike,
@@ -458,7 +458,7 @@ class QuantizationAwareTraining(Callback):
         # otherwise the end of `start_epoch` says it if none ran
         loaded = trainer.val_dataloaders is not None
         first_validates = trainer.check_val_every_n_epoch in (None, 1)  # the loaders would be loaded by now
-        no_data = not is_overridden("validation_step", pl_module) or trainer.limit_val_batches == 0
+        no_data = not overrides("validation_step", pl_module) or trainer.limit_val_batches == 0
         no_data = no_data or (not loaded and first_validates)
         if searching and (no_data or (loaded and not any(trainer.num_val_batches))):
             raise ValueError(
