@@ -258,7 +258,7 @@ def _block(
     attention = modules[parent]
     d = _head_size(attention)
     if d is None:
-        return f"its attention module {parent or type(model).__name__} has no head_dim/attention_head_size attribute"
+        return f"its attention module {parent or type(model).__name__} has no {'/'.join(_HEAD_SIZE_ATTRS)} attribute"
     width = _in_features(modules[output])
     if width % d:
         return f"its output projection reads {width} features, not a multiple of the head size {d}"

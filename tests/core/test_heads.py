@@ -355,7 +355,7 @@ def test_a_head_layout_that_is_not_understood_is_left_whole_and_says_why():
     x = torch.randn(2, 5, 16)
     groups, skipped = build_channel_groups(model, x)
     assert [g.name for g in groups] == ["o"] and all(g.attention is None for g in groups)
-    assert "no head_dim/attention_head_size attribute" in skipped["o"]
+    assert "no head_dim/attention_head_size/head_size attribute" in skipped["o"]  # all three are read (trial FH)
     model.head_dim = 4  # now the layout is known
     groups, _ = build_channel_groups(model, x)
     assert [(g.name, g.size) for g in groups if g.attention is not None] == [("", 4)]
