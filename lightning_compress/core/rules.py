@@ -20,7 +20,7 @@ from .channels import ChannelRule
 from .collectives import Collectives
 from .group_check import faithful_groups, removable_groups
 from .importance import Importance
-from .layers import weight_axes
+from .layers import linear_like_types, weight_axes
 from .macs import uncalled_note, uncounted_experts, uncounted_note
 from .mask_counts import weight_units
 from .masks import compute_masks
@@ -141,6 +141,15 @@ def channel_structure(
                 target.name,
                 "mixture-of-experts weights stored as 3-d tensors: their channels are not pruned (compact() leaves "
                 "them whole too); element or N:M pruning prunes them",
+            )
+    in_groups = {module for group in groups for module in group.modules()}
+    traced = (*linear_like_types(), nn.Embedding)
+    for target in targets:  # trial FI: TabM's ensemble layers, named in `include`, were refused with no reason at all
+        if not target.own_name and target.name not in in_groups and not isinstance(target.module, traced):
+            left.setdefault(
+                target.name,
+                f"a {type(target.module).__name__} is not a layer the channel trace reads (Linear, Conv, Conv1D, "
+                "Embedding): its channels are not pruned; element or N:M pruning prunes its weight",
             )
     if not groups:
         raise ValueError(

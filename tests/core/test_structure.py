@@ -1068,3 +1068,22 @@ def test_an_instance_norm_before_an_in_place_activation_loses_channels_with_its_
     assert report.channels == {"0": (8, 4), "3": (8, 4)}
     assert (model[1].num_features, model[4].num_features) == (4, 4)
     assert model[2].inplace and model[5].inplace
+
+
+class _Ensemble(nn.Module):
+    """TabM's LinearBatchEnsemble, in short: a weight that is no Linear's, applied by the module's own forward."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, i) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+def test_a_selected_layer_the_channel_trace_cannot_read_is_refused_with_its_reason():
+    """Trial FI: TabM's ensemble layers, named in `include`, were refused as "found no channel group it can prune: "
+    with nothing after the colon."""
+    model = nn.Sequential(_Ensemble(8, 16), nn.ReLU(), _Ensemble(16, 4))
+    with pytest.raises(ValueError, match=r"can prune: 0: a _Ensemble is not a layer the channel trace reads .*; 2: "):
+        prune_(model, 0.5, granularity="channel", include=["0", "2"], example_inputs=torch.randn(2, 8))
