@@ -302,10 +302,23 @@ def _unselected_matrices(
         if is_experts(module) or matrix_tensors(module):  # kinds it selects, which `include` left out
             continue
         for attr, param in module.named_parameters(recurse=False):
-            if param.dim() >= 2 and param.numel() and id(param) not in chosen:
+            # biases are never pruned (an ensemble's are 2-d: trial FI's TabM counted them among the weights left dense)
+            if param.dim() >= 2 and param.numel() and id(param) not in chosen and "bias" not in attr:
                 chosen.add(id(param))
                 found.append((f"{name}.{attr}" if name else attr, param.numel(), tuple(param.shape)))
     return found
+
+
+def _opt_in_note(unselected: list[tuple[str, int, tuple[int, ...]]]) -> str:
+    """How to prune the listed tensors that are their module's ``weight``: an exact module name in ``include`` (trial
+    FI: TabM's ensemble layers prune so, but the warning named no module to pass)."""
+    modules = [name.rsplit(".", 1)[0] for name, _, _ in unselected if name.endswith(".weight")]
+    if not modules:
+        return ""
+    return (
+        f" To prune a module's `weight` among them, name the module exactly in `include` (with the layers it selects "
+        f"now, e.g. `include=['*', {modules[0]!r}]`): {modules[:5]}{' ...' if len(modules) > 5 else ''}."
+    )
 
 
 def _note_larger_embeddings(named: list[tuple[str, nn.Module]], selected: list[Target], excluded: Any) -> None:
@@ -527,7 +540,7 @@ def select_targets(
                 "Parameters a module uses in its own forward (multiplied through einsum or matmul, as XLNet's "
                 "attention does, or added, as position embeddings are), which are not layers it selects (Linear, "
                 "Conv, experts, recurrent layers, nn.MultiheadAttention). They stay dense, and `sparsity` does not "
-                "count them.",
+                "count them." + _opt_in_note(unselected),
                 stacklevel=caller_level(),
             )
     if module_tensors and note_left_out and selected and include is None:

@@ -272,7 +272,8 @@ def test_saving_and_loading_never_run_a_parametrization(tmp_path):
 def test_matrices_a_module_multiplies_itself_are_said_when_left_dense():
     """Trial DX: XLNet's attention holds its q, k, v, o and r as 3-d Parameters it multiplies through einsum; pruning
     left them dense (52% of the model's matrices) and `sparsity` read 0.900, with nothing said. Said now, with their
-    share; not for a model whose unselected tensors are a few position embeddings (ViT) or none (BERT)."""
+    share (its 2-d r_w_bias, r_r_bias, r_s_bias are biases, not counted since session 41); not for a model whose
+    unselected tensors are a few position embeddings (ViT) or none (BERT)."""
     transformers = pytest.importorskip("transformers")
     from lightning_compress import prune_
 
@@ -281,7 +282,7 @@ def test_matrices_a_module_multiplies_itself_are_said_when_left_dense():
         transformers.XLNetConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, d_inner=64, num_labels=3)
     )
     with pytest.warns(UserWarning, match=r"does not prune transformer\.layer\.0\.rel_attn\.q \(32, 2, 16\), .* "
-                      r"\(10,592 weights in 19 tensor\(s\), 114% as many as the 9,312 it prunes\)"):  # fmt: skip
+                      r"\(10,400 weights in 13 tensor\(s\), 112% as many as the 9,312 it prunes\)"):  # fmt: skip
         prune_(xlnet, 0.9)
     vit = transformers.ViTForImageClassification(
         transformers.ViTConfig(
@@ -380,3 +381,29 @@ def test_the_selections_warnings_name_the_users_call_not_the_package():
     with pytest.warns(UserWarning, match=r"leaves \['head'\] out") as said:
         prune_(Tied(), 0.5)
     assert {w.filename for w in said if "leaves ['head'] out" in str(w.message)} == {__file__}
+
+
+class _EnsembleLayer(nn.Module):
+    """TabM's ensemble layer, in short: a (k, in, out) weight, a (k, out) bias and a (k, in) scaling it applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 16, 8))
+        self.bias, self.r = nn.Parameter(torch.zeros(4, 8)), nn.Parameter(torch.ones(4, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bki,kio->bko", x.unsqueeze(1) * self.r, self.weight) + self.bias
+
+
+def test_matrices_left_dense_leave_biases_out_and_say_which_module_names_opt_them_in():
+    """Trial FI: TabM's 2-d ensemble biases were counted among the weights left dense, and the warning named no
+    module to pass in `include` (an exact name prunes any module's `weight`)."""
+    from lightning_compress import prune_
+
+    model = nn.Sequential(nn.Linear(16, 16), _EnsembleLayer(), nn.Flatten(), nn.Linear(32, 2))
+    said = r"does not prune 1\.weight \(4, 16, 8\), 1\.r \(4, 16\) \(576 weights in 2 tensor"
+    with pytest.warns(UserWarning, match=said + r".*exactly in `include` .*`include=\['\*', '1'\]`\): \['1'\]"):
+        prune_(model, 0.5)
+    opted = prune_(nn.Sequential(nn.Linear(16, 16), _EnsembleLayer(), nn.Flatten(), nn.Linear(32, 2)), 0.5,
+                   include=["*", "1"])  # fmt: skip
+    assert sorted(opted) == ["0.weight", "1.weight", "3.weight"]
