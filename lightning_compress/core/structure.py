@@ -403,7 +403,7 @@ def _dependency_graph(
                 ignored_layers=[*shared, *(m for m, _ in ignored)] or None,
             )
         except Exception as err:
-            if forward.failure is None and not _mapped_with_measured_concat_sizes(tp, graph, err, forward.concat_sizes):
+            if forward.failure is None and not _index_mapping_rebuilt(tp, graph, err, forward.concat_sizes):
                 raise  # the tracer's own failure (after a forward that ran)
         left_out = {id(m) for m, _ in ignored}
         unread = [(m, kind) for m, kind in forward.non_tensor_layers if id(m) not in left_out]
@@ -413,33 +413,91 @@ def _dependency_graph(
         ignored.extend(unread)
 
 
-def _mapped_with_measured_concat_sizes(tp: Any, graph: Any, err: Exception, sizes: dict[Any, list[int]]) -> bool:
-    """Whether the graph's index mappings were built again, once Torch-Pruning failed to build them over a
-    concatenation whose inputs' channel counts it could not infer, with those counts measured in the forward
-    (trial FC: MONAI's UNet, whose upsampling branch's count Torch-Pruning's shape inference reads as ``None``; it
-    then sums them, and the whole trace failed: no channel of the model could be pruned). The groups found are
-    checked by value like every other: where an input has no gradient history (the model's own input), the tracer
-    does not see it, its sizes do not add up to the output's, and Torch-Pruning maps no channel through that
-    concatenation; the value trials then refuse the groups it would have moved."""
+_INDEX_MAPPINGS = (  # Torch-Pruning's index mapping of each operation kind, as its update_index_mapping dispatches
+    ("CONCAT", "update_concat_index_mapping"),
+    ("SPLIT", "update_split_index_mapping"),
+    ("RESHAPE", "update_reshape_index_mapping"),
+    ("UNBIND", "update_unbind_index_mapping"),
+    ("EXPAND", "update_expand_index_mapping"),
+    ("SLICE", "update_slice_index_mapping"),
+)
+
+
+def _unmap_ambiguous_splits(tp: Any, graph: Any) -> None:
+    """Leave unmapped each split whose pieces feed more (or fewer) operations than it has pieces, or whose sizes
+    Torch-Pruning could not infer: it reads the consumers in order as the pieces, so their offsets and sizes are
+    another piece's, or past the last (trial FH: litgpt's OLMo-2, whose q/k/v pieces each feed several operations:
+    its index mapping, then every group search, raised an IndexError, and no channel could be pruned). Its sizes are
+    forgotten and the index mappings it gave are taken back; the groups through it are checked by value like every
+    other. Called where the index mapping failed only: a model it did not fail on keeps Torch-Pruning's groups (a
+    litgpt LoRA model's splits, unmapped, made every group search run to its bound)."""
+    for node in list(getattr(graph, "module2node", {}).values()):
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        pieces, offsets = getattr(node.module, "split_sizes", None), getattr(node.module, "offsets", None)
+        if pieces is None and offsets is None:  # unmapped already
+            continue
+        n = len(node.outputs)
+        if (
+            pieces is not None
+            and len(pieces) == n
+            and None not in pieces
+            and offsets is not None
+            and len(offsets) == n + 1
+        ):
+            continue
+        node.module.split_sizes = node.module.offsets = None
+        for dep in node.dependencies:
+            if dep.target in node.outputs:
+                dep.index_mapping[0] = None
+        for out in node.outputs:
+            for dep in out.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[0] = None
+
+
+def _index_mapping_rebuilt(tp: Any, graph: Any, err: Exception, sizes: dict[Any, list[int]]) -> bool:
+    """Whether the graph's index mappings were built again, once Torch-Pruning failed to build them (its last step):
+    first with every concatenation's input widths measured in the forward (trial FC: MONAI's UNet, whose upsampling
+    branch's width Torch-Pruning's shape inference reads as ``None``, then sums; the whole trace failed and no
+    channel of the model could be pruned); where it fails still, operation by operation, leaving unmapped the ones
+    it fails on. A split whose pieces feed more operations than it has pieces is left unmapped too (trial FH:
+    litgpt's OLMo-2 and LoRA models, whose q/k/v pieces each feed several: Torch-Pruning reads its consumers as its
+    pieces and indexed past its sizes, in the mapping and again in every group search). The groups found are
+    checked by value like every other: an operation left unmapped, or a concatenation with an input the tracer does
+    not see (one with no gradient history, as the model's own input: its widths do not add up to the output's, and
+    nothing is mapped through it), moves channels the value trials then refuse."""
     frames = []
     tb = err.__traceback__
     while tb is not None:
         frames.append(tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
-    if "update_concat_index_mapping" not in frames:
+    if "update_index_mapping" not in frames:
         return False
-    filled = False
     for node in list(getattr(graph, "module2node", {}).values()):
         measured = sizes.get(getattr(node, "grad_fn", None))
         if node.type == tp.ops.OPTYPE.CONCAT and measured is not None and len(measured) == len(node.inputs):
-            filled |= node.module.concat_sizes != measured
             node.module.concat_sizes = measured
-    if not filled:
-        return False
+    _unmap_ambiguous_splits(tp, graph)
+    mapping = tp.dependency.index_mapping
     try:
-        tp.dependency.index_mapping.update_index_mapping(graph)
+        mapping.update_index_mapping(graph)
+        return True
     except Exception:
-        return False
+        pass
+    updates = [
+        (kind, update)
+        for name, function in _INDEX_MAPPINGS
+        if (kind := getattr(tp.ops.OPTYPE, name, None)) is not None
+        and callable(update := getattr(mapping, function, None))
+    ]
+    for node in list(graph.module2node.values()):
+        for kind, update in updates:
+            if node.type == kind:
+                try:
+                    update(graph, node)
+                except Exception:  # left unmapped: the value trials refuse the groups it moves
+                    continue
     return True
 
 
