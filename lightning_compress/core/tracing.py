@@ -152,18 +152,22 @@ def forward_state_kept(model: nn.Module) -> Iterator[None]:
     """Tensors this package's own forwards (traces, probes, checks) leave in ``model``'s modules' attributes that held
     ``None`` are taken back: a cache filled on the first input it sees would keep the example's (trial FE: PyG's
     ``GCNConv(cached=True)`` kept the 50-node example graph's edges after ``prune_``, and every later forward on the
-    full graph was wrong, unsaid; a fit's validation accuracy fell to 0.13). Only data: an attribute a forward sets
-    to anything else stays (``transformers`` marks the output hooks it installs on the first forward), and so do
-    Parameters, buffers and submodules."""
+    full graph was wrong, unsaid; a fit's validation accuracy fell to 0.13). In a module where one is taken back, so
+    are the other attributes that held ``None``, whatever they hold now: a cache's bookkeeping goes with it (trial FK:
+    fair-esm's rotary embedding keeps the cached length as an int beside its cos/sin tables; with the tables taken
+    back alone, every later forward of ESM-2 failed). A module that filled no tensor keeps what its forward set
+    (``transformers`` marks the output hooks it installs on the first forward), and so do Parameters, buffers and
+    submodules."""
     empty = [(m, [k for k, v in vars(m).items() if v is None]) for m in model.modules()]
     try:
         yield
     finally:
         for module, keys in empty:
             now = vars(module)
-            for key in keys:
-                if _holds_tensor(now.get(key)):
-                    now[key] = None
+            if any(_holds_tensor(now.get(key)) for key in keys):
+                for key in keys:
+                    if key in now:
+                        now[key] = None
 
 
 def _holds_tensor(value: Any) -> bool:
