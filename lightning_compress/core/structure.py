@@ -221,7 +221,7 @@ def build_channel_groups(
         raw: list[TracedGroup]
         try:
             with comparable_modules(model):
-                graph, unread = _dependency_graph(tp, model, example_inputs, custom)
+                graph, unread, called = _dependency_graph(tp, model, example_inputs, custom)
                 raw, untraced = _raw_groups(graph, [modules[name] for name in feeding], roots, names)
                 untraced.update(
                     (names[m], f"it returns a {kind}, not a tensor or a tuple, which the "
@@ -287,7 +287,7 @@ def build_channel_groups(
         else:
             groups.append(group)
     if graph is not None:
-        _say_what_is_unseen(graph, names, groups, skipped, roots, producers, set(feeding))
+        _say_what_is_unseen(graph, names, groups, skipped, roots, producers, set(feeding), called)
     cut = {s.module for g in groups for s in g.slices if s.kind == "out"}
     for name, why in not_heads.items():  # trial EA: Timesformer's temporal output layer, said left whole, was cut
         if name in cut and skipped.get(name) == f"its heads are left whole: {why}":
@@ -323,9 +323,11 @@ def _say_what_is_unseen(
     roots: tuple[type[nn.Module], ...],
     producers: set[str] | None,
     attention: set[str],
+    called: set[int],
 ) -> None:
     """A reason for every layer that could be a group's and is in none, nor already explained (``attention``: the
-    projections that feed attention, whose heads have their own reasons)."""
+    projections that feed attention, whose heads have their own reasons; ``called``: the ids of the layers the
+    traced forward called)."""
     modules = {name: module for module, name in names.items()}
     covered = {s.module for g in groups for s in g.slices if s.kind == "out" or is_depthwise(modules[s.module])}
     covered |= {g.name for g in groups}  # a depthwise conv loses its outputs with its inputs, from an "in" slice
@@ -342,6 +344,13 @@ def _say_what_is_unseen(
             skipped[name] = (
                 "its outputs go into a product with another activation (as attention's projections do), which no "
                 "channel group follows"
+            )
+        elif name not in traced and id(module) in called:
+            skipped[name] = (  # trial FK: fair-esm's attention scales its queries with `q *= scaling`
+                "the forward calls it, but the traced graph does not hold its output: its output does not reach the "
+                "forward's outputs (a head only the training code uses), or an operation changed it in place before "
+                "it was used (`q *= scaling`, `x += y`), which the tracer cannot follow; so nothing says where its "
+                "channels go"
             )
         elif name not in traced:
             skipped[name] = (  # trial BX: a decoder head only `training_step` used was said to be called otherwise
@@ -378,13 +387,13 @@ def slice_bound(module: nn.Module, kind: str) -> int:
 
 def _dependency_graph(
     tp: Any, model: nn.Module, example_inputs: Any, custom: dict[type, Any]
-) -> tuple[Any, list[tuple[nn.Module, str]]]:
+) -> tuple[Any, list[tuple[nn.Module, str]], set[int]]:
     """Torch-Pruning's graph of ``model``; the hooks it registers are removed whatever the forward raises
     (:class:`TracerForward`: a layer's plain tuple, such as Llama4's router's, is handed to the tracer as a tuple with a
     shape). A layer that returns another kind of object (a dict, a named tuple), which the tracer's hook cannot read,
     is left out of the trace and the forward traced again: its weights are no channel root (trial EW: the whole trace
-    failed, and no channel of the model could be pruned). Returns the graph, and each layer left out with what it
-    returned."""
+    failed, and no channel of the model could be pruned). Returns the graph, each layer left out with what it
+    returned, and the ids of the layers the forward called."""
     ignored: list[tuple[nn.Module, str]] = []
     # a PReLU with one slope for every channel acts on each element alone: traced as an operation, not a layer
     # (trial FC: Torch-Pruning's handler has no channel count for it, so its layer groups were refused, and a
@@ -409,7 +418,7 @@ def _dependency_graph(
         unread = [(m, kind) for m, kind in forward.non_tensor_layers if id(m) not in left_out]
         if forward.failure is None or not unread:
             forward.reraise()
-            return graph, ignored
+            return graph, ignored, forward.called
         ignored.extend(unread)
 
 

@@ -296,9 +296,11 @@ class TracerForward:
         self.failure: Exception | None = None
         self.non_tensor_layers: list[tuple[nn.Module, str]] = []
         self.concat_sizes: dict[Any, list[int]] = {}
+        self.called: set[int] = set()  # ids of the hooked layers the forward called
 
     def __call__(self, model: nn.Module, inputs: Any) -> Any:
         def record(module: nn.Module, _args: Any, out: Any) -> Any:
+            self.called.add(id(module))
             if isinstance(out, Tensor):
                 return None
             if type(out) is tuple and out and isinstance(out[0], Tensor):

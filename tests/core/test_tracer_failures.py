@@ -305,3 +305,27 @@ def test_a_split_whose_pieces_feed_several_operations_is_left_unmapped_and_the_m
     model = nn.Sequential(nn.Embedding(50, 32), _Olmo2Block(), _Olmo2Block(), nn.Linear(32, 50)).eval()
     report = prune_and_compact(model, torch.randint(0, 50, (2, 8)), atol=1e-5)
     assert report.channels == {"1.fc_2": (64, 32), "2.fc_2": (64, 32)}
+
+
+class _ScalesInPlace(nn.Module):
+    """fair-esm's attention: `q = self.q_proj(x); q *= self.scaling` on a 3-d input (the output is a view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        q *= 0.5
+        return self.out(torch.relu(self.k(q)))
+
+
+def test_a_layer_whose_output_is_changed_in_place_is_said_to_be_so_not_never_called():
+    """Trial FK: ESM-2's q_proj was said "never called as a module (its weight used through F.linear ...)"; the forward
+    calls it, and its in-place scaling loses its output from the tracer's graph."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    groups, skipped = build_channel_groups(_ScalesInPlace().eval(), torch.randn(2, 5, 8))
+    assert [g.name for g in groups] == ["k"]
+    assert skipped["q"].startswith("the forward calls it, but the traced graph does not hold its output")
+    assert "an operation changed it in place before it was used (`q *= scaling`" in skipped["q"]
