@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .checks import check_float, check_module
 from .group_check import faithful_groups, output_change, removable_groups
 from .macs import count_macs, uncalled_note, uncounted_experts, uncounted_note
-from .model_config import describe_in_config
+from .model_config import describe_in_config, unchanged_configs
 from .qat import quantizers
 from .quant_blocks import keep_whole_blocks
 from .resize import apply_plan, plan, zero_channels
@@ -83,6 +83,7 @@ class CompactReport:
     macs_before: int = 0  # multiply-accumulates of one forward on the example inputs (Linear/Conv layers)
     macs_after: int = 0
     config_describes: bool | None = None  # a transformers model: whether its config's fields now give the sizes
+    unchanged_configs: list[str] = field(default_factory=list)  # modules whose other `config` still gives old sizes
     kept_for_quant_groups: dict[str, int] = field(default_factory=dict)  # zero channels kept, per group
     uncounted: list[str] = field(default_factory=list)  # modules whose 3-d weights (experts) the MACs leave out
     uncounted_note: str = ""  # what they hold, said
@@ -117,6 +118,12 @@ class CompactReport:
             how = "its fields" if self.config_describes else "a `lightning_compress` entry"
             load = "from_pretrained" if self.config_describes else "lightning_compress.from_pretrained"
             lines.append(f"config: the new sizes are described by {how} (reload with {load})")
+        if self.unchanged_configs:
+            owners = ", ".join(f"`{name}.config`" if name else "`config`" for name in self.unchanged_configs)
+            lines.append(
+                f"config: {owners} is not rewritten (not a `transformers` config): sizes it gives are the dense "
+                "ones; rebuild the compacted model with load_compressed into a fresh instance, not from that config"
+            )
         return "\n".join(lines)
 
 
@@ -299,6 +306,7 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
         apply_plan(model, planned)
         _stateless_norms_read_their_width(model, example_inputs)
         report.config_describes = describe_in_config(model, groups, planned.channels)
+        report.unchanged_configs = unchanged_configs(model, groups)
         report.max_abs_diff = largest
         report.max_relative_change = change
         mark_compacted(model)

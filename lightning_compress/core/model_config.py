@@ -25,7 +25,7 @@ from .layers import is_pretrained_model
 from .shrink import sized_tensor
 from .structure import ChannelGroup
 
-__all__ = ["CONFIG_KEY", "describe_in_config", "record_sizes"]
+__all__ = ["CONFIG_KEY", "describe_in_config", "record_sizes", "unchanged_configs"]
 
 CONFIG_KEY = "lightning_compress"
 _HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim")
@@ -54,6 +54,25 @@ def describe_in_config(
         if any(all(name.startswith(f"{prefix}." if prefix else "") for name in g.modules()) for g in groups)
     ]
     return all(results) if results else None
+
+
+def unchanged_configs(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[str]:
+    """The modules of ``model`` (outermost) holding a ``config`` that :func:`describe_in_config` does not rewrite (not
+    a ``transformers`` model's), around a compacted group: it still gives the dense sizes (trial FH: litgpt's GPT
+    kept ``intermediate_size=128`` beside (64, 64) weights, and ``GPT(model.config)`` could not load its state)."""
+    cut = {module for group in groups for module in group.modules()}
+    rewritten = {id(_config_of(sub)) for _, sub in _outermost(model)}
+    found: list[str] = []
+    for name, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if config is None or isinstance(config, str | int | float | bool) or id(config) in rewritten:
+            continue
+        if is_pretrained_model(module) or any(name.startswith(f"{outer}.") or not outer for outer in found):
+            continue
+        start = f"{name}." if name else ""
+        if any(member.startswith(start) for member in cut):
+            found.append(name)
+    return found
 
 
 def record_sizes(model: nn.Module, resized: Sequence[str]) -> None:

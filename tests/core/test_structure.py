@@ -1087,3 +1087,29 @@ def test_a_selected_layer_the_channel_trace_cannot_read_is_refused_with_its_reas
     model = nn.Sequential(_Ensemble(8, 16), nn.ReLU(), _Ensemble(16, 4))
     with pytest.raises(ValueError, match=r"can prune: 0: a _Ensemble is not a layer the channel trace reads .*; 2: "):
         prune_(model, 0.5, granularity="channel", include=["0", "2"], example_inputs=torch.randn(2, 8))
+
+
+class _LitGPTLike(nn.Module):
+    """A model keeping its sizes in a `config` of its own (litgpt's GPT keeps a dataclass), not a transformers one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import dataclasses
+
+        self.config = dataclasses.make_dataclass("Config", [("intermediate_size", int)])(32)
+        self.fc, self.proj = nn.Linear(8, self.config.intermediate_size), nn.Linear(self.config.intermediate_size, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.fc(x)))
+
+
+def test_compact_says_which_config_it_does_not_rewrite():
+    """Trial FH: after `compact()`, litgpt's `config.intermediate_size` still read 128 beside (64, 64) weights, so
+    `GPT(model.config)` could not load the state; the report said nothing."""
+    torch.manual_seed(0)
+    outer = nn.Sequential()
+    outer.add_module("net", _LitGPTLike())
+    report = prune_and_compact(outer, torch.randn(4, 8), atol=1e-5)
+    assert report.unchanged_configs == ["net"]
+    assert "config: `net.config` is not rewritten (not a `transformers` config)" in str(report)
+    assert compact(_LitGPTLike(), torch.randn(4, 8)).unchanged_configs == []  # nothing compacted: nothing to say
