@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,7 +65,7 @@ def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.Lig
     except ValueError as err:
         said = str(err).replace("`example_inputs`", "`example_input_array`")
         # the callbacks export at opset 17 (trial CA: the message suggested an option they do not have)
-        said = said.replace("(a newer `opset` may support it)", "(or call `export_onnx(..., opset=...)` after the fit)")
+        said = re.sub(r"`export_onnx\(\.\.\., opset=(\d+)\)`", r"call `export_onnx(..., opset=\1)` after the fit", said)
         raise ValueError(f"`export_path`={str(path)!r}: {said}") from err
 
 

@@ -274,9 +274,21 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
         if parametrized
         else "replace that operation in the model's forward"
     )
+    # torch names the opset that added an operator; one no opset has (trial FI: TabM's `aten::column_stack`) was
+    # said to be perhaps in a newer one, and opsets 18 and 20 failed the same way
+    added = re.search(r"was added in version (\d+)", str(err))
+    if added:
+        opsets = f" (opset {added.group(1)} has it: `export_onnx(..., opset={added.group(1)})`)"
+    elif re.search(r"to ONNX opset version \d+ is not supported", first):
+        opsets = (
+            " (no opset of torch's ONNX exporter converts it: rewrite it with operations that export, or register a "
+            "symbolic for it with `torch.onnx.register_custom_op_symbolic`)"
+        )
+    else:
+        opsets = ""
     return ValueError(
         f"export_onnx cannot trace {type(model).__name__}: {first} What to change: "
-        f"{_trace_hint(example_inputs, model)}{where} (a newer `opset` may support it)."
+        f"{_trace_hint(example_inputs, model)}{where}{opsets}."
     )
 
 

@@ -287,7 +287,7 @@ def test_an_onnx_export_path_the_exporter_cannot_convert_is_refused_before_train
         ValueError, match=r"`export_path`='.*m.onnx': export_onnx cannot trace Differencing: .*aten::diff"
     ) as refused:
         fit.fit(model)
-    assert "export_onnx(..., opset=...)` after the fit" in str(refused.value)  # not an option the callbacks lack
+    assert "no opset of torch's ONNX exporter converts it" in str(refused.value)  # trial FI: no opset has aten::diff
     assert fit.global_step == 0 and not path.exists()
     assert model.training and all(p.requires_grad for p in model.parameters())  # as it was
     trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(8, 8, export_path=tmp_path / "m.lcz")]).fit(
