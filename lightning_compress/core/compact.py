@@ -48,6 +48,7 @@ __all__ = [
     "compact",
     "is_compacted",
     "mark_compacted",
+    "stateless_norms_read_their_width",
 ]
 
 COMPACTED_FLAG = "_lightning_compress_compacted"  # set on a compacted model; save_compressed records it
@@ -159,11 +160,11 @@ def _float_activations(model: nn.Module) -> Iterator[None]:
 _BATCHED_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
 
-def _stateless_norms_read_their_width(model: nn.Module, inputs: Any) -> None:
+def stateless_norms_read_their_width(model: nn.Module, inputs: Any) -> None:
     """An InstanceNorm without affine weights or running statistics holds no tensor a plan cuts, and the trace can
     lose it (an in-place ``out += residual`` after it: MONAI's UNETR), so its ``num_features`` may still be the old
     width: it computes the same, but torch warned on every compacted model's forward. Each takes the channel count
-    of its input on ``inputs``."""
+    of its input on ``inputs`` (after ``compact()``, and after ``load_compressed`` of a compacted file given inputs)."""
     norms: dict[nn.Module, int] = {
         module: batched
         for module in model.modules()
@@ -304,7 +305,7 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
             )
         del trial
         apply_plan(model, planned)
-        _stateless_norms_read_their_width(model, example_inputs)
+        stateless_norms_read_their_width(model, example_inputs)
         report.config_describes = describe_in_config(model, groups, planned.channels)
         report.unchanged_configs = unchanged_configs(model, groups)
         report.max_abs_diff = largest

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checks import check_module, check_path
-from ..core.compact import mark_compacted
+from ..core.compact import mark_compacted, stateless_norms_read_their_width
 from ..core.model_config import record_sizes
 from ..core.packing import (
     code_container_bits,
@@ -23,7 +23,7 @@ from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_el
 from ..core.quantizer_state import check_scales
 from ..core.selection import state_root, stored_weight, uncompiled
 from ..core.shrink import set_head_record, shrink_like
-from ..core.tracing import call_model, forward_state_kept, like_model, output_tensors, plain_float
+from ..core.tracing import call_model, forward_state_kept, like_model, output_tensors, plain_float, quiet_norm_widths
 from .container import CompressedFileError, read_container
 from .records import (
     SECTIONS,
@@ -369,6 +369,8 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
         if outputs is not None:  # the sizes are final: whether they chain needs no values
             _check_chain(called, example_inputs, outputs, path)
         model.load_state_dict(tensors, strict=True)
+        if outputs is not None:  # a stateless InstanceNorm holds no tensor the file records (MONAI's UNETR)
+            stateless_norms_read_their_width(called, example_inputs)
     except Exception:
         rollback()
         raise
@@ -383,7 +385,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
 
 def _output_shapes(model: nn.Module, inputs: Any) -> list[tuple[int, ...]]:
     """The shapes of ``model``'s outputs on ``inputs`` (float data flow, eval mode, no gradients)."""
-    with torch.no_grad(), plain_float(model), forward_state_kept(model):
+    with torch.no_grad(), plain_float(model), forward_state_kept(model), quiet_norm_widths():
         return [tuple(t.shape) for t in output_tensors(call_model(model, inputs))]
 
 

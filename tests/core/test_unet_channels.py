@@ -128,3 +128,21 @@ def test_compact_gives_a_stateless_instance_norm_the_width_it_now_sees():
     assert report.channels
     widths = {name: m.num_features for name, m in model.named_modules() if isinstance(m, nn.InstanceNorm2d)}
     assert widths == {"norm1": model.conv1.out_channels, "norm2": 4, "norm3": 4}
+
+
+def test_a_compacted_file_loaded_with_inputs_gives_a_stateless_instance_norm_the_width_it_sees(tmp_path):
+    """The file holds no tensor of a stateless InstanceNorm: a fresh model loaded from a compacted file kept its old
+    `num_features`, and torch warned on every forward."""
+    from lightning_compress import load_compressed, save_compressed
+
+    torch.manual_seed(0)
+    model, x = _StatelessNormBlock().eval(), torch.randn(2, 2, 8, 8)
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    compact(model, x)
+    save_compressed(model, tmp_path / "m.lcz")
+    fresh = _StatelessNormBlock().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="input's size at dim=1 does not match num_features")
+        load_compressed(fresh, tmp_path / "m.lcz", example_inputs=x)
+        assert torch.equal(fresh(x), model(x))
+    assert [m.num_features for m in (fresh.norm2, fresh.norm3)] == [4, 4]
