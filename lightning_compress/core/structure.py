@@ -633,9 +633,14 @@ def _convert(
     root = names[root_item.dep.target.module]
     size = len(root_item.idxs)
     slices: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
-    for item in raw_group.items:
+    output = getattr(getattr(_torch_pruning().ops, "OPTYPE", None), "OUTPUT", None)
+    reaches_output = False  # trial FJ: MONAI's UNet ends in `conv(x) + x`; that 1-channel group was kept, never cut,
+    for item in raw_group.items:  # and named at its floor when a fit ended short of the target
         node = item.dep.target
         module = node.module
+        if output is not None and node.type == output:
+            reaches_output = True
+            continue
         out_like = not graph.is_in_channel_pruning_fn(item.dep.handler) or cut_with_channels(module)
         if not isinstance(module, nn.Module) or module not in names:
             if isinstance(module, nn.Parameter):
@@ -699,6 +704,8 @@ def _convert(
             "no traced layer consumes its channels: they reach the model's output through operations that are not "
             "layers (an activation, pooling, or a weight used directly through F.linear, matmul or einsum)"
         )
+    if reaches_output:
+        return None, "its channels reach the model's output"
     members = {s.module for s in group.slices}
     norms = {
         name: module

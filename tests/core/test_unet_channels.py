@@ -146,3 +146,15 @@ def test_a_compacted_file_loaded_with_inputs_gives_a_stateless_instance_norm_the
         load_compressed(fresh, tmp_path / "m.lcz", example_inputs=x)
         assert torch.equal(fresh(x), model(x))
     assert [m.num_features for m in (fresh.norm2, fresh.norm3)] == [4, 4]
+
+
+def test_a_group_whose_channels_are_the_output_through_a_residual_add_is_left_whole():
+    """Trial FJ: MONAI's UNet ends in a residual unit, `act(conv(x)) + x`, whose sum is the output: its 1-channel group
+    was kept, could never be cut, and the fit ended "short of target ... at their floors" naming it."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1), _Residual(2, 2))
+    groups, left = build_channel_groups(model.eval(), torch.randn(2, 1, 8, 8))
+    assert [g.name for g in groups] == ["0"]
+    assert left["2"] == "its channels reach the model's output"
+    assert left["3.conv"] == "its channels are 2's: its channels reach the model's output"
