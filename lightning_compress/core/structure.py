@@ -348,9 +348,10 @@ def _say_what_is_unseen(
         elif name not in traced and id(module) in called:
             skipped[name] = (  # trial FK: fair-esm's attention scales its queries with `q *= scaling`
                 "the forward calls it, but the traced graph does not hold its output: its output does not reach the "
-                "forward's outputs (a head only the training code uses), or an operation changed it in place before "
-                "it was used (`q *= scaling`, `x += y`), which the tracer cannot follow; so nothing says where its "
-                "channels go"
+                "forward's outputs (a head only the training code uses), an operation changed it in place before "
+                "it was used (`q *= scaling`, `x += y`), or it runs where autograd records nothing (inside a custom "
+                "`torch.autograd.Function`, as reversible layers do, or under `torch.no_grad`), which the tracer "
+                "cannot follow; so nothing says where its channels go"
             )
         elif name not in traced:
             skipped[name] = (  # trial BX: a decoder head only `training_step` used was said to be called otherwise

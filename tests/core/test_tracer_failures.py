@@ -3,6 +3,7 @@ left out of the trace (and whole) instead of failing it, and an index mapping th
 the reason (trial EW: Llama4's router, SAM's mask decoder)."""
 
 import logging
+from typing import Any
 
 import pytest
 import torch
@@ -329,3 +330,33 @@ def test_a_layer_whose_output_is_changed_in_place_is_said_to_be_so_not_never_cal
     assert [g.name for g in groups] == ["k"]
     assert skipped["q"].startswith("the forward calls it, but the traced graph does not hold its output")
     assert "an operation changed it in place before it was used (`q *= scaling`" in skipped["q"]
+
+
+class _Reversible(torch.autograd.Function):
+    """Reformer's reversible blocks: the layers run inside a custom Function, under no_grad."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return x + layer(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class _RunsReversibly(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.inner, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(_Reversible.apply(torch.relu(self.a(x)), self.inner))
+
+
+def test_a_layer_run_inside_a_custom_autograd_function_is_said_to_be_possibly_so():
+    """Trial FL: a reversible Reformer's layers were said to be a head only training uses or changed in place."""
+    from lightning_compress.core.structure import build_channel_groups
+
+    _, skipped = build_channel_groups(_RunsReversibly().eval(), torch.randn(2, 5, 8))
+    assert "inside a custom `torch.autograd.Function`, as reversible layers do" in skipped["inner"]
