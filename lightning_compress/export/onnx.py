@@ -28,7 +28,7 @@ from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import check_example_inputs, forward_state_kept, without_cache
 from .container import replacing
-from .onnx_batch import GraphCheck, batch_size, graph_note, other_batch
+from .onnx_batch import GraphCheck, batch_size, graph_note, max_error, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
 from .onnx_pads import pad_quantized_codes
 from .onnx_passes import (
@@ -331,6 +331,10 @@ def _graph_check(
         return None
     expected = [t for _, t in tensor_leaves(outputs, "output")]
     quantized = bool(quantizers(model))  # any: a rounding tolerance, never a false alarm
+    try:  # a model that draws random numbers in eval mode (Reformer's LSH) cannot be compared with its graph
+        random = max_error([t for _, t in tensor_leaves(traced_model(*tensors), "output")], expected) or 0.0
+    except Exception:
+        random = 0.0
     others = other_batch(tensors, batch)
     try:
         expected_others = [t for _, t in tensor_leaves(traced_model(*others), "output")]
@@ -343,8 +347,8 @@ def _graph_check(
             "dimension (an LSTM's `(h0, c0)`, a sequence-first input), the graph runs only at the example's sizes "
             "there; give `dynamic_axes` for that dimension, or serve it at the example's sizes."
         )
-        return GraphCheck(tensors, expected, batch, quantized, skipped=skipped, names=names)
-    return GraphCheck(tensors, expected, batch, quantized, others, expected_others, names=names)
+        return GraphCheck(tensors, expected, batch, quantized, skipped=skipped, names=names, random=random)
+    return GraphCheck(tensors, expected, batch, quantized, others, expected_others, names=names, random=random)
 
 
 def _quantize_float_conv_outputs(
