@@ -95,6 +95,9 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[FakeQuantizer, str]]
         weight = stored_weight(module)  # a parametrization is not run (trial DH: spectral_norm's `_u` changed)
         if isinstance(weight, Tensor):
             owners.setdefault(id(weight), []).append((name, module))
+        for attr, param in module.named_parameters(recurse=False):  # a module multiplying it under another name
+            if attr != "weight":  # (trial FL: Reformer's tied head keeps the embedding's weight as `tensor`)
+                owners.setdefault(id(param), []).append((f"{name}.{attr}" if name else attr, module))
     out, idle, tied = {}, [], {}
     for name, layer in qat.items():
         quantizer = layer.weight_fake_quant

@@ -10,8 +10,10 @@ from torch import nn
 from lightning_compress import (
     CompressedFileError,
     QuantConfig,
+    calibrate,
     compact,
     convert_to_qat,
+    enable_fake_quant,
     load_compressed,
     prune_,
     save_compressed,
@@ -909,3 +911,44 @@ def test_a_model_with_non_finite_weights_or_scales_is_refused_before_anything_is
     model = compressed_net(0.5, QuantConfig(8, 8))
     model.register_buffer("mask", torch.full((2, 2), float("-inf")))  # an attention mask: kept as it is
     save_compressed(model, tmp_path / "m.lcz")
+
+
+class _MatrixHead(nn.Module):
+    """Reformer's tied output head: keeps the embedding's weight as a Parameter of its own name and multiplies by it."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.tensor = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.tensor.t()
+
+
+class _TiedThroughAParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 16)
+        self.head = _MatrixHead(self.emb.weight)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def test_a_quantized_embedding_tied_to_another_modules_parameter_is_stored_in_float_and_reloads(tmp_path):
+    """Trial FL: Reformer's head keeps the embedding's weight as `out.1.tensor`; with the embedding quantized the file
+    held its codes and a float copy, and `load_compressed` into the same architecture refused it, saying the file came
+    from a model that does not tie them."""
+    torch.manual_seed(0)
+    model, ids = _TiedThroughAParameter(), torch.randint(0, 50, (2, 6))
+    convert_to_qat(model, QuantConfig(8, 8), include=["emb", "*"])
+    calibrate(model, [ids])
+    enable_fake_quant(model)
+    model.eval()
+    with pytest.warns(UserWarning, match=r"\['emb'\] are quantized, but their weights are also used in float by "
+                      r"\['head\.tensor'\]"):  # fmt: skip
+        save_compressed(model, tmp_path / "m.lcz")
+    fresh = _TiedThroughAParameter()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    assert fresh.head.tensor is fresh.emb.weight
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids), model(ids))
