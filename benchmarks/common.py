@@ -142,3 +142,44 @@ def no_arguments(doc: str | None) -> None:
     import argparse
 
     argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+
+
+def dense_vs_channels(
+    dense: pl.LightningModule,
+    seed: int,
+    epochs: int,
+    train: object,
+    val: object,
+    validate: Callable[[pl.LightningModule], float],
+    metric: str,
+    inputs: tuple[torch.Tensor, ...],
+) -> tuple[dict[str, object], dict[str, nn.Module]]:
+    """From the weights of ``dense``, ``epochs`` more of plain training (``"dense"``) and of
+    ``IterativePruning(0.5, granularity="channel")`` with every other argument at its default, then ``compact()``
+    checked on ``inputs`` (``"channels50"``), both from seed ``seed + 100`` on the ``train`` loader. Returns the
+    figures (``{method}_{metric}``, ``compacted_{metric}``, ``max_abs_diff``, ``params``, ``macs``, ``channels``) and
+    the two models, in eval mode."""
+    import copy
+
+    from lightning_compress import IterativePruning, compact
+
+    out: dict[str, object] = {}
+    models: dict[str, nn.Module] = {}
+    for method in ("dense", "channels50"):
+        pl.seed_everything(seed + 100, verbose=False)
+        module = copy.deepcopy(dense)
+        callbacks = [IterativePruning(0.5, granularity="channel")] if method == "channels50" else []
+        quiet_trainer(epochs, callbacks).fit(module, train, val)
+        module.eval()
+        out[f"{method}_{metric}"] = validate(module)
+        if method == "channels50":
+            with torch.no_grad():
+                before = module(*inputs)
+                report = compact(module, inputs)
+                out["max_abs_diff"] = float((module(*inputs) - before).abs().max())
+            out[f"compacted_{metric}"] = validate(module)
+            out["params"] = (report.params_before, report.params_after)
+            out["macs"] = (report.macs_before, report.macs_after)
+            out["channels"] = {name: list(sizes) for name, sizes in report.channels.items()}
+        models[method] = module
+    return out, models

@@ -21,7 +21,6 @@ eager inference at batch 64, one thread, interleaved rounds (median process CPU 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import pathlib
 import statistics
@@ -30,13 +29,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import interleaved_ms, quiet_trainer
+from common import dense_vs_channels, interleaved_ms, quiet_trainer
 from diffusers import UNet2DModel
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from lightning_compress import IterativePruning, compact
 
 warnings.filterwarnings("ignore")
 STEPS = 1000
@@ -106,31 +103,15 @@ def run(seed: int, dense_epochs: int, finetune_epochs: int) -> dict[str, Any]:
     train, val = loaders(seed)
     dense = Denoiser(unet())
     quiet_trainer(dense_epochs, []).fit(dense, train)
+    x = next(iter(val))
+    inputs = (x[0][:64], x[2][:64])
     out: dict[str, Any] = {"seed": seed, "dense_start": validate(dense, val)}
-    models = {}
-    for method in ("dense", "channels50"):
-        pl.seed_everything(seed + 100, verbose=False)
-        module = copy.deepcopy(dense)
-        callbacks = [IterativePruning(0.5, granularity="channel")] if method == "channels50" else []
-        quiet_trainer(finetune_epochs, callbacks).fit(module, loaders(seed + 100)[0], val)
-        module.eval()
-        out[f"{method}_mse"] = validate(module, val)
-        if method == "channels50":
-            x = next(iter(val))
-            inputs = (x[0][:64], x[2][:64])
-            with torch.no_grad():
-                before = module(*inputs)
-                report = compact(module, inputs)
-                out["max_abs_diff"] = float((module(*inputs) - before).abs().max())
-            out["compacted_mse"] = validate(module, val)
-            out["params"] = (report.params_before, report.params_after)
-            out["macs"] = (report.macs_before, report.macs_after)
-        models[method] = module
+    figures, models = dense_vs_channels(
+        dense, seed, finetune_epochs, loaders(seed + 100)[0], val, lambda m: validate(m, val), "mse", inputs
+    )
+    out.update(figures)
     if seed == 0:
-        x = next(iter(val))
-        inputs = (x[0][:64], x[2][:64])
-        ms = interleaved_ms({m: (lambda m=m: models[m](*inputs)) for m in models}, rounds=30)
-        out["ms"] = ms
+        out["ms"] = interleaved_ms({m: (lambda m=m: models[m](*inputs)) for m in models}, rounds=30)
     return out
 
 
