@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 
-from .callbacks._modules import is_lightning_module_class
+from ._lightning import is_lightning_module_class
 from .core.checks import check_path
 from .core.qat import QuantConfig, check_quantizer_state, check_saved_scales, convert_listed
 

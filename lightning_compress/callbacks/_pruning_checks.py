@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from .._lightning import overrides
 from ..core.channels import ChannelRule
 from ..core.checks import is_integer, is_real
 from ..core.config import PruningConfig
@@ -20,7 +21,6 @@ from ..core.mask_counts import zero_counts
 from ..core.quant_blocks import grouped_consumers
 from ..core.rules import MaskRule
 from ..core.selection import Target, select_targets
-from ._modules import overrides
 from ._validation import weight_averaging
 
 __all__ = [

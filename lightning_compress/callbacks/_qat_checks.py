@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from .._lightning import overrides
 from ..core.checks import is_integer
 from ..core.fake_quant import FakeQuantizer
 from ..core.qat import QuantConfig, qat_modules, settings_differ
-from ._modules import overrides
 from ._validation import weight_averaging
 
 __all__ = ["check_averaging", "check_converted_alike", "check_no_overlap", "check_state", "check_validation_at"]

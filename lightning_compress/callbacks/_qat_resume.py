@@ -11,9 +11,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from .._lightning import is_lightning_module_class
 from ..checkpoint import saved_quantization
 from ..core.qat import QuantConfig, check_quantizer_state, check_saved_scales, qat_modules
-from ._modules import is_lightning_module_class
 
 __all__ = [
     "QAT_KEY_SUFFIX",

@@ -9,8 +9,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from .._lightning import overrides
 from ..core.checks import check_choice, check_float, check_int
-from ._modules import overrides
 
 __all__ = [
     "StrategyCollectives", "check_choice", "check_float", "check_int", "check_strategy", "may_shard",

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from .._lightning import overrides
 from ..checkpoint import saved_quantization
 from ..core.adapters import lora_note
 from ..core.qat import (
@@ -39,7 +40,6 @@ from ._export import (
     export_at_fit_end,
     export_template,
 )
-from ._modules import overrides
 from ._qat_checks import (
     check_averaging,
     check_converted_alike,
