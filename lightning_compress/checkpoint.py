@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from ._lightning import is_lightning_module_class
-from .core.checks import check_path
+from .core.checks import check_path, first_line
 from .core.qat import QuantConfig, check_quantizer_state, check_saved_scales, convert_listed
 
 __all__ = ["load_qat_checkpoint", "saved_quantization"]
@@ -80,7 +80,7 @@ def load_qat_checkpoint(
     except pickle.UnpicklingError as err:
         if not weights_only:
             raise
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err, 160)
         raise ValueError(  # trial FF: pytorch-forecasting's checkpoints keep objects in their hyperparameters
             f"{checkpoint_path} cannot be read by torch.load(weights_only=True) ({first}): it holds objects, not "
             "only tensors. If you trust the file, pass `weights_only=False` (unpickling runs code the file names)."

@@ -13,6 +13,7 @@ from torch import nn
 
 from .._lightning import is_lightning_module_class
 from ..checkpoint import saved_quantization
+from ..core.checks import first_line
 from ..core.qat import QuantConfig, check_quantizer_state, check_saved_scales, qat_modules
 
 __all__ = [
@@ -60,7 +61,7 @@ def read_checkpoint_quantization(trainer: pl.Trainer | None) -> tuple[list[tuple
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:  # objects the safe loader refuses: the settings may be there, unread
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err, 160)
         return [], f"torch.load(weights_only=True) cannot read it ({first})"
     except Exception:  # another format (a distributed checkpoint's directory, a legacy file): this callback's
         return [], ""

@@ -23,6 +23,7 @@ __all__ = [
     "check_module",
     "check_output_path",
     "check_path",
+    "first_line",
     "is_integer",
     "is_lazy",
     "is_real",
@@ -145,3 +146,10 @@ def caller_level() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of ``err``'s message (its type's name where it has none), cut to ``limit`` characters: what a
+    message quotes of another library's error (the rest may be a dump of a graph)."""
+    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return line if limit is None else line[:limit]

@@ -24,6 +24,7 @@ with its query group. The projections that feed attention are never roots of a c
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -477,12 +478,7 @@ def _index_mapping_rebuilt(tp: Any, graph: Any, err: Exception, sizes: dict[Any,
     checked by value like every other: an operation left unmapped, or a concatenation with an input the tracer does
     not see (one with no gradient history, as the model's own input: its widths do not add up to the output's, and
     nothing is mapped through it), moves channels the value trials then refuse."""
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame.f_code.co_name)
-        tb = tb.tb_next
-    if "update_index_mapping" not in frames:
+    if all(frame.f_code.co_name != "update_index_mapping" for frame, _ in traceback.walk_tb(err.__traceback__)):
         return False
     for node in list(getattr(graph, "module2node", {}).values()):
         measured = sizes.get(getattr(node, "grad_fn", None))

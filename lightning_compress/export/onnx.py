@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.checks import check_int, check_module, check_output_path, is_integer
+from ..core.checks import check_int, check_module, check_output_path, first_line, is_integer
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.selection import eager, uncompiled
@@ -339,7 +339,7 @@ def _graph_check(
     try:
         expected_others = [t for _, t in tensor_leaves(traced_model(*others), "output")]
     except Exception as err:  # trial ER: an LSTM given (h0, c0), whose batch is their dimension 1
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        first = first_line(err, 200)
         skipped = (
             f"the model does not run on its example cut to {'its first sample' if batch > 1 else 'two copies'} along "
             f"dimension 0 of every input ({type(err).__name__}: {first}), so the dynamic batch the graph declares "

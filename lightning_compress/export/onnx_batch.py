@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.checks import first_line
+
 __all__ = ["GraphCheck", "batch_size", "graph_note", "max_error", "other_batch"]
 
 _FIXED = (
@@ -89,7 +91,7 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
     try:
         at_example = session.run(None, feed)
     except Exception as err:  # trial FL: Performer's and Reformer's graphs failed on their own example, unsaid
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = first_line(err, 300)
         return (
             f"the graph does not run on the example it was traced on (onnxruntime: {first}): the exporter converted "
             "an operation of the forward into one that fails (a chunked or split attention: a `SplitToSequence` "
@@ -122,7 +124,7 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
             None, {n: check.others[i].detach().cpu().numpy() for n, i in zip(names, read, strict=True)}
         )
     except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = first_line(err, 300)
         return (
             f"the graph runs at the example's batch of {batch} but fails at a batch of {other} ({first}): {_FIXED} "
             f"Serve it at a batch of {batch}, or make that size a tensor operation in the forward."

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 from torch.overrides import TorchFunctionMode
 
+from ..core.checks import first_line
 from ..core.experts import is_experts
 from ..core.fake_quant import FakeQuantizer
 from ..core.selection import eager, uncompiled
@@ -251,7 +252,7 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
         )
     # the first line only: a SymbolicValueError goes on with a dump of the TorchScript graph (a trial: 1,588
     # characters), which the chained exception still holds
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = first_line(err)
     first = first if len(first) <= 300 else first[:300] + " ..."
     if "is not part of the active trace" in first:  # trial FB: told to replace an operation or try a newer opset
         return ValueError(
