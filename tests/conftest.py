@@ -158,6 +158,19 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
+class FlatLinear(nn.Module):
+    """A layer that keeps its weights flat, 1-d, and reshapes them in forward, as e3nn's ``o3.Linear`` and
+    ``FullyConnectedTensorProduct`` do."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        self.weight = nn.Parameter(torch.randn(n_out * n_in) / n_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.view(self.n_out, self.n_in).t()
+
+
 def prune_and_compact(model: nn.Module, x: torch.Tensor, atol: float) -> Any:
     """Half of ``model``'s channels pruned on ``x``, then ``compact()`` in eval mode; the outputs on ``x`` must stay
     within ``atol``. Returns the compaction's report."""

@@ -135,7 +135,8 @@ class PruningClock:
         steps = round(core.steps * now / before)
         core.set_clock(steps)
         core.set_schedule(
-            total_steps=end_epoch * now, start_step=window.start_epoch * now, every_n_steps=window.every_n_steps,
+            total_steps=window.end_step(trainer, now), start_step=window.start_epoch * now,
+            every_n_steps=window.every_n_steps,
             rewind_step=None if window.rewind_epoch is None else window.rewind_epoch * now, wait_for_baseline=True,
         )  # fmt: skip
         self.offset, self.steps_per_epoch = steps - trainer.global_step, now

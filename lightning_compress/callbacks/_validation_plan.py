@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core.checks import check_int
 from ..core.iterative import IterativePruner
@@ -230,29 +230,40 @@ class EpochWindow:
                 "to rewind to must be saved before the first pruning event."
             )
 
-    def end_for(self, trainer: pl.Trainer) -> int:
-        """The epoch the schedule ends after in this fit (``end_epoch``, or the Trainer's ``max_epochs``, less an
-        epoch of SWA's that does not train)."""
+    def end_for(self, trainer: pl.Trainer, loaded: bool = True) -> int:
+        """The epoch the schedule ends after in this fit: ``end_epoch``, or else the epoch in which the fit ends (the
+        Trainer's ``max_epochs``, less an epoch of SWA's that does not train, or the epoch ``max_steps`` ends in, once
+        the train loader's length is known). ``loaded=False``: before the Trainer loads the train loader (``setup``,
+        ``on_fit_start``), where a fit bounded by ``max_steps`` alone gets a provisional end, placed at the start of
+        training."""
         max_epochs = trained_max_epochs(trainer)
         unlimited = max_epochs is None or max_epochs < 0
-        if self.end_epoch is None and unlimited:
-            steps = trainer.max_steps
+        steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        per_epoch = steps_per_epoch(trainer) if loaded else None
+        bound = f"`max_epochs`={max_epochs}"  # what ends the schedule, for the message below
+        if self.end_epoch is not None:
+            end = self.end_epoch
+        elif steps is not None and per_epoch is not None and (unlimited or steps < max_epochs * per_epoch):  # type: ignore[operator]
+            end = max(1, math.ceil(steps / per_epoch))  # the epoch `max_steps` ends the fit in
+            bound = f"`max_steps`={steps} ({per_epoch} optimizer steps per epoch)"
+        elif not unlimited:
+            end = int(max_epochs)  # type: ignore[arg-type]
+        elif steps is not None and not loaded:
+            return self.start_epoch + 1  # provisional: `max_steps` places the end once the loader's length is known
+        else:
             raise ValueError(
                 "`end_epoch` is required when the Trainer's `max_epochs` is unlimited"
                 + (
-                    f": `max_steps`={steps} ends this fit, but the schedule is placed in epochs at `setup`, before "
-                    "the Trainer loads the train loader (a sized one too: its length is not known yet). Pass the epoch "
-                    "by which it should reach the target (`max_steps` / optimizer steps per epoch, or less), or set "
-                    "`max_epochs`."
-                    if steps is not None and steps >= 0
-                    else "."
+                    f" and the train dataloader has no length: `max_steps`={steps} ends this fit, but in no epoch "
+                    "known in advance. Pass the epoch by which pruning should reach the target (epochs of "
+                    "`limit_train_batches=N` batches, if the loader never runs out), or set `max_epochs`."
+                    if steps is not None
+                    else " and no `max_steps` ends the fit: pass the epoch by which pruning should reach the target."
                 )
             )
-        end = self.end_epoch if self.end_epoch is not None else int(max_epochs)  # type: ignore[arg-type]
         if end <= self.start_epoch:
             raise ValueError(
-                f"`start_epoch`={self.start_epoch} leaves no pruning event before `max_epochs`={max_epochs}."
-                + fast_dev_run_note(trainer)
+                f"`start_epoch`={self.start_epoch} leaves no pruning event before {bound}." + fast_dev_run_note(trainer)
             )
         if not unlimited and end > max_epochs:  # type: ignore[operator]
             raise ValueError(
@@ -260,6 +271,14 @@ class EpochWindow:
                 f"`max_epochs`={max_epochs}. Lower `end_epoch` or raise `max_epochs`{_IN_PARTS}."
                 + fast_dev_run_note(trainer)
             )
+        return end
+
+    def end_step(self, trainer: pl.Trainer, per_epoch: int) -> int:
+        """The optimizer step a schedule in steps ends at: ``end_for`` in steps, or ``max_steps`` where that ends the
+        fit first and ``end_epoch`` is unset (the schedule ends with the fit)."""
+        end = self.end_for(trainer) * per_epoch
+        if self.end_epoch is None and trainer.max_steps is not None and trainer.max_steps >= 0:
+            end = min(end, trainer.max_steps)
         return end
 
 
@@ -282,8 +301,28 @@ class Timeline:
         )  # fmt: skip
 
 
+def _validated_in_few_epochs(trainer: pl.Trainer) -> bool:
+    """Whether the fit validates three times or more, but in fewer than three epochs (one long epoch that `max_steps`
+    ends, validated every N batches): events between epochs could be judged once at most there."""
+    batches = _per_epoch(trainer)
+    count = 3
+    while batches:
+        found = validation_batches(trainer, count)
+        if found is None or len({batch // batches for batch in found}) >= 3:
+            return False
+        if len(found) < count:  # every validation of the fit
+            return len(found) >= 3
+        count *= 4
+    return False
+
+
 def plan_timeline(
-    trainer: pl.Trainer, window: EpochWindow, default_in_steps: bool, monitor: str | None, baseline_known: bool = False
+    trainer: pl.Trainer,
+    window: EpochWindow,
+    default_in_steps: bool,
+    monitor: str | None,
+    baseline_known: bool = False,
+    guard_may_step: bool = False,
 ) -> Timeline:
     """Map the callback's epochs onto the clock it drives ``IterativePruner`` with.
 
@@ -292,24 +331,38 @@ def plan_timeline(
     last validation (nothing would judge it): the default ``end_epoch`` ends the schedule there,
     an explicit later one is warned about (its last events are skipped). ``baseline_known``: the guard has its
     baseline already (a sanity check asked for every validation batch, a resumed checkpoint); otherwise the first
-    validation gives it and judges nothing.
+    validation gives it and judges nothing. ``guard_may_step``: with ``monitor`` and neither ``every_n_*`` set,
+    events go between optimizer steps where the fit validates in fewer than three epochs (each event then waits for
+    a validation to judge the one before, so they come one per validation).
     """
     start_epoch, end_epoch, every_n_steps = window.start_epoch, window.end_for(trainer), window.every_n_steps
     per_epoch = steps_per_epoch(trainer)
-    if per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
-        source = (
-            f"`end_epoch`={end_epoch}"
-            if window.end_epoch is not None
-            else f"`end_epoch` unset, so the Trainer's `max_epochs`={end_epoch}"
-        )
+    explicit = window.end_epoch is not None  # unset: the schedule ends with the fit, at `max_steps` if that is first
+    if explicit and per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
         raise ValueError(
-            f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps ({source} x "
+            f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps (`end_epoch`="
+            f"{end_epoch} x "
             f"{per_epoch} steps per epoch) but the Trainer's `max_steps`={trainer.max_steps} ends the fit first. Set "
             f"`end_epoch` to at most {max(1, trainer.max_steps // per_epoch)}{_IN_PARTS}."
         )
     in_steps = every_n_steps is not None or (
         default_in_steps and window.every_n_epochs is None and per_epoch is not None
     )
+    if (  # trial FO: one long epoch that `max_steps` ends, validated every 10 steps, was refused as judging nothing
+        not in_steps
+        and guard_may_step
+        and monitor is not None
+        and window.every_n_epochs is None
+        and per_epoch is not None
+        and _validated_in_few_epochs(trainer)
+    ):
+        in_steps = True
+        if trainer.global_step == 0:
+            rank_zero_info(
+                f"IterativePruning: `monitor`={monitor!r} and this fit's validations fall in fewer than three epochs: "
+                "pruning events run between optimizer steps, each after a validation judged the one before (between "
+                "epochs, at most one could be judged)."
+            )
     every: int | None
     if not in_steps and per_epoch is None and trainer.max_steps >= 0 and trainer.global_step == 0:
         rank_zero_warn(  # trial EV: an endless stream's one epoch ended at `max_steps`, and 0 -> 0.90 ran after it
@@ -328,8 +381,24 @@ def plan_timeline(
             "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
         )
     else:
-        start, end = start_epoch * per_epoch, end_epoch * per_epoch
+        start, end = start_epoch * per_epoch, window.end_step(trainer, per_epoch)
         every = every_n_steps  # None: the core's default cadence
+    given = every_n_steps if in_steps else window.every_n_epochs
+    if (
+        monitor is None
+        and given is not None
+        and every is not None
+        and every >= end - start
+        and trainer.global_step == 0
+    ):
+        unit, argument = ("optimizer steps", "every_n_steps") if in_steps else ("epochs", "every_n_epochs")
+        last = ", after the fit's last optimizer step (the model never trains with its masks)"
+        rank_zero_warn(  # trial FO: `every_n_steps=100` in a 25-step fit pruned 0 -> 0.80 after its last step, unsaid
+            f"IterativePruning: `{argument}`={given} is no shorter than the pruning window ({end - start} {unit}): its "
+            "one event prunes to the target at once, at the window's end"
+            + (last if _ends_fit(trainer, end, in_steps) else "")
+            + f". Use a smaller `{argument}`, or neither (the default cadence)."
+        )
     judged = None if monitor is None else _last_judged(trainer, in_steps, baseline_known)
     now = trainer.global_step if in_steps else trainer.current_epoch
     if judged is not None and baseline_known and _validations_left(trainer, in_steps) == 1:
@@ -371,6 +440,19 @@ def plan_timeline(
         elif window.end_epoch is None:
             end = max(judged, start + 1)
     return Timeline(start, end, every, in_steps, judged, _rewind(window, in_steps, per_epoch))
+
+
+def _ends_fit(trainer: pl.Trainer, end: int, in_steps: bool) -> bool:
+    """Whether clock time ``end`` is the end of the fit (its last optimizer step, or its last epoch)."""
+    if in_steps:
+        per_epoch = steps_per_epoch(trainer)
+        max_epochs = trained_max_epochs(trainer)
+        last = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        if per_epoch is not None and max_epochs is not None and max_epochs >= 0:
+            last = max_epochs * per_epoch if last is None else min(last, max_epochs * per_epoch)
+        return last is not None and end >= last
+    max_epochs = trained_max_epochs(trainer)
+    return max_epochs is not None and end >= max_epochs
 
 
 def _rewind(window: EpochWindow, in_steps: bool, per_epoch: int | None) -> int | None:

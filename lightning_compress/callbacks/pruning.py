@@ -373,7 +373,7 @@ class IterativePruning(Callback):
             return
         self._clock.reset()
         self._trained = False  # this fit's `on_train_start` ran (Lightning skips it for a fit already finished)
-        self.window.end_for(trainer)  # checks `end_epoch` against `max_epochs`
+        self.window.end_for(trainer, loaded=False)  # checks `end_epoch` against `max_epochs`
         check_export_ready(trainer, self.export_path, pl_module)
         check_fit(trainer, pl_module, self.monitor, config.granularity)
         self._structure = None
@@ -405,7 +405,8 @@ class IterativePruning(Callback):
         ):  # an epoch clock: the callable gets the epoch that ended
             config = dataclasses.replace(config, schedule=lambda t: user(t - 1))
         self._core = IterativePruner.from_config(  # provisional clock: placed in on_train_start
-            pl_module, config, total_steps=self.window.end_for(trainer), start_step=self.window.start_epoch,
+            pl_module, config, total_steps=self.window.end_for(trainer, loaded=False),
+            start_step=self.window.start_epoch,
             example_inputs=example_inputs(pl_module), collectives=StrategyCollectives(trainer.strategy),
             warn=rank_zero_warn, info=rank_zero_info, previous=self._previous, structure=self._structure,
         )  # fmt: skip
@@ -516,7 +517,8 @@ class IterativePruning(Callback):
                 "which was to give the accuracy guard its baseline: pruning waits for the next validation to give it."
             )
         baseline_known = guard is not None and guard.baseline is not None
-        plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known)
+        guard_may_step = self.config.granularity in ("element", "channel") and not callable(self.config.schedule)
+        plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known, guard_may_step)
         clock.in_steps = plan.in_steps
         keep_earlier_pruning(core, self.keep_zeros, resumed=self._resumes)  # before the schedule is placed
         core.apply()
@@ -616,15 +618,19 @@ class IterativePruning(Callback):
         ``on_train_start`` nor ``on_train_end``, so the event after that epoch, which an epoch clock without a guard
         runs at the end of training, runs here (trial CR: the fit ended at 0.5907 of 0.6, without a word)."""
         core = self.pruner
-        if self.monitor is not None or trainer.current_epoch <= core.steps:
+        if self.monitor is not None:
             return
         plan = plan_timeline(trainer, self.window, self._default_in_steps, None)
-        if plan.in_steps:
+        # a fit `max_steps` ended: the uninterrupted one ran the schedule's last event at its end (trial FO: resumed
+        # from the checkpoint of that last step, mid-epoch, it held the epoch before's count and returned 0.77 of 0.80)
+        ended_by_steps = 0 <= trainer.max_steps <= trainer.global_step
+        last = max(trainer.current_epoch, plan.end) if ended_by_steps else trainer.current_epoch
+        if plan.in_steps or last <= core.steps:
             return
         plan.place(core)
         reshard(pl_module)
         core.apply()
-        if core.advance_to(trainer.current_epoch):
+        if core.advance_to(last):
             self._write_final_values(trainer, pl_module)
         core.finish()
 

@@ -180,6 +180,11 @@ def prune_(
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place to ``sparsity`` and return the masks.
 
+    One shot: the zeros are written once, and training the model afterwards moves them (trial FP: 0.90 sparse fell to
+    0.05 after one skorch epoch). To train on with them, zero the pruned weights after every optimizer step with the
+    returned masks (``weight.data.mul_(mask)``), or prune while training: :class:`~lightning_compress.IterativePruner`
+    (any loop) or the ``IterativePruning`` callback (Lightning).
+
     Args:
         model: any ``nn.Module``.
         sparsity: fraction in [0, 1) of the selected weights that are zero afterwards (absolute:

@@ -281,7 +281,8 @@ _UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the s
 def _unselected_matrices(
     named: list[tuple[str, nn.Module]], selected: list[Target], excluded: Any
 ) -> list[tuple[str, int, tuple[int, ...]]]:
-    """The Parameters of two or more dimensions that modules other than layers, embeddings, experts, recurrent layers
+    """The Parameters of two or more dimensions (or a 1-d ``weight`` of a module that is not a norm: weights stored
+    flat) that modules other than layers, embeddings, experts, recurrent layers
     and ``nn.MultiheadAttention`` hold and the selection leaves out (not those of excluded modules): name, size,
     shape. A layer's parametrization (``weight_norm``'s ``original0``/``original1``) is no such Parameter: the layer
     left out for it is named on its own (trial EW: EnCodec's were listed here too, as einsum operands)."""
@@ -303,10 +304,23 @@ def _unselected_matrices(
             continue
         for attr, param in module.named_parameters(recurse=False):
             # biases are never pruned (an ensemble's are 2-d: trial FI's TabM counted them among the weights left dense)
-            if param.dim() >= 2 and param.numel() and id(param) not in chosen and "bias" not in attr:
+            matrix = param.dim() >= 2 or (attr == "weight" and param.dim() == 1 and not _scales_channels(module))
+            if matrix and param.numel() and id(param) not in chosen and "bias" not in attr:
                 chosen.add(id(param))
                 found.append((f"{name}.{attr}" if name else attr, param.numel(), tuple(param.shape)))
     return found
+
+
+_CHANNEL_SCALES = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.PReLU, nn.LocalResponseNorm,
+)  # fmt: skip
+
+
+def _scales_channels(module: nn.Module) -> bool:
+    """A module whose 1-d ``weight`` is one scale per channel (a norm, ``transformers``' ``LlamaRMSNorm`` and its kind,
+    a PReLU), not a layer's weights stored flat (trial FN: e3nn's ``o3.Linear`` and ``FullyConnectedTensorProduct``
+    keep theirs 1-d, 12 times the weights selected, and were left dense without a word)."""
+    return isinstance(module, _CHANNEL_SCALES) or "norm" in type(module).__name__.lower()
 
 
 def _opt_in_note(unselected: list[tuple[str, int, tuple[int, ...]]]) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_compress import CompressionMonitor, IterativePruning, QuantizationAwareTraining, sparsity
 from lightning_compress.core.controller import monitor_mode
-from tests.conftest import SparsityChanges, StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
+from tests.conftest import FlatLinear, SparsityChanges, StopAfterEpoch, TinyModule, make_blobs, trainer, weights_of
 
 
 def layer_sparsity(model):
@@ -854,18 +854,14 @@ class FailOnFirstStep(Callback):
         ),
         ({"start_epoch": 5}, {"max_epochs": 5}, "leaves no pruning event"),
         ({"monitor": "val_f1"}, {"num_sanity_val_steps": 1}, "`monitor`='val_f1' was not logged"),
-        (
-            {},
+        (  # `max_steps` places the default end at the start of training: refused there, before any change
+            {"start_epoch": 2},
             {"max_epochs": -1, "max_steps": 10},
-            r"`end_epoch` is required .*: `max_steps`=10 ends this fit, .* at `setup`, before the Trainer loads",
+            r"`start_epoch`=2 leaves no pruning event before `max_steps`=10 \(8 optimizer steps per epoch\)",
         ),
+        ({"start_epoch": 2}, {"max_epochs": 5, "max_steps": 10}, r"before `max_steps`=10 \(8 optimizer steps"),
         ({"monitor": "val_acc"}, {"limit_val_batches": 0}, "`monitor`='val_acc' needs a validation loop"),
         ({"end_epoch": 3}, {"max_steps": 10}, "ends after 24 optimizer steps .* `max_steps`=10 .*to train in parts"),
-        (  # end_epoch never set: the message named an `end_epoch` the user did not give (new-user trial)
-            {},
-            {"max_epochs": 4, "max_steps": 10},
-            r"\(`end_epoch` unset, so the Trainer's `max_epochs`=4 x 8 steps per epoch\) .* at most 1 \(to train",
-        ),
     ],
 )
 def test_bad_setup_raises_before_training_and_leaves_the_model_untouched(tiny, kwargs, trainer_kwargs, match):
@@ -939,6 +935,56 @@ def test_an_endless_stream_bounded_by_max_steps_is_told_its_events_would_all_com
         trainer(max_steps=12, max_epochs=-1, limit_train_batches=4, callbacks=[pruning, changes]).fit(Endless())
     assert pruning.pruner.masked_sparsity() == pytest.approx(0.9, abs=1e-3)
     assert changes.changes >= 4  # events between optimizer steps of the 4-batch epochs, not one at the end
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs"),
+    [
+        ({}, {"max_epochs": -1, "max_steps": 20}),  # events between optimizer steps
+        ({}, {"max_epochs": 10, "max_steps": 20}),  # `max_steps` ends the fit before `max_epochs`
+        ({"every_n_epochs": 1}, {"max_epochs": -1, "max_steps": 20}),  # the last event at the end of training
+        ({"granularity": "channel"}, {"max_epochs": -1, "max_steps": 13}),
+        ({"monitor": "val_acc", "max_drop": 1.0}, {"max_epochs": -1, "max_steps": 30, "val_check_interval": 4}),
+    ],
+)
+def test_a_fit_bounded_by_max_steps_alone_reaches_the_target_when_it_ends(tiny, kwargs, trainer_kwargs):
+    """Trial FH (neuralforecast) and the usual transformer recipe, `Trainer(max_steps=N)`: `max_epochs` is unlimited
+    there, and the default `end_epoch` was refused at `setup` (the loader's length is unknown then), so every such
+    user had to work out an epoch by hand. The end is now placed at the start of training, at `max_steps`."""
+    pl.seed_everything(0, verbose=False)
+    tiny.example_input_array = torch.randn(2, 16)
+    pruning = IterativePruning(0.8, **kwargs)
+    changes = SparsityChanges(pruning)
+    fit = trainer(**trainer_kwargs, callbacks=[pruning, changes])
+    fit.fit(tiny)
+    assert fit.global_step == trainer_kwargs["max_steps"]
+    reached = pruning.pruner.masked_sparsity()
+    assert reached == pytest.approx(0.8, abs=0.02 if kwargs.get("granularity") == "channel" else 1e-3)
+    assert changes.changes >= 2
+
+
+def test_an_unsized_loader_bounded_by_max_steps_alone_still_needs_end_epoch_and_is_left_untouched():
+    model = Endless()
+    before = weights_of(model)
+    with pytest.raises(
+        ValueError, match=r"`end_epoch` is required .* no length: `max_steps`=12 .* `limit_train_batches"
+    ):
+        trainer(max_steps=12, max_epochs=-1, callbacks=[IterativePruning(0.9), FailOnFirstStep()]).fit(model)
+    assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
+
+
+def test_the_logged_sparsity_counts_a_flat_weight_include_names():
+    """Trial FN: `include=['*', 'net.0']` pruned e3nn's 1-d weights with the rest (0.90 over the selection), but
+    `compress/sparsity` left them out and read 0.99, with no entry for the layer."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    model.net[0] = FlatLinear(16, 32)
+    fit = trainer(max_epochs=2, callbacks=[IterativePruning(0.8, include=["*", "net.0"])])
+    fit.fit(model)
+    logged = {k: float(v) for k, v in fit.callback_metrics.items()}
+    assert logged["compress/sparsity"] == pytest.approx(sparsity(model, include=["*", "net.0"]), abs=1e-6)
+    assert logged["compress/sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert logged["compress/sparsity/net.0"] == pytest.approx(float((model.net[0].weight == 0).float().mean()))
 
 
 class WithAnUnusedBranch(TinyModule):
@@ -1999,3 +2045,30 @@ def test_metrics_named_after_the_sanity_check_are_read_at_the_first_validation()
         trainer(
             max_epochs=2, callbacks=[IterativePruning(0.5, monitor="val_los", max_drop=0.5)], num_sanity_val_steps=2
         ).fit(_StageNamed())
+
+
+def test_a_guarded_fit_validated_in_few_long_epochs_prunes_between_steps_after_each_validation(tiny):
+    """Trial FO: a fine-tune of one long epoch that `max_steps` ends, validated every 10 steps, was refused with
+    `monitor` ("no validation runs after a pruning event ... the first event is at epoch 1"): the guard's events ran
+    between epochs. With validations in fewer than three epochs they run between optimizer steps now, one after each
+    validation that judged the one before."""
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.8, monitor="val_acc", max_drop=1.0)
+    fit = trainer(max_epochs=-1, max_steps=14, val_check_interval=2, callbacks=[pruning])  # 8 batches an epoch
+    fit.fit(tiny)
+    assert fit.global_step == 14
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    assert [d.action for d in pruning.decisions].count("accept") >= 3  # several events, each judged
+    assert sparsity(tiny) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_a_cadence_no_shorter_than_the_window_is_said_to_prune_at_once_after_the_last_step(tiny):
+    """Trial FO: `every_n_steps=100` in a 25-step fit left the model dense through step 24, then pruned 0 -> 0.80
+    after the last optimizer step: a one-shot prune the model never trained with, without a word."""
+    pl.seed_everything(0, verbose=False)
+    said = r"`every_n_steps`=100 is no shorter than the pruning window \(20 optimizer steps\): .* after the fit's last"
+    with pytest.warns(UserWarning, match=said):
+        trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.8, every_n_steps=100)]).fit(tiny)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no shorter than the pruning window")
+        trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.8, every_n_steps=4)]).fit(TinyModule())

@@ -1,3 +1,4 @@
+import re
 import warnings
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_compress.core.selection import select_targets
+from tests.conftest import FlatLinear
 
 
 class Net(nn.Module):
@@ -407,3 +409,34 @@ def test_matrices_left_dense_leave_biases_out_and_say_which_module_names_opt_the
     opted = prune_(nn.Sequential(nn.Linear(16, 16), _EnsembleLayer(), nn.Flatten(), nn.Linear(32, 2)), 0.5,
                    include=["*", "1"])  # fmt: skip
     assert sorted(opted) == ["0.weight", "1.weight", "3.weight"]
+
+
+class _RMSNorm(nn.Module):
+    """A norm of its own class (as ``transformers``' ``LlamaRMSNorm``): its 1-d weight is a scale per channel."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def test_weights_stored_flat_are_said_to_be_left_dense_and_norm_scales_are_not():
+    """Trial FN: e3nn's layers keep their weights 1-d, twelve times the weights selected; `prune_(model, 0.9)` pruned
+    the Linear head alone and `sparsity()` read 0.90 with 0.3% of the weights zero, without a word (a 2-d weight of
+    the same layer was said)."""
+    from lightning_compress import prune_
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(FlatLinear(16, 256), _RMSNorm(256), nn.LayerNorm(256), nn.Linear(256, 1))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_(model(), 0.9)
+    messages = [str(w.message) for w in caught if "does not prune" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert re.search(r"does not prune 0\.weight \(4096,\) \(4,096 weights in 1 tensor", messages[0]), messages[0]
+    assert "1.weight" not in messages[0] and "2.weight" not in messages[0]  # the norms' scales are no weights
+    assert sorted(prune_(model(), 0.9, include=["*", "0"])) == ["0.weight", "3.weight"]
