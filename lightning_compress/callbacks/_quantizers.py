@@ -40,8 +40,9 @@ def warn_about_idle_layers(
     if unseen:
         rank_zero_warn(
             f"QuantizationAwareTraining: the inputs of {unseen[:5]}{' ...' if len(unseen) > 5 else ''} were never "
-            f"observed in a training step of epoch {epoch} (the layer runs outside `training_step`?): their inputs "
-            "stay float until a training step reaches them."
+            f"observed in a training step of epoch {epoch} (the layer runs outside `training_step`, or was given only "
+            "empty tensors, as a mixture's expert no token was routed to?): their inputs stay float until a training "
+            "step reaches them."
         )
     return idle
 

@@ -479,12 +479,38 @@ class QuantizationAwareTraining(Callback):
         if per_epoch is None or max_steps is None or max_steps < 0 or trainer.current_epoch > self.start_epoch:
             return
         switch_on = (self.start_epoch + 1) * per_epoch
-        if switch_on > max_steps:
-            raise ValueError(
-                f"`start_epoch`={self.start_epoch}: quantization switches on after {switch_on} "
-                f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={max_steps} ends the fit "
-                "before: quantization would never switch on. Lower `start_epoch` or raise `max_steps`."
-            )
+        if switch_on <= max_steps:
+            return
+        if epoch == self.start_epoch and not self._calibrates and self._layers and not self._active(pl_module):
+            # trial FO: the LLM recipe in one long epoch that `max_steps` ends (a fine-tune's usual shape) was refused,
+            # told to lower `start_epoch`=0; its quantizers read their ranges from the weights and from each token
+            for _, layer in self._own_layers(pl_module):
+                with torch.no_grad():
+                    cast(Any, layer).weight_fake_quant.observe(full(cast(Any, layer).weight))
+            self._calibrated = True
+            self._switch_on(pl_module, epoch, at_start=max_steps)
+            return
+        epochs = "epochs" if self.start_epoch else "the first epoch"
+        raise ValueError(
+            f"`start_epoch`={self.start_epoch}: quantization switches on after {switch_on} "
+            f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={max_steps} ends the fit "
+            "before: quantization would never switch on. "
+            + ("Lower `start_epoch`, raise `max_steps`, or " if self.start_epoch else "Raise `max_steps`, or ")
+            + f"make {epochs} shorter: `limit_train_batches=N` gives epochs of N batches (from a shuffled loader), so "
+            "that the calibration epoch (observed activation ranges"
+            + (", the shift search" if self.shift_search else "")
+            + ") ends inside the fit. Quantizers with nothing to calibrate (per-token activations or none, min/max "
+            "weight scales) switch on at once instead."
+        )
+
+    @property
+    def _calibrates(self) -> bool:
+        """Whether a quantizer takes its range from what it observes in the calibration epoch: per-tensor activation
+        ranges, power-of-two shifts, learned scales' starting values. Min/max weight scales come from the weights, and
+        per-token activation scales from each token, at any step."""
+        config = self.config
+        per_tensor = config.activation_bits is not None and config.activation_granularity == "per_tensor"
+        return per_tensor or config.scale != "minmax" or self.shift_search
 
     # ------------------------------------------------------------------ training hooks
     def _observe_if_due(self, pl_module: pl.LightningModule, epoch: int) -> None:
@@ -540,7 +566,9 @@ class QuantizationAwareTraining(Callback):
             for _, quantizer in self._own_quantizers(pl_module):
                 quantizer.observer_enabled = False
 
-    def _switch_on(self, pl_module: pl.LightningModule, epoch: int, *, at_fit_end: bool = False) -> None:
+    def _switch_on(
+        self, pl_module: pl.LightningModule, epoch: int, *, at_fit_end: bool = False, at_start: int | None = None
+    ) -> None:
         # ranges frozen at the end of an epoch before (`freeze_observers_epoch`) stay frozen: enable_fake_quant would
         # switch the weight observers back on (trial DH: they moved for one more epoch, or left the fit on)
         freeze = self.freeze_observers_epoch  # `epoch`: the epoch starting, or at fit end the calibration epoch that
@@ -554,6 +582,11 @@ class QuantizationAwareTraining(Callback):
             if at_fit_end
             else f"from epoch {self._calibration_epoch + 1} on"
         )
+        if at_start is not None:
+            when = (
+                f"from the first step of epoch {epoch} on: `max_steps`={at_start} ends the fit inside it, and these "
+                "quantizers need no calibration epoch (weight scales from the weights, activations per token or float)"
+            )
         own = self._own_layers(pl_module)
         grouped = sum(1 for _, layer in own if getattr(layer.weight_fake_quant, "groups", 0))
         rank_zero_info(

@@ -319,6 +319,8 @@ class FakeQuantizer(nn.Module):
             raise TypeError(f"a {self.role} quantizer takes a tensor, got {type(x).__name__} ({x!r:.60}).")
         if self.exporting:
             return self._export_forward(x)
+        if not x.numel():  # nothing to observe or round: a layer given no rows (trial FM: X-MOD runs each language's
+            return x  # adapter on the batch's rows of that language, none for one absent; aminmax failed on them)
         if self.per_token:
             return self._per_token(x) if self.fake_quant_enabled else x
         # a weight quantizer switched on before it ever saw its weight takes its range from it now

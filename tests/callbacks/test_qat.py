@@ -614,6 +614,25 @@ def test_start_epoch_beyond_max_steps_is_refused_before_training(tiny):
     assert not qat_modules(tiny)
 
 
+def test_quantizers_with_nothing_to_calibrate_switch_on_at_once_in_a_fit_shorter_than_its_first_epoch(tiny):
+    """Trial FO: the LLM recipe (int4 weight groups, int8 per-token activations) in one long epoch that `max_steps`
+    ends, as a fine-tune usually runs, was refused and told to "lower `start_epoch`", already 0. Its scales come from
+    the weights and from each token: it switches on at the first step. A recipe that calibrates is still refused,
+    told how to give it a calibration epoch."""
+    pl.seed_everything(0, verbose=False)
+    qat = QuantizationAwareTraining(4, 8, group_size=4, activation_granularity="per_token")
+    fit = trainer(max_epochs=-1, max_steps=5, callbacks=[qat])  # 8 batches per epoch
+    fit.fit(tiny)
+    assert fit.global_step == 5
+    assert all(q.fake_quant_enabled for _, q in quantizers(tiny))
+    assert {q.bits for n, q in quantizers(tiny) if n.endswith("weight_fake_quant")} == {4}
+    model = TinyModule()
+    said = r"switches on after 8 optimizer steps .* `max_steps`=5 .*Raise `max_steps`, or make the first epoch shorter"
+    with pytest.raises(ValueError, match=said + r": `limit_train_batches=N`"):
+        trainer(max_epochs=-1, max_steps=5, callbacks=[QuantizationAwareTraining(), FailOnFirstStep()]).fit(model)
+    assert not qat_modules(model)
+
+
 def test_two_callbacks_on_the_same_layers_are_refused_and_disjoint_ones_each_keep_their_settings(tiny):
     """The second callback on a layer changed nothing (the layer keeps the first one's settings) with only a
     warning, where two pruning callbacks are refused (found by a new-user trial)."""

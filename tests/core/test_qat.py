@@ -950,3 +950,41 @@ def test_a_model_quantized_in_float32_runs_cast_to_half_precision_with_pruned_ro
         half = model.to(dtype)(x.to(dtype)).float()
     assert bool(torch.isfinite(half).all())
     assert float((half - reference).abs().max()) < 0.05 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8),
+        QuantConfig(8, 8, scale="power_of_two"),
+        QuantConfig(8, 8, scale="learned"),
+        QuantConfig(4, 8, group_size=4, activation_granularity="per_token"),
+    ],
+    ids=["minmax", "power_of_two", "learned", "llm"],
+)
+def test_a_layer_given_no_rows_passes_them_through_and_its_range_is_unchanged(config):
+    """Trial FM: X-MOD runs each language's adapter on the batch's rows of that language, none for a language the
+    batch lacks, and `QuantizationAwareTraining()` failed at its first step (`aminmax(): cannot compute aminmax over
+    an empty dimension`), naming neither the layer nor the callback; a mixture-of-experts layer a router sends no
+    token meets the same."""
+
+    def calibrated(batches: list[torch.Tensor]) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8))
+        convert_to_qat(model, config)
+        calibrate(model, batches)
+        return model
+
+    torch.manual_seed(1)
+    batch = torch.randn(16, 8)
+    model = calibrated([batch, torch.empty(0, 8)])
+    alone = calibrated([batch])
+    for (key, value), other in zip(model.state_dict().items(), alone.state_dict().values(), strict=True):
+        assert torch.equal(value, other), key  # the empty batch moved no range
+    enable_fake_quant(model)
+    model.train()
+    full, empty = model(torch.randn(4, 8)), model(torch.empty(0, 8))
+    assert empty.shape == (0, 8)
+    (full.sum() + empty.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.eval()(torch.empty(0, 8)).shape == (0, 8)
