@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .layers import linear_like_types, restore_training
 from .qat import quantizers
@@ -25,6 +26,7 @@ __all__ = [
     "noisy_checks",
     "out_of_place",
     "output_tensors",
+    "parameters_kept",
     "plain_float",
     "quiet_norm_widths",
     "seeded",
@@ -148,7 +150,7 @@ def plain_float(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def forward_state_kept(model: nn.Module) -> Iterator[None]:
+def forward_state_kept(model: nn.Module, parameters: bool = True) -> Iterator[None]:
     """Tensors this package's own forwards (traces, probes, checks) leave in ``model``'s modules' attributes that held
     ``None`` are taken back: a cache filled on the first input it sees would keep the example's (trial FE: PyG's
     ``GCNConv(cached=True)`` kept the 50-node example graph's edges after ``prune_``, and every later forward on the
@@ -156,18 +158,87 @@ def forward_state_kept(model: nn.Module) -> Iterator[None]:
     are the other attributes that held ``None``, whatever they hold now: a cache's bookkeeping goes with it (trial FK:
     fair-esm's rotary embedding keeps the cached length as an int beside its cos/sin tables; with the tables taken
     back alone, every later forward of ESM-2 failed). A module that filled no tensor keeps what its forward set
-    (``transformers`` marks the output hooks it installs on the first forward), and so do Parameters, buffers and
-    submodules."""
+    (``transformers`` marks the output hooks it installs on the first forward), and so do submodules.
+
+    With ``parameters`` (not for exporters, which trace the operations themselves), the values of Parameters and
+    buffers the forwards write into are put back too (:func:`parameters_kept`), and so are torch's random
+    generators: a refused setup leaves the model as it was (trial FN: gpytorch initializes its variational parameters
+    on the first forward it sees, and the trace of a refused channel setup had filled them, from the global random
+    state, with the example's)."""
     empty = [(m, [k for k, v in vars(m).items() if v is None]) for m in model.modules()]
+    with contextlib.ExitStack() as stack:
+        if parameters:
+            stack.enter_context(seeded(model, None))
+            stack.enter_context(parameters_kept(model))
+        try:
+            yield
+        finally:
+            for module, keys in empty:
+                now = vars(module)
+                if any(_holds_tensor(now.get(key)) for key in keys):
+                    for key in keys:
+                        if key in now:
+                            now[key] = None
+
+
+def _storage(tensor: Tensor) -> int | None:
+    """Where ``tensor``'s data lives (``None``: nowhere this process can write, e.g. a sharded DTensor, meta)."""
+    if type(tensor) not in (Tensor, nn.Parameter, nn.Buffer) or tensor.device.type == "meta":
+        return None
     try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class _FirstWritesSaved(TorchDispatchMode):
+    """Saves a copy of each watched tensor the first time an operation writes into its storage."""
+
+    def __init__(self, watched: dict[int, list[Tensor]]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.saved: list[tuple[Tensor, Tensor]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        schema = func._schema
+        norm = "batch_norm" in schema.name  # writes its running statistics, which its schema does not mark (CPU)
+        if schema.is_mutable or norm:
+            for index, argument in enumerate(schema.arguments):
+                written = argument.alias_info is not None and argument.alias_info.is_write
+                if not written and not (norm and argument.name in ("running_mean", "running_var")):
+                    continue
+                value = args[index] if index < len(args) else kwargs.get(argument.name)
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    where = _storage(tensor) if isinstance(tensor, Tensor) else None
+                    if where is not None and where in self.watched:
+                        self.saved.extend((t, t.detach().clone()) for t in self.watched.pop(where))
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def parameters_kept(model: nn.Module) -> Iterator[None]:
+    """Meanwhile, a Parameter or buffer of ``model`` an operation writes into in place (a lazy initialization, a
+    running statistic, an observer) is copied first; every one written is put back afterwards. Nothing is copied
+    for a forward that writes none."""
+    watched: dict[int, list[Tensor]] = {}
+    seen: set[int] = set()
+    for tensor in [*model.parameters(), *model.buffers()]:
+        where = _storage(tensor)
+        if where is not None and id(tensor) not in seen:
+            seen.add(id(tensor))
+            watched.setdefault(where, []).append(tensor)
+    if not watched:
         yield
+        return
+    mode = _FirstWritesSaved(watched)
+    try:
+        with mode:
+            yield
     finally:
-        for module, keys in empty:
-            now = vars(module)
-            if any(_holds_tensor(now.get(key)) for key in keys):
-                for key in keys:
-                    if key in now:
-                        now[key] = None
+        with torch.no_grad():
+            for tensor, value in mode.saved:
+                tensor.copy_(value)
 
 
 def _holds_tensor(value: Any) -> bool:

@@ -228,7 +228,9 @@ def _export_onnx(
         mode as swapped,
         eager(model),
         without_cache(model),
-        forward_state_kept(model),  # a cache the traced forwards fill is taken back (PyG's cached GCNConv: trial FE)
+        # a cache the traced forwards fill is taken back (PyG's cached GCNConv: trial FE); no dispatch mode, which
+        # the exporter's tracer cannot run under
+        forward_state_kept(model, parameters=False),
         torch.no_grad(),
         composite_attention(),
         warnings.catch_warnings(),

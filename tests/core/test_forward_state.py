@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_compress import prune_
-from lightning_compress.core.tracing import forward_state_kept
+from lightning_compress.core.tracing import forward_state_kept, parameters_kept
 
 
 class _Rotary(nn.Module):
@@ -69,3 +69,50 @@ def test_a_module_that_fills_no_tensor_keeps_what_its_forward_set():
     with forward_state_kept(model):
         model(torch.randn(2, 4))
     assert model.hooked is True
+
+
+class _LazilyInitialized(nn.Module):
+    """gpytorch's variational strategy, in short: on the first forward it sees it fills a Parameter from the data and
+    the random generator, and sets a flag buffer (`.data.copy_`, as gpytorch writes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.mean = nn.Parameter(torch.zeros(4))
+        self.register_buffer("initialized", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        if not self.initialized.item():
+            self.mean.data.copy_(h.detach().mean(0) + torch.randn(4))
+            self.initialized.fill_(1)
+        return h - self.mean
+
+
+def test_a_refused_channel_setup_leaves_parameters_buffers_and_the_random_generator_as_they_were():
+    """Trial FN: a deep-kernel GP refused by `granularity='channel'` came back with its variational mean filled from
+    the example and the random generator, and its `variational_params_initialized` flag set: the trace had run the
+    lazy initialization on the live model. The model keeps what it held; so does torch's random generator."""
+    torch.manual_seed(0)
+    model = _LazilyInitialized()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    x = torch.randn(4, 8)
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"no channel group it can prune: features\.2: mean"):
+        prune_(model, 0.5, granularity="channel", include=["features.2"], example_inputs=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_parameters_and_running_statistics_written_in_place_are_put_back():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with parameters_kept(model):
+        model(torch.randn(8, 4))  # BatchNorm's running statistics are written
+        with torch.no_grad():
+            model[0].weight[0].zero_()  # a view of a Parameter
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with parameters_kept(model.eval()):
+        model(torch.randn(8, 4))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
