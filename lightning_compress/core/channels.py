@@ -37,7 +37,7 @@ from .masks import floor_count
 from .quant_blocks import channel_blocks
 from .selection import Target
 from .sharding import is_sharded, row_range
-from .structure import ChannelGroup, nonzero_channels, param_slices, per_position
+from .structure import ChannelGroup, nonzero_channels, param_slices, per_position, unshifted_mean
 
 __all__ = ["ChannelRule"]
 
@@ -116,6 +116,11 @@ class ChannelRule:
                         self.targets.append(target)
                     parts.append(_Part(target, dim, s.index, s.channel))
             self._parts.append(parts)
+        # norms without a shift whose running mean a pruned channel would turn into a nonzero constant
+        self._means = [
+            [(modules[s.module], s.index, s.channel) for s in group.slices if unshifted_mean(modules[s.module])]
+            for group in self.groups
+        ]
         self.total_channels = sum(g.size for g in self.groups)
         self._model = model
         self.collectives: Collectives = collectives or TorchDistributed()
@@ -139,6 +144,22 @@ class ChannelRule:
                 break  # every part of a channel is masked together: one is enough
             out.append(kept)
         return out
+
+    def zero_statistics(self, masks: dict[str, Tensor]) -> None:
+        """The running mean of a pruned channel in a norm without a shift (``BatchNorm2d(affine=False)``) is set to
+        zero, so the channel's output is zero in eval mode too, as its masked filter makes it in training (trial FN:
+        kornia's HardNet, whose pruned channels gave ``-running_mean / sqrt(running_var)``, up to 0.66, into its
+        final L2 normalization: the model validated was not the zeroed one, and ``compact()`` kept 64 zero filters).
+        Training then keeps it at zero: the batch mean of a zero channel is zero. Not for weights sharded by FSDP2,
+        whose channels are counted across processes."""
+        if self.sharded or not any(self._means):
+            return
+        for kept, norms in zip(self.alive(masks), self._means, strict=True):
+            for module, index, channel in norms:
+                dead = ~kept[channel]
+                if bool(dead.any()):
+                    mean = module.running_mean
+                    mean[index[dead].to(mean.device)] = 0
 
     def at_floor(self, masks: dict[str, Tensor]) -> list[str]:
         """The groups that keep no more channels than their floor (``min_density``, and at least one) under

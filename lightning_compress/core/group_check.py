@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
-from .structure import ChannelGroup, param_slices
+from .structure import ChannelGroup, param_slices, unshifted_mean
 from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, quiet_norm_widths, seeded
 
 __all__ = ["faithful_groups", "output_change", "removable_groups"]
@@ -256,13 +256,16 @@ def _runs_in_training(model: nn.Module, inputs: Any) -> bool:
 
 
 def _zero(model: nn.Module, group: ChannelGroup, dead: Tensor) -> None:
-    """Zero every parameter slice of ``group``'s ``dead`` channels."""
+    """Zero every parameter slice of ``group``'s ``dead`` channels, and their running means in a norm without a shift,
+    as pruning does (:meth:`~.channels.ChannelRule.zero_statistics`)."""
     modules = dict(model.named_modules())
     for s in group.slices:
         module = modules[s.module]
         positions = s.index[dead[s.channel]]
         for attr, dim in param_slices(module, s.kind):
             getattr(module, attr).data.index_fill_(dim, positions.to(getattr(module, attr).device), 0)
+        if unshifted_mean(module):
+            module.running_mean.index_fill_(0, positions.to(module.running_mean.device), 0)
 
 
 @quiet_norm_widths()

@@ -61,11 +61,16 @@ def unchanged_configs(model: nn.Module, groups: Sequence[ChannelGroup]) -> list[
     a ``transformers`` model's), around a compacted group: it still gives the dense sizes (trial FH: litgpt's GPT
     kept ``intermediate_size=128`` beside (64, 64) weights, and ``GPT(model.config)`` could not load its state)."""
     cut = {module for group in groups for module in group.modules()}
-    rewritten = {id(_config_of(sub)) for _, sub in _outermost(model)}
+    outermost = _outermost(model)
+    rewritten = {id(_config_of(sub)) for _, sub in outermost}
     found: list[str] = []
     for name, module in model.named_modules():
         config = getattr(module, "config", None)
         if config is None or isinstance(config, str | int | float | bool) or id(config) in rewritten:
+            continue
+        # a copy of its config inside a `transformers` model, whose own config is rewritten (trial FM: CANINE deep-
+        # copies its config for its one-layer character encoders, and they were named as configs not rewritten)
+        if any(name.startswith(f"{outer}.") or not outer for outer, _ in outermost):
             continue
         if is_pretrained_model(module) or any(name.startswith(f"{outer}.") or not outer for outer in found):
             continue

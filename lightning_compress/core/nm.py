@@ -103,6 +103,9 @@ class NMRule:
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
         return weight_units(self.targets, masks, self.collectives)
 
+    def zero_statistics(self, masks: dict[str, Tensor]) -> None:
+        """Nothing: a pruned weight's zero is all there is."""
+
     def _scores(self, target: Target) -> Tensor:
         values, by_magnitude = target_ranking(self.importance, target)
         score = values.detach().float()

@@ -281,6 +281,7 @@ class Pruner:
         with torch.no_grad():
             for name, mask in self.masks.items():
                 zero_pruned_(self._by_name[name].local, mask)
+            self.rule.zero_statistics(self.masks)
 
     def revived(self) -> list[str]:
         """Masked weights (this process's shards) nonzero where their mask prunes: written by something the pruner

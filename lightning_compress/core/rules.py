@@ -50,6 +50,11 @@ class MaskRule(Protocol):
         """(pruned, total) in the rule's unit: weights, or channels."""
         ...
 
+    def zero_statistics(self, masks: dict[str, Tensor]) -> None:
+        """Zero what, beside the masked weights, would make a pruned unit's output nonzero (with channels: the running
+        mean of a norm without a shift)."""
+        ...
+
 
 class ElementRule:
     """Unstructured: any weight may go (exact global or per-layer top-k, see :mod:`.masks`).
@@ -90,6 +95,9 @@ class ElementRule:
 
     def units(self, masks: dict[str, Tensor]) -> tuple[int, int]:
         return weight_units(self.targets, masks, self.collectives)
+
+    def zero_statistics(self, masks: dict[str, Tensor]) -> None:
+        """Nothing: a pruned weight's zero is all there is."""
 
 
 @dataclass(frozen=True)

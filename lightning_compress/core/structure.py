@@ -95,6 +95,16 @@ def per_channel(module: nn.Module) -> bool:
     return isinstance(module, _NORM) or (isinstance(module, nn.PReLU) and module.num_parameters > 1)
 
 
+def unshifted_mean(module: nn.Module) -> bool:
+    """A per-channel norm with a running mean and no shift to mask (``BatchNorm2d(affine=False)``): a channel zeroed
+    before it gives ``-running_mean / sqrt(running_var + eps)`` in eval mode, unless its running mean is zeroed too."""
+    return (
+        per_channel(module)
+        and not isinstance(getattr(module, "bias", None), nn.Parameter)
+        and isinstance(getattr(module, "running_mean", None), Tensor)
+    )
+
+
 @dataclass(frozen=True)
 class LayerSlice:
     """Positions along one module's output (``"out"``) or input (``"in"``) dimension.
@@ -605,13 +615,16 @@ def _unsupported_reason(name: str, module: nn.Module) -> str:
     return f"{name} ({kind}) mixes its channels or cannot lose one (not a Linear, Conv or per-channel norm)"
 
 
-def _unplaced_concat(op: Any) -> bool:
+def _unplaced_concat(op: Any, node: Any) -> bool:
     """A concatenation (or split) whose channel offsets Torch-Pruning left unknown: one of its tensors comes from
     no traced layer (a model input, a constant), so the indices it gives the consumers are not where the
-    channels are (they would mask, e.g., the input image's channels of the next convolution)."""
+    channels are (they would mask, e.g., the input image's channels of the next convolution). One along the first
+    dimension, the batch's, is not: every piece holds all the channels, and they pass through it as they are (trial
+    FN: TabNet's ghost batch norm, `torch.cat([bn(c) for c in x.chunk(k, 0)])`, had every group refused so)."""
     tp = _torch_pruning()
     kinds = tuple(k for k in (getattr(tp.ops, "_ConcatOp", None), getattr(tp.ops, "_SplitOp", None)) if k is not None)
-    return isinstance(op, kinds) and getattr(op, "offsets", None) is None
+    along_batch = getattr(getattr(node, "grad_fn", None), "_saved_dim", None) == 0
+    return isinstance(op, kinds) and getattr(op, "offsets", None) is None and not along_batch
 
 
 def _convert(
@@ -648,7 +661,7 @@ def _convert(
                     "added after the layer, as PyTorch Geometric's GCNConv's, or a GAT's attention vectors) "
                     "depends on its channels",
                 )
-            if _unplaced_concat(module):
+            if _unplaced_concat(module, node):
                 return None, (
                     "its channels go through a concatenation whose offsets the dependency graph does not know (a "
                     "model input, or a flattened or reshaped tensor, among its inputs)"

@@ -466,3 +466,50 @@ def test_a_frozen_layer_is_traced_pruned_and_named_once_by_channel_pruning():
     with pytest.warns(UserWarning, match=r"prunes \['net\.0'\], which are frozen"):
         trainer(max_epochs=1, callbacks=[pruning]).fit(model)
     assert "net.0.weight" in pruning.masks and not model.net[0].weight.requires_grad
+
+
+class _UnshiftedNormDescriptor(pl.LightningModule):
+    """kornia's HardNet, in short: convolutions each followed by `BatchNorm2d(affine=False)`, the last one's output
+    L2-normalized over its channels (a descriptor), then a classifier on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16, affine=False), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 8, bias=False), torch.nn.BatchNorm2d(32, affine=False),
+        )  # fmt: skip
+        self.head = torch.nn.Linear(32, 10)
+        self.example_input_array = torch.zeros(2, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.normalize(self.features(x).flatten(1), dim=1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_pruned_channels_before_a_norm_without_a_shift_give_zero_in_eval_and_compact_removes_them():
+    """Trial FN: after channel pruning, kornia's HardNet's pruned channels gave `-running_mean / sqrt(running_var)`
+    (up to 0.66) in eval mode, through its affine-free BatchNorms into the final L2 normalization: the model validated
+    was not the zeroed one, and `compact()` kept the last layer's 64 zero filters, blaming an operation that "moves or
+    mixes channels". Their running means are zeroed with their weights now, and `compact()` removes them exactly."""
+    pl.seed_everything(0, verbose=False)
+    model = _UnshiftedNormDescriptor()
+    data = DigitsDataModule(batch_size=64)
+    fit = trainer(max_epochs=3, callbacks=[IterativePruning(0.5, granularity="channel", start_epoch=1, end_epoch=2)])
+    fit.fit(model, datamodule=data)
+    model.eval()
+    x = next(iter(data.val_dataloader()))[0][:32]
+    with torch.no_grad():
+        hidden = model.features(x)
+        dead = model.features[3].weight.flatten(1).abs().sum(1) == 0
+        assert int(dead.sum()) == 16
+        assert float(hidden[:, dead].abs().max()) == 0.0
+        before = model(x)
+        report = compact(model, x)
+        assert report.channels["features.3"] == (32, 16) and report.channels["features.0"] == (16, 8)
+        assert torch.allclose(model(x), before, atol=1e-5)

@@ -1113,3 +1113,49 @@ def test_compact_says_which_config_it_does_not_rewrite():
     assert report.unchanged_configs == ["net"]
     assert "config: `net.config` is not rewritten (not a `transformers` config)" in str(report)
     assert compact(_LitGPTLike(), torch.randn(4, 8)).unchanged_configs == []  # nothing compacted: nothing to say
+
+
+def test_copies_of_a_transformers_config_inside_its_model_are_not_said_to_be_left():
+    """Trial FM: CANINE deep-copies its config for its one-layer character encoders; `compact()`'s report called them
+    configs "not rewritten (not a `transformers` config)" and advised rebuilding, though `from_pretrained` reloads
+    the compacted model exactly from the outer config."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CanineConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+        num_hash_buckets=64, num_hash_functions=4, downsampling_rate=4, local_transformer_stride=8,
+    )  # fmt: skip
+    model, ids = transformers.CanineModel(config).eval(), torch.randint(32, 1000, (2, 16))
+    prune_(model, 0.5, granularity="channel", example_inputs=ids)
+    with torch.no_grad():
+        before = model(ids).last_hidden_state
+        report = compact(model, ids)
+        assert torch.allclose(model(ids).last_hidden_state, before, atol=1e-5)
+    assert report.params_after < report.params_before
+    assert report.unchanged_configs == []
+    assert "not rewritten" not in str(report)
+
+
+class _GhostBatchNorm(nn.Module):
+    """pytorch-tabnet's ghost batch norm: the batch in chunks, each normalized on its own, joined back along the
+    batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(10, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.l1(x)
+        h = torch.cat([self.bn(chunk) for chunk in h.chunk(2, 0)], dim=0)
+        return self.l2(torch.relu(h))
+
+
+def test_channels_pass_through_a_split_and_concatenation_along_the_batch():
+    """Trial FN: TabNet's ghost batch norm (`torch.cat([bn(c) for c in x.chunk(k, 0)], dim=0)`) had its layer left
+    whole, "its channels go through a concatenation whose offsets the dependency graph does not know (a model input,
+    or a flattened or reshaped tensor, among its inputs)": neither was the case, and every piece holds all channels."""
+    torch.manual_seed(0)
+    model = _GhostBatchNorm().eval()
+    report = prune_and_compact(model, torch.randn(16, 10), atol=1e-5)
+    assert report.channels["l1"] == (32, 16)
+    assert model.bn.num_features == 16
