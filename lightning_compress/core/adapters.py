@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["adapter_modules", "adds_to_weight", "forwards_base_weight", "lora_note"]
+__all__ = ["adapter_modules", "adds_to_weight", "copies_beside", "forwards_base_weight", "lora_note"]
 
 
 def _tuner_adapters(module: nn.Module) -> list[nn.Module]:
@@ -37,6 +37,29 @@ def _unused_copies(module: nn.Module) -> list[nn.Module]:
     active = [active] if isinstance(active, str) else active
     inactive = [copy for key, copy in copies.items() if isinstance(active, list) and key not in active]
     return [original, *inactive]
+
+
+def copies_beside(modules: dict[str, nn.Module], name: str) -> list[nn.Module]:
+    """The modules a ``modules_to_save`` wrapper keeps beside the one named ``name`` inside its active copy
+    (``<wrapper>.modules_to_save.<adapter>[.<path>]``): the same path in its ``original_module`` and in the inactive
+    adapters' copies, which run in its place with the adapter off (peft's ``disable_adapter``) or another one active,
+    so they must keep its shapes (trial FP: `compact()` cut the active copy of a classifier and left the original, and
+    the model failed with its adapter off)."""
+    parts = name.split(".")
+    if "modules_to_save" not in parts[:-1]:
+        return []
+    at = len(parts) - 1 - parts[::-1].index("modules_to_save")  # the innermost wrapper
+    wrapper = modules.get(".".join(parts[:at]))
+    if wrapper is None or at + 1 >= len(parts):
+        return []
+    path = ".".join(parts[at + 2 :])
+    found = []
+    for copy in _unused_copies(wrapper):
+        try:
+            found.append(copy.get_submodule(path) if path else copy)
+        except AttributeError:  # a copy of another structure
+            continue
+    return found
 
 
 def adapter_modules(model: nn.Module) -> dict[int, str]:

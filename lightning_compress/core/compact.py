@@ -214,6 +214,10 @@ def compact(model: nn.Module, example_inputs: Any = None, *, atol: float | None 
     its largest entry). Groups whose zeroed channels are not the same as removed ones (an operation
     that moves channels, which the dependency graph reads as element-wise) are left whole.
 
+    The layers it cuts get new, smaller Parameters: an optimizer made before holds the old ones, and a step of it
+    trains none of them (trial FP: skorch's `partial_fit` after `compact()` ran, logged a loss, and left the weights
+    as they were). Make the optimizer anew after it (a Lightning ``fit`` does, through ``configure_optimizers``).
+
     Args:
         model: a model whose pruned channels are exactly zero (after ``IterativePruning(granularity="channel")``);
             its ``torch.compile``d submodules are compacted as the modules they compiled (names without

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import copies_beside
 from .heads import AttentionBlock, set_head_counts
 from .layers import weight_axes
 from .quant_blocks import cut_quant_groups, quant_group_size
@@ -179,8 +180,16 @@ def resize_module(
 
 
 def apply_plan(model: nn.Module, planned: Plan, shapes_only: bool = False) -> None:
+    """Cut every layer to what ``planned`` keeps, and the copies of it a ``peft`` ``modules_to_save`` wrapper keeps
+    beside the active one, where they have its shapes (:func:`~.adapters.copies_beside`)."""
     modules = dict(model.named_modules())
     for name, kinds in planned.keep.items():
-        resize_module(modules[name], kinds.get("out"), kinds.get("in"), shapes_only=shapes_only)
+        module = modules[name]
+        shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
+        twins = [
+            c for c in copies_beside(modules, name) if [tuple(p.shape) for p in c.parameters(recurse=False)] == shapes
+        ]
+        for layer in (module, *twins):
+            resize_module(layer, kinds.get("out"), kinds.get("in"), shapes_only=shapes_only)
     for name, (block, kv_heads) in planned.heads.items():
         set_head_counts(modules[name], block, kv_heads)

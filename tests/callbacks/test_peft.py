@@ -236,3 +236,23 @@ def test_dora_under_quantization_says_the_reloaded_model_differs():
     names = [t.name for t in select_targets(dora)]
     assert "DoRA layers" in str(lora_note(dora, names, "fake-quantizes"))
     assert "DoRA" not in str(lora_note(dora, names, "prunes"))
+
+
+def test_compact_cuts_the_copies_a_modules_to_save_wrapper_keeps_beside_the_trained_one():
+    """Trial FP: `compact()` cut the input columns of the classifier's trained copy (`modules_to_save.default`) and left
+    peft's `original_module` at the dense width; with the adapter off (`disable_adapter()`) the model then failed
+    (`mat1 and mat2 shapes cannot be multiplied`)."""
+    torch.manual_seed(0)
+    model = _lora_bert().eval()
+    ids = {"input_ids": torch.randint(2, VOCAB, (4, LENGTH))}
+    prune_(model, 0.5, granularity="channel", example_inputs=ids)
+    with torch.no_grad():
+        on = model(**ids).logits
+        with model.disable_adapter():
+            off = model(**ids).logits
+        compact(model, ids)
+        classifier = model.base_model.model.classifier
+        assert classifier.original_module.weight.shape == classifier.modules_to_save["default"].weight.shape
+        assert torch.allclose(model(**ids).logits, on, atol=1e-5)
+        with model.disable_adapter():
+            assert torch.allclose(model(**ids).logits, off, atol=1e-5)
