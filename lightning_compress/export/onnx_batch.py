@@ -108,6 +108,14 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
             "not be checked against it. Compare the graph with the model on your own data, with the model's "
             "randomness fixed where it has an option for that."
         )
+    if error is not None and error > wrong and not names:
+        return (  # trial FN: e3nn's layers run code they generate with torch.fx; the exporter was blamed for 7.28
+            f"the graph's outputs on the example differ from the model's by {error:.3g} (of outputs up to "
+            f"{scale:.3g}), and the graph reads none of the model's inputs: the tracer saw no operation depend on "
+            "them (a forward that computes through code it generates or compiles itself, as e3nn's layers do), so "
+            "the graph returns constants. Keep the compressed file, or export a model whose forward runs its "
+            "operations in torch directly."
+        )
     if error is not None and error > wrong:
         return (  # trial ET: `index_add_` with repeated indices, which the exporter converts as if they were not
             f"the graph's outputs on the example differ from the model's by {error:.3g} (of outputs up to "

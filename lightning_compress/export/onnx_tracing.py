@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import re
 import tempfile
+import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -268,6 +269,24 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
             "as `transformers`' Llama4 does). What to change: rotate with `cos` and `sin` of real tensors in the "
             "model's forward; or keep the model as the compressed file (`save_compressed`), which reloads it whole."
         )
+    carried = re.search(r"received an input of unsupported type: (\w+)", str(err))
+    if carried:  # trial FN: a gpytorch model's MultivariateNormal was called an input and blamed on an operation
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: its forward returns (or is given) a "
+            f"{carried.group(1)}, which an ONNX graph cannot carry: its inputs and outputs are tensors (in tuples, "
+            "lists or dicts). What to change: export a module whose forward returns the tensors you need (e.g. a "
+            "wrapper returning a distribution's `mean`), or keep the model as the compressed file (`save_compressed`)."
+        )
+    if not _raised_converting(err):
+        # the model's own error under the tracer, the forward having run on these inputs (trial FM: Nystromformer's
+        # shape error was answered with "pass `attention_mask`", which failed the same way)
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: its forward runs on these inputs, but fails under "
+            f"torch's tracer ({first.rstrip('.')}): a step of it depends on sizes or values the tracer records as "
+            "constants, or on Python state the trace changes (`torch.jit.trace(model, inputs)` fails the same way "
+            "and shows where). What to change: make that step traceable in the model's forward; or keep the model as "
+            "the compressed file (`save_compressed`), which reloads it whole."
+        )
     parametrized = [n for n, m in model.named_modules() if is_parametrized(m)]
     where = (  # trial DK: an operator of spectral_norm's / orthogonal's parametrization was blamed on the forward
         f"replace that operation in the model's forward, or in the parametrizations of {parametrized[:3]}, which run "
@@ -299,7 +318,7 @@ def check_traceable(model: nn.Module, example_inputs: Any, opset: int = 17) -> N
     (``export_params=False``) and into a scratch file, so it costs one forward and the graph's conversion. The callbacks
     run it at ``setup`` for an ONNX ``export_path`` (trial BY: a Llama whose example held no attention mask
     trained to the end, then failed to export)."""
-    with uncompiled(unwrapped(model)) as plain, forward_state_kept(plain):  # as export_onnx traces it
+    with uncompiled(unwrapped(model)) as plain, forward_state_kept(plain, parameters=False):  # as export_onnx does
         _check_traceable(plain, example_inputs, opset)
 
 
@@ -335,6 +354,16 @@ def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
             )  # fmt: skip
         except (RuntimeError, AssertionError) as err:  # a symbolic's assertion too (trial EQ: GLM-4's `cat`)
             raise trace_error(err, model, example_inputs, opset) from err
+
+
+def _raised_converting(err: BaseException) -> bool:
+    """Whether the exporter raised ``err`` converting the traced graph (an operator it lacks, an unsupported case of
+    one), not the model's forward while it was traced: the innermost frame is the exporter's, or the message names
+    an operator or opset."""
+    frames = [frame.f_code.co_filename.replace("\\", "/") for frame, _ in traceback.walk_tb(err.__traceback__)]
+    if frames and "/torch/onnx/" in frames[-1]:
+        return True
+    return re.search(r"onnx|opset|aten::|prim::|symbolic", str(err), re.IGNORECASE) is not None
 
 
 def _trace_hint(example_inputs: Any, model: nn.Module) -> str:

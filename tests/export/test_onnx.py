@@ -921,6 +921,30 @@ def test_an_operation_the_exporter_refuses_with_a_plain_runtime_error_is_named(t
     assert not list(tmp_path.iterdir())
 
 
+def test_a_forward_that_fails_only_under_the_tracer_is_said_so_not_blamed_on_an_operator_or_a_mask(tmp_path):
+    """Trial FM: Nystromformer runs on its inputs but fails under torch's tracer (a shape error); `export_onnx` said
+    "pass `attention_mask`" and "replace that operation", and with the mask it failed the same way."""
+
+    class TracedOtherwise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, input_ids, attention_mask=None):
+            x = self.fc(input_ids.float())
+            if torch.jit.is_tracing():  # a step that depends on what the tracer fixes
+                x = x[:, :2]
+            return x + self.fc.bias
+
+    ids = torch.randint(0, 10, (2, 4))
+    for example in ({"input_ids": ids}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        said = r"cannot trace TracedOtherwise: its forward runs on these inputs, but fails under torch's tracer \(The "
+        with pytest.raises(ValueError, match=said + r"size of tensor a \(2\) .*`torch.jit.trace") as refused:
+            export_onnx(TracedOtherwise().eval(), tmp_path / "t.onnx", example)
+        assert "attention_mask" not in str(refused.value) and "replace that operation" not in str(refused.value)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_model_whose_forward_is_compiled_exports_as_its_own_forward(tmp_path):
     """Session 23's list: `model.forward = torch.compile(model.forward)` (what Lightning does to a compiled
     LightningModule) failed to export ("FX to torch.jit.trace a dynamo-optimized function") with a hint to replace
@@ -1494,3 +1518,42 @@ def test_a_graph_that_fails_on_its_own_example_is_said_to_fail(tmp_path):
     x = torch.randn(4, 8)
     note = graph_note(path, GraphCheck([x], [x.reshape(2, 16)], 4, False, names=["x"]))
     assert note is not None and note.startswith("the graph does not run on the example it was traced on (onnxruntime:")
+
+
+def test_a_forward_that_returns_an_object_onnx_cannot_carry_is_said_so(tmp_path):
+    """Trial FN: a gpytorch model returning a `MultivariateNormal` was told "received an input of unsupported type ...
+    What to change: replace that operation in the model's forward": the output was called an input, and no operation
+    was at fault."""
+
+    class Gaussian(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return torch.distributions.Normal(self.fc(x), 1.0)
+
+    said = r"cannot trace Gaussian: its forward returns \(or is given\) a Normal, which an ONNX graph cannot carry"
+    with pytest.raises(ValueError, match=said + r".*returning a distribution's `mean`") as refused:
+        export_onnx(Gaussian().eval(), tmp_path / "g.onnx", torch.randn(2, 4))
+    assert "replace that operation" not in str(refused.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_graph_that_reads_none_of_its_inputs_is_said_so(tmp_path):
+    """Trial FN: e3nn's layers compute through code they generate with torch.fx; the old exporter's graph read none
+    of the inputs and returned constants 7.28 off, and `export_onnx` suggested rewriting an operation such as
+    `index_add_`."""
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if torch.jit.is_tracing():  # what the tracer records of a computation it cannot see
+                return torch.ones(2, 2) * 5.0
+            return self.fc(x)
+
+    with pytest.warns(UserWarning, match=r"the graph reads none of the model's inputs: .* returns constants"):
+        export_onnx(Opaque().eval(), tmp_path / "o.onnx", torch.randn(2, 4))
