@@ -65,6 +65,16 @@ class PruningClock:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.last_validation = trainer.global_step
 
+    def resumed_offset(self, trainer: pl.Trainer, core: IterativePruner) -> int:
+        """The offset :meth:`place` gives a step clock (read before it, without consuming the checkpoint's entries):
+        what the schedule's end at ``max_steps`` is moved by."""
+        saved, now = self._saved_steps_per_epoch, steps_per_epoch(trainer)
+        if not (saved and now):
+            return 0
+        if int(saved) != now:
+            return round(core.steps * now / int(saved)) - trainer.global_step
+        return self._saved_offset
+
     def place(self, trainer: pl.Trainer, core: IterativePruner) -> None:
         """A step clock placed on the epoch window counts the checkpoint's steps per epoch; resumed with another number
         (other devices, batch size or accumulation), its position is carried over in epochs (a trial: DDP's checkpoint
@@ -135,7 +145,7 @@ class PruningClock:
         steps = round(core.steps * now / before)
         core.set_clock(steps)
         core.set_schedule(
-            total_steps=window.end_step(trainer, now), start_step=window.start_epoch * now,
+            total_steps=window.end_step(trainer, now, steps - trainer.global_step), start_step=window.start_epoch * now,
             every_n_steps=window.every_n_steps,
             rewind_step=None if window.rewind_epoch is None else window.rewind_epoch * now, wait_for_baseline=True,
         )  # fmt: skip

@@ -24,6 +24,8 @@ from ._validation import fast_dev_run_note, trained_max_epochs
 __all__ = [
     "EpochWindow",
     "Timeline",
+    "accumulation",
+    "clock_max_steps",
     "last_validation_batch",
     "plan_timeline",
     "steps_done_after",
@@ -50,10 +52,37 @@ def _per_epoch(trainer: pl.Trainer) -> int | None:
     return int(batches)
 
 
+def accumulation(trainer: pl.Trainer) -> int:
+    """Batches per optimizer step in the current epoch: the Trainer's, or a ``GradientAccumulationScheduler``'s
+    factor for this epoch, which it sets only when the epoch starts (trial FR: read as 1 at the start of training,
+    a fit of 6 steps an epoch was refused as needing 22 before quantization switched on)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, GradientAccumulationScheduler):
+            return max(1, int(callback.get_accumulate_grad_batches(trainer.current_epoch)))
+    return max(1, int(trainer.accumulate_grad_batches))
+
+
 def steps_per_epoch(trainer: pl.Trainer) -> int | None:
     """Optimizer steps in one epoch of the train loader (``None``: a loader without a length)."""
     batches = _per_epoch(trainer)
-    return None if batches is None else max(1, math.ceil(batches / max(1, trainer.accumulate_grad_batches)))
+    return None if batches is None else max(1, math.ceil(batches / accumulation(trainer)))
+
+
+def clock_max_steps(trainer: pl.Trainer) -> int | None:
+    """``max_steps`` on the callbacks' clock (``None``: unbounded): under manual optimization with several optimizers
+    ``global_step`` counts every optimizer's steps and the clock counts batches, so the fit ends after ``max_steps //
+    optimizers`` of them, if each steps at every batch (trial FR: a GAN's schedule was placed on twice the batches
+    the fit ran, and ended at 0.70 of 0.80)."""
+    steps = trainer.max_steps
+    if steps is None or steps < 0:
+        return None
+    module = getattr(trainer, "lightning_module", None)
+    count = len(getattr(trainer, "optimizers", []) or [])
+    if module is not None and not module.automatic_optimization and count > 1:
+        return steps // count
+    return steps
 
 
 def warn_if_max_steps_counts_several_optimizers(
@@ -75,8 +104,9 @@ def warn_if_max_steps_counts_several_optimizers(
         f"{who}: under manual optimization the Trainer's `max_steps`={trainer.max_steps} counts the steps of all "
         f"{count} optimizers (if each steps at every batch, the fit ends after {trainer.max_steps // count} "
         f"batches{needs}), "
-        f"but the epochs it was checked against count batches: lower `{argument}`, or use `max_epochs` (an optimizer "
-        "that steps less often leaves more batches: then the schedule may fit)."
+        "but the epochs it was checked against count batches: "
+        + (f"lower `{argument}`, or " if epochs_needed is not None and epochs_needed > 1 else "")
+        + "use `max_epochs` (an optimizer that steps less often leaves more batches: then the schedule may fit)."
     )
 
 
@@ -101,17 +131,16 @@ def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
     max_epochs = trainer.max_epochs
     if batches is None or batches <= 0 or every is None:
         return None
+    steps = clock_max_steps(trainer)  # several optimizers under manual optimization: batches, each stepping once
     if max_epochs is None or max_epochs < 0:  # unlimited epochs: `max_steps` ends the fit, or nothing known does
-        if trainer.max_steps < 0:
+        if steps is None:
             return None
-        max_epochs = math.ceil(
-            _batches_for_steps(trainer.max_steps, batches, trainer.accumulate_grad_batches) / batches
-        )
+        max_epochs = math.ceil(_batches_for_steps(steps, batches, accumulation(trainer)) / batches)
     if not trainer.enable_validation:
         return []
     horizon = max_epochs * batches
-    if trainer.max_steps >= 0:
-        horizon = min(horizon, _batches_for_steps(trainer.max_steps, batches, trainer.accumulate_grad_batches))
+    if steps is not None:
+        horizon = min(horizon, _batches_for_steps(steps, batches, accumulation(trainer)))
     every_n_epochs = trainer.check_val_every_n_epoch
     found: list[int] = []
     for epoch in range(max_epochs - 1, -1, -1):
@@ -186,13 +215,13 @@ def _first_batch(trainer: pl.Trainer, batches: int) -> int:
     optimization ``global_step`` counts every optimizer's steps: counted from 0."""
     if trainer.global_step <= 0 or not trainer.lightning_module.automatic_optimization:
         return 0
-    return _batches_for_steps(trainer.global_step, batches, trainer.accumulate_grad_batches)
+    return _batches_for_steps(trainer.global_step, batches, accumulation(trainer))
 
 
 def steps_done_after(batch: int, trainer: pl.Trainer) -> int:
     """Optimizer steps made once batch ``batch`` (counted over the fit) has run."""
     batches = _per_epoch(trainer) or 1
-    accumulate = trainer.accumulate_grad_batches
+    accumulate = accumulation(trainer)
     per_epoch = max(1, math.ceil(batches / accumulate))
     epoch, index = divmod(batch, batches)
     within = per_epoch if index == batches - 1 else (index + 1) // accumulate
@@ -238,7 +267,7 @@ class EpochWindow:
         training."""
         max_epochs = trained_max_epochs(trainer)
         unlimited = max_epochs is None or max_epochs < 0
-        steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+        steps = clock_max_steps(trainer) if loaded else trainer.max_steps if trainer.max_steps >= 0 else None
         per_epoch = steps_per_epoch(trainer) if loaded else None
         bound = f"`max_epochs`={max_epochs}"  # what ends the schedule, for the message below
         if self.end_epoch is not None:
@@ -273,12 +302,18 @@ class EpochWindow:
             )
         return end
 
-    def end_step(self, trainer: pl.Trainer, per_epoch: int) -> int:
+    def end_step(self, trainer: pl.Trainer, per_epoch: int, offset: int = 0) -> int:
         """The optimizer step a schedule in steps ends at: ``end_for`` in steps, or ``max_steps`` where that ends the
-        fit first and ``end_epoch`` is unset (the schedule ends with the fit)."""
-        end = self.end_for(trainer) * per_epoch
-        if self.end_epoch is None and trainer.max_steps is not None and trainer.max_steps >= 0:
-            end = min(end, trainer.max_steps)
+        fit first and ``end_epoch`` is unset (the schedule ends with the fit). ``offset``: the step clock minus the
+        Trainer's count, where a resume carried the clock over from another epoch length (trial FR: ``max_steps``
+        was read on the Trainer's count, and a fit ended at 0.7963 of 0.80)."""
+        end = self.end_for(trainer) * per_epoch  # (also checks the window)
+        steps = clock_max_steps(trainer)
+        if self.end_epoch is None and steps is not None:
+            max_epochs = trained_max_epochs(trainer)  # `max_steps` on the clock; the epochs' end where it is sooner
+            end = steps + offset
+            if max_epochs is not None and max_epochs >= 0:
+                end = min(end, int(max_epochs) * per_epoch)
         return end
 
 
@@ -323,6 +358,7 @@ def plan_timeline(
     monitor: str | None,
     baseline_known: bool = False,
     guard_may_step: bool = False,
+    offset: int = 0,
 ) -> Timeline:
     """Map the callback's epochs onto the clock it drives ``IterativePruner`` with.
 
@@ -338,12 +374,17 @@ def plan_timeline(
     start_epoch, end_epoch, every_n_steps = window.start_epoch, window.end_for(trainer), window.every_n_steps
     per_epoch = steps_per_epoch(trainer)
     explicit = window.end_epoch is not None  # unset: the schedule ends with the fit, at `max_steps` if that is first
-    if explicit and per_epoch is not None and trainer.max_steps >= 0 and end_epoch * per_epoch > trainer.max_steps:
+    # several optimizers under manual optimization: `max_steps` counts them all, and how often each steps is not
+    # known, so an explicit `end_epoch` is checked against it as batches (a warning says the rest)
+    last_step = trainer.max_steps if trainer.max_steps >= 0 else None
+    if explicit and per_epoch is not None and last_step is not None and end_epoch * per_epoch > last_step:
+        fits = last_step // per_epoch  # trial FR: "at most 1" for `end_epoch`=1, or for a window from `start_epoch`=1
         raise ValueError(
             f"The schedule cannot finish: it ends after {end_epoch * per_epoch} optimizer steps (`end_epoch`="
-            f"{end_epoch} x "
-            f"{per_epoch} steps per epoch) but the Trainer's `max_steps`={trainer.max_steps} ends the fit first. Set "
-            f"`end_epoch` to at most {max(1, trainer.max_steps // per_epoch)}{_IN_PARTS}."
+            f"{end_epoch} x {per_epoch} steps per epoch) but the Trainer's `max_steps`={trainer.max_steps} ends the "
+            "fit first. "
+            + (f"Set `end_epoch` to at most {fits}, or leave" if fits > start_epoch else "Leave")
+            + f" `end_epoch` unset: the schedule then ends where `max_steps` ends the fit{_IN_PARTS}."
         )
     in_steps = every_n_steps is not None or (
         default_in_steps and window.every_n_epochs is None and per_epoch is not None
@@ -381,7 +422,7 @@ def plan_timeline(
             "`end_epoch` in steps; use `every_n_epochs` for iterable datasets."
         )
     else:
-        start, end = start_epoch * per_epoch, window.end_step(trainer, per_epoch)
+        start, end = start_epoch * per_epoch, window.end_step(trainer, per_epoch, offset)
         every = every_n_steps  # None: the core's default cadence
     given = every_n_steps if in_steps else window.every_n_epochs
     if (
@@ -391,7 +432,8 @@ def plan_timeline(
         and every >= end - start
         and trainer.global_step == 0
     ):
-        unit, argument = ("optimizer steps", "every_n_steps") if in_steps else ("epochs", "every_n_epochs")
+        unit, argument = ("optimizer step", "every_n_steps") if in_steps else ("epoch", "every_n_epochs")
+        unit += "" if end - start == 1 else "s"
         last = ", after the fit's last optimizer step (the model never trains with its masks)"
         rank_zero_warn(  # trial FO: `every_n_steps=100` in a 25-step fit pruned 0 -> 0.80 after its last step, unsaid
             f"IterativePruning: `{argument}`={given} is no shorter than the pruning window ({end - start} {unit}): its "
@@ -443,16 +485,17 @@ def plan_timeline(
 
 
 def _ends_fit(trainer: pl.Trainer, end: int, in_steps: bool) -> bool:
-    """Whether clock time ``end`` is the end of the fit (its last optimizer step, or its last epoch)."""
+    """Whether clock time ``end`` is the end of the fit (its last optimizer step, or the epoch it ends in)."""
+    per_epoch, max_epochs, steps = steps_per_epoch(trainer), trained_max_epochs(trainer), clock_max_steps(trainer)
+    epochs = max_epochs if max_epochs is not None and max_epochs >= 0 else None
     if in_steps:
-        per_epoch = steps_per_epoch(trainer)
-        max_epochs = trained_max_epochs(trainer)
-        last = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
-        if per_epoch is not None and max_epochs is not None and max_epochs >= 0:
-            last = max_epochs * per_epoch if last is None else min(last, max_epochs * per_epoch)
+        last = steps
+        if per_epoch is not None and epochs is not None:
+            last = epochs * per_epoch if last is None else min(last, epochs * per_epoch)
         return last is not None and end >= last
-    max_epochs = trained_max_epochs(trainer)
-    return max_epochs is not None and end >= max_epochs
+    if steps is not None and per_epoch is not None:  # trial FR: `max_steps` ended the fit before `max_epochs`
+        epochs = math.ceil(steps / per_epoch) if epochs is None else min(epochs, math.ceil(steps / per_epoch))
+    return epochs is not None and end >= epochs
 
 
 def _rewind(window: EpochWindow, in_steps: bool, per_epoch: int | None) -> int | None:

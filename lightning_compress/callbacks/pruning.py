@@ -496,9 +496,10 @@ class IterativePruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Place the schedule on the fit's clock: the train loader's length is known from here on."""
         core = self.pruner
-        warn_if_max_steps_counts_several_optimizers(
-            trainer, pl_module, "IterativePruning", self.window.end_for(trainer), "end_epoch"
-        )
+        if self.window.end_epoch is not None:  # unset, the schedule ends where the fit does, in batches (trial FR)
+            warn_if_max_steps_counts_several_optimizers(
+                trainer, pl_module, "IterativePruning", self.window.end_for(trainer), "end_epoch"
+            )
         self._trained = True
         default_in_steps = self._default_in_steps
         unfreezes = any(isinstance(c, BaseFinetuning) for c in trainer.callbacks)  # type: ignore[attr-defined]
@@ -518,7 +519,10 @@ class IterativePruning(Callback):
             )
         baseline_known = guard is not None and guard.baseline is not None
         guard_may_step = self.config.granularity in ("element", "channel") and not callable(self.config.schedule)
-        plan = plan_timeline(trainer, self.window, default_in_steps, self.monitor, baseline_known, guard_may_step)
+        offset = clock.resumed_offset(trainer, core)
+        plan = plan_timeline(
+            trainer, self.window, default_in_steps, self.monitor, baseline_known, guard_may_step, offset
+        )
         clock.in_steps = plan.in_steps
         keep_earlier_pruning(core, self.keep_zeros, resumed=self._resumes)  # before the schedule is placed
         core.apply()

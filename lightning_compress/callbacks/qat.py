@@ -69,6 +69,7 @@ from ._validation import (
     warn_if_saved_under_another_key,
 )
 from ._validation_plan import (
+    clock_max_steps,
     steps_per_epoch,
     validates_in_epoch,
     validation_ahead,
@@ -210,6 +211,7 @@ class QuantizationAwareTraining(Callback):
         self._converted: list[str] = []  # layers this fit converted: put back if it fails before training
         self._calibrated = False  # `start_epoch` ended in this fit
         self._calibration_epoch = start_epoch  # the epoch whose end switches quantization on
+        self._at_start: int | None = None  # `max_steps` of a fit whose quantizers switch on as `start_epoch` starts
         self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
@@ -422,9 +424,10 @@ class QuantizationAwareTraining(Callback):
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
         self._trained = True
-        warn_if_max_steps_counts_several_optimizers(  # it switches on when epoch `start_epoch + 1` starts
-            trainer, pl_module, "QuantizationAwareTraining", self.start_epoch + 1, "start_epoch"
-        )
+        if self._calibrates:  # it switches on when epoch `start_epoch + 1` starts (quantizers with nothing to
+            warn_if_max_steps_counts_several_optimizers(  # calibrate switch on earlier where the fit is shorter)
+                trainer, pl_module, "QuantizationAwareTraining", self.start_epoch + 1, "start_epoch"
+            )
         warn_if_already_quantizing(trainer, self.start_epoch, self._converted, self._own_quantizers(pl_module))
         epoch = trainer.current_epoch
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
@@ -475,33 +478,53 @@ class QuantizationAwareTraining(Callback):
                 "that validates in it, or "
                 "another `start_epoch`, or set `shift_search=False`."
             )
-        per_epoch, max_steps = steps_per_epoch(trainer), trainer.max_steps
-        if per_epoch is None or max_steps is None or max_steps < 0 or trainer.current_epoch > self.start_epoch:
+        self._at_start = None
+        # in batches: with several optimizers under manual optimization `max_steps` counts every one's steps (trial FR:
+        # a GAN's LLM recipe trained in float to the end); how often each steps is not known, so a refusal counts
+        # `max_steps` itself as batches, and the hedged warning above says the rest
+        per_epoch, max_steps = steps_per_epoch(trainer), clock_max_steps(trainer)
+        if per_epoch is None or max_steps is None or trainer.current_epoch > self.start_epoch:
             return
         switch_on = (self.start_epoch + 1) * per_epoch
         if switch_on <= max_steps:
             return
-        if epoch == self.start_epoch and not self._calibrates and self._layers and not self._active(pl_module):
+        reaches = self.start_epoch * per_epoch < max_steps  # the fit ends inside `start_epoch`
+        if reaches and not self._calibrates and self._layers and not self._active(pl_module):
             # trial FO: the LLM recipe in one long epoch that `max_steps` ends (a fine-tune's usual shape) was refused,
-            # told to lower `start_epoch`=0; its quantizers read their ranges from the weights and from each token
-            for _, layer in self._own_layers(pl_module):
-                with torch.no_grad():
-                    cast(Any, layer).weight_fake_quant.observe(full(cast(Any, layer).weight))
-            self._calibrated = True
-            self._switch_on(pl_module, epoch, at_start=max_steps)
+            # told to lower `start_epoch`=0; its quantizers read their ranges from the weights and from each token.
+            # It switches on at the first step of `start_epoch` (trial FR: from a later `start_epoch` too)
+            self._at_start = trainer.max_steps
+            if epoch == self.start_epoch:
+                self._switch_on_at_start(pl_module, epoch)
+            return
+        if switch_on <= trainer.max_steps:
             return
         epochs = "epochs" if self.start_epoch else "the first epoch"
         raise ValueError(
             f"`start_epoch`={self.start_epoch}: quantization switches on after {switch_on} "
-            f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={max_steps} ends the fit "
+            f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={trainer.max_steps} ends the fit "
             "before: quantization would never switch on. "
             + ("Lower `start_epoch`, raise `max_steps`, or " if self.start_epoch else "Raise `max_steps`, or ")
-            + f"make {epochs} shorter: `limit_train_batches=N` gives epochs of N batches (from a shuffled loader), so "
-            "that the calibration epoch (observed activation ranges"
-            + (", the shift search" if self.shift_search else "")
-            + ") ends inside the fit. Quantizers with nothing to calibrate (per-token activations or none, min/max "
-            "weight scales) switch on at once instead."
+            + (
+                f"make {epochs} shorter: `limit_train_batches=N` gives epochs of N batches (from a shuffled loader), "
+                "so that the calibration epoch (observed activation ranges"
+                + (", the shift search" if self.shift_search else "")
+                + ") ends inside the fit. Quantizers with nothing to calibrate (per-token activations or none, min/max "
+                "weight scales) switch on at the first step of `start_epoch` instead."
+                if self._calibrates
+                else f"make {epochs} shorter (`limit_train_batches=N`: epochs of N batches), so that the fit reaches "
+                "`start_epoch`: these quantizers need no calibration and switch on at its first step."
+            )
         )
+
+    def _switch_on_at_start(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Fake quantization on at the first step of ``start_epoch``, with the weights' ranges read now: quantizers
+        with nothing to calibrate, in a fit ``max_steps`` ends inside that epoch."""
+        for _, layer in self._own_layers(pl_module):
+            with torch.no_grad():
+                cast(Any, layer).weight_fake_quant.observe(full(cast(Any, layer).weight))
+        self._calibrated = True
+        self._switch_on(pl_module, epoch, at_start=self._at_start)
 
     @property
     def _calibrates(self) -> bool:
@@ -533,6 +556,8 @@ class QuantizationAwareTraining(Callback):
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             self._switch_on_or_calibrate(pl_module, epoch)  # after `start_epoch`'s end: its checkpoints hold the
             # model it validated
+        if self._at_start is not None and epoch == self.start_epoch and not self._active(pl_module):
+            self._switch_on_at_start(pl_module, epoch)
         self._freeze_bn(trainer, pl_module)
 
     def on_train_batch_start(

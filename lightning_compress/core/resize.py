@@ -180,15 +180,16 @@ def resize_module(
 
 
 def apply_plan(model: nn.Module, planned: Plan, shapes_only: bool = False) -> None:
-    """Cut every layer to what ``planned`` keeps, and the copies of it a ``peft`` ``modules_to_save`` wrapper keeps
-    beside the active one, where they have its shapes (:func:`~.adapters.copies_beside`)."""
+    """Cut every layer to what ``planned`` keeps, and (not for ``shapes_only``: the checks' forwards of the active
+    path, which may run on the model itself with only a group's modules swapped for copies, trial FQ) the copies of it
+    a ``peft`` ``modules_to_save`` wrapper keeps beside the active one, where they have its shapes
+    (:func:`~.adapters.copies_beside`)."""
     modules = dict(model.named_modules())
     for name, kinds in planned.keep.items():
         module = modules[name]
         shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
-        twins = [
-            c for c in copies_beside(modules, name) if [tuple(p.shape) for p in c.parameters(recurse=False)] == shapes
-        ]
+        beside = [] if shapes_only else copies_beside(modules, name)
+        twins = [c for c in beside if [tuple(p.shape) for p in c.parameters(recurse=False)] == shapes]
         for layer in (module, *twins):
             resize_module(layer, kinds.get("out"), kinds.get("in"), shapes_only=shapes_only)
     for name, (block, kv_heads) in planned.heads.items():

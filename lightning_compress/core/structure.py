@@ -664,7 +664,8 @@ def _convert(
             if _unplaced_concat(module, node):
                 return None, (
                     "its channels go through a concatenation whose offsets the dependency graph does not know (a "
-                    "model input, or a flattened or reshaped tensor, among its inputs)"
+                    "model input, or a flattened or reshaped tensor, among its inputs, or a join along tokens or "
+                    "positions rather than channels)"
                 )
             if out_like and not node.outputs:
                 return None, "its channels reach the model's output"

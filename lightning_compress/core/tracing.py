@@ -17,6 +17,7 @@ from .qat import quantizers
 
 __all__ = [
     "TracerForward",
+    "buffers_kept",
     "call_model",
     "check_example_inputs",
     "eval_mode",
@@ -239,6 +240,21 @@ def parameters_kept(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for tensor, value in mode.saved:
                 tensor.copy_(value)
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """``model``'s buffers as they are now, put back afterwards where something changed them (a call counter, a
+    running statistic a forward updates in eval mode): for forwards that run under another tracer, where
+    :func:`parameters_kept`'s dispatch mode cannot (the ONNX exporter's). Costs a copy of the buffers."""
+    saved = [(b, b.detach().clone()) for b in model.buffers() if _storage(b) is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if buffer.shape == value.shape and not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def _holds_tensor(value: Any) -> bool:

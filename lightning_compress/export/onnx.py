@@ -26,7 +26,7 @@ from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
-from ..core.tracing import check_example_inputs, forward_state_kept, without_cache
+from ..core.tracing import buffers_kept, check_example_inputs, forward_state_kept, without_cache
 from .container import replacing
 from .onnx_batch import GraphCheck, batch_size, graph_note, max_error, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
@@ -126,7 +126,9 @@ def export_onnx(
         ImportError: ``onnx`` is not installed (``pip install 'lightning-compress[onnx]'``).
         ValueError: ``model``'s parameters are sharded (FSDP2).
     """
-    with uncompiled(unwrapped(model)) as plain:  # the TorchScript exporter cannot trace compiled modules
+    # the TorchScript exporter cannot trace compiled modules; the tracer's and the checks' forwards leave no buffer
+    # changed (trial FQ: a module counting its calls in a buffer went from 0 to 4, on an export refused too)
+    with uncompiled(unwrapped(model)) as plain, buffers_kept(plain):
         return _export_onnx(
             plain, path, example_inputs, input_names=input_names, output_names=output_names, opset=opset,
             dynamic_axes=dynamic_axes, accuracy_level=accuracy_level, calibration=calibration, weight_type=weight_type,

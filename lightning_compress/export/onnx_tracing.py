@@ -269,6 +269,13 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
             "as `transformers`' Llama4 does). What to change: rotate with `cos` and `sin` of real tensors in the "
             "model's forward; or keep the model as the compressed file (`save_compressed`), which reloads it whole."
         )
+    if "unknown batch size" in str(err):  # trial FQ: an InstanceNorm with running statistics was told to be replaced
+        return ValueError(
+            f"export_onnx cannot trace {type(model).__name__}: {first_line(err, 200)} The exporter converts this "
+            "operation only for a fixed batch, and export_onnx makes dimension 0 of every input and output dynamic. "
+            "What to change: give `dynamic_axes` a static batch for every input and output, e.g. "
+            "`{'input_0': {0: None}, 'output_0': {0: None}}` (the graph then takes the example's batch size only)."
+        )
     carried = re.search(r"received an input of unsupported type: (\w+)", str(err))
     if carried:  # trial FN: a gpytorch model's MultivariateNormal was called an input and blamed on an operation
         return ValueError(

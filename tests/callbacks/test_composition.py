@@ -1344,3 +1344,42 @@ def test_the_plan_warning_of_a_guarded_fit_says_quantization_may_make_its_last_e
         ]
         trainer(max_epochs=5, max_steps=40, callbacks=later, num_sanity_val_steps=-1).fit(TinyModule())
     assert not [w for w in caught if "switches quantization on inside" in str(w.message)]
+
+
+def test_schedules_bounded_by_max_steps_count_what_the_fit_runs():
+    """Trial FR: (1) a `GradientAccumulationScheduler` that changes the epoch's length moved the clock, and the end at
+    `max_steps` was read on the Trainer's count: 0.7848 of 0.80; (2) its factor was read as 1 at the start of training,
+    and QAT was refused as switching on after 8 steps where epoch 0 made 2; (3) two optimizers under manual
+    optimization: the schedule was placed on twice the batches the fit ran, 0.70 of 0.80."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.8)
+    fit = trainer(max_epochs=-1, max_steps=12, callbacks=[pruning, GradientAccumulationScheduler({0: 1, 1: 4})])
+    fit.fit(TinyModule())  # 8 batches an epoch: 8 steps, then 2 an epoch
+    assert fit.global_step == 12 and pruning.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+    qat = QuantizationAwareTraining(8, 8)
+    model = TinyModule()
+    trainer(max_epochs=-1, max_steps=5, callbacks=[qat, GradientAccumulationScheduler({0: 4})]).fit(model)
+    assert quantizing(model)  # epoch 0 made 2 steps and calibrated; epoch 1 quantizes
+    pl.seed_everything(0, verbose=False)
+    pruning = IterativePruning(0.8)
+    model = Manual()
+    trainer(max_epochs=-1, max_steps=40, callbacks=[pruning]).fit(model)  # 20 batches
+    assert pruning.pruner.masked_sparsity() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_quantizers_with_nothing_to_calibrate_switch_on_as_a_later_start_epoch_starts_in_a_fit_ending_inside_it():
+    """Trial FR: with `start_epoch=1` and a fit `max_steps` ends inside epoch 1, the LLM recipe was refused, told its
+    calibration epoch (observed activation ranges, which it has none of) outlasts the fit."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule()
+    qat = QuantizationAwareTraining(4, 8, group_size=4, activation_granularity="per_token", start_epoch=1)
+    seen: list[tuple[int, bool]] = []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, quantizing(pl_module)))
+
+    trainer(max_epochs=-1, max_steps=12, callbacks=[qat, Watch()]).fit(model)  # 8 batches an epoch
+    assert {on for epoch, on in seen if epoch == 0} == {False} and {on for epoch, on in seen if epoch == 1} == {True}

@@ -256,3 +256,27 @@ def test_compact_cuts_the_copies_a_modules_to_save_wrapper_keeps_beside_the_trai
         assert torch.allclose(model(**ids).logits, on, atol=1e-5)
         with model.disable_adapter():
             assert torch.allclose(model(**ids).logits, off, atol=1e-5)
+
+
+def test_a_hidden_layers_unused_copies_are_left_by_the_checks_and_cut_at_the_kept_channels_by_compact():
+    """Trial FQ: with `modules_to_save` on a hidden layer, the channel checks' forward (the model itself, a group's
+    modules swapped for copies) cut peft's `original_module` to a random half: `prune_` alone broke the adapter-off
+    path, and after `compact()` it ran with the wrong rows."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=LENGTH, num_labels=2,
+    )  # fmt: skip
+    lora = peft.LoraConfig(r=4, target_modules=["query"], modules_to_save=["intermediate.dense"])
+    model = peft.get_peft_model(transformers.BertForSequenceClassification(config), lora).eval()
+    ids = torch.randint(2, VOCAB, (4, LENGTH))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # the checks run on the model itself
+    wrapper = model.base_model.model.bert.encoder.layer[0].intermediate.dense
+    original = wrapper.original_module.weight.detach().clone()
+    prune_(model, 0.5, granularity="channel", example_inputs=inputs)
+    assert torch.equal(wrapper.original_module.weight, original)
+    kept = (wrapper.modules_to_save["default"].weight.abs().sum(1) != 0).nonzero().flatten()
+    compact(model, inputs)
+    assert torch.equal(wrapper.original_module.weight, original[kept])
+    with torch.no_grad(), model.disable_adapter():
+        assert model(**inputs).logits.shape == (4, 2)

@@ -2072,3 +2072,16 @@ def test_a_cadence_no_shorter_than_the_window_is_said_to_prune_at_once_after_the
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*no shorter than the pruning window")
         trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.8, every_n_steps=4)]).fit(TinyModule())
+    # trial FR: where `max_steps` ends the fit before `max_epochs`, "after the fit's last optimizer step" was left out
+    said = r"`every_n_epochs`=2 is no shorter than the pruning window \(2 epochs\): .* after the fit's last"
+    with pytest.warns(UserWarning, match=said):
+        trainer(max_epochs=10, max_steps=12, callbacks=[IterativePruning(0.8, every_n_epochs=2)]).fit(TinyModule())
+
+
+def test_an_end_epoch_later_than_max_steps_allows_is_told_to_be_left_unset_where_no_smaller_one_fits(tiny):
+    """Trial FR: `end_epoch`=1 with `max_steps`=6 (8 steps an epoch) was told to "set `end_epoch` to at most 1", its
+    own value; with `start_epoch`=1, "at most 1" contradicted `end_epoch > start_epoch`."""
+    with pytest.raises(ValueError, match=r"ends the fit first\. Leave `end_epoch` unset: the schedule then ends where"):
+        trainer(max_epochs=-1, max_steps=6, callbacks=[IterativePruning(0.5, end_epoch=1), FailOnFirstStep()]).fit(tiny)
+    with pytest.raises(ValueError, match=r"Set `end_epoch` to at most 2, or leave `end_epoch` unset"):
+        trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.5, end_epoch=3), FailOnFirstStep()]).fit(tiny)

@@ -1557,3 +1557,44 @@ def test_a_graph_that_reads_none_of_its_inputs_is_said_so(tmp_path):
 
     with pytest.warns(UserWarning, match=r"the graph reads none of the model's inputs: .* returns constants"):
         export_onnx(Opaque().eval(), tmp_path / "o.onnx", torch.randn(2, 4))
+
+
+def test_export_leaves_a_buffer_the_forward_writes_as_it_was_also_when_it_refuses(tmp_path):
+    """Trial FQ: a module counting its calls in a buffer went from 0 to 4 after `export_onnx` (the tracer's and the
+    graph checks' forwards), and after an export refused too."""
+
+    class Counting(nn.Module):
+        def __init__(self, distribution: bool = False):
+            super().__init__()
+            self.fc, self.distribution = nn.Linear(4, 2), distribution
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            y = self.fc(x)
+            return torch.distributions.Normal(y, 1.0) if self.distribution else y
+
+    model = Counting().eval()
+    export_onnx(model, tmp_path / "c.onnx", torch.randn(2, 4))
+    assert int(model.calls) == 0
+    refused = Counting(distribution=True).eval()
+    with pytest.raises(ValueError, match="cannot carry"):
+        export_onnx(refused, tmp_path / "d.onnx", torch.randn(2, 4))
+    assert int(refused.calls) == 0
+
+
+def test_an_operation_the_exporter_converts_only_for_a_fixed_batch_is_told_how_to_fix_it(tmp_path):
+    """Trial FQ: an InstanceNorm with running statistics exports with a fixed batch only; `export_onnx`, which makes
+    the batch dynamic, said "replace that operation" and not how to make the batch static."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(),
+                          nn.Linear(144, 2)).eval()  # fmt: skip
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"unknown batch size.*What to change: give `dynamic_axes` a static batch"):
+        export_onnx(model, tmp_path / "i.onnx", x)
+    export_onnx(model, tmp_path / "i.onnx", x, dynamic_axes={"input_0": {0: None}, "output_0": {0: None}})
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "i.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), model(x), atol=1e-5)
