@@ -116,6 +116,14 @@ def load_qat_checkpoint(
         except RuntimeError as err:  # torch's size mismatch: weights of another width
             said = " ".join(str(err).split())[:300]  # torch's message spans lines
             raise ValueError(f"{checkpoint_path} does not fit {module_class.__name__}: {said}") from err
+        except TypeError as err:
+            if "required" not in str(err) or "argument" not in str(err):
+                raise
+            raise TypeError(  # trial FS: pytorch-tabular's models take their config objects, which it does not save
+                f"{module_class.__name__} cannot be built from the checkpoint's hyperparameters ({first_line(err, 200)}"
+                "): pass the arguments it lacks to load_qat_checkpoint as keywords, as to `load_from_checkpoint`, e.g. "
+                "`load_qat_checkpoint(MyModule, path, config=...)`."
+            ) from err
     for config, layers in saved:  # every QuantizationAwareTraining callback's layers (disjoint), with its settings
         convert_listed(model, config, layers)
     try:

@@ -30,6 +30,17 @@ from ..export.report import CompressionReport
 from ._validation import may_shard, noting_layers_built_late
 
 
+def how_to_give_examples(pl_module: pl.LightningModule) -> str:
+    """How to set ``example_input_array`` (trial FS: a module pytorch-tabular builds could not be edited, and a forward
+    taking one dict was given it as keywords)."""
+    name = type(pl_module).__name__
+    return (
+        f"set `example_input_array` on the {name}, in its `__init__` or on the instance before `fit` (a module "
+        "another library builds): a tensor, a tuple of positional inputs (a forward that takes one dict: "
+        "`(batch_dict,)`), or a dict of keyword inputs."
+    )
+
+
 def check_export_path(path: Any) -> Path | None:
     if path is None:
         return None
@@ -51,8 +62,8 @@ def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.Lig
         return
     if pl_module.example_input_array is None:
         raise ValueError(
-            f"`export_path`={str(path)!r} is an ONNX file, which needs example inputs: set "
-            f"`self.example_input_array` in {type(pl_module).__name__}.__init__ (a tensor, tuple or dict)."
+            f"`export_path`={str(path)!r} is an ONNX file, which needs example inputs: "
+            + how_to_give_examples(pl_module)
         )
     if may_shard(trainer) or any(p.is_meta for p in pl_module.parameters()):
         return

@@ -21,6 +21,7 @@ from ..core.mask_counts import zero_counts
 from ..core.quant_blocks import grouped_consumers
 from ..core.rules import MaskRule
 from ..core.selection import Target, select_targets
+from ._export import how_to_give_examples
 from ._validation import weight_averaging
 
 __all__ = [
@@ -55,7 +56,7 @@ def check_fit(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str |
     if granularity == "channel" and pl_module.example_input_array is None:
         raise ValueError(
             "`granularity`='channel' traces the model to find coupled channels and needs example inputs: "
-            f"set `self.example_input_array` in {name}.__init__ (a tensor, tuple or dict)."
+            + how_to_give_examples(pl_module)
         )
     if granularity == "channel" and not overrides("forward", pl_module):
         raise TypeError(

@@ -2084,4 +2084,6 @@ def test_an_end_epoch_later_than_max_steps_allows_is_told_to_be_left_unset_where
     with pytest.raises(ValueError, match=r"ends the fit first\. Leave `end_epoch` unset: the schedule then ends where"):
         trainer(max_epochs=-1, max_steps=6, callbacks=[IterativePruning(0.5, end_epoch=1), FailOnFirstStep()]).fit(tiny)
     with pytest.raises(ValueError, match=r"Set `end_epoch` to at most 2, or leave `end_epoch` unset"):
-        trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.5, end_epoch=3), FailOnFirstStep()]).fit(tiny)
+        trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.5, end_epoch=3), FailOnFirstStep()]).fit(
+            tiny
+        )

@@ -511,6 +511,43 @@ def test_load_qat_checkpoint_needs_qat_state(tiny, tmp_path):
         load_qat_checkpoint(TinyModule, tmp_path / "plain.ckpt")
 
 
+class _NeedsAConfig(pl.LightningModule):
+    """pytorch-tabular's models, in short: built from a config object their hyperparameters do not keep."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        width = config["hidden"]
+        self.net = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Linear(width, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(make_blobs(64), batch_size=16)
+
+
+def test_load_qat_checkpoint_says_to_pass_constructor_arguments_the_checkpoint_lacks(tmp_path):
+    """Trial FS: a pytorch-tabular checkpoint failed inside the model's constructor (`missing 1 required positional
+    argument: 'config'`), with no hint that `load_qat_checkpoint` passes keywords to it."""
+    pl.seed_everything(0, verbose=False)
+    model = _NeedsAConfig({"hidden": 32})
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="q")
+    trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(start_epoch=0), ckpt], enable_checkpointing=True).fit(
+        model
+    )
+    with pytest.raises(TypeError, match=r"_NeedsAConfig cannot be built from the checkpoint's hyperparameters .*"
+                       r"pass the arguments it lacks to load_qat_checkpoint as keywords"):  # fmt: skip
+        load_qat_checkpoint(_NeedsAConfig, tmp_path / "q.ckpt")
+    loaded = load_qat_checkpoint(_NeedsAConfig, tmp_path / "q.ckpt", config={"hidden": 32})
+    assert qat_modules(loaded)
+
+
 def test_a_weights_only_qat_checkpoint_says_its_settings_are_not_in_it(tmp_path):
     """Trial BR: `load_qat_checkpoint` of a `save_weights_only=True` checkpoint pointed to `load_from_checkpoint`,
     which failed on the quantizer entries; `validate(ckpt_path=...)` converted it with the evaluating callback's bits
