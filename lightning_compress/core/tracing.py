@@ -246,8 +246,11 @@ def parameters_kept(model: nn.Module) -> Iterator[None]:
 def buffers_kept(model: nn.Module) -> Iterator[None]:
     """``model``'s buffers as they are now, put back afterwards where something changed them (a call counter, a
     running statistic a forward updates in eval mode): for forwards that run under another tracer, where
-    :func:`parameters_kept`'s dispatch mode cannot (the ONNX exporter's). Costs a copy of the buffers."""
-    saved = [(b, b.detach().clone()) for b in model.buffers() if _storage(b) is not None]
+    :func:`parameters_kept`'s dispatch mode cannot (the ONNX exporter's). Not the fake quantizers' state, which an
+    export sets consistently (a weight's scale read from the weight, with its shape and flags): put back in part, a
+    quantizer computed with a scale its flags disowned. Costs a copy of the buffers."""
+    own = {id(b) for _, quantizer in quantizers(model) for b in quantizer.buffers()}
+    saved = [(b, b.detach().clone()) for b in model.buffers() if id(b) not in own and _storage(b) is not None]
     try:
         yield
     finally:
