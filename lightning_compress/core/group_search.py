@@ -9,7 +9,9 @@ same index mappings, with two differences:
 * **a bound.** Where a mapping shifts indices around a cycle of the graph, every lap reaches the same layers with new
   indices. A ``transformers`` DPT does this (its readout token is concatenated along the dimension the tracer reads as
   channels): Torch-Pruning's search ran for minutes on a 118k-parameter model and did not end. Here a group that grows
-  past ``limit`` entries is given up, and its root is left whole with the reason.
+  past ``limit`` entries, or past ``GROUP_SEARCH_INDICES * limit * channels`` (at most ``GROUP_SEARCH_MAX_INDICES``)
+  indices mapped in all (reshapes can multiply them: UnivNet's kernel predictor), is given up, and its root is left
+  whole with the reason.
 * **a set of states.** A layer reached twice with the same indices (by the same handler) is expanded once, and the
   check is a set lookup, not a scan of the group so far.
 
@@ -25,7 +27,10 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-__all__ = ["GroupItem", "TracedGroup", "search_group"]
+__all__ = ["GROUP_SEARCH_INDICES", "GROUP_SEARCH_MAX_INDICES", "GroupItem", "TracedGroup", "search_group"]
+
+GROUP_SEARCH_INDICES = 4  # channel indices a search may map, per state of its bound and channel of its root
+GROUP_SEARCH_MAX_INDICES = 8_000_000  # and in all (a few seconds of Torch-Pruning's index mappings)
 
 
 class _Index(NamedTuple):
@@ -74,6 +79,9 @@ def search_group(
     found: list[tuple[Any, Sequence[Any]]] = [(Dependency(pruning_fn, pruning_fn, source=root, target=root), first)]
     seen = {_state(root, pruning_fn, first)}
     stack = list(found)
+    # the work, not only the states: through reshapes the indices of one state can multiply (trial FT: UnivNet's
+    # kernel predictor, 9.4M indices a state by the 250th, ran for minutes within the bound on states)
+    budget, held = min(GROUP_SEARCH_INDICES * limit * max(channels, 1), GROUP_SEARCH_MAX_INDICES), 0
     while stack:
         dep, idxs = stack.pop()
         for new in dep.target.dependencies:
@@ -82,7 +90,10 @@ def search_group(
             mapped = idxs
             for mapping in new.index_mapping:
                 if mapping is not None:
+                    if held + len(mapped) * _expansion(mapping) > budget:  # before the mapping, which may expand
+                        return None
                     mapped = mapping(mapped)
+                    held += len(mapped)  # indices made: the work of the search, whatever becomes of them
             if len(mapped) == 0:
                 continue
             state = _state(new.target, new.handler, mapped)
@@ -94,6 +105,13 @@ def search_group(
             found.append((new, mapped))
             stack.append((new, mapped))
     return _merged(graph, found)
+
+
+def _expansion(mapping: Any) -> int:
+    """How many indices a mapping makes of each it is given: a flatten's stride (Torch-Pruning's
+    ``_FlattenIndexMapping``, forward: every channel becomes its positions), else one."""
+    stride = getattr(mapping, "_stride", 1)
+    return 1 if getattr(mapping, "reverse", True) or not isinstance(stride, int) else max(1, stride)
 
 
 def _state(node: Any, handler: Any, idxs: Sequence[Any]) -> tuple[Any, ...]:

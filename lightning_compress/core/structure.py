@@ -546,7 +546,8 @@ def _raw_groups(
             failed[names.get(module, "?")] = (
                 f"the search for the layers its channels reach did not end within {limit:,} steps: the channel "
                 "indices shift on every lap of a cycle in the graph (e.g. a token concatenated along the dimension "
-                "the tracer reads as channels)"
+                "the tracer reads as channels), or multiply through reshapes (a kernel predicted and unfolded, as "
+                "UnivNet's)"
             )
             continue
         outputs = [item.dep.target.module for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)]

@@ -405,8 +405,12 @@ def _trace_hint(example_inputs: Any, model: nn.Module) -> str:
         for ids, mask in (("input_ids", "attention_mask"), ("decoder_input_ids", "decoder_attention_mask"))
         if ids in example_inputs and mask not in example_inputs
     ]
-    if "input_features" in example_inputs and "decoder_attention_mask" not in example_inputs:
-        missing.append("decoder_attention_mask")  # an encoder-decoder on audio (Whisper) builds the decoder's mask
+    encoder_decoder = any(
+        getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True for m in model.modules()
+    )
+    if encoder_decoder and "input_features" in example_inputs and "decoder_attention_mask" not in example_inputs:
+        # an encoder-decoder on audio (Whisper) builds the decoder's mask (trial FT: UnivNet, a vocoder, was told too)
+        missing.append("decoder_attention_mask")
     if not missing:
         return ""
     said = " and ".join(f"`{m}`" for m in dict.fromkeys(missing))

@@ -1159,3 +1159,26 @@ def test_channels_pass_through_a_split_and_concatenation_along_the_batch():
     report = prune_and_compact(model, torch.randn(16, 10), atol=1e-5)
     assert report.channels["l1"] == (32, 16)
     assert model.bn.num_features == 16
+
+
+class _FlattenedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(1, 8, 3), nn.Linear(8 * 30, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_a_search_whose_indices_multiply_past_its_bound_gives_up_before_mapping_them(monkeypatch):
+    """Trial FT: UnivNet's kernel predictor flattens a convolution's output into a reshape whose indices multiplied
+    to 9.4M a state; the bound counted states only, and `prune_(granularity="channel")` ran for minutes. The indices
+    a search maps are bounded too, checked before a flatten expands them."""
+    import lightning_compress.core.group_search as group_search
+
+    x = torch.randn(2, 1, 32)
+    assert prune_(_FlattenedConv(), 0.5, granularity="channel", example_inputs=x)  # 240 indices: within the bound
+    monkeypatch.setattr(group_search, "GROUP_SEARCH_MAX_INDICES", 100)
+    with pytest.raises(ValueError, match=r"conv: the search for the layers its channels reach did not end .* or "
+                       r"multiply through reshapes"):  # fmt: skip
+        prune_(_FlattenedConv(), 0.5, granularity="channel", example_inputs=x)

@@ -1598,3 +1598,35 @@ def test_an_operation_the_exporter_converts_only_for_a_fixed_batch_is_told_how_t
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert torch.allclose(torch.from_numpy(got), model(x), atol=1e-5)
+
+
+def test_a_graph_onnxruntime_cannot_load_is_said_not_raised_raw(tmp_path):
+    """Trial FT: Bamba's graph (the exporter wrote an invalid Transpose) failed to load in onnxruntime, and that
+    raised out of `export_onnx` raw; a graph that loads but fails on its example was blamed on a split attention
+    whatever the operation."""
+    from lightning_compress.export.onnx_batch import GraphCheck, graph_note
+
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not an onnx graph")
+    check = GraphCheck(tensors=[torch.randn(2, 4)], expected=[torch.randn(2, 2)], batch=2, quantized=False)
+    note = graph_note(path, check)
+    assert note is not None and note.startswith("the graph does not load in onnxruntime (")
+
+
+def test_the_mask_hint_names_a_decoder_mask_only_for_an_encoder_decoder(tmp_path):
+    """Trial FT: UnivNet, a vocoder taking `input_features`, failing on an operator the exporter lacks, was told to
+    pass a `decoder_attention_mask` it has no use for (its forward takes **kwargs)."""
+    transformers = pytest.importorskip("transformers")
+
+    class Vocoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformers.PretrainedConfig(is_encoder_decoder=False)
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, input_features, **kwargs):
+            return torch.diff(self.fc(input_features), dim=1)
+
+    with pytest.raises(ValueError, match=r"aten::diff") as refused:
+        export_onnx(Vocoder().eval(), tmp_path / "v.onnx", {"input_features": torch.randn(2, 6, 4)})
+    assert "decoder_attention_mask" not in str(refused.value)
