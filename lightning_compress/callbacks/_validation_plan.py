@@ -267,7 +267,7 @@ class EpochWindow:
         training."""
         max_epochs = trained_max_epochs(trainer)
         unlimited = max_epochs is None or max_epochs < 0
-        steps = clock_max_steps(trainer) if loaded else trainer.max_steps if trainer.max_steps >= 0 else None
+        steps = clock_max_steps(trainer)  # (before the loader is loaded, only whether it is set is read)
         per_epoch = steps_per_epoch(trainer) if loaded else None
         bound = f"`max_epochs`={max_epochs}"  # what ends the schedule, for the message below
         if self.end_epoch is not None:
