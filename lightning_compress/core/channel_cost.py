@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .groups import ChannelGroup, is_depthwise
 from .layers import weight_axes
 from .macs import layer_macs, uncalled_layers
-from .structure import ChannelGroup, is_depthwise
 from .tracing import call_model, forward_state_kept, plain_float
 
 __all__ = ["ChannelCost"]

@@ -31,13 +31,13 @@ from torch import Tensor, nn
 
 from .channel_cost import ChannelCost
 from .collectives import Collectives, TorchDistributed
+from .groups import ChannelGroup, nonzero_channels, param_slices, per_position, unshifted_mean
 from .importance import Importance, MagnitudeImportance, nonfinite_error
 from .mask_counts import pruned_count
 from .masks import floor_count
 from .quant_blocks import channel_blocks
 from .selection import Target
 from .sharding import is_sharded, row_range
-from .structure import ChannelGroup, nonzero_channels, param_slices, per_position, unshifted_mean
 
 __all__ = ["ChannelRule"]
 

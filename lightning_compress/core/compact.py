@@ -20,15 +20,15 @@ from torch import Tensor, nn
 
 from .checks import check_float, check_module
 from .group_check import faithful_groups, output_change, removable_groups
+from .groups import ChannelGroup
 from .macs import count_macs, uncalled_note, uncounted_experts, uncounted_note
 from .model_config import describe_in_config, unchanged_configs
 from .qat import quantizers
 from .quant_blocks import keep_whole_blocks
 from .resize import apply_plan, plan, zero_channels
-from .selection import uncompiled
 from .sharding import is_sharded, model_class_name
 from .skeleton import deep_copy
-from .structure import ChannelGroup, build_channel_groups
+from .structure import build_channel_groups
 from .tracing import (
     call_model,
     check_example_inputs,
@@ -40,6 +40,7 @@ from .tracing import (
     quiet_norm_widths,
     seeded,
 )
+from .wrappers import uncompiled
 
 __all__ = [
     "COMPACTED_FLAG",

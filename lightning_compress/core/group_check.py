@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .groups import ChannelGroup, param_slices, unshifted_mean
 from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
-from .structure import ChannelGroup, param_slices, unshifted_mean
 from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, quiet_norm_widths, seeded
 
 __all__ = ["faithful_groups", "output_change", "removable_groups"]

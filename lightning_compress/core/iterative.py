@@ -43,8 +43,9 @@ from .nm import dense_layers_note
 from .pruner import Pruner
 from .rules import ChannelStructure, MaskRule, rule_for
 from .schedule import PruningSchedule, step_interval
-from .selection import Target, select_targets, state_root
+from .selection import Target, select_targets
 from .sharding import is_sharded
+from .wrappers import state_root
 
 __all__ = [
     "DEFAULT_EVENTS",

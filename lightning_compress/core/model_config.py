@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .groups import ChannelGroup
 from .heads import head_record
 from .layers import is_pretrained_model
 from .shrink import sized_tensor
-from .structure import ChannelGroup
 
 __all__ = ["CONFIG_KEY", "describe_in_config", "record_sizes", "unchanged_configs"]
 

@@ -41,9 +41,10 @@ from .qat_layers import (
 from .qat_ties import say_unshared_partners, shared_partners
 from .quant import BIAS_RANGE
 from .quantizer_state import check_quantizer_state, check_saved_scales
-from .selection import Target, is_compiled, module_tensor_holders, normalize_patterns, select_targets
+from .selection import Target, module_tensor_holders, normalize_patterns, select_targets
 from .sharding import full, is_sharded
 from .shift_search import search_power_of_two_shifts
+from .wrappers import is_compiled
 
 __all__ = [
     "SCALE_MODES",

@@ -19,7 +19,8 @@ from torch import nn
 
 from .layers import weight_axes
 from .qat_layers import QATLayer
-from .selection import Target, is_compiled, stored_weight
+from .selection import Target, stored_weight
+from .wrappers import is_compiled
 
 __all__ = ["say_unshared_partners", "shared_partners"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .structure import ChannelGroup
+from .groups import ChannelGroup
 
 __all__ = ["channel_blocks", "cut_quant_groups", "grouped_consumers", "keep_whole_blocks", "quant_group_size"]
 

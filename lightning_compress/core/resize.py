@@ -13,10 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import copies_beside
-from .heads import AttentionBlock, set_head_counts
-from .layers import weight_axes
-from .quant_blocks import cut_quant_groups, quant_group_size
-from .structure import (
+from .groups import (
     ChannelGroup,
     cut_with_channels,
     is_conv1d,
@@ -26,6 +23,9 @@ from .structure import (
     per_channel,
     slice_bound,
 )
+from .heads import AttentionBlock, set_head_counts
+from .layers import weight_axes
+from .quant_blocks import cut_quant_groups, quant_group_size
 
 __all__ = ["Plan", "apply_plan", "plan", "resize_module", "zero_channels"]
 

@@ -19,16 +19,18 @@ from .channel_cost import ChannelCost
 from .channels import ChannelRule
 from .collectives import Collectives
 from .group_check import faithful_groups, removable_groups
+from .groups import ChannelGroup
 from .importance import Importance
 from .layers import linear_like_types, weight_axes
 from .macs import uncalled_note, uncounted_experts, uncounted_note
 from .mask_counts import weight_units
 from .masks import compute_masks
 from .nm import NMRule, eligible
-from .selection import Target, is_compiled, is_experts
+from .selection import Target, is_experts
 from .sharding import check_row_sharded, is_sharded
-from .structure import ChannelGroup, build_channel_groups
+from .structure import build_channel_groups
 from .tracing import check_example_inputs, forward_state_kept
+from .wrappers import is_compiled
 
 __all__ = ["ChannelStructure", "ElementRule", "MaskRule", "channel_structure", "rule_for"]
 

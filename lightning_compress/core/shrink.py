@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .groups import is_depthwise, per_channel, supported
 from .heads import COUNT_ATTRIBUTES, HEADS_ATTRIBUTE
 from .layers import weight_axes
 from .resize import resize_module
-from .structure import is_depthwise, per_channel, supported
 
 __all__ = ["check_shapes", "set_head_record", "shrink_like", "sized_tensor"]
 

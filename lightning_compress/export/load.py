@@ -21,9 +21,10 @@ from ..core.packing import (
 from ..core.qat import FakeQuantizer, QuantConfig, check_quantizer_state, convert_listed, qat_modules
 from ..core.quant import BIAS_RANGE, accumulator_scale, dequantize, scale_per_element
 from ..core.quantizer_state import check_scales
-from ..core.selection import state_root, stored_weight, uncompiled
+from ..core.selection import stored_weight
 from ..core.shrink import set_head_record, shrink_like
 from ..core.tracing import call_model, forward_state_kept, like_model, output_tensors, plain_float, quiet_norm_widths
+from ..core.wrappers import state_root, uncompiled
 from .container import CompressedFileError, read_container
 from .records import (
     SECTIONS,

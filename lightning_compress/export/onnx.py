@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from ..core.checks import check_int, check_module, check_output_path, first_line, is_integer
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
-from ..core.selection import eager, uncompiled
 from ..core.sharding import is_sharded
 from ..core.tracing import buffers_kept, check_example_inputs, forward_state_kept, without_cache
+from ..core.wrappers import eager, uncompiled
 from .container import replacing
 from .onnx_batch import GraphCheck, batch_size, graph_note, max_error, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs

@@ -23,8 +23,8 @@ from torch.overrides import TorchFunctionMode
 from ..core.checks import first_line
 from ..core.experts import is_experts
 from ..core.fake_quant import FakeQuantizer
-from ..core.selection import eager, uncompiled
 from ..core.tracing import forward_state_kept, plain_float, without_cache
+from ..core.wrappers import eager, uncompiled
 
 __all__ = [
     "as_args",

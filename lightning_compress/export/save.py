@@ -22,8 +22,9 @@ from ..core.packing import (
 )
 from ..core.qat import FakeQuantizer, qat_modules, quantizers
 from ..core.quant import BIAS_RANGE, dequantize, fake_quantize, quantize
-from ..core.selection import state_root, stored_weight, uncompiled
+from ..core.selection import stored_weight
 from ..core.sharding import full, is_sharded, model_class_name
+from ..core.wrappers import state_root, uncompiled
 from .container import FORMAT_VERSION, write_container
 from .records import (
     SECTIONS,

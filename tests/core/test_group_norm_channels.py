@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from lightning_compress import compact, prune_
+from lightning_compress.core.groups import ChannelGroup, LayerSlice
 from lightning_compress.core.resize import resize_module
 from lightning_compress.core.shrink import check_shapes
-from lightning_compress.core.structure import ChannelGroup, LayerSlice, _norm_group_units, build_channel_groups
+from lightning_compress.core.structure import _norm_group_units, build_channel_groups
 from tests.conftest import prune_and_compact
 
 

@@ -462,7 +462,7 @@ class Mixed(nn.Module):
 )
 def test_other_forwards_prune_what_can_go_and_keep_output_shapes(make, inputs, prunable):
     from lightning_compress import prune_
-    from lightning_compress.core.structure import call_model
+    from lightning_compress.core.tracing import call_model
 
     torch.manual_seed(0)
     model = make().eval()

@@ -1,0 +1,89 @@
+"""Models inside wrappers: `torch.compile`'s, a compiled `forward`, a wrapper handing its state to an inner module.
+
+Pure torch. The package's tracers and file formats see a model through these: its plain names and its own code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import cast
+
+from torch import nn
+
+__all__ = ["eager", "is_compiled", "state_root", "uncompiled"]
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is what ``torch.compile`` returns for a module (an ``OptimizedModule``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+@contextmanager
+def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with each ``torch.compile``d submodule swapped for the module it compiled, meanwhile: its names are a
+    plain instance's (a compiled submodule's ``_orig_mod.``: a trial's file loaded only into a model compiled alike),
+    and the layers are the same objects. Each wrapper is put back where the module it compiled is still in place
+    (a layer replaced meanwhile, by a QAT conversion while loading, keeps its replacement)."""
+    places: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    for qualified, child in model.named_modules(remove_duplicate=False):  # every name (trial DF: a wrapper
+        if qualified and is_compiled(child):  # registered twice stayed under its second name)
+            parent_name, _, name = qualified.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            places.setdefault((id(parent), name), (parent, name, child))
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for parent, name, child in places.values():
+            swapped.append((parent, name, child))
+            setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
+        yield cast(nn.Module, model._orig_mod) if is_compiled(model) else model
+    finally:
+        for parent, name, child in reversed(swapped):
+            if getattr(parent, name, None) is child._orig_mod:
+                setattr(parent, name, child)
+
+
+@contextmanager
+def eager(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` running its modules' own code meanwhile, for a tracer (the ONNX exporter, the channel dependency
+    graph) that cannot enter code ``torch.compile`` compiled: a ``forward`` compiled on the instance (what Lightning
+    does to a compiled LightningModule passed to ``fit``; ``module.forward = torch.compile(module.forward)``) is the
+    function it wraps (``__wrapped__``), and ``module.compile()``'s compiled call is set aside (its only handle,
+    ``_compiled_call_impl``). Everything is put back after (trials: ``export_path`` failed after training, and channel
+    pruning of a compiled module found no layer)."""
+    undo: list[tuple[nn.Module, str, object]] = []
+    try:
+        for module in model.modules():
+            compiled = vars(module).get("forward")
+            own = getattr(compiled, "__wrapped__", None)
+            if compiled is not None and callable(own) and getattr(own, "__self__", None) is module:
+                undo.append((module, "forward", compiled))
+                module.forward = own
+            if vars(module).get("_compiled_call_impl") is not None:
+                undo.append((module, "_compiled_call_impl", module._compiled_call_impl))
+                module._compiled_call_impl = None
+        yield model
+    finally:
+        for module, name, value in reversed(undo):
+            setattr(module, name, value)
+
+
+def state_root(model: nn.Module) -> nn.Module:
+    """The module whose names a fresh instance's state dict uses: ``model`` itself, the inner module a wrapper hands
+    its state to (``lightning.fabric``'s ``_FabricModule`` keys its state without its ``_forward_module.`` prefix;
+    read from where the state dict's first tensor sits among the named parameters and buffers), or the module
+    ``torch.compile`` compiled (its ``_orig_mod.`` prefix: a trial's file from a compiled model did not load into
+    a fresh instance)."""
+    if is_compiled(model):
+        return state_root(cast(nn.Module, model._orig_mod))
+    state = model.state_dict(keep_vars=True)
+    names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for key, tensor in state.items():
+        name = names.get(id(tensor))
+        if name is None:
+            continue
+        if name == key or not name.endswith("." + key):
+            return model
+        inner = model.get_submodule(name[: -len(key) - 1])
+        return inner if inner.state_dict(keep_vars=True).keys() == state.keys() else model
+    return model
