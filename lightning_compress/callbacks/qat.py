@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,7 @@ from ._validation import (
 )
 from ._validation_plan import (
     clock_max_steps,
+    steps_done_after,
     steps_per_epoch,
     validates_in_epoch,
     validation_ahead,
@@ -79,6 +81,9 @@ from ._validation_plan import (
 __all__ = ["QuantizationAwareTraining"]
 
 _STATE_VERSION = 1
+# the share of a fit's steps in `start_epoch` its quantizers calibrate on, where `max_steps` ends the fit inside that
+# epoch (a fit of several epochs calibrates on the whole epoch: a tenth of a ten-epoch fit)
+CALIBRATION_SHARE = 0.1
 
 
 _LEARNED_UNDER_FSDP2 = (
@@ -120,7 +125,8 @@ class QuantizationAwareTraining(Callback):
         shift_search: with ``power_of_two``, choose ``p`` per layer by trying shifts on the
             validation batches of epoch ``start_epoch`` (layer output error against float).
         start_epoch: the observers calibrate during this epoch (0-indexed); fake quantization is on from the
-            next.
+            next. In a fit that ``max_steps`` ends inside this epoch, they calibrate on its first tenth of optimizer
+            steps and quantization switches on after them (quantizers with nothing to calibrate: at its first step).
         freeze_observers_epoch: ranges stop moving after this epoch (``None``: never).
         freeze_bn_epoch: BatchNorm statistics freeze after this epoch (``None``: never).
         include: glob patterns over module names (Linear/Conv layers; see ``IterativePruning``).
@@ -212,6 +218,7 @@ class QuantizationAwareTraining(Callback):
         self._calibrated = False  # `start_epoch` ended in this fit
         self._calibration_epoch = start_epoch  # the epoch whose end switches quantization on
         self._at_start: int | None = None  # `max_steps` of a fit whose quantizers switch on as `start_epoch` starts
+        self._switch_step: int | None = None  # the step quantization switches on at, in a fit ending in `start_epoch`
         self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
@@ -479,6 +486,7 @@ class QuantizationAwareTraining(Callback):
                 "another `start_epoch`, or set `shift_search=False`."
             )
         self._at_start = None
+        self._switch_step = None
         # in batches: with several optimizers under manual optimization `max_steps` counts every one's steps (trial FR:
         # a GAN's LLM recipe trained in float to the end); how often each steps is not known, so a refusal counts
         # `max_steps` itself as batches, and the hedged warning above says the rest
@@ -488,8 +496,10 @@ class QuantizationAwareTraining(Callback):
         switch_on = (self.start_epoch + 1) * per_epoch
         if switch_on <= max_steps:
             return
+        if not self._layers or self._active(pl_module):
+            return  # on already: resumed after it switched on inside `start_epoch`
         reaches = self.start_epoch * per_epoch < max_steps  # the fit ends inside `start_epoch`
-        if reaches and not self._calibrates and self._layers and not self._active(pl_module):
+        if reaches and not self._calibrates:
             # trial FO: the LLM recipe in one long epoch that `max_steps` ends (a fine-tune's usual shape) was refused,
             # told to lower `start_epoch`=0; its quantizers read their ranges from the weights and from each token.
             # It switches on at the first step of `start_epoch` (trial FR: from a later `start_epoch` too)
@@ -497,32 +507,44 @@ class QuantizationAwareTraining(Callback):
             if epoch == self.start_epoch:
                 self._switch_on_at_start(pl_module, epoch)
             return
+        if reaches and not self.shift_search:
+            # a recipe that calibrates (per-tensor activation ranges, learned scales' starting values) in a fit that
+            # `max_steps` ends inside `start_epoch`: it calibrates on the first tenth of the steps the fit makes in
+            # that epoch, then switches on (it was refused, told to shorten epochs with `limit_train_batches`)
+            calibration = max(1, math.ceil((max_steps - self.start_epoch * per_epoch) * CALIBRATION_SHARE))
+            self._switch_step = self.start_epoch * per_epoch + calibration
+            if trainer.global_step < self._switch_step:
+                rank_zero_info(
+                    f"QuantizationAwareTraining: `max_steps`={trainer.max_steps} ends the fit inside `start_epoch`="
+                    f"{self.start_epoch}: its observers calibrate on the first {calibration} optimizer steps of that "
+                    f"epoch (a tenth of the fit's steps in it), and fake quantization switches on after step "
+                    f"{self._switch_step}."
+                )
+            return
         if switch_on <= trainer.max_steps:
             return
         epochs = "epochs" if self.start_epoch else "the first epoch"
+        if reaches:  # only the shift search is left to refuse: it chooses on the validations of the whole epoch
+            raise ValueError(
+                f"`shift_search=True` chooses the shifts on the validation at the end of `start_epoch`="
+                f"{self.start_epoch}, but the Trainer's `max_steps`={trainer.max_steps} ends the fit inside that epoch "
+                f"({per_epoch} optimizer steps): set `shift_search=False` (the observers then calibrate on the first "
+                f"tenth of the steps, and quantization switches on after them), or make {epochs} shorter: "
+                "`limit_train_batches=N` gives epochs of N batches (from a shuffled loader)."
+            )
         raise ValueError(
             f"`start_epoch`={self.start_epoch}: quantization switches on after {switch_on} "
             f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={trainer.max_steps} ends the fit "
             "before: quantization would never switch on. "
             + ("Lower `start_epoch`, raise `max_steps`, or " if self.start_epoch else "Raise `max_steps`, or ")
-            + (
-                f"make {epochs} shorter: `limit_train_batches=N` gives epochs of N batches (from a shuffled loader), "
-                "so that the calibration epoch (observed activation ranges"
-                + (", the shift search" if self.shift_search else "")
-                + ") ends inside the fit. Quantizers with nothing to calibrate (per-token activations or none, min/max "
-                "weight scales) switch on at the first step of `start_epoch` instead."
-                if self._calibrates
-                else f"make {epochs} shorter (`limit_train_batches=N`: epochs of N batches), so that the fit reaches "
-                "`start_epoch`: these quantizers need no calibration and switch on at its first step."
-            )
+            + f"make {epochs} shorter (`limit_train_batches=N`: epochs of N batches), so that the fit reaches "
+            "`start_epoch`: where `max_steps` ends the fit inside it, its quantizers calibrate on its first steps."
         )
 
     def _switch_on_at_start(self, pl_module: pl.LightningModule, epoch: int) -> None:
         """Fake quantization on at the first step of ``start_epoch``, with the weights' ranges read now: quantizers
         with nothing to calibrate, in a fit ``max_steps`` ends inside that epoch."""
-        for _, layer in self._own_layers(pl_module):
-            with torch.no_grad():
-                cast(Any, layer).weight_fake_quant.observe(full(cast(Any, layer).weight))
+        read_weight_ranges(self._own_layers(pl_module), unread=True)
         self._calibrated = True
         self._switch_on(pl_module, epoch, at_start=self._at_start)
 
@@ -569,6 +591,13 @@ class QuantizationAwareTraining(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         update_observers(self._activation_quantizers, StrategyCollectives(trainer.strategy))
+        if self._switch_step is None or trainer.current_epoch != self.start_epoch or self._active(pl_module):
+            return
+        batches = trainer.num_training_batches
+        if steps_done_after(trainer.current_epoch * int(batches) + batch_idx, trainer) >= self._switch_step:
+            read_weight_ranges(self._own_layers(pl_module))  # as the weights are after this step
+            self._calibrated = True
+            self._switch_on(pl_module, trainer.current_epoch, at_step=self._switch_step)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -592,7 +621,13 @@ class QuantizationAwareTraining(Callback):
                 quantizer.observer_enabled = False
 
     def _switch_on(
-        self, pl_module: pl.LightningModule, epoch: int, *, at_fit_end: bool = False, at_start: int | None = None
+        self,
+        pl_module: pl.LightningModule,
+        epoch: int,
+        *,
+        at_fit_end: bool = False,
+        at_start: int | None = None,
+        at_step: int | None = None,
     ) -> None:
         # ranges frozen at the end of an epoch before (`freeze_observers_epoch`) stay frozen: enable_fake_quant would
         # switch the weight observers back on (trial DH: they moved for one more epoch, or left the fit on)
@@ -612,6 +647,8 @@ class QuantizationAwareTraining(Callback):
                 f"from the first step of epoch {epoch} on: `max_steps`={at_start} ends the fit inside it, and these "
                 "quantizers need no calibration epoch (weight scales from the weights, activations per token or float)"
             )
+        if at_step is not None:
+            when = f"after optimizer step {at_step} (calibrated on the steps of epoch {epoch} before it)"
         own = self._own_layers(pl_module)
         grouped = sum(1 for _, layer in own if getattr(layer.weight_fake_quant, "groups", 0))
         rank_zero_info(

@@ -476,13 +476,14 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> int:
     return count
 
 
-def read_weight_ranges(layers: Sequence[tuple[str, nn.Module]]) -> None:
+def read_weight_ranges(layers: Sequence[tuple[str, nn.Module]], unread: bool = False) -> None:
     """Read each weight quantizer's range from its layer's weight as it is now (not from the last forward, one
-    optimizer step before), but learned (LSQ) scales, fixed shifts and quantizers that never read their weight.
+    optimizer step before), but learned (LSQ) scales, fixed shifts and quantizers that never read their weight
+    (``unread=True``: those too, for quantizers switched on with no calibration before).
     FSDP2 shards are gathered as a forward reads them: every rank calls this."""
     for _, layer in layers:
         q = cast(Any, layer).weight_fake_quant
-        if q.initialized and q.mode != "learned" and not q.frozen_shift:
+        if (q.initialized or unread) and q.mode != "learned" and not q.frozen_shift:
             with torch.no_grad():
                 q.observe(full(cast(Any, layer).weight))
 

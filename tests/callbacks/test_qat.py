@@ -663,11 +663,98 @@ def test_quantizers_with_nothing_to_calibrate_switch_on_at_once_in_a_fit_shorter
     assert fit.global_step == 5
     assert all(q.fake_quant_enabled for _, q in quantizers(tiny))
     assert {q.bits for n, q in quantizers(tiny) if n.endswith("weight_fake_quant")} == {4}
+
+
+class ActiveAtBatchStart(Callback):
+    """Whether fake quantization is on as each training batch starts."""
+
+    def __init__(self) -> None:
+        self.states: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.states.append(all(active(pl_module)))
+
+
+def test_quantizers_that_calibrate_do_so_on_the_first_tenth_of_a_fit_shorter_than_its_first_epoch(tiny, caplog):
+    """A recipe that calibrates (per-tensor activation ranges: the default) in one long epoch that `max_steps` ends
+    was refused, told to shorten epochs with `limit_train_batches`. It calibrates on the first tenth of the steps the
+    fit makes in `start_epoch` (at least one), then switches on; with gradient accumulation too."""
+    probe = ActiveAtBatchStart()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        fit = trainer(max_epochs=-1, max_steps=5, callbacks=[QuantizationAwareTraining(), probe])  # 8 per epoch
+        fit.fit(tiny)
+    assert fit.global_step == 5
+    assert probe.states == [False, True, True, True, True]  # calibrated on step 1, on after it
+    assert all(q.initialized for _, q in quantizers(tiny))
+    assert on_grid(tiny)
+    assert "calibrate on the first 1 optimizer steps of that epoch" in caplog.text
+    assert "fake quantization on for 3 layers (weights 8 bits, activations 8 bits, minmax) after optimizer step 1" in (
+        caplog.text
+    )
+    pl.seed_everything(0, verbose=False)
+    model, probe = TinyModule(n=1024), ActiveAtBatchStart()  # 32 batches per epoch, 16 optimizer steps
+    trainer(max_epochs=-1, max_steps=12, accumulate_grad_batches=2, callbacks=[QuantizationAwareTraining(), probe]).fit(
+        model
+    )
+    assert probe.states == [False] * 4 + [True] * 20  # 2 optimizer steps (4 batches) calibrate, of 12
+
+
+def test_a_shift_search_in_a_fit_shorter_than_its_calibration_epoch_is_refused_with_what_to_do():
     model = TinyModule()
-    said = r"switches on after 8 optimizer steps .* `max_steps`=5 .*Raise `max_steps`, or make the first epoch shorter"
-    with pytest.raises(ValueError, match=said + r": `limit_train_batches=N`"):
-        trainer(max_epochs=-1, max_steps=5, callbacks=[QuantizationAwareTraining(), FailOnFirstStep()]).fit(model)
+    qat = QuantizationAwareTraining(scale="power_of_two", shift_search=True)
+    said = r"`shift_search=True` chooses the shifts on the validation at the end of `start_epoch`=0, .*`max_steps`=5"
+    with pytest.raises(ValueError, match=said + r".* set `shift_search=False` .* `limit_train_batches=N`"):
+        trainer(max_epochs=-1, max_steps=5, callbacks=[qat, FailOnFirstStep()]).fit(model)
     assert not qat_modules(model)
+
+
+class StopAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("recipe", ["calibrated", "llm"])
+@pytest.mark.parametrize("stop", [1, 3])
+def test_a_fit_shorter_than_its_first_epoch_resumes_inside_it_as_it_would_have_run(tmp_path, recipe, stop):
+    """Resumed inside the epoch that `max_steps` ends (before the switch-on, and after it) the fit was refused as
+    never switching quantization on (the LLM recipe, already on from the checkpoint), or switched on elsewhere."""
+    kwargs: dict[str, Any] = (
+        {} if recipe == "calibrated" else dict(weight_bits=4, group_size=4, activation_granularity="per_token")
+    )
+
+    def run(resume: bool) -> tuple[TinyModule, list[bool]]:
+        pl.seed_everything(0, verbose=False)
+        model, probe = TinyModule(n=1024), ActiveAtBatchStart()  # 32 batches per epoch
+        ckpt = ModelCheckpoint(dirpath=tmp_path, filename=f"{recipe}{stop}", every_n_train_steps=stop)
+        callbacks = [QuantizationAwareTraining(**kwargs), probe]
+        if not resume:
+            trainer(tmp_path, max_epochs=-1, max_steps=20, callbacks=callbacks).fit(model)
+            return model, probe.states
+        halt = StopAtStep(stop)  # the fit stopped early, with its full `max_steps`, to be resumed
+        first = trainer(
+            tmp_path,
+            max_epochs=-1,
+            max_steps=20,
+            callbacks=[QuantizationAwareTraining(**kwargs), ckpt, halt],
+            enable_checkpointing=True,
+        )
+        first.fit(model)
+        assert first.global_step == stop
+        model = TinyModule(n=1024)
+        trainer(tmp_path, max_epochs=-1, max_steps=20, callbacks=callbacks).fit(
+            model, ckpt_path=str(tmp_path / f"{recipe}{stop}.ckpt")
+        )
+        return model, probe.states
+
+    _, states = run(resume=False)
+    resumed, resumed_states = run(resume=True)
+    assert states[stop:] == resumed_states
+    assert states == ([False, False] + [True] * 18 if recipe == "calibrated" else [True] * 20)
+    assert all(active(resumed))
 
 
 def test_two_callbacks_on_the_same_layers_are_refused_and_disjoint_ones_each_keep_their_settings(tiny):
