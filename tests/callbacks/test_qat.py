@@ -654,8 +654,7 @@ def test_start_epoch_beyond_max_steps_is_refused_before_training(tiny):
 def test_quantizers_with_nothing_to_calibrate_switch_on_at_once_in_a_fit_shorter_than_its_first_epoch(tiny):
     """Trial FO: the LLM recipe (int4 weight groups, int8 per-token activations) in one long epoch that `max_steps`
     ends, as a fine-tune usually runs, was refused and told to "lower `start_epoch`", already 0. Its scales come from
-    the weights and from each token: it switches on at the first step. A recipe that calibrates is still refused,
-    told how to give it a calibration epoch."""
+    the weights and from each token: it switches on at the first step."""
     pl.seed_everything(0, verbose=False)
     qat = QuantizationAwareTraining(4, 8, group_size=4, activation_granularity="per_token")
     fit = trainer(max_epochs=-1, max_steps=5, callbacks=[qat])  # 8 batches per epoch
