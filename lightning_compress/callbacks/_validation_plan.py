@@ -123,6 +123,15 @@ def last_validation_batch(trainer: pl.Trainer) -> int | None:
     return None if found is None else (found[0] if found else -1)
 
 
+def validation_enabled(trainer: pl.Trainer) -> bool:
+    """Whether the fit validates at all: the Trainer's ``enable_validation``, and, once its validation loaders are
+    loaded, a batch in one of them (trial FU: darts passes ``val_dataloaders=[]`` when given no validation series, and
+    a guarded fit trained to its end dense, told at the end that "the fit ended before enough" validations ran)."""
+    if not trainer.enable_validation:
+        return False
+    return trainer.val_dataloaders is None or any(trainer.num_val_batches)
+
+
 def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
     """The last ``count`` batches of the fit after which validation runs, latest first (fewer if the fit validates
     less often); ``None``: cannot be known."""
@@ -136,7 +145,7 @@ def validation_batches(trainer: pl.Trainer, count: int) -> list[int] | None:
         if steps is None:
             return None
         max_epochs = math.ceil(_batches_for_steps(steps, batches, accumulation(trainer)) / batches)
-    if not trainer.enable_validation:
+    if not validation_enabled(trainer):
         return []
     horizon = max_epochs * batches
     if steps is not None:
@@ -173,7 +182,7 @@ def validates_in_epoch(trainer: pl.Trainer, epoch: int) -> bool | None:
     every = trainer.val_check_batch
     if batches is None or batches <= 0 or every is None:
         return None
-    if not trainer.enable_validation:
+    if not validation_enabled(trainer):
         return False
     every_n_epochs = trainer.check_val_every_n_epoch
     if every_n_epochs is not None:
@@ -188,7 +197,7 @@ def validation_skipped_on_resume(trainer: pl.Trainer) -> bool:
     at the next batch without that validation (trial CD: the event it was to judge waited for the next one, and
     every later event one validation later: 0.78 where the uninterrupted fit reached 0.89)."""
     batches, every = _per_epoch(trainer), trainer.val_check_batch
-    if not batches or every is None or not trainer.enable_validation:
+    if not batches or every is None or not validation_enabled(trainer):
         return False
     batch = _first_batch(trainer, batches) - 1
     if batch < 0:
@@ -548,7 +557,7 @@ def _last_judged_epoch_unsized(trainer: pl.Trainer, baseline_known: bool) -> int
     max_epochs, every = trainer.max_epochs, trainer.check_val_every_n_epoch
     if max_epochs is None or max_epochs < 0 or trainer.max_steps >= 0 or every is None:
         return None
-    if not trainer.enable_validation:
+    if not validation_enabled(trainer):
         return 0
     if trainer.val_check_batch is None:  # time-based validation
         return None

@@ -143,3 +143,21 @@ def test_a_guarded_fit_with_a_step_cadence_runs_the_event_its_last_validation_ju
     pruning = IterativePruning(0.8, monitor="val_acc", max_drop=1.0, every_n_steps=every, end_epoch=end_epoch)
     trainer(max_epochs=4, callbacks=[pruning]).fit(model)
     assert sparsity(model) == pytest.approx(0.8, abs=2e-3)
+
+
+@pytest.mark.parametrize("val_dataloaders", [[], None])
+def test_a_guarded_fit_given_an_empty_list_of_validation_loaders_is_refused_before_training(val_dataloaders):
+    """Trial FU: darts passes `val_dataloaders=[]` when given no validation series; the guard found validations to
+    come, the fit trained to its end dense, and the end of fit said "the fit ended before enough of them ran"."""
+    from lightning_compress import IterativePruning
+    from tests.conftest import weights_of
+
+    model = TinyModule()
+    model.val_dataloader = None  # type: ignore[assignment]  # the loaders `fit` is given, none of its own
+    before = weights_of(model)
+    train = model.train_dataloader()
+    with pytest.raises(ValueError, match=r"`monitor`='val_acc': no validation runs after a pruning event"):
+        trainer(callbacks=[IterativePruning(0.8, monitor="val_acc")], max_epochs=4).fit(
+            model, train, val_dataloaders=val_dataloaders
+        )
+    assert all(torch.equal(before[k], v) for k, v in weights_of(model).items())
