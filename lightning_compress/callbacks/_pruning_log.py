@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from ..core.iterative import IterativePruner
 from ..core.mask_counts import zero_counts
 
-__all__ = ["log_values", "sparsity_values"]
+__all__ = ["layer_values", "log_values", "sparsity_values", "writes_step_values"]
 
 
 def sparsity_values(pruner: IterativePruner, channels: bool) -> dict[str, float]:
@@ -33,3 +33,15 @@ def log_values(pl_module: pl.LightningModule, values: dict[str, float], step_lev
             name, value, on_step=step_level, on_epoch=not step_level, sync_dist=pl_module.trainer.world_size > 1,
             batch_size=1,
         )  # fmt: skip
+
+
+def layer_values(values: dict[str, float]) -> dict[str, float]:
+    """The per-layer entries of :func:`sparsity_values`."""
+    return {k: v for k, v in values.items() if k.startswith("compress/sparsity/")}
+
+
+def writes_step_values(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes the step-level values logged in this batch to the loggers (called at the end of a
+    batch that made an optimizer step: it writes every ``log_every_n_steps`` steps, and when the fit stops)."""
+    every = getattr(trainer, "log_every_n_steps", 50)  # set by the Trainer at init (no annotation)
+    return bool(every) and (trainer.global_step % every == 0 or trainer.should_stop)
