@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -331,18 +332,29 @@ def check_example_inputs(
         ) from err
 
 
+def _items(value: Any) -> list[Any] | None:
+    """What a container in a model's output holds: a dict's values (``ModelOutput`` too), a tuple's or list's items, a
+    dataclass instance's fields (darts' ``PLModuleOutput``, trial FU: channel pruning saw no output, and blamed every
+    layer); ``None`` for a leaf."""
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, (tuple, list)):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [getattr(value, field.name) for field in dataclasses.fields(value)]
+    return None
+
+
 def output_tensors(out: Any) -> list[Tensor]:
-    """Every tensor in a model's output (nested tuples, lists, dicts and ``ModelOutput``s)."""
+    """Every tensor in a model's output (nested tuples, lists, dicts, ``ModelOutput``s and dataclasses)."""
     flat: list[Tensor] = []
     stack = [out]
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
             flat.append(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (tuple, list)):
-            stack.extend(item)
+        else:
+            stack.extend(_items(item) or [])
     return flat
 
 
@@ -352,7 +364,7 @@ def call_model_for_tracer(model: nn.Module, inputs: Any) -> Any:
     (Torch-Pruning's) iterates every item (trial EN: ``'NoneType' object is not iterable``, no channel pruned)."""
     out = call_model(model, inputs)
     tensors = output_tensors(out)
-    return out if _leaves(out) == len(tensors) else tuple(reversed(tensors))
+    return out if _leaves(out) == len(tensors) and _walkable(out) else tuple(reversed(tensors))
 
 
 class _TracedTuple(tuple):
@@ -446,14 +458,26 @@ def _leaves(out: Any) -> int:
     """How many leaves a model's output has (tensors or anything else), counted as :func:`output_tensors` walks it."""
     count, stack = 0, [out]
     while stack:
+        items = _items(stack.pop())
+        if items is None:
+            count += 1
+        else:
+            stack.extend(items)
+    return count
+
+
+def _walkable(out: Any) -> bool:
+    """Whether a tracer that walks tuples, lists and dicts reaches every container in ``out`` (not a dataclass)."""
+    stack = [out]
+    while stack:
         item = stack.pop()
         if isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (tuple, list)):
             stack.extend(item)
-        else:
-            count += 1
-    return count
+        elif _items(item) is not None:
+            return False
+    return True
 
 
 def jittered(inputs: Any, seed: int = 0) -> Any:

@@ -2,6 +2,7 @@
 left out of the trace (and whole) instead of failing it, and an index mapping that raises leaves its layer whole with
 the reason (trial EW: Llama4's router, SAM's mask decoder)."""
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -360,3 +361,37 @@ def test_a_layer_run_inside_a_custom_autograd_function_is_said_to_be_possibly_so
 
     _, skipped = build_channel_groups(_RunsReversibly().eval(), torch.randn(2, 5, 8))
     assert "inside a custom `torch.autograd.Function`, as reversible layers do" in skipped["inner"]
+
+
+@dataclasses.dataclass
+class _Forecast:
+    prediction: torch.Tensor
+    aux: torch.Tensor | None = None
+
+
+class _ReturnsDataclass(nn.Module):
+    """A forward returning a dataclass instance, as darts' models return their `PLModuleOutput`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> _Forecast:
+        hidden = torch.relu(self.fc2(torch.relu(self.fc1(x))))
+        return _Forecast(prediction=self.head(hidden))
+
+
+def test_a_forward_returning_a_dataclass_is_traced_through_its_fields():
+    """Trial FU: darts' forward returns a dataclass; the trace saw no output, and channel pruning was refused for
+    every layer ("the traced graph does not hold its output")."""
+    torch.manual_seed(0)
+    model, x = _ReturnsDataclass(), torch.randn(8, 16)
+    structure = channel_structure(model, select_targets(model), x)
+    assert {g.name for g in structure.groups} == {"fc1", "fc2"}
+    before = model(x).prediction
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    pruned = model(x).prediction
+    report = compact(model, x)
+    assert model.fc1.out_features == 16 and model.fc2.out_features == 16
+    assert torch.allclose(model(x).prediction, pruned, atol=1e-6) and not torch.equal(pruned, before)
+    assert (report.params_before, report.params_after) == (1732, 612)
