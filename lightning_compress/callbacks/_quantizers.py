@@ -26,8 +26,9 @@ def warn_about_idle_layers(
         rank_zero_warn(
             f"QuantizationAwareTraining: {idle[:5]}{' ...' if len(idle) > 5 else ''} never ran their forward in epoch "
             f"{epoch}: a branch the training data did not take (as SAM's mask embedding without `input_masks`), or the "
-            "model reads their weights directly (as transformers' Mamba does with conv1d). They compute in float, and "
-            "an export stores them in float. `exclude` them to silence this."
+            "model reads their weights directly (as transformers' Mamba does with conv1d), or calls another module "
+            "holding them (a copy of the layer, kept where the model's modules do not hold it). They compute in float, "
+            "and an export stores them in float. `exclude` them to silence this."
         )
     unseen = [
         name

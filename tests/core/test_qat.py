@@ -988,3 +988,38 @@ def test_a_layer_given_no_rows_passes_them_through_and_its_range_is_unchanged(co
     (full.sum() + empty.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.eval()(torch.empty(0, 8)).shape == (0, 8)
+
+
+class _CalledThroughAList(nn.Module):
+    """Layers registered in a ModuleList and called through a plain list of the same objects (darts' N-BEATS keeps
+    `linear_layer_stack_list` beside `fc_stack`), a tuple and a dict of them too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = nn.ModuleList([nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16)])
+        self.stack_list = list(self.stack)  # a plain attribute: not registered again
+        self.head = nn.Linear(16, 4)
+        self.heads = (self.head,)
+        self.by_name = {"head": self.head}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.stack_list:
+            x = layer(x)
+        return self.by_name["head"](x) + self.heads[0](x)
+
+
+def test_layers_called_through_plain_containers_are_the_converted_ones():
+    """Trial FU: QAT swapped the registered layers, and the forward kept calling the float originals through its plain
+    list: 94% of N-BEATS' weights trained float, every converted layer said to "never run its forward"."""
+    torch.manual_seed(0)
+    model = _CalledThroughAList()
+    names = convert_to_qat(model, QuantConfig(8, 8))
+    assert names == ["stack.0", "stack.2", "head"]
+    assert model.stack_list[0] is model.stack[0] and isinstance(model.stack_list[2], QATLinear)
+    assert model.stack_list[1] is model.stack[1]  # the activation, not converted, stays where it was
+    assert model.heads[0] is model.head and model.by_name["head"] is model.head and isinstance(model.head, QATLinear)
+    calibrate(model, [torch.randn(4, 8)])
+    assert all(q.initialized for _, q in quantizers(model))  # every converted layer ran
+    convert_to_float(model)
+    assert type(model.stack_list[0]) is nn.Linear and model.stack_list[0] is model.stack[0]
+    assert model.heads[0] is model.head and type(model.by_name["head"]) is nn.Linear
