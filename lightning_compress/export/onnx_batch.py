@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..core.checks import first_line
 
-__all__ = ["GraphCheck", "batch_size", "graph_note", "max_error", "other_batch"]
+__all__ = ["GraphCheck", "batch_size", "example_error", "graph_note", "max_error", "other_batch"]
 
 _FIXED = (
     "the trace fixed what the forward did with the example's batch (a size read as a Python number, such as "
@@ -166,6 +166,26 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
         f"batch of {other} ({error_other:.3g}, of outputs up to {scale:.3g}): {_FIXED} Serve it at a batch of "
         f"{batch}, or make that size a tensor operation in the forward."
     )
+
+
+def example_error(path: Path, check: GraphCheck) -> tuple[float, float] | None:
+    """How far the graph at ``path`` is from the model on the example: ``(largest error, largest output)``; ``None``
+    where it cannot be told (no onnxruntime, a graph that does not load or run, outputs that do not line up)."""
+    try:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        read = _read_inputs(names, check)
+        if read is None:
+            return None
+        got = session.run(None, {n: check.tensors[i].detach().cpu().numpy() for n, i in zip(names, read, strict=True)})
+    except Exception:
+        return None
+    error = max_error(got, check.expected)
+    return None if error is None else (error, _largest(check.expected))
 
 
 def _read_inputs(graph_inputs: list[str], check: GraphCheck) -> list[int] | None:

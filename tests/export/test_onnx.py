@@ -978,14 +978,17 @@ def test_a_model_whose_forward_is_compiled_exports_as_its_own_forward(tmp_path):
 
 
 class DictBatch(nn.Module):
-    """`forward(batch)` with a dict of two images: a residual conv on one, scaled by the other's mean."""
+    """`forward(batch)` with a dict of two images: a residual conv on one, scaled by the other's mean, and a Linear
+    head (the conv's output reaches a quantized layer, so an export calibrates its range)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 2)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (self.conv(batch["image"]) + batch["image"]).mean((2, 3)) * batch["gain"].mean((1, 2, 3))[:, None]
+        pooled = (self.conv(batch["image"]) + batch["image"]).mean((2, 3))
+        return self.head(pooled * batch["gain"].mean((1, 2, 3))[:, None])
 
 
 class KeywordConv(DictBatch):
@@ -1043,6 +1046,61 @@ def test_calibration_batches_are_matched_to_the_graph_inputs_by_name_and_checked
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*quantized convolution")
         export_onnx(relu6.eval(), tmp_path / "relu6.onnx", images)
+
+
+class DepthHead(nn.Module):
+    """A dense-prediction head: a convolution, then one whose ReLU'd, scaled output is the model's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(self.c2(torch.relu(self.c1(x)))) * 10.0).squeeze(1)
+
+
+def test_calibration_leaves_the_models_output_and_quantizes_a_relu_d_output_on_its_own_range(tmp_path):
+    """Trial FV: a depth head's output (a convolution, ReLU, scaled) was given a uint8 Q/DQ pair on its pre-ReLU
+    range from the calibration batches, so depths above their range were clipped: 1.78 off outputs up to 2.72,
+    without a word but the exporter blamed. The model's output keeps its precision; a convolution read by a ReLU
+    alone is quantized after it (its range the ReLU's); a graph whose calibrated outputs add most of its error says
+    so."""
+    import onnx
+
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = DepthHead()
+    small = [0.1 * torch.randn(4, 3, 8, 8) for _ in range(2)]  # calibration far narrower than the example
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [torch.randn(4, 3, 8, 8)])
+    enable_fake_quant(model)
+    model.eval()
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"export_onnx")  # nothing to say
+        export_onnx(model, tmp_path / "depth.onnx", x, calibration=small)
+    proto = onnx.load(str(tmp_path / "depth.onnx"))
+    assert not [i.name for i in proto.graph.initializer if i.name.endswith("_out_scale")]  # c2 feeds the output
+    ort = importlib.import_module("onnxruntime")
+    session = ort.InferenceSession(str(tmp_path / "depth.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - model(x).detach().numpy()).max() < 0.05  # int8 kernels; clipped, it was 2.03
+    # a residual block: the stem's output is read by a ReLU alone, quantized after it on the ReLU's range
+    model = Residual()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, batches)
+    enable_fake_quant(model)
+    model.eval()
+    export_onnx(model, tmp_path / "residual.onnx", batches[0], calibration=batches)
+    proto = onnx.load(str(tmp_path / "residual.onnx"))
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    quantized = [producer[n.input[0]].op_type for n in proto.graph.node if n.op_type == "QuantizeLinear"
+                 and n.input[0].endswith("_float")]  # fmt: skip
+    assert sorted(quantized) == ["Conv", "Relu"]
+    # calibrated on batches a hundred times narrower than the example: the note says what adds the error
+    with pytest.warns(UserWarning, match=r"and by [0-9.e-]+ without the output quantization of the 2 convolution"):
+        export_onnx(model, tmp_path / "narrow.onnx", 10 * batches[0], calibration=[0.1 * b for b in batches])
 
 
 def test_calibration_quantizes_the_convolution_outputs_no_quantized_layer_reads(tmp_path):
