@@ -101,13 +101,10 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
         split = "SplitToSequence" in str(err)  # trial FT: FastSpeech2Conformer's `Where` was blamed on a split
         return (
             f"the graph does not run on the example it was traced on (onnxruntime: {first}): the exporter converted "
-            "an operation of the forward into one that fails"
-            + (
-                " (a chunked or split attention: a `SplitToSequence` with a negative size)"
-                if split
-                else " (a size the forward computes from the data, fixed in the graph at the trace's)"
-            )
-            + ". Rewrite that operation in the forward, or keep the compressed file."
+            "an operation of the forward into one that fails at the very sizes it was traced at"
+            + (" (a chunked or split attention: a `SplitToSequence` with a negative size)" if split else "")
+            + ". Rewrite that operation in the forward (onnxruntime's message names its node), or keep the compressed "
+            "file."
         )
     error = max_error(at_example, check.expected)
     scale = _largest(check.expected)

@@ -1576,6 +1576,10 @@ def test_a_graph_that_fails_on_its_own_example_is_said_to_fail(tmp_path):
     x = torch.randn(4, 8)
     note = graph_note(path, GraphCheck([x], [x.reshape(2, 16)], 4, False, names=["x"]))
     assert note is not None and note.startswith("the graph does not run on the example it was traced on (onnxruntime:")
+    assert "fails at the very sizes it was traced at. Rewrite that operation" in note
+    # trial FV: Cohere's graph was said to fix "a size the forward computes from the data" at the trace's, which the
+    # example itself cannot fail on
+    assert "computes from the data" not in note
 
 
 def test_a_forward_that_returns_an_object_onnx_cannot_carry_is_said_so(tmp_path):
