@@ -416,9 +416,9 @@ def _raw_groups(
         if group is None:
             failed[names.get(module, "?")] = (
                 f"the search for the layers its channels reach did not end within {limit:,} steps: the channel "
-                "indices shift on every lap of a cycle in the graph (e.g. a token concatenated along the dimension "
-                "the tracer reads as channels), or multiply through reshapes (a kernel predicted and unfolded, as "
-                "UnivNet's)"
+                "indices multiply or shift as the tracer follows them (on every lap of a cycle, as a token "
+                "concatenated along the dimension the tracer reads as channels; through reshapes, as UnivNet's "
+                "predicted kernels; through a split whose slices meet other channels, as FocalNet's gates)"
             )
             continue
         outputs = [item.dep.target.module for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)]
