@@ -1048,6 +1048,14 @@ def test_calibration_batches_are_matched_to_the_graph_inputs_by_name_and_checked
         export_onnx(relu6.eval(), tmp_path / "relu6.onnx", images)
 
 
+def fake_quantized(model: nn.Module, batches: list[torch.Tensor]) -> nn.Module:
+    """``model`` with int8 fake quantization calibrated on ``batches`` and on, in eval mode."""
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, batches)
+    enable_fake_quant(model)
+    return model.eval()
+
+
 class DepthHead(nn.Module):
     """A dense-prediction head: a convolution, then one whose ReLU'd, scaled output is the model's output."""
 
@@ -1069,12 +1077,8 @@ def test_calibration_leaves_the_models_output_and_quantizes_a_relu_d_output_on_i
 
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = DepthHead()
+    model = fake_quantized(DepthHead(), [torch.randn(4, 3, 8, 8)])
     small = [0.1 * torch.randn(4, 3, 8, 8) for _ in range(2)]  # calibration far narrower than the example
-    convert_to_qat(model, QuantConfig(8, 8))
-    calibrate(model, [torch.randn(4, 3, 8, 8)])
-    enable_fake_quant(model)
-    model.eval()
     x = torch.randn(4, 3, 8, 8)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r"export_onnx")  # nothing to say
@@ -1086,12 +1090,8 @@ def test_calibration_leaves_the_models_output_and_quantizes_a_relu_d_output_on_i
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - model(x).detach().numpy()).max() < 0.05  # int8 kernels; clipped, it was 2.03
     # a residual block: the stem's output is read by a ReLU alone, quantized after it on the ReLU's range
-    model = Residual()
     batches = [torch.randn(8, 3, 8, 8) for _ in range(2)]
-    convert_to_qat(model, QuantConfig(8, 8))
-    calibrate(model, batches)
-    enable_fake_quant(model)
-    model.eval()
+    model = fake_quantized(Residual(), batches)
     export_onnx(model, tmp_path / "residual.onnx", batches[0], calibration=batches)
     proto = onnx.load(str(tmp_path / "residual.onnx"))
     producer = {out: node for node in proto.graph.node for out in node.output}
@@ -1109,12 +1109,8 @@ def test_calibration_quantizes_the_convolution_outputs_no_quantized_layer_reads(
     `calibration`; with it, each such output's range is measured and every convolution runs as QLinearConv."""
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = Residual()
     batches = [torch.randn(16, 3, 8, 8) for _ in range(3)]
-    convert_to_qat(model, QuantConfig(8, 8))
-    calibrate(model, batches)
-    enable_fake_quant(model)
-    model.eval()
+    model = fake_quantized(Residual(), batches)
     with pytest.warns(UserWarning, match=r"2 quantized convolution\(s\) have outputs no quantized layer reads first"):
         export_onnx(model, tmp_path / "plain.onnx", batches[0][:2])
     assert ort_kernels(tmp_path / "plain.onnx").get("QLinearConv", 0) < 3
