@@ -36,8 +36,9 @@ def how_to_give_examples(pl_module: pl.LightningModule) -> str:
     name = type(pl_module).__name__
     return (
         f"set `example_input_array` on the {name}, in its `__init__` or on the instance before `fit` (a module "
-        "another library builds): a tensor, a tuple of positional inputs (a forward that takes one dict: "
-        "`(batch_dict,)`), or a dict of keyword inputs."
+        "another library builds; one it builds inside `fit`, as darts does: from a callback's `setup` hook, listed "
+        "before this one): a tensor, a tuple of positional inputs (a forward that takes one dict: `(batch_dict,)`), "
+        "or a dict of keyword inputs."
     )
 
 
