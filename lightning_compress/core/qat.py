@@ -352,11 +352,15 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
     return names
 
 
+_HELD_DEPTH = 4  # how deep plain containers of layers are followed (a list of lists of tuples: 3)
+
+
 def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Module]]) -> None:
-    """Point the plain Python lists, tuples and dicts a module of ``model`` keeps at the layers that replaced the ones
-    they held (``swapped``: ``id(old) -> (old, new)``). darts' N-BEATS keeps each block's layers in a list beside
-    their ``nn.ModuleList`` and calls them through it (trial FU: 94% of its weights trained float, every converted
-    layer said to "never run its forward")."""
+    """Point the plain Python lists, tuples and dicts a module of ``model`` keeps (nested ones too, and dict keys) at
+    the layers that replaced the ones they held (``swapped``: ``id(old) -> (old, new)``). darts' N-BEATS keeps each
+    block's layers in a list beside their ``nn.ModuleList`` and calls them through it (trial FU: 94% of its weights
+    trained float, every converted layer said to "never run its forward"); trial FW: lists of lists, and a dict keyed
+    by layers (a `KeyError` at the first forward)."""
     if not swapped:
         return
 
@@ -364,21 +368,39 @@ def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Modul
         found = swapped.get(id(item))
         return found[1] if found is not None and found[0] is item else item
 
+    def repointed(value: object, depth: int) -> object:
+        """``value`` with the swapped layers replaced: a list or dict changed in place, a tuple rebuilt."""
+        if depth > _HELD_DEPTH:
+            return value
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                new = repointed(item, depth + 1)
+                if new is not item:
+                    value[index] = new
+            return value
+        if isinstance(value, dict):
+            items = [(repointed(k, depth + 1), k, repointed(v, depth + 1), v) for k, v in value.items()]
+            if any(nk is not k for nk, k, _, _ in items):
+                value.clear()  # a key replaced: rebuilt in its order
+                value.update((nk, nv) for nk, _, nv, _ in items)
+            else:
+                for nk, _, nv, v in items:
+                    if nv is not v:
+                        value[nk] = nv
+            return value
+        if isinstance(value, tuple):
+            rebuilt = [repointed(item, depth + 1) for item in value]
+            if all(new is old for new, old in zip(rebuilt, value, strict=True)):
+                return value
+            return cast(Any, type(value))(*rebuilt) if hasattr(value, "_fields") else tuple(rebuilt)
+        return new_of(value)
+
     for module in model.modules():
         for key, value in list(vars(module).items()):
-            if key in ("_modules", "_parameters", "_buffers"):
-                continue
-            if isinstance(value, list):
-                for index, item in enumerate(value):
-                    if new_of(item) is not item:
-                        value[index] = new_of(item)
-            elif isinstance(value, tuple) and any(new_of(item) is not item for item in value):
-                rebuilt = [new_of(item) for item in value]
-                vars(module)[key] = cast(Any, type(value))(*rebuilt) if hasattr(value, "_fields") else tuple(rebuilt)
-            elif isinstance(value, dict):
-                for entry, item in list(value.items()):
-                    if new_of(item) is not item:
-                        value[entry] = new_of(item)
+            if key not in ("_modules", "_parameters", "_buffers") and isinstance(value, (list, tuple, dict)):
+                new = repointed(value, 1)
+                if new is not value:
+                    vars(module)[key] = new
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

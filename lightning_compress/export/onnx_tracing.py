@@ -127,6 +127,25 @@ def composite_attention() -> Iterator[None]:
         backend.set_fastpath_enabled(before)
 
 
+# what a tensor's metadata is read through (no value of it): attributes (their getters) and methods
+_METADATA_ATTRIBUTES = frozenset(
+    ["device", "dtype", "shape", "ndim", "layout", "requires_grad", "is_leaf", "grad_fn", "names", "itemsize",
+     "nbytes", "is_cuda", "is_cpu", "is_meta", "is_mps", "is_xpu", "is_sparse", "is_quantized"]
+)  # fmt: skip
+_METADATA_METHODS = frozenset(
+    ["size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device", "is_floating_point",
+     "is_complex", "is_contiguous", "stride", "storage_offset", "data_ptr"]
+)  # fmt: skip
+
+
+def _metadata(func: Any) -> bool:
+    """Whether ``func`` reads only a tensor's metadata (its device, dtype, sizes), not its values."""
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # an attribute's getter: named by its descriptor
+        return getattr(getattr(func, "__self__", None), "__name__", "") in _METADATA_ATTRIBUTES
+    return name in _METADATA_METHODS
+
+
 class _Reads(TorchFunctionMode):
     """Records the ids of the tensors every torch function called meanwhile is given (nested in lists and dicts)."""
 
@@ -135,6 +154,8 @@ class _Reads(TorchFunctionMode):
         self.seen: set[int] = set()
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if _metadata(func):  # trial FX: scvi's `{p.device for p in self.parameters()}` counted a whole VAE as read
+            return func(*args, **(kwargs or {}))
         stack: list[Any] = [args, kwargs or {}]
         while stack:
             value = stack.pop()

@@ -1179,6 +1179,6 @@ def test_a_search_whose_indices_multiply_past_its_bound_gives_up_before_mapping_
     x = torch.randn(2, 1, 32)
     assert prune_(_FlattenedConv(), 0.5, granularity="channel", example_inputs=x)  # 240 indices: within the bound
     monkeypatch.setattr(group_search, "GROUP_SEARCH_MAX_INDICES", 100)
-    with pytest.raises(ValueError, match=r"conv: the search for the layers its channels reach did not end .* or "
-                       r"multiply through reshapes"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"conv: the search for the layers its channels reach did not end .* "
+                       r"multiply or shift as the tracer follows them .*through reshapes"):  # fmt: skip
         prune_(_FlattenedConv(), 0.5, granularity="channel", example_inputs=x)
