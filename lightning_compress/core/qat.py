@@ -352,7 +352,7 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
     return names
 
 
-_HELD_DEPTH = 4  # how deep plain containers of layers are followed (a list of lists of tuples: 3)
+_HELD_DEPTH = 6  # how deep plain containers of layers are followed (a layer in a list in a dict in a tuple in a list)
 
 
 def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Module]]) -> None:

@@ -1001,11 +1001,14 @@ class _CalledThroughAList(nn.Module):
         self.head = nn.Linear(16, 4)
         self.heads = (self.head,)
         self.by_name = {"head": self.head}
+        self.nested = [[self.stack[0]], ({"head": [self.head]},)]  # trial FW: nested containers, layers as keys
+        self.weights = {self.head: 0.5}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.stack_list:
             x = layer(x)
-        return self.by_name["head"](x) + self.heads[0](x)
+        head = self.nested[1][0]["head"][0]
+        return self.by_name["head"](x) + self.heads[0](x) + head(x) * self.weights[head]
 
 
 def test_layers_called_through_plain_containers_are_the_converted_ones():
@@ -1018,8 +1021,12 @@ def test_layers_called_through_plain_containers_are_the_converted_ones():
     assert model.stack_list[0] is model.stack[0] and isinstance(model.stack_list[2], QATLinear)
     assert model.stack_list[1] is model.stack[1]  # the activation, not converted, stays where it was
     assert model.heads[0] is model.head and model.by_name["head"] is model.head and isinstance(model.head, QATLinear)
+    assert model.nested[0][0] is model.stack[0] and model.nested[1][0]["head"][0] is model.head
+    assert list(model.weights) == [model.head]
     calibrate(model, [torch.randn(4, 8)])
     assert all(q.initialized for _, q in quantizers(model))  # every converted layer ran
     convert_to_float(model)
     assert type(model.stack_list[0]) is nn.Linear and model.stack_list[0] is model.stack[0]
     assert model.heads[0] is model.head and type(model.by_name["head"]) is nn.Linear
+    assert model.nested[1][0]["head"][0] is model.head and list(model.weights) == [model.head]
+    model(torch.randn(2, 8))
