@@ -70,6 +70,13 @@ def steps_per_epoch(trainer: pl.Trainer) -> int | None:
     return None if batches is None else max(1, math.ceil(batches / accumulation(trainer)))
 
 
+def optimizer_count(trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+    """How many optimizer steps ``global_step`` counts a batch: the optimizers' number under manual optimization with
+    several (if each steps at every batch), else 1."""
+    count = len(getattr(trainer, "optimizers", []) or [])
+    return count if not pl_module.automatic_optimization and count > 1 else 1
+
+
 def clock_max_steps(trainer: pl.Trainer) -> int | None:
     """``max_steps`` on the callbacks' clock (``None``: unbounded): under manual optimization with several optimizers
     ``global_step`` counts every optimizer's steps and the clock counts batches, so the fit ends after ``max_steps //
@@ -79,10 +86,7 @@ def clock_max_steps(trainer: pl.Trainer) -> int | None:
     if steps is None or steps < 0:
         return None
     module = getattr(trainer, "lightning_module", None)
-    count = len(getattr(trainer, "optimizers", []) or [])
-    if module is not None and not module.automatic_optimization and count > 1:
-        return steps // count
-    return steps
+    return steps if module is None else steps // optimizer_count(trainer, module)
 
 
 def warn_if_max_steps_counts_several_optimizers(

@@ -17,6 +17,7 @@ from torch import nn
 from .._lightning import overrides
 from ..checkpoint import saved_quantization
 from ..core.adapters import lora_note
+from ..core.checks import is_integer
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
@@ -71,7 +72,7 @@ from ._validation import (
 )
 from ._validation_plan import (
     clock_max_steps,
-    steps_done_after,
+    optimizer_count,
     steps_per_epoch,
     validates_in_epoch,
     validation_ahead,
@@ -247,6 +248,7 @@ class QuantizationAwareTraining(Callback):
             "layers": list(self._layers),
             "shifts": {k: [w, a] for k, (w, a) in self.shifts.items()},
             "scales_group": self._scales_group,
+            "switch_step": self._switch_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -267,6 +269,13 @@ class QuantizationAwareTraining(Callback):
                 "checkpoint as it was saved, or start a new fit from its weights without `ckpt_path`."
             )
         self.shifts, self._scales_group = shifts, group
+        switch = state_dict.get("switch_step")
+        if switch is not None and not (is_integer(switch) and int(switch) >= 0):
+            raise ValueError(
+                f"The checkpoint's QuantizationAwareTraining state has switch_step={repr(switch)[:40]}: not what it "
+                "saves (an optimizer step, or None); the checkpoint is damaged."
+            )
+        self._switch_step = None if switch is None else int(switch)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -304,6 +313,7 @@ class QuantizationAwareTraining(Callback):
             if lora is not None:
                 rank_zero_warn(lora)
             self._calibrated = False  # `start_epoch` ended in this fit
+            self._switch_step = None  # a resumed fit's comes with its state
             self._calibration_epoch = self.start_epoch
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
@@ -486,7 +496,6 @@ class QuantizationAwareTraining(Callback):
                 "another `start_epoch`, or set `shift_search=False`."
             )
         self._at_start = None
-        self._switch_step = None
         # in batches: with several optimizers under manual optimization `max_steps` counts every one's steps (trial FR:
         # a GAN's LLM recipe trained in float to the end); how often each steps is not known, so a refusal counts
         # `max_steps` itself as batches, and the hedged warning above says the rest
@@ -511,15 +520,12 @@ class QuantizationAwareTraining(Callback):
             # a recipe that calibrates (per-tensor activation ranges, learned scales' starting values) in a fit that
             # `max_steps` ends inside `start_epoch`: it calibrates on the first tenth of the steps the fit makes in
             # that epoch, then switches on (it was refused, told to shorten epochs with `limit_train_batches`)
-            calibration = max(1, math.ceil((max_steps - self.start_epoch * per_epoch) * CALIBRATION_SHARE))
-            self._switch_step = self.start_epoch * per_epoch + calibration
-            if trainer.global_step < self._switch_step:
-                rank_zero_info(
-                    f"QuantizationAwareTraining: `max_steps`={trainer.max_steps} ends the fit inside `start_epoch`="
-                    f"{self.start_epoch}: its observers calibrate on the first {calibration} optimizer steps of that "
-                    f"epoch (a tenth of the fit's steps in it), and fake quantization switches on after step "
-                    f"{self._switch_step}."
-                )
+            # planned when `start_epoch` starts, on its own length (:meth:`_plan_in_epoch`); a fit resumed inside it
+            # keeps its checkpoint's plan (one saved before this release: planned on epochs of this length)
+            if epoch == self.start_epoch and trainer.global_step > 0 and self._switch_step is None:
+                count = optimizer_count(trainer, pl_module)
+                calibration = max(1, math.ceil((max_steps - self.start_epoch * per_epoch) * CALIBRATION_SHARE))
+                self._switch_step = count * (self.start_epoch * per_epoch + calibration)
             return
         if switch_on <= trainer.max_steps:
             return
@@ -578,9 +584,35 @@ class QuantizationAwareTraining(Callback):
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):
             self._switch_on_or_calibrate(pl_module, epoch)  # after `start_epoch`'s end: its checkpoints hold the
             # model it validated
-        if self._at_start is not None and epoch == self.start_epoch and not self._active(pl_module):
-            self._switch_on_at_start(pl_module, epoch)
+        if epoch == self.start_epoch and self._layers and not self._active(pl_module):
+            self._plan_in_epoch(trainer, pl_module)
         self._freeze_bn(trainer, pl_module)
+
+    def _plan_in_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """As ``start_epoch`` starts: where ``max_steps`` ends the fit inside it, counted on this epoch's own length
+        (trial FW: a `GradientAccumulationScheduler` or a reloaded loader changed it after epoch 0, and quantization
+        switched on only at the end of fit), quantizers with nothing to calibrate switch on now, and the others plan
+        to switch on after the first tenth of the fit's steps in it (``_switch_step``, in the Trainer's steps)."""
+        per_epoch, max_steps = steps_per_epoch(trainer), clock_max_steps(trainer)
+        if per_epoch is None or max_steps is None:
+            return
+        count = optimizer_count(trainer, pl_module)
+        left = max_steps - trainer.global_step // count
+        self._switch_step = None
+        if left >= per_epoch:
+            return  # the epoch ends inside the fit: quantization switches on when the next one starts
+        if not self._calibrates:
+            self._at_start = trainer.max_steps
+            self._switch_on_at_start(pl_module, trainer.current_epoch)
+        elif not self.shift_search:  # (refused at the start of training where the lengths told it)
+            calibration = max(1, math.ceil(left * CALIBRATION_SHARE))
+            self._switch_step = trainer.global_step + count * calibration
+            rank_zero_info(
+                f"QuantizationAwareTraining: `max_steps`={trainer.max_steps} ends the fit inside `start_epoch`="
+                f"{self.start_epoch}: its observers calibrate on the first {calibration} optimizer step"
+                f"{'' if calibration == 1 else 's'} of that epoch (a tenth of the fit's {left} in it, at least one), "
+                f"and fake quantization switches on after step {self._switch_step}."
+            )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -593,9 +625,12 @@ class QuantizationAwareTraining(Callback):
         update_observers(self._activation_quantizers, StrategyCollectives(trainer.strategy))
         if self._switch_step is None or trainer.current_epoch != self.start_epoch or self._active(pl_module):
             return
-        batches = trainer.num_training_batches
-        if steps_done_after(trainer.current_epoch * int(batches) + batch_idx, trainer) >= self._switch_step:
+        if trainer.global_step >= self._switch_step:
             read_weight_ranges(self._own_layers(pl_module))  # as the weights are after this step
+            freeze = self.freeze_observers_epoch
+            if freeze is not None and freeze <= trainer.current_epoch:  # trial FW: the ranges moved on, 30%
+                for _, quantizer in self._own_quantizers(pl_module):
+                    quantizer.observer_enabled = False
             self._calibrated = True
             self._switch_on(pl_module, trainer.current_epoch, at_step=self._switch_step)
 
@@ -632,7 +667,7 @@ class QuantizationAwareTraining(Callback):
         # ranges frozen at the end of an epoch before (`freeze_observers_epoch`) stay frozen: enable_fake_quant would
         # switch the weight observers back on (trial DH: they moved for one more epoch, or left the fit on)
         freeze = self.freeze_observers_epoch  # `epoch`: the epoch starting, or at fit end the calibration epoch that
-        frozen = freeze is not None and (epoch >= freeze if at_fit_end else epoch > freeze)  # ended (trial DI)
+        frozen = freeze is not None and (epoch >= freeze if at_fit_end or at_step is not None else epoch > freeze)
         with warnings.catch_warnings():  # said below, with the reason (trial EA: it named `calibrate`, never called)
             warnings.filterwarnings("ignore", message=r"enable_fake_quant: .* never observed an activation")
             enable_fake_quant(pl_module, layers=self._layers, observe=False if frozen else None)  # learned scales train

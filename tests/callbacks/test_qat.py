@@ -686,7 +686,8 @@ def test_quantizers_that_calibrate_do_so_on_the_first_tenth_of_a_fit_shorter_tha
     assert probe.states == [False, True, True, True, True]  # calibrated on step 1, on after it
     assert all(q.initialized for _, q in quantizers(tiny))
     assert on_grid(tiny)
-    assert "calibrate on the first 1 optimizer steps of that epoch" in caplog.text
+    said = "calibrate on the first 1 optimizer step of that epoch (a tenth of the fit's 5 in it, at least one)"
+    assert said in caplog.text
     assert "fake quantization on for 3 layers (weights 8 bits, activations 8 bits, minmax) after optimizer step 1" in (
         caplog.text
     )
@@ -696,6 +697,32 @@ def test_quantizers_that_calibrate_do_so_on_the_first_tenth_of_a_fit_shorter_tha
         model
     )
     assert probe.states == [False] * 4 + [True] * 20  # 2 optimizer steps (4 batches) calibrate, of 12
+
+
+def test_the_switch_inside_start_epoch_is_planned_on_that_epochs_own_length():
+    """Trial FW: the switch step was planned at the start of training on epoch 0's length, so where a
+    `GradientAccumulationScheduler` made `start_epoch`=1 shorter it never came, and quantization switched on at the end
+    of fit, untrained. With `freeze_observers_epoch` at or before it, the ranges freeze when it switches on (they moved
+    on by 30%)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    pl.seed_everything(0, verbose=False)
+    model, probe = TinyModule(n=1024), ActiveAtBatchStart()  # 32 batches an epoch: 32 steps, then 8 at 4 a step
+    qat = QuantizationAwareTraining(start_epoch=1)
+    trainer(max_epochs=-1, max_steps=38, callbacks=[qat, GradientAccumulationScheduler({1: 4}), probe]).fit(model)
+    assert probe.states == [False] * 36 + [True] * 20  # epoch 1 calibrates on its first step (4 batches), of 6
+    pl.seed_everything(0, verbose=False)
+    model = TinyModule(n=1024)
+    scales: list[torch.Tensor] = []
+
+    class WeightScale(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            scales.append(pl_module.net[0].weight_fake_quant.scale.detach().clone())
+
+    qat = QuantizationAwareTraining(freeze_observers_epoch=0)
+    trainer(max_epochs=-1, max_steps=20, callbacks=[qat, WeightScale()]).fit(model)
+    assert all(torch.equal(scales[1], later) for later in scales[2:])  # frozen as it switched on after step 2
+    assert not any(q.observer_enabled for _, q in quantizers(model))
 
 
 def test_a_shift_search_in_a_fit_shorter_than_its_calibration_epoch_is_refused_with_what_to_do():
