@@ -468,6 +468,12 @@ def plan_timeline(
         # resumed past the last time an event can be judged: it trains on without one (the schedule's end, or why it
         # fell short, is said at the end of fit; trial CD: it was refused as a fit no validation could judge)
         resumed_past = trainer.global_step > 0 and start <= now and judged <= now
+        if judged <= start and not resumed_past and not validation_enabled(trainer):
+            raise ValueError(  # trial FW: an empty list of loaders was told of events up to epoch 0 it could judge
+                f"`monitor`={monitor!r}: this fit has no validation data (no validation batch: `limit_val_batches=0`, "
+                "no `validation_step`, or empty validation loaders), so no pruning event could be judged. Give the "
+                "fit validation data (`val_dataloaders`, or a datamodule's `val_dataloader`), or set `monitor=None`."
+            )
         if judged <= start and not resumed_past:
             raise ValueError(
                 f"`monitor`={monitor!r}: no validation runs after a pruning event of this fit (a validation could "

@@ -156,7 +156,7 @@ def test_a_guarded_fit_given_an_empty_list_of_validation_loaders_is_refused_befo
     model.val_dataloader = None  # type: ignore[assignment]  # the loaders `fit` is given, none of its own
     before = weights_of(model)
     train = model.train_dataloader()
-    with pytest.raises(ValueError, match=r"`monitor`='val_acc': no validation runs after a pruning event"):
+    with pytest.raises(ValueError, match=r"`monitor`='val_acc': this fit has no validation data \(no validation batch"):
         trainer(callbacks=[IterativePruning(0.8, monitor="val_acc")], max_epochs=4).fit(
             model, train, val_dataloaders=val_dataloaders
         )
