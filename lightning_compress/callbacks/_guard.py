@@ -91,9 +91,17 @@ def guard_arguments(monitor: Any, max_drop: Any, mode: Any) -> tuple[str | None,
     inferred = mode is None
     mode = monitor_mode(monitor, mode)
     if monitor is not None and inferred and says_no_direction(monitor):
+        elbo = "elbo" in re.split(r"[^a-z0-9]+", monitor.lower())
         warnings.warn(  # a trial's `val_total`, a sum of losses: every event rolled back, 0% sparse
             f"IterativePruning: `monitor`={monitor!r} names neither a loss nor an accuracy, so the guard reads a "
-            "higher value as better (mode='max'). Pass `mode` ('min' for a loss) to say which.",
+            "higher value as better (mode='max')"
+            + (
+                ": an ELBO is logged as the bound (higher is better) and as its negative, the loss (scvi-tools' "
+                "`elbo_validation`, lower is better)"
+                if elbo
+                else ""
+            )
+            + ". Pass `mode` ('min' for a loss) to say which.",
             UserWarning,
             stacklevel=3,
         )

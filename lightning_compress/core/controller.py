@@ -200,7 +200,8 @@ def reads_higher(monitor: str) -> bool:
 # every word and phrase that gives a name a direction, and names higher-is-better by convention
 _DIRECTION_WORDS = (
     _LOWER_WORDS | _HIGHER_METRICS | _HIGHER_WORDS | _FALL_WORDS | _GAP_WORDS | _NEGATED | _QUALIFIERS
-) | frozenset(["top1", "top5", "reward", "return", "elbo", "miou", "map", "ap"])
+) | frozenset(["top1", "top5", "reward", "return", "miou", "map", "ap"])  # not "elbo": logged as the bound, and as
+# its negative, the loss (scvi-tools' `elbo_validation`; trial FX: read as the bound, every event was rolled back)
 _DIRECTION_PHRASES = (*_LOWER_PHRASES, *_HIGHER_PHRASES, "bits_per", "cross_entropy")
 
 

@@ -1035,6 +1035,9 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
     for name in ("val_total", "valTotal", "val_myMetric"):  # trial BP: camel case without a direction word too
         with pytest.warns(UserWarning, match=rf"`monitor`='{name}' names neither a loss nor an accuracy, so the guard"):
             IterativePruning(0.9, monitor=name)  # trial BL: a sum of two losses read as max, every event undone
+    for name in ("elbo_validation", "val_elbo"):  # trial FX: scvi-tools logs the negative ELBO, a loss, as `elbo`
+        with pytest.warns(UserWarning, match=r"mode='max'\): an ELBO is logged as the bound .* and as its negative"):
+            IterativePruning(0.9, monitor=name)
     for name in ("val_MeanSquaredError", "val_MeanAbsoluteError", "val_abs_err", "val_root_mean_squared_error",
                  "val_max_error", "val_MaxError"):  # fmt: skip  # review: scikit-learn's largest residual, a size
         with pytest.warns(UserWarning, match=rf"lets `monitor`='{name}' rise by at most `max_drop`=0.01"):
@@ -1056,7 +1059,7 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
             IterativePruning(0.9, monitor=rate)
         for name in ("val_acc", "val_neg_mse", "val_neg_mean_squared_error", "val_PeakSignalNoiseRatio",
                      "val_MulticlassMatthewsCorrCoef", "val_BinaryFBetaScore", "val_f1", "val_BERTScore", "val_map",
-                     "val_top1", "val_elbo", "val/PearsonCorrCoef", "val_ExactMatch"):  # fmt: skip
+                     "val_top1", "val/PearsonCorrCoef", "val_ExactMatch"):  # fmt: skip
             IterativePruning(0.9, monitor=name)  # names that say their direction (trial BN: these warned)
         IterativePruning(0.9, monitor="val_total", mode="min", max_drop=0.05)  # or a mode given
         IterativePruning(0.5, granularity="channel", min_density=0.2)
