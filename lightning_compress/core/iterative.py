@@ -370,7 +370,12 @@ class IterativePruner:
             self._pruner.save_rewind_point()
 
     def _continue(self, previous: IterativePruner) -> None:
-        if previous._model is not self._model:  # another model: its masks and baseline say nothing of this one
+        # another model: its masks and baseline say nothing of this one. The same weights count as the same model
+        # (trial FX: scvi-tools and GluonTS wrap the same network in a new LightningModule at every `train()`)
+        same = previous._model is self._model or {id(t.param) for t in previous.selected} == {
+            id(t.param) for t in self.selected
+        }
+        if not same:
             return
         if self._pruner.adopt(previous._pruner.masks) and self.judge is not None and previous.judge is not None:
             self.judge.carry(previous.judge)

@@ -1953,6 +1953,22 @@ def test_a_second_fit_of_one_instance_starts_its_schedule_from_the_masks_it_took
     assert sparsity(tiny) == pytest.approx(0.9, abs=1e-3)
 
 
+def test_a_second_fit_of_the_same_network_in_a_new_module_goes_on_from_its_masks(tiny):
+    """Trial FX: scvi-tools (and GluonTS's `train_from`) wrap the same network in a new LightningModule at every
+    `train()`: the second fit started over from dense, said the zeros would train back, and they did."""
+    pruning = IterativePruning(0.9, start_epoch=0, end_epoch=3)
+    trainer(max_epochs=4, callbacks=[pruning, StopAfterEpoch(1)]).fit(tiny)
+    start = sparsity(tiny)
+    rebuilt = TinyModule()
+    rebuilt.net = tiny.net  # the same weights, in another module
+    trace = SparsityTrace()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*already .* zero")
+        trainer(max_epochs=4, callbacks=[pruning, trace]).fit(rebuilt)
+    assert pruning.pruner.schedule.initial == pytest.approx(start, abs=1e-6)
+    assert min(trace.seen) == pytest.approx(start) and sparsity(rebuilt) == pytest.approx(0.9, abs=1e-3)
+
+
 def test_a_sparse_initialization_is_not_read_as_a_pruned_model(tiny):
     """Trial CW: a `sparse_`-initialized head (1.9% of the weights zero) was read as 50% pruned."""
     with torch.no_grad():
