@@ -25,6 +25,7 @@ from ..core.rules import ChannelStructure, channel_structure
 from ..core.selection import select_targets
 from ..core.sharding import reshard
 from ..export.report import CompressionReport
+from ._best_checkpoint import BestCheckpoints
 from ._export import (
     ValidationInputs,
     check_export_path,
@@ -262,6 +263,7 @@ class IterativePruning(Callback):
         self._trained = False
         self._pending_logs: dict[str, float] = {}  # guard decisions are taken in validation, logged after it
         self._layers_unlogged = False  # an event in steps changed the masks since each layer's sparsity was logged
+        self._best = BestCheckpoints()  # what a monitored ModelCheckpoint's best checkpoint holds
         self._validated_at: int | None = None  # the optimizer step of the fit's last validation the guard read
         self._unscored_rollback = False  # that validation's rollback could not give back the model scored before
         self._scored: float | None = None  # what that validation scored the model it left (None: not known)
@@ -370,6 +372,7 @@ class IterativePruning(Callback):
                 "to keep them, or `export_path` to write the file in the workers."
             )
         self._fitting = stage == "fit"
+        self._best.reset()
         if stage != "fit":
             return
         self._clock.reset()
@@ -603,6 +606,8 @@ class IterativePruning(Callback):
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
         self._flush_logs(pl_module, step_level=False)
         self._unreached.say(trainer.current_epoch)
+        if self._core is not None:  # a checkpoint callback monitoring a training metric saves now
+            self._best.note(trainer, self._core.masked_sparsity())
 
     def _write_final_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sparsity the fit ends at, to every logger and to ``trainer.callback_metrics``: Lightning writes
@@ -690,6 +695,7 @@ class IterativePruning(Callback):
             self._finish_untrained_fit(trainer, pl_module)
         if self._core is not None:
             self._core.apply()  # after callbacks that write weights at train end (SWA)
+            self._best.say_if_short(trainer, self._core.masked_sparsity())
         if self.export_path is not None:
             compacted = self.config.granularity == "channel"
             template, self._template = self._template, None
@@ -726,6 +732,11 @@ class IterativePruning(Callback):
         """Judge the last event now, before a checkpoint saved at the end of this validation can hold it."""
         self._validation_inputs.stop()
         self._clock.validated(trainer)
+        self._judge(trainer, pl_module)
+        if self._core is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._best.note(trainer, self._core.masked_sparsity())
+
+    def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._guarding(trainer) or self._core is None:
             return
         reshard(pl_module)  # a rollback writes the shards

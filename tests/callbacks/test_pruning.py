@@ -619,6 +619,24 @@ class ScoredBySparsity(TinyModule):
         self.log("val_score", 1.0 - sparsity(self))
 
 
+def test_a_best_checkpoint_less_pruned_than_the_fit_is_said_at_its_end(tmp_path):
+    """Trial FX: GluonTS keeps the best checkpoint by loss and loads it after `fit`: DeepAR came back at 0.563 of 0.8,
+    said nowhere. The end of fit says where a monitored ModelCheckpoint's best holds a less pruned model."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val_score", mode="max")  # the densest scores best
+    pruning = IterativePruning(0.8, start_epoch=0, end_epoch=3, every_n_epochs=1)
+    said = r"ModelCheckpoint\(monitor='val_score'\)'s best checkpoint holds the model at sparsity 0.0000 \(step 8\), "
+    with pytest.warns(UserWarning, match=said + r"short of the 0.(7999|8000) this fit ends at: .* GluonTS's"):
+        trainer(max_epochs=4, callbacks=[pruning, best], enable_checkpointing=True).fit(ScoredBySparsity())
+    assert best.best_model_path.endswith("epoch=0-step=8.ckpt")
+    last = ModelCheckpoint(dirpath=tmp_path / "last", monitor="val_score", mode="min")  # its best: the most pruned
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*best checkpoint holds")
+        trainer(max_epochs=4, callbacks=[IterativePruning(0.8, start_epoch=0, end_epoch=3, every_n_epochs=1), last],
+                enable_checkpointing=True).fit(ScoredBySparsity())  # fmt: skip
+
+
 def test_accuracy_guard_rolls_back_halves_the_step_and_stops():
     pl.seed_everything(0, verbose=False)
     model = ScoredBySparsity()
