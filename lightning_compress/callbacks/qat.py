@@ -441,9 +441,9 @@ class QuantizationAwareTraining(Callback):
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
         self._trained = True
-        if self._calibrates:  # it switches on when epoch `start_epoch + 1` starts (quantizers with nothing to
-            warn_if_max_steps_counts_several_optimizers(  # calibrate switch on earlier where the fit is shorter)
-                trainer, pl_module, "QuantizationAwareTraining", self.start_epoch + 1, "start_epoch"
+        if self._calibrates:  # it switches on inside `start_epoch` where the fit ends in it (trial FY: the warning
+            warn_if_max_steps_counts_several_optimizers(  # asked for `start_epoch + 1` epochs, which it needs no more)
+                trainer, pl_module, "QuantizationAwareTraining", self.start_epoch, "start_epoch"
             )
         warn_if_already_quantizing(trainer, self.start_epoch, self._converted, self._own_quantizers(pl_module))
         epoch = trainer.current_epoch
@@ -469,7 +469,7 @@ class QuantizationAwareTraining(Callback):
                 self._switch_on_or_calibrate(pl_module, epoch)
         # Lightning skips the epoch start of a resumed epoch (trial CH: resumed from `start_epoch - 1`'s last batch,
         # the calibration epoch observed nothing and quantization switched on uncalibrated)
-        self._observe_if_due(pl_module, epoch)
+        self._observe_if_due(pl_module, epoch, trainer.global_step)
         for _, quantizer in self._own_quantizers(pl_module):
             quantizer.train()
         searching = self.shift_search and epoch <= self._calibration_epoch and not self._active(pl_module)
@@ -564,10 +564,13 @@ class QuantizationAwareTraining(Callback):
         return per_tensor or config.scale != "minmax" or self.shift_search
 
     # ------------------------------------------------------------------ training hooks
-    def _observe_if_due(self, pl_module: pl.LightningModule, epoch: int) -> None:
+    def _observe_if_due(self, pl_module: pl.LightningModule, epoch: int, step: int = 0) -> None:
         """Observers on from ``start_epoch`` through ``freeze_observers_epoch``, off after it (a resume past the
-        freeze epoch's last batch skips its end, where they freeze: trial CI)."""
-        frozen = self.freeze_observers_epoch is not None and epoch > self.freeze_observers_epoch
+        freeze epoch's last batch skips its end, where they freeze: trial CI), or after ``_switch_step`` in it (trial
+        FY: a fit resumed after that switch had its ranges move on)."""
+        freeze = self.freeze_observers_epoch
+        switched = self._switch_step is not None and step >= self._switch_step
+        frozen = freeze is not None and (epoch > freeze or (switched and epoch >= freeze))
         if epoch >= self.start_epoch:
             own = self._own_quantizers(pl_module)
             if frozen and any(q.observer_enabled for _, q in own if q.role == "weight"):
@@ -578,7 +581,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         own = self._own_quantizers(pl_module)
-        self._observe_if_due(pl_module, epoch)
+        self._observe_if_due(pl_module, epoch, trainer.global_step)
         for _, quantizer in own:  # they observe while the model trains, even if it was left in eval mode (Lightning
             quantizer.train()  # keeps a module's mode): they would never calibrate
         if epoch > self.start_epoch and self._layers and not self._active(pl_module):

@@ -377,7 +377,12 @@ class IterativePruner:
         }
         if not same:
             return
-        if self._pruner.adopt(previous._pruner.masks) and self.judge is not None and previous.judge is not None:
+        # the masks under this model's names for the same weights (trial FY: the network under another attribute)
+        names = {id(t.param): t.param_name for t in self.selected}
+        renamed = {names.get(id(t.param), t.param_name): t.param_name for t in previous.selected}
+        masks = previous._pruner.masks
+        adopted = {new: masks[old] for new, old in renamed.items() if old in masks}
+        if self._pruner.adopt(adopted) and self.judge is not None and previous.judge is not None:
             self.judge.carry(previous.judge)
 
     def attach_optimizers(self, optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None) -> None:

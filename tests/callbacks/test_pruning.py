@@ -1971,14 +1971,29 @@ def test_a_second_fit_of_one_instance_starts_its_schedule_from_the_masks_it_took
     assert sparsity(tiny) == pytest.approx(0.9, abs=1e-3)
 
 
-def test_a_second_fit_of_the_same_network_in_a_new_module_goes_on_from_its_masks(tiny):
+class _Renamed(TinyModule):
+    """A module holding a given network under another attribute name."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        del self.net
+        self.body = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("attribute", ["net", "body"])
+def test_a_second_fit_of_the_same_network_in_a_new_module_goes_on_from_its_masks(tiny, attribute):
     """Trial FX: scvi-tools (and GluonTS's `train_from`) wrap the same network in a new LightningModule at every
-    `train()`: the second fit started over from dense, said the zeros would train back, and they did."""
+    `train()`: the second fit started over from dense, said the zeros would train back, and they did. Trial FY: the
+    same under another attribute name (the masks are carried by weight, not by name)."""
     pruning = IterativePruning(0.9, start_epoch=0, end_epoch=3)
     trainer(max_epochs=4, callbacks=[pruning, StopAfterEpoch(1)]).fit(tiny)
     start = sparsity(tiny)
-    rebuilt = TinyModule()
-    rebuilt.net = tiny.net  # the same weights, in another module
+    rebuilt = _Renamed(tiny.net) if attribute == "body" else TinyModule()
+    if attribute == "net":
+        rebuilt.net = tiny.net  # the same weights, in another module
     trace = SparsityTrace()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*already .* zero")

@@ -725,6 +725,28 @@ def test_the_switch_inside_start_epoch_is_planned_on_that_epochs_own_length():
     assert not any(q.observer_enabled for _, q in quantizers(model))
 
 
+def test_ranges_frozen_at_the_switch_inside_start_epoch_stay_frozen_on_a_resume(tmp_path):
+    """Trial FY: a fit resumed after the switch inside `start_epoch`, with `freeze_observers_epoch` there, turned the
+    observers back on at train start: its ranges moved on, where the uninterrupted fit's stayed."""
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="at5", every_n_train_steps=5)
+    first = trainer(tmp_path, max_epochs=-1, max_steps=20, enable_checkpointing=True,
+                    callbacks=[QuantizationAwareTraining(freeze_observers_epoch=0), ckpt, StopAtStep(5)])  # fmt: skip
+    first.fit(TinyModule(n=1024))  # 32 batches an epoch: switched on (and frozen) after step 2
+    on: list[bool] = []
+
+    class Observing(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            on.append(any(q.observer_enabled for _, q in quantizers(pl_module)))
+
+    model = TinyModule(n=1024)
+    trainer(tmp_path, max_epochs=-1, max_steps=20,
+            callbacks=[QuantizationAwareTraining(freeze_observers_epoch=0), Observing()]).fit(
+        model, ckpt_path=str(tmp_path / "at5.ckpt")
+    )  # fmt: skip
+    assert on and not any(on) and all(active(model))
+
+
 def test_a_shift_search_in_a_fit_shorter_than_its_calibration_epoch_is_refused_with_what_to_do():
     model = TinyModule()
     qat = QuantizationAwareTraining(scale="power_of_two", shift_search=True)
