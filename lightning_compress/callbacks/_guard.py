@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..core.checks import check_float, is_integer, is_real
-from ..core.controller import GuardDecision, is_rate, monitor_mode, names_no_direction, reads_higher
+from ..core.controller import GuardDecision, is_rate, monitor_mode, names_elbo, names_no_direction, reads_higher
 from ..core.iterative import IterativePruner, Rollback
 
 __all__ = [
@@ -35,6 +35,24 @@ __all__ = [
     "unjudged_event_note",
     "unscored_model_note",
 ]
+
+
+def warn_no_direction(who: str, reader: str, monitor: str, stacklevel: int = 4) -> None:
+    """Say that ``monitor`` names no direction, so ``reader`` reads it as higher-is-better (a trial's `val_total`, a
+    sum of losses: every event rolled back, 0% sparse; trial FX: scvi-tools' `elbo_validation`, a loss)."""
+    warnings.warn(
+        f"{who}: `monitor`={monitor!r} names neither a loss nor an accuracy, so {reader} reads a higher value as "
+        "better (mode='max')"
+        + (
+            ": an ELBO is logged as the bound (higher is better) and as its negative, the loss (scvi-tools' "
+            "`elbo_validation`, lower is better)"
+            if names_elbo(monitor)
+            else ""
+        )
+        + ". Pass `mode` ('min' for a loss) to say which.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
 
 
 def says_no_direction(monitor: str) -> bool:
@@ -91,20 +109,7 @@ def guard_arguments(monitor: Any, max_drop: Any, mode: Any) -> tuple[str | None,
     inferred = mode is None
     mode = monitor_mode(monitor, mode)
     if monitor is not None and inferred and says_no_direction(monitor):
-        elbo = "elbo" in re.split(r"[^a-z0-9]+", monitor.lower())
-        warnings.warn(  # a trial's `val_total`, a sum of losses: every event rolled back, 0% sparse
-            f"IterativePruning: `monitor`={monitor!r} names neither a loss nor an accuracy, so the guard reads a "
-            "higher value as better (mode='max')"
-            + (
-                ": an ELBO is logged as the bound (higher is better) and as its negative, the loss (scvi-tools' "
-                "`elbo_validation`, lower is better)"
-                if elbo
-                else ""
-            )
-            + ". Pass `mode` ('min' for a loss) to say which.",
-            UserWarning,
-            stacklevel=3,
-        )
+        warn_no_direction("IterativePruning", "the guard", monitor)
     elif monitor is not None and inferred:
         rank_zero_info(f"IterativePruning: the guard reads `monitor`={monitor!r} with mode={mode!r}.")
     if (

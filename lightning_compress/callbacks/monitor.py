@@ -18,7 +18,15 @@ from ..core.controller import monitor_mode
 from ..core.qat import quantizers
 from ..core.sharding import full, local, reshard
 from ..core.summary import ModelSize, estimate_size
-from ._guard import LoggedNames, check_monitor_name, named_after_the_stage, read_monitor, stale_note
+from ._guard import (
+    LoggedNames,
+    check_monitor_name,
+    named_after_the_stage,
+    read_monitor,
+    says_no_direction,
+    stale_note,
+    warn_no_direction,
+)
 from ._validation import runs_in_spawned_processes, sanity_check_is_a_baseline
 
 __all__ = ["CompressionMonitor"]
@@ -63,6 +71,8 @@ class CompressionMonitor(Callback):
                 stacklevel=2,
             )
         self.mode = monitor_mode(monitor, mode, "CompressionMonitor")
+        if monitor is not None and mode is None and says_no_direction(monitor):  # trial FY: said for the guard only
+            warn_no_direction("CompressionMonitor", "its drop from the baseline", monitor, stacklevel=3)
         self.log_images = log_images
         self.baseline: float | None = None
         self.history: list[dict[str, float]] = []

@@ -23,6 +23,7 @@ __all__ = ["AccuracyGuard", "GuardDecision", "check_guard_state", "is_rate", "lo
 # words of a metric's name (split at anything but letters and digits) that say lower is better
 _LOWER_WORDS = frozenset(
     [
+        "nelbo",  # the negative ELBO (trial FY: read as "max")
         "loss",
         "losses",
         "nll",
@@ -213,6 +214,12 @@ def names_no_direction(monitor: str) -> bool:
     return not any(w in _DIRECTION_WORDS or w.endswith(_SUFFIXES) for w in words) and not any(
         phrase in joined for phrase in _DIRECTION_PHRASES
     )
+
+
+def names_elbo(monitor: str) -> bool:
+    """Whether the name holds the word ``elbo`` (split at separators and camel case: ``valELBO`` too), which libraries
+    log both as the bound (higher is better) and as its negative, the loss (scvi-tools' ``elbo_validation``)."""
+    return "elbo" in _words(monitor)
 
 
 def is_rate(monitor: str) -> bool:

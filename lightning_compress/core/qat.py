@@ -9,6 +9,7 @@ Parameter objects**, so optimizers keep working and ``weight``/``bias`` keep the
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import glob
 import warnings
@@ -352,7 +353,8 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
     return names
 
 
-_HELD_DEPTH = 6  # how deep plain containers of layers are followed (a layer in a list in a dict in a tuple in a list)
+_HELD_DEPTH = 8  # a layer at most this many containers deep is followed (trial FY: 6 lists deep was missed at 6)
+_HELD_TYPES = (list, tuple, dict, set, frozenset, collections.deque)
 
 
 def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Module]]) -> None:
@@ -372,12 +374,21 @@ def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Modul
         """``value`` with the swapped layers replaced: a list or dict changed in place, a tuple rebuilt."""
         if depth > _HELD_DEPTH:
             return value
-        if isinstance(value, list):
-            for index, item in enumerate(value):
+        if isinstance(value, (list, collections.deque)):
+            for index, item in enumerate(list(value)):
                 new = repointed(item, depth + 1)
                 if new is not item:
                     value[index] = new
             return value
+        if isinstance(value, (set, frozenset)):
+            members = [(repointed(item, depth + 1), item) for item in value]
+            if all(new is old for new, old in members):
+                return value
+            if isinstance(value, set):
+                value.clear()
+                value.update(new for new, _ in members)
+                return value
+            return type(value)(new for new, _ in members)
         if isinstance(value, dict):
             items = [(repointed(k, depth + 1), k, repointed(v, depth + 1), v) for k, v in value.items()]
             if any(nk is not k for nk, k, _, _ in items):
@@ -392,12 +403,17 @@ def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Modul
             rebuilt = [repointed(item, depth + 1) for item in value]
             if all(new is old for new, old in zip(rebuilt, value, strict=True)):
                 return value
-            return cast(Any, type(value))(*rebuilt) if hasattr(value, "_fields") else tuple(rebuilt)
+            if hasattr(value, "_fields"):  # a namedtuple
+                return cast(Any, type(value))(*rebuilt)
+            try:  # a tuple subclass keeps its type where it is built from an iterable, as `tuple` is (trial FY)
+                return cast(Any, type(value))(rebuilt)
+            except Exception:
+                return tuple(rebuilt)
         return new_of(value)
 
     for module in model.modules():
         for key, value in list(vars(module).items()):
-            if key not in ("_modules", "_parameters", "_buffers") and isinstance(value, (list, tuple, dict)):
+            if key not in ("_modules", "_parameters", "_buffers") and isinstance(value, _HELD_TYPES):
                 new = repointed(value, 1)
                 if new is not value:
                     vars(module)[key] = new

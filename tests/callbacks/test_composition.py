@@ -1035,9 +1035,12 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
     for name in ("val_total", "valTotal", "val_myMetric"):  # trial BP: camel case without a direction word too
         with pytest.warns(UserWarning, match=rf"`monitor`='{name}' names neither a loss nor an accuracy, so the guard"):
             IterativePruning(0.9, monitor=name)  # trial BL: a sum of two losses read as max, every event undone
-    for name in ("elbo_validation", "val_elbo"):  # trial FX: scvi-tools logs the negative ELBO, a loss, as `elbo`
+    for name in ("elbo_validation", "val_elbo", "valELBO"):  # trial FX: scvi-tools logs the negative ELBO as `elbo`
         with pytest.warns(UserWarning, match=r"mode='max'\): an ELBO is logged as the bound .* and as its negative"):
             IterativePruning(0.9, monitor=name)
+    with pytest.warns(UserWarning, match=r"CompressionMonitor: `monitor`='elbo_validation' names neither .* an ELBO"):
+        CompressionMonitor(monitor="elbo_validation")  # trial FY: said for the guard only
+    assert IterativePruning(0.9, monitor="val_nelbo").mode == "min"  # the negative ELBO
     for name in ("val_MeanSquaredError", "val_MeanAbsoluteError", "val_abs_err", "val_root_mean_squared_error",
                  "val_max_error", "val_MaxError"):  # fmt: skip  # review: scikit-learn's largest residual, a size
         with pytest.warns(UserWarning, match=rf"lets `monitor`='{name}' rise by at most `max_drop`=0.01"):

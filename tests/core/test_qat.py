@@ -1,3 +1,4 @@
+import collections
 import copy
 import warnings
 
@@ -990,6 +991,10 @@ def test_a_layer_given_no_rows_passes_them_through_and_its_range_is_unchanged(co
     assert model.eval()(torch.empty(0, 8)).shape == (0, 8)
 
 
+class _Pair(tuple):
+    """A tuple subclass (its type must survive the conversion)."""
+
+
 class _CalledThroughAList(nn.Module):
     """Layers registered in a ModuleList and called through a plain list of the same objects (darts' N-BEATS keeps
     `linear_layer_stack_list` beside `fc_stack`), a tuple and a dict of them too."""
@@ -1003,6 +1008,11 @@ class _CalledThroughAList(nn.Module):
         self.by_name = {"head": self.head}
         self.nested = [[self.stack[0]], ({"head": [self.head]},)]  # trial FW: nested containers, layers as keys
         self.weights = {self.head: 0.5}
+        # trial FY: a set, a deque, a tuple subclass, a layer six lists deep
+        self.members = {self.head}
+        self.queue = collections.deque([self.stack[2]])
+        self.pair = _Pair((self.stack[0], self.head))
+        self.deep = [[[[[[self.head]]]]]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.stack_list:
@@ -1023,6 +1033,8 @@ def test_layers_called_through_plain_containers_are_the_converted_ones():
     assert model.heads[0] is model.head and model.by_name["head"] is model.head and isinstance(model.head, QATLinear)
     assert model.nested[0][0] is model.stack[0] and model.nested[1][0]["head"][0] is model.head
     assert list(model.weights) == [model.head]
+    assert model.members == {model.head} and model.queue[0] is model.stack[2]
+    assert type(model.pair) is _Pair and model.pair[1] is model.head and model.deep[0][0][0][0][0][0] is model.head
     calibrate(model, [torch.randn(4, 8)])
     assert all(q.initialized for _, q in quantizers(model))  # every converted layer ran
     convert_to_float(model)
