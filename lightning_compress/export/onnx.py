@@ -405,13 +405,24 @@ def _quantize_float_conv_outputs(
     inputs (``keyword``), or the names of its tensors (dict keys, else positions), in the graph's order.
     ``power_of_two``: the model quantizes with power-of-two scales only, and so do these outputs. Returns how many
     outputs were quantized."""
-    convs = float_output_convs(proto, numpy_helper)
+    kept: list[str] = []  # those whose outputs reach the model's: float, with calibration too
+    convs = float_output_convs(proto, numpy_helper, kept)
+    if calibration is None and kept and not convs:
+        warnings.warn(  # trial FY: a ResNet returning its last feature map ran 3 of 5 convolutions in float, unsaid
+            f"export_onnx: {len(kept)} quantized convolution(s) whose outputs reach the model's outputs through no "
+            "quantized layer keep float outputs (so that no calibration range clips what the model returns): "
+            "onnxruntime runs them in float on dequantized inputs, which can be slower than the float model.",
+            UserWarning,
+            stacklevel=4,
+        )
     if not convs:
         return 0
     if calibration is None:
         warnings.warn(
             f"export_onnx: {len(convs)} quantized convolution(s) have outputs no quantized layer reads first (before a "
-            "residual add, a concatenation, a norm other than BatchNorm, or global pooling): "
+            "residual add, a concatenation, a norm other than BatchNorm, or global pooling)"
+            + (f", and {len(kept)} more reach the model's outputs (float either way)" if kept else "")
+            + ": "
             "onnxruntime runs them in float on dequantized inputs, which can be slower than the float model. Pass "
             "`calibration` (a few batches of inputs) to `export_onnx` to measure their output ranges, so that they run "
             "in int8 (the "

@@ -24,7 +24,7 @@ __all__ = ["float_output_convs", "measure_ranges", "quantize_conv_outputs"]
 _CLAMPS = ("Relu", "Clip")
 
 
-def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
+def float_output_convs(proto: Any, numpy_helper: Any, kept: list[str] | None = None) -> list[str]:
     """The convolutions onnxruntime runs in float: ``Conv`` nodes that read a dequantized activation and dequantized
     int8 weights, and whose output no ``QuantizeLinear`` reads (directly or through a ``Relu`` or ``Clip``). Each is
     named by the tensor to quantize: its output, or the output of the ``Relu``/``Clip`` chain that alone reads it
@@ -32,7 +32,7 @@ def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
     steps on values the ReLU drops). A convolution whose output reaches a graph output through no quantized layer
     (the model's own output, as a depth or segmentation head's, scaled or reshaped) is left out: that output keeps its
     precision, unclipped by the calibration batches' range (trial FV: depths above 0.95 were clipped, 1.78 off
-    outputs up to 2.72)."""
+    outputs up to 2.72); ``kept`` gets the outputs of those."""
     index = GraphIndex(proto.graph, numpy_helper)
     producer, consumers, constants = index.producer, index.consumers, index.constants
 
@@ -68,8 +68,12 @@ def float_output_convs(proto: Any, numpy_helper: Any) -> list[str]:
             continue
         if w.input[0] not in constants or str(constants[w.input[0]].dtype) not in ("int8", "uint8"):
             continue
-        if not requantized(conv.output[0]) and not reaches_output(conv.output[0]):
+        if requantized(conv.output[0]):
+            continue
+        if not reaches_output(conv.output[0]):
             found.append(after_clamps(conv.output[0]))
+        elif kept is not None:
+            kept.append(conv.output[0])
     return found
 
 
