@@ -1040,7 +1040,7 @@ def test_arguments_that_cannot_act_in_their_combination_are_said():
             IterativePruning(0.9, monitor=name)
     with pytest.warns(UserWarning, match=r"CompressionMonitor: `monitor`='elbo_validation' names neither .* an ELBO"):
         CompressionMonitor(monitor="elbo_validation")  # trial FY: said for the guard only
-    assert IterativePruning(0.9, monitor="val_nelbo").mode == "min"  # the negative ELBO
+    assert IterativePruning(0.9, monitor="val_nelbo").config.mode == "min"  # the negative ELBO
     for name in ("val_MeanSquaredError", "val_MeanAbsoluteError", "val_abs_err", "val_root_mean_squared_error",
                  "val_max_error", "val_MaxError"):  # fmt: skip  # review: scikit-learn's largest residual, a size
         with pytest.warns(UserWarning, match=rf"lets `monitor`='{name}' rise by at most `max_drop`=0.01"):

@@ -136,6 +136,19 @@ def test_pruning_a_lora_model_prunes_base_weights_and_says_what_merging_does():
     assert abs(pruning.pruner.masked_sparsity() - 0.5) < 1e-3
 
 
+def test_channel_pruning_of_a_lora_model_does_not_say_a_merge_loses_its_sparsity():
+    """Trial FZ: channel pruning cuts the adapters' rows and columns with each neuron, and a merge keeps every pruned
+    channel zero; the note said the merged model would no longer be sparse."""
+    pl.seed_everything(0, verbose=False)
+    model = LoraClassifier()
+    model.example_input_array = torch.randint(2, VOCAB, (2, LENGTH))
+    pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*adapter layer\(s\)")
+        trainer(max_epochs=2, callbacks=[pruning], limit_val_batches=0).fit(model, _loader())
+    assert pruning.pruner.masked_sparsity() > 0.3
+
+
 def test_qat_on_a_lora_model_fake_quantizes_base_layers_and_says_what_merging_does():
     pl.seed_everything(0, verbose=False)
     model = LoraClassifier()
