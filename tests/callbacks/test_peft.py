@@ -140,13 +140,34 @@ def test_channel_pruning_of_a_lora_model_does_not_say_a_merge_loses_its_sparsity
     """Trial FZ: channel pruning cuts the adapters' rows and columns with each neuron, and a merge keeps every pruned
     channel zero; the note said the merged model would no longer be sparse."""
     pl.seed_everything(0, verbose=False)
-    model = LoraClassifier()
-    model.example_input_array = torch.randint(2, VOCAB, (2, LENGTH))
+
+    class LoraLM(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _lora_llama()  # adapters on the MLP projections too
+            self.example_input_array = torch.randint(0, 64, (2, 8))
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.net(input_ids=input_ids).logits
+
+        def training_step(self, batch, _):
+            (ids,) = batch
+            return torch.nn.functional.cross_entropy(self(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=3e-3)
+
+    model = LoraLM()
+    data = DataLoader(TensorDataset(torch.randint(0, 64, (32, 9), generator=torch.Generator().manual_seed(0))), 8)
     pruning = IterativePruning(0.5, granularity="channel", start_epoch=0, end_epoch=2)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=r".*adapter layer\(s\)")
-        trainer(max_epochs=2, callbacks=[pruning], limit_val_batches=0).fit(model, _loader())
-    assert pruning.pruner.masked_sparsity() > 0.3
+        trainer(max_epochs=2, callbacks=[pruning], limit_val_batches=0).fit(model, data)
+    up = model.net.base_model.model.model.layers[0].mlp.up_proj
+    zero_rows = torch.nonzero((up.base_layer.weight == 0).all(1)).flatten()
+    assert len(zero_rows) > 0
+    merged = model.net.merge_and_unload()
+    assert bool((merged.model.layers[0].mlp.up_proj.weight[zero_rows] == 0).all())  # the merge keeps them zero
 
 
 def test_qat_on_a_lora_model_fake_quantizes_base_layers_and_says_what_merging_does():
