@@ -28,6 +28,7 @@ from ._guard import (
     warn_no_direction,
 )
 from ._validation import runs_in_spawned_processes, sanity_check_is_a_baseline
+from ._validation_plan import clock_max_steps, steps_per_epoch
 
 __all__ = ["CompressionMonitor"]
 
@@ -79,6 +80,7 @@ class CompressionMonitor(Callback):
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
         self._said_no_baseline = False
+        self._one_epoch = False  # `max_steps` ends the fit inside its first epoch
         self._compressed_seen = False  # a validation scored the model sparse or quantized: the baseline stays
         self._compressed_at_start = False  # the model was sparse or quantized when training started
         self._validated: tuple[ModelSize, bool, int] | None = None  # the model a validation scores, at its start
@@ -168,6 +170,8 @@ class CompressionMonitor(Callback):
         of this fit scores it dense, which the warning without a baseline says."""
         reshard(pl_module)
         self._compressed_at_start = _compressed(pl_module, estimate_size(pl_module))
+        per_epoch, max_steps = steps_per_epoch(trainer), clock_max_steps(trainer)
+        self._one_epoch = per_epoch is not None and max_steps is not None and max_steps <= per_epoch
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Measure the model the validation scores now: a callback may change it at the validation's end (the
@@ -260,9 +264,11 @@ class CompressionMonitor(Callback):
                     fix = "Validate the dense model in the fit that first compresses it."
                 else:
                     why = "the model was already compressed at the first validation"
-                    fix = (
-                        "Validate the dense model first: a sanity check over the whole validation set "
-                        "(`Trainer(num_sanity_val_steps=-1)`), or start compressing after a validation (e.g. "
+                    fix = "Validate the dense model first: a sanity check over the whole validation set " + (
+                        "(`Trainer(num_sanity_val_steps=-1)`; this fit ends inside its first epoch, where a later "
+                        "`start_epoch` never comes: trial FZ)."
+                        if self._one_epoch
+                        else "(`Trainer(num_sanity_val_steps=-1)`), or start compressing after a validation (e.g. "
                         "`start_epoch=1`)."
                     )
                 rank_zero_warn(

@@ -270,6 +270,17 @@ def test_a_sanity_check_over_the_whole_validation_set_gives_the_dense_baseline(t
         assert monitor.baseline is None
 
 
+def test_a_fit_that_ends_inside_its_first_epoch_is_not_told_to_start_compressing_later():
+    """Trial FZ: QAT switched on before the first validation of a `max_steps` fine-tune, and the warning advised
+    `start_epoch=1`, which both callbacks refuse in such a fit; only the whole sanity check gives a baseline there."""
+    pl.seed_everything(0, verbose=False)
+    callbacks = [QuantizationAwareTraining(), CompressionMonitor(monitor="val_acc")]  # on after step 1 of 6
+    with pytest.warns(UserWarning, match=r"no dense baseline") as caught:
+        trainer(max_epochs=-1, max_steps=6, val_check_interval=3, callbacks=callbacks).fit(TinyModule())
+    said = [str(w.message) for w in caught if "no dense baseline" in str(w.message)]
+    assert "ends inside its first epoch" in said[0] and "`start_epoch=1`" not in said[0]
+
+
 def test_a_resumed_fit_keeps_the_dense_baseline_and_the_history(tmp_path):
     """A trial: after `fit(ckpt_path=...)` the monitor had no baseline (the drop was no longer logged, the summary
     read "dense n/a") and warned to start compressing later, which the run already did."""
