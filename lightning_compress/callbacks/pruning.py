@@ -603,7 +603,7 @@ class IterativePruning(Callback):
             self._advance(pl_module, clock)
         if self._layers_unlogged and trainer.loggers and writes_step_values(trainer):
             self._layers_unlogged = False
-            self._log(pl_module, layer_values(self._sparsity_values(pl_module)))
+            self._log(pl_module, self._sparsity_values(pl_module))  # the total too: the step Lightning writes
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._metrics.reapply(trainer)  # before ModelCheckpoint saves (Lightning runs it after every other callback)
