@@ -8,6 +8,8 @@ saved is noted, and the end of fit says where the best one is short of the spars
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,13 +28,15 @@ class BestCheckpoints:
     def reset(self) -> None:
         self._seen = {}
 
-    def note(self, trainer: pl.Trainer, sparsity: float) -> None:
-        """Note ``sparsity`` against each monitored checkpoint callback's metric as it is now (at a validation's end,
-        or an epoch's: where such a callback saves, after this one's hooks)."""
+    def note(self, trainer: pl.Trainer, sparsity: Callable[[], float]) -> None:
+        """Note ``sparsity()`` against each monitored checkpoint callback's metric as it is now (at a validation's
+        end, or an epoch's: where such a callback saves, after this one's hooks); not counted without one."""
+        now: float | None = None
         for callback in _monitored(trainer):
             value = trainer.callback_metrics.get(callback.monitor or "")
             if value is not None and value.numel() == 1:
-                self._seen.setdefault(id(callback), []).append((float(value), sparsity, trainer.global_step))
+                now = sparsity() if now is None else now
+                self._seen.setdefault(id(callback), []).append((float(value), now, trainer.global_step))
 
     def say_if_short(self, trainer: pl.Trainer, final: float) -> None:
         """At the end of fit: say which monitored checkpoint callback's best checkpoint holds a model pruned less than

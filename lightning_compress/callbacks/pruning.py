@@ -610,7 +610,7 @@ class IterativePruning(Callback):
         self._flush_logs(pl_module, step_level=False)
         self._unreached.say(trainer.current_epoch)
         if self._core is not None:  # a checkpoint callback monitoring a training metric saves now
-            self._best.note(trainer, self._core.masked_sparsity())
+            self._best.note(trainer, self._core.masked_sparsity)
 
     def _write_final_values(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The sparsity the fit ends at, to every logger and to ``trainer.callback_metrics``: Lightning writes
@@ -737,7 +737,7 @@ class IterativePruning(Callback):
         self._clock.validated(trainer)
         self._judge(trainer, pl_module)
         if self._core is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._best.note(trainer, self._core.masked_sparsity())
+            self._best.note(trainer, self._core.masked_sparsity)
 
     def _judge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._guarding(trainer) or self._core is None:
@@ -799,7 +799,8 @@ class IterativePruning(Callback):
         values = self._sparsity_values(pl_module)
         if not layers:
             self._layers_unlogged = True
-            values = {k: v for k, v in values.items() if k not in layer_values(values)}
+            per_layer = layer_values(values)
+            values = {k: v for k, v in values.items() if k not in per_layer}
         self._log(pl_module, values)
 
     def _log(self, pl_module: pl.LightningModule, values: dict[str, float], step_level: bool | None = None) -> None:

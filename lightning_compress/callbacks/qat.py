@@ -87,6 +87,11 @@ _STATE_VERSION = 1
 CALIBRATION_SHARE = 0.1
 
 
+def _calibration_steps(left: int) -> int:
+    """The steps quantizers calibrate on in a `start_epoch` the fit ends inside, ``left`` steps of it to run."""
+    return max(1, math.ceil(left * CALIBRATION_SHARE))
+
+
 _LEARNED_UNDER_FSDP2 = (
     "under FSDP2 needs its learned scales whole on every process: in configure_model, pass "
     "`ignored_params=lightning_compress.learned_scales(self)` to every `fully_shard` call (their gradients are "
@@ -524,8 +529,8 @@ class QuantizationAwareTraining(Callback):
             # keeps its checkpoint's plan (one saved before this release: planned on epochs of this length)
             if epoch == self.start_epoch and trainer.global_step > 0 and self._switch_step is None:
                 count = optimizer_count(trainer, pl_module)
-                calibration = max(1, math.ceil((max_steps - self.start_epoch * per_epoch) * CALIBRATION_SHARE))
-                self._switch_step = count * (self.start_epoch * per_epoch + calibration)
+                left = max_steps - self.start_epoch * per_epoch
+                self._switch_step = count * self.start_epoch * per_epoch + count * _calibration_steps(left)
             return
         if switch_on <= trainer.max_steps:
             return
@@ -608,7 +613,7 @@ class QuantizationAwareTraining(Callback):
             self._at_start = trainer.max_steps
             self._switch_on_at_start(pl_module, trainer.current_epoch)
         elif not self.shift_search:  # (refused at the start of training where the lengths told it)
-            calibration = max(1, math.ceil(left * CALIBRATION_SHARE))
+            calibration = _calibration_steps(left)
             self._switch_step = trainer.global_step + count * calibration
             rank_zero_info(
                 f"QuantizationAwareTraining: `max_steps`={trainer.max_steps} ends the fit inside `start_epoch`="

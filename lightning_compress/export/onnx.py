@@ -298,20 +298,17 @@ def _export_onnx(
     )  # the graph's inputs, as the example's
     modes = {q.mode for _, q in quantizers(model)}
     # a fixed-point model's calibrated outputs get power-of-two scales too (trial CO: range / 255 scales in it)
-    uncalibrated = None
-    if calibration is not None:  # to tell what the calibrated output quantization adds (the self-check below)
-        uncalibrated = type(proto)()
-        uncalibrated.CopyFrom(proto)
     power_of_two = modes == {"power_of_two"}
-    calibrated = _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key, power_of_two)
+    # the graph before its calibrated output pairs (None without them): what they add is told by the self-check below
+    uncalibrated = _quantize_float_conv_outputs(proto, numpy_helper, calibration, order, by_key, power_of_two)
     _warn_about_moved_biases(bias_shifts(proto, numpy_helper))
     share_identical_constants(proto, numpy_helper)  # last: a tied int4 embedding and head read one copy of the codes
     onnx.checker.check_model(proto)
     with replacing(path) as tmp:
         onnx.save(proto, str(tmp))
     note = graph_note(path, batch_check) if batch_check is not None else None
-    if batch_check is not None and calibrated and uncalibrated is not None:
-        note = _calibration_note(path, batch_check, uncalibrated, calibrated, note is not None) or note
+    if batch_check is not None and uncalibrated is not None:
+        note = _calibration_note(path, batch_check, *uncalibrated, note is not None) or note
     if note is not None:
         warnings.warn(f"export_onnx: {note}", UserWarning, stacklevel=3)
     # "onnx-int4" only when a layer is stored in 4 bits (trial EJ: 8-bit, 2-bit or odd groups export float weights,
@@ -399,12 +396,12 @@ def _calibration_note(path: Path, check: GraphCheck, uncalibrated: Any, count: i
 def _quantize_float_conv_outputs(
     proto: Any, numpy_helper: Any, calibration: Iterable[Any] | None, order: list[str], keyword: bool,
     power_of_two: bool = False,
-) -> int:  # fmt: skip
+) -> tuple[Any, int] | None:  # fmt: skip
     """Give the convolutions with float outputs a quantized output, from ranges measured on ``calibration``
     (:mod:`.onnx_calibration`); without batches, say how many run in float. ``order``: the example's keyword
     inputs (``keyword``), or the names of its tensors (dict keys, else positions), in the graph's order.
-    ``power_of_two``: the model quantizes with power-of-two scales only, and so do these outputs. Returns how many
-    outputs were quantized."""
+    ``power_of_two``: the model quantizes with power-of-two scales only, and so do these outputs. Returns a copy of
+    the graph before them and how many outputs were quantized; ``None`` where none was (no copy is made)."""
     kept: list[str] = []  # those whose outputs reach the model's: float, with calibration too
     convs = float_output_convs(proto, numpy_helper, kept)
     if calibration is None and kept and not convs:
@@ -416,7 +413,7 @@ def _quantize_float_conv_outputs(
             stacklevel=4,
         )
     if not convs:
-        return 0
+        return None
     if calibration is None:
         warnings.warn(
             f"export_onnx: {len(convs)} quantized convolution(s) have outputs no quantized layer reads first (before a "
@@ -431,7 +428,7 @@ def _quantize_float_conv_outputs(
             UserWarning,
             stacklevel=4,
         )
-        return 0
+        return None
     names = [i.name for i in proto.graph.input]
     feeds = [_feed(number, batch, names, order, keyword) for number, batch in enumerate(calibration)]
     if not feeds:
@@ -440,8 +437,10 @@ def _quantize_float_conv_outputs(
         ranges = measure_ranges(proto, convs, feeds)
     except Exception as err:  # onnxruntime's: a shape the graph does not take (a dynamic axis not declared)
         raise ValueError(f"`calibration` batches do not run in the exported graph: {str(err)[:300]}") from err
+    uncalibrated = type(proto)()
+    uncalibrated.CopyFrom(proto)
     quantize_conv_outputs(proto, numpy_helper, ranges, power_of_two)
-    return len(ranges)
+    return uncalibrated, len(ranges)
 
 
 def _holds_dict(value: Any) -> bool:
