@@ -36,7 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # run as a scr
 
 from zoo import PAIRS, ZooModule
 
-import lightning_compress.callbacks.qat as qat_callback
+import lightning_compress.core.qat_schedule as qat_schedule
 from lightning_compress import QuantConfig, QuantizationAwareTraining, calibrate, convert_to_qat, enable_fake_quant
 
 PRETRAIN = 400
@@ -93,7 +93,7 @@ def run(pair: str, seed: int) -> dict[str, Any]:
     enable_fake_quant(ptq.net)
     row["ptq"] = score(ptq, test)
     for share in SHARES:
-        qat_callback.CALIBRATION_SHARE = share
+        qat_schedule.CALIBRATION_SHARE = share
         start = time.perf_counter()
         quantized = fine_tune(pretrained, pair, seed, [QuantizationAwareTraining()])
         row[f"share {share}"] = score(quantized, test)
@@ -119,7 +119,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    default = qat_callback.CALIBRATION_SHARE
+    default = qat_schedule.CALIBRATION_SHARE
     start = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     try:
@@ -128,7 +128,7 @@ def main() -> None:
             sys.stdout.write(f"\n{name}\n{table(results[name])}\n")
             sys.stdout.flush()
     finally:
-        qat_callback.CALIBRATION_SHARE = default
+        qat_schedule.CALIBRATION_SHARE = default
     minutes = (time.perf_counter() - start) / 60
     sys.stdout.write(f"\nwall time {minutes:.1f} min\n")
     pathlib.Path(args.out).write_text(json.dumps({"minutes": round(minutes, 1), **results}, indent=1))

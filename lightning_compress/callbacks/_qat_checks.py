@@ -16,8 +16,17 @@ from ..core.checks import is_integer
 from ..core.fake_quant import FakeQuantizer
 from ..core.qat import QuantConfig, qat_modules, settings_differ
 from ._validation import weight_averaging
+from ._validation_plan import validates_in_epoch
 
-__all__ = ["check_averaging", "check_converted_alike", "check_no_overlap", "check_state", "check_validation_at"]
+__all__ = [
+    "check_averaging",
+    "check_converted_alike",
+    "check_no_overlap",
+    "check_search_data",
+    "check_state",
+    "check_switch_reached",
+    "check_validation_at",
+]
 
 
 def check_averaging(trainer: pl.Trainer, scale: str) -> None:
@@ -81,6 +90,59 @@ def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, star
             f"`start_epoch`={start_epoch}, but no validation runs then (needs a `validation_step`, "
             f"`limit_val_batches` > 0 and `check_val_every_n_epoch` dividing {start_epoch + 1})."
         )
+
+
+def check_search_data(trainer: pl.Trainer, pl_module: pl.LightningModule, start_epoch: int) -> None:
+    """As training starts, where the shift search is still ahead: the fit has validation batches for it, and (before
+    ``start_epoch``) validates in that epoch."""
+    # Lightning loads the validation loaders here only when the first epoch validates or a sanity check ran
+    # (trial CR: `check_val_every_n_epoch=2` without a sanity check was refused as having no validation data);
+    # otherwise the end of `start_epoch` says it if none ran
+    loaded = trainer.val_dataloaders is not None
+    first_validates = trainer.check_val_every_n_epoch in (None, 1)  # the loaders would be loaded by now
+    no_data = not overrides("validation_step", pl_module) or trainer.limit_val_batches == 0
+    no_data = no_data or (not loaded and first_validates)
+    if no_data or (loaded and not any(trainer.num_val_batches)):
+        raise ValueError(
+            "`shift_search=True` evaluates shifts on the validation batches of epoch "
+            f"`start_epoch`={start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "
+            "`fit` (or a datamodule's `val_dataloader`), or set `shift_search=False`."
+        )
+    if trainer.current_epoch <= start_epoch and validates_in_epoch(trainer, start_epoch) is False:
+        raise ValueError(
+            "`shift_search=True` evaluates shifts on the validation batches of epoch "
+            f"`start_epoch`={start_epoch}, but the Trainer's `val_check_interval`="
+            f"{trainer.val_check_interval} batches, counted over the fit (`check_val_every_n_epoch`=None), runs "
+            f"no validation in that epoch ({trainer.num_training_batches} batches per epoch): choose an interval "
+            "that validates in it, or another `start_epoch`, or set `shift_search=False`."
+        )
+
+
+def check_switch_reached(trainer: pl.Trainer, start_epoch: int, per_epoch: int, inside: bool) -> None:
+    """Refuse a fit whose ``max_steps`` ends before quantization switches on, after ``start_epoch`` of ``per_epoch``
+    steps: one ending before that epoch, or (``inside``) a shift search's in it, which chooses on the validations of
+    the whole epoch. ``max_steps`` is counted as batches: with several optimizers under manual optimization it counts
+    every one's steps (trial FR: a GAN's LLM recipe trained in float to the end), how often each steps is not known."""
+    switch_on = (start_epoch + 1) * per_epoch
+    if switch_on <= trainer.max_steps:
+        return
+    epochs = "epochs" if start_epoch else "the first epoch"
+    if inside:
+        raise ValueError(
+            f"`shift_search=True` chooses the shifts on the validation at the end of `start_epoch`="
+            f"{start_epoch}, but the Trainer's `max_steps`={trainer.max_steps} ends the fit inside that epoch "
+            f"({per_epoch} optimizer steps): set `shift_search=False` (the observers then calibrate on the first "
+            f"tenth of the steps, and quantization switches on after them), or make {epochs} shorter: "
+            "`limit_train_batches=N` gives epochs of N batches (from a shuffled loader)."
+        )
+    raise ValueError(
+        f"`start_epoch`={start_epoch}: quantization switches on after {switch_on} "
+        f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={trainer.max_steps} ends the fit "
+        "before: quantization would never switch on. "
+        + ("Lower `start_epoch`, raise `max_steps`, or " if start_epoch else "Raise `max_steps`, or ")
+        + f"make {epochs} shorter (`limit_train_batches=N`: epochs of N batches), so that the fit reaches "
+        "`start_epoch`: where `max_steps` ends the fit inside it, its quantizers calibrate on its first steps."
+    )
 
 
 def check_state(state: dict[str, Any], version: int) -> tuple[dict[str, tuple[int, int | None]], bool]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from .._lightning import overrides
 from ..checkpoint import saved_quantization
 from ..core.adapters import lora_note
-from ..core.checks import is_integer
 from ..core.qat import (
     FakeQuantizer,
     QuantConfig,
@@ -30,6 +27,7 @@ from ..core.qat import (
     quantizers,
     read_weight_ranges,
 )
+from ..core.qat_schedule import QATSchedule, calibration_steps, needs_calibration
 from ..core.selection import normalize_patterns
 from ..core.sharding import full, is_sharded
 from ..export.report import CompressionReport
@@ -46,7 +44,9 @@ from ._qat_checks import (
     check_averaging,
     check_converted_alike,
     check_no_overlap,
+    check_search_data,
     check_state,
+    check_switch_reached,
     check_validation_at,
     warn_if_already_quantizing,
 )
@@ -74,7 +74,6 @@ from ._validation_plan import (
     clock_max_steps,
     optimizer_count,
     steps_per_epoch,
-    validates_in_epoch,
     validation_ahead,
     warn_if_max_steps_counts_several_optimizers,
 )
@@ -82,15 +81,6 @@ from ._validation_plan import (
 __all__ = ["QuantizationAwareTraining"]
 
 _STATE_VERSION = 1
-# the share of a fit's steps in `start_epoch` its quantizers calibrate on, where `max_steps` ends the fit inside that
-# epoch (a fit of several epochs calibrates on the whole epoch: a tenth of a ten-epoch fit)
-CALIBRATION_SHARE = 0.1
-
-
-def _calibration_steps(left: int) -> int:
-    """The steps quantizers calibrate on in a `start_epoch` the fit ends inside, ``left`` steps of it to run."""
-    return max(1, math.ceil(left * CALIBRATION_SHARE))
-
 
 _LEARNED_UNDER_FSDP2 = (
     "under FSDP2 needs its learned scales whole on every process: in configure_model, pass "
@@ -194,11 +184,10 @@ class QuantizationAwareTraining(Callback):
         self.shift_search = shift_search
         self.start_epoch = check_int(start_epoch, "start_epoch") or 0
         self.freeze_observers_epoch = check_int(freeze_observers_epoch, "freeze_observers_epoch", optional=True)
-        if self.freeze_observers_epoch is not None and self.freeze_observers_epoch < self.start_epoch:
-            raise ValueError(
-                f"`freeze_observers_epoch`={freeze_observers_epoch} is before `start_epoch`={start_epoch}: "
-                "the observers must calibrate before they freeze."
-            )
+        # when the quantizers calibrate, switch on and freeze (its `switch_step` is this callback's state)
+        self.schedule = QATSchedule(
+            self.start_epoch, self.freeze_observers_epoch, needs_calibration(self.config, shift_search)
+        )
         self.freeze_bn_epoch = check_int(freeze_bn_epoch, "freeze_bn_epoch", optional=True)
         self.include = normalize_patterns(include, "include")
         self.exclude = normalize_patterns(exclude, "exclude")
@@ -224,7 +213,6 @@ class QuantizationAwareTraining(Callback):
         self._calibrated = False  # `start_epoch` ended in this fit
         self._calibration_epoch = start_epoch  # the epoch whose end switches quantization on
         self._at_start: int | None = None  # `max_steps` of a fit whose quantizers switch on as `start_epoch` starts
-        self._switch_step: int | None = None  # the step quantization switches on at, in a fit ending in `start_epoch`
         self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
         self._activation_quantizers: list[FakeQuantizer] = []
         self.export_path = check_export_path(export_path)
@@ -253,7 +241,7 @@ class QuantizationAwareTraining(Callback):
             "layers": list(self._layers),
             "shifts": {k: [w, a] for k, (w, a) in self.shifts.items()},
             "scales_group": self._scales_group,
-            "switch_step": self._switch_step,
+            **self.schedule.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -273,14 +261,8 @@ class QuantizationAwareTraining(Callback):
                 "removed, or the weights come from another file): the scales it trained are lost. Resume from the "
                 "checkpoint as it was saved, or start a new fit from its weights without `ckpt_path`."
             )
+        self.schedule.load_state_dict(state_dict)
         self.shifts, self._scales_group = shifts, group
-        switch = state_dict.get("switch_step")
-        if switch is not None and not (is_integer(switch) and int(switch) >= 0):
-            raise ValueError(
-                f"The checkpoint's QuantizationAwareTraining state has switch_step={repr(switch)[:40]}: not what it "
-                "saves (an optimizer step, or None); the checkpoint is damaged."
-            )
-        self._switch_step = None if switch is None else int(switch)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -318,7 +300,7 @@ class QuantizationAwareTraining(Callback):
             if lora is not None:
                 rank_zero_warn(lora)
             self._calibrated = False  # `start_epoch` ended in this fit
-            self._switch_step = None  # a resumed fit's comes with its state
+            self.schedule.switch_step = None  # a resumed fit's comes with its state
             self._calibration_epoch = self.start_epoch
             self._trained = False  # this fit's training started (not a tuner's run, which swaps callbacks out)
             self._template = export_template(trainer, pl_module, self.export_path)  # after converting
@@ -446,8 +428,9 @@ class QuantizationAwareTraining(Callback):
         """With ``max_steps``, the fit must last until quantization switches on (the loader's length is known); a
         shift search needs validation data (the loaders are known now, before any training step)."""
         self._trained = True
-        if self._calibrates:  # it switches on inside `start_epoch` where the fit ends in it (trial FY: the warning
-            warn_if_max_steps_counts_several_optimizers(  # asked for `start_epoch + 1` epochs, which it needs no more)
+        # it switches on inside `start_epoch` where the fit ends in it (trial FY: the warning asked for `start_epoch+1`
+        if self.schedule.calibrates:  # epochs, which it needs no more)
+            warn_if_max_steps_counts_several_optimizers(
                 trainer, pl_module, "QuantizationAwareTraining", self.start_epoch, "start_epoch"
             )
         warn_if_already_quantizing(trainer, self.start_epoch, self._converted, self._own_quantizers(pl_module))
@@ -477,80 +460,37 @@ class QuantizationAwareTraining(Callback):
         self._observe_if_due(pl_module, epoch, trainer.global_step)
         for _, quantizer in self._own_quantizers(pl_module):
             quantizer.train()
-        searching = self.shift_search and epoch <= self._calibration_epoch and not self._active(pl_module)
-        # Lightning loads the validation loaders here only when the first epoch validates or a sanity check ran
-        # (trial CR: `check_val_every_n_epoch=2` without a sanity check was refused as having no validation data);
-        # otherwise the end of `start_epoch` says it if none ran
-        loaded = trainer.val_dataloaders is not None
-        first_validates = trainer.check_val_every_n_epoch in (None, 1)  # the loaders would be loaded by now
-        no_data = not overrides("validation_step", pl_module) or trainer.limit_val_batches == 0
-        no_data = no_data or (not loaded and first_validates)
-        if searching and (no_data or (loaded and not any(trainer.num_val_batches))):
-            raise ValueError(
-                "`shift_search=True` evaluates shifts on the validation batches of epoch "
-                f"`start_epoch`={self.start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "
-                "`fit` (or a datamodule's `val_dataloader`), or set `shift_search=False`."
-            )
-        if searching and epoch <= self.start_epoch and validates_in_epoch(trainer, self.start_epoch) is False:
-            raise ValueError(
-                "`shift_search=True` evaluates shifts on the validation batches of epoch "
-                f"`start_epoch`={self.start_epoch}, but the Trainer's `val_check_interval`="
-                f"{trainer.val_check_interval} batches, counted over the fit (`check_val_every_n_epoch`=None), runs "
-                f"no validation in that epoch ({trainer.num_training_batches} batches per epoch): choose an interval "
-                "that validates in it, or "
-                "another `start_epoch`, or set `shift_search=False`."
-            )
+        if self.shift_search and epoch <= self._calibration_epoch and not self._active(pl_module):
+            check_search_data(trainer, pl_module, self.start_epoch)
         self._at_start = None
         # in batches: with several optimizers under manual optimization `max_steps` counts every one's steps (trial FR:
-        # a GAN's LLM recipe trained in float to the end); how often each steps is not known, so a refusal counts
-        # `max_steps` itself as batches, and the hedged warning above says the rest
+        # a GAN's LLM recipe trained in float to the end); the hedged warning above says it
         per_epoch, max_steps = steps_per_epoch(trainer), clock_max_steps(trainer)
-        if per_epoch is None or max_steps is None or trainer.current_epoch > self.start_epoch:
+        if per_epoch is None or max_steps is None or epoch > self.start_epoch or not self._layers:
             return
-        switch_on = (self.start_epoch + 1) * per_epoch
-        if switch_on <= max_steps:
-            return
-        if not self._layers or self._active(pl_module):
-            return  # on already: resumed after it switched on inside `start_epoch`
-        reaches = self.start_epoch * per_epoch < max_steps  # the fit ends inside `start_epoch`
-        if reaches and not self._calibrates:
+        if (self.start_epoch + 1) * per_epoch <= max_steps or self._active(pl_module):
+            return  # the epoch ends inside the fit, or on already: resumed after it switched on inside `start_epoch`
+        done = self.start_epoch * per_epoch
+        inside = done < max_steps  # the fit ends inside `start_epoch`
+        if inside and not self.shift_search:
             # trial FO: the LLM recipe in one long epoch that `max_steps` ends (a fine-tune's usual shape) was refused,
-            # told to lower `start_epoch`=0; its quantizers read their ranges from the weights and from each token.
-            # It switches on at the first step of `start_epoch` (trial FR: from a later `start_epoch` too)
-            self._at_start = trainer.max_steps
-            if epoch == self.start_epoch:
+            # told to lower `start_epoch`=0; its quantizers read their ranges from the weights and from each token, and
+            # switch on at the first step of `start_epoch` (trial FR: from a later `start_epoch` too). A recipe that
+            # calibrates (per-tensor activation ranges, learned scales' starting values) was refused too, told to
+            # shorten epochs with `limit_train_batches`: it calibrates on the first tenth of the fit's steps in that
+            # epoch, then switches on. Both are planned as `start_epoch` starts, on its own length
+            # (:meth:`_plan_in_epoch`); a fit resumed inside it keeps its checkpoint's plan (one saved before this
+            # release: planned here, on epochs of this length)
+            if epoch != self.start_epoch:
+                return
+            if not self.schedule.calibrates:
+                self._at_start = trainer.max_steps
                 self._switch_on_at_start(pl_module, epoch)
-            return
-        if reaches and not self.shift_search:
-            # a recipe that calibrates (per-tensor activation ranges, learned scales' starting values) in a fit that
-            # `max_steps` ends inside `start_epoch`: it calibrates on the first tenth of the steps the fit makes in
-            # that epoch, then switches on (it was refused, told to shorten epochs with `limit_train_batches`)
-            # planned when `start_epoch` starts, on its own length (:meth:`_plan_in_epoch`); a fit resumed inside it
-            # keeps its checkpoint's plan (one saved before this release: planned on epochs of this length)
-            if epoch == self.start_epoch and trainer.global_step > 0 and self._switch_step is None:
+            elif trainer.global_step > 0 and self.schedule.switch_step is None:
                 count = optimizer_count(trainer, pl_module)
-                left = max_steps - self.start_epoch * per_epoch
-                self._switch_step = count * self.start_epoch * per_epoch + count * _calibration_steps(left)
+                self.schedule.plan(step=count * done, per_epoch=per_epoch, max_steps=max_steps, optimizers=count)
             return
-        if switch_on <= trainer.max_steps:
-            return
-        epochs = "epochs" if self.start_epoch else "the first epoch"
-        if reaches:  # only the shift search is left to refuse: it chooses on the validations of the whole epoch
-            raise ValueError(
-                f"`shift_search=True` chooses the shifts on the validation at the end of `start_epoch`="
-                f"{self.start_epoch}, but the Trainer's `max_steps`={trainer.max_steps} ends the fit inside that epoch "
-                f"({per_epoch} optimizer steps): set `shift_search=False` (the observers then calibrate on the first "
-                f"tenth of the steps, and quantization switches on after them), or make {epochs} shorter: "
-                "`limit_train_batches=N` gives epochs of N batches (from a shuffled loader)."
-            )
-        raise ValueError(
-            f"`start_epoch`={self.start_epoch}: quantization switches on after {switch_on} "
-            f"optimizer steps ({per_epoch} per epoch), but the Trainer's `max_steps`={trainer.max_steps} ends the fit "
-            "before: quantization would never switch on. "
-            + ("Lower `start_epoch`, raise `max_steps`, or " if self.start_epoch else "Raise `max_steps`, or ")
-            + f"make {epochs} shorter (`limit_train_batches=N`: epochs of N batches), so that the fit reaches "
-            "`start_epoch`: where `max_steps` ends the fit inside it, its quantizers calibrate on its first steps."
-        )
+        check_switch_reached(trainer, self.start_epoch, per_epoch, inside)
 
     def _switch_on_at_start(self, pl_module: pl.LightningModule, epoch: int) -> None:
         """Fake quantization on at the first step of ``start_epoch``, with the weights' ranges read now: quantizers
@@ -559,29 +499,19 @@ class QuantizationAwareTraining(Callback):
         self._calibrated = True
         self._switch_on(pl_module, epoch, at_start=self._at_start)
 
-    @property
-    def _calibrates(self) -> bool:
-        """Whether a quantizer takes its range from what it observes in the calibration epoch: per-tensor activation
-        ranges, power-of-two shifts, learned scales' starting values. Min/max weight scales come from the weights, and
-        per-token activation scales from each token, at any step."""
-        config = self.config
-        per_tensor = config.activation_bits is not None and config.activation_granularity == "per_tensor"
-        return per_tensor or config.scale != "minmax" or self.shift_search
-
     # ------------------------------------------------------------------ training hooks
     def _observe_if_due(self, pl_module: pl.LightningModule, epoch: int, step: int = 0) -> None:
         """Observers on from ``start_epoch`` through ``freeze_observers_epoch``, off after it (a resume past the
-        freeze epoch's last batch skips its end, where they freeze: trial CI), or after ``_switch_step`` in it (trial
-        FY: a fit resumed after that switch had its ranges move on)."""
-        freeze = self.freeze_observers_epoch
-        switched = self._switch_step is not None and step >= self._switch_step
-        frozen = freeze is not None and (epoch > freeze or (switched and epoch >= freeze))
-        if epoch >= self.start_epoch:
-            own = self._own_quantizers(pl_module)
-            if frozen and any(q.observer_enabled for _, q in own if q.role == "weight"):
-                read_weight_ranges(self._own_layers(pl_module))  # as the skipped epoch end would have
-            for _, quantizer in own:
-                quantizer.observer_enabled = not frozen
+        freeze epoch's last batch skips its end, where they freeze: trial CI), or after the switch in it (trial FY: a
+        fit resumed after that switch had its ranges move on)."""
+        observing = self.schedule.observing(epoch, step)
+        if observing is None:
+            return
+        own = self._own_quantizers(pl_module)
+        if not observing and any(q.observer_enabled for _, q in own if q.role == "weight"):
+            read_weight_ranges(self._own_layers(pl_module))  # as the skipped epoch end would have
+        for _, quantizer in own:
+            quantizer.observer_enabled = observing
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -600,26 +530,25 @@ class QuantizationAwareTraining(Callback):
         """As ``start_epoch`` starts: where ``max_steps`` ends the fit inside it, counted on this epoch's own length
         (trial FW: a `GradientAccumulationScheduler` or a reloaded loader changed it after epoch 0, and quantization
         switched on only at the end of fit), quantizers with nothing to calibrate switch on now, and the others plan
-        to switch on after the first tenth of the fit's steps in it (``_switch_step``, in the Trainer's steps)."""
+        to switch on after the first tenth of the fit's steps in it (the schedule's ``switch_step``)."""
         per_epoch, max_steps = steps_per_epoch(trainer), clock_max_steps(trainer)
         if per_epoch is None or max_steps is None:
             return
-        count = optimizer_count(trainer, pl_module)
-        left = max_steps - trainer.global_step // count
-        self._switch_step = None
-        if left >= per_epoch:
-            return  # the epoch ends inside the fit: quantization switches on when the next one starts
-        if not self._calibrates:
+        count, step = optimizer_count(trainer, pl_module), trainer.global_step
+        plan = self.schedule.plan(step=step, per_epoch=per_epoch, max_steps=max_steps, optimizers=count)
+        if plan == "first_step":
             self._at_start = trainer.max_steps
             self._switch_on_at_start(pl_module, trainer.current_epoch)
-        elif not self.shift_search:  # (refused at the start of training where the lengths told it)
-            calibration = _calibration_steps(left)
-            self._switch_step = trainer.global_step + count * calibration
+        elif plan == "after_calibration" and self.shift_search:  # (refused at the start of training where the
+            self.schedule.switch_step = None  # lengths told it): its validations choose the shifts at the epoch end
+        elif plan == "after_calibration":
+            left = self.schedule.steps_left(step, max_steps, count)
+            calibration = calibration_steps(left)
             rank_zero_info(
                 f"QuantizationAwareTraining: `max_steps`={trainer.max_steps} ends the fit inside `start_epoch`="
                 f"{self.start_epoch}: its observers calibrate on the first {calibration} optimizer step"
                 f"{'' if calibration == 1 else 's'} of that epoch (a tenth of the fit's {left} in it, at least one), "
-                f"and fake quantization switches on after step {self._switch_step}."
+                f"and fake quantization switches on after step {self.schedule.switch_step}."
             )
 
     def on_train_batch_start(
@@ -631,16 +560,12 @@ class QuantizationAwareTraining(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         update_observers(self._activation_quantizers, StrategyCollectives(trainer.strategy))
-        if self._switch_step is None or trainer.current_epoch != self.start_epoch or self._active(pl_module):
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if self._calibrated or not self.schedule.switch_due(epoch, step) or self._active(pl_module):
             return
-        if trainer.global_step >= self._switch_step:
-            read_weight_ranges(self._own_layers(pl_module))  # as the weights are after this step
-            freeze = self.freeze_observers_epoch
-            if freeze is not None and freeze <= trainer.current_epoch:  # trial FW: the ranges moved on, 30%
-                for _, quantizer in self._own_quantizers(pl_module):
-                    quantizer.observer_enabled = False
-            self._calibrated = True
-            self._switch_on(pl_module, trainer.current_epoch, at_step=self._switch_step)
+        read_weight_ranges(self._own_layers(pl_module))  # as the weights are after this step
+        self._calibrated = True
+        self._switch_on(pl_module, epoch, at_step=self.schedule.switch_step)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -656,9 +581,7 @@ class QuantizationAwareTraining(Callback):
         calibrating = epoch == self._calibration_epoch and not self._active(pl_module)
         if calibrating and (not self.shift_search or self._search_shifts(trainer, pl_module)):
             self._calibrated = True  # quantization switches on when the next epoch starts, or at the end of fit
-        own = self._own_quantizers(pl_module)
-        frozen_at_switch = not any(q.observer_enabled for _, q in own if q.role == "weight")
-        if self.freeze_observers_epoch is not None and epoch == self.freeze_observers_epoch and not frozen_at_switch:
+        if self.schedule.freezes_at_epoch_end(epoch, trainer.global_step):
             # the weights' ranges freeze as the weights end the epoch, not as the last forward saw them, one
             # optimizer step before (trial DK: 4-9% off the final weights with a switch-on at the end of fit); ranges
             # frozen at a switch inside the epoch stay as trained (trial GA: read again at its end, 11% off)
@@ -677,8 +600,8 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         # ranges frozen at the end of an epoch before (`freeze_observers_epoch`) stay frozen: enable_fake_quant would
         # switch the weight observers back on (trial DH: they moved for one more epoch, or left the fit on)
-        freeze = self.freeze_observers_epoch  # `epoch`: the epoch starting, or at fit end the calibration epoch that
-        frozen = freeze is not None and (epoch >= freeze if at_fit_end or at_step is not None else epoch > freeze)
+        # `epoch`: the epoch starting, or the one switching inside (at a step, or at fit end the calibration epoch)
+        frozen = self.schedule.frozen_at_switch(epoch, inside=at_fit_end or at_step is not None)
         with warnings.catch_warnings():  # said below, with the reason (trial EA: it named `calibrate`, never called)
             warnings.filterwarnings("ignore", message=r"enable_fake_quant: .* never observed an activation")
             enable_fake_quant(pl_module, layers=self._layers, observe=False if frozen else None)  # learned scales train
