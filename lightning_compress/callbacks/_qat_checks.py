@@ -16,7 +16,7 @@ from ..core.checks import is_integer
 from ..core.fake_quant import FakeQuantizer
 from ..core.qat import QuantConfig, qat_modules, settings_differ
 from ._validation import weight_averaging
-from ._validation_plan import validates_in_epoch
+from ._validation_plan import validates_in_epoch, validation_enabled
 
 __all__ = [
     "check_averaging",
@@ -92,17 +92,14 @@ def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, star
         )
 
 
-def check_search_data(trainer: pl.Trainer, pl_module: pl.LightningModule, start_epoch: int) -> None:
+def check_search_data(trainer: pl.Trainer, start_epoch: int) -> None:
     """As training starts, where the shift search is still ahead: the fit has validation batches for it, and (before
     ``start_epoch``) validates in that epoch."""
     # Lightning loads the validation loaders here only when the first epoch validates or a sanity check ran
     # (trial CR: `check_val_every_n_epoch=2` without a sanity check was refused as having no validation data);
     # otherwise the end of `start_epoch` says it if none ran
-    loaded = trainer.val_dataloaders is not None
     first_validates = trainer.check_val_every_n_epoch in (None, 1)  # the loaders would be loaded by now
-    no_data = not overrides("validation_step", pl_module) or trainer.limit_val_batches == 0
-    no_data = no_data or (not loaded and first_validates)
-    if no_data or (loaded and not any(trainer.num_val_batches)):
+    if not validation_enabled(trainer) or (trainer.val_dataloaders is None and first_validates):
         raise ValueError(
             "`shift_search=True` evaluates shifts on the validation batches of epoch "
             f"`start_epoch`={start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "

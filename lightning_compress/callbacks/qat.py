@@ -461,7 +461,7 @@ class QuantizationAwareTraining(Callback):
         for _, quantizer in self._own_quantizers(pl_module):
             quantizer.train()
         if self.shift_search and epoch <= self._calibration_epoch and not self._active(pl_module):
-            check_search_data(trainer, pl_module, self.start_epoch)
+            check_search_data(trainer, self.start_epoch)
         self._at_start = None
         # in batches: with several optimizers under manual optimization `max_steps` counts every one's steps (trial FR:
         # a GAN's LLM recipe trained in float to the end); the hedged warning above says it
