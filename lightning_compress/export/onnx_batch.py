@@ -76,24 +76,21 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
     (fails, returns other shapes, or drifts from the model by more than at the example). ``None`` where it does, or
     where it cannot be told (no onnxruntime, an input the exporter dropped, outputs that do not line up)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         return check.skipped
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # the failure is said below, not in onnxruntime's log
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _session(path)
     except Exception as err:  # trial FT: Bamba's graph (an invalid Transpose) failed to load, and that was raised raw
         return (
             f"the graph does not load in onnxruntime ({first_line(err, 300)}): the exporter wrote an operation "
             "onnxruntime refuses. Keep the compressed file, or rewrite that operation in the forward."
         )
     names = [i.name for i in session.get_inputs()]
-    read = _read_inputs(names, check)
-    if read is None:
+    feed = _feed(names, check, check.tensors)
+    if feed is None:
         return check.skipped
     batch, other = check.batch, 1 if check.batch > 1 else 2
-    feed = {n: check.tensors[i].detach().cpu().numpy() for n, i in zip(names, read, strict=True)}
     try:
         at_example = session.run(None, feed)
     except Exception as err:  # trial FL: Performer's and Reformer's graphs failed on their own example, unsaid
@@ -137,9 +134,7 @@ def graph_note(path: Path, check: GraphCheck) -> str | None:
     if check.others is None or check.expected_others is None:
         return check.skipped
     try:
-        at_other = session.run(
-            None, {n: check.others[i].detach().cpu().numpy() for n, i in zip(names, read, strict=True)}
-        )
+        at_other = session.run(None, _feed(names, check, check.others))
     except Exception as err:
         first = first_line(err, 300)
         return (
@@ -169,20 +164,32 @@ def example_error(path: Path, check: GraphCheck) -> tuple[float, float] | None:
     """How far the graph at ``path`` is from the model on the example: ``(largest error, largest output)``; ``None``
     where it cannot be told (no onnxruntime, a graph that does not load or run, outputs that do not line up)."""
     try:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [i.name for i in session.get_inputs()]
-        read = _read_inputs(names, check)
-        if read is None:
+        session = _session(path)
+        feed = _feed([i.name for i in session.get_inputs()], check, check.tensors)
+        if feed is None:
             return None
-        got = session.run(None, {n: check.tensors[i].detach().cpu().numpy() for n, i in zip(names, read, strict=True)})
-    except Exception:
+        got = session.run(None, feed)
+    except Exception:  # no onnxruntime, or a graph that does not load or run
         return None
     error = max_error(got, check.expected)
     return None if error is None else (error, _largest(check.expected))
+
+
+def _session(path: Path) -> Any:
+    """An onnxruntime CPU session of the graph at ``path``, its log silenced (failures are said by the callers)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feed(graph_inputs: list[str], check: GraphCheck, tensors: Sequence[Tensor]) -> dict[str, Any] | None:
+    """``tensors`` (the example's, or the other batch's) as the graph's inputs, lined up by :func:`_read_inputs`."""
+    read = _read_inputs(graph_inputs, check)
+    if read is None:
+        return None
+    return {name: tensors[i].detach().cpu().numpy() for name, i in zip(graph_inputs, read, strict=True)}
 
 
 def _read_inputs(graph_inputs: list[str], check: GraphCheck) -> list[int] | None:
