@@ -16,15 +16,14 @@ import json
 import lzma
 import pathlib
 import tempfile
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import zoo
 
 from lightning_compress import IterativePruning, QuantizationAwareTraining, save_compressed
-from lightning_compress.export import compressed
-from lightning_compress.export.container import FILTERS
+from lightning_compress.export.container import FILTERS, read_container
+from lightning_compress.export.records import SECTIONS
 
 
 def main() -> None:
@@ -49,33 +48,23 @@ def main() -> None:
     ]
     zoo.quiet_trainer(zoo.EPOCHS, callbacks).fit(module, train_loader)
 
-    written: dict[str, Any] = {}
-    write = compressed.write_container
-
-    def keep(path: pathlib.Path, manifest: dict[str, Any], body: bytes) -> None:
-        written.update(manifest=manifest, body=body)
-        write(path, manifest, body)
-
-    compressed.write_container = keep  # type: ignore[assignment]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            report = save_compressed(module, pathlib.Path(tmp) / "model.lcz")
-    finally:
-        compressed.write_container = write  # type: ignore[assignment]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "model.lcz"
+        report = save_compressed(module, path)
+        manifest, body = read_container(path, 1 << 30, 1 << 24, lambda manifest, _: sum(manifest["sections"]))
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
 
     def packed(data: bytes) -> int:
         return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=FILTERS))
 
-    manifest, body = written["manifest"], written["body"]
     setting = f"scale={args.scale!r}, quantize_bias={args.quantize_bias}"
     print(f"{args.pair} at {args.target:.0%}, {setting}, seed {args.seed}")
     print(f"file {report.file_bytes} B, torch.save {buffer.tell()} B: {buffer.tell() / report.file_bytes:.1f}x")
     text = json.dumps(manifest, separators=(",", ":")).encode()
     print(f"  manifest: {len(text)} B raw, {packed(text)} B alone after LZMA")
     offset = 0
-    for name, size in zip(compressed.SECTIONS, manifest["sections"], strict=True):
+    for name, size in zip(SECTIONS, manifest["sections"], strict=True):
         print(f"  {name}: {size} B raw, {packed(body[offset : offset + size])} B alone after LZMA")
         offset += size
 
