@@ -43,9 +43,11 @@ def test_the_names_a_script_takes_from_the_package_exist(script: pathlib.Path) -
         if not hasattr(found, name) and importlib.util.find_spec(f"{module}.{name}") is None:
             missing.append(f"{module}.{name}")
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
-            if not hasattr(modules[node.value.id], node.attr):
-                missing.append(f"{modules[node.value.id].__name__}.{node.attr}")
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+            continue
+        bound = modules.get(node.value.id)
+        if bound is not None and not hasattr(bound, node.attr):
+            missing.append(f"{bound.__name__}.{node.attr}")
     assert not missing, f"{script.name} uses names the package does not have: {missing}"
 
 
