@@ -48,6 +48,7 @@ from .onnx_tracing import (
     check_names,
     check_traceable,
     composite_attention,
+    composite_norms,
     listed,
     tensor_leaves,
     trace_error,
@@ -235,6 +236,7 @@ def _export_onnx(
         forward_state_kept(model, parameters=False),
         torch.no_grad(),
         composite_attention(),
+        composite_norms(),
         warnings.catch_warnings(),
     ):
         if accuracy_level and not (grouped and swapped):  # trial DE: level 4 was dropped in silence

@@ -31,6 +31,7 @@ __all__ = [
     "check_names",
     "check_traceable",
     "composite_attention",
+    "composite_norms",
     "listed",
     "tensor_leaves",
     "trace_error",
@@ -125,6 +126,37 @@ def composite_attention() -> Iterator[None]:
         yield
     finally:
         backend.set_fastpath_enabled(before)
+
+
+def _rms_norm(
+    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None, eps: float | None = None
+) -> Tensor:
+    """``F.rms_norm`` in operations every opset has, computed as torch computes it (in float for half types, the
+    weight applied after the cast back)."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    out = (x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)).to(input.dtype)
+    return out if weight is None else out * weight
+
+
+class _CompositeNorms(TorchFunctionMode):
+    """Runs ``F.rms_norm`` (``nn.RMSNorm``'s forward, torchtune's ``RMSNorm``) as :func:`_rms_norm`: torch's
+    TorchScript exporter, which :func:`export_onnx` uses, converts ``aten::rms_norm`` at no opset (a trial: every
+    torchtune decoder was refused)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.nn.functional.rms_norm or func is torch.rms_norm:
+            return _rms_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def composite_norms() -> Iterator[None]:
+    """While exporting: RMS norms traced as their composite operations (:class:`_CompositeNorms`)."""
+    with _CompositeNorms():
+        yield
 
 
 # what a tensor's metadata is read through (no value of it): attributes (their getters) and methods
@@ -329,8 +361,8 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
         opsets = f" (opset {added.group(1)} has it: `export_onnx(..., opset={added.group(1)})`)"
     elif re.search(r"to ONNX opset version \d+ is not supported", first):
         opsets = (
-            " (no opset of torch's ONNX exporter converts it: rewrite it with operations that export, or register a "
-            "symbolic for it with `torch.onnx.register_custom_op_symbolic`)"
+            " (no opset of torch's ONNX exporter converts it on the TorchScript path `export_onnx` runs: rewrite it "
+            "with operations that export, or register a symbolic for it with `torch.onnx.register_custom_op_symbolic`)"
         )
     else:
         opsets = ""
@@ -371,6 +403,7 @@ def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
         without_cache(model),
         torch.no_grad(),
         composite_attention(),
+        composite_norms(),
         warnings.catch_warnings(),
         tempfile.TemporaryDirectory() as scratch,
     ):

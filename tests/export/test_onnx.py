@@ -403,6 +403,38 @@ def test_multihead_attention_exports_through_its_composite_operations(tmp_path, 
     assert np.abs(got - want).max() < (0.1 if quantized else 1e-4)
 
 
+class RMSNormed(nn.Module):
+    """``nn.RMSNorm`` (default ``eps``) and a functional RMS norm without a weight, as torchtune's decoders norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.norm, self.head = nn.Linear(8, 16), nn.RMSNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.nn.functional.rms_norm(self.norm(self.up(x)), (16,), eps=1e-5)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_rms_norms_export_through_their_composite_operations(tmp_path, quantized):
+    """A trial (torchtune): torch's TorchScript exporter converts `aten::rms_norm` at no opset, so every model with an
+    `nn.RMSNorm` was refused."""
+    torch.manual_seed(0)
+    model, x = RMSNormed().eval(), torch.randn(3, 5, 8)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2.0)
+    if quantized:
+        convert_to_qat(model, QuantConfig(8, 8))
+        calibrate(model, [torch.randn(16, 5, 8)])
+        enable_fake_quant(model)
+    export_onnx(model, tmp_path / "r.onnx", x)
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = run(tmp_path / "r.onnx", {"input_0": x.numpy()})
+    assert np.abs(got - want).max() < (0.1 if quantized else 1e-5)
+    assert torch.overrides._get_current_function_mode_stack() == []  # nothing left active
+
+
 class DictInput(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1555,7 +1587,7 @@ class _GridSample(nn.Module):
 def test_an_operator_no_opset_has_is_not_said_to_be_in_a_newer_one(tmp_path):
     """Trial FI: TabM's `aten::column_stack` was refused "(a newer `opset` may support it)", and opsets 18 and 20 failed
     the same way. torch names the opset that added an operator; where it names none, no opset is suggested."""
-    with pytest.raises(ValueError, match=r"column_stack.*\(no opset of torch's ONNX exporter converts it: rewrite"):
+    with pytest.raises(ValueError, match=r"column_stack.*\(no opset of torch's ONNX exporter converts it on the TorchScript path .*: rewrite"):
         export_onnx(_ColumnStack(), tmp_path / "m.onnx", torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"grid_sampler.*\(opset 16 has it: `export_onnx\(\.\.\., opset=16\)`\)"):
         export_onnx(_GridSample(), tmp_path / "m.onnx", torch.randn(1, 1, 4, 4), opset=13)
