@@ -28,6 +28,7 @@ from .checks import caller_level, check_module
 from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
+from .wrappers import inner_module
 
 __all__ = [
     "Target",
@@ -187,8 +188,10 @@ def stored_weight(module: nn.Module) -> Any:
     """``module.weight`` without computing it: a parametrized weight's stored original (``original``, or
     ``original0`` of a parametrization that stores several, as ``weight_norm``), since reading ``weight`` runs the
     parametrization, and spectral_norm's power iteration then updates its buffers in training mode (trial DD: a refused
-    fit changed the model). ``None`` when the module has no weight."""
-    if forwards_base_weight(module):  # peft's tuner layer: its `base_layer`'s weight, which that layer uses
+    fit changed the model). ``None`` when the module has no weight, or forwards another's: peft's tuner layer (its
+    ``base_layer``'s) and a wrapper (``torch.compile``'s, activation checkpointing's: trial GB, a wrapped head was said
+    to be a tied layer left float)."""
+    if forwards_base_weight(module) or inner_module(module) is not None:
         return None
     if is_parametrized(module, "weight"):
         stored = cast(Any, module).parametrizations["weight"]

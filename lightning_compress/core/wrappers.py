@@ -1,4 +1,5 @@
-"""Models inside wrappers: `torch.compile`'s, a compiled `forward`, a wrapper handing its state to an inner module.
+"""Models inside wrappers: `torch.compile`'s, activation checkpointing's, a compiled `forward`, a wrapper handing its
+state to an inner module.
 
 Pure torch. The package's tracers and file formats see a model through these: its plain names and its own code.
 """
@@ -11,7 +12,7 @@ from typing import cast
 
 from torch import nn
 
-__all__ = ["eager", "is_compiled", "state_root", "uncompiled"]
+__all__ = ["eager", "inner_module", "is_compiled", "state_root", "uncompiled"]
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -19,27 +20,51 @@ def is_compiled(module: nn.Module) -> bool:
     return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
 
 
+def inner_module(module: nn.Module) -> nn.Module | None:
+    """The module a wrapper stands for, whose names a plain instance has: the module ``torch.compile`` compiled
+    (``_orig_mod``, its documented handle), or the one an activation checkpointing or offloading wrapper runs
+    (``torch.distributed``'s ``checkpoint_wrapper``, which torchtune's and FSDP recipes apply: its state dict drops the
+    ``_checkpoint_wrapped_module.`` prefix); ``None`` for any other module."""
+    if is_compiled(module):
+        return cast(nn.Module, module._orig_mod)
+    children = dict(module.named_children())
+    wrapped = children.get("_checkpoint_wrapped_module")
+    return wrapped if wrapped is not None and len(children) == 1 else None
+
+
 @contextmanager
 def uncompiled(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with each ``torch.compile``d submodule swapped for the module it compiled, meanwhile: its names are a
-    plain instance's (a compiled submodule's ``_orig_mod.``: a trial's file loaded only into a model compiled alike),
-    and the layers are the same objects. Each wrapper is put back where the module it compiled is still in place
-    (a layer replaced meanwhile, by a QAT conversion while loading, keeps its replacement)."""
-    places: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+    """``model`` with each wrapped submodule swapped for the module its wrapper stands for (:func:`inner_module`),
+    meanwhile: its names are a plain instance's (a compiled submodule's ``_orig_mod.``: a trial's file loaded only into
+    a model compiled alike; trial GB: an activation-checkpointed block's ``_checkpoint_wrapped_module.``, into none),
+    and the layers are the same objects. Each wrapper is put back where the module it stands for is still in place; a
+    layer replaced meanwhile (by a QAT conversion while loading) keeps its replacement, inside its activation wrapper
+    (trial GB), and without its ``torch.compile`` wrapper."""
+    places: dict[tuple[int, str], tuple[nn.Module, str, nn.Module, nn.Module]] = {}
     for qualified, child in model.named_modules(remove_duplicate=False):  # every name (trial DF: a wrapper
-        if qualified and is_compiled(child):  # registered twice stayed under its second name)
-            parent_name, _, name = qualified.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            places.setdefault((id(parent), name), (parent, name, child))
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        inner = inner_module(child) if qualified else None  # registered twice stayed under its second name)
+        parent_name, _, name = qualified.rpartition(".")
+        parent = model.get_submodule(parent_name) if inner is not None else None
+        if inner is None or parent is None or inner_module(parent) is not None:
+            continue  # (a wrapper inside a wrapper is swapped out with it)
+        while (deeper := inner_module(inner)) is not None:
+            inner = deeper
+        places.setdefault((id(parent), name), (parent, name, child, inner))
+    swapped: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
     try:
-        for parent, name, child in places.values():
-            swapped.append((parent, name, child))
-            setattr(parent, name, child._orig_mod)  # torch.compile's documented handle on the original
+        for parent, name, child, inner in places.values():
+            swapped.append((parent, name, child, inner))
+            setattr(parent, name, inner)
         yield cast(nn.Module, model._orig_mod) if is_compiled(model) else model
     finally:
-        for parent, name, child in reversed(swapped):
-            if getattr(parent, name, None) is child._orig_mod:
+        for parent, name, child, inner in reversed(swapped):
+            now = getattr(parent, name, None)
+            if now is not inner and isinstance(now, nn.Module) and not is_compiled(child) and inner_module(child):
+                # an activation wrapper runs whatever it holds: it wraps the replacement (a compiled module's code
+                # was compiled for the module it replaced)
+                child.register_module("_checkpoint_wrapped_module", now)
+                now = inner
+            if now is inner:
                 setattr(parent, name, child)
 
 

@@ -78,3 +78,20 @@ def test_state_root_is_the_module_whose_names_a_fresh_instance_uses():
     assert state_root(torch.compile(inner)) is inner
     plain_holder = nn.Sequential(inner)  # its own names carry the prefix: it is the root
     assert state_root(plain_holder) is plain_holder
+
+
+def test_uncompiled_sees_through_activation_checkpoint_wrappers_and_wraps_a_replacement():
+    """Trial GB: torchtune's activation checkpointing wraps blocks in `checkpoint_wrapper`; their layers were named
+    `..._checkpoint_wrapped_module...`, and a compressed file loaded into no model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    block, head = _net(), nn.Linear(2, 1)
+    wrapped_block, wrapped_head = checkpoint_wrapper(block), checkpoint_wrapper(head)
+    model = nn.Sequential(wrapped_block, torch.compile(wrapped_head))
+    replacement = nn.Linear(4, 2)
+    with uncompiled(model) as plain:
+        assert plain is model and model[0] is block and model[1] is head  # through both wrappers
+        assert {"0.0.weight", "1.weight"} <= dict(model.named_parameters()).keys()
+        model[0] = replacement
+    assert model[0] is wrapped_block and next(wrapped_block.children()) is replacement  # wrapped again
+    assert is_compiled(model[1]) and "1._orig_mod._checkpoint_wrapped_module.weight" in dict(model.named_parameters())

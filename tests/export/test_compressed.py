@@ -952,3 +952,45 @@ def test_a_quantized_embedding_tied_to_another_modules_parameter_is_stored_in_fl
     assert fresh.head.tensor is fresh.emb.weight
     with torch.no_grad():
         assert torch.equal(fresh.eval()(ids), model(ids))
+
+
+class _Blocks(nn.Module):
+    def __init__(self, checkpointed: bool = False) -> None:
+        super().__init__()
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 8))
+        self.head = nn.Linear(8, 3)
+        if checkpointed:  # as torchtune's `set_activation_checkpointing`: a block, and a layer on its own
+            self.block, self.head = checkpoint_wrapper(self.block), checkpoint_wrapper(self.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.block(x)))
+
+
+def test_an_activation_checkpointed_model_saves_and_loads_under_the_plain_names(tmp_path):
+    """Trial GB: with torchtune's activation checkpointing, the file named the quantizers under
+    `_checkpoint_wrapped_module`: it loaded neither into a plain model nor into a freshly wrapped one."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    x = torch.randn(16, 8)
+    files = {}
+    for checkpointed in (False, True):
+        model = _Blocks(checkpointed)
+        prune_(model, 0.6, importance="magnitude")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the wrapped head was said to be a tied layer left float
+            convert_to_qat(model, QuantConfig(8, 8))
+        calibrate(model, [torch.randn(32, 8)])
+        enable_fake_quant(model)
+        files[checkpointed] = tmp_path / f"{checkpointed}.lcz"
+        save_compressed(model, files[checkpointed])
+        expected = model.eval()(x)
+    assert files[True].read_bytes() == files[False].read_bytes()
+    for checkpointed in (False, True):
+        fresh = _Blocks(checkpointed)
+        load_compressed(fresh, files[True])
+        torch.testing.assert_close(fresh.eval()(x), expected, atol=0, rtol=0)
+        assert isinstance(fresh.head, CheckpointWrapper) == checkpointed  # the converted head stays wrapped
+        assert len(qat_modules(fresh)) == 3
