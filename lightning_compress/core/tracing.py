@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -54,8 +55,27 @@ def without_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
+def fresh_containers(value: Any) -> Any:
+    """``value`` with each dict, list and tuple (namedtuples too) in it rebuilt, its tensors the same objects: what a
+    forward writes into its input containers stays in the copy (trial GC: schnetpack's models add keys to their input
+    dict and cast its values to float64 in eval mode, and the next of the package's calls on the example failed on
+    mixed dtypes, unexplained)."""
+    kind = type(value)
+    if kind is dict or kind is OrderedDict:
+        return kind((key, fresh_containers(item)) for key, item in value.items())
+    if kind is list:
+        return [fresh_containers(item) for item in value]
+    if kind is tuple:
+        return tuple(fresh_containers(item) for item in value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return kind(*(fresh_containers(item) for item in value))
+    return value
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` the way Lightning calls it with ``example_input_array``, with caches off."""
+    """Call ``model`` the way Lightning calls it with ``example_input_array``, with caches off, on fresh containers
+    (:func:`fresh_containers`)."""
+    inputs = fresh_containers(inputs)
     with without_cache(model):
         if isinstance(inputs, dict):
             return model(**inputs)
@@ -325,11 +345,33 @@ def check_example_inputs(
             call_model(model, example_inputs)
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""
+        if _runs_with_gradients(model, example_inputs, err):
+            raise ValueError(
+                f"{why}{type(model).__name__}'s forward runs on `{argument}` only with gradients on: it differentiates "
+                f"inside (`torch.autograd.grad`, as a force field's forces; without gradients: {first}). The channel "
+                "trace, `compact` and `export_onnx` run the forward without gradients, and an ONNX graph holds no "
+                "derivative: prune channels of (or export) a module whose forward returns what is differentiated (the "
+                "energy model inside), or prune weights (`granularity='element'`) and quantize, which trace nothing."
+            ) from err
         raise ValueError(
             f"{why}`{argument}` does not run through {type(model).__name__}'s forward ({type(err).__name__}: "
             f"{first}): pass what `forward` takes, with the shapes it expects (a tensor, a tuple of positional "
             "inputs or a dict of keyword inputs)."
         ) from err
+
+
+def _runs_with_gradients(model: nn.Module, example_inputs: Any, err: Exception) -> bool:
+    """Whether ``err`` came from a derivative taken inside the forward without gradients (``torch.autograd.grad`` of
+    a tensor with no ``grad_fn``), and the forward runs with them (trial GC: schnetpack's forces; the example was
+    blamed)."""
+    if not isinstance(err, RuntimeError) or "does not require grad" not in str(err):
+        return False
+    try:
+        with torch.enable_grad(), plain_float(model), forward_state_kept(model):
+            call_model(model, example_inputs)
+    except Exception:
+        return False
+    return True
 
 
 def _items(value: Any) -> list[Any] | None:

@@ -25,7 +25,7 @@ from ..core.checks import check_int, check_module, check_output_path, first_line
 from ..core.int4 import int4_export_mode
 from ..core.qat import export_mode, qat_modules, quantizers
 from ..core.sharding import is_sharded
-from ..core.tracing import buffers_kept, check_example_inputs, forward_state_kept, without_cache
+from ..core.tracing import buffers_kept, check_example_inputs, forward_state_kept, fresh_containers, without_cache
 from ..core.wrappers import eager, uncompiled
 from .container import replacing
 from .onnx_batch import GraphCheck, batch_size, example_error, graph_note, max_error, other_batch
@@ -252,7 +252,8 @@ def _export_onnx(
         # the exporter is this function's choice (its QDQ layout), not the caller's: torch's notice is not for them
         warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export")
         with unread_entries(model) as unread:  # left out of the baseline: the graph holds none of them
-            outputs = model(**args[0]) if keyword else model(*args)
+            called = fresh_containers(args)  # the graph's template stays as given (trial GC: a forward adding a key)
+            outputs = model(**called[0]) if keyword else model(*called)
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         # dimension 0 named otherwise, or static, for an input (a graph's nodes and edges): not a batch to cut
         renamed = any(0 in dict((dynamic_axes or {}).get(name, {})) for name in names)

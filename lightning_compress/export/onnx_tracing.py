@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.checks import first_line
 from ..core.experts import is_experts
 from ..core.fake_quant import FakeQuantizer
-from ..core.tracing import forward_state_kept, plain_float, without_cache
+from ..core.tracing import forward_state_kept, fresh_containers, plain_float, without_cache
 from ..core.wrappers import eager, uncompiled
 
 __all__ = [
@@ -41,12 +41,14 @@ __all__ = [
 
 
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """The positional arguments ``example_inputs`` stands for, in containers of their own (a forward writing into
+    its input dict changes these, not the example: trial GC)."""
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, Mapping):
-        return (dict(example_inputs),)  # a trailing dict: keyword arguments
+        return (fresh_containers(dict(example_inputs)),)  # a trailing dict: keyword arguments
     if isinstance(example_inputs, Sequence):
-        return tuple(example_inputs)
+        return tuple(fresh_containers(item) for item in example_inputs)
     raise TypeError(
         f"`example_inputs` must be a Tensor, a tuple of positional inputs or a dict of keyword inputs, "
         f"got {type(example_inputs).__name__}."
@@ -248,7 +250,7 @@ def tracing_call(
             return _Keywords(model, keys, constants), tuple(example_inputs[k] for k in keys), keys, None
         # a value holding several tensors (a tuple, a dict): each tensor one input, named by its keys (trial CA: a
         # trailing dict was read as the tracer's keyword arguments, a tuple became one misnamed input)
-        template = (dict(example_inputs),)
+        template = (fresh_containers(dict(example_inputs)),)
         leaves = tensor_leaves(template, "input")
         unique = len({n for n, _ in leaves}) == len(leaves)
         names = [n for n, _ in leaves] if unique else [f"input_{i}" for i in range(len(leaves))]

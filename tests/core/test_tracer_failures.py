@@ -395,3 +395,62 @@ def test_a_forward_returning_a_dataclass_is_traced_through_its_fields():
     assert model.fc1.out_features == 16 and model.fc2.out_features == 16
     assert torch.allclose(model(x).prediction, pruned, atol=1e-6) and not torch.equal(pruned, before)
     assert (report.params_before, report.params_after) == (1732, 612)
+
+
+class _WritesIntoItsInputs(nn.Module):
+    """As schnetpack's models: reads its input dict, then writes results into it, its inputs cast to float64 in eval
+    mode (trial GC: the package's next call on the example failed on mixed dtypes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 1)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs["energy"] = self.b(torch.relu(self.a(inputs["x"])))
+        if not self.training:
+            inputs["x"] = inputs["x"].double()
+        return inputs["energy"]
+
+
+def test_a_forward_that_writes_into_its_input_dict_is_traced_compacted_and_exported_on_the_example_as_given(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    torch.manual_seed(0)
+    model = _WritesIntoItsInputs().eval()
+    example = ({"x": torch.randn(4, 8)},)
+    prune_(model, 0.5, granularity="channel", example_inputs=example)
+    compact(model, example)
+    assert model.a.out_features == 16
+    assert list(example[0]) == ["x"] and example[0]["x"].dtype == torch.float32  # the example, as given
+    export_onnx(model, tmp_path / "w.onnx", example)
+    assert list(example[0]) == ["x"] and example[0]["x"].dtype == torch.float32
+
+
+class _Forces(nn.Module):
+    """An energy model returning its forces, the derivative of the energy by the positions (schnetpack's `Forces`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = positions.detach().requires_grad_()
+        energy = self.energy(positions).sum()
+        forces = -torch.autograd.grad(energy, positions, create_graph=self.training)[0]
+        return energy, forces
+
+
+def test_a_forward_that_takes_derivatives_is_said_to_need_gradients_not_blamed_on_its_example(tmp_path):
+    """Trial GC: schnetpack's force fields were refused by the channel trace and `export_onnx` with "`example_inputs`
+    does not run through AtomisticTask's forward: pass what `forward` takes", for the inputs it takes."""
+    pytest.importorskip("onnx")
+    from lightning_compress import export_onnx
+
+    model, x = _Forces().eval(), torch.randn(5, 3)
+    said = r"_Forces's forward runs on `example_inputs` only with gradients on: it differentiates inside"
+    with pytest.raises(ValueError, match=said):
+        prune_(model, 0.5, granularity="channel", example_inputs=x)
+    with pytest.raises(ValueError, match=said):
+        export_onnx(model, tmp_path / "f.onnx", x)
+    assert not list(tmp_path.iterdir())
