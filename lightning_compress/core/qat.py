@@ -149,10 +149,11 @@ def _quantizable_targets(
         targets.append(target)
     if skipped and targets:
         warnings.warn(
-            f"quantization-aware training leaves {skipped[:3]}{' ...' if len(skipped) > 3 else ''} in float: it "
-            "fake-quantizes nn.Linear, nn.Conv1d/2d/3d and transformers' Conv1D called through their own forward "
-            "(not transposed convolutions, nor subclasses with more of their own than an __init__: a forward, a "
-            "method, a buffer or an attribute).",
+            f"quantization-aware training leaves {len(skipped)} of the {len(skipped) + len(targets)} layers it selects "
+            f"in float, {skipped[:3]}{' ...' if len(skipped) > 3 else ''}: it fake-quantizes nn.Linear, "
+            "nn.Conv1d/2d/3d and transformers' Conv1D called through their own forward, not transposed convolutions, "
+            "nor subclasses with more of their own than an __init__ (a method, a buffer or an attribute, or a forward "
+            "that computes something other than their base's on a random input, as an activation applied after it).",
             UserWarning,
             stacklevel=3,
         )

@@ -331,6 +331,18 @@ def test_a_linear_subclass_with_its_own_forward_is_left_out_and_the_message_says
     assert type(model[0]) is _OwnForwardLinear  # untouched
 
 
+def test_the_warning_for_layers_left_float_counts_them_and_says_a_forward_computing_like_its_base_is_quantized():
+    """Trial GC: schnetpack's `Dense` (an nn.Linear with an activation in its forward) left 5 of 12 layers float, and
+    the warning named 3 with '...', said subclasses with a forward of their own stay float, while those whose
+    activation is the identity were quantized."""
+    from lightning_compress import QuantConfig, convert_to_qat
+
+    model = nn.Sequential(*[_OwnForwardLinear(4, 4) for _ in range(4)], _FalconLinear(4, 4), nn.Linear(4, 2))
+    match = r"leaves 4 of the 6 layers it selects in float, \['0 \(_OwnForwardLinear\)', .*\] \.\.\.: .*a forward that"
+    with pytest.warns(UserWarning, match=match + r" computes something other than their base's on a random input"):
+        assert convert_to_qat(model, QuantConfig(8, 8)) == ["4", "5"]
+
+
 class _ScaledEmbedding(nn.Embedding):
     """BART's `BartScaledWordEmbedding`: an embedding that scales its rows in a forward of its own."""
 
@@ -724,14 +736,18 @@ def test_layers_pruning_selects_but_quantization_cannot_are_said_and_wildcards_s
 
     for include in (None, ["*"]):
         model = _UpSampler()
-        with pytest.warns(UserWarning, match=r"leaves \['up \(ConvTranspose2d\)'\] in float") as caught:
+        with pytest.warns(
+            UserWarning, match=r"leaves 1 of the 2 layers it selects in float, \['up \(ConvTranspose2d\)'\]"
+        ) as caught:
             assert convert_to_qat(model, QuantConfig(8, 8), include=include) == ["down"]
         assert any("out_proj it calls without its forward" in str(w.message) for w in caught)
         assert type(model.up) is nn.ConvTranspose2d
     with pytest.raises(ValueError, match=r"`include` selects 'up' \(ConvTranspose2d\)"):
         convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["up", "down"])
     # a wildcard inside the attention picks its out_proj but not the attention module: said (trial DD: silent)
-    with pytest.warns(UserWarning, match=r"leaves \['attn.out_proj \(its nn.MultiheadAttention calls it without"):
+    with pytest.warns(
+        UserWarning, match=r"leaves 1 of the 2 .* \['attn.out_proj \(its nn.MultiheadAttention calls it with"
+    ):
         assert convert_to_qat(_UpSampler(), QuantConfig(8, 8), include=["attn.*", "down"]) == ["down"]
     # alone, it is the reason of the refusal (trial DF: "no nn.Linear or nn.Conv layer ... can be quantized.")
     with pytest.raises(ValueError, match=r"no fake-quantized form \(\['attn.out_proj \(its nn.MultiheadAttention"):

@@ -1587,7 +1587,10 @@ class _GridSample(nn.Module):
 def test_an_operator_no_opset_has_is_not_said_to_be_in_a_newer_one(tmp_path):
     """Trial FI: TabM's `aten::column_stack` was refused "(a newer `opset` may support it)", and opsets 18 and 20 failed
     the same way. torch names the opset that added an operator; where it names none, no opset is suggested."""
-    with pytest.raises(ValueError, match=r"column_stack.*\(no opset of torch's ONNX exporter converts it on the TorchScript path .*: rewrite"):
+    with pytest.raises(
+        ValueError,
+        match=r"column_stack.*\(no opset of torch's ONNX exporter converts it on the TorchScript path .*: rewrite",
+    ):
         export_onnx(_ColumnStack(), tmp_path / "m.onnx", torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"grid_sampler.*\(opset 16 has it: `export_onnx\(\.\.\., opset=16\)`\)"):
         export_onnx(_GridSample(), tmp_path / "m.onnx", torch.randn(1, 1, 4, 4), opset=13)
