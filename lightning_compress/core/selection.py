@@ -28,7 +28,7 @@ from .checks import caller_level, check_module
 from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
 from .sharding import flat_offset, local
-from .wrappers import inner_module
+from .wrappers import inner_module, is_compiled
 
 __all__ = [
     "Target",
@@ -189,9 +189,9 @@ def stored_weight(module: nn.Module) -> Any:
     ``original0`` of a parametrization that stores several, as ``weight_norm``), since reading ``weight`` runs the
     parametrization, and spectral_norm's power iteration then updates its buffers in training mode (trial DD: a refused
     fit changed the model). ``None`` when the module has no weight, or forwards another's: peft's tuner layer (its
-    ``base_layer``'s) and a wrapper (``torch.compile``'s, activation checkpointing's: trial GB, a wrapped head was said
-    to be a tied layer left float)."""
-    if forwards_base_weight(module) or inner_module(module) is not None:
+    ``base_layer``'s) and an activation checkpointing wrapper (trial GB: a wrapped head was said to be a tied layer
+    left float); a module compiled by itself is said as such where it is selected."""
+    if forwards_base_weight(module) or (inner_module(module) is not None and not is_compiled(module)):
         return None
     if is_parametrized(module, "weight"):
         stored = cast(Any, module).parametrizations["weight"]
