@@ -6,15 +6,26 @@ classifier head in ``modules_to_save``) in a wrapper that keeps the untouched ``
 copy. The default selection compresses the model's layers: the base layers and the trained copies. It leaves out
 the adapters (a few low-rank matrices whose product is added to a base weight: pruning them spends the budget on
 a rank-8 path, and LoRA's B starts at zero, so it went first: a trial's were 81-95% zero), the original copies,
-which no forward runs while an adapter is active, and the copies of inactive adapters. Nothing here imports
-``peft``; ``litgpt``'s LoRA layers are read by their structure too (for the note on merging).
+which no forward runs while an adapter is active, and the copies of inactive adapters.
+
+torchtune's LoRA layers (``LoRALinear``, ``DoRALinear``: its ``AdapterModule`` protocol, an ``adapter_params()``
+method naming the adapter's parameters) hold the base weight themselves, as ``weight``, beside their adapters
+``lora_a``/``lora_b``: the default selection takes that base weight as a layer's and leaves the adapters out. Nothing
+here imports ``peft`` or torchtune; ``litgpt``'s LoRA layers are read by their structure too (for the note on merging).
 """
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["adapter_modules", "adds_to_weight", "copies_beside", "forwards_base_weight", "lora_note"]
+__all__ = [
+    "adapter_modules",
+    "adds_to_weight",
+    "copies_beside",
+    "declared_lora_base",
+    "forwards_base_weight",
+    "lora_note",
+]
 
 
 def _tuner_adapters(module: nn.Module) -> list[nn.Module]:
@@ -24,6 +35,42 @@ def _tuner_adapters(module: nn.Module) -> list[nn.Module]:
         return []
     found = [getattr(module, name, None) for name in names if isinstance(name, str)]
     return [child for child in found if isinstance(child, nn.Module)]
+
+
+def _declared_adapters(module: nn.Module) -> list[nn.Module]:
+    """The submodules holding the parameters a module's ``adapter_params()`` names (torchtune's ``AdapterModule``
+    protocol: ``['lora_a.weight', 'lora_b.weight']``, DoRA's ``'magnitude'`` too, which is the module's own); none
+    for a module without that method (trial GB: torchtune's adapters were pruned to 98% and fake-quantized, their
+    base weights left dense and float, unsaid)."""
+    declared = getattr(module, "adapter_params", None)
+    if not callable(declared):
+        return []
+    try:
+        names = declared()
+    except Exception:  # another library's method of that name
+        return []
+    if not isinstance(names, (list, tuple)):
+        return []
+    found = []
+    for name in names:
+        path = name.rpartition(".")[0] if isinstance(name, str) else ""
+        if not path:
+            continue  # a parameter of the module itself (DoRA's magnitude)
+        try:
+            found.append(module.get_submodule(path))
+        except AttributeError:
+            continue
+    return found
+
+
+def declared_lora_base(module: nn.Module) -> bool:
+    """Whether ``module`` is a LoRA layer of torchtune's kind, holding its base weight itself: adapters declared by
+    ``adapter_params()`` and a 2-d ``weight`` Parameter of its own, a plain tensor (not torchtune's NF4-quantized
+    base, ``quantize_base=True``), which its forward multiplies as ``nn.Linear`` does (``F.linear``)."""
+    weight = dict(module.named_parameters(recurse=False)).get("weight")
+    if weight is None or weight.ndim != 2 or not _declared_adapters(module):
+        return False
+    return type(weight.data) is Tensor or type(weight.data).__name__ == "DTensor"
 
 
 def _unused_copies(module: nn.Module) -> list[nn.Module]:
@@ -69,6 +116,9 @@ def adapter_modules(model: nn.Module) -> dict[int, str]:
     for module in model.modules():
         for adapter in _tuner_adapters(module):
             found.update((id(m), f"an adapter of {type(module).__name__} (peft)") for m in adapter.modules())
+        for adapter in _declared_adapters(module):
+            if adapter is not module:
+                found.update((id(m), f"an adapter of {type(module).__name__} (torchtune)") for m in adapter.modules())
         for copy in _unused_copies(module):
             why = "a copy peft keeps beside the one `modules_to_save` trains for the active adapter (not run)"
             found.update((id(m), why) for m in copy.modules())
@@ -122,13 +172,18 @@ def lora_note(model: nn.Module, layers: list[str], what: str) -> str | None:
         if adds_to_weight(module) and isinstance(module.base_layer, nn.Module)
     }
     tuners.update({id(module.linear): (name, module) for name, module in model.named_modules() if _litgpt_lora(module)})
+    tuners.update({id(module): (name, module) for name, module in model.named_modules() if declared_lora_base(module)})
     by_name = dict(model.named_modules())
     held = [tuners[id(by_name[n])] for n in layers if n in by_name and id(by_name[n]) in tuners]
     if not held:
         return None
     names = [name for name, _ in held]
-    library = "litgpt" if any(_litgpt_lora(module) for _, module in held) else "peft"
-    merge = "`merge_lora_weights(model)`" if library == "litgpt" else "`merge_and_unload()`"
+    if any(_litgpt_lora(module) for _, module in held):
+        library, merge = "litgpt", "`merge_lora_weights(model)`"
+    elif any(declared_lora_base(module) for _, module in held):
+        library, merge = "torchtune", "`get_merged_lora_ckpt`"
+    else:
+        library, merge = "peft", "`merge_and_unload()`"
     shown = f"{names[:3]}{' ...' if len(names) > 3 else ''}"
     if what == "prunes":
         effect = (

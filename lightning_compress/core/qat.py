@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import qat_layers
+from .adapters import declared_lora_base
 from .checks import check_bool, check_module
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
 from .layers import registered_names, restore_training
@@ -109,6 +110,7 @@ def _quantizable_targets(
     targets = []
     subclasses: set[str] = set()
     skipped: list[str] = []  # picked by the default or a wildcard, with no fake-quantized form: said once
+    lora_bases = 0  # among them, torchtune's LoRA layers (their base weights)
     compiled: list[str] = []
     for target in select_targets(model, include, exclude):
         module = target.module
@@ -141,6 +143,7 @@ def _quantizable_targets(
                 )
             if id(module) not in owned_by_mha:
                 skipped.append(f"{target.name} ({type(module).__name__})")
+                lora_bases += declared_lora_base(module)
             else:  # said with its attention below, or not at all when the attention is excluded (trial DD: `attn.*`)
                 owner = owned_by_mha[id(module)]
                 if owner not in held and not any(fnmatch.fnmatchcase(owner, p) for p in excluded):
@@ -153,7 +156,14 @@ def _quantizable_targets(
             f"in float, {skipped[:3]}{' ...' if len(skipped) > 3 else ''}: it fake-quantizes nn.Linear, "
             "nn.Conv1d/2d/3d and transformers' Conv1D called through their own forward, not transposed convolutions, "
             "nor subclasses with more of their own than an __init__ (a method, a buffer or an attribute, or a forward "
-            "that computes something other than their base's on a random input, as an activation applied after it).",
+            "that computes something other than their base's on a random input, as an activation applied after it)."
+            + (
+                f" {lora_bases} are torchtune LoRA layers, which multiply their base weight in their own forward: "
+                "their base weights stay float and their adapters too (torchtune's `QATLoRALinear` fake-quantizes "
+                "the base weight itself; peft's LoRA layers keep a base `nn.Linear`, which is quantized)."
+                if lora_bases
+                else ""
+            ),
             UserWarning,
             stacklevel=3,
         )

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import is_parametrized
 
-from .adapters import adapter_modules, forwards_base_weight
+from .adapters import adapter_modules, declared_lora_base, forwards_base_weight
 from .checks import caller_level, check_module
 from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
 from .layers import linear_like_types, weight_axes
@@ -390,7 +390,8 @@ def select_targets(
             continue
         if not isinstance(weight, nn.Parameter) or weight.numel() == 0:
             continue
-        layer = isinstance(module, layer_types) and id(module) not in routers and id(module) not in adapters
+        layer = isinstance(module, layer_types) or declared_lora_base(module)  # torchtune's LoRA: its base weight
+        layer = layer and id(module) not in routers and id(module) not in adapters
         if include is None and not excluded and _scripted_layer(module):
             scripted.append(name)  # trial FB: a `torch.jit.script`ed block's convolutions were left dense unsaid
         if include is None:

@@ -580,7 +580,7 @@ def _convert(
         index.extend(int(i) for i in item.idxs)
         channel.extend(roots)
     if not selected_out:  # trial EM: a LoRA adapter's rank, pruned when the adapters were named
-        return None, f"its channels are an adapter's rank (peft: {root}), which is not pruned"
+        return None, f"its channels are an adapter's rank ({root}), which is not pruned"
     group = ChannelGroup(root, size, _sorted_slices(slices.items()))
     if not any(s.kind == "in" for s in group.slices):
         return None, (
