@@ -306,6 +306,7 @@ def convert_to_qat(
             names.append(name)
             swap(partner, quantizer)
     _replace_held(model, swapped)
+    _warn_held_by_objects(model, swapped)
     return _in_module_order(model, names)
 
 
@@ -428,6 +429,33 @@ def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Modul
                 new = repointed(value, 1)
                 if new is not value:
                     vars(module)[key] = new
+
+
+def _warn_held_by_objects(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Module]]) -> None:
+    """Warn where an object a module keeps as an attribute, not a module nor a container, holds a layer this conversion
+    replaced (torchtune's ``TiedLinear`` output head holds the token embedding and multiplies its ``weight``: trial GB,
+    the embedding quantized, the head computed with the float weight, and a reloaded file's logits differed by 0.15)."""
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    found: list[str] = []
+    for owner, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or isinstance(value, (nn.Module, Tensor, _HELD_TYPES, str, int, float)):
+                continue
+            for item in getattr(value, "__dict__", {}).values():
+                pair = swapped.get(id(item))
+                if pair is not None and pair[0] is item:
+                    held = layer_names.get(id(pair[1]), type(item).__name__)
+                    found.append(f"{owner + '.' if owner else ''}{key} ({type(value).__name__}) holds {held!r}")
+    if found:
+        warnings.warn(
+            f"quantization-aware training: {found[:3]}{' ...' if len(found) > 3 else ''}, outside the module tree "
+            "(as torchtune's TiedLinear head holds the token embedding): what it computes with that layer is not "
+            "quantized (a read of its weight is the float weight, a call runs the float layer), and a model reloaded "
+            "from a compressed file reads the quantized weight there, so its outputs differ from the trained model's. "
+            "Leave that layer float, or make the head an `nn.Linear` tied to the weight (quantized as one with it).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
