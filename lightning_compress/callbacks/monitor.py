@@ -165,11 +165,15 @@ class CompressionMonitor(Callback):
         ):
             self.baseline = value
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Whether the model is compressed before training (a model pruned before, a checkpoint): then no validation
-        of this fit scores it dense, which the warning without a baseline says."""
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Whether the model is compressed before this fit (a model pruned before, a resumed checkpoint's weights,
+        loaded by now): then no validation of this fit scores it dense, which the warning without a baseline says.
+        Looked at before training starts, where a callback may switch quantization on (trial FZ: the LLM recipe's,
+        and the model was called compressed before the fit that compressed it)."""
         reshard(pl_module)
         self._compressed_at_start = _compressed(pl_module, estimate_size(pl_module))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_epoch, max_steps = steps_per_epoch(trainer), clock_max_steps(trainer)
         self._one_epoch = per_epoch is not None and max_steps is not None and max_steps <= per_epoch
 

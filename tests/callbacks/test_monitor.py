@@ -281,6 +281,19 @@ def test_a_fit_that_ends_inside_its_first_epoch_is_not_told_to_start_compressing
     assert "ends inside its first epoch" in said[0] and "`start_epoch=1`" not in said[0]
 
 
+def test_a_recipe_switching_on_as_training_starts_is_not_called_compressed_before_the_fit():
+    """Trial FZ: the LLM recipe switches on at the first step of a `max_steps` fine-tune, before the monitor (after it
+    in the callbacks) looked at the model as training started: it called the model compressed before this fit and
+    advised validating it dense "in the fit that first compresses it", which is this fit."""
+    pl.seed_everything(0, verbose=False)
+    recipe = QuantizationAwareTraining(weight_bits=4, group_size=8, activation_granularity="per_token")
+    callbacks = [recipe, CompressionMonitor(monitor="val_acc")]
+    with pytest.warns(UserWarning, match=r"no dense baseline") as caught:
+        trainer(max_epochs=-1, max_steps=6, val_check_interval=3, callbacks=callbacks).fit(TinyModule())
+    said = [str(w.message) for w in caught if "no dense baseline" in str(w.message)]
+    assert "already compressed at the first validation" in said[0] and "num_sanity_val_steps=-1" in said[0]
+
+
 def test_a_resumed_fit_keeps_the_dense_baseline_and_the_history(tmp_path):
     """A trial: after `fit(ckpt_path=...)` the monitor had no baseline (the drop was no longer logged, the summary
     read "dense n/a") and warned to start compressing later, which the run already did."""
