@@ -441,7 +441,11 @@ def _warn_held_by_objects(model: nn.Module, swapped: dict[int, tuple[nn.Module, 
         for key, value in vars(module).items():
             if key.startswith("_") or isinstance(value, (nn.Module, Tensor, _HELD_TYPES, str, int, float)):
                 continue
-            for item in getattr(value, "__dict__", {}).values():
+            try:
+                items = list(vars(value).values())
+            except Exception:  # no `__dict__` (slots, builtins), or a proxy that fails to give one
+                continue
+            for item in items:
                 pair = swapped.get(id(item))
                 if pair is not None and pair[0] is item:
                     held = layer_names.get(id(pair[1]), type(item).__name__)
