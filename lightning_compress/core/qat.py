@@ -367,6 +367,7 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
 
 _HELD_DEPTH = 8  # a layer at most this many containers deep is followed (trial FY: 6 lists deep was missed at 6)
 _HELD_TYPES = (list, tuple, dict, set, frozenset, collections.deque)
+_PLAIN = (*_HELD_TYPES, str, bytes, int, float, bool, type(None))  # what holds no layer as an attribute
 
 
 def _replace_held(model: nn.Module, swapped: dict[int, tuple[nn.Module, nn.Module]]) -> None:
@@ -439,7 +440,7 @@ def _warn_held_by_objects(model: nn.Module, swapped: dict[int, tuple[nn.Module, 
     found: list[str] = []
     for owner, module in model.named_modules():
         for key, value in vars(module).items():
-            if key.startswith("_") or isinstance(value, (nn.Module, Tensor, _HELD_TYPES, str, int, float)):
+            if key in ("_modules", "_parameters", "_buffers") or isinstance(value, (nn.Module, Tensor, *_PLAIN)):
                 continue
             try:
                 items = list(vars(value).values())
