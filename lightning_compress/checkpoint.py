@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,22 @@ M = TypeVar("M", bound=pl.LightningModule)
 
 
 _QUANTIZER_STATE = ".weight_fake_quant.state"  # a fake-quant layer's entry in a state dict
+
+
+def _built(module_class: type[M], checkpoint_path: Any, start: int | None, **kwargs: Any) -> M:
+    """``module_class.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)``; a class whose override passes
+    ``weights_only`` itself (chemprop's ``MPNN`` passes ``weights_only=False``: trial GE, a `TypeError` of multiple
+    values, unexplained) is called without it, the file having been read with the caller's setting already."""
+    try:
+        return module_class.load_from_checkpoint(checkpoint_path, strict=False, **kwargs)
+    except TypeError as err:
+        if "multiple values for keyword argument 'weights_only'" not in str(err):
+            raise
+    if start is not None:  # an open file: read again from where it started
+        cast(Any, checkpoint_path).seek(start)
+    return module_class.load_from_checkpoint(
+        checkpoint_path, strict=False, **{k: v for k, v in kwargs.items() if k != "weights_only"}
+    )
 
 
 def load_qat_checkpoint(
@@ -110,9 +126,8 @@ def load_qat_checkpoint(
         if start is not None and callable(seek):  # an open file: read again from where it started
             seek(start)
         try:
-            model = module_class.load_from_checkpoint(
-                checkpoint_path, map_location=map_location, strict=False, weights_only=weights_only, **kwargs
-            )
+            model = _built(module_class, checkpoint_path, start, map_location=map_location, weights_only=weights_only,
+                           **kwargs)  # fmt: skip
         except RuntimeError as err:  # torch's size mismatch: weights of another width
             said = " ".join(str(err).split())[:300]  # torch's message spans lines
             raise ValueError(f"{checkpoint_path} does not fit {module_class.__name__}: {said}") from err

@@ -52,17 +52,23 @@ def checkpoint_quantization(trainer: pl.Trainer | None) -> list[tuple[QuantConfi
 
 
 def read_checkpoint_quantization(trainer: pl.Trainer | None) -> tuple[list[tuple[QuantConfig, list[str]]], str]:
-    """:func:`checkpoint_quantization`, and why nothing could be read where the file is one ``torch.load`` with
-    ``weights_only=True`` refuses (trial FF: pytorch-forecasting keeps objects in its hyperparameters, and the
-    warning said the checkpoint recorded no settings); ``""`` otherwise."""
+    """:func:`checkpoint_quantization`, and why nothing could be read where the file is one ``torch.load`` refuses
+    (trial FF: pytorch-forecasting keeps objects in its hyperparameters, and the warning said the checkpoint recorded
+    no settings); ``""`` otherwise. Called from the model's load hook while Lightning restores ``trainer.ckpt_path``,
+    which it has loaded already: a file the safe loader refuses is one the Trainer was told to unpickle."""
     path = None if trainer is None else trainer.ckpt_path
     if path is None or not Path(path).is_file():
         return [], ""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:  # objects the safe loader refuses: the settings may be there, unread
-        first = first_line(err, 160)
-        return [], f"torch.load(weights_only=True) cannot read it ({first})"
+    except pickle.UnpicklingError as err:  # objects the safe loader refuses: the settings may be there
+        # read from the model's load hook, while Lightning restores this very file: it has just unpickled it, which
+        # it does only with the Trainer's `weights_only=False` (trial GE: chemprop keeps metric objects in its
+        # hyperparameters; its 4-bit checkpoint was evaluated as 8-bit, with a warning that the settings were unread)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            return [], f"torch.load(weights_only=True) cannot read it ({first_line(err, 160)})"
     except Exception:  # another format (a distributed checkpoint's directory, a legacy file): this callback's
         return [], ""
     return saved_quantization(checkpoint), ""

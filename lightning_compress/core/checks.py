@@ -6,6 +6,7 @@ import inspect
 import math
 import numbers
 import os
+import re
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
@@ -151,5 +152,9 @@ def caller_level() -> int:
 def first_line(err: BaseException, limit: int | None = None) -> str:
     """The first line of ``err``'s message (its type's name where it has none), cut to ``limit`` characters: what a
     message quotes of another library's error (the rest may be a dump of a graph)."""
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    text = _ANSI.sub("", str(err))  # a terminal's colour codes (torch's pickle errors are bold: trial GE)
+    line = (text.strip().splitlines() or [type(err).__name__])[0]
     return line if limit is None else line[:limit]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

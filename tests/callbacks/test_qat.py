@@ -1892,17 +1892,26 @@ class _WithAnObjectInItsHyperparameters(TinyModule):
         self.save_hyperparameters()
 
 
-def test_a_checkpoint_the_safe_loader_refuses_is_said_unread_not_without_settings(tmp_path):
-    """Trial FF: the settings of a pytorch-forecasting checkpoint could not be read with `weights_only=True` (objects in
-    its hyperparameters), and the warning said the checkpoint recorded none ("saved with `save_weights_only=True`?")."""
+def test_a_checkpoint_the_safe_loader_refuses_is_converted_with_its_settings_when_the_trainer_reads_it(tmp_path):
+    """Trial FF: the settings of a pytorch-forecasting checkpoint (objects in its hyperparameters) were not read with
+    `weights_only=True`, and the warning said it recorded none; trial GE: with the Trainer's `weights_only=False` they
+    were still not read, and chemprop's 4-bit checkpoint was evaluated with the callback's 8 bits. Lightning has read
+    the file by then: its settings are read the same way."""
     pl.seed_everything(0, verbose=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="objects")
     model = _WithAnObjectInItsHyperparameters(_Normalizer(2.0))
-    trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(), ckpt], enable_checkpointing=True).fit(model)
-    with pytest.warns(UserWarning, match=r"holds fake-quant layers but its settings could not be read: torch\.load\("):
+    callbacks = [QuantizationAwareTraining(weight_bits=4, start_epoch=0), ckpt]
+    trainer(max_epochs=2, callbacks=callbacks, enable_checkpointing=True).fit(model)
+    fresh = _WithAnObjectInItsHyperparameters()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer(callbacks=[QuantizationAwareTraining()]).validate(
-            _WithAnObjectInItsHyperparameters(), ckpt_path=tmp_path / "objects.ckpt", verbose=False, weights_only=False
+            fresh, ckpt_path=tmp_path / "objects.ckpt", verbose=False, weights_only=False
         )
+    said = [str(w.message) for w in caught]
+    assert not any("could not be read" in m for m in said)
+    assert any("the checkpoint was quantized with QuantConfig(weight_bits=4" in m for m in said)
+    assert {layer.weight_fake_quant.bits for _, layer in qat_modules(fresh)} == {4}
 
 
 def test_load_qat_checkpoint_reads_a_trusted_checkpoint_with_objects_only_when_told(tmp_path):
@@ -1925,3 +1934,16 @@ def test_load_qat_checkpoint_reads_a_trusted_checkpoint_with_objects_only_when_t
     saved = torch.load(path, weights_only=False)["state_dict"]
     assert all(active(loaded)) and not loaded.training
     assert all(torch.equal(value, saved[key]) for key, value in loaded.state_dict().items())
+    # trial GE: chemprop's `load_from_checkpoint` passes `weights_only=False` itself (a raw TypeError of two values)
+    loaded = load_qat_checkpoint(_LoadsWithoutTheSafeLoader, path, weights_only=False)
+    assert all(active(loaded)) and all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
+
+
+class _LoadsWithoutTheSafeLoader(_WithAnObjectInItsHyperparameters):
+    """As chemprop's `MPNN`: its `load_from_checkpoint` passes `weights_only=False` to Lightning's itself."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, **{"weights_only": False}, **kwargs
+        )

@@ -321,3 +321,12 @@ def test_example_inputs_the_forward_does_not_take_are_named(tmp_path):
         export_onnx(model, tmp_path / "model.onnx", torch.randn(2, 5))
     assert not (tmp_path / "model.onnx").exists()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_first_line_drops_a_terminals_colour_codes():
+    """Trial GE: torch's pickle error is printed bold, and a refusal quoting it carried `[1m...[0m` into the message."""
+    from lightning_compress.core.checks import first_line
+
+    assert first_line(ValueError("\x1b[1mWeights only load failed.\x1b[0m Re-running\nmore")) == (
+        "Weights only load failed. Re-running"
+    )
