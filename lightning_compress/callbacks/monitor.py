@@ -76,6 +76,7 @@ class CompressionMonitor(Callback):
             warn_no_direction("CompressionMonitor", "its drop from the baseline", monitor, stacklevel=3)
         self.log_images = log_images
         self.baseline: float | None = None
+        self._baseline_at: str | None = None  # where the baseline was scored ("epoch 3"), for the summary
         self.history: list[dict[str, float]] = []
         self.summary: dict[str, Any] = {}
         self._warned_matplotlib = False
@@ -108,6 +109,7 @@ class CompressionMonitor(Callback):
         """A new fit starts a new history (a checkpoint's, restored after this, continues its own)."""
         if stage == "fit":
             self.history, self.baseline = [], None  # (trial CP: a second fit kept the first model's baseline)
+            self._baseline_at = None
             self._fingerprints = []
             self._said_no_baseline = self._compressed_seen = self._compressed_at_start = False
             if runs_in_spawned_processes(trainer):
@@ -123,6 +125,7 @@ class CompressionMonitor(Callback):
         return {
             "monitor": self.monitor,
             "baseline": self.baseline,
+            "baseline_at": self._baseline_at,
             "history": [dict(point) for point in self.history],
             "fingerprints": list(self._fingerprints),  # a resumed fit's summary matches the model `fit` returns
             "compressed_seen": self._compressed_seen,
@@ -142,6 +145,7 @@ class CompressionMonitor(Callback):
             )
             return
         self.baseline = state_dict.get("baseline")
+        self._baseline_at = state_dict.get("baseline_at")  # (none in a checkpoint written before session 44)
         self.history = [dict(point) for point in state_dict.get("history", [])]
         # a checkpoint written before session 36 has no fingerprints: its points match no model at the end of fit
         self._fingerprints = list(state_dict.get("fingerprints", [None] * len(self.history)))
@@ -163,7 +167,7 @@ class CompressionMonitor(Callback):
             and value is not None
             and not _compressed(pl_module, estimate_size(pl_module))
         ):
-            self.baseline = value
+            self.baseline, self._baseline_at = value, "before training"
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Whether the model is compressed before this fit (a model pruned before, a resumed checkpoint's weights,
@@ -202,7 +206,7 @@ class CompressionMonitor(Callback):
         if value is not None and not compressed and not self._compressed_seen:
             # the last value before the model was first compressed: a guard's rollback to the dense model, validated
             # again, does not move it (trial EH: 0.9330 became 0.9414, where the guard kept 0.9330)
-            self.baseline = value
+            self.baseline, self._baseline_at = value, f"epoch {trainer.current_epoch}"
         self._compressed_seen = self._compressed_seen or compressed
         if value is not None and self.baseline is None:
             self._drop(value)  # says why there is no baseline, with or without a logger
@@ -245,6 +249,10 @@ class CompressionMonitor(Callback):
             "monitor": self.monitor,
             "baseline": self.baseline,
             "final": final,
+            # where each was scored: the model trained on between them (trial GE: QAT's calibration epoch gave the
+            # baseline, and five more epochs of training read as the gain of quantizing)
+            "baseline_at": self._baseline_at if self.baseline is not None else None,
+            "final_at": f"epoch {int(same[-1]['epoch'])}" if final is not None else None,
         }
         _log_summary(self.summary, validated=bool(self.history))
 
@@ -407,6 +415,9 @@ def _log_summary(summary: dict[str, Any], validated: bool) -> None:
             if summary["final"] is None
             else f"{summary['final']:.4f}"
         )
+        at = [summary.get(key) for key in ("baseline_at", "final_at")]
+        before += f" ({at[0]})" if at[0] and summary["baseline"] is not None else ""
+        after += f" ({at[1]})" if at[1] and summary["final"] is not None else ""
         lines.append(f"{summary['monitor']}: dense {before} -> compressed {after}")
     rank_zero_info("\nCompression summary (estimated sizes before entropy coding):\n" + "\n".join(lines))
 
@@ -432,6 +443,7 @@ def _check_state(state: dict[str, Any]) -> None:
         and len(prints) == len(history)
         and all(f is None or (isinstance(f, int) and not isinstance(f, bool)) for f in prints)
         and isinstance(state.get("compressed_seen", False), bool)
+        and isinstance(state.get("baseline_at"), (str, type(None)))
     )
     if not (good_baseline and good_history and good_prints):
         raise ValueError(

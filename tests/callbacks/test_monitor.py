@@ -1,11 +1,13 @@
 """CompressionMonitor with the real Trainer and a real TensorBoard event file."""
 
 import logging
+import re
 import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -461,6 +463,31 @@ def test_the_summary_gives_no_score_when_no_validation_scored_the_model_fit_retu
         trainer(max_epochs=3, callbacks=[QuantizationAwareTraining(2, 8, start_epoch=2), monitor]).fit(TinyModule())
     assert monitor.summary["effective_bits"] < 32 and monitor.history and monitor.summary["final"] is None
     assert "-> compressed not validated" in caplog.text
+
+
+def test_the_summary_says_where_the_baseline_and_the_final_value_were_scored(caplog, tmp_path):
+    """Trial GE: with QAT from `start_epoch=0` the baseline is the model after one epoch, and "dense 0.5669 ->
+    compressed 0.3274" read five more epochs of training as the gain of quantizing."""
+    pl.seed_everything(0, verbose=False)
+    monitor = CompressionMonitor(monitor="val_loss")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    fit = trainer(
+        max_epochs=3, callbacks=[QuantizationAwareTraining(start_epoch=0), monitor, ckpt], enable_checkpointing=True
+    )
+    with caplog.at_level(logging.INFO):
+        fit.fit(TinyModule())
+    assert monitor.summary["baseline_at"] == "epoch 0" and monitor.summary["final_at"] == "epoch 2"
+    assert re.search(r"val_loss: dense [0-9.]+ \(epoch 0\) -> compressed [0-9.]+ \(epoch 2\)", caplog.text)
+    sanity = CompressionMonitor(monitor="val_loss")  # pruning from the first step: the sanity check is the baseline
+    pl.seed_everything(0, verbose=False)
+    callbacks = [IterativePruning(0.5, start_epoch=0, end_epoch=2), sanity]
+    trainer(max_epochs=2, callbacks=callbacks, num_sanity_val_steps=-1).fit(TinyModule())
+    assert sanity.summary["baseline_at"] == "before training"
+    resumed = CompressionMonitor(monitor="val_loss")  # the checkpoint keeps where its baseline was scored
+    resumed.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][monitor.state_key])
+    assert resumed.state_dict()["baseline_at"] == "epoch 0"
+    with pytest.raises(ValueError, match="the checkpoint is damaged"):
+        resumed.load_state_dict({**monitor.state_dict(), "baseline_at": 3})
 
 
 def test_the_summary_gives_no_score_to_weights_trained_after_the_last_validation():
