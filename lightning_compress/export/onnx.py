@@ -30,6 +30,7 @@ from ..core.wrappers import eager, uncompiled
 from .container import replacing
 from .onnx_batch import GraphCheck, batch_size, example_error, graph_note, max_error, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
+from .onnx_composites import composite_ops
 from .onnx_pads import pad_quantized_codes
 from .onnx_passes import (
     GraphIndex,
@@ -48,7 +49,6 @@ from .onnx_tracing import (
     check_names,
     check_traceable,
     composite_attention,
-    composite_norms,
     listed,
     tensor_leaves,
     trace_error,
@@ -236,7 +236,7 @@ def _export_onnx(
         forward_state_kept(model, parameters=False),
         torch.no_grad(),
         composite_attention(),
-        composite_norms(),
+        composite_ops(),
         warnings.catch_warnings(),
     ):
         if accuracy_level and not (grouped and swapped):  # trial DE: level 4 was dropped in silence

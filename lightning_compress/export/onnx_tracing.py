@@ -5,6 +5,7 @@ their fix.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import tempfile
@@ -25,13 +26,13 @@ from ..core.experts import is_experts
 from ..core.fake_quant import FakeQuantizer
 from ..core.tracing import forward_state_kept, fresh_containers, plain_float, without_cache
 from ..core.wrappers import eager, uncompiled
+from .onnx_composites import composite_ops
 
 __all__ = [
     "as_args",
     "check_names",
     "check_traceable",
     "composite_attention",
-    "composite_norms",
     "listed",
     "tensor_leaves",
     "trace_error",
@@ -104,6 +105,66 @@ def tensor_leaves(value: Any, name: str) -> list[tuple[str, Tensor]]:
     return []  # other values (ints, flags, None) are constants of the graph
 
 
+def _holders(value: Any, depth: int = 0) -> list[str]:
+    """The type names of the objects in an example that hold tensors but are no tensor, mapping, list or tuple (a
+    dataclass's fields, an object's attributes): the graph cannot take their tensors as inputs."""
+    if isinstance(value, Tensor) or depth > 8:
+        return []
+    if isinstance(value, Mapping):
+        return [n for item in value.values() for n in _holders(item, depth + 1)]
+    if isinstance(value, (list, tuple)):
+        return [n for item in value for n in _holders(item, depth + 1)]
+    return [type(value).__name__] if any(_holds_tensor(item, depth + 1) for item in _attributes(value)) else []
+
+
+def _attributes(value: Any) -> list[Any]:
+    """A dataclass instance's fields, another object's attributes (none for a type, a module or a function)."""
+    if isinstance(value, (type, nn.Module)) or callable(value):
+        return []
+    if dataclasses.is_dataclass(value):
+        return [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+    return list(getattr(value, "__dict__", {}).values())
+
+
+def _holds_tensor(value: Any, depth: int, seen: set[int] | None = None) -> bool:
+    """Whether ``value`` is a tensor or holds one (in containers, fields or attributes, each object looked at once;
+    PyTorch Geometric's ``Data`` keeps its tensors in a mapping it holds)."""
+    if isinstance(value, Tensor):
+        return True
+    seen = set() if seen is None else seen
+    if depth > 8 or id(value) in seen:
+        return False
+    seen.add(id(value))
+    if isinstance(value, Mapping):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = _attributes(value)
+    return any(_holds_tensor(item, depth + 1, seen) for item in items)
+
+
+def check_inputs_carried(example_inputs: Any) -> None:
+    """Tensors held by an object in the example (trial GE: chemprop's ``BatchMolGraph``, a dataclass of the batch's
+    atoms, bonds and indices) would be constants of the graph, which then computes that example only: refused where
+    they are all the example holds (the export wrote a graph with no input, unsaid), said otherwise."""
+    held = _holders(example_inputs)
+    if not held:
+        return
+    said = (
+        f"`example_inputs` holds {sorted(set(held))[:3]}: objects holding tensors, which an ONNX graph cannot take as "
+        "inputs (they are tensors, in tuples, lists or dicts), so their tensors would be constants of the graph and "
+        "it would compute this example only"
+    )
+    fix = (
+        "Export a module whose forward takes those tensors (a wrapper that builds the object from them and calls the "
+        "model), or keep the model as the compressed file (`save_compressed`)."
+    )
+    if not tensor_leaves(as_args(example_inputs), "input"):
+        raise ValueError(f"export_onnx cannot export from this example: {said}. {fix}")
+    warnings.warn(f"export_onnx: {said}. {fix}", UserWarning, stacklevel=4)
+
+
 def _refill(template: Any, tensors: Iterator[Tensor]) -> Any:
     if isinstance(template, Tensor):
         return next(tensors)
@@ -128,37 +189,6 @@ def composite_attention() -> Iterator[None]:
         yield
     finally:
         backend.set_fastpath_enabled(before)
-
-
-def _rms_norm(
-    input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None, eps: float | None = None
-) -> Tensor:
-    """``F.rms_norm`` in operations every opset has, computed as torch computes it (in float for half types, the
-    weight applied after the cast back)."""
-    dims = tuple(range(-len(normalized_shape), 0))
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
-    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
-    out = (x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)).to(input.dtype)
-    return out if weight is None else out * weight
-
-
-class _CompositeNorms(TorchFunctionMode):
-    """Runs ``F.rms_norm`` (``nn.RMSNorm``'s forward, torchtune's ``RMSNorm``) as :func:`_rms_norm`: torch's
-    TorchScript exporter, which :func:`export_onnx` uses, converts ``aten::rms_norm`` at no opset (a trial: every
-    torchtune decoder was refused)."""
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.nn.functional.rms_norm or func is torch.rms_norm:
-            return _rms_norm(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def composite_norms() -> Iterator[None]:
-    """While exporting: RMS norms traced as their composite operations (:class:`_CompositeNorms`)."""
-    with _CompositeNorms():
-        yield
 
 
 # what a tensor's metadata is read through (no value of it): attributes (their getters) and methods
@@ -243,6 +273,7 @@ def tracing_call(
     """What the tracer calls and with what: the module (``model``, or one that passes keyword or nested inputs), its
     positional tensors, the example's keyword inputs that hold tensors (the graph's inputs, in order; trial BV: a
     flag among them gave the tracer's message), and the names of a nested input's tensors (``None`` otherwise)."""
+    check_inputs_carried(example_inputs)
     if isinstance(example_inputs, Mapping):
         keys = [k for k, v in example_inputs.items() if tensor_leaves(v, "")]
         if all(isinstance(example_inputs[k], Tensor) for k in keys):
@@ -405,7 +436,7 @@ def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
         without_cache(model),
         torch.no_grad(),
         composite_attention(),
-        composite_norms(),
+        composite_ops(),
         warnings.catch_warnings(),
         tempfile.TemporaryDirectory() as scratch,
     ):

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 import warnings
 
@@ -1752,3 +1753,64 @@ def test_the_mask_hint_names_a_decoder_mask_only_for_an_encoder_decoder(tmp_path
     with pytest.raises(ValueError, match=r"aten::diff") as refused:
         export_onnx(Vocoder().eval(), tmp_path / "v.onnx", {"input_features": torch.randn(2, 6, 4)})
     assert "decoder_attention_mask" not in str(refused.value)
+
+
+class _Aggregate(nn.Module):
+    """Message passing's aggregation as chemprop and PyTorch Geometric write it: `scatter_reduce(include_self=False)`
+    into a new tensor (in place) or as a function; two of the five nodes receive nothing."""
+
+    def __init__(self, reduce: str, in_place: bool) -> None:
+        super().__init__()
+        self.lin, self.reduce, self.in_place = nn.Linear(4, 8), reduce, in_place
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        index = index.unsqueeze(1).expand(-1, h.shape[1])
+        out = torch.full((5, h.shape[1]), 3.0)
+        if self.in_place:
+            return out.scatter_reduce_(0, index, h, reduce=self.reduce, include_self=False)
+        return torch.scatter_reduce(out, 0, index, h, self.reduce, include_self=False)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "amax", "amin", "prod"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_scatter_reduce_without_self_exports_through_its_composite_operations(tmp_path, reduce, in_place):
+    """Trial GE: chemprop's message passing was refused ("ONNX does not support include_self=False for
+    scatter_reduce"), as every PyTorch Geometric aggregation by mean, max or min would be."""
+    torch.manual_seed(0)
+    model = _Aggregate(reduce, in_place).eval()
+    x, index = torch.randn(12, 4), torch.tensor([0, 1, 1, 2, 2, 2, 0, 1, 2, 0, 1, 1])
+    export_onnx(model, tmp_path / "s.onnx", (x, index))
+    got = run(tmp_path / "s.onnx", {"input_0": x.numpy(), "input_1": index.numpy()})
+    with torch.no_grad():
+        want = model(x, index).numpy()
+    assert np.abs(got - want).max() < 1e-5 and (want[3:] == 3.0).all()
+
+
+@dataclasses.dataclass
+class _MolGraph:
+    """As chemprop's `BatchMolGraph`: the batch's tensors held by an object, not a tuple or dict."""
+
+    atoms: torch.Tensor
+    index: torch.Tensor
+
+
+class _TakesAGraph(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, graph: _MolGraph, extra: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.lin(graph.atoms).index_select(0, graph.index)
+        return out if extra is None else out + extra
+
+
+def test_an_example_whose_tensors_an_object_holds_is_refused_not_exported_as_constants(tmp_path):
+    """Trial GE (once chemprop's aggregation exported): the graph took no input, its batch baked in as constants, and
+    computed that example only, unsaid."""
+    graph = _MolGraph(torch.randn(6, 4), torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match=r"holds \['_MolGraph'\]: objects holding tensors, which an ONNX graph cannot"):
+        export_onnx(_TakesAGraph().eval(), tmp_path / "g.onnx", (graph,))
+    assert not list(tmp_path.iterdir())
+    with pytest.warns(UserWarning, match=r"holds \['_MolGraph'\].* compute this example only"):
+        export_onnx(_TakesAGraph().eval(), tmp_path / "g.onnx", (graph, torch.zeros(3, 2)))
