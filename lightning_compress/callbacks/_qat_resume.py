@@ -15,6 +15,7 @@ from .._lightning import is_lightning_module_class
 from ..checkpoint import saved_quantization
 from ..core.checks import first_line
 from ..core.qat import QuantConfig, check_quantizer_state, check_saved_scales, qat_modules
+from ..core.wrappers import plain_name
 
 __all__ = [
     "QAT_KEY_SUFFIX",
@@ -124,8 +125,10 @@ def check_resumed_layers(
     # every name of a layer registered twice (`self.backbone = nn.Sequential(self.fc0)`), as the state dict has
     # them (a trial: the same callback's checkpoint was refused)
     quantized = {id(m) for _, m in qat_modules(module)}
-    mine = {name for name, m in module.named_modules(remove_duplicate=False) if id(m) in quantized}
-    modules = dict(module.named_modules(remove_duplicate=False))
+    # plain names, as the state dict has them under activation checkpointing's wrappers (trial GD)
+    named = [(plain_name(name), m) for name, m in module.named_modules(remove_duplicate=False)]
+    mine = {name for name, m in named if id(m) in quantized}
+    modules = dict(named)  # (a layer wrapped alone: its plain name is its wrapper's too, listed before it)
     quantizer_of = {name: id(cast(Any, modules[name]).weight_fake_quant) for name in mine}
     tied = {quantizer_of[n] for n in saved & mine}
     extra = sorted(n for n in mine - saved if quantizer_of[n] in tied)

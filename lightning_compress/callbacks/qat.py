@@ -30,6 +30,7 @@ from ..core.qat import (
 from ..core.qat_schedule import QATSchedule, calibration_steps, needs_calibration
 from ..core.selection import normalize_patterns
 from ..core.sharding import full, is_sharded
+from ..core.wrappers import plain_name
 from ..export.report import CompressionReport
 from ..metrics.quant_error import QuantizationError
 from ._export import (
@@ -284,14 +285,15 @@ class QuantizationAwareTraining(Callback):
             if self.shift_search:
                 check_validation_at(trainer, pl_module, self.start_epoch)
             check_export_ready(trainer, self.export_path, pl_module)
-            before = {name for name, _ in qat_modules(pl_module)}
+            before = {plain_name(name) for name, _ in qat_modules(pl_module)}
             with noting_layers_built_late(pl_module, "QuantizationAwareTraining converts layers", "select no"):
                 others = [
-                    set(other._layers) or set(quantizable_layers(pl_module, other.include, other.exclude))
+                    set(other._layers)
+                    or set(map(plain_name, quantizable_layers(pl_module, other.include, other.exclude)))
                     for other in trainer.callbacks  # type: ignore[attr-defined]
                     if other is not self and isinstance(other, QuantizationAwareTraining)
                 ]
-                selected = set(quantizable_layers(pl_module, self.include, self.exclude))
+                selected = set(map(plain_name, quantizable_layers(pl_module, self.include, self.exclude)))
                 check_no_overlap(selected, others)
                 check_converted_alike(pl_module, selected, self.config)
                 self._convert(pl_module)
@@ -335,11 +337,12 @@ class QuantizationAwareTraining(Callback):
         """Convert this callback's layers with its settings, or ``saved``'s layers with their settings (a checkpoint
         being evaluated)."""
         if saved is None:
-            self._layers = convert_to_qat(pl_module, self.config, self.include, self.exclude)
+            converted = convert_to_qat(pl_module, self.config, self.include, self.exclude)
+            self._layers = [plain_name(name) for name in converted]  # as the state dict names them (trial GD)
         else:
             for config, layers in saved:
                 convert_listed(pl_module, config, layers)
-            self._layers = [name for name, _ in qat_modules(pl_module)]
+            self._layers = [plain_name(name) for name, _ in qat_modules(pl_module)]
         self._activation_quantizers = []  # cached: walking the module tree at every step costs on big models
         for _, quantizer in self._own_quantizers(pl_module):
             quantizer.sync_observers = True
@@ -408,7 +411,8 @@ class QuantizationAwareTraining(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         log_settings(trainer, pl_module, self)
         check_export_template(self._template, pl_module, "QuantizationAwareTraining")
-        late = [name for name in quantizable_layers(pl_module, self.include, self.exclude) if name not in self._layers]
+        selected = map(plain_name, quantizable_layers(pl_module, self.include, self.exclude))
+        late = [name for name in selected if name not in self._layers]
         if late:
             rank_zero_warn(
                 f"QuantizationAwareTraining: {late[:5]}{' ...' if len(late) > 5 else ''} match `include`/`exclude` "
@@ -720,8 +724,8 @@ class QuantizationAwareTraining(Callback):
     def _own_layers(self, pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
         """This callback's fake-quant layers (another callback's keep their own schedule and settings; a trial: the
         first to switch on switched on every layer, and learned scales were gathered from both)."""
-        mine = set(self._layers)
-        return [(name, module) for name, module in qat_modules(pl_module) if name in mine]
+        mine = set(self._layers)  # plain names: activation checkpointing may wrap blocks after `setup` (trial GD)
+        return [(name, module) for name, module in qat_modules(pl_module) if plain_name(name) in mine]
 
     def _own_quantizers(self, pl_module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
         """Each quantizer once, under its first layer's name: layers tied to one weight share its quantizer (trial DS:

@@ -21,6 +21,7 @@ from .groups import ChannelGroup, is_depthwise
 from .layers import weight_axes
 from .macs import layer_macs, uncalled_layers
 from .tracing import call_model, forward_state_kept, plain_float
+from .wrappers import modules_by_name
 
 __all__ = ["ChannelCost"]
 
@@ -57,7 +58,7 @@ class ChannelCost:
         finally:
             for handle in handles:
                 handle.remove()
-        modules = dict(model.named_modules())
+        modules = modules_by_name(model)
         self.dense = sum(macs.values())
         self.uncalled = uncalled_layers(model, {id(m) for m in macs})  # layers whose MACs are not counted
         self._layers: dict[str, tuple[int, dict[str, _Axis]]] = {}

@@ -38,6 +38,7 @@ from .masks import floor_count
 from .quant_blocks import channel_blocks
 from .selection import Target
 from .sharding import is_sharded, row_range
+from .wrappers import modules_by_name
 
 __all__ = ["ChannelRule"]
 
@@ -94,7 +95,7 @@ class ChannelRule:
     ) -> None:
         if not groups:
             raise ValueError("no prunable channel group: nothing for granularity='channel' to prune.")
-        modules = dict(model.named_modules())
+        modules = modules_by_name(model)  # (traced before `configure_model` wrapped blocks: trial GD)
         self.groups = list(groups)
         self.importance = MagnitudeImportance() if importance is None else importance
         self.scope = scope
@@ -164,7 +165,7 @@ class ChannelRule:
     def at_floor(self, masks: dict[str, Tensor]) -> list[str]:
         """The groups that keep no more channels than their floor (``min_density``, and at least one) under
         ``masks`` (a collective when sharded: every process calls it)."""
-        blocks = channel_blocks(dict(self._model.named_modules()), self.groups)
+        blocks = channel_blocks(modules_by_name(self._model), self.groups)
         held = []
         for group, kept, block in zip(self.groups, self.alive(masks), blocks, strict=True):
             floor, count = max(1, floor_count(self.min_density, group.size)), int(kept.sum())
@@ -256,7 +257,7 @@ class ChannelRule:
         alive = self.alive(current)
         # read now: QAT may convert the layers after the rule is built (trial CA: the rule's own modules were the
         # float layers conversion replaced)
-        blocks = channel_blocks(dict(self._model.named_modules()), self.groups)
+        blocks = channel_blocks(modules_by_name(self._model), self.groups)
         scores = [s if b is None else _pooled(s, b) for s, b in zip(self.scores(), blocks, strict=True)]
         floors = [max(1, floor_count(self.min_density, g.size)) for g in self.groups]
         kept = self._whole(self._select(sparsity, alive, scores, floors, blocks), alive, blocks, scores, floors)

@@ -31,6 +31,7 @@ from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
 from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, quiet_norm_widths, seeded
+from .wrappers import modules_by_name
 
 __all__ = ["faithful_groups", "output_change", "removable_groups"]
 
@@ -258,7 +259,7 @@ def _runs_in_training(model: nn.Module, inputs: Any) -> bool:
 def _zero(model: nn.Module, group: ChannelGroup, dead: Tensor) -> None:
     """Zero every parameter slice of ``group``'s ``dead`` channels, and their running means in a norm without a shift,
     as pruning does (:meth:`~.channels.ChannelRule.zero_statistics`)."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     for s in group.slices:
         module = modules[s.module]
         positions = s.index[dead[s.channel]]
@@ -358,7 +359,7 @@ class _ConsumerInputs:
     initialization; 3e-4 after training, when `compact()` refused), but not the inputs of the layer after it."""
 
     def __init__(self, model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor]) -> None:
-        modules = dict(model.named_modules())
+        modules = modules_by_name(model)
         removed: dict[str, set[int]] = {}
         for group, gone in zip(groups, dead, strict=True):
             for s in group.slices:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .layers import weight_axes
 from .tracing import call_model, eval_mode, has_float_tensor, jittered, output_tensors
+from .wrappers import modules_by_name
 
 if TYPE_CHECKING:
     from .heads import AttentionBlock
@@ -79,7 +80,7 @@ def unconfirmed_reasons(model: nn.Module, example_inputs: Any, blocks: Sequence[
     """Why each of ``blocks`` (a reading no probe confirmed) was not confirmed: an attention output too small to
     read on ``example_inputs`` (zero, or subnormal, where doubling is not exact: a trial's random-weight MobileViT
     ends its attention outputs at 1e-41 and 0), or probes that moved other heads' outputs."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     padding_note = _padding_only(model, example_inputs)
     with torch.no_grad(), eval_mode(model):
         calls = _first_calls(model, example_inputs, modules, {_probed(b) for b in blocks})
@@ -122,7 +123,7 @@ def _padding_only(model: nn.Module, example_inputs: Any) -> str:
 def _confirmed(
     model: nn.Module, example_inputs: Any, candidates: Sequence[Sequence[AttentionBlock]]
 ) -> list[AttentionBlock | None]:
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     with torch.no_grad(), eval_mode(model):
         calls = _first_calls(model, example_inputs, modules, {_probed(b) for c in candidates for b in c})
         chosen: list[AttentionBlock | None] = []

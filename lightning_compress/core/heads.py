@@ -28,6 +28,7 @@ from .adapters import adapter_modules
 from .head_layout import common_parent, confirmed_layouts, unconfirmed_reasons
 from .layers import linear_like_types, weight_axes
 from .tracing import call_model
+from .wrappers import modules_by_name
 
 __all__ = [
     "COUNT_ATTRIBUTES",
@@ -187,7 +188,7 @@ def find_attention(model: nn.Module, example_inputs: Any) -> tuple[list[Attentio
 
         return record
 
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     adapters = adapter_modules(model)  # peft adapters adding to projections: heads left whole
     owner = {id(p): n for n, m in modules.items() for p in m.parameters(recurse=False)}
     hooks = [m.register_forward_hook(hook(n)) for n, m in modules.items() if _linear_like(m)]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .layers import linear_like_types, weight_axes
 from .selection import expert_tensors, is_experts
 from .tracing import call_model, eval_mode, forward_state_kept
+from .wrappers import modules_by_name
 
 __all__ = ["count_macs", "layer_macs", "uncalled_layers", "uncalled_note", "uncounted_experts", "uncounted_note"]
 
@@ -38,7 +39,7 @@ def uncounted_experts(model: nn.Module) -> list[str]:
 def uncounted_note(model: nn.Module, names: list[str]) -> str:
     """What :func:`uncounted_experts`' ``names`` hold, for a message: experts, or (trial DU: Zamba's Mamba mixers, said
     to hold "expert weights") other 3-d weights a module multiplies in its own forward."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     listed = f"{names[:3]}{' ...' * (len(names) > 3)}"
     if all(is_experts(modules[name]) for name in names):
         return (

@@ -46,7 +46,7 @@ from .quantizer_state import check_quantizer_state, check_saved_scales
 from .selection import Target, module_tensor_holders, normalize_patterns, select_targets
 from .sharding import full, is_sharded
 from .shift_search import search_power_of_two_shifts
-from .wrappers import is_compiled
+from .wrappers import is_compiled, plain_name
 
 __all__ = [
     "SCALE_MODES",
@@ -346,7 +346,8 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
     names = []
     registered = registered_names(model)
     present = qat_modules(model)
-    known = {alias for _, module in present for alias in registered[id(module)]}
+    aliases = {id(m): {a for name in registered[id(m)] for a in (name, plain_name(name))} for _, m in present}
+    known = {alias for _, module in present for alias in aliases[id(module)]}
     unknown = sorted(wanted - known) if wanted is not None else []
     if unknown:
         raise ValueError(
@@ -355,7 +356,7 @@ def convert_to_float(model: nn.Module, layers: Iterable[str] | None = None) -> l
         )
     swapped: dict[int, tuple[nn.Module, nn.Module]] = {}
     for name, module in present:
-        if wanted is None or wanted & set(registered[id(module)]):
+        if wanted is None or wanted & aliases[id(module)]:
             float_layer = cast(Any, module).to_float()
             for alias in registered[id(module)]:
                 _replace(model, alias, float_layer)
@@ -628,13 +629,14 @@ def enable_fake_quant(
     if chosen is not None and not chosen:
         raise ValueError("`layers` is empty: name at least one fake-quant layer, or pass None for all of them.")
     every = qat_modules(model)
-    unknown = sorted(chosen - {n for n, _ in every}) if chosen is not None else []
+    # a layer answers to its plain name too (named before activation checkpointing wrapped its block: trial GD)
+    unknown = sorted(chosen - {a for n, _ in every for a in (n, plain_name(n))}) if chosen is not None else []
     if unknown:  # a typo or a module that is not a fake-quant layer would be left float without a word
         raise ValueError(
             f"`layers` names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}, which are not fake-quant layers of "
             f"the model (they are {[n for n, _ in every][:5]}{' ...' if len(every) > 5 else ''})."
         )
-    modules = [(n, m) for n, m in every if chosen is None or n in chosen]
+    modules = [(n, m) for n, m in every if chosen is None or n in chosen or plain_name(n) in chosen]
     found = (
         quantizers(model)
         if chosen is None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .groups import ChannelGroup
+from .wrappers import modules_by_name
 
 __all__ = ["channel_blocks", "cut_quant_groups", "grouped_consumers", "keep_whole_blocks", "quant_group_size"]
 
@@ -33,7 +34,7 @@ def quant_group_size(module: nn.Module) -> int | None:
 def grouped_consumers(model: nn.Module, groups: list[ChannelGroup]) -> dict[str, int]:
     """The layers whose inputs are channels of ``groups`` and whose weights are quantized in groups of input weights
     (name: group size): there a channel can leave only with every other channel of its block."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     found = {s.module: quant_group_size(modules[s.module]) for g in groups for s in g.slices if s.kind == "in"}
     return {name: size for name, size in found.items() if size is not None}
 
@@ -89,7 +90,7 @@ def keep_whole_blocks(model: nn.Module, groups: list[ChannelGroup], dead: list[T
     A group keeps at least one channel (as :func:`~lightning_compress.core.compact.plan` does), and a channel
     kept for one layer is kept in every layer it feeds, so this repeats until nothing changes.
     """
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     sizes = grouped_consumers(model, groups)
     kept = dict.fromkeys((g.name for g in groups), 0)
     for channels in dead:

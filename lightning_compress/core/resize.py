@@ -26,13 +26,14 @@ from .groups import (
 from .heads import AttentionBlock, set_head_counts
 from .layers import weight_axes
 from .quant_blocks import cut_quant_groups, quant_group_size
+from .wrappers import modules_by_name
 
 __all__ = ["Plan", "apply_plan", "plan", "resize_module", "zero_channels"]
 
 
 def zero_channels(model: nn.Module, group: ChannelGroup) -> Tensor:
     """Channels of ``group`` whose every parameter slice is exactly zero."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     dead = torch.ones(group.size, dtype=torch.bool)
     for s in group.slices:
         module = modules[s.module]
@@ -53,7 +54,7 @@ class Plan:
 
 def plan(model: nn.Module, groups: list[ChannelGroup], dead: list[Tensor] | None = None) -> Plan:
     """The :class:`Plan` that removes ``dead`` channels (per group; default: those whose slices are all zero)."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     removed: dict[str, dict[str, set[int]]] = {}
     result = Plan()
     for i, group in enumerate(groups):
@@ -184,7 +185,7 @@ def apply_plan(model: nn.Module, planned: Plan, shapes_only: bool = False) -> No
     path, which may run on the model itself with only a group's modules swapped for copies, trial FQ) the copies of it
     a ``peft`` ``modules_to_save`` wrapper keeps beside the active one, where they have its shapes
     (:func:`~.adapters.copies_beside`)."""
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     for name, kinds in planned.keep.items():
         module = modules[name]
         shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]

@@ -19,6 +19,7 @@ from .groups import is_depthwise, per_channel, supported
 from .heads import COUNT_ATTRIBUTES, HEADS_ATTRIBUTE
 from .layers import weight_axes
 from .resize import resize_module
+from .wrappers import modules_by_name
 
 __all__ = ["check_shapes", "set_head_record", "shrink_like", "sized_tensor"]
 
@@ -67,7 +68,7 @@ def check_shapes(model: nn.Module, shapes: Mapping[str, Sequence[int]]) -> None:
     Raises:
         ValueError: naming the entries that do not fit.
     """
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     bad = []
     for key, want in shapes.items():
         name, _, attr = key.rpartition(".") if "." in key else ("", "", key)
@@ -107,7 +108,7 @@ def set_head_record(model: nn.Module, record: Any, before: Callable[[str], None]
     """
     if not isinstance(record, dict):
         raise ValueError(f"head counts must be a mapping of module names, got {type(record).__name__}.")
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     checked: list[tuple[str, nn.Module, str, int]] = []
     for name, attrs in record.items():
         module = modules.get(name) if isinstance(name, str) else None

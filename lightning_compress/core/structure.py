@@ -55,7 +55,7 @@ from .tracing import (
     out_of_place,
     plain_float,
 )
-from .wrappers import eager
+from .wrappers import eager, modules_by_name
 
 __all__ = ["GROUP_SEARCH_LIMIT", "build_channel_groups"]
 
@@ -94,7 +94,7 @@ def build_channel_groups(
     """
     tp = _torch_pruning()
     names = {module: name for name, module in model.named_modules()}
-    modules = dict(model.named_modules())
+    modules = modules_by_name(model)
     conv1d = transformers_conv1d()
     foreign = foreign_linear_types()
     roots: tuple[type[nn.Module], ...] = (_CONV, nn.Linear, *foreign, *((conv1d,) if conv1d is not None else ()))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import Any, cast
 
 from torch import nn
 
-__all__ = ["eager", "inner_module", "is_compiled", "state_root", "uncompiled"]
+__all__ = ["eager", "inner_module", "is_compiled", "modules_by_name", "plain_name", "state_root", "uncompiled"]
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -30,6 +30,32 @@ def inner_module(module: nn.Module) -> nn.Module | None:
     children = dict(module.named_children())
     wrapped = children.get("_checkpoint_wrapped_module")
     return wrapped if wrapped is not None and len(children) == 1 else None
+
+
+_CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the activation checkpointing wrappers' segments (``blocks.0._checkpoint_wrapped_module.fc1``
+    -> ``blocks.0.fc1``): the name a plain instance, and the wrapped model's state dict, give the module."""
+    return (
+        ".".join(part for part in name.split(".") if part != _CHECKPOINT_WRAPPED)
+        if _CHECKPOINT_WRAPPED in name
+        else name
+    )
+
+
+def modules_by_name(model: nn.Module) -> dict[str, Any]:
+    """``model``'s modules by name, and by their :func:`plain_name` too (a layer wrapped alone: its plain name is the
+    layer's, not its wrapper's): names taken before activation checkpointing wrapped the model (Lightning's
+    ``configure_model`` runs after ``setup``: trial GD) still find their modules."""
+    named = dict(model.named_modules())
+    found = dict(named)
+    for name, module in named.items():  # outer modules first: a wrapped layer's plain name ends at the layer
+        plain = plain_name(name)
+        if plain != name and (plain not in named or _CHECKPOINT_WRAPPED in dict(named[plain].named_children())):
+            found[plain] = module
+    return found
 
 
 @contextmanager
