@@ -30,7 +30,16 @@ from .groups import ChannelGroup, param_slices, unshifted_mean
 from .layers import restore_training
 from .resize import apply_plan, plan
 from .skeleton import deep_copy, meta_copy
-from .tracing import call_model, eval_mode, noisy_checks, output_tensors, plain_float, quiet_norm_widths, seeded
+from .tracing import (
+    call_model,
+    eval_mode,
+    map_tensors,
+    noisy_checks,
+    output_tensors,
+    plain_float,
+    quiet_norm_widths,
+    seeded,
+)
 from .wrappers import modules_by_name
 
 __all__ = ["faithful_groups", "output_change", "removable_groups"]
@@ -234,13 +243,7 @@ def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
 
 
 def _float32(value: Any) -> Any:
-    if isinstance(value, Tensor) and value.is_floating_point():
-        return value.float()
-    if isinstance(value, dict):
-        return {k: _float32(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_float32(v) for v in value)
-    return value
+    return map_tensors(value, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def _runs_in_training(model: nn.Module, inputs: Any) -> bool:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, cast
 
 import torch
@@ -55,21 +56,41 @@ def without_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
-def fresh_containers(value: Any) -> Any:
-    """``value`` with each dict, list and tuple (namedtuples too) in it rebuilt, its tensors the same objects: what a
-    forward writes into its input containers stays in the copy (trial GC: schnetpack's models add keys to their input
-    dict and cast its values to float64 in eval mode, and the next of the package's calls on the example failed on
-    mixed dtypes, unexplained)."""
+def map_tensors(value: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to each tensor in it, its containers rebuilt in their types: dicts, lists, tuples,
+    namedtuples (trial GD: rebuilt from one iterable, they failed), and other mappings (``transformers``'
+    ``BatchEncoding``: copied, then given the new items); anything else as it is."""
+    if isinstance(value, Tensor):
+        return fn(value)
     kind = type(value)
     if kind is dict or kind is OrderedDict:
-        return kind((key, fresh_containers(item)) for key, item in value.items())
-    if kind is list:
-        return [fresh_containers(item) for item in value]
-    if kind is tuple:
-        return tuple(fresh_containers(item) for item in value)
+        return kind((key, map_tensors(item, fn)) for key, item in value.items())
+    if isinstance(value, MutableMapping):
+        copied = copy.copy(value)
+        for key, item in value.items():
+            copied[key] = map_tensors(item, fn)
+        return copied
+    if isinstance(value, Mapping):
+        return {key: map_tensors(item, fn) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_tensors(item, fn) for item in value]
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return kind(*(fresh_containers(item) for item in value))
+        return kind(*(map_tensors(item, fn) for item in value))
+    if isinstance(value, tuple):
+        return tuple(map_tensors(item, fn) for item in value)
     return value
+
+
+def _fresh(tensor: Tensor) -> Tensor:
+    return tensor.detach().clone().requires_grad_(tensor.requires_grad)
+
+
+def fresh_containers(value: Any) -> Any:
+    """``value`` rebuilt (:func:`map_tensors`) with copies of its tensors: what a forward writes into its inputs stays
+    in the copy (trial GC: schnetpack's models add keys to their input dict and cast its values to float64 in eval
+    mode, and the next of the package's calls on the example failed on mixed dtypes; trial GD: a forward scaling its
+    input in place was taken for one drawing random numbers, and the caller's example was scaled 128 times)."""
+    return map_tensors(value, _fresh)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -556,18 +577,6 @@ def noisy_checks(inputs: Any, runs: Callable[[Any], object]) -> list[Any]:
     except Exception:
         return [inputs]
     return [inputs, noisy]
-
-
-def map_tensors(inputs: Any, fn: Callable[[Tensor], Any]) -> Any:
-    """``inputs`` (a tensor, or nested tuples, lists and dicts) with ``fn`` applied to every tensor, in order; other
-    values as they are, the structure the same."""
-    if isinstance(inputs, Tensor):
-        return fn(inputs)
-    if isinstance(inputs, dict):
-        return {k: map_tensors(v, fn) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(map_tensors(v, fn) for v in inputs)
-    return inputs
 
 
 def like_model(inputs: Any, model: nn.Module) -> Any:

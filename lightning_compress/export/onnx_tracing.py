@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from ..core.checks import first_line
 from ..core.experts import is_experts
 from ..core.fake_quant import FakeQuantizer
-from ..core.tracing import forward_state_kept, fresh_containers, plain_float, without_cache
+from ..core.tracing import forward_state_kept, fresh_containers, map_tensors, plain_float, without_cache
 from ..core.wrappers import eager, uncompiled
 from .onnx_composites import composite_ops
 
@@ -46,8 +46,10 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
     its input dict changes these, not the example: trial GC)."""
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, dict):  # keyword arguments, as Lightning calls a module with a dict (another
+        return (fresh_containers(example_inputs),)  # mapping, `transformers`' BatchEncoding, is one argument: trial GD)
     if isinstance(example_inputs, Mapping):
-        return (fresh_containers(dict(example_inputs)),)  # a trailing dict: keyword arguments
+        return (fresh_containers(example_inputs),)
     if isinstance(example_inputs, Sequence):
         return tuple(fresh_containers(item) for item in example_inputs)
     raise TypeError(
@@ -166,13 +168,8 @@ def check_inputs_carried(example_inputs: Any) -> None:
 
 
 def _refill(template: Any, tensors: Iterator[Tensor]) -> Any:
-    if isinstance(template, Tensor):
-        return next(tensors)
-    if isinstance(template, Mapping):
-        return {key: _refill(item, tensors) for key, item in template.items()}
-    if isinstance(template, (list, tuple)):
-        return type(template)([_refill(item, tensors) for item in template])
-    return template
+    """``template`` with its tensors, in the order :func:`tensor_leaves` lists them, taken from ``tensors``."""
+    return map_tensors(template, lambda _: next(tensors))
 
 
 @contextmanager
@@ -274,7 +271,7 @@ def tracing_call(
     positional tensors, the example's keyword inputs that hold tensors (the graph's inputs, in order; trial BV: a
     flag among them gave the tracer's message), and the names of a nested input's tensors (``None`` otherwise)."""
     check_inputs_carried(example_inputs)
-    if isinstance(example_inputs, Mapping):
+    if isinstance(example_inputs, dict):
         keys = [k for k, v in example_inputs.items() if tensor_leaves(v, "")]
         if all(isinstance(example_inputs[k], Tensor) for k in keys):
             constants = {k: v for k, v in example_inputs.items() if k not in keys}
@@ -362,6 +359,21 @@ def trace_error(err: Exception, model: nn.Module, example_inputs: Any, opset: in
             "What to change: give `dynamic_axes` a static batch for every input and output, e.g. "
             "`{'input_0': {0: None}, 'output_0': {0: None}}` (the graph then takes the example's batch size only)."
         )
+    backward = re.search(r"aten::\w+_backward\b", str(err))
+    if backward or "requires grad as a constant" in str(err):  # trial GD: a force field's `silu_backward` was
+        return ValueError(  # blamed on the forward's own operations
+            f"export_onnx cannot trace {type(model).__name__}: "
+            + (
+                "its forward takes a derivative (`torch.autograd.grad`, as a force field's forces"
+                if backward
+                else "a tensor that requires grad reaches the graph as a constant (a derivative the forward takes "
+                "with `torch.autograd.grad`, as a force field's forces, or a tensor computed from the weights and "
+                "kept"
+            )
+            + f"; {first_line(err, 160)}), and an ONNX graph holds no derivative. What to change: export the module "
+            "whose output the forward differentiates (the energy model) and take the derivative outside the graph; "
+            "or keep the model as the compressed file (`save_compressed`)."
+        )
     carried = re.search(r"received an input of unsupported type: (\w+)", str(err))
     if carried:  # trial FN: a gpytorch model's MultivariateNormal was called an input and blamed on an operation
         return ValueError(
@@ -443,7 +455,7 @@ def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
         warnings.simplefilter("ignore")  # the tracer's warnings are for the export itself
         try:
             torch.onnx.export(
-                traced_model, traced_args, str(Path(scratch) / "graph.onnx"), opset_version=opset,
+                traced_model, fresh_containers(traced_args), str(Path(scratch) / "graph.onnx"), opset_version=opset,
                 export_params=False, do_constant_folding=False, dynamo=False,
             )  # fmt: skip
         except (RuntimeError, AssertionError) as err:  # a symbolic's assertion too (trial EQ: GLM-4's `cat`)

@@ -4,7 +4,9 @@ the reason (trial EW: Llama4's router, SAM's mask decoder)."""
 
 import dataclasses
 import logging
-from typing import Any
+import warnings
+from collections import UserDict
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -454,3 +456,86 @@ def test_a_forward_that_takes_derivatives_is_said_to_need_gradients_not_blamed_o
     with pytest.raises(ValueError, match=said):
         export_onnx(model, tmp_path / "f.onnx", x)
     assert not list(tmp_path.iterdir())
+
+
+class _Pair(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+class _Encoding(UserDict):
+    """As `transformers`' `BatchEncoding`: a mapping that is no dict, read by attribute; Lightning passes it whole."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self.data[name]
+        except KeyError as err:
+            raise AttributeError(name) from err
+
+
+class _ScalesItsInput(nn.Module):
+    """Takes a namedtuple, a mapping or a tensor, and scales its input in place (trial GD)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 2)
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        x = inputs.a + inputs.b if isinstance(inputs, _Pair) else inputs.x if isinstance(inputs, _Encoding) else inputs
+        x.mul_(2.0)
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "mapping", "tensor"])
+def test_examples_in_namedtuples_mappings_or_scaled_in_place_are_traced_compacted_and_exported_as_given(tmp_path, kind):
+    """Trial GD: a namedtuple example failed (`__new__() missing 1 required positional argument`); a forward scaling
+    its input in place was taken for one drawing random numbers (every group refused), and the caller's example was
+    scaled 128 times; a `BatchEncoding` was passed as keyword arguments, where Lightning passes it whole."""
+    pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    example = {"namedtuple": (_Pair(x, x.clone()),), "mapping": (_Encoding(x=x),), "tensor": x}[kind]
+    given = x.clone()
+    model = _ScalesItsInput().eval()
+    prune_(model, 0.5, granularity="channel", example_inputs=example)
+    compact(model, example)
+    assert model.a.out_features == 16 and torch.equal(x, given)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(model, tmp_path / "m.onnx", example)
+    assert not [str(w.message) for w in caught if "differ" in str(w.message)]  # (a model drawing random numbers)
+    assert torch.equal(x, given)
+
+
+class _ForcesWithGradients(nn.Module):
+    """A force field that turns gradients on itself, as schnetpack's `Forces` does in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.energy = nn.Sequential(nn.Linear(3, 16), nn.SiLU(), nn.Linear(16, 1))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            positions = positions.detach().requires_grad_()
+            energy = self.energy(positions).sum()
+            forces = -torch.autograd.grad(energy, positions, create_graph=self.training)[0]
+        return energy, forces
+
+
+def test_a_forward_turning_gradients_on_for_its_derivative_prunes_channels_and_is_not_exported(tmp_path):
+    """Trial GD: such a forward's channels are pruned and compacted exactly, and `export_onnx` blamed the derivative's
+    `aten::silu_backward` on the forward's operations."""
+    pytest.importorskip("onnx")
+    from lightning_compress import export_onnx
+
+    torch.manual_seed(0)
+    model, x = _ForcesWithGradients().eval(), torch.randn(5, 3)
+    prune_(model, 0.5, granularity="channel", example_inputs=x)
+    forces = model(x)[1]
+    compact(model, x)
+    assert model.energy[0].out_features == 8
+    torch.testing.assert_close(model(x)[1], forces, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"its forward takes a derivative .*silu_backward.*an ONNX graph holds no"):
+        export_onnx(model, tmp_path / "f.onnx", x)
