@@ -16,7 +16,7 @@ here imports ``peft`` or torchtune; ``litgpt``'s LoRA layers are read by their s
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = [
     "adapter_modules",
@@ -65,12 +65,11 @@ def _declared_adapters(module: nn.Module) -> list[nn.Module]:
 
 def declared_lora_base(module: nn.Module) -> bool:
     """Whether ``module`` is a LoRA layer of torchtune's kind, holding its base weight itself: adapters declared by
-    ``adapter_params()`` and a 2-d ``weight`` Parameter of its own, a plain tensor (not torchtune's NF4-quantized
-    base, ``quantize_base=True``), which its forward multiplies as ``nn.Linear`` does (``F.linear``)."""
+    ``adapter_params()`` and a 2-d ``weight`` Parameter of its own, which its forward multiplies as ``nn.Linear``
+    does (``F.linear``; an NF4-quantized base, QLoRA's, is left out by the selection as any weight stored
+    quantized)."""
     weight = dict(module.named_parameters(recurse=False)).get("weight")
-    if weight is None or weight.ndim != 2 or not _declared_adapters(module):
-        return False
-    return type(weight.data) is Tensor or type(weight.data).__name__ == "DTensor"
+    return weight is not None and weight.ndim == 2 and bool(_declared_adapters(module))
 
 
 def _unused_copies(module: nn.Module) -> list[nn.Module]:

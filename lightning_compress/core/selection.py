@@ -46,6 +46,12 @@ _WILDCARDS = set("*?[")
 _MATRIX_HOLDERS = (nn.RNNBase, nn.MultiheadAttention)  # weight matrices under names of their own (matrix_tensors)
 
 
+def _stored_quantized(weight: Tensor) -> bool:
+    """Whether ``weight`` holds its values in a tensor type of its own (torchao's NF4Tensor, which torchtune's QLoRA
+    stores its base weights in), not a plain tensor (nor FSDP2's sharded DTensor)."""
+    return type(weight.data) is not Tensor and type(weight.data).__name__ != "DTensor"
+
+
 def _scripted_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a Linear or Conv layer compiled by ``torch.jit.script`` (its original class's name)."""
     return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _LAYER_NAMES
@@ -230,7 +236,8 @@ def _unselected_matrices(
         for attr, param in module.named_parameters(recurse=False):
             # biases are never pruned (an ensemble's are 2-d: trial FI's TabM counted them among the weights left dense)
             matrix = param.dim() >= 2 or (attr == "weight" and param.dim() == 1 and not _scales_channels(module))
-            if matrix and param.numel() and id(param) not in chosen and "bias" not in attr:
+            quantized = _stored_quantized(param)  # (said on their own: no `include` selects them)
+            if matrix and param.numel() and id(param) not in chosen and "bias" not in attr and not quantized:
                 chosen.add(id(param))
                 found.append((f"{name}.{attr}" if name else attr, param.numel(), tuple(param.shape)))
     return found
@@ -354,6 +361,7 @@ def select_targets(
     parametrized: list[str] = []
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
     scripted: list[str] = []  # Linear/Conv layers compiled by `torch.jit.script`: no longer their classes
+    stored_quantized: list[str] = []  # weights held in a quantized tensor type (torchtune's QLoRA: NF4Tensor)
     hooked: dict[str, list[str]] = {"weight_norm": [], "spectral_norm": [], "hook": []}  # computed before forward
     kept_out: dict[int, str] = {}  # weights of excluded modules: a module tied to one is left out too (trial DD)
     later_names: dict[int, list[str]] = {}  # the other modules of a tied weight, selected under its first name
@@ -392,6 +400,10 @@ def select_targets(
             continue
         layer = isinstance(module, layer_types) or declared_lora_base(module)  # torchtune's LoRA: its base weight
         layer = layer and id(module) not in routers and id(module) not in adapters
+        if _stored_quantized(weight):  # trial GD: QLoRA's NF4 weights were selected, and the fit failed in a count
+            if layer and not excluded and (include is None or any(matches(name, module, q) for q in include)):
+                stored_quantized.append(name)
+            continue
         if include is None and not excluded and _scripted_layer(module):
             scripted.append(name)  # trial FB: a `torch.jit.script`ed block's convolutions were left dense unsaid
         if include is None:
@@ -449,6 +461,14 @@ def select_targets(
             f"lightning-compress leaves {parametrized} out: their weight is computed by a parametrization "
             "(torch.nn.utils.parametrizations.weight_norm, ...), not stored. Remove it "
             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
+            stacklevel=caller_level(),
+        )
+    if note_left_out and stored_quantized:
+        kinds = sorted({type(stored_weight(m).data).__name__ for n, m in named if n in stored_quantized})
+        warnings.warn(
+            f"lightning-compress leaves {stored_quantized[:5]}{' ...' if len(stored_quantized) > 5 else ''} out: "
+            f"their weights are tensors of a type of their own ({kinds}; torchtune's QLoRA stores its base weights "
+            "quantized in NF4Tensor), which neither pruning nor quantization-aware training changes.",
             stacklevel=caller_level(),
         )
     if note_left_out and scripted:

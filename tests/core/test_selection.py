@@ -440,3 +440,18 @@ def test_weights_stored_flat_are_said_to_be_left_dense_and_norm_scales_are_not()
     assert re.search(r"does not prune 0\.weight \(4096,\) \(4,096 weights in 1 tensor", messages[0]), messages[0]
     assert "1.weight" not in messages[0] and "2.weight" not in messages[0]  # the norms' scales are no weights
     assert sorted(prune_(model(), 0.9, include=["*", "0"])) == ["0.weight", "3.weight"]
+
+
+class _OwnTensorType(torch.Tensor):
+    """Stands for torchao's NF4Tensor, the type torchtune's QLoRA keeps its frozen base weights in."""
+
+
+def test_weights_held_in_a_tensor_type_of_their_own_are_left_out_and_said():
+    """Trial GD: QLoRA's NF4 base weights were selected as nn.Linear weights, and the fit failed counting zeros
+    (`NF4Tensor dispatch: aten.count_nonzero`); the warning on unselected matrices advised naming them in `include`."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(_OwnTensorType), requires_grad=False)
+    with pytest.warns(UserWarning, match=r"leaves \['0'\] out: their weights are tensors of a type of their own"):
+        assert [t.name for t in select_targets(model)] == ["1"]
+    with pytest.warns(UserWarning, match=r"leaves \['0'\] out"):  # a wildcard neither
+        assert [t.name for t in select_targets(model, include=["*"])] == ["1"]
