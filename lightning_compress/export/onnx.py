@@ -30,7 +30,7 @@ from ..core.wrappers import eager, uncompiled
 from .container import replacing
 from .onnx_batch import GraphCheck, batch_size, example_error, graph_note, max_error, other_batch
 from .onnx_calibration import float_output_convs, measure_ranges, quantize_conv_outputs
-from .onnx_composites import composite_ops
+from .onnx_composites import composite_ops, pyg_extreme_aggregations
 from .onnx_pads import pad_quantized_codes
 from .onnx_passes import (
     GraphIndex,
@@ -46,6 +46,7 @@ from .onnx_sharing import share_identical_constants, share_transposed_initialize
 from .onnx_tracing import (
     as_args,
     check_batched,
+    check_inputs_carried,
     check_names,
     check_traceable,
     composite_attention,
@@ -199,6 +200,7 @@ def _export_onnx(
     onnx = _require("onnx")
     from onnx import numpy_helper
 
+    check_inputs_carried(example_inputs)  # (before the tuple it is read as: a PyTorch Geometric `Batch` is none)
     args = as_args(example_inputs)
     if isinstance(example_inputs, dict):  # values holding no tensor (`return_dict=False`) are graph constants
         names = list(input_names or [k for k, v in example_inputs.items() if tensor_leaves(v, "")])
@@ -220,6 +222,16 @@ def _export_onnx(
             "(`copy.deepcopy(model).float()`; int4 group scales stay float16 values) or call `model.float()` first."
         )
     check_example_inputs(model, example_inputs)  # a forward that fails names them, not the tracer's stack
+    extremes = pyg_extreme_aggregations(model)
+    if extremes:
+        warnings.warn(
+            f"export_onnx: {extremes[:3]}{' ...' if len(extremes) > 3 else ''} aggregate by max or min through "
+            "PyTorch Geometric's `scatter`, which takes a path of its own while torch exports to ONNX: it starts from "
+            "zero, so the graph gives max(0, ·) (min(0, ·)) of each node's messages, wrong wherever they are all "
+            "negative (positive). Aggregate by mean or sum to export, or keep the model as the compressed file.",
+            UserWarning,
+            stacklevel=3,
+        )
     grouped = any(q.groups and q.fake_quant_enabled for _, q in quantizers(model))
     mode = int4_export_mode(model, accuracy_level) if grouped else export_mode(model)
     keyword = isinstance(example_inputs, dict)  # keyword arguments, as Lightning calls a module with a dict
@@ -257,7 +269,9 @@ def _export_onnx(
         n_out = len(tensor_leaves(outputs, "output"))  # the exporter flattens tuples, lists and dicts into its outputs
         # dimension 0 named otherwise, or static, for an input (a graph's nodes and edges): not a batch to cut
         renamed = any(0 in dict((dynamic_axes or {}).get(name, {})) for name in names)
-        batch_check = None if renamed else _graph_check(model, traced_model, traced_args, outputs, names)
+        # checked at the example whatever the axes (trial GF: PyTorch Geometric's documented axes turned the check off,
+        # and a graph 1.36 off its model was written unsaid); at another batch where dimension 0 is the batch
+        batch_check = _graph_check(model, traced_model, traced_args, outputs, names, other=not renamed)
         outs = list(output_names or [f"output_{i}" for i in range(n_out)])
         check_names(names, outs, len(traced_args), n_out, dynamic_axes)
         traced = path.with_name(f".{path.name}.{secrets.token_hex(6)}.traced")  # no file of the user's taken over
@@ -330,16 +344,22 @@ def _axes(names: list[str], given: Mapping[str, Mapping[int, str | None]] | None
 
 
 def _graph_check(
-    model: nn.Module, traced_model: nn.Module, traced_args: tuple[Any, ...], outputs: Any, names: Sequence[str]
+    model: nn.Module,
+    traced_model: nn.Module,
+    traced_args: tuple[Any, ...],
+    outputs: Any,
+    names: Sequence[str],
+    other: bool = True,
 ) -> GraphCheck | None:
-    """What :func:`~.onnx_batch.graph_note` compares: the graph's inputs and the model's outputs at the example's
-    batch and at another (one more forward of the model; where the model does not run there itself, a note saying
-    the batch was not checked). ``None`` where there is nothing to compare: a model in training mode (another
-    forward would move its BatchNorm statistics; dropout draws anew), an example without a batch dimension."""
+    """What :func:`~.onnx_batch.graph_note` compares: the graph's inputs and the model's outputs at the example, and
+    (``other``, where dimension 0 of every input is the batch) at another batch (one more forward of the model; where
+    the model does not run there itself, a note saying the batch was not checked). ``None`` where there is nothing
+    to compare: a model in training mode (another forward would move its BatchNorm statistics; dropout draws
+    anew)."""
     tensors = list(traced_args)
-    batch = batch_size(tensors) if all(isinstance(t, Tensor) for t in tensors) else None
-    if batch is None or any(m.training for m in model.modules()):
+    if any(m.training for m in model.modules()):
         return None
+    batch = batch_size(tensors) if all(isinstance(t, Tensor) for t in tensors) else None
     expected = [t for _, t in tensor_leaves(outputs, "output")]
     quantized = bool(quantizers(model))  # any: a rounding tolerance, never a false alarm
     try:  # a model that draws random numbers in eval mode (Reformer's LSH) cannot be compared with its graph
@@ -347,6 +367,8 @@ def _graph_check(
         random = max_error([t for _, t in tensor_leaves(again, "output")], expected) or 0.0
     except Exception:
         random = 0.0
+    if batch is None or not other:  # no batch dimension to cut (a graph's nodes and edges): the example alone
+        return GraphCheck(tensors, expected, batch or 0, quantized, names=names, random=random)
     others = other_batch(tensors, batch)
     try:
         expected_others = [t for _, t in tensor_leaves(traced_model(*fresh_containers(others)), "output")]

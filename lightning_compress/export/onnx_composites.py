@@ -4,9 +4,10 @@ composite operations that compute them.
 * ``F.rms_norm`` (``nn.RMSNorm``'s forward, torchtune's ``RMSNorm``): ``aten::rms_norm`` has no symbolic (trial GB:
   every torchtune decoder was refused).
 * ``scatter_reduce(..., include_self=False)``: "ONNX does not support include_self=False for scatter_reduce" (trial
-  GE: chemprop's message passing; PyTorch Geometric's ``scatter`` aggregates by mean, max and min this way). The
-  positions that receive values are set to the reduction's identity, then reduced with ``include_self=True``
-  (ONNX ``ScatterElements`` with ``add``, ``mul``, ``max``, ``min``); a mean is a sum over a count.
+  GE: chemprop's message passing). The positions that receive values are set to the reduction's identity, then
+  reduced with ``include_self=True`` (ONNX ``ScatterElements`` with ``add``, ``mul``, ``max``, ``min``); a mean is a
+  sum over a count. PyTorch Geometric's ``scatter`` takes a path of its own while torch exports, which this never
+  sees: its max and min start from zero (:func:`pyg_extreme_aggregations` names the modules that aggregate so).
 
 Each is computed as torch computes it, within rounding; everything else runs as it is.
 """
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["composite_ops"]
+__all__ = ["composite_ops", "pyg_extreme_aggregations"]
 
 
 def _rms_norm(
@@ -90,3 +91,15 @@ def composite_ops() -> Iterator[None]:
     """While exporting: the operations this module rewrites traced as their composite operations."""
     with _Composites():
         yield
+
+
+def pyg_extreme_aggregations(model: Any) -> list[str]:
+    """The modules of ``model`` that aggregate by max or min through PyTorch Geometric's ``scatter``
+    (``MaxAggregation``, ``MinAggregation``: ``SAGEConv(aggr="max")``'s ``aggr_module``). While torch exports to ONNX,
+    ``scatter`` starts these from zero (trial GF: a graph computing max(0, ·), 1.36 off outputs up to 3.12)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if type(module).__module__.startswith("torch_geometric")
+        and type(module).__name__ in ("MaxAggregation", "MinAggregation")
+    ]

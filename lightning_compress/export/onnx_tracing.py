@@ -10,6 +10,7 @@ import inspect
 import re
 import tempfile
 import traceback
+import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -121,8 +122,8 @@ def _holders(value: Any, depth: int = 0) -> list[str]:
 
 def _attributes(value: Any) -> list[Any]:
     """A dataclass instance's fields, another object's attributes (none for a type, a module or a function)."""
-    if isinstance(value, (type, nn.Module)) or callable(value):
-        return []
+    if isinstance(value, (type, nn.Module, types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        return []  # (a PyTorch Geometric `Data` is callable: it holds tensors all the same)
     if dataclasses.is_dataclass(value):
         return [getattr(value, f.name, None) for f in dataclasses.fields(value)]
     return list(getattr(value, "__dict__", {}).values())
@@ -153,18 +154,29 @@ def check_inputs_carried(example_inputs: Any) -> None:
     held = _holders(example_inputs)
     if not held:
         return
+    pyg = any(c.__module__.startswith("torch_geometric") for v in _objects(example_inputs) for c in type(v).__mro__)
     said = (
-        f"`example_inputs` holds {sorted(set(held))[:3]}: objects holding tensors, which an ONNX graph cannot take as "
-        "inputs (they are tensors, in tuples, lists or dicts), so their tensors would be constants of the graph and "
-        "it would compute this example only"
+        f"`example_inputs` holds {sorted(set(held))[:3]}: "
+        "objects holding tensors, which an ONNX graph cannot take as inputs (they are tensors, in tuples, lists or "
+        "dicts), so their tensors would be constants of the graph and it would compute this example only"
     )
     fix = (
-        "Export a module whose forward takes those tensors (a wrapper that builds the object from them and calls the "
-        "model), or keep the model as the compressed file (`save_compressed`)."
+        "Export a module whose forward takes those tensors ("
+        + ("a PyTorch Geometric batch's `(data.x, data.edge_index, data.batch)`; " if pyg else "")
+        + "a wrapper that builds the object from them and calls the model), or keep the model as the compressed "
+        "file (`save_compressed`)."
     )
-    if not tensor_leaves(as_args(example_inputs), "input"):
+    plain = isinstance(example_inputs, (Tensor, Mapping, list, tuple))
+    if not tensor_leaves(example_inputs if plain else (), "input"):
         raise ValueError(f"export_onnx cannot export from this example: {said}. {fix}")
     warnings.warn(f"export_onnx: {said}. {fix}", UserWarning, stacklevel=4)
+
+
+def _objects(value: Any) -> list[Any]:
+    """The example itself, or the items of its tuples, lists and mappings, one level down."""
+    if isinstance(value, Mapping):
+        return list(value.values())
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _refill(template: Any, tensors: Iterator[Tensor]) -> Any:
@@ -270,7 +282,6 @@ def tracing_call(
     """What the tracer calls and with what: the module (``model``, or one that passes keyword or nested inputs), its
     positional tensors, the example's keyword inputs that hold tensors (the graph's inputs, in order; trial BV: a
     flag among them gave the tracer's message), and the names of a nested input's tensors (``None`` otherwise)."""
-    check_inputs_carried(example_inputs)
     if isinstance(example_inputs, dict):
         keys = [k for k, v in example_inputs.items() if tensor_leaves(v, "")]
         if all(isinstance(example_inputs[k], Tensor) for k in keys):
@@ -440,6 +451,7 @@ def check_batched(tensors: Sequence[Any], names: Sequence[str]) -> None:
 
 
 def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
+    check_inputs_carried(example_inputs)
     traced_model, traced_args, keys, leaf_names = tracing_call(model, example_inputs)
     check_batched(traced_args, keys or leaf_names or [f"input_{i}" for i in range(len(traced_args))])
     with (

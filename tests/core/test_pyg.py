@@ -207,3 +207,45 @@ def test_a_graph_convolution_whose_bias_is_added_after_its_linear_is_left_whole_
     assert "conv.lin" not in {g.name for g in groups}
     assert skipped["conv.lin"].startswith("conv.bias (a parameter outside Linear/Conv/BatchNorm: a norm's weight, a")
     assert "a bias added after the layer, as PyTorch Geometric's GCNConv's" in skipped["conv.lin"]
+
+
+class _Signed(_Net):
+    """Messages of both signs: no ReLU before the convolution."""
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.pre(x), edge_index))
+
+
+def test_a_graph_exported_with_its_node_and_edge_axes_is_still_checked_and_max_aggregation_is_said(tmp_path):
+    """Trial GF: renaming dimension 0 (the documented axes for a graph) turned the check against the model off, and a
+    max aggregation's graph, 1.36 off its model, was written unsaid: PyTorch Geometric's `scatter` starts max and min
+    from zero while torch exports (max(0, .) of each node's messages)."""
+    pytest.importorskip("onnxruntime")
+    from lightning_compress import export_onnx
+
+    torch.manual_seed(0)
+    model = _Signed(SAGEConv(24, 12, aggr="max")).eval()  # messages of both signs
+    axes = {"input_0": {0: "nodes"}, "input_1": {0: None, 1: "edges"}, "output_0": {0: "nodes"}}
+    with pytest.warns(UserWarning) as caught:
+        export_onnx(model, tmp_path / "g.onnx", _graph(), dynamic_axes=axes)
+    said = [str(w.message) for w in caught]
+    assert any("['conv.aggr_module'] aggregate by max or min through PyTorch Geometric's `scatter`" in m for m in said)
+    assert any("the graph's outputs on the example differ from the model's" in m for m in said)
+    mean = _Signed(SAGEConv(24, 12)).eval()  # mean aggregation exports exactly: nothing said
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(mean, tmp_path / "m.onnx", _graph(), dynamic_axes=axes)
+    assert not [w for w in caught if "export_onnx" in str(w.message)]
+
+
+def test_a_pyg_batch_as_the_example_is_refused_for_onnx_with_its_tensors_named():
+    """Trial GF: a `Batch` example was refused by the callbacks' `.onnx` `export_path` with "`example_inputs` must be a
+    Tensor, a tuple ... got DataBatch", naming an argument the user never passed and no way out."""
+    from torch_geometric.data import Batch, Data
+
+    from lightning_compress import export_onnx
+
+    x, edges = _graph()
+    batch = Batch.from_data_list([Data(x=x, edge_index=edges)])
+    with pytest.raises(ValueError, match=r"holds \['DataBatch'\]: objects holding tensors.*`\(data\.x, data\.edge_in"):
+        export_onnx(_Net(SAGEConv(24, 12)).eval(), "never.onnx", batch)
