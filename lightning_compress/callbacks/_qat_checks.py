@@ -4,7 +4,7 @@ converts anything."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import StochasticWeightAveraging
@@ -81,7 +81,10 @@ def check_converted_alike(model: nn.Module, selected: set[str], config: QuantCon
 
 
 def check_validation_at(trainer: pl.Trainer, pl_module: pl.LightningModule, start_epoch: int) -> None:
-    """``shift_search=True`` needs a validation in epoch ``start_epoch``."""
+    """``shift_search=True`` needs a validation in epoch ``start_epoch``: a fit with no validation data is told so
+    first (trial GD: told to make `check_val_every_n_epoch` divide 1, it was then refused for having no data)."""
+    if not validation_enabled(trainer):
+        _refuse_no_search_data(start_epoch)
     every = trainer.check_val_every_n_epoch or 1
     runs = trainer.limit_val_batches != 0 and overrides("validation_step", pl_module) and (start_epoch + 1) % every == 0
     if not runs:
@@ -100,11 +103,7 @@ def check_search_data(trainer: pl.Trainer, start_epoch: int) -> None:
     # otherwise the end of `start_epoch` says it if none ran
     first_validates = trainer.check_val_every_n_epoch in (None, 1)  # the loaders would be loaded by now
     if not validation_enabled(trainer) or (trainer.val_dataloaders is None and first_validates):
-        raise ValueError(
-            "`shift_search=True` evaluates shifts on the validation batches of epoch "
-            f"`start_epoch`={start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "
-            "`fit` (or a datamodule's `val_dataloader`), or set `shift_search=False`."
-        )
+        _refuse_no_search_data(start_epoch)
     if trainer.current_epoch <= start_epoch and validates_in_epoch(trainer, start_epoch) is False:
         raise ValueError(
             "`shift_search=True` evaluates shifts on the validation batches of epoch "
@@ -113,6 +112,14 @@ def check_search_data(trainer: pl.Trainer, start_epoch: int) -> None:
             f"no validation in that epoch ({trainer.num_training_batches} batches per epoch): choose an interval "
             "that validates in it, or another `start_epoch`, or set `shift_search=False`."
         )
+
+
+def _refuse_no_search_data(start_epoch: int) -> NoReturn:
+    raise ValueError(
+        "`shift_search=True` evaluates shifts on the validation batches of epoch "
+        f"`start_epoch`={start_epoch}, but this fit has no validation data: pass `val_dataloaders` to "
+        "`fit` (or a datamodule's `val_dataloader`), or set `shift_search=False`."
+    )
 
 
 def check_switch_reached(trainer: pl.Trainer, start_epoch: int, per_epoch: int, inside: bool) -> None:
