@@ -78,7 +78,7 @@ class QATSchedule:
         (the fit ends inside it, and nothing calibrates) or ``"after_calibration"`` (the fit ends inside it: after
         :func:`calibration_steps` of the ``left`` steps to run, at :attr:`switch_step`)."""
         self.switch_step = None
-        left = max_steps - step // optimizers
+        left = self.steps_left(step, max_steps, optimizers)
         if left >= per_epoch:
             return "epoch_end"
         if not self.calibrates:
