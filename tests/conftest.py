@@ -208,3 +208,26 @@ def spawn(worker: Any, tmp_path: object, nprocs: int) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.start_processes(_leave_after, args=(worker, port, str(tmp_path)), nprocs=nprocs, start_method="spawn")
+
+
+class MetricSettings(nn.Module):
+    """Keeps its settings as a module's extra state, a dict, as nequip's loss and metrics manager does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.coefficients = {"energy": 1.0, "forces": 10.0}
+
+    def get_extra_state(self) -> dict[str, float]:
+        return dict(self.coefficients)
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.coefficients = dict(state)
+
+
+class ModuleWithExtraState(TinyModule):
+    """A training module whose state dict holds a dict (``loss._extra_state``) beside the network's tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loss = MetricSettings()
+        self.example_input_array = torch.randn(2, 16)

@@ -191,6 +191,6 @@ def _builds_same_shapes(model: nn.Module, config: Any) -> bool:
         return False
     # a quantization-aware model's fake quantizers are not the config's business (a trial: with QAT on, a compacted
     # Llama kept its old config and the class's own from_pretrained refused the weights)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if "_fake_quant." not in k}
-    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    want = {k: tuple(getattr(v, "shape", ())) for k, v in model.state_dict().items() if "_fake_quant." not in k}
+    have = {k: tuple(getattr(v, "shape", ())) for k, v in fresh.state_dict().items()}
     return want == have

@@ -142,6 +142,8 @@ def _unique_entries(model: nn.Module) -> list[tuple[str, Tensor]]:
     seen: set[tuple[int, int, tuple[int, ...]]] = set()
     out = []
     for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, Tensor):
+            continue  # a module's extra state (`get_extra_state`: nequip's metrics keep a dict): no weights (trial GJ)
         shard = local(tensor)
         key = (shard.untyped_storage().data_ptr(), int(shard.storage_offset()), tuple(tensor.shape))
         if shard.numel() and key in seen:

@@ -58,6 +58,7 @@ from .onnx_tracing import (
     unwrapped,
 )
 from .report import CompressionReport, LayerReport
+from .state_entries import check_traceable_state
 
 __all__ = ["check_traceable", "export_onnx"]
 
@@ -197,6 +198,7 @@ def _export_onnx(
             "rank 0), or call save_compressed(model, 'model.lcz') on every process, then load_compressed it into "
             "an unsharded instance of the model and export that."
         )
+    check_traceable_state(model)
     onnx = _require("onnx")
     from onnx import numpy_helper
 

@@ -28,6 +28,7 @@ from ..core.fake_quant import FakeQuantizer
 from ..core.tracing import forward_state_kept, fresh_containers, map_tensors, plain_float, without_cache
 from ..core.wrappers import eager, uncompiled
 from .onnx_composites import composite_ops
+from .state_entries import check_traceable_state
 
 __all__ = [
     "as_args",
@@ -451,6 +452,7 @@ def check_batched(tensors: Sequence[Any], names: Sequence[str]) -> None:
 
 
 def _check_traceable(model: nn.Module, example_inputs: Any, opset: int) -> None:
+    check_traceable_state(model)
     check_inputs_carried(example_inputs)
     traced_model, traced_args, keys, leaf_names = tracing_call(model, example_inputs)
     check_batched(traced_args, keys or leaf_names or [f"input_{i}" for i in range(len(traced_args))])

@@ -296,7 +296,7 @@ def max_raw_bytes(model: nn.Module) -> int:
     Every stored form of a tensor is at most its dense size (positions are chosen only when they
     make it smaller), and quantizer buffers are per output channel at most.
     """
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
     layers = _layers_with_weights(model)
     quantizers = sum(
         8 * len(_QUANTIZER_BUFFERS) * (max(1, *w.shape[:2]) + _PER_LAYER_SLACK) + 2 * (w.numel() // 2)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.fake_quant import FakeQuantizer
 from ..core.sharding import is_sharded
@@ -190,6 +190,8 @@ def state_dict_bytes(model: nn.Module, leave_out: Iterable[str] = ()) -> int:
     # rest of its data
     whole = {key: tensor for key, tensor in state.items() if is_sharded(tensor)}
     for key, tensor in state.items():
+        if not isinstance(tensor, Tensor):
+            continue  # a module's extra state (nequip's metrics: a dict), saved as it is
         state[key] = tensor.detach() if key not in whole else torch.zeros(1, dtype=tensor.dtype).expand(tensor.shape)
     rest = sum((t.numel() - 1) * t.element_size() for t in whole.values() if t.numel())
     return _saved_bytes(state) + rest

@@ -34,6 +34,7 @@ from .records import (
     second_names,
 )
 from .report import CompressionReport, LayerReport, state_dict_bytes
+from .state_entries import check_storable_state
 
 __all__ = ["save_compressed"]
 
@@ -192,7 +193,7 @@ def _save(model: nn.Module, path: Path) -> CompressionReport:
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []
     state = model.state_dict()
-    _check_storable(state)
+    _check_storable(state, model)
     sharded = any(is_sharded(t) for t in state.values())
     state = {name: full(tensor) for name, tensor in state.items()}  # under FSDP2: gathered on every process
     for qname, q in quantizers(model):  # learned scales are stored as the step size in use
@@ -289,14 +290,10 @@ def _save(model: nn.Module, path: Path) -> CompressionReport:
     )  # fmt: skip
 
 
-def _check_storable(state: dict[str, Any]) -> None:
+def _check_storable(state: dict[str, Any], model: nn.Module) -> None:
     """Entries the file can hold: dense (strided) tensors. Anything else is named before a byte is written."""
+    check_storable_state(model, state)
     for name, value in state.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(
-                f"save_compressed stores tensors, but the state dict entry {name!r} is a {type(value).__name__} (a "
-                "module's `get_extra_state`); save that state apart, e.g. with torch.save."
-            )
         if value.layout != torch.strided:
             raise TypeError(
                 f"save_compressed stores dense tensors, but the state dict entry {name!r} is a {value.layout} "

@@ -994,3 +994,19 @@ def test_an_activation_checkpointed_model_saves_and_loads_under_the_plain_names(
         torch.testing.assert_close(fresh.eval()(x), expected, atol=0, rtol=0)
         assert isinstance(fresh.head, CheckpointWrapper) == checkpointed  # the converted head stays wrapped
         assert len(qat_modules(fresh)) == 3
+
+
+def test_a_state_holding_a_dict_is_refused_naming_the_submodule_that_holds_the_weights(tmp_path):
+    """Trial GJ: the refusal said to save the state apart, with no way to leave the entry out of the file."""
+    from tests.conftest import ModuleWithExtraState
+
+    model = ModuleWithExtraState()
+    with pytest.raises(TypeError, match=r"'loss\._extra_state' is a dict .*Save the submodule that holds the weights "
+                       r"\(`model\.net`\) and load it into that submodule"):  # fmt: skip
+        save_compressed(model, tmp_path / "m.lcz")
+    prune_(model.net, 0.5)
+    save_compressed(model.net, tmp_path / "net.lcz")
+    fresh = ModuleWithExtraState()
+    load_compressed(fresh.net, tmp_path / "net.lcz")
+    x = torch.randn(3, 16)
+    assert torch.equal(fresh(x), model(x))

@@ -1814,3 +1814,17 @@ def test_an_example_whose_tensors_an_object_holds_is_refused_not_exported_as_con
     assert not list(tmp_path.iterdir())
     with pytest.warns(UserWarning, match=r"holds \['_MolGraph'\].* compute this example only"):
         export_onnx(_TakesAGraph().eval(), tmp_path / "g.onnx", (graph, torch.zeros(3, 2)))
+
+
+def test_a_model_whose_state_holds_a_dict_is_refused_naming_the_submodule_to_export(tmp_path):
+    """Trial GJ: nequip's training module (a dict in its state dict, float64 buffers) was told to call `.float()`,
+    then failed inside torch's tracer: `'dict' object has no attribute 'detach'`."""
+    from tests.conftest import ModuleWithExtraState
+
+    model = ModuleWithExtraState()
+    model.register_buffer("shift", torch.zeros(4, dtype=torch.float64))  # a dtype it would refuse too: said after
+    with pytest.raises(ValueError, match=r"cannot trace ModuleWithExtraState: .*\{'loss\._extra_state': 'dict'\}.*"
+                       r"outputs \(among those holding the weights: `model\.net`\)"):  # fmt: skip
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 16))
+    assert not (tmp_path / "m.onnx").exists()
+    export_onnx(model.net, tmp_path / "net.onnx", torch.randn(2, 16))
