@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .checks import check_float, check_module
+from .checks import caller_level, check_float, check_module
 from .group_check import faithful_groups, output_change, removable_groups
 from .groups import ChannelGroup
 from .macs import count_macs, uncalled_note, uncounted_experts, uncounted_note
@@ -90,23 +90,30 @@ class CompactReport:
     uncounted: list[str] = field(default_factory=list)  # modules whose 3-d weights (experts) the MACs leave out
     uncounted_note: str = ""  # what they hold, said
     uncalled: list[str] = field(default_factory=list)  # Linear/Conv layers the forward did not call: MACs uncounted
+    left: dict[str, str] = field(default_factory=dict)  # with no channel group found: why each layer was left whole
 
     def __str__(self) -> str:
         changed = {name: sizes for name, sizes in self.channels.items() if sizes[0] != sizes[1]}
         width = max([32, *(len(name) + 2 for name in changed)])  # trial EA: longer names pushed the column out
-        lines = [f"{'group':<{width}}{'channels':>16}"]
+        lines = [f"{'group':<{width}}{'channels':>16}"] if self.channels else []
         lines += [f"{name:<{width}}{f'{a} -> {b}':>16}" for name, (a, b) in changed.items()]
         unchanged = sum(a == b for a, b in self.channels.values())  # trial DV: listed as if cut ("2 -> 2")
         if unchanged:
             lines.append(f"({unchanged} group(s) unchanged: `channels` lists every group)")
+        if not self.channels:  # trial GJ: a report of nothing read as a success ("MACs 0 -> 0 (0.0%)")
+            lines.append(f"no channel group found, nothing removed{_reasons(self.left)}")
         lines.append(
             f"parameters: {self.params_before:,} -> {self.params_after:,} "
             f"({self.params_after / max(1, self.params_before):.1%}); max |output change| {self.max_abs_diff:.2e} "
             f"({self.max_relative_change:.2e} of the largest output)"
         )
+        counted = (
+            f"{self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / self.macs_before:.1%})"
+            if self.macs_before
+            else "none counted (no Linear, Conv, recurrent or attention layer ran)"
+        )
         lines.append(
-            f"MACs per forward of the example inputs: {self.macs_before:,} -> {self.macs_after:,} "
-            f"({self.macs_after / max(1, self.macs_before):.1%})"
+            f"MACs per forward of the example inputs: {counted}"
             + (f", not counting {self.uncounted_note} (left whole)" if self.uncounted else "")
             + (f", not counting {uncalled_note(self.uncalled)}" if self.uncalled else "")
         )
@@ -127,6 +134,14 @@ class CompactReport:
                 "ones; rebuild the compacted model with load_compressed into a fresh instance, not from that config"
             )
         return "\n".join(lines)
+
+
+def _reasons(left: dict[str, str]) -> str:
+    """The first reasons layers were left whole, for a message."""
+    if not left:
+        return ""
+    shown = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3])
+    return f" ({shown}{'; ...' if len(left) > 3 else ''})"
 
 
 def _outputs(model: nn.Module, inputs: Any) -> list[Tensor]:
@@ -276,8 +291,8 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
     example_inputs = like_model(example_inputs, model)
     with forward_state_kept(model):  # the trace's forwards leave no cache behind (PyG's cached GCNConv: trial FE)
         check_example_inputs(model, example_inputs, "example_inputs" if given else "example_input_array")
-        groups, _ = build_channel_groups(model, example_inputs)
-        groups, _ = removable_groups(model, example_inputs, groups)
+        groups, left = build_channel_groups(model, example_inputs)
+        groups, removed = removable_groups(model, example_inputs, groups)
         traced = groups
         groups, unfaithful = faithful_groups(model, example_inputs, groups)
     _warn_zero_channels_kept(model, [g for g in traced if g.name in unfaithful], unfaithful)
@@ -287,6 +302,13 @@ def _compact(model: nn.Module, example_inputs: Any, atol: float | None) -> Compa
     keep = planned.keep
     report = CompactReport(channels=planned.channels, params_before=sum(p.numel() for p in model.parameters()))
     report.kept_for_quant_groups = kept_for_quant_groups
+    if not traced:
+        report.left = {**left, **removed}
+        warnings.warn(
+            f"compact() found no channel group in {type(model).__name__} it could remove channels from"
+            f"{_reasons(report.left)}: the model is unchanged.",
+            stacklevel=caller_level(),
+        )
     report.macs_before = count_macs(model, example_inputs, report.uncalled)
     report.uncounted = uncounted_experts(model)
     report.uncounted_note = uncounted_note(model, report.uncounted) if report.uncounted else ""

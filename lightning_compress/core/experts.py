@@ -12,6 +12,7 @@ which experts run, where pruning them reroutes tokens (a trial: JetMoE's routers
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from .layers import linear_like_types
 
@@ -25,8 +26,8 @@ def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The weights of a mixture of experts stored one tensor per projection, ``(experts, out, in)``, as
     ``transformers`` stores Mixtral's and Qwen2-MoE's ``gate_up_proj`` and ``down_proj``: a module's own
     Parameters of 3 or more dimensions sharing a first (expert) dimension above 1. Not a Linear/Conv/Embedding."""
-    if isinstance(module, (*linear_like_types(), nn.Embedding)):
-        return []
+    if isinstance(module, (*linear_like_types(), nn.Embedding, ParametrizationList)):
+        return []  # (a parametrization's `original` is the stored weight of the layer it computes: trial GI)
     found = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3 and p.numel()]
     if not found or len({p.shape[0] for _, p in found}) != 1 or found[0][1].shape[0] < 2:
         return []

@@ -13,7 +13,14 @@ from collections.abc import Iterable
 
 from torch import nn
 
-__all__ = ["linear_like_types", "registered_names", "restore_training", "transformers_conv1d", "weight_axes"]
+__all__ = [
+    "class_label",
+    "linear_like_types",
+    "registered_names",
+    "restore_training",
+    "transformers_conv1d",
+    "weight_axes",
+]
 
 
 def transformers_conv1d() -> type[nn.Module] | None:
@@ -83,3 +90,12 @@ def restore_training(modes: Iterable[tuple[nn.Module, bool]]) -> None:
             module.train(mode)
         else:
             module.training = mode
+
+
+def class_label(module: nn.Module) -> str:
+    """``module``'s class name for a message, qualified by its module where another library reuses a name of
+    ``torch.nn`` (trial GJ: e3nn's ``Linear`` was said not to be a Linear)."""
+    kind = type(module)
+    if hasattr(nn, kind.__name__) and getattr(nn, kind.__name__) is not kind:
+        return f"{kind.__module__}.{kind.__qualname__}"
+    return kind.__name__

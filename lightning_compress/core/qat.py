@@ -23,7 +23,7 @@ from . import qat_layers
 from .adapters import declared_lora_base
 from .checks import check_bool, check_module
 from .fake_quant import SCALE_MODES, FakeQuantizer, QuantConfig
-from .layers import registered_names, restore_training
+from .layers import class_label, registered_names, restore_training
 from .qat_held import replace_held, warn_held_by_objects
 from .qat_layers import (
     QAT_CLASSES,
@@ -135,14 +135,14 @@ def _quantizable_targets(
                 subclasses.add(type(module).__name__)
             if include is not None and target.name in include:  # named exactly: refused
                 raise ValueError(
-                    f"`include` selects {target.name!r} ({type(module).__name__}); quantization-aware training "
+                    f"`include` selects {target.name!r} ({class_label(module)}); quantization-aware training "
                     "supports nn.Linear, nn.Conv1d/2d/3d, transformers' Conv1D and PyTorch Geometric's Linear called "
                     "through their forward, and an nn.Embedding named exactly"  # trial CS: the embedding was left out
                     + (f"; {subclass}" if subclass else "")
                     + "."
                 )
             if id(module) not in owned_by_mha:
-                skipped.append(f"{target.name} ({type(module).__name__})")
+                skipped.append(f"{target.name} ({class_label(module)})")
                 lora_bases += declared_lora_base(module)
             else:  # said with its attention below, or not at all when the attention is excluded (trial DD: `attn.*`)
                 owner = owned_by_mha[id(module)]

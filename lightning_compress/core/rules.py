@@ -21,7 +21,7 @@ from .collectives import Collectives
 from .group_check import faithful_groups, removable_groups
 from .groups import ChannelGroup
 from .importance import Importance
-from .layers import linear_like_types, weight_axes
+from .layers import class_label, linear_like_types, weight_axes
 from .macs import uncalled_note, uncounted_experts, uncounted_note
 from .mask_counts import weight_units
 from .masks import compute_masks
@@ -158,7 +158,7 @@ def channel_structure(
         if not target.own_name and target.name not in in_groups and not isinstance(target.module, traced):
             left.setdefault(
                 target.name,
-                f"a {type(target.module).__name__} is not a layer the channel trace reads (Linear, Conv, Conv1D, "
+                f"a {class_label(target.module)} is not a layer the channel trace reads (Linear, Conv, Conv1D, "
                 "Embedding): its channels are not pruned; element or N:M pruning prunes its weight",
             )
     if not groups:

@@ -26,7 +26,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from .adapters import adapter_modules, declared_lora_base, forwards_base_weight
 from .checks import caller_level, check_module
 from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
-from .layers import linear_like_types, weight_axes
+from .layers import class_label, linear_like_types, weight_axes
 from .sharding import flat_offset, local
 from .wrappers import inner_module, is_compiled
 
@@ -207,6 +207,7 @@ def stored_weight(module: nn.Module) -> Any:
 
 _UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the selected weights (a ViT's position
 # embeddings, a Mamba's A_log are a few percent)
+_REFUSED_SHARE = 9  # ... and a default selection refused: at most a tenth of the weight matrices selected
 
 
 def _unselected_matrices(
@@ -359,6 +360,7 @@ def select_targets(
     adapters = adapter_modules(model)  # peft's adapters and unused originals: by an exact name only
     tied: list[str] = []
     parametrized: list[str] = []
+    named_parametrized: list[str] = []  # exact names in `include` whose weight a parametrization computes
     torch_pruned: list[str] = []  # torch.nn.utils.prune: `weight_orig` and a mask multiplied in a pre-hook
     scripted: list[str] = []  # Linear/Conv layers compiled by `torch.jit.script`: no longer their classes
     stored_quantized: list[str] = []  # weights held in a quantized tensor type (torchtune's QLoRA: NF4Tensor)
@@ -389,7 +391,9 @@ def select_targets(
             wanted = isinstance(module, layer_types) and (
                 include is None or any(matches(name, module, p) for p in include)
             )
-            if computed and wanted and not excluded:
+            if computed and named_in(name, module, include) and not excluded:
+                named_parametrized.append(name)  # trial GI: dropped with the default's warning, as if not named
+            elif computed and wanted and not excluded:
                 parametrized.append(name)
             elif isinstance(getattr(module, "weight_orig", None), nn.Parameter) and wanted and not excluded:
                 (torch_pruned if hasattr(module, "weight_mask") else hooked["spectral_norm"]).append(name)
@@ -443,6 +447,13 @@ def select_targets(
             f"name picks that module's `weight`. Name the layers inside a container (e.g. '{ignored[0]}.*'), or "
             "leave the name out."
         )
+    if named_parametrized:  # an explicit request that cannot be honoured: refused, not dropped
+        raise ValueError(
+            f"`include` names {named_parametrized}, whose weight is computed by a parametrization "
+            f"({_parametrizations(named, named_parametrized)}) from what it stores, so a mask or a quantizer on it "
+            "would not be the weight the forward uses. Remove the parametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')), or leave the name out."
+        )
     if note_left_out and tied:
         warnings.warn(
             f"lightning-compress leaves {tied} out: their weight is also an nn.Embedding's (a tied output "
@@ -459,7 +470,7 @@ def select_targets(
     if note_left_out and parametrized:
         warnings.warn(
             f"lightning-compress leaves {parametrized} out: their weight is computed by a parametrization "
-            "(torch.nn.utils.parametrizations.weight_norm, ...), not stored. Remove it "
+            f"({_parametrizations(named, parametrized)}), not stored. Remove it "
             "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) to compress them.",
             stacklevel=caller_level(),
         )
@@ -492,11 +503,21 @@ def select_targets(
     if module_tensors and note_left_out and selected:
         unselected = _unselected_matrices(named, selected, excluded_by)
         total, pruned = sum(n for _, n, _ in unselected), sum(t.numel for t in selected)
+        listed = ", ".join(f"{name} {shape}" for name, _, shape in _largest(unselected, 3))
+        listed += f"{' ...' * (len(unselected) > 3)} ({total:,} weights in {len(unselected)} tensor(s)"
+        if include is None and total >= _REFUSED_SHARE * pruned:  # trial GH: AGCRN's head pruned to 2 of 48 weights
+            layers = [t.name for t in selected]
+            raise ValueError(
+                f"The default selection prunes {pruned:,} weights ({layers[:3]}{' ...' * (len(layers) > 3)}), "
+                f"{pruned / (pruned + total):.1%} of the model's weight matrices: the others, {listed}), are "
+                "Parameters a module uses in its own forward, which it does not select, so `target_sparsity` would "
+                "be taken from those few layers alone (an output head pruned to a few weights). Say what to prune in "
+                "`include`: `include=['*']` prunes the layers it selects now." + _opt_in_note(unselected)
+            )
         if total >= _UNSELECTED_SHARE * pruned:  # trial DX: XLNet's attention, 52% of its matrices, left dense unsaid
-            listed = ", ".join(f"{name} {shape}" for name, _, shape in _largest(unselected, 3))
             warnings.warn(
-                f"lightning-compress does not prune {listed}{' ...' * (len(unselected) > 3)} ({total:,} weights in "
-                f"{len(unselected)} tensor(s), {total / max(1, pruned):.0%} as many as the {pruned:,} it prunes): "
+                f"lightning-compress does not prune {listed}, {total / max(1, pruned):.1f}x the {pruned:,} it "
+                "prunes): "
                 "Parameters a module uses in its own forward (multiplied through einsum or matmul, as XLNet's "
                 "attention does, or added, as position embeddings are), which are not layers it selects (Linear, "
                 "Conv, experts, recurrent layers, nn.MultiheadAttention). They stay dense, and `sparsity` does not "
@@ -506,9 +527,15 @@ def select_targets(
     if module_tensors and note_left_out and selected and include is None:
         _note_larger_embeddings(named, selected, excluded_by)
     if not selected:
+        needs = (
+            "a Linear or Conv layer, or an exact module name in `include`"
+            if module_tensors
+            else "a Linear or Conv layer (quantization-aware training converts those, and an nn.Embedding named "
+            "exactly in `include`)"  # trial GJ: the exact name it suggested was then refused
+        )
         raise ValueError(
             f"`include`={include!r} and `exclude`={exclude!r} select no weight of "
-            f"{type(model).__name__}: it needs a Linear or Conv layer, or an exact module name in `include`"
+            f"{type(model).__name__}: it needs {needs}"
             + (f" (left out as tied to an embedding: {tied})" if tied else "")
             + (
                 f" (left out as sharing an excluded layer's weight: {sorted(shares_excluded)})"
@@ -525,6 +552,7 @@ def select_targets(
                 else ""
             )
             + ("" if module_tensors else _wildcard_held_note(model, include, exclude))
+            + (_weight_holders_note(named, module_tensors) if include is None else "")
             + "."
         )
     return selected
@@ -540,6 +568,16 @@ _HOOKED = {
     "hook": "their `weight` is not a Parameter but a tensor computed outside the optimizer (e.g. by a forward "
     "pre-hook), so a mask or a quantizer on it would be overwritten.",
 }
+
+
+def _parametrizations(named: list[tuple[str, nn.Module]], names: list[str]) -> str:
+    """The classes of the parametrizations computing the weights of the modules ``names`` (trial GI: braindecode's
+    max-norm was said to be ``weight_norm``)."""
+    modules = dict(named)
+    kinds = sorted(
+        {type(p).__name__ for n in names for p in cast(Any, modules[n]).parametrizations["weight"] if n in modules}
+    )
+    return ", ".join(kinds)
 
 
 def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tensors: bool) -> str:
@@ -563,6 +601,23 @@ def _wrapper_note(named: list[tuple[str, nn.Module]], names: list[str]) -> str:
         active = getattr(first, "active_adapters", None) or ["default"]
         inner = f"modules_to_save.{active[0] if isinstance(active, list) else active}"
     return f"; {wrappers} are peft wrappers, whose weight is a layer's inside (name '{wrappers[0]}.{inner}')"
+
+
+def _weight_holders_note(named: list[tuple[str, nn.Module]], module_tensors: bool) -> str:
+    """Where the weights of a model the default selects nothing of are (trial GJ: nequip's ``ScalarLinearLayer`` and
+    e3nn's ``Linear``, which pruning takes by an exact name, were named nowhere)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
+    holders = [
+        f"{name} ({class_label(module)})"
+        for name, module in named
+        if isinstance(stored_weight(module), nn.Parameter) and not isinstance(module, norms) and name
+    ]
+    if not holders:
+        return ""
+    listed = f"{holders[:5]}{f' and {len(holders) - 5} more' if len(holders) > 5 else ''}"
+    if module_tensors:
+        return f"; modules holding a `weight` of their own, which an exact name prunes: {listed}"
+    return f"; its weights are held by modules quantization-aware training cannot convert: {listed}"
 
 
 def _wildcard_held_note(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> str:

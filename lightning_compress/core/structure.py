@@ -546,7 +546,11 @@ def _convert(
         if not supported(module):
             return None, _unsupported_reason(name, module)
         if is_parametrized(module):
-            return None, f"{name}'s weight is computed by a parametrization (e.g. weight_norm), not stored"
+            kinds = sorted(
+                {type(p).__name__ for p in cast(Any, module).parametrizations.modules()}
+                - {"ParametrizationList", "ModuleDict"}
+            )
+            return None, f"{name}'s weight is computed by a parametrization ({', '.join(kinds)}), not stored"
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):  # trial CB: "not selected"
             return None, (

@@ -1093,3 +1093,18 @@ def test_a_layer_held_by_an_object_outside_the_module_tree_is_said_to_stay_float
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the embedding left float: nothing to say
         convert_to_qat(_TiedDecoder(), QuantConfig(8, 8))
+
+
+def test_a_model_with_no_layer_to_convert_is_not_told_to_name_its_modules_exactly():
+    """Trial GJ: on nequip's model QAT's refusal suggested an exact module name, which it then refused (its
+    `ScalarLinearLayer`s are no layer it converts); it now names where the weights are."""
+    from tests.conftest import FlatLinear
+
+    model = nn.Sequential(FlatLinear(8, 8), nn.Tanh(), FlatLinear(8, 2))
+    with pytest.raises(
+        ValueError,
+        match=r"select no weight of Sequential: it needs a Linear or Conv layer \(quantization-"
+        r"aware training converts those, and an nn.Embedding named exactly in `include`\); its weights are "
+        r"held by modules quantization-aware training cannot convert: \['0 \(FlatLinear\)', '2 \(FlatLin",
+    ):
+        convert_to_qat(model, QuantConfig(8, 8))

@@ -23,7 +23,7 @@ from lightning_compress.core.importance import (
 from lightning_compress.core.pruner import Pruner
 from lightning_compress.core.structure import build_channel_groups
 from lightning_compress.demo import DigitsCNN, DigitsResNet
-from tests.conftest import prune_and_compact
+from tests.conftest import FlatLinear, prune_and_compact
 
 
 class Concat(nn.Module):
@@ -1182,3 +1182,62 @@ def test_a_search_whose_indices_multiply_past_its_bound_gives_up_before_mapping_
     with pytest.raises(ValueError, match=r"conv: the search for the layers its channels reach did not end .* "
                        r"multiply or shift as the tracer follows them .*through reshapes"):  # fmt: skip
         prune_(_FlattenedConv(), 0.5, granularity="channel", example_inputs=x)
+
+
+class _MaxNorm(nn.Module):
+    """braindecode's `MaxNormParametrize`: the filters renormalized to at most norm 1 in every forward."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.renorm(p=2, dim=0, maxnorm=1.0)
+
+
+def test_a_parametrized_convolution_is_not_said_to_hold_uncounted_3d_weights():
+    """Trial GI: braindecode's max-norm convolution's stored original was reported as a mixture's 3-d weights the
+    MACs leave out, though its MACs were counted."""
+    from torch.nn.utils.parametrize import register_parametrization
+
+    from lightning_compress.core.macs import count_macs, uncounted_experts
+
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.ReLU(), nn.Conv1d(8, 2, 3))
+    model.append(nn.Conv1d(2, 8, 1)).append(nn.ReLU()).append(nn.Conv1d(8, 2, 1))
+    register_parametrization(model[2], "weight", _MaxNorm())
+    x = torch.randn(2, 4, 16)
+    assert count_macs(model, x) == 2 * (8 * 14 * 4 * 3 + 8 * 12 * 8 * 3 + 2 * 10 * 8 * 3 + 8 * 10 * 2 + 2 * 10 * 8)
+    assert uncounted_experts(model) == []
+    with pytest.warns(UserWarning, match=r"leaves \['2'\] out: .*parametrization \(_MaxNorm\)"):
+        prune_(model, 0.5, granularity="channel", example_inputs=x)
+    report = compact(model, x)
+    assert "3-d weights" not in str(report) and report.channels["5"] == (8, 4)
+    assert (
+        build_channel_groups(model, x)[1]["0"] == "2's weight is computed by a parametrization (_MaxNorm), not stored"
+    )
+
+
+class Linear(FlatLinear):
+    """A layer of another library that reuses torch's name (e3nn's ``o3.Linear``), its weight kept flat."""
+
+
+def test_compact_with_no_channel_group_says_so_and_a_layer_reusing_a_torch_name_is_named_by_its_module():
+    """Trial GJ: `compact()` on nequip's model, which holds no Linear or Conv layer, reported "MACs 0 -> 0 (0.0%)"
+    without a word, and e3nn's `Linear` was said not to be "a layer the channel trace reads (Linear, ...)"."""
+    model = nn.Sequential(Linear(8, 8), nn.Tanh(), Linear(8, 2))
+    x = torch.randn(3, 8)
+    with pytest.warns(
+        UserWarning, match=r"compact\(\) found no channel group in Sequential .*: the model is unchanged"
+    ):
+        report = compact(model, x)
+    said = str(report)
+    assert "no channel group found, nothing removed" in said and "group  " not in said
+    assert (
+        "MACs per forward of the example inputs: none counted (no Linear, Conv, recurrent or attention layer ran)"
+        in said
+    )
+    with pytest.raises(ValueError, match=r"0: a tests\.core\.test_structure\.Linear is not a layer the channel trace"):
+        prune_(model, 0.5, granularity="channel", include=["0", "2"], example_inputs=x)
+    with pytest.raises(
+        ValueError,
+        match=r"select no weight of Sequential: it needs a Linear or Conv layer, or an exact "
+        r"module name in `include`; modules holding a `weight` of their own, which an exact name prunes: "
+        r"\['0 \(tests\.core\.test_structure\.Linear\)', '2 \(tests\.core\.test_structure\.Linear\)'\]\.",
+    ):
+        prune_(model, 0.5)
