@@ -56,6 +56,12 @@ UNSEEDED = (
     "channels and removing them cannot be compared: draw them from torch's default generator (`torch.randn_like` "
     "without `generator=`), or prune channels of a module whose forward is deterministic"
 )
+COPY_DIFFERS = (
+    "a copy of the model does not give the model's outputs on the same inputs (its forward reads state kept outside "
+    "the module: neurons reset through a class-wide registry, as snntorch's `utils.reset` does, which a copy is not "
+    "in), so zeroing channels and removing them, compared on copies, cannot be: keep the state in the modules "
+    "themselves (snntorch: reset each neuron with its `reset_mem()`), or prune weights (granularity='element')"
+)
 RANDOM_DRAWS = (
     "; the forward draws random numbers, and a draw sized by these channels (`torch.randn_like` of their "
     "activations, dropout with `training=True`) lands on other channels once some are removed: prune channels of a "
@@ -303,6 +309,8 @@ def faithful_groups(
             return list(groups), {}
         if output_change(first, _outputs(source, example))[0] > 0.0:
             return [], {g.name: UNSEEDED for g in groups}
+        if not _copies_alike(source, example, first):  # trial GL: blamed on an operation mixing channels
+            return [], {g.name: COPY_DIFFERS for g in groups}
         inputs = noisy_checks(example, lambda x: _outputs(source, x))
         in_training: list[bool] = []  # whether the whole model runs in training mode: found by the first trial
         verdict = _verdicts(
@@ -313,6 +321,17 @@ def faithful_groups(
     if draws:  # trial ER: a draw sized by the channels was blamed on a flip or a pixel shuffle alone
         reasons = {name: why + RANDOM_DRAWS if why.startswith(MIXED) else why for name, why in reasons.items()}
     return kept, reasons
+
+
+def _copies_alike(source: nn.Module, example: Any, outputs: list[Tensor]) -> bool:
+    """Whether a copy of ``source`` gives its ``outputs`` on ``example``, twice (state left by a first call shows at
+    the second): the trials compare copies."""
+    try:
+        copy = deep_copy(source)
+        with torch.no_grad():
+            return all(output_change(outputs, _outputs(copy, example))[0] == 0.0 for _ in range(2))
+    except Exception:  # a copy that does not run: the trials say so themselves
+        return True
 
 
 def _zeroed_vs_removed(

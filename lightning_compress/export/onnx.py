@@ -431,7 +431,9 @@ def _quantize_float_conv_outputs(
     ``power_of_two``: the model quantizes with power-of-two scales only, and so do these outputs. Returns a copy of
     the graph before them and how many outputs were quantized; ``None`` where none was (no copy is made)."""
     kept: list[str] = []  # those whose outputs reach the model's: float, with calibration too
-    convs = float_output_convs(proto, numpy_helper, kept)
+    weights: set[bytes] = set()
+    convs = float_output_convs(proto, numpy_helper, kept, weights)
+    calls = f" ({len(convs)} calls: the forward calls them in a loop)" if len(convs) > len(weights) else ""
     if calibration is None and kept and not convs:
         warnings.warn(  # trial FY: a ResNet returning its last feature map ran 3 of 5 convolutions in float, unsaid
             f"export_onnx: {len(kept)} quantized convolution(s) whose outputs reach the model's outputs through no "
@@ -444,8 +446,8 @@ def _quantize_float_conv_outputs(
         return None
     if calibration is None:
         warnings.warn(
-            f"export_onnx: {len(convs)} quantized convolution(s) have outputs no quantized layer reads first (before a "
-            "residual add, a concatenation, a norm other than BatchNorm, or global pooling)"
+            f"export_onnx: {len(weights)} quantized convolution(s){calls} have outputs no quantized layer reads first "
+            "(before a residual add, a concatenation, a norm other than BatchNorm, or global pooling)"
             + (f", and {len(kept)} more reach the model's outputs (float either way)" if kept else "")
             + ": "
             "onnxruntime runs them in float on dequantized inputs, which can be slower than the float model. Pass "

@@ -27,7 +27,8 @@ __all__ = ["GraphCheck", "batch_size", "example_error", "graph_note", "max_error
 
 _FIXED = (
     "the trace fixed what the forward did with the example's batch (a size read as a Python number, such as "
-    "`int(x.shape[0])`, or a mixture of experts' loop over the experts its tokens reached)."
+    "`int(x.shape[0])`, or a mixture of experts' loop over the experts its tokens reached), or dimension 0 is no "
+    "batch (time-first inputs, a spiking network's steps: declare the batch's dimension in `dynamic_axes`, trial GL)."
 )
 _WRONG_QUANTIZED = 0.25  # at the example, an error above this share of the largest output is no rounding
 _WRONG_FLOAT = 1e-2  # float32 rounding reaches 1e-2 of the output where a LayerNorm cancels a large offset (EU)

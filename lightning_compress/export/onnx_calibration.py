@@ -11,6 +11,7 @@ range / 255), and every convolution runs as ``QLinearConv``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -24,7 +25,9 @@ __all__ = ["float_output_convs", "measure_ranges", "quantize_conv_outputs"]
 _CLAMPS = ("Relu", "Clip")
 
 
-def float_output_convs(proto: Any, numpy_helper: Any, kept: list[str] | None = None) -> list[str]:
+def float_output_convs(
+    proto: Any, numpy_helper: Any, kept: list[str] | None = None, weights: set[bytes] | None = None
+) -> list[str]:
     """The convolutions onnxruntime runs in float: ``Conv`` nodes that read a dequantized activation and dequantized
     int8 weights, and whose output no ``QuantizeLinear`` reads (directly or through a ``Relu`` or ``Clip``). Each is
     named by the tensor to quantize: its output, or the output of the ``Relu``/``Clip`` chain that alone reads it
@@ -32,7 +35,8 @@ def float_output_convs(proto: Any, numpy_helper: Any, kept: list[str] | None = N
     steps on values the ReLU drops). A convolution whose output reaches a graph output through no quantized layer
     (the model's own output, as a depth or segmentation head's, scaled or reshaped) is left out: that output keeps its
     precision, unclipped by the calibration batches' range (trial FV: depths above 0.95 were clipped, 1.78 off
-    outputs up to 2.72); ``kept`` gets the outputs of those."""
+    outputs up to 2.72); ``kept`` gets the outputs of those. ``weights`` gets a digest of the codes of each convolution
+    found: a forward that calls one in a loop (a spiking network over its time steps: trial GL) has a node per call."""
     index = GraphIndex(proto.graph, numpy_helper)
     producer, consumers, constants = index.producer, index.consumers, index.constants
 
@@ -72,6 +76,8 @@ def float_output_convs(proto: Any, numpy_helper: Any, kept: list[str] | None = N
             continue
         if not reaches_output(conv.output[0]):
             found.append(after_clamps(conv.output[0]))
+            if weights is not None:
+                weights.add(hashlib.sha256(constants[w.input[0]].tobytes()).digest())
         elif kept is not None:
             kept.append(conv.output[0])
     return found

@@ -54,7 +54,7 @@ def share_transposed_initializers(proto: Any, numpy_helper: Any, min_size: int =
             graph.node.insert(0, helper.make_node("Transpose", [init.name], [other.name], perm=[1, 0]))
 
 
-def share_identical_constants(proto: Any, numpy_helper: Any, min_bytes: int = 4096) -> None:
+def share_identical_constants(proto: Any, numpy_helper: Any, min_bytes: int = 256) -> None:
     """Store once the constants (initializers and ``Constant`` nodes, of ``min_bytes`` or more) that hold the same
     values in the same order, whatever their shapes: the others become a ``Reshape`` of the first (an ``Identity``
     when the shapes are equal too). Graph inputs and outputs are left alone."""

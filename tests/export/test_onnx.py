@@ -1828,3 +1828,44 @@ def test_a_model_whose_state_holds_a_dict_is_refused_naming_the_submodule_to_exp
         export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 16))
     assert not (tmp_path / "m.onnx").exists()
     export_onnx(model.net, tmp_path / "net.onnx", torch.randn(2, 16))
+
+
+class _OverTime(nn.Module):
+    """A spiking network's shape (snntorch's tutorials): the same layers called at every time step of a loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.hidden = nn.Linear(8 * 16, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for t in range(x.shape[1]):
+            h = torch.relu(self.conv(x[:, t])) + 0.5  # (an add: the convolution's output is read by no quantized layer)
+            out = out + self.head(torch.relu(self.hidden(torch.nn.functional.max_pool2d(h, 2).flatten(1))))
+        return out
+
+
+def test_a_layer_called_at_every_step_of_a_loop_is_stored_once_and_counted_once(tmp_path):
+    """Trial GL: a spiking MLP's int8 head weight was stored once per time step (20 copies of 1.3 KB, under the size
+    from which identical constants were shared), the int8 file larger than the float one; the warning counted the
+    convolution's 20 calls as 20 convolutions."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = _OverTime().eval()
+    x = torch.randn(4, 6, 1, 8, 8)
+    convert_to_qat(model, QuantConfig(8, 8))
+    calibrate(model, [x])
+    enable_fake_quant(model)
+    with pytest.warns(UserWarning, match=r"export_onnx: 1 quantized convolution\(s\) \(6 calls: the forward calls them "
+                      r"in a loop\) have outputs no quantized layer reads first"):  # fmt: skip
+        export_onnx(model, tmp_path / "m.onnx", x)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    constants = [numpy_helper.to_array(i) for i in graph.initializer]
+    constants += [numpy_helper.to_array(a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute]
+    heads = [c for c in constants if c.size == 640 and c.dtype.itemsize == 1]  # the head's int8 codes, (10, 64)
+    hidden = [c for c in constants if c.size == 64 * 128 and c.dtype.itemsize == 1]
+    assert len(heads) == 1 and len(hidden) == 1
