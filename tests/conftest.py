@@ -231,3 +231,45 @@ class ModuleWithExtraState(TinyModule):
         super().__init__()
         self.loss = MetricSettings()
         self.example_input_array = torch.randn(2, 16)
+
+
+class SpectralConv1d(nn.Module):
+    """A Fourier layer as neuraloperator's FNO holds it: a complex weight per mode, multiplied through einsum."""
+
+    def __init__(self, channels: int, modes: int) -> None:
+        super().__init__()
+        self.modes = modes
+        self.weight = nn.Parameter(torch.randn(channels, channels, modes, dtype=torch.cfloat) / channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft(x, dim=-1)[..., : self.modes]
+        mixed = torch.einsum("bim,iom->bom", spectrum, self.weight)
+        return torch.fft.irfft(mixed, n=x.shape[-1], dim=-1)
+
+
+class FourierModule(pl.LightningModule):
+    """Lifting, one Fourier layer with a pointwise skip, projection; regression of a smoothed input (Adam)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lift = nn.Conv1d(1, 8, 1)
+        self.spectral = SpectralConv1d(8, 6)
+        self.skip = nn.Conv1d(8, 8, 1)
+        self.project = nn.Conv1d(8, 1, 1)
+        x = torch.randn(128, 1, 32)
+        self.data = torch.utils.data.TensorDataset(x, torch.nn.functional.avg_pool1d(x, 5, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lift(x)
+        return self.project(torch.nn.functional.gelu(self.spectral(h) + self.skip(h)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=16)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)

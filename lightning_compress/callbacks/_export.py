@@ -27,7 +27,6 @@ from ..core.tracing import check_example_inputs
 from ..export.compressed import load_compressed, save_compressed
 from ..export.onnx import check_traceable, export_onnx
 from ..export.report import CompressionReport
-from ..export.state_entries import check_storable_state
 from ._validation import may_shard, noting_layers_built_late
 
 
@@ -55,18 +54,12 @@ def check_export_path(path: Any) -> Path | None:
 
 def check_export_ready(trainer: pl.Trainer, path: Path | None, pl_module: pl.LightningModule) -> None:
     """``.onnx`` needs example inputs that the model's ``forward`` takes, and a forward the ONNX exporter can
-    convert, a compressed file a state dict of tensors: fail at setup, not after hours of training.
+    convert: fail at setup, not after hours of training.
 
     The forward runs once, in eval mode and without gradients, then is traced without its weights
     (:func:`~lightning_compress.export.onnx.check_traceable`), unless the strategy may shard the module (its
     weights are not all there at setup)."""
-    if path is None:
-        return
-    if not _is_onnx(path):
-        try:  # a state the file cannot hold fails now, not after the fit (trial GJ: nequip's metrics' dict)
-            check_storable_state(pl_module)
-        except TypeError as err:
-            raise TypeError(f"`export_path`={str(path)!r}: {err}") from err
+    if path is None or not _is_onnx(path):
         return
     if pl_module.example_input_array is None:
         raise ValueError(

@@ -406,7 +406,7 @@ def _log_summary(summary: dict[str, Any], validated: bool) -> None:
     lines.append(
         f"{'model':<{width}}  {100 * summary['sparsity']:>7.1f}%  {'':>4}  {summary['dense_bytes']:>10,}  "
         f"{summary['bytes']:>10,}   {_relation(summary['compression_ratio'])}, "
-        f"{summary['effective_bits']:.2f} bits per weight"
+        f"{summary['effective_bits']:.2f} bits per weight of the layers above"
     )
     if summary["monitor"] is not None and validated:
         before = "n/a" if summary["baseline"] is None else f"{summary['baseline']:.4f}"

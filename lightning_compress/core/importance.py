@@ -143,7 +143,15 @@ class MagnitudeImportance(Importance):
         return weight.detach(), True
 
     def channel_contribution(self, name: str, weight: Tensor, module: nn.Module) -> Tensor | None:
-        return weight.detach().float().square()
+        return weight.detach().abs().float().square()  # a complex weight's modulus (trial GK: FNO's spectral)
+
+
+def _product_magnitude(weight: Tensor, grad: Tensor) -> Tensor:
+    """``|w * g|`` in float32 (a complex weight's: the modulus, trial GK: FNO's spectral weights were ranked by the
+    real part)."""
+    if weight.is_complex():
+        return (weight.detach().to(torch.complex64) * grad.detach().to(torch.complex64)).abs()
+    return (weight.detach().float() * grad.detach().float()).abs_()
 
 
 class TaylorImportance(Importance):
@@ -163,7 +171,7 @@ class TaylorImportance(Importance):
 
     def observe(self, name: str, weight: Tensor, grad: Tensor) -> None:
         # formed in float32: a float16 product underflows to 0 for the smallest (trial ED: 6.5% of a q_proj's scores)
-        contribution = (weight.detach().float() * grad.detach().float()).abs_()
+        contribution = _product_magnitude(weight, grad)
         acc = self._acc.get(name)
         if (
             name not in self._fresh
@@ -181,7 +189,7 @@ class TaylorImportance(Importance):
         if acc is not None:  # this interval's sums, or the last ones a gradient reached it in (trial BQ: `layerdrop`
             return acc  # skipped a layer for every step since the last event, and the fit failed)
         if weight.grad is not None:
-            return (weight.detach().float() * weight.grad.detach().float()).abs_()
+            return _product_magnitude(weight, weight.grad)
         if self._fresh and weight.requires_grad:  # other layers had gradients: the loss does not reach this one
             return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if not weight.requires_grad:
@@ -271,7 +279,7 @@ class LampImportance(Importance):
     scores_shards = False
 
     def score(self, name: str, weight: Tensor) -> Tensor:
-        magnitude = weight.detach().float().abs().flatten()
+        magnitude = weight.detach().abs().float().flatten()  # (a complex weight's modulus)
         largest = magnitude.max() if magnitude.numel() else magnitude.new_ones(())
         tiny = torch.finfo(torch.float32).tiny
         # relative to the layer's largest weight: the scores are the same, and the squares neither overflow

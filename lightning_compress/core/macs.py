@@ -29,25 +29,21 @@ __all__ = ["count_macs", "layer_macs", "uncalled_layers", "uncalled_note", "unco
 def uncounted_experts(model: nn.Module) -> list[str]:
     """The modules whose expert weights (3-d tensors, :func:`~.selection.expert_tensors`) :func:`count_macs` leaves
     out (trial DL: a Qwen2-MoE's 50% MACs budget was said met at 49.4% where the experts made it 65%)."""
-    return [
-        name  # matrices: a (heads, 1, 1) scale is none (trial DY: Swinv2's `logit_scale` was said to be one)
-        for name, module in model.named_modules()
-        if any(min(tensor.shape[-2:]) > 1 for _, tensor in expert_tensors(module))
-    ]
+    return [name for name, module in model.named_modules() if expert_tensors(module)]
 
 
 def uncounted_note(model: nn.Module, names: list[str]) -> str:
     """What :func:`uncounted_experts`' ``names`` hold, for a message: experts, or (trial DU: Zamba's Mamba mixers, said
-    to hold "expert weights") other 3-d weights a module multiplies in its own forward."""
+    to hold "expert weights") other weights of 3 or more dimensions a module multiplies in its own forward."""
     modules = modules_by_name(model)
     listed = f"{names[:3]}{' ...' * (len(names) > 3)}"
     if all(is_experts(modules[name]) for name in names):
         return (
             f"the expert weights of {listed} (3-d tensors their module multiplies for the tokens routed to each expert)"
         )
-    return (
-        f"the 3-d weights of {listed} (tensors their module multiplies in its own forward: a mixture's experts, or "
-        "per-head projections such as a Mamba mixer's)"
+    return (  # (trial GK: FNO's 4-d spectral weights were said to be 3-d)
+        f"the weights of 3 or more dimensions of {listed} (tensors their module multiplies in its own forward: a "
+        "mixture's experts, per-head projections such as a Mamba mixer's, or a Fourier layer's spectral weights)"
     )
 
 

@@ -134,6 +134,8 @@ class _Scores:
         flat = values.detach().reshape(-1).to(weight.device)
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start : start + _CHUNK]
+            if chunk.is_complex():  # ranked by its modulus (trial GK: by the real part, FNO's spectral weights)
+                chunk = chunk.abs()
             if chunk.dtype != torch.float32:
                 chunk = chunk.float()
             yield start, chunk.contiguous()

@@ -113,4 +113,5 @@ def stored_sparse(tensor: Tensor) -> bool:
     """Whether the compressed format stores a floating-point tensor that is not quantized as positions and values:
     64 entries or more, under 60% of them nonzero (positions cost at most 1 bit per entry; values are saved only
     where nonzero)."""
-    return tensor.is_floating_point() and tensor.numel() >= 64 and float((tensor != 0).float().mean()) < 0.6
+    floating = tensor.is_floating_point() or tensor.is_complex()
+    return floating and tensor.numel() >= 64 and float((tensor != 0).float().mean()) < 0.6

@@ -375,7 +375,9 @@ class Pruner:
                 if not state:
                     continue
                 for value in state.values():
-                    if isinstance(value, Tensor) and value.shape == param.shape and value.is_floating_point():
+                    # complex too: Adam's moments of a complex weight (trial GK: they regrew FNO's spectral weights)
+                    floating = isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+                    if floating and value.shape == param.shape:
                         zero_pruned_(local(value), mask)
 
     # ------------------------------------------------------------------ lottery-ticket rewinding
@@ -522,7 +524,9 @@ def all_finite(tensors: list[Tensor]) -> bool:
     5x cheaper on CPU than ``isfinite().all()``, which writes a tensor-sized result): one host synchronization for
     all of them (the GradScaler makes one per step as well). Sums that overflow float32 read as not finite too."""
     device = tensors[0].device
-    return bool(torch.stack([t.sum(dtype=torch.float32).to(device) for t in tensors]).isfinite().all())
+    # a complex tensor's real and imaginary parts (trial GK: a sum in float32 dropped the imaginary part, warned)
+    sums = [(torch.view_as_real(t) if t.is_complex() else t).sum(dtype=torch.float32).to(device) for t in tensors]
+    return bool(torch.stack(sums).isfinite().all())
 
 
 def check_mask_shapes(masks: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:

@@ -43,7 +43,14 @@ from .qat_layers import (
 from .qat_ties import say_unshared_partners, shared_partners
 from .quant import BIAS_RANGE
 from .quantizer_state import check_quantizer_state, check_saved_scales
-from .selection import Target, module_tensor_holders, normalize_patterns, select_targets
+from .selection import (
+    UNSELECTED_SHARE,
+    Target,
+    module_tensor_holders,
+    normalize_patterns,
+    select_targets,
+    unselected_weights,
+)
 from .sharding import full, is_sharded
 from .shift_search import search_power_of_two_shifts
 from .wrappers import is_compiled, plain_name
@@ -184,6 +191,18 @@ def _quantizable_targets(
             UserWarning,
             stacklevel=3,
         )
+    if targets and include is None:
+        listed, total = unselected_weights(model, targets, exclude)
+        quantized = sum(t.numel for t in targets)
+        if total >= UNSELECTED_SHARE * quantized:  # as pruning says it
+            warnings.warn(
+                f"quantization-aware training leaves {listed}, {total / quantized:.1f}x the {quantized:,} weights it "
+                "quantizes) in float: Parameters a module multiplies in its own forward (through einsum or matmul, "
+                "as a Fourier layer's spectral weights or XLNet's attention), which no fake-quantized Linear or Conv "
+                "takes over. The compressed file stores them as they are.",
+                UserWarning,
+                stacklevel=3,
+            )
     if not targets:
         why = (
             f": its layers ({', '.join(sorted(subclasses))}) subclass nn.Linear/nn.Conv with more of their own "

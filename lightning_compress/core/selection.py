@@ -31,6 +31,7 @@ from .sharding import flat_offset, local
 from .wrappers import inner_module, is_compiled
 
 __all__ = [
+    "UNSELECTED_SHARE",
     "Target",
     "default_layer_types",
     "expert_tensors",
@@ -40,6 +41,7 @@ __all__ = [
     "module_tensor_holders",
     "normalize_patterns",
     "select_targets",
+    "unselected_weights",
 ]
 
 _WILDCARDS = set("*?[")
@@ -205,7 +207,7 @@ def stored_weight(module: nn.Module) -> Any:
     return getattr(module, "weight", None)
 
 
-_UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the selected weights (a ViT's position
+UNSELECTED_SHARE = 0.25  # unselected matrices worth a word: a quarter of the selected weights (a ViT's position
 # embeddings, a Mamba's A_log are a few percent)
 _REFUSED_SHARE = 9  # ... and a default selection refused: at most a tenth of the weight matrices selected
 
@@ -256,14 +258,41 @@ def _scales_channels(module: nn.Module) -> bool:
     return isinstance(module, _CHANNEL_SCALES) or "norm" in type(module).__name__.lower()
 
 
-def _opt_in_note(unselected: list[tuple[str, int, tuple[int, ...]]]) -> str:
-    """How to prune the listed tensors that are their module's ``weight``: an exact module name in ``include`` (trial
-    FI: TabM's ensemble layers prune so, but the warning named no module to pass)."""
-    modules = [name.rsplit(".", 1)[0] for name, _, _ in unselected if name.endswith(".weight")]
+def unselected_weights(
+    model: nn.Module, selected: list[Target], exclude: Sequence[str] | str | None = None
+) -> tuple[str, int]:
+    """The Parameters ``model``'s modules multiply in their own forward that ``selected`` leaves out (as the pruning
+    warning lists them: the largest, with their count, ``"a (4, 4, 6) ... (96 weights in 1 tensor(s)"``), and how many
+    weights they hold; ``("", 0)`` for none. Quantization-aware training says so too (trial GK: FNO's complex spectral
+    weights, 92% of the model, stayed float without a word)."""
+    patterns: Sequence[str] = normalize_patterns(exclude, "exclude") or []
+    named = list(model.named_modules())
+    found = _unselected_matrices(named, selected, lambda name, _: any(_matches(name, p) for p in patterns))
+    total = sum(n for _, n, _ in found)
+    return (_listed(found, total), total) if found else ("", 0)
+
+
+def _listed(found: list[tuple[str, int, tuple[int, ...]]], total: int) -> str:
+    shown = ", ".join(f"{name} {shape}" for name, _, shape in _largest(found, 3))
+    return f"{shown}{' ...' * (len(found) > 3)} ({total:,} weights in {len(found)} tensor(s)"
+
+
+def _opt_in_note(named: list[tuple[str, nn.Module]], unselected: list[tuple[str, int, tuple[int, ...]]]) -> str:
+    """How to prune the listed tensors an exact module name in ``include`` selects (their module's ``weight``, or the
+    tensors of 3 or more dimensions an exact name takes as experts' ones) (trial FI: TabM's ensemble layers prune so,
+    but the warning named no module to pass; trial GK: FNO's complex spectral weights, the ``tensor`` of a tensorly
+    module, were not offered)."""
+    by_name = dict(named)
+    modules = []
+    for name, _, _ in unselected:
+        owner, _, attr = name.rpartition(".")
+        module = by_name.get(owner) if owner else None
+        if module is not None and (attr == "weight" or attr in {n for n, _ in expert_tensors(module)}):
+            modules.append(owner)
     if not modules:
         return ""
     return (
-        f" To prune a module's `weight` among them, name the module exactly in `include` (with the layers it selects "
+        f" To prune them, name their modules exactly in `include` (with the layers it selects "
         f"now, e.g. `include=['*', {modules[0]!r}]`): {modules[:5]}{' ...' if len(modules) > 5 else ''}."
     )
 
@@ -443,7 +472,7 @@ def select_targets(
     if selected and ignored:  # the other patterns select something: the name alone would be dropped silently
         raise ValueError(
             f"`include` names {ignored}, which have no `weight`{_held_note(named, ignored, module_tensors)}"
-            f"{_wrapper_note(named, ignored)}: an exact "
+            f"{_wrapper_note(named, ignored)}{_inner_holders_note(named, ignored, module_tensors)}: an exact "
             f"name picks that module's `weight`. Name the layers inside a container (e.g. '{ignored[0]}.*'), or "
             "leave the name out."
         )
@@ -503,25 +532,24 @@ def select_targets(
     if module_tensors and note_left_out and selected:
         unselected = _unselected_matrices(named, selected, excluded_by)
         total, pruned = sum(n for _, n, _ in unselected), sum(t.numel for t in selected)
-        listed = ", ".join(f"{name} {shape}" for name, _, shape in _largest(unselected, 3))
-        listed += f"{' ...' * (len(unselected) > 3)} ({total:,} weights in {len(unselected)} tensor(s)"
+        listed = _listed(unselected, total)
         if include is None and total >= _REFUSED_SHARE * pruned:  # trial GH: AGCRN's head pruned to 2 of 48 weights
             layers = [t.name for t in selected]
             raise ValueError(
                 f"The default selection prunes {pruned:,} weights ({layers[:3]}{' ...' * (len(layers) > 3)}), "
                 f"{pruned / (pruned + total):.1%} of the model's weight matrices: the others, {listed}), are "
                 "Parameters a module uses in its own forward, which it does not select, so `target_sparsity` would "
-                "be taken from those few layers alone (an output head pruned to a few weights). Say what to prune in "
-                "`include`: `include=['*']` prunes the layers it selects now." + _opt_in_note(unselected)
+                "be reached on those few layers alone, leaving the rest of the model as it is. Say what to prune in "
+                "`include`: `include=['*']` prunes the layers it selects now." + _opt_in_note(named, unselected)
             )
-        if total >= _UNSELECTED_SHARE * pruned:  # trial DX: XLNet's attention, 52% of its matrices, left dense unsaid
+        if total >= UNSELECTED_SHARE * pruned:  # trial DX: XLNet's attention, 52% of its matrices, left dense unsaid
             warnings.warn(
                 f"lightning-compress does not prune {listed}, {total / max(1, pruned):.1f}x the {pruned:,} it "
                 "prunes): "
                 "Parameters a module uses in its own forward (multiplied through einsum or matmul, as XLNet's "
                 "attention does, or added, as position embeddings are), which are not layers it selects (Linear, "
                 "Conv, experts, recurrent layers, nn.MultiheadAttention). They stay dense, and `sparsity` does not "
-                "count them." + _opt_in_note(unselected),
+                "count them." + _opt_in_note(named, unselected),
                 stacklevel=caller_level(),
             )
     if module_tensors and note_left_out and selected and include is None:
@@ -586,6 +614,24 @@ def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tens
     if not holding or module_tensors:
         return ""
     return f"; {holding} {_HELD}"
+
+
+def _inner_holders_note(named: list[tuple[str, nn.Module]], names: list[str], module_tensors: bool) -> str:
+    """The submodules of the modules ``names`` that an exact name selects a tensor of (their ``weight``, or tensors of
+    3 or more dimensions, as a tensorly module inside neuraloperator's ``SpectralConv``: trial GK, where the advice,
+    ``'fno_blocks.convs.0.*'``, picked nothing)."""
+    if not module_tensors:
+        return ""
+    inner = [
+        name
+        for name, module in named
+        if any(name.startswith(f"{n}.") for n in names)
+        and (isinstance(stored_weight(module), nn.Parameter) or expert_tensors(module))
+        and not isinstance(module, default_layer_types())  # those a wildcard picks, as the advice says
+    ]
+    if not inner:
+        return ""
+    return f"; an exact name of their submodules {inner[:3]}{' ...' * (len(inner) > 3)} selects the weights they hold"
 
 
 def _wrapper_note(named: list[tuple[str, nn.Module]], names: list[str]) -> str:

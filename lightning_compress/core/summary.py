@@ -126,7 +126,8 @@ def estimate_size(model: nn.Module) -> ModelSize:
         quantizer = quantizer_of.get(id(parameter)) if parameter is not None else None
         if name in selected or quantizer is not None:
             layers.append(_layer_size(name, full(parameter if parameter is not None else tensor), quantizer))
-        elif tensor.is_floating_point() and stored_sparse(whole := full(tensor)):
+        # (complex too: a Fourier layer's spectral weights, pruned by an exact name; trial GK)
+        elif (tensor.is_floating_point() or tensor.is_complex()) and stored_sparse(whole := full(tensor)):
             sparse = _layer_size(name, whole, None)
             if tensor.dim() > 1:  # a weight matrix pruned outside the default selection (an embedding)
                 layers.append(sparse)

@@ -36,6 +36,7 @@ from .records import (
     plan,
 )
 from .report import CompressionReport, LayerReport
+from .state_entries import extra_state_entries
 
 __all__ = ["load_compressed"]
 
@@ -352,7 +353,8 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
             _check_quantizer_state(model, tensors)
         except CompressedFileError as err:
             raise CompressedFileError(f"{path}: {err}") from err
-        expected = model.state_dict()
+        # entries that are not tensors (a module's extra state) are in no file: left as the model has them
+        expected = {k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)}
         unloaded = [k for k in expected if k not in tensors]
         problems = unloaded + [k for k in tensors if k not in expected]
         problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
@@ -369,7 +371,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
         _check_ties(model, expected, tensors, path)
         if outputs is not None:  # the sizes are final: whether they chain needs no values
             _check_chain(called, example_inputs, outputs, path)
-        model.load_state_dict(tensors, strict=True)
+        _load_tensors(model, tensors, path)
         if outputs is not None:  # a stateless InstanceNorm holds no tensor the file records (MONAI's UNETR)
             stateless_norms_read_their_width(called, example_inputs)
     except Exception:
@@ -500,3 +502,16 @@ def _like_file(quantizer: FakeQuantizer, name: str, tensors: dict[str, Tensor]) 
             if isinstance(tensor, nn.Parameter):
                 value = nn.Parameter(value, requires_grad=tensor.requires_grad)
             setattr(quantizer, entry, value)
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
+    """``load_state_dict`` of the file's tensors, strict but for the entries the model holds that are not tensors
+    (a module's extra state: the file has none, the model keeps its own; trial GJ, GK)."""
+    kept = set(extra_state_entries(model))
+    if not kept:
+        model.load_state_dict(tensors, strict=True)
+        return
+    result = model.load_state_dict(tensors, strict=False)
+    wrong = [k for k in result.missing_keys if k not in kept] + list(result.unexpected_keys)
+    if wrong:  # the checks above compared every tensor's name: a model whose `state_dict` and loading disagree
+        raise CompressedFileError(f"{path} does not load into {type(model).__name__}: {sorted(wrong)[:5]}")

@@ -416,7 +416,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
 
 def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool, qat_layers: Any) -> None:
     quantized = qat_layers if isinstance(qat_layers, dict) else {}  # not a dict: `_check_qat_layers` refuses it
-    mine = model.state_dict()
+    mine = {k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)}  # (extra state: in no file)
     layers = _layers_with_weights(model)
     second = second_names(model)
     missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))

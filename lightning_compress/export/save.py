@@ -34,7 +34,7 @@ from .records import (
     second_names,
 )
 from .report import CompressionReport, LayerReport, state_dict_bytes
-from .state_entries import check_storable_state
+from .state_entries import tensor_state
 
 __all__ = ["save_compressed"]
 
@@ -192,8 +192,8 @@ def _save(model: nn.Module, path: Path) -> CompressionReport:
     sections = _Sections()
     records: list[TensorRecord] = []
     layers: list[LayerReport] = []
-    state = model.state_dict()
-    _check_storable(state, model)
+    state = tensor_state(model, model.state_dict())
+    _check_storable(state)
     sharded = any(is_sharded(t) for t in state.values())
     state = {name: full(tensor) for name, tensor in state.items()}  # under FSDP2: gathered on every process
     for qname, q in quantizers(model):  # learned scales are stored as the step size in use
@@ -290,9 +290,8 @@ def _save(model: nn.Module, path: Path) -> CompressionReport:
     )  # fmt: skip
 
 
-def _check_storable(state: dict[str, Any], model: nn.Module) -> None:
+def _check_storable(state: dict[str, Any]) -> None:
     """Entries the file can hold: dense (strided) tensors. Anything else is named before a byte is written."""
-    check_storable_state(model, state)
     for name, value in state.items():
         if value.layout != torch.strided:
             raise TypeError(

@@ -3,11 +3,14 @@ weights cannot hold. nequip's training module keeps its loss and metrics' settin
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["check_storable_state", "check_traceable_state", "extra_state_entries", "submodule_note"]
+from ..core.checks import caller_level
+
+__all__ = ["check_traceable_state", "extra_state_entries", "submodule_note", "tensor_state"]
 
 
 def extra_state_entries(model: nn.Module, state: dict[str, Any] | None = None) -> dict[str, str]:
@@ -36,7 +39,8 @@ def check_traceable_state(model: nn.Module) -> None:
     if extra:
         raise ValueError(
             f"export_onnx cannot trace {type(model).__name__}: its state dict holds entries that are not tensors "
-            f"({dict(list(extra.items())[:3])}: a module's `get_extra_state`), which torch's ONNX exporter cannot "
+            f"({dict(list(extra.items())[:3])}: a module's `get_extra_state`, or a `state_dict` of its own), which "
+            "torch's ONNX exporter cannot "
             f"take. Export the submodule whose forward computes the outputs{_among(submodule_note(model, extra))}."
         )
 
@@ -45,15 +49,19 @@ def _among(children: str) -> str:
     return f" (among those holding the weights: {children})" if children else ""
 
 
-def check_storable_state(model: nn.Module, state: dict[str, Any] | None = None) -> None:
-    """A compressed file stores tensors: a state dict entry that is none is refused, naming what to save instead."""
+def tensor_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without its entries that are not tensors, said: a compressed file stores tensors, and
+    :func:`~lightning_compress.load_compressed` leaves such entries as the model it loads into has them (a fresh
+    instance's own). Trial GJ: nequip's metrics keep their settings as a module's extra state; trial GK:
+    neuraloperator's models add their constructor's arguments as ``_metadata`` in ``state_dict``: neither saved."""
     extra = extra_state_entries(model, state)
-    if extra:
-        name = next(iter(extra))
-        also = f"; also {list(extra)[1:4]}" if len(extra) > 1 else ""
-        children = submodule_note(model, extra)
-        raise TypeError(
-            f"save_compressed stores tensors, but the state dict entry {name!r} is a {extra[name]} (a module's "
-            f"`get_extra_state`{also}). Save the submodule that holds the weights{f' ({children})' if children else ''}"
-            " and load it into that submodule, or save that state apart, e.g. with torch.save."
-        )
+    if not extra:
+        return state
+    warnings.warn(
+        f"save_compressed leaves out the state dict entries that are not tensors, {list(extra)[:3]}"
+        f"{' ...' * (len(extra) > 3)} ({', '.join(sorted(set(extra.values())))}: a module's `get_extra_state`, or "
+        "a `state_dict` of its own): load_compressed leaves them as the model it loads into has them.",
+        UserWarning,
+        stacklevel=caller_level(),
+    )
+    return {name: value for name, value in state.items() if name not in extra}

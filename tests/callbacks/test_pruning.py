@@ -2175,3 +2175,30 @@ def test_an_end_epoch_later_than_max_steps_allows_is_told_to_be_left_unset_where
         trainer(max_epochs=-1, max_steps=20, callbacks=[IterativePruning(0.5, end_epoch=3), FailOnFirstStep()]).fit(
             tiny
         )
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "lamp"])
+def test_complex_weights_named_in_include_are_ranked_by_modulus_and_stay_pruned_under_adam(importance):
+    """Trial GK: FNO's complex spectral weights, opted in by name, were ranked by their real part (torch warned it
+    discarded the imaginary part), and Adam's complex moments regrew them at the next step; the callback then blamed
+    an optimizer it did not see."""
+    from tests.conftest import FourierModule
+
+    model = FourierModule()
+    callback = IterativePruning(0.8, include=["*", "spectral"], importance=importance, start_epoch=1, end_epoch=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*discards the imaginary part")
+        warnings.filterwarnings("error", message=".*were nonzero")
+        trainer(max_epochs=4, callbacks=[callback]).fit(model)
+    weight = model.spectral.weight
+    mask = callback.masks["spectral.weight"]
+    assert weight.dtype == torch.cfloat and torch.equal(weight == 0, ~mask.bool())
+    assert 0.5 < float((weight == 0).float().mean()) < 0.95 and sparsity(model, include=["*", "spectral"]) > 0.79
+    if importance == "magnitude":  # the last event kept the largest moduli: none pruned is above a kept one
+        model = FourierModule()
+        from lightning_compress import prune_
+
+        prune_(model, 0.5, include=["spectral"])
+        kept = model.spectral.weight.abs()[model.spectral.weight != 0]
+        before = FourierModule().spectral.weight.abs()
+        assert float(before[model.spectral.weight == 0].max()) <= float(kept.min())

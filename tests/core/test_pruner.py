@@ -171,3 +171,38 @@ def test_masks_of_another_width_are_refused_naming_every_layer_that_differs():
         ValueError, match=r"masks do not fit this model: \(saved shape, this model's shape\) of " + shapes
     ):
         IterativePruner(model, 0.5, total_steps=4, every_n_steps=1).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor", "lamp"])
+def test_complex_weights_are_ranked_by_their_modulus_and_adams_complex_moments_are_zeroed(importance):
+    """Trial GK: FNO's complex spectral weights were ranked by their real part (magnitude, Taylor and LAMP cast them
+    to float), and Adam's complex moments were left to regrow them at the next step."""
+    from tests.conftest import SpectralConv1d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SpectralConv1d(8, 6))
+    weight = model[0].weight
+    with torch.no_grad():  # moduli and real parts ranked far apart
+        weight.copy_(torch.polar(torch.rand(weight.shape) + 0.01, torch.rand(weight.shape) * 6.28))
+    x = torch.randn(16, 8, 32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    pruner = IterativePruner(
+        model, 0.5, total_steps=1, importance=importance, include=["0"], schedule="one_shot", optimizers=optimizer
+    )
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    scores = (weight.detach() * weight.grad).abs() if importance == "taylor" else weight.detach().abs()
+    pruner.before_optimizer_step()
+    optimizer.step()
+    before_event = weight.detach().clone()
+    pruner.step()  # the event: half the weights, by score
+    kept = pruner.masks["0.weight"].bool()
+    if importance != "taylor":  # ranked on the weights after the step (LAMP keeps the moduli's order)
+        scores = before_event.abs()
+    assert float(scores[~kept].max()) <= float(scores[kept].min())
+    assert bool((weight[~kept] == 0).all())
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    pruner.before_optimizer_step()  # pruned weights' gradients zeroed: Adam's moments alone would move them
+    optimizer.step()
+    assert bool((weight[~kept] == 0).all())

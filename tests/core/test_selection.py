@@ -505,3 +505,36 @@ def test_a_parametrized_layer_named_exactly_beside_other_names_is_refused_not_dr
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match=r"leaves \['2'\] out: their weight is computed by a parametrization \(MaxNo"):
         assert [t.name for t in select_targets(model, include=["*"])] == ["0", "3"]
+
+
+class _DenseTensor(nn.Module):
+    """tensorly-torch's ``DenseTensor``: the module neuraloperator's ``SpectralConv`` keeps its weight in."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.tensor = nn.Parameter(torch.randn(*shape, dtype=torch.cfloat))
+
+
+class _SpectralConv(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = _DenseTensor(channels, channels, 6, 4)
+        self.bias = nn.Parameter(torch.randn(channels, 1, 1))  # one per channel, broadcast over the grid
+
+
+def test_a_fourier_layers_spectral_weights_are_offered_by_the_name_that_selects_them_and_its_bias_never():
+    """Trial GK: naming neuraloperator's `SpectralConv` pruned its (channels, 1, 1) bias as if it were experts' weights;
+    the advice offered only modules whose tensor is a `weight`, not the tensorly module holding the spectral weights,
+    and the container advice ('convs.0.*') picked nothing."""
+    from lightning_compress import prune_
+
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), _SpectralConv(8), nn.Conv2d(8, 1, 1))
+    bias = model[1].bias.detach().clone()
+    said = r"To prune them, name their modules exactly in `include` \(with the layers it "
+    with pytest.raises(ValueError, match=said + r"selects now, e\.g\. `include=\['\*', '1\.weight'\]`\)"):
+        prune_(model, 0.5)
+    with pytest.raises(ValueError, match=r"`include` names \['1'\], which have no `weight`; an exact name of their "
+                       r"submodules \['1\.weight'\] selects the weights they hold"):  # fmt: skip
+        prune_(model, 0.5, include=["*", "1"])
+    masks = prune_(model, 0.5, include=["*", "1.weight"])
+    assert "1.weight.tensor" in masks and torch.equal(model[1].bias, bias)

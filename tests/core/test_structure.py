@@ -955,11 +955,17 @@ def test_compact_says_what_the_uncounted_3d_weights_are():
     expert"; a module whose class is not named for experts is described as what it is."""
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), _PerHeadMixer(), nn.Linear(8, 2))
     x = torch.randn(3, 8)
-    with pytest.warns(UserWarning, match=r"the 3-d weights of \['3'\] \(tensors their module multiplies in its own"):
+    with pytest.warns(
+        UserWarning,
+        match=r"the weights of 3 or more dimensions of \['3'\] \(tensors their module multiplies in its own",
+    ):
         prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
     report = compact(model, x)
     assert report.uncounted == ["3"] and "expert" not in str(report).replace("a mixture's experts", "")
-    assert "not counting the 3-d weights of ['3'] (tensors their module multiplies in its own forward" in str(report)
+    assert (
+        "not counting the weights of 3 or more dimensions of ['3'] (tensors their module multiplies in its own forward"
+        in str(report)
+    )
 
 
 class _PerHeadScale(nn.Module):
@@ -979,7 +985,7 @@ def test_a_per_head_scale_is_not_said_to_be_an_uncounted_matrix():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), _PerHeadScale(), nn.Linear(8, 2))
     x = torch.randn(3, 8)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=r".*3-d weights")
+        warnings.filterwarnings("error", message=r".*dimensions of")
         prune_(model, 0.5, granularity="channel", measure="macs", example_inputs=x)
     report = compact(model, x)
     assert report.uncounted == [] and "3-d" not in str(report)
@@ -1207,7 +1213,7 @@ def test_a_parametrized_convolution_is_not_said_to_hold_uncounted_3d_weights():
     with pytest.warns(UserWarning, match=r"leaves \['2'\] out: .*parametrization \(_MaxNorm\)"):
         prune_(model, 0.5, granularity="channel", example_inputs=x)
     report = compact(model, x)
-    assert "3-d weights" not in str(report) and report.channels["5"] == (8, 4)
+    assert "dimensions of" not in str(report) and report.channels["5"] == (8, 4)
     assert (
         build_channel_groups(model, x)[1]["0"] == "2's weight is computed by a parametrization (_MaxNorm), not stored"
     )

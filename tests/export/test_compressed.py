@@ -462,15 +462,7 @@ def test_paths_and_models_that_cannot_be_saved_are_refused_before_anything_is_wr
     with pytest.raises(ValueError, match="`model` has tensors on the meta device"):
         save_compressed(meta, tmp_path / "m.lcz")
 
-    class Extra(nn.Linear):  # state a module keeps outside tensors
-        def get_extra_state(self):
-            return {"vocabulary": ["a", "b"]}
-
-        def set_extra_state(self, state):
-            pass
-
-    with pytest.raises(TypeError, match=r"entry '_extra_state' is a dict \(a module's `get_extra_state`\)"):
-        save_compressed(Extra(4, 2), tmp_path / "m.lcz")  # an AttributeError from inside before (a trial)
+    # (state a module keeps outside tensors is left out, said: test_state_entries_that_are_not_tensors_are_left_out...)
     sparse = nn.Linear(4, 2)
     sparse.register_buffer("table", torch.eye(3).to_sparse())
     with pytest.raises(TypeError, match=r"entry 'table' is a torch\.sparse_coo tensor; register it dense"):
@@ -996,17 +988,57 @@ def test_an_activation_checkpointed_model_saves_and_loads_under_the_plain_names(
         assert len(qat_modules(fresh)) == 3
 
 
-def test_a_state_holding_a_dict_is_refused_naming_the_submodule_that_holds_the_weights(tmp_path):
-    """Trial GJ: the refusal said to save the state apart, with no way to leave the entry out of the file."""
+def test_state_entries_that_are_not_tensors_are_left_out_said_and_kept_as_the_loading_model_has_them(tmp_path):
+    """Trial GJ: nequip's training module (a dict as a module's extra state) was refused, with advice that could not
+    leave the entry out; trial GK: neuraloperator's models add a `_metadata` dict in their own `state_dict`, and
+    neither the model nor a submodule could be saved."""
     from tests.conftest import ModuleWithExtraState
 
-    model = ModuleWithExtraState()
-    with pytest.raises(TypeError, match=r"'loss\._extra_state' is a dict .*Save the submodule that holds the weights "
-                       r"\(`model\.net`\) and load it into that submodule"):  # fmt: skip
-        save_compressed(model, tmp_path / "m.lcz")
-    prune_(model.net, 0.5)
-    save_compressed(model.net, tmp_path / "net.lcz")
-    fresh = ModuleWithExtraState()
-    load_compressed(fresh.net, tmp_path / "net.lcz")
+    class WithMetadata(nn.Sequential):  # as neuralop's BaseModel
+        def state_dict(self, *args, **kwargs):
+            state = super().state_dict(*args, **kwargs)
+            state["_metadata"] = {"n_modes": (8, 8)}
+            return state
+
     x = torch.randn(3, 16)
-    assert torch.equal(fresh(x), model(x))
+    for build in (ModuleWithExtraState, lambda: WithMetadata(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))):
+        torch.manual_seed(0)
+        model = build()
+        prune_(model, 0.5)
+        if isinstance(model, ModuleWithExtraState):
+            model.loss.coefficients["forces"] = 1.0  # the loading model keeps its own
+        with pytest.warns(
+            UserWarning,
+            match=r"leaves out the state dict entries that are not tensors, "
+            r"\['(loss\._extra_state|_metadata)'\] \(dict: .*load_compressed leaves them as the model",
+        ):
+            report = save_compressed(model, tmp_path / "m.lcz")
+        assert report.compression_ratio > 1.5
+        torch.manual_seed(1)
+        fresh = build()
+        load_compressed(fresh, tmp_path / "m.lcz")
+        assert torch.equal(fresh(x), model(x))
+        if isinstance(fresh, ModuleWithExtraState):
+            assert fresh.loss.coefficients["forces"] == 10.0
+
+
+def test_complex_weights_pruned_by_name_are_stored_sparse_counted_by_the_estimate_and_reload_exactly(tmp_path):
+    """Trial GK: FNO's complex spectral weights, pruned by an exact name, were stored dense (a floating-point tensor
+    only was stored as positions and values), and the size estimate listed and counted them dense."""
+    from lightning_compress.core.summary import estimate_size
+    from tests.conftest import FourierModule
+
+    model = FourierModule()
+    prune_(model, 0.8, include=["*", "spectral"])
+    report = save_compressed(model, tmp_path / "m.lcz")
+    row = next(layer for layer in report.layers if layer.name == "spectral.weight")
+    assert row.sparsity > 0.7 and row.bytes_after < 0.3 * row.bytes_before
+    size = estimate_size(model)
+    spectral = next(layer for layer in size.layers if layer.name == "spectral.weight")
+    assert spectral.bits == 64 and spectral.sparsity > 0.7 and spectral.bytes < 0.3 * spectral.dense_bytes
+    fresh = FourierModule()
+    with torch.no_grad():
+        fresh.spectral.weight.normal_()
+    load_compressed(fresh, tmp_path / "m.lcz")
+    x = torch.randn(2, 1, 32)
+    assert torch.equal(fresh.spectral.weight, model.spectral.weight) and torch.equal(fresh(x), model(x))
