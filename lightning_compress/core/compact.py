@@ -140,7 +140,7 @@ def _reasons(left: dict[str, str]) -> str:
     """The first reasons layers were left whole, for a message."""
     if not left:
         return ""
-    shown = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3])
+    shown = "; ".join(f"{name or 'the model'}: {why}" for name, why in list(left.items())[:3])
     return f" ({shown}{'; ...' if len(left) > 3 else ''})"
 
 

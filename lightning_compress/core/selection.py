@@ -277,6 +277,17 @@ def _listed(found: list[tuple[str, int, tuple[int, ...]]], total: int) -> str:
     return f"{shown}{' ...' * (len(found) > 3)} ({total:,} weights in {len(found)} tensor(s)"
 
 
+_TABLE_WORDS = ("embed", "position", "pos_", "token", "latent")
+
+
+def _added_table(name: str) -> bool:
+    """A table added to activations rather than multiplied, named so (a ViT's ``position_embeddings`` and
+    ``cls_token``, a Perceiver's ``latents``): listed among the weights left dense, but no reason to refuse the
+    default selection, as an ``nn.Embedding`` is none (trial GM: a 512-pixel ViT's position table, 36 times its
+    layers, refused it)."""
+    return any(word in name.lower() for word in _TABLE_WORDS)
+
+
 def _opt_in_note(named: list[tuple[str, nn.Module]], unselected: list[tuple[str, int, tuple[int, ...]]]) -> str:
     """How to prune the listed tensors an exact module name in ``include`` selects (their module's ``weight``, or the
     tensors of 3 or more dimensions an exact name takes as experts' ones) (trial FI: TabM's ensemble layers prune so,
@@ -533,14 +544,16 @@ def select_targets(
         unselected = _unselected_matrices(named, selected, excluded_by)
         total, pruned = sum(n for _, n, _ in unselected), sum(t.numel for t in selected)
         listed = _listed(unselected, total)
-        if include is None and total >= _REFUSED_SHARE * pruned:  # trial GH: AGCRN's head pruned to 2 of 48 weights
+        multiplied = sum(n for name, n, _ in unselected if not _added_table(name))
+        if include is None and multiplied >= _REFUSED_SHARE * pruned:  # trial GH: AGCRN's head pruned to 2 of 48
             layers = [t.name for t in selected]
             raise ValueError(
                 f"The default selection prunes {pruned:,} weights ({layers[:3]}{' ...' * (len(layers) > 3)}), "
                 f"{pruned / (pruned + total):.1%} of the model's weight matrices: the others, {listed}), are "
                 "Parameters a module uses in its own forward, which it does not select, so `target_sparsity` would "
                 "be reached on those few layers alone, leaving the rest of the model as it is. Say what to prune in "
-                "`include`: `include=['*']` prunes the layers it selects now." + _opt_in_note(named, unselected)
+                "`include`: `include=['*']` prunes the layers it selects now."
+                + (_opt_in_note(named, unselected) or " No module name selects them (not their module's `weight`).")
             )
         if total >= UNSELECTED_SHARE * pruned:  # trial DX: XLNet's attention, 52% of its matrices, left dense unsaid
             warnings.warn(
@@ -628,6 +641,7 @@ def _inner_holders_note(named: list[tuple[str, nn.Module]], names: list[str], mo
         if any(name.startswith(f"{n}.") for n in names)
         and (isinstance(stored_weight(module), nn.Parameter) or expert_tensors(module))
         and not isinstance(module, default_layer_types())  # those a wildcard picks, as the advice says
+        and not _scales_channels(module)  # (a norm's scale: trial GM, XLNet's attention was pointed at its LayerNorm)
     ]
     if not inner:
         return ""

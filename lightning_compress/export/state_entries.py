@@ -20,16 +20,16 @@ def extra_state_entries(model: nn.Module, state: dict[str, Any] | None = None) -
 
 
 def submodule_note(model: nn.Module, entries: dict[str, str]) -> str:
-    """The children of ``model`` that hold parameters and none of ``entries``, for a message (``"`model.net`"``): what
-    to save or export instead (``module.model`` of nequip's training module); empty where there is none."""
-    holders = [
+    """The child of ``model`` that holds most of its parameters and none of ``entries``, for a message
+    (``"`model.net`"``): what to export instead (``module.model`` of nequip's training module); empty where there is
+    none."""
+    total = sum(p.numel() for p in model.parameters())
+    holders = [  # most of the weights: not a leaf layer beside the network (trial GM: the input layer was offered)
         name
         for name, child in model.named_children()
-        if any(True for _ in child.parameters()) and not any(e.startswith(f"{name}.") for e in entries)
+        if 2 * sum(p.numel() for p in child.parameters()) > total and not any(e.startswith(f"{name}.") for e in entries)
     ]
-    if not holders:
-        return ""
-    return ", ".join(f"`model.{name}`" for name in holders[:3])
+    return f"`model.{holders[0]}`" if holders else ""
 
 
 def check_traceable_state(model: nn.Module) -> None:
@@ -45,8 +45,10 @@ def check_traceable_state(model: nn.Module) -> None:
         )
 
 
-def _among(children: str) -> str:
-    return f" (among those holding the weights: {children})" if children else ""
+def _among(child: str) -> str:
+    if child:
+        return f" ({child} holds most of the weights and none of them)"
+    return ", one without that state (`export_onnx(model.<submodule>, ...)`, after a fit)"
 
 
 def tensor_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:

@@ -77,3 +77,17 @@ def test_prune_warns_about_layers_2_4_cannot_apply_to():
     ):
         masks = prune_(model, 0.5, granularity="2:4")
     assert list(masks) == ["2.weight"] and bool(model[0].weight.ne(0).all())
+
+
+def test_complex_weights_are_ranked_by_their_modulus_in_n_m_blocks():
+    """Trial GM: 2:4 cast a complex weight to float before taking its magnitude, so it kept the smallest moduli."""
+    from lightning_compress import prune_
+
+    class Spectral(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor([[0.01 + 5j, 0.02 + 4j, 0.5 + 0j, 0.6 + 0j]]))
+
+    model = torch.nn.Sequential(Spectral())
+    prune_(model, 0.5, include=["0"], granularity="2:4")
+    assert (model[0].weight != 0).tolist() == [[True, True, False, False]]

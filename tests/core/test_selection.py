@@ -538,3 +538,44 @@ def test_a_fourier_layers_spectral_weights_are_offered_by_the_name_that_selects_
         prune_(model, 0.5, include=["*", "1"])
     masks = prune_(model, 0.5, include=["*", "1.weight"])
     assert "1.weight.tensor" in masks and torch.equal(model[1].bias, bias)
+
+
+class _RelativeAttention(nn.Module):
+    """XLNet's attention: its projections held as 3-d Parameters used through einsum, a segment table of another
+    first dimension, biases per head, and a LayerNorm."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        for name in ("q", "k", "v", "o", "r"):
+            setattr(self, name, nn.Parameter(torch.randn(width, heads, width // heads)))
+        self.r_w_bias = nn.Parameter(torch.zeros(heads, width // heads))
+        self.seg_embed = nn.Parameter(torch.randn(2, heads, width // heads))
+        self.layer_norm = nn.LayerNorm(width)
+
+
+class _PatchModel(nn.Module):
+    """A ViT's shape at a large image: a position table far larger than its layers, added to the patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 4096, 16))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 16))
+        self.head = nn.Linear(16, 10)
+
+
+def test_added_tables_do_not_refuse_the_default_and_the_refusal_says_when_no_name_selects_the_rest():
+    """Trial GM: a 512-pixel ViT's position table (a Parameter, 36 times its layers) refused the default selection,
+    where GPT-2's as an nn.Embedding is only said; XLNet's refusal offered no module, and naming its attention pointed
+    at its LayerNorm."""
+    from lightning_compress import prune_
+
+    with pytest.warns(UserWarning, match=r"does not prune position_embeddings \(1, 4096, 16\)"):
+        masks = prune_(_PatchModel(), 0.5)
+    assert sorted(masks) == ["head.weight", "patch.weight"]
+    model = nn.Sequential(nn.Linear(64, 8), _RelativeAttention(64, 4), nn.Linear(8, 64))
+    with pytest.raises(ValueError, match=r"`include=\['\*'\]` prunes the layers it selects now\. No module name "
+                       r"selects them \(not their module's `weight`\)\.$"):  # fmt: skip
+        prune_(model, 0.5)
+    with pytest.raises(ValueError, match=r"`include` names \['1'\], which have no `weight`: an exact name picks"):
+        prune_(model, 0.5, include=["*", "1"])

@@ -1247,3 +1247,9 @@ def test_compact_with_no_channel_group_says_so_and_a_layer_reusing_a_torch_name_
         r"\['0 \(tests\.core\.test_structure\.Linear\)', '2 \(tests\.core\.test_structure\.Linear\)'\]\.",
     ):
         prune_(model, 0.5)
+
+
+def test_compact_of_a_single_layer_names_the_model_in_its_warning():
+    """Trial GM: the model itself, named "", read "(: its channels reach the model's output)"."""
+    with pytest.warns(UserWarning, match=r"no channel group in Linear it could remove channels from \(the model: its "):
+        compact(nn.Linear(8, 4), torch.randn(2, 8))

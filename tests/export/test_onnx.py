@@ -1824,7 +1824,7 @@ def test_a_model_whose_state_holds_a_dict_is_refused_naming_the_submodule_to_exp
     model = ModuleWithExtraState()
     model.register_buffer("shift", torch.zeros(4, dtype=torch.float64))  # a dtype it would refuse too: said after
     with pytest.raises(ValueError, match=r"cannot trace ModuleWithExtraState: .*\{'loss\._extra_state': 'dict'\}.*"
-                       r"outputs \(among those holding the weights: `model\.net`\)"):  # fmt: skip
+                       r"outputs \(`model\.net` holds most of the weights and none of them\)"):  # fmt: skip
         export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 16))
     assert not (tmp_path / "m.onnx").exists()
     export_onnx(model.net, tmp_path / "net.onnx", torch.randn(2, 16))
@@ -1869,3 +1869,14 @@ def test_a_layer_called_at_every_step_of_a_loop_is_stored_once_and_counted_once(
     heads = [c for c in constants if c.size == 640 and c.dtype.itemsize == 1]  # the head's int8 codes, (10, 64)
     hidden = [c for c in constants if c.size == 64 * 128 and c.dtype.itemsize == 1]
     assert len(heads) == 1 and len(hidden) == 1
+
+
+def test_a_state_refusal_offers_no_leaf_layer_as_the_module_that_computes_the_outputs(tmp_path):
+    """Trial GM: with extra state beside the network's middle and head, the refusal offered the input layer."""
+    from tests.conftest import MetricSettings
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.Sequential(nn.Linear(8, 64), MetricSettings()), nn.Linear(64, 4))
+    with pytest.raises(
+        ValueError, match=r"outputs, one without that state \(`export_onnx\(model\.<submodule>, \.\.\.\)`"
+    ):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 16))
