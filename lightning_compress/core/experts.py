@@ -28,9 +28,10 @@ def expert_tensors(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     Parameters of 3 or more dimensions sharing a first (expert) dimension above 1. Not a Linear/Conv/Embedding."""
     if isinstance(module, (*linear_like_types(), nn.Embedding, ParametrizationList)):
         return []  # (a parametrization's `original` is the stored weight of the layer it computes: trial GI)
-    # a matrix per expert: a (out, 1, 1) bias or (heads, 1, 1) scale is none (trial GK: an exact name of FNO's
-    # SpectralConv pruned its bias as experts; trial DY: Swinv2's `logit_scale`)
-    found = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3 and min(p.shape[-2:]) > 1]
+    # more than one value per expert: a (out, 1, 1) bias or (heads, 1, 1) scale is none (trial GK: an exact name of
+    # FNO's SpectralConv pruned its bias as experts; trial DY: Swinv2's `logit_scale`), a KAN layer's (in, 1, basis)
+    # spline coefficients are (trial GN: refused where its output width was 1)
+    found = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() >= 3 and p[0].numel() > 1]
     if not found or len({p.shape[0] for _, p in found}) != 1 or found[0][1].shape[0] < 2:
         return []
     return found

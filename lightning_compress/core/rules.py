@@ -152,6 +152,12 @@ def channel_structure(
                 "mixture-of-experts weights stored as 3-d tensors: their channels are not pruned (compact() leaves "
                 "them whole too); element or N:M pruning prunes them",
             )
+        elif target.own_name:  # trial GN: a KAN layer's coefficients, named exactly, were refused with no reason
+            left.setdefault(
+                target.name,
+                f"the tensors a {class_label(target.module)} multiplies in its own forward ({target.attr}): their "
+                "channels are not pruned; element or N:M pruning prunes them",
+            )
     in_groups = {module for group in groups for module in group.modules()}
     traced = (*linear_like_types(), nn.Embedding)
     for target in targets:  # trial FI: TabM's ensemble layers, named in `include`, were refused with no reason at all

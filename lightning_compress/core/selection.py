@@ -240,7 +240,10 @@ def _unselected_matrices(
             # biases are never pruned (an ensemble's are 2-d: trial FI's TabM counted them among the weights left dense)
             matrix = param.dim() >= 2 or (attr == "weight" and param.dim() == 1 and not _scales_channels(module))
             quantized = _stored_quantized(param)  # (said on their own: no `include` selects them)
-            if matrix and param.numel() and id(param) not in chosen and "bias" not in attr and not quantized:
+            # trained and not all zero (trial GN: pykan's frozen grid and mask, and its unused symbolic branch, all
+            # zero, were counted as weights left dense, and the branch offered to `include`)
+            live = param.requires_grad and bool(param.detach().any()) if matrix and param.numel() else False
+            if live and id(param) not in chosen and "bias" not in attr and not quantized:
                 chosen.add(id(param))
                 found.append((f"{name}.{attr}" if name else attr, param.numel(), tuple(param.shape)))
     return found
@@ -689,7 +692,9 @@ def _wildcard_held_note(model: nn.Module, include: Sequence[str] | None, exclude
 
 _HELD = (
     "multiply their weights inside their own forward (mixture-of-experts 3-d tensors, recurrent layers, "
-    "nn.MultiheadAttention): pruning selects them, quantization-aware training cannot (no Linear forward to swap)"
+    "nn.MultiheadAttention, or a module's own tensors of 3 or more dimensions named exactly, as a KAN layer's spline "
+    "coefficients): pruning selects them, quantization-aware training cannot (no Linear forward to swap), and they "
+    "stay float"
 )
 
 

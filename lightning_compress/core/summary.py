@@ -129,7 +129,9 @@ def estimate_size(model: nn.Module) -> ModelSize:
         # (complex too: a Fourier layer's spectral weights, pruned by an exact name; trial GK)
         elif (tensor.is_floating_point() or tensor.is_complex()) and stored_sparse(whole := full(tensor)):
             sparse = _layer_size(name, whole, None)
-            if tensor.dim() > 1:  # a weight matrix pruned outside the default selection (an embedding)
+            # a weight matrix pruned outside the default selection (an embedding); one all zero was initialized so
+            # (trial GN: pykan's unused symbolic branch made a fresh KAN read as compressed, with no baseline)
+            if tensor.dim() > 1 and sparse.nonzero:
                 layers.append(sparse)
             else:  # a bias or norm initialized to zeros: stored small, but no weight pruning made sparse
                 rest += sparse.bytes

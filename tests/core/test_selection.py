@@ -559,8 +559,8 @@ class _PatchModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, 16, 4, stride=4)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, 4096, 16))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, 16))
+        self.position_embeddings = nn.Parameter(torch.randn(1, 4096, 16) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16) * 0.02)
         self.head = nn.Linear(16, 10)
 
 
@@ -579,3 +579,43 @@ def test_added_tables_do_not_refuse_the_default_and_the_refusal_says_when_no_nam
         prune_(model, 0.5)
     with pytest.raises(ValueError, match=r"`include` names \['1'\], which have no `weight`: an exact name picks"):
         prune_(model, 0.5, include=["*", "1"])
+
+
+class _KANLayer(nn.Module):
+    """pykan's `KANLayer`: spline coefficients (in, out, basis) and scales it multiplies in its own forward, a frozen
+    grid and mask, and (pykan's `Symbolic_KANLayer`) an affine branch that starts all zero."""
+
+    def __init__(self, n_in: int, n_out: int, basis: int = 8) -> None:
+        super().__init__()
+        self.coef = nn.Parameter(torch.randn(n_in, n_out, basis) * 0.1)
+        self.scale_base = nn.Parameter(torch.ones(n_in, n_out))
+        self.grid = nn.Parameter(torch.linspace(-1, 1, basis + 4).repeat(n_in, 1), requires_grad=False)
+        self.mask = nn.Parameter(torch.ones(n_in, n_out), requires_grad=False)
+        self.symbolic = nn.Module()  # pykan keeps it in a module list of its own
+        self.symbolic.affine = nn.Parameter(torch.zeros(n_in, n_out, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        basis = torch.cos(x.unsqueeze(-1) * torch.arange(self.coef.shape[-1]))  # (batch, in, basis)
+        spline = torch.einsum("bik,iok->bio", basis, self.coef)
+        return ((spline + torch.nn.functional.silu(x).unsqueeze(-1) * self.scale_base) * self.mask).sum(1)
+
+
+def test_a_kan_layer_named_exactly_is_selected_whatever_its_width_and_dead_tensors_are_no_weights_left_dense():
+    """Trial GN: pykan's layers were selected by an exact name when their output width was above 1 and refused at 1
+    (their (in, 1, basis) coefficients), the container advice picked nothing, and the warning counted the frozen grid
+    and mask and the all-zero symbolic branch as weights left dense, offering that branch to `include`."""
+    from lightning_compress import prune_
+    from lightning_compress.core.summary import estimate_size
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_KANLayer(4, 6), _KANLayer(6, 1))
+    assert estimate_size(model).sparsity == 0.0 and not estimate_size(model).layers  # a fresh model: no compression
+    from lightning_compress.core.selection import unselected_weights
+
+    listed, total = unselected_weights(model, select_targets(model, include=["0", "1"], module_tensors=True))
+    assert total == 30 and listed == "0.scale_base (4, 6), 1.scale_base (6, 1) (30 weights in 2 tensor(s)"
+    assert sorted(prune_(model, 0.8, include=["0", "1"])) == ["0.coef", "1.coef"]
+    with pytest.raises(ValueError, match=r"found no channel group it can prune: 0: the tensors a _KANLayer multiplies "
+                       r"in its own forward \(coef\)"):  # fmt: skip
+        prune_(nn.Sequential(_KANLayer(4, 6), _KANLayer(6, 1)), 0.5, granularity="channel", include=["0", "1"],
+               example_inputs=torch.randn(2, 4))  # fmt: skip
