@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from typing import Any, cast
 
 from torch import nn
 
 __all__ = [
     "class_label",
     "linear_like_types",
+    "parametrization_kinds",
     "registered_names",
     "restore_training",
     "transformers_conv1d",
@@ -99,3 +101,11 @@ def class_label(module: nn.Module) -> str:
     if hasattr(nn, kind.__name__) and getattr(nn, kind.__name__) is not kind:
         return f"{kind.__module__}.{kind.__qualname__}"
     return kind.__name__
+
+
+def parametrization_kinds(module: nn.Module, attr: str | None = None) -> str:
+    """The classes of the parametrizations computing ``module``'s ``attr`` (every parametrized tensor's for ``None``),
+    for a message (trial GI: braindecode's max-norm was said to be ``weight_norm``)."""
+    lists = cast(Any, module).parametrizations
+    chosen = lists.values() if attr is None else [lists[attr]]
+    return ", ".join(sorted({type(p).__name__ for plist in chosen for p in plist}))

@@ -26,7 +26,7 @@ from torch.nn.utils.parametrize import is_parametrized
 from .adapters import adapter_modules, declared_lora_base, forwards_base_weight
 from .checks import caller_level, check_module
 from .experts import expert_input_axis, expert_tensors, is_experts, router_layers
-from .layers import class_label, linear_like_types, weight_axes
+from .layers import class_label, linear_like_types, parametrization_kinds, weight_axes
 from .sharding import flat_offset, local
 from .wrappers import inner_module, is_compiled
 
@@ -242,8 +242,8 @@ def _unselected_matrices(
             quantized = _stored_quantized(param)  # (said on their own: no `include` selects them)
             # trained and not all zero (trial GN: pykan's frozen grid and mask, and its unused symbolic branch, all
             # zero, were counted as weights left dense, and the branch offered to `include`)
-            live = param.requires_grad and bool(param.detach().any()) if matrix and param.numel() else False
-            if live and id(param) not in chosen and "bias" not in attr and not quantized:
+            candidate = matrix and param.numel() and id(param) not in chosen and "bias" not in attr and not quantized
+            if candidate and param.requires_grad and bool(param.detach().any()):  # (read last: one pass over it)
                 chosen.add(id(param))
                 found.append((f"{name}.{attr}" if name else attr, param.numel(), tuple(param.shape)))
     return found
@@ -615,13 +615,9 @@ _HOOKED = {
 
 
 def _parametrizations(named: list[tuple[str, nn.Module]], names: list[str]) -> str:
-    """The classes of the parametrizations computing the weights of the modules ``names`` (trial GI: braindecode's
-    max-norm was said to be ``weight_norm``)."""
+    """The classes of the parametrizations computing the weights of the modules ``names``."""
     modules = dict(named)
-    kinds = sorted(
-        {type(p).__name__ for n in names for p in cast(Any, modules[n]).parametrizations["weight"] if n in modules}
-    )
-    return ", ".join(kinds)
+    return ", ".join(sorted({parametrization_kinds(modules[n], "weight") for n in names}))
 
 
 def _held_note(named: list[tuple[str, nn.Module]], names: list[str], module_tensors: bool) -> str:
@@ -669,11 +665,13 @@ def _wrapper_note(named: list[tuple[str, nn.Module]], names: list[str]) -> str:
 def _weight_holders_note(named: list[tuple[str, nn.Module]], module_tensors: bool) -> str:
     """Where the weights of a model the default selects nothing of are (trial GJ: nequip's ``ScalarLinearLayer`` and
     e3nn's ``Linear``, which pruning takes by an exact name, were named nowhere)."""
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
     holders = [
         f"{name} ({class_label(module)})"
         for name, module in named
-        if isinstance(stored_weight(module), nn.Parameter) and not isinstance(module, norms) and name
+        if name
+        and isinstance(stored_weight(module), nn.Parameter)
+        and not isinstance(module, (nn.Embedding, nn.EmbeddingBag))
+        and not _scales_channels(module)
     ]
     if not holders:
         return ""

@@ -46,7 +46,7 @@ from .groups import (
     supported,
 )
 from .heads import AttentionBlock, find_attention
-from .layers import foreign_linear_types, is_linear, transformers_conv1d, weight_axes
+from .layers import foreign_linear_types, is_linear, parametrization_kinds, transformers_conv1d, weight_axes
 from .tracing import (
     TracerForward,
     all_tracked,
@@ -546,11 +546,8 @@ def _convert(
         if not supported(module):
             return None, _unsupported_reason(name, module)
         if is_parametrized(module):
-            kinds = sorted(
-                {type(p).__name__ for p in cast(Any, module).parametrizations.modules()}
-                - {"ParametrizationList", "ModuleDict"}
-            )
-            return None, f"{name}'s weight is computed by a parametrization ({', '.join(kinds)}), not stored"
+            kinds = parametrization_kinds(module)
+            return None, f"{name}'s weight is computed by a parametrization ({kinds}), not stored"
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and not isinstance(weight, nn.Parameter):  # trial CB: "not selected"
             return None, (

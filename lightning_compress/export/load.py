@@ -36,7 +36,7 @@ from .records import (
     plan,
 )
 from .report import CompressionReport, LayerReport
-from .state_entries import extra_state_entries
+from .state_entries import tensor_entries
 
 __all__ = ["load_compressed"]
 
@@ -354,7 +354,8 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
         except CompressedFileError as err:
             raise CompressedFileError(f"{path}: {err}") from err
         # entries that are not tensors (a module's extra state) are in no file: left as the model has them
-        expected = {k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+        state = model.state_dict()
+        expected = tensor_entries(state)
         unloaded = [k for k in expected if k not in tensors]
         problems = unloaded + [k for k in tensors if k not in expected]
         problems += [k for k in expected if k in tensors and tuple(expected[k].shape) != tuple(tensors[k].shape)]
@@ -371,7 +372,7 @@ def _load(called: nn.Module, model: nn.Module, path: Path, example_inputs: Any, 
         _check_ties(model, expected, tensors, path)
         if outputs is not None:  # the sizes are final: whether they chain needs no values
             _check_chain(called, example_inputs, outputs, path)
-        _load_tensors(model, tensors, path)
+        _load_tensors(model, tensors, set(state) - set(expected), path)
         if outputs is not None:  # a stateless InstanceNorm holds no tensor the file records (MONAI's UNETR)
             stateless_norms_read_their_width(called, example_inputs)
     except Exception:
@@ -504,10 +505,9 @@ def _like_file(quantizer: FakeQuantizer, name: str, tensors: dict[str, Tensor]) 
             setattr(quantizer, entry, value)
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, Tensor], path: Path) -> None:
-    """``load_state_dict`` of the file's tensors, strict but for the entries the model holds that are not tensors
-    (a module's extra state: the file has none, the model keeps its own; trial GJ, GK)."""
-    kept = set(extra_state_entries(model))
+def _load_tensors(model: nn.Module, tensors: dict[str, Tensor], kept: set[str], path: Path) -> None:
+    """``load_state_dict`` of the file's tensors, strict but for ``kept``, the entries the model holds that are not
+    tensors (a module's extra state: the file has none, the model keeps its own; trial GJ, GK)."""
     if not kept:
         model.load_state_dict(tensors, strict=True)
         return

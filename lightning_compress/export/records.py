@@ -24,6 +24,7 @@ from ..core.qat import FakeQuantizer, QuantConfig, qat_modules, quantizable
 from ..core.quant import int_range
 from ..core.selection import stored_weight
 from .container import CompressedFileError
+from .state_entries import tensor_entries
 
 __all__ = [
     "SECTIONS",
@@ -296,7 +297,7 @@ def max_raw_bytes(model: nn.Module) -> int:
     Every stored form of a tensor is at most its dense size (positions are chosen only when they
     make it smaller), and quantizer buffers are per output channel at most.
     """
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
+    state = sum(t.numel() * t.element_size() for t in tensor_entries(model.state_dict()).values())
     layers = _layers_with_weights(model)
     quantizers = sum(
         8 * len(_QUANTIZER_BUFFERS) * (max(1, *w.shape[:2]) + _PER_LAYER_SLACK) + 2 * (w.numel() // 2)
@@ -416,7 +417,7 @@ def plan(model: nn.Module, manifest: dict[str, Any], version: int) -> tuple[list
 
 def _check_names(model: nn.Module, records: list[TensorRecord], compacted: bool, qat_layers: Any) -> None:
     quantized = qat_layers if isinstance(qat_layers, dict) else {}  # not a dict: `_check_qat_layers` refuses it
-    mine = {k: v for k, v in model.state_dict().items() if isinstance(v, Tensor)}  # (extra state: in no file)
+    mine = tensor_entries(model.state_dict())  # (extra state: in no file)
     layers = _layers_with_weights(model)
     second = second_names(model)
     missing = sorted(set(mine) - {r.name for r in records} - _quantizer_keys(mine))

@@ -10,13 +10,18 @@ from torch import Tensor, nn
 
 from ..core.checks import caller_level
 
-__all__ = ["check_traceable_state", "extra_state_entries", "submodule_note", "tensor_state"]
+__all__ = ["check_traceable_state", "extra_state_entries", "submodule_note", "tensor_entries", "tensor_state"]
 
 
 def extra_state_entries(model: nn.Module, state: dict[str, Any] | None = None) -> dict[str, str]:
     """The entries of ``model``'s state dict (``state``, when it is at hand) that are not tensors: name -> type."""
     state = model.state_dict() if state is None else state
     return {name: type(value).__name__ for name, value in state.items() if not isinstance(value, Tensor)}
+
+
+def tensor_entries(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The entries of a state dict that are tensors: what a compressed file holds and loads."""
+    return {name: value for name, value in state.items() if isinstance(value, Tensor)}
 
 
 def submodule_note(model: nn.Module, entries: dict[str, str]) -> str:
@@ -66,4 +71,4 @@ def tensor_state(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
         UserWarning,
         stacklevel=caller_level(),
     )
-    return {name: value for name, value in state.items() if name not in extra}
+    return tensor_entries(state)
